@@ -1,0 +1,2 @@
+//! dmabroker client (placeholder).
+#![forbid(unsafe_code)]

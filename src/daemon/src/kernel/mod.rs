@@ -1,0 +1,1 @@
+//! Kernel interfaces (placeholder: being written).

@@ -1,0 +1,2 @@
+//! dmabroker daemon library (placeholder).
+pub mod kernel;

@@ -1,0 +1,2 @@
+//! dmabroker's fence rules (placeholder: being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! dmabroker's policy (placeholder: being written).
+#![forbid(unsafe_code)]
