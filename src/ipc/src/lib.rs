@@ -1,1 +1,16 @@
-//! placeholder
+//! dmabroker's wire protocol, shared by the daemon and the client crate.
+//!
+//! This crate is deliberately small and free of any async runtime so that
+//! the client stays thin. It holds the only `unsafe` the client side needs:
+//! `sendmsg`/`recvmsg` with `SCM_RIGHTS` (in [`fdpass`]) and `mmap` (in
+//! [`mapping`]).
+
+pub mod codec;
+pub mod fdpass;
+pub mod mapping;
+pub mod paths;
+pub mod protocol;
+pub mod token;
+
+pub use protocol::*;
+pub use token::ShareToken;

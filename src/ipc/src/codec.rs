@@ -1,0 +1,166 @@
+//! Turning messages into datagram bodies and back.
+//!
+//! SOCK_SEQPACKET preserves message boundaries, so a body is exactly one
+//! postcard value with no length prefix; trailing bytes are an error (they
+//! would mean the peer and we disagree about the layout).
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::protocol::{Request, RequestHead, ServerMessage, MAX_MESSAGE_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("message of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge { size: usize, max: usize },
+    #[error("cannot encode message: {0}")]
+    Encode(postcard::Error),
+    #[error("malformed message: {0}")]
+    Decode(postcard::Error),
+    #[error("malformed message: {0} trailing bytes after the body")]
+    TrailingBytes(usize),
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = postcard::to_stdvec(value).map_err(CodecError::Encode)?;
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(CodecError::TooLarge {
+            size: bytes.len(),
+            max: MAX_MESSAGE_SIZE,
+        });
+    }
+    Ok(bytes)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(CodecError::TooLarge {
+            size: bytes.len(),
+            max: MAX_MESSAGE_SIZE,
+        });
+    }
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(CodecError::Decode)?;
+    if !rest.is_empty() {
+        return Err(CodecError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+pub fn encode_request(request: &Request) -> Result<Vec<u8>, CodecError> {
+    encode(request)
+}
+
+pub fn decode_request(bytes: &[u8]) -> Result<Request, CodecError> {
+    decode(bytes)
+}
+
+/// Reads only the head of a request whose body may be unreadable (an unknown
+/// request kind from a newer client, say), so the error can name its id.
+pub fn decode_request_head(bytes: &[u8]) -> Option<RequestHead> {
+    postcard::take_from_bytes::<RequestHead>(bytes)
+        .ok()
+        .map(|(head, _)| head)
+}
+
+pub fn encode_server_message(message: &ServerMessage) -> Result<Vec<u8>, CodecError> {
+    encode(message)
+}
+
+pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, CodecError> {
+    decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::*;
+
+    fn request(body: RequestBody) -> Request {
+        Request {
+            head: RequestHead {
+                id: 7,
+                fds: 0,
+                flags: 0,
+            },
+            body,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let bodies = vec![
+            RequestBody::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                features: features::ALL,
+                autofence: Some(false),
+                client_name: "cam".into(),
+            }),
+            RequestBody::Alloc {
+                size: 4096,
+                heap: Some("system".into()),
+                name: None,
+            },
+            RequestBody::Begin {
+                buffer: 3,
+                access: Access::CpuReadWrite,
+                timeout_ms: Some(10),
+            },
+            RequestBody::End {
+                access: 9,
+                fence_slot: Some(0),
+            },
+        ];
+        for body in bodies {
+            let req = request(body);
+            let bytes = encode_request(&req).expect("encode");
+            assert_eq!(decode_request(&bytes).expect("decode"), req);
+            assert_eq!(decode_request_head(&bytes), Some(req.head));
+        }
+    }
+
+    #[test]
+    fn unknown_request_kind_keeps_its_head_readable() {
+        let mut bytes = encode_request(&request(RequestBody::ListHeaps)).expect("encode");
+        // The body's variant index is the last byte here; make it one no version knows.
+        let last = bytes.len() - 1;
+        bytes[last] = 0x7f;
+        assert!(matches!(decode_request(&bytes), Err(CodecError::Decode(_))));
+        assert_eq!(decode_request_head(&bytes).map(|h| h.id), Some(7));
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversize_are_refused() {
+        let mut bytes = encode_request(&request(RequestBody::ListHeaps)).expect("encode");
+        bytes.push(0);
+        assert!(matches!(
+            decode_request(&bytes),
+            Err(CodecError::TrailingBytes(1))
+        ));
+        let huge = vec![0u8; MAX_MESSAGE_SIZE + 1];
+        assert!(matches!(
+            decode_request(&huge),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_messages_are_refused() {
+        let bytes = encode_request(&request(RequestBody::Alloc {
+            size: 1 << 40,
+            heap: Some("system".into()),
+            name: Some("frame".into()),
+        }))
+        .expect("encode");
+        for cut in 0..bytes.len() {
+            assert!(decode_request(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_server_message(&bytes);
+            let _ = decode_request_head(&bytes);
+        }
+    }
+}

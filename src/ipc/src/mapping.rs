@@ -1,0 +1,89 @@
+//! A shared mapping of a buffer fd that unmaps itself on drop.
+//!
+//! The bytes are shared with other processes and devices, so they can change
+//! under a reader: callers hold an access from the broker (begin/end) for the
+//! time they look at them. That arbitration, not the type system, is what
+//! keeps frames whole.
+
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("cannot map an empty buffer")]
+    Empty,
+    #[error("mmap of {len} bytes failed: {source}")]
+    Mmap { len: usize, source: nix::errno::Errno },
+}
+
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<std::ffi::c_void>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; moving it
+// or sharing a reference between threads is no different from doing so with
+// the bytes of a Vec. Concurrent writers are arbitrated by the broker.
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`; `&Mapping` only gives out `&[u8]`.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared. `writable` needs an fd opened for
+    /// writing; the broker's buffers are.
+    pub fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Self, MapError> {
+        let length = std::num::NonZeroUsize::new(len).ok_or(MapError::Empty)?;
+        let mut prot = ProtFlags::PROT_READ;
+        if writable {
+            prot |= ProtFlags::PROT_WRITE;
+        }
+        // SAFETY: a fresh MAP_SHARED mapping at an address the kernel picks
+        // cannot alias any Rust object; the fd is valid for the call.
+        let ptr = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, 0) }
+            .map_err(|source| MapError::Mmap { len, source })?;
+        Ok(Mapping { ptr, len, writable })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is a live mapping owned by self (unmapped only
+        // in Drop), readable by construction.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    /// `None` for a read-only mapping.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        if !self.writable {
+            return None;
+        }
+        // SAFETY: as in `as_slice`, and the mapping is PROT_WRITE; `&mut self`
+        // makes this the only slice handed out by this value.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.len) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe exactly the mapping created in `new`, and
+        // no slice borrowed from it outlives `self`.
+        if let Err(err) = unsafe { munmap(self.ptr, self.len) } {
+            // Nothing sensible to do in drop; the address space keeps it.
+            eprintln!("dmabroker: munmap failed: {err}");
+        }
+    }
+}

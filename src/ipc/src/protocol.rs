@@ -1,0 +1,358 @@
+//! The messages exchanged between dmabroker and its clients.
+//!
+//! Every datagram on the socket is one [`Request`] (client to broker) or one
+//! [`ServerMessage`] (broker to client), encoded with postcard. File
+//! descriptors never appear in a body: a message declares how many fds travel
+//! with it (`fds`) and the body refers to them by slot index. The layout of
+//! [`RequestHead`] and [`Hello`] is frozen across protocol versions so that
+//! any broker can read any client's hello and answer with a clear
+//! version error instead of garbage.
+//!
+//! `docs/protocol.md` is the normative description; keep both in step.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to a message layout.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Optional capabilities negotiated in the hello (intersection of both sides).
+pub mod features {
+    /// The broker sends `FenceSignalled` events for fences without kernel backing
+    /// that it listed in a no-autofence grant.
+    pub const FENCE_EVENTS: u64 = 1 << 0;
+    /// Kernel sync_file fds may accompany grants and device-access ends.
+    pub const SYNC_FILES: u64 = 1 << 1;
+    /// Buffers can be re-attached with a secret after a broker restart.
+    pub const REATTACH: u64 = 1 << 2;
+    /// Everything this build understands.
+    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH;
+}
+
+/// Largest datagram either side accepts; larger ones are refused unread.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+/// Most fds one message may carry. A no-autofence grant is the largest user
+/// (one sync_file per outstanding fence); the rest carry at most one.
+pub const MAX_FDS_PER_MESSAGE: usize = 32;
+
+pub type BufferId = u64;
+pub type AccessId = u64;
+pub type ClientId = u64;
+
+/// Request flag: the client does not wait for a success reply. Errors are
+/// still answered (with the request id) so that nothing fails silently; this
+/// is what lets `end` and `free` be pipelined without a round trip.
+pub const FLAG_NO_REPLY: u8 = 1 << 0;
+
+/// The fixed prefix of every request. Decoded on its own when the body is
+/// unreadable, so the error reply can still name the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
+    pub id: u64,
+    /// Number of fds sent with this message (SCM_RIGHTS).
+    pub fds: u8,
+    pub flags: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub head: RequestHead,
+    pub body: RequestBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub features: u64,
+    /// `None` lets the policy decide; `Some(false)` asks for no-autofence.
+    pub autofence: Option<bool>,
+    /// Free text for logs and debugging; never used for decisions.
+    pub client_name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Access {
+    CpuRead,
+    CpuWrite,
+    CpuReadWrite,
+    DeviceRead,
+    DeviceWrite,
+}
+
+impl Access {
+    pub fn is_write(self) -> bool {
+        matches!(self, Access::CpuWrite | Access::CpuReadWrite | Access::DeviceWrite)
+    }
+
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Access::CpuRead | Access::CpuWrite | Access::CpuReadWrite)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::CpuRead => "cpu-read",
+            Access::CpuWrite => "cpu-write",
+            Access::CpuReadWrite => "cpu-read-write",
+            Access::DeviceRead => "device-read",
+            Access::DeviceWrite => "device-write",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Must be the first request on a connection, and only the first.
+    Hello(Hello),
+    ListHeaps,
+    /// Replied with `Buffer` and the buffer's fd in slot 0.
+    Alloc {
+        size: u64,
+        heap: Option<String>,
+        name: Option<String>,
+    },
+    Free {
+        buffer: BufferId,
+    },
+    Export {
+        buffer: BufferId,
+    },
+    /// Replied with `Buffer` and the client's own fd of the buffer in slot 0.
+    Import {
+        token: String,
+    },
+    Info {
+        buffer: BufferId,
+    },
+    /// Registers a dma-buf obtained elsewhere (V4L2, a GPU); the fd is slot 0.
+    Adopt {
+        name: Option<String>,
+    },
+    Begin {
+        buffer: BufferId,
+        access: Access,
+        /// Autofence only: give up after this long with `Timeout`.
+        timeout_ms: Option<u32>,
+    },
+    /// Ends an access. With `fence_slot`, a device access is handed over
+    /// with its hardware's completion fence (a sync_file fd in that slot).
+    End {
+        access: AccessId,
+        fence_slot: Option<u8>,
+    },
+    /// After a broker restart: take back a buffer held before it.
+    Reattach {
+        buffer: BufferId,
+        secret: String,
+    },
+}
+
+impl RequestBody {
+    /// The number of fds a well-formed request of this kind carries.
+    pub fn expected_fds(&self) -> usize {
+        match self {
+            RequestBody::Adopt { .. } => 1,
+            RequestBody::End {
+                fence_slot: Some(_),
+                ..
+            } => 1,
+            _ => 0,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestBody::Hello(_) => "hello",
+            RequestBody::ListHeaps => "list-heaps",
+            RequestBody::Alloc { .. } => "alloc",
+            RequestBody::Free { .. } => "free",
+            RequestBody::Export { .. } => "export",
+            RequestBody::Import { .. } => "import",
+            RequestBody::Info { .. } => "info",
+            RequestBody::Adopt { .. } => "adopt",
+            RequestBody::Begin { .. } => "begin",
+            RequestBody::End { .. } => "end",
+            RequestBody::Reattach { .. } => "reattach",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Reply(Reply),
+    Event(EventMessage),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The id of the request this answers.
+    pub id: u64,
+    pub fds: u8,
+    pub result: Result<ReplyBody, WireError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMessage {
+    pub fds: u8,
+    pub event: Event,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    Welcome(Welcome),
+    Heaps(Vec<HeapInfo>),
+    /// Alloc, import, adopt and reattach carry the buffer's fd in slot 0;
+    /// info carries none.
+    Buffer(BufferInfo),
+    Freed,
+    Exported {
+        token: String,
+    },
+    Granted(Grant),
+    Ended,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u32,
+    pub features: u64,
+    pub client_id: ClientId,
+    /// The autofence mode in force for this connection.
+    pub autofence: bool,
+    pub default_heap: String,
+    /// Identifies this broker instance; changes when it restarts.
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapInfo {
+    pub name: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferInfo {
+    pub id: BufferId,
+    pub size: u64,
+    pub heap: String,
+    pub name: String,
+    pub inode: u64,
+    /// Proof of holding, for `Reattach` after a broker restart. Only sent to
+    /// the holder with alloc/import/adopt; empty in `Info`.
+    pub secret: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub access: AccessId,
+    pub buffer: BufferId,
+    pub kind: Access,
+    /// The previous writer died holding write access: the contents may be torn.
+    pub writer_lost: bool,
+    /// The previous writer's access was revoked for exceeding its hold limit.
+    pub revoked: bool,
+    /// No-autofence only: the conflicting fences still outstanding.
+    pub fences: Vec<OutstandingFence>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutstandingFence {
+    pub id: AccessId,
+    pub kind: Access,
+    pub holder: ClientId,
+    /// Slot of a sync_file fd backing this fence, when the kernel has one.
+    /// Without it the client waits for a `FenceSignalled` event.
+    pub sync_file_slot: Option<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A fence listed in a no-autofence grant has ended.
+    FenceSignalled { fence: AccessId },
+    /// The client's access exceeded its hold limit and was taken away.
+    AccessRevoked { access: AccessId, buffer: BufferId },
+}
+
+/// The closed set of error codes. New codes need a protocol version bump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The message could not be decoded or broke a framing rule.
+    ProtocolError,
+    IncompatibleVersion,
+    /// A request came before the hello, or a second hello.
+    HelloRequired,
+    InvalidArgument,
+    UnknownHeap,
+    UnknownBuffer,
+    UnknownToken,
+    UnknownAccess,
+    PermissionDenied,
+    QuotaExceeded,
+    /// The heap had no memory for it (after trying the fallbacks).
+    OutOfMemory,
+    Timeout,
+    /// Adopt of something that is not a dma-buf.
+    NotADmaBuf,
+    /// The broker is at its connection or queue limit.
+    Busy,
+    Unsupported,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::ProtocolError => "protocol-error",
+            ErrorCode::IncompatibleVersion => "incompatible-version",
+            ErrorCode::HelloRequired => "hello-required",
+            ErrorCode::InvalidArgument => "invalid-argument",
+            ErrorCode::UnknownHeap => "unknown-heap",
+            ErrorCode::UnknownBuffer => "unknown-buffer",
+            ErrorCode::UnknownToken => "unknown-token",
+            ErrorCode::UnknownAccess => "unknown-access",
+            ErrorCode::PermissionDenied => "permission-denied",
+            ErrorCode::QuotaExceeded => "quota-exceeded",
+            ErrorCode::OutOfMemory => "out-of-memory",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NotADmaBuf => "not-a-dma-buf",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Figures of a quota refusal, so a client can report or adapt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaDetail {
+    pub limit: u64,
+    pub in_use: u64,
+    pub requested: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub quota: Option<QuotaDetail>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+            quota: None,
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}

@@ -1,0 +1,93 @@
+//! Share tokens and re-attach secrets: 128 random bits, printable.
+//!
+//! A token is a capability: whoever has it may import the buffer (subject to
+//! policy). It must therefore be unguessable (from the OS's random source)
+//! and must not encode the buffer id.
+
+use std::fmt;
+use std::str::FromStr;
+
+const PREFIX: &str = "dmab1-";
+const BYTES: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShareToken([u8; BYTES]);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("share token must look like {PREFIX}<32 hex digits>")]
+    Malformed,
+    #[error("the OS random source failed: {0}")]
+    Random(String),
+}
+
+impl ShareToken {
+    pub fn random() -> Result<Self, TokenError> {
+        let mut bytes = [0u8; BYTES];
+        getrandom::getrandom(&mut bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+        Ok(ShareToken(bytes))
+    }
+}
+
+/// Never print the secret in debug output (logs end up in journals).
+impl fmt::Debug for ShareToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShareToken(..)")
+    }
+}
+
+impl fmt::Display for ShareToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(PREFIX)?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ShareToken {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        let hex = s.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+        if hex.len() != BYTES * 2 || !hex.is_ascii() {
+            return Err(TokenError::Malformed);
+        }
+        let mut bytes = [0u8; BYTES];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| TokenError::Malformed)?;
+        }
+        Ok(ShareToken(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_text() {
+        let t = ShareToken::random().expect("random");
+        let text = t.to_string();
+        assert!(text.starts_with(PREFIX));
+        assert_eq!(text.len(), PREFIX.len() + 32);
+        assert_eq!(text.parse::<ShareToken>(), Ok(t));
+    }
+
+    #[test]
+    fn two_tokens_differ() {
+        assert_ne!(
+            ShareToken::random().expect("random"),
+            ShareToken::random().expect("random")
+        );
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        for bad in ["", "dmab1-", "dmab1-zz", "xxxx-00112233445566778899aabbccddeeff", "dmab1-00112233445566778899aabbccddeef", "dmab1-00112233445566778899aabbccddeeffff", "dmab1-0011223344556677889éaabbccddee"] {
+            assert_eq!(bad.parse::<ShareToken>(), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+}
