@@ -1,2 +1,548 @@
-//! dmabroker client (placeholder).
+//! Thin client for dmabroker: allocate, share, map and arbitrate dma-bufs.
+//!
+//! ```no_run
+//! use dmabroker_client::{Access, Client};
+//! let client = Client::connect()?;
+//! let frame = client.alloc(3_110_400)?;
+//! let token = frame.export()?; // hand `token.to_string()` to the consumer
+//! {
+//!     let mut write = frame.begin(Access::CpuWrite)?;
+//!     write.bytes_mut()?.fill(0x80);
+//! } // dropping the guard ends the access (no round trip)
+//! # Ok::<(), dmabroker_client::Error>(())
+//! ```
+//!
+//! Blocking calls by default; with the `tokio` feature the calls that wait
+//! for the broker have `_async` twins.
 #![forbid(unsafe_code)]
+
+mod connection;
+mod error;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+pub use dmabroker_ipc::mapping::Mapping;
+pub use dmabroker_ipc::{Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError};
+use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, Welcome, PROTOCOL_VERSION};
+
+use connection::Connection;
+pub use error::{Error, Result};
+
+/// How a connection should behave; the policy has the last word.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// `Some(false)` asks for no-autofence (begin never blocks; you wait for
+    /// the returned fences yourself). `None` takes the policy's choice.
+    pub autofence: Option<bool>,
+    /// Shown in logs and `dmabrokerctl clients`; never used for decisions.
+    pub name: String,
+}
+
+/// A connection to the broker. Cheap to clone; all clones share it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    conn: Arc<Connection>,
+    welcome: Arc<Welcome>,
+}
+
+/// What to allocate.
+#[derive(Clone, Debug, Default)]
+pub struct AllocRequest {
+    pub size: u64,
+    /// A heap name (see [`Client::heaps`]); `None` for the broker's default.
+    pub heap: Option<String>,
+    /// Shown in `/proc/PID/fdinfo` (dma-bufs) and in the broker's views.
+    pub name: Option<String>,
+}
+
+impl Client {
+    /// Connects to the broker at the default path: `$DMABROKER_SOCKET`, a
+    /// per-user daemon's socket if one runs, else the system service's.
+    pub fn connect() -> Result<Client> {
+        Client::connect_to(dmabroker_ipc::paths::client_socket())
+    }
+
+    pub fn connect_to(path: impl AsRef<Path>) -> Result<Client> {
+        Client::connect_with(path, ClientOptions::default())
+    }
+
+    pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client> {
+        let conn = Connection::open(path.as_ref())?;
+        let name = if options.name.is_empty() {
+            std::env::args().next().unwrap_or_default()
+        } else {
+            options.name
+        };
+        let (reply, _) = conn.call(
+            RequestBody::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                features: features::ALL,
+                autofence: options.autofence,
+                client_name: name,
+            }),
+            &[],
+        )?;
+        match reply {
+            ReplyBody::Welcome(welcome) => Ok(Client {
+                conn,
+                welcome: Arc::new(welcome),
+            }),
+            other => Err(unexpected("welcome", &other)),
+        }
+    }
+
+    /// This connection's id in the broker's views (`dmabrokerctl clients`).
+    pub fn id(&self) -> u64 {
+        self.welcome.client_id
+    }
+
+    /// Whether begin blocks until the access is granted (autofence) or is
+    /// granted at once with the fences to wait for (no-autofence).
+    pub fn autofence(&self) -> bool {
+        self.welcome.autofence
+    }
+
+    pub fn default_heap(&self) -> &str {
+        &self.welcome.default_heap
+    }
+
+    pub fn heaps(&self) -> Result<Vec<HeapInfo>> {
+        match self.conn.call(RequestBody::ListHeaps, &[])?.0 {
+            ReplyBody::Heaps(heaps) => Ok(heaps),
+            other => Err(unexpected("heaps", &other)),
+        }
+    }
+
+    /// Allocates `size` bytes (rounded up to pages) from the default heap.
+    pub fn alloc(&self, size: u64) -> Result<Buffer> {
+        self.alloc_with(AllocRequest {
+            size,
+            ..Default::default()
+        })
+    }
+
+    pub fn alloc_with(&self, request: AllocRequest) -> Result<Buffer> {
+        let reply = self.conn.call(
+            RequestBody::Alloc {
+                size: request.size,
+                heap: request.heap,
+                name: request.name,
+            },
+            &[],
+        )?;
+        self.buffer_from(reply)
+    }
+
+    /// Takes a share of a buffer another client exported. The fd is this
+    /// process's own, of the same kernel object.
+    pub fn import(&self, token: &ShareToken) -> Result<Buffer> {
+        let reply = self.conn.call(
+            RequestBody::Import {
+                token: token.to_string(),
+            },
+            &[],
+        )?;
+        self.buffer_from(reply)
+    }
+
+    /// Registers a dma-buf obtained elsewhere (V4L2, a GPU) so the broker
+    /// arbitrates it too. Anything but a real dma-buf is refused.
+    pub fn adopt(&self, dmabuf: OwnedFd, name: Option<&str>) -> Result<Buffer> {
+        let reply = self.conn.call(
+            RequestBody::Adopt {
+                name: name.map(str::to_owned),
+            },
+            &[dmabuf.as_fd()],
+        )?;
+        match reply.0 {
+            ReplyBody::Buffer(info) => Ok(Buffer::new(self.clone(), info, dmabuf)),
+            other => Err(unexpected("buffer", &other)),
+        }
+    }
+
+    fn buffer_from(&self, reply: (ReplyBody, Vec<OwnedFd>)) -> Result<Buffer> {
+        let (body, mut fds) = reply;
+        match body {
+            ReplyBody::Buffer(info) => {
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| Error::Protocol("buffer reply without its fd".into()))?;
+                Ok(Buffer::new(self.clone(), info, fd))
+            }
+            other => Err(unexpected("buffer", &other)),
+        }
+    }
+
+    /// The next event (fence signalled, access revoked), waiting at most
+    /// `timeout`; `Ok(None)` when none came in time.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+        Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
+    }
+
+    /// Errors for requests sent without waiting (ends, frees), oldest first.
+    pub fn take_errors(&self) -> Vec<WireError> {
+        self.conn.take_errors()
+    }
+}
+
+fn unexpected(expected: &'static str, got: &ReplyBody) -> Error {
+    Error::UnexpectedReply {
+        expected,
+        got: format!("{got:?}").chars().take(80).collect(),
+    }
+}
+
+/// A buffer this client holds. Dropping it frees the hold (pipelined: no
+/// round trip); the memory lives on while other clients hold it.
+#[derive(Debug)]
+pub struct Buffer {
+    client: Client,
+    info: BufferInfo,
+    fd: OwnedFd,
+    /// Mapped at the first CPU access and kept: mapping a frame per access
+    /// would cost a page fault per page per frame.
+    mapping: OnceLock<Arc<Mutex<Mapping>>>,
+}
+
+impl Buffer {
+    fn new(client: Client, info: BufferInfo, fd: OwnedFd) -> Buffer {
+        Buffer {
+            client,
+            info,
+            fd,
+            mapping: OnceLock::new(),
+        }
+    }
+
+    fn shared_mapping(&self) -> Result<Arc<Mutex<Mapping>>> {
+        if let Some(mapping) = self.mapping.get() {
+            return Ok(Arc::clone(mapping));
+        }
+        let mapping = Arc::new(Mutex::new(Mapping::new(self.fd.as_fd(), self.mapped_len()?)?));
+        Ok(Arc::clone(self.mapping.get_or_init(|| mapping)))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.info.id
+    }
+
+    /// Bytes, rounded up to whole pages.
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    pub fn heap(&self) -> &str {
+        &self.info.heap
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The kernel object's inode: equal for every holder of the buffer.
+    pub fn inode(&self) -> u64 {
+        self.info.inode
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// A new shared mapping of the whole buffer, unmapped on drop. Hold an
+    /// access (see [`Buffer::begin`]) while looking at its bytes.
+    pub fn map(&self) -> Result<Mapping> {
+        Ok(Mapping::new(self.fd.as_fd(), self.mapped_len()?)?)
+    }
+
+    fn mapped_len(&self) -> Result<usize> {
+        usize::try_from(self.info.size).map_err(|_| Error::Protocol("buffer larger than the address space".into()))
+    }
+
+    /// A token another process can import this buffer with.
+    pub fn export(&self) -> Result<ShareToken> {
+        match self.client.conn.call(RequestBody::Export { buffer: self.info.id }, &[])?.0 {
+            ReplyBody::Exported { token } => Ok(token.parse()?),
+            other => Err(unexpected("exported", &other)),
+        }
+    }
+
+    /// Begins an access; with autofence, blocks until granted.
+    pub fn begin(&self, access: Access) -> Result<AccessGuard> {
+        self.begin_inner(access, None)
+    }
+
+    /// As [`Buffer::begin`], but gives up with `ErrorCode::Timeout` after
+    /// `timeout` (and the request leaves the queue).
+    pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
+        self.begin_inner(access, Some(timeout))
+    }
+
+    fn begin_request(&self, access: Access, timeout: Option<Duration>) -> RequestBody {
+        RequestBody::Begin {
+            buffer: self.info.id,
+            access,
+            timeout_ms: timeout.map(|t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
+        }
+    }
+
+    fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
+        let reply = self.client.conn.call(self.begin_request(access, timeout), &[])?;
+        self.guard_from(reply)
+    }
+
+    fn guard_from(&self, reply: (ReplyBody, Vec<OwnedFd>)) -> Result<AccessGuard> {
+        let (body, fds) = reply;
+        let grant = match body {
+            ReplyBody::Granted(grant) => grant,
+            other => return Err(unexpected("granted", &other)),
+        };
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let fences = grant
+            .fences
+            .iter()
+            .map(|f| Fence {
+                id: f.id,
+                kind: f.kind,
+                holder: f.holder,
+                sync_file: f
+                    .sync_file_slot
+                    .and_then(|slot| fds.get_mut(usize::from(slot)).and_then(Option::take)),
+            })
+            .collect();
+        let mut guard = AccessGuard {
+            client: self.client.clone(),
+            buffer: self.info.id,
+            mapping: None,
+            access: grant.access,
+            kind: grant.kind,
+            writer_lost: grant.writer_lost,
+            revoked: grant.revoked,
+            fences,
+            ended: false,
+        };
+        if grant.kind.is_cpu() {
+            // On failure the guard drops here and ends the access.
+            guard.mapping = Some(self.shared_mapping()?);
+        }
+        Ok(guard)
+    }
+
+    /// Asks the broker for this buffer's current facts.
+    pub fn info(&self) -> Result<BufferInfo> {
+        match self.client.conn.call(RequestBody::Info { buffer: self.info.id }, &[])?.0 {
+            ReplyBody::Buffer(info) => Ok(info),
+            other => Err(unexpected("buffer", &other)),
+        }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let _ = self
+            .client
+            .conn
+            .send(RequestBody::Free { buffer: self.info.id }, &[], false);
+    }
+}
+
+/// A fence a no-autofence client must wait for before its hardware touches
+/// the buffer.
+#[derive(Debug)]
+pub struct Fence {
+    pub id: u64,
+    pub kind: Access,
+    /// The client holding it; 0 for the dma-buf's own kernel fences.
+    pub holder: u64,
+    /// Poll it readable (or hand it to hardware) to wait. Without one, wait
+    /// for `Event::FenceSignalled { fence: id }`.
+    pub sync_file: Option<OwnedFd>,
+}
+
+/// A granted access. Dropping it ends the access without a round trip.
+#[derive(Debug)]
+pub struct AccessGuard {
+    client: Client,
+    buffer: u64,
+    mapping: Option<Arc<Mutex<Mapping>>>,
+    access: u64,
+    kind: Access,
+    writer_lost: bool,
+    revoked: bool,
+    fences: Vec<Fence>,
+    ended: bool,
+}
+
+/// The bytes of a buffer during a CPU access.
+#[derive(Debug)]
+pub struct Bytes<'a> {
+    mapping: MutexGuard<'a, Mapping>,
+    writable: bool,
+}
+
+impl std::ops::Deref for Bytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.mapping.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for Bytes<'_> {
+    /// Only reachable through [`AccessGuard::bytes_mut`], which checks that
+    /// the access is a CPU write.
+    fn deref_mut(&mut self) -> &mut [u8] {
+        debug_assert!(self.writable);
+        self.mapping.as_mut_slice()
+    }
+}
+
+impl AccessGuard {
+    pub fn id(&self) -> u64 {
+        self.access
+    }
+
+    pub fn buffer(&self) -> u64 {
+        self.buffer
+    }
+
+    pub fn access(&self) -> Access {
+        self.kind
+    }
+
+    /// The previous writer died while writing: the contents may be torn.
+    pub fn writer_lost(&self) -> bool {
+        self.writer_lost
+    }
+
+    /// The previous writer's access was revoked for holding it too long.
+    pub fn revoked(&self) -> bool {
+        self.revoked
+    }
+
+    /// No-autofence: the fences still outstanding at grant time.
+    pub fn fences(&self) -> &[Fence] {
+        &self.fences
+    }
+
+    pub fn take_fences(&mut self) -> Vec<Fence> {
+        std::mem::take(&mut self.fences)
+    }
+
+    fn lock_bytes(&self, writable: bool) -> Option<Bytes<'_>> {
+        let mapping = self.mapping.as_ref()?;
+        Some(Bytes {
+            mapping: mapping.lock().unwrap_or_else(|p| p.into_inner()),
+            writable,
+        })
+    }
+
+    /// The buffer's bytes (CPU accesses only).
+    pub fn bytes(&self) -> Result<Bytes<'_>> {
+        self.lock_bytes(false).ok_or(Error::AccessMode("CPU reads"))
+    }
+
+    /// The buffer's bytes for writing (CPU write accesses only).
+    pub fn bytes_mut(&mut self) -> Result<Bytes<'_>> {
+        if !self.kind.is_write() {
+            return Err(Error::AccessMode("CPU writes"));
+        }
+        self.lock_bytes(true).ok_or(Error::AccessMode("CPU writes"))
+    }
+
+    /// Ends the access now; errors arrive later through
+    /// [`Client::take_errors`] (the end is pipelined).
+    pub fn end(mut self) -> Result<()> {
+        self.ended = true;
+        self.client.conn.send(
+            RequestBody::End {
+                access: self.access,
+                fence_slot: None,
+            },
+            &[],
+            false,
+        )?;
+        Ok(())
+    }
+
+    /// Ends a device access with the hardware's completion fence (a
+    /// sync_file): the buffer stays fenced until it signals.
+    pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<()> {
+        self.ended = true;
+        self.client.conn.call(
+            RequestBody::End {
+                access: self.access,
+                fence_slot: Some(0),
+            },
+            &[sync_file.as_fd()],
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for AccessGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.client.conn.send(
+                RequestBody::End {
+                    access: self.access,
+                    fence_slot: None,
+                },
+                &[],
+                false,
+            );
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+mod nonblocking {
+    //! `_async` twins of the calls that wait for the broker. The wait runs
+    //! on tokio's blocking pool, so any runtime flavour works.
+
+    use super::*;
+
+    async fn wait(conn: Arc<Connection>, id: u64) -> Result<(ReplyBody, Vec<OwnedFd>)> {
+        tokio::task::spawn_blocking(move || conn.wait_reply(id))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    impl Client {
+        pub async fn connect_async(path: std::path::PathBuf, options: ClientOptions) -> Result<Client> {
+            tokio::task::spawn_blocking(move || Client::connect_with(path, options))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
+        }
+
+        pub async fn alloc_async(&self, request: AllocRequest) -> Result<Buffer> {
+            let id = self.conn.send(
+                RequestBody::Alloc {
+                    size: request.size,
+                    heap: request.heap,
+                    name: request.name,
+                },
+                &[],
+                true,
+            )?;
+            let reply = wait(Arc::clone(&self.conn), id).await?;
+            self.buffer_from(reply)
+        }
+
+        pub async fn import_async(&self, token: &ShareToken) -> Result<Buffer> {
+            let id = self.conn.send(RequestBody::Import { token: token.to_string() }, &[], true)?;
+            let reply = wait(Arc::clone(&self.conn), id).await?;
+            self.buffer_from(reply)
+        }
+    }
+
+    impl Buffer {
+        pub async fn begin_async(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
+            let id = self.client.conn.send(self.begin_request(access, timeout), &[], true)?;
+            let reply = wait(Arc::clone(&self.client.conn), id).await?;
+            self.guard_from(reply)
+        }
+    }
+}

@@ -1,2 +1,16 @@
-//! dmabroker daemon library (placeholder).
+//! dmabroker daemon: allocates dma-bufs from the kernel's heaps, passes
+//! their fds to clients over a Unix socket and arbitrates CPU and device
+//! access with reader-writer fences. See `docs/architecture.md`.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod heaps;
+pub mod identity;
 pub mod kernel;
+pub mod logging;
+pub mod outbox;
+pub mod reactor;
+pub mod server;
+pub mod stats;

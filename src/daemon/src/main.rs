@@ -1,1 +1,27 @@
-fn main() {}
+use clap::Parser;
+use dmabroker_daemon::config::Config;
+
+fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    dmabroker_daemon::logging::init(config.log_format);
+    // One thread: the broker's state is touched by one task at a time anyway,
+    // and hand-offs between client tasks then never cross threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("dmabrokerd: cannot start the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dmabroker_daemon::daemon::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("dmabrokerd: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -18,11 +18,13 @@ pub enum MapError {
     Mmap { len: usize, source: nix::errno::Errno },
 }
 
+/// Always mapped read-write: the broker hands out `O_RDWR` buffers, and
+/// whether a caller may write is decided by the access it holds, not by
+/// the page protection.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<std::ffi::c_void>,
     len: usize,
-    writable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; moving it
@@ -33,19 +35,15 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` shared. `writable` needs an fd opened for
-    /// writing; the broker's buffers are.
-    pub fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Self, MapError> {
+    /// Maps `len` bytes of `fd` (opened read-write) shared.
+    pub fn new(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MapError> {
         let length = std::num::NonZeroUsize::new(len).ok_or(MapError::Empty)?;
-        let mut prot = ProtFlags::PROT_READ;
-        if writable {
-            prot |= ProtFlags::PROT_WRITE;
-        }
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh MAP_SHARED mapping at an address the kernel picks
         // cannot alias any Rust object; the fd is valid for the call.
         let ptr = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, 0) }
             .map_err(|source| MapError::Mmap { len, source })?;
-        Ok(Mapping { ptr, len, writable })
+        Ok(Mapping { ptr, len })
     }
 
     pub fn len(&self) -> usize {
@@ -56,24 +54,16 @@ impl Mapping {
         self.len == 0
     }
 
-    pub fn is_writable(&self) -> bool {
-        self.writable
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr..ptr+len is a live mapping owned by self (unmapped only
         // in Drop), readable by construction.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
     }
 
-    /// `None` for a read-only mapping.
-    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
-        if !self.writable {
-            return None;
-        }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and the mapping is PROT_WRITE; `&mut self`
         // makes this the only slice handed out by this value.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.len) })
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.len) }
     }
 }
 
@@ -85,5 +75,19 @@ impl Drop for Mapping {
             // Nothing sensible to do in drop; the address space keeps it.
             eprintln!("dmabroker: munmap failed: {err}");
         }
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for Mapping {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
     }
 }

@@ -1,0 +1,53 @@
+use std::path::PathBuf;
+
+use dmabroker_ipc::{ErrorCode, QuotaDetail, WireError};
+
+/// Everything a dmabroker call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to dmabroker at {}: {source} (is dmabrokerd running? set DMABROKER_SOCKET to its socket)", path.display())]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The broker refused the request; [`Error::code`] says why.
+    #[error("dmabroker refused: {0}")]
+    Broker(WireError),
+    #[error("protocol error talking to dmabroker: {0}")]
+    Protocol(String),
+    #[error("the connection to dmabroker was lost")]
+    Disconnected,
+    #[error("cannot map buffer: {0}")]
+    Map(#[from] dmabroker_ipc::mapping::MapError),
+    #[error("invalid share token: {0}")]
+    Token(#[from] dmabroker_ipc::token::TokenError),
+    #[error("the broker sent {got} where {expected} was expected")]
+    UnexpectedReply {
+        expected: &'static str,
+        got: String,
+    },
+    #[error("this access does not allow {0}")]
+    AccessMode(&'static str),
+    #[error("async task failed: {0}")]
+    Task(String),
+}
+
+impl Error {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker(err) => Some(err.code),
+            _ => None,
+        }
+    }
+
+    /// Figures of a `QuotaExceeded` refusal.
+    pub fn quota(&self) -> Option<QuotaDetail> {
+        match self {
+            Error::Broker(err) => err.quota,
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,525 @@
+//! Ownership transitions: begin and end of accesses, and everything that
+//! turns the arbiter's decisions into replies, cache syncs and kernel fence
+//! bookkeeping.
+//!
+//! Two kinds of "sync" meet here and stay apart: fence sync (who may touch
+//! the buffer now: the arbiter, plus the kernel's implicit fences) decides
+//! *when* a grant is sent; cache sync (`DMA_BUF_IOCTL_SYNC`) is done *at*
+//! a CPU grant and at its end, and only for dma-bufs of autofence clients.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmabroker_fence::{self as fence, AccessId, BeginOutcome, FenceState, Mode};
+use dmabroker_ipc::{
+    Access, BufferId, ClientId, ErrorCode, Event, Grant, OutstandingFence, ReplyBody, WireError,
+};
+
+use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
+use super::{Action, TimeoutTarget};
+use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
+
+/// Fence id and holder used in a no-autofence grant for the dma-buf's own
+/// implicit kernel fences (set by drivers, not by any broker client).
+pub const KERNEL_FENCE_ID: AccessId = 0;
+pub const KERNEL_HOLDER: ClientId = 0;
+
+pub(super) fn to_fence_access(access: Access) -> fence::Access {
+    match access {
+        Access::CpuRead => fence::Access::CpuRead,
+        Access::CpuWrite => fence::Access::CpuWrite,
+        Access::CpuReadWrite => fence::Access::CpuReadWrite,
+        Access::DeviceRead => fence::Access::DeviceRead,
+        Access::DeviceWrite => fence::Access::DeviceWrite,
+    }
+}
+
+pub(super) fn to_wire_access(access: fence::Access) -> Access {
+    match access {
+        fence::Access::CpuRead => Access::CpuRead,
+        fence::Access::CpuWrite => Access::CpuWrite,
+        fence::Access::CpuReadWrite => Access::CpuReadWrite,
+        fence::Access::DeviceRead => Access::DeviceRead,
+        fence::Access::DeviceWrite => Access::DeviceWrite,
+    }
+}
+
+fn sync_direction(access: Access) -> SyncDirection {
+    match access {
+        Access::CpuRead | Access::DeviceRead => SyncDirection::Read,
+        Access::CpuWrite | Access::DeviceWrite => SyncDirection::Write,
+        Access::CpuReadWrite => SyncDirection::ReadWrite,
+    }
+}
+
+fn fence_error(err: fence::FenceError) -> WireError {
+    match err {
+        fence::FenceError::UnknownBuffer(_) => WireError::new(ErrorCode::UnknownBuffer, err.to_string()),
+        fence::FenceError::NotHolder { .. } => {
+            WireError::new(ErrorCode::PermissionDenied, err.to_string())
+        }
+        fence::FenceError::NotDeviceAccess(_) | fence::FenceError::AlreadyFenced(_) => {
+            WireError::new(ErrorCode::InvalidArgument, err.to_string())
+        }
+        _ => WireError::new(ErrorCode::UnknownAccess, err.to_string()),
+    }
+}
+
+/// What a request handler tells the dispatcher to do with the reply.
+pub(super) enum Answer {
+    Reply(ReplyBody, Vec<Arc<OwnedFd>>),
+    /// The reply is (or will be) sent by whoever grants the access.
+    Deferred,
+}
+
+impl State {
+    pub(super) fn begin(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        buffer: BufferId,
+        access: Access,
+        timeout_ms: Option<u32>,
+    ) -> Result<Answer, WireError> {
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        if !entry.buffers.contains(&buffer) {
+            return Err(WireError::new(
+                ErrorCode::UnknownBuffer,
+                format!("you hold no buffer {buffer}"),
+            ));
+        }
+        let mode = if entry.autofence {
+            Mode::Autofence
+        } else {
+            Mode::NoAutofence
+        };
+        let limit = entry.resolved.limits.max_queued_requests;
+        if mode == Mode::Autofence && self.arbiter.waiting_for(client) >= limit as usize {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "rule '{}': at most {limit} queued requests",
+                    entry.resolved.rule
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms.into()));
+        match self
+            .arbiter
+            .begin(client, buffer, to_fence_access(access), mode, now)
+            .map_err(fence_error)?
+        {
+            BeginOutcome::Granted(grant) => {
+                self.deliver(grant, request_id, now, deadline);
+            }
+            BeginOutcome::Queued(waiter) => {
+                self.waiters.insert(
+                    waiter,
+                    WaiterEntry {
+                        client,
+                        request_id,
+                        since: now,
+                        deadline,
+                    },
+                );
+                if let Some(ms) = timeout_ms {
+                    self.defer(Action::Timeout {
+                        target: TimeoutTarget::Waiter(waiter),
+                        after: Duration::from_millis(ms.into()),
+                    });
+                }
+            }
+        }
+        Ok(Answer::Deferred)
+    }
+
+    pub(super) fn deliver_grants(&mut self, grants: Vec<fence::Grant>) {
+        let now = Instant::now();
+        for grant in grants {
+            let Some(waiter) = grant.waiter.and_then(|w| self.waiters.remove(&w)) else {
+                tracing::error!(access = grant.access_id, "grant for an unknown waiter");
+                continue;
+            };
+            self.stats.waited(now.saturating_duration_since(waiter.since));
+            self.deliver(grant, waiter.request_id, waiter.since, waiter.deadline);
+        }
+    }
+
+    /// Turns an arbiter grant into a reply: now, or once the kernel's
+    /// implicit fences allow it (autofence clients on dma-bufs).
+    fn deliver(
+        &mut self,
+        grant: fence::Grant,
+        request_id: u64,
+        since: Instant,
+        deadline: Option<Instant>,
+    ) {
+        let access = to_wire_access(grant.access);
+        let autofence = grant.mode == Mode::Autofence;
+        let Some(buffer) = self.buffers.get(&grant.buffer) else {
+            return;
+        };
+        let dmabuf = buffer.origin.is_dma_buf();
+        let buffer_fd = Arc::clone(&buffer.fd);
+        if grant.writer_lost {
+            self.stats.writer_lost += 1;
+        }
+        let mut fds = Vec::new();
+        let mut fences = Vec::new();
+        if !autofence {
+            fences = self.outstanding_fences(&grant, &mut fds);
+            if dmabuf && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write())
+            {
+                match dma_buf::export_sync_file(buffer_fd.as_fd(), access.is_write()) {
+                    Ok(sync_file) => {
+                        fences.push(OutstandingFence {
+                            id: KERNEL_FENCE_ID,
+                            kind: Access::DeviceWrite,
+                            holder: KERNEL_HOLDER,
+                            sync_file_slot: Some(fds.len() as u8),
+                        });
+                        fds.push(Arc::new(sync_file));
+                    }
+                    Err(err) => {
+                        tracing::warn!(buffer = grant.buffer, error = %err, "cannot export the dma-buf's kernel fences");
+                    }
+                }
+            }
+        }
+        let wire_grant = Grant {
+            access: grant.access_id,
+            buffer: grant.buffer,
+            kind: access,
+            writer_lost: grant.writer_lost,
+            revoked: grant.revoked,
+            fences,
+        };
+        self.accesses.insert(
+            grant.access_id,
+            AccessEntry {
+                client: grant.client,
+                buffer: grant.buffer,
+                kind: access,
+                autofence,
+                request_id,
+                pending: None,
+                cache_synced: false,
+                sync_file: None,
+                deadline,
+            },
+        );
+        if autofence
+            && dmabuf
+            && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write())
+        {
+            match buffer_fd.try_clone() {
+                Ok(dup) => {
+                    if let Some(entry) = self.accesses.get_mut(&grant.access_id) {
+                        entry.pending = Some(PendingGrant {
+                            grant: wire_grant,
+                            since,
+                        });
+                    }
+                    self.defer(Action::AwaitImplicit {
+                        access: grant.access_id,
+                        dmabuf: dup,
+                        write: access.is_write(),
+                    });
+                    if let Some(deadline) = deadline {
+                        self.defer(Action::Timeout {
+                            target: TimeoutTarget::Access(grant.access_id),
+                            after: deadline.saturating_duration_since(Instant::now()),
+                        });
+                    }
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot dup a dma-buf to wait for its fences; granting now");
+                }
+            }
+        }
+        self.complete_grant(grant.access_id, wire_grant, fds);
+    }
+
+    /// The conflicting fences a no-autofence client must wait for itself,
+    /// with the sync_files that back them where there are some.
+    fn outstanding_fences(
+        &mut self,
+        grant: &fence::Grant,
+        fds: &mut Vec<Arc<OwnedFd>>,
+    ) -> Vec<OutstandingFence> {
+        let mut out = Vec::with_capacity(grant.outstanding.len());
+        for view in &grant.outstanding {
+            let sync_file = self
+                .accesses
+                .get(&view.id)
+                .and_then(|a| a.sync_file.as_ref())
+                .filter(|_| view.state == FenceState::AwaitingKernelFence)
+                .map(Arc::clone);
+            let slot = match sync_file {
+                Some(fd) if fds.len() < dmabroker_ipc::MAX_FDS_PER_MESSAGE => {
+                    fds.push(fd);
+                    Some((fds.len() - 1) as u8)
+                }
+                _ => {
+                    self.fence_subscribers
+                        .entry(view.id)
+                        .or_default()
+                        .push(grant.client);
+                    None
+                }
+            };
+            out.push(OutstandingFence {
+                id: view.id,
+                kind: to_wire_access(view.access),
+                holder: view.holder,
+                sync_file_slot: slot,
+            });
+        }
+        out
+    }
+
+    /// Cache sync START for CPU grants on dma-bufs of autofence clients,
+    /// then the reply, then the hold-limit timer.
+    fn complete_grant(&mut self, access_id: AccessId, grant: Grant, fds: Vec<Arc<OwnedFd>>) {
+        let Some(entry) = self.accesses.get(&access_id) else {
+            return;
+        };
+        let (client, request_id, kind, autofence) =
+            (entry.client, entry.request_id, entry.kind, entry.autofence);
+        if kind.is_cpu() && autofence {
+            let synced = self.cache_sync(entry.buffer, kind, SyncPhase::Start);
+            if let Some(entry) = self.accesses.get_mut(&access_id) {
+                entry.cache_synced = synced;
+            }
+        }
+        self.stats.grants += 1;
+        if kind.is_write() {
+            let hold_limit = self
+                .clients
+                .get(&client)
+                .and_then(|c| c.resolved.limits.write_hold_limit);
+            if let Some(after) = hold_limit {
+                self.defer(Action::HoldLimit {
+                    access: access_id,
+                    after,
+                });
+            }
+        }
+        self.reply(client, request_id, Ok(ReplyBody::Granted(grant)), fds);
+    }
+
+    /// Returns whether an ioctl was issued (memfd buffers have no caches).
+    fn cache_sync(&mut self, buffer: BufferId, kind: Access, phase: SyncPhase) -> bool {
+        let Some(entry) = self.buffers.get(&buffer) else {
+            return false;
+        };
+        if !entry.origin.is_dma_buf() {
+            self.stats.cache_syncs_skipped += 1;
+            return false;
+        }
+        match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
+            Ok(()) => {
+                self.stats.cache_syncs += 1;
+                true
+            }
+            Err(err) => {
+                tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_SYNC failed");
+                false
+            }
+        }
+    }
+
+    pub(super) fn end(
+        &mut self,
+        client: ClientId,
+        access_id: AccessId,
+        sync_file: Option<OwnedFd>,
+    ) -> Result<Answer, WireError> {
+        let entry = self.accesses.get(&access_id).ok_or_else(|| {
+            WireError::new(ErrorCode::UnknownAccess, format!("no access {access_id}"))
+        })?;
+        if entry.client != client {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("access {access_id} is not yours"),
+            ));
+        }
+        if entry.sync_file.is_some() {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("access {access_id} already ended with a fence"),
+            ));
+        }
+        match sync_file {
+            Some(fd) => self.end_with_fence(client, access_id, fd)?,
+            None => {
+                let grants = self
+                    .arbiter
+                    .end(client, access_id, Instant::now())
+                    .map_err(fence_error)?;
+                self.finish_released(&[access_id]);
+                self.deliver_grants(grants);
+            }
+        }
+        Ok(Answer::Reply(ReplyBody::Ended, Vec::new()))
+    }
+
+    fn end_with_fence(
+        &mut self,
+        client: ClientId,
+        access_id: AccessId,
+        sync_file: OwnedFd,
+    ) -> Result<(), WireError> {
+        if crate::kernel::sync_file::status(sync_file.as_fd()).is_err() {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "the fd handed over is not a sync_file",
+            ));
+        }
+        self.arbiter
+            .end_with_kernel_fence(client, access_id)
+            .map_err(fence_error)?;
+        let waiter = sync_file.try_clone().map_err(|e| {
+            WireError::new(ErrorCode::Internal, format!("cannot dup the sync_file: {e}"))
+        })?;
+        let sync_file = Arc::new(sync_file);
+        let Some(entry) = self.accesses.get_mut(&access_id) else {
+            return Ok(());
+        };
+        entry.sync_file = Some(Arc::clone(&sync_file));
+        let (buffer, write) = (entry.buffer, entry.kind.is_write());
+        // Drivers that rely on implicit sync see the hardware's fence too.
+        if let Some(buf) = self.buffers.get(&buffer) {
+            if buf.origin.is_dma_buf() {
+                match dma_buf::import_sync_file(buf.fd.as_fd(), sync_file.as_fd(), write) {
+                    Ok(dma_buf::ImportOutcome::Imported) => self.stats.kernel_fences_imported += 1,
+                    Ok(dma_buf::ImportOutcome::Unsupported) => {}
+                    Err(err) => {
+                        tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_IMPORT_SYNC_FILE failed")
+                    }
+                }
+            }
+        }
+        self.defer(Action::AwaitSyncFile {
+            access: access_id,
+            sync_file: waiter,
+        });
+        Ok(())
+    }
+
+    /// Bookkeeping for accesses the arbiter has removed: cache sync END for
+    /// CPU grants that had START, subscribers told.
+    pub(super) fn finish_released(&mut self, released: &[AccessId]) {
+        for access in released {
+            if let Some(entry) = self.accesses.remove(access) {
+                if entry.cache_synced {
+                    self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
+                } else if entry.kind.is_cpu() && entry.autofence && entry.pending.is_none() {
+                    // Counted either way so statistics show every CPU transition.
+                    let is_dma_buf = self
+                        .buffers
+                        .get(&entry.buffer)
+                        .is_some_and(|b| b.origin.is_dma_buf());
+                    if !is_dma_buf {
+                        self.stats.cache_syncs_skipped += 1;
+                    }
+                }
+            }
+            self.fence_ended(*access);
+        }
+    }
+
+    pub(super) fn timed_out(&mut self, target: TimeoutTarget) {
+        let now = Instant::now();
+        match target {
+            TimeoutTarget::Waiter(waiter) => {
+                let Some(entry) = self.waiters.remove(&waiter) else {
+                    return;
+                };
+                let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
+                self.stats.timeouts += 1;
+                self.reply(
+                    entry.client,
+                    entry.request_id,
+                    Err(WireError::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "not granted within {} ms",
+                            now.saturating_duration_since(entry.since).as_millis()
+                        ),
+                    )),
+                    Vec::new(),
+                );
+                self.deliver_grants(grants);
+            }
+            TimeoutTarget::Access(access) => {
+                let Some(entry) = self.accesses.get(&access) else {
+                    return;
+                };
+                if entry.pending.is_none() {
+                    return;
+                }
+                let (client, request_id) = (entry.client, entry.request_id);
+                let grants = self.arbiter.end(client, access, now).unwrap_or_default();
+                self.accesses.remove(&access);
+                self.fence_ended(access);
+                self.stats.timeouts += 1;
+                self.reply(
+                    client,
+                    request_id,
+                    Err(WireError::new(
+                        ErrorCode::Timeout,
+                        "the buffer's kernel fences did not signal in time",
+                    )),
+                    Vec::new(),
+                );
+                self.deliver_grants(grants);
+            }
+        }
+    }
+
+    pub(super) fn implicit_fences_done(&mut self, access: AccessId) {
+        let Some(entry) = self.accesses.get_mut(&access) else {
+            return;
+        };
+        let Some(pending) = entry.pending.take() else {
+            return;
+        };
+        self.stats
+            .waited(Instant::now().saturating_duration_since(pending.since));
+        self.complete_grant(access, pending.grant, Vec::new());
+    }
+
+    pub(super) fn kernel_fence_signalled(&mut self, access: AccessId) {
+        let grants = self.arbiter.kernel_fence_signalled(access, Instant::now());
+        self.accesses.remove(&access);
+        self.fence_ended(access);
+        self.deliver_grants(grants);
+    }
+
+    /// A write held past the client's hold limit is taken away: the holder
+    /// is told, the next grant carries `revoked`.
+    pub(super) fn hold_limit_exceeded(&mut self, access: AccessId) {
+        let Some(entry) = self.accesses.get(&access) else {
+            return;
+        };
+        if entry.sync_file.is_some() || entry.pending.is_some() {
+            return;
+        }
+        let (client, buffer) = (entry.client, entry.buffer);
+        let Ok(grants) = self.arbiter.revoke(access, Instant::now()) else {
+            return;
+        };
+        self.stats.revocations += 1;
+        tracing::warn!(client, buffer, access, "write access held past its limit: revoked");
+        self.event(client, Event::AccessRevoked { access, buffer });
+        self.finish_released(&[access]);
+        self.deliver_grants(grants);
+    }
+}

@@ -1,0 +1,117 @@
+//! The broker: one owner of every buffer, client and fence.
+//!
+//! All state lives in [`State`] behind one mutex that is never held across
+//! an `.await`: connection tasks lock it for the synchronous handling of one
+//! message and unlock before they wait again. Work that must wait (timeouts,
+//! hold limits, kernel fences) is described as an [`Action`] while locked
+//! and spawned as a task after unlocking; those tasks lock again when their
+//! event arrives. Everything runs on one tokio thread, so the mutex is only
+//! contended by the D-Bus view.
+
+mod access;
+mod requests;
+mod state;
+mod waits;
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dmabroker_fence::{AccessId, WaiterId};
+
+pub use requests::Disposition;
+pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
+
+/// Deferred work produced while the state was locked.
+#[derive(Debug)]
+pub enum Action {
+    /// A queued begin (or one waiting for kernel fences) gives up.
+    Timeout { target: TimeoutTarget, after: Duration },
+    /// A write access exceeds the client's hold limit.
+    HoldLimit { access: AccessId, after: Duration },
+    /// Grant once the dma-buf's implicit kernel fences allow this access.
+    AwaitImplicit {
+        access: AccessId,
+        dmabuf: OwnedFd,
+        write: bool,
+    },
+    /// A device access was handed over with a sync_file: keep the fence
+    /// until it signals.
+    AwaitSyncFile { access: AccessId, sync_file: OwnedFd },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum TimeoutTarget {
+    Waiter(WaiterId),
+    Access(AccessId),
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    state: Mutex<State>,
+}
+
+impl Broker {
+    pub fn new(state: State) -> Arc<Self> {
+        Arc::new(Broker {
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Locks the state for reading or for a change whose follow-ups the
+    /// caller does not need run (the D-Bus view). Prefer [`Broker::with`].
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // Every state change is completed before the lock is released or a
+        // panic is caught at the task boundary; a poisoned lock would only
+        // mean a bug already logged, and refusing service forever would be
+        // worse than going on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the locked state, then starts whatever it deferred.
+    pub fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State) -> R) -> R {
+        let (result, actions) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            (result, state.take_actions())
+        };
+        for action in actions {
+            self.start(action);
+        }
+        result
+    }
+
+    fn start(self: &Arc<Self>, action: Action) {
+        let broker = Arc::clone(self);
+        match action {
+            Action::Timeout { target, after } => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    broker.with(|s| s.timed_out(target));
+                });
+            }
+            Action::HoldLimit { access, after } => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    broker.with(|s| s.hold_limit_exceeded(access));
+                });
+            }
+            Action::AwaitImplicit {
+                access,
+                dmabuf,
+                write,
+            } => {
+                tokio::spawn(async move {
+                    waits::implicit_fences(dmabuf, write).await;
+                    broker.with(|s| s.implicit_fences_done(access));
+                });
+            }
+            Action::AwaitSyncFile { access, sync_file } => {
+                tokio::spawn(async move {
+                    waits::sync_file(sync_file).await;
+                    broker.with(|s| s.kernel_fence_signalled(access));
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! Decoding, validating and answering requests: the hello, buffers'
+//! life cycle (alloc, import, adopt, free) and sharing. Every check runs
+//! before anything is created or sent, so a refused request changes nothing.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dmabroker_ipc::codec::{decode_request, decode_request_head};
+use dmabroker_ipc::{
+    features, BufferId, BufferInfo, ClientId, ErrorCode, HeapInfo, QuotaDetail, ReplyBody,
+    Request, RequestBody, ShareToken, Welcome, WireError, FLAG_NO_REPLY, PROTOCOL_VERSION,
+};
+use dmabroker_policy::AutofenceMode;
+
+use super::access::Answer;
+use super::state::{BufferEntry, BufferOrigin, State};
+use crate::heaps::AllocError;
+use crate::kernel::dma_buf;
+
+/// What the connection task should do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Continue,
+    Disconnect,
+}
+
+fn protocol_error(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::ProtocolError, message)
+}
+
+fn page_round(size: u64) -> Option<u64> {
+    const PAGE: u64 = 4096;
+    size.checked_add(PAGE - 1).map(|s| s & !(PAGE - 1))
+}
+
+impl State {
+    /// Handles one datagram from `client`. `fds` are already owned: any we
+    /// do not keep are closed when this returns.
+    pub fn handle_message(&mut self, client: ClientId, bytes: &[u8], fds: Vec<OwnedFd>) -> Disposition {
+        let request = match decode_request(bytes) {
+            Ok(request) => request,
+            Err(err) => {
+                let id = decode_request_head(bytes).map_or(0, |h| h.id);
+                return self.refuse_malformed(client, id, protocol_error(err.to_string()));
+            }
+        };
+        let id = request.head.id;
+        if usize::from(request.head.fds) != fds.len() {
+            return self.refuse_malformed(
+                client,
+                id,
+                protocol_error(format!(
+                    "message declares {} fds but {} arrived",
+                    request.head.fds,
+                    fds.len()
+                )),
+            );
+        }
+        if request.body.expected_fds() != fds.len() {
+            return self.refuse_malformed(
+                client,
+                id,
+                protocol_error(format!(
+                    "{} takes {} fds, not {}",
+                    request.body.kind(),
+                    request.body.expected_fds(),
+                    fds.len()
+                )),
+            );
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.protocol_errors = 0;
+        }
+        self.dispatch(client, request, fds)
+    }
+
+    /// Answers a message that broke the protocol. A client that keeps doing
+    /// so is cut off rather than allowed to burn the broker's time.
+    pub fn refuse_malformed(&mut self, client: ClientId, id: u64, error: WireError) -> Disposition {
+        tracing::debug!(client, error = %error, "malformed message");
+        self.reply(client, id, Err(error), Vec::new());
+        let limit = self.limits.max_protocol_errors;
+        match self.clients.get_mut(&client) {
+            Some(c) => {
+                c.protocol_errors += 1;
+                if c.protocol_errors >= limit {
+                    tracing::warn!(client, "too many malformed messages; disconnecting");
+                    Disposition::Disconnect
+                } else {
+                    Disposition::Continue
+                }
+            }
+            None => Disposition::Disconnect,
+        }
+    }
+
+    fn dispatch(&mut self, client: ClientId, request: Request, mut fds: Vec<OwnedFd>) -> Disposition {
+        let Request { head, body } = request;
+        let hello_done = self.clients.get(&client).is_some_and(|c| c.hello_done);
+        if let (RequestBody::Hello(hello), false) = (&body, hello_done) {
+            let result = self.hello(client, hello);
+            let fatal = result.is_err();
+            self.reply(client, head.id, result.map(ReplyBody::Welcome), Vec::new());
+            return if fatal {
+                Disposition::Disconnect
+            } else {
+                Disposition::Continue
+            };
+        }
+        let result = if !hello_done {
+            Err(WireError::new(
+                ErrorCode::HelloRequired,
+                "the first request must be a hello",
+            ))
+        } else {
+            match body {
+                RequestBody::Hello(_) => Err(WireError::new(
+                    ErrorCode::HelloRequired,
+                    "hello may only be sent once",
+                )),
+                RequestBody::ListHeaps => Ok(Answer::Reply(self.list_heaps(), Vec::new())),
+                RequestBody::Alloc { size, heap, name } => {
+                    self.alloc(client, size, heap.as_deref(), name.as_deref())
+                }
+                RequestBody::Free { buffer } => self.free(client, buffer),
+                RequestBody::Export { buffer } => self.export(client, buffer),
+                RequestBody::Import { token } => self.import(client, &token),
+                RequestBody::Info { buffer } => self.info(client, buffer),
+                RequestBody::Adopt { name } => match fds.pop() {
+                    Some(fd) => self.adopt(client, fd, name.as_deref()),
+                    None => Err(protocol_error("adopt needs the dma-buf fd")),
+                },
+                RequestBody::Begin {
+                    buffer,
+                    access,
+                    timeout_ms,
+                } => self.begin(client, head.id, buffer, access, timeout_ms),
+                RequestBody::End { access, fence_slot } => {
+                    let sync_file = match fence_slot {
+                        Some(0) => fds.pop(),
+                        Some(slot) => {
+                            let err = protocol_error(format!("fd slot {slot} does not exist"));
+                            return self.refuse_malformed(client, head.id, err);
+                        }
+                        None => None,
+                    };
+                    self.end(client, access, sync_file)
+                }
+                RequestBody::Reattach { buffer, secret } => self.reattach(client, buffer, &secret),
+            }
+        };
+        match result {
+            Ok(Answer::Reply(body, fds)) => {
+                if head.flags & FLAG_NO_REPLY == 0 {
+                    self.reply(client, head.id, Ok(body), fds);
+                }
+            }
+            Ok(Answer::Deferred) => {}
+            Err(err) => self.reply(client, head.id, Err(err), Vec::new()),
+        }
+        Disposition::Continue
+    }
+
+    fn hello(&mut self, client: ClientId, hello: &dmabroker_ipc::Hello) -> Result<Welcome, WireError> {
+        if hello.version != PROTOCOL_VERSION {
+            return Err(WireError::new(
+                ErrorCode::IncompatibleVersion,
+                format!(
+                    "this broker speaks protocol version {PROTOCOL_VERSION}, the client {}; upgrade the older side",
+                    hello.version
+                ),
+            ));
+        }
+        let default_heap = self.heaps.default_heap().to_owned();
+        let instance = self.instance.clone();
+        let entry = self
+            .clients
+            .get_mut(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let mode = entry.resolved.limits.autofence;
+        let rule = &entry.resolved.rule;
+        let autofence = match (mode, hello.autofence) {
+            (AutofenceMode::Required, Some(false)) => {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("rule '{rule}': autofence is required for this client"),
+                ))
+            }
+            (AutofenceMode::Disabled, Some(true)) => {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("rule '{rule}': autofence is disabled for this client"),
+                ))
+            }
+            (AutofenceMode::Disabled, _) => false,
+            (_, Some(choice)) => choice,
+            (_, None) => true,
+        };
+        entry.autofence = autofence;
+        entry.hello_done = true;
+        entry.name = hello.client_name.chars().take(64).collect();
+        Ok(Welcome {
+            version: PROTOCOL_VERSION,
+            features: hello.features & features::ALL,
+            client_id: client,
+            autofence,
+            default_heap,
+            instance,
+        })
+    }
+
+    fn list_heaps(&self) -> ReplyBody {
+        ReplyBody::Heaps(
+            self.heaps
+                .heaps()
+                .iter()
+                .map(|h| HeapInfo {
+                    name: h.name.clone(),
+                    backend: h.backend.name().to_owned(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Quota checks shared by alloc, import and adopt. `charged` is the
+    /// number of bytes the client would be charged for (0 for an import).
+    fn check_quota(&self, client: ClientId, size: u64, charged: u64) -> Result<(), WireError> {
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let limits = &entry.resolved.limits;
+        let rule = &entry.resolved.rule;
+        let refuse = |what: &str, limit: u64, in_use: u64, requested: u64| {
+            let mut err = WireError::new(
+                ErrorCode::QuotaExceeded,
+                format!("rule '{rule}': {what} limit {limit}, in use {in_use}, requested {requested}"),
+            );
+            err.quota = Some(QuotaDetail {
+                limit,
+                in_use,
+                requested,
+            });
+            err
+        };
+        if size > limits.max_buffer_size {
+            return Err(refuse("max_buffer_size", limits.max_buffer_size, 0, size));
+        }
+        let held = entry.buffers.len() as u64;
+        if held + 1 > limits.max_buffers {
+            return Err(refuse("max_buffers", limits.max_buffers, held, 1));
+        }
+        if charged > 0 && entry.charged_bytes + charged > limits.max_total_bytes {
+            return Err(refuse(
+                "max_total_bytes",
+                limits.max_total_bytes,
+                entry.charged_bytes,
+                charged,
+            ));
+        }
+        Ok(())
+    }
+
+    fn alloc(
+        &mut self,
+        client: ClientId,
+        size: u64,
+        heap: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Answer, WireError> {
+        if size == 0 {
+            return Err(WireError::new(ErrorCode::InvalidArgument, "size must not be 0"));
+        }
+        let rounded = page_round(size).ok_or_else(|| {
+            WireError::new(ErrorCode::InvalidArgument, format!("size {size} is absurd"))
+        })?;
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let allowed = entry.resolved.limits.heaps.clone();
+        if let (Some(requested), Some(allowed)) = (heap, &allowed) {
+            if !allowed.iter().any(|h| h == requested) {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "rule '{}': heap '{requested}' is not allowed (allowed: {})",
+                        entry.resolved.rule,
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        let pid = entry.peer.pid;
+        self.check_quota(client, rounded, rounded)?;
+        let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
+        let kernel_name = format!("{label}:{pid}");
+        let allocation = self
+            .heaps
+            .allocate(heap, allowed.as_deref(), rounded, &kernel_name)
+            .map_err(alloc_error)?;
+        let id = self.allocate_buffer_id();
+        let fd = Arc::new(allocation.fd);
+        self.buffers.insert(
+            id,
+            BufferEntry {
+                id,
+                fd: Arc::clone(&fd),
+                size: allocation.size,
+                heap: allocation.heap,
+                origin: BufferOrigin::Allocated(allocation.backend),
+                name: label.chars().take(64).collect(),
+                inode: allocation.inode,
+                owner: client,
+                holders: Vec::new(),
+                created: SystemTime::now(),
+            },
+        );
+        self.arbiter.add_buffer(id);
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.charged_bytes += allocation.size;
+        }
+        let secret = self.add_holder(id, client);
+        self.stats.allocations += 1;
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(id, secret)),
+            vec![fd],
+        ))
+    }
+
+    fn buffer_info(&self, id: BufferId, secret: String) -> BufferInfo {
+        match self.buffers.get(&id) {
+            Some(b) => BufferInfo {
+                id,
+                size: b.size,
+                heap: b.heap.clone(),
+                name: b.name.clone(),
+                inode: b.inode,
+                secret,
+            },
+            None => BufferInfo {
+                id,
+                size: 0,
+                heap: String::new(),
+                name: String::new(),
+                inode: 0,
+                secret,
+            },
+        }
+    }
+
+    fn held(&self, client: ClientId, buffer: BufferId) -> Result<&BufferEntry, WireError> {
+        // Someone else's buffer looks exactly like a missing one: ids are
+        // guessable, existence is not to be revealed.
+        self.buffers
+            .get(&buffer)
+            .filter(|b| b.held_by(client))
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownBuffer, format!("you hold no buffer {buffer}")))
+    }
+
+    fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
+        self.held(client, buffer)?;
+        let gone = self
+            .arbiter
+            .release_client_buffer(client, buffer, Instant::now());
+        self.finish_released(&gone.released);
+        for waiter in &gone.cancelled_waiters {
+            if let Some(w) = self.waiters.remove(waiter) {
+                self.reply(
+                    client,
+                    w.request_id,
+                    Err(WireError::new(ErrorCode::UnknownBuffer, "buffer freed while waiting")),
+                    Vec::new(),
+                );
+            }
+        }
+        self.deliver_grants(gone.grants);
+        self.release_hold(client, buffer);
+        Ok(Answer::Reply(ReplyBody::Freed, Vec::new()))
+    }
+
+    fn export(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
+        self.held(client, buffer)?;
+        if let Some(c) = self.clients.get(&client) {
+            if !c.resolved.limits.may_export {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("rule '{}': may_export is false", c.resolved.rule),
+                ));
+            }
+        }
+        let token = ShareToken::random()
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        self.tokens.insert(
+            token,
+            super::state::TokenEntry {
+                buffer,
+                exporter: client,
+            },
+        );
+        self.stats.exports += 1;
+        Ok(Answer::Reply(
+            ReplyBody::Exported {
+                token: token.to_string(),
+            },
+            Vec::new(),
+        ))
+    }
+
+    fn import(&mut self, client: ClientId, token: &str) -> Result<Answer, WireError> {
+        let unknown = || WireError::new(ErrorCode::UnknownToken, "no such share token (it may have been revoked)");
+        let token: ShareToken = token.parse().map_err(|_| unknown())?;
+        let (buffer, exporter) = {
+            let entry = self.tokens.get(&token).ok_or_else(unknown)?;
+            (entry.buffer, entry.exporter)
+        };
+        let importer = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let owner = self.clients.get(&exporter).ok_or_else(unknown)?;
+        if !importer
+            .resolved
+            .limits
+            .import_from
+            .allows(&importer.peer.identity, &owner.peer.identity)
+        {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "rule '{}': may not import from uid {}",
+                    importer.resolved.rule, owner.peer.identity.uid
+                ),
+            ));
+        }
+        let entry = self.buffers.get(&buffer).ok_or_else(unknown)?;
+        if entry.held_by(client) {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("you already hold buffer {buffer}"),
+            ));
+        }
+        let (size, fd) = (entry.size, Arc::clone(&entry.fd));
+        self.check_quota(client, size, 0)?;
+        let secret = self.add_holder(buffer, client);
+        self.stats.imports += 1;
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(buffer, secret)),
+            vec![fd],
+        ))
+    }
+
+    fn info(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
+        self.held(client, buffer)?;
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(buffer, String::new())),
+            Vec::new(),
+        ))
+    }
+
+    /// Registers a dma-buf from elsewhere. Anything that is not a dma-buf is
+    /// refused (and closed when `fd` drops).
+    fn adopt(&mut self, client: ClientId, fd: OwnedFd, name: Option<&str>) -> Result<Answer, WireError> {
+        if !dma_buf::is_dma_buf(fd.as_fd()) {
+            return Err(WireError::new(
+                ErrorCode::NotADmaBuf,
+                "only dma-bufs can be adopted (file system magic 0x444d4142)",
+            ));
+        }
+        let size = dma_buf::size(fd.as_fd())
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("cannot size the dma-buf: {e}")))?;
+        if size == 0 {
+            return Err(WireError::new(ErrorCode::InvalidArgument, "the dma-buf is empty"));
+        }
+        let inode = dma_buf::inode(fd.as_fd())
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("cannot stat the dma-buf: {e}")))?;
+        if self.buffers.values().any(|b| b.inode == inode && b.held_by(client)) {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "you already hold this dma-buf",
+            ));
+        }
+        self.check_quota(client, size, size)?;
+        let id = self.allocate_buffer_id();
+        self.buffers.insert(
+            id,
+            BufferEntry {
+                id,
+                fd: Arc::new(fd),
+                size,
+                heap: "adopted".into(),
+                origin: BufferOrigin::Adopted,
+                name: name.unwrap_or("adopted").chars().take(64).collect(),
+                inode,
+                owner: client,
+                holders: Vec::new(),
+                created: SystemTime::now(),
+            },
+        );
+        self.arbiter.add_buffer(id);
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.charged_bytes += size;
+        }
+        let secret = self.add_holder(id, client);
+        self.stats.adoptions += 1;
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(id, secret)),
+            Vec::new(),
+        ))
+    }
+
+    fn reattach(&mut self, _client: ClientId, _buffer: BufferId, _secret: &str) -> Result<Answer, WireError> {
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            "this broker keeps no buffers across restarts",
+        ))
+    }
+}
+
+fn alloc_error(err: AllocError) -> WireError {
+    let code = match &err {
+        AllocError::UnknownHeap { .. } => ErrorCode::UnknownHeap,
+        AllocError::InvalidSize { .. } => ErrorCode::InvalidArgument,
+        AllocError::HeapNotAllowed { .. } => ErrorCode::PermissionDenied,
+        _ => ErrorCode::OutOfMemory,
+    };
+    WireError::new(code, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_round;
+
+    #[test]
+    fn sizes_round_up_to_pages() {
+        assert_eq!(page_round(1), Some(4096));
+        assert_eq!(page_round(4096), Some(4096));
+        assert_eq!(page_round(4097), Some(8192));
+        assert_eq!(page_round(u64::MAX), None);
+    }
+}

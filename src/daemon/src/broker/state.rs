@@ -1,0 +1,416 @@
+//! The broker's tables and the bookkeeping that keeps them consistent:
+//! who holds which buffer, who is charged for it, and how replies reach a
+//! client.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dmabroker_fence::{AccessId, Arbiter, WaiterId};
+use dmabroker_ipc::codec::encode_server_message;
+use dmabroker_ipc::{
+    BufferId, ClientId, Event, EventMessage, Reply, ReplyBody, ServerMessage, ShareToken,
+    WireError,
+};
+use dmabroker_policy::{Policy, Resolved};
+
+use super::Action;
+use crate::heaps::{Backend, HeapRegistry};
+use crate::identity::Peer;
+use crate::outbox::{Outbox, Outgoing};
+use crate::stats::Stats;
+
+/// Where a buffer's memory came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BufferOrigin {
+    Allocated(Backend),
+    /// A dma-buf a client registered (from V4L2, a GPU).
+    Adopted,
+}
+
+impl BufferOrigin {
+    /// Only real dma-bufs have CPU caches to sync and kernel fences to honour.
+    pub fn is_dma_buf(&self) -> bool {
+        !matches!(self, BufferOrigin::Allocated(Backend::Memfd))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            BufferOrigin::Allocated(b) => b.name(),
+            BufferOrigin::Adopted => "adopted",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Holder {
+    pub client: ClientId,
+    /// Proof of holding, for re-attaching after a broker restart.
+    pub secret: String,
+    pub since: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct BufferEntry {
+    pub id: BufferId,
+    pub fd: Arc<OwnedFd>,
+    pub size: u64,
+    pub heap: String,
+    pub origin: BufferOrigin,
+    pub name: String,
+    pub inode: u64,
+    /// The client charged for its bytes.
+    pub owner: ClientId,
+    /// In the order they got hold of it; the charge moves down this list.
+    pub holders: Vec<Holder>,
+    pub created: SystemTime,
+}
+
+impl BufferEntry {
+    pub fn held_by(&self, client: ClientId) -> bool {
+        self.holders.iter().any(|h| h.client == client)
+    }
+}
+
+#[derive(Debug)]
+pub struct ClientEntry {
+    pub id: ClientId,
+    pub peer: Peer,
+    pub name: String,
+    pub hello_done: bool,
+    pub autofence: bool,
+    pub resolved: Resolved,
+    pub outbox: Arc<Outbox>,
+    pub buffers: BTreeSet<BufferId>,
+    /// Bytes of the buffers this client is charged for.
+    pub charged_bytes: u64,
+    pub protocol_errors: u32,
+    pub connected: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct TokenEntry {
+    pub buffer: BufferId,
+    pub exporter: ClientId,
+}
+
+/// The broker-side facts about a granted access that the pure arbiter does
+/// not track: where its reply goes and what the kernel must be told.
+#[derive(Debug)]
+pub struct AccessEntry {
+    pub client: ClientId,
+    pub buffer: BufferId,
+    pub kind: dmabroker_ipc::Access,
+    pub autofence: bool,
+    pub request_id: u64,
+    /// The grant is decided but waits for kernel implicit fences.
+    pub pending: Option<PendingGrant>,
+    /// `DMA_BUF_IOCTL_SYNC` START was issued; END is owed at the end.
+    pub cache_synced: bool,
+    pub sync_file: Option<Arc<OwnedFd>>,
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingGrant {
+    pub grant: dmabroker_ipc::Grant,
+    pub since: Instant,
+}
+
+#[derive(Debug)]
+pub struct WaiterEntry {
+    pub client: ClientId,
+    pub request_id: u64,
+    pub since: Instant,
+    pub deadline: Option<Instant>,
+}
+
+/// Limits that do not come from the policy but protect the daemon itself.
+#[derive(Debug, Clone)]
+pub struct DaemonLimits {
+    pub max_connections: usize,
+    /// Consecutive malformed messages before a client is disconnected.
+    pub max_protocol_errors: u32,
+}
+
+impl Default for DaemonLimits {
+    fn default() -> Self {
+        DaemonLimits {
+            max_connections: 4096,
+            max_protocol_errors: 8,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub arbiter: Arbiter,
+    pub heaps: HeapRegistry,
+    pub policy: Arc<Policy>,
+    pub clients: HashMap<ClientId, ClientEntry>,
+    pub buffers: HashMap<BufferId, BufferEntry>,
+    pub tokens: HashMap<ShareToken, TokenEntry>,
+    pub accesses: HashMap<AccessId, AccessEntry>,
+    pub waiters: HashMap<WaiterId, WaiterEntry>,
+    /// Clients to tell when a fence without kernel backing ends.
+    pub fence_subscribers: HashMap<AccessId, Vec<ClientId>>,
+    pub stats: Stats,
+    pub limits: DaemonLimits,
+    pub instance: String,
+    pub started: SystemTime,
+    next_client: ClientId,
+    next_buffer: BufferId,
+    actions: Vec<Action>,
+}
+
+impl State {
+    pub fn new(heaps: HeapRegistry, policy: Policy, limits: DaemonLimits) -> Self {
+        let instance = ShareToken::random()
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| format!("pid{}", std::process::id()));
+        State {
+            arbiter: Arbiter::new(),
+            heaps,
+            policy: Arc::new(policy),
+            clients: HashMap::new(),
+            buffers: HashMap::new(),
+            tokens: HashMap::new(),
+            accesses: HashMap::new(),
+            waiters: HashMap::new(),
+            fence_subscribers: HashMap::new(),
+            stats: Stats::default(),
+            limits,
+            instance,
+            started: SystemTime::now(),
+            next_client: 1,
+            next_buffer: 1,
+            actions: Vec::new(),
+        }
+    }
+
+    pub(super) fn defer(&mut self, action: Action) {
+        self.actions.push(action);
+    }
+
+    pub(super) fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.buffers.values().map(|b| b.size).sum()
+    }
+
+    pub fn total_charged(&self) -> u64 {
+        self.clients.values().map(|c| c.charged_bytes).sum()
+    }
+
+    /// Registers a new connection. Its limits come from the policy now and
+    /// again after every reload.
+    pub fn connect(&mut self, peer: Peer, outbox: Arc<Outbox>) -> ClientId {
+        let id = self.next_client;
+        self.next_client += 1;
+        let resolved = self.policy.resolve(&peer.identity);
+        outbox.set_cap(resolved.limits.max_unread_replies as usize);
+        tracing::info!(
+            client = id,
+            uid = peer.identity.uid,
+            pid = peer.pid,
+            exe = %crate::identity::exe_display(&peer.identity.exe),
+            rule = %resolved.rule,
+            "client connected"
+        );
+        self.clients.insert(
+            id,
+            ClientEntry {
+                id,
+                peer,
+                name: String::new(),
+                hello_done: false,
+                autofence: true,
+                resolved,
+                outbox,
+                buffers: BTreeSet::new(),
+                charged_bytes: 0,
+                protocol_errors: 0,
+                connected: SystemTime::now(),
+            },
+        );
+        id
+    }
+
+    /// Swaps in a new policy: connected clients get its limits for new
+    /// requests; what they already hold stays valid.
+    pub fn replace_policy(&mut self, policy: Policy) {
+        self.policy = Arc::new(policy);
+        for client in self.clients.values_mut() {
+            client.resolved = self.policy.resolve(&client.peer.identity);
+            client
+                .outbox
+                .set_cap(client.resolved.limits.max_unread_replies as usize);
+        }
+    }
+
+    pub(super) fn allocate_buffer_id(&mut self) -> BufferId {
+        let id = self.next_buffer;
+        self.next_buffer += 1;
+        id
+    }
+
+    /// Sends one message to a client; a client whose queue overflows is
+    /// shut down (its connection task then cleans up).
+    pub(super) fn send(&mut self, client: ClientId, message: &ServerMessage, fds: Vec<Arc<OwnedFd>>) {
+        let Some(entry) = self.clients.get(&client) else {
+            return;
+        };
+        let bytes = match encode_server_message(message) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                tracing::error!(client, error = %err, "cannot encode a message for a client");
+                return;
+            }
+        };
+        match entry.outbox.send(Outgoing { bytes, fds }) {
+            Ok(()) => {}
+            Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
+                tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
+            }
+            Err(err) => tracing::debug!(client, error = %err, "message to a departing client dropped"),
+        }
+    }
+
+    pub(super) fn reply(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        result: Result<ReplyBody, WireError>,
+        fds: Vec<Arc<OwnedFd>>,
+    ) {
+        if let Err(err) = &result {
+            self.stats.refused(err.code);
+        }
+        let message = ServerMessage::Reply(Reply {
+            id,
+            fds: fds.len() as u8,
+            result,
+        });
+        self.send(client, &message, fds);
+    }
+
+    pub(super) fn event(&mut self, client: ClientId, event: Event) {
+        let message = ServerMessage::Event(EventMessage { fds: 0, event });
+        self.send(client, &message, Vec::new());
+    }
+
+    /// Adds `client` as a holder of `buffer`, returning its re-attach secret.
+    pub(super) fn add_holder(&mut self, buffer: BufferId, client: ClientId) -> String {
+        let secret = ShareToken::random()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        if let Some(entry) = self.buffers.get_mut(&buffer) {
+            entry.holders.push(Holder {
+                client,
+                secret: secret.clone(),
+                since: SystemTime::now(),
+            });
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.buffers.insert(buffer);
+        }
+        secret
+    }
+
+    /// Drops `client`'s hold on `buffer` (its accesses on it must already be
+    /// released). The last holder's release frees the buffer; an owner's
+    /// release moves the charge to the longest-standing remaining holder, so
+    /// the sum of charges always equals the bytes of live buffers.
+    pub(super) fn release_hold(&mut self, client: ClientId, buffer: BufferId) {
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.buffers.remove(&buffer);
+        }
+        self.tokens
+            .retain(|_, t| !(t.buffer == buffer && t.exporter == client));
+        let Some(entry) = self.buffers.get_mut(&buffer) else {
+            return;
+        };
+        entry.holders.retain(|h| h.client != client);
+        let size = entry.size;
+        if entry.owner == client {
+            if let Some(c) = self.clients.get_mut(&client) {
+                c.charged_bytes = c.charged_bytes.saturating_sub(size);
+            }
+            if let Some(next) = entry.holders.first().map(|h| h.client) {
+                entry.owner = next;
+                if let Some(c) = self.clients.get_mut(&next) {
+                    c.charged_bytes += size;
+                }
+            }
+        }
+        if entry.holders.is_empty() {
+            self.free_buffer(buffer);
+        }
+    }
+
+    fn free_buffer(&mut self, buffer: BufferId) {
+        let (fences, waiters) = self.arbiter.remove_buffer(buffer);
+        for fence in fences {
+            self.accesses.remove(&fence.id);
+            self.fence_ended(fence.id);
+        }
+        for waiter in waiters {
+            self.waiters.remove(&waiter.id);
+        }
+        self.tokens.retain(|_, t| t.buffer != buffer);
+        if let Some(entry) = self.buffers.remove(&buffer) {
+            self.stats.frees += 1;
+            tracing::debug!(buffer, size = entry.size, heap = %entry.heap, "buffer freed");
+        }
+    }
+
+    /// Tells no-autofence clients that a fence they were handed has ended.
+    pub(super) fn fence_ended(&mut self, fence: AccessId) {
+        if let Some(subscribers) = self.fence_subscribers.remove(&fence) {
+            for client in subscribers {
+                self.event(client, Event::FenceSignalled { fence });
+            }
+        }
+    }
+
+    /// Everything a disconnected client held is released: CPU accesses at
+    /// once, kernel-fenced device accesses when their fence signals, queued
+    /// requests dropped, holds dropped (freeing buffers nobody else holds).
+    pub fn disconnect(&mut self, client: ClientId) {
+        let now = Instant::now();
+        let gone = self.arbiter.client_gone(client, now);
+        self.finish_released(&gone.released);
+        for waiter in &gone.cancelled_waiters {
+            self.waiters.remove(waiter);
+        }
+        let writer_lost = gone.grants.iter().filter(|g| g.writer_lost).count();
+        self.deliver_grants(gone.grants);
+        let Some(entry) = self.clients.get(&client) else {
+            return;
+        };
+        let buffers: Vec<BufferId> = entry.buffers.iter().copied().collect();
+        for buffer in buffers {
+            self.release_hold(client, buffer);
+        }
+        for subscribers in self.fence_subscribers.values_mut() {
+            subscribers.retain(|c| *c != client);
+        }
+        if let Some(entry) = self.clients.remove(&client) {
+            entry.outbox.close();
+            tracing::info!(
+                client,
+                pid = entry.peer.pid,
+                released = gone.released.len(),
+                writer_lost,
+                "client disconnected"
+            );
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Command-line configuration of `dmabrokerd`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// dmabroker daemon: allocates dma-bufs, passes their fds to clients and
+/// arbitrates CPU/device access with reader-writer fences.
+#[derive(Debug, Parser)]
+#[command(name = "dmabrokerd", version)]
+pub struct Config {
+    /// Socket to serve. Default: $DMABROKER_SOCKET, else
+    /// /run/dmabroker/socket (system service), else
+    /// $XDG_RUNTIME_DIR/dmabroker/socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+
+    /// Run as the system service (system socket and policy locations).
+    /// Default: on when started by systemd as root.
+    #[arg(long)]
+    pub system: bool,
+
+    /// Policy file(s), read in order, instead of the standard locations.
+    #[arg(long = "policy", value_name = "PATH")]
+    pub policy: Vec<PathBuf>,
+
+    /// Heap fallback order by name (e.g. `system,udmabuf,memfd`). Default:
+    /// every dma-heap found, then udmabuf, then memfd.
+    #[arg(long, value_delimiter = ',')]
+    pub heaps: Option<Vec<String>>,
+
+    /// Where to look for dma-heap nodes.
+    #[arg(long, default_value = "/dev/dma_heap")]
+    pub dma_heap_dir: PathBuf,
+
+    /// The udmabuf device.
+    #[arg(long, default_value = "/dev/udmabuf")]
+    pub udmabuf: PathBuf,
+
+    /// Most client connections served at once.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// System mode when asked, or when systemd starts us as root.
+    pub fn system_mode(&self) -> bool {
+        self.system
+            || (nix::unistd::geteuid().is_root() && std::env::var_os("INVOCATION_ID").is_some())
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| dmabroker_ipc::paths::daemon_socket(self.system_mode()))
+    }
+}

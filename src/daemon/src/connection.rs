@@ -1,0 +1,71 @@
+//! One task per client connection: receive, hand each message to the
+//! broker, clean up on hang-up.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
+use dmabroker_ipc::{ErrorCode, WireError, MAX_MESSAGE_SIZE};
+use nix::errno::Errno;
+
+use crate::broker::Broker;
+use crate::broker::Disposition;
+use crate::identity;
+use crate::outbox::Outbox;
+
+/// Serves one accepted (non-blocking) connection until it hangs up.
+pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
+    let peer = match identity::peer_of(socket.as_fd()) {
+        Ok(peer) => peer,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot identify a connecting peer; closing it");
+            return;
+        }
+    };
+    let socket = match crate::reactor::register(socket, tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE) {
+        Ok(fd) => Arc::new(fd),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot register a connection with the reactor");
+            return;
+        }
+    };
+    let outbox = Arc::new(Outbox::new(Arc::clone(&socket), 256));
+    let client = broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
+    let writer = tokio::spawn(Arc::clone(&outbox).run_writer());
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    'connection: loop {
+        let mut guard = match socket.readable().await {
+            Ok(guard) => guard,
+            Err(_) => break,
+        };
+        // Drain everything queued: one wake-up, many messages.
+        loop {
+            let received = guard.try_io(|fd| {
+                recv_message_into(fd.get_ref().as_fd(), &mut buf, true).map_err(|err| match err {
+                    RecvError::Os(Errno::EAGAIN) => io::Error::from(io::ErrorKind::WouldBlock),
+                    other => io::Error::other(other),
+                })
+            });
+            let disposition = match received {
+                Err(_would_block) => break,
+                Ok(Ok((len, fds))) => broker.with(|s| s.handle_message(client, &buf[..len], fds)),
+                Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
+                    Some(RecvError::Truncated) | Some(RecvError::ControlTruncated) => {
+                        let message = err.to_string();
+                        broker.with(|s| {
+                            s.refuse_malformed(client, 0, WireError::new(ErrorCode::ProtocolError, message))
+                        })
+                    }
+                    _ => break 'connection,
+                },
+            };
+            if disposition == Disposition::Disconnect {
+                break 'connection;
+            }
+        }
+    }
+    broker.with(|s| s.disconnect(client));
+    outbox.close();
+    writer.abort();
+}

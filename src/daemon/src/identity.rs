@@ -1,0 +1,180 @@
+//! Who is on the other end of a connection, from the kernel only.
+//!
+//! Nothing a client says about itself counts for policy: uid, gid and groups
+//! come from `SO_PEERCRED`/`SO_PEERGROUPS`, the process from a pidfd
+//! (`SO_PEERPIDFD`, Linux 6.5+) so that a recycled pid cannot be mistaken
+//! for the client, and the executable and systemd unit from `/proc` read
+//! while that pidfd proves the process is still the one that connected.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use dmabroker_policy::Identity;
+use nix::errno::Errno;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+/// Socket options missing from nix 0.29 (values from asm-generic/socket.h).
+const SO_PEERGROUPS: libc::c_int = 59;
+const SO_PEERPIDFD: libc::c_int = 77;
+
+#[derive(Debug)]
+pub struct Peer {
+    pub identity: Identity,
+    pub pid: i32,
+    /// Kept for the life of the connection: it pins the identity of the pid.
+    pub pidfd: Option<OwnedFd>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("SO_PEERCRED failed: {0}")]
+    PeerCred(Errno),
+}
+
+pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
+    let cred = getsockopt(&socket, PeerCredentials).map_err(IdentityError::PeerCred)?;
+    let pid = cred.pid();
+    let groups = peer_groups(socket).unwrap_or_default();
+    let pidfd = peer_pidfd(socket);
+    let (exe, unit) = match &pidfd {
+        Some(pidfd) => {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            let unit = systemd_unit(pid);
+            // Only trust what we read if the process is still the one the
+            // pidfd names; otherwise the pid may already be someone else's.
+            if process_alive(pidfd.as_fd()) {
+                (exe, unit)
+            } else {
+                (None, None)
+            }
+        }
+        // Without a pidfd (old kernel) /proc is still the best we have; a
+        // racing pid reuse can only make us see less, since the socket's
+        // credentials above come from the kernel either way.
+        None => (
+            std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
+            systemd_unit(pid),
+        ),
+    };
+    Ok(Peer {
+        identity: Identity {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            groups,
+            exe,
+            unit,
+        },
+        pid,
+        pidfd,
+    })
+}
+
+fn peer_groups(socket: BorrowedFd<'_>) -> Option<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: `groups` is a writable buffer of `len` bytes that outlives the
+    // call; the kernel writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    Some(groups)
+}
+
+fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a writable c_int and `len` its size; on success the
+    // kernel stores a new pidfd (O_CLOEXEC) that we then own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just created `fd` for us; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd of a process that has exited polls readable.
+fn process_alive(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+}
+
+/// The systemd unit from the unified cgroup path, e.g. `camera.service`.
+fn systemd_unit(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    unit_from_cgroup(&text)
+}
+
+pub fn unit_from_cgroup(text: &str) -> Option<String> {
+    let path = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .or_else(|| text.lines().find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p)))?;
+    path.rsplit('/')
+        .find(|part| part.ends_with(".service") || part.ends_with(".scope"))
+        .map(str::to_owned)
+}
+
+/// The identity's executable as a display string.
+pub fn exe_display(exe: &Option<PathBuf>) -> String {
+    exe.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    #[test]
+    fn unit_is_read_from_the_unified_hierarchy() {
+        assert_eq!(
+            unit_from_cgroup("0::/system.slice/camera.service\n").as_deref(),
+            Some("camera.service")
+        );
+        assert_eq!(
+            unit_from_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-foo-123.scope\n")
+                .as_deref(),
+            Some("app-gnome-foo-123.scope")
+        );
+        assert_eq!(unit_from_cgroup("0::/\n"), None);
+    }
+
+    #[test]
+    fn peer_of_a_socketpair_is_ourselves() {
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let peer = peer_of(a.as_fd()).expect("peer");
+        assert_eq!(peer.pid, std::process::id() as i32);
+        assert_eq!(peer.identity.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(
+            peer.identity.exe.as_deref(),
+            std::env::current_exe().ok().as_deref()
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! Per-connection outgoing messages: sent at once when the socket has room,
+//! queued (up to the client's unread-replies cap) when it does not.
+//!
+//! Sending directly from whoever produced the message (often another
+//! client's request: a writer's end grants a waiting reader) saves a task
+//! hop on the hand-off path. A client that never reads fills its socket
+//! buffer, then its queue, and is then disconnected: the broker never
+//! blocks on it and never grows memory for it without bound.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dmabroker_ipc::fdpass::{send_message, SendError};
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+/// One encoded message and the fds that travel with it. The fds are shared
+/// handles so a queued message keeps them open until it is really sent.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub fds: Vec<Arc<OwnedFd>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    messages: VecDeque<Outgoing>,
+    closed: bool,
+}
+
+enum Flush {
+    Drained,
+    Blocked,
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    socket: Arc<AsyncFd<OwnedFd>>,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    cap: AtomicUsize,
+}
+
+/// Why a message was not delivered; the connection is closed either way.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("client has {0} unread messages queued; disconnecting it")]
+    Overflow(usize),
+    #[error("connection is closed")]
+    Closed,
+    #[error("send failed: {0}")]
+    Send(#[from] SendError),
+}
+
+impl Outbox {
+    pub fn new(socket: Arc<AsyncFd<OwnedFd>>, cap: usize) -> Self {
+        Outbox {
+            socket,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            cap: AtomicUsize::new(cap.max(1)),
+        }
+    }
+
+    /// The policy's `max_unread_replies` may change on reload.
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.lock().messages.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue torn (every
+        // mutation is a single push/pop), so a poisoned lock is still usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_send(&self, msg: &Outgoing) -> Result<(), SendError> {
+        let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(|fd| fd.as_fd()).collect();
+        send_message(self.socket.get_ref().as_fd(), &msg.bytes, &fds, true)
+    }
+
+    /// Delivers or queues `msg`. Never blocks. On overflow or a dead socket
+    /// the connection is shut down, which its reader sees as a hang-up.
+    pub fn send(&self, msg: Outgoing) -> Result<(), OutboxError> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(OutboxError::Closed);
+        }
+        if queue.messages.is_empty() {
+            match self.try_send(&msg) {
+                Ok(()) => return Ok(()),
+                Err(SendError::Os(Errno::EAGAIN)) => {}
+                Err(err) => {
+                    queue.closed = true;
+                    drop(queue);
+                    self.shutdown();
+                    return Err(err.into());
+                }
+            }
+        }
+        let cap = self.cap.load(Ordering::Relaxed);
+        if queue.messages.len() >= cap {
+            queue.closed = true;
+            let len = queue.messages.len();
+            queue.messages.clear();
+            drop(queue);
+            self.shutdown();
+            return Err(OutboxError::Overflow(len));
+        }
+        queue.messages.push_back(msg);
+        drop(queue);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Flushes queued messages as the socket drains. Runs for the life of
+    /// the connection.
+    pub async fn run_writer(self: Arc<Self>) {
+        loop {
+            self.notify.notified().await;
+            loop {
+                match self.flush_some() {
+                    Flush::Drained => break,
+                    Flush::Closed => return,
+                    Flush::Blocked => match self.socket.writable().await {
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(_) => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Sends queued messages until the queue is empty or the socket is full.
+    fn flush_some(&self) -> Flush {
+        let mut queue = self.lock();
+        loop {
+            if queue.closed {
+                return Flush::Closed;
+            }
+            let Some(msg) = queue.messages.pop_front() else {
+                return Flush::Drained;
+            };
+            match self.try_send(&msg) {
+                Ok(()) => continue,
+                Err(SendError::Os(Errno::EAGAIN)) => {
+                    queue.messages.push_front(msg);
+                    return Flush::Blocked;
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "dropping connection after send failure");
+                    queue.closed = true;
+                    drop(queue);
+                    self.shutdown();
+                    return Flush::Closed;
+                }
+            }
+        }
+    }
+
+    /// Makes the reader see end-of-file so the connection is torn down in
+    /// one place.
+    pub fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(self.socket.get_ref()),
+            nix::sys::socket::Shutdown::Both,
+        );
+        self.notify.notify_one();
+    }
+
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.shutdown();
+    }
+}

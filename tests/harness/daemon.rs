@@ -1,0 +1,183 @@
+//! The real `dmabrokerd`, started on a private socket for one test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::tmp::TempDir;
+
+/// Finds a workspace binary next to the running test executable
+/// (`target/<profile>/deps/test-*` → `target/<profile>/NAME`), building it
+/// if it is missing. `DMABROKER_BIN_DIR` overrides the folder.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("DMABROKER_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let deps = exe.parent().expect("test exe folder");
+            if deps.file_name().is_some_and(|n| n == "deps") {
+                deps.parent().expect("profile folder").to_owned()
+            } else {
+                deps.to_owned()
+            }
+        }
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build of {name} failed");
+    }
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins`", path.display());
+    path
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct DaemonOptions {
+    /// Policy file contents (written to the daemon's folder).
+    pub policy: Option<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub policy_path: PathBuf,
+    log: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(DaemonOptions::default())
+    }
+
+    pub fn start_with(options: DaemonOptions) -> Daemon {
+        let dir = TempDir::new("daemon");
+        let socket = dir.path().join("socket");
+        let log = dir.path().join("daemon.log");
+        let policy_path = dir.path().join("policy.toml");
+        let mut cmd = Command::new(binary("dmabrokerd"));
+        cmd.arg("--socket").arg(&socket);
+        // Tests never depend on the machine's /dev (the VM tier passes its
+        // own --dma-heap-dir when it wants real heaps).
+        if !options.args.iter().any(|a| a == "--dma-heap-dir") {
+            cmd.args(["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent"]);
+        }
+        if let Some(policy) = &options.policy {
+            std::fs::write(&policy_path, policy).expect("write policy");
+            cmd.arg("--policy").arg(&policy_path);
+        }
+        cmd.args(&options.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn dmabrokerd");
+        let mut daemon = Daemon {
+            child,
+            socket,
+            policy_path,
+            log,
+            dir,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dmabrokerd exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists() && dmabroker_client::Client::connect_to(&self.socket).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "dmabrokerd never became ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn fd_count(&self) -> usize {
+        crate::proc::fd_count(self.pid())
+    }
+
+    /// Waits (up to 5 s) for the daemon's fd count to return to `baseline`.
+    pub fn assert_fds_back_to(&self, baseline: usize) {
+        let now = crate::proc::wait_fd_count(self.pid(), baseline, Duration::from_secs(5));
+        assert_eq!(now, baseline, "daemon fd count did not return to baseline; log:\n{}", self.log_tail());
+    }
+
+    pub fn client(&self) -> dmabroker_client::Client {
+        dmabroker_client::Client::connect_to(&self.socket).expect("connect to test daemon")
+    }
+
+    pub fn client_with(&self, options: dmabroker_client::ClientOptions) -> dmabroker_client::Result<dmabroker_client::Client> {
+        dmabroker_client::Client::connect_with(&self.socket, options)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal daemon");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "dmabrokerd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! A real client process (`dmabroker-testclient`) driven line by line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Scripted {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+/// Patience for a reply that should come promptly.
+pub const PROMPT: Duration = Duration::from_secs(10);
+
+impl Scripted {
+    pub fn spawn(socket: &Path, extra: &[&str]) -> Scripted {
+        Scripted::spawn_cmd(Command::new(crate::daemon::binary("dmabroker-testclient")), socket, extra)
+    }
+
+    /// Runs the client under another uid/gid (with no supplementary
+    /// groups) through `setpriv`; the test harness runs as root.
+    pub fn spawn_as(socket: &Path, uid: u32, gid: u32, extra: &[&str]) -> Scripted {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(crate::daemon::binary("dmabroker-testclient"));
+        Scripted::spawn_cmd(cmd, socket, extra)
+    }
+
+    fn spawn_cmd(mut cmd: Command, socket: &Path, extra: &[&str]) -> Scripted {
+        cmd.arg("--socket").arg(socket).args(extra);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dmabroker-testclient");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut client = Scripted { child, stdin, lines };
+        let hello = client.recv(PROMPT).expect("testclient greeting");
+        assert!(hello.starts_with("ready"), "testclient did not connect: {hello}");
+        client
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to testclient");
+        self.stdin.flush().expect("flush testclient");
+    }
+
+    /// The next output line, or `None` after `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some("err Disconnected testclient exited".into()),
+        }
+    }
+
+    /// Sends a command and returns `Ok(rest)` for `ok rest` or `Err(line)`.
+    pub fn cmd(&mut self, line: &str) -> Result<String, String> {
+        self.send(line);
+        let reply = self
+            .recv(PROMPT)
+            .unwrap_or_else(|| panic!("testclient gave no answer to `{line}`"));
+        match reply.strip_prefix("ok") {
+            Some(rest) => Ok(rest.trim().to_owned()),
+            None => Err(reply),
+        }
+    }
+
+    /// As `cmd`, panicking on an error answer.
+    pub fn ok(&mut self, line: &str) -> String {
+        self.cmd(line).unwrap_or_else(|e| panic!("`{line}` failed: {e}"))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Parses `key=value` words of a testclient answer.
+pub fn field<'a>(answer: &'a str, key: &str) -> Option<&'a str> {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}

@@ -1,0 +1,223 @@
+//! `dmabroker-testclient`: a real client process for the integration tests,
+//! driven by one command per line on stdin, answering one line on stdout:
+//! `ok key=value ...` or `err CODE message`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use dmabroker_client::{Access, AccessGuard, AllocRequest, Buffer, Client, ClientOptions, Error};
+
+struct Session {
+    client: Client,
+    buffers: HashMap<u64, Buffer>,
+    guards: HashMap<u64, AccessGuard>,
+}
+
+fn parse_access(word: &str) -> Result<Access, String> {
+    Ok(match word {
+        "cpu-read" | "r" => Access::CpuRead,
+        "cpu-write" | "w" => Access::CpuWrite,
+        "cpu-read-write" | "rw" => Access::CpuReadWrite,
+        "device-read" | "dr" => Access::DeviceRead,
+        "device-write" | "dw" => Access::DeviceWrite,
+        other => return Err(format!("unknown access {other}")),
+    })
+}
+
+fn num(word: Option<&str>) -> Result<u64, String> {
+    word.ok_or("missing number")?.parse().map_err(|e| format!("bad number: {e}"))
+}
+
+fn describe(buffer: &Buffer) -> String {
+    format!(
+        "id={} size={} inode={} heap={} fd={}",
+        buffer.id(),
+        buffer.size(),
+        buffer.inode(),
+        buffer.heap(),
+        buffer.as_fd().as_raw_fd()
+    )
+}
+
+fn describe_guard(guard: &AccessGuard) -> String {
+    let fences: Vec<String> = guard
+        .fences()
+        .iter()
+        .map(|f| format!("{}:{}:{}:{}", f.id, f.holder, f.kind.name(), f.sync_file.is_some()))
+        .collect();
+    format!(
+        "access={} writer_lost={} revoked={} fences={} fence_list={}",
+        guard.id(),
+        guard.writer_lost(),
+        guard.revoked(),
+        guard.fences().len(),
+        fences.join(",")
+    )
+}
+
+impl Session {
+    fn buffer(&self, id: u64) -> Result<&Buffer, String> {
+        self.buffers.get(&id).ok_or_else(|| format!("err NoSuchBuffer {id}"))
+    }
+
+    fn run(&mut self, line: &str) -> Result<String, String> {
+        let mut words = line.split_whitespace();
+        let command = words.next().unwrap_or("");
+        let broker = |e: Error| match e.code() {
+            Some(code) => format!("err {code} {e}"),
+            None => format!("err Other {e}"),
+        };
+        match command {
+            "alloc" => {
+                let size = num(words.next())?;
+                let mut request = AllocRequest { size, ..Default::default() };
+                for w in words {
+                    if let Some(h) = w.strip_prefix("heap=") {
+                        request.heap = Some(h.to_owned());
+                    } else if let Some(n) = w.strip_prefix("name=") {
+                        request.name = Some(n.to_owned());
+                    }
+                }
+                let buffer = self.client.alloc_with(request).map_err(broker)?;
+                let out = describe(&buffer);
+                self.buffers.insert(buffer.id(), buffer);
+                Ok(out)
+            }
+            "export" => {
+                let token = self.buffer(num(words.next())?)?.export().map_err(broker)?;
+                Ok(format!("token={token}"))
+            }
+            "import" => {
+                let token = words.next().ok_or("missing token")?;
+                let token = token.parse().map_err(|e| format!("err Malformed {e}"))?;
+                let buffer = self.client.import(&token).map_err(broker)?;
+                let out = describe(&buffer);
+                self.buffers.insert(buffer.id(), buffer);
+                Ok(out)
+            }
+            "free" => {
+                let id = num(words.next())?;
+                self.buffers.remove(&id).ok_or_else(|| format!("err NoSuchBuffer {id}"))?;
+                Ok(String::new())
+            }
+            "info" => {
+                let info = self.buffer(num(words.next())?)?.info().map_err(broker)?;
+                Ok(format!("id={} size={} heap={} name={} inode={}", info.id, info.size, info.heap, info.name, info.inode))
+            }
+            "heaps" => {
+                let heaps = self.client.heaps().map_err(broker)?;
+                let names: Vec<String> = heaps.iter().map(|h| format!("{}:{}", h.name, h.backend)).collect();
+                Ok(format!("heaps={}", names.join(",")))
+            }
+            "write" | "read" => {
+                let id = num(words.next())?;
+                let buffer = self.buffer(id)?;
+                let access = if command == "write" { Access::CpuWrite } else { Access::CpuRead };
+                let mut guard = buffer.begin(access).map_err(broker)?;
+                let lost = guard.writer_lost();
+                if command == "write" {
+                    let byte = num(words.next())? as u8;
+                    guard.bytes_mut().map_err(broker)?.fill(byte);
+                    Ok(format!("writer_lost={lost}"))
+                } else {
+                    let bytes = guard.bytes().map_err(broker)?;
+                    let first = bytes.first().copied().unwrap_or(0);
+                    let uniform = bytes.iter().all(|b| *b == first);
+                    Ok(format!("byte={first} uniform={uniform} writer_lost={lost}"))
+                }
+            }
+            "begin" => {
+                let id = num(words.next())?;
+                let access = parse_access(words.next().ok_or("missing access")?)?;
+                let timeout = words.next().map(|w| w.parse::<u64>()).transpose().map_err(|e| e.to_string())?;
+                let buffer = self.buffer(id)?;
+                let guard = match timeout {
+                    Some(ms) => buffer.begin_timeout(access, Duration::from_millis(ms)),
+                    None => buffer.begin(access),
+                }
+                .map_err(broker)?;
+                let out = describe_guard(&guard);
+                self.guards.insert(guard.id(), guard);
+                Ok(out)
+            }
+            "fill" => {
+                let access = num(words.next())?;
+                let byte = num(words.next())? as u8;
+                let guard = self.guards.get_mut(&access).ok_or("err NoSuchAccess")?;
+                guard.bytes_mut().map_err(broker)?.fill(byte);
+                Ok(String::new())
+            }
+            "end" => {
+                let access = num(words.next())?;
+                let guard = self.guards.remove(&access).ok_or("err NoSuchAccess")?;
+                guard.end().map_err(broker)?;
+                // Make the pipelined end observable: a round trip after it.
+                self.client.heaps().map_err(broker)?;
+                Ok(String::new())
+            }
+            "event" => {
+                let ms = num(words.next())?;
+                match self.client.next_event(Some(Duration::from_millis(ms))).map_err(broker)? {
+                    Some(event) => Ok(format!("event={event:?}")),
+                    None => Err("err NoEvent".into()),
+                }
+            }
+            "errors" => {
+                let errors = self.client.take_errors();
+                let codes: Vec<String> = errors.iter().map(|e| e.code.to_string()).collect();
+                Ok(format!("count={} codes={}", errors.len(), codes.join(",")))
+            }
+            "sleep" => {
+                std::thread::sleep(Duration::from_millis(num(words.next())?));
+                Ok(String::new())
+            }
+            other => Err(format!("err UnknownCommand {other}")),
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut socket = None;
+    let mut options = ClientOptions { name: "testclient".into(), ..Default::default() };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--socket" => socket = args.next(),
+            "--no-autofence" => options.autofence = Some(false),
+            "--autofence" => options.autofence = Some(true),
+            other => {
+                eprintln!("testclient: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let path = socket.map(std::path::PathBuf::from).unwrap_or_else(dmabroker_ipc::paths::client_socket);
+    let client = match Client::connect_with(&path, options) {
+        Ok(client) => client,
+        Err(e) => {
+            let code = e.code().map(|c| c.to_string()).unwrap_or_else(|| "Other".into());
+            let _ = writeln!(out, "err {code} {e}");
+            return;
+        }
+    };
+    let _ = writeln!(out, "ready client={} autofence={}", client.id(), client.autofence());
+    let _ = out.flush();
+    let mut session = Session { client, buffers: HashMap::new(), guards: HashMap::new() };
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "exit" {
+            break;
+        }
+        let answer = match session.run(&line) {
+            Ok(rest) if rest.is_empty() => "ok".to_owned(),
+            Ok(rest) => format!("ok {rest}"),
+            Err(err) => err,
+        };
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
+    }
+}
