@@ -519,6 +519,11 @@ impl State {
         self.stats.revocations += 1;
         tracing::warn!(client, buffer, access, "write access held past its limit: revoked");
         self.event(client, Event::AccessRevoked { access, buffer });
+        self.notice(super::Notice::AccessRevoked {
+            buffer,
+            access,
+            client,
+        });
         self.finish_released(&[access]);
         self.deliver_grants(grants);
     }

@@ -9,6 +9,7 @@
 //! contended by the D-Bus view.
 
 mod access;
+mod notice;
 mod requests;
 mod state;
 mod waits;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use dmabroker_fence::{AccessId, WaiterId};
 
+pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
 

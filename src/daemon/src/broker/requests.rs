@@ -323,6 +323,12 @@ impl State {
         }
         let secret = self.add_holder(id, client);
         self.stats.allocations += 1;
+        self.notice(super::Notice::BufferAllocated {
+            buffer: id,
+            size: allocation.size,
+            heap: self.buffers.get(&id).map(|b| b.heap.clone()).unwrap_or_default(),
+            owner: client,
+        });
         Ok(Answer::Reply(
             ReplyBody::Buffer(self.buffer_info(id, secret)),
             vec![fd],

@@ -15,6 +15,7 @@ use dmabroker_ipc::{
 };
 use dmabroker_policy::{Policy, Resolved};
 
+use super::notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 use super::Action;
 use crate::heaps::{Backend, HeapRegistry};
 use crate::identity::Peer;
@@ -159,6 +160,7 @@ pub struct State {
     pub limits: DaemonLimits,
     pub instance: String,
     pub started: SystemTime,
+    notices: NoticeSender,
     next_client: ClientId,
     next_buffer: BufferId,
     actions: Vec<Action>,
@@ -183,9 +185,21 @@ impl State {
             limits,
             instance,
             started: SystemTime::now(),
+            notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
             next_buffer: 1,
             actions: Vec::new(),
+        }
+    }
+
+    /// Observers subscribe here; see [`Notice`].
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    pub(super) fn notice(&self, notice: Notice) {
+        if self.notices.receiver_count() > 0 {
+            let _ = self.notices.send(notice);
         }
     }
 
@@ -224,6 +238,11 @@ impl State {
             rule = %resolved.rule,
             "client connected"
         );
+        self.notice(Notice::ClientConnected {
+            client: id,
+            uid: peer.identity.uid,
+            pid: peer.pid,
+        });
         self.clients.insert(
             id,
             ClientEntry {
@@ -367,6 +386,7 @@ impl State {
         self.tokens.retain(|_, t| t.buffer != buffer);
         if let Some(entry) = self.buffers.remove(&buffer) {
             self.stats.frees += 1;
+            self.notice(Notice::BufferFreed { buffer });
             tracing::debug!(buffer, size = entry.size, heap = %entry.heap, "buffer freed");
         }
     }
@@ -385,6 +405,15 @@ impl State {
     /// requests dropped, holds dropped (freeing buffers nobody else holds).
     pub fn disconnect(&mut self, client: ClientId) {
         let now = Instant::now();
+        let lost_writes: Vec<BufferId> = self
+            .accesses
+            .values()
+            .filter(|a| a.client == client && a.kind.is_write() && a.sync_file.is_none())
+            .map(|a| a.buffer)
+            .collect();
+        for buffer in lost_writes {
+            self.notice(Notice::WriterLost { buffer, client });
+        }
         let gone = self.arbiter.client_gone(client, now);
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
@@ -404,6 +433,7 @@ impl State {
         }
         if let Some(entry) = self.clients.remove(&client) {
             entry.outbox.close();
+            self.notice(Notice::ClientDisconnected { client });
             tracing::info!(
                 client,
                 pid = entry.peer.pid,
