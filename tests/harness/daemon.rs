@@ -123,6 +123,23 @@ impl Daemon {
         crate::proc::fd_count(self.pid())
     }
 
+    /// The fd count once the daemon is idle (stable for 100 ms): the
+    /// baseline leaks are measured against.
+    pub fn baseline(&self) -> usize {
+        let mut last = self.fd_count();
+        let mut stable_since = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stable_since.elapsed() < Duration::from_millis(100) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = self.fd_count();
+            if now != last {
+                last = now;
+                stable_since = Instant::now();
+            }
+        }
+        last
+    }
+
     /// Waits (up to 5 s) for the daemon's fd count to return to `baseline`.
     pub fn assert_fds_back_to(&self, baseline: usize) {
         let now = crate::proc::wait_fd_count(self.pid(), baseline, Duration::from_secs(5));

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod proc;
+pub mod raw;
 pub mod scripted;
 pub mod tmp;
 

@@ -11,7 +11,6 @@ use dmabroker_ipc::{
     features, BufferId, BufferInfo, ClientId, ErrorCode, HeapInfo, QuotaDetail, ReplyBody,
     Request, RequestBody, ShareToken, Welcome, WireError, FLAG_NO_REPLY, PROTOCOL_VERSION,
 };
-use dmabroker_policy::AutofenceMode;
 
 use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, State};
@@ -180,23 +179,12 @@ impl State {
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
         let mode = entry.resolved.limits.autofence;
         let rule = &entry.resolved.rule;
-        let autofence = match (mode, hello.autofence) {
-            (AutofenceMode::Required, Some(false)) => {
-                return Err(WireError::new(
-                    ErrorCode::PermissionDenied,
-                    format!("rule '{rule}': autofence is required for this client"),
-                ))
-            }
-            (AutofenceMode::Disabled, Some(true)) => {
-                return Err(WireError::new(
-                    ErrorCode::PermissionDenied,
-                    format!("rule '{rule}': autofence is disabled for this client"),
-                ))
-            }
-            (AutofenceMode::Disabled, _) => false,
-            (_, Some(choice)) => choice,
-            (_, None) => true,
-        };
+        let autofence = mode.grant(hello.autofence).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("rule '{rule}': autofence is required for this client"),
+            )
+        })?;
         entry.autofence = autofence;
         entry.hello_done = true;
         entry.name = hello.client_name.chars().take(64).collect();

@@ -1,0 +1,198 @@
+//! Allocation, sharing and mapping across real processes through the real
+//! daemon (memfd backend on the build machine).
+
+use std::time::Duration;
+
+use dmabroker_client::{Access, AllocRequest, ErrorCode};
+use dmabroker_suite::scripted::field;
+use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::{Daemon, Scripted};
+
+#[test]
+fn two_processes_share_one_buffer_and_see_each_others_writes() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut camera = Scripted::spawn(daemon.socket(), &[]);
+    let mut codec = Scripted::spawn(daemon.socket(), &[]);
+
+    let allocated = camera.ok("alloc 5000 name=frame");
+    let id = field(&allocated, "id").expect("id").to_owned();
+    assert_eq!(field(&allocated, "size"), Some("8192"), "sizes round up to pages");
+    let token = camera.ok(&format!("export {id}"));
+    let token = field(&token, "token").expect("token").to_owned();
+
+    let imported = codec.ok(&format!("import {token}"));
+    assert_eq!(
+        field(&imported, "inode"),
+        field(&allocated, "inode"),
+        "an import is the same kernel object"
+    );
+    let codec_id = field(&imported, "id").expect("id").to_owned();
+    assert_eq!(codec_id, id, "one buffer id for every holder");
+
+    camera.ok(&format!("write {id} 171"));
+    let read = codec.ok(&format!("read {codec_id}"));
+    assert_eq!(field(&read, "byte"), Some("171"));
+    assert_eq!(field(&read, "uniform"), Some("true"));
+
+    codec.ok(&format!("write {codec_id} 66"));
+    let read = camera.ok(&format!("read {id}"));
+    assert_eq!(field(&read, "byte"), Some("66"));
+
+    // Each process has its own fd of the buffer.
+    let fd: i32 = field(&imported, "fd").expect("fd").parse().expect("fd number");
+    let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", codec.pid())).expect("fd link");
+    assert!(link.to_string_lossy().contains("memfd:"), "{link:?}");
+
+    drop(camera);
+    drop(codec);
+    daemon.assert_fds_back_to(baseline);
+}
+
+#[test]
+fn a_buffer_lives_while_any_client_holds_it() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let owner = daemon.client();
+    let holder = daemon.client();
+    let connected = daemon.baseline();
+    let buffer = owner.alloc(4096).expect("alloc");
+    let token = buffer.export().expect("export");
+    let shared = holder.import(&token).expect("import");
+    {
+        let mut w = buffer.begin(Access::CpuWrite).expect("begin");
+        w.bytes_mut().expect("bytes").fill(9);
+    }
+    drop(buffer); // the owner frees; the holder keeps it alive
+    let r = shared.begin(Access::CpuRead).expect("begin after owner freed");
+    assert!(r.bytes().expect("bytes").iter().all(|b| *b == 9));
+    drop(r);
+    assert_eq!(shared.info().expect("info still works").size, 4096);
+    assert!(daemon.fd_count() > baseline, "the daemon still holds the buffer");
+    drop(shared);
+    daemon.assert_fds_back_to(connected);
+    drop(owner);
+    drop(holder);
+    daemon.assert_fds_back_to(baseline);
+}
+
+#[test]
+fn disconnect_releases_everything_even_on_sigkill() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut victim = Scripted::spawn(daemon.socket(), &[]);
+    for _ in 0..10 {
+        victim.ok("alloc 65536");
+    }
+    let held = victim.ok("begin 1 w");
+    assert!(field(&held, "access").is_some());
+    assert!(daemon.fd_count() >= baseline + 11);
+    victim.kill(); // SIGKILL
+    daemon.assert_fds_back_to(baseline);
+}
+
+#[test]
+fn allocation_errors_are_clear_and_change_nothing() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let baseline = daemon.baseline();
+    let err = client.alloc(0).expect_err("size 0");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    let err = client.alloc(u64::MAX).expect_err("absurd size");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    let err = client.alloc(1 << 50).expect_err("larger than any quota");
+    assert!(
+        matches!(err.code(), Some(ErrorCode::QuotaExceeded | ErrorCode::InvalidArgument)),
+        "{err}"
+    );
+    let err = client
+        .alloc_with(AllocRequest {
+            size: 4096,
+            heap: Some("no-such-heap".into()),
+            name: None,
+        })
+        .expect_err("unknown heap");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownHeap), "{err}");
+    assert!(err.to_string().contains("no-such-heap"), "{err}");
+    let token = "dmab1-00112233445566778899aabbccddeeff".parse().expect("token syntax");
+    let err = client.import(&token).expect_err("unknown token");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownToken), "{err}");
+    assert_eq!(daemon.fd_count(), baseline, "refusals allocate nothing");
+    // And the daemon still serves.
+    assert_eq!(client.alloc(4096).expect("alloc").size(), 4096);
+}
+
+#[test]
+fn heaps_are_listed_with_memfd_as_embedded_default() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let heaps = client.heaps().expect("heaps");
+    assert!(heaps.iter().any(|h| h.name == "memfd" && h.backend == "memfd"), "{heaps:?}");
+    assert_eq!(client.default_heap(), "memfd");
+    let buffer = client
+        .alloc_with(AllocRequest {
+            size: 1,
+            heap: Some("memfd".into()),
+            name: Some("named".into()),
+        })
+        .expect("alloc from memfd by name");
+    assert_eq!(buffer.heap(), "memfd");
+    assert_eq!(buffer.name(), "named");
+}
+
+#[test]
+fn a_client_cannot_touch_a_buffer_it_does_not_hold() {
+    let daemon = Daemon::start();
+    let mut owner = Scripted::spawn(daemon.socket(), &[]);
+    let mut other = Scripted::spawn(daemon.socket(), &[]);
+    let allocated = owner.ok("alloc 4096");
+    let id = field(&allocated, "id").expect("id").to_owned();
+    // `other` guesses the id: the testclient only knows buffers it holds,
+    // so go through the raw protocol.
+    drop(other.cmd("heaps"));
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    for request in [
+        format!("info {id}"),
+        format!("export {id}"),
+        format!("begin {id}"),
+        format!("free {id}"),
+    ] {
+        let reply = raw.simple(&request);
+        assert_eq!(
+            reply.expect_err("someone else's buffer"),
+            ErrorCode::UnknownBuffer,
+            "{request}"
+        );
+    }
+    // The owner's buffer is untouched.
+    owner.ok(&format!("write {id} 5"));
+    assert_eq!(field(&owner.ok(&format!("read {id}")), "byte"), Some("5"));
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let daemon = Daemon::start();
+    let socket = daemon.socket().to_owned();
+    let _client = daemon.client();
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn a_second_daemon_refuses_a_socket_in_use() {
+    let daemon = Daemon::start();
+    let out = std::process::Command::new(dmabroker_suite::daemon::binary("dmabrokerd"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .output()
+        .expect("run second daemon");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    // The first one still serves.
+    let client = daemon.client();
+    client.alloc(4096).expect("alloc");
+    std::thread::sleep(Duration::from_millis(10));
+}
