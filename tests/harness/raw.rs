@@ -22,6 +22,51 @@ impl RawClient {
         RawClient { fd, next: 1 }
     }
 
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Sends any bytes with any fds, bypassing every check of ours.
+    pub fn send_raw(&mut self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+        sendmsg::<UnixAddr>(
+            std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+            &[std::io::IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .expect("raw sendmsg");
+    }
+
+    /// The next message from the broker; `None` once it hung up.
+    pub fn recv(&mut self) -> Option<(ServerMessage, Vec<OwnedFd>)> {
+        let got = recv_message(self.fd.as_fd(), false).ok()?;
+        Some((decode_server_message(&got.bytes).expect("decode"), got.fds))
+    }
+
+    /// The next reply's id and error code (`Ok` for success).
+    pub fn recv_reply(&mut self) -> Option<(u64, Result<ReplyBody, ErrorCode>)> {
+        match self.recv()? {
+            (ServerMessage::Reply(reply), _) => Some((reply.id, reply.result.map_err(|e| e.code))),
+            (ServerMessage::Event(e), _) => panic!("unexpected event {e:?}"),
+        }
+    }
+
+    pub fn encode(&mut self, body: RequestBody, declared_fds: u8) -> (u64, Vec<u8>) {
+        let id = self.next;
+        self.next += 1;
+        let bytes = encode_request(&Request {
+            head: RequestHead { id, fds: declared_fds, flags: 0 },
+            body,
+        })
+        .expect("encode");
+        (id, bytes)
+    }
+
     pub fn request(&mut self, body: RequestBody) -> Result<ReplyBody, ErrorCode> {
         let id = self.next;
         self.next += 1;

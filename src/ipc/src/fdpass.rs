@@ -7,13 +7,11 @@
 //! `MSG_CTRUNC`, and has no SOCK_SEQPACKET support. So both directions use
 //! nix's `sendmsg`/`recvmsg` directly, in this one module.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
-};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
 use crate::protocol::{MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
 
@@ -96,51 +94,85 @@ pub fn recv_message(socket: BorrowedFd<'_>, nonblocking: bool) -> Result<Receive
 /// Receives one message into `buf` (at least [`MAX_MESSAGE_SIZE`] bytes),
 /// returning its length and fds. The fds are received close-on-exec and
 /// owned before any check can fail, so every error path closes them.
+///
+/// This calls `recvmsg(2)` itself rather than through nix: when the control
+/// data is truncated nix refuses to walk it, yet the kernel has already
+/// installed the fds that fit into our table, and they must be closed.
 pub fn recv_message_into(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
     nonblocking: bool,
 ) -> Result<(usize, Vec<OwnedFd>), RecvError> {
-    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; CONTROL_WORDS];
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
     if nonblocking {
-        flags |= MsgFlags::MSG_DONTWAIT;
+        flags |= libc::MSG_DONTWAIT;
     }
     loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<UnixAddr>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            flags,
-        ) {
-            Ok(msg) => msg,
-            Err(Errno::EINTR) => continue,
-            Err(err) => return Err(RecvError::Os(err)),
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
-        let mut fds = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for cmsg in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw_fds) = cmsg {
-                    for raw in raw_fds {
-                        // SAFETY: the kernel just installed `raw` in our fd
-                        // table for this message; nothing else owns it yet.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                    }
-                }
+        // SAFETY: zeroed msghdr is a valid "no name, no iov, no control".
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: msg points at live buffers (iov -> buf, control) that
+        // outlive the call, with their true lengths.
+        let received = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, flags) };
+        if received < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                err => return Err(RecvError::Os(err)),
             }
         }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        let fds = take_fds(&msg);
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
             return Err(RecvError::ControlTruncated);
         }
-        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
             return Err(RecvError::Truncated);
         }
-        if msg.bytes == 0 && fds.is_empty() {
+        if received == 0 && fds.is_empty() {
             return Err(RecvError::Closed);
         }
-        return Ok((msg.bytes, fds));
+        return Ok((received as usize, fds));
     }
+}
+
+/// Room for exactly one SCM_RIGHTS header plus [`MAX_FDS_PER_MESSAGE`]
+/// fds, in 8-byte words: one fd more and the kernel reports truncation.
+const CONTROL_WORDS: usize = (std::mem::size_of::<libc::cmsghdr>()
+    + MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>())
+.div_ceil(8);
+
+/// Wraps every fd the kernel put in `msg`'s control data in an `OwnedFd`.
+fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: msg was filled by a successful recvmsg; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR only return headers that lie within msg_controllen (which
+    // the kernel sets to what it wrote, whole fds only, even when it
+    // truncates), and CMSG_DATA points inside such a header.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    let raw = data.add(i).read_unaligned();
+                    // The kernel just installed `raw` for us; nobody else owns it.
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    fds
 }
 
 #[cfg(test)]
@@ -214,10 +246,13 @@ mod tests {
             None,
         )
         .expect("raw sendmsg");
+        let open_before = std::fs::read_dir("/proc/self/fd").expect("fds").count();
         assert!(matches!(
             recv_message(b.as_fd(), false),
             Err(RecvError::ControlTruncated)
         ));
+        let open_after = std::fs::read_dir("/proc/self/fd").expect("fds").count();
+        assert_eq!(open_after, open_before, "fds of a truncated message must be closed");
     }
 
     #[test]

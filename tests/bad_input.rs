@@ -1,0 +1,176 @@
+//! Bad input gets a clear error or a disconnect, changes nothing, leaks no
+//! fd, and never stops the daemon serving everyone else.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use dmabroker_ipc::{ErrorCode, Hello, RequestBody, PROTOCOL_VERSION};
+use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::Daemon;
+
+fn some_fds(n: usize) -> Vec<OwnedFd> {
+    (0..n)
+        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null").into())
+        .collect()
+}
+
+fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|f| f.as_fd()).collect()
+}
+
+fn hello_body(version: u32) -> RequestBody {
+    RequestBody::Hello(Hello {
+        version,
+        features: 0,
+        autofence: None,
+        client_name: "bad".into(),
+    })
+}
+
+/// The daemon still serves a well-behaved client.
+fn still_serving(daemon: &Daemon) {
+    let client = daemon.client();
+    assert_eq!(client.alloc(4096).expect("alloc").size(), 4096);
+}
+
+#[test]
+fn garbage_truncated_and_unknown_messages_get_protocol_errors() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+
+    raw.send_raw(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", &[]);
+    let (id, result) = raw.recv_reply().expect("reply to garbage");
+    assert_eq!((id, result.err()), (0, Some(ErrorCode::ProtocolError)));
+
+    let (_, full) = raw.encode(
+        RequestBody::Alloc { size: 4096, heap: Some("memfd".into()), name: Some("x".into()) },
+        0,
+    );
+    raw.send_raw(&full[..full.len() - 3], &[]);
+    let (_, result) = raw.recv_reply().expect("reply to truncated");
+    assert_eq!(result.err(), Some(ErrorCode::ProtocolError));
+
+    // A request kind from the future: the head is readable, so the error
+    // names the request.
+    let (id, mut unknown) = raw.encode(RequestBody::ListHeaps, 0);
+    let last = unknown.len() - 1;
+    unknown[last] = 0x7f;
+    raw.send_raw(&unknown, &[]);
+    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+
+    let oversized = vec![0u8; dmabroker_ipc::MAX_MESSAGE_SIZE + 100];
+    raw.send_raw(&oversized, &[]);
+    let (_, result) = raw.recv_reply().expect("reply to oversized");
+    assert_eq!(result.err(), Some(ErrorCode::ProtocolError));
+
+    // Nothing was allocated, and the connection still works.
+    assert!(matches!(raw.request(RequestBody::ListHeaps), Ok(_)));
+    drop(raw);
+    still_serving(&daemon);
+    daemon.assert_fds_back_to(baseline);
+}
+
+#[test]
+fn fds_that_do_not_belong_are_refused_and_closed() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let fds = some_fds(3);
+
+    // More fds than declared.
+    let (id, bytes) = raw.encode(RequestBody::ListHeaps, 1);
+    raw.send_raw(&bytes, &borrowed(&fds));
+    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+
+    // Declared, but the request takes none.
+    let (id, bytes) = raw.encode(RequestBody::ListHeaps, 1);
+    raw.send_raw(&bytes, &borrowed(&fds[..1]));
+    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+
+    // Fewer than declared.
+    let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 2);
+    raw.send_raw(&bytes, &borrowed(&fds[..1]));
+    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+
+    // A foreign fd offered for adoption: not a dma-buf.
+    let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
+    raw.send_raw(&bytes, &borrowed(&fds[..1]));
+    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::NotADmaBuf)));
+
+    // A flood: 253 fds (SCM_MAX_FD) on one message.
+    let flood = some_fds(253);
+    let (_, bytes) = raw.encode(RequestBody::ListHeaps, 253);
+    raw.send_raw(&bytes, &borrowed(&flood));
+    let (_, result) = raw.recv_reply().expect("reply to fd flood");
+    assert_eq!(result.err(), Some(ErrorCode::ProtocolError));
+
+    assert!(raw.request(RequestBody::ListHeaps).is_ok(), "connection survives");
+    drop(raw);
+    still_serving(&daemon);
+    daemon.assert_fds_back_to(baseline);
+}
+
+#[test]
+fn the_hello_comes_first_and_versions_must_match() {
+    let daemon = Daemon::start();
+    let mut raw = RawClient::connect(daemon.socket());
+    assert_eq!(raw.request(RequestBody::ListHeaps).err(), Some(ErrorCode::HelloRequired));
+    raw.hello();
+    assert_eq!(
+        raw.request(hello_body(PROTOCOL_VERSION)).err(),
+        Some(ErrorCode::HelloRequired),
+        "a second hello is refused"
+    );
+
+    let mut old = RawClient::connect(daemon.socket());
+    assert_eq!(
+        old.request(hello_body(PROTOCOL_VERSION + 41)).err(),
+        Some(ErrorCode::IncompatibleVersion)
+    );
+    assert!(old.recv().is_none(), "an incompatible client is disconnected");
+    still_serving(&daemon);
+}
+
+#[test]
+fn double_free_and_unknown_ids_are_refused() {
+    let daemon = Daemon::start();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let buffer = match raw.request(RequestBody::Alloc { size: 4096, heap: None, name: None }) {
+        Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
+        other => panic!("alloc: {other:?}"),
+    };
+    assert!(raw.request(RequestBody::Free { buffer }).is_ok());
+    assert_eq!(raw.request(RequestBody::Free { buffer }).err(), Some(ErrorCode::UnknownBuffer));
+    assert_eq!(raw.request(RequestBody::Info { buffer: 999_999 }).err(), Some(ErrorCode::UnknownBuffer));
+    assert_eq!(
+        raw.request(RequestBody::End { access: 424_242, fence_slot: None }).err(),
+        Some(ErrorCode::UnknownAccess)
+    );
+    assert_eq!(
+        raw.request(RequestBody::Import { token: "not a token".into() }).err(),
+        Some(ErrorCode::UnknownToken)
+    );
+}
+
+#[test]
+fn a_client_that_keeps_sending_garbage_is_disconnected() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let mut hung_up = false;
+    for _ in 0..32 {
+        raw.send_raw(b"\x00\x01garbage", &[]);
+        if raw.recv().is_none() {
+            hung_up = true;
+            break;
+        }
+    }
+    assert!(hung_up, "the daemon keeps talking to a client that only sends garbage");
+    drop(raw);
+    still_serving(&daemon);
+    daemon.assert_fds_back_to(baseline);
+}
