@@ -1,0 +1,231 @@
+//! Fence arbitration between real processes through the real daemon:
+//! readers share, writers exclude, waiters are served in order, deaths and
+//! timeouts release what they held.
+
+use std::time::{Duration, Instant};
+
+use dmabroker_ipc::{ErrorCode, RequestBody};
+use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::scripted::field;
+use dmabroker_suite::{Daemon, DaemonOptions, Scripted};
+
+/// How long we wait to be sure a blocked begin stays blocked.
+const STILL_BLOCKED: Duration = Duration::from_millis(300);
+
+struct Shared {
+    daemon: Daemon,
+    owner: Scripted,
+    id: String,
+    token: String,
+}
+
+/// A daemon and a buffer that `owner` allocated and exported.
+fn shared_buffer(options: DaemonOptions) -> Shared {
+    let daemon = Daemon::start_with(options);
+    let mut owner = Scripted::spawn(daemon.socket(), &[]);
+    let allocated = owner.ok("alloc 8192 name=frame");
+    let id = field(&allocated, "id").expect("id").to_owned();
+    let token = owner.ok(&format!("export {id}"));
+    let token = field(&token, "token").expect("token").to_owned();
+    Shared {
+        daemon,
+        owner,
+        id,
+        token,
+    }
+}
+
+impl Shared {
+    fn join(&self, extra: &[&str]) -> Scripted {
+        let mut client = Scripted::spawn(self.daemon.socket(), extra);
+        client.ok(&format!("import {}", self.token));
+        client
+    }
+}
+
+fn access_of(answer: &str) -> String {
+    field(answer, "access").expect("access id").to_owned()
+}
+
+#[test]
+fn readers_share_the_buffer() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut reader = s.join(&[]);
+    let a = s.owner.ok(&format!("begin {} r", s.id));
+    let b = reader.ok(&format!("begin {} r", s.id));
+    assert_ne!(access_of(&a), access_of(&b));
+}
+
+#[test]
+fn a_writer_waits_for_readers_and_readers_wait_for_the_writer() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut writer = s.join(&[]);
+    let read = s.owner.ok(&format!("begin {} r", s.id));
+
+    writer.send(&format!("begin {} w", s.id));
+    assert_eq!(writer.recv(STILL_BLOCKED), None, "a writer must wait for the reader");
+    s.owner.ok(&format!("end {}", access_of(&read)));
+    let granted = writer.recv(Duration::from_secs(5)).expect("writer granted after the read ended");
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "writer_lost"), Some("false"));
+
+    s.owner.send(&format!("begin {} r", s.id));
+    assert_eq!(s.owner.recv(STILL_BLOCKED), None, "a reader must wait for the writer");
+    writer.ok(&format!("fill {} 77", access_of(&granted)));
+    writer.ok(&format!("end {}", access_of(&granted)));
+    let read = s.owner.recv(Duration::from_secs(5)).expect("reader granted");
+    assert!(read.starts_with("ok"), "{read}");
+    s.owner.ok(&format!("end {}", access_of(&read)));
+    assert_eq!(field(&s.owner.ok(&format!("read {}", s.id)), "byte"), Some("77"));
+}
+
+#[test]
+fn a_waiting_writer_holds_back_later_readers() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut writer = s.join(&[]);
+    let mut late_reader = s.join(&[]);
+    let first = s.owner.ok(&format!("begin {} r", s.id));
+    writer.send(&format!("begin {} w", s.id));
+    assert_eq!(writer.recv(STILL_BLOCKED), None);
+    late_reader.send(&format!("begin {} r", s.id));
+    assert_eq!(
+        late_reader.recv(STILL_BLOCKED),
+        None,
+        "a reader arriving after a waiting writer must not overtake it"
+    );
+    s.owner.ok(&format!("end {}", access_of(&first)));
+    let w = writer.recv(Duration::from_secs(5)).expect("writer first");
+    assert!(w.starts_with("ok"), "{w}");
+    assert_eq!(late_reader.recv(STILL_BLOCKED), None, "still behind the writer");
+    writer.ok(&format!("end {}", access_of(&w)));
+    let r = late_reader.recv(Duration::from_secs(5)).expect("then the reader");
+    assert!(r.starts_with("ok"), "{r}");
+}
+
+#[test]
+fn a_writer_killed_while_writing_hands_over_with_writer_lost_within_100ms() {
+    let s = shared_buffer(DaemonOptions::default());
+    let baseline_clients = s.daemon.baseline();
+    let mut writer = s.join(&[]);
+    let mut reader = s.join(&[]);
+    writer.ok(&format!("begin {} w", s.id));
+    reader.send(&format!("begin {} r", s.id));
+    assert_eq!(reader.recv(STILL_BLOCKED), None);
+    let killed = Instant::now();
+    writer.kill();
+    let granted = reader.recv(Duration::from_secs(5)).expect("reader granted after the writer died");
+    let latency = killed.elapsed();
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "writer_lost"), Some("true"), "{granted}");
+    assert!(latency < Duration::from_millis(100), "granted {latency:?} after SIGKILL");
+    reader.ok(&format!("end {}", access_of(&granted)));
+    // The next grant is clean again.
+    let again = reader.ok(&format!("begin {} r", s.id));
+    assert_eq!(field(&again, "writer_lost"), Some("false"));
+    reader.ok(&format!("end {}", access_of(&again)));
+    drop(reader);
+    s.daemon.assert_fds_back_to(baseline_clients);
+}
+
+#[test]
+fn a_begin_with_a_timeout_gives_up_and_leaves_the_queue() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut waiter = s.join(&[]);
+    let mut next = s.join(&[]);
+    let held = s.owner.ok(&format!("begin {} w", s.id));
+    let started = Instant::now();
+    let err = waiter.cmd(&format!("begin {} w 150", s.id)).expect_err("times out");
+    assert!(err.contains("timeout"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    // The timed-out request is gone: after the holder ends, the next
+    // waiter is granted, not the dead request.
+    next.send(&format!("begin {} w", s.id));
+    assert_eq!(next.recv(STILL_BLOCKED), None);
+    s.owner.ok(&format!("end {}", access_of(&held)));
+    let granted = next.recv(Duration::from_secs(5)).expect("granted");
+    assert!(granted.starts_with("ok"), "{granted}");
+}
+
+#[test]
+fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut gpu = s.join(&["--no-autofence"]);
+    let mut autofenced = s.join(&[]);
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    let write_id = access_of(&write);
+
+    let started = Instant::now();
+    let granted = gpu.ok(&format!("begin {} dr", s.id));
+    assert!(started.elapsed() < Duration::from_secs(1), "no-autofence must not block");
+    assert_eq!(field(&granted, "fences"), Some("1"), "{granted}");
+    let fence = field(&granted, "fence_list").expect("fence list");
+    let parts: Vec<&str> = fence.split(':').collect();
+    assert_eq!(parts[0], write_id, "the outstanding fence is the writer's access");
+    assert_eq!(parts[2], "cpu-write");
+    assert_eq!(parts[3], "false", "a CPU fence has no sync_file: an event comes instead");
+
+    // An autofence client waits for the no-autofence client's fence too.
+    autofenced.send(&format!("begin {} w", s.id));
+    assert_eq!(autofenced.recv(STILL_BLOCKED), None);
+
+    s.owner.ok(&format!("end {write_id}"));
+    let event = gpu.ok("event 5000");
+    assert!(event.contains(&format!("FenceSignalled {{ fence: {write_id} }}")), "{event}");
+    assert_eq!(autofenced.recv(STILL_BLOCKED), None, "still fenced by the device read");
+    gpu.ok(&format!("end {}", access_of(&granted)));
+    let w = autofenced.recv(Duration::from_secs(5)).expect("granted");
+    assert!(w.starts_with("ok"), "{w}");
+}
+
+#[test]
+fn a_client_cannot_end_another_clients_access() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let held = s.owner.ok(&format!("begin {} w", s.id));
+    let access: u64 = access_of(&held).parse().expect("number");
+    let mut intruder = RawClient::connect(s.daemon.socket());
+    intruder.hello();
+    assert_eq!(
+        intruder
+            .request(RequestBody::End {
+                access,
+                fence_slot: None
+            })
+            .err(),
+        Some(ErrorCode::PermissionDenied)
+    );
+    // Still held: another writer stays blocked.
+    let mut other = s.join(&[]);
+    other.send(&format!("begin {} w", s.id));
+    assert_eq!(other.recv(STILL_BLOCKED), None, "the refused end must change nothing");
+    s.owner.ok(&format!("end {access}"));
+    assert!(other.recv(Duration::from_secs(5)).expect("granted").starts_with("ok"));
+}
+
+#[test]
+fn a_write_held_past_its_limit_is_revoked() {
+    let mut s = shared_buffer(DaemonOptions {
+        policy: Some("[default]\nwrite_hold_limit = \"200ms\"\n".into()),
+        ..Default::default()
+    });
+    let mut reader = s.join(&[]);
+    s.owner.ok(&format!("begin {} w", s.id));
+    reader.send(&format!("begin {} r", s.id));
+    let granted = reader.recv(Duration::from_secs(5)).expect("granted once the write is revoked");
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "revoked"), Some("true"), "{granted}");
+    let event = s.owner.ok("event 5000");
+    assert!(event.contains("AccessRevoked"), "{event}");
+}
+
+#[test]
+fn freeing_a_buffer_while_holding_access_releases_it() {
+    let mut s = shared_buffer(DaemonOptions::default());
+    let mut other = s.join(&[]);
+    s.owner.ok(&format!("begin {} w", s.id));
+    other.send(&format!("begin {} r", s.id));
+    assert_eq!(other.recv(STILL_BLOCKED), None);
+    s.owner.ok(&format!("free {}", s.id));
+    let granted = other.recv(Duration::from_secs(5)).expect("granted after the holder freed");
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "writer_lost"), Some("true"), "an unfinished write is reported");
+}
