@@ -12,11 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-// TODO(harness): use `dmabroker_suite::vgem` once tests/harness/lib.rs
-// declares `pub mod vgem;`, and drop this include.
-#[path = "harness/vgem.rs"]
-#[allow(dead_code)]
-mod vgem;
+use dmabroker_suite::vgem;
 
 const DMA_HEAP_SYSTEM: &str = "/dev/dma_heap/system";
 

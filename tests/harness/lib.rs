@@ -7,6 +7,7 @@ pub mod proc;
 pub mod raw;
 pub mod scripted;
 pub mod tmp;
+pub mod vgem;
 
 pub use daemon::{Daemon, DaemonOptions};
 pub use scripted::Scripted;
