@@ -43,6 +43,12 @@ pub struct Config {
     #[arg(long, default_value = "/dev/udmabuf")]
     pub udmabuf: PathBuf,
 
+    /// Permissions of the socket file (octal). Default: 0660 for the system
+    /// service (the socket's group decides who may connect), 0600 in user
+    /// mode.
+    #[arg(long, value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
     /// Most client connections served at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
@@ -63,4 +69,11 @@ impl Config {
             .clone()
             .unwrap_or_else(|| dmabroker_ipc::paths::daemon_socket(self.system_mode()))
     }
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{text}' is not an octal file mode like 0660"))
 }

@@ -46,7 +46,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let broker = Broker::new(State::new(heaps, policy, limits));
     let path = config.socket_path();
-    let listener = Listener::bind(&path, config.system_mode())?;
+    let listener = Listener::bind(&path, config.system_mode(), config.socket_mode)?;
     tracing::info!(socket = %path.display(), "serving");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;

@@ -40,7 +40,7 @@ pub struct Listener {
 impl Listener {
     /// Binds `path`, replacing a stale socket file left by a crash but never
     /// one a live daemon is serving.
-    pub fn bind(path: &Path, system: bool) -> Result<Listener, ServerError> {
+    pub fn bind(path: &Path, system: bool, mode: Option<u32>) -> Result<Listener, ServerError> {
         let sock_err = |op, source| ServerError::Socket {
             op,
             path: path.to_owned(),
@@ -68,7 +68,7 @@ impl Listener {
         }
         let fd = new_socket().map_err(|e| sock_err("create", e))?;
         bind(fd.as_raw_fd(), &addr).map_err(|e| sock_err("bind", e))?;
-        let mode = if system { 0o660 } else { 0o600 };
+        let mode = mode.unwrap_or(if system { 0o660 } else { 0o600 });
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
         listen(&fd, Backlog::new(512).unwrap_or(Backlog::MAXCONN))
             .map_err(|e| sock_err("listen", e))?;

@@ -1,0 +1,216 @@
+//! Per-client policy enforced on real processes running under different
+//! uids (through `setpriv`; the suite runs as root on the build machines and
+//! skips with a printed reason elsewhere).
+
+use std::time::{Duration, Instant};
+
+use dmabroker_suite::scripted::field;
+use dmabroker_suite::{have_root, Daemon, DaemonOptions, Scripted};
+
+const ALICE: u32 = 65501;
+const BOB: u32 = 65502;
+
+fn daemon_with(policy: &str) -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        policy: Some(policy.to_owned()),
+        args: vec!["--socket-mode".into(), "0666".into()],
+        ..Default::default()
+    })
+}
+
+fn as_user(daemon: &Daemon, uid: u32, extra: &[&str]) -> Scripted {
+    Scripted::spawn_as(daemon.socket(), uid, uid, extra)
+}
+
+fn code(answer: &str) -> &str {
+    answer.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// Rewrites the policy file and reloads with SIGHUP; returns once the
+/// daemon logged the outcome.
+fn reload(daemon: &Daemon, policy: &str, expect: &str) {
+    let before = daemon.log().matches(expect).count();
+    std::fs::write(&daemon.policy_path, policy).expect("write policy");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.log().matches(expect).count() == before {
+        assert!(Instant::now() < deadline, "no '{expect}' in the log:\n{}", daemon.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_denied_a_heap_is_refused_before_anything_is_allocated() {
+    if !have_root("policy: denied heap") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"no-memfd\"\nuser = {ALICE}\nheaps = [\"system\"]\n"
+    ));
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    let baseline = daemon.baseline();
+    let err = alice.cmd("alloc 4096 heap=memfd").expect_err("memfd denied");
+    assert_eq!(code(&err), "permission-denied", "{err}");
+    assert!(err.contains("no-memfd"), "the refusal names the rule: {err}");
+    assert_eq!(daemon.fd_count(), baseline, "nothing was allocated");
+    // Another user is not affected.
+    let mut bob = as_user(&daemon, BOB, &[]);
+    bob.ok("alloc 4096 heap=memfd");
+}
+
+#[test]
+fn quota_refuses_exactly_at_the_limit_and_each_user_has_its_own() {
+    if !have_root("policy: quota") {
+        return;
+    }
+    let daemon = daemon_with("[default]\nmax_total_bytes = \"64 KiB\"\n");
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    for i in 0..16 {
+        alice.cmd("alloc 4096").unwrap_or_else(|e| panic!("allocation {i} refused: {e}"));
+    }
+    let err = alice.cmd("alloc 4096").expect_err("17th is over the limit");
+    assert_eq!(code(&err), "quota-exceeded", "{err}");
+    assert!(err.contains("limit 65536, in use 65536, requested 4096"), "{err}");
+    assert!(err.contains("rule 'default'"), "{err}");
+    let mut bob = as_user(&daemon, BOB, &[]);
+    for _ in 0..16 {
+        bob.ok("alloc 4096");
+    }
+    // Freeing makes room again.
+    alice.ok("free 1");
+    alice.ok("alloc 4096");
+}
+
+#[test]
+fn the_most_specific_rule_wins() {
+    if !have_root("policy: rule specificity") {
+        return;
+    }
+    let exe = dmabroker_suite::daemon::binary("dmabroker-testclient");
+    let exe = exe.canonicalize().expect("canonical exe path");
+    let daemon = daemon_with(&format!(
+        "[default]\nmax_buffers = 8\n\n\
+         [[rule]]\nname = \"alice\"\nuser = {ALICE}\nmax_buffers = 4\n\n\
+         [[rule]]\nname = \"alice-testclient\"\nuser = {ALICE}\nexe = \"{}\"\nmax_buffers = 2\n",
+        exe.display()
+    ));
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    alice.ok("alloc 4096");
+    alice.ok("alloc 4096");
+    let err = alice.cmd("alloc 4096").expect_err("user+exe rule allows 2");
+    assert!(err.contains("rule 'alice-testclient'"), "{err}");
+    let mut bob = as_user(&daemon, BOB, &[]);
+    for _ in 0..8 {
+        bob.ok("alloc 4096");
+    }
+    assert!(bob.cmd("alloc 4096").expect_err("default allows 8").contains("rule 'default'"));
+}
+
+#[test]
+fn imports_across_users_need_the_importers_rule() {
+    if !have_root("policy: import across users") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"bob-imports\"\nuser = {BOB}\nimport_from = {{ users = [{ALICE}] }}\n"
+    ));
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    let mut bob = as_user(&daemon, BOB, &[]);
+    let mut eve = as_user(&daemon, 65503, &[]);
+    alice.ok("alloc 4096");
+    let token = field(&alice.ok("export 1"), "token").expect("token").to_owned();
+    let err = eve.cmd(&format!("import {token}")).expect_err("eve may not import alice's buffer");
+    assert_eq!(code(&err), "permission-denied", "{err}");
+    bob.ok(&format!("import {token}"));
+    // A guessed token is just unknown.
+    let err = eve.cmd("import dmab1-0123456789abcdef0123456789abcdef").expect_err("guessed");
+    assert_eq!(code(&err), "unknown-token", "{err}");
+    // A token dies with its exporter's hold.
+    drop(alice);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut bob2 = as_user(&daemon, BOB, &[]);
+    let err = bob2.cmd(&format!("import {token}")).expect_err("exporter gone");
+    assert_eq!(code(&err), "unknown-token", "{err}");
+}
+
+#[test]
+fn export_can_be_forbidden() {
+    let daemon = daemon_with("[default]\nmay_export = false\n");
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    client.ok("alloc 4096");
+    let err = client.cmd("export 1").expect_err("export forbidden");
+    assert_eq!(code(&err), "permission-denied", "{err}");
+    assert!(err.contains("may_export"), "{err}");
+}
+
+#[test]
+fn autofence_required_refuses_no_autofence_and_optional_allows_it() {
+    if !have_root("policy: autofence modes") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[default]\nautofence = \"optional\"\n\n\
+         [[rule]]\nname = \"strict\"\nuser = {ALICE}\nautofence = \"required\"\n"
+    ));
+    let out = std::process::Command::new("setpriv")
+        .args([format!("--reuid={ALICE}"), format!("--regid={ALICE}"), "--clear-groups".into()])
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .arg("--no-autofence")
+        .output()
+        .expect("run testclient");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("err permission-denied"), "{stdout}");
+    assert!(stdout.contains("strict"), "{stdout}");
+    let bob = as_user(&daemon, BOB, &["--no-autofence"]);
+    drop(bob); // connecting succeeded: optional lets it choose
+}
+
+#[test]
+fn a_reload_applies_to_new_requests_and_a_broken_file_keeps_the_old_policy() {
+    let daemon = daemon_with("[default]\nmax_buffers = 4\n");
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    for _ in 0..3 {
+        client.ok("alloc 4096");
+    }
+    reload(&daemon, "[default]\nmax_buffers = 2\n", "policy reloaded");
+    // Held buffers stay valid...
+    client.ok("write 1 3");
+    assert_eq!(field(&client.ok("read 3"), "byte"), Some("0"));
+    // ...but new requests see the tighter limit.
+    let err = client.cmd("alloc 4096").expect_err("over the new limit");
+    assert!(err.contains("limit 2, in use 3"), "{err}");
+
+    reload(&daemon, "[default]\nmax_buffers = \"many\"\n", "policy reload failed");
+    assert!(daemon.log().contains("policy.toml:2"), "the error names file and line");
+    let err = client.cmd("alloc 4096").expect_err("the old (tight) policy still applies");
+    assert!(err.contains("limit 2"), "{err}");
+}
+
+#[test]
+fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
+    // Bob's quota fits one 64 KiB buffer. While Alice owns the buffer he
+    // imported, he can still allocate his own; once she leaves, her buffer
+    // is charged to him and his next allocation is refused.
+    let daemon = daemon_with("[default]\nmax_total_bytes = \"128 KiB\"\n");
+    let mut alice = Scripted::spawn(daemon.socket(), &[]);
+    let mut bob = Scripted::spawn(daemon.socket(), &[]);
+    alice.ok("alloc 65536");
+    let token = field(&alice.ok("export 1"), "token").expect("token").to_owned();
+    bob.ok(&format!("import {token}"));
+    bob.ok("alloc 65536");
+    bob.ok("free 2");
+    let gone_before = daemon.log().matches("client disconnected").count();
+    alice.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.log().matches("client disconnected").count() == gone_before {
+        assert!(Instant::now() < deadline, "alice's hang-up was never noticed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The shared buffer lives on, now charged to Bob.
+    let err = bob.cmd("alloc 131072").expect_err("bob now carries alice's 64 KiB");
+    assert!(err.contains("in use 65536, requested 131072"), "{err}");
+    bob.ok("alloc 65536");
+    assert_eq!(field(&bob.ok("read 1"), "uniform"), Some("true"));
+}
