@@ -322,6 +322,17 @@ impl Arbiter {
         self.buffers.contains_key(&buffer)
     }
 
+    /// Marks the buffer `writer_lost` for its next grant batch, as if a
+    /// writer had died holding it. A restarted broker does this for every
+    /// buffer it takes back: it cannot know which writes were in flight when
+    /// the previous instance died, and a spurious warning costs a consumer
+    /// one frame while a missed one costs it a torn frame.
+    pub fn mark_writer_lost(&mut self, buffer: BufferId) {
+        if let Some(res) = self.buffers.get_mut(&buffer) {
+            res.writer_lost = true;
+        }
+    }
+
     /// Removes the buffer's reservation: all its fences and waiters are
     /// dropped and returned (the daemon calls this when the last holder
     /// frees it, and must then answer the dropped waiters with an error).

@@ -449,3 +449,14 @@ fn errors_read_well() {
         "access 3 is not held by client 9"
     );
 }
+
+#[test]
+fn a_buffer_marked_writer_lost_warns_its_next_grant_only() {
+    let mut t = T::new();
+    t.a.mark_writer_lost(B);
+    let first = t.grant(1, CpuRead);
+    assert!(first.writer_lost);
+    let now = t.now();
+    t.a.end(1, first.access_id, now).unwrap();
+    assert!(!t.grant(2, CpuRead).writer_lost);
+}
