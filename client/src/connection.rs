@@ -1,22 +1,30 @@
 //! The client's end of the socket: requests out, replies matched to their
-//! request ids, events queued.
+//! request ids, events queued, and reconnection after a broker restart.
 //!
 //! Any thread may call; whichever thread needs a message first becomes the
 //! reader and files what it receives for the others (a condvar wakes them),
 //! so there is no background thread and no runtime.
+//!
+//! When the connection breaks, the next call reconnects (bounded back-off),
+//! says hello again and re-attaches every buffer this client holds with the
+//! secret the broker gave it, then retries once. A broker restarted by
+//! systemd keeps the buffers in its fd store, so they survive; accesses do
+//! not (the next grant on each buffer carries `writer_lost`).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dmabroker_ipc::codec::{decode_server_message, encode_request};
-use dmabroker_ipc::fdpass::{recv_message, send_message, RecvError};
+use dmabroker_ipc::fdpass::{recv_message, send_message, RecvError, SendError};
 use dmabroker_ipc::{
-    Event, ReplyBody, Request, RequestBody, RequestHead, ServerMessage, WireError, FLAG_NO_REPLY,
+    Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage, Welcome, WireError,
+    FLAG_NO_REPLY,
 };
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
@@ -27,6 +35,8 @@ use crate::error::Error;
 const UNWAITED: u64 = 1 << 63;
 /// Most asynchronous errors remembered for `take_errors`.
 const MAX_ASYNC_ERRORS: usize = 64;
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A reply and the fds that came with it.
 #[derive(Debug)]
@@ -41,85 +51,208 @@ struct Mailbox {
     events: VecDeque<(Event, Vec<OwnedFd>)>,
     errors: VecDeque<WireError>,
     reading: bool,
+    /// Why the current socket stopped working, if it did.
     closed: Option<String>,
+}
+
+/// What the broker needs to hear again after a reconnect.
+#[derive(Debug, Clone)]
+struct Hold {
+    secret: String,
+    inode: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Connection {
-    socket: OwnedFd,
+    path: PathBuf,
+    hello: Hello,
+    /// How long a reconnect may take in all; `None` disables it.
+    reconnect_window: Option<Duration>,
+    socket: Mutex<Arc<OwnedFd>>,
+    /// Bumped with every new socket; requests of an old one never complete.
+    generation: AtomicU64,
     next_id: AtomicU64,
     mailbox: Mutex<Mailbox>,
     arrived: Condvar,
+    welcome: Mutex<Welcome>,
+    holds: Mutex<HashMap<u64, Hold>>,
+    reconnecting: Mutex<()>,
+    reconnects: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent; a panic in
+    // another thread is no reason to stop talking to the broker.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn open_socket(path: &Path) -> Result<OwnedFd, Error> {
+    let connect_err = |source: std::io::Error| Error::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| connect_err(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr).map_err(|e| connect_err(e.into()))?;
+    Ok(socket)
+}
+
+fn encode(id: u64, flags: u8, body: RequestBody, fds: usize) -> Result<Vec<u8>, Error> {
+    let request = Request {
+        head: RequestHead {
+            id,
+            fds: fds as u8,
+            flags,
+        },
+        body,
+    };
+    encode_request(&request).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+fn send_error(err: SendError) -> Error {
+    match err {
+        SendError::Os(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => Error::Disconnected,
+        other => Error::Protocol(other.to_string()),
+    }
+}
+
+/// One request and its reply on a socket nobody else uses yet (the hello
+/// and re-attaches of a fresh connection).
+fn exchange(socket: &OwnedFd, id: u64, body: RequestBody) -> Result<ReplyBody, Error> {
+    let bytes = encode(id, 0, body, 0)?;
+    send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
+    loop {
+        let received = recv_message(socket.as_fd(), false).map_err(|e| match e {
+            RecvError::Closed => Error::Disconnected,
+            other => Error::Protocol(other.to_string()),
+        })?;
+        match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+            ServerMessage::Reply(reply) if reply.id == id => return reply.result.map_err(Error::Broker),
+            // A refusal of the connection itself (busy) is answered with id 0.
+            ServerMessage::Reply(reply) if reply.id == 0 => {
+                if let Err(err) = reply.result {
+                    return Err(Error::Broker(err));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn say_hello(socket: &OwnedFd, hello: &Hello) -> Result<Welcome, Error> {
+    match exchange(socket, 1, RequestBody::Hello(hello.clone()))? {
+        ReplyBody::Welcome(welcome) => Ok(welcome),
+        other => Err(Error::UnexpectedReply {
+            expected: "welcome",
+            got: format!("{other:?}"),
+        }),
+    }
 }
 
 impl Connection {
-    pub fn open(path: &Path) -> Result<Arc<Self>, Error> {
-        let connect_err = |source: std::io::Error| Error::Connect {
-            path: path.to_owned(),
-            source,
-        };
-        let socket = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| connect_err(e.into()))?;
-        let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
-        connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr)
-            .map_err(|e| connect_err(e.into()))?;
+    pub fn open(path: &Path, hello: Hello, reconnect_window: Option<Duration>) -> Result<Arc<Self>, Error> {
+        let socket = open_socket(path)?;
+        let welcome = say_hello(&socket, &hello)?;
         Ok(Arc::new(Connection {
-            socket,
-            next_id: AtomicU64::new(1),
+            path: path.to_owned(),
+            hello,
+            reconnect_window,
+            socket: Mutex::new(Arc::new(socket)),
+            generation: AtomicU64::new(0),
+            next_id: AtomicU64::new(2),
             mailbox: Mutex::new(Mailbox::default()),
             arrived: Condvar::new(),
+            welcome: Mutex::new(welcome),
+            holds: Mutex::new(HashMap::new()),
+            reconnecting: Mutex::new(()),
+            reconnects: AtomicU64::new(0),
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Mailbox> {
-        self.mailbox.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn welcome(&self) -> Welcome {
+        lock(&self.welcome).clone()
     }
 
-    /// Sends a request and returns its id without waiting.
-    pub fn send(&self, body: RequestBody, fds: &[BorrowedFd<'_>], wait: bool) -> Result<u64, Error> {
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    pub fn remember_hold(&self, buffer: u64, secret: &str, inode: u64) {
+        if !secret.is_empty() {
+            lock(&self.holds).insert(
+                buffer,
+                Hold {
+                    secret: secret.to_owned(),
+                    inode,
+                },
+            );
+        }
+    }
+
+    pub fn forget_hold(&self, buffer: u64) {
+        lock(&self.holds).remove(&buffer);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn current_socket(&self) -> (Arc<OwnedFd>, u64) {
+        let socket = lock(&self.socket);
+        (Arc::clone(&socket), self.generation())
+    }
+
+    /// Sends a request and returns its id and the connection generation it
+    /// went out on, without waiting.
+    pub fn send(&self, body: RequestBody, fds: &[BorrowedFd<'_>], wait: bool) -> Result<(u64, u64), Error> {
         let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut flags = 0;
         if !wait {
             id |= UNWAITED;
             flags |= FLAG_NO_REPLY;
         }
-        let request = Request {
-            head: RequestHead {
-                id,
-                fds: fds.len() as u8,
-                flags,
-            },
-            body,
-        };
-        let bytes = encode_request(&request).map_err(|e| Error::Protocol(e.to_string()))?;
-        send_message(self.socket.as_fd(), &bytes, fds, false).map_err(|e| match e {
-            dmabroker_ipc::fdpass::SendError::Os(nix::errno::Errno::EPIPE)
-            | dmabroker_ipc::fdpass::SendError::Os(nix::errno::Errno::ECONNRESET) => {
-                Error::Disconnected
-            }
-            other => Error::Protocol(other.to_string()),
-        })?;
-        Ok(id)
+        let bytes = encode(id, flags, body, fds.len())?;
+        let (socket, generation) = self.current_socket();
+        send_message(socket.as_fd(), &bytes, fds, false).map_err(send_error)?;
+        Ok((id, generation))
     }
 
+    /// A request and its reply, reconnecting and retrying once if the
+    /// connection turns out to be broken.
     pub fn call(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
-        let id = self.send(body, fds, true)?;
-        self.wait_reply(id)
+        let mut retried = false;
+        loop {
+            let generation = self.generation();
+            let result = self
+                .send(body.clone(), fds, true)
+                .and_then(|(id, sent_on)| self.wait_reply(id, sent_on));
+            match result {
+                Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
+                    retried = true;
+                    self.reconnect(generation)?;
+                }
+                other => return other,
+            }
+        }
     }
 
-    pub fn wait_reply(&self, id: u64) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
-        let mut mailbox = self.lock();
+    pub fn wait_reply(&self, id: u64, generation: u64) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
+        let mut mailbox = lock(&self.mailbox);
         loop {
             if let Some(incoming) = mailbox.replies.remove(&id) {
                 return match incoming.result {
                     Ok(body) => Ok((body, incoming.fds)),
                     Err(err) => Err(Error::Broker(err)),
                 };
+            }
+            if self.generation() != generation {
+                return Err(Error::Disconnected);
             }
             if mailbox.closed.is_some() {
                 // A broker that refuses a connection (busy, bad version)
@@ -154,45 +287,90 @@ impl Connection {
         }
         mailbox.reading = true;
         drop(mailbox);
-        let received = self.receive(deadline);
-        let mut mailbox = self.lock();
+        let (socket, generation) = self.current_socket();
+        let received = receive(&socket, deadline);
+        let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
-        match received {
-            Ok(Some((message, fds))) => file_message(&mut mailbox, message, fds),
-            Ok(None) => {}
-            Err(reason) => mailbox.closed = Some(reason),
+        if generation == self.generation() {
+            match received {
+                Ok(Some((message, fds))) => file_message(&mut mailbox, message, fds),
+                Ok(None) => {}
+                Err(reason) => mailbox.closed = Some(reason),
+            }
         }
         self.arrived.notify_all();
         mailbox
     }
 
-    /// Reads one message, or `None` when the deadline passes first.
-    fn receive(&self, deadline: Option<Instant>) -> Result<Option<(ServerMessage, Vec<OwnedFd>)>, String> {
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) => return Ok(None),
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => return Ok(None),
-                Err(err) => return Err(err.to_string()),
+    /// Replaces a broken connection (unless another thread already did):
+    /// new socket, hello, re-attach of every held buffer. Gives up after the
+    /// reconnect window.
+    fn reconnect(&self, broken: u64) -> Result<(), Error> {
+        let _one_at_a_time = lock(&self.reconnecting);
+        if self.generation() != broken {
+            return Ok(());
+        }
+        let window = self.reconnect_window.unwrap_or_default();
+        let deadline = Instant::now() + window;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.fresh_connection() {
+                Ok((socket, welcome)) => {
+                    self.install(socket, welcome);
+                    return Ok(());
+                }
+                Err(err) if Instant::now() + backoff >= deadline => return Err(err),
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
         }
-        match recv_message(self.socket.as_fd(), false) {
-            Ok(received) => match decode_server_message(&received.bytes) {
-                Ok(message) => Ok(Some((message, received.fds))),
-                Err(err) => Err(format!("undecodable message from the broker: {err}")),
-            },
-            Err(RecvError::Closed) => Err("the broker closed the connection".into()),
-            Err(err) => Err(err.to_string()),
+    }
+
+    fn fresh_connection(&self) -> Result<(OwnedFd, Welcome), Error> {
+        let socket = open_socket(&self.path)?;
+        let welcome = say_hello(&socket, &self.hello)?;
+        let holds: Vec<(u64, Hold)> = lock(&self.holds).iter().map(|(id, h)| (*id, h.clone())).collect();
+        let mut id = 2;
+        for (buffer, hold) in holds {
+            let reattached = exchange(
+                &socket,
+                id,
+                RequestBody::Reattach {
+                    buffer,
+                    secret: hold.secret.clone(),
+                },
+            );
+            id += 1;
+            match reattached {
+                Ok(ReplyBody::Buffer(info)) if info.inode == hold.inode => {}
+                Ok(_) | Err(Error::Broker(_)) => {
+                    // The broker no longer has it (a restart without an fd
+                    // store): requests on it will say UnknownBuffer.
+                    self.forget_hold(buffer);
+                }
+                Err(err) => return Err(err),
+            }
         }
+        Ok((socket, welcome))
+    }
+
+    fn install(&self, socket: OwnedFd, welcome: Welcome) {
+        let mut mailbox = lock(&self.mailbox);
+        *lock(&self.socket) = Arc::new(socket);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.welcome) = welcome;
+        mailbox.replies.clear();
+        mailbox.closed = None;
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.arrived.notify_all();
     }
 
     /// The next event, waiting at most `timeout` (forever with `None`).
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut mailbox = self.lock();
+        let mut mailbox = lock(&self.mailbox);
         loop {
             if let Some(event) = mailbox.events.pop_front() {
                 return Ok(Some(event));
@@ -210,7 +388,29 @@ impl Connection {
     /// Errors the broker sent for requests nobody waited on (pipelined ends
     /// and frees), oldest first.
     pub fn take_errors(&self) -> Vec<WireError> {
-        self.lock().errors.drain(..).collect()
+        lock(&self.mailbox).errors.drain(..).collect()
+    }
+}
+
+/// Reads one message, or `None` when the deadline passes first.
+fn receive(socket: &OwnedFd, deadline: Option<Instant>) -> Result<Option<(ServerMessage, Vec<OwnedFd>)>, String> {
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    match recv_message(socket.as_fd(), false) {
+        Ok(received) => match decode_server_message(&received.bytes) {
+            Ok(message) => Ok(Some((message, received.fds))),
+            Err(err) => Err(format!("undecodable message from the broker: {err}")),
+        },
+        Err(RecvError::Closed) => Err("the broker closed the connection".into()),
+        Err(err) => Err(err.to_string()),
     }
 }
 

@@ -26,26 +26,39 @@ use std::time::Duration;
 
 pub use dmabroker_ipc::mapping::Mapping;
 pub use dmabroker_ipc::{Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError};
-use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, Welcome, PROTOCOL_VERSION};
+use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
 
 use connection::Connection;
 pub use error::{Error, Result};
 
 /// How a connection should behave; the policy has the last word.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// `Some(false)` asks for no-autofence (begin never blocks; you wait for
     /// the returned fences yourself). `None` takes the policy's choice.
     pub autofence: Option<bool>,
     /// Shown in logs and `dmabrokerctl clients`; never used for decisions.
     pub name: String,
+    /// When the connection breaks (a broker restart), how long to keep
+    /// trying to reconnect and re-attach the held buffers before a call
+    /// fails with [`Error::Disconnected`]. `None` never reconnects.
+    pub reconnect: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            autofence: None,
+            name: String::new(),
+            reconnect: Some(Duration::from_secs(10)),
+        }
+    }
 }
 
 /// A connection to the broker. Cheap to clone; all clones share it.
 #[derive(Clone, Debug)]
 pub struct Client {
     conn: Arc<Connection>,
-    welcome: Arc<Welcome>,
 }
 
 /// What to allocate.
@@ -70,43 +83,42 @@ impl Client {
     }
 
     pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client> {
-        let conn = Connection::open(path.as_ref())?;
         let name = if options.name.is_empty() {
             std::env::args().next().unwrap_or_default()
         } else {
             options.name
         };
-        let (reply, _) = conn.call(
-            RequestBody::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                features: features::ALL,
-                autofence: options.autofence,
-                client_name: name,
-            }),
-            &[],
-        )?;
-        match reply {
-            ReplyBody::Welcome(welcome) => Ok(Client {
-                conn,
-                welcome: Arc::new(welcome),
-            }),
-            other => Err(unexpected("welcome", &other)),
-        }
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            features: features::ALL,
+            autofence: options.autofence,
+            client_name: name,
+        };
+        let conn = Connection::open(path.as_ref(), hello, options.reconnect)?;
+        Ok(Client { conn })
     }
 
     /// This connection's id in the broker's views (`dmabrokerctl clients`).
+    /// It changes when the client reconnects.
     pub fn id(&self) -> u64 {
-        self.welcome.client_id
+        self.conn.welcome().client_id
     }
 
     /// Whether begin blocks until the access is granted (autofence) or is
     /// granted at once with the fences to wait for (no-autofence).
     pub fn autofence(&self) -> bool {
-        self.welcome.autofence
+        self.conn.welcome().autofence
     }
 
-    pub fn default_heap(&self) -> &str {
-        &self.welcome.default_heap
+    pub fn default_heap(&self) -> String {
+        self.conn.welcome().default_heap
+    }
+
+    /// How often this client reconnected after its connection broke. Each
+    /// reconnect loses the accesses held at the time; buffers survive when
+    /// the broker kept them (systemd fd store).
+    pub fn reconnects(&self) -> u64 {
+        self.conn.reconnects()
     }
 
     pub fn heaps(&self) -> Result<Vec<HeapInfo>> {
@@ -209,6 +221,7 @@ pub struct Buffer {
 
 impl Buffer {
     fn new(client: Client, info: BufferInfo, fd: OwnedFd) -> Buffer {
+        client.conn.remember_hold(info.id, &info.secret, info.inode);
         Buffer {
             client,
             info,
@@ -341,6 +354,7 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
+        self.client.conn.forget_hold(self.info.id);
         let _ = self
             .client
             .conn
@@ -504,8 +518,8 @@ mod nonblocking {
 
     use super::*;
 
-    async fn wait(conn: Arc<Connection>, id: u64) -> Result<(ReplyBody, Vec<OwnedFd>)> {
-        tokio::task::spawn_blocking(move || conn.wait_reply(id))
+    async fn wait(conn: Arc<Connection>, sent: (u64, u64)) -> Result<(ReplyBody, Vec<OwnedFd>)> {
+        tokio::task::spawn_blocking(move || conn.wait_reply(sent.0, sent.1))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
     }

@@ -12,7 +12,7 @@ pub enum LogFormat {
 
 /// dmabroker daemon: allocates dma-bufs, passes their fds to clients and
 /// arbitrates CPU/device access with reader-writer fences.
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(name = "dmabrokerd", version)]
 pub struct Config {
     /// Socket to serve. Default: $DMABROKER_SOCKET, else
@@ -49,12 +49,23 @@ pub struct Config {
     #[arg(long, value_parser = parse_mode)]
     pub socket_mode: Option<u32>,
 
+    /// After a restart, how long holds taken back from the fd store wait
+    /// for their clients to re-attach (e.g. `30s`, `500ms`).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub reattach_grace: std::time::Duration,
+
     /// Most client connections served at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// D-Bus introspection: `system`, `session`, `none` or a bus address.
+    /// Default: the system bus for the system service, else the session
+    /// bus. An unreachable bus never stops the daemon.
+    #[arg(long, value_name = "system|session|none|ADDRESS")]
+    pub dbus: Option<String>,
 }
 
 impl Config {
@@ -76,4 +87,9 @@ fn parse_mode(text: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| format!("'{text}' is not an octal file mode like 0660"))
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    dmabroker_policy::parse_duration(text)?
+        .ok_or_else(|| format!("'{text}' is not a duration like 30s"))
 }

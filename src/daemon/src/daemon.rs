@@ -9,6 +9,9 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
+use crate::service::fdstore::{read_record, FdStore};
+use crate::service::inherited::Inherited;
+use crate::service::{notify, watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -30,7 +33,7 @@ pub fn load_policy(config: &Config) -> Result<Policy, dmabroker_policy::PolicyEr
     }
 }
 
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError> {
     let policy = load_policy(&config)?;
     let heaps = HeapRegistry::discover(&HeapConfig {
         dma_heap_dir: config.dma_heap_dir.clone(),
@@ -44,10 +47,50 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         max_connections: config.max_connections,
         ..Default::default()
     };
-    let broker = Broker::new(State::new(heaps, policy, limits));
-    let path = config.socket_path();
-    let listener = Listener::bind(&path, config.system_mode(), config.socket_mode)?;
-    tracing::info!(socket = %path.display(), "serving");
+    let mut state = State::new(heaps, policy, limits);
+    state.fd_store = FdStore::from_env();
+    let restored = restore(&mut state, inherited.stored);
+    let persist_wanted = Arc::clone(&state.persist_wanted);
+    let broker = Broker::new(state);
+    let listener = match inherited.listener {
+        Some(fd) => {
+            tracing::info!("serving the socket the service manager passed");
+            Listener { fd, path: None }
+        }
+        None => {
+            let path = config.socket_path();
+            let listener = Listener::bind(&path, config.system_mode(), config.socket_mode)?;
+            tracing::info!(socket = %path.display(), "serving");
+            listener
+        }
+    };
+    if restored {
+        let grace = config.reattach_grace;
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let dropped = broker.with(|s| s.drop_orphans());
+            if dropped > 0 {
+                tracing::warn!(dropped, "buffers not re-attached within the grace period were released");
+            }
+        });
+    }
+    if broker.lock().fd_store.is_some() {
+        tokio::spawn(persist_loop(Arc::clone(&broker), persist_wanted));
+    }
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog::run(interval));
+    }
+    watchdog::spawn_test_wedge();
+    tokio::spawn(status_loop(Arc::clone(&broker)));
+    let _dbus = crate::dbus::spawn(
+        Arc::clone(&broker),
+        crate::dbus::BusChoice::from_option(config.dbus.as_deref(), config.system_mode()),
+        {
+            let (broker, config) = (Arc::clone(&broker), config.clone());
+            move || reload(&broker, &config)
+        },
+    );
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -56,12 +99,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         DaemonError::Server(crate::server::ServerError::Reactor(e))
     })?;
     let mut accepting = tokio::spawn(accept_loop(Arc::clone(&broker), listen_fd));
+    notify::ready(&status_line(&broker));
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
+                notify::reloading();
                 reload(&broker, &config);
+                notify::reloaded(&status_line(&broker));
             }
             result = &mut accepting => {
                 listener.remove_path();
@@ -77,6 +123,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     tracing::info!("shutting down");
+    notify::stopping();
     accepting.abort();
     listener.remove_path();
     Ok(())
@@ -93,6 +140,100 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
         Err(err) => {
             tracing::error!(error = %err, "policy reload failed; keeping the current policy");
             false
+        }
+    }
+}
+
+/// Takes back what a previous instance left in the fd store. Returns
+/// whether anything was restored (re-attach grace then applies).
+fn restore(state: &mut State, mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>) -> bool {
+    if stored.is_empty() {
+        return false;
+    }
+    let mut best: Option<(String, crate::service::record::StateRecord)> = None;
+    for name in ["state-a", "state-b"] {
+        if let Some(record) = stored.get(name).and_then(read_record) {
+            if best.as_ref().is_none_or(|(_, b)| record.generation > b.generation) {
+                best = Some((name.to_owned(), record));
+            }
+        }
+    }
+    let names: Vec<String> = stored.keys().cloned().collect();
+    let Some((record_name, record)) = best else {
+        tracing::warn!(fds = stored.len(), "fd store holds no readable record; dropping its fds");
+        if let Some(store) = &state.fd_store {
+            for name in &names {
+                store.remove(name);
+            }
+        }
+        return false;
+    };
+    stored.retain(|name, _| !name.starts_with("state-"));
+    let summary = state.restore(&record, stored);
+    state.record_generation = record.generation;
+    // Whatever was not taken back must leave the store too.
+    if let Some(store) = state.fd_store.as_mut() {
+        for name in &names {
+            let kept = name == &record_name
+                || name
+                    .strip_prefix("buf-")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .is_some_and(|id| state.buffers.contains_key(&id));
+            if !kept {
+                store.remove(name);
+            }
+        }
+        store.adopt_record_name(record_name);
+    }
+    tracing::info!(
+        restored = summary.restored,
+        lost = summary.lost,
+        unknown = summary.unknown_fds,
+        "buffers taken back from the fd store"
+    );
+    summary.restored > 0
+}
+
+/// Rewrites the stored record after changes, at most every 50 ms.
+async fn persist_loop(broker: Arc<Broker>, wanted: Arc<tokio::sync::Notify>) {
+    loop {
+        wanted.notified().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut state = broker.lock();
+        state.record_generation += 1;
+        let generation = state.record_generation;
+        let record = state.record(generation);
+        if let Some(store) = state.fd_store.as_mut() {
+            if let Err(err) = store.store_record(&record) {
+                tracing::warn!(error = %err, "cannot store the buffer table record");
+            }
+        }
+    }
+}
+
+fn status_line(broker: &Arc<Broker>) -> String {
+    let state = broker.lock();
+    format!(
+        "{} clients, {} buffers, {} bytes",
+        state.connection_count(),
+        state.buffers.len(),
+        state.total_bytes()
+    )
+}
+
+/// `STATUS=` for `systemctl status`, refreshed when it changes.
+async fn status_loop(broker: Arc<Broker>) {
+    if !notify::enabled() {
+        return;
+    }
+    let mut last = String::new();
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        let line = status_line(&broker);
+        if line != last {
+            notify::status(&line);
+            last = line;
         }
     }
 }

@@ -5,7 +5,9 @@
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub mod daemon;
+pub mod dbus;
 pub mod heaps;
 pub mod identity;
 pub mod kernel;
@@ -13,4 +15,5 @@ pub mod logging;
 pub mod outbox;
 pub mod reactor;
 pub mod server;
+pub mod service;
 pub mod stats;

@@ -4,6 +4,14 @@ use dmabroker_daemon::config::Config;
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
     dmabroker_daemon::logging::init(config.log_format);
+    // Before any thread exists: this clears LISTEN_* from the environment.
+    let inherited = match dmabroker_daemon::service::inherited::take() {
+        Ok(inherited) => inherited,
+        Err(err) => {
+            eprintln!("dmabrokerd: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // One thread: the broker's state is touched by one task at a time anyway,
     // and hand-offs between client tasks then never cross threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -16,7 +24,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dmabroker_daemon::daemon::run(config)) {
+    match runtime.block_on(dmabroker_daemon::daemon::run(config, inherited)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");

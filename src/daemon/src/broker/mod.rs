@@ -10,6 +10,7 @@
 
 mod access;
 mod notice;
+mod persist;
 mod requests;
 mod state;
 mod waits;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use dmabroker_fence::{AccessId, WaiterId};
 
 pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
+pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
 

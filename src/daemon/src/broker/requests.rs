@@ -310,6 +310,7 @@ impl State {
             c.charged_bytes += allocation.size;
         }
         let secret = self.add_holder(id, client);
+        self.store_buffer(id);
         self.stats.allocations += 1;
         self.notice(super::Notice::BufferAllocated {
             buffer: id,
@@ -323,7 +324,7 @@ impl State {
         ))
     }
 
-    fn buffer_info(&self, id: BufferId, secret: String) -> BufferInfo {
+    pub(super) fn buffer_info(&self, id: BufferId, secret: String) -> BufferInfo {
         match self.buffers.get(&id) {
             Some(b) => BufferInfo {
                 id,
@@ -497,6 +498,7 @@ impl State {
             c.charged_bytes += size;
         }
         let secret = self.add_holder(id, client);
+        self.store_buffer(id);
         self.stats.adoptions += 1;
         Ok(Answer::Reply(
             ReplyBody::Buffer(self.buffer_info(id, secret)),
@@ -504,12 +506,6 @@ impl State {
         ))
     }
 
-    fn reattach(&mut self, _client: ClientId, _buffer: BufferId, _secret: &str) -> Result<Answer, WireError> {
-        Err(WireError::new(
-            ErrorCode::Unsupported,
-            "this broker keeps no buffers across restarts",
-        ))
-    }
 }
 
 fn alloc_error(err: AllocError) -> WireError {

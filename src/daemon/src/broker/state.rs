@@ -3,7 +3,7 @@
 //! client.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -160,6 +160,12 @@ pub struct State {
     pub limits: DaemonLimits,
     pub instance: String,
     pub started: SystemTime,
+    /// The service manager's fd store, when there is one.
+    pub fd_store: Option<crate::service::fdstore::FdStore>,
+    /// Wakes the task that rewrites the stored record (debounced).
+    pub persist_wanted: Arc<tokio::sync::Notify>,
+    /// Generation of the last record stored.
+    pub record_generation: u64,
     notices: NoticeSender,
     next_client: ClientId,
     next_buffer: BufferId,
@@ -185,6 +191,9 @@ impl State {
             limits,
             instance,
             started: SystemTime::now(),
+            fd_store: None,
+            persist_wanted: Arc::new(tokio::sync::Notify::new()),
+            record_generation: 0,
             notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
             next_buffer: 1,
@@ -280,6 +289,29 @@ impl State {
         id
     }
 
+    pub(super) fn peek_next_buffer_id(&self) -> BufferId {
+        self.next_buffer
+    }
+
+    /// Ids of a previous instance's buffers are never handed out again.
+    pub(super) fn bump_next_buffer_id(&mut self, next: BufferId) {
+        self.next_buffer = self.next_buffer.max(next);
+    }
+
+    /// The buffer table changed in a way the stored record must reflect.
+    pub(super) fn persist_changed(&self) {
+        if self.fd_store.is_some() {
+            self.persist_wanted.notify_one();
+        }
+    }
+
+    /// A new buffer goes into the fd store at once; the record follows.
+    pub(super) fn store_buffer(&self, buffer: BufferId) {
+        if let (Some(store), Some(entry)) = (&self.fd_store, self.buffers.get(&buffer)) {
+            store.store_buffer(buffer, entry.fd.as_fd());
+        }
+    }
+
     /// Sends one message to a client; a client whose queue overflows is
     /// shut down (its connection task then cleans up).
     pub(super) fn send(&mut self, client: ClientId, message: &ServerMessage, fds: Vec<Arc<OwnedFd>>) {
@@ -340,6 +372,7 @@ impl State {
         if let Some(c) = self.clients.get_mut(&client) {
             c.buffers.insert(buffer);
         }
+        self.persist_changed();
         secret
     }
 
@@ -372,6 +405,7 @@ impl State {
         if entry.holders.is_empty() {
             self.free_buffer(buffer);
         }
+        self.persist_changed();
     }
 
     fn free_buffer(&mut self, buffer: BufferId) {
@@ -385,6 +419,9 @@ impl State {
         }
         self.tokens.retain(|_, t| t.buffer != buffer);
         if let Some(entry) = self.buffers.remove(&buffer) {
+            if let Some(store) = &self.fd_store {
+                store.remove_buffer(buffer);
+            }
             self.stats.frees += 1;
             self.notice(Notice::BufferFreed { buffer });
             tracing::debug!(buffer, size = entry.size, heap = %entry.heap, "buffer freed");

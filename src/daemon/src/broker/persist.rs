@@ -1,0 +1,215 @@
+//! Keeping buffers across a broker restart: the State's side of the fd
+//! store (what to store, how to rebuild from it) and re-attaching clients.
+//!
+//! A restarted broker takes back every stored buffer whose fd is still the
+//! recorded kernel object, with its holders as *orphaned holds*: each
+//! remembers only its secret. A client that reconnects presents the secret
+//! (`Reattach`) and becomes the holder again. Holds nobody claims within
+//! the grace period are dropped like a disconnect. Access state is never
+//! stored: every taken-back buffer's next grant carries `writer_lost`.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dmabroker_ipc::{BufferId, ClientId, ErrorCode, ReplyBody, WireError};
+
+use super::access::Answer;
+use super::state::{BufferEntry, BufferOrigin, Holder, State};
+use crate::heaps::Backend;
+use crate::kernel::{dma_buf, memfd};
+use crate::service::fdstore::buffer_name;
+use crate::service::record::{BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION};
+
+/// The client id of a hold nobody has re-attached yet (real ids start at 1).
+pub const ORPHAN: ClientId = 0;
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RestoreSummary {
+    pub restored: usize,
+    /// Recorded buffers whose fd was missing or no longer the same object.
+    pub lost: usize,
+    /// Stored fds no record mentions.
+    pub unknown_fds: usize,
+}
+
+fn origin_record(origin: &BufferOrigin) -> OriginRecord {
+    match origin {
+        BufferOrigin::Allocated(Backend::DmaHeap) => OriginRecord::DmaHeap,
+        BufferOrigin::Allocated(Backend::Udmabuf) => OriginRecord::Udmabuf,
+        BufferOrigin::Allocated(Backend::Memfd) => OriginRecord::Memfd,
+        BufferOrigin::Adopted => OriginRecord::Adopted,
+    }
+}
+
+fn origin_of(record: OriginRecord) -> BufferOrigin {
+    match record {
+        OriginRecord::DmaHeap => BufferOrigin::Allocated(Backend::DmaHeap),
+        OriginRecord::Udmabuf => BufferOrigin::Allocated(Backend::Udmabuf),
+        OriginRecord::Memfd => BufferOrigin::Allocated(Backend::Memfd),
+        OriginRecord::Adopted => BufferOrigin::Adopted,
+    }
+}
+
+/// Is `fd` still the object the record describes: same inode, same size,
+/// same kind?
+fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
+    let kind_ok = match record.origin {
+        OriginRecord::Memfd => memfd::is_memfd(fd.as_fd()),
+        _ => dma_buf::is_dma_buf(fd.as_fd()),
+    };
+    kind_ok
+        && dma_buf::inode(fd.as_fd()).ok() == Some(record.inode)
+        && dma_buf::size(fd.as_fd()).ok() == Some(record.size)
+}
+
+impl State {
+    /// The table as the next instance needs it.
+    pub fn record(&mut self, generation: u64) -> StateRecord {
+        let uid_of = |client: ClientId, clients: &HashMap<ClientId, super::ClientEntry>| {
+            clients.get(&client).map_or(u32::MAX, |c| c.peer.identity.uid)
+        };
+        let mut buffers: Vec<BufferRecord> = self
+            .buffers
+            .values()
+            .map(|b| BufferRecord {
+                id: b.id,
+                size: b.size,
+                heap: b.heap.clone(),
+                origin: origin_record(&b.origin),
+                name: b.name.clone(),
+                inode: b.inode,
+                holders: b
+                    .holders
+                    .iter()
+                    .map(|h| HolderRecord {
+                        secret: h.secret.clone(),
+                        uid: uid_of(h.client, &self.clients),
+                        owner: h.client == b.owner,
+                    })
+                    .collect(),
+            })
+            .collect();
+        buffers.sort_by_key(|b| b.id);
+        StateRecord {
+            version: RECORD_VERSION,
+            generation,
+            next_buffer: self.peek_next_buffer_id(),
+            buffers,
+        }
+    }
+
+    /// Rebuilds the table from a record and the stored fds (consumed: fds
+    /// no record claims are dropped, i.e. closed).
+    pub fn restore(&mut self, record: &StateRecord, mut fds: HashMap<String, OwnedFd>) -> RestoreSummary {
+        let mut summary = RestoreSummary::default();
+        for buffer in &record.buffers {
+            let Some(fd) = fds.remove(&buffer_name(buffer.id)) else {
+                summary.lost += 1;
+                continue;
+            };
+            if !matches_record(&fd, buffer) {
+                tracing::warn!(buffer = buffer.id, "stored fd is not the recorded buffer; dropping it");
+                summary.lost += 1;
+                continue;
+            }
+            let holders = buffer
+                .holders
+                .iter()
+                .map(|h| Holder {
+                    client: ORPHAN,
+                    secret: h.secret.clone(),
+                    since: SystemTime::now(),
+                })
+                .collect();
+            self.buffers.insert(
+                buffer.id,
+                BufferEntry {
+                    id: buffer.id,
+                    fd: Arc::new(fd),
+                    size: buffer.size,
+                    heap: buffer.heap.clone(),
+                    origin: origin_of(buffer.origin),
+                    name: buffer.name.clone(),
+                    inode: buffer.inode,
+                    owner: ORPHAN,
+                    holders,
+                    created: SystemTime::now(),
+                },
+            );
+            self.arbiter.add_buffer(buffer.id);
+            self.arbiter.mark_writer_lost(buffer.id);
+            summary.restored += 1;
+        }
+        summary.unknown_fds = fds.keys().filter(|name| !name.starts_with("state-")).count();
+        self.bump_next_buffer_id(record.next_buffer);
+        summary
+    }
+
+    /// Holds still unclaimed after the grace period are released like a
+    /// disconnect (freeing buffers nobody reclaimed).
+    pub fn drop_orphans(&mut self) -> usize {
+        let orphaned: Vec<BufferId> = self
+            .buffers
+            .values()
+            .filter(|b| b.holders.iter().any(|h| h.client == ORPHAN))
+            .map(|b| b.id)
+            .collect();
+        let count = orphaned.len();
+        for buffer in orphaned {
+            if let Some(entry) = self.buffers.get_mut(&buffer) {
+                entry.holders.retain(|h| h.client != ORPHAN);
+                if entry.owner == ORPHAN {
+                    if let Some(next) = entry.holders.first().map(|h| h.client) {
+                        entry.owner = next;
+                        let size = entry.size;
+                        if let Some(c) = self.clients.get_mut(&next) {
+                            c.charged_bytes += size;
+                        }
+                    }
+                }
+                if entry.holders.is_empty() {
+                    self.release_hold(ORPHAN, buffer);
+                }
+            }
+        }
+        count
+    }
+
+    /// A client proves it held `buffer` before the restart.
+    pub(super) fn reattach(&mut self, client: ClientId, buffer: BufferId, secret: &str) -> Result<Answer, WireError> {
+        let unknown = || {
+            WireError::new(
+                ErrorCode::UnknownBuffer,
+                format!("no buffer {buffer} is waiting to be re-attached with that secret"),
+            )
+        };
+        if secret.is_empty() {
+            return Err(unknown());
+        }
+        let entry = self.buffers.get_mut(&buffer).ok_or_else(unknown)?;
+        let holder = entry
+            .holders
+            .iter_mut()
+            .find(|h| h.client == ORPHAN && h.secret == secret)
+            .ok_or_else(unknown)?;
+        holder.client = client;
+        let size = entry.size;
+        let charge = entry.owner == ORPHAN;
+        if charge {
+            entry.owner = client;
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.buffers.insert(buffer);
+            if charge {
+                c.charged_bytes += size;
+            }
+        }
+        self.persist_changed();
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(buffer, secret.to_owned())),
+            Vec::new(),
+        ))
+    }
+}
