@@ -126,18 +126,7 @@ impl Daemon {
     /// The fd count once the daemon is idle (stable for 100 ms): the
     /// baseline leaks are measured against.
     pub fn baseline(&self) -> usize {
-        let mut last = self.fd_count();
-        let mut stable_since = Instant::now();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while stable_since.elapsed() < Duration::from_millis(100) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            let now = self.fd_count();
-            if now != last {
-                last = now;
-                stable_since = Instant::now();
-            }
-        }
-        last
+        crate::proc::stable_fd_count(self.pid())
     }
 
     /// Waits (up to 5 s) for the daemon's fd count to return to `baseline`.

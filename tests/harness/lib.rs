@@ -3,9 +3,11 @@
 //! measures what a leak would show (the daemon's open fds).
 
 pub mod daemon;
+pub mod dbus;
 pub mod proc;
 pub mod raw;
 pub mod scripted;
+pub mod sdnotify;
 pub mod tmp;
 pub mod vgem;
 

@@ -23,6 +23,24 @@ pub fn wait_fd_count(pid: u32, baseline: usize, timeout: Duration) -> usize {
     }
 }
 
+/// The fd count once it has been stable for 100 ms: the baseline leaks are
+/// measured against (a notify datagram or a connection being torn down
+/// come and go).
+pub fn stable_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stable_since.elapsed() < Duration::from_millis(100) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = fd_count(pid);
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+    last
+}
+
 /// Resident set size in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -1,0 +1,197 @@
+//! A stand-in for the service manager, speaking systemd's real protocols:
+//! it owns the listening socket (like a `.socket` unit), receives
+//! `NOTIFY_SOCKET` datagrams (`READY=1`, `STATUS=`, `WATCHDOG=1`,
+//! `STOPPING=1`, `FDSTORE=1` with fds and `FDNAME=`, `FDSTOREREMOVE=1`),
+//! keeps the fd store, and starts the daemon with `LISTEN_FDS`,
+//! `LISTEN_FDNAMES` and `LISTEN_PID` exactly as systemd passes them.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+
+use crate::tmp::TempDir;
+
+/// What the daemon told the manager, in order.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub messages: Vec<(Instant, String)>,
+    /// The fd store: name → fds, in the order they were stored.
+    pub store: BTreeMap<String, Vec<OwnedFd>>,
+}
+
+impl Received {
+    pub fn count(&self, line: &str) -> usize {
+        self.messages
+            .iter()
+            .filter(|(_, m)| m.lines().any(|l| l == line))
+            .count()
+    }
+
+    pub fn times_of(&self, line: &str) -> Vec<Instant> {
+        self.messages
+            .iter()
+            .filter(|(_, m)| m.lines().any(|l| l == line))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    pub fn statuses(&self) -> Vec<String> {
+        self.messages
+            .iter()
+            .flat_map(|(_, m)| m.lines().filter_map(|l| l.strip_prefix("STATUS=")).map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    }
+
+    pub fn stored_names(&self) -> Vec<String> {
+        self.store.keys().cloned().collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct ServiceManager {
+    pub dir: TempDir,
+    pub socket_path: PathBuf,
+    listener: OwnedFd,
+    notify_path: PathBuf,
+    received: Arc<(Mutex<Received>, Condvar)>,
+}
+
+fn apply(received: &mut Received, text: &str, mut fds: Vec<OwnedFd>) {
+    let lines: Vec<&str> = text.lines().collect();
+    let name = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("FDNAME="))
+        .unwrap_or("stored")
+        .to_owned();
+    if lines.contains(&"FDSTORE=1") {
+        received.store.entry(name).or_default().append(&mut fds);
+    } else if lines.contains(&"FDSTOREREMOVE=1") {
+        received.store.remove(&name);
+    }
+    received.messages.push((Instant::now(), text.to_owned()));
+}
+
+impl ServiceManager {
+    /// Creates the client socket (SOCK_SEQPACKET, as `ListenSequentialPacket=`)
+    /// and the notify socket.
+    pub fn new() -> ServiceManager {
+        Self::with_socket_type(SockType::SeqPacket)
+    }
+
+    pub fn with_socket_type(kind: SockType) -> ServiceManager {
+        let dir = TempDir::new("sdnotify");
+        let socket_path = dir.path().join("socket");
+        let listener = socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        bind(listener.as_raw_fd(), &UnixAddr::new(&socket_path).expect("addr")).expect("bind");
+        listen(&listener, Backlog::new(64).expect("backlog")).expect("listen");
+        let notify_path = dir.path().join("notify");
+        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+        let received = Arc::new((Mutex::new(Received::default()), Condvar::new()));
+        let sink = Arc::clone(&received);
+        std::thread::spawn(move || loop {
+            let Ok(message) = dmabroker_ipc::fdpass::recv_message(notify.as_fd(), false) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&message.bytes).into_owned();
+            let (lock, cond) = &*sink;
+            apply(&mut lock.lock().expect("lock"), &text, message.fds);
+            cond.notify_all();
+        });
+        ServiceManager {
+            dir,
+            socket_path,
+            listener,
+            notify_path,
+            received,
+        }
+    }
+
+    pub fn received(&self) -> std::sync::MutexGuard<'_, Received> {
+        self.received.0.lock().expect("lock")
+    }
+
+    /// Waits until `check` holds for what was received.
+    pub fn wait_for(&self, what: &str, timeout: Duration, check: impl Fn(&Received) -> bool) {
+        let (lock, cond) = &*self.received;
+        let deadline = Instant::now() + timeout;
+        let mut received = lock.lock().expect("lock");
+        while !check(&received) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}; got {:?}", received.messages);
+            received = cond.wait_timeout(received, left).expect("wait").0;
+        }
+    }
+
+    /// Starts the daemon the way systemd would: the listening socket and
+    /// every fd in the store passed from fd 3 on, named.
+    pub fn start_daemon(&self, binary: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
+        let received = self.received();
+        let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
+        let mut names = vec!["dmabroker.socket".to_owned()];
+        for (name, stored) in &received.store {
+            for fd in stored {
+                fds.push(fd.try_clone().expect("dup stored fd"));
+                names.push(name.clone());
+            }
+        }
+        drop(received);
+        // Park the fds above the range they must land in, so that placing
+        // them at 3.. in the child can never overwrite one not yet placed.
+        let parked: Vec<OwnedFd> = fds
+            .iter()
+            .map(|fd| {
+                let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000))
+                    .expect("F_DUPFD_CLOEXEC");
+                // SAFETY: fcntl just created `raw` for us.
+                unsafe { OwnedFd::from_raw_fd(raw) }
+            })
+            .collect();
+        drop(fds);
+        let sources: Vec<i32> = parked.iter().map(|fd| fd.as_raw_fd()).collect();
+        let mut cmd = Command::new("sh");
+        // `exec` keeps sh's pid, so $$ is the daemon's pid: LISTEN_PID.
+        cmd.arg("-c")
+            .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(binary)
+            .args(args)
+            .env("LISTEN_FDS", sources.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env("NOTIFY_SOCKET", &self.notify_path)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls dup2, which is async-signal-safe; `sources` is a plain Vec
+        // of ints owned by this stack frame, read but not allocated there.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (i, src) in sources.iter().enumerate() {
+                    if libc::dup2(*src, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start dmabrokerd");
+        drop(parked);
+        child
+    }
+}
+
+impl Default for ServiceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}

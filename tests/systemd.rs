@@ -1,0 +1,241 @@
+//! The systemd service, without systemd as PID 1: systemd's own tools check
+//! the units, `systemd-socket-activate` does real socket activation, and a
+//! stand-in speaking the notify protocol (tests/harness/sdnotify.rs) plays
+//! the service manager across a SIGKILL and restart.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use dmabroker_client::{Access, Client, ClientOptions};
+use dmabroker_suite::daemon::binary;
+use dmabroker_suite::proc::{stable_fd_count, wait_fd_count};
+use dmabroker_suite::sdnotify::{Received, ServiceManager};
+use dmabroker_suite::TempDir;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The units as installed, but pointing at the binary under test.
+fn installed_units(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let service = std::fs::read_to_string(repo().join("systemd/dmabroker.service"))
+        .expect("service unit")
+        .replace("/usr/bin/dmabrokerd", &binary("dmabrokerd").display().to_string());
+    let socket = std::fs::read_to_string(repo().join("systemd/dmabroker.socket")).expect("socket unit");
+    let service_path = dir.path().join("dmabroker.service");
+    let socket_path = dir.path().join("dmabroker.socket");
+    std::fs::write(&service_path, service).expect("write unit");
+    std::fs::write(&socket_path, socket).expect("write unit");
+    (service_path, socket_path)
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    let dir = TempDir::new("units");
+    let (service, socket) = installed_units(&dir);
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&socket)
+        .arg(&service)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    assert!(!stderr.contains("Unknown"), "verify warned:\n{stderr}");
+}
+
+#[test]
+fn service_hardening_exposure_is_at_most_1_0() {
+    let dir = TempDir::new("security");
+    let (service, _) = installed_units(&dir);
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&service)
+        .output()
+        .expect("systemd-analyze security");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{stdout}"));
+    let level: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the level from {line}"));
+    assert!(level <= 1.0, "exposure {level} > 1.0:\n{stdout}");
+}
+
+#[test]
+fn socket_activation_serves_a_client_that_connected_before_the_daemon_existed() {
+    let dir = TempDir::new("activate");
+    let socket = dir.path().join("socket");
+    let log = dir.path().join("daemon.log");
+    let mut activator = Command::new("systemd-socket-activate")
+        .arg("--seqpacket")
+        .arg("-l")
+        .arg(&socket)
+        .arg(binary("dmabrokerd"))
+        .args(["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // No daemon runs yet: the connection waits in the backlog and the
+    // activator starts dmabrokerd for it.
+    let client = Client::connect_to(&socket).expect("served through socket activation");
+    let buffer = client.alloc(4096).expect("alloc");
+    assert_eq!(buffer.size(), 4096);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("serving the socket the service manager passed"), "{text}");
+    drop(buffer);
+    drop(client);
+    let _ = activator.kill();
+    let _ = activator.wait();
+}
+
+#[test]
+fn a_stream_socket_from_the_manager_is_refused_with_a_clear_error() {
+    let manager = ServiceManager::with_socket_type(nix::sys::socket::SockType::Stream);
+    let log = manager.dir.path().join("daemon.log");
+    let mut daemon = manager.start_daemon(&binary("dmabrokerd"), &[], &[], &log);
+    let status = daemon.wait().expect("wait");
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("ListenSequentialPacket="), "{text}");
+}
+
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(manager: &ServiceManager, name: &str, env: &[(&str, &str)]) -> Running {
+        let log = manager.dir.path().join(format!("{name}.log"));
+        let readies = manager.received().count("READY=1");
+        let child = manager.start_daemon(
+            &binary("dmabrokerd"),
+            &["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent", "--dbus", "none"],
+            env,
+            &log,
+        );
+        manager.wait_for("READY=1", Duration::from_secs(10), |r| r.count("READY=1") > readies);
+        Running { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn has_buffers(received: &Received, n: usize) -> bool {
+    received.stored_names().iter().filter(|n| n.starts_with("buf-")).count() == n
+}
+
+#[test]
+fn readiness_status_and_stopping_are_reported() {
+    let manager = ServiceManager::new();
+    let mut daemon = Running::start(&manager, "notify", &[]);
+    let client = Client::connect_to(&manager.socket_path).expect("connect");
+    let _buffer = client.alloc(8192).expect("alloc");
+    manager.wait_for("STATUS with a buffer", Duration::from_secs(5), |r| {
+        r.statuses().iter().any(|s| s == "1 clients, 1 buffers, 8192 bytes")
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    manager.wait_for("STOPPING=1", Duration::from_secs(5), |r| r.count("STOPPING=1") == 1);
+    assert!(daemon.child.wait().expect("wait").success());
+}
+
+#[test]
+fn a_wedged_event_loop_stops_the_watchdog_pings() {
+    let manager = ServiceManager::new();
+    let daemon = Running::start(
+        &manager,
+        "watchdog",
+        &[("WATCHDOG_USEC", "100000"), ("DMABROKER_TEST_WEDGE_AFTER_MS", "600")],
+    );
+    let started = Instant::now();
+    manager.wait_for("watchdog pings", Duration::from_secs(5), |r| r.count("WATCHDOG=1") >= 4);
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed()));
+    let wedged_at = manager.received().count("WATCHDOG=1");
+    std::thread::sleep(Duration::from_millis(500));
+    let later = manager.received().count("WATCHDOG=1");
+    assert_eq!(later, wedged_at, "pings went on although the loop is wedged:\n{}", daemon.log());
+    assert!(daemon.log().contains("wedging the event loop now"));
+}
+
+#[test]
+fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let baseline = stable_fd_count(first.pid());
+    let options = ClientOptions {
+        name: "camera".into(),
+        ..Default::default()
+    };
+    let camera = Client::connect_with(&manager.socket_path, options).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let frames: Vec<_> = (0..3).map(|_| camera.alloc(65536).expect("alloc")).collect();
+    for (i, frame) in frames.iter().enumerate() {
+        let mut w = frame.begin(Access::CpuWrite).expect("begin");
+        w.bytes_mut().expect("bytes").fill(i as u8 + 1);
+    }
+    let token = frames[0].export().expect("export");
+    let shared = codec.import(&token).expect("import");
+    let inodes: Vec<u64> = frames.iter().map(|f| f.inode()).collect();
+    // The codec is writing when the broker dies.
+    let held = shared.begin(Access::CpuWrite).expect("write access");
+    manager.wait_for("every buffer and the record in the fd store", Duration::from_secs(5), |r| {
+        has_buffers(r, 3) && r.stored_names().iter().any(|n| n.starts_with("state-"))
+    });
+    // Let the debounced record catch up with the import.
+    std::thread::sleep(Duration::from_millis(200));
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    assert!(second.log().contains("buffers taken back from the fd store"), "{}", second.log());
+
+    // Same buffers, same kernel objects, same contents.
+    for (i, frame) in frames.iter().enumerate() {
+        let r = frame.begin(Access::CpuRead).expect("begin after restart");
+        if i == 0 {
+            assert!(r.writer_lost(), "the write in flight at the crash is reported lost");
+        }
+        assert!(r.bytes().expect("bytes").iter().all(|b| *b == i as u8 + 1));
+        drop(r);
+        assert_eq!(frame.info().expect("info").inode, inodes[i]);
+    }
+    assert_eq!(camera.reconnects(), 1);
+    drop(held); // its end is refused (the access died with the old broker)
+    let w = shared.begin(Access::CpuWrite).expect("the codec writes again");
+    drop(w);
+    assert_eq!(codec.reconnects(), 1);
+
+    // Nothing leaks: freeing everything empties the store and brings the
+    // new daemon to the first one's idle fd count.
+    drop(frames);
+    drop(shared);
+    drop(camera);
+    drop(codec);
+    manager.wait_for("buffers removed from the store", Duration::from_secs(5), |r| has_buffers(r, 0));
+    assert_eq!(wait_fd_count(second.pid(), baseline, Duration::from_secs(5)), baseline, "{}", second.log());
+}
