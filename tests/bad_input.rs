@@ -9,7 +9,11 @@ use dmabroker_suite::Daemon;
 
 fn some_fds(n: usize) -> Vec<OwnedFd> {
     (0..n)
-        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null").into())
+        .map(|_| {
+            std::fs::File::open("/dev/null")
+                .expect("open /dev/null")
+                .into()
+        })
         .collect()
 }
 
@@ -44,7 +48,11 @@ fn garbage_truncated_and_unknown_messages_get_protocol_errors() {
     assert_eq!((id, result.err()), (0, Some(ErrorCode::ProtocolError)));
 
     let (_, full) = raw.encode(
-        RequestBody::Alloc { size: 4096, heap: Some("memfd".into()), name: Some("x".into()) },
+        RequestBody::Alloc {
+            size: 4096,
+            heap: Some("memfd".into()),
+            name: Some("x".into()),
+        },
         0,
     );
     raw.send_raw(&full[..full.len() - 3], &[]);
@@ -57,7 +65,10 @@ fn garbage_truncated_and_unknown_messages_get_protocol_errors() {
     let last = unknown.len() - 1;
     unknown[last] = 0x7f;
     raw.send_raw(&unknown, &[]);
-    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+    assert_eq!(
+        raw.recv_reply().expect("reply"),
+        (id, Err(ErrorCode::ProtocolError))
+    );
 
     let oversized = vec![0u8; dmabroker_ipc::MAX_MESSAGE_SIZE + 100];
     raw.send_raw(&oversized, &[]);
@@ -82,22 +93,34 @@ fn fds_that_do_not_belong_are_refused_and_closed() {
     // More fds than declared.
     let (id, bytes) = raw.encode(RequestBody::ListHeaps, 1);
     raw.send_raw(&bytes, &borrowed(&fds));
-    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+    assert_eq!(
+        raw.recv_reply().expect("reply"),
+        (id, Err(ErrorCode::ProtocolError))
+    );
 
     // Declared, but the request takes none.
     let (id, bytes) = raw.encode(RequestBody::ListHeaps, 1);
     raw.send_raw(&bytes, &borrowed(&fds[..1]));
-    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+    assert_eq!(
+        raw.recv_reply().expect("reply"),
+        (id, Err(ErrorCode::ProtocolError))
+    );
 
     // Fewer than declared.
     let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 2);
     raw.send_raw(&bytes, &borrowed(&fds[..1]));
-    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::ProtocolError)));
+    assert_eq!(
+        raw.recv_reply().expect("reply"),
+        (id, Err(ErrorCode::ProtocolError))
+    );
 
     // A foreign fd offered for adoption: not a dma-buf.
     let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
     raw.send_raw(&bytes, &borrowed(&fds[..1]));
-    assert_eq!(raw.recv_reply().expect("reply"), (id, Err(ErrorCode::NotADmaBuf)));
+    assert_eq!(
+        raw.recv_reply().expect("reply"),
+        (id, Err(ErrorCode::NotADmaBuf))
+    );
 
     // A flood: 253 fds (SCM_MAX_FD) on one message.
     let flood = some_fds(253);
@@ -106,7 +129,10 @@ fn fds_that_do_not_belong_are_refused_and_closed() {
     let (_, result) = raw.recv_reply().expect("reply to fd flood");
     assert_eq!(result.err(), Some(ErrorCode::ProtocolError));
 
-    assert!(raw.request(RequestBody::ListHeaps).is_ok(), "connection survives");
+    assert!(
+        raw.request(RequestBody::ListHeaps).is_ok(),
+        "connection survives"
+    );
     drop(raw);
     still_serving(&daemon);
     daemon.assert_fds_back_to(baseline);
@@ -116,7 +142,10 @@ fn fds_that_do_not_belong_are_refused_and_closed() {
 fn the_hello_comes_first_and_versions_must_match() {
     let daemon = Daemon::start();
     let mut raw = RawClient::connect(daemon.socket());
-    assert_eq!(raw.request(RequestBody::ListHeaps).err(), Some(ErrorCode::HelloRequired));
+    assert_eq!(
+        raw.request(RequestBody::ListHeaps).err(),
+        Some(ErrorCode::HelloRequired)
+    );
     raw.hello();
     assert_eq!(
         raw.request(hello_body(PROTOCOL_VERSION)).err(),
@@ -129,7 +158,10 @@ fn the_hello_comes_first_and_versions_must_match() {
         old.request(hello_body(PROTOCOL_VERSION + 41)).err(),
         Some(ErrorCode::IncompatibleVersion)
     );
-    assert!(old.recv().is_none(), "an incompatible client is disconnected");
+    assert!(
+        old.recv().is_none(),
+        "an incompatible client is disconnected"
+    );
     still_serving(&daemon);
 }
 
@@ -138,19 +170,36 @@ fn double_free_and_unknown_ids_are_refused() {
     let daemon = Daemon::start();
     let mut raw = RawClient::connect(daemon.socket());
     raw.hello();
-    let buffer = match raw.request(RequestBody::Alloc { size: 4096, heap: None, name: None }) {
+    let buffer = match raw.request(RequestBody::Alloc {
+        size: 4096,
+        heap: None,
+        name: None,
+    }) {
         Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
         other => panic!("alloc: {other:?}"),
     };
     assert!(raw.request(RequestBody::Free { buffer }).is_ok());
-    assert_eq!(raw.request(RequestBody::Free { buffer }).err(), Some(ErrorCode::UnknownBuffer));
-    assert_eq!(raw.request(RequestBody::Info { buffer: 999_999 }).err(), Some(ErrorCode::UnknownBuffer));
     assert_eq!(
-        raw.request(RequestBody::End { access: 424_242, fence_slot: None }).err(),
+        raw.request(RequestBody::Free { buffer }).err(),
+        Some(ErrorCode::UnknownBuffer)
+    );
+    assert_eq!(
+        raw.request(RequestBody::Info { buffer: 999_999 }).err(),
+        Some(ErrorCode::UnknownBuffer)
+    );
+    assert_eq!(
+        raw.request(RequestBody::End {
+            access: 424_242,
+            fence_slot: None
+        })
+        .err(),
         Some(ErrorCode::UnknownAccess)
     );
     assert_eq!(
-        raw.request(RequestBody::Import { token: "not a token".into() }).err(),
+        raw.request(RequestBody::Import {
+            token: "not a token".into()
+        })
+        .err(),
         Some(ErrorCode::UnknownToken)
     );
 }
@@ -169,7 +218,10 @@ fn a_client_that_keeps_sending_garbage_is_disconnected() {
             break;
         }
     }
-    assert!(hung_up, "the daemon keeps talking to a client that only sends garbage");
+    assert!(
+        hung_up,
+        "the daemon keeps talking to a client that only sends garbage"
+    );
     drop(raw);
     still_serving(&daemon);
     daemon.assert_fds_back_to(baseline);

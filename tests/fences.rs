@@ -63,20 +63,36 @@ fn a_writer_waits_for_readers_and_readers_wait_for_the_writer() {
     let read = s.owner.ok(&format!("begin {} r", s.id));
 
     writer.send(&format!("begin {} w", s.id));
-    assert_eq!(writer.recv(STILL_BLOCKED), None, "a writer must wait for the reader");
+    assert_eq!(
+        writer.recv(STILL_BLOCKED),
+        None,
+        "a writer must wait for the reader"
+    );
     s.owner.ok(&format!("end {}", access_of(&read)));
-    let granted = writer.recv(Duration::from_secs(5)).expect("writer granted after the read ended");
+    let granted = writer
+        .recv(Duration::from_secs(5))
+        .expect("writer granted after the read ended");
     assert!(granted.starts_with("ok"), "{granted}");
     assert_eq!(field(&granted, "writer_lost"), Some("false"));
 
     s.owner.send(&format!("begin {} r", s.id));
-    assert_eq!(s.owner.recv(STILL_BLOCKED), None, "a reader must wait for the writer");
+    assert_eq!(
+        s.owner.recv(STILL_BLOCKED),
+        None,
+        "a reader must wait for the writer"
+    );
     writer.ok(&format!("fill {} 77", access_of(&granted)));
     writer.ok(&format!("end {}", access_of(&granted)));
-    let read = s.owner.recv(Duration::from_secs(5)).expect("reader granted");
+    let read = s
+        .owner
+        .recv(Duration::from_secs(5))
+        .expect("reader granted");
     assert!(read.starts_with("ok"), "{read}");
     s.owner.ok(&format!("end {}", access_of(&read)));
-    assert_eq!(field(&s.owner.ok(&format!("read {}", s.id)), "byte"), Some("77"));
+    assert_eq!(
+        field(&s.owner.ok(&format!("read {}", s.id)), "byte"),
+        Some("77")
+    );
 }
 
 #[test]
@@ -96,9 +112,15 @@ fn a_waiting_writer_holds_back_later_readers() {
     s.owner.ok(&format!("end {}", access_of(&first)));
     let w = writer.recv(Duration::from_secs(5)).expect("writer first");
     assert!(w.starts_with("ok"), "{w}");
-    assert_eq!(late_reader.recv(STILL_BLOCKED), None, "still behind the writer");
+    assert_eq!(
+        late_reader.recv(STILL_BLOCKED),
+        None,
+        "still behind the writer"
+    );
     writer.ok(&format!("end {}", access_of(&w)));
-    let r = late_reader.recv(Duration::from_secs(5)).expect("then the reader");
+    let r = late_reader
+        .recv(Duration::from_secs(5))
+        .expect("then the reader");
     assert!(r.starts_with("ok"), "{r}");
 }
 
@@ -113,11 +135,16 @@ fn a_writer_killed_while_writing_hands_over_with_writer_lost_within_100ms() {
     assert_eq!(reader.recv(STILL_BLOCKED), None);
     let killed = Instant::now();
     writer.kill();
-    let granted = reader.recv(Duration::from_secs(5)).expect("reader granted after the writer died");
+    let granted = reader
+        .recv(Duration::from_secs(5))
+        .expect("reader granted after the writer died");
     let latency = killed.elapsed();
     assert!(granted.starts_with("ok"), "{granted}");
     assert_eq!(field(&granted, "writer_lost"), Some("true"), "{granted}");
-    assert!(latency < Duration::from_millis(100), "granted {latency:?} after SIGKILL");
+    assert!(
+        latency < Duration::from_millis(100),
+        "granted {latency:?} after SIGKILL"
+    );
     reader.ok(&format!("end {}", access_of(&granted)));
     // The next grant is clean again.
     let again = reader.ok(&format!("begin {} r", s.id));
@@ -134,7 +161,9 @@ fn a_begin_with_a_timeout_gives_up_and_leaves_the_queue() {
     let mut next = s.join(&[]);
     let held = s.owner.ok(&format!("begin {} w", s.id));
     let started = Instant::now();
-    let err = waiter.cmd(&format!("begin {} w 150", s.id)).expect_err("times out");
+    let err = waiter
+        .cmd(&format!("begin {} w 150", s.id))
+        .expect_err("times out");
     assert!(err.contains("timeout"), "{err}");
     assert!(started.elapsed() >= Duration::from_millis(150));
     // The timed-out request is gone: after the holder ends, the next
@@ -156,13 +185,22 @@ fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
 
     let started = Instant::now();
     let granted = gpu.ok(&format!("begin {} dr", s.id));
-    assert!(started.elapsed() < Duration::from_secs(1), "no-autofence must not block");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no-autofence must not block"
+    );
     assert_eq!(field(&granted, "fences"), Some("1"), "{granted}");
     let fence = field(&granted, "fence_list").expect("fence list");
     let parts: Vec<&str> = fence.split(':').collect();
-    assert_eq!(parts[0], write_id, "the outstanding fence is the writer's access");
+    assert_eq!(
+        parts[0], write_id,
+        "the outstanding fence is the writer's access"
+    );
     assert_eq!(parts[2], "cpu-write");
-    assert_eq!(parts[3], "false", "a CPU fence has no sync_file: an event comes instead");
+    assert_eq!(
+        parts[3], "false",
+        "a CPU fence has no sync_file: an event comes instead"
+    );
 
     // An autofence client waits for the no-autofence client's fence too.
     autofenced.send(&format!("begin {} w", s.id));
@@ -170,8 +208,15 @@ fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
 
     s.owner.ok(&format!("end {write_id}"));
     let event = gpu.ok("event 5000");
-    assert!(event.contains(&format!("FenceSignalled {{ fence: {write_id} }}")), "{event}");
-    assert_eq!(autofenced.recv(STILL_BLOCKED), None, "still fenced by the device read");
+    assert!(
+        event.contains(&format!("FenceSignalled {{ fence: {write_id} }}")),
+        "{event}"
+    );
+    assert_eq!(
+        autofenced.recv(STILL_BLOCKED),
+        None,
+        "still fenced by the device read"
+    );
     gpu.ok(&format!("end {}", access_of(&granted)));
     let w = autofenced.recv(Duration::from_secs(5)).expect("granted");
     assert!(w.starts_with("ok"), "{w}");
@@ -196,9 +241,16 @@ fn a_client_cannot_end_another_clients_access() {
     // Still held: another writer stays blocked.
     let mut other = s.join(&[]);
     other.send(&format!("begin {} w", s.id));
-    assert_eq!(other.recv(STILL_BLOCKED), None, "the refused end must change nothing");
+    assert_eq!(
+        other.recv(STILL_BLOCKED),
+        None,
+        "the refused end must change nothing"
+    );
     s.owner.ok(&format!("end {access}"));
-    assert!(other.recv(Duration::from_secs(5)).expect("granted").starts_with("ok"));
+    assert!(other
+        .recv(Duration::from_secs(5))
+        .expect("granted")
+        .starts_with("ok"));
 }
 
 #[test]
@@ -210,7 +262,9 @@ fn a_write_held_past_its_limit_is_revoked() {
     let mut reader = s.join(&[]);
     s.owner.ok(&format!("begin {} w", s.id));
     reader.send(&format!("begin {} r", s.id));
-    let granted = reader.recv(Duration::from_secs(5)).expect("granted once the write is revoked");
+    let granted = reader
+        .recv(Duration::from_secs(5))
+        .expect("granted once the write is revoked");
     assert!(granted.starts_with("ok"), "{granted}");
     assert_eq!(field(&granted, "revoked"), Some("true"), "{granted}");
     let event = s.owner.ok("event 5000");
@@ -225,7 +279,13 @@ fn freeing_a_buffer_while_holding_access_releases_it() {
     other.send(&format!("begin {} r", s.id));
     assert_eq!(other.recv(STILL_BLOCKED), None);
     s.owner.ok(&format!("free {}", s.id));
-    let granted = other.recv(Duration::from_secs(5)).expect("granted after the holder freed");
+    let granted = other
+        .recv(Duration::from_secs(5))
+        .expect("granted after the holder freed");
     assert!(granted.starts_with("ok"), "{granted}");
-    assert_eq!(field(&granted, "writer_lost"), Some("true"), "an unfinished write is reported");
+    assert_eq!(
+        field(&granted, "writer_lost"),
+        Some("true"),
+        "an unfinished write is reported"
+    );
 }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use dmabroker_client::{Access, AllocRequest, ErrorCode};
-use dmabroker_suite::scripted::field;
 use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::scripted::field;
 use dmabroker_suite::{Daemon, Scripted};
 
 #[test]
@@ -17,7 +17,11 @@ fn two_processes_share_one_buffer_and_see_each_others_writes() {
 
     let allocated = camera.ok("alloc 5000 name=frame");
     let id = field(&allocated, "id").expect("id").to_owned();
-    assert_eq!(field(&allocated, "size"), Some("8192"), "sizes round up to pages");
+    assert_eq!(
+        field(&allocated, "size"),
+        Some("8192"),
+        "sizes round up to pages"
+    );
     let token = camera.ok(&format!("export {id}"));
     let token = field(&token, "token").expect("token").to_owned();
 
@@ -40,7 +44,10 @@ fn two_processes_share_one_buffer_and_see_each_others_writes() {
     assert_eq!(field(&read, "byte"), Some("66"));
 
     // Each process has its own fd of the buffer.
-    let fd: i32 = field(&imported, "fd").expect("fd").parse().expect("fd number");
+    let fd: i32 = field(&imported, "fd")
+        .expect("fd")
+        .parse()
+        .expect("fd number");
     let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", codec.pid())).expect("fd link");
     assert!(link.to_string_lossy().contains("memfd:"), "{link:?}");
 
@@ -64,11 +71,16 @@ fn a_buffer_lives_while_any_client_holds_it() {
         w.bytes_mut().expect("bytes").fill(9);
     }
     drop(buffer); // the owner frees; the holder keeps it alive
-    let r = shared.begin(Access::CpuRead).expect("begin after owner freed");
+    let r = shared
+        .begin(Access::CpuRead)
+        .expect("begin after owner freed");
     assert!(r.bytes().expect("bytes").iter().all(|b| *b == 9));
     drop(r);
     assert_eq!(shared.info().expect("info still works").size, 4096);
-    assert!(daemon.fd_count() > baseline, "the daemon still holds the buffer");
+    assert!(
+        daemon.fd_count() > baseline,
+        "the daemon still holds the buffer"
+    );
     drop(shared);
     daemon.assert_fds_back_to(connected);
     drop(owner);
@@ -102,7 +114,10 @@ fn allocation_errors_are_clear_and_change_nothing() {
     assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
     let err = client.alloc(1 << 50).expect_err("larger than any quota");
     assert!(
-        matches!(err.code(), Some(ErrorCode::QuotaExceeded | ErrorCode::InvalidArgument)),
+        matches!(
+            err.code(),
+            Some(ErrorCode::QuotaExceeded | ErrorCode::InvalidArgument)
+        ),
         "{err}"
     );
     let err = client
@@ -114,7 +129,9 @@ fn allocation_errors_are_clear_and_change_nothing() {
         .expect_err("unknown heap");
     assert_eq!(err.code(), Some(ErrorCode::UnknownHeap), "{err}");
     assert!(err.to_string().contains("no-such-heap"), "{err}");
-    let token = "dmab1-00112233445566778899aabbccddeeff".parse().expect("token syntax");
+    let token = "dmab1-00112233445566778899aabbccddeeff"
+        .parse()
+        .expect("token syntax");
     let err = client.import(&token).expect_err("unknown token");
     assert_eq!(err.code(), Some(ErrorCode::UnknownToken), "{err}");
     assert_eq!(daemon.fd_count(), baseline, "refusals allocate nothing");
@@ -127,7 +144,12 @@ fn heaps_are_listed_with_memfd_as_embedded_default() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let heaps = client.heaps().expect("heaps");
-    assert!(heaps.iter().any(|h| h.name == "memfd" && h.backend == "memfd"), "{heaps:?}");
+    assert!(
+        heaps
+            .iter()
+            .any(|h| h.name == "memfd" && h.backend == "memfd"),
+        "{heaps:?}"
+    );
     assert_eq!(client.default_heap(), "memfd");
     let buffer = client
         .alloc_with(AllocRequest {

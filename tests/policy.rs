@@ -34,7 +34,11 @@ fn reload(daemon: &Daemon, policy: &str, expect: &str) {
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(5);
     while daemon.log().matches(expect).count() == before {
-        assert!(Instant::now() < deadline, "no '{expect}' in the log:\n{}", daemon.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "no '{expect}' in the log:\n{}",
+            daemon.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,9 +53,14 @@ fn a_client_denied_a_heap_is_refused_before_anything_is_allocated() {
     ));
     let mut alice = as_user(&daemon, ALICE, &[]);
     let baseline = daemon.baseline();
-    let err = alice.cmd("alloc 4096 heap=memfd").expect_err("memfd denied");
+    let err = alice
+        .cmd("alloc 4096 heap=memfd")
+        .expect_err("memfd denied");
     assert_eq!(code(&err), "permission-denied", "{err}");
-    assert!(err.contains("no-memfd"), "the refusal names the rule: {err}");
+    assert!(
+        err.contains("no-memfd"),
+        "the refusal names the rule: {err}"
+    );
     assert_eq!(daemon.fd_count(), baseline, "nothing was allocated");
     // Another user is not affected.
     let mut bob = as_user(&daemon, BOB, &[]);
@@ -66,11 +75,16 @@ fn quota_refuses_exactly_at_the_limit_and_each_user_has_its_own() {
     let daemon = daemon_with("[default]\nmax_total_bytes = \"64 KiB\"\n");
     let mut alice = as_user(&daemon, ALICE, &[]);
     for i in 0..16 {
-        alice.cmd("alloc 4096").unwrap_or_else(|e| panic!("allocation {i} refused: {e}"));
+        alice
+            .cmd("alloc 4096")
+            .unwrap_or_else(|e| panic!("allocation {i} refused: {e}"));
     }
     let err = alice.cmd("alloc 4096").expect_err("17th is over the limit");
     assert_eq!(code(&err), "quota-exceeded", "{err}");
-    assert!(err.contains("limit 65536, in use 65536, requested 4096"), "{err}");
+    assert!(
+        err.contains("limit 65536, in use 65536, requested 4096"),
+        "{err}"
+    );
     assert!(err.contains("rule 'default'"), "{err}");
     let mut bob = as_user(&daemon, BOB, &[]);
     for _ in 0..16 {
@@ -103,7 +117,10 @@ fn the_most_specific_rule_wins() {
     for _ in 0..8 {
         bob.ok("alloc 4096");
     }
-    assert!(bob.cmd("alloc 4096").expect_err("default allows 8").contains("rule 'default'"));
+    assert!(bob
+        .cmd("alloc 4096")
+        .expect_err("default allows 8")
+        .contains("rule 'default'"));
 }
 
 #[test]
@@ -118,18 +135,26 @@ fn imports_across_users_need_the_importers_rule() {
     let mut bob = as_user(&daemon, BOB, &[]);
     let mut eve = as_user(&daemon, 65503, &[]);
     alice.ok("alloc 4096");
-    let token = field(&alice.ok("export 1"), "token").expect("token").to_owned();
-    let err = eve.cmd(&format!("import {token}")).expect_err("eve may not import alice's buffer");
+    let token = field(&alice.ok("export 1"), "token")
+        .expect("token")
+        .to_owned();
+    let err = eve
+        .cmd(&format!("import {token}"))
+        .expect_err("eve may not import alice's buffer");
     assert_eq!(code(&err), "permission-denied", "{err}");
     bob.ok(&format!("import {token}"));
     // A guessed token is just unknown.
-    let err = eve.cmd("import dmab1-0123456789abcdef0123456789abcdef").expect_err("guessed");
+    let err = eve
+        .cmd("import dmab1-0123456789abcdef0123456789abcdef")
+        .expect_err("guessed");
     assert_eq!(code(&err), "unknown-token", "{err}");
     // A token dies with its exporter's hold.
     drop(alice);
     std::thread::sleep(Duration::from_millis(200));
     let mut bob2 = as_user(&daemon, BOB, &[]);
-    let err = bob2.cmd(&format!("import {token}")).expect_err("exporter gone");
+    let err = bob2
+        .cmd(&format!("import {token}"))
+        .expect_err("exporter gone");
     assert_eq!(code(&err), "unknown-token", "{err}");
 }
 
@@ -153,7 +178,11 @@ fn autofence_required_refuses_no_autofence_and_optional_allows_it() {
          [[rule]]\nname = \"strict\"\nuser = {ALICE}\nautofence = \"required\"\n"
     ));
     let out = std::process::Command::new("setpriv")
-        .args([format!("--reuid={ALICE}"), format!("--regid={ALICE}"), "--clear-groups".into()])
+        .args([
+            format!("--reuid={ALICE}"),
+            format!("--regid={ALICE}"),
+            "--clear-groups".into(),
+        ])
         .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
         .arg("--socket")
         .arg(daemon.socket())
@@ -182,9 +211,18 @@ fn a_reload_applies_to_new_requests_and_a_broken_file_keeps_the_old_policy() {
     let err = client.cmd("alloc 4096").expect_err("over the new limit");
     assert!(err.contains("limit 2, in use 3"), "{err}");
 
-    reload(&daemon, "[default]\nmax_buffers = \"many\"\n", "policy reload failed");
-    assert!(daemon.log().contains("policy.toml:2"), "the error names file and line");
-    let err = client.cmd("alloc 4096").expect_err("the old (tight) policy still applies");
+    reload(
+        &daemon,
+        "[default]\nmax_buffers = \"many\"\n",
+        "policy reload failed",
+    );
+    assert!(
+        daemon.log().contains("policy.toml:2"),
+        "the error names file and line"
+    );
+    let err = client
+        .cmd("alloc 4096")
+        .expect_err("the old (tight) policy still applies");
     assert!(err.contains("limit 2"), "{err}");
 }
 
@@ -197,7 +235,9 @@ fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
     let mut alice = Scripted::spawn(daemon.socket(), &[]);
     let mut bob = Scripted::spawn(daemon.socket(), &[]);
     alice.ok("alloc 65536");
-    let token = field(&alice.ok("export 1"), "token").expect("token").to_owned();
+    let token = field(&alice.ok("export 1"), "token")
+        .expect("token")
+        .to_owned();
     bob.ok(&format!("import {token}"));
     bob.ok("alloc 65536");
     bob.ok("free 2");
@@ -205,11 +245,16 @@ fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
     alice.kill();
     let deadline = Instant::now() + Duration::from_secs(5);
     while daemon.log().matches("client disconnected").count() == gone_before {
-        assert!(Instant::now() < deadline, "alice's hang-up was never noticed");
+        assert!(
+            Instant::now() < deadline,
+            "alice's hang-up was never noticed"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // The shared buffer lives on, now charged to Bob.
-    let err = bob.cmd("alloc 131072").expect_err("bob now carries alice's 64 KiB");
+    let err = bob
+        .cmd("alloc 131072")
+        .expect_err("bob now carries alice's 64 KiB");
     assert!(err.contains("in use 65536, requested 131072"), "{err}");
     bob.ok("alloc 65536");
     assert_eq!(field(&bob.ok("read 1"), "uniform"), Some("true"));

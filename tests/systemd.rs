@@ -21,8 +21,12 @@ fn repo() -> PathBuf {
 fn installed_units(dir: &TempDir) -> (PathBuf, PathBuf) {
     let service = std::fs::read_to_string(repo().join("systemd/dmabroker.service"))
         .expect("service unit")
-        .replace("/usr/bin/dmabrokerd", &binary("dmabrokerd").display().to_string());
-    let socket = std::fs::read_to_string(repo().join("systemd/dmabroker.socket")).expect("socket unit");
+        .replace(
+            "/usr/bin/dmabrokerd",
+            &binary("dmabrokerd").display().to_string(),
+        );
+    let socket =
+        std::fs::read_to_string(repo().join("systemd/dmabroker.socket")).expect("socket unit");
     let service_path = dir.path().join("dmabroker.service");
     let socket_path = dir.path().join("dmabroker.socket");
     std::fs::write(&service_path, service).expect("write unit");
@@ -78,13 +82,21 @@ fn socket_activation_serves_a_client_that_connected_before_the_daemon_existed() 
         .arg("-l")
         .arg(&socket)
         .arg(binary("dmabrokerd"))
-        .args(["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent"])
+        .args([
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+        ])
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("systemd-socket-activate (Debian package systemd)");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "systemd-socket-activate never listened");
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never listened"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // No daemon runs yet: the connection waits in the backlog and the
@@ -93,7 +105,10 @@ fn socket_activation_serves_a_client_that_connected_before_the_daemon_existed() 
     let buffer = client.alloc(4096).expect("alloc");
     assert_eq!(buffer.size(), 4096);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("serving the socket the service manager passed"), "{text}");
+    assert!(
+        text.contains("serving the socket the service manager passed"),
+        "{text}"
+    );
     drop(buffer);
     drop(client);
     let _ = activator.kill();
@@ -122,11 +137,20 @@ impl Running {
         let readies = manager.received().count("READY=1");
         let child = manager.start_daemon(
             &binary("dmabrokerd"),
-            &["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent", "--dbus", "none"],
+            &[
+                "--dma-heap-dir",
+                "/nonexistent",
+                "--udmabuf",
+                "/nonexistent",
+                "--dbus",
+                "none",
+            ],
             env,
             &log,
         );
-        manager.wait_for("READY=1", Duration::from_secs(10), |r| r.count("READY=1") > readies);
+        manager.wait_for("READY=1", Duration::from_secs(10), |r| {
+            r.count("READY=1") > readies
+        });
         Running { child, log }
     }
 
@@ -147,7 +171,12 @@ impl Drop for Running {
 }
 
 fn has_buffers(received: &Received, n: usize) -> bool {
-    received.stored_names().iter().filter(|n| n.starts_with("buf-")).count() == n
+    received
+        .stored_names()
+        .iter()
+        .filter(|n| n.starts_with("buf-"))
+        .count()
+        == n
 }
 
 #[test]
@@ -157,11 +186,18 @@ fn readiness_status_and_stopping_are_reported() {
     let client = Client::connect_to(&manager.socket_path).expect("connect");
     let _buffer = client.alloc(8192).expect("alloc");
     manager.wait_for("STATUS with a buffer", Duration::from_secs(5), |r| {
-        r.statuses().iter().any(|s| s == "1 clients, 1 buffers, 8192 bytes")
+        r.statuses()
+            .iter()
+            .any(|s| s == "1 clients, 1 buffers, 8192 bytes")
     });
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), nix::sys::signal::Signal::SIGTERM)
-        .expect("SIGTERM");
-    manager.wait_for("STOPPING=1", Duration::from_secs(5), |r| r.count("STOPPING=1") == 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    manager.wait_for("STOPPING=1", Duration::from_secs(5), |r| {
+        r.count("STOPPING=1") == 1
+    });
     assert!(daemon.child.wait().expect("wait").success());
 }
 
@@ -171,15 +207,25 @@ fn a_wedged_event_loop_stops_the_watchdog_pings() {
     let daemon = Running::start(
         &manager,
         "watchdog",
-        &[("WATCHDOG_USEC", "100000"), ("DMABROKER_TEST_WEDGE_AFTER_MS", "600")],
+        &[
+            ("WATCHDOG_USEC", "100000"),
+            ("DMABROKER_TEST_WEDGE_AFTER_MS", "600"),
+        ],
     );
     let started = Instant::now();
-    manager.wait_for("watchdog pings", Duration::from_secs(5), |r| r.count("WATCHDOG=1") >= 4);
+    manager.wait_for("watchdog pings", Duration::from_secs(5), |r| {
+        r.count("WATCHDOG=1") >= 4
+    });
     std::thread::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed()));
     let wedged_at = manager.received().count("WATCHDOG=1");
     std::thread::sleep(Duration::from_millis(500));
     let later = manager.received().count("WATCHDOG=1");
-    assert_eq!(later, wedged_at, "pings went on although the loop is wedged:\n{}", daemon.log());
+    assert_eq!(
+        later,
+        wedged_at,
+        "pings went on although the loop is wedged:\n{}",
+        daemon.log()
+    );
     assert!(daemon.log().contains("wedging the event loop now"));
 }
 
@@ -194,7 +240,9 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     };
     let camera = Client::connect_with(&manager.socket_path, options).expect("camera");
     let codec = Client::connect_to(&manager.socket_path).expect("codec");
-    let frames: Vec<_> = (0..3).map(|_| camera.alloc(65536).expect("alloc")).collect();
+    let frames: Vec<_> = (0..3)
+        .map(|_| camera.alloc(65536).expect("alloc"))
+        .collect();
     for (i, frame) in frames.iter().enumerate() {
         let mut w = frame.begin(Access::CpuWrite).expect("begin");
         w.bytes_mut().expect("bytes").fill(i as u8 + 1);
@@ -204,21 +252,32 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     let inodes: Vec<u64> = frames.iter().map(|f| f.inode()).collect();
     // The codec is writing when the broker dies.
     let held = shared.begin(Access::CpuWrite).expect("write access");
-    manager.wait_for("every buffer and the record in the fd store", Duration::from_secs(5), |r| {
-        has_buffers(r, 3) && r.stored_names().iter().any(|n| n.starts_with("state-"))
-    });
+    manager.wait_for(
+        "every buffer and the record in the fd store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 3) && r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
     // Let the debounced record catch up with the import.
     std::thread::sleep(Duration::from_millis(200));
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
-    assert!(second.log().contains("buffers taken back from the fd store"), "{}", second.log());
+    assert!(
+        second
+            .log()
+            .contains("buffers taken back from the fd store"),
+        "{}",
+        second.log()
+    );
 
     // Same buffers, same kernel objects, same contents.
     for (i, frame) in frames.iter().enumerate() {
         let r = frame.begin(Access::CpuRead).expect("begin after restart");
         if i == 0 {
-            assert!(r.writer_lost(), "the write in flight at the crash is reported lost");
+            assert!(
+                r.writer_lost(),
+                "the write in flight at the crash is reported lost"
+            );
         }
         assert!(r.bytes().expect("bytes").iter().all(|b| *b == i as u8 + 1));
         drop(r);
@@ -226,7 +285,9 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     }
     assert_eq!(camera.reconnects(), 1);
     drop(held); // its end is refused (the access died with the old broker)
-    let w = shared.begin(Access::CpuWrite).expect("the codec writes again");
+    let w = shared
+        .begin(Access::CpuWrite)
+        .expect("the codec writes again");
     drop(w);
     assert_eq!(codec.reconnects(), 1);
 
@@ -236,6 +297,15 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     drop(shared);
     drop(camera);
     drop(codec);
-    manager.wait_for("buffers removed from the store", Duration::from_secs(5), |r| has_buffers(r, 0));
-    assert_eq!(wait_fd_count(second.pid(), baseline, Duration::from_secs(5)), baseline, "{}", second.log());
+    manager.wait_for(
+        "buffers removed from the store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 0),
+    );
+    assert_eq!(
+        wait_fd_count(second.pid(), baseline, Duration::from_secs(5)),
+        baseline,
+        "{}",
+        second.log()
+    );
 }

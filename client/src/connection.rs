@@ -133,7 +133,9 @@ fn exchange(socket: &OwnedFd, id: u64, body: RequestBody) -> Result<ReplyBody, E
             other => Error::Protocol(other.to_string()),
         })?;
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
-            ServerMessage::Reply(reply) if reply.id == id => return reply.result.map_err(Error::Broker),
+            ServerMessage::Reply(reply) if reply.id == id => {
+                return reply.result.map_err(Error::Broker)
+            }
             // A refusal of the connection itself (busy) is answered with id 0.
             ServerMessage::Reply(reply) if reply.id == 0 => {
                 if let Err(err) = reply.result {
@@ -156,7 +158,11 @@ fn say_hello(socket: &OwnedFd, hello: &Hello) -> Result<Welcome, Error> {
 }
 
 impl Connection {
-    pub fn open(path: &Path, hello: Hello, reconnect_window: Option<Duration>) -> Result<Arc<Self>, Error> {
+    pub fn open(
+        path: &Path,
+        hello: Hello,
+        reconnect_window: Option<Duration>,
+    ) -> Result<Arc<Self>, Error> {
         let socket = open_socket(path)?;
         let welcome = say_hello(&socket, &hello)?;
         Ok(Arc::new(Connection {
@@ -210,7 +216,12 @@ impl Connection {
 
     /// Sends a request and returns its id and the connection generation it
     /// went out on, without waiting.
-    pub fn send(&self, body: RequestBody, fds: &[BorrowedFd<'_>], wait: bool) -> Result<(u64, u64), Error> {
+    pub fn send(
+        &self,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+        wait: bool,
+    ) -> Result<(u64, u64), Error> {
         let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut flags = 0;
         if !wait {
@@ -225,7 +236,11 @@ impl Connection {
 
     /// A request and its reply, reconnecting and retrying once if the
     /// connection turns out to be broken.
-    pub fn call(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
+    pub fn call(
+        &self,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
         let mut retried = false;
         loop {
             let generation = self.generation();
@@ -275,7 +290,10 @@ impl Connection {
     ) -> MutexGuard<'a, Mailbox> {
         if mailbox.reading {
             return match deadline {
-                None => self.arrived.wait(mailbox).unwrap_or_else(|p| p.into_inner()),
+                None => self
+                    .arrived
+                    .wait(mailbox)
+                    .unwrap_or_else(|p| p.into_inner()),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     self.arrived
@@ -331,9 +349,11 @@ impl Connection {
     fn fresh_connection(&self) -> Result<(OwnedFd, Welcome), Error> {
         let socket = open_socket(&self.path)?;
         let welcome = say_hello(&socket, &self.hello)?;
-        let holds: Vec<(u64, Hold)> = lock(&self.holds).iter().map(|(id, h)| (*id, h.clone())).collect();
-        let mut id = 2;
-        for (buffer, hold) in holds {
+        let holds: Vec<(u64, Hold)> = lock(&self.holds)
+            .iter()
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
+        for (id, (buffer, hold)) in (2..).zip(holds) {
             let reattached = exchange(
                 &socket,
                 id,
@@ -342,7 +362,6 @@ impl Connection {
                     secret: hold.secret.clone(),
                 },
             );
-            id += 1;
             match reattached {
                 Ok(ReplyBody::Buffer(info)) if info.inode == hold.inode => {}
                 Ok(_) | Err(Error::Broker(_)) => {
@@ -368,7 +387,10 @@ impl Connection {
     }
 
     /// The next event, waiting at most `timeout` (forever with `None`).
-    pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
+    pub fn next_event(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut mailbox = lock(&self.mailbox);
         loop {
@@ -393,7 +415,10 @@ impl Connection {
 }
 
 /// Reads one message, or `None` when the deadline passes first.
-fn receive(socket: &OwnedFd, deadline: Option<Instant>) -> Result<Option<(ServerMessage, Vec<OwnedFd>)>, String> {
+fn receive(
+    socket: &OwnedFd,
+    deadline: Option<Instant>,
+) -> Result<Option<(ServerMessage, Vec<OwnedFd>)>, String> {
     if let Some(deadline) = deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);

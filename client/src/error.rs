@@ -22,10 +22,7 @@ pub enum Error {
     #[error("invalid share token: {0}")]
     Token(#[from] dmabroker_ipc::token::TokenError),
     #[error("the broker sent {got} where {expected} was expected")]
-    UnexpectedReply {
-        expected: &'static str,
-        got: String,
-    },
+    UnexpectedReply { expected: &'static str, got: String },
     #[error("this access does not allow {0}")]
     AccessMode(&'static str),
     #[error("async task failed: {0}")]

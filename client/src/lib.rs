@@ -25,8 +25,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 pub use dmabroker_ipc::mapping::Mapping;
-pub use dmabroker_ipc::{Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError};
 use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
+pub use dmabroker_ipc::{
+    Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError,
+};
 
 use connection::Connection;
 pub use error::{Error, Result};
@@ -234,7 +236,10 @@ impl Buffer {
         if let Some(mapping) = self.mapping.get() {
             return Ok(Arc::clone(mapping));
         }
-        let mapping = Arc::new(Mutex::new(Mapping::new(self.fd.as_fd(), self.mapped_len()?)?));
+        let mapping = Arc::new(Mutex::new(Mapping::new(
+            self.fd.as_fd(),
+            self.mapped_len()?,
+        )?));
         Ok(Arc::clone(self.mapping.get_or_init(|| mapping)))
     }
 
@@ -271,12 +276,23 @@ impl Buffer {
     }
 
     fn mapped_len(&self) -> Result<usize> {
-        usize::try_from(self.info.size).map_err(|_| Error::Protocol("buffer larger than the address space".into()))
+        usize::try_from(self.info.size)
+            .map_err(|_| Error::Protocol("buffer larger than the address space".into()))
     }
 
     /// A token another process can import this buffer with.
     pub fn export(&self) -> Result<ShareToken> {
-        match self.client.conn.call(RequestBody::Export { buffer: self.info.id }, &[])?.0 {
+        match self
+            .client
+            .conn
+            .call(
+                RequestBody::Export {
+                    buffer: self.info.id,
+                },
+                &[],
+            )?
+            .0
+        {
             ReplyBody::Exported { token } => Ok(token.parse()?),
             other => Err(unexpected("exported", &other)),
         }
@@ -302,7 +318,10 @@ impl Buffer {
     }
 
     fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-        let reply = self.client.conn.call(self.begin_request(access, timeout), &[])?;
+        let reply = self
+            .client
+            .conn
+            .call(self.begin_request(access, timeout), &[])?;
         self.guard_from(reply)
     }
 
@@ -345,7 +364,17 @@ impl Buffer {
 
     /// Asks the broker for this buffer's current facts.
     pub fn info(&self) -> Result<BufferInfo> {
-        match self.client.conn.call(RequestBody::Info { buffer: self.info.id }, &[])?.0 {
+        match self
+            .client
+            .conn
+            .call(
+                RequestBody::Info {
+                    buffer: self.info.id,
+                },
+                &[],
+            )?
+            .0
+        {
             ReplyBody::Buffer(info) => Ok(info),
             other => Err(unexpected("buffer", &other)),
         }
@@ -355,10 +384,13 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         self.client.conn.forget_hold(self.info.id);
-        let _ = self
-            .client
-            .conn
-            .send(RequestBody::Free { buffer: self.info.id }, &[], false);
+        let _ = self.client.conn.send(
+            RequestBody::Free {
+                buffer: self.info.id,
+            },
+            &[],
+            false,
+        );
     }
 }
 
@@ -525,7 +557,10 @@ mod nonblocking {
     }
 
     impl Client {
-        pub async fn connect_async(path: std::path::PathBuf, options: ClientOptions) -> Result<Client> {
+        pub async fn connect_async(
+            path: std::path::PathBuf,
+            options: ClientOptions,
+        ) -> Result<Client> {
             tokio::task::spawn_blocking(move || Client::connect_with(path, options))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))?
@@ -546,15 +581,28 @@ mod nonblocking {
         }
 
         pub async fn import_async(&self, token: &ShareToken) -> Result<Buffer> {
-            let id = self.conn.send(RequestBody::Import { token: token.to_string() }, &[], true)?;
+            let id = self.conn.send(
+                RequestBody::Import {
+                    token: token.to_string(),
+                },
+                &[],
+                true,
+            )?;
             let reply = wait(Arc::clone(&self.conn), id).await?;
             self.buffer_from(reply)
         }
     }
 
     impl Buffer {
-        pub async fn begin_async(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-            let id = self.client.conn.send(self.begin_request(access, timeout), &[], true)?;
+        pub async fn begin_async(
+            &self,
+            access: Access,
+            timeout: Option<Duration>,
+        ) -> Result<AccessGuard> {
+            let id = self
+                .client
+                .conn
+                .send(self.begin_request(access, timeout), &[], true)?;
             let reply = wait(Arc::clone(&self.client.conn), id).await?;
             self.guard_from(reply)
         }

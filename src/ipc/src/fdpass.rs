@@ -161,7 +161,8 @@ fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                    / std::mem::size_of::<RawFd>();
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 for i in 0..count {
                     let raw = data.add(i).read_unaligned();
@@ -192,8 +193,8 @@ mod tests {
     }
 
     fn has_cloexec(fd: BorrowedFd<'_>) -> bool {
-        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD)
-            .expect("F_GETFD");
+        let flags =
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD");
         flags & libc_fd_cloexec() != 0
     }
 
@@ -222,8 +223,14 @@ mod tests {
         send_message(a.as_fd(), b"second", &[], false).expect("send");
         let first = recv_message(b.as_fd(), false).expect("recv");
         let second = recv_message(b.as_fd(), false).expect("recv");
-        assert_eq!((first.bytes.as_slice(), first.fds.len()), (&b"first"[..], 1));
-        assert_eq!((second.bytes.as_slice(), second.fds.len()), (&b"second"[..], 0));
+        assert_eq!(
+            (first.bytes.as_slice(), first.fds.len()),
+            (&b"first"[..], 1)
+        );
+        assert_eq!(
+            (second.bytes.as_slice(), second.fds.len()),
+            (&b"second"[..], 0)
+        );
     }
 
     #[test]
@@ -252,7 +259,10 @@ mod tests {
             Err(RecvError::ControlTruncated)
         ));
         let open_after = std::fs::read_dir("/proc/self/fd").expect("fds").count();
-        assert_eq!(open_after, open_before, "fds of a truncated message must be closed");
+        assert_eq!(
+            open_after, open_before,
+            "fds of a truncated message must be closed"
+        );
     }
 
     #[test]
@@ -272,6 +282,9 @@ mod tests {
     fn closed_peer_reads_as_closed() {
         let (a, b) = pair();
         drop(a);
-        assert!(matches!(recv_message(b.as_fd(), false), Err(RecvError::Closed)));
+        assert!(matches!(
+            recv_message(b.as_fd(), false),
+            Err(RecvError::Closed)
+        ));
     }
 }

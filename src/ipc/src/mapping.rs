@@ -15,7 +15,10 @@ pub enum MapError {
     #[error("cannot map an empty buffer")]
     Empty,
     #[error("mmap of {len} bytes failed: {source}")]
-    Mmap { len: usize, source: nix::errno::Errno },
+    Mmap {
+        len: usize,
+        source: nix::errno::Errno,
+    },
 }
 
 /// Always mapped read-write: the broker hands out `O_RDWR` buffers, and

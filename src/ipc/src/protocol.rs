@@ -80,11 +80,17 @@ pub enum Access {
 
 impl Access {
     pub fn is_write(self) -> bool {
-        matches!(self, Access::CpuWrite | Access::CpuReadWrite | Access::DeviceWrite)
+        matches!(
+            self,
+            Access::CpuWrite | Access::CpuReadWrite | Access::DeviceWrite
+        )
     }
 
     pub fn is_cpu(self) -> bool {
-        matches!(self, Access::CpuRead | Access::CpuWrite | Access::CpuReadWrite)
+        matches!(
+            self,
+            Access::CpuRead | Access::CpuWrite | Access::CpuReadWrite
+        )
     }
 
     pub fn name(self) -> &'static str {

@@ -86,8 +86,20 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for bad in ["", "dmab1-", "dmab1-zz", "xxxx-00112233445566778899aabbccddeeff", "dmab1-00112233445566778899aabbccddeef", "dmab1-00112233445566778899aabbccddeeffff", "dmab1-0011223344556677889éaabbccddee"] {
-            assert_eq!(bad.parse::<ShareToken>(), Err(TokenError::Malformed), "{bad}");
+        for bad in [
+            "",
+            "dmab1-",
+            "dmab1-zz",
+            "xxxx-00112233445566778899aabbccddeeff",
+            "dmab1-00112233445566778899aabbccddeef",
+            "dmab1-00112233445566778899aabbccddeeffff",
+            "dmab1-0011223344556677889éaabbccddee",
+        ] {
+            assert_eq!(
+                bad.parse::<ShareToken>(),
+                Err(TokenError::Malformed),
+                "{bad}"
+            );
         }
     }
 }

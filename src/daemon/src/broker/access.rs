@@ -326,6 +326,7 @@ impl State {
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
             Ok(()) => {
                 self.stats.cache_syncs += 1;
+                tracing::debug!(buffer, ?phase, "cache sync");
                 true
             }
             Err(err) => {

@@ -26,7 +26,7 @@ pub fn buffer_name(id: u64) -> String {
 }
 
 fn record_name(generation: u64) -> String {
-    format!("{RECORD_PREFIX}{}", if generation % 2 == 0 { "a" } else { "b" })
+    format!("{RECORD_PREFIX}{}", if generation.is_multiple_of(2) { "a" } else { "b" })
 }
 
 impl FdStore {
