@@ -133,18 +133,29 @@ struct Running {
 
 impl Running {
     fn start(manager: &ServiceManager, name: &str, env: &[(&str, &str)]) -> Running {
+        Running::start_with(manager, name, env, &[])
+    }
+
+    fn start_with(
+        manager: &ServiceManager,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Running {
         let log = manager.dir.path().join(format!("{name}.log"));
         let readies = manager.received().count("READY=1");
+        let mut args = vec![
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+            "--dbus",
+            "none",
+        ];
+        args.extend_from_slice(extra);
         let child = manager.start_daemon(
             &binary("dmabrokerd"),
-            &[
-                "--dma-heap-dir",
-                "/nonexistent",
-                "--udmabuf",
-                "/nonexistent",
-                "--dbus",
-                "none",
-            ],
+            &args,
             env,
             &log,
         );
@@ -308,4 +319,29 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
         "{}",
         second.log()
     );
+}
+
+#[test]
+fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let options = ClientOptions {
+        reconnect: None,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&manager.socket_path, options).expect("connect");
+    let buffer = client.alloc(4096).expect("alloc");
+    manager.wait_for("the buffer and its record in the store", Duration::from_secs(5), |r| {
+        has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-"))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+    let second = Running::start_with(&manager, "second", &[], &["--reattach-grace", "300ms"]);
+    assert!(second.log().contains("restored=1"), "{}", second.log());
+    // The old client does not reconnect: its hold expires and the buffer
+    // leaves the store.
+    manager.wait_for("the orphaned buffer released", Duration::from_secs(5), |r| has_buffers(r, 0));
+    assert!(second.log().contains("not re-attached within the grace period"));
+    drop(buffer);
+    drop(client);
 }
