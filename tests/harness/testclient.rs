@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use dmabroker_client::{Access, AccessGuard, AllocRequest, Buffer, Client, ClientOptions, Error};
@@ -55,6 +55,56 @@ fn describe_guard(guard: &AccessGuard) -> String {
         guard.fences().len(),
         fences.join(",")
     )
+}
+
+/// Whether a sync_file has signalled, by `poll(POLLIN)` with no wait:
+/// `pending` or `signalled`.
+fn sync_file_state(sync_file: BorrowedFd<'_>) -> Result<&'static str, String> {
+    let mut fds = [nix::poll::PollFd::new(
+        sync_file,
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO)
+        .map_err(|e| format!("err Other poll: {e}"))?;
+    Ok(if ready > 0 { "signalled" } else { "pending" })
+}
+
+/// `struct dma_buf_export_sync_file` (include/uapi/linux/dma-buf.h).
+#[repr(C)]
+struct DmaBufExportSyncFile {
+    flags: u32,
+    fd: i32,
+}
+
+/// `DMA_BUF_IOCTL_EXPORT_SYNC_FILE = _IOWR('b', 2, struct dma_buf_export_sync_file)`.
+const DMA_BUF_IOCTL_EXPORT_SYNC_FILE: libc::c_ulong = 0xc008_6202;
+const DMA_BUF_SYNC_READ: u32 = 1;
+const DMA_BUF_SYNC_WRITE: u32 = 2;
+
+/// The dma-buf's current implicit fences as a sync_file: those a reader
+/// waits for (`write == false`) or those a writer waits for.
+fn export_sync_file(dmabuf: BorrowedFd<'_>, write: bool) -> Result<OwnedFd, String> {
+    let mut arg = DmaBufExportSyncFile {
+        flags: if write {
+            DMA_BUF_SYNC_WRITE
+        } else {
+            DMA_BUF_SYNC_READ
+        },
+        fd: -1,
+    };
+    // SAFETY: the ioctl takes a pointer to a `struct
+    // dma_buf_export_sync_file`, which `DmaBufExportSyncFile` mirrors; `arg`
+    // is alive and exclusively borrowed for the call and `dmabuf` is open.
+    let rc = unsafe { libc::ioctl(dmabuf.as_raw_fd(), DMA_BUF_IOCTL_EXPORT_SYNC_FILE, &mut arg) };
+    if rc != 0 || arg.fd < 0 {
+        return Err(format!(
+            "err Other DMA_BUF_IOCTL_EXPORT_SYNC_FILE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: on success the kernel installed the new sync_file descriptor
+    // `arg.fd` in this process; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(arg.fd) })
 }
 
 impl Session {
@@ -148,6 +198,38 @@ impl Session {
                 let guard = self.guards.get_mut(&access).ok_or("err NoSuchAccess")?;
                 guard.bytes_mut().map_err(broker)?.fill(byte);
                 Ok(String::new())
+            }
+            "fences" => {
+                // The held access's fences, each `id:holder:state` where
+                // state is `pending` or `signalled` for a fence with a
+                // sync_file (polled now) and `none` for one without.
+                let access = num(words.next())?;
+                let guard = self.guards.get(&access).ok_or("err NoSuchAccess")?;
+                let mut states = Vec::new();
+                for f in guard.fences() {
+                    let state = match &f.sync_file {
+                        Some(sync_file) => sync_file_state(sync_file.as_fd())?,
+                        None => "none",
+                    };
+                    states.push(format!("{}:{}:{state}", f.id, f.holder));
+                }
+                Ok(format!(
+                    "fences={} sync_files={}",
+                    states.len(),
+                    states.join(",")
+                ))
+            }
+            "export-sync-file" => {
+                // DMA_BUF_IOCTL_EXPORT_SYNC_FILE on this process's fd of the
+                // buffer: are the kernel's implicit fences pending?
+                let buffer = self.buffer(num(words.next())?)?;
+                let write = match words.next() {
+                    Some("r") => false,
+                    Some("w") => true,
+                    other => return Err(format!("err Malformed access {other:?}: r or w")),
+                };
+                let sync_file = export_sync_file(buffer.as_fd(), write)?;
+                Ok(format!("state={}", sync_file_state(sync_file.as_fd())?))
             }
             "end" => {
                 let access = num(words.next())?;
