@@ -1,0 +1,581 @@
+//! An in-process broker driven by sequences of requests, shared by the
+//! proptest `tests/broker_sequences.rs` and the fuzz target
+//! `fuzz/fuzz_targets/broker_requests.rs` (which includes this file).
+//!
+//! It is the real `State` behind the real `Broker`, with real `Outbox`es
+//! on socketpairs, fed encoded requests as a connection task would feed
+//! them; only the clock is tokio's paused one, so timeouts and hold limits
+//! fire when a sequence says time passes. After every step the broker's
+//! books must balance (see [`check_invariants`]).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmabroker_daemon::broker::{Broker, DaemonLimits, Disposition, State};
+use dmabroker_daemon::heaps::{HeapConfig, HeapRegistry};
+use dmabroker_daemon::outbox::Outbox;
+use dmabroker_daemon::{identity, reactor};
+use dmabroker_ipc::codec::{decode_server_message, encode_request};
+use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
+use dmabroker_ipc::{
+    Access, ClientId, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage,
+    FLAG_NO_REPLY, MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
+};
+use dmabroker_policy::Policy;
+use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+
+/// Most connections a sequence may open: enough for every sharing pattern.
+pub const MAX_CLIENTS: usize = 8;
+
+/// A small policy that every limit can be hit under within a short sequence.
+const TIGHT_POLICY: &str = r#"
+[default]
+max_buffer_size = "64K"
+max_total_bytes = "128K"
+max_buffers = 4
+max_queued_requests = 2
+max_unread_replies = 4
+write_hold_limit = "20ms"
+"#;
+
+/// One step of a sequence. A client is picked among the live ones by
+/// index. A buffer or access reference below 128 names the client's own
+/// (its n-th buffer or access, modulo how many it has), so that sequences
+/// mostly act on things that exist; from 128 up it is a raw id (`r - 128`),
+/// usually someone else's or nobody's.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// A new connection, with or without its hello.
+    Connect { hello: bool },
+    /// The client hangs up, as on SIGKILL.
+    Disconnect { client: u8 },
+    /// The client stops reading its replies (or starts again).
+    ToggleDeaf { client: u8 },
+    Request {
+        client: u8,
+        body: Body,
+        no_reply: bool,
+    },
+    /// Any bytes with `fds` fds of /dev/null attached.
+    Raw { client: u8, bytes: Vec<u8>, fds: u8 },
+    /// Time passes: begin timeouts and write hold limits fire.
+    Wait { ms: u16 },
+}
+
+#[derive(Clone, Debug)]
+pub enum Body {
+    Hello {
+        version_ok: bool,
+        autofence: Option<bool>,
+    },
+    ListHeaps,
+    /// `heap`: 0 the default, 1 memfd, 2 a heap this machine lacks, else nonsense.
+    Alloc {
+        size: u64,
+        heap: u8,
+    },
+    Free {
+        buffer: u8,
+    },
+    Export {
+        buffer: u8,
+    },
+    /// A token seen in an earlier reply (0 the newest), or from 128 up one
+    /// nobody issued.
+    Import {
+        token: u8,
+    },
+    Info {
+        buffer: u8,
+    },
+    /// Adopt a memfd: not a dma-buf, so refused.
+    Adopt,
+    Begin {
+        buffer: u8,
+        access: u8,
+        timeout_ms: Option<u16>,
+    },
+    /// `with_fence` hands over /dev/null as the "sync_file".
+    End {
+        access: u8,
+        with_fence: bool,
+    },
+    Reattach {
+        buffer: u8,
+    },
+}
+
+/// Our end of one connection.
+struct Conn {
+    id: ClientId,
+    socket: Option<OwnedFd>,
+    deaf: bool,
+}
+
+pub struct Driver {
+    /// Shared so that a step can stay inside it (`enter`) while `self`
+    /// changes: the broker spawns its timers on the current runtime.
+    runtime: Arc<tokio::runtime::Runtime>,
+    broker: Arc<Broker>,
+    conns: Vec<Conn>,
+    tokens: Vec<String>,
+    next_request: u64,
+    /// Reused for every read: a fresh 64 KiB buffer per read would dominate
+    /// a fuzzing run.
+    scratch: Vec<u8>,
+    /// Clients the broker cut off (queue overflow) rather than they it.
+    pub cut_off: u64,
+}
+
+fn heaps() -> HeapRegistry {
+    HeapRegistry::discover(&HeapConfig {
+        dma_heap_dir: PathBuf::from("/nonexistent"),
+        udmabuf_path: PathBuf::from("/nonexistent"),
+        order: None,
+        enable_memfd: true,
+    })
+}
+
+fn dev_null() -> OwnedFd {
+    std::fs::File::open("/dev/null")
+        .expect("open /dev/null")
+        .into()
+}
+
+fn access_kind(n: u8) -> Access {
+    match n % 5 {
+        0 => Access::CpuRead,
+        1 => Access::CpuWrite,
+        2 => Access::CpuReadWrite,
+        3 => Access::DeviceRead,
+        _ => Access::DeviceWrite,
+    }
+}
+
+impl Driver {
+    /// A broker with the built-in policy, or a tight one, and two clients
+    /// that have said hello.
+    pub fn new(tight: bool) -> Driver {
+        let policy = if tight {
+            Policy::parse_str(TIGHT_POLICY, Path::new("tight.toml")).expect("tight policy")
+        } else {
+            Policy::builtin()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .map(Arc::new)
+            .expect("tokio runtime");
+        let state = State::new(heaps(), policy, DaemonLimits::default());
+        let mut driver = Driver {
+            runtime,
+            broker: Broker::new(state),
+            conns: Vec::new(),
+            tokens: Vec::new(),
+            next_request: 1,
+            scratch: vec![0; MAX_MESSAGE_SIZE],
+            cut_off: 0,
+        };
+        let runtime = Arc::clone(&driver.runtime);
+        let _entered = runtime.enter();
+        for _ in 0..2 {
+            driver.connect(true);
+        }
+        driver
+    }
+
+    /// The broker's state, for checks beyond the invariants (the fuzz
+    /// target, which includes this file too, needs none).
+    #[allow(dead_code)]
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.broker.lock()
+    }
+
+    /// Runs one step, then lets the broker's tasks run, reads what it sent
+    /// and checks the books.
+    pub fn step(&mut self, op: &Op) -> Result<(), String> {
+        let runtime = Arc::clone(&self.runtime);
+        let _entered = runtime.enter();
+        match op {
+            Op::Connect { hello } => self.connect(*hello),
+            Op::Disconnect { client } => self.hang_up(*client as usize),
+            Op::ToggleDeaf { client } => {
+                if let Some(conn) = self.conn_mut(*client as usize) {
+                    conn.deaf = !conn.deaf;
+                }
+            }
+            Op::Request {
+                client,
+                body,
+                no_reply,
+            } => self.request(*client as usize, body.clone(), *no_reply),
+            Op::Raw { client, bytes, fds } => self.raw(*client as usize, bytes, *fds),
+            Op::Wait { ms } => {
+                let sleep = tokio::time::sleep(Duration::from_millis((*ms).into()));
+                self.runtime.block_on(sleep);
+            }
+        }
+        self.settle();
+        self.read_replies()?;
+        check_invariants(&self.broker.lock())
+    }
+
+    /// A sequence never runs dry: when everyone has left, a new client
+    /// (with its hello) turns up for the next request.
+    fn ensure_a_client(&mut self) {
+        if self.conns.iter().all(|c| c.socket.is_none()) {
+            self.connect(true);
+        }
+    }
+
+    /// The `n`-th live connection (modulo how many there are).
+    fn conn_mut(&mut self, n: usize) -> Option<&mut Conn> {
+        let live = self.conns.iter().filter(|c| c.socket.is_some()).count();
+        if live == 0 {
+            return None;
+        }
+        self.conns
+            .iter_mut()
+            .filter(|c| c.socket.is_some())
+            .nth(n % live)
+    }
+
+    fn connect(&mut self, hello: bool) {
+        if self.conns.iter().filter(|c| c.socket.is_some()).count() >= MAX_CLIENTS {
+            return;
+        }
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let (ours, theirs) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags).expect("socketpair");
+        // A small send buffer, so that a client that stops reading fills
+        // it, and then its queue, within a few replies.
+        let _ = setsockopt(&theirs, sockopt::SndBuf, &4096);
+        let peer = identity::peer_of(theirs.as_fd()).expect("peer of a socketpair");
+        let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+        let socket = Arc::new(reactor::register(theirs, interest).expect("register"));
+        let outbox = Arc::new(Outbox::new(socket, 256));
+        let id = self.broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
+        self.runtime.spawn(outbox.run_writer());
+        self.conns.push(Conn {
+            id,
+            socket: Some(ours),
+            deaf: false,
+        });
+        if hello {
+            let hello = Body::Hello {
+                version_ok: true,
+                autofence: None,
+            };
+            let newest = self.conns.iter().filter(|c| c.socket.is_some()).count() - 1;
+            self.request(newest, hello, false);
+        }
+    }
+
+    /// See [`Op`] for what a reference names.
+    fn resolve(&self, reference: u8, own: impl Fn(&State) -> Vec<u64>) -> u64 {
+        if reference >= 128 {
+            return u64::from(reference - 128);
+        }
+        let own = own(&self.broker.lock());
+        match own.len() {
+            0 => u64::from(reference),
+            n => own[usize::from(reference) % n],
+        }
+    }
+
+    /// Newest first (older tokens more often name freed buffers); from 128
+    /// up, or before any export, a well-formed token nobody issued.
+    fn token_ref(&self, reference: u8) -> String {
+        match self.tokens.len() {
+            n if n > 0 && reference < 128 => {
+                self.tokens[n - 1 - usize::from(reference) % n].clone()
+            }
+            _ => format!("dmab1-{reference:032x}"),
+        }
+    }
+
+    fn buffer_ref(&self, client: ClientId, reference: u8) -> u64 {
+        self.resolve(reference, |state| {
+            state
+                .clients
+                .get(&client)
+                .map(|c| c.buffers.iter().copied().collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn access_ref(&self, client: ClientId, reference: u8) -> u64 {
+        self.resolve(reference, |state| {
+            let mut own: Vec<u64> = state
+                .accesses
+                .iter()
+                .filter(|(_, a)| a.client == client)
+                .map(|(id, _)| *id)
+                .collect();
+            own.sort_unstable();
+            own
+        })
+    }
+
+    /// What the connection task does when the client hangs up or must go.
+    fn hang_up(&mut self, slot: usize) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if conn.socket.take().is_some() {
+            let id = conn.id;
+            self.broker.with(|s| s.disconnect(id));
+        }
+    }
+
+    fn encode_body(&self, client: ClientId, body: Body) -> (RequestBody, Vec<OwnedFd>) {
+        let fds = Vec::new();
+        let request = match body {
+            Body::Hello {
+                version_ok,
+                autofence,
+            } => RequestBody::Hello(Hello {
+                version: if version_ok {
+                    PROTOCOL_VERSION
+                } else {
+                    PROTOCOL_VERSION + 1
+                },
+                features: dmabroker_ipc::features::ALL,
+                autofence,
+                client_name: "driver".into(),
+            }),
+            Body::ListHeaps => RequestBody::ListHeaps,
+            Body::Alloc { size, heap } => RequestBody::Alloc {
+                size,
+                heap: match heap % 4 {
+                    0 => None,
+                    1 => Some("memfd".into()),
+                    2 => Some("system".into()),
+                    _ => Some("\u{0}nonsense".into()),
+                },
+                name: Some("seq".into()),
+            },
+            Body::Free { buffer } => RequestBody::Free {
+                buffer: self.buffer_ref(client, buffer),
+            },
+            Body::Export { buffer } => RequestBody::Export {
+                buffer: self.buffer_ref(client, buffer),
+            },
+            Body::Import { token } => RequestBody::Import {
+                token: self.token_ref(token),
+            },
+            Body::Info { buffer } => RequestBody::Info {
+                buffer: self.buffer_ref(client, buffer),
+            },
+            Body::Adopt => {
+                let memfd = nix::sys::memfd::memfd_create(
+                    c"adopt",
+                    nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+                )
+                .expect("memfd");
+                return (RequestBody::Adopt { name: None }, vec![memfd]);
+            }
+            Body::Begin {
+                buffer,
+                access,
+                timeout_ms,
+            } => RequestBody::Begin {
+                buffer: self.buffer_ref(client, buffer),
+                access: access_kind(access),
+                timeout_ms: timeout_ms.map(u32::from),
+            },
+            Body::End { access, with_fence } => {
+                let request = RequestBody::End {
+                    access: self.access_ref(client, access),
+                    fence_slot: with_fence.then_some(0),
+                };
+                let fds = if with_fence { vec![dev_null()] } else { fds };
+                return (request, fds);
+            }
+            Body::Reattach { buffer } => RequestBody::Reattach {
+                buffer: self.buffer_ref(client, buffer),
+                secret: "not-a-secret".into(),
+            },
+        };
+        (request, fds)
+    }
+
+    fn request(&mut self, slot: usize, body: Body, no_reply: bool) {
+        self.ensure_a_client();
+        let Some(client) = self.conn_mut(slot).map(|c| c.id) else {
+            return;
+        };
+        let (body, fds) = self.encode_body(client, body);
+        let id = self.next_request;
+        self.next_request += 1;
+        let request = Request {
+            head: RequestHead {
+                id,
+                fds: fds.len() as u8,
+                flags: if no_reply { FLAG_NO_REPLY } else { 0 },
+            },
+            body,
+        };
+        let bytes = encode_request(&request).expect("encode a request");
+        self.deliver(slot, &bytes, fds);
+    }
+
+    fn raw(&mut self, slot: usize, bytes: &[u8], fds: u8) {
+        self.ensure_a_client();
+        let fds = (0..fds % 5).map(|_| dev_null()).collect();
+        self.deliver(slot, bytes, fds);
+    }
+
+    /// Hands a datagram to the broker exactly as the connection task does.
+    fn deliver(&mut self, slot: usize, bytes: &[u8], fds: Vec<OwnedFd>) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if conn.socket.is_none() {
+            return;
+        }
+        let id = conn.id;
+        let disposition = self.broker.with(|s| s.handle_message(id, bytes, fds));
+        if disposition == Disposition::Disconnect {
+            self.hang_up(slot);
+        }
+    }
+
+    /// Lets the outboxes' writer tasks and any expired timers run.
+    fn settle(&mut self) {
+        self.runtime.block_on(async {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// Reads everything the broker sent to clients that still read. Every
+    /// message must decode; tokens are kept for later imports. A hang-up
+    /// from the broker's side (a client whose queue overflowed) is handled
+    /// as the connection task would.
+    fn read_replies(&mut self) -> Result<(), String> {
+        let mut hung_up = Vec::new();
+        for (slot, conn) in self.conns.iter().enumerate() {
+            let Some(socket) = conn.socket.as_ref().filter(|_| !conn.deaf) else {
+                continue;
+            };
+            if !drain(socket.as_fd(), &mut self.scratch, &mut self.tokens)? {
+                hung_up.push(slot);
+            }
+        }
+        for slot in hung_up {
+            self.cut_off += 1;
+            self.hang_up(slot);
+        }
+        Ok(())
+    }
+
+    /// Every client hangs up; afterwards the broker must hold nothing.
+    pub fn finish(&mut self) -> Result<(), String> {
+        let runtime = Arc::clone(&self.runtime);
+        let _entered = runtime.enter();
+        for slot in 0..self.conns.len() {
+            self.hang_up(slot);
+        }
+        self.settle();
+        let state = self.broker.lock();
+        check_invariants(&state)?;
+        if !state.buffers.is_empty() || !state.clients.is_empty() || !state.accesses.is_empty() {
+            return Err(format!(
+                "after every client left: {} buffers, {} clients, {} accesses remain",
+                state.buffers.len(),
+                state.clients.len(),
+                state.accesses.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads all queued messages; `Ok(false)` when the broker hung up.
+fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], tokens: &mut Vec<String>) -> Result<bool, String> {
+    loop {
+        let (len, fds) = match recv_message_into(socket, buf, true) {
+            Ok(received) => received,
+            Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => return Ok(true),
+            Err(RecvError::Closed) => return Ok(false),
+            Err(err) => return Err(format!("reading the broker's reply: {err}")),
+        };
+        let message = decode_server_message(&buf[..len])
+            .map_err(|e| format!("the broker sent an undecodable message: {e}"))?;
+        let declared = match &message {
+            ServerMessage::Reply(reply) => reply.fds,
+            ServerMessage::Event(event) => event.fds,
+        };
+        if usize::from(declared) != fds.len() {
+            return Err(format!(
+                "a message declares {declared} fds but carries {}",
+                fds.len()
+            ));
+        }
+        if let ServerMessage::Reply(reply) = message {
+            if let Ok(ReplyBody::Exported { token }) = reply.result {
+                tokens.push(token);
+            }
+        }
+    }
+}
+
+/// The broker's books balance: every byte is charged to exactly one client,
+/// every buffer is held, and holds, charges and accesses only name buffers
+/// and clients that exist.
+pub fn check_invariants(state: &State) -> Result<(), String> {
+    if state.total_charged() != state.total_bytes() {
+        return Err(format!(
+            "clients are charged {} bytes but live buffers hold {}",
+            state.total_charged(),
+            state.total_bytes()
+        ));
+    }
+    for buffer in state.buffers.values() {
+        if buffer.holders.is_empty() {
+            return Err(format!("buffer {} lives on with no holder", buffer.id));
+        }
+        if !buffer.held_by(buffer.owner) {
+            return Err(format!(
+                "buffer {} is charged to {}, who does not hold it",
+                buffer.id, buffer.owner
+            ));
+        }
+        for holder in &buffer.holders {
+            let listed = state
+                .clients
+                .get(&holder.client)
+                .is_some_and(|c| c.buffers.contains(&buffer.id));
+            if !listed {
+                return Err(format!(
+                    "buffer {} is held by client {} who does not list it",
+                    buffer.id, holder.client
+                ));
+            }
+        }
+    }
+    for client in state.clients.values() {
+        for id in &client.buffers {
+            if !state.buffers.get(id).is_some_and(|b| b.held_by(client.id)) {
+                return Err(format!(
+                    "client {} lists buffer {id}, which it does not hold",
+                    client.id
+                ));
+            }
+        }
+    }
+    for (id, access) in &state.accesses {
+        if !state.buffers.contains_key(&access.buffer) {
+            return Err(format!(
+                "access {id} is on buffer {}, which is gone",
+                access.buffer
+            ));
+        }
+    }
+    Ok(())
+}
