@@ -218,3 +218,16 @@ fn a_second_daemon_refuses_a_socket_in_use() {
     client.alloc(4096).expect("alloc");
     std::thread::sleep(Duration::from_millis(10));
 }
+
+#[test]
+fn exporting_again_returns_the_same_token() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let buffer = client.alloc(4096).expect("alloc");
+    let first = buffer.export().expect("export");
+    for _ in 0..100 {
+        assert_eq!(buffer.export().expect("export again"), first);
+    }
+    let other = daemon.client();
+    assert_eq!(other.import(&first).expect("import").id(), buffer.id());
+}

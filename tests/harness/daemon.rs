@@ -37,8 +37,80 @@ pub fn binary(name: &str) -> PathBuf {
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "cargo build of {name} failed");
     }
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    assert_fresh(name, &path);
     path
+}
+
+/// The sources each binary is built from (a change elsewhere does not
+/// relink it, so it must not count).
+fn sources_of(name: &str) -> &'static [&'static str] {
+    match name {
+        // src/daemon/src minus bin/ (dmabrokerctl's own main).
+        "dmabrokerd" => &[
+            "src/daemon/src",
+            "src/ipc/src",
+            "src/fence/src",
+            "src/policy/src",
+        ],
+        "dmabroker-testclient" => &["client/src", "src/ipc/src", "tests/harness/testclient.rs"],
+        _ => &[],
+    }
+}
+
+/// `cargo test` does not rebuild binaries of other packages: a daemon older
+/// than the sources would test yesterday's code and pass wrongly.
+fn assert_fresh(name: &str, binary: &Path) {
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let newest = sources_of(name)
+        .iter()
+        .filter_map(|dir| newest_rs(&root.join(dir)))
+        .max();
+    if let Some((when, file)) = newest {
+        assert!(
+            when <= built,
+            "{} is older than {}: run `cargo build --workspace --bins` first (tests/run does)",
+            binary.display(),
+            file.display()
+        );
+    }
+}
+
+fn newest_rs(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    if dir.is_file() {
+        let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
+        return Some((modified, dir.to_owned()));
+    }
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() && path.file_name().is_some_and(|n| n == "bin") {
+            None
+        } else if path.is_dir() {
+            newest_rs(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        } else {
+            None
+        };
+        if let Some(c) = candidate {
+            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
+                newest = Some(c);
+            }
+        }
+    }
+    newest
 }
 
 #[derive(Debug, Default, Clone)]
@@ -73,14 +145,22 @@ impl Daemon {
         // Tests never depend on the machine's /dev (the VM tier passes its
         // own --dma-heap-dir when it wants real heaps).
         if !options.args.iter().any(|a| a == "--dma-heap-dir") {
-            cmd.args(["--dma-heap-dir", "/nonexistent", "--udmabuf", "/nonexistent"]);
+            cmd.args([
+                "--dma-heap-dir",
+                "/nonexistent",
+                "--udmabuf",
+                "/nonexistent",
+            ]);
         }
         if let Some(policy) = &options.policy {
             std::fs::write(&policy_path, policy).expect("write policy");
             cmd.arg("--policy").arg(&policy_path);
         }
         cmd.args(&options.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
             .stdin(Stdio::null())
@@ -110,7 +190,11 @@ impl Daemon {
             if self.socket.exists() && dmabroker_client::Client::connect_to(&self.socket).is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "dmabrokerd never became ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "dmabrokerd never became ready:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -132,14 +216,22 @@ impl Daemon {
     /// Waits (up to 5 s) for the daemon's fd count to return to `baseline`.
     pub fn assert_fds_back_to(&self, baseline: usize) {
         let now = crate::proc::wait_fd_count(self.pid(), baseline, Duration::from_secs(5));
-        assert_eq!(now, baseline, "daemon fd count did not return to baseline; log:\n{}", self.log_tail());
+        assert_eq!(
+            now,
+            baseline,
+            "daemon fd count did not return to baseline; log:\n{}",
+            self.log_tail()
+        );
     }
 
     pub fn client(&self) -> dmabroker_client::Client {
         dmabroker_client::Client::connect_to(&self.socket).expect("connect to test daemon")
     }
 
-    pub fn client_with(&self, options: dmabroker_client::ClientOptions) -> dmabroker_client::Result<dmabroker_client::Client> {
+    pub fn client_with(
+        &self,
+        options: dmabroker_client::ClientOptions,
+    ) -> dmabroker_client::Result<dmabroker_client::Client> {
         dmabroker_client::Client::connect_with(&self.socket, options)
     }
 

@@ -385,15 +385,24 @@ impl State {
                 ));
             }
         }
-        let token = ShareToken::random()
-            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-        self.tokens.insert(
-            token,
-            super::state::TokenEntry {
-                buffer,
-                exporter: client,
-            },
-        );
+        // One token per holder and buffer: exporting again hands out the
+        // same one, so a client cannot grow the token table without bound.
+        let token = match self.exports.get(&(buffer, client)) {
+            Some(token) => *token,
+            None => {
+                let token = ShareToken::random()
+                    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+                self.tokens.insert(
+                    token,
+                    super::state::TokenEntry {
+                        buffer,
+                        exporter: client,
+                    },
+                );
+                self.exports.insert((buffer, client), token);
+                token
+            }
+        };
         self.stats.exports += 1;
         Ok(Answer::Reply(
             ReplyBody::Exported {

@@ -152,6 +152,8 @@ pub struct State {
     pub clients: HashMap<ClientId, ClientEntry>,
     pub buffers: HashMap<BufferId, BufferEntry>,
     pub tokens: HashMap<ShareToken, TokenEntry>,
+    /// The token each holder exported for a buffer (at most one).
+    pub exports: HashMap<(BufferId, ClientId), ShareToken>,
     pub accesses: HashMap<AccessId, AccessEntry>,
     pub waiters: HashMap<WaiterId, WaiterEntry>,
     /// Clients to tell when a fence without kernel backing ends.
@@ -184,6 +186,7 @@ impl State {
             clients: HashMap::new(),
             buffers: HashMap::new(),
             tokens: HashMap::new(),
+            exports: HashMap::new(),
             accesses: HashMap::new(),
             waiters: HashMap::new(),
             fence_subscribers: HashMap::new(),
@@ -384,8 +387,10 @@ impl State {
         if let Some(c) = self.clients.get_mut(&client) {
             c.buffers.remove(&buffer);
         }
-        self.tokens
-            .retain(|_, t| !(t.buffer == buffer && t.exporter == client));
+        // A token dies with its exporter's hold.
+        if let Some(token) = self.exports.remove(&(buffer, client)) {
+            self.tokens.remove(&token);
+        }
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return;
         };
@@ -417,7 +422,6 @@ impl State {
         for waiter in waiters {
             self.waiters.remove(&waiter.id);
         }
-        self.tokens.retain(|_, t| t.buffer != buffer);
         if let Some(entry) = self.buffers.remove(&buffer) {
             if let Some(store) = &self.fd_store {
                 store.remove_buffer(buffer);
