@@ -1,0 +1,245 @@
+//! Does D-Bus introspection slow the data path?
+//!
+//! The real daemon on a private `dbus-daemon`, with some clients and
+//! buffers so that snapshots are not trivially small. One client measures
+//! begin→grant round trips on a buffer of its own (the data path) in three
+//! alternating phases:
+//!
+//! - quiet: no D-Bus traffic;
+//! - floor: 1,000 calls per second to the bus itself (`GetId`), which the
+//!   daemon never sees: what D-Bus traffic on this machine costs anyway;
+//! - debug: 1,000 calls per second to the daemon's debug interface, a mix
+//!   of every read-only method and property.
+//!
+//! The target: the data path's p99 under the debug load within 20% of its
+//! p99 when quiet. Phases alternate so that drift in the machine's load
+//! hits all three alike; the floor says how much of any excess the machine
+//! itself accounts for.
+//!
+//! `cargo bench --bench dbus_load`; `DMABROKER_BENCH_ROUNDS` (default 4),
+//! `DMABROKER_BENCH_ITERS` (round trips per phase, default 20000) and
+//! `DMABROKER_BENCH_PACE_US` (time between round trips, default 100; 0
+//! spins, which on a small machine measures CPU contention more than the
+//! daemon) tune it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmabroker_client::{Access, Buffer, Client};
+use dmabroker_daemon::dbus::proxy::DebugProxy;
+use dmabroker_suite::dbus::DbusDaemon;
+use dmabroker_suite::{Daemon, DaemonOptions};
+
+/// D-Bus calls per second during the loaded phases.
+const RATE: u64 = 1000;
+const LIMIT: f64 = 1.20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Quiet = 0,
+    Floor = 1,
+    Debug = 2,
+}
+
+const PHASES: [Phase; 3] = [Phase::Quiet, Phase::Floor, Phase::Debug];
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `pace` apart (back to back when zero): a pipeline begins and ends
+/// accesses per frame, it does not spin on them.
+fn measure(buffer: &Buffer, iterations: usize, pace: Duration) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(iterations);
+    let mut next = Instant::now();
+    for _ in 0..iterations {
+        next += pace;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let start = Instant::now();
+        let guard = buffer.begin(Access::CpuWrite).expect("begin");
+        samples.push(start.elapsed());
+        guard.end().expect("end");
+    }
+    samples.sort_unstable();
+    samples
+}
+
+/// What the load thread shares with the measuring one.
+struct Load {
+    phase: AtomicU8,
+    stop: AtomicBool,
+    answered: AtomicU64,
+}
+
+/// Calls at [`RATE`] per second while the phase asks for it, each call in
+/// its own task so that a slow reply does not lower the rate.
+fn load(address: String, buffer: u64, shared: Arc<Load>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let connection = zbus::connection::Builder::address(address.as_str())
+            .expect("address")
+            .build()
+            .await
+            .expect("connect to the test bus");
+        let bus = zbus::fdo::DBusProxy::new(&connection)
+            .await
+            .expect("bus proxy");
+        let debug = DebugProxy::builder(&connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("debug proxy");
+        let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut n = 0u64;
+        while !shared.stop.load(Ordering::Relaxed) {
+            ticker.tick().await;
+            let phase = shared.phase.load(Ordering::Relaxed);
+            if phase == Phase::Quiet as u8 {
+                continue;
+            }
+            n += 1;
+            let (bus, debug, shared) = (bus.clone(), debug.clone(), Arc::clone(&shared));
+            tokio::spawn(async move {
+                let ok = if phase == Phase::Floor as u8 {
+                    bus.get_id().await.is_ok()
+                } else {
+                    match n % 6 {
+                        0 => debug.list_buffers().await.is_ok(),
+                        1 => debug.list_clients().await.is_ok(),
+                        2 => debug.statistics().await.is_ok(),
+                        3 => debug.get_buffer(buffer).await.is_ok(),
+                        4 => debug.totals().await.is_ok(),
+                        _ => debug.heaps().await.is_ok(),
+                    }
+                };
+                if ok {
+                    shared.answered.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+}
+
+#[derive(Default)]
+struct Tally {
+    samples: Vec<Duration>,
+    calls: u64,
+    time: Duration,
+}
+
+fn main() {
+    let rounds = env_or("DMABROKER_BENCH_ROUNDS", 4);
+    let iterations = env_or("DMABROKER_BENCH_ITERS", 20_000);
+    let pace = Duration::from_micros(env_or("DMABROKER_BENCH_PACE_US", 100) as u64);
+    let bus = DbusDaemon::start();
+    let daemon = Daemon::start_with(DaemonOptions {
+        args: bus.daemon_args(),
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..Default::default()
+    });
+    bus.wait_for_daemon();
+
+    // Background: 8 clients with 16 buffers each.
+    let others: Vec<(Client, Vec<Buffer>)> = (0..8)
+        .map(|_| {
+            let client = daemon.client();
+            let buffers = (0..16)
+                .map(|_| client.alloc(64 << 10).expect("alloc"))
+                .collect();
+            (client, buffers)
+        })
+        .collect();
+    let client = daemon.client();
+    let buffer = client.alloc(4096).expect("alloc");
+    let detailed = others[0].1[0].id();
+
+    let shared = Arc::new(Load {
+        phase: AtomicU8::new(Phase::Quiet as u8),
+        stop: AtomicBool::new(false),
+        answered: AtomicU64::new(0),
+    });
+    let loader = {
+        let (address, shared) = (bus.address().to_owned(), Arc::clone(&shared));
+        std::thread::spawn(move || load(address, detailed, shared))
+    };
+
+    measure(&buffer, iterations / 4, pace); // warm-up
+    let mut tallies: [Tally; 3] = Default::default();
+    println!(
+        "dbus_load: {rounds} rounds of {iterations} begin/end round trips {pace:?} apart; \
+         phases: quiet, {RATE} calls/s to the bus (floor), {RATE} calls/s to the daemon (debug)"
+    );
+    for round in 1..=rounds {
+        let mut line = format!("  round {round}:");
+        for phase in PHASES {
+            shared.phase.store(phase as u8, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+            let before = shared.answered.load(Ordering::Relaxed);
+            let start = Instant::now();
+            let samples = measure(&buffer, iterations, pace);
+            let took = start.elapsed();
+            let calls = shared.answered.load(Ordering::Relaxed) - before;
+            line.push_str(&format!(
+                " {phase:?} p50 {:>6.1?} p99 {:>7.1?}",
+                percentile(&samples, 0.5),
+                percentile(&samples, 0.99)
+            ));
+            if phase != Phase::Quiet {
+                line.push_str(&format!(" ({:.0}/s)", calls as f64 / took.as_secs_f64()));
+            }
+            line.push_str(" |");
+            let tally = &mut tallies[phase as usize];
+            tally.samples.extend(samples);
+            tally.calls += calls;
+            tally.time += took;
+        }
+        shared.phase.store(Phase::Quiet as u8, Ordering::Relaxed);
+        println!("{}", line.trim_end_matches(" |"));
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let _ = loader.join();
+
+    let mut p99 = [Duration::ZERO; 3];
+    for phase in PHASES {
+        let tally = &mut tallies[phase as usize];
+        tally.samples.sort_unstable();
+        p99[phase as usize] = percentile(&tally.samples, 0.99);
+        println!(
+            "dbus_load: {phase:?}: p50 {:.1?}, p99 {:.1?}{}",
+            percentile(&tally.samples, 0.5),
+            p99[phase as usize],
+            if phase == Phase::Quiet {
+                String::new()
+            } else {
+                format!(
+                    " at {:.0} calls/s",
+                    tally.calls as f64 / tally.time.as_secs_f64()
+                )
+            }
+        );
+    }
+    let ratio = |phase: Phase| p99[phase as usize].as_secs_f64() / p99[0].as_secs_f64();
+    let debug = ratio(Phase::Debug);
+    println!(
+        "dbus_load: p99 debug/quiet {debug:.2} (target <= {LIMIT:.2}: {}), floor/quiet {:.2}, debug/floor {:.2}",
+        if debug <= LIMIT { "met" } else { "NOT MET" },
+        ratio(Phase::Floor),
+        p99[Phase::Debug as usize].as_secs_f64() / p99[Phase::Floor as usize].as_secs_f64()
+    );
+    drop(others);
+}

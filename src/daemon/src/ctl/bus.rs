@@ -1,0 +1,108 @@
+//! Finding the daemon: which bus, and whether anyone serves on it.
+
+use clap::ValueEnum;
+use zbus::connection::Builder;
+use zbus::fdo::DBusProxy;
+use zbus::names::BusName;
+use zbus::proxy::CacheProperties;
+use zbus::Connection;
+
+use super::error::CtlError;
+use crate::dbus::proxy::DebugProxy;
+use crate::dbus::BUS_NAME;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BusKind {
+    /// The system bus if the daemon is there, else the session bus.
+    Auto,
+    System,
+    Session,
+}
+
+/// A connection to a bus on which the daemon's name has an owner.
+#[derive(Debug)]
+pub struct Daemon {
+    pub proxy: DebugProxy<'static>,
+    /// For messages: "the system bus", "the bus at unix:path=…".
+    pub bus: String,
+}
+
+impl Daemon {
+    /// Maps a failed call to a message naming this bus.
+    pub fn error(&self, what: &'static str, err: zbus::Error) -> CtlError {
+        CtlError::from_call(what, &self.bus, err)
+    }
+}
+
+/// Connects to the bus given by `--address`, or by `--bus`.
+pub async fn find(kind: BusKind, address: Option<&str>) -> Result<Daemon, CtlError> {
+    if let Some(address) = address {
+        return on_bus(Target::Address(address), &format!("the bus at {address}")).await;
+    }
+    match kind {
+        BusKind::System => on_bus(Target::System, "the system bus").await,
+        BusKind::Session => on_bus(Target::Session, "the session bus").await,
+        BusKind::Auto => {
+            let system = match on_bus(Target::System, "the system bus").await {
+                Ok(daemon) => return Ok(daemon),
+                Err(err) => err,
+            };
+            let session = on_bus(Target::Session, "the session bus").await;
+            match (system, session) {
+                (_, Ok(daemon)) => Ok(daemon),
+                // Both buses are up and neither has the daemon.
+                (CtlError::NotRunning { .. }, Err(CtlError::NotRunning { .. })) => {
+                    Err(CtlError::NotRunning {
+                        bus: "the system bus or the session bus".into(),
+                    })
+                }
+                // A daemon may well be behind the unreachable one: the
+                // system bus's error is the one to show, unless the system
+                // bus answered and only the session bus is missing.
+                (system @ CtlError::BusUnreachable { .. }, Err(_)) => Err(system),
+                (_, Err(session)) => Err(session),
+            }
+        }
+    }
+}
+
+enum Target<'a> {
+    System,
+    Session,
+    Address(&'a str),
+}
+
+async fn on_bus(target: Target<'_>, bus: &str) -> Result<Daemon, CtlError> {
+    let unreachable = |source| CtlError::BusUnreachable {
+        bus: bus.to_owned(),
+        source: Box::new(source),
+    };
+    let builder = match target {
+        Target::System => Builder::system(),
+        Target::Session => Builder::session(),
+        Target::Address(address) => Builder::address(address),
+    }
+    .map_err(unreachable)?;
+    let connection: Connection = builder.build().await.map_err(unreachable)?;
+    let name = BusName::try_from(BUS_NAME).map_err(|e| unreachable(e.into()))?;
+    let owned = DBusProxy::new(&connection)
+        .await
+        .map_err(unreachable)?
+        .name_has_owner(name)
+        .await
+        .map_err(|e| unreachable(e.into()))?;
+    if !owned {
+        return Err(CtlError::NotRunning {
+            bus: bus.to_owned(),
+        });
+    }
+    let proxy = DebugProxy::builder(&connection)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(unreachable)?;
+    Ok(Daemon {
+        proxy,
+        bus: bus.to_owned(),
+    })
+}

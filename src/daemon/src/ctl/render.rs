@@ -1,0 +1,283 @@
+//! The human-readable form of each view. Pure functions from views to
+//! text, so that they are easy to test and `top` can reuse them.
+
+use serde::Serialize;
+
+use super::format::{self, bytes, micros, or_dash};
+use super::table::Table;
+use crate::dbus::views::{
+    BufferDetail, BufferView, ClientView, FenceInfo, HeapView, Statistics, Totals, WaiterInfo,
+};
+
+/// Everything `status` shows, gathered from several calls.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub bus: String,
+    pub version: String,
+    pub instance: String,
+    pub started_at: u64,
+    pub totals: Totals,
+    pub heaps: Vec<HeapView>,
+    pub statistics: Statistics,
+}
+
+pub fn status(s: &Status) -> String {
+    let st = &s.statistics;
+    let t = &s.totals;
+    let refusals = if st.refusals.is_empty() {
+        "none".to_owned()
+    } else {
+        st.refusals
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lines = [
+        ("Daemon", format!("dmabrokerd {} on {}", s.version, s.bus)),
+        ("Instance", s.instance.clone()),
+        ("Uptime", format::seconds(format::age_of(s.started_at))),
+        ("Clients", t.clients.to_string()),
+        ("Buffers", format!("{} ({})", t.buffers, bytes(t.bytes))),
+        (
+            "Fences",
+            format!("{} held, {} waiting", t.fences, t.waiters),
+        ),
+        (
+            "Grants",
+            format!(
+                "{} ({} waited; p50 {}, p99 {})",
+                st.grants,
+                st.waits,
+                micros(st.wait_p50_us),
+                micros(st.wait_p99_us)
+            ),
+        ),
+        (
+            "Allocations",
+            format!(
+                "{} ({} freed, {} imported, {} exported, {} adopted)",
+                st.allocations, st.frees, st.imports, st.exports, st.adoptions
+            ),
+        ),
+        (
+            "Cache syncs",
+            format!(
+                "{} ({} skipped for memfd)",
+                st.cache_syncs, st.cache_syncs_skipped
+            ),
+        ),
+        ("Writer lost", st.writer_lost.to_string()),
+        ("Revocations", st.revocations.to_string()),
+        ("Timeouts", st.timeouts.to_string()),
+        ("Refusals", refusals),
+    ];
+    let mut out = String::new();
+    for (key, value) in lines {
+        out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
+    }
+    out.push('\n');
+    out.push_str(&heaps(&s.heaps));
+    out
+}
+
+pub fn heaps(heaps: &[HeapView]) -> String {
+    let mut table = Table::new(&["HEAP", "BACKEND", ">BUFFERS", ">BYTES"]);
+    for h in heaps {
+        table.row(vec![
+            h.name.clone(),
+            h.backend.clone(),
+            h.buffers.to_string(),
+            bytes(h.bytes),
+        ]);
+    }
+    table.render()
+}
+
+pub fn clients(clients: &[ClientView]) -> String {
+    let mut table = Table::new(&[
+        ">ID", ">PID", ">UID", "NAME", "RULE", "FENCING", ">BUFFERS", ">BYTES", ">HELD",
+        ">WAITING", ">LONGEST", "UNIT", "EXE",
+    ]);
+    for c in clients {
+        table.row(vec![
+            c.id.to_string(),
+            c.pid.to_string(),
+            c.uid.to_string(),
+            or_dash(&c.name),
+            c.rule.clone(),
+            c.autofence.clone(),
+            c.buffers.to_string(),
+            bytes(c.bytes),
+            c.accesses_held.to_string(),
+            c.requests_waiting.to_string(),
+            wait_cell(c.longest_wait_us),
+            or_dash(&c.unit),
+            or_dash(&c.exe),
+        ]);
+    }
+    if table.is_empty() {
+        return "No clients are connected.\n".to_owned();
+    }
+    table.render()
+}
+
+fn wait_cell(us: u64) -> String {
+    if us == 0 {
+        "-".to_owned()
+    } else {
+        micros(us)
+    }
+}
+
+fn fence_cell(f: &FenceInfo) -> String {
+    let state = if f.state == "held" { "" } else { " kernel" };
+    format!(
+        "{} #{} c{} {}{state}",
+        f.kind,
+        f.access,
+        f.holder,
+        micros(f.age_us)
+    )
+}
+
+fn waiter_cell(w: &WaiterInfo) -> String {
+    format!("{} c{} {}", w.kind, w.client, micros(w.age_us))
+}
+
+fn list(items: Vec<String>) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+pub fn buffers(buffers: &[BufferView]) -> String {
+    let mut table = Table::new(&[
+        ">ID", "HEAP", "NAME", ">SIZE", ">INODE", ">OWNER", "HOLDERS", "FENCES", "WAITERS",
+    ]);
+    for b in buffers {
+        table.row(vec![
+            b.id.to_string(),
+            b.heap.clone(),
+            or_dash(&b.name),
+            bytes(b.size),
+            b.inode.to_string(),
+            b.owner.to_string(),
+            list(b.holders.iter().map(u64::to_string).collect()),
+            list(b.fences.iter().map(fence_cell).collect()),
+            list(b.waiters.iter().map(waiter_cell).collect()),
+        ]);
+    }
+    if table.is_empty() {
+        return "No buffers are allocated.\n".to_owned();
+    }
+    table.render()
+}
+
+pub fn buffer(d: &BufferDetail) -> String {
+    let b = &d.buffer;
+    let lines = [
+        ("Buffer", b.id.to_string()),
+        ("Name", or_dash(&b.name)),
+        ("Heap", format!("{} ({})", b.heap, b.backend)),
+        ("Size", format!("{} ({} bytes)", bytes(b.size), b.size)),
+        ("Inode", b.inode.to_string()),
+        (
+            "dma-buf",
+            if d.dma_buf { "yes" } else { "no (memfd)" }.to_owned(),
+        ),
+        ("Owner", format!("client {}", b.owner)),
+        ("Age", format::seconds(format::age_of(b.created_at))),
+        ("Share tokens", d.share_tokens.to_string()),
+    ];
+    let mut out = String::new();
+    for (key, value) in lines {
+        out.push_str(&format!("{:<14}{value}\n", format!("{key}:")));
+    }
+
+    out.push_str("\nHolders:\n");
+    let mut holders = Table::new(&[">CLIENT", ">PID", "NAME", ">HELD FOR", "CHARGED"]);
+    for h in &d.holders {
+        holders.row(vec![
+            h.client.to_string(),
+            h.pid.to_string(),
+            or_dash(&h.name),
+            micros(h.held_for_us),
+            if h.client == b.owner { "yes" } else { "" }.to_owned(),
+        ]);
+    }
+    out.push_str(&holders.render());
+
+    out.push_str("\nFences:\n");
+    if b.fences.is_empty() {
+        out.push_str("none\n");
+    } else {
+        let mut fences = Table::new(&[">ACCESS", "KIND", ">HOLDER", "STATE", "MODE", ">AGE"]);
+        for f in &b.fences {
+            fences.row(vec![
+                f.access.to_string(),
+                f.kind.clone(),
+                f.holder.to_string(),
+                f.state.clone(),
+                f.mode.clone(),
+                micros(f.age_us),
+            ]);
+        }
+        out.push_str(&fences.render());
+    }
+
+    out.push_str("\nWaiters:\n");
+    if b.waiters.is_empty() {
+        out.push_str("none\n");
+    } else {
+        let mut waiters = Table::new(&[">WAITER", ">CLIENT", "KIND", ">WAITING"]);
+        for w in &b.waiters {
+            waiters.row(vec![
+                w.waiter.to_string(),
+                w.client.to_string(),
+                w.kind.clone(),
+                micros(w.age_us),
+            ]);
+        }
+        out.push_str(&waiters.render());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_rows_show_fences_and_waiters() {
+        let view = BufferView {
+            id: 7,
+            heap: "memfd".into(),
+            backend: "memfd".into(),
+            size: 4096,
+            owner: 1,
+            holders: vec![1, 2],
+            fences: vec![FenceInfo {
+                access: 3,
+                kind: "cpu-write".into(),
+                holder: 1,
+                state: "held".into(),
+                mode: "autofence".into(),
+                age_us: 1500,
+            }],
+            waiters: vec![WaiterInfo {
+                waiter: 4,
+                client: 2,
+                kind: "cpu-read".into(),
+                age_us: 900,
+            }],
+            ..Default::default()
+        };
+        let text = buffers(&[view]);
+        assert!(text.contains("cpu-write #3 c1 1.5ms"), "{text}");
+        assert!(text.contains("cpu-read c2 900µs"), "{text}");
+        assert!(text.contains("1, 2"), "{text}");
+    }
+}

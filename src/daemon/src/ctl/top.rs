@@ -1,0 +1,262 @@
+//! `dmabrokerctl top`: clients by bytes or by how long they wait, with
+//! daemon-wide rates, refreshed every second (like `pw-top`).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use super::bus::Daemon;
+use super::error::CtlError;
+use super::format::{bytes, micros, or_dash};
+use super::table::Table;
+use super::terminal::{Keys, Screen, CLEAR};
+use crate::dbus::views::{ClientView, Statistics, Totals};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SortKey {
+    /// Bytes charged, largest first.
+    Bytes,
+    /// Longest current wait, then most requests waiting.
+    Wait,
+}
+
+#[derive(Clone, Debug)]
+pub struct TopOptions {
+    pub sort: SortKey,
+    pub interval: Duration,
+    /// Stop after this many refreshes (like `top -n`).
+    pub iterations: Option<u64>,
+    pub json: bool,
+}
+
+/// One refresh, as `--json` prints it (one object per line).
+#[derive(Debug, Serialize)]
+struct Frame {
+    sort: SortKey,
+    totals: Totals,
+    statistics: Statistics,
+    /// Per second since the previous refresh; absent on the first.
+    rates: Option<Rates>,
+    clients: Vec<ClientView>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Rates {
+    grants: f64,
+    waits: f64,
+    allocations: f64,
+    frees: f64,
+}
+
+fn rates(before: &Statistics, now: &Statistics, elapsed: Duration) -> Rates {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let per_sec = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+    Rates {
+        grants: per_sec(before.grants, now.grants),
+        waits: per_sec(before.waits, now.waits),
+        allocations: per_sec(before.allocations, now.allocations),
+        frees: per_sec(before.frees, now.frees),
+    }
+}
+
+fn sort(clients: &mut [ClientView], key: SortKey) {
+    match key {
+        SortKey::Bytes => clients.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id))),
+        SortKey::Wait => clients.sort_by(|a, b| {
+            b.longest_wait_us
+                .cmp(&a.longest_wait_us)
+                .then(b.requests_waiting.cmp(&a.requests_waiting))
+                .then(a.id.cmp(&b.id))
+        }),
+    }
+}
+
+pub async fn run(daemon: &Daemon, options: TopOptions) -> Result<(), CtlError> {
+    let screen = if options.json {
+        None
+    } else {
+        Some(Screen::enter())
+    };
+    let mut keys = Keys::listen();
+    let mut sort_key = options.sort;
+    let mut previous: Option<(Statistics, Instant)> = None;
+    let mut shown = 0u64;
+    let mut ticker = tokio::time::interval(options.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut keys_open = true;
+    let mut last: Option<Frame> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let frame = fetch(daemon, sort_key, &mut previous).await?;
+                draw(&frame, daemon, &options, screen.as_ref())?;
+                last = Some(frame);
+                shown += 1;
+                if options.iterations.is_some_and(|n| shown >= n) {
+                    break;
+                }
+            }
+            key = keys.presses.recv(), if keys_open => match key {
+                Some(b'q') => break,
+                Some(b'b' | b'w') => {
+                    sort_key = if key == Some(b'b') { SortKey::Bytes } else { SortKey::Wait };
+                    if let Some(frame) = last.as_mut() {
+                        frame.sort = sort_key;
+                        sort(&mut frame.clients, sort_key);
+                        draw(frame, daemon, &options, screen.as_ref())?;
+                    }
+                }
+                Some(_) => {}
+                None => keys_open = false,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    Ok(())
+}
+
+async fn fetch(
+    daemon: &Daemon,
+    sort_key: SortKey,
+    previous: &mut Option<(Statistics, Instant)>,
+) -> Result<Frame, CtlError> {
+    let proxy = &daemon.proxy;
+    let totals = proxy
+        .totals()
+        .await
+        .map_err(|e| daemon.error("Totals", e))?;
+    let statistics = proxy
+        .statistics()
+        .await
+        .map_err(|e| daemon.error("Statistics", e))?;
+    let mut clients = proxy
+        .list_clients()
+        .await
+        .map_err(|e| daemon.error("ListClients", e))?;
+    sort(&mut clients, sort_key);
+    let now = Instant::now();
+    let rates = previous
+        .as_ref()
+        .map(|(before, at)| rates(before, &statistics, now.duration_since(*at)));
+    *previous = Some((statistics.clone(), now));
+    Ok(Frame {
+        sort: sort_key,
+        totals,
+        statistics,
+        rates,
+        clients,
+    })
+}
+
+fn draw(
+    frame: &Frame,
+    daemon: &Daemon,
+    options: &TopOptions,
+    screen: Option<&Screen>,
+) -> Result<(), CtlError> {
+    let mut stdout = std::io::stdout().lock();
+    if options.json {
+        serde_json::to_writer(&mut stdout, frame)?;
+        writeln!(stdout)?;
+    } else {
+        let on_terminal = screen.is_some_and(Screen::is_terminal);
+        let text = render(frame, daemon, options);
+        if on_terminal {
+            write!(stdout, "{CLEAR}{text}")?;
+        } else {
+            writeln!(stdout, "{text}")?;
+        }
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
+    let t = &frame.totals;
+    let s = &frame.statistics;
+    let sort_name = match frame.sort {
+        SortKey::Bytes => "bytes",
+        SortKey::Wait => "wait",
+    };
+    let mut out = format!(
+        "dmabroker top on {}, every {}s, sorted by {sort_name} (q quits, b: bytes, w: wait)\n",
+        daemon.bus,
+        options.interval.as_secs_f64()
+    );
+    out.push_str(&format!(
+        "clients {}  buffers {} ({})  fences {}  waiters {}\n",
+        t.clients,
+        t.buffers,
+        bytes(t.bytes),
+        t.fences,
+        t.waiters
+    ));
+    let rate = |f: fn(&Rates) -> f64| {
+        frame
+            .rates
+            .as_ref()
+            .map_or("-".to_owned(), |r| format!("{:.0}/s", f(r)))
+    };
+    out.push_str(&format!(
+        "grants {}  waits {} (p50 {}, p99 {})  allocs {}  frees {}  writer lost {}  revoked {}\n\n",
+        rate(|r| r.grants),
+        rate(|r| r.waits),
+        micros(s.wait_p50_us),
+        micros(s.wait_p99_us),
+        rate(|r| r.allocations),
+        rate(|r| r.frees),
+        s.writer_lost,
+        s.revocations
+    ));
+    let mut table = Table::new(&[
+        ">ID", ">PID", ">UID", "NAME", ">BUFFERS", ">BYTES", ">HELD", ">WAITING", ">LONGEST",
+        "FENCING", "EXE",
+    ]);
+    for c in &frame.clients {
+        table.row(vec![
+            c.id.to_string(),
+            c.pid.to_string(),
+            c.uid.to_string(),
+            or_dash(&c.name),
+            c.buffers.to_string(),
+            bytes(c.bytes),
+            c.accesses_held.to_string(),
+            c.requests_waiting.to_string(),
+            if c.longest_wait_us == 0 {
+                "-".to_owned()
+            } else {
+                micros(c.longest_wait_us)
+            },
+            c.autofence.clone(),
+            or_dash(&c.exe),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: u64, bytes: u64, wait: u64) -> ClientView {
+        ClientView {
+            id,
+            bytes,
+            longest_wait_us: wait,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sorts_by_bytes_or_wait() {
+        let mut clients = vec![client(1, 10, 500), client(2, 30, 0), client(3, 20, 900)];
+        sort(&mut clients, SortKey::Bytes);
+        assert_eq!(clients.iter().map(|c| c.id).collect::<Vec<_>>(), [2, 3, 1]);
+        sort(&mut clients, SortKey::Wait);
+        assert_eq!(clients.iter().map(|c| c.id).collect::<Vec<_>>(), [3, 1, 2]);
+    }
+}

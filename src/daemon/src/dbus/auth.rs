@@ -1,0 +1,42 @@
+//! Who called: the bus's own word, never the caller's.
+//!
+//! A method argument or a header field other than the bus-stamped sender
+//! could be anything the caller likes; the message bus, in contrast, read
+//! the caller's credentials from the kernel when it connected. So the
+//! sender's unique name is the only thing taken from the message, and the
+//! uid and groups come from `GetConnectionCredentials` on the bus itself.
+
+use zbus::fdo::{self, DBusProxy};
+use zbus::message::Header;
+use zbus::names::BusName;
+use zbus::Connection;
+
+/// The caller as the bus vouches for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    /// Primary and supplementary groups. Empty when the bus does not report
+    /// them (the field is optional in the D-Bus specification), in which
+    /// case only the uid can make the caller an administrator.
+    pub gids: Vec<u32>,
+}
+
+pub async fn caller(connection: &Connection, header: &Header<'_>) -> fdo::Result<Caller> {
+    let sender = header
+        .sender()
+        .ok_or_else(|| fdo::Error::AccessDenied("the call has no sender to identify".into()))?;
+    let bus = DBusProxy::new(connection).await?;
+    let credentials = bus
+        .get_connection_credentials(BusName::Unique(sender.to_owned()))
+        .await
+        .map_err(|err| {
+            fdo::Error::AccessDenied(format!("the bus could not identify the caller: {err}"))
+        })?;
+    let uid = credentials.unix_user_id().ok_or_else(|| {
+        fdo::Error::AccessDenied("the bus did not report the caller's uid".into())
+    })?;
+    Ok(Caller {
+        uid,
+        gids: credentials.into_unix_group_ids().unwrap_or_default(),
+    })
+}

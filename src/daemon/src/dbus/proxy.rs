@@ -1,0 +1,38 @@
+//! The client side of `org.dmabroker.Debug1`, for `dmabrokerctl` and the
+//! benchmarks. Properties are never cached: they change with every
+//! allocation and the daemon does not announce changes.
+
+use super::views::{BufferDetail, BufferView, ClientView, HeapView, Statistics, Totals};
+
+#[zbus::proxy(
+    interface = "org.dmabroker.Debug1",
+    default_service = "org.dmabroker.Broker1",
+    default_path = "/org/dmabroker/Broker1",
+    gen_blocking = false
+)]
+pub trait Debug {
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn version(&self) -> zbus::Result<String>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn instance(&self) -> zbus::Result<String>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn started_at(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn heaps(&self) -> zbus::Result<Vec<HeapView>>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn totals(&self) -> zbus::Result<Totals>;
+
+    fn list_clients(&self) -> zbus::Result<Vec<ClientView>>;
+
+    fn list_buffers(&self) -> zbus::Result<Vec<BufferView>>;
+
+    fn get_buffer(&self, id: u64) -> zbus::Result<BufferDetail>;
+
+    fn statistics(&self) -> zbus::Result<Statistics>;
+
+    fn reload_policy(&self) -> zbus::Result<()>;
+}

@@ -1,0 +1,176 @@
+//! The `org.dmabroker.Debug1` object: a read-only view of the broker plus
+//! `ReloadPolicy` for administrators.
+//!
+//! Each handler locks the state only inside [`Debug::read`], a synchronous
+//! call that copies what it needs into a view and unlocks before anything
+//! is awaited or sent. No handler returns an fd: buffers stay reachable only
+//! through the broker's own socket, where the policy applies.
+
+use std::sync::Arc;
+
+use zbus::fdo;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::Connection;
+
+use super::views::{BufferDetail, BufferView, ClientView, HeapView, Statistics, Totals};
+use super::{auth, snapshot, Reloader};
+use crate::broker::{Broker, State};
+
+/// Errors of this interface that have no standard D-Bus name.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.dmabroker.Error")]
+pub enum DebugError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// No buffer has this id (it was never allocated, or is already freed).
+    NoSuchBuffer(String),
+}
+
+#[derive(Debug)]
+pub struct Debug {
+    broker: Arc<Broker>,
+    reload: Reloader,
+}
+
+impl Debug {
+    pub fn new(broker: Arc<Broker>, reload: Reloader) -> Self {
+        Debug { broker, reload }
+    }
+
+    /// Runs `f` on the locked state. Synchronous on purpose: the guard
+    /// cannot live across an `.await` if there is none.
+    fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let state = self.broker.lock();
+        f(&state)
+    }
+}
+
+#[zbus::interface(name = "org.dmabroker.Debug1")]
+impl Debug {
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// A random name of this daemon run, as in share tokens' scope.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn instance(&self) -> String {
+        self.read(|s| s.instance.clone())
+    }
+
+    /// When the daemon started, in seconds since the epoch.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn started_at(&self) -> u64 {
+        self.read(|s| snapshot::unix_seconds(s.started))
+    }
+
+    /// Usable heaps in fallback order with what is allocated from each.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn heaps(&self) -> Vec<HeapView> {
+        self.read(snapshot::heaps)
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn totals(&self) -> Totals {
+        self.read(snapshot::totals)
+    }
+
+    #[zbus(out_args("clients"))]
+    async fn list_clients(&self) -> Vec<ClientView> {
+        self.read(snapshot::clients)
+    }
+
+    #[zbus(out_args("buffers"))]
+    async fn list_buffers(&self) -> Vec<BufferView> {
+        snapshot::finish_buffers(self.read(snapshot::buffers))
+    }
+
+    // Structs are returned as 1-tuples: a bare struct would go out as its
+    // fields, one argument each, contradicting the introspected signature.
+
+    #[zbus(out_args("buffer"))]
+    async fn get_buffer(&self, id: u64) -> Result<(BufferDetail,), DebugError> {
+        self.read(|s| snapshot::buffer(s, id))
+            .map(|raw| (raw.finish(),))
+            .ok_or_else(|| DebugError::NoSuchBuffer(format!("no buffer has id {id}")))
+    }
+
+    #[zbus(out_args("statistics"))]
+    async fn statistics(&self) -> (Statistics,) {
+        let stats = self.read(snapshot::stats);
+        (snapshot::statistics(&stats),)
+    }
+
+    /// Re-reads the policy files, for callers the current policy names as
+    /// administrators. A broken file keeps the policy in force and fails.
+    async fn reload_policy(
+        &self,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<()> {
+        let caller = auth::caller(connection, &header).await?;
+        let policy = self.read(|s| Arc::clone(&s.policy));
+        if !policy.is_admin(caller.uid, &caller.gids) {
+            tracing::warn!(
+                uid = caller.uid,
+                "ReloadPolicy refused: not an administrator"
+            );
+            return Err(fdo::Error::AccessDenied(format!(
+                "uid {} is not an administrator of dmabroker (see `admins` in the policy)",
+                caller.uid
+            )));
+        }
+        tracing::info!(uid = caller.uid, "ReloadPolicy requested over D-Bus");
+        if self.reload.run().await {
+            Ok(())
+        } else {
+            Err(fdo::Error::Failed(
+                "the policy files could not be loaded; the previous policy stays in force \
+                 (the daemon's log says why)"
+                    .into(),
+            ))
+        }
+    }
+
+    #[zbus(signal)]
+    pub async fn client_connected(
+        emitter: &SignalEmitter<'_>,
+        client: u64,
+        uid: u32,
+        pid: i32,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn client_disconnected(emitter: &SignalEmitter<'_>, client: u64) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn buffer_allocated(
+        emitter: &SignalEmitter<'_>,
+        buffer: u64,
+        size: u64,
+        heap: &str,
+        owner: u64,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn buffer_freed(emitter: &SignalEmitter<'_>, buffer: u64) -> zbus::Result<()>;
+
+    /// A client died holding write access: the contents may be torn.
+    #[zbus(signal)]
+    pub async fn writer_lost(
+        emitter: &SignalEmitter<'_>,
+        buffer: u64,
+        client: u64,
+    ) -> zbus::Result<()>;
+
+    /// A write access outlived the client's hold limit and was taken away.
+    #[zbus(signal)]
+    pub async fn access_revoked(
+        emitter: &SignalEmitter<'_>,
+        buffer: u64,
+        access: u64,
+        client: u64,
+    ) -> zbus::Result<()>;
+}

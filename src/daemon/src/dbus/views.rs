@@ -1,0 +1,150 @@
+//! The values the D-Bus interface returns, shared by the daemon (which
+//! builds them) and `dmabrokerctl` (which decodes and prints them).
+//!
+//! They are plain data, detached from the broker's state, so that the state
+//! lock is held only while they are filled in and never while they are sent.
+//! Each struct is one D-Bus struct: adding or reordering a field changes the
+//! signature, which is why the interface name carries a version
+//! (`org.dmabroker.Debug1`). Ages and waits are microseconds, times since
+//! the epoch are seconds; a missing text (no executable, no unit) is "".
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::{OwnedValue, Type, Value};
+
+/// One heap and what is allocated from it now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct HeapView {
+    pub name: String,
+    /// `dma-heap`, `udmabuf`, `memfd`, or `adopted` for buffers clients
+    /// registered from elsewhere.
+    pub backend: String,
+    pub buffers: u64,
+    pub bytes: u64,
+}
+
+/// Daemon-wide sums.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct Totals {
+    pub clients: u64,
+    pub buffers: u64,
+    pub bytes: u64,
+    /// Fences in force (held accesses and ones awaiting a kernel fence).
+    pub fences: u64,
+    /// Queued access requests.
+    pub waiters: u64,
+}
+
+/// One connected client.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ClientView {
+    pub id: u64,
+    pub uid: u32,
+    pub pid: i32,
+    /// The name the client gave in its hello: a label, never trusted.
+    pub name: String,
+    pub exe: String,
+    pub unit: String,
+    /// The policy rule whose limits apply.
+    pub rule: String,
+    /// `autofence` or `no-autofence`.
+    pub autofence: String,
+    pub buffers: u64,
+    /// Bytes the client is charged for.
+    pub bytes: u64,
+    pub accesses_held: u64,
+    pub requests_waiting: u64,
+    /// Age of its oldest queued request; 0 when nothing waits.
+    pub longest_wait_us: u64,
+    pub connected_at: u64,
+}
+
+/// One fence (granted access) on a buffer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct FenceInfo {
+    pub access: u64,
+    /// `cpu-read`, `cpu-write`, `cpu-read-write`, `device-read`, `device-write`.
+    pub kind: String,
+    pub holder: u64,
+    /// `held`, or `kernel-fence` when the client is done but its device
+    /// is not.
+    pub state: String,
+    /// `autofence` or `no-autofence`.
+    pub mode: String,
+    pub age_us: u64,
+}
+
+/// One queued request for a buffer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct WaiterInfo {
+    pub waiter: u64,
+    pub client: u64,
+    pub kind: String,
+    pub age_us: u64,
+}
+
+/// One buffer, as listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct BufferView {
+    pub id: u64,
+    pub heap: String,
+    pub backend: String,
+    pub name: String,
+    pub size: u64,
+    pub inode: u64,
+    /// The client charged for its bytes.
+    pub owner: u64,
+    /// Clients holding it, longest-standing first.
+    pub holders: Vec<u64>,
+    /// Fences in grant order.
+    pub fences: Vec<FenceInfo>,
+    /// Queue, head first.
+    pub waiters: Vec<WaiterInfo>,
+    pub created_at: u64,
+}
+
+/// One holder of a buffer, in detail.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct HolderInfo {
+    pub client: u64,
+    pub pid: i32,
+    pub name: String,
+    pub held_for_us: u64,
+}
+
+/// One buffer with everything the debug view knows about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct BufferDetail {
+    pub buffer: BufferView,
+    pub holders: Vec<HolderInfo>,
+    /// Share tokens exported and not yet redeemed or revoked.
+    pub share_tokens: u64,
+    /// Whether the kernel manages caches and implicit fences for it (false
+    /// for memfd buffers).
+    pub dma_buf: bool,
+}
+
+/// Counters since the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct Statistics {
+    pub allocations: u64,
+    pub frees: u64,
+    pub imports: u64,
+    pub exports: u64,
+    pub adoptions: u64,
+    pub grants: u64,
+    /// Grants that had to wait.
+    pub waits: u64,
+    /// Over the most recent waits.
+    pub wait_p50_us: u64,
+    pub wait_p99_us: u64,
+    pub cache_syncs: u64,
+    pub cache_syncs_skipped: u64,
+    pub writer_lost: u64,
+    pub revocations: u64,
+    pub timeouts: u64,
+    pub kernel_fences_imported: u64,
+    /// Refused requests by error code name.
+    pub refusals: BTreeMap<String, u64>,
+}

@@ -1,0 +1,930 @@
+//! The D-Bus debug interface and `dmabrokerctl`, end to end: a private
+//! `dbus-daemon`, the real `dmabrokerd` on it, real client processes, and
+//! `busctl`/`dmabrokerctl` reading what they do.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use dmabroker_suite::dbus::{self, DbusDaemon, BUS_NAME, INTERFACE, OBJECT_PATH};
+use dmabroker_suite::scripted::field;
+use dmabroker_suite::{have_root, Daemon, DaemonOptions, Scripted};
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+
+fn start(bus: &DbusDaemon, policy: Option<&str>) -> Daemon {
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: policy.map(str::to_owned),
+        args: bus.daemon_args(),
+        ..Default::default()
+    });
+    bus.wait_for_daemon();
+    daemon
+}
+
+fn method(bus: &DbusDaemon, name: &str, args: &[&str]) -> Value {
+    let v: Value = serde_json::from_str(&bus.call_json(name, args)).expect("busctl JSON");
+    v["data"][0].clone()
+}
+
+fn property(bus: &DbusDaemon, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&bus.property_json(name)).expect("busctl JSON");
+    v["data"].clone()
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn errtext(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        errtext(&out),
+        text(&out)
+    );
+    text(&out)
+}
+
+/// Polls `check` for up to 5 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A buffer with one client writing it and another waiting to read it.
+struct Scene {
+    bus: DbusDaemon,
+    daemon: Daemon,
+    owner: Scripted,
+    writer: Scripted,
+    reader: Scripted,
+    buffer: u64,
+    access: u64,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let bus = DbusDaemon::start();
+        let daemon = start(&bus, None);
+        let mut owner = Scripted::spawn(daemon.socket(), &[]);
+        let alloc = owner.ok("alloc 65536 name=frame");
+        let buffer: u64 = field(&alloc, "id").expect("id").parse().expect("buffer id");
+        let token = field(&owner.ok(&format!("export {buffer}")), "token")
+            .expect("token")
+            .to_owned();
+        let mut writer = Scripted::spawn(daemon.socket(), &[]);
+        writer.ok(&format!("import {token}"));
+        let access: u64 = field(&writer.ok(&format!("begin {buffer} w")), "access")
+            .expect("access")
+            .parse()
+            .expect("access id");
+        let mut reader = Scripted::spawn(daemon.socket(), &[]);
+        reader.ok(&format!("import {token}"));
+        // Blocks until the writer ends: its answer comes later.
+        reader.send(&format!("begin {buffer} r"));
+        let scene = Scene {
+            bus,
+            daemon,
+            owner,
+            writer,
+            reader,
+            buffer,
+            access,
+        };
+        eventually("the reader to queue", || {
+            property(&scene.bus, "Totals")[4].as_u64() == Some(1)
+        });
+        scene
+    }
+
+    /// The daemon's client id of a process, from ListClients.
+    fn client_id(&self, process: &Scripted) -> u64 {
+        let clients = method(&self.bus, "ListClients", &[]);
+        clients
+            .as_array()
+            .expect("client list")
+            .iter()
+            .find(|c| c[2].as_i64() == Some(process.pid() as i64))
+            .and_then(|c| c[0].as_u64())
+            .expect("client listed")
+    }
+}
+
+#[test]
+fn introspection_shows_the_versioned_interface_and_no_fds() {
+    let bus = DbusDaemon::start();
+    let _daemon = start(&bus, None);
+    let out = ok(
+        bus.busctl(&["introspect", BUS_NAME, OBJECT_PATH]),
+        "busctl introspect",
+    );
+    let members: Vec<(&str, &str, &str)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some((words.next()?, words.next()?, words.next()?))
+        })
+        .collect();
+    let has = |name: &str, kind: &str, signature: &str| {
+        members
+            .iter()
+            .any(|(n, k, s)| *n == name && *k == kind && *s == signature)
+    };
+    assert!(has(INTERFACE, "interface", "-"), "{out}");
+    for (name, kind, signature) in [
+        (".ListClients", "method", "-"),
+        (".ListBuffers", "method", "-"),
+        (".GetBuffer", "method", "t"),
+        (".Statistics", "method", "-"),
+        (".ReloadPolicy", "method", "-"),
+        (".Version", "property", "s"),
+        (".Instance", "property", "s"),
+        (".StartedAt", "property", "t"),
+        (".Heaps", "property", "a(sstt)"),
+        (".Totals", "property", "(ttttt)"),
+        (".ClientConnected", "signal", "tui"),
+        (".ClientDisconnected", "signal", "t"),
+        (".BufferAllocated", "signal", "ttst"),
+        (".BufferFreed", "signal", "t"),
+        (".WriterLost", "signal", "tt"),
+        (".AccessRevoked", "signal", "ttt"),
+    ] {
+        assert!(
+            has(name, kind, signature),
+            "{name} {kind} {signature} missing:\n{out}"
+        );
+    }
+    // Results: lists of clients and buffers with fences and waiters inside.
+    assert!(out.contains("a(tuissssstttttt)"), "{out}");
+    assert!(out.contains("a(tssstttata(tstsst)a(ttst)t)"), "{out}");
+    // No method, property or signal of ours carries a file descriptor.
+    let ours: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with(INTERFACE))
+        .skip(1)
+        .take_while(|l| l.starts_with('.'))
+        .collect();
+    assert!(ours.len() >= 16, "{out}");
+    for line in ours {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            !columns[2].contains('h')
+                && !columns
+                    .get(3)
+                    .is_some_and(|r| r.contains('h') && !r.starts_with('"')),
+            "an fd in {line}"
+        );
+    }
+}
+
+#[test]
+fn every_method_shows_fences_and_waiters_of_real_clients() {
+    let mut scene = Scene::new();
+    let bus = &scene.bus;
+    let owner = scene.client_id(&scene.owner);
+    let writer = scene.client_id(&scene.writer);
+    let reader = scene.client_id(&scene.reader);
+
+    // Version, heaps, totals.
+    assert_eq!(property(bus, "Version"), env!("CARGO_PKG_VERSION"));
+    assert!(property(bus, "Instance")
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(property(bus, "StartedAt")
+        .as_u64()
+        .is_some_and(|t| t > 1_600_000_000));
+    assert_eq!(
+        property(bus, "Heaps"),
+        serde_json::json!([["memfd", "memfd", 1, 65536]])
+    );
+    assert_eq!(
+        property(bus, "Totals"),
+        serde_json::json!([3, 1, 65536, 1, 1])
+    );
+
+    // Clients: (id, uid, pid, name, exe, unit, rule, autofence, buffers,
+    // bytes, held, waiting, longest wait, connected at).
+    let clients = method(bus, "ListClients", &[]);
+    let clients = clients.as_array().expect("clients");
+    assert_eq!(clients.len(), 3);
+    let row = |id: u64| {
+        clients
+            .iter()
+            .find(|c| c[0] == id)
+            .expect("client row")
+            .clone()
+    };
+    let o = row(owner);
+    assert_eq!(o[1], 0, "uid");
+    assert_eq!(o[2], scene.owner.pid() as i64, "pid");
+    assert_eq!(o[3], "testclient");
+    assert!(
+        o[4].as_str()
+            .is_some_and(|e| e.ends_with("dmabroker-testclient")),
+        "{o}"
+    );
+    assert_eq!(o[6], "default");
+    assert_eq!(o[7], "autofence");
+    assert_eq!(
+        (o[8].clone(), o[9].clone()),
+        (1.into(), 65536.into()),
+        "owner is charged"
+    );
+    let w = row(writer);
+    assert_eq!(
+        (w[10].clone(), w[11].clone()),
+        (1.into(), 0.into()),
+        "writer holds one access"
+    );
+    let r = row(reader);
+    assert_eq!(
+        (r[10].clone(), r[11].clone()),
+        (0.into(), 1.into()),
+        "reader waits"
+    );
+    assert!(
+        r[12].as_u64().is_some_and(|us| us > 0),
+        "reader's wait has an age: {r}"
+    );
+
+    // Buffers: (id, heap, backend, name, size, inode, owner, holders,
+    // fences, waiters, created at).
+    let buffers = method(bus, "ListBuffers", &[]);
+    let b = &buffers[0];
+    assert_eq!(buffers.as_array().map(Vec::len), Some(1));
+    assert_eq!(b[0], scene.buffer);
+    assert_eq!(
+        (b[1].clone(), b[3].clone(), b[4].clone()),
+        ("memfd".into(), "frame".into(), 65536.into())
+    );
+    assert!(b[5].as_u64().is_some_and(|i| i > 0), "inode");
+    assert_eq!(b[6], owner);
+    assert_eq!(b[7], serde_json::json!([owner, writer, reader]));
+    let fences = b[8].as_array().expect("fences");
+    assert_eq!(fences.len(), 1, "{b}");
+    assert_eq!(fences[0][0], scene.access);
+    assert_eq!(fences[0][1], "cpu-write");
+    assert_eq!(fences[0][2], writer);
+    assert_eq!(fences[0][3], "held");
+    assert_eq!(fences[0][4], "autofence");
+    assert!(fences[0][5].as_u64().is_some_and(|age| age > 0));
+    let waiters = b[9].as_array().expect("waiters");
+    assert_eq!(waiters.len(), 1, "{b}");
+    assert_eq!(waiters[0][1], reader);
+    assert_eq!(waiters[0][2], "cpu-read");
+
+    // One buffer in detail: (buffer, holders, share tokens, dma-buf).
+    let detail = method(bus, "GetBuffer", &["t", &scene.buffer.to_string()]);
+    for i in [0, 1, 2, 3, 4, 5, 6, 7, 10] {
+        assert_eq!(detail[0][i], b[i], "field {i} of {detail}");
+    }
+    assert_eq!(detail[0][8][0][0], scene.access);
+    assert_eq!(detail[0][9][0][1], reader);
+    let holders = detail[1].as_array().expect("holders");
+    assert_eq!(holders.len(), 3);
+    assert_eq!(holders[0][0], owner);
+    assert_eq!(holders[0][1], scene.owner.pid() as i64);
+    assert_eq!(detail[3], false, "memfd is not a dma-buf");
+    let missing = bus.busctl(&[
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "GetBuffer",
+        "t",
+        "999",
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        errtext(&missing).contains("no buffer has id 999"),
+        "{}",
+        errtext(&missing)
+    );
+
+    // The writer ends: the reader gets in after a measured wait.
+    scene.writer.ok(&format!("end {}", scene.access));
+    let granted = scene
+        .reader
+        .recv(Duration::from_secs(10))
+        .expect("reader granted");
+    assert!(granted.starts_with("ok access="), "{granted}");
+    // Statistics: (allocations, frees, imports, exports, adoptions, grants,
+    // waits, p50, p99, cache syncs, skipped, writer lost, revocations,
+    // timeouts, kernel fences, refusals).
+    let stats = method(bus, "Statistics", &[]);
+    assert_eq!(stats[0], 1, "allocations {stats}");
+    assert_eq!(stats[2], 2, "imports {stats}");
+    assert_eq!(stats[3], 1, "exports {stats}");
+    assert_eq!(stats[5], 2, "grants {stats}");
+    assert_eq!(stats[6], 1, "waits {stats}");
+    assert!(stats[7].as_u64().is_some_and(|p50| p50 > 0), "p50 {stats}");
+    assert!(stats[8].as_u64() >= stats[7].as_u64(), "p99 {stats}");
+    assert!(stats[15].is_object(), "refusals by reason {stats}");
+    let after = method(bus, "ListBuffers", &[]);
+    assert_eq!(after[0][8][0][1], "cpu-read");
+    assert_eq!(after[0][8][0][2], reader);
+    assert_eq!(after[0][9], serde_json::json!([]));
+}
+
+#[test]
+fn refusals_are_counted_by_reason() {
+    let bus = DbusDaemon::start();
+    let daemon = start(&bus, Some("[default]\nmax_buffer_size = \"64K\"\n"));
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    let refused = client.cmd("alloc 1048576").expect_err("too large");
+    let code = refused
+        .split_whitespace()
+        .nth(1)
+        .expect("error code")
+        .to_owned();
+    let stats = method(&bus, "Statistics", &[]);
+    assert_eq!(stats[15][code.as_str()], 1, "{stats}");
+}
+
+/// `busctl monitor` on the daemon's name, line by line.
+struct Monitor {
+    child: std::process::Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Monitor {
+    fn start(bus: &DbusDaemon) -> Monitor {
+        let mut child = Command::new("busctl")
+            .arg(format!("--address={}", bus.address()))
+            .args(["--json=short", "monitor", BUS_NAME])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("busctl monitor");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // It says so on stderr once the bus has made it a monitor.
+        let mut first = String::new();
+        let _ = BufReader::new(stderr).read_line(&mut first);
+        assert!(
+            first.contains("Monitoring"),
+            "busctl monitor did not start: {first}"
+        );
+        Monitor { child, lines }
+    }
+
+    /// Waits for the signal `member` and returns its arguments.
+    fn expect(&self, member: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {member} signal"));
+            if message["type"] == "signal" && message["member"] == member {
+                assert_eq!(message["interface"], INTERFACE);
+                assert_eq!(message["path"], OBJECT_PATH);
+                return message["payload"]["data"].clone();
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn signals_follow_clients_buffers_and_lost_writers() {
+    let bus = DbusDaemon::start();
+    let daemon = start(&bus, None);
+    let monitor = Monitor::start(&bus);
+
+    let mut writer = Scripted::spawn(daemon.socket(), &[]);
+    let connected = monitor.expect("ClientConnected");
+    let id = connected[0].as_u64().expect("client id");
+    assert_eq!(connected[1], 0, "uid");
+    assert_eq!(connected[2], writer.pid() as i64, "pid");
+
+    let scratch: u64 = field(&writer.ok("alloc 8192"), "id")
+        .expect("id")
+        .parse()
+        .expect("id");
+    assert_eq!(
+        monitor.expect("BufferAllocated"),
+        serde_json::json!([scratch, 8192, "memfd", id])
+    );
+    let shared: u64 = field(&writer.ok("alloc 4096"), "id")
+        .expect("id")
+        .parse()
+        .expect("id");
+    assert_eq!(
+        monitor.expect("BufferAllocated"),
+        serde_json::json!([shared, 4096, "memfd", id])
+    );
+    let token = field(&writer.ok(&format!("export {shared}")), "token")
+        .expect("token")
+        .to_owned();
+    let mut reader = Scripted::spawn(daemon.socket(), &[]);
+    let reader_id = monitor.expect("ClientConnected")[0].as_u64().expect("id");
+    reader.ok(&format!("import {token}"));
+
+    // The writer dies holding the shared buffer while the reader waits.
+    writer.ok(&format!("begin {shared} w"));
+    reader.send(&format!("begin {shared} r"));
+    eventually("the reader to queue", || {
+        property(&bus, "Totals")[4].as_u64() == Some(1)
+    });
+    writer.kill();
+    assert_eq!(
+        monitor.expect("WriterLost"),
+        serde_json::json!([shared, id])
+    );
+    // Only the buffer nobody else holds is freed.
+    assert_eq!(monitor.expect("BufferFreed"), serde_json::json!([scratch]));
+    assert_eq!(
+        monitor.expect("ClientDisconnected"),
+        serde_json::json!([id])
+    );
+    let granted = reader
+        .recv(Duration::from_secs(10))
+        .expect("reader granted");
+    assert!(granted.contains("writer_lost=true"), "{granted}");
+    let stats = method(&bus, "Statistics", &[]);
+    assert_eq!(stats[11], 1, "writer lost: {stats}");
+
+    reader.kill();
+    assert_eq!(monitor.expect("BufferFreed"), serde_json::json!([shared]));
+    assert_eq!(
+        monitor.expect("ClientDisconnected"),
+        serde_json::json!([reader_id])
+    );
+}
+
+#[test]
+fn signals_report_revoked_accesses() {
+    let bus = DbusDaemon::start();
+    let daemon = start(&bus, Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
+    let monitor = Monitor::start(&bus);
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    let id = monitor.expect("ClientConnected")[0].as_u64().expect("id");
+    let buffer: u64 = field(&client.ok("alloc 4096"), "id")
+        .expect("id")
+        .parse()
+        .expect("id");
+    let access: u64 = field(&client.ok(&format!("begin {buffer} w")), "access")
+        .expect("access")
+        .parse()
+        .expect("access id");
+    assert_eq!(
+        monitor.expect("AccessRevoked"),
+        serde_json::json!([buffer, access, id])
+    );
+    let stats = method(&bus, "Statistics", &[]);
+    assert_eq!(stats[12], 1, "revocations: {stats}");
+}
+
+fn ctl_as(bus: &DbusDaemon, uid: u32, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg(dmabroker_suite::daemon::binary("dmabrokerctl"))
+        .arg(format!("--address={}", bus.address()))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dmabrokerctl under setpriv")
+}
+
+#[test]
+fn reload_policy_is_for_administrators_only() {
+    if !have_root("reload_policy_is_for_administrators_only") {
+        return;
+    }
+    let bus = DbusDaemon::start();
+    let daemon = start(&bus, Some("[default]\nmax_buffer_size = \"1M\"\n"));
+
+    // Another uid is refused, whatever it sends.
+    let refused = ctl_as(&bus, NOBODY, &["reload"]);
+    assert_eq!(refused.status.code(), Some(4), "{}", errtext(&refused));
+    assert!(
+        errtext(&refused).contains("permission denied"),
+        "{}",
+        errtext(&refused)
+    );
+    assert!(
+        errtext(&refused).contains("uid 65534 is not an administrator"),
+        "{}",
+        errtext(&refused)
+    );
+    let raw = bus.busctl_as(
+        NOBODY,
+        NOBODY,
+        &["call", BUS_NAME, OBJECT_PATH, INTERFACE, "ReloadPolicy"],
+    );
+    assert!(!raw.status.success());
+    assert!(errtext(&raw).contains("Access denied"), "{}", errtext(&raw));
+    // ...while reading stays open to it.
+    ok(ctl_as(&bus, NOBODY, &["clients"]), "clients as nobody");
+
+    // Root is accepted, and the new policy is in force afterwards.
+    std::fs::write(
+        &daemon.policy_path,
+        "[default]\nmax_buffer_size = \"16K\"\n",
+    )
+    .expect("policy");
+    let mut before = Scripted::spawn(daemon.socket(), &[]);
+    before.ok("alloc 65536");
+    assert_eq!(
+        ok(bus.ctl(&["reload"]), "reload as root"),
+        "Policy reloaded.\n"
+    );
+    let mut after = Scripted::spawn(daemon.socket(), &[]);
+    assert!(
+        after.cmd("alloc 65536").is_err(),
+        "the reloaded limit applies"
+    );
+    let json: Value =
+        serde_json::from_str(&ok(bus.ctl(&["--json", "reload"]), "reload --json")).expect("JSON");
+    assert_eq!(json["reloaded"], true);
+
+    // A broken file fails the call and keeps the policy in force.
+    std::fs::write(&daemon.policy_path, "[default\nmax_buffer_size = ").expect("policy");
+    let broken = bus.ctl(&["reload"]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        errtext(&broken).contains("could not be loaded"),
+        "{}",
+        errtext(&broken)
+    );
+    let mut later = Scripted::spawn(daemon.socket(), &[]);
+    later.ok("alloc 16384");
+    assert!(
+        later.cmd("alloc 65536").is_err(),
+        "the previous policy stays"
+    );
+
+    // An administrator named by the policy is accepted without being root.
+    std::fs::write(&daemon.policy_path, "admins = { users = [65534] }\n").expect("policy");
+    ok(bus.ctl(&["reload"]), "reload naming nobody as admin");
+    ok(
+        ctl_as(&bus, NOBODY, &["reload"]),
+        "reload as a policy admin",
+    );
+}
+
+#[test]
+fn dmabrokerctl_tables_and_json() {
+    let scene = Scene::new();
+    let bus = &scene.bus;
+    let owner = scene.client_id(&scene.owner);
+    let writer = scene.client_id(&scene.writer);
+    let reader = scene.client_id(&scene.reader);
+    let json = |args: &[&str]| -> Value {
+        let mut argv = vec!["--json"];
+        argv.extend_from_slice(args);
+        serde_json::from_str(&ok(bus.ctl(&argv), &args.join(" "))).expect("dmabrokerctl JSON")
+    };
+
+    let status = ok(bus.ctl(&["status"]), "status");
+    assert!(
+        status.contains(&format!("dmabrokerd {}", env!("CARGO_PKG_VERSION"))),
+        "{status}"
+    );
+    assert!(status.contains("Clients:     3\n"), "{status}");
+    assert!(status.contains("Buffers:     1 (64 KiB)\n"), "{status}");
+    assert!(
+        status.contains("Fences:      1 held, 1 waiting\n"),
+        "{status}"
+    );
+    assert!(
+        status.contains("HEAP   BACKEND  BUFFERS   BYTES\nmemfd  memfd          1  64 KiB\n"),
+        "{status}"
+    );
+    let s = json(&["status"]);
+    assert_eq!(s["totals"]["clients"], 3);
+    assert_eq!(s["heaps"][0]["name"], "memfd");
+    assert_eq!(s["statistics"]["allocations"], 1);
+
+    let heaps = ok(bus.ctl(&["heaps"]), "heaps");
+    assert_eq!(
+        heaps,
+        "HEAP   BACKEND  BUFFERS   BYTES\nmemfd  memfd          1  64 KiB\n"
+    );
+    assert_eq!(
+        json(&["heaps"]),
+        serde_json::json!([{"name": "memfd", "backend": "memfd", "buffers": 1, "bytes": 65536}])
+    );
+
+    let clients = ok(bus.ctl(&["clients"]), "clients");
+    let lines: Vec<&str> = clients.lines().collect();
+    assert_eq!(lines.len(), 4, "{clients}");
+    for word in [
+        "ID", "PID", "UID", "NAME", "BYTES", "HELD", "WAITING", "LONGEST", "EXE",
+    ] {
+        assert!(
+            lines[0].split_whitespace().any(|w| w == word),
+            "{word} in {}",
+            lines[0]
+        );
+    }
+    let owner_line = lines
+        .iter()
+        .find(|l| l.split_whitespace().next() == Some(&owner.to_string()))
+        .expect("owner row");
+    assert!(
+        owner_line.contains("64 KiB") && owner_line.contains("dmabroker-testclient"),
+        "{owner_line}"
+    );
+    let c = json(&["clients"]);
+    let reader_json = c
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["id"] == reader)
+        .expect("reader")
+        .clone();
+    assert_eq!(reader_json["requests_waiting"], 1);
+    assert_eq!(reader_json["pid"], scene.reader.pid() as i64);
+
+    let buffers = ok(bus.ctl(&["buffers"]), "buffers");
+    assert!(buffers.starts_with("ID  HEAP   NAME"), "{buffers}");
+    assert!(
+        buffers.contains(&format!("cpu-write #{} c{writer}", scene.access)),
+        "{buffers}"
+    );
+    assert!(
+        buffers.contains(&format!("cpu-read c{reader}")),
+        "{buffers}"
+    );
+    assert!(
+        buffers.contains(&format!("{owner}, {writer}, {reader}")),
+        "{buffers}"
+    );
+    let b = json(&["buffers"]);
+    assert_eq!(b[0]["fences"][0]["kind"], "cpu-write");
+    assert_eq!(b[0]["waiters"][0]["client"], reader);
+
+    let id = scene.buffer.to_string();
+    let detail = ok(bus.ctl(&["buffer", &id]), "buffer ID");
+    assert!(detail.contains("Name:         frame\n"), "{detail}");
+    assert!(
+        detail.contains("Size:         64 KiB (65536 bytes)\n"),
+        "{detail}"
+    );
+    let fences = detail.split("\nFences:\n").nth(1).expect("fences section");
+    assert!(
+        fences
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("cpu-write") && l.contains("held")),
+        "{detail}"
+    );
+    let waiters = detail
+        .split("\nWaiters:\n")
+        .nth(1)
+        .expect("waiters section");
+    assert!(
+        waiters
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("cpu-read")),
+        "{detail}"
+    );
+    let d = json(&["buffer", &id]);
+    assert_eq!(d["buffer"]["id"], scene.buffer);
+    assert_eq!(d["holders"].as_array().map(Vec::len), Some(3));
+
+    let missing = bus.ctl(&["buffer", "999"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(errtext(&missing), "dmabrokerctl: no buffer has id 999\n");
+
+    let reload = ok(bus.ctl(&["reload"]), "reload");
+    assert_eq!(reload, "Policy reloaded.\n");
+    drop(scene.daemon);
+}
+
+/// Runs `top` in a pseudo-terminal through `script`, typing `keys` after
+/// `delay` if given.
+fn top_in_pty(bus: &DbusDaemon, args: &str, keys: Option<(Duration, &str)>) -> (Output, Duration) {
+    let ctl = dmabroker_suite::daemon::binary("dmabrokerctl");
+    let command = format!("{} --address='{}' top {args}", ctl.display(), bus.address());
+    let started = Instant::now();
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let mut stdin = child.stdin.take().expect("stdin");
+    if let Some((delay, keys)) = keys {
+        std::thread::sleep(delay);
+        use std::io::Write;
+        stdin.write_all(keys.as_bytes()).expect("type into the pty");
+        stdin.flush().expect("flush");
+    }
+    let out = child.wait_with_output().expect("script output");
+    drop(stdin);
+    (out, started.elapsed())
+}
+
+#[test]
+fn dmabrokerctl_top_refreshes_in_a_pseudo_terminal() {
+    let scene = Scene::new();
+    let bus = &scene.bus;
+    let (out, took) = top_in_pty(bus, "-n 3 --sort wait", Some((Duration::ZERO, "")));
+    let screen = ok(out, "top -n 3");
+    assert_eq!(
+        screen.matches("\x1b[H\x1b[2J").count(),
+        3,
+        "three refreshes:\n{screen}"
+    );
+    assert!(
+        screen.contains("\x1b[?1049h") && screen.contains("\x1b[?1049l"),
+        "alternate screen entered and left"
+    );
+    assert!(
+        took >= Duration::from_millis(1900),
+        "refreshes a second apart, took {took:?}"
+    );
+    let last = screen.rsplit("\x1b[H\x1b[2J").next().expect("last frame");
+    assert!(last.contains("sorted by wait"), "{last}");
+    assert!(
+        last.contains("clients 3  buffers 1 (64 KiB)  fences 1  waiters 1"),
+        "{last}"
+    );
+    // Sorted by wait: the waiting reader comes first.
+    let reader = scene.client_id(&scene.reader);
+    let first_row = last
+        .lines()
+        .find(|l| l.trim_start().starts_with("ID"))
+        .and_then(|_| {
+            last.lines()
+                .skip_while(|l| !l.trim_start().starts_with("ID"))
+                .nth(1)
+        });
+    assert!(
+        first_row.is_some_and(|l| l.split_whitespace().next() == Some(&reader.to_string())),
+        "reader first in:\n{last}"
+    );
+    assert!(
+        last.contains("grants 0/s"),
+        "rates from the second refresh on:\n{last}"
+    );
+
+    // `q` quits a view that would otherwise run forever.
+    let (out, took) = top_in_pty(bus, "", Some((Duration::from_millis(1500), "q")));
+    let screen = ok(out, "top until q");
+    assert!(took < Duration::from_secs(8), "q ended top after {took:?}");
+    assert!(screen.matches("\x1b[H\x1b[2J").count() >= 1);
+    assert!(
+        screen.ends_with("\x1b[?25h\x1b[?1049l"),
+        "terminal restored: {:?}",
+        &screen[screen.len().saturating_sub(40)..]
+    );
+
+    // --json: one object per refresh, also in a terminal.
+    let (out, _) = top_in_pty(bus, "-n 2 --json", None);
+    let frames = ok(out, "top --json");
+    let frames: Vec<Value> = frames
+        .lines()
+        .map(|l| serde_json::from_str(l.trim()).expect("one JSON frame per line"))
+        .collect();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[1]["totals"]["waiters"], 1);
+    assert!(frames[0]["rates"].is_null() && frames[1]["rates"]["grants"].is_number());
+}
+
+#[test]
+fn dmabrokerctl_explains_a_missing_daemon_or_bus() {
+    let bus = DbusDaemon::start();
+    let out = bus.ctl(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        errtext(&out).contains("dmabrokerd is not running on the bus at"),
+        "{}",
+        errtext(&out)
+    );
+
+    let nowhere = Command::new(dmabroker_suite::daemon::binary("dmabrokerctl"))
+        .args(["--address=unix:path=/nonexistent/bus", "clients"])
+        .output()
+        .expect("dmabrokerctl");
+    assert_eq!(nowhere.status.code(), Some(3));
+    assert!(
+        errtext(&nowhere).contains("cannot reach the bus at unix:path=/nonexistent/bus"),
+        "{}",
+        errtext(&nowhere)
+    );
+}
+
+#[test]
+fn the_daemon_serves_clients_without_a_bus() {
+    for bus in ["unix:path=/nonexistent/bus", "none"] {
+        let daemon = Daemon::start_with(DaemonOptions {
+            args: vec!["--dbus".into(), bus.into()],
+            ..Default::default()
+        });
+        let mut client = Scripted::spawn(daemon.socket(), &[]);
+        let id = field(&client.ok("alloc 4096"), "id")
+            .expect("id")
+            .to_owned();
+        client.ok(&format!("write {id} 7"));
+        if bus != "none" {
+            eventually("a warning about the bus", || {
+                daemon.log().contains("continues without D-Bus")
+            });
+        }
+    }
+}
+
+#[test]
+fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
+    if !have_root("the_shipped_policy_lets_root_own_the_name_and_everyone_read") {
+        return;
+    }
+    let bus = DbusDaemon::start_system_like(&dbus::shipped_policy());
+    let daemon = start(&bus, None);
+    let _client = Scripted::spawn(daemon.socket(), &[]);
+
+    // Everyone may introspect and read.
+    let introspect = bus.busctl_as(NOBODY, NOBODY, &["introspect", BUS_NAME, OBJECT_PATH]);
+    assert!(introspect.status.success(), "{}", errtext(&introspect));
+    assert!(text(&introspect).contains(".ListBuffers"));
+    let clients = ctl_as(&bus, NOBODY, &["--json", "clients"]);
+    assert!(clients.status.success(), "{}", errtext(&clients));
+    let clients: Value = serde_json::from_str(&text(&clients)).expect("JSON");
+    assert_eq!(clients.as_array().map(Vec::len), Some(1));
+    let props = bus.busctl_as(
+        NOBODY,
+        NOBODY,
+        &["get-property", BUS_NAME, OBJECT_PATH, INTERFACE, "Version"],
+    );
+    assert!(props.status.success(), "{}", errtext(&props));
+
+    // The bus lets the call through; the daemon refuses it.
+    let reload = ctl_as(&bus, NOBODY, &["reload"]);
+    assert_eq!(reload.status.code(), Some(4), "{}", errtext(&reload));
+    assert!(
+        errtext(&reload).contains("not an administrator"),
+        "{}",
+        errtext(&reload)
+    );
+
+    // Only root may own the name.
+    let own = bus.busctl_as(
+        NOBODY,
+        NOBODY,
+        &[
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "RequestName",
+            "su",
+            BUS_NAME,
+            "4",
+        ],
+    );
+    assert!(!own.status.success(), "nobody must not own {BUS_NAME}");
+    assert!(
+        errtext(&own).contains("ccess denied") || errtext(&own).contains("not allowed"),
+        "{}",
+        errtext(&own)
+    );
+    // Methods of other services stay denied: the file opens ours only.
+    let other = bus.busctl_as(
+        NOBODY,
+        NOBODY,
+        &["call", BUS_NAME, OBJECT_PATH, "org.example.Other", "Poke"],
+    );
+    assert!(!other.status.success());
+    assert!(
+        bus.log().is_empty() || !bus.log().contains("Failed to parse"),
+        "{}",
+        bus.log()
+    );
+}
