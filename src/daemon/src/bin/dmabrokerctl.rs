@@ -18,9 +18,7 @@ fn main() -> ExitCode {
     match runtime.block_on(ctl::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`dmabrokerctl clients | head`) is not an error.
-        Err(ctl::CtlError::Output(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
-            ExitCode::SUCCESS
-        }
+        Err(err) if err.is_broken_pipe() => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dmabrokerctl: {err}");
             ExitCode::from(err.exit_code())

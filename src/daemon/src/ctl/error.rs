@@ -29,6 +29,17 @@ pub enum CtlError {
 }
 
 impl CtlError {
+    /// The reader of our output went away (`dmabrokerctl clients | head`):
+    /// nothing left to report to anyone.
+    pub fn is_broken_pipe(&self) -> bool {
+        let kind = match self {
+            CtlError::Output(err) => Some(err.kind()),
+            CtlError::Json(err) => err.io_error_kind(),
+            _ => None,
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    }
+
     /// 1: the request failed; 3: no daemon or no bus; 4: not allowed.
     /// (2 is clap's, for usage errors.)
     pub fn exit_code(&self) -> u8 {

@@ -31,9 +31,9 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = BusKind::Auto, global = true)]
     pub bus: BusKind,
 
-    /// A bus address (e.g. `unix:path=/run/dbus/system_bus_socket`);
-    /// overrides --bus.
-    #[arg(long, global = true, value_name = "ADDRESS")]
+    /// A bus address (e.g. `unix:path=/run/dbus/system_bus_socket`)
+    /// instead of --bus.
+    #[arg(long, global = true, value_name = "ADDRESS", conflicts_with = "bus")]
     pub address: Option<String>,
 
     #[command(subcommand)]
