@@ -98,12 +98,13 @@ impl fmt::Debug for Reloader {
 }
 
 impl Reloader {
-    /// Must be called on the daemon's runtime, whose handle it keeps.
-    pub fn new(reload: impl Fn() -> bool + Send + Sync + 'static) -> Reloader {
-        Reloader {
+    /// Keeps the handle of the runtime it is called on, which must be the
+    /// daemon's; `None` outside any runtime.
+    pub fn new(reload: impl Fn() -> bool + Send + Sync + 'static) -> Option<Reloader> {
+        Some(Reloader {
             reload: Arc::new(reload),
-            daemon: tokio::runtime::Handle::current(),
-        }
+            daemon: tokio::runtime::Handle::try_current().ok()?,
+        })
     }
 
     /// Whether the new policy is in force.
@@ -147,7 +148,12 @@ pub fn spawn(
         tracing::info!("D-Bus interface disabled (--dbus none)");
         return None;
     }
-    let reloader = Reloader::new(reload);
+    let Some(reloader) = Reloader::new(reload) else {
+        tracing::warn!(
+            "the D-Bus service was started outside the daemon's runtime; continuing without D-Bus"
+        );
+        return None;
+    };
     let thread = std::thread::Builder::new()
         .name("dbus".into())
         .spawn(move || {
@@ -260,5 +266,28 @@ async fn run_connection(broker: &Broker, connection: Connection) -> std::ops::Co
             tracing::warn!("the D-Bus connection closed; reconnecting");
             std::ops::ControlFlow::Continue(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_choice_defaults_follow_the_mode() {
+        assert_eq!(BusChoice::from_option(None, true), BusChoice::System);
+        assert_eq!(BusChoice::from_option(None, false), BusChoice::Session);
+        assert_eq!(BusChoice::from_option(Some("system"), false), BusChoice::System);
+        assert_eq!(BusChoice::from_option(Some("session"), true), BusChoice::Session);
+        assert_eq!(BusChoice::from_option(Some("none"), true), BusChoice::None);
+        assert_eq!(
+            BusChoice::from_option(Some("unix:path=/run/bus"), true),
+            BusChoice::Address("unix:path=/run/bus".into())
+        );
+    }
+
+    #[test]
+    fn no_reloader_outside_a_runtime() {
+        assert!(Reloader::new(|| true).is_none());
     }
 }
