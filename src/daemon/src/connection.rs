@@ -14,6 +14,9 @@ use crate::broker::Disposition;
 use crate::identity;
 use crate::outbox::Outbox;
 
+/// Messages one connection may have handled before the others get a turn.
+const MESSAGES_PER_TURN: usize = 32;
+
 /// Serves one accepted (non-blocking) connection until it hangs up.
 pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
     let peer = match identity::peer_of(socket.as_fd()) {
@@ -39,7 +42,10 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
             Ok(guard) => guard,
             Err(_) => break,
         };
-        // Drain everything queued: one wake-up, many messages.
+        // Drain what is queued, one wake-up for many messages, but at most
+        // a turn's worth: a client that sends as fast as we read must not
+        // keep every other connection waiting.
+        let mut handled = 0;
         loop {
             let received = guard.try_io(|fd| {
                 recv_message_into(fd.get_ref().as_fd(), &mut buf, true).map_err(|err| match err {
@@ -63,6 +69,14 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
             if disposition == Disposition::Disconnect {
                 break 'connection;
             }
+            handled += 1;
+            if handled == MESSAGES_PER_TURN {
+                break;
+            }
+        }
+        if handled == MESSAGES_PER_TURN {
+            drop(guard);
+            tokio::task::yield_now().await;
         }
     }
     broker.with(|s| s.disconnect(client));
