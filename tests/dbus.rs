@@ -862,6 +862,26 @@ fn the_daemon_serves_clients_without_a_bus() {
 }
 
 #[test]
+fn the_daemon_comes_back_on_a_restarted_bus() {
+    let mut bus = DbusDaemon::start();
+    let daemon = start(&bus, None);
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    bus.restart();
+    // Brokering never stopped.
+    client.ok("alloc 4096");
+    bus.wait_for_daemon();
+    assert_eq!(property(&bus, "Totals")[1], 1, "the view is back");
+    let monitor = Monitor::start(&bus);
+    client.ok("alloc 4096");
+    monitor.expect("BufferAllocated");
+    assert!(
+        daemon.log().contains("reconnecting"),
+        "{}",
+        daemon.log_tail()
+    );
+}
+
+#[test]
 fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
     if !have_root("the_shipped_policy_lets_root_own_the_name_and_everyone_read") {
         return;

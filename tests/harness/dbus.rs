@@ -91,27 +91,7 @@ impl DbusDaemon {
         );
         let config_path = dir.path().join("bus.conf");
         std::fs::write(&config_path, config).expect("write bus config");
-        let log = std::fs::File::create(dir.path().join("bus.log")).expect("bus log");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config_path.display()))
-            .args(["--nofork", "--print-address"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn dbus-daemon (Debian package dbus-daemon)");
-        let stdout = child.stdout.take().expect("dbus-daemon stdout");
-        let mut address = String::new();
-        let read = BufReader::new(stdout).read_line(&mut address);
-        let address = address.trim().to_owned();
-        if read.is_err() || address.is_empty() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "dbus-daemon printed no address:\n{}",
-                std::fs::read_to_string(dir.path().join("bus.log")).unwrap_or_default()
-            );
-        }
+        let (child, address) = spawn_bus(dir.path());
         DbusDaemon {
             child,
             address,
@@ -119,13 +99,27 @@ impl DbusDaemon {
         }
     }
 
+    /// Kills the bus and starts it again on the same socket, as a restart
+    /// of the system's dbus-daemon would.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.path().join("bus"));
+        let (child, address) = spawn_bus(self.dir.path());
+        self.child = child;
+        self.address = address;
+    }
+
     pub fn address(&self) -> &str {
         &self.address
     }
 
-    /// `--dbus ADDRESS` for [`crate::DaemonOptions::args`].
+    /// `--dbus ADDRESS` for [`crate::DaemonOptions::args`]: the socket
+    /// alone, without the bus's guid, so that the daemon also accepts the
+    /// bus after a [`DbusDaemon::restart`].
     pub fn daemon_args(&self) -> Vec<String> {
-        vec!["--dbus".into(), self.address.clone()]
+        let socket = self.dir.path().join("bus");
+        vec!["--dbus".into(), format!("unix:path={}", socket.display())]
     }
 
     /// `busctl --address=… ARGS`, as root.
@@ -234,6 +228,36 @@ impl DbusDaemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bus.log")).unwrap_or_default()
     }
+}
+
+/// Starts `dbus-daemon` on `dir/bus.conf`, returning it and its address.
+fn spawn_bus(dir: &Path) -> (Child, String) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("bus.log"))
+        .expect("bus log");
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", dir.join("bus.conf").display()))
+        .args(["--nofork", "--print-address"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn dbus-daemon (Debian package dbus-daemon)");
+    let stdout = child.stdout.take().expect("dbus-daemon stdout");
+    let mut address = String::new();
+    let read = BufReader::new(stdout).read_line(&mut address);
+    let address = address.trim().to_owned();
+    if read.is_err() || address.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "dbus-daemon printed no address:\n{}",
+            std::fs::read_to_string(dir.join("bus.log")).unwrap_or_default()
+        );
+    }
+    (child, address)
 }
 
 impl Drop for DbusDaemon {
