@@ -277,8 +277,14 @@ mod tests {
     fn bus_choice_defaults_follow_the_mode() {
         assert_eq!(BusChoice::from_option(None, true), BusChoice::System);
         assert_eq!(BusChoice::from_option(None, false), BusChoice::Session);
-        assert_eq!(BusChoice::from_option(Some("system"), false), BusChoice::System);
-        assert_eq!(BusChoice::from_option(Some("session"), true), BusChoice::Session);
+        assert_eq!(
+            BusChoice::from_option(Some("system"), false),
+            BusChoice::System
+        );
+        assert_eq!(
+            BusChoice::from_option(Some("session"), true),
+            BusChoice::Session
+        );
         assert_eq!(BusChoice::from_option(Some("none"), true), BusChoice::None);
         assert_eq!(
             BusChoice::from_option(Some("unix:path=/run/bus"), true),
