@@ -23,7 +23,9 @@ pub fn kernel_feature(feature: &str, available: bool) -> bool {
         return true;
     }
     if std::env::var_os("DMABROKER_REQUIRE_KERNEL").is_some_and(|v| v == "1") {
-        panic!("kernel feature {feature} is required here (DMABROKER_REQUIRE_KERNEL=1) but missing");
+        panic!(
+            "kernel feature {feature} is required here (DMABROKER_REQUIRE_KERNEL=1) but missing"
+        );
     }
     eprintln!("SKIPPED: kernel feature {feature} is not available on this kernel");
     false

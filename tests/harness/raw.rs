@@ -15,10 +15,18 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(path: &Path) -> RawClient {
-        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-            .expect("socket");
-        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path).expect("addr"))
-            .expect("connect");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(path).expect("addr"),
+        )
+        .expect("connect");
         RawClient { fd, next: 1 }
     }
 
@@ -60,7 +68,11 @@ impl RawClient {
         let id = self.next;
         self.next += 1;
         let bytes = encode_request(&Request {
-            head: RequestHead { id, fds: declared_fds, flags: 0 },
+            head: RequestHead {
+                id,
+                fds: declared_fds,
+                flags: 0,
+            },
             body,
         })
         .expect("encode");
@@ -71,7 +83,11 @@ impl RawClient {
         let id = self.next;
         self.next += 1;
         let bytes = encode_request(&Request {
-            head: RequestHead { id, fds: 0, flags: 0 },
+            head: RequestHead {
+                id,
+                fds: 0,
+                flags: 0,
+            },
             body,
         })
         .expect("encode");

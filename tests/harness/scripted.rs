@@ -18,7 +18,11 @@ pub const PROMPT: Duration = Duration::from_secs(10);
 
 impl Scripted {
     pub fn spawn(socket: &Path, extra: &[&str]) -> Scripted {
-        Scripted::spawn_cmd(Command::new(crate::daemon::binary("dmabroker-testclient")), socket, extra)
+        Scripted::spawn_cmd(
+            Command::new(crate::daemon::binary("dmabroker-testclient")),
+            socket,
+            extra,
+        )
     }
 
     /// Runs the client under another uid/gid (with no supplementary
@@ -51,9 +55,16 @@ impl Scripted {
                 }
             }
         });
-        let mut client = Scripted { child, stdin, lines };
+        let mut client = Scripted {
+            child,
+            stdin,
+            lines,
+        };
         let hello = client.recv(PROMPT).expect("testclient greeting");
-        assert!(hello.starts_with("ready"), "testclient did not connect: {hello}");
+        assert!(
+            hello.starts_with("ready"),
+            "testclient did not connect: {hello}"
+        );
         client
     }
 
@@ -71,7 +82,9 @@ impl Scripted {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => Some(line),
             Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => Some("err Disconnected testclient exited".into()),
+            Err(RecvTimeoutError::Disconnected) => {
+                Some("err Disconnected testclient exited".into())
+            }
         }
     }
 
@@ -89,7 +102,8 @@ impl Scripted {
 
     /// As `cmd`, panicking on an error answer.
     pub fn ok(&mut self, line: &str) -> String {
-        self.cmd(line).unwrap_or_else(|e| panic!("`{line}` failed: {e}"))
+        self.cmd(line)
+            .unwrap_or_else(|e| panic!("`{line}` failed: {e}"))
     }
 
     pub fn kill(&mut self) {

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
 
 use crate::tmp::TempDir;
 
@@ -45,7 +47,12 @@ impl Received {
     pub fn statuses(&self) -> Vec<String> {
         self.messages
             .iter()
-            .flat_map(|(_, m)| m.lines().filter_map(|l| l.strip_prefix("STATUS=")).map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|(_, m)| {
+                m.lines()
+                    .filter_map(|l| l.strip_prefix("STATUS="))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -88,8 +95,13 @@ impl ServiceManager {
     pub fn with_socket_type(kind: SockType) -> ServiceManager {
         let dir = TempDir::new("sdnotify");
         let socket_path = dir.path().join("socket");
-        let listener = socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None).expect("socket");
-        bind(listener.as_raw_fd(), &UnixAddr::new(&socket_path).expect("addr")).expect("bind");
+        let listener =
+            socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        bind(
+            listener.as_raw_fd(),
+            &UnixAddr::new(&socket_path).expect("addr"),
+        )
+        .expect("bind");
         listen(&listener, Backlog::new(64).expect("backlog")).expect("listen");
         let notify_path = dir.path().join("notify");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -124,14 +136,24 @@ impl ServiceManager {
         let mut received = lock.lock().expect("lock");
         while !check(&received) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}; got {:?}", received.messages);
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; got {:?}",
+                received.messages
+            );
             received = cond.wait_timeout(received, left).expect("wait").0;
         }
     }
 
     /// Starts the daemon the way systemd would: the listening socket and
     /// every fd in the store passed from fd 3 on, named.
-    pub fn start_daemon(&self, binary: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
+    pub fn start_daemon(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Child {
         let received = self.received();
         let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
         let mut names = vec!["dmabroker.socket".to_owned()];
@@ -147,8 +169,9 @@ impl ServiceManager {
         let parked: Vec<OwnedFd> = fds
             .iter()
             .map(|fd| {
-                let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000))
-                    .expect("F_DUPFD_CLOEXEC");
+                let raw =
+                    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000))
+                        .expect("F_DUPFD_CLOEXEC");
                 // SAFETY: fcntl just created `raw` for us.
                 unsafe { OwnedFd::from_raw_fd(raw) }
             })
