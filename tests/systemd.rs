@@ -153,12 +153,7 @@ impl Running {
             "none",
         ];
         args.extend_from_slice(extra);
-        let child = manager.start_daemon(
-            &binary("dmabrokerd"),
-            &args,
-            env,
-            &log,
-        );
+        let child = manager.start_daemon(&binary("dmabrokerd"), &args, env, &log);
         manager.wait_for("READY=1", Duration::from_secs(10), |r| {
             r.count("READY=1") > readies
         });
@@ -331,19 +326,28 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     };
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
-    manager.wait_for("the buffer and its record in the store", Duration::from_secs(5), |r| {
-        has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-"))
-    });
+    manager.wait_for(
+        "the buffer and its record in the store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
     std::thread::sleep(Duration::from_millis(200));
     drop(first);
     let second = Running::start_with(&manager, "second", &[], &["--reattach-grace", "300ms"]);
     assert!(second.log().contains("restored=1"), "{}", second.log());
     // The old client does not reconnect: its hold expires and the buffer
     // leaves the store.
-    manager.wait_for("the orphaned buffer released", Duration::from_secs(5), |r| has_buffers(r, 0));
+    manager.wait_for(
+        "the orphaned buffer released",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 0),
+    );
     // The store is told before the line is logged: give the log a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !second.log().contains("not re-attached within the grace period") {
+    while !second
+        .log()
+        .contains("not re-attached within the grace period")
+    {
         assert!(Instant::now() < deadline, "{}", second.log());
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -27,7 +27,9 @@ fn parse_access(word: &str) -> Result<Access, String> {
 }
 
 fn num(word: Option<&str>) -> Result<u64, String> {
-    word.ok_or("missing number")?.parse().map_err(|e| format!("bad number: {e}"))
+    word.ok_or("missing number")?
+        .parse()
+        .map_err(|e| format!("bad number: {e}"))
 }
 
 fn describe(buffer: &Buffer) -> String {
@@ -45,7 +47,15 @@ fn describe_guard(guard: &AccessGuard) -> String {
     let fences: Vec<String> = guard
         .fences()
         .iter()
-        .map(|f| format!("{}:{}:{}:{}", f.id, f.holder, f.kind.name(), f.sync_file.is_some()))
+        .map(|f| {
+            format!(
+                "{}:{}:{}:{}",
+                f.id,
+                f.holder,
+                f.kind.name(),
+                f.sync_file.is_some()
+            )
+        })
         .collect();
     format!(
         "access={} writer_lost={} revoked={} fences={} fence_list={}",
@@ -109,7 +119,9 @@ fn export_sync_file(dmabuf: BorrowedFd<'_>, write: bool) -> Result<OwnedFd, Stri
 
 impl Session {
     fn buffer(&self, id: u64) -> Result<&Buffer, String> {
-        self.buffers.get(&id).ok_or_else(|| format!("err NoSuchBuffer {id}"))
+        self.buffers
+            .get(&id)
+            .ok_or_else(|| format!("err NoSuchBuffer {id}"))
     }
 
     fn run(&mut self, line: &str) -> Result<String, String> {
@@ -122,7 +134,10 @@ impl Session {
         match command {
             "alloc" => {
                 let size = num(words.next())?;
-                let mut request = AllocRequest { size, ..Default::default() };
+                let mut request = AllocRequest {
+                    size,
+                    ..Default::default()
+                };
                 for w in words {
                     if let Some(h) = w.strip_prefix("heap=") {
                         request.heap = Some(h.to_owned());
@@ -149,22 +164,34 @@ impl Session {
             }
             "free" => {
                 let id = num(words.next())?;
-                self.buffers.remove(&id).ok_or_else(|| format!("err NoSuchBuffer {id}"))?;
+                self.buffers
+                    .remove(&id)
+                    .ok_or_else(|| format!("err NoSuchBuffer {id}"))?;
                 Ok(String::new())
             }
             "info" => {
                 let info = self.buffer(num(words.next())?)?.info().map_err(broker)?;
-                Ok(format!("id={} size={} heap={} name={} inode={}", info.id, info.size, info.heap, info.name, info.inode))
+                Ok(format!(
+                    "id={} size={} heap={} name={} inode={}",
+                    info.id, info.size, info.heap, info.name, info.inode
+                ))
             }
             "heaps" => {
                 let heaps = self.client.heaps().map_err(broker)?;
-                let names: Vec<String> = heaps.iter().map(|h| format!("{}:{}", h.name, h.backend)).collect();
+                let names: Vec<String> = heaps
+                    .iter()
+                    .map(|h| format!("{}:{}", h.name, h.backend))
+                    .collect();
                 Ok(format!("heaps={}", names.join(",")))
             }
             "write" | "read" => {
                 let id = num(words.next())?;
                 let buffer = self.buffer(id)?;
-                let access = if command == "write" { Access::CpuWrite } else { Access::CpuRead };
+                let access = if command == "write" {
+                    Access::CpuWrite
+                } else {
+                    Access::CpuRead
+                };
                 let mut guard = buffer.begin(access).map_err(broker)?;
                 let lost = guard.writer_lost();
                 if command == "write" {
@@ -181,7 +208,11 @@ impl Session {
             "begin" => {
                 let id = num(words.next())?;
                 let access = parse_access(words.next().ok_or("missing access")?)?;
-                let timeout = words.next().map(|w| w.parse::<u64>()).transpose().map_err(|e| e.to_string())?;
+                let timeout = words
+                    .next()
+                    .map(|w| w.parse::<u64>())
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
                 let buffer = self.buffer(id)?;
                 let guard = match timeout {
                     Some(ms) => buffer.begin_timeout(access, Duration::from_millis(ms)),
@@ -241,7 +272,11 @@ impl Session {
             }
             "event" => {
                 let ms = num(words.next())?;
-                match self.client.next_event(Some(Duration::from_millis(ms))).map_err(broker)? {
+                match self
+                    .client
+                    .next_event(Some(Duration::from_millis(ms)))
+                    .map_err(broker)?
+                {
                     Some(event) => Ok(format!("event={event:?}")),
                     None => Err("err NoEvent".into()),
                 }
@@ -263,7 +298,10 @@ impl Session {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut socket = None;
-    let mut options = ClientOptions { name: "testclient".into(), ..Default::default() };
+    let mut options = ClientOptions {
+        name: "testclient".into(),
+        ..Default::default()
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--socket" => socket = args.next(),
@@ -277,18 +315,32 @@ fn main() {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let path = socket.map(std::path::PathBuf::from).unwrap_or_else(dmabroker_ipc::paths::client_socket);
+    let path = socket
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(dmabroker_ipc::paths::client_socket);
     let client = match Client::connect_with(&path, options) {
         Ok(client) => client,
         Err(e) => {
-            let code = e.code().map(|c| c.to_string()).unwrap_or_else(|| "Other".into());
+            let code = e
+                .code()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "Other".into());
             let _ = writeln!(out, "err {code} {e}");
             return;
         }
     };
-    let _ = writeln!(out, "ready client={} autofence={}", client.id(), client.autofence());
+    let _ = writeln!(
+        out,
+        "ready client={} autofence={}",
+        client.id(),
+        client.autofence()
+    );
     let _ = out.flush();
-    let mut session = Session { client, buffers: HashMap::new(), guards: HashMap::new() };
+    let mut session = Session {
+        client,
+        buffers: HashMap::new(),
+        guards: HashMap::new(),
+    };
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line.trim() == "exit" {

@@ -26,7 +26,10 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
             return;
         }
     };
-    let socket = match crate::reactor::register(socket, tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE) {
+    let socket = match crate::reactor::register(
+        socket,
+        tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+    ) {
         Ok(fd) => Arc::new(fd),
         Err(err) => {
             tracing::error!(error = %err, "cannot register a connection with the reactor");
@@ -60,7 +63,11 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
                     Some(RecvError::Truncated) | Some(RecvError::ControlTruncated) => {
                         let message = err.to_string();
                         broker.with(|s| {
-                            s.refuse_malformed(client, 0, WireError::new(ErrorCode::ProtocolError, message))
+                            s.refuse_malformed(
+                                client,
+                                0,
+                                WireError::new(ErrorCode::ProtocolError, message),
+                            )
                         })
                     }
                     _ => break 'connection,

@@ -71,7 +71,10 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             tokio::time::sleep(grace).await;
             let dropped = broker.with(|s| s.drop_orphans());
             if dropped > 0 {
-                tracing::warn!(dropped, "buffers not re-attached within the grace period were released");
+                tracing::warn!(
+                    dropped,
+                    "buffers not re-attached within the grace period were released"
+                );
             }
         });
     }
@@ -95,9 +98,10 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let listen_fd = listener.fd.try_clone().map_err(|e| {
-        DaemonError::Server(crate::server::ServerError::Reactor(e))
-    })?;
+    let listen_fd = listener
+        .fd
+        .try_clone()
+        .map_err(|e| DaemonError::Server(crate::server::ServerError::Reactor(e)))?;
     let mut accepting = tokio::spawn(accept_loop(Arc::clone(&broker), listen_fd));
     notify::ready(&status_line(&broker));
     loop {
@@ -146,21 +150,30 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
 
 /// Takes back what a previous instance left in the fd store. Returns
 /// whether anything was restored (re-attach grace then applies).
-fn restore(state: &mut State, mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>) -> bool {
+fn restore(
+    state: &mut State,
+    mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+) -> bool {
     if stored.is_empty() {
         return false;
     }
     let mut best: Option<(String, crate::service::record::StateRecord)> = None;
     for name in ["state-a", "state-b"] {
         if let Some(record) = stored.get(name).and_then(read_record) {
-            if best.as_ref().is_none_or(|(_, b)| record.generation > b.generation) {
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| record.generation > b.generation)
+            {
                 best = Some((name.to_owned(), record));
             }
         }
     }
     let names: Vec<String> = stored.keys().cloned().collect();
     let Some((record_name, record)) = best else {
-        tracing::warn!(fds = stored.len(), "fd store holds no readable record; dropping its fds");
+        tracing::warn!(
+            fds = stored.len(),
+            "fd store holds no readable record; dropping its fds"
+        );
         if let Some(store) = &state.fd_store {
             for name in &names {
                 store.remove(name);

@@ -128,7 +128,10 @@ pub fn unit_from_cgroup(text: &str) -> Option<String> {
     let path = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .or_else(|| text.lines().find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p)))?;
+        .or_else(|| {
+            text.lines()
+                .find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p))
+        })?;
     path.rsplit('/')
         .find(|part| part.ends_with(".service") || part.ends_with(".scope"))
         .map(str::to_owned)

@@ -16,7 +16,10 @@ use crate::broker::Broker;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot create {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("another dmabrokerd is already serving {0}")]
     InUse(PathBuf),
     #[error("cannot {op} socket {path}: {source}")]

@@ -55,7 +55,9 @@ fn sync_direction(access: Access) -> SyncDirection {
 
 fn fence_error(err: fence::FenceError) -> WireError {
     match err {
-        fence::FenceError::UnknownBuffer(_) => WireError::new(ErrorCode::UnknownBuffer, err.to_string()),
+        fence::FenceError::UnknownBuffer(_) => {
+            WireError::new(ErrorCode::UnknownBuffer, err.to_string())
+        }
         fence::FenceError::NotHolder { .. } => {
             WireError::new(ErrorCode::PermissionDenied, err.to_string())
         }
@@ -145,7 +147,8 @@ impl State {
                 tracing::error!(access = grant.access_id, "grant for an unknown waiter");
                 continue;
             };
-            self.stats.waited(now.saturating_duration_since(waiter.since));
+            self.stats
+                .waited(now.saturating_duration_since(waiter.since));
             self.deliver(grant, waiter.request_id, waiter.since, waiter.deadline);
         }
     }
@@ -173,8 +176,7 @@ impl State {
         let mut fences = Vec::new();
         if !autofence {
             fences = self.outstanding_fences(&grant, &mut fds);
-            if dmabuf && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write())
-            {
+            if dmabuf && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write()) {
                 match dma_buf::export_sync_file(buffer_fd.as_fd(), access.is_write()) {
                     Ok(sync_file) => {
                         fences.push(OutstandingFence {
@@ -387,7 +389,10 @@ impl State {
             .end_with_kernel_fence(client, access_id)
             .map_err(fence_error)?;
         let waiter = sync_file.try_clone().map_err(|e| {
-            WireError::new(ErrorCode::Internal, format!("cannot dup the sync_file: {e}"))
+            WireError::new(
+                ErrorCode::Internal,
+                format!("cannot dup the sync_file: {e}"),
+            )
         })?;
         let sync_file = Arc::new(sync_file);
         let Some(entry) = self.accesses.get_mut(&access_id) else {
@@ -518,7 +523,12 @@ impl State {
             return;
         };
         self.stats.revocations += 1;
-        tracing::warn!(client, buffer, access, "write access held past its limit: revoked");
+        tracing::warn!(
+            client,
+            buffer,
+            access,
+            "write access held past its limit: revoked"
+        );
         self.event(client, Event::AccessRevoked { access, buffer });
         self.notice(super::Notice::AccessRevoked {
             buffer,

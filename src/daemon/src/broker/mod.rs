@@ -30,7 +30,10 @@ pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
 #[derive(Debug)]
 pub enum Action {
     /// A queued begin (or one waiting for kernel fences) gives up.
-    Timeout { target: TimeoutTarget, after: Duration },
+    Timeout {
+        target: TimeoutTarget,
+        after: Duration,
+    },
     /// A write access exceeds the client's hold limit.
     HoldLimit { access: AccessId, after: Duration },
     /// Grant once the dma-buf's implicit kernel fences allow this access.
@@ -41,7 +44,10 @@ pub enum Action {
     },
     /// A device access was handed over with a sync_file: keep the fence
     /// until it signals.
-    AwaitSyncFile { access: AccessId, sync_file: OwnedFd },
+    AwaitSyncFile {
+        access: AccessId,
+        sync_file: OwnedFd,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]

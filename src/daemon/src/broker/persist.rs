@@ -20,7 +20,9 @@ use super::state::{BufferEntry, BufferOrigin, Holder, State};
 use crate::heaps::Backend;
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
-use crate::service::record::{BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION};
+use crate::service::record::{
+    BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION,
+};
 
 /// The client id of a hold nobody has re-attached yet (real ids start at 1).
 pub const ORPHAN: ClientId = 0;
@@ -68,7 +70,9 @@ impl State {
     /// The table as the next instance needs it.
     pub fn record(&mut self, generation: u64) -> StateRecord {
         let uid_of = |client: ClientId, clients: &HashMap<ClientId, super::ClientEntry>| {
-            clients.get(&client).map_or(u32::MAX, |c| c.peer.identity.uid)
+            clients
+                .get(&client)
+                .map_or(u32::MAX, |c| c.peer.identity.uid)
         };
         let mut buffers: Vec<BufferRecord> = self
             .buffers
@@ -102,7 +106,11 @@ impl State {
 
     /// Rebuilds the table from a record and the stored fds (consumed: fds
     /// no record claims are dropped, i.e. closed).
-    pub fn restore(&mut self, record: &StateRecord, mut fds: HashMap<String, OwnedFd>) -> RestoreSummary {
+    pub fn restore(
+        &mut self,
+        record: &StateRecord,
+        mut fds: HashMap<String, OwnedFd>,
+    ) -> RestoreSummary {
         let mut summary = RestoreSummary::default();
         for buffer in &record.buffers {
             let Some(fd) = fds.remove(&buffer_name(buffer.id)) else {
@@ -110,7 +118,10 @@ impl State {
                 continue;
             };
             if !matches_record(&fd, buffer) {
-                tracing::warn!(buffer = buffer.id, "stored fd is not the recorded buffer; dropping it");
+                tracing::warn!(
+                    buffer = buffer.id,
+                    "stored fd is not the recorded buffer; dropping it"
+                );
                 summary.lost += 1;
                 continue;
             }
@@ -142,7 +153,10 @@ impl State {
             self.arbiter.mark_writer_lost(buffer.id);
             summary.restored += 1;
         }
-        summary.unknown_fds = fds.keys().filter(|name| !name.starts_with("state-")).count();
+        summary.unknown_fds = fds
+            .keys()
+            .filter(|name| !name.starts_with("state-"))
+            .count();
         self.bump_next_buffer_id(record.next_buffer);
         summary
     }
@@ -178,7 +192,12 @@ impl State {
     }
 
     /// A client proves it held `buffer` before the restart.
-    pub(super) fn reattach(&mut self, client: ClientId, buffer: BufferId, secret: &str) -> Result<Answer, WireError> {
+    pub(super) fn reattach(
+        &mut self,
+        client: ClientId,
+        buffer: BufferId,
+        secret: &str,
+    ) -> Result<Answer, WireError> {
         let unknown = || {
             WireError::new(
                 ErrorCode::UnknownBuffer,

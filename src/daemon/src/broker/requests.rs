@@ -8,8 +8,8 @@ use std::time::{Instant, SystemTime};
 
 use dmabroker_ipc::codec::{decode_request, decode_request_head};
 use dmabroker_ipc::{
-    features, BufferId, BufferInfo, ClientId, ErrorCode, HeapInfo, QuotaDetail, ReplyBody,
-    Request, RequestBody, ShareToken, Welcome, WireError, FLAG_NO_REPLY, PROTOCOL_VERSION,
+    features, BufferId, BufferInfo, ClientId, ErrorCode, HeapInfo, QuotaDetail, ReplyBody, Request,
+    RequestBody, ShareToken, Welcome, WireError, FLAG_NO_REPLY, PROTOCOL_VERSION,
 };
 
 use super::access::Answer;
@@ -36,7 +36,12 @@ fn page_round(size: u64) -> Option<u64> {
 impl State {
     /// Handles one datagram from `client`. `fds` are already owned: any we
     /// do not keep are closed when this returns.
-    pub fn handle_message(&mut self, client: ClientId, bytes: &[u8], fds: Vec<OwnedFd>) -> Disposition {
+    pub fn handle_message(
+        &mut self,
+        client: ClientId,
+        bytes: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Disposition {
         let request = match decode_request(bytes) {
             Ok(request) => request,
             Err(err) => {
@@ -94,7 +99,12 @@ impl State {
         }
     }
 
-    fn dispatch(&mut self, client: ClientId, request: Request, mut fds: Vec<OwnedFd>) -> Disposition {
+    fn dispatch(
+        &mut self,
+        client: ClientId,
+        request: Request,
+        mut fds: Vec<OwnedFd>,
+    ) -> Disposition {
         let Request { head, body } = request;
         let hello_done = self.clients.get(&client).is_some_and(|c| c.hello_done);
         if let (RequestBody::Hello(hello), false) = (&body, hello_done) {
@@ -161,7 +171,11 @@ impl State {
         Disposition::Continue
     }
 
-    fn hello(&mut self, client: ClientId, hello: &dmabroker_ipc::Hello) -> Result<Welcome, WireError> {
+    fn hello(
+        &mut self,
+        client: ClientId,
+        hello: &dmabroker_ipc::Hello,
+    ) -> Result<Welcome, WireError> {
         if hello.version != PROTOCOL_VERSION {
             return Err(WireError::new(
                 ErrorCode::IncompatibleVersion,
@@ -223,7 +237,9 @@ impl State {
         let refuse = |what: &str, limit: u64, in_use: u64, requested: u64| {
             let mut err = WireError::new(
                 ErrorCode::QuotaExceeded,
-                format!("rule '{rule}': {what} limit {limit}, in use {in_use}, requested {requested}"),
+                format!(
+                    "rule '{rule}': {what} limit {limit}, in use {in_use}, requested {requested}"
+                ),
             );
             err.quota = Some(QuotaDetail {
                 limit,
@@ -258,7 +274,10 @@ impl State {
         name: Option<&str>,
     ) -> Result<Answer, WireError> {
         if size == 0 {
-            return Err(WireError::new(ErrorCode::InvalidArgument, "size must not be 0"));
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "size must not be 0",
+            ));
         }
         let rounded = page_round(size).ok_or_else(|| {
             WireError::new(ErrorCode::InvalidArgument, format!("size {size} is absurd"))
@@ -315,7 +334,11 @@ impl State {
         self.notice(super::Notice::BufferAllocated {
             buffer: id,
             size: allocation.size,
-            heap: self.buffers.get(&id).map(|b| b.heap.clone()).unwrap_or_default(),
+            heap: self
+                .buffers
+                .get(&id)
+                .map(|b| b.heap.clone())
+                .unwrap_or_default(),
             owner: client,
         });
         Ok(Answer::Reply(
@@ -351,7 +374,12 @@ impl State {
         self.buffers
             .get(&buffer)
             .filter(|b| b.held_by(client))
-            .ok_or_else(|| WireError::new(ErrorCode::UnknownBuffer, format!("you hold no buffer {buffer}")))
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::UnknownBuffer,
+                    format!("you hold no buffer {buffer}"),
+                )
+            })
     }
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
@@ -365,7 +393,10 @@ impl State {
                 self.reply(
                     client,
                     w.request_id,
-                    Err(WireError::new(ErrorCode::UnknownBuffer, "buffer freed while waiting")),
+                    Err(WireError::new(
+                        ErrorCode::UnknownBuffer,
+                        "buffer freed while waiting",
+                    )),
                     Vec::new(),
                 );
             }
@@ -413,7 +444,12 @@ impl State {
     }
 
     fn import(&mut self, client: ClientId, token: &str) -> Result<Answer, WireError> {
-        let unknown = || WireError::new(ErrorCode::UnknownToken, "no such share token (it may have been revoked)");
+        let unknown = || {
+            WireError::new(
+                ErrorCode::UnknownToken,
+                "no such share token (it may have been revoked)",
+            )
+        };
         let token: ShareToken = token.parse().map_err(|_| unknown())?;
         let (buffer, exporter) = {
             let entry = self.tokens.get(&token).ok_or_else(unknown)?;
@@ -465,21 +501,41 @@ impl State {
 
     /// Registers a dma-buf from elsewhere. Anything that is not a dma-buf is
     /// refused (and closed when `fd` drops).
-    fn adopt(&mut self, client: ClientId, fd: OwnedFd, name: Option<&str>) -> Result<Answer, WireError> {
+    fn adopt(
+        &mut self,
+        client: ClientId,
+        fd: OwnedFd,
+        name: Option<&str>,
+    ) -> Result<Answer, WireError> {
         if !dma_buf::is_dma_buf(fd.as_fd()) {
             return Err(WireError::new(
                 ErrorCode::NotADmaBuf,
                 "only dma-bufs can be adopted (file system magic 0x444d4142)",
             ));
         }
-        let size = dma_buf::size(fd.as_fd())
-            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("cannot size the dma-buf: {e}")))?;
+        let size = dma_buf::size(fd.as_fd()).map_err(|e| {
+            WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("cannot size the dma-buf: {e}"),
+            )
+        })?;
         if size == 0 {
-            return Err(WireError::new(ErrorCode::InvalidArgument, "the dma-buf is empty"));
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "the dma-buf is empty",
+            ));
         }
-        let inode = dma_buf::inode(fd.as_fd())
-            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("cannot stat the dma-buf: {e}")))?;
-        if self.buffers.values().any(|b| b.inode == inode && b.held_by(client)) {
+        let inode = dma_buf::inode(fd.as_fd()).map_err(|e| {
+            WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("cannot stat the dma-buf: {e}"),
+            )
+        })?;
+        if self
+            .buffers
+            .values()
+            .any(|b| b.inode == inode && b.held_by(client))
+        {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
                 "you already hold this dma-buf",
@@ -514,7 +570,6 @@ impl State {
             Vec::new(),
         ))
     }
-
 }
 
 fn alloc_error(err: AllocError) -> WireError {

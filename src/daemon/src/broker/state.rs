@@ -10,8 +10,7 @@ use std::time::{Instant, SystemTime};
 use dmabroker_fence::{AccessId, Arbiter, WaiterId};
 use dmabroker_ipc::codec::encode_server_message;
 use dmabroker_ipc::{
-    BufferId, ClientId, Event, EventMessage, Reply, ReplyBody, ServerMessage, ShareToken,
-    WireError,
+    BufferId, ClientId, Event, EventMessage, Reply, ReplyBody, ServerMessage, ShareToken, WireError,
 };
 use dmabroker_policy::{Policy, Resolved};
 
@@ -317,7 +316,12 @@ impl State {
 
     /// Sends one message to a client; a client whose queue overflows is
     /// shut down (its connection task then cleans up).
-    pub(super) fn send(&mut self, client: ClientId, message: &ServerMessage, fds: Vec<Arc<OwnedFd>>) {
+    pub(super) fn send(
+        &mut self,
+        client: ClientId,
+        message: &ServerMessage,
+        fds: Vec<Arc<OwnedFd>>,
+    ) {
         let Some(entry) = self.clients.get(&client) else {
             return;
         };
@@ -333,7 +337,9 @@ impl State {
             Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
                 tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
             }
-            Err(err) => tracing::debug!(client, error = %err, "message to a departing client dropped"),
+            Err(err) => {
+                tracing::debug!(client, error = %err, "message to a departing client dropped")
+            }
         }
     }
 

@@ -26,7 +26,14 @@ pub fn buffer_name(id: u64) -> String {
 }
 
 fn record_name(generation: u64) -> String {
-    format!("{RECORD_PREFIX}{}", if generation.is_multiple_of(2) { "a" } else { "b" })
+    format!(
+        "{RECORD_PREFIX}{}",
+        if generation.is_multiple_of(2) {
+            "a"
+        } else {
+            "b"
+        }
+    )
 }
 
 impl FdStore {
@@ -38,16 +45,17 @@ impl FdStore {
 
     pub fn store_buffer(&self, id: u64, fd: BorrowedFd<'_>) {
         let name = buffer_name(id);
-        if let Err(err) = sd_notify::notify_with_fds(
-            &[NotifyState::FdStore, NotifyState::FdName(&name)],
-            &[fd],
-        ) {
+        if let Err(err) =
+            sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd])
+        {
             tracing::warn!(buffer = id, error = %err, "cannot put a buffer in the fd store");
         }
     }
 
     pub fn remove(&self, name: &str) {
-        if let Err(err) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+        if let Err(err) =
+            sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])
+        {
             tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
         }
     }
@@ -61,7 +69,10 @@ impl FdStore {
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = record_name(record.generation);
         let fd = sealed_copy(&name, &bytes)?;
-        sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd.as_fd()])?;
+        sd_notify::notify_with_fds(
+            &[NotifyState::FdStore, NotifyState::FdName(&name)],
+            &[fd.as_fd()],
+        )?;
         if let Some(old) = self.current_record.replace(name.clone()) {
             if old != name {
                 self.remove(&old);

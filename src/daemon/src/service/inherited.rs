@@ -49,7 +49,9 @@ pub fn take() -> Result<Inherited, InheritError> {
             Some(SocketKind::SeqPacketListener) if inherited.listener.is_none() => {
                 inherited.listener = Some(fd);
             }
-            Some(SocketKind::Other(found)) => return Err(InheritError::WrongSocket { name, found }),
+            Some(SocketKind::Other(found)) => {
+                return Err(InheritError::WrongSocket { name, found })
+            }
             _ => tracing::warn!(name, "closing an unexpected inherited fd"),
         }
     }
@@ -72,7 +74,11 @@ fn socket_kind(fd: &OwnedFd) -> Option<SocketKind> {
             "a {}{:?} socket{}",
             if unix { "Unix " } else { "non-Unix " },
             kind,
-            if listening { "" } else { " that is not listening" }
+            if listening {
+                ""
+            } else {
+                " that is not listening"
+            }
         )))
     }
 }
