@@ -76,7 +76,7 @@ fn garbage_truncated_and_unknown_messages_get_protocol_errors() {
     assert_eq!(result.err(), Some(ErrorCode::ProtocolError));
 
     // Nothing was allocated, and the connection still works.
-    assert!(matches!(raw.request(RequestBody::ListHeaps), Ok(_)));
+    assert!(raw.request(RequestBody::ListHeaps).is_ok());
     drop(raw);
     still_serving(&daemon);
     daemon.assert_fds_back_to(baseline);
