@@ -8,8 +8,8 @@
 //! - quiet: no D-Bus traffic;
 //! - floor: 1,000 calls per second to the bus itself (`GetId`), which the
 //!   daemon never sees: what D-Bus traffic on this machine costs anyway;
-//! - debug: 1,000 calls per second to the daemon's debug interface, a mix
-//!   of every read-only method and property.
+//! - debug: 1,000 calls per second to the daemon's debug interface, every
+//!   read-only method and property in turn.
 //!
 //! The target: the data path's p99 under the debug load within 20% of its
 //! p99 when quiet. Phases alternate in short rounds so that drift in the
@@ -19,7 +19,9 @@
 //! of any excess D-Bus traffic as such accounts for.
 //!
 //! `cargo bench --bench dbus_load`; `DMABROKER_BENCH_ROUNDS` (default 20),
-//! `DMABROKER_BENCH_ITERS` (round trips per phase, default 5000) and
+//! `DMABROKER_BENCH_ITERS` (round trips per phase, default 5000),
+//! `DMABROKER_BENCH_METHOD` (one of the debug methods alone, to find which
+//! costs what) and
 //! `DMABROKER_BENCH_PACE_US` (time between round trips, default 100; 0
 //! spins, which on a small machine measures CPU contention more than the
 //! daemon) tune it.
@@ -46,6 +48,17 @@ enum Phase {
 }
 
 const PHASES: [Phase; 3] = [Phase::Quiet, Phase::Floor, Phase::Debug];
+
+/// The debug load's mix, in turn; `DMABROKER_BENCH_METHOD` picks one.
+const METHODS: [&str; 7] = [
+    "ListBuffers",
+    "ListClients",
+    "Statistics",
+    "GetBuffer",
+    "Totals",
+    "Heaps",
+    "Version",
+];
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -107,6 +120,13 @@ fn load(address: String, buffer: u64, shared: Arc<Load>) {
             .expect("debug proxy");
         let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let only = std::env::var("DMABROKER_BENCH_METHOD").ok().map(|m| {
+            METHODS
+                .iter()
+                .position(|known| *known == m)
+                .unwrap_or_else(|| panic!("DMABROKER_BENCH_METHOD: one of {METHODS:?}"))
+                as u64
+        });
         let mut n = 0u64;
         while !shared.stop.load(Ordering::Relaxed) {
             ticker.tick().await;
@@ -120,13 +140,18 @@ fn load(address: String, buffer: u64, shared: Arc<Load>) {
                 let ok = if phase == Phase::Floor as u8 {
                     bus.get_id().await.is_ok()
                 } else {
-                    match n % 6 {
+                    let pick = match only {
+                        Some(method) => method,
+                        None => n % 7,
+                    };
+                    match pick {
                         0 => debug.list_buffers().await.is_ok(),
                         1 => debug.list_clients().await.is_ok(),
                         2 => debug.statistics().await.is_ok(),
                         3 => debug.get_buffer(buffer).await.is_ok(),
                         4 => debug.totals().await.is_ok(),
-                        _ => debug.heaps().await.is_ok(),
+                        5 => debug.heaps().await.is_ok(),
+                        _ => debug.version().await.is_ok(),
                     }
                 };
                 if ok {
