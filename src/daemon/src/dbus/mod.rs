@@ -222,7 +222,7 @@ async fn connect(
     let Some(builder) = bus.builder().map_err(connect_error)? else {
         return Err(connect_error(zbus::Error::Unsupported));
     };
-    let service = service::Debug::new(Arc::clone(broker), reloader.clone());
+    let service = service::DebugObject::new(Arc::clone(broker), reloader.clone());
     // Neither takes the name from another daemon nor lets one take it: two
     // daemons on one bus is a mistake to report, not to paper over.
     let built = builder

@@ -1,7 +1,7 @@
 //! The `org.dmabroker.Debug1` object: a read-only view of the broker plus
 //! `ReloadPolicy` for administrators.
 //!
-//! Each handler locks the state only inside [`Debug::read`], a synchronous
+//! Each handler locks the state only inside [`DebugObject::read`], a synchronous
 //! call that copies what it needs into a view and unlocks before anything
 //! is awaited or sent. No handler returns an fd: buffers stay reachable only
 //! through the broker's own socket, where the policy applies.
@@ -28,14 +28,14 @@ pub enum DebugError {
 }
 
 #[derive(Debug)]
-pub struct Debug {
+pub struct DebugObject {
     broker: Arc<Broker>,
     reload: Reloader,
 }
 
-impl Debug {
+impl DebugObject {
     pub fn new(broker: Arc<Broker>, reload: Reloader) -> Self {
-        Debug { broker, reload }
+        DebugObject { broker, reload }
     }
 
     /// Runs `f` on the locked state. Synchronous on purpose: the guard
@@ -47,7 +47,7 @@ impl Debug {
 }
 
 #[zbus::interface(name = "org.dmabroker.Debug1")]
-impl Debug {
+impl DebugObject {
     /// The daemon's version.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn version(&self) -> String {

@@ -8,7 +8,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 use zbus::object_server::SignalEmitter;
 
-use super::service::Debug;
+use super::service::DebugObject;
 use crate::broker::Notice;
 
 /// Emits until the broker stops publishing (`None`), or returns the error
@@ -38,23 +38,25 @@ pub async fn forward(
 async fn emit(emitter: &SignalEmitter<'_>, notice: &Notice) -> zbus::Result<()> {
     match notice {
         Notice::ClientConnected { client, uid, pid } => {
-            Debug::client_connected(emitter, *client, *uid, *pid).await
+            DebugObject::client_connected(emitter, *client, *uid, *pid).await
         }
-        Notice::ClientDisconnected { client } => Debug::client_disconnected(emitter, *client).await,
+        Notice::ClientDisconnected { client } => {
+            DebugObject::client_disconnected(emitter, *client).await
+        }
         Notice::BufferAllocated {
             buffer,
             size,
             heap,
             owner,
-        } => Debug::buffer_allocated(emitter, *buffer, *size, heap, *owner).await,
-        Notice::BufferFreed { buffer } => Debug::buffer_freed(emitter, *buffer).await,
+        } => DebugObject::buffer_allocated(emitter, *buffer, *size, heap, *owner).await,
+        Notice::BufferFreed { buffer } => DebugObject::buffer_freed(emitter, *buffer).await,
         Notice::WriterLost { buffer, client } => {
-            Debug::writer_lost(emitter, *buffer, *client).await
+            DebugObject::writer_lost(emitter, *buffer, *client).await
         }
         Notice::AccessRevoked {
             buffer,
             access,
             client,
-        } => Debug::access_revoked(emitter, *buffer, *access, *client).await,
+        } => DebugObject::access_revoked(emitter, *buffer, *access, *client).await,
     }
 }
