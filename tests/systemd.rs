@@ -196,11 +196,13 @@ fn readiness_status_and_stopping_are_reported() {
             .iter()
             .any(|s| s == "1 clients, 1 buffers, 8192 bytes")
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    // A reload is announced (RELOADING=1 ... READY=1) as systemd expects.
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    manager.wait_for("RELOADING=1 then READY=1", Duration::from_secs(5), |r| {
+        r.count("RELOADING=1") == 1 && r.count("READY=1") == 2
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     manager.wait_for("STOPPING=1", Duration::from_secs(5), |r| {
         r.count("STOPPING=1") == 1
     });

@@ -109,9 +109,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                notify::reloading();
                 reload(&broker, &config);
-                notify::reloaded(&status_line(&broker));
             }
             result = &mut accepting => {
                 listener.remove_path();
@@ -135,7 +133,10 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
 
 /// A broken policy file never replaces a working policy.
 pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
-    match load_policy(config) {
+    // SIGHUP and D-Bus ReloadPolicy both come here, so the service manager
+    // hears about every reload.
+    notify::reloading();
+    let reloaded = match load_policy(config) {
         Ok(policy) => {
             broker.with(|s| s.replace_policy(policy));
             tracing::info!("policy reloaded");
@@ -145,7 +146,9 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
             tracing::error!(error = %err, "policy reload failed; keeping the current policy");
             false
         }
-    }
+    };
+    notify::reloaded(&status_line(broker));
+    reloaded
 }
 
 /// Takes back what a previous instance left in the fd store. Returns
