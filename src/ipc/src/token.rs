@@ -21,10 +21,41 @@ pub enum TokenError {
     Random(String),
 }
 
+/// Random bytes fetched from the kernel in batches: every allocation and
+/// import mints a secret, and a `getrandom` call each would be a syscall on
+/// the request path. The bytes are the kernel CSPRNG's own, handed out once
+/// each; the batch lives only in this thread.
+struct RandomPool {
+    bytes: [u8; 4096],
+    used: usize,
+}
+
+thread_local! {
+    static POOL: std::cell::RefCell<RandomPool> = const {
+        std::cell::RefCell::new(RandomPool { bytes: [0; 4096], used: 4096 })
+    };
+}
+
+fn fill_random(out: &mut [u8; BYTES]) -> Result<(), TokenError> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.used + BYTES > pool.bytes.len() {
+            getrandom::getrandom(&mut pool.bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+            pool.used = 0;
+        }
+        let start = pool.used;
+        out.copy_from_slice(&pool.bytes[start..start + BYTES]);
+        // Never hand the same bytes out twice.
+        pool.bytes[start..start + BYTES].fill(0);
+        pool.used += BYTES;
+        Ok(())
+    })
+}
+
 impl ShareToken {
     pub fn random() -> Result<Self, TokenError> {
         let mut bytes = [0u8; BYTES];
-        getrandom::getrandom(&mut bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+        fill_random(&mut bytes)?;
         Ok(ShareToken(bytes))
     }
 }
@@ -77,11 +108,10 @@ mod tests {
     }
 
     #[test]
-    fn two_tokens_differ() {
-        assert_ne!(
-            ShareToken::random().expect("random"),
-            ShareToken::random().expect("random")
-        );
+    fn tokens_never_repeat_across_pool_refills() {
+        let tokens: std::collections::HashSet<ShareToken> =
+            (0..2000).map(|_| ShareToken::random().expect("random")).collect();
+        assert_eq!(tokens.len(), 2000);
     }
 
     #[test]
