@@ -1,1 +1,1683 @@
-fn main() {}
+//! dmabroker's benchmarks: the real daemon against floors measured in the
+//! same run, on the same machine, between the same kinds of processes.
+//!
+//! Every broker figure is reported as a ratio against a floor: absolute
+//! numbers move with the machine, ratios say what the broker itself costs.
+//! Floor and broker runs alternate round by round; each ratio is the median
+//! of the rounds' ratios, so a burst of unrelated load (or of the host's,
+//! on a virtual machine) cannot tilt one side.
+//!
+//! ```text
+//! cargo bench --bench broker                 # everything (about a minute)
+//! cargo bench --bench broker -- --quick      # one short round, rougher figures
+//! cargo bench --bench broker -- handoff      # benchmarks whose name contains "handoff"
+//! ```
+//!
+//! Other processes are this executable run again with `__child ROLE ARGS`;
+//! a child's stdin is a SOCK_SEQPACKET control socket to the parent, over
+//! which fds, tokens, start signals and results travel. Re-executing (rather
+//! than forking) keeps every child single-threaded and free of the parent's
+//! state.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::error::Error;
+use std::ffi::CStr;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dmabroker_client::{Access, Buffer, Client};
+use dmabroker_ipc::fdpass::{recv_message_into, send_message, RecvError};
+use dmabroker_ipc::mapping::Mapping;
+use dmabroker_ipc::MAX_MESSAGE_SIZE;
+use dmabroker_suite::{Daemon, DaemonOptions};
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::time::{clock_getcpuclockid, clock_gettime, ClockId};
+use nix::unistd::Pid;
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// A 1080p NV12 frame: 1920 × 1080 luma + half as much chroma.
+const FRAME: usize = 1920 * 1080 * 3 / 2;
+/// Frames in flight between camera and codec.
+const RING: usize = 4;
+/// Client counts for the many-clients benchmarks.
+const CLIENTS: [usize; 3] = [1, 8, 32];
+/// The size of a small request, close to an encoded begin or alloc.
+const REQUEST_LEN: usize = 32;
+/// How long a hand-off writer waits after the reader said it is about to
+/// block, so that the reader's begin is queued at the broker (and the raw
+/// receiver is asleep in recv) before the clock starts. The same pause is
+/// used for the floor so both measure a wake-up from sleep.
+const SETTLE: Duration = Duration::from_micros(200);
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("__child") => child::run(&args[1..]),
+        _ => run_benchmarks(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("broker bench: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long and what to run.
+#[derive(Debug, Clone)]
+struct Settings {
+    quick: bool,
+    filter: Option<String>,
+}
+
+impl Settings {
+    /// `cargo bench` passes `--bench`; `cargo test --benches` does not, and
+    /// then nothing runs (a debug-build benchmark would only mislead).
+    fn parse(args: &[String]) -> Option<Settings> {
+        let mut settings = Settings {
+            quick: false,
+            filter: None,
+        };
+        let mut bench = false;
+        for arg in args {
+            match arg.as_str() {
+                "--bench" => bench = true,
+                "--quick" => settings.quick = true,
+                flag if flag.starts_with('-') => eprintln!("ignoring unknown flag {flag}"),
+                name => settings.filter = Some(name.to_owned()),
+            }
+        }
+        bench.then_some(settings)
+    }
+
+    fn selected(&self, name: &str) -> bool {
+        match &self.filter {
+            Some(filter) => name.contains(filter.as_str()),
+            None => true,
+        }
+    }
+
+    fn pick<T>(&self, quick: T, full: T) -> T {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+
+    /// Latency samples per round.
+    fn samples(&self) -> usize {
+        self.pick(2_000, 3_000)
+    }
+
+    fn handoff_samples(&self) -> usize {
+        self.pick(300, 500)
+    }
+
+    fn warmup(&self) -> Duration {
+        Duration::from_millis(self.pick(100, 150))
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.pick(300, 500))
+    }
+
+    fn ring_window(&self) -> Duration {
+        Duration::from_millis(self.pick(500, 800))
+    }
+
+    /// Many short rounds rather than a few long ones: each round's ratio
+    /// compares runs made moments apart.
+    fn rounds(&self) -> usize {
+        self.pick(1, 10)
+    }
+}
+
+fn run_benchmarks(args: &[String]) -> Res<()> {
+    let Some(settings) = Settings::parse(args) else {
+        println!("broker bench: run it with `cargo bench --bench broker [-- --quick] [FILTER]`");
+        return Ok(());
+    };
+    let started = Instant::now();
+    Placement::AllCpus.cpus()?; // remember the CPUs allowed before pinning any
+    start_watchdog(Duration::from_secs(settings.pick(120, 600)));
+    let mut bench = Bench::new(settings);
+    bench.run_all()?;
+    if bench.rows.is_empty() && bench.floors.is_empty() {
+        println!("no benchmark matches {:?}", bench.settings.filter);
+        return Ok(());
+    }
+    let report = report::markdown(&bench, started.elapsed());
+    println!("{report}");
+    let path = report_path()?;
+    std::fs::write(&path, &report)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+/// The daemon's pid once started, for the watchdog.
+static DAEMON_PID: AtomicU32 = AtomicU32::new(0);
+
+/// A benchmark whose processes wait for each other forever is a bug in
+/// its choreography; failing (and not leaving the daemon behind) beats
+/// hanging a CI job.
+fn start_watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("broker bench: still running after {limit:?}; giving up");
+        let pid = DAEMON_PID.load(Ordering::SeqCst);
+        if pid != 0 {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        std::process::exit(2);
+    });
+}
+
+/// `target/bench-report.md`, found from this executable
+/// (`target/release/deps/broker-*`).
+fn report_path() -> Res<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|n| n == "target"))
+        .or_else(|| exe.ancestors().nth(3))
+        .ok_or("cannot find the target folder")?;
+    Ok(target.join("bench-report.md"))
+}
+
+/// A benchmark's figure.
+#[derive(Debug, Clone, Copy)]
+enum Metric {
+    Latency { median: Duration, p99: Duration },
+    Rate { per_s: f64, unit: &'static str },
+}
+
+impl Metric {
+    fn latency(samples: &mut [Duration]) -> Metric {
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        Metric::Latency {
+            median: at(0.5),
+            p99: at(0.99),
+        }
+    }
+
+    fn rate(count: u64, window: Duration, unit: &'static str) -> Metric {
+        Metric::Rate {
+            per_s: count as f64 / window.as_secs_f64(),
+            unit,
+        }
+    }
+
+    /// The headline number: the median latency or the rate.
+    fn value(self) -> f64 {
+        match self {
+            Metric::Latency { median, .. } => median.as_secs_f64(),
+            Metric::Rate { per_s, .. } => per_s,
+        }
+    }
+
+    fn p99(self) -> Option<Duration> {
+        match self {
+            Metric::Latency { p99, .. } => Some(p99),
+            Metric::Rate { .. } => None,
+        }
+    }
+}
+
+/// CPU time per operation: the client's (this process) and the server's
+/// (the daemon, or the floor's echo process). Where the time goes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    client: Option<Duration>,
+    server: Option<Duration>,
+}
+
+/// One round's result.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    metric: Metric,
+    cpu: Cpu,
+}
+
+impl Measured {
+    fn plain(metric: Metric) -> Measured {
+        Measured {
+            metric,
+            cpu: Cpu::default(),
+        }
+    }
+
+    /// Two costs paid one after the other (alloc's round trip and its
+    /// memfd creation).
+    fn then(self, other: Measured) -> Measured {
+        let add = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or_default() + b.unwrap_or_default()),
+        };
+        let metric = match (self.metric, other.metric) {
+            (
+                Metric::Latency {
+                    median: m1,
+                    p99: p1,
+                },
+                Metric::Latency {
+                    median: m2,
+                    p99: p2,
+                },
+            ) => Metric::Latency {
+                median: m1 + m2,
+                p99: p1 + p2,
+            },
+            (metric, _) => metric,
+        };
+        Measured {
+            metric,
+            cpu: Cpu {
+                client: add(self.cpu.client, other.cpu.client),
+                server: add(self.cpu.server, other.cpu.server),
+            },
+        }
+    }
+
+    /// The median over rounds, component by component.
+    fn median_of(rounds: &[Measured]) -> Measured {
+        fn median<T: Copy>(
+            mut values: Vec<T>,
+            cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+        ) -> Option<T> {
+            values.sort_by(cmp);
+            values.get(values.len() / 2).copied()
+        }
+        let by_value = |a: &Measured, b: &Measured| a.metric.value().total_cmp(&b.metric.value());
+        let mid = median(rounds.to_vec(), by_value).expect("at least one round");
+        let durations = |f: fn(&Measured) -> Option<Duration>| {
+            median(rounds.iter().filter_map(f).collect(), Ord::cmp)
+        };
+        let metric = match mid.metric {
+            Metric::Latency { median, .. } => Metric::Latency {
+                median,
+                p99: durations(|m| m.metric.p99()).unwrap_or_default(),
+            },
+            rate => rate,
+        };
+        Measured {
+            metric,
+            cpu: Cpu {
+                client: durations(|m| m.cpu.client),
+                server: durations(|m| m.cpu.server),
+            },
+        }
+    }
+}
+
+/// Lower is better for latencies, higher for rates.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// A broker benchmark and its floor, measured in alternating rounds.
+#[derive(Debug, Clone)]
+struct Paired {
+    /// Medians over the rounds.
+    floor: Measured,
+    result: Measured,
+    /// Each round's result over the floor measured just before it: the
+    /// pairs share the machine's state of the moment (a virtual machine's
+    /// host load comes and goes), so their ratios are steadier than the
+    /// ratio of medians.
+    ratios: Vec<f64>,
+}
+
+impl Paired {
+    fn ratio(&self) -> f64 {
+        let mut ratios = self.ratios.clone();
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    }
+
+    fn spread(&self) -> (f64, f64) {
+        let min = self.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self
+            .ratios
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        (min, max)
+    }
+}
+
+/// A broker benchmark next to its floor.
+#[derive(Debug, Clone)]
+struct Row {
+    name: String,
+    floor_label: String,
+    pair: Paired,
+    target: Option<Target>,
+    note: String,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.pair.ratio()
+    }
+
+    fn met(&self) -> Option<bool> {
+        Some(match self.target? {
+            Target::AtMost(max) => self.ratio() <= max,
+            Target::AtLeast(min) => self.ratio() >= min,
+        })
+    }
+}
+
+/// The floors, by name, with what each measures.
+const FLOORS: [(&str, &str); 8] = [
+    (
+        "floor_rtt_fd",
+        "(a) SEQPACKET round trip, parent↔child, the reply carries one memfd",
+    ),
+    (
+        "floor_rtt",
+        "(a') the same round trip without an fd (informational)",
+    ),
+    (
+        "floor_oneway",
+        "(b) one-way message to a child asleep in recv (CLOCK_MONOTONIC stamps)",
+    ),
+    (
+        "floor_memfd",
+        "(c) memfd_create + ftruncate + F_ADD_SEALS + close, in-process",
+    ),
+    (
+        "floor_echo_1",
+        "(d) poll() echo server process, 1 client process",
+    ),
+    (
+        "floor_echo_8",
+        "(d) poll() echo server process, 8 client processes",
+    ),
+    (
+        "floor_echo_32",
+        "(d) poll() echo server process, 32 client processes",
+    ),
+    (
+        "floor_ring",
+        "(e) camera→codec over 4 shared memfds, indices over pipes, no broker",
+    ),
+];
+
+/// Latency benchmarks run on one CPU, throughput benchmarks on all (see
+/// [`Placement`]). One client against one server is a latency benchmark in
+/// disguise (a strict ping-pong with nothing to run in parallel), so it is
+/// pinned too.
+fn placement_of(name: &str) -> Placement {
+    let single_client = name.ends_with("echo_1") || name.ends_with("turns_1");
+    let parallel = name.contains("echo") || name.contains("ring") || name.contains("turns");
+    if parallel && !single_client {
+        Placement::AllCpus
+    } else {
+        Placement::OneCpu
+    }
+}
+
+/// Runs the selected benchmarks. Each broker benchmark runs its floors in
+/// the same rounds, alternating with its own runs.
+struct Bench {
+    settings: Settings,
+    /// Every round of every floor measured, for the floor table.
+    floors: BTreeMap<&'static str, Vec<Measured>>,
+    rows: Vec<Row>,
+    daemon: Option<Daemon>,
+    load_before: f64,
+}
+
+impl Bench {
+    fn new(settings: Settings) -> Bench {
+        Bench {
+            settings,
+            floors: BTreeMap::new(),
+            rows: Vec::new(),
+            daemon: None,
+            load_before: report::load_average(),
+        }
+    }
+
+    fn run_all(&mut self) -> Res<()> {
+        if self.settings.selected("alloc_free") {
+            self.alloc_free()?;
+        }
+        if self.settings.selected("begin_end") {
+            self.begin_end()?;
+        }
+        if self.settings.selected("handoff") {
+            self.handoff()?;
+        }
+        for clients in CLIENTS {
+            if self.settings.selected(&format!("turns_{clients}")) {
+                self.turns(clients)?;
+            }
+        }
+        if self.settings.selected("ring_broker") {
+            self.ring()?;
+        }
+        // Floors asked for by name that no broker benchmark needed.
+        for (name, _) in FLOORS {
+            if self.settings.selected(name) && !self.floors.contains_key(name) {
+                for _ in 0..self.settings.rounds() {
+                    self.floor(name)?;
+                }
+            }
+        }
+        if let Some(daemon) = self.daemon.take() {
+            let log = daemon.log();
+            if !log.trim().is_empty() {
+                eprintln!("daemon log (RUST_LOG=warn):\n{log}");
+            }
+            daemon.stop();
+        }
+        Ok(())
+    }
+
+    /// Measures one round of a floor and keeps it for the floor table.
+    fn floor(&mut self, name: &'static str) -> Res<Measured> {
+        self.place(placement_of(name))?;
+        let s = &self.settings;
+        let measured = match name {
+            "floor_rtt_fd" => floors::round_trip(s.samples(), true)?,
+            "floor_rtt" => floors::round_trip(s.samples(), false)?,
+            "floor_oneway" => floors::one_way(s.handoff_samples())?,
+            "floor_memfd" => floors::sealed_memfd(s.samples())?,
+            "floor_ring" => floors::ring(s)?,
+            "floor_echo_1" => floors::echo(1, s)?,
+            "floor_echo_8" => floors::echo(8, s)?,
+            "floor_echo_32" => floors::echo(32, s)?,
+            other => return Err(format!("no floor {other}").into()),
+        };
+        self.floors.entry(name).or_default().push(measured);
+        Ok(measured)
+    }
+
+    /// Alternates `floor` and `run`, round after round.
+    fn paired(
+        &mut self,
+        floor: &mut dyn FnMut(&mut Bench) -> Res<Measured>,
+        run: &mut dyn FnMut(&mut Bench) -> Res<Measured>,
+    ) -> Res<Paired> {
+        let mut floors = Vec::new();
+        let mut results = Vec::new();
+        let mut ratios = Vec::new();
+        for _ in 0..self.settings.rounds() {
+            let f = floor(self)?;
+            let r = run(self)?;
+            ratios.push(r.metric.value() / f.metric.value());
+            floors.push(f);
+            results.push(r);
+        }
+        Ok(Paired {
+            floor: Measured::median_of(&floors),
+            result: Measured::median_of(&results),
+            ratios,
+        })
+    }
+
+    /// Places this process and the daemon (children follow this process).
+    fn place(&mut self, placement: Placement) -> Res<()> {
+        Placement::apply(placement, 0)?;
+        if let Some(daemon) = &self.daemon {
+            placement.apply(daemon.pid())?;
+        }
+        Ok(())
+    }
+
+    /// The daemon, started (once) for the first broker benchmark.
+    fn daemon(&mut self) -> Res<&Daemon> {
+        if self.daemon.is_none() {
+            build_daemon()?;
+            let daemon = Daemon::start_with(DaemonOptions {
+                env: vec![("RUST_LOG".into(), "warn".into())],
+                ..Default::default()
+            });
+            DAEMON_PID.store(daemon.pid(), Ordering::SeqCst);
+            self.daemon = Some(daemon);
+        }
+        self.daemon.as_ref().ok_or_else(|| "no daemon".into())
+    }
+
+    fn socket(&mut self) -> Res<PathBuf> {
+        Ok(self.daemon()?.socket.clone())
+    }
+
+    fn daemon_cpu(&mut self) -> Res<CpuClock> {
+        CpuClock::of(self.daemon()?.pid())
+    }
+
+    fn alloc_free(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        self.place(placement_of("alloc_free"))?;
+        let daemon = self.daemon_cpu()?;
+        let pair = self.paired(
+            &mut |b| Ok(b.floor("floor_rtt_fd")?.then(b.floor("floor_memfd")?)),
+            &mut |b| broker::alloc_free(&client, &daemon, b.settings.samples()),
+        )?;
+        check_errors(&client)?;
+        self.rows.push(Row {
+            name: "alloc_free".into(),
+            floor_label: "(a) floor_rtt_fd + (c) floor_memfd".into(),
+            pair,
+            target: Some(Target::AtMost(1.2)),
+            note: "client.alloc(4096) then drop; the free is pipelined, so the daemon handles it \
+                   before the next alloc"
+                .into(),
+        });
+        Ok(())
+    }
+
+    fn begin_end(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        self.place(placement_of("begin_end"))?;
+        let buffer = client.alloc(4096)?;
+        let daemon = self.daemon_cpu()?;
+        let mut no_fd = Vec::new();
+        let pair = self.paired(
+            &mut |b| {
+                no_fd.push(b.floor("floor_rtt")?);
+                b.floor("floor_rtt_fd")
+            },
+            &mut |b| broker::begin_end(&buffer, &daemon, b.settings.samples()),
+        )?;
+        check_errors(&client)?;
+        let no_fd = Measured::median_of(&no_fd).metric.value();
+        self.rows.push(Row {
+            name: "begin_end".into(),
+            floor_label: "(a) floor_rtt_fd".into(),
+            pair: pair.clone(),
+            target: Some(Target::AtMost(1.2)),
+            note: format!(
+                "uncontended begin(CpuWrite) + drop (the end is pipelined); {:.2}x the round trip \
+                 without an fd",
+                pair.result.metric.value() / no_fd
+            ),
+        });
+        Ok(())
+    }
+
+    fn handoff(&mut self) -> Res<()> {
+        let socket = self.socket()?;
+        self.place(placement_of("handoff"))?;
+        let daemon = self.daemon_cpu()?;
+        let pair = self.paired(&mut |b| b.floor("floor_oneway"), &mut |b| {
+            broker::handoff(&socket, &daemon, b.settings.handoff_samples())
+        })?;
+        self.rows.push(Row {
+            name: "handoff".into(),
+            floor_label: "(b) floor_oneway".into(),
+            pair: pair.clone(),
+            target: Some(Target::AtMost(1.3)),
+            note: format!(
+                "W drops its CpuWrite guard → R's blocked begin(CpuRead) returns; {:.2}x two \
+                 one-way messages (W→daemon, daemon→R)",
+                pair.ratio() / 2.0
+            ),
+        });
+        Ok(())
+    }
+
+    fn turns(&mut self, clients: usize) -> Res<()> {
+        let socket = self.socket()?;
+        self.place(placement_of(&format!("turns_{clients}")))?;
+        let daemon = self.daemon_cpu()?;
+        let floor_name = match clients {
+            1 => "floor_echo_1",
+            8 => "floor_echo_8",
+            32 => "floor_echo_32",
+            _ => return Err(format!("no echo floor for {clients} clients").into()),
+        };
+        let pair = self.paired(&mut |b| b.floor(floor_name), &mut |b| {
+            broker::turns(&socket, &daemon, clients, &b.settings)
+        })?;
+        let cycles = pair.result.metric.value() / 2.0;
+        self.rows.push(Row {
+            name: format!("turns_{clients}"),
+            floor_label: format!("(d) {floor_name}"),
+            pair: pair.clone(),
+            target: (clients == 32).then_some(Target::AtLeast(0.8)),
+            note: format!(
+                "{clients} client process(es), one buffer each, begin(CpuWrite)+drop in a loop; begin \
+                 and end each count as a transition ({cycles:.0} begin+end cycles/s = {:.2}x the echo \
+                 rate)",
+                pair.ratio() / 2.0
+            ),
+        });
+        Ok(())
+    }
+
+    fn ring(&mut self) -> Res<()> {
+        let socket = self.socket()?;
+        self.place(placement_of("ring"))?;
+        let daemon = self.daemon_cpu()?;
+        let mut waits = Vec::new();
+        let pair = self.paired(&mut |b| b.floor("floor_ring"), &mut |b| {
+            let (measured, producer_wait, consumer_wait) =
+                broker::ring(&socket, &daemon, &b.settings)?;
+            waits.push((producer_wait, consumer_wait));
+            Ok(measured)
+        })?;
+        let median_wait = |pick: fn(&(Metric, Metric)) -> Metric| {
+            let rounds: Vec<Measured> = waits.iter().map(|w| Measured::plain(pick(w))).collect();
+            report::metric(&Measured::median_of(&rounds).metric)
+        };
+        let (producer_wait, consumer_wait) = (median_wait(|w| w.0), median_wait(|w| w.1));
+        self.rows.push(Row {
+            name: "ring_broker".into(),
+            floor_label: "(e) floor_ring".into(),
+            pair,
+            target: Some(Target::AtLeast(0.95)),
+            note: format!(
+                "4 × 3,110,400-byte buffers: producer begin(CpuWrite)/fill/end, consumer \
+                 begin(CpuRead)/checksum/end; indices over pipes as in the floor. Time spent in \
+                 begin: producer {producer_wait}, consumer {consumer_wait}"
+            ),
+        });
+        Ok(())
+    }
+}
+
+/// `cargo bench` builds this package, not the daemon's binary: build it
+/// (a no-op when it is up to date) so the figures are today's code.
+fn build_daemon() -> Res<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "dmabrokerd"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err("`cargo build --release --bin dmabrokerd` failed".into())
+    }
+}
+
+/// Pipelined ends and frees report failures asynchronously; a benchmark
+/// that silently failed them would measure nothing.
+fn check_errors(client: &Client) -> Res<()> {
+    let errors = client.take_errors();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the broker refused pipelined requests: {errors:?}").into())
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the
+/// machine, so timestamps can cross a pipe.
+fn now_ns() -> u64 {
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+fn sleep_until_ns(deadline: u64) {
+    let now = now_ns();
+    if deadline > now {
+        std::thread::sleep(Duration::from_nanos(deadline - now));
+    }
+}
+
+/// The CPU time a process (all its threads) has used: read before and
+/// after a run to see who spent the time.
+#[derive(Debug, Clone, Copy)]
+struct CpuClock(ClockId);
+
+impl CpuClock {
+    fn of_self() -> CpuClock {
+        CpuClock(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+    }
+
+    fn of(pid: u32) -> Res<CpuClock> {
+        Ok(CpuClock(clock_getcpuclockid(Pid::from_raw(
+            i32::try_from(pid)?,
+        ))?))
+    }
+
+    fn now(self) -> Res<Duration> {
+        let ts = clock_gettime(self.0)?;
+        Ok(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
+    }
+}
+
+/// Where the processes of a benchmark may run.
+///
+/// On this kind of machine (a small VM) a wake-up that crosses CPUs costs
+/// tens of microseconds when the other CPU is idle, and whether two
+/// processes share a CPU is up to the scheduler: unpinned, the same latency
+/// benchmark comes out at either ~3 µs or ~60 µs from one run to the next.
+/// Latency benchmarks therefore pin every process involved (this one, its
+/// children, the daemon) to one CPU, floors and broker alike, and measure
+/// the software path; throughput benchmarks need both CPUs and float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    OneCpu,
+    AllCpus,
+}
+
+/// The CPUs this benchmark was started on (all of them, unless someone
+/// ran it under `taskset`), read before any pinning.
+static ALLOWED_CPUS: OnceLock<CpuSet> = OnceLock::new();
+
+impl Placement {
+    fn cpus(self) -> Res<CpuSet> {
+        let allowed = *ALLOWED_CPUS.get_or_init(|| {
+            sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity of this process")
+        });
+        match self {
+            Placement::AllCpus => Ok(allowed),
+            Placement::OneCpu => {
+                let first = (0..CpuSet::count())
+                    .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+                    .ok_or("no CPU allowed")?;
+                let mut one = CpuSet::new();
+                one.set(first)?;
+                Ok(one)
+            }
+        }
+    }
+
+    /// Applies to every thread of `pid` (0: this process); children
+    /// spawned afterwards inherit it.
+    fn apply(self, pid: u32) -> Res<()> {
+        let set = self.cpus()?;
+        let dir = match pid {
+            0 => "/proc/self/task".to_owned(),
+            pid => format!("/proc/{pid}/task"),
+        };
+        for task in std::fs::read_dir(dir)? {
+            let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+            sched_setaffinity(Pid::from_raw(tid), &set)?;
+        }
+        Ok(())
+    }
+}
+
+/// Times `op` `samples` times after a 10% warm-up, with the CPU this
+/// process and `server` spent per operation.
+fn time_ops(
+    samples: usize,
+    server: Option<CpuClock>,
+    mut op: impl FnMut() -> Res<()>,
+) -> Res<Measured> {
+    for _ in 0..samples / 10 {
+        op()?;
+    }
+    let client = CpuClock::of_self();
+    let cpu_before = (client.now()?, server.map(CpuClock::now).transpose()?);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        op()?;
+        times.push(start.elapsed());
+    }
+    let per_op = |before: Duration, after: Duration| (after - before) / samples as u32;
+    let server_after = server.map(CpuClock::now).transpose()?;
+    Ok(Measured {
+        metric: Metric::latency(&mut times),
+        cpu: Cpu {
+            client: Some(per_op(cpu_before.0, client.now()?)),
+            server: cpu_before.1.zip(server_after).map(|(b, a)| per_op(b, a)),
+        },
+    })
+}
+
+fn seqpacket_pair() -> Res<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// `(read end, write end)`, close-on-exec so no child inherits a stray
+/// writer (which would keep the reader from ever seeing end-of-file).
+fn pipe() -> Res<(File, File)> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    Ok((File::from(read), File::from(write)))
+}
+
+/// What the daemon's memfd heap does per allocation.
+fn sealed_memfd(size: usize) -> Res<OwnedFd> {
+    const NAME: &CStr = c"dmabroker-bench";
+    let fd = memfd_create(
+        NAME,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    nix::unistd::ftruncate(&fd, i64::try_from(size)?)?;
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(fd)
+}
+
+/// The control channel between the parent and a child: small messages of
+/// u64 words (with fds when needed) or text.
+mod ctl {
+    use super::*;
+
+    pub fn send_words(fd: BorrowedFd<'_>, words: &[u64], fds: &[BorrowedFd<'_>]) -> Res<()> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        send_message(fd, &bytes, fds, false)?;
+        Ok(())
+    }
+
+    pub fn recv_words(fd: BorrowedFd<'_>) -> Res<(Vec<u64>, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        let (len, fds) = recv_message_into(fd, &mut buf, false)?;
+        let words = buf[..len]
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")))
+            .collect();
+        Ok((words, fds))
+    }
+
+    pub fn recv_word(fd: BorrowedFd<'_>) -> Res<u64> {
+        recv_words(fd)?
+            .0
+            .first()
+            .copied()
+            .ok_or_else(|| "empty control message".into())
+    }
+
+    pub fn send_text(fd: BorrowedFd<'_>, text: &str) -> Res<()> {
+        send_message(fd, text.as_bytes(), &[], false)?;
+        Ok(())
+    }
+
+    pub fn recv_text(fd: BorrowedFd<'_>) -> Res<String> {
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        let (len, _) = recv_message_into(fd, &mut buf, false)?;
+        Ok(String::from_utf8(buf[..len].to_vec())?)
+    }
+
+    pub fn send_latency(fd: BorrowedFd<'_>, metric: Metric) -> Res<()> {
+        match metric {
+            Metric::Latency { median, p99 } => {
+                send_words(fd, &[median.as_nanos() as u64, p99.as_nanos() as u64], &[])
+            }
+            Metric::Rate { .. } => Err("not a latency".into()),
+        }
+    }
+
+    pub fn recv_latency(fd: BorrowedFd<'_>) -> Res<Metric> {
+        let (words, _) = recv_words(fd)?;
+        match words[..] {
+            [median, p99] => Ok(Metric::Latency {
+                median: Duration::from_nanos(median),
+                p99: Duration::from_nanos(p99),
+            }),
+            _ => Err("malformed latency report".into()),
+        }
+    }
+}
+
+/// A child process running one role, with its control socket.
+struct Proc {
+    child: std::process::Child,
+    ctl: OwnedFd,
+}
+
+impl Proc {
+    fn spawn(role: &str, args: &[&str]) -> Res<Proc> {
+        let (ours, theirs) = seqpacket_pair()?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("__child")
+            .arg(role)
+            .args(args)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Proc { child, ctl: ours })
+    }
+
+    fn ctl(&self) -> BorrowedFd<'_> {
+        self.ctl.as_fd()
+    }
+
+    fn cpu(&self) -> Res<CpuClock> {
+        CpuClock::of(self.child.id())
+    }
+
+    /// Closes the control socket (the child's cue to finish) and checks
+    /// that the child exited cleanly.
+    fn finish(self) -> Res<()> {
+        let Proc { mut child, ctl } = self;
+        drop(ctl);
+        let status = child.wait()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("bench child failed: {status}").into())
+        }
+    }
+}
+
+/// Starts a timed window in every child at the same instant of the shared
+/// monotonic clock, after a warm-up; returns the summed count of operations
+/// completed inside it and the CPU `server` spent during it.
+fn run_window(procs: &[Proc], server: CpuClock, settings: &Settings) -> Res<(u64, Duration)> {
+    for proc in procs {
+        ctl::recv_word(proc.ctl())?; // ready
+    }
+    let start = now_ns() + settings.warmup().as_nanos() as u64;
+    let end = start + settings.window().as_nanos() as u64;
+    for proc in procs {
+        ctl::send_words(proc.ctl(), &[start, end], &[])?;
+    }
+    sleep_until_ns(start);
+    let before = server.now()?;
+    sleep_until_ns(end);
+    let server_cpu = server.now()? - before;
+    let mut total = 0;
+    for proc in procs {
+        total += ctl::recv_word(proc.ctl())?;
+    }
+    Ok((total, server_cpu))
+}
+
+/// The expected checksum of a frame filled with `byte`.
+fn frame_sum(byte: u8) -> u64 {
+    u64::from_ne_bytes([byte; 8]).wrapping_mul((FRAME / 8) as u64)
+}
+
+/// Sums a frame as u64 words: reads every byte, as a codec would.
+fn checksum(frame: &[u8]) -> u64 {
+    frame.chunks_exact(8).fold(0u64, |sum, w| {
+        sum.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")))
+    })
+}
+
+/// Consecutive frames get different contents, so a stale frame is caught.
+fn frame_byte(seq: u64) -> u8 {
+    (seq % 251) as u8 + 1
+}
+
+fn check_frame(frame: &[u8], byte: u8) -> Res<()> {
+    if checksum(&frame[..FRAME]) == frame_sum(byte) {
+        Ok(())
+    } else {
+        Err("frame checksum mismatch: the consumer saw a torn or stale frame".into())
+    }
+}
+
+/// What a ring run did.
+#[derive(Debug)]
+struct RingRun {
+    /// Frames the consumer returned within the window.
+    frames: u64,
+    window: Duration,
+    /// Frames produced in all, warm-up included.
+    produced: u64,
+}
+
+/// The camera side of a ring: fills a free buffer, passes its index on,
+/// takes indices back. `fill(index, byte)` writes one frame (taking and
+/// ending whatever access the variant needs).
+fn produce_frames(
+    fill: &mut dyn FnMut(usize, u8) -> Res<()>,
+    to_consumer: &mut File,
+    from_consumer: &mut File,
+    settings: &Settings,
+) -> Res<RingRun> {
+    let mut free: VecDeque<usize> = (0..RING).collect();
+    let mut seq = 0u64;
+    let mut consumed = 0u64;
+    let warmup_end = Instant::now() + settings.warmup();
+    let mut window: Option<Instant> = None;
+    loop {
+        if free.is_empty() {
+            let mut idx = [0u8; 8];
+            from_consumer.read_exact(&mut idx)?;
+            free.push_back(usize::try_from(u64::from_ne_bytes(idx))?);
+            match window {
+                Some(started) => {
+                    consumed += 1;
+                    if started.elapsed() >= settings.ring_window() {
+                        return Ok(RingRun {
+                            frames: consumed,
+                            window: started.elapsed(),
+                            produced: seq,
+                        });
+                    }
+                }
+                None if Instant::now() >= warmup_end => window = Some(Instant::now()),
+                None => {}
+            }
+        }
+        let idx = free.pop_front().ok_or("ring underflow")?;
+        fill(idx, frame_byte(seq))?;
+        let message: Vec<u8> = [idx as u64, seq]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        to_consumer.write_all(&message)?;
+        seq += 1;
+    }
+}
+
+/// The codec side of a ring: takes an index, checks the frame, returns the
+/// index, until the producer closes the pipe.
+fn consume_frames(
+    check: &mut dyn FnMut(usize, u8) -> Res<()>,
+    from_producer: &mut File,
+    to_producer: &mut File,
+) -> Res<()> {
+    let mut message = [0u8; 16];
+    loop {
+        match from_producer.read_exact(&mut message) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) => return Err(err.into()),
+        }
+        let idx = u64::from_ne_bytes(message[..8].try_into()?);
+        let seq = u64::from_ne_bytes(message[8..].try_into()?);
+        check(usize::try_from(idx)?, frame_byte(seq))?;
+        to_producer.write_all(&idx.to_ne_bytes())?;
+    }
+}
+
+/// The floors: the same work with nothing but the kernel in between.
+mod floors {
+    use super::*;
+
+    /// Parent sends a request-sized message, the child echoes it (with a
+    /// memfd attached when `with_fd`), as the broker answers an alloc.
+    /// The parent reuses its receive buffer: the cheapest correct client.
+    pub fn round_trip(samples: usize, with_fd: bool) -> Res<Measured> {
+        let child = Proc::spawn("echo", &[])?;
+        let mut request = [0u8; REQUEST_LEN];
+        request[0] = u8::from(with_fd);
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        let measured = time_ops(samples, Some(child.cpu()?), || {
+            send_message(child.ctl(), &request, &[], false)?;
+            let (_, fds) = recv_message_into(child.ctl(), &mut buf, false)?;
+            drop(fds); // closing the fd is part of the client's cost too
+            Ok(())
+        })?;
+        child.finish()?;
+        Ok(measured)
+    }
+
+    /// Parent waits for the child to be about to block, pauses, and sends a
+    /// timestamp; the child subtracts it from its own on arrival.
+    pub fn one_way(samples: usize) -> Res<Measured> {
+        let child = Proc::spawn("oneway", &[&samples.to_string()])?;
+        let child_cpu = child.cpu()?;
+        let cpu_before = child_cpu.now()?;
+        let cycles = samples + samples / 10;
+        for _ in 0..cycles {
+            ctl::recv_word(child.ctl())?; // about to block in recv
+            std::thread::sleep(SETTLE);
+            ctl::send_words(child.ctl(), &[now_ns()], &[])?;
+        }
+        let metric = ctl::recv_latency(child.ctl())?;
+        let receiver_cpu = child_cpu.now()? - cpu_before;
+        child.finish()?;
+        Ok(Measured {
+            metric,
+            // The receiver's CPU per wake-up: the daemon's counterpart.
+            cpu: Cpu {
+                client: None,
+                server: Some(receiver_cpu / u32::try_from(cycles)?),
+            },
+        })
+    }
+
+    pub fn sealed_memfd(samples: usize) -> Res<Measured> {
+        time_ops(samples, None, || {
+            drop(super::sealed_memfd(4096)?);
+            Ok(())
+        })
+    }
+
+    /// `clients` processes doing request/reply against one poll() server
+    /// process; requests per second.
+    pub fn echo(clients: usize, settings: &Settings) -> Res<Measured> {
+        let server = Proc::spawn("echo-server", &[])?;
+        let mut procs = Vec::with_capacity(clients);
+        let mut server_ends = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let (client_end, server_end) = seqpacket_pair()?;
+            let proc = Proc::spawn("echo-client", &[])?;
+            ctl::send_words(proc.ctl(), &[], &[client_end.as_fd()])?;
+            procs.push(proc);
+            server_ends.push(server_end);
+        }
+        let borrowed: Vec<BorrowedFd<'_>> = server_ends.iter().map(|fd| fd.as_fd()).collect();
+        ctl::send_words(server.ctl(), &[], &borrowed)?;
+        drop(borrowed);
+        drop(server_ends);
+        let (total, server_cpu) = run_window(&procs, server.cpu()?, settings)?;
+        for proc in procs {
+            proc.finish()?;
+        }
+        server.finish()?;
+        Ok(Measured {
+            metric: Metric::rate(total, settings.window(), "req/s"),
+            cpu: Cpu {
+                client: None,
+                server: Some(server_cpu / u32::try_from(total.max(1))?),
+            },
+        })
+    }
+
+    /// Camera→codec with shared memfds and pipes only.
+    pub fn ring(settings: &Settings) -> Res<Measured> {
+        let consumer = Proc::spawn("ring-raw", &[])?;
+        let buffers = (0..RING)
+            .map(|_| super::sealed_memfd(FRAME))
+            .collect::<Res<Vec<_>>>()?;
+        let (from_producer, mut to_consumer) = pipe()?;
+        let (mut from_consumer, to_producer) = pipe()?;
+        let mut fds: Vec<BorrowedFd<'_>> = buffers.iter().map(|fd| fd.as_fd()).collect();
+        fds.push(from_producer.as_fd());
+        fds.push(to_producer.as_fd());
+        ctl::send_words(consumer.ctl(), &[], &fds)?;
+        drop(fds);
+        drop((from_producer, to_producer));
+        let mut maps = buffers
+            .iter()
+            .map(|fd| Mapping::new(fd.as_fd(), FRAME))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fill = |idx: usize, byte: u8| -> Res<()> {
+            maps[idx][..FRAME].fill(byte);
+            Ok(())
+        };
+        let run = produce_frames(&mut fill, &mut to_consumer, &mut from_consumer, settings)?;
+        drop(to_consumer);
+        consumer.finish()?;
+        Ok(Measured::plain(Metric::rate(
+            run.frames, run.window, "frames/s",
+        )))
+    }
+}
+
+/// The same work through the real daemon.
+mod broker {
+    use super::*;
+
+    pub fn alloc_free(client: &Client, daemon: &CpuClock, samples: usize) -> Res<Measured> {
+        time_ops(samples, Some(*daemon), || {
+            drop(client.alloc(4096)?);
+            Ok(())
+        })
+    }
+
+    pub fn begin_end(buffer: &Buffer, daemon: &CpuClock, samples: usize) -> Res<Measured> {
+        time_ops(samples, Some(*daemon), || {
+            drop(buffer.begin(Access::CpuWrite)?);
+            Ok(())
+        })
+    }
+
+    /// This process is the writer W; the child is the reader R, blocked in
+    /// begin(CpuRead) when W ends. R reports now − (W's time just before
+    /// the end).
+    pub fn handoff(socket: &Path, daemon: &CpuClock, samples: usize) -> Res<Measured> {
+        let client = Client::connect_to(socket)?;
+        let buffer = client.alloc(4096)?;
+        let reader = Proc::spawn("handoff-reader", &[path_arg(socket)?, &samples.to_string()])?;
+        ctl::send_text(reader.ctl(), &buffer.export()?.to_string())?;
+        let daemon_before = daemon.now()?;
+        for _ in 0..samples + samples / 10 {
+            let guard = buffer.begin(Access::CpuWrite)?;
+            ctl::send_words(reader.ctl(), &[1], &[])?; // holding
+            ctl::recv_word(reader.ctl())?; // R is about to block in begin
+            std::thread::sleep(SETTLE);
+            let t0 = now_ns();
+            drop(guard);
+            ctl::send_words(reader.ctl(), &[t0], &[])?;
+            // Only begin again once R has had its turn: were R's begin to
+            // reach the broker after our next one (a loaded machine can
+            // delay R past SETTLE), each would wait for the other.
+            ctl::recv_word(reader.ctl())?;
+        }
+        let daemon_cpu = daemon.now()? - daemon_before;
+        let metric = ctl::recv_latency(reader.ctl())?;
+        reader.finish()?;
+        check_errors(&client)?;
+        let cycles = u32::try_from(samples + samples / 10)?;
+        Ok(Measured {
+            metric,
+            // Four messages per cycle: W's end and begin, R's begin and end.
+            cpu: Cpu {
+                client: None,
+                server: Some(daemon_cpu / cycles),
+            },
+        })
+    }
+
+    /// Begin+end cycles of `clients` processes, each on its own buffer;
+    /// transitions (begins and ends) per second.
+    pub fn turns(
+        socket: &Path,
+        daemon: &CpuClock,
+        clients: usize,
+        settings: &Settings,
+    ) -> Res<Measured> {
+        let procs = (0..clients)
+            .map(|_| Proc::spawn("turns-client", &[path_arg(socket)?]))
+            .collect::<Res<Vec<_>>>()?;
+        let (cycles, daemon_cpu) = run_window(&procs, *daemon, settings)?;
+        for proc in procs {
+            proc.finish()?;
+        }
+        let transitions = 2 * cycles;
+        Ok(Measured {
+            metric: Metric::rate(transitions, settings.window(), "transitions/s"),
+            cpu: Cpu {
+                client: None,
+                server: Some(daemon_cpu / u32::try_from(transitions.max(1))?),
+            },
+        })
+    }
+
+    /// Camera→codec through the broker: this process produces, the child
+    /// imports and consumes; the pipes carry indices as in the floor, and
+    /// the broker's fences guard every access.
+    /// Also returns how long the producer's and the consumer's begins took.
+    pub fn ring(
+        socket: &Path,
+        daemon: &CpuClock,
+        settings: &Settings,
+    ) -> Res<(Measured, Metric, Metric)> {
+        let client = Client::connect_to(socket)?;
+        let buffers = (0..RING)
+            .map(|_| client.alloc(FRAME as u64))
+            .collect::<Result<Vec<_>, _>>()?;
+        let consumer = Proc::spawn("ring-broker", &[path_arg(socket)?])?;
+        for buffer in &buffers {
+            ctl::send_text(consumer.ctl(), &buffer.export()?.to_string())?;
+        }
+        let (from_producer, mut to_consumer) = pipe()?;
+        let (mut from_consumer, to_producer) = pipe()?;
+        ctl::send_words(
+            consumer.ctl(),
+            &[],
+            &[from_producer.as_fd(), to_producer.as_fd()],
+        )?;
+        drop((from_producer, to_producer));
+        let mut waits = Vec::new();
+        let mut fill = |idx: usize, byte: u8| -> Res<()> {
+            let asked = Instant::now();
+            let mut guard = buffers[idx].begin(Access::CpuWrite)?;
+            waits.push(asked.elapsed());
+            guard.bytes_mut()?[..FRAME].fill(byte);
+            drop(guard);
+            Ok(())
+        };
+        let daemon_before = daemon.now()?;
+        let run = produce_frames(&mut fill, &mut to_consumer, &mut from_consumer, settings)?;
+        let daemon_cpu = daemon.now()? - daemon_before;
+        drop(to_consumer);
+        let consumer_wait = ctl::recv_latency(consumer.ctl())?;
+        consumer.finish()?;
+        check_errors(&client)?;
+        let measured = Measured {
+            metric: Metric::rate(run.frames, run.window, "frames/s"),
+            cpu: Cpu {
+                client: None,
+                server: Some(daemon_cpu / u32::try_from(run.produced.max(1))?),
+            },
+        };
+        Ok((measured, Metric::latency(&mut waits), consumer_wait))
+    }
+
+    fn path_arg(path: &Path) -> Res<&str> {
+        path.to_str()
+            .ok_or_else(|| "socket path is not UTF-8".into())
+    }
+}
+
+/// What the re-executed children do.
+mod child {
+    use super::*;
+
+    pub fn run(args: &[String]) -> Res<()> {
+        let ctl = std::io::stdin().as_fd().try_clone_to_owned()?;
+        let ctl = ctl.as_fd();
+        let arg = |i: usize| {
+            args.get(i)
+                .map(String::as_str)
+                .ok_or("missing child argument")
+        };
+        match arg(0)? {
+            "echo" => echo(ctl),
+            "oneway" => one_way(ctl, arg(1)?.parse()?),
+            "echo-server" => echo_server(ctl),
+            "echo-client" => echo_client(ctl),
+            "ring-raw" => ring_raw(ctl),
+            "handoff-reader" => handoff_reader(ctl, arg(1)?, arg(2)?.parse()?),
+            "turns-client" => turns_client(ctl, arg(1)?),
+            "ring-broker" => ring_broker(ctl, arg(1)?),
+            other => Err(format!("unknown child role {other}").into()),
+        }
+    }
+
+    /// Echoes each message back on the control socket, attaching a memfd
+    /// when the first byte asks for one, until the parent hangs up.
+    fn echo(ctl: BorrowedFd<'_>) -> Res<()> {
+        let memfd = super::sealed_memfd(4096)?;
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        loop {
+            let len = match recv_message_into(ctl, &mut buf, false) {
+                Ok((len, _)) => len,
+                Err(RecvError::Closed) => return Ok(()),
+                Err(err) => return Err(err.into()),
+            };
+            let fds = if buf[0] == 1 {
+                vec![memfd.as_fd()]
+            } else {
+                Vec::new()
+            };
+            send_message(ctl, &buf[..len], &fds, false)?;
+        }
+    }
+
+    fn one_way(ctl: BorrowedFd<'_>, samples: usize) -> Res<()> {
+        let mut times = Vec::with_capacity(samples);
+        for i in 0..samples + samples / 10 {
+            ctl::send_words(ctl, &[0], &[])?;
+            let t0 = ctl::recv_word(ctl)?;
+            let t1 = now_ns();
+            if i >= samples / 10 {
+                times.push(Duration::from_nanos(t1.saturating_sub(t0)));
+            }
+        }
+        ctl::send_latency(ctl, Metric::latency(&mut times))
+    }
+
+    /// Serves every socket the parent hands over with poll(): drains each
+    /// readable socket, answering each message, as the daemon does.
+    fn echo_server(ctl: BorrowedFd<'_>) -> Res<()> {
+        let (_, mut sockets) = ctl::recv_words(ctl)?;
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        while !sockets.is_empty() {
+            let mut fds: Vec<PollFd<'_>> = sockets
+                .iter()
+                .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+                .collect();
+            poll(&mut fds, PollTimeout::NONE)?;
+            let ready: Vec<bool> = fds.iter().map(|p| p.any().unwrap_or(false)).collect();
+            drop(fds);
+            let mut closed = Vec::new();
+            for (i, socket) in sockets.iter().enumerate().filter(|(i, _)| ready[*i]) {
+                loop {
+                    match recv_message_into(socket.as_fd(), &mut buf, true) {
+                        Ok((len, _)) => send_message(socket.as_fd(), &buf[..len], &[], false)?,
+                        Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => break,
+                        Err(_) => {
+                            closed.push(i);
+                            break;
+                        }
+                    }
+                }
+            }
+            for i in closed.into_iter().rev() {
+                sockets.swap_remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts operations completed inside the parent's window.
+    fn count_in_window(ctl: BorrowedFd<'_>, mut op: impl FnMut() -> Res<()>) -> Res<()> {
+        ctl::send_words(ctl, &[0], &[])?; // ready
+        let (window, _) = ctl::recv_words(ctl)?;
+        let [start, end] = window[..] else {
+            return Err("malformed window".into());
+        };
+        let mut count = 0u64;
+        loop {
+            op()?;
+            let now = now_ns();
+            if now >= end {
+                break;
+            }
+            if now >= start {
+                count += 1;
+            }
+        }
+        ctl::send_words(ctl, &[count], &[])
+    }
+
+    fn echo_client(ctl: BorrowedFd<'_>) -> Res<()> {
+        let (_, mut fds) = ctl::recv_words(ctl)?;
+        let socket = fds.pop().ok_or("echo client got no socket")?;
+        let request = [0u8; REQUEST_LEN];
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        count_in_window(ctl, || {
+            send_message(socket.as_fd(), &request, &[], false)?;
+            recv_message_into(socket.as_fd(), &mut buf, false)?;
+            Ok(())
+        })
+    }
+
+    fn ring_raw(ctl: BorrowedFd<'_>) -> Res<()> {
+        let (_, mut fds) = ctl::recv_words(ctl)?;
+        if fds.len() != RING + 2 {
+            return Err("ring consumer got the wrong fds".into());
+        }
+        let mut to_producer = File::from(fds.pop().ok_or("no pipe")?);
+        let mut from_producer = File::from(fds.pop().ok_or("no pipe")?);
+        let maps = fds
+            .iter()
+            .map(|fd| Mapping::new(fd.as_fd(), FRAME))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut check = |idx: usize, byte: u8| check_frame(&maps[idx], byte);
+        consume_frames(&mut check, &mut from_producer, &mut to_producer)
+    }
+
+    fn handoff_reader(ctl: BorrowedFd<'_>, socket: &str, samples: usize) -> Res<()> {
+        let client = Client::connect_to(socket)?;
+        let buffer = client.import(&ctl::recv_text(ctl)?.parse()?)?;
+        let mut times = Vec::with_capacity(samples);
+        for i in 0..samples + samples / 10 {
+            ctl::recv_word(ctl)?; // W holds the write access
+            ctl::send_words(ctl, &[0], &[])?;
+            let guard = buffer.begin(Access::CpuRead)?;
+            let t1 = now_ns();
+            let t0 = ctl::recv_word(ctl)?;
+            drop(guard);
+            ctl::send_words(ctl, &[0], &[])?; // done: W may begin again
+            if i >= samples / 10 {
+                times.push(Duration::from_nanos(t1.saturating_sub(t0)));
+            }
+        }
+        check_errors(&client)?;
+        ctl::send_latency(ctl, Metric::latency(&mut times))
+    }
+
+    fn turns_client(ctl: BorrowedFd<'_>, socket: &str) -> Res<()> {
+        let client = Client::connect_to(socket)?;
+        let buffer = client.alloc(4096)?;
+        count_in_window(ctl, || {
+            drop(buffer.begin(Access::CpuWrite)?);
+            Ok(())
+        })?;
+        check_errors(&client)
+    }
+
+    fn ring_broker(ctl: BorrowedFd<'_>, socket: &str) -> Res<()> {
+        let client = Client::connect_to(socket)?;
+        let buffers = (0..RING)
+            .map(|_| Ok(client.import(&ctl::recv_text(ctl)?.parse()?)?))
+            .collect::<Res<Vec<_>>>()?;
+        let (_, mut fds) = ctl::recv_words(ctl)?;
+        let mut to_producer = File::from(fds.pop().ok_or("no pipe")?);
+        let mut from_producer = File::from(fds.pop().ok_or("no pipe")?);
+        let mut waits = Vec::new();
+        let mut check = |idx: usize, byte: u8| -> Res<()> {
+            let asked = Instant::now();
+            let guard = buffers[idx].begin(Access::CpuRead)?;
+            waits.push(asked.elapsed());
+            check_frame(&guard.bytes()?, byte)?;
+            drop(guard);
+            Ok(())
+        };
+        consume_frames(&mut check, &mut from_producer, &mut to_producer)?;
+        check_errors(&client)?;
+        ctl::send_latency(ctl, Metric::latency(&mut waits))
+    }
+}
+
+/// The report: one table of broker benchmarks against their floors, the
+/// floors themselves, and the CPU split.
+mod report {
+    use super::*;
+
+    fn micros(d: Duration) -> String {
+        format!("{:.2} µs", d.as_secs_f64() * 1e6)
+    }
+
+    pub fn metric(m: &Metric) -> String {
+        match m {
+            Metric::Latency { median, p99 } => {
+                format!("{} (p99 {})", micros(*median), micros(*p99))
+            }
+            Metric::Rate { per_s, unit } => format!("{per_s:.0} {unit}"),
+        }
+    }
+
+    fn target(t: Option<Target>) -> String {
+        match t {
+            Some(Target::AtMost(x)) => format!("≤ {x}x"),
+            Some(Target::AtLeast(x)) => format!("≥ {x}x"),
+            None => "–".into(),
+        }
+    }
+
+    fn cpu(d: Option<Duration>) -> String {
+        d.map_or_else(|| "–".into(), micros)
+    }
+
+    pub fn markdown(bench: &Bench, took: Duration) -> String {
+        let settings = &bench.settings;
+        let mut out = String::new();
+        let mode = if settings.quick { "quick" } else { "full" };
+        let _ = writeln!(
+            out,
+            "## dmabroker benchmarks ({mode} run: {} round(s), {:.0} s; kernel {}, {} CPUs)\n",
+            settings.rounds(),
+            took.as_secs_f64(),
+            kernel_release(),
+            Placement::AllCpus
+                .cpus()
+                .map_or(0, |set| (0..CpuSet::count())
+                    .filter(|&c| set.is_set(c).unwrap_or(false))
+                    .count())
+        );
+        let _ = writeln!(
+            out,
+            "Load average (1 min) before: {:.2}, after: {:.2}. Anything above ~0.3 means other \
+             work shared the CPUs and the ratios are less trustworthy.\n",
+            bench.load_before,
+            load_average()
+        );
+        if !bench.rows.is_empty() {
+            broker_table(&mut out, &bench.rows);
+        }
+        let _ = writeln!(out, "| Floor | Value | What |\n|---|---|---|");
+        for (name, what) in FLOORS {
+            if let Some(rounds) = bench.floors.get(name) {
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {what} |",
+                    metric(&Measured::median_of(rounds).metric)
+                );
+            }
+        }
+        out
+    }
+
+    fn broker_table(out: &mut String, rows: &[Row]) {
+        let _ = writeln!(
+            out,
+            "| Benchmark | Result | Floor | Floor value | Ratio | Rounds' range | Target | Met |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        for row in rows {
+            let met = match row.met() {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "–",
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.2}x | {:.2}–{:.2}x | {} | {} |",
+                row.name,
+                metric(&row.pair.result.metric),
+                row.floor_label,
+                metric(&row.pair.floor.metric),
+                row.ratio(),
+                row.pair.spread().0,
+                row.pair.spread().1,
+                target(row.target),
+                met
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nCPU per operation (begin+end or alloc+free cycle, transition or request, hand-off \
+             cycle, frame): who spends the time.\n\n\
+             | Benchmark | client CPU | daemon CPU | floor client CPU | floor server CPU |\n\
+             |---|---|---|---|---|"
+        );
+        for row in rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.name,
+                cpu(row.pair.result.cpu.client),
+                cpu(row.pair.result.cpu.server),
+                cpu(row.pair.floor.cpu.client),
+                cpu(row.pair.floor.cpu.server)
+            );
+        }
+        let _ = writeln!(out, "\nNotes:\n");
+        for row in rows {
+            let place = match placement_of(&row.name) {
+                Placement::OneCpu => "all processes pinned to one CPU",
+                Placement::AllCpus => "all CPUs",
+            };
+            let _ = writeln!(out, "- {} ({place}): {}", row.name, row.note);
+        }
+        let _ = writeln!(out);
+    }
+
+    /// The 1-minute load average: other processes competing for the CPUs
+    /// skew every figure here.
+    pub fn load_average() -> f64 {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(f64::NAN)
+    }
+
+    fn kernel_release() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|r| r.trim().to_owned())
+            .unwrap_or_else(|_| "?".into())
+    }
+}
