@@ -226,3 +226,25 @@ fn a_client_that_keeps_sending_garbage_is_disconnected() {
     still_serving(&daemon);
     daemon.assert_fds_back_to(baseline);
 }
+
+#[test]
+fn a_slow_reader_gets_every_queued_reply_in_order() {
+    // More replies than the socket buffer holds: the rest wait in the
+    // client's outbox and must follow, in order, as it reads.
+    let daemon = Daemon::start();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let mut ids = Vec::new();
+    for _ in 0..400 {
+        let (id, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+        raw.send_raw(&bytes, &[]);
+        ids.push(id);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for id in ids {
+        let (got, result) = raw.recv_reply().expect("every reply arrives");
+        assert_eq!(got, id, "replies stay in request order");
+        assert!(result.is_ok());
+    }
+    still_serving(&daemon);
+}

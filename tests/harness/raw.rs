@@ -27,6 +27,13 @@ impl RawClient {
             &UnixAddr::new(path).expect("addr"),
         )
         .expect("connect");
+        // A reply that never comes fails the test instead of hanging it.
+        nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(10, 0),
+        )
+        .expect("SO_RCVTIMEO");
         RawClient { fd, next: 1 }
     }
 
@@ -52,8 +59,13 @@ impl RawClient {
 
     /// The next message from the broker; `None` once it hung up.
     pub fn recv(&mut self) -> Option<(ServerMessage, Vec<OwnedFd>)> {
-        let got = recv_message(self.fd.as_fd(), false).ok()?;
-        Some((decode_server_message(&got.bytes).expect("decode"), got.fds))
+        match recv_message(self.fd.as_fd(), false) {
+            Ok(got) => Some((decode_server_message(&got.bytes).expect("decode"), got.fds)),
+            Err(dmabroker_ipc::fdpass::RecvError::Os(nix::errno::Errno::EAGAIN)) => {
+                panic!("no message from the broker within 10 s")
+            }
+            Err(_) => None,
+        }
     }
 
     /// The next reply's id and error code (`Ok` for success).

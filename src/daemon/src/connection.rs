@@ -28,7 +28,10 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
     };
     let socket = match crate::reactor::register(
         socket,
-        tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+        // Readable only: a writable interest would wake the loop for every
+        // reply the client reads. The outbox asks for writability itself,
+        // only while a client's socket is full.
+        tokio::io::Interest::READABLE,
     ) {
         Ok(fd) => Arc::new(fd),
         Err(err) => {

@@ -129,13 +129,27 @@ impl Outbox {
                 match self.flush_some() {
                     Flush::Drained => break,
                     Flush::Closed => return,
-                    Flush::Blocked => match self.socket.writable().await {
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(_) => return,
-                    },
+                    Flush::Blocked => {
+                        if !self.until_writable().await {
+                            return;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Waits until the full socket has room again. The connection is
+    /// registered for readability only (see `connection`), so a dup of it
+    /// is registered for writability for just this wait.
+    async fn until_writable(&self) -> bool {
+        let Ok(dup) = self.socket.get_ref().try_clone() else {
+            return false;
+        };
+        let Ok(waiter) = crate::reactor::register(dup, tokio::io::Interest::WRITABLE) else {
+            return false;
+        };
+        waiter.writable().await.is_ok()
     }
 
     /// Sends queued messages until the queue is empty or the socket is full.

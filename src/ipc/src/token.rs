@@ -109,8 +109,9 @@ mod tests {
 
     #[test]
     fn tokens_never_repeat_across_pool_refills() {
-        let tokens: std::collections::HashSet<ShareToken> =
-            (0..2000).map(|_| ShareToken::random().expect("random")).collect();
+        let tokens: std::collections::HashSet<ShareToken> = (0..2000)
+            .map(|_| ShareToken::random().expect("random"))
+            .collect();
         assert_eq!(tokens.len(), 2000);
     }
 
