@@ -8,7 +8,7 @@
 //! on a virtual machine) cannot tilt one side.
 //!
 //! ```text
-//! cargo bench --bench broker                 # everything (about a minute)
+//! cargo bench --bench broker                 # everything (about 90 s)
 //! cargo bench --bench broker -- --quick      # one short round, rougher figures
 //! cargo bench --bench broker -- handoff      # benchmarks whose name contains "handoff"
 //! ```
@@ -49,7 +49,17 @@ use nix::unistd::Pid;
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 /// A 1080p NV12 frame: 1920 × 1080 luma + half as much chroma.
-const FRAME: usize = 1920 * 1080 * 3 / 2;
+const FRAME_1080P: usize = 1920 * 1080 * 3 / 2;
+/// A 4K (3840 × 2160) NV12 frame.
+const FRAME_4K: usize = 3840 * 2160 * 3 / 2;
+/// Buffers a client holds in the large case of `scale_buffers`, and in
+/// the daemon's memory figure.
+const MANY_BUFFERS: usize = 10_000;
+/// Buffers the same client holds in the small case.
+const FEW_BUFFERS: usize = 10;
+/// Connections open at the daemon in the large case of `scale_clients`,
+/// the measured one included.
+const MANY_CLIENTS: usize = 1_000;
 /// Frames in flight between camera and codec.
 const RING: usize = 4;
 /// Client counts for the many-clients benchmarks.
@@ -387,7 +397,7 @@ impl Row {
 }
 
 /// The floors, by name, with what each measures.
-const FLOORS: [(&str, &str); 8] = [
+const FLOORS: [(&str, &str); 9] = [
     (
         "floor_rtt_fd",
         "(a) SEQPACKET round trip, parent↔child, the reply carries one memfd",
@@ -418,7 +428,11 @@ const FLOORS: [(&str, &str); 8] = [
     ),
     (
         "floor_ring",
-        "(e) camera→codec over 4 shared memfds, indices over pipes, no broker",
+        "(e) camera→codec over 4 shared 1080p memfds, indices over pipes, no broker",
+    ),
+    (
+        "floor_ring_4k",
+        "(e') the same ring with 4K frames (12,441,600 bytes)",
     ),
 ];
 
@@ -443,8 +457,32 @@ struct Bench {
     /// Every round of every floor measured, for the floor table.
     floors: BTreeMap<&'static str, Vec<Measured>>,
     rows: Vec<Row>,
+    /// The daemon's memory growth for `MANY_BUFFERS` buffers.
+    rss: Option<Rss>,
+    /// Every hand-off sample and every floor (b) sample, for the plot.
+    handoff_latencies: Vec<Duration>,
+    oneway_latencies: Vec<Duration>,
     daemon: Option<Daemon>,
     load_before: f64,
+}
+
+/// The daemon's resident memory before and after one client allocated
+/// `buffers` 4 KiB buffers.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    buffers: usize,
+    before_kib: u64,
+    after_kib: u64,
+}
+
+impl Rss {
+    fn delta_kib(self) -> u64 {
+        self.after_kib.saturating_sub(self.before_kib)
+    }
+
+    fn per_buffer_kib(self) -> f64 {
+        self.delta_kib() as f64 / self.buffers as f64
+    }
 }
 
 impl Bench {
@@ -453,6 +491,9 @@ impl Bench {
             settings,
             floors: BTreeMap::new(),
             rows: Vec::new(),
+            rss: None,
+            handoff_latencies: Vec::new(),
+            oneway_latencies: Vec::new(),
             daemon: None,
             load_before: report::load_average(),
         }
@@ -474,7 +515,21 @@ impl Bench {
             }
         }
         if self.settings.selected("ring_broker") {
-            self.ring()?;
+            self.ring("ring_broker", "floor_ring", FRAME_1080P)?;
+        }
+        if self.settings.selected("ring_broker_4k") {
+            self.ring("ring_broker_4k", "floor_ring_4k", FRAME_4K)?;
+        }
+        // Before scale_buffers, so that this is the daemon's first growth
+        // to that many buffers.
+        if self.settings.selected("daemon_rss") {
+            self.daemon_rss()?;
+        }
+        if self.settings.selected("scale_buffers") {
+            self.scale_buffers()?;
+        }
+        if self.settings.selected("scale_clients") {
+            self.scale_clients()?;
         }
         // Floors asked for by name that no broker benchmark needed.
         for (name, _) in FLOORS {
@@ -501,9 +556,10 @@ impl Bench {
         let measured = match name {
             "floor_rtt_fd" => floors::round_trip(s.samples(), true)?,
             "floor_rtt" => floors::round_trip(s.samples(), false)?,
-            "floor_oneway" => floors::one_way(s.handoff_samples())?,
+            "floor_oneway" => floors::one_way(s.handoff_samples(), &mut self.oneway_latencies)?,
             "floor_memfd" => floors::sealed_memfd(s.samples())?,
-            "floor_ring" => floors::ring(s)?,
+            "floor_ring" => floors::ring(s, FRAME_1080P)?,
+            "floor_ring_4k" => floors::ring(s, FRAME_4K)?,
             "floor_echo_1" => floors::echo(1, s)?,
             "floor_echo_8" => floors::echo(8, s)?,
             "floor_echo_32" => floors::echo(32, s)?,
@@ -551,6 +607,9 @@ impl Bench {
             build_daemon()?;
             let daemon = Daemon::start_with(DaemonOptions {
                 env: vec![("RUST_LOG".into(), "warn".into())],
+                // The default of 4,096 buffers per client would refuse the
+                // scale benchmark's 10,000.
+                policy: Some(format!("[default]\nmax_buffers = {}\n", 2 * MANY_BUFFERS)),
                 ..Default::default()
             });
             DAEMON_PID.store(daemon.pid(), Ordering::SeqCst);
@@ -622,8 +681,10 @@ impl Bench {
         self.place(placement_of("handoff"))?;
         let daemon = self.daemon_cpu()?;
         let pair = self.paired(&mut |b| b.floor("floor_oneway"), &mut |b| {
-            broker::handoff(&socket, &daemon, b.settings.handoff_samples())
+            let samples = b.settings.handoff_samples();
+            broker::handoff(&socket, &daemon, samples, &mut b.handoff_latencies)
         })?;
+        self.plot_handoff()?;
         self.rows.push(Row {
             name: "handoff".into(),
             floor_label: "(b) floor_oneway".into(),
@@ -667,14 +728,14 @@ impl Bench {
         Ok(())
     }
 
-    fn ring(&mut self) -> Res<()> {
+    fn ring(&mut self, name: &str, floor_name: &'static str, frame: usize) -> Res<()> {
         let socket = self.socket()?;
-        self.place(placement_of("ring"))?;
+        self.place(placement_of(name))?;
         let daemon = self.daemon_cpu()?;
         let mut waits = Vec::new();
-        let pair = self.paired(&mut |b| b.floor("floor_ring"), &mut |b| {
+        let pair = self.paired(&mut |b| b.floor(floor_name), &mut |b| {
             let (measured, producer_wait, consumer_wait) =
-                broker::ring(&socket, &daemon, &b.settings)?;
+                broker::ring(&socket, &daemon, &b.settings, frame)?;
             waits.push((producer_wait, consumer_wait));
             Ok(measured)
         })?;
@@ -683,19 +744,205 @@ impl Bench {
             report::metric(&Measured::median_of(&rounds).metric)
         };
         let (producer_wait, consumer_wait) = (median_wait(|w| w.0), median_wait(|w| w.1));
+        let floor_tag = if frame == FRAME_4K { "(e')" } else { "(e)" };
         self.rows.push(Row {
-            name: "ring_broker".into(),
-            floor_label: "(e) floor_ring".into(),
+            name: name.into(),
+            floor_label: format!("{floor_tag} {floor_name}"),
             pair,
             target: Some(Target::AtLeast(0.95)),
             note: format!(
-                "4 × 3,110,400-byte buffers: producer begin(CpuWrite)/fill/end, consumer \
+                "4 × {frame}-byte buffers: producer begin(CpuWrite)/fill/end, consumer \
                  begin(CpuRead)/checksum/end; indices over pipes as in the floor. Time spent in \
                  begin: producer {producer_wait}, consumer {consumer_wait}"
             ),
         });
         Ok(())
     }
+
+    /// The daemon's resident memory before and after one client allocates
+    /// `MANY_BUFFERS` 4 KiB buffers. There is no floor: a memfd's pages
+    /// and inode are kernel memory, in nobody's RSS, so the growth is
+    /// entirely the daemon's bookkeeping.
+    fn daemon_rss(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        let pid = self.daemon()?.pid();
+        let before_kib = vm_rss_kib(pid)?;
+        let buffers = alloc_many(&client, MANY_BUFFERS)?;
+        let after_kib = vm_rss_kib(pid)?;
+        drop(buffers);
+        sync_with_daemon(&client)?;
+        check_errors(&client)?;
+        self.rss = Some(Rss {
+            buffers: MANY_BUFFERS,
+            before_kib,
+            after_kib,
+        });
+        Ok(())
+    }
+
+    /// begin+end on one buffer while the client holds `MANY_BUFFERS`
+    /// buffers, against the same with `FEW_BUFFERS`: how the per-request
+    /// cost grows with the daemon's tables. Each round allocates the extra
+    /// buffers anew and frees them again, so the small case really is
+    /// small.
+    fn scale_buffers(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        self.place(placement_of("scale_buffers"))?;
+        let few = alloc_many(&client, FEW_BUFFERS)?;
+        let daemon = self.daemon_cpu()?;
+        let mut small_vs_rtt = Vec::new();
+        let pair = self.paired(
+            &mut |b| {
+                let rtt = b.floor("floor_rtt_fd")?;
+                let small =
+                    broker::begin_end(&few[FEW_BUFFERS / 2], &daemon, b.settings.samples())?;
+                small_vs_rtt.push(small.metric.value() / rtt.metric.value());
+                Ok(small)
+            },
+            &mut |b| {
+                let more = alloc_many(&client, MANY_BUFFERS - FEW_BUFFERS)?;
+                let large = broker::begin_end(&more[more.len() / 2], &daemon, b.settings.samples());
+                drop(more);
+                // The frees are pipelined: let the daemon finish them before
+                // the next floor runs on the same CPU.
+                sync_with_daemon(&client)?;
+                large
+            },
+        )?;
+        check_errors(&client)?;
+        self.rows.push(scale_row(
+            "scale_buffers_10k",
+            "scale_buffers_10: the same, client holding 10 buffers",
+            pair,
+            &small_vs_rtt,
+            "begin(CpuWrite)+drop on one buffer while the client holds 10,000 buffers, \
+             against the same client holding 10 (the other 9,990 are allocated and freed each \
+             round)",
+        ));
+        Ok(())
+    }
+
+    /// One client's begin+end with `MANY_CLIENTS - 1` other connections
+    /// open and idle, against the same with no other connection.
+    fn scale_clients(&mut self) -> Res<()> {
+        let socket = self.socket()?;
+        let client = Client::connect_to(&socket)?;
+        self.place(placement_of("scale_clients"))?;
+        let buffer = client.alloc(4096)?;
+        let daemon = self.daemon_cpu()?;
+        let idle = Proc::spawn(
+            "idle-clients",
+            &[broker::path_arg(&socket)?, &(MANY_CLIENTS - 1).to_string()],
+        )?;
+        let mut small_vs_rtt = Vec::new();
+        let pair = self.paired(
+            &mut |b| {
+                let rtt = b.floor("floor_rtt_fd")?;
+                let small = broker::begin_end(&buffer, &daemon, b.settings.samples())?;
+                small_vs_rtt.push(small.metric.value() / rtt.metric.value());
+                Ok(small)
+            },
+            &mut |b| {
+                ctl::send_words(idle.ctl(), &[1], &[])?;
+                ctl::recv_word(idle.ctl())?; // all connected
+                let large = broker::begin_end(&buffer, &daemon, b.settings.samples());
+                ctl::send_words(idle.ctl(), &[0], &[])?;
+                ctl::recv_word(idle.ctl())?;
+                // Hang-ups are handled after the helper's reply: give the
+                // daemon a moment before the next floor shares its CPU.
+                std::thread::sleep(Duration::from_millis(50));
+                large
+            },
+        )?;
+        idle.finish()?;
+        check_errors(&client)?;
+        self.rows.push(scale_row(
+            "scale_clients_1000",
+            "scale_clients_1: the same, no other client connected",
+            pair,
+            &small_vs_rtt,
+            "begin(CpuWrite)+drop of one client while 999 other connections (one helper \
+             process) are open and idle, against the same client alone",
+        ));
+        Ok(())
+    }
+
+    /// Draws the hand-off's latency distribution against floor (b)'s.
+    /// Only a full run overwrites the committed plot in docs/.
+    fn plot_handoff(&self) -> Res<()> {
+        let folder = if self.settings.quick || self.settings.filter.is_some() {
+            report_path()?
+                .parent()
+                .ok_or("no target folder")?
+                .to_path_buf()
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
+        };
+        let png = plot::latency_cdf(&[
+            ("BROKER HANDOFF", plot::BLUE, &self.handoff_latencies),
+            ("FLOOR (B) ONE-WAY", plot::ORANGE, &self.oneway_latencies),
+        ]);
+        let path = folder.join("handoff-latency.png");
+        std::fs::write(&path, png)?;
+        println!("handoff latency plot written to {}", path.display());
+        Ok(())
+    }
+}
+
+/// A scale row: the large case over the small one, with both against
+/// floor (a) in the note (large over (a) is, round by round, the row's
+/// ratio times small over (a)).
+fn scale_row(name: &str, small_label: &str, pair: Paired, small_vs_rtt: &[f64], what: &str) -> Row {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let large_vs_rtt: Vec<f64> = pair
+        .ratios
+        .iter()
+        .zip(small_vs_rtt)
+        .map(|(large_small, small_rtt)| large_small * small_rtt)
+        .collect();
+    let note = format!(
+        "{what}; against (a) floor_rtt_fd: small case {:.2}x, large case {:.2}x",
+        median(small_vs_rtt.to_vec()),
+        median(large_vs_rtt)
+    );
+    Row {
+        name: name.into(),
+        floor_label: small_label.into(),
+        pair,
+        target: None,
+        note,
+    }
+}
+
+/// Allocates `count` 4 KiB buffers.
+fn alloc_many(client: &Client, count: usize) -> Res<Vec<Buffer>> {
+    Ok((0..count)
+        .map(|_| client.alloc(4096))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// One request with a reply: the daemon handles a connection's messages
+/// in order, so once it answers, every pipelined free before it is done.
+fn sync_with_daemon(client: &Client) -> Res<()> {
+    client.heaps()?;
+    Ok(())
+}
+
+/// A process's resident set size, from /proc/PID/status.
+fn vm_rss_kib(pid: u32) -> Res<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS in /proc/PID/status")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or("malformed VmRSS")?
+        .parse()?)
 }
 
 /// `cargo bench` builds this package, not the daemon's binary: build it
@@ -920,6 +1167,21 @@ mod ctl {
         }
     }
 
+    /// Every sample, not just the median and p99: the plot needs the
+    /// whole distribution. A few thousand words fit in one message.
+    pub fn send_samples(fd: BorrowedFd<'_>, samples: &[Duration]) -> Res<()> {
+        let words: Vec<u64> = samples.iter().map(|d| d.as_nanos() as u64).collect();
+        send_words(fd, &words, &[])
+    }
+
+    pub fn recv_samples(fd: BorrowedFd<'_>) -> Res<Vec<Duration>> {
+        let (words, _) = recv_words(fd)?;
+        if words.is_empty() {
+            return Err("no samples".into());
+        }
+        Ok(words.into_iter().map(Duration::from_nanos).collect())
+    }
+
     pub fn recv_latency(fd: BorrowedFd<'_>) -> Res<Metric> {
         let (words, _) = recv_words(fd)?;
         match words[..] {
@@ -996,9 +1258,9 @@ fn run_window(procs: &[Proc], server: CpuClock, settings: &Settings) -> Res<(u64
     Ok((total, server_cpu))
 }
 
-/// The expected checksum of a frame filled with `byte`.
-fn frame_sum(byte: u8) -> u64 {
-    u64::from_ne_bytes([byte; 8]).wrapping_mul((FRAME / 8) as u64)
+/// The expected checksum of a `frame`-byte frame filled with `byte`.
+fn frame_sum(byte: u8, frame: usize) -> u64 {
+    u64::from_ne_bytes([byte; 8]).wrapping_mul((frame / 8) as u64)
 }
 
 /// Sums a frame as u64 words: reads every byte, as a codec would.
@@ -1013,8 +1275,8 @@ fn frame_byte(seq: u64) -> u8 {
     (seq % 251) as u8 + 1
 }
 
-fn check_frame(frame: &[u8], byte: u8) -> Res<()> {
-    if checksum(&frame[..FRAME]) == frame_sum(byte) {
+fn check_frame(bytes: &[u8], byte: u8, frame: usize) -> Res<()> {
+    if checksum(&bytes[..frame]) == frame_sum(byte, frame) {
         Ok(())
     } else {
         Err("frame checksum mismatch: the consumer saw a torn or stale frame".into())
@@ -1121,7 +1383,7 @@ mod floors {
 
     /// Parent waits for the child to be about to block, pauses, and sends a
     /// timestamp; the child subtracts it from its own on arrival.
-    pub fn one_way(samples: usize) -> Res<Measured> {
+    pub fn one_way(samples: usize, sink: &mut Vec<Duration>) -> Res<Measured> {
         let child = Proc::spawn("oneway", &[&samples.to_string()])?;
         let child_cpu = child.cpu()?;
         let cpu_before = child_cpu.now()?;
@@ -1131,7 +1393,9 @@ mod floors {
             std::thread::sleep(SETTLE);
             ctl::send_words(child.ctl(), &[now_ns()], &[])?;
         }
-        let metric = ctl::recv_latency(child.ctl())?;
+        let mut times = ctl::recv_samples(child.ctl())?;
+        sink.extend_from_slice(&times);
+        let metric = Metric::latency(&mut times);
         let receiver_cpu = child_cpu.now()? - cpu_before;
         child.finish()?;
         Ok(Measured {
@@ -1183,10 +1447,10 @@ mod floors {
     }
 
     /// Camera→codec with shared memfds and pipes only.
-    pub fn ring(settings: &Settings) -> Res<Measured> {
-        let consumer = Proc::spawn("ring-raw", &[])?;
+    pub fn ring(settings: &Settings, frame: usize) -> Res<Measured> {
+        let consumer = Proc::spawn("ring-raw", &[&frame.to_string()])?;
         let buffers = (0..RING)
-            .map(|_| super::sealed_memfd(FRAME))
+            .map(|_| super::sealed_memfd(frame))
             .collect::<Res<Vec<_>>>()?;
         let (from_producer, mut to_consumer) = pipe()?;
         let (mut from_consumer, to_producer) = pipe()?;
@@ -1198,10 +1462,10 @@ mod floors {
         drop((from_producer, to_producer));
         let mut maps = buffers
             .iter()
-            .map(|fd| Mapping::new(fd.as_fd(), FRAME))
+            .map(|fd| Mapping::new(fd.as_fd(), frame))
             .collect::<Result<Vec<_>, _>>()?;
         let mut fill = |idx: usize, byte: u8| -> Res<()> {
-            maps[idx][..FRAME].fill(byte);
+            maps[idx][..frame].fill(byte);
             Ok(())
         };
         let run = produce_frames(&mut fill, &mut to_consumer, &mut from_consumer, settings)?;
@@ -1234,7 +1498,12 @@ mod broker {
     /// This process is the writer W; the child is the reader R, blocked in
     /// begin(CpuRead) when W ends. R reports now − (W's time just before
     /// the end).
-    pub fn handoff(socket: &Path, daemon: &CpuClock, samples: usize) -> Res<Measured> {
+    pub fn handoff(
+        socket: &Path,
+        daemon: &CpuClock,
+        samples: usize,
+        sink: &mut Vec<Duration>,
+    ) -> Res<Measured> {
         let client = Client::connect_to(socket)?;
         let buffer = client.alloc(4096)?;
         let reader = Proc::spawn("handoff-reader", &[path_arg(socket)?, &samples.to_string()])?;
@@ -1254,7 +1523,9 @@ mod broker {
             ctl::recv_word(reader.ctl())?;
         }
         let daemon_cpu = daemon.now()? - daemon_before;
-        let metric = ctl::recv_latency(reader.ctl())?;
+        let mut times = ctl::recv_samples(reader.ctl())?;
+        sink.extend_from_slice(&times);
+        let metric = Metric::latency(&mut times);
         reader.finish()?;
         check_errors(&client)?;
         let cycles = u32::try_from(samples + samples / 10)?;
@@ -1301,12 +1572,13 @@ mod broker {
         socket: &Path,
         daemon: &CpuClock,
         settings: &Settings,
+        frame: usize,
     ) -> Res<(Measured, Metric, Metric)> {
         let client = Client::connect_to(socket)?;
         let buffers = (0..RING)
-            .map(|_| client.alloc(FRAME as u64))
+            .map(|_| client.alloc(frame as u64))
             .collect::<Result<Vec<_>, _>>()?;
-        let consumer = Proc::spawn("ring-broker", &[path_arg(socket)?])?;
+        let consumer = Proc::spawn("ring-broker", &[path_arg(socket)?, &frame.to_string()])?;
         for buffer in &buffers {
             ctl::send_text(consumer.ctl(), &buffer.export()?.to_string())?;
         }
@@ -1323,7 +1595,7 @@ mod broker {
             let asked = Instant::now();
             let mut guard = buffers[idx].begin(Access::CpuWrite)?;
             waits.push(asked.elapsed());
-            guard.bytes_mut()?[..FRAME].fill(byte);
+            guard.bytes_mut()?[..frame].fill(byte);
             drop(guard);
             Ok(())
         };
@@ -1344,7 +1616,7 @@ mod broker {
         Ok((measured, Metric::latency(&mut waits), consumer_wait))
     }
 
-    fn path_arg(path: &Path) -> Res<&str> {
+    pub fn path_arg(path: &Path) -> Res<&str> {
         path.to_str()
             .ok_or_else(|| "socket path is not UTF-8".into())
     }
@@ -1367,10 +1639,11 @@ mod child {
             "oneway" => one_way(ctl, arg(1)?.parse()?),
             "echo-server" => echo_server(ctl),
             "echo-client" => echo_client(ctl),
-            "ring-raw" => ring_raw(ctl),
+            "ring-raw" => ring_raw(ctl, arg(1)?.parse()?),
             "handoff-reader" => handoff_reader(ctl, arg(1)?, arg(2)?.parse()?),
             "turns-client" => turns_client(ctl, arg(1)?),
-            "ring-broker" => ring_broker(ctl, arg(1)?),
+            "ring-broker" => ring_broker(ctl, arg(1)?, arg(2)?.parse()?),
+            "idle-clients" => idle_clients(ctl, arg(1)?, arg(2)?.parse()?),
             other => Err(format!("unknown child role {other}").into()),
         }
     }
@@ -1405,7 +1678,7 @@ mod child {
                 times.push(Duration::from_nanos(t1.saturating_sub(t0)));
             }
         }
-        ctl::send_latency(ctl, Metric::latency(&mut times))
+        ctl::send_samples(ctl, &times)
     }
 
     /// Serves every socket the parent hands over with poll(): drains each
@@ -1474,7 +1747,7 @@ mod child {
         })
     }
 
-    fn ring_raw(ctl: BorrowedFd<'_>) -> Res<()> {
+    fn ring_raw(ctl: BorrowedFd<'_>, frame: usize) -> Res<()> {
         let (_, mut fds) = ctl::recv_words(ctl)?;
         if fds.len() != RING + 2 {
             return Err("ring consumer got the wrong fds".into());
@@ -1483,9 +1756,9 @@ mod child {
         let mut from_producer = File::from(fds.pop().ok_or("no pipe")?);
         let maps = fds
             .iter()
-            .map(|fd| Mapping::new(fd.as_fd(), FRAME))
+            .map(|fd| Mapping::new(fd.as_fd(), frame))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut check = |idx: usize, byte: u8| check_frame(&maps[idx], byte);
+        let mut check = |idx: usize, byte: u8| check_frame(&maps[idx], byte, frame);
         consume_frames(&mut check, &mut from_producer, &mut to_producer)
     }
 
@@ -1506,7 +1779,7 @@ mod child {
             }
         }
         check_errors(&client)?;
-        ctl::send_latency(ctl, Metric::latency(&mut times))
+        ctl::send_samples(ctl, &times)
     }
 
     fn turns_client(ctl: BorrowedFd<'_>, socket: &str) -> Res<()> {
@@ -1519,7 +1792,31 @@ mod child {
         check_errors(&client)
     }
 
-    fn ring_broker(ctl: BorrowedFd<'_>, socket: &str) -> Res<()> {
+    /// Holds `count` idle connections to the daemon while the parent says
+    /// so (word 1: open them, word 0: close them); one process, so that a
+    /// thousand clients do not mean a thousand processes to schedule.
+    fn idle_clients(ctl: BorrowedFd<'_>, socket: &str, count: usize) -> Res<()> {
+        let mut clients = Vec::with_capacity(count);
+        loop {
+            let open = match ctl::recv_words(ctl) {
+                Ok((words, _)) => words.first() == Some(&1),
+                Err(err) => match err.downcast_ref::<RecvError>() {
+                    Some(RecvError::Closed) => return Ok(()),
+                    _ => return Err(err),
+                },
+            };
+            if open {
+                for _ in clients.len()..count {
+                    clients.push(Client::connect_to(socket)?);
+                }
+            } else {
+                clients.clear();
+            }
+            ctl::send_words(ctl, &[clients.len() as u64], &[])?;
+        }
+    }
+
+    fn ring_broker(ctl: BorrowedFd<'_>, socket: &str, frame: usize) -> Res<()> {
         let client = Client::connect_to(socket)?;
         let buffers = (0..RING)
             .map(|_| Ok(client.import(&ctl::recv_text(ctl)?.parse()?)?))
@@ -1532,7 +1829,7 @@ mod child {
             let asked = Instant::now();
             let guard = buffers[idx].begin(Access::CpuRead)?;
             waits.push(asked.elapsed());
-            check_frame(&guard.bytes()?, byte)?;
+            check_frame(&guard.bytes()?, byte, frame)?;
             drop(guard);
             Ok(())
         };
@@ -1595,8 +1892,8 @@ mod report {
             bench.load_before,
             load_average()
         );
-        if !bench.rows.is_empty() {
-            broker_table(&mut out, &bench.rows);
+        if !bench.rows.is_empty() || bench.rss.is_some() {
+            broker_table(&mut out, &bench.rows, bench.rss);
         }
         let _ = writeln!(out, "| Floor | Value | What |\n|---|---|---|");
         for (name, what) in FLOORS {
@@ -1611,7 +1908,7 @@ mod report {
         out
     }
 
-    fn broker_table(out: &mut String, rows: &[Row]) {
+    fn broker_table(out: &mut String, rows: &[Row], rss: Option<Rss>) {
         let _ = writeln!(
             out,
             "| Benchmark | Result | Floor | Floor value | Ratio | Rounds' range | Target | Met |"
@@ -1635,6 +1932,16 @@ mod report {
                 row.pair.spread().1,
                 target(row.target),
                 met
+            );
+        }
+        if let Some(rss) = rss {
+            let _ = writeln!(
+                out,
+                "| daemon_rss_10k | +{} KiB for {} buffers ({:.2} KiB per buffer) | none: memfd \
+                 pages and inodes are kernel memory | – | – | – | – | – |",
+                rss.delta_kib(),
+                rss.buffers,
+                rss.per_buffer_kib()
             );
         }
         let _ = writeln!(
@@ -1663,6 +1970,14 @@ mod report {
             };
             let _ = writeln!(out, "- {} ({place}): {}", row.name, row.note);
         }
+        if let Some(rss) = rss {
+            let _ = writeln!(
+                out,
+                "- daemon_rss_10k: the daemon's VmRSS {} KiB before and {} KiB after one client \
+                 allocated {} 4 KiB buffers",
+                rss.before_kib, rss.after_kib, rss.buffers
+            );
+        }
         let _ = writeln!(out);
     }
 
@@ -1679,5 +1994,285 @@ mod report {
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|r| r.trim().to_owned())
             .unwrap_or_else(|_| "?".into())
+    }
+}
+
+/// The hand-off latency plot: cumulative distributions drawn into an
+/// indexed-colour image and written as a PNG, with a 3×5 pixel font for
+/// the labels. Small enough to carry here rather than a plotting crate.
+mod plot {
+    use super::*;
+
+    const WIDTH: usize = 640;
+    const HEIGHT: usize = 400;
+    const LEFT: usize = 60;
+    const RIGHT: usize = 20;
+    const TOP: usize = 40;
+    const BOTTOM: usize = 50;
+    /// Font pixels are drawn as SCALE × SCALE squares.
+    const SCALE: usize = 2;
+
+    // Palette indices.
+    const WHITE: u8 = 0;
+    const BLACK: u8 = 1;
+    const GREY: u8 = 2;
+    pub const BLUE: u8 = 3;
+    pub const ORANGE: u8 = 4;
+    const PALETTE: [[u8; 3]; 5] = [
+        [255, 255, 255],
+        [0, 0, 0],
+        [215, 215, 215],
+        [31, 119, 180],
+        [255, 127, 14],
+    ];
+
+    /// One CDF curve per series (label, colour, samples), over a shared
+    /// latency axis from 0 to the largest series' 99.5th percentile.
+    pub fn latency_cdf(series: &[(&str, u8, &Vec<Duration>)]) -> Vec<u8> {
+        let sorted: Vec<(&str, u8, Vec<f64>)> = series
+            .iter()
+            .map(|(label, colour, samples)| {
+                let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+                us.sort_by(f64::total_cmp);
+                (*label, *colour, us)
+            })
+            .collect();
+        let high = sorted
+            .iter()
+            .filter(|(_, _, us)| !us.is_empty())
+            .map(|(_, _, us)| us[(us.len() * 995 / 1000).min(us.len() - 1)])
+            .fold(1.0, f64::max);
+        let step = tick_step(high);
+        let x_max = (high / step).ceil() * step;
+        let mut canvas = Canvas::new();
+        canvas.axes(x_max, step);
+        // The legend goes bottom right, where both curves have reached 1.
+        let legend_top = HEIGHT - BOTTOM - 20 - 14 * sorted.len();
+        for (i, (label, colour, us)) in sorted.iter().enumerate() {
+            canvas.curve(us, x_max, *colour);
+            let y = legend_top + i * 14;
+            canvas.rect(LEFT + 290, y, 16, 6, *colour);
+            let label = format!("{label} N={}", us.len());
+            canvas.text(LEFT + 312, y - 2, &label, BLACK);
+        }
+        canvas.text(LEFT, 12, "HANDOFF LATENCY: FRACTION OF SAMPLES <= X", BLACK);
+        canvas.text(WIDTH / 2 - 40, HEIGHT - 18, "LATENCY (US)", BLACK);
+        png(&canvas.pixels)
+    }
+
+    /// 1, 2 or 5 times a power of ten, giving at most about 8 ticks.
+    fn tick_step(high: f64) -> f64 {
+        let raw = high / 8.0;
+        let power = 10f64.powf(raw.log10().floor());
+        [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * power)
+            .find(|&s| s >= raw)
+            .unwrap_or(10.0 * power)
+    }
+
+    struct Canvas {
+        pixels: Vec<u8>,
+    }
+
+    impl Canvas {
+        fn new() -> Canvas {
+            Canvas {
+                pixels: vec![WHITE; WIDTH * HEIGHT],
+            }
+        }
+
+        fn set(&mut self, x: usize, y: usize, colour: u8) {
+            if x < WIDTH && y < HEIGHT {
+                self.pixels[y * WIDTH + x] = colour;
+            }
+        }
+
+        fn rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: u8) {
+            for dy in 0..h {
+                for dx in 0..w {
+                    self.set(x + dx, y + dy, colour);
+                }
+            }
+        }
+
+        fn plot_width() -> usize {
+            WIDTH - LEFT - RIGHT
+        }
+
+        fn plot_height() -> usize {
+            HEIGHT - TOP - BOTTOM
+        }
+
+        /// Grid, axes and tick labels: latency ticks every `step` µs,
+        /// fractions every 0.25.
+        fn axes(&mut self, x_max: f64, step: f64) {
+            let (w, h) = (Self::plot_width(), Self::plot_height());
+            let ticks = (x_max / step).round() as usize;
+            for i in 0..=ticks {
+                let x = LEFT + i * w / ticks;
+                self.rect(x, TOP, 1, h, GREY);
+                let label = format!("{}", step * i as f64);
+                self.text(
+                    x.saturating_sub(label.len() * 4 * SCALE / 2),
+                    TOP + h + 8,
+                    &label,
+                    BLACK,
+                );
+            }
+            for (i, label) in ["1", "0.75", "0.5", "0.25", "0"].iter().enumerate() {
+                let y = TOP + i * h / 4;
+                self.rect(LEFT, y, w, 1, GREY);
+                self.text(LEFT - 8 - label.len() * 4 * SCALE, y - 5, label, BLACK);
+            }
+            self.rect(LEFT, TOP + h, w, 1, BLACK);
+            self.rect(LEFT, TOP, 1, h, BLACK);
+        }
+
+        /// The empirical CDF of `sorted` (µs), two pixels thick.
+        fn curve(&mut self, sorted: &[f64], x_max: f64, colour: u8) {
+            if sorted.is_empty() {
+                return;
+            }
+            let (w, h) = (Self::plot_width(), Self::plot_height());
+            let mut previous_y = TOP + h;
+            for px in 0..=w {
+                let latency = x_max * px as f64 / w as f64;
+                let below = sorted.partition_point(|&v| v <= latency);
+                let y = TOP + h - below * h / sorted.len();
+                let (from, to) = (y.min(previous_y), y.max(previous_y));
+                self.rect(LEFT + px, from.saturating_sub(1), 2, to - from + 2, colour);
+                previous_y = y;
+            }
+        }
+
+        fn text(&mut self, x: usize, y: usize, text: &str, colour: u8) {
+            for (i, c) in text.chars().enumerate() {
+                let Some(rows) = glyph(c) else { continue };
+                for (row, bits) in rows.iter().enumerate() {
+                    for (col, pixel) in bits.chars().enumerate() {
+                        if pixel == '#' {
+                            let px = x + (i * 4 + col) * SCALE;
+                            self.rect(px, y + row * SCALE, SCALE, SCALE, colour);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A 3×5 font covering the labels' characters.
+    fn glyph(c: char) -> Option<[&'static str; 5]> {
+        Some(match c {
+            '0' => ["###", "#.#", "#.#", "#.#", "###"],
+            '1' => [".#.", "##.", ".#.", ".#.", "###"],
+            '2' => ["###", "..#", "###", "#..", "###"],
+            '3' => ["###", "..#", "###", "..#", "###"],
+            '4' => ["#.#", "#.#", "###", "..#", "..#"],
+            '5' => ["###", "#..", "###", "..#", "###"],
+            '6' => ["###", "#..", "###", "#.#", "###"],
+            '7' => ["###", "..#", "..#", "..#", "..#"],
+            '8' => ["###", "#.#", "###", "#.#", "###"],
+            '9' => ["###", "#.#", "###", "..#", "###"],
+            '.' => ["...", "...", "...", "...", ".#."],
+            ':' => ["...", ".#.", "...", ".#.", "..."],
+            '-' => ["...", "...", "###", "...", "..."],
+            '=' => ["...", "###", "...", "###", "..."],
+            '<' => ["..#", ".#.", "#..", ".#.", "..#"],
+            '(' => [".#.", "#..", "#..", "#..", ".#."],
+            ')' => [".#.", "..#", "..#", "..#", ".#."],
+            'A' => [".#.", "#.#", "###", "#.#", "#.#"],
+            'B' => ["##.", "#.#", "##.", "#.#", "##."],
+            'C' => [".##", "#..", "#..", "#..", ".##"],
+            'D' => ["##.", "#.#", "#.#", "#.#", "##."],
+            'E' => ["###", "#..", "##.", "#..", "###"],
+            'F' => ["###", "#..", "##.", "#..", "#.."],
+            'G' => [".##", "#..", "#.#", "#.#", ".##"],
+            'H' => ["#.#", "#.#", "###", "#.#", "#.#"],
+            'I' => ["###", ".#.", ".#.", ".#.", "###"],
+            'K' => ["#.#", "#.#", "##.", "#.#", "#.#"],
+            'L' => ["#..", "#..", "#..", "#..", "###"],
+            'M' => ["#.#", "###", "###", "#.#", "#.#"],
+            'N' => ["##.", "#.#", "#.#", "#.#", "#.#"],
+            'O' => [".#.", "#.#", "#.#", "#.#", ".#."],
+            'P' => ["##.", "#.#", "##.", "#..", "#.."],
+            'R' => ["##.", "#.#", "##.", "#.#", "#.#"],
+            'S' => [".##", "#..", ".#.", "..#", "##."],
+            'T' => ["###", ".#.", ".#.", ".#.", ".#."],
+            'U' => ["#.#", "#.#", "#.#", "#.#", "###"],
+            'W' => ["#.#", "#.#", "###", "###", "#.#"],
+            'X' => ["#.#", "#.#", ".#.", "#.#", "#.#"],
+            'Y' => ["#.#", "#.#", ".#.", ".#.", ".#."],
+            _ => return None,
+        })
+    }
+
+    /// An 8-bit indexed-colour PNG. The image data goes in "stored"
+    /// (uncompressed) deflate blocks: a valid zlib stream with no
+    /// compressor to carry.
+    fn png(pixels: &[u8]) -> Vec<u8> {
+        let mut scanlines = Vec::with_capacity((WIDTH + 1) * HEIGHT);
+        for row in pixels.chunks(WIDTH) {
+            scanlines.push(0); // filter: none
+            scanlines.extend_from_slice(row);
+        }
+        let mut header = Vec::new();
+        header.extend_from_slice(&(WIDTH as u32).to_be_bytes());
+        header.extend_from_slice(&(HEIGHT as u32).to_be_bytes());
+        header.extend_from_slice(&[8, 3, 0, 0, 0]); // 8 bits, palette
+        let palette: Vec<u8> = PALETTE.iter().flatten().copied().collect();
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        chunk(&mut out, b"IHDR", &header);
+        chunk(&mut out, b"PLTE", &palette);
+        chunk(&mut out, b"IDAT", &zlib_stored(&scanlines));
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+
+    fn zlib_stored(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x78, 0x01]; // deflate, 32 KiB window, no dictionary
+        let blocks: Vec<&[u8]> = data.chunks(u16::MAX as usize).collect();
+        for (i, block) in blocks.iter().enumerate() {
+            out.push(u8::from(i + 1 == blocks.len())); // BFINAL, BTYPE = stored
+            let len = block.len() as u16;
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&(!len).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+        out.extend_from_slice(&adler32(data).to_be_bytes());
+        out
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn adler32(bytes: &[u8]) -> u32 {
+        let (mut a, mut b) = (1u32, 0u32);
+        for &byte in bytes {
+            a = (a + u32::from(byte)) % 65_521;
+            b = (b + a) % 65_521;
+        }
+        (b << 16) | a
     }
 }
