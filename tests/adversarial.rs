@@ -4,10 +4,10 @@
 //! killed at random. Each test has a measurable pass criterion and checks
 //! that the daemon's fd count returns to its baseline afterwards.
 //!
-//! "Charged bytes back to baseline" is checked through what a leaked
-//! charge would keep alive: the buffer's fd in the daemon, and the daemon's
-//! RSS. The socket has no statistics request; the D-Bus view will expose
-//! the totals.
+//! "Charged bytes back to baseline" is checked twice: through what a leaked
+//! charge would keep alive (the buffer's fd in the daemon, the daemon's
+//! RSS), and through the daemon's own D-Bus view on a private bus: no
+//! client, buffer, byte, fence or waiter may outlive the test's clients.
 //!
 //! The tests take turns (one lock): they measure latencies and resource
 //! counts, which other tests running beside them would disturb. Each runs
@@ -33,6 +33,7 @@ use dmabroker_ipc::fdpass::{recv_message, send_message};
 use dmabroker_ipc::{
     ErrorCode, Hello, Request, RequestBody, RequestHead, ServerMessage, PROTOCOL_VERSION,
 };
+use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::proc::{fd_count, rss_kib};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::field;
@@ -58,14 +59,84 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The daemon under test, with a private bus for its D-Bus view.
+struct Broker {
+    daemon: Daemon,
+    bus: DbusDaemon,
+    /// The totals when the baseline was taken (clients set up before it
+    /// stay in it).
+    baseline_totals: Mutex<Vec<u64>>,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl Broker {
+    /// The daemon's totals: clients, buffers, bytes, fences, waiters.
+    fn totals(&self) -> Vec<u64> {
+        let json = self.bus.property_json("Totals");
+        let data = json.split("\"data\"").nth(1).unwrap_or_default();
+        data.split(|c: char| !c.is_ascii_digit())
+            .filter(|n| !n.is_empty())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+
+    /// The fd baseline, remembering the broker's totals at that moment.
+    fn baseline(&self) -> usize {
+        let fds = self.daemon.baseline();
+        *self
+            .baseline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = self.totals();
+        fds
+    }
+
+    /// Fds back to baseline, and the broker's tables back to what they
+    /// held then: every byte charged since has been released.
+    fn assert_fds_back_to(&self, baseline: usize) {
+        self.daemon.assert_fds_back_to(baseline);
+        let expected = self
+            .baseline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        assert_eq!(expected.len(), 5, "no baseline totals taken");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let totals = self.totals();
+            if totals == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker totals (clients, buffers, bytes, fences, waiters) {totals:?}, at baseline {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A daemon logging at info: debug logs of thousands of requests would
 /// cost more than the requests, and the tests read only info lines.
-fn daemon_with_policy(policy: Option<&str>) -> Daemon {
-    Daemon::start_with(DaemonOptions {
+fn daemon_with_policy(policy: Option<&str>) -> Broker {
+    let bus = DbusDaemon::start();
+    let daemon = Daemon::start_with(DaemonOptions {
         policy: policy.map(str::to_owned),
+        args: bus.daemon_args(),
         env: vec![("RUST_LOG".into(), "info".into())],
-        ..Default::default()
-    })
+    });
+    bus.wait_for_daemon();
+    Broker {
+        daemon,
+        bus,
+        baseline_totals: Mutex::new(Vec::new()),
+    }
 }
 
 fn percentile(samples: &[Duration], p: f64) -> Duration {
@@ -354,9 +425,10 @@ fn a_client_that_never_reads_is_capped_and_cut_off_while_others_keep_their_laten
         rss_growth < 8 * 1024,
         "daemon RSS grew {rss_growth} KiB: the deaf clients' queues are not capped"
     );
+    // Back to the baseline, which includes the probe and its buffer.
+    daemon.assert_fds_back_to(baseline);
     drop(buffer);
     drop(probe);
-    daemon.assert_fds_back_to(baseline);
 }
 
 /// Sends requests flagged no-reply as fast as the socket takes them, so it
