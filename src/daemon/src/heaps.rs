@@ -706,18 +706,7 @@ mod tests {
         assert!(a.fallbacks.is_empty(), "{:?}", a.fallbacks);
         assert!(dma_buf::is_dma_buf(a.fd.as_fd()));
         assert_eq!(a.inode, dma_buf::inode(a.fd.as_fd()).expect("inode"));
-        let info = fdinfo(a.fd.as_fd()).expect("fdinfo");
-        assert_eq!(
-            info.get("name").map(String::as_str),
-            Some("cam0:client42"),
-            "{info:?}"
-        );
-        assert_eq!(
-            info.get("exp_name").map(String::as_str),
-            Some("system"),
-            "{info:?}"
-        );
-        assert_eq!(info.get("size"), Some(&(4 * ps).to_string()), "{info:?}");
+        crate::kernel::testutil::assert_fdinfo(a.fd.as_fd(), "cam0:client42", "system", 4 * ps);
     }
 
     #[test]

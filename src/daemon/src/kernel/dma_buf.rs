@@ -274,22 +274,7 @@ mod tests {
             return;
         };
         set_name(fd.as_fd(), "cam0:client42").expect("set_name");
-        let info = fdinfo(fd.as_fd()).expect("fdinfo");
-        assert_eq!(
-            info.get("name").map(String::as_str),
-            Some("cam0:client42"),
-            "{info:?}"
-        );
-        assert_eq!(
-            info.get("exp_name").map(String::as_str),
-            Some("system"),
-            "{info:?}"
-        );
-        assert_eq!(
-            info.get("size").map(String::as_str),
-            Some("8192"),
-            "{info:?}"
-        );
+        crate::kernel::testutil::assert_fdinfo(fd.as_fd(), "cam0:client42", "system", 8192);
         assert_eq!(size(fd.as_fd()).expect("size"), 8192);
         assert!(inode(fd.as_fd()).expect("inode") > 0);
 

@@ -30,3 +30,21 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Checks what `/proc/self/fdinfo` says about a dma-buf: the name set on it,
+/// the exporter (heap) and the size.
+pub(crate) fn assert_fdinfo(
+    fd: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    exporter: &str,
+    size: u64,
+) {
+    let info = super::fdinfo(fd).expect("fdinfo");
+    assert_eq!(info.get("name").map(String::as_str), Some(name), "{info:?}");
+    assert_eq!(
+        info.get("exp_name").map(String::as_str),
+        Some(exporter),
+        "{info:?}"
+    );
+    assert_eq!(info.get("size"), Some(&size.to_string()), "{info:?}");
+}
