@@ -42,75 +42,32 @@ pub fn binary(name: &str) -> PathBuf {
         "{} is missing: run `cargo build --workspace --bins`",
         path.display()
     );
-    assert_fresh(name, &path);
+    assert_fresh(&path);
     path
 }
 
-/// The sources each binary is built from (a change elsewhere does not
-/// relink it, so it must not count).
-fn sources_of(name: &str) -> &'static [&'static str] {
-    match name {
-        // src/daemon/src minus bin/ (dmabrokerctl's own main).
-        "dmabrokerd" => &[
-            "src/daemon/src",
-            "src/ipc/src",
-            "src/fence/src",
-            "src/policy/src",
-        ],
-        "dmabroker-testclient" => &["client/src", "src/ipc/src", "tests/harness/testclient.rs"],
-        _ => &[],
-    }
-}
-
 /// `cargo test` does not rebuild binaries of other packages: a daemon older
-/// than the sources would test yesterday's code and pass wrongly.
-fn assert_fresh(name: &str, binary: &Path) {
+/// than its sources would test yesterday's code and pass wrongly. Cargo's
+/// own dep-info file next to the binary lists exactly the sources it was
+/// built from (a test-only module does not count).
+fn assert_fresh(binary: &Path) {
     let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let newest = sources_of(name)
-        .iter()
-        .filter_map(|dir| newest_rs(&root.join(dir)))
-        .max();
-    if let Some((when, file)) = newest {
+    let Ok(depinfo) = std::fs::read_to_string(binary.with_extension("d")) else {
+        return;
+    };
+    let sources = depinfo.split_once(": ").map_or("", |(_, deps)| deps);
+    for source in sources.split_whitespace() {
+        let Ok(modified) = std::fs::metadata(source).and_then(|m| m.modified()) else {
+            continue;
+        };
         assert!(
-            when <= built,
-            "{} is older than {}: run `cargo build --workspace --bins` first (tests/run does)",
-            binary.display(),
-            file.display()
+            modified <= built,
+            "{} is older than {source}: run `cargo build --workspace --bins` first (tests/run does)",
+            binary.display()
         );
     }
-}
-
-fn newest_rs(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    if dir.is_file() {
-        let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
-        return Some((modified, dir.to_owned()));
-    }
-    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() && path.file_name().is_some_and(|n| n == "bin") {
-            None
-        } else if path.is_dir() {
-            newest_rs(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(c) = candidate {
-            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
-                newest = Some(c);
-            }
-        }
-    }
-    newest
 }
 
 #[derive(Debug, Default, Clone)]
