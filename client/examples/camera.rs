@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use dmabroker_client::{Access, AllocRequest, Buffer, Client, ClientOptions};
+use dmabroker_client::{Access, AllocRequest, Buffer};
 
 /// One 1080p NV12 frame: 1920 × 1080 luma bytes plus half as many chroma.
 const FULL_HD_NV12: u64 = 1920 * 1080 * 3 / 2;
@@ -57,21 +57,10 @@ impl Args {
     }
 }
 
-fn connect(socket: Option<PathBuf>) -> dmabroker_client::Result<Client> {
-    let options = ClientOptions {
-        name: "camera".into(),
-        ..Default::default()
-    };
-    match socket {
-        Some(path) => Client::connect_with(path, options),
-        None => Client::connect(),
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let stop = frame::stop_on_signal();
-    let client = connect(args.socket.clone())?;
+    let client = frame::connect(args.socket.clone(), "camera")?;
 
     // Allocate the ring and hand out one token per buffer. The buffers stay
     // alive as long as anyone holds them, even after this process exits.

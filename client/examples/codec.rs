@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use dmabroker_client::{Access, Buffer, Client, ClientOptions, ShareToken};
+use dmabroker_client::{Access, Buffer, ShareToken};
 use frame::Contents;
 
 #[derive(Parser)]
@@ -166,22 +166,11 @@ fn read_tokens(args: &Args) -> Result<Vec<ShareToken>, Box<dyn std::error::Error
     Ok(tokens)
 }
 
-fn connect(socket: Option<PathBuf>) -> dmabroker_client::Result<Client> {
-    let options = ClientOptions {
-        name: "codec".into(),
-        ..Default::default()
-    };
-    match socket {
-        Some(path) => Client::connect_with(path, options),
-        None => Client::connect(),
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let stop = frame::stop_on_signal();
     let tokens = read_tokens(&args)?;
-    let client = connect(args.socket.clone())?;
+    let client = frame::connect(args.socket.clone(), "codec")?;
     let ring = tokens
         .iter()
         .map(|token| client.import(token))

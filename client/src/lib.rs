@@ -57,6 +57,12 @@ impl Default for ClientOptions {
     }
 }
 
+/// The socket [`Client::connect`] uses: `$DMABROKER_SOCKET`, a per-user
+/// daemon's socket if one runs, else the system service's.
+pub fn default_socket() -> std::path::PathBuf {
+    dmabroker_ipc::paths::client_socket()
+}
+
 /// A connection to the broker. Cheap to clone; all clones share it.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -77,7 +83,7 @@ impl Client {
     /// Connects to the broker at the default path: `$DMABROKER_SOCKET`, a
     /// per-user daemon's socket if one runs, else the system service's.
     pub fn connect() -> Result<Client> {
-        Client::connect_to(dmabroker_ipc::paths::client_socket())
+        Client::connect_to(default_socket())
     }
 
     pub fn connect_to(path: impl AsRef<Path>) -> Result<Client> {

@@ -10,8 +10,11 @@
 // Each example uses only its half: the camera writes, the codec checks.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use dmabroker_client::{Client, ClientOptions};
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -95,4 +98,17 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
         });
     }
     stop
+}
+
+/// Connects under `name` (shown by `dmabrokerctl clients`) to `--socket`,
+/// or to the default socket.
+pub fn connect(socket: Option<PathBuf>, name: &str) -> dmabroker_client::Result<Client> {
+    let options = ClientOptions {
+        name: name.into(),
+        ..Default::default()
+    };
+    Client::connect_with(
+        socket.unwrap_or_else(dmabroker_client::default_socket),
+        options,
+    )
 }
