@@ -17,19 +17,9 @@ pub use tmp::TempDir;
 
 /// Kernel-tier tests run only where the kernel has the feature; on the
 /// host they print why they skip. In the VM (`DMABROKER_REQUIRE_KERNEL=1`)
-/// a missing feature is a failure, never a silent pass.
-pub fn kernel_feature(feature: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
-    if std::env::var_os("DMABROKER_REQUIRE_KERNEL").is_some_and(|v| v == "1") {
-        panic!(
-            "kernel feature {feature} is required here (DMABROKER_REQUIRE_KERNEL=1) but missing"
-        );
-    }
-    eprintln!("SKIPPED: kernel feature {feature} is not available on this kernel");
-    false
-}
+/// a missing feature is a failure, never a silent pass. One decision for
+/// the daemon's own kernel tests and the suite's.
+pub use dmabroker_daemon::kernel::require_or_skip as kernel_feature;
 
 /// Tests that need root (to run clients under other uids) print why they
 /// skip elsewhere.
