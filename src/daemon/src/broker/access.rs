@@ -210,7 +210,7 @@ impl State {
                 autofence,
                 request_id,
                 pending: None,
-                cache_synced: false,
+                owes_cache_end: false,
                 sync_file: None,
                 deadline,
             },
@@ -297,7 +297,7 @@ impl State {
         if kind.is_cpu() && autofence {
             let synced = self.cache_sync(entry.buffer, kind, SyncPhase::Start);
             if let Some(entry) = self.accesses.get_mut(&access_id) {
-                entry.cache_synced = synced;
+                entry.owes_cache_end = synced;
             }
         }
         self.stats.grants += 1;
@@ -316,14 +316,16 @@ impl State {
         self.reply(client, request_id, Ok(ReplyBody::Granted(grant)), fds);
     }
 
-    /// Returns whether an ioctl was issued (memfd buffers have no caches).
+    /// Returns whether the transition is settled: the ioctl succeeded, or
+    /// there is nothing to sync (memfd buffers have no caches; counted as
+    /// skipped). Only a START that settled is owed an END.
     fn cache_sync(&mut self, buffer: BufferId, kind: Access, phase: SyncPhase) -> bool {
         let Some(entry) = self.buffers.get(&buffer) else {
             return false;
         };
         if !entry.origin.is_dma_buf() {
             self.stats.cache_syncs_skipped += 1;
-            return false;
+            return true;
         }
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
             Ok(()) => {
@@ -424,17 +426,8 @@ impl State {
     pub(super) fn finish_released(&mut self, released: &[AccessId]) {
         for access in released {
             if let Some(entry) = self.accesses.remove(access) {
-                if entry.cache_synced {
+                if entry.owes_cache_end {
                     self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
-                } else if entry.kind.is_cpu() && entry.autofence && entry.pending.is_none() {
-                    // Counted either way so statistics show every CPU transition.
-                    let is_dma_buf = self
-                        .buffers
-                        .get(&entry.buffer)
-                        .is_some_and(|b| b.origin.is_dma_buf());
-                    if !is_dma_buf {
-                        self.stats.cache_syncs_skipped += 1;
-                    }
                 }
             }
             self.fence_ended(*access);

@@ -106,8 +106,9 @@ pub struct AccessEntry {
     pub request_id: u64,
     /// The grant is decided but waits for kernel implicit fences.
     pub pending: Option<PendingGrant>,
-    /// `DMA_BUF_IOCTL_SYNC` START was issued; END is owed at the end.
-    pub cache_synced: bool,
+    /// The CPU grant's cache START settled (see `cache_sync`), so its END
+    /// is owed when the access ends.
+    pub owes_cache_end: bool,
     pub sync_file: Option<Arc<OwnedFd>>,
     pub deadline: Option<Instant>,
 }
