@@ -9,7 +9,7 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
-use crate::service::fdstore::{read_record, FdStore};
+use crate::service::fdstore::{read_record, FdStore, RecordWriter};
 use crate::service::inherited::Inherited;
 use crate::service::{notify, watchdog};
 
@@ -49,7 +49,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     };
     let mut state = State::new(heaps, policy, limits);
     state.fd_store = FdStore::from_env();
-    let restored = restore(&mut state, inherited.stored);
+    let (restored, writer) = restore(&mut state, inherited.stored);
     let persist_wanted = Arc::clone(&state.persist_wanted);
     let broker = Broker::new(state);
     let listener = match inherited.listener {
@@ -79,7 +79,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         });
     }
     if broker.lock().fd_store.is_some() {
-        tokio::spawn(persist_loop(Arc::clone(&broker), persist_wanted));
+        tokio::spawn(persist_loop(Arc::clone(&broker), persist_wanted, writer));
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog::run(interval));
@@ -152,13 +152,14 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
 }
 
 /// Takes back what a previous instance left in the fd store. Returns
-/// whether anything was restored (re-attach grace then applies).
+/// whether anything was restored (re-attach grace then applies) and the
+/// writer that continues its record.
 fn restore(
     state: &mut State,
     mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
-) -> bool {
+) -> (bool, RecordWriter) {
     if stored.is_empty() {
-        return false;
+        return (false, RecordWriter::default());
     }
     let mut best: Option<(String, crate::service::record::StateRecord)> = None;
     for name in ["state-a", "state-b"] {
@@ -182,13 +183,12 @@ fn restore(
                 store.remove(name);
             }
         }
-        return false;
+        return (false, RecordWriter::default());
     };
     stored.retain(|name, _| !name.starts_with("state-"));
     let summary = state.restore(&record, stored);
-    state.record_generation = record.generation;
     // Whatever was not taken back must leave the store too.
-    if let Some(store) = state.fd_store.as_mut() {
+    if let Some(store) = &state.fd_store {
         for name in &names {
             let kept = name == &record_name
                 || name
@@ -199,7 +199,6 @@ fn restore(
                 store.remove(name);
             }
         }
-        store.adopt_record_name(record_name);
     }
     tracing::info!(
         restored = summary.restored,
@@ -207,22 +206,27 @@ fn restore(
         unknown = summary.unknown_fds,
         "buffers taken back from the fd store"
     );
-    summary.restored > 0
+    (
+        summary.restored > 0,
+        RecordWriter::continuing(record_name, record.generation),
+    )
 }
 
-/// Rewrites the stored record after changes, at most every 50 ms.
-async fn persist_loop(broker: Arc<Broker>, wanted: Arc<tokio::sync::Notify>) {
+/// Rewrites the stored record after changes, at most every 50 ms. Only the
+/// snapshot is taken under the broker's lock; encoding it and handing it
+/// to the service manager happen after, off the request path.
+async fn persist_loop(
+    broker: Arc<Broker>,
+    wanted: Arc<tokio::sync::Notify>,
+    mut writer: RecordWriter,
+) {
     loop {
         wanted.notified().await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let mut state = broker.lock();
-        state.record_generation += 1;
-        let generation = state.record_generation;
-        let record = state.record(generation);
-        if let Some(store) = state.fd_store.as_mut() {
-            if let Err(err) = store.store_record(&record) {
-                tracing::warn!(error = %err, "cannot store the buffer table record");
-            }
+        let generation = writer.next_generation();
+        let record = broker.lock().record(generation);
+        if let Err(err) = writer.store(&record) {
+            tracing::warn!(error = %err, "cannot store the buffer table record");
         }
     }
 }

@@ -68,7 +68,7 @@ fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
 
 impl State {
     /// The table as the next instance needs it.
-    pub fn record(&mut self, generation: u64) -> StateRecord {
+    pub fn record(&self, generation: u64) -> StateRecord {
         let uid_of = |client: ClientId, clients: &HashMap<ClientId, super::ClientEntry>| {
             clients
                 .get(&client)

@@ -166,8 +166,6 @@ pub struct State {
     pub fd_store: Option<crate::service::fdstore::FdStore>,
     /// Wakes the task that rewrites the stored record (debounced).
     pub persist_wanted: Arc<tokio::sync::Notify>,
-    /// Generation of the last record stored.
-    pub record_generation: u64,
     notices: NoticeSender,
     next_client: ClientId,
     next_buffer: BufferId,
@@ -196,7 +194,6 @@ impl State {
             started: SystemTime::now(),
             fd_store: None,
             persist_wanted: Arc::new(tokio::sync::Notify::new()),
-            record_generation: 0,
             notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
             next_buffer: 1,

@@ -15,10 +15,19 @@ use super::inherited::{BUFFER_PREFIX, RECORD_PREFIX};
 use super::record::StateRecord;
 use crate::kernel::memfd;
 
+/// Buffers in and out of the store: cheap notifications the broker sends
+/// as buffers come and go.
 #[derive(Debug, Default)]
-pub struct FdStore {
+pub struct FdStore;
+
+/// The table's record in the store. Owned by the task that rewrites it, so
+/// encoding and storing happen outside the broker's lock.
+#[derive(Debug, Default)]
+pub struct RecordWriter {
+    /// Generation of the last record stored (or taken back at start).
+    generation: u64,
     /// The record most recently stored, to be removed after the next one.
-    current_record: Option<String>,
+    current: Option<String>,
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -63,9 +72,25 @@ impl FdStore {
     pub fn remove_buffer(&self, id: u64) {
         self.remove(&buffer_name(id));
     }
+}
+
+impl RecordWriter {
+    /// After a restore: the record taken back is the one to replace, and
+    /// new records must outrank it.
+    pub fn continuing(name: String, generation: u64) -> RecordWriter {
+        RecordWriter {
+            generation,
+            current: Some(name),
+        }
+    }
+
+    pub fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
 
     /// Stores `record`, then drops the previous one.
-    pub fn store_record(&mut self, record: &StateRecord) -> std::io::Result<()> {
+    pub fn store(&mut self, record: &StateRecord) -> std::io::Result<()> {
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = record_name(record.generation);
         let fd = sealed_copy(&name, &bytes)?;
@@ -73,17 +98,12 @@ impl FdStore {
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
         )?;
-        if let Some(old) = self.current_record.replace(name.clone()) {
+        if let Some(old) = self.current.replace(name.clone()) {
             if old != name {
-                self.remove(&old);
+                FdStore.remove(&old);
             }
         }
         Ok(())
-    }
-
-    /// After a restore: the record we took back is the one to replace.
-    pub fn adopt_record_name(&mut self, name: String) {
-        self.current_record = Some(name);
     }
 }
 
