@@ -948,3 +948,70 @@ fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
         bus.log()
     );
 }
+
+/// The lists are copied a few entries per hold of the broker's lock (so a
+/// grant never waits for a whole table). Across those chunks nothing may
+/// go missing, repeat or come out of order, and the heap counts must still
+/// add up to the totals.
+#[test]
+fn long_lists_are_whole_and_in_order() {
+    const CLIENTS: usize = 37;
+    const BUFFERS_EACH: usize = 3;
+    let bus = DbusDaemon::start();
+    let daemon = start(&bus, None);
+    let clients: Vec<_> = (0..CLIENTS).map(|_| daemon.client()).collect();
+    let mut buffers = Vec::new();
+    let mut expected_bytes = 0u64;
+    for (i, client) in clients.iter().enumerate() {
+        for j in 0..BUFFERS_EACH {
+            let size = 4096 * (1 + ((i + j) % 4) as u64);
+            buffers.push(client.alloc(size).expect("alloc"));
+            expected_bytes += size;
+        }
+    }
+    let mut ids: Vec<u64> = buffers.iter().map(|b| b.id()).collect();
+    ids.sort_unstable();
+
+    let listed = method(&bus, "ListBuffers", &[]);
+    let listed: Vec<u64> = listed
+        .as_array()
+        .expect("buffers")
+        .iter()
+        .map(|row| row[0].as_u64().expect("buffer id"))
+        .collect();
+    assert_eq!(listed, ids, "every buffer once, by id");
+
+    let rows = method(&bus, "ListClients", &[]);
+    let rows = rows.as_array().expect("clients");
+    let client_ids: Vec<u64> = rows.iter().map(|r| r[0].as_u64().expect("id")).collect();
+    assert_eq!(
+        client_ids.len(),
+        CLIENTS,
+        "every client once: {client_ids:?}"
+    );
+    assert!(
+        client_ids.windows(2).all(|w| w[0] < w[1]),
+        "by id: {client_ids:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r[8] == BUFFERS_EACH as u64),
+        "each client holds its buffers: {rows:?}"
+    );
+
+    let total = (CLIENTS * BUFFERS_EACH) as u64;
+    assert_eq!(
+        property(&bus, "Heaps"),
+        serde_json::json!([["memfd", "memfd", total, expected_bytes]])
+    );
+    let totals = property(&bus, "Totals");
+    assert_eq!(
+        (totals[1].as_u64(), totals[2].as_u64()),
+        (Some(total), Some(expected_bytes))
+    );
+
+    // Freed buffers leave every list.
+    drop(buffers.split_off(10));
+    eventually("the freed buffers to leave the list", || {
+        method(&bus, "ListBuffers", &[]).as_array().map(Vec::len) == Some(10)
+    });
+}

@@ -44,6 +44,17 @@ impl DebugObject {
         let state = self.broker.lock();
         f(&state)
     }
+
+    /// Runs `copy` on the locked state once per [`snapshot::CHUNK`] ids,
+    /// unlocking in between, so that the data path never waits for more
+    /// than one chunk however large the list.
+    fn read_chunked<T>(&self, ids: &[u64], copy: impl Fn(&State, &[u64]) -> Vec<T>) -> Vec<T> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(snapshot::CHUNK) {
+            out.extend(self.read(|state| copy(state, chunk)));
+        }
+        out
+    }
 }
 
 #[zbus::interface(name = "org.dmabroker.Debug1")]
@@ -69,7 +80,12 @@ impl DebugObject {
     /// Usable heaps in fallback order with what is allocated from each.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn heaps(&self) -> Vec<HeapView> {
-        self.read(snapshot::heaps)
+        let (mut views, ids) =
+            self.read(|state| (snapshot::heaps(state), snapshot::buffer_ids(state)));
+        for chunk in ids.chunks(snapshot::CHUNK) {
+            self.read(|state| snapshot::count_heaps(state, chunk, &mut views));
+        }
+        views
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
@@ -79,12 +95,16 @@ impl DebugObject {
 
     #[zbus(out_args("clients"))]
     async fn list_clients(&self) -> Vec<ClientView> {
-        self.read(snapshot::clients)
+        let all = self.read(snapshot::client_ids);
+        self.read_chunked(&all.ids, |state, chunk| {
+            snapshot::clients_among(state, &all, chunk)
+        })
     }
 
     #[zbus(out_args("buffers"))]
     async fn list_buffers(&self) -> Vec<BufferView> {
-        snapshot::finish_buffers(self.read(snapshot::buffers))
+        let ids = self.read(snapshot::buffer_ids);
+        snapshot::finish_buffers(self.read_chunked(&ids, snapshot::buffers_among))
     }
 
     // Structs are returned as 1-tuples: a bare struct would go out as its

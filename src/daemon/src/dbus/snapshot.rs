@@ -4,6 +4,14 @@
 //! thread, while the data path may be waiting for the same lock: they only
 //! copy what they need. The costlier half (text, ages, percentiles) is done
 //! afterwards on the copies ([`RawBuffer::finish`], [`statistics`]).
+//!
+//! The lists grow with the tables, so they are copied [`CHUNK`] entries per
+//! hold of the lock: first the ids, then the entries a chunk at a time
+//! ([`buffers_among`], [`clients_among`]). A client's grant then waits for
+//! one chunk at most, not for a copy of ten thousand buffers. The price is
+//! that a list is not one instant: every entry is consistent in itself,
+//! but a buffer freed after its id was taken is left out, and one
+//! allocated meanwhile is not listed yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -32,10 +40,10 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-/// Usable heaps in fallback order, then any other heap names buffers carry
-/// (adopted buffers), so the buffer counts always add up to the totals.
+/// Usable heaps in fallback order, nothing counted yet; [`count_heaps`]
+/// adds the buffers, a chunk at a time.
 pub fn heaps(state: &State) -> Vec<HeapView> {
-    let mut views: Vec<HeapView> = state
+    state
         .heaps
         .heaps()
         .iter()
@@ -45,8 +53,14 @@ pub fn heaps(state: &State) -> Vec<HeapView> {
             buffers: 0,
             bytes: 0,
         })
-        .collect();
-    for buffer in state.buffers.values() {
+        .collect()
+}
+
+/// Counts the buffers of `chunk` still alive into `views`, adding any other
+/// heap names they carry (adopted buffers), so the buffer counts add up to
+/// the totals.
+pub fn count_heaps(state: &State, chunk: &[u64], views: &mut Vec<HeapView>) {
+    for buffer in chunk.iter().filter_map(|id| state.buffers.get(id)) {
         let index = match views.iter().position(|v| v.name == buffer.heap) {
             Some(index) => index,
             None => {
@@ -62,7 +76,6 @@ pub fn heaps(state: &State) -> Vec<HeapView> {
         views[index].buffers += 1;
         views[index].bytes += buffer.size;
     }
-    views
 }
 
 pub fn totals(state: &State) -> Totals {
@@ -102,28 +115,47 @@ fn client_view(state: &State, client: &ClientEntry, longest_wait_us: u64) -> Cli
     }
 }
 
-/// Clients by id.
-pub fn clients(state: &State) -> Vec<ClientView> {
-    let now = Instant::now();
-    let mut oldest: HashMap<u64, Instant> = HashMap::new();
+/// Entries copied per hold of the lock (see the module's documentation).
+/// Copying one costs a few hundred nanoseconds (its strings and lists are
+/// cloned), so a chunk holds the lock for microseconds.
+pub const CHUNK: usize = 16;
+
+/// The ids a chunked list will copy, sorted, with what the client chunks
+/// need from the whole table: since when each client's oldest request has
+/// waited (one pass over the waiters, which hold no strings to clone).
+#[derive(Debug, Default)]
+pub struct ClientIds {
+    pub ids: Vec<u64>,
+    oldest_wait: HashMap<u64, Instant>,
+}
+
+pub fn client_ids(state: &State) -> ClientIds {
+    let mut oldest_wait: HashMap<u64, Instant> = HashMap::new();
     for waiter in state.waiters.values() {
-        oldest
+        oldest_wait
             .entry(waiter.client)
             .and_modify(|since| *since = (*since).min(waiter.since))
             .or_insert(waiter.since);
     }
-    let mut views: Vec<ClientView> = state
-        .clients
-        .values()
+    let mut ids: Vec<u64> = state.clients.keys().copied().collect();
+    ids.sort_unstable();
+    ClientIds { ids, oldest_wait }
+}
+
+/// The clients of `chunk` still connected, in its order.
+pub fn clients_among(state: &State, all: &ClientIds, chunk: &[u64]) -> Vec<ClientView> {
+    let now = Instant::now();
+    chunk
+        .iter()
+        .filter_map(|id| state.clients.get(id))
         .map(|c| {
-            let wait = oldest
+            let wait = all
+                .oldest_wait
                 .get(&c.id)
                 .map_or(0, |since| micros_since(now, *since));
             client_view(state, c, wait)
         })
-        .collect();
-    views.sort_by_key(|c| c.id);
-    views
+        .collect()
 }
 
 fn fence_info(fence: &FenceView, now: Instant) -> FenceInfo {
@@ -201,21 +233,26 @@ impl RawBuffer {
     }
 }
 
-/// Buffers in no particular order; see [`finish_buffers`].
-pub fn buffers(state: &State) -> Vec<RawBuffer> {
-    state
-        .buffers
-        .values()
+/// The ids of all buffers, sorted.
+pub fn buffer_ids(state: &State) -> Vec<u64> {
+    let mut ids: Vec<u64> = state.buffers.keys().copied().collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The buffers of `chunk` still alive, in its order; see [`finish_buffers`].
+pub fn buffers_among(state: &State, chunk: &[u64]) -> Vec<RawBuffer> {
+    chunk
+        .iter()
+        .filter_map(|id| state.buffers.get(id))
         .map(|b| RawBuffer::copy(state, b))
         .collect()
 }
 
-/// Buffers by id.
+/// Buffers in the order copied (by id).
 pub fn finish_buffers(raw: Vec<RawBuffer>) -> Vec<BufferView> {
     let now = Instant::now();
-    let mut views: Vec<BufferView> = raw.into_iter().map(|b| b.finish(now)).collect();
-    views.sort_by_key(|b| b.id);
-    views
+    raw.into_iter().map(|b| b.finish(now)).collect()
 }
 
 /// One buffer in detail, copied under the lock; see [`RawDetail::finish`].
