@@ -18,6 +18,19 @@
 //! ratio, which one noisy round cannot swing, and the floor says how much
 //! of any excess D-Bus traffic as such accounts for.
 //!
+//! Placement: on a machine with two CPUs or more, the data path (this
+//! process's measuring thread and the daemon's main thread, which serves
+//! every client) runs on one CPU and everything D-Bus (the load generator
+//! thread, `dbus-daemon` and the daemon's `dbus` thread) on another. What is
+//! left to measure is what the daemon's design costs the data path: the
+//! broker's lock, shared allocator and kernel structures, interrupts. Left
+//! to the scheduler on a small machine, the figure measures CPU placement
+//! instead: one call costs about 200 µs of CPU across the load generator,
+//! the bus and the daemon, and on a 2-vCPU VM a wake-up that lands on the
+//! other, halted vCPU costs tens of microseconds by itself (see
+//! docs/BENCHMARKS.md for both figures). `DMABROKER_BENCH_PIN=0` leaves
+//! placement to the scheduler.
+//!
 //! `cargo bench --bench dbus_load`; `DMABROKER_BENCH_ROUNDS` (default 20),
 //! `DMABROKER_BENCH_ITERS` (round trips per phase, default 5000),
 //! `DMABROKER_BENCH_METHOD` (one of the debug methods alone, to find which
@@ -34,6 +47,8 @@ use dmabroker_client::{Access, Buffer, Client};
 use dmabroker_daemon::dbus::proxy::DebugProxy;
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::{Daemon, DaemonOptions};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 
 /// D-Bus calls per second during the loaded phases.
 const RATE: u64 = 1000;
@@ -65,6 +80,49 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Which CPU the data path and the D-Bus side run on; `None` leaves it to
+/// the scheduler.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    data_path: usize,
+    dbus: usize,
+}
+
+fn split() -> Option<Split> {
+    if std::env::var("DMABROKER_BENCH_PIN").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let allowed = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+    let mut cpus = (0..CpuSet::count()).filter(|&cpu| allowed.is_set(cpu).unwrap_or(false));
+    match (cpus.next(), cpus.next()) {
+        (Some(data_path), Some(dbus)) => Some(Split { data_path, dbus }),
+        _ => None,
+    }
+}
+
+/// Pins one thread (`0`: the calling one); a process id names its main
+/// thread only, so other threads of that process keep their own placement.
+fn pin(tid: u32, cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("CPU number in range");
+    let tid = i32::try_from(tid).expect("thread id");
+    sched_setaffinity(Pid::from_raw(tid), &set).expect("sched_setaffinity");
+}
+
+/// The thread of `pid` whose name is `name`.
+fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })?
+        .file_name()
+        .to_str()?
+        .parse()
+        .ok()
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -99,7 +157,10 @@ struct Load {
 
 /// Calls at [`RATE`] per second while the phase asks for it, each call in
 /// its own task so that a slow reply does not lower the rate.
-fn load(address: String, buffer: u64, shared: Arc<Load>) {
+fn load(address: String, buffer: u64, shared: Arc<Load>, split: Option<Split>) {
+    if let Some(split) = split {
+        pin(0, split.dbus);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -205,9 +266,26 @@ fn main() {
         stop: AtomicBool::new(false),
         answered: AtomicU64::new(0),
     });
+    let split = split();
+    let placement = match split {
+        Some(split) => {
+            let dbus_thread =
+                thread_named(daemon.pid(), "dbus").expect("the daemon's D-Bus thread");
+            pin(0, split.data_path);
+            pin(daemon.pid(), split.data_path);
+            pin(dbus_thread, split.dbus);
+            pin(bus.pid(), split.dbus);
+            format!(
+                "data path (this client, the daemon's main thread) on CPU {}, \
+                 D-Bus (load generator, dbus-daemon, the daemon's dbus thread) on CPU {}",
+                split.data_path, split.dbus
+            )
+        }
+        None => "left to the scheduler".to_owned(),
+    };
     let loader = {
         let (address, shared) = (bus.address().to_owned(), Arc::clone(&shared));
-        std::thread::spawn(move || load(address, detailed, shared))
+        std::thread::spawn(move || load(address, detailed, shared, split))
     };
 
     measure(&buffer, iterations / 4, pace); // warm-up
@@ -218,6 +296,7 @@ fn main() {
         "dbus_load: {rounds} rounds of {iterations} begin/end round trips {pace:?} apart; \
          phases: quiet, {RATE} calls/s to the bus (floor), {RATE} calls/s to the daemon (debug)"
     );
+    println!("dbus_load: placement: {placement}");
     for round in 1..=rounds {
         let mut line = format!("  round {round:>2}:");
         let mut round_p99 = [Duration::ZERO; 3];
@@ -283,8 +362,13 @@ fn main() {
     let pooled = p99[2].as_secs_f64() / p99[0].as_secs_f64();
     println!(
         "dbus_load: p99 debug/quiet: median of rounds {debug:.2}, pooled {pooled:.2} \
-         (target <= {LIMIT:.2}: {}); floor/quiet: median {floor:.2}",
+         (target <= {LIMIT:.2}: {}); floor/quiet: median {floor:.2}; {}",
         if debug <= LIMIT { "met" } else { "NOT MET" },
+        if split.is_some() {
+            "data path and D-Bus on CPUs of their own"
+        } else {
+            "placement left to the scheduler"
+        },
     );
     drop(others);
 }

@@ -114,6 +114,11 @@ impl DbusDaemon {
         &self.address
     }
 
+    /// The `dbus-daemon` process, for benchmarks that place it on a CPU.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `--dbus ADDRESS` for [`crate::DaemonOptions::args`]: the socket
     /// alone, without the bus's guid, so that the daemon also accepts the
     /// bus after a [`DbusDaemon::restart`].
