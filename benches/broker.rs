@@ -604,7 +604,7 @@ impl Bench {
     /// The daemon, started (once) for the first broker benchmark.
     fn daemon(&mut self) -> Res<&Daemon> {
         if self.daemon.is_none() {
-            build_daemon()?;
+            dmabroker_suite::daemon::build_release_daemon()?;
             let daemon = Daemon::start_with(DaemonOptions {
                 env: vec![("RUST_LOG".into(), "warn".into())],
                 // The default of 4,096 buffers per client would refuse the
@@ -943,21 +943,6 @@ fn vm_rss_kib(pid: u32) -> Res<u64> {
         .nth(1)
         .ok_or("malformed VmRSS")?
         .parse()?)
-}
-
-/// `cargo bench` builds this package, not the daemon's binary: build it
-/// (a no-op when it is up to date) so the figures are today's code.
-fn build_daemon() -> Res<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--bin", "dmabrokerd"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err("`cargo build --release --bin dmabrokerd` failed".into())
-    }
 }
 
 /// Pipelined ends and frees report failures asynchronously; a benchmark

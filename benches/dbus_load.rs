@@ -111,20 +111,6 @@ fn pin(tid: u32, cpu: usize) {
     sched_setaffinity(Pid::from_raw(tid), &set).expect("sched_setaffinity");
 }
 
-/// The thread of `pid` whose name is `name`.
-fn thread_named(pid: u32, name: &str) -> Option<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|task| {
-            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
-        })?
-        .file_name()
-        .to_str()?
-        .parse()
-        .ok()
-}
-
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
@@ -239,9 +225,17 @@ fn main() {
     let rounds = env_or("DMABROKER_BENCH_ROUNDS", 20).max(1);
     let iterations = env_or("DMABROKER_BENCH_ITERS", 5_000).max(100);
     let pace = Duration::from_micros(env_or("DMABROKER_BENCH_PACE_US", 100) as u64);
+    if let Err(err) = dmabroker_suite::daemon::build_release_daemon() {
+        panic!("{err}");
+    }
     let bus = DbusDaemon::start();
+    let split = split();
+    let mut args = bus.daemon_args();
+    if let Some(split) = split {
+        args.extend(["--dbus-cpus".into(), split.dbus.to_string()]);
+    }
     let daemon = Daemon::start_with(DaemonOptions {
-        args: bus.daemon_args(),
+        args,
         env: vec![("RUST_LOG".into(), "warn".into())],
         ..Default::default()
     });
@@ -266,14 +260,11 @@ fn main() {
         stop: AtomicBool::new(false),
         answered: AtomicU64::new(0),
     });
-    let split = split();
     let placement = match split {
         Some(split) => {
-            let dbus_thread =
-                thread_named(daemon.pid(), "dbus").expect("the daemon's D-Bus thread");
+            // The daemon's D-Bus thread went to its CPU by --dbus-cpus.
             pin(0, split.data_path);
             pin(daemon.pid(), split.data_path);
-            pin(dbus_thread, split.dbus);
             pin(bus.pid(), split.dbus);
             format!(
                 "data path (this client, the daemon's main thread) on CPU {}, \

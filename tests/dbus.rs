@@ -1015,3 +1015,69 @@ fn long_lists_are_whole_and_in_order() {
         method(&bus, "ListBuffers", &[]).as_array().map(Vec::len) == Some(10)
     });
 }
+
+/// `Cpus_allowed_list` of one thread of `pid`, found by name.
+fn thread_cpus(pid: u32, name: &str) -> String {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for task in tasks.filter_map(Result::ok) {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .expect("Cpus_allowed_list")
+                .trim()
+                .to_owned();
+        }
+    }
+    panic!("no thread named {name} in {pid}");
+}
+
+/// `--dbus-cpus` moves the D-Bus thread, and only it, so that an operator
+/// can keep introspection off the data path's cores; a list the kernel
+/// refuses leaves it where it was and the interface still answers.
+#[test]
+fn dbus_cpus_places_the_dbus_thread_only() {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect();
+    let last = *cpus.last().expect("some CPU");
+    let bus = DbusDaemon::start();
+    let mut args = bus.daemon_args();
+    args.extend(["--dbus-cpus".into(), last.to_string()]);
+    let daemon = Daemon::start_with(DaemonOptions {
+        args,
+        ..Default::default()
+    });
+    bus.wait_for_daemon();
+    let main_thread = thread_cpus(daemon.pid(), "dmabrokerd");
+    assert_eq!(thread_cpus(daemon.pid(), "dbus"), last.to_string());
+    if cpus.len() > 1 {
+        assert_ne!(
+            main_thread,
+            last.to_string(),
+            "the data path stays where it was"
+        );
+    }
+    assert_eq!(property(&bus, "Version"), env!("CARGO_PKG_VERSION"));
+    drop(daemon);
+
+    // CPU 1023 exists in no CPU set this machine offers.
+    let bus = DbusDaemon::start();
+    let mut args = bus.daemon_args();
+    args.extend(["--dbus-cpus".into(), "1023".into()]);
+    let daemon = Daemon::start_with(DaemonOptions {
+        args,
+        ..Default::default()
+    });
+    bus.wait_for_daemon();
+    assert_eq!(thread_cpus(daemon.pid(), "dbus"), main_thread);
+    assert_eq!(property(&bus, "Version"), env!("CARGO_PKG_VERSION"));
+    assert!(
+        daemon.log().contains("cannot place the D-Bus thread"),
+        "{}",
+        daemon.log()
+    );
+}

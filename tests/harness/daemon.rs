@@ -12,6 +12,23 @@ use crate::tmp::TempDir;
 /// Finds a workspace binary next to the running test executable
 /// (`target/<profile>/deps/test-*` → `target/<profile>/NAME`), building it
 /// if it is missing. `DMABROKER_BIN_DIR` overrides the folder.
+/// `cargo bench` builds the benchmark's package, not the daemon's binary:
+/// benchmarks call this first (a no-op when it is up to date) so that
+/// their figures are today's code.
+pub fn build_release_daemon() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "dmabrokerd"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|err| format!("cannot run cargo: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err("`cargo build --release --bin dmabrokerd` failed".into())
+    }
+}
+
 pub fn binary(name: &str) -> PathBuf {
     let dir = match std::env::var_os("DMABROKER_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),

@@ -66,6 +66,55 @@ pub struct Config {
     /// bus. An unreachable bus never stops the daemon.
     #[arg(long, value_name = "system|session|none|ADDRESS")]
     pub dbus: Option<String>,
+
+    /// CPUs for the D-Bus thread (e.g. `3` or `2-3,6`), to keep
+    /// introspection off the cores the data path runs on. Default: the
+    /// daemon's own CPUs. A list the kernel refuses is logged and ignored.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub dbus_cpus: Option<CpuList>,
+}
+
+/// A set of CPU numbers as `taskset -c` and systemd's `CPUAffinity=`
+/// write them: `0`, `2-3,6`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(Vec<usize>);
+
+impl CpuList {
+    pub fn cpus(&self) -> &[usize] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CpuList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text: Vec<String> = self.0.iter().map(usize::to_string).collect();
+        f.write_str(&text.join(","))
+    }
+}
+
+fn parse_cpu_list(text: &str) -> Result<CpuList, String> {
+    let bad = || format!("'{text}' is not a CPU list like 3 or 2-3,6");
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((first, last)) => (first, last),
+            None => (part, part),
+        };
+        let first: usize = first.trim().parse().map_err(|_| bad())?;
+        let last: usize = last.trim().parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(bad());
+        }
+        if last >= nix::sched::CpuSet::count() {
+            return Err(format!(
+                "CPU {last} in '{text}' is beyond the kernel's CPU set"
+            ));
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(CpuList(cpus))
 }
 
 impl Config {
@@ -92,4 +141,33 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     dmabroker_policy::parse_duration(text)?
         .ok_or_else(|| format!("'{text}' is not a duration like 30s"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_read_as_taskset_writes_them() {
+        assert_eq!(parse_cpu_list("3").map(|l| l.0), Ok(vec![3]));
+        assert_eq!(
+            parse_cpu_list("6,2-3,3").map(|l| l.0),
+            Ok(vec![2, 3, 6]),
+            "sorted, ranges expanded, duplicates once"
+        );
+        assert_eq!(
+            parse_cpu_list("0-1").map(|l| l.to_string()),
+            Ok("0,1".into())
+        );
+    }
+
+    #[test]
+    fn bad_cpu_lists_are_refused_with_the_reason() {
+        for bad in ["", "x", "3-1", "1,,2", "-1", "1-"] {
+            let err = parse_cpu_list(bad).expect_err(bad);
+            assert!(err.contains("is not a CPU list"), "{bad}: {err}");
+        }
+        let err = parse_cpu_list("1000000").expect_err("huge");
+        assert!(err.contains("beyond the kernel's CPU set"), "{err}");
+    }
 }

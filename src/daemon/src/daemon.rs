@@ -89,6 +89,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     let _dbus = crate::dbus::spawn(
         Arc::clone(&broker),
         crate::dbus::BusChoice::from_option(config.dbus.as_deref(), config.system_mode()),
+        config.dbus_cpus.clone(),
         {
             let (broker, config) = (Arc::clone(&broker), config.clone());
             move || reload(&broker, &config)

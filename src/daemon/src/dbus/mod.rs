@@ -23,7 +23,11 @@ use zbus::connection::Builder;
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
 use crate::broker::Broker;
+use crate::config::CpuList;
 pub use service::DebugError;
 
 pub const BUS_NAME: &str = "org.dmabroker.Broker1";
@@ -142,6 +146,7 @@ enum ServeError {
 pub fn spawn(
     broker: Arc<Broker>,
     bus: BusChoice,
+    cpus: Option<CpuList>,
     reload: impl Fn() -> bool + Send + Sync + 'static,
 ) -> Option<std::thread::JoinHandle<()>> {
     if bus == BusChoice::None {
@@ -157,6 +162,9 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("dbus".into())
         .spawn(move || {
+            if let Some(cpus) = cpus {
+                place_this_thread(&cpus);
+            }
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -175,6 +183,26 @@ pub fn spawn(
             tracing::warn!(error = %err, "cannot start the D-Bus thread; continuing without D-Bus");
             None
         }
+    }
+}
+
+/// Moves the calling thread (the D-Bus one) onto `cpus` (`--dbus-cpus`).
+/// Introspection is never worth refusing to start over: a list the kernel
+/// refuses (CPUs offline or outside the service's cpuset) is logged.
+fn place_this_thread(cpus: &CpuList) {
+    let mut set = CpuSet::new();
+    for &cpu in cpus.cpus() {
+        if let Err(err) = set.set(cpu) {
+            tracing::warn!(cpu, error = %err, "--dbus-cpus: no such CPU; ignored");
+        }
+    }
+    match sched_setaffinity(Pid::from_raw(0), &set) {
+        Ok(()) => tracing::info!(cpus = %cpus, "D-Bus thread placed"),
+        Err(err) => tracing::warn!(
+            cpus = %cpus,
+            error = %err,
+            "cannot place the D-Bus thread on these CPUs; it runs wherever the daemon does"
+        ),
     }
 }
 
