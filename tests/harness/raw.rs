@@ -43,6 +43,16 @@ impl RawClient {
 
     /// Sends any bytes with any fds, bypassing every check of ours.
     pub fn send_raw(&mut self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
+        self.try_send_raw(bytes, fds).expect("raw sendmsg");
+    }
+
+    /// [`RawClient::send_raw`] for a test where the broker may already have
+    /// hung up (`EPIPE`, `ECONNRESET`).
+    pub fn try_send_raw(
+        &mut self,
+        bytes: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> nix::Result<usize> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let cmsgs = [ControlMessage::ScmRights(&raw)];
@@ -54,7 +64,6 @@ impl RawClient {
             MsgFlags::MSG_NOSIGNAL,
             None,
         )
-        .expect("raw sendmsg");
     }
 
     /// The next message from the broker; `None` once it hung up.
