@@ -20,8 +20,9 @@
 //!
 //! Placement: on a machine with two CPUs or more, the data path (this
 //! process's measuring thread and the daemon's main thread, which serves
-//! every client) runs on one CPU and everything D-Bus (the load generator
-//! thread, `dbus-daemon` and the daemon's `dbus` thread) on another. What is
+//! every client) runs on one CPU and everything D-Bus (the load generator,
+//! a process of its own as a monitoring tool would be, `dbus-daemon` and
+//! the daemon's `dbus` thread) on another. What is
 //! left to measure is what the daemon's design costs the data path: the
 //! broker's lock, shared allocator and kernel structures, interrupts. Left
 //! to the scheduler on a small machine, the figure measures CPU placement
@@ -143,10 +144,7 @@ struct Load {
 
 /// Calls at [`RATE`] per second while the phase asks for it, each call in
 /// its own task so that a slow reply does not lower the rate.
-fn load(address: String, buffer: u64, shared: Arc<Load>, split: Option<Split>) {
-    if let Some(split) = split {
-        pin(0, split.dbus);
-    }
+fn load(address: String, buffer: u64, shared: Arc<Load>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -216,10 +214,114 @@ struct Tally {
     time: Duration,
 }
 
+/// The load generator's process: this executable run again as
+/// `__load ADDRESS BUFFER CPU|-`, like a monitoring tool would be a
+/// process of its own. (As a thread of the measuring process it shared
+/// that process's address space, so its allocator's unmaps interrupted
+/// the data path's CPU.) Commands arrive on stdin, one byte each: a
+/// [`Phase`], or [`REPORT`] to write the number of answered calls so far
+/// to stdout; end of input stops it.
+fn load_child(args: &[String]) {
+    let [address, buffer, cpu] = args else {
+        panic!("usage: __load ADDRESS BUFFER CPU|-");
+    };
+    if let Ok(cpu) = cpu.parse() {
+        pin(0, cpu);
+    }
+    let buffer: u64 = buffer.parse().expect("buffer id");
+    let shared = Arc::new(Load {
+        phase: AtomicU8::new(Phase::Quiet as u8),
+        stop: AtomicBool::new(false),
+        answered: AtomicU64::new(0),
+    });
+    let commands = Arc::clone(&shared);
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut byte = [0u8; 1];
+        while std::io::stdin().read_exact(&mut byte).is_ok() {
+            if byte[0] == REPORT {
+                let answered = commands.answered.load(Ordering::Relaxed);
+                let mut out = std::io::stdout().lock();
+                out.write_all(&answered.to_ne_bytes()).expect("report");
+                out.flush().expect("report");
+            } else {
+                commands.phase.store(byte[0], Ordering::Relaxed);
+            }
+        }
+        commands.stop.store(true, Ordering::Relaxed);
+    });
+    load(address.clone(), buffer, shared);
+}
+
+/// Asks the load generator for its count of answered calls.
+const REPORT: u8 = 0xff;
+
+/// The measuring side's handle on the load generator's process.
+struct Loader {
+    child: std::process::Child,
+    commands: std::process::ChildStdin,
+    reports: std::process::ChildStdout,
+}
+
+impl Loader {
+    fn spawn(address: &str, buffer: u64, cpu: Option<usize>) -> Loader {
+        let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .args(["__load", address, &buffer.to_string()])
+            .arg(cpu.map_or("-".to_owned(), |cpu| cpu.to_string()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the load generator");
+        let commands = child.stdin.take().expect("its stdin");
+        let reports = child.stdout.take().expect("its stdout");
+        Loader {
+            child,
+            commands,
+            reports,
+        }
+    }
+
+    fn send(&mut self, byte: u8) {
+        use std::io::Write;
+        self.commands
+            .write_all(&[byte])
+            .expect("command the load generator");
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.send(phase as u8);
+    }
+
+    fn answered(&mut self) -> u64 {
+        use std::io::Read;
+        self.send(REPORT);
+        let mut count = [0u8; 8];
+        self.reports
+            .read_exact(&mut count)
+            .expect("the load generator's count");
+        u64::from_ne_bytes(count)
+    }
+
+    fn stop(self) {
+        let Loader {
+            mut child,
+            commands,
+            reports,
+        } = self;
+        drop((commands, reports));
+        let _ = child.wait();
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__load") {
+        load_child(&args[1..]);
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test --benches` does not, and a
     // benchmark has nothing to check there.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         return;
     }
     let rounds = env_or("DMABROKER_BENCH_ROUNDS", 20).max(1);
@@ -255,11 +357,6 @@ fn main() {
     let buffer = client.alloc(4096).expect("alloc");
     let detailed = others[0].1[0].id();
 
-    let shared = Arc::new(Load {
-        phase: AtomicU8::new(Phase::Quiet as u8),
-        stop: AtomicBool::new(false),
-        answered: AtomicU64::new(0),
-    });
     let placement = match split {
         Some(split) => {
             // The daemon's D-Bus thread went to its CPU by --dbus-cpus.
@@ -268,16 +365,13 @@ fn main() {
             pin(bus.pid(), split.dbus);
             format!(
                 "data path (this client, the daemon's main thread) on CPU {}, \
-                 D-Bus (load generator, dbus-daemon, the daemon's dbus thread) on CPU {}",
+                 D-Bus (load generator process, dbus-daemon, the daemon's dbus thread) on CPU {}",
                 split.data_path, split.dbus
             )
         }
         None => "left to the scheduler".to_owned(),
     };
-    let loader = {
-        let (address, shared) = (bus.address().to_owned(), Arc::clone(&shared));
-        std::thread::spawn(move || load(address, detailed, shared, split))
-    };
+    let mut loader = Loader::spawn(bus.address(), detailed, split.map(|s| s.dbus));
 
     measure(&buffer, iterations / 4, pace); // warm-up
     let mut tallies: [Tally; 3] = Default::default();
@@ -292,13 +386,13 @@ fn main() {
         let mut line = format!("  round {round:>2}:");
         let mut round_p99 = [Duration::ZERO; 3];
         for phase in PHASES {
-            shared.phase.store(phase as u8, Ordering::Relaxed);
+            loader.set_phase(phase);
             std::thread::sleep(Duration::from_millis(100));
-            let before = shared.answered.load(Ordering::Relaxed);
+            let before = loader.answered();
             let start = Instant::now();
             let samples = measure(&buffer, iterations, pace);
             let took = start.elapsed();
-            let calls = shared.answered.load(Ordering::Relaxed) - before;
+            let calls = loader.answered() - before;
             round_p99[phase as usize] = percentile(&samples, 0.99);
             line.push_str(&format!(
                 " {phase:?} p50 {:>6.1?} p99 {:>7.1?}",
@@ -314,7 +408,7 @@ fn main() {
             tally.calls += calls;
             tally.time += took;
         }
-        shared.phase.store(Phase::Quiet as u8, Ordering::Relaxed);
+        loader.set_phase(Phase::Quiet);
         let quiet = round_p99[0].as_secs_f64();
         round_ratios.push((
             round_p99[1].as_secs_f64() / quiet,
@@ -322,8 +416,7 @@ fn main() {
         ));
         println!("{}", line.trim_end_matches(" |"));
     }
-    shared.stop.store(true, Ordering::Relaxed);
-    let _ = loader.join();
+    loader.stop();
 
     let mut p99 = [Duration::ZERO; 3];
     for phase in PHASES {
