@@ -148,3 +148,75 @@ impl Broker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Barrier;
+
+    use super::*;
+    use crate::heaps::{HeapConfig, HeapRegistry};
+
+    fn broker() -> Arc<Broker> {
+        let heaps = HeapRegistry::discover(&HeapConfig {
+            dma_heap_dir: PathBuf::from("/nonexistent"),
+            udmabuf_path: PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        Broker::new(State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            DaemonLimits::default(),
+        ))
+    }
+
+    /// A waiter gets the lock only once the holder lets go, whether the
+    /// hold ends while it spins or after it went to sleep.
+    #[test]
+    fn the_lock_is_exclusive_while_spinning_and_after_sleeping() {
+        for hold in [Duration::from_micros(5), SPIN_BEFORE_SLEEP * 20] {
+            let broker = broker();
+            let released = Arc::new(AtomicBool::new(false));
+            let holding = Arc::new(Barrier::new(2));
+            let holder = {
+                let (broker, released, holding) = (
+                    Arc::clone(&broker),
+                    Arc::clone(&released),
+                    Arc::clone(&holding),
+                );
+                std::thread::spawn(move || {
+                    let state = broker.lock();
+                    holding.wait();
+                    std::thread::sleep(hold);
+                    released.store(true, Ordering::SeqCst);
+                    drop(state);
+                })
+            };
+            holding.wait();
+            let state = broker.lock();
+            assert!(
+                released.load(Ordering::SeqCst),
+                "lock taken while held ({hold:?})"
+            );
+            drop(state);
+            holder.join().expect("holder");
+        }
+    }
+
+    /// A panic while the state was locked must not stop the broker: the
+    /// next lock, uncontended or waited for, still gets the state.
+    #[test]
+    fn a_poisoned_lock_still_serves() {
+        let broker = broker();
+        let poisoner = Arc::clone(&broker);
+        let _ = std::thread::spawn(move || {
+            let _state = poisoner.lock();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(broker.state.is_poisoned());
+        assert_eq!(broker.lock().clients.len(), 0);
+    }
+}
