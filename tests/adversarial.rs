@@ -24,6 +24,7 @@ use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -825,18 +826,32 @@ fn a_thousand_clients_share_and_transition_ten_thousand_buffers() {
         all[i].1.push(imported);
     }
 
-    // Transitions, every client's buffers in parallel chunks.
-    let transitions: u64 = std::thread::scope(|scope| {
+    // Transitions, every client's buffers in parallel chunks, while the
+    // D-Bus view lists the whole table over and over. The lists are copied
+    // a chunk at a time between the transitions' turns at the lock; with no
+    // allocation or free going on, every list must still be whole.
+    let transitioning = AtomicBool::new(true);
+    let (transitions, listings): (u64, usize) = std::thread::scope(|scope| {
         let chunk = all.len().div_ceil(workers);
         let handles: Vec<_> = all
             .chunks(chunk)
             .map(|c| scope.spawn(move || transition_all(c)))
             .collect();
-        handles.into_iter().map(|h| h.join().expect("worker")).sum()
+        let lister = scope.spawn(|| {
+            let mut listings = 0;
+            while listings == 0 || transitioning.load(Ordering::SeqCst) {
+                assert_whole_lists(&daemon.bus, clients, clients * per_client);
+                listings += 1;
+            }
+            listings
+        });
+        let transitions = handles.into_iter().map(|h| h.join().expect("worker")).sum();
+        transitioning.store(false, Ordering::SeqCst);
+        (transitions, lister.join().expect("lister"))
     });
     eprintln!(
         "{clients} clients, {} live buffers (daemon fds {live_fds}), allocated in {allocated:?}; \
-         {} imports, {transitions} transitions; {:?} in all",
+         {} imports, {transitions} transitions, {listings} D-Bus listings meanwhile; {:?} in all",
         clients * per_client,
         all.len(),
         started.elapsed()
@@ -848,6 +863,29 @@ fn a_thousand_clients_share_and_transition_ten_thousand_buffers() {
     drop(tokens);
     drop(all);
     daemon.assert_fds_back_to(baseline);
+}
+
+/// `ListBuffers` and `ListClients` as the D-Bus view answers them: every
+/// buffer and client exactly once, by id.
+fn assert_whole_lists(bus: &DbusDaemon, clients: usize, buffers: usize) {
+    let ids = |method: &str| -> Vec<u64> {
+        let reply: serde_json::Value =
+            serde_json::from_str(&bus.call_json(method, &[])).expect("busctl JSON");
+        reply["data"][0]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|row| row[0].as_u64().expect("an id"))
+            .collect()
+    };
+    for (method, expected) in [("ListBuffers", buffers), ("ListClients", clients)] {
+        let ids = ids(method);
+        assert_eq!(ids.len(), expected, "{method} is not whole");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{method}: ids out of order or repeated"
+        );
+    }
 }
 
 // 7. The soak: camera and three codecs, codecs killed and restarted.
