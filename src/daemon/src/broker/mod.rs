@@ -86,18 +86,30 @@ impl Broker {
         // panic is caught at the task boundary; a poisoned lock would only
         // mean a bug already logged, and refusing service forever would be
         // worse than going on.
+        if let Some(state) = self.try_lock() {
+            return state;
+        }
+        // Contended: only now is the clock worth reading.
         let start = Instant::now();
         loop {
             for _ in 0..SPINS_PER_CLOCK_READ {
-                match self.state.try_lock() {
-                    Ok(state) => return state,
-                    Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-                    Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
+                std::hint::spin_loop();
+                if let Some(state) = self.try_lock() {
+                    return state;
                 }
             }
             if start.elapsed() >= SPIN_BEFORE_SLEEP {
                 return self.state.lock().unwrap_or_else(|p| p.into_inner());
             }
+        }
+    }
+
+    /// The state if nobody holds it (poisoned or not, see [`Broker::lock`]).
+    fn try_lock(&self) -> Option<MutexGuard<'_, State>> {
+        match self.state.try_lock() {
+            Ok(state) => Some(state),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
         }
     }
 
