@@ -45,15 +45,13 @@ impl DebugObject {
         f(&state)
     }
 
-    /// Runs `copy` on the locked state once per [`snapshot::CHUNK`] ids,
+    /// Runs `visit` on the locked state once per [`snapshot::CHUNK`] ids,
     /// unlocking in between, so that the data path never waits for more
     /// than one chunk however large the list.
-    fn read_chunked<T>(&self, ids: &[u64], copy: impl Fn(&State, &[u64]) -> Vec<T>) -> Vec<T> {
-        let mut out = Vec::with_capacity(ids.len());
+    fn read_chunked(&self, ids: &[u64], mut visit: impl FnMut(&State, &[u64])) {
         for chunk in ids.chunks(snapshot::CHUNK) {
-            out.extend(self.read(|state| copy(state, chunk)));
+            self.read(|state| visit(state, chunk));
         }
-        out
     }
 }
 
@@ -82,9 +80,9 @@ impl DebugObject {
     async fn heaps(&self) -> Vec<HeapView> {
         let (mut views, ids) =
             self.read(|state| (snapshot::heaps(state), snapshot::buffer_ids(state)));
-        for chunk in ids.chunks(snapshot::CHUNK) {
-            self.read(|state| snapshot::count_heaps(state, chunk, &mut views));
-        }
+        self.read_chunked(&ids, |state, chunk| {
+            snapshot::count_heaps(state, chunk, &mut views)
+        });
         views
     }
 
@@ -96,15 +94,21 @@ impl DebugObject {
     #[zbus(out_args("clients"))]
     async fn list_clients(&self) -> Vec<ClientView> {
         let all = self.read(snapshot::client_ids);
+        let mut views = Vec::with_capacity(all.ids.len());
         self.read_chunked(&all.ids, |state, chunk| {
-            snapshot::clients_among(state, &all, chunk)
-        })
+            views.extend(snapshot::clients_among(state, &all, chunk))
+        });
+        views
     }
 
     #[zbus(out_args("buffers"))]
     async fn list_buffers(&self) -> Vec<BufferView> {
         let ids = self.read(snapshot::buffer_ids);
-        snapshot::finish_buffers(self.read_chunked(&ids, snapshot::buffers_among))
+        let mut raw = Vec::with_capacity(ids.len());
+        self.read_chunked(&ids, |state, chunk| {
+            raw.extend(snapshot::buffers_among(state, chunk))
+        });
+        snapshot::finish_buffers(raw)
     }
 
     // Structs are returned as 1-tuples: a bare struct would go out as its

@@ -123,7 +123,7 @@ pub const CHUNK: usize = 16;
 /// The ids a chunked list will copy, sorted, with what the client chunks
 /// need from the whole table: since when each client's oldest request has
 /// waited (one pass over the waiters, which hold no strings to clone).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientIds {
     pub ids: Vec<u64>,
     oldest_wait: HashMap<u64, Instant>,
