@@ -39,7 +39,7 @@ use dmabroker_ipc::MAX_MESSAGE_SIZE;
 use dmabroker_suite::{Daemon, DaemonOptions};
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -1009,24 +1009,23 @@ enum Placement {
 
 /// The CPUs this benchmark was started on (all of them, unless someone
 /// ran it under `taskset`), read before any pinning.
-static ALLOWED_CPUS: OnceLock<CpuSet> = OnceLock::new();
+static ALLOWED_CPUS: OnceLock<Vec<usize>> = OnceLock::new();
 
 impl Placement {
     fn cpus(self) -> Res<CpuSet> {
-        let allowed = *ALLOWED_CPUS.get_or_init(|| {
-            sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity of this process")
-        });
-        match self {
-            Placement::AllCpus => Ok(allowed),
-            Placement::OneCpu => {
-                let first = (0..CpuSet::count())
-                    .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-                    .ok_or("no CPU allowed")?;
-                let mut one = CpuSet::new();
-                one.set(first)?;
-                Ok(one)
-            }
+        let allowed = ALLOWED_CPUS.get_or_init(dmabroker_suite::proc::allowed_cpus);
+        let chosen = match self {
+            Placement::AllCpus => &allowed[..],
+            Placement::OneCpu => &allowed[..allowed.len().min(1)],
+        };
+        if chosen.is_empty() {
+            return Err("no CPU allowed".into());
         }
+        let mut set = CpuSet::new();
+        for &cpu in chosen {
+            set.set(cpu)?;
+        }
+        Ok(set)
     }
 
     /// Applies to every thread of `pid` (0: this process); children

@@ -48,7 +48,7 @@ use dmabroker_client::{Access, Buffer, Client};
 use dmabroker_daemon::dbus::proxy::DebugProxy;
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::{Daemon, DaemonOptions};
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
 /// D-Bus calls per second during the loaded phases.
@@ -95,10 +95,8 @@ fn split() -> Option<Split> {
     if std::env::var("DMABROKER_BENCH_PIN").is_ok_and(|v| v == "0") {
         return None;
     }
-    let allowed = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
-    let mut cpus = (0..CpuSet::count()).filter(|&cpu| allowed.is_set(cpu).unwrap_or(false));
-    match (cpus.next(), cpus.next()) {
-        (Some(data_path), Some(dbus)) => Some(Split { data_path, dbus }),
+    match dmabroker_suite::proc::allowed_cpus()[..] {
+        [data_path, dbus, ..] => Some(Split { data_path, dbus }),
         _ => None,
     }
 }

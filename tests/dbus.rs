@@ -1039,10 +1039,7 @@ fn thread_cpus(pid: u32, name: &str) -> String {
 /// refuses leaves it where it was and the interface still answers.
 #[test]
 fn dbus_cpus_places_the_dbus_thread_only() {
-    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
-    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
-        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-        .collect();
+    let cpus = dmabroker_suite::proc::allowed_cpus();
     let last = *cpus.last().expect("some CPU");
     let bus = DbusDaemon::start();
     let mut args = bus.daemon_args();

@@ -62,3 +62,13 @@ pub fn fdinfo(pid: u32, fd: i32) -> std::collections::HashMap<String, String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect()
 }
+
+/// The CPUs the calling thread may run on, in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let allowed =
+        sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity of this thread");
+    (0..CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect()
+}
