@@ -3,9 +3,11 @@
 //! This crate is deliberately small and free of any async runtime so that
 //! the client stays thin. It holds the only `unsafe` the client side needs:
 //! `sendmsg`/`recvmsg` with `SCM_RIGHTS` (in [`fdpass`]) and `mmap` (in
-//! [`mapping`]).
+//! [`mapping`]), and the atomics on the shared end-word page (in
+//! [`endwords`]).
 
 pub mod codec;
+pub mod endwords;
 pub mod fdpass;
 pub mod mapping;
 pub mod paths;

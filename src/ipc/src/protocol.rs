@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to a message layout.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Optional capabilities negotiated in the hello (intersection of both sides).
 pub mod features {
@@ -24,8 +24,11 @@ pub mod features {
     pub const SYNC_FILES: u64 = 1 << 1;
     /// Buffers can be re-attached with a secret after a broker restart.
     pub const REATTACH: u64 = 1 << 2;
+    /// The welcome carries a page of end words (see `endwords`), and grants
+    /// may name a slot in it, so most ends need no message.
+    pub const END_WORDS: u64 = 1 << 3;
     /// Everything this build understands.
-    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH;
+    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS;
 }
 
 /// Largest datagram either side accepts; larger ones are refused unread.
@@ -257,6 +260,10 @@ pub struct Grant {
     pub revoked: bool,
     /// No-autofence only: the conflicting fences still outstanding.
     pub fences: Vec<OutstandingFence>,
+    /// The access's word in the connection's end-word page: end it there,
+    /// and send `End` only if the word says the broker is watching.
+    /// `None`: end by message.
+    pub end_slot: Option<crate::endwords::EndSlot>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
