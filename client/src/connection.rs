@@ -19,10 +19,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dmabroker_ipc::codec::{decode_server_message, encode_request};
+use dmabroker_ipc::endwords::EndWords;
 use dmabroker_ipc::fdpass::{recv_message, recv_message_into, send_message, RecvError, SendError};
 use dmabroker_ipc::{
-    Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage, Welcome, WireError,
-    FLAG_NO_REPLY,
+    features, Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage, Welcome,
+    WireError, FLAG_NO_REPLY,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -51,6 +52,10 @@ struct Mailbox {
     events: VecDeque<(Event, Vec<OwnedFd>)>,
     errors: VecDeque<WireError>,
     reading: bool,
+    /// Threads asleep on `arrived`. Waking nobody would still cost the
+    /// reader a futex syscall per message, a tenth of an uncontended
+    /// begin+end, so it only notifies when someone sleeps.
+    sleepers: usize,
     /// Why the current socket stopped working, if it did.
     closed: Option<String>,
 }
@@ -76,6 +81,9 @@ pub(crate) struct Connection {
     arrived: Condvar,
     read_buf: Mutex<Vec<u8>>,
     welcome: Mutex<Welcome>,
+    /// The end-word page of the current socket, with that socket's
+    /// generation: a grant may only use the page it was granted on.
+    end_words: Mutex<(u64, Option<Arc<EndWords>>)>,
     holds: Mutex<HashMap<u64, Hold>>,
     reconnecting: Mutex<()>,
     reconnects: AtomicU64,
@@ -125,7 +133,11 @@ fn send_error(err: SendError) -> Error {
 
 /// One request and its reply on a socket nobody else uses yet (the hello
 /// and re-attaches of a fresh connection).
-fn exchange(socket: &OwnedFd, id: u64, body: RequestBody) -> Result<ReplyBody, Error> {
+fn exchange(
+    socket: &OwnedFd,
+    id: u64,
+    body: RequestBody,
+) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
     loop {
@@ -135,7 +147,10 @@ fn exchange(socket: &OwnedFd, id: u64, body: RequestBody) -> Result<ReplyBody, E
         })?;
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
             ServerMessage::Reply(reply) if reply.id == id => {
-                return reply.result.map_err(Error::Broker)
+                return reply
+                    .result
+                    .map(|body| (body, received.fds))
+                    .map_err(Error::Broker)
             }
             // A refusal of the connection itself (busy) is answered with id 0.
             ServerMessage::Reply(reply) if reply.id == 0 => {
@@ -148,10 +163,19 @@ fn exchange(socket: &OwnedFd, id: u64, body: RequestBody) -> Result<ReplyBody, E
     }
 }
 
-fn say_hello(socket: &OwnedFd, hello: &Hello) -> Result<Welcome, Error> {
+/// The hello, and the end-word page when the broker sent one.
+fn say_hello(socket: &OwnedFd, hello: &Hello) -> Result<(Welcome, Option<Arc<EndWords>>), Error> {
     match exchange(socket, 1, RequestBody::Hello(hello.clone()))? {
-        ReplyBody::Welcome(welcome) => Ok(welcome),
-        other => Err(Error::UnexpectedReply {
+        (ReplyBody::Welcome(welcome), fds) => {
+            let page = match fds.first() {
+                Some(fd) if welcome.features & features::END_WORDS != 0 => Some(Arc::new(
+                    EndWords::map(fd.as_fd()).map_err(|e| Error::Protocol(e.to_string()))?,
+                )),
+                _ => None,
+            };
+            Ok((welcome, page))
+        }
+        (other, _) => Err(Error::UnexpectedReply {
             expected: "welcome",
             got: format!("{other:?}"),
         }),
@@ -165,7 +189,7 @@ impl Connection {
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
         let socket = open_socket(path)?;
-        let welcome = say_hello(&socket, &hello)?;
+        let (welcome, page) = say_hello(&socket, &hello)?;
         Ok(Arc::new(Connection {
             path: path.to_owned(),
             hello,
@@ -177,6 +201,7 @@ impl Connection {
             arrived: Condvar::new(),
             read_buf: Mutex::new(vec![0; dmabroker_ipc::MAX_MESSAGE_SIZE]),
             welcome: Mutex::new(welcome),
+            end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
             reconnecting: Mutex::new(()),
             reconnects: AtomicU64::new(0),
@@ -205,6 +230,13 @@ impl Connection {
 
     pub fn forget_hold(&self, buffer: u64) {
         lock(&self.holds).remove(&buffer);
+    }
+
+    /// The end-word page of connection generation `generation`, if that is
+    /// still the current one and it has a page.
+    pub fn end_words(&self, generation: u64) -> Option<Arc<EndWords>> {
+        let (current, page) = &*lock(&self.end_words);
+        (*current == generation).then(|| page.clone()).flatten()
     }
 
     fn generation(&self) -> u64 {
@@ -243,12 +275,25 @@ impl Connection {
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
+        self.call_on(body, fds).map(|(body, fds, _)| (body, fds))
+    }
+
+    /// As [`Connection::call`], also returning the connection generation
+    /// the reply came on.
+    pub fn call_on(
+        &self,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(ReplyBody, Vec<OwnedFd>, u64), Error> {
         let mut retried = false;
         loop {
             let generation = self.generation();
             let result = self
                 .send(body.clone(), fds, true)
-                .and_then(|(id, sent_on)| self.wait_reply(id, sent_on));
+                .and_then(|(id, sent_on)| {
+                    self.wait_reply(id, sent_on)
+                        .map(|(body, fds)| (body, fds, sent_on))
+                });
             match result {
                 Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
                     retried = true;
@@ -279,19 +324,30 @@ impl Connection {
                     None => Error::Disconnected,
                 });
             }
-            mailbox = self.read_or_wait(mailbox, None);
+            let (guard, mine) = self.read_or_wait(mailbox, None, Some(id));
+            if let Some(incoming) = mine {
+                return match incoming.result {
+                    Ok(body) => Ok((body, incoming.fds)),
+                    Err(err) => Err(Error::Broker(err)),
+                };
+            }
+            mailbox = guard;
         }
     }
 
     /// Either becomes the reader for one message or waits for the thread
-    /// that is. Returns with the lock held again.
+    /// that is. Returns with the lock held again, and with the reply to
+    /// `want` if that is what this thread read (it is handed over directly
+    /// rather than filed and looked up again).
     fn read_or_wait<'a>(
         &'a self,
         mut mailbox: MutexGuard<'a, Mailbox>,
         deadline: Option<Instant>,
-    ) -> MutexGuard<'a, Mailbox> {
+        want: Option<u64>,
+    ) -> (MutexGuard<'a, Mailbox>, Option<Incoming>) {
         if mailbox.reading {
-            return match deadline {
+            mailbox.sleepers += 1;
+            let mut mailbox = match deadline {
                 None => self
                     .arrived
                     .wait(mailbox)
@@ -304,6 +360,8 @@ impl Connection {
                         .unwrap_or_else(|p| p.into_inner().0)
                 }
             };
+            mailbox.sleepers -= 1;
+            return (mailbox, None);
         }
         mailbox.reading = true;
         drop(mailbox);
@@ -316,15 +374,27 @@ impl Connection {
         };
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
+        let mut mine = None;
         if generation == self.generation() {
             match received {
+                Ok(Some((ServerMessage::Reply(reply), fds)))
+                    if want == Some(reply.id) && reply.id & UNWAITED == 0 =>
+                {
+                    mine = Some(Incoming {
+                        result: reply.result,
+                        fds,
+                    });
+                }
                 Ok(Some((message, fds))) => file_message(&mut mailbox, message, fds),
                 Ok(None) => {}
                 Err(reason) => mailbox.closed = Some(reason),
             }
         }
-        self.arrived.notify_all();
-        mailbox
+        // Another thread may now be the one to read (or its reply is filed).
+        if mailbox.sleepers > 0 {
+            self.arrived.notify_all();
+        }
+        (mailbox, mine)
     }
 
     /// Replaces a broken connection (unless another thread already did):
@@ -340,8 +410,8 @@ impl Connection {
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.fresh_connection() {
-                Ok((socket, welcome)) => {
-                    self.install(socket, welcome);
+                Ok((socket, welcome, page)) => {
+                    self.install(socket, welcome, page);
                     return Ok(());
                 }
                 Err(err) if Instant::now() + backoff >= deadline => return Err(err),
@@ -353,9 +423,10 @@ impl Connection {
         }
     }
 
-    fn fresh_connection(&self) -> Result<(OwnedFd, Welcome), Error> {
+    #[allow(clippy::type_complexity)]
+    fn fresh_connection(&self) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>), Error> {
         let socket = open_socket(&self.path)?;
-        let welcome = say_hello(&socket, &self.hello)?;
+        let (welcome, page) = say_hello(&socket, &self.hello)?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))
@@ -370,7 +441,7 @@ impl Connection {
                 },
             );
             match reattached {
-                Ok(ReplyBody::Buffer(info)) if info.inode == hold.inode => {}
+                Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {}
                 Ok(_) | Err(Error::Broker(_)) => {
                     // The broker no longer has it (a restart without an fd
                     // store): requests on it will say UnknownBuffer.
@@ -379,13 +450,14 @@ impl Connection {
                 Err(err) => return Err(err),
             }
         }
-        Ok((socket, welcome))
+        Ok((socket, welcome, page))
     }
 
-    fn install(&self, socket: OwnedFd, welcome: Welcome) {
+    fn install(&self, socket: OwnedFd, welcome: Welcome, page: Option<Arc<EndWords>>) {
         let mut mailbox = lock(&self.mailbox);
         *lock(&self.socket) = Arc::new(socket);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *lock(&self.end_words) = (generation, page);
         *lock(&self.welcome) = welcome;
         mailbox.replies.clear();
         mailbox.closed = None;
@@ -410,7 +482,7 @@ impl Connection {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
-            mailbox = self.read_or_wait(mailbox, deadline);
+            mailbox = self.read_or_wait(mailbox, deadline, None).0;
         }
     }
 

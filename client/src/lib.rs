@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords};
 pub use dmabroker_ipc::mapping::Mapping;
 use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
 pub use dmabroker_ipc::{
@@ -324,14 +325,16 @@ impl Buffer {
     }
 
     fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-        let reply = self
+        let (body, fds, generation) = self
             .client
             .conn
-            .call(self.begin_request(access, timeout), &[])?;
-        self.guard_from(reply)
+            .call_on(self.begin_request(access, timeout), &[])?;
+        self.guard_from((body, fds), generation)
     }
 
-    fn guard_from(&self, reply: (ReplyBody, Vec<OwnedFd>)) -> Result<AccessGuard> {
+    /// `generation`: the connection the grant came on; its end word is only
+    /// meaningful in that connection's page.
+    fn guard_from(&self, reply: (ReplyBody, Vec<OwnedFd>), generation: u64) -> Result<AccessGuard> {
         let (body, fds) = reply;
         let grant = match body {
             ReplyBody::Granted(grant) => grant,
@@ -359,6 +362,9 @@ impl Buffer {
             writer_lost: grant.writer_lost,
             revoked: grant.revoked,
             fences,
+            end_word: grant
+                .end_slot
+                .and_then(|at| Some((self.client.conn.end_words(generation)?, at))),
             ended: false,
         };
         if grant.kind.is_cpu() {
@@ -424,6 +430,8 @@ pub struct AccessGuard {
     writer_lost: bool,
     revoked: bool,
     fences: Vec<Fence>,
+    /// Where to end without a message, if the broker gave it a word.
+    end_word: Option<(Arc<EndWords>, EndSlot)>,
     ended: bool,
 }
 
@@ -507,7 +515,19 @@ impl AccessGuard {
     /// Ends the access now; errors arrive later through
     /// [`Client::take_errors`] (the end is pipelined).
     pub fn end(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    /// Through the end word when the broker gave one and is not watching
+    /// it (no message at all); otherwise with a pipelined `End`.
+    fn finish(&mut self) -> Result<()> {
         self.ended = true;
+        if let Some((page, at)) = self.end_word.take() {
+            match page.end(at) {
+                ClientEnd::Silent => return Ok(()),
+                ClientEnd::Tell | ClientEnd::NotMine => {}
+            }
+        }
         self.client.conn.send(
             RequestBody::End {
                 access: self.access,
@@ -523,6 +543,8 @@ impl AccessGuard {
     /// sync_file): the buffer stays fenced until it signals.
     pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<()> {
         self.ended = true;
+        // The broker clears the word when the fenced end arrives.
+        self.end_word = None;
         self.client.conn.call(
             RequestBody::End {
                 access: self.access,
@@ -537,14 +559,7 @@ impl AccessGuard {
 impl Drop for AccessGuard {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.client.conn.send(
-                RequestBody::End {
-                    access: self.access,
-                    fence_slot: None,
-                },
-                &[],
-                false,
-            );
+            let _ = self.finish();
         }
     }
 }
@@ -610,7 +625,7 @@ mod nonblocking {
                 .conn
                 .send(self.begin_request(access, timeout), &[], true)?;
             let reply = wait(Arc::clone(&self.client.conn), id).await?;
-            self.guard_from(reply)
+            self.guard_from(reply, id.1)
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct Stats {
     pub writer_lost: u64,
     pub revocations: u64,
     pub timeouts: u64,
+    /// Accesses their clients ended through their end words, retired
+    /// without an `End` message.
+    pub silent_ends: u64,
     pub kernel_fences_imported: u64,
     pub refusals: BTreeMap<&'static str, u64>,
     wait_samples: VecDeque<Duration>,

@@ -20,8 +20,14 @@ pub enum CodecError {
     TrailingBytes(usize),
 }
 
+/// Room for every common message (begin, grant, end, alloc, buffer reply)
+/// at once: growing a Vec from empty reallocated four or five times per
+/// message, a visible part of an uncontended transition.
+const USUAL_MESSAGE_SIZE: usize = 256;
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let bytes = postcard::to_stdvec(value).map_err(CodecError::Encode)?;
+    let bytes = postcard::to_extend(value, Vec::with_capacity(USUAL_MESSAGE_SIZE))
+        .map_err(CodecError::Encode)?;
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(CodecError::TooLarge {
             size: bytes.len(),

@@ -110,6 +110,8 @@ impl State {
             ));
         }
         let now = Instant::now();
+        // Accesses ended through their words are retired before deciding.
+        self.settle_buffer(buffer, false, now);
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms.into()));
         match self
             .arbiter
@@ -117,7 +119,13 @@ impl State {
             .map_err(fence_error)?
         {
             BeginOutcome::Granted(grant) => {
+                // A no-autofence client was told to wait for these fences:
+                // their ends must come as messages (and events).
+                let lists_fences = !grant.outstanding.is_empty();
                 self.deliver(grant, request_id, now, deadline);
+                if lists_fences {
+                    self.settle_buffer(buffer, true, now);
+                }
             }
             BeginOutcome::Queued(waiter) => {
                 self.waiters.insert(
@@ -135,12 +143,19 @@ impl State {
                         after: Duration::from_millis(ms.into()),
                     });
                 }
+                // Someone waits now: every fence's end must be heard at
+                // once. One that ended meanwhile is retired here, which may
+                // grant this very waiter.
+                self.settle_buffer(buffer, true, now);
             }
         }
         Ok(Answer::Deferred)
     }
 
     pub(super) fn deliver_grants(&mut self, grants: Vec<fence::Grant>) {
+        if grants.is_empty() {
+            return;
+        }
         let now = Instant::now();
         for grant in grants {
             let Some(waiter) = grant.waiter.and_then(|w| self.waiters.remove(&w)) else {
@@ -200,6 +215,7 @@ impl State {
             writer_lost: grant.writer_lost,
             revoked: grant.revoked,
             fences,
+            end_slot: None,
         };
         self.accesses.insert(
             grant.access_id,
@@ -213,6 +229,7 @@ impl State {
                 owes_cache_end: false,
                 sync_file: None,
                 deadline,
+                end_slot: None,
             },
         );
         if autofence
@@ -288,16 +305,36 @@ impl State {
 
     /// Cache sync START for CPU grants on dma-bufs of autofence clients,
     /// then the reply, then the hold-limit timer.
-    fn complete_grant(&mut self, access_id: AccessId, grant: Grant, fds: Vec<Arc<OwnedFd>>) {
+    fn complete_grant(&mut self, access_id: AccessId, mut grant: Grant, fds: Vec<Arc<OwnedFd>>) {
         let Some(entry) = self.accesses.get(&access_id) else {
             return;
         };
-        let (client, request_id, kind, autofence) =
-            (entry.client, entry.request_id, entry.kind, entry.autofence);
+        let (client, request_id, kind, autofence, buffer) = (
+            entry.client,
+            entry.request_id,
+            entry.kind,
+            entry.autofence,
+            entry.buffer,
+        );
+        let mut owes_cache_end = false;
         if kind.is_cpu() && autofence {
-            let synced = self.cache_sync(entry.buffer, kind, SyncPhase::Start);
+            let synced = self.cache_sync(buffer, kind, SyncPhase::Start);
+            owes_cache_end = synced
+                && self
+                    .buffers
+                    .get(&buffer)
+                    .is_some_and(|b| b.origin.is_dma_buf());
             if let Some(entry) = self.accesses.get_mut(&access_id) {
                 entry.owes_cache_end = synced;
+            }
+        }
+        // The cache END must happen when the access ends, not when the
+        // broker next looks: such accesses end by message.
+        if !owes_cache_end {
+            let watched = self.arbiter.has_waiters(buffer);
+            grant.end_slot = self.assign_end_slot(client, access_id, watched);
+            if let Some(entry) = self.accesses.get_mut(&access_id) {
+                entry.end_slot = grant.end_slot;
             }
         }
         self.stats.grants += 1;
@@ -401,6 +438,11 @@ impl State {
             return Ok(());
         };
         entry.sync_file = Some(Arc::clone(&sync_file));
+        let (holder, slot) = (entry.client, entry.end_slot.take());
+        self.release_end_slot(holder, slot);
+        let Some(entry) = self.accesses.get(&access_id) else {
+            return Ok(());
+        };
         let (buffer, write) = (entry.buffer, entry.kind.is_write());
         // Drivers that rely on implicit sync see the hardware's fence too.
         if let Some(buf) = self.buffers.get(&buffer) {
@@ -429,6 +471,7 @@ impl State {
                 if entry.owes_cache_end {
                     self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
                 }
+                self.release_end_slot(entry.client, entry.end_slot);
             }
             self.fence_ended(*access);
         }
@@ -466,7 +509,9 @@ impl State {
                 }
                 let (client, request_id) = (entry.client, entry.request_id);
                 let grants = self.arbiter.end(client, access, now).unwrap_or_default();
-                self.accesses.remove(&access);
+                if let Some(entry) = self.accesses.remove(&access) {
+                    self.release_end_slot(entry.client, entry.end_slot);
+                }
                 self.fence_ended(access);
                 self.stats.timeouts += 1;
                 self.reply(
@@ -497,7 +542,9 @@ impl State {
 
     pub(super) fn kernel_fence_signalled(&mut self, access: AccessId) {
         let grants = self.arbiter.kernel_fence_signalled(access, Instant::now());
-        self.accesses.remove(&access);
+        if let Some(entry) = self.accesses.remove(&access) {
+            self.release_end_slot(entry.client, entry.end_slot);
+        }
         self.fence_ended(access);
         self.deliver_grants(grants);
     }
@@ -512,6 +559,11 @@ impl State {
             return;
         }
         let (client, buffer) = (entry.client, entry.buffer);
+        // Ended through its word in time: nothing to revoke.
+        self.settle_buffer(buffer, false, Instant::now());
+        if !self.accesses.contains_key(&access) {
+            return;
+        }
         let Ok(grants) = self.arbiter.revoke(access, Instant::now()) else {
             return;
         };

@@ -9,6 +9,7 @@
 //! contended by the D-Bus view.
 
 mod access;
+mod endpage;
 mod notice;
 mod persist;
 mod requests;

@@ -69,11 +69,12 @@ fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
 impl State {
     /// The table as the next instance needs it.
     pub fn record(&self, generation: u64) -> StateRecord {
-        let uid_of = |client: ClientId, clients: &HashMap<ClientId, super::ClientEntry>| {
-            clients
-                .get(&client)
-                .map_or(u32::MAX, |c| c.peer.identity.uid)
-        };
+        let uid_of =
+            |client: ClientId, clients: &rustc_hash::FxHashMap<ClientId, super::ClientEntry>| {
+                clients
+                    .get(&client)
+                    .map_or(u32::MAX, |c| c.peer.identity.uid)
+            };
         let mut buffers: Vec<BufferRecord> = self
             .buffers
             .values()

@@ -13,6 +13,7 @@ use dmabroker_ipc::{
 };
 
 use super::access::Answer;
+use super::endpage::EndPage;
 use super::state::{BufferEntry, BufferOrigin, State};
 use crate::heaps::AllocError;
 use crate::kernel::dma_buf;
@@ -108,9 +109,12 @@ impl State {
         let Request { head, body } = request;
         let hello_done = self.clients.get(&client).is_some_and(|c| c.hello_done);
         if let (RequestBody::Hello(hello), false) = (&body, hello_done) {
-            let result = self.hello(client, hello);
+            let (result, fds) = match self.hello(client, hello) {
+                Ok((welcome, fds)) => (Ok(ReplyBody::Welcome(welcome)), fds),
+                Err(err) => (Err(err), Vec::new()),
+            };
             let fatal = result.is_err();
-            self.reply(client, head.id, result.map(ReplyBody::Welcome), Vec::new());
+            self.reply(client, head.id, result, fds);
             return if fatal {
                 Disposition::Disconnect
             } else {
@@ -175,7 +179,7 @@ impl State {
         &mut self,
         client: ClientId,
         hello: &dmabroker_ipc::Hello,
-    ) -> Result<Welcome, WireError> {
+    ) -> Result<(Welcome, Vec<Arc<OwnedFd>>), WireError> {
         if hello.version != PROTOCOL_VERSION {
             return Err(WireError::new(
                 ErrorCode::IncompatibleVersion,
@@ -202,14 +206,30 @@ impl State {
         entry.autofence = autofence;
         entry.hello_done = true;
         entry.name = hello.client_name.chars().take(64).collect();
-        Ok(Welcome {
+        let mut features = hello.features & features::ALL;
+        let mut fds = Vec::new();
+        if features & features::END_WORDS != 0 {
+            match EndPage::create() {
+                Ok((page, fd)) => {
+                    entry.end_page = Some(page);
+                    fds.push(Arc::new(fd));
+                }
+                Err(err) => {
+                    // Ends then simply travel as messages.
+                    tracing::warn!(client, error = %err, "no end-word page for this client");
+                    features &= !features::END_WORDS;
+                }
+            }
+        }
+        let welcome = Welcome {
             version: PROTOCOL_VERSION,
-            features: hello.features & features::ALL,
+            features,
             client_id: client,
             autofence,
             default_heap,
             instance,
-        })
+        };
+        Ok((welcome, fds))
     }
 
     fn list_heaps(&self) -> ReplyBody {
@@ -384,6 +404,8 @@ impl State {
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
         self.held(client, buffer)?;
+        // A write the client ended through its word is not a lost one.
+        self.settle_client(client, Some(buffer));
         let gone = self
             .arbiter
             .release_client_buffer(client, buffer, Instant::now());

@@ -3,6 +3,11 @@
 //! client.
 
 use std::collections::{BTreeSet, HashMap};
+
+// Tables keyed by ids the broker hands out in sequence use the fast hash:
+// a client cannot choose colliding keys, and SipHash was a measurable part
+// of every transition. Tokens, which arrive as client text, keep SipHash.
+use rustc_hash::FxHashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -87,6 +92,8 @@ pub struct ClientEntry {
     pub charged_bytes: u64,
     pub protocol_errors: u32,
     pub connected: SystemTime,
+    /// Its end-word page, when the client asked for one in its hello.
+    pub end_page: Option<super::endpage::EndPage>,
 }
 
 #[derive(Debug)]
@@ -111,6 +118,8 @@ pub struct AccessEntry {
     pub owes_cache_end: bool,
     pub sync_file: Option<Arc<OwnedFd>>,
     pub deadline: Option<Instant>,
+    /// Its word in the client's end-word page, while it may end there.
+    pub end_slot: Option<dmabroker_ipc::endwords::EndSlot>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,15 +158,15 @@ pub struct State {
     pub arbiter: Arbiter,
     pub heaps: HeapRegistry,
     pub policy: Arc<Policy>,
-    pub clients: HashMap<ClientId, ClientEntry>,
-    pub buffers: HashMap<BufferId, BufferEntry>,
+    pub clients: FxHashMap<ClientId, ClientEntry>,
+    pub buffers: FxHashMap<BufferId, BufferEntry>,
     pub tokens: HashMap<ShareToken, TokenEntry>,
     /// The token each holder exported for a buffer (at most one).
-    pub exports: HashMap<(BufferId, ClientId), ShareToken>,
-    pub accesses: HashMap<AccessId, AccessEntry>,
-    pub waiters: HashMap<WaiterId, WaiterEntry>,
+    pub exports: FxHashMap<(BufferId, ClientId), ShareToken>,
+    pub accesses: FxHashMap<AccessId, AccessEntry>,
+    pub waiters: FxHashMap<WaiterId, WaiterEntry>,
     /// Clients to tell when a fence without kernel backing ends.
-    pub fence_subscribers: HashMap<AccessId, Vec<ClientId>>,
+    pub fence_subscribers: FxHashMap<AccessId, Vec<ClientId>>,
     pub stats: Stats,
     pub limits: DaemonLimits,
     pub instance: String,
@@ -181,13 +190,13 @@ impl State {
             arbiter: Arbiter::new(),
             heaps,
             policy: Arc::new(policy),
-            clients: HashMap::new(),
-            buffers: HashMap::new(),
+            clients: FxHashMap::default(),
+            buffers: FxHashMap::default(),
             tokens: HashMap::new(),
-            exports: HashMap::new(),
-            accesses: HashMap::new(),
-            waiters: HashMap::new(),
-            fence_subscribers: HashMap::new(),
+            exports: FxHashMap::default(),
+            accesses: FxHashMap::default(),
+            waiters: FxHashMap::default(),
+            fence_subscribers: FxHashMap::default(),
             stats: Stats::default(),
             limits,
             instance,
@@ -266,6 +275,7 @@ impl State {
                 charged_bytes: 0,
                 protocol_errors: 0,
                 connected: SystemTime::now(),
+                end_page: None,
             },
         );
         id
@@ -420,7 +430,9 @@ impl State {
     fn free_buffer(&mut self, buffer: BufferId) {
         let (fences, waiters) = self.arbiter.remove_buffer(buffer);
         for fence in fences {
-            self.accesses.remove(&fence.id);
+            if let Some(entry) = self.accesses.remove(&fence.id) {
+                self.release_end_slot(entry.client, entry.end_slot);
+            }
             self.fence_ended(fence.id);
         }
         for waiter in waiters {
@@ -449,6 +461,7 @@ impl State {
     /// once, kernel-fenced device accesses when their fence signals, queued
     /// requests dropped, holds dropped (freeing buffers nobody else holds).
     pub fn disconnect(&mut self, client: ClientId) {
+        self.settle_client(client, None);
         let now = Instant::now();
         let lost_writes: Vec<BufferId> = self
             .accesses

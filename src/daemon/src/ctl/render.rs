@@ -70,6 +70,7 @@ pub fn status(s: &Status) -> String {
         ("Writer lost", st.writer_lost.to_string()),
         ("Revocations", st.revocations.to_string()),
         ("Timeouts", st.timeouts.to_string()),
+        ("Silent ends", st.silent_ends.to_string()),
         ("Refusals", refusals),
     ];
     let mut out = String::new();

@@ -84,8 +84,9 @@ pub fn totals(state: &State) -> Totals {
         buffers: state.buffers.len() as u64,
         bytes: state.total_bytes(),
         // One entry per fence the arbiter holds (granted, pending kernel
-        // fences, or handed to a kernel fence): counting them is O(1).
-        fences: state.accesses.len() as u64,
+        // fences, or handed to a kernel fence), less those their clients
+        // ended through end words: one atomic load per word in use.
+        fences: state.live_fence_count() as u64,
         waiters: state.waiters.len() as u64,
     }
 }
@@ -108,7 +109,7 @@ fn client_view(state: &State, client: &ClientEntry, longest_wait_us: u64) -> Cli
         .to_owned(),
         buffers: client.buffers.len() as u64,
         bytes: client.charged_bytes,
-        accesses_held: state.arbiter.held_by(client.id) as u64,
+        accesses_held: state.live_held_by(client.id) as u64,
         requests_waiting: state.arbiter.waiting_for(client.id) as u64,
         longest_wait_us,
         connected_at: unix_seconds(client.connected),
@@ -210,7 +211,14 @@ impl RawBuffer {
             inode: buffer.inode,
             owner: buffer.owner,
             holders: buffer.holders.iter().map(|h| h.client).collect(),
-            fences: state.arbiter.fences(buffer.id),
+            // An access its client ended through its end word is over, even
+            // if the broker has not looked at the word yet.
+            fences: state
+                .arbiter
+                .fences(buffer.id)
+                .into_iter()
+                .filter(|f| state.access_is_live(f.id))
+                .collect(),
             waiters: state.arbiter.waiters(buffer.id),
             created: buffer.created,
         }
@@ -342,5 +350,6 @@ pub fn statistics(stats: &Stats) -> Statistics {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect::<BTreeMap<_, _>>(),
+        silent_ends: stats.silent_ends,
     }
 }
