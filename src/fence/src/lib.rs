@@ -643,6 +643,13 @@ impl Arbiter {
         self.clients.get(&client).map_or(0, |i| i.held.len())
     }
 
+    /// Clients the arbiter keeps an index for (tests: nothing of a departed
+    /// client may stay behind).
+    #[cfg(test)]
+    fn indexed_clients(&self) -> usize {
+        self.clients.len()
+    }
+
     /// Its queued requests.
     pub fn waiting_for(&self, client: ClientId) -> usize {
         self.clients.get(&client).map_or(0, |i| i.waiting.len())

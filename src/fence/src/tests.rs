@@ -460,3 +460,27 @@ fn a_buffer_marked_writer_lost_warns_its_next_grant_only() {
     t.a.end(1, first.access_id, now).unwrap();
     assert!(!t.grant(2, CpuRead).writer_lost);
 }
+
+/// A live client's index outlives its last access (so a begin+end cycle
+/// does not rebuild it), but a departed client's goes: at once, or with its
+/// last kernel-fenced access.
+#[test]
+fn a_departed_clients_index_goes_with_its_last_fence() {
+    let mut t = T::new();
+    let g = t.grant(1, CpuWrite);
+    t.end(1, g.access_id);
+    assert_eq!(t.a.indexed_clients(), 1, "a live client keeps its index");
+    let now = t.now();
+    t.a.client_gone(1, now);
+    assert_eq!(t.a.indexed_clients(), 0, "nothing held: gone at once");
+
+    let d = t.grant(2, DeviceWrite).access_id;
+    t.a.end_with_kernel_fence(2, d).unwrap();
+    let now = t.now();
+    let gone = t.a.client_gone(2, now);
+    assert_eq!(gone.kept_kernel_fences, vec![d]);
+    assert_eq!(t.a.indexed_clients(), 1, "kept for its kernel fence");
+    let now = t.now();
+    t.a.kernel_fence_signalled(d, now);
+    assert_eq!(t.a.indexed_clients(), 0, "gone with its last fence");
+}

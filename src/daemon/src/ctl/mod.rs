@@ -108,6 +108,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     .statistics()
                     .await
                     .map_err(|e| daemon.error("Statistics", e))?,
+                silent_ends: proxy
+                    .silent_ends()
+                    .await
+                    .map_err(|e| daemon.error("SilentEnds", e))?,
             };
             print(cli.json, &status, render::status)
         }

@@ -19,6 +19,7 @@ pub struct Status {
     pub totals: Totals,
     pub heaps: Vec<HeapView>,
     pub statistics: Statistics,
+    pub silent_ends: u64,
 }
 
 pub fn status(s: &Status) -> String {
@@ -70,7 +71,7 @@ pub fn status(s: &Status) -> String {
         ("Writer lost", st.writer_lost.to_string()),
         ("Revocations", st.revocations.to_string()),
         ("Timeouts", st.timeouts.to_string()),
-        ("Silent ends", st.silent_ends.to_string()),
+        ("Silent ends", s.silent_ends.to_string()),
         ("Refusals", refusals),
     ];
     let mut out = String::new();

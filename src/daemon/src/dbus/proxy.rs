@@ -26,6 +26,9 @@ pub trait Debug {
     #[zbus(property(emits_changed_signal = "false"))]
     fn totals(&self) -> zbus::Result<Totals>;
 
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn silent_ends(&self) -> zbus::Result<u64>;
+
     fn list_clients(&self) -> zbus::Result<Vec<ClientView>>;
 
     fn list_buffers(&self) -> zbus::Result<Vec<BufferView>>;

@@ -91,6 +91,14 @@ impl DebugObject {
         self.read(snapshot::totals)
     }
 
+    /// Accesses their clients ended through end words, retired without an
+    /// `End` message. A property of its own: a new field in `Statistics`
+    /// would change that struct's signature under existing tools.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn silent_ends(&self) -> u64 {
+        self.read(|s| s.stats.silent_ends)
+    }
+
     #[zbus(out_args("clients"))]
     async fn list_clients(&self) -> Vec<ClientView> {
         let all = self.read(snapshot::client_ids);

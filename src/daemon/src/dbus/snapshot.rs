@@ -350,6 +350,5 @@ pub fn statistics(stats: &Stats) -> Statistics {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect::<BTreeMap<_, _>>(),
-        silent_ends: stats.silent_ends,
     }
 }

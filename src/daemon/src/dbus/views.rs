@@ -147,7 +147,4 @@ pub struct Statistics {
     pub kernel_fences_imported: u64,
     /// Refused requests by error code name.
     pub refusals: BTreeMap<String, u64>,
-    /// Accesses ended through end words, which the broker retired without
-    /// an `End` message. Last, so older readers' field indices still hold.
-    pub silent_ends: u64,
 }
