@@ -224,7 +224,7 @@ impl State {
         let ended = mine.into_iter().filter(|access| {
             self.accesses
                 .get(access)
-                .is_some_and(|a| buffer.map_or(true, |b| a.buffer == b))
+                .is_some_and(|a| buffer.is_none_or(|b| a.buffer == b))
         });
         for access in ended.collect::<Vec<_>>() {
             let told = self
@@ -291,8 +291,6 @@ impl State {
         self.clients
             .get(&entry.client)
             .and_then(|c| c.end_page.as_ref())
-            .map_or(true, |page| {
-                page.words.check(at, false) != BrokerView::Ended
-            })
+            .is_none_or(|page| page.words.check(at, false) != BrokerView::Ended)
     }
 }
