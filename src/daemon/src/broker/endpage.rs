@@ -34,14 +34,15 @@ pub enum EndPageError {
 #[derive(Debug)]
 pub struct EndPage {
     words: EndWords,
+    /// Slots given back, reused first (last in, first out), so a client
+    /// with a few accesses at a time keeps using the same few words.
     free: Vec<u16>,
-    /// Per slot: the grant using it and its access (indexed, not hashed:
-    /// it is touched on every grant and every retirement).
+    /// Per slot ever taken: the grant using it and its access (indexed,
+    /// not hashed: it is touched on every grant and every retirement).
+    /// Grows only as far as the client's most concurrent accesses, so an
+    /// idle connection costs a few bytes, not a table of every slot, and
+    /// scans of the page (the views' counts, sweeps) stop at its end.
     used: Vec<Option<(EndSlot, AccessId)>>,
-    /// One past the highest slot ever taken. Freed slots are reused first,
-    /// so a client with a few accesses at a time keeps this small, and
-    /// scans of the page (the views' counts, sweeps) stop here.
-    high_water: usize,
     next_generation: u64,
     grants_since_sweep: u32,
 }
@@ -55,11 +56,8 @@ impl EndPage {
         let words = EndWords::map(fd.as_fd())?;
         let page = EndPage {
             words,
-            // Popped from the back: slot 0 first, which keeps a quiet
-            // client's words on one cache line.
-            free: (0..SLOTS as u16).rev().collect(),
-            used: vec![None; SLOTS],
-            high_water: 0,
+            free: Vec::new(),
+            used: Vec::new(),
             next_generation: 1,
             grants_since_sweep: 0,
         };
@@ -67,13 +65,23 @@ impl EndPage {
     }
 
     fn take(&mut self, access: AccessId) -> Option<EndSlot> {
-        let slot = self.free.pop()?;
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.used.len() < SLOTS => {
+                self.used.push(None);
+                u16::try_from(self.used.len() - 1).ok()?
+            }
+            None => return None,
+        };
         let generation = self.next_generation;
         self.next_generation += 1;
         let at = EndSlot { slot, generation };
-        self.used[usize::from(slot)] = Some((at, access));
-        self.high_water = self.high_water.max(usize::from(slot) + 1);
+        *self.used.get_mut(usize::from(slot))? = Some((at, access));
         Some(at)
+    }
+
+    fn exhausted(&self) -> bool {
+        self.free.is_empty() && self.used.len() >= SLOTS
     }
 
     fn give_back(&mut self, at: EndSlot) {
@@ -88,7 +96,7 @@ impl EndPage {
     }
 
     fn in_use(&self) -> impl Iterator<Item = (EndSlot, AccessId)> + '_ {
-        self.used[..self.high_water].iter().flatten().copied()
+        self.used.iter().flatten().copied()
     }
 
     /// Accesses whose words say ended but which the broker has not retired
@@ -125,7 +133,7 @@ impl State {
     ) -> Option<EndSlot> {
         let page = self.clients.get_mut(&client)?.end_page.as_mut()?;
         page.grants_since_sweep = page.grants_since_sweep.saturating_add(1);
-        if page.free.is_empty() && page.grants_since_sweep >= GRANTS_BETWEEN_SWEEPS {
+        if page.exhausted() && page.grants_since_sweep >= GRANTS_BETWEEN_SWEEPS {
             page.grants_since_sweep = 0;
             self.sweep_client(client);
         }
@@ -292,5 +300,61 @@ impl State {
             .get(&entry.client)
             .and_then(|c| c.end_page.as_ref())
             .is_none_or(|page| page.words.check(at, false) != BrokerView::Ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_before_new_ones_are_taken() {
+        let (mut page, _fd) = EndPage::create().unwrap();
+        let a = page.take(1).unwrap();
+        let b = page.take(2).unwrap();
+        assert_eq!((a.slot, b.slot), (0, 1));
+        page.give_back(a);
+        let c = page.take(3).unwrap();
+        assert_eq!(c.slot, 0, "the freed slot first");
+        assert_ne!(c.generation, a.generation, "with a new generation");
+        assert_eq!(page.used.len(), 2, "the table grows only as needed");
+    }
+
+    #[test]
+    fn a_stale_give_back_does_not_free_a_reused_slot() {
+        let (mut page, _fd) = EndPage::create().unwrap();
+        let old = page.take(1).unwrap();
+        page.give_back(old);
+        let new = page.take(2).unwrap();
+        assert_eq!(new.slot, old.slot);
+        page.give_back(old);
+        assert_eq!(page.in_use().count(), 1, "the new grant keeps its slot");
+        assert!(page.free.is_empty());
+    }
+
+    #[test]
+    fn the_page_runs_out_after_every_slot_and_recovers() {
+        let (mut page, _fd) = EndPage::create().unwrap();
+        let taken: Vec<EndSlot> = (0..SLOTS as u64).map(|i| page.take(i).unwrap()).collect();
+        assert!(page.exhausted());
+        assert_eq!(page.take(9999), None);
+        page.give_back(taken[100]);
+        assert_eq!(page.take(10_000).map(|at| at.slot), Some(100));
+    }
+
+    #[test]
+    fn ended_words_are_counted_until_retired() {
+        let (mut page, fd) = EndPage::create().unwrap();
+        let client_view = EndWords::map(fd.as_fd()).unwrap();
+        let a = page.take(1).unwrap();
+        let b = page.take(2).unwrap();
+        page.words.grant(a, false);
+        page.words.grant(b, false);
+        assert_eq!(page.ended_count(), 0);
+        client_view.end(a);
+        assert_eq!(page.ended_unsettled().collect::<Vec<_>>(), vec![1]);
+        page.give_back(a);
+        assert_eq!(page.ended_count(), 0);
     }
 }
