@@ -123,6 +123,24 @@ impl RawClient {
         }
     }
 
+    /// [`RawClient::request`], also returning the fds the reply carried
+    /// (the welcome's end-word page, an allocated buffer's fd).
+    pub fn request_fds(
+        &mut self,
+        body: RequestBody,
+    ) -> (Result<ReplyBody, ErrorCode>, Vec<OwnedFd>) {
+        let (id, bytes) = self.encode(body, 0);
+        send_message(self.fd.as_fd(), &bytes, &[], false).expect("send");
+        let got = recv_message(self.fd.as_fd(), false).expect("recv");
+        match decode_server_message(&got.bytes).expect("decode") {
+            ServerMessage::Reply(reply) => {
+                assert_eq!(reply.id, id);
+                (reply.result.map_err(|e| e.code), got.fds)
+            }
+            ServerMessage::Event(e) => panic!("unexpected event {e:?}"),
+        }
+    }
+
     pub fn hello(&mut self) {
         self.request(RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION,
