@@ -609,13 +609,11 @@ impl Arbiter {
             .unwrap_or_default()
     }
 
-    /// The ids of the buffer's fences in grant order, without building
-    /// views: the daemon checks them before every decision on the buffer.
-    pub fn fence_ids(&self, buffer: BufferId) -> Vec<AccessId> {
-        self.buffers
-            .get(&buffer)
-            .map(|res| res.fences.iter().map(|s| s.id).collect())
-            .unwrap_or_default()
+    /// The id of the buffer's `index`th fence in grant order. The daemon
+    /// walks them before every decision on the buffer, ending some on the
+    /// way, so it indexes rather than holding an iterator (or a copy).
+    pub fn fence_id_at(&self, buffer: BufferId, index: usize) -> Option<AccessId> {
+        self.buffers.get(&buffer)?.fences.get(index).map(|s| s.id)
     }
 
     /// Whether anyone is queued on the buffer.

@@ -7,11 +7,9 @@
 //! `MSG_CTRUNC`, and has no SOCK_SEQPACKET support. So both directions use
 //! nix's `sendmsg`/`recvmsg` directly, in this one module.
 
-use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
 use crate::protocol::{MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
 
@@ -60,16 +58,62 @@ pub fn send_message(
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(SendError::TooManyFds(fds.len()));
     }
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let cmsgs = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
-    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    let mut flags = libc::MSG_NOSIGNAL;
     if nonblocking {
-        flags |= MsgFlags::MSG_DONTWAIT;
+        flags |= libc::MSG_DONTWAIT;
     }
-    let iov = [IoSlice::new(bytes)];
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; CONTROL_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: zeroed msghdr is a valid "no name, no iov, no control".
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(32 fds) bytes, at
+        // least the CMSG_SPACE(payload) declared (at most 32 fds, checked
+        // above), so CMSG_FIRSTHDR is non-null and the header and its
+        // data lie inside it; the fds are written unaligned-safe.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
     loop {
-        match sendmsg::<UnixAddr>(socket.as_raw_fd(), &iov, cmsgs, flags, None) {
+        // The raw system call, not libc's sendmsg: that one is a thread
+        // cancellation point and brackets the call with two more library
+        // calls, measurable on a path that is mostly this call (we never
+        // cancel threads).
+        // SAFETY: msg points at live buffers (iov -> bytes, control) that
+        // outlive the call, with their true lengths; the kernel only reads
+        // them.
+        let sent = unsafe {
+            libc::syscall(
+                libc::SYS_sendmsg,
+                socket.as_raw_fd(),
+                &msg as *const libc::msghdr,
+                flags,
+            )
+        };
+        let result = if sent < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(sent as usize)
+        };
+        match result {
             Ok(sent) if sent == bytes.len() => return Ok(()),
             Ok(sent) => {
                 return Err(SendError::Short {
@@ -120,9 +164,17 @@ pub fn recv_message_into(
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // The raw system call, as in `send_message`.
         // SAFETY: msg points at live buffers (iov -> buf, control) that
         // outlive the call, with their true lengths.
-        let received = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, flags) };
+        let received = unsafe {
+            libc::syscall(
+                libc::SYS_recvmsg,
+                socket.as_raw_fd(),
+                &mut msg as *mut libc::msghdr,
+                flags,
+            )
+        };
         if received < 0 {
             match Errno::last() {
                 Errno::EINTR => continue,
@@ -179,7 +231,10 @@ fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use nix::sys::socket::{
+        sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+    };
+    use std::io::IoSlice;
     use std::os::fd::AsFd;
 
     fn pair() -> (OwnedFd, OwnedFd) {

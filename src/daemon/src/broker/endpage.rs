@@ -194,27 +194,35 @@ impl State {
     /// `now`: the caller's clock reading, reused (a clock read costs about
     /// as much as the rest of a settle).
     pub(super) fn settle_buffer(&mut self, buffer: BufferId, watch: bool, now: Instant) {
-        for access in self.arbiter.fence_ids(buffer) {
-            if self.look(access, watch) == Settled::Ended {
-                self.retire_silent_end(access, now);
+        let mut index = 0;
+        while let Some(access) = self.arbiter.fence_id_at(buffer, index) {
+            // A retired fence leaves the list, so the next one moves into
+            // this index (grants it causes are appended at the end, held).
+            let retired =
+                self.look(access, watch) == Settled::Ended && self.retire_silent_end(access, now);
+            if !retired {
+                index += 1;
             }
         }
     }
 
     /// An access whose word says ended is retired as if its `End` had
     /// arrived just now.
-    fn retire_silent_end(&mut self, access: AccessId, now: Instant) {
+    /// Returns whether it was retired.
+    fn retire_silent_end(&mut self, access: AccessId, now: Instant) -> bool {
         let Some(client) = self.accesses.get(&access).map(|a| a.client) else {
-            return;
+            return false;
         };
         match self.arbiter.end(client, access, now) {
             Ok(grants) => {
                 self.stats.silent_ends += 1;
                 self.finish_released(&[access]);
                 self.deliver_grants(grants);
+                true
             }
             Err(err) => {
                 tracing::error!(client, access, error = %err, "cannot retire an access ended through its word");
+                false
             }
         }
     }
