@@ -55,9 +55,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => client.clone().prop_map(|client| Op::ToggleDeaf { client }),
         12 => (client.clone(), body(), proptest::bool::weighted(0.2))
             .prop_map(|(client, body, no_reply)| Op::Request { client, body, no_reply }),
-        1 => (client, proptest::collection::vec(any::<u8>(), 0..40), 0u8..5)
+        1 => (client.clone(), proptest::collection::vec(any::<u8>(), 0..40), 0u8..5)
             .prop_map(|(client, bytes, fds)| Op::Raw { client, bytes, fds }),
         2 => (0u16..60).prop_map(|ms| Op::Wait { ms }),
+        5 => (client.clone(), reference())
+            .prop_map(|(client, access)| Op::EndThroughWord { client, access }),
+        1 => (client, reference(), any::<u8>())
+            .prop_map(|(client, access, kind)| Op::Scribble { client, access, kind }),
     ]
 }
 
@@ -88,7 +92,8 @@ proptest! {
 /// The generated sequences do reach what matters (a proptest that only
 /// ever hit refusals would pass vacuously): over a fixed set of sequences,
 /// buffers are shared, writers wait and are lost, begins time out, writes
-/// are revoked and deaf clients are cut off.
+/// are revoked, accesses end through their end words and deaf clients are
+/// cut off.
 #[test]
 fn generated_sequences_reach_the_interesting_states() {
     use proptest::strategy::ValueTree;
@@ -112,6 +117,7 @@ fn generated_sequences_reach_the_interesting_states() {
             ("writer_lost", state.stats.writer_lost),
             ("timeouts", state.stats.timeouts),
             ("revocations", state.stats.revocations),
+            ("silent_ends", state.stats.silent_ends),
         ] {
             *seen.entry(what).or_default() += n;
         }

@@ -1,7 +1,8 @@
 //! Sequences of requests, hang-ups, deaf clients and passing time against
 //! an in-process broker (the driver of `tests/broker_sequences.rs`): no
 //! panic, every message the broker sends decodes, and after every step the
-//! books balance (see `check_invariants`).
+//! books balance and no end through an end word goes unheard by a waiter
+//! (see `check_invariants`).
 #![no_main]
 
 #[path = "../../tests/broker_driver/mod.rs"]
@@ -64,7 +65,7 @@ fn body(u: &mut Unstructured<'_>) -> Result<Body> {
 }
 
 fn op(u: &mut Unstructured<'_>) -> Result<Op> {
-    Ok(match u.int_in_range(0..=19)? {
+    Ok(match u.int_in_range(0..=23)? {
         0 => Op::Connect {
             hello: u.ratio(9, 10)?,
         },
@@ -81,6 +82,15 @@ fn op(u: &mut Unstructured<'_>) -> Result<Op> {
         },
         4 | 5 => Op::Wait {
             ms: u.arbitrary::<u8>()?.into(),
+        },
+        6..=8 => Op::EndThroughWord {
+            client: u.arbitrary()?,
+            access: u.arbitrary()?,
+        },
+        9 => Op::Scribble {
+            client: u.arbitrary()?,
+            access: u.arbitrary()?,
+            kind: u.arbitrary()?,
         },
         _ => Op::Request {
             client: u.arbitrary()?,

@@ -8,6 +8,7 @@
 //! fire when a sequence says time passes. After every step the broker's
 //! books must balance (see [`check_invariants`]).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use dmabroker_daemon::heaps::{HeapConfig, HeapRegistry};
 use dmabroker_daemon::outbox::Outbox;
 use dmabroker_daemon::{identity, reactor};
 use dmabroker_ipc::codec::{decode_server_message, encode_request};
+use dmabroker_ipc::endwords::{BrokerView, ClientEnd, EndSlot, EndWords};
 use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
 use dmabroker_ipc::{
     Access, ClientId, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage,
@@ -62,6 +64,13 @@ pub enum Op {
     Raw { client: u8, bytes: Vec<u8>, fds: u8 },
     /// Time passes: begin timeouts and write hold limits fire.
     Wait { ms: u16 },
+    /// The client ends one of its accesses as the client crate does:
+    /// through its end word when the grant named one (a message only if the
+    /// word says watched, or is not its own any more), else by message.
+    EndThroughWord { client: u8, access: u8 },
+    /// The client writes garbage (`kind` picks which) into the word of one
+    /// of its accesses, as a buggy or hostile client could.
+    Scribble { client: u8, access: u8, kind: u8 },
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +121,9 @@ struct Conn {
     id: ClientId,
     socket: Option<OwnedFd>,
     deaf: bool,
+    /// The end-word page from the welcome, and the words grants named.
+    page: Option<EndWords>,
+    words: HashMap<u64, EndSlot>,
 }
 
 pub struct Driver {
@@ -127,6 +139,11 @@ pub struct Driver {
     scratch: Vec<u8>,
     /// Clients the broker cut off (queue overflow) rather than they it.
     pub cut_off: u64,
+    /// Accesses whose words a client scribbled on: a blind write can end
+    /// one silently while someone waits (the waiter then waits until the
+    /// broker next looks, as it would for a client that never ended), so
+    /// the no-lost-wake-up check holds only for the others.
+    scribbled: std::collections::HashSet<u64>,
 }
 
 fn heaps() -> HeapRegistry {
@@ -178,6 +195,7 @@ impl Driver {
             next_request: 1,
             scratch: vec![0; MAX_MESSAGE_SIZE],
             cut_off: 0,
+            scribbled: std::collections::HashSet::new(),
         };
         let runtime = Arc::clone(&driver.runtime);
         let _entered = runtime.enter();
@@ -217,10 +235,20 @@ impl Driver {
                 let sleep = tokio::time::sleep(Duration::from_millis((*ms).into()));
                 self.runtime.block_on(sleep);
             }
+            Op::EndThroughWord { client, access } => {
+                self.end_through_word(*client as usize, *access)
+            }
+            Op::Scribble {
+                client,
+                access,
+                kind,
+            } => self.scribble(*client as usize, *access, *kind),
         }
         self.settle();
         self.read_replies()?;
-        check_invariants(&self.broker.lock())
+        let state = self.broker.lock();
+        check_invariants(&state)?;
+        check_no_end_unheard(&state, &self.scribbled)
     }
 
     /// A sequence never runs dry: when everyone has left, a new client
@@ -263,6 +291,8 @@ impl Driver {
             id,
             socket: Some(ours),
             deaf: false,
+            page: None,
+            words: HashMap::new(),
         });
         if hello {
             let hello = Body::Hello {
@@ -409,6 +439,10 @@ impl Driver {
             return;
         };
         let (body, fds) = self.encode_body(client, body);
+        self.send_body(slot, body, fds, no_reply);
+    }
+
+    fn send_body(&mut self, slot: usize, body: RequestBody, fds: Vec<OwnedFd>, no_reply: bool) {
         let id = self.next_request;
         self.next_request += 1;
         let request = Request {
@@ -421,6 +455,55 @@ impl Driver {
         };
         let bytes = encode_request(&request).expect("encode a request");
         self.deliver(slot, &bytes, fds);
+    }
+
+    /// The word a grant named for the `reference`d access of this client.
+    fn word_of(&mut self, slot: usize, reference: u8) -> Option<(u64, EndSlot)> {
+        let client = self.conn_mut(slot)?.id;
+        let access = self.access_ref(client, reference);
+        let at = *self.conn_mut(slot)?.words.get(&access)?;
+        Some((access, at))
+    }
+
+    fn end_through_word(&mut self, slot: usize, reference: u8) {
+        self.ensure_a_client();
+        let Some(client) = self.conn_mut(slot).map(|c| c.id) else {
+            return;
+        };
+        let access = self.access_ref(client, reference);
+        let ended = self.word_of(slot, reference).and_then(|(_, at)| {
+            let conn = self.conn_mut(slot)?;
+            conn.words.remove(&access);
+            Some(conn.page.as_ref()?.end(at))
+        });
+        if ended != Some(ClientEnd::Silent) {
+            let end = RequestBody::End {
+                access,
+                fence_slot: None,
+            };
+            self.send_body(slot, end, Vec::new(), true);
+        }
+    }
+
+    fn scribble(&mut self, slot: usize, reference: u8, kind: u8) {
+        let Some((access, at)) = self.word_of(slot, reference) else {
+            return;
+        };
+        self.scribbled.insert(access);
+        let generation = at.generation;
+        let garbage = match kind % 5 {
+            0 => 0,
+            1 => u64::MAX,
+            // "ended" with the wrong generation, and with the right one but
+            // a state that does not exist.
+            2 => (generation.wrapping_add(1) << 3) | 2,
+            3 => (generation << 3) | 3,
+            // A genuine silent end, written blindly instead of by CAS.
+            _ => (generation << 3) | 2,
+        };
+        if let Some(page) = self.conn_mut(slot).and_then(|c| c.page.as_ref()) {
+            page.scribble(at.slot, garbage);
+        }
     }
 
     fn raw(&mut self, slot: usize, bytes: &[u8], fds: u8) {
@@ -459,11 +542,16 @@ impl Driver {
     /// as the connection task would.
     fn read_replies(&mut self) -> Result<(), String> {
         let mut hung_up = Vec::new();
-        for (slot, conn) in self.conns.iter().enumerate() {
+        for (slot, conn) in self.conns.iter_mut().enumerate() {
             let Some(socket) = conn.socket.as_ref().filter(|_| !conn.deaf) else {
                 continue;
             };
-            if !drain(socket.as_fd(), &mut self.scratch, &mut self.tokens)? {
+            let mut heard = Heard {
+                tokens: &mut self.tokens,
+                page: &mut conn.page,
+                words: &mut conn.words,
+            };
+            if !drain(socket.as_fd(), &mut self.scratch, &mut heard)? {
                 hung_up.push(slot);
             }
         }
@@ -496,8 +584,15 @@ impl Driver {
     }
 }
 
+/// What a client keeps from the broker's messages.
+struct Heard<'a> {
+    tokens: &'a mut Vec<String>,
+    page: &'a mut Option<EndWords>,
+    words: &'a mut HashMap<u64, EndSlot>,
+}
+
 /// Reads all queued messages; `Ok(false)` when the broker hung up.
-fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], tokens: &mut Vec<String>) -> Result<bool, String> {
+fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Result<bool, String> {
     loop {
         let (len, fds) = match recv_message_into(socket, buf, true) {
             Ok(received) => received,
@@ -518,8 +613,21 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], tokens: &mut Vec<String>) -> Re
             ));
         }
         if let ServerMessage::Reply(reply) = message {
-            if let Ok(ReplyBody::Exported { token }) = reply.result {
-                tokens.push(token);
+            match reply.result {
+                Ok(ReplyBody::Exported { token }) => heard.tokens.push(token),
+                Ok(ReplyBody::Welcome(_)) => {
+                    if let Some(fd) = fds.first() {
+                        let page = EndWords::map(fd.as_fd())
+                            .map_err(|e| format!("cannot map the end-word page: {e}"))?;
+                        *heard.page = Some(page);
+                    }
+                }
+                Ok(ReplyBody::Granted(grant)) => {
+                    if let Some(at) = grant.end_slot {
+                        heard.words.insert(grant.access, at);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -569,12 +677,60 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
             }
         }
     }
+    let mut words_in_use = std::collections::HashSet::new();
     for (id, access) in &state.accesses {
         if !state.buffers.contains_key(&access.buffer) {
             return Err(format!(
                 "access {id} is on buffer {}, which is gone",
                 access.buffer
             ));
+        }
+        if let Some(at) = access.end_slot {
+            if !words_in_use.insert((access.client, at.slot)) {
+                return Err(format!(
+                    "access {id} shares word {} of client {} with another",
+                    at.slot, access.client
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No lost wake-up through end words: on a buffer where someone waits,
+/// every fence's end must reach the broker at once, so none may be ended
+/// through a word the broker is not watching.
+fn check_no_end_unheard(
+    state: &State,
+    scribbled: &std::collections::HashSet<u64>,
+) -> Result<(), String> {
+    for buffer in state.buffers.keys() {
+        if !state.arbiter.has_waiters(*buffer) {
+            continue;
+        }
+        let mut index = 0;
+        while let Some(fence) = state.arbiter.fence_id_at(*buffer, index) {
+            index += 1;
+            let Some(access) = state.accesses.get(&fence) else {
+                continue;
+            };
+            if scribbled.contains(&fence) {
+                continue;
+            }
+            let Some(at) = access.end_slot else {
+                continue;
+            };
+            let view = state
+                .clients
+                .get(&access.client)
+                .and_then(|c| c.end_page.as_ref())
+                .map(|page| page.peek(at));
+            if view == Some(BrokerView::Ended) {
+                return Err(format!(
+                    "buffer {buffer} has waiters, but fence {fence} ended through a word \
+                     the broker is not watching: nobody would wake them"
+                ));
+            }
         }
     }
     Ok(())

@@ -107,6 +107,11 @@ impl EndPage {
             .map(|(_, access)| access)
     }
 
+    /// What a word says, without marking it (invariant checks).
+    pub fn peek(&self, at: EndSlot) -> BrokerView {
+        self.words.check(at, false)
+    }
+
     /// How many of them there are (for the views' counts).
     pub fn ended_count(&self) -> usize {
         self.ended_unsettled().count()

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_fence::{AccessId, WaiterId};
 
+pub use endpage::EndPage;
 pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
