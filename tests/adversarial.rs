@@ -37,7 +37,7 @@ use dmabroker_ipc::{
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::proc::{fd_count, rss_kib};
 use dmabroker_suite::raw::RawClient;
-use dmabroker_suite::scripted::field;
+use dmabroker_suite::scripted::{access_of, field};
 use dmabroker_suite::{Daemon, DaemonOptions, Scripted};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -145,10 +145,6 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
     sorted.sort();
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-fn access_of(answer: &str) -> String {
-    field(answer, "access").expect("access id").to_owned()
 }
 
 /// A buffer allocated and exported by a scripted owner.

@@ -14,26 +14,6 @@ use serde_json::Value;
 
 const NOBODY: u32 = 65534;
 
-fn start(bus: &DbusDaemon, policy: Option<&str>) -> Daemon {
-    let daemon = Daemon::start_with(DaemonOptions {
-        policy: policy.map(str::to_owned),
-        args: bus.daemon_args(),
-        ..Default::default()
-    });
-    bus.wait_for_daemon();
-    daemon
-}
-
-fn method(bus: &DbusDaemon, name: &str, args: &[&str]) -> Value {
-    let v: Value = serde_json::from_str(&bus.call_json(name, args)).expect("busctl JSON");
-    v["data"][0].clone()
-}
-
-fn property(bus: &DbusDaemon, name: &str) -> Value {
-    let v: Value = serde_json::from_str(&bus.property_json(name)).expect("busctl JSON");
-    v["data"].clone()
-}
-
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -76,7 +56,7 @@ struct Scene {
 impl Scene {
     fn new() -> Scene {
         let bus = DbusDaemon::start();
-        let daemon = start(&bus, None);
+        let daemon = bus.start_broker(None);
         let mut owner = Scripted::spawn(daemon.socket(), &[]);
         let alloc = owner.ok("alloc 65536 name=frame");
         let buffer: u64 = field(&alloc, "id").expect("id").parse().expect("buffer id");
@@ -103,14 +83,14 @@ impl Scene {
             access,
         };
         eventually("the reader to queue", || {
-            property(&scene.bus, "Totals")[4].as_u64() == Some(1)
+            scene.bus.property("Totals")[4].as_u64() == Some(1)
         });
         scene
     }
 
     /// The daemon's client id of a process, from ListClients.
     fn client_id(&self, process: &Scripted) -> u64 {
-        let clients = method(&self.bus, "ListClients", &[]);
+        let clients = self.bus.method("ListClients", &[]);
         clients
             .as_array()
             .expect("client list")
@@ -124,7 +104,7 @@ impl Scene {
 #[test]
 fn introspection_shows_the_versioned_interface_and_no_fds() {
     let bus = DbusDaemon::start();
-    let _daemon = start(&bus, None);
+    let _daemon = bus.start_broker(None);
     let out = ok(
         bus.busctl(&["introspect", BUS_NAME, OBJECT_PATH]),
         "busctl introspect",
@@ -197,25 +177,27 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
     let reader = scene.client_id(&scene.reader);
 
     // Version, heaps, totals.
-    assert_eq!(property(bus, "Version"), env!("CARGO_PKG_VERSION"));
-    assert!(property(bus, "Instance")
+    assert_eq!(bus.property("Version"), env!("CARGO_PKG_VERSION"));
+    assert!(bus
+        .property("Instance")
         .as_str()
         .is_some_and(|s| !s.is_empty()));
-    assert!(property(bus, "StartedAt")
+    assert!(bus
+        .property("StartedAt")
         .as_u64()
         .is_some_and(|t| t > 1_600_000_000));
     assert_eq!(
-        property(bus, "Heaps"),
+        bus.property("Heaps"),
         serde_json::json!([["memfd", "memfd", 1, 65536]])
     );
     assert_eq!(
-        property(bus, "Totals"),
+        bus.property("Totals"),
         serde_json::json!([3, 1, 65536, 1, 1])
     );
 
     // Clients: (id, uid, pid, name, exe, unit, rule, autofence, buffers,
     // bytes, held, waiting, longest wait, connected at).
-    let clients = method(bus, "ListClients", &[]);
+    let clients = bus.method("ListClients", &[]);
     let clients = clients.as_array().expect("clients");
     assert_eq!(clients.len(), 3);
     let row = |id: u64| {
@@ -260,7 +242,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
 
     // Buffers: (id, heap, backend, name, size, inode, owner, holders,
     // fences, waiters, created at).
-    let buffers = method(bus, "ListBuffers", &[]);
+    let buffers = bus.method("ListBuffers", &[]);
     let b = &buffers[0];
     assert_eq!(buffers.as_array().map(Vec::len), Some(1));
     assert_eq!(b[0], scene.buffer);
@@ -285,7 +267,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
     assert_eq!(waiters[0][2], "cpu-read");
 
     // One buffer in detail: (buffer, holders, share tokens, dma-buf).
-    let detail = method(bus, "GetBuffer", &["t", &scene.buffer.to_string()]);
+    let detail = bus.method("GetBuffer", &["t", &scene.buffer.to_string()]);
     for i in [0, 1, 2, 3, 4, 5, 6, 7, 10] {
         assert_eq!(detail[0][i], b[i], "field {i} of {detail}");
     }
@@ -322,7 +304,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
     // Statistics: (allocations, frees, imports, exports, adoptions, grants,
     // waits, p50, p99, cache syncs, skipped, writer lost, revocations,
     // timeouts, kernel fences, refusals).
-    let stats = method(bus, "Statistics", &[]);
+    let stats = bus.method("Statistics", &[]);
     assert_eq!(stats[0], 1, "allocations {stats}");
     assert_eq!(stats[2], 2, "imports {stats}");
     assert_eq!(stats[3], 1, "exports {stats}");
@@ -331,7 +313,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
     assert!(stats[7].as_u64().is_some_and(|p50| p50 > 0), "p50 {stats}");
     assert!(stats[8].as_u64() >= stats[7].as_u64(), "p99 {stats}");
     assert!(stats[15].is_object(), "refusals by reason {stats}");
-    let after = method(bus, "ListBuffers", &[]);
+    let after = bus.method("ListBuffers", &[]);
     assert_eq!(after[0][8][0][1], "cpu-read");
     assert_eq!(after[0][8][0][2], reader);
     assert_eq!(after[0][9], serde_json::json!([]));
@@ -340,7 +322,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
 #[test]
 fn refusals_are_counted_by_reason() {
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, Some("[default]\nmax_buffer_size = \"64K\"\n"));
+    let daemon = bus.start_broker(Some("[default]\nmax_buffer_size = \"64K\"\n"));
     let mut client = Scripted::spawn(daemon.socket(), &[]);
     let refused = client.cmd("alloc 1048576").expect_err("too large");
     let code = refused
@@ -348,7 +330,7 @@ fn refusals_are_counted_by_reason() {
         .nth(1)
         .expect("error code")
         .to_owned();
-    let stats = method(&bus, "Statistics", &[]);
+    let stats = bus.method("Statistics", &[]);
     assert_eq!(stats[15][code.as_str()], 1, "{stats}");
 }
 
@@ -418,7 +400,7 @@ impl Drop for Monitor {
 #[test]
 fn signals_follow_clients_buffers_and_lost_writers() {
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, None);
+    let daemon = bus.start_broker(None);
     let monitor = Monitor::start(&bus);
 
     let mut writer = Scripted::spawn(daemon.socket(), &[]);
@@ -454,7 +436,7 @@ fn signals_follow_clients_buffers_and_lost_writers() {
     writer.ok(&format!("begin {shared} w"));
     reader.send(&format!("begin {shared} r"));
     eventually("the reader to queue", || {
-        property(&bus, "Totals")[4].as_u64() == Some(1)
+        bus.property("Totals")[4].as_u64() == Some(1)
     });
     writer.kill();
     assert_eq!(
@@ -471,7 +453,7 @@ fn signals_follow_clients_buffers_and_lost_writers() {
         .recv(Duration::from_secs(10))
         .expect("reader granted");
     assert!(granted.contains("writer_lost=true"), "{granted}");
-    let stats = method(&bus, "Statistics", &[]);
+    let stats = bus.method("Statistics", &[]);
     assert_eq!(stats[11], 1, "writer lost: {stats}");
 
     reader.kill();
@@ -485,7 +467,7 @@ fn signals_follow_clients_buffers_and_lost_writers() {
 #[test]
 fn signals_report_revoked_accesses() {
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
+    let daemon = bus.start_broker(Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
     let monitor = Monitor::start(&bus);
     let mut client = Scripted::spawn(daemon.socket(), &[]);
     let id = monitor.expect("ClientConnected")[0].as_u64().expect("id");
@@ -501,7 +483,7 @@ fn signals_report_revoked_accesses() {
         monitor.expect("AccessRevoked"),
         serde_json::json!([buffer, access, id])
     );
-    let stats = method(&bus, "Statistics", &[]);
+    let stats = bus.method("Statistics", &[]);
     assert_eq!(stats[12], 1, "revocations: {stats}");
 }
 
@@ -524,7 +506,7 @@ fn reload_policy_is_for_administrators_only() {
         return;
     }
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, Some("[default]\nmax_buffer_size = \"1M\"\n"));
+    let daemon = bus.start_broker(Some("[default]\nmax_buffer_size = \"1M\"\n"));
 
     // Another uid is refused, whatever it sends.
     let refused = ctl_as(&bus, NOBODY, &["reload"]);
@@ -864,13 +846,13 @@ fn the_daemon_serves_clients_without_a_bus() {
 #[test]
 fn the_daemon_comes_back_on_a_restarted_bus() {
     let mut bus = DbusDaemon::start();
-    let daemon = start(&bus, None);
+    let daemon = bus.start_broker(None);
     let mut client = Scripted::spawn(daemon.socket(), &[]);
     bus.restart();
     // Brokering never stopped.
     client.ok("alloc 4096");
     bus.wait_for_daemon();
-    assert_eq!(property(&bus, "Totals")[1], 1, "the view is back");
+    assert_eq!(bus.property("Totals")[1], 1, "the view is back");
     let monitor = Monitor::start(&bus);
     client.ok("alloc 4096");
     monitor.expect("BufferAllocated");
@@ -887,7 +869,7 @@ fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
         return;
     }
     let bus = DbusDaemon::start_system_like(&dbus::shipped_policy());
-    let daemon = start(&bus, None);
+    let daemon = bus.start_broker(None);
     let _client = Scripted::spawn(daemon.socket(), &[]);
 
     // Everyone may introspect and read.
@@ -958,7 +940,7 @@ fn long_lists_are_whole_and_in_order() {
     const CLIENTS: usize = 37;
     const BUFFERS_EACH: usize = 3;
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, None);
+    let daemon = bus.start_broker(None);
     let clients: Vec<_> = (0..CLIENTS).map(|_| daemon.client()).collect();
     let mut buffers = Vec::new();
     let mut expected_bytes = 0u64;
@@ -972,7 +954,7 @@ fn long_lists_are_whole_and_in_order() {
     let mut ids: Vec<u64> = buffers.iter().map(|b| b.id()).collect();
     ids.sort_unstable();
 
-    let listed = method(&bus, "ListBuffers", &[]);
+    let listed = bus.method("ListBuffers", &[]);
     let listed: Vec<u64> = listed
         .as_array()
         .expect("buffers")
@@ -981,7 +963,7 @@ fn long_lists_are_whole_and_in_order() {
         .collect();
     assert_eq!(listed, ids, "every buffer once, by id");
 
-    let rows = method(&bus, "ListClients", &[]);
+    let rows = bus.method("ListClients", &[]);
     let rows = rows.as_array().expect("clients");
     let client_ids: Vec<u64> = rows.iter().map(|r| r[0].as_u64().expect("id")).collect();
     assert_eq!(
@@ -1000,10 +982,10 @@ fn long_lists_are_whole_and_in_order() {
 
     let total = (CLIENTS * BUFFERS_EACH) as u64;
     assert_eq!(
-        property(&bus, "Heaps"),
+        bus.property("Heaps"),
         serde_json::json!([["memfd", "memfd", total, expected_bytes]])
     );
-    let totals = property(&bus, "Totals");
+    let totals = bus.property("Totals");
     assert_eq!(
         (totals[1].as_u64(), totals[2].as_u64()),
         (Some(total), Some(expected_bytes))
@@ -1012,7 +994,7 @@ fn long_lists_are_whole_and_in_order() {
     // Freed buffers leave every list.
     drop(buffers.split_off(10));
     eventually("the freed buffers to leave the list", || {
-        method(&bus, "ListBuffers", &[]).as_array().map(Vec::len) == Some(10)
+        bus.method("ListBuffers", &[]).as_array().map(Vec::len) == Some(10)
     });
 }
 
@@ -1058,7 +1040,7 @@ fn dbus_cpus_places_the_dbus_thread_only() {
             "the data path stays where it was"
         );
     }
-    assert_eq!(property(&bus, "Version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(bus.property("Version"), env!("CARGO_PKG_VERSION"));
     drop(daemon);
 
     // CPU 1023 exists in no CPU set this machine offers.
@@ -1071,7 +1053,7 @@ fn dbus_cpus_places_the_dbus_thread_only() {
     });
     bus.wait_for_daemon();
     assert_eq!(thread_cpus(daemon.pid(), "dbus"), main_thread);
-    assert_eq!(property(&bus, "Version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(bus.property("Version"), env!("CARGO_PKG_VERSION"));
     assert!(
         daemon.log().contains("cannot place the D-Bus thread"),
         "{}",

@@ -24,9 +24,8 @@ use dmabroker_ipc::{
 };
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::raw::RawClient;
-use dmabroker_suite::scripted::field;
-use dmabroker_suite::{Daemon, DaemonOptions, Scripted};
-use serde_json::Value;
+use dmabroker_suite::scripted::{access_of, field, Shared};
+use dmabroker_suite::{Daemon, Scripted};
 
 /// How long a begin that must not be granted is given to prove it.
 const STILL_BLOCKED: Duration = Duration::from_millis(200);
@@ -46,30 +45,10 @@ const CLIENT_ACCESSES_HELD: usize = 10;
 const BUFFER_FENCES: usize = 8;
 
 // ---------------------------------------------------------------------------
-// D-Bus helpers (as in tests/dbus.rs).
-
-fn start(bus: &DbusDaemon, policy: Option<&str>) -> Daemon {
-    let daemon = Daemon::start_with(DaemonOptions {
-        policy: policy.map(str::to_owned),
-        args: bus.daemon_args(),
-        ..Default::default()
-    });
-    bus.wait_for_daemon();
-    daemon
-}
-
-fn method(bus: &DbusDaemon, name: &str, args: &[&str]) -> Value {
-    let v: Value = serde_json::from_str(&bus.call_json(name, args)).expect("busctl JSON");
-    v["data"][0].clone()
-}
-
-fn property(bus: &DbusDaemon, name: &str) -> Value {
-    let v: Value = serde_json::from_str(&bus.property_json(name)).expect("busctl JSON");
-    v["data"].clone()
-}
+// D-Bus helpers.
 
 fn totals(bus: &DbusDaemon, index: usize) -> u64 {
-    property(bus, "Totals")[index]
+    bus.property("Totals")[index]
         .as_u64()
         .expect("Totals field")
 }
@@ -77,11 +56,11 @@ fn totals(bus: &DbusDaemon, index: usize) -> u64 {
 /// The `SilentEnds` property: accesses retired because their words said
 /// ended, with no `End` message.
 fn silent_ends(bus: &DbusDaemon) -> u64 {
-    property(bus, "SilentEnds").as_u64().expect("SilentEnds")
+    bus.property("SilentEnds").as_u64().expect("SilentEnds")
 }
 
 fn stat(bus: &DbusDaemon, index: usize) -> u64 {
-    method(bus, "Statistics", &[])[index]
+    bus.method("Statistics", &[])[index]
         .as_u64()
         .expect("Statistics field")
 }
@@ -98,42 +77,6 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 // ---------------------------------------------------------------------------
 // Scripted-process helpers.
-
-/// A daemon and one buffer (memfd, the test heap) that `owner` allocated
-/// and exported.
-struct Shared {
-    daemon: Daemon,
-    owner: Scripted,
-    id: String,
-    token: String,
-}
-
-fn shared_buffer(daemon: Daemon) -> Shared {
-    let mut owner = Scripted::spawn(daemon.socket(), &[]);
-    let allocated = owner.ok("alloc 4096 name=frame");
-    let id = field(&allocated, "id").expect("id").to_owned();
-    let token = owner.ok(&format!("export {id}"));
-    let token = field(&token, "token").expect("token").to_owned();
-    Shared {
-        daemon,
-        owner,
-        id,
-        token,
-    }
-}
-
-impl Shared {
-    /// Another process holding the buffer.
-    fn join(&self, extra: &[&str]) -> Scripted {
-        let mut client = Scripted::spawn(self.daemon.socket(), extra);
-        client.ok(&format!("import {}", self.token));
-        client
-    }
-}
-
-fn access_of(answer: &str) -> String {
-    field(answer, "access").expect("access id").to_owned()
-}
 
 /// Waits for the answer to a begin already sent, which must be a grant.
 fn granted_within(client: &mut Scripted, within: Duration, what: &str) -> String {
@@ -260,7 +203,7 @@ fn assert_times_out<T>(result: dmabroker_client::Result<T>, why: &str) {
 #[test]
 fn uncontended_cycles_end_without_messages() {
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, None);
+    let daemon = bus.start_broker(None);
     let client = daemon.client();
     let buffer = client.alloc(4096).expect("alloc");
     assert_eq!(buffer.heap(), "memfd", "the test heap ends through words");
@@ -282,7 +225,7 @@ fn uncontended_cycles_end_without_messages() {
         "{silent} of {CYCLES} ends were retired without a message"
     );
     assert_eq!(totals(&bus, TOTALS_FENCES), 0, "no fence is in force");
-    let buffers = method(&bus, "ListBuffers", &[]);
+    let buffers = bus.method("ListBuffers", &[]);
     let listed = buffers
         .as_array()
         .expect("buffer list")
@@ -290,7 +233,7 @@ fn uncontended_cycles_end_without_messages() {
         .find(|b| b[0].as_u64() == Some(buffer.id()))
         .expect("buffer listed");
     assert_eq!(listed[BUFFER_FENCES], serde_json::json!([]), "{listed}");
-    let clients = method(&bus, "ListClients", &[]);
+    let clients = bus.method("ListClients", &[]);
     let me = clients
         .as_array()
         .expect("client list")
@@ -312,7 +255,7 @@ fn uncontended_cycles_end_without_messages() {
 /// the flags if it retires the silent end as a death or a revocation.
 #[test]
 fn a_silent_end_lets_another_process_in_at_once() {
-    let mut s = shared_buffer(Daemon::start());
+    let mut s = Shared::new(Daemon::start(), 4096);
     let mut other = s.join(&[]);
     for round in 0..10 {
         for (name, client) in [("owner", &mut s.owner), ("other", &mut other)] {
@@ -341,7 +284,7 @@ fn a_silent_end_lets_another_process_in_at_once() {
 #[test]
 fn a_watched_end_is_heard_at_once() {
     let bus = DbusDaemon::start();
-    let mut s = shared_buffer(start(&bus, None));
+    let mut s = Shared::new(bus.start_broker(None), 4096);
     let mut writer = s.join(&[]);
     let mut reader = s.join(&[]);
     let held = s.owner.ok(&format!("begin {} w", s.id));
@@ -376,7 +319,7 @@ fn a_watched_end_is_heard_at_once() {
 /// stale fence in the list).
 #[test]
 fn no_autofence_clients_still_hear_of_every_end() {
-    let mut s = shared_buffer(Daemon::start());
+    let mut s = Shared::new(Daemon::start(), 4096);
     let mut gpu = s.join(&["--no-autofence"]);
 
     // A live write is listed, and its end is signalled promptly.
@@ -421,7 +364,7 @@ fn no_autofence_clients_still_hear_of_every_end() {
 #[test]
 fn a_client_killed_after_a_silent_end_lost_no_write() {
     let bus = DbusDaemon::start();
-    let s = shared_buffer(start(&bus, None));
+    let s = Shared::new(bus.start_broker(None), 4096);
     let mut reader = s.join(&[]);
 
     let mut finished = s.join(&[]);
@@ -717,7 +660,7 @@ fn a_full_page_is_swept_for_ended_words_only() {
 #[test]
 fn a_hold_limit_spares_a_write_ended_through_its_word() {
     let bus = DbusDaemon::start();
-    let daemon = start(&bus, Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
+    let daemon = bus.start_broker(Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
     let mut client = Scripted::spawn(daemon.socket(), &[]);
     let buffer = field(&client.ok("alloc 4096"), "id")
         .expect("id")

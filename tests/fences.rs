@@ -6,50 +6,15 @@ use std::time::{Duration, Instant};
 
 use dmabroker_ipc::{ErrorCode, RequestBody};
 use dmabroker_suite::raw::RawClient;
-use dmabroker_suite::scripted::field;
-use dmabroker_suite::{Daemon, DaemonOptions, Scripted};
+use dmabroker_suite::scripted::{access_of, field, Shared};
+use dmabroker_suite::{Daemon, DaemonOptions};
 
 /// How long we wait to be sure a blocked begin stays blocked.
 const STILL_BLOCKED: Duration = Duration::from_millis(300);
 
-struct Shared {
-    daemon: Daemon,
-    owner: Scripted,
-    id: String,
-    token: String,
-}
-
-/// A daemon and a buffer that `owner` allocated and exported.
-fn shared_buffer(options: DaemonOptions) -> Shared {
-    let daemon = Daemon::start_with(options);
-    let mut owner = Scripted::spawn(daemon.socket(), &[]);
-    let allocated = owner.ok("alloc 8192 name=frame");
-    let id = field(&allocated, "id").expect("id").to_owned();
-    let token = owner.ok(&format!("export {id}"));
-    let token = field(&token, "token").expect("token").to_owned();
-    Shared {
-        daemon,
-        owner,
-        id,
-        token,
-    }
-}
-
-impl Shared {
-    fn join(&self, extra: &[&str]) -> Scripted {
-        let mut client = Scripted::spawn(self.daemon.socket(), extra);
-        client.ok(&format!("import {}", self.token));
-        client
-    }
-}
-
-fn access_of(answer: &str) -> String {
-    field(answer, "access").expect("access id").to_owned()
-}
-
 #[test]
 fn readers_share_the_buffer() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut reader = s.join(&[]);
     let a = s.owner.ok(&format!("begin {} r", s.id));
     let b = reader.ok(&format!("begin {} r", s.id));
@@ -58,7 +23,7 @@ fn readers_share_the_buffer() {
 
 #[test]
 fn a_writer_waits_for_readers_and_readers_wait_for_the_writer() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut writer = s.join(&[]);
     let read = s.owner.ok(&format!("begin {} r", s.id));
 
@@ -97,7 +62,7 @@ fn a_writer_waits_for_readers_and_readers_wait_for_the_writer() {
 
 #[test]
 fn a_waiting_writer_holds_back_later_readers() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut writer = s.join(&[]);
     let mut late_reader = s.join(&[]);
     let first = s.owner.ok(&format!("begin {} r", s.id));
@@ -126,7 +91,7 @@ fn a_waiting_writer_holds_back_later_readers() {
 
 #[test]
 fn a_writer_killed_while_writing_hands_over_with_writer_lost_within_100ms() {
-    let s = shared_buffer(DaemonOptions::default());
+    let s = Shared::new(Daemon::start(), 8192);
     let baseline_clients = s.daemon.baseline();
     let mut writer = s.join(&[]);
     let mut reader = s.join(&[]);
@@ -156,7 +121,7 @@ fn a_writer_killed_while_writing_hands_over_with_writer_lost_within_100ms() {
 
 #[test]
 fn a_begin_with_a_timeout_gives_up_and_leaves_the_queue() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut waiter = s.join(&[]);
     let mut next = s.join(&[]);
     let held = s.owner.ok(&format!("begin {} w", s.id));
@@ -177,7 +142,7 @@ fn a_begin_with_a_timeout_gives_up_and_leaves_the_queue() {
 
 #[test]
 fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut gpu = s.join(&["--no-autofence"]);
     let mut autofenced = s.join(&[]);
     let write = s.owner.ok(&format!("begin {} w", s.id));
@@ -224,7 +189,7 @@ fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
 
 #[test]
 fn a_client_cannot_end_another_clients_access() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let held = s.owner.ok(&format!("begin {} w", s.id));
     let access: u64 = access_of(&held).parse().expect("number");
     let mut intruder = RawClient::connect(s.daemon.socket());
@@ -255,10 +220,11 @@ fn a_client_cannot_end_another_clients_access() {
 
 #[test]
 fn a_write_held_past_its_limit_is_revoked() {
-    let mut s = shared_buffer(DaemonOptions {
+    let options = DaemonOptions {
         policy: Some("[default]\nwrite_hold_limit = \"200ms\"\n".into()),
         ..Default::default()
-    });
+    };
+    let mut s = Shared::new(Daemon::start_with(options), 8192);
     let mut reader = s.join(&[]);
     s.owner.ok(&format!("begin {} w", s.id));
     reader.send(&format!("begin {} r", s.id));
@@ -273,7 +239,7 @@ fn a_write_held_past_its_limit_is_revoked() {
 
 #[test]
 fn freeing_a_buffer_while_holding_access_releases_it() {
-    let mut s = shared_buffer(DaemonOptions::default());
+    let mut s = Shared::new(Daemon::start(), 8192);
     let mut other = s.join(&[]);
     s.owner.ok(&format!("begin {} w", s.id));
     other.send(&format!("begin {} r", s.id));

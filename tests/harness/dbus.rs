@@ -152,6 +152,32 @@ impl DbusDaemon {
             .expect("run busctl under setpriv")
     }
 
+    /// A daemon whose D-Bus view is on this bus (with `policy` as its
+    /// policy file, if given), once it owns its name.
+    pub fn start_broker(&self, policy: Option<&str>) -> crate::Daemon {
+        let daemon = crate::Daemon::start_with(crate::DaemonOptions {
+            policy: policy.map(str::to_owned),
+            args: self.daemon_args(),
+            ..Default::default()
+        });
+        self.wait_for_daemon();
+        daemon
+    }
+
+    /// A method's first return value, parsed from `busctl --json=short`.
+    pub fn method(&self, name: &str, args: &[&str]) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.call_json(name, args)).expect("busctl JSON");
+        v["data"][0].clone()
+    }
+
+    /// A property's value, parsed from `busctl --json=short`.
+    pub fn property(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.property_json(name)).expect("busctl JSON");
+        v["data"].clone()
+    }
+
     /// A method of the debug interface, answered as `busctl --json=short`.
     pub fn call_json(&self, method: &str, args: &[&str]) -> String {
         let mut argv = vec![

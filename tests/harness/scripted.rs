@@ -124,3 +124,43 @@ pub fn field<'a>(answer: &'a str, key: &str) -> Option<&'a str> {
         .split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
+
+/// A daemon and one buffer that `owner` allocated and exported, for tests
+/// in which other processes join it.
+#[derive(Debug)]
+pub struct Shared {
+    pub daemon: crate::Daemon,
+    pub owner: Scripted,
+    pub id: String,
+    pub token: String,
+}
+
+impl Shared {
+    /// `owner` allocates `size` bytes (named `frame`) on `daemon` and
+    /// exports them.
+    pub fn new(daemon: crate::Daemon, size: u64) -> Shared {
+        let mut owner = Scripted::spawn(daemon.socket(), &[]);
+        let allocated = owner.ok(&format!("alloc {size} name=frame"));
+        let id = field(&allocated, "id").expect("id").to_owned();
+        let token = owner.ok(&format!("export {id}"));
+        let token = field(&token, "token").expect("token").to_owned();
+        Shared {
+            daemon,
+            owner,
+            id,
+            token,
+        }
+    }
+
+    /// Another process holding the buffer (`extra`: its command-line flags).
+    pub fn join(&self, extra: &[&str]) -> Scripted {
+        let mut client = Scripted::spawn(self.daemon.socket(), extra);
+        client.ok(&format!("import {}", self.token));
+        client
+    }
+}
+
+/// The access id in a `begin` answer.
+pub fn access_of(answer: &str) -> String {
+    field(answer, "access").expect("access id").to_owned()
+}
