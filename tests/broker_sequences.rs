@@ -205,3 +205,87 @@ fn the_driver_reaches_sharing_and_handover() {
     }
     driver.finish().expect("nothing left");
 }
+
+/// Found by the fuzzer (`fuzz/regressions/broker_requests/stale-scribble`):
+/// a client scribbles on the word an *earlier*, finished access of its own
+/// was granted. The broker has since given that word to the client's next
+/// access, and the scribble (a blind "ended" of the next generation) ends
+/// that one silently while another client waits for it. That client
+/// chose not to tell the broker; the waiter is served at the broker's
+/// next look at the buffer, here the scribbler's next begin, exactly as
+/// if the scribbler had ended by message late.
+#[test]
+fn a_scribble_on_a_reused_word_is_settled_at_the_next_look() {
+    let request = |client, body| Op::Request {
+        client,
+        body,
+        no_reply: false,
+    };
+    let read_again = request(
+        0,
+        Body::Begin {
+            buffer: 0,
+            access: 0,
+            timeout_ms: None,
+        },
+    );
+    let mut driver = Driver::new(false);
+    let steps = [
+        request(
+            0,
+            Body::Alloc {
+                size: 4096,
+                heap: 0,
+            },
+        ),
+        request(0, Body::Export { buffer: 0 }),
+        request(1, Body::Import { token: 0 }),
+        // Access 1 (a read, word 0, generation 1), ended by message: the
+        // word is free again.
+        read_again.clone(),
+        request(
+            0,
+            Body::End {
+                access: 0,
+                with_fence: false,
+            },
+        ),
+        // Access 2 gets word 0, generation 2; client 2's write waits for
+        // it, so the broker watches that word.
+        read_again.clone(),
+        request(
+            1,
+            Body::Begin {
+                buffer: 0,
+                access: 1,
+                timeout_ms: None,
+            },
+        ),
+        // Through access 1's stale word: "ended, generation 2, unwatched".
+        Op::Scribble {
+            client: 0,
+            access: 128 + 1,
+            kind: 2,
+        },
+    ];
+    for op in &steps {
+        driver.step(op).expect("step");
+    }
+    {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 1, "the write still waits");
+        assert_eq!(state.stats.silent_ends, 0);
+    }
+    driver.step(&read_again).expect("the scribbler reads again");
+    {
+        let state = driver.state();
+        assert_eq!(state.stats.silent_ends, 1, "the scribbled end was retired");
+        let writer_granted = state
+            .accesses
+            .values()
+            .any(|a| a.client == 2 && a.kind == dmabroker_ipc::Access::CpuWrite);
+        assert!(writer_granted, "the waiting write was granted");
+        assert_eq!(state.waiters.len(), 1, "the new read waits behind it");
+    }
+    driver.finish().expect("nothing left");
+}

@@ -139,11 +139,13 @@ pub struct Driver {
     scratch: Vec<u8>,
     /// Clients the broker cut off (queue overflow) rather than they it.
     pub cut_off: u64,
-    /// Accesses whose words a client scribbled on: a blind write can end
-    /// one silently while someone waits (the waiter then waits until the
-    /// broker next looks, as it would for a client that never ended), so
-    /// the no-lost-wake-up check holds only for the others.
-    scribbled: std::collections::HashSet<u64>,
+    /// Words (client, slot) a client scribbled on: a blind write can end
+    /// an access silently while someone waits (the waiter then waits until
+    /// the broker next looks, as it would for a client that never ended),
+    /// so the no-lost-wake-up check holds only for accesses in other words.
+    /// By slot, not access: a client may scribble on a word its grant
+    /// named long after the broker gave that word to a later grant.
+    scribbled: std::collections::HashSet<(ClientId, u16)>,
 }
 
 fn heaps() -> HeapRegistry {
@@ -486,10 +488,12 @@ impl Driver {
     }
 
     fn scribble(&mut self, slot: usize, reference: u8, kind: u8) {
-        let Some((access, at)) = self.word_of(slot, reference) else {
+        let Some((_, at)) = self.word_of(slot, reference) else {
             return;
         };
-        self.scribbled.insert(access);
+        if let Some(client) = self.conn_mut(slot).map(|c| c.id) {
+            self.scribbled.insert((client, at.slot));
+        }
         let generation = at.generation;
         let garbage = match kind % 5 {
             0 => 0,
@@ -702,7 +706,7 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
 /// through a word the broker is not watching.
 fn check_no_end_unheard(
     state: &State,
-    scribbled: &std::collections::HashSet<u64>,
+    scribbled: &std::collections::HashSet<(ClientId, u16)>,
 ) -> Result<(), String> {
     for buffer in state.buffers.keys() {
         if !state.arbiter.has_waiters(*buffer) {
@@ -714,12 +718,12 @@ fn check_no_end_unheard(
             let Some(access) = state.accesses.get(&fence) else {
                 continue;
             };
-            if scribbled.contains(&fence) {
-                continue;
-            }
             let Some(at) = access.end_slot else {
                 continue;
             };
+            if scribbled.contains(&(access.client, at.slot)) {
+                continue;
+            }
             let view = state
                 .clients
                 .get(&access.client)
