@@ -118,7 +118,7 @@ impl EndPage {
     }
 }
 
-/// Why an end-word slot is given back.
+/// What a look at an access's end word found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Settled {
     /// The word says the client ended it; retire the access.
