@@ -8,7 +8,8 @@
 //! {
 //!     let mut write = frame.begin(Access::CpuWrite)?;
 //!     write.bytes_mut()?.fill(0x80);
-//! } // dropping the guard ends the access (no round trip)
+//! } // dropping the guard ends the access: no round trip, and usually no
+//!   // message at all (see "End words" in docs/protocol.md)
 //! # Ok::<(), dmabroker_client::Error>(())
 //! ```
 //!
@@ -419,7 +420,9 @@ pub struct Fence {
     pub sync_file: Option<OwnedFd>,
 }
 
-/// A granted access. Dropping it ends the access without a round trip.
+/// A granted access. Dropping it ends the access without a round trip:
+/// through its end word when the broker gave it one and nobody waits for
+/// it (no message at all), else with a pipelined `End`.
 #[derive(Debug)]
 pub struct AccessGuard {
     client: Client,
