@@ -68,6 +68,17 @@ fn fence_error(err: fence::FenceError) -> WireError {
     }
 }
 
+/// What a cache sync did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CacheSync {
+    /// `DMA_BUF_IOCTL_SYNC` succeeded.
+    Done,
+    /// Nothing to sync: a memfd buffer, or no CPU access of an autofence
+    /// client.
+    NotNeeded,
+    Failed,
+}
+
 /// What a request handler tells the dispatcher to do with the reply.
 pub(super) enum Answer {
     Reply(ReplyBody, Vec<Arc<OwnedFd>>),
@@ -316,21 +327,16 @@ impl State {
             entry.autofence,
             entry.buffer,
         );
-        let mut owes_cache_end = false;
+        let mut synced = CacheSync::NotNeeded;
         if kind.is_cpu() && autofence {
-            let synced = self.cache_sync(buffer, kind, SyncPhase::Start);
-            owes_cache_end = synced
-                && self
-                    .buffers
-                    .get(&buffer)
-                    .is_some_and(|b| b.origin.is_dma_buf());
+            synced = self.cache_sync(buffer, kind, SyncPhase::Start);
             if let Some(entry) = self.accesses.get_mut(&access_id) {
-                entry.owes_cache_end = synced;
+                entry.owes_cache_end = synced != CacheSync::Failed;
             }
         }
-        // The cache END must happen when the access ends, not when the
+        // A real cache END must happen when the access ends, not when the
         // broker next looks: such accesses end by message.
-        if !owes_cache_end {
+        if synced != CacheSync::Done {
             let watched = self.arbiter.has_waiters(buffer);
             grant.end_slot = self.assign_end_slot(client, access_id, watched);
             if let Some(entry) = self.accesses.get_mut(&access_id) {
@@ -353,26 +359,26 @@ impl State {
         self.reply(client, request_id, Ok(ReplyBody::Granted(grant)), fds);
     }
 
-    /// Returns whether the transition is settled: the ioctl succeeded, or
-    /// there is nothing to sync (memfd buffers have no caches; counted as
-    /// skipped). Only a START that settled is owed an END.
-    fn cache_sync(&mut self, buffer: BufferId, kind: Access, phase: SyncPhase) -> bool {
+    /// Syncs the buffer's CPU caches for one phase of an access. memfd
+    /// buffers have no caches to manage (counted as skipped). Only a START
+    /// that did not fail is owed an END.
+    fn cache_sync(&mut self, buffer: BufferId, kind: Access, phase: SyncPhase) -> CacheSync {
         let Some(entry) = self.buffers.get(&buffer) else {
-            return false;
+            return CacheSync::Failed;
         };
         if !entry.origin.is_dma_buf() {
             self.stats.cache_syncs_skipped += 1;
-            return true;
+            return CacheSync::NotNeeded;
         }
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
             Ok(()) => {
                 self.stats.cache_syncs += 1;
                 tracing::debug!(buffer, ?phase, "cache sync");
-                true
+                CacheSync::Done
             }
             Err(err) => {
                 tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_SYNC failed");
-                false
+                CacheSync::Failed
             }
         }
     }
