@@ -17,12 +17,12 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-/// One encoded message and the fds that travel with it. The fds are shared
+/// One queued message and the fds that travel with it. The fds are shared
 /// handles so a queued message keeps them open until it is really sent.
 #[derive(Debug)]
-pub struct Outgoing {
-    pub bytes: Vec<u8>,
-    pub fds: Vec<Arc<OwnedFd>>,
+struct Outgoing {
+    bytes: Vec<u8>,
+    fds: Vec<Arc<OwnedFd>>,
 }
 
 #[derive(Debug, Default)]
@@ -81,20 +81,22 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_send(&self, msg: &Outgoing) -> Result<(), SendError> {
-        let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(|fd| fd.as_fd()).collect();
-        send_message(self.socket.get_ref().as_fd(), &msg.bytes, &fds, true)
+    fn try_send(&self, bytes: &[u8], fds: &[Arc<OwnedFd>]) -> Result<(), SendError> {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
+        send_message(self.socket.get_ref().as_fd(), bytes, &fds, true)
     }
 
-    /// Delivers or queues `msg`. Never blocks. On overflow or a dead socket
-    /// the connection is shut down, which its reader sees as a hang-up.
-    pub fn send(&self, msg: Outgoing) -> Result<(), OutboxError> {
+    /// Delivers or queues one encoded message. Never blocks. The bytes are
+    /// borrowed: the usual case sends them at once, and only a message that
+    /// must wait is copied into the queue. On overflow or a dead socket the
+    /// connection is shut down, which its reader sees as a hang-up.
+    pub fn send(&self, bytes: &[u8], fds: Vec<Arc<OwnedFd>>) -> Result<(), OutboxError> {
         let mut queue = self.lock();
         if queue.closed {
             return Err(OutboxError::Closed);
         }
         if queue.messages.is_empty() {
-            match self.try_send(&msg) {
+            match self.try_send(bytes, &fds) {
                 Ok(()) => return Ok(()),
                 Err(SendError::Os(Errno::EAGAIN)) => {}
                 Err(err) => {
@@ -114,7 +116,10 @@ impl Outbox {
             self.shutdown();
             return Err(OutboxError::Overflow(len));
         }
-        queue.messages.push_back(msg);
+        queue.messages.push_back(Outgoing {
+            bytes: bytes.to_vec(),
+            fds,
+        });
         drop(queue);
         self.notify.notify_one();
         Ok(())
@@ -162,7 +167,7 @@ impl Outbox {
             let Some(msg) = queue.messages.pop_front() else {
                 return Flush::Drained;
             };
-            match self.try_send(&msg) {
+            match self.try_send(&msg.bytes, &msg.fds) {
                 Ok(()) => continue,
                 Err(SendError::Os(Errno::EAGAIN)) => {
                     queue.messages.push_front(msg);

@@ -71,6 +71,24 @@ pub fn encode_server_message(message: &ServerMessage) -> Result<Vec<u8>, CodecEr
     encode(message)
 }
 
+/// Encodes into `buf` (cleared first), so a sender that writes the bytes
+/// out at once can reuse one buffer instead of allocating per message.
+pub fn encode_server_message_into(
+    message: &ServerMessage,
+    buf: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    buf.clear();
+    let taken = std::mem::take(buf);
+    *buf = postcard::to_extend(message, taken).map_err(CodecError::Encode)?;
+    if buf.len() > MAX_MESSAGE_SIZE {
+        return Err(CodecError::TooLarge {
+            size: buf.len(),
+            max: MAX_MESSAGE_SIZE,
+        });
+    }
+    Ok(())
+}
+
 pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, CodecError> {
     decode(bytes)
 }

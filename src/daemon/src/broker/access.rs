@@ -193,8 +193,9 @@ impl State {
         let Some(buffer) = self.buffers.get(&grant.buffer) else {
             return;
         };
-        let dmabuf = buffer.origin.is_dma_buf();
-        let buffer_fd = Arc::clone(&buffer.fd);
+        // Only a dma-buf has kernel fences to look at (a memfd's grant,
+        // the common case, skips even the reference count).
+        let dmabuf_fd = buffer.origin.is_dma_buf().then(|| Arc::clone(&buffer.fd));
         if grant.writer_lost {
             self.stats.writer_lost += 1;
         }
@@ -202,8 +203,11 @@ impl State {
         let mut fences = Vec::new();
         if !autofence {
             fences = self.outstanding_fences(&grant, &mut fds);
-            if dmabuf && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write()) {
-                match dma_buf::export_sync_file(buffer_fd.as_fd(), access.is_write()) {
+            let unsignalled = dmabuf_fd
+                .as_ref()
+                .filter(|fd| !dma_buf::implicit_fences_signalled(fd.as_fd(), access.is_write()));
+            if let Some(fd) = unsignalled {
+                match dma_buf::export_sync_file(fd.as_fd(), access.is_write()) {
                     Ok(sync_file) => {
                         fences.push(OutstandingFence {
                             id: KERNEL_FENCE_ID,
@@ -243,11 +247,11 @@ impl State {
                 end_slot: None,
             },
         );
-        if autofence
-            && dmabuf
-            && !dma_buf::implicit_fences_signalled(buffer_fd.as_fd(), access.is_write())
-        {
-            match buffer_fd.try_clone() {
+        let must_wait = dmabuf_fd.as_ref().filter(|fd| {
+            autofence && !dma_buf::implicit_fences_signalled(fd.as_fd(), access.is_write())
+        });
+        if let Some(fd) = must_wait {
+            match fd.try_clone() {
                 Ok(dup) => {
                     if let Some(entry) = self.accesses.get_mut(&grant.access_id) {
                         entry.pending = Some(PendingGrant {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use dmabroker_fence::{AccessId, Arbiter, WaiterId};
-use dmabroker_ipc::codec::encode_server_message;
+use dmabroker_ipc::codec::encode_server_message_into;
 use dmabroker_ipc::{
     BufferId, ClientId, Event, EventMessage, Reply, ReplyBody, ServerMessage, ShareToken, WireError,
 };
@@ -23,7 +23,7 @@ use super::notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 use super::Action;
 use crate::heaps::{Backend, HeapRegistry};
 use crate::identity::Peer;
-use crate::outbox::{Outbox, Outgoing};
+use crate::outbox::Outbox;
 use crate::stats::Stats;
 
 /// Where a buffer's memory came from.
@@ -179,6 +179,9 @@ pub struct State {
     next_client: ClientId,
     next_buffer: BufferId,
     actions: Vec<Action>,
+    /// Every outgoing message is encoded here; the outbox copies it only if
+    /// it has to queue it.
+    encoded: Vec<u8>,
 }
 
 impl State {
@@ -207,6 +210,7 @@ impl State {
             next_client: 1,
             next_buffer: 1,
             actions: Vec::new(),
+            encoded: Vec::with_capacity(256),
         }
     }
 
@@ -333,14 +337,11 @@ impl State {
         let Some(entry) = self.clients.get(&client) else {
             return;
         };
-        let bytes = match encode_server_message(message) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                tracing::error!(client, error = %err, "cannot encode a message for a client");
-                return;
-            }
-        };
-        match entry.outbox.send(Outgoing { bytes, fds }) {
+        if let Err(err) = encode_server_message_into(message, &mut self.encoded) {
+            tracing::error!(client, error = %err, "cannot encode a message for a client");
+            return;
+        }
+        match entry.outbox.send(&self.encoded, fds) {
             Ok(()) => {}
             Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
                 tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
