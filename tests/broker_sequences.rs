@@ -133,17 +133,21 @@ fn generated_sequences_reach_the_interesting_states() {
     }
 }
 
+/// A request that wants its reply, for the fixed sequences below.
+fn request(client: u8, body: Body) -> Op {
+    Op::Request {
+        client,
+        body,
+        no_reply: false,
+    }
+}
+
 /// A fixed sequence through sharing, a queued writer, a hang-up while
 /// holding write access and a timeout, so the driver itself is known to
 /// reach the interesting states (a proptest that only ever hit refusals
 /// would pass vacuously).
 #[test]
 fn the_driver_reaches_sharing_and_handover() {
-    let request = |client, body| Op::Request {
-        client,
-        body,
-        no_reply: false,
-    };
     let mut driver = Driver::new(false);
     let steps = [
         request(
@@ -216,11 +220,6 @@ fn the_driver_reaches_sharing_and_handover() {
 /// if the scribbler had ended by message late.
 #[test]
 fn a_scribble_on_a_reused_word_is_settled_at_the_next_look() {
-    let request = |client, body| Op::Request {
-        client,
-        body,
-        no_reply: false,
-    };
     let read_again = request(
         0,
         Body::Begin {

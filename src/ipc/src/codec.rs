@@ -25,25 +25,31 @@ pub enum CodecError {
 /// message, a visible part of an uncontended transition.
 const USUAL_MESSAGE_SIZE: usize = 256;
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let bytes = postcard::to_extend(value, Vec::with_capacity(USUAL_MESSAGE_SIZE))
-        .map_err(CodecError::Encode)?;
+fn within_limit(bytes: &[u8]) -> Result<(), CodecError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(CodecError::TooLarge {
             size: bytes.len(),
             max: MAX_MESSAGE_SIZE,
         });
     }
+    Ok(())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut bytes = Vec::with_capacity(USUAL_MESSAGE_SIZE);
+    encode_into(value, &mut bytes)?;
     Ok(bytes)
 }
 
+/// Encodes into `buf`, cleared first.
+fn encode_into<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), CodecError> {
+    buf.clear();
+    *buf = postcard::to_extend(value, std::mem::take(buf)).map_err(CodecError::Encode)?;
+    within_limit(buf)
+}
+
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    if bytes.len() > MAX_MESSAGE_SIZE {
-        return Err(CodecError::TooLarge {
-            size: bytes.len(),
-            max: MAX_MESSAGE_SIZE,
-        });
-    }
+    within_limit(bytes)?;
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(CodecError::Decode)?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
@@ -77,16 +83,7 @@ pub fn encode_server_message_into(
     message: &ServerMessage,
     buf: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    buf.clear();
-    let taken = std::mem::take(buf);
-    *buf = postcard::to_extend(message, taken).map_err(CodecError::Encode)?;
-    if buf.len() > MAX_MESSAGE_SIZE {
-        return Err(CodecError::TooLarge {
-            size: buf.len(),
-            max: MAX_MESSAGE_SIZE,
-        });
-    }
-    Ok(())
+    encode_into(message, buf)
 }
 
 pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, CodecError> {

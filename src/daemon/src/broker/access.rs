@@ -569,9 +569,7 @@ impl State {
             return;
         }
         let (client, buffer) = (entry.client, entry.buffer);
-        // Ended through its word in time: nothing to revoke.
-        self.settle_buffer(buffer, false, Instant::now());
-        if !self.accesses.contains_key(&access) {
+        if self.retired_if_ended(access) {
             return;
         }
         let Ok(grants) = self.arbiter.revoke(access, Instant::now()) else {

@@ -99,12 +99,20 @@ impl EndPage {
         self.used.iter().flatten().copied()
     }
 
+    /// The accesses in use whose words `wanted` accepts (read, not marked).
+    fn whose_word<'a>(
+        &'a self,
+        wanted: impl Fn(BrokerView) -> bool + 'a,
+    ) -> impl Iterator<Item = AccessId> + 'a {
+        self.in_use()
+            .filter(move |(at, _)| wanted(self.words.check(*at, false)))
+            .map(|(_, access)| access)
+    }
+
     /// Accesses whose words say ended but which the broker has not retired
     /// yet: over, though still in its tables.
     fn ended_unsettled(&self) -> impl Iterator<Item = AccessId> + '_ {
-        self.in_use()
-            .filter(|(at, _)| self.words.check(*at, false) == BrokerView::Ended)
-            .map(|(_, access)| access)
+        self.whose_word(|view| view == BrokerView::Ended)
     }
 
     /// What a word says, without marking it (invariant checks).
@@ -128,6 +136,14 @@ pub(super) enum Settled {
 }
 
 impl State {
+    fn end_page(&self, client: ClientId) -> Option<&EndPage> {
+        self.clients.get(&client)?.end_page.as_ref()
+    }
+
+    fn end_page_mut(&mut self, client: ClientId) -> Option<&mut EndPage> {
+        self.clients.get_mut(&client)?.end_page.as_mut()
+    }
+
     /// Gives a CPU or device grant of `client` a slot, if it has a page and
     /// a slot is free. `watched`: someone already waits on the buffer.
     pub(super) fn assign_end_slot(
@@ -136,13 +152,13 @@ impl State {
         access: AccessId,
         watched: bool,
     ) -> Option<EndSlot> {
-        let page = self.clients.get_mut(&client)?.end_page.as_mut()?;
+        let page = self.end_page_mut(client)?;
         page.grants_since_sweep = page.grants_since_sweep.saturating_add(1);
         if page.exhausted() && page.grants_since_sweep >= GRANTS_BETWEEN_SWEEPS {
             page.grants_since_sweep = 0;
             self.sweep_client(client);
         }
-        let page = self.clients.get_mut(&client)?.end_page.as_mut()?;
+        let page = self.end_page_mut(client)?;
         let at = page.take(access)?;
         page.words.grant(at, watched);
         Some(at)
@@ -151,12 +167,7 @@ impl State {
     /// The access is leaving the table: its slot (if any) is free again and
     /// its word cleared, so a late end through it is refused.
     pub(super) fn release_end_slot(&mut self, client: ClientId, at: Option<EndSlot>) {
-        let Some(at) = at else { return };
-        if let Some(page) = self
-            .clients
-            .get_mut(&client)
-            .and_then(|c| c.end_page.as_mut())
-        {
+        if let (Some(at), Some(page)) = (at, self.end_page_mut(client)) {
             page.give_back(at);
         }
     }
@@ -169,11 +180,7 @@ impl State {
         let (client, Some(at)) = (entry.client, entry.end_slot) else {
             return Settled::Live;
         };
-        let Some(page) = self
-            .clients
-            .get_mut(&client)
-            .and_then(|c| c.end_page.as_mut())
-        else {
+        let Some(page) = self.end_page_mut(client) else {
             return Settled::Live;
         };
         match page.words.check(at, watch) {
@@ -212,8 +219,7 @@ impl State {
     }
 
     /// An access whose word says ended is retired as if its `End` had
-    /// arrived just now.
-    /// Returns whether it was retired.
+    /// arrived just now. Returns whether it was retired.
     fn retire_silent_end(&mut self, access: AccessId, now: Instant) -> bool {
         let Some(client) = self.accesses.get(&access).map(|a| a.client) else {
             return false;
@@ -236,45 +242,43 @@ impl State {
     /// ended through words are retired normally, so a write it finished is
     /// not reported as lost.
     pub(super) fn settle_client(&mut self, client: ClientId, buffer: Option<BufferId>) {
-        let mine: Vec<AccessId> = self
-            .clients
-            .get(&client)
-            .and_then(|c| c.end_page.as_ref())
-            .map(|page| page.in_use().map(|(_, access)| access).collect())
+        // A client that ended and then died before its `End` went out
+        // finished its write all the same.
+        let finished: Vec<AccessId> = self
+            .end_page(client)
+            .map(|page| {
+                page.whose_word(|view| matches!(view, BrokerView::Ended | BrokerView::EndedTelling))
+                    .collect()
+            })
             .unwrap_or_default();
-        let ended = mine.into_iter().filter(|access| {
-            self.accesses
-                .get(access)
-                .is_some_and(|a| buffer.is_none_or(|b| a.buffer == b))
-        });
-        for access in ended.collect::<Vec<_>>() {
-            let told = self
+        let now = Instant::now();
+        for access in finished {
+            let on_buffer = self
                 .accesses
                 .get(&access)
-                .and_then(|a| a.end_slot)
-                .and_then(|at| {
-                    let page = self.clients.get(&client)?.end_page.as_ref()?;
-                    Some(page.words.check(at, false))
-                });
-            // A client that ended and then died before its `End` went out
-            // finished its write all the same.
-            if matches!(told, Some(BrokerView::Ended | BrokerView::EndedTelling)) {
-                self.retire_silent_end(access, Instant::now());
+                .is_some_and(|a| buffer.is_none_or(|b| a.buffer == b));
+            if on_buffer {
+                self.retire_silent_end(access, now);
             }
         }
+    }
+
+    /// A hold limit is up: whether the access was in fact ended through its
+    /// word (and is now retired), so there is nothing to revoke.
+    pub(super) fn retired_if_ended(&mut self, access: AccessId) -> bool {
+        self.look(access, false) == Settled::Ended && self.retire_silent_end(access, Instant::now())
     }
 
     /// Retires every access a client whose slots ran out ended through
     /// its words.
     fn sweep_client(&mut self, client: ClientId) {
         let ended: Vec<AccessId> = self
-            .clients
-            .get(&client)
-            .and_then(|c| c.end_page.as_ref())
+            .end_page(client)
             .map(|page| page.ended_unsettled().collect())
             .unwrap_or_default();
+        let now = Instant::now();
         for access in ended {
-            self.retire_silent_end(access, Instant::now());
+            self.retire_silent_end(access, now);
         }
     }
 
@@ -292,11 +296,7 @@ impl State {
 
     /// The accesses a client holds, by the same rule.
     pub fn live_held_by(&self, client: ClientId) -> usize {
-        let ended = self
-            .clients
-            .get(&client)
-            .and_then(|c| c.end_page.as_ref())
-            .map_or(0, EndPage::ended_count);
+        let ended = self.end_page(client).map_or(0, EndPage::ended_count);
         self.arbiter.held_by(client).saturating_sub(ended)
     }
 
@@ -309,9 +309,7 @@ impl State {
         let Some(at) = entry.end_slot else {
             return true;
         };
-        self.clients
-            .get(&entry.client)
-            .and_then(|c| c.end_page.as_ref())
+        self.end_page(entry.client)
             .is_none_or(|page| page.words.check(at, false) != BrokerView::Ended)
     }
 }
