@@ -29,14 +29,14 @@ fn reference() -> impl Strategy<Value = u8> {
 
 fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
-        1 => (proptest::bool::weighted(0.9), proptest::option::of(any::<bool>()))
-            .prop_map(|(version_ok, autofence)| Body::Hello { version_ok, autofence }),
+        1 => (proptest::bool::weighted(0.9), proptest::option::of(any::<bool>()), any::<bool>())
+            .prop_map(|(version_ok, autofence, buffer_words)| Body::Hello { version_ok, autofence, buffer_words }),
         1 => Just(Body::ListHeaps),
         6 => (size(), prop_oneof![4 => 0u8..2, 1 => 2u8..4])
             .prop_map(|(size, heap)| Body::Alloc { size, heap }),
         2 => reference().prop_map(|buffer| Body::Free { buffer }),
         3 => reference().prop_map(|buffer| Body::Export { buffer }),
-        4 => prop_oneof![4 => 0u8..4, 1 => 128u8..130].prop_map(|token| Body::Import { token }),
+        8 => prop_oneof![4 => 0u8..4, 1 => 128u8..130].prop_map(|token| Body::Import { token }),
         1 => reference().prop_map(|buffer| Body::Info { buffer }),
         1 => Just(Body::Adopt),
         6 => (reference(), 0u8..5, proptest::option::of(0u16..100))
@@ -44,6 +44,19 @@ fn body() -> impl Strategy<Value = Body> {
         5 => (reference(), proptest::bool::weighted(0.1))
             .prop_map(|(access, with_fence)| Body::End { access, with_fence }),
         1 => reference().prop_map(|buffer| Body::Reattach { buffer }),
+    ]
+}
+
+/// What a hostile holder might write into a buffer word: a writer beside
+/// readers, stray bits, a plan nobody made, a foreign epoch, anything.
+fn word_garbage() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(1u64 << 37 | 0b11),
+        Just(u64::MAX),
+        Just(0),
+        Just(1u64 << 40 | 7 << 43),
+        Just(1u64 << 48 | 1),
+        any::<u64>(),
     ]
 }
 
@@ -60,8 +73,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u16..60).prop_map(|ms| Op::Wait { ms }),
         5 => (client.clone(), reference())
             .prop_map(|(client, access)| Op::EndThroughWord { client, access }),
-        1 => (client, reference(), any::<u8>())
+        1 => (client.clone(), reference(), any::<u8>())
             .prop_map(|(client, access, kind)| Op::Scribble { client, access, kind }),
+        8 => (client.clone(), 0u8..8, 0u8..3)
+            .prop_map(|(client, buffer, access)| Op::WordBegin { client, buffer, access }),
+        8 => (client.clone(), any::<u8>())
+            .prop_map(|(client, hold)| Op::WordEnd { client, hold }),
+        1 => (client, 0u8..8, word_garbage())
+            .prop_map(|(client, buffer, value)| Op::WordScribble { client, buffer, value }),
     ]
 }
 
@@ -92,8 +111,8 @@ proptest! {
 /// The generated sequences do reach what matters (a proptest that only
 /// ever hit refusals would pass vacuously): over a fixed set of sequences,
 /// buffers are shared, writers wait and are lost, begins time out, writes
-/// are revoked, accesses end through their end words and deaf clients are
-/// cut off.
+/// are revoked, accesses end through their end words, accesses begin in
+/// buffer words and are handed off there, and deaf clients are cut off.
 #[test]
 fn generated_sequences_reach_the_interesting_states() {
     use proptest::strategy::ValueTree;
@@ -118,6 +137,8 @@ fn generated_sequences_reach_the_interesting_states() {
             ("timeouts", state.stats.timeouts),
             ("revocations", state.stats.revocations),
             ("silent_ends", state.stats.silent_ends),
+            ("hand_offs_planned", state.stats.hand_offs_planned),
+            ("hand_offs", state.stats.hand_offs),
         ] {
             *seen.entry(what).or_default() += n;
         }
@@ -126,6 +147,7 @@ fn generated_sequences_reach_the_interesting_states() {
         }
         drop(state);
         *seen.entry("cut_off").or_default() += driver.cut_off;
+        *seen.entry("word_begins").or_default() += driver.word_begins;
     }
     eprintln!("reached: {seen:?}");
     for (what, n) in &seen {
@@ -200,7 +222,9 @@ fn the_driver_reaches_sharing_and_handover() {
             1,
             "the reader still holds it"
         );
-        assert_eq!(state.accesses.len(), 1, "the read was granted");
+        // Granted in the reader's buffer word (it uses them), so counted
+        // with the accesses held there.
+        assert_eq!(state.live_fence_count(), 1, "the read was granted");
         assert_eq!(
             state.total_charged(),
             8192,
@@ -286,5 +310,71 @@ fn a_scribble_on_a_reused_word_is_settled_at_the_next_look() {
         assert!(writer_granted, "the waiting write was granted");
         assert_eq!(state.waiters.len(), 1, "the new read waits behind it");
     }
+    driver.finish().expect("nothing left");
+}
+
+/// A fixed sequence through buffer words: a write begun in the word with
+/// no message, a reader queued behind it and told `Planned`, the writer's
+/// end handing the buffer over in the word, and the word handed back once
+/// only bits are left. Clients 1 and 2 use buffer words (client 0 does
+/// not, see the driver).
+#[test]
+fn the_driver_reaches_a_hand_off_in_the_word() {
+    let mut driver = Driver::new(false);
+    driver
+        .step(&Op::Connect { hello: true })
+        .expect("third client");
+    let word_begin = |client, access| Op::WordBegin {
+        client,
+        buffer: 0,
+        access,
+    };
+    let word_end = |client| Op::WordEnd { client, hold: 0 };
+    let steps = [
+        request(
+            1,
+            Body::Alloc {
+                size: 4096,
+                heap: 0,
+            },
+        ),
+        request(1, Body::Export { buffer: 0 }),
+        request(2, Body::Import { token: 0 }),
+        // First begins go by message and teach each client its slot.
+        word_begin(1, 1),
+        word_end(1),
+        word_begin(2, 0),
+        word_end(2),
+        // Now in the word.
+        word_begin(1, 1),
+        word_begin(2, 0),
+    ];
+    for op in &steps {
+        driver.step(op).expect("step");
+    }
+    assert_eq!(driver.word_begins, 1, "the second write began in the word");
+    {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 1, "the read waits");
+        assert_eq!(state.stats.hand_offs_planned, 1);
+    }
+    driver.step(&word_end(1)).expect("the writer ends");
+    {
+        let state = driver.state();
+        assert_eq!(state.stats.hand_offs, 1, "handed over in the word");
+        assert_eq!(state.waiters.len(), 0);
+        assert_eq!(state.live_fence_count(), 1, "the reader holds it");
+        let ws = state
+            .buffers
+            .values()
+            .next()
+            .and_then(|b| b.word.as_deref());
+        assert!(
+            ws.is_some_and(|ws| !ws.taken),
+            "only a bit left: handed back"
+        );
+    }
+    driver.step(&word_end(2)).expect("the reader ends");
+    assert_eq!(driver.state().live_fence_count(), 0);
     driver.finish().expect("nothing left");
 }

@@ -63,7 +63,10 @@ impl Scene {
         let token = field(&owner.ok(&format!("export {buffer}")), "token")
             .expect("token")
             .to_owned();
-        let mut writer = Scripted::spawn(daemon.socket(), &[]);
+        // The writer's access must keep its id while the views are read,
+        // so it stays out of the buffer word (whose accesses the views
+        // show too: tests/buffer_words.rs).
+        let mut writer = Scripted::spawn(daemon.socket(), &["--no-buffer-words"]);
         writer.ok(&format!("import {token}"));
         let access: u64 = field(&writer.ok(&format!("begin {buffer} w")), "access")
             .expect("access")

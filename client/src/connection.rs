@@ -39,6 +39,10 @@ const MAX_ASYNC_ERRORS: usize = 64;
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
+/// A reply, its fds, and the request id and connection generation it
+/// answers.
+pub(crate) type Answered = (ReplyBody, Vec<OwnedFd>, (u64, u64));
+
 /// A reply and the fds that came with it.
 #[derive(Debug)]
 pub(crate) struct Incoming {
@@ -58,7 +62,14 @@ struct Mailbox {
     sleepers: usize,
     /// Why the current socket stopped working, if it did.
     closed: Option<String>,
+    /// Requests whose answer came through a buffer word: later messages
+    /// for them (a stale `Planned`) are dropped, not filed forever.
+    abandoned: VecDeque<u64>,
 }
+
+/// How many abandoned request ids are remembered; a stale message for one
+/// arrives, if at all, right behind the hand-off.
+const MAX_ABANDONED: usize = 64;
 
 /// What the broker needs to hear again after a reconnect.
 #[derive(Debug, Clone)]
@@ -239,8 +250,32 @@ impl Connection {
         (*current == generation).then(|| page.clone()).flatten()
     }
 
-    fn generation(&self) -> u64 {
+    pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The request was answered through a buffer word: drop whatever
+    /// else comes for it.
+    pub fn abandon(&self, id: u64) {
+        let mut mailbox = lock(&self.mailbox);
+        mailbox.replies.remove(&id);
+        if mailbox.abandoned.len() == MAX_ABANDONED {
+            mailbox.abandoned.pop_front();
+        }
+        mailbox.abandoned.push_back(id);
+    }
+
+    /// Whether the broker hung up on the current socket (checked without
+    /// reading, while a thread waits on a buffer word instead).
+    pub fn hung_up(&self) -> bool {
+        let (socket, _) = self.current_socket();
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => false,
+        }
     }
 
     fn current_socket(&self) -> (Arc<OwnedFd>, u64) {
@@ -278,13 +313,10 @@ impl Connection {
         self.call_on(body, fds).map(|(body, fds, _)| (body, fds))
     }
 
-    /// As [`Connection::call`], also returning the connection generation
-    /// the reply came on.
-    pub fn call_on(
-        &self,
-        body: RequestBody,
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(ReplyBody, Vec<OwnedFd>, u64), Error> {
+    /// As [`Connection::call`], also returning the request id and the
+    /// connection generation it went out on (a `Planned` begin waits for
+    /// more messages to that request).
+    pub fn call_on(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
             let generation = self.generation();
@@ -292,7 +324,7 @@ impl Connection {
                 .send(body.clone(), fds, true)
                 .and_then(|(id, sent_on)| {
                     self.wait_reply(id, sent_on)
-                        .map(|(body, fds)| (body, fds, sent_on))
+                        .map(|(body, fds)| (body, fds, (id, sent_on)))
                 });
             match result {
                 Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
@@ -530,6 +562,7 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
                 mailbox.errors.push_back(err);
             }
         }
+        ServerMessage::Reply(reply) if mailbox.abandoned.contains(&reply.id) => {}
         ServerMessage::Reply(reply) => {
             mailbox.replies.insert(
                 reply.id,

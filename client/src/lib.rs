@@ -9,7 +9,7 @@
 //!     let mut write = frame.begin(Access::CpuWrite)?;
 //!     write.bytes_mut()?.fill(0x80);
 //! } // dropping the guard ends the access: no round trip, and usually no
-//!   // message at all (see "End words" in docs/protocol.md)
+//!   // message at all (see "Buffer words" in docs/protocol.md)
 //! # Ok::<(), dmabroker_client::Error>(())
 //! ```
 //!
@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold};
 use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords};
 pub use dmabroker_ipc::mapping::Mapping;
 use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
@@ -47,6 +48,10 @@ pub struct ClientOptions {
     /// trying to reconnect and re-attach the held buffers before a call
     /// fails with [`Error::Disconnected`]. `None` never reconnects.
     pub reconnect: Option<Duration>,
+    /// Begin and end uncontended CPU accesses of memfd buffers in the
+    /// buffer's word, with no message (see "Buffer words" in
+    /// docs/protocol.md). Off: every begin is a round trip.
+    pub buffer_words: bool,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +60,7 @@ impl Default for ClientOptions {
             autofence: None,
             name: String::new(),
             reconnect: Some(Duration::from_secs(10)),
+            buffer_words: true,
         }
     }
 }
@@ -98,9 +104,14 @@ impl Client {
         } else {
             options.name
         };
+        let wanted = if options.buffer_words {
+            features::ALL
+        } else {
+            features::ALL & !features::BUFFER_WORDS
+        };
         let hello = Hello {
             version: PROTOCOL_VERSION,
-            features: features::ALL,
+            features: wanted,
             autofence: options.autofence,
             client_name: name,
         };
@@ -227,6 +238,11 @@ pub struct Buffer {
     /// Mapped at the first CPU access and kept: mapping a frame per access
     /// would cost a page fault per page per frame.
     mapping: OnceLock<Arc<Mutex<Mapping>>>,
+    /// This holder's slot in the buffer's word, from the last grant that
+    /// named one, with the connection generation it belongs to.
+    word_slot: Mutex<Option<(u64, FastSlot)>>,
+    /// The word, mapped when the first grant names a slot.
+    word: OnceLock<Arc<BufferWord>>,
 }
 
 impl Buffer {
@@ -237,7 +253,38 @@ impl Buffer {
             info,
             fd,
             mapping: OnceLock::new(),
+            word_slot: Mutex::new(None),
+            word: OnceLock::new(),
         }
+    }
+
+    fn mapped_word(&self) -> Result<Arc<BufferWord>> {
+        if let Some(word) = self.word.get() {
+            return Ok(Arc::clone(word));
+        }
+        let word = Arc::new(BufferWord::map(self.fd.as_fd(), self.info.size)?);
+        Ok(Arc::clone(self.word.get_or_init(|| word)))
+    }
+
+    /// The slot if it belongs to the current connection (a reconnect
+    /// voids it until the next grant names one).
+    fn current_slot(&self) -> Option<FastSlot> {
+        let (generation, slot) = (*self.word_slot.lock().unwrap_or_else(|p| p.into_inner()))?;
+        (generation == self.client.conn.generation()).then_some(slot)
+    }
+
+    fn learn_slot(&self, generation: u64, slot: FastSlot) {
+        *self.word_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, slot));
+    }
+
+    /// An uncontended CPU access, taken in the word with no message.
+    fn try_word_begin(&self, access: Access) -> Option<AccessGuard> {
+        let kind = word_access(access)?;
+        let slot = self.current_slot()?;
+        let word = Arc::clone(self.word.get()?);
+        let mapping = self.shared_mapping().ok()?;
+        let hold = word.try_begin(slot, kind)?;
+        Some(self.word_guard(word, hold, Some(mapping), access))
     }
 
     fn shared_mapping(&self) -> Result<Arc<Mutex<Mapping>>> {
@@ -326,11 +373,92 @@ impl Buffer {
     }
 
     fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-        let (body, fds, generation) = self
+        if let Some(guard) = self.try_word_begin(access) {
+            return Ok(guard);
+        }
+        let (body, fds, (id, generation)) = self
             .client
             .conn
             .call_on(self.begin_request(access, timeout), &[])?;
-        self.guard_from((body, fds), generation)
+        match self.resolve_plan((body, fds), access, id, generation)? {
+            Resolved::Reply(reply) => self.guard_from(reply, generation),
+            Resolved::HandedOff(guard) => Ok(guard),
+        }
+    }
+
+    /// A `Planned` answer: sleep on the word until the holder hands the
+    /// buffer over (no message follows) or the broker cancels the plan (its
+    /// answer follows as a message, possibly another `Planned`).
+    fn resolve_plan(
+        &self,
+        mut reply: (ReplyBody, Vec<OwnedFd>),
+        access: Access,
+        id: u64,
+        generation: u64,
+    ) -> Result<Resolved> {
+        loop {
+            let ReplyBody::Planned { word: slot } = reply.0 else {
+                return Ok(Resolved::Reply(reply));
+            };
+            let (word, kind) = self.planned(slot, access, generation)?;
+            if await_hand_off(&self.client.conn, &word, slot, kind, id)? {
+                return Ok(Resolved::HandedOff(self.handed_off(word, slot, access)?));
+            }
+            reply = self.client.conn.wait_reply(id, generation)?;
+        }
+    }
+
+    /// What waiting for a planned hand-off needs: the word, mapped.
+    fn planned(
+        &self,
+        slot: FastSlot,
+        access: Access,
+        generation: u64,
+    ) -> Result<(Arc<BufferWord>, WordAccess)> {
+        let kind = word_access(access)
+            .ok_or_else(|| Error::Protocol("a hand-off planned for a device access".into()))?;
+        self.learn_slot(generation, slot);
+        Ok((self.mapped_word()?, kind))
+    }
+
+    /// A guard for an access held in the word: the broker has no id for it
+    /// and no news (lost writer, revocation) to carry.
+    fn word_guard(
+        &self,
+        word: Arc<BufferWord>,
+        hold: WordHold,
+        mapping: Option<Arc<Mutex<Mapping>>>,
+        access: Access,
+    ) -> AccessGuard {
+        AccessGuard {
+            client: self.client.clone(),
+            buffer: self.info.id,
+            mapping,
+            access: 0,
+            kind: access,
+            writer_lost: false,
+            revoked: false,
+            fences: Vec::new(),
+            end_word: None,
+            word_hold: Some((word, hold)),
+            ended: false,
+        }
+    }
+
+    fn handed_off(
+        &self,
+        word: Arc<BufferWord>,
+        slot: FastSlot,
+        access: Access,
+    ) -> Result<AccessGuard> {
+        let hold = WordHold {
+            slot,
+            write: access.is_write(),
+        };
+        // On failure the guard drops and ends the access in the word.
+        let mut guard = self.word_guard(word, hold, None, access);
+        guard.mapping = Some(self.shared_mapping()?);
+        Ok(guard)
     }
 
     /// `generation`: the connection the grant came on; its end word is only
@@ -354,11 +482,24 @@ impl Buffer {
                     .and_then(|slot| fds.get_mut(usize::from(slot)).and_then(Option::take)),
             })
             .collect();
+        let word_hold = match grant.word {
+            Some(slot) => {
+                self.learn_slot(generation, slot);
+                let hold = WordHold {
+                    slot,
+                    write: grant.kind.is_write(),
+                };
+                Some((self.mapped_word()?, hold))
+            }
+            None => None,
+        };
         let mut guard = AccessGuard {
             client: self.client.clone(),
             buffer: self.info.id,
             mapping: None,
-            access: grant.access,
+            // The broker's id for an access in the word lasts only while it
+            // arbitrates the buffer (it names bits anew each time).
+            access: if word_hold.is_some() { 0 } else { grant.access },
             kind: grant.kind,
             writer_lost: grant.writer_lost,
             revoked: grant.revoked,
@@ -366,6 +507,7 @@ impl Buffer {
             end_word: grant
                 .end_slot
                 .and_then(|at| Some((self.client.conn.end_words(generation)?, at))),
+            word_hold,
             ended: false,
         };
         if grant.kind.is_cpu() {
@@ -407,6 +549,47 @@ impl Drop for Buffer {
     }
 }
 
+/// How long a hand-off waiter sleeps on the word before it checks that the
+/// broker is still there.
+const PLAN_SLICE: Duration = Duration::from_millis(100);
+
+/// Sleeps on the word until the planned hand-off happens (true) or the
+/// broker cancels it (false: its answer comes by message).
+fn await_hand_off(
+    conn: &Connection,
+    word: &BufferWord,
+    slot: FastSlot,
+    kind: WordAccess,
+    id: u64,
+) -> Result<bool> {
+    loop {
+        match word.await_plan(slot, kind, PLAN_SLICE) {
+            Planned::Granted => {
+                conn.abandon(id);
+                return Ok(true);
+            }
+            Planned::Cancelled => return Ok(false),
+            Planned::Waiting if conn.hung_up() => return Err(Error::Disconnected),
+            Planned::Waiting => {}
+        }
+    }
+}
+
+/// What a begin's answer turned out to be.
+enum Resolved {
+    Reply((ReplyBody, Vec<OwnedFd>)),
+    HandedOff(AccessGuard),
+}
+
+fn word_access(access: Access) -> Option<WordAccess> {
+    match access {
+        Access::CpuRead => Some(WordAccess::Read),
+        Access::CpuWrite => Some(WordAccess::Write),
+        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
+        Access::DeviceRead | Access::DeviceWrite => None,
+    }
+}
+
 /// A fence a no-autofence client must wait for before its hardware touches
 /// the buffer.
 #[derive(Debug)]
@@ -435,6 +618,9 @@ pub struct AccessGuard {
     fences: Vec<Fence>,
     /// Where to end without a message, if the broker gave it a word.
     end_word: Option<(Arc<EndWords>, EndSlot)>,
+    /// Held in the buffer's word (begun there, handed over there, or
+    /// granted there by the broker): ended there too.
+    word_hold: Option<(Arc<BufferWord>, WordHold)>,
     ended: bool,
 }
 
@@ -463,8 +649,17 @@ impl std::ops::DerefMut for Bytes<'_> {
 }
 
 impl AccessGuard {
+    /// The broker's id for the access (its fence id in the views). 0 for an
+    /// access held in the buffer's word: the broker names those anew each
+    /// time it takes the word over, so no id would stay true.
     pub fn id(&self) -> u64 {
         self.access
+    }
+
+    /// Whether the access is held in the buffer's word (see "Buffer words"
+    /// in docs/protocol.md).
+    pub fn in_word(&self) -> bool {
+        self.word_hold.is_some()
     }
 
     pub fn buffer(&self) -> u64 {
@@ -525,6 +720,21 @@ impl AccessGuard {
     /// it (no message at all); otherwise with a pipelined `End`.
     fn finish(&mut self) -> Result<()> {
         self.ended = true;
+        if let Some((word, hold)) = self.word_hold.take() {
+            return match word.end(hold) {
+                WordEnd::Silent | WordEnd::NotMine => Ok(()),
+                WordEnd::Tell | WordEnd::HandedOff => {
+                    self.client.conn.send(
+                        RequestBody::WordEnded {
+                            buffer: self.buffer,
+                        },
+                        &[],
+                        false,
+                    )?;
+                    Ok(())
+                }
+            };
+        }
         if let Some((page, at)) = self.end_word.take() {
             match page.end(at) {
                 ClientEnd::Silent => return Ok(()),
@@ -545,6 +755,10 @@ impl AccessGuard {
     /// Ends a device access with the hardware's completion fence (a
     /// sync_file): the buffer stays fenced until it signals.
     pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<()> {
+        if self.word_hold.is_some() {
+            // Only CPU accesses live in the word; the guard ends it on drop.
+            return Err(Error::AccessMode("device accesses"));
+        }
         self.ended = true;
         // The broker clears the word when the fenced end arrives.
         self.end_word = None;
@@ -623,12 +837,31 @@ mod nonblocking {
             access: Access,
             timeout: Option<Duration>,
         ) -> Result<AccessGuard> {
+            if let Some(guard) = self.try_word_begin(access) {
+                return Ok(guard);
+            }
             let id = self
                 .client
                 .conn
                 .send(self.begin_request(access, timeout), &[], true)?;
-            let reply = wait(Arc::clone(&self.client.conn), id).await?;
-            self.guard_from(reply, id.1)
+            let mut reply = wait(Arc::clone(&self.client.conn), id).await?;
+            loop {
+                let ReplyBody::Planned { word: slot } = reply.0 else {
+                    return self.guard_from(reply, id.1);
+                };
+                let (word, kind) = self.planned(slot, access, id.1)?;
+                // The hand-off wait sleeps on a futex: off the runtime.
+                let (conn, waiting) = (Arc::clone(&self.client.conn), Arc::clone(&word));
+                let handed = tokio::task::spawn_blocking(move || {
+                    await_hand_off(&conn, &waiting, slot, kind, id.0)
+                })
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
+                if handed {
+                    return self.handed_off(word, slot, access);
+                }
+                reply = wait(Arc::clone(&self.client.conn), id).await?;
+            }
         }
     }
 }

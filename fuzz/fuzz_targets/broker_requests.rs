@@ -30,6 +30,7 @@ fn body(u: &mut Unstructured<'_>) -> Result<Body> {
         0 => Body::Hello {
             version_ok: u.ratio(9, 10)?,
             autofence: u.arbitrary()?,
+            buffer_words: u.arbitrary()?,
         },
         1 => Body::ListHeaps,
         2 => Body::Alloc {
@@ -65,7 +66,7 @@ fn body(u: &mut Unstructured<'_>) -> Result<Body> {
 }
 
 fn op(u: &mut Unstructured<'_>) -> Result<Op> {
-    Ok(match u.int_in_range(0..=23)? {
+    Ok(match u.int_in_range(0..=30)? {
         0 => Op::Connect {
             hello: u.ratio(9, 10)?,
         },
@@ -91,6 +92,20 @@ fn op(u: &mut Unstructured<'_>) -> Result<Op> {
             client: u.arbitrary()?,
             access: u.arbitrary()?,
             kind: u.arbitrary()?,
+        },
+        10..=12 => Op::WordBegin {
+            client: u.arbitrary()?,
+            buffer: u.arbitrary()?,
+            access: u.int_in_range(0..=2)?,
+        },
+        13..=15 => Op::WordEnd {
+            client: u.arbitrary()?,
+            hold: u.arbitrary()?,
+        },
+        16 => Op::WordScribble {
+            client: u.arbitrary()?,
+            buffer: u.arbitrary()?,
+            value: u.arbitrary()?,
         },
         _ => Op::Request {
             client: u.arbitrary()?,

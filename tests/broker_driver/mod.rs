@@ -18,6 +18,7 @@ use dmabroker_daemon::broker::{Broker, DaemonLimits, Disposition, State};
 use dmabroker_daemon::heaps::{HeapConfig, HeapRegistry};
 use dmabroker_daemon::outbox::Outbox;
 use dmabroker_daemon::{identity, reactor};
+use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordEnd, WordHold};
 use dmabroker_ipc::codec::{decode_server_message, encode_request};
 use dmabroker_ipc::endwords::{BrokerView, ClientEnd, EndSlot, EndWords};
 use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
@@ -71,6 +72,14 @@ pub enum Op {
     /// The client writes garbage (`kind` picks which) into the word of one
     /// of its accesses, as a buggy or hostile client could.
     Scribble { client: u8, access: u8, kind: u8 },
+    /// The client begins an access in one of its buffers' words, as the
+    /// client crate does (by message when the word refuses: `Begin`).
+    WordBegin { client: u8, buffer: u8, access: u8 },
+    /// The client ends one of the accesses it holds in a buffer word (and
+    /// sends `WordEnded` when the word says the broker arbitrates).
+    WordEnd { client: u8, hold: u8 },
+    /// The client writes `value` into one of its buffers' words.
+    WordScribble { client: u8, buffer: u8, value: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +87,7 @@ pub enum Body {
     Hello {
         version_ok: bool,
         autofence: Option<bool>,
+        buffer_words: bool,
     },
     ListHeaps,
     /// `heap`: 0 the default, 1 memfd, 2 a heap this machine lacks, else nonsense.
@@ -124,6 +134,15 @@ struct Conn {
     /// The end-word page from the welcome, and the words grants named.
     page: Option<EndWords>,
     words: HashMap<u64, EndSlot>,
+    /// Buffer words of the memfd buffers it got, and its slot in each.
+    buffer_words: HashMap<u64, BufferWord>,
+    slots: HashMap<u64, FastSlot>,
+    /// Accesses it holds in buffer words: (buffer, hold).
+    in_words: Vec<(u64, WordHold)>,
+    /// Begins answered `Planned`, by request id: (buffer, slot, access).
+    plans: HashMap<u64, (u64, FastSlot, WordAccess)>,
+    /// What each outstanding begin asked for, by request id.
+    begins: HashMap<u64, (u64, Access)>,
 }
 
 pub struct Driver {
@@ -139,6 +158,8 @@ pub struct Driver {
     scratch: Vec<u8>,
     /// Clients the broker cut off (queue overflow) rather than they it.
     pub cut_off: u64,
+    /// Accesses begun in a buffer word, with no message.
+    pub word_begins: u64,
     /// Words (client, slot) a client scribbled on: a blind write can end
     /// an access silently while someone waits (the waiter then waits until
     /// the broker next looks, as it would for a client that never ended),
@@ -146,6 +167,9 @@ pub struct Driver {
     /// By slot, not access: a client may scribble on a word its grant
     /// named long after the broker gave that word to a later grant.
     scribbled: std::collections::HashSet<(ClientId, u16)>,
+    /// Buffers whose words someone scribbled on: the broker may have
+    /// believed a blind write, so the word checks skip them.
+    scribbled_words: std::collections::HashSet<u64>,
 }
 
 fn heaps() -> HeapRegistry {
@@ -197,7 +221,9 @@ impl Driver {
             next_request: 1,
             scratch: vec![0; MAX_MESSAGE_SIZE],
             cut_off: 0,
+            word_begins: 0,
             scribbled: std::collections::HashSet::new(),
+            scribbled_words: std::collections::HashSet::new(),
         };
         let runtime = Arc::clone(&driver.runtime);
         let _entered = runtime.enter();
@@ -245,12 +271,113 @@ impl Driver {
                 access,
                 kind,
             } => self.scribble(*client as usize, *access, *kind),
+            Op::WordBegin {
+                client,
+                buffer,
+                access,
+            } => self.word_begin(*client as usize, *buffer, *access),
+            Op::WordEnd { client, hold } => self.word_end(*client as usize, *hold),
+            Op::WordScribble {
+                client,
+                buffer,
+                value,
+            } => self.word_scribble(*client as usize, *buffer, *value),
         }
         self.settle();
         self.read_replies()?;
+        self.resolve_plans();
         let state = self.broker.lock();
         check_invariants(&state)?;
-        check_no_end_unheard(&state, &self.scribbled)
+        check_no_end_unheard(&state, &self.scribbled)?;
+        check_words(&state, &self.scribbled_words)
+    }
+
+    fn word_begin(&mut self, slot: usize, buffer: u8, access: u8) {
+        self.ensure_a_client();
+        let Some(client) = self.conn_mut(slot).map(|c| c.id) else {
+            return;
+        };
+        let buffer = self.buffer_ref(client, buffer);
+        let kind = access_kind(access);
+        let taken = self.conn_mut(slot).and_then(|conn| {
+            let word_kind = word_access(kind)?;
+            let at = *conn.slots.get(&buffer)?;
+            let hold = conn.buffer_words.get(&buffer)?.try_begin(at, word_kind)?;
+            conn.in_words.push((buffer, hold));
+            Some(())
+        });
+        if taken.is_some() {
+            self.word_begins += 1;
+        } else {
+            let body = RequestBody::Begin {
+                buffer,
+                access: kind,
+                timeout_ms: None,
+            };
+            self.send_body(slot, body, Vec::new(), false);
+        }
+    }
+
+    fn word_end(&mut self, slot: usize, hold: u8) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if conn.in_words.is_empty() {
+            return;
+        }
+        let (buffer, hold) = conn
+            .in_words
+            .remove(usize::from(hold) % conn.in_words.len());
+        let ended = conn.buffer_words.get(&buffer).map(|w| w.end(hold));
+        if matches!(ended, Some(WordEnd::Tell | WordEnd::HandedOff)) {
+            self.send_body(slot, RequestBody::WordEnded { buffer }, Vec::new(), true);
+        }
+    }
+
+    fn word_scribble(&mut self, slot: usize, buffer: u8, value: u64) {
+        let Some(client) = self.conn_mut(slot).map(|c| c.id) else {
+            return;
+        };
+        let buffer = self.buffer_ref(client, buffer);
+        if let Some(word) = self
+            .conn_mut(slot)
+            .and_then(|c| c.buffer_words.get(&buffer))
+        {
+            word.scribble(value);
+            self.scribbled_words.insert(buffer);
+        }
+    }
+
+    /// A client whose begin was answered `Planned` looks at the word, as
+    /// the client crate does when woken: handed over (it holds the access
+    /// now), cancelled (a message follows), or still planned.
+    fn resolve_plans(&mut self) {
+        for conn in self.conns.iter_mut().filter(|c| c.socket.is_some()) {
+            let mut settled = Vec::new();
+            for (id, (buffer, at, kind)) in &conn.plans {
+                let Some(word) = conn.buffer_words.get(buffer).map(BufferWord::load) else {
+                    settled.push(*id);
+                    continue;
+                };
+                if word.next() == Some((at.index, *kind)) {
+                    continue;
+                }
+                settled.push(*id);
+                if word.epoch() == at.epoch && word.holds(at.index) {
+                    conn.in_words.push((
+                        *buffer,
+                        WordHold {
+                            slot: *at,
+                            write: kind.is_write(),
+                        },
+                    ));
+                    conn.begins.remove(id);
+                }
+            }
+            for id in settled {
+                conn.plans.remove(&id);
+            }
+        }
     }
 
     /// A sequence never runs dry: when everyone has left, a new client
@@ -289,17 +416,26 @@ impl Driver {
         let outbox = Arc::new(Outbox::new(socket, 256));
         let id = self.broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
         self.runtime.spawn(outbox.run_writer());
+        // Two connections in three use buffer words, so that sequences mix
+        // both kinds of client on the same buffers.
+        let buffer_words = !self.conns.len().is_multiple_of(3);
         self.conns.push(Conn {
             id,
             socket: Some(ours),
             deaf: false,
             page: None,
             words: HashMap::new(),
+            buffer_words: HashMap::new(),
+            slots: HashMap::new(),
+            in_words: Vec::new(),
+            plans: HashMap::new(),
+            begins: HashMap::new(),
         });
         if hello {
             let hello = Body::Hello {
                 version_ok: true,
                 autofence: None,
+                buffer_words,
             };
             let newest = self.conns.iter().filter(|c| c.socket.is_some()).count() - 1;
             self.request(newest, hello, false);
@@ -369,13 +505,18 @@ impl Driver {
             Body::Hello {
                 version_ok,
                 autofence,
+                buffer_words,
             } => RequestBody::Hello(Hello {
                 version: if version_ok {
                     PROTOCOL_VERSION
                 } else {
                     PROTOCOL_VERSION + 1
                 },
-                features: dmabroker_ipc::features::ALL,
+                features: if buffer_words {
+                    dmabroker_ipc::features::ALL
+                } else {
+                    dmabroker_ipc::features::ALL & !dmabroker_ipc::features::BUFFER_WORDS
+                },
                 autofence,
                 client_name: "driver".into(),
             }),
@@ -447,6 +588,11 @@ impl Driver {
     fn send_body(&mut self, slot: usize, body: RequestBody, fds: Vec<OwnedFd>, no_reply: bool) {
         let id = self.next_request;
         self.next_request += 1;
+        if let (RequestBody::Begin { buffer, access, .. }, Some(conn)) =
+            (&body, self.conn_mut(slot))
+        {
+            conn.begins.insert(id, (*buffer, *access));
+        }
         let request = Request {
             head: RequestHead {
                 id,
@@ -554,6 +700,11 @@ impl Driver {
                 tokens: &mut self.tokens,
                 page: &mut conn.page,
                 words: &mut conn.words,
+                buffer_words: &mut conn.buffer_words,
+                slots: &mut conn.slots,
+                in_words: &mut conn.in_words,
+                plans: &mut conn.plans,
+                begins: &mut conn.begins,
             };
             if !drain(socket.as_fd(), &mut self.scratch, &mut heard)? {
                 hung_up.push(slot);
@@ -593,6 +744,11 @@ struct Heard<'a> {
     tokens: &'a mut Vec<String>,
     page: &'a mut Option<EndWords>,
     words: &'a mut HashMap<u64, EndSlot>,
+    buffer_words: &'a mut HashMap<u64, BufferWord>,
+    slots: &'a mut HashMap<u64, FastSlot>,
+    in_words: &'a mut Vec<(u64, WordHold)>,
+    plans: &'a mut HashMap<u64, (u64, FastSlot, WordAccess)>,
+    begins: &'a mut HashMap<u64, (u64, Access)>,
 }
 
 /// Reads all queued messages; `Ok(false)` when the broker hung up.
@@ -617,7 +773,28 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
             ));
         }
         if let ServerMessage::Reply(reply) = message {
+            let begin = heard.begins.get(&reply.id).copied();
+            if !matches!(reply.result, Ok(ReplyBody::Planned { .. })) {
+                heard.plans.remove(&reply.id);
+                heard.begins.remove(&reply.id);
+            }
             match reply.result {
+                Ok(ReplyBody::Buffer(info)) if info.heap == "memfd" => {
+                    if let Some(fd) = fds.first() {
+                        let word = BufferWord::map(fd.as_fd(), info.size)
+                            .map_err(|e| format!("cannot map a buffer word: {e}"))?;
+                        heard.buffer_words.insert(info.id, word);
+                    }
+                }
+                Ok(ReplyBody::Planned { word }) => {
+                    let Some((buffer, kind)) = begin else {
+                        return Err(format!("`Planned` for request {}, not a begin", reply.id));
+                    };
+                    let kind = word_access(kind)
+                        .ok_or_else(|| format!("`Planned` for a device access: {kind:?}"))?;
+                    heard.slots.insert(buffer, word);
+                    heard.plans.insert(reply.id, (buffer, word, kind));
+                }
                 Ok(ReplyBody::Exported { token }) => heard.tokens.push(token),
                 Ok(ReplyBody::Welcome(_)) => {
                     if let Some(fd) = fds.first() {
@@ -629,6 +806,16 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
                 Ok(ReplyBody::Granted(grant)) => {
                     if let Some(at) = grant.end_slot {
                         heard.words.insert(grant.access, at);
+                    }
+                    if let Some(at) = grant.word {
+                        heard.slots.insert(grant.buffer, at);
+                        heard.in_words.push((
+                            grant.buffer,
+                            WordHold {
+                                slot: at,
+                                write: grant.kind.is_write(),
+                            },
+                        ));
                     }
                 }
                 _ => {}
@@ -733,6 +920,88 @@ fn check_no_end_unheard(
                 return Err(format!(
                     "buffer {buffer} has waiters, but fence {fence} ended through a word \
                      the broker is not watching: nobody would wake them"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn word_access(access: Access) -> Option<WordAccess> {
+    match access {
+        Access::CpuRead => Some(WordAccess::Read),
+        Access::CpuWrite => Some(WordAccess::Write),
+        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
+        Access::DeviceRead | Access::DeviceWrite => None,
+    }
+}
+
+/// Buffer words and the arbiter agree: a word the broker has not taken
+/// over is the whole reservation (the arbiter has nothing on the buffer);
+/// a taken one holds a bit for every access the broker keeps in it, so no
+/// end can have gone unheard while the broker arbitrates; and a planned
+/// hand-off names the head of the queue, waiting for one access only.
+fn check_words(state: &State, scribbled: &std::collections::HashSet<u64>) -> Result<(), String> {
+    for buffer in state.buffers.values() {
+        let Some(ws) = buffer.word.as_deref() else {
+            continue;
+        };
+        if ws.broken || scribbled.contains(&buffer.id) {
+            continue;
+        }
+        let Some(word) = ws.peek() else {
+            continue;
+        };
+        if !ws.taken {
+            if state.arbiter.fence_id_at(buffer.id, 0).is_some()
+                || state.arbiter.has_waiters(buffer.id)
+            {
+                return Err(format!(
+                    "buffer {}: the word was handed back, but the arbiter still has fences or waiters",
+                    buffer.id
+                ));
+            }
+            if word.daemon() {
+                return Err(format!(
+                    "buffer {}: handed back, yet DAEMON is set",
+                    buffer.id
+                ));
+            }
+            continue;
+        }
+        if !word.daemon() {
+            return Err(format!(
+                "buffer {}: taken over, yet DAEMON is clear",
+                buffer.id
+            ));
+        }
+        for (id, access) in state.accesses.iter().filter(|(_, a)| a.buffer == buffer.id) {
+            let Some(bit) = access.word_bit else {
+                continue;
+            };
+            let present = if bit.write {
+                word.writer().is_some_and(|(i, _)| i == bit.index)
+            } else {
+                word.readers() & (1 << bit.index) != 0
+            };
+            if !present {
+                return Err(format!(
+                    "buffer {}: access {id} ended in the word, but the broker never heard",
+                    buffer.id
+                ));
+            }
+        }
+        if let Some((index, _)) = word.next() {
+            let head = state.arbiter.head_waiter(buffer.id);
+            let owner = buffer
+                .holders
+                .iter()
+                .find(|h| h.word_index == Some(index))
+                .map(|h| h.client);
+            if head.map(|h| h.client) != owner || state.arbiter.fence_count(buffer.id) != 1 {
+                return Err(format!(
+                    "buffer {}: a hand-off is planned to index {index}, which is not the lone waiter's",
+                    buffer.id
                 ));
             }
         }

@@ -133,13 +133,22 @@ pub struct Shared {
     pub owner: Scripted,
     pub id: String,
     pub token: String,
+    /// Flags every process of the test gets (the owner and each joiner).
+    common: Vec<String>,
 }
 
 impl Shared {
     /// `owner` allocates `size` bytes (named `frame`) on `daemon` and
     /// exports them.
     pub fn new(daemon: crate::Daemon, size: u64) -> Shared {
-        let mut owner = Scripted::spawn(daemon.socket(), &[]);
+        Shared::new_with(daemon, size, &[])
+    }
+
+    /// As [`Shared::new`], with `common` flags for every process: say,
+    /// `--no-buffer-words` for tests of the message path, where every
+    /// access has a lasting broker id.
+    pub fn new_with(daemon: crate::Daemon, size: u64, common: &[&str]) -> Shared {
+        let mut owner = Scripted::spawn(daemon.socket(), common);
         let allocated = owner.ok(&format!("alloc {size} name=frame"));
         let id = field(&allocated, "id").expect("id").to_owned();
         let token = owner.ok(&format!("export {id}"));
@@ -149,12 +158,15 @@ impl Shared {
             owner,
             id,
             token,
+            common: common.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 
     /// Another process holding the buffer (`extra`: its command-line flags).
     pub fn join(&self, extra: &[&str]) -> Scripted {
-        let mut client = Scripted::spawn(self.daemon.socket(), extra);
+        let mut flags: Vec<&str> = self.common.iter().map(String::as_str).collect();
+        flags.extend_from_slice(extra);
+        let mut client = Scripted::spawn(self.daemon.socket(), &flags);
         client.ok(&format!("import {}", self.token));
         client
     }

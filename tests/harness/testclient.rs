@@ -13,6 +13,9 @@ struct Session {
     client: Client,
     buffers: HashMap<u64, Buffer>,
     guards: HashMap<u64, AccessGuard>,
+    /// Names for accesses held in buffer words, which have no broker id
+    /// (`access=` in answers): counted down from the top, never a real id.
+    next_word_access: u64,
 }
 
 fn parse_access(word: &str) -> Result<Access, String> {
@@ -43,7 +46,7 @@ fn describe(buffer: &Buffer) -> String {
     )
 }
 
-fn describe_guard(guard: &AccessGuard) -> String {
+fn describe_guard(guard: &AccessGuard, name: u64) -> String {
     let fences: Vec<String> = guard
         .fences()
         .iter()
@@ -58,8 +61,9 @@ fn describe_guard(guard: &AccessGuard) -> String {
         })
         .collect();
     format!(
-        "access={} writer_lost={} revoked={} fences={} fence_list={}",
-        guard.id(),
+        "access={} word={} writer_lost={} revoked={} fences={} fence_list={}",
+        name,
+        guard.in_word(),
         guard.writer_lost(),
         guard.revoked(),
         guard.fences().len(),
@@ -219,8 +223,15 @@ impl Session {
                     None => buffer.begin(access),
                 }
                 .map_err(broker)?;
-                let out = describe_guard(&guard);
-                self.guards.insert(guard.id(), guard);
+                let name = match guard.id() {
+                    0 => {
+                        self.next_word_access -= 1;
+                        self.next_word_access
+                    }
+                    id => id,
+                };
+                let out = describe_guard(&guard, name);
+                self.guards.insert(name, guard);
                 Ok(out)
             }
             "fill" => {
@@ -307,6 +318,7 @@ fn main() {
             "--socket" => socket = args.next(),
             "--no-autofence" => options.autofence = Some(false),
             "--autofence" => options.autofence = Some(true),
+            "--no-buffer-words" => options.buffer_words = false,
             other => {
                 eprintln!("testclient: unknown argument {other}");
                 std::process::exit(2);
@@ -340,6 +352,7 @@ fn main() {
         client,
         buffers: HashMap::new(),
         guards: HashMap::new(),
+        next_word_access: u64::MAX,
     };
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use crate::kernel::dma_heap::{self, DmaHeap, HeapNode};
 use crate::kernel::udmabuf::{self, Udmabuf};
 use crate::kernel::{dma_buf, memfd, page_round, KernelError};
+use dmabroker_ipc::bufferword::WORD_PAGE;
 
 /// Heap name of the udmabuf backend.
 pub const UDMABUF_HEAP: &str = "udmabuf";
@@ -404,7 +405,9 @@ fn allocate_from(entry: &Entry, size: u64, name: &str) -> Result<(OwnedFd, u64),
             name_dma_buf(&fd, name);
             fd
         }
-        Source::Memfd => memfd::create_sealed(name, size).map_err(|e| e.to_string())?,
+        // One page more than the buffer: its reservation word lives past
+        // the end, where only its holders can map it (see `bufferword`).
+        Source::Memfd => memfd::create_sealed(name, size + WORD_PAGE).map_err(|e| e.to_string())?,
         Source::Unavailable(reason) => return Err(reason.clone()),
     };
     let inode = dma_buf::inode(fd.as_fd()).map_err(|e: KernelError| e.to_string())?;
@@ -476,7 +479,11 @@ mod tests {
         assert_eq!(a.backend, Backend::Memfd);
         assert_eq!(a.size, 2 * ps);
         assert!(a.fallbacks.is_empty());
-        assert_eq!(dma_buf::size(a.fd.as_fd()).expect("size"), 2 * ps);
+        // One page more: the buffer's word.
+        assert_eq!(
+            dma_buf::size(a.fd.as_fd()).expect("size"),
+            2 * ps + WORD_PAGE
+        );
         assert_eq!(a.inode, dma_buf::inode(a.fd.as_fd()).expect("inode"));
         assert!(memfd::is_memfd(a.fd.as_fd()));
         let link = std::fs::read_link(format!("/proc/self/fd/{}", a.fd.as_raw_fd())).expect("link");

@@ -30,6 +30,10 @@ pub struct Stats {
     /// without an `End` message.
     pub silent_ends: u64,
     pub kernel_fences_imported: u64,
+    /// Queued begins told to wait on the buffer's word for a hand-off.
+    pub hand_offs_planned: u64,
+    /// Of those, granted by the holder's end through the word.
+    pub hand_offs: u64,
     pub refusals: BTreeMap<&'static str, u64>,
     wait_samples: VecDeque<Duration>,
 }

@@ -623,6 +623,30 @@ impl Arbiter {
             .is_some_and(|res| !res.queue.is_empty())
     }
 
+    /// Whether the buffer's next grant will carry `writer_lost` or
+    /// `revoked`: news that only a grant can deliver.
+    pub fn owes_marks(&self, buffer: BufferId) -> bool {
+        self.buffers
+            .get(&buffer)
+            .is_some_and(|res| res.writer_lost || res.revoked)
+    }
+
+    /// The buffer a queued request waits on.
+    pub fn waiter_buffer(&self, waiter: WaiterId) -> Option<BufferId> {
+        self.waiters.get(&waiter).copied()
+    }
+
+    /// The head of the buffer's queue, if anyone waits.
+    pub fn head_waiter(&self, buffer: BufferId) -> Option<WaiterView> {
+        let res = self.buffers.get(&buffer)?;
+        res.queue.front().map(|w| waiter_view(buffer, w))
+    }
+
+    /// How many fences the buffer has.
+    pub fn fence_count(&self, buffer: BufferId) -> usize {
+        self.buffers.get(&buffer).map_or(0, |res| res.fences.len())
+    }
+
     /// The buffer's queue, head first (empty for an unknown buffer).
     pub fn waiters(&self, buffer: BufferId) -> Vec<WaiterView> {
         self.buffers

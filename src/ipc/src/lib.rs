@@ -4,8 +4,9 @@
 //! the client stays thin. It holds the only `unsafe` the client side needs:
 //! `sendmsg`/`recvmsg` with `SCM_RIGHTS` (in [`fdpass`]) and `mmap` (in
 //! [`mapping`]), and the atomics on the shared end-word page (in
-//! [`endwords`]).
+//! [`endwords`]) and on buffer words, with their futex (in [`bufferword`]).
 
+pub mod bufferword;
 pub mod codec;
 pub mod endwords;
 pub mod fdpass;

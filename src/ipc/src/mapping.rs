@@ -40,11 +40,20 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` (opened read-write) shared.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MapError> {
+        Mapping::at(fd, 0, len)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (a multiple of the page size).
+    pub fn at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Self, MapError> {
+        let offset = i64::try_from(offset).map_err(|_| MapError::Mmap {
+            len,
+            source: nix::errno::Errno::EOVERFLOW,
+        })?;
         let length = std::num::NonZeroUsize::new(len).ok_or(MapError::Empty)?;
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh MAP_SHARED mapping at an address the kernel picks
         // cannot alias any Rust object; the fd is valid for the call.
-        let ptr = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, 0) }
+        let ptr = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, offset) }
             .map_err(|source| MapError::Mmap { len, source })?;
         Ok(Mapping { ptr, len })
     }

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to a message layout.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Optional capabilities negotiated in the hello (intersection of both sides).
 pub mod features {
@@ -28,7 +28,10 @@ pub mod features {
     /// may name a slot in it, so most ends need no message.
     pub const END_WORDS: u64 = 1 << 3;
     /// Everything this build understands.
-    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS;
+    /// Buffer words: memfd buffers carry a reservation word past their end
+    /// that holders begin and end uncontended accesses on (version 3).
+    pub const BUFFER_WORDS: u64 = 1 << 4;
+    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS | BUFFER_WORDS;
 }
 
 /// Largest datagram either side accepts; larger ones are refused unread.
@@ -152,6 +155,12 @@ pub enum RequestBody {
         buffer: BufferId,
         secret: String,
     },
+    /// An access held in the buffer's word was ended there while the word
+    /// said the broker arbitrates: look at the word now. Sent without
+    /// waiting for a reply.
+    WordEnded {
+        buffer: BufferId,
+    },
 }
 
 impl RequestBody {
@@ -180,6 +189,7 @@ impl RequestBody {
             RequestBody::Begin { .. } => "begin",
             RequestBody::End { .. } => "end",
             RequestBody::Reattach { .. } => "reattach",
+            RequestBody::WordEnded { .. } => "word-ended",
         }
     }
 }
@@ -217,6 +227,13 @@ pub enum ReplyBody {
     },
     Granted(Grant),
     Ended,
+    /// The begin is queued, and the holder in its way will hand the buffer
+    /// over through the word: wait on the word (see `bufferword`). If the
+    /// plan is cancelled, the answer to the same request comes later as a
+    /// message (`Granted`, `Planned` again, or an error).
+    Planned {
+        word: crate::bufferword::FastSlot,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +281,11 @@ pub struct Grant {
     /// and send `End` only if the word says the broker is watching.
     /// `None`: end by message.
     pub end_slot: Option<crate::endwords::EndSlot>,
+    /// The access is held in the buffer's word, under this slot: end it
+    /// there (and send `WordEnded` when the word says the broker
+    /// arbitrates). It also refreshes the holder's slot, whose epoch may
+    /// have moved on. Never together with `end_slot`.
+    pub word: Option<crate::bufferword::FastSlot>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -121,6 +121,8 @@ impl State {
             ));
         }
         let now = Instant::now();
+        // The broker decides now: no fast begin may slip past it.
+        self.take_over_word(buffer, now);
         // Accesses ended through their words are retired before deciding.
         self.settle_buffer(buffer, false, now);
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms.into()));
@@ -133,7 +135,7 @@ impl State {
                 // A no-autofence client was told to wait for these fences:
                 // their ends must come as messages (and events).
                 let lists_fences = !grant.outstanding.is_empty();
-                self.deliver(grant, request_id, now, deadline);
+                self.deliver(grant, request_id, now, deadline, true);
                 if lists_fences {
                     self.settle_buffer(buffer, true, now);
                 }
@@ -146,6 +148,8 @@ impl State {
                         request_id,
                         since: now,
                         deadline,
+                        planned: false,
+                        ever_planned: false,
                     },
                 );
                 if let Some(ms) = timeout_ms {
@@ -175,18 +179,31 @@ impl State {
             };
             self.stats
                 .waited(now.saturating_duration_since(waiter.since));
-            self.deliver(grant, waiter.request_id, waiter.since, waiter.deadline);
+            if waiter.planned && self.record_hand_off(&grant, waiter.request_id) {
+                continue;
+            }
+            // A waiter once told `Planned` takes a grant by message only:
+            // a bit it found in the word must mean the hand-off.
+            self.deliver(
+                grant,
+                waiter.request_id,
+                waiter.since,
+                waiter.deadline,
+                !waiter.ever_planned,
+            );
         }
     }
 
     /// Turns an arbiter grant into a reply: now, or once the kernel's
     /// implicit fences allow it (autofence clients on dma-bufs).
+    /// `word_ok`: the grant may be held in the buffer's word.
     fn deliver(
         &mut self,
         grant: fence::Grant,
         request_id: u64,
         since: Instant,
         deadline: Option<Instant>,
+        word_ok: bool,
     ) {
         let access = to_wire_access(grant.access);
         let autofence = grant.mode == Mode::Autofence;
@@ -231,6 +248,7 @@ impl State {
             revoked: grant.revoked,
             fences,
             end_slot: None,
+            word: None,
         };
         self.accesses.insert(
             grant.access_id,
@@ -245,6 +263,7 @@ impl State {
                 sync_file: None,
                 deadline,
                 end_slot: None,
+                word_bit: None,
             },
         );
         let must_wait = dmabuf_fd.as_ref().filter(|fd| {
@@ -277,7 +296,7 @@ impl State {
                 }
             }
         }
-        self.complete_grant(grant.access_id, wire_grant, fds);
+        self.complete_grant(grant.access_id, wire_grant, fds, word_ok);
     }
 
     /// The conflicting fences a no-autofence client must wait for itself,
@@ -320,7 +339,13 @@ impl State {
 
     /// Cache sync START for CPU grants on dma-bufs of autofence clients,
     /// then the reply, then the hold-limit timer.
-    fn complete_grant(&mut self, access_id: AccessId, mut grant: Grant, fds: Vec<Arc<OwnedFd>>) {
+    fn complete_grant(
+        &mut self,
+        access_id: AccessId,
+        mut grant: Grant,
+        fds: Vec<Arc<OwnedFd>>,
+        word_ok: bool,
+    ) {
         let Some(entry) = self.accesses.get(&access_id) else {
             return;
         };
@@ -338,9 +363,20 @@ impl State {
                 entry.owes_cache_end = synced != CacheSync::Failed;
             }
         }
+        // Held in the buffer's word when it can be: its end then needs no
+        // message at all once the broker hands the word back.
+        if word_ok && synced == CacheSync::NotNeeded && autofence_or_clear(&grant) {
+            grant.word = self.grant_in_word(buffer, client, kind);
+            if let (Some(slot), Some(entry)) = (grant.word, self.accesses.get_mut(&access_id)) {
+                entry.word_bit = Some(super::words::WordBit {
+                    index: slot.index,
+                    write: kind.is_write(),
+                });
+            }
+        }
         // A real cache END must happen when the access ends, not when the
         // broker next looks: such accesses end by message.
-        if synced != CacheSync::Done {
+        if synced != CacheSync::Done && grant.word.is_none() {
             let watched = self.arbiter.has_waiters(buffer);
             grant.end_slot = self.assign_end_slot(client, access_id, watched);
             if let Some(entry) = self.accesses.get_mut(&access_id) {
@@ -482,6 +518,8 @@ impl State {
                     self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
                 }
                 self.release_end_slot(entry.client, entry.end_slot);
+                self.clear_word_bit(entry.buffer, entry.word_bit);
+                self.touched.push(entry.buffer);
             }
             self.fence_ended(*access);
         }
@@ -491,6 +529,13 @@ impl State {
         let now = Instant::now();
         match target {
             TimeoutTarget::Waiter(waiter) => {
+                // A hand-off planned for it is cancelled first, or, if its
+                // holder already carried it out, recorded (and the waiter
+                // is no longer waiting).
+                if let Some(buffer) = self.arbiter.waiter_buffer(waiter) {
+                    self.take_over_word(buffer, now);
+                    self.settle_buffer(buffer, false, now);
+                }
                 let Some(entry) = self.waiters.remove(&waiter) else {
                     return;
                 };
@@ -547,7 +592,7 @@ impl State {
         };
         self.stats
             .waited(Instant::now().saturating_duration_since(pending.since));
-        self.complete_grant(access, pending.grant, Vec::new());
+        self.complete_grant(access, pending.grant, Vec::new(), false);
     }
 
     pub(super) fn kernel_fence_signalled(&mut self, access: AccessId) {
@@ -591,4 +636,10 @@ impl State {
         self.finish_released(&[access]);
         self.deliver_grants(grants);
     }
+}
+
+/// A no-autofence grant that lists fences to wait for cannot live in the
+/// word (the word would have to hold conflicting accesses together).
+fn autofence_or_clear(grant: &Grant) -> bool {
+    grant.fences.is_empty()
 }

@@ -177,6 +177,14 @@ impl State {
         let Some(entry) = self.accesses.get(&access) else {
             return Settled::Live;
         };
+        if let Some(bit) = entry.word_bit {
+            // Held in the buffer's word: the bit is the truth.
+            return if self.word_bit_present(entry.buffer, bit) {
+                Settled::Live
+            } else {
+                Settled::Ended
+            };
+        }
         let (client, Some(at)) = (entry.client, entry.end_slot) else {
             return Settled::Live;
         };
@@ -206,6 +214,7 @@ impl State {
     /// `now`: the caller's clock reading, reused (a clock read costs about
     /// as much as the rest of a settle).
     pub(super) fn settle_buffer(&mut self, buffer: BufferId, watch: bool, now: Instant) {
+        self.check_word(buffer);
         let mut index = 0;
         while let Some(access) = self.arbiter.fence_id_at(buffer, index) {
             // A retired fence leaves the list, so the next one moves into
@@ -291,13 +300,45 @@ impl State {
             .filter_map(|c| c.end_page.as_ref())
             .map(EndPage::ended_count)
             .sum();
-        self.accesses.len().saturating_sub(ended)
+        let ended_in_words = self
+            .accesses
+            .values()
+            .filter(|a| {
+                a.word_bit
+                    .is_some_and(|bit| !self.word_bit_present(a.buffer, bit))
+            })
+            .count();
+        (self.accesses.len() + self.word_fence_count()).saturating_sub(ended + ended_in_words)
     }
 
     /// The accesses a client holds, by the same rule.
     pub fn live_held_by(&self, client: ClientId) -> usize {
         let ended = self.end_page(client).map_or(0, EndPage::ended_count);
-        self.arbiter.held_by(client).saturating_sub(ended)
+        let ended_in_words = self
+            .accesses
+            .values()
+            .filter(|a| a.client == client)
+            .filter(|a| {
+                a.word_bit
+                    .is_some_and(|bit| !self.word_bit_present(a.buffer, bit))
+            })
+            .count();
+        let in_words: usize = self
+            .clients
+            .get(&client)
+            .map(|c| {
+                c.buffers
+                    .iter()
+                    .map(|b| {
+                        self.word_fences(*b)
+                            .iter()
+                            .filter(|(h, _)| *h == client)
+                            .count()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        (self.arbiter.held_by(client) + in_words).saturating_sub(ended + ended_in_words)
     }
 
     /// Whether an access is still in use as far as its word tells: the
@@ -306,6 +347,9 @@ impl State {
         let Some(entry) = self.accesses.get(&access) else {
             return false;
         };
+        if let Some(bit) = entry.word_bit {
+            return self.word_bit_present(entry.buffer, bit);
+        }
         let Some(at) = entry.end_slot else {
             return true;
         };

@@ -15,6 +15,7 @@ mod persist;
 mod requests;
 mod state;
 mod waits;
+mod words;
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -27,6 +28,7 @@ pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
+pub use words::WordState;
 
 /// Deferred work produced while the state was locked.
 #[derive(Debug)]
@@ -120,6 +122,7 @@ impl Broker {
         let (result, actions) = {
             let mut state = self.lock();
             let result = f(&mut state);
+            state.settle_touched();
             (result, state.take_actions())
         };
         for action in actions {

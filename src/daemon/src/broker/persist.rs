@@ -17,6 +17,7 @@ use dmabroker_ipc::{BufferId, ClientId, ErrorCode, ReplyBody, WireError};
 
 use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, Holder, State};
+use super::words::WordState;
 use crate::heaps::Backend;
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
@@ -56,6 +57,14 @@ fn origin_of(record: OriginRecord) -> BufferOrigin {
 
 /// Is `fd` still the object the record describes: same inode, same size,
 /// same kind?
+/// memfd buffers carry their word's page past their end.
+fn word_page(origin: OriginRecord) -> u64 {
+    match origin {
+        OriginRecord::Memfd => dmabroker_ipc::bufferword::WORD_PAGE,
+        _ => 0,
+    }
+}
+
 fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
     let kind_ok = match record.origin {
         OriginRecord::Memfd => memfd::is_memfd(fd.as_fd()),
@@ -63,7 +72,7 @@ fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
     };
     kind_ok
         && dma_buf::inode(fd.as_fd()).ok() == Some(record.inode)
-        && dma_buf::size(fd.as_fd()).ok() == Some(record.size)
+        && dma_buf::size(fd.as_fd()).ok() == Some(record.size + word_page(record.origin))
 }
 
 impl State {
@@ -133,6 +142,7 @@ impl State {
                     client: ORPHAN,
                     secret: h.secret.clone(),
                     since: SystemTime::now(),
+                    word_index: None,
                 })
                 .collect();
             self.buffers.insert(
@@ -148,6 +158,8 @@ impl State {
                     owner: ORPHAN,
                     holders,
                     created: SystemTime::now(),
+                    // The previous instance's clients may have left bits.
+                    word: (buffer.origin == OriginRecord::Memfd).then(WordState::inherited),
                 },
             );
             self.arbiter.add_buffer(buffer.id);

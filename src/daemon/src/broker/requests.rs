@@ -161,6 +161,7 @@ impl State {
                     self.end(client, access, sync_file)
                 }
                 RequestBody::Reattach { buffer, secret } => self.reattach(client, buffer, &secret),
+                RequestBody::WordEnded { buffer } => self.word_ended(client, buffer),
             }
         };
         match result {
@@ -207,6 +208,7 @@ impl State {
         entry.hello_done = true;
         entry.name = hello.client_name.chars().take(64).collect();
         let mut features = hello.features & features::ALL;
+        entry.buffer_words = features & features::BUFFER_WORDS != 0;
         let mut fds = Vec::new();
         if features & features::END_WORDS != 0 {
             match EndPage::create() {
@@ -342,6 +344,8 @@ impl State {
                 owner: client,
                 holders: Vec::new(),
                 created: SystemTime::now(),
+                word: (allocation.backend == crate::heaps::Backend::Memfd)
+                    .then(Box::<super::WordState>::default),
             },
         );
         self.arbiter.add_buffer(id);
@@ -404,6 +408,11 @@ impl State {
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
         self.held(client, buffer)?;
+        // Its accesses held in the buffer's word become fences first, so
+        // they are released like any other.
+        let now = Instant::now();
+        self.take_over_word(buffer, now);
+        self.settle_buffer(buffer, false, now);
         // A write the client ended through its word is not a lost one.
         self.settle_client(client, Some(buffer));
         let gone = self
@@ -426,6 +435,23 @@ impl State {
         self.deliver_grants(gone.grants);
         self.release_hold(client, buffer);
         Ok(Answer::Reply(ReplyBody::Freed, Vec::new()))
+    }
+
+    /// A holder ended an access in the buffer's word while the broker
+    /// arbitrated it: settle now (the end may free a waiter). Stale or
+    /// repeated messages find nothing to do.
+    fn word_ended(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
+        self.held(client, buffer)?;
+        let taken = self
+            .buffers
+            .get(&buffer)
+            .and_then(|b| b.word.as_deref())
+            .is_some_and(|ws| ws.taken);
+        if taken {
+            self.settle_buffer(buffer, false, Instant::now());
+            self.touched.push(buffer);
+        }
+        Ok(Answer::Reply(ReplyBody::Ended, Vec::new()))
     }
 
     fn export(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
@@ -578,6 +604,7 @@ impl State {
                 owner: client,
                 holders: Vec::new(),
                 created: SystemTime::now(),
+                word: None,
             },
         );
         self.arbiter.add_buffer(id);

@@ -54,6 +54,8 @@ pub struct Holder {
     /// Proof of holding, for re-attaching after a broker restart.
     pub secret: String,
     pub since: SystemTime,
+    /// Its index in the buffer's word, if it may use it.
+    pub word_index: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,9 @@ pub struct BufferEntry {
     /// In the order they got hold of it; the charge moves down this list.
     pub holders: Vec<Holder>,
     pub created: SystemTime,
+    /// The reservation word past the end of a memfd buffer (see
+    /// `dmabroker_ipc::bufferword`); `None` for dma-bufs.
+    pub word: Option<Box<super::words::WordState>>,
 }
 
 impl BufferEntry {
@@ -94,6 +99,8 @@ pub struct ClientEntry {
     pub connected: SystemTime,
     /// Its end-word page, when the client asked for one in its hello.
     pub end_page: Option<super::endpage::EndPage>,
+    /// It asked for buffer words in its hello.
+    pub buffer_words: bool,
 }
 
 #[derive(Debug)]
@@ -120,6 +127,9 @@ pub struct AccessEntry {
     pub deadline: Option<Instant>,
     /// Its word in the client's end-word page, while it may end there.
     pub end_slot: Option<dmabroker_ipc::endwords::EndSlot>,
+    /// Held as a bit in the buffer's word: the word, not a message, says
+    /// when it ends.
+    pub word_bit: Option<super::words::WordBit>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +144,12 @@ pub struct WaiterEntry {
     pub request_id: u64,
     pub since: Instant,
     pub deadline: Option<Instant>,
+    /// A hand-off to it is planned in the buffer's word.
+    pub planned: bool,
+    /// It was told `Planned` at least once: a grant by message must then
+    /// not set its bit in the word, or it could take that grant for the
+    /// hand-off (see `words`).
+    pub ever_planned: bool,
 }
 
 /// Limits that do not come from the policy but protect the daemon itself.
@@ -182,6 +198,9 @@ pub struct State {
     /// Every outgoing message is encoded here; the outbox copies it only if
     /// it has to queue it.
     encoded: Vec<u8>,
+    /// Buffers whose words the broker arbitrates and that a decision
+    /// touched: after the decision, each is handed back or planned.
+    pub(super) touched: Vec<BufferId>,
 }
 
 impl State {
@@ -211,6 +230,7 @@ impl State {
             next_buffer: 1,
             actions: Vec::new(),
             encoded: Vec::with_capacity(256),
+            touched: Vec::new(),
         }
     }
 
@@ -280,6 +300,7 @@ impl State {
                 protocol_errors: 0,
                 connected: SystemTime::now(),
                 end_page: None,
+                buffer_words: false,
             },
         );
         id
@@ -385,8 +406,10 @@ impl State {
                 client,
                 secret: secret.clone(),
                 since: SystemTime::now(),
+                word_index: None,
             });
         }
+
         if let Some(c) = self.clients.get_mut(&client) {
             c.buffers.insert(buffer);
         }
@@ -406,6 +429,7 @@ impl State {
         if let Some(token) = self.exports.remove(&(buffer, client)) {
             self.tokens.remove(&token);
         }
+        self.retire_word_index(buffer, client);
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return;
         };
@@ -462,8 +486,25 @@ impl State {
     /// once, kernel-fenced device accesses when their fence signals, queued
     /// requests dropped, holds dropped (freeing buffers nobody else holds).
     pub fn disconnect(&mut self, client: ClientId) {
-        self.settle_client(client, None);
         let now = Instant::now();
+        // Its accesses held in buffer words become fences first (a write
+        // among them is a lost one), and plans for it are cancelled.
+        let in_words: Vec<BufferId> = self
+            .clients
+            .get(&client)
+            .map(|c| {
+                c.buffers
+                    .iter()
+                    .copied()
+                    .filter(|b| self.index_of(*b, client).is_some())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for buffer in in_words {
+            self.take_over_word(buffer, now);
+            self.settle_buffer(buffer, false, now);
+        }
+        self.settle_client(client, None);
         let lost_writes: Vec<BufferId> = self
             .accesses
             .values()

@@ -29,6 +29,12 @@ pub trait Debug {
     #[zbus(property(emits_changed_signal = "false"))]
     fn silent_ends(&self) -> zbus::Result<u64>;
 
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn hand_offs_planned(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn hand_offs(&self) -> zbus::Result<u64>;
+
     fn list_clients(&self) -> zbus::Result<Vec<ClientView>>;
 
     fn list_buffers(&self) -> zbus::Result<Vec<BufferView>>;

@@ -99,6 +99,20 @@ impl DebugObject {
         self.read(|s| s.stats.silent_ends)
     }
 
+    /// Queued begins told to wait on the buffer's word for a hand-off, and
+    /// of those, the ones the holder's end granted there (the rest were
+    /// cancelled and granted by message). Properties of their own, as
+    /// `SilentEnds`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn hand_offs_planned(&self) -> u64 {
+        self.read(|s| s.stats.hand_offs_planned)
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn hand_offs(&self) -> u64 {
+        self.read(|s| s.stats.hand_offs)
+    }
+
     #[zbus(out_args("clients"))]
     async fn list_clients(&self) -> Vec<ClientView> {
         let all = self.read(snapshot::client_ids);

@@ -196,6 +196,9 @@ pub struct RawBuffer {
     owner: u64,
     holders: Vec<u64>,
     fences: Vec<FenceView>,
+    /// Accesses held in the buffer's word while the broker does not
+    /// arbitrate it: (holder, kind). They have no id and no age.
+    word_fences: Vec<(u64, dmabroker_ipc::Access, bool)>,
     waiters: Vec<WaiterView>,
     created: SystemTime,
 }
@@ -219,6 +222,14 @@ impl RawBuffer {
                 .into_iter()
                 .filter(|f| state.access_is_live(f.id))
                 .collect(),
+            word_fences: state
+                .word_fences(buffer.id)
+                .into_iter()
+                .map(|(holder, kind)| {
+                    let autofence = state.clients.get(&holder).is_none_or(|c| c.autofence);
+                    (holder, kind, autofence)
+                })
+                .collect(),
             waiters: state.arbiter.waiters(buffer.id),
             created: buffer.created,
         }
@@ -234,7 +245,26 @@ impl RawBuffer {
             inode: self.inode,
             owner: self.owner,
             holders: self.holders,
-            fences: self.fences.iter().map(|f| fence_info(f, now)).collect(),
+            fences: self
+                .fences
+                .iter()
+                .map(|f| fence_info(f, now))
+                .chain(self.word_fences.iter().map(|(holder, kind, autofence)| {
+                    FenceInfo {
+                        access: 0,
+                        kind: kind.name().to_owned(),
+                        holder: *holder,
+                        state: "word".to_owned(),
+                        mode: mode_name(if *autofence {
+                            Mode::Autofence
+                        } else {
+                            Mode::NoAutofence
+                        })
+                        .to_owned(),
+                        age_us: 0,
+                    }
+                }))
+                .collect(),
             waiters: self.waiters.iter().map(|w| waiter_info(w, now)).collect(),
             created_at: unix_seconds(self.created),
         }

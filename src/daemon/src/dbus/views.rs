@@ -67,8 +67,10 @@ pub struct FenceInfo {
     /// `cpu-read`, `cpu-write`, `cpu-read-write`, `device-read`, `device-write`.
     pub kind: String,
     pub holder: u64,
-    /// `held`, or `kernel-fence` when the client is done but its device
-    /// is not.
+    /// `held`, `kernel-fence` when the client is done but its device is
+    /// not, or `word` for an access held in the buffer's word while the
+    /// broker does not arbitrate it (access id 0, age 0: the broker did
+    /// not see it begin).
     pub state: String,
     /// `autofence` or `no-autofence`.
     pub mode: String,

@@ -1,0 +1,636 @@
+//! The broker's side of buffer words (see `dmabroker_ipc::bufferword` for
+//! the why and the layout): taking a word over before a decision, turning
+//! its bits into fences, handing it back when nothing is left to arbitrate,
+//! and planning hand-offs.
+//!
+//! The invariant everything here keeps: while the broker has *not* taken a
+//! buffer's word over, the arbiter has no fence and no waiter on that
+//! buffer, so the word alone is the reservation. Every arbiter change on a
+//! buffer with a word starts with [`State::take_over_word`], and every
+//! decision ends with [`State::settle_touched`], which hands the word back
+//! when the reservation holds nothing but bits (no waiter, no mark owed to a
+//! grant, no fence a no-autofence client waits on), or plans a hand-off.
+
+use std::time::Instant;
+
+use dmabroker_fence::{self as fence, AccessId, BeginOutcome, Mode, WaiterId};
+use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Word, WordAccess, MAX_HOLDERS};
+use dmabroker_ipc::{Access, BufferId, ClientId, ReplyBody};
+
+use super::access::to_fence_access;
+use super::state::{AccessEntry, State};
+
+/// An access held as a bit in its buffer's word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WordBit {
+    pub index: u8,
+    pub write: bool,
+}
+
+/// Per memfd buffer: the mapped word and who owns which index.
+#[derive(Debug, Default)]
+pub struct WordState {
+    /// Mapped at the first begin: a buffer nobody arbitrates costs no
+    /// mapping (allocation stays as cheap as before).
+    mapped: Option<BufferWord>,
+    /// The broker set DAEMON: the arbiter holds the buffer's truth.
+    pub taken: bool,
+    /// A holder wrote an impossible word, or the word cannot be mapped: the
+    /// broker arbitrates every access from now on.
+    pub broken: bool,
+    epoch: u16,
+    owners: [Option<ClientId>; MAX_HOLDERS as usize],
+    /// Indices of departed holders: reusable only once the epoch moves on,
+    /// so a stale guard of theirs can never clear a newcomer's bit.
+    retired: u32,
+    /// The waiter a hand-off is planned for.
+    planned: Option<WaiterId>,
+}
+
+impl WordState {
+    /// A word the broker cannot trust: one left by a previous instance
+    /// (restored from the fd store). It is reset at the first look and
+    /// stays taken until the reservation is empty again.
+    pub fn inherited() -> Box<WordState> {
+        Box::new(WordState {
+            taken: true,
+            ..WordState::default()
+        })
+    }
+
+    /// The word as it is now, if mapped (tests and the views).
+    pub fn peek(&self) -> Option<Word> {
+        self.mapped.as_ref().map(BufferWord::load)
+    }
+
+    /// The owner of each index with an access in `word`.
+    fn owner(&self, index: u8) -> Option<ClientId> {
+        self.owners.get(usize::from(index)).copied().flatten()
+    }
+}
+
+pub(super) fn word_access(access: Access) -> Option<WordAccess> {
+    match access {
+        Access::CpuRead => Some(WordAccess::Read),
+        Access::CpuWrite => Some(WordAccess::Write),
+        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
+        Access::DeviceRead | Access::DeviceWrite => None,
+    }
+}
+
+fn wire_access(access: WordAccess) -> Access {
+    match access {
+        WordAccess::Read => Access::CpuRead,
+        WordAccess::Write => Access::CpuWrite,
+        WordAccess::ReadWrite => Access::CpuReadWrite,
+    }
+}
+
+impl State {
+    /// The buffer's word, mapped now if it was not yet. `None` for buffers
+    /// without one, and for words that are broken.
+    fn word_state(&mut self, buffer: BufferId) -> Option<&mut WordState> {
+        let entry = self.buffers.get_mut(&buffer)?;
+        let ws = entry.word.as_deref_mut()?;
+        if ws.broken {
+            return None;
+        }
+        if ws.mapped.is_none() {
+            match BufferWord::map(std::os::fd::AsFd::as_fd(&*entry.fd), entry.size) {
+                Ok(word) => {
+                    let inherited = ws.taken;
+                    if inherited {
+                        // Whatever a previous instance's clients left there
+                        // is void: their accesses did not survive.
+                        let epoch = word.load().epoch().wrapping_add(1);
+                        word.reset(epoch, true);
+                        ws.epoch = epoch;
+                    } else {
+                        ws.epoch = word.load().epoch();
+                    }
+                    ws.mapped = Some(word);
+                }
+                Err(err) => {
+                    tracing::warn!(buffer, error = %err, "cannot map the buffer's word; every access goes by message");
+                    ws.broken = true;
+                    return None;
+                }
+            }
+        }
+        Some(ws)
+    }
+
+    /// Whether `client` may hold accesses in words: it asked for them, and
+    /// no hold limit needs the broker to see its writes.
+    fn word_eligible(&self, client: ClientId) -> bool {
+        self.clients
+            .get(&client)
+            .is_some_and(|c| c.buffer_words && c.resolved.limits.write_hold_limit.is_none())
+    }
+
+    /// The client's slot in the buffer's word, giving it an index if it has
+    /// none yet. `None` when it may not use the word or none is free.
+    pub(super) fn word_slot(&mut self, buffer: BufferId, client: ClientId) -> Option<FastSlot> {
+        if !self.word_eligible(client) {
+            return None;
+        }
+        let existing = self
+            .buffers
+            .get(&buffer)?
+            .holders
+            .iter()
+            .find(|h| h.client == client)?
+            .word_index;
+        let ws = self.word_state(buffer)?;
+        let index = match existing {
+            Some(index) => index,
+            None => {
+                let free = (0..MAX_HOLDERS)
+                    .find(|i| ws.owners[usize::from(*i)].is_none() && ws.retired & (1 << i) == 0)?;
+                ws.owners[usize::from(free)] = Some(client);
+                free
+            }
+        };
+        let epoch = ws.epoch;
+        if existing.is_none() {
+            let holder = self
+                .buffers
+                .get_mut(&buffer)?
+                .holders
+                .iter_mut()
+                .find(|h| h.client == client)?;
+            holder.word_index = Some(index);
+        }
+        Some(FastSlot { index, epoch })
+    }
+
+    /// The holder is leaving the buffer: its index is retired until the
+    /// next epoch, and any bit it still has is taken out.
+    pub(super) fn retire_word_index(&mut self, buffer: BufferId, client: ClientId) {
+        let Some(entry) = self.buffers.get_mut(&buffer) else {
+            return;
+        };
+        let Some(index) = entry
+            .holders
+            .iter_mut()
+            .find(|h| h.client == client)
+            .and_then(|h| h.word_index.take())
+        else {
+            return;
+        };
+        let Some(ws) = entry.word.as_deref_mut() else {
+            return;
+        };
+        ws.owners[usize::from(index)] = None;
+        ws.retired |= 1 << index;
+        if let Some(word) = &ws.mapped {
+            word.remove_holder(index);
+        }
+    }
+
+    /// Before any decision on the buffer: stops fast begins, turns the
+    /// bits found into fences of their holders, and cancels a planned
+    /// hand-off (one already carried out is recorded by the next settle).
+    pub(super) fn take_over_word(&mut self, buffer: BufferId, now: Instant) {
+        let Some(ws) = self.word_state(buffer) else {
+            return;
+        };
+        let Some(word) = &ws.mapped else {
+            return;
+        };
+        let before = word.take_over();
+        let first = !ws.taken;
+        ws.taken = true;
+        let planned = ws.planned.take();
+        let cancelled = planned.map(|_| word.cancel_plan());
+        self.touched.push(buffer);
+        if first {
+            self.mirror(buffer, before, now);
+        }
+        if let (Some(waiter), Some(cancelled)) = (planned, cancelled) {
+            // Nothing to cancel means the holder carried the plan out (the
+            // waiter may even have ended the access it was handed since).
+            if !cancelled {
+                // The next settle finds the holder's bit gone and records
+                // the grant as the hand-off.
+                if let Some(ws) = self.word_state(buffer) {
+                    ws.planned = Some(waiter);
+                }
+            } else if let Some(w) = self.waiters.get_mut(&waiter) {
+                w.planned = false;
+            }
+        }
+    }
+
+    pub(super) fn index_of(&self, buffer: BufferId, client: ClientId) -> Option<u8> {
+        self.buffers
+            .get(&buffer)?
+            .holders
+            .iter()
+            .find(|h| h.client == client)?
+            .word_index
+    }
+
+    /// The word's bits become fences in the (empty) reservation.
+    fn mirror(&mut self, buffer: BufferId, word: Word, now: Instant) {
+        if word.is_impossible() {
+            self.break_word(buffer, word);
+            return;
+        }
+        for (index, access) in word.holders() {
+            let owner = self
+                .buffers
+                .get(&buffer)
+                .and_then(|b| b.word.as_deref())
+                .and_then(|ws| ws.owner(index));
+            let Some(client) = owner.filter(|c| self.index_of(buffer, *c) == Some(index)) else {
+                // A holder that left (or a reconnected client's stale guard):
+                // its access is over as far as the broker is concerned.
+                tracing::debug!(buffer, index, "bit of a departed holder cleared");
+                if let Some(word) = self.mapped_word(buffer) {
+                    word.remove_holder(index);
+                }
+                continue;
+            };
+            let kind = wire_access(access);
+            match self
+                .arbiter
+                .begin(client, buffer, to_fence_access(kind), Mode::Autofence, now)
+            {
+                Ok(BeginOutcome::Granted(grant)) => {
+                    self.insert_word_access(grant.access_id, client, buffer, kind, index, 0);
+                }
+                Ok(BeginOutcome::Queued(waiter)) => {
+                    // Only an inconsistent table could get here: the word
+                    // was not taken, so the reservation was empty.
+                    tracing::error!(buffer, "mirroring a word bit queued; breaking the word");
+                    let _ = self.arbiter.cancel(waiter, now);
+                    self.break_word(buffer, word);
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(buffer, error = %err, "cannot mirror a word bit");
+                }
+            }
+        }
+    }
+
+    pub(super) fn insert_word_access(
+        &mut self,
+        access: AccessId,
+        client: ClientId,
+        buffer: BufferId,
+        kind: Access,
+        index: u8,
+        request_id: u64,
+    ) {
+        self.accesses.insert(
+            access,
+            AccessEntry {
+                client,
+                buffer,
+                kind,
+                autofence: true,
+                request_id,
+                pending: None,
+                owes_cache_end: false,
+                sync_file: None,
+                deadline: None,
+                end_slot: None,
+                word_bit: Some(WordBit {
+                    index,
+                    write: kind.is_write(),
+                }),
+            },
+        );
+    }
+
+    fn mapped_word(&self, buffer: BufferId) -> Option<&BufferWord> {
+        self.buffers.get(&buffer)?.word.as_deref()?.mapped.as_ref()
+    }
+
+    /// A holder wrote something no legal sequence produces. Its accesses
+    /// in the word are dropped (the next grant says `writer_lost`: the
+    /// contents may be anything), and the broker arbitrates the buffer by
+    /// message for good.
+    fn break_word(&mut self, buffer: BufferId, word: Word) {
+        let holders: Vec<ClientId> = self
+            .buffers
+            .get(&buffer)
+            .map(|b| b.holders.iter().map(|h| h.client).collect())
+            .unwrap_or_default();
+        tracing::warn!(
+            buffer,
+            word = format_args!("{:#x}", word.0),
+            ?holders,
+            "a holder corrupted the buffer's word; it arbitrates by message from now on"
+        );
+        if let Some(ws) = self
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        {
+            ws.broken = true;
+            ws.taken = true;
+            ws.planned = None;
+            ws.epoch = ws.epoch.wrapping_add(1);
+            if let Some(mapped) = &ws.mapped {
+                mapped.reset(ws.epoch, true);
+            }
+        }
+        let in_word: Vec<AccessId> = self
+            .accesses
+            .iter()
+            .filter(|(_, a)| a.buffer == buffer && a.word_bit.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &in_word {
+            if let Some(entry) = self.accesses.get_mut(id) {
+                entry.word_bit = None;
+            }
+        }
+        let now = Instant::now();
+        for id in in_word {
+            let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
+                continue;
+            };
+            if let Ok(grants) = self.arbiter.end(client, id, now) {
+                self.finish_released(&[id]);
+                self.deliver_grants(grants);
+            }
+        }
+        self.arbiter.mark_writer_lost(buffer);
+        for waiter in self.waiters.values_mut() {
+            waiter.planned = false;
+        }
+    }
+
+    /// Whether a bit-backed access still has its bit. A word found
+    /// impossible breaks first (and the access is then gone).
+    pub(super) fn word_bit_present(&self, buffer: BufferId, bit: WordBit) -> bool {
+        let Some(word) = self.mapped_word(buffer) else {
+            return false;
+        };
+        let now = word.load();
+        if bit.write {
+            now.writer().is_some_and(|(index, _)| index == bit.index)
+        } else {
+            now.readers() & (1 << bit.index) != 0
+        }
+    }
+
+    /// Settling starts here: a word some holder made impossible is broken
+    /// before anything is read from it.
+    pub(super) fn check_word(&mut self, buffer: BufferId) {
+        let Some(word) = self.mapped_word(buffer) else {
+            return;
+        };
+        let now = word.load();
+        if now.is_impossible() {
+            self.break_word(buffer, now);
+        }
+    }
+
+    /// The access ended or was taken away: its bit leaves the word (a
+    /// no-op when its holder cleared it).
+    pub(super) fn clear_word_bit(&mut self, buffer: BufferId, bit: Option<WordBit>) {
+        let (Some(bit), Some(word)) = (bit, self.mapped_word(buffer)) else {
+            return;
+        };
+        word.remove_access(bit.index, bit.write);
+    }
+
+    /// A grant by message that may live in the word: the bit is set and the
+    /// slot returned, or `None` (end slot or message, as before).
+    pub(super) fn grant_in_word(
+        &mut self,
+        buffer: BufferId,
+        client: ClientId,
+        kind: Access,
+    ) -> Option<FastSlot> {
+        let access = word_access(kind)?;
+        if !self.buffers.get(&buffer)?.word.as_deref()?.taken {
+            return None;
+        }
+        let slot = self.word_slot(buffer, client)?;
+        self.mapped_word(buffer)?
+            .grant(slot, access)
+            .then_some(slot)
+    }
+
+    /// A hand-off the arbiter now grants: recorded if the holder carried it
+    /// out (returns true), else the plan is cancelled (waking the waiter)
+    /// and the grant goes by message. The waiter may already have ended
+    /// the access it was handed; the next settle then retires it.
+    pub(super) fn record_hand_off(&mut self, grant: &fence::Grant, request_id: u64) -> bool {
+        let kind = super::access::to_wire_access(grant.access);
+        let Some(index) = self.index_of(grant.buffer, grant.client) else {
+            return false;
+        };
+        if let Some(ws) = self
+            .buffers
+            .get_mut(&grant.buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        {
+            ws.planned = None;
+        }
+        let carried_out = self
+            .mapped_word(grant.buffer)
+            .is_some_and(|w| !w.cancel_plan());
+        if !carried_out {
+            return false;
+        }
+        self.insert_word_access(
+            grant.access_id,
+            grant.client,
+            grant.buffer,
+            kind,
+            index,
+            request_id,
+        );
+        self.touched.push(grant.buffer);
+        self.stats.grants += 1;
+        self.stats.hand_offs += 1;
+        true
+    }
+
+    /// After every decision: each touched word is handed back if nothing
+    /// is left to arbitrate, or a hand-off is planned.
+    pub fn settle_touched(&mut self) {
+        while let Some(buffer) = self.touched.pop() {
+            self.hand_back_or_plan(buffer);
+        }
+    }
+
+    fn hand_back_or_plan(&mut self, buffer: BufferId) {
+        // A client moving the word between our look and our swap only
+        // costs another look; a few are plenty.
+        for _ in 0..4 {
+            let taken = self
+                .buffers
+                .get(&buffer)
+                .and_then(|b| b.word.as_deref())
+                .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+            if !taken {
+                return;
+            }
+            let now = Instant::now();
+            self.settle_buffer(buffer, false, now);
+            let Some(word) = self.mapped_word(buffer).map(BufferWord::load) else {
+                return;
+            };
+            if word.next().is_some() || !word.daemon() {
+                return;
+            }
+            if !self.only_bits_left(buffer) {
+                self.plan_hand_off(buffer, word);
+                return;
+            }
+            if self.hand_back(buffer, word, now) {
+                return;
+            }
+        }
+    }
+
+    /// Nothing the word cannot say itself: no waiter, no mark owed, and
+    /// every fence a bit that no no-autofence client waits on.
+    fn only_bits_left(&self, buffer: BufferId) -> bool {
+        if self.arbiter.has_waiters(buffer) || self.arbiter.owes_marks(buffer) {
+            return false;
+        }
+        let mut index = 0;
+        while let Some(id) = self.arbiter.fence_id_at(buffer, index) {
+            let in_word = self
+                .accesses
+                .get(&id)
+                .is_some_and(|a| a.word_bit.is_some() && a.pending.is_none());
+            if !in_word || self.fence_subscribers.contains_key(&id) {
+                return false;
+            }
+            index += 1;
+        }
+        true
+    }
+
+    fn hand_back(&mut self, buffer: BufferId, word: Word, now: Instant) -> bool {
+        let Some(ws) = self
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        else {
+            return true;
+        };
+        let new_epoch = (word.is_idle() && ws.retired != 0).then(|| ws.epoch.wrapping_add(1));
+        let Some(mapped) = &ws.mapped else {
+            return true;
+        };
+        if !mapped.hand_back(word, new_epoch) {
+            return false;
+        }
+        ws.taken = false;
+        if let Some(epoch) = new_epoch {
+            ws.epoch = epoch;
+            ws.retired = 0;
+        }
+        // The bits are the reservation again; the arbiter forgets them.
+        while let Some(id) = self.arbiter.fence_id_at(buffer, 0) {
+            let client = self.accesses.remove(&id).map(|a| a.client);
+            let ended = client.map(|c| self.arbiter.end(c, id, now));
+            if !matches!(ended, Some(Ok(_))) {
+                tracing::error!(
+                    buffer,
+                    access = id,
+                    "cannot forget a fence handed back to the word"
+                );
+                break;
+            }
+        }
+        true
+    }
+
+    /// The head of the queue waits for one holder's bit only: let that
+    /// holder's end hand the buffer over (one hop instead of two).
+    fn plan_hand_off(&mut self, buffer: BufferId, word: Word) {
+        if self.arbiter.fence_count(buffer) != 1 || self.arbiter.owes_marks(buffer) {
+            return;
+        }
+        let Some(holder) = self.arbiter.fence_id_at(buffer, 0) else {
+            return;
+        };
+        let in_word = self
+            .accesses
+            .get(&holder)
+            .is_some_and(|a| a.word_bit.is_some());
+        if !in_word {
+            return;
+        }
+        let Some(head) = self.arbiter.head_waiter(buffer) else {
+            return;
+        };
+        let kind = super::access::to_wire_access(head.access);
+        let Some(access) = word_access(kind) else {
+            return;
+        };
+        let autofence = self.clients.get(&head.client).is_some_and(|c| c.autofence);
+        let Some(request_id) = self.waiters.get(&head.id).map(|w| w.request_id) else {
+            return;
+        };
+        if !autofence {
+            return;
+        }
+        let Some(slot) = self.word_slot(buffer, head.client) else {
+            return;
+        };
+        if word.holds(slot.index) {
+            return;
+        }
+        let Some(mapped) = self.mapped_word(buffer) else {
+            return;
+        };
+        if !mapped.plan(word, slot.index, access) {
+            // The holder moved meanwhile; its end message brings us back.
+            return;
+        }
+        if let Some(ws) = self
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        {
+            ws.planned = Some(head.id);
+        }
+        if let Some(w) = self.waiters.get_mut(&head.id) {
+            w.planned = true;
+            w.ever_planned = true;
+        }
+        self.stats.hand_offs_planned += 1;
+        self.reply(
+            head.client,
+            request_id,
+            Ok(ReplyBody::Planned { word: slot }),
+            Vec::new(),
+        );
+    }
+
+    /// Accesses held in the word of a buffer the broker does not arbitrate
+    /// right now (for the views, which show them as fences without ids).
+    pub fn word_fences(&self, buffer: BufferId) -> Vec<(ClientId, Access)> {
+        let Some(ws) = self.buffers.get(&buffer).and_then(|b| b.word.as_deref()) else {
+            return Vec::new();
+        };
+        let Some(word) = ws.mapped.as_ref().filter(|_| !ws.taken) else {
+            return Vec::new();
+        };
+        word.load()
+            .holders()
+            .filter_map(|(index, access)| Some((ws.owner(index)?, wire_access(access))))
+            .collect()
+    }
+
+    /// How many accesses are held in words of buffers not taken over.
+    pub fn word_fence_count(&self) -> usize {
+        self.buffers
+            .keys()
+            .map(|b| self.word_fences(*b).len())
+            .sum()
+    }
+}

@@ -1,0 +1,391 @@
+//! Buffer words, end to end: the real daemon and real client processes
+//! sharing a memfd buffer whose reservation word lives past its end.
+//!
+//! An uncontended CPU access begins and ends with a compare-and-swap on the
+//! word, with no message; the broker takes the word over before any
+//! decision and hands it back when nothing is left to arbitrate; a waiter
+//! is handed the buffer by the holder's end through the word. These tests
+//! hold that to what users rely on: a writer in the word still excludes
+//! every other process, a waiter is still granted promptly and in order,
+//! a writer SIGKILLed in the word is still reported lost, the views still
+//! show who holds what, and a holder that scribbles on the word harms
+//! nobody's arbitration but its own buffer's speed.
+
+use std::time::{Duration, Instant};
+
+use dmabroker_client::{Access, ClientOptions};
+use dmabroker_ipc::bufferword::BufferWord;
+use dmabroker_suite::dbus::DbusDaemon;
+use dmabroker_suite::scripted::{access_of, field, Shared};
+use dmabroker_suite::{Daemon, Scripted};
+
+/// How long a begin that must not be granted is given to prove it.
+const STILL_BLOCKED: Duration = Duration::from_millis(200);
+/// How soon an end someone waits for must reach them (generous for a
+/// loaded machine; a lost wake-up never arrives at all).
+const PROMPTLY: Duration = Duration::from_secs(2);
+
+// Field indices of the D-Bus views (src/daemon/src/dbus/views.rs).
+const TOTALS_FENCES: usize = 3;
+const TOTALS_WAITERS: usize = 4;
+const STATS_GRANTS: usize = 5;
+const BUFFER_FENCES: usize = 8;
+
+fn totals(bus: &DbusDaemon, index: usize) -> u64 {
+    bus.property("Totals")[index]
+        .as_u64()
+        .expect("Totals field")
+}
+
+fn stat(bus: &DbusDaemon, index: usize) -> u64 {
+    bus.method("Statistics", &[])[index]
+        .as_u64()
+        .expect("Statistics field")
+}
+
+fn counter(bus: &DbusDaemon, property: &str) -> u64 {
+    bus.property(property).as_u64().expect(property)
+}
+
+/// The buffer's fences in the D-Bus view: (access, kind, holder, state).
+fn fences_of(bus: &DbusDaemon, buffer: &str) -> Vec<(u64, String, u64, String)> {
+    let buffers = bus.method("ListBuffers", &[]);
+    let listed = buffers
+        .as_array()
+        .expect("buffer list")
+        .iter()
+        .find(|b| b[0].as_u64().map(|id| id.to_string()).as_deref() == Some(buffer))
+        .cloned()
+        .expect("buffer listed");
+    listed[BUFFER_FENCES]
+        .as_array()
+        .expect("fence list")
+        .iter()
+        .map(|f| {
+            (
+                f[0].as_u64().expect("access"),
+                f[1].as_str().expect("kind").to_owned(),
+                f[2].as_u64().expect("holder"),
+                f[3].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn granted_within(client: &mut Scripted, within: Duration, what: &str) -> String {
+    let answer = client
+        .recv(within)
+        .unwrap_or_else(|| panic!("{what}: not granted within {within:?}"));
+    assert!(answer.starts_with("ok"), "{what}: {answer}");
+    answer
+}
+
+/// Begins `access` and ends it again: after the first (a round trip that
+/// gives the client its slot in the word), cycles are held in the word.
+fn cycle(client: &mut Scripted, buffer: &str, access: &str) -> String {
+    let answer = client.ok(&format!("begin {buffer} {access}"));
+    client.ok(&format!("end {}", access_of(&answer)));
+    answer
+}
+
+/// After the first grant, every uncontended cycle happens in the word: the
+/// broker grants nothing more (its grant count stands still), and the data
+/// still goes from one process to the next. Fails if the client still
+/// asks the broker (grants grow) or the word is not shared (stale bytes).
+#[test]
+fn uncontended_cycles_never_reach_the_broker() {
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut other = s.join(&[]);
+    let first = cycle(&mut s.owner, &s.id, "w");
+    assert_eq!(field(&first, "word"), Some("true"), "{first}");
+    cycle(&mut other, &s.id, "r");
+    let grants = stat(&bus, STATS_GRANTS);
+    for round in 0..50u32 {
+        let write = s.owner.ok(&format!("begin {} w", s.id));
+        assert_eq!(
+            field(&write, "word"),
+            Some("true"),
+            "round {round}: {write}"
+        );
+        s.owner
+            .ok(&format!("fill {} {}", access_of(&write), round % 251));
+        s.owner.ok(&format!("end {}", access_of(&write)));
+        let read = other.ok(&format!("read {}", s.id));
+        assert_eq!(
+            field(&read, "byte"),
+            Some((round % 251).to_string().as_str()),
+            "{read}"
+        );
+        assert_eq!(field(&read, "uniform"), Some("true"), "{read}");
+    }
+    assert_eq!(
+        stat(&bus, STATS_GRANTS),
+        grants,
+        "the broker saw the cycles"
+    );
+    assert_eq!(totals(&bus, TOTALS_FENCES), 0);
+}
+
+/// A writer holding the buffer in its word keeps every other process out:
+/// the reader's begin goes to the broker, which takes the word over, sees
+/// the writer, and queues the reader; the writer's end hands the buffer
+/// over through the word. Fails if the reader gets in while the writer
+/// holds (torn frame), or is never woken (lost wake-up), or the hand-off
+/// is not carried out in the word.
+#[test]
+fn a_writer_in_the_word_excludes_and_then_hands_off() {
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 1 << 20);
+    let mut reader = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    cycle(&mut reader, &s.id, "r");
+    for round in 1..=5u32 {
+        let write = s.owner.ok(&format!("begin {} w", s.id));
+        assert_eq!(field(&write, "word"), Some("true"), "{write}");
+        s.owner.ok(&format!("fill {} {round}", access_of(&write)));
+        reader.send(&format!("read {}", s.id));
+        eventually("the reader to queue", || totals(&bus, TOTALS_WAITERS) == 1);
+        assert_eq!(reader.recv(STILL_BLOCKED), None, "read while written");
+        s.owner.ok(&format!("end {}", access_of(&write)));
+        let read = granted_within(&mut reader, PROMPTLY, "reader after the write");
+        assert_eq!(
+            field(&read, "byte"),
+            Some(round.to_string().as_str()),
+            "{read}"
+        );
+        assert_eq!(field(&read, "uniform"), Some("true"), "{read}");
+        assert_eq!(field(&read, "writer_lost"), Some("false"), "{read}");
+    }
+    assert_eq!(
+        counter(&bus, "HandOffs"),
+        5,
+        "every hand-off went through the word"
+    );
+    eventually("the word to be handed back", || {
+        totals(&bus, TOTALS_FENCES) == 0 && totals(&bus, TOTALS_WAITERS) == 0
+    });
+    // Handed back: the next uncontended cycle is in the word again.
+    let again = cycle(&mut s.owner, &s.id, "w");
+    assert_eq!(field(&again, "word"), Some("true"), "{again}");
+}
+
+/// Readers share in the word, and a writer waits for the last of them.
+/// Fails if two readers exclude each other, or the writer gets in while
+/// one still reads.
+#[test]
+fn readers_share_in_the_word_and_a_writer_waits_for_the_last() {
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut a = s.join(&[]);
+    let mut b = s.join(&[]);
+    cycle(&mut a, &s.id, "r");
+    cycle(&mut b, &s.id, "r");
+    cycle(&mut s.owner, &s.id, "w");
+    let ra = a.ok(&format!("begin {} r", s.id));
+    let rb = b.ok(&format!("begin {} r", s.id));
+    assert_eq!(field(&ra, "word"), Some("true"), "{ra}");
+    assert_eq!(field(&rb, "word"), Some("true"), "{rb}");
+    let fences = fences_of(&bus, &s.id);
+    assert_eq!(fences.len(), 2, "{fences:?}");
+    assert!(
+        fences.iter().all(|f| f.1 == "cpu-read" && f.3 == "word"),
+        "{fences:?}"
+    );
+
+    s.owner.send(&format!("begin {} w", s.id));
+    eventually("the writer to queue", || totals(&bus, TOTALS_WAITERS) == 1);
+    a.ok(&format!("end {}", access_of(&ra)));
+    assert_eq!(s.owner.recv(STILL_BLOCKED), None, "written while b reads");
+    b.ok(&format!("end {}", access_of(&rb)));
+    let write = granted_within(&mut s.owner, PROMPTLY, "writer after the readers");
+    assert_eq!(field(&write, "writer_lost"), Some("false"), "{write}");
+}
+
+/// A writer SIGKILLed while holding the buffer in its word: the broker
+/// cannot have seen the write begin, yet the next grant must say
+/// `writer_lost`, promptly, and the buffer must not stay locked. Fails if
+/// the dead client's bit is ignored (no flag) or never cleared (the
+/// reader waits forever).
+#[test]
+fn a_writer_killed_in_the_word_is_reported_lost() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut s = Shared::new(daemon, 4096);
+    let mut reader = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    assert_eq!(field(&write, "word"), Some("true"), "{write}");
+    s.owner.kill();
+    let read = reader
+        .cmd(&format!("begin {} r 2000", s.id))
+        .expect("the reader gets in after the writer died");
+    assert_eq!(field(&read, "writer_lost"), Some("true"), "{read}");
+    reader.ok(&format!("end {}", access_of(&read)));
+    let again = cycle(&mut reader, &s.id, "w");
+    assert_eq!(field(&again, "writer_lost"), Some("false"), "{again}");
+    drop(reader);
+    s.daemon.assert_fds_back_to(baseline);
+}
+
+/// A planned hand-off that times out: the waiter gets `Timeout` and
+/// leaves the queue; the holder's end later finds nobody to hand over to,
+/// and the buffer is free for the next process. Fails if the cancelled
+/// plan is still carried out (the buffer stays held by a client that gave
+/// up) or the waiter sleeps past its timeout.
+#[test]
+fn a_planned_waiter_that_times_out_leaves_the_buffer_free() {
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut waiter = s.join(&[]);
+    let mut third = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    cycle(&mut waiter, &s.id, "r");
+    cycle(&mut third, &s.id, "r");
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    let started = Instant::now();
+    let refused = waiter
+        .cmd(&format!("begin {} r 300", s.id))
+        .expect_err("granted while written");
+    assert!(refused.contains("timeout"), "{refused}");
+    assert!(
+        started.elapsed() < PROMPTLY,
+        "the timeout took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(counter(&bus, "HandOffsPlanned"), 1);
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    let next = third
+        .cmd(&format!("begin {} w 1000", s.id))
+        .expect("the buffer is free after the timeout");
+    assert_eq!(field(&next, "writer_lost"), Some("false"), "{next}");
+    assert_eq!(
+        counter(&bus, "HandOffs"),
+        0,
+        "no hand-off to a client that gave up"
+    );
+}
+
+/// A no-autofence client is never blocked: a begin against a writer held
+/// in the word is granted at once and lists that writer's access as a
+/// fence to wait for, then an event when it ends. Fails if the word's
+/// holder is invisible to the broker's fence list, or its end (no message
+/// needed for the word alone) never produces the event.
+#[test]
+fn no_autofence_clients_see_word_holders_as_fences() {
+    let mut s = Shared::new(Daemon::start(), 4096);
+    let mut hw = s.join(&["--no-autofence"]);
+    cycle(&mut s.owner, &s.id, "w");
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    let granted = hw
+        .cmd(&format!("begin {} r", s.id))
+        .expect("no-autofence is never blocked");
+    assert_eq!(field(&granted, "fences"), Some("1"), "{granted}");
+    let listed = field(&granted, "fence_list")
+        .expect("fence list")
+        .to_owned();
+    let fence = listed.split(':').next().expect("fence id").to_owned();
+    assert!(listed.contains(":cpu-write:"), "{listed}");
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    let event = hw.ok("event 2000");
+    assert!(
+        event.contains(&format!("FenceSignalled {{ fence: {fence} }}")),
+        "{event} for {fence}"
+    );
+}
+
+/// A holder that writes garbage into the word (a writer together with
+/// readers) breaks only that buffer's fast path: the broker notices at its
+/// next look, tells the next grant the contents may be torn, and from
+/// then on arbitrates every access by message, correctly. The daemon
+/// stays up and other buffers keep their words. Fails if the broker trusts
+/// the garbage (a writer it never granted blocks everyone, or readers are
+/// let in beside a "writer"), or panics.
+#[test]
+fn a_scribbled_word_falls_back_to_messages_for_that_buffer_only() {
+    let mut s = Shared::new(Daemon::start(), 4096);
+    let mut other = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    // A holder maps the word like any holder could, and scribbles.
+    let client = s.daemon.client();
+    let mine = client.alloc(4096).expect("alloc");
+    let victim = s.daemon.client();
+    let shared_token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = victim.import(&shared_token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    word.scribble(1 << 37 | 0b11); // a writer and two readers
+    let read = other
+        .cmd(&format!("begin {} r 2000", s.id))
+        .expect("the broker must not believe the garbage");
+    assert_eq!(field(&read, "writer_lost"), Some("true"), "{read}");
+    assert_eq!(field(&read, "word"), Some("false"), "{read}");
+    other.ok(&format!("end {}", access_of(&read)));
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    assert_eq!(field(&write, "word"), Some("false"), "{write}");
+    // Arbitration by message still excludes.
+    other.send(&format!("begin {} r", s.id));
+    assert_eq!(other.recv(STILL_BLOCKED), None, "read while written");
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    granted_within(&mut other, PROMPTLY, "reader after the write");
+    // Another buffer is unaffected.
+    let mut g = mine.begin(Access::CpuWrite).expect("begin");
+    g.bytes_mut().expect("bytes")[0] = 1;
+    drop(g);
+    let g = mine.begin(Access::CpuWrite).expect("begin");
+    assert!(g.in_word(), "the other buffer still uses its word");
+}
+
+/// A client that turned buffer words off never holds accesses in the
+/// word: every begin is a round trip the broker sees. Fails if it is given
+/// a slot anyway.
+#[test]
+fn a_client_without_buffer_words_always_asks_the_broker() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let off = daemon
+        .client_with(ClientOptions {
+            buffer_words: false,
+            ..Default::default()
+        })
+        .expect("connect");
+    let buffer = off.alloc(4096).expect("alloc");
+    for _ in 0..3 {
+        let guard = buffer.begin(Access::CpuWrite).expect("begin");
+        assert!(!guard.in_word());
+    }
+    assert_eq!(stat(&bus, STATS_GRANTS), 3);
+}
+
+/// A client whose policy sets a hold limit needs the broker to see every
+/// write (to revoke it in time): it never gets a slot in the word, and a
+/// write held too long is still revoked. Fails if the write is taken in
+/// the word, where the broker could not time it.
+#[test]
+fn a_hold_limit_keeps_writes_out_of_the_word() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(Some("[default]\nwrite_hold_limit = \"200ms\"\n"));
+    let client = daemon.client();
+    let buffer = client.alloc(4096).expect("alloc");
+    for _ in 0..3 {
+        let guard = buffer.begin(Access::CpuWrite).expect("begin");
+        assert!(!guard.in_word());
+    }
+    let held = buffer.begin(Access::CpuWrite).expect("begin");
+    assert!(!held.in_word());
+    let event = client
+        .next_event(Some(PROMPTLY))
+        .expect("event")
+        .expect("revoked in time");
+    assert!(
+        matches!(event, dmabroker_client::Event::AccessRevoked { .. }),
+        "{event:?}"
+    );
+}
