@@ -79,6 +79,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(client, buffer, access)| Op::WordBegin { client, buffer, access }),
         8 => (client.clone(), any::<u8>())
             .prop_map(|(client, hold)| Op::WordEnd { client, hold }),
+        3 => (client.clone(), any::<u8>())
+            .prop_map(|(client, hold)| Op::WordEndLate { client, hold }),
         1 => (client, 0u8..8, word_garbage())
             .prop_map(|(client, buffer, value)| Op::WordScribble { client, buffer, value }),
     ]
@@ -120,7 +122,7 @@ fn generated_sequences_reach_the_interesting_states() {
     let mut runner = TestRunner::deterministic();
     let sequences = (any::<bool>(), proptest::collection::vec(op(), 1..200));
     let mut seen = std::collections::BTreeMap::<&str, u64>::new();
-    for _ in 0..200 {
+    for _ in 0..400 {
         let (tight, ops) = sequences.new_tree(&mut runner).expect("generate").current();
         let mut driver = Driver::new(tight);
         for op in &ops {
@@ -313,13 +315,11 @@ fn a_scribble_on_a_reused_word_is_settled_at_the_next_look() {
     driver.finish().expect("nothing left");
 }
 
-/// A fixed sequence through buffer words: a write begun in the word with
-/// no message, a reader queued behind it and told `Planned`, the writer's
-/// end handing the buffer over in the word, and the word handed back once
-/// only bits are left. Clients 1 and 2 use buffer words (client 0 does
-/// not, see the driver).
-#[test]
-fn the_driver_reaches_a_hand_off_in_the_word() {
+/// Clients 1 and 2 (both using buffer words, see the driver) share a
+/// buffer; each learns its slot with a first begin by message; then client
+/// 1 writes in the word (no message) and client 2's read queues behind it
+/// and is told `Planned`.
+fn writer_in_the_word_and_reader_planned() -> Driver {
     let mut driver = Driver::new(false);
     driver
         .step(&Op::Connect { hello: true })
@@ -352,6 +352,18 @@ fn the_driver_reaches_a_hand_off_in_the_word() {
     for op in &steps {
         driver.step(op).expect("step");
     }
+    driver
+}
+
+/// A fixed sequence through buffer words: a write begun in the word with
+/// no message, a reader queued behind it and told `Planned`, the writer's
+/// end handing the buffer over in the word, and the word handed back once
+/// only bits are left. Clients 1 and 2 use buffer words (client 0 does
+/// not, see the driver).
+#[test]
+fn the_driver_reaches_a_hand_off_in_the_word() {
+    let mut driver = writer_in_the_word_and_reader_planned();
+    let word_end = |client| Op::WordEnd { client, hold: 0 };
     assert_eq!(driver.word_begins, 1, "the second write began in the word");
     {
         let state = driver.state();
@@ -376,5 +388,34 @@ fn the_driver_reaches_a_hand_off_in_the_word() {
     }
     driver.step(&word_end(2)).expect("the reader ends");
     assert_eq!(driver.state().live_fence_count(), 0);
+    driver.finish().expect("nothing left");
+}
+
+/// Regression: the holder's `WordEnded` after a hand-off is still in flight
+/// when the waiter, already holding the buffer, ends that access and tells
+/// the broker. The broker must record the hand-off (the plan was carried
+/// out: nothing was left to cancel) even though the waiter's bit is gone
+/// again; it once took the missing bit for a cancelled plan and granted
+/// the waiter by message, a grant its client had stopped listening for,
+/// leaving a read nobody would ever end.
+#[test]
+fn a_hand_off_ended_before_the_broker_heard_of_it_is_still_recorded() {
+    let mut driver = writer_in_the_word_and_reader_planned();
+    assert_eq!(driver.state().stats.hand_offs_planned, 1);
+    // The writer hands over; its message is still on the way when the
+    // reader ends (and tells) in the same step.
+    driver
+        .step(&Op::WordEndLate { client: 1, hold: 0 })
+        .expect("the writer ends");
+    driver
+        .step(&Op::WordEnd { client: 2, hold: 0 })
+        .expect("the reader ends");
+    {
+        let state = driver.state();
+        assert_eq!(state.stats.hand_offs, 1, "recorded as a hand-off");
+        assert_eq!(state.waiters.len(), 0);
+        assert_eq!(state.live_fence_count(), 0, "no access left behind");
+        assert!(state.accesses.is_empty(), "{:?}", state.accesses);
+    }
     driver.finish().expect("nothing left");
 }

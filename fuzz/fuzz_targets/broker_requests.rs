@@ -102,6 +102,10 @@ fn op(u: &mut Unstructured<'_>) -> Result<Op> {
             client: u.arbitrary()?,
             hold: u.arbitrary()?,
         },
+        17 => Op::WordEndLate {
+            client: u.arbitrary()?,
+            hold: u.arbitrary()?,
+        },
         16 => Op::WordScribble {
             client: u.arbitrary()?,
             buffer: u.arbitrary()?,

@@ -80,6 +80,9 @@ pub enum Op {
     WordEnd { client: u8, hold: u8 },
     /// The client writes `value` into one of its buffers' words.
     WordScribble { client: u8, buffer: u8, value: u64 },
+    /// As `WordEnd`, but its `WordEnded` message (if it owes one) is still
+    /// in flight: it reaches the broker after the next step's own op.
+    WordEndLate { client: u8, hold: u8 },
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +173,10 @@ pub struct Driver {
     /// Buffers whose words someone scribbled on: the broker may have
     /// believed a blind write, so the word checks skip them.
     scribbled_words: std::collections::HashSet<u64>,
+    /// `WordEnded` messages in flight (client, buffer): delivered after the
+    /// next step's op (by client id: the op may change which live slot is
+    /// whose).
+    in_flight: Vec<(ClientId, u64)>,
 }
 
 fn heaps() -> HeapRegistry {
@@ -224,6 +231,7 @@ impl Driver {
             word_begins: 0,
             scribbled: std::collections::HashSet::new(),
             scribbled_words: std::collections::HashSet::new(),
+            in_flight: Vec::new(),
         };
         let runtime = Arc::clone(&driver.runtime);
         let _entered = runtime.enter();
@@ -245,6 +253,7 @@ impl Driver {
     pub fn step(&mut self, op: &Op) -> Result<(), String> {
         let runtime = Arc::clone(&self.runtime);
         let _entered = runtime.enter();
+        let arriving = std::mem::take(&mut self.in_flight);
         match op {
             Op::Connect { hello } => self.connect(*hello),
             Op::Disconnect { client } => self.hang_up(*client as usize),
@@ -276,20 +285,26 @@ impl Driver {
                 buffer,
                 access,
             } => self.word_begin(*client as usize, *buffer, *access),
-            Op::WordEnd { client, hold } => self.word_end(*client as usize, *hold),
+            Op::WordEnd { client, hold } => self.word_end(*client as usize, *hold, false),
+            Op::WordEndLate { client, hold } => self.word_end(*client as usize, *hold, true),
             Op::WordScribble {
                 client,
                 buffer,
                 value,
             } => self.word_scribble(*client as usize, *buffer, *value),
         }
+        // Messages in flight since the previous step arrive after this
+        // step's own.
+        self.deliver_in_flight(arriving);
         self.settle();
         self.read_replies()?;
         self.resolve_plans();
         let state = self.broker.lock();
         check_invariants(&state)?;
         check_no_end_unheard(&state, &self.scribbled)?;
-        check_words(&state, &self.scribbled_words)
+        let mut unsettled = self.scribbled_words.clone();
+        unsettled.extend(self.in_flight.iter().map(|(_, buffer)| *buffer));
+        check_words(&state, &unsettled)
     }
 
     fn word_begin(&mut self, slot: usize, buffer: u8, access: u8) {
@@ -318,7 +333,7 @@ impl Driver {
         }
     }
 
-    fn word_end(&mut self, slot: usize, hold: u8) {
+    fn word_end(&mut self, slot: usize, hold: u8, late: bool) {
         let Some(conn) = self.conn_mut(slot) else {
             return;
         };
@@ -330,7 +345,26 @@ impl Driver {
             .remove(usize::from(hold) % conn.in_words.len());
         let ended = conn.buffer_words.get(&buffer).map(|w| w.end(hold));
         if matches!(ended, Some(WordEnd::Tell | WordEnd::HandedOff)) {
-            self.send_body(slot, RequestBody::WordEnded { buffer }, Vec::new(), true);
+            if late {
+                let client = self.conn_mut(slot).map(|c| c.id);
+                self.in_flight.extend(client.map(|c| (c, buffer)));
+            } else {
+                self.send_body(slot, RequestBody::WordEnded { buffer }, Vec::new(), true);
+            }
+        }
+    }
+
+    /// Sends messages that were in flight, from clients still connected.
+    fn deliver_in_flight(&mut self, messages: Vec<(ClientId, u64)>) {
+        for (client, buffer) in messages {
+            let slot = self
+                .conns
+                .iter()
+                .filter(|c| c.socket.is_some())
+                .position(|c| c.id == client);
+            if let Some(slot) = slot {
+                self.send_body(slot, RequestBody::WordEnded { buffer }, Vec::new(), true);
+            }
         }
     }
 
@@ -721,6 +755,8 @@ impl Driver {
     pub fn finish(&mut self) -> Result<(), String> {
         let runtime = Arc::clone(&self.runtime);
         let _entered = runtime.enter();
+        let arriving = std::mem::take(&mut self.in_flight);
+        self.deliver_in_flight(arriving);
         for slot in 0..self.conns.len() {
             self.hang_up(slot);
         }

@@ -77,8 +77,8 @@ const EPOCH_MASK: u64 = 0xffff;
 const HOLD_MASK: u64 = READERS_MASK | (IDX_MASK << WRITER_IDX_SHIFT) | WRITER | WRITER_RW;
 const NEXT_MASK: u64 = NEXT | (0b11 << NEXT_KIND_SHIFT) | (IDX_MASK << NEXT_IDX_SHIFT);
 
-/// A holder's place in its buffer's word: carried in `BufferInfo` and in
-/// grants that end through the word.
+/// A holder's place in its buffer's word: carried in grants held in the
+/// word and in `Planned` answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FastSlot {
     pub index: u8,

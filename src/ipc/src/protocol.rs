@@ -27,10 +27,10 @@ pub mod features {
     /// The welcome carries a page of end words (see `endwords`), and grants
     /// may name a slot in it, so most ends need no message.
     pub const END_WORDS: u64 = 1 << 3;
-    /// Everything this build understands.
     /// Buffer words: memfd buffers carry a reservation word past their end
     /// that holders begin and end uncontended accesses on (version 3).
     pub const BUFFER_WORDS: u64 = 1 << 4;
+    /// Everything this build understands.
     pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS | BUFFER_WORDS;
 }
 

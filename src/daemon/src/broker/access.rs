@@ -121,8 +121,10 @@ impl State {
             ));
         }
         let now = Instant::now();
-        // The broker decides now: no fast begin may slip past it.
-        self.take_over_word(buffer, now);
+        // The broker decides now: no fast begin may slip past it. (A client
+        // that cannot use the word does not make the broker map it.)
+        let map = self.word_eligible(client);
+        self.take_over_word(buffer, now, map);
         // Accesses ended through their words are retired before deciding.
         self.settle_buffer(buffer, false, now);
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms.into()));
@@ -533,7 +535,7 @@ impl State {
                 // holder already carried it out, recorded (and the waiter
                 // is no longer waiting).
                 if let Some(buffer) = self.arbiter.waiter_buffer(waiter) {
-                    self.take_over_word(buffer, now);
+                    self.take_over_word(buffer, now, false);
                     self.settle_buffer(buffer, false, now);
                 }
                 let Some(entry) = self.waiters.remove(&waiter) else {

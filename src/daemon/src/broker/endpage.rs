@@ -300,44 +300,17 @@ impl State {
             .filter_map(|c| c.end_page.as_ref())
             .map(EndPage::ended_count)
             .sum();
-        let ended_in_words = self
-            .accesses
-            .values()
-            .filter(|a| {
-                a.word_bit
-                    .is_some_and(|bit| !self.word_bit_present(a.buffer, bit))
-            })
-            .count();
-        (self.accesses.len() + self.word_fence_count()).saturating_sub(ended + ended_in_words)
+        let (in_words, ended_in_words) = self.word_counts(self.buffers.keys(), None);
+        (self.accesses.len() + in_words).saturating_sub(ended + ended_in_words)
     }
 
     /// The accesses a client holds, by the same rule.
     pub fn live_held_by(&self, client: ClientId) -> usize {
         let ended = self.end_page(client).map_or(0, EndPage::ended_count);
-        let ended_in_words = self
-            .accesses
-            .values()
-            .filter(|a| a.client == client)
-            .filter(|a| {
-                a.word_bit
-                    .is_some_and(|bit| !self.word_bit_present(a.buffer, bit))
-            })
-            .count();
-        let in_words: usize = self
+        let (in_words, ended_in_words) = self
             .clients
             .get(&client)
-            .map(|c| {
-                c.buffers
-                    .iter()
-                    .map(|b| {
-                        self.word_fences(*b)
-                            .iter()
-                            .filter(|(h, _)| *h == client)
-                            .count()
-                    })
-                    .sum()
-            })
-            .unwrap_or(0);
+            .map_or((0, 0), |c| self.word_counts(c.buffers.iter(), Some(client)));
         (self.arbiter.held_by(client) + in_words).saturating_sub(ended + ended_in_words)
     }
 

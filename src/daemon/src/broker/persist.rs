@@ -55,24 +55,27 @@ fn origin_of(record: OriginRecord) -> BufferOrigin {
     }
 }
 
-/// Is `fd` still the object the record describes: same inode, same size,
-/// same kind?
-/// memfd buffers carry their word's page past their end.
-fn word_page(origin: OriginRecord) -> u64 {
-    match origin {
-        OriginRecord::Memfd => dmabroker_ipc::bufferword::WORD_PAGE,
-        _ => 0,
-    }
-}
-
-fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> bool {
+/// Whether `fd` is still the object the record describes (same inode,
+/// same kind, the recorded size) and whether it carries a word page: a
+/// memfd allocated by this version is one page longer; one stored by a
+/// version before buffer words is not, and is kept, without a word.
+fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> Option<bool> {
     let kind_ok = match record.origin {
         OriginRecord::Memfd => memfd::is_memfd(fd.as_fd()),
         _ => dma_buf::is_dma_buf(fd.as_fd()),
     };
-    kind_ok
-        && dma_buf::inode(fd.as_fd()).ok() == Some(record.inode)
-        && dma_buf::size(fd.as_fd()).ok() == Some(record.size + word_page(record.origin))
+    if !kind_ok || dma_buf::inode(fd.as_fd()).ok() != Some(record.inode) {
+        return None;
+    }
+    let size = dma_buf::size(fd.as_fd()).ok()?;
+    let with_word = record
+        .size
+        .checked_add(dmabroker_ipc::bufferword::WORD_PAGE);
+    match record.origin {
+        OriginRecord::Memfd if Some(size) == with_word => Some(true),
+        _ if size == record.size => Some(false),
+        _ => None,
+    }
 }
 
 impl State {
@@ -127,14 +130,14 @@ impl State {
                 summary.lost += 1;
                 continue;
             };
-            if !matches_record(&fd, buffer) {
+            let Some(has_word) = matches_record(&fd, buffer) else {
                 tracing::warn!(
                     buffer = buffer.id,
                     "stored fd is not the recorded buffer; dropping it"
                 );
                 summary.lost += 1;
                 continue;
-            }
+            };
             let holders = buffer
                 .holders
                 .iter()
@@ -159,7 +162,7 @@ impl State {
                     holders,
                     created: SystemTime::now(),
                     // The previous instance's clients may have left bits.
-                    word: (buffer.origin == OriginRecord::Memfd).then(WordState::inherited),
+                    word: has_word.then(WordState::inherited),
                 },
             );
             self.arbiter.add_buffer(buffer.id);
@@ -243,5 +246,46 @@ impl State {
             ReplyBody::Buffer(self.buffer_info(buffer, secret.to_owned())),
             Vec::new(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_of(fd: &OwnedFd, size: u64) -> BufferRecord {
+        BufferRecord {
+            id: 1,
+            size,
+            heap: "memfd".into(),
+            origin: OriginRecord::Memfd,
+            name: "frame".into(),
+            inode: dma_buf::inode(fd.as_fd()).expect("inode"),
+            holders: Vec::new(),
+        }
+    }
+
+    /// A memfd of this version carries the word page; one stored by a
+    /// daemon from before buffer words does not, and must survive an
+    /// upgrade all the same (without a word); any other size is not the
+    /// recorded buffer.
+    #[test]
+    fn stored_memfds_with_and_without_a_word_page_are_recognised() {
+        let page = dmabroker_ipc::bufferword::WORD_PAGE;
+        let with_word = memfd::create_sealed("frame", 4096 + page).expect("memfd");
+        assert_eq!(
+            matches_record(&with_word, &record_of(&with_word, 4096)),
+            Some(true)
+        );
+        let before = memfd::create_sealed("frame", 4096).expect("memfd");
+        assert_eq!(
+            matches_record(&before, &record_of(&before, 4096)),
+            Some(false)
+        );
+        assert_eq!(matches_record(&before, &record_of(&before, 8192)), None);
+        assert_eq!(
+            matches_record(&with_word, &record_of(&with_word, 12288)),
+            None
+        );
     }
 }

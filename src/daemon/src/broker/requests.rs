@@ -411,7 +411,7 @@ impl State {
         // Its accesses held in the buffer's word become fences first, so
         // they are released like any other.
         let now = Instant::now();
-        self.take_over_word(buffer, now);
+        self.take_over_word(buffer, now, false);
         self.settle_buffer(buffer, false, now);
         // A write the client ended through its word is not a lost one.
         self.settle_client(client, Some(buffer));

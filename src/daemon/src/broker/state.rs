@@ -501,7 +501,7 @@ impl State {
             })
             .unwrap_or_default();
         for buffer in in_words {
-            self.take_over_word(buffer, now);
+            self.take_over_word(buffer, now, false);
             self.settle_buffer(buffer, false, now);
         }
         self.settle_client(client, None);

@@ -39,7 +39,9 @@ pub struct WordState {
     /// broker arbitrates every access from now on.
     pub broken: bool,
     epoch: u16,
-    owners: [Option<ClientId>; MAX_HOLDERS as usize],
+    /// Indices held by current holders (each holder's own index is in its
+    /// `Holder` entry: a reverse table would cost 256 bytes per buffer).
+    assigned: u32,
     /// Indices of departed holders: reusable only once the epoch moves on,
     /// so a stale guard of theirs can never clear a newcomer's bit.
     retired: u32,
@@ -62,11 +64,15 @@ impl WordState {
     pub fn peek(&self) -> Option<Word> {
         self.mapped.as_ref().map(BufferWord::load)
     }
+}
 
-    /// The owner of each index with an access in `word`.
-    fn owner(&self, index: u8) -> Option<ClientId> {
-        self.owners.get(usize::from(index)).copied().flatten()
-    }
+/// The holder of `buffer` whose word index is `index`.
+fn owner_of(entry: &super::state::BufferEntry, index: u8) -> Option<ClientId> {
+    entry
+        .holders
+        .iter()
+        .find(|h| h.word_index == Some(index))
+        .map(|h| h.client)
 }
 
 pub(super) fn word_access(access: Access) -> Option<WordAccess> {
@@ -87,12 +93,14 @@ fn wire_access(access: WordAccess) -> Access {
 }
 
 impl State {
-    /// The buffer's word, mapped now if it was not yet. `None` for buffers
-    /// without one, and for words that are broken.
-    fn word_state(&mut self, buffer: BufferId) -> Option<&mut WordState> {
+    /// The buffer's word, mapped now if it was not yet and `map` says so.
+    /// `None` for buffers without one, for broken words, and for words not
+    /// mapped yet when `map` is false: nobody can have been given a slot in
+    /// a word the broker never mapped, so there is nothing to take over.
+    fn word_state(&mut self, buffer: BufferId, map: bool) -> Option<&mut WordState> {
         let entry = self.buffers.get_mut(&buffer)?;
         let ws = entry.word.as_deref_mut()?;
-        if ws.broken {
+        if ws.broken || (ws.mapped.is_none() && !map) {
             return None;
         }
         if ws.mapped.is_none() {
@@ -122,7 +130,7 @@ impl State {
 
     /// Whether `client` may hold accesses in words: it asked for them, and
     /// no hold limit needs the broker to see its writes.
-    fn word_eligible(&self, client: ClientId) -> bool {
+    pub(super) fn word_eligible(&self, client: ClientId) -> bool {
         self.clients
             .get(&client)
             .is_some_and(|c| c.buffer_words && c.resolved.limits.write_hold_limit.is_none())
@@ -141,13 +149,12 @@ impl State {
             .iter()
             .find(|h| h.client == client)?
             .word_index;
-        let ws = self.word_state(buffer)?;
+        let ws = self.word_state(buffer, true)?;
         let index = match existing {
             Some(index) => index,
             None => {
-                let free = (0..MAX_HOLDERS)
-                    .find(|i| ws.owners[usize::from(*i)].is_none() && ws.retired & (1 << i) == 0)?;
-                ws.owners[usize::from(free)] = Some(client);
+                let free = (0..MAX_HOLDERS).find(|i| (ws.assigned | ws.retired) & (1 << i) == 0)?;
+                ws.assigned |= 1 << free;
                 free
             }
         };
@@ -181,7 +188,7 @@ impl State {
         let Some(ws) = entry.word.as_deref_mut() else {
             return;
         };
-        ws.owners[usize::from(index)] = None;
+        ws.assigned &= !(1 << index);
         ws.retired |= 1 << index;
         if let Some(word) = &ws.mapped {
             word.remove_holder(index);
@@ -191,8 +198,10 @@ impl State {
     /// Before any decision on the buffer: stops fast begins, turns the
     /// bits found into fences of their holders, and cancels a planned
     /// hand-off (one already carried out is recorded by the next settle).
-    pub(super) fn take_over_word(&mut self, buffer: BufferId, now: Instant) {
-        let Some(ws) = self.word_state(buffer) else {
+    /// `map`: map the word first if nobody did yet (a begin, which may
+    /// grant in the word); other decisions need not, see `word_state`.
+    pub(super) fn take_over_word(&mut self, buffer: BufferId, now: Instant, map: bool) {
+        let Some(ws) = self.word_state(buffer, map) else {
             return;
         };
         let Some(word) = &ws.mapped else {
@@ -202,7 +211,9 @@ impl State {
         let first = !ws.taken;
         ws.taken = true;
         let planned = ws.planned.take();
-        let cancelled = planned.map(|_| word.cancel_plan());
+        // Always: a NEXT the broker did not plan (written by a holder) must
+        // not be carried out either.
+        let cancelled = Some(word.cancel_plan()).filter(|_| planned.is_some());
         self.touched.push(buffer);
         if first {
             self.mirror(buffer, before, now);
@@ -213,7 +224,7 @@ impl State {
             if !cancelled {
                 // The next settle finds the holder's bit gone and records
                 // the grant as the hand-off.
-                if let Some(ws) = self.word_state(buffer) {
+                if let Some(ws) = self.word_state(buffer, false) {
                     ws.planned = Some(waiter);
                 }
             } else if let Some(w) = self.waiters.get_mut(&waiter) {
@@ -238,12 +249,8 @@ impl State {
             return;
         }
         for (index, access) in word.holders() {
-            let owner = self
-                .buffers
-                .get(&buffer)
-                .and_then(|b| b.word.as_deref())
-                .and_then(|ws| ws.owner(index));
-            let Some(client) = owner.filter(|c| self.index_of(buffer, *c) == Some(index)) else {
+            let owner = self.buffers.get(&buffer).and_then(|b| owner_of(b, index));
+            let Some(client) = owner else {
                 // A holder that left (or a reconnected client's stale guard):
                 // its access is over as far as the broker is concerned.
                 tracing::debug!(buffer, index, "bit of a departed holder cleared");
@@ -253,12 +260,21 @@ impl State {
                 continue;
             };
             let kind = wire_access(access);
+            let autofence = self.clients.get(&client).is_none_or(|c| c.autofence);
+            let mode = if autofence {
+                Mode::Autofence
+            } else {
+                Mode::NoAutofence
+            };
             match self
                 .arbiter
-                .begin(client, buffer, to_fence_access(kind), Mode::Autofence, now)
+                .begin(client, buffer, to_fence_access(kind), mode, now)
             {
                 Ok(BeginOutcome::Granted(grant)) => {
                     self.insert_word_access(grant.access_id, client, buffer, kind, index, 0);
+                    if let Some(entry) = self.accesses.get_mut(&grant.access_id) {
+                        entry.autofence = autofence;
+                    }
                 }
                 Ok(BeginOutcome::Queued(waiter)) => {
                     // Only an inconsistent table could get here: the word
@@ -349,6 +365,14 @@ impl State {
                 entry.word_bit = None;
             }
         }
+        // Before anything is granted: the grants these releases cause are
+        // the ones that must say the contents may be torn.
+        self.arbiter.mark_writer_lost(buffer);
+        for (id, waiter) in self.waiters.iter_mut() {
+            if self.arbiter.waiter_buffer(*id) == Some(buffer) {
+                waiter.planned = false;
+            }
+        }
         let now = Instant::now();
         for id in in_word {
             let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
@@ -358,10 +382,6 @@ impl State {
                 self.finish_released(&[id]);
                 self.deliver_grants(grants);
             }
-        }
-        self.arbiter.mark_writer_lost(buffer);
-        for waiter in self.waiters.values_mut() {
-            waiter.planned = false;
         }
     }
 
@@ -410,6 +430,15 @@ impl State {
     ) -> Option<FastSlot> {
         let access = word_access(kind)?;
         if !self.buffers.get(&buffer)?.word.as_deref()?.taken {
+            return None;
+        }
+        // Another request of the same client on this buffer was told
+        // `Planned` (two threads sharing a `Buffer`): a bit of its index
+        // now would read to that waiter as its hand-off.
+        let planned_sibling = self.waiters.iter().any(|(id, w)| {
+            w.client == client && w.ever_planned && self.arbiter.waiter_buffer(*id) == Some(buffer)
+        });
+        if planned_sibling {
             return None;
         }
         let slot = self.word_slot(buffer, client)?;
@@ -614,7 +643,10 @@ impl State {
     /// Accesses held in the word of a buffer the broker does not arbitrate
     /// right now (for the views, which show them as fences without ids).
     pub fn word_fences(&self, buffer: BufferId) -> Vec<(ClientId, Access)> {
-        let Some(ws) = self.buffers.get(&buffer).and_then(|b| b.word.as_deref()) else {
+        let Some(entry) = self.buffers.get(&buffer) else {
+            return Vec::new();
+        };
+        let Some(ws) = entry.word.as_deref() else {
             return Vec::new();
         };
         let Some(word) = ws.mapped.as_ref().filter(|_| !ws.taken) else {
@@ -622,15 +654,54 @@ impl State {
         };
         word.load()
             .holders()
-            .filter_map(|(index, access)| Some((ws.owner(index)?, wire_access(access))))
+            .filter_map(|(index, access)| Some((owner_of(entry, index)?, wire_access(access))))
             .collect()
     }
 
-    /// How many accesses are held in words of buffers not taken over.
-    pub fn word_fence_count(&self) -> usize {
-        self.buffers
-            .keys()
-            .map(|b| self.word_fences(*b).len())
-            .sum()
+    /// For the views' counts, over `buffers` (all, or one client's), and
+    /// for accesses of `client` only when given: (accesses held in words
+    /// the broker does not arbitrate now, accesses in its tables whose bit
+    /// is already gone). One look at each mapped word; no scan of the
+    /// access table.
+    pub(super) fn word_counts<'a>(
+        &self,
+        buffers: impl Iterator<Item = &'a BufferId>,
+        client: Option<ClientId>,
+    ) -> (usize, usize) {
+        let (mut held, mut ended) = (0, 0);
+        for buffer in buffers {
+            let Some(entry) = self.buffers.get(buffer) else {
+                continue;
+            };
+            let Some(ws) = entry.word.as_deref() else {
+                continue;
+            };
+            let Some(word) = ws.mapped.as_ref().map(BufferWord::load) else {
+                continue;
+            };
+            if !ws.taken {
+                held += word
+                    .holders()
+                    .filter(|(index, _)| client.is_none_or(|c| owner_of(entry, *index) == Some(c)))
+                    .count();
+                continue;
+            }
+            let mut index = 0;
+            while let Some(id) = self.arbiter.fence_id_at(*buffer, index) {
+                index += 1;
+                let Some(access) = self.accesses.get(&id) else {
+                    continue;
+                };
+                if client.is_some_and(|c| c != access.client) {
+                    continue;
+                }
+                if let Some(bit) = access.word_bit {
+                    if !self.word_bit_present(*buffer, bit) {
+                        ended += 1;
+                    }
+                }
+            }
+        }
+        (held, ended)
     }
 }

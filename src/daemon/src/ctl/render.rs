@@ -133,7 +133,11 @@ fn wait_cell(us: u64) -> String {
 }
 
 fn fence_cell(f: &FenceInfo) -> String {
-    let state = if f.state == "held" { "" } else { " kernel" };
+    let state = match f.state.as_str() {
+        "held" => "",
+        "word" => " word",
+        _ => " kernel",
+    };
     format!(
         "{} #{} c{} {}{state}",
         f.kind,
