@@ -389,3 +389,47 @@ fn a_hold_limit_keeps_writes_out_of_the_word() {
         "{event:?}"
     );
 }
+
+/// A waiter asleep on the word for a planned hand-off is not reading its
+/// socket, yet it must notice the broker's death as a waiter on the socket
+/// would (within its 100 ms slices), not sleep until the holder ends.
+/// Fails if the planned wait never looks at the connection.
+#[test]
+fn a_planned_waiter_notices_the_broker_going_away() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let no_reconnect = || ClientOptions {
+        reconnect: None,
+        ..Default::default()
+    };
+    let holder = daemon.client_with(no_reconnect()).expect("holder");
+    let waiter = daemon.client_with(no_reconnect()).expect("waiter");
+    let buffer = holder.alloc(4096).expect("alloc");
+    let theirs = waiter
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    drop(buffer.begin(Access::CpuWrite).expect("learn the slot"));
+    drop(theirs.begin(Access::CpuRead).expect("learn the slot"));
+    let _write = buffer.begin(Access::CpuWrite).expect("write in the word");
+    assert!(_write.in_word());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let result = theirs.begin(Access::CpuRead).map(|g| g.in_word());
+        let _ = tx.send(Instant::now());
+        result
+    });
+    eventually("the waiter to be told `Planned`", || {
+        counter(&bus, "HandOffsPlanned") == 1
+    });
+    std::thread::sleep(STILL_BLOCKED);
+    assert!(rx.try_recv().is_err(), "granted while written");
+    let stopped = Instant::now();
+    daemon.stop();
+    let returned = rx.recv_timeout(PROMPTLY).expect("the waiter noticed");
+    let result = reader.join().expect("reader thread");
+    assert!(
+        matches!(result, Err(dmabroker_client::Error::Disconnected)),
+        "{result:?}"
+    );
+    assert!(returned.duration_since(stopped) < PROMPTLY);
+}

@@ -429,6 +429,17 @@ impl Connection {
         (mailbox, mine)
     }
 
+    /// After a call on connection generation `broken` failed with
+    /// `Disconnected` outside [`Connection::call_on`] (a hand-off wait):
+    /// reconnects if the options allow, and says whether to try again.
+    pub fn recover(&self, broken: u64) -> Result<bool, Error> {
+        if self.reconnect_window.is_none() {
+            return Ok(false);
+        }
+        self.reconnect(broken)?;
+        Ok(true)
+    }
+
     /// Replaces a broken connection (unless another thread already did):
     /// new socket, hello, re-attach of every held buffer. Gives up after the
     /// reconnect window.

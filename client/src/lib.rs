@@ -376,13 +376,22 @@ impl Buffer {
         if let Some(guard) = self.try_word_begin(access) {
             return Ok(guard);
         }
-        let (body, fds, (id, generation)) = self
-            .client
-            .conn
-            .call_on(self.begin_request(access, timeout), &[])?;
-        match self.resolve_plan((body, fds), access, id, generation)? {
-            Resolved::Reply(reply) => self.guard_from(reply, generation),
-            Resolved::HandedOff(guard) => Ok(guard),
+        let mut retried = false;
+        loop {
+            let (body, fds, (id, generation)) = self
+                .client
+                .conn
+                .call_on(self.begin_request(access, timeout), &[])?;
+            match self.resolve_plan((body, fds), access, id, generation) {
+                Ok(Resolved::Reply(reply)) => return self.guard_from(reply, generation),
+                Ok(Resolved::HandedOff(guard)) => return Ok(guard),
+                // The broker went away while we slept on the word: begin
+                // again on a new connection, as any other call would.
+                Err(Error::Disconnected) if !retried && self.client.conn.recover(generation)? => {
+                    retried = true;
+                }
+                Err(err) => return Err(err),
+            }
         }
     }
 

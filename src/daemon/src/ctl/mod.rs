@@ -112,6 +112,16 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     .silent_ends()
                     .await
                     .map_err(|e| daemon.error("SilentEnds", e))?,
+                hand_offs: (
+                    proxy
+                        .hand_offs_planned()
+                        .await
+                        .map_err(|e| daemon.error("HandOffsPlanned", e))?,
+                    proxy
+                        .hand_offs()
+                        .await
+                        .map_err(|e| daemon.error("HandOffs", e))?,
+                ),
             };
             print(cli.json, &status, render::status)
         }

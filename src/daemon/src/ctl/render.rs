@@ -20,6 +20,8 @@ pub struct Status {
     pub heaps: Vec<HeapView>,
     pub statistics: Statistics,
     pub silent_ends: u64,
+    /// Hand-offs through buffer words: (planned, carried out).
+    pub hand_offs: (u64, u64),
 }
 
 pub fn status(s: &Status) -> String {
@@ -72,6 +74,13 @@ pub fn status(s: &Status) -> String {
         ("Revocations", st.revocations.to_string()),
         ("Timeouts", st.timeouts.to_string()),
         ("Silent ends", s.silent_ends.to_string()),
+        (
+            "Hand-offs",
+            format!(
+                "{} in buffer words ({} planned)",
+                s.hand_offs.1, s.hand_offs.0
+            ),
+        ),
         ("Refusals", refusals),
     ];
     let mut out = String::new();
