@@ -15,37 +15,16 @@ use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, ClientOptions};
 use dmabroker_ipc::bufferword::BufferWord;
+use dmabroker_suite::dbus::fields::{BUFFER_FENCES, STATS_GRANTS, TOTALS_FENCES, TOTALS_WAITERS};
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::scripted::{access_of, field, Shared};
-use dmabroker_suite::{Daemon, Scripted};
+use dmabroker_suite::{eventually, Daemon, Scripted};
 
 /// How long a begin that must not be granted is given to prove it.
 const STILL_BLOCKED: Duration = Duration::from_millis(200);
 /// How soon an end someone waits for must reach them (generous for a
 /// loaded machine; a lost wake-up never arrives at all).
 const PROMPTLY: Duration = Duration::from_secs(2);
-
-// Field indices of the D-Bus views (src/daemon/src/dbus/views.rs).
-const TOTALS_FENCES: usize = 3;
-const TOTALS_WAITERS: usize = 4;
-const STATS_GRANTS: usize = 5;
-const BUFFER_FENCES: usize = 8;
-
-fn totals(bus: &DbusDaemon, index: usize) -> u64 {
-    bus.property("Totals")[index]
-        .as_u64()
-        .expect("Totals field")
-}
-
-fn stat(bus: &DbusDaemon, index: usize) -> u64 {
-    bus.method("Statistics", &[])[index]
-        .as_u64()
-        .expect("Statistics field")
-}
-
-fn counter(bus: &DbusDaemon, property: &str) -> u64 {
-    bus.property(property).as_u64().expect(property)
-}
 
 /// The buffer's fences in the D-Bus view: (access, kind, holder, state).
 fn fences_of(bus: &DbusDaemon, buffer: &str) -> Vec<(u64, String, u64, String)> {
@@ -72,22 +51,6 @@ fn fences_of(bus: &DbusDaemon, buffer: &str) -> Vec<(u64, String, u64, String)> 
         .collect()
 }
 
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn granted_within(client: &mut Scripted, within: Duration, what: &str) -> String {
-    let answer = client
-        .recv(within)
-        .unwrap_or_else(|| panic!("{what}: not granted within {within:?}"));
-    assert!(answer.starts_with("ok"), "{what}: {answer}");
-    answer
-}
-
 /// Begins `access` and ends it again: after the first (a round trip that
 /// gives the client its slot in the word), cycles are held in the word.
 fn cycle(client: &mut Scripted, buffer: &str, access: &str) -> String {
@@ -108,7 +71,7 @@ fn uncontended_cycles_never_reach_the_broker() {
     let first = cycle(&mut s.owner, &s.id, "w");
     assert_eq!(field(&first, "word"), Some("true"), "{first}");
     cycle(&mut other, &s.id, "r");
-    let grants = stat(&bus, STATS_GRANTS);
+    let grants = bus.stat(STATS_GRANTS);
     for round in 0..50u32 {
         let write = s.owner.ok(&format!("begin {} w", s.id));
         assert_eq!(
@@ -127,12 +90,8 @@ fn uncontended_cycles_never_reach_the_broker() {
         );
         assert_eq!(field(&read, "uniform"), Some("true"), "{read}");
     }
-    assert_eq!(
-        stat(&bus, STATS_GRANTS),
-        grants,
-        "the broker saw the cycles"
-    );
-    assert_eq!(totals(&bus, TOTALS_FENCES), 0);
+    assert_eq!(bus.stat(STATS_GRANTS), grants, "the broker saw the cycles");
+    assert_eq!(bus.totals(TOTALS_FENCES), 0);
 }
 
 /// A writer holding the buffer in its word keeps every other process out:
@@ -153,10 +112,10 @@ fn a_writer_in_the_word_excludes_and_then_hands_off() {
         assert_eq!(field(&write, "word"), Some("true"), "{write}");
         s.owner.ok(&format!("fill {} {round}", access_of(&write)));
         reader.send(&format!("read {}", s.id));
-        eventually("the reader to queue", || totals(&bus, TOTALS_WAITERS) == 1);
+        eventually("the reader to queue", || bus.totals(TOTALS_WAITERS) == 1);
         assert_eq!(reader.recv(STILL_BLOCKED), None, "read while written");
         s.owner.ok(&format!("end {}", access_of(&write)));
-        let read = granted_within(&mut reader, PROMPTLY, "reader after the write");
+        let read = reader.granted_within(PROMPTLY, "reader after the write");
         assert_eq!(
             field(&read, "byte"),
             Some(round.to_string().as_str()),
@@ -166,12 +125,12 @@ fn a_writer_in_the_word_excludes_and_then_hands_off() {
         assert_eq!(field(&read, "writer_lost"), Some("false"), "{read}");
     }
     assert_eq!(
-        counter(&bus, "HandOffs"),
+        bus.counter("HandOffs"),
         5,
         "every hand-off went through the word"
     );
     eventually("the word to be handed back", || {
-        totals(&bus, TOTALS_FENCES) == 0 && totals(&bus, TOTALS_WAITERS) == 0
+        bus.totals(TOTALS_FENCES) == 0 && bus.totals(TOTALS_WAITERS) == 0
     });
     // Handed back: the next uncontended cycle is in the word again.
     let again = cycle(&mut s.owner, &s.id, "w");
@@ -202,11 +161,11 @@ fn readers_share_in_the_word_and_a_writer_waits_for_the_last() {
     );
 
     s.owner.send(&format!("begin {} w", s.id));
-    eventually("the writer to queue", || totals(&bus, TOTALS_WAITERS) == 1);
+    eventually("the writer to queue", || bus.totals(TOTALS_WAITERS) == 1);
     a.ok(&format!("end {}", access_of(&ra)));
     assert_eq!(s.owner.recv(STILL_BLOCKED), None, "written while b reads");
     b.ok(&format!("end {}", access_of(&rb)));
-    let write = granted_within(&mut s.owner, PROMPTLY, "writer after the readers");
+    let write = s.owner.granted_within(PROMPTLY, "writer after the readers");
     assert_eq!(field(&write, "writer_lost"), Some("false"), "{write}");
 }
 
@@ -261,14 +220,14 @@ fn a_planned_waiter_that_times_out_leaves_the_buffer_free() {
         "the timeout took {:?}",
         started.elapsed()
     );
-    assert_eq!(counter(&bus, "HandOffsPlanned"), 1);
+    assert_eq!(bus.counter("HandOffsPlanned"), 1);
     s.owner.ok(&format!("end {}", access_of(&write)));
     let next = third
         .cmd(&format!("begin {} w 1000", s.id))
         .expect("the buffer is free after the timeout");
     assert_eq!(field(&next, "writer_lost"), Some("false"), "{next}");
     assert_eq!(
-        counter(&bus, "HandOffs"),
+        bus.counter("HandOffs"),
         0,
         "no hand-off to a client that gave up"
     );
@@ -334,7 +293,7 @@ fn a_scribbled_word_falls_back_to_messages_for_that_buffer_only() {
     other.send(&format!("begin {} r", s.id));
     assert_eq!(other.recv(STILL_BLOCKED), None, "read while written");
     s.owner.ok(&format!("end {}", access_of(&write)));
-    granted_within(&mut other, PROMPTLY, "reader after the write");
+    other.granted_within(PROMPTLY, "reader after the write");
     // Another buffer is unaffected.
     let mut g = mine.begin(Access::CpuWrite).expect("begin");
     g.bytes_mut().expect("bytes")[0] = 1;
@@ -361,7 +320,7 @@ fn a_client_without_buffer_words_always_asks_the_broker() {
         let guard = buffer.begin(Access::CpuWrite).expect("begin");
         assert!(!guard.in_word());
     }
-    assert_eq!(stat(&bus, STATS_GRANTS), 3);
+    assert_eq!(bus.stat(STATS_GRANTS), 3);
 }
 
 /// A client whose policy sets a hold limit needs the broker to see every
@@ -419,7 +378,7 @@ fn a_planned_waiter_notices_the_broker_going_away() {
         result
     });
     eventually("the waiter to be told `Planned`", || {
-        counter(&bus, "HandOffsPlanned") == 1
+        bus.counter("HandOffsPlanned") == 1
     });
     std::thread::sleep(STILL_BLOCKED);
     assert!(rx.try_recv().is_err(), "granted while written");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_suite::dbus::{self, DbusDaemon, BUS_NAME, INTERFACE, OBJECT_PATH};
 use dmabroker_suite::scripted::field;
-use dmabroker_suite::{have_root, Daemon, DaemonOptions, Scripted};
+use dmabroker_suite::{eventually, have_root, Daemon, DaemonOptions, Scripted};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -31,15 +31,6 @@ fn ok(out: Output, what: &str) -> String {
         text(&out)
     );
     text(&out)
-}
-
-/// Polls `check` for up to 5 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A buffer with one client writing it and another waiting to read it.

@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmabroker_client::Access;
 use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords, SLOTS};
@@ -22,10 +22,14 @@ use dmabroker_ipc::{
     features, AccessId, BufferId, ErrorCode, Grant, Hello, ReplyBody, RequestBody, ShareToken,
     PROTOCOL_VERSION,
 };
+use dmabroker_suite::dbus::fields::{
+    BUFFER_FENCES, CLIENT_ACCESSES_HELD, STATS_GRANTS, STATS_REVOCATIONS, STATS_WRITER_LOST,
+    TOTALS_CLIENTS, TOTALS_FENCES, TOTALS_WAITERS,
+};
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{access_of, field, Shared};
-use dmabroker_suite::{Daemon, Scripted};
+use dmabroker_suite::{eventually, Daemon, Scripted};
 
 /// End words are what accesses outside buffer words use (dma-bufs, and
 /// clients without buffer words): these processes turn buffer words off so
@@ -39,57 +43,13 @@ const STILL_BLOCKED: Duration = Duration::from_millis(200);
 /// decision on the buffer never delivers it at all.
 const PROMPTLY: Duration = Duration::from_secs(1);
 
-// Field indices of the D-Bus views (src/daemon/src/dbus/views.rs).
-const TOTALS_CLIENTS: usize = 0;
-const TOTALS_FENCES: usize = 3;
-const TOTALS_WAITERS: usize = 4;
-const STATS_GRANTS: usize = 5;
-const STATS_WRITER_LOST: usize = 11;
-const STATS_REVOCATIONS: usize = 12;
-const CLIENT_ACCESSES_HELD: usize = 10;
-const BUFFER_FENCES: usize = 8;
-
 // ---------------------------------------------------------------------------
 // D-Bus helpers.
-
-fn totals(bus: &DbusDaemon, index: usize) -> u64 {
-    bus.property("Totals")[index]
-        .as_u64()
-        .expect("Totals field")
-}
 
 /// The `SilentEnds` property: accesses retired because their words said
 /// ended, with no `End` message.
 fn silent_ends(bus: &DbusDaemon) -> u64 {
-    bus.property("SilentEnds").as_u64().expect("SilentEnds")
-}
-
-fn stat(bus: &DbusDaemon, index: usize) -> u64 {
-    bus.method("Statistics", &[])[index]
-        .as_u64()
-        .expect("Statistics field")
-}
-
-/// Polls `check` for up to 5 s: for the broker's side of things that has
-/// no signal of its own (a queued request, a noticed hang-up, a timer).
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Scripted-process helpers.
-
-/// Waits for the answer to a begin already sent, which must be a grant.
-fn granted_within(client: &mut Scripted, within: Duration, what: &str) -> String {
-    let answer = client
-        .recv(within)
-        .unwrap_or_else(|| panic!("{what}: not granted within {within:?}"));
-    assert!(answer.starts_with("ok"), "{what}: {answer}");
-    answer
+    bus.counter("SilentEnds")
 }
 
 // ---------------------------------------------------------------------------
@@ -228,13 +188,13 @@ fn uncontended_cycles_end_without_messages() {
         drop(guard);
     }
 
-    assert_eq!(stat(&bus, STATS_GRANTS), CYCLES);
+    assert_eq!(bus.stat(STATS_GRANTS), CYCLES);
     let silent = silent_ends(&bus);
     assert!(
         (CYCLES - 1..=CYCLES).contains(&silent),
         "{silent} of {CYCLES} ends were retired without a message"
     );
-    assert_eq!(totals(&bus, TOTALS_FENCES), 0, "no fence is in force");
+    assert_eq!(bus.totals(TOTALS_FENCES), 0, "no fence is in force");
     let buffers = bus.method("ListBuffers", &[]);
     let listed = buffers
         .as_array()
@@ -300,13 +260,13 @@ fn a_watched_end_is_heard_at_once() {
     let held = s.owner.ok(&format!("begin {} w", s.id));
 
     writer.send(&format!("begin {} w", s.id));
-    eventually("the writer to queue", || totals(&bus, TOTALS_WAITERS) == 1);
+    eventually("the writer to queue", || bus.totals(TOTALS_WAITERS) == 1);
     reader.send(&format!("begin {} r", s.id));
-    eventually("the reader to queue", || totals(&bus, TOTALS_WAITERS) == 2);
+    eventually("the reader to queue", || bus.totals(TOTALS_WAITERS) == 2);
     assert_eq!(writer.recv(Duration::ZERO), None, "granted while held");
 
     s.owner.ok(&format!("end {}", access_of(&held)));
-    let write = granted_within(&mut writer, PROMPTLY, "writer after the first end");
+    let write = writer.granted_within(PROMPTLY, "writer after the first end");
     assert_eq!(field(&write, "writer_lost"), Some("false"), "{write}");
     assert_eq!(
         reader.recv(STILL_BLOCKED),
@@ -315,9 +275,9 @@ fn a_watched_end_is_heard_at_once() {
     );
 
     writer.ok(&format!("end {}", access_of(&write)));
-    let read = granted_within(&mut reader, PROMPTLY, "reader after the second end");
+    let read = reader.granted_within(PROMPTLY, "reader after the second end");
     assert_eq!(field(&read, "writer_lost"), Some("false"), "{read}");
-    assert_eq!(totals(&bus, TOTALS_WAITERS), 0);
+    assert_eq!(bus.totals(TOTALS_WAITERS), 0);
 }
 
 /// A no-autofence client is told which fences to wait for and then waits
@@ -381,10 +341,10 @@ fn a_client_killed_after_a_silent_end_lost_no_write() {
     let write = access_of(&finished.ok(&format!("begin {} w", s.id)));
     finished.ok(&format!("fill {write} 42"));
     finished.ok(&format!("end {write}"));
-    let clients = totals(&bus, TOTALS_CLIENTS);
+    let clients = bus.totals(TOTALS_CLIENTS);
     finished.kill();
     eventually("the hang-up to be handled", || {
-        totals(&bus, TOTALS_CLIENTS) == clients - 1
+        bus.totals(TOTALS_CLIENTS) == clients - 1
     });
     // The premise: the write ended through its word, and the hang-up (not
     // the read, whose own silent end the broker may retire too) is what
@@ -398,19 +358,19 @@ fn a_client_killed_after_a_silent_end_lost_no_write() {
     assert_eq!(field(&read, "writer_lost"), Some("false"), "{read}");
     assert_eq!(field(&read, "byte"), Some("42"), "{read}");
     assert_eq!(field(&read, "uniform"), Some("true"), "{read}");
-    assert_eq!(stat(&bus, STATS_WRITER_LOST), 0);
+    assert_eq!(bus.stat(STATS_WRITER_LOST), 0);
 
     let mut crashed = s.join(&[]);
     let write = access_of(&crashed.ok(&format!("begin {} w", s.id)));
     crashed.ok(&format!("fill {write} 7"));
-    let clients = totals(&bus, TOTALS_CLIENTS);
+    let clients = bus.totals(TOTALS_CLIENTS);
     crashed.kill();
     eventually("the hang-up to be handled", || {
-        totals(&bus, TOTALS_CLIENTS) == clients - 1
+        bus.totals(TOTALS_CLIENTS) == clients - 1
     });
     let read = reader.ok(&format!("read {}", s.id));
     assert_eq!(field(&read, "writer_lost"), Some("true"), "{read}");
-    assert_eq!(stat(&bus, STATS_WRITER_LOST), 1);
+    assert_eq!(bus.stat(STATS_WRITER_LOST), 1);
 }
 
 /// Shared by the two scribbling tests: a raw client that owns and
@@ -685,7 +645,7 @@ fn a_hold_limit_spares_a_write_ended_through_its_word() {
     eventually("the hold-limit timer to retire the ended write", || {
         silent_ends(&bus) == 1
     });
-    assert_eq!(stat(&bus, STATS_REVOCATIONS), 0);
+    assert_eq!(bus.stat(STATS_REVOCATIONS), 0);
     assert_eq!(
         client.cmd("event 100"),
         Err("err NoEvent".into()),
@@ -702,5 +662,5 @@ fn a_hold_limit_spares_a_write_ended_through_its_word() {
         )),
         "{event}"
     );
-    assert_eq!(stat(&bus, STATS_REVOCATIONS), 1);
+    assert_eq!(bus.stat(STATS_REVOCATIONS), 1);
 }

@@ -279,7 +279,7 @@ impl Buffer {
 
     /// An uncontended CPU access, taken in the word with no message.
     fn try_word_begin(&self, access: Access) -> Option<AccessGuard> {
-        let kind = word_access(access)?;
+        let kind = WordAccess::of(access)?;
         let slot = self.current_slot()?;
         let word = Arc::clone(self.word.get()?);
         let mapping = self.shared_mapping().ok()?;
@@ -424,7 +424,7 @@ impl Buffer {
         access: Access,
         generation: u64,
     ) -> Result<(Arc<BufferWord>, WordAccess)> {
-        let kind = word_access(access)
+        let kind = WordAccess::of(access)
             .ok_or_else(|| Error::Protocol("a hand-off planned for a device access".into()))?;
         self.learn_slot(generation, slot);
         Ok((self.mapped_word()?, kind))
@@ -588,15 +588,6 @@ fn await_hand_off(
 enum Resolved {
     Reply((ReplyBody, Vec<OwnedFd>)),
     HandedOff(AccessGuard),
-}
-
-fn word_access(access: Access) -> Option<WordAccess> {
-    match access {
-        Access::CpuRead => Some(WordAccess::Read),
-        Access::CpuWrite => Some(WordAccess::Write),
-        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
-        Access::DeviceRead | Access::DeviceWrite => None,
-    }
 }
 
 /// A fence a no-autofence client must wait for before its hardware touches

@@ -315,7 +315,7 @@ impl Driver {
         let buffer = self.buffer_ref(client, buffer);
         let kind = access_kind(access);
         let taken = self.conn_mut(slot).and_then(|conn| {
-            let word_kind = word_access(kind)?;
+            let word_kind = WordAccess::of(kind)?;
             let at = *conn.slots.get(&buffer)?;
             let hold = conn.buffer_words.get(&buffer)?.try_begin(at, word_kind)?;
             conn.in_words.push((buffer, hold));
@@ -826,7 +826,7 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
                     let Some((buffer, kind)) = begin else {
                         return Err(format!("`Planned` for request {}, not a begin", reply.id));
                     };
-                    let kind = word_access(kind)
+                    let kind = WordAccess::of(kind)
                         .ok_or_else(|| format!("`Planned` for a device access: {kind:?}"))?;
                     heard.slots.insert(buffer, word);
                     heard.plans.insert(reply.id, (buffer, word, kind));
@@ -961,15 +961,6 @@ fn check_no_end_unheard(
         }
     }
     Ok(())
-}
-
-fn word_access(access: Access) -> Option<WordAccess> {
-    match access {
-        Access::CpuRead => Some(WordAccess::Read),
-        Access::CpuWrite => Some(WordAccess::Write),
-        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
-        Access::DeviceRead | Access::DeviceWrite => None,
-    }
 }
 
 /// Buffer words and the arbiter agree: a word the broker has not taken

@@ -178,6 +178,25 @@ impl DbusDaemon {
         v["data"].clone()
     }
 
+    /// Field `index` of the `Totals` property (src/daemon/src/dbus/views.rs).
+    pub fn totals(&self, index: usize) -> u64 {
+        self.property("Totals")[index]
+            .as_u64()
+            .expect("Totals field")
+    }
+
+    /// Field `index` of the `Statistics` method's answer.
+    pub fn stat(&self, index: usize) -> u64 {
+        self.method("Statistics", &[])[index]
+            .as_u64()
+            .expect("Statistics field")
+    }
+
+    /// A counter property (`SilentEnds`, `HandOffs`, ...).
+    pub fn counter(&self, property: &str) -> u64 {
+        self.property(property).as_u64().expect(property)
+    }
+
     /// A method of the debug interface, answered as `busctl --json=short`.
     pub fn call_json(&self, method: &str, args: &[&str]) -> String {
         let mut argv = vec![
@@ -296,4 +315,17 @@ impl Drop for DbusDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Field indices of the debug interface's structs, as `busctl --json`
+/// lists them (src/daemon/src/dbus/views.rs is the definition).
+pub mod fields {
+    pub const TOTALS_CLIENTS: usize = 0;
+    pub const TOTALS_FENCES: usize = 3;
+    pub const TOTALS_WAITERS: usize = 4;
+    pub const STATS_GRANTS: usize = 5;
+    pub const STATS_WRITER_LOST: usize = 11;
+    pub const STATS_REVOCATIONS: usize = 12;
+    pub const CLIENT_ACCESSES_HELD: usize = 10;
+    pub const BUFFER_FENCES: usize = 8;
 }

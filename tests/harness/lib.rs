@@ -21,6 +21,19 @@ pub use tmp::TempDir;
 /// the daemon's own kernel tests and the suite's.
 pub use dmabroker_daemon::kernel::require_or_skip as kernel_feature;
 
+/// Polls `check` for up to 5 s: for the broker's side of things that has
+/// no signal of its own (a queued request, a noticed hang-up, a timer).
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Tests that need root (to run clients under other uids) print why they
 /// skip elsewhere.
 pub fn have_root(test: &str) -> bool {

@@ -106,6 +106,16 @@ impl Scripted {
             .unwrap_or_else(|e| panic!("`{line}` failed: {e}"))
     }
 
+    /// Waits for the answer to a command already sent (a begin), which
+    /// must be a success.
+    pub fn granted_within(&mut self, within: Duration, what: &str) -> String {
+        let answer = self
+            .recv(within)
+            .unwrap_or_else(|| panic!("{what}: not granted within {within:?}"));
+        assert!(answer.starts_with("ok"), "{what}: {answer}");
+        answer
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

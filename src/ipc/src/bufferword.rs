@@ -95,6 +95,25 @@ pub enum WordAccess {
 }
 
 impl WordAccess {
+    /// The word's kind of a wire access; `None` for device accesses.
+    pub fn of(access: crate::Access) -> Option<WordAccess> {
+        match access {
+            crate::Access::CpuRead => Some(WordAccess::Read),
+            crate::Access::CpuWrite => Some(WordAccess::Write),
+            crate::Access::CpuReadWrite => Some(WordAccess::ReadWrite),
+            crate::Access::DeviceRead | crate::Access::DeviceWrite => None,
+        }
+    }
+
+    /// The wire access a bit of this kind stands for.
+    pub fn access(self) -> crate::Access {
+        match self {
+            WordAccess::Read => crate::Access::CpuRead,
+            WordAccess::Write => crate::Access::CpuWrite,
+            WordAccess::ReadWrite => crate::Access::CpuReadWrite,
+        }
+    }
+
     pub fn is_write(self) -> bool {
         !matches!(self, WordAccess::Read)
     }

@@ -75,23 +75,6 @@ fn owner_of(entry: &super::state::BufferEntry, index: u8) -> Option<ClientId> {
         .map(|h| h.client)
 }
 
-pub(super) fn word_access(access: Access) -> Option<WordAccess> {
-    match access {
-        Access::CpuRead => Some(WordAccess::Read),
-        Access::CpuWrite => Some(WordAccess::Write),
-        Access::CpuReadWrite => Some(WordAccess::ReadWrite),
-        Access::DeviceRead | Access::DeviceWrite => None,
-    }
-}
-
-fn wire_access(access: WordAccess) -> Access {
-    match access {
-        WordAccess::Read => Access::CpuRead,
-        WordAccess::Write => Access::CpuWrite,
-        WordAccess::ReadWrite => Access::CpuReadWrite,
-    }
-}
-
 impl State {
     /// The buffer's word, mapped now if it was not yet and `map` says so.
     /// `None` for buffers without one, for broken words, and for words not
@@ -259,7 +242,7 @@ impl State {
                 }
                 continue;
             };
-            let kind = wire_access(access);
+            let kind = access.access();
             let autofence = self.clients.get(&client).is_none_or(|c| c.autofence);
             let mode = if autofence {
                 Mode::Autofence
@@ -428,7 +411,7 @@ impl State {
         client: ClientId,
         kind: Access,
     ) -> Option<FastSlot> {
-        let access = word_access(kind)?;
+        let access = WordAccess::of(kind)?;
         if !self.buffers.get(&buffer)?.word.as_deref()?.taken {
             return None;
         }
@@ -597,7 +580,7 @@ impl State {
             return;
         };
         let kind = super::access::to_wire_access(head.access);
-        let Some(access) = word_access(kind) else {
+        let Some(access) = WordAccess::of(kind) else {
             return;
         };
         let autofence = self.clients.get(&head.client).is_some_and(|c| c.autofence);
@@ -654,7 +637,7 @@ impl State {
         };
         word.load()
             .holders()
-            .filter_map(|(index, access)| Some((owner_of(entry, index)?, wire_access(access))))
+            .filter_map(|(index, access)| Some((owner_of(entry, index)?, access.access())))
             .collect()
     }
 
