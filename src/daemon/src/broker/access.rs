@@ -150,7 +150,6 @@ impl State {
                         request_id,
                         since: now,
                         deadline,
-                        planned: false,
                         ever_planned: false,
                     },
                 );
@@ -181,7 +180,9 @@ impl State {
             };
             self.stats
                 .waited(now.saturating_duration_since(waiter.since));
-            if waiter.planned && self.record_hand_off(&grant, waiter.request_id) {
+            let planned =
+                grant.waiter.is_some() && self.planned_waiter(grant.buffer) == grant.waiter;
+            if planned && self.record_hand_off(&grant, waiter.request_id) {
                 continue;
             }
             // A waiter once told `Planned` takes a grant by message only:

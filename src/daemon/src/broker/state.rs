@@ -144,8 +144,6 @@ pub struct WaiterEntry {
     pub request_id: u64,
     pub since: Instant,
     pub deadline: Option<Instant>,
-    /// A hand-off to it is planned in the buffer's word.
-    pub planned: bool,
     /// It was told `Planned` at least once: a grant by message must then
     /// not set its bit in the word, or it could take that grant for the
     /// hand-off (see `words`).

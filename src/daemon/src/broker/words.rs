@@ -39,9 +39,6 @@ pub struct WordState {
     /// broker arbitrates every access from now on.
     pub broken: bool,
     epoch: u16,
-    /// Indices held by current holders (each holder's own index is in its
-    /// `Holder` entry: a reverse table would cost 256 bytes per buffer).
-    assigned: u32,
     /// Indices of departed holders: reusable only once the epoch moves on,
     /// so a stale guard of theirs can never clear a newcomer's bit.
     retired: u32,
@@ -125,21 +122,17 @@ impl State {
         if !self.word_eligible(client) {
             return None;
         }
-        let existing = self
-            .buffers
-            .get(&buffer)?
-            .holders
+        let holders = &self.buffers.get(&buffer)?.holders;
+        let existing = holders.iter().find(|h| h.client == client)?.word_index;
+        // Each holder keeps its own index; the ones in use are theirs.
+        let in_use = holders
             .iter()
-            .find(|h| h.client == client)?
-            .word_index;
+            .filter_map(|h| h.word_index)
+            .fold(0u32, |used, index| used | 1 << index);
         let ws = self.word_state(buffer, true)?;
         let index = match existing {
             Some(index) => index,
-            None => {
-                let free = (0..MAX_HOLDERS).find(|i| (ws.assigned | ws.retired) & (1 << i) == 0)?;
-                ws.assigned |= 1 << free;
-                free
-            }
+            None => (0..MAX_HOLDERS).find(|i| (in_use | ws.retired) & (1 << i) == 0)?,
         };
         let epoch = ws.epoch;
         if existing.is_none() {
@@ -171,7 +164,6 @@ impl State {
         let Some(ws) = entry.word.as_deref_mut() else {
             return;
         };
-        ws.assigned &= !(1 << index);
         ws.retired |= 1 << index;
         if let Some(word) = &ws.mapped {
             word.remove_holder(index);
@@ -210,10 +202,14 @@ impl State {
                 if let Some(ws) = self.word_state(buffer, false) {
                     ws.planned = Some(waiter);
                 }
-            } else if let Some(w) = self.waiters.get_mut(&waiter) {
-                w.planned = false;
             }
         }
+    }
+
+    /// The waiter a hand-off is planned for on this buffer (or was carried
+    /// out for and not yet recorded).
+    pub(super) fn planned_waiter(&self, buffer: BufferId) -> Option<WaiterId> {
+        self.buffers.get(&buffer)?.word.as_deref()?.planned
     }
 
     pub(super) fn index_of(&self, buffer: BufferId, client: ClientId) -> Option<u8> {
@@ -351,11 +347,6 @@ impl State {
         // Before anything is granted: the grants these releases cause are
         // the ones that must say the contents may be torn.
         self.arbiter.mark_writer_lost(buffer);
-        for (id, waiter) in self.waiters.iter_mut() {
-            if self.arbiter.waiter_buffer(*id) == Some(buffer) {
-                waiter.planned = false;
-            }
-        }
         let now = Instant::now();
         for id in in_word {
             let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
@@ -418,9 +409,12 @@ impl State {
         // Another request of the same client on this buffer was told
         // `Planned` (two threads sharing a `Buffer`): a bit of its index
         // now would read to that waiter as its hand-off.
-        let planned_sibling = self.waiters.iter().any(|(id, w)| {
-            w.client == client && w.ever_planned && self.arbiter.waiter_buffer(*id) == Some(buffer)
-        });
+        let planned_sibling = self.arbiter.waiting_for(client) > 0
+            && self.waiters.iter().any(|(id, w)| {
+                w.client == client
+                    && w.ever_planned
+                    && self.arbiter.waiter_buffer(*id) == Some(buffer)
+            });
         if planned_sibling {
             return None;
         }
@@ -611,7 +605,6 @@ impl State {
             ws.planned = Some(head.id);
         }
         if let Some(w) = self.waiters.get_mut(&head.id) {
-            w.planned = true;
             w.ever_planned = true;
         }
         self.stats.hand_offs_planned += 1;
