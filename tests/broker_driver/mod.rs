@@ -146,6 +146,10 @@ struct Conn {
     plans: HashMap<u64, (u64, FastSlot, WordAccess)>,
     /// What each outstanding begin asked for, by request id.
     begins: HashMap<u64, (u64, Access)>,
+    /// Begins answered by a hand-off in the word, as the client crate's
+    /// `abandon` remembers them: a stale `Planned` for one is dropped, and
+    /// any other answer is a broker bug.
+    abandoned: std::collections::HashSet<u64>,
 }
 
 pub struct Driver {
@@ -406,6 +410,7 @@ impl Driver {
                         },
                     ));
                     conn.begins.remove(id);
+                    conn.abandoned.insert(*id);
                 }
             }
             for id in settled {
@@ -464,6 +469,7 @@ impl Driver {
             in_words: Vec::new(),
             plans: HashMap::new(),
             begins: HashMap::new(),
+            abandoned: std::collections::HashSet::new(),
         });
         if hello {
             let hello = Body::Hello {
@@ -739,6 +745,7 @@ impl Driver {
                 in_words: &mut conn.in_words,
                 plans: &mut conn.plans,
                 begins: &mut conn.begins,
+                abandoned: &conn.abandoned,
             };
             if !drain(socket.as_fd(), &mut self.scratch, &mut heard)? {
                 hung_up.push(slot);
@@ -785,6 +792,7 @@ struct Heard<'a> {
     in_words: &'a mut Vec<(u64, WordHold)>,
     plans: &'a mut HashMap<u64, (u64, FastSlot, WordAccess)>,
     begins: &'a mut HashMap<u64, (u64, Access)>,
+    abandoned: &'a std::collections::HashSet<u64>,
 }
 
 /// Reads all queued messages; `Ok(false)` when the broker hung up.
@@ -809,6 +817,15 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
             ));
         }
         if let ServerMessage::Reply(reply) = message {
+            if heard.abandoned.contains(&reply.id) {
+                if matches!(reply.result, Ok(ReplyBody::Planned { .. })) {
+                    continue;
+                }
+                return Err(format!(
+                    "request {} was handed its access in the word, then answered {:?}",
+                    reply.id, reply.result
+                ));
+            }
             let begin = heard.begins.get(&reply.id).copied();
             if !matches!(reply.result, Ok(ReplyBody::Planned { .. })) {
                 heard.plans.remove(&reply.id);
