@@ -655,7 +655,7 @@ impl Bench {
     /// words get); otherwise an uncontended cycle stays in the buffer word.
     fn begin_end(&mut self, by_message: bool) -> Res<()> {
         let client = if by_message {
-            message_path_client(&self.socket()?)?
+            self.daemon()?.message_path_client()?
         } else {
             Client::connect_to(self.socket()?)?
         };
@@ -810,7 +810,7 @@ impl Bench {
     fn scale_buffers(&mut self) -> Res<()> {
         // By message: a cycle in the buffer word never reaches the daemon,
         // whose tables are what this is about.
-        let client = message_path_client(&self.socket()?)?;
+        let client = self.daemon()?.message_path_client()?;
         self.place(placement_of("scale_buffers"))?;
         let few = alloc_many(&client, FEW_BUFFERS)?;
         let daemon = self.daemon_cpu()?;
@@ -850,7 +850,7 @@ impl Bench {
     /// open and idle, against the same with no other connection.
     fn scale_clients(&mut self) -> Res<()> {
         let socket = self.socket()?;
-        let client = message_path_client(&socket)?;
+        let client = self.daemon()?.message_path_client()?;
         self.place(placement_of("scale_clients"))?;
         let buffer = client.alloc(4096)?;
         let daemon = self.daemon_cpu()?;
@@ -1289,17 +1289,6 @@ fn check_frame(bytes: &[u8], byte: u8, frame: usize) -> Res<()> {
     } else {
         Err("frame checksum mismatch: the consumer saw a torn or stale frame".into())
     }
-}
-
-/// A client whose every begin goes to the daemon (buffer words off).
-fn message_path_client(socket: &Path) -> Res<Client> {
-    Ok(Client::connect_with(
-        socket,
-        dmabroker_client::ClientOptions {
-            buffer_words: false,
-            ..Default::default()
-        },
-    )?)
 }
 
 /// What a ring run did.

@@ -354,12 +354,7 @@ fn main() {
     // The measured client asks the daemon for every begin: in its buffer
     // word an uncontended begin would never reach the daemon, and this
     // bench is about what the D-Bus side costs the daemon's data path.
-    let client = daemon
-        .client_with(dmabroker_client::ClientOptions {
-            buffer_words: false,
-            ..Default::default()
-        })
-        .expect("connect");
+    let client = daemon.message_path_client().expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
     let detailed = others[0].1[0].id();
 

@@ -309,12 +309,7 @@ fn a_scribbled_word_falls_back_to_messages_for_that_buffer_only() {
 fn a_client_without_buffer_words_always_asks_the_broker() {
     let bus = DbusDaemon::start();
     let daemon = bus.start_broker(None);
-    let off = daemon
-        .client_with(ClientOptions {
-            buffer_words: false,
-            ..Default::default()
-        })
-        .expect("connect");
+    let off = daemon.message_path_client().expect("connect");
     let buffer = off.alloc(4096).expect("alloc");
     for _ in 0..3 {
         let guard = buffer.begin(Access::CpuWrite).expect("begin");

@@ -169,12 +169,7 @@ fn assert_times_out<T>(result: dmabroker_client::Result<T>, why: &str) {
 fn uncontended_cycles_end_without_messages() {
     let bus = DbusDaemon::start();
     let daemon = bus.start_broker(None);
-    let client = daemon
-        .client_with(dmabroker_client::ClientOptions {
-            buffer_words: false,
-            ..Default::default()
-        })
-        .expect("connect");
+    let client = daemon.message_path_client().expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
     assert_eq!(buffer.heap(), "memfd", "the test heap ends through words");
 

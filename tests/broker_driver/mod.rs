@@ -1023,12 +1023,7 @@ fn check_words(state: &State, scribbled: &std::collections::HashSet<u64>) -> Res
             let Some(bit) = access.word_bit else {
                 continue;
             };
-            let present = if bit.write {
-                word.writer().is_some_and(|(i, _)| i == bit.index)
-            } else {
-                word.readers() & (1 << bit.index) != 0
-            };
-            if !present {
+            if !word.has(bit.index, bit.write) {
                 return Err(format!(
                     "buffer {}: access {id} ended in the word, but the broker never heard",
                     buffer.id

@@ -209,6 +209,15 @@ impl Daemon {
         dmabroker_client::Client::connect_with(&self.socket, options)
     }
 
+    /// A client with buffer words turned off: every begin is a round trip
+    /// the daemon sees (the message path that dma-bufs always take).
+    pub fn message_path_client(&self) -> dmabroker_client::Result<dmabroker_client::Client> {
+        self.client_with(dmabroker_client::ClientOptions {
+            buffer_words: false,
+            ..Default::default()
+        })
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

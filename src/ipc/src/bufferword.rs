@@ -203,7 +203,16 @@ impl Word {
 
     /// Whether `index` has any access in the word.
     pub fn holds(self, index: u8) -> bool {
-        self.readers() & bit(index) as u32 != 0 || self.writer().is_some_and(|(w, _)| w == index)
+        self.has(index, false) || self.has(index, true)
+    }
+
+    /// Whether `index` holds the write (`write`) or a read.
+    pub fn has(self, index: u8, write: bool) -> bool {
+        if write {
+            self.writer().is_some_and(|(writer, _)| writer == index)
+        } else {
+            self.readers() & bit(index) as u32 != 0
+        }
     }
 
     fn with_access(self, index: u8, access: WordAccess) -> Word {
@@ -354,12 +363,8 @@ impl BufferWord {
         let word = self.atom();
         let mut current = Word(word.load(Ordering::Acquire));
         loop {
-            let mine = current.epoch() == hold.slot.epoch
-                && match current.writer() {
-                    Some((index, _)) if hold.write => index == hold.slot.index,
-                    _ if hold.write => false,
-                    _ => current.readers() & bit(hold.slot.index) as u32 != 0,
-                };
+            let mine =
+                current.epoch() == hold.slot.epoch && current.has(hold.slot.index, hold.write);
             if !mine {
                 return WordEnd::NotMine;
             }
@@ -445,7 +450,7 @@ impl BufferWord {
         self.update(|w| {
             removed.clear();
             let mut out = w;
-            if w.readers() & bit(index) as u32 != 0 {
+            if w.has(index, false) {
                 removed.push(WordAccess::Read);
                 out = out.without_access(index, false);
             }
@@ -460,14 +465,7 @@ impl BufferWord {
 
     /// Broker side: takes one access out of the word, if it is there.
     pub fn remove_access(&self, index: u8, write: bool) {
-        self.update(|w| {
-            let present = if write {
-                w.writer().is_some_and(|(writer, _)| writer == index)
-            } else {
-                w.readers() & bit(index) as u32 != 0
-            };
-            present.then(|| w.without_access(index, write))
-        });
+        self.update(|w| w.has(index, write).then(|| w.without_access(index, write)));
     }
 
     /// Broker side: plans a hand-off to `index`, if the word is still

@@ -180,8 +180,9 @@ impl State {
             };
             self.stats
                 .waited(now.saturating_duration_since(waiter.since));
-            let planned =
-                grant.waiter.is_some() && self.planned_waiter(grant.buffer) == grant.waiter;
+            let planned = grant
+                .waiter
+                .is_some_and(|w| self.planned_waiter(grant.buffer) == Some(w));
             if planned && self.record_hand_off(&grant, waiter.request_id) {
                 continue;
             }
@@ -367,8 +368,10 @@ impl State {
             }
         }
         // Held in the buffer's word when it can be: its end then needs no
-        // message at all once the broker hands the word back.
-        if word_ok && synced == CacheSync::NotNeeded && autofence_or_clear(&grant) {
+        // message at all once the broker hands the word back. Not a
+        // no-autofence grant that lists fences: the word cannot hold
+        // conflicting accesses together.
+        if word_ok && synced == CacheSync::NotNeeded && grant.fences.is_empty() {
             grant.word = self.grant_in_word(buffer, client, kind);
             if let (Some(slot), Some(entry)) = (grant.word, self.accesses.get_mut(&access_id)) {
                 entry.word_bit = Some(super::words::WordBit {
@@ -639,10 +642,4 @@ impl State {
         self.finish_released(&[access]);
         self.deliver_grants(grants);
     }
-}
-
-/// A no-autofence grant that lists fences to wait for cannot live in the
-/// word (the word would have to hold conflicting accesses together).
-fn autofence_or_clear(grant: &Grant) -> bool {
-    grant.fences.is_empty()
 }

@@ -362,15 +362,8 @@ impl State {
     /// Whether a bit-backed access still has its bit. A word found
     /// impossible breaks first (and the access is then gone).
     pub(super) fn word_bit_present(&self, buffer: BufferId, bit: WordBit) -> bool {
-        let Some(word) = self.mapped_word(buffer) else {
-            return false;
-        };
-        let now = word.load();
-        if bit.write {
-            now.writer().is_some_and(|(index, _)| index == bit.index)
-        } else {
-            now.readers() & (1 << bit.index) != 0
-        }
+        self.mapped_word(buffer)
+            .is_some_and(|word| word.load().has(bit.index, bit.write))
     }
 
     /// Settling starts here: a word some holder made impossible is broken
