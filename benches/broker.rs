@@ -397,7 +397,7 @@ impl Row {
 }
 
 /// The floors, by name, with what each measures.
-const FLOORS: [(&str, &str); 9] = [
+const FLOORS: [(&str, &str); 10] = [
     (
         "floor_rtt_fd",
         "(a) SEQPACKET round trip, parent↔child, the reply carries one memfd",
@@ -405,6 +405,10 @@ const FLOORS: [(&str, &str); 9] = [
     (
         "floor_rtt",
         "(a') the same round trip without an fd (informational)",
+    ),
+    (
+        "floor_oneway_rtt_fd",
+        "(a+) a one-way message the child reads and does not answer, then the round trip of (a)",
     ),
     (
         "floor_oneway",
@@ -440,6 +444,9 @@ const FLOORS: [(&str, &str); 9] = [
 /// [`Placement`]). One client against one server is a latency benchmark in
 /// disguise (a strict ping-pong with nothing to run in parallel), so it is
 /// pinned too.
+/// alloc_only keeps this many buffers before it frees them.
+const ALLOC_BATCH: usize = 64;
+
 fn placement_of(name: &str) -> Placement {
     let single_client = name.ends_with("echo_1") || name.ends_with("turns_1");
     let parallel = name.contains("echo") || name.contains("ring") || name.contains("turns");
@@ -503,6 +510,12 @@ impl Bench {
         if self.settings.selected("alloc_free") {
             self.alloc_free()?;
         }
+        if self.settings.selected("alloc_only") {
+            self.alloc_only()?;
+        }
+        if self.settings.selected("request_rtt") {
+            self.request_rtt()?;
+        }
         if self.settings.selected("begin_end") {
             self.begin_end(false)?;
         }
@@ -557,8 +570,9 @@ impl Bench {
         self.place(placement_of(name))?;
         let s = &self.settings;
         let measured = match name {
-            "floor_rtt_fd" => floors::round_trip(s.samples(), true)?,
-            "floor_rtt" => floors::round_trip(s.samples(), false)?,
+            "floor_rtt_fd" => floors::round_trip(s.samples(), true, false)?,
+            "floor_rtt" => floors::round_trip(s.samples(), false, false)?,
+            "floor_oneway_rtt_fd" => floors::round_trip(s.samples(), true, true)?,
             "floor_oneway" => floors::one_way(s.handoff_samples(), &mut self.oneway_latencies)?,
             "floor_memfd" => floors::sealed_memfd(s.samples())?,
             "floor_ring" => floors::ring(s, FRAME_1080P)?,
@@ -633,18 +647,78 @@ impl Bench {
         let client = Client::connect_to(self.socket()?)?;
         self.place(placement_of("alloc_free"))?;
         let daemon = self.daemon_cpu()?;
+        // The floor has no free. A free is a one-way message to the
+        // daemon, so the ratio is also given against the floor whose round
+        // trip follows one, (a+).
+        let mut with_free = Vec::new();
         let pair = self.paired(
-            &mut |b| Ok(b.floor("floor_rtt_fd")?.then(b.floor("floor_memfd")?)),
+            &mut |b| {
+                let memfd = b.floor("floor_memfd")?;
+                with_free.push(b.floor("floor_oneway_rtt_fd")?.then(memfd));
+                Ok(b.floor("floor_rtt_fd")?.then(memfd))
+            },
             &mut |b| broker::alloc_free(&client, &daemon, b.settings.samples()),
         )?;
         check_errors(&client)?;
+        let with_free = Measured::median_of(&with_free).metric.value();
         self.rows.push(Row {
             name: "alloc_free".into(),
             floor_label: "(a) floor_rtt_fd + (c) floor_memfd".into(),
-            pair,
+            pair: pair.clone(),
             target: Some(Target::AtMost(1.2)),
-            note: "client.alloc(4096) then drop; the free is pipelined, so the daemon handles it \
-                   before the next alloc"
+            note: format!(
+                "client.alloc(4096) then drop; the free is pipelined, so the daemon handles it \
+                 before the next alloc; {:.2}x (a+) floor_oneway_rtt_fd + (c), the floor with a \
+                 one-way message for the free",
+                pair.result.metric.value() / with_free
+            ),
+        });
+        Ok(())
+    }
+
+    /// alloc_free taken apart: the alloc alone, with the frees outside the
+    /// timing, so that alloc_free minus this is what a free costs.
+    fn alloc_only(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        self.place(placement_of("alloc_only"))?;
+        let pair = self.paired(
+            &mut |b| Ok(b.floor("floor_rtt_fd")?.then(b.floor("floor_memfd")?)),
+            &mut |b| broker::alloc_only(&client, b.settings.samples()),
+        )?;
+        check_errors(&client)?;
+        self.rows.push(Row {
+            name: "alloc_only".into(),
+            floor_label: "(a) floor_rtt_fd + (c) floor_memfd".into(),
+            pair,
+            target: None,
+            note: format!(
+                "client.alloc(4096) alone: the buffers are kept and freed {ALLOC_BATCH} at a time \
+                 outside the timing, followed by an untimed round trip so that the daemon has \
+                 handled those frees before the next timed alloc"
+            ),
+        });
+        Ok(())
+    }
+
+    /// What the daemon's message loop and the client library cost per
+    /// round trip, with no work behind the request: the part of every
+    /// message-path ratio that no handler can win back.
+    fn request_rtt(&mut self) -> Res<()> {
+        let client = Client::connect_to(self.socket()?)?;
+        self.place(placement_of("request_rtt"))?;
+        let buffer = client.alloc(4096)?;
+        let daemon = self.daemon_cpu()?;
+        let pair = self.paired(&mut |b| b.floor("floor_rtt"), &mut |b| {
+            broker::request_rtt(&buffer, &daemon, b.settings.samples())
+        })?;
+        check_errors(&client)?;
+        self.rows.push(Row {
+            name: "request_rtt".into(),
+            floor_label: "(a') floor_rtt".into(),
+            pair,
+            target: None,
+            note: "buffer.info(): a request that only reads the broker's table, answered \
+                   without an fd"
                 .into(),
         });
         Ok(())
@@ -1374,12 +1448,20 @@ mod floors {
     /// Parent sends a request-sized message, the child echoes it (with a
     /// memfd attached when `with_fd`), as the broker answers an alloc.
     /// The parent reuses its receive buffer: the cheapest correct client.
-    pub fn round_trip(samples: usize, with_fd: bool) -> Res<Measured> {
+    /// `one_way_first`: each round trip follows a one-way message that
+    /// the child reads and does not answer, as the daemon reads a free
+    /// before the next alloc.
+    pub fn round_trip(samples: usize, with_fd: bool, one_way_first: bool) -> Res<Measured> {
         let child = Proc::spawn("echo", &[])?;
         let mut request = [0u8; REQUEST_LEN];
         request[0] = u8::from(with_fd);
+        let mut one_way = [0u8; REQUEST_LEN];
+        one_way[0] = 2;
         let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
         let measured = time_ops(samples, Some(child.cpu()?), || {
+            if one_way_first {
+                send_message(child.ctl(), &one_way, &[], false)?;
+            }
             send_message(child.ctl(), &request, &[], false)?;
             let (_, fds) = recv_message_into(child.ctl(), &mut buf, false)?;
             drop(fds); // closing the fd is part of the client's cost too
@@ -1492,6 +1574,36 @@ mod broker {
     pub fn alloc_free(client: &Client, daemon: &CpuClock, samples: usize) -> Res<Measured> {
         time_ops(samples, Some(*daemon), || {
             drop(client.alloc(4096)?);
+            Ok(())
+        })
+    }
+
+    /// Only the allocations are timed. No CPU figures: the daemon's CPU
+    /// clock cannot be stopped while it handles the untimed frees.
+    pub fn alloc_only(client: &Client, samples: usize) -> Res<Measured> {
+        let warmup = samples / 10;
+        let mut held = Vec::with_capacity(ALLOC_BATCH);
+        let mut times = Vec::with_capacity(samples);
+        for i in 0..warmup + samples {
+            let start = Instant::now();
+            let buffer = client.alloc(4096)?;
+            let took = start.elapsed();
+            if i >= warmup {
+                times.push(took);
+            }
+            held.push(buffer);
+            if held.len() == ALLOC_BATCH {
+                held.clear();
+                // Answered only after the frees queued before it.
+                client.heaps()?;
+            }
+        }
+        Ok(Measured::plain(Metric::latency(&mut times)))
+    }
+
+    pub fn request_rtt(buffer: &Buffer, daemon: &CpuClock, samples: usize) -> Res<Measured> {
+        time_ops(samples, Some(*daemon), || {
+            buffer.info()?;
             Ok(())
         })
     }
@@ -1667,6 +1779,10 @@ mod child {
                 Err(RecvError::Closed) => return Ok(()),
                 Err(err) => return Err(err.into()),
             };
+            // 2: a one-way message, as a free is to the daemon.
+            if buf[0] == 2 {
+                continue;
+            }
             let fds = if buf[0] == 1 {
                 vec![memfd.as_fd()]
             } else {
