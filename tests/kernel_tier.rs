@@ -400,3 +400,66 @@ fn kernel_tier_a_device_write_ended_with_a_sync_file_fences_the_buffer_until_it_
         field(&granted, "access").expect("access")
     ));
 }
+
+/// A message carries at most `MAX_FDS_PER_MESSAGE` fds. A no-autofence
+/// grant whose accesses' completion fences already fill them must still
+/// hand over the dma-buf's own fence (the one a writer needs most), not
+/// grow past the cap: the broker refused to send such a grant and dropped
+/// the client's connection.
+#[test]
+fn kernel_tier_a_no_autofence_grant_keeps_a_slot_for_the_dma_bufs_own_fence() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let frame_device = vgem.create_buffer(8192).expect("vgem buffer");
+    let owner = daemon.client();
+    let frame = owner
+        .adopt(frame_device.try_clone_dmabuf().expect("dup"), Some("frame"))
+        .expect("adopting a vgem dma-buf");
+    let token = frame.export().expect("export");
+    let mut writer = Scripted::spawn(daemon.socket(), &["--no-autofence"]);
+    let id = field(&writer.ok(&format!("import {token}")), "id")
+        .expect("id")
+        .to_owned();
+
+    // As many device reads as a message has fd slots, each handed over
+    // with the pending completion fence of another device's work.
+    let gpu = vgem.create_buffer(4096).expect("vgem buffer");
+    let gpu_fence = gpu.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let reads = dmabroker_ipc::MAX_FDS_PER_MESSAGE;
+    for _ in 0..reads {
+        let read = frame.begin(Access::DeviceRead).expect("device read");
+        let done = dma_buf::export_sync_file(gpu.dmabuf(), false).expect("export the GPU's fence");
+        read.end_with_fence(done)
+            .expect("end the read with its fence");
+    }
+
+    let granted = writer.ok(&format!("begin {id} w"));
+    let listed: Vec<&str> = field(&granted, "fence_list")
+        .expect("fence list")
+        .split(',')
+        .collect();
+    assert_eq!(
+        listed.len(),
+        reads + 1,
+        "every read and the dma-buf's own fence: {granted}"
+    );
+    assert!(
+        listed.contains(&"0:0:device-write:true"),
+        "the dma-buf's own fence comes with its sync_file: {granted}"
+    );
+    assert_eq!(
+        listed.iter().filter(|f| f.ends_with(":true")).count(),
+        reads,
+        "as many sync_files as fit in one message: {granted}"
+    );
+    assert_still_serving(&owner);
+
+    signal(&vgem, gpu_fence, attached);
+    writer.ok(&format!(
+        "end {}",
+        field(&granted, "access").expect("access")
+    ));
+}

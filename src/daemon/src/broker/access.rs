@@ -223,7 +223,10 @@ impl State {
         let mut fds = Vec::new();
         let mut fences = Vec::new();
         if !autofence {
-            fences = self.outstanding_fences(&grant, &mut fds);
+            // A dma-buf's own fence may follow the accesses' sync_files,
+            // and it must fit in the same message.
+            let slots = dmabroker_ipc::MAX_FDS_PER_MESSAGE - usize::from(dmabuf_fd.is_some());
+            fences = self.outstanding_fences(&grant, &mut fds, slots);
             let unsignalled = dmabuf_fd
                 .as_ref()
                 .filter(|fd| !dma_buf::implicit_fences_signalled(fd.as_fd(), access.is_write()));
@@ -304,11 +307,13 @@ impl State {
     }
 
     /// The conflicting fences a no-autofence client must wait for itself,
-    /// with the sync_files that back them where there are some.
+    /// with the sync_files that back them in at most `slots` fds; a fence
+    /// beyond those is announced by a `FenceSignalled` event instead.
     fn outstanding_fences(
         &mut self,
         grant: &fence::Grant,
         fds: &mut Vec<Arc<OwnedFd>>,
+        slots: usize,
     ) -> Vec<OutstandingFence> {
         let mut out = Vec::with_capacity(grant.outstanding.len());
         for view in &grant.outstanding {
@@ -319,7 +324,7 @@ impl State {
                 .filter(|_| view.state == FenceState::AwaitingKernelFence)
                 .map(Arc::clone);
             let slot = match sync_file {
-                Some(fd) if fds.len() < dmabroker_ipc::MAX_FDS_PER_MESSAGE => {
+                Some(fd) if fds.len() < slots => {
                     fds.push(fd);
                     Some((fds.len() - 1) as u8)
                 }
