@@ -193,6 +193,9 @@ fn no_autofence_is_never_blocked_and_gets_the_outstanding_fences() {
     assert!(w.starts_with("ok"), "{w}");
 }
 
+/// Access ids are small counters: someone else's access must look exactly
+/// like one that does not exist (as someone else's buffer does), and the
+/// refusal must change nothing.
 #[test]
 fn a_client_cannot_end_another_clients_access() {
     // By id: an access in a buffer word has none, and only holders can
@@ -202,14 +205,23 @@ fn a_client_cannot_end_another_clients_access() {
     let access: u64 = access_of(&held).parse().expect("number");
     let mut intruder = RawClient::connect(s.daemon.socket());
     intruder.hello();
-    assert_eq!(
+    let mut end = |access| {
         intruder
             .request(RequestBody::End {
                 access,
-                fence_slot: None
+                fence_slot: None,
             })
-            .err(),
-        Some(ErrorCode::PermissionDenied)
+            .err()
+    };
+    assert_eq!(
+        end(access),
+        Some(ErrorCode::UnknownAccess),
+        "someone else's"
+    );
+    assert_eq!(
+        end(access + 1_000),
+        Some(ErrorCode::UnknownAccess),
+        "an access nobody has"
     );
     // Still held: another writer stays blocked.
     let mut other = s.join(&[]);

@@ -58,8 +58,9 @@ fn fence_error(err: fence::FenceError) -> WireError {
         fence::FenceError::UnknownBuffer(_) => {
             WireError::new(ErrorCode::UnknownBuffer, err.to_string())
         }
-        fence::FenceError::NotHolder { .. } => {
-            WireError::new(ErrorCode::PermissionDenied, err.to_string())
+        // Not the caller's: answered as if it did not exist (see `end`).
+        fence::FenceError::NotHolder { access, .. } => {
+            WireError::new(ErrorCode::UnknownAccess, format!("no access {access}"))
         }
         fence::FenceError::NotDeviceAccess(_) | fence::FenceError::AlreadyFenced(_) => {
             WireError::new(ErrorCode::InvalidArgument, err.to_string())
@@ -440,15 +441,15 @@ impl State {
         access_id: AccessId,
         sync_file: Option<OwnedFd>,
     ) -> Result<Answer, WireError> {
-        let entry = self.accesses.get(&access_id).ok_or_else(|| {
-            WireError::new(ErrorCode::UnknownAccess, format!("no access {access_id}"))
-        })?;
-        if entry.client != client {
-            return Err(WireError::new(
-                ErrorCode::PermissionDenied,
-                format!("access {access_id} is not yours"),
-            ));
-        }
+        // Someone else's access looks exactly like a missing one: ids are
+        // guessable, existence is not to be revealed (as for buffers).
+        let entry = self
+            .accesses
+            .get(&access_id)
+            .filter(|a| a.client == client)
+            .ok_or_else(|| {
+                WireError::new(ErrorCode::UnknownAccess, format!("no access {access_id}"))
+            })?;
         if entry.sync_file.is_some() {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
