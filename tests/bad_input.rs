@@ -228,6 +228,46 @@ fn a_client_that_keeps_sending_garbage_is_disconnected() {
     daemon.assert_fds_back_to(baseline);
 }
 
+/// A message that decodes but breaks the protocol in its body (an fd slot
+/// that does not exist) counts towards the cut-off like garbage does: the
+/// count must not be reset by the very message that breaks it.
+#[test]
+fn a_client_that_keeps_naming_a_missing_fd_slot_is_disconnected() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let fence = some_fds(1);
+    let mut hung_up = false;
+    for _ in 0..32 {
+        let (_, bytes) = raw.encode(
+            RequestBody::End {
+                access: 1,
+                fence_slot: Some(5),
+            },
+            1,
+        );
+        if raw.try_send_raw(&bytes, &borrowed(&fence)).is_err() {
+            hung_up = true;
+            break;
+        }
+        match raw.recv_reply() {
+            Some((_, result)) => assert_eq!(result.err(), Some(ErrorCode::ProtocolError)),
+            None => {
+                hung_up = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        hung_up,
+        "the daemon keeps talking to a client that only breaks the protocol"
+    );
+    drop(raw);
+    still_serving(&daemon);
+    daemon.assert_fds_back_to(baseline);
+}
+
 #[test]
 fn a_slow_reader_gets_every_queued_reply_in_order() {
     // More replies than the socket buffer holds: the rest wait in the

@@ -74,6 +74,16 @@ impl State {
                 )),
             );
         }
+        // Checked before the count of protocol errors is reset, so that a
+        // client repeating this mistake is cut off like one sending garbage.
+        if let RequestBody::End {
+            fence_slot: Some(slot @ 1..),
+            ..
+        } = request.body
+        {
+            let err = protocol_error(format!("fd slot {slot} does not exist"));
+            return self.refuse_malformed(client, id, err);
+        }
         if let Some(c) = self.clients.get_mut(&client) {
             c.protocol_errors = 0;
         }
@@ -150,14 +160,8 @@ impl State {
                     timeout_ms,
                 } => self.begin(client, head.id, buffer, access, timeout_ms),
                 RequestBody::End { access, fence_slot } => {
-                    let sync_file = match fence_slot {
-                        Some(0) => fds.pop(),
-                        Some(slot) => {
-                            let err = protocol_error(format!("fd slot {slot} does not exist"));
-                            return self.refuse_malformed(client, head.id, err);
-                        }
-                        None => None,
-                    };
+                    // Slot 0 is the only one (`handle_message`).
+                    let sync_file = fence_slot.and_then(|_| fds.pop());
                     self.end(client, access, sync_file)
                 }
                 RequestBody::Reattach { buffer, secret } => self.reattach(client, buffer, &secret),
