@@ -4,8 +4,9 @@
 //! this broker needs on the receive path: it receives without
 //! `MSG_CMSG_CLOEXEC` (an fd could leak into an exec'd child before we set
 //! the flag), hands back `RawFd` instead of owning them, does not report
-//! `MSG_CTRUNC`, and has no SOCK_SEQPACKET support. So both directions use
-//! nix's `sendmsg`/`recvmsg` directly, in this one module.
+//! `MSG_CTRUNC`, and has no SOCK_SEQPACKET support. So both directions
+//! make the `sendmsg`/`recvmsg` system calls themselves, in this one module
+//! (raw `libc::syscall`: glibc's wrappers are thread cancellation points).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 

@@ -89,7 +89,8 @@ impl FromStr for ShareToken {
 
     fn from_str(s: &str) -> Result<Self, TokenError> {
         let hex = s.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
-        if hex.len() != BYTES * 2 || !hex.is_ascii() {
+        // Hex digits only: `from_str_radix` alone would take a sign.
+        if hex.len() != BYTES * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Malformed);
         }
         let mut bytes = [0u8; BYTES];
@@ -141,6 +142,8 @@ mod tests {
             "dmab1-00112233445566778899aabbccddeef",
             "dmab1-00112233445566778899aabbccddeeffff",
             "dmab1-0011223344556677889éaabbccddee",
+            "dmab1-+0112233445566778899aabbccddeeff",
+            "dmab1-00112233445566778899aabbccddee+f",
         ] {
             assert_eq!(
                 bad.parse::<ShareToken>(),
