@@ -123,6 +123,27 @@ fn the_most_specific_rule_wins() {
         .contains("rule 'default'"));
 }
 
+/// `SO_PEERGROUPS` fills a buffer of the caller's size. A client in more
+/// groups than the daemon's first guess must still match the rules written
+/// for its groups; it matched none, and so escaped every group rule.
+#[test]
+fn a_client_in_hundreds_of_groups_still_matches_its_group_rule() {
+    if !have_root("policy: many supplementary groups") {
+        return;
+    }
+    let groups: Vec<u32> = (70_000..70_300).collect();
+    let daemon = daemon_with(
+        "[default]\nmax_buffers = 8\n\n\
+         [[rule]]\nname = \"crowd\"\ngroup = 70299\nmax_buffers = 1\n",
+    );
+    let mut member = Scripted::spawn_with_groups(daemon.socket(), ALICE, ALICE, &groups, &[]);
+    member.ok("alloc 4096");
+    let err = member
+        .cmd("alloc 4096")
+        .expect_err("the group's rule allows one buffer");
+    assert!(err.contains("rule 'crowd'"), "{err}");
+}
+
 #[test]
 fn imports_across_users_need_the_importers_rule() {
     if !have_root("policy: import across users") {

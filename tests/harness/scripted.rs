@@ -36,6 +36,23 @@ impl Scripted {
         Scripted::spawn_cmd(cmd, socket, extra)
     }
 
+    /// As [`Scripted::spawn_as`], with these supplementary groups.
+    pub fn spawn_with_groups(
+        socket: &Path,
+        uid: u32,
+        gid: u32,
+        groups: &[u32],
+        extra: &[&str],
+    ) -> Scripted {
+        let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg(format!("--groups={}", groups.join(",")))
+            .arg(crate::daemon::binary("dmabroker-testclient"));
+        Scripted::spawn_cmd(cmd, socket, extra)
+    }
+
     fn spawn_cmd(mut cmd: Command, socket: &Path, extra: &[&str]) -> Scripted {
         cmd.arg("--socket").arg(socket).args(extra);
         let mut child = cmd

@@ -29,12 +29,14 @@ pub struct Peer {
 pub enum IdentityError {
     #[error("SO_PEERCRED failed: {0}")]
     PeerCred(Errno),
+    #[error("SO_PEERGROUPS failed: {0}")]
+    PeerGroups(Errno),
 }
 
 pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
     let cred = getsockopt(&socket, PeerCredentials).map_err(IdentityError::PeerCred)?;
     let pid = cred.pid();
-    let groups = peer_groups(socket).unwrap_or_default();
+    let groups = peer_groups(socket).map_err(IdentityError::PeerGroups)?;
     let pidfd = peer_pidfd(socket);
     let (exe, unit) = match &pidfd {
         Some(pidfd) => {
@@ -69,25 +71,43 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
     })
 }
 
-fn peer_groups(socket: BorrowedFd<'_>) -> Option<Vec<u32>> {
-    let mut groups: Vec<libc::gid_t> = vec![0; 256];
-    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
-    // SAFETY: `groups` is a writable buffer of `len` bytes that outlives the
-    // call; the kernel writes at most `len` bytes and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
+/// The peer's supplementary groups. Policy rules match on them, so a peer
+/// whose groups cannot be read is refused rather than served as if it had
+/// none (it would escape every rule written for one of its groups).
+fn peer_groups(socket: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    // Most processes have a handful; the kernel says how many more
+    // (ERANGE, with the size it needs) when they do not fit.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: `groups` is a writable buffer of `len` bytes that
+        // outlives the call; the kernel writes at most `len` bytes and
+        // updates `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let wanted = len as usize / GID;
+        match Errno::result(rc) {
+            Ok(_) => {
+                groups.truncate(wanted);
+                return Ok(groups);
+            }
+            // The groups are the peer's credentials at connect time, so
+            // the size the kernel asks for does not change between tries.
+            Err(Errno::ERANGE) if wanted > groups.len() => groups.resize(wanted, 0),
+            // A kernel before 4.13 has no SO_PEERGROUPS for anyone: rules
+            // can then only match the primary gid (docs/policy.md).
+            Err(Errno::ENOPROTOOPT) => return Ok(Vec::new()),
+            Err(errno) => return Err(errno),
+        }
     }
-    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
-    Some(groups)
 }
 
 fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
