@@ -268,6 +268,35 @@ fn a_client_that_keeps_naming_a_missing_fd_slot_is_disconnected() {
     daemon.assert_fds_back_to(baseline);
 }
 
+/// A refusal quotes what was asked for. A request near the size limit must
+/// still get its answer: a reply that would not fit was never sent, and the
+/// client waited forever.
+#[test]
+fn a_request_near_the_size_limit_still_gets_its_refusal() {
+    let daemon = Daemon::start();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let huge = "h".repeat(dmabroker_ipc::MAX_MESSAGE_SIZE - 40);
+    let request = RequestBody::Alloc {
+        size: 4096,
+        heap: Some(huge.clone()),
+        name: None,
+    };
+    assert!(raw.encode(request.clone(), 0).1.len() <= dmabroker_ipc::MAX_MESSAGE_SIZE);
+    assert!(
+        matches!(
+            raw.request(request).err(),
+            Some(ErrorCode::UnknownHeap | ErrorCode::InvalidArgument)
+        ),
+        "an unknown, absurdly long heap name is refused"
+    );
+    let (_, reply) = raw.encode(RequestBody::Import { token: huge }, 0);
+    raw.send_raw(&reply, &[]);
+    let (_, result) = raw.recv_reply().expect("a reply to an absurdly long token");
+    assert_eq!(result.err(), Some(ErrorCode::UnknownToken));
+    still_serving(&daemon);
+}
+
 #[test]
 fn a_slow_reader_gets_every_queued_reply_in_order() {
     // More replies than the socket buffer holds: the rest wait in the

@@ -15,7 +15,8 @@ use std::time::{Instant, SystemTime};
 use dmabroker_fence::{AccessId, Arbiter, WaiterId};
 use dmabroker_ipc::codec::encode_server_message_into;
 use dmabroker_ipc::{
-    BufferId, ClientId, Event, EventMessage, Reply, ReplyBody, ServerMessage, ShareToken, WireError,
+    BufferId, ClientId, ErrorCode, Event, EventMessage, Reply, ReplyBody, ServerMessage,
+    ShareToken, WireError,
 };
 use dmabroker_policy::{Policy, Resolved};
 
@@ -356,9 +357,27 @@ impl State {
         let Some(entry) = self.clients.get(&client) else {
             return;
         };
+        let mut fds = fds;
         if let Err(err) = encode_server_message_into(message, &mut self.encoded) {
             tracing::error!(client, error = %err, "cannot encode a message for a client");
-            return;
+            // A reply must still answer its request, or its client waits
+            // forever. (Replies are bounded so that this is not reached:
+            // error texts by `reply`, grants by the per-buffer access cap.)
+            let ServerMessage::Reply(reply) = message else {
+                return;
+            };
+            let fallback = ServerMessage::Reply(Reply {
+                id: reply.id,
+                fds: 0,
+                result: Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("the reply could not be sent: {err}"),
+                )),
+            });
+            if encode_server_message_into(&fallback, &mut self.encoded).is_err() {
+                return;
+            }
+            fds = Vec::new();
         }
         match entry.outbox.send(&self.encoded, fds) {
             Ok(()) => {}
@@ -381,6 +400,7 @@ impl State {
         if let Err(err) = &result {
             self.stats.refused(err.code);
         }
+        let result = result.map_err(shorten_error_text);
         let message = ServerMessage::Reply(Reply {
             id,
             fds: fds.len() as u8,
@@ -541,4 +561,21 @@ impl State {
             );
         }
     }
+}
+
+/// The most of an error's text a reply carries. Refusals quote what was
+/// asked for (a heap name, a token), and a request near the size limit
+/// must still get an answer that fits.
+const MAX_ERROR_TEXT: usize = 1024;
+
+fn shorten_error_text(mut err: WireError) -> WireError {
+    if err.message.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !err.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        err.message.truncate(end);
+        err.message.push('…');
+    }
+    err
 }
