@@ -770,12 +770,27 @@ impl Driver {
         self.settle();
         let state = self.broker.lock();
         check_invariants(&state)?;
-        if !state.buffers.is_empty() || !state.clients.is_empty() || !state.accesses.is_empty() {
+        if !state.buffers.is_empty()
+            || !state.clients.is_empty()
+            || !state.accesses.is_empty()
+            || state.task_count() != 0
+        {
             return Err(format!(
-                "after every client left: {} buffers, {} clients, {} accesses remain",
+                "after every client left: {} buffers, {} clients, {} accesses, {} tasks remain",
                 state.buffers.len(),
                 state.clients.len(),
-                state.accesses.len()
+                state.accesses.len(),
+                state.task_count()
+            ));
+        }
+        drop(state);
+        // Timers and waits belong to accesses and waiters; with those gone
+        // none may still sleep (a begin's timeout may be 49 days away).
+        self.settle();
+        let alive = self.runtime.metrics().num_alive_tasks();
+        if alive != 0 {
+            return Err(format!(
+                "after every client left: {alive} tasks still alive"
             ));
         }
         Ok(())

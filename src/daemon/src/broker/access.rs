@@ -175,7 +175,7 @@ impl State {
         }
         let now = Instant::now();
         for grant in grants {
-            let Some(waiter) = grant.waiter.and_then(|w| self.waiters.remove(&w)) else {
+            let Some(waiter) = grant.waiter.and_then(|w| self.remove_waiter(w)) else {
                 tracing::error!(access = grant.access_id, "grant for an unknown waiter");
                 continue;
             };
@@ -525,7 +525,7 @@ impl State {
     /// CPU grants that had START, subscribers told.
     pub(super) fn finish_released(&mut self, released: &[AccessId]) {
         for access in released {
-            if let Some(entry) = self.accesses.remove(access) {
+            if let Some(entry) = self.remove_access(*access) {
                 if entry.owes_cache_end {
                     self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
                 }
@@ -548,7 +548,7 @@ impl State {
                     self.take_over_word(buffer, now, false);
                     self.settle_buffer(buffer, false, now);
                 }
-                let Some(entry) = self.waiters.remove(&waiter) else {
+                let Some(entry) = self.remove_waiter(waiter) else {
                     return;
                 };
                 let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
@@ -576,7 +576,7 @@ impl State {
                 }
                 let (client, request_id) = (entry.client, entry.request_id);
                 let grants = self.arbiter.end(client, access, now).unwrap_or_default();
-                if let Some(entry) = self.accesses.remove(&access) {
+                if let Some(entry) = self.remove_access(access) {
                     self.release_end_slot(entry.client, entry.end_slot);
                 }
                 self.fence_ended(access);
@@ -609,7 +609,7 @@ impl State {
 
     pub(super) fn kernel_fence_signalled(&mut self, access: AccessId) {
         let grants = self.arbiter.kernel_fence_signalled(access, Instant::now());
-        if let Some(entry) = self.accesses.remove(&access) {
+        if let Some(entry) = self.remove_access(access) {
             self.release_end_slot(entry.client, entry.end_slot);
         }
         self.fence_ended(access);

@@ -60,6 +60,31 @@ pub enum TimeoutTarget {
     Access(AccessId),
 }
 
+/// What a started action's task is for; the task dies with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskOwner {
+    Waiter(WaiterId),
+    Access(AccessId),
+}
+
+impl Action {
+    fn owner(&self) -> TaskOwner {
+        match self {
+            Action::Timeout {
+                target: TimeoutTarget::Waiter(waiter),
+                ..
+            } => TaskOwner::Waiter(*waiter),
+            Action::Timeout {
+                target: TimeoutTarget::Access(access),
+                ..
+            }
+            | Action::HoldLimit { access, .. }
+            | Action::AwaitImplicit { access, .. }
+            | Action::AwaitSyncFile { access, .. } => TaskOwner::Access(*access),
+        }
+    }
+}
+
 /// How long a thread that finds the state locked spins before it sleeps.
 /// Nobody holds the lock for longer than a few microseconds (one message,
 /// or one chunk of a D-Bus list). A sleeping waiter must be woken through
@@ -118,51 +143,47 @@ impl Broker {
     }
 
     /// Runs `f` on the locked state, then starts whatever it deferred.
+    /// The tasks are started before the lock is let go, so that each is
+    /// recorded with its owner before anything can remove the owner.
     pub fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State) -> R) -> R {
-        let (result, actions) = {
-            let mut state = self.lock();
-            let result = f(&mut state);
-            state.settle_touched();
-            (result, state.take_actions())
-        };
-        for action in actions {
-            self.start(action);
+        let mut state = self.lock();
+        let result = f(&mut state);
+        state.settle_touched();
+        for action in state.take_actions() {
+            let owner = action.owner();
+            let task = self.start(action);
+            state.adopt_task(owner, task);
         }
         result
     }
 
-    fn start(self: &Arc<Self>, action: Action) {
+    /// Spawns an action's task. Spawning does not run it: it waits for
+    /// the state, which the caller holds, before it does anything.
+    fn start(self: &Arc<Self>, action: Action) -> tokio::task::AbortHandle {
         let broker = Arc::clone(self);
-        match action {
-            Action::Timeout { target, after } => {
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    broker.with(|s| s.timed_out(target));
-                });
-            }
-            Action::HoldLimit { access, after } => {
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    broker.with(|s| s.hold_limit_exceeded(access));
-                });
-            }
+        let task = match action {
+            Action::Timeout { target, after } => tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                broker.with(|s| s.timed_out(target));
+            }),
+            Action::HoldLimit { access, after } => tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                broker.with(|s| s.hold_limit_exceeded(access));
+            }),
             Action::AwaitImplicit {
                 access,
                 dmabuf,
                 write,
-            } => {
-                tokio::spawn(async move {
-                    waits::implicit_fences(dmabuf, write).await;
-                    broker.with(|s| s.implicit_fences_done(access));
-                });
-            }
-            Action::AwaitSyncFile { access, sync_file } => {
-                tokio::spawn(async move {
-                    waits::sync_file(sync_file).await;
-                    broker.with(|s| s.kernel_fence_signalled(access));
-                });
-            }
-        }
+            } => tokio::spawn(async move {
+                waits::implicit_fences(dmabuf, write).await;
+                broker.with(|s| s.implicit_fences_done(access));
+            }),
+            Action::AwaitSyncFile { access, sync_file } => tokio::spawn(async move {
+                waits::sync_file(sync_file).await;
+                broker.with(|s| s.kernel_fence_signalled(access));
+            }),
+        };
+        task.abort_handle()
     }
 }
 

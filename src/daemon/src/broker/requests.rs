@@ -424,7 +424,7 @@ impl State {
             .release_client_buffer(client, buffer, Instant::now());
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
-            if let Some(w) = self.waiters.remove(waiter) {
+            if let Some(w) = self.remove_waiter(*waiter) {
                 self.reply(
                     client,
                     w.request_id,

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use dmabroker_fence::{AccessId, Arbiter, WaiterId};
+
+use super::TaskOwner;
 use dmabroker_ipc::codec::encode_server_message_into;
 use dmabroker_ipc::{
     BufferId, ClientId, ErrorCode, Event, EventMessage, Reply, ReplyBody, ServerMessage,
@@ -194,6 +196,9 @@ pub struct State {
     next_client: ClientId,
     next_buffer: BufferId,
     actions: Vec<Action>,
+    /// The timers and waits started for each access and waiter, aborted
+    /// when it goes: a sleeping task must not outlive what it is for.
+    tasks: FxHashMap<TaskOwner, Vec<tokio::task::AbortHandle>>,
     /// Every outgoing message is encoded here; the outbox copies it only if
     /// it has to queue it.
     encoded: Vec<u8>,
@@ -228,6 +233,7 @@ impl State {
             next_client: 1,
             next_buffer: 1,
             actions: Vec::new(),
+            tasks: FxHashMap::default(),
             encoded: Vec::with_capacity(256),
             touched: Vec::new(),
         }
@@ -250,6 +256,44 @@ impl State {
 
     pub(super) fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
+    }
+
+    /// Keeps a started action's task, to abort it with its owner. An owner
+    /// already gone (the action outlived it within one locked step) has it
+    /// aborted at once.
+    pub(super) fn adopt_task(&mut self, owner: TaskOwner, task: tokio::task::AbortHandle) {
+        let alive = match owner {
+            TaskOwner::Access(id) => self.accesses.contains_key(&id),
+            TaskOwner::Waiter(id) => self.waiters.contains_key(&id),
+        };
+        if alive {
+            self.tasks.entry(owner).or_default().push(task);
+        } else {
+            task.abort();
+        }
+    }
+
+    /// Removes an access and stops its timers and waits.
+    pub(super) fn remove_access(&mut self, id: AccessId) -> Option<AccessEntry> {
+        self.abort_tasks(TaskOwner::Access(id));
+        self.accesses.remove(&id)
+    }
+
+    /// Removes a waiter and stops its timeout.
+    pub(super) fn remove_waiter(&mut self, id: WaiterId) -> Option<WaiterEntry> {
+        self.abort_tasks(TaskOwner::Waiter(id));
+        self.waiters.remove(&id)
+    }
+
+    fn abort_tasks(&mut self, owner: TaskOwner) {
+        for task in self.tasks.remove(&owner).into_iter().flatten() {
+            task.abort();
+        }
+    }
+
+    /// Timers and waits in flight (tests: none may outlive its owner).
+    pub fn task_count(&self) -> usize {
+        self.tasks.values().map(Vec::len).sum()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -473,13 +517,13 @@ impl State {
     fn free_buffer(&mut self, buffer: BufferId) {
         let (fences, waiters) = self.arbiter.remove_buffer(buffer);
         for fence in fences {
-            if let Some(entry) = self.accesses.remove(&fence.id) {
+            if let Some(entry) = self.remove_access(fence.id) {
                 self.release_end_slot(entry.client, entry.end_slot);
             }
             self.fence_ended(fence.id);
         }
         for waiter in waiters {
-            self.waiters.remove(&waiter.id);
+            self.remove_waiter(waiter.id);
         }
         if let Some(entry) = self.buffers.remove(&buffer) {
             if let Some(store) = &self.fd_store {
@@ -535,7 +579,7 @@ impl State {
         let gone = self.arbiter.client_gone(client, now);
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
-            self.waiters.remove(waiter);
+            self.remove_waiter(*waiter);
         }
         let writer_lost = gone.grants.iter().filter(|g| g.writer_lost).count();
         self.deliver_grants(gone.grants);

@@ -533,7 +533,7 @@ impl State {
         }
         // The bits are the reservation again; the arbiter forgets them.
         while let Some(id) = self.arbiter.fence_id_at(buffer, 0) {
-            let client = self.accesses.remove(&id).map(|a| a.client);
+            let client = self.remove_access(id).map(|a| a.client);
             let ended = client.map(|c| self.arbiter.end(c, id, now));
             if !matches!(ended, Some(Ok(_))) {
                 tracing::error!(
