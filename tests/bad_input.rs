@@ -3,7 +3,9 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use dmabroker_ipc::{ErrorCode, Hello, RequestBody, PROTOCOL_VERSION};
+use dmabroker_ipc::{
+    Access, ErrorCode, Hello, RequestBody, MAX_ACCESSES_PER_BUFFER, PROTOCOL_VERSION,
+};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::Daemon;
 
@@ -294,6 +296,89 @@ fn a_request_near_the_size_limit_still_gets_its_refusal() {
     raw.send_raw(&reply, &[]);
     let (_, result) = raw.recv_reply().expect("a reply to an absurdly long token");
     assert_eq!(result.err(), Some(ErrorCode::UnknownToken));
+    still_serving(&daemon);
+}
+
+/// Every access on a buffer is a fence that a conflicting no-autofence
+/// grant lists. Unbounded, a client holding some 13,000 reads made the next
+/// writer's grant too large to send: the writer waited forever while the
+/// broker counted its write as held. One buffer takes a bounded number of
+/// accesses, and a grant listing all of them fits in a message.
+#[test]
+fn a_buffer_takes_a_bounded_number_of_accesses_and_every_grant_is_sent() {
+    let daemon = Daemon::start();
+    let no_autofence = |name: &str| {
+        let mut raw = RawClient::connect(daemon.socket());
+        raw.request(RequestBody::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            autofence: Some(false),
+            client_name: name.into(),
+        }))
+        .expect("hello");
+        raw
+    };
+    let mut writer = no_autofence("writer");
+    let buffer = match writer.request(RequestBody::Alloc {
+        size: 4096,
+        heap: None,
+        name: None,
+    }) {
+        Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
+        other => panic!("alloc: {other:?}"),
+    };
+    let token = match writer.request(RequestBody::Export { buffer }) {
+        Ok(dmabroker_ipc::ReplyBody::Exported { token }) => token,
+        other => panic!("export: {other:?}"),
+    };
+    let mut readers = no_autofence("readers");
+    let shared = match readers.request(RequestBody::Import { token }) {
+        Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
+        other => panic!("import: {other:?}"),
+    };
+    let read = || RequestBody::Begin {
+        buffer: shared,
+        access: Access::CpuRead,
+        timeout_ms: None,
+    };
+    let mut reads = Vec::new();
+    for n in 0..MAX_ACCESSES_PER_BUFFER {
+        match readers.request(read()) {
+            Ok(dmabroker_ipc::ReplyBody::Granted(grant)) => reads.push(grant.access),
+            other => panic!("read {n}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        readers.request(read()).err(),
+        Some(ErrorCode::Busy),
+        "one more than the buffer takes is refused"
+    );
+    match writer.request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuWrite,
+        timeout_ms: None,
+    }) {
+        Err(ErrorCode::Busy) => {}
+        other => panic!("the full buffer refuses the write too: {other:?}"),
+    }
+    // With room for one more, the write is granted, listing every read.
+    let ended = reads.pop().expect("a read");
+    assert!(readers
+        .request(RequestBody::End {
+            access: ended,
+            fence_slot: None,
+        })
+        .is_ok());
+    match writer.request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuWrite,
+        timeout_ms: None,
+    }) {
+        Ok(dmabroker_ipc::ReplyBody::Granted(grant)) => {
+            assert_eq!(grant.fences.len(), MAX_ACCESSES_PER_BUFFER - 1)
+        }
+        other => panic!("the write: {other:?}"),
+    }
     still_serving(&daemon);
 }
 

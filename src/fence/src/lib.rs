@@ -647,6 +647,11 @@ impl Arbiter {
         self.buffers.get(&buffer).map_or(0, |res| res.fences.len())
     }
 
+    /// How many requests wait on the buffer.
+    pub fn queue_len(&self, buffer: BufferId) -> usize {
+        self.buffers.get(&buffer).map_or(0, |res| res.queue.len())
+    }
+
     /// The buffer's queue, head first (empty for an unknown buffer).
     pub fn waiters(&self, buffer: BufferId) -> Vec<WaiterView> {
         self.buffers

@@ -39,6 +39,10 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// Most fds one message may carry. A no-autofence grant is the largest user
 /// (one sync_file per outstanding fence); the rest carry at most one.
 pub const MAX_FDS_PER_MESSAGE: usize = 32;
+/// Most accesses one buffer takes at once, held and queued: each is a
+/// fence a conflicting no-autofence grant lists, and that grant must fit in
+/// one message (a listed fence is at most 23 bytes).
+pub const MAX_ACCESSES_PER_BUFFER: usize = 1024;
 
 pub type BufferId = u64;
 pub type AccessId = u64;

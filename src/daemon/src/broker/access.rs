@@ -128,6 +128,13 @@ impl State {
         self.take_over_word(buffer, now, map);
         // Accesses ended through their words are retired before deciding.
         self.settle_buffer(buffer, false, now);
+        let in_use = self.arbiter.fence_count(buffer) + self.arbiter.queue_len(buffer);
+        if in_use >= dmabroker_ipc::MAX_ACCESSES_PER_BUFFER {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!("buffer {buffer} already has {in_use} accesses held or queued, the most one buffer takes"),
+            ));
+        }
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms.into()));
         match self
             .arbiter
