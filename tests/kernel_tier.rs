@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AllocRequest, Client};
 use dmabroker_daemon::kernel::{dma_buf, sync_file};
+use dmabroker_ipc::{ReplyBody, RequestBody};
+use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{field, PROMPT};
 use dmabroker_suite::vgem::{FenceHandle, Vgem, VgemError};
 use dmabroker_suite::{kernel_feature, Daemon, DaemonOptions, Scripted};
@@ -462,4 +464,89 @@ fn kernel_tier_a_no_autofence_grant_keeps_a_slot_for_the_dma_bufs_own_fence() {
         "end {}",
         field(&granted, "access").expect("access")
     ));
+}
+
+/// An autofence begin on a dma-buf whose device is still busy waits for
+/// the kernel's fences with a dup of the buffer's fd. A begin that gives up
+/// (its timeout) must give that fd back at once, not when the device
+/// finishes: a client could otherwise pile up the broker's fds by retrying.
+#[test]
+fn kernel_tier_a_begin_that_times_out_on_kernel_fences_keeps_no_fd() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
+    let owner = daemon.client();
+    let adopted = owner
+        .adopt(
+            gpu_buffer.try_clone_dmabuf().expect("dup"),
+            Some("gpu-frame"),
+        )
+        .expect("adopting a vgem dma-buf");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let baseline = daemon.baseline();
+    for _ in 0..20 {
+        match adopted.begin_timeout(Access::CpuRead, Duration::from_millis(100)) {
+            Err(err) => assert_eq!(err.code(), Some(dmabroker_ipc::ErrorCode::Timeout), "{err}"),
+            Ok(_) => panic!("a read must wait for the device's write"),
+        }
+    }
+    daemon.assert_fds_back_to(baseline);
+    signal(&vgem, fence, attached);
+}
+
+/// Freeing a buffer answers the client's own begins still waiting on it.
+/// A begin already granted but held back by the dma-buf's kernel fences
+/// was dropped silently, and its request never got an answer.
+#[test]
+fn kernel_tier_freeing_a_buffer_answers_a_begin_waiting_for_its_kernel_fences() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
+    let owner = daemon.client();
+    let adopted = owner
+        .adopt(
+            gpu_buffer.try_clone_dmabuf().expect("dup"),
+            Some("gpu-frame"),
+        )
+        .expect("adopting a vgem dma-buf");
+    let token = adopted.export().expect("export").to_string();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let buffer = match raw.request(RequestBody::Import { token }) {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("import: {other:?}"),
+    };
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let (begin, bytes) = raw.encode(
+        RequestBody::Begin {
+            buffer,
+            access: Access::CpuRead,
+            timeout_ms: None,
+        },
+        0,
+    );
+    raw.send_raw(&bytes, &[]);
+    let (free, bytes) = raw.encode(RequestBody::Free { buffer }, 0);
+    raw.send_raw(&bytes, &[]);
+    let mut answers = HashMap::new();
+    for _ in 0..2 {
+        let (id, result) = raw.recv_reply().expect("a reply");
+        answers.insert(id, result);
+    }
+    assert!(
+        matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.get(&begin).and_then(|r| r.as_ref().err()),
+        Some(&dmabroker_ipc::ErrorCode::UnknownBuffer),
+        "the begin is answered: {answers:?}"
+    );
+    signal(&vgem, fence, attached);
 }

@@ -449,11 +449,13 @@ impl State {
         sync_file: Option<OwnedFd>,
     ) -> Result<Answer, WireError> {
         // Someone else's access looks exactly like a missing one: ids are
-        // guessable, existence is not to be revealed (as for buffers).
+        // guessable, existence is not to be revealed (as for buffers). So
+        // does one whose grant is still held back by kernel fences: its
+        // client has not been told it exists.
         let entry = self
             .accesses
             .get(&access_id)
-            .filter(|a| a.client == client)
+            .filter(|a| a.client == client && a.pending.is_none())
             .ok_or_else(|| {
                 WireError::new(ErrorCode::UnknownAccess, format!("no access {access_id}"))
             })?;

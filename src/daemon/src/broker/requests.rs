@@ -422,18 +422,28 @@ impl State {
         let gone = self
             .arbiter
             .release_client_buffer(client, buffer, Instant::now());
+        let freed_while_waiting = || {
+            Err(WireError::new(
+                ErrorCode::UnknownBuffer,
+                "buffer freed while waiting",
+            ))
+        };
+        // A grant held back by the dma-buf's kernel fences was never sent:
+        // its begin is still waiting for an answer, like a queued one.
+        let unanswered: Vec<u64> = gone
+            .released
+            .iter()
+            .filter_map(|a| self.accesses.get(a))
+            .filter(|a| a.pending.is_some())
+            .map(|a| a.request_id)
+            .collect();
+        for request_id in unanswered {
+            self.reply(client, request_id, freed_while_waiting(), Vec::new());
+        }
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
             if let Some(w) = self.remove_waiter(*waiter) {
-                self.reply(
-                    client,
-                    w.request_id,
-                    Err(WireError::new(
-                        ErrorCode::UnknownBuffer,
-                        "buffer freed while waiting",
-                    )),
-                    Vec::new(),
-                );
+                self.reply(client, w.request_id, freed_while_waiting(), Vec::new());
             }
         }
         self.deliver_grants(gone.grants);
