@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use dmabroker_ipc::{ErrorCode, RequestBody};
+use dmabroker_ipc::{Access, ErrorCode, Event, ReplyBody, RequestBody, ServerMessage};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{access_of, field, Shared};
 use dmabroker_suite::{Daemon, DaemonOptions};
@@ -274,4 +274,119 @@ fn freeing_a_buffer_while_holding_access_releases_it() {
         Some("true"),
         "an unfinished write is reported"
     );
+}
+
+/// A raw client that has said hello asking for no-autofence.
+fn no_autofence(daemon: &Daemon, name: &str) -> RawClient {
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.request(RequestBody::Hello(dmabroker_ipc::Hello {
+        version: dmabroker_ipc::PROTOCOL_VERSION,
+        features: 0,
+        autofence: Some(false),
+        client_name: name.into(),
+    }))
+    .expect("hello");
+    raw
+}
+
+/// A buffer `owner` allocated and `other` imported: (owner's id, other's id).
+fn shared_buffer(owner: &mut RawClient, other: &mut RawClient) -> (u64, u64) {
+    let buffer = match owner.request(RequestBody::Alloc {
+        size: 4096,
+        heap: None,
+        name: None,
+    }) {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("alloc: {other:?}"),
+    };
+    let token = match owner.request(RequestBody::Export { buffer }) {
+        Ok(ReplyBody::Exported { token }) => token,
+        other => panic!("export: {other:?}"),
+    };
+    match other.request(RequestBody::Import { token }) {
+        Ok(ReplyBody::Buffer(info)) => (buffer, info.id),
+        other => panic!("import: {other:?}"),
+    }
+}
+
+fn begin(raw: &mut RawClient, buffer: u64, access: Access) -> dmabroker_ipc::Grant {
+    match raw.request(RequestBody::Begin {
+        buffer,
+        access,
+        timeout_ms: None,
+    }) {
+        Ok(ReplyBody::Granted(grant)) => grant,
+        other => panic!("begin: {other:?}"),
+    }
+}
+
+fn end(raw: &mut RawClient, access: u64) {
+    raw.request(RequestBody::End {
+        access,
+        fence_slot: None,
+    })
+    .expect("end");
+}
+
+/// The fences a client is told have signalled before the answer to one
+/// more request, which also shows the connection is still up.
+fn signalled_before_a_reply(raw: &mut RawClient, buffer: u64) -> Vec<u64> {
+    let (id, bytes) = raw.encode(RequestBody::Info { buffer }, 0);
+    raw.send_raw(&bytes, &[]);
+    let mut fences = Vec::new();
+    loop {
+        match raw.recv() {
+            Some((ServerMessage::Event(message), _)) => match message.event {
+                Event::FenceSignalled { fence } => fences.push(fence),
+                other => panic!("unexpected event {other:?}"),
+            },
+            Some((ServerMessage::Reply(reply), _)) if reply.id == id => return fences,
+            Some((ServerMessage::Reply(reply), _)) => panic!("unexpected reply {reply:?}"),
+            None => panic!("the broker hung up after {} fence events", fences.len()),
+        }
+    }
+}
+
+/// A no-autofence client that begins again while the same fence is still
+/// outstanding is told once when that fence ends: a subscription per grant
+/// sent the event once per begin, and grew the broker's memory with every
+/// begin for as long as the fence lasted.
+#[test]
+fn a_fence_listed_in_many_grants_is_announced_once() {
+    let daemon = Daemon::start();
+    let mut reader = no_autofence(&daemon, "reader");
+    let mut writer = no_autofence(&daemon, "writer");
+    let (read_on, write_on) = shared_buffer(&mut reader, &mut writer);
+    let read = begin(&mut reader, read_on, Access::CpuRead).access;
+    for _ in 0..5 {
+        let grant = begin(&mut writer, write_on, Access::CpuWrite);
+        assert_eq!(grant.fences.len(), 1, "the read is listed");
+        end(&mut writer, grant.access);
+    }
+    end(&mut reader, read);
+    assert_eq!(signalled_before_a_reply(&mut writer, write_on), vec![read]);
+}
+
+/// Events a client has not read yet count against its unread-replies cap,
+/// so another client ending many listed fences at once could get a live
+/// no-autofence client cut off. Each signalled fence is owed exactly one
+/// event, which the broker keeps however slowly the client reads.
+#[test]
+fn many_fences_ending_at_once_do_not_cut_off_the_client_waiting_for_them() {
+    let daemon = Daemon::start();
+    let mut readers = no_autofence(&daemon, "readers");
+    let mut writer = no_autofence(&daemon, "writer");
+    let (read_on, write_on) = shared_buffer(&mut readers, &mut writer);
+    let reads: Vec<u64> = (0..1000)
+        .map(|_| begin(&mut readers, read_on, Access::CpuRead).access)
+        .collect();
+    let grant = begin(&mut writer, write_on, Access::CpuWrite);
+    assert_eq!(grant.fences.len(), reads.len());
+    // The writer reads nothing while every read ends.
+    for &read in &reads {
+        end(&mut readers, read);
+    }
+    let mut told = signalled_before_a_reply(&mut writer, write_on);
+    told.sort_unstable();
+    assert_eq!(told, reads, "every read's end, once each");
 }

@@ -23,11 +23,19 @@ use tokio::sync::Notify;
 struct Outgoing {
     bytes: Vec<u8>,
     fds: Vec<Arc<OwnedFd>>,
+    /// Counts against the cap: a reply. An event does not: each is owed
+    /// for one fence or access of the client's, and so bounded by those,
+    /// and it is often another client's doing (ending many fences a
+    /// no-autofence client was told to wait for) that the client must not
+    /// be cut off for.
+    counted: bool,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     messages: VecDeque<Outgoing>,
+    /// How many queued messages count against the cap.
+    counted: usize,
     closed: bool,
 }
 
@@ -86,11 +94,26 @@ impl Outbox {
         send_message(self.socket.get_ref().as_fd(), bytes, &fds, true)
     }
 
-    /// Delivers or queues one encoded message. Never blocks. The bytes are
+    /// Delivers or queues one encoded reply. Never blocks. The bytes are
     /// borrowed: the usual case sends them at once, and only a message that
     /// must wait is copied into the queue. On overflow or a dead socket the
     /// connection is shut down, which its reader sees as a hang-up.
     pub fn send(&self, bytes: &[u8], fds: Vec<Arc<OwnedFd>>) -> Result<(), OutboxError> {
+        self.deliver(bytes, fds, true)
+    }
+
+    /// As [`Outbox::send`], for an event: it waits however long the client
+    /// takes to read (see `Outgoing::counted`).
+    pub fn send_event(&self, bytes: &[u8]) -> Result<(), OutboxError> {
+        self.deliver(bytes, Vec::new(), false)
+    }
+
+    fn deliver(
+        &self,
+        bytes: &[u8],
+        fds: Vec<Arc<OwnedFd>>,
+        counted: bool,
+    ) -> Result<(), OutboxError> {
         let mut queue = self.lock();
         if queue.closed {
             return Err(OutboxError::Closed);
@@ -108,17 +131,20 @@ impl Outbox {
             }
         }
         let cap = self.cap.load(Ordering::Relaxed);
-        if queue.messages.len() >= cap {
+        if counted && queue.counted >= cap {
             queue.closed = true;
-            let len = queue.messages.len();
+            let len = queue.counted;
             queue.messages.clear();
+            queue.counted = 0;
             drop(queue);
             self.shutdown();
             return Err(OutboxError::Overflow(len));
         }
+        queue.counted += usize::from(counted);
         queue.messages.push_back(Outgoing {
             bytes: bytes.to_vec(),
             fds,
+            counted,
         });
         drop(queue);
         self.notify.notify_one();
@@ -168,7 +194,7 @@ impl Outbox {
                 return Flush::Drained;
             };
             match self.try_send(&msg.bytes, &msg.fds) {
-                Ok(()) => continue,
+                Ok(()) => queue.counted -= usize::from(msg.counted),
                 Err(SendError::Os(Errno::EAGAIN)) => {
                     queue.messages.push_front(msg);
                     return Flush::Blocked;

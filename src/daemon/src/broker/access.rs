@@ -337,10 +337,13 @@ impl State {
                     Some((fds.len() - 1) as u8)
                 }
                 _ => {
-                    self.fence_subscribers
-                        .entry(view.id)
-                        .or_default()
-                        .push(grant.client);
+                    // Once per client, however many of its grants list
+                    // the fence: one event is owed, and the list must not
+                    // grow with every begin while the fence lasts.
+                    let subscribers = self.fence_subscribers.entry(view.id).or_default();
+                    if !subscribers.contains(&grant.client) {
+                        subscribers.push(grant.client);
+                    }
                     None
                 }
             };

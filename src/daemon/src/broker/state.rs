@@ -423,7 +423,11 @@ impl State {
             }
             fds = Vec::new();
         }
-        match entry.outbox.send(&self.encoded, fds) {
+        let sent = match message {
+            ServerMessage::Event(_) => entry.outbox.send_event(&self.encoded),
+            ServerMessage::Reply(_) => entry.outbox.send(&self.encoded, fds),
+        };
+        match sent {
             Ok(()) => {}
             Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
                 tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
