@@ -307,35 +307,16 @@ fn a_request_near_the_size_limit_still_gets_its_refusal() {
 #[test]
 fn a_buffer_takes_a_bounded_number_of_accesses_and_every_grant_is_sent() {
     let daemon = Daemon::start();
-    let no_autofence = |name: &str| {
+    let no_autofence = || {
         let mut raw = RawClient::connect(daemon.socket());
-        raw.request(RequestBody::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            features: 0,
-            autofence: Some(false),
-            client_name: name.into(),
-        }))
-        .expect("hello");
+        raw.hello_no_autofence();
         raw
     };
-    let mut writer = no_autofence("writer");
-    let buffer = match writer.request(RequestBody::Alloc {
-        size: 4096,
-        heap: None,
-        name: None,
-    }) {
-        Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
-        other => panic!("alloc: {other:?}"),
-    };
-    let token = match writer.request(RequestBody::Export { buffer }) {
-        Ok(dmabroker_ipc::ReplyBody::Exported { token }) => token,
-        other => panic!("export: {other:?}"),
-    };
-    let mut readers = no_autofence("readers");
-    let shared = match readers.request(RequestBody::Import { token }) {
-        Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => info.id,
-        other => panic!("import: {other:?}"),
-    };
+    let mut writer = no_autofence();
+    let buffer = writer.alloc();
+    let token = writer.export(buffer);
+    let mut readers = no_autofence();
+    let shared = readers.import(token);
     let read = || RequestBody::Begin {
         buffer: shared,
         access: Access::CpuRead,

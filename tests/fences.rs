@@ -277,36 +277,17 @@ fn freeing_a_buffer_while_holding_access_releases_it() {
 }
 
 /// A raw client that has said hello asking for no-autofence.
-fn no_autofence(daemon: &Daemon, name: &str) -> RawClient {
+fn no_autofence(daemon: &Daemon) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());
-    raw.request(RequestBody::Hello(dmabroker_ipc::Hello {
-        version: dmabroker_ipc::PROTOCOL_VERSION,
-        features: 0,
-        autofence: Some(false),
-        client_name: name.into(),
-    }))
-    .expect("hello");
+    raw.hello_no_autofence();
     raw
 }
 
 /// A buffer `owner` allocated and `other` imported: (owner's id, other's id).
 fn shared_buffer(owner: &mut RawClient, other: &mut RawClient) -> (u64, u64) {
-    let buffer = match owner.request(RequestBody::Alloc {
-        size: 4096,
-        heap: None,
-        name: None,
-    }) {
-        Ok(ReplyBody::Buffer(info)) => info.id,
-        other => panic!("alloc: {other:?}"),
-    };
-    let token = match owner.request(RequestBody::Export { buffer }) {
-        Ok(ReplyBody::Exported { token }) => token,
-        other => panic!("export: {other:?}"),
-    };
-    match other.request(RequestBody::Import { token }) {
-        Ok(ReplyBody::Buffer(info)) => (buffer, info.id),
-        other => panic!("import: {other:?}"),
-    }
+    let buffer = owner.alloc();
+    let token = owner.export(buffer);
+    (buffer, other.import(token))
 }
 
 fn begin(raw: &mut RawClient, buffer: u64, access: Access) -> dmabroker_ipc::Grant {
@@ -354,8 +335,8 @@ fn signalled_before_a_reply(raw: &mut RawClient, buffer: u64) -> Vec<u64> {
 #[test]
 fn a_fence_listed_in_many_grants_is_announced_once() {
     let daemon = Daemon::start();
-    let mut reader = no_autofence(&daemon, "reader");
-    let mut writer = no_autofence(&daemon, "writer");
+    let mut reader = no_autofence(&daemon);
+    let mut writer = no_autofence(&daemon);
     let (read_on, write_on) = shared_buffer(&mut reader, &mut writer);
     let read = begin(&mut reader, read_on, Access::CpuRead).access;
     for _ in 0..5 {
@@ -374,8 +355,8 @@ fn a_fence_listed_in_many_grants_is_announced_once() {
 #[test]
 fn many_fences_ending_at_once_do_not_cut_off_the_client_waiting_for_them() {
     let daemon = Daemon::start();
-    let mut readers = no_autofence(&daemon, "readers");
-    let mut writer = no_autofence(&daemon, "writer");
+    let mut readers = no_autofence(&daemon);
+    let mut writer = no_autofence(&daemon);
     let (read_on, write_on) = shared_buffer(&mut readers, &mut writer);
     let reads: Vec<u64> = (0..1000)
         .map(|_| begin(&mut readers, read_on, Access::CpuRead).access)

@@ -15,12 +15,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dmabroker_client::{Access, AllocRequest, Client};
+use dmabroker_client::{Access, AllocRequest, Buffer, Client};
 use dmabroker_daemon::kernel::{dma_buf, sync_file};
 use dmabroker_ipc::{ReplyBody, RequestBody};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{field, PROMPT};
-use dmabroker_suite::vgem::{FenceHandle, Vgem, VgemError};
+use dmabroker_suite::vgem::{FenceHandle, Vgem, VgemBuffer, VgemError};
 use dmabroker_suite::{kernel_feature, Daemon, DaemonOptions, Scripted};
 
 /// How long a begin must stay unanswered to count as held. Well within the
@@ -48,6 +48,18 @@ fn vgem() -> Option<Vgem> {
         }
         Err(err) => panic!("opening vgem: {err}"),
     }
+}
+
+/// A "GPU" buffer of vgem's and the broker buffer `owner` adopted from it.
+fn adopted_gpu_buffer<'v>(vgem: &'v Vgem, owner: &Client) -> (VgemBuffer<'v>, Buffer) {
+    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
+    let adopted = owner
+        .adopt(
+            gpu_buffer.try_clone_dmabuf().expect("dup"),
+            Some("gpu-frame"),
+        )
+        .expect("adopting a vgem dma-buf");
+    (gpu_buffer, adopted)
 }
 
 /// A daemon that uses the machine's real dma-heaps and udmabuf.
@@ -252,14 +264,8 @@ fn kernel_tier_an_autofence_reader_waits_for_a_device_write_fence_on_an_adopted_
         return;
     };
     let daemon = real_kernel_daemon();
-    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
     let owner = daemon.client();
-    let adopted = owner
-        .adopt(
-            gpu_buffer.try_clone_dmabuf().expect("dup"),
-            Some("gpu-frame"),
-        )
-        .expect("adopting a vgem dma-buf");
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export");
     let mut reader = Scripted::spawn(daemon.socket(), &[]);
     let imported = reader.ok(&format!("import {token}"));
@@ -295,14 +301,8 @@ fn kernel_tier_a_no_autofence_reader_gets_the_device_write_fence_as_a_sync_file(
         return;
     };
     let daemon = real_kernel_daemon();
-    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
     let owner = daemon.client();
-    let adopted = owner
-        .adopt(
-            gpu_buffer.try_clone_dmabuf().expect("dup"),
-            Some("gpu-frame"),
-        )
-        .expect("adopting a vgem dma-buf");
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export");
     let mut reader = Scripted::spawn(daemon.socket(), &["--no-autofence"]);
     let id = field(&reader.ok(&format!("import {token}")), "id")
@@ -414,11 +414,9 @@ fn kernel_tier_a_no_autofence_grant_keeps_a_slot_for_the_dma_bufs_own_fence() {
         return;
     };
     let daemon = real_kernel_daemon();
-    let frame_device = vgem.create_buffer(8192).expect("vgem buffer");
     let owner = daemon.client();
-    let frame = owner
-        .adopt(frame_device.try_clone_dmabuf().expect("dup"), Some("frame"))
-        .expect("adopting a vgem dma-buf");
+    // Kept: the device buffer lives as long as the test.
+    let (_frame_device, frame) = adopted_gpu_buffer(&vgem, &owner);
     let token = frame.export().expect("export");
     let mut writer = Scripted::spawn(daemon.socket(), &["--no-autofence"]);
     let id = field(&writer.ok(&format!("import {token}")), "id")
@@ -476,14 +474,8 @@ fn kernel_tier_a_begin_that_times_out_on_kernel_fences_keeps_no_fd() {
         return;
     };
     let daemon = real_kernel_daemon();
-    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
     let owner = daemon.client();
-    let adopted = owner
-        .adopt(
-            gpu_buffer.try_clone_dmabuf().expect("dup"),
-            Some("gpu-frame"),
-        )
-        .expect("adopting a vgem dma-buf");
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
     let baseline = daemon.baseline();
@@ -506,14 +498,8 @@ fn kernel_tier_freeing_a_buffer_answers_a_begin_waiting_for_its_kernel_fences() 
         return;
     };
     let daemon = real_kernel_daemon();
-    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
     let owner = daemon.client();
-    let adopted = owner
-        .adopt(
-            gpu_buffer.try_clone_dmabuf().expect("dup"),
-            Some("gpu-frame"),
-        )
-        .expect("adopting a vgem dma-buf");
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export").to_string();
     let mut raw = RawClient::connect(daemon.socket());
     raw.hello();

@@ -142,13 +142,49 @@ impl RawClient {
     }
 
     pub fn hello(&mut self) {
+        self.hello_with(None);
+    }
+
+    /// The hello of a client that waits for fences itself.
+    pub fn hello_no_autofence(&mut self) {
+        self.hello_with(Some(false));
+    }
+
+    fn hello_with(&mut self, autofence: Option<bool>) {
         self.request(RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION,
             features: 0,
-            autofence: None,
+            autofence,
             client_name: "raw".into(),
         }))
         .expect("hello");
+    }
+
+    /// A 4 KiB buffer of the default heap: its id.
+    pub fn alloc(&mut self) -> u64 {
+        match self.request(RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        }) {
+            Ok(ReplyBody::Buffer(info)) => info.id,
+            other => panic!("alloc: {other:?}"),
+        }
+    }
+
+    pub fn export(&mut self, buffer: u64) -> String {
+        match self.request(RequestBody::Export { buffer }) {
+            Ok(ReplyBody::Exported { token }) => token,
+            other => panic!("export: {other:?}"),
+        }
+    }
+
+    /// The importer's id of the buffer.
+    pub fn import(&mut self, token: String) -> u64 {
+        match self.request(RequestBody::Import { token }) {
+            Ok(ReplyBody::Buffer(info)) => info.id,
+            other => panic!("import: {other:?}"),
+        }
     }
 
     pub fn simple(&mut self, line: &str) -> Result<ReplyBody, ErrorCode> {
