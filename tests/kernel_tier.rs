@@ -536,3 +536,49 @@ fn kernel_tier_freeing_a_buffer_answers_a_begin_waiting_for_its_kernel_fences() 
     );
     signal(&vgem, fence, attached);
 }
+
+/// The cache sync that begins a CPU access waits in the kernel for the
+/// dma-buf's fences, and a device can add one after the broker last
+/// looked. That wait must hold back only this grant: the broker issued it
+/// on its one thread with its state locked, and served nobody until the
+/// device finished.
+#[test]
+fn kernel_tier_a_fence_added_just_before_the_cache_sync_holds_back_only_that_grant() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let mut reader = Scripted::spawn(daemon.socket(), &[]);
+    let id = field(&reader.ok(&format!("import {token}")), "id")
+        .expect("id")
+        .to_owned();
+    let first = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    reader.send(&format!("begin {id} r"));
+    assert_eq!(
+        reader.recv(STILL_BLOCKED),
+        None,
+        "a reader waits for the device's write"
+    );
+    // The device finishes, and at once starts writing again: the broker
+    // sees the first fence signal and begins the read's cache sync, which
+    // then waits for the second.
+    signal(&vgem, first, attached);
+    let second = gpu_buffer
+        .attach_fence(true)
+        .expect("attach the next write");
+    let attached = Instant::now();
+    assert_still_serving(&owner);
+    signal(&vgem, second, attached);
+    let granted = reader
+        .recv(PROMPT)
+        .expect("the read is granted once the device is done");
+    assert!(granted.starts_with("ok"), "{granted}");
+    reader.ok(&format!(
+        "end {}",
+        field(&granted, "access").expect("access")
+    ));
+}

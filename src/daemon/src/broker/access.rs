@@ -358,31 +358,108 @@ impl State {
     }
 
     /// Cache sync START for CPU grants on dma-bufs of autofence clients,
-    /// then the reply, then the hold-limit timer.
+    /// then the reply, then the hold-limit timer. START waits in the kernel
+    /// for fences a device may have added since the broker looked, so on a
+    /// dma-buf it is issued off the broker's thread and the grant is sent
+    /// when it returns ([`State::cache_sync_started`]).
     fn complete_grant(
         &mut self,
         access_id: AccessId,
-        mut grant: Grant,
+        grant: Grant,
         fds: Vec<Arc<OwnedFd>>,
         word_ok: bool,
     ) {
         let Some(entry) = self.accesses.get(&access_id) else {
             return;
         };
-        let (client, request_id, kind, autofence, buffer) = (
-            entry.client,
-            entry.request_id,
-            entry.kind,
-            entry.autofence,
-            entry.buffer,
-        );
+        let (kind, autofence, buffer, deadline) =
+            (entry.kind, entry.autofence, entry.buffer, entry.deadline);
         let mut synced = CacheSync::NotNeeded;
         if kind.is_cpu() && autofence {
-            synced = self.cache_sync(buffer, kind, SyncPhase::Start);
+            let dmabuf = self
+                .buffers
+                .get(&buffer)
+                .filter(|b| b.origin.is_dma_buf())
+                .map(|b| b.fd.try_clone());
+            match dmabuf {
+                Some(Ok(dup)) => {
+                    if let Some(entry) = self.accesses.get_mut(&access_id) {
+                        entry.pending = Some(PendingGrant {
+                            grant,
+                            since: Instant::now(),
+                        });
+                    }
+                    self.defer(Action::CacheSyncStart {
+                        access: access_id,
+                        dmabuf: dup,
+                        direction: sync_direction(kind),
+                    });
+                    if let Some(deadline) = deadline {
+                        self.defer(Action::Timeout {
+                            target: TimeoutTarget::Access(access_id),
+                            after: deadline.saturating_duration_since(Instant::now()),
+                        });
+                    }
+                    return;
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "cannot dup a dma-buf for its cache sync; syncing in place");
+                    synced = self.cache_sync(buffer, kind, SyncPhase::Start);
+                }
+                None => synced = self.cache_sync(buffer, kind, SyncPhase::Start),
+            }
             if let Some(entry) = self.accesses.get_mut(&access_id) {
                 entry.owes_cache_end = synced != CacheSync::Failed;
             }
         }
+        self.send_grant(access_id, grant, fds, word_ok, synced);
+    }
+
+    /// The cache sync START issued for a grant returned: the grant goes
+    /// out. If its access went meanwhile, `started` ENDs as it is dropped.
+    pub(super) fn cache_sync_started(
+        &mut self,
+        access: AccessId,
+        started: Result<super::waits::StartedSync, crate::kernel::KernelError>,
+    ) {
+        let Some(entry) = self.accesses.get_mut(&access) else {
+            return;
+        };
+        let Some(pending) = entry.pending.take() else {
+            return;
+        };
+        let buffer = entry.buffer;
+        let synced = match started {
+            Ok(started) => {
+                started.keep();
+                entry.owes_cache_end = true;
+                self.stats.cache_syncs += 1;
+                tracing::debug!(buffer, phase = ?SyncPhase::Start, "cache sync");
+                CacheSync::Done
+            }
+            Err(err) => {
+                tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_SYNC failed");
+                CacheSync::Failed
+            }
+        };
+        self.send_grant(access, pending.grant, Vec::new(), false, synced);
+    }
+
+    /// The grant's end path (buffer word, end word or message), then the
+    /// reply and the hold-limit timer.
+    fn send_grant(
+        &mut self,
+        access_id: AccessId,
+        mut grant: Grant,
+        fds: Vec<Arc<OwnedFd>>,
+        word_ok: bool,
+        synced: CacheSync,
+    ) {
+        let Some(entry) = self.accesses.get(&access_id) else {
+            return;
+        };
+        let (client, request_id, kind, buffer) =
+            (entry.client, entry.request_id, entry.kind, entry.buffer);
         // Held in the buffer's word when it can be: its end then needs no
         // message at all once the broker hands the word back. Not a
         // no-autofence grant that lists fences: the word cannot hold

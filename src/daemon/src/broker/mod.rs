@@ -52,6 +52,13 @@ pub enum Action {
         access: AccessId,
         sync_file: OwnedFd,
     },
+    /// Cache sync START for a CPU grant on a dma-buf, on a blocking thread
+    /// (it waits for fences in the kernel); the grant is sent after it.
+    CacheSyncStart {
+        access: AccessId,
+        dmabuf: OwnedFd,
+        direction: crate::kernel::dma_buf::SyncDirection,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +87,8 @@ impl Action {
             }
             | Action::HoldLimit { access, .. }
             | Action::AwaitImplicit { access, .. }
-            | Action::AwaitSyncFile { access, .. } => TaskOwner::Access(*access),
+            | Action::AwaitSyncFile { access, .. }
+            | Action::CacheSyncStart { access, .. } => TaskOwner::Access(*access),
         }
     }
 }
@@ -181,6 +189,24 @@ impl Broker {
             Action::AwaitSyncFile { access, sync_file } => tokio::spawn(async move {
                 waits::sync_file(sync_file).await;
                 broker.with(|s| s.kernel_fence_signalled(access));
+            }),
+            Action::CacheSyncStart {
+                access,
+                dmabuf,
+                direction,
+            } => tokio::spawn(async move {
+                // Aborting this task leaves the blocking one to finish; its
+                // `StartedSync`, dropped unkept, then ENDs.
+                let started = tokio::task::spawn_blocking(move || {
+                    waits::StartedSync::start(dmabuf, direction)
+                })
+                .await;
+                match started {
+                    Ok(started) => broker.with(|s| s.cache_sync_started(access, started)),
+                    Err(err) => {
+                        tracing::error!(access, error = %err, "cache sync START task failed")
+                    }
+                }
             }),
         };
         task.abort_handle()

@@ -6,9 +6,12 @@
 //! Each wait gets its own dup of the fd: epoll registrations are per open
 //! file description + fd number, and the broker's own fd must stay free.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::Interest;
+
+use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
+use crate::kernel::KernelError;
 
 async fn until_ready(fd: OwnedFd, interest: Interest) {
     let Ok(async_fd) = crate::reactor::register(fd, interest) else {
@@ -46,4 +49,43 @@ pub async fn implicit_fences(dmabuf: OwnedFd, write: bool) {
 
 pub async fn sync_file(fd: OwnedFd) {
     until_ready(fd, Interest::READABLE).await;
+}
+
+/// A cache sync START that has been issued, to be paired with its END.
+///
+/// START waits in the kernel for the dma-buf's implicit fences, and a
+/// device may add one after the broker last polled, so START runs on a
+/// blocking thread, never on the broker's. The access takes the END over
+/// with [`StartedSync::keep`]; dropped without it (the access ended or
+/// went while START waited), it ENDs here, so every START has its END.
+#[derive(Debug)]
+pub struct StartedSync {
+    dmabuf: Option<OwnedFd>,
+    direction: SyncDirection,
+}
+
+impl StartedSync {
+    /// Blocks until the kernel lets the CPU access begin.
+    pub fn start(dmabuf: OwnedFd, direction: SyncDirection) -> Result<StartedSync, KernelError> {
+        dma_buf::sync(dmabuf.as_fd(), direction, SyncPhase::Start)?;
+        Ok(StartedSync {
+            dmabuf: Some(dmabuf),
+            direction,
+        })
+    }
+
+    /// The access owes the END now (it ENDs with the buffer's own fd).
+    pub fn keep(mut self) {
+        self.dmabuf = None;
+    }
+}
+
+impl Drop for StartedSync {
+    fn drop(&mut self) {
+        if let Some(fd) = self.dmabuf.take() {
+            if let Err(err) = dma_buf::sync(fd.as_fd(), self.direction, SyncPhase::End) {
+                tracing::warn!(error = %err, "cache sync END for an access that went meanwhile failed");
+            }
+        }
+    }
 }
