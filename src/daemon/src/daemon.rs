@@ -78,9 +78,16 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             }
         });
     }
-    if broker.lock().fd_store.is_some() {
-        tokio::spawn(persist_loop(Arc::clone(&broker), persist_wanted, writer));
-    }
+    let persisting = broker.lock().fd_store.is_some().then(|| {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(persist_loop(
+            Arc::clone(&broker),
+            persist_wanted,
+            writer,
+            stopped,
+        ));
+        (task, stop)
+    });
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog::run(interval));
     }
@@ -128,6 +135,15 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     tracing::info!("shutting down");
     notify::stopping();
     accepting.abort();
+    if let Some((task, stop)) = persisting {
+        let _ = stop.send(());
+        if tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last record of the buffer table was not written in time");
+        }
+    }
     listener.remove_path();
     Ok(())
 }
@@ -216,19 +232,35 @@ fn restore(
 /// Rewrites the stored record after changes, at most every 50 ms. Only the
 /// snapshot is taken under the broker's lock; encoding it and handing it
 /// to the service manager happen after, off the request path.
+/// Writes the record of the buffer table 50 ms after a change (changes
+/// come in bursts), and once more when the daemon stops: a change made
+/// within those 50 ms would otherwise be missing, and the next instance
+/// would drop a buffer its client still holds.
 async fn persist_loop(
     broker: Arc<Broker>,
     wanted: Arc<tokio::sync::Notify>,
     mut writer: RecordWriter,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     loop {
-        wanted.notified().await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let generation = writer.next_generation();
-        let record = broker.lock().record(generation);
-        if let Err(err) = writer.store(&record) {
-            tracing::warn!(error = %err, "cannot store the buffer table record");
+        tokio::select! {
+            _ = wanted.notified() => {}
+            _ = &mut stopped => break,
         }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            _ = &mut stopped => break,
+        }
+        store_record(&broker, &mut writer);
+    }
+    store_record(&broker, &mut writer);
+}
+
+fn store_record(broker: &Arc<Broker>, writer: &mut RecordWriter) {
+    let generation = writer.next_generation();
+    let record = broker.lock().record(generation);
+    if let Err(err) = writer.store(&record) {
+        tracing::warn!(error = %err, "cannot store the buffer table record");
     }
 }
 
