@@ -48,13 +48,24 @@ pub fn age_of(epoch_seconds: u64) -> u64 {
     now.saturating_sub(epoch_seconds)
 }
 
-/// "" as "-", so that empty cells stay visible in a table.
+/// Text a client chose (its name, its buffers' names, its exe path) as it
+/// may reach an admin's terminal: "" as "-", so that empty cells stay
+/// visible, and control characters escaped (`\u{1b}`), so that no client
+/// can send the terminal escape sequences (write the clipboard, move the
+/// cursor over other rows) through `dmabrokerctl`.
 pub fn or_dash(text: &str) -> String {
     if text.is_empty() {
-        "-".to_owned()
-    } else {
-        text.to_owned()
+        return "-".to_owned();
     }
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -67,6 +78,15 @@ mod tests {
         assert_eq!(bytes(4096), "4 KiB");
         assert_eq!(bytes(1536 * 1024), "1.5 MiB");
         assert_eq!(bytes(1 << 30), "1 GiB");
+    }
+
+    #[test]
+    fn client_text_reaches_the_terminal_without_control_characters() {
+        assert_eq!(or_dash(""), "-");
+        assert_eq!(or_dash("camera-0 é"), "camera-0 é");
+        let shown = or_dash("cam\u{1b}]52;c;QUFB\u{7}\u{9b}2J\n");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(shown, "cam\\u{1b}]52;c;QUFB\\u{7}\\u{9b}2J\\u{a}");
     }
 
     #[test]
