@@ -62,6 +62,10 @@ struct Mailbox {
     sleepers: usize,
     /// Why the current socket stopped working, if it did.
     closed: Option<String>,
+    /// The last error that answered no request (id 0): a broker refusing
+    /// the connection (busy) says so before it hangs up. Errors of
+    /// unwaited requests are not that, and stay for `take_errors`.
+    refusal: Option<WireError>,
     /// Requests whose answer came through a buffer word: later messages
     /// for them (a stale `Planned`) are dropped, not filed forever.
     abandoned: VecDeque<u64>,
@@ -350,8 +354,9 @@ impl Connection {
             }
             if mailbox.closed.is_some() {
                 // A broker that refuses a connection (busy, bad version)
-                // says why before it hangs up.
-                return Err(match mailbox.errors.pop_back() {
+                // says why before it hangs up; any other hang-up is a
+                // disconnect, which `call_on` answers by reconnecting.
+                return Err(match mailbox.refusal.clone() {
                     Some(err) => Error::Broker(err),
                     None => Error::Disconnected,
                 });
@@ -504,6 +509,7 @@ impl Connection {
         *lock(&self.welcome) = welcome;
         mailbox.replies.clear();
         mailbox.closed = None;
+        mailbox.refusal = None;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         self.arrived.notify_all();
     }
@@ -567,6 +573,9 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
         // Id 0 answers a message the broker could not read at all.
         ServerMessage::Reply(reply) if reply.id & UNWAITED != 0 || reply.id == 0 => {
             if let Err(err) = reply.result {
+                if reply.id == 0 {
+                    mailbox.refusal = Some(err.clone());
+                }
                 if mailbox.errors.len() == MAX_ASYNC_ERRORS {
                     mailbox.errors.pop_front();
                 }
