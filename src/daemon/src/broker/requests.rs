@@ -29,11 +29,6 @@ fn protocol_error(message: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::ProtocolError, message)
 }
 
-fn page_round(size: u64) -> Option<u64> {
-    const PAGE: u64 = 4096;
-    size.checked_add(PAGE - 1).map(|s| s & !(PAGE - 1))
-}
-
 impl State {
     /// Handles one datagram from `client`. `fds` are already owned: any we
     /// do not keep are closed when this returns.
@@ -305,7 +300,10 @@ impl State {
                 "size must not be 0",
             ));
         }
-        let rounded = page_round(size).ok_or_else(|| {
+        // Rounded to the kernel's page size, as the heaps round it (16 or
+        // 64 KiB pages on some arm64 kernels): the quota check must see the
+        // size that will be charged.
+        let rounded = crate::kernel::page_round(size).ok_or_else(|| {
             WireError::new(ErrorCode::InvalidArgument, format!("size {size} is absurd"))
         })?;
         let entry = self
@@ -643,17 +641,4 @@ fn alloc_error(err: AllocError) -> WireError {
         _ => ErrorCode::OutOfMemory,
     };
     WireError::new(code, err.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::page_round;
-
-    #[test]
-    fn sizes_round_up_to_pages() {
-        assert_eq!(page_round(1), Some(4096));
-        assert_eq!(page_round(4096), Some(4096));
-        assert_eq!(page_round(4097), Some(8192));
-        assert_eq!(page_round(u64::MAX), None);
-    }
 }
