@@ -348,6 +348,60 @@ fn a_broker_stopped_right_after_an_alloc_still_records_the_buffer() {
     assert!(read.bytes().expect("bytes").iter().all(|b| *b == 7));
 }
 
+/// Waits until the daemon's log says `line`.
+fn wait_for_log(daemon: &Running, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon.log().contains(line) {
+        assert!(Instant::now() < deadline, "no '{line}':\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A buffer kept by one holder while another's hold expired: dropping the
+/// expired hold changed the table but not its record, so the record kept
+/// the dropped holder's secret, and after the next restart that hold was
+/// back, to expire a second time (or be re-attached by a client whose
+/// hold had already been released).
+#[test]
+fn an_expired_hold_is_gone_from_the_record_too() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let owner = Client::connect_to(&manager.socket_path).expect("owner");
+    let frame = owner.alloc(4096).expect("alloc");
+    let token = frame.export().expect("export");
+    let leaving = ClientOptions {
+        reconnect: None,
+        ..Default::default()
+    };
+    let importer = Client::connect_with(&manager.socket_path, leaving).expect("importer");
+    let _imported = importer.import(&token).expect("import");
+    manager.wait_for(
+        "the buffer and its record in the store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let grace = ["--reattach-grace", "300ms"];
+
+    drop(first);
+    let second = Running::start_with(&manager, "second", &[], &grace);
+    frame.info().expect("the owner re-attaches");
+    wait_for_log(&second, "not re-attached within the grace period");
+    std::thread::sleep(Duration::from_millis(200));
+
+    drop(second);
+    let third = Running::start_with(&manager, "third", &[], &grace);
+    frame.info().expect("the owner re-attaches again");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        !third
+            .log()
+            .contains("not re-attached within the grace period"),
+        "the expired hold came back with the restart:\n{}",
+        third.log()
+    );
+}
+
 #[test]
 fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     let manager = ServiceManager::new();

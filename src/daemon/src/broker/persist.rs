@@ -204,6 +204,11 @@ impl State {
                 }
             }
         }
+        // Buffers kept by other holders changed too: without a new record
+        // the dropped holds would come back with the next restart.
+        if count > 0 {
+            self.persist_changed();
+        }
         count
     }
 
