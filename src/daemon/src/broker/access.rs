@@ -571,15 +571,17 @@ impl State {
                 "the fd handed over is not a sync_file",
             ));
         }
-        self.arbiter
-            .end_with_kernel_fence(client, access_id)
-            .map_err(fence_error)?;
+        // Everything that can fail comes before the arbiter's hand-over:
+        // after it, the access waits for a wait that must then exist.
         let waiter = sync_file.try_clone().map_err(|e| {
             WireError::new(
                 ErrorCode::Internal,
                 format!("cannot dup the sync_file: {e}"),
             )
         })?;
+        self.arbiter
+            .end_with_kernel_fence(client, access_id)
+            .map_err(fence_error)?;
         let sync_file = Arc::new(sync_file);
         let Some(entry) = self.accesses.get_mut(&access_id) else {
             return Ok(());
