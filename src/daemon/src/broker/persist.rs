@@ -232,7 +232,7 @@ impl State {
         let holder = entry
             .holders
             .iter_mut()
-            .find(|h| h.client == ORPHAN && h.secret == secret)
+            .find(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
             .ok_or_else(unknown)?;
         holder.client = client;
         let size = entry.size;
@@ -254,9 +254,31 @@ impl State {
     }
 }
 
+/// Compares a presented secret with a holder's in time that does not
+/// depend on where they first differ, so that answers to guesses teach
+/// nothing about the secret.
+fn same_secret(kept: &str, presented: &str) -> bool {
+    kept.len() == presented.len()
+        && kept
+            .bytes()
+            .zip(presented.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        let kept = "dmab1-00112233445566778899aabbccddeeff";
+        assert!(same_secret(kept, kept));
+        assert!(!same_secret(kept, "dmab1-00112233445566778899aabbccddeefe"));
+        assert!(!same_secret(kept, "xmab1-00112233445566778899aabbccddeeff"));
+        assert!(!same_secret(kept, "dmab1-00112233445566778899aabbccddeef"));
+        assert!(!same_secret(kept, ""));
+    }
 
     fn record_of(fd: &OwnedFd, size: u64) -> BufferRecord {
         BufferRecord {
