@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use dmabroker_client::{Client, ClientOptions};
+use dmabroker_client::{Client, ClientOptions, Error};
 use dmabroker_ipc::codec::{decode_request, encode_server_message};
 use dmabroker_ipc::fdpass::{recv_message, send_message};
 use dmabroker_ipc::{
@@ -33,10 +33,17 @@ fn welcome() -> ReplyBody {
     })
 }
 
-/// A broker that answers hellos and heaps; on its first connection it
-/// answers the first heaps request with an error of an earlier unwaited
-/// request (id with bit 63) and hangs up, as a broker that restarts does.
-fn scripted_broker(path: &Path) -> std::thread::JoinHandle<()> {
+/// What the scripted broker does with the `nth` heaps request (from 1) on
+/// its `connection` (from 1): `false` hangs up.
+type OnHeaps = fn(socket: &OwnedFd, id: u64, connection: usize, nth: usize) -> bool;
+
+/// A broker that answers hellos, and heaps requests as `on_heaps` says, on
+/// up to `connections` connections one after the other.
+fn scripted_broker(
+    path: &Path,
+    connections: usize,
+    on_heaps: OnHeaps,
+) -> std::thread::JoinHandle<()> {
     let listener = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -47,27 +54,58 @@ fn scripted_broker(path: &Path) -> std::thread::JoinHandle<()> {
     bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
     listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
     std::thread::spawn(move || {
-        for connection in 1..=2 {
+        for connection in 1..=connections {
             let raw = accept(listener.as_raw_fd()).expect("accept");
             // SAFETY: accept just created `raw` for us.
             let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mut nth = 0;
             while let Ok(message) = recv_message(socket.as_fd(), false) {
                 let request = decode_request(&message.bytes).expect("decode");
                 match request.body {
                     RequestBody::Hello(_) => reply(&socket, request.head.id, Ok(welcome())),
-                    RequestBody::ListHeaps if connection == 1 => {
-                        let stale = WireError::new(ErrorCode::UnknownAccess, "no access 7");
-                        reply(&socket, (1 << 63) | 99, Err(stale));
-                        break;
-                    }
                     RequestBody::ListHeaps => {
-                        reply(&socket, request.head.id, Ok(ReplyBody::Heaps(Vec::new())))
+                        nth += 1;
+                        if !on_heaps(&socket, request.head.id, connection, nth) {
+                            break;
+                        }
                     }
                     _ => {}
                 }
             }
         }
     })
+}
+
+fn heaps(socket: &OwnedFd, id: u64) {
+    reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+}
+
+/// A hang-up after an unwaited request's error, as a restarting broker's.
+fn stale_error_then_hang_up(socket: &OwnedFd, id: u64, connection: usize, _: usize) -> bool {
+    if connection > 1 {
+        heaps(socket, id);
+        return true;
+    }
+    let stale = WireError::new(ErrorCode::UnknownAccess, "no access 7");
+    reply(socket, (1 << 63) | 99, Err(stale));
+    false
+}
+
+/// The first request's reply comes unreadable after its id; the second
+/// request's reply is preceded by a datagram that is unreadable from its
+/// first byte.
+fn unreadable_messages(socket: &OwnedFd, id: u64, _: usize, nth: usize) -> bool {
+    let send = |bytes: &[u8]| send_message(socket.as_fd(), bytes, &[], false).expect("send");
+    if nth == 1 {
+        let mut bytes = vec![0];
+        bytes.extend(postcard::to_allocvec(&id).expect("id"));
+        bytes.extend([0, 9, 0xff, 0xff]);
+        send(&bytes);
+    } else {
+        send(&[0xff, 0xff, 0xff]);
+        heaps(socket, id);
+    }
+    true
 }
 
 /// Errors of pipelined requests (an end, a free) wait in the client for
@@ -78,7 +116,7 @@ fn scripted_broker(path: &Path) -> std::thread::JoinHandle<()> {
 fn a_hang_up_reconnects_even_with_errors_of_earlier_requests_unread() {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
-    let broker = scripted_broker(&path);
+    let broker = scripted_broker(&path, 2, stale_error_then_hang_up);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(5)),
         ..Default::default()
@@ -94,6 +132,36 @@ fn a_hang_up_reconnects_even_with_errors_of_earlier_requests_unread() {
     assert!(
         matches!(&errors[..], [err] if err.code == ErrorCode::UnknownAccess),
         "the earlier request's error is kept for take_errors: {errors:?}"
+    );
+    drop(client);
+    broker.join().expect("scripted broker");
+}
+
+/// A message the client cannot read fails the request it answers, not
+/// the connection: the client took it for a broken socket, reconnected to
+/// the same broker, could re-attach nothing there, and lost every buffer
+/// it held.
+#[test]
+fn an_unreadable_message_fails_its_request_and_keeps_the_connection() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 1, unreadable_messages);
+    // No reconnecting: this broker takes one connection.
+    let options = ClientOptions {
+        reconnect: None,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    match client.heaps() {
+        Err(Error::Broker(err)) => assert_eq!(err.code, ErrorCode::ProtocolError, "{err}"),
+        other => panic!("the unreadable reply fails its request: {other:?}"),
+    }
+    assert!(client.heaps().is_ok(), "the next request is answered");
+    assert_eq!(client.reconnects(), 0, "on the same connection");
+    let errors = client.take_errors();
+    assert!(
+        matches!(&errors[..], [err] if err.code == ErrorCode::ProtocolError),
+        "the message that named no request is reported: {errors:?}"
     );
     drop(client);
     broker.join().expect("scripted broker");

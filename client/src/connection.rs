@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dmabroker_ipc::codec::{decode_server_message, encode_request};
+use dmabroker_ipc::codec::{decode_reply_id, decode_server_message, encode_request};
 use dmabroker_ipc::endwords::EndWords;
 use dmabroker_ipc::fdpass::{recv_message, recv_message_into, send_message, RecvError, SendError};
 use dmabroker_ipc::{
-    features, Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage, Welcome,
-    WireError, FLAG_NO_REPLY,
+    features, ErrorCode, Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage,
+    Welcome, WireError, FLAG_NO_REPLY,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -414,7 +414,7 @@ impl Connection {
         let mut mine = None;
         if generation == self.generation() {
             match received {
-                Ok(Some((ServerMessage::Reply(reply), fds)))
+                Ok(Received::Message(ServerMessage::Reply(reply), fds))
                     if want == Some(reply.id) && reply.id & UNWAITED == 0 =>
                 {
                     mine = Some(Incoming {
@@ -422,8 +422,25 @@ impl Connection {
                         fds,
                     });
                 }
-                Ok(Some((message, fds))) => file_message(&mut mailbox, message, fds),
-                Ok(None) => {}
+                Ok(Received::Message(message, fds)) => file_message(&mut mailbox, message, fds),
+                Ok(Received::Unreadable { reply_to, why }) => {
+                    let failed = Incoming {
+                        result: Err(WireError::new(ErrorCode::ProtocolError, why)),
+                        fds: Vec::new(),
+                    };
+                    match reply_to {
+                        Some(id) if want == Some(id) && id & UNWAITED == 0 => mine = Some(failed),
+                        Some(id) if id != 0 && id & UNWAITED == 0 => {
+                            mailbox.replies.insert(id, failed);
+                        }
+                        _ => {
+                            if let Err(err) = failed.result {
+                                push_error(&mut mailbox, err);
+                            }
+                        }
+                    }
+                }
+                Ok(Received::Nothing) => {}
                 Err(reason) => mailbox.closed = Some(reason),
             }
         }
@@ -543,29 +560,64 @@ impl Connection {
 }
 
 /// Reads one message, or `None` when the deadline passes first.
+/// One datagram from the broker.
+enum Received {
+    Message(ServerMessage, Vec<OwnedFd>),
+    /// Read but not understood. A datagram stream stays in step after one
+    /// (the next datagram is whole), so only the request it answers, if
+    /// its first bytes name one, fails: not the connection, whose holds a
+    /// reconnect to the same broker could not take back.
+    Unreadable {
+        reply_to: Option<u64>,
+        why: String,
+    },
+    /// Nothing before the deadline.
+    Nothing,
+}
+
+/// `Err`: the connection is unusable.
 fn receive(
     socket: &OwnedFd,
     buf: &mut [u8],
     deadline: Option<Instant>,
-) -> Result<Option<(ServerMessage, Vec<OwnedFd>)>, String> {
+) -> Result<Received, String> {
     if let Some(deadline) = deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(0) | Err(Errno::EINTR) => return Ok(Received::Nothing),
             Ok(_) => {}
             Err(err) => return Err(err.to_string()),
         }
     }
     match recv_message_into(socket.as_fd(), buf, false) {
         Ok((len, fds)) => match decode_server_message(&buf[..len]) {
-            Ok(message) => Ok(Some((message, fds))),
-            Err(err) => Err(format!("undecodable message from the broker: {err}")),
+            Ok(message) => Ok(Received::Message(message, fds)),
+            Err(err) => Ok(Received::Unreadable {
+                reply_to: decode_reply_id(&buf[..len]),
+                why: format!("unreadable message from the broker: {err}"),
+            }),
         },
+        // Cut short (its fds, if any, were closed): the rest of the stream
+        // is still whole.
+        Err(err @ (RecvError::Truncated | RecvError::ControlTruncated)) => {
+            Ok(Received::Unreadable {
+                reply_to: decode_reply_id(buf),
+                why: format!("unreadable message from the broker: {err}"),
+            })
+        }
         Err(RecvError::Closed) => Err("the broker closed the connection".into()),
         Err(err) => Err(err.to_string()),
     }
+}
+
+/// An error that answers no waiting caller, kept for `take_errors`.
+fn push_error(mailbox: &mut Mailbox, err: WireError) {
+    if mailbox.errors.len() == MAX_ASYNC_ERRORS {
+        mailbox.errors.pop_front();
+    }
+    mailbox.errors.push_back(err);
 }
 
 fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>) {
@@ -576,10 +628,7 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
                 if reply.id == 0 {
                     mailbox.refusal = Some(err.clone());
                 }
-                if mailbox.errors.len() == MAX_ASYNC_ERRORS {
-                    mailbox.errors.pop_front();
-                }
-                mailbox.errors.push_back(err);
+                push_error(mailbox, err);
             }
         }
         ServerMessage::Reply(reply) if mailbox.abandoned.contains(&reply.id) => {}

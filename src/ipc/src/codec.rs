@@ -90,6 +90,17 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, CodecError> 
     decode(bytes)
 }
 
+/// The request id a reply names, read from its first bytes alone: a client
+/// that cannot read the rest (a broker bug, a truncated datagram) can still
+/// fail that one request instead of the connection.
+pub fn decode_reply_id(bytes: &[u8]) -> Option<u64> {
+    // `ServerMessage::Reply` is variant 0, and a reply begins with its id.
+    match postcard::take_from_bytes::<(u32, u64)>(bytes) {
+        Ok(((0, id), _)) => Some(id),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +115,25 @@ mod tests {
             },
             body,
         }
+    }
+
+    #[test]
+    fn a_replys_id_reads_from_its_first_bytes_alone() {
+        let reply = ServerMessage::Reply(Reply {
+            id: 1 << 40,
+            fds: 0,
+            result: Ok(ReplyBody::Freed),
+        });
+        let bytes = encode_server_message(&reply).expect("encode");
+        assert_eq!(decode_reply_id(&bytes), Some(1 << 40));
+        assert_eq!(decode_reply_id(&bytes[..bytes.len() - 1]), Some(1 << 40));
+        let event = ServerMessage::Event(EventMessage {
+            fds: 0,
+            event: Event::FenceSignalled { fence: 3 },
+        });
+        let bytes = encode_server_message(&event).expect("encode");
+        assert_eq!(decode_reply_id(&bytes), None);
+        assert_eq!(decode_reply_id(&[0xff, 0xff]), None);
     }
 
     #[test]
