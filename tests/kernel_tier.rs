@@ -62,6 +62,16 @@ fn adopted_gpu_buffer<'v>(vgem: &'v Vgem, owner: &Client) -> (VgemBuffer<'v>, Bu
     (gpu_buffer, adopted)
 }
 
+/// A client process that imported the buffer `token` shares: it and its id
+/// of the buffer.
+fn importer(daemon: &Daemon, token: &impl std::fmt::Display, extra: &[&str]) -> (Scripted, String) {
+    let mut client = Scripted::spawn(daemon.socket(), extra);
+    let id = field(&client.ok(&format!("import {token}")), "id")
+        .expect("id")
+        .to_owned();
+    (client, id)
+}
+
 /// A daemon that uses the machine's real dma-heaps and udmabuf.
 fn real_kernel_daemon() -> Daemon {
     Daemon::start_with(DaemonOptions {
@@ -304,10 +314,7 @@ fn kernel_tier_a_no_autofence_reader_gets_the_device_write_fence_as_a_sync_file(
     let owner = daemon.client();
     let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export");
-    let mut reader = Scripted::spawn(daemon.socket(), &["--no-autofence"]);
-    let id = field(&reader.ok(&format!("import {token}")), "id")
-        .expect("id")
-        .to_owned();
+    let (mut reader, id) = importer(&daemon, &token, &["--no-autofence"]);
 
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
@@ -358,10 +365,7 @@ fn kernel_tier_a_device_write_ended_with_a_sync_file_fences_the_buffer_until_it_
         })
         .expect("alloc");
     let token = frame.export().expect("export");
-    let mut reader = Scripted::spawn(daemon.socket(), &[]);
-    let id = field(&reader.ok(&format!("import {token}")), "id")
-        .expect("id")
-        .to_owned();
+    let (mut reader, id) = importer(&daemon, &token, &[]);
 
     // The "hardware" renders into the frame; its completion fence comes
     // from another device's buffer, as a GPU's out-fence would.
@@ -418,10 +422,7 @@ fn kernel_tier_a_no_autofence_grant_keeps_a_slot_for_the_dma_bufs_own_fence() {
     // Kept: the device buffer lives as long as the test.
     let (_frame_device, frame) = adopted_gpu_buffer(&vgem, &owner);
     let token = frame.export().expect("export");
-    let mut writer = Scripted::spawn(daemon.socket(), &["--no-autofence"]);
-    let id = field(&writer.ok(&format!("import {token}")), "id")
-        .expect("id")
-        .to_owned();
+    let (mut writer, id) = importer(&daemon, &token, &["--no-autofence"]);
 
     // As many device reads as a message has fd slots, each handed over
     // with the pending completion fence of another device's work.
@@ -551,10 +552,7 @@ fn kernel_tier_a_fence_added_just_before_the_cache_sync_holds_back_only_that_gra
     let owner = daemon.client();
     let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export");
-    let mut reader = Scripted::spawn(daemon.socket(), &[]);
-    let id = field(&reader.ok(&format!("import {token}")), "id")
-        .expect("id")
-        .to_owned();
+    let (mut reader, id) = importer(&daemon, &token, &[]);
     let first = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
     reader.send(&format!("begin {id} r"));
