@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use dmabroker_client::{Access, Client, ClientOptions};
+use dmabroker_client::{Access, AllocRequest, Client, ClientOptions};
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{stable_fd_count, wait_fd_count};
 use dmabroker_suite::sdnotify::{Received, ServiceManager};
@@ -346,6 +346,46 @@ fn a_broker_stopped_right_after_an_alloc_still_records_the_buffer() {
     assert_eq!(client.reconnects(), 1);
     let read = buffer.begin(Access::CpuRead).expect("read after restart");
     assert!(read.bytes().expect("bytes").iter().all(|b| *b == 7));
+}
+
+/// The `_async` twins reconnect after a broker restart as the blocking
+/// calls do: they sent and waited on their own, and failed `Disconnected`
+/// from then on.
+#[test]
+fn async_calls_reconnect_after_a_restart() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let options = ClientOptions {
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&manager.socket_path, options).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    manager.wait_for(
+        "the buffer and its record in the store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    drop(first);
+    let _second = Running::start(&manager, "second", &[]);
+    let more = runtime
+        .block_on(client.alloc_async(AllocRequest {
+            size: 4096,
+            ..Default::default()
+        }))
+        .expect("an async alloc after the restart");
+    assert_eq!(client.reconnects(), 1);
+    let write = runtime
+        .block_on(frame.begin_async(Access::CpuWrite, None))
+        .expect("an async begin on a re-attached buffer");
+    drop(write);
+    drop(more);
 }
 
 /// Waits until the daemon's log says `line`.

@@ -804,30 +804,23 @@ mod nonblocking {
                 .map_err(|e| Error::Task(e.to_string()))?
         }
 
+        /// The blocking call on the blocking pool: it reconnects after a
+        /// broker restart as the blocking one does, and if this future is
+        /// dropped first, the buffer it got is dropped there, which frees
+        /// it (no hold is left behind).
         pub async fn alloc_async(&self, request: AllocRequest) -> Result<Buffer> {
-            let id = self.conn.send(
-                RequestBody::Alloc {
-                    size: request.size,
-                    heap: request.heap,
-                    name: request.name,
-                },
-                &[],
-                true,
-            )?;
-            let reply = wait(Arc::clone(&self.conn), id).await?;
-            self.buffer_from(reply)
+            let client = self.clone();
+            tokio::task::spawn_blocking(move || client.alloc_with(request))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
         }
 
+        /// As [`Client::alloc_async`].
         pub async fn import_async(&self, token: &ShareToken) -> Result<Buffer> {
-            let id = self.conn.send(
-                RequestBody::Import {
-                    token: token.to_string(),
-                },
-                &[],
-                true,
-            )?;
-            let reply = wait(Arc::clone(&self.conn), id).await?;
-            self.buffer_from(reply)
+            let (client, token) = (self.clone(), *token);
+            tokio::task::spawn_blocking(move || client.import(&token))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
         }
     }
 
@@ -840,6 +833,32 @@ mod nonblocking {
             if let Some(guard) = self.try_word_begin(access) {
                 return Ok(guard);
             }
+            let mut retried = false;
+            loop {
+                let generation = self.client.conn.generation();
+                match self.begin_once_async(access, timeout).await {
+                    // After a broker restart, as the blocking begin does;
+                    // reconnecting sleeps between tries, so off the runtime.
+                    Err(Error::Disconnected) if !retried => {
+                        let conn = Arc::clone(&self.client.conn);
+                        let again = tokio::task::spawn_blocking(move || conn.recover(generation))
+                            .await
+                            .map_err(|e| Error::Task(e.to_string()))??;
+                        if !again {
+                            return Err(Error::Disconnected);
+                        }
+                        retried = true;
+                    }
+                    other => return other,
+                }
+            }
+        }
+
+        async fn begin_once_async(
+            &self,
+            access: Access,
+            timeout: Option<Duration>,
+        ) -> Result<AccessGuard> {
             let id = self
                 .client
                 .conn
