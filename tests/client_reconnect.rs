@@ -9,7 +9,8 @@ use dmabroker_client::{Client, ClientOptions, Error};
 use dmabroker_ipc::codec::{decode_request, encode_server_message};
 use dmabroker_ipc::fdpass::{recv_message, send_message};
 use dmabroker_ipc::{
-    ErrorCode, Reply, ReplyBody, RequestBody, ServerMessage, Welcome, WireError, PROTOCOL_VERSION,
+    Access, ErrorCode, Reply, ReplyBody, RequestBody, ServerMessage, Welcome, WireError,
+    PROTOCOL_VERSION,
 };
 use dmabroker_suite::tmp::TempDir;
 use nix::sys::socket::{
@@ -165,4 +166,123 @@ fn an_unreadable_message_fails_its_request_and_keeps_the_connection() {
     );
     drop(client);
     broker.join().expect("scripted broker");
+}
+
+/// One memfd, as a scripted broker's only buffer.
+fn memfd() -> OwnedFd {
+    let fd =
+        nix::sys::memfd::memfd_create(c"scripted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .expect("memfd");
+    nix::unistd::ftruncate(&fd, 4096).expect("ftruncate");
+    fd
+}
+
+fn buffer_info(inode: u64) -> ReplyBody {
+    ReplyBody::Buffer(dmabroker_ipc::BufferInfo {
+        id: 1,
+        size: 4096,
+        heap: "memfd".into(),
+        name: "frame".into(),
+        inode,
+        secret: "dmab1-00112233445566778899aabbccddeeff".into(),
+    })
+}
+
+/// A broker that allocates buffer 1 and grants access 1 on it, then dies
+/// (hangs up at the next heaps request); on the next connection it takes
+/// the buffer back and answers heaps. It reports every request kind the
+/// second connection sent.
+fn restarting_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> {
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
+    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
+    std::thread::spawn(move || {
+        let buffer = memfd();
+        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
+            .expect("fstat")
+            .st_ino;
+        let mut seen_after_restart = Vec::new();
+        for connection in 1..=2 {
+            let raw = accept(listener.as_raw_fd()).expect("accept");
+            // SAFETY: accept just created `raw` for us.
+            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            while let Ok(message) = recv_message(socket.as_fd(), false) {
+                let request = decode_request(&message.bytes).expect("decode");
+                let id = request.head.id;
+                if connection == 2 {
+                    seen_after_restart.push(request.body.kind());
+                }
+                let with_buffer = |socket: &OwnedFd| {
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(buffer_info(inode)),
+                    });
+                    let bytes = encode_server_message(&message).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+                };
+                match request.body {
+                    RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
+                    RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
+                        with_buffer(&socket)
+                    }
+                    RequestBody::Begin { access, .. } => {
+                        let grant = dmabroker_ipc::Grant {
+                            access: 1,
+                            buffer: 1,
+                            kind: access,
+                            writer_lost: false,
+                            revoked: false,
+                            fences: Vec::new(),
+                            end_slot: None,
+                            word: None,
+                        };
+                        reply(&socket, id, Ok(ReplyBody::Granted(grant)));
+                    }
+                    RequestBody::ListHeaps if connection == 1 => break,
+                    RequestBody::ListHeaps => heaps(&socket, id),
+                    _ => {}
+                }
+            }
+        }
+        seen_after_restart
+    })
+}
+
+/// Access ids are the broker's, and a restarted broker numbers them anew:
+/// an access of the old connection, ended after the client reconnected,
+/// must not send its id on the new connection, where it could end another
+/// access of this client that happens to have the same id.
+#[test]
+fn an_access_of_a_dead_connection_is_not_ended_on_the_new_one() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = restarting_broker(&path);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(5)),
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let write = frame.begin(Access::CpuWrite).expect("begin");
+    client.heaps().expect("answered after a reconnect");
+    assert_eq!(client.reconnects(), 1);
+    drop(write);
+    client
+        .heaps()
+        .expect("a round trip behind anything the drop sent");
+    drop(frame);
+    drop(client);
+    let seen = broker.join().expect("scripted broker");
+    assert!(
+        !seen.contains(&"end"),
+        "the old access was ended on the new connection: {seen:?}"
+    );
 }

@@ -292,7 +292,7 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
         assert_eq!(frame.info().expect("info").inode, inodes[i]);
     }
     assert_eq!(camera.reconnects(), 1);
-    drop(held); // its end is refused (the access died with the old broker)
+    drop(held); // no end is sent: the access died with the old broker
     let w = shared
         .begin(Access::CpuWrite)
         .expect("the codec writes again");

@@ -450,6 +450,7 @@ impl Buffer {
             fences: Vec::new(),
             end_word: None,
             word_hold: Some((word, hold)),
+            generation: self.client.conn.generation(),
             ended: false,
         }
     }
@@ -517,6 +518,7 @@ impl Buffer {
                 .end_slot
                 .and_then(|at| Some((self.client.conn.end_words(generation)?, at))),
             word_hold,
+            generation,
             ended: false,
         };
         if grant.kind.is_cpu() {
@@ -621,6 +623,10 @@ pub struct AccessGuard {
     /// Held in the buffer's word (begun there, handed over there, or
     /// granted there by the broker): ended there too.
     word_hold: Option<(Arc<BufferWord>, WordHold)>,
+    /// The connection generation the grant came on. Access ids are that
+    /// connection's broker's: after a reconnect the access is gone, and
+    /// its id may name another access of this client on the new one.
+    generation: u64,
     ended: bool,
 }
 
@@ -741,6 +747,10 @@ impl AccessGuard {
                 ClientEnd::Tell | ClientEnd::NotMine => {}
             }
         }
+        if self.client.conn.generation() != self.generation {
+            // The access died with its connection (see `generation`).
+            return Ok(());
+        }
         self.client.conn.send(
             RequestBody::End {
                 access: self.access,
@@ -762,13 +772,21 @@ impl AccessGuard {
         self.ended = true;
         // The broker clears the word when the fenced end arrives.
         self.end_word = None;
-        self.client.conn.call(
+        if self.client.conn.generation() != self.generation {
+            // The access died with its connection (see `generation`).
+            return Err(Error::Disconnected);
+        }
+        // Not `call`: a retry after a reconnect would send this
+        // connection's access id on the next one.
+        let sent = self.client.conn.send(
             RequestBody::End {
                 access: self.access,
                 fence_slot: Some(0),
             },
             &[sync_file.as_fd()],
+            true,
         )?;
+        self.client.conn.wait_reply(sent.0, sent.1)?;
         Ok(())
     }
 }
