@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dmabroker_client::{Client, ClientOptions, Error};
+use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess};
 use dmabroker_ipc::codec::{decode_request, encode_server_message};
 use dmabroker_ipc::fdpass::{recv_message, send_message};
 use dmabroker_ipc::{
@@ -168,12 +169,12 @@ fn an_unreadable_message_fails_its_request_and_keeps_the_connection() {
     broker.join().expect("scripted broker");
 }
 
-/// One memfd, as a scripted broker's only buffer.
+/// One memfd, as a scripted broker's only buffer: 4 KiB and the word page.
 fn memfd() -> OwnedFd {
     let fd =
         nix::sys::memfd::memfd_create(c"scripted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
             .expect("memfd");
-    nix::unistd::ftruncate(&fd, 4096).expect("ftruncate");
+    nix::unistd::ftruncate(&fd, 8192).expect("ftruncate");
     fd
 }
 
@@ -188,11 +189,13 @@ fn buffer_info(inode: u64) -> ReplyBody {
     })
 }
 
-/// A broker that allocates buffer 1 and grants access 1 on it, then dies
+/// A broker that allocates buffer 1 and grants access 1 on it (with
+/// `plan`, it answers the first begin `Planned` instead, with a hand-off
+/// planned in the buffer's word that nobody will carry out), then dies
 /// (hangs up at the next heaps request); on the next connection it takes
-/// the buffer back and answers heaps. It reports every request kind the
-/// second connection sent.
-fn restarting_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> {
+/// the buffer back, grants and answers heaps. It reports every request
+/// kind the second connection sent.
+fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'static str>> {
     let listener = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -232,6 +235,14 @@ fn restarting_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> 
                     RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
                         with_buffer(&socket)
                     }
+                    RequestBody::Begin { access, .. } if plan && connection == 1 => {
+                        let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+                        word.take_over();
+                        let kind = WordAccess::of(access).expect("a CPU access");
+                        assert!(word.plan(word.load(), 0, kind), "plan");
+                        let slot = FastSlot { index: 0, epoch: 0 };
+                        reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
+                    }
                     RequestBody::Begin { access, .. } => {
                         let grant = dmabroker_ipc::Grant {
                             access: 1,
@@ -263,7 +274,7 @@ fn restarting_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> 
 fn an_access_of_a_dead_connection_is_not_ended_on_the_new_one() {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
-    let broker = restarting_broker(&path);
+    let broker = restarting_broker(&path, false);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(5)),
         buffer_words: false,
@@ -285,4 +296,45 @@ fn an_access_of_a_dead_connection_is_not_ended_on_the_new_one() {
         !seen.contains(&"end"),
         "the old access was ended on the new connection: {seen:?}"
     );
+}
+
+/// A thread asleep on a planned hand-off checks between 100 ms slices that
+/// its broker is still there. It looked at the client's current socket, so
+/// when another thread had reconnected meanwhile, it went on waiting for a
+/// hand-off the dead broker had planned: forever if nobody carried it out,
+/// or into an access the new broker never granted if somebody did.
+#[test]
+fn a_waiter_on_a_planned_hand_off_notices_a_reconnect_by_another_thread() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = restarting_broker(&path, true);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let frame = std::sync::Arc::new(client.alloc(4096).expect("alloc"));
+    let (done, granted) = std::sync::mpsc::channel();
+    let waiter = {
+        let frame = std::sync::Arc::clone(&frame);
+        std::thread::spawn(move || {
+            let write = frame.begin(Access::CpuWrite);
+            let ok = write.is_ok();
+            drop(write);
+            let _ = done.send(ok);
+        })
+    };
+    // The waiter is answered Planned and sleeps; the broker dies and this
+    // thread reconnects in the middle of one of the waiter's slices.
+    std::thread::sleep(Duration::from_millis(350));
+    client.heaps().expect("answered after a reconnect");
+    assert_eq!(client.reconnects(), 1);
+    let ok = granted
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the waiter gave up the dead broker's plan and began again");
+    assert!(ok, "its begin on the new connection is granted");
+    waiter.join().expect("waiter");
+    drop(frame);
+    drop(client);
+    broker.join().expect("scripted broker");
 }

@@ -410,7 +410,7 @@ impl Buffer {
                 return Ok(Resolved::Reply(reply));
             };
             let (word, kind) = self.planned(slot, access, generation)?;
-            if await_hand_off(&self.client.conn, &word, slot, kind, id)? {
+            if await_hand_off(&self.client.conn, &word, slot, kind, (id, generation))? {
                 return Ok(Resolved::HandedOff(self.handed_off(word, slot, access)?));
             }
             reply = self.client.conn.wait_reply(id, generation)?;
@@ -565,13 +565,15 @@ impl Drop for Buffer {
 const PLAN_SLICE: Duration = Duration::from_millis(100);
 
 /// Sleeps on the word until the planned hand-off happens (true) or the
-/// broker cancels it (false: its answer comes by message).
+/// broker cancels it (false: its answer comes by message). The plan is the
+/// broker's of connection `generation`: once another thread has replaced
+/// that connection, nobody will cancel it, so the wait ends as for a hang-up.
 fn await_hand_off(
     conn: &Connection,
     word: &BufferWord,
     slot: FastSlot,
     kind: WordAccess,
-    id: u64,
+    (id, generation): (u64, u64),
 ) -> Result<bool> {
     loop {
         match word.await_plan(slot, kind, PLAN_SLICE) {
@@ -580,7 +582,9 @@ fn await_hand_off(
                 return Ok(true);
             }
             Planned::Cancelled => return Ok(false),
-            Planned::Waiting if conn.hung_up() => return Err(Error::Disconnected),
+            Planned::Waiting if conn.generation() != generation || conn.hung_up() => {
+                return Err(Error::Disconnected)
+            }
             Planned::Waiting => {}
         }
     }
@@ -890,7 +894,7 @@ mod nonblocking {
                 // The hand-off wait sleeps on a futex: off the runtime.
                 let (conn, waiting) = (Arc::clone(&self.client.conn), Arc::clone(&word));
                 let handed = tokio::task::spawn_blocking(move || {
-                    await_hand_off(&conn, &waiting, slot, kind, id.0)
+                    await_hand_off(&conn, &waiting, slot, kind, id)
                 })
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
