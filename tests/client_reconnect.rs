@@ -35,6 +35,27 @@ fn welcome() -> ReplyBody {
     })
 }
 
+/// A scripted broker's listening socket.
+fn listening_at(path: &Path) -> OwnedFd {
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
+    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
+    listener
+}
+
+/// The next client's connection.
+fn accept_one(listener: &OwnedFd) -> OwnedFd {
+    let raw = accept(listener.as_raw_fd()).expect("accept");
+    // SAFETY: accept just created `raw` for us.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
 /// What the scripted broker does with the `nth` heaps request (from 1) on
 /// its `connection` (from 1): `false` hangs up.
 type OnHeaps = fn(socket: &OwnedFd, id: u64, connection: usize, nth: usize) -> bool;
@@ -46,20 +67,10 @@ fn scripted_broker(
     connections: usize,
     on_heaps: OnHeaps,
 ) -> std::thread::JoinHandle<()> {
-    let listener = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
-    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
+    let listener = listening_at(path);
     std::thread::spawn(move || {
         for connection in 1..=connections {
-            let raw = accept(listener.as_raw_fd()).expect("accept");
-            // SAFETY: accept just created `raw` for us.
-            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            let socket = accept_one(&listener);
             let mut nth = 0;
             while let Ok(message) = recv_message(socket.as_fd(), false) {
                 let request = decode_request(&message.bytes).expect("decode");
@@ -196,15 +207,7 @@ fn buffer_info(inode: u64) -> ReplyBody {
 /// the buffer back, grants and answers heaps. It reports every request
 /// kind the second connection sent.
 fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'static str>> {
-    let listener = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
-    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
+    let listener = listening_at(path);
     std::thread::spawn(move || {
         let buffer = memfd();
         let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
@@ -212,9 +215,7 @@ fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'s
             .st_ino;
         let mut seen_after_restart = Vec::new();
         for connection in 1..=2 {
-            let raw = accept(listener.as_raw_fd()).expect("accept");
-            // SAFETY: accept just created `raw` for us.
-            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            let socket = accept_one(&listener);
             while let Ok(message) = recv_message(socket.as_fd(), false) {
                 let request = decode_request(&message.bytes).expect("decode");
                 let id = request.head.id;

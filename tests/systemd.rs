@@ -176,6 +176,18 @@ impl Drop for Running {
     }
 }
 
+/// Waits until `buffers` buffers and a record are in the fd store, then
+/// lets the debounced record catch up with the latest change (an import,
+/// a re-attach), as a broker that dies next would have left it.
+fn wait_until_recorded(manager: &ServiceManager, buffers: usize) {
+    manager.wait_for(
+        "the buffers and their record in the store",
+        Duration::from_secs(5),
+        |r| has_buffers(r, buffers) && r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 fn has_buffers(received: &Received, n: usize) -> bool {
     received
         .stored_names()
@@ -260,13 +272,7 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     let inodes: Vec<u64> = frames.iter().map(|f| f.inode()).collect();
     // The codec is writing when the broker dies.
     let held = shared.begin(Access::CpuWrite).expect("write access");
-    manager.wait_for(
-        "every buffer and the record in the fd store",
-        Duration::from_secs(5),
-        |r| has_buffers(r, 3) && r.stored_names().iter().any(|n| n.starts_with("state-")),
-    );
-    // Let the debounced record catch up with the import.
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_recorded(&manager, 3);
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
@@ -361,12 +367,7 @@ fn async_calls_reconnect_after_a_restart() {
     };
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
-    manager.wait_for(
-        "the buffer and its record in the store",
-        Duration::from_secs(5),
-        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_recorded(&manager, 1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -415,12 +416,7 @@ fn an_expired_hold_is_gone_from_the_record_too() {
     };
     let importer = Client::connect_with(&manager.socket_path, leaving).expect("importer");
     let _imported = importer.import(&token).expect("import");
-    manager.wait_for(
-        "the buffer and its record in the store",
-        Duration::from_secs(5),
-        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_recorded(&manager, 1);
     let grace = ["--reattach-grace", "300ms"];
 
     drop(first);
@@ -452,12 +448,7 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     };
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
-    manager.wait_for(
-        "the buffer and its record in the store",
-        Duration::from_secs(5),
-        |r| has_buffers(r, 1) && r.stored_names().iter().any(|n| n.starts_with("state-")),
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_recorded(&manager, 1);
     drop(first);
     let second = Running::start_with(&manager, "second", &[], &["--reattach-grace", "300ms"]);
     assert!(second.log().contains("restored=1"), "{}", second.log());
@@ -469,14 +460,7 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
         |r| has_buffers(r, 0),
     );
     // The store is told before the line is logged: give the log a moment.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !second
-        .log()
-        .contains("not re-attached within the grace period")
-    {
-        assert!(Instant::now() < deadline, "{}", second.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_log(&second, "not re-attached within the grace period");
     drop(buffer);
     drop(client);
 }
