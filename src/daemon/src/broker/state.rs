@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use dmabroker_fence::{AccessId, Arbiter, WaiterId};
-
-use super::TaskOwner;
 use dmabroker_ipc::codec::encode_server_message_into;
 use dmabroker_ipc::{
     BufferId, ClientId, ErrorCode, Event, EventMessage, Reply, ReplyBody, ServerMessage,
@@ -23,7 +21,7 @@ use dmabroker_ipc::{
 use dmabroker_policy::{Policy, Resolved};
 
 use super::notice::{Notice, NoticeSender, NOTICE_BACKLOG};
-use super::Action;
+use super::{Action, TaskOwner};
 use crate::heaps::{Backend, HeapRegistry};
 use crate::identity::Peer;
 use crate::outbox::Outbox;
