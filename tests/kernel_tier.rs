@@ -215,6 +215,102 @@ fn kernel_tier_udmabuf_buffers_are_shared_between_processes() {
     allocate_and_share("udmabuf", "udmabuf");
 }
 
+/// A dma-buf the broker already arbitrates, adopted by another client that
+/// got its fd some other way, is the same buffer, not a second one: were it
+/// a second entry, the broker would let that client read while the first
+/// writes, and only one of the two would survive a restart (systemd's fd
+/// store keeps one copy of a file).
+#[test]
+fn kernel_tier_adopting_a_brokered_dma_buf_joins_its_arbitration() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = real_kernel_daemon();
+    let camera = daemon.client();
+    let frame = camera
+        .alloc_with(AllocRequest {
+            size: 4096,
+            heap: Some("system".into()),
+            name: Some("frame".into()),
+        })
+        .expect("alloc from the system heap");
+    let display = daemon.client();
+    let passed = frame.as_fd().try_clone_to_owned().expect("dup");
+    let adopted = display
+        .adopt(passed, Some("frame-again"))
+        .expect("adopting a brokered dma-buf");
+    assert_eq!(adopted.id(), frame.id(), "the same buffer, not a new one");
+    assert_eq!(adopted.inode(), frame.inode());
+
+    let write = frame.begin(Access::CpuWrite).expect("the camera writes");
+    match adopted.begin_timeout(Access::CpuRead, Duration::from_millis(300)) {
+        Err(err) => assert_eq!(err.code(), Some(dmabroker_ipc::ErrorCode::Timeout), "{err}"),
+        Ok(_) => panic!("a read of the adopted buffer was granted during the camera's write"),
+    }
+    drop(write);
+    drop(
+        adopted
+            .begin(Access::CpuRead)
+            .expect("read after the write"),
+    );
+
+    // A second adoption by a holder is refused, as before; the buffer
+    // lives on while either client holds it.
+    let again = frame.as_fd().try_clone_to_owned().expect("dup");
+    let err = display.adopt(again, None).expect_err("adopting twice");
+    assert_eq!(
+        err.code(),
+        Some(dmabroker_ipc::ErrorCode::InvalidArgument),
+        "{err}"
+    );
+    drop(frame);
+    assert!(adopted.info().is_ok(), "the display still holds it");
+}
+
+/// Holding a brokered dma-buf's fd is not consent to share it: adopting
+/// it is an import from its owner, and another user's client needs the
+/// import rule's permission. Without it, it is refused and nothing changes.
+#[test]
+fn kernel_tier_adopting_another_users_brokered_dma_buf_needs_import_permission() {
+    if !have_dma_heap() {
+        return;
+    }
+    // The default rule: import_from "same-user".
+    let daemon = Daemon::start_with(DaemonOptions {
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--socket-mode", "0666"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let camera = daemon.client();
+    let frame = camera
+        .alloc_with(AllocRequest {
+            size: 4096,
+            heap: Some("system".into()),
+            name: None,
+        })
+        .expect("alloc from the system heap");
+    let baseline = daemon.baseline();
+    let (mut stranger, fd) =
+        Scripted::spawn_as_with_fd(daemon.socket(), 4242, 4242, frame.as_fd(), &[]);
+    let refused = stranger
+        .cmd(&format!("adopt-inherited {fd}"))
+        .expect_err("another user adopting the camera's buffer");
+    assert!(refused.starts_with("err permission-denied"), "{refused}");
+    assert!(
+        refused.contains(&format!("buffer {}", frame.id())),
+        "{refused}"
+    );
+    // Still the camera's alone: its write is not held back by anyone.
+    drop(
+        frame
+            .begin_timeout(Access::CpuWrite, Duration::from_secs(1))
+            .expect("write"),
+    );
+    stranger.kill();
+    daemon.assert_fds_back_to(baseline);
+}
+
 #[test]
 fn kernel_tier_cpu_accesses_to_dma_heap_buffers_sync_caches() {
     if !have_dma_heap() {

@@ -1,6 +1,7 @@
 //! A real client process (`dmabroker-testclient`) driven line by line.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -34,6 +35,24 @@ impl Scripted {
             .arg("--clear-groups")
             .arg(crate::daemon::binary("dmabroker-testclient"));
         Scripted::spawn_cmd(cmd, socket, extra)
+    }
+
+    /// As [`Scripted::spawn_as`], with a copy of `fd` left open in the
+    /// client (for `adopt-inherited N`); returns the client and N.
+    pub fn spawn_as_with_fd(
+        socket: &Path,
+        uid: u32,
+        gid: u32,
+        fd: BorrowedFd<'_>,
+        extra: &[&str],
+    ) -> (Scripted, i32) {
+        // F_DUPFD leaves the copy without close-on-exec, so the client
+        // inherits it; far above the fds a test process normally has.
+        let inherited = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD(500))
+            .expect("dup the fd to pass on");
+        let client = Scripted::spawn_as(socket, uid, gid, extra);
+        nix::unistd::close(inherited).expect("close the parent's copy");
+        (client, inherited)
     }
 
     /// As [`Scripted::spawn_as`], with these supplementary groups.

@@ -154,6 +154,21 @@ impl Session {
                 self.buffers.insert(buffer.id(), buffer);
                 Ok(out)
             }
+            // Adopts a dma-buf fd this process inherited (see
+            // `Scripted::spawn_as_with_fd`).
+            "adopt-inherited" => {
+                let raw = i32::try_from(num(words.next())?).map_err(|e| e.to_string())?;
+                nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)
+                    .map_err(|e| format!("err Other fd {raw} is not open: {e}"))?;
+                // SAFETY: the parent left `raw` open for this command (it was
+                // just checked to be open), and nothing else in this process
+                // refers to it.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let buffer = self.client.adopt(fd, None).map_err(broker)?;
+                let out = describe(&buffer);
+                self.buffers.insert(buffer.id(), buffer);
+                Ok(out)
+            }
             "export" => {
                 let token = self.buffer(num(words.next())?)?.export().map_err(broker)?;
                 Ok(format!("token={token}"))

@@ -591,15 +591,15 @@ impl State {
                 format!("cannot stat the dma-buf: {e}"),
             )
         })?;
-        if self
+        // Every brokered dma-buf keeps its inode while the broker holds its
+        // fd, so an equal inode is the same kernel object.
+        let brokered = self
             .buffers
             .values()
-            .any(|b| b.inode == inode && b.held_by(client))
-        {
-            return Err(WireError::new(
-                ErrorCode::InvalidArgument,
-                "you already hold this dma-buf",
-            ));
+            .find(|b| b.origin.is_dma_buf() && b.inode == inode)
+            .map(|b| b.id);
+        if let Some(buffer) = brokered {
+            return self.join_adopted(client, buffer);
         }
         self.check_quota(client, size, size)?;
         let id = self.allocate_buffer_id();
@@ -628,6 +628,56 @@ impl State {
         self.stats.adoptions += 1;
         Ok(Answer::Reply(
             ReplyBody::Buffer(self.buffer_info(id, secret)),
+            Vec::new(),
+        ))
+    }
+
+    /// Adopting a dma-buf the broker already brokers makes the client one
+    /// more holder of that buffer, as an import would. A second entry for
+    /// the same kernel object would have fences of its own: the broker
+    /// would let this client read while another writes.
+    ///
+    /// Holding the fd is not consent enough: the client got it from
+    /// somewhere, and the owner's side of sharing is the import rule, which
+    /// is checked as for an import from the buffer's owner.
+    fn join_adopted(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
+        let entry = self
+            .buffers
+            .get(&buffer)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "adopted buffer vanished"))?;
+        if entry.held_by(client) {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("you already hold this dma-buf (buffer {buffer})"),
+            ));
+        }
+        let (size, owner) = (entry.size, entry.owner);
+        let adopter = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let allowed = self.clients.get(&owner).is_some_and(|o| {
+            adopter
+                .resolved
+                .limits
+                .import_from
+                .allows(&adopter.peer.identity, &o.peer.identity)
+        });
+        if !allowed {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "rule '{}': this dma-buf is buffer {buffer}, and its owner's buffers may not \
+                     be imported",
+                    adopter.resolved.rule
+                ),
+            ));
+        }
+        self.check_quota(client, size, 0)?;
+        let secret = self.add_holder(buffer, client);
+        self.stats.adoptions += 1;
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(buffer, secret)),
             Vec::new(),
         ))
     }
