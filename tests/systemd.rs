@@ -324,6 +324,51 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     );
 }
 
+/// Clients that begin in a buffer's word make no call a restart would
+/// fail: after one, they went on beginning in the word the previous
+/// instance left, which the new one reset only when it first looked at it
+/// for a client allowed to use words. So a client without words was
+/// granted a write by message while a word user began another in the word.
+#[test]
+fn word_users_cannot_begin_in_a_word_left_by_the_previous_instance() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frame = camera.alloc(65536).expect("alloc");
+    let display = Client::connect_with(
+        &manager.socket_path,
+        ClientOptions {
+            buffer_words: false,
+            ..Default::default()
+        },
+    )
+    .expect("display");
+    let shown = display
+        .import(&frame.export().expect("export"))
+        .expect("import");
+    // The camera learns its slot and then begins and ends in the word.
+    for _ in 0..3 {
+        drop(frame.begin(Access::CpuWrite).expect("write"));
+    }
+    wait_until_recorded(&manager, 1);
+
+    drop(first); // SIGKILL
+    let _second = Running::start(&manager, "second", &[]);
+    let displaying = shown
+        .begin(Access::CpuWrite)
+        .expect("the display writes after the restart");
+    match frame.begin_timeout(Access::CpuWrite, Duration::from_millis(300)) {
+        Err(err) => assert_eq!(err.code(), Some(dmabroker_ipc::ErrorCode::Timeout), "{err}"),
+        Ok(_) => panic!("the camera began a write in the word while the display wrote"),
+    }
+    drop(displaying);
+    drop(
+        frame
+            .begin(Access::CpuWrite)
+            .expect("the camera writes after the display"),
+    );
+}
+
 /// `systemctl restart` right after a change: the record of the buffer
 /// table is written 50 ms after a change, and a broker told to stop before
 /// then left a record without the new buffer. The next instance dropped

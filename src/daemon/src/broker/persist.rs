@@ -148,6 +148,9 @@ impl State {
                     word_index: None,
                 })
                 .collect();
+            // The previous instance's clients may have left bits, and may
+            // still be beginning there.
+            let word = has_word.then(|| WordState::inherited(fd.as_fd(), buffer.size));
             self.buffers.insert(
                 buffer.id,
                 BufferEntry {
@@ -161,8 +164,7 @@ impl State {
                     owner: ORPHAN,
                     holders,
                     created: SystemTime::now(),
-                    // The previous instance's clients may have left bits.
-                    word: has_word.then(WordState::inherited),
+                    word,
                 },
             );
             self.arbiter.add_buffer(buffer.id);

@@ -11,6 +11,7 @@
 //! when the reservation holds nothing but bits (no waiter, no mark owed to a
 //! grant, no fence a no-autofence client waits on), or plans a hand-off.
 
+use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use dmabroker_fence::{self as fence, AccessId, BeginOutcome, Mode, WaiterId};
@@ -48,11 +49,26 @@ pub struct WordState {
 
 impl WordState {
     /// A word the broker cannot trust: one left by a previous instance
-    /// (restored from the fd store). It is reset at the first look and
-    /// stays taken until the reservation is empty again.
-    pub fn inherited() -> Box<WordState> {
+    /// (restored from the fd store). Its holders' clients make no call a
+    /// restart would fail while they begin and end in the word, so it is
+    /// voided now, before anyone is granted anything by message: a new
+    /// epoch (their slots name the old one) and `DAEMON` set. It is reset
+    /// again at the first look and stays taken until the reservation is
+    /// empty. Unmapped in between: a restart must not map every word.
+    pub fn inherited(fd: BorrowedFd<'_>, size: u64) -> Box<WordState> {
+        let broken = match BufferWord::map(fd, size) {
+            Ok(word) => {
+                word.reset(word.load().epoch().wrapping_add(1), true);
+                false
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot map a restored buffer's word to void it; every access goes by message");
+                true
+            }
+        };
         Box::new(WordState {
             taken: true,
+            broken,
             ..WordState::default()
         })
     }
