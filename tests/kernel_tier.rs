@@ -443,6 +443,62 @@ fn kernel_tier_a_no_autofence_reader_gets_the_device_write_fence_as_a_sync_file(
     assert_eq!(field(&granted, "fences"), Some("0"), "{granted}");
 }
 
+/// A no-autofence grant can list an access whose own grant is still held
+/// back by the dma-buf's kernel fences. That access got its end word only
+/// when the device finished, unwatched since nobody was queued, so its
+/// holder ended it without a message and the no-autofence client's
+/// `FenceSignalled` never came: it waited for that fence forever.
+#[test]
+fn kernel_tier_a_no_autofence_client_hears_the_end_of_a_grant_that_waited_for_the_device() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let (mut writer, writer_id) = importer(&daemon, &token, &[]);
+    let (mut reader, reader_id) = importer(&daemon, &token, &["--no-autofence"]);
+
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    // Decided at once, held back until the device's write is done.
+    writer.send(&format!("begin {writer_id} dw"));
+    std::thread::sleep(Duration::from_millis(300));
+    let listed = reader.ok(&format!("begin {reader_id} dr"));
+    let fence_list = field(&listed, "fence_list").expect("fence_list").to_owned();
+    let waited_for: Vec<&str> = fence_list
+        .split(',')
+        .filter(|f| !f.starts_with("0:0:"))
+        .collect();
+    assert_eq!(
+        waited_for.len(),
+        1,
+        "the writer's access is listed: {listed}"
+    );
+    let writer_access = waited_for[0]
+        .split(':')
+        .next()
+        .expect("fence id")
+        .to_owned();
+
+    signal(&vgem, fence, attached);
+    let granted = writer
+        .recv(Duration::from_secs(5))
+        .expect("the writer is granted once the device is done");
+    let access = field(&granted, "access").expect("access").to_owned();
+    assert_eq!(access, writer_access, "{granted}");
+    writer.ok(&format!("end {access}"));
+
+    let event = reader
+        .cmd("event 3000")
+        .expect("the reader hears that the writer's access ended");
+    assert!(
+        event.contains("FenceSignalled") && event.contains(&writer_access),
+        "{event}"
+    );
+}
+
 #[test]
 fn kernel_tier_a_device_write_ended_with_a_sync_file_fences_the_buffer_until_it_signals() {
     if !have_dma_heap() {

@@ -476,7 +476,11 @@ impl State {
         // A real cache END must happen when the access ends, not when the
         // broker next looks: such accesses end by message.
         if synced != CacheSync::Done && grant.word.is_none() {
-            let watched = self.arbiter.has_waiters(buffer);
+            // Watched also when a no-autofence client already waits for it:
+            // a grant held back by kernel fences or a cache sync may have
+            // been listed to one before it had a slot to mark.
+            let watched =
+                self.arbiter.has_waiters(buffer) || self.fence_subscribers.contains_key(&access_id);
             grant.end_slot = self.assign_end_slot(client, access_id, watched);
             if let Some(entry) = self.accesses.get_mut(&access_id) {
                 entry.end_slot = grant.end_slot;
