@@ -399,7 +399,8 @@ fn the_driver_reaches_a_hand_off_in_the_word() {
 /// out: nothing was left to cancel) even though the waiter's bit is gone
 /// again; it once took the missing bit for a cancelled plan and granted
 /// the waiter by message, a grant its client had stopped listening for,
-/// leaving a read nobody would ever end.
+/// leaving a read nobody would ever end. (It may answer the request with
+/// `Busy`, for a waiter whose plan a holder erased; this one drops it.)
 #[test]
 fn a_hand_off_ended_before_the_broker_heard_of_it_is_still_recorded() {
     let mut driver = writer_in_the_word_and_reader_planned();

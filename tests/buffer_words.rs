@@ -302,6 +302,44 @@ fn a_scribbled_word_falls_back_to_messages_for_that_buffer_only() {
     assert!(g.in_word(), "the other buffer still uses its word");
 }
 
+/// A holder that erases the planned hand-off from the word (any holder can
+/// write it) must not leave the waiter hanging: the broker took "no plan
+/// left" for "carried out", recorded a hand-off the waiter never saw, and
+/// sent no reply; the waiter, seeing no plan and no bit, waited for that
+/// reply forever, past its own timeout. Now it is told its begin failed,
+/// and the buffer is not left held for it.
+#[test]
+fn a_hand_off_erased_from_the_word_fails_the_begin_instead_of_hanging() {
+    const NEXT_FIELDS: u64 = 0xff << 40; // NEXT, NEXT_KIND, NEXT_IDX
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut waiter = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    cycle(&mut waiter, &s.id, "r");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    assert_eq!(field(&write, "word"), Some("true"), "{write}");
+    waiter.send(&format!("begin {} r 500", s.id));
+    eventually("the hand-off to be planned", || {
+        bus.counter("HandOffsPlanned") == 1 && word.load().0 & NEXT_FIELDS != 0
+    });
+    word.scribble(word.load().0 & !NEXT_FIELDS);
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    let answer = waiter
+        .recv(PROMPTLY)
+        .expect("the waiter is answered after the write");
+    assert!(answer.starts_with("err busy"), "{answer}");
+    s.owner
+        .cmd(&format!("begin {} w 1000", s.id))
+        .expect("nobody holds the buffer for the waiter");
+    let read = waiter.cmd(&format!("begin {} r 2000", s.id));
+    assert!(read.is_err(), "still written: {read:?}");
+}
+
 /// A client that turned buffer words off never holds accesses in the
 /// word: every begin is a round trip the broker sees. Fails if it is given
 /// a slot anyway.

@@ -833,7 +833,15 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
         }
         if let ServerMessage::Reply(reply) = message {
             if heard.abandoned.contains(&reply.id) {
-                if matches!(reply.result, Ok(ReplyBody::Planned { .. })) {
+                // A stale plan, or the broker not finding the waiter's bit
+                // (it had ended already): the client drops both. A grant
+                // would be an access nobody ends.
+                let dropped = match &reply.result {
+                    Ok(ReplyBody::Planned { .. }) => true,
+                    Err(err) => err.code == dmabroker_ipc::ErrorCode::Busy,
+                    Ok(_) => false,
+                };
+                if dropped {
                     continue;
                 }
                 return Err(format!(

@@ -435,8 +435,7 @@ impl State {
 
     /// A hand-off the arbiter now grants: recorded if the holder carried it
     /// out (returns true), else the plan is cancelled (waking the waiter)
-    /// and the grant goes by message. The waiter may already have ended
-    /// the access it was handed; the next settle then retires it.
+    /// and the grant goes by message.
     pub(super) fn record_hand_off(&mut self, grant: &fence::Grant, request_id: u64) -> bool {
         let kind = super::access::to_wire_access(grant.access);
         let Some(index) = self.index_of(grant.buffer, grant.client) else {
@@ -449,11 +448,27 @@ impl State {
         {
             ws.planned = None;
         }
-        let carried_out = self
-            .mapped_word(grant.buffer)
-            .is_some_and(|w| !w.cancel_plan());
-        if !carried_out {
+        let Some(word) = self.mapped_word(grant.buffer) else {
             return false;
+        };
+        if word.cancel_plan() {
+            return false;
+        }
+        // No plan left, and the waiter's bit there: carried out. Without
+        // the bit, either the waiter got it and has ended already, or a
+        // holder erased the plan and the waiter, finding neither plan nor
+        // bit, waits for a reply. The broker cannot tell which, so it
+        // answers the request too: a waiter that was handed the buffer has
+        // dropped the request and ignores the answer; the other learns
+        // its begin failed instead of waiting forever. The access recorded
+        // below has no bit, so the next settle retires it either way.
+        if !word.load().holds(index) {
+            let lost = dmabroker_ipc::WireError::new(
+                dmabroker_ipc::ErrorCode::Busy,
+                "the hand-off planned for this begin was taken out of the buffer's word by \
+                 another holder; begin again",
+            );
+            self.reply(grant.client, request_id, Err(lost), Vec::new());
         }
         self.insert_word_access(
             grant.access_id,
