@@ -369,6 +369,46 @@ fn word_users_cannot_begin_in_a_word_left_by_the_previous_instance() {
     );
 }
 
+/// After a restart the bytes of a buffer are charged to its owner again,
+/// not to whichever holder re-attached first: an importer that happened to
+/// make the first call was charged for the camera's buffers (and refused
+/// its own allocations), and the camera for nothing.
+#[test]
+fn after_a_restart_buffers_are_charged_to_their_owner_not_the_first_to_reattach() {
+    let manager = ServiceManager::new();
+    let policy = manager.dir.path().join("policy.toml");
+    std::fs::write(&policy, "[default]\nmax_total_bytes = \"3 MiB\"\n").expect("policy");
+    let policy = policy.to_str().expect("utf-8 path").to_owned();
+    let first = Running::start_with(&manager, "first", &[], &["--policy", &policy]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let frames: Vec<_> = (0..2)
+        .map(|_| camera.alloc(1 << 20).expect("alloc"))
+        .collect();
+    let imported: Vec<_> = frames
+        .iter()
+        .map(|f| codec.import(&f.export().expect("export")).expect("import"))
+        .collect();
+    wait_until_recorded(&manager, 2);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    codec.heaps().expect("the codec re-attaches first");
+    camera.heaps().expect("the camera re-attaches");
+    let own = codec
+        .alloc(2 << 20)
+        .expect("the codec is charged only for what it allocates");
+    let err = camera
+        .alloc(2 << 20)
+        .expect_err("the camera is still charged for its 2 MiB");
+    assert_eq!(
+        err.code(),
+        Some(dmabroker_ipc::ErrorCode::QuotaExceeded),
+        "{err}"
+    );
+    drop((own, imported, frames));
+}
+
 /// `systemctl restart` right after a change: the record of the buffer
 /// table is written 50 ms after a change, and a broker told to stop before
 /// then left a record without the new buffer. The next instance dropped

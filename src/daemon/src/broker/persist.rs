@@ -138,9 +138,12 @@ impl State {
                 summary.lost += 1;
                 continue;
             };
-            let holders = buffer
-                .holders
-                .iter()
+            // The owner first: the charge is its, and moves down the list
+            // (see `reattach`).
+            let mut recorded: Vec<_> = buffer.holders.iter().collect();
+            recorded.sort_by_key(|h| !h.owner);
+            let holders = recorded
+                .into_iter()
                 .map(|h| Holder {
                     client: ORPHAN,
                     secret: h.secret.clone(),
@@ -231,14 +234,18 @@ impl State {
             return Err(unknown());
         }
         let entry = self.buffers.get_mut(&buffer).ok_or_else(unknown)?;
-        let holder = entry
+        let position = entry
             .holders
-            .iter_mut()
-            .find(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
+            .iter()
+            .position(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
             .ok_or_else(unknown)?;
-        holder.client = client;
+        entry.holders[position].client = client;
         let size = entry.size;
-        let charge = entry.owner == ORPHAN;
+        // Only the owner takes its charge back (it comes first, see
+        // `restore`). Whoever re-attaches first is not charged for it; if
+        // the owner never comes back, the grace period's end moves the
+        // charge down the list, as a departure would.
+        let charge = entry.owner == ORPHAN && position == 0;
         if charge {
             entry.owner = client;
         }
