@@ -251,16 +251,48 @@ async fn persist_loop(
             _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
             _ = &mut stopped => break,
         }
-        store_record(&broker, &mut writer);
+        match store_record(&broker, writer).await {
+            Some(kept) => writer = kept,
+            None => return,
+        }
     }
-    store_record(&broker, &mut writer);
+    store_record(&broker, writer).await;
 }
 
-fn store_record(broker: &Arc<Broker>, writer: &mut RecordWriter) {
+/// Buffers copied into the record per turn of the state lock.
+const RECORD_CHUNK: usize = 1024;
+
+/// Writes the record without stalling the broker: the table is copied a
+/// chunk at a time, letting requests in between (with 60,000 buffers one
+/// copy held the lock for tens of milliseconds), and encoded and stored on
+/// the blocking pool, off the broker's only thread. A buffer allocated or
+/// freed meanwhile may be missing from or left in this record; its change
+/// asked for the next one. Gives the writer back, `None` if it was lost.
+async fn store_record(broker: &Arc<Broker>, mut writer: RecordWriter) -> Option<RecordWriter> {
     let generation = writer.next_generation();
-    let record = broker.lock().record(generation);
-    if let Err(err) = writer.store(&record) {
-        tracing::warn!(error = %err, "cannot store the buffer table record");
+    let ids = broker.lock().buffer_ids();
+    let mut buffers = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(RECORD_CHUNK) {
+        buffers.extend(broker.lock().buffer_records(chunk));
+        tokio::task::yield_now().await;
+    }
+    let record = broker.lock().record_of(generation, buffers);
+    let stored = tokio::task::spawn_blocking(move || {
+        let result = writer.store(&record);
+        (writer, result)
+    })
+    .await;
+    match stored {
+        Ok((writer, result)) => {
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "cannot store the buffer table record");
+            }
+            Some(writer)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "storing the buffer table record failed; no more records");
+            None
+        }
     }
 }
 

@@ -79,17 +79,24 @@ fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> Option<bool> {
 }
 
 impl State {
-    /// The table as the next instance needs it.
-    pub fn record(&self, generation: u64) -> StateRecord {
-        let uid_of =
-            |client: ClientId, clients: &rustc_hash::FxHashMap<ClientId, super::ClientEntry>| {
-                clients
-                    .get(&client)
-                    .map_or(u32::MAX, |c| c.peer.identity.uid)
-            };
-        let mut buffers: Vec<BufferRecord> = self
-            .buffers
-            .values()
+    /// The ids of every buffer, for a record copied a chunk at a time
+    /// (see [`State::buffer_records`]).
+    pub fn buffer_ids(&self) -> Vec<BufferId> {
+        let mut ids: Vec<BufferId> = self.buffers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The records of those of `ids` that still exist, as the next
+    /// instance needs them.
+    pub fn buffer_records(&self, ids: &[BufferId]) -> Vec<BufferRecord> {
+        let uid_of = |client: ClientId| {
+            self.clients
+                .get(&client)
+                .map_or(u32::MAX, |c| c.peer.identity.uid)
+        };
+        ids.iter()
+            .filter_map(|id| self.buffers.get(id))
             .map(|b| BufferRecord {
                 id: b.id,
                 size: b.size,
@@ -102,13 +109,17 @@ impl State {
                     .iter()
                     .map(|h| HolderRecord {
                         secret: h.secret.clone(),
-                        uid: uid_of(h.client, &self.clients),
+                        uid: uid_of(h.client),
                         owner: h.client == b.owner,
                     })
                     .collect(),
             })
-            .collect();
-        buffers.sort_by_key(|b| b.id);
+            .collect()
+    }
+
+    /// The record's header: taken after the last chunk, so that every
+    /// recorded id is below `next_buffer`.
+    pub fn record_of(&self, generation: u64, buffers: Vec<BufferRecord>) -> StateRecord {
         StateRecord {
             version: RECORD_VERSION,
             generation,
