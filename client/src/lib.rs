@@ -232,6 +232,15 @@ fn unexpected(expected: &'static str, got: &ReplyBody) -> Error {
 /// round trip); the memory lives on while other clients hold it.
 #[derive(Debug)]
 pub struct Buffer {
+    /// Shared with begins that outlive their caller's wait (see
+    /// [`Buffer::begin_async`]): such a begin must still be able to build
+    /// its guard, and so end the access it is granted, after the caller
+    /// stopped waiting.
+    state: Arc<BufferState>,
+}
+
+#[derive(Debug)]
+struct BufferState {
     client: Client,
     info: BufferInfo,
     fd: OwnedFd,
@@ -249,15 +258,103 @@ impl Buffer {
     fn new(client: Client, info: BufferInfo, fd: OwnedFd) -> Buffer {
         client.conn.remember_hold(info.id, &info.secret, info.inode);
         Buffer {
-            client,
-            info,
-            fd,
-            mapping: OnceLock::new(),
-            word_slot: Mutex::new(None),
-            word: OnceLock::new(),
+            state: Arc::new(BufferState {
+                client,
+                info,
+                fd,
+                mapping: OnceLock::new(),
+                word_slot: Mutex::new(None),
+                word: OnceLock::new(),
+            }),
         }
     }
 
+    pub fn id(&self) -> u64 {
+        self.state.info.id
+    }
+
+    /// Bytes, rounded up to whole pages.
+    pub fn size(&self) -> u64 {
+        self.state.info.size
+    }
+
+    pub fn heap(&self) -> &str {
+        &self.state.info.heap
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.info.name
+    }
+
+    /// The kernel object's inode: equal for every holder of the buffer.
+    pub fn inode(&self) -> u64 {
+        self.state.info.inode
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.state.fd.as_fd()
+    }
+
+    /// A new shared mapping of the whole buffer, unmapped on drop. Hold an
+    /// access (see [`Buffer::begin`]) while looking at its bytes.
+    pub fn map(&self) -> Result<Mapping> {
+        Ok(Mapping::new(
+            self.state.fd.as_fd(),
+            self.state.mapped_len()?,
+        )?)
+    }
+
+    /// A token another process can import this buffer with.
+    pub fn export(&self) -> Result<ShareToken> {
+        match self
+            .state
+            .client
+            .conn
+            .call(
+                RequestBody::Export {
+                    buffer: self.state.info.id,
+                },
+                &[],
+            )?
+            .0
+        {
+            ReplyBody::Exported { token } => Ok(token.parse()?),
+            other => Err(unexpected("exported", &other)),
+        }
+    }
+
+    /// Begins an access; with autofence, blocks until granted.
+    pub fn begin(&self, access: Access) -> Result<AccessGuard> {
+        self.state.begin_inner(access, None)
+    }
+
+    /// As [`Buffer::begin`], but gives up with `ErrorCode::Timeout` after
+    /// `timeout` (and the request leaves the queue).
+    pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
+        self.state.begin_inner(access, Some(timeout))
+    }
+
+    /// Asks the broker for this buffer's current facts.
+    pub fn info(&self) -> Result<BufferInfo> {
+        match self
+            .state
+            .client
+            .conn
+            .call(
+                RequestBody::Info {
+                    buffer: self.state.info.id,
+                },
+                &[],
+            )?
+            .0
+        {
+            ReplyBody::Buffer(info) => Ok(info),
+            other => Err(unexpected("buffer", &other)),
+        }
+    }
+}
+
+impl BufferState {
     fn mapped_word(&self) -> Result<Arc<BufferWord>> {
         if let Some(word) = self.word.get() {
             return Ok(Arc::clone(word));
@@ -298,70 +395,9 @@ impl Buffer {
         Ok(Arc::clone(self.mapping.get_or_init(|| mapping)))
     }
 
-    pub fn id(&self) -> u64 {
-        self.info.id
-    }
-
-    /// Bytes, rounded up to whole pages.
-    pub fn size(&self) -> u64 {
-        self.info.size
-    }
-
-    pub fn heap(&self) -> &str {
-        &self.info.heap
-    }
-
-    pub fn name(&self) -> &str {
-        &self.info.name
-    }
-
-    /// The kernel object's inode: equal for every holder of the buffer.
-    pub fn inode(&self) -> u64 {
-        self.info.inode
-    }
-
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// A new shared mapping of the whole buffer, unmapped on drop. Hold an
-    /// access (see [`Buffer::begin`]) while looking at its bytes.
-    pub fn map(&self) -> Result<Mapping> {
-        Ok(Mapping::new(self.fd.as_fd(), self.mapped_len()?)?)
-    }
-
     fn mapped_len(&self) -> Result<usize> {
         usize::try_from(self.info.size)
             .map_err(|_| Error::Protocol("buffer larger than the address space".into()))
-    }
-
-    /// A token another process can import this buffer with.
-    pub fn export(&self) -> Result<ShareToken> {
-        match self
-            .client
-            .conn
-            .call(
-                RequestBody::Export {
-                    buffer: self.info.id,
-                },
-                &[],
-            )?
-            .0
-        {
-            ReplyBody::Exported { token } => Ok(token.parse()?),
-            other => Err(unexpected("exported", &other)),
-        }
-    }
-
-    /// Begins an access; with autofence, blocks until granted.
-    pub fn begin(&self, access: Access) -> Result<AccessGuard> {
-        self.begin_inner(access, None)
-    }
-
-    /// As [`Buffer::begin`], but gives up with `ErrorCode::Timeout` after
-    /// `timeout` (and the request leaves the queue).
-    pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
-        self.begin_inner(access, Some(timeout))
     }
 
     fn begin_request(&self, access: Access, timeout: Option<Duration>) -> RequestBody {
@@ -376,6 +412,12 @@ impl Buffer {
         if let Some(guard) = self.try_word_begin(access) {
             return Ok(guard);
         }
+        self.begin_with_broker(access, timeout)
+    }
+
+    /// Everything but the fast path in the word: the broker's answer, a
+    /// planned hand-off, and one reconnect. Blocks until it has a guard.
+    fn begin_with_broker(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
         let mut retried = false;
         loop {
             let (body, fds, (id, generation)) = self
@@ -527,36 +569,19 @@ impl Buffer {
         }
         Ok(guard)
     }
-
-    /// Asks the broker for this buffer's current facts.
-    pub fn info(&self) -> Result<BufferInfo> {
-        match self
-            .client
-            .conn
-            .call(
-                RequestBody::Info {
-                    buffer: self.info.id,
-                },
-                &[],
-            )?
-            .0
-        {
-            ReplyBody::Buffer(info) => Ok(info),
-            other => Err(unexpected("buffer", &other)),
-        }
-    }
 }
 
 impl Drop for Buffer {
+    /// Frees the hold when the caller's handle goes, not when the last
+    /// share of its state does: a begin the caller gave up on would
+    /// otherwise keep the hold, and its place in the queue, until it is
+    /// granted. Freeing answers that begin with an error.
     fn drop(&mut self) {
-        self.client.conn.forget_hold(self.info.id);
-        let _ = self.client.conn.send(
-            RequestBody::Free {
-                buffer: self.info.id,
-            },
-            &[],
-            false,
-        );
+        let BufferState { client, info, .. } = &*self.state;
+        client.conn.forget_hold(info.id);
+        let _ = client
+            .conn
+            .send(RequestBody::Free { buffer: info.id }, &[], false);
     }
 }
 
@@ -810,12 +835,6 @@ mod nonblocking {
 
     use super::*;
 
-    async fn wait(conn: Arc<Connection>, sent: (u64, u64)) -> Result<(ReplyBody, Vec<OwnedFd>)> {
-        tokio::task::spawn_blocking(move || conn.wait_reply(sent.0, sent.1))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
-    }
-
     impl Client {
         pub async fn connect_async(
             path: std::path::PathBuf,
@@ -847,62 +866,28 @@ mod nonblocking {
     }
 
     impl Buffer {
+        /// As [`Buffer::begin_timeout`], or [`Buffer::begin`] with `None`.
+        /// Dropping this future (a `timeout` expiring, a `select!` taking
+        /// another branch) leaves no access behind: the begin runs to its
+        /// end on the blocking pool with its own share of the buffer and
+        /// makes the guard there, so a grant that comes after the caller
+        /// stopped waiting is dropped with its guard and ends at once.
+        /// Made here instead, it would be lost with the future and never
+        /// ended, and every other user of the buffer would wait for it
+        /// until this client disconnects.
         pub async fn begin_async(
             &self,
             access: Access,
             timeout: Option<Duration>,
         ) -> Result<AccessGuard> {
-            if let Some(guard) = self.try_word_begin(access) {
+            // Granted in the word without waiting: nothing to cancel.
+            if let Some(guard) = self.state.try_word_begin(access) {
                 return Ok(guard);
             }
-            let mut retried = false;
-            loop {
-                let generation = self.client.conn.generation();
-                match self.begin_once_async(access, timeout).await {
-                    // After a broker restart, as the blocking begin does;
-                    // reconnecting sleeps between tries, so off the runtime.
-                    Err(Error::Disconnected) if !retried => {
-                        let conn = Arc::clone(&self.client.conn);
-                        let again = tokio::task::spawn_blocking(move || conn.recover(generation))
-                            .await
-                            .map_err(|e| Error::Task(e.to_string()))??;
-                        if !again {
-                            return Err(Error::Disconnected);
-                        }
-                        retried = true;
-                    }
-                    other => return other,
-                }
-            }
-        }
-
-        async fn begin_once_async(
-            &self,
-            access: Access,
-            timeout: Option<Duration>,
-        ) -> Result<AccessGuard> {
-            let id = self
-                .client
-                .conn
-                .send(self.begin_request(access, timeout), &[], true)?;
-            let mut reply = wait(Arc::clone(&self.client.conn), id).await?;
-            loop {
-                let ReplyBody::Planned { word: slot } = reply.0 else {
-                    return self.guard_from(reply, id.1);
-                };
-                let (word, kind) = self.planned(slot, access, id.1)?;
-                // The hand-off wait sleeps on a futex: off the runtime.
-                let (conn, waiting) = (Arc::clone(&self.client.conn), Arc::clone(&word));
-                let handed = tokio::task::spawn_blocking(move || {
-                    await_hand_off(&conn, &waiting, slot, kind, id)
-                })
+            let state = Arc::clone(&self.state);
+            tokio::task::spawn_blocking(move || state.begin_with_broker(access, timeout))
                 .await
-                .map_err(|e| Error::Task(e.to_string()))??;
-                if handed {
-                    return self.handed_off(word, slot, access);
-                }
-                reply = wait(Arc::clone(&self.client.conn), id).await?;
-            }
+                .map_err(|e| Error::Task(e.to_string()))?
         }
     }
 }
