@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dmabroker_client::{Access, AllocRequest, Client, ClientOptions};
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{stable_fd_count, wait_fd_count};
-use dmabroker_suite::sdnotify::{Received, ServiceManager};
+use dmabroker_suite::sdnotify::ServiceManager;
 use dmabroker_suite::TempDir;
 
 fn repo() -> PathBuf {
@@ -176,27 +176,6 @@ impl Drop for Running {
     }
 }
 
-/// Waits until `buffers` buffers and a record are in the fd store, then
-/// lets the debounced record catch up with the latest change (an import,
-/// a re-attach), as a broker that dies next would have left it.
-fn wait_until_recorded(manager: &ServiceManager, buffers: usize) {
-    manager.wait_for(
-        "the buffers and their record in the store",
-        Duration::from_secs(5),
-        |r| has_buffers(r, buffers) && r.stored_names().iter().any(|n| n.starts_with("state-")),
-    );
-    std::thread::sleep(Duration::from_millis(200));
-}
-
-fn has_buffers(received: &Received, n: usize) -> bool {
-    received
-        .stored_names()
-        .iter()
-        .filter(|n| n.starts_with("buf-"))
-        .count()
-        == n
-}
-
 #[test]
 fn readiness_status_and_stopping_are_reported() {
     let manager = ServiceManager::new();
@@ -272,7 +251,7 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     let inodes: Vec<u64> = frames.iter().map(|f| f.inode()).collect();
     // The codec is writing when the broker dies.
     let held = shared.begin(Access::CpuWrite).expect("write access");
-    wait_until_recorded(&manager, 3);
+    manager.wait_until_recorded(3);
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
@@ -314,7 +293,7 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
     manager.wait_for(
         "buffers removed from the store",
         Duration::from_secs(5),
-        |r| has_buffers(r, 0),
+        |r| r.buffers_stored() == 0,
     );
     assert_eq!(
         wait_fd_count(second.pid(), baseline, Duration::from_secs(5)),
@@ -350,7 +329,7 @@ fn word_users_cannot_begin_in_a_word_left_by_the_previous_instance() {
     for _ in 0..3 {
         drop(frame.begin(Access::CpuWrite).expect("write"));
     }
-    wait_until_recorded(&manager, 1);
+    manager.wait_until_recorded(1);
 
     drop(first); // SIGKILL
     let _second = Running::start(&manager, "second", &[]);
@@ -389,7 +368,7 @@ fn after_a_restart_buffers_are_charged_to_their_owner_not_the_first_to_reattach(
         .iter()
         .map(|f| codec.import(&f.export().expect("export")).expect("import"))
         .collect();
-    wait_until_recorded(&manager, 2);
+    manager.wait_until_recorded(2);
 
     drop(first); // SIGKILL
     let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
@@ -452,7 +431,7 @@ fn async_calls_reconnect_after_a_restart() {
     };
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
-    wait_until_recorded(&manager, 1);
+    manager.wait_until_recorded(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -501,7 +480,7 @@ fn an_expired_hold_is_gone_from_the_record_too() {
     };
     let importer = Client::connect_with(&manager.socket_path, leaving).expect("importer");
     let _imported = importer.import(&token).expect("import");
-    wait_until_recorded(&manager, 1);
+    manager.wait_until_recorded(1);
     let grace = ["--reattach-grace", "300ms"];
 
     drop(first);
@@ -533,7 +512,7 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     };
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
-    wait_until_recorded(&manager, 1);
+    manager.wait_until_recorded(1);
     drop(first);
     let second = Running::start_with(&manager, "second", &[], &["--reattach-grace", "300ms"]);
     assert!(second.log().contains("restored=1"), "{}", second.log());
@@ -542,7 +521,7 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     manager.wait_for(
         "the orphaned buffer released",
         Duration::from_secs(5),
-        |r| has_buffers(r, 0),
+        |r| r.buffers_stored() == 0,
     );
     // The store is told before the line is logged: give the log a moment.
     wait_for_log(&second, "not re-attached within the grace period");

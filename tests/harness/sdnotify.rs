@@ -56,6 +56,14 @@ impl Received {
             .collect()
     }
 
+    /// How many buffers (`buf-*`) are in the store.
+    pub fn buffers_stored(&self) -> usize {
+        self.stored_names()
+            .iter()
+            .filter(|n| n.starts_with("buf-"))
+            .count()
+    }
+
     pub fn stored_names(&self) -> Vec<String> {
         self.store.keys().cloned().collect()
     }
@@ -143,6 +151,21 @@ impl ServiceManager {
             );
             received = cond.wait_timeout(received, left).expect("wait").0;
         }
+    }
+
+    /// Waits until `buffers` buffers and a record are in the fd store, then
+    /// lets the debounced record catch up with the latest change (an
+    /// import, a re-attach), as a broker that dies next would have left it.
+    pub fn wait_until_recorded(&self, buffers: usize) {
+        self.wait_for(
+            "the buffers and their record in the store",
+            Duration::from_secs(5),
+            |r| {
+                r.buffers_stored() == buffers
+                    && r.stored_names().iter().any(|n| n.starts_with("state-"))
+            },
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     /// Starts the daemon the way systemd would: the listening socket and

@@ -229,9 +229,6 @@ fn restore(
     )
 }
 
-/// Rewrites the stored record after changes, at most every 50 ms. Only the
-/// snapshot is taken under the broker's lock; encoding it and handing it
-/// to the service manager happen after, off the request path.
 /// Writes the record of the buffer table 50 ms after a change (changes
 /// come in bursts), and once more when the daemon stops: a change made
 /// within those 50 ms would otherwise be missing, and the next instance

@@ -110,7 +110,10 @@ impl State {
                     .map(|h| HolderRecord {
                         secret: h.secret.clone(),
                         uid: uid_of(h.client),
-                        owner: h.client == b.owner,
+                        // While the owner has not re-attached, every
+                        // unclaimed hold is ORPHAN: none is marked, and the
+                        // order (the owner first) says it.
+                        owner: h.client == b.owner && b.owner != ORPHAN,
                     })
                     .collect(),
             })

@@ -656,19 +656,24 @@ impl State {
             .clients
             .get(&client)
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
-        let allowed = self.clients.get(&owner).is_some_and(|o| {
-            adopter
-                .resolved
-                .limits
-                .import_from
-                .allows(&adopter.peer.identity, &o.peer.identity)
-        });
-        if !allowed {
+        // After a restart the owner is known again only once it re-attaches
+        // (or the grace period hands the charge on).
+        let Some(owner) = self.clients.get(&owner) else {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                "this dma-buf's owner has not re-attached since the broker restarted; try again",
+            ));
+        };
+        if !adopter
+            .resolved
+            .limits
+            .import_from
+            .allows(&adopter.peer.identity, &owner.peer.identity)
+        {
             return Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
-                    "rule '{}': this dma-buf is buffer {buffer}, and its owner's buffers may not \
-                     be imported",
+                    "rule '{}': this dma-buf is another client's, whose buffers you may not import",
                     adopter.resolved.rule
                 ),
             ));
