@@ -339,3 +339,93 @@ fn a_waiter_on_a_planned_hand_off_notices_a_reconnect_by_another_thread() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// A broker that allocates buffer 1, then dies at the next heaps request;
+/// on the next connection it tells the test when the buffer's `Reattach`
+/// arrives and answers it only when the test says so. It reports the
+/// requests the second connection sent.
+fn slow_reattach_broker(
+    path: &Path,
+    arrived: std::sync::mpsc::Sender<()>,
+    answer: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let buffer = memfd();
+        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
+            .expect("fstat")
+            .st_ino;
+        let mut seen_after_restart = Vec::new();
+        for connection in 1..=2 {
+            let socket = accept_one(&listener);
+            while let Ok(message) = recv_message(socket.as_fd(), false) {
+                let request = decode_request(&message.bytes).expect("decode");
+                let id = request.head.id;
+                if connection == 2 {
+                    seen_after_restart.push(format!("{:?}", request.body));
+                }
+                match request.body {
+                    RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
+                    RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
+                        if connection == 2 {
+                            arrived.send(()).expect("tell the test");
+                            answer.recv().expect("the test's go");
+                        }
+                        let message = ServerMessage::Reply(Reply {
+                            id,
+                            fds: 1,
+                            result: Ok(buffer_info(inode)),
+                        });
+                        let bytes = encode_server_message(&message).expect("encode");
+                        send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false)
+                            .expect("send");
+                    }
+                    RequestBody::ListHeaps if connection == 1 => break,
+                    RequestBody::ListHeaps => heaps(&socket, id),
+                    _ => {}
+                }
+            }
+        }
+        seen_after_restart
+    })
+}
+
+/// A buffer dropped while another thread re-attaches it after a broker
+/// restart: its `Free` went to the dead connection, the re-attach then
+/// succeeded, and the new broker kept the buffer for a client that no
+/// longer had it, until that client disconnected.
+#[test]
+fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (answer, answer_rx) = std::sync::mpsc::channel();
+    let broker = slow_reattach_broker(&path, arrived_tx, answer_rx);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(5)),
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let reconnecting = {
+        let client = client.clone();
+        std::thread::spawn(move || client.heaps().map(|_| ()))
+    };
+    arrived
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the re-attach reaches the new broker");
+    drop(frame);
+    answer.send(()).expect("go");
+    reconnecting
+        .join()
+        .expect("thread")
+        .expect("heaps answered after the reconnect");
+    client.heaps().expect("a round trip behind the free");
+    drop(client);
+    let seen = broker.join().expect("scripted broker");
+    assert!(
+        seen.iter().any(|r| r.starts_with("Free")),
+        "the dropped buffer was not freed on the new connection: {seen:?}"
+    );
+}

@@ -247,6 +247,17 @@ impl Connection {
         lock(&self.holds).remove(&buffer);
     }
 
+    /// Frees a hold the caller dropped. Under the holds lock, so that a
+    /// reconnect re-attaching it either finds it gone (and frees it on the
+    /// new connection, see `reconnect`) or has already installed the new
+    /// socket, which this `Free` then goes to: sent to the dead one, it was
+    /// lost, and the re-attach kept the buffer for nobody.
+    pub fn release_hold(&self, buffer: u64) {
+        let mut holds = lock(&self.holds);
+        holds.remove(&buffer);
+        let _ = self.send(RequestBody::Free { buffer }, &[], false);
+    }
+
     /// The end-word page of connection generation `generation`, if that is
     /// still the current one and it has a page.
     pub fn end_words(&self, generation: u64) -> Option<Arc<EndWords>> {
@@ -475,8 +486,20 @@ impl Connection {
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.fresh_connection() {
-                Ok((socket, welcome, page)) => {
+                Ok((socket, welcome, page, reattached)) => {
+                    // Lock order: holds, then mailbox and socket (install).
+                    let holds = lock(&self.holds);
+                    for buffer in reattached {
+                        if !holds.contains_key(&buffer) {
+                            // Dropped while it was re-attached: its Free
+                            // went to the dead connection.
+                            let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+                            let free = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0)?;
+                            let _ = send_message(socket.as_fd(), &free, &[], false);
+                        }
+                    }
                     self.install(socket, welcome, page);
+                    drop(holds);
                     return Ok(());
                 }
                 Err(err) if Instant::now() + backoff >= deadline => return Err(err),
@@ -488,16 +511,21 @@ impl Connection {
         }
     }
 
+    /// A new socket, welcomed, with every hold re-attached: also returns
+    /// the buffers re-attached.
     #[allow(clippy::type_complexity)]
-    fn fresh_connection(&self) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>), Error> {
+    fn fresh_connection(
+        &self,
+    ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<u64>), Error> {
         let socket = open_socket(&self.path)?;
         let (welcome, page) = say_hello(&socket, &self.hello)?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))
             .collect();
+        let mut reattached = Vec::with_capacity(holds.len());
         for (id, (buffer, hold)) in (2..).zip(holds) {
-            let reattached = exchange(
+            let answer = exchange(
                 &socket,
                 id,
                 RequestBody::Reattach {
@@ -505,8 +533,10 @@ impl Connection {
                     secret: hold.secret.clone(),
                 },
             );
-            match reattached {
-                Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {}
+            match answer {
+                Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {
+                    reattached.push(buffer);
+                }
                 Ok(_) | Err(Error::Broker(_)) => {
                     // The broker no longer has it (a restart without an fd
                     // store): requests on it will say UnknownBuffer.
@@ -515,7 +545,7 @@ impl Connection {
                 Err(err) => return Err(err),
             }
         }
-        Ok((socket, welcome, page))
+        Ok((socket, welcome, page, reattached))
     }
 
     fn install(&self, socket: OwnedFd, welcome: Welcome, page: Option<Arc<EndWords>>) {

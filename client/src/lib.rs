@@ -578,10 +578,7 @@ impl Drop for Buffer {
     /// granted. Freeing answers that begin with an error.
     fn drop(&mut self) {
         let BufferState { client, info, .. } = &*self.state;
-        client.conn.forget_hold(info.id);
-        let _ = client
-            .conn
-            .send(RequestBody::Free { buffer: info.id }, &[], false);
+        client.conn.release_hold(info.id);
     }
 }
 
