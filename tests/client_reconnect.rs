@@ -429,3 +429,72 @@ fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
         "the dropped buffer was not freed on the new connection: {seen:?}"
     );
 }
+
+/// A broker that allocates buffer 1 and answers the first begin `Planned`;
+/// then, as a real broker would when that begin times out and another
+/// thread of the same holder begins in the word meanwhile, it answers the
+/// begin `Timeout`, sets the holder's reader bit, and only then takes the
+/// plan out of the word (waking the waiter).
+fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let buffer = memfd();
+        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
+            .expect("fstat")
+            .st_ino;
+        let socket = accept_one(&listener);
+        while let Ok(message) = recv_message(socket.as_fd(), false) {
+            let request = decode_request(&message.bytes).expect("decode");
+            let id = request.head.id;
+            match request.body {
+                RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => {
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(buffer_info(inode)),
+                    });
+                    let bytes = encode_server_message(&message).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+                }
+                RequestBody::Begin { access, .. } => {
+                    let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+                    word.take_over();
+                    let kind = WordAccess::of(access).expect("a CPU access");
+                    assert!(word.plan(word.load(), 0, kind), "plan");
+                    let slot = FastSlot { index: 0, epoch: 0 };
+                    reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
+                    // The waiter is asleep on the word by now.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let timeout = WireError::new(ErrorCode::Timeout, "timed out");
+                    reply(&socket, id, Err(timeout));
+                    word.scribble(word.load().0 | 1); // holder 0 reads
+                    word.cancel_plan();
+                }
+                RequestBody::ListHeaps => heaps(&socket, id),
+                _ => {}
+            }
+        }
+    })
+}
+
+/// A waiter that finds its holder's bit in the word after its plan was
+/// cancelled took the bit for its hand-off: it dropped the broker's answer
+/// (a timeout, or a grant nobody would then end) and returned a guard on
+/// a bit another thread owned, which its drop would clear from under that
+/// thread. An answer already sent means the plan was cancelled.
+#[test]
+fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = cancelled_plan_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    match frame.begin_timeout(Access::CpuRead, Duration::from_millis(100)) {
+        Err(err) => assert_eq!(err.code(), Some(ErrorCode::Timeout), "{err}"),
+        Ok(_) => panic!("took another thread's bit for its hand-off"),
+    }
+    drop(frame);
+    drop(client);
+    broker.join().expect("scripted broker");
+}

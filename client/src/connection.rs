@@ -71,6 +71,19 @@ struct Mailbox {
     abandoned: VecDeque<u64>,
 }
 
+/// The reader's 64 KiB buffer, shown by its size: `{:?}` of a client
+/// printed every byte of it.
+struct ReadBuf(Vec<u8>);
+
+impl std::fmt::Debug for ReadBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} bytes]", self.0.len())
+    }
+}
+
+/// How long `answered` gives another reading thread to file what it read.
+const ANSWER_GRACE: Duration = Duration::from_millis(20);
+
 /// How many abandoned request ids are remembered; a stale message for one
 /// arrives, if at all, right behind the hand-off.
 const MAX_ABANDONED: usize = 64;
@@ -94,7 +107,7 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     mailbox: Mutex<Mailbox>,
     arrived: Condvar,
-    read_buf: Mutex<Vec<u8>>,
+    read_buf: Mutex<ReadBuf>,
     welcome: Mutex<Welcome>,
     /// The end-word page of the current socket, with that socket's
     /// generation: a grant may only use the page it was granted on.
@@ -214,7 +227,7 @@ impl Connection {
             next_id: AtomicU64::new(2),
             mailbox: Mutex::new(Mailbox::default()),
             arrived: Condvar::new(),
-            read_buf: Mutex::new(vec![0; dmabroker_ipc::MAX_MESSAGE_SIZE]),
+            read_buf: Mutex::new(ReadBuf(vec![0; dmabroker_ipc::MAX_MESSAGE_SIZE])),
             welcome: Mutex::new(welcome),
             end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
@@ -278,6 +291,53 @@ impl Connection {
             mailbox.abandoned.pop_front();
         }
         mailbox.abandoned.push_back(id);
+    }
+
+    /// Whether the broker has already answered request `id`: the answer is
+    /// filed, or waiting in the socket (read and filed here, without
+    /// blocking). The broker sends an answer before anything it does
+    /// afterwards, so a waiter that finds its holder's bit in a buffer word
+    /// asks this first: an answer means its plan was cancelled, and the
+    /// bit is another thread's (begun in the word after the plan went).
+    pub fn answered(&self, id: u64) -> bool {
+        let mut mailbox = lock(&self.mailbox);
+        let mut waited_for_reader = false;
+        loop {
+            if mailbox.replies.contains_key(&id) {
+                return true;
+            }
+            if mailbox.closed.is_some() {
+                return false;
+            }
+            let pending = self.readable();
+            if mailbox.reading {
+                // Another thread reads: it may hold the answer, about to
+                // file it (it needs this lock). One wait lets it.
+                if waited_for_reader && !pending {
+                    return false;
+                }
+                waited_for_reader = true;
+            } else if !pending {
+                return false;
+            }
+            let deadline = Instant::now() + ANSWER_GRACE;
+            let (guard, mine) = self.read_or_wait(mailbox, Some(deadline), Some(id));
+            mailbox = guard;
+            if let Some(incoming) = mine {
+                mailbox.replies.insert(id, incoming);
+                return true;
+            }
+        }
+    }
+
+    /// Whether a message waits in the current socket.
+    fn readable(&self) -> bool {
+        let (socket, _) = self.current_socket();
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
 
     /// Whether the broker hung up on the current socket (checked without
@@ -418,7 +478,7 @@ impl Connection {
             // Only the reader touches the buffer; reusing it spares zeroing
             // 64 KiB for every message.
             let mut buf = lock(&self.read_buf);
-            receive(&socket, &mut buf, deadline)
+            receive(&socket, &mut buf.0, deadline)
         };
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;

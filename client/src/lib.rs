@@ -599,6 +599,9 @@ fn await_hand_off(
 ) -> Result<bool> {
     loop {
         match word.await_plan(slot, kind, PLAN_SLICE) {
+            // A bit of this holder's, but the broker answered meanwhile:
+            // the plan was cancelled and the bit is another thread's.
+            Planned::Granted if conn.answered(id) => return Ok(false),
             Planned::Granted => {
                 conn.abandon(id);
                 return Ok(true);
