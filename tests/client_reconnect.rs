@@ -430,11 +430,12 @@ fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
     );
 }
 
-/// A broker that allocates buffer 1 and answers the first begin `Planned`;
-/// then, as a real broker would when that begin times out and another
-/// thread of the same holder begins in the word meanwhile, it answers the
-/// begin `Timeout`, sets the holder's reader bit, and only then takes the
-/// plan out of the word (waking the waiter).
+/// A broker that allocates buffer 1 and answers the first begin `Planned`.
+/// At the second begin (another thread of the same holder) it does what a
+/// real broker does when the first begin times out and the second is then
+/// granted in the word: it answers the first `Timeout`, sets the holder's
+/// reader bit and grants the second in the word, and only then takes the
+/// plan out of the word (waking the first).
 fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
@@ -442,6 +443,9 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
         let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
             .expect("fstat")
             .st_ino;
+        let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+        let slot = FastSlot { index: 0, epoch: 0 };
+        let mut planned = None;
         let socket = accept_one(&listener);
         while let Ok(message) = recv_message(socket.as_fd(), false) {
             let request = decode_request(&message.bytes).expect("decode");
@@ -457,18 +461,29 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
                     let bytes = encode_server_message(&message).expect("encode");
                     send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
                 }
-                RequestBody::Begin { access, .. } => {
-                    let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+                RequestBody::Begin { access, .. } if planned.is_none() => {
                     word.take_over();
                     let kind = WordAccess::of(access).expect("a CPU access");
                     assert!(word.plan(word.load(), 0, kind), "plan");
-                    let slot = FastSlot { index: 0, epoch: 0 };
                     reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
-                    // The waiter is asleep on the word by now.
-                    std::thread::sleep(Duration::from_millis(300));
+                    planned = Some(id);
+                }
+                RequestBody::Begin { access, .. } => {
+                    let first = planned.expect("the first begin");
                     let timeout = WireError::new(ErrorCode::Timeout, "timed out");
-                    reply(&socket, id, Err(timeout));
+                    reply(&socket, first, Err(timeout));
                     word.scribble(word.load().0 | 1); // holder 0 reads
+                    let grant = dmabroker_ipc::Grant {
+                        access: 2,
+                        buffer: 1,
+                        kind: access,
+                        writer_lost: false,
+                        revoked: false,
+                        fences: Vec::new(),
+                        end_slot: None,
+                        word: Some(slot),
+                    };
+                    reply(&socket, id, Ok(ReplyBody::Granted(grant)));
                     word.cancel_plan();
                 }
                 RequestBody::ListHeaps => heaps(&socket, id),
@@ -478,22 +493,37 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// A waiter that finds its holder's bit in the word after its plan was
-/// cancelled took the bit for its hand-off: it dropped the broker's answer
-/// (a timeout, or a grant nobody would then end) and returned a guard on
-/// a bit another thread owned, which its drop would clear from under that
-/// thread. An answer already sent means the plan was cancelled.
+/// A waiter that finds its holder's bit after its plan was cancelled took
+/// the bit for its hand-off: it dropped the broker's answer (a timeout, or
+/// a grant nobody would then end) and returned a guard on the bit another
+/// thread had been granted, whose drop would clear that thread's read from
+/// the reservation. An answer already sent means the plan was cancelled.
 #[test]
 fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
     let broker = cancelled_plan_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
-    let frame = client.alloc(4096).expect("alloc");
-    match frame.begin_timeout(Access::CpuRead, Duration::from_millis(100)) {
+    let frame = std::sync::Arc::new(client.alloc(4096).expect("alloc"));
+    let first = {
+        let frame = std::sync::Arc::clone(&frame);
+        std::thread::spawn(move || {
+            frame
+                .begin_timeout(Access::CpuRead, Duration::from_millis(100))
+                .map(|guard| guard.in_word())
+        })
+    };
+    // The first thread is asleep on its plan when the second begins.
+    std::thread::sleep(Duration::from_millis(300));
+    let second = frame
+        .begin(Access::CpuRead)
+        .expect("the second thread's read");
+    assert!(second.in_word(), "granted in the word");
+    match first.join().expect("first thread") {
         Err(err) => assert_eq!(err.code(), Some(ErrorCode::Timeout), "{err}"),
-        Ok(_) => panic!("took another thread's bit for its hand-off"),
+        Ok(_) => panic!("took the second thread's bit for its hand-off"),
     }
+    drop(second);
     drop(frame);
     drop(client);
     broker.join().expect("scripted broker");

@@ -22,6 +22,7 @@ mod error;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -252,6 +253,21 @@ struct BufferState {
     word_slot: Mutex<Option<(u64, FastSlot)>>,
     /// The word, mapped when the first grant names a slot.
     word: OnceLock<Arc<BufferWord>>,
+    /// Threads of this process inside a begin on this buffer, plus guards
+    /// held in its word. A hand-off waiter that finds its holder's bit
+    /// while it is alone here knows the bit is its own, and spares the
+    /// system call that would tell it otherwise (see `await_hand_off`).
+    users: Arc<AtomicUsize>,
+}
+
+/// One count in `BufferState::users`, given back when dropped.
+#[derive(Debug)]
+struct UserTicket(Arc<AtomicUsize>);
+
+impl Drop for UserTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Buffer {
@@ -265,6 +281,7 @@ impl Buffer {
                 mapping: OnceLock::new(),
                 word_slot: Mutex::new(None),
                 word: OnceLock::new(),
+                users: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -408,11 +425,26 @@ impl BufferState {
         }
     }
 
+    /// Counts a begin in `users`, before anything it does can put a bit in
+    /// the word: a sibling that sees the bit then sees the count.
+    fn ticket(&self) -> UserTicket {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        UserTicket(Arc::clone(&self.users))
+    }
+
+    /// Whether another thread of this process may hold a bit in the word
+    /// or be about to (the caller is inside a begin, counted once).
+    fn has_siblings(&self) -> bool {
+        self.users.load(Ordering::SeqCst) > 1
+    }
+
     fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-        if let Some(guard) = self.try_word_begin(access) {
-            return Ok(guard);
-        }
-        self.begin_with_broker(access, timeout)
+        let ticket = self.ticket();
+        let guard = match self.try_word_begin(access) {
+            Some(guard) => guard,
+            None => self.begin_with_broker(access, timeout)?,
+        };
+        Ok(guard.counted(ticket))
     }
 
     /// Everything but the fast path in the word: the broker's answer, a
@@ -452,7 +484,12 @@ impl BufferState {
                 return Ok(Resolved::Reply(reply));
             };
             let (word, kind) = self.planned(slot, access, generation)?;
-            if await_hand_off(&self.client.conn, &word, slot, kind, (id, generation))? {
+            let waiter = Waiter {
+                conn: &self.client.conn,
+                request: (id, generation),
+                siblings: &|| self.has_siblings(),
+            };
+            if await_hand_off(&waiter, &word, slot, kind)? {
                 return Ok(Resolved::HandedOff(self.handed_off(word, slot, access)?));
             }
             reply = self.client.conn.wait_reply(id, generation)?;
@@ -494,6 +531,7 @@ impl BufferState {
             word_hold: Some((word, hold)),
             generation: self.client.conn.generation(),
             ended: false,
+            ticket: None,
         }
     }
 
@@ -562,6 +600,7 @@ impl BufferState {
             word_hold,
             generation,
             ended: false,
+            ticket: None,
         };
         if grant.kind.is_cpu() {
             // On failure the guard drops here and ends the access.
@@ -582,6 +621,15 @@ impl Drop for Buffer {
     }
 }
 
+/// Who waits for a planned hand-off: its connection, its request (id and
+/// connection generation), and whether other threads of this process use
+/// the same buffer.
+struct Waiter<'a> {
+    conn: &'a Connection,
+    request: (u64, u64),
+    siblings: &'a dyn Fn() -> bool,
+}
+
 /// How long a hand-off waiter sleeps on the word before it checks that the
 /// broker is still there.
 const PLAN_SLICE: Duration = Duration::from_millis(100);
@@ -591,17 +639,17 @@ const PLAN_SLICE: Duration = Duration::from_millis(100);
 /// broker's of connection `generation`: once another thread has replaced
 /// that connection, nobody will cancel it, so the wait ends as for a hang-up.
 fn await_hand_off(
-    conn: &Connection,
+    waiter: &Waiter<'_>,
     word: &BufferWord,
     slot: FastSlot,
     kind: WordAccess,
-    (id, generation): (u64, u64),
 ) -> Result<bool> {
+    let (conn, (id, generation)) = (waiter.conn, waiter.request);
     loop {
         match word.await_plan(slot, kind, PLAN_SLICE) {
             // A bit of this holder's, but the broker answered meanwhile:
             // the plan was cancelled and the bit is another thread's.
-            Planned::Granted if conn.answered(id) => return Ok(false),
+            Planned::Granted if (waiter.siblings)() && conn.answered(id) => return Ok(false),
             Planned::Granted => {
                 conn.abandon(id);
                 return Ok(true);
@@ -657,6 +705,8 @@ pub struct AccessGuard {
     /// its id may name another access of this client on the new one.
     generation: u64,
     ended: bool,
+    /// Held in the word: counted among the buffer's users while it lives.
+    ticket: Option<UserTicket>,
 }
 
 /// The bytes of a buffer during a CPU access.
@@ -684,6 +734,15 @@ impl std::ops::DerefMut for Bytes<'_> {
 }
 
 impl AccessGuard {
+    /// Keeps `ticket` if the access is held in the word; else it is given
+    /// back now.
+    fn counted(mut self, ticket: UserTicket) -> AccessGuard {
+        if self.word_hold.is_some() {
+            self.ticket = Some(ticket);
+        }
+        self
+    }
+
     /// The broker's id for the access (its fence id in the views). 0 for an
     /// access held in the buffer's word: the broker names those anew each
     /// time it takes the word over, so no id would stay true.
@@ -880,14 +939,19 @@ mod nonblocking {
             access: Access,
             timeout: Option<Duration>,
         ) -> Result<AccessGuard> {
+            let ticket = self.state.ticket();
             // Granted in the word without waiting: nothing to cancel.
             if let Some(guard) = self.state.try_word_begin(access) {
-                return Ok(guard);
+                return Ok(guard.counted(ticket));
             }
             let state = Arc::clone(&self.state);
-            tokio::task::spawn_blocking(move || state.begin_with_broker(access, timeout))
-                .await
-                .map_err(|e| Error::Task(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                state
+                    .begin_with_broker(access, timeout)
+                    .map(|guard| guard.counted(ticket))
+            })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
         }
     }
 }
