@@ -397,7 +397,7 @@ impl Row {
 }
 
 /// The floors, by name, with what each measures.
-const FLOORS: [(&str, &str); 10] = [
+const FLOORS: [(&str, &str); 12] = [
     (
         "floor_rtt_fd",
         "(a) SEQPACKET round trip, parent↔child, the reply carries one memfd",
@@ -409,6 +409,14 @@ const FLOORS: [(&str, &str); 10] = [
     (
         "floor_oneway_rtt_fd",
         "(a+) a one-way message the child reads and does not answer, then the round trip of (a)",
+    ),
+    (
+        "floor_rtt_fd_tokio",
+        "(a~) the round trip of (a), the child serving it as the daemon does: a tokio current-thread runtime, the socket in its reactor (AsyncFd, edge-triggered epoll)",
+    ),
+    (
+        "floor_oneway_rtt_fd_tokio",
+        "(a~+) (a+) served the same way as (a~)",
     ),
     (
         "floor_oneway",
@@ -570,9 +578,13 @@ impl Bench {
         self.place(placement_of(name))?;
         let s = &self.settings;
         let measured = match name {
-            "floor_rtt_fd" => floors::round_trip(s.samples(), true, false)?,
-            "floor_rtt" => floors::round_trip(s.samples(), false, false)?,
-            "floor_oneway_rtt_fd" => floors::round_trip(s.samples(), true, true)?,
+            "floor_rtt_fd" => floors::round_trip(s.samples(), true, false, "echo")?,
+            "floor_rtt" => floors::round_trip(s.samples(), false, false, "echo")?,
+            "floor_oneway_rtt_fd" => floors::round_trip(s.samples(), true, true, "echo")?,
+            "floor_rtt_fd_tokio" => floors::round_trip(s.samples(), true, false, "echo-tokio")?,
+            "floor_oneway_rtt_fd_tokio" => {
+                floors::round_trip(s.samples(), true, true, "echo-tokio")?
+            }
             "floor_oneway" => floors::one_way(s.handoff_samples(), &mut self.oneway_latencies)?,
             "floor_memfd" => floors::sealed_memfd(s.samples())?,
             "floor_ring" => floors::ring(s, FRAME_1080P)?,
@@ -651,16 +663,22 @@ impl Bench {
         // daemon, so the ratio is also given against the floor whose round
         // trip follows one, (a+).
         let mut with_free = Vec::new();
+        let (mut tokio_rtt, mut tokio_with_free) = (Vec::new(), Vec::new());
         let pair = self.paired(
             &mut |b| {
                 let memfd = b.floor("floor_memfd")?;
                 with_free.push(b.floor("floor_oneway_rtt_fd")?.then(memfd));
+                tokio_rtt.push(b.floor("floor_rtt_fd_tokio")?.then(memfd));
+                tokio_with_free.push(b.floor("floor_oneway_rtt_fd_tokio")?.then(memfd));
                 Ok(b.floor("floor_rtt_fd")?.then(memfd))
             },
             &mut |b| broker::alloc_free(&client, &daemon, b.settings.samples()),
         )?;
         check_errors(&client)?;
         let with_free = Measured::median_of(&with_free).metric.value();
+        let tokio_rtt = Measured::median_of(&tokio_rtt).metric.value();
+        let tokio_with_free = Measured::median_of(&tokio_with_free).metric.value();
+        let result = pair.result.metric.value();
         self.rows.push(Row {
             name: "alloc_free".into(),
             floor_label: "(a) floor_rtt_fd + (c) floor_memfd".into(),
@@ -669,8 +687,14 @@ impl Bench {
             note: format!(
                 "client.alloc(4096) then drop; the free is pipelined, so the daemon handles it \
                  before the next alloc; {:.2}x (a+) floor_oneway_rtt_fd + (c), the floor with a \
-                 one-way message for the free",
-                pair.result.metric.value() / with_free
+                 one-way message for the free; served from tokio as the daemon is, (a~) + (c) \
+                 is {:.2}x the issue's floor and alloc_free {:.2}x it, (a~+) + (c) {:.2}x and \
+                 alloc_free {:.2}x it",
+                result / with_free,
+                tokio_rtt / pair.floor.metric.value(),
+                result / tokio_rtt,
+                tokio_with_free / pair.floor.metric.value(),
+                result / tokio_with_free,
             ),
         });
         Ok(())
@@ -1451,8 +1475,13 @@ mod floors {
     /// `one_way_first`: each round trip follows a one-way message that
     /// the child reads and does not answer, as the daemon reads a free
     /// before the next alloc.
-    pub fn round_trip(samples: usize, with_fd: bool, one_way_first: bool) -> Res<Measured> {
-        let child = Proc::spawn("echo", &[])?;
+    pub fn round_trip(
+        samples: usize,
+        with_fd: bool,
+        one_way_first: bool,
+        server: &str,
+    ) -> Res<Measured> {
+        let child = Proc::spawn(server, &[])?;
         let mut request = [0u8; REQUEST_LEN];
         request[0] = u8::from(with_fd);
         let mut one_way = [0u8; REQUEST_LEN];
@@ -1756,6 +1785,7 @@ mod child {
         };
         match arg(0)? {
             "echo" => echo(ctl),
+            "echo-tokio" => echo_tokio(ctl),
             "oneway" => one_way(ctl, arg(1)?.parse()?),
             "echo-server" => echo_server(ctl),
             "echo-client" => echo_client(ctl),
@@ -1790,6 +1820,62 @@ mod child {
             };
             send_message(ctl, &buf[..len], &fds, false)?;
         }
+    }
+
+    /// As [`echo`], served the way the daemon serves a connection: a tokio
+    /// current-thread runtime with the socket in its reactor, every
+    /// message read until `EAGAIN`. What the daemon's runtime costs before
+    /// the daemon does anything.
+    fn echo_tokio(ctl: BorrowedFd<'_>) -> Res<()> {
+        let socket = ctl.try_clone_to_owned()?;
+        let flags = OFlag::from_bits_truncate(fcntl(socket.as_raw_fd(), FcntlArg::F_GETFL)?);
+        fcntl(
+            socket.as_raw_fd(),
+            FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
+        )?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        runtime.block_on(async move {
+            let socket =
+                dmabroker_daemon::reactor::register(socket, tokio::io::Interest::READABLE)?;
+            let memfd = super::sealed_memfd(4096)?;
+            let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+            loop {
+                let mut guard = socket.readable().await?;
+                loop {
+                    let received = guard.try_io(|fd| {
+                        recv_message_into(fd.get_ref().as_fd(), &mut buf, true).map_err(|err| {
+                            match err {
+                                RecvError::Os(nix::errno::Errno::EAGAIN) => {
+                                    std::io::Error::from(std::io::ErrorKind::WouldBlock)
+                                }
+                                other => std::io::Error::other(other),
+                            }
+                        })
+                    });
+                    let len = match received {
+                        Err(_would_block) => break,
+                        Ok(Ok((len, _))) => len,
+                        Ok(Err(err)) => {
+                            return match err.get_ref().and_then(|e| e.downcast_ref()) {
+                                Some(RecvError::Closed) => Ok(()),
+                                _ => Err(err.into()),
+                            };
+                        }
+                    };
+                    if buf[0] == 2 {
+                        continue;
+                    }
+                    let fds = if buf[0] == 1 {
+                        vec![memfd.as_fd()]
+                    } else {
+                        Vec::new()
+                    };
+                    send_message(socket.get_ref().as_fd(), &buf[..len], &fds, false)?;
+                }
+            }
+        })
     }
 
     fn one_way(ctl: BorrowedFd<'_>, samples: usize) -> Res<()> {
