@@ -4,6 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -62,11 +63,13 @@ impl Listener {
         let addr = UnixAddr::new(path).map_err(|e| sock_err("address", e))?;
         if path.exists() {
             let probe = new_socket().map_err(|e| sock_err("create", e))?;
+            // Only a refusal means nobody listens. A live daemon with a
+            // full backlog answers EAGAIN, and must keep its socket.
             match connect(probe.as_raw_fd(), &addr) {
-                Ok(()) => return Err(ServerError::InUse(path.to_owned())),
-                Err(_) => {
+                Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                     let _ = std::fs::remove_file(path);
                 }
+                _ => return Err(ServerError::InUse(path.to_owned())),
             }
         }
         let fd = new_socket().map_err(|e| sock_err("create", e))?;
@@ -97,9 +100,31 @@ fn new_socket() -> Result<OwnedFd, Errno> {
     )
 }
 
+/// Connections accepted and not yet ended. Counted from the accept, not
+/// from the broker's table: one wake-up accepts every connection waiting
+/// in the backlog before any of their tasks has run, and a cap that
+/// counted only registered clients let a burst through whole.
+#[derive(Debug, Default)]
+struct Served(AtomicUsize);
+
+/// One accepted connection's place in [`Served`], given back when its task
+/// ends (or is dropped with the runtime).
+struct ServedSlot(Arc<Served>);
+
+impl Drop for ServedSlot {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long the accept loop waits before trying again after an error
+/// (fds ran out, kernel memory is short).
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Accepts connections forever, one task each. Connections over the cap
 /// are told `Busy` and closed.
 pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), ServerError> {
+    let served = Arc::new(Served::default());
     let _ = nix::fcntl::fcntl(
         listener.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -119,38 +144,54 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
                 Ok(raw) => {
                     // SAFETY: accept4 just returned this new fd; we own it.
                     let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                    let (count, max) = {
-                        let state = broker.lock();
-                        (state.connection_count(), state.limits.max_connections)
-                    };
-                    if count >= max {
-                        refuse_busy(conn.as_fd(), max);
+                    let max = broker.lock().limits.max_connections;
+                    if served.0.fetch_add(1, Ordering::AcqRel) >= max {
+                        served.0.fetch_sub(1, Ordering::AcqRel);
+                        refuse_busy(conn, max);
                         continue;
                     }
-                    tokio::spawn(crate::connection::serve(Arc::clone(&broker), conn));
+                    let slot = ServedSlot(Arc::clone(&served));
+                    let broker = Arc::clone(&broker);
+                    tokio::spawn(async move {
+                        crate::connection::serve(broker, conn).await;
+                        drop(slot);
+                    });
                 }
                 Err(Errno::EAGAIN) => {
                     guard.clear_ready();
                     break;
                 }
                 Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+                // The backlog is not empty: readiness stays set and the
+                // accept is tried again. Cleared, it would wait for the next
+                // connection's edge, which a full backlog never brings, and
+                // the clients already waiting would never be accepted.
                 Err(err @ (Errno::EMFILE | Errno::ENFILE)) => {
                     tracing::error!(error = %err, "out of file descriptors; pausing accept");
-                    guard.clear_ready();
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    break;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "accept failed");
-                    guard.clear_ready();
-                    break;
+                    tracing::warn!(error = %err, "accept failed; trying again");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             }
         }
     }
 }
 
-fn refuse_busy(conn: std::os::fd::BorrowedFd<'_>, max: usize) {
+/// Refused connections still lingering (see [`refuse_busy`]); beyond this
+/// many, a refusal is closed at once.
+const MAX_LINGERING: usize = 64;
+/// How long a refused connection is kept for its client to read the
+/// refusal and hang up.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Tells a connection over the cap `Busy`. Closed at once, a socket with
+/// its client's hello still unread resets the client's, which then sees
+/// `ECONNRESET` instead of the answer; so the socket is shut for writing,
+/// read until its client hangs up, and closed then (or after [`LINGER`]).
+fn refuse_busy(conn: OwnedFd, max: usize) {
     use dmabroker_ipc::{codec, ErrorCode, Reply, ServerMessage, WireError};
     let message = ServerMessage::Reply(Reply {
         id: 0,
@@ -161,7 +202,46 @@ fn refuse_busy(conn: std::os::fd::BorrowedFd<'_>, max: usize) {
         )),
     });
     if let Ok(bytes) = codec::encode_server_message(&message) {
-        let _ = dmabroker_ipc::fdpass::send_message(conn, &bytes, &[], true);
+        let _ = dmabroker_ipc::fdpass::send_message(conn.as_fd(), &bytes, &[], true);
     }
+    let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     tracing::warn!(max, "connection refused: at the connection limit");
+    if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+        drain(conn.as_fd());
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER, linger(conn)).await;
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+/// Reads and drops what a refused client sends until it hangs up.
+async fn linger(conn: OwnedFd) {
+    let Ok(conn) = crate::reactor::register(conn, tokio::io::Interest::READABLE) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = conn.readable().await else {
+            return;
+        };
+        if drain(conn.get_ref().as_fd()) {
+            return;
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Reads what is queued, closing any fds that came with it. True once the
+/// client has hung up (or the socket failed).
+fn drain(conn: std::os::fd::BorrowedFd<'_>) -> bool {
+    use dmabroker_ipc::fdpass::{recv_message, RecvError};
+    loop {
+        match recv_message(conn, true) {
+            Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated) => {}
+            Err(RecvError::Os(Errno::EAGAIN)) => return false,
+            Err(_) => return true,
+        }
+    }
 }

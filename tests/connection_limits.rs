@@ -1,0 +1,195 @@
+//! The daemon's limits on connections, against real processes: the cap on
+//! connections served at once, what a client over it is told, and the
+//! accept loop surviving a shortage of file descriptors.
+
+use std::time::Duration;
+
+use dmabroker_client::Client;
+use dmabroker_ipc::{ErrorCode, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
+use dmabroker_suite::proc::fd_count;
+use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::{Daemon, DaemonOptions};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn daemon_serving_at_most(max: usize) -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        args: vec!["--max-connections".into(), max.to_string()],
+        ..Default::default()
+    })
+}
+
+fn hello() -> RequestBody {
+    RequestBody::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        features: 0,
+        autofence: None,
+        client_name: "raw".into(),
+    })
+}
+
+/// What a connection's first message is answered with: the welcome, or
+/// the error the broker refused the connection with (it speaks first).
+fn first_answer(raw: &mut RawClient) -> Result<(), ErrorCode> {
+    let (_, bytes) = raw.encode(hello(), 0);
+    let _ = raw.try_send_raw(&bytes, &[]);
+    match raw.recv_reply() {
+        Some((_, Ok(ReplyBody::Welcome(_)))) => Ok(()),
+        Some((_, Err(code))) => Err(code),
+        other => panic!("neither a welcome nor an error: {other:?}"),
+    }
+}
+
+/// The client library, which sends its hello as soon as it connects, is
+/// told `Busy` by a broker at its cap. The broker closed the refused
+/// socket with that hello unread, and closing a Unix socket with unread
+/// data resets the peer's: the client saw `ECONNRESET`, not the answer.
+#[test]
+fn a_client_over_the_cap_is_told_busy() {
+    let daemon = daemon_serving_at_most(2);
+    let _first = Client::connect_to(daemon.socket()).expect("first");
+    let _second = Client::connect_to(daemon.socket()).expect("second");
+    let pid = Pid::from_raw(daemon.pid() as i32);
+    for attempt in 0..5 {
+        // The hello is queued before the daemon accepts the connection.
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        let socket = daemon.socket().to_owned();
+        let third = std::thread::spawn(move || Client::connect_to(socket).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(200));
+        kill(pid, Signal::SIGCONT).expect("SIGCONT");
+        match third.join().expect("thread") {
+            Err(err) => assert_eq!(
+                err.code(),
+                Some(ErrorCode::Busy),
+                "attempt {attempt}: {err}"
+            ),
+            Ok(()) => panic!("a third client was served at a cap of 2"),
+        }
+    }
+}
+
+/// Connections that arrive together are all accepted in one wake-up, and
+/// the cap counted only the connections already registered: a burst went
+/// past it by as many as were waiting.
+#[test]
+fn a_burst_of_connections_does_not_overshoot_the_cap() {
+    let daemon = daemon_serving_at_most(2);
+    let pid = Pid::from_raw(daemon.pid() as i32);
+    // All of them wait in the backlog when the daemon next looks.
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let mut clients: Vec<RawClient> = (0..12)
+        .map(|_| RawClient::connect(daemon.socket()))
+        .collect();
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let mut served = 0;
+    for raw in &mut clients {
+        match first_answer(raw) {
+            Ok(()) => served += 1,
+            Err(ErrorCode::Busy) => {}
+            Err(other) => panic!("refused with {other:?}, not Busy"),
+        }
+    }
+    assert_eq!(served, 2, "served {served} connections at a cap of 2");
+}
+
+/// Out of file descriptors, the accept loop pauses. It cleared the
+/// listener's readiness first, and with edge-triggered epoll nothing woke
+/// it again until yet another client connected: a client already waiting
+/// was never accepted, however many fds came free.
+#[test]
+fn connections_waiting_while_fds_ran_out_are_accepted_once_there_are_fds() {
+    let daemon = Daemon::start();
+    let pid = daemon.pid();
+    let open = fd_count(pid);
+    assert!(open > 3, "{open} fds");
+    let limit = |soft: usize| {
+        let status = std::process::Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={soft}:"))
+            .status()
+            .expect("run prlimit");
+        assert!(status.success(), "prlimit --nofile={soft}");
+    };
+    // No fd to spare (0, 1 and 2 are open): the next accept fails with
+    // EMFILE.
+    limit(3);
+    let mut waiting = RawClient::connect(daemon.socket());
+    let (_, bytes) = waiting.encode(hello(), 0);
+    waiting.send_raw(&bytes, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    limit(1024);
+    match waiting.recv_reply() {
+        Some((_, Ok(ReplyBody::Welcome(_)))) => {}
+        other => panic!("the waiting client was not served: {other:?}"),
+    }
+    assert!(
+        daemon.log().contains("out of file descriptors"),
+        "the test never ran the daemon out of fds:\n{}",
+        daemon.log()
+    );
+}
+
+/// A second daemon started on a live daemon's socket must leave it alone.
+/// It took any failure of its probe connect for "nobody listens", and a
+/// live daemon whose backlog is full answers `EAGAIN`: the second daemon
+/// removed the socket and served in its place, and every later client
+/// reached it instead of the daemon holding their buffers.
+#[test]
+fn a_second_daemon_does_not_take_a_busy_daemons_socket() {
+    let daemon = Daemon::start();
+    let pid = Pid::from_raw(daemon.pid() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    // Fill its backlog: connects that do not wait.
+    let mut waiting = Vec::new();
+    loop {
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = nix::sys::socket::UnixAddr::new(daemon.socket()).expect("addr");
+        match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+            Ok(()) => waiting.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(err) => panic!("connect: {err}"),
+        }
+        assert!(waiting.len() < 100_000, "the backlog never filled");
+    }
+    let second = std::process::Command::new(dmabroker_suite::daemon::binary("dmabrokerd"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args([
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+        ])
+        .args(["--dbus", "none"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn a second daemon");
+    let started = std::time::Instant::now();
+    let mut second = second;
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    drop(waiting);
+    let Some(status) = status else {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!("the second daemon took the socket and served");
+    };
+    assert!(!status.success(), "the second daemon must refuse to start");
+    let client = Client::connect_to(daemon.socket()).expect("the first daemon still serves");
+    drop(client);
+}
