@@ -61,23 +61,33 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
             });
             let disposition = match received {
                 Err(_would_block) => break,
-                Ok(Ok((len, fds))) => broker.with(|s| s.handle_message(client, &buf[..len], fds)),
+                Ok(Ok((len, fds))) => broker.with(|s| {
+                    (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds))
+                }),
                 Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
                     Some(RecvError::Truncated) | Some(RecvError::ControlTruncated) => {
                         let message = err.to_string();
                         broker.with(|s| {
-                            s.refuse_malformed(
-                                client,
-                                0,
-                                WireError::new(ErrorCode::ProtocolError, message),
-                            )
+                            (!s.stopping).then(|| {
+                                s.refuse_malformed(
+                                    client,
+                                    0,
+                                    WireError::new(ErrorCode::ProtocolError, message),
+                                )
+                            })
                         })
                     }
                     _ => break 'connection,
                 },
             };
-            if disposition == Disposition::Disconnect {
-                break 'connection;
+            match disposition {
+                Some(Disposition::Continue) => {}
+                Some(Disposition::Disconnect) => break 'connection,
+                // The daemon stops: this message is left unanswered (the
+                // client library retries it on the next daemon), and the
+                // connection is neither served nor released, so that its
+                // holds stay in the last record.
+                None => std::future::pending::<()>().await,
             }
             handled += 1;
             if handled == MESSAGES_PER_TURN {

@@ -135,6 +135,10 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     tracing::info!("shutting down");
     notify::stopping();
     accepting.abort();
+    // Before the last record is copied: a request handled during the copy
+    // could be answered yet missing from it (a buffer allocated and then
+    // dropped by the next instance as unknown).
+    broker.with(|s| s.stopping = true);
     if let Some((task, stop)) = persisting {
         let _ = stop.send(());
         if tokio::time::timeout(std::time::Duration::from_secs(5), task)

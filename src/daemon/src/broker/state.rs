@@ -190,6 +190,10 @@ pub struct State {
     pub fd_store: Option<crate::service::fdstore::FdStore>,
     /// Wakes the task that rewrites the stored record (debounced).
     pub persist_wanted: Arc<tokio::sync::Notify>,
+    /// The daemon is stopping: no more client messages are handled, so
+    /// that the last record of the table holds everything clients were
+    /// told (see `connection::serve`).
+    pub stopping: bool,
     notices: NoticeSender,
     next_client: ClientId,
     next_buffer: BufferId,
@@ -227,6 +231,7 @@ impl State {
             started: SystemTime::now(),
             fd_store: None,
             persist_wanted: Arc::new(tokio::sync::Notify::new()),
+            stopping: false,
             notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
             next_buffer: 1,
