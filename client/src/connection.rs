@@ -69,6 +69,8 @@ struct Mailbox {
     /// Requests whose answer came through a buffer word: later messages
     /// for them (a stale `Planned`) are dropped, not filed forever.
     abandoned: VecDeque<u64>,
+    /// Messages the readers have handled (see `Connection::picked`).
+    filed: u64,
 }
 
 /// The reader's 64 KiB buffer, shown by its size: `{:?}` of a client
@@ -81,8 +83,11 @@ impl std::fmt::Debug for ReadBuf {
     }
 }
 
-/// How long `answered` gives another reading thread to file what it read.
+/// How long `answered` waits at most for another reading thread to file
+/// what it has read (it is woken as soon as that is done).
 const ANSWER_GRACE: Duration = Duration::from_millis(20);
+/// How many messages `answered` reads or waits for at most.
+const MAX_ANSWER_LOOKS: usize = 64;
 
 /// How many abandoned request ids are remembered; a stale message for one
 /// arrives, if at all, right behind the hand-off.
@@ -108,6 +113,10 @@ pub(crate) struct Connection {
     mailbox: Mutex<Mailbox>,
     arrived: Condvar,
     read_buf: Mutex<ReadBuf>,
+    /// Messages a reader has taken off the socket, counted before it takes
+    /// the mailbox lock to handle them: ahead of `Mailbox::filed` while a
+    /// message is in a reader's hands.
+    picked: AtomicU64,
     welcome: Mutex<Welcome>,
     /// The end-word page of the current socket, with that socket's
     /// generation: a grant may only use the page it was granted on.
@@ -228,6 +237,7 @@ impl Connection {
             mailbox: Mutex::new(Mailbox::default()),
             arrived: Condvar::new(),
             read_buf: Mutex::new(ReadBuf(vec![0; dmabroker_ipc::MAX_MESSAGE_SIZE])),
+            picked: AtomicU64::new(0),
             welcome: Mutex::new(welcome),
             end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
@@ -301,23 +311,19 @@ impl Connection {
     /// bit is another thread's (begun in the word after the plan went).
     pub fn answered(&self, id: u64) -> bool {
         let mut mailbox = lock(&self.mailbox);
-        let mut waited_for_reader = false;
-        loop {
+        // Bounded: a stream of other messages must not keep it here.
+        for _ in 0..MAX_ANSWER_LOOKS {
             if mailbox.replies.contains_key(&id) {
                 return true;
             }
             if mailbox.closed.is_some() {
                 return false;
             }
-            let pending = self.readable();
-            if mailbox.reading {
-                // Another thread reads: it may hold the answer, about to
-                // file it (it needs this lock). One wait lets it.
-                if waited_for_reader && !pending {
-                    return false;
-                }
-                waited_for_reader = true;
-            } else if !pending {
+            // Another thread may have taken a message off the socket and
+            // wait for this lock to file it: wait for it then. One asleep
+            // in `recv` holds nothing, and is not waited for.
+            let in_hand = self.picked.load(Ordering::SeqCst) != mailbox.filed;
+            if !in_hand && !self.readable() {
                 return false;
             }
             let deadline = Instant::now() + ANSWER_GRACE;
@@ -328,6 +334,7 @@ impl Connection {
                 return true;
             }
         }
+        mailbox.replies.contains_key(&id)
     }
 
     /// Whether a message waits in the current socket.
@@ -480,8 +487,18 @@ impl Connection {
             let mut buf = lock(&self.read_buf);
             receive(&socket, &mut buf.0, deadline)
         };
+        let picked = matches!(
+            received,
+            Ok(Received::Message(..) | Received::Unreadable { .. })
+        );
+        if picked {
+            self.picked.fetch_add(1, Ordering::SeqCst);
+        }
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
+        if picked {
+            mailbox.filed += 1;
+        }
         let mut mine = None;
         if generation == self.generation() {
             match received {
