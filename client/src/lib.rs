@@ -22,7 +22,7 @@ mod error;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -258,6 +258,9 @@ struct BufferState {
     /// while it is alone here knows the bit is its own, and spares the
     /// system call that would tell it otherwise (see `await_hand_off`).
     users: Arc<AtomicUsize>,
+    /// The caller dropped its `Buffer` (and the hold was freed) while a
+    /// begin of `begin_async` may still run on the blocking pool.
+    released: AtomicBool,
 }
 
 /// One count in `BufferState::users`, given back when dropped.
@@ -282,6 +285,7 @@ impl Buffer {
                 word_slot: Mutex::new(None),
                 word: OnceLock::new(),
                 users: Arc::new(AtomicUsize::new(0)),
+                released: AtomicBool::new(false),
             }),
         }
     }
@@ -492,6 +496,16 @@ impl BufferState {
             if await_hand_off(&waiter, &word, slot, kind)? {
                 return Ok(Resolved::HandedOff(self.handed_off(word, slot, access)?));
             }
+            if self.released.load(Ordering::SeqCst) {
+                // The free may have released a hand-off carried out for
+                // this begin before it looked (its bit gone with the hold):
+                // no answer would ever come.
+                self.client.conn.abandon(id);
+                return Err(Error::Broker(WireError::new(
+                    ErrorCode::UnknownBuffer,
+                    "the buffer was dropped while this begin waited",
+                )));
+            }
             reply = self.client.conn.wait_reply(id, generation)?;
         }
     }
@@ -616,7 +630,13 @@ impl Drop for Buffer {
     /// otherwise keep the hold, and its place in the queue, until it is
     /// granted. Freeing answers that begin with an error.
     fn drop(&mut self) {
-        let BufferState { client, info, .. } = &*self.state;
+        let BufferState {
+            client,
+            info,
+            released,
+            ..
+        } = &*self.state;
+        released.store(true, Ordering::SeqCst);
         client.conn.release_hold(info.id);
     }
 }
