@@ -61,9 +61,8 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
             });
             let disposition = match received {
                 Err(_would_block) => break,
-                Ok(Ok((len, fds))) => broker.with(|s| {
-                    (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds))
-                }),
+                Ok(Ok((len, fds))) => broker
+                    .with(|s| (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds))),
                 Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
                     Some(RecvError::Truncated) | Some(RecvError::ControlTruncated) => {
                         let message = err.to_string();
