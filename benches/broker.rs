@@ -1809,17 +1809,21 @@ mod child {
                 Err(RecvError::Closed) => return Ok(()),
                 Err(err) => return Err(err.into()),
             };
-            // 2: a one-way message, as a free is to the daemon.
-            if buf[0] == 2 {
-                continue;
-            }
-            let fds = if buf[0] == 1 {
-                vec![memfd.as_fd()]
-            } else {
-                Vec::new()
-            };
-            send_message(ctl, &buf[..len], &fds, false)?;
+            echo_back(ctl, &buf[..len], memfd.as_fd())?;
         }
+    }
+
+    /// The echo's answer to `message`: none for a one-way message (first
+    /// byte 2, as a free is to the daemon), the message itself otherwise,
+    /// with `memfd` attached when the first byte is 1.
+    fn echo_back(socket: BorrowedFd<'_>, message: &[u8], memfd: BorrowedFd<'_>) -> Res<()> {
+        let fds = match message.first() {
+            Some(2) => return Ok(()),
+            Some(1) => vec![memfd],
+            _ => Vec::new(),
+        };
+        send_message(socket, message, &fds, false)?;
+        Ok(())
     }
 
     /// As [`echo`], served the way the daemon serves a connection: a tokio
@@ -1864,15 +1868,7 @@ mod child {
                             };
                         }
                     };
-                    if buf[0] == 2 {
-                        continue;
-                    }
-                    let fds = if buf[0] == 1 {
-                        vec![memfd.as_fd()]
-                    } else {
-                        Vec::new()
-                    };
-                    send_message(socket.get_ref().as_fd(), &buf[..len], &fds, false)?;
+                    echo_back(socket.get_ref().as_fd(), &buf[..len], memfd.as_fd())?;
                 }
             }
         })

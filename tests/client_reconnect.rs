@@ -24,6 +24,18 @@ fn reply(socket: &OwnedFd, id: u64, result: Result<ReplyBody, WireError>) {
     send_message(socket.as_fd(), &bytes, &[], false).expect("send");
 }
 
+/// The scripted broker's buffer 1, with its fd: an alloc's, an import's or
+/// a re-attach's answer.
+fn reply_with_buffer(socket: &OwnedFd, id: u64, buffer: &OwnedFd, inode: u64) {
+    let message = ServerMessage::Reply(Reply {
+        id,
+        fds: 1,
+        result: Ok(buffer_info(inode)),
+    });
+    let bytes = encode_server_message(&message).expect("encode");
+    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+}
+
 fn welcome() -> ReplyBody {
     ReplyBody::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -222,19 +234,10 @@ fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'s
                 if connection == 2 {
                     seen_after_restart.push(request.body.kind());
                 }
-                let with_buffer = |socket: &OwnedFd| {
-                    let message = ServerMessage::Reply(Reply {
-                        id,
-                        fds: 1,
-                        result: Ok(buffer_info(inode)),
-                    });
-                    let bytes = encode_server_message(&message).expect("encode");
-                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
-                };
                 match request.body {
                     RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
                     RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
-                        with_buffer(&socket)
+                        reply_with_buffer(&socket, id, &buffer, inode)
                     }
                     RequestBody::Begin { access, .. } if plan && connection == 1 => {
                         let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
@@ -371,14 +374,7 @@ fn slow_reattach_broker(
                             arrived.send(()).expect("tell the test");
                             answer.recv().expect("the test's go");
                         }
-                        let message = ServerMessage::Reply(Reply {
-                            id,
-                            fds: 1,
-                            result: Ok(buffer_info(inode)),
-                        });
-                        let bytes = encode_server_message(&message).expect("encode");
-                        send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false)
-                            .expect("send");
+                        reply_with_buffer(&socket, id, &buffer, inode);
                     }
                     RequestBody::ListHeaps if connection == 1 => break,
                     RequestBody::ListHeaps => heaps(&socket, id),
@@ -452,15 +448,7 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
             let id = request.head.id;
             match request.body {
                 RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
-                RequestBody::Alloc { .. } => {
-                    let message = ServerMessage::Reply(Reply {
-                        id,
-                        fds: 1,
-                        result: Ok(buffer_info(inode)),
-                    });
-                    let bytes = encode_server_message(&message).expect("encode");
-                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
-                }
+                RequestBody::Alloc { .. } => reply_with_buffer(&socket, id, &buffer, inode),
                 RequestBody::Begin { access, .. } if planned.is_none() => {
                     word.take_over();
                     let kind = WordAccess::of(access).expect("a CPU access");
