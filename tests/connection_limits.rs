@@ -193,3 +193,82 @@ fn a_second_daemon_does_not_take_a_busy_daemons_socket() {
     let client = Client::connect_to(daemon.socket()).expect("the first daemon still serves");
     drop(client);
 }
+
+/// Pins every thread of `pid` (0: the calling thread) to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("cpu");
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .map(|t| {
+                t.expect("task")
+                    .file_name()
+                    .to_string_lossy()
+                    .parse()
+                    .expect("tid")
+            })
+            .collect()
+    };
+    for tid in tids {
+        sched_setaffinity(Pid::from_raw(tid), &set).expect("sched_setaffinity");
+    }
+}
+
+/// A refused connection is read until its client hangs up, so that the
+/// client gets `Busy` rather than a reset. Read until empty in one go, a
+/// client that kept sending faster than the broker reads (two threads on
+/// a CPU of their own here) held the broker's only thread: nobody else was
+/// served until it stopped.
+#[test]
+fn a_refused_client_that_keeps_sending_does_not_stall_the_broker() {
+    let cpus = dmabroker_suite::proc::allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs two CPUs, one for the broker and one for the sender");
+        return;
+    }
+    let daemon = daemon_serving_at_most(1);
+    pin(daemon.pid(), cpus[0]);
+    let mut served = RawClient::connect(daemon.socket());
+    served.hello();
+    let baseline = fd_count(daemon.pid());
+    let refused = RawClient::connect(daemon.socket());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let fd = refused.fd().try_clone_to_owned().expect("dup");
+            let stop = std::sync::Arc::clone(&stop);
+            let cpu = cpus[1];
+            std::thread::spawn(move || {
+                pin(0, cpu);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = nix::sys::socket::send(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        &[0u8; 1],
+                        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    );
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Within RawClient's 10 s receive timeout, or the test fails.
+    let answered = served.request(RequestBody::ListHeaps);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.join().expect("flooder");
+    }
+    assert!(answered.is_ok(), "{answered:?}");
+    drop(refused);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fd_count(daemon.pid()) != baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused connection's fd stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -226,22 +226,40 @@ async fn linger(conn: OwnedFd) {
         let Ok(mut guard) = conn.readable().await else {
             return;
         };
-        if drain(conn.get_ref().as_fd()) {
-            return;
+        match drain(conn.get_ref().as_fd()) {
+            Drained::HungUp => return,
+            Drained::Empty => guard.clear_ready(),
+            // A client sending as fast as this reads must not hold the
+            // broker's only thread: others get a turn, and `LINGER` ends it.
+            Drained::More => {
+                drop(guard);
+                tokio::task::yield_now().await;
+            }
         }
-        guard.clear_ready();
     }
 }
 
-/// Reads what is queued, closing any fds that came with it. True once the
-/// client has hung up (or the socket failed).
-fn drain(conn: std::os::fd::BorrowedFd<'_>) -> bool {
-    use dmabroker_ipc::fdpass::{recv_message, RecvError};
-    loop {
-        match recv_message(conn, true) {
+/// Messages a refused connection's drain reads per turn.
+const DRAIN_TURN: usize = 32;
+
+/// What [`drain`] left behind.
+enum Drained {
+    HungUp,
+    Empty,
+    More,
+}
+
+/// Reads and drops up to [`DRAIN_TURN`] queued messages, closing any fds
+/// that came with them. Into a small buffer: what they say is not read.
+fn drain(conn: std::os::fd::BorrowedFd<'_>) -> Drained {
+    use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
+    let mut sink = [0u8; 256];
+    for _ in 0..DRAIN_TURN {
+        match recv_message_into(conn, &mut sink, true) {
             Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated) => {}
-            Err(RecvError::Os(Errno::EAGAIN)) => return false,
-            Err(_) => return true,
+            Err(RecvError::Os(Errno::EAGAIN)) => return Drained::Empty,
+            Err(_) => return Drained::HungUp,
         }
     }
+    Drained::More
 }
