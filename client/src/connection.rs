@@ -86,6 +86,10 @@ impl std::fmt::Debug for ReadBuf {
 /// How long `answered` waits at most for another reading thread to file
 /// what it has read (it is woken as soon as that is done).
 const ANSWER_GRACE: Duration = Duration::from_millis(20);
+/// How long `answered` lets a reader whose `recv` may just have returned
+/// count what it got: the stall, when the reader is in fact asleep in
+/// `recv`, of a hand-off while another thread of the process reads.
+const READER_CATCH_UP: Duration = Duration::from_millis(1);
 /// How many messages `answered` reads or waits for at most.
 const MAX_ANSWER_LOOKS: usize = 64;
 
@@ -311,6 +315,7 @@ impl Connection {
     /// bit is another thread's (begun in the word after the plan went).
     pub fn answered(&self, id: u64) -> bool {
         let mut mailbox = lock(&self.mailbox);
+        let mut caught_up = false;
         // Bounded: a stream of other messages must not keep it here.
         for _ in 0..MAX_ANSWER_LOOKS {
             if mailbox.replies.contains_key(&id) {
@@ -320,13 +325,20 @@ impl Connection {
                 return false;
             }
             // Another thread may have taken a message off the socket and
-            // wait for this lock to file it: wait for it then. One asleep
-            // in `recv` holds nothing, and is not waited for.
+            // wait for this lock to file it: wait for it then (it wakes
+            // us when it has). One asleep in `recv` holds nothing; but one
+            // whose `recv` has just returned has not counted its message
+            // yet, so a reader is given one short wait even then.
             let in_hand = self.picked.load(Ordering::SeqCst) != mailbox.filed;
-            if !in_hand && !self.readable() {
+            let grace = if in_hand || self.readable() {
+                ANSWER_GRACE
+            } else if mailbox.reading && !caught_up {
+                caught_up = true;
+                READER_CATCH_UP
+            } else {
                 return false;
-            }
-            let deadline = Instant::now() + ANSWER_GRACE;
+            };
+            let deadline = Instant::now() + grace;
             let (guard, mine) = self.read_or_wait(mailbox, Some(deadline), Some(id));
             mailbox = guard;
             if let Some(incoming) = mine {
