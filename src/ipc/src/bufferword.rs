@@ -141,6 +141,13 @@ impl WordAccess {
 pub struct Word(pub u64);
 
 impl Word {
+    /// The word a broker that cannot trust this one leaves instead: no
+    /// access, no plan, the next epoch (every slot handed out names an
+    /// older one) and `DAEMON` set.
+    pub fn voided(self) -> Word {
+        Word(u64::from(self.epoch().wrapping_add(1)) << EPOCH_SHIFT | DAEMON)
+    }
+
     pub fn epoch(self) -> u16 {
         ((self.0 >> EPOCH_SHIFT) & EPOCH_MASK) as u16
     }

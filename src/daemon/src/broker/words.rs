@@ -62,7 +62,8 @@ impl WordState {
                 false
             }
             Err(err) => {
-                tracing::warn!(error = %err, "cannot map a restored buffer's word to void it; every access goes by message");
+                tracing::warn!(error = %err, "cannot map a restored buffer's word; voiding it by a plain write, and every access goes by message");
+                void_unmapped(fd, size);
                 true
             }
         };
@@ -76,6 +77,23 @@ impl WordState {
     /// The word as it is now, if mapped (tests and the views).
     pub fn peek(&self) -> Option<Word> {
         self.mapped.as_ref().map(BufferWord::load)
+    }
+}
+
+/// Voids a word that cannot be mapped with `pread` and `pwrite` on the
+/// memfd: not atomic against a client's compare-and-swap, but its clients
+/// must not go on beginning in it while the broker grants by message.
+fn void_unmapped(fd: BorrowedFd<'_>, size: u64) {
+    let Ok(offset) = i64::try_from(size) else {
+        return;
+    };
+    let mut current = [0u8; 8];
+    let written = nix::sys::uio::pread(fd, &mut current, offset).and_then(|_| {
+        let voided = Word(u64::from_ne_bytes(current)).voided();
+        nix::sys::uio::pwrite(fd, &voided.0.to_ne_bytes(), offset)
+    });
+    if let Err(err) = written {
+        tracing::error!(error = %err, "cannot void a restored buffer's word: its previous clients may still begin in it");
     }
 }
 
@@ -703,5 +721,37 @@ impl State {
             }
         }
         (held, ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess};
+
+    /// Without a mapping, the restored word is voided by a plain write: a
+    /// holder's slot of the old epoch no longer begins in it.
+    #[test]
+    fn an_unmapped_word_is_voided_by_a_write() {
+        const SIZE: u64 = 4096;
+        let fd = nix::sys::memfd::memfd_create(
+            c"words-test",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .expect("memfd");
+        nix::unistd::ftruncate(&fd, 2 * SIZE as i64).expect("ftruncate");
+        let word = BufferWord::map(fd.as_fd(), SIZE).expect("map");
+        let slot = FastSlot { index: 3, epoch: 0 };
+        word.try_begin(slot, WordAccess::Read)
+            .expect("a read in the word");
+        super::void_unmapped(fd.as_fd(), SIZE);
+        let now = word.load();
+        assert_eq!(now.epoch(), 1, "a new epoch");
+        assert!(!now.holds(3), "no access left: {now:?}");
+        assert!(
+            word.try_begin(slot, WordAccess::Write).is_none(),
+            "the old slot begins nothing"
+        );
     }
 }
