@@ -458,6 +458,7 @@ fn a_client_sending_as_fast_as_it_can_does_not_starve_the_others() {
     let probe = daemon.client();
     let buffer = probe.alloc(4096).expect("alloc");
     let quiet = begin_latencies(&buffer, 200);
+    let baseline = daemon.baseline();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (loud, sent) = std::thread::scope(|scope| {
         let mut raw = RawClient::connect(daemon.socket());
@@ -484,6 +485,8 @@ fn a_client_sending_as_fast_as_it_can_does_not_starve_the_others() {
         "the probe's p50/p99 went from {:?}/{quiet_p99:?} to {loud_p50:?}/{loud_p99:?}",
         percentile(&quiet, 0.5)
     );
+    // The chatty client has hung up: nothing of its stays behind.
+    daemon.assert_fds_back_to(baseline);
 }
 
 // 4. Fd floods, at scale (single cases are in tests/bad_input.rs).

@@ -432,7 +432,10 @@ fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
 /// granted in the word: it answers the first `Timeout`, sets the holder's
 /// reader bit and grants the second in the word, and only then takes the
 /// plan out of the word (waking the first).
-fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
+fn cancelled_plan_broker(
+    path: &Path,
+    planned_tx: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
         let buffer = memfd();
@@ -455,6 +458,7 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
                     assert!(word.plan(word.load(), 0, kind), "plan");
                     reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
                     planned = Some(id);
+                    planned_tx.send(()).expect("tell the test");
                 }
                 RequestBody::Begin { access, .. } => {
                     let first = planned.expect("the first begin");
@@ -490,7 +494,8 @@ fn cancelled_plan_broker(path: &Path) -> std::thread::JoinHandle<()> {
 fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
-    let broker = cancelled_plan_broker(&path);
+    let (planned_tx, planned) = std::sync::mpsc::channel();
+    let broker = cancelled_plan_broker(&path, planned_tx);
     let client = Client::connect_to(&path).expect("connect");
     let frame = std::sync::Arc::new(client.alloc(4096).expect("alloc"));
     let first = {
@@ -501,8 +506,10 @@ fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
                 .map(|guard| guard.in_word())
         })
     };
-    // The first thread is asleep on its plan when the second begins.
-    std::thread::sleep(Duration::from_millis(300));
+    // The first thread's begin is planned before the second begins.
+    planned
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the first begin is answered Planned");
     let second = frame
         .begin(Access::CpuRead)
         .expect("the second thread's read");

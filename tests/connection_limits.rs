@@ -40,31 +40,32 @@ fn first_answer(raw: &mut RawClient) -> Result<(), ErrorCode> {
     }
 }
 
-/// The client library, which sends its hello as soon as it connects, is
-/// told `Busy` by a broker at its cap. The broker closed the refused
-/// socket with that hello unread, and closing a Unix socket with unread
-/// data resets the peer's: the client saw `ECONNRESET`, not the answer.
+/// A client over the cap is told `Busy`, even when its hello (the client
+/// library sends one as soon as it connects) is already waiting. The
+/// broker closed the refused socket with that hello unread, and closing a
+/// Unix socket with unread data resets the peer's: the client saw
+/// `ECONNRESET`, not the answer.
 #[test]
 fn a_client_over_the_cap_is_told_busy() {
     let daemon = daemon_serving_at_most(2);
     let _first = Client::connect_to(daemon.socket()).expect("first");
     let _second = Client::connect_to(daemon.socket()).expect("second");
     let pid = Pid::from_raw(daemon.pid() as i32);
-    for attempt in 0..5 {
-        // The hello is queued before the daemon accepts the connection.
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-        let socket = daemon.socket().to_owned();
-        let third = std::thread::spawn(move || Client::connect_to(socket).map(|_| ()));
-        std::thread::sleep(Duration::from_millis(200));
-        kill(pid, Signal::SIGCONT).expect("SIGCONT");
-        match third.join().expect("thread") {
-            Err(err) => assert_eq!(
-                err.code(),
-                Some(ErrorCode::Busy),
-                "attempt {attempt}: {err}"
-            ),
-            Ok(()) => panic!("a third client was served at a cap of 2"),
-        }
+    // Connected (into the backlog) and the hello sent before the daemon
+    // accepts the connection.
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let mut third = RawClient::connect(daemon.socket());
+    let (_, bytes) = third.encode(hello(), 0);
+    third.send_raw(&bytes, &[]);
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    match third.recv_reply() {
+        Some((0, Err(ErrorCode::Busy))) => {}
+        other => panic!("the third client was not told Busy: {other:?}"),
+    }
+    // And through the client library, hello and all.
+    match Client::connect_to(daemon.socket()) {
+        Err(err) => assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}"),
+        Ok(_) => panic!("a third client was served at a cap of 2"),
     }
 }
 
@@ -116,17 +117,20 @@ fn connections_waiting_while_fds_ran_out_are_accepted_once_there_are_fds() {
     let mut waiting = RawClient::connect(daemon.socket());
     let (_, bytes) = waiting.encode(hello(), 0);
     waiting.send_raw(&bytes, &[]);
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !daemon.log().contains("out of file descriptors") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never ran out of fds:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     limit(1024);
     match waiting.recv_reply() {
         Some((_, Ok(ReplyBody::Welcome(_)))) => {}
         other => panic!("the waiting client was not served: {other:?}"),
     }
-    assert!(
-        daemon.log().contains("out of file descriptors"),
-        "the test never ran the daemon out of fds:\n{}",
-        daemon.log()
-    );
 }
 
 /// A second daemon started on a live daemon's socket must leave it alone.

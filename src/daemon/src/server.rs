@@ -243,6 +243,7 @@ async fn linger(conn: OwnedFd) {
 const DRAIN_TURN: usize = 32;
 
 /// What [`drain`] left behind.
+#[derive(Debug, PartialEq, Eq)]
 enum Drained {
     HungUp,
     Empty,
@@ -262,4 +263,34 @@ fn drain(conn: std::os::fd::BorrowedFd<'_>) -> Drained {
         }
     }
     Drained::More
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{send, socketpair, MsgFlags};
+
+    use super::*;
+
+    /// A refused client that keeps sending must not keep the broker's only
+    /// thread: one drain reads a turn's worth and says more is waiting.
+    #[test]
+    fn a_drain_reads_one_turn_at_most() {
+        let (client, refused) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("socketpair");
+        let queued = DRAIN_TURN + 8;
+        for _ in 0..queued {
+            send(client.as_raw_fd(), b"x", MsgFlags::MSG_NOSIGNAL).expect("send");
+        }
+        assert_eq!(drain(refused.as_fd()), Drained::More);
+        assert_eq!(drain(refused.as_fd()), Drained::Empty, "8 were left");
+        drop(client);
+        assert_eq!(drain(refused.as_fd()), Drained::HungUp);
+    }
 }
