@@ -231,7 +231,9 @@ fn pin(pid: u32, cpu: usize) {
 fn a_refused_client_that_keeps_sending_does_not_stall_the_broker() {
     let cpus = dmabroker_suite::proc::allowed_cpus();
     if cpus.len() < 2 {
-        eprintln!("skipped: needs two CPUs, one for the broker and one for the sender");
+        dmabroker_daemon::kernel::note_skip(
+            "a refused client flooding: needs two CPUs, one for the broker and one for the sender",
+        );
         return;
     }
     let daemon = daemon_serving_at_most(1);

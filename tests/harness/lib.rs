@@ -40,6 +40,8 @@ pub fn have_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    eprintln!("SKIPPED: {test} needs root to run clients under other uids");
+    dmabroker_daemon::kernel::note_skip(&format!(
+        "{test} needs root to run clients under other uids"
+    ));
     false
 }

@@ -282,7 +282,9 @@ int main(void) {
     #[test]
     fn uapi_matches_kernel_headers() {
         if let Some(missing) = HEADERS.iter().find(|h| !Path::new(h).exists()) {
-            eprintln!("SKIP: uapi header {missing} not installed; cannot compare ioctl numbers");
+            crate::kernel::note_skip(&format!(
+                "uapi header {missing} not installed; cannot compare ioctl numbers"
+            ));
             return;
         }
         let dir = TempDir::new("uapi");
@@ -292,7 +294,9 @@ int main(void) {
         let cc = match Command::new("cc").arg("-o").arg(&bin).arg(&src).output() {
             Ok(out) => out,
             Err(e) => {
-                eprintln!("SKIP: cannot run `cc` ({e}); cannot compare ioctl numbers");
+                crate::kernel::note_skip(&format!(
+                    "cannot run `cc` ({e}); cannot compare ioctl numbers"
+                ));
                 return;
             }
         };
