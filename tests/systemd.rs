@@ -492,7 +492,16 @@ fn an_expired_hold_is_gone_from_the_record_too() {
     drop(second);
     let third = Running::start_with(&manager, "third", &[], &grace);
     frame.info().expect("the owner re-attaches again");
-    std::thread::sleep(Duration::from_millis(600));
+    // The grace period ends either way; then the log says which.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !third.log().contains("grace period") {
+        assert!(
+            Instant::now() < deadline,
+            "no end of the grace period:\n{}",
+            third.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         !third
             .log()

@@ -75,6 +75,8 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
                     dropped,
                     "buffers not re-attached within the grace period were released"
                 );
+            } else {
+                tracing::info!("re-attach grace period over: every hold was re-attached");
             }
         });
     }
