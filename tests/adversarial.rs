@@ -38,15 +38,12 @@ use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::proc::{fd_count, rss_kib};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{access_of, field};
-use dmabroker_suite::{Daemon, DaemonOptions, Scripted};
+use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// The hand-over bound the project promises after a client dies.
 const HANDOVER_BOUND: Duration = Duration::from_millis(100);
-/// Long enough for a begin sent by another process to reach the broker's
-/// queue before we kill the holder.
-const SETTLE: Duration = Duration::from_millis(50);
 
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -174,7 +171,7 @@ fn importer(daemon: &Daemon, token: &str) -> (Scripted, String) {
 /// writer is SIGKILLed. Returns each reader's wait from the kill to its
 /// grant, which must say `writer_lost`.
 fn kill_writer_once(
-    daemon: &Daemon,
+    daemon: &Broker,
     token: &str,
     readers: &mut [(Scripted, String)],
 ) -> Vec<Duration> {
@@ -183,7 +180,10 @@ fn kill_writer_once(
     for (reader, id) in readers.iter_mut() {
         reader.send(&format!("begin {id} r"));
     }
-    std::thread::sleep(SETTLE);
+    let queued = readers.len() as u64;
+    eventually("the readers to queue behind the writer", || {
+        daemon.totals().get(4) == Some(&queued)
+    });
     for (reader, _) in readers.iter_mut() {
         assert_eq!(
             reader.recv(Duration::ZERO),
@@ -238,7 +238,7 @@ fn killed_writers_hand_over_to_waiting_readers_within_100ms_p99() {
 /// buffer queues behind it, the consumer is SIGKILLed. Returns each
 /// writer's wait from the kill to its grant.
 fn kill_reader_once(
-    daemon: &Daemon,
+    daemon: &Broker,
     buffers: &[dmabroker_client::Buffer],
     tokens: &[String],
 ) -> Vec<Duration> {
@@ -265,7 +265,10 @@ fn kill_reader_once(
                 })
             })
             .collect();
-        std::thread::sleep(SETTLE);
+        let queued = buffers.len() as u64;
+        eventually("the writers to queue behind the reads", || {
+            daemon.totals().get(4) == Some(&queued)
+        });
         *killed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         consumer.kill();
         writers
