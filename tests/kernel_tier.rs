@@ -319,6 +319,105 @@ fn kernel_tier_adopting_a_restored_dma_buf_before_its_owner_is_back_is_busy() {
     second.wait().expect("reap");
 }
 
+/// The daemon's fds that are free, lowest first.
+fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
+    let open: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..)
+        .filter(|fd| !open.contains(fd))
+        .take(how_many)
+        .collect()
+}
+
+/// Sets the daemon's soft fd limit.
+fn limit_fds(pid: u32, soft: usize) {
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --nofile={soft}");
+}
+
+/// An `End` with a sync_file that the daemon cannot take over (it is out of
+/// fds for its copy) is refused and changes nothing: the access is still
+/// held and can be ended again. The copy was once made after the arbiter
+/// had handed the access to a wait that then never started, so the buffer
+/// stayed fenced until every holder left.
+#[test]
+fn kernel_tier_an_end_with_a_fence_the_daemon_cannot_copy_changes_nothing() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = Daemon::start_with(DaemonOptions {
+        // No D-Bus: its reconnect attempts would open fds of their own.
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let mut writer = RawClient::connect(daemon.socket());
+    writer.hello();
+    let (allocated, fds) = writer.request_fds(RequestBody::Alloc {
+        size: 4096,
+        heap: Some("system".into()),
+        name: None,
+    });
+    let buffer = match allocated {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("alloc: {other:?}"),
+    };
+    let dmabuf = fds.into_iter().next().expect("the buffer's fd");
+    let access = match writer.request(RequestBody::Begin {
+        buffer,
+        access: dmabroker_ipc::Access::DeviceWrite,
+        timeout_ms: None,
+    }) {
+        Ok(ReplyBody::Granted(grant)) => grant.access,
+        other => panic!("begin: {other:?}"),
+    };
+    let fence = dma_buf::export_sync_file(dmabuf.as_fd(), true).expect("a sync_file");
+    // Room for the fd that arrives with the End, none for the daemon's copy.
+    let pid = daemon.pid();
+    let free = free_fds(pid, 2);
+    limit_fds(pid, free[1]);
+    let (_, bytes) = writer.encode(
+        RequestBody::End {
+            access,
+            fence_slot: Some(0),
+        },
+        1,
+    );
+    writer.send_raw(&bytes, &[fence.as_fd()]);
+    let refused = writer.recv_reply().expect("an answer");
+    limit_fds(pid, 1024);
+    assert!(refused.1.is_err(), "the end was refused: {refused:?}");
+    // Nothing changed: the access is still this client's to end.
+    assert!(
+        writer
+            .request(RequestBody::End {
+                access,
+                fence_slot: None,
+            })
+            .is_ok(),
+        "the access was no longer held"
+    );
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let token = writer.export(buffer);
+    let shared = reader.import(token);
+    match reader.request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: Some(2000),
+    }) {
+        Ok(ReplyBody::Granted(_)) => {}
+        other => panic!("the buffer stayed fenced: {other:?}"),
+    }
+}
+
 /// Holding a brokered dma-buf's fd is not consent to share it: adopting
 /// it is an import from its owner, and another user's client needs the
 /// import rule's permission. Without it, it is refused and nothing changes.
