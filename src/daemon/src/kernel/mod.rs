@@ -183,7 +183,9 @@ pub fn note_skip(why: &str) {
             .append(true)
             .create(true)
             .open(path)
-            .and_then(|mut log| writeln!(log, "{why}"));
+            // One write of the whole line: with O_APPEND, lines written
+            // by tests running at once do not interleave.
+            .and_then(|mut log| log.write_all(format!("{why}\n").as_bytes()));
         if let Err(err) = logged {
             eprintln!("cannot record the skip in ${SKIP_LOG_ENV}: {err}");
         }
