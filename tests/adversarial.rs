@@ -256,7 +256,11 @@ fn kill_reader_once(
             .map(|buffer| {
                 let killed = &killed;
                 scope.spawn(move || {
-                    let access = buffer.begin(Access::CpuWrite).expect("write granted");
+                    // Bounded, so that a failed wait below fails the test
+                    // instead of leaving these threads waiting for ever.
+                    let access = buffer
+                        .begin_timeout(Access::CpuWrite, Duration::from_secs(10))
+                        .expect("write granted");
                     let granted = Instant::now();
                     assert!(!access.writer_lost(), "readers dying is no writer loss");
                     let killed = killed.lock().unwrap_or_else(|p| p.into_inner());
