@@ -69,8 +69,6 @@ struct Mailbox {
     /// Requests whose answer came through a buffer word: later messages
     /// for them (a stale `Planned`) are dropped, not filed forever.
     abandoned: VecDeque<u64>,
-    /// Messages the readers have handled (see `Connection::picked`).
-    filed: u64,
 }
 
 /// The reader's 64 KiB buffer, shown by its size: `{:?}` of a client
@@ -82,16 +80,6 @@ impl std::fmt::Debug for ReadBuf {
         write!(f, "[{} bytes]", self.0.len())
     }
 }
-
-/// How long `answered` waits at most for another reading thread to file
-/// what it has read (it is woken as soon as that is done).
-const ANSWER_GRACE: Duration = Duration::from_millis(20);
-/// How long `answered` lets a reader whose `recv` may just have returned
-/// count what it got: the stall, when the reader is in fact asleep in
-/// `recv`, of a hand-off while another thread of the process reads.
-const READER_CATCH_UP: Duration = Duration::from_millis(1);
-/// How many messages `answered` reads or waits for at most.
-const MAX_ANSWER_LOOKS: usize = 64;
 
 /// How many abandoned request ids are remembered; a stale message for one
 /// arrives, if at all, right behind the hand-off.
@@ -117,10 +105,6 @@ pub(crate) struct Connection {
     mailbox: Mutex<Mailbox>,
     arrived: Condvar,
     read_buf: Mutex<ReadBuf>,
-    /// Messages a reader has taken off the socket, counted before it takes
-    /// the mailbox lock to handle them: ahead of `Mailbox::filed` while a
-    /// message is in a reader's hands.
-    picked: AtomicU64,
     welcome: Mutex<Welcome>,
     /// The end-word page of the current socket, with that socket's
     /// generation: a grant may only use the page it was granted on.
@@ -241,7 +225,6 @@ impl Connection {
             mailbox: Mutex::new(Mailbox::default()),
             arrived: Condvar::new(),
             read_buf: Mutex::new(ReadBuf(vec![0; dmabroker_ipc::MAX_MESSAGE_SIZE])),
-            picked: AtomicU64::new(0),
             welcome: Mutex::new(welcome),
             end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
@@ -307,56 +290,18 @@ impl Connection {
         mailbox.abandoned.push_back(id);
     }
 
-    /// Whether the broker has already answered request `id`: the answer is
-    /// filed, or waiting in the socket (read and filed here, without
-    /// blocking). The broker sends an answer before anything it does
-    /// afterwards, so a waiter that finds its holder's bit in a buffer word
-    /// asks this first: an answer means its plan was cancelled, and the
-    /// bit is another thread's (begun in the word after the plan went).
+    /// Whether the broker has already answered request `id`. It answers a
+    /// cancelled plan before anything it does afterwards, and its messages
+    /// to a client keep their order (queued in its outbox or not), so one
+    /// round trip settles it: an answer sent before the bit a waiter found
+    /// arrives before the reply to this probe. Only for the rare waiter
+    /// whose bit another thread of the process may own (see
+    /// `await_hand_off`).
     pub fn answered(&self, id: u64) -> bool {
-        let mut mailbox = lock(&self.mailbox);
-        let mut caught_up = false;
-        // Bounded: a stream of other messages must not keep it here.
-        for _ in 0..MAX_ANSWER_LOOKS {
-            if mailbox.replies.contains_key(&id) {
-                return true;
-            }
-            if mailbox.closed.is_some() {
-                return false;
-            }
-            // Another thread may have taken a message off the socket and
-            // wait for this lock to file it: wait for it then (it wakes
-            // us when it has). One asleep in `recv` holds nothing; but one
-            // whose `recv` has just returned has not counted its message
-            // yet, so a reader is given one short wait even then.
-            let in_hand = self.picked.load(Ordering::SeqCst) != mailbox.filed;
-            let grace = if in_hand || self.readable() {
-                ANSWER_GRACE
-            } else if mailbox.reading && !caught_up {
-                caught_up = true;
-                READER_CATCH_UP
-            } else {
-                return false;
-            };
-            let deadline = Instant::now() + grace;
-            let (guard, mine) = self.read_or_wait(mailbox, Some(deadline), Some(id));
-            mailbox = guard;
-            if let Some(incoming) = mine {
-                mailbox.replies.insert(id, incoming);
-                return true;
-            }
+        if let Ok((probe, generation)) = self.send(RequestBody::ListHeaps, &[], true) {
+            let _ = self.wait_reply(probe, generation);
         }
-        mailbox.replies.contains_key(&id)
-    }
-
-    /// Whether a message waits in the current socket.
-    fn readable(&self) -> bool {
-        let (socket, _) = self.current_socket();
-        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            && fds[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        lock(&self.mailbox).replies.contains_key(&id)
     }
 
     /// Whether the broker hung up on the current socket (checked without
@@ -499,18 +444,8 @@ impl Connection {
             let mut buf = lock(&self.read_buf);
             receive(&socket, &mut buf.0, deadline)
         };
-        let picked = matches!(
-            received,
-            Ok(Received::Message(..) | Received::Unreadable { .. })
-        );
-        if picked {
-            self.picked.fetch_add(1, Ordering::SeqCst);
-        }
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
-        if picked {
-            mailbox.filed += 1;
-        }
         let mut mine = None;
         if generation == self.generation() {
             match received {
