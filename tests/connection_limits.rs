@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dmabroker_client::Client;
 use dmabroker_ipc::{ErrorCode, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
-use dmabroker_suite::proc::fd_count;
+use dmabroker_suite::proc::{fd_count, limit_fds};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::{Daemon, DaemonOptions};
 use nix::sys::signal::{kill, Signal};
@@ -103,17 +103,9 @@ fn connections_waiting_while_fds_ran_out_are_accepted_once_there_are_fds() {
     let pid = daemon.pid();
     let open = fd_count(pid);
     assert!(open > 3, "{open} fds");
-    let limit = |soft: usize| {
-        let status = std::process::Command::new("prlimit")
-            .arg(format!("--pid={pid}"))
-            .arg(format!("--nofile={soft}:"))
-            .status()
-            .expect("run prlimit");
-        assert!(status.success(), "prlimit --nofile={soft}");
-    };
     // No fd to spare (0, 1 and 2 are open): the next accept fails with
     // EMFILE.
-    limit(3);
+    limit_fds(pid, 3);
     let mut waiting = RawClient::connect(daemon.socket());
     let (_, bytes) = waiting.encode(hello(), 0);
     waiting.send_raw(&bytes, &[]);
@@ -126,7 +118,7 @@ fn connections_waiting_while_fds_ran_out_are_accepted_once_there_are_fds() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    limit(1024);
+    limit_fds(pid, 1024);
     match waiting.recv_reply() {
         Some((_, Ok(ReplyBody::Welcome(_)))) => {}
         other => panic!("the waiting client was not served: {other:?}"),

@@ -19,6 +19,7 @@ use dmabroker_client::{Access, AllocRequest, Buffer, Client};
 use dmabroker_daemon::kernel::{dma_buf, sync_file};
 use dmabroker_ipc::{ReplyBody, RequestBody};
 use dmabroker_suite::daemon::binary;
+use dmabroker_suite::proc::limit_fds;
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{field, PROMPT};
 use dmabroker_suite::sdnotify::ServiceManager;
@@ -329,16 +330,6 @@ fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
         .filter(|fd| !open.contains(fd))
         .take(how_many)
         .collect()
-}
-
-/// Sets the daemon's soft fd limit.
-fn limit_fds(pid: u32, soft: usize) {
-    let status = std::process::Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={soft}:"))
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --nofile={soft}");
 }
 
 /// An `End` with a sync_file that the daemon cannot take over (it is out of

@@ -72,3 +72,14 @@ pub fn allowed_cpus() -> Vec<usize> {
         .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
         .collect()
 }
+
+/// Sets the soft limit on open fds of process `pid` (`prlimit`), to make
+/// its next `accept` or `dup` fail on demand.
+pub fn limit_fds(pid: u32, soft: usize) {
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --nofile={soft}");
+}
