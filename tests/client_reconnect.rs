@@ -212,6 +212,35 @@ fn buffer_info(inode: u64) -> ReplyBody {
     })
 }
 
+/// A scripted broker's only buffer, and its inode.
+fn scripted_buffer() -> (OwnedFd, u64) {
+    let buffer = memfd();
+    let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
+        .expect("fstat")
+        .st_ino;
+    (buffer, inode)
+}
+
+/// Serves `connections` client connections one after the other, each until
+/// its client hangs up or `answer` returns false (the broker hangs up).
+/// `answer` gets the socket, the connection's number (from 1), the
+/// request's id and its body.
+fn serve_requests(
+    listener: &OwnedFd,
+    connections: usize,
+    mut answer: impl FnMut(&OwnedFd, usize, u64, RequestBody) -> bool,
+) {
+    for connection in 1..=connections {
+        let socket = accept_one(listener);
+        while let Ok(message) = recv_message(socket.as_fd(), false) {
+            let request = decode_request(&message.bytes).expect("decode");
+            if !answer(&socket, connection, request.head.id, request.body) {
+                break;
+            }
+        }
+    }
+}
+
 /// A broker that allocates buffer 1 and grants access 1 on it (with
 /// `plan`, it answers the first begin `Planned` instead, with a hand-off
 /// planned in the buffer's word that nobody will carry out), then dies
@@ -221,51 +250,44 @@ fn buffer_info(inode: u64) -> ReplyBody {
 fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'static str>> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
-        let buffer = memfd();
-        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
-            .expect("fstat")
-            .st_ino;
+        let (buffer, inode) = scripted_buffer();
         let mut seen_after_restart = Vec::new();
-        for connection in 1..=2 {
-            let socket = accept_one(&listener);
-            while let Ok(message) = recv_message(socket.as_fd(), false) {
-                let request = decode_request(&message.bytes).expect("decode");
-                let id = request.head.id;
-                if connection == 2 {
-                    seen_after_restart.push(request.body.kind());
-                }
-                match request.body {
-                    RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
-                    RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
-                        reply_with_buffer(&socket, id, &buffer, inode)
-                    }
-                    RequestBody::Begin { access, .. } if plan && connection == 1 => {
-                        let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
-                        word.take_over();
-                        let kind = WordAccess::of(access).expect("a CPU access");
-                        assert!(word.plan(word.load(), 0, kind), "plan");
-                        let slot = FastSlot { index: 0, epoch: 0 };
-                        reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
-                    }
-                    RequestBody::Begin { access, .. } => {
-                        let grant = dmabroker_ipc::Grant {
-                            access: 1,
-                            buffer: 1,
-                            kind: access,
-                            writer_lost: false,
-                            revoked: false,
-                            fences: Vec::new(),
-                            end_slot: None,
-                            word: None,
-                        };
-                        reply(&socket, id, Ok(ReplyBody::Granted(grant)));
-                    }
-                    RequestBody::ListHeaps if connection == 1 => break,
-                    RequestBody::ListHeaps => heaps(&socket, id),
-                    _ => {}
-                }
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            if connection == 2 {
+                seen_after_restart.push(body.kind());
             }
-        }
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
+                    reply_with_buffer(socket, id, &buffer, inode)
+                }
+                RequestBody::Begin { access, .. } if plan && connection == 1 => {
+                    let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+                    word.take_over();
+                    let kind = WordAccess::of(access).expect("a CPU access");
+                    assert!(word.plan(word.load(), 0, kind), "plan");
+                    let slot = FastSlot { index: 0, epoch: 0 };
+                    reply(socket, id, Ok(ReplyBody::Planned { word: slot }));
+                }
+                RequestBody::Begin { access, .. } => {
+                    let grant = dmabroker_ipc::Grant {
+                        access: 1,
+                        buffer: 1,
+                        kind: access,
+                        writer_lost: false,
+                        revoked: false,
+                        fences: Vec::new(),
+                        end_slot: None,
+                        word: None,
+                    };
+                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
+                }
+                RequestBody::ListHeaps if connection == 1 => return false,
+                RequestBody::ListHeaps => heaps(socket, id),
+                _ => {}
+            }
+            true
+        });
         seen_after_restart
     })
 }
@@ -354,34 +376,27 @@ fn slow_reattach_broker(
 ) -> std::thread::JoinHandle<Vec<String>> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
-        let buffer = memfd();
-        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
-            .expect("fstat")
-            .st_ino;
+        let (buffer, inode) = scripted_buffer();
         let mut seen_after_restart = Vec::new();
-        for connection in 1..=2 {
-            let socket = accept_one(&listener);
-            while let Ok(message) = recv_message(socket.as_fd(), false) {
-                let request = decode_request(&message.bytes).expect("decode");
-                let id = request.head.id;
-                if connection == 2 {
-                    seen_after_restart.push(format!("{:?}", request.body));
-                }
-                match request.body {
-                    RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
-                    RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
-                        if connection == 2 {
-                            arrived.send(()).expect("tell the test");
-                            answer.recv().expect("the test's go");
-                        }
-                        reply_with_buffer(&socket, id, &buffer, inode);
-                    }
-                    RequestBody::ListHeaps if connection == 1 => break,
-                    RequestBody::ListHeaps => heaps(&socket, id),
-                    _ => {}
-                }
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            if connection == 2 {
+                seen_after_restart.push(format!("{body:?}"));
             }
-        }
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
+                    if connection == 2 {
+                        arrived.send(()).expect("tell the test");
+                        answer.recv().expect("the test's go");
+                    }
+                    reply_with_buffer(socket, id, &buffer, inode);
+                }
+                RequestBody::ListHeaps if connection == 1 => return false,
+                RequestBody::ListHeaps => heaps(socket, id),
+                _ => {}
+            }
+            true
+        });
         seen_after_restart
     })
 }
@@ -438,32 +453,26 @@ fn cancelled_plan_broker(
 ) -> std::thread::JoinHandle<()> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
-        let buffer = memfd();
-        let inode = nix::sys::stat::fstat(buffer.as_raw_fd())
-            .expect("fstat")
-            .st_ino;
+        let (buffer, inode) = scripted_buffer();
         let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
         let slot = FastSlot { index: 0, epoch: 0 };
         let mut planned = None;
-        let socket = accept_one(&listener);
-        while let Ok(message) = recv_message(socket.as_fd(), false) {
-            let request = decode_request(&message.bytes).expect("decode");
-            let id = request.head.id;
-            match request.body {
-                RequestBody::Hello(_) => reply(&socket, id, Ok(welcome())),
-                RequestBody::Alloc { .. } => reply_with_buffer(&socket, id, &buffer, inode),
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
                 RequestBody::Begin { access, .. } if planned.is_none() => {
                     word.take_over();
                     let kind = WordAccess::of(access).expect("a CPU access");
                     assert!(word.plan(word.load(), 0, kind), "plan");
-                    reply(&socket, id, Ok(ReplyBody::Planned { word: slot }));
+                    reply(socket, id, Ok(ReplyBody::Planned { word: slot }));
                     planned = Some(id);
                     planned_tx.send(()).expect("tell the test");
                 }
                 RequestBody::Begin { access, .. } => {
                     let first = planned.expect("the first begin");
                     let timeout = WireError::new(ErrorCode::Timeout, "timed out");
-                    reply(&socket, first, Err(timeout));
+                    reply(socket, first, Err(timeout));
                     word.scribble(word.load().0 | 1); // holder 0 reads
                     let grant = dmabroker_ipc::Grant {
                         access: 2,
@@ -475,13 +484,14 @@ fn cancelled_plan_broker(
                         end_slot: None,
                         word: Some(slot),
                     };
-                    reply(&socket, id, Ok(ReplyBody::Granted(grant)));
+                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
                     word.cancel_plan();
                 }
-                RequestBody::ListHeaps => heaps(&socket, id),
+                RequestBody::ListHeaps => heaps(socket, id),
                 _ => {}
             }
-        }
+            true
+        });
     })
 }
 

@@ -14,7 +14,7 @@ use dmabroker_ipc::{
 
 use super::access::Answer;
 use super::endpage::EndPage;
-use super::state::{BufferEntry, BufferOrigin, State};
+use super::state::{BufferEntry, BufferOrigin, ClientEntry, State};
 use crate::heaps::AllocError;
 use crate::kernel::dma_buf;
 
@@ -520,12 +520,7 @@ impl State {
             .get(&client)
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
         let owner = self.clients.get(&exporter).ok_or_else(unknown)?;
-        if !importer
-            .resolved
-            .limits
-            .import_from
-            .allows(&importer.peer.identity, &owner.peer.identity)
-        {
+        if !may_import_from(importer, owner) {
             return Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -664,12 +659,7 @@ impl State {
                 "this dma-buf's owner has not re-attached since the broker restarted; try again",
             ));
         };
-        if !adopter
-            .resolved
-            .limits
-            .import_from
-            .allows(&adopter.peer.identity, &owner.peer.identity)
-        {
+        if !may_import_from(adopter, owner) {
             return Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -686,6 +676,17 @@ impl State {
             Vec::new(),
         ))
     }
+}
+
+/// The importer's side of sharing: its `import_from` rule, against the
+/// client whose buffer it would hold (a token's exporter, or for an adopt
+/// the buffer's owner).
+fn may_import_from(importer: &ClientEntry, from: &ClientEntry) -> bool {
+    importer
+        .resolved
+        .limits
+        .import_from
+        .allows(&importer.peer.identity, &from.peer.identity)
 }
 
 fn alloc_error(err: AllocError) -> WireError {
