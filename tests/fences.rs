@@ -276,6 +276,33 @@ fn freeing_a_buffer_while_holding_access_releases_it() {
     );
 }
 
+#[test]
+fn a_refused_end_with_fence_leaves_the_access_held_and_endable() {
+    let mut s = Shared::new(Daemon::start(), 8192);
+    let mut reader = s.join(&[]);
+    let write = access_of(&s.owner.ok(&format!("begin {} dw", s.id)));
+
+    let refused = s
+        .owner
+        .cmd(&format!("end-with-non-fence {write}"))
+        .expect_err("a pipe is not a sync_file");
+    assert!(refused.starts_with("err invalid-argument"), "{refused}");
+    reader.send(&format!("begin {} r", s.id));
+    assert_eq!(
+        reader.recv(STILL_BLOCKED),
+        None,
+        "a refused fenced end must not end the device write"
+    );
+
+    // The guard came back: ending it lets the reader in.
+    s.owner.ok(&format!("end {write}"));
+    let granted = reader
+        .recv(Duration::from_secs(5))
+        .expect("reader granted once the write is ended");
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "writer_lost"), Some("false"), "{granted}");
+}
+
 /// A raw client that has said hello asking for no-autofence.
 fn no_autofence(daemon: &Daemon) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());

@@ -1,6 +1,9 @@
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use dmabroker_ipc::{ErrorCode, QuotaDetail, WireError};
+
+use crate::AccessGuard;
 
 /// Everything a dmabroker call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,34 @@ impl Error {
             Error::Broker(err) => err.quota,
             _ => None,
         }
+    }
+}
+
+/// An [`AccessGuard::end_with_fence`] that did not take effect. The access
+/// is still held by `guard`: dropping it ends the access at once, without
+/// the fence, so readers may then see the buffer before the device is done.
+#[derive(Debug, thiserror::Error)]
+#[error("the access was not ended with its fence (it is still held): {error}")]
+pub struct FenceRefused {
+    #[source]
+    pub error: Error,
+    /// Boxed: a guard is large, and this travels in a `Result`.
+    pub guard: Box<AccessGuard>,
+    pub sync_file: OwnedFd,
+}
+
+impl FenceRefused {
+    pub(crate) fn new(error: Error, guard: AccessGuard, sync_file: OwnedFd) -> FenceRefused {
+        FenceRefused {
+            error,
+            guard: Box::new(guard),
+            sync_file,
+        }
+    }
+
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.error.code()
     }
 }
 

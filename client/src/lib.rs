@@ -35,7 +35,7 @@ pub use dmabroker_ipc::{
 };
 
 use connection::Connection;
-pub use error::{Error, Result};
+pub use error::{Error, FenceRefused, Result};
 
 /// How a connection should behave; the policy has the last word.
 #[derive(Clone, Debug)]
@@ -872,30 +872,49 @@ impl AccessGuard {
 
     /// Ends a device access with the hardware's completion fence (a
     /// sync_file): the buffer stays fenced until it signals.
-    pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<()> {
+    ///
+    /// A refusal (the fd is not a sync_file, the broker cannot keep a copy,
+    /// the connection is gone) changes nothing: the access is still held,
+    /// and the guard and the sync_file come back in the error. Ending the
+    /// guard without its fence would let readers in before the device is
+    /// done, so whoever gets it back decides: wait for the fence and
+    /// [`AccessGuard::end`], or try again.
+    pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<(), FenceRefused> {
         if self.word_hold.is_some() {
             // Only CPU accesses live in the word; the guard ends it on drop.
-            return Err(Error::AccessMode("device accesses"));
+            return Err(FenceRefused::new(
+                Error::AccessMode("device accesses"),
+                self,
+                sync_file,
+            ));
         }
-        self.ended = true;
-        // The broker clears the word when the fenced end arrives.
-        self.end_word = None;
         if self.client.conn.generation() != self.generation {
             // The access died with its connection (see `generation`).
-            return Err(Error::Disconnected);
+            return Err(FenceRefused::new(Error::Disconnected, self, sync_file));
         }
         // Not `call`: a retry after a reconnect would send this
         // connection's access id on the next one.
-        let sent = self.client.conn.send(
-            RequestBody::End {
-                access: self.access,
-                fence_slot: Some(0),
-            },
-            &[sync_file.as_fd()],
-            true,
-        )?;
-        self.client.conn.wait_reply(sent.0, sent.1)?;
-        Ok(())
+        let answered = self
+            .client
+            .conn
+            .send(
+                RequestBody::End {
+                    access: self.access,
+                    fence_slot: Some(0),
+                },
+                &[sync_file.as_fd()],
+                true,
+            )
+            .and_then(|(id, generation)| self.client.conn.wait_reply(id, generation));
+        match answered {
+            Ok(_) => {
+                self.ended = true;
+                // The broker cleared the end word when it took the fence.
+                self.end_word = None;
+                Ok(())
+            }
+            Err(error) => Err(FenceRefused::new(error, self, sync_file)),
+        }
     }
 }
 

@@ -296,6 +296,25 @@ impl Session {
                 self.client.heaps().map_err(broker)?;
                 Ok(String::new())
             }
+            "end-with-non-fence" => {
+                // Ends the access with a pipe where a sync_file belongs. The
+                // broker refuses it; the guard comes back and stays held
+                // under the same name, as a caller would keep it.
+                let access = num(words.next())?;
+                let guard = self.guards.remove(&access).ok_or("err NoSuchAccess")?;
+                let (not_a_fence, _writer) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+                match guard.end_with_fence(not_a_fence) {
+                    Ok(()) => Ok(String::new()),
+                    Err(refused) => {
+                        let answer = match refused.code() {
+                            Some(code) => format!("err {code} {}", refused.error),
+                            None => format!("err Other {}", refused.error),
+                        };
+                        self.guards.insert(access, *refused.guard);
+                        Err(answer)
+                    }
+                }
+            }
             "event" => {
                 let ms = num(words.next())?;
                 match self
