@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dmabroker_client::{Client, ClientOptions, Error};
-use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess};
+use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordEnd, WordHold};
 use dmabroker_ipc::codec::{decode_request, encode_server_message};
 use dmabroker_ipc::fdpass::{recv_message, send_message};
 use dmabroker_ipc::{
@@ -529,6 +529,107 @@ fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
         Ok(_) => panic!("took the second thread's bit for its hand-off"),
     }
     drop(second);
+    drop(frame);
+    drop(client);
+    broker.join().expect("scripted broker");
+}
+
+/// How many hand-offs the scripted broker plans and carries out before it
+/// sends a late answer for the first: more than any fixed window of
+/// remembered ids the client could keep (it once kept 64).
+const HAND_OFFS: usize = 100;
+
+/// A broker that answers every begin `Planned` and carries the hand-off
+/// out in the word at once (as a holder ending its write would), so the
+/// client takes its access from the word and abandons the request. At the
+/// first heaps request it sends a late answer to the first begin, with a
+/// memfd named `marker` attached, then answers the heaps request.
+fn late_answer_broker(path: &Path, marker: &'static std::ffi::CStr) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+        let (waiter, holder) = (
+            FastSlot { index: 0, epoch: 0 },
+            FastSlot { index: 1, epoch: 0 },
+        );
+        let mut first_begin = None;
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
+                RequestBody::Begin { access, .. } => {
+                    first_begin.get_or_insert(id);
+                    let kind = WordAccess::of(access).expect("a CPU access");
+                    word.reset(0, true);
+                    assert!(word.grant(holder, WordAccess::Write), "the holder writes");
+                    assert!(word.plan(word.load(), waiter.index, kind), "plan");
+                    reply(socket, id, Ok(ReplyBody::Planned { word: waiter }));
+                    // The holder ends its write, handing over in one step.
+                    let write = WordHold {
+                        slot: holder,
+                        write: true,
+                    };
+                    assert_eq!(word.end(write), WordEnd::HandedOff);
+                }
+                RequestBody::ListHeaps => {
+                    let first = first_begin.expect("a begin came first");
+                    let fd = nix::sys::memfd::memfd_create(
+                        marker,
+                        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+                    )
+                    .expect("memfd");
+                    let late = ServerMessage::Reply(Reply {
+                        id: first,
+                        fds: 1,
+                        result: Err(WireError::new(ErrorCode::Busy, "the hand-off was erased")),
+                    });
+                    let bytes = encode_server_message(&late).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[fd.as_fd()], false).expect("send");
+                    // Closed before the client can look: only its copy may remain.
+                    drop(fd);
+                    heaps(socket, id);
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// Whether this process has a memfd named `name` open.
+fn holds_memfd(name: &str) -> bool {
+    let wanted = format!("/memfd:{name} (deleted)");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| target.as_os_str() == wanted.as_str())
+}
+
+/// A request answered through the buffer word is abandoned; whatever the
+/// broker still sends for it (a late `Busy`) must be dropped with its fds,
+/// however many requests were abandoned since. The client once remembered
+/// only the 64 most recent, and kept a late answer to an older one, fds
+/// and all, for the life of the connection.
+#[test]
+fn a_late_answer_to_an_abandoned_request_is_dropped_with_its_fds() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let marker = c"late-answer-marker";
+    let broker = late_answer_broker(&path, marker);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    for _ in 0..HAND_OFFS {
+        let guard = frame
+            .begin(Access::CpuRead)
+            .expect("handed over in the word");
+        assert!(guard.in_word(), "the access came through the word");
+    }
+    client.heaps().expect("heaps, read after the late answer");
+    assert!(
+        !holds_memfd(marker.to_str().expect("utf-8")),
+        "the late answer's fd is still open in the client"
+    );
     drop(frame);
     drop(client);
     broker.join().expect("scripted broker");

@@ -11,7 +11,7 @@
 //! systemd keeps the buffers in its fd store, so they survive; accesses do
 //! not (the next grant on each buffer carries `writer_lost`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +50,15 @@ pub(crate) struct Incoming {
     pub fds: Vec<OwnedFd>,
 }
 
+impl Incoming {
+    fn into_answer(self) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
+        match self.result {
+            Ok(body) => Ok((body, self.fds)),
+            Err(err) => Err(Error::Broker(err)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Mailbox {
     replies: HashMap<u64, Incoming>,
@@ -66,9 +75,11 @@ struct Mailbox {
     /// the connection (busy) says so before it hangs up. Errors of
     /// unwaited requests are not that, and stay for `take_errors`.
     refusal: Option<WireError>,
-    /// Requests whose answer came through a buffer word: later messages
-    /// for them (a stale `Planned`) are dropped, not filed forever.
-    abandoned: VecDeque<u64>,
+    /// Requests a caller will still collect an answer to. A reply to any
+    /// other (one answered through a buffer word, whose late `Busy` or
+    /// stale `Planned` may still come) is dropped with its fds: filed, it
+    /// would stay for the life of the connection.
+    awaited: HashSet<u64>,
 }
 
 /// The reader's 64 KiB buffer, shown by its size: `{:?}` of a client
@@ -80,10 +91,6 @@ impl std::fmt::Debug for ReadBuf {
         write!(f, "[{} bytes]", self.0.len())
     }
 }
-
-/// How many abandoned request ids are remembered; a stale message for one
-/// arrives, if at all, right behind the hand-off.
-const MAX_ABANDONED: usize = 64;
 
 /// What the broker needs to hear again after a reconnect.
 #[derive(Debug, Clone)]
@@ -279,15 +286,12 @@ impl Connection {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The request was answered through a buffer word: drop whatever
-    /// else comes for it.
+    /// Nobody will collect the answer to request `id` (a begin answered
+    /// through a buffer word): drop whatever else comes for it.
     pub fn abandon(&self, id: u64) {
         let mut mailbox = lock(&self.mailbox);
         mailbox.replies.remove(&id);
-        if mailbox.abandoned.len() == MAX_ABANDONED {
-            mailbox.abandoned.pop_front();
-        }
-        mailbox.abandoned.push_back(id);
+        mailbox.awaited.remove(&id);
     }
 
     /// Whether the broker has already answered request `id`. It answers a
@@ -337,8 +341,17 @@ impl Connection {
             flags |= FLAG_NO_REPLY;
         }
         let bytes = encode(id, flags, body, fds.len())?;
+        if wait {
+            // Before it is sent: another thread may read the answer first.
+            lock(&self.mailbox).awaited.insert(id);
+        }
         let (socket, generation) = self.current_socket();
-        send_message(socket.as_fd(), &bytes, fds, false).map_err(send_error)?;
+        if let Err(err) = send_message(socket.as_fd(), &bytes, fds, false) {
+            if wait {
+                lock(&self.mailbox).awaited.remove(&id);
+            }
+            return Err(send_error(err));
+        }
         Ok((id, generation))
     }
 
@@ -375,36 +388,36 @@ impl Connection {
         }
     }
 
+    /// The answer to request `id`. A `Planned` one leaves the request
+    /// awaited: the begin it answers waits for more (or abandons it).
     pub fn wait_reply(&self, id: u64, generation: u64) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
         let mut mailbox = lock(&self.mailbox);
-        loop {
+        let answer = loop {
             if let Some(incoming) = mailbox.replies.remove(&id) {
-                return match incoming.result {
-                    Ok(body) => Ok((body, incoming.fds)),
-                    Err(err) => Err(Error::Broker(err)),
-                };
+                break incoming.into_answer();
             }
             if self.generation() != generation {
-                return Err(Error::Disconnected);
+                break Err(Error::Disconnected);
             }
             if mailbox.closed.is_some() {
                 // A broker that refuses a connection (busy, bad version)
                 // says why before it hangs up; any other hang-up is a
                 // disconnect, which `call_on` answers by reconnecting.
-                return Err(match mailbox.refusal.clone() {
+                break Err(match mailbox.refusal.clone() {
                     Some(err) => Error::Broker(err),
                     None => Error::Disconnected,
                 });
             }
             let (guard, mine) = self.read_or_wait(mailbox, None, Some(id));
-            if let Some(incoming) = mine {
-                return match incoming.result {
-                    Ok(body) => Ok((body, incoming.fds)),
-                    Err(err) => Err(Error::Broker(err)),
-                };
-            }
             mailbox = guard;
+            if let Some(incoming) = mine {
+                break incoming.into_answer();
+            }
+        };
+        if !matches!(answer, Ok((ReplyBody::Planned { .. }, _))) {
+            mailbox.awaited.remove(&id);
         }
+        answer
     }
 
     /// Either becomes the reader for one message or waits for the thread
@@ -465,9 +478,11 @@ impl Connection {
                     };
                     match reply_to {
                         Some(id) if want == Some(id) && id & UNWAITED == 0 => mine = Some(failed),
-                        Some(id) if id != 0 && id & UNWAITED == 0 => {
+                        Some(id) if mailbox.awaited.contains(&id) => {
                             mailbox.replies.insert(id, failed);
                         }
+                        // A request nobody waits for any more.
+                        Some(id) if id != 0 && id & UNWAITED == 0 => {}
                         _ => {
                             if let Err(err) = failed.result {
                                 push_error(&mut mailbox, err);
@@ -685,7 +700,8 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
                 push_error(mailbox, err);
             }
         }
-        ServerMessage::Reply(reply) if mailbox.abandoned.contains(&reply.id) => {}
+        // Nobody will collect it: dropped, and its fds closed.
+        ServerMessage::Reply(reply) if !mailbox.awaited.contains(&reply.id) => {}
         ServerMessage::Reply(reply) => {
             mailbox.replies.insert(
                 reply.id,

@@ -460,7 +460,12 @@ impl BufferState {
                 .client
                 .conn
                 .call_on(self.begin_request(access, timeout), &[])?;
-            match self.resolve_plan((body, fds), access, id, generation) {
+            let resolved = self.resolve_plan((body, fds), access, id, generation);
+            if !matches!(resolved, Ok(Resolved::Reply(_))) {
+                // Whatever the broker still sends for it goes unread.
+                self.client.conn.abandon(id);
+            }
+            match resolved {
                 Ok(Resolved::Reply(reply)) => return self.guard_from(reply, generation),
                 Ok(Resolved::HandedOff(guard)) => return Ok(guard),
                 // The broker went away while we slept on the word: begin
