@@ -634,3 +634,88 @@ fn a_late_answer_to_an_abandoned_request_is_dropped_with_its_fds() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// A broker that allocates buffer 1 and dies at the first heaps request;
+/// restarted without an fd store, it refuses to take buffer 1 back, and
+/// numbers buffers from 1 again: its next alloc is buffer 1, a different
+/// buffer. It reports every request kind the second connection sent.
+fn forgetful_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (first, first_inode) = scripted_buffer();
+        let (second, second_inode) = scripted_buffer();
+        let mut seen_after_restart = Vec::new();
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            if connection == 2 {
+                seen_after_restart.push(body.kind());
+            }
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } if connection == 1 => {
+                    reply_with_buffer(socket, id, &first, first_inode)
+                }
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &second, second_inode),
+                RequestBody::Reattach { buffer, .. } => {
+                    let gone =
+                        WireError::new(ErrorCode::UnknownBuffer, format!("no buffer {buffer}"));
+                    reply(socket, id, Err(gone));
+                }
+                RequestBody::Export { .. } => reply(
+                    socket,
+                    id,
+                    Ok(ReplyBody::Exported {
+                        token: "dmab1-00112233445566778899aabbccddeeff".into(),
+                    }),
+                ),
+                RequestBody::ListHeaps if connection == 1 => return false,
+                RequestBody::ListHeaps => heaps(socket, id),
+                _ => {}
+            }
+            true
+        });
+        seen_after_restart
+    })
+}
+
+/// A buffer the restarted broker did not take back is gone, and the id it
+/// had may name another buffer of this client on the new broker. The old
+/// `Buffer` must not reach that one: its requests fail without being sent,
+/// and dropping it frees nothing. It once sent `Free` with its old id,
+/// freeing the new buffer (and forgetting the new hold).
+#[test]
+fn a_buffer_the_restarted_broker_lost_never_acts_on_one_that_reuses_its_id() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = forgetful_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let old = client.alloc(4096).expect("alloc");
+    client.heaps().expect("heaps, after a reconnect");
+    let new = client.alloc(4096).expect("alloc on the new broker");
+    assert_eq!(
+        (old.id(), new.id()),
+        (1, 1),
+        "the scripted broker reuses id 1"
+    );
+
+    let err = old.export().expect_err("the old buffer is gone");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownBuffer), "{err}");
+    drop(old);
+    new.export().expect("the new buffer is unaffected");
+    client.heaps().expect("heaps");
+    drop(new);
+    drop(client);
+    let seen = broker.join().expect("scripted broker");
+    assert_eq!(
+        seen,
+        [
+            "hello",
+            "reattach",
+            "list-heaps",
+            "alloc",
+            "export",
+            "list-heaps",
+            "free"
+        ],
+        "the old buffer's requests reached the new broker"
+    );
+}

@@ -97,6 +97,23 @@ impl std::fmt::Debug for ReadBuf {
 struct Hold {
     secret: String,
     inode: u64,
+    /// Which `Buffer` this hold is: a broker restarted without an fd store
+    /// numbers buffers anew, so after a reconnect the same id may name
+    /// another buffer of this client.
+    serial: u64,
+}
+
+/// Whether the book still has hold `serial` of `buffer`.
+fn is_hold(holds: &HashMap<u64, Hold>, buffer: u64, serial: u64) -> bool {
+    holds.get(&buffer).is_some_and(|hold| hold.serial == serial)
+}
+
+/// The refusal of a request on a buffer the broker lost in a restart.
+fn lost_buffer(buffer: u64) -> Error {
+    Error::Broker(WireError::new(
+        ErrorCode::UnknownBuffer,
+        format!("buffer {buffer} was lost when the broker restarted without keeping it"),
+    ))
 }
 
 #[derive(Debug)]
@@ -117,6 +134,7 @@ pub(crate) struct Connection {
     /// generation: a grant may only use the page it was granted on.
     end_words: Mutex<(u64, Option<Arc<EndWords>>)>,
     holds: Mutex<HashMap<u64, Hold>>,
+    next_serial: AtomicU64,
     reconnecting: Mutex<()>,
     reconnects: AtomicU64,
 }
@@ -235,6 +253,7 @@ impl Connection {
             welcome: Mutex::new(welcome),
             end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
+            next_serial: AtomicU64::new(1),
             reconnecting: Mutex::new(()),
             reconnects: AtomicU64::new(0),
         }))
@@ -248,31 +267,64 @@ impl Connection {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    pub fn remember_hold(&self, buffer: u64, secret: &str, inode: u64) {
-        if !secret.is_empty() {
-            lock(&self.holds).insert(
-                buffer,
-                Hold {
-                    secret: secret.to_owned(),
-                    inode,
-                },
-            );
-        }
-    }
-
-    pub fn forget_hold(&self, buffer: u64) {
-        lock(&self.holds).remove(&buffer);
+    /// Records a new hold; returns its serial, which the `Buffer` shows
+    /// with every request on it (see [`Connection::send_for`]).
+    pub fn remember_hold(&self, buffer: u64, secret: &str, inode: u64) -> u64 {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let hold = Hold {
+            secret: secret.to_owned(),
+            inode,
+            serial,
+        };
+        lock(&self.holds).insert(buffer, hold);
+        serial
     }
 
     /// Frees a hold the caller dropped. Under the holds lock, so that a
     /// reconnect re-attaching it either finds it gone (and frees it on the
     /// new connection, see `reconnect`) or has already installed the new
     /// socket, which this `Free` then goes to: sent to the dead one, it was
-    /// lost, and the re-attach kept the buffer for nobody.
-    pub fn release_hold(&self, buffer: u64) {
+    /// lost, and the re-attach kept the buffer for nobody. A hold the
+    /// broker lost is not freed: its id is not this buffer's any more.
+    pub fn release_hold(&self, buffer: u64, serial: u64) {
         let mut holds = lock(&self.holds);
-        holds.remove(&buffer);
-        let _ = self.send(RequestBody::Free { buffer }, &[], false);
+        if is_hold(&holds, buffer, serial) {
+            holds.remove(&buffer);
+            let _ = self.send(RequestBody::Free { buffer }, &[], false);
+        }
+    }
+
+    /// As [`Connection::send`], for a request on hold `serial` of buffer
+    /// `buffer`: refused without a word to the broker when the broker lost
+    /// that hold. Checked and sent under the holds lock, which a reconnect
+    /// holds while it installs the new socket, so the request cannot reach
+    /// a new broker on which the id names another buffer.
+    pub fn send_for(
+        &self,
+        (buffer, serial): (u64, u64),
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+        wait: bool,
+    ) -> Result<(u64, u64), Error> {
+        let holds = lock(&self.holds);
+        if !is_hold(&holds, buffer, serial) {
+            return Err(lost_buffer(buffer));
+        }
+        let sent = self.send(body, fds, wait);
+        drop(holds);
+        sent
+    }
+
+    /// As [`Connection::call_on`], for a request on a hold (see
+    /// [`Connection::send_for`]); checked again before a retry on a new
+    /// connection.
+    pub fn call_for(
+        &self,
+        hold: (u64, u64),
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Answered, Error> {
+        self.call_with(|| self.send_for(hold, body.clone(), fds, true))
     }
 
     /// The end-word page of connection generation `generation`, if that is
@@ -369,15 +421,19 @@ impl Connection {
     /// connection generation it went out on (a `Planned` begin waits for
     /// more messages to that request).
     pub fn call_on(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<Answered, Error> {
+        self.call_with(|| self.send(body.clone(), fds, true))
+    }
+
+    /// A request sent by `send`, and its reply, reconnecting and sending
+    /// it again once if the connection turns out to be broken.
+    fn call_with(&self, send: impl Fn() -> Result<(u64, u64), Error>) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
             let generation = self.generation();
-            let result = self
-                .send(body.clone(), fds, true)
-                .and_then(|(id, sent_on)| {
-                    self.wait_reply(id, sent_on)
-                        .map(|(body, fds)| (body, fds, (id, sent_on)))
-                });
+            let result = send().and_then(|(id, sent_on)| {
+                self.wait_reply(id, sent_on)
+                    .map(|(body, fds)| (body, fds, (id, sent_on)))
+            });
             match result {
                 Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
                     retried = true;
@@ -528,8 +584,8 @@ impl Connection {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
                     let holds = lock(&self.holds);
-                    for buffer in reattached {
-                        if !holds.contains_key(&buffer) {
+                    for (buffer, serial) in reattached {
+                        if !is_hold(&holds, buffer, serial) {
                             // Dropped while it was re-attached: its Free
                             // went to the dead connection.
                             let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
@@ -555,7 +611,7 @@ impl Connection {
     #[allow(clippy::type_complexity)]
     fn fresh_connection(
         &self,
-    ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<u64>), Error> {
+    ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
         let socket = open_socket(&self.path)?;
         let (welcome, page) = say_hello(&socket, &self.hello)?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
@@ -564,6 +620,11 @@ impl Connection {
             .collect();
         let mut reattached = Vec::with_capacity(holds.len());
         for (id, (buffer, hold)) in (2..).zip(holds) {
+            if hold.secret.is_empty() {
+                // Nothing to re-attach it with.
+                self.forget_hold(buffer, hold.serial);
+                continue;
+            }
             let answer = exchange(
                 &socket,
                 id,
@@ -574,17 +635,26 @@ impl Connection {
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {
-                    reattached.push(buffer);
+                    reattached.push((buffer, hold.serial));
                 }
                 Ok(_) | Err(Error::Broker(_)) => {
                     // The broker no longer has it (a restart without an fd
-                    // store): requests on it will say UnknownBuffer.
-                    self.forget_hold(buffer);
+                    // store): requests on it will say UnknownBuffer, and
+                    // none will be sent (see `send_for`).
+                    self.forget_hold(buffer, hold.serial);
                 }
                 Err(err) => return Err(err),
             }
         }
         Ok((socket, welcome, page, reattached))
+    }
+
+    /// Forgets hold `serial` of `buffer`, if it is still that one.
+    fn forget_hold(&self, buffer: u64, serial: u64) {
+        let mut holds = lock(&self.holds);
+        if is_hold(&holds, buffer, serial) {
+            holds.remove(&buffer);
+        }
     }
 
     fn install(&self, socket: OwnedFd, welcome: Welcome, page: Option<Arc<EndWords>>) {

@@ -245,6 +245,9 @@ struct BufferState {
     client: Client,
     info: BufferInfo,
     fd: OwnedFd,
+    /// Which hold of `info.id` this is, in the connection's book (see
+    /// `Connection::send_for`).
+    serial: u64,
     /// Mapped at the first CPU access and kept: mapping a frame per access
     /// would cost a page fault per page per frame.
     mapping: OnceLock<Arc<Mutex<Mapping>>>,
@@ -275,12 +278,13 @@ impl Drop for UserTicket {
 
 impl Buffer {
     fn new(client: Client, info: BufferInfo, fd: OwnedFd) -> Buffer {
-        client.conn.remember_hold(info.id, &info.secret, info.inode);
+        let serial = client.conn.remember_hold(info.id, &info.secret, info.inode);
         Buffer {
             state: Arc::new(BufferState {
                 client,
                 info,
                 fd,
+                serial,
                 mapping: OnceLock::new(),
                 word_slot: Mutex::new(None),
                 word: OnceLock::new(),
@@ -327,16 +331,14 @@ impl Buffer {
 
     /// A token another process can import this buffer with.
     pub fn export(&self) -> Result<ShareToken> {
+        let export = RequestBody::Export {
+            buffer: self.state.info.id,
+        };
         match self
             .state
             .client
             .conn
-            .call(
-                RequestBody::Export {
-                    buffer: self.state.info.id,
-                },
-                &[],
-            )?
+            .call_for(self.state.hold(), export, &[])?
             .0
         {
             ReplyBody::Exported { token } => Ok(token.parse()?),
@@ -357,16 +359,14 @@ impl Buffer {
 
     /// Asks the broker for this buffer's current facts.
     pub fn info(&self) -> Result<BufferInfo> {
+        let info = RequestBody::Info {
+            buffer: self.state.info.id,
+        };
         match self
             .state
             .client
             .conn
-            .call(
-                RequestBody::Info {
-                    buffer: self.state.info.id,
-                },
-                &[],
-            )?
+            .call_for(self.state.hold(), info, &[])?
             .0
         {
             ReplyBody::Buffer(info) => Ok(info),
@@ -376,6 +376,11 @@ impl Buffer {
 }
 
 impl BufferState {
+    /// The buffer's id and this hold's serial: what a request on it shows.
+    fn hold(&self) -> (u64, u64) {
+        (self.info.id, self.serial)
+    }
+
     fn mapped_word(&self) -> Result<Arc<BufferWord>> {
         if let Some(word) = self.word.get() {
             return Ok(Arc::clone(word));
@@ -456,10 +461,10 @@ impl BufferState {
     fn begin_with_broker(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
         let mut retried = false;
         loop {
-            let (body, fds, (id, generation)) = self
-                .client
-                .conn
-                .call_on(self.begin_request(access, timeout), &[])?;
+            let (body, fds, (id, generation)) =
+                self.client
+                    .conn
+                    .call_for(self.hold(), self.begin_request(access, timeout), &[])?;
             let resolved = self.resolve_plan((body, fds), access, id, generation);
             if !matches!(resolved, Ok(Resolved::Reply(_))) {
                 // Whatever the broker still sends for it goes unread.
@@ -638,11 +643,12 @@ impl Drop for Buffer {
         let BufferState {
             client,
             info,
+            serial,
             released,
             ..
         } = &*self.state;
         released.store(true, Ordering::SeqCst);
-        client.conn.release_hold(info.id);
+        client.conn.release_hold(info.id, *serial);
     }
 }
 
