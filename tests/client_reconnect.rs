@@ -719,3 +719,60 @@ fn a_buffer_the_restarted_broker_lost_never_acts_on_one_that_reuses_its_id() {
         "the old buffer's requests reached the new broker"
     );
 }
+
+/// Connection 1 sends an event ahead of the first heaps reply, then hangs
+/// up; connection 2 answers heaps.
+fn event_then_hang_up(socket: &OwnedFd, id: u64, connection: usize, _: usize) -> bool {
+    if connection == 1 {
+        let event = ServerMessage::Event(dmabroker_ipc::EventMessage {
+            fds: 0,
+            event: dmabroker_ipc::Event::FenceSignalled { fence: 3 },
+        });
+        let bytes = encode_server_message(&event).expect("encode");
+        send_message(socket.as_fd(), &bytes, &[], false).expect("send");
+        heaps(socket, id);
+        return false;
+    }
+    heaps(socket, id);
+    true
+}
+
+/// Events name the fences and accesses of the connection they came on. A
+/// restarted broker numbers them anew, so an unread `FenceSignalled { 3 }`
+/// from the old connection, handed out after the reconnect, would say that
+/// a fence of the new one had signalled while its writer still writes.
+#[test]
+fn events_of_a_dead_connection_are_not_handed_out_after_a_reconnect() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 2, event_then_hang_up);
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, with an event ahead of it");
+    client.heaps().expect("heaps, after a reconnect");
+    assert_eq!(client.reconnects(), 1);
+    let event = client.next_event(Some(Duration::ZERO)).expect("no error");
+    assert_eq!(event, None, "an event of the dead connection");
+    drop(client);
+    broker.join().expect("scripted broker");
+}
+
+/// An event loop is a client's only call for long stretches: when the
+/// broker hangs up, `next_event` reconnects as any other call does, instead
+/// of answering `Disconnected` at once, forever.
+#[test]
+fn waiting_for_events_reconnects_after_a_hang_up() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 2, event_then_hang_up);
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, with an event ahead of it");
+    let event = client.next_event(Some(Duration::ZERO)).expect("the event");
+    assert!(event.is_some(), "the event came before the hang-up");
+    let event = client
+        .next_event(Some(Duration::from_millis(200)))
+        .expect("reconnected while waiting for events");
+    assert_eq!(event, None);
+    assert_eq!(client.reconnects(), 1);
+    drop(client);
+    broker.join().expect("scripted broker");
+}

@@ -664,6 +664,9 @@ impl Connection {
         *lock(&self.end_words) = (generation, page);
         *lock(&self.welcome) = welcome;
         mailbox.replies.clear();
+        // They name fences and accesses of the old broker's numbering,
+        // which the new one starts again.
+        mailbox.events.clear();
         mailbox.closed = None;
         mailbox.refusal = None;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -682,7 +685,15 @@ impl Connection {
                 return Ok(Some(event));
             }
             if mailbox.closed.is_some() {
-                return Err(Error::Disconnected);
+                // Reconnect, as a call would: an event loop would
+                // otherwise get `Disconnected` forever.
+                let broken = self.generation();
+                drop(mailbox);
+                if !self.recover(broken)? {
+                    return Err(Error::Disconnected);
+                }
+                mailbox = lock(&self.mailbox);
+                continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);

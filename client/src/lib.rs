@@ -211,7 +211,9 @@ impl Client {
     }
 
     /// The next event (fence signalled, access revoked), waiting at most
-    /// `timeout`; `Ok(None)` when none came in time.
+    /// `timeout`; `Ok(None)` when none came in time. Reconnects after a
+    /// broker restart as other calls do; events of the old connection are
+    /// dropped then, since the new broker numbers fences and accesses anew.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
     }
