@@ -303,6 +303,35 @@ fn a_refused_end_with_fence_leaves_the_access_held_and_endable() {
     assert_eq!(field(&granted, "writer_lost"), Some("false"), "{granted}");
 }
 
+/// Readers share, in a process too: two reads held at once, by one thread
+/// or two, can both look at the bytes. All guards of a buffer share one
+/// mapping, and its lock once let only one `Bytes` live at a time: the
+/// second `bytes()` in the same thread deadlocked, and readers in two
+/// threads took turns.
+#[test]
+fn two_reads_held_in_one_thread_both_see_the_bytes() {
+    let daemon = Daemon::start();
+    let (done, outcome) = std::sync::mpsc::channel();
+    let socket = daemon.socket().to_owned();
+    std::thread::spawn(move || {
+        let client = dmabroker_client::Client::connect_to(&socket).expect("connect");
+        let frame = client.alloc(8192).expect("alloc");
+        {
+            let mut write = frame.begin(Access::CpuWrite).expect("write");
+            write.bytes_mut().expect("bytes").fill(42);
+        }
+        let first = frame.begin(Access::CpuRead).expect("first read");
+        let second = frame.begin(Access::CpuRead).expect("second read");
+        let a = first.bytes().expect("bytes of the first");
+        let b = second.bytes().expect("bytes of the second");
+        let _ = done.send((a[0], b[8191]));
+    });
+    let seen = outcome
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second bytes() did not deadlock");
+    assert_eq!(seen, (42, 42));
+}
+
 /// A raw client that has said hello asking for no-autofence.
 fn no_autofence(daemon: &Daemon) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());

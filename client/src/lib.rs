@@ -23,7 +23,7 @@ mod error;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold};
@@ -252,7 +252,7 @@ struct BufferState {
     serial: u64,
     /// Mapped at the first CPU access and kept: mapping a frame per access
     /// would cost a page fault per page per frame.
-    mapping: OnceLock<Arc<Mutex<Mapping>>>,
+    mapping: OnceLock<Arc<RwLock<Mapping>>>,
     /// This holder's slot in the buffer's word, from the last grant that
     /// named one, with the connection generation it belongs to.
     word_slot: Mutex<Option<(u64, FastSlot)>>,
@@ -412,11 +412,11 @@ impl BufferState {
         Some(self.word_guard(word, hold, Some(mapping), access))
     }
 
-    fn shared_mapping(&self) -> Result<Arc<Mutex<Mapping>>> {
+    fn shared_mapping(&self) -> Result<Arc<RwLock<Mapping>>> {
         if let Some(mapping) = self.mapping.get() {
             return Ok(Arc::clone(mapping));
         }
-        let mapping = Arc::new(Mutex::new(Mapping::new(
+        let mapping = Arc::new(RwLock::new(Mapping::new(
             self.fd.as_fd(),
             self.mapped_len()?,
         )?));
@@ -541,7 +541,7 @@ impl BufferState {
         &self,
         word: Arc<BufferWord>,
         hold: WordHold,
-        mapping: Option<Arc<Mutex<Mapping>>>,
+        mapping: Option<Arc<RwLock<Mapping>>>,
         access: Access,
     ) -> AccessGuard {
         AccessGuard {
@@ -722,7 +722,7 @@ pub struct Fence {
 pub struct AccessGuard {
     client: Client,
     buffer: u64,
-    mapping: Option<Arc<Mutex<Mapping>>>,
+    mapping: Option<Arc<RwLock<Mapping>>>,
     access: u64,
     kind: Access,
     writer_lost: bool,
@@ -742,11 +742,33 @@ pub struct AccessGuard {
     ticket: Option<UserTicket>,
 }
 
-/// The bytes of a buffer during a CPU access.
+/// The bytes of a buffer during a CPU access, for reading.
+///
+/// Every guard of a buffer in this process shares one mapping, behind a
+/// reader-writer lock: any number of `Bytes` live at once (readers share),
+/// a [`BytesMut`] excludes them, so no `&[u8]` ever aliases a `&mut [u8]`.
+/// (A no-autofence client may hold a read and a write at once; its
+/// `bytes_mut` then waits until its `Bytes` are dropped. Asking for
+/// `bytes_mut` while the same thread keeps a `Bytes` deadlocks.)
+///
+/// ```
+/// # fn f(guard: &dmabroker_client::AccessGuard) -> dmabroker_client::Result<()> {
+/// let bytes = guard.bytes()?;
+/// let _first = bytes[0];
+/// # Ok(())
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # fn f(guard: &dmabroker_client::AccessGuard) -> dmabroker_client::Result<()> {
+/// let mut bytes = guard.bytes()?;
+/// bytes[0] = 1; // a read access gives no way to write
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Bytes<'a> {
-    mapping: MutexGuard<'a, Mapping>,
-    writable: bool,
+    mapping: RwLockReadGuard<'a, Mapping>,
 }
 
 impl std::ops::Deref for Bytes<'_> {
@@ -757,11 +779,22 @@ impl std::ops::Deref for Bytes<'_> {
     }
 }
 
-impl std::ops::DerefMut for Bytes<'_> {
-    /// Only reachable through [`AccessGuard::bytes_mut`], which checks that
-    /// the access is a CPU write.
+/// The bytes of a buffer during a CPU write access (see [`Bytes`]).
+#[derive(Debug)]
+pub struct BytesMut<'a> {
+    mapping: RwLockWriteGuard<'a, Mapping>,
+}
+
+impl std::ops::Deref for BytesMut<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.mapping.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for BytesMut<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        debug_assert!(self.writable);
         self.mapping.as_mut_slice()
     }
 }
@@ -816,25 +849,27 @@ impl AccessGuard {
         std::mem::take(&mut self.fences)
     }
 
-    fn lock_bytes(&self, writable: bool) -> Option<Bytes<'_>> {
-        let mapping = self.mapping.as_ref()?;
-        Some(Bytes {
-            mapping: mapping.lock().unwrap_or_else(|p| p.into_inner()),
-            writable,
+    /// The buffer's bytes (CPU accesses only).
+    pub fn bytes(&self) -> Result<Bytes<'_>> {
+        let mapping = self
+            .mapping
+            .as_ref()
+            .ok_or(Error::AccessMode("CPU reads"))?;
+        Ok(Bytes {
+            mapping: mapping.read().unwrap_or_else(|p| p.into_inner()),
         })
     }
 
-    /// The buffer's bytes (CPU accesses only).
-    pub fn bytes(&self) -> Result<Bytes<'_>> {
-        self.lock_bytes(false).ok_or(Error::AccessMode("CPU reads"))
-    }
-
     /// The buffer's bytes for writing (CPU write accesses only).
-    pub fn bytes_mut(&mut self) -> Result<Bytes<'_>> {
-        if !self.kind.is_write() {
-            return Err(Error::AccessMode("CPU writes"));
-        }
-        self.lock_bytes(true).ok_or(Error::AccessMode("CPU writes"))
+    pub fn bytes_mut(&mut self) -> Result<BytesMut<'_>> {
+        let mapping = self
+            .mapping
+            .as_ref()
+            .filter(|_| self.kind.is_write())
+            .ok_or(Error::AccessMode("CPU writes"))?;
+        Ok(BytesMut {
+            mapping: mapping.write().unwrap_or_else(|p| p.into_inner()),
+        })
     }
 
     /// Ends the access now; errors arrive later through
