@@ -925,6 +925,39 @@ fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
     );
 }
 
+/// Reading another user's `/proc/PID/exe` needs ptrace access, and the
+/// unit hides other users' processes (`ProtectProc=invisible`); the daemon
+/// reads it with `CAP_SYS_PTRACE`. So D-Bus shows a client's executable and
+/// unit only to the client's own uid and to administrators: it once showed
+/// every client's to anyone on the bus.
+#[test]
+fn other_users_executables_are_shown_only_to_administrators() {
+    if !have_root("other_users_executables_are_shown_only_to_administrators") {
+        return;
+    }
+    let bus = DbusDaemon::start_system_like(&dbus::shipped_policy());
+    let daemon = bus.start_broker(None);
+    let _client = Scripted::spawn(daemon.socket(), &[]);
+    let exe_of = |listing: Output| -> String {
+        assert!(listing.status.success(), "{}", errtext(&listing));
+        let clients: Value = serde_json::from_str(&text(&listing)).expect("JSON");
+        clients[0]["exe"].as_str().expect("exe").to_owned()
+    };
+
+    let as_root = Command::new(dmabroker_suite::daemon::binary("dmabrokerctl"))
+        .arg(format!("--address={}", bus.address()))
+        .args(["--json", "clients"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("dmabrokerctl");
+    assert!(
+        exe_of(as_root).ends_with("dmabroker-testclient"),
+        "root sees the executable"
+    );
+    let as_nobody = ctl_as(&bus, NOBODY, &["--json", "clients"]);
+    assert_eq!(exe_of(as_nobody), "", "another uid sees root's executable");
+}
+
 /// The lists are copied a few entries per hold of the broker's lock (so a
 /// grant never waits for a whole table). Across those chunks nothing may
 /// go missing, repeat or come out of order, and the heap counts must still

@@ -11,6 +11,8 @@ use zbus::message::Header;
 use zbus::names::BusName;
 use zbus::Connection;
 
+use super::views::ClientView;
+
 /// The caller as the bus vouches for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
@@ -39,4 +41,42 @@ pub async fn caller(connection: &Connection, header: &Header<'_>) -> fdo::Result
         uid,
         gids: credentials.into_unix_group_ids().unwrap_or_default(),
     })
+}
+
+/// Blanks the executable and unit of clients of another uid than `viewer`
+/// (all of them when the caller could not be identified). Reading another
+/// user's `/proc/PID/exe` takes ptrace access, which the daemon has
+/// (`CAP_SYS_PTRACE`) and an ordinary caller does not: repeating it to
+/// anyone on the bus would get around the kernel's rule.
+pub fn hide_foreign_executables(views: &mut [ClientView], viewer: Option<u32>) {
+    for view in views.iter_mut().filter(|v| Some(v.uid) != viewer) {
+        view.exe.clear();
+        view.unit.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(uid: u32) -> ClientView {
+        ClientView {
+            uid,
+            exe: "/usr/bin/camera".into(),
+            unit: "camera.service".into(),
+            ..ClientView::default()
+        }
+    }
+
+    #[test]
+    fn only_the_viewers_own_clients_keep_their_executables() {
+        let mut views = vec![client(1000), client(1001)];
+        hide_foreign_executables(&mut views, Some(1000));
+        assert_eq!(views[0].exe, "/usr/bin/camera");
+        assert_eq!(views[0].unit, "camera.service");
+        assert_eq!((views[1].exe.as_str(), views[1].unit.as_str()), ("", ""));
+
+        hide_foreign_executables(&mut views, None);
+        assert_eq!(views[0].exe, "", "an unidentified caller sees none");
+    }
 }

@@ -113,13 +113,27 @@ impl DebugObject {
         self.read(|s| s.stats.hand_offs)
     }
 
+    /// Every client; another uid's executable and unit only for
+    /// administrators (see `hide_foreign_executables`).
     #[zbus(out_args("clients"))]
-    async fn list_clients(&self) -> Vec<ClientView> {
+    async fn list_clients(
+        &self,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Vec<ClientView> {
+        let caller = auth::caller(connection, &header).await.ok();
         let all = self.read(snapshot::client_ids);
         let mut views = Vec::with_capacity(all.ids.len());
         self.read_chunked(&all.ids, |state, chunk| {
             views.extend(snapshot::clients_among(state, &all, chunk))
         });
+        let policy = self.read(|s| Arc::clone(&s.policy));
+        let admin = caller
+            .as_ref()
+            .is_some_and(|c| policy.is_admin(c.uid, &c.gids));
+        if !admin {
+            auth::hide_foreign_executables(&mut views, caller.map(|c| c.uid));
+        }
         views
     }
 
