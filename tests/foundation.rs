@@ -231,3 +231,73 @@ fn exporting_again_returns_the_same_token() {
     let other = daemon.client();
     assert_eq!(other.import(&first).expect("import").id(), buffer.id());
 }
+
+/// A user daemon without `XDG_RUNTIME_DIR` puts its socket in
+/// `/tmp/dmabroker-UID`, a name anyone can create first. It makes the
+/// folder itself (0700), and refuses one another uid owns or others may
+/// write to: a socket there could be anyone's. It once used whatever it
+/// found.
+#[test]
+fn a_user_daemon_trusts_only_its_own_private_tmp_folder() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const UID: u32 = 65533;
+    let dir = std::path::PathBuf::from(format!("/tmp/dmabroker-{UID}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let user_daemon = || {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.arg(format!("--reuid={UID}"))
+            .arg(format!("--regid={UID}"))
+            .arg("--clear-groups")
+            .arg(dmabroker_suite::daemon::binary("dmabrokerd"))
+            .args([
+                "--dma-heap-dir",
+                "/nonexistent",
+                "--udmabuf",
+                "/nonexistent",
+            ])
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("DMABROKER_SOCKET")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("INVOCATION_ID")
+            .stdin(std::process::Stdio::null());
+        cmd
+    };
+
+    // Made by someone else (root here), writable by all: refused.
+    std::fs::create_dir(&dir).expect("create the folder first");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let mut refused = user_daemon()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the user daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refused.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            panic!("the user daemon serves from a folder anyone could have made");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = refused.wait_with_output().expect("its output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refusing the socket's folder"), "{stderr}");
+    assert!(!dir.join("socket").exists(), "bound a socket there");
+
+    // No folder yet: it makes its own, private.
+    std::fs::remove_dir_all(&dir).expect("remove");
+    let mut daemon = user_daemon().spawn().expect("spawn the user daemon");
+    let socket = dir.join("socket");
+    dmabroker_suite::eventually("the user daemon's socket", || socket.exists());
+    let meta = std::fs::metadata(&dir).expect("the folder");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (UID, 0o700));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(daemon.wait().expect("wait").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,7 +2,7 @@
 //! shutdown.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub enum ServerError {
     },
     #[error("another dmabrokerd is already serving {0}")]
     InUse(PathBuf),
+    #[error("refusing the socket's folder: {0} (remove it, or set XDG_RUNTIME_DIR or --socket)")]
+    UntrustedDir(String),
     #[error("cannot {op} socket {path}: {source}")]
     Socket {
         op: &'static str,
@@ -52,12 +54,21 @@ impl Listener {
         };
         if let Some(dir) = path.parent() {
             if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|source| ServerError::CreateDir {
-                    path: dir.to_owned(),
-                    source,
-                })?;
                 let mode = if system { 0o755 } else { 0o700 };
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(mode)
+                    .create(dir)
+                    .map_err(|source| ServerError::CreateDir {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+            }
+            if !system && dmabroker_ipc::paths::in_tmp_dir(path) {
+                let uid = nix::unistd::getuid().as_raw();
+                if let Some(why) = dmabroker_ipc::paths::tmp_dir_problem(dir, uid) {
+                    return Err(ServerError::UntrustedDir(why));
+                }
             }
         }
         let addr = UnixAddr::new(path).map_err(|e| sock_err("address", e))?;
