@@ -537,3 +537,68 @@ fn buffers_nobody_reattaches_are_released_after_the_grace_period() {
     drop(buffer);
     drop(client);
 }
+
+/// A full fd store lost every buffer at the next restart. systemd closes an
+/// fd sent to a full store (`FileDescriptorStoreMax=`) and tells the sender
+/// nothing; the daemon then removed the previous record after the refused
+/// new one, so the store held buffers and no record, and the restarted
+/// broker dropped them all. Now the broker keeps two slots for the records
+/// and refuses a buffer that would need a slot beyond them.
+#[test]
+fn a_full_fd_store_keeps_every_buffer_across_a_restart() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let mut frames = Vec::new();
+    let mut refusals = Vec::new();
+    for _ in 0..MAX {
+        match camera.alloc(4096) {
+            Ok(frame) => frames.push(frame),
+            Err(err) => refusals.push(err),
+        }
+    }
+    // A change that needs a new record but no new slot.
+    let shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("an import needs no slot in the store");
+    std::thread::sleep(Duration::from_millis(300));
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        if let Err(err) = frame.info() {
+            panic!(
+                "buffer {} was lost at the restart: {err}\n{}",
+                frame.id(),
+                second.log()
+            );
+        }
+    }
+    shared.info().expect("the import is re-attached too");
+    assert!(
+        manager.received().refused.is_empty(),
+        "the store was overfilled: it refused {:?}",
+        manager.received().refused
+    );
+    assert_eq!(frames.len(), MAX - 2, "two slots stay for the records");
+    assert_eq!(refusals.len(), 2);
+    for err in &refusals {
+        assert_eq!(
+            err.code(),
+            Some(dmabroker_ipc::ErrorCode::QuotaExceeded),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("FileDescriptorStoreMax=6"),
+            "the refusal names the setting to raise: {err}"
+        );
+    }
+    // Freeing a buffer frees its slot.
+    drop(shared);
+    let last = frames.pop().expect("a frame");
+    drop(last);
+    let again = camera.alloc(4096).expect("a freed slot is used again");
+    drop(again);
+}

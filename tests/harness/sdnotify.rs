@@ -4,6 +4,12 @@
 //! `STOPPING=1`, `FDSTORE=1` with fds and `FDNAME=`, `FDSTOREREMOVE=1`),
 //! keeps the fd store, and starts the daemon with `LISTEN_FDS`,
 //! `LISTEN_FDNAMES` and `LISTEN_PID` exactly as systemd passes them.
+//!
+//! With a store maximum ([`ServiceManager::with_fd_store_max`]) it behaves
+//! as systemd does with `FileDescriptorStoreMax=`: it tells the daemon the
+//! maximum in `$FDSTORE` (systemd ≥ 254), and an fd sent to a full store
+//! is closed, silently for the sender ("Hit fd store limit", `EXFULL`, in
+//! systemd's log only).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +32,10 @@ pub struct Received {
     pub messages: Vec<(Instant, String)>,
     /// The fd store: name → fds, in the order they were stored.
     pub store: BTreeMap<String, Vec<OwnedFd>>,
+    /// `FileDescriptorStoreMax=`, when the store is bounded.
+    pub store_max: Option<usize>,
+    /// Names of the fds a full store refused (and closed), in order.
+    pub refused: Vec<String>,
 }
 
 impl Received {
@@ -67,6 +77,24 @@ impl Received {
     pub fn stored_names(&self) -> Vec<String> {
         self.store.keys().cloned().collect()
     }
+
+    /// Fds in the store, whatever their names.
+    pub fn stored_fds(&self) -> usize {
+        self.store.values().map(Vec::len).sum()
+    }
+
+    /// Stores `fds` under `name` as systemd's `service_add_fd_store_set`
+    /// does: one at a time, and once the store is full the rest are closed.
+    fn store_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
+        for fd in fds {
+            if self.store_max.is_some_and(|max| self.stored_fds() >= max) {
+                self.refused.push(name.clone());
+                drop(fd);
+                continue;
+            }
+            self.store.entry(name.clone()).or_default().push(fd);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -78,7 +106,7 @@ pub struct ServiceManager {
     received: Arc<(Mutex<Received>, Condvar)>,
 }
 
-fn apply(received: &mut Received, text: &str, mut fds: Vec<OwnedFd>) {
+fn apply(received: &mut Received, text: &str, fds: Vec<OwnedFd>) {
     let lines: Vec<&str> = text.lines().collect();
     let name = lines
         .iter()
@@ -86,7 +114,7 @@ fn apply(received: &mut Received, text: &str, mut fds: Vec<OwnedFd>) {
         .unwrap_or("stored")
         .to_owned();
     if lines.contains(&"FDSTORE=1") {
-        received.store.entry(name).or_default().append(&mut fds);
+        received.store_fds(name, fds);
     } else if lines.contains(&"FDSTOREREMOVE=1") {
         received.store.remove(&name);
     }
@@ -98,6 +126,14 @@ impl ServiceManager {
     /// and the notify socket.
     pub fn new() -> ServiceManager {
         Self::with_socket_type(SockType::SeqPacket)
+    }
+
+    /// A manager whose fd store holds at most `max` fds
+    /// (`FileDescriptorStoreMax=max`).
+    pub fn with_fd_store_max(max: usize) -> ServiceManager {
+        let manager = Self::new();
+        manager.received().store_max = Some(max);
+        manager
     }
 
     pub fn with_socket_type(kind: SockType) -> ServiceManager {
@@ -178,6 +214,7 @@ impl ServiceManager {
         log: &Path,
     ) -> Child {
         let received = self.received();
+        let store_max = received.store_max;
         let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
         let mut names = vec!["dmabroker.socket".to_owned()];
         for (name, stored) in &received.store {
@@ -214,6 +251,9 @@ impl ServiceManager {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).expect("log"));
+        if let Some(max) = store_max {
+            cmd.env("FDSTORE", max.to_string());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -48,7 +48,15 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         ..Default::default()
     };
     let mut state = State::new(heaps, policy, limits);
-    state.fd_store = FdStore::from_env();
+    state.fd_store = FdStore::from_env(config.fd_store_max);
+    if let Some(store) = &state.fd_store {
+        tracing::info!(
+            max = store.capacity.max,
+            buffers = store.capacity.buffer_slots(),
+            told_by_manager = store.capacity.from_manager,
+            "fd store capacity"
+        );
+    }
     let (restored, writer) = restore(&mut state, inherited.stored);
     let persist_wanted = Arc::clone(&state.persist_wanted);
     let broker = Broker::new(state);
@@ -221,6 +229,18 @@ fn restore(
             if !kept {
                 store.remove(name);
             }
+        }
+    }
+    if let Some(store) = &state.fd_store {
+        let slots = store.capacity.buffer_slots();
+        if state.buffers.len() > slots {
+            tracing::warn!(
+                buffers = state.buffers.len(),
+                slots,
+                "more buffers were taken back than the fd store now keeps \
+                 (FileDescriptorStoreMax= was lowered?): new buffers are \
+                 refused until enough are freed"
+            );
         }
     }
     tracing::info!(
