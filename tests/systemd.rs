@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AllocRequest, Client, ClientOptions};
 use dmabroker_suite::daemon::binary;
-use dmabroker_suite::proc::{stable_fd_count, wait_fd_count};
+use dmabroker_suite::proc::{limit_fds, stable_fd_count, wait_fd_count};
 use dmabroker_suite::sdnotify::ServiceManager;
 use dmabroker_suite::TempDir;
 
@@ -601,4 +601,51 @@ fn a_full_fd_store_keeps_every_buffer_across_a_restart() {
     drop(last);
     let again = camera.alloc(4096).expect("a freed slot is used again");
     drop(again);
+}
+
+/// A record that could not be written was never written again, and the
+/// next one took the name of the record before it (the names went by the
+/// generation's parity): the store then held two records of that name,
+/// systemd hands the newest first, and the restart kept the last one of a
+/// name, the oldest. Buffers allocated after the failure were dropped
+/// although their clients held them.
+#[test]
+fn a_failed_record_write_loses_no_buffer_at_the_next_restart() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let early = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(1);
+    let second_early = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(2);
+
+    // No fd to spare (0, 1 and 2 are open): the record of the import
+    // cannot be written (its memfd, the notify socket).
+    let token = early.export().expect("export");
+    limit_fds(first.pid(), 3);
+    let shared = codec.import(&token).expect("an import needs no new fd");
+    wait_for_log(&first, "cannot store the buffer table record");
+    limit_fds(first.pid(), 1024);
+    // Tried again with no other change.
+    wait_for_log(&first, "the buffer table record is stored again");
+    let late = camera.alloc(4096).expect("alloc after the failure");
+    manager.wait_until_recorded(3);
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    for (what, buffer) in [
+        ("the import made while the record failed", &shared),
+        ("the buffer allocated after the failure", &late),
+        ("a buffer from before", &early),
+        ("another buffer from before", &second_early),
+    ] {
+        if let Err(err) = buffer.info() {
+            panic!(
+                "{what} (buffer {}) was lost at the restart: {err}\n{}",
+                buffer.id(),
+                second.log()
+            );
+        }
+    }
 }

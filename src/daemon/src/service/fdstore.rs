@@ -4,7 +4,11 @@
 //! The record is a sealed memfd, rewritten after changes (debounced by the
 //! caller). Two names alternate (`state-a`, `state-b`): the new record is
 //! stored before the old one is removed, so a crash in between leaves at
-//! least one, and the restore picks the higher generation.
+//! least one, and the restore picks the higher generation. The name is the
+//! one the stored record does not have, not one chosen by the generation:
+//! after a record that could not be stored, the next one would otherwise
+//! take the name of the one stored, which then stayed (removing a name
+//! removes every fd of it, so it could not be removed).
 //!
 //! The store is bounded (`FileDescriptorStoreMax=`), and systemd closes an
 //! fd sent to a full store without telling the sender. So the broker knows
@@ -90,15 +94,14 @@ pub fn buffer_name(id: u64) -> String {
     format!("{BUFFER_PREFIX}{id}")
 }
 
-fn record_name(generation: u64) -> String {
-    format!(
-        "{RECORD_PREFIX}{}",
-        if generation.is_multiple_of(2) {
-            "a"
-        } else {
-            "b"
-        }
-    )
+/// The name for the next record: the other one than the stored record's.
+fn next_record_name(current: Option<&str>) -> String {
+    let a = format!("{RECORD_PREFIX}a");
+    if current == Some(a.as_str()) {
+        format!("{RECORD_PREFIX}b")
+    } else {
+        a
+    }
 }
 
 impl FdStore {
@@ -151,10 +154,11 @@ impl RecordWriter {
         self.generation
     }
 
-    /// Stores `record`, then drops the previous one.
+    /// Stores `record`, then drops the previous one. On failure nothing
+    /// changed: the previous record stays the one to replace.
     pub fn store(&mut self, record: &StateRecord) -> std::io::Result<()> {
         let bytes = record.encode().map_err(std::io::Error::other)?;
-        let name = record_name(record.generation);
+        let name = next_record_name(self.current.as_deref());
         let fd = sealed_copy(&name, &bytes)?;
         sd_notify::notify_with_fds(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
@@ -169,7 +173,7 @@ impl RecordWriter {
     }
 }
 
-fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+pub(crate) fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
     // Sized exactly and sealed against growing or shrinking: the record
     // cannot be truncated under the next instance's reader.
     let fd = memfd::create_sealed(&format!("dmabroker-{name}"), bytes.len().max(1) as u64)
@@ -187,4 +191,19 @@ pub fn read_record(fd: &OwnedFd) -> Option<StateRecord> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).ok()?;
     StateRecord::decode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names alternate with what is stored, whatever the generation:
+    /// a failed store leaves `current` alone, and the next record still
+    /// takes the other name.
+    #[test]
+    fn the_next_record_takes_the_name_the_stored_one_does_not_have() {
+        assert_eq!(next_record_name(None), "state-a");
+        assert_eq!(next_record_name(Some("state-a")), "state-b");
+        assert_eq!(next_record_name(Some("state-b")), "state-a");
+    }
 }
