@@ -21,6 +21,7 @@ use super::words::WordState;
 use crate::heaps::Backend;
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
+use crate::service::inherited::BUFFER_PREFIX;
 use crate::service::record::{
     BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION,
 };
@@ -172,6 +173,15 @@ impl State {
         mut fds: HashMap<String, OwnedFd>,
     ) -> RestoreSummary {
         let mut summary = RestoreSummary::default();
+        // A buffer allocated after the record was written is stored but
+        // not recorded, and is dropped below: its id must not be handed
+        // out again (its client may still name it), so ids go on above
+        // every stored one as well as the record's.
+        let above_stored = fds
+            .keys()
+            .filter_map(|name| name.strip_prefix(BUFFER_PREFIX)?.parse::<BufferId>().ok())
+            .max()
+            .map_or(0, |id| id.saturating_add(1));
         for buffer in &record.buffers {
             let Some(fd) = fds.remove(&buffer_name(buffer.id)) else {
                 summary.lost += 1;
@@ -225,7 +235,7 @@ impl State {
             .keys()
             .filter(|name| !name.starts_with("state-"))
             .count();
-        self.bump_next_buffer_id(record.next_buffer);
+        self.bump_next_buffer_id(record.next_buffer.max(above_stored));
         summary
     }
 
