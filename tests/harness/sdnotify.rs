@@ -4,8 +4,18 @@
 //! `STOPPING=1`, `FDSTORE=1` with fds and `FDNAME=`, `FDSTOREREMOVE=1`),
 //! keeps the fd store, and starts the daemon with `LISTEN_FDS`,
 //! `LISTEN_FDNAMES` and `LISTEN_PID` exactly as systemd passes them.
+//!
+//! The store is kept as systemd keeps it: one list, each new fd put first
+//! (`LIST_PREPEND` in `service_add_fd_store`), handed over in that order,
+//! so the newest first; several fds may share a name, and
+//! `FDSTOREREMOVE=1` removes every fd of the name.
+//!
+//! With a store maximum ([`ServiceManager::with_fd_store_max`]) it behaves
+//! as systemd does with `FileDescriptorStoreMax=`: it tells the daemon the
+//! maximum in `$FDSTORE` (systemd ≥ 254), and an fd sent to a full store
+//! is closed, silently for the sender ("Hit fd store limit", `EXFULL`, in
+//! systemd's log only).
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
@@ -24,8 +34,12 @@ use crate::tmp::TempDir;
 #[derive(Debug, Default)]
 pub struct Received {
     pub messages: Vec<(Instant, String)>,
-    /// The fd store: name → fds, in the order they were stored.
-    pub store: BTreeMap<String, Vec<OwnedFd>>,
+    /// The fd store as systemd keeps it: the newest first.
+    pub store: Vec<(String, OwnedFd)>,
+    /// `FileDescriptorStoreMax=`, when the store is bounded.
+    pub store_max: Option<usize>,
+    /// Names of the fds a full store refused (and closed), in order.
+    pub refused: Vec<String>,
 }
 
 impl Received {
@@ -64,8 +78,28 @@ impl Received {
             .count()
     }
 
+    /// The name of every fd in the store, the newest first (a name twice
+    /// if two fds have it).
     pub fn stored_names(&self) -> Vec<String> {
-        self.store.keys().cloned().collect()
+        self.store.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// Fds in the store, whatever their names.
+    pub fn stored_fds(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Stores `fds` under `name` as systemd's `service_add_fd_store_set`
+    /// does: one at a time, and once the store is full the rest are closed.
+    fn store_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
+        for fd in fds {
+            if self.store_max.is_some_and(|max| self.stored_fds() >= max) {
+                self.refused.push(name.clone());
+                drop(fd);
+                continue;
+            }
+            self.store.insert(0, (name.clone(), fd));
+        }
     }
 }
 
@@ -78,7 +112,7 @@ pub struct ServiceManager {
     received: Arc<(Mutex<Received>, Condvar)>,
 }
 
-fn apply(received: &mut Received, text: &str, mut fds: Vec<OwnedFd>) {
+fn apply(received: &mut Received, text: &str, fds: Vec<OwnedFd>) {
     let lines: Vec<&str> = text.lines().collect();
     let name = lines
         .iter()
@@ -86,9 +120,9 @@ fn apply(received: &mut Received, text: &str, mut fds: Vec<OwnedFd>) {
         .unwrap_or("stored")
         .to_owned();
     if lines.contains(&"FDSTORE=1") {
-        received.store.entry(name).or_default().append(&mut fds);
+        received.store_fds(name, fds);
     } else if lines.contains(&"FDSTOREREMOVE=1") {
-        received.store.remove(&name);
+        received.store.retain(|(stored, _)| *stored != name);
     }
     received.messages.push((Instant::now(), text.to_owned()));
 }
@@ -98,6 +132,14 @@ impl ServiceManager {
     /// and the notify socket.
     pub fn new() -> ServiceManager {
         Self::with_socket_type(SockType::SeqPacket)
+    }
+
+    /// A manager whose fd store holds at most `max` fds
+    /// (`FileDescriptorStoreMax=max`).
+    pub fn with_fd_store_max(max: usize) -> ServiceManager {
+        let manager = Self::new();
+        manager.received().store_max = Some(max);
+        manager
     }
 
     pub fn with_socket_type(kind: SockType) -> ServiceManager {
@@ -169,7 +211,7 @@ impl ServiceManager {
     }
 
     /// Starts the daemon the way systemd would: the listening socket and
-    /// every fd in the store passed from fd 3 on, named.
+    /// every fd in the store passed from fd 3 on, named, the newest first.
     pub fn start_daemon(
         &self,
         binary: &Path,
@@ -178,13 +220,12 @@ impl ServiceManager {
         log: &Path,
     ) -> Child {
         let received = self.received();
+        let store_max = received.store_max;
         let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
         let mut names = vec!["dmabroker.socket".to_owned()];
-        for (name, stored) in &received.store {
-            for fd in stored {
-                fds.push(fd.try_clone().expect("dup stored fd"));
-                names.push(name.clone());
-            }
+        for (name, fd) in &received.store {
+            fds.push(fd.try_clone().expect("dup stored fd"));
+            names.push(name.clone());
         }
         drop(received);
         // Park the fds above the range they must land in, so that placing
@@ -214,6 +255,9 @@ impl ServiceManager {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).expect("log"));
+        if let Some(max) = store_max {
+            cmd.env("FDSTORE", max.to_string());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -54,6 +54,14 @@ pub struct Config {
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub reattach_grace: std::time::Duration,
 
+    /// The unit's `FileDescriptorStoreMax=`, for a service manager that
+    /// does not tell (systemd before 254 sets no `$FDSTORE`). The broker
+    /// keeps two of these slots for the buffer table's record and refuses a
+    /// buffer beyond the rest: systemd would silently close its fd, and the
+    /// next restart would lose it. `$FDSTORE` overrides this.
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    pub fd_store_max: usize,
+
     /// Most client connections served at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,

@@ -1,6 +1,8 @@
 //! Putting the daemon together: policy, heaps, socket, signals.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dmabroker_policy::Policy;
 use tokio::signal::unix::{signal, SignalKind};
@@ -10,7 +12,8 @@ use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
 use crate::service::fdstore::{read_record, FdStore, RecordWriter};
-use crate::service::inherited::Inherited;
+use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX};
+use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,15 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         ..Default::default()
     };
     let mut state = State::new(heaps, policy, limits);
-    state.fd_store = FdStore::from_env();
+    state.fd_store = FdStore::from_env(config.fd_store_max);
+    if let Some(store) = &state.fd_store {
+        tracing::info!(
+            max = store.capacity.max,
+            buffers = store.capacity.buffer_slots(),
+            told_by_manager = store.capacity.from_manager,
+            "fd store capacity"
+        );
+    }
     let (restored, writer) = restore(&mut state, inherited.stored);
     let persist_wanted = Arc::clone(&state.persist_wanted);
     let broker = Broker::new(state);
@@ -177,26 +188,12 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
 /// Takes back what a previous instance left in the fd store. Returns
 /// whether anything was restored (re-attach grace then applies) and the
 /// writer that continues its record.
-fn restore(
-    state: &mut State,
-    mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
-) -> (bool, RecordWriter) {
+fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
     if stored.is_empty() {
         return (false, RecordWriter::default());
     }
-    let mut best: Option<(String, crate::service::record::StateRecord)> = None;
-    for name in ["state-a", "state-b"] {
-        if let Some(record) = stored.get(name).and_then(read_record) {
-            if best
-                .as_ref()
-                .is_none_or(|(_, b)| record.generation > b.generation)
-            {
-                best = Some((name.to_owned(), record));
-            }
-        }
-    }
-    let names: Vec<String> = stored.keys().cloned().collect();
-    let Some((record_name, record)) = best else {
+    let names = stored.names();
+    let Some((record_name, record)) = latest_record(&stored.records) else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
@@ -208,19 +205,35 @@ fn restore(
         }
         return (false, RecordWriter::default());
     };
-    stored.retain(|name, _| !name.starts_with("state-"));
-    let summary = state.restore(&record, stored);
-    // Whatever was not taken back must leave the store too.
+    let summary = state.restore(&record, stored.buffers);
+    // Whatever was not taken back must leave the store too. Older records
+    // sharing the kept record's name go with the next record, which is
+    // stored under the other name and then removes this one.
     if let Some(store) = &state.fd_store {
         for name in &names {
             let kept = name == &record_name
                 || name
-                    .strip_prefix("buf-")
+                    .strip_prefix(BUFFER_PREFIX)
                     .and_then(|id| id.parse::<u64>().ok())
                     .is_some_and(|id| state.buffers.contains_key(&id));
             if !kept {
                 store.remove(name);
             }
+        }
+        // A new record at once: it replaces any stale one and records
+        // what the restore changed.
+        state.persist_wanted.notify_one();
+    }
+    if let Some(store) = &state.fd_store {
+        let slots = store.capacity.buffer_slots();
+        if state.buffers.len() > slots {
+            tracing::warn!(
+                buffers = state.buffers.len(),
+                slots,
+                "more buffers were taken back than the fd store now keeps \
+                 (FileDescriptorStoreMax= was lowered?): new buffers are \
+                 refused until enough are freed"
+            );
         }
     }
     tracing::info!(
@@ -235,32 +248,86 @@ fn restore(
     )
 }
 
+/// The record of the highest generation among all stored, whatever their
+/// names: two may share one (see `Stored`), and the one handed over last
+/// is then the oldest.
+fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)> {
+    let mut best: Option<(String, StateRecord)> = None;
+    for (name, fd) in records {
+        let Some(record) = read_record(fd) else {
+            tracing::warn!(name, "unreadable record in the fd store; ignoring it");
+            continue;
+        };
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| record.generation > b.generation)
+        {
+            best = Some((name.clone(), record));
+        }
+    }
+    best
+}
+
 /// Writes the record of the buffer table 50 ms after a change (changes
 /// come in bursts), and once more when the daemon stops: a change made
 /// within those 50 ms would otherwise be missing, and the next instance
 /// would drop a buffer its client still holds.
+///
+/// A record that could not be stored (out of fds, the manager's socket
+/// gone) is tried again after [`RETRY_FIRST`], doubling up to
+/// [`RETRY_MAX`], whether or not the table changes meanwhile: until one is
+/// stored, the store's record lacks the latest buffers and holds.
 async fn persist_loop(
     broker: Arc<Broker>,
     wanted: Arc<tokio::sync::Notify>,
     mut writer: RecordWriter,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let mut retry: Option<Duration> = None;
     loop {
+        let delay = match retry {
+            Some(delay) => delay,
+            None => {
+                tokio::select! {
+                    _ = wanted.notified() => {}
+                    _ = &mut stopped => break,
+                }
+                RECORD_DEBOUNCE
+            }
+        };
         tokio::select! {
-            _ = wanted.notified() => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = &mut stopped => break,
         }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            _ = &mut stopped => break,
-        }
-        match store_record(&broker, writer).await {
-            Some(kept) => writer = kept,
-            None => return,
-        }
+        let Some((kept, stored)) = store_record(&broker, writer).await else {
+            return;
+        };
+        writer = kept;
+        retry = match (stored, retry) {
+            (true, None) => None,
+            (true, Some(_)) => {
+                tracing::info!("the buffer table record is stored again");
+                None
+            }
+            (false, previous) => {
+                let next = previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
+                tracing::warn!(
+                    retry_in_ms = next.as_millis() as u64,
+                    "the buffer table record will be written again"
+                );
+                Some(next)
+            }
+        };
     }
     store_record(&broker, writer).await;
 }
+
+/// How long after a change the record is written: changes come in bursts.
+const RECORD_DEBOUNCE: Duration = Duration::from_millis(50);
+/// First wait before a record that could not be stored is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between tries.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Buffers copied into the record per turn of the state lock.
 const RECORD_CHUNK: usize = 1024;
@@ -270,8 +337,12 @@ const RECORD_CHUNK: usize = 1024;
 /// copy held the lock for tens of milliseconds), and encoded and stored on
 /// the blocking pool, off the broker's only thread. A buffer allocated or
 /// freed meanwhile may be missing from or left in this record; its change
-/// asked for the next one. Gives the writer back, `None` if it was lost.
-async fn store_record(broker: &Arc<Broker>, mut writer: RecordWriter) -> Option<RecordWriter> {
+/// asked for the next one. Gives the writer back with whether the record
+/// was stored, `None` if the writer was lost.
+async fn store_record(
+    broker: &Arc<Broker>,
+    mut writer: RecordWriter,
+) -> Option<(RecordWriter, bool)> {
     let generation = writer.next_generation();
     let ids = broker.lock().buffer_ids();
     let mut buffers = Vec::with_capacity(ids.len());
@@ -287,10 +358,10 @@ async fn store_record(broker: &Arc<Broker>, mut writer: RecordWriter) -> Option<
     .await;
     match stored {
         Ok((writer, result)) => {
-            if let Err(err) = result {
-                tracing::warn!(error = %err, "cannot store the buffer table record");
+            if let Err(err) = &result {
+                tracing::warn!(error = %err, generation, "cannot store the buffer table record");
             }
-            Some(writer)
+            Some((writer, result.is_ok()))
         }
         Err(err) => {
             tracing::error!(error = %err, "storing the buffer table record failed; no more records");
@@ -323,5 +394,43 @@ async fn status_loop(broker: Arc<Broker>) {
             notify::status(&line);
             last = line;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::fdstore::sealed_copy;
+    use crate::service::record::RECORD_VERSION;
+
+    fn stored(name: &str, generation: u64) -> (String, OwnedFd) {
+        let record = StateRecord {
+            version: RECORD_VERSION,
+            generation,
+            next_buffer: generation,
+            buffers: Vec::new(),
+        };
+        let bytes = record.encode().expect("encode");
+        (name.to_owned(), sealed_copy(name, &bytes).expect("memfd"))
+    }
+
+    /// systemd hands the store over the newest first, and two records may
+    /// share a name: the restore took the last of a name, the oldest.
+    #[test]
+    fn the_restore_takes_the_highest_generation_whatever_the_names() {
+        let records = [
+            stored("state-a", 7),
+            stored("state-b", 6),
+            stored("state-a", 5),
+        ];
+        let (name, record) = latest_record(&records).expect("a record");
+        assert_eq!((name.as_str(), record.generation), ("state-a", 7));
+        let reversed = [
+            stored("state-a", 5),
+            stored("state-b", 6),
+            stored("state-a", 7),
+        ];
+        let (_, record) = latest_record(&reversed).expect("a record");
+        assert_eq!(record.generation, 7);
     }
 }

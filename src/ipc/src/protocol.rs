@@ -324,6 +324,8 @@ pub enum ErrorCode {
     UnknownToken,
     UnknownAccess,
     PermissionDenied,
+    /// A policy limit, or the daemon's own limit on buffers (the service
+    /// manager's fd store is full); the message names which.
     QuotaExceeded,
     /// The heap had no memory for it (after trying the fallbacks).
     OutOfMemory,

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use dmabroker_ipc::{BufferId, ClientId, ErrorCode, ReplyBody, WireError};
+use dmabroker_ipc::{BufferId, ClientId, ErrorCode, QuotaDetail, ReplyBody, WireError};
 
 use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, Holder, State};
@@ -21,6 +21,7 @@ use super::words::WordState;
 use crate::heaps::Backend;
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
+use crate::service::inherited::BUFFER_PREFIX;
 use crate::service::record::{
     BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION,
 };
@@ -79,6 +80,39 @@ fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> Option<bool> {
 }
 
 impl State {
+    /// A new buffer needs a slot in the fd store. systemd closes an fd sent
+    /// to a full store and tells nobody: that buffer would be lost at the
+    /// next restart, and so would every other one, as the next record
+    /// would be refused too while the previous one was removed. So a
+    /// buffer beyond the store's slots (its maximum less the records' two)
+    /// is refused, `QuotaExceeded` as for any other limit on what is held:
+    /// it is the daemon's limit on buffers, and freeing any buffer lifts it.
+    pub(super) fn check_store_slot(&self) -> Result<(), WireError> {
+        let Some(store) = &self.fd_store else {
+            return Ok(());
+        };
+        let slots = store.capacity.buffer_slots() as u64;
+        let live = self.buffers.len() as u64;
+        if live < slots {
+            return Ok(());
+        }
+        let mut err = WireError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "the broker's fd store is full: FileDescriptorStoreMax={} keeps {slots} \
+                 buffers (2 slots are for the buffer table's record) and {live} are live; \
+                 raise FileDescriptorStoreMax= in dmabroker.service",
+                store.capacity.max
+            ),
+        );
+        err.quota = Some(QuotaDetail {
+            limit: slots,
+            in_use: live,
+            requested: 1,
+        });
+        Err(err)
+    }
+
     /// The ids of every buffer, for a record copied a chunk at a time
     /// (see [`State::buffer_records`]).
     pub fn buffer_ids(&self) -> Vec<BufferId> {
@@ -139,6 +173,15 @@ impl State {
         mut fds: HashMap<String, OwnedFd>,
     ) -> RestoreSummary {
         let mut summary = RestoreSummary::default();
+        // A buffer allocated after the record was written is stored but
+        // not recorded, and is dropped below: its id must not be handed
+        // out again (its client may still name it), so ids go on above
+        // every stored one as well as the record's.
+        let above_stored = fds
+            .keys()
+            .filter_map(|name| name.strip_prefix(BUFFER_PREFIX)?.parse::<BufferId>().ok())
+            .max()
+            .map_or(0, |id| id.saturating_add(1));
         for buffer in &record.buffers {
             let Some(fd) = fds.remove(&buffer_name(buffer.id)) else {
                 summary.lost += 1;
@@ -192,7 +235,7 @@ impl State {
             .keys()
             .filter(|name| !name.starts_with("state-"))
             .count();
-        self.bump_next_buffer_id(record.next_buffer);
+        self.bump_next_buffer_id(record.next_buffer.max(above_stored));
         summary
     }
 

@@ -325,6 +325,7 @@ impl State {
         }
         let pid = entry.peer.pid;
         self.check_quota(client, rounded, rounded)?;
+        self.check_store_slot()?;
         let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
         let kernel_name = format!("{label}:{pid}");
         let allocation = self
@@ -597,6 +598,7 @@ impl State {
             return self.join_adopted(client, buffer);
         }
         self.check_quota(client, size, size)?;
+        self.check_store_slot()?;
         let id = self.allocate_buffer_id();
         self.buffers.insert(
             id,

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::format::{self, bytes, micros, or_dash};
 use super::table::Table;
+use crate::broker::ORPHAN;
 use crate::dbus::views::{
     BufferDetail, BufferView, ClientView, FenceInfo, HeapView, Statistics, Totals, WaiterInfo,
 };
@@ -168,6 +169,24 @@ fn list(items: Vec<String>) -> String {
     }
 }
 
+/// Client 0 is no client: the hold or charge of a buffer taken back after
+/// a restart that nobody has re-attached yet.
+fn holder_cell(client: u64) -> String {
+    if client == ORPHAN {
+        "orphan".to_owned()
+    } else {
+        client.to_string()
+    }
+}
+
+fn owner_cell(owner: u64) -> String {
+    if owner == ORPHAN {
+        "-".to_owned()
+    } else {
+        owner.to_string()
+    }
+}
+
 pub fn buffers(buffers: &[BufferView]) -> String {
     let mut table = Table::new(&[
         ">ID", "HEAP", "NAME", ">SIZE", ">INODE", ">OWNER", "HOLDERS", "FENCES", "WAITERS",
@@ -179,8 +198,8 @@ pub fn buffers(buffers: &[BufferView]) -> String {
             or_dash(&b.name),
             bytes(b.size),
             b.inode.to_string(),
-            b.owner.to_string(),
-            list(b.holders.iter().map(u64::to_string).collect()),
+            owner_cell(b.owner),
+            list(b.holders.iter().map(|&h| holder_cell(h)).collect()),
             list(b.fences.iter().map(fence_cell).collect()),
             list(b.waiters.iter().map(waiter_cell).collect()),
         ]);
@@ -203,7 +222,15 @@ pub fn buffer(d: &BufferDetail) -> String {
             "dma-buf",
             if d.dma_buf { "yes" } else { "no (memfd)" }.to_owned(),
         ),
-        ("Owner", format!("client {}", b.owner)),
+        (
+            "Owner",
+            if b.owner == ORPHAN {
+                "nobody (taken back after a restart; charged to no one until its owner re-attaches)"
+                    .to_owned()
+            } else {
+                format!("client {}", b.owner)
+            },
+        ),
         ("Age", format::seconds(format::age_of(b.created_at))),
         ("Share tokens", d.share_tokens.to_string()),
     ];
@@ -215,12 +242,28 @@ pub fn buffer(d: &BufferDetail) -> String {
     out.push_str("\nHolders:\n");
     let mut holders = Table::new(&[">CLIENT", ">PID", "NAME", ">HELD FOR", "CHARGED"]);
     for h in &d.holders {
+        let orphan = h.client == ORPHAN;
         holders.row(vec![
-            h.client.to_string(),
-            h.pid.to_string(),
-            or_dash(&h.name),
+            holder_cell(h.client),
+            if orphan {
+                "-".to_owned()
+            } else {
+                h.pid.to_string()
+            },
+            if orphan {
+                "(not re-attached)".to_owned()
+            } else {
+                or_dash(&h.name)
+            },
             micros(h.held_for_us),
-            if h.client == b.owner { "yes" } else { "" }.to_owned(),
+            // An orphaned hold is no client's, so nobody is charged for
+            // it, whatever the owner field (also ORPHAN) says.
+            if !orphan && h.client == b.owner {
+                "yes"
+            } else {
+                ""
+            }
+            .to_owned(),
         ]);
     }
     out.push_str(&holders.render());
@@ -264,6 +307,7 @@ pub fn buffer(d: &BufferDetail) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dbus::views::HolderInfo;
 
     #[test]
     fn buffer_rows_show_fences_and_waiters() {
@@ -294,5 +338,66 @@ mod tests {
         assert!(text.contains("cpu-write #3 c1 1.5ms"), "{text}");
         assert!(text.contains("cpu-read c2 900µs"), "{text}");
         assert!(text.contains("1, 2"), "{text}");
+    }
+
+    fn holder(client: u64, pid: i32) -> HolderInfo {
+        HolderInfo {
+            client,
+            pid,
+            name: String::new(),
+            held_for_us: 1000,
+        }
+    }
+
+    /// The CHARGED cell of each holder row, in order.
+    fn charged_cells(text: &str) -> Vec<bool> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Holders:"))
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .map(|l| l.trim_end().ends_with("yes"))
+            .collect()
+    }
+
+    /// After a restart, taken-back buffers are charged to nobody until
+    /// their holders re-attach: the owner and every unclaimed hold are
+    /// client 0, and every holder row said CHARGED yes, the owner
+    /// "client 0".
+    #[test]
+    fn orphaned_holds_are_charged_to_nobody() {
+        let detail = BufferDetail {
+            buffer: BufferView {
+                id: 3,
+                size: 4096,
+                inode: 77,
+                owner: 0,
+                holders: vec![0, 0],
+                ..Default::default()
+            },
+            holders: vec![holder(0, 0), holder(0, 0)],
+            ..Default::default()
+        };
+        let text = buffer(&detail);
+        assert_eq!(charged_cells(&text), [false, false], "{text}");
+        assert!(!text.contains("client 0"), "{text}");
+        assert!(text.contains("nobody"), "{text}");
+        let rows = buffers(std::slice::from_ref(&detail.buffer));
+        assert!(!rows.contains(" 0 "), "no client 0 in the row: {rows}");
+        assert!(rows.contains("orphan, orphan"), "{rows}");
+
+        // One holder re-attached and took the charge back.
+        let detail = BufferDetail {
+            buffer: BufferView {
+                id: 3,
+                owner: 5,
+                holders: vec![5, 0],
+                ..Default::default()
+            },
+            holders: vec![holder(5, 4242), holder(0, 0)],
+            ..Default::default()
+        };
+        let text = buffer(&detail);
+        assert_eq!(charged_cells(&text), [true, false], "{text}");
+        assert!(text.contains("client 5"), "{text}");
     }
 }

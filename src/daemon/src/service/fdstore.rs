@@ -4,7 +4,17 @@
 //! The record is a sealed memfd, rewritten after changes (debounced by the
 //! caller). Two names alternate (`state-a`, `state-b`): the new record is
 //! stored before the old one is removed, so a crash in between leaves at
-//! least one, and the restore picks the higher generation.
+//! least one, and the restore picks the higher generation. The name is the
+//! one the stored record does not have, not one chosen by the generation:
+//! after a record that could not be stored, the next one would otherwise
+//! take the name of the one stored, which then stayed (removing a name
+//! removes every fd of it, so it could not be removed).
+//!
+//! The store is bounded (`FileDescriptorStoreMax=`), and systemd closes an
+//! fd sent to a full store without telling the sender. So the broker knows
+//! the bound ([`Capacity`]) and never sends more fds than fit: two slots
+//! stay free for the records, and a buffer that would need a slot beyond
+//! the rest is refused (see `State::check_store_slot`).
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -15,10 +25,60 @@ use super::inherited::{BUFFER_PREFIX, RECORD_PREFIX};
 use super::record::StateRecord;
 use crate::kernel::memfd;
 
+/// Slots of the store kept for the record: the new one is stored before
+/// the old one is removed, so for a moment there are two.
+pub const RECORD_SLOTS: usize = 2;
+
+/// How many fds the service manager keeps for us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// `FileDescriptorStoreMax=`.
+    pub max: usize,
+    /// Whether the manager said so (`$FDSTORE`) or `--fd-store-max` did.
+    pub from_manager: bool,
+}
+
+impl Capacity {
+    /// `$FDSTORE` when the manager sets it (systemd ≥ 254 does whenever
+    /// `FileDescriptorStoreMax=` is above 0), else `fallback`.
+    pub fn from_env(fallback: usize) -> Capacity {
+        let told = std::env::var("FDSTORE").ok();
+        match told.as_deref().map(str::parse::<usize>) {
+            Some(Ok(max)) => Capacity {
+                max,
+                from_manager: true,
+            },
+            Some(Err(err)) => {
+                tracing::warn!(
+                    value = told.as_deref().unwrap_or_default(),
+                    error = %err,
+                    fallback,
+                    "cannot read $FDSTORE; using --fd-store-max"
+                );
+                Capacity {
+                    max: fallback,
+                    from_manager: false,
+                }
+            }
+            None => Capacity {
+                max: fallback,
+                from_manager: false,
+            },
+        }
+    }
+
+    /// Buffers the store can keep besides the records.
+    pub fn buffer_slots(&self) -> usize {
+        self.max.saturating_sub(RECORD_SLOTS)
+    }
+}
+
 /// Buffers in and out of the store: cheap notifications the broker sends
 /// as buffers come and go.
-#[derive(Debug, Default)]
-pub struct FdStore;
+#[derive(Debug)]
+pub struct FdStore {
+    pub capacity: Capacity,
+}
 
 /// The table's record in the store. Owned by the task that rewrites it, so
 /// encoding and storing happen outside the broker's lock.
@@ -34,22 +94,24 @@ pub fn buffer_name(id: u64) -> String {
     format!("{BUFFER_PREFIX}{id}")
 }
 
-fn record_name(generation: u64) -> String {
-    format!(
-        "{RECORD_PREFIX}{}",
-        if generation.is_multiple_of(2) {
-            "a"
-        } else {
-            "b"
-        }
-    )
+/// The name for the next record: the other one than the stored record's.
+fn next_record_name(current: Option<&str>) -> String {
+    let a = format!("{RECORD_PREFIX}a");
+    if current == Some(a.as_str()) {
+        format!("{RECORD_PREFIX}b")
+    } else {
+        a
+    }
 }
 
 impl FdStore {
     /// Only under a service manager; `None` means there is nowhere to keep
-    /// anything.
-    pub fn from_env() -> Option<FdStore> {
-        super::notify::enabled().then(FdStore::default)
+    /// anything. `fallback_max`: `--fd-store-max`, for a manager that does
+    /// not say how many fds it keeps.
+    pub fn from_env(fallback_max: usize) -> Option<FdStore> {
+        super::notify::enabled().then(|| FdStore {
+            capacity: Capacity::from_env(fallback_max),
+        })
     }
 
     pub fn store_buffer(&self, id: u64, fd: BorrowedFd<'_>) {
@@ -62,15 +124,18 @@ impl FdStore {
     }
 
     pub fn remove(&self, name: &str) {
-        if let Err(err) =
-            sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])
-        {
-            tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
-        }
+        remove(name);
     }
 
     pub fn remove_buffer(&self, id: u64) {
         self.remove(&buffer_name(id));
+    }
+}
+
+/// Removes every fd stored under `name` (`FDSTOREREMOVE=1`).
+fn remove(name: &str) {
+    if let Err(err) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+        tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
     }
 }
 
@@ -89,10 +154,11 @@ impl RecordWriter {
         self.generation
     }
 
-    /// Stores `record`, then drops the previous one.
+    /// Stores `record`, then drops the previous one. On failure nothing
+    /// changed: the previous record stays the one to replace.
     pub fn store(&mut self, record: &StateRecord) -> std::io::Result<()> {
         let bytes = record.encode().map_err(std::io::Error::other)?;
-        let name = record_name(record.generation);
+        let name = next_record_name(self.current.as_deref());
         let fd = sealed_copy(&name, &bytes)?;
         sd_notify::notify_with_fds(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
@@ -100,14 +166,14 @@ impl RecordWriter {
         )?;
         if let Some(old) = self.current.replace(name.clone()) {
             if old != name {
-                FdStore.remove(&old);
+                remove(&old);
             }
         }
         Ok(())
     }
 }
 
-fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+pub(crate) fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
     // Sized exactly and sealed against growing or shrinking: the record
     // cannot be truncated under the next instance's reader.
     let fd = memfd::create_sealed(&format!("dmabroker-{name}"), bytes.len().max(1) as u64)
@@ -125,4 +191,19 @@ pub fn read_record(fd: &OwnedFd) -> Option<StateRecord> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).ok()?;
     StateRecord::decode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names alternate with what is stored, whatever the generation:
+    /// a failed store leaves `current` alone, and the next record still
+    /// takes the other name.
+    #[test]
+    fn the_next_record_takes_the_name_the_stored_one_does_not_have() {
+        assert_eq!(next_record_name(None), "state-a");
+        assert_eq!(next_record_name(Some("state-a")), "state-b");
+        assert_eq!(next_record_name(Some("state-b")), "state-a");
+    }
 }

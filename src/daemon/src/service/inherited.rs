@@ -14,8 +14,43 @@ pub const RECORD_PREFIX: &str = "state-";
 #[derive(Debug, Default)]
 pub struct Inherited {
     pub listener: Option<OwnedFd>,
-    /// Fd store entries by name (`buf-<id>`, `state-a`, `state-b`).
-    pub stored: HashMap<String, OwnedFd>,
+    pub stored: Stored,
+}
+
+/// What the previous instance left in the fd store.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Every record, whatever its name, in the order handed over (systemd:
+    /// the newest first). Two may share a name (a record stored while an
+    /// older one of that name was still there), so none is dropped here:
+    /// the restore reads them all and takes the highest generation.
+    pub records: Vec<(String, OwnedFd)>,
+    /// Buffers by name (`buf-<id>`). Should a name come twice, the first
+    /// handed over, the newest, is kept.
+    pub buffers: HashMap<String, OwnedFd>,
+}
+
+impl Stored {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.buffers.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len() + self.buffers.len()
+    }
+
+    /// Every name, once each.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .records
+            .iter()
+            .map(|(name, _)| name.clone())
+            .chain(self.buffers.keys().cloned())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +76,12 @@ pub fn take() -> Result<Inherited, InheritError> {
         // it, sd_notify set it close-on-exec); nothing else in this process
         // owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        if name.starts_with(BUFFER_PREFIX) || name.starts_with(RECORD_PREFIX) {
-            inherited.stored.insert(name, fd);
+        if name.starts_with(RECORD_PREFIX) {
+            inherited.stored.records.push((name, fd));
+            continue;
+        }
+        if name.starts_with(BUFFER_PREFIX) {
+            inherited.stored.buffers.entry(name).or_insert(fd);
             continue;
         }
         match socket_kind(&fd) {
