@@ -101,7 +101,7 @@ impl Client {
 
     pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client> {
         let name = if options.name.is_empty() {
-            std::env::args().next().unwrap_or_default()
+            program_name(std::env::args_os().next())
         } else {
             options.name
         };
@@ -222,6 +222,13 @@ impl Client {
     pub fn take_errors(&self) -> Vec<WireError> {
         self.conn.take_errors()
     }
+}
+
+/// The name a client without one gives in its hello: its `argv[0]`, which
+/// need not be UTF-8 (`std::env::args` would panic on it).
+fn program_name(arg0: Option<std::ffi::OsString>) -> String {
+    arg0.map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn unexpected(expected: &'static str, got: &ReplyBody) -> Error {
@@ -1040,5 +1047,18 @@ mod nonblocking {
             .await
             .map_err(|e| Error::Task(e.to_string()))?
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn a_program_name_that_is_not_utf8_is_still_a_name() {
+        let name = program_name(Some(std::ffi::OsString::from_vec(b"cam\xffera".to_vec())));
+        assert_eq!(name, "cam\u{fffd}era");
+        assert_eq!(program_name(None), "");
     }
 }
