@@ -8,8 +8,10 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AllocRequest, Client, ClientOptions};
+use dmabroker_ipc::{ErrorCode, ReplyBody, RequestBody};
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{limit_fds, stable_fd_count, wait_fd_count};
+use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::sdnotify::ServiceManager;
 use dmabroker_suite::TempDir;
 
@@ -691,4 +693,57 @@ fn next_id_after_a_dropped_buffer() -> Option<(u64, u64)> {
     recorded.info().expect("the recorded buffer re-attaches");
     let next = client.alloc(4096).expect("alloc after the restart");
     Some((unrecorded.id(), next.id()))
+}
+
+/// The secret of a hold a raw client gets: the reply to `body`.
+fn raw_hold(raw: &mut RawClient, body: RequestBody) -> (u64, String) {
+    match raw.request(body) {
+        Ok(ReplyBody::Buffer(info)) => (info.id, info.secret),
+        other => panic!("expected a buffer: {other:?}"),
+    }
+}
+
+/// Re-attaching is taking back a hold one had, under the same rules as
+/// taking a new one: a connection that presents the secrets of two holds
+/// of one buffer (its own and an importer's) gets the first, and the
+/// second is refused as an import of a buffer already held would be. It
+/// was granted, listing the connection twice among the holders, past the
+/// `max_buffers` limit too.
+#[test]
+fn a_connection_cannot_reattach_two_holds_of_one_buffer() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let mut owner = RawClient::connect(&manager.socket_path);
+    owner.hello();
+    let (buffer, owners) = raw_hold(
+        &mut owner,
+        RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        },
+    );
+    let token = owner.export(buffer);
+    let mut importer = RawClient::connect(&manager.socket_path);
+    importer.hello();
+    let (_, importers) = raw_hold(&mut importer, RequestBody::Import { token });
+    manager.wait_until_recorded(1);
+
+    drop(first); // SIGKILL
+    let _second = Running::start(&manager, "second", &[]);
+    let mut both = RawClient::connect(&manager.socket_path);
+    both.hello();
+    let (id, _) = raw_hold(
+        &mut both,
+        RequestBody::Reattach {
+            buffer,
+            secret: owners,
+        },
+    );
+    assert_eq!(id, buffer);
+    let second = both.request(RequestBody::Reattach {
+        buffer,
+        secret: importers,
+    });
+    assert_eq!(second, Err(ErrorCode::InvalidArgument), "{second:?}");
 }

@@ -290,19 +290,31 @@ impl State {
         if secret.is_empty() {
             return Err(unknown());
         }
-        let entry = self.buffers.get_mut(&buffer).ok_or_else(unknown)?;
+        let entry = self.buffers.get(&buffer).ok_or_else(unknown)?;
         let position = entry
             .holders
             .iter()
             .position(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
             .ok_or_else(unknown)?;
-        entry.holders[position].client = client;
+        // Taking a hold back follows the rules of taking one: one hold per
+        // buffer and connection, within the client's limits.
+        if entry.held_by(client) {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("you already hold buffer {buffer}"),
+            ));
+        }
         let size = entry.size;
+        let charge = entry.owner == ORPHAN && position == 0;
+        self.check_quota(client, size, if charge { size } else { 0 })?;
+        let Some(entry) = self.buffers.get_mut(&buffer) else {
+            return Err(unknown());
+        };
+        entry.holders[position].client = client;
         // Only the owner takes its charge back (it comes first, see
         // `restore`). Whoever re-attaches first is not charged for it; if
         // the owner never comes back, the grace period's end moves the
         // charge down the list, as a departure would.
-        let charge = entry.owner == ORPHAN && position == 0;
         if charge {
             entry.owner = client;
         }
