@@ -95,6 +95,36 @@ fn quota_refuses_exactly_at_the_limit_and_each_user_has_its_own() {
     alice.ok("alloc 4096");
 }
 
+/// Every access the broker grants is an entry in its tables; without a
+/// bound of its own, one client could hold millions (1,024 reads on each of
+/// its 4,096 buffers). `max_held_accesses` refuses the one over the limit,
+/// and ending one makes room.
+#[test]
+fn held_accesses_are_limited_per_client() {
+    if !have_root("policy: held accesses") {
+        return;
+    }
+    let daemon = daemon_with("[default]\nmax_held_accesses = 2\n");
+    let mut alice = as_user(&daemon, ALICE, &["--no-buffer-words"]);
+    for _ in 0..2 {
+        alice.ok("alloc 4096");
+    }
+    let first = alice.ok("begin 1 r");
+    alice.ok("begin 1 r");
+    let err = alice.cmd("begin 2 r").expect_err("a third access");
+    assert_eq!(code(&err), "quota-exceeded", "{err}");
+    assert!(err.contains("max_held_accesses limit 2, in use 2"), "{err}");
+    alice.ok(&format!(
+        "end {}",
+        field(&first, "access").expect("access id")
+    ));
+    alice.ok("begin 2 r");
+    // Each client has its own.
+    let mut bob = as_user(&daemon, BOB, &["--no-buffer-words"]);
+    let frame = bob.ok("alloc 4096");
+    bob.ok(&format!("begin {} r", field(&frame, "id").expect("id")));
+}
+
 #[test]
 fn the_most_specific_rule_wins() {
     if !have_root("policy: rule specificity") {

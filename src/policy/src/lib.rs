@@ -164,6 +164,10 @@ pub struct Limits {
     /// `None` for no limit.
     pub write_hold_limit: Option<Duration>,
     pub max_queued_requests: u32,
+    /// Accesses the broker granted the client that it has not ended.
+    /// (Accesses taken in buffer words need no bound of their own: one
+    /// per buffer and holder at most.)
+    pub max_held_accesses: u32,
     pub max_unread_replies: u32,
 }
 
@@ -182,6 +186,7 @@ impl Default for Limits {
             autofence: AutofenceMode::Optional,
             write_hold_limit: None,
             max_queued_requests: 64,
+            max_held_accesses: 4096,
             max_unread_replies: 256,
         }
     }
@@ -200,6 +205,7 @@ pub enum LimitKind {
     Autofence,
     WriteHoldLimit,
     MaxQueuedRequests,
+    MaxHeldAccesses,
     MaxUnreadReplies,
 }
 
@@ -216,6 +222,7 @@ impl LimitKind {
             LimitKind::Autofence => "autofence",
             LimitKind::WriteHoldLimit => "write_hold_limit",
             LimitKind::MaxQueuedRequests => "max_queued_requests",
+            LimitKind::MaxHeldAccesses => "max_held_accesses",
             LimitKind::MaxUnreadReplies => "max_unread_replies",
         }
     }
@@ -246,6 +253,7 @@ impl Limits {
                 Some(d) => format_duration(d),
             },
             LimitKind::MaxQueuedRequests => self.max_queued_requests.to_string(),
+            LimitKind::MaxHeldAccesses => self.max_held_accesses.to_string(),
             LimitKind::MaxUnreadReplies => self.max_unread_replies.to_string(),
         }
     }
@@ -581,6 +589,7 @@ fn write_limits(out: &mut String, limits: &Limits) {
         units::duration_literal(limits.write_hold_limit)
     );
     let _ = writeln!(out, "max_queued_requests = {}", limits.max_queued_requests);
+    let _ = writeln!(out, "max_held_accesses = {}", limits.max_held_accesses);
     let _ = writeln!(out, "max_unread_replies = {}", limits.max_unread_replies);
 }
 
@@ -597,6 +606,7 @@ struct PartialLimits {
     autofence: Option<AutofenceMode>,
     write_hold_limit: Option<Option<Duration>>,
     max_queued_requests: Option<u32>,
+    max_held_accesses: Option<u32>,
     max_unread_replies: Option<u32>,
 }
 
@@ -616,6 +626,7 @@ impl PartialLimits {
             autofence,
             write_hold_limit,
             max_queued_requests,
+            max_held_accesses,
             max_unread_replies
         );
     }
@@ -634,6 +645,7 @@ impl PartialLimits {
             autofence: self.autofence.unwrap_or(base.autofence),
             write_hold_limit: self.write_hold_limit.unwrap_or(base.write_hold_limit),
             max_queued_requests: self.max_queued_requests.unwrap_or(base.max_queued_requests),
+            max_held_accesses: self.max_held_accesses.unwrap_or(base.max_held_accesses),
             max_unread_replies: self.max_unread_replies.unwrap_or(base.max_unread_replies),
         }
     }
@@ -840,6 +852,7 @@ fn parse_fragment(
             }),
             write_hold_limit: raw.write_hold_limit.map(|h| h.0),
             max_queued_requests: raw.max_queued_requests.map(|n| n.0),
+            max_held_accesses: raw.max_held_accesses.map(|n| n.0),
             max_unread_replies: raw.max_unread_replies.map(|n| n.0),
         })
     };

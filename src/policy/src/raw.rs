@@ -45,6 +45,7 @@ pub(crate) struct RawLimits {
     pub autofence: Option<RawAutofence>,
     pub write_hold_limit: Option<HoldLimit>,
     pub max_queued_requests: Option<Positive>,
+    pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
 }
 
@@ -69,6 +70,7 @@ pub(crate) struct RawRule {
     pub autofence: Option<RawAutofence>,
     pub write_hold_limit: Option<HoldLimit>,
     pub max_queued_requests: Option<Positive>,
+    pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
 }
 
@@ -84,6 +86,7 @@ impl RawRule {
             autofence: self.autofence.take(),
             write_hold_limit: self.write_hold_limit.take(),
             max_queued_requests: self.max_queued_requests.take(),
+            max_held_accesses: self.max_held_accesses.take(),
             max_unread_replies: self.max_unread_replies.take(),
         }
     }

@@ -103,6 +103,7 @@ fn builtin_defaults() {
         autofence: AutofenceMode::Optional,
         write_hold_limit: None,
         max_queued_requests: 64,
+        max_held_accesses: 4096,
         max_unread_replies: 256,
     };
     assert_eq!(*resolved.limits, expected);
@@ -132,6 +133,7 @@ fn every_default_key() {
         autofence = "required"
         write_hold_limit = "500ms"
         max_queued_requests = 8
+        max_held_accesses = 32
         max_unread_replies = 16
         "#,
     );
@@ -151,6 +153,7 @@ fn every_default_key() {
             autofence: AutofenceMode::Required,
             write_hold_limit: Some(Duration::from_millis(500)),
             max_queued_requests: 8,
+            max_held_accesses: 32,
             max_unread_replies: 16,
         }
     );
@@ -1034,6 +1037,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
         hold,
         1..=u32::MAX,
         1..=u32::MAX,
+        1..=u32::MAX,
     )
         .prop_map(
             |(
@@ -1046,6 +1050,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 autofence,
                 write_hold_limit,
                 max_queued_requests,
+                max_held_accesses,
                 max_unread_replies,
             )| Limits {
                 heaps,
@@ -1057,6 +1062,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 autofence,
                 write_hold_limit,
                 max_queued_requests,
+                max_held_accesses,
                 max_unread_replies,
             },
         )
@@ -1123,7 +1129,7 @@ fn tomlish() -> impl Strategy<Value = String> {
         Just("[[rule]]".to_string()),
         Just("[admins]".to_string()),
         Just("name = \"x\"".to_string()),
-        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_unread_replies|users|groups|enabled|admins) = ",
+        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_held_accesses|max_unread_replies|users|groups|enabled|admins) = ",
         "\"[a-zA-Z0-9 ./@,:é-]{0,12}\"",
         "-?[0-9]{1,21}",
         Just("true".to_string()),

@@ -121,6 +121,29 @@ impl State {
                 ),
             ));
         }
+        // The arbiter's count is cheap but still includes accesses ended
+        // through end words and not yet retired: the exact count, a walk
+        // over the client's buffers, only settles a begin near the limit.
+        let held_limit = entry.resolved.limits.max_held_accesses;
+        let held_limit_usize = held_limit as usize;
+        if self.arbiter.held_by(client) >= held_limit_usize {
+            let held = self.live_held_by(client);
+            if held >= held_limit_usize {
+                let mut err = WireError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "rule '{}': max_held_accesses limit {held_limit}, in use {held}, requested 1",
+                        entry.resolved.rule
+                    ),
+                );
+                err.quota = Some(dmabroker_ipc::QuotaDetail {
+                    limit: held_limit.into(),
+                    in_use: held as u64,
+                    requested: 1,
+                });
+                return Err(err);
+            }
+        }
         let now = Instant::now();
         // The broker decides now: no fast begin may slip past it. (A client
         // that cannot use the word does not make the broker map it.)
