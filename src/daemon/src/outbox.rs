@@ -23,11 +23,10 @@ use tokio::sync::Notify;
 struct Outgoing {
     bytes: Vec<u8>,
     fds: Vec<Arc<OwnedFd>>,
-    /// Counts against the cap: a reply. An event does not: each is owed
-    /// for one fence or access of the client's, and so bounded by those,
-    /// and it is often another client's doing (ending many fences a
-    /// no-autofence client was told to wait for) that the client must not
-    /// be cut off for.
+    /// Counts against the cap: a reply. An event does not: it is often
+    /// another client's doing (ending many fences a no-autofence client
+    /// was told to wait for) that the client must not be cut off for.
+    /// Events have a bound of their own, `MAX_QUEUED_EVENTS`.
     counted: bool,
 }
 
@@ -36,8 +35,17 @@ struct Queue {
     messages: VecDeque<Outgoing>,
     /// How many queued messages count against the cap.
     counted: usize,
+    /// How many queued messages are events.
+    events: usize,
     closed: bool,
 }
+
+/// Events queued for a client that does not read before it is cut off.
+/// Each grant it leaves unread may list up to 1,024 fences, each of which
+/// ends in an event, so the reply cap alone bounded a deaf client's queue
+/// only at hundreds of thousands of events. A client that reads at all
+/// never comes near this: it is sixteen full fence lists.
+pub const MAX_QUEUED_EVENTS: usize = 16 * 1024;
 
 enum Flush {
     Drained,
@@ -131,16 +139,23 @@ impl Outbox {
             }
         }
         let cap = self.cap.load(Ordering::Relaxed);
-        if counted && queue.counted >= cap {
+        let full = if counted {
+            queue.counted >= cap
+        } else {
+            queue.events >= MAX_QUEUED_EVENTS
+        };
+        if full {
             queue.closed = true;
-            let len = queue.counted;
+            let len = queue.messages.len();
             queue.messages.clear();
             queue.counted = 0;
+            queue.events = 0;
             drop(queue);
             self.shutdown();
             return Err(OutboxError::Overflow(len));
         }
         queue.counted += usize::from(counted);
+        queue.events += usize::from(!counted);
         queue.messages.push_back(Outgoing {
             bytes: bytes.to_vec(),
             fds,
@@ -194,7 +209,10 @@ impl Outbox {
                 return Flush::Drained;
             };
             match self.try_send(&msg.bytes, &msg.fds) {
-                Ok(()) => queue.counted -= usize::from(msg.counted),
+                Ok(()) => {
+                    queue.counted -= usize::from(msg.counted);
+                    queue.events -= usize::from(!msg.counted);
+                }
                 Err(SendError::Os(Errno::EAGAIN)) => {
                     queue.messages.push_front(msg);
                     return Flush::Blocked;
@@ -223,5 +241,74 @@ impl Outbox {
     pub fn close(&self) {
         self.lock().closed = true;
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    /// An outbox on one end of a socket pair whose other end never reads,
+    /// in a runtime (the outbox registers with tokio's reactor).
+    fn deaf_outbox(cap: usize) -> (tokio::runtime::Runtime, Outbox, OwnedFd) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let (ours, deaf) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let socket = runtime.block_on(async { AsyncFd::new(ours).expect("register") });
+        (runtime, Outbox::new(Arc::new(socket), cap), deaf)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_events_is_cut_off_at_the_bound() {
+        let (_runtime, outbox, _deaf) = deaf_outbox(8);
+        let event = [0u8; 48];
+        let mut sent = 0usize;
+        let overflow = loop {
+            match outbox.send_event(&event) {
+                Ok(()) => sent += 1,
+                Err(err) => break err,
+            }
+            assert!(sent <= 1_000_000, "a million events queued without a bound");
+        };
+        assert!(matches!(overflow, OutboxError::Overflow(_)), "{overflow}");
+        assert_eq!(
+            outbox.queued(),
+            0,
+            "the queue is dropped with the connection"
+        );
+        assert!(
+            sent >= MAX_QUEUED_EVENTS,
+            "cut off after {sent} events, before the bound"
+        );
+    }
+
+    #[test]
+    fn events_do_not_use_up_the_reply_cap() {
+        let (_runtime, outbox, _deaf) = deaf_outbox(8);
+        // Fill the socket, then queue events well past the reply cap.
+        while outbox.queued() == 0 {
+            outbox.send_event(&[0u8; 48]).expect("event");
+        }
+        for _ in 0..100 {
+            outbox.send_event(&[0u8; 48]).expect("event");
+        }
+        for _ in 0..8 {
+            outbox
+                .send(&[1u8; 48], Vec::new())
+                .expect("reply within the cap");
+        }
+        assert!(matches!(
+            outbox.send(&[1u8; 48], Vec::new()),
+            Err(OutboxError::Overflow(_))
+        ));
     }
 }
