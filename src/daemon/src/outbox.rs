@@ -263,7 +263,9 @@ mod tests {
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         )
         .expect("socketpair");
-        let socket = runtime.block_on(async { AsyncFd::new(ours).expect("register") });
+        let socket = runtime.block_on(async {
+            crate::reactor::register(ours, tokio::io::Interest::READABLE).expect("register")
+        });
         (runtime, Outbox::new(Arc::new(socket), cap), deaf)
     }
 
