@@ -270,3 +270,41 @@ fn a_refused_client_that_keeps_sending_does_not_stall_the_broker() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A daemon out of fds cannot take the fds a request brings: the kernel
+/// drops them and flags the message's control data as cut short, exactly
+/// as for a client that attached too many. That is the daemon's shortage,
+/// not the client's fault: the request is answered under its own id with
+/// `Busy` (try again), and the client is not counted as misbehaving. It
+/// was answered `ProtocolError` under id 0, and after eight such requests
+/// the client was disconnected and lost every buffer it held.
+#[test]
+fn requests_whose_fds_a_daemon_out_of_fds_cannot_take_are_busy_not_malformed() {
+    let daemon = Daemon::start();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let held = raw.alloc();
+    let pid = daemon.pid();
+    limit_fds(pid, lowest_free_fd(pid));
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    for _ in 0..10 {
+        let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
+        raw.send_raw(&bytes, &[std::os::fd::AsFd::as_fd(&null)]);
+        let (answered, result) = raw.recv_reply().expect("an answer");
+        assert_eq!((answered, result.err()), (id, Some(ErrorCode::Busy)));
+    }
+    limit_fds(pid, 1024);
+    match raw.request(RequestBody::Info { buffer: held }) {
+        Ok(ReplyBody::Buffer(info)) => assert_eq!(info.id, held),
+        other => panic!("the client lost its connection or its buffer: {other:?}"),
+    }
+}
+
+/// The lowest fd number `pid` has free: a limit there leaves it none.
+fn lowest_free_fd(pid: u32) -> usize {
+    let open: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap_or(0)
+}

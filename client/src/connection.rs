@@ -751,7 +751,7 @@ fn receive(
         },
         // Cut short (its fds, if any, were closed): the rest of the stream
         // is still whole.
-        Err(err @ (RecvError::Truncated | RecvError::ControlTruncated)) => {
+        Err(err @ (RecvError::Truncated | RecvError::ControlTruncated { .. })) => {
             Ok(Received::Unreadable {
                 reply_to: decode_reply_id(buf),
                 why: format!("unreadable message from the broker: {err}"),

@@ -64,7 +64,13 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
                 Ok(Ok((len, fds))) => broker
                     .with(|s| (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds))),
                 Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
-                    Some(RecvError::Truncated) | Some(RecvError::ControlTruncated) => {
+                    Some(RecvError::ControlTruncated { len }) if out_of_fds(socket.get_ref()) => {
+                        let len = *len;
+                        broker.with(|s| {
+                            (!s.stopping).then(|| s.refuse_for_lack_of_fds(client, &buf[..len]))
+                        })
+                    }
+                    Some(RecvError::Truncated) | Some(RecvError::ControlTruncated { .. }) => {
                         let message = err.to_string();
                         broker.with(|s| {
                             (!s.stopping).then(|| {
@@ -101,4 +107,15 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
+}
+
+/// Whether the daemon's fd table is full (or the system's): the kernel then
+/// drops the fds a message brings and reports it as it reports too many
+/// fds, so a control truncation is the daemon's shortage, not the client's
+/// misbehaviour, when not even one more fd can be had.
+fn out_of_fds(socket: &OwnedFd) -> bool {
+    match socket.try_clone() {
+        Ok(_probe) => false,
+        Err(err) => matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)),
+    }
 }

@@ -268,7 +268,7 @@ fn drain(conn: std::os::fd::BorrowedFd<'_>) -> Drained {
     let mut sink = [0u8; 256];
     for _ in 0..DRAIN_TURN {
         match recv_message_into(conn, &mut sink, true) {
-            Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated) => {}
+            Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
             Err(RecvError::Os(Errno::EAGAIN)) => return Drained::Empty,
             Err(_) => return Drained::HungUp,
         }

@@ -21,10 +21,12 @@ pub enum RecvError {
     Closed,
     #[error("message larger than {MAX_MESSAGE_SIZE} bytes was truncated")]
     Truncated,
-    /// More fds arrived than fit the control buffer; the kernel dropped the
-    /// rest and we closed the ones that arrived.
-    #[error("more than {MAX_FDS_PER_MESSAGE} fds attached to one message")]
-    ControlTruncated,
+    /// The fds did not all arrive: more were attached than fit the control
+    /// buffer, or the receiver had no room in its fd table for them (the
+    /// kernel reports both alike). The kernel dropped the rest and we closed
+    /// the ones that arrived. The message's `len` bytes are whole.
+    #[error("the fds attached to a message could not all be received (more than {MAX_FDS_PER_MESSAGE}, or no room for them)")]
+    ControlTruncated { len: usize },
     #[error("recvmsg failed: {0}")]
     Os(#[from] Errno),
 }
@@ -183,11 +185,13 @@ pub fn recv_message_into(
             }
         }
         let fds = take_fds(&msg);
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(RecvError::ControlTruncated);
-        }
         if msg.msg_flags & libc::MSG_TRUNC != 0 {
             return Err(RecvError::Truncated);
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(RecvError::ControlTruncated {
+                len: received as usize,
+            });
         }
         if received == 0 && fds.is_empty() {
             return Err(RecvError::Closed);
@@ -323,7 +327,7 @@ mod tests {
         drop(p);
         assert!(matches!(
             recv_message(b.as_fd(), false),
-            Err(RecvError::ControlTruncated)
+            Err(RecvError::ControlTruncated { .. })
         ));
         assert!(peer_gone(&q), "fds of a truncated message must be closed");
     }

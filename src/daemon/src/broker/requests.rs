@@ -87,6 +87,20 @@ impl State {
 
     /// Answers a message that broke the protocol. A client that keeps doing
     /// so is cut off rather than allowed to burn the broker's time.
+    /// A request whose fds the daemon had no room to receive (its fd table
+    /// is full): answered `Busy` under its own id, since trying again later
+    /// may work, and not held against the client.
+    pub fn refuse_for_lack_of_fds(&mut self, client: ClientId, bytes: &[u8]) -> Disposition {
+        let id = decode_request_head(bytes).map_or(0, |h| h.id);
+        tracing::warn!(client, "out of file descriptors: refused a request's fds");
+        let error = WireError::new(
+            ErrorCode::Busy,
+            "the daemon has no file descriptors to spare for this request's fds: try again",
+        );
+        self.reply(client, id, Err(error), Vec::new());
+        Disposition::Continue
+    }
+
     pub fn refuse_malformed(&mut self, client: ClientId, id: u64, error: WireError) -> Disposition {
         tracing::debug!(client, error = %error, "malformed message");
         self.reply(client, id, Err(error), Vec::new());
