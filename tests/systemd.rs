@@ -562,10 +562,11 @@ fn a_full_fd_store_keeps_every_buffer_across_a_restart() {
         }
     }
     // A change that needs a new record but no new slot.
+    let seen = manager.received().records_sent();
     let shared = codec
         .import(&frames[0].export().expect("export"))
         .expect("an import needs no slot in the store");
-    std::thread::sleep(Duration::from_millis(300));
+    manager.wait_for_record_after(seen);
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
@@ -603,6 +604,56 @@ fn a_full_fd_store_keeps_every_buffer_across_a_restart() {
     drop(last);
     let again = camera.alloc(4096).expect("a freed slot is used again");
     drop(again);
+}
+
+/// A buffer freed while the daemon has no fd to spare stays in the store:
+/// removing it takes a notify socket. Its slot was counted free all the
+/// same, so the next buffer overfilled the store, systemd refused the next
+/// record, and the restart found no record and dropped every buffer.
+#[test]
+fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let mut frames: Vec<_> = (0..MAX - 2)
+        .map(|_| camera.alloc(4096).expect("alloc within the store's slots"))
+        .collect();
+    manager.wait_until_recorded(MAX - 2);
+
+    // No fd to spare (0, 1 and 2 are open): the removal cannot be sent.
+    limit_fds(first.pid(), 3);
+    let freed = frames.pop().expect("a frame");
+    drop(freed);
+    camera.heaps().expect("the free was handled");
+    wait_for_log(&first, "cannot remove an entry from the fd store");
+    limit_fds(first.pid(), 1024);
+
+    // Its slot is not free until the store says so: no buffer may take it
+    // before the removal is sent again.
+    let seen = manager.received().records_sent();
+    let maybe = camera.alloc(4096);
+    let shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("import");
+    manager.wait_for_record_after(seen);
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    let refused = manager.received().refused.clone();
+    assert!(
+        refused.is_empty(),
+        "the store was overfilled: it refused {refused:?}"
+    );
+    for frame in frames.iter().chain(maybe.as_ref().ok()).chain([&shared]) {
+        if let Err(err) = frame.info() {
+            panic!(
+                "buffer {} was lost at the restart: {err}\n{}",
+                frame.id(),
+                second.log()
+            );
+        }
+    }
 }
 
 /// A record that could not be written was never written again, and the

@@ -70,6 +70,17 @@ impl Received {
             .collect()
     }
 
+    /// How many records (`state-*`) the daemon has sent to the store.
+    pub fn records_sent(&self) -> usize {
+        self.messages
+            .iter()
+            .filter(|(_, m)| {
+                m.lines().any(|l| l == "FDSTORE=1")
+                    && m.lines().any(|l| l.starts_with("FDNAME=state-"))
+            })
+            .count()
+    }
+
     /// How many buffers (`buf-*`) are in the store.
     pub fn buffers_stored(&self) -> usize {
         self.stored_names()
@@ -208,6 +219,15 @@ impl ServiceManager {
             },
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+
+    /// Waits until the daemon has sent a record after the first `seen`
+    /// (see [`Received::records_sent`]): one written after a change made
+    /// when `seen` records had been sent reflects it.
+    pub fn wait_for_record_after(&self, seen: usize) {
+        self.wait_for("a new record in the store", Duration::from_secs(5), |r| {
+            r.records_sent() > seen
+        });
     }
 
     /// Starts the daemon the way systemd would: the listening socket and

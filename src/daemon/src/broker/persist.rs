@@ -92,7 +92,8 @@ impl State {
             return Ok(());
         };
         let slots = store.capacity.buffer_slots() as u64;
-        let live = self.buffers.len() as u64;
+        // A freed buffer whose removal could not be sent still takes a slot.
+        let live = (self.buffers.len() + store.unremoved()) as u64;
         if live < slots {
             return Ok(());
         }

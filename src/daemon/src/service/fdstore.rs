@@ -18,6 +18,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
 
 use sd_notify::NotifyState;
 
@@ -78,6 +79,10 @@ impl Capacity {
 #[derive(Debug)]
 pub struct FdStore {
     pub capacity: Capacity,
+    /// Entries whose removal could not be sent (the daemon had no fd for
+    /// the notify socket): still in the store, so still taking slots, and
+    /// sent again with the next change to the store.
+    unremoved: Mutex<Vec<String>>,
 }
 
 /// The table's record in the store. Owned by the task that rewrites it, so
@@ -88,6 +93,10 @@ pub struct RecordWriter {
     generation: u64,
     /// The record most recently stored, to be removed after the next one.
     current: Option<String>,
+    /// A previous record whose removal could not be sent: removed before
+    /// the next record is stored, which would otherwise make a third
+    /// record fd in the store and take a buffer's slot.
+    stale: Option<String>,
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -111,10 +120,29 @@ impl FdStore {
     pub fn from_env(fallback_max: usize) -> Option<FdStore> {
         super::notify::enabled().then(|| FdStore {
             capacity: Capacity::from_env(fallback_max),
+            unremoved: Mutex::new(Vec::new()),
         })
     }
 
+    /// Entries gone from the table but perhaps not from the store.
+    pub fn unremoved(&self) -> usize {
+        self.unremoved_names().len()
+    }
+
+    fn unremoved_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.unremoved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends the removals that failed before; keeps those that fail again.
+    fn retry_removals(&self) {
+        let mut names = self.unremoved_names();
+        if !names.is_empty() {
+            names.retain(|name| !remove(name));
+        }
+    }
+
     pub fn store_buffer(&self, id: u64, fd: BorrowedFd<'_>) {
+        self.retry_removals();
         let name = buffer_name(id);
         if let Err(err) =
             sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd])
@@ -124,7 +152,10 @@ impl FdStore {
     }
 
     pub fn remove(&self, name: &str) {
-        remove(name);
+        self.retry_removals();
+        if !remove(name) {
+            self.unremoved_names().push(name.to_owned());
+        }
     }
 
     pub fn remove_buffer(&self, id: u64) {
@@ -132,10 +163,15 @@ impl FdStore {
     }
 }
 
-/// Removes every fd stored under `name` (`FDSTOREREMOVE=1`).
-fn remove(name: &str) {
-    if let Err(err) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
-        tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
+/// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
+/// the message could not be sent.
+fn remove(name: &str) -> bool {
+    match sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
+            false
+        }
     }
 }
 
@@ -146,6 +182,7 @@ impl RecordWriter {
         RecordWriter {
             generation,
             current: Some(name),
+            stale: None,
         }
     }
 
@@ -157,6 +194,14 @@ impl RecordWriter {
     /// Stores `record`, then drops the previous one. On failure nothing
     /// changed: the previous record stays the one to replace.
     pub fn store(&mut self, record: &StateRecord) -> std::io::Result<()> {
+        if let Some(stale) = &self.stale {
+            if !remove(stale) {
+                return Err(std::io::Error::other(format!(
+                    "cannot remove the previous record {stale} from the fd store"
+                )));
+            }
+            self.stale = None;
+        }
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
         let fd = sealed_copy(&name, &bytes)?;
@@ -165,8 +210,8 @@ impl RecordWriter {
             &[fd.as_fd()],
         )?;
         if let Some(old) = self.current.replace(name.clone()) {
-            if old != name {
-                remove(&old);
+            if old != name && !remove(&old) {
+                self.stale = Some(old);
             }
         }
         Ok(())
