@@ -301,3 +301,46 @@ fn a_user_daemon_trusts_only_its_own_private_tmp_folder() {
     assert!(daemon.wait().expect("wait").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// In system mode the socket's folder must let other users' clients in,
+/// whatever umask the daemon was started with: it was created through
+/// the umask (0700 under `umask 077`), and non-root clients got EACCES.
+#[test]
+fn a_system_daemon_makes_its_socket_folder_reachable_under_any_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dmabroker_suite::TempDir::new("system-umask");
+    let dir = tmp.path().join("run");
+    let socket = dir.join("socket");
+    let mut daemon = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077; exec \"$@\"")
+        .arg("sh")
+        .arg(dmabroker_suite::daemon::binary("dmabrokerd"))
+        .args([
+            "--system",
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the system daemon");
+    dmabroker_suite::eventually("the system daemon's socket", || socket.exists());
+    let mode = std::fs::metadata(&dir)
+        .expect("the folder")
+        .permissions()
+        .mode()
+        & 0o777;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let _ = daemon.wait();
+    assert_eq!(mode, 0o755, "mode {mode:o}");
+}

@@ -63,6 +63,11 @@ impl Listener {
                         path: dir.to_owned(),
                         source,
                     })?;
+                if system {
+                    // Not left to the umask: other users' clients must
+                    // reach the socket.
+                    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+                }
             }
             if !system && dmabroker_ipc::paths::in_tmp_dir(path) {
                 let uid = nix::unistd::getuid().as_raw();
