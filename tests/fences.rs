@@ -332,6 +332,46 @@ fn two_reads_held_in_one_thread_both_see_the_bytes() {
     assert_eq!(seen, (42, 42));
 }
 
+/// A no-autofence client may hold a read and a write of one buffer at once
+/// (it waits for fences itself), and its `bytes_mut` then waits for its
+/// `Bytes` to go. Meanwhile the reading thread must still be able to look
+/// again: with a lock that lets a waiting writer hold back new readers,
+/// its second `bytes()` deadlocked with the writer waiting for its first.
+#[test]
+fn a_waiting_bytes_mut_does_not_hold_back_the_reader_it_waits_for() {
+    let daemon = Daemon::start();
+    let (done, outcome) = std::sync::mpsc::channel();
+    let socket = daemon.socket().to_owned();
+    std::thread::spawn(move || {
+        let options = dmabroker_client::ClientOptions {
+            autofence: Some(false),
+            ..Default::default()
+        };
+        let client = dmabroker_client::Client::connect_with(&socket, options).expect("connect");
+        let frame = std::sync::Arc::new(client.alloc(8192).expect("alloc"));
+        let first = frame.begin(Access::CpuRead).expect("read");
+        let looking = first.bytes().expect("bytes");
+        let writer = {
+            let frame = std::sync::Arc::clone(&frame);
+            std::thread::spawn(move || {
+                let mut write = frame.begin(Access::CpuWrite).expect("write, not blocked");
+                write.bytes_mut().expect("bytes_mut").fill(7);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100)); // the writer waits
+        let second = frame.begin(Access::CpuRead).expect("second read");
+        let again = second.bytes().expect("bytes again");
+        let seen = (looking[0], again[0]);
+        drop((again, looking));
+        writer.join().expect("writer");
+        let _ = done.send(seen);
+    });
+    let seen = outcome
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader's second bytes() deadlocked with the waiting writer");
+    assert_eq!(seen, (0, 0), "the writer waited for the reads");
+}
+
 /// A raw client that has said hello asking for no-autofence.
 fn no_autofence(daemon: &Daemon) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());

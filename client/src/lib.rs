@@ -755,8 +755,9 @@ pub struct AccessGuard {
 /// reader-writer lock: any number of `Bytes` live at once (readers share),
 /// a [`BytesMut`] excludes them, so no `&[u8]` ever aliases a `&mut [u8]`.
 /// (A no-autofence client may hold a read and a write at once; its
-/// `bytes_mut` then waits until its `Bytes` are dropped. Asking for
-/// `bytes_mut` while the same thread keeps a `Bytes` deadlocks.)
+/// `bytes_mut` then waits until its `Bytes` are dropped, without holding
+/// back new ones. Asking for `bytes_mut` while the same thread keeps a
+/// `Bytes` never returns.)
 ///
 /// ```
 /// # fn f(guard: &dmabroker_client::AccessGuard) -> dmabroker_client::Result<()> {
@@ -803,6 +804,27 @@ impl std::ops::Deref for BytesMut<'_> {
 impl std::ops::DerefMut for BytesMut<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
         self.mapping.as_mut_slice()
+    }
+}
+
+/// The mapping for writing, once no `Bytes` of it lives. Not `write()`:
+/// std's lock then holds back new readers, and a thread that looks at the
+/// bytes again while holding a `Bytes` (as its read access allows) would
+/// deadlock with this writer, which waits for that very `Bytes`. A writer
+/// waits here only in a no-autofence client holding a read and a write of
+/// one buffer at once (arbitration keeps them apart otherwise), so polling
+/// costs nothing elsewhere.
+fn write_without_queueing(mapping: &RwLock<Mapping>) -> RwLockWriteGuard<'_, Mapping> {
+    let mut pause = Duration::from_micros(10);
+    loop {
+        match mapping.try_write() {
+            Ok(guard) => return guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
+        }
     }
 }
 
@@ -875,7 +897,7 @@ impl AccessGuard {
             .filter(|_| self.kind.is_write())
             .ok_or(Error::AccessMode("CPU writes"))?;
         Ok(BytesMut {
-            mapping: mapping.write().unwrap_or_else(|p| p.into_inner()),
+            mapping: write_without_queueing(mapping),
         })
     }
 
