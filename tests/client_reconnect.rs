@@ -758,9 +758,11 @@ fn events_of_a_dead_connection_are_not_handed_out_after_a_reconnect() {
 
 /// An event loop is a client's only call for long stretches: when the
 /// broker hangs up, `next_event` reconnects as any other call does, instead
-/// of answering `Disconnected` at once, forever.
+/// of answering `Disconnected` at once, forever; and it says so
+/// (`Reconnected`), since the fences it waited to hear of are void and
+/// their events will never come (waiting on with no timeout would hang).
 #[test]
-fn waiting_for_events_reconnects_after_a_hang_up() {
+fn waiting_for_events_reconnects_after_a_hang_up_and_says_so() {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
     let broker = scripted_broker(&path, 2, event_then_hang_up);
@@ -768,11 +770,38 @@ fn waiting_for_events_reconnects_after_a_hang_up() {
     client.heaps().expect("heaps, with an event ahead of it");
     let event = client.next_event(Some(Duration::ZERO)).expect("the event");
     assert!(event.is_some(), "the event came before the hang-up");
-    let event = client
-        .next_event(Some(Duration::from_millis(200)))
-        .expect("reconnected while waiting for events");
-    assert_eq!(event, None);
+    let err = client
+        .next_event(None)
+        .expect_err("the wait ends with the connection");
+    assert!(matches!(err, Error::Reconnected), "{err}");
     assert_eq!(client.reconnects(), 1);
+    let event = client
+        .next_event(Some(Duration::from_millis(50)))
+        .expect("waiting goes on on the new connection");
+    assert_eq!(event, None);
     drop(client);
     broker.join().expect("scripted broker");
+}
+
+/// `next_event(Some(t))` waits at most about `t`, even while the broker is
+/// gone: reconnecting took the whole reconnect window (10 s by default)
+/// per call.
+#[test]
+fn waiting_for_events_with_a_timeout_is_bounded_while_the_broker_is_away() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 1, event_then_hang_up);
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, then the broker is gone");
+    broker.join().expect("scripted broker");
+    let _ = client.next_event(Some(Duration::ZERO)).expect("the event");
+    let started = std::time::Instant::now();
+    let err = client
+        .next_event(Some(Duration::from_millis(100)))
+        .expect_err("nobody to reconnect to");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?} ({err})",
+        started.elapsed()
+    );
 }

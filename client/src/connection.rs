@@ -437,7 +437,7 @@ impl Connection {
             match result {
                 Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
                     retried = true;
-                    self.reconnect(generation)?;
+                    self.reconnect(generation, None)?;
                 }
                 other => return other,
             }
@@ -561,23 +561,30 @@ impl Connection {
     /// `Disconnected` outside [`Connection::call_on`] (a hand-off wait):
     /// reconnects if the options allow, and says whether to try again.
     pub fn recover(&self, broken: u64) -> Result<bool, Error> {
+        self.recover_by(broken, None)
+    }
+
+    /// As [`Connection::recover`], giving up at `limit` if that comes
+    /// before the end of the reconnect window.
+    fn recover_by(&self, broken: u64, limit: Option<Instant>) -> Result<bool, Error> {
         if self.reconnect_window.is_none() {
             return Ok(false);
         }
-        self.reconnect(broken)?;
+        self.reconnect(broken, limit)?;
         Ok(true)
     }
 
     /// Replaces a broken connection (unless another thread already did):
     /// new socket, hello, re-attach of every held buffer. Gives up after the
     /// reconnect window.
-    fn reconnect(&self, broken: u64) -> Result<(), Error> {
+    fn reconnect(&self, broken: u64, limit: Option<Instant>) -> Result<(), Error> {
         let _one_at_a_time = lock(&self.reconnecting);
         if self.generation() != broken {
             return Ok(());
         }
         let window = self.reconnect_window.unwrap_or_default();
-        let deadline = Instant::now() + window;
+        let end_of_window = Instant::now() + window;
+        let deadline = limit.map_or(end_of_window, |limit| limit.min(end_of_window));
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.fresh_connection() {
@@ -679,21 +686,26 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let start = self.generation();
         let mut mailbox = lock(&self.mailbox);
         loop {
+            // Whoever waited for events of the old connection (fences to
+            // signal) must hear that they will never come.
+            if self.generation() != start {
+                return Err(Error::Reconnected);
+            }
             if let Some(event) = mailbox.events.pop_front() {
                 return Ok(Some(event));
             }
             if mailbox.closed.is_some() {
-                // Reconnect, as a call would: an event loop would
-                // otherwise get `Disconnected` forever.
-                let broken = self.generation();
+                // Reconnect, as a call would, within the caller's time: an
+                // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                if !self.recover(broken)? {
-                    return Err(Error::Disconnected);
-                }
-                mailbox = lock(&self.mailbox);
-                continue;
+                return Err(match self.recover_by(start, deadline) {
+                    Ok(true) => Error::Reconnected,
+                    Ok(false) => Error::Disconnected,
+                    Err(err) => err,
+                });
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);

@@ -20,6 +20,13 @@ pub enum Error {
     Protocol(String),
     #[error("the connection to dmabroker was lost")]
     Disconnected,
+    /// The broker went away and the client connected again, re-attaching
+    /// its buffers: fences and accesses it was told of before are void
+    /// (events about them will never come). Calls may go on.
+    #[error(
+        "the connection to dmabroker was made again: fences and accesses from before are void"
+    )]
+    Reconnected,
     #[error("cannot map buffer: {0}")]
     Map(#[from] dmabroker_ipc::mapping::MapError),
     #[error("invalid share token: {0}")]

@@ -211,9 +211,11 @@ impl Client {
     }
 
     /// The next event (fence signalled, access revoked), waiting at most
-    /// `timeout`; `Ok(None)` when none came in time. Reconnects after a
-    /// broker restart as other calls do; events of the old connection are
-    /// dropped then, since the new broker numbers fences and accesses anew.
+    /// `timeout`; `Ok(None)` when none came in time. After a broker restart
+    /// it reconnects as other calls do (within `timeout`) and returns
+    /// [`Error::Reconnected`]: events of the old connection are dropped,
+    /// since the new broker numbers fences and accesses anew, so whatever
+    /// the caller waited to hear of will never come.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
     }
