@@ -103,6 +103,9 @@ struct Hold {
     serial: u64,
 }
 
+/// The serial of a hold that was lost before it was recorded.
+const LOST: u64 = 0;
+
 /// Whether the book still has hold `serial` of `buffer`.
 fn is_hold(holds: &HashMap<u64, Hold>, buffer: u64, serial: u64) -> bool {
     holds.get(&buffer).is_some_and(|hold| hold.serial == serial)
@@ -240,7 +243,26 @@ impl Connection {
     ) -> Result<Arc<Self>, Error> {
         let socket = open_socket(path)?;
         let (welcome, page) = say_hello(&socket, &hello)?;
-        Ok(Arc::new(Connection {
+        Ok(Connection::welcomed(
+            path,
+            hello,
+            reconnect_window,
+            socket,
+            welcome,
+            page,
+        ))
+    }
+
+    /// A connection on `socket`, which has been welcomed already.
+    fn welcomed(
+        path: &Path,
+        hello: Hello,
+        reconnect_window: Option<Duration>,
+        socket: OwnedFd,
+        welcome: Welcome,
+        page: Option<Arc<EndWords>>,
+    ) -> Arc<Self> {
+        Arc::new(Connection {
             path: path.to_owned(),
             hello,
             reconnect_window,
@@ -256,7 +278,7 @@ impl Connection {
             next_serial: AtomicU64::new(1),
             reconnecting: Mutex::new(()),
             reconnects: AtomicU64::new(0),
-        }))
+        })
     }
 
     pub fn welcome(&self) -> Welcome {
@@ -267,16 +289,25 @@ impl Connection {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Records a new hold; returns its serial, which the `Buffer` shows
-    /// with every request on it (see [`Connection::send_for`]).
-    pub fn remember_hold(&self, buffer: u64, secret: &str, inode: u64) -> u64 {
+    /// Records a new hold, granted on connection `generation`; returns its
+    /// serial, which the `Buffer` shows with every request on it (see
+    /// [`Connection::send_for`]). A hold granted on a connection that has
+    /// been replaced meanwhile was not re-attached (the reconnect did not
+    /// know it yet) and its id may name another buffer on the new one: it
+    /// is recorded as lost (serial 0, which no hold has), and must not
+    /// displace a hold of that id made since.
+    pub fn remember_hold(&self, buffer: u64, secret: &str, inode: u64, generation: u64) -> u64 {
+        let mut holds = lock(&self.holds);
+        if self.generation() != generation {
+            return LOST;
+        }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let hold = Hold {
             secret: secret.to_owned(),
             inode,
             serial,
         };
-        lock(&self.holds).insert(buffer, hold);
+        holds.insert(buffer, hold);
         serial
     }
 
@@ -313,6 +344,28 @@ impl Connection {
         let sent = self.send(body, fds, wait);
         drop(holds);
         sent
+    }
+
+    /// As [`Connection::send`], for a request that only means something on
+    /// connection `generation` (ending an access by its id): `None`, and
+    /// nothing sent, once that connection has been replaced. Checked and
+    /// sent under the holds lock, which a reconnect holds while it
+    /// installs the new socket, so the request cannot reach a new broker,
+    /// on which the id may name another access of this client.
+    pub fn send_on(
+        &self,
+        generation: u64,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+        wait: bool,
+    ) -> Result<Option<(u64, u64)>, Error> {
+        let holds = lock(&self.holds);
+        if self.generation() != generation {
+            return Ok(None);
+        }
+        let sent = self.send(body, fds, wait);
+        drop(holds);
+        sent.map(Some)
     }
 
     /// As [`Connection::call_on`], for a request on a hold (see
@@ -805,5 +858,63 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
             );
         }
         ServerMessage::Event(event) => mailbox.events.push_back((event.event, fds)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmabroker_ipc::PROTOCOL_VERSION;
+    use nix::sys::socket::socketpair;
+
+    fn welcome() -> Welcome {
+        Welcome {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            client_id: 1,
+            autofence: true,
+            default_heap: "memfd".into(),
+            instance: "test".into(),
+        }
+    }
+
+    fn socket() -> OwnedFd {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+        .0
+    }
+
+    /// Thread B's alloc was answered on the old connection; before it
+    /// recorded the hold, thread C reconnected (B's buffer unknown to the
+    /// re-attach) and allocated a buffer that got the same id. B's late
+    /// record must not displace C's hold: B's buffer is lost, C's lives.
+    #[test]
+    fn a_hold_granted_on_a_replaced_connection_does_not_displace_a_newer_one() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            autofence: None,
+            client_name: "test".into(),
+        };
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello,
+            None,
+            socket(),
+            welcome(),
+            None,
+        );
+        conn.install(socket(), welcome(), None);
+        let newer = conn.remember_hold(1, "dmab1-c", 3, 1);
+        let stale = conn.remember_hold(1, "dmab1-b", 2, 0);
+        assert_eq!(stale, LOST);
+        let holds = lock(&conn.holds);
+        assert!(is_hold(&holds, 1, newer), "the newer hold was displaced");
+        assert!(!is_hold(&holds, 1, stale));
     }
 }

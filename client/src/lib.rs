@@ -159,7 +159,7 @@ impl Client {
     }
 
     pub fn alloc_with(&self, request: AllocRequest) -> Result<Buffer> {
-        let reply = self.conn.call(
+        let answered = self.conn.call_on(
             RequestBody::Alloc {
                 size: request.size,
                 heap: request.heap,
@@ -167,44 +167,46 @@ impl Client {
             },
             &[],
         )?;
-        self.buffer_from(reply)
+        self.buffer_from(answered)
     }
 
     /// Takes a share of a buffer another client exported. The fd is this
     /// process's own, of the same kernel object.
     pub fn import(&self, token: &ShareToken) -> Result<Buffer> {
-        let reply = self.conn.call(
+        let answered = self.conn.call_on(
             RequestBody::Import {
                 token: token.to_string(),
             },
             &[],
         )?;
-        self.buffer_from(reply)
+        self.buffer_from(answered)
     }
 
     /// Registers a dma-buf obtained elsewhere (V4L2, a GPU) so the broker
     /// arbitrates it too. Anything but a real dma-buf is refused.
     pub fn adopt(&self, dmabuf: OwnedFd, name: Option<&str>) -> Result<Buffer> {
-        let reply = self.conn.call(
+        let (body, _, (_, generation)) = self.conn.call_on(
             RequestBody::Adopt {
                 name: name.map(str::to_owned),
             },
             &[dmabuf.as_fd()],
         )?;
-        match reply.0 {
-            ReplyBody::Buffer(info) => Ok(Buffer::new(self.clone(), info, dmabuf)),
+        match body {
+            ReplyBody::Buffer(info) => Ok(Buffer::new(self.clone(), info, dmabuf, generation)),
             other => Err(unexpected("buffer", &other)),
         }
     }
 
-    fn buffer_from(&self, reply: (ReplyBody, Vec<OwnedFd>)) -> Result<Buffer> {
-        let (body, mut fds) = reply;
+    /// A buffer from the answer to an alloc or an import, on the
+    /// connection generation the answer came on.
+    fn buffer_from(&self, answered: connection::Answered) -> Result<Buffer> {
+        let (body, mut fds, (_, generation)) = answered;
         match body {
             ReplyBody::Buffer(info) => {
                 let fd = fds
                     .pop()
                     .ok_or_else(|| Error::Protocol("buffer reply without its fd".into()))?;
-                Ok(Buffer::new(self.clone(), info, fd))
+                Ok(Buffer::new(self.clone(), info, fd, generation))
             }
             other => Err(unexpected("buffer", &other)),
         }
@@ -288,8 +290,10 @@ impl Drop for UserTicket {
 }
 
 impl Buffer {
-    fn new(client: Client, info: BufferInfo, fd: OwnedFd) -> Buffer {
-        let serial = client.conn.remember_hold(info.id, &info.secret, info.inode);
+    fn new(client: Client, info: BufferInfo, fd: OwnedFd, generation: u64) -> Buffer {
+        let serial = client
+            .conn
+            .remember_hold(info.id, &info.secret, info.inode, generation);
         Buffer {
             state: Arc::new(BufferState {
                 client,
@@ -917,7 +921,10 @@ impl AccessGuard {
             return match word.end(hold) {
                 WordEnd::Silent | WordEnd::NotMine => Ok(()),
                 WordEnd::Tell | WordEnd::HandedOff => {
-                    self.client.conn.send(
+                    // On the word's own connection only: the buffer's id
+                    // may name another buffer after a reconnect.
+                    self.client.conn.send_on(
+                        self.generation,
                         RequestBody::WordEnded {
                             buffer: self.buffer,
                         },
@@ -934,11 +941,10 @@ impl AccessGuard {
                 ClientEnd::Tell | ClientEnd::NotMine => {}
             }
         }
-        if self.client.conn.generation() != self.generation {
-            // The access died with its connection (see `generation`).
-            return Ok(());
-        }
-        self.client.conn.send(
+        // Nothing once the connection is replaced: the access died with it
+        // (see `generation`).
+        self.client.conn.send_on(
+            self.generation,
             RequestBody::End {
                 access: self.access,
                 fence_slot: None,
@@ -957,7 +963,10 @@ impl AccessGuard {
     /// and the guard and the sync_file come back in the error. Ending the
     /// guard without its fence would let readers in before the device is
     /// done, so whoever gets it back decides: wait for the fence and
-    /// [`AccessGuard::end`], or try again.
+    /// [`AccessGuard::end`], or try again. One refusal is not the
+    /// broker's: an answer that arrived unreadable (`ProtocolError`)
+    /// leaves open whether the broker took the fence, and if it did, a
+    /// retry is refused as already ended (`InvalidArgument`).
     pub fn end_with_fence(mut self, sync_file: OwnedFd) -> Result<(), FenceRefused> {
         if self.word_hold.is_some() {
             // Only CPU accesses live in the word; the guard ends it on drop.
@@ -967,16 +976,13 @@ impl AccessGuard {
                 sync_file,
             ));
         }
-        if self.client.conn.generation() != self.generation {
-            // The access died with its connection (see `generation`).
-            return Err(FenceRefused::new(Error::Disconnected, self, sync_file));
-        }
         // Not `call`: a retry after a reconnect would send this
         // connection's access id on the next one.
         let answered = self
             .client
             .conn
-            .send(
+            .send_on(
+                self.generation,
                 RequestBody::End {
                     access: self.access,
                     fence_slot: Some(0),
@@ -984,7 +990,11 @@ impl AccessGuard {
                 &[sync_file.as_fd()],
                 true,
             )
-            .and_then(|(id, generation)| self.client.conn.wait_reply(id, generation));
+            .and_then(|sent| {
+                // The access died with its connection (see `generation`).
+                let (id, generation) = sent.ok_or(Error::Disconnected)?;
+                self.client.conn.wait_reply(id, generation)
+            });
         match answered {
             Ok(_) => {
                 self.ended = true;
