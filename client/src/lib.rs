@@ -337,6 +337,15 @@ impl Buffer {
 
     /// A new shared mapping of the whole buffer, unmapped on drop. Hold an
     /// access (see [`Buffer::begin`]) while looking at its bytes.
+    ///
+    /// Prefer [`AccessGuard::bytes`] and [`AccessGuard::bytes_mut`]: they
+    /// share one mapping per buffer and never let a `&mut [u8]` alias
+    /// another view in this process. Each `map()` is a mapping of its own,
+    /// and its bytes change whenever another mapping of the buffer (this
+    /// process's or another's) writes them: Rust's rules for slices assume
+    /// they do not, so write through one mapping at a time, under a write
+    /// access, and do not keep a slice of one across a write through
+    /// another.
     pub fn map(&self) -> Result<Mapping> {
         Ok(Mapping::new(
             self.state.fd.as_fd(),
