@@ -750,6 +750,12 @@ fn events_of_a_dead_connection_are_not_handed_out_after_a_reconnect() {
     client.heaps().expect("heaps, with an event ahead of it");
     client.heaps().expect("heaps, after a reconnect");
     assert_eq!(client.reconnects(), 1);
+    // The reconnect was another call's: the next wait for events still
+    // hears of it, once, and then gets no event of the dead connection.
+    let err = client
+        .next_event(Some(Duration::ZERO))
+        .expect_err("told of the reconnect");
+    assert!(matches!(err, Error::Reconnected), "{err}");
     let event = client.next_event(Some(Duration::ZERO)).expect("no error");
     assert_eq!(event, None, "an event of the dead connection");
     drop(client);
@@ -803,5 +809,39 @@ fn waiting_for_events_with_a_timeout_is_bounded_while_the_broker_is_away() {
         started.elapsed() < Duration::from_secs(3),
         "waited {:?} ({err})",
         started.elapsed()
+    );
+}
+
+/// A wait for events with a timeout keeps it even while another thread is
+/// reconnecting (which may take the whole reconnect window): it waited for
+/// that thread to give up.
+#[test]
+fn waiting_for_events_keeps_its_timeout_while_another_thread_reconnects() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 1, event_then_hang_up);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(3)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    client.heaps().expect("heaps, then the broker is gone");
+    broker.join().expect("scripted broker");
+    let reconnecting = {
+        let client = client.clone();
+        std::thread::spawn(move || client.heaps())
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    let _ = client.next_event(Some(Duration::from_millis(100)));
+    let _ = client.next_event(Some(Duration::from_millis(100)));
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "waited {:?} for another thread's reconnect",
+        started.elapsed()
+    );
+    assert!(
+        reconnecting.join().expect("thread").is_err(),
+        "nobody to reconnect to"
     );
 }

@@ -630,10 +630,12 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
     wait_for_log(&first, "cannot remove an entry from the fd store");
     limit_fds(first.pid(), 1024);
 
-    // Its slot is not free until the store says so: no buffer may take it
-    // before the removal is sent again.
+    // Its slot is not free until the removal is sent: the next alloc
+    // sends it again first, and only then takes the slot.
     let seen = manager.received().records_sent();
-    let maybe = camera.alloc(4096);
+    let again = camera
+        .alloc(4096)
+        .expect("the slot is free once the removal is sent again");
     let shared = codec
         .import(&frames[0].export().expect("export"))
         .expect("import");
@@ -645,7 +647,7 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
         refused.is_empty(),
         "the store was overfilled: it refused {refused:?}"
     );
-    for frame in frames.iter().chain(maybe.as_ref().ok()).chain([&shared]) {
+    for frame in frames.iter().chain([&again, &shared]) {
         if let Err(err) = frame.info() {
             panic!(
                 "buffer {} was lost at the restart: {err}\n{}",
@@ -797,4 +799,39 @@ fn a_connection_cannot_reattach_two_holds_of_one_buffer() {
         secret: importers,
     });
     assert_eq!(second, Err(ErrorCode::InvalidArgument), "{second:?}");
+}
+
+/// A re-attach takes back a hold that was within the limits when it was
+/// taken; checked against them again, a hold whose charge grew since (an
+/// importer left it the owner's charge) or a policy reloaded with lower
+/// limits refused it, and the client lost a buffer it held.
+#[test]
+fn a_restart_under_tighter_limits_keeps_every_buffer_clients_hold() {
+    let manager = ServiceManager::new();
+    let policy = manager.dir.path().join("policy.toml");
+    std::fs::write(&policy, "[default]\nmax_total_bytes = \"1 MiB\"\n").expect("policy");
+    let policy = policy.to_str().expect("utf-8 path").to_owned();
+    let first = Running::start_with(&manager, "first", &[], &["--policy", &policy]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..4)
+        .map(|_| camera.alloc(256 << 10).expect("alloc within 1 MiB"))
+        .collect();
+    manager.wait_until_recorded(4);
+
+    drop(first); // SIGKILL
+    std::fs::write(&policy, "[default]\nmax_total_bytes = \"512 KiB\"\n").expect("policy");
+    let second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    for frame in &frames {
+        if let Err(err) = frame.info() {
+            panic!(
+                "buffer {} was lost at the restart: {err}\n{}",
+                frame.id(),
+                second.log()
+            );
+        }
+    }
+    let err = camera
+        .alloc(4096)
+        .expect_err("over the new limit, a new buffer is refused");
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
 }

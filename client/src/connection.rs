@@ -138,6 +138,8 @@ pub(crate) struct Connection {
     end_words: Mutex<(u64, Option<Arc<EndWords>>)>,
     holds: Mutex<HashMap<u64, Hold>>,
     next_serial: AtomicU64,
+    /// The connection generation `next_event` last told its caller about.
+    events_seen: AtomicU64,
     reconnecting: Mutex<()>,
     reconnects: AtomicU64,
 }
@@ -276,6 +278,7 @@ impl Connection {
             end_words: Mutex::new((0, page)),
             holds: Mutex::new(HashMap::new()),
             next_serial: AtomicU64::new(1),
+            events_seen: AtomicU64::new(0),
             reconnecting: Mutex::new(()),
             reconnects: AtomicU64::new(0),
         })
@@ -631,7 +634,22 @@ impl Connection {
     /// new socket, hello, re-attach of every held buffer. Gives up after the
     /// reconnect window.
     fn reconnect(&self, broken: u64, limit: Option<Instant>) -> Result<(), Error> {
-        let _one_at_a_time = lock(&self.reconnecting);
+        let _one_at_a_time = match limit {
+            None => lock(&self.reconnecting),
+            // Another thread may be reconnecting, for its whole window.
+            Some(limit) => loop {
+                match self.reconnecting.try_lock() {
+                    Ok(guard) => break guard,
+                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= limit => {
+                        return Err(Error::Disconnected);
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            },
+        };
         if self.generation() != broken {
             return Ok(());
         }
@@ -643,7 +661,11 @@ impl Connection {
             match self.fresh_connection() {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
-                    let holds = lock(&self.holds);
+                    let mut holds = lock(&self.holds);
+                    // A hold recorded while the re-attach ran was granted on
+                    // the old connection and is unknown to the new one: lost.
+                    let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
+                    holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
                     for (buffer, serial) in reattached {
                         if !is_hold(&holds, buffer, serial) {
                             // Dropped while it was re-attached: its Free
@@ -739,12 +761,13 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let start = self.generation();
         let mut mailbox = lock(&self.mailbox);
         loop {
-            // Whoever waited for events of the old connection (fences to
-            // signal) must hear that they will never come.
-            if self.generation() != start {
+            // Whoever waits for events of an old connection (fences to
+            // signal) must hear that they will never come: once for each
+            // reconnect, whichever call made it, and whenever it was.
+            let start = self.generation();
+            if self.events_seen.swap(start, Ordering::AcqRel) != start {
                 return Err(Error::Reconnected);
             }
             if let Some(event) = mailbox.events.pop_front() {
@@ -755,7 +778,10 @@ impl Connection {
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
                 return Err(match self.recover_by(start, deadline) {
-                    Ok(true) => Error::Reconnected,
+                    Ok(true) => {
+                        self.events_seen.store(self.generation(), Ordering::Release);
+                        Error::Reconnected
+                    }
                     Ok(false) => Error::Disconnected,
                     Err(err) => err,
                 });

@@ -72,13 +72,19 @@ impl Received {
 
     /// How many records (`state-*`) the daemon has sent to the store.
     pub fn records_sent(&self) -> usize {
+        self.record_times().len()
+    }
+
+    /// When each record (`state-*`) was sent to the store, in order.
+    pub fn record_times(&self) -> Vec<Instant> {
         self.messages
             .iter()
             .filter(|(_, m)| {
                 m.lines().any(|l| l == "FDSTORE=1")
                     && m.lines().any(|l| l.starts_with("FDNAME=state-"))
             })
-            .count()
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// How many buffers (`buf-*`) are in the store.
@@ -222,12 +228,25 @@ impl ServiceManager {
     }
 
     /// Waits until the daemon has sent a record after the first `seen`
-    /// (see [`Received::records_sent`]): one written after a change made
-    /// when `seen` records had been sent reflects it.
+    /// (see [`Received::records_sent`]) and then no other for a while. The
+    /// first record after a change may have been copied just before it
+    /// (the daemon writes one 50 ms after a change, and may have been
+    /// writing one already); the change then brings another within the
+    /// quiet period.
     pub fn wait_for_record_after(&self, seen: usize) {
+        const QUIET: Duration = Duration::from_millis(250);
         self.wait_for("a new record in the store", Duration::from_secs(5), |r| {
             r.records_sent() > seen
         });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = self.received().record_times().last().copied();
+            if last.is_some_and(|t| t.elapsed() >= QUIET) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "records kept coming");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts the daemon the way systemd would: the listening socket and

@@ -121,13 +121,16 @@ impl State {
                 ),
             ));
         }
-        // The arbiter's count is cheap but still includes accesses ended
-        // through end words and not yet retired: the exact count, a walk
-        // over the client's buffers, only settles a begin near the limit.
+        // Granted and queued accesses both count (a queued one is granted
+        // later). The arbiter's count is cheap but still includes accesses
+        // ended through end words and not yet retired: the exact count, a
+        // walk over the client's buffers, only settles a begin near the
+        // limit.
         let held_limit = entry.resolved.limits.max_held_accesses;
         let held_limit_usize = held_limit as usize;
-        if self.arbiter.held_by(client) >= held_limit_usize {
-            let held = self.live_held_by(client);
+        let waiting = self.arbiter.waiting_for(client);
+        if self.arbiter.held_by(client) + waiting >= held_limit_usize {
+            let held = self.live_granted_to(client) + waiting;
             if held >= held_limit_usize {
                 let mut err = WireError::new(
                     ErrorCode::QuotaExceeded,

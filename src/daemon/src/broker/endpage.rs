@@ -314,6 +314,20 @@ impl State {
         (self.arbiter.held_by(client) + in_words).saturating_sub(ended + ended_in_words)
     }
 
+    /// The accesses the broker granted a client (by message or into a
+    /// word) that it has not ended: what `max_held_accesses` bounds. Not
+    /// those it took in buffer words on its own (at most one per buffer).
+    pub fn live_granted_to(&self, client: ClientId) -> usize {
+        let ended = self.end_page(client).map_or(0, EndPage::ended_count);
+        let (_, ended_in_words) = self
+            .clients
+            .get(&client)
+            .map_or((0, 0), |c| self.word_counts(c.buffers.iter(), Some(client)));
+        self.arbiter
+            .held_by(client)
+            .saturating_sub(ended + ended_in_words)
+    }
+
     /// Whether an access is still in use as far as its word tells: the
     /// D-Bus view shows only these, without retiring anything itself.
     pub fn access_is_live(&self, access: AccessId) -> bool {

@@ -92,7 +92,9 @@ impl State {
             return Ok(());
         };
         let slots = store.capacity.buffer_slots() as u64;
-        // A freed buffer whose removal could not be sent still takes a slot.
+        // A freed buffer whose removal could not be sent still takes a
+        // slot, until the removal is sent again (now, if it can be).
+        store.retry_removals();
         let live = (self.buffers.len() + store.unremoved()) as u64;
         if live < slots {
             return Ok(());
@@ -297,8 +299,11 @@ impl State {
             .iter()
             .position(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
             .ok_or_else(unknown)?;
-        // Taking a hold back follows the rules of taking one: one hold per
-        // buffer and connection, within the client's limits.
+        // One hold per buffer and connection, as for an import. The limits
+        // are not checked again: the hold was within them when it was
+        // taken, a departure may have moved a charge onto the owner since
+        // (which is allowed), and a reload may have lowered them; refused
+        // here, the hold would be lost with the buffer it keeps.
         if entry.held_by(client) {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
@@ -307,7 +312,6 @@ impl State {
         }
         let size = entry.size;
         let charge = entry.owner == ORPHAN && position == 0;
-        self.check_quota(client, size, if charge { size } else { 0 })?;
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return Err(unknown());
         };

@@ -262,12 +262,7 @@ impl State {
 
     /// Quota checks shared by alloc, import and adopt. `charged` is the
     /// number of bytes the client would be charged for (0 for an import).
-    pub(super) fn check_quota(
-        &self,
-        client: ClientId,
-        size: u64,
-        charged: u64,
-    ) -> Result<(), WireError> {
+    fn check_quota(&self, client: ClientId, size: u64, charged: u64) -> Result<(), WireError> {
         let entry = self
             .clients
             .get(&client)

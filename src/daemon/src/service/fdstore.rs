@@ -134,7 +134,7 @@ impl FdStore {
     }
 
     /// Sends the removals that failed before; keeps those that fail again.
-    fn retry_removals(&self) {
+    pub fn retry_removals(&self) {
         let mut names = self.unremoved_names();
         if !names.is_empty() {
             names.retain(|name| !remove(name));
@@ -153,7 +153,10 @@ impl FdStore {
 
     pub fn remove(&self, name: &str) {
         self.retry_removals();
-        if !remove(name) {
+        // Only buffers are remembered: a record's name is used again by a
+        // later record, which a late removal would delete (a stale record
+        // costs nothing but its slot; the restore takes the newest).
+        if !remove(name) && name.starts_with(BUFFER_PREFIX) {
             self.unremoved_names().push(name.to_owned());
         }
     }
