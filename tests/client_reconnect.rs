@@ -845,3 +845,60 @@ fn waiting_for_events_keeps_its_timeout_while_another_thread_reconnects() {
         "nobody to reconnect to"
     );
 }
+
+/// A broker that allocates buffer 1 and answers a begin as a broker that
+/// dies mid-wait would: one that may wait 900 ms or more is left
+/// unanswered for 900 ms, then the broker hangs up; a shorter one is
+/// answered `Timeout` when its time is up. Two connections, one after
+/// the other.
+fn dying_mid_begin_broker(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        serve_requests(&listener, 2, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } | RequestBody::Reattach { .. } => {
+                    reply_with_buffer(socket, id, &buffer, inode)
+                }
+                RequestBody::Begin { timeout_ms, .. } => {
+                    let wait = u64::from(timeout_ms.unwrap_or(u32::MAX));
+                    if wait >= 900 {
+                        std::thread::sleep(Duration::from_millis(900));
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(wait));
+                    reply(
+                        socket,
+                        id,
+                        Err(WireError::new(ErrorCode::Timeout, "timed out")),
+                    );
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// `begin_timeout(1 s)` is over after about a second, however the broker
+/// comes and goes meanwhile: the begin sent again after a reconnect asked
+/// for the whole second again (and the reconnect could take its window).
+#[test]
+fn a_begin_timeout_bounds_the_whole_call_across_a_reconnect() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = dying_mid_begin_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let started = std::time::Instant::now();
+    let err = frame
+        .begin_timeout(Access::CpuRead, Duration::from_secs(1))
+        .expect_err("never granted");
+    let took = started.elapsed();
+    assert_eq!(err.code(), Some(ErrorCode::Timeout), "{err}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    drop(frame);
+    drop(client);
+    broker.join().expect("scripted broker");
+}

@@ -380,7 +380,20 @@ impl Connection {
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Answered, Error> {
-        self.call_with(|| self.send_for(hold, body.clone(), fds, true))
+        self.call_for_until(hold, || body.clone(), fds, None)
+    }
+
+    /// As [`Connection::call_for`], with the request made anew for the
+    /// retry (a begin's timeout is what is left of it by then), and a
+    /// reconnect given up at `limit`.
+    pub fn call_for_until(
+        &self,
+        hold: (u64, u64),
+        body: impl Fn() -> RequestBody,
+        fds: &[BorrowedFd<'_>],
+        limit: Option<Instant>,
+    ) -> Result<Answered, Error> {
+        self.call_with(|| self.send_for(hold, body(), fds, true), limit)
     }
 
     /// The end-word page of connection generation `generation`, if that is
@@ -477,12 +490,16 @@ impl Connection {
     /// connection generation it went out on (a `Planned` begin waits for
     /// more messages to that request).
     pub fn call_on(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<Answered, Error> {
-        self.call_with(|| self.send(body.clone(), fds, true))
+        self.call_with(|| self.send(body.clone(), fds, true), None)
     }
 
     /// A request sent by `send`, and its reply, reconnecting and sending
     /// it again once if the connection turns out to be broken.
-    fn call_with(&self, send: impl Fn() -> Result<(u64, u64), Error>) -> Result<Answered, Error> {
+    fn call_with(
+        &self,
+        send: impl Fn() -> Result<(u64, u64), Error>,
+        limit: Option<Instant>,
+    ) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
             let generation = self.generation();
@@ -493,7 +510,7 @@ impl Connection {
             match result {
                 Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
                     retried = true;
-                    self.reconnect(generation, None)?;
+                    self.reconnect(generation, limit)?;
                 }
                 other => return other,
             }
@@ -616,13 +633,9 @@ impl Connection {
     /// After a call on connection generation `broken` failed with
     /// `Disconnected` outside [`Connection::call_on`] (a hand-off wait):
     /// reconnects if the options allow, and says whether to try again.
-    pub fn recover(&self, broken: u64) -> Result<bool, Error> {
-        self.recover_by(broken, None)
-    }
-
-    /// As [`Connection::recover`], giving up at `limit` if that comes
-    /// before the end of the reconnect window.
-    fn recover_by(&self, broken: u64, limit: Option<Instant>) -> Result<bool, Error> {
+    /// Gives up at `limit` if that comes before the end of the reconnect
+    /// window.
+    pub fn recover_by(&self, broken: u64, limit: Option<Instant>) -> Result<bool, Error> {
         if self.reconnect_window.is_none() {
             return Ok(false);
         }

@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold};
 use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords};
@@ -483,12 +483,19 @@ impl BufferState {
     /// Everything but the fast path in the word: the broker's answer, a
     /// planned hand-off, and one reconnect. Blocks until it has a guard.
     fn begin_with_broker(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
+        // The timeout bounds the whole call: a begin sent again after a
+        // reconnect asks for what is left of it, and the reconnect itself
+        // gives up when it is over.
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let mut retried = false;
         loop {
-            let (body, fds, (id, generation)) =
-                self.client
-                    .conn
-                    .call_for(self.hold(), self.begin_request(access, timeout), &[])?;
+            let (body, fds, (id, generation)) = self.client.conn.call_for_until(
+                self.hold(),
+                || self.begin_request(access, left()),
+                &[],
+                deadline,
+            )?;
             let resolved = self.resolve_plan((body, fds), access, id, generation);
             if !matches!(resolved, Ok(Resolved::Reply(_))) {
                 // Whatever the broker still sends for it goes unread.
@@ -499,7 +506,9 @@ impl BufferState {
                 Ok(Resolved::HandedOff(guard)) => return Ok(guard),
                 // The broker went away while we slept on the word: begin
                 // again on a new connection, as any other call would.
-                Err(Error::Disconnected) if !retried && self.client.conn.recover(generation)? => {
+                Err(Error::Disconnected)
+                    if !retried && self.client.conn.recover_by(generation, deadline)? =>
+                {
                     retried = true;
                 }
                 Err(err) => return Err(err),
