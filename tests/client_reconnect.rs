@@ -902,3 +902,67 @@ fn a_begin_timeout_bounds_the_whole_call_across_a_reconnect() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// A broker that allocates buffer 1 with an fd the client cannot map for
+/// writing (opened read-only), grants every begin in the buffer's word
+/// (access 7), and reports every request kind it saw.
+fn unmappable_word_broker(path: &Path) -> std::thread::JoinHandle<Vec<String>> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let read_only = std::fs::File::open(format!("/proc/self/fd/{}", buffer.as_raw_fd()))
+            .expect("reopen read-only");
+        let read_only = OwnedFd::from(read_only);
+        let mut seen = Vec::new();
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            seen.push(format!("{body:?}"));
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &read_only, inode),
+                RequestBody::Begin { access, .. } => {
+                    let grant = dmabroker_ipc::Grant {
+                        access: 7,
+                        buffer: 1,
+                        kind: access,
+                        writer_lost: false,
+                        revoked: false,
+                        fences: Vec::new(),
+                        end_slot: None,
+                        word: Some(FastSlot { index: 0, epoch: 0 }),
+                    };
+                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
+                }
+                RequestBody::ListHeaps => heaps(socket, id),
+                _ => {}
+            }
+            true
+        });
+        seen
+    })
+}
+
+/// A grant in the buffer's word whose word the client cannot map: the
+/// broker set the holder's bit, and the client had nothing to clear it
+/// with. The begin failed, and the access stayed held (every other user
+/// of the buffer waited) until the client left. It is ended by its id.
+#[test]
+fn a_word_grant_whose_word_cannot_be_mapped_is_ended_by_message() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = unmappable_word_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let err = frame
+        .begin(Access::CpuRead)
+        .expect_err("the word cannot be mapped");
+    assert!(matches!(err, Error::Map(_)), "{err}");
+    client.heaps().expect("heaps");
+    drop(frame);
+    drop(client);
+    let seen = broker.join().expect("scripted broker");
+    assert!(
+        seen.iter()
+            .any(|r| r.contains("End { access: 7, fence_slot: None }")),
+        "the access was never ended: {seen:?}"
+    );
+}
