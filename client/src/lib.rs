@@ -1092,7 +1092,10 @@ mod nonblocking {
         /// stopped waiting is dropped with its guard and ends at once.
         /// Made here instead, it would be lost with the future and never
         /// ended, and every other user of the buffer would wait for it
-        /// until this client disconnects.
+        /// until this client disconnects. The price: with no `timeout`, an
+        /// abandoned begin keeps a blocking-pool thread until the broker
+        /// answers it, and a runtime shutting down meanwhile waits for that
+        /// thread; give a timeout where that matters.
         pub async fn begin_async(
             &self,
             access: Access,
