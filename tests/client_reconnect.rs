@@ -36,6 +36,21 @@ fn reply_with_buffer(socket: &OwnedFd, id: u64, buffer: &OwnedFd, inode: u64) {
     send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
 }
 
+/// The scripted broker's grant of access `id` on buffer 1, in the
+/// buffer's word at `word` if given.
+fn granted(id: u64, kind: Access, word: Option<FastSlot>) -> ReplyBody {
+    ReplyBody::Granted(dmabroker_ipc::Grant {
+        access: id,
+        buffer: 1,
+        kind,
+        writer_lost: false,
+        revoked: false,
+        fences: Vec::new(),
+        end_slot: None,
+        word,
+    })
+}
+
 fn welcome() -> ReplyBody {
     ReplyBody::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -270,17 +285,7 @@ fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'s
                     reply(socket, id, Ok(ReplyBody::Planned { word: slot }));
                 }
                 RequestBody::Begin { access, .. } => {
-                    let grant = dmabroker_ipc::Grant {
-                        access: 1,
-                        buffer: 1,
-                        kind: access,
-                        writer_lost: false,
-                        revoked: false,
-                        fences: Vec::new(),
-                        end_slot: None,
-                        word: None,
-                    };
-                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
+                    reply(socket, id, Ok(granted(1, access, None)));
                 }
                 RequestBody::ListHeaps if connection == 1 => return false,
                 RequestBody::ListHeaps => heaps(socket, id),
@@ -474,17 +479,7 @@ fn cancelled_plan_broker(
                     let timeout = WireError::new(ErrorCode::Timeout, "timed out");
                     reply(socket, first, Err(timeout));
                     word.scribble(word.load().0 | 1); // holder 0 reads
-                    let grant = dmabroker_ipc::Grant {
-                        access: 2,
-                        buffer: 1,
-                        kind: access,
-                        writer_lost: false,
-                        revoked: false,
-                        fences: Vec::new(),
-                        end_slot: None,
-                        word: Some(slot),
-                    };
-                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
+                    reply(socket, id, Ok(granted(2, access, Some(slot))));
                     word.cancel_plan();
                 }
                 RequestBody::ListHeaps => heaps(socket, id),
@@ -920,17 +915,11 @@ fn unmappable_word_broker(path: &Path) -> std::thread::JoinHandle<Vec<String>> {
                 RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
                 RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &read_only, inode),
                 RequestBody::Begin { access, .. } => {
-                    let grant = dmabroker_ipc::Grant {
-                        access: 7,
-                        buffer: 1,
-                        kind: access,
-                        writer_lost: false,
-                        revoked: false,
-                        fences: Vec::new(),
-                        end_slot: None,
-                        word: Some(FastSlot { index: 0, epoch: 0 }),
-                    };
-                    reply(socket, id, Ok(ReplyBody::Granted(grant)));
+                    reply(
+                        socket,
+                        id,
+                        Ok(granted(7, access, Some(FastSlot { index: 0, epoch: 0 }))),
+                    );
                 }
                 RequestBody::ListHeaps => heaps(socket, id),
                 _ => {}
