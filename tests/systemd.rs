@@ -456,6 +456,18 @@ fn async_calls_reconnect_after_a_restart() {
 }
 
 /// Waits until the daemon's log says `line`.
+/// Fails the test, with the new instance's log, if `buffer` did not come
+/// back across the restart.
+fn assert_back(buffer: &dmabroker_client::Buffer, second: &Running) {
+    if let Err(err) = buffer.info() {
+        panic!(
+            "buffer {} was lost at the restart: {err}\n{}",
+            buffer.id(),
+            second.log()
+        );
+    }
+}
+
 fn wait_for_log(daemon: &Running, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !daemon.log().contains(line) {
@@ -571,13 +583,7 @@ fn a_full_fd_store_keeps_every_buffer_across_a_restart() {
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
     for frame in &frames {
-        if let Err(err) = frame.info() {
-            panic!(
-                "buffer {} was lost at the restart: {err}\n{}",
-                frame.id(),
-                second.log()
-            );
-        }
+        assert_back(frame, &second);
     }
     shared.info().expect("the import is re-attached too");
     assert!(
@@ -648,13 +654,7 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
         "the store was overfilled: it refused {refused:?}"
     );
     for frame in frames.iter().chain([&again, &shared]) {
-        if let Err(err) = frame.info() {
-            panic!(
-                "buffer {} was lost at the restart: {err}\n{}",
-                frame.id(),
-                second.log()
-            );
-        }
+        assert_back(frame, &second);
     }
 }
 
@@ -822,13 +822,7 @@ fn a_restart_under_tighter_limits_keeps_every_buffer_clients_hold() {
     std::fs::write(&policy, "[default]\nmax_total_bytes = \"512 KiB\"\n").expect("policy");
     let second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
     for frame in &frames {
-        if let Err(err) = frame.info() {
-            panic!(
-                "buffer {} was lost at the restart: {err}\n{}",
-                frame.id(),
-                second.log()
-            );
-        }
+        assert_back(frame, &second);
     }
     let err = camera
         .alloc(4096)
