@@ -636,20 +636,7 @@ impl BufferState {
                     slot,
                     write: grant.kind.is_write(),
                 };
-                match self.mapped_word() {
-                    Ok(word) => Some((word, hold)),
-                    Err(err) => {
-                        // The broker set this holder's bit: with no word to
-                        // clear it in, the access is ended by its id, or it
-                        // would hold the buffer until this client leaves.
-                        let end = RequestBody::End {
-                            access: grant.access,
-                            fence_slot: None,
-                        };
-                        let _ = self.client.conn.send_on(generation, end, &[], false);
-                        return Err(err);
-                    }
-                }
+                Some((self.mapped_word()?, hold))
             }
             None => None,
         };
