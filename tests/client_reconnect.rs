@@ -897,3 +897,73 @@ fn a_begin_timeout_bounds_the_whole_call_across_a_reconnect() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// A broker that allocates buffer 1 and answers every begin `Timeout`,
+/// reporting the `timeout_ms` each asked for.
+fn timeout_recording_broker(path: &Path) -> std::thread::JoinHandle<Vec<Option<u32>>> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let mut asked = Vec::new();
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
+                RequestBody::Begin { timeout_ms, .. } => {
+                    asked.push(timeout_ms);
+                    reply(
+                        socket,
+                        id,
+                        Err(WireError::new(ErrorCode::Timeout, "timed out")),
+                    );
+                }
+                _ => {}
+            }
+            true
+        });
+        asked
+    })
+}
+
+/// A begin asks the broker for the time its caller gave, not less: the
+/// whole-call deadline measured what was left a moment later and rounded
+/// down, so `begin_timeout(1 ms)` asked for 0 ms, which the broker takes
+/// as "give up at once" (even on a dma-buf's fences about to signal).
+#[test]
+fn a_begin_asks_the_broker_for_no_less_than_its_timeout() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = timeout_recording_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    for ms in [1, 1000] {
+        let _ = frame.begin_timeout(Access::CpuRead, Duration::from_millis(ms));
+    }
+    drop(frame);
+    drop(client);
+    let asked = broker.join().expect("scripted broker");
+    assert_eq!(asked, [Some(1), Some(1000)]);
+}
+
+/// A begin whose deadline passes while the client reconnects (the broker
+/// is away) fails as a timeout, as its documentation says, not with a
+/// connection error: a caller that retries timeouts must not take it for
+/// a broken connection.
+#[test]
+fn a_begin_whose_deadline_passes_while_reconnecting_times_out() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = dying_mid_begin_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    // The broker hangs up 900 ms into the begin and then takes no more
+    // connections: the reconnect runs into the begin's deadline.
+    let _ = std::fs::remove_file(&path);
+    let err = frame
+        .begin_timeout(Access::CpuRead, Duration::from_secs(1))
+        .expect_err("never granted");
+    assert_eq!(err.code(), Some(ErrorCode::Timeout), "{err}");
+    drop(frame);
+    drop(client);
+    drop(broker); // still waiting for a second connection
+}

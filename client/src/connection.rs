@@ -692,9 +692,16 @@ impl Connection {
                     drop(holds);
                     return Ok(());
                 }
-                Err(err) if Instant::now() + backoff >= deadline => return Err(err),
+                // A caller's limit is kept to the end (its caller tells a
+                // timeout by the deadline having passed); the window alone
+                // ends at the last attempt that fits in it.
+                Err(err) if limit.is_none() && Instant::now() + backoff >= deadline => {
+                    return Err(err)
+                }
+                Err(err) if Instant::now() >= deadline => return Err(err),
                 Err(_) => {
-                    std::thread::sleep(backoff);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    std::thread::sleep(backoff.min(left));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }

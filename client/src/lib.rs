@@ -454,7 +454,9 @@ impl BufferState {
         RequestBody::Begin {
             buffer: self.info.id,
             access,
-            timeout_ms: timeout.map(|t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
+            // Rounded up: 0 tells the broker to give up at once.
+            timeout_ms: timeout
+                .map(|t| u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)),
         }
     }
 
@@ -488,14 +490,31 @@ impl BufferState {
         // gives up when it is over.
         let deadline = timeout.map(|t| Instant::now() + t);
         let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // The deadline passed while reconnecting: a timeout, as when the
+        // broker says so.
+        let timed_out = |err: Error| match err {
+            Error::Connect { .. } | Error::Disconnected
+                if deadline.is_some_and(|d| Instant::now() >= d) =>
+            {
+                Error::Broker(WireError::new(
+                    ErrorCode::Timeout,
+                    "the begin timed out while reconnecting to the broker",
+                ))
+            }
+            other => other,
+        };
         let mut retried = false;
         loop {
-            let (body, fds, (id, generation)) = self.client.conn.call_for_until(
-                self.hold(),
-                || self.begin_request(access, left()),
-                &[],
-                deadline,
-            )?;
+            let (body, fds, (id, generation)) = self
+                .client
+                .conn
+                .call_for_until(
+                    self.hold(),
+                    || self.begin_request(access, left()),
+                    &[],
+                    deadline,
+                )
+                .map_err(timed_out)?;
             let resolved = self.resolve_plan((body, fds), access, id, generation);
             if !matches!(resolved, Ok(Resolved::Reply(_))) {
                 // Whatever the broker still sends for it goes unread.
@@ -507,7 +526,12 @@ impl BufferState {
                 // The broker went away while we slept on the word: begin
                 // again on a new connection, as any other call would.
                 Err(Error::Disconnected)
-                    if !retried && self.client.conn.recover_by(generation, deadline)? =>
+                    if !retried
+                        && self
+                            .client
+                            .conn
+                            .recover_by(generation, deadline)
+                            .map_err(timed_out)? =>
                 {
                     retried = true;
                 }
