@@ -455,7 +455,6 @@ fn async_calls_reconnect_after_a_restart() {
     drop(more);
 }
 
-/// Waits until the daemon's log says `line`.
 /// Fails the test, with the new instance's log, if `buffer` did not come
 /// back across the restart.
 fn assert_back(buffer: &dmabroker_client::Buffer, second: &Running) {
@@ -468,6 +467,7 @@ fn assert_back(buffer: &dmabroker_client::Buffer, second: &Running) {
     }
 }
 
+/// Waits until the daemon's log says `line`.
 fn wait_for_log(daemon: &Running, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !daemon.log().contains(line) {
