@@ -103,6 +103,14 @@ struct Hold {
     serial: u64,
 }
 
+/// A reconnect its caller's time ran out for.
+fn out_of_time() -> Error {
+    Error::Broker(WireError::new(
+        ErrorCode::Timeout,
+        "the time ran out while reconnecting to the broker",
+    ))
+}
+
 /// The serial of a hold that was lost before it was recorded.
 const LOST: u64 = 0;
 
@@ -655,7 +663,7 @@ impl Connection {
                     Ok(guard) => break guard,
                     Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
                     Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= limit => {
-                        return Err(Error::Disconnected);
+                        return Err(out_of_time());
                     }
                     Err(std::sync::TryLockError::WouldBlock) => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -669,6 +677,9 @@ impl Connection {
         let window = self.reconnect_window.unwrap_or_default();
         let end_of_window = Instant::now() + window;
         let deadline = limit.map_or(end_of_window, |limit| limit.min(end_of_window));
+        // Given up at the caller's limit: its time ran out, as a broker's
+        // `Timeout` says.
+        let limited = limit.is_some_and(|limit| limit <= end_of_window);
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.fresh_connection() {
@@ -698,6 +709,7 @@ impl Connection {
                 Err(err) if limit.is_none() && Instant::now() + backoff >= deadline => {
                     return Err(err)
                 }
+                Err(_) if limited && Instant::now() >= deadline => return Err(out_of_time()),
                 Err(err) if Instant::now() >= deadline => return Err(err),
                 Err(_) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -797,14 +809,17 @@ impl Connection {
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                return Err(match self.recover_by(start, deadline) {
+                return match self.recover_by(start, deadline) {
                     Ok(true) => {
                         self.events_seen.store(self.generation(), Ordering::Release);
-                        Error::Reconnected
+                        Err(Error::Reconnected)
                     }
-                    Ok(false) => Error::Disconnected,
-                    Err(err) => err,
-                });
+                    Ok(false) => Err(Error::Disconnected),
+                    // The time ran out before the broker was back: nothing
+                    // came in time, and the next call tries again.
+                    Err(err) if err.code() == Some(ErrorCode::Timeout) => Ok(None),
+                    Err(err) => Err(err),
+                };
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);

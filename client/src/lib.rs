@@ -214,8 +214,8 @@ impl Client {
 
     /// The next event (fence signalled, access revoked), waiting at most
     /// `timeout`; `Ok(None)` when none came in time. After a broker restart
-    /// it reconnects as other calls do (within `timeout`) and returns
-    /// [`Error::Reconnected`]: events of the old connection are dropped,
+    /// it reconnects as other calls do (within `timeout`: `Ok(None)` if
+    /// the broker is not back by then) and returns [`Error::Reconnected`]: events of the old connection are dropped,
     /// since the new broker numbers fences and accesses anew, so whatever
     /// the caller waited to hear of will never come.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
@@ -489,32 +489,21 @@ impl BufferState {
         // reconnect asks for what is left of it, and the reconnect itself
         // gives up when it is over.
         let deadline = timeout.map(|t| Instant::now() + t);
-        let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        // The deadline passed while reconnecting: a timeout, as when the
-        // broker says so.
-        let timed_out = |err: Error| match err {
-            Error::Connect { .. } | Error::Disconnected
-                if deadline.is_some_and(|d| Instant::now() >= d) =>
-            {
-                Error::Broker(WireError::new(
-                    ErrorCode::Timeout,
-                    "the begin timed out while reconnecting to the broker",
-                ))
-            }
-            other => other,
+        // The first request asks for the caller's timeout itself; only one
+        // sent again asks for what is left.
+        let first = std::cell::Cell::new(true);
+        let asked = || match first.replace(false) {
+            true => timeout,
+            false => deadline.map(|d| d.saturating_duration_since(Instant::now())),
         };
         let mut retried = false;
         loop {
-            let (body, fds, (id, generation)) = self
-                .client
-                .conn
-                .call_for_until(
-                    self.hold(),
-                    || self.begin_request(access, left()),
-                    &[],
-                    deadline,
-                )
-                .map_err(timed_out)?;
+            let (body, fds, (id, generation)) = self.client.conn.call_for_until(
+                self.hold(),
+                || self.begin_request(access, asked()),
+                &[],
+                deadline,
+            )?;
             let resolved = self.resolve_plan((body, fds), access, id, generation);
             if !matches!(resolved, Ok(Resolved::Reply(_))) {
                 // Whatever the broker still sends for it goes unread.
@@ -526,12 +515,7 @@ impl BufferState {
                 // The broker went away while we slept on the word: begin
                 // again on a new connection, as any other call would.
                 Err(Error::Disconnected)
-                    if !retried
-                        && self
-                            .client
-                            .conn
-                            .recover_by(generation, deadline)
-                            .map_err(timed_out)? =>
+                    if !retried && self.client.conn.recover_by(generation, deadline)? =>
                 {
                     retried = true;
                 }
