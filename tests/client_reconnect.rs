@@ -1010,3 +1010,46 @@ fn a_begin_that_loses_its_connection_late_says_so_without_reconnecting() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// A broker that answers the first connection's heaps request and hangs
+/// up, then refuses every later hello as a broker of another protocol
+/// version would.
+fn upgraded_broker(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        serve_requests(&listener, 1000, |socket, connection, id, body| {
+            match body {
+                RequestBody::Hello(_) if connection == 1 => reply(socket, id, Ok(welcome())),
+                RequestBody::Hello(_) => {
+                    let refused = WireError::new(ErrorCode::IncompatibleVersion, "version 4 only");
+                    reply(socket, id, Err(refused));
+                    return false;
+                }
+                RequestBody::ListHeaps => {
+                    heaps(socket, id);
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// A wait for events whose time runs out while the broker refuses every
+/// reconnect for good (another protocol version) says so, instead of
+/// "nothing came in time" at every call, forever.
+#[test]
+fn waiting_for_events_reports_a_broker_that_refuses_to_reconnect() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = upgraded_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, then the broker hangs up");
+    let err = client
+        .next_event(Some(Duration::from_millis(200)))
+        .expect_err("the broker refuses this client's version");
+    assert_eq!(err.code(), Some(ErrorCode::IncompatibleVersion), "{err}");
+    drop(client);
+    drop(broker); // still waiting for more connections
+}

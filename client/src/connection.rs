@@ -709,8 +709,14 @@ impl Connection {
                 Err(err) if limit.is_none() && Instant::now() + backoff >= deadline => {
                     return Err(err)
                 }
-                Err(_) if limited && Instant::now() >= deadline => return Err(out_of_time()),
-                Err(err) if Instant::now() >= deadline => return Err(err),
+                // Only a broker still away is the caller's time running
+                // out; a refusal (another protocol version) is the answer.
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(match err {
+                        Error::Connect { .. } | Error::Disconnected if limited => out_of_time(),
+                        other => other,
+                    })
+                }
                 Err(_) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     std::thread::sleep(backoff.min(left));
