@@ -779,8 +779,13 @@ impl Connection {
 
     fn install(&self, socket: OwnedFd, welcome: Welcome, page: Option<Arc<EndWords>>) {
         let mut mailbox = lock(&self.mailbox);
-        *lock(&self.socket) = Arc::new(socket);
+        // One step under the socket lock, which `current_socket` reads
+        // both under: a new socket seen with the old generation had its
+        // replies dropped as the old connection's.
+        let mut current = lock(&self.socket);
+        *current = Arc::new(socket);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(current);
         *lock(&self.end_words) = (generation, page);
         *lock(&self.welcome) = welcome;
         mailbox.replies.clear();
@@ -954,6 +959,59 @@ mod tests {
         )
         .expect("socketpair")
         .0
+    }
+
+    fn inode(fd: &OwnedFd) -> u64 {
+        nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd))
+            .expect("fstat")
+            .st_ino
+    }
+
+    /// The socket and the generation are one fact: a reader or a sender
+    /// that got the new socket with the old generation read a reply it
+    /// then dropped (its waiter slept forever), or sent a request whose
+    /// answer nobody collected. The swap and the bump were two steps.
+    #[test]
+    fn the_current_socket_always_comes_with_its_own_generation() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            autofence: None,
+            client_name: "test".into(),
+        };
+        let first = socket();
+        let inodes = Arc::new(Mutex::new(vec![inode(&first)]));
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello,
+            None,
+            first,
+            welcome(),
+            None,
+        );
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let installer = {
+            let (conn, inodes, done) = (Arc::clone(&conn), Arc::clone(&inodes), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    let next = socket();
+                    // Recorded before it is installed: generation n is inodes[n].
+                    lock(&inodes).push(inode(&next));
+                    conn.install(next, welcome(), None);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut mismatches = 0;
+        while !done.load(Ordering::SeqCst) {
+            let (socket, generation) = conn.current_socket();
+            let expected = lock(&inodes)[generation as usize];
+            if inode(&socket) != expected {
+                mismatches += 1;
+            }
+        }
+        installer.join().expect("installer");
+        assert_eq!(mismatches, 0, "a socket came with another generation");
     }
 
     /// Thread B's alloc was answered on the old connection; before it
