@@ -1053,3 +1053,50 @@ fn waiting_for_events_reports_a_broker_that_refuses_to_reconnect() {
     drop(client);
     drop(broker); // still waiting for more connections
 }
+
+/// A restarting broker behind socket activation: the socket takes
+/// connections, but nobody answers them yet. A reconnect's hello waited
+/// for an answer with no bound, so `next_event(Some(100 ms))` never
+/// returned, whatever its timeout (and the reconnect window was not kept).
+#[test]
+fn a_reconnect_to_a_socket_nobody_answers_keeps_the_callers_timeout() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let listener = listening_at(&path);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let broker = std::thread::spawn(move || {
+        let socket = accept_one(&listener);
+        while let Ok(message) = recv_message(socket.as_fd(), false) {
+            let request = decode_request(&message.bytes).expect("decode");
+            match request.body {
+                RequestBody::Hello(_) => reply(&socket, request.head.id, Ok(welcome())),
+                RequestBody::ListHeaps => {
+                    heaps(&socket, request.head.id);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        drop(socket);
+        // Listening still, accepting no more: connects wait in the backlog.
+        let _ = stop_rx.recv();
+        drop(listener);
+    });
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, then the broker hangs up");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiting = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(client.next_event(Some(Duration::from_millis(100))).is_ok());
+        })
+    };
+    let answered = done_rx.recv_timeout(Duration::from_secs(3));
+    let _ = stop_tx.send(());
+    broker.join().expect("scripted broker");
+    assert!(
+        answered.is_ok(),
+        "next_event(100 ms) did not return within 3 s"
+    );
+    waiting.join().expect("waiting thread");
+}

@@ -103,6 +103,17 @@ struct Hold {
     serial: u64,
 }
 
+/// How long a blocking receive on `socket` may wait (`None`: forever).
+fn set_receive_timeout(socket: &OwnedFd, timeout: Option<Duration>) -> Result<(), Error> {
+    let timeout = timeout.unwrap_or_default();
+    let value = nix::sys::time::TimeVal::new(
+        timeout.as_secs() as nix::libc::time_t,
+        timeout.subsec_micros() as nix::libc::suseconds_t,
+    );
+    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::ReceiveTimeout, &value)
+        .map_err(|e| Error::Protocol(format!("cannot set the socket's receive timeout: {e}")))
+}
+
 /// A reconnect its caller's time ran out for.
 fn out_of_time() -> Error {
     Error::Broker(WireError::new(
@@ -205,7 +216,8 @@ fn exchange(
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
     loop {
         let received = recv_message(socket.as_fd(), false).map_err(|e| match e {
-            RecvError::Closed => Error::Disconnected,
+            // No answer within the handshake's time (see `fresh_connection`).
+            RecvError::Closed | RecvError::Os(Errno::EAGAIN) => Error::Disconnected,
             other => Error::Protocol(other.to_string()),
         })?;
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
@@ -682,7 +694,7 @@ impl Connection {
         let limited = limit.is_some_and(|limit| limit <= end_of_window);
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.fresh_connection() {
+            match self.fresh_connection(deadline) {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
                     let mut holds = lock(&self.holds);
@@ -731,8 +743,16 @@ impl Connection {
     #[allow(clippy::type_complexity)]
     fn fresh_connection(
         &self,
+        deadline: Instant,
     ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
         let socket = open_socket(&self.path)?;
+        // A socket whose broker is not serving yet (socket activation while
+        // it restarts) takes the connection and answers nothing: the
+        // handshake may wait only until the reconnect's deadline.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        set_receive_timeout(&socket, Some(left))?;
         let (welcome, page) = say_hello(&socket, &self.hello)?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
@@ -766,6 +786,7 @@ impl Connection {
                 Err(err) => return Err(err),
             }
         }
+        set_receive_timeout(&socket, None)?;
         Ok((socket, welcome, page, reattached))
     }
 
