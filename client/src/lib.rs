@@ -413,11 +413,12 @@ impl BufferState {
         Ok(Arc::clone(self.word.get_or_init(|| word)))
     }
 
-    /// The slot if it belongs to the current connection (a reconnect
-    /// voids it until the next grant names one).
-    fn current_slot(&self) -> Option<FastSlot> {
+    /// The slot, with its connection generation, if it belongs to the
+    /// current connection (a reconnect voids it until the next grant names
+    /// one).
+    fn current_slot(&self) -> Option<(FastSlot, u64)> {
         let (generation, slot) = (*self.word_slot.lock().unwrap_or_else(|p| p.into_inner()))?;
-        (generation == self.client.conn.generation()).then_some(slot)
+        (generation == self.client.conn.generation()).then_some((slot, generation))
     }
 
     fn learn_slot(&self, generation: u64, slot: FastSlot) {
@@ -427,11 +428,11 @@ impl BufferState {
     /// An uncontended CPU access, taken in the word with no message.
     fn try_word_begin(&self, access: Access) -> Option<AccessGuard> {
         let kind = WordAccess::of(access)?;
-        let slot = self.current_slot()?;
+        let (slot, generation) = self.current_slot()?;
         let word = Arc::clone(self.word.get()?);
         let mapping = self.shared_mapping().ok()?;
         let hold = word.try_begin(slot, kind)?;
-        Some(self.word_guard(word, hold, Some(mapping), access))
+        Some(self.word_guard(word, hold, Some(mapping), access, generation))
     }
 
     fn shared_mapping(&self) -> Result<Arc<RwLock<Mapping>>> {
@@ -545,7 +546,9 @@ impl BufferState {
                 siblings: &|| self.has_siblings(),
             };
             if await_hand_off(&waiter, &word, slot, kind)? {
-                return Ok(Resolved::HandedOff(self.handed_off(word, slot, access)?));
+                return Ok(Resolved::HandedOff(
+                    self.handed_off(word, slot, access, generation)?,
+                ));
             }
             if self.released.load(Ordering::SeqCst) {
                 // The free may have released a hand-off carried out for
@@ -575,13 +578,15 @@ impl BufferState {
     }
 
     /// A guard for an access held in the word: the broker has no id for it
-    /// and no news (lost writer, revocation) to carry.
+    /// and no news (lost writer, revocation) to carry. `generation`: the
+    /// connection whose word it is (its `WordEnded` goes there or nowhere).
     fn word_guard(
         &self,
         word: Arc<BufferWord>,
         hold: WordHold,
         mapping: Option<Arc<RwLock<Mapping>>>,
         access: Access,
+        generation: u64,
     ) -> AccessGuard {
         AccessGuard {
             client: self.client.clone(),
@@ -594,7 +599,7 @@ impl BufferState {
             fences: Vec::new(),
             end_word: None,
             word_hold: Some((word, hold)),
-            generation: self.client.conn.generation(),
+            generation,
             ended: false,
             ticket: None,
         }
@@ -605,13 +610,14 @@ impl BufferState {
         word: Arc<BufferWord>,
         slot: FastSlot,
         access: Access,
+        generation: u64,
     ) -> Result<AccessGuard> {
         let hold = WordHold {
             slot,
             write: access.is_write(),
         };
         // On failure the guard drops and ends the access in the word.
-        let mut guard = self.word_guard(word, hold, None, access);
+        let mut guard = self.word_guard(word, hold, None, access, generation);
         guard.mapping = Some(self.shared_mapping()?);
         Ok(guard)
     }
