@@ -1100,3 +1100,36 @@ fn a_reconnect_to_a_socket_nobody_answers_keeps_the_callers_timeout() {
     );
     waiting.join().expect("waiting thread");
 }
+
+/// Connection 1 answers the first heaps request after an error that
+/// answers no request (id 0), and hangs up at the second; connection 2
+/// answers heaps.
+fn stray_refusal_then_hang_up(socket: &OwnedFd, id: u64, connection: usize, nth: usize) -> bool {
+    if connection == 1 && nth == 1 {
+        let stray = WireError::new(ErrorCode::ProtocolError, "a message it could not read");
+        reply(socket, 0, Err(stray));
+    }
+    if connection == 1 && nth == 2 {
+        return false;
+    }
+    heaps(socket, id);
+    true
+}
+
+/// An error answering no request (id 0) is a broker's last word only when
+/// it refuses the connection, right before it hangs up. One that came long
+/// before (a message the broker could not read) was taken for the reason
+/// of a later hang-up: the call it interrupted failed with that old error
+/// instead of reconnecting.
+#[test]
+fn an_old_error_answering_no_request_does_not_stop_a_later_reconnect() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let broker = scripted_broker(&path, 2, stray_refusal_then_hang_up);
+    let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, after a stray error");
+    client.heaps().expect("heaps, across a reconnect");
+    assert_eq!(client.reconnects(), 1);
+    drop(client);
+    broker.join().expect("scripted broker");
+}

@@ -71,9 +71,11 @@ struct Mailbox {
     sleepers: usize,
     /// Why the current socket stopped working, if it did.
     closed: Option<String>,
-    /// The last error that answered no request (id 0): a broker refusing
-    /// the connection (busy) says so before it hangs up. Errors of
-    /// unwaited requests are not that, and stay for `take_errors`.
+    /// An error that answered no request (id 0) and was the last message
+    /// read: a broker refusing the connection (busy) says so before it
+    /// hangs up. One followed by anything else was not that (a message the
+    /// broker could not read). Errors of unwaited requests are not that
+    /// either, and stay for `take_errors`.
     refusal: Option<WireError>,
     /// Requests a caller will still collect an answer to. A reply to any
     /// other (one answered through a buffer word, whose late `Busy` or
@@ -610,6 +612,14 @@ impl Connection {
         mailbox.reading = false;
         let mut mine = None;
         if generation == self.generation() {
+            // A refusal is the broker's last word only if nothing follows
+            // it (see `refusal`); this message may be one again.
+            if matches!(
+                received,
+                Ok(Received::Message(..)) | Ok(Received::Unreadable { .. })
+            ) {
+                mailbox.refusal = None;
+            }
             match received {
                 Ok(Received::Message(ServerMessage::Reply(reply), fds))
                     if want == Some(reply.id) && reply.id & UNWAITED == 0 =>
