@@ -1133,3 +1133,48 @@ fn an_old_error_answering_no_request_does_not_stop_a_later_reconnect() {
     drop(client);
     broker.join().expect("scripted broker");
 }
+
+/// Waits for events with a 100 ms timeout while the broker's socket takes
+/// no connections at all (a wedged broker): each reconnect attempt leaves
+/// one in the listen queue, and once the queue is full a blocking
+/// `connect` waited for the broker with no bound, so the call hung.
+#[test]
+fn a_reconnect_to_a_full_listen_queue_keeps_the_callers_timeout() {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    let listener = listening_at(&path);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let broker = std::thread::spawn(move || {
+        let socket = accept_one(&listener);
+        let message = recv_message(socket.as_fd(), false).expect("hello");
+        let hello = decode_request(&message.bytes).expect("decode");
+        reply(&socket, hello.head.id, Ok(welcome()));
+        // Then the broker wedges: this connection ends, and the socket
+        // listens on, accepting nothing.
+        drop(socket);
+        let _ = stop_rx.recv();
+        drop(listener);
+    });
+    let client = Client::connect_to(&path).expect("connect");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiting = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                let _ = client.next_event(Some(Duration::from_millis(100)));
+                let _ = done_tx.send(());
+            }
+        })
+    };
+    let mut returned = 0;
+    while returned < 10 && done_rx.recv_timeout(Duration::from_secs(3)).is_ok() {
+        returned += 1;
+    }
+    let _ = stop_tx.send(());
+    broker.join().expect("scripted broker");
+    assert_eq!(
+        returned, 10,
+        "a next_event(100 ms) did not return within 3 s"
+    );
+    waiting.join().expect("waiting thread");
+}

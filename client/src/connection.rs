@@ -27,7 +27,7 @@ use dmabroker_ipc::{
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{connect, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use crate::error::Error;
 
@@ -105,15 +105,19 @@ struct Hold {
     serial: u64,
 }
 
-/// How long a blocking receive on `socket` may wait (`None`: forever).
-fn set_receive_timeout(socket: &OwnedFd, timeout: Option<Duration>) -> Result<(), Error> {
+/// How long a blocking receive or send (`option`) on `socket` may wait
+/// (`None`: forever).
+fn set_timeout<O>(socket: &OwnedFd, option: O, timeout: Option<Duration>) -> Result<(), Error>
+where
+    O: nix::sys::socket::SetSockOpt<Val = nix::sys::time::TimeVal>,
+{
     let timeout = timeout.unwrap_or_default();
     let value = nix::sys::time::TimeVal::new(
         timeout.as_secs() as nix::libc::time_t,
         timeout.subsec_micros() as nix::libc::suseconds_t,
     );
-    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::ReceiveTimeout, &value)
-        .map_err(|e| Error::Protocol(format!("cannot set the socket's receive timeout: {e}")))
+    nix::sys::socket::setsockopt(socket, option, &value)
+        .map_err(|e| Error::Protocol(format!("cannot set a socket timeout: {e}")))
 }
 
 /// A reconnect its caller's time ran out for.
@@ -171,7 +175,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn open_socket(path: &Path) -> Result<OwnedFd, Error> {
+/// A connected socket. With `timeout`, a `connect` the broker does not
+/// take in time (its listen queue is full: a wedged broker) fails instead
+/// of waiting for it with no bound.
+fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd, Error> {
     let connect_err = |source: std::io::Error| Error::Connect {
         path: path.to_owned(),
         source,
@@ -183,8 +190,15 @@ fn open_socket(path: &Path) -> Result<OwnedFd, Error> {
         None,
     )
     .map_err(|e| connect_err(e.into()))?;
+    if timeout.is_some() {
+        // Linux bounds a blocking Unix-socket connect by the send timeout.
+        set_timeout(&socket, sockopt::SendTimeout, timeout)?;
+    }
     let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
     connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr).map_err(|e| connect_err(e.into()))?;
+    if timeout.is_some() {
+        set_timeout(&socket, sockopt::SendTimeout, None)?;
+    }
     Ok(socket)
 }
 
@@ -265,7 +279,7 @@ impl Connection {
         hello: Hello,
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
-        let socket = open_socket(path)?;
+        let socket = open_socket(path, None)?;
         let (welcome, page) = say_hello(&socket, &hello)?;
         Ok(Connection::welcomed(
             path,
@@ -755,14 +769,15 @@ impl Connection {
         &self,
         deadline: Instant,
     ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
-        let socket = open_socket(&self.path)?;
         // A socket whose broker is not serving yet (socket activation while
-        // it restarts) takes the connection and answers nothing: the
-        // handshake may wait only until the reconnect's deadline.
+        // it restarts) takes the connection and answers nothing, or takes
+        // none once its queue is full: the connect and the handshake may
+        // wait only until the reconnect's deadline.
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
-        set_receive_timeout(&socket, Some(left))?;
+        let socket = open_socket(&self.path, Some(left))?;
+        set_timeout(&socket, sockopt::ReceiveTimeout, Some(left))?;
         let (welcome, page) = say_hello(&socket, &self.hello)?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
@@ -796,7 +811,7 @@ impl Connection {
                 Err(err) => return Err(err),
             }
         }
-        set_receive_timeout(&socket, None)?;
+        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
         Ok((socket, welcome, page, reattached))
     }
 
