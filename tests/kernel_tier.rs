@@ -413,6 +413,63 @@ fn kernel_tier_an_end_with_a_fence_the_daemon_cannot_copy_changes_nothing() {
     }
 }
 
+/// An autofence reader's grant on a dma-buf the device is writing must wait
+/// for the device's fence, and the daemon waits for it on a copy of the
+/// buffer's fd. Out of fds for that copy, it granted at once ("granting
+/// now"): the reader read while the device wrote. (Its cache sync then
+/// waited for the fence in place, stopping every client.) The begin is
+/// answered `Busy` instead, and the buffer stays the device's.
+#[test]
+fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_early() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = Daemon::start_with(DaemonOptions {
+        // No D-Bus: its reconnect attempts would open fds of their own.
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let shared = reader.import(token.to_string());
+
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let pid = daemon.pid();
+    limit_fds(pid, free_fds(pid, 1)[0]);
+    let (id, bytes) = reader.encode(
+        RequestBody::Begin {
+            buffer: shared,
+            access: dmabroker_ipc::Access::CpuRead,
+            timeout_ms: None,
+        },
+        0,
+    );
+    reader.send_raw(&bytes, &[]);
+    let answer = reader.recv_reply().expect("an answer");
+    limit_fds(pid, 1024);
+    assert_eq!(
+        answer,
+        (id, Err(dmabroker_ipc::ErrorCode::Busy)),
+        "answered while the device still writes"
+    );
+    assert_still_serving(&owner);
+    signal(&vgem, fence, attached);
+    match reader.request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: Some(5000),
+    }) {
+        Ok(ReplyBody::Granted(_)) => {}
+        other => panic!("the read was not granted once the device was done: {other:?}"),
+    }
+}
+
 /// Holding a brokered dma-buf's fd is not consent to share it: adopting
 /// it is an import from its owner, and another user's client needs the
 /// import rule's permission. Without it, it is refused and nothing changes.

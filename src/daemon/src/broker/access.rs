@@ -333,7 +333,12 @@ impl State {
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot dup a dma-buf to wait for its fences; granting now");
+                    // Granting now would let the access in before the
+                    // device is done; waiting in place would stop every
+                    // client. The begin is answered Busy instead.
+                    tracing::warn!(error = %err, "cannot dup a dma-buf to wait for its fences; refusing the grant");
+                    self.withdraw_grant(grant.access_id, out_of_fds());
+                    return;
                 }
             }
         }
@@ -429,8 +434,11 @@ impl State {
                     return;
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(error = %err, "cannot dup a dma-buf for its cache sync; syncing in place");
-                    synced = self.cache_sync(buffer, kind, SyncPhase::Start);
+                    // A sync in place waits for the device on the broker's
+                    // only thread: the begin is answered Busy instead.
+                    tracing::warn!(error = %err, "cannot dup a dma-buf for its cache sync; refusing the grant");
+                    self.withdraw_grant(access_id, out_of_fds());
+                    return;
                 }
                 None => synced = self.cache_sync(buffer, kind, SyncPhase::Start),
             }
@@ -689,31 +697,38 @@ impl State {
                 self.deliver_grants(grants);
             }
             TimeoutTarget::Access(access) => {
-                let Some(entry) = self.accesses.get(&access) else {
-                    return;
-                };
-                if entry.pending.is_none() {
+                let pending = self.accesses.get(&access).map(|e| e.pending.is_some());
+                if pending != Some(true) {
                     return;
                 }
-                let (client, request_id) = (entry.client, entry.request_id);
-                let grants = self.arbiter.end(client, access, now).unwrap_or_default();
-                if let Some(entry) = self.remove_access(access) {
-                    self.release_end_slot(entry.client, entry.end_slot);
-                }
-                self.fence_ended(access);
                 self.stats.timeouts += 1;
-                self.reply(
-                    client,
-                    request_id,
-                    Err(WireError::new(
-                        ErrorCode::Timeout,
-                        "the buffer's kernel fences did not signal in time",
-                    )),
-                    Vec::new(),
+                let timeout = WireError::new(
+                    ErrorCode::Timeout,
+                    "the buffer's kernel fences did not signal in time",
                 );
-                self.deliver_grants(grants);
+                self.withdraw_grant(access, timeout);
             }
         }
+    }
+
+    /// Takes back a grant the arbiter made but the client was not sent
+    /// (held back for kernel fences or a cache sync), answering its begin
+    /// with `error`; whoever waited behind it is served.
+    fn withdraw_grant(&mut self, access: AccessId, error: WireError) {
+        let Some(entry) = self.accesses.get(&access) else {
+            return;
+        };
+        let (client, request_id) = (entry.client, entry.request_id);
+        let grants = self
+            .arbiter
+            .end(client, access, Instant::now())
+            .unwrap_or_default();
+        if let Some(entry) = self.remove_access(access) {
+            self.release_end_slot(entry.client, entry.end_slot);
+        }
+        self.fence_ended(access);
+        self.reply(client, request_id, Err(error), Vec::new());
+        self.deliver_grants(grants);
     }
 
     pub(super) fn implicit_fences_done(&mut self, access: AccessId) {
@@ -769,4 +784,13 @@ impl State {
         self.finish_released(&[access]);
         self.deliver_grants(grants);
     }
+}
+
+/// The answer to a begin whose grant the daemon could not wait on safely
+/// for want of a file descriptor.
+fn out_of_fds() -> WireError {
+    WireError::new(
+        ErrorCode::Busy,
+        "the daemon is out of file descriptors to wait for the buffer's fences: try again",
+    )
 }
