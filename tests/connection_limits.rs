@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dmabroker_client::Client;
 use dmabroker_ipc::{ErrorCode, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
-use dmabroker_suite::proc::{fd_count, limit_fds};
+use dmabroker_suite::proc::{fd_count, free_fds, limit_fds};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::{Daemon, DaemonOptions};
 use nix::sys::signal::{kill, Signal};
@@ -285,7 +285,7 @@ fn requests_whose_fds_a_daemon_out_of_fds_cannot_take_are_busy_not_malformed() {
     raw.hello();
     let held = raw.alloc();
     let pid = daemon.pid();
-    limit_fds(pid, lowest_free_fd(pid));
+    limit_fds(pid, free_fds(pid, 1)[0]);
     let null = std::fs::File::open("/dev/null").expect("/dev/null");
     for _ in 0..10 {
         let (id, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
@@ -298,13 +298,4 @@ fn requests_whose_fds_a_daemon_out_of_fds_cannot_take_are_busy_not_malformed() {
         Ok(ReplyBody::Buffer(info)) => assert_eq!(info.id, held),
         other => panic!("the client lost its connection or its buffer: {other:?}"),
     }
-}
-
-/// The lowest fd number `pid` has free: a limit there leaves it none.
-fn lowest_free_fd(pid: u32) -> usize {
-    let open: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/PID/fd")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..).find(|n| !open.contains(n)).unwrap_or(0)
 }

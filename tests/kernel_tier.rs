@@ -19,7 +19,7 @@ use dmabroker_client::{Access, AllocRequest, Buffer, Client};
 use dmabroker_daemon::kernel::{dma_buf, sync_file};
 use dmabroker_ipc::{ReplyBody, RequestBody};
 use dmabroker_suite::daemon::binary;
-use dmabroker_suite::proc::limit_fds;
+use dmabroker_suite::proc::{free_fds, limit_fds};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{field, PROMPT};
 use dmabroker_suite::sdnotify::ServiceManager;
@@ -318,18 +318,6 @@ fn kernel_tier_adopting_a_restored_dma_buf_before_its_owner_is_back_is_busy() {
     drop((adopted, frame));
     second.kill().expect("SIGKILL");
     second.wait().expect("reap");
-}
-
-/// The daemon's fds that are free, lowest first.
-fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
-    let open: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/PID/fd")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..)
-        .filter(|fd| !open.contains(fd))
-        .take(how_many)
-        .collect()
 }
 
 /// An `End` with a sync_file that the daemon cannot take over (it is out of

@@ -83,3 +83,16 @@ pub fn limit_fds(pid: u32, soft: usize) {
         .expect("run prlimit");
     assert!(status.success(), "prlimit --nofile={soft}");
 }
+
+/// The `how_many` lowest fd numbers `pid` has free: a limit at the first
+/// leaves it none, at the second one, and so on.
+pub fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
+    let open: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..)
+        .filter(|fd| !open.contains(fd))
+        .take(how_many)
+        .collect()
+}
