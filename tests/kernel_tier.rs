@@ -458,6 +458,69 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     }
 }
 
+/// A grant withdrawn for want of an fd (here: for the CPU read's cache
+/// sync) gives back the news it carried: the writer died mid-write, so the
+/// contents may be torn. It was lost with the withdrawn grant, and the
+/// reader's next begin was granted as if the write had finished.
+#[test]
+fn kernel_tier_a_withdrawn_grant_keeps_the_lost_writer_news_for_the_next() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = Daemon::start_with(DaemonOptions {
+        // No D-Bus: its reconnect attempts would open fds of their own.
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let mut writer = RawClient::connect(daemon.socket());
+    writer.hello();
+    let buffer = match writer.request(RequestBody::Alloc {
+        size: 4096,
+        heap: Some("system".into()),
+        name: None,
+    }) {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("alloc: {other:?}"),
+    };
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let shared = reader.import(writer.export(buffer));
+    match writer.request(RequestBody::Begin {
+        buffer,
+        access: dmabroker_ipc::Access::CpuWrite,
+        timeout_ms: None,
+    }) {
+        Ok(ReplyBody::Granted(_)) => {}
+        other => panic!("begin: {other:?}"),
+    }
+    let begin_read = RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: None,
+    };
+    let (id, bytes) = reader.encode(begin_read.clone(), 0);
+    reader.send_raw(&bytes, &[]);
+    // Queued behind the write; then the daemon runs out of fds and the
+    // writer dies mid-write, which grants the read.
+    let pid = daemon.pid();
+    limit_fds(pid, free_fds(pid, 1)[0]);
+    drop(writer);
+    let answer = reader.recv_reply().expect("an answer");
+    limit_fds(pid, 1024);
+    assert_eq!(answer, (id, Err(dmabroker_ipc::ErrorCode::Busy)));
+    match reader.request(begin_read) {
+        Ok(ReplyBody::Granted(grant)) => {
+            assert!(
+                grant.writer_lost,
+                "the lost writer's news was lost: {grant:?}"
+            )
+        }
+        other => panic!("the read was not granted: {other:?}"),
+    }
+}
+
 /// Holding a brokered dma-buf's fd is not consent to share it: adopting
 /// it is an import from its owner, and another user's client needs the
 /// import rule's permission. Without it, it is refused and nothing changes.

@@ -342,6 +342,16 @@ impl Arbiter {
         }
     }
 
+    /// Gives back the news a grant took (see [`Grant::writer_lost`] and
+    /// [`Grant::revoked`]) when the daemon withdraws that grant before its
+    /// client heard of it: the next grant carries it instead.
+    pub fn restore_marks(&mut self, buffer: BufferId, writer_lost: bool, revoked: bool) {
+        if let Some(res) = self.buffers.get_mut(&buffer) {
+            res.writer_lost |= writer_lost;
+            res.revoked |= revoked;
+        }
+    }
+
     /// Removes the buffer's reservation: all its fences and waiters are
     /// dropped and returned (the daemon calls this when the last holder
     /// frees it, and must then answer the dropped waiters with an error).

@@ -337,7 +337,8 @@ impl State {
                     // device is done; waiting in place would stop every
                     // client. The begin is answered Busy instead.
                     tracing::warn!(error = %err, "cannot dup a dma-buf to wait for its fences; refusing the grant");
-                    self.withdraw_grant(grant.access_id, out_of_fds());
+                    let news = (wire_grant.writer_lost, wire_grant.revoked);
+                    self.withdraw_grant(grant.access_id, news, out_of_fds());
                     return;
                 }
             }
@@ -437,7 +438,8 @@ impl State {
                     // A sync in place waits for the device on the broker's
                     // only thread: the begin is answered Busy instead.
                     tracing::warn!(error = %err, "cannot dup a dma-buf for its cache sync; refusing the grant");
-                    self.withdraw_grant(access_id, out_of_fds());
+                    let news = (grant.writer_lost, grant.revoked);
+                    self.withdraw_grant(access_id, news, out_of_fds());
                     return;
                 }
                 None => synced = self.cache_sync(buffer, kind, SyncPhase::Start),
@@ -697,16 +699,20 @@ impl State {
                 self.deliver_grants(grants);
             }
             TimeoutTarget::Access(access) => {
-                let pending = self.accesses.get(&access).map(|e| e.pending.is_some());
-                if pending != Some(true) {
+                let Some(news) = self
+                    .accesses
+                    .get(&access)
+                    .and_then(|e| e.pending.as_ref())
+                    .map(|p| (p.grant.writer_lost, p.grant.revoked))
+                else {
                     return;
-                }
+                };
                 self.stats.timeouts += 1;
                 let timeout = WireError::new(
                     ErrorCode::Timeout,
                     "the buffer's kernel fences did not signal in time",
                 );
-                self.withdraw_grant(access, timeout);
+                self.withdraw_grant(access, news, timeout);
             }
         }
     }
@@ -714,11 +720,18 @@ impl State {
     /// Takes back a grant the arbiter made but the client was not sent
     /// (held back for kernel fences or a cache sync), answering its begin
     /// with `error`; whoever waited behind it is served.
-    fn withdraw_grant(&mut self, access: AccessId, error: WireError) {
+    /// `news`: the grant's `writer_lost` and `revoked`, which the arbiter
+    /// took from the buffer for it; they go back, for the next grant.
+    fn withdraw_grant(&mut self, access: AccessId, news: (bool, bool), error: WireError) {
         let Some(entry) = self.accesses.get(&access) else {
             return;
         };
-        let (client, request_id) = (entry.client, entry.request_id);
+        let (client, request_id, buffer) = (entry.client, entry.request_id, entry.buffer);
+        if news.0 {
+            // Counted when it was delivered; counted again when it is.
+            self.stats.writer_lost = self.stats.writer_lost.saturating_sub(1);
+        }
+        self.arbiter.restore_marks(buffer, news.0, news.1);
         let grants = self
             .arbiter
             .end(client, access, Instant::now())
