@@ -62,6 +62,14 @@ fn welcome() -> ReplyBody {
     })
 }
 
+/// Where a scripted broker listens: a fresh folder (kept while the test
+/// holds it) and the socket's path in it.
+fn socket_path() -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new("scripted-broker");
+    let path = dir.path().join("socket");
+    (dir, path)
+}
+
 /// A scripted broker's listening socket.
 fn listening_at(path: &Path) -> OwnedFd {
     let listener = socket(
@@ -154,8 +162,7 @@ fn unreadable_messages(socket: &OwnedFd, id: u64, _: usize, nth: usize) -> bool 
 /// `take_errors`, not be handed to that call as its answer.
 #[test]
 fn a_hang_up_reconnects_even_with_errors_of_earlier_requests_unread() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 2, stale_error_then_hang_up);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(5)),
@@ -183,8 +190,7 @@ fn a_hang_up_reconnects_even_with_errors_of_earlier_requests_unread() {
 /// it held.
 #[test]
 fn an_unreadable_message_fails_its_request_and_keeps_the_connection() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 1, unreadable_messages);
     // No reconnecting: this broker takes one connection.
     let options = ClientOptions {
@@ -303,8 +309,7 @@ fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'s
 /// access of this client that happens to have the same id.
 #[test]
 fn an_access_of_a_dead_connection_is_not_ended_on_the_new_one() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = restarting_broker(&path, false);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(5)),
@@ -336,8 +341,7 @@ fn an_access_of_a_dead_connection_is_not_ended_on_the_new_one() {
 /// or into an access the new broker never granted if somebody did.
 #[test]
 fn a_waiter_on_a_planned_hand_off_notices_a_reconnect_by_another_thread() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = restarting_broker(&path, true);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(5)),
@@ -412,8 +416,7 @@ fn slow_reattach_broker(
 /// longer had it, until that client disconnected.
 #[test]
 fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let (arrived_tx, arrived) = std::sync::mpsc::channel();
     let (answer, answer_rx) = std::sync::mpsc::channel();
     let broker = slow_reattach_broker(&path, arrived_tx, answer_rx);
@@ -497,8 +500,7 @@ fn cancelled_plan_broker(
 /// the reservation. An answer already sent means the plan was cancelled.
 #[test]
 fn a_waiter_whose_plan_was_cancelled_does_not_take_a_siblings_bit() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let (planned_tx, planned) = std::sync::mpsc::channel();
     let broker = cancelled_plan_broker(&path, planned_tx);
     let client = Client::connect_to(&path).expect("connect");
@@ -608,8 +610,7 @@ fn holds_memfd(name: &str) -> bool {
 /// and all, for the life of the connection.
 #[test]
 fn a_late_answer_to_an_abandoned_request_is_dropped_with_its_fds() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let marker = c"late-answer-marker";
     let broker = late_answer_broker(&path, marker);
     let client = Client::connect_to(&path).expect("connect");
@@ -679,8 +680,7 @@ fn forgetful_broker(path: &Path) -> std::thread::JoinHandle<Vec<&'static str>> {
 /// freeing the new buffer (and forgetting the new hold).
 #[test]
 fn a_buffer_the_restarted_broker_lost_never_acts_on_one_that_reuses_its_id() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = forgetful_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     let old = client.alloc(4096).expect("alloc");
@@ -738,8 +738,7 @@ fn event_then_hang_up(socket: &OwnedFd, id: u64, connection: usize, _: usize) ->
 /// a fence of the new one had signalled while its writer still writes.
 #[test]
 fn events_of_a_dead_connection_are_not_handed_out_after_a_reconnect() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 2, event_then_hang_up);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, with an event ahead of it");
@@ -764,8 +763,7 @@ fn events_of_a_dead_connection_are_not_handed_out_after_a_reconnect() {
 /// their events will never come (waiting on with no timeout would hang).
 #[test]
 fn waiting_for_events_reconnects_after_a_hang_up_and_says_so() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 2, event_then_hang_up);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, with an event ahead of it");
@@ -789,8 +787,7 @@ fn waiting_for_events_reconnects_after_a_hang_up_and_says_so() {
 /// per call.
 #[test]
 fn waiting_for_events_with_a_timeout_is_bounded_while_the_broker_is_away() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 1, event_then_hang_up);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, then the broker is gone");
@@ -813,8 +810,7 @@ fn waiting_for_events_with_a_timeout_is_bounded_while_the_broker_is_away() {
 /// that thread to give up.
 #[test]
 fn waiting_for_events_keeps_its_timeout_while_another_thread_reconnects() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 1, event_then_hang_up);
     let options = ClientOptions {
         reconnect: Some(Duration::from_secs(3)),
@@ -882,8 +878,7 @@ fn dying_mid_begin_broker(path: &Path) -> std::thread::JoinHandle<()> {
 /// for the whole second again (and the reconnect could take its window).
 #[test]
 fn a_begin_timeout_bounds_the_whole_call_across_a_reconnect() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = dying_mid_begin_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
@@ -932,8 +927,7 @@ fn timeout_recording_broker(path: &Path) -> std::thread::JoinHandle<Vec<Option<u
 /// as "give up at once" (even on a dma-buf's fences about to signal).
 #[test]
 fn a_begin_asks_the_broker_for_no_less_than_its_timeout() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = timeout_recording_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
@@ -952,8 +946,7 @@ fn a_begin_asks_the_broker_for_no_less_than_its_timeout() {
 /// a broken connection.
 #[test]
 fn a_begin_whose_deadline_passes_while_reconnecting_times_out() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = dying_mid_begin_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
@@ -974,8 +967,7 @@ fn a_begin_whose_deadline_passes_while_reconnecting_times_out() {
 /// a timeout (it was once told "timed out while reconnecting").
 #[test]
 fn a_begin_that_loses_its_connection_late_says_so_without_reconnecting() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let listener = listening_at(&path);
     let broker = std::thread::spawn(move || {
         let (buffer, inode) = scripted_buffer();
@@ -1041,8 +1033,7 @@ fn upgraded_broker(path: &Path) -> std::thread::JoinHandle<()> {
 /// "nothing came in time" at every call, forever.
 #[test]
 fn waiting_for_events_reports_a_broker_that_refuses_to_reconnect() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = upgraded_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, then the broker hangs up");
@@ -1054,15 +1045,11 @@ fn waiting_for_events_reports_a_broker_that_refuses_to_reconnect() {
     drop(broker); // still waiting for more connections
 }
 
-/// A restarting broker behind socket activation: the socket takes
-/// connections, but nobody answers them yet. A reconnect's hello waited
-/// for an answer with no bound, so `next_event(Some(100 ms))` never
-/// returned, whatever its timeout (and the reconnect window was not kept).
-#[test]
-fn a_reconnect_to_a_socket_nobody_answers_keeps_the_callers_timeout() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
-    let listener = listening_at(&path);
+/// A broker that answers the first connection's hello and heaps request,
+/// hangs up, and then wedges: its socket listens on, accepting nothing
+/// (connects wait in the backlog), until the returned sender says stop.
+fn wedging_broker(path: &Path) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let listener = listening_at(path);
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let broker = std::thread::spawn(move || {
         let socket = accept_one(&listener);
@@ -1078,10 +1065,20 @@ fn a_reconnect_to_a_socket_nobody_answers_keeps_the_callers_timeout() {
             }
         }
         drop(socket);
-        // Listening still, accepting no more: connects wait in the backlog.
         let _ = stop_rx.recv();
         drop(listener);
     });
+    (broker, stop_tx)
+}
+
+/// A restarting broker behind socket activation: the socket takes
+/// connections, but nobody answers them yet. A reconnect's hello waited
+/// for an answer with no bound, so `next_event(Some(100 ms))` never
+/// returned, whatever its timeout (and the reconnect window was not kept).
+#[test]
+fn a_reconnect_to_a_socket_nobody_answers_keeps_the_callers_timeout() {
+    let (_dir, path) = socket_path();
+    let (broker, stop_tx) = wedging_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, then the broker hangs up");
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -1123,8 +1120,7 @@ fn stray_refusal_then_hang_up(socket: &OwnedFd, id: u64, connection: usize, nth:
 /// instead of reconnecting.
 #[test]
 fn an_old_error_answering_no_request_does_not_stop_a_later_reconnect() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
+    let (_dir, path) = socket_path();
     let broker = scripted_broker(&path, 2, stray_refusal_then_hang_up);
     let client = Client::connect_to(&path).expect("connect");
     client.heaps().expect("heaps, after a stray error");
@@ -1140,22 +1136,10 @@ fn an_old_error_answering_no_request_does_not_stop_a_later_reconnect() {
 /// `connect` waited for the broker with no bound, so the call hung.
 #[test]
 fn a_reconnect_to_a_full_listen_queue_keeps_the_callers_timeout() {
-    let dir = TempDir::new("scripted-broker");
-    let path = dir.path().join("socket");
-    let listener = listening_at(&path);
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let broker = std::thread::spawn(move || {
-        let socket = accept_one(&listener);
-        let message = recv_message(socket.as_fd(), false).expect("hello");
-        let hello = decode_request(&message.bytes).expect("decode");
-        reply(&socket, hello.head.id, Ok(welcome()));
-        // Then the broker wedges: this connection ends, and the socket
-        // listens on, accepting nothing.
-        drop(socket);
-        let _ = stop_rx.recv();
-        drop(listener);
-    });
+    let (_dir, path) = socket_path();
+    let (broker, stop_tx) = wedging_broker(&path);
     let client = Client::connect_to(&path).expect("connect");
+    client.heaps().expect("heaps, then the broker hangs up");
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let waiting = {
         let client = client.clone();

@@ -76,6 +76,17 @@ fn importer(daemon: &Daemon, token: &impl std::fmt::Display, extra: &[&str]) -> 
 }
 
 /// A daemon that uses the machine's real dma-heaps and udmabuf.
+/// A daemon on the real dma-heaps whose fds the test can count to the last
+/// one: no D-Bus, whose reconnect attempts would open fds of their own.
+fn fd_countable_daemon() -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+}
+
 fn real_kernel_daemon() -> Daemon {
     Daemon::start_with(DaemonOptions {
         args: [
@@ -330,13 +341,7 @@ fn kernel_tier_an_end_with_a_fence_the_daemon_cannot_copy_changes_nothing() {
     if !have_dma_heap() {
         return;
     }
-    let daemon = Daemon::start_with(DaemonOptions {
-        // No D-Bus: its reconnect attempts would open fds of their own.
-        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    });
+    let daemon = fd_countable_daemon();
     let mut writer = RawClient::connect(daemon.socket());
     writer.hello();
     let (allocated, fds) = writer.request_fds(RequestBody::Alloc {
@@ -412,13 +417,7 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     let Some(vgem) = vgem() else {
         return;
     };
-    let daemon = Daemon::start_with(DaemonOptions {
-        // No D-Bus: its reconnect attempts would open fds of their own.
-        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    });
+    let daemon = fd_countable_daemon();
     let owner = daemon.client();
     let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
     let token = adopted.export().expect("export");
@@ -467,13 +466,7 @@ fn kernel_tier_a_withdrawn_grant_keeps_the_lost_writer_news_for_the_next() {
     if !have_dma_heap() {
         return;
     }
-    let daemon = Daemon::start_with(DaemonOptions {
-        // No D-Bus: its reconnect attempts would open fds of their own.
-        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    });
+    let daemon = fd_countable_daemon();
     let mut writer = RawClient::connect(daemon.socket());
     writer.hello();
     let buffer = match writer.request(RequestBody::Alloc {
