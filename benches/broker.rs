@@ -639,6 +639,10 @@ impl Bench {
                 // The default of 4,096 buffers per client would refuse the
                 // scale benchmark's 10,000.
                 policy: Some(format!("[default]\nmax_buffers = {}\n", 2 * MANY_BUFFERS)),
+                // The shipped unit's LimitNOFILE=: scale_clients needs
+                // 1,000 connections, and the cap keeps connections × 64
+                // within half the fd limit.
+                fd_limit: Some(524_288),
                 ..Default::default()
             });
             DAEMON_PID.store(daemon.pid(), Ordering::SeqCst);

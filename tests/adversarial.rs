@@ -128,6 +128,7 @@ fn daemon_with_policy(policy: Option<&str>) -> Broker {
         policy: policy.map(str::to_owned),
         args: bus.daemon_args(),
         env: vec![("RUST_LOG".into(), "info".into())],
+        ..Default::default()
     });
     bus.wait_for_daemon();
     Broker {

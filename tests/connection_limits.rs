@@ -186,8 +186,11 @@ fn a_second_daemon_does_not_take_a_busy_daemons_socket() {
         panic!("the second daemon took the socket and served");
     };
     assert!(!status.success(), "the second daemon must refuse to start");
-    let client = Client::connect_to(daemon.socket()).expect("the first daemon still serves");
-    drop(client);
+    // Once it has caught up with the connections it found waiting (it may
+    // answer Busy while it has not).
+    dmabroker_suite::eventually("the first daemon to serve again", || {
+        Client::connect_to(daemon.socket()).is_ok()
+    });
 }
 
 /// Pins every thread of `pid` (0: the calling thread) to `cpu`.
@@ -298,4 +301,123 @@ fn requests_whose_fds_a_daemon_out_of_fds_cannot_take_are_busy_not_malformed() {
         Ok(ReplyBody::Buffer(info)) => assert_eq!(info.id, held),
         other => panic!("the client lost its connection or its buffer: {other:?}"),
     }
+}
+
+/// A raw connection that has said hello and then only sends.
+fn deaf_connection(daemon: &Daemon) -> RawClient {
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    raw
+}
+
+/// Imports `buffer` and gives it back, `times` times or until the broker
+/// cuts the connection off, reading nothing: each import's reply carries
+/// an fd, left in the socket. How many went out.
+fn import_without_reading(raw: &mut RawClient, token: &str, buffer: u64, times: usize) -> usize {
+    for sent in 0..times {
+        let (_, import) = raw.encode(
+            RequestBody::Import {
+                token: token.to_owned(),
+            },
+            0,
+        );
+        let free = raw.encode_one_way(RequestBody::Free { buffer });
+        if raw.try_send_raw(&import, &[]).is_err() || raw.try_send_raw(&free, &[]).is_err() {
+            return sent;
+        }
+    }
+    times
+}
+
+/// The kernel charges every fd a client has not read yet to the user that
+/// sent it and, once that count passes the sender's fd limit, refuses to
+/// pass any more. A few connections that asked for buffers and never read
+/// the answers took the daemon there (a socket holds about 280 of them),
+/// and from then on no reply carrying an fd reached any client. Each
+/// connection now has a bound of unread fds, and the connection cap keeps
+/// their sum within the fd limit. (The daemon runs as a uid of its own:
+/// root is exempt from the check, and the count is per user.)
+#[test]
+fn clients_that_never_read_cannot_stop_fds_reaching_other_clients() {
+    if !dmabroker_suite::have_root("clients_that_never_read_cannot_stop_fds_reaching_other_clients")
+    {
+        return;
+    }
+    let daemon = Daemon::start_with(DaemonOptions {
+        run_as: Some(65531),
+        fd_limit: Some(2048),
+        ..Default::default()
+    });
+    let baseline = daemon.baseline();
+    let owner = daemon.client();
+    let shared = owner.alloc(4096).expect("alloc");
+    let token = shared.export().expect("export").to_string();
+
+    // Ten connections, 400 imports each: 4,000 fds if nothing held them
+    // back, twice the daemon's limit.
+    let mut deaf: Vec<RawClient> = (0..10).map(|_| deaf_connection(&daemon)).collect();
+    for raw in &mut deaf {
+        import_without_reading(raw, &token, shared.id(), 400);
+    }
+
+    // Everyone else still gets buffers.
+    let camera = daemon.client();
+    let display = daemon.client();
+    for _ in 0..20 {
+        let frame = camera.alloc(4096).expect("alloc while others do not read");
+        let token = frame.export().expect("export");
+        let seen = display
+            .import(&token)
+            .expect("import while others do not read");
+        frame.map().expect("map")[0] = 0x5a;
+        assert_eq!(seen.map().expect("map")[0], 0x5a);
+    }
+    assert!(
+        !daemon.log().contains("Too many references"),
+        "{}",
+        daemon.log_tail()
+    );
+
+    // The connections cut off are let go as their clients close.
+    drop((camera, display, shared, owner, deaf));
+    daemon.assert_fds_back_to(baseline);
+}
+
+/// A connection cut off for not reading keeps its place under the
+/// connection cap while its client has fds unread: closing the daemon's end
+/// would not take them back from the client, so a client could otherwise
+/// pile up fds without bound through connections the cap no longer counts.
+/// The place is free again once the client reads them.
+#[test]
+fn a_connection_cut_off_with_fds_unread_counts_until_its_client_reads_them() {
+    let daemon = daemon_serving_at_most(3);
+    let owner = daemon.client();
+    let shared = owner.alloc(4096).expect("alloc");
+    let token = shared.export().expect("export").to_string();
+    let mut deaf = deaf_connection(&daemon);
+    let sent = import_without_reading(&mut deaf, &token, shared.id(), 5000);
+    assert!(sent < 5000, "never cut off");
+
+    // Owner, the cut-off connection, and one more.
+    let mut second = RawClient::connect(daemon.socket());
+    assert_eq!(first_answer(&mut second), Ok(()));
+    // For a second, ample time to have let the cut-off connection go,
+    // the cap stays full.
+    let full_until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < full_until {
+        let mut over = RawClient::connect(daemon.socket());
+        assert_eq!(first_answer(&mut over), Err(ErrorCode::Busy));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The client reads what was sent before the cut: fds, then the end.
+    let mut fds = 0;
+    while let Some((_, received)) = deaf.recv() {
+        fds += received.len();
+    }
+    assert!(fds > 0, "the replies sent before the cut carry fds");
+    dmabroker_suite::eventually("the cut-off connection's place to be free", || {
+        let mut next = RawClient::connect(daemon.socket());
+        first_answer(&mut next) == Ok(())
+    });
 }

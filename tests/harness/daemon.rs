@@ -93,6 +93,11 @@ pub struct DaemonOptions {
     pub policy: Option<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run as this uid (and gid) instead of the suite's root: without
+    /// root's exemptions from the kernel's limits.
+    pub run_as: Option<u32>,
+    /// Soft and hard limit on the daemon's open fds.
+    pub fd_limit: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -114,7 +119,25 @@ impl Daemon {
         let socket = dir.path().join("socket");
         let log = dir.path().join("daemon.log");
         let policy_path = dir.path().join("policy.toml");
-        let mut cmd = Command::new(binary("dmabrokerd"));
+        let mut cmd = match (options.fd_limit, options.run_as) {
+            (None, None) => Command::new(binary("dmabrokerd")),
+            (limit, uid) => {
+                // Both tools exec the next, so the child is the daemon.
+                let mut cmd = Command::new("prlimit");
+                if let Some(limit) = limit {
+                    cmd.arg(format!("--nofile={limit}:{limit}"));
+                }
+                cmd.arg("--");
+                if let Some(uid) = uid {
+                    cmd.arg("setpriv")
+                        .arg(format!("--reuid={uid}"))
+                        .arg(format!("--regid={uid}"))
+                        .arg("--clear-groups");
+                }
+                cmd.arg(binary("dmabrokerd"));
+                cmd
+            }
+        };
         cmd.arg("--socket").arg(&socket);
         // Tests never depend on the machine's /dev (the VM tier passes its
         // own --dma-heap-dir when it wants real heaps).

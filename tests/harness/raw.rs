@@ -100,6 +100,22 @@ impl RawClient {
         (id, bytes)
     }
 
+    /// A request the broker answers only when it fails (`FLAG_NO_REPLY`,
+    /// as the client library sends frees).
+    pub fn encode_one_way(&mut self, body: RequestBody) -> Vec<u8> {
+        let id = self.next;
+        self.next += 1;
+        encode_request(&Request {
+            head: RequestHead {
+                id,
+                fds: 0,
+                flags: FLAG_NO_REPLY,
+            },
+            body,
+        })
+        .expect("encode")
+    }
+
     pub fn request(&mut self, body: RequestBody) -> Result<ReplyBody, ErrorCode> {
         let id = self.next;
         self.next += 1;

@@ -40,6 +40,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
         }
     };
     let outbox = Arc::new(Outbox::new(Arc::clone(&socket), 256));
+    let (pid, uid) = (peer.pid, peer.identity.uid);
     let client = broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
     let writer = tokio::spawn(Arc::clone(&outbox).run_writer());
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
@@ -107,6 +108,30 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
+    keep_until_read(socket.get_ref(), pid, uid).await;
+}
+
+/// Keeps a connection whose client has not read everything sent to it
+/// (and so keeps its place under the connection cap) until the client
+/// reads it or closes: the fds among it stay charged to the daemon until
+/// then, whatever the daemon does with its own end (see `crate::inflight`).
+async fn keep_until_read(socket: &OwnedFd, pid: i32, uid: u32) {
+    let unread = match crate::kernel::socket::unread_by_peer(socket.as_fd()) {
+        Ok(0) | Err(_) => return,
+        Ok(bytes) => bytes,
+    };
+    tracing::warn!(
+        pid,
+        uid,
+        unread_bytes = unread,
+        "connection closed with messages its client has not read; it keeps its place under the connection cap until the client reads them or closes"
+    );
+    let _ = crate::inflight::until_read(socket, crate::inflight::RECHECK_CUT_OFF).await;
+    tracing::info!(
+        pid,
+        uid,
+        "a closed connection's client has read or closed: its place is free"
+    );
 }
 
 /// Whether the daemon's fd table is full (or the system's): the kernel then

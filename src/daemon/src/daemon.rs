@@ -46,8 +46,21 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     });
     let heap_names: Vec<&str> = heaps.heaps().iter().map(|h| h.name.as_str()).collect();
     tracing::info!(heaps = ?heap_names, default = heaps.default_heap(), "heaps discovered");
+    let fd_limit = crate::inflight::raise_fd_limit();
+    let max_connections = crate::inflight::connection_cap(config.max_connections, fd_limit);
+    if max_connections < config.max_connections {
+        tracing::warn!(
+            fd_limit,
+            configured = config.max_connections,
+            max_connections,
+            "connection cap lowered: each connection may have {} fds unread, and together they must stay within half the fd limit (raise LimitNOFILE= / ulimit -Hn)",
+            crate::inflight::PER_CONNECTION
+        );
+    } else {
+        tracing::info!(fd_limit, max_connections, "fd limit");
+    }
     let limits = crate::broker::DaemonLimits {
-        max_connections: config.max_connections,
+        max_connections,
         ..Default::default()
     };
     let mut state = State::new(heaps, policy, limits);

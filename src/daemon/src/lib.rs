@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod heaps;
 pub mod identity;
+pub mod inflight;
 pub mod kernel;
 pub mod logging;
 pub mod outbox;

@@ -6,6 +6,10 @@
 //! hop on the hand-off path. A client that never reads fills its socket
 //! buffer, then its queue, and is then disconnected: the broker never
 //! blocks on it and never grows memory for it without bound.
+//!
+//! Fds are held back sooner: once a client has [`PER_CONNECTION`] of them
+//! unread, a message carrying more waits here until it reads, because fds
+//! in flight count against the daemon's own fd limit (`crate::inflight`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -16,6 +20,9 @@ use dmabroker_ipc::fdpass::{send_message, SendError};
 use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
+
+use crate::inflight::{self, PER_CONNECTION};
+use crate::kernel::socket::unread_by_peer;
 
 /// One queued message and the fds that travel with it. The fds are shared
 /// handles so a queued message keeps them open until it is really sent.
@@ -37,6 +44,9 @@ struct Queue {
     counted: usize,
     /// How many queued messages are events.
     events: usize,
+    /// Fds sent since the client was last seen to have read everything:
+    /// an upper bound on the fds it has unread.
+    fds_unread: usize,
     closed: bool,
 }
 
@@ -49,7 +59,10 @@ pub const MAX_QUEUED_EVENTS: usize = 16 * 1024;
 
 enum Flush {
     Drained,
+    /// The socket is full.
     Blocked,
+    /// The next message carries fds and the client has too many unread.
+    FdsUnread,
     Closed,
 }
 
@@ -126,9 +139,12 @@ impl Outbox {
         if queue.closed {
             return Err(OutboxError::Closed);
         }
-        if queue.messages.is_empty() {
+        if queue.messages.is_empty() && self.room_for_fds(&mut queue, fds.len()) {
             match self.try_send(bytes, &fds) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    queue.fds_unread += fds.len();
+                    return Ok(());
+                }
                 Err(SendError::Os(Errno::EAGAIN)) => {}
                 Err(err) => {
                     queue.closed = true;
@@ -180,6 +196,12 @@ impl Outbox {
                             return;
                         }
                     }
+                    // An error means a broken socket, which the next send
+                    // reports.
+                    Flush::FdsUnread => {
+                        let socket = self.socket.get_ref();
+                        let _ = inflight::until_read(socket, inflight::RECHECK_LIVE).await;
+                    }
                 }
             }
         }
@@ -205,11 +227,18 @@ impl Outbox {
             if queue.closed {
                 return Flush::Closed;
             }
+            let Some(fds) = queue.messages.front().map(|msg| msg.fds.len()) else {
+                return Flush::Drained;
+            };
+            if !self.room_for_fds(&mut queue, fds) {
+                return Flush::FdsUnread;
+            }
             let Some(msg) = queue.messages.pop_front() else {
                 return Flush::Drained;
             };
             match self.try_send(&msg.bytes, &msg.fds) {
                 Ok(()) => {
+                    queue.fds_unread += fds;
                     queue.counted -= usize::from(msg.counted);
                     queue.events -= usize::from(!msg.counted);
                 }
@@ -225,6 +254,24 @@ impl Outbox {
                     return Flush::Closed;
                 }
             }
+        }
+    }
+
+    /// Whether a message with `fds` fds may go out now: by the count of
+    /// fds sent since the client last had nothing unread or, when that
+    /// count is at the bound, by asking the kernel whether it has read
+    /// everything since. (A failed ask lets the send find the broken
+    /// socket.)
+    fn room_for_fds(&self, queue: &mut Queue, fds: usize) -> bool {
+        if fds == 0 || queue.fds_unread + fds <= PER_CONNECTION {
+            return true;
+        }
+        match unread_by_peer(self.socket.get_ref().as_fd()) {
+            Ok(0) | Err(_) => {
+                queue.fds_unread = 0;
+                true
+            }
+            Ok(_) => false,
         }
     }
 
@@ -253,7 +300,7 @@ mod tests {
     /// in a runtime (the outbox registers with tokio's reactor).
     fn deaf_outbox(cap: usize) -> (tokio::runtime::Runtime, Outbox, OwnedFd) {
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
+            .enable_all()
             .build()
             .expect("runtime");
         let (ours, deaf) = socketpair(
@@ -291,6 +338,59 @@ mod tests {
             sent >= MAX_QUEUED_EVENTS,
             "cut off after {sent} events, before the bound"
         );
+    }
+
+    /// Reads every message waiting on `socket`, returning how many came and
+    /// how many fds came with them.
+    fn read_all(socket: &OwnedFd) -> (usize, usize) {
+        let mut buf = [0u8; 256];
+        let (mut messages, mut fds) = (0, 0);
+        while let Ok((_, received)) =
+            dmabroker_ipc::fdpass::recv_message_into(socket.as_fd(), &mut buf, true)
+        {
+            messages += 1;
+            fds += received.len();
+        }
+        (messages, fds)
+    }
+
+    /// Fds sitting unread in a client's socket count against the daemon's
+    /// fd limit; past it, no fd reaches any client. A client that does not
+    /// read gets no more than the bound, the rest waits (and counts as
+    /// unread replies), and reading gets it all, in order.
+    #[test]
+    fn a_client_has_at_most_the_bound_of_fds_unread() {
+        let (runtime, outbox, client) = deaf_outbox(1000);
+        let outbox = Arc::new(outbox);
+        let _writer = runtime.spawn(Arc::clone(&outbox).run_writer());
+        let fd = Arc::new(std::fs::File::open("/dev/null").expect("open").into());
+        let extra = 10;
+        for _ in 0..PER_CONNECTION + extra {
+            outbox
+                .send(&[7u8; 48], vec![Arc::clone(&fd)])
+                .expect("send");
+        }
+        outbox
+            .send(&[8u8; 48], Vec::new())
+            .expect("a reply with no fds");
+        assert_eq!(outbox.queued(), extra + 1, "held back after the bound");
+        assert_eq!(
+            read_all(&client),
+            (PER_CONNECTION, PER_CONNECTION),
+            "the reply without fds waits its turn"
+        );
+        // The writer sees the client has read everything and goes on.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut rest = (0, 0);
+        while rest.0 < extra + 1 {
+            assert!(std::time::Instant::now() < deadline, "got {rest:?}");
+            runtime
+                .block_on(async { tokio::time::sleep(std::time::Duration::from_millis(5)).await });
+            let (messages, fds) = read_all(&client);
+            rest = (rest.0 + messages, rest.1 + fds);
+        }
+        assert_eq!(rest, (extra + 1, extra));
+        assert_eq!(outbox.queued(), 0);
     }
 
     #[test]

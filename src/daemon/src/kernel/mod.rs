@@ -19,6 +19,7 @@ pub mod dma_buf;
 pub mod dma_heap;
 pub mod mapping;
 pub mod memfd;
+pub mod socket;
 pub mod sync_file;
 mod uapi;
 pub mod udmabuf;
