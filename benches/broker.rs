@@ -636,13 +636,17 @@ impl Bench {
             dmabroker_suite::daemon::build_release_daemon()?;
             let daemon = Daemon::start_with(DaemonOptions {
                 env: vec![("RUST_LOG".into(), "warn".into())],
-                // The default of 4,096 buffers per client would refuse the
-                // scale benchmark's 10,000.
-                policy: Some(format!("[default]\nmax_buffers = {}\n", 2 * MANY_BUFFERS)),
-                // The shipped unit's LimitNOFILE=: scale_clients needs
-                // 1,000 connections, and the cap keeps connections × 64
-                // within half the fd limit.
-                fd_limit: Some(524_288),
+                // The defaults of 4,096 buffers per client and 256
+                // connections per uid would refuse the scale benchmarks'
+                // 10,000 buffers and 1,000 connections.
+                policy: Some(format!(
+                    "[default]\nmax_buffers = {}\nmax_uid_connections = {}\n",
+                    2 * MANY_BUFFERS,
+                    2 * MANY_CLIENTS
+                )),
+                // scale_clients needs 1,000 connections, whatever the
+                // machine's fd limit makes of the default cap.
+                args: vec!["--max-connections".into(), "4096".into()],
                 ..Default::default()
             });
             DAEMON_PID.store(daemon.pid(), Ordering::SeqCst);

@@ -126,7 +126,13 @@ fn daemon_with_policy(policy: Option<&str>) -> Broker {
     let bus = DbusDaemon::start();
     let daemon = Daemon::start_with(DaemonOptions {
         policy: policy.map(str::to_owned),
-        args: bus.daemon_args(),
+        // A thousand clients below, whatever the machine's fd limit makes
+        // of the default cap.
+        args: [
+            bus.daemon_args(),
+            vec!["--max-connections".into(), "4096".into()],
+        ]
+        .concat(),
         env: vec![("RUST_LOG".into(), "info".into())],
         ..Default::default()
     });
@@ -786,7 +792,11 @@ fn a_thousand_clients_share_and_transition_ten_thousand_buffers() {
         limit >= needed,
         "the fd limit {limit} is below the {needed} this test needs (ulimit -n)"
     );
-    let daemon = daemon_with_policy(None);
+    // Every client runs as root here: one uid, over its default 256.
+    let daemon = daemon_with_policy(Some(&format!(
+        "[default]\nmax_uid_connections = {}\n",
+        clients + 16
+    )));
     let baseline = daemon.baseline();
     let started = Instant::now();
     let workers = 16;

@@ -336,7 +336,9 @@ fn import_without_reading(raw: &mut RawClient, token: &str, buffer: u64, times: 
 /// and from then on no reply carrying an fd reached any client. Each
 /// connection now has a bound of unread fds, and the connection cap keeps
 /// their sum within the fd limit. (The daemon runs as a uid of its own:
-/// root is exempt from the check, and the count is per user.)
+/// root is exempt from the check, and the count is per user, so nothing
+/// else may pass fds as uid 65531 meanwhile, another run of this test
+/// included.)
 #[test]
 fn clients_that_never_read_cannot_stop_fds_reaching_other_clients() {
     if !dmabroker_suite::have_root("clients_that_never_read_cannot_stop_fds_reaching_other_clients")

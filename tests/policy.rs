@@ -310,3 +310,47 @@ fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
     bob.ok("alloc 65536");
     assert_eq!(field(&bob.ok("read 1"), "uniform"), Some("true"));
 }
+
+/// One user must not take every connection the broker serves (and with
+/// them its fd limit): `max_uid_connections` counts the connections of
+/// all of a uid's processes. One more is refused `QuotaExceeded`, naming
+/// the rule; other users still connect; and a place comes free when one
+/// of the uid's connections closes.
+#[test]
+fn a_uid_at_its_connection_limit_is_refused_and_other_users_are_not() {
+    if !have_root("policy: max_uid_connections") {
+        return;
+    }
+    let daemon = daemon_with("[[rule]]\nname = \"root-few\"\nuser = 0\nmax_uid_connections = 2\n");
+    let connect = || dmabroker_client::Client::connect_to(daemon.socket());
+    // The readiness probe's connection may be counted for a moment yet.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let client = loop {
+            match connect() {
+                Ok(client) => break client,
+                Err(err) => assert!(Instant::now() < deadline, "{err}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        held.push(client);
+    }
+    let err = connect().expect_err("a third connection of uid 0");
+    assert_eq!(
+        err.code(),
+        Some(dmabroker_ipc::ErrorCode::QuotaExceeded),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("rule 'root-few': max_uid_connections limit 2, in use 2"),
+        "{err}"
+    );
+
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    alice.ok("alloc 4096");
+
+    drop(held.pop());
+    dmabroker_suite::eventually("a place of uid 0 to come free", || connect().is_ok());
+}

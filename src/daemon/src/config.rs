@@ -62,9 +62,13 @@ pub struct Config {
     #[arg(long, default_value_t = 16384, value_name = "N")]
     pub fd_store_max: usize,
 
-    /// Most client connections served at once.
-    #[arg(long, default_value_t = 4096)]
-    pub max_connections: usize,
+    /// Most client connections served at once. Default: 4096, or fewer
+    /// when the fd limit is low: each connection may have 64 fds its client
+    /// has not read, and all of them must fit in half the fd limit, or
+    /// clients that never read could stop every fd reaching anyone. A
+    /// number given here is served even when they do not fit (logged).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -13,16 +13,25 @@ use crate::broker::Broker;
 use crate::broker::Disposition;
 use crate::identity;
 use crate::outbox::Outbox;
+use crate::server::{UidConnections, UidSlot};
 
 /// Messages one connection may have handled before the others get a turn.
 const MESSAGES_PER_TURN: usize = 32;
 
 /// Serves one accepted (non-blocking) connection until it hangs up.
-pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
+pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnections>) {
     let peer = match identity::peer_of(socket.as_fd()) {
         Ok(peer) => peer,
         Err(err) => {
             tracing::warn!(error = %err, "cannot identify a connecting peer; closing it");
+            return;
+        }
+    };
+    // Held to the end of this task, the wait for a cut-off client included.
+    let _uid_slot = match take_uid_slot(&broker, &uids, &peer) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            crate::server::refuse(socket, refusal);
             return;
         }
     };
@@ -108,13 +117,52 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd) {
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
-    keep_until_read(socket.get_ref(), pid, uid).await;
+    if outbox.fds_maybe_unread() > 0 {
+        keep_until_read(socket.get_ref(), pid, uid).await;
+    }
 }
 
-/// Keeps a connection whose client has not read everything sent to it
-/// (and so keeps its place under the connection cap) until the client
-/// reads it or closes: the fds among it stay charged to the daemon until
+/// The connection's place among its uid's, or the refusal to send when
+/// the uid is at its rule's `max_uid_connections`.
+fn take_uid_slot(
+    broker: &Broker,
+    uids: &Arc<UidConnections>,
+    peer: &identity::Peer,
+) -> Result<UidSlot, WireError> {
+    let policy = Arc::clone(&broker.lock().policy);
+    let resolved = policy.resolve(&peer.identity);
+    let limit = resolved.limits.max_uid_connections;
+    let uid = peer.identity.uid;
+    uids.take(uid, limit).map_err(|open| {
+        tracing::warn!(
+            uid,
+            pid = peer.pid,
+            rule = %resolved.rule,
+            limit,
+            "connection refused: the uid is at its max_uid_connections"
+        );
+        let mut error = WireError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "rule '{}': max_uid_connections limit {limit}, in use {open}, requested 1 (uid {uid})",
+                resolved.rule
+            ),
+        );
+        error.quota = Some(dmabroker_ipc::QuotaDetail {
+            limit: u64::from(limit),
+            in_use: u64::from(open),
+            requested: 1,
+        });
+        error
+    })
+}
+
+/// Keeps a connection whose client may have fds unread (and so keeps its
+/// place under the connection cap and among its uid's) until the client
+/// has read everything or closed: the fds stay charged to the daemon until
 /// then, whatever the daemon does with its own end (see `crate::inflight`).
+/// A connection with only fd-less answers unread is let go at once: those
+/// cost the daemon nothing.
 async fn keep_until_read(socket: &OwnedFd, pid: i32, uid: u32) {
     let unread = match crate::kernel::socket::unread_by_peer(socket.as_fd()) {
         Ok(0) | Err(_) => return,

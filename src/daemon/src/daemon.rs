@@ -47,18 +47,30 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     let heap_names: Vec<&str> = heaps.heaps().iter().map(|h| h.name.as_str()).collect();
     tracing::info!(heaps = ?heap_names, default = heaps.default_heap(), "heaps discovered");
     let fd_limit = crate::inflight::raise_fd_limit();
-    let max_connections = crate::inflight::connection_cap(config.max_connections, fd_limit);
-    if max_connections < config.max_connections {
-        tracing::warn!(
-            fd_limit,
-            configured = config.max_connections,
-            max_connections,
-            "connection cap lowered: each connection may have {} fds unread, and together they must stay within half the fd limit (raise LimitNOFILE= / ulimit -Hn)",
-            crate::inflight::PER_CONNECTION
-        );
-    } else {
-        tracing::info!(fd_limit, max_connections, "fd limit");
-    }
+    let fitting = crate::inflight::connection_cap(crate::inflight::MAX_CONNECTIONS, fd_limit);
+    let max_connections = match config.max_connections {
+        Some(asked) if asked > fitting => {
+            tracing::warn!(
+                fd_limit,
+                max_connections = asked,
+                fitting,
+                "serving more connections than fit the fd limit: clients that never read could use it up, and then no fd would reach any client (raise LimitNOFILE= / ulimit -Hn)"
+            );
+            asked
+        }
+        Some(asked) => asked,
+        None if fitting < crate::inflight::MAX_CONNECTIONS => {
+            tracing::warn!(
+                fd_limit,
+                max_connections = fitting,
+                "connection cap lowered to fit the fd limit: each connection may have {} fds unread, and together they must stay within half of it (raise LimitNOFILE= / ulimit -Hn)",
+                crate::inflight::PER_CONNECTION
+            );
+            fitting
+        }
+        None => fitting,
+    };
+    tracing::info!(fd_limit, max_connections, "fd limit");
     let limits = crate::broker::DaemonLimits {
         max_connections,
         ..Default::default()

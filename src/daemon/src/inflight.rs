@@ -17,11 +17,13 @@
 //! - a connection cut off with messages still unread keeps its place under
 //!   the connection cap until its client reads them or closes
 //!   ([`until_read`]): closing the daemon's end would not take them back;
-//! - the connection cap is lowered, if need be, so that connections ×
-//!   [`PER_CONNECTION`] stays within half the fd limit
+//! - the default connection cap is lowered, if need be, so that
+//!   connections × [`PER_CONNECTION`] stays within half the fd limit
 //!   ([`connection_cap`]). The other half is for everything else the
 //!   daemon's user sends: a user daemon shares its uid, and so the count,
-//!   with the user's own programs.
+//!   with the user's own programs. (An administrator may ask for more
+//!   connections than fit, with `--max-connections`; the log says what
+//!   that risks.)
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
@@ -41,14 +43,33 @@ pub const PER_CONNECTION: usize = 64;
 // A message is sent whole or not at all, so the biggest must fit alone.
 const _: () = assert!(PER_CONNECTION >= MAX_FDS_PER_MESSAGE);
 
-/// How often a wait for a live client to read looks again when no wake-up
-/// came (a reader's wake-ups are the usual signal; see [`until_read`]).
-pub const RECHECK_LIVE: Duration = Duration::from_millis(100);
+/// The connection cap when the fd limit allows it and `--max-connections`
+/// does not say otherwise.
+pub const MAX_CONNECTIONS: usize = 4096;
 
-/// How often a connection already cut off is looked at: it has no wake-ups
-/// (its socket is shut down, which reads as writable for good), and there
-/// may be many of them.
-pub const RECHECK_CUT_OFF: Duration = Duration::from_secs(1);
+/// How a wait for a client to read looks again when no wake-up came: after
+/// `first`, then twice as long each time up to `most`.
+#[derive(Clone, Copy, Debug)]
+pub struct Recheck {
+    pub first: Duration,
+    pub most: Duration,
+}
+
+/// A live client: its reads wake the wait (see [`until_read`]), so the
+/// timer only backs them up.
+pub const RECHECK_LIVE: Recheck = Recheck {
+    first: Duration::from_millis(100),
+    most: Duration::from_millis(100),
+};
+
+/// A connection already cut off has no wake-ups (its socket is shut down,
+/// which reads as writable for good). Most such clients read their last
+/// answer or close at once, and are let go within milliseconds; one that
+/// does not is looked at once a second, since there may be many.
+pub const RECHECK_CUT_OFF: Recheck = Recheck {
+    first: Duration::from_millis(5),
+    most: Duration::from_secs(1),
+};
 
 /// Raises the soft limit on open fds to the hard limit, and returns the
 /// limit in effect. The daemon holds an fd per buffer and per connection,
@@ -84,16 +105,19 @@ pub fn connection_cap(configured: usize, fd_limit: u64) -> usize {
 /// at once; `recheck` bounds the wait where no wake-up comes, and is the
 /// only signal for a socket that is shut down. An error (the socket is no
 /// socket) ends the wait.
-pub async fn until_read(socket: &OwnedFd, recheck: Duration) -> Result<(), KernelError> {
+pub async fn until_read(socket: &OwnedFd, recheck: Recheck) -> Result<(), KernelError> {
     let waiter = socket
         .try_clone()
         .ok()
         .and_then(|dup| crate::reactor::register(dup, tokio::io::Interest::WRITABLE).ok());
     let mut wake_ups = waiter.is_some();
+    let mut next = recheck.first;
     loop {
         if unread_by_peer(socket.as_fd())? == 0 {
             return Ok(());
         }
+        let wait = next;
+        next = (next * 2).min(recheck.most);
         match &waiter {
             Some(waiter) if wake_ups => {
                 tokio::select! {
@@ -104,10 +128,10 @@ pub async fn until_read(socket: &OwnedFd, recheck: Duration) -> Result<(), Kerne
                         Ok(mut guard) => guard.clear_ready(),
                         Err(_) => wake_ups = false,
                     },
-                    () = tokio::time::sleep(recheck) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
             }
-            _ => tokio::time::sleep(recheck).await,
+            _ => tokio::time::sleep(wait).await,
         }
     }
 }
@@ -182,7 +206,13 @@ mod tests {
             .block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(30),
-                    until_read(&ours, Duration::from_secs(3600)),
+                    until_read(
+                        &ours,
+                        Recheck {
+                            first: Duration::from_secs(3600),
+                            most: Duration::from_secs(3600),
+                        },
+                    ),
                 )
                 .await
             })
@@ -208,11 +238,8 @@ mod tests {
         });
         runtime
             .block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(30),
-                    until_read(&ours, Duration::from_millis(10)),
-                )
-                .await
+                tokio::time::timeout(Duration::from_secs(30), until_read(&ours, RECHECK_CUT_OFF))
+                    .await
             })
             .expect("ended")
             .expect("wait");

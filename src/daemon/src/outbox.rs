@@ -100,6 +100,13 @@ impl Outbox {
         self.cap.store(cap.max(1), Ordering::Relaxed);
     }
 
+    /// Fds sent that the client may not have read yet (an upper bound:
+    /// the count is reset only when the client is seen to have read
+    /// everything).
+    pub fn fds_maybe_unread(&self) -> usize {
+        self.lock().fds_unread
+    }
+
     pub fn queued(&self) -> usize {
         self.lock().messages.len()
     }

@@ -1,11 +1,12 @@
 //! The listening socket: created (or inherited), accepted from, removed on
 //! shutdown.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -133,6 +134,59 @@ impl Drop for ServedSlot {
     }
 }
 
+/// Connections per uid, each counted from its identity to the end of its
+/// task (including the wait for a client cut off with fds unread to read
+/// them), for the policy's `max_uid_connections`: without it one user
+/// could take every connection the daemon serves.
+#[derive(Debug, Default)]
+pub struct UidConnections(Mutex<HashMap<u32, u32>>);
+
+/// One connection's place in [`UidConnections`], given back on drop.
+#[derive(Debug)]
+pub struct UidSlot {
+    counts: Arc<UidConnections>,
+    uid: u32,
+}
+
+impl UidConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+        // Every change is one insert or remove: a poisoned map is whole.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more connection of `uid`, or, when it already has
+    /// `limit`, how many it has.
+    pub fn take(self: &Arc<Self>, uid: u32, limit: u32) -> Result<UidSlot, u32> {
+        let mut counts = self.lock();
+        let open = counts.entry(uid).or_insert(0);
+        if *open >= limit {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(UidSlot {
+            counts: Arc::clone(self),
+            uid,
+        })
+    }
+
+    /// Connections `uid` has now.
+    pub fn open(&self, uid: u32) -> u32 {
+        self.lock().get(&uid).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(open) = counts.get_mut(&self.uid) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// How long the accept loop waits before trying again after an error
 /// (fds ran out, kernel memory is short).
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -141,6 +195,7 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// are told `Busy` and closed.
 pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), ServerError> {
     let served = Arc::new(Served::default());
+    let uids = Arc::new(UidConnections::default());
     let _ = nix::fcntl::fcntl(
         listener.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -163,13 +218,20 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
                     let max = broker.lock().limits.max_connections;
                     if served.0.fetch_add(1, Ordering::AcqRel) >= max {
                         served.0.fetch_sub(1, Ordering::AcqRel);
-                        refuse_busy(conn, max);
+                        tracing::warn!(max, "connection refused: at the connection limit");
+                        refuse(
+                            conn,
+                            dmabroker_ipc::WireError::new(
+                                dmabroker_ipc::ErrorCode::Busy,
+                                format!("the broker serves at most {max} connections"),
+                            ),
+                        );
                         continue;
                     }
                     let slot = ServedSlot(Arc::clone(&served));
-                    let broker = Arc::clone(&broker);
+                    let (broker, uids) = (Arc::clone(&broker), Arc::clone(&uids));
                     tokio::spawn(async move {
-                        crate::connection::serve(broker, conn).await;
+                        crate::connection::serve(broker, conn, uids).await;
                         drop(slot);
                     });
                 }
@@ -203,25 +265,22 @@ const MAX_LINGERING: usize = 64;
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
-/// Tells a connection over the cap `Busy`. Closed at once, a socket with
-/// its client's hello still unread resets the client's, which then sees
-/// `ECONNRESET` instead of the answer; so the socket is shut for writing,
-/// read until its client hangs up, and closed then (or after [`LINGER`]).
-fn refuse_busy(conn: OwnedFd, max: usize) {
-    use dmabroker_ipc::{codec, ErrorCode, Reply, ServerMessage, WireError};
+/// Tells a connection it is not served, and why (reply id 0: it has sent
+/// at most its hello). Closed at once, a socket with its client's hello
+/// still unread resets the client's, which then sees `ECONNRESET` instead
+/// of the answer; so the socket is shut for writing, read until its client
+/// hangs up, and closed then (or after [`LINGER`]).
+pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError) {
+    use dmabroker_ipc::{codec, Reply, ServerMessage};
     let message = ServerMessage::Reply(Reply {
         id: 0,
         fds: 0,
-        result: Err(WireError::new(
-            ErrorCode::Busy,
-            format!("the broker serves at most {max} connections"),
-        )),
+        result: Err(error),
     });
     if let Ok(bytes) = codec::encode_server_message(&message) {
         let _ = dmabroker_ipc::fdpass::send_message(conn.as_fd(), &bytes, &[], true);
     }
     let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-    tracing::warn!(max, "connection refused: at the connection limit");
     if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
         LINGERING.fetch_sub(1, Ordering::AcqRel);
         drain(conn.as_fd());

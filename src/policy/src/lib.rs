@@ -169,6 +169,11 @@ pub struct Limits {
     /// per buffer and holder at most.)
     pub max_held_accesses: u32,
     pub max_unread_replies: u32,
+    /// Connections the client's uid may have open at once, over all its
+    /// processes: without it one user could take every connection the
+    /// daemon serves (and with them its fd limit, see the daemon's
+    /// `inflight`).
+    pub max_uid_connections: u32,
 }
 
 impl Default for Limits {
@@ -188,6 +193,7 @@ impl Default for Limits {
             max_queued_requests: 64,
             max_held_accesses: 4096,
             max_unread_replies: 256,
+            max_uid_connections: 256,
         }
     }
 }
@@ -207,6 +213,7 @@ pub enum LimitKind {
     MaxQueuedRequests,
     MaxHeldAccesses,
     MaxUnreadReplies,
+    MaxUidConnections,
 }
 
 impl LimitKind {
@@ -224,6 +231,7 @@ impl LimitKind {
             LimitKind::MaxQueuedRequests => "max_queued_requests",
             LimitKind::MaxHeldAccesses => "max_held_accesses",
             LimitKind::MaxUnreadReplies => "max_unread_replies",
+            LimitKind::MaxUidConnections => "max_uid_connections",
         }
     }
 }
@@ -255,6 +263,7 @@ impl Limits {
             LimitKind::MaxQueuedRequests => self.max_queued_requests.to_string(),
             LimitKind::MaxHeldAccesses => self.max_held_accesses.to_string(),
             LimitKind::MaxUnreadReplies => self.max_unread_replies.to_string(),
+            LimitKind::MaxUidConnections => self.max_uid_connections.to_string(),
         }
     }
 }
@@ -591,6 +600,7 @@ fn write_limits(out: &mut String, limits: &Limits) {
     let _ = writeln!(out, "max_queued_requests = {}", limits.max_queued_requests);
     let _ = writeln!(out, "max_held_accesses = {}", limits.max_held_accesses);
     let _ = writeln!(out, "max_unread_replies = {}", limits.max_unread_replies);
+    let _ = writeln!(out, "max_uid_connections = {}", limits.max_uid_connections);
 }
 
 /// Limits as one file sets them: `None` wherever the file is silent, so that
@@ -608,6 +618,7 @@ struct PartialLimits {
     max_queued_requests: Option<u32>,
     max_held_accesses: Option<u32>,
     max_unread_replies: Option<u32>,
+    max_uid_connections: Option<u32>,
 }
 
 impl PartialLimits {
@@ -627,7 +638,8 @@ impl PartialLimits {
             write_hold_limit,
             max_queued_requests,
             max_held_accesses,
-            max_unread_replies
+            max_unread_replies,
+            max_uid_connections
         );
     }
 
@@ -647,6 +659,7 @@ impl PartialLimits {
             max_queued_requests: self.max_queued_requests.unwrap_or(base.max_queued_requests),
             max_held_accesses: self.max_held_accesses.unwrap_or(base.max_held_accesses),
             max_unread_replies: self.max_unread_replies.unwrap_or(base.max_unread_replies),
+            max_uid_connections: self.max_uid_connections.unwrap_or(base.max_uid_connections),
         }
     }
 }
@@ -854,6 +867,7 @@ fn parse_fragment(
             max_queued_requests: raw.max_queued_requests.map(|n| n.0),
             max_held_accesses: raw.max_held_accesses.map(|n| n.0),
             max_unread_replies: raw.max_unread_replies.map(|n| n.0),
+            max_uid_connections: raw.max_uid_connections.map(|n| n.0),
         })
     };
 

@@ -47,6 +47,7 @@ pub(crate) struct RawLimits {
     pub max_queued_requests: Option<Positive>,
     pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
+    pub max_uid_connections: Option<Positive>,
 }
 
 /// Same limit fields as [`RawLimits`], written out again because serde's
@@ -72,6 +73,7 @@ pub(crate) struct RawRule {
     pub max_queued_requests: Option<Positive>,
     pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
+    pub max_uid_connections: Option<Positive>,
 }
 
 impl RawRule {
@@ -88,6 +90,7 @@ impl RawRule {
             max_queued_requests: self.max_queued_requests.take(),
             max_held_accesses: self.max_held_accesses.take(),
             max_unread_replies: self.max_unread_replies.take(),
+            max_uid_connections: self.max_uid_connections.take(),
         }
     }
 }

@@ -105,6 +105,7 @@ fn builtin_defaults() {
         max_queued_requests: 64,
         max_held_accesses: 4096,
         max_unread_replies: 256,
+        max_uid_connections: 256,
     };
     assert_eq!(*resolved.limits, expected);
     assert!(policy.is_admin(0, &[]));
@@ -135,6 +136,7 @@ fn every_default_key() {
         max_queued_requests = 8
         max_held_accesses = 32
         max_unread_replies = 16
+        max_uid_connections = 12
         "#,
     );
     let limits = policy.resolve(&who(5, 5)).limits;
@@ -155,6 +157,7 @@ fn every_default_key() {
             max_queued_requests: 8,
             max_held_accesses: 32,
             max_unread_replies: 16,
+            max_uid_connections: 12,
         }
     );
     assert!(policy.is_admin(1000, &[]));
@@ -1038,6 +1041,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
         1..=u32::MAX,
         1..=u32::MAX,
         1..=u32::MAX,
+        1..=u32::MAX,
     )
         .prop_map(
             |(
@@ -1052,6 +1056,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 max_queued_requests,
                 max_held_accesses,
                 max_unread_replies,
+                max_uid_connections,
             )| Limits {
                 heaps,
                 max_buffer_size,
@@ -1064,6 +1069,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 max_queued_requests,
                 max_held_accesses,
                 max_unread_replies,
+                max_uid_connections,
             },
         )
 }
@@ -1129,7 +1135,7 @@ fn tomlish() -> impl Strategy<Value = String> {
         Just("[[rule]]".to_string()),
         Just("[admins]".to_string()),
         Just("name = \"x\"".to_string()),
-        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_held_accesses|max_unread_replies|users|groups|enabled|admins) = ",
+        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_held_accesses|max_unread_replies|max_uid_connections|users|groups|enabled|admins) = ",
         "\"[a-zA-Z0-9 ./@,:é-]{0,12}\"",
         "-?[0-9]{1,21}",
         Just("true".to_string()),
