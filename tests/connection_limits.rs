@@ -423,3 +423,38 @@ fn a_connection_cut_off_with_fds_unread_counts_until_its_client_reads_them() {
         first_answer(&mut next) == Ok(())
     });
 }
+
+/// A client cut off with replies still queued for it (it stopped reading,
+/// then hung up its sending side) never gets them, and the fds they carry
+/// must go with them, even while it keeps its end open to read what was
+/// sent before. They were once kept until the client closed: buffers the
+/// broker had freed and charged to no one, one set per cut-off connection.
+#[test]
+fn a_cut_off_client_keeping_its_socket_open_pins_no_queued_fds() {
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut deaf = deaf_connection(&daemon);
+    for _ in 0..200 {
+        let (_, alloc) = deaf.encode(
+            RequestBody::Alloc {
+                size: 4096,
+                heap: None,
+                name: None,
+            },
+            0,
+        );
+        deaf.send_raw(&alloc, &[]);
+    }
+    nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(&deaf.fd()),
+        nix::sys::socket::Shutdown::Write,
+    )
+    .expect("shutdown");
+    // The connection is kept (fds it was sent are unread): its socket, and
+    // nothing else.
+    dmabroker_suite::eventually("the queued replies' fds to be closed", || {
+        fd_count(daemon.pid()) <= baseline + 1
+    });
+    drop(deaf);
+    daemon.assert_fds_back_to(baseline);
+}

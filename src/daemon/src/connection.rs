@@ -117,7 +117,10 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
-    if outbox.fds_maybe_unread() > 0 {
+    let fds_maybe_unread = outbox.fds_maybe_unread();
+    // Nothing but the socket (and this connection's places) is kept.
+    drop((outbox, buf));
+    if fds_maybe_unread > 0 {
         keep_until_read(socket.get_ref(), pid, uid).await;
     }
 }

@@ -19,11 +19,18 @@
 //!   ([`until_read`]): closing the daemon's end would not take them back;
 //! - the default connection cap is lowered, if need be, so that
 //!   connections × [`PER_CONNECTION`] stays within half the fd limit
-//!   ([`connection_cap`]). The other half is for everything else the
-//!   daemon's user sends: a user daemon shares its uid, and so the count,
-//!   with the user's own programs. (An administrator may ask for more
-//!   connections than fit, with `--max-connections`; the log says what
-//!   that risks.)
+//!   ([`connection_cap`]). The other half is a margin for what the daemon
+//!   cannot see: fds an earlier run sent that are still unread on dead
+//!   connections (the charge outlives the run). (An administrator may ask
+//!   for more connections than fit, with `--max-connections`; the log
+//!   says what that risks.)
+//!
+//! A user daemon shares its uid, and so the count, with the user's other
+//! programs, and the kernel checks each sender against its own limit
+//! (often a soft 1,024): fds the user's clients leave unread can stop the
+//! user's other programs passing fds, as any of the user's programs that
+//! stops reading already could. The bound protects the daemon, not the
+//! user from their own programs.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
@@ -35,9 +42,10 @@ use crate::kernel::socket::unread_by_peer;
 use crate::kernel::KernelError;
 
 /// Fds one connection may have unread before the next message carrying
-/// fds waits for its client to read. A client reading its replies never
-/// comes near it: the client library waits for each alloc, import and
-/// begin it sends.
+/// fds waits for its client to read. Counted since the client was last
+/// seen with nothing unread, so a client that reads but keeps several
+/// requests in flight may wait a moment at every 64th fd; the client
+/// library waits for each answer it asks for, and never does.
 pub const PER_CONNECTION: usize = 64;
 
 // A message is sent whole or not at all, so the biggest must fit alone.
@@ -55,17 +63,18 @@ pub struct Recheck {
     pub most: Duration,
 }
 
-/// A live client: its reads wake the wait (see [`until_read`]), so the
-/// timer only backs them up.
+/// A live client: its reads wake the wait (see [`until_read`]; its last
+/// read always does), so the timer only backs them up, and a client that
+/// stops reading for good costs a look every 10 s, not a steady tick.
 pub const RECHECK_LIVE: Recheck = Recheck {
     first: Duration::from_millis(100),
-    most: Duration::from_millis(100),
+    most: Duration::from_secs(10),
 };
 
-/// A connection already cut off has no wake-ups (its socket is shut down,
-/// which reads as writable for good). Most such clients read their last
-/// answer or close at once, and are let go within milliseconds; one that
-/// does not is looked at once a second, since there may be many.
+/// A connection already cut off has no wake-ups (its socket is shut down
+/// both ways, which reads as a hang-up from then on). Most such clients
+/// read their last answer or close at once, and are let go within
+/// milliseconds; one that does not is looked at once a second.
 pub const RECHECK_CUT_OFF: Recheck = Recheck {
     first: Duration::from_millis(5),
     most: Duration::from_secs(1),
@@ -106,11 +115,10 @@ pub fn connection_cap(configured: usize, fd_limit: u64) -> usize {
 /// only signal for a socket that is shut down. An error (the socket is no
 /// socket) ends the wait.
 pub async fn until_read(socket: &OwnedFd, recheck: Recheck) -> Result<(), KernelError> {
-    let waiter = socket
+    let mut waiter = socket
         .try_clone()
         .ok()
         .and_then(|dup| crate::reactor::register(dup, tokio::io::Interest::WRITABLE).ok());
-    let mut wake_ups = waiter.is_some();
     let mut next = recheck.first;
     loop {
         if unread_by_peer(socket.as_fd())? == 0 {
@@ -118,20 +126,26 @@ pub async fn until_read(socket: &OwnedFd, recheck: Recheck) -> Result<(), Kernel
         }
         let wait = next;
         next = (next * 2).min(recheck.most);
-        match &waiter {
-            Some(waiter) if wake_ups => {
-                tokio::select! {
-                    guard = waiter.writable() => match guard {
-                        // A shut-down socket stays "writable": no more
-                        // wake-ups to wait for.
-                        Ok(guard) if guard.ready().is_write_closed() => wake_ups = false,
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(_) => wake_ups = false,
-                    },
-                    () = tokio::time::sleep(wait) => {}
+        let Some(registered) = &waiter else {
+            tokio::time::sleep(wait).await;
+            continue;
+        };
+        let wake_ups_over = tokio::select! {
+            guard = registered.writable() => match guard {
+                // A socket shut down both ways reads as a hang-up from
+                // then on: no more wake-ups to wait for.
+                Ok(guard) if guard.ready().is_write_closed() => true,
+                Ok(mut guard) => {
+                    guard.clear_ready();
+                    false
                 }
-            }
-            _ => tokio::time::sleep(wait).await,
+                Err(_) => true,
+            },
+            () = tokio::time::sleep(wait) => false,
+        };
+        if wake_ups_over {
+            // The dup goes too: a connection kept for long costs one fd.
+            waiter = None;
         }
     }
 }

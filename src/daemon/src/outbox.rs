@@ -292,8 +292,18 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Ends the connection's sending for good. What is still queued will
+    /// never be sent, so it goes now, with its fds: a cut-off connection
+    /// may be kept a long time after (see `connection`).
     pub fn close(&self) {
-        self.lock().closed = true;
+        let dropped = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            queue.counted = 0;
+            queue.events = 0;
+            std::mem::take(&mut queue.messages)
+        };
+        drop(dropped);
         self.shutdown();
     }
 }

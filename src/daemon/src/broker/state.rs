@@ -435,6 +435,18 @@ impl State {
             Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
                 tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
             }
+            // The daemon's own shortage, not the client's departure: fds in
+            // flight over the fd limit (from an earlier run, say: see
+            // `crate::inflight`) or a full fd table. Worth an operator's eye.
+            Err(
+                err @ crate::outbox::OutboxError::Send(dmabroker_ipc::fdpass::SendError::Os(
+                    nix::errno::Errno::ETOOMANYREFS
+                    | nix::errno::Errno::EMFILE
+                    | nix::errno::Errno::ENFILE,
+                )),
+            ) => {
+                tracing::error!(client, error = %err, "cannot pass fds to a client; disconnecting it");
+            }
             Err(err) => {
                 tracing::debug!(client, error = %err, "message to a departing client dropped")
             }
