@@ -67,8 +67,8 @@ pub struct Config {
     /// has not read, and all of them must fit in half the fd limit, or
     /// clients that never read could stop every fd reaching anyone. A
     /// number given here is served even when they do not fit (logged).
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -48,7 +48,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     tracing::info!(heaps = ?heap_names, default = heaps.default_heap(), "heaps discovered");
     let fd_limit = crate::inflight::raise_fd_limit();
     let fitting = crate::inflight::connection_cap(crate::inflight::MAX_CONNECTIONS, fd_limit);
-    let max_connections = match config.max_connections {
+    let max_connections = match config.max_connections.map(|n| n as usize) {
         Some(asked) if asked > fitting => {
             tracing::warn!(
                 fd_limit,

@@ -14,8 +14,8 @@
 //!   messages carrying fds wait in its outbox until its client reads
 //!   (`crate::outbox`), where they count against `max_unread_replies` like
 //!   any reply that does not fit;
-//! - a connection cut off with messages still unread keeps its place under
-//!   the connection cap until its client reads them or closes
+//! - a connection cut off with fds possibly unread keeps its place under
+//!   the connection cap until its client has read everything or closed
 //!   ([`until_read`]): closing the daemon's end would not take them back;
 //! - the default connection cap is lowered, if need be, so that
 //!   connections × [`PER_CONNECTION`] stays within half the fd limit
@@ -63,12 +63,13 @@ pub struct Recheck {
     pub most: Duration,
 }
 
-/// A live client: its reads wake the wait (see [`until_read`]; its last
-/// read always does), so the timer only backs them up, and a client that
-/// stops reading for good costs a look every 10 s, not a steady tick.
+/// A live client: its reads wake the wait (see [`until_read`]), so the
+/// timer only backs them up (a read's wake-up can come a moment before
+/// the kernel's count drops), and a client that stops reading for good
+/// costs a look a second, not a steady tick.
 pub const RECHECK_LIVE: Recheck = Recheck {
     first: Duration::from_millis(100),
-    most: Duration::from_secs(10),
+    most: Duration::from_secs(1),
 };
 
 /// A connection already cut off has no wake-ups (its socket is shut down
@@ -130,22 +131,26 @@ pub async fn until_read(socket: &OwnedFd, recheck: Recheck) -> Result<(), Kernel
             tokio::time::sleep(wait).await;
             continue;
         };
-        let wake_ups_over = tokio::select! {
+        let woken = tokio::select! {
             guard = registered.writable() => match guard {
                 // A socket shut down both ways reads as a hang-up from
-                // then on: no more wake-ups to wait for.
-                Ok(guard) if guard.ready().is_write_closed() => true,
+                // then on: no more wake-ups to wait for, and the dup goes
+                // (a connection kept for long costs one fd).
+                Ok(guard) if guard.ready().is_write_closed() => None,
                 Ok(mut guard) => {
                     guard.clear_ready();
-                    false
+                    Some(true)
                 }
-                Err(_) => true,
+                Err(_) => None,
             },
-            () = tokio::time::sleep(wait) => false,
+            () = tokio::time::sleep(wait) => Some(false),
         };
-        if wake_ups_over {
-            // The dup goes too: a connection kept for long costs one fd.
-            waiter = None;
+        match woken {
+            None => waiter = None,
+            // The client is reading: look again soon if this was not yet
+            // its last read.
+            Some(true) => next = recheck.first,
+            Some(false) => {}
         }
     }
 }

@@ -254,7 +254,11 @@ impl Outbox {
                     return Flush::Blocked;
                 }
                 Err(err) => {
-                    tracing::debug!(error = %err, "dropping connection after send failure");
+                    if is_fd_shortage(&err) {
+                        tracing::error!(error = %err, "cannot pass fds to a client; disconnecting it");
+                    } else {
+                        tracing::debug!(error = %err, "dropping connection after send failure");
+                    }
                     queue.closed = true;
                     drop(queue);
                     self.shutdown();
@@ -292,6 +296,13 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Ends the connection's sending for good, leaving the queue to
+    /// [`Outbox::close`].
+    pub fn stop(&self) {
+        self.lock().closed = true;
+        self.shutdown();
+    }
+
     /// Ends the connection's sending for good. What is still queued will
     /// never be sent, so it goes now, with its fds: a cut-off connection
     /// may be kept a long time after (see `connection`).
@@ -306,6 +317,17 @@ impl Outbox {
         drop(dropped);
         self.shutdown();
     }
+}
+
+/// Whether a send failed for the daemon's own lack of fds rather than
+/// the client's departure: the kernel refusing fds in flight over the fd
+/// limit (left by an earlier run, say: see `crate::inflight`). Worth an
+/// operator's eye.
+pub fn is_fd_shortage(err: &SendError) -> bool {
+    matches!(
+        err,
+        SendError::Os(Errno::ETOOMANYREFS | Errno::EMFILE | Errno::ENFILE)
+    )
 }
 
 #[cfg(test)]

@@ -257,7 +257,7 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
     }
 }
 
-/// Refused connections still lingering (see [`refuse_busy`]); beyond this
+/// Refused connections still lingering (see [`refuse`]); beyond this
 /// many, a refusal is closed at once.
 const MAX_LINGERING: usize = 64;
 /// How long a refused connection is kept for its client to read the

@@ -435,16 +435,7 @@ impl State {
             Err(err @ crate::outbox::OutboxError::Overflow(_)) => {
                 tracing::warn!(client, error = %err, "client not reading its replies; disconnecting it");
             }
-            // The daemon's own shortage, not the client's departure: fds in
-            // flight over the fd limit (from an earlier run, say: see
-            // `crate::inflight`) or a full fd table. Worth an operator's eye.
-            Err(
-                err @ crate::outbox::OutboxError::Send(dmabroker_ipc::fdpass::SendError::Os(
-                    nix::errno::Errno::ETOOMANYREFS
-                    | nix::errno::Errno::EMFILE
-                    | nix::errno::Errno::ENFILE,
-                )),
-            ) => {
+            Err(crate::outbox::OutboxError::Send(err)) if crate::outbox::is_fd_shortage(&err) => {
                 tracing::error!(client, error = %err, "cannot pass fds to a client; disconnecting it");
             }
             Err(err) => {
@@ -613,7 +604,10 @@ impl State {
             subscribers.retain(|c| *c != client);
         }
         if let Some(entry) = self.clients.remove(&client) {
-            entry.outbox.close();
+            // Not `close`: its queue may hold the last copies of freed
+            // buffers, not to be freed under the broker's lock. The
+            // connection's task drops it.
+            entry.outbox.stop();
             self.notice(Notice::ClientDisconnected { client });
             tracing::info!(
                 client,
