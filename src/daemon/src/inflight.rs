@@ -159,7 +159,9 @@ pub async fn until_read(socket: &OwnedFd, recheck: Recheck) -> Result<(), Kernel
 mod tests {
     use std::os::fd::AsRawFd;
 
-    use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+    use nix::sys::socket::{recv, send, MsgFlags};
+
+    use crate::kernel::testutil::seqpacket_pair;
 
     use super::*;
 
@@ -186,16 +188,6 @@ mod tests {
         );
     }
 
-    fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair")
-    }
-
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -207,7 +199,7 @@ mod tests {
     /// waiting out the recheck: the read is what wakes it.
     #[test]
     fn a_wait_ends_when_the_peer_reads_the_last_message() {
-        let (ours, peer) = pair();
+        let (ours, peer) = seqpacket_pair(true);
         for _ in 0..3 {
             send(ours.as_raw_fd(), b"reply", MsgFlags::empty()).expect("send");
         }
@@ -246,7 +238,7 @@ mod tests {
     /// recheck still notices its peer closing.
     #[test]
     fn a_wait_on_a_shut_down_socket_ends_when_the_peer_closes() {
-        let (ours, peer) = pair();
+        let (ours, peer) = seqpacket_pair(true);
         send(ours.as_raw_fd(), b"unread", MsgFlags::empty()).expect("send");
         nix::sys::socket::shutdown(ours.as_raw_fd(), nix::sys::socket::Shutdown::Both)
             .expect("shutdown");

@@ -333,7 +333,6 @@ pub fn is_fd_shortage(err: &SendError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
     /// An outbox on one end of a socket pair whose other end never reads,
     /// in a runtime (the outbox registers with tokio's reactor).
@@ -342,13 +341,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let (ours, deaf) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (ours, deaf) = crate::kernel::testutil::seqpacket_pair(true);
         let socket = runtime.block_on(async {
             crate::reactor::register(ours, tokio::io::Interest::READABLE).expect("register")
         });

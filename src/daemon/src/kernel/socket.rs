@@ -30,19 +30,15 @@ pub fn unread_by_peer(socket: BorrowedFd<'_>) -> Result<usize, KernelError> {
 mod tests {
     use std::os::fd::AsFd;
 
-    use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+    use nix::sys::socket::{recv, send, MsgFlags};
+
+    use crate::kernel::testutil::seqpacket_pair;
 
     use super::*;
 
     #[test]
     fn counts_until_the_peer_reads_or_closes() {
-        let (ours, peer) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (ours, peer) = seqpacket_pair(false);
         assert_eq!(unread_by_peer(ours.as_fd()).expect("outq"), 0);
         send(ours.as_raw_fd(), b"one", MsgFlags::empty()).expect("send");
         send(ours.as_raw_fd(), b"two", MsgFlags::empty()).expect("send");

@@ -6,6 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A connected SOCK_SEQPACKET pair (close-on-exec), the daemon's kind of
+/// client connection.
+pub(crate) fn seqpacket_pair(nonblocking: bool) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let mut flags = SockFlag::SOCK_CLOEXEC;
+    if nonblocking {
+        flags |= SockFlag::SOCK_NONBLOCK;
+    }
+    socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags).expect("socketpair")
+}
+
 /// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub(crate) struct TempDir(PathBuf);
