@@ -230,6 +230,53 @@ fn a_client_that_keeps_sending_garbage_is_disconnected() {
     daemon.assert_fds_back_to(baseline);
 }
 
+/// A client cut off with messages of its own still unread reads every
+/// answer the broker sent it, then the hang-up. A socket closed with its
+/// peer's messages unread resets the peer, which then saw `ECONNRESET`
+/// where the broker's last answers (the reason it was cut off) were.
+#[test]
+fn a_client_cut_off_with_messages_unread_reads_its_last_answers_first() {
+    use dmabroker_ipc::codec::decode_server_message;
+    use dmabroker_ipc::fdpass::{recv_message, RecvError};
+    use dmabroker_ipc::ServerMessage;
+    let daemon = Daemon::start();
+    let baseline = daemon.baseline();
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    // Far more than the broker takes (it cuts a client off at its 8th
+    // malformed message), all queued before it reads any of them.
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    dmabroker_suite::proc::wait_stopped(daemon.pid());
+    for _ in 0..64 {
+        raw.send_raw(b"\x00\x01garbage", &[]);
+    }
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    let mut answers = 0;
+    loop {
+        match recv_message(raw.fd(), false) {
+            Ok(got) => match decode_server_message(&got.bytes).expect("decode") {
+                ServerMessage::Reply(reply) => {
+                    assert_eq!(
+                        reply.result.map_err(|e| e.code),
+                        Err(ErrorCode::ProtocolError)
+                    );
+                    answers += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Err(RecvError::Closed) => break,
+            Err(err) => panic!("after {answers} answers: {err}"),
+        }
+    }
+    assert_eq!(
+        answers, 8,
+        "every malformed message up to the cut-off is answered"
+    );
+    drop(raw);
+    still_serving(&daemon);
+    daemon.assert_fds_back_to(baseline);
+}
+
 /// A message that decodes but breaks the protocol in its body (an fd slot
 /// that does not exist) counts towards the cut-off like garbage does: the
 /// count must not be reset by the very message that breaks it.

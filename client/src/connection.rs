@@ -231,11 +231,17 @@ fn exchange(
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
     loop {
-        let received = recv_message(socket.as_fd(), false).map_err(|e| match e {
+        let received = match recv_message(socket.as_fd(), false) {
+            Ok(received) => received,
+            // Reported once, ahead of the broker's last answers (see
+            // `receive`): read on.
+            Err(RecvError::Os(Errno::ECONNRESET)) => continue,
             // No answer within the handshake's time (see `fresh_connection`).
-            RecvError::Closed | RecvError::Os(Errno::EAGAIN) => Error::Disconnected,
-            other => Error::Protocol(other.to_string()),
-        })?;
+            Err(RecvError::Closed | RecvError::Os(Errno::EAGAIN)) => {
+                return Err(Error::Disconnected)
+            }
+            Err(other) => return Err(Error::Protocol(other.to_string())),
+        };
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
             ServerMessage::Reply(reply) if reply.id == id => {
                 return reply
@@ -924,7 +930,13 @@ fn receive(
             Err(err) => return Err(err.to_string()),
         }
     }
-    match recv_message_into(socket.as_fd(), buf, false) {
+    let mut received = recv_message_into(socket.as_fd(), buf, false);
+    if matches!(received, Err(RecvError::Os(Errno::ECONNRESET))) {
+        // The broker closed with messages of ours unread: the reset is
+        // reported once, ahead of what it sent before closing.
+        received = recv_message_into(socket.as_fd(), buf, false);
+    }
+    match received {
         Ok((len, fds)) => match decode_server_message(&buf[..len]) {
             Ok(message) => Ok(Received::Message(message, fds)),
             Err(err) => Ok(Received::Unreadable {
@@ -1087,5 +1099,40 @@ mod tests {
         let holds = lock(&conn.holds);
         assert!(is_hold(&holds, 1, newer), "the newer hold was displaced");
         assert!(!is_hold(&holds, 1, stale));
+    }
+
+    /// A broker that closes its end with messages of ours unread resets
+    /// our socket: the next receive fails `ECONNRESET` once, and what the
+    /// broker sent before closing is still queued behind it. Taking the
+    /// reset for the end lost the broker's last answer (the reason it cut
+    /// the client off).
+    #[test]
+    fn a_reset_does_not_hide_the_answers_queued_behind_it() {
+        let (ours, broker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        send_message(ours.as_fd(), b"never read", &[], false).expect("send");
+        let last_word = ServerMessage::Reply(dmabroker_ipc::Reply {
+            id: 7,
+            fds: 0,
+            result: Err(WireError::new(ErrorCode::ProtocolError, "cut off")),
+        });
+        let bytes = dmabroker_ipc::codec::encode_server_message(&last_word).expect("encode");
+        send_message(broker.as_fd(), &bytes, &[], false).expect("send");
+        drop(broker);
+        let mut buf = vec![0u8; dmabroker_ipc::MAX_MESSAGE_SIZE];
+        match receive(&ours, &mut buf, None) {
+            Ok(Received::Message(message, _)) => assert_eq!(message, last_word),
+            Ok(_) => panic!("the broker's last answer was not read"),
+            Err(err) => panic!("the broker's last answer was lost: {err}"),
+        }
+        assert!(
+            receive(&ours, &mut buf, None).is_err(),
+            "the hang-up follows"
+        );
     }
 }

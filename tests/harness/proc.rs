@@ -96,3 +96,30 @@ pub fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
         .take(how_many)
         .collect()
 }
+
+/// Waits until every thread of `pid` is stopped (state `T`): `SIGSTOP`
+/// takes effect asynchronously, and a thread still running on another CPU
+/// could read what the caller sends next.
+pub fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+                            Some(state == "T" || state == "t")
+                        })
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(false);
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

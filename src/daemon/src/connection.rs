@@ -117,6 +117,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
+    crate::server::discard_unread(socket.get_ref().as_fd());
     let fds_maybe_unread = outbox.fds_maybe_unread();
     // Nothing but the socket (and this connection's places) is kept.
     drop((outbox, buf));

@@ -314,6 +314,23 @@ async fn linger(conn: OwnedFd) {
     }
 }
 
+/// Turns of [`drain`] a closing connection gets (see [`discard_unread`]).
+const DISCARD_TURNS: usize = 16;
+
+/// Reads and drops what a connection's client sent and the broker will not
+/// read, before the connection is closed. A socket closed with its peer's
+/// messages unread resets the peer's, which then fails its next receive
+/// with `ECONNRESET` ahead of the answers still queued for it: a client
+/// cut off for malformed messages lost the very answer saying why. A
+/// bounded amount: a client still sending as fast as this reads is reset.
+pub fn discard_unread(conn: std::os::fd::BorrowedFd<'_>) {
+    for _ in 0..DISCARD_TURNS {
+        if drain(conn) != Drained::More {
+            return;
+        }
+    }
+}
+
 /// Messages a refused connection's drain reads per turn.
 const DRAIN_TURN: usize = 32;
 
