@@ -1162,3 +1162,83 @@ fn a_reconnect_to_a_full_listen_queue_keeps_the_callers_timeout() {
     );
     waiting.join().expect("waiting thread");
 }
+
+/// A broker that allocates buffers 1 to 3 (one memfd), hangs up after
+/// answering the first heaps request, and on its second connection answers the hello and
+/// each re-attach only after `delay`.
+fn slow_handshake_broker(path: &Path, delay: Duration) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let mut next_buffer = 1;
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            if connection == 2 {
+                std::thread::sleep(delay);
+            }
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => {
+                    let mut info = buffer_info(inode);
+                    if let ReplyBody::Buffer(info) = &mut info {
+                        info.id = next_buffer;
+                    }
+                    next_buffer += 1;
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(info),
+                    });
+                    let bytes = encode_server_message(&message).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+                }
+                RequestBody::Reattach { buffer: id_of, .. } => {
+                    let mut info = buffer_info(inode);
+                    if let ReplyBody::Buffer(info) = &mut info {
+                        info.id = id_of;
+                    }
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(info),
+                    });
+                    let bytes = encode_server_message(&message).expect("encode");
+                    let _ = send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false);
+                }
+                RequestBody::ListHeaps => {
+                    heaps(socket, id);
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// A reconnect's handshake (the hello, then one re-attach per held
+/// buffer) is bounded as a whole by the caller's timeout. Each exchange
+/// could wait for the time left at its start, so a broker answering each
+/// one slowly stretched `next_event(1 s)` to four answers' time (2.4 s
+/// here).
+#[test]
+fn a_slow_handshake_keeps_the_callers_timeout_as_a_whole() {
+    let (_dir, path) = socket_path();
+    let broker = slow_handshake_broker(&path, Duration::from_millis(600));
+    let options = ClientOptions {
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let held: Vec<_> = (0..3).map(|_| client.alloc(4096).expect("alloc")).collect();
+    client.heaps().expect("heaps, then the broker hangs up");
+    let started = std::time::Instant::now();
+    let _ = client.next_event(Some(Duration::from_secs(1)));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1800),
+        "next_event(1 s) took {took:?}"
+    );
+    drop(held);
+    drop(client);
+    broker.join().expect("scripted broker");
+}

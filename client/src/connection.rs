@@ -222,15 +222,30 @@ fn send_error(err: SendError) -> Error {
 }
 
 /// One request and its reply on a socket nobody else uses yet (the hello
-/// and re-attaches of a fresh connection).
+/// and re-attaches of a fresh connection), given up as `Disconnected` at
+/// `deadline`: a reconnect's whole handshake shares its caller's time, not
+/// each exchange the time left at its start.
 fn exchange(
     socket: &OwnedFd,
     id: u64,
     body: RequestBody,
+    deadline: Option<Instant>,
 ) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
+    let mut read_late = false;
     loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && std::mem::replace(&mut read_late, true) {
+                // A broker streaming other messages keeps it no longer.
+                return Err(Error::Disconnected);
+            }
+            // At least a moment, as the connect gets: an answer already on
+            // its way (a refusal) is still read by an attempt made late.
+            let left = left.max(Duration::from_millis(1));
+            set_timeout(socket, sockopt::ReceiveTimeout, Some(left))?;
+        }
         let received = match recv_message(socket.as_fd(), false) {
             Ok(received) => received,
             // Reported once, ahead of the broker's last answers (see
@@ -261,8 +276,12 @@ fn exchange(
 }
 
 /// The hello, and the end-word page when the broker sent one.
-fn say_hello(socket: &OwnedFd, hello: &Hello) -> Result<(Welcome, Option<Arc<EndWords>>), Error> {
-    match exchange(socket, 1, RequestBody::Hello(hello.clone()))? {
+fn say_hello(
+    socket: &OwnedFd,
+    hello: &Hello,
+    deadline: Option<Instant>,
+) -> Result<(Welcome, Option<Arc<EndWords>>), Error> {
+    match exchange(socket, 1, RequestBody::Hello(hello.clone()), deadline)? {
         (ReplyBody::Welcome(welcome), fds) => {
             let page = match fds.first() {
                 Some(fd) if welcome.features & features::END_WORDS != 0 => Some(Arc::new(
@@ -286,7 +305,7 @@ impl Connection {
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
         let socket = open_socket(path, None)?;
-        let (welcome, page) = say_hello(&socket, &hello)?;
+        let (welcome, page) = say_hello(&socket, &hello, None)?;
         Ok(Connection::welcomed(
             path,
             hello,
@@ -783,8 +802,7 @@ impl Connection {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let socket = open_socket(&self.path, Some(left))?;
-        set_timeout(&socket, sockopt::ReceiveTimeout, Some(left))?;
-        let (welcome, page) = say_hello(&socket, &self.hello)?;
+        let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline))?;
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))
@@ -803,6 +821,7 @@ impl Connection {
                     buffer,
                     secret: hold.secret.clone(),
                 },
+                Some(deadline),
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {
