@@ -313,29 +313,31 @@ fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
 
 /// One user must not take every connection the broker serves (and with
 /// them its fd limit): `max_uid_connections` counts the connections of
-/// all of a uid's processes. One more is refused `QuotaExceeded`, naming
-/// the rule; other users still connect; and a place comes free when one
-/// of the uid's connections closes.
+/// all of a uid's processes, each uid against its own rule. One more is
+/// refused `QuotaExceeded`, naming the rule; other users still connect;
+/// and a place comes free when one of the uid's connections closes.
 #[test]
 fn a_uid_at_its_connection_limit_is_refused_and_other_users_are_not() {
     if !have_root("policy: max_uid_connections") {
         return;
     }
-    let daemon = daemon_with("[[rule]]\nname = \"root-few\"\nuser = 0\nmax_uid_connections = 2\n");
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"root-few\"\nuser = 0\nmax_uid_connections = 2\n\n\
+         [[rule]]\nname = \"alice-one\"\nuser = {ALICE}\nmax_uid_connections = 1\n"
+    ));
     let connect = || dmabroker_client::Client::connect_to(daemon.socket());
     // The readiness probe's connection may be counted for a moment yet.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let client = loop {
-            match connect() {
-                Ok(client) => break client,
-                Err(err) => assert!(Instant::now() < deadline, "{err}"),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        held.push(client);
-    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mine = loop {
+        match connect() {
+            Ok(client) => break client,
+            Err(err) => assert!(Instant::now() < deadline, "{err}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // uid 0's second connection, from another process.
+    let mut other_process = as_user(&daemon, 0, &[]);
+    other_process.ok("alloc 4096");
     let err = connect().expect_err("a third connection of uid 0");
     assert_eq!(
         err.code(),
@@ -348,9 +350,37 @@ fn a_uid_at_its_connection_limit_is_refused_and_other_users_are_not() {
         "{err}"
     );
 
+    // Alice has a rule of her own, and her limit is counted apart.
     let mut alice = as_user(&daemon, ALICE, &[]);
     alice.ok("alloc 4096");
+    let second = first_line_of_client_as(&daemon, ALICE);
+    assert!(
+        second.starts_with("err quota-exceeded")
+            && second.contains("rule 'alice-one': max_uid_connections limit 1, in use 1"),
+        "alice's second process: {second}"
+    );
 
-    drop(held.pop());
+    drop(other_process);
     dmabroker_suite::eventually("a place of uid 0 to come free", || connect().is_ok());
+    drop(mine);
+}
+
+/// What a client process run as `uid` says first: `ready …`, or `err CODE
+/// message` when its connection is refused (it then exits).
+fn first_line_of_client_as(daemon: &Daemon, uid: u32) -> String {
+    let output = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run dmabroker-testclient");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
