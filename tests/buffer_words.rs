@@ -425,3 +425,28 @@ fn a_planned_waiter_notices_the_broker_going_away() {
     );
     assert!(returned.duration_since(stopped) < PROMPTLY);
 }
+
+/// A grant held in the word by a process that cannot map the word (out of
+/// mappings, `ENOMEM`) could never be ended: its bit stayed set, and every
+/// other user of the buffer waited for it until the buffer was freed. The
+/// word is now mapped before the broker is asked, so the begin fails
+/// first and leaves nothing held.
+#[test]
+fn a_holder_that_cannot_map_the_word_holds_nothing_in_it() {
+    let daemon = Daemon::start();
+    let s = Shared::new(daemon, 1 << 20);
+    let mut stuck = s.join(&[]);
+    let mut other = s.join(&[]);
+    let exhausted = stuck.ok("exhaust-mappings");
+    assert!(
+        field(&exhausted, "mappings").is_some_and(|n| n != "0"),
+        "{exhausted}"
+    );
+    let refused = stuck
+        .cmd(&format!("begin {} w", s.id))
+        .expect_err("a begin whose word cannot be mapped");
+    assert!(refused.starts_with("err"), "{refused}");
+    // The other process is not kept waiting for an access nobody holds.
+    let granted = other.ok(&format!("begin {} w 2000", s.id));
+    other.ok(&format!("end {}", access_of(&granted)));
+}

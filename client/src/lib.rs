@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold};
+use dmabroker_ipc::bufferword::{
+    BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold, WORD_PAGE,
+};
 use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords};
 pub use dmabroker_ipc::mapping::Mapping;
 use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
@@ -267,8 +269,12 @@ struct BufferState {
     /// This holder's slot in the buffer's word, from the last grant that
     /// named one, with the connection generation it belongs to.
     word_slot: Mutex<Option<(u64, FastSlot)>>,
-    /// The word, mapped when the first grant names a slot.
+    /// The word, mapped before the first CPU begin that may be granted in
+    /// it (see `map_word_before_asking`).
     word: OnceLock<Arc<BufferWord>>,
+    /// Whether the buffer's file has a word page past its end (a memfd
+    /// buffer's does; a dma-buf has none).
+    has_word_page: OnceLock<bool>,
     /// Threads of this process inside a begin on this buffer, plus guards
     /// held in its word. A hand-off waiter that finds its holder's bit
     /// while it is alone here knows the bit is its own, and spares the
@@ -303,6 +309,7 @@ impl Buffer {
                 mapping: OnceLock::new(),
                 word_slot: Mutex::new(None),
                 word: OnceLock::new(),
+                has_word_page: OnceLock::new(),
                 users: Arc::new(AtomicUsize::new(0)),
                 released: AtomicBool::new(false),
             }),
@@ -413,6 +420,26 @@ impl BufferState {
         Ok(Arc::clone(self.word.get_or_init(|| word)))
     }
 
+    /// Maps the word before asking the broker for a CPU access it may
+    /// grant in the word. A grant held in a word this process cannot map
+    /// (out of mappings or memory) could never be ended: its bit would
+    /// keep every other user of the buffer waiting until the buffer is
+    /// freed. Failing here, the begin leaves nothing behind.
+    fn map_word_before_asking(&self, access: Access) -> Result<()> {
+        if self.word.get().is_some() || WordAccess::of(access).is_none() {
+            return Ok(());
+        }
+        let has_page = *self.has_word_page.get_or_init(|| {
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+                .is_ok_and(|st| st.st_size as u64 >= self.info.size + WORD_PAGE)
+        });
+        let negotiated = || self.client.conn.welcome().features & features::BUFFER_WORDS != 0;
+        if has_page && negotiated() {
+            self.mapped_word()?;
+        }
+        Ok(())
+    }
+
     /// The slot, with its connection generation, if it belongs to the
     /// current connection (a reconnect voids it until the next grant names
     /// one).
@@ -486,6 +513,7 @@ impl BufferState {
     /// Everything but the fast path in the word: the broker's answer, a
     /// planned hand-off, and one reconnect. Blocks until it has a guard.
     fn begin_with_broker(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
+        self.map_word_before_asking(access)?;
         // The timeout bounds the whole call: a begin sent again after a
         // reconnect asks for what is left of it, and the reconnect itself
         // gives up when it is over.

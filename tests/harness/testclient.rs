@@ -249,6 +249,29 @@ impl Session {
                 self.guards.insert(name, guard);
                 Ok(out)
             }
+            // Uses up this process's mappings (`vm.max_map_count`), as a
+            // program that maps a great many things does: every `mmap` from
+            // here on fails `ENOMEM`. Kept to the process's end.
+            "exhaust-mappings" => {
+                use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+                let page = std::num::NonZeroUsize::new(4096).ok_or("page size")?;
+                let mut count = 0u64;
+                loop {
+                    // Alternate protections, so no two neighbours merge.
+                    let prot = if count.is_multiple_of(2) {
+                        ProtFlags::PROT_READ
+                    } else {
+                        ProtFlags::PROT_NONE
+                    };
+                    // SAFETY: a fresh anonymous mapping, never touched and
+                    // never unmapped (it lives until the process exits).
+                    match unsafe { mmap_anonymous(None, page, prot, MapFlags::MAP_PRIVATE) } {
+                        Ok(_) => count += 1,
+                        Err(_) => break,
+                    }
+                }
+                Ok(format!("mappings={count}"))
+            }
             "fill" => {
                 let access = num(words.next())?;
                 let byte = num(words.next())? as u8;
