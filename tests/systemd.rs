@@ -628,13 +628,13 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
         .collect();
     manager.wait_until_recorded(MAX - 2);
 
-    // No fd to spare (0, 1 and 2 are open): the removal cannot be sent.
-    limit_fds(first.pid(), 3);
+    // The manager busy, its queue full: the removal cannot be sent.
+    let busy = manager.busy();
     let freed = frames.pop().expect("a frame");
     drop(freed);
     camera.heaps().expect("the free was handled");
     wait_for_log(&first, "cannot remove an entry from the fd store");
-    limit_fds(first.pid(), 1024);
+    drop(busy);
 
     // Its slot is not free until the removal is sent: the next alloc
     // sends it again first, and only then takes the slot.
@@ -828,4 +828,53 @@ fn a_restart_under_tighter_limits_keeps_every_buffer_clients_hold() {
         .alloc(4096)
         .expect_err("over the new limit, a new buffer is refused");
     assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+}
+
+/// A service manager slow to read its notify socket (PID 1 busy, as at
+/// boot) lets the socket's queue fill (`net.unix.max_dgram_qlen`, 10 by
+/// default, 512 under systemd's own sysctl defaults). Every notify
+/// datagram was a blocking send, from the broker's only thread under its
+/// lock, so the next alloc (its buffer going into the store) stalled every
+/// client until the manager read again. Now nothing waits for the
+/// manager, and a buffer that could not go into the store goes in once
+/// the manager reads again: none is lost at the next restart.
+#[test]
+fn a_manager_slow_to_read_stalls_no_client_and_loses_no_buffer() {
+    const FRAMES: usize = 40;
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    camera.heaps().expect("connected");
+
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let frames = {
+        let busy = manager.busy();
+        let allocating = {
+            let camera = camera.clone();
+            std::thread::spawn(move || {
+                let frames: Vec<_> = (0..FRAMES)
+                    .map(|_| camera.alloc(4096).expect("alloc"))
+                    .collect();
+                let _ = done_tx.send(());
+                frames
+            })
+        };
+        let in_time = done.recv_timeout(Duration::from_secs(5));
+        drop(busy);
+        let frames = allocating.join().expect("allocating thread");
+        assert!(
+            in_time.is_ok(),
+            "allocs stalled while the manager did not read its notify socket"
+        );
+        frames
+    };
+    // They went in late, sent again once the manager read.
+    wait_for_log(&first, "cannot put a buffer in the fd store");
+    manager.wait_until_recorded(FRAMES);
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
 }

@@ -120,6 +120,34 @@ impl Received {
     }
 }
 
+/// See [`ServiceManager::busy`].
+pub struct Busy<'a> {
+    manager: &'a ServiceManager,
+    received: Option<std::sync::MutexGuard<'a, Received>>,
+    /// Fillers the manager will have read once the queue is drained.
+    fillers: usize,
+}
+
+impl std::fmt::Debug for Busy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Busy")
+            .field("fillers", &self.fillers)
+            .finish()
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        drop(self.received.take());
+        let fillers = self.fillers;
+        self.manager.wait_for(
+            "the manager to read its queue",
+            Duration::from_secs(5),
+            |r| r.count("FILLER=1") >= fillers,
+        );
+    }
+}
+
 #[derive(Debug)]
 pub struct ServiceManager {
     pub dir: TempDir,
@@ -189,6 +217,28 @@ impl ServiceManager {
             listener,
             notify_path,
             received,
+        }
+    }
+
+    /// The manager busy, as PID 1 at boot: it reads nothing while this
+    /// lives, and its notify socket's queue is full
+    /// (`net.unix.max_dgram_qlen`), so the daemon's next datagram finds no
+    /// room. Dropped, it returns once the manager has read the queue.
+    pub fn busy(&self) -> Busy<'_> {
+        let received = self.received();
+        let read_before = received.count("FILLER=1");
+        let filler = UnixDatagram::unbound().expect("socket");
+        filler.connect(&self.notify_path).expect("connect");
+        filler.set_nonblocking(true).expect("non-blocking");
+        let mut queued = 0;
+        while filler.send(b"FILLER=1\n").is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the notify socket's queue never fills");
+        }
+        Busy {
+            manager: self,
+            received: Some(received),
+            fillers: read_before + queued,
         }
     }
 

@@ -368,6 +368,10 @@ async fn store_record(
     broker: &Arc<Broker>,
     mut writer: RecordWriter,
 ) -> Option<(RecordWriter, bool)> {
+    // A buffer not in the store would be dropped by the next instance
+    // whatever the record says: until every one is in, the record counts
+    // as not stored, and is written again after the retry's wait.
+    let buffers_out = broker.lock().retry_buffer_stores();
     let generation = writer.next_generation();
     let ids = broker.lock().buffer_ids();
     let mut buffers = Vec::with_capacity(ids.len());
@@ -386,7 +390,13 @@ async fn store_record(
             if let Err(err) = &result {
                 tracing::warn!(error = %err, generation, "cannot store the buffer table record");
             }
-            Some((writer, result.is_ok()))
+            if buffers_out > 0 {
+                tracing::warn!(
+                    buffers = buffers_out,
+                    "buffers are not in the fd store yet; they will be sent again"
+                );
+            }
+            Some((writer, result.is_ok() && buffers_out == 0))
         }
         Err(err) => {
             tracing::error!(error = %err, "storing the buffer table record failed; no more records");

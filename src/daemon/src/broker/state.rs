@@ -386,10 +386,21 @@ impl State {
         }
     }
 
-    /// A new buffer goes into the fd store at once; the record follows.
+    /// A new buffer goes into the fd store at once (after any that could
+    /// not go in before); the record follows.
     pub(super) fn store_buffer(&self, buffer: BufferId) {
+        self.retry_buffer_stores();
         if let (Some(store), Some(entry)) = (&self.fd_store, self.buffers.get(&buffer)) {
             store.store_buffer(buffer, entry.fd.as_fd());
+        }
+    }
+
+    /// Sends again the buffers that could not be put in the fd store (and
+    /// the removals that failed); returns how many buffers are still out.
+    pub fn retry_buffer_stores(&self) -> usize {
+        match &self.fd_store {
+            Some(store) => store.retry_stores(|id| self.buffers.get(&id).map(|e| e.fd.as_fd())),
+            None => 0,
         }
     }
 

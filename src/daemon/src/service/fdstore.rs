@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use sd_notify::NotifyState;
 
 use super::inherited::{BUFFER_PREFIX, RECORD_PREFIX};
+use super::notify;
 use super::record::StateRecord;
 use crate::kernel::memfd;
 
@@ -83,6 +84,10 @@ pub struct FdStore {
     /// the notify socket): still in the store, so still taking slots, and
     /// sent again with the next change to the store.
     unremoved: Mutex<Vec<String>>,
+    /// Buffers that could not be put in the store (the manager's queue
+    /// full, no fd for the message): sent again with the next change to the
+    /// store and by the record's writer until they are in.
+    unstored: Mutex<Vec<u64>>,
 }
 
 /// The table's record in the store. Owned by the task that rewrites it, so
@@ -121,6 +126,7 @@ impl FdStore {
         super::notify::enabled().then(|| FdStore {
             capacity: Capacity::from_env(fallback_max),
             unremoved: Mutex::new(Vec::new()),
+            unstored: Mutex::new(Vec::new()),
         })
     }
 
@@ -141,14 +147,31 @@ impl FdStore {
         }
     }
 
+    /// Puts a new buffer in the store; one that cannot go in now is
+    /// remembered and sent again (see [`FdStore::retry_stores`]), or the
+    /// next instance would drop it although a client holds it.
     pub fn store_buffer(&self, id: u64, fd: BorrowedFd<'_>) {
         self.retry_removals();
-        let name = buffer_name(id);
-        if let Err(err) =
-            sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd])
-        {
-            tracing::warn!(buffer = id, error = %err, "cannot put a buffer in the fd store");
+        if !store(id, fd) {
+            self.unstored_ids().push(id);
         }
+    }
+
+    fn unstored_ids(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.unstored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends the buffers that could not be put in the store before, each
+    /// still live (`fd_of` gives its fd; a freed one is forgotten), and
+    /// the removals that failed. Returns how many buffers are still out.
+    pub fn retry_stores<'a>(&self, fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>) -> usize {
+        self.retry_removals();
+        let mut ids = self.unstored_ids();
+        ids.retain(|&id| match fd_of(id) {
+            Some(fd) => !store(id, fd),
+            None => false,
+        });
+        ids.len()
     }
 
     pub fn remove(&self, name: &str) {
@@ -166,10 +189,26 @@ impl FdStore {
     }
 }
 
+/// Puts buffer `id`'s fd in the store; false when the message could not
+/// be sent.
+fn store(id: u64, fd: BorrowedFd<'_>) -> bool {
+    let name = buffer_name(id);
+    match notify::try_send(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd]) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(buffer = id, error = %err, "cannot put a buffer in the fd store; it will be sent again");
+            false
+        }
+    }
+}
+
 /// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
 /// the message could not be sent.
 fn remove(name: &str) -> bool {
-    match sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+    match notify::try_send(
+        &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+        &[],
+    ) {
         Ok(()) => true,
         Err(err) => {
             tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
@@ -208,7 +247,7 @@ impl RecordWriter {
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
         let fd = sealed_copy(&name, &bytes)?;
-        sd_notify::notify_with_fds(
+        notify::try_send(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
         )?;

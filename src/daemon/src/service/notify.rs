@@ -1,43 +1,224 @@
-//! Readiness, status and stopping notifications (`sd_notify(3)`).
+//! Notifications to the service manager (`sd_notify(3)`), never waiting
+//! for it on the broker's thread.
+//!
+//! Every notify datagram goes to the manager's one notify socket, whose
+//! queue holds `net.unix.max_dgram_qlen` datagrams from all services (10 by
+//! default, 512 under systemd's sysctl defaults). The `sd-notify` crate
+//! sends each on a fresh blocking socket, so with the queue full (PID 1
+//! busy, as at boot) a send waits until the manager reads again; the broker
+//! puts each new buffer in the fd store from its only thread, under its
+//! lock, and every client stalled with it. So the daemon keeps one
+//! non-blocking socket: a datagram the queue has no room for fails
+//! (`EAGAIN`) and its sender tries again later (the fd store's entries,
+//! see `fdstore`), or is handed to a thread of its own that does (the
+//! state changes the manager must see: ready, reloading, stopping), or is
+//! dropped (a status line, a watchdog ping: the next one follows).
 
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
 use sd_notify::NotifyState;
+
+const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// Whether a service manager listens: without one every call is a no-op.
 pub fn enabled() -> bool {
-    std::env::var_os("NOTIFY_SOCKET").is_some()
+    std::env::var_os(NOTIFY_SOCKET).is_some()
 }
 
-fn send(states: &[NotifyState<'_>]) {
-    if let Err(err) = sd_notify::notify(states) {
-        tracing::warn!(error = %err, "cannot notify the service manager");
+/// The datagram for `states`, one `KEY=value` per line.
+fn text_of(states: &[NotifyState<'_>]) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    for state in states {
+        let _ = writeln!(text, "{state}");
+    }
+    text
+}
+
+/// The daemon's socket to the manager, connected at the first send and
+/// again after the manager re-executed (its socket is then a new one).
+static SOCKET: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+fn connected() -> io::Result<OwnedFd> {
+    let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no NOTIFY_SOCKET"));
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(bytes)?,
+    };
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    connect(socket.as_raw_fd(), &addr)?;
+    Ok(socket)
+}
+
+fn send_on(socket: &OwnedFd, text: &str, fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[io::IoSlice::new(text.as_bytes())],
+        cmsgs,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent == text.len() {
+        Ok(())
+    } else {
+        Err(Errno::EMSGSIZE)
+    }
+}
+
+/// Sends `states` (with `fds`) without waiting: `WouldBlock` when the
+/// manager's queue is full. A no-op without a manager.
+pub fn try_send(states: &[NotifyState<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    send_text(&text_of(states), fds)
+}
+
+fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut socket = SOCKET.lock().unwrap_or_else(|p| p.into_inner());
+    let mut reconnected = false;
+    loop {
+        let current = match socket.as_ref() {
+            Some(current) => current,
+            None => socket.insert(connected()?),
+        };
+        match send_on(current, text, fds) {
+            Ok(()) => return Ok(()),
+            // The manager re-executed and bound its socket anew.
+            Err(Errno::ECONNREFUSED | Errno::ENOTCONN) if !reconnected => {
+                *socket = None;
+                reconnected = true;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// How long a state change keeps being offered to a manager that does not
+/// read (systemd's own start and stop timeouts are longer).
+const STATE_PATIENCE: Duration = Duration::from_secs(60);
+/// Pause between offers while the manager's queue is full.
+const STATE_RETRY: Duration = Duration::from_millis(10);
+
+/// State changes handed to the notify thread and not sent yet: while there
+/// are any, later ones queue behind them (a `READY=1` overtaking its
+/// `RELOADING=1` would leave the unit "reloading").
+static STATE_PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// The notify thread's queue: state changes the manager had no room for,
+/// sent in order as soon as it has.
+fn state_queue() -> &'static Mutex<Sender<String>> {
+    static QUEUE: OnceLock<Mutex<Sender<String>>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = channel::<String>();
+        let spawned = std::thread::Builder::new()
+            .name("dmabroker-notify".into())
+            .spawn(move || {
+                for text in rx {
+                    send_patiently(&text);
+                    STATE_PENDING.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "cannot start the thread that notifies the service manager");
+        }
+        Mutex::new(tx)
+    })
+}
+
+fn send_patiently(text: &str) {
+    let until = Instant::now() + STATE_PATIENCE;
+    loop {
+        match send_text(text, &[]) {
+            Ok(()) => return,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
+                std::thread::sleep(STATE_RETRY);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, state = text.trim_end(), "cannot notify the service manager");
+                return;
+            }
+        }
+    }
+}
+
+/// A state change: sent now if the manager has room (and nothing is
+/// queued before it), else by the notify thread as soon as it has.
+fn send_state_change(states: &[NotifyState<'_>]) {
+    if !enabled() {
+        return;
+    }
+    let text = text_of(states);
+    if STATE_PENDING.load(Ordering::Acquire) == 0 {
+        match send_text(&text, &[]) {
+            Ok(()) => return,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => {
+                tracing::warn!(error = %err, state = text.trim_end(), "cannot notify the service manager");
+                return;
+            }
+        }
+    }
+    STATE_PENDING.fetch_add(1, Ordering::AcqRel);
+    let queue = state_queue().lock().unwrap_or_else(|p| p.into_inner());
+    if queue.send(text).is_err() {
+        STATE_PENDING.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!("cannot notify the service manager: its thread is gone");
+    }
+}
+
+/// Sent now or never: the next one follows.
+fn send_if_room(states: &[NotifyState<'_>]) {
+    if let Err(err) = try_send(states, &[]) {
+        tracing::debug!(error = %err, "a notification the service manager had no room for was dropped");
     }
 }
 
 /// `READY=1`, once the socket is served.
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send_state_change(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A one-line summary shown by `systemctl status`.
 pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
+    send_if_room(&[NotifyState::Status(line)]);
 }
 
 pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    send_state_change(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now]),
-        Err(_) => send(&[NotifyState::Reloading]),
+        Ok(now) => send_state_change(&[NotifyState::Reloading, now]),
+        Err(_) => send_state_change(&[NotifyState::Reloading]),
     }
 }
 
 pub fn reloaded(status_line: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status_line)]);
+    send_state_change(&[NotifyState::Ready, NotifyState::Status(status_line)]);
 }
 
 pub fn watchdog() {
-    send(&[NotifyState::Watchdog]);
+    send_if_room(&[NotifyState::Watchdog]);
 }
