@@ -14,6 +14,7 @@
 //! state changes the manager must see: ready, reloading, stopping), or is
 //! dropped (a status line, a watchdog ping: the next one follows).
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,14 +46,38 @@ fn text_of(states: &[NotifyState<'_>]) -> String {
 }
 
 /// The daemon's socket to the manager, connected at the first send and
-/// again after the manager re-executed (its socket is then a new one).
-static SOCKET: Mutex<Option<OwnedFd>> = Mutex::new(None);
+/// again if the manager's socket went away (a send refused).
+#[derive(Debug, Default)]
+struct Notifier {
+    socket: Option<OwnedFd>,
+}
 
-fn connected() -> io::Result<OwnedFd> {
-    let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "no NOTIFY_SOCKET"));
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+static NOTIFIER: Mutex<Notifier> = Mutex::new(Notifier { socket: None });
+
+impl Notifier {
+    /// Sends one datagram to `address` (a path, or `@name` for an
+    /// abstract socket, as `$NOTIFY_SOCKET` says) without waiting.
+    fn send(&mut self, address: &OsStr, text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut reconnected = false;
+        loop {
+            let current = match self.socket.as_ref() {
+                Some(current) => current,
+                None => self.socket.insert(connected(address)?),
+            };
+            match send_on(current, text, fds) {
+                Ok(()) => return Ok(()),
+                Err(Errno::ECONNREFUSED | Errno::ENOTCONN) if !reconnected => {
+                    self.socket = None;
+                    reconnected = true;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+}
+
+fn connected(address: &OsStr) -> io::Result<OwnedFd> {
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(address);
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => UnixAddr::new_abstract(name)?,
         None => UnixAddr::new(bytes)?,
@@ -95,23 +120,13 @@ pub fn try_send(states: &[NotifyState<'_>], fds: &[BorrowedFd<'_>]) -> io::Resul
 }
 
 fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut socket = SOCKET.lock().unwrap_or_else(|p| p.into_inner());
-    let mut reconnected = false;
-    loop {
-        let current = match socket.as_ref() {
-            Some(current) => current,
-            None => socket.insert(connected()?),
-        };
-        match send_on(current, text, fds) {
-            Ok(()) => return Ok(()),
-            // The manager re-executed and bound its socket anew.
-            Err(Errno::ECONNREFUSED | Errno::ENOTCONN) if !reconnected => {
-                *socket = None;
-                reconnected = true;
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
+    let Some(address) = std::env::var_os(NOTIFY_SOCKET) else {
+        return Ok(());
+    };
+    NOTIFIER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(&address, text, fds)
 }
 
 /// How long a state change keeps being offered to a manager that does not
@@ -221,4 +236,60 @@ pub fn reloaded(status_line: &str) {
 
 pub fn watchdog() {
     send_if_room(&[NotifyState::Watchdog]);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+
+    use super::*;
+
+    fn abstract_receiver(name: &str) -> UnixDatagram {
+        let addr = nix::sys::socket::UnixAddr::new_abstract(name.as_bytes()).expect("address");
+        let socket = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        nix::sys::socket::bind(socket.as_raw_fd(), &addr).expect("bind");
+        UnixDatagram::from(socket)
+    }
+
+    /// Containers' managers give an abstract `@name`; a manager whose
+    /// socket was closed and bound again is reached on the new one.
+    #[test]
+    fn an_abstract_socket_is_reached_and_a_new_one_after_the_old_went_away() {
+        let name = format!("dmabroker-notify-test-{}", std::process::id());
+        let address = std::ffi::OsString::from(format!("@{name}"));
+        let mut notifier = Notifier::default();
+        let mut buf = [0u8; 64];
+
+        let first = abstract_receiver(&name);
+        notifier.send(&address, "STATUS=one\n", &[]).expect("send");
+        let n = first.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"STATUS=one\n");
+
+        drop(first);
+        let second = abstract_receiver(&name);
+        notifier
+            .send(&address, "STATUS=two\n", &[])
+            .expect("send after a rebind");
+        let n = second.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"STATUS=two\n");
+    }
+
+    /// A full queue is the caller's to retry, not a wait.
+    #[test]
+    fn a_full_queue_fails_at_once_with_would_block() {
+        let name = format!("dmabroker-notify-full-{}", std::process::id());
+        let address = std::ffi::OsString::from(format!("@{name}"));
+        let _receiver = abstract_receiver(&name);
+        let mut notifier = Notifier::default();
+        let err = (0..100_000)
+            .find_map(|_| notifier.send(&address, "X=1\n", &[]).err())
+            .expect("the queue fills");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+    }
 }
