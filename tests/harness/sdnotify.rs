@@ -33,6 +33,10 @@ use crate::tmp::TempDir;
 /// What the daemon told the manager, in order.
 #[derive(Debug, Default)]
 pub struct Received {
+    /// The manager reads nothing while set (see [`ServiceManager::busy`]).
+    paused: bool,
+    /// The reader is parked, holding the datagram it read last.
+    parked: bool,
     pub messages: Vec<(Instant, String)>,
     /// The fd store as systemd keeps it: the newest first.
     pub store: Vec<(String, OwnedFd)>,
@@ -123,7 +127,6 @@ impl Received {
 /// See [`ServiceManager::busy`].
 pub struct Busy<'a> {
     manager: &'a ServiceManager,
-    received: Option<std::sync::MutexGuard<'a, Received>>,
     /// Fillers the manager will have read once the queue is drained.
     fillers: usize,
 }
@@ -138,7 +141,8 @@ impl std::fmt::Debug for Busy<'_> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        drop(self.received.take());
+        self.manager.received().paused = false;
+        self.manager.received.1.notify_all();
         let fillers = self.fillers;
         self.manager.wait_for(
             "the manager to read its queue",
@@ -208,7 +212,14 @@ impl ServiceManager {
             };
             let text = String::from_utf8_lossy(&message.bytes).into_owned();
             let (lock, cond) = &*sink;
-            apply(&mut lock.lock().expect("lock"), &text, message.fds);
+            let mut received = lock.lock().expect("lock");
+            while received.paused {
+                received.parked = true;
+                cond.notify_all();
+                received = cond.wait(received).expect("wait");
+            }
+            received.parked = false;
+            apply(&mut received, &text, message.fds);
             cond.notify_all();
         });
         ServiceManager {
@@ -225,19 +236,29 @@ impl ServiceManager {
     /// (`net.unix.max_dgram_qlen`), so the daemon's next datagram finds no
     /// room. Dropped, it returns once the manager has read the queue.
     pub fn busy(&self) -> Busy<'_> {
-        let received = self.received();
-        let read_before = received.count("FILLER=1");
+        let read_before = {
+            let mut received = self.received();
+            received.paused = true;
+            received.count("FILLER=1")
+        };
         let filler = UnixDatagram::unbound().expect("socket");
         filler.connect(&self.notify_path).expect("connect");
+        // Whatever the reader reads next, it parks with it: only then is
+        // a full queue sure to stay full.
+        filler
+            .send(b"FILLER=1\n")
+            .expect("a datagram to park the reader on");
+        self.wait_for("the manager to stop reading", Duration::from_secs(5), |r| {
+            r.parked
+        });
         filler.set_nonblocking(true).expect("non-blocking");
-        let mut queued = 0;
+        let mut queued = 1;
         while filler.send(b"FILLER=1\n").is_ok() {
             queued += 1;
             assert!(queued < 100_000, "the notify socket's queue never fills");
         }
         Busy {
             manager: self,
-            received: Some(received),
             fillers: read_before + queued,
         }
     }
