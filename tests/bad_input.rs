@@ -277,6 +277,66 @@ fn a_client_cut_off_with_messages_unread_reads_its_last_answers_first() {
     daemon.assert_fds_back_to(baseline);
 }
 
+/// A client that closes with answers of the broker's unread resets the
+/// broker's socket, and the broker's next receive fails `ECONNRESET`
+/// ahead of what the client sent last. Taken for the hang-up, a writer's
+/// pipelined `End` sent just before it exited was never handled: the
+/// write counted as a writer's death and the next reader was told the
+/// frame was torn.
+#[test]
+fn a_writer_that_ends_and_closes_with_answers_unread_is_not_taken_for_dead() {
+    use dmabroker_ipc::fdpass::send_message;
+    use dmabroker_ipc::ReplyBody;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let daemon = Daemon::start();
+    let mut writer = RawClient::connect(daemon.socket());
+    writer.hello();
+    let buffer = writer.alloc();
+    let token = writer.export(buffer);
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let theirs = reader.import(token);
+    let access = match writer.request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuWrite,
+        timeout_ms: None,
+    }) {
+        Ok(ReplyBody::Granted(grant)) => grant.access,
+        other => panic!("begin: {other:?}"),
+    };
+    // An answer the writer will never read, there before it closes.
+    let (_, info) = writer.encode(RequestBody::Info { buffer }, 0);
+    writer.send_raw(&info, &[]);
+    let mut ready = [PollFd::new(writer.fd(), PollFlags::POLLIN)];
+    assert_eq!(
+        poll(&mut ready, PollTimeout::from(10_000u16)).expect("poll"),
+        1,
+        "the info answer"
+    );
+    // The end and the close reach the broker together.
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    dmabroker_suite::proc::wait_stopped(daemon.pid());
+    let end = writer.encode_one_way(RequestBody::End {
+        access,
+        fence_slot: None,
+    });
+    send_message(writer.fd(), &end, &[], false).expect("send the end");
+    drop(writer);
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+
+    match reader.request(RequestBody::Begin {
+        buffer: theirs,
+        access: Access::CpuRead,
+        timeout_ms: Some(5_000),
+    }) {
+        Ok(ReplyBody::Granted(grant)) => assert!(
+            !grant.writer_lost,
+            "a write ended before its writer closed was reported lost"
+        ),
+        other => panic!("begin: {other:?}"),
+    }
+}
+
 /// A message that decodes but breaks the protocol in its body (an fd slot
 /// that does not exist) counts towards the cut-off like garbage does: the
 /// count must not be reset by the very message that breaks it.

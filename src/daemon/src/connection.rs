@@ -74,6 +74,10 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                 Ok(Ok((len, fds))) => broker
                     .with(|s| (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds))),
                 Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
+                    // The client closed with answers of ours unread: the
+                    // reset is reported once, ahead of what it sent last
+                    // (a pipelined end or free), which is still to be read.
+                    Some(RecvError::Os(Errno::ECONNRESET)) => continue,
                     Some(RecvError::ControlTruncated { len }) if out_of_fds(socket.get_ref()) => {
                         let len = *len;
                         broker.with(|s| {
