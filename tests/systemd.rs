@@ -869,12 +869,86 @@ fn a_manager_slow_to_read_stalls_no_client_and_loses_no_buffer() {
         frames
     };
     // They went in late, sent again once the manager read.
-    wait_for_log(&first, "cannot put a buffer in the fd store");
+    wait_for_log(&first, "cannot put buffers in the fd store");
     manager.wait_until_recorded(FRAMES);
+    wait_for_log(&first, "every buffer is in the fd store again");
+    // Said once for the run of failures, not once per buffer per retry.
+    assert_eq!(
+        first
+            .log()
+            .matches("cannot put buffers in the fd store")
+            .count(),
+        1,
+        "{}",
+        first.log()
+    );
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
     for frame in &frames {
         assert_back(frame, &second);
     }
+}
+
+/// Stopped (`systemctl restart`) while the manager is busy with buffers
+/// not yet in its store: the daemon's last record, and those buffers, went
+/// out with one try each that found no room, and the next instance dropped
+/// buffers clients held. At stop they now wait for room (up to 4 s), and
+/// `STOPPING=1` is not lost with the notify thread.
+#[test]
+fn a_broker_stopped_while_the_manager_is_busy_keeps_every_buffer() {
+    const FRAMES: usize = 20;
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    camera.heaps().expect("connected");
+    let frames: Vec<_>;
+    {
+        let _busy = manager.busy();
+        frames = (0..FRAMES)
+            .map(|_| camera.alloc(4096).expect("alloc"))
+            .collect();
+        wait_for_log(&first, "cannot put buffers in the fd store");
+        let pid = nix::unistd::Pid::from_raw(first.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        wait_for_log(&first, "shutting down");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        manager.received().count("STOPPING=1"),
+        1,
+        "STOPPING=1 was lost"
+    );
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+}
+
+/// A watchdog ping the manager had no room for is offered again as soon
+/// as it has, not only at the next period: two dropped in a row would let
+/// the watchdog fire on a healthy broker.
+#[test]
+fn a_watchdog_ping_the_manager_had_no_room_for_follows_once_it_reads() {
+    let manager = ServiceManager::new();
+    // Pings every 2 s.
+    let _daemon = Running::start(&manager, "watchdog-busy", &[("WATCHDOG_USEC", "4000000")]);
+    manager.wait_for("a first ping", Duration::from_secs(5), |r| {
+        r.count("WATCHDOG=1") >= 1
+    });
+    let busy = manager.busy();
+    // Long enough for a ping to come due and find no room.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pings = manager.received().count("WATCHDOG=1");
+    drop(busy);
+    // Within a second of the manager reading again, well before the next
+    // period would have sent one.
+    manager.wait_for("the ping that found no room", Duration::from_secs(1), |r| {
+        r.count("WATCHDOG=1") > pings
+    });
 }

@@ -11,7 +11,7 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
-use crate::service::fdstore::{read_record, FdStore, RecordWriter};
+use crate::service::fdstore::{read_record, store_waiting, FdStore, RecordWriter};
 use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
@@ -187,6 +187,8 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         }
     }
     listener.remove_path();
+    // A STOPPING=1 the manager had no room for is still on its way.
+    notify::flush(std::time::Duration::from_secs(1));
     Ok(())
 }
 
@@ -324,7 +326,7 @@ async fn persist_loop(
             _ = tokio::time::sleep(delay) => {}
             _ = &mut stopped => break,
         }
-        let Some((kept, stored)) = store_record(&broker, writer).await else {
+        let Some((kept, stored)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
             return;
         };
         writer = kept;
@@ -344,7 +346,22 @@ async fn persist_loop(
             }
         };
     }
-    store_record(&broker, writer).await;
+    // At stop: the last record, and what is still out of the store, get
+    // their last chance, a batch at a time while each makes progress.
+    let until = tokio::time::Instant::now() + LAST_RECORD_PATIENCE;
+    let mut writer = writer;
+    let mut out = broker.lock().buffers_out_of_store();
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let Some((kept, stored)) = store_record(&broker, writer, left).await else {
+            break;
+        };
+        let now_out = broker.lock().buffers_out_of_store();
+        if stored || now_out >= out || left.is_zero() {
+            break;
+        }
+        (writer, out) = (kept, now_out);
+    }
 }
 
 /// How long after a change the record is written: changes come in bursts.
@@ -360,18 +377,21 @@ const RECORD_CHUNK: usize = 1024;
 /// Writes the record without stalling the broker: the table is copied a
 /// chunk at a time, letting requests in between (with 60,000 buffers one
 /// copy held the lock for tens of milliseconds), and encoded and stored on
-/// the blocking pool, off the broker's only thread. A buffer allocated or
-/// freed meanwhile may be missing from or left in this record; its change
-/// asked for the next one. Gives the writer back with whether the record
-/// was stored, `None` if the writer was lost.
+/// the blocking pool, off the broker's only thread, where it may wait up
+/// to `patience` for room in the manager's queue. Buffers that could not
+/// go into the store when they were allocated go first, the same way: one
+/// the next instance is not handed is dropped whatever the record says,
+/// so until every one is in, the record counts as not stored. A buffer
+/// allocated or freed meanwhile may be missing from or left in this
+/// record; its change asked for the next one. Gives the writer back with
+/// whether the record was stored, `None` if the writer was lost.
 async fn store_record(
     broker: &Arc<Broker>,
     mut writer: RecordWriter,
+    patience: Duration,
 ) -> Option<(RecordWriter, bool)> {
-    // A buffer not in the store would be dropped by the next instance
-    // whatever the record says: until every one is in, the record counts
-    // as not stored, and is written again after the retry's wait.
-    let buffers_out = broker.lock().retry_buffer_stores();
+    broker.lock().retry_buffer_stores();
+    let unstored = broker.lock().unstored_buffers(STORE_BATCH);
     let generation = writer.next_generation();
     let ids = broker.lock().buffer_ids();
     let mut buffers = Vec::with_capacity(ids.len());
@@ -381,22 +401,33 @@ async fn store_record(
     }
     let record = broker.lock().record_of(generation, buffers);
     let stored = tokio::task::spawn_blocking(move || {
-        let result = writer.store(&record);
-        (writer, result)
+        let deadline = std::time::Instant::now() + patience;
+        let sent: Vec<u64> = unstored
+            .iter()
+            .take_while(|(id, fd)| store_waiting(*id, std::os::fd::AsFd::as_fd(fd), deadline))
+            .map(|(id, _)| *id)
+            .collect();
+        let result = writer.store(&record, deadline);
+        (writer, result, sent)
     })
     .await;
     match stored {
-        Ok((writer, result)) => {
+        Ok((writer, result, sent)) => {
             if let Err(err) = &result {
                 tracing::warn!(error = %err, generation, "cannot store the buffer table record");
             }
-            if buffers_out > 0 {
+            let out = {
+                let state = broker.lock();
+                state.buffers_stored(&sent);
+                state.buffers_out_of_store()
+            };
+            if out > 0 {
                 tracing::warn!(
-                    buffers = buffers_out,
+                    buffers = out,
                     "buffers are not in the fd store yet; they will be sent again"
                 );
             }
-            Some((writer, result.is_ok() && buffers_out == 0))
+            Some((writer, result.is_ok() && out == 0))
         }
         Err(err) => {
             tracing::error!(error = %err, "storing the buffer table record failed; no more records");
@@ -404,6 +435,15 @@ async fn store_record(
         }
     }
 }
+
+/// Buffers out of the fd store sent per record (each needs a copy of its
+/// fd meanwhile).
+const STORE_BATCH: usize = 256;
+/// How long one record's writing may wait for room in the manager's queue.
+const RECORD_PATIENCE: Duration = Duration::from_secs(1);
+/// The same for the last record, at stop: within the 5 s the stop gives
+/// the writer.
+const LAST_RECORD_PATIENCE: Duration = Duration::from_secs(4);
 
 fn status_line(broker: &Arc<Broker>) -> String {
     let state = broker.lock();
@@ -425,8 +465,8 @@ async fn status_loop(broker: Arc<Broker>) {
     loop {
         ticker.tick().await;
         let line = status_line(&broker);
-        if line != last {
-            notify::status(&line);
+        // Not sent (the manager had no room): offered again next tick.
+        if line != last && notify::status(&line) {
             last = line;
         }
     }

@@ -396,12 +396,47 @@ impl State {
     }
 
     /// Sends again the buffers that could not be put in the fd store (and
-    /// the removals that failed); returns how many buffers are still out.
+    /// the removals that failed), without waiting; returns how many
+    /// buffers are still out.
     pub fn retry_buffer_stores(&self) -> usize {
         match &self.fd_store {
             Some(store) => store.retry_stores(|id| self.buffers.get(&id).map(|e| e.fd.as_fd())),
             None => 0,
         }
+    }
+
+    /// Up to `limit` buffers still out of the fd store, each with a copy
+    /// of its fd, for the record's writer to send waiting for room (off
+    /// this thread). Freed ones are forgotten; a buffer whose fd cannot be
+    /// copied now (out of fds) waits for the next try.
+    pub fn unstored_buffers(&self, limit: usize) -> Vec<(BufferId, OwnedFd)> {
+        let Some(store) = &self.fd_store else {
+            return Vec::new();
+        };
+        let ids = store.unstored(limit);
+        let gone: Vec<BufferId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.buffers.contains_key(id))
+            .collect();
+        store.mark_stored(&gone);
+        ids.into_iter()
+            .filter_map(|id| Some((id, self.buffers.get(&id)?.fd.try_clone().ok()?)))
+            .collect()
+    }
+
+    /// Buffers the record's writer put in the fd store.
+    pub fn buffers_stored(&self, ids: &[BufferId]) {
+        if let Some(store) = &self.fd_store {
+            store.mark_stored(ids);
+        }
+    }
+
+    /// Buffers still out of the fd store.
+    pub fn buffers_out_of_store(&self) -> usize {
+        self.fd_store
+            .as_ref()
+            .map_or(0, |store| store.unstored(usize::MAX).len())
     }
 
     /// Sends one message to a client; a client whose queue overflows is

@@ -139,11 +139,17 @@ impl FdStore {
         self.unremoved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends the removals that failed before; keeps those that fail again.
+    /// Sends the removals that failed before, in order, until one fails
+    /// again (the manager's queue is still full: the rest would too).
     pub fn retry_removals(&self) {
         let mut names = self.unremoved_names();
-        if !names.is_empty() {
-            names.retain(|name| !remove(name));
+        if names.is_empty() {
+            return;
+        }
+        let sent = names.iter().take_while(|name| remove(name)).count();
+        names.drain(..sent);
+        if names.is_empty() {
+            tracing::info!("every removal from the fd store is sent");
         }
     }
 
@@ -152,8 +158,16 @@ impl FdStore {
     /// next instance would drop it although a client holds it.
     pub fn store_buffer(&self, id: u64, fd: BorrowedFd<'_>) {
         self.retry_removals();
-        if !store(id, fd) {
-            self.unstored_ids().push(id);
+        let mut ids = self.unstored_ids();
+        // Behind the ones still out, whose sends would fail first.
+        if !ids.is_empty() || !store(id, fd) {
+            if ids.is_empty() {
+                tracing::warn!(
+                    buffer = id,
+                    "cannot put buffers in the fd store (the service manager has no room or is gone); they will be sent again"
+                );
+            }
+            ids.push(id);
         }
     }
 
@@ -161,26 +175,68 @@ impl FdStore {
         self.unstored.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends the buffers that could not be put in the store before, each
-    /// still live (`fd_of` gives its fd; a freed one is forgotten), and
-    /// the removals that failed. Returns how many buffers are still out.
+    /// Sends the buffers that could not be put in the store before, in
+    /// order, until one fails again (the rest would too), forgetting freed
+    /// ones (`fd_of` gives a live buffer's fd); and the removals that
+    /// failed. Returns how many buffers are still out.
     pub fn retry_stores<'a>(&self, fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>) -> usize {
         self.retry_removals();
         let mut ids = self.unstored_ids();
-        ids.retain(|&id| match fd_of(id) {
-            Some(fd) => !store(id, fd),
-            None => false,
-        });
+        if ids.is_empty() {
+            return 0;
+        }
+        let mut kept = Vec::with_capacity(ids.len());
+        let mut blocked = false;
+        for &id in ids.iter() {
+            match fd_of(id) {
+                None => {}
+                Some(_) if blocked => kept.push(id),
+                Some(fd) if !store(id, fd) => {
+                    blocked = true;
+                    kept.push(id);
+                }
+                Some(_) => {}
+            }
+        }
+        *ids = kept;
+        if ids.is_empty() {
+            tracing::info!("every buffer is in the fd store again");
+        }
         ids.len()
+    }
+
+    /// Up to `limit` of the buffers still out of the store, oldest first,
+    /// for a sender that may wait for the manager (see
+    /// [`FdStore::mark_stored`]).
+    pub fn unstored(&self, limit: usize) -> Vec<u64> {
+        self.unstored_ids().iter().take(limit).copied().collect()
+    }
+
+    /// Buffers another sender put in the store (or that are gone).
+    pub fn mark_stored(&self, done: &[u64]) {
+        let mut ids = self.unstored_ids();
+        let had = ids.len();
+        ids.retain(|id| !done.contains(id));
+        if had > 0 && ids.is_empty() {
+            tracing::info!("every buffer is in the fd store again");
+        }
     }
 
     pub fn remove(&self, name: &str) {
         self.retry_removals();
-        // Only buffers are remembered: a record's name is used again by a
-        // later record, which a late removal would delete (a stale record
-        // costs nothing but its slot; the restore takes the newest).
-        if !remove(name) && name.starts_with(BUFFER_PREFIX) {
-            self.unremoved_names().push(name.to_owned());
+        let mut names = self.unremoved_names();
+        // Behind the ones still out, whose sends would fail first. Only
+        // buffers are remembered: a record's name is used again by a later
+        // record, which a late removal would delete (a stale record costs
+        // nothing but its slot; the restore takes the newest).
+        if (!names.is_empty() || !remove(name)) && name.starts_with(BUFFER_PREFIX) {
+            if names.is_empty() {
+                tracing::warn!(
+                    name,
+                    "cannot remove an entry from the fd store (the service manager has no room or is gone); it keeps its slot until it is sent again"
+                );
+            }
+            names.push(name.to_owned());
         }
     }
 
@@ -190,20 +246,33 @@ impl FdStore {
 }
 
 /// Puts buffer `id`'s fd in the store; false when the message could not
-/// be sent.
+/// be sent (logged by the caller, once for a run of failures).
 fn store(id: u64, fd: BorrowedFd<'_>) -> bool {
     let name = buffer_name(id);
     match notify::try_send(&[NotifyState::FdStore, NotifyState::FdName(&name)], &[fd]) {
         Ok(()) => true,
         Err(err) => {
-            tracing::warn!(buffer = id, error = %err, "cannot put a buffer in the fd store; it will be sent again");
+            tracing::debug!(buffer = id, error = %err, "cannot put a buffer in the fd store");
             false
         }
     }
 }
 
+/// [`store`], waiting until `deadline` for room in the manager's queue:
+/// off the broker's thread only.
+pub fn store_waiting(id: u64, fd: BorrowedFd<'_>, deadline: std::time::Instant) -> bool {
+    let name = buffer_name(id);
+    notify::send_waiting(
+        &[NotifyState::FdStore, NotifyState::FdName(&name)],
+        &[fd],
+        deadline,
+    )
+    .is_ok()
+}
+
 /// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
-/// the message could not be sent.
+/// the message could not be sent (logged by the caller, once for a run of
+/// failures).
 fn remove(name: &str) -> bool {
     match notify::try_send(
         &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
@@ -211,7 +280,22 @@ fn remove(name: &str) -> bool {
     ) {
         Ok(()) => true,
         Err(err) => {
-            tracing::warn!(name, error = %err, "cannot remove an entry from the fd store");
+            tracing::debug!(name, error = %err, "cannot remove an entry from the fd store");
+            false
+        }
+    }
+}
+
+/// [`remove`] for the record's writer, waiting until `deadline` for room.
+fn remove_waiting(name: &str, deadline: std::time::Instant) -> bool {
+    match notify::send_waiting(
+        &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+        &[],
+        deadline,
+    ) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(name, error = %err, "cannot remove an old record from the fd store");
             false
         }
     }
@@ -235,9 +319,15 @@ impl RecordWriter {
 
     /// Stores `record`, then drops the previous one. On failure nothing
     /// changed: the previous record stays the one to replace.
-    pub fn store(&mut self, record: &StateRecord) -> std::io::Result<()> {
+    /// Waits for room in the manager's queue until `deadline`: runs off
+    /// the broker's thread.
+    pub fn store(
+        &mut self,
+        record: &StateRecord,
+        deadline: std::time::Instant,
+    ) -> std::io::Result<()> {
         if let Some(stale) = &self.stale {
-            if !remove(stale) {
+            if !remove_waiting(stale, deadline) {
                 return Err(std::io::Error::other(format!(
                     "cannot remove the previous record {stale} from the fd store"
                 )));
@@ -247,12 +337,13 @@ impl RecordWriter {
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
         let fd = sealed_copy(&name, &bytes)?;
-        notify::try_send(
+        notify::send_waiting(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
+            deadline,
         )?;
         if let Some(old) = self.current.replace(name.clone()) {
-            if old != name && !remove(&old) {
+            if old != name && !remove_waiting(&old, deadline) {
                 self.stale = Some(old);
             }
         }

@@ -8,21 +8,24 @@
 //! busy, as at boot) a send waits until the manager reads again; the broker
 //! puts each new buffer in the fd store from its only thread, under its
 //! lock, and every client stalled with it. So the daemon keeps one
-//! non-blocking socket: a datagram the queue has no room for fails
-//! (`EAGAIN`) and its sender tries again later (the fd store's entries,
-//! see `fdstore`), or is handed to a thread of its own that does (the
-//! state changes the manager must see: ready, reloading, stopping), or is
-//! dropped (a status line, a watchdog ping: the next one follows).
+//! non-blocking socket. From the broker's thread a datagram the queue has
+//! no room for fails (`EAGAIN`) and its sender tries again later: the fd
+//! store's entries (see `fdstore`), a watchdog ping (soon), a status line
+//! (with the next change). Off it, [`send_waiting`] waits for room (the
+//! record's writer, on the blocking pool), and the state changes the
+//! manager must see (ready, reloading, stopping) that found no room are
+//! sent, in order, by a thread of their own.
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
@@ -49,28 +52,39 @@ fn text_of(states: &[NotifyState<'_>]) -> String {
 /// again if the manager's socket went away (a send refused).
 #[derive(Debug, Default)]
 struct Notifier {
-    socket: Option<OwnedFd>,
+    socket: Option<Arc<OwnedFd>>,
 }
 
 static NOTIFIER: Mutex<Notifier> = Mutex::new(Notifier { socket: None });
 
 impl Notifier {
     /// Sends one datagram to `address` (a path, or `@name` for an
-    /// abstract socket, as `$NOTIFY_SOCKET` says) without waiting.
-    fn send(&mut self, address: &OsStr, text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    /// abstract socket, as `$NOTIFY_SOCKET` says) without waiting. On
+    /// `WouldBlock` also gives the socket, to wait on for room.
+    fn send(
+        &mut self,
+        address: &OsStr,
+        text: &str,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), (io::Error, Option<Arc<OwnedFd>>)> {
         let mut reconnected = false;
         loop {
-            let current = match self.socket.as_ref() {
-                Some(current) => current,
-                None => self.socket.insert(connected(address)?),
+            let current = match &self.socket {
+                Some(current) => Arc::clone(current),
+                None => {
+                    let fresh = Arc::new(connected(address).map_err(|e| (e, None))?);
+                    self.socket = Some(Arc::clone(&fresh));
+                    fresh
+                }
             };
-            match send_on(current, text, fds) {
+            match send_on(&current, text, fds) {
                 Ok(()) => return Ok(()),
                 Err(Errno::ECONNREFUSED | Errno::ENOTCONN) if !reconnected => {
                     self.socket = None;
                     reconnected = true;
                 }
-                Err(err) => return Err(err.into()),
+                Err(Errno::EAGAIN) => return Err((Errno::EAGAIN.into(), Some(current))),
+                Err(err) => return Err((err.into(), None)),
             }
         }
     }
@@ -110,16 +124,8 @@ fn send_on(socket: &OwnedFd, text: &str, fds: &[BorrowedFd<'_>]) -> nix::Result<
     }
 }
 
-/// Sends `states` (with `fds`) without waiting: `WouldBlock` when the
-/// manager's queue is full. A no-op without a manager.
-pub fn try_send(states: &[NotifyState<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    if !enabled() {
-        return Ok(());
-    }
-    send_text(&text_of(states), fds)
-}
-
-fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+/// One attempt on the daemon's socket; `WouldBlock` comes with the socket.
+fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> Result<(), (io::Error, Option<Arc<OwnedFd>>)> {
     let Some(address) = std::env::var_os(NOTIFY_SOCKET) else {
         return Ok(());
     };
@@ -129,11 +135,47 @@ fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         .send(&address, text, fds)
 }
 
-/// How long a state change keeps being offered to a manager that does not
-/// read (systemd's own start and stop timeouts are longer).
-const STATE_PATIENCE: Duration = Duration::from_secs(60);
-/// Pause between offers while the manager's queue is full.
-const STATE_RETRY: Duration = Duration::from_millis(10);
+/// Sends `states` (with `fds`) without waiting: `WouldBlock` when the
+/// manager's queue is full. A no-op without a manager.
+pub fn try_send(states: &[NotifyState<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    send_text(&text_of(states), fds).map_err(|(err, _)| err)
+}
+
+/// Sends `states` (with `fds`), waiting until `deadline` for room in the
+/// manager's queue. Blocks: never on the broker's thread.
+pub fn send_waiting(
+    states: &[NotifyState<'_>],
+    fds: &[BorrowedFd<'_>],
+    deadline: Instant,
+) -> io::Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    send_text_waiting(&text_of(states), fds, deadline)
+}
+
+fn send_text_waiting(text: &str, fds: &[BorrowedFd<'_>], deadline: Instant) -> io::Result<()> {
+    loop {
+        let socket = match send_text(text, fds) {
+            Ok(()) => return Ok(()),
+            Err((err, Some(socket))) if Instant::now() < deadline => {
+                let _ = err;
+                socket
+            }
+            Err((err, _)) => return Err(err),
+        };
+        // Writable once the manager's queue has room: a connected
+        // datagram socket polls its peer's queue. Woken or not, try again
+        // within a bounded wait (the manager's socket may be a new one).
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().clamp(1, 100) as u16;
+        let mut ready = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+        let _ = poll(&mut ready, PollTimeout::from(ms));
+    }
+}
 
 /// State changes handed to the notify thread and not sent yet: while there
 /// are any, later ones queue behind them (a `READY=1` overtaking its
@@ -141,7 +183,8 @@ const STATE_RETRY: Duration = Duration::from_millis(10);
 static STATE_PENDING: AtomicUsize = AtomicUsize::new(0);
 
 /// The notify thread's queue: state changes the manager had no room for,
-/// sent in order as soon as it has.
+/// sent in order as soon as it has, however long that takes (systemd's
+/// start timeout, not ours, decides when waiting is over).
 fn state_queue() -> &'static Mutex<Sender<String>> {
     static QUEUE: OnceLock<Mutex<Sender<String>>> = OnceLock::new();
     QUEUE.get_or_init(|| {
@@ -150,7 +193,17 @@ fn state_queue() -> &'static Mutex<Sender<String>> {
             .name("dmabroker-notify".into())
             .spawn(move || {
                 for text in rx {
-                    send_patiently(&text);
+                    loop {
+                        let hour = Instant::now() + Duration::from_secs(3600);
+                        match send_text_waiting(&text, &[], hour) {
+                            Ok(()) => break,
+                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(err) => {
+                                tracing::warn!(error = %err, state = text.trim_end(), "cannot notify the service manager");
+                                break;
+                            }
+                        }
+                    }
                     STATE_PENDING.fetch_sub(1, Ordering::AcqRel);
                 }
             });
@@ -159,22 +212,6 @@ fn state_queue() -> &'static Mutex<Sender<String>> {
         }
         Mutex::new(tx)
     })
-}
-
-fn send_patiently(text: &str) {
-    let until = Instant::now() + STATE_PATIENCE;
-    loop {
-        match send_text(text, &[]) {
-            Ok(()) => return,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
-                std::thread::sleep(STATE_RETRY);
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, state = text.trim_end(), "cannot notify the service manager");
-                return;
-            }
-        }
-    }
 }
 
 /// A state change: sent now if the manager has room (and nothing is
@@ -187,8 +224,8 @@ fn send_state_change(states: &[NotifyState<'_>]) {
     if STATE_PENDING.load(Ordering::Acquire) == 0 {
         match send_text(&text, &[]) {
             Ok(()) => return,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => {
+            Err((err, _)) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err((err, _)) => {
                 tracing::warn!(error = %err, state = text.trim_end(), "cannot notify the service manager");
                 return;
             }
@@ -202,10 +239,13 @@ fn send_state_change(states: &[NotifyState<'_>]) {
     }
 }
 
-/// Sent now or never: the next one follows.
-fn send_if_room(states: &[NotifyState<'_>]) {
-    if let Err(err) = try_send(states, &[]) {
-        tracing::debug!(error = %err, "a notification the service manager had no room for was dropped");
+/// Waits until every state change handed to the notify thread is sent, or
+/// `patience` is over: before the daemon exits, so its `STOPPING=1` is
+/// not lost with the thread.
+pub fn flush(patience: Duration) {
+    let until = Instant::now() + patience;
+    while STATE_PENDING.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -214,9 +254,10 @@ pub fn ready(status: &str) {
     send_state_change(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// A one-line summary shown by `systemctl status`.
-pub fn status(line: &str) {
-    send_if_room(&[NotifyState::Status(line)]);
+/// A one-line summary shown by `systemctl status`; whether it was sent
+/// (the manager may have had no room: send it again later).
+pub fn status(line: &str) -> bool {
+    try_send(&[NotifyState::Status(line)], &[]).is_ok()
 }
 
 pub fn stopping() {
@@ -234,8 +275,9 @@ pub fn reloaded(status_line: &str) {
     send_state_change(&[NotifyState::Ready, NotifyState::Status(status_line)]);
 }
 
-pub fn watchdog() {
-    send_if_room(&[NotifyState::Watchdog]);
+/// `WATCHDOG=1`; whether it was sent (see `watchdog::run`).
+pub fn watchdog() -> bool {
+    try_send(&[NotifyState::Watchdog], &[]).is_ok()
 }
 
 #[cfg(test)]
@@ -267,7 +309,10 @@ mod tests {
         let mut buf = [0u8; 64];
 
         let first = abstract_receiver(&name);
-        notifier.send(&address, "STATUS=one\n", &[]).expect("send");
+        notifier
+            .send(&address, "STATUS=one\n", &[])
+            .map_err(|(e, _)| e)
+            .expect("send");
         let n = first.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"STATUS=one\n");
 
@@ -288,7 +333,7 @@ mod tests {
         let _receiver = abstract_receiver(&name);
         let mut notifier = Notifier::default();
         let err = (0..100_000)
-            .find_map(|_| notifier.send(&address, "X=1\n", &[]).err())
+            .find_map(|_| notifier.send(&address, "X=1\n", &[]).err().map(|(e, _)| e))
             .expect("the queue fills");
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
     }

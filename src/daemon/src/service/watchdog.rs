@@ -11,9 +11,18 @@ pub async fn run(interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        super::notify::watchdog();
+        // A ping the manager had no room for (its queue full) is offered
+        // again soon, up to the next tick: dropped, two in a row could let
+        // the watchdog fire on a healthy broker once the manager reads.
+        let next_tick = tokio::time::Instant::now() + period;
+        while !super::notify::watchdog() && tokio::time::Instant::now() + PING_RETRY < next_tick {
+            tokio::time::sleep(PING_RETRY).await;
+        }
     }
 }
+
+/// Pause between offers of a ping the manager had no room for.
+const PING_RETRY: Duration = Duration::from_millis(50);
 
 /// Test-only hook: `DMABROKER_TEST_WEDGE_AFTER_MS=N` blocks the event loop
 /// thread for good after N ms, so tests can show the watchdog pings stop.
