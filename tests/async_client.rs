@@ -1,17 +1,19 @@
 //! The client's `_async` begin against the real daemon, when the caller
 //! stops waiting: a `tokio::time::timeout` that expires, or the losing
 //! branch of a `select!`, drops the begin's future while the broker still
-//! has the request queued. Nothing the caller can see is left holding the
-//! buffer then, so nothing may hold it: the access the broker grants
-//! afterwards (by message, or handed over in the buffer's word) must end
-//! at once, as if the caller had dropped the guard, or every other user
-//! of the buffer waits for the abandoned access until this client exits.
+//! has the request queued. Dropping it cancels the begin at the broker
+//! (`Cancel`): the request leaves the queue (or its planned hand-off the
+//! buffer's word), so the blocking-pool thread that waited for it returns
+//! at once and a runtime shutting down does not wait for the buffer's
+//! holder. A grant that beat the cancel is still ended at once, as if the
+//! caller had dropped the guard, or every other user of the buffer would
+//! wait for the abandoned access until this client exits.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AccessGuard, Buffer, ErrorCode};
-use dmabroker_suite::dbus::fields::{TOTALS_FENCES, TOTALS_WAITERS};
+use dmabroker_suite::dbus::fields::{STATS_GRANTS, TOTALS_FENCES, TOTALS_WAITERS};
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::eventually;
 
@@ -20,6 +22,10 @@ const IMPATIENT: Duration = Duration::from_millis(50);
 /// How long a begin that must be granted is given (generous for a loaded
 /// machine; an access nobody ends is never given back at all).
 const PROMPTLY: Duration = Duration::from_secs(2);
+/// How long a runtime may take to shut down with nothing left to wait for
+/// (generous for a loaded machine; one that waits for the broker waits
+/// until the buffer's holder ends, here never).
+const SHUTDOWN: Duration = Duration::from_secs(5);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -38,6 +44,36 @@ fn give_up_on(
     assert!(outcome.is_err(), "granted while held: {outcome:?}");
 }
 
+/// As `give_up_on`, but the future stays with the caller, to drop later.
+fn wait_impatiently(
+    runtime: &tokio::runtime::Runtime,
+    begin: &mut std::pin::Pin<Box<impl Future<Output = dmabroker_client::Result<AccessGuard>>>>,
+) {
+    let outcome = runtime.block_on(async { tokio::time::timeout(IMPATIENT, begin.as_mut()).await });
+    assert!(outcome.is_err(), "granted while held: {outcome:?}");
+}
+
+/// Drops the runtime, as a program does on its way out, and fails if
+/// that takes longer than `SHUTDOWN`: a blocking-pool thread still waiting
+/// for the broker holds the drop until the broker answers (on a buffer
+/// held by someone else, perhaps never). Dropped on a thread of its own so
+/// that the test fails rather than hangs.
+#[track_caller]
+fn assert_shuts_down_promptly(runtime: tokio::runtime::Runtime) {
+    let (done, dropped) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        drop(runtime);
+        let _ = done.send(());
+    });
+    if dropped.recv_timeout(SHUTDOWN).is_err() {
+        panic!(
+            "the runtime still waits for the abandoned begin after {:?}",
+            start.elapsed()
+        );
+    }
+}
+
 /// A write by a third process, after the abandoned begin's access came
 /// and went.
 #[track_caller]
@@ -51,38 +87,11 @@ fn assert_writable(buffer: &Buffer, why: &str) {
     }
 }
 
-/// By message: the read is queued behind a write, the caller gives up,
-/// the write ends and the broker grants the read to a reply nobody reads.
-/// Fails if that grant becomes no guard (the read is held until the
-/// client exits, and the next writer times out).
-#[test]
-fn an_abandoned_async_begin_ends_the_access_granted_to_it() {
-    let bus = DbusDaemon::start();
-    let daemon = bus.start_broker(None);
-    let writer = daemon.message_path_client().expect("writer");
-    let reader = daemon.message_path_client().expect("reader");
-    let third = daemon.message_path_client().expect("third");
-    let buffer = writer.alloc(4096).expect("alloc");
-    let token = buffer.export().expect("export");
-    let theirs = reader.import(&token).expect("import");
-    let next = third.import(&token).expect("import");
-    let write = buffer.begin(Access::CpuWrite).expect("write");
-
-    let runtime = runtime();
-    give_up_on(&runtime, theirs.begin_async(Access::CpuRead, None));
-    eventually("the abandoned read to queue", || {
-        bus.totals(TOTALS_WAITERS) == 1
-    });
-    drop(write);
-    assert_writable(&next, "a write after the abandoned read");
-    eventually("every access to end", || bus.totals(TOTALS_FENCES) == 0);
-    drop(runtime);
-}
-
-/// In the word: the reader is told `Planned`, the caller gives up, and the
-/// writer's end hands the buffer over in the word to a slot nobody will
-/// end. Fails if the hand-off becomes no guard (the word holds the read
-/// until the client exits, and the next writer times out).
+/// In the word, racing the cancel: the reader is told `Planned`, and the
+/// writer's end hands the buffer over in the word in the very moment the
+/// caller gives up; the cancel that follows finds the hand-off carried out
+/// and changes nothing. Fails if the hand-off becomes no guard (the word
+/// holds the read until the client exits, and the next writer times out).
 #[test]
 fn an_abandoned_async_begin_ends_the_access_handed_off_to_it() {
     let bus = DbusDaemon::start();
@@ -96,24 +105,157 @@ fn an_abandoned_async_begin_ends_the_access_handed_off_to_it() {
     let next = third.import(&token).expect("import");
     drop(buffer.begin(Access::CpuWrite).expect("learn the slot"));
     drop(theirs.begin(Access::CpuRead).expect("learn the slot"));
+    // Made first, dropped last: a runtime waiting for a begin the write
+    // holds up must not be dropped before the write when a check fails.
+    let runtime = runtime();
     let write = buffer.begin(Access::CpuWrite).expect("write");
     assert!(write.in_word(), "the write must be held in the word");
-
-    let runtime = runtime();
-    give_up_on(&runtime, theirs.begin_async(Access::CpuRead, None));
-    eventually("the abandoned read to be told `Planned`", || {
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    wait_impatiently(&runtime, &mut begin);
+    eventually("the read to be told `Planned`", || {
         bus.counter("HandOffsPlanned") == 1
     });
+    // The hand-off happens in this thread, in the word, before the cancel
+    // is sent.
     drop(write);
+    drop(begin);
     eventually("the hand-off", || bus.counter("HandOffs") == 1);
     assert_writable(&next, "a write after the abandoned hand-off");
-    drop(runtime);
+    assert_shuts_down_promptly(runtime);
+}
+
+/// By message, with no timeout, while the writer keeps its write: dropping
+/// the begin's future takes the read out of the broker's queue, and the
+/// runtime shuts down at once. Fails on a begin that goes on waiting on the
+/// blocking pool for a grant that comes only once the writer ends: the
+/// queue keeps the read, and dropping the runtime waits for the writer.
+#[test]
+fn an_abandoned_async_begin_leaves_the_queue_and_lets_the_runtime_go() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let writer = daemon.message_path_client().expect("writer");
+    let reader = daemon.message_path_client().expect("reader");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let theirs = reader
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    // Made first, dropped last (see above).
+    let runtime = runtime();
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    give_up_on(&runtime, theirs.begin_async(Access::CpuRead, None));
+    eventually("the cancelled read to leave the queue", || {
+        bus.totals(TOTALS_WAITERS) == 0
+    });
+    assert_eq!(bus.totals(TOTALS_FENCES), 1, "only the write is held");
+    assert_shuts_down_promptly(runtime);
+    let grants = bus.stat(STATS_GRANTS);
+    drop(write);
+    // Nothing was granted for the cancelled read: the reader's own write
+    // is the next grant, and it comes at once.
+    let mine = theirs
+        .begin_timeout(Access::CpuWrite, PROMPTLY)
+        .expect("the reader's write after its cancelled read");
+    drop(mine);
+    assert_eq!(bus.stat(STATS_GRANTS), grants + 1, "a grant for nobody");
+    eventually("every access to end", || bus.totals(TOTALS_FENCES) == 0);
+}
+
+/// In the word, with no timeout: the read is told `Planned` and sleeps on
+/// the buffer's word; dropping its future cancels the plan, so the
+/// sleeping thread wakes, the runtime shuts down at once, and the writer's
+/// end hands the buffer to nobody. Fails on a waiter that sleeps on the
+/// word until the writer ends (and is then handed a read nobody wanted).
+#[test]
+fn an_abandoned_planned_begin_cancels_its_hand_off() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let writer = daemon.client();
+    let reader = daemon.client();
+    let third = daemon.client();
+    let buffer = writer.alloc(4096).expect("alloc");
+    let token = buffer.export().expect("export");
+    let theirs = reader.import(&token).expect("import");
+    let next = third.import(&token).expect("import");
+    drop(buffer.begin(Access::CpuWrite).expect("learn the slot"));
+    drop(theirs.begin(Access::CpuRead).expect("learn the slot"));
+    // Made first, dropped last: a runtime waiting for a begin the write
+    // holds up must not be dropped before the write when a check fails.
+    let runtime = runtime();
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    assert!(write.in_word(), "the write must be held in the word");
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    wait_impatiently(&runtime, &mut begin);
+    eventually("the read to be told `Planned`", || {
+        bus.counter("HandOffsPlanned") == 1
+    });
+    drop(begin);
+    eventually("the cancelled read to leave the queue", || {
+        bus.totals(TOTALS_WAITERS) == 0
+    });
+    assert_shuts_down_promptly(runtime);
+    drop(write);
+    assert_writable(&next, "a write after the cancelled plan");
+    assert_eq!(
+        bus.counter("HandOffs"),
+        0,
+        "handed off to a cancelled begin"
+    );
+    let again = theirs
+        .begin_timeout(Access::CpuWrite, PROMPTLY)
+        .expect("the reader's write after its cancelled read");
+    drop(again);
+}
+
+/// The cancel loses the race: the write ends and the broker grants the
+/// queued read before the caller gives up, so the cancel names a begin
+/// already answered, which the broker ignores. The grant the blocking
+/// pool made into a guard is dropped with the future and ends at once.
+/// Then the two orders at random: the write's end and the cancel sent
+/// back to back on two connections, twenty times; either way nothing may
+/// be left holding the buffer.
+#[test]
+fn a_cancel_that_races_a_grant_leaves_no_access_behind() {
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let writer = daemon.message_path_client().expect("writer");
+    let reader = daemon.message_path_client().expect("reader");
+    let third = daemon.message_path_client().expect("third");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let token = buffer.export().expect("export");
+    let theirs = reader.import(&token).expect("import");
+    let next = third.import(&token).expect("import");
+    let runtime = runtime();
+
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    wait_impatiently(&runtime, &mut begin);
+    eventually("the read to queue", || bus.totals(TOTALS_WAITERS) == 1);
+    drop(write);
+    eventually("the read to be granted", || {
+        bus.totals(TOTALS_WAITERS) == 0 && bus.totals(TOTALS_FENCES) == 1
+    });
+    drop(begin);
+    assert_writable(&next, "a write after a cancel that lost the race");
+
+    for round in 0..20 {
+        let write = buffer.begin(Access::CpuWrite).expect("write");
+        let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+        wait_impatiently(&runtime, &mut begin);
+        eventually("the read to queue", || bus.totals(TOTALS_WAITERS) == 1);
+        drop(write);
+        drop(begin);
+        assert_writable(&next, &format!("round {round}: a write after the race"));
+    }
+    eventually("every access to end", || bus.totals(TOTALS_FENCES) == 0);
+    assert_eq!(bus.totals(TOTALS_WAITERS), 0);
+    assert_shuts_down_promptly(runtime);
 }
 
 /// The caller gives up and then drops the buffer: the hold is freed at
-/// once, which answers the begin still queued for it, not when the begin
-/// would have been granted. Fails if the abandoned begin keeps the hold
-/// (and its place in the queue) alive until the writer ends.
+/// once (and with it whatever of the begin a broker without `Cancel`
+/// would still have queued), not when the begin would have been granted.
+/// Fails if the abandoned begin keeps the hold (and its place in the
+/// queue) alive until the writer ends.
 #[test]
 fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
     let bus = DbusDaemon::start();
@@ -128,9 +270,6 @@ fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
 
     let runtime = runtime();
     give_up_on(&runtime, theirs.begin_async(Access::CpuRead, None));
-    eventually("the abandoned read to queue", || {
-        bus.totals(TOTALS_WAITERS) == 1
-    });
     drop(theirs);
     eventually("the freed hold to leave the queue", || {
         bus.totals(TOTALS_WAITERS) == 0

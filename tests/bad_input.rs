@@ -491,3 +491,51 @@ fn a_slow_reader_gets_every_queued_reply_in_order() {
     }
     still_serving(&daemon);
 }
+
+/// `Cancel` is feature bit 5: a client that did not ask for it in its
+/// hello (it could not read the `Cancelled` answer) is refused
+/// `Unsupported`, under the cancel's own id, and its begin stays queued
+/// and is granted as if nothing had been sent.
+#[test]
+fn a_cancel_without_the_feature_is_unsupported_and_changes_nothing() {
+    let daemon = Daemon::start();
+    let mut owner = RawClient::connect(daemon.socket());
+    owner.hello();
+    let buffer = owner.alloc();
+    let token = owner.export(buffer);
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let theirs = reader.import(token);
+    let write = match owner.request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuWrite,
+        timeout_ms: None,
+    }) {
+        Ok(dmabroker_ipc::ReplyBody::Granted(grant)) => grant.access,
+        other => panic!("write: {other:?}"),
+    };
+    let (begin, bytes) = reader.encode(
+        RequestBody::Begin {
+            buffer: theirs,
+            access: Access::CpuRead,
+            timeout_ms: None,
+        },
+        0,
+    );
+    reader.send_raw(&bytes, &[]);
+    assert_eq!(
+        reader.request(RequestBody::Cancel { request: begin }),
+        Err(ErrorCode::Unsupported)
+    );
+    owner
+        .request(RequestBody::End {
+            access: write,
+            fence_slot: None,
+        })
+        .expect("end the write");
+    match reader.recv_reply() {
+        Some((id, Ok(dmabroker_ipc::ReplyBody::Granted(_)))) if id == begin => {}
+        other => panic!("the queued read after a refused cancel: {other:?}"),
+    }
+    still_serving(&daemon);
+}

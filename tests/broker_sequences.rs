@@ -86,6 +86,19 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `op`, and now and then a `Cancel`. Kept apart from `op` so that the
+/// fixed sequences of `generated_sequences_reach_the_interesting_states`
+/// stay the ones that reach hand-offs (a new kind in `body` reshuffles
+/// every draw).
+fn op_or_cancel() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        24 => op(),
+        1 => (0u8..8, reference(), proptest::bool::weighted(0.8)).prop_map(|(client, begin, no_reply)| {
+            Op::Request { client, body: Body::Cancel { begin }, no_reply }
+        }),
+    ]
+}
+
 fn run(tight: bool, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut driver = Driver::new(tight);
     for (i, op) in ops.iter().enumerate() {
@@ -104,7 +117,7 @@ proptest! {
     #[test]
     fn request_sequences_keep_the_books_balanced(
         tight in any::<bool>(),
-        ops in proptest::collection::vec(op(), 1..200),
+        ops in proptest::collection::vec(op_or_cancel(), 1..200),
     ) {
         run(tight, &ops)?;
     }
@@ -420,5 +433,165 @@ fn a_hand_off_ended_before_the_broker_heard_of_it_is_still_recorded() {
         assert_eq!(state.live_fence_count(), 0, "no access left behind");
         assert!(state.accesses.is_empty(), "{:?}", state.accesses);
     }
+    driver.finish().expect("nothing left");
+}
+
+/// `Cancel` names a request by the client's own id. Of another client's
+/// queued begin, of the client's own granted begin, or of an id nobody
+/// sent, it changes nothing and costs nothing (answered `Ended`, never a
+/// protocol error, however often: cancels cross answers as a matter of
+/// course). Of the client's own queued begin, it takes the begin out of
+/// the queue and answers it `Cancelled`.
+#[test]
+fn a_cancel_withdraws_only_the_clients_own_queued_begin() {
+    let mut driver = Driver::new(false);
+    let steps = [
+        request(
+            0,
+            Body::Alloc {
+                size: 4096,
+                heap: 0,
+            },
+        ),
+        request(0, Body::Export { buffer: 0 }),
+        request(1, Body::Import { token: 0 }),
+        request(
+            0,
+            Body::Begin {
+                buffer: 0,
+                access: 1,
+                timeout_ms: None,
+            },
+        ),
+        request(
+            1,
+            Body::Begin {
+                buffer: 0,
+                access: 0,
+                timeout_ms: None,
+            },
+        ),
+    ];
+    for op in &steps {
+        driver.step(op).expect("step");
+    }
+    let (granted, queued) = {
+        let state = driver.state();
+        assert_eq!(state.accesses.len(), 1, "the write is held");
+        assert_eq!(state.waiters.len(), 1, "the read is queued");
+        let granted = state.accesses.values().next().map(|a| a.request_id);
+        let queued = state.waiters.values().next().map(|w| w.request_id);
+        (granted.expect("write"), queued.expect("read"))
+    };
+    let raw = |id: u64| Body::Cancel {
+        begin: 128 + u8::try_from(id).expect("a small request id"),
+    };
+    let stale = [
+        // Another client's queued begin, by its id.
+        request(0, raw(queued)),
+        // Another client's granted begin.
+        request(1, raw(granted)),
+        // Nobody's.
+        request(1, raw(100)),
+    ];
+    for op in &stale {
+        driver.step(op).expect("a stale cancel");
+    }
+    // The client's own granted begin, more often than protocol errors
+    // are forgiven.
+    for _ in 0..10 {
+        driver
+            .step(&request(0, raw(granted)))
+            .expect("a cancel of a granted begin");
+    }
+    {
+        let state = driver.state();
+        assert_eq!(state.clients.len(), 2, "nobody was cut off");
+        assert_eq!(state.accesses.len(), 1, "the write is still held");
+        assert_eq!(state.waiters.len(), 1, "the read still waits");
+        assert_eq!(state.stats.refusals.get("cancelled"), None);
+    }
+    driver
+        .step(&request(1, raw(queued)))
+        .expect("the reader cancels");
+    {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 0, "the read left the queue");
+        assert_eq!(state.accesses.len(), 1, "the write is still held");
+        assert_eq!(state.stats.refusals.get("cancelled"), Some(&1));
+        assert_eq!(state.task_count(), 0, "no timer for a cancelled begin");
+    }
+    driver.finish().expect("nothing left");
+}
+
+/// Cancelling a begin told `Planned` cancels the hand-off in the word:
+/// the waiter is woken (its index's plan gone from the word), answered
+/// `Cancelled`, and the holder's end hands the buffer to nobody.
+#[test]
+fn a_cancelled_planned_begin_takes_its_plan_out_of_the_word() {
+    let mut driver = writer_in_the_word_and_reader_planned();
+    assert_eq!(driver.state().stats.hand_offs_planned, 1);
+    driver
+        .step(&request(2, Body::Cancel { begin: 0 }))
+        .expect("the reader cancels");
+    {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 0, "the read left the queue");
+        assert_eq!(state.stats.refusals.get("cancelled"), Some(&1));
+        let word = state
+            .buffers
+            .values()
+            .next()
+            .and_then(|b| b.word.as_deref())
+            .and_then(|ws| ws.peek())
+            .expect("the buffer's word");
+        assert_eq!(word.next(), None, "the plan is still in the word");
+    }
+    driver
+        .step(&Op::WordEnd { client: 1, hold: 0 })
+        .expect("the writer ends");
+    {
+        let state = driver.state();
+        assert_eq!(state.stats.hand_offs, 0, "handed off to a cancelled begin");
+        assert_eq!(state.live_fence_count(), 0, "no access left behind");
+    }
+    driver.finish().expect("nothing left");
+}
+
+/// The hand-off beat the cancel: the holder's end handed the buffer over
+/// in the word before the cancel arrived, with its `WordEnded` still on
+/// the way. The cancel finds the plan carried out, records the hand-off
+/// (the waiter holds the read) and answers nothing; the waiter's end then
+/// leaves nothing behind.
+#[test]
+fn a_cancel_after_the_hand_off_records_it_and_answers_nothing() {
+    let mut driver = writer_in_the_word_and_reader_planned();
+    driver
+        .step(&Op::WordEndLate { client: 1, hold: 0 })
+        .expect("the writer hands over");
+    let planned = {
+        let state = driver.state();
+        state.waiters.values().next().map(|w| w.request_id)
+    };
+    let planned = planned.expect("the hand-off is not recorded yet");
+    driver
+        .step(&request(
+            2,
+            Body::Cancel {
+                begin: 128 + u8::try_from(planned).expect("a small request id"),
+            },
+        ))
+        .expect("the reader cancels too late");
+    {
+        let state = driver.state();
+        assert_eq!(state.stats.hand_offs, 1, "recorded as a hand-off");
+        assert_eq!(state.waiters.len(), 0);
+        assert_eq!(state.stats.refusals.get("cancelled"), None);
+        assert_eq!(state.live_fence_count(), 1, "the reader holds it");
+    }
+    driver
+        .step(&Op::WordEnd { client: 2, hold: 0 })
+        .expect("the reader ends");
+    assert_eq!(driver.state().live_fence_count(), 0);
     driver.finish().expect("nothing left");
 }

@@ -144,6 +144,26 @@ fn lost_buffer(buffer: u64) -> Error {
     ))
 }
 
+/// What a call that may be cancelled (see [`Connection::call_for_until`])
+/// does around each send of its request.
+pub(crate) trait SentHook {
+    /// Before a send: an error stops the call without sending.
+    fn before(&self) -> Result<(), Error>;
+    /// After a send: the request's id and connection generation.
+    fn after(&self, request: (u64, u64));
+}
+
+/// A call nobody cancels.
+pub(crate) struct NoHook;
+
+impl SentHook for NoHook {
+    fn before(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn after(&self, _: (u64, u64)) {}
+}
+
 #[derive(Debug)]
 pub(crate) struct Connection {
     path: PathBuf,
@@ -441,20 +461,55 @@ impl Connection {
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Answered, Error> {
-        self.call_for_until(hold, || body.clone(), fds, None)
+        self.call_for_until(hold, || body.clone(), fds, None, &NoHook)
     }
 
     /// As [`Connection::call_for`], with the request made anew for the
     /// retry (a begin's timeout is what is left of it by then), and a
-    /// reconnect given up at `limit`.
+    /// reconnect given up at `limit`. `sent` hears of each request sent
+    /// (its id and connection generation) before its answer is waited
+    /// for, and may refuse to send one (a begin cancelled meanwhile).
     pub fn call_for_until(
         &self,
         hold: (u64, u64),
         body: impl Fn() -> RequestBody,
         fds: &[BorrowedFd<'_>],
         limit: Option<Instant>,
+        sent: &dyn SentHook,
     ) -> Result<Answered, Error> {
-        self.call_with(|| self.send_for(hold, body(), fds, true), limit)
+        self.call_with(
+            || {
+                sent.before()?;
+                let request = self.send_for(hold, body(), fds, true)?;
+                sent.after(request);
+                Ok(request)
+            },
+            limit,
+        )
+    }
+
+    /// Withdraws the begin `request` sent on connection `generation`
+    /// (`Cancel`, one way): only while that connection is the current
+    /// one, whose broker the id means something to, and whose welcome
+    /// says it takes cancels. Never waits: on a socket the broker does
+    /// not empty, the cancel is not sent. Returns whether it was.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn cancel(&self, generation: u64, request: u64) -> bool {
+        // Under the holds lock, which a reconnect holds while it installs
+        // the new socket and its welcome: the generation checked is the
+        // socket's and the welcome's.
+        let holds = lock(&self.holds);
+        if self.generation() != generation || lock(&self.welcome).features & features::CANCEL == 0 {
+            return false;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+        let Ok(bytes) = encode(id, FLAG_NO_REPLY, RequestBody::Cancel { request }, 0) else {
+            return false;
+        };
+        let (socket, _) = self.current_socket();
+        let sent = send_message(socket.as_fd(), &bytes, &[], true).is_ok();
+        drop(holds);
+        sent
     }
 
     /// The end-word page of connection generation `generation`, if that is

@@ -505,15 +505,21 @@ impl BufferState {
         let ticket = self.ticket();
         let guard = match self.try_word_begin(access) {
             Some(guard) => guard,
-            None => self.begin_with_broker(access, timeout)?,
+            None => self.begin_with_broker(access, timeout, &connection::NoHook)?,
         };
         Ok(guard.counted(ticket))
     }
 
     /// Everything but the fast path in the word: the broker's answer, a
-    /// planned hand-off, and one reconnect. Blocks until it has a guard.
-    fn begin_with_broker(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
-        self.map_word_before_asking(access)?;
+    /// planned hand-off, and one reconnect. Blocks until it has a guard,
+    /// or until a cancel (`sent`, see `nonblocking::BeginCancel`) ends the
+    /// wait.
+    fn begin_with_broker(
+        &self,
+        access: Access,
+        timeout: Option<Duration>,
+        sent: &dyn connection::SentHook,
+    ) -> Result<AccessGuard> {
         // The timeout bounds the whole call: a begin sent again after a
         // reconnect asks for what is left of it, and the reconnect itself
         // gives up when it is over.
@@ -527,11 +533,14 @@ impl BufferState {
         };
         let mut retried = false;
         loop {
+            // Again after a reconnect: the new broker may offer words.
+            self.map_word_before_asking(access)?;
             let (body, fds, (id, generation)) = self.client.conn.call_for_until(
                 self.hold(),
                 || self.begin_request(access, asked()),
                 &[],
                 deadline,
+                sent,
             )?;
             let resolved = self.resolve_plan((body, fds), access, id, generation);
             if !matches!(resolved, Ok(Resolved::Reply(_))) {
@@ -542,9 +551,12 @@ impl BufferState {
                 Ok(Resolved::Reply(reply)) => return self.guard_from(reply, generation),
                 Ok(Resolved::HandedOff(guard)) => return Ok(guard),
                 // The broker went away while we slept on the word: begin
-                // again on a new connection, as any other call would.
+                // again on a new connection, as any other call would
+                // (unless nobody waits for it any more).
                 Err(Error::Disconnected)
-                    if !retried && self.client.conn.recover_by(generation, deadline)? =>
+                    if !retried
+                        && sent.before().is_ok()
+                        && self.client.conn.recover_by(generation, deadline)? =>
                 {
                     retried = true;
                 }
@@ -1081,6 +1093,91 @@ mod nonblocking {
     //! on tokio's blocking pool, so any runtime flavour works.
 
     use super::*;
+    use std::sync::MutexGuard;
+
+    /// The shared state of a begin running on tokio's blocking pool and the
+    /// future waiting for it (see [`Buffer::begin_async`]): which request the
+    /// begin waits on, and whether the future was dropped. Whichever of the two
+    /// comes second, the request sent or the future dropped, sends the
+    /// `Cancel`, so that exactly one goes out for each request, and none for a
+    /// begin that has finished.
+    #[derive(Debug, Default)]
+    struct BeginCancel {
+        state: Mutex<CancelState>,
+    }
+
+    #[derive(Debug, Default)]
+    struct CancelState {
+        /// The future was dropped: nobody waits for the begin's answer.
+        cancelled: bool,
+        /// The begin has its answer: there is nothing left to cancel.
+        finished: bool,
+        /// The request the begin waits on (id, connection generation).
+        request: Option<(u64, u64)>,
+    }
+
+    /// The answer a begin gets that was cancelled before it was sent.
+    fn cancelled_before_sent() -> Error {
+        Error::Broker(WireError::new(
+            ErrorCode::Cancelled,
+            "the begin was cancelled before it was sent",
+        ))
+    }
+
+    impl BeginCancel {
+        fn state(&self) -> MutexGuard<'_, CancelState> {
+            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// The future is gone: cancels the request the begin waits on, if any
+        /// (later ones are cancelled as they are sent).
+        fn cancel(&self, conn: &Connection) {
+            let request = {
+                let mut state = self.state();
+                state.cancelled = true;
+                if state.finished {
+                    return;
+                }
+                state.request
+            };
+            if let Some((id, generation)) = request {
+                conn.cancel(generation, id);
+            }
+        }
+
+        /// The begin returned: nothing to cancel any more.
+        fn finish(&self) {
+            self.state().finished = true;
+        }
+    }
+
+    /// A `BeginCancel` with the connection its cancels go to, as the blocking
+    /// begin sees it.
+    struct CancelHook<'a> {
+        cancel: &'a BeginCancel,
+        conn: &'a Connection,
+    }
+
+    impl connection::SentHook for CancelHook<'_> {
+        fn before(&self) -> Result<()> {
+            match self.cancel.state().cancelled {
+                true => Err(cancelled_before_sent()),
+                false => Ok(()),
+            }
+        }
+
+        fn after(&self, (id, generation): (u64, u64)) {
+            let cancelled = {
+                let mut state = self.cancel.state();
+                state.request = Some((id, generation));
+                state.cancelled
+            };
+            // Dropped while this request went out: the drop did not know it.
+            if cancelled {
+                self.conn.cancel(generation, id);
+            }
+        }
+    }
 
     impl Client {
         pub async fn connect_async(
@@ -1114,17 +1211,23 @@ mod nonblocking {
 
     impl Buffer {
         /// As [`Buffer::begin_timeout`], or [`Buffer::begin`] with `None`.
+        /// The wait runs on tokio's blocking pool.
+        ///
         /// Dropping this future (a `timeout` expiring, a `select!` taking
-        /// another branch) leaves no access behind: the begin runs to its
-        /// end on the blocking pool with its own share of the buffer and
-        /// makes the guard there, so a grant that comes after the caller
-        /// stopped waiting is dropped with its guard and ends at once.
-        /// Made here instead, it would be lost with the future and never
-        /// ended, and every other user of the buffer would wait for it
-        /// until this client disconnects. The price: with no `timeout`, an
-        /// abandoned begin keeps a blocking-pool thread until the broker
-        /// answers it, and a runtime shutting down meanwhile waits for that
-        /// thread; give a timeout where that matters.
+        /// another branch) cancels the begin: the client sends `Cancel`,
+        /// the broker takes the request out of the buffer's queue (and a
+        /// hand-off planned for it out of the buffer's word) and answers
+        /// it, and the blocking-pool thread returns at once, so a runtime
+        /// shutting down does not wait for the buffer's holder. No access
+        /// is left behind either: a grant that crossed the cancel is made
+        /// into a guard on the blocking pool, with the begin's own share of
+        /// the buffer, and dropped there, which ends it at once. (Made
+        /// here instead, it would be lost with the future and never ended,
+        /// and every other user of the buffer would wait for it until this
+        /// client disconnects.) A broker that predates `Cancel` (no
+        /// feature bit 5 in its welcome) is not sent one: there, an
+        /// abandoned begin with no `timeout` keeps its thread until the
+        /// broker answers it, as before.
         pub async fn begin_async(
             &self,
             access: Access,
@@ -1136,13 +1239,36 @@ mod nonblocking {
                 return Ok(guard.counted(ticket));
             }
             let state = Arc::clone(&self.state);
-            tokio::task::spawn_blocking(move || {
-                state
-                    .begin_with_broker(access, timeout)
-                    .map(|guard| guard.counted(ticket))
-            })
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
+            let cancel = Arc::new(BeginCancel::default());
+            let on_drop = CancelOnDrop {
+                cancel: Arc::clone(&cancel),
+                client: self.state.client.clone(),
+            };
+            let task = tokio::task::spawn_blocking(move || {
+                let hook = CancelHook {
+                    cancel: &cancel,
+                    conn: &state.client.conn,
+                };
+                let begun = state.begin_with_broker(access, timeout, &hook);
+                cancel.finish();
+                begun.map(|guard| guard.counted(ticket))
+            });
+            let begun = task.await.map_err(|e| Error::Task(e.to_string()));
+            drop(on_drop);
+            begun?
+        }
+    }
+
+    /// Cancels the begin when the future waiting for it is dropped before
+    /// it finished (once it has finished, there is nothing to cancel).
+    struct CancelOnDrop {
+        cancel: Arc<BeginCancel>,
+        client: Client,
+    }
+
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.cancel.cancel(&self.client.conn);
         }
     }
 }

@@ -59,6 +59,11 @@ fn body(u: &mut Unstructured<'_>) -> Result<Body> {
             access: u.arbitrary()?,
             with_fence: u.ratio(1, 10)?,
         },
+        // Cancel shares the last kind's draw, so that inputs saved before
+        // it existed decode as they did up to their first draw of it.
+        _ if u.ratio(1, 2)? => Body::Cancel {
+            begin: u.arbitrary()?,
+        },
         _ => Body::Reattach {
             buffer: u.arbitrary()?,
         },

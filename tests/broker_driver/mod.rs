@@ -127,6 +127,12 @@ pub enum Body {
     Reattach {
         buffer: u8,
     },
+    /// Withdraws a begin: below 128 the client's own begin still waiting
+    /// for its answer (its n-th, oldest first; or, with none, its latest
+    /// request of any kind), from 128 up a raw request id.
+    Cancel {
+        begin: u8,
+    },
 }
 
 /// Our end of one connection.
@@ -528,6 +534,22 @@ impl Driver {
         })
     }
 
+    /// See [`Body::Cancel`].
+    fn begin_ref(&self, client: ClientId, reference: u8) -> u64 {
+        if reference >= 128 {
+            return u64::from(reference - 128);
+        }
+        let Some(conn) = self.conns.iter().find(|c| c.id == client) else {
+            return 0;
+        };
+        let mut waiting: Vec<u64> = conn.begins.keys().copied().collect();
+        waiting.sort_unstable();
+        match waiting.len() {
+            0 => self.next_request.saturating_sub(1),
+            n => waiting[usize::from(reference) % n],
+        }
+    }
+
     /// What the connection task does when the client hangs up or must go.
     fn hang_up(&mut self, slot: usize) {
         let Some(conn) = self.conn_mut(slot) else {
@@ -611,6 +633,9 @@ impl Driver {
             Body::Reattach { buffer } => RequestBody::Reattach {
                 buffer: self.buffer_ref(client, buffer),
                 secret: "not-a-secret".into(),
+            },
+            Body::Cancel { begin } => RequestBody::Cancel {
+                request: self.begin_ref(client, begin),
             },
         };
         (request, fds)

@@ -692,6 +692,23 @@ impl Arbiter {
         self.clients.get(&client).map_or(0, |i| i.waiting.len())
     }
 
+    /// The ids of its queued requests, oldest first: at most its queue
+    /// limit, so a lookup among them does not scan every waiter.
+    pub fn waiters_of(&self, client: ClientId) -> impl Iterator<Item = WaiterId> + '_ {
+        self.clients
+            .get(&client)
+            .into_iter()
+            .flat_map(|i| i.waiting.iter().copied())
+    }
+
+    /// The ids of the fences it holds (state Held), oldest first.
+    pub fn held_of(&self, client: ClientId) -> impl Iterator<Item = AccessId> + '_ {
+        self.clients
+            .get(&client)
+            .into_iter()
+            .flat_map(|i| i.held.iter().copied())
+    }
+
     // ----- internals -----
 
     fn fresh_id(&mut self) -> u64 {

@@ -159,6 +159,7 @@ mod tests {
                 access: 9,
                 fence_slot: Some(0),
             },
+            RequestBody::Cancel { request: u64::MAX },
         ];
         for body in bodies {
             let req = request(body);
@@ -166,6 +167,23 @@ mod tests {
             assert_eq!(decode_request(&bytes).expect("decode"), req);
             assert_eq!(decode_request_head(&bytes), Some(req.head));
         }
+    }
+
+    /// The wire numbers docs/protocol.md gives the kinds added after
+    /// version 3 first shipped: appended, so nothing before them moved.
+    #[test]
+    fn cancel_and_cancelled_are_appended() {
+        let bytes = encode_request(&request(RequestBody::Cancel { request: 5 })).expect("encode");
+        // Head (id 7, no fds, no flags), then variant 12 and the id.
+        assert_eq!(bytes, [7, 0, 0, 12, 5]);
+        let reply = ServerMessage::Reply(Reply {
+            id: 7,
+            fds: 0,
+            result: Err(WireError::new(ErrorCode::Cancelled, "")),
+        });
+        let bytes = encode_server_message(&reply).expect("encode");
+        // Reply, id, fds, Err, then the code's variant 16.
+        assert_eq!(bytes[..5], [0, 7, 0, 1, 16]);
     }
 
     #[test]

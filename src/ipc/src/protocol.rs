@@ -30,8 +30,11 @@ pub mod features {
     /// Buffer words: memfd buffers carry a reservation word past their end
     /// that holders begin and end uncontended accesses on (version 3).
     pub const BUFFER_WORDS: u64 = 1 << 4;
+    /// The client may withdraw a begin it no longer waits for (`Cancel`),
+    /// and such a begin is answered `ErrorCode::Cancelled`.
+    pub const CANCEL: u64 = 1 << 5;
     /// Everything this build understands.
-    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS | BUFFER_WORDS;
+    pub const ALL: u64 = FENCE_EVENTS | SYNC_FILES | REATTACH | END_WORDS | BUFFER_WORDS | CANCEL;
 }
 
 /// Largest datagram either side accepts; larger ones are refused unread.
@@ -165,6 +168,13 @@ pub enum RequestBody {
     WordEnded {
         buffer: BufferId,
     },
+    /// Withdraws this connection's begin `request` (its request id) if it
+    /// is still queued: the begin is answered `Cancelled`. One already
+    /// answered, or unknown, is left alone. Feature `CANCEL` only; sent
+    /// without waiting for a reply.
+    Cancel {
+        request: u64,
+    },
 }
 
 impl RequestBody {
@@ -194,6 +204,7 @@ impl RequestBody {
             RequestBody::End { .. } => "end",
             RequestBody::Reattach { .. } => "reattach",
             RequestBody::WordEnded { .. } => "word-ended",
+            RequestBody::Cancel { .. } => "cancel",
         }
     }
 }
@@ -310,7 +321,10 @@ pub enum Event {
     AccessRevoked { access: AccessId, buffer: BufferId },
 }
 
-/// The closed set of error codes. New codes need a protocol version bump.
+/// The closed set of error codes. New codes need a protocol version bump,
+/// or a feature bit: a code only sent to a client that negotiated the
+/// feature it came with (`Cancelled`) is never read by one that does not
+/// know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// The message could not be decoded or broke a framing rule.
@@ -336,6 +350,8 @@ pub enum ErrorCode {
     Busy,
     Unsupported,
     Internal,
+    /// The client withdrew the begin with `Cancel` (feature `CANCEL`).
+    Cancelled,
 }
 
 impl ErrorCode {
@@ -357,6 +373,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
+            ErrorCode::Cancelled => "cancelled",
         }
     }
 }

@@ -672,31 +672,18 @@ impl State {
         let now = Instant::now();
         match target {
             TimeoutTarget::Waiter(waiter) => {
-                // A hand-off planned for it is cancelled first, or, if its
-                // holder already carried it out, recorded (and the waiter
-                // is no longer waiting).
-                if let Some(buffer) = self.arbiter.waiter_buffer(waiter) {
-                    self.take_over_word(buffer, now, false);
-                    self.settle_buffer(buffer, false, now);
-                }
-                let Some(entry) = self.remove_waiter(waiter) else {
-                    return;
-                };
-                let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
-                self.stats.timeouts += 1;
-                self.reply(
-                    entry.client,
-                    entry.request_id,
-                    Err(WireError::new(
+                let timed_out = self.withdraw_waiter(waiter, now, |entry| {
+                    WireError::new(
                         ErrorCode::Timeout,
                         format!(
                             "not granted within {} ms",
                             now.saturating_duration_since(entry.since).as_millis()
                         ),
-                    )),
-                    Vec::new(),
-                );
-                self.deliver_grants(grants);
+                    )
+                });
+                if timed_out {
+                    self.stats.timeouts += 1;
+                }
             }
             TimeoutTarget::Access(access) => {
                 let Some(news) = self
@@ -715,6 +702,91 @@ impl State {
                 self.withdraw_grant(access, news, timeout);
             }
         }
+    }
+
+    /// Takes a queued begin out of its buffer's queue and answers it with
+    /// `error`; whoever waited behind it is served. A hand-off planned for
+    /// it is cancelled first (which wakes its client on the word), or, if
+    /// the holder already carried it out, recorded: the waiter then holds
+    /// the access and is no longer waiting. Returns whether it was.
+    fn withdraw_waiter(
+        &mut self,
+        waiter: fence::WaiterId,
+        now: Instant,
+        error: impl FnOnce(&WaiterEntry) -> WireError,
+    ) -> bool {
+        if let Some(buffer) = self.arbiter.waiter_buffer(waiter) {
+            self.take_over_word(buffer, now, false);
+            self.settle_buffer(buffer, false, now);
+        }
+        let Some(entry) = self.remove_waiter(waiter) else {
+            return false;
+        };
+        let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
+        let error = error(&entry);
+        self.reply(entry.client, entry.request_id, Err(error), Vec::new());
+        self.deliver_grants(grants);
+        true
+    }
+
+    /// `Cancel`: the client no longer waits for its begin `request`. A
+    /// queued one leaves the queue (its plan in the buffer's word
+    /// cancelled) and a grant still held back for the dma-buf's kernel
+    /// fences or a cache sync is withdrawn, each answered `Cancelled`, as a
+    /// timeout would be. Anything else it may name (a begin already
+    /// answered, a hand-off carried out, an id never sent, another
+    /// client's request) is left alone: the cancel crossed the answer, as
+    /// happens. It never fails but for a client that did not negotiate it.
+    pub(super) fn cancel(&mut self, client: ClientId, request: u64) -> Result<Answer, WireError> {
+        let negotiated = self.clients.get(&client).is_some_and(|c| c.cancel);
+        if !negotiated {
+            return Err(WireError::new(
+                ErrorCode::Unsupported,
+                "cancel needs feature bit 5 (cancel) in the hello",
+            ));
+        }
+        let cancelled = || {
+            WireError::new(
+                ErrorCode::Cancelled,
+                format!("begin {request} cancelled by its client"),
+            )
+        };
+        // Its own queue only, at most its queue limit long: a request id
+        // is the client's, and another client's may be equal.
+        let waiters: Vec<fence::WaiterId> = self
+            .arbiter
+            .waiters_of(client)
+            .filter(|w| {
+                self.waiters
+                    .get(w)
+                    .is_some_and(|entry| entry.request_id == request)
+            })
+            .collect();
+        let now = Instant::now();
+        for waiter in waiters {
+            self.withdraw_waiter(waiter, now, |_| cancelled());
+        }
+        let held_back: Vec<AccessId> = self
+            .arbiter
+            .held_of(client)
+            .filter(|a| {
+                self.accesses
+                    .get(a)
+                    .is_some_and(|entry| entry.request_id == request && entry.pending.is_some())
+            })
+            .collect();
+        for access in held_back {
+            let Some(news) = self
+                .accesses
+                .get(&access)
+                .and_then(|e| e.pending.as_ref())
+                .map(|p| (p.grant.writer_lost, p.grant.revoked))
+            else {
+                continue;
+            };
+            self.withdraw_grant(access, news, cancelled());
+        }
+        Ok(Answer::Reply(ReplyBody::Ended, Vec::new()))
     }
 
     /// Takes back a grant the arbiter made but the client was not sent

@@ -175,6 +175,7 @@ impl State {
                 }
                 RequestBody::Reattach { buffer, secret } => self.reattach(client, buffer, &secret),
                 RequestBody::WordEnded { buffer } => self.word_ended(client, buffer),
+                RequestBody::Cancel { request } => self.cancel(client, request),
             }
         };
         match result {
@@ -222,6 +223,7 @@ impl State {
         entry.name = hello.client_name.chars().take(64).collect();
         let mut features = hello.features & features::ALL;
         entry.buffer_words = features & features::BUFFER_WORDS != 0;
+        entry.cancel = features & features::CANCEL != 0;
         let mut fds = Vec::new();
         if features & features::END_WORDS != 0 {
             match EndPage::create() {

@@ -102,6 +102,8 @@ pub struct ClientEntry {
     pub end_page: Option<super::endpage::EndPage>,
     /// It asked for buffer words in its hello.
     pub buffer_words: bool,
+    /// It negotiated `Cancel` (and so knows `ErrorCode::Cancelled`).
+    pub cancel: bool,
 }
 
 #[derive(Debug)]
@@ -347,6 +349,7 @@ impl State {
                 connected: SystemTime::now(),
                 end_page: None,
                 buffer_words: false,
+                cancel: false,
             },
         );
         id
