@@ -798,7 +798,7 @@ impl Connection {
         let limited = limit.is_some_and(|limit| limit <= end_of_window);
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.fresh_connection(deadline) {
+            match self.fresh_connection(deadline, end_of_window) {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
                     let mut holds = lock(&self.holds);
@@ -845,19 +845,28 @@ impl Connection {
     /// A new socket, welcomed, with every hold re-attached: also returns
     /// the buffers re-attached.
     #[allow(clippy::type_complexity)]
+    /// `deadline` bounds the connect and the hello; `reattach_deadline`
+    /// (the end of the reconnect window) the re-attaches after them.
     fn fresh_connection(
         &self,
         deadline: Instant,
+        reattach_deadline: Instant,
     ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
         // A socket whose broker is not serving yet (socket activation while
         // it restarts) takes the connection and answers nothing, or takes
-        // none once its queue is full: the connect and the handshake may
-        // wait only until the reconnect's deadline.
+        // none once its queue is full: the connect and the hello may wait
+        // only until the caller's deadline.
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let socket = open_socket(&self.path, Some(left))?;
         let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline))?;
+        // The broker serves: the re-attaches run to their end within the
+        // window, past a caller's short timeout. Cut off there, a caller
+        // that only ever waits briefly (an event loop) would start over at
+        // every call and never get its buffers back before the broker's
+        // grace period drops them.
+        let deadline = reattach_deadline.max(deadline);
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))

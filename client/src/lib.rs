@@ -49,7 +49,12 @@ pub struct ClientOptions {
     pub name: String,
     /// When the connection breaks (a broker restart), how long to keep
     /// trying to reconnect and re-attach the held buffers before a call
-    /// fails with [`Error::Disconnected`]. `None` never reconnects.
+    /// fails with [`Error::Disconnected`]. `None` never reconnects. A
+    /// call with a shorter timeout of its own waits that long for the
+    /// broker to answer, but once it has, lets the re-attaches finish
+    /// within this window: cut off, they would start over at every short
+    /// call and the buffers be lost at the end of the broker's grace
+    /// period.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
@@ -216,10 +221,13 @@ impl Client {
 
     /// The next event (fence signalled, access revoked), waiting at most
     /// `timeout`; `Ok(None)` when none came in time. After a broker restart
-    /// it reconnects as other calls do (within `timeout`: `Ok(None)` if
-    /// the broker is not back by then) and returns [`Error::Reconnected`]: events of the old connection are dropped,
-    /// since the new broker numbers fences and accesses anew, so whatever
-    /// the caller waited to hear of will never come.
+    /// it reconnects as other calls do (`Ok(None)` if the broker does not
+    /// answer within `timeout`; once it answers, re-attaching the held
+    /// buffers runs to its end, which may take longer, within
+    /// [`ClientOptions::reconnect`]) and returns [`Error::Reconnected`]:
+    /// events of the old connection are dropped, since the new broker
+    /// numbers fences and accesses anew, so whatever the caller waited to
+    /// hear of will never come.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
     }
