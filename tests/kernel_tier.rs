@@ -986,3 +986,55 @@ fn kernel_tier_a_fence_added_just_before_the_cache_sync_holds_back_only_that_gra
         field(&granted, "access").expect("access")
     ));
 }
+
+/// A `begin_async` given up on while its read is held back for a device's
+/// write fence (the broker waits for the dma-buf's implicit fences before
+/// it grants): the cancel withdraws the held-back grant. The runtime shuts
+/// down while the device still writes, nobody is granted the abandoned
+/// read when the device finishes, and a writer gets in at once.
+#[test]
+fn kernel_tier_a_cancelled_begin_held_back_for_a_device_fence_leaves_nothing_behind() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let reader = daemon.client();
+    let theirs = reader.import(&token).expect("import");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let gave_up = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            theirs.begin_async(Access::CpuRead, None),
+        )
+        .await
+        .is_err()
+    });
+    assert!(gave_up, "a read was granted while the device wrote");
+    // Dropping the runtime waits for its blocking threads: the abandoned
+    // begin's must return now, not when the device is done.
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(runtime);
+        let _ = dropped_tx.send(());
+    });
+    assert!(
+        dropped.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the runtime waited for the device's fence to shut down"
+    );
+    assert_still_serving(&owner);
+    signal(&vgem, fence, attached);
+    let write = adopted
+        .begin_timeout(Access::CpuWrite, Duration::from_secs(3))
+        .expect("a write once the device is done: the abandoned read holds nothing");
+    drop(write);
+    drop(theirs);
+}
