@@ -13,7 +13,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AccessGuard, Buffer, ErrorCode};
-use dmabroker_suite::dbus::fields::{STATS_GRANTS, TOTALS_FENCES, TOTALS_WAITERS};
+use dmabroker_suite::dbus::fields::{BUFFER_HOLDERS, STATS_GRANTS, TOTALS_FENCES, TOTALS_WAITERS};
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::eventually;
 
@@ -206,10 +206,11 @@ fn an_abandoned_planned_begin_cancels_its_hand_off() {
     drop(again);
 }
 
-/// The cancel loses the race: the write ends and the broker grants the
-/// queued read before the caller gives up, so the cancel names a begin
-/// already answered, which the broker ignores. The grant the blocking
-/// pool made into a guard is dropped with the future and ends at once.
+/// The grant wins: the write ends and the broker grants the queued read
+/// before the caller gives up, so the future holds a finished begin (its
+/// guard made on the blocking pool, no cancel left to send; the broker's
+/// side of a late cancel is in tests/broker_sequences.rs), and dropping it
+/// drops the guard, which ends the read at once.
 /// Then the two orders at random: the write's end and the cancel sent
 /// back to back on two connections, twenty times; either way nothing may
 /// be left holding the buffer.
@@ -252,10 +253,9 @@ fn a_cancel_that_races_a_grant_leaves_no_access_behind() {
 }
 
 /// The caller gives up and then drops the buffer: the hold is freed at
-/// once (and with it whatever of the begin a broker without `Cancel`
-/// would still have queued), not when the begin would have been granted.
-/// Fails if the abandoned begin keeps the hold (and its place in the
-/// queue) alive until the writer ends.
+/// once, not when the begin would have been granted. Fails if the
+/// abandoned begin's share of the buffer keeps the hold alive until the
+/// writer ends.
 #[test]
 fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
     let bus = DbusDaemon::start();
@@ -270,11 +270,72 @@ fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
 
     let runtime = runtime();
     give_up_on(&runtime, theirs.begin_async(Access::CpuRead, None));
+    let id = buffer.id();
     drop(theirs);
-    eventually("the freed hold to leave the queue", || {
-        bus.totals(TOTALS_WAITERS) == 0
+    // The reader's hold goes now, while the write is still held: only the
+    // writer holds the buffer (the begin's own share of the buffer must
+    // not keep the hold).
+    eventually("the dropped buffer's hold to go", || {
+        let buffers = bus.method("ListBuffers", &[]);
+        buffers.as_array().is_some_and(|all| {
+            all.iter().any(|b| {
+                b[0].as_u64() == Some(id)
+                    && b[BUFFER_HOLDERS].as_array().is_some_and(|h| h.len() == 1)
+            })
+        })
     });
+    assert_eq!(bus.totals(TOTALS_WAITERS), 0, "nothing queued");
     assert_eq!(bus.totals(TOTALS_FENCES), 1, "only the write is held");
     drop(write);
     drop(runtime);
+}
+
+/// The broker stops reading (it is stopping) with the begin queued, the
+/// caller gives up (its `Cancel` waits unread in the socket), then the
+/// broker dies. The begin's thread saw the hang-up, reconnected for the
+/// whole reconnect window (10 s) and only then noticed nobody waited, and
+/// the runtime's shutdown waited for it.
+#[test]
+fn a_cancelled_begin_does_not_reconnect_for_nobody() {
+    let daemon = dmabroker_suite::Daemon::start();
+    let writer = daemon.message_path_client().expect("writer");
+    let reader = daemon.message_path_client().expect("reader");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let theirs = reader
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    let runtime = runtime();
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    wait_impatiently(&runtime, &mut begin);
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    dmabroker_suite::proc::wait_stopped(daemon.pid());
+    drop(begin);
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    assert_shuts_down_promptly(runtime);
+    drop((write, theirs, buffer));
+}
+
+/// As above, with the broker dead first: the begin's thread is already
+/// reconnecting (to nobody) when the caller gives up, and stops there.
+#[test]
+fn a_begin_given_up_on_while_reconnecting_stops_reconnecting() {
+    let daemon = dmabroker_suite::Daemon::start();
+    let writer = daemon.message_path_client().expect("writer");
+    let reader = daemon.message_path_client().expect("reader");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let theirs = reader
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    let runtime = runtime();
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    wait_impatiently(&runtime, &mut begin);
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    // Long enough for the begin's thread to see the hang-up and start
+    // reconnecting.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(begin);
+    assert_shuts_down_promptly(runtime);
+    drop((write, theirs, buffer));
 }

@@ -151,6 +151,11 @@ pub(crate) trait SentHook {
     fn before(&self) -> Result<(), Error>;
     /// After a send: the request's id and connection generation.
     fn after(&self, request: (u64, u64));
+    /// Whether anyone still waits for the call: a reconnect for a call
+    /// nobody waits for is not made, or given up between attempts.
+    fn wanted(&self) -> bool {
+        self.before().is_ok()
+    }
 }
 
 /// A call nobody cancels.
@@ -485,6 +490,7 @@ impl Connection {
                 Ok(request)
             },
             limit,
+            sent,
         )
     }
 
@@ -606,7 +612,7 @@ impl Connection {
     /// connection generation it went out on (a `Planned` begin waits for
     /// more messages to that request).
     pub fn call_on(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<Answered, Error> {
-        self.call_with(|| self.send(body.clone(), fds, true), None)
+        self.call_with(|| self.send(body.clone(), fds, true), None, &NoHook)
     }
 
     /// A request sent by `send`, and its reply, reconnecting and sending
@@ -615,6 +621,7 @@ impl Connection {
         &self,
         send: impl Fn() -> Result<(u64, u64), Error>,
         limit: Option<Instant>,
+        hook: &dyn SentHook,
     ) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
@@ -624,9 +631,11 @@ impl Connection {
                     .map(|(body, fds)| (body, fds, (id, sent_on)))
             });
             match result {
-                Err(Error::Disconnected) if !retried && self.reconnect_window.is_some() => {
+                Err(Error::Disconnected)
+                    if !retried && self.reconnect_window.is_some() && hook.wanted() =>
+                {
                     retried = true;
-                    self.reconnect(generation, limit)?;
+                    self.reconnect(generation, limit, hook)?;
                 }
                 other => return other,
             }
@@ -759,33 +768,48 @@ impl Connection {
     /// reconnects if the options allow, and says whether to try again.
     /// Gives up at `limit` if that comes before the end of the reconnect
     /// window.
-    pub fn recover_by(&self, broken: u64, limit: Option<Instant>) -> Result<bool, Error> {
-        if self.reconnect_window.is_none() {
+    pub fn recover_by(
+        &self,
+        broken: u64,
+        limit: Option<Instant>,
+        hook: &dyn SentHook,
+    ) -> Result<bool, Error> {
+        if self.reconnect_window.is_none() || !hook.wanted() {
             return Ok(false);
         }
-        self.reconnect(broken, limit)?;
+        self.reconnect(broken, limit, hook)?;
         Ok(true)
     }
 
     /// Replaces a broken connection (unless another thread already did):
     /// new socket, hello, re-attach of every held buffer. Gives up after the
     /// reconnect window.
-    fn reconnect(&self, broken: u64, limit: Option<Instant>) -> Result<(), Error> {
-        let _one_at_a_time = match limit {
-            None => lock(&self.reconnecting),
-            // Another thread may be reconnecting, for its whole window.
-            Some(limit) => loop {
-                match self.reconnecting.try_lock() {
-                    Ok(guard) => break guard,
-                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= limit => {
-                        return Err(out_of_time());
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+    /// Gives up (`Disconnected`) between attempts once nobody waits for
+    /// the call it serves (`hook`): a cancelled begin's thread returns at
+    /// once instead of reconnecting for the whole window.
+    fn reconnect(
+        &self,
+        broken: u64,
+        limit: Option<Instant>,
+        hook: &dyn SentHook,
+    ) -> Result<(), Error> {
+        // Another thread may be reconnecting, for its whole window.
+        let _one_at_a_time = loop {
+            match self.reconnecting.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock)
+                    if limit.is_some_and(|limit| Instant::now() >= limit) =>
+                {
+                    return Err(out_of_time());
                 }
-            },
+                Err(std::sync::TryLockError::WouldBlock) if !hook.wanted() => {
+                    return Err(Error::Disconnected);
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         };
         if self.generation() != broken {
             return Ok(());
@@ -798,6 +822,9 @@ impl Connection {
         let limited = limit.is_some_and(|limit| limit <= end_of_window);
         let mut backoff = FIRST_BACKOFF;
         loop {
+            if !hook.wanted() {
+                return Err(Error::Disconnected);
+            }
             match self.fresh_connection(deadline, end_of_window) {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
@@ -834,8 +861,14 @@ impl Connection {
                     })
                 }
                 Err(_) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    std::thread::sleep(backoff.min(left));
+                    let pause_end = Instant::now() + backoff;
+                    // In slices: a call nobody waits for any more stops.
+                    while hook.wanted() && Instant::now() < pause_end.min(deadline) {
+                        let left = pause_end
+                            .min(deadline)
+                            .saturating_duration_since(Instant::now());
+                        std::thread::sleep(left.min(Duration::from_millis(20)));
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
@@ -955,7 +988,7 @@ impl Connection {
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                return match self.recover_by(start, deadline) {
+                return match self.recover_by(start, deadline, &NoHook) {
                     Ok(true) => {
                         self.events_seen.store(self.generation(), Ordering::Release);
                         Err(Error::Reconnected)

@@ -564,7 +564,7 @@ impl BufferState {
                 Err(Error::Disconnected)
                     if !retried
                         && sent.before().is_ok()
-                        && self.client.conn.recover_by(generation, deadline)? =>
+                        && self.client.conn.recover_by(generation, deadline, sent)? =>
                 {
                     retried = true;
                 }
@@ -1232,10 +1232,13 @@ mod nonblocking {
         /// the buffer, and dropped there, which ends it at once. (Made
         /// here instead, it would be lost with the future and never ended,
         /// and every other user of the buffer would wait for it until this
-        /// client disconnects.) A broker that predates `Cancel` (no
-        /// feature bit 5 in its welcome) is not sent one: there, an
-        /// abandoned begin with no `timeout` keeps its thread until the
-        /// broker answers it, as before.
+        /// client disconnects.) If the broker hangs up meanwhile, the
+        /// thread does not reconnect for a begin nobody waits for. Two
+        /// cases keep the thread until the broker answers (give a
+        /// `timeout` where that matters): a broker that predates `Cancel`
+        /// (no feature bit 5 in its welcome) is not sent one, and a broker
+        /// that has stopped reading its socket (wedged, with its queue
+        /// full) cannot be sent one, since the drop never waits.
         pub async fn begin_async(
             &self,
             access: Access,

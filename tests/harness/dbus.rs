@@ -327,5 +327,6 @@ pub mod fields {
     pub const STATS_WRITER_LOST: usize = 11;
     pub const STATS_REVOCATIONS: usize = 12;
     pub const CLIENT_ACCESSES_HELD: usize = 10;
+    pub const BUFFER_HOLDERS: usize = 7;
     pub const BUFFER_FENCES: usize = 8;
 }
