@@ -952,3 +952,53 @@ fn a_watchdog_ping_the_manager_had_no_room_for_follows_once_it_reads() {
         r.count("WATCHDOG=1") > pings
     });
 }
+
+/// Buffers freed while a slow manager catches up on the ones it had no
+/// room for: the record's writer sends those late, off the broker's
+/// thread, and a buffer freed meanwhile (its removal sent first) was put
+/// back in the store after its removal, keeping a freed buffer's memory in
+/// PID 1 and a slot nobody counted, until the next restart. The store must
+/// end up holding exactly the live buffers, each once.
+#[test]
+fn buffers_freed_while_the_manager_catches_up_do_not_come_back_to_the_store() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    camera.heaps().expect("connected");
+    let mut frames: Vec<_>;
+    {
+        let _busy = manager.busy();
+        frames = (0..60)
+            .map(|_| camera.alloc(4096).expect("alloc"))
+            .collect();
+        // The record's writer takes its batch of late buffers and waits.
+        std::thread::sleep(Duration::from_millis(300));
+        manager.received().read_delay = Duration::from_millis(3);
+        for _ in 0..30 {
+            drop(frames.pop());
+        }
+        camera.heaps().expect("the frees were handled");
+    }
+    let mut live: Vec<String> = frames.iter().map(|f| format!("buf-{}", f.id())).collect();
+    live.sort();
+    let stored = || {
+        let mut names: Vec<String> = manager
+            .received()
+            .stored_names()
+            .into_iter()
+            .filter(|n| n.starts_with("buf-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored() != live {
+        assert!(
+            Instant::now() < deadline,
+            "the store holds {:?}, the live buffers are {live:?}\n{}",
+            stored(),
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -35,6 +35,8 @@ use crate::tmp::TempDir;
 pub struct Received {
     /// The manager reads nothing while set (see [`ServiceManager::busy`]).
     paused: bool,
+    /// How long the manager takes over each datagram (a slow PID 1).
+    pub read_delay: Duration,
     /// The reader is parked, holding the datagram it read last.
     parked: bool,
     pub messages: Vec<(Instant, String)>,
@@ -114,6 +116,11 @@ impl Received {
     /// does: one at a time, and once the store is full the rest are closed.
     fn store_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
         for fd in fds {
+            // systemd keeps one entry per open file: an fd of a file it
+            // holds already is closed (`service_add_fd_store`, same_fd()).
+            if self.store.iter().any(|(_, held)| same_file(held, &fd)) {
+                continue;
+            }
             if self.store_max.is_some_and(|max| self.stored_fds() >= max) {
                 self.refused.push(name.clone());
                 drop(fd);
@@ -159,6 +166,20 @@ pub struct ServiceManager {
     listener: OwnedFd,
     notify_path: PathBuf,
     received: Arc<(Mutex<Received>, Condvar)>,
+}
+
+/// Whether two fds are the same open file, as systemd's `same_fd()`
+/// decides for its fd store.
+fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let stat = |fd: &OwnedFd| {
+        nix::sys::stat::fstat(fd.as_raw_fd())
+            .ok()
+            .map(|s| (s.st_dev, s.st_ino))
+    };
+    match (stat(a), stat(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn apply(received: &mut Received, text: &str, fds: Vec<OwnedFd>) {
@@ -219,8 +240,13 @@ impl ServiceManager {
                 received = cond.wait(received).expect("wait");
             }
             received.parked = false;
+            let delay = received.read_delay;
             apply(&mut received, &text, message.fds);
             cond.notify_all();
+            drop(received);
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
         });
         ServiceManager {
             dir,
@@ -252,11 +278,26 @@ impl ServiceManager {
             r.parked
         });
         filler.set_nonblocking(true).expect("non-blocking");
+        // Room for a queue of any length (`net.unix.max_dgram_qlen` is 512
+        // under systemd's sysctl defaults): the filler's own send buffer
+        // must not run out first.
+        let _ = nix::sys::socket::setsockopt(
+            &filler,
+            nix::sys::socket::sockopt::SndBufForce,
+            &(64 << 20),
+        );
         let mut queued = 1;
         while filler.send(b"FILLER=1\n").is_ok() {
             queued += 1;
             assert!(queued < 100_000, "the notify socket's queue never fills");
         }
+        let probe = UnixDatagram::unbound().expect("socket");
+        probe.connect(&self.notify_path).expect("connect");
+        probe.set_nonblocking(true).expect("non-blocking");
+        assert!(
+            probe.send(b"PROBE=1\n").is_err(),
+            "the notify queue is not full after {queued} datagrams"
+        );
         Busy {
             manager: self,
             fillers: read_before + queued,

@@ -391,7 +391,8 @@ async fn store_record(
     patience: Duration,
 ) -> Option<(RecordWriter, bool)> {
     broker.lock().retry_buffer_stores();
-    let unstored = broker.lock().unstored_buffers(STORE_BATCH);
+    let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
+    let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
     let generation = writer.next_generation();
     let ids = broker.lock().buffer_ids();
     let mut buffers = Vec::with_capacity(ids.len());
@@ -402,34 +403,40 @@ async fn store_record(
     let record = broker.lock().record_of(generation, buffers);
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
-        let sent: Vec<u64> = unstored
+        let sent = unstored
             .iter()
             .take_while(|(id, fd)| store_waiting(*id, std::os::fd::AsFd::as_fd(fd), deadline))
-            .map(|(id, _)| *id)
-            .collect();
+            .count();
+        let (sent, unsent): (Vec<u64>, Vec<u64>) = {
+            let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
+            (ids[..sent].to_vec(), ids[sent..].to_vec())
+        };
         let result = writer.store(&record, deadline);
-        (writer, result, sent)
+        (writer, result, (sent, unsent))
     })
     .await;
     match stored {
-        Ok((writer, result, sent)) => {
+        Ok((writer, result, (sent, unsent))) => {
             if let Err(err) = &result {
                 tracing::warn!(error = %err, generation, "cannot store the buffer table record");
             }
             let out = {
                 let state = broker.lock();
-                state.buffers_stored(&sent);
+                state.buffers_sent(&sent, &unsent);
                 state.buffers_out_of_store()
             };
             if out > 0 {
                 tracing::warn!(
                     buffers = out,
-                    "buffers are not in the fd store yet; they will be sent again"
+                    "the fd store does not match the table yet (buffers to put in or take out); they will be sent again"
                 );
             }
             Some((writer, result.is_ok() && out == 0))
         }
         Err(err) => {
+            // Nothing is known of their sends: out still (a second store
+            // of one that went in costs a slot; a lost buffer costs more).
+            broker.lock().buffers_sent(&[], &taken);
             tracing::error!(error = %err, "storing the buffer table record failed; no more records");
             None
         }

@@ -408,38 +408,57 @@ impl State {
         }
     }
 
-    /// Up to `limit` buffers still out of the fd store, each with a copy
-    /// of its fd, for the record's writer to send waiting for room (off
-    /// this thread). Freed ones are forgotten; a buffer whose fd cannot be
-    /// copied now (out of fds) waits for the next try.
-    pub fn unstored_buffers(&self, limit: usize) -> Vec<(BufferId, OwnedFd)> {
+    /// Takes up to `limit` buffers still out of the fd store, each with a
+    /// copy of its fd, for the record's writer to send waiting for room
+    /// (off this thread); it hands the outcome to
+    /// [`State::buffers_sent`]. Freed ones are forgotten; a buffer whose
+    /// fd cannot be copied now (out of fds) stays out for the next try.
+    pub fn take_unstored_buffers(&self, limit: usize) -> Vec<(BufferId, OwnedFd)> {
         let Some(store) = &self.fd_store else {
             return Vec::new();
         };
-        let ids = store.unstored(limit);
-        let gone: Vec<BufferId> = ids
-            .iter()
-            .copied()
-            .filter(|id| !self.buffers.contains_key(id))
-            .collect();
-        store.mark_stored(&gone);
-        ids.into_iter()
-            .filter_map(|id| Some((id, self.buffers.get(&id)?.fd.try_clone().ok()?)))
-            .collect()
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for id in store.take_unstored(limit) {
+            let Some(entry) = self.buffers.get(&id) else {
+                continue;
+            };
+            match entry.fd.try_clone() {
+                Ok(fd) => taken.push((id, fd)),
+                Err(_) => kept.push(id),
+            }
+        }
+        store.give_back(&kept);
+        taken
     }
 
-    /// Buffers the record's writer put in the fd store.
-    pub fn buffers_stored(&self, ids: &[BufferId]) {
-        if let Some(store) = &self.fd_store {
-            store.mark_stored(ids);
+    /// The record writer's sends: `unsent` are out of the store still. A
+    /// buffer `sent` late that was freed meanwhile (its removal may have
+    /// gone out before this store) is removed again, so that no freed
+    /// buffer's fd stays in the store, taking a slot and coming back at
+    /// the next restart.
+    pub fn buffers_sent(&self, sent: &[BufferId], unsent: &[BufferId]) {
+        let Some(store) = &self.fd_store else {
+            return;
+        };
+        store.give_back(unsent);
+        for id in sent {
+            if !self.buffers.contains_key(id) {
+                store.remove_buffer(*id);
+            }
+        }
+        if !sent.is_empty() && unsent.is_empty() && store.unstored_count() == 0 {
+            tracing::info!("every buffer is in the fd store again");
         }
     }
 
-    /// Buffers still out of the fd store.
+    /// Buffers still out of the fd store, and freed ones still in it
+    /// (their removal not sent yet): what keeps the store from matching
+    /// the table.
     pub fn buffers_out_of_store(&self) -> usize {
         self.fd_store
             .as_ref()
-            .map_or(0, |store| store.unstored(usize::MAX).len())
+            .map_or(0, |store| store.unstored_count() + store.unremoved())
     }
 
     /// Sends one message to a client; a client whose queue overflows is

@@ -205,21 +205,33 @@ impl FdStore {
         ids.len()
     }
 
-    /// Up to `limit` of the buffers still out of the store, oldest first,
-    /// for a sender that may wait for the manager (see
-    /// [`FdStore::mark_stored`]).
-    pub fn unstored(&self, limit: usize) -> Vec<u64> {
-        self.unstored_ids().iter().take(limit).copied().collect()
+    /// Takes up to `limit` of the buffers still out of the store, oldest
+    /// first, for a sender that may wait for the manager: while it has
+    /// them, no other send of them is made (a buffer stored twice takes two
+    /// of the store's slots). It gives back those it could not send
+    /// ([`FdStore::give_back`]).
+    pub fn take_unstored(&self, limit: usize) -> Vec<u64> {
+        let mut ids = self.unstored_ids();
+        let n = limit.min(ids.len());
+        ids.drain(..n).collect()
     }
 
-    /// Buffers another sender put in the store (or that are gone).
-    pub fn mark_stored(&self, done: &[u64]) {
-        let mut ids = self.unstored_ids();
-        let had = ids.len();
-        ids.retain(|id| !done.contains(id));
-        if had > 0 && ids.is_empty() {
-            tracing::info!("every buffer is in the fd store again");
+    /// Buffers a sender took and could not send: out of the store still,
+    /// ahead of the rest.
+    pub fn give_back(&self, unsent: &[u64]) {
+        if unsent.is_empty() {
+            return;
         }
+        let mut ids = self.unstored_ids();
+        let rest = std::mem::take(&mut *ids);
+        ids.extend_from_slice(unsent);
+        ids.extend(rest);
+    }
+
+    /// Buffers still out of the store (not counting any a sender has
+    /// taken).
+    pub fn unstored_count(&self) -> usize {
+        self.unstored_ids().len()
     }
 
     pub fn remove(&self, name: &str) {
@@ -374,6 +386,35 @@ pub fn read_record(fd: &OwnedFd) -> Option<StateRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store_with(unstored: &[u64]) -> FdStore {
+        FdStore {
+            capacity: Capacity {
+                max: 16,
+                from_manager: false,
+            },
+            unremoved: Mutex::new(Vec::new()),
+            unstored: Mutex::new(unstored.to_vec()),
+        }
+    }
+
+    /// Buffers a sender took are no one else's to send while it has them
+    /// (stored twice, a buffer takes two slots), and those it could not
+    /// send come back ahead of the rest, in order.
+    #[test]
+    fn taken_buffers_are_out_of_the_list_until_given_back_in_order() {
+        let store = store_with(&[1, 2, 3, 4]);
+        assert_eq!(store.take_unstored(2), vec![1, 2]);
+        assert_eq!(store.unstored_count(), 2);
+        assert_eq!(
+            store.retry_stores(|_| None),
+            0,
+            "only 3 and 4 were left to try"
+        );
+        let store = store_with(&[3, 4]);
+        store.give_back(&[2]);
+        assert_eq!(store.take_unstored(10), vec![2, 3, 4]);
+    }
 
     /// The names alternate with what is stored, whatever the generation:
     /// a failed store leaves `current` alone, and the next record still
