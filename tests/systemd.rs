@@ -1002,3 +1002,49 @@ fn buffers_freed_while_the_manager_catches_up_do_not_come_back_to_the_store() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `begin_async` given up on while its client reconnects to a socket the
+/// manager holds but nobody serves yet (the broker died, socket
+/// activation keeps the socket): the connect succeeds and the hello waits
+/// for an answer. It waited for the whole reconnect window (10 s), with
+/// nobody wanting the begin any more, and the runtime's shutdown with it.
+#[test]
+fn a_cancelled_begin_stops_waiting_for_a_hello_nobody_answers() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let options = ClientOptions {
+        buffer_words: false,
+        ..Default::default()
+    };
+    let writer = Client::connect_with(&manager.socket_path, options.clone()).expect("writer");
+    let reader = Client::connect_with(&manager.socket_path, options).expect("reader");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let theirs = reader
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    let write = buffer.begin(Access::CpuWrite).expect("write");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
+    let waited = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_millis(50), begin.as_mut()).await });
+    assert!(waited.is_err(), "granted while held");
+    drop(first); // SIGKILL; the manager keeps the listening socket
+                 // The begin's thread reconnects: connected, its hello unanswered.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(begin);
+    let (done, dropped) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        drop(runtime);
+        let _ = done.send(());
+    });
+    assert!(
+        dropped.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the runtime still waits for the abandoned begin's hello after {:?}",
+        start.elapsed()
+    );
+    drop((write, theirs, buffer));
+}

@@ -120,6 +120,10 @@ where
         .map_err(|e| Error::Protocol(format!("cannot set a socket timeout: {e}")))
 }
 
+/// The longest a handshake's receive waits before it looks again whether
+/// the call it serves is still wanted (see [`SentHook::wanted`]).
+const HANDSHAKE_SLICE: Duration = Duration::from_millis(50);
+
 /// A reconnect its caller's time ran out for.
 fn out_of_time() -> Error {
     Error::Broker(WireError::new(
@@ -255,6 +259,7 @@ fn exchange(
     id: u64,
     body: RequestBody,
     deadline: Option<Instant>,
+    hook: &dyn SentHook,
 ) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
@@ -268,7 +273,8 @@ fn exchange(
             }
             // At least a moment, as the connect gets: an answer already on
             // its way (a refusal) is still read by an attempt made late.
-            let left = left.max(Duration::from_millis(1));
+            // At most a slice: a call nobody waits for stops between them.
+            let left = left.clamp(Duration::from_millis(1), HANDSHAKE_SLICE);
             set_timeout(socket, sockopt::ReceiveTimeout, Some(left))?;
         }
         let received = match recv_message(socket.as_fd(), false) {
@@ -276,6 +282,12 @@ fn exchange(
             // Reported once, ahead of the broker's last answers (see
             // `receive`): read on.
             Err(RecvError::Os(Errno::ECONNRESET)) => continue,
+            // A slice over, with time left for a call still wanted.
+            Err(RecvError::Os(Errno::EAGAIN))
+                if deadline.is_some_and(|d| Instant::now() < d) && hook.wanted() =>
+            {
+                continue
+            }
             // No answer within the handshake's time (see `fresh_connection`).
             Err(RecvError::Closed | RecvError::Os(Errno::EAGAIN)) => {
                 return Err(Error::Disconnected)
@@ -305,8 +317,9 @@ fn say_hello(
     socket: &OwnedFd,
     hello: &Hello,
     deadline: Option<Instant>,
+    hook: &dyn SentHook,
 ) -> Result<(Welcome, Option<Arc<EndWords>>), Error> {
-    match exchange(socket, 1, RequestBody::Hello(hello.clone()), deadline)? {
+    match exchange(socket, 1, RequestBody::Hello(hello.clone()), deadline, hook)? {
         (ReplyBody::Welcome(welcome), fds) => {
             let page = match fds.first() {
                 Some(fd) if welcome.features & features::END_WORDS != 0 => Some(Arc::new(
@@ -330,7 +343,7 @@ impl Connection {
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
         let socket = open_socket(path, None)?;
-        let (welcome, page) = say_hello(&socket, &hello, None)?;
+        let (welcome, page) = say_hello(&socket, &hello, None, &NoHook)?;
         Ok(Connection::welcomed(
             path,
             hello,
@@ -825,7 +838,7 @@ impl Connection {
             if !hook.wanted() {
                 return Err(Error::Disconnected);
             }
-            match self.fresh_connection(deadline, end_of_window) {
+            match self.fresh_connection(deadline, end_of_window, hook) {
                 Ok((socket, welcome, page, reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
                     let mut holds = lock(&self.holds);
@@ -884,6 +897,7 @@ impl Connection {
         &self,
         deadline: Instant,
         reattach_deadline: Instant,
+        hook: &dyn SentHook,
     ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
         // A socket whose broker is not serving yet (socket activation while
         // it restarts) takes the connection and answers nothing, or takes
@@ -893,7 +907,7 @@ impl Connection {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let socket = open_socket(&self.path, Some(left))?;
-        let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline))?;
+        let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline), hook)?;
         // The broker serves: the re-attaches run to their end within the
         // window, past a caller's short timeout. Cut off there, a caller
         // that only ever waits briefly (an event loop) would start over at
@@ -919,6 +933,7 @@ impl Connection {
                     secret: hold.secret.clone(),
                 },
                 Some(deadline),
+                hook,
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {

@@ -391,7 +391,10 @@ impl Buffer {
     }
 
     /// As [`Buffer::begin`], but gives up with `ErrorCode::Timeout` after
-    /// `timeout` (and the request leaves the queue).
+    /// `timeout` (and the request leaves the queue). Across a broker
+    /// restart the timeout bounds the wait for the new broker to answer;
+    /// once it has, re-attaching the client's buffers runs to its end
+    /// (within [`ClientOptions::reconnect`]) and may take longer.
     pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
         self.state.begin_inner(access, Some(timeout))
     }
@@ -529,8 +532,9 @@ impl BufferState {
         sent: &dyn connection::SentHook,
     ) -> Result<AccessGuard> {
         // The timeout bounds the whole call: a begin sent again after a
-        // reconnect asks for what is left of it, and the reconnect itself
-        // gives up when it is over.
+        // reconnect asks for what is left of it, and the reconnect gives
+        // up when it is over unless the new broker has answered (its
+        // re-attaches then run to their end: see `fresh_connection`).
         let deadline = timeout.map(|t| Instant::now() + t);
         // The first request asks for the caller's timeout itself; only one
         // sent again asks for what is left.

@@ -215,12 +215,16 @@ fn state_queue() -> &'static Mutex<Sender<String>> {
 }
 
 /// A state change: sent now if the manager has room (and nothing is
-/// queued before it), else by the notify thread as soon as it has.
+/// queued before it), else by the notify thread as soon as it has. The
+/// check, the send and the queueing are one step under the queue's lock:
+/// a reload from the D-Bus thread and a signal on the broker's must not
+/// overtake each other (a `READY=1` ahead of its `RELOADING=1`).
 fn send_state_change(states: &[NotifyState<'_>]) {
     if !enabled() {
         return;
     }
     let text = text_of(states);
+    let queue = state_queue().lock().unwrap_or_else(|p| p.into_inner());
     if STATE_PENDING.load(Ordering::Acquire) == 0 {
         match send_text(&text, &[]) {
             Ok(()) => return,
@@ -232,7 +236,6 @@ fn send_state_change(states: &[NotifyState<'_>]) {
         }
     }
     STATE_PENDING.fetch_add(1, Ordering::AcqRel);
-    let queue = state_queue().lock().unwrap_or_else(|p| p.into_inner());
     if queue.send(text).is_err() {
         STATE_PENDING.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!("cannot notify the service manager: its thread is gone");
@@ -255,9 +258,12 @@ pub fn ready(status: &str) {
 }
 
 /// A one-line summary shown by `systemctl status`; whether it was sent
-/// (the manager may have had no room: send it again later).
+/// (the manager may have had no room: send it again later). Not while a
+/// state change waits in the notify thread's queue: its own `STATUS=`
+/// would arrive later and win.
 pub fn status(line: &str) -> bool {
-    try_send(&[NotifyState::Status(line)], &[]).is_ok()
+    STATE_PENDING.load(Ordering::Acquire) == 0
+        && try_send(&[NotifyState::Status(line)], &[]).is_ok()
 }
 
 pub fn stopping() {
