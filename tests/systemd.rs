@@ -633,7 +633,10 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
     let freed = frames.pop().expect("a frame");
     drop(freed);
     camera.heaps().expect("the free was handled");
-    wait_for_log(&first, "cannot remove an entry from the fd store");
+    wait_for_log(
+        &first,
+        "cannot put buffers in the fd store or take them out",
+    );
     drop(busy);
 
     // Its slot is not free until the removal is sent: the next alloc
@@ -852,8 +855,13 @@ fn a_manager_slow_to_read_stalls_no_client_and_loses_no_buffer() {
         let allocating = {
             let camera = camera.clone();
             std::thread::spawn(move || {
+                // Paced, as a loaded machine would: the record's writer
+                // takes some of them while later ones still fail.
                 let frames: Vec<_> = (0..FRAMES)
-                    .map(|_| camera.alloc(4096).expect("alloc"))
+                    .map(|_| {
+                        std::thread::sleep(Duration::from_millis(4));
+                        camera.alloc(4096).expect("alloc")
+                    })
                     .collect();
                 let _ = done_tx.send(());
                 frames
@@ -1047,4 +1055,36 @@ fn a_cancelled_begin_stops_waiting_for_a_hello_nobody_answers() {
         start.elapsed()
     );
     drop((write, theirs, buffer));
+}
+
+/// A manager busy for seconds, then idle: the buffers it had no room for
+/// go in as soon as it has room. The record's writer backed off as for an
+/// error (doubling up to 5 s) although it waits for room itself, so
+/// buffers clients held stayed out of the store for seconds after the
+/// manager was back, and a crash then would have lost them.
+#[test]
+fn buffers_go_into_the_store_soon_after_a_long_busy_spell() {
+    const FRAMES: usize = 5;
+    let manager = ServiceManager::new();
+    let _first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_>;
+    {
+        let _busy = manager.busy();
+        frames = (0..FRAMES)
+            .map(|_| camera.alloc(4096).expect("alloc"))
+            .collect();
+        // Long enough for a doubling back-off to reach seconds.
+        std::thread::sleep(Duration::from_millis(9500));
+    }
+    let released = Instant::now();
+    manager.wait_for("every buffer in the store", Duration::from_secs(10), |r| {
+        r.buffers_stored() == FRAMES
+    });
+    assert!(
+        released.elapsed() < Duration::from_millis(1500),
+        "the buffers went into the store {:?} after the manager had room",
+        released.elapsed()
+    );
+    drop(frames);
 }

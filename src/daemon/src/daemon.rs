@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
 use crate::service::fdstore::{read_record, store_waiting, FdStore, RecordWriter};
-use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX};
+use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
 
@@ -178,10 +178,15 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     // dropped by the next instance as unknown).
     broker.with(|s| s.stopping = true);
     if let Some((task, stop)) = persisting {
-        let _ = stop.send(());
-        if tokio::time::timeout(std::time::Duration::from_secs(5), task)
-            .await
-            .is_err()
+        // One deadline from the signal on; the record being written when
+        // it came may still wait its own patience first.
+        let _ = stop.send(tokio::time::Instant::now() + LAST_RECORD_PATIENCE);
+        if tokio::time::timeout(
+            LAST_RECORD_PATIENCE + RECORD_PATIENCE + Duration::from_secs(1),
+            task,
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("the last record of the buffer table was not written in time");
         }
@@ -236,6 +241,7 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
     // Whatever was not taken back must leave the store too. Older records
     // sharing the kept record's name go with the next record, which is
     // stored under the other name and then removes this one.
+    let mut stale_records = Vec::new();
     if let Some(store) = &state.fd_store {
         for name in &names {
             let kept = name == &record_name
@@ -243,7 +249,14 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
                     .strip_prefix(BUFFER_PREFIX)
                     .and_then(|id| id.parse::<u64>().ok())
                     .is_some_and(|id| state.buffers.contains_key(&id));
-            if !kept {
+            if kept {
+                continue;
+            }
+            if name.starts_with(RECORD_PREFIX) {
+                // Removed by the record's writer before its first record
+                // (waiting for room, and tried again until it is gone).
+                stale_records.push(name.clone());
+            } else {
                 store.remove(name);
             }
         }
@@ -271,7 +284,7 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
     );
     (
         summary.restored > 0,
-        RecordWriter::continuing(record_name, record.generation),
+        RecordWriter::continuing(record_name, record.generation, stale_records),
     )
 }
 
@@ -308,35 +321,37 @@ async fn persist_loop(
     broker: Arc<Broker>,
     wanted: Arc<tokio::sync::Notify>,
     mut writer: RecordWriter,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
 ) {
     let mut retry: Option<Duration> = None;
-    loop {
+    let stop_at = loop {
         let delay = match retry {
             Some(delay) => delay,
             None => {
                 tokio::select! {
                     _ = wanted.notified() => {}
-                    _ = &mut stopped => break,
+                    at = &mut stopped => break at.ok(),
                 }
                 RECORD_DEBOUNCE
             }
         };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = &mut stopped => break,
+            at = &mut stopped => break at.ok(),
         }
-        let Some((kept, stored)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
+        let Some((kept, written)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
             return;
         };
         writer = kept;
-        retry = match (stored, retry) {
-            (true, None) => None,
-            (true, Some(_)) => {
+        retry = match (written, retry) {
+            (Written::Stored, None) => None,
+            (Written::Stored, Some(_)) => {
                 tracing::info!("the buffer table record is stored again");
                 None
             }
-            (false, previous) => {
+            // Paced by the writer's own wait for room: no back-off.
+            (Written::Behind, _) => Some(RETRY_FIRST),
+            (Written::Failed, previous) => {
                 let next = previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
                 tracing::warn!(
                     retry_in_ms = next.as_millis() as u64,
@@ -345,19 +360,20 @@ async fn persist_loop(
                 Some(next)
             }
         };
-    }
+    };
     // At stop: the last record, and what is still out of the store, get
-    // their last chance, a batch at a time while each makes progress.
-    let until = tokio::time::Instant::now() + LAST_RECORD_PATIENCE;
+    // their last chance until the stop's deadline (taken at the signal), a
+    // batch at a time while each makes progress.
+    let until = stop_at.unwrap_or_else(|| tokio::time::Instant::now() + LAST_RECORD_PATIENCE);
     let mut writer = writer;
     let mut out = broker.lock().buffers_out_of_store();
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        let Some((kept, stored)) = store_record(&broker, writer, left).await else {
+        let Some((kept, written)) = store_record(&broker, writer, left).await else {
             break;
         };
         let now_out = broker.lock().buffers_out_of_store();
-        if stored || now_out >= out || left.is_zero() {
+        if written == Written::Stored || now_out >= out || left.is_zero() {
             break;
         }
         (writer, out) = (kept, now_out);
@@ -389,7 +405,7 @@ async fn store_record(
     broker: &Arc<Broker>,
     mut writer: RecordWriter,
     patience: Duration,
-) -> Option<(RecordWriter, bool)> {
+) -> Option<(RecordWriter, Written)> {
     broker.lock().retry_buffer_stores();
     let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
     let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
@@ -417,25 +433,31 @@ async fn store_record(
     .await;
     match stored {
         Ok((writer, result, (sent, unsent))) => {
-            if let Err(err) = &result {
-                tracing::warn!(error = %err, generation, "cannot store the buffer table record");
-            }
             let out = {
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
                 state.buffers_out_of_store()
             };
-            if out > 0 {
-                tracing::warn!(
+            let outcome = match &result {
+                Ok(()) if out == 0 => Written::Stored,
+                Ok(()) => Written::Behind,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
+                Err(err) => {
+                    tracing::warn!(error = %err, generation, "cannot store the buffer table record");
+                    Written::Failed
+                }
+            };
+            if outcome == Written::Behind {
+                tracing::debug!(
                     buffers = out,
-                    "the fd store does not match the table yet (buffers to put in or take out); they will be sent again"
+                    "the service manager has no room yet: the fd store does not match the table"
                 );
             }
-            Some((writer, result.is_ok() && out == 0))
+            Some((writer, outcome))
         }
         Err(err) => {
-            // Nothing is known of their sends: out still (a second store
-            // of one that went in costs a slot; a lost buffer costs more).
+            // Nothing is known of their sends: out still (systemd ignores
+            // a second fd of a file it holds; a lost buffer costs more).
             broker.lock().buffers_sent(&[], &taken);
             tracing::error!(error = %err, "storing the buffer table record failed; no more records");
             None
@@ -443,13 +465,25 @@ async fn store_record(
     }
 }
 
+/// What one record's writing achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Written {
+    /// The record, and the store matches the table.
+    Stored,
+    /// The manager had no room for all of it yet: worth trying again
+    /// soon (the writer waits for room itself, so this paces itself).
+    Behind,
+    /// An error waiting does not cure (out of fds, the manager gone).
+    Failed,
+}
+
 /// Buffers out of the fd store sent per record (each needs a copy of its
 /// fd meanwhile).
 const STORE_BATCH: usize = 256;
 /// How long one record's writing may wait for room in the manager's queue.
 const RECORD_PATIENCE: Duration = Duration::from_secs(1);
-/// The same for the last record, at stop: within the 5 s the stop gives
-/// the writer.
+/// How long after the stop signal the last record, and buffers still out
+/// of the store, may wait for room.
 const LAST_RECORD_PATIENCE: Duration = Duration::from_secs(4);
 
 fn status_line(broker: &Arc<Broker>) -> String {

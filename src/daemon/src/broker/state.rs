@@ -418,37 +418,25 @@ impl State {
             return Vec::new();
         };
         let mut taken = Vec::new();
-        let mut kept = Vec::new();
+        let mut not_taken = Vec::new();
         for id in store.take_unstored(limit) {
-            let Some(entry) = self.buffers.get(&id) else {
-                continue;
-            };
-            match entry.fd.try_clone() {
-                Ok(fd) => taken.push((id, fd)),
-                Err(_) => kept.push(id),
+            match self.buffers.get(&id).map(|entry| entry.fd.try_clone()) {
+                Some(Ok(fd)) => taken.push((id, fd)),
+                // Out of fds: out of the store still. Freed: given back,
+                // and forgotten at the next retry.
+                Some(Err(_)) | None => not_taken.push(id),
             }
         }
-        store.give_back(&kept);
+        store.finish_batch(&[], &not_taken);
         taken
     }
 
-    /// The record writer's sends: `unsent` are out of the store still. A
-    /// buffer `sent` late that was freed meanwhile (its removal may have
-    /// gone out before this store) is removed again, so that no freed
-    /// buffer's fd stays in the store, taking a slot and coming back at
-    /// the next restart.
+    /// The record writer's sends: `sent` are in the fd store, `unsent` out
+    /// of it still. Removals of those freed meanwhile, held back until
+    /// now so as not to overtake the late stores, go out.
     pub fn buffers_sent(&self, sent: &[BufferId], unsent: &[BufferId]) {
-        let Some(store) = &self.fd_store else {
-            return;
-        };
-        store.give_back(unsent);
-        for id in sent {
-            if !self.buffers.contains_key(id) {
-                store.remove_buffer(*id);
-            }
-        }
-        if !sent.is_empty() && unsent.is_empty() && store.unstored_count() == 0 {
-            tracing::info!("every buffer is in the fd store again");
+        if let Some(store) = &self.fd_store {
+            store.finish_batch(sent, unsent);
         }
     }
 

@@ -88,6 +88,21 @@ pub struct FdStore {
     /// full, no fd for the message): sent again with the next change to the
     /// store and by the record's writer until they are in.
     unstored: Mutex<Vec<u64>>,
+    /// Buffers the record's writer has taken from `unstored` to send off
+    /// the broker's thread, and removals of those freed meanwhile, held
+    /// until the writer is done: sent now, such a removal could reach the
+    /// manager before the writer's late store, which would then put a
+    /// freed buffer back. They count as taking a slot.
+    in_flight: Mutex<InFlight>,
+    /// In a run of failures to store or remove, logged once at its start
+    /// and once at its end.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    ids: Vec<u64>,
+    deferred_removals: Vec<String>,
 }
 
 /// The table's record in the store. Owned by the task that rewrites it, so
@@ -98,10 +113,13 @@ pub struct RecordWriter {
     generation: u64,
     /// The record most recently stored, to be removed after the next one.
     current: Option<String>,
-    /// A previous record whose removal could not be sent: removed before
-    /// the next record is stored, which would otherwise make a third
-    /// record fd in the store and take a buffer's slot.
-    stale: Option<String>,
+    /// Previous records whose removal could not be sent, or older ones a
+    /// restart found beside the one it kept: removed before the next
+    /// record is stored, which would otherwise be a record fd too many in
+    /// the store and could be refused (systemd closes an fd beyond
+    /// `FileDescriptorStoreMax=` without telling), after which the kept
+    /// record would be removed and only an older one left.
+    stale: Vec<String>,
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -127,12 +145,46 @@ impl FdStore {
             capacity: Capacity::from_env(fallback_max),
             unremoved: Mutex::new(Vec::new()),
             unstored: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(InFlight::default()),
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Entries gone from the table but perhaps not from the store.
+    /// Entries gone from the table but perhaps not from the store (their
+    /// removal not sent yet, or held back behind the record writer's
+    /// batch): each still takes a slot.
     pub fn unremoved(&self) -> usize {
-        self.unremoved_names().len()
+        self.unremoved_names().len() + self.in_flight().deferred_removals.len()
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The start of a run of failures: said once.
+    fn note_failure(&self, what: &str) {
+        use std::sync::atomic::Ordering;
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                first = what,
+                "cannot put buffers in the fd store or take them out (the service manager has no room or is gone); they will be sent again, and each keeps its slot meanwhile"
+            );
+        }
+    }
+
+    /// The end of a run of failures, once nothing is owed any more.
+    fn note_progress(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let owed = self.unstored_ids().len() + self.unremoved_names().len() + {
+            let flight = self.in_flight();
+            flight.ids.len() + flight.deferred_removals.len()
+        };
+        if owed == 0 && self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("every buffer is in the fd store again, and every freed one out");
+        }
     }
 
     fn unremoved_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
@@ -148,9 +200,8 @@ impl FdStore {
         }
         let sent = names.iter().take_while(|name| remove(name)).count();
         names.drain(..sent);
-        if names.is_empty() {
-            tracing::info!("every removal from the fd store is sent");
-        }
+        drop(names);
+        self.note_progress();
     }
 
     /// Puts a new buffer in the store; one that cannot go in now is
@@ -161,13 +212,9 @@ impl FdStore {
         let mut ids = self.unstored_ids();
         // Behind the ones still out, whose sends would fail first.
         if !ids.is_empty() || !store(id, fd) {
-            if ids.is_empty() {
-                tracing::warn!(
-                    buffer = id,
-                    "cannot put buffers in the fd store (the service manager has no room or is gone); they will be sent again"
-                );
-            }
             ids.push(id);
+            drop(ids);
+            self.note_failure(&buffer_name(id));
         }
     }
 
@@ -178,7 +225,8 @@ impl FdStore {
     /// Sends the buffers that could not be put in the store before, in
     /// order, until one fails again (the rest would too), forgetting freed
     /// ones (`fd_of` gives a live buffer's fd); and the removals that
-    /// failed. Returns how many buffers are still out.
+    /// failed. Returns how many buffers are still out (those in a
+    /// sender's batch included).
     pub fn retry_stores<'a>(&self, fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>) -> usize {
         self.retry_removals();
         let mut ids = self.unstored_ids();
@@ -199,56 +247,81 @@ impl FdStore {
             }
         }
         *ids = kept;
-        if ids.is_empty() {
-            tracing::info!("every buffer is in the fd store again");
-        }
-        ids.len()
+        drop(ids);
+        self.note_progress();
+        self.unstored_count()
     }
 
     /// Takes up to `limit` of the buffers still out of the store, oldest
     /// first, for a sender that may wait for the manager: while it has
-    /// them, no other send of them is made (a buffer stored twice takes two
-    /// of the store's slots). It gives back those it could not send
-    /// ([`FdStore::give_back`]).
+    /// them, no other send of them is made, and removals of those freed
+    /// meanwhile wait for it. It hands back what it did
+    /// ([`FdStore::finish_batch`]).
     pub fn take_unstored(&self, limit: usize) -> Vec<u64> {
         let mut ids = self.unstored_ids();
         let n = limit.min(ids.len());
-        ids.drain(..n).collect()
+        let taken: Vec<u64> = ids.drain(..n).collect();
+        self.in_flight().ids.extend_from_slice(&taken);
+        taken
     }
 
-    /// Buffers a sender took and could not send: out of the store still,
-    /// ahead of the rest.
-    pub fn give_back(&self, unsent: &[u64]) {
-        if unsent.is_empty() {
-            return;
+    /// The end of a batch: `sent` are in the store, `unsent` out of it
+    /// still (ahead of the rest). Removals held back for them go out now,
+    /// after the stores they must follow.
+    pub fn finish_batch(&self, sent: &[u64], unsent: &[u64]) {
+        let deferred = {
+            let mut flight = self.in_flight();
+            flight
+                .ids
+                .retain(|id| !sent.contains(id) && !unsent.contains(id));
+            let names: Vec<String> = sent
+                .iter()
+                .chain(unsent)
+                .map(|id| buffer_name(*id))
+                .collect();
+            let (mine, others): (Vec<String>, Vec<String>) =
+                std::mem::take(&mut flight.deferred_removals)
+                    .into_iter()
+                    .partition(|name| names.contains(name));
+            flight.deferred_removals = others;
+            mine
+        };
+        if !unsent.is_empty() {
+            let mut ids = self.unstored_ids();
+            let rest = std::mem::take(&mut *ids);
+            ids.extend_from_slice(unsent);
+            ids.extend(rest);
         }
-        let mut ids = self.unstored_ids();
-        let rest = std::mem::take(&mut *ids);
-        ids.extend_from_slice(unsent);
-        ids.extend(rest);
+        self.unremoved_names().extend(deferred);
+        self.retry_removals();
+        self.note_progress();
     }
 
-    /// Buffers still out of the store (not counting any a sender has
-    /// taken).
+    /// Buffers still out of the store, those in a sender's batch included.
     pub fn unstored_count(&self) -> usize {
-        self.unstored_ids().len()
+        self.unstored_ids().len() + self.in_flight().ids.len()
     }
 
     pub fn remove(&self, name: &str) {
+        {
+            // A buffer in the writer's batch: its removal follows the
+            // writer's store of it (see `in_flight`).
+            let mut flight = self.in_flight();
+            if flight.ids.iter().any(|id| buffer_name(*id) == name) {
+                flight.deferred_removals.push(name.to_owned());
+                return;
+            }
+        }
         self.retry_removals();
         let mut names = self.unremoved_names();
         // Behind the ones still out, whose sends would fail first. Only
         // buffers are remembered: a record's name is used again by a later
-        // record, which a late removal would delete (a stale record costs
-        // nothing but its slot; the restore takes the newest).
+        // record, which a late removal would delete (the record's writer
+        // takes care of its own; see `RecordWriter::stale`).
         if (!names.is_empty() || !remove(name)) && name.starts_with(BUFFER_PREFIX) {
-            if names.is_empty() {
-                tracing::warn!(
-                    name,
-                    "cannot remove an entry from the fd store (the service manager has no room or is gone); it keeps its slot until it is sent again"
-                );
-            }
             names.push(name.to_owned());
+            drop(names);
+            self.note_failure(name);
         }
     }
 
@@ -316,11 +389,13 @@ fn remove_waiting(name: &str, deadline: std::time::Instant) -> bool {
 impl RecordWriter {
     /// After a restore: the record taken back is the one to replace, and
     /// new records must outrank it.
-    pub fn continuing(name: String, generation: u64) -> RecordWriter {
+    /// `stale`: other records the restart found, to be removed before
+    /// the next record is stored.
+    pub fn continuing(name: String, generation: u64, stale: Vec<String>) -> RecordWriter {
         RecordWriter {
             generation,
             current: Some(name),
-            stale: None,
+            stale,
         }
     }
 
@@ -338,13 +413,14 @@ impl RecordWriter {
         record: &StateRecord,
         deadline: std::time::Instant,
     ) -> std::io::Result<()> {
-        if let Some(stale) = &self.stale {
+        while let Some(stale) = self.stale.first() {
             if !remove_waiting(stale, deadline) {
-                return Err(std::io::Error::other(format!(
-                    "cannot remove the previous record {stale} from the fd store"
-                )));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!("cannot remove the previous record {stale} from the fd store"),
+                ));
             }
-            self.stale = None;
+            self.stale.remove(0);
         }
         let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
@@ -356,7 +432,7 @@ impl RecordWriter {
         )?;
         if let Some(old) = self.current.replace(name.clone()) {
             if old != name && !remove_waiting(&old, deadline) {
-                self.stale = Some(old);
+                self.stale.push(old);
             }
         }
         Ok(())
@@ -395,30 +471,50 @@ mod tests {
             },
             unremoved: Mutex::new(Vec::new()),
             unstored: Mutex::new(unstored.to_vec()),
+            in_flight: Mutex::new(InFlight::default()),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Buffers a sender took are no one else's to send while it has them
-    /// (stored twice, a buffer takes two slots), and those it could not
-    /// send come back ahead of the rest, in order.
+    /// (but still count as out of the store), and those it could not send
+    /// come back ahead of the rest, in order.
     #[test]
-    fn taken_buffers_are_out_of_the_list_until_given_back_in_order() {
+    fn taken_buffers_are_out_of_the_list_until_handed_back_in_order() {
         let store = store_with(&[1, 2, 3, 4]);
         assert_eq!(store.take_unstored(2), vec![1, 2]);
-        assert_eq!(store.unstored_count(), 2);
+        assert_eq!(store.unstored_count(), 4, "taken ones are still out");
         assert_eq!(
             store.retry_stores(|_| None),
-            0,
-            "only 3 and 4 were left to try"
+            2,
+            "only 3 and 4 were there to try (and were forgotten as freed); 1 and 2 are in flight"
         );
-        let store = store_with(&[3, 4]);
-        store.give_back(&[2]);
-        assert_eq!(store.take_unstored(10), vec![2, 3, 4]);
+        store.finish_batch(&[1], &[2]);
+        assert_eq!(store.take_unstored(10), vec![2]);
     }
 
-    /// The names alternate with what is stored, whatever the generation:
-    /// a failed store leaves `current` alone, and the next record still
-    /// takes the other name.
+    /// A buffer freed while it is in the writer's batch: its removal waits
+    /// for the batch (sent first, it could reach the manager before the
+    /// writer's late store, which would put the freed buffer back), and it
+    /// counts as taking a slot meanwhile.
+    #[test]
+    fn a_removal_of_a_buffer_in_flight_waits_for_its_batch_and_keeps_its_slot() {
+        let store = store_with(&[7]);
+        assert_eq!(store.take_unstored(1), vec![7]);
+        store.remove_buffer(7);
+        assert_eq!(
+            store.unremoved(),
+            1,
+            "the freed buffer still takes its slot"
+        );
+        assert_eq!(store.in_flight().deferred_removals, vec![buffer_name(7)]);
+        // No manager here: the removal is sent (a no-op) once the batch
+        // is done, and nothing is owed after it.
+        store.finish_batch(&[7], &[]);
+        assert_eq!(store.unremoved(), 0);
+        assert_eq!(store.unstored_count(), 0);
+    }
+
     #[test]
     fn the_next_record_takes_the_name_the_stored_one_does_not_have() {
         assert_eq!(next_record_name(None), "state-a");
