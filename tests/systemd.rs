@@ -144,8 +144,22 @@ impl Running {
         env: &[(&str, &str)],
         extra: &[&str],
     ) -> Running {
-        let log = manager.dir.path().join(format!("{name}.log"));
         let readies = manager.received().count("READY=1");
+        let running = Running::spawn(manager, name, env, extra);
+        manager.wait_for("READY=1", Duration::from_secs(10), |r| {
+            r.count("READY=1") > readies
+        });
+        running
+    }
+
+    /// Started, not waited for: its READY=1 may not reach a busy manager.
+    fn spawn(
+        manager: &ServiceManager,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Running {
+        let log = manager.dir.path().join(format!("{name}.log"));
         let mut args = vec![
             "--dma-heap-dir",
             "/nonexistent",
@@ -156,9 +170,6 @@ impl Running {
         ];
         args.extend_from_slice(extra);
         let child = manager.start_daemon(&binary("dmabrokerd"), &args, env, &log);
-        manager.wait_for("READY=1", Duration::from_secs(10), |r| {
-            r.count("READY=1") > readies
-        });
         Running { child, log }
     }
 
@@ -637,6 +648,12 @@ fn a_buffer_whose_removal_from_the_store_failed_keeps_its_slot() {
         &first,
         "cannot put buffers in the fd store or take them out",
     );
+    // Its slot is taken while the removal waits: one more buffer would be
+    // beyond the store's maximum, which systemd drops without a word.
+    let refused = camera
+        .alloc(4096)
+        .expect_err("the freed buffer still takes its slot");
+    assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
     drop(busy);
 
     // Its slot is not free until the removal is sent: the next alloc
@@ -1087,4 +1104,59 @@ fn buffers_go_into_the_store_soon_after_a_long_busy_spell() {
         released.elapsed()
     );
     drop(frames);
+}
+
+/// A sealed-or-not memfd holding `bytes`, to seed the stand-in's store.
+fn memfd_with(name: &str, bytes: &[u8]) -> std::os::fd::OwnedFd {
+    use std::io::Write;
+    let fd = nix::sys::memfd::memfd_create(
+        &std::ffi::CString::new(name).expect("name"),
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .expect("memfd");
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes).expect("write");
+    file.into()
+}
+
+/// A restart that finds no readable record (a crash before the first
+/// one, a record of another version) drops the old buffers' fds, and with
+/// the manager busy their removals wait. Ids started again at 1, so the
+/// new buffer 1's late store was followed by the old `buf-1`'s removal,
+/// which took the new buffer out of the store: lost at the next restart.
+/// The unreadable record, one fd too many meanwhile, is removed too.
+#[test]
+fn a_restart_without_a_record_reuses_no_old_buffer_id() {
+    let manager = ServiceManager::new();
+    {
+        let mut received = manager.received();
+        received
+            .store
+            .push(("state-a".into(), memfd_with("state-a", b"not a record")));
+        received
+            .store
+            .push(("buf-1".into(), memfd_with("buf-1", &[0; 4096])));
+    }
+    let busy = manager.busy();
+    let first = Running::spawn(&manager, "first", &[], &[]);
+    wait_for_log(&first, "fd store holds no readable record");
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frame = camera.alloc(4096).expect("alloc");
+    assert!(frame.id() > 1, "an old buffer's id was handed out again");
+    drop(busy);
+    let name = format!("buf-{}", frame.id());
+    manager.wait_for(
+        "the new buffer alone in the store, and a readable record",
+        Duration::from_secs(10),
+        |r| {
+            let names = r.stored_names();
+            names.iter().filter(|n| n.starts_with("buf-")).count() == 1
+                && names.contains(&name)
+                && names.iter().filter(|n| n.starts_with("state-")).count() == 1
+                && r.records_sent() > 0
+        },
+    );
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    assert_back(&frame, &second);
 }

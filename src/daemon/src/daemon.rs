@@ -225,17 +225,38 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         return (false, RecordWriter::default());
     }
     let names = stored.names();
+    // No id of a previous instance is handed out again, whatever became of
+    // its record: a removal of an old `buf-N` still waiting for room in the
+    // manager's queue would otherwise remove a new buffer N.
+    let above_stored = names
+        .iter()
+        .filter_map(|name| name.strip_prefix(BUFFER_PREFIX)?.parse::<u64>().ok())
+        .max()
+        .map_or(0, |id| id.saturating_add(1));
+    state.bump_next_buffer_id(above_stored);
+    let record_fds = names
+        .iter()
+        .filter(|n| n.starts_with(RECORD_PREFIX))
+        .count();
     let Some((record_name, record)) = latest_record(&stored.records) else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
         );
+        let mut stale_records: Vec<String> = Vec::new();
         if let Some(store) = &state.fd_store {
             for name in &names {
-                store.remove(name);
+                if !name.starts_with(RECORD_PREFIX) {
+                    store.remove(name);
+                } else if !stale_records.contains(name) {
+                    stale_records.push(name.clone());
+                }
             }
+            // Every record fd is one too many until the writer removed it.
+            store.set_extra_record_fds(record_fds);
+            state.persist_wanted.notify_one();
         }
-        return (false, RecordWriter::default());
+        return (false, RecordWriter::fresh(stale_records));
     };
     let summary = state.restore(&record, stored.buffers);
     // Whatever was not taken back must leave the store too. Older records
@@ -255,11 +276,16 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
             if name.starts_with(RECORD_PREFIX) {
                 // Removed by the record's writer before its first record
                 // (waiting for room, and tried again until it is gone).
-                stale_records.push(name.clone());
+                if !stale_records.contains(name) {
+                    stale_records.push(name.clone());
+                }
             } else {
                 store.remove(name);
             }
         }
+        // Record fds beyond the kept one (older ones, of its name too)
+        // take slots until the writer's first record has replaced them.
+        store.set_extra_record_fds(record_fds.saturating_sub(1));
         // A new record at once: it replaces any stale one and records
         // what the restore changed.
         state.persist_wanted.notify_one();
@@ -324,6 +350,8 @@ async fn persist_loop(
     mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
 ) {
     let mut retry: Option<Duration> = None;
+    // A failure was warned about: its end is worth an info line too.
+    let mut warned = false;
     let stop_at = loop {
         let delay = match retry {
             Some(delay) => delay,
@@ -344,14 +372,20 @@ async fn persist_loop(
         };
         writer = kept;
         retry = match (written, retry) {
-            (Written::Stored, None) => None,
-            (Written::Stored, Some(_)) => {
-                tracing::info!("the buffer table record is stored again");
+            (Written::Stored, _) => {
+                if std::mem::take(&mut warned) {
+                    tracing::info!("the buffer table record is stored again");
+                }
+                if let Some(store) = &broker.lock().fd_store {
+                    store.note_progress();
+                }
                 None
             }
-            // Paced by the writer's own wait for room: no back-off.
+            // Paced by the writer's own wait for room: no back-off (the
+            // fd store logs the run of failures once).
             (Written::Behind, _) => Some(RETRY_FIRST),
             (Written::Failed, previous) => {
+                warned = true;
                 let next = previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
                 tracing::warn!(
                     retry_in_ms = next.as_millis() as u64,
@@ -436,6 +470,13 @@ async fn store_record(
             let out = {
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
+                if let Some(store) = &state.fd_store {
+                    if result.is_ok() {
+                        store.set_extra_record_fds(writer.stale_count());
+                    } else {
+                        store.note_failure("the buffer table record");
+                    }
+                }
                 state.buffers_out_of_store()
             };
             let outcome = match &result {

@@ -378,7 +378,7 @@ impl State {
     }
 
     /// Ids of a previous instance's buffers are never handed out again.
-    pub(super) fn bump_next_buffer_id(&mut self, next: BufferId) {
+    pub fn bump_next_buffer_id(&mut self, next: BufferId) {
         self.next_buffer = self.next_buffer.max(next);
     }
 

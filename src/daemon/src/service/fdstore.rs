@@ -97,6 +97,10 @@ pub struct FdStore {
     /// In a run of failures to store or remove, logged once at its start
     /// and once at its end.
     failing: std::sync::atomic::AtomicBool,
+    /// Record fds in the store beyond the one a record needs (older ones a
+    /// restart found, until the record's writer has removed them): they
+    /// take slots the buffers cannot have.
+    extra_record_fds: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +151,7 @@ impl FdStore {
             unstored: Mutex::new(Vec::new()),
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
+            extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -154,7 +159,18 @@ impl FdStore {
     /// removal not sent yet, or held back behind the record writer's
     /// batch): each still takes a slot.
     pub fn unremoved(&self) -> usize {
-        self.unremoved_names().len() + self.in_flight().deferred_removals.len()
+        self.unremoved_names().len()
+            + self.in_flight().deferred_removals.len()
+            + self
+                .extra_record_fds
+                .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// See `extra_record_fds`: set by the restore, then by the record's
+    /// writer after each record it stored.
+    pub fn set_extra_record_fds(&self, extra: usize) {
+        self.extra_record_fds
+            .store(extra, std::sync::atomic::Ordering::Release);
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -162,7 +178,7 @@ impl FdStore {
     }
 
     /// The start of a run of failures: said once.
-    fn note_failure(&self, what: &str) {
+    pub fn note_failure(&self, what: &str) {
         use std::sync::atomic::Ordering;
         if !self.failing.swap(true, Ordering::AcqRel) {
             tracing::warn!(
@@ -173,7 +189,7 @@ impl FdStore {
     }
 
     /// The end of a run of failures, once nothing is owed any more.
-    fn note_progress(&self) {
+    pub fn note_progress(&self) {
         use std::sync::atomic::Ordering;
         if !self.failing.load(Ordering::Acquire) {
             return;
@@ -372,23 +388,38 @@ fn remove(name: &str) -> bool {
 }
 
 /// [`remove`] for the record's writer, waiting until `deadline` for room.
-fn remove_waiting(name: &str, deadline: std::time::Instant) -> bool {
-    match notify::send_waiting(
+fn remove_waiting(name: &str, deadline: std::time::Instant) -> std::io::Result<()> {
+    notify::send_waiting(
         &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
         &[],
         deadline,
-    ) {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::warn!(name, error = %err, "cannot remove an old record from the fd store");
-            false
-        }
-    }
+    )
+    .map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot remove the old record {name} from the fd store: {err}"),
+        )
+    })
 }
 
 impl RecordWriter {
     /// After a restore: the record taken back is the one to replace, and
     /// new records must outrank it.
+    /// A writer with no record stored yet, which removes `stale` (records
+    /// a restart found and could not read) before its first record.
+    pub fn fresh(stale: Vec<String>) -> RecordWriter {
+        RecordWriter {
+            stale,
+            ..RecordWriter::default()
+        }
+    }
+
+    /// Record names still to be removed: fds beyond the store's record
+    /// slots while they are there.
+    pub fn stale_count(&self) -> usize {
+        self.stale.len()
+    }
+
     /// `stale`: other records the restart found, to be removed before
     /// the next record is stored.
     pub fn continuing(name: String, generation: u64, stale: Vec<String>) -> RecordWriter {
@@ -414,12 +445,7 @@ impl RecordWriter {
         deadline: std::time::Instant,
     ) -> std::io::Result<()> {
         while let Some(stale) = self.stale.first() {
-            if !remove_waiting(stale, deadline) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    format!("cannot remove the previous record {stale} from the fd store"),
-                ));
-            }
+            remove_waiting(stale, deadline)?;
             self.stale.remove(0);
         }
         let bytes = record.encode().map_err(std::io::Error::other)?;
@@ -431,7 +457,7 @@ impl RecordWriter {
             deadline,
         )?;
         if let Some(old) = self.current.replace(name.clone()) {
-            if old != name && !remove_waiting(&old, deadline) {
+            if old != name && remove_waiting(&old, deadline).is_err() {
                 self.stale.push(old);
             }
         }
@@ -473,6 +499,7 @@ mod tests {
             unstored: Mutex::new(unstored.to_vec()),
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
+            extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
