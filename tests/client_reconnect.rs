@@ -14,6 +14,7 @@ use dmabroker_ipc::{
     PROTOCOL_VERSION,
 };
 use dmabroker_suite::tmp::TempDir;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
@@ -1266,4 +1267,190 @@ fn re_attaches_finish_past_a_short_timeout_once_the_broker_answers() {
     drop(held);
     drop(client);
     broker.join().expect("scripted broker");
+}
+
+/// A broker that allocates buffers 1 and 2 (one memfd), hangs up at the
+/// first begin, and on its second connection answers the hello and the
+/// first re-attach at once and the second after 600 ms. Reports whether
+/// the client closed that connection before the second was answered.
+fn slow_second_reattach_broker(path: &Path) -> std::thread::JoinHandle<bool> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let answer = |socket: &OwnedFd, id: u64, buffer_id: u64| {
+            let mut info = buffer_info(inode);
+            if let ReplyBody::Buffer(info) = &mut info {
+                info.id = buffer_id;
+            }
+            let message = ServerMessage::Reply(Reply {
+                id,
+                fds: 1,
+                result: Ok(info),
+            });
+            let bytes = encode_server_message(&message).expect("encode");
+            send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).is_ok()
+        };
+        let mut next_buffer = 1;
+        let mut closed_early = false;
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => {
+                    answer(socket, id, next_buffer);
+                    next_buffer += 1;
+                }
+                RequestBody::Begin { .. } if connection == 1 => return false,
+                RequestBody::Reattach { buffer: held, .. } => {
+                    if held == 2 {
+                        std::thread::sleep(Duration::from_millis(600));
+                        // The client still waits for it: its socket is open.
+                        let mut probe = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+                        let _ = poll(&mut probe, PollTimeout::ZERO);
+                        closed_early = probe[0]
+                            .revents()
+                            .is_some_and(|r| r.contains(PollFlags::POLLHUP));
+                    }
+                    answer(socket, id, held);
+                }
+                _ => {}
+            }
+            true
+        });
+        closed_early
+    })
+}
+
+/// A begin_async given up on while its thread re-attaches the client's
+/// buffers after a broker restart: the re-attaches serve every holder,
+/// not the cancelled call. Cut off half way (the socket closed with some
+/// buffers re-attached), the broker released those on the hang-up, and
+/// the client's next reconnect found them gone: every later request on
+/// them failed `UnknownBuffer`.
+#[test]
+fn a_cancel_does_not_cut_a_reconnects_re_attaches_short() {
+    let (_dir, path) = socket_path();
+    let broker = slow_second_reattach_broker(&path);
+    let options = ClientOptions {
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let first = client.alloc(4096).expect("alloc");
+    let second = client.alloc(4096).expect("alloc");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let gave_up = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            first.begin_async(Access::CpuRead, None),
+        )
+        .await
+        .is_err()
+    });
+    assert!(gave_up, "the begin was answered");
+    drop(runtime);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.reconnects() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reconnects = client.reconnects();
+    drop((first, second, client));
+    let closed_early = broker.join().expect("scripted broker");
+    assert!(
+        !closed_early,
+        "the client closed the reconnected socket with a re-attach unanswered"
+    );
+    assert_eq!(reconnects, 1, "the reconnect was not completed");
+}
+
+/// A broker that allocates `count` buffers, then reads nothing more after
+/// the first begin (wedged), until `release` says so.
+fn wedged_after_begin_broker(
+    path: &Path,
+    count: u64,
+    release: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let mut next_buffer = 1;
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } if next_buffer <= count => {
+                    let mut info = buffer_info(inode);
+                    if let ReplyBody::Buffer(info) = &mut info {
+                        info.id = next_buffer;
+                    }
+                    next_buffer += 1;
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(info),
+                    });
+                    let bytes = encode_server_message(&message).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+                }
+                RequestBody::Begin { .. } => {
+                    let _ = release.recv();
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// Dropping a `begin_async` future never waits: with the broker wedged and
+/// another thread's pipelined frees filling the socket (a blocking send,
+/// which held the client's holds lock), the cancel waited for that lock
+/// and the runtime's thread froze until the broker read again.
+#[test]
+fn dropping_a_begin_async_never_waits_for_a_wedged_broker() {
+    const BUFFERS: u64 = 3000;
+    let (_dir, path) = socket_path();
+    let (release_tx, release) = std::sync::mpsc::channel();
+    let broker = wedged_after_begin_broker(&path, BUFFERS, release);
+    let options = ClientOptions {
+        buffer_words: false,
+        reconnect: None,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let mut buffers: Vec<_> = (0..BUFFERS)
+        .map(|_| client.alloc(4096).expect("alloc"))
+        .collect();
+    // Lives to the test's end, for the future dropped on another thread.
+    let target: &'static dmabroker_client::Buffer =
+        Box::leak(Box::new(buffers.pop().expect("a buffer")));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut begin = Box::pin(target.begin_async(Access::CpuRead, None));
+    let waited = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_millis(100), begin.as_mut()).await });
+    assert!(waited.is_err(), "answered by a wedged broker");
+    // Frees pile up in the socket until a send blocks.
+    let freeing = std::thread::spawn(move || drop(buffers));
+    std::thread::sleep(Duration::from_millis(300));
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    let dropping = std::thread::spawn(move || {
+        drop(begin);
+        let _ = dropped_tx.send(());
+    });
+    let in_time = dropped.recv_timeout(Duration::from_secs(2));
+    let _ = release_tx.send(());
+    drop(client);
+    let _ = dropping.join();
+    let _ = freeing.join();
+    let _ = broker.join();
+    drop(runtime);
+    assert!(
+        in_time.is_ok(),
+        "dropping the begin's future waited for the broker"
+    );
 }

@@ -514,21 +514,20 @@ impl Connection {
     /// not empty, the cancel is not sent. Returns whether it was.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub fn cancel(&self, generation: u64, request: u64) -> bool {
-        // Under the holds lock, which a reconnect holds while it installs
-        // the new socket and its welcome: the generation checked is the
-        // socket's and the welcome's.
-        let holds = lock(&self.holds);
-        if self.generation() != generation || lock(&self.welcome).features & features::CANCEL == 0 {
+        // Not under the holds lock, which a thread sending a free or an end
+        // holds across a blocking send: a drop must never wait for a broker
+        // that does not read. The socket comes with its own generation
+        // (see `current_socket`); if a reconnect installs a new one right
+        // after, this cancel goes to the dead one, which is harmless.
+        let (socket, current) = self.current_socket();
+        if current != generation || lock(&self.welcome).features & features::CANCEL == 0 {
             return false;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
         let Ok(bytes) = encode(id, FLAG_NO_REPLY, RequestBody::Cancel { request }, 0) else {
             return false;
         };
-        let (socket, _) = self.current_socket();
-        let sent = send_message(socket.as_fd(), &bytes, &[], true).is_ok();
-        drop(holds);
-        sent
+        send_message(socket.as_fd(), &bytes, &[], true).is_ok()
     }
 
     /// The end-word page of connection generation `generation`, if that is
@@ -933,7 +932,10 @@ impl Connection {
                     secret: hold.secret.clone(),
                 },
                 Some(deadline),
-                hook,
+                // Every holder's, not only the call's that reconnects: cut
+                // off half way, the socket would close with buffers
+                // re-attached to it, which the broker then releases.
+                &NoHook,
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {

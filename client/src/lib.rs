@@ -1237,7 +1237,10 @@ mod nonblocking {
         /// here instead, it would be lost with the future and never ended,
         /// and every other user of the buffer would wait for it until this
         /// client disconnects.) If the broker hangs up meanwhile, the
-        /// thread does not reconnect for a begin nobody waits for. Two
+        /// thread does not reconnect for a begin nobody waits for; but a
+        /// reconnect whose hello the new broker has answered re-attaches
+        /// every held buffer to the end first (cut off, the buffers
+        /// re-attached so far would be released with the socket). Two
         /// cases keep the thread until the broker answers (give a
         /// `timeout` where that matters): a broker that predates `Cancel`
         /// (no feature bit 5 in its welcome) is not sent one, and a broker
