@@ -37,6 +37,29 @@ fn reply_with_buffer(socket: &OwnedFd, id: u64, buffer: &OwnedFd, inode: u64) {
     send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
 }
 
+/// As [`reply_with_buffer`], for a broker that numbers its buffers (all
+/// one memfd): the answer names buffer `buffer_id`. False if the client
+/// has gone.
+fn reply_with_buffer_id(
+    socket: &OwnedFd,
+    id: u64,
+    buffer: &OwnedFd,
+    inode: u64,
+    buffer_id: u64,
+) -> bool {
+    let mut info = buffer_info(inode);
+    if let ReplyBody::Buffer(info) = &mut info {
+        info.id = buffer_id;
+    }
+    let message = ServerMessage::Reply(Reply {
+        id,
+        fds: 1,
+        result: Ok(info),
+    });
+    let bytes = encode_server_message(&message).expect("encode");
+    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).is_ok()
+}
+
 /// The scripted broker's grant of access `id` on buffer 1, in the
 /// buffer's word at `word` if given.
 fn granted(id: u64, kind: Access, word: Option<FastSlot>) -> ReplyBody {
@@ -1178,17 +1201,7 @@ fn slow_handshake_broker(
         let (buffer, inode) = scripted_buffer();
         let mut next_buffer = 1;
         let answer_with_buffer = |socket: &OwnedFd, id: u64, buffer_id: u64| {
-            let mut info = buffer_info(inode);
-            if let ReplyBody::Buffer(info) = &mut info {
-                info.id = buffer_id;
-            }
-            let message = ServerMessage::Reply(Reply {
-                id,
-                fds: 1,
-                result: Ok(info),
-            });
-            let bytes = encode_server_message(&message).expect("encode");
-            let _ = send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false);
+            reply_with_buffer_id(socket, id, &buffer, inode, buffer_id);
         };
         serve_requests(&listener, 2, |socket, connection, id, body| {
             match body {
@@ -1278,17 +1291,7 @@ fn slow_second_reattach_broker(path: &Path) -> std::thread::JoinHandle<bool> {
     std::thread::spawn(move || {
         let (buffer, inode) = scripted_buffer();
         let answer = |socket: &OwnedFd, id: u64, buffer_id: u64| {
-            let mut info = buffer_info(inode);
-            if let ReplyBody::Buffer(info) = &mut info {
-                info.id = buffer_id;
-            }
-            let message = ServerMessage::Reply(Reply {
-                id,
-                fds: 1,
-                result: Ok(info),
-            });
-            let bytes = encode_server_message(&message).expect("encode");
-            send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).is_ok()
+            reply_with_buffer_id(socket, id, &buffer, inode, buffer_id)
         };
         let mut next_buffer = 1;
         let mut closed_early = false;
@@ -1380,18 +1383,14 @@ fn wedged_after_begin_broker(
             match body {
                 RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
                 RequestBody::Alloc { .. } if next_buffer <= count => {
-                    let mut info = buffer_info(inode);
-                    if let ReplyBody::Buffer(info) = &mut info {
-                        info.id = next_buffer;
-                    }
-                    next_buffer += 1;
-                    let message = ServerMessage::Reply(Reply {
+                    assert!(reply_with_buffer_id(
+                        socket,
                         id,
-                        fds: 1,
-                        result: Ok(info),
-                    });
-                    let bytes = encode_server_message(&message).expect("encode");
-                    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
+                        &buffer,
+                        inode,
+                        next_buffer
+                    ));
+                    next_buffer += 1;
                 }
                 RequestBody::Begin { .. } => {
                     let _ = release.recv();

@@ -686,12 +686,7 @@ impl State {
                 }
             }
             TimeoutTarget::Access(access) => {
-                let Some(news) = self
-                    .accesses
-                    .get(&access)
-                    .and_then(|e| e.pending.as_ref())
-                    .map(|p| (p.grant.writer_lost, p.grant.revoked))
-                else {
+                let Some(news) = self.held_back_news(access) else {
                     return;
                 };
                 self.stats.timeouts += 1;
@@ -776,17 +771,22 @@ impl State {
             })
             .collect();
         for access in held_back {
-            let Some(news) = self
-                .accesses
-                .get(&access)
-                .and_then(|e| e.pending.as_ref())
-                .map(|p| (p.grant.writer_lost, p.grant.revoked))
-            else {
+            let Some(news) = self.held_back_news(access) else {
                 continue;
             };
             self.withdraw_grant(access, news, cancelled());
         }
         Ok(Answer::Reply(ReplyBody::Ended, Vec::new()))
+    }
+
+    /// A grant still held back: the news it carries for its client
+    /// (writer lost, revoked), which goes back to the buffer if it is
+    /// withdrawn.
+    fn held_back_news(&self, access: AccessId) -> Option<(bool, bool)> {
+        self.accesses
+            .get(&access)
+            .and_then(|e| e.pending.as_ref())
+            .map(|p| (p.grant.writer_lost, p.grant.revoked))
     }
 
     /// Takes back a grant the arbiter made but the client was not sent
