@@ -1160,3 +1160,68 @@ fn a_restart_without_a_record_reuses_no_old_buffer_id() {
     let second = Running::start(&manager, "second", &[]);
     assert_back(&frame, &second);
 }
+
+/// Two records under one name (older versions stored them so) in a full
+/// store: the restore counted record names, not fds, so it left no slot
+/// for its first new record. An alloc took the last slot, systemd refused
+/// the new record silently (the store was at its maximum), and the two
+/// old ones were then removed: no record at all, and a crash then would
+/// have lost every buffer.
+#[test]
+fn two_records_of_one_name_leave_room_for_the_next_record() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..MAX - 3)
+        .map(|_| camera.alloc(4096).expect("alloc"))
+        .collect();
+    manager.wait_until_recorded(MAX - 3);
+    drop(first); // SIGKILL
+                 // A second, older record of the same name beside the last one.
+    {
+        let mut received = manager.received();
+        let (name, fd) = received
+            .store
+            .iter()
+            .find(|(name, _)| name.starts_with("state-"))
+            .map(|(name, fd)| (name.clone(), fd.try_clone().expect("dup")))
+            .expect("a record in the store");
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).expect("read");
+        received
+            .store
+            .push((name.clone(), memfd_with(&name, &bytes)));
+    }
+    let second = Running::start(&manager, "second", &[]);
+    // Refused until the new record has replaced the two old ones.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let extra = loop {
+        match camera.alloc(4096) {
+            Ok(frame) => break frame,
+            Err(err) if err.code() == Some(ErrorCode::QuotaExceeded) => {
+                assert!(Instant::now() < deadline, "{err}\n{}", second.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => panic!("{err}"),
+        }
+    };
+    let seen = manager.received().records_sent();
+    manager.wait_for_record_after(seen);
+    let received = manager.received();
+    assert!(
+        received.refused.is_empty(),
+        "the store was overfilled: it refused {:?}",
+        received.refused
+    );
+    assert!(
+        received
+            .stored_names()
+            .iter()
+            .any(|n| n.starts_with("state-")),
+        "no record left in the store: {:?}",
+        received.stored_names()
+    );
+    drop(received);
+    drop((frames, extra));
+}

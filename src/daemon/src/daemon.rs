@@ -234,10 +234,8 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
-    let record_fds = names
-        .iter()
-        .filter(|n| n.starts_with(RECORD_PREFIX))
-        .count();
+    // Fds, not names: two records may share a name.
+    let record_fds = stored.records.len();
     let Some((record_name, record)) = latest_record(&stored.records) else {
         tracing::warn!(
             fds = stored.len(),
@@ -473,7 +471,9 @@ async fn store_record(
                 if let Some(store) = &state.fd_store {
                     if result.is_ok() {
                         store.set_extra_record_fds(writer.stale_count());
+                        store.set_record_owed(false);
                     } else {
+                        store.set_record_owed(true);
                         store.note_failure("the buffer table record");
                     }
                 }

@@ -101,6 +101,9 @@ pub struct FdStore {
     /// restart found, until the record's writer has removed them): they
     /// take slots the buffers cannot have.
     extra_record_fds: std::sync::atomic::AtomicUsize,
+    /// The latest record could not be stored: owed, as a buffer is, so
+    /// that a run of failures ends only once it is in.
+    record_owed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +155,7 @@ impl FdStore {
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
             extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
+            record_owed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -164,6 +168,12 @@ impl FdStore {
             + self
                 .extra_record_fds
                 .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// See `record_owed`: set by the record's writer after each try.
+    pub fn set_record_owed(&self, owed: bool) {
+        self.record_owed
+            .store(owed, std::sync::atomic::Ordering::Release);
     }
 
     /// See `extra_record_fds`: set by the restore, then by the record's
@@ -194,10 +204,13 @@ impl FdStore {
         if !self.failing.load(Ordering::Acquire) {
             return;
         }
-        let owed = self.unstored_ids().len() + self.unremoved_names().len() + {
-            let flight = self.in_flight();
-            flight.ids.len() + flight.deferred_removals.len()
-        };
+        let owed = self.unstored_ids().len()
+            + self.unremoved_names().len()
+            + usize::from(self.record_owed.load(Ordering::Acquire))
+            + {
+                let flight = self.in_flight();
+                flight.ids.len() + flight.deferred_removals.len()
+            };
         if owed == 0 && self.failing.swap(false, Ordering::AcqRel) {
             tracing::info!("every buffer is in the fd store again, and every freed one out");
         }
@@ -500,6 +513,7 @@ mod tests {
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
             extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
+            record_owed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
