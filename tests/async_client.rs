@@ -10,9 +10,10 @@
 //! wait for the abandoned access until this client exits.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dmabroker_client::{Access, AccessGuard, Buffer, ErrorCode};
+use dmabroker_client::{Access, AccessGuard, Buffer, Client, ErrorCode};
+use dmabroker_suite::abandon::{self, assert_shuts_down_promptly, runtime};
 use dmabroker_suite::dbus::fields::{BUFFER_HOLDERS, STATS_GRANTS, TOTALS_FENCES, TOTALS_WAITERS};
 use dmabroker_suite::dbus::DbusDaemon;
 use dmabroker_suite::eventually;
@@ -22,56 +23,35 @@ const IMPATIENT: Duration = Duration::from_millis(50);
 /// How long a begin that must be granted is given (generous for a loaded
 /// machine; an access nobody ends is never given back at all).
 const PROMPTLY: Duration = Duration::from_secs(2);
-/// How long a runtime may take to shut down with nothing left to wait for
-/// (generous for a loaded machine; one that waits for the broker waits
-/// until the buffer's holder ends, here never).
-const SHUTDOWN: Duration = Duration::from_secs(5);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Runs `begin` under a timeout that expires (the buffer is held), so its
-/// future is dropped with the begin still waiting.
+/// `give_up_on` with the caller's patience here.
 fn give_up_on(
     runtime: &tokio::runtime::Runtime,
     begin: impl Future<Output = dmabroker_client::Result<AccessGuard>>,
 ) {
-    let outcome = runtime.block_on(async { tokio::time::timeout(IMPATIENT, begin).await });
-    assert!(outcome.is_err(), "granted while held: {outcome:?}");
+    abandon::give_up_on(runtime, IMPATIENT, begin);
 }
 
-/// As `give_up_on`, but the future stays with the caller, to drop later.
-fn wait_impatiently(
+/// `wait_impatiently` with the caller's patience here.
+fn wait_impatiently<F: Future<Output = dmabroker_client::Result<AccessGuard>>>(
     runtime: &tokio::runtime::Runtime,
-    begin: &mut std::pin::Pin<Box<impl Future<Output = dmabroker_client::Result<AccessGuard>>>>,
+    begin: &mut std::pin::Pin<Box<F>>,
 ) {
-    let outcome = runtime.block_on(async { tokio::time::timeout(IMPATIENT, begin.as_mut()).await });
-    assert!(outcome.is_err(), "granted while held: {outcome:?}");
+    abandon::wait_impatiently(runtime, IMPATIENT, begin);
 }
 
-/// Drops the runtime, as a program does on its way out, and fails if
-/// that takes longer than `SHUTDOWN`: a blocking-pool thread still waiting
-/// for the broker holds the drop until the broker answers (on a buffer
-/// held by someone else, perhaps never). Dropped on a thread of its own so
-/// that the test fails rather than hangs.
-#[track_caller]
-fn assert_shuts_down_promptly(runtime: tokio::runtime::Runtime) {
-    let (done, dropped) = std::sync::mpsc::channel();
-    let start = Instant::now();
-    std::thread::spawn(move || {
-        drop(runtime);
-        let _ = done.send(());
-    });
-    if dropped.recv_timeout(SHUTDOWN).is_err() {
-        panic!(
-            "the runtime still waits for the abandoned begin after {:?}",
-            start.elapsed()
-        );
-    }
+/// A buffer one client allocated and another imported, both on the
+/// message path (no buffer words): the two clients (kept by the caller to
+/// the test's end, so that no hang-up releases what a test watches), the
+/// allocator's buffer and the importer's.
+fn shared_by_message(daemon: &dmabroker_suite::Daemon) -> ((Client, Client), Buffer, Buffer) {
+    let writer = daemon.message_path_client().expect("writer");
+    let reader = daemon.message_path_client().expect("reader");
+    let buffer = writer.alloc(4096).expect("alloc");
+    let theirs = reader
+        .import(&buffer.export().expect("export"))
+        .expect("import");
+    ((writer, reader), buffer, theirs)
 }
 
 /// A write by a third process, after the abandoned begin's access came
@@ -133,12 +113,7 @@ fn an_abandoned_async_begin_ends_the_access_handed_off_to_it() {
 fn an_abandoned_async_begin_leaves_the_queue_and_lets_the_runtime_go() {
     let bus = DbusDaemon::start();
     let daemon = bus.start_broker(None);
-    let writer = daemon.message_path_client().expect("writer");
-    let reader = daemon.message_path_client().expect("reader");
-    let buffer = writer.alloc(4096).expect("alloc");
-    let theirs = reader
-        .import(&buffer.export().expect("export"))
-        .expect("import");
+    let (_clients, buffer, theirs) = shared_by_message(&daemon);
     // Made first, dropped last (see above).
     let runtime = runtime();
     let write = buffer.begin(Access::CpuWrite).expect("write");
@@ -260,12 +235,7 @@ fn a_cancel_that_races_a_grant_leaves_no_access_behind() {
 fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
     let bus = DbusDaemon::start();
     let daemon = bus.start_broker(None);
-    let writer = daemon.message_path_client().expect("writer");
-    let reader = daemon.message_path_client().expect("reader");
-    let buffer = writer.alloc(4096).expect("alloc");
-    let theirs = reader
-        .import(&buffer.export().expect("export"))
-        .expect("import");
+    let (_clients, buffer, theirs) = shared_by_message(&daemon);
     let write = buffer.begin(Access::CpuWrite).expect("write");
 
     let runtime = runtime();
@@ -298,12 +268,7 @@ fn a_buffer_dropped_after_an_abandoned_async_begin_leaves_the_queue() {
 #[test]
 fn a_cancelled_begin_does_not_reconnect_for_nobody() {
     let daemon = dmabroker_suite::Daemon::start();
-    let writer = daemon.message_path_client().expect("writer");
-    let reader = daemon.message_path_client().expect("reader");
-    let buffer = writer.alloc(4096).expect("alloc");
-    let theirs = reader
-        .import(&buffer.export().expect("export"))
-        .expect("import");
+    let (_clients, buffer, theirs) = shared_by_message(&daemon);
     let runtime = runtime();
     let write = buffer.begin(Access::CpuWrite).expect("write");
     let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
@@ -321,12 +286,7 @@ fn a_cancelled_begin_does_not_reconnect_for_nobody() {
 #[test]
 fn a_begin_given_up_on_while_reconnecting_stops_reconnecting() {
     let daemon = dmabroker_suite::Daemon::start();
-    let writer = daemon.message_path_client().expect("writer");
-    let reader = daemon.message_path_client().expect("reader");
-    let buffer = writer.alloc(4096).expect("alloc");
-    let theirs = reader
-        .import(&buffer.export().expect("export"))
-        .expect("import");
+    let (_clients, buffer, theirs) = shared_by_message(&daemon);
     let runtime = runtime();
     let write = buffer.begin(Access::CpuWrite).expect("write");
     let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));

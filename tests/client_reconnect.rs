@@ -13,6 +13,7 @@ use dmabroker_ipc::{
     Access, ErrorCode, Reply, ReplyBody, RequestBody, ServerMessage, Welcome, WireError,
     PROTOCOL_VERSION,
 };
+use dmabroker_suite::abandon;
 use dmabroker_suite::tmp::TempDir;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
@@ -1340,19 +1341,12 @@ fn a_cancel_does_not_cut_a_reconnects_re_attaches_short() {
     let client = Client::connect_with(&path, options).expect("connect");
     let first = client.alloc(4096).expect("alloc");
     let second = client.alloc(4096).expect("alloc");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let gave_up = runtime.block_on(async {
-        tokio::time::timeout(
-            Duration::from_millis(300),
-            first.begin_async(Access::CpuRead, None),
-        )
-        .await
-        .is_err()
-    });
-    assert!(gave_up, "the begin was answered");
+    let runtime = abandon::runtime();
+    abandon::give_up_on(
+        &runtime,
+        Duration::from_millis(300),
+        first.begin_async(Access::CpuRead, None),
+    );
     drop(runtime);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while client.reconnects() == 0 && std::time::Instant::now() < deadline {
@@ -1425,14 +1419,9 @@ fn dropping_a_begin_async_never_waits_for_a_wedged_broker() {
     // Lives to the test's end, for the future dropped on another thread.
     let target: &'static dmabroker_client::Buffer =
         Box::leak(Box::new(buffers.pop().expect("a buffer")));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = abandon::runtime();
     let mut begin = Box::pin(target.begin_async(Access::CpuRead, None));
-    let waited = runtime
-        .block_on(async { tokio::time::timeout(Duration::from_millis(100), begin.as_mut()).await });
-    assert!(waited.is_err(), "answered by a wedged broker");
+    abandon::wait_impatiently(&runtime, Duration::from_millis(100), &mut begin);
     // Frees pile up in the socket until a send blocks.
     let freeing = std::thread::spawn(move || drop(buffers));
     std::thread::sleep(Duration::from_millis(300));

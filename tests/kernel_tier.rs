@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use dmabroker_client::{Access, AllocRequest, Buffer, Client};
 use dmabroker_daemon::kernel::{dma_buf, sync_file};
 use dmabroker_ipc::{ReplyBody, RequestBody};
+use dmabroker_suite::abandon;
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{free_fds, limit_fds};
 use dmabroker_suite::raw::RawClient;
@@ -1006,30 +1007,16 @@ fn kernel_tier_a_cancelled_begin_held_back_for_a_device_fence_leaves_nothing_beh
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
-    let gave_up = runtime.block_on(async {
-        tokio::time::timeout(
-            Duration::from_millis(300),
-            theirs.begin_async(Access::CpuRead, None),
-        )
-        .await
-        .is_err()
-    });
-    assert!(gave_up, "a read was granted while the device wrote");
+    let runtime = abandon::runtime();
+    // Granted while the device writes, it would fail here.
+    abandon::give_up_on(
+        &runtime,
+        Duration::from_millis(300),
+        theirs.begin_async(Access::CpuRead, None),
+    );
     // Dropping the runtime waits for its blocking threads: the abandoned
     // begin's must return now, not when the device is done.
-    let (dropped_tx, dropped) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        drop(runtime);
-        let _ = dropped_tx.send(());
-    });
-    assert!(
-        dropped.recv_timeout(Duration::from_secs(5)).is_ok(),
-        "the runtime waited for the device's fence to shut down"
-    );
+    abandon::assert_shuts_down_promptly(runtime);
     assert_still_serving(&owner);
     signal(&vgem, fence, attached);
     let write = adopted

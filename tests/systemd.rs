@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, AllocRequest, Client, ClientOptions};
 use dmabroker_ipc::{ErrorCode, ReplyBody, RequestBody};
+use dmabroker_suite::abandon;
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{limit_fds, stable_fd_count, wait_fd_count};
 use dmabroker_suite::raw::RawClient;
@@ -445,10 +446,7 @@ fn async_calls_reconnect_after_a_restart() {
     let client = Client::connect_with(&manager.socket_path, options).expect("connect");
     let frame = client.alloc(4096).expect("alloc");
     manager.wait_until_recorded(1);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = abandon::runtime();
 
     drop(first);
     let _second = Running::start(&manager, "second", &[]);
@@ -1048,29 +1046,15 @@ fn a_cancelled_begin_stops_waiting_for_a_hello_nobody_answers() {
         .import(&buffer.export().expect("export"))
         .expect("import");
     let write = buffer.begin(Access::CpuWrite).expect("write");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = abandon::runtime();
     let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
-    let waited = runtime
-        .block_on(async { tokio::time::timeout(Duration::from_millis(50), begin.as_mut()).await });
-    assert!(waited.is_err(), "granted while held");
-    drop(first); // SIGKILL; the manager keeps the listening socket
-                 // The begin's thread reconnects: connected, its hello unanswered.
+    abandon::wait_impatiently(&runtime, Duration::from_millis(50), &mut begin);
+    // SIGKILL; the manager keeps the listening socket.
+    drop(first);
+    // The begin's thread reconnects: connected, its hello unanswered.
     std::thread::sleep(Duration::from_millis(300));
     drop(begin);
-    let (done, dropped) = std::sync::mpsc::channel();
-    let start = Instant::now();
-    std::thread::spawn(move || {
-        drop(runtime);
-        let _ = done.send(());
-    });
-    assert!(
-        dropped.recv_timeout(Duration::from_secs(5)).is_ok(),
-        "the runtime still waits for the abandoned begin's hello after {:?}",
-        start.elapsed()
-    );
+    abandon::assert_shuts_down_promptly(runtime);
     drop((write, theirs, buffer));
 }
 

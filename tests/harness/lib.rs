@@ -2,6 +2,7 @@
 //! `dmabrokerd` on a private socket, runs real client processes, and
 //! measures what a leak would show (the daemon's open fds).
 
+pub mod abandon;
 pub mod daemon;
 pub mod dbus;
 pub mod proc;
