@@ -1608,3 +1608,111 @@ fn a_broker_dying_as_the_window_ends_mid_re_attach_is_reconnected_to_later() {
         "the buffer re-attached before the broker died is still held"
     );
 }
+/// A broker that answers one connection's hello and allocs, tells the
+/// test when a begin arrives, and hangs up when the test says so; its
+/// socket then listens on, accepting nothing, until the test drops the
+/// returned sender.
+fn hang_up_on_begin_broker(
+    path: &Path,
+    begun: std::sync::mpsc::Sender<()>,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let listener = listening_at(path);
+    let (go_tx, go) = std::sync::mpsc::channel::<()>();
+    let broker = std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
+                RequestBody::Begin { .. } => {
+                    let _ = begun.send(());
+                    let _ = go.recv();
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+        // Until the test drops its sender.
+        let _ = go.recv();
+        drop(listener);
+    });
+    (broker, go_tx)
+}
+
+/// Connections to `path` that nobody accepts, until its listen queue is
+/// full: a further connect waits for the broker.
+fn fill_listen_queue(path: &Path) -> Vec<OwnedFd> {
+    let addr = UnixAddr::new(path).expect("addr");
+    let mut queued = Vec::new();
+    loop {
+        let filler = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        match nix::sys::socket::connect(filler.as_raw_fd(), &addr) {
+            Ok(()) => queued.push(filler),
+            Err(nix::errno::Errno::EAGAIN) => return queued,
+            Err(err) => panic!("connect: {err}"),
+        }
+        assert!(queued.len() < 1000, "the listen queue never fills");
+    }
+}
+
+/// Whether a blocking connect to `path` waits (its listen queue is full):
+/// one with a 200 ms bound fails after that long.
+fn connect_blocks(path: &Path) -> bool {
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let bound = nix::sys::time::TimeVal::new(0, 200_000);
+    nix::sys::socket::setsockopt(&probe, nix::sys::socket::sockopt::SendTimeout, &bound)
+        .expect("send timeout");
+    let started = std::time::Instant::now();
+    let addr = UnixAddr::new(path).expect("addr");
+    let connected = nix::sys::socket::connect(probe.as_raw_fd(), &addr);
+    connected == Err(nix::errno::Errno::EAGAIN) && started.elapsed() >= Duration::from_millis(150)
+}
+
+/// A `begin_async` given up on while its thread reconnects to a wedged
+/// broker's socket whose listen queue is full: the thread waited in
+/// `connect` until the broker took it or the reconnect window (20 s
+/// here) was over, with nobody wanting the begin any more, and the
+/// runtime's shutdown waited with it.
+#[test]
+fn a_cancelled_begin_stops_waiting_for_a_full_listen_queue() {
+    let (_dir, path) = socket_path();
+    let (begun_tx, begun) = std::sync::mpsc::channel();
+    let (broker, go) = hang_up_on_begin_broker(&path, begun_tx);
+    let options = ClientOptions {
+        buffer_words: false,
+        reconnect: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let buffer = client.alloc(4096).expect("alloc");
+    let runtime = abandon::runtime();
+    let mut begin = Box::pin(buffer.begin_async(Access::CpuRead, None));
+    abandon::wait_impatiently(&runtime, Duration::from_millis(50), &mut begin);
+    begun
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the begin reaches the broker");
+    let queued = fill_listen_queue(&path);
+    assert!(connect_blocks(&path), "a connect does not wait");
+    // The broker hangs up; the begin's thread reconnects, and waits in
+    // its connect.
+    go.send(()).expect("go");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(begin);
+    abandon::assert_shuts_down_promptly(runtime);
+    drop(go);
+    broker.join().expect("scripted broker");
+    drop((queued, buffer, client));
+}

@@ -179,7 +179,9 @@ pub(crate) trait SentHook {
     /// After a send: the request's id and connection generation.
     fn after(&self, request: (u64, u64));
     /// Whether anyone still waits for the call: a reconnect for a call
-    /// nobody waits for is not made, or given up between attempts.
+    /// nobody waits for is not made, or given up between attempts, and
+    /// within a slice of its connect or hello (a wedged broker can keep
+    /// either waiting until the deadline).
     fn wanted(&self) -> bool {
         self.before().is_ok()
     }
@@ -227,10 +229,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A connected socket. With `timeout`, a `connect` the broker does not
+/// A connected socket. With `deadline`, a `connect` the broker does not
 /// take in time (its listen queue is full: a wedged broker) fails instead
-/// of waiting for it with no bound.
-fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd, Error> {
+/// of waiting for it with no bound; and it waits in slices, so that one
+/// for a call nobody waits for any more (`hook`) stops within a slice
+/// (`Disconnected`), not at the deadline.
+fn open_socket(
+    path: &Path,
+    deadline: Option<Instant>,
+    hook: &dyn SentHook,
+) -> Result<OwnedFd, Error> {
     let connect_err = |source: std::io::Error| Error::Connect {
         path: path.to_owned(),
         source,
@@ -242,13 +250,25 @@ fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd, Error>
         None,
     )
     .map_err(|e| connect_err(e.into()))?;
-    if timeout.is_some() {
-        // Linux bounds a blocking Unix-socket connect by the send timeout.
-        set_timeout(&socket, sockopt::SendTimeout, timeout)?;
-    }
     let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr).map_err(|e| connect_err(e.into()))?;
-    if timeout.is_some() {
+    loop {
+        if let Some(deadline) = deadline {
+            // Linux bounds a blocking Unix-socket connect by the send
+            // timeout. At least a moment: an attempt made late still
+            // connects to a broker that takes it at once.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let slice = left.clamp(Duration::from_millis(1), HANDSHAKE_SLICE);
+            set_timeout(&socket, sockopt::SendTimeout, Some(slice))?;
+        }
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr) {
+            Ok(()) => break,
+            // The queue stayed full for a slice; the socket may try again.
+            Err(Errno::EAGAIN) if !hook.wanted() => return Err(Error::Disconnected),
+            Err(Errno::EAGAIN) if deadline.is_some_and(|d| Instant::now() < d) => {}
+            Err(err) => return Err(connect_err(err.into())),
+        }
+    }
+    if deadline.is_some() {
         set_timeout(&socket, sockopt::SendTimeout, None)?;
     }
     Ok(socket)
@@ -391,7 +411,7 @@ impl Connection {
         hello: Hello,
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
-        let socket = open_socket(path, None)?;
+        let socket = open_socket(path, None, &NoHook)?;
         let (welcome, page) = say_hello(&socket, &hello, None, &NoHook)?;
         Ok(Connection::welcomed(
             path,
@@ -847,9 +867,10 @@ impl Connection {
     /// reconnect window; a connection whose broker answered the hello is
     /// kept with the buffers re-attached by then (see
     /// [`Connection::fresh_connection`]).
-    /// Gives up (`Disconnected`) between attempts once nobody waits for
-    /// the call it serves (`hook`): a cancelled begin's thread returns at
-    /// once instead of reconnecting for the whole window.
+    /// Gives up (`Disconnected`) between attempts, or within a slice of a
+    /// connect or hello, once nobody waits for the call it serves (`hook`):
+    /// a cancelled begin's thread returns at once instead of reconnecting
+    /// for the whole window.
     fn reconnect(
         &self,
         broken: u64,
@@ -945,10 +966,7 @@ impl Connection {
         // it restarts) takes the connection and answers nothing, or takes
         // none once its queue is full: the connect and the hello may wait
         // only until the caller's deadline.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let socket = open_socket(&self.path, Some(left))?;
+        let socket = open_socket(&self.path, Some(deadline), hook)?;
         let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline), hook)?;
         // The broker serves: the re-attaches run to their end within the
         // window, past a caller's short timeout. Cut off there, a caller
