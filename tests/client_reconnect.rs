@@ -1283,44 +1283,111 @@ fn re_attaches_finish_past_a_short_timeout_once_the_broker_answers() {
     broker.join().expect("scripted broker");
 }
 
+/// What a broker of [`slow_second_reattach_broker`] does with the second
+/// re-attach on its second connection.
+#[derive(Clone, Copy, Debug)]
+enum SecondReattach {
+    /// Answers it after this long.
+    After(Duration),
+    /// Never answers it, and serves on.
+    Never,
+    /// Hangs up after this long, unanswered, and serves a third connection.
+    HangUpAfter(Duration),
+}
+
+/// What a broker of [`slow_second_reattach_broker`] saw.
+#[derive(Debug, Default)]
+struct ReattachReport {
+    /// The client closed the second connection before the second
+    /// re-attach was answered after its delay.
+    closed_early: bool,
+    /// The buffers re-attached on the second connection, in order.
+    reattached: Vec<u64>,
+    /// The requests after the restart, but hellos and re-attaches.
+    seen: Vec<String>,
+}
+
 /// A broker that allocates buffers 1 and 2 (one memfd), hangs up at the
-/// first begin, and on its second connection answers the hello and the
-/// first re-attach at once and the second after 600 ms. Reports whether
-/// the client closed that connection before the second was answered.
-fn slow_second_reattach_broker(path: &Path) -> std::thread::JoinHandle<bool> {
+/// first begin or heaps request, and on its second connection answers the
+/// hello and the first re-attach at once and the second as `second` says.
+/// Exports are answered for buffers re-attached to the connection asking.
+fn slow_second_reattach_broker(
+    path: &Path,
+    second: SecondReattach,
+) -> std::thread::JoinHandle<ReattachReport> {
     let listener = listening_at(path);
+    let connections = match second {
+        SecondReattach::HangUpAfter(_) => 3,
+        _ => 2,
+    };
     std::thread::spawn(move || {
         let (buffer, inode) = scripted_buffer();
         let answer = |socket: &OwnedFd, id: u64, buffer_id: u64| {
             reply_with_buffer_id(socket, id, &buffer, inode, buffer_id)
         };
         let mut next_buffer = 1;
-        let mut closed_early = false;
-        serve_requests(&listener, 2, |socket, connection, id, body| {
+        let mut report = ReattachReport::default();
+        // The connection being served, and the buffers re-attached to it.
+        let (mut serving, mut held) = (0, Vec::new());
+        serve_requests(&listener, connections, |socket, connection, id, body| {
+            if connection != serving {
+                (serving, held) = (connection, Vec::new());
+            }
+            let handshake = matches!(body, RequestBody::Hello(_) | RequestBody::Reattach { .. });
+            if connection > 1 && !handshake {
+                report.seen.push(format!("{body:?}"));
+            }
             match body {
                 RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
                 RequestBody::Alloc { .. } => {
                     answer(socket, id, next_buffer);
                     next_buffer += 1;
                 }
-                RequestBody::Begin { .. } if connection == 1 => return false,
-                RequestBody::Reattach { buffer: held, .. } => {
-                    if held == 2 {
-                        std::thread::sleep(Duration::from_millis(600));
-                        // The client still waits for it: its socket is open.
-                        let mut probe = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-                        let _ = poll(&mut probe, PollTimeout::ZERO);
-                        closed_early = probe[0]
-                            .revents()
-                            .is_some_and(|r| r.contains(PollFlags::POLLHUP));
+                RequestBody::Begin { .. } | RequestBody::ListHeaps if connection == 1 => {
+                    return false
+                }
+                RequestBody::Reattach { buffer: wanted, .. } => {
+                    if connection == 2 && held.len() == 1 {
+                        match second {
+                            SecondReattach::After(delay) => {
+                                std::thread::sleep(delay);
+                                // The client still waits for it: its socket is open.
+                                let mut probe = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+                                let _ = poll(&mut probe, PollTimeout::ZERO);
+                                report.closed_early = probe[0]
+                                    .revents()
+                                    .is_some_and(|r| r.contains(PollFlags::POLLHUP));
+                            }
+                            SecondReattach::Never => return true,
+                            SecondReattach::HangUpAfter(delay) => {
+                                std::thread::sleep(delay);
+                                return false;
+                            }
+                        }
                     }
-                    answer(socket, id, held);
+                    answer(socket, id, wanted);
+                    held.push(wanted);
+                    if connection == 2 {
+                        report.reattached.push(wanted);
+                    }
+                }
+                RequestBody::ListHeaps => heaps(socket, id),
+                RequestBody::Export { buffer: asked } if held.contains(&asked) => reply(
+                    socket,
+                    id,
+                    Ok(ReplyBody::Exported {
+                        token: "dmab1-00112233445566778899aabbccddeeff".into(),
+                    }),
+                ),
+                RequestBody::Export { buffer: asked } => {
+                    let unknown = WireError::new(ErrorCode::UnknownBuffer, format!("{asked}"));
+                    reply(socket, id, Err(unknown));
                 }
                 _ => {}
             }
             true
         });
-        closed_early
+        report
     })
 }
 
@@ -1333,7 +1400,8 @@ fn slow_second_reattach_broker(path: &Path) -> std::thread::JoinHandle<bool> {
 #[test]
 fn a_cancel_does_not_cut_a_reconnects_re_attaches_short() {
     let (_dir, path) = socket_path();
-    let broker = slow_second_reattach_broker(&path);
+    let second = SecondReattach::After(Duration::from_millis(600));
+    let broker = slow_second_reattach_broker(&path, second);
     let options = ClientOptions {
         buffer_words: false,
         ..Default::default()
@@ -1354,9 +1422,9 @@ fn a_cancel_does_not_cut_a_reconnects_re_attaches_short() {
     }
     let reconnects = client.reconnects();
     drop((first, second, client));
-    let closed_early = broker.join().expect("scripted broker");
+    let report = broker.join().expect("scripted broker");
     assert!(
-        !closed_early,
+        !report.closed_early,
         "the client closed the reconnected socket with a re-attach unanswered"
     );
     assert_eq!(reconnects, 1, "the reconnect was not completed");
@@ -1441,4 +1509,210 @@ fn dropping_a_begin_async_never_waits_for_a_wedged_broker() {
         in_time.is_ok(),
         "dropping the begin's future waited for the broker"
     );
+}
+
+/// Two buffers of a client whose reconnect window is `window`, and whose
+/// broker hangs up at the first heaps request.
+fn client_with_two_buffers(
+    path: &Path,
+    window: Duration,
+) -> (Client, [dmabroker_client::Buffer; 2]) {
+    let options = ClientOptions {
+        buffer_words: false,
+        reconnect: Some(window),
+        ..Default::default()
+    };
+    let client = Client::connect_with(path, options).expect("connect");
+    let buffers = [0; 2].map(|_| client.alloc(4096).expect("alloc"));
+    (client, buffers)
+}
+
+/// The ids of the `buffers` whose export the broker answered; the others'
+/// export must fail `UnknownBuffer`.
+fn exportable(buffers: &[dmabroker_client::Buffer]) -> Vec<u64> {
+    let mut kept = Vec::new();
+    for buffer in buffers {
+        match buffer.export() {
+            Ok(_) => kept.push(buffer.id()),
+            Err(err) => assert_eq!(err.code(), Some(ErrorCode::UnknownBuffer), "{err}"),
+        }
+    }
+    kept
+}
+
+/// The reconnect window ends between re-attaches: the restarted broker
+/// answers the first at once and never the second. The reconnect failed
+/// and closed the new socket, with the first buffer re-attached to it,
+/// which the broker then released: the call failed, and every later
+/// request on either buffer failed `UnknownBuffer`. What was re-attached
+/// stays; the other buffer is given up, and freed on the new connection
+/// in case its re-attach is carried out late.
+#[test]
+fn a_reconnect_window_ending_between_re_attaches_keeps_the_buffers_re_attached() {
+    let (_dir, path) = socket_path();
+    let broker = slow_second_reattach_broker(&path, SecondReattach::Never);
+    let (client, buffers) = client_with_two_buffers(&path, Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let heaps = client.heaps();
+    let took = started.elapsed();
+    assert!(heaps.is_ok(), "the call goes on, reconnected: {heaps:?}");
+    assert!(took < Duration::from_secs(3), "the reconnect took {took:?}");
+    assert_eq!(client.reconnects(), 1);
+    let kept = exportable(&buffers);
+    drop(buffers);
+    drop(client);
+    let report = broker.join().expect("scripted broker");
+    assert_eq!(
+        kept, report.reattached,
+        "the buffer re-attached is the one that is still held"
+    );
+    let [kept] = kept[..] else {
+        panic!("one buffer re-attached: {report:?}")
+    };
+    let given_up = 3 - kept;
+    assert_eq!(
+        report.seen,
+        [
+            format!("Free {{ buffer: {given_up} }}"),
+            "ListHeaps".into(),
+            format!("Export {{ buffer: {kept} }}"),
+            format!("Free {{ buffer: {kept} }}"),
+        ],
+        "the buffer given up is freed once, before anything else"
+    );
+}
+
+/// As above, but the broker dies just after the window ends, with the
+/// second re-attach unanswered: the connection kept (its first buffer
+/// re-attached) is dead, and the next call reconnects as after any
+/// hang-up, with the buffer kept, instead of hanging on the dead socket.
+#[test]
+fn a_broker_dying_as_the_window_ends_mid_re_attach_is_reconnected_to_later() {
+    let (_dir, path) = socket_path();
+    let second = SecondReattach::HangUpAfter(Duration::from_millis(1000));
+    let broker = slow_second_reattach_broker(&path, second);
+    let (client, buffers) = client_with_two_buffers(&path, Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    // The first may fail: its retry went to the connection that died.
+    let answered = client.heaps().is_ok() || client.heaps().is_ok();
+    let took = started.elapsed();
+    assert!(answered, "no call was answered after the broker came back");
+    assert!(took < Duration::from_secs(4), "the calls took {took:?}");
+    assert_eq!(client.reconnects(), 2);
+    let kept = exportable(&buffers);
+    drop(buffers);
+    drop(client);
+    let report = broker.join().expect("scripted broker");
+    assert_eq!(
+        kept, report.reattached,
+        "the buffer re-attached before the broker died is still held"
+    );
+}
+/// A broker that answers one connection's hello and allocs, tells the
+/// test when a begin arrives, and hangs up when the test says so; its
+/// socket then listens on, accepting nothing, until the test drops the
+/// returned sender.
+fn hang_up_on_begin_broker(
+    path: &Path,
+    begun: std::sync::mpsc::Sender<()>,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let listener = listening_at(path);
+    let (go_tx, go) = std::sync::mpsc::channel::<()>();
+    let broker = std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
+                RequestBody::Begin { .. } => {
+                    let _ = begun.send(());
+                    let _ = go.recv();
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+        // Until the test drops its sender.
+        let _ = go.recv();
+        drop(listener);
+    });
+    (broker, go_tx)
+}
+
+/// Connections to `path` that nobody accepts, until its listen queue is
+/// full: a further connect waits for the broker.
+fn fill_listen_queue(path: &Path) -> Vec<OwnedFd> {
+    let addr = UnixAddr::new(path).expect("addr");
+    let mut queued = Vec::new();
+    loop {
+        let filler = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        match nix::sys::socket::connect(filler.as_raw_fd(), &addr) {
+            Ok(()) => queued.push(filler),
+            Err(nix::errno::Errno::EAGAIN) => return queued,
+            Err(err) => panic!("connect: {err}"),
+        }
+        assert!(queued.len() < 1000, "the listen queue never fills");
+    }
+}
+
+/// Whether a blocking connect to `path` waits (its listen queue is full):
+/// one with a 200 ms bound fails after that long.
+fn connect_blocks(path: &Path) -> bool {
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let bound = nix::sys::time::TimeVal::new(0, 200_000);
+    nix::sys::socket::setsockopt(&probe, nix::sys::socket::sockopt::SendTimeout, &bound)
+        .expect("send timeout");
+    let started = std::time::Instant::now();
+    let addr = UnixAddr::new(path).expect("addr");
+    let connected = nix::sys::socket::connect(probe.as_raw_fd(), &addr);
+    connected == Err(nix::errno::Errno::EAGAIN) && started.elapsed() >= Duration::from_millis(150)
+}
+
+/// A `begin_async` given up on while its thread reconnects to a wedged
+/// broker's socket whose listen queue is full: the thread waited in
+/// `connect` until the broker took it or the reconnect window (20 s
+/// here) was over, with nobody wanting the begin any more, and the
+/// runtime's shutdown waited with it.
+#[test]
+fn a_cancelled_begin_stops_waiting_for_a_full_listen_queue() {
+    let (_dir, path) = socket_path();
+    let (begun_tx, begun) = std::sync::mpsc::channel();
+    let (broker, go) = hang_up_on_begin_broker(&path, begun_tx);
+    let options = ClientOptions {
+        buffer_words: false,
+        reconnect: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let buffer = client.alloc(4096).expect("alloc");
+    let runtime = abandon::runtime();
+    let mut begin = Box::pin(buffer.begin_async(Access::CpuRead, None));
+    abandon::wait_impatiently(&runtime, Duration::from_millis(50), &mut begin);
+    begun
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the begin reaches the broker");
+    let queued = fill_listen_queue(&path);
+    assert!(connect_blocks(&path), "a connect does not wait");
+    // The broker hangs up; the begin's thread reconnects, and waits in
+    // its connect.
+    go.send(()).expect("go");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(begin);
+    abandon::assert_shuts_down_promptly(runtime);
+    drop(go);
+    broker.join().expect("scripted broker");
+    drop((queued, buffer, client));
 }

@@ -9,7 +9,9 @@
 //! says hello again and re-attaches every buffer this client holds with the
 //! secret the broker gave it, then retries once. A broker restarted by
 //! systemd keeps the buffers in its fd store, so they survive; accesses do
-//! not (the next grant on each buffer carries `writer_lost`).
+//! not (the next grant on each buffer carries `writer_lost`). A broker too
+//! slow to take them all back within the reconnect window keeps those it
+//! took: the others are lost to this client, not all of them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -105,6 +107,25 @@ struct Hold {
     serial: u64,
 }
 
+/// What the re-attaches on a fresh connection came to.
+#[derive(Debug, Default)]
+struct Reattached {
+    /// Holds re-attached to it: (buffer, serial).
+    held: Vec<(u64, u64)>,
+    /// Buffers whose re-attach was sent but not answered (in time, or
+    /// readably): the broker may hold them for this connection or not.
+    unanswered: Vec<u64>,
+}
+
+/// A new connection, welcomed, not installed yet.
+#[derive(Debug)]
+struct Fresh {
+    socket: OwnedFd,
+    welcome: Welcome,
+    page: Option<Arc<EndWords>>,
+    reattached: Reattached,
+}
+
 /// How long a blocking receive or send (`option`) on `socket` may wait
 /// (`None`: forever).
 fn set_timeout<O>(socket: &OwnedFd, option: O, timeout: Option<Duration>) -> Result<(), Error>
@@ -140,11 +161,13 @@ fn is_hold(holds: &HashMap<u64, Hold>, buffer: u64, serial: u64) -> bool {
     holds.get(&buffer).is_some_and(|hold| hold.serial == serial)
 }
 
-/// The refusal of a request on a buffer the broker lost in a restart.
+/// The refusal of a request on a buffer lost in a reconnect: the broker
+/// did not keep it, or the reconnect window ended before its re-attach was
+/// answered.
 fn lost_buffer(buffer: u64) -> Error {
     Error::Broker(WireError::new(
         ErrorCode::UnknownBuffer,
-        format!("buffer {buffer} was lost when the broker restarted without keeping it"),
+        format!("buffer {buffer} was lost in a reconnect: the broker restarted without keeping it, or did not take it back within the reconnect window"),
     ))
 }
 
@@ -156,7 +179,9 @@ pub(crate) trait SentHook {
     /// After a send: the request's id and connection generation.
     fn after(&self, request: (u64, u64));
     /// Whether anyone still waits for the call: a reconnect for a call
-    /// nobody waits for is not made, or given up between attempts.
+    /// nobody waits for is not made, or given up between attempts, and
+    /// within a slice of its connect or hello (a wedged broker can keep
+    /// either waiting until the deadline).
     fn wanted(&self) -> bool {
         self.before().is_ok()
     }
@@ -204,10 +229,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A connected socket. With `timeout`, a `connect` the broker does not
+/// A connected socket. With `deadline`, a `connect` the broker does not
 /// take in time (its listen queue is full: a wedged broker) fails instead
-/// of waiting for it with no bound.
-fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd, Error> {
+/// of waiting for it with no bound; and it waits in slices, so that one
+/// for a call nobody waits for any more (`hook`) stops within a slice
+/// (`Disconnected`), not at the deadline.
+fn open_socket(
+    path: &Path,
+    deadline: Option<Instant>,
+    hook: &dyn SentHook,
+) -> Result<OwnedFd, Error> {
     let connect_err = |source: std::io::Error| Error::Connect {
         path: path.to_owned(),
         source,
@@ -219,13 +250,25 @@ fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd, Error>
         None,
     )
     .map_err(|e| connect_err(e.into()))?;
-    if timeout.is_some() {
-        // Linux bounds a blocking Unix-socket connect by the send timeout.
-        set_timeout(&socket, sockopt::SendTimeout, timeout)?;
-    }
     let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr).map_err(|e| connect_err(e.into()))?;
-    if timeout.is_some() {
+    loop {
+        if let Some(deadline) = deadline {
+            // Linux bounds a blocking Unix-socket connect by the send
+            // timeout. At least a moment: an attempt made late still
+            // connects to a broker that takes it at once.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let slice = left.clamp(Duration::from_millis(1), HANDSHAKE_SLICE);
+            set_timeout(&socket, sockopt::SendTimeout, Some(slice))?;
+        }
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &addr) {
+            Ok(()) => break,
+            // The queue stayed full for a slice; the socket may try again.
+            Err(Errno::EAGAIN) if !hook.wanted() => return Err(Error::Disconnected),
+            Err(Errno::EAGAIN) if deadline.is_some_and(|d| Instant::now() < d) => {}
+            Err(err) => return Err(connect_err(err.into())),
+        }
+    }
+    if deadline.is_some() {
         set_timeout(&socket, sockopt::SendTimeout, None)?;
     }
     Ok(socket)
@@ -250,17 +293,44 @@ fn send_error(err: SendError) -> Error {
     }
 }
 
+/// Why an exchange of a handshake got no answer.
+#[derive(Debug)]
+enum NoAnswer {
+    /// None came in time (or before nobody wanted the call any more): the
+    /// broker may still be serving, and answer late.
+    Late,
+    /// The broker hung up, or its answer is an error or unreadable.
+    Failed(Error),
+}
+
+impl From<Error> for NoAnswer {
+    fn from(err: Error) -> Self {
+        NoAnswer::Failed(err)
+    }
+}
+
+impl From<NoAnswer> for Error {
+    /// A hello answered late is a broker not back yet, as a hang-up is: the
+    /// reconnect tries again, or says its caller's time ran out.
+    fn from(no_answer: NoAnswer) -> Self {
+        match no_answer {
+            NoAnswer::Late => Error::Disconnected,
+            NoAnswer::Failed(err) => err,
+        }
+    }
+}
+
 /// One request and its reply on a socket nobody else uses yet (the hello
-/// and re-attaches of a fresh connection), given up as `Disconnected` at
-/// `deadline`: a reconnect's whole handshake shares its caller's time, not
-/// each exchange the time left at its start.
+/// and re-attaches of a fresh connection), given up at `deadline`: a
+/// reconnect's whole handshake shares its caller's time, not each
+/// exchange the time left at its start.
 fn exchange(
     socket: &OwnedFd,
     id: u64,
     body: RequestBody,
     deadline: Option<Instant>,
     hook: &dyn SentHook,
-) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
+) -> Result<(ReplyBody, Vec<OwnedFd>), NoAnswer> {
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
     let mut read_late = false;
@@ -269,7 +339,7 @@ fn exchange(
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() && std::mem::replace(&mut read_late, true) {
                 // A broker streaming other messages keeps it no longer.
-                return Err(Error::Disconnected);
+                return Err(NoAnswer::Late);
             }
             // At least a moment, as the connect gets: an answer already on
             // its way (a refusal) is still read by an attempt made late.
@@ -289,22 +359,21 @@ fn exchange(
                 continue
             }
             // No answer within the handshake's time (see `fresh_connection`).
-            Err(RecvError::Closed | RecvError::Os(Errno::EAGAIN)) => {
-                return Err(Error::Disconnected)
-            }
-            Err(other) => return Err(Error::Protocol(other.to_string())),
+            Err(RecvError::Os(Errno::EAGAIN)) => return Err(NoAnswer::Late),
+            Err(RecvError::Closed) => return Err(Error::Disconnected.into()),
+            Err(other) => return Err(Error::Protocol(other.to_string()).into()),
         };
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
             ServerMessage::Reply(reply) if reply.id == id => {
                 return reply
                     .result
                     .map(|body| (body, received.fds))
-                    .map_err(Error::Broker)
+                    .map_err(|err| Error::Broker(err).into())
             }
             // A refusal of the connection itself (busy) is answered with id 0.
             ServerMessage::Reply(reply) if reply.id == 0 => {
                 if let Err(err) = reply.result {
-                    return Err(Error::Broker(err));
+                    return Err(Error::Broker(err).into());
                 }
             }
             _ => {}
@@ -342,7 +411,7 @@ impl Connection {
         hello: Hello,
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
-        let socket = open_socket(path, None)?;
+        let socket = open_socket(path, None, &NoHook)?;
         let (welcome, page) = say_hello(&socket, &hello, None, &NoHook)?;
         Ok(Connection::welcomed(
             path,
@@ -795,10 +864,13 @@ impl Connection {
 
     /// Replaces a broken connection (unless another thread already did):
     /// new socket, hello, re-attach of every held buffer. Gives up after the
-    /// reconnect window.
-    /// Gives up (`Disconnected`) between attempts once nobody waits for
-    /// the call it serves (`hook`): a cancelled begin's thread returns at
-    /// once instead of reconnecting for the whole window.
+    /// reconnect window; a connection whose broker answered the hello is
+    /// kept with the buffers re-attached by then (see
+    /// [`Connection::fresh_connection`]).
+    /// Gives up (`Disconnected`) between attempts, or within a slice of a
+    /// connect or hello, once nobody waits for the call it serves (`hook`):
+    /// a cancelled begin's thread returns at once instead of reconnecting
+    /// for the whole window.
     fn reconnect(
         &self,
         broken: u64,
@@ -838,24 +910,8 @@ impl Connection {
                 return Err(Error::Disconnected);
             }
             match self.fresh_connection(deadline, end_of_window, hook) {
-                Ok((socket, welcome, page, reattached)) => {
-                    // Lock order: holds, then mailbox and socket (install).
-                    let mut holds = lock(&self.holds);
-                    // A hold recorded while the re-attach ran was granted on
-                    // the old connection and is unknown to the new one: lost.
-                    let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
-                    holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
-                    for (buffer, serial) in reattached {
-                        if !is_hold(&holds, buffer, serial) {
-                            // Dropped while it was re-attached: its Free
-                            // went to the dead connection.
-                            let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
-                            let free = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0)?;
-                            let _ = send_message(socket.as_fd(), &free, &[], false);
-                        }
-                    }
-                    self.install(socket, welcome, page);
-                    drop(holds);
+                Ok(fresh) => {
+                    self.install_fresh(fresh);
                     return Ok(());
                 }
                 // A caller's limit is kept to the end (its caller tells a
@@ -887,45 +943,66 @@ impl Connection {
         }
     }
 
-    /// A new socket, welcomed, with every hold re-attached: also returns
-    /// the buffers re-attached.
-    #[allow(clippy::type_complexity)]
+    /// A new socket, welcomed, with the holds re-attached to it.
     /// `deadline` bounds the connect and the hello; `reattach_deadline`
     /// (the end of the reconnect window) the re-attaches after them.
+    ///
+    /// Once the broker has answered the hello, the connection is kept
+    /// whatever comes of the re-attaches: closed, it would take the holds
+    /// already re-attached to it with it (the broker releases a
+    /// connection's holds when it closes), and every request on those
+    /// buffers would fail. So a re-attach the broker refuses loses only
+    /// its own buffer, and one still unanswered when the window ends gives
+    /// up its buffer and every one not tried yet (see [`Reattached`]). Only
+    /// a hang-up fails the whole attempt: that broker is gone, and the
+    /// next one is asked for every hold again.
     fn fresh_connection(
         &self,
         deadline: Instant,
         reattach_deadline: Instant,
         hook: &dyn SentHook,
-    ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
+    ) -> Result<Fresh, Error> {
         // A socket whose broker is not serving yet (socket activation while
         // it restarts) takes the connection and answers nothing, or takes
         // none once its queue is full: the connect and the hello may wait
         // only until the caller's deadline.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let socket = open_socket(&self.path, Some(left))?;
+        let socket = open_socket(&self.path, Some(deadline), hook)?;
         let (welcome, page) = say_hello(&socket, &self.hello, Some(deadline), hook)?;
         // The broker serves: the re-attaches run to their end within the
         // window, past a caller's short timeout. Cut off there, a caller
         // that only ever waits briefly (an event loop) would start over at
         // every call and never get its buffers back before the broker's
         // grace period drops them.
-        let deadline = reattach_deadline.max(deadline);
+        let reattached = self.reattach_holds(&socket, reattach_deadline.max(deadline))?;
+        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
+        Ok(Fresh {
+            socket,
+            welcome,
+            page,
+            reattached,
+        })
+    }
+
+    /// Re-attaches every hold on `socket`, welcomed, until `deadline`
+    /// (see [`Connection::fresh_connection`]). `Err` only when the broker
+    /// hung up.
+    fn reattach_holds(&self, socket: &OwnedFd, deadline: Instant) -> Result<Reattached, Error> {
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))
             .collect();
-        let mut reattached = Vec::with_capacity(holds.len());
-        for (id, (buffer, hold)) in (2..).zip(holds) {
+        let mut outcome = Reattached::default();
+        for (buffer, hold) in holds {
             if hold.secret.is_empty() {
                 // Nothing to re-attach it with.
                 self.forget_hold(buffer, hold.serial);
                 continue;
             }
+            // An id no other request of this client has: a late answer,
+            // read once the socket is installed, is dropped as nobody's.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let answer = exchange(
-                &socket,
+                socket,
                 id,
                 RequestBody::Reattach {
                     buffer,
@@ -939,19 +1016,71 @@ impl Connection {
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {
-                    reattached.push((buffer, hold.serial));
+                    outcome.held.push((buffer, hold.serial));
                 }
-                Ok(_) | Err(Error::Broker(_)) => {
+                Ok(_) | Err(NoAnswer::Failed(Error::Broker(_))) => {
                     // The broker no longer has it (a restart without an fd
                     // store): requests on it will say UnknownBuffer, and
                     // none will be sent (see `send_for`).
                     self.forget_hold(buffer, hold.serial);
                 }
-                Err(err) => return Err(err),
+                Err(NoAnswer::Failed(Error::Disconnected)) => return Err(Error::Disconnected),
+                // Unreadable: the stream is still in step, and only this
+                // buffer is in doubt.
+                Err(NoAnswer::Failed(_)) => outcome.unanswered.push(buffer),
+                // The window is over: this one and the rest are given up.
+                Err(NoAnswer::Late) => {
+                    outcome.unanswered.push(buffer);
+                    break;
+                }
             }
         }
-        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
-        Ok((socket, welcome, page, reattached))
+        Ok(outcome)
+    }
+
+    /// Installs a fresh connection with the holds re-attached to it; every
+    /// other hold is lost (see [`Connection::fresh_connection`]).
+    fn install_fresh(&self, fresh: Fresh) {
+        let Fresh {
+            socket,
+            welcome,
+            page,
+            reattached,
+        } = fresh;
+        // Lock order: holds, then mailbox and socket (install).
+        let mut holds = lock(&self.holds);
+        // A hold recorded while the re-attach ran was granted on the old
+        // connection and is unknown to the new one: lost; so is one whose
+        // re-attach was given up.
+        let known: HashSet<(u64, u64)> = reattached.held.iter().copied().collect();
+        holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
+        for &(buffer, serial) in &reattached.held {
+            if !is_hold(&holds, buffer, serial) {
+                // Dropped while it was re-attached: its Free went to the
+                // dead connection. An error in answer is reported.
+                self.free_on(&socket, buffer, UNWAITED);
+            }
+        }
+        for &buffer in &reattached.unanswered {
+            // Its re-attach may still be carried out, after the client has
+            // given it up: this Free, behind it, undoes it. Whether it
+            // finds the hold or not, nobody awaits its answer.
+            self.free_on(&socket, buffer, 0);
+        }
+        self.install(socket, welcome, page);
+        drop(holds);
+    }
+
+    /// Sends `Free` for `buffer` on a socket not installed yet, without
+    /// waiting; `unwaited` (`UNWAITED` or 0) says whether an error in
+    /// answer goes to `take_errors` or is dropped.
+    fn free_on(&self, socket: &OwnedFd, buffer: u64, unwaited: u64) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | unwaited;
+        // A Free always encodes; and a broker gone meanwhile is found by
+        // the next call.
+        if let Ok(free) = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0) {
+            let _ = send_message(socket.as_fd(), &free, &[], false);
+        }
     }
 
     /// Forgets hold `serial` of `buffer`, if it is still that one.

@@ -54,7 +54,10 @@ pub struct ClientOptions {
     /// broker to answer, but once it has, lets the re-attaches finish
     /// within this window: cut off, they would start over at every short
     /// call and the buffers be lost at the end of the broker's grace
-    /// period.
+    /// period. A broker that answers the hello but not every re-attach
+    /// within the window keeps the connection with the buffers it took
+    /// back: the others are lost (requests on them fail
+    /// `UnknownBuffer`), rather than every buffer with the connection.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
