@@ -460,3 +460,89 @@ fn a_holder_that_cannot_map_the_word_holds_nothing_in_it() {
     let granted = other.ok(&format!("begin {} w 2000", s.id));
     other.ok(&format!("end {}", access_of(&granted)));
 }
+
+/// REVIEW (failing): a holder that does not erase the planned hand-off but
+/// changes its kind (NEXT_KIND read -> write; a legal-looking word, so the
+/// broker does not break it). The planned waiter, finding its plan gone and
+/// no bit yet, goes back to its socket; the holder's end then hands a
+/// *write* to the waiter's index. `record_hand_off` only asks whether the
+/// index holds *something* (`holds`), so it records the hand-off and sends
+/// no reply; the recorded read has no read bit, so the next settle retires
+/// it. The waiter's begin is never answered, past its own timeout, and a
+/// write bit nobody will ever clear is left in the word for its index.
+#[test]
+fn review_a_hand_off_whose_kind_was_changed_still_answers_the_waiter() {
+    const NEXT_FIELDS: u64 = 0xff << 40; // NEXT, NEXT_KIND, NEXT_IDX
+    const NEXT_KIND_WRITE: u64 = 1 << 41;
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut waiter = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "w");
+    cycle(&mut waiter, &s.id, "r");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    assert_eq!(field(&write, "word"), Some("true"), "{write}");
+    waiter.send(&format!("begin {} r 2000", s.id));
+    eventually("the hand-off to be planned", || {
+        bus.counter("HandOffsPlanned") == 1 && word.load().0 & NEXT_FIELDS != 0
+    });
+    // Same waiter index, other kind: not an impossible word.
+    let planned = word.load().0;
+    word.scribble(planned | NEXT_KIND_WRITE);
+    assert!(!word.load().is_impossible());
+    // The waiter's next look (100 ms slices) finds no plan for it and no
+    // bit: it waits for a reply.
+    std::thread::sleep(Duration::from_millis(400));
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    let answer = waiter.recv(Duration::from_secs(4));
+    assert!(
+        answer.is_some(),
+        "the waiter's begin (timeout 2000 ms) was never answered; word now {:#x}",
+        word.load().0
+    );
+}
+
+/// REVIEW (failing): a holder clears DAEMON (a legal-looking word) while
+/// the broker arbitrates the buffer and a writer waits behind two readers
+/// held in the word. The readers' ends then see no DAEMON and end silently
+/// (no `WordEnded`), so the broker never learns the buffer is free: the
+/// queued writer (no timeout) is not served, even after the meddler has
+/// gone, until some other decision happens to touch the buffer.
+#[test]
+fn review_a_cleared_daemon_bit_does_not_strand_a_queued_writer() {
+    const DAEMON: u64 = 1 << 39;
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut reader = s.join(&[]);
+    let mut writer = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "r");
+    cycle(&mut reader, &s.id, "r");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+
+    let a = s.owner.ok(&format!("begin {} r", s.id));
+    let b = reader.ok(&format!("begin {} r", s.id));
+    assert_eq!(field(&a, "word"), Some("true"), "{a}");
+    assert_eq!(field(&b, "word"), Some("true"), "{b}");
+    writer.send(&format!("begin {} w", s.id));
+    eventually("the writer to queue", || bus.totals(TOTALS_WAITERS) == 1);
+    word.scribble(word.load().0 & !DAEMON);
+    // The meddler stays (a SIGKILL would do as well: it has no index in
+    // the word, so its hang-up does not touch the buffer; a Free would).
+    s.owner.ok(&format!("end {}", access_of(&a)));
+    reader.ok(&format!("end {}", access_of(&b)));
+    let answer = writer.recv(Duration::from_secs(3));
+    assert!(
+        answer.is_some(),
+        "both readers ended, yet the queued writer is not granted (word {:#x})",
+        word.load().0
+    );
+    eprintln!("writer answered: {answer:?}");
+    drop((word, held, meddler));
+}
