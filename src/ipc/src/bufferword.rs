@@ -213,6 +213,16 @@ impl Word {
         self.has(index, false) || self.has(index, true)
     }
 
+    /// Whether `index` holds exactly `access`: what a hand-off planned for
+    /// `access` leaves. Another kind there is a holder's doing (a changed
+    /// plan), not the hand-off.
+    pub fn holds_as(self, index: u8, access: WordAccess) -> bool {
+        match access {
+            WordAccess::Read => self.has(index, false),
+            WordAccess::Write | WordAccess::ReadWrite => self.writer() == Some((index, access)),
+        }
+    }
+
     /// Whether `index` holds the write (`write`) or a read.
     pub fn has(self, index: u8, write: bool) -> bool {
         if write {
@@ -412,7 +422,7 @@ impl BufferWord {
         }
         if planned(current) {
             Planned::Waiting
-        } else if current.epoch() == slot.epoch && current.holds(slot.index) {
+        } else if current.epoch() == slot.epoch && current.holds_as(slot.index, access) {
             Planned::Granted
         } else {
             Planned::Cancelled
@@ -723,6 +733,27 @@ mod tests {
             write: false,
         };
         assert_eq!(w.end(reader), WordEnd::Tell);
+    }
+
+    /// A holder changed the plan's kind: the end hands over a write where
+    /// a read was planned. The waiter must not take that for its
+    /// hand-off (it would read under a write bit it does not know it
+    /// holds); it goes back to its socket, where the broker answers.
+    #[test]
+    fn a_hand_off_of_another_kind_is_not_the_waiters() {
+        let (_fd, w) = word();
+        let writer = w.try_begin(slot(0), WordAccess::Write).expect("writer");
+        w.take_over();
+        assert!(w.plan(w.load(), 6, WordAccess::Read));
+        let planned = w.load().0;
+        w.scribble(planned | 1 << NEXT_KIND_SHIFT);
+        assert_eq!(w.end(writer), WordEnd::HandedOff);
+        assert_eq!(w.load().writer(), Some((6, WordAccess::Write)));
+        assert!(!w.load().holds_as(6, WordAccess::Read));
+        assert_eq!(
+            w.await_plan(slot(6), WordAccess::Read, Duration::from_millis(1)),
+            Planned::Cancelled
+        );
     }
 
     #[test]

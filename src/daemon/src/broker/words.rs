@@ -480,11 +480,16 @@ impl State {
         // dropped the request and ignores the answer; the other learns
         // its begin failed instead of waiting forever. The access recorded
         // below has no bit, so the next settle retires it either way.
-        if !word.load().holds(index) {
+        // A bit of another kind is no hand-off of ours (a holder changed
+        // the plan): the waiter does not take it for one either, and it
+        // leaves the word, or nobody would ever clear it.
+        let handed = WordAccess::of(kind).is_some_and(|access| word.load().holds_as(index, access));
+        if !handed {
+            self.clear_unbacked_bits(grant.buffer, index);
             let lost = dmabroker_ipc::WireError::new(
                 dmabroker_ipc::ErrorCode::Busy,
-                "the hand-off planned for this begin was taken out of the buffer's word by \
-                 another holder; begin again",
+                "the hand-off planned for this begin was taken out of the buffer's word, or \
+                 changed, by another holder; begin again",
             );
             self.reply(grant.client, request_id, Err(lost), Vec::new());
         }
@@ -500,6 +505,26 @@ impl State {
         self.stats.grants += 1;
         self.stats.hand_offs += 1;
         true
+    }
+
+    /// Takes out of the word whatever `index` holds there that no access
+    /// of the broker's stands for: a bit a holder put there, which its
+    /// owner does not know it has and so will never end.
+    fn clear_unbacked_bits(&mut self, buffer: BufferId, index: u8) {
+        let backed = |write: bool| {
+            self.accesses
+                .values()
+                .any(|a| a.buffer == buffer && a.word_bit == Some(WordBit { index, write }))
+        };
+        let (read_backed, write_backed) = (backed(false), backed(true));
+        let Some(word) = self.mapped_word(buffer) else {
+            return;
+        };
+        for (write, is_backed) in [(false, read_backed), (true, write_backed)] {
+            if !is_backed {
+                word.remove_access(index, write);
+            }
+        }
     }
 
     /// After every decision: each touched word is handed back if nothing
