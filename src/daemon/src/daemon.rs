@@ -86,6 +86,9 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         );
     }
     let (restored, writer) = restore(&mut state, inherited.stored);
+    if let Some(store) = &state.fd_store {
+        store.set_record_slots(writer.record_slots());
+    }
     let persist_wanted = Arc::clone(&state.persist_wanted);
     let broker = Broker::new(state);
     let listener = match inherited.listener {
@@ -234,56 +237,37 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
-    // Fds, not names: two records may share a name.
-    let record_fds = stored.records.len();
     let Some((record_name, record)) = latest_record(&stored.records) else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
         );
-        let mut stale_records: Vec<String> = Vec::new();
         if let Some(store) = &state.fd_store {
-            for name in &names {
-                if !name.starts_with(RECORD_PREFIX) {
-                    store.remove(name);
-                } else if !stale_records.contains(name) {
-                    stale_records.push(name.clone());
-                }
+            for name in names.iter().filter(|n| !n.starts_with(RECORD_PREFIX)) {
+                store.remove(name);
             }
-            // Every record fd is one too many until the writer removed it.
-            store.set_extra_record_fds(record_fds);
             state.persist_wanted.notify_one();
         }
-        return (false, RecordWriter::fresh(stale_records));
+        // Removed by the record's writer before its first record.
+        return (false, RecordWriter::fresh(record_fds(&stored.records)));
     };
     let summary = state.restore(&record, stored.buffers);
-    // Whatever was not taken back must leave the store too. Older records
+    // Whatever was not taken back must leave the store too. Other records
+    // are removed by the record's writer before its first record (waiting
+    // for room, and tried again until they are gone); older records
     // sharing the kept record's name go with the next record, which is
     // stored under the other name and then removes this one.
-    let mut stale_records = Vec::new();
     if let Some(store) = &state.fd_store {
         for name in &names {
-            let kept = name == &record_name
+            let kept = name.starts_with(RECORD_PREFIX)
                 || name
                     .strip_prefix(BUFFER_PREFIX)
                     .and_then(|id| id.parse::<u64>().ok())
                     .is_some_and(|id| state.buffers.contains_key(&id));
-            if kept {
-                continue;
-            }
-            if name.starts_with(RECORD_PREFIX) {
-                // Removed by the record's writer before its first record
-                // (waiting for room, and tried again until it is gone).
-                if !stale_records.contains(name) {
-                    stale_records.push(name.clone());
-                }
-            } else {
+            if !kept {
                 store.remove(name);
             }
         }
-        // Record fds beyond the kept one (older ones, of its name too)
-        // take slots until the writer's first record has replaced them.
-        store.set_extra_record_fds(record_fds.saturating_sub(1));
         // A new record at once: it replaces any stale one and records
         // what the restore changed.
         state.persist_wanted.notify_one();
@@ -306,10 +290,26 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         unknown = summary.unknown_fds,
         "buffers taken back from the fd store"
     );
-    (
-        summary.restored > 0,
-        RecordWriter::continuing(record_name, record.generation, stale_records),
-    )
+    let (kept, stale): (Vec<_>, Vec<_>) = record_fds(&stored.records)
+        .into_iter()
+        .partition(|(name, _)| *name == record_name);
+    let kept_fds = kept.iter().map(|(_, fds)| fds).sum();
+    let writer = RecordWriter::continuing(record_name, record.generation, kept_fds, stale);
+    (summary.restored > 0, writer)
+}
+
+/// Each record name in the store with how many fds it has, in the order
+/// handed over: systemd counts fds, not names, and removing a name removes
+/// every fd of it.
+fn record_fds(records: &[(String, OwnedFd)]) -> Vec<(String, usize)> {
+    let mut counted: Vec<(String, usize)> = Vec::new();
+    for (name, _) in records {
+        match counted.iter_mut().find(|(known, _)| known == name) {
+            Some((_, fds)) => *fds += 1,
+            None => counted.push((name.clone(), 1)),
+        }
+    }
+    counted
 }
 
 /// The record of the highest generation among all stored, whatever their
@@ -469,8 +469,8 @@ async fn store_record(
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
                 if let Some(store) = &state.fd_store {
+                    store.set_record_slots(writer.record_slots());
                     if result.is_ok() {
-                        store.set_extra_record_fds(writer.stale_count());
                         store.set_record_owed(false);
                     } else {
                         store.set_record_owed(true);
@@ -480,7 +480,9 @@ async fn store_record(
                 state.buffers_out_of_store()
             };
             let outcome = match &result {
-                Ok(()) if out == 0 => Written::Stored,
+                // An older record still in the store: the next try
+                // removes it (the store matches the table only then).
+                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
                 Ok(()) => Written::Behind,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
                 Err(err) => {
