@@ -355,7 +355,7 @@ async fn persist_loop(
             Some(delay) => delay,
             None => {
                 tokio::select! {
-                    _ = wanted.notified() => {}
+                    _ = wanted.notified() => writer.table_changed(),
                     at = &mut stopped => break at.ok(),
                 }
                 RECORD_DEBOUNCE
@@ -431,8 +431,11 @@ const RECORD_CHUNK: usize = 1024;
 /// the next instance is not handed is dropped whatever the record says,
 /// so until every one is in, the record counts as not stored. A buffer
 /// allocated or freed meanwhile may be missing from or left in this
-/// record; its change asked for the next one. Gives the writer back with
-/// whether the record was stored, `None` if the writer was lost.
+/// record; its change asked for the next one. The table is copied only
+/// when it changed since the writer's latest record: a try while the
+/// manager has no room sends that one again, or nothing once it is in.
+/// Gives the writer back with whether the record was stored, `None` if the
+/// writer was lost.
 async fn store_record(
     broker: &Arc<Broker>,
     mut writer: RecordWriter,
@@ -441,14 +444,16 @@ async fn store_record(
     broker.lock().retry_buffer_stores();
     let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
     let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
-    let generation = writer.next_generation();
-    let ids = broker.lock().buffer_ids();
-    let mut buffers = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(RECORD_CHUNK) {
-        buffers.extend(broker.lock().buffer_records(chunk));
-        tokio::task::yield_now().await;
+    let wanted = Arc::clone(&broker.lock().persist_wanted);
+    if changed_unseen(&wanted).await {
+        writer.table_changed();
     }
-    let record = broker.lock().record_of(generation, buffers);
+    let fresh = if writer.needs_record() {
+        Some(copy_record(broker, writer.next_generation()).await)
+    } else {
+        None
+    };
+    let generation = fresh.as_ref().map(|record| record.generation);
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
         let sent = unstored
@@ -459,7 +464,7 @@ async fn store_record(
             let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
             (ids[..sent].to_vec(), ids[sent..].to_vec())
         };
-        let result = writer.store(&record, deadline);
+        let result = writer.store(fresh, deadline);
         (writer, result, (sent, unsent))
     })
     .await;
@@ -486,7 +491,7 @@ async fn store_record(
                 Ok(()) => Written::Behind,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
                 Err(err) => {
-                    tracing::warn!(error = %err, generation, "cannot store the buffer table record");
+                    tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
             };
@@ -506,6 +511,30 @@ async fn store_record(
             None
         }
     }
+}
+
+/// Whether the table changed since the last look without the loop
+/// noticing: every change wakes `wanted`, which keeps the wake-up of a
+/// change nobody waited for, and this takes it. Looked at before the copy,
+/// so a change after the look is in the next record.
+async fn changed_unseen(wanted: &tokio::sync::Notify) -> bool {
+    tokio::select! {
+        biased;
+        () = wanted.notified() => true,
+        () = std::future::ready(()) => false,
+    }
+}
+
+/// The table's record, copied [`RECORD_CHUNK`] buffers per turn of the
+/// state lock.
+async fn copy_record(broker: &Arc<Broker>, generation: u64) -> StateRecord {
+    let ids = broker.lock().buffer_ids();
+    let mut buffers = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(RECORD_CHUNK) {
+        buffers.extend(broker.lock().buffer_records(chunk));
+        tokio::task::yield_now().await;
+    }
+    broker.lock().record_of(generation, buffers)
 }
 
 /// What one record's writing achieved.
@@ -591,5 +620,65 @@ mod tests {
         ];
         let (_, record) = latest_record(&reversed).expect("a record");
         assert_eq!(record.generation, 7);
+    }
+
+    fn broker() -> Arc<Broker> {
+        let heaps = crate::heaps::HeapRegistry::discover(&crate::heaps::HeapConfig {
+            dma_heap_dir: std::path::PathBuf::from("/nonexistent"),
+            udmabuf_path: std::path::PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        Broker::new(State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            crate::broker::DaemonLimits::default(),
+        ))
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// While the manager had no room, every try (about once a second)
+    /// copied the whole table and encoded it again, each a new generation,
+    /// although nothing had changed. A try with the table unchanged now
+    /// stores the record it has, or nothing once that one is in.
+    #[test]
+    fn tries_with_the_table_unchanged_encode_no_new_record() {
+        let broker = broker();
+        runtime().block_on(async {
+            let mut writer = RecordWriter::default();
+            for _ in 0..3 {
+                (writer, _) = store_record(&broker, writer, Duration::ZERO)
+                    .await
+                    .expect("the writer");
+            }
+            assert_eq!(
+                writer.next_generation(),
+                2,
+                "one record copied and encoded for three tries"
+            );
+        });
+    }
+
+    /// A change, told by the broker as for any change to the table, is in
+    /// the next try's record: copied and encoded afresh.
+    #[test]
+    fn a_try_after_a_change_encodes_a_new_record() {
+        let broker = broker();
+        runtime().block_on(async {
+            let (writer, _) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
+                .await
+                .expect("the writer");
+            broker.lock().persist_wanted.notify_one();
+            let (mut writer, _) = store_record(&broker, writer, Duration::ZERO)
+                .await
+                .expect("the writer");
+            assert_eq!(writer.next_generation(), 3, "a record per change");
+        });
     }
 }

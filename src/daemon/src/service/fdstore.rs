@@ -125,7 +125,7 @@ struct InFlight {
 /// encoding and storing happen outside the broker's lock.
 #[derive(Debug, Default)]
 pub struct RecordWriter {
-    /// Generation of the last record stored (or taken back at start).
+    /// Generation of the latest record copied (or taken back at start).
     generation: u64,
     /// The record most recently stored, to be removed after the next one.
     current: Option<String>,
@@ -139,6 +139,23 @@ pub struct RecordWriter {
     /// beyond `FileDescriptorStoreMax=` without telling), after which the
     /// kept record would be removed and only an older one left.
     stale: Vec<(String, usize)>,
+    /// The latest record, encoded, kept until the table changes: while the
+    /// manager has no room, every try would otherwise copy and encode the
+    /// whole table again for the same bytes. `None` once the table changed
+    /// (see [`RecordWriter::table_changed`]).
+    latest: Option<Latest>,
+}
+
+/// Where the latest encoded record is on its way to the store.
+#[derive(Debug)]
+enum Latest {
+    /// Encoded; its memfd could not be made yet (out of fds).
+    Encoded(Vec<u8>),
+    /// In its sealed memfd, not stored yet. Never passed to the manager
+    /// while here (a failed send passes no fd), so it may be sent as is.
+    Sealed(OwnedFd),
+    /// In the store: nothing to send until the table changes.
+    Stored,
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -458,6 +475,7 @@ impl RecordWriter {
             current: Some(name),
             current_fds: fds,
             stale,
+            latest: None,
         }
     }
 
@@ -481,32 +499,69 @@ impl RecordWriter {
             .max(RECORD_SLOTS)
     }
 
+    /// The table changed since the latest record was copied: the next try
+    /// needs a new one.
+    pub fn table_changed(&mut self) {
+        self.latest = None;
+    }
+
+    /// Whether the next try needs a record copied from the table: the
+    /// table changed since the latest, or there is none yet. Otherwise it
+    /// stores the one it has (or nothing, once that one is in).
+    pub fn needs_record(&self) -> bool {
+        self.latest.is_none()
+    }
+
     pub fn next_generation(&mut self) -> u64 {
         self.generation += 1;
         self.generation
     }
 
-    /// Stores `record`, then drops the previous one. On failure nothing
-    /// changed: the previous record stays the one to replace.
+    /// Removes the stale records, then stores the latest record (`fresh`,
+    /// newly copied, replaces it) unless it is in already, then removes the
+    /// previous one. On failure nothing is lost: what was not sent is sent
+    /// by the next try, without encoding the record again.
     /// Waits for room in the manager's queue until `deadline`: runs off
     /// the broker's thread.
     pub fn store(
         &mut self,
-        record: &StateRecord,
+        fresh: Option<StateRecord>,
         deadline: std::time::Instant,
     ) -> std::io::Result<()> {
+        if let Some(record) = fresh {
+            let bytes = record.encode().map_err(std::io::Error::other)?;
+            self.latest = Some(Latest::Encoded(bytes));
+        }
         while let Some((stale, _)) = self.stale.first() {
             remove_waiting(stale, deadline)?;
             self.stale.remove(0);
         }
-        let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
-        let fd = sealed_copy(&name, &bytes)?;
-        notify::send_waiting(
+        let fd = match self.latest.take() {
+            // The caller copies one whenever `needs_record` says so.
+            None => return Err(std::io::Error::other("no record copied to store")),
+            Some(Latest::Stored) => {
+                self.latest = Some(Latest::Stored);
+                return Ok(());
+            }
+            Some(Latest::Sealed(fd)) => fd,
+            Some(Latest::Encoded(bytes)) => match sealed_copy(&name, &bytes) {
+                Ok(fd) => fd,
+                Err(err) => {
+                    self.latest = Some(Latest::Encoded(bytes));
+                    return Err(err);
+                }
+            },
+        };
+        if let Err(err) = notify::send_waiting(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
             deadline,
-        )?;
+        ) {
+            self.latest = Some(Latest::Sealed(fd));
+            return Err(err);
+        }
+        self.latest = Some(Latest::Stored);
         self.replace_current(name, deadline);
         Ok(())
     }
@@ -660,6 +715,33 @@ mod tests {
         assert_eq!(store.unremoved(), 1);
         store.set_record_slots(RECORD_SLOTS);
         assert_eq!(store.unremoved(), 0);
+    }
+
+    /// Without a manager every send succeeds: a record copied once is
+    /// stored once, and later tries with the table unchanged send nothing
+    /// and need no copy; a change asks for a new one.
+    #[test]
+    fn a_stored_record_is_not_sent_again_until_the_table_changes() {
+        let deadline = std::time::Instant::now();
+        let mut writer = RecordWriter::default();
+        assert!(writer.needs_record());
+        let record = StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: writer.next_generation(),
+            next_buffer: 1,
+            buffers: Vec::new(),
+        };
+        writer.store(Some(record), deadline).expect("stored");
+        assert_eq!(writer.current.as_deref(), Some("state-a"));
+        writer.store(None, deadline).expect("nothing to store");
+        assert_eq!(
+            writer.current.as_deref(),
+            Some("state-a"),
+            "the same record stored again under the other name"
+        );
+        assert!(!writer.needs_record());
+        writer.table_changed();
+        assert!(writer.needs_record());
     }
 
     #[test]
