@@ -1209,3 +1209,84 @@ fn two_records_of_one_name_leave_room_for_the_next_record() {
     drop(received);
     drop((frames, extra));
 }
+
+/// An older record of the other name beside the one kept (a crash
+/// between storing a record and removing the one before), and the
+/// manager busy: the writer must remove the older record before its next
+/// record, and while that removal waits the store holds two records,
+/// exactly the two slots kept for them. The restore counted the older
+/// record as a third, so the last buffer that fits was refused until the
+/// manager read again.
+#[test]
+fn a_pending_removal_of_an_old_record_takes_no_slot_of_a_buffer() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let mut frames: Vec<_> = (0..MAX - 3)
+        .map(|_| camera.alloc(4096).expect("alloc"))
+        .collect();
+    manager.wait_until_recorded(MAX - 3);
+    drop(first); // SIGKILL
+    {
+        // The same record again under the other name, older in the store.
+        let mut received = manager.received();
+        let (name, fd) = received
+            .store
+            .iter()
+            .find(|(name, _)| name.starts_with("state-"))
+            .map(|(name, fd)| (name.clone(), fd.try_clone().expect("dup")))
+            .expect("a record in the store");
+        let other = if name == "state-a" {
+            "state-b"
+        } else {
+            "state-a"
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).expect("read");
+        received
+            .store
+            .push((other.to_owned(), memfd_with(other, &bytes)));
+    }
+    let busy = manager.busy();
+    let second = Running::spawn(&manager, "second", &[], &[]);
+    wait_for_log(&second, "buffers taken back from the fd store");
+    // Three buffers and two records: one slot left.
+    let last = camera
+        .alloc(4096)
+        .unwrap_or_else(|err| panic!("the last slot was refused: {err}\n{}", second.log()));
+    frames.push(last);
+    let refused = camera
+        .alloc(4096)
+        .expect_err("a buffer beyond FileDescriptorStoreMax=");
+    assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+    assert!(
+        refused.to_string().contains("fd store is full")
+            && refused.to_string().contains("FileDescriptorStoreMax=6"),
+        "the refusal names the store and its setting: {refused}"
+    );
+    drop(busy);
+
+    manager.wait_until_recorded(MAX - 2);
+    manager.wait_for(
+        "the older record out of the store",
+        Duration::from_secs(5),
+        |r| {
+            r.stored_names()
+                .iter()
+                .filter(|n| n.starts_with("state-"))
+                .count()
+                == 1
+        },
+    );
+    let refused = manager.received().refused.clone();
+    assert!(
+        refused.is_empty(),
+        "the store was overfilled: it refused {refused:?}"
+    );
+    drop(second); // SIGKILL
+    let third = Running::start(&manager, "third", &[]);
+    for frame in &frames {
+        assert_back(frame, &third);
+    }
+}

@@ -86,6 +86,9 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         );
     }
     let (restored, writer) = restore(&mut state, inherited.stored);
+    if let Some(store) = &state.fd_store {
+        store.set_record_slots(writer.record_slots());
+    }
     let persist_wanted = Arc::clone(&state.persist_wanted);
     let broker = Broker::new(state);
     let listener = match inherited.listener {
@@ -234,56 +237,37 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
-    // Fds, not names: two records may share a name.
-    let record_fds = stored.records.len();
     let Some((record_name, record)) = latest_record(&stored.records) else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
         );
-        let mut stale_records: Vec<String> = Vec::new();
         if let Some(store) = &state.fd_store {
-            for name in &names {
-                if !name.starts_with(RECORD_PREFIX) {
-                    store.remove(name);
-                } else if !stale_records.contains(name) {
-                    stale_records.push(name.clone());
-                }
+            for name in names.iter().filter(|n| !n.starts_with(RECORD_PREFIX)) {
+                store.remove(name);
             }
-            // Every record fd is one too many until the writer removed it.
-            store.set_extra_record_fds(record_fds);
             state.persist_wanted.notify_one();
         }
-        return (false, RecordWriter::fresh(stale_records));
+        // Removed by the record's writer before its first record.
+        return (false, RecordWriter::fresh(record_fds(&stored.records)));
     };
     let summary = state.restore(&record, stored.buffers);
-    // Whatever was not taken back must leave the store too. Older records
+    // Whatever was not taken back must leave the store too. Other records
+    // are removed by the record's writer before its first record (waiting
+    // for room, and tried again until they are gone); older records
     // sharing the kept record's name go with the next record, which is
     // stored under the other name and then removes this one.
-    let mut stale_records = Vec::new();
     if let Some(store) = &state.fd_store {
         for name in &names {
-            let kept = name == &record_name
+            let kept = name.starts_with(RECORD_PREFIX)
                 || name
                     .strip_prefix(BUFFER_PREFIX)
                     .and_then(|id| id.parse::<u64>().ok())
                     .is_some_and(|id| state.buffers.contains_key(&id));
-            if kept {
-                continue;
-            }
-            if name.starts_with(RECORD_PREFIX) {
-                // Removed by the record's writer before its first record
-                // (waiting for room, and tried again until it is gone).
-                if !stale_records.contains(name) {
-                    stale_records.push(name.clone());
-                }
-            } else {
+            if !kept {
                 store.remove(name);
             }
         }
-        // Record fds beyond the kept one (older ones, of its name too)
-        // take slots until the writer's first record has replaced them.
-        store.set_extra_record_fds(record_fds.saturating_sub(1));
         // A new record at once: it replaces any stale one and records
         // what the restore changed.
         state.persist_wanted.notify_one();
@@ -306,10 +290,26 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         unknown = summary.unknown_fds,
         "buffers taken back from the fd store"
     );
-    (
-        summary.restored > 0,
-        RecordWriter::continuing(record_name, record.generation, stale_records),
-    )
+    let (kept, stale): (Vec<_>, Vec<_>) = record_fds(&stored.records)
+        .into_iter()
+        .partition(|(name, _)| *name == record_name);
+    let kept_fds = kept.iter().map(|(_, fds)| fds).sum();
+    let writer = RecordWriter::continuing(record_name, record.generation, kept_fds, stale);
+    (summary.restored > 0, writer)
+}
+
+/// Each record name in the store with how many fds it has, in the order
+/// handed over: systemd counts fds, not names, and removing a name removes
+/// every fd of it.
+fn record_fds(records: &[(String, OwnedFd)]) -> Vec<(String, usize)> {
+    let mut counted: Vec<(String, usize)> = Vec::new();
+    for (name, _) in records {
+        match counted.iter_mut().find(|(known, _)| known == name) {
+            Some((_, fds)) => *fds += 1,
+            None => counted.push((name.clone(), 1)),
+        }
+    }
+    counted
 }
 
 /// The record of the highest generation among all stored, whatever their
@@ -355,7 +355,7 @@ async fn persist_loop(
             Some(delay) => delay,
             None => {
                 tokio::select! {
-                    _ = wanted.notified() => {}
+                    _ = wanted.notified() => writer.table_changed(),
                     at = &mut stopped => break at.ok(),
                 }
                 RECORD_DEBOUNCE
@@ -431,8 +431,11 @@ const RECORD_CHUNK: usize = 1024;
 /// the next instance is not handed is dropped whatever the record says,
 /// so until every one is in, the record counts as not stored. A buffer
 /// allocated or freed meanwhile may be missing from or left in this
-/// record; its change asked for the next one. Gives the writer back with
-/// whether the record was stored, `None` if the writer was lost.
+/// record; its change asked for the next one. The table is copied only
+/// when it changed since the writer's latest record: a try while the
+/// manager has no room sends that one again, or nothing once it is in.
+/// Gives the writer back with whether the record was stored, `None` if the
+/// writer was lost.
 async fn store_record(
     broker: &Arc<Broker>,
     mut writer: RecordWriter,
@@ -441,14 +444,16 @@ async fn store_record(
     broker.lock().retry_buffer_stores();
     let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
     let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
-    let generation = writer.next_generation();
-    let ids = broker.lock().buffer_ids();
-    let mut buffers = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(RECORD_CHUNK) {
-        buffers.extend(broker.lock().buffer_records(chunk));
-        tokio::task::yield_now().await;
+    let wanted = Arc::clone(&broker.lock().persist_wanted);
+    if changed_unseen(&wanted).await {
+        writer.table_changed();
     }
-    let record = broker.lock().record_of(generation, buffers);
+    let fresh = if writer.needs_record() {
+        Some(copy_record(broker, writer.next_generation()).await)
+    } else {
+        None
+    };
+    let generation = fresh.as_ref().map(|record| record.generation);
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
         let sent = unstored
@@ -459,7 +464,7 @@ async fn store_record(
             let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
             (ids[..sent].to_vec(), ids[sent..].to_vec())
         };
-        let result = writer.store(&record, deadline);
+        let result = writer.store(fresh, deadline);
         (writer, result, (sent, unsent))
     })
     .await;
@@ -469,8 +474,8 @@ async fn store_record(
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
                 if let Some(store) = &state.fd_store {
+                    store.set_record_slots(writer.record_slots());
                     if result.is_ok() {
-                        store.set_extra_record_fds(writer.stale_count());
                         store.set_record_owed(false);
                     } else {
                         store.set_record_owed(true);
@@ -480,11 +485,13 @@ async fn store_record(
                 state.buffers_out_of_store()
             };
             let outcome = match &result {
-                Ok(()) if out == 0 => Written::Stored,
+                // An older record still in the store: the next try
+                // removes it (the store matches the table only then).
+                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
                 Ok(()) => Written::Behind,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
                 Err(err) => {
-                    tracing::warn!(error = %err, generation, "cannot store the buffer table record");
+                    tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
             };
@@ -504,6 +511,30 @@ async fn store_record(
             None
         }
     }
+}
+
+/// Whether the table changed since the last look without the loop
+/// noticing: every change wakes `wanted`, which keeps the wake-up of a
+/// change nobody waited for, and this takes it. Looked at before the copy,
+/// so a change after the look is in the next record.
+async fn changed_unseen(wanted: &tokio::sync::Notify) -> bool {
+    tokio::select! {
+        biased;
+        () = wanted.notified() => true,
+        () = std::future::ready(()) => false,
+    }
+}
+
+/// The table's record, copied [`RECORD_CHUNK`] buffers per turn of the
+/// state lock.
+async fn copy_record(broker: &Arc<Broker>, generation: u64) -> StateRecord {
+    let ids = broker.lock().buffer_ids();
+    let mut buffers = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(RECORD_CHUNK) {
+        buffers.extend(broker.lock().buffer_records(chunk));
+        tokio::task::yield_now().await;
+    }
+    broker.lock().record_of(generation, buffers)
 }
 
 /// What one record's writing achieved.
@@ -589,5 +620,65 @@ mod tests {
         ];
         let (_, record) = latest_record(&reversed).expect("a record");
         assert_eq!(record.generation, 7);
+    }
+
+    fn broker() -> Arc<Broker> {
+        let heaps = crate::heaps::HeapRegistry::discover(&crate::heaps::HeapConfig {
+            dma_heap_dir: std::path::PathBuf::from("/nonexistent"),
+            udmabuf_path: std::path::PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        Broker::new(State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            crate::broker::DaemonLimits::default(),
+        ))
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// While the manager had no room, every try (about once a second)
+    /// copied the whole table and encoded it again, each a new generation,
+    /// although nothing had changed. A try with the table unchanged now
+    /// stores the record it has, or nothing once that one is in.
+    #[test]
+    fn tries_with_the_table_unchanged_encode_no_new_record() {
+        let broker = broker();
+        runtime().block_on(async {
+            let mut writer = RecordWriter::default();
+            for _ in 0..3 {
+                (writer, _) = store_record(&broker, writer, Duration::ZERO)
+                    .await
+                    .expect("the writer");
+            }
+            assert_eq!(
+                writer.next_generation(),
+                2,
+                "one record copied and encoded for three tries"
+            );
+        });
+    }
+
+    /// A change, told by the broker as for any change to the table, is in
+    /// the next try's record: copied and encoded afresh.
+    #[test]
+    fn a_try_after_a_change_encodes_a_new_record() {
+        let broker = broker();
+        runtime().block_on(async {
+            let (writer, _) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
+                .await
+                .expect("the writer");
+            broker.lock().persist_wanted.notify_one();
+            let (mut writer, _) = store_record(&broker, writer, Duration::ZERO)
+                .await
+                .expect("the writer");
+            assert_eq!(writer.next_generation(), 3, "a record per change");
+        });
     }
 }

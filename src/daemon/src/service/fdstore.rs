@@ -15,6 +15,15 @@
 //! the bound ([`Capacity`]) and never sends more fds than fit: two slots
 //! stay free for the records, and a buffer that would need a slot beyond
 //! the rest is refused (see `State::check_store_slot`).
+//!
+//! systemd counts every fd in the store, records included, whatever its
+//! name (several fds may share one), and drops an fd of a file it holds
+//! already. The records take at most two slots from a record's store to
+//! the next one's: the new one is stored, then the old one removed. Only
+//! older records a restart found (or one whose removal could not be sent)
+//! can make more, and they are removed before the next record is stored:
+//! [`RecordWriter::record_slots`] is the most the writer's next steps hold
+//! at once, and the buffers get every other slot.
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -97,10 +106,10 @@ pub struct FdStore {
     /// In a run of failures to store or remove, logged once at its start
     /// and once at its end.
     failing: std::sync::atomic::AtomicBool,
-    /// Record fds in the store beyond the one a record needs (older ones a
-    /// restart found, until the record's writer has removed them): they
-    /// take slots the buffers cannot have.
-    extra_record_fds: std::sync::atomic::AtomicUsize,
+    /// Slots the records may take until the writer says otherwise (see
+    /// [`RecordWriter::record_slots`]): [`RECORD_SLOTS`] but for older
+    /// records a restart found.
+    record_slots: std::sync::atomic::AtomicUsize,
     /// The latest record could not be stored: owed, as a buffer is, so
     /// that a run of failures ends only once it is in.
     record_owed: std::sync::atomic::AtomicBool,
@@ -116,17 +125,37 @@ struct InFlight {
 /// encoding and storing happen outside the broker's lock.
 #[derive(Debug, Default)]
 pub struct RecordWriter {
-    /// Generation of the last record stored (or taken back at start).
+    /// Generation of the latest record copied (or taken back at start).
     generation: u64,
     /// The record most recently stored, to be removed after the next one.
     current: Option<String>,
+    /// Fds stored under `current`'s name: one, or more when a restart
+    /// found older records of that name (its removal removes them all).
+    current_fds: usize,
     /// Previous records whose removal could not be sent, or older ones a
-    /// restart found beside the one it kept: removed before the next
-    /// record is stored, which would otherwise be a record fd too many in
-    /// the store and could be refused (systemd closes an fd beyond
-    /// `FileDescriptorStoreMax=` without telling), after which the kept
-    /// record would be removed and only an older one left.
-    stale: Vec<String>,
+    /// restart found beside the one it kept, each with its fds: removed
+    /// before the next record is stored, which would otherwise be a record
+    /// fd too many in the store and could be refused (systemd closes an fd
+    /// beyond `FileDescriptorStoreMax=` without telling), after which the
+    /// kept record would be removed and only an older one left.
+    stale: Vec<(String, usize)>,
+    /// The latest record, encoded, kept until the table changes: while the
+    /// manager has no room, every try would otherwise copy and encode the
+    /// whole table again for the same bytes. `None` once the table changed
+    /// (see [`RecordWriter::table_changed`]).
+    latest: Option<Latest>,
+}
+
+/// Where the latest encoded record is on its way to the store.
+#[derive(Debug)]
+enum Latest {
+    /// Encoded; its memfd could not be made yet (out of fds).
+    Encoded(Vec<u8>),
+    /// In its sealed memfd, not stored yet. Never passed to the manager
+    /// while here (a failed send passes no fd), so it may be sent as is.
+    Sealed(OwnedFd),
+    /// In the store: nothing to send until the table changes.
+    Stored,
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -154,20 +183,22 @@ impl FdStore {
             unstored: Mutex::new(Vec::new()),
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
-            extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
+            record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Entries gone from the table but perhaps not from the store (their
-    /// removal not sent yet, or held back behind the record writer's
-    /// batch): each still takes a slot.
+    /// Slots taken besides the live buffers' and the two kept for the
+    /// records: freed buffers perhaps still in the store (their removal not
+    /// sent yet, or held back behind the record writer's batch), and
+    /// record slots beyond the two while older records are to be removed.
     pub fn unremoved(&self) -> usize {
         self.unremoved_names().len()
             + self.in_flight().deferred_removals.len()
             + self
-                .extra_record_fds
+                .record_slots
                 .load(std::sync::atomic::Ordering::Acquire)
+                .saturating_sub(RECORD_SLOTS)
     }
 
     /// See `record_owed`: set by the record's writer after each try.
@@ -176,11 +207,14 @@ impl FdStore {
             .store(owed, std::sync::atomic::Ordering::Release);
     }
 
-    /// See `extra_record_fds`: set by the restore, then by the record's
-    /// writer after each record it stored.
-    pub fn set_extra_record_fds(&self, extra: usize) {
-        self.extra_record_fds
-            .store(extra, std::sync::atomic::Ordering::Release);
+    /// See `record_slots`: set after the restore, then by the record's
+    /// writer after each try. It only ever goes down between two settings
+    /// (each of the writer's steps holds fewer records or as many as its
+    /// last setting allowed), so a setting made after the steps it counts
+    /// never lets a buffer take a slot a record still needs.
+    pub fn set_record_slots(&self, slots: usize) {
+        self.record_slots
+            .store(slots, std::sync::atomic::Ordering::Release);
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -416,31 +450,66 @@ fn remove_waiting(name: &str, deadline: std::time::Instant) -> std::io::Result<(
 }
 
 impl RecordWriter {
-    /// After a restore: the record taken back is the one to replace, and
-    /// new records must outrank it.
     /// A writer with no record stored yet, which removes `stale` (records
-    /// a restart found and could not read) before its first record.
-    pub fn fresh(stale: Vec<String>) -> RecordWriter {
+    /// a restart found and could not read, each with its fds) before its
+    /// first record.
+    pub fn fresh(stale: Vec<(String, usize)>) -> RecordWriter {
         RecordWriter {
             stale,
             ..RecordWriter::default()
         }
     }
 
-    /// Record names still to be removed: fds beyond the store's record
-    /// slots while they are there.
+    /// After a restore: the record taken back (`fds` under `name`) is the
+    /// one to replace, and new records must outrank its `generation`.
+    /// `stale`: other records the restart found, to be removed before the
+    /// next record is stored.
+    pub fn continuing(
+        name: String,
+        generation: u64,
+        fds: usize,
+        stale: Vec<(String, usize)>,
+    ) -> RecordWriter {
+        RecordWriter {
+            generation,
+            current: Some(name),
+            current_fds: fds,
+            stale,
+            latest: None,
+        }
+    }
+
+    /// Record names still to be removed: the store does not match the
+    /// table until they are gone.
     pub fn stale_count(&self) -> usize {
         self.stale.len()
     }
 
-    /// `stale`: other records the restart found, to be removed before
-    /// the next record is stored.
-    pub fn continuing(name: String, generation: u64, stale: Vec<String>) -> RecordWriter {
-        RecordWriter {
-            generation,
-            current: Some(name),
-            stale,
-        }
+    /// The most record fds the store holds from now until the writer's
+    /// next record has replaced the current one: those there now, or the
+    /// current name's and the new record once the stale ones are gone (it
+    /// is stored before the current one is removed), and never fewer than
+    /// [`RECORD_SLOTS`], which every later record needs. A stale record
+    /// waiting for its removal thus takes the new record's slot, not one
+    /// more: it is removed before the new record is stored.
+    pub fn record_slots(&self) -> usize {
+        let stale: usize = self.stale.iter().map(|(_, fds)| fds).sum();
+        (self.current_fds + stale)
+            .max(self.current_fds + 1)
+            .max(RECORD_SLOTS)
+    }
+
+    /// The table changed since the latest record was copied: the next try
+    /// needs a new one.
+    pub fn table_changed(&mut self) {
+        self.latest = None;
+    }
+
+    /// Whether the next try needs a record copied from the table: the
+    /// table changed since the latest, or there is none yet. Otherwise it
+    /// stores the one it has (or nothing, once that one is in).
+    pub fn needs_record(&self) -> bool {
+        self.latest.is_none()
     }
 
     pub fn next_generation(&mut self) -> u64 {
@@ -448,33 +517,64 @@ impl RecordWriter {
         self.generation
     }
 
-    /// Stores `record`, then drops the previous one. On failure nothing
-    /// changed: the previous record stays the one to replace.
+    /// Removes the stale records, then stores the latest record (`fresh`,
+    /// newly copied, replaces it) unless it is in already, then removes the
+    /// previous one. On failure nothing is lost: what was not sent is sent
+    /// by the next try, without encoding the record again.
     /// Waits for room in the manager's queue until `deadline`: runs off
     /// the broker's thread.
     pub fn store(
         &mut self,
-        record: &StateRecord,
+        fresh: Option<StateRecord>,
         deadline: std::time::Instant,
     ) -> std::io::Result<()> {
-        while let Some(stale) = self.stale.first() {
+        if let Some(record) = fresh {
+            let bytes = record.encode().map_err(std::io::Error::other)?;
+            self.latest = Some(Latest::Encoded(bytes));
+        }
+        while let Some((stale, _)) = self.stale.first() {
             remove_waiting(stale, deadline)?;
             self.stale.remove(0);
         }
-        let bytes = record.encode().map_err(std::io::Error::other)?;
         let name = next_record_name(self.current.as_deref());
-        let fd = sealed_copy(&name, &bytes)?;
-        notify::send_waiting(
+        let fd = match self.latest.take() {
+            // The caller copies one whenever `needs_record` says so.
+            None => return Err(std::io::Error::other("no record copied to store")),
+            Some(Latest::Stored) => {
+                self.latest = Some(Latest::Stored);
+                return Ok(());
+            }
+            Some(Latest::Sealed(fd)) => fd,
+            Some(Latest::Encoded(bytes)) => match sealed_copy(&name, &bytes) {
+                Ok(fd) => fd,
+                Err(err) => {
+                    self.latest = Some(Latest::Encoded(bytes));
+                    return Err(err);
+                }
+            },
+        };
+        if let Err(err) = notify::send_waiting(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
             deadline,
-        )?;
-        if let Some(old) = self.current.replace(name.clone()) {
-            if old != name && remove_waiting(&old, deadline).is_err() {
-                self.stale.push(old);
+        ) {
+            self.latest = Some(Latest::Sealed(fd));
+            return Err(err);
+        }
+        self.latest = Some(Latest::Stored);
+        self.replace_current(name, deadline);
+        Ok(())
+    }
+
+    /// `name` is the stored record now; the previous one goes, or is stale
+    /// until it can.
+    fn replace_current(&mut self, name: String, deadline: std::time::Instant) {
+        let old_fds = std::mem::replace(&mut self.current_fds, 1);
+        if let Some(old) = self.current.replace(name) {
+            if remove_waiting(&old, deadline).is_err() {
+                self.stale.push((old, old_fds));
             }
         }
-        Ok(())
     }
 }
 
@@ -512,7 +612,7 @@ mod tests {
             unstored: Mutex::new(unstored.to_vec()),
             in_flight: Mutex::new(InFlight::default()),
             failing: std::sync::atomic::AtomicBool::new(false),
-            extra_record_fds: std::sync::atomic::AtomicUsize::new(0),
+            record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -554,6 +654,94 @@ mod tests {
         store.finish_batch(&[7], &[]);
         assert_eq!(store.unremoved(), 0);
         assert_eq!(store.unstored_count(), 0);
+    }
+
+    fn stale(names: &[(&str, usize)]) -> Vec<(String, usize)> {
+        names
+            .iter()
+            .map(|(n, fds)| ((*n).to_owned(), *fds))
+            .collect()
+    }
+
+    /// systemd counts every record fd, and the writer removes stale
+    /// records before it stores the next, which it stores before it
+    /// removes the current one: the most at once is what the store holds
+    /// now or the current name's fds and the new record, and never fewer
+    /// than the two every later record needs. An older record of the other
+    /// name waiting for its removal was counted as a third, and the last
+    /// buffer that fitted was refused.
+    #[test]
+    fn records_take_the_most_fds_the_writer_holds_at_once() {
+        let cases = [
+            ("nothing stored yet", RecordWriter::default(), 2),
+            (
+                "an unreadable record to remove first",
+                RecordWriter::fresh(stale(&[("state-a", 1)])),
+                2,
+            ),
+            (
+                "one record",
+                RecordWriter::continuing("state-a".into(), 7, 1, Vec::new()),
+                2,
+            ),
+            (
+                "an older record of the other name, its removal pending",
+                RecordWriter::continuing("state-a".into(), 7, 1, stale(&[("state-b", 1)])),
+                2,
+            ),
+            (
+                "an older record of the kept name, gone with the next record",
+                RecordWriter::continuing("state-a".into(), 7, 2, Vec::new()),
+                3,
+            ),
+            (
+                "two older records of the other name",
+                RecordWriter::continuing("state-a".into(), 7, 1, stale(&[("state-b", 2)])),
+                3,
+            ),
+        ];
+        for (what, writer, slots) in cases {
+            assert_eq!(writer.record_slots(), slots, "{what}");
+        }
+    }
+
+    /// The store counts record slots beyond the two as taken, and only
+    /// those.
+    #[test]
+    fn record_slots_beyond_the_two_take_buffer_slots() {
+        let store = store_with(&[]);
+        assert_eq!(store.unremoved(), 0);
+        store.set_record_slots(3);
+        assert_eq!(store.unremoved(), 1);
+        store.set_record_slots(RECORD_SLOTS);
+        assert_eq!(store.unremoved(), 0);
+    }
+
+    /// Without a manager every send succeeds: a record copied once is
+    /// stored once, and later tries with the table unchanged send nothing
+    /// and need no copy; a change asks for a new one.
+    #[test]
+    fn a_stored_record_is_not_sent_again_until_the_table_changes() {
+        let deadline = std::time::Instant::now();
+        let mut writer = RecordWriter::default();
+        assert!(writer.needs_record());
+        let record = StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: writer.next_generation(),
+            next_buffer: 1,
+            buffers: Vec::new(),
+        };
+        writer.store(Some(record), deadline).expect("stored");
+        assert_eq!(writer.current.as_deref(), Some("state-a"));
+        writer.store(None, deadline).expect("nothing to store");
+        assert_eq!(
+            writer.current.as_deref(),
+            Some("state-a"),
+            "the same record stored again under the other name"
+        );
+        assert!(!writer.needs_record());
+        writer.table_changed();
+        assert!(writer.needs_record());
     }
 
     #[test]
