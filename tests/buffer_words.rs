@@ -512,15 +512,16 @@ fn a_hand_off_whose_kind_was_changed_still_answers_the_waiter() {
     s.owner.ok(&format!("end {}", access_of(&again)));
 }
 
-/// REVIEW (failing): a holder clears DAEMON (a legal-looking word) while
-/// the broker arbitrates the buffer and a writer waits behind two readers
-/// held in the word. The readers' ends then see no DAEMON and end silently
-/// (no `WordEnded`), so the broker never learns the buffer is free: the
-/// queued writer (no timeout) is not served, even after the meddler has
-/// gone, until some other decision happens to touch the buffer.
-#[test]
-fn review_a_cleared_daemon_bit_does_not_strand_a_queued_writer() {
-    const DAEMON: u64 = 1 << 39;
+/// A holder writes where only the broker writes while it arbitrates the
+/// buffer (`tamper`), with a writer queued behind two readers held in the
+/// word. Cleared `DAEMON` made the readers' ends silent (no `WordEnded`);
+/// a changed epoch or a plan the broker never made made it stop looking
+/// at the word: either way the broker never learned the buffer was free,
+/// and the writer (no timeout) waited until some other decision touched
+/// the buffer, even after the meddler had gone. The word patrol breaks
+/// such a word within a second and the writer is granted, told the
+/// contents may be torn.
+fn a_tampered_word_does_not_strand_a_queued_writer(tamper: impl Fn(&BufferWord)) {
     let bus = DbusDaemon::start();
     let mut s = Shared::new(bus.start_broker(None), 4096);
     let mut reader = s.join(&[]);
@@ -538,17 +539,75 @@ fn review_a_cleared_daemon_bit_does_not_strand_a_queued_writer() {
     assert_eq!(field(&b, "word"), Some("true"), "{b}");
     writer.send(&format!("begin {} w", s.id));
     eventually("the writer to queue", || bus.totals(TOTALS_WAITERS) == 1);
-    word.scribble(word.load().0 & !DAEMON);
-    // The meddler stays (a SIGKILL would do as well: it has no index in
-    // the word, so its hang-up does not touch the buffer; a Free would).
+    tamper(&word);
     s.owner.ok(&format!("end {}", access_of(&a)));
     reader.ok(&format!("end {}", access_of(&b)));
-    let answer = writer.recv(Duration::from_secs(3));
+    let answer = writer.recv(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "both readers ended, yet the queued writer is not granted (word {:#x})",
+            word.load().0
+        )
+    });
+    assert_eq!(field(&answer, "writer_lost"), Some("true"), "{answer}");
+    assert_eq!(field(&answer, "word"), Some("false"), "{answer}");
+    writer.ok(&format!("end {}", access_of(&answer)));
+    // Broken for good: by message from now on, and still exclusive.
+    let again = s.owner.ok(&format!("begin {} w 2000", s.id));
+    assert_eq!(field(&again, "word"), Some("false"), "{again}");
+    reader.send(&format!("begin {} r", s.id));
+    assert_eq!(reader.recv(STILL_BLOCKED), None, "read while written");
+    s.owner.ok(&format!("end {}", access_of(&again)));
+    reader.granted_within(PROMPTLY, "reader after the write");
+    drop((word, held, meddler));
+}
+
+#[test]
+fn a_cleared_daemon_bit_does_not_strand_a_queued_writer() {
+    const DAEMON: u64 = 1 << 39;
+    a_tampered_word_does_not_strand_a_queued_writer(|word| {
+        word.scribble(word.load().0 & !DAEMON);
+    });
+}
+
+#[test]
+fn a_changed_epoch_does_not_strand_a_queued_writer() {
+    const EPOCH_ONE: u64 = 1 << 48;
+    a_tampered_word_does_not_strand_a_queued_writer(|word| {
+        word.scribble(word.load().0.wrapping_add(EPOCH_ONE));
+    });
+}
+
+/// A word broken under a holder that still has its bit: its access is
+/// taken away (the writer queued behind it is granted at once), so it is
+/// told, as a hold limit's revocation is told, instead of reading on
+/// unaware next to a writer.
+#[test]
+fn a_holder_still_in_a_broken_word_is_told_its_access_is_revoked() {
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut writer = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "r");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let read = s.owner.ok(&format!("begin {} r", s.id));
+    assert_eq!(field(&read, "word"), Some("true"), "{read}");
+    writer.send(&format!("begin {} w", s.id));
+    eventually("the writer to queue", || bus.totals(TOTALS_WAITERS) == 1);
+    // A writer next to the reader: impossible. Found by the word patrol.
+    word.scribble(word.load().0 | 1 << 37 | 3 << 32);
+    let write = writer
+        .recv(Duration::from_secs(5))
+        .expect("the writer is granted once the word is broken");
+    assert_eq!(field(&write, "writer_lost"), Some("true"), "{write}");
+    // Named by the broker's id for the access and by the buffer: a guard
+    // held in the word has no id of its own (`AccessGuard::id` is 0).
+    let event = s.owner.ok("event 2000");
     assert!(
-        answer.is_some(),
-        "both readers ended, yet the queued writer is not granted (word {:#x})",
-        word.load().0
+        event.contains("AccessRevoked") && event.contains(&format!("buffer: {} ", s.id)),
+        "{event} after {read}"
     );
-    eprintln!("writer answered: {answer:?}");
+    writer.ok(&format!("end {}", access_of(&write)));
     drop((word, held, meddler));
 }

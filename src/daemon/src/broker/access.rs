@@ -197,6 +197,7 @@ impl State {
                 // once. One that ended meanwhile is retired here, which may
                 // grant this very waiter.
                 self.settle_buffer(buffer, true, now);
+                self.start_word_patrol(buffer);
             }
         }
         Ok(Answer::Deferred)

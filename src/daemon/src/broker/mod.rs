@@ -33,6 +33,9 @@ pub use words::WordState;
 /// Deferred work produced while the state was locked.
 #[derive(Debug)]
 pub enum Action {
+    /// Looks at the words of the buffers someone waits on, every
+    /// `words::WORD_PATROL`, for as long as there are any.
+    PatrolWords,
     /// A queued begin (or one waiting for kernel fences) gives up.
     Timeout {
         target: TimeoutTarget,
@@ -72,11 +75,14 @@ pub enum TimeoutTarget {
 pub enum TaskOwner {
     Waiter(WaiterId),
     Access(AccessId),
+    /// The broker's one word patrol, which stops itself.
+    WordPatrol,
 }
 
 impl Action {
     fn owner(&self) -> TaskOwner {
         match self {
+            Action::PatrolWords => TaskOwner::WordPatrol,
             Action::Timeout {
                 target: TimeoutTarget::Waiter(waiter),
                 ..
@@ -170,6 +176,14 @@ impl Broker {
     fn start(self: &Arc<Self>, action: Action) -> tokio::task::AbortHandle {
         let broker = Arc::clone(self);
         let task = match action {
+            Action::PatrolWords => tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(words::WORD_PATROL).await;
+                    if !broker.with(State::patrol_words) {
+                        break;
+                    }
+                }
+            }),
             Action::Timeout { target, after } => tokio::spawn(async move {
                 tokio::time::sleep(after).await;
                 broker.with(|s| s.timed_out(target));

@@ -209,6 +209,8 @@ pub struct State {
     /// Buffers whose words the broker arbitrates and that a decision
     /// touched: after the decision, each is handed back or planned.
     pub(super) touched: Vec<BufferId>,
+    /// The word patrol is running (see `words::WORD_PATROL`).
+    pub(super) word_patrol: bool,
 }
 
 impl State {
@@ -241,6 +243,7 @@ impl State {
             tasks: FxHashMap::default(),
             encoded: Vec::with_capacity(256),
             touched: Vec::new(),
+            word_patrol: false,
         }
     }
 
@@ -270,6 +273,7 @@ impl State {
         let alive = match owner {
             TaskOwner::Access(id) => self.accesses.contains_key(&id),
             TaskOwner::Waiter(id) => self.waiters.contains_key(&id),
+            TaskOwner::WordPatrol => self.word_patrol,
         };
         if alive {
             self.tasks.entry(owner).or_default().push(task);

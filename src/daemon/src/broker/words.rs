@@ -12,14 +12,23 @@
 //! grant, no fence a no-autofence client waits on), or plans a hand-off.
 
 use std::os::fd::BorrowedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmabroker_fence::{self as fence, AccessId, BeginOutcome, Mode, WaiterId};
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Word, WordAccess, MAX_HOLDERS};
-use dmabroker_ipc::{Access, BufferId, ClientId, ReplyBody};
+use dmabroker_ipc::{Access, BufferId, ClientId, Event, ReplyBody};
 
 use super::access::to_fence_access;
 use super::state::{AccessEntry, State};
+
+/// How often the broker looks at the words of buffers someone waits on.
+/// Ends in a taken word are told by message, but only while the word says
+/// `DAEMON`; a holder that clears it (or rewrites the epoch or a plan) makes
+/// them silent, and the waiters would wait until some other decision
+/// touched the buffer, even after that holder had gone. The patrol finds
+/// such a word within this period and breaks it. It runs only while
+/// someone waits on a buffer whose word the broker has taken.
+pub const WORD_PATROL: Duration = Duration::from_secs(1);
 
 /// An access held as a bit in its buffer's word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +104,16 @@ fn void_unmapped(fd: BorrowedFd<'_>, size: u64) {
     if let Err(err) = written {
         tracing::error!(error = %err, "cannot void a restored buffer's word: its previous clients may still begin in it");
     }
+}
+
+/// Whether a holder wrote where only the broker writes while it has the
+/// word taken: `DAEMON` (cleared, every end in the word goes silent), the
+/// epoch, or a plan the broker did not make.
+fn tampered(ws: &WordState, word: Word) -> bool {
+    ws.taken
+        && (!word.daemon()
+            || word.epoch() != ws.epoch
+            || (word.next().is_some() && ws.planned.is_none()))
 }
 
 /// The holder of `buffer` whose word index is `index`.
@@ -218,6 +237,7 @@ impl State {
         };
         let before = word.take_over();
         let first = !ws.taken;
+        let epoch = ws.epoch;
         ws.taken = true;
         let planned = ws.planned.take();
         // Always: a NEXT the broker did not plan (written by a holder) must
@@ -225,7 +245,7 @@ impl State {
         let cancelled = Some(word.cancel_plan()).filter(|_| planned.is_some());
         self.touched.push(buffer);
         if first {
-            self.mirror(buffer, before, now);
+            self.mirror(buffer, before, epoch, now);
         }
         if let (Some(waiter), Some(cancelled)) = (planned, cancelled) {
             // Nothing to cancel means the holder carried the plan out (the
@@ -255,9 +275,11 @@ impl State {
             .word_index
     }
 
-    /// The word's bits become fences in the (empty) reservation.
-    fn mirror(&mut self, buffer: BufferId, word: Word, now: Instant) {
-        if word.is_impossible() {
+    /// The word's bits become fences in the (empty) reservation. A word
+    /// of another epoch than the broker's is a holder's doing (only the
+    /// broker moves it): its bits may be stale guards', so it is broken.
+    fn mirror(&mut self, buffer: BufferId, word: Word, epoch: u16, now: Instant) {
+        if word.is_impossible() || word.epoch() != epoch {
             self.break_word(buffer, word);
             return;
         }
@@ -341,7 +363,9 @@ impl State {
     /// A holder wrote something no legal sequence produces. Its accesses
     /// in the word are dropped (the next grant says `writer_lost`: the
     /// contents may be anything), and the broker arbitrates the buffer by
-    /// message for good.
+    /// message for good. A holder whose bit was still there is told its
+    /// access is revoked: it may still be reading or writing, and the
+    /// next grant does not wait for it.
     fn break_word(&mut self, buffer: BufferId, word: Word) {
         let holders: Vec<ClientId> = self
             .buffers
@@ -367,13 +391,15 @@ impl State {
                 mapped.reset(ws.epoch, true);
             }
         }
-        let in_word: Vec<AccessId> = self
+        let in_word: Vec<(AccessId, bool)> = self
             .accesses
             .iter()
-            .filter(|(_, a)| a.buffer == buffer && a.word_bit.is_some())
-            .map(|(id, _)| *id)
+            .filter_map(|(id, a)| {
+                let bit = a.word_bit.filter(|_| a.buffer == buffer)?;
+                Some((*id, word.has(bit.index, bit.write)))
+            })
             .collect();
-        for id in &in_word {
+        for (id, _) in &in_word {
             if let Some(entry) = self.accesses.get_mut(id) {
                 entry.word_bit = None;
             }
@@ -382,11 +408,20 @@ impl State {
         // the ones that must say the contents may be torn.
         self.arbiter.mark_writer_lost(buffer);
         let now = Instant::now();
-        for id in in_word {
+        for (id, still_held) in in_word {
             let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
                 continue;
             };
             if let Ok(grants) = self.arbiter.end(client, id, now) {
+                if still_held {
+                    self.stats.revocations += 1;
+                    self.event(client, Event::AccessRevoked { access: id, buffer });
+                    self.notice(super::Notice::AccessRevoked {
+                        buffer,
+                        access: id,
+                        client,
+                    });
+                }
                 self.finish_released(&[id]);
                 self.deliver_grants(grants);
             }
@@ -400,16 +435,63 @@ impl State {
             .is_some_and(|word| word.load().has(bit.index, bit.write))
     }
 
-    /// Settling starts here: a word some holder made impossible is broken
-    /// before anything is read from it.
+    /// Settling starts here: a word some holder made impossible, or
+    /// changed where only the broker writes while it has the word taken,
+    /// is broken before anything is read from it. A broken word is not
+    /// looked at again: whatever its holders write there no longer counts.
     pub(super) fn check_word(&mut self, buffer: BufferId) {
-        let Some(word) = self.mapped_word(buffer) else {
+        let Some(ws) = self.buffers.get(&buffer).and_then(|b| b.word.as_deref()) else {
+            return;
+        };
+        let Some(word) = ws.mapped.as_ref().filter(|_| !ws.broken) else {
             return;
         };
         let now = word.load();
-        if now.is_impossible() {
+        if now.is_impossible() || tampered(ws, now) {
             self.break_word(buffer, now);
         }
+    }
+
+    /// Starts the word patrol, unless it runs, when a begin queues on a
+    /// buffer whose word the broker has taken.
+    pub(super) fn start_word_patrol(&mut self, buffer: BufferId) {
+        let taken = self
+            .buffers
+            .get(&buffer)
+            .and_then(|b| b.word.as_deref())
+            .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+        if taken && !self.word_patrol {
+            self.word_patrol = true;
+            self.defer(super::Action::PatrolWords);
+        }
+    }
+
+    /// One round of the word patrol: the word of every buffer someone
+    /// waits on is checked and the buffer settled. Returns whether the
+    /// patrol goes on (someone still waits on a taken word).
+    pub fn patrol_words(&mut self) -> bool {
+        let mut buffers: Vec<BufferId> = self
+            .waiters
+            .keys()
+            .filter_map(|w| self.arbiter.waiter_buffer(*w))
+            .collect();
+        buffers.sort_unstable();
+        buffers.dedup();
+        let mut watched = false;
+        for buffer in buffers {
+            let taken = self
+                .buffers
+                .get(&buffer)
+                .and_then(|b| b.word.as_deref())
+                .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+            if taken {
+                self.settle_buffer(buffer, true, Instant::now());
+                self.touched.push(buffer);
+                watched = true;
+            }
+        }
+        self.word_patrol = watched;
+        watched
     }
 
     /// The access ended or was taken away: its bit leaves the word (a
@@ -778,5 +860,49 @@ mod tests {
             word.try_begin(slot, WordAccess::Write).is_none(),
             "the old slot begins nothing"
         );
+    }
+
+    /// While the broker has the word taken, `DAEMON`, the epoch and `NEXT`
+    /// are its own: a holder's change to any of them is tampering (their
+    /// ends would go silent, or the broker would stop settling the buffer
+    /// for a plan it never made). Not taken, the word is the holders'.
+    #[test]
+    fn only_the_broker_writes_daemon_epoch_and_plan_while_it_has_the_word() {
+        use super::{tampered, Word, WordState};
+        const DAEMON: u64 = 1 << 39;
+        const EPOCH_7: u64 = 7 << 48;
+        const NEXT_READ_FOR_9: u64 = 1 << 40 | 9 << 43;
+        let taken = WordState {
+            taken: true,
+            epoch: 7,
+            ..WordState::default()
+        };
+        let two_readers = EPOCH_7 | 0b11;
+        assert!(!tampered(&taken, Word(two_readers | DAEMON)));
+        assert!(tampered(&taken, Word(two_readers)), "DAEMON cleared");
+        assert!(
+            tampered(&taken, Word(8 << 48 | 0b11 | DAEMON)),
+            "another epoch"
+        );
+        assert!(
+            tampered(&taken, Word(two_readers | DAEMON | NEXT_READ_FOR_9)),
+            "a plan nobody made"
+        );
+        let planned = WordState {
+            planned: Some(4),
+            ..taken
+        };
+        assert!(!tampered(
+            &planned,
+            Word(two_readers | DAEMON | NEXT_READ_FOR_9)
+        ));
+        let handed_back = WordState {
+            taken: false,
+            ..WordState::default()
+        };
+        assert!(!tampered(
+            &handed_back,
+            Word(1 << 48 | 0b11 | NEXT_READ_FOR_9)
+        ));
     }
 }
