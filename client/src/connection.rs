@@ -9,9 +9,7 @@
 //! says hello again and re-attaches every buffer this client holds with the
 //! secret the broker gave it, then retries once. A broker restarted by
 //! systemd keeps the buffers in its fd store, so they survive; accesses do
-//! not (the next grant on each buffer carries `writer_lost`). A broker too
-//! slow to take them all back within the reconnect window keeps those it
-//! took: the others are lost to this client, not all of them.
+//! not (the next grant on each buffer carries `writer_lost`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -107,25 +105,6 @@ struct Hold {
     serial: u64,
 }
 
-/// What the re-attaches on a fresh connection came to.
-#[derive(Debug, Default)]
-struct Reattached {
-    /// Holds re-attached to it: (buffer, serial).
-    held: Vec<(u64, u64)>,
-    /// Buffers whose re-attach was sent but not answered (in time, or
-    /// readably): the broker may hold them for this connection or not.
-    unanswered: Vec<u64>,
-}
-
-/// A new connection, welcomed, not installed yet.
-#[derive(Debug)]
-struct Fresh {
-    socket: OwnedFd,
-    welcome: Welcome,
-    page: Option<Arc<EndWords>>,
-    reattached: Reattached,
-}
-
 /// How long a blocking receive or send (`option`) on `socket` may wait
 /// (`None`: forever).
 fn set_timeout<O>(socket: &OwnedFd, option: O, timeout: Option<Duration>) -> Result<(), Error>
@@ -161,13 +140,11 @@ fn is_hold(holds: &HashMap<u64, Hold>, buffer: u64, serial: u64) -> bool {
     holds.get(&buffer).is_some_and(|hold| hold.serial == serial)
 }
 
-/// The refusal of a request on a buffer lost in a reconnect: the broker
-/// did not keep it, or the reconnect window ended before its re-attach was
-/// answered.
+/// The refusal of a request on a buffer the broker lost in a restart.
 fn lost_buffer(buffer: u64) -> Error {
     Error::Broker(WireError::new(
         ErrorCode::UnknownBuffer,
-        format!("buffer {buffer} was lost in a reconnect: the broker restarted without keeping it, or did not take it back within the reconnect window"),
+        format!("buffer {buffer} was lost when the broker restarted without keeping it"),
     ))
 }
 
@@ -293,44 +270,17 @@ fn send_error(err: SendError) -> Error {
     }
 }
 
-/// Why an exchange of a handshake got no answer.
-#[derive(Debug)]
-enum NoAnswer {
-    /// None came in time (or before nobody wanted the call any more): the
-    /// broker may still be serving, and answer late.
-    Late,
-    /// The broker hung up, or its answer is an error or unreadable.
-    Failed(Error),
-}
-
-impl From<Error> for NoAnswer {
-    fn from(err: Error) -> Self {
-        NoAnswer::Failed(err)
-    }
-}
-
-impl From<NoAnswer> for Error {
-    /// A hello answered late is a broker not back yet, as a hang-up is: the
-    /// reconnect tries again, or says its caller's time ran out.
-    fn from(no_answer: NoAnswer) -> Self {
-        match no_answer {
-            NoAnswer::Late => Error::Disconnected,
-            NoAnswer::Failed(err) => err,
-        }
-    }
-}
-
 /// One request and its reply on a socket nobody else uses yet (the hello
-/// and re-attaches of a fresh connection), given up at `deadline`: a
-/// reconnect's whole handshake shares its caller's time, not each
-/// exchange the time left at its start.
+/// and re-attaches of a fresh connection), given up as `Disconnected` at
+/// `deadline`: a reconnect's whole handshake shares its caller's time, not
+/// each exchange the time left at its start.
 fn exchange(
     socket: &OwnedFd,
     id: u64,
     body: RequestBody,
     deadline: Option<Instant>,
     hook: &dyn SentHook,
-) -> Result<(ReplyBody, Vec<OwnedFd>), NoAnswer> {
+) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
     let bytes = encode(id, 0, body, 0)?;
     send_message(socket.as_fd(), &bytes, &[], false).map_err(send_error)?;
     let mut read_late = false;
@@ -339,7 +289,7 @@ fn exchange(
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() && std::mem::replace(&mut read_late, true) {
                 // A broker streaming other messages keeps it no longer.
-                return Err(NoAnswer::Late);
+                return Err(Error::Disconnected);
             }
             // At least a moment, as the connect gets: an answer already on
             // its way (a refusal) is still read by an attempt made late.
@@ -359,21 +309,22 @@ fn exchange(
                 continue
             }
             // No answer within the handshake's time (see `fresh_connection`).
-            Err(RecvError::Os(Errno::EAGAIN)) => return Err(NoAnswer::Late),
-            Err(RecvError::Closed) => return Err(Error::Disconnected.into()),
-            Err(other) => return Err(Error::Protocol(other.to_string()).into()),
+            Err(RecvError::Closed | RecvError::Os(Errno::EAGAIN)) => {
+                return Err(Error::Disconnected)
+            }
+            Err(other) => return Err(Error::Protocol(other.to_string())),
         };
         match decode_server_message(&received.bytes).map_err(|e| Error::Protocol(e.to_string()))? {
             ServerMessage::Reply(reply) if reply.id == id => {
                 return reply
                     .result
                     .map(|body| (body, received.fds))
-                    .map_err(|err| Error::Broker(err).into())
+                    .map_err(Error::Broker)
             }
             // A refusal of the connection itself (busy) is answered with id 0.
             ServerMessage::Reply(reply) if reply.id == 0 => {
                 if let Err(err) = reply.result {
-                    return Err(Error::Broker(err).into());
+                    return Err(Error::Broker(err));
                 }
             }
             _ => {}
@@ -864,9 +815,7 @@ impl Connection {
 
     /// Replaces a broken connection (unless another thread already did):
     /// new socket, hello, re-attach of every held buffer. Gives up after the
-    /// reconnect window; a connection whose broker answered the hello is
-    /// kept with the buffers re-attached by then (see
-    /// [`Connection::fresh_connection`]).
+    /// reconnect window.
     /// Gives up (`Disconnected`) between attempts, or within a slice of a
     /// connect or hello, once nobody waits for the call it serves (`hook`):
     /// a cancelled begin's thread returns at once instead of reconnecting
@@ -910,8 +859,24 @@ impl Connection {
                 return Err(Error::Disconnected);
             }
             match self.fresh_connection(deadline, end_of_window, hook) {
-                Ok(fresh) => {
-                    self.install_fresh(fresh);
+                Ok((socket, welcome, page, reattached)) => {
+                    // Lock order: holds, then mailbox and socket (install).
+                    let mut holds = lock(&self.holds);
+                    // A hold recorded while the re-attach ran was granted on
+                    // the old connection and is unknown to the new one: lost.
+                    let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
+                    holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
+                    for (buffer, serial) in reattached {
+                        if !is_hold(&holds, buffer, serial) {
+                            // Dropped while it was re-attached: its Free
+                            // went to the dead connection.
+                            let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+                            let free = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0)?;
+                            let _ = send_message(socket.as_fd(), &free, &[], false);
+                        }
+                    }
+                    self.install(socket, welcome, page);
+                    drop(holds);
                     return Ok(());
                 }
                 // A caller's limit is kept to the end (its caller tells a
@@ -943,25 +908,17 @@ impl Connection {
         }
     }
 
-    /// A new socket, welcomed, with the holds re-attached to it.
+    /// A new socket, welcomed, with every hold re-attached: also returns
+    /// the buffers re-attached.
+    #[allow(clippy::type_complexity)]
     /// `deadline` bounds the connect and the hello; `reattach_deadline`
     /// (the end of the reconnect window) the re-attaches after them.
-    ///
-    /// Once the broker has answered the hello, the connection is kept
-    /// whatever comes of the re-attaches: closed, it would take the holds
-    /// already re-attached to it with it (the broker releases a
-    /// connection's holds when it closes), and every request on those
-    /// buffers would fail. So a re-attach the broker refuses loses only
-    /// its own buffer, and one still unanswered when the window ends gives
-    /// up its buffer and every one not tried yet (see [`Reattached`]). Only
-    /// a hang-up fails the whole attempt: that broker is gone, and the
-    /// next one is asked for every hold again.
     fn fresh_connection(
         &self,
         deadline: Instant,
         reattach_deadline: Instant,
         hook: &dyn SentHook,
-    ) -> Result<Fresh, Error> {
+    ) -> Result<(OwnedFd, Welcome, Option<Arc<EndWords>>, Vec<(u64, u64)>), Error> {
         // A socket whose broker is not serving yet (socket activation while
         // it restarts) takes the connection and answers nothing, or takes
         // none once its queue is full: the connect and the hello may wait
@@ -973,36 +930,20 @@ impl Connection {
         // that only ever waits briefly (an event loop) would start over at
         // every call and never get its buffers back before the broker's
         // grace period drops them.
-        let reattached = self.reattach_holds(&socket, reattach_deadline.max(deadline))?;
-        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
-        Ok(Fresh {
-            socket,
-            welcome,
-            page,
-            reattached,
-        })
-    }
-
-    /// Re-attaches every hold on `socket`, welcomed, until `deadline`
-    /// (see [`Connection::fresh_connection`]). `Err` only when the broker
-    /// hung up.
-    fn reattach_holds(&self, socket: &OwnedFd, deadline: Instant) -> Result<Reattached, Error> {
+        let deadline = reattach_deadline.max(deadline);
         let holds: Vec<(u64, Hold)> = lock(&self.holds)
             .iter()
             .map(|(id, h)| (*id, h.clone()))
             .collect();
-        let mut outcome = Reattached::default();
-        for (buffer, hold) in holds {
+        let mut reattached = Vec::with_capacity(holds.len());
+        for (id, (buffer, hold)) in (2..).zip(holds) {
             if hold.secret.is_empty() {
                 // Nothing to re-attach it with.
                 self.forget_hold(buffer, hold.serial);
                 continue;
             }
-            // An id no other request of this client has: a late answer,
-            // read once the socket is installed, is dropped as nobody's.
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let answer = exchange(
-                socket,
+                &socket,
                 id,
                 RequestBody::Reattach {
                     buffer,
@@ -1016,71 +957,19 @@ impl Connection {
             );
             match answer {
                 Ok((ReplyBody::Buffer(info), _)) if info.inode == hold.inode => {
-                    outcome.held.push((buffer, hold.serial));
+                    reattached.push((buffer, hold.serial));
                 }
-                Ok(_) | Err(NoAnswer::Failed(Error::Broker(_))) => {
+                Ok(_) | Err(Error::Broker(_)) => {
                     // The broker no longer has it (a restart without an fd
                     // store): requests on it will say UnknownBuffer, and
                     // none will be sent (see `send_for`).
                     self.forget_hold(buffer, hold.serial);
                 }
-                Err(NoAnswer::Failed(Error::Disconnected)) => return Err(Error::Disconnected),
-                // Unreadable: the stream is still in step, and only this
-                // buffer is in doubt.
-                Err(NoAnswer::Failed(_)) => outcome.unanswered.push(buffer),
-                // The window is over: this one and the rest are given up.
-                Err(NoAnswer::Late) => {
-                    outcome.unanswered.push(buffer);
-                    break;
-                }
+                Err(err) => return Err(err),
             }
         }
-        Ok(outcome)
-    }
-
-    /// Installs a fresh connection with the holds re-attached to it; every
-    /// other hold is lost (see [`Connection::fresh_connection`]).
-    fn install_fresh(&self, fresh: Fresh) {
-        let Fresh {
-            socket,
-            welcome,
-            page,
-            reattached,
-        } = fresh;
-        // Lock order: holds, then mailbox and socket (install).
-        let mut holds = lock(&self.holds);
-        // A hold recorded while the re-attach ran was granted on the old
-        // connection and is unknown to the new one: lost; so is one whose
-        // re-attach was given up.
-        let known: HashSet<(u64, u64)> = reattached.held.iter().copied().collect();
-        holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
-        for &(buffer, serial) in &reattached.held {
-            if !is_hold(&holds, buffer, serial) {
-                // Dropped while it was re-attached: its Free went to the
-                // dead connection. An error in answer is reported.
-                self.free_on(&socket, buffer, UNWAITED);
-            }
-        }
-        for &buffer in &reattached.unanswered {
-            // Its re-attach may still be carried out, after the client has
-            // given it up: this Free, behind it, undoes it. Whether it
-            // finds the hold or not, nobody awaits its answer.
-            self.free_on(&socket, buffer, 0);
-        }
-        self.install(socket, welcome, page);
-        drop(holds);
-    }
-
-    /// Sends `Free` for `buffer` on a socket not installed yet, without
-    /// waiting; `unwaited` (`UNWAITED` or 0) says whether an error in
-    /// answer goes to `take_errors` or is dropped.
-    fn free_on(&self, socket: &OwnedFd, buffer: u64, unwaited: u64) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | unwaited;
-        // A Free always encodes; and a broker gone meanwhile is found by
-        // the next call.
-        if let Ok(free) = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0) {
-            let _ = send_message(socket.as_fd(), &free, &[], false);
-        }
+        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
+        Ok((socket, welcome, page, reattached))
     }
 
     /// Forgets hold `serial` of `buffer`, if it is still that one.

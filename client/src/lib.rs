@@ -54,10 +54,13 @@ pub struct ClientOptions {
     /// broker to answer, but once it has, lets the re-attaches finish
     /// within this window: cut off, they would start over at every short
     /// call and the buffers be lost at the end of the broker's grace
-    /// period. A broker that answers the hello but not every re-attach
-    /// within the window keeps the connection with the buffers it took
-    /// back: the others are lost (requests on them fail
-    /// `UnknownBuffer`), rather than every buffer with the connection.
+    /// period. A window that ends before every re-attach is answered
+    /// fails the call and closes the new connection: the broker releases
+    /// what was re-attached on it (those buffers are lost), and the next
+    /// call reconnects and re-attaches the rest, which the broker keeps
+    /// for its grace period. Keeping such a connection instead would give
+    /// up the buffers not yet asked for, and leave the call waiting for a
+    /// broker that has stopped answering.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
