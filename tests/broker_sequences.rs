@@ -406,6 +406,98 @@ fn the_driver_reaches_a_hand_off_in_the_word() {
     driver.finish().expect("nothing left");
 }
 
+/// Regression: a holder clears `DAEMON` while the broker has the word
+/// taken, with a writer queued behind two readers held in the word. Their
+/// ends are then silent (no `WordEnded`): without a look of its own the
+/// broker never learned the buffer was free. The word patrol finds the
+/// tampered word within `WORD_PATROL`, breaks it and grants the writer, and
+/// stops with the last waiter (no task left behind).
+#[test]
+fn the_word_patrol_breaks_a_word_whose_daemon_bit_a_holder_cleared() {
+    const DAEMON: u64 = 1 << 39;
+    let mut driver = Driver::new(false);
+    driver
+        .step(&Op::Connect { hello: true })
+        .expect("third client");
+    let word_begin = |client| Op::WordBegin {
+        client,
+        buffer: 0,
+        access: 0,
+    };
+    let word_end = |client| Op::WordEnd { client, hold: 0 };
+    let steps = [
+        request(
+            1,
+            Body::Alloc {
+                size: 4096,
+                heap: 0,
+            },
+        ),
+        request(1, Body::Export { buffer: 0 }),
+        request(2, Body::Import { token: 0 }),
+        request(1, Body::Export { buffer: 0 }),
+        request(0, Body::Import { token: 0 }),
+        // First begins go by message and teach each client its slot.
+        word_begin(1),
+        word_end(1),
+        word_begin(2),
+        word_end(2),
+        // Two reads in the word; client 0 (no words) asks for a write.
+        word_begin(1),
+        word_begin(2),
+        request(
+            0,
+            Body::Begin {
+                buffer: 0,
+                access: 1,
+                timeout_ms: None,
+            },
+        ),
+    ];
+    for op in &steps {
+        driver.step(op).expect("step");
+    }
+    let word = {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 1, "the write waits");
+        state
+            .buffers
+            .values()
+            .next()
+            .and_then(|b| b.word.as_deref())
+            .and_then(|ws| ws.peek())
+            .expect("a mapped word")
+    };
+    assert!(word.daemon(), "taken over for the queued write: {word:?}");
+    driver
+        .step(&Op::WordScribble {
+            client: 1,
+            buffer: 0,
+            value: word.0 & !DAEMON,
+        })
+        .expect("the holder clears DAEMON");
+    driver.step(&word_end(1)).expect("a silent end");
+    driver.step(&word_end(2)).expect("a silent end");
+    assert_eq!(driver.state().waiters.len(), 1, "nobody told the broker");
+    driver
+        .step(&Op::Wait {
+            ms: u16::try_from(dmabroker_daemon::broker::WORD_PATROL.as_millis() + 100).expect("ms"),
+        })
+        .expect("time passes");
+    {
+        let state = driver.state();
+        assert_eq!(state.waiters.len(), 0, "the write was granted");
+        let only_the_write = state.accesses.len() == 1
+            && state
+                .accesses
+                .values()
+                .all(|a| a.kind == dmabroker_ipc::Access::CpuWrite);
+        assert!(only_the_write, "{:?}", state.accesses);
+        assert_eq!(state.task_count(), 0, "the patrol stopped");
+    }
+    driver.finish().expect("nothing left");
+}
+
 /// Regression: the holder's `WordEnded` after a hand-off is still in flight
 /// when the waiter, already holding the buffer, ends that access and tells
 /// the broker. The broker must record the hand-off (the plan was carried

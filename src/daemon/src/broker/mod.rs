@@ -29,13 +29,15 @@ pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
 pub use words::WordState;
+pub use words::WORD_PATROL;
 
 /// Deferred work produced while the state was locked.
 #[derive(Debug)]
 pub enum Action {
     /// Looks at the words of the buffers someone waits on, every
-    /// `words::WORD_PATROL`, for as long as there are any.
-    PatrolWords,
+    /// `words::WORD_PATROL`, for as long as there are any. The patrol's
+    /// number (see `State::word_patrol`).
+    PatrolWords(u64),
     /// A queued begin (or one waiting for kernel fences) gives up.
     Timeout {
         target: TimeoutTarget,
@@ -82,7 +84,7 @@ pub enum TaskOwner {
 impl Action {
     fn owner(&self) -> TaskOwner {
         match self {
-            Action::PatrolWords => TaskOwner::WordPatrol,
+            Action::PatrolWords(_) => TaskOwner::WordPatrol,
             Action::Timeout {
                 target: TimeoutTarget::Waiter(waiter),
                 ..
@@ -176,10 +178,10 @@ impl Broker {
     fn start(self: &Arc<Self>, action: Action) -> tokio::task::AbortHandle {
         let broker = Arc::clone(self);
         let task = match action {
-            Action::PatrolWords => tokio::spawn(async move {
+            Action::PatrolWords(patrol) => tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(words::WORD_PATROL).await;
-                    if !broker.with(State::patrol_words) {
+                    if !broker.with(|s| s.patrol_words(patrol)) {
                         break;
                     }
                 }

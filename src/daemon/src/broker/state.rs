@@ -209,8 +209,11 @@ pub struct State {
     /// Buffers whose words the broker arbitrates and that a decision
     /// touched: after the decision, each is handed back or planned.
     pub(super) touched: Vec<BufferId>,
-    /// The word patrol is running (see `words::WORD_PATROL`).
-    pub(super) word_patrol: bool,
+    /// The running word patrol's number (see `words::WORD_PATROL`), if one
+    /// runs: a patrol task stopped while it waited for the lock finds
+    /// another number and does nothing.
+    pub(super) word_patrol: Option<u64>,
+    pub(super) word_patrols_started: u64,
 }
 
 impl State {
@@ -243,7 +246,8 @@ impl State {
             tasks: FxHashMap::default(),
             encoded: Vec::with_capacity(256),
             touched: Vec::new(),
-            word_patrol: false,
+            word_patrol: None,
+            word_patrols_started: 0,
         }
     }
 
@@ -273,7 +277,7 @@ impl State {
         let alive = match owner {
             TaskOwner::Access(id) => self.accesses.contains_key(&id),
             TaskOwner::Waiter(id) => self.waiters.contains_key(&id),
-            TaskOwner::WordPatrol => self.word_patrol,
+            TaskOwner::WordPatrol => self.word_patrol.is_some(),
         };
         if alive {
             self.tasks.entry(owner).or_default().push(task);
@@ -288,13 +292,18 @@ impl State {
         self.accesses.remove(&id)
     }
 
-    /// Removes a waiter and stops its timeout.
+    /// Removes a waiter and stops its timeout; the last one also stops
+    /// the word patrol, which nobody then needs.
     pub(super) fn remove_waiter(&mut self, id: WaiterId) -> Option<WaiterEntry> {
         self.abort_tasks(TaskOwner::Waiter(id));
-        self.waiters.remove(&id)
+        let entry = self.waiters.remove(&id);
+        if self.waiters.is_empty() && self.word_patrol.take().is_some() {
+            self.abort_tasks(TaskOwner::WordPatrol);
+        }
+        entry
     }
 
-    fn abort_tasks(&mut self, owner: TaskOwner) {
+    pub(super) fn abort_tasks(&mut self, owner: TaskOwner) {
         for task in self.tasks.remove(&owner).into_iter().flatten() {
             task.abort();
         }

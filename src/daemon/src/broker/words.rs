@@ -460,16 +460,21 @@ impl State {
             .get(&buffer)
             .and_then(|b| b.word.as_deref())
             .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
-        if taken && !self.word_patrol {
-            self.word_patrol = true;
-            self.defer(super::Action::PatrolWords);
+        if taken && self.word_patrol.is_none() {
+            self.word_patrols_started += 1;
+            self.word_patrol = Some(self.word_patrols_started);
+            self.defer(super::Action::PatrolWords(self.word_patrols_started));
         }
     }
 
-    /// One round of the word patrol: the word of every buffer someone
-    /// waits on is checked and the buffer settled. Returns whether the
-    /// patrol goes on (someone still waits on a taken word).
-    pub fn patrol_words(&mut self) -> bool {
+    /// One round of word patrol `patrol`: the word of every buffer
+    /// someone waits on is checked and the buffer settled. Returns whether
+    /// the patrol goes on (it is still the running one, and someone still
+    /// waits on a taken word).
+    pub fn patrol_words(&mut self, patrol: u64) -> bool {
+        if self.word_patrol != Some(patrol) {
+            return false;
+        }
         let mut buffers: Vec<BufferId> = self
             .waiters
             .keys()
@@ -490,7 +495,11 @@ impl State {
                 watched = true;
             }
         }
-        self.word_patrol = watched;
+        if !watched {
+            // Its own task, which returns now: only its handle is left.
+            self.word_patrol = None;
+            self.abort_tasks(super::TaskOwner::WordPatrol);
+        }
         watched
     }
 
