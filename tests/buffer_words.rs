@@ -611,3 +611,34 @@ fn a_holder_still_in_a_broken_word_is_told_its_access_is_revoked() {
     writer.ok(&format!("end {}", access_of(&write)));
     drop((word, held, meddler));
 }
+
+/// A word broken at the broker's first take-over (here another epoch,
+/// written by a holder while the word was the holders'): the reader still
+/// in it had begun with no message, so no access of the broker's stood for
+/// its bit, and it was dropped untold while a writer was granted at once.
+/// It is told, with access 0 (its guard's id) and the buffer.
+#[test]
+fn a_holder_in_a_word_broken_at_first_take_over_is_told() {
+    const EPOCH_ONE: u64 = 1 << 48;
+    let bus = DbusDaemon::start();
+    let mut s = Shared::new(bus.start_broker(None), 4096);
+    let mut writer = s.join(&[]);
+    cycle(&mut s.owner, &s.id, "r");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let read = s.owner.ok(&format!("begin {} r", s.id));
+    assert_eq!(field(&read, "word"), Some("true"), "{read}");
+    assert!(!word.load().daemon(), "handed back: a fast begin");
+    word.scribble(word.load().0.wrapping_add(EPOCH_ONE));
+    let write = writer.ok(&format!("begin {} w 2000", s.id));
+    assert_eq!(field(&write, "writer_lost"), Some("true"), "{write}");
+    let event = s.owner.ok("event 2000");
+    assert!(
+        event.contains("AccessRevoked { access: 0, buffer: "),
+        "the reader still in the word got {event} while {write} writes"
+    );
+    writer.ok(&format!("end {}", access_of(&write)));
+    drop((word, held, meddler));
+}

@@ -280,6 +280,7 @@ impl State {
     /// broker moves it): its bits may be stale guards', so it is broken.
     fn mirror(&mut self, buffer: BufferId, word: Word, epoch: u16, now: Instant) {
         if word.is_impossible() || word.epoch() != epoch {
+            self.revoke_unrecorded(buffer, word);
             self.break_word(buffer, word);
             return;
         }
@@ -425,6 +426,35 @@ impl State {
                 self.finish_released(&[id]);
                 self.deliver_grants(grants);
             }
+        }
+    }
+
+    /// A word broken before its bits became accesses (at the first
+    /// take-over): their holders began in the word with no message, so the
+    /// broker has no id for them, and names them 0, as their guards do
+    /// (`AccessGuard::id`). They are told all the same: a writer may be
+    /// granted next to them at once.
+    fn revoke_unrecorded(&mut self, buffer: BufferId, word: Word) {
+        let holders: Vec<ClientId> = {
+            let Some(entry) = self.buffers.get(&buffer) else {
+                return;
+            };
+            let mut owners: Vec<ClientId> = word
+                .holders()
+                .filter_map(|(index, _)| owner_of(entry, index))
+                .collect();
+            owners.sort_unstable();
+            owners.dedup();
+            owners
+        };
+        for client in holders {
+            self.stats.revocations += 1;
+            self.event(client, Event::AccessRevoked { access: 0, buffer });
+            self.notice(super::Notice::AccessRevoked {
+                buffer,
+                access: 0,
+                client,
+            });
         }
     }
 
@@ -640,6 +670,15 @@ impl State {
             }
             let now = Instant::now();
             self.settle_buffer(buffer, false, now);
+            // The settle may have broken it: a broken word stays taken.
+            let broken = self
+                .buffers
+                .get(&buffer)
+                .and_then(|b| b.word.as_deref())
+                .is_none_or(|ws| ws.broken);
+            if broken {
+                return;
+            }
             let Some(word) = self.mapped_word(buffer).map(BufferWord::load) else {
                 return;
             };
