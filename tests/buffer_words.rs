@@ -642,3 +642,39 @@ fn a_holder_in_a_word_broken_at_first_take_over_is_told() {
     writer.ok(&format!("end {}", access_of(&write)));
     drop((word, held, meddler));
 }
+
+/// A no-autofence reader is handed a writer held in the word as a fence to
+/// wait on; then another holder clears `DAEMON`, so the writer's end in
+/// the word is silent. Nobody waits in the broker's queue, so nothing
+/// made the broker look again: the reader waited for `FenceSignalled`
+/// until some other decision touched the buffer. The word patrol also
+/// watches words whose holders' fences someone was handed.
+#[test]
+fn a_fence_handed_out_is_signalled_though_a_holder_cleared_daemon() {
+    const DAEMON: u64 = 1 << 39;
+    let mut s = Shared::new(Daemon::start(), 4096);
+    let mut hw = s.join(&["--no-autofence"]);
+    cycle(&mut s.owner, &s.id, "w");
+    let meddler = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = meddler.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let write = s.owner.ok(&format!("begin {} w", s.id));
+    assert_eq!(field(&write, "word"), Some("true"), "{write}");
+    let granted = hw
+        .cmd(&format!("begin {} r", s.id))
+        .expect("no-autofence is never blocked");
+    let listed = field(&granted, "fence_list")
+        .expect("fence list")
+        .to_owned();
+    let fence = listed.split(':').next().expect("fence id").to_owned();
+    assert!(word.load().daemon(), "taken over for the grant");
+    word.scribble(word.load().0 & !DAEMON);
+    s.owner.ok(&format!("end {}", access_of(&write)));
+    let event = hw.ok("event 5000");
+    assert!(
+        event.contains(&format!("FenceSignalled {{ fence: {fence} }}")),
+        "{event} for {fence}"
+    );
+    drop((word, held, meddler));
+}

@@ -174,6 +174,7 @@ impl State {
                 self.deliver(grant, request_id, now, deadline, true);
                 if lists_fences {
                     self.settle_buffer(buffer, true, now);
+                    self.start_word_patrol(buffer);
                 }
             }
             BeginOutcome::Queued(waiter) => {

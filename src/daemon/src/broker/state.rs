@@ -292,14 +292,12 @@ impl State {
         self.accesses.remove(&id)
     }
 
-    /// Removes a waiter and stops its timeout; the last one also stops
-    /// the word patrol, which nobody then needs.
+    /// Removes a waiter and stops its timeout (and the word patrol, if it
+    /// was the last thing the patrol watched for).
     pub(super) fn remove_waiter(&mut self, id: WaiterId) -> Option<WaiterEntry> {
         self.abort_tasks(TaskOwner::Waiter(id));
         let entry = self.waiters.remove(&id);
-        if self.waiters.is_empty() && self.word_patrol.take().is_some() {
-            self.abort_tasks(TaskOwner::WordPatrol);
-        }
+        self.stop_word_patrol_if_idle();
         entry
     }
 
@@ -620,6 +618,7 @@ impl State {
             for client in subscribers {
                 self.event(client, Event::FenceSignalled { fence });
             }
+            self.stop_word_patrol_if_idle();
         }
     }
 
@@ -672,6 +671,7 @@ impl State {
         for subscribers in self.fence_subscribers.values_mut() {
             subscribers.retain(|c| *c != client);
         }
+        self.stop_word_patrol_if_idle();
         if let Some(entry) = self.clients.remove(&client) {
             // Not `close`: its queue may hold the last copies of freed
             // buffers, not to be freed under the broker's lock. The

@@ -482,8 +482,21 @@ impl State {
         }
     }
 
+    /// Stops the word patrol once nobody waits: no begin queued, no fence
+    /// handed to a no-autofence client still unsignalled.
+    pub(super) fn stop_word_patrol_if_idle(&mut self) {
+        let idle = self.word_patrol.is_some()
+            && self.waiters.is_empty()
+            && self.fence_subscribers.values().all(Vec::is_empty);
+        if idle {
+            self.word_patrol = None;
+            self.abort_tasks(super::TaskOwner::WordPatrol);
+        }
+    }
+
     /// Starts the word patrol, unless it runs, when a begin queues on a
-    /// buffer whose word the broker has taken.
+    /// buffer whose word the broker has taken, or a no-autofence client is
+    /// handed a fence held in one.
     pub(super) fn start_word_patrol(&mut self, buffer: BufferId) {
         let taken = self
             .buffers
@@ -498,18 +511,24 @@ impl State {
     }
 
     /// One round of word patrol `patrol`: the word of every buffer
-    /// someone waits on is checked and the buffer settled. Returns whether
-    /// the patrol goes on (it is still the running one, and someone still
-    /// waits on a taken word).
+    /// someone waits on (in the queue, or for a fence it was handed) is
+    /// checked and the buffer settled. Returns whether the patrol goes on
+    /// (it is still the running one, and someone still waits on a taken
+    /// word).
     pub fn patrol_words(&mut self, patrol: u64) -> bool {
         if self.word_patrol != Some(patrol) {
             return false;
         }
-        let mut buffers: Vec<BufferId> = self
+        let queued = self
             .waiters
             .keys()
-            .filter_map(|w| self.arbiter.waiter_buffer(*w))
-            .collect();
+            .filter_map(|w| self.arbiter.waiter_buffer(*w));
+        let fenced = self
+            .fence_subscribers
+            .iter()
+            .filter(|(_, clients)| !clients.is_empty())
+            .filter_map(|(fence, _)| self.accesses.get(fence).map(|a| a.buffer));
+        let mut buffers: Vec<BufferId> = queued.chain(fenced).collect();
         buffers.sort_unstable();
         buffers.dedup();
         let mut watched = false;
