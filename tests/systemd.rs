@@ -1290,3 +1290,42 @@ fn a_pending_removal_of_an_old_record_takes_no_slot_of_a_buffer() {
         assert_back(frame, &third);
     }
 }
+
+/// REVIEW: `FileDescriptorStoreMax=` lowered across a restart (the daemon
+/// itself anticipates it: "more buffers were taken back than the fd store
+/// now keeps"). The store already holds more fds than the new maximum, so
+/// systemd refuses the new instance's first record silently; the writer
+/// then removes the record it took back, and the store holds buffers but
+/// no record: the next crash loses every buffer clients hold.
+#[test]
+fn review_a_lowered_store_max_keeps_a_record_in_the_store() {
+    let manager = ServiceManager::with_fd_store_max(8);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..5).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(5);
+    drop(first); // SIGKILL
+    // FileDescriptorStoreMax=4 now: the store (5 buffers, 1 record) is over.
+    manager.received().store_max = Some(4);
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    // The holds re-attached: the writer has written a record since.
+    std::thread::sleep(Duration::from_millis(500));
+    let (names, refused) = {
+        let r = manager.received();
+        (r.stored_names(), r.refused.clone())
+    };
+    drop(second); // SIGKILL
+    let third = Running::start(&manager, "third", &[]);
+    for frame in &frames {
+        if let Err(err) = frame.info() {
+            panic!(
+                "buffer {} lost after the second crash: {err}\nstore before it: {names:?}\nrefused: {refused:?}\n{}",
+                frame.id(),
+                third.log()
+            );
+        }
+    }
+}

@@ -681,4 +681,65 @@ mod tests {
             assert_eq!(writer.next_generation(), 3, "a record per change");
         });
     }
+
+    /// REVIEW: once the latest record is in, a try with the table
+    /// unchanged sends no record; when what is still behind (buffers out of
+    /// the store) fails with an error waiting does not cure (the manager's
+    /// socket gone, out of fds), the try is `Behind`, retried every 100 ms
+    /// with no back-off and no warning. Before 3538195 the record's send
+    /// failed the same way and the try was `Failed` (warned, backed off).
+    /// Sets NOTIFY_SOCKET: run alone (`--ignored`).
+    #[test]
+    #[ignore]
+    fn review_a_hard_failure_behind_a_stored_record_backs_off() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!("dmab-review-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: a test run alone.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let broker = broker();
+        let page = dmabroker_ipc::bufferword::WORD_PAGE;
+        let fd = crate::kernel::memfd::create_sealed("frame", 4096 + page).expect("memfd");
+        let record = StateRecord {
+            version: RECORD_VERSION,
+            generation: 1,
+            next_buffer: 2,
+            buffers: vec![crate::service::record::BufferRecord {
+                id: 1,
+                size: 4096,
+                heap: "memfd".into(),
+                origin: crate::service::record::OriginRecord::Memfd,
+                name: "frame".into(),
+                inode: crate::kernel::dma_buf::inode(fd.as_fd()).expect("inode"),
+                holders: Vec::new(),
+            }],
+        };
+        let copy = fd.try_clone().expect("dup");
+        broker.with(|s| {
+            s.fd_store = FdStore::from_env(16);
+            let fds = std::collections::HashMap::from([("buf-1".to_owned(), fd)]);
+            assert_eq!(s.restore(&record, fds).restored, 1);
+        });
+        runtime().block_on(async {
+            let (writer, written) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
+                .await
+                .expect("the writer");
+            assert_eq!(written, Written::Stored, "the record is in");
+            // The manager's socket goes away; the buffer's send fails.
+            drop(receiver);
+            std::fs::remove_file(&path).expect("rm");
+            broker.lock().fd_store.as_ref().expect("store").store_buffer(1, copy.as_fd());
+            assert_eq!(broker.lock().buffers_out_of_store(), 1);
+            let (_, written) = store_record(&broker, writer, Duration::from_millis(200))
+                .await
+                .expect("the writer");
+            assert_eq!(
+                written,
+                Written::Failed,
+                "an error waiting does not cure is Failed (backed off, warned), not Behind (100 ms, silent)"
+            );
+        });
+    }
 }
