@@ -1304,8 +1304,9 @@ fn review_a_lowered_store_max_keeps_a_record_in_the_store() {
     let camera = Client::connect_to(&manager.socket_path).expect("camera");
     let frames: Vec<_> = (0..5).map(|_| camera.alloc(4096).expect("alloc")).collect();
     manager.wait_until_recorded(5);
-    drop(first); // SIGKILL
-    // FileDescriptorStoreMax=4 now: the store (5 buffers, 1 record) is over.
+    // SIGKILL; FileDescriptorStoreMax=4 now: the store (5 buffers, 1
+    // record) is over.
+    drop(first);
     manager.received().store_max = Some(4);
     let second = Running::start(&manager, "second", &[]);
     for frame in &frames {

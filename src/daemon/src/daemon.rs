@@ -1,6 +1,6 @@
 //! Putting the daemon together: policy, heaps, socket, signals.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
-use crate::service::fdstore::{read_record, store_waiting, FdStore, RecordWriter};
+use crate::service::fdstore::{read_record, store_waiting, Batch, FdStore, RecordWriter};
 use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
@@ -337,8 +337,8 @@ fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)>
 /// within those 50 ms would otherwise be missing, and the next instance
 /// would drop a buffer its client still holds.
 ///
-/// A record that could not be stored (out of fds, the manager's socket
-/// gone) is tried again after [`RETRY_FIRST`], doubling up to
+/// A record or a buffer that could not be stored (out of fds, the
+/// manager's socket gone) is tried again after [`RETRY_FIRST`], doubling up to
 /// [`RETRY_MAX`], whether or not the table changes meanwhile: until one is
 /// stored, the store's record lacks the latest buffers and holds.
 async fn persist_loop(
@@ -442,7 +442,10 @@ async fn store_record(
     patience: Duration,
 ) -> Option<(RecordWriter, Written)> {
     broker.lock().retry_buffer_stores();
-    let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
+    let Batch {
+        fds: unstored,
+        error: not_taken,
+    } = take_batch(broker);
     let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
     let wanted = Arc::clone(&broker.lock().persist_wanted);
     if changed_unseen(&wanted).await {
@@ -456,20 +459,17 @@ async fn store_record(
     let generation = fresh.as_ref().map(|record| record.generation);
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
-        let sent = unstored
-            .iter()
-            .take_while(|(id, fd)| store_waiting(*id, std::os::fd::AsFd::as_fd(fd), deadline))
-            .count();
+        let (sent, stopped) = send_batch(&unstored, deadline);
         let (sent, unsent): (Vec<u64>, Vec<u64>) = {
             let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
             (ids[..sent].to_vec(), ids[sent..].to_vec())
         };
         let result = writer.store(fresh, deadline);
-        (writer, result, (sent, unsent))
+        (writer, result, (sent, unsent), stopped)
     })
     .await;
     match stored {
-        Ok((writer, result, (sent, unsent))) => {
+        Ok((writer, result, (sent, unsent), stopped)) => {
             let out = {
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
@@ -484,16 +484,24 @@ async fn store_record(
                 }
                 state.buffers_out_of_store()
             };
-            let outcome = match &result {
-                // An older record still in the store: the next try
-                // removes it (the store matches the table only then).
-                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
-                Ok(()) => Written::Behind,
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
-                Err(err) => {
+            let batch_error = not_taken.or(stopped);
+            let outcome = match (&result, &batch_error) {
+                (Err(err), _) if !is_no_room_yet(err) => {
                     tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
+                // The record may be in, but buffers stay out of the store
+                // for a reason waiting does not cure: tried again every
+                // 100 ms, they would be tried forever, silently.
+                (_, Some(err)) if !is_no_room_yet(err) => {
+                    tracing::warn!(error = %err, buffers = out, "cannot put buffers in the fd store");
+                    Written::Failed
+                }
+                (Err(_), _) => Written::Behind,
+                // An older record still in the store: the next try
+                // removes it (the store matches the table only then).
+                (Ok(()), _) if out == 0 && writer.stale_count() == 0 => Written::Stored,
+                (Ok(()), _) => Written::Behind,
             };
             if outcome == Written::Behind {
                 tracing::debug!(
@@ -511,6 +519,40 @@ async fn store_record(
             None
         }
     }
+}
+
+/// Up to [`STORE_BATCH`] buffers still out of the fd store, each with a
+/// copy of its fd, and why any could not be copied.
+fn take_batch(broker: &Arc<Broker>) -> Batch {
+    let state = broker.lock();
+    match &state.fd_store {
+        Some(store) => store.take_batch(STORE_BATCH, |id| {
+            state.buffers.get(&id).map(|entry| entry.fd.as_fd())
+        }),
+        None => Batch::default(),
+    }
+}
+
+/// Sends `batch` in order, waiting until `deadline` for room, until one
+/// send fails (the rest would too). Returns how many went, and the error
+/// the sends stopped on.
+fn send_batch(
+    batch: &[(u64, OwnedFd)],
+    deadline: std::time::Instant,
+) -> (usize, Option<std::io::Error>) {
+    for (sent, (id, fd)) in batch.iter().enumerate() {
+        if let Err(err) = store_waiting(*id, fd.as_fd(), deadline) {
+            return (sent, Some(err));
+        }
+    }
+    (batch.len(), None)
+}
+
+/// Whether a send failed only because the manager's queue had no room
+/// yet: worth trying again soon. Any other error (the manager's socket
+/// gone, out of fds) is not cured by waiting.
+fn is_no_room_yet(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::WouldBlock
 }
 
 /// Whether the table changed since the last look without the loop
@@ -545,7 +587,9 @@ enum Written {
     /// The manager had no room for all of it yet: worth trying again
     /// soon (the writer waits for room itself, so this paces itself).
     Behind,
-    /// An error waiting does not cure (out of fds, the manager gone).
+    /// An error waiting does not cure (out of fds, the manager gone),
+    /// storing the record or a buffer still out of the store: tried again
+    /// with a back-off, warned about.
     Failed,
 }
 
@@ -682,22 +726,23 @@ mod tests {
         });
     }
 
-    /// REVIEW: once the latest record is in, a try with the table
-    /// unchanged sends no record; when what is still behind (buffers out of
-    /// the store) fails with an error waiting does not cure (the manager's
-    /// socket gone, out of fds), the try is `Behind`, retried every 100 ms
-    /// with no back-off and no warning. Before 3538195 the record's send
-    /// failed the same way and the try was `Failed` (warned, backed off).
-    /// Sets NOTIFY_SOCKET: run alone (`--ignored`).
+    /// Once the latest record is in, a try with the table unchanged sends
+    /// no record, so what is still behind (buffers out of the store) is
+    /// all it does; when their sends fail with an error waiting does not
+    /// cure (the manager's socket gone, out of fds), the try is `Failed`:
+    /// warned about and backed off. It was `Behind` (since 3538195), tried
+    /// again every 100 ms forever, silently. Runs in its own process (see
+    /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
     #[test]
-    #[ignore]
-    fn review_a_hard_failure_behind_a_stored_record_backs_off() {
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
+    fn hard_failure_behind_a_stored_record_in_its_own_process() {
         use std::os::fd::AsFd;
-        let dir = std::env::temp_dir().join(format!("dmab-review-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("notify");
         let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: a test run alone.
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let broker = broker();
         let page = dmabroker_ipc::bufferword::WORD_PAGE;
@@ -741,5 +786,25 @@ mod tests {
                 "an error waiting does not cure is Failed (backed off, warned), not Behind (100 ms, silent)"
             );
         });
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// [`hard_failure_behind_a_stored_record_in_its_own_process`], in a
+    /// process of its own: it points `NOTIFY_SOCKET`, which every test
+    /// of this process would see, at a manager it then takes away.
+    #[test]
+    fn a_hard_failure_behind_a_stored_record_backs_off() {
+        let name = "daemon::tests::hard_failure_behind_a_stored_record_in_its_own_process";
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--ignored", "--test-threads=1"])
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .expect("run the test in its own process");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{name} failed in its own process:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

@@ -121,6 +121,16 @@ struct InFlight {
     deferred_removals: Vec<String>,
 }
 
+/// Buffers out of the store taken for the record's writer (see
+/// [`FdStore::take_batch`]).
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Each buffer with a copy of its fd, oldest first.
+    pub fds: Vec<(u64, OwnedFd)>,
+    /// Why a buffer could not be taken: its fd could not be copied.
+    pub error: Option<std::io::Error>,
+}
+
 /// The table's record in the store. Owned by the task that rewrites it, so
 /// encoding and storing happen outside the broker's lock.
 #[derive(Debug, Default)]
@@ -328,6 +338,41 @@ impl FdStore {
         taken
     }
 
+    /// [`FdStore::take_unstored`], each buffer with a copy of its fd
+    /// (`fd_of` gives a live buffer's), for the record's writer to send
+    /// off the broker's thread. A freed buffer is given back (and
+    /// forgotten at the next retry); one whose fd cannot be copied (out of
+    /// fds) is given back, out of the store still, and the batch says why:
+    /// a batch that took nothing for that reason is no reason to try again
+    /// soon.
+    pub fn take_batch<'a>(
+        &self,
+        limit: usize,
+        fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>,
+    ) -> Batch {
+        let mut batch = Batch::default();
+        let mut not_taken = Vec::new();
+        for id in self.take_unstored(limit) {
+            match fd_of(id).map(|fd| fd.try_clone_to_owned()) {
+                Some(Ok(fd)) => batch.fds.push((id, fd)),
+                Some(Err(err)) => {
+                    not_taken.push(id);
+                    batch.error.get_or_insert_with(|| {
+                        std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "cannot copy buffer {id}'s fd to put it in the fd store: {err}"
+                            ),
+                        )
+                    });
+                }
+                None => not_taken.push(id),
+            }
+        }
+        self.finish_batch(&[], &not_taken);
+        batch
+    }
+
     /// The end of a batch: `sent` are in the store, `unsent` out of it
     /// still (ahead of the rest). Removals held back for them go out now,
     /// after the stores they must follow.
@@ -407,15 +452,26 @@ fn store(id: u64, fd: BorrowedFd<'_>) -> bool {
 }
 
 /// [`store`], waiting until `deadline` for room in the manager's queue:
-/// off the broker's thread only.
-pub fn store_waiting(id: u64, fd: BorrowedFd<'_>, deadline: std::time::Instant) -> bool {
+/// off the broker's thread only. The error says why: `WouldBlock` (no
+/// room yet) is worth trying again soon, anything else (the manager's
+/// socket gone, out of fds) is not.
+pub fn store_waiting(
+    id: u64,
+    fd: BorrowedFd<'_>,
+    deadline: std::time::Instant,
+) -> std::io::Result<()> {
     let name = buffer_name(id);
     notify::send_waiting(
         &[NotifyState::FdStore, NotifyState::FdName(&name)],
         &[fd],
         deadline,
     )
-    .is_ok()
+    .map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot put buffer {id} in the fd store: {err}"),
+        )
+    })
 }
 
 /// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
