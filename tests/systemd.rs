@@ -1291,18 +1291,21 @@ fn a_pending_removal_of_an_old_record_takes_no_slot_of_a_buffer() {
     }
 }
 
-/// REVIEW: `FileDescriptorStoreMax=` lowered across a restart (the daemon
-/// itself anticipates it: "more buffers were taken back than the fd store
-/// now keeps"). The store already holds more fds than the new maximum, so
-/// systemd refuses the new instance's first record silently; the writer
-/// then removes the record it took back, and the store holds buffers but
-/// no record: the next crash loses every buffer clients hold.
+/// `FileDescriptorStoreMax=` lowered across a restart, below what the
+/// store holds: systemd closes every fd sent to it, silently, until enough
+/// are removed. The new instance sent its first record all the same, and
+/// then removed the record it had taken back: the store held buffers and
+/// no record, and the next crash lost every buffer clients held. The
+/// writer now sends no record that cannot fit (the live buffers, the
+/// record fds in the store and the new one over the maximum): the record
+/// taken back stays, warned about once, and a new one goes in once frees
+/// make room.
 #[test]
-fn review_a_lowered_store_max_keeps_a_record_in_the_store() {
+fn a_lowered_store_max_keeps_a_record_in_the_store() {
     let manager = ServiceManager::with_fd_store_max(8);
     let first = Running::start(&manager, "first", &[]);
     let camera = Client::connect_to(&manager.socket_path).expect("camera");
-    let frames: Vec<_> = (0..5).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    let mut frames: Vec<_> = (0..5).map(|_| camera.alloc(4096).expect("alloc")).collect();
     manager.wait_until_recorded(5);
     // SIGKILL; FileDescriptorStoreMax=4 now: the store (5 buffers, 1
     // record) is over.
@@ -1312,21 +1315,60 @@ fn review_a_lowered_store_max_keeps_a_record_in_the_store() {
     for frame in &frames {
         assert_back(frame, &second);
     }
-    // The holds re-attached: the writer has written a record since.
+    // The holds re-attached: the writer has tried to write a record since.
     std::thread::sleep(Duration::from_millis(500));
     let (names, refused) = {
         let r = manager.received();
         (r.stored_names(), r.refused.clone())
     };
+    assert!(
+        refused.is_empty(),
+        "a record was sent to a full store: {refused:?}\n{}",
+        second.log()
+    );
+    assert_eq!(
+        second
+            .log()
+            .matches("the fd store has no slot for a new record")
+            .count(),
+        1,
+        "warned once for the run\n{}",
+        second.log()
+    );
     drop(second); // SIGKILL
     let third = Running::start(&manager, "third", &[]);
     for frame in &frames {
         if let Err(err) = frame.info() {
             panic!(
-                "buffer {} lost after the second crash: {err}\nstore before it: {names:?}\nrefused: {refused:?}\n{}",
+                "buffer {} lost after the second crash: {err}\nstore before it: {names:?}\n{}",
                 frame.id(),
                 third.log()
             );
         }
+    }
+
+    // Two buffers, the record and the new one fit in four slots: freeing
+    // three makes room for the new record, which replaces the old one.
+    let seen = manager.received().records_sent();
+    frames.truncate(2);
+    manager.wait_for_record_after(seen);
+    {
+        let r = manager.received();
+        assert!(
+            r.refused.is_empty(),
+            "the store was overfilled: it refused {:?}",
+            r.refused
+        );
+        assert_eq!(
+            (r.buffers_stored(), r.stored_fds()),
+            (2, 3),
+            "two buffers and one record: {:?}",
+            r.stored_names()
+        );
+    }
+    drop(third); // SIGKILL
+    let fourth = Running::start(&manager, "fourth", &[]);
+    for frame in &frames {
+        assert_back(frame, &fourth);
     }
 }

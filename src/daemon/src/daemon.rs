@@ -11,7 +11,9 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
-use crate::service::fdstore::{read_record, store_waiting, Batch, FdStore, RecordWriter};
+use crate::service::fdstore::{
+    read_record, store_waiting, Batch, FdStore, RecordError, RecordWriter,
+};
 use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
@@ -280,7 +282,8 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
                 slots,
                 "more buffers were taken back than the fd store now keeps \
                  (FileDescriptorStoreMax= was lowered?): new buffers are \
-                 refused until enough are freed"
+                 refused, and the record taken back stays in the store in \
+                 place of a new one, until enough are freed"
             );
         }
     }
@@ -350,6 +353,8 @@ async fn persist_loop(
     let mut retry: Option<Duration> = None;
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
+    // In a run of tries the store had no slot for: warned about once.
+    let mut no_room = false;
     let stop_at = loop {
         let delay = match retry {
             Some(delay) => delay,
@@ -363,6 +368,15 @@ async fn persist_loop(
         };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            // Without a slot for the record, a free is what makes one: the
+            // next try follows it, not the end of the back-off.
+            _ = wanted.notified(), if no_room => {
+                writer.table_changed();
+                tokio::select! {
+                    _ = tokio::time::sleep(RECORD_DEBOUNCE) => {}
+                    at = &mut stopped => break at.ok(),
+                }
+            }
             at = &mut stopped => break at.ok(),
         }
         let Some((kept, written)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
@@ -384,14 +398,29 @@ async fn persist_loop(
             (Written::Behind, _) => Some(RETRY_FIRST),
             (Written::Failed, previous) => {
                 warned = true;
-                let next = previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
+                let next = backed_off(previous);
                 tracing::warn!(
                     retry_in_ms = next.as_millis() as u64,
                     "the buffer table record will be written again"
                 );
                 Some(next)
             }
+            (Written::NoRoom { buffer_fds, max }, previous) => {
+                if !no_room {
+                    warned = true;
+                    tracing::warn!(
+                        buffer_fds,
+                        max,
+                        "the fd store has no slot for a new record of the buffer table \
+                         (FileDescriptorStoreMax= lowered?): the previous record stays in \
+                         it until enough buffers are freed; holds taken meanwhile \
+                         (imports) are not recorded"
+                    );
+                }
+                Some(backed_off(previous))
+            }
         };
+        no_room = matches!(written, Written::NoRoom { .. });
     };
     // At stop: the last record, and what is still out of the store, get
     // their last chance until the stop's deadline (taken at the signal), a
@@ -410,6 +439,12 @@ async fn persist_loop(
         }
         (writer, out) = (kept, now_out);
     }
+}
+
+/// The wait before the next try after one that failed: doubling from
+/// [`RETRY_FIRST`] up to [`RETRY_MAX`].
+fn backed_off(previous: Option<Duration>) -> Duration {
+    previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
 }
 
 /// How long after a change the record is written: changes come in bursts.
@@ -457,6 +492,11 @@ async fn store_record(
         None
     };
     let generation = fresh.as_ref().map(|record| record.generation);
+    let room = {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
         let (sent, stopped) = send_batch(&unstored, deadline);
@@ -464,7 +504,7 @@ async fn store_record(
             let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
             (ids[..sent].to_vec(), ids[sent..].to_vec())
         };
-        let result = writer.store(fresh, deadline);
+        let result = writer.store(fresh, room, deadline);
         (writer, result, (sent, unsent), stopped)
     })
     .await;
@@ -475,10 +515,13 @@ async fn store_record(
                 state.buffers_sent(&sent, &unsent);
                 if let Some(store) = &state.fd_store {
                     store.set_record_slots(writer.record_slots());
-                    if result.is_ok() {
-                        store.set_record_owed(false);
-                    } else {
-                        store.set_record_owed(true);
+                    store.set_record_owed(result.is_err());
+                    // No room is no failure to send: the persist loop
+                    // says so, once.
+                    if result
+                        .as_ref()
+                        .is_err_and(|err| !matches!(err, RecordError::NoRoom { .. }))
+                    {
                         store.note_failure("the buffer table record");
                     }
                 }
@@ -486,7 +529,16 @@ async fn store_record(
             };
             let batch_error = not_taken.or(stopped);
             let outcome = match (&result, &batch_error) {
-                (Err(err), _) if !is_no_room_yet(err) => {
+                (
+                    Err(RecordError::NoRoom {
+                        buffer_fds, max, ..
+                    }),
+                    _,
+                ) => Written::NoRoom {
+                    buffer_fds: *buffer_fds,
+                    max: *max,
+                },
+                (Err(err), _) if !err.is_would_block() => {
                     tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
@@ -587,6 +639,10 @@ enum Written {
     /// The manager had no room for all of it yet: worth trying again
     /// soon (the writer waits for room itself, so this paces itself).
     Behind,
+    /// The store has no slot for a new record (more buffers than
+    /// `FileDescriptorStoreMax=` now keeps): the previous record stays,
+    /// and a new one goes once buffers are freed.
+    NoRoom { buffer_fds: usize, max: usize },
     /// An error waiting does not cure (out of fds, the manager gone),
     /// storing the record or a buffer still out of the store: tried again
     /// with a back-off, warned about.
