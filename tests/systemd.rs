@@ -1372,3 +1372,68 @@ fn a_lowered_store_max_keeps_a_record_in_the_store() {
         assert_back(frame, &fourth);
     }
 }
+
+/// Fds handed back at a restart that nothing keeps: a second fd under a
+/// buffer's name (the daemon keeps the first) and an fd of a name the
+/// daemon never gives. The daemon closed them, but the manager still held
+/// and counted them: the broker counted its slots without them, so it
+/// admitted buffers beyond FileDescriptorStoreMax=, systemd refused the
+/// next record silently and the record before it was removed. Now the
+/// unknown name is removed from the store, and the second fd of a live
+/// buffer's name (which goes only with that name's removal) takes a slot
+/// until then.
+#[test]
+fn fds_the_restart_closes_are_out_of_the_store_or_take_a_slot() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let mut frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        // Handed over after the ones there (the oldest): the first fd of
+        // the buffer's name is the buffer.
+        let mut received = manager.received();
+        let name = format!("buf-{}", frames[0].id());
+        let duplicate = memfd_with(&name, b"an older fd of that name");
+        received.store.push((name, duplicate));
+        received
+            .store
+            .push(("stray".to_owned(), memfd_with("stray", b"not ours")));
+        assert_eq!(received.stored_fds(), 5);
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    manager.wait_for(
+        "the stray fd out of the store",
+        Duration::from_secs(5),
+        |r| !r.stored_names().iter().any(|n| n == "stray"),
+    );
+    // Two buffers, the second fd of one's name, and two slots for the
+    // records: one buffer more fits.
+    frames.push(camera.alloc(4096).expect("the last slot"));
+    let refused = camera
+        .alloc(4096)
+        .expect_err("the second fd of a buffer's name takes a slot");
+    assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+    let seen = manager.received().records_sent();
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let shared = codec
+        .import(&frames[1].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    let refused = manager.received().refused.clone();
+    assert!(
+        refused.is_empty(),
+        "the store was overfilled: it refused {refused:?}\n{}",
+        second.log()
+    );
+    drop(second); // SIGKILL
+    let third = Running::start(&manager, "third", &[]);
+    for frame in frames.iter().chain([&shared]) {
+        assert_back(frame, &third);
+    }
+}

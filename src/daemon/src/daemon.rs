@@ -230,6 +230,10 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         return (false, RecordWriter::default());
     }
     let names = stored.names();
+    // Before any removal of those names: sent, it takes them all.
+    if let Some(store) = &state.fd_store {
+        store.set_extra_fds(stored.extra_fds());
+    }
     // No id of a previous instance is handed out again, whatever became of
     // its record: a removal of an old `buf-N` still waiting for room in the
     // manager's queue would otherwise remove a new buffer N.

@@ -116,6 +116,11 @@ pub struct FdStore {
     /// The latest record could not be stored: owed, as a buffer is, so
     /// that a run of failures ends only once it is in.
     record_owed: std::sync::atomic::AtomicBool,
+    /// Fds a restart was handed under a name beyond its first, which it
+    /// closed (see `Stored::leftovers`): the manager holds and counts them
+    /// until the name's removal is sent, and that of a live buffer's name
+    /// only goes with the buffer.
+    extra_fds: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 #[derive(Debug, Default)]
@@ -242,6 +247,7 @@ impl FdStore {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            extra_fds: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -259,9 +265,31 @@ impl FdStore {
 
     /// Fds in the manager's store that are neither a live buffer's nor a
     /// record's: freed buffers whose removal is not sent yet (or held
-    /// back behind the writer's batch).
+    /// back behind the writer's batch), and fds a restart closed that are
+    /// still there.
     pub fn leftover_fds(&self) -> usize {
-        self.unremoved_names().len() + self.in_flight().deferred_removals.len()
+        let unremoved = self.unremoved_names().len();
+        let deferred = self.in_flight().deferred_removals.len();
+        let extra: usize = self.extra_fds().values().sum();
+        unremoved + deferred + extra
+    }
+
+    /// After the restore: fds it was handed beyond the first of a name
+    /// (see `extra_fds`), before any removal of those names is sent.
+    pub fn set_extra_fds(&self, extra: std::collections::HashMap<String, usize>) {
+        *self.extra_fds() = extra;
+    }
+
+    fn extra_fds(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.extra_fds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The removal of `names` was sent: every fd of each is out.
+    fn removed<S: AsRef<str>>(&self, names: &[S]) {
+        let mut extra = self.extra_fds();
+        for name in names {
+            extra.remove(name.as_ref());
+        }
     }
 
     /// What the store holds besides the records, for the record's writer
@@ -335,8 +363,9 @@ impl FdStore {
             return;
         }
         let sent = names.iter().take_while(|name| remove(name)).count();
-        names.drain(..sent);
+        let gone: Vec<String> = names.drain(..sent).collect();
         drop(names);
+        self.removed(&gone);
         self.note_progress();
     }
 
@@ -485,11 +514,17 @@ impl FdStore {
         }
         self.retry_removals();
         let mut names = self.unremoved_names();
-        // Behind the ones still out, whose sends would fail first. Only
-        // buffers are remembered: a record's name is used again by a later
-        // record, which a late removal would delete (the record's writer
-        // takes care of its own; see `RecordWriter::stale`).
-        if (!names.is_empty() || !remove(name)) && name.starts_with(BUFFER_PREFIX) {
+        // Behind the ones still out, whose sends would fail first.
+        if names.is_empty() && remove(name) {
+            drop(names);
+            self.removed(&[name]);
+            return;
+        }
+        // Not a record's: its name is used again by a later record, which
+        // a late removal would delete (the record's writer takes care of
+        // its own; see `RecordWriter::stale`). Buffers' and leftovers'
+        // names are never given again.
+        if !name.starts_with(RECORD_PREFIX) {
             names.push(name.to_owned());
             drop(names);
             self.note_failure(name);
@@ -771,6 +806,7 @@ mod tests {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            extra_fds: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -935,6 +971,25 @@ mod tests {
         };
         writer.store(None, Some(freed), deadline).expect("fits now");
         assert_eq!(writer.current.as_deref(), Some("state-b"));
+    }
+
+    /// Fds a restart closed but the manager still holds take slots until
+    /// their name's removal is sent: then every fd of it is out.
+    #[test]
+    fn fds_a_restart_closed_take_slots_until_their_name_is_removed() {
+        let store = store_with(&[]);
+        store.set_extra_fds(std::collections::HashMap::from([
+            ("buf-1".to_owned(), 1),
+            ("stray".to_owned(), 2),
+        ]));
+        assert_eq!(store.leftover_fds(), 3);
+        assert_eq!(store.unremoved(), 3, "allocs count them");
+        assert_eq!(store.room(4).buffer_fds, 7, "the record's writer too");
+        // No manager here: the removal is sent at once.
+        store.remove("stray");
+        assert_eq!(store.leftover_fds(), 1, "buf-1's goes with the buffer");
+        store.remove_buffer(1);
+        assert_eq!(store.leftover_fds(), 0);
     }
 
     /// The store counts record slots beyond the two as taken, and only
