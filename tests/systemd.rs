@@ -1290,3 +1290,150 @@ fn a_pending_removal_of_an_old_record_takes_no_slot_of_a_buffer() {
         assert_back(frame, &third);
     }
 }
+
+/// `FileDescriptorStoreMax=` lowered across a restart, below what the
+/// store holds: systemd closes every fd sent to it, silently, until enough
+/// are removed. The new instance sent its first record all the same, and
+/// then removed the record it had taken back: the store held buffers and
+/// no record, and the next crash lost every buffer clients held. The
+/// writer now sends no record that cannot fit (the live buffers, the
+/// record fds in the store and the new one over the maximum): the record
+/// taken back stays, warned about once, and a new one goes in once frees
+/// make room.
+#[test]
+fn a_lowered_store_max_keeps_a_record_in_the_store() {
+    let manager = ServiceManager::with_fd_store_max(8);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let mut frames: Vec<_> = (0..5).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(5);
+    // SIGKILL; FileDescriptorStoreMax=4 now: the store (5 buffers, 1
+    // record) is over.
+    drop(first);
+    manager.received().store_max = Some(4);
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    // The holds re-attached: the writer has tried to write a record since.
+    std::thread::sleep(Duration::from_millis(500));
+    let (names, refused) = {
+        let r = manager.received();
+        (r.stored_names(), r.refused.clone())
+    };
+    assert!(
+        refused.is_empty(),
+        "a record was sent to a full store: {refused:?}\n{}",
+        second.log()
+    );
+    assert_eq!(
+        second
+            .log()
+            .matches("the fd store has no slot for a new record")
+            .count(),
+        1,
+        "warned once for the run\n{}",
+        second.log()
+    );
+    drop(second); // SIGKILL
+    let third = Running::start(&manager, "third", &[]);
+    for frame in &frames {
+        if let Err(err) = frame.info() {
+            panic!(
+                "buffer {} lost after the second crash: {err}\nstore before it: {names:?}\n{}",
+                frame.id(),
+                third.log()
+            );
+        }
+    }
+
+    // Two buffers, the record and the new one fit in four slots: freeing
+    // three makes room for the new record, which replaces the old one.
+    let seen = manager.received().records_sent();
+    frames.truncate(2);
+    manager.wait_for_record_after(seen);
+    {
+        let r = manager.received();
+        assert!(
+            r.refused.is_empty(),
+            "the store was overfilled: it refused {:?}",
+            r.refused
+        );
+        assert_eq!(
+            (r.buffers_stored(), r.stored_fds()),
+            (2, 3),
+            "two buffers and one record: {:?}",
+            r.stored_names()
+        );
+    }
+    drop(third); // SIGKILL
+    let fourth = Running::start(&manager, "fourth", &[]);
+    for frame in &frames {
+        assert_back(frame, &fourth);
+    }
+}
+
+/// Fds handed back at a restart that nothing keeps: a second fd under a
+/// buffer's name (the daemon keeps the first) and an fd of a name the
+/// daemon never gives. The daemon closed them, but the manager still held
+/// and counted them: the broker counted its slots without them, so it
+/// admitted buffers beyond FileDescriptorStoreMax=, systemd refused the
+/// next record silently and the record before it was removed. Now the
+/// unknown name is removed from the store, and the second fd of a live
+/// buffer's name (which goes only with that name's removal) takes a slot
+/// until then.
+#[test]
+fn fds_the_restart_closes_are_out_of_the_store_or_take_a_slot() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let mut frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        // Handed over after the ones there (the oldest): the first fd of
+        // the buffer's name is the buffer.
+        let mut received = manager.received();
+        let name = format!("buf-{}", frames[0].id());
+        let duplicate = memfd_with(&name, b"an older fd of that name");
+        received.store.push((name, duplicate));
+        received
+            .store
+            .push(("stray".to_owned(), memfd_with("stray", b"not ours")));
+        assert_eq!(received.stored_fds(), 5);
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    manager.wait_for(
+        "the stray fd out of the store",
+        Duration::from_secs(5),
+        |r| !r.stored_names().iter().any(|n| n == "stray"),
+    );
+    // Two buffers, the second fd of one's name, and two slots for the
+    // records: one buffer more fits.
+    frames.push(camera.alloc(4096).expect("the last slot"));
+    let refused = camera
+        .alloc(4096)
+        .expect_err("the second fd of a buffer's name takes a slot");
+    assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+    let seen = manager.received().records_sent();
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let shared = codec
+        .import(&frames[1].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    let refused = manager.received().refused.clone();
+    assert!(
+        refused.is_empty(),
+        "the store was overfilled: it refused {refused:?}\n{}",
+        second.log()
+    );
+    drop(second); // SIGKILL
+    let third = Running::start(&manager, "third", &[]);
+    for frame in frames.iter().chain([&shared]) {
+        assert_back(frame, &third);
+    }
+}

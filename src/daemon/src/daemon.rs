@@ -1,6 +1,6 @@
 //! Putting the daemon together: policy, heaps, socket, signals.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,9 @@ use crate::broker::{Broker, State};
 use crate::config::Config;
 use crate::heaps::{HeapConfig, HeapRegistry};
 use crate::server::{accept_loop, Listener};
-use crate::service::fdstore::{read_record, store_waiting, FdStore, RecordWriter};
+use crate::service::fdstore::{
+    read_record, store_waiting, Batch, FdStore, RecordError, RecordWriter,
+};
 use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{notify, watchdog};
@@ -228,6 +230,10 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         return (false, RecordWriter::default());
     }
     let names = stored.names();
+    // Before any removal of those names: sent, it takes them all.
+    if let Some(store) = &state.fd_store {
+        store.set_extra_fds(stored.extra_fds());
+    }
     // No id of a previous instance is handed out again, whatever became of
     // its record: a removal of an old `buf-N` still waiting for room in the
     // manager's queue would otherwise remove a new buffer N.
@@ -280,7 +286,8 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
                 slots,
                 "more buffers were taken back than the fd store now keeps \
                  (FileDescriptorStoreMax= was lowered?): new buffers are \
-                 refused until enough are freed"
+                 refused, and the record taken back stays in the store in \
+                 place of a new one, until enough are freed"
             );
         }
     }
@@ -337,8 +344,8 @@ fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)>
 /// within those 50 ms would otherwise be missing, and the next instance
 /// would drop a buffer its client still holds.
 ///
-/// A record that could not be stored (out of fds, the manager's socket
-/// gone) is tried again after [`RETRY_FIRST`], doubling up to
+/// A record or a buffer that could not be stored (out of fds, the
+/// manager's socket gone) is tried again after [`RETRY_FIRST`], doubling up to
 /// [`RETRY_MAX`], whether or not the table changes meanwhile: until one is
 /// stored, the store's record lacks the latest buffers and holds.
 async fn persist_loop(
@@ -350,6 +357,8 @@ async fn persist_loop(
     let mut retry: Option<Duration> = None;
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
+    // In a run of tries the store had no slot for: warned about once.
+    let mut no_room = false;
     let stop_at = loop {
         let delay = match retry {
             Some(delay) => delay,
@@ -363,6 +372,15 @@ async fn persist_loop(
         };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            // Without a slot for the record, a free is what makes one: the
+            // next try follows it, not the end of the back-off.
+            _ = wanted.notified(), if no_room => {
+                writer.table_changed();
+                tokio::select! {
+                    _ = tokio::time::sleep(RECORD_DEBOUNCE) => {}
+                    at = &mut stopped => break at.ok(),
+                }
+            }
             at = &mut stopped => break at.ok(),
         }
         let Some((kept, written)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
@@ -384,14 +402,29 @@ async fn persist_loop(
             (Written::Behind, _) => Some(RETRY_FIRST),
             (Written::Failed, previous) => {
                 warned = true;
-                let next = previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
+                let next = backed_off(previous);
                 tracing::warn!(
                     retry_in_ms = next.as_millis() as u64,
                     "the buffer table record will be written again"
                 );
                 Some(next)
             }
+            (Written::NoRoom { buffer_fds, max }, previous) => {
+                if !no_room {
+                    warned = true;
+                    tracing::warn!(
+                        buffer_fds,
+                        max,
+                        "the fd store has no slot for a new record of the buffer table \
+                         (FileDescriptorStoreMax= lowered?): the previous record stays in \
+                         it until enough buffers are freed; holds taken meanwhile \
+                         (imports) are not recorded"
+                    );
+                }
+                Some(backed_off(previous))
+            }
         };
+        no_room = matches!(written, Written::NoRoom { .. });
     };
     // At stop: the last record, and what is still out of the store, get
     // their last chance until the stop's deadline (taken at the signal), a
@@ -410,6 +443,12 @@ async fn persist_loop(
         }
         (writer, out) = (kept, now_out);
     }
+}
+
+/// The wait before the next try after one that failed: doubling from
+/// [`RETRY_FIRST`] up to [`RETRY_MAX`].
+fn backed_off(previous: Option<Duration>) -> Duration {
+    previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
 }
 
 /// How long after a change the record is written: changes come in bursts.
@@ -442,7 +481,10 @@ async fn store_record(
     patience: Duration,
 ) -> Option<(RecordWriter, Written)> {
     broker.lock().retry_buffer_stores();
-    let unstored = broker.lock().take_unstored_buffers(STORE_BATCH);
+    let Batch {
+        fds: unstored,
+        error: not_taken,
+    } = take_batch(broker);
     let taken: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
     let wanted = Arc::clone(&broker.lock().persist_wanted);
     if changed_unseen(&wanted).await {
@@ -454,46 +496,68 @@ async fn store_record(
         None
     };
     let generation = fresh.as_ref().map(|record| record.generation);
+    let room = {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
-        let sent = unstored
-            .iter()
-            .take_while(|(id, fd)| store_waiting(*id, std::os::fd::AsFd::as_fd(fd), deadline))
-            .count();
+        let (sent, stopped) = send_batch(&unstored, deadline);
         let (sent, unsent): (Vec<u64>, Vec<u64>) = {
             let ids: Vec<u64> = unstored.iter().map(|(id, _)| *id).collect();
             (ids[..sent].to_vec(), ids[sent..].to_vec())
         };
-        let result = writer.store(fresh, deadline);
-        (writer, result, (sent, unsent))
+        let result = writer.store(fresh, room, deadline);
+        (writer, result, (sent, unsent), stopped)
     })
     .await;
     match stored {
-        Ok((writer, result, (sent, unsent))) => {
+        Ok((writer, result, (sent, unsent), stopped)) => {
             let out = {
                 let state = broker.lock();
                 state.buffers_sent(&sent, &unsent);
                 if let Some(store) = &state.fd_store {
                     store.set_record_slots(writer.record_slots());
-                    if result.is_ok() {
-                        store.set_record_owed(false);
-                    } else {
-                        store.set_record_owed(true);
+                    store.set_record_owed(result.is_err());
+                    // No room is no failure to send: the persist loop
+                    // says so, once.
+                    if result
+                        .as_ref()
+                        .is_err_and(|err| !matches!(err, RecordError::NoRoom { .. }))
+                    {
                         store.note_failure("the buffer table record");
                     }
                 }
                 state.buffers_out_of_store()
             };
-            let outcome = match &result {
-                // An older record still in the store: the next try
-                // removes it (the store matches the table only then).
-                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
-                Ok(()) => Written::Behind,
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Written::Behind,
-                Err(err) => {
+            let batch_error = not_taken.or(stopped);
+            let outcome = match (&result, &batch_error) {
+                (
+                    Err(RecordError::NoRoom {
+                        buffer_fds, max, ..
+                    }),
+                    _,
+                ) => Written::NoRoom {
+                    buffer_fds: *buffer_fds,
+                    max: *max,
+                },
+                (Err(err), _) if !err.is_would_block() => {
                     tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
+                // The record may be in, but buffers stay out of the store
+                // for a reason waiting does not cure: tried again every
+                // 100 ms, they would be tried forever, silently.
+                (_, Some(err)) if !is_no_room_yet(err) => {
+                    tracing::warn!(error = %err, buffers = out, "cannot put buffers in the fd store");
+                    Written::Failed
+                }
+                (Err(_), _) => Written::Behind,
+                // An older record still in the store: the next try
+                // removes it (the store matches the table only then).
+                (Ok(()), _) if out == 0 && writer.stale_count() == 0 => Written::Stored,
+                (Ok(()), _) => Written::Behind,
             };
             if outcome == Written::Behind {
                 tracing::debug!(
@@ -511,6 +575,40 @@ async fn store_record(
             None
         }
     }
+}
+
+/// Up to [`STORE_BATCH`] buffers still out of the fd store, each with a
+/// copy of its fd, and why any could not be copied.
+fn take_batch(broker: &Arc<Broker>) -> Batch {
+    let state = broker.lock();
+    match &state.fd_store {
+        Some(store) => store.take_batch(STORE_BATCH, |id| {
+            state.buffers.get(&id).map(|entry| entry.fd.as_fd())
+        }),
+        None => Batch::default(),
+    }
+}
+
+/// Sends `batch` in order, waiting until `deadline` for room, until one
+/// send fails (the rest would too). Returns how many went, and the error
+/// the sends stopped on.
+fn send_batch(
+    batch: &[(u64, OwnedFd)],
+    deadline: std::time::Instant,
+) -> (usize, Option<std::io::Error>) {
+    for (sent, (id, fd)) in batch.iter().enumerate() {
+        if let Err(err) = store_waiting(*id, fd.as_fd(), deadline) {
+            return (sent, Some(err));
+        }
+    }
+    (batch.len(), None)
+}
+
+/// Whether a send failed only because the manager's queue had no room
+/// yet: worth trying again soon. Any other error (the manager's socket
+/// gone, out of fds) is not cured by waiting.
+fn is_no_room_yet(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::WouldBlock
 }
 
 /// Whether the table changed since the last look without the loop
@@ -545,7 +643,13 @@ enum Written {
     /// The manager had no room for all of it yet: worth trying again
     /// soon (the writer waits for room itself, so this paces itself).
     Behind,
-    /// An error waiting does not cure (out of fds, the manager gone).
+    /// The store has no slot for a new record (more buffers than
+    /// `FileDescriptorStoreMax=` now keeps): the previous record stays,
+    /// and a new one goes once buffers are freed.
+    NoRoom { buffer_fds: usize, max: usize },
+    /// An error waiting does not cure (out of fds, the manager gone),
+    /// storing the record or a buffer still out of the store: tried again
+    /// with a back-off, warned about.
     Failed,
 }
 
@@ -680,5 +784,87 @@ mod tests {
                 .expect("the writer");
             assert_eq!(writer.next_generation(), 3, "a record per change");
         });
+    }
+
+    /// Once the latest record is in, a try with the table unchanged sends
+    /// no record, so what is still behind (buffers out of the store) is
+    /// all it does; when their sends fail with an error waiting does not
+    /// cure (the manager's socket gone, out of fds), the try is `Failed`:
+    /// warned about and backed off. It was `Behind` (since 3538195), tried
+    /// again every 100 ms forever, silently. Runs in its own process (see
+    /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
+    fn hard_failure_behind_a_stored_record_in_its_own_process() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let broker = broker();
+        let page = dmabroker_ipc::bufferword::WORD_PAGE;
+        let fd = crate::kernel::memfd::create_sealed("frame", 4096 + page).expect("memfd");
+        let record = StateRecord {
+            version: RECORD_VERSION,
+            generation: 1,
+            next_buffer: 2,
+            buffers: vec![crate::service::record::BufferRecord {
+                id: 1,
+                size: 4096,
+                heap: "memfd".into(),
+                origin: crate::service::record::OriginRecord::Memfd,
+                name: "frame".into(),
+                inode: crate::kernel::dma_buf::inode(fd.as_fd()).expect("inode"),
+                holders: Vec::new(),
+            }],
+        };
+        let copy = fd.try_clone().expect("dup");
+        broker.with(|s| {
+            s.fd_store = FdStore::from_env(16);
+            let fds = std::collections::HashMap::from([("buf-1".to_owned(), fd)]);
+            assert_eq!(s.restore(&record, fds).restored, 1);
+        });
+        runtime().block_on(async {
+            let (writer, written) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
+                .await
+                .expect("the writer");
+            assert_eq!(written, Written::Stored, "the record is in");
+            // The manager's socket goes away; the buffer's send fails.
+            drop(receiver);
+            std::fs::remove_file(&path).expect("rm");
+            broker.lock().fd_store.as_ref().expect("store").store_buffer(1, copy.as_fd());
+            assert_eq!(broker.lock().buffers_out_of_store(), 1);
+            let (_, written) = store_record(&broker, writer, Duration::from_millis(200))
+                .await
+                .expect("the writer");
+            assert_eq!(
+                written,
+                Written::Failed,
+                "an error waiting does not cure is Failed (backed off, warned), not Behind (100 ms, silent)"
+            );
+        });
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// [`hard_failure_behind_a_stored_record_in_its_own_process`], in a
+    /// process of its own: it points `NOTIFY_SOCKET`, which every test
+    /// of this process would see, at a manager it then takes away.
+    #[test]
+    fn a_hard_failure_behind_a_stored_record_backs_off() {
+        let name = "daemon::tests::hard_failure_behind_a_stored_record_in_its_own_process";
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--ignored", "--test-threads=1"])
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .expect("run the test in its own process");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{name} failed in its own process:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

@@ -23,7 +23,10 @@
 //! older records a restart found (or one whose removal could not be sent)
 //! can make more, and they are removed before the next record is stored:
 //! [`RecordWriter::record_slots`] is the most the writer's next steps hold
-//! at once, and the buffers get every other slot.
+//! at once, and the buffers get every other slot. A record that would not
+//! fit (the store over its maximum after `FileDescriptorStoreMax=` was
+//! lowered across a restart) is not sent: the one in the store stays until
+//! frees make room ([`RecordError::NoRoom`]).
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -113,12 +116,71 @@ pub struct FdStore {
     /// The latest record could not be stored: owed, as a buffer is, so
     /// that a run of failures ends only once it is in.
     record_owed: std::sync::atomic::AtomicBool,
+    /// Fds a restart was handed under a name beyond its first, which it
+    /// closed (see `Stored::leftovers`): the manager holds and counts them
+    /// until the name's removal is sent, and that of a live buffer's name
+    /// only goes with the buffer.
+    extra_fds: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 #[derive(Debug, Default)]
 struct InFlight {
     ids: Vec<u64>,
     deferred_removals: Vec<String>,
+}
+
+/// How full the store is besides the records, when the writer is to
+/// send a record: systemd closes an fd sent to a full store without
+/// telling, and the writer would then remove the record before it, so a
+/// record that does not fit is not sent (see [`RecordWriter::store`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Room {
+    /// Fds in the store that are no record's: every live buffer's (in the
+    /// store or on its way: the same count `State::check_store_slot` keeps
+    /// below the buffers' slots) and the leftovers.
+    pub buffer_fds: usize,
+    /// `FileDescriptorStoreMax=`.
+    pub max: usize,
+}
+
+/// Why a record was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The store has no slot for it: more buffers than it now keeps
+    /// (`FileDescriptorStoreMax=` lowered across a restart). The record
+    /// in the store stays, and the next one goes once buffers are freed.
+    #[error(
+        "the fd store has no slot for a new record of the buffer table: {buffer_fds} buffer fds \
+         and {record_fds} record fds in it, FileDescriptorStoreMax={max}"
+    )]
+    NoRoom {
+        buffer_fds: usize,
+        record_fds: usize,
+        max: usize,
+    },
+    #[error("cannot encode the buffer table record: {0}")]
+    Encode(#[from] postcard::Error),
+    /// A send failed: `WouldBlock` while the manager has no room yet.
+    #[error(transparent)]
+    Send(#[from] std::io::Error),
+}
+
+impl RecordError {
+    /// Whether the manager only had no room in its queue yet: worth
+    /// trying again soon.
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, RecordError::Send(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Buffers out of the store taken for the record's writer (see
+/// [`FdStore::take_batch`]).
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Each buffer with a copy of its fd, oldest first.
+    pub fds: Vec<(u64, OwnedFd)>,
+    /// Why a buffer could not be taken: its fd could not be copied.
+    pub error: Option<std::io::Error>,
 }
 
 /// The table's record in the store. Owned by the task that rewrites it, so
@@ -185,6 +247,7 @@ impl FdStore {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            extra_fds: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -193,12 +256,50 @@ impl FdStore {
     /// sent yet, or held back behind the record writer's batch), and
     /// record slots beyond the two while older records are to be removed.
     pub fn unremoved(&self) -> usize {
-        self.unremoved_names().len()
-            + self.in_flight().deferred_removals.len()
+        self.leftover_fds()
             + self
                 .record_slots
                 .load(std::sync::atomic::Ordering::Acquire)
                 .saturating_sub(RECORD_SLOTS)
+    }
+
+    /// Fds in the manager's store that are neither a live buffer's nor a
+    /// record's: freed buffers whose removal is not sent yet (or held
+    /// back behind the writer's batch), and fds a restart closed that are
+    /// still there.
+    pub fn leftover_fds(&self) -> usize {
+        let unremoved = self.unremoved_names().len();
+        let deferred = self.in_flight().deferred_removals.len();
+        let extra: usize = self.extra_fds().values().sum();
+        unremoved + deferred + extra
+    }
+
+    /// After the restore: fds it was handed beyond the first of a name
+    /// (see `extra_fds`), before any removal of those names is sent.
+    pub fn set_extra_fds(&self, extra: std::collections::HashMap<String, usize>) {
+        *self.extra_fds() = extra;
+    }
+
+    fn extra_fds(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.extra_fds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The removal of `names` was sent: every fd of each is out.
+    fn removed<S: AsRef<str>>(&self, names: &[S]) {
+        let mut extra = self.extra_fds();
+        for name in names {
+            extra.remove(name.as_ref());
+        }
+    }
+
+    /// What the store holds besides the records, for the record's writer
+    /// (see [`Room`]): `live` buffers (each in the store or on its way)
+    /// and the [leftovers](FdStore::leftover_fds).
+    pub fn room(&self, live: usize) -> Room {
+        Room {
+            buffer_fds: live + self.leftover_fds(),
+            max: self.capacity.max,
+        }
     }
 
     /// See `record_owed`: set by the record's writer after each try.
@@ -262,8 +363,9 @@ impl FdStore {
             return;
         }
         let sent = names.iter().take_while(|name| remove(name)).count();
-        names.drain(..sent);
+        let gone: Vec<String> = names.drain(..sent).collect();
         drop(names);
+        self.removed(&gone);
         self.note_progress();
     }
 
@@ -328,6 +430,41 @@ impl FdStore {
         taken
     }
 
+    /// [`FdStore::take_unstored`], each buffer with a copy of its fd
+    /// (`fd_of` gives a live buffer's), for the record's writer to send
+    /// off the broker's thread. A freed buffer is given back (and
+    /// forgotten at the next retry); one whose fd cannot be copied (out of
+    /// fds) is given back, out of the store still, and the batch says why:
+    /// a batch that took nothing for that reason is no reason to try again
+    /// soon.
+    pub fn take_batch<'a>(
+        &self,
+        limit: usize,
+        fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>,
+    ) -> Batch {
+        let mut batch = Batch::default();
+        let mut not_taken = Vec::new();
+        for id in self.take_unstored(limit) {
+            match fd_of(id).map(|fd| fd.try_clone_to_owned()) {
+                Some(Ok(fd)) => batch.fds.push((id, fd)),
+                Some(Err(err)) => {
+                    not_taken.push(id);
+                    batch.error.get_or_insert_with(|| {
+                        std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "cannot copy buffer {id}'s fd to put it in the fd store: {err}"
+                            ),
+                        )
+                    });
+                }
+                None => not_taken.push(id),
+            }
+        }
+        self.finish_batch(&[], &not_taken);
+        batch
+    }
+
     /// The end of a batch: `sent` are in the store, `unsent` out of it
     /// still (ahead of the rest). Removals held back for them go out now,
     /// after the stores they must follow.
@@ -377,11 +514,17 @@ impl FdStore {
         }
         self.retry_removals();
         let mut names = self.unremoved_names();
-        // Behind the ones still out, whose sends would fail first. Only
-        // buffers are remembered: a record's name is used again by a later
-        // record, which a late removal would delete (the record's writer
-        // takes care of its own; see `RecordWriter::stale`).
-        if (!names.is_empty() || !remove(name)) && name.starts_with(BUFFER_PREFIX) {
+        // Behind the ones still out, whose sends would fail first.
+        if names.is_empty() && remove(name) {
+            drop(names);
+            self.removed(&[name]);
+            return;
+        }
+        // Not a record's: its name is used again by a later record, which
+        // a late removal would delete (the record's writer takes care of
+        // its own; see `RecordWriter::stale`). Buffers' and leftovers'
+        // names are never given again.
+        if !name.starts_with(RECORD_PREFIX) {
             names.push(name.to_owned());
             drop(names);
             self.note_failure(name);
@@ -407,15 +550,26 @@ fn store(id: u64, fd: BorrowedFd<'_>) -> bool {
 }
 
 /// [`store`], waiting until `deadline` for room in the manager's queue:
-/// off the broker's thread only.
-pub fn store_waiting(id: u64, fd: BorrowedFd<'_>, deadline: std::time::Instant) -> bool {
+/// off the broker's thread only. The error says why: `WouldBlock` (no
+/// room yet) is worth trying again soon, anything else (the manager's
+/// socket gone, out of fds) is not.
+pub fn store_waiting(
+    id: u64,
+    fd: BorrowedFd<'_>,
+    deadline: std::time::Instant,
+) -> std::io::Result<()> {
     let name = buffer_name(id);
     notify::send_waiting(
         &[NotifyState::FdStore, NotifyState::FdName(&name)],
         &[fd],
         deadline,
     )
-    .is_ok()
+    .map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot put buffer {id} in the fd store: {err}"),
+        )
+    })
 }
 
 /// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
@@ -521,49 +675,87 @@ impl RecordWriter {
     /// newly copied, replaces it) unless it is in already, then removes the
     /// previous one. On failure nothing is lost: what was not sent is sent
     /// by the next try, without encoding the record again.
+    ///
+    /// A record is sent only if it fits (`room`, `None` without a bounded
+    /// store): sent to a full store, it would be closed by systemd without
+    /// a word, and the previous one removed after it, leaving no record at
+    /// all. So the previous record stays until frees make room
+    /// ([`RecordError::NoRoom`]); at worst it names buffers freed since,
+    /// which a restore skips, and lacks holds taken since.
     /// Waits for room in the manager's queue until `deadline`: runs off
     /// the broker's thread.
     pub fn store(
         &mut self,
         fresh: Option<StateRecord>,
+        room: Option<Room>,
         deadline: std::time::Instant,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), RecordError> {
         if let Some(record) = fresh {
-            let bytes = record.encode().map_err(std::io::Error::other)?;
-            self.latest = Some(Latest::Encoded(bytes));
+            self.latest = Some(Latest::Encoded(record.encode()?));
         }
         while let Some((stale, _)) = self.stale.first() {
             remove_waiting(stale, deadline)?;
             self.stale.remove(0);
         }
+        if matches!(self.latest, Some(Latest::Stored)) {
+            return Ok(());
+        }
+        // Before a memfd is made for it.
+        self.check_room(room)?;
         let name = next_record_name(self.current.as_deref());
-        let fd = match self.latest.take() {
-            // The caller copies one whenever `needs_record` says so.
-            None => return Err(std::io::Error::other("no record copied to store")),
-            Some(Latest::Stored) => {
-                self.latest = Some(Latest::Stored);
-                return Ok(());
-            }
-            Some(Latest::Sealed(fd)) => fd,
-            Some(Latest::Encoded(bytes)) => match sealed_copy(&name, &bytes) {
-                Ok(fd) => fd,
-                Err(err) => {
-                    self.latest = Some(Latest::Encoded(bytes));
-                    return Err(err);
-                }
-            },
-        };
+        let fd = self.take_sealed(&name)?;
         if let Err(err) = notify::send_waiting(
             &[NotifyState::FdStore, NotifyState::FdName(&name)],
             &[fd.as_fd()],
             deadline,
         ) {
             self.latest = Some(Latest::Sealed(fd));
-            return Err(err);
+            return Err(std::io::Error::new(
+                err.kind(),
+                format!("cannot put the record {name} in the fd store: {err}"),
+            )
+            .into());
         }
         self.latest = Some(Latest::Stored);
         self.replace_current(name, deadline);
         Ok(())
+    }
+
+    /// The latest record in its sealed memfd, taken to be sent (given
+    /// back by the caller if the send fails); made now if it was only
+    /// encoded.
+    fn take_sealed(&mut self, name: &str) -> Result<OwnedFd, RecordError> {
+        match self.latest.take() {
+            Some(Latest::Sealed(fd)) => Ok(fd),
+            Some(Latest::Encoded(bytes)) => match sealed_copy(name, &bytes) {
+                Ok(fd) => Ok(fd),
+                Err(err) => {
+                    self.latest = Some(Latest::Encoded(bytes));
+                    Err(err.into())
+                }
+            },
+            // The caller copies one whenever `needs_record` says so.
+            other => {
+                self.latest = other;
+                Err(std::io::Error::other("no record copied to store").into())
+            }
+        }
+    }
+
+    /// Whether the next record fits beside the buffers and the record
+    /// fds the store holds now (the stale ones are gone by then).
+    fn check_room(&self, room: Option<Room>) -> Result<(), RecordError> {
+        let Some(room) = room else {
+            return Ok(());
+        };
+        if room.buffer_fds + self.current_fds < room.max {
+            return Ok(());
+        }
+        Err(RecordError::NoRoom {
+            buffer_fds: room.buffer_fds,
+            record_fds: self.current_fds,
+            max: room.max,
+        })
     }
 
     /// `name` is the stored record now; the previous one goes, or is stale
@@ -614,6 +806,7 @@ mod tests {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            extra_fds: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -705,6 +898,100 @@ mod tests {
         }
     }
 
+    /// Allocs are refused once the live buffers would take more than the
+    /// slots the records leave (`State::check_store_slot`): with as many
+    /// buffers as that admits, the writer's next record always fits, so
+    /// the no-slot rule only ever holds a record back when the store was
+    /// over before (`FileDescriptorStoreMax=` lowered across a restart).
+    #[test]
+    fn the_buffers_allocs_admit_leave_room_for_the_next_record() {
+        const MAX: usize = 8;
+        let writers = [
+            RecordWriter::default(),
+            RecordWriter::fresh(stale(&[("state-a", 1)])),
+            RecordWriter::continuing("state-a".into(), 7, 1, Vec::new()),
+            RecordWriter::continuing("state-a".into(), 7, 1, stale(&[("state-b", 1)])),
+            RecordWriter::continuing("state-a".into(), 7, 2, Vec::new()),
+            RecordWriter::continuing("state-a".into(), 7, 1, stale(&[("state-b", 2)])),
+        ];
+        for writer in writers {
+            let admitted = MAX - writer.record_slots();
+            let room = |buffer_fds| Room {
+                buffer_fds,
+                max: MAX,
+            };
+            assert!(
+                writer.check_room(Some(room(admitted))).is_ok(),
+                "{writer:?}"
+            );
+            assert!(
+                writer
+                    .check_room(Some(room(MAX - writer.current_fds)))
+                    .is_err(),
+                "{writer:?}"
+            );
+        }
+    }
+
+    /// A record that does not fit is not sent (systemd would close it
+    /// silently, and the one before it would then be removed): the
+    /// record in the store stays, and the new one, kept encoded, goes in
+    /// once there is room.
+    #[test]
+    fn a_record_that_does_not_fit_waits_and_the_stored_one_stays() {
+        let deadline = std::time::Instant::now();
+        let mut writer = RecordWriter::continuing("state-a".into(), 7, 1, Vec::new());
+        let record = StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: writer.next_generation(),
+            next_buffer: 1,
+            buffers: Vec::new(),
+        };
+        let full = Room {
+            buffer_fds: 3,
+            max: 4,
+        };
+        let refused = writer.store(Some(record), Some(full), deadline);
+        assert!(
+            matches!(
+                refused,
+                Err(RecordError::NoRoom {
+                    buffer_fds: 3,
+                    record_fds: 1,
+                    max: 4
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(writer.current.as_deref(), Some("state-a"), "still in");
+        assert!(!writer.needs_record(), "the new record waits, encoded");
+        let freed = Room {
+            buffer_fds: 2,
+            max: 4,
+        };
+        writer.store(None, Some(freed), deadline).expect("fits now");
+        assert_eq!(writer.current.as_deref(), Some("state-b"));
+    }
+
+    /// Fds a restart closed but the manager still holds take slots until
+    /// their name's removal is sent: then every fd of it is out.
+    #[test]
+    fn fds_a_restart_closed_take_slots_until_their_name_is_removed() {
+        let store = store_with(&[]);
+        store.set_extra_fds(std::collections::HashMap::from([
+            ("buf-1".to_owned(), 1),
+            ("stray".to_owned(), 2),
+        ]));
+        assert_eq!(store.leftover_fds(), 3);
+        assert_eq!(store.unremoved(), 3, "allocs count them");
+        assert_eq!(store.room(4).buffer_fds, 7, "the record's writer too");
+        // No manager here: the removal is sent at once.
+        store.remove("stray");
+        assert_eq!(store.leftover_fds(), 1, "buf-1's goes with the buffer");
+        store.remove_buffer(1);
+        assert_eq!(store.leftover_fds(), 0);
+    }
+
     /// The store counts record slots beyond the two as taken, and only
     /// those.
     #[test]
@@ -731,9 +1018,11 @@ mod tests {
             next_buffer: 1,
             buffers: Vec::new(),
         };
-        writer.store(Some(record), deadline).expect("stored");
+        writer.store(Some(record), None, deadline).expect("stored");
         assert_eq!(writer.current.as_deref(), Some("state-a"));
-        writer.store(None, deadline).expect("nothing to store");
+        writer
+            .store(None, None, deadline)
+            .expect("nothing to store");
         assert_eq!(
             writer.current.as_deref(),
             Some("state-a"),

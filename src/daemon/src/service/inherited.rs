@@ -2,6 +2,7 @@
 //! `LISTEN_FDNAMES`): the listening socket (socket activation) and whatever
 //! the previous instance put in the fd store.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
@@ -28,15 +29,20 @@ pub struct Stored {
     /// Buffers by name (`buf-<id>`). Should a name come twice, the first
     /// handed over, the newest, is kept.
     pub buffers: HashMap<String, OwnedFd>,
+    /// The name of each fd handed over that nothing here keeps, closed at
+    /// once: a buffer's name again (its later fds), or a name this daemon
+    /// never gives on an fd that is no socket (so from the fd store). The
+    /// manager still holds and counts them until their name is removed.
+    pub leftovers: Vec<String>,
 }
 
 impl Stored {
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.buffers.is_empty()
+        self.records.is_empty() && self.buffers.is_empty() && self.leftovers.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.records.len() + self.buffers.len()
+        self.records.len() + self.buffers.len() + self.leftovers.len()
     }
 
     /// Every name, once each.
@@ -46,10 +52,27 @@ impl Stored {
             .iter()
             .map(|(name, _)| name.clone())
             .chain(self.buffers.keys().cloned())
+            .chain(self.leftovers.iter().cloned())
             .collect();
         names.sort_unstable();
         names.dedup();
         names
+    }
+
+    /// Each name of a buffer or of a leftover with the fds of it beyond
+    /// the first: the manager counts them all, and they go only with the
+    /// name's removal.
+    pub fn extra_fds(&self) -> HashMap<String, usize> {
+        let mut extra: HashMap<String, usize> = HashMap::new();
+        for name in &self.leftovers {
+            let first = !self.buffers.contains_key(name) && !extra.contains_key(name);
+            let fds = extra.entry(name.clone()).or_default();
+            if !first {
+                *fds += 1;
+            }
+        }
+        extra.retain(|_, fds| *fds > 0);
+        extra
     }
 }
 
@@ -81,7 +104,16 @@ pub fn take() -> Result<Inherited, InheritError> {
             continue;
         }
         if name.starts_with(BUFFER_PREFIX) {
-            inherited.stored.buffers.entry(name).or_insert(fd);
+            match inherited.stored.buffers.entry(name) {
+                Entry::Vacant(slot) => {
+                    slot.insert(fd);
+                }
+                Entry::Occupied(kept) => {
+                    let name = kept.key().clone();
+                    tracing::warn!(name, "closing a second fd of a buffer's name");
+                    inherited.stored.leftovers.push(name);
+                }
+            }
             continue;
         }
         match socket_kind(&fd) {
@@ -90,6 +122,13 @@ pub fn take() -> Result<Inherited, InheritError> {
             }
             Some(SocketKind::Other(found)) => {
                 return Err(InheritError::WrongSocket { name, found })
+            }
+            None => {
+                tracing::warn!(
+                    name,
+                    "closing an inherited fd of a name this daemon never gives"
+                );
+                inherited.stored.leftovers.push(name);
             }
             _ => tracing::warn!(name, "closing an unexpected inherited fd"),
         }
@@ -119,5 +158,35 @@ fn socket_kind(fd: &OwnedFd) -> Option<SocketKind> {
                 " that is not listening"
             }
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> OwnedFd {
+        crate::kernel::memfd::create_sealed("leftover", 1).expect("memfd")
+    }
+
+    /// The manager counts every fd of a name and removes them all with
+    /// it: a buffer's name again is an fd beyond the buffer's, and of a
+    /// name this daemon never gives every fd beyond the first (which the
+    /// name's removal, pending, counts).
+    #[test]
+    fn fds_beyond_the_first_of_a_name_are_extra() {
+        let stored = Stored {
+            records: Vec::new(),
+            buffers: HashMap::from([("buf-1".to_owned(), fd()), ("buf-2".to_owned(), fd())]),
+            leftovers: ["buf-1", "stray", "stray", "stray", "other"]
+                .map(str::to_owned)
+                .to_vec(),
+        };
+        assert_eq!(
+            stored.extra_fds(),
+            HashMap::from([("buf-1".to_owned(), 1), ("stray".to_owned(), 2)])
+        );
+        assert_eq!(stored.len(), 7);
+        assert_eq!(stored.names(), ["buf-1", "buf-2", "other", "stray"]);
     }
 }
