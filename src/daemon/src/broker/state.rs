@@ -419,29 +419,6 @@ impl State {
         }
     }
 
-    /// Takes up to `limit` buffers still out of the fd store, each with a
-    /// copy of its fd, for the record's writer to send waiting for room
-    /// (off this thread); it hands the outcome to
-    /// [`State::buffers_sent`]. Freed ones are forgotten; a buffer whose
-    /// fd cannot be copied now (out of fds) stays out for the next try.
-    pub fn take_unstored_buffers(&self, limit: usize) -> Vec<(BufferId, OwnedFd)> {
-        let Some(store) = &self.fd_store else {
-            return Vec::new();
-        };
-        let mut taken = Vec::new();
-        let mut not_taken = Vec::new();
-        for id in store.take_unstored(limit) {
-            match self.buffers.get(&id).map(|entry| entry.fd.try_clone()) {
-                Some(Ok(fd)) => taken.push((id, fd)),
-                // Out of fds: out of the store still. Freed: given back,
-                // and forgotten at the next retry.
-                Some(Err(_)) | None => not_taken.push(id),
-            }
-        }
-        store.finish_batch(&[], &not_taken);
-        taken
-    }
-
     /// The record writer's sends: `sent` are in the fd store, `unsent` out
     /// of it still. Removals of those freed meanwhile, held back until
     /// now so as not to overtake the late stores, go out.
