@@ -387,3 +387,44 @@ fn first_line_of_client_as(daemon: &Daemon, uid: u32) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// A connection's byte quota was laundered through a second connection
+/// of the same uid: imports were not checked against `max_total_bytes`
+/// (only charges were, and an import is charged only once the owner lets
+/// go), so A allocated a full quota, B imported it, A freed, A allocated
+/// again, ... and B ended up charged eight times its limit. The limit now
+/// bounds everything a connection holds when it takes a buffer.
+#[test]
+fn byte_quota_is_not_laundered_through_an_importer() {
+    let daemon = daemon_with("[default]\nmax_total_bytes = \"64 KiB\"\n");
+    let mut a = Scripted::spawn(daemon.socket(), &[]);
+    let mut b = Scripted::spawn(daemon.socket(), &[]);
+    for round in 0..8 {
+        let allocated = a
+            .cmd("alloc 65536")
+            .unwrap_or_else(|e| panic!("round {round}: A's allocation refused: {e}"));
+        let id = field(&allocated, "id").expect("id").to_owned();
+        let token = field(&a.ok(&format!("export {id}")), "token")
+            .expect("token")
+            .to_owned();
+        if let Err(e) = b.cmd(&format!("import {token}")) {
+            // The fixed behaviour: B may not take on more than its quota.
+            assert_eq!(code(&e), "quota-exceeded", "round {round}: {e}");
+            return;
+        }
+        a.ok(&format!("free {id}"));
+    }
+    // Both connections together are allowed 2 x 64 KiB.
+    a.ok("heaps"); // A's last free has been handled
+    let err = b.cmd("alloc 4096").expect_err("B is over its quota");
+    let in_use: u64 = err
+        .split("in use ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no in-use figure: {err}"));
+    assert!(
+        in_use <= 65536,
+        "B is charged {in_use} bytes against a 64 KiB max_total_bytes: {err}"
+    );
+}

@@ -968,6 +968,18 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
                 ));
             }
         }
+        let held: u64 = client
+            .buffers
+            .iter()
+            .filter_map(|id| state.buffers.get(id))
+            .map(|b| b.size)
+            .sum();
+        if client.held_bytes != held {
+            return Err(format!(
+                "client {} counts {} held bytes, but its buffers hold {held}",
+                client.id, client.held_bytes
+            ));
+        }
     }
     let mut words_in_use = std::collections::HashSet::new();
     for (id, access) in &state.accesses {

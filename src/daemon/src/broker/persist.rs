@@ -324,7 +324,9 @@ impl State {
             entry.owner = client;
         }
         if let Some(c) = self.clients.get_mut(&client) {
-            c.buffers.insert(buffer);
+            if c.buffers.insert(buffer) {
+                c.held_bytes += size;
+            }
             if charge {
                 c.charged_bytes += size;
             }

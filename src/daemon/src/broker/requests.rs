@@ -264,7 +264,13 @@ impl State {
 
     /// Quota checks shared by alloc, import and adopt. `charged` is the
     /// number of bytes the client would be charged for (0 for an import).
-    fn check_quota(&self, client: ClientId, size: u64, charged: u64) -> Result<(), WireError> {
+    /// Whether `client` may take one more buffer of `size` bytes (alloc,
+    /// import, adopt). `max_total_bytes` bounds the bytes of every buffer
+    /// it would hold, charged to it or not: an importer is charged a
+    /// buffer once its owner lets go, so counting only its charge let one
+    /// connection hand its whole quota to another, over and over (the
+    /// other then charged many times its limit).
+    fn check_quota(&self, client: ClientId, size: u64) -> Result<(), WireError> {
         let entry = self
             .clients
             .get(&client)
@@ -292,12 +298,12 @@ impl State {
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
-        if charged > 0 && entry.charged_bytes + charged > limits.max_total_bytes {
+        if entry.held_bytes.saturating_add(size) > limits.max_total_bytes {
             return Err(refuse(
                 "max_total_bytes",
                 limits.max_total_bytes,
-                entry.charged_bytes,
-                charged,
+                entry.held_bytes,
+                size,
             ));
         }
         Ok(())
@@ -340,7 +346,7 @@ impl State {
             }
         }
         let pid = entry.peer.pid;
-        self.check_quota(client, rounded, rounded)?;
+        self.check_quota(client, rounded)?;
         self.check_store_slot()?;
         let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
         let kernel_name = format!("{label}:{pid}");
@@ -554,7 +560,7 @@ impl State {
             ));
         }
         let (size, fd) = (entry.size, Arc::clone(&entry.fd));
-        self.check_quota(client, size, 0)?;
+        self.check_quota(client, size)?;
         let secret = self.add_holder(buffer, client);
         self.stats.imports += 1;
         Ok(Answer::Reply(
@@ -613,7 +619,7 @@ impl State {
         if let Some(buffer) = brokered {
             return self.join_adopted(client, buffer);
         }
-        self.check_quota(client, size, size)?;
+        self.check_quota(client, size)?;
         self.check_store_slot()?;
         let id = self.allocate_buffer_id();
         self.buffers.insert(
@@ -686,7 +692,7 @@ impl State {
                 ),
             ));
         }
-        self.check_quota(client, size, 0)?;
+        self.check_quota(client, size)?;
         let secret = self.add_holder(buffer, client);
         self.stats.adoptions += 1;
         Ok(Answer::Reply(

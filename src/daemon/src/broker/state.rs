@@ -96,6 +96,10 @@ pub struct ClientEntry {
     pub buffers: BTreeSet<BufferId>,
     /// Bytes of the buffers this client is charged for.
     pub charged_bytes: u64,
+    /// Bytes of every buffer it holds, charged to it or not: what it may
+    /// be charged for once the others let go, and so what
+    /// `max_total_bytes` bounds when it takes a new one.
+    pub held_bytes: u64,
     pub protocol_errors: u32,
     pub connected: SystemTime,
     /// Its end-word page, when the client asked for one in its hello.
@@ -356,6 +360,7 @@ impl State {
                 outbox,
                 buffers: BTreeSet::new(),
                 charged_bytes: 0,
+                held_bytes: 0,
                 protocol_errors: 0,
                 connected: SystemTime::now(),
                 end_page: None,
@@ -517,6 +522,7 @@ impl State {
         let secret = ShareToken::random()
             .map(|t| t.to_string())
             .unwrap_or_default();
+        let mut size = 0;
         if let Some(entry) = self.buffers.get_mut(&buffer) {
             entry.holders.push(Holder {
                 client,
@@ -524,10 +530,13 @@ impl State {
                 since: SystemTime::now(),
                 word_index: None,
             });
+            size = entry.size;
         }
 
         if let Some(c) = self.clients.get_mut(&client) {
-            c.buffers.insert(buffer);
+            if c.buffers.insert(buffer) {
+                c.held_bytes += size;
+            }
         }
         self.persist_changed();
         secret
@@ -538,8 +547,11 @@ impl State {
     /// release moves the charge to the longest-standing remaining holder, so
     /// the sum of charges always equals the bytes of live buffers.
     pub(super) fn release_hold(&mut self, client: ClientId, buffer: BufferId) {
+        let size = self.buffers.get(&buffer).map_or(0, |b| b.size);
         if let Some(c) = self.clients.get_mut(&client) {
-            c.buffers.remove(&buffer);
+            if c.buffers.remove(&buffer) {
+                c.held_bytes = c.held_bytes.saturating_sub(size);
+            }
         }
         // A token dies with its exporter's hold.
         if let Some(token) = self.exports.remove(&(buffer, client)) {
