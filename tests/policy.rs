@@ -428,3 +428,54 @@ fn byte_quota_is_not_laundered_through_an_importer() {
         "B is charged {in_use} bytes against a 64 KiB max_total_bytes: {err}"
     );
 }
+
+/// `/proc/PID/exe` names the executable as the client's own mount
+/// namespace sees it: any user who may create a user namespace
+/// (`unshare -Urm`) could bind-mount its own program over any path there
+/// and be matched by that path's `exe` rule. The path now counts only if
+/// it leads the daemon to the file the process runs.
+#[test]
+fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
+    if !have_root("exe rules from a private mount namespace") {
+        return;
+    }
+    let probe = std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={ALICE}"),
+            format!("--regid={ALICE}"),
+            "--clear-groups".into(),
+        ])
+        .args(["unshare", "-Urm", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: unprivileged user namespaces unavailable");
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[default]\nmax_buffers = 1\n\n\
+         [[rule]]\nname = \"alice-true\"\nuser = {ALICE}\nexe = \"/usr/bin/true\"\nmax_buffers = 100\n"
+    ));
+    // Alice's testclient, as itself: the default's single buffer.
+    let mut plain = as_user(&daemon, ALICE, &[]);
+    plain.ok("alloc 4096");
+    let err = plain.cmd("alloc 4096").expect_err("default allows one");
+    assert!(err.contains("rule 'default'"), "{err}");
+    // The same program, bind-mounted over /usr/bin/true in Alice's own
+    // (unprivileged) namespace.
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={ALICE}"),
+        format!("--regid={ALICE}"),
+        "--clear-groups".into(),
+    ])
+    .args(["unshare", "-Urm", "sh", "-c"])
+    .arg("mount --bind \"$0\" /usr/bin/true && exec /usr/bin/true \"$@\"")
+    .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+    let mut spoofed = Scripted::spawn_wrapped(cmd, daemon.socket(), &[]);
+    spoofed.ok("alloc 4096");
+    let second = spoofed.cmd("alloc 4096");
+    assert!(
+        second.is_err(),
+        "Alice's own testclient got rule 'alice-true' (max_buffers 100) by posing as /usr/bin/true"
+    );
+}

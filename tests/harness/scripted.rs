@@ -72,6 +72,12 @@ impl Scripted {
         Scripted::spawn_cmd(cmd, socket, extra)
     }
 
+    /// Runs the client through a wrapper command of the test's own (which
+    /// must end by exec'ing the testclient with the arguments appended).
+    pub fn spawn_wrapped(cmd: Command, socket: &Path, extra: &[&str]) -> Scripted {
+        Scripted::spawn_cmd(cmd, socket, extra)
+    }
+
     fn spawn_cmd(mut cmd: Command, socket: &Path, extra: &[&str]) -> Scripted {
         cmd.arg("--socket").arg(socket).args(extra);
         let mut child = cmd

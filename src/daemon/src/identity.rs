@@ -37,26 +37,26 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
     let cred = getsockopt(&socket, PeerCredentials).map_err(IdentityError::PeerCred)?;
     let pid = cred.pid();
     let groups = peer_groups(socket).map_err(IdentityError::PeerGroups)?;
-    let pidfd = peer_pidfd(socket);
-    let (exe, unit) = match &pidfd {
-        Some(pidfd) => {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let (pidfd, (exe, unit)) = match peer_pidfd(socket) {
+        PidfdLookup::Pinned(pidfd) => {
+            let exe = executable(pid);
             let unit = systemd_unit(pid);
             // Only trust what we read if the process is still the one the
             // pidfd names; otherwise the pid may already be someone else's.
-            if process_alive(pidfd.as_fd()) {
+            let read = if process_alive(pidfd.as_fd()) {
                 (exe, unit)
             } else {
                 (None, None)
-            }
+            };
+            (Some(pidfd), read)
         }
-        // Without a pidfd (old kernel) /proc is still the best we have; a
-        // racing pid reuse can only make us see less, since the socket's
-        // credentials above come from the kernel either way.
-        None => (
-            std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
-            systemd_unit(pid),
-        ),
+        // A kernel without SO_PEERPIDFD (before 6.5): /proc is the best
+        // there is, and a pid reused in between could lend the client
+        // another process's exe and unit (docs/policy.md says so).
+        PidfdLookup::Unsupported => (None, (executable(pid), systemd_unit(pid))),
+        // The kernel has pidfds but gave none: the peer has exited (it
+        // may have passed its socket on), so its pid may be anyone's.
+        PidfdLookup::Failed => (None, (None, None)),
     };
     Ok(Peer {
         identity: Identity {
@@ -110,7 +110,29 @@ fn peer_groups(socket: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
     }
 }
 
-fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
+/// The peer's executable, as the daemon itself sees that path: the link
+/// in `/proc` names the file as the client's own mount namespace sees it,
+/// where any user may bind-mount its own program over `/usr/bin/weston`
+/// (`unshare -Urm`), so the path counts only if it leads the daemon to the
+/// very file the process runs.
+fn executable(pid: i32) -> Option<PathBuf> {
+    let link = format!("/proc/{pid}/exe");
+    let path = std::fs::read_link(&link).ok()?;
+    let running = nix::sys::stat::stat(link.as_str()).ok()?;
+    let named = nix::sys::stat::stat(&path).ok()?;
+    (running.st_dev == named.st_dev && running.st_ino == named.st_ino).then_some(path)
+}
+
+/// What `SO_PEERPIDFD` gave.
+enum PidfdLookup {
+    Pinned(OwnedFd),
+    /// The kernel has no such option.
+    Unsupported,
+    /// It has, and gave none (the peer has exited).
+    Failed,
+}
+
+fn peer_pidfd(socket: BorrowedFd<'_>) -> PidfdLookup {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is a writable c_int and `len` its size; on success the
@@ -124,11 +146,17 @@ fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
             &mut len,
         )
     };
-    if rc != 0 || fd < 0 {
-        return None;
+    if rc != 0 {
+        return match Errno::last() {
+            Errno::ENOPROTOOPT => PidfdLookup::Unsupported,
+            _ => PidfdLookup::Failed,
+        };
+    }
+    if fd < 0 {
+        return PidfdLookup::Failed;
     }
     // SAFETY: the kernel just created `fd` for us; nothing else owns it.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    PidfdLookup::Pinned(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A pidfd of a process that has exited polls readable.
