@@ -1087,3 +1087,66 @@ fn dbus_cpus_places_the_dbus_thread_only() {
         daemon.log()
     );
 }
+
+/// A client's hello name and buffer name are its own text and may hold a
+/// NUL byte, which no D-Bus string may: the bus dropped the daemon's
+/// connection at every `ListClients` naming such a client. The views
+/// answer, showing the NUL as U+FFFD, and the daemon stays on the bus.
+#[test]
+fn a_nul_in_a_clients_names_does_not_break_the_views() {
+    use dmabroker_ipc::{Hello, RequestBody, PROTOCOL_VERSION};
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let mut raw = dmabroker_suite::raw::RawClient::connect(daemon.socket());
+    raw.request(RequestBody::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        features: 0,
+        autofence: None,
+        client_name: "evil\0name".into(),
+    }))
+    .expect("hello");
+    raw.request(RequestBody::Alloc {
+        size: 4096,
+        heap: None,
+        name: Some("buf\0name".into()),
+    })
+    .expect("alloc");
+    let out = bus.busctl(&[
+        "--json=short",
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "ListClients",
+    ]);
+    let listed = out.status.success();
+    let err = errtext(&out);
+    // Back on the bus within 5 s (the daemon reconnects to a lost bus)?
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut on_bus = false;
+    while !on_bus && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        on_bus = bus.name_has_owner(BUS_NAME);
+    }
+    assert!(
+        listed && on_bus,
+        "ListClients answered: {listed} ({err}); daemon still on the bus: {on_bus}; bus log:\n{}",
+        bus.log()
+    );
+    let clients = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(clients.contains("evil\u{fffd}name"), "{clients}");
+    let buffers = bus.busctl(&[
+        "--json=short",
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "ListBuffers",
+    ]);
+    let buffers_text = String::from_utf8_lossy(&buffers.stdout).into_owned();
+    assert!(
+        buffers.status.success() && buffers_text.contains("buf\u{fffd}name"),
+        "ListBuffers: {buffers_text} ({})",
+        errtext(&buffers)
+    );
+}

@@ -220,7 +220,7 @@ impl State {
         })?;
         entry.autofence = autofence;
         entry.hello_done = true;
-        entry.name = hello.client_name.chars().take(64).collect();
+        entry.name = shown_name(&hello.client_name);
         let mut features = hello.features & features::ALL;
         entry.buffer_words = features & features::BUFFER_WORDS != 0;
         entry.cancel = features & features::CANCEL != 0;
@@ -364,7 +364,7 @@ impl State {
                 size: allocation.size,
                 heap: allocation.heap,
                 origin: BufferOrigin::Allocated(allocation.backend),
-                name: label.chars().take(64).collect(),
+                name: shown_name(label),
                 inode: allocation.inode,
                 owner: client,
                 holders: Vec::new(),
@@ -630,7 +630,7 @@ impl State {
                 size,
                 heap: "adopted".into(),
                 origin: BufferOrigin::Adopted,
-                name: name.unwrap_or("adopted").chars().take(64).collect(),
+                name: shown_name(name.filter(|n| !n.is_empty()).unwrap_or("adopted")),
                 inode,
                 owner: client,
                 holders: Vec::new(),
@@ -721,4 +721,15 @@ fn alloc_error(err: AllocError) -> WireError {
         _ => ErrorCode::OutOfMemory,
     };
     WireError::new(code, err.to_string())
+}
+
+/// A name a client gave (itself, a buffer) as the views and logs show it:
+/// at most 64 characters, with control characters, NUL included, shown
+/// as U+FFFD. A D-Bus string may not hold a NUL: one in a view made the
+/// bus drop the daemon's connection at every `ListClients`.
+fn shown_name(raw: &str) -> String {
+    raw.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
