@@ -168,10 +168,16 @@ pub fn import_sync_file(
 
 /// Whether `fd` is a dma-buf, by the magic of the filesystem it lives on.
 /// The broker uses this to refuse client fds that merely claim to be buffers.
+/// Its `/proc` link is looked at first (`/dmabuf:`, or `anon_inode:dmabuf`
+/// before Linux 5.3), so a file on a client's FUSE mount is refused
+/// without a `fstatfs` its server could leave unanswered.
 pub fn is_dma_buf(fd: BorrowedFd<'_>) -> bool {
+    let named = super::fd_link(fd)
+        .is_some_and(|link| link.starts_with("/dmabuf:") || link == "anon_inode:dmabuf");
     // f_type is i64 on glibc/x86-64 but narrower or unsigned elsewhere.
     #[allow(clippy::unnecessary_cast)]
-    fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 as i64 == uapi::DMA_BUF_MAGIC)
+    let magic = || fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 as i64 == uapi::DMA_BUF_MAGIC);
+    named && magic()
 }
 
 /// The inode number: together with the device it identifies a buffer across

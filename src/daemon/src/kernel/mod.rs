@@ -99,6 +99,17 @@ pub(crate) fn fd_target(fd: BorrowedFd<'_>) -> String {
     format!("fd {}", fd.as_raw_fd())
 }
 
+/// What `/proc/self/fd/N` names for `fd`: `/dmabuf:…`, `anon_inode:sync_file`,
+/// a path. Reading the link asks no file system anything, where `fstat`,
+/// `fstatfs`, `lseek` or an ioctl on a client's fd may go to a FUSE server
+/// the client runs, which can leave the broker's one thread waiting for
+/// good; so a client's fd is looked at this way before any of those.
+pub(crate) fn fd_link(fd: BorrowedFd<'_>) -> Option<String> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
 /// How many times an EAGAIN is retried before giving up. EINTR is always
 /// retried (it only means a signal arrived); EAGAIN from these ioctls is a
 /// transient "try again" from the driver, but an unbounded loop would spin

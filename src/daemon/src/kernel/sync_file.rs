@@ -21,8 +21,18 @@ pub enum SyncFileStatus {
 
 /// Queries SYNC_IOC_FILE_INFO without fetching per-fence details. Unlike
 /// poll(), this fails (ENOTTY/EINVAL) on an fd that is not a sync_file, so a
-/// client cannot pass a regular file that always polls as ready.
+/// client cannot pass a regular file that always polls as ready. An fd
+/// whose `/proc` link is not `anon_inode:sync_file` is refused before the
+/// ioctl, which on a file of a client's FUSE mount would go to its server:
+/// unanswered, or answered with success.
 pub fn status(fd: BorrowedFd<'_>) -> Result<SyncFileStatus, KernelError> {
+    if super::fd_link(fd).as_deref() != Some("anon_inode:sync_file") {
+        return Err(KernelError::sys(
+            "SYNC_IOC_FILE_INFO (not a sync_file by its /proc link)",
+            fd_target(fd),
+            nix::errno::Errno::EINVAL,
+        ));
+    }
     // num_fences == 0 asks only for the summary; flags and pad must be zero.
     let mut info = SyncFileInfo::default();
     let raw = fd.as_raw_fd();
