@@ -819,6 +819,50 @@ fn a_connection_cannot_reattach_two_holds_of_one_buffer() {
     assert_eq!(second, Err(ErrorCode::InvalidArgument), "{second:?}");
 }
 
+/// A re-attach secret proves a hold only for the uid that held it: any uid
+/// that presented it took the hold back, and the owner's charge with it,
+/// past its own rules' `import_from` and the holder's `may_export`, and the
+/// client that held it then found its buffer gone. Another uid is now told
+/// no such hold waits, and the holder's uid still re-attaches it.
+#[test]
+fn a_reattach_secret_works_only_for_the_uid_that_held_the_buffer() {
+    const ALICE: u32 = 65501;
+    if !dmabroker_suite::have_root("a re-attach as another uid") {
+        return;
+    }
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let mut owner = RawClient::connect(&manager.socket_path);
+    owner.hello();
+    let (buffer, secret) = raw_hold(
+        &mut owner,
+        RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        },
+    );
+    manager.wait_until_recorded(1);
+
+    drop(first); // SIGKILL
+    let _second = Running::start(&manager, "second", &[]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&manager.socket_path, std::fs::Permissions::from_mode(0o777))
+            .expect("let another uid connect");
+    }
+    let mut alice =
+        dmabroker_suite::scripted::Scripted::spawn_as(&manager.socket_path, ALICE, ALICE, &[]);
+    let answer = alice
+        .cmd(&format!("raw-reattach {buffer} {secret}"))
+        .expect_err("another uid's re-attach");
+    assert!(answer.starts_with("err unknown-buffer"), "{answer}");
+    let mut again = RawClient::connect(&manager.socket_path);
+    again.hello();
+    let (id, _) = raw_hold(&mut again, RequestBody::Reattach { buffer, secret });
+    assert_eq!(id, buffer, "the holder's uid re-attaches it");
+}
+
 /// A re-attach takes back a hold that was within the limits when it was
 /// taken; checked against them again, a hold whose charge grew since (an
 /// importer left it the owner's charge) or a policy reloaded with lower

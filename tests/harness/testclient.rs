@@ -11,6 +11,8 @@ use dmabroker_client::{Access, AccessGuard, AllocRequest, Buffer, Client, Client
 
 struct Session {
     client: Client,
+    /// The broker's socket, for commands that open a raw connection.
+    socket: std::path::PathBuf,
     buffers: HashMap<u64, Buffer>,
     guards: HashMap<u64, AccessGuard>,
     /// Names for accesses held in buffer words, which have no broker id
@@ -338,6 +340,19 @@ impl Session {
                     }
                 }
             }
+            // A re-attach on a raw connection of this process (its uid),
+            // with a secret the test got elsewhere: what the broker answers.
+            "raw-reattach" => {
+                let buffer = num(words.next())?;
+                let secret = words.next().unwrap_or("").to_owned();
+                let mut raw = dmabroker_suite::raw::RawClient::connect(&self.socket);
+                raw.hello();
+                match raw.request(dmabroker_ipc::RequestBody::Reattach { buffer, secret }) {
+                    Ok(dmabroker_ipc::ReplyBody::Buffer(info)) => Ok(format!("id={}", info.id)),
+                    Ok(other) => Err(format!("err Other {other:?}")),
+                    Err(code) => Err(format!("err {code} re-attach refused")),
+                }
+            }
             "event" => {
                 let ms = num(words.next())?;
                 match self
@@ -407,6 +422,7 @@ fn main() {
     let _ = out.flush();
     let mut session = Session {
         client,
+        socket: path.clone(),
         buffers: HashMap::new(),
         guards: HashMap::new(),
         next_word_access: u64::MAX,

@@ -209,6 +209,7 @@ impl State {
                     secret: h.secret.clone(),
                     since: SystemTime::now(),
                     word_index: None,
+                    restored_uid: Some(h.uid),
                 })
                 .collect();
             // The previous instance's clients may have left bits, and may
@@ -293,11 +294,20 @@ impl State {
         if secret.is_empty() {
             return Err(unknown());
         }
+        // The secret proves a hold only for the uid that held it: leaked
+        // (a core dump, a log), it would otherwise hand another user the
+        // hold, and the owner's charge, past its rules' import_from and
+        // the holder's may_export.
+        let uid = self.clients.get(&client).map(|c| c.peer.identity.uid);
         let entry = self.buffers.get(&buffer).ok_or_else(unknown)?;
         let position = entry
             .holders
             .iter()
-            .position(|h| h.client == ORPHAN && same_secret(&h.secret, secret))
+            .position(|h| {
+                h.client == ORPHAN
+                    && h.restored_uid.is_none_or(|held_by| Some(held_by) == uid)
+                    && same_secret(&h.secret, secret)
+            })
             .ok_or_else(unknown)?;
         // One hold per buffer and connection, as for an import. The limits
         // are not checked again: the hold was within them when it was

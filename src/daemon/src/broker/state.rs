@@ -57,6 +57,9 @@ pub struct Holder {
     pub since: SystemTime,
     /// Its index in the buffer's word, if it may use it.
     pub word_index: Option<u8>,
+    /// A hold taken back from the fd store: the uid that held it, the only
+    /// one its secret re-attaches for.
+    pub restored_uid: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -529,6 +532,7 @@ impl State {
                 secret: secret.clone(),
                 since: SystemTime::now(),
                 word_index: None,
+                restored_uid: None,
             });
             size = entry.size;
         }
