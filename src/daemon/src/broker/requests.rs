@@ -264,13 +264,15 @@ impl State {
 
     /// Quota checks shared by alloc, import and adopt. `charged` is the
     /// number of bytes the client would be charged for (0 for an import).
-    /// Whether `client` may take one more buffer of `size` bytes (alloc,
-    /// import, adopt). `max_total_bytes` bounds the bytes of every buffer
-    /// it would hold, charged to it or not: an importer is charged a
-    /// buffer once its owner lets go, so counting only its charge let one
-    /// connection hand its whole quota to another, over and over (the
-    /// other then charged many times its limit).
-    fn check_quota(&self, client: ClientId, size: u64) -> Result<(), WireError> {
+    /// Whether `client` may take one more buffer of `size` bytes: a new
+    /// one it is `charged` for (alloc, adopt), or one more hold of a
+    /// buffer someone else is charged for (import, adopt of a brokered
+    /// dma-buf). `max_total_bytes` bounds its charge after a new buffer,
+    /// and everything it holds, charged or not, after a new hold: an
+    /// importer is charged once the owner lets go, so admitting holds by
+    /// charge alone let one connection hand its whole quota to another,
+    /// over and over (the other then charged many times its limit).
+    fn check_quota(&self, client: ClientId, size: u64, charged: bool) -> Result<(), WireError> {
         let entry = self
             .clients
             .get(&client)
@@ -298,11 +300,16 @@ impl State {
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
-        if entry.held_bytes.saturating_add(size) > limits.max_total_bytes {
+        let in_use = if charged {
+            entry.charged_bytes
+        } else {
+            entry.held_bytes
+        };
+        if in_use.saturating_add(size) > limits.max_total_bytes {
             return Err(refuse(
                 "max_total_bytes",
                 limits.max_total_bytes,
-                entry.held_bytes,
+                in_use,
                 size,
             ));
         }
@@ -346,7 +353,7 @@ impl State {
             }
         }
         let pid = entry.peer.pid;
-        self.check_quota(client, rounded)?;
+        self.check_quota(client, rounded, true)?;
         self.check_store_slot()?;
         let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
         let kernel_name = format!("{label}:{pid}");
@@ -560,7 +567,7 @@ impl State {
             ));
         }
         let (size, fd) = (entry.size, Arc::clone(&entry.fd));
-        self.check_quota(client, size)?;
+        self.check_quota(client, size, false)?;
         let secret = self.add_holder(buffer, client);
         self.stats.imports += 1;
         Ok(Answer::Reply(
@@ -619,7 +626,7 @@ impl State {
         if let Some(buffer) = brokered {
             return self.join_adopted(client, buffer);
         }
-        self.check_quota(client, size)?;
+        self.check_quota(client, size, true)?;
         self.check_store_slot()?;
         let id = self.allocate_buffer_id();
         self.buffers.insert(
@@ -692,7 +699,7 @@ impl State {
                 ),
             ));
         }
-        self.check_quota(client, size)?;
+        self.check_quota(client, size, false)?;
         let secret = self.add_holder(buffer, client);
         self.stats.adoptions += 1;
         Ok(Answer::Reply(
