@@ -1481,3 +1481,83 @@ fn fds_the_restart_closes_are_out_of_the_store_or_take_a_slot() {
         assert_back(frame, &third);
     }
 }
+
+/// A second fd under a live buffer's name takes a slot until that buffer's
+/// removal, but nothing can be done about it before: counted as owed, it
+/// made every try of the record's writer `Behind`, retried every 100 ms for
+/// the buffer's whole life although the record and every buffer were in.
+#[test]
+fn a_duplicate_of_a_live_buffers_name_does_not_keep_the_writer_spinning() {
+    let manager = ServiceManager::with_fd_store_max(16);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        let mut received = manager.received();
+        let name = format!("buf-{}", frames[0].id());
+        let duplicate = memfd_with(&name, b"an older fd of that name");
+        received.store.push((name, duplicate));
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    // Everything settled: the record is in, no change comes.
+    std::thread::sleep(Duration::from_millis(1000));
+    let line = "the service manager has no room yet";
+    let before = second.log().matches(line).count();
+    std::thread::sleep(Duration::from_millis(2000));
+    let during = second.log().matches(line).count() - before;
+    assert!(
+        during <= 2,
+        "the writer retried {during} times in 2 s with nothing owed\n{}",
+        second.log()
+    );
+}
+
+/// `buf-01` (a name this daemon never gives) parsed as buffer 1: the
+/// restore kept it when buffer 1 was live although it took only `buf-1`,
+/// so it was neither removed nor counted; the store overfilled, the next
+/// record was refused silently, and the one before removed. Only a
+/// buffer's own name is a buffer's now; anything else is removed.
+#[test]
+fn a_name_that_only_parses_as_a_live_buffer_is_removed_or_counted() {
+    const MAX: usize = 6;
+    let manager = ServiceManager::with_fd_store_max(MAX);
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let mut frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        let mut received = manager.received();
+        let name = format!("buf-0{}", frames[0].id());
+        received
+            .store
+            .push((name.clone(), memfd_with(&name, b"not ours")));
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Admitted as long as check_store_slot sees room.
+    while let Ok(frame) = camera.alloc(4096) {
+        frames.push(frame);
+    }
+    let seen = manager.received().records_sent();
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let _shared = codec
+        .import(&frames[1].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    let r = manager.received();
+    assert!(
+        r.refused.is_empty(),
+        "the store was overfilled: it refused {:?}; store {:?}",
+        r.refused,
+        r.stored_names()
+    );
+}

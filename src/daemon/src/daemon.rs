@@ -265,11 +265,16 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
     // stored under the other name and then removes this one.
     if let Some(store) = &state.fd_store {
         for name in &names {
+            // A live buffer's own name only: `buf-01` parses as buffer 1
+            // too, but the restore took only `buf-1`.
             let kept = name.starts_with(RECORD_PREFIX)
                 || name
                     .strip_prefix(BUFFER_PREFIX)
                     .and_then(|id| id.parse::<u64>().ok())
-                    .is_some_and(|id| state.buffers.contains_key(&id));
+                    .is_some_and(|id| {
+                        *name == crate::service::fdstore::buffer_name(id)
+                            && state.buffers.contains_key(&id)
+                    });
             if !kept {
                 store.remove(name);
             }

@@ -436,13 +436,12 @@ impl State {
         }
     }
 
-    /// Buffers still out of the fd store, and freed ones still in it
-    /// (their removal not sent yet): what keeps the store from matching
-    /// the table.
+    /// Buffers still out of the fd store, and removals still owed (see
+    /// `FdStore::owed_removals`): what the record's writer has left to do.
     pub fn buffers_out_of_store(&self) -> usize {
         self.fd_store
             .as_ref()
-            .map_or(0, |store| store.unstored_count() + store.unremoved())
+            .map_or(0, |store| store.unstored_count() + store.owed_removals())
     }
 
     /// Sends one message to a client; a client whose queue overflows is

@@ -263,6 +263,20 @@ impl FdStore {
                 .saturating_sub(RECORD_SLOTS)
     }
 
+    /// What the record's writer still has to do about fds it does not
+    /// want in the store: removals not sent yet (or held back behind its
+    /// batch), and records beyond the two. Not the fds a restart found
+    /// under a live buffer's name beyond the first: they take a slot
+    /// (`unremoved`) but can only leave with that buffer's removal.
+    pub fn owed_removals(&self) -> usize {
+        self.unremoved_names().len()
+            + self.in_flight().deferred_removals.len()
+            + self
+                .record_slots
+                .load(std::sync::atomic::Ordering::Acquire)
+                .saturating_sub(RECORD_SLOTS)
+    }
+
     /// Fds in the manager's store that are neither a live buffer's nor a
     /// record's: freed buffers whose removal is not sent yet (or held
     /// back behind the writer's batch), and fds a restart closed that are

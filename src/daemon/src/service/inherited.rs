@@ -84,6 +84,15 @@ pub enum InheritError {
     WrongSocket { name: String, found: String },
 }
 
+/// A name this daemon gives a buffer (`buf-<id>`, the id as it writes it):
+/// anything else under the prefix (`buf-01`) is a name it never gives, and
+/// leaves the store like one.
+fn is_buffer_name(name: &str) -> bool {
+    name.strip_prefix(BUFFER_PREFIX)
+        .and_then(|id| id.parse::<u64>().ok())
+        .is_some_and(|id| super::fdstore::buffer_name(id) == name)
+}
+
 /// Takes the inherited fds and clears the environment so that nothing we
 /// spawn could mistake them for its own.
 ///
@@ -103,7 +112,7 @@ pub fn take() -> Result<Inherited, InheritError> {
             inherited.stored.records.push((name, fd));
             continue;
         }
-        if name.starts_with(BUFFER_PREFIX) {
+        if is_buffer_name(&name) {
             match inherited.stored.buffers.entry(name) {
                 Entry::Vacant(slot) => {
                     slot.insert(fd);
