@@ -2,7 +2,7 @@
 //! connections served at once, what a client over it is told, and the
 //! accept loop surviving a shortage of file descriptors.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dmabroker_client::Client;
 use dmabroker_ipc::{ErrorCode, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
@@ -462,4 +462,35 @@ fn a_cut_off_client_keeping_its_socket_open_pins_no_queued_fds() {
     });
     drop(deaf);
     daemon.assert_fds_back_to(baseline);
+}
+
+/// A connection that never says hello held its place under the connection
+/// cap (and its uid's) for good: a few uids could fill the cap with
+/// silent connections and refuse everyone else. It is closed once
+/// `--hello-timeout` passes without a hello; a client that said hello
+/// stays, however long it is silent after.
+#[test]
+fn a_connection_that_never_says_hello_is_closed_after_the_hello_timeout() {
+    let daemon = Daemon::start_with(DaemonOptions {
+        args: vec!["--hello-timeout".into(), "300ms".into()],
+        ..Default::default()
+    });
+    let client = Client::connect_to(daemon.socket()).expect("connect");
+    let mut silent = RawClient::connect(daemon.socket());
+    let started = Instant::now();
+    assert!(silent.recv().is_none(), "the broker closes it");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    client
+        .heaps()
+        .expect("a client that said hello is still served");
+    assert!(
+        daemon.log().contains("no hello"),
+        "the closing is logged:\n{}",
+        daemon.log_tail()
+    );
 }

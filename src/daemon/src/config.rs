@@ -54,6 +54,12 @@ pub struct Config {
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub reattach_grace: std::time::Duration,
 
+    /// How long a new connection may take to say hello before it is
+    /// closed: one that never does would hold its place under the
+    /// connection cap (and its uid's) for good (e.g. `10s`, `500ms`).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub hello_timeout: std::time::Duration,
+
     /// The unit's `FileDescriptorStoreMax=`, for a service manager that
     /// does not tell (systemd before 254 sets no `$FDSTORE`). The broker
     /// keeps two of these slots for the buffer table's record and refuses a

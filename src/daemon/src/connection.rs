@@ -50,11 +50,35 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     };
     let outbox = Arc::new(Outbox::new(Arc::clone(&socket), 256));
     let (pid, uid) = (peer.pid, peer.identity.uid);
-    let client = broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
+    let (client, hello_timeout) =
+        broker.with(|s| (s.connect(peer, Arc::clone(&outbox)), s.limits.hello_timeout));
     let writer = tokio::spawn(Arc::clone(&outbox).run_writer());
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    // Pinned once: the loop polls it, it is not made again per message.
+    let hello_due = tokio::time::sleep(hello_timeout);
+    tokio::pin!(hello_due);
+    let mut hello_pending = true;
     'connection: loop {
-        let mut guard = match socket.readable().await {
+        let ready = tokio::select! {
+            // What the client sent first: a daemon stopped (or starved)
+            // past the timeout reads a hello that waited for it.
+            biased;
+            ready = socket.readable() => ready,
+            () = &mut hello_due, if hello_pending => {
+                hello_pending = false;
+                if broker.lock().said_hello(client) {
+                    continue;
+                }
+                tracing::warn!(
+                    pid,
+                    uid,
+                    timeout = ?hello_timeout,
+                    "connection closed: no hello within the hello timeout"
+                );
+                break;
+            }
+        };
+        let mut guard = match ready {
             Ok(guard) => guard,
             Err(_) => break,
         };

@@ -75,6 +75,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     tracing::info!(fd_limit, max_connections, "fd limit");
     let limits = crate::broker::DaemonLimits {
         max_connections,
+        hello_timeout: config.hello_timeout,
         ..Default::default()
     };
     let mut state = State::new(heaps, policy, limits);

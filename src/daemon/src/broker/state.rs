@@ -166,6 +166,8 @@ pub struct DaemonLimits {
     pub max_connections: usize,
     /// Consecutive malformed messages before a client is disconnected.
     pub max_protocol_errors: u32,
+    /// How long a connection may go without a hello (`--hello-timeout`).
+    pub hello_timeout: std::time::Duration,
 }
 
 impl Default for DaemonLimits {
@@ -173,6 +175,7 @@ impl Default for DaemonLimits {
         DaemonLimits {
             max_connections: 4096,
             max_protocol_errors: 8,
+            hello_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -317,6 +320,12 @@ impl State {
     /// Timers and waits in flight (tests: none may outlive its owner).
     pub fn task_count(&self) -> usize {
         self.tasks.values().map(Vec::len).sum()
+    }
+
+    /// Whether `client` has said hello (a client gone counts as having:
+    /// there is nothing left to close).
+    pub fn said_hello(&self, client: ClientId) -> bool {
+        self.clients.get(&client).is_none_or(|c| c.hello_done)
     }
 
     pub fn connection_count(&self) -> usize {
