@@ -479,3 +479,74 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
         "Alice's own testclient got rule 'alice-true' (max_buffers 100) by posing as /usr/bin/true"
     );
 }
+
+/// A client run from a FUSE mount (`allow_other`) whose server never
+/// answers the daemon: looking up the client's executable to compare files
+/// (as a first fix of exe spoofing did) asked that server for GETATTR on
+/// the broker's one thread, and every client stalled. Identifying a client
+/// reads links only.
+#[test]
+fn a_client_run_from_a_stalling_fuse_mount_does_not_stall_the_daemon() {
+    use std::io::BufRead;
+    if !have_root("a client run from a FUSE mount") {
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("skipping a client run from a FUSE mount: this kernel has no /dev/fuse");
+        return;
+    }
+    let daemon = daemon_with("[default]\n");
+    let honest = dmabroker_client::Client::connect_to(daemon.socket()).expect("connect");
+    honest.heaps().expect("served before");
+    let dir = dmabroker_suite::TempDir::new("fuse");
+    let mnt = dir.path().join("m");
+    std::fs::create_dir(&mnt).expect("mountpoint");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/harness/stall_getattr_fuse.py"
+    );
+    let mut server = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&mnt)
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+        .arg(daemon.pid().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fuse server");
+    let mut line = String::new();
+    let stdout = server.stdout.take().expect("the server's stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("mounted");
+    if line.trim() != "mounted" {
+        let _ = server.wait();
+        eprintln!("skipping a client run from a FUSE mount: the FUSE server could not mount");
+        return;
+    }
+    let mut fused = std::process::Command::new(mnt.join("client"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("client from the FUSE mount");
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(honest.heaps().is_ok());
+    });
+    let served = rx.recv_timeout(Duration::from_secs(3));
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .status();
+    let _ = fused.kill();
+    let _ = fused.wait();
+    assert_eq!(
+        served,
+        Ok(true),
+        "an honest client was not served while the daemon stat'ed a FUSE-backed exe"
+    );
+}

@@ -55,8 +55,14 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         // another process's exe and unit (docs/policy.md says so).
         PidfdLookup::Unsupported => (None, (executable(pid), systemd_unit(pid))),
         // The kernel has pidfds but gave none: the peer has exited (it
-        // may have passed its socket on), so its pid may be anyone's.
-        PidfdLookup::Failed => (None, (None, None)),
+        // may have passed its socket on), so its pid may be anyone's; or
+        // the daemon is short of fds or memory, and cannot pin it either.
+        PidfdLookup::Failed(errno) => {
+            if errno != Errno::ESRCH {
+                tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
+            }
+            (None, (None, None))
+        }
     };
     Ok(Peer {
         identity: Identity {
@@ -110,17 +116,32 @@ fn peer_groups(socket: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
     }
 }
 
-/// The peer's executable, as the daemon itself sees that path: the link
-/// in `/proc` names the file as the client's own mount namespace sees it,
-/// where any user may bind-mount its own program over `/usr/bin/weston`
-/// (`unshare -Urm`), so the path counts only if it leads the daemon to the
-/// very file the process runs.
+/// The peer's executable, for a peer in the host's mount namespace only.
+/// The link in `/proc` names the file as the client's own mount namespace
+/// sees it, where any user may bind-mount its own program over
+/// `/usr/bin/weston` (`unshare -Urm`). Looking the path up to compare the
+/// files would reach whatever file system the client chose, a FUSE server
+/// of its own among them, which could leave the broker's one thread
+/// waiting for good; reading links asks no file system anything.
 fn executable(pid: i32) -> Option<PathBuf> {
-    let link = format!("/proc/{pid}/exe");
-    let path = std::fs::read_link(&link).ok()?;
-    let running = nix::sys::stat::stat(link.as_str()).ok()?;
-    let named = nix::sys::stat::stat(&path).ok()?;
-    (running.st_dev == named.st_dev && running.st_ino == named.st_ino).then_some(path)
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+    if Some(&theirs) != host_mount_namespace() {
+        return None;
+    }
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// PID 1's mount namespace (the daemon's own may be private: the unit's
+/// `PrivateMounts=`), or the daemon's where PID 1's cannot be read (a
+/// user daemon).
+fn host_mount_namespace() -> Option<&'static PathBuf> {
+    static HOST: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_link("/proc/1/ns/mnt")
+            .or_else(|_| std::fs::read_link("/proc/self/ns/mnt"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// What `SO_PEERPIDFD` gave.
@@ -128,8 +149,8 @@ enum PidfdLookup {
     Pinned(OwnedFd),
     /// The kernel has no such option.
     Unsupported,
-    /// It has, and gave none (the peer has exited).
-    Failed,
+    /// It has, and gave none (the peer has exited, or we are out of fds).
+    Failed(Errno),
 }
 
 fn peer_pidfd(socket: BorrowedFd<'_>) -> PidfdLookup {
@@ -149,11 +170,11 @@ fn peer_pidfd(socket: BorrowedFd<'_>) -> PidfdLookup {
     if rc != 0 {
         return match Errno::last() {
             Errno::ENOPROTOOPT => PidfdLookup::Unsupported,
-            _ => PidfdLookup::Failed,
+            errno => PidfdLookup::Failed(errno),
         };
     }
     if fd < 0 {
-        return PidfdLookup::Failed;
+        return PidfdLookup::Failed(Errno::EBADF);
     }
     // SAFETY: the kernel just created `fd` for us; nothing else owns it.
     PidfdLookup::Pinned(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -59,10 +59,10 @@ pub struct Identity {
     /// Supplementary groups (the primary one may or may not be repeated).
     pub groups: Vec<u32>,
     /// `None` when the executable could not be read (the process exited),
-    /// or its path does not lead the daemon to the file the process runs
-    /// (another mount namespace, where a user may have mounted anything
-    /// over that path): rules naming an `exe` then never match, which errs
-    /// towards the smaller default limits.
+    /// or the process runs in a mount namespace other than the host's,
+    /// where a user may have mounted anything over that path: rules naming
+    /// an `exe` then never match, which errs towards the smaller default
+    /// limits.
     pub exe: Option<PathBuf>,
     /// The systemd service or scope the process runs in, if any.
     pub unit: Option<String>,
