@@ -607,7 +607,7 @@ impl State {
         access_id: AccessId,
         sync_file: OwnedFd,
     ) -> Result<(), WireError> {
-        if crate::kernel::sync_file::status(sync_file.as_fd()).is_err() {
+        if crate::kernel::sync_file::foreign_status(sync_file.as_fd()).is_err() {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
                 "the fd handed over is not a sync_file",

@@ -592,7 +592,7 @@ impl State {
         fd: OwnedFd,
         name: Option<&str>,
     ) -> Result<Answer, WireError> {
-        if !dma_buf::is_dma_buf(fd.as_fd()) {
+        if !dma_buf::is_foreign_dma_buf(fd.as_fd()) {
             return Err(WireError::new(
                 ErrorCode::NotADmaBuf,
                 "only dma-bufs can be adopted (file system magic 0x444d4142)",
@@ -734,7 +734,7 @@ fn alloc_error(err: AllocError) -> WireError {
 /// at most 64 characters, with control characters, NUL included, shown
 /// as U+FFFD. A D-Bus string may not hold a NUL: one in a view made the
 /// bus drop the daemon's connection at every `ListClients`.
-fn shown_name(raw: &str) -> String {
+pub(super) fn shown_name(raw: &str) -> String {
     raw.chars()
         .take(64)
         .map(|c| if c.is_control() { '\u{fffd}' } else { c })

@@ -167,17 +167,22 @@ pub fn import_sync_file(
 }
 
 /// Whether `fd` is a dma-buf, by the magic of the filesystem it lives on.
-/// The broker uses this to refuse client fds that merely claim to be buffers.
-/// Its `/proc` link is looked at first (`/dmabuf:`, or `anon_inode:dmabuf`
-/// before Linux 5.3), so a file on a client's FUSE mount is refused
-/// without a `fstatfs` its server could leave unanswered.
+/// For the daemon's own fds; a client's goes through [`is_foreign_dma_buf`].
 pub fn is_dma_buf(fd: BorrowedFd<'_>) -> bool {
-    let named = super::fd_link(fd)
-        .is_some_and(|link| link.starts_with("/dmabuf:") || link == "anon_inode:dmabuf");
     // f_type is i64 on glibc/x86-64 but narrower or unsigned elsewhere.
     #[allow(clippy::unnecessary_cast)]
-    let magic = || fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 as i64 == uapi::DMA_BUF_MAGIC);
-    named && magic()
+    fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 as i64 == uapi::DMA_BUF_MAGIC)
+}
+
+/// Whether a client's `fd` is a dma-buf, asked without reaching the file
+/// system it lives on: a file of a FUSE mount the client runs would send
+/// `fstatfs` (and then `lseek`, `fstat`) to its server, which could leave
+/// the broker's one thread waiting for good. Only a dma-buf's
+/// `/proc/self/fdinfo` has `exp_name:` (its `/proc` link, `/dmabuf:…`, is
+/// a path a mount namespace of the client's could show for a file of its
+/// own); reading it asks no file system anything.
+pub fn is_foreign_dma_buf(fd: BorrowedFd<'_>) -> bool {
+    super::fdinfo(fd).is_ok_and(|info| info.contains_key("exp_name")) && is_dma_buf(fd)
 }
 
 /// The inode number: together with the device it identifies a buffer across
@@ -243,6 +248,7 @@ mod tests {
     fn non_dma_bufs_are_recognised() {
         let mfd = memfd::create_sealed("not-a-dmabuf", 4096).expect("memfd");
         assert!(!is_dma_buf(mfd.as_fd()));
+        assert!(!is_foreign_dma_buf(mfd.as_fd()));
         let dir = TempDir::new("dmabuf");
         let path = dir.path().join("plain");
         std::fs::write(&path, [1u8; 100]).expect("write");
@@ -321,6 +327,11 @@ mod tests {
                 sync_file::SyncFileStatus::Signalled
             );
             assert!(sync_file::is_signalled(sf.as_fd()).expect("is_signalled"));
+            assert_eq!(
+                sync_file::foreign_status(sf.as_fd()).expect("named anon_inode:sync_file"),
+                sync_file::SyncFileStatus::Signalled
+            );
+            assert!(!is_foreign_dma_buf(sf.as_fd()));
         }
     }
 
@@ -352,5 +363,6 @@ mod tests {
             return;
         };
         assert!(is_dma_buf(fd.as_fd()));
+        assert!(is_foreign_dma_buf(fd.as_fd()), "its fdinfo has exp_name");
     }
 }

@@ -19,13 +19,11 @@ pub enum SyncFileStatus {
     Error,
 }
 
-/// Queries SYNC_IOC_FILE_INFO without fetching per-fence details. Unlike
-/// poll(), this fails (ENOTTY/EINVAL) on an fd that is not a sync_file, so a
-/// client cannot pass a regular file that always polls as ready. An fd
-/// whose `/proc` link is not `anon_inode:sync_file` is refused before the
-/// ioctl, which on a file of a client's FUSE mount would go to its server:
-/// unanswered, or answered with success.
-pub fn status(fd: BorrowedFd<'_>) -> Result<SyncFileStatus, KernelError> {
+/// [`status`] of a client's fd: one whose `/proc` link is not
+/// `anon_inode:sync_file` (a path always starts with `/`) is refused before
+/// the ioctl, which on a file of a client's FUSE mount would go to its
+/// server: unanswered, or answered with success.
+pub fn foreign_status(fd: BorrowedFd<'_>) -> Result<SyncFileStatus, KernelError> {
     if super::fd_link(fd).as_deref() != Some("anon_inode:sync_file") {
         return Err(KernelError::sys(
             "SYNC_IOC_FILE_INFO (not a sync_file by its /proc link)",
@@ -33,6 +31,13 @@ pub fn status(fd: BorrowedFd<'_>) -> Result<SyncFileStatus, KernelError> {
             nix::errno::Errno::EINVAL,
         ));
     }
+    status(fd)
+}
+
+/// Queries SYNC_IOC_FILE_INFO without fetching per-fence details. Unlike
+/// poll(), this fails (ENOTTY/EINVAL) on an fd that is not a sync_file, so a
+/// client cannot pass a regular file that always polls as ready.
+pub fn status(fd: BorrowedFd<'_>) -> Result<SyncFileStatus, KernelError> {
     // num_fences == 0 asks only for the summary; flags and pad must be zero.
     let mut info = SyncFileInfo::default();
     let raw = fd.as_raw_fd();
@@ -68,6 +73,8 @@ mod tests {
         let err = status(fd.as_fd()).expect_err("memfd is not a sync_file");
         assert!(err.to_string().contains("SYNC_IOC_FILE_INFO"), "{err}");
         assert!(is_signalled(fd.as_fd()).is_err());
+        let err = foreign_status(fd.as_fd()).expect_err("nor from a client");
+        assert!(err.to_string().contains("/proc link"), "{err}");
     }
     // Signalled sync_files are covered by the dma_buf export tests
     // (kernel_tier_dma_buf_export_sync_file_idle_is_signalled).
