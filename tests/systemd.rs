@@ -863,6 +863,64 @@ fn a_reattach_secret_works_only_for_the_uid_that_held_the_buffer() {
     assert_eq!(id, buffer, "the holder's uid re-attaches it");
 }
 
+/// A hold not yet re-attached was written to the next record with no uid
+/// (`uid_of(ORPHAN)`), so after a second restart within the grace period
+/// its own uid could no longer re-attach it. The hold keeps its uid
+/// through any number of restarts: still its own, still not another's.
+#[test]
+fn a_hold_survives_two_restarts_before_it_is_reattached() {
+    const ALICE: u32 = 65501;
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let mut owner = RawClient::connect(&manager.socket_path);
+    owner.hello();
+    let (buffer, secret) = raw_hold(
+        &mut owner,
+        RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        },
+    );
+    manager.wait_until_recorded(1);
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    // Someone else allocates: the second instance writes a new record,
+    // the owner's hold still orphaned in it.
+    let seen = manager.received().records_sent();
+    let mut other = RawClient::connect(&manager.socket_path);
+    other.hello();
+    let _ = raw_hold(
+        &mut other,
+        RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        },
+    );
+    manager.wait_for_record_after(seen);
+    drop(second); // SIGKILL, still within the grace period
+    let _third = Running::start(&manager, "third", &[]);
+    if dmabroker_suite::have_root("another uid's re-attach after two restarts") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&manager.socket_path, std::fs::Permissions::from_mode(0o777))
+            .expect("let another uid connect");
+        let mut alice =
+            dmabroker_suite::scripted::Scripted::spawn_as(&manager.socket_path, ALICE, ALICE, &[]);
+        let refused = alice
+            .cmd(&format!("raw-reattach {buffer} {secret}"))
+            .expect_err("another uid's re-attach");
+        assert!(refused.starts_with("err unknown-buffer"), "{refused}");
+    }
+    let mut again = RawClient::connect(&manager.socket_path);
+    again.hello();
+    let answer = again.request(RequestBody::Reattach { buffer, secret });
+    assert!(
+        matches!(answer, Ok(ReplyBody::Buffer(ref info)) if info.id == buffer),
+        "the holder's own uid cannot re-attach after a second restart: {answer:?}"
+    );
+}
+
 /// A re-attach takes back a hold that was within the limits when it was
 /// taken; checked against them again, a hold whose charge grew since (an
 /// importer left it the owner's charge) or a policy reloaded with lower

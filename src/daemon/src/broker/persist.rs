@@ -146,7 +146,10 @@ impl State {
                     .iter()
                     .map(|h| HolderRecord {
                         secret: h.secret.clone(),
-                        uid: uid_of(h.client),
+                        // A hold nobody re-attached yet keeps the uid it
+                        // was taken back with: another restart before its
+                        // client comes back must not lose it.
+                        uid: h.restored_uid.unwrap_or_else(|| uid_of(h.client)),
                         // While the owner has not re-attached, every
                         // unclaimed hold is ORPHAN: none is marked, and the
                         // order (the owner first) says it.
@@ -209,7 +212,9 @@ impl State {
                     secret: h.secret.clone(),
                     since: SystemTime::now(),
                     word_index: None,
-                    restored_uid: Some(h.uid),
+                    // u32::MAX: an older daemon's record of a hold nobody
+                    // had re-attached, whose uid it did not keep.
+                    restored_uid: (h.uid != u32::MAX).then_some(h.uid),
                 })
                 .collect();
             // The previous instance's clients may have left bits, and may
@@ -223,7 +228,8 @@ impl State {
                     size: buffer.size,
                     heap: buffer.heap.clone(),
                     origin: origin_of(buffer.origin),
-                    name: buffer.name.clone(),
+                    // Written by an older daemon, which kept names as sent.
+                    name: super::requests::shown_name(&buffer.name),
                     inode: buffer.inode,
                     owner: ORPHAN,
                     holders,
