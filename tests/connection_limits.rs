@@ -476,8 +476,9 @@ fn a_connection_that_never_says_hello_is_closed_after_the_hello_timeout() {
         ..Default::default()
     });
     let client = Client::connect_to(daemon.socket()).expect("connect");
-    let mut silent = RawClient::connect(daemon.socket());
+    // Before the connect: the daemon's timer starts at its accept, after.
     let started = Instant::now();
+    let mut silent = RawClient::connect(daemon.socket());
     assert!(silent.recv().is_none(), "the broker closes it");
     let waited = started.elapsed();
     assert!(
