@@ -53,6 +53,23 @@ fn fences_of(bus: &DbusDaemon, buffer: &str) -> Vec<(u64, String, u64, String)> 
 
 /// Begins `access` and ends it again: after the first (a round trip that
 /// gives the client its slot in the word), cycles are held in the word.
+/// Another holder of the shared buffer, in this process, with the
+/// buffer's word mapped as any holder could map it: what a misbehaving
+/// holder writes there is up to the test.
+fn holder_with_the_word(
+    s: &Shared,
+) -> (
+    dmabroker_client::Client,
+    dmabroker_client::Buffer,
+    BufferWord,
+) {
+    let holder = s.daemon.client();
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let held = holder.import(&token).expect("import");
+    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    (holder, held, word)
+}
+
 fn cycle(client: &mut Scripted, buffer: &str, access: &str) -> String {
     let answer = client.ok(&format!("begin {buffer} {access}"));
     client.ok(&format!("end {}", access_of(&answer)));
@@ -276,10 +293,7 @@ fn a_scribbled_word_falls_back_to_messages_for_that_buffer_only() {
     // A holder maps the word like any holder could, and scribbles.
     let client = s.daemon.client();
     let mine = client.alloc(4096).expect("alloc");
-    let victim = s.daemon.client();
-    let shared_token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = victim.import(&shared_token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (_victim, _held, word) = holder_with_the_word(&s);
     word.scribble(1 << 37 | 0b11); // a writer and two readers
     let read = other
         .cmd(&format!("begin {} r 2000", s.id))
@@ -316,10 +330,7 @@ fn a_hand_off_erased_from_the_word_fails_the_begin_instead_of_hanging() {
     let mut waiter = s.join(&[]);
     cycle(&mut s.owner, &s.id, "w");
     cycle(&mut waiter, &s.id, "r");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (_meddler, _held, word) = holder_with_the_word(&s);
 
     let write = s.owner.ok(&format!("begin {} w", s.id));
     assert_eq!(field(&write, "word"), Some("true"), "{write}");
@@ -477,10 +488,7 @@ fn a_hand_off_whose_kind_was_changed_still_answers_the_waiter() {
     let mut waiter = s.join(&[]);
     cycle(&mut s.owner, &s.id, "w");
     cycle(&mut waiter, &s.id, "r");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (_meddler, _held, word) = holder_with_the_word(&s);
 
     let write = s.owner.ok(&format!("begin {} w", s.id));
     assert_eq!(field(&write, "word"), Some("true"), "{write}");
@@ -528,10 +536,7 @@ fn a_tampered_word_does_not_strand_a_queued_writer(tamper: impl Fn(&BufferWord))
     let mut writer = s.join(&[]);
     cycle(&mut s.owner, &s.id, "r");
     cycle(&mut reader, &s.id, "r");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (meddler, held, word) = holder_with_the_word(&s);
 
     let a = s.owner.ok(&format!("begin {} r", s.id));
     let b = reader.ok(&format!("begin {} r", s.id));
@@ -587,10 +592,7 @@ fn a_holder_still_in_a_broken_word_is_told_its_access_is_revoked() {
     let mut s = Shared::new(bus.start_broker(None), 4096);
     let mut writer = s.join(&[]);
     cycle(&mut s.owner, &s.id, "r");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (meddler, held, word) = holder_with_the_word(&s);
     let read = s.owner.ok(&format!("begin {} r", s.id));
     assert_eq!(field(&read, "word"), Some("true"), "{read}");
     writer.send(&format!("begin {} w", s.id));
@@ -624,10 +626,7 @@ fn a_holder_in_a_word_broken_at_first_take_over_is_told() {
     let mut s = Shared::new(bus.start_broker(None), 4096);
     let mut writer = s.join(&[]);
     cycle(&mut s.owner, &s.id, "r");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (meddler, held, word) = holder_with_the_word(&s);
     let read = s.owner.ok(&format!("begin {} r", s.id));
     assert_eq!(field(&read, "word"), Some("true"), "{read}");
     assert!(!word.load().daemon(), "handed back: a fast begin");
@@ -655,10 +654,7 @@ fn a_fence_handed_out_is_signalled_though_a_holder_cleared_daemon() {
     let mut s = Shared::new(Daemon::start(), 4096);
     let mut hw = s.join(&["--no-autofence"]);
     cycle(&mut s.owner, &s.id, "w");
-    let meddler = s.daemon.client();
-    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
-    let held = meddler.import(&token).expect("import");
-    let word = BufferWord::map(held.as_fd(), held.size()).expect("map the word");
+    let (meddler, held, word) = holder_with_the_word(&s);
     let write = s.owner.ok(&format!("begin {} w", s.id));
     assert_eq!(field(&write, "word"), Some("true"), "{write}");
     let granted = hw
