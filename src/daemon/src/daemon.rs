@@ -698,6 +698,7 @@ async fn status_loop(broker: Arc<Broker>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::testutil::runtime;
     use crate::service::fdstore::sealed_copy;
     use crate::service::record::RECORD_VERSION;
 
@@ -744,13 +745,6 @@ mod tests {
             dmabroker_policy::Policy::builtin(),
             crate::broker::DaemonLimits::default(),
         ))
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
     }
 
     /// While the manager had no room, every try (about once a second)

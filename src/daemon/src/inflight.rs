@@ -161,7 +161,7 @@ mod tests {
 
     use nix::sys::socket::{recv, send, MsgFlags};
 
-    use crate::kernel::testutil::seqpacket_pair;
+    use crate::kernel::testutil::{runtime, seqpacket_pair};
 
     use super::*;
 
@@ -186,13 +186,6 @@ mod tests {
             getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit").0,
             hard
         );
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
     }
 
     /// The wait ends when the client reads its last message, without

@@ -17,6 +17,14 @@ pub(crate) fn seqpacket_pair(nonblocking: bool) -> (std::os::fd::OwnedFd, std::o
     socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags).expect("socketpair")
 }
 
+/// A runtime as the daemon's: one thread, every driver on.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub(crate) struct TempDir(PathBuf);
