@@ -482,6 +482,15 @@ impl State {
         }
     }
 
+    /// Whether the broker holds the buffer's truth in its word: taken over,
+    /// mapped, and not broken (a broken word is not looked at again).
+    fn arbitrates_word(&self, buffer: BufferId) -> bool {
+        self.buffers
+            .get(&buffer)
+            .and_then(|b| b.word.as_deref())
+            .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some())
+    }
+
     /// Stops the word patrol once nobody waits: no begin queued, no fence
     /// handed to a no-autofence client still unsignalled.
     pub(super) fn stop_word_patrol_if_idle(&mut self) {
@@ -498,11 +507,7 @@ impl State {
     /// buffer whose word the broker has taken, or a no-autofence client is
     /// handed a fence held in one.
     pub(super) fn start_word_patrol(&mut self, buffer: BufferId) {
-        let taken = self
-            .buffers
-            .get(&buffer)
-            .and_then(|b| b.word.as_deref())
-            .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+        let taken = self.arbitrates_word(buffer);
         if taken && self.word_patrol.is_none() {
             self.word_patrols_started += 1;
             self.word_patrol = Some(self.word_patrols_started);
@@ -533,11 +538,7 @@ impl State {
         buffers.dedup();
         let mut watched = false;
         for buffer in buffers {
-            let taken = self
-                .buffers
-                .get(&buffer)
-                .and_then(|b| b.word.as_deref())
-                .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+            let taken = self.arbitrates_word(buffer);
             if taken {
                 self.settle_buffer(buffer, true, Instant::now());
                 self.touched.push(buffer);
@@ -679,23 +680,14 @@ impl State {
         // A client moving the word between our look and our swap only
         // costs another look; a few are plenty.
         for _ in 0..4 {
-            let taken = self
-                .buffers
-                .get(&buffer)
-                .and_then(|b| b.word.as_deref())
-                .is_some_and(|ws| ws.taken && !ws.broken && ws.mapped.is_some());
+            let taken = self.arbitrates_word(buffer);
             if !taken {
                 return;
             }
             let now = Instant::now();
             self.settle_buffer(buffer, false, now);
             // The settle may have broken it: a broken word stays taken.
-            let broken = self
-                .buffers
-                .get(&buffer)
-                .and_then(|b| b.word.as_deref())
-                .is_none_or(|ws| ws.broken);
-            if broken {
+            if !self.arbitrates_word(buffer) {
                 return;
             }
             let Some(word) = self.mapped_word(buffer).map(BufferWord::load) else {
