@@ -855,21 +855,27 @@ impl State {
         let Ok(grants) = self.arbiter.revoke(access, Instant::now()) else {
             return;
         };
-        self.stats.revocations += 1;
         tracing::warn!(
             client,
             buffer,
             access,
             "write access held past its limit: revoked"
         );
+        self.tell_revoked(client, access, buffer);
+        self.finish_released(&[access]);
+        self.deliver_grants(grants);
+    }
+
+    /// Tells `client` (and the D-Bus observers) its access was taken away,
+    /// and counts it.
+    pub(super) fn tell_revoked(&mut self, client: ClientId, access: AccessId, buffer: BufferId) {
+        self.stats.revocations += 1;
         self.event(client, Event::AccessRevoked { access, buffer });
         self.notice(super::Notice::AccessRevoked {
             buffer,
             access,
             client,
         });
-        self.finish_released(&[access]);
-        self.deliver_grants(grants);
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_fence::{self as fence, AccessId, BeginOutcome, Mode, WaiterId};
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Word, WordAccess, MAX_HOLDERS};
-use dmabroker_ipc::{Access, BufferId, ClientId, Event, ReplyBody};
+use dmabroker_ipc::{Access, BufferId, ClientId, ReplyBody};
 
 use super::access::to_fence_access;
 use super::state::{AccessEntry, State};
@@ -415,13 +415,7 @@ impl State {
             };
             if let Ok(grants) = self.arbiter.end(client, id, now) {
                 if still_held {
-                    self.stats.revocations += 1;
-                    self.event(client, Event::AccessRevoked { access: id, buffer });
-                    self.notice(super::Notice::AccessRevoked {
-                        buffer,
-                        access: id,
-                        client,
-                    });
+                    self.tell_revoked(client, id, buffer);
                 }
                 self.finish_released(&[id]);
                 self.deliver_grants(grants);
@@ -448,13 +442,7 @@ impl State {
             owners
         };
         for client in holders {
-            self.stats.revocations += 1;
-            self.event(client, Event::AccessRevoked { access: 0, buffer });
-            self.notice(super::Notice::AccessRevoked {
-                buffer,
-                access: 0,
-                client,
-            });
+            self.tell_revoked(client, 0, buffer);
         }
     }
 
