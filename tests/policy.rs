@@ -480,6 +480,51 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
     );
 }
 
+/// In a user namespace of its own a process may point its exe link at any
+/// file it can open (`PR_SET_MM_MAP`, with the capability it has there)
+/// without leaving the host's mount namespace, so the mount namespace alone
+/// did not make the link trustworthy. A client in another user namespace
+/// is now matched by no `exe` rule, whatever its link says: here Alice's
+/// own testclient, which a rule names, run in a user namespace of its own
+/// (`unshare -U`), gets the default.
+#[test]
+fn exe_rules_do_not_match_a_client_in_a_user_namespace_of_its_own() {
+    if !have_root("exe rules from a user namespace") {
+        return;
+    }
+    let user_namespace = |program: &str| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            format!("--reuid={ALICE}"),
+            format!("--regid={ALICE}"),
+            "--clear-groups".into(),
+        ])
+        .args(["unshare", "-U", program]);
+        cmd
+    };
+    if !user_namespace("true").status().is_ok_and(|s| s.success()) {
+        eprintln!("skipping: unprivileged user namespaces unavailable");
+        return;
+    }
+    let testclient = dmabroker_suite::daemon::binary("dmabroker-testclient");
+    let daemon = daemon_with(&format!(
+        "[default]\nmax_buffers = 1\n\n\
+         [[rule]]\nname = \"alice-testclient\"\nuser = {ALICE}\nexe = \"{}\"\nmax_buffers = 100\n",
+        testclient.display()
+    ));
+    // As itself, in the host's namespaces, the rule is Alice's.
+    let mut plain = as_user(&daemon, ALICE, &[]);
+    plain.ok("alloc 4096");
+    plain.ok("alloc 4096");
+    let program = testclient.to_str().expect("utf-8 path");
+    let mut namespaced = Scripted::spawn_wrapped(user_namespace(program), daemon.socket(), &[]);
+    namespaced.ok("alloc 4096");
+    let second = namespaced
+        .cmd("alloc 4096")
+        .expect_err("the default allows one");
+    assert!(second.contains("rule 'default'"), "{second}");
+}
+
 /// A client run from a FUSE mount (`allow_other`) whose server never
 /// answers the daemon: looking up the client's executable to compare files
 /// (as a first fix of exe spoofing did) asked that server for GETATTR on
@@ -487,43 +532,13 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
 /// reads links only.
 #[test]
 fn a_client_run_from_a_stalling_fuse_mount_does_not_stall_the_daemon() {
-    use std::io::BufRead;
-    if !have_root("a client run from a FUSE mount") {
-        return;
-    }
-    if !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipping a client run from a FUSE mount: this kernel has no /dev/fuse");
-        return;
-    }
     let daemon = daemon_with("[default]\n");
     let honest = dmabroker_client::Client::connect_to(daemon.socket()).expect("connect");
     honest.heaps().expect("served before");
-    let dir = dmabroker_suite::TempDir::new("fuse");
-    let mnt = dir.path().join("m");
-    std::fs::create_dir(&mnt).expect("mountpoint");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/harness/stall_getattr_fuse.py"
-    );
-    let mut server = std::process::Command::new("python3")
-        .arg(script)
-        .arg(&mnt)
-        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
-        .arg(daemon.pid().to_string())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("fuse server");
-    let mut line = String::new();
-    let stdout = server.stdout.take().expect("the server's stdout");
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("mounted");
-    if line.trim() != "mounted" {
-        let _ = server.wait();
-        eprintln!("skipping a client run from a FUSE mount: the FUSE server could not mount");
+    let Some(fuse) = StallingFuse::mount("a client run from a FUSE mount", &daemon) else {
         return;
-    }
-    let mut fused = std::process::Command::new(mnt.join("client"))
+    };
+    let mut fused = std::process::Command::new(fuse.file())
         .arg("--socket")
         .arg(daemon.socket())
         .stdin(std::process::Stdio::piped())
@@ -531,22 +546,135 @@ fn a_client_run_from_a_stalling_fuse_mount_does_not_stall_the_daemon() {
         .spawn()
         .expect("client from the FUSE mount");
     std::thread::sleep(Duration::from_millis(500));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(honest.heaps().is_ok());
-    });
-    let served = rx.recv_timeout(Duration::from_secs(3));
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&mnt)
-        .status();
+    let served = served_within(honest, Duration::from_secs(3));
+    drop(fuse);
     let _ = fused.kill();
     let _ = fused.wait();
-    assert_eq!(
+    assert!(
         served,
-        Ok(true),
-        "an honest client was not served while the daemon stat'ed a FUSE-backed exe"
+        "an honest client was not served while the daemon looked at a FUSE-backed exe"
     );
+}
+
+/// A client hands over, to be adopted, an epoll whose lock a thread of its
+/// own holds: the thread's `epoll_ctl(ADD)` of a file on its FUSE mount
+/// waits for an answer to `POLL` the server never gives. Reading the
+/// epoll's fdinfo (to ask whether it is a dma-buf) waited for that lock,
+/// uninterruptibly: every client stalled, and not even SIGKILL ended the
+/// daemon. A client's fd is now looked at by its `/proc` link first, and
+/// an epoll is refused by that alone.
+#[test]
+fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    let daemon = daemon_with("[default]\n");
+    let honest = dmabroker_client::Client::connect_to(daemon.socket()).expect("connect");
+    honest.heaps().expect("served before");
+    let Some(fuse) = StallingFuse::mount("an epoll held on a FUSE poll", &daemon) else {
+        return;
+    };
+    let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
+    let epoll = std::sync::Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"));
+    let holder = std::sync::Arc::clone(&epoll);
+    // Returns once the server is gone; it waits for a POLL answer, holding
+    // the epoll's lock, until then.
+    let held = std::thread::spawn(move || {
+        let _ = holder.add(&file, EpollEvent::new(EpollFlags::EPOLLIN, 0));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut client, inherited) = Scripted::spawn_as_with_fd(
+        daemon.socket(),
+        0,
+        0,
+        std::os::fd::AsFd::as_fd(&epoll.0),
+        &[],
+    );
+    client.send(&format!("adopt-inherited {inherited}"));
+    let served = served_within(honest, Duration::from_secs(3));
+    let answer = client.recv(Duration::from_secs(3));
+    drop(fuse);
+    let _ = held.join();
+    assert!(
+        served,
+        "an honest client was not served while the daemon looked at the epoll"
+    );
+    let answer = answer.expect("the adopt is answered");
+    assert!(answer.starts_with("err not-a-dma-buf"), "{answer}");
+}
+
+/// Whether `client` is answered within `limit` (asked from a thread of its
+/// own, which a stalled daemon may leave waiting).
+fn served_within(client: dmabroker_client::Client, limit: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(client.heaps().is_ok());
+    });
+    rx.recv_timeout(limit) == Ok(true)
+}
+
+/// `tests/harness/stalling_fuse.py` mounted on a folder of its own: never
+/// answers the daemon's GETATTR, nor anyone's POLL. Unmounted on drop.
+struct StallingFuse {
+    server: std::process::Child,
+    mnt: std::path::PathBuf,
+    _dir: dmabroker_suite::TempDir,
+}
+
+impl StallingFuse {
+    /// `None`, saying why, where the test cannot run (not root, no FUSE).
+    fn mount(test: &str, daemon: &Daemon) -> Option<StallingFuse> {
+        use std::io::BufRead;
+        if !have_root(test) {
+            return None;
+        }
+        if !std::path::Path::new("/dev/fuse").exists() {
+            eprintln!("skipping {test}: this kernel has no /dev/fuse");
+            return None;
+        }
+        let dir = dmabroker_suite::TempDir::new("fuse");
+        let mnt = dir.path().join("m");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/harness/stalling_fuse.py"
+        );
+        let mut server = std::process::Command::new("python3")
+            .arg(script)
+            .arg(&mnt)
+            .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+            .arg(daemon.pid().to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("fuse server");
+        let mut line = String::new();
+        let stdout = server.stdout.take().expect("the server's stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("mounted");
+        if line.trim() != "mounted" {
+            let _ = server.wait();
+            eprintln!("skipping {test}: the FUSE server could not mount");
+            return None;
+        }
+        Some(StallingFuse {
+            server,
+            mnt,
+            _dir: dir,
+        })
+    }
+
+    /// Its one file, a copy of the testclient.
+    fn file(&self) -> std::path::PathBuf {
+        self.mnt.join("client")
+    }
+}
+
+impl Drop for StallingFuse {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
 }

@@ -116,30 +116,46 @@ fn peer_groups(socket: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
     }
 }
 
-/// The peer's executable, for a peer in the host's mount namespace only.
-/// The link in `/proc` names the file as the client's own mount namespace
-/// sees it, where any user may bind-mount its own program over
-/// `/usr/bin/weston` (`unshare -Urm`). Looking the path up to compare the
-/// files would reach whatever file system the client chose, a FUSE server
-/// of its own among them, which could leave the broker's one thread
-/// waiting for good; reading links asks no file system anything.
+/// The peer's executable, for a peer in the host's mount and user
+/// namespaces only. The link in `/proc` names the file as the client's own
+/// mount namespace sees it, where any user may bind-mount its own program
+/// over `/usr/bin/weston` (`unshare -Urm`); and in a user namespace of its
+/// own a process may point its exe link at any file it can open
+/// (`PR_SET_MM_MAP`, with the capability it has there), without leaving
+/// the host's mount namespace. No process returns to the host's user
+/// namespace once out of it. Looking the path up to compare files would
+/// reach whatever file system the client chose, a FUSE server of its own
+/// among them, which could leave the broker's one thread waiting for
+/// good; reading links asks no file system anything. The exe is read
+/// first: namespaces joined after it was read do not excuse it.
 fn executable(pid: i32) -> Option<PathBuf> {
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
-    if Some(&theirs) != host_mount_namespace() {
-        return None;
-    }
-    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let host = host_namespaces()?;
+    let theirs = namespaces_of(&pid.to_string())?;
+    (theirs == *host).then_some(exe)
 }
 
-/// PID 1's mount namespace (the daemon's own may be private: the unit's
-/// `PrivateMounts=`), or the daemon's where PID 1's cannot be read (a
-/// user daemon).
-fn host_mount_namespace() -> Option<&'static PathBuf> {
-    static HOST: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+/// A process's mount and user namespaces, by their links.
+fn namespaces_of(pid: &str) -> Option<(PathBuf, PathBuf)> {
+    Some((
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?,
+        std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()?,
+    ))
+}
+
+/// PID 1's namespaces (the daemon's own mount namespace may be private:
+/// the unit's `PrivateMounts=`), or the daemon's where PID 1's cannot be
+/// read (a user daemon; said once, since `exe` rules then match only
+/// clients in the daemon's own namespaces).
+fn host_namespaces() -> Option<&'static (PathBuf, PathBuf)> {
+    static HOST: std::sync::OnceLock<Option<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
-        std::fs::read_link("/proc/1/ns/mnt")
-            .or_else(|_| std::fs::read_link("/proc/self/ns/mnt"))
-            .ok()
+        namespaces_of("1").or_else(|| {
+            tracing::warn!(
+                "cannot read PID 1's namespaces (no CAP_SYS_PTRACE?): exe rules match only clients in the daemon's own mount and user namespaces"
+            );
+            namespaces_of("self")
+        })
     })
     .as_ref()
 }

@@ -1,6 +1,8 @@
 # A FUSE server for tests/policy.rs, speaking /dev/fuse directly: one file
-# "client" (a copy of argv[2]) at mount point argv[1]; GETATTR requests from
-# pid argv[3] (the daemon) are never answered. Prints "mounted" once mounted.
+# "client" (a copy of argv[2]) at mount point argv[1]. GETATTR requests from
+# pid argv[3] (the daemon) are never answered, nor is any POLL (so an
+# epoll_ctl(ADD) of the file waits, holding its epoll's lock). Prints
+# "mounted" once mounted.
 import os, sys, struct, ctypes, errno
 mnt, src, stall_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 data = open(src, 'rb').read()
@@ -44,6 +46,8 @@ while True:
     elif op == 15:  # READ
         fh, off, size = struct.unpack_from("<QQI", arg)
         reply(unique, 0, data[off:off+size])
+    elif op == 40:  # POLL: never answered
+        continue
     elif op in (2, 42):  # FORGET: no reply
         pass
     elif op in (18, 29, 25):  # RELEASE, RELEASEDIR, FLUSH
