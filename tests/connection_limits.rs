@@ -495,3 +495,40 @@ fn a_connection_that_never_says_hello_is_closed_after_the_hello_timeout() {
         daemon.log_tail()
     );
 }
+
+/// A connection that keeps a request always queued and never says hello:
+/// each request is answered "hello first", and the connection loop, never
+/// idle, never looked at its hello timer. The deadline is now also checked
+/// as each message is handled before a hello.
+#[test]
+fn a_connection_that_keeps_sending_without_a_hello_is_closed_too() {
+    let daemon = Daemon::start_with(DaemonOptions {
+        args: vec!["--hello-timeout".into(), "300ms".into()],
+        ..Default::default()
+    });
+    let mut raw = RawClient::connect(daemon.socket());
+    let (_, request) = raw.encode(RequestBody::ListHeaps, 0);
+    let sender = raw.fd().try_clone_to_owned().expect("dup");
+    let sending = std::thread::spawn(move || {
+        // Until the broker hangs up (EPIPE): never a moment with nothing
+        // queued for it.
+        while nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&sender),
+            &request,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        )
+        .is_ok()
+        {}
+    });
+    let started = Instant::now();
+    let mut answers = 0;
+    while raw.recv().is_some() {
+        answers += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still served after {answers} requests with no hello"
+        );
+    }
+    sending.join().expect("sender");
+    assert!(answers > 0, "the requests were answered until the timeout");
+}

@@ -56,7 +56,8 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     // Dropped once the hello is handled: polled with every wake-up, it
     // cost a served connection about 0.4 µs per request.
-    let mut hello_due = Some(Box::pin(tokio::time::sleep(hello_timeout)));
+    let hello_deadline = tokio::time::Instant::now() + hello_timeout;
+    let mut hello_due = Some(Box::pin(tokio::time::sleep_until(hello_deadline)));
     'connection: loop {
         let ready = match hello_due.as_mut() {
             None => socket.readable().await,
@@ -76,12 +77,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                         continue;
                     }
                     None => {
-                        tracing::warn!(
-                            pid,
-                            uid,
-                            timeout = ?hello_timeout,
-                            "connection closed: no hello within the hello timeout"
-                        );
+                        no_hello(pid, uid, hello_timeout);
                         break;
                     }
                 }
@@ -115,6 +111,12 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                     });
                     if said_hello {
                         hello_due = None;
+                    } else if waiting_for_hello && tokio::time::Instant::now() >= hello_deadline {
+                        // Never idle, so never waiting on the timer: a
+                        // client that keeps a request queued (each one
+                        // answered "hello first") is timed out here.
+                        no_hello(pid, uid, hello_timeout);
+                        break 'connection;
                     }
                     disposition
                 }
@@ -173,6 +175,15 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     if fds_maybe_unread > 0 {
         keep_until_read(socket.get_ref(), pid, uid).await;
     }
+}
+
+fn no_hello(pid: i32, uid: u32, timeout: std::time::Duration) {
+    tracing::warn!(
+        pid,
+        uid,
+        ?timeout,
+        "connection closed: no hello within the hello timeout"
+    );
 }
 
 /// The connection's place among its uid's, or the refusal to send when
