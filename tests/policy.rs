@@ -545,7 +545,13 @@ fn a_client_run_from_a_stalling_fuse_mount_does_not_stall_the_daemon() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("client from the FUSE mount");
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the daemon has identified it (or, stalled, never will): the
+    // honest client's turn must come after that look, not before.
+    let identified = format!("pid={}", fused.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon.log().contains(&identified) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let served = served_within(honest, Duration::from_secs(3));
     drop(fuse);
     let _ = fused.kill();
