@@ -965,11 +965,26 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
             message: format!("larger than {}", format_size(MAX_FILE_SIZE)),
         });
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     file.take(MAX_FILE_SIZE + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(io)?;
-    Ok(text)
+    String::from_utf8(bytes).map_err(|err| not_utf8(path, &err))
+}
+
+/// Where a policy file stops being UTF-8, in the `path:line:column` form of
+/// every other content error (the reader says only "not valid UTF-8").
+fn not_utf8(path: &Path, err: &std::string::FromUtf8Error) -> PolicyError {
+    let good = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+    let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+    PolicyError::Syntax {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: "not valid UTF-8".to_string(),
+    }
 }
 
 fn check_writers(path: &Path, meta: &fs::Metadata) -> Result<(), PolicyError> {

@@ -954,6 +954,23 @@ fn load_files_explicit() {
     assert!(Policy::load_files(&[]).unwrap().sources().is_empty());
 }
 
+/// A file that is not UTF-8 is refused with where it stops being so, like
+/// every other content error: the reader's own error named no line.
+#[test]
+fn a_file_that_is_not_utf8_says_where() {
+    let dir = TempDir::new("utf8");
+    let path = dir.write("bad.toml", "[default]\n");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"max_buffers = 1 # caf\xe9\n");
+    fs::write(&path, &bytes).unwrap();
+    let err = Policy::load_files(std::slice::from_ref(&path)).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:2:22: not valid UTF-8", path.display())),
+        "{err}"
+    );
+}
+
 #[test]
 fn refuses_files_others_can_write() {
     use std::os::unix::fs::PermissionsExt as _;
