@@ -178,21 +178,27 @@ pub fn is_dma_buf(fd: BorrowedFd<'_>) -> bool {
 /// system it lives on: a file of a FUSE mount the client runs would send
 /// `fstatfs` (and then `lseek`, `fstat`) to its server, which could leave
 /// the broker's one thread waiting for good. Three looks, each safe for
-/// what the one before let through:
+/// what the ones before let through:
 /// - its `/proc` link must be `/dmabuf:…` (`anon_inode:dmabuf` before
 ///   Linux 5.3). This alone rules out every other anonymous inode, whose
 ///   fdinfo may take locks a client can hold: an epoll's waits for the
 ///   epoll's mutex, which a thread of the client's keeps while a FUSE
 ///   server withholds its answer to a poll, and that wait cannot be
 ///   interrupted, not even by SIGKILL;
-/// - its fdinfo must have `exp_name:`, which only a dma-buf's prints: the
-///   link is a path, which a mount namespace of the client's could show
-///   for a file of its own (a file system's fdinfo is the generic one);
+/// - its inode must have no file type, as a dma-buf's has none: the link
+///   is a path, which a mount namespace of the client's could show for a
+///   device node of its choice (`/dev/net/tun` bound at `/dmabuf:x`, whose
+///   fdinfo takes `rtnl_lock`), a FIFO or a socket;
+/// - its fdinfo must have `exp_name:`, which only a dma-buf's prints (a
+///   file of a file system that claims no type gets the generic fdinfo);
 /// - and then the file system's magic.
 pub fn is_foreign_dma_buf(fd: BorrowedFd<'_>) -> bool {
     let named = super::fd_link(fd)
         .is_some_and(|link| link.starts_with("/dmabuf:") || link == "anon_inode:dmabuf");
-    named && super::fdinfo(fd).is_ok_and(|info| info.contains_key("exp_name")) && is_dma_buf(fd)
+    named
+        && super::typeless_inode(fd)
+        && super::fdinfo(fd).is_ok_and(|info| info.contains_key("exp_name"))
+        && is_dma_buf(fd)
 }
 
 /// The inode number: together with the device it identifies a buffer across
@@ -373,6 +379,10 @@ mod tests {
             return;
         };
         assert!(is_dma_buf(fd.as_fd()));
+        assert!(
+            super::super::typeless_inode(fd.as_fd()),
+            "a dma-buf's inode has no type"
+        );
         assert!(is_foreign_dma_buf(fd.as_fd()), "its fdinfo has exp_name");
     }
 }

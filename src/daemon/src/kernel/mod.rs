@@ -99,6 +99,31 @@ pub(crate) fn fd_target(fd: BorrowedFd<'_>) -> String {
     format!("fd {}", fd.as_raw_fd())
 }
 
+/// Whether `fd`'s inode has no file type: an anonymous inode of a kernel
+/// pseudo file system (a dma-buf's is made so), never a device node, a FIFO
+/// or a socket, whose fdinfo may be their driver's and take its locks (a
+/// tun device's takes `rtnl_lock`, which a client can keep while a FUSE
+/// server of its withholds a page its ioctl copies from). Asked with
+/// `AT_STATX_DONT_SYNC`, which a device never sees and a FUSE file answers
+/// from its cache, not from its server.
+pub(crate) fn typeless_inode(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: `statx` is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the call; the empty path is a NUL-terminated
+    // C string (AT_EMPTY_PATH: the fd itself), and `stx` is a writable
+    // `struct statx` the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE,
+            &mut stx,
+        )
+    };
+    rc == 0 && stx.stx_mask & libc::STATX_TYPE != 0 && u32::from(stx.stx_mode) & libc::S_IFMT == 0
+}
+
 /// What `/proc/self/fd/N` names for `fd`: `/dmabuf:…`, `anon_inode:sync_file`,
 /// a path. Reading the link asks no file system anything, where `fstat`,
 /// `fstatfs`, `lseek` or an ioctl on a client's fd may go to a FUSE server
@@ -231,6 +256,26 @@ fn parse_fdinfo(text: &str) -> HashMap<String, String> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// Device nodes, FIFOs, sockets and files have a type; an anonymous
+    /// inode (an eventfd's here, a dma-buf's in the kernel tier) has none.
+    #[test]
+    fn only_anonymous_inodes_are_typeless() {
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert!(!typeless_inode(null.as_fd()), "a device node");
+        let memfd = memfd::create_sealed("typed", 4096).expect("memfd");
+        assert!(!typeless_inode(memfd.as_fd()), "a file");
+        let (a, _b) = testutil::seqpacket_pair(false);
+        assert!(!typeless_inode(a.as_fd()), "a socket");
+        let (read, _write) = nix::unistd::pipe().expect("pipe");
+        assert!(!typeless_inode(read.as_fd()), "a FIFO");
+        // SAFETY: no pointers; returns a new fd or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(raw >= 0, "eventfd");
+        // SAFETY: `raw` was just created for us and nothing else owns it.
+        let event = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        assert!(typeless_inode(event.as_fd()), "an anonymous inode");
+    }
 
     #[test]
     fn page_round_rounds_up_and_detects_overflow() {
