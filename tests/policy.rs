@@ -22,6 +22,17 @@ fn as_user(daemon: &Daemon, uid: u32, extra: &[&str]) -> Scripted {
     Scripted::spawn_as(daemon.socket(), uid, uid, extra)
 }
 
+/// `setpriv` running what follows as `uid` (its own group, no others).
+fn setpriv_as(uid: u32) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+    ]);
+    cmd
+}
+
 fn code(answer: &str) -> &str {
     answer.split_whitespace().nth(1).unwrap_or("")
 }
@@ -228,12 +239,7 @@ fn autofence_required_refuses_no_autofence_and_optional_allows_it() {
         "[default]\nautofence = \"optional\"\n\n\
          [[rule]]\nname = \"strict\"\nuser = {ALICE}\nautofence = \"required\"\n"
     ));
-    let out = std::process::Command::new("setpriv")
-        .args([
-            format!("--reuid={ALICE}"),
-            format!("--regid={ALICE}"),
-            "--clear-groups".into(),
-        ])
+    let out = setpriv_as(ALICE)
         .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
         .arg("--socket")
         .arg(daemon.socket())
@@ -371,10 +377,7 @@ fn a_uid_at_its_connection_limit_is_refused_and_other_users_are_not() {
 /// What a client process run as `uid` says first: `ready …`, or `err CODE
 /// message` when its connection is refused (it then exits).
 fn first_line_of_client_as(daemon: &Daemon, uid: u32) -> String {
-    let output = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={uid}"))
-        .arg("--clear-groups")
+    let output = setpriv_as(uid)
         .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
         .arg("--socket")
         .arg(daemon.socket())
@@ -439,14 +442,7 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
     if !have_root("exe rules from a private mount namespace") {
         return;
     }
-    let probe = std::process::Command::new("setpriv")
-        .args([
-            format!("--reuid={ALICE}"),
-            format!("--regid={ALICE}"),
-            "--clear-groups".into(),
-        ])
-        .args(["unshare", "-Urm", "true"])
-        .status();
+    let probe = setpriv_as(ALICE).args(["unshare", "-Urm", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
         eprintln!("skipping: unprivileged user namespaces unavailable");
         return;
@@ -462,15 +458,10 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
     assert!(err.contains("rule 'default'"), "{err}");
     // The same program, bind-mounted over /usr/bin/true in Alice's own
     // (unprivileged) namespace.
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([
-        format!("--reuid={ALICE}"),
-        format!("--regid={ALICE}"),
-        "--clear-groups".into(),
-    ])
-    .args(["unshare", "-Urm", "sh", "-c"])
-    .arg("mount --bind \"$0\" /usr/bin/true && exec /usr/bin/true \"$@\"")
-    .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+    let mut cmd = setpriv_as(ALICE);
+    cmd.args(["unshare", "-Urm", "sh", "-c"])
+        .arg("mount --bind \"$0\" /usr/bin/true && exec /usr/bin/true \"$@\"")
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"));
     let mut spoofed = Scripted::spawn_wrapped(cmd, daemon.socket(), &[]);
     spoofed.ok("alloc 4096");
     let second = spoofed.cmd("alloc 4096");
@@ -493,13 +484,8 @@ fn exe_rules_do_not_match_a_client_in_a_user_namespace_of_its_own() {
         return;
     }
     let user_namespace = |program: &str| {
-        let mut cmd = std::process::Command::new("setpriv");
-        cmd.args([
-            format!("--reuid={ALICE}"),
-            format!("--regid={ALICE}"),
-            "--clear-groups".into(),
-        ])
-        .args(["unshare", "-U", program]);
+        let mut cmd = setpriv_as(ALICE);
+        cmd.args(["unshare", "-U", program]);
         cmd
     };
     if !user_namespace("true").status().is_ok_and(|s| s.success()) {
