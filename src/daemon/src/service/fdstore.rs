@@ -256,11 +256,7 @@ impl FdStore {
     /// sent yet, or held back behind the record writer's batch), and
     /// record slots beyond the two while older records are to be removed.
     pub fn unremoved(&self) -> usize {
-        self.leftover_fds()
-            + self
-                .record_slots
-                .load(std::sync::atomic::Ordering::Acquire)
-                .saturating_sub(RECORD_SLOTS)
+        self.leftover_fds() + self.extra_record_slots()
     }
 
     /// What the record's writer still has to do about fds it does not
@@ -269,12 +265,7 @@ impl FdStore {
     /// under a live buffer's name beyond the first: they take a slot
     /// (`unremoved`) but can only leave with that buffer's removal.
     pub fn owed_removals(&self) -> usize {
-        self.unremoved_names().len()
-            + self.in_flight().deferred_removals.len()
-            + self
-                .record_slots
-                .load(std::sync::atomic::Ordering::Acquire)
-                .saturating_sub(RECORD_SLOTS)
+        self.removals_waiting() + self.extra_record_slots()
     }
 
     /// Fds in the manager's store that are neither a live buffer's nor a
@@ -282,10 +273,23 @@ impl FdStore {
     /// back behind the writer's batch), and fds a restart closed that are
     /// still there.
     pub fn leftover_fds(&self) -> usize {
-        let unremoved = self.unremoved_names().len();
-        let deferred = self.in_flight().deferred_removals.len();
         let extra: usize = self.extra_fds().values().sum();
-        unremoved + deferred + extra
+        self.removals_waiting() + extra
+    }
+
+    /// Removals not sent yet, or held back behind the writer's batch.
+    fn removals_waiting(&self) -> usize {
+        // One lock at a time: each guard goes with its statement.
+        let unsent = self.unremoved_names().len();
+        let deferred = self.in_flight().deferred_removals.len();
+        unsent + deferred
+    }
+
+    /// Record slots beyond the two while older records are to be removed.
+    fn extra_record_slots(&self) -> usize {
+        self.record_slots
+            .load(std::sync::atomic::Ordering::Acquire)
+            .saturating_sub(RECORD_SLOTS)
     }
 
     /// After the restore: fds it was handed beyond the first of a name
