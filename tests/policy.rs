@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use dmabroker_suite::fuse::{Stall, StallingFuse};
 use dmabroker_suite::scripted::field;
+use dmabroker_suite::served_within;
 use dmabroker_suite::{have_root, Daemon, DaemonOptions, Scripted};
 
 const ALICE: u32 = 65501;
@@ -521,7 +523,10 @@ fn a_client_run_from_a_stalling_fuse_mount_does_not_stall_the_daemon() {
     let daemon = daemon_with("[default]\n");
     let honest = dmabroker_client::Client::connect_to(daemon.socket()).expect("connect");
     honest.heaps().expect("served before");
-    let Some(fuse) = StallingFuse::mount("a client run from a FUSE mount", &daemon) else {
+    let Some(fuse) = StallingFuse::mount(
+        "a client run from a FUSE mount",
+        Stall::GetattrOf(daemon.pid()),
+    ) else {
         return;
     };
     let mut fused = std::process::Command::new(fuse.file())
@@ -561,7 +566,10 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
     let daemon = daemon_with("[default]\n");
     let honest = dmabroker_client::Client::connect_to(daemon.socket()).expect("connect");
     honest.heaps().expect("served before");
-    let Some(fuse) = StallingFuse::mount("an epoll held on a FUSE poll", &daemon) else {
+    let Some(fuse) = StallingFuse::mount(
+        "an epoll held on a FUSE poll",
+        Stall::GetattrOf(daemon.pid()),
+    ) else {
         return;
     };
     let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
@@ -591,82 +599,4 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
     );
     let answer = answer.expect("the adopt is answered");
     assert!(answer.starts_with("err not-a-dma-buf"), "{answer}");
-}
-
-/// Whether `client` is answered within `limit` (asked from a thread of its
-/// own, which a stalled daemon may leave waiting).
-fn served_within(client: dmabroker_client::Client, limit: Duration) -> bool {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(client.heaps().is_ok());
-    });
-    rx.recv_timeout(limit) == Ok(true)
-}
-
-/// `tests/harness/stalling_fuse.py` mounted on a folder of its own: never
-/// answers the daemon's GETATTR, nor anyone's POLL. Unmounted on drop.
-struct StallingFuse {
-    server: std::process::Child,
-    mnt: std::path::PathBuf,
-    _dir: dmabroker_suite::TempDir,
-}
-
-impl StallingFuse {
-    /// `None`, saying why, where the test cannot run (not root, no FUSE).
-    fn mount(test: &str, daemon: &Daemon) -> Option<StallingFuse> {
-        use std::io::BufRead;
-        if !have_root(test) {
-            return None;
-        }
-        if !std::path::Path::new("/dev/fuse").exists() {
-            eprintln!("skipping {test}: this kernel has no /dev/fuse");
-            return None;
-        }
-        let dir = dmabroker_suite::TempDir::new("fuse");
-        let mnt = dir.path().join("m");
-        std::fs::create_dir(&mnt).expect("mountpoint");
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/harness/stalling_fuse.py"
-        );
-        let mut server = std::process::Command::new("python3")
-            .arg(script)
-            .arg(&mnt)
-            .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
-            .arg(daemon.pid().to_string())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("fuse server");
-        let mut line = String::new();
-        let stdout = server.stdout.take().expect("the server's stdout");
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("mounted");
-        if line.trim() != "mounted" {
-            let _ = server.wait();
-            eprintln!("skipping {test}: the FUSE server could not mount");
-            return None;
-        }
-        Some(StallingFuse {
-            server,
-            mnt,
-            _dir: dir,
-        })
-    }
-
-    /// Its one file, a copy of the testclient.
-    fn file(&self) -> std::path::PathBuf {
-        self.mnt.join("client")
-    }
-}
-
-impl Drop for StallingFuse {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.mnt)
-            .status();
-    }
 }

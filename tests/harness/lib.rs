@@ -5,6 +5,7 @@
 pub mod abandon;
 pub mod daemon;
 pub mod dbus;
+pub mod fuse;
 pub mod proc;
 pub mod raw;
 pub mod scripted;
@@ -13,6 +14,7 @@ pub mod tmp;
 pub mod vgem;
 
 pub use daemon::{Daemon, DaemonOptions};
+pub use fuse::served_within;
 pub use scripted::Scripted;
 pub use tmp::TempDir;
 

@@ -1,10 +1,12 @@
-# A FUSE server for tests/policy.rs, speaking /dev/fuse directly: one file
+# A FUSE server for the integration tests (harness/fuse.rs), speaking /dev/fuse directly: one file
 # "client" (a copy of argv[2]) at mount point argv[1]. GETATTR requests from
 # pid argv[3] (the daemon) are never answered, nor is any POLL (so an
 # epoll_ctl(ADD) of the file waits, holding its epoll's lock). Prints
-# "mounted" once mounted.
+# "mounted" once mounted. With argv[4] "stall-ioctl", no IOCTL is answered
+# either, and "ioctl" is printed as each arrives.
 import os, sys, struct, ctypes, errno
 mnt, src, stall_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+stall_ioctl = len(sys.argv) > 4 and sys.argv[4] == "stall-ioctl"
 data = open(src, 'rb').read()
 fd = os.open('/dev/fuse', os.O_RDWR)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -38,7 +40,7 @@ while True:
         else:
             reply(unique, errno.ENOENT)
     elif op == 3:  # GETATTR
-        if pid == stall_pid:
+        if stall_pid and pid == stall_pid:
             continue  # never answered
         reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(node))
     elif op in (14, 27):  # OPEN, OPENDIR
@@ -47,6 +49,9 @@ while True:
         fh, off, size = struct.unpack_from("<QQI", arg)
         reply(unique, 0, data[off:off+size])
     elif op == 40:  # POLL: never answered
+        continue
+    elif op == 39 and stall_ioctl:  # IOCTL
+        print("ioctl", flush=True)
         continue
     elif op in (2, 42):  # FORGET: no reply
         pass

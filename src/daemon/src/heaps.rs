@@ -202,12 +202,8 @@ impl HeapRegistry {
         self.entries.iter().find(|e| e.desc.name == name)
     }
 
-    /// Allocates `size` bytes (rounded up to pages) named `name`.
-    ///
-    /// `requested` is tried first (the default when `None`), then the rest of
-    /// the fallback order: the client's `allowed` list when policy restricts
-    /// heaps, the registry order otherwise. Heaps outside `allowed` are never
-    /// used. Argument errors are reported before anything is allocated.
+    /// Allocates `size` bytes (rounded up to pages) named `name`: the
+    /// [`HeapRegistry::plan`] carried out at once.
     pub fn allocate(
         &self,
         requested: Option<&str>,
@@ -215,6 +211,24 @@ impl HeapRegistry {
         size: u64,
         name: &str,
     ) -> Result<Allocation, AllocError> {
+        let plan = self.plan(requested, allowed, size)?;
+        self.carry_out(plan, name)
+    }
+
+    /// Which heaps an allocation of `size` bytes tries, in order, without
+    /// allocating anything: the broker decides from it whether the
+    /// allocation may run on its own thread (see [`AllocPlan::may_block`]).
+    ///
+    /// `requested` is tried first (the default when `None`), then the rest of
+    /// the fallback order: the client's `allowed` list when policy restricts
+    /// heaps, the registry order otherwise. Heaps outside `allowed` are never
+    /// used. Argument errors are reported here, before anything is allocated.
+    pub fn plan(
+        &self,
+        requested: Option<&str>,
+        allowed: Option<&[String]>,
+        size: u64,
+    ) -> Result<AllocPlan, AllocError> {
         let size = checked_size(size)?;
         if let Some(req) = requested {
             if self.entry(req).is_none() {
@@ -235,40 +249,66 @@ impl HeapRegistry {
             });
         }
 
+        let index = |name: &str| self.entries.iter().position(|e| e.desc.name == name);
         // The effective fallback order, restricted to what policy allows.
-        let order: Vec<&Entry> = match allowed {
+        let order: Vec<usize> = match allowed {
             Some(allowed) => {
                 let mut seen = HashSet::new();
                 allowed
                     .iter()
                     .filter(|n| seen.insert(n.as_str()))
-                    .filter_map(|n| self.entry(n))
+                    .filter_map(|n| index(n))
                     .collect()
             }
-            None => self.entries.iter().collect(),
+            None => (0..self.entries.len()).collect(),
         };
         // An explicitly requested heap is tried even when unavailable, so its
         // reason shows up in `fallbacks`; otherwise unavailable heaps were
         // already reported at startup and are skipped silently.
-        let mut candidates: Vec<&Entry> = Vec::new();
-        if let Some(req) = requested.and_then(|r| self.entry(r)) {
-            candidates.push(req);
-        }
+        let requested_index = requested.and_then(index);
+        let mut candidates: Vec<usize> = requested_index.into_iter().collect();
         candidates.extend(
             order
                 .iter()
-                .filter(|e| e.usable() && Some(e.desc.name.as_str()) != requested),
+                .copied()
+                .filter(|&i| self.entries[i].usable() && Some(i) != requested_index),
         );
-
-        let label = name.replace('\0', "_");
-        let mut tried = Vec::new();
-        if candidates.is_empty() {
-            tried = order
+        let unavailable = if candidates.is_empty() {
+            order
                 .iter()
-                .map(|e| (e.desc.name.clone(), unavailable_reason(e)))
-                .collect();
-        }
-        for entry in candidates {
+                .map(|&i| {
+                    let entry = &self.entries[i];
+                    (entry.desc.name.clone(), unavailable_reason(entry))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let may_block = candidates.iter().any(|&i| {
+            matches!(
+                self.entries[i].source,
+                Source::DmaHeap(_) | Source::Udmabuf(_)
+            )
+        });
+        Ok(AllocPlan {
+            size,
+            candidates,
+            unavailable,
+            may_block,
+        })
+    }
+
+    /// Tries the heaps of `plan` in order until one serves it. `plan` must
+    /// come from this registry.
+    pub fn carry_out(&self, plan: AllocPlan, name: &str) -> Result<Allocation, AllocError> {
+        let AllocPlan {
+            size,
+            candidates,
+            unavailable: mut tried,
+            ..
+        } = plan;
+        let label = name.replace('\0', "_");
+        for entry in candidates.iter().filter_map(|&i| self.entries.get(i)) {
             match allocate_from(entry, size, &label) {
                 Ok((fd, inode)) => {
                     if !tried.is_empty() {
@@ -290,6 +330,34 @@ impl HeapRegistry {
             }
         }
         Err(AllocError::Exhausted { size, tried })
+    }
+}
+
+/// What an allocation will try (see [`HeapRegistry::plan`]).
+#[derive(Clone, Debug)]
+pub struct AllocPlan {
+    /// Page-rounded.
+    size: u64,
+    /// Indices into the registry's entries, in the order they are tried.
+    candidates: Vec<usize>,
+    /// Every heap in the order and why it is unusable, when none is usable.
+    unavailable: Vec<(String, String)>,
+    may_block: bool,
+}
+
+impl AllocPlan {
+    /// The page-rounded size the allocation will have.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether carrying it out may ask a device: a dma-heap zeroes (and
+    /// may compact or reclaim for) every page before it returns, udmabuf
+    /// pins every page, and a heap node is whatever the administrator put
+    /// in the heap directory, so the time taken is unbounded. A memfd
+    /// allocation takes no pages at all (they come at first touch).
+    pub fn may_block(&self) -> bool {
+        self.may_block
     }
 }
 

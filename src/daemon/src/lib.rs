@@ -3,6 +3,7 @@
 //! access with reader-writer fences. See `docs/architecture.md`.
 
 pub mod broker;
+pub mod closer;
 pub mod config;
 pub mod connection;
 pub mod ctl;

@@ -346,7 +346,8 @@ pub enum ErrorCode {
     Timeout,
     /// Adopt of something that is not a dma-buf.
     NotADmaBuf,
-    /// The broker is at its connection or queue limit.
+    /// The broker is at one of its limits (connections, a client's queued
+    /// requests or allocations in flight, a buffer's accesses): try again.
     Busy,
     Unsupported,
     Internal,

@@ -9,6 +9,7 @@
 //! contended by the D-Bus view.
 
 mod access;
+mod allocate;
 mod endpage;
 mod notice;
 mod persist;
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use dmabroker_fence::{AccessId, WaiterId};
+use dmabroker_ipc::ClientId;
 
 pub use endpage::EndPage;
 pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
@@ -57,6 +59,14 @@ pub enum Action {
         access: AccessId,
         sync_file: OwnedFd,
     },
+    /// Carries out an allocation that may block on a blocking thread, then
+    /// admits and answers it (see `allocate`).
+    Allocate {
+        deferred: allocate::Deferred,
+        heaps: Arc<crate::heaps::HeapRegistry>,
+        plan: crate::heaps::AllocPlan,
+        kernel_name: String,
+    },
     /// Cache sync START for a CPU grant on a dma-buf, on a blocking thread
     /// (it waits for fences in the kernel); the grant is sent after it.
     CacheSyncStart {
@@ -79,12 +89,19 @@ pub enum TaskOwner {
     Access(AccessId),
     /// The broker's one word patrol, which stops itself.
     WordPatrol,
+    /// An allocation carried out off the broker's thread (its number, see
+    /// `ClientEntry::allocating`).
+    Allocation {
+        client: ClientId,
+        number: u64,
+    },
 }
 
 impl Action {
     fn owner(&self) -> TaskOwner {
         match self {
             Action::PatrolWords(_) => TaskOwner::WordPatrol,
+            Action::Allocate { deferred, .. } => deferred.owner(),
             Action::Timeout {
                 target: TimeoutTarget::Waiter(waiter),
                 ..
@@ -185,6 +202,15 @@ impl Broker {
                         break;
                     }
                 }
+            }),
+            Action::Allocate {
+                deferred,
+                heaps,
+                plan,
+                kernel_name,
+            } => tokio::spawn(async move {
+                let result = allocate::carry_out(heaps, plan, kernel_name).await;
+                broker.with(|s| s.allocation_done(deferred, result));
             }),
             Action::Timeout { target, after } => tokio::spawn(async move {
                 tokio::time::sleep(after).await;

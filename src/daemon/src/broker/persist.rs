@@ -95,7 +95,8 @@ impl State {
         // A freed buffer whose removal could not be sent still takes a
         // slot, until the removal is sent again (now, if it can be).
         store.retry_removals();
-        let live = (self.buffers.len() + store.unremoved()) as u64;
+        // An allocation being carried out will take a slot.
+        let live = (self.buffers.len() + store.unremoved() + self.allocations_in_flight) as u64;
         if live < slots {
             return Ok(());
         }

@@ -153,7 +153,14 @@ impl State {
                 )),
                 RequestBody::ListHeaps => Ok(Answer::Reply(self.list_heaps(), Vec::new())),
                 RequestBody::Alloc { size, heap, name } => {
-                    self.alloc(client, size, heap.as_deref(), name.as_deref())
+                    let asked = super::allocate::Asked {
+                        request_id: head.id,
+                        reply: head.flags & FLAG_NO_REPLY == 0,
+                        size,
+                        heap: heap.as_deref(),
+                        name: name.as_deref(),
+                    };
+                    self.alloc(client, asked)
                 }
                 RequestBody::Free { buffer } => self.free(client, buffer),
                 RequestBody::Export { buffer } => self.export(client, buffer),
@@ -272,7 +279,12 @@ impl State {
     /// importer is charged once the owner lets go, so admitting holds by
     /// charge alone let one connection hand its whole quota to another,
     /// over and over (the other then charged many times its limit).
-    fn check_quota(&self, client: ClientId, size: u64, charged: bool) -> Result<(), WireError> {
+    pub(super) fn check_quota(
+        &self,
+        client: ClientId,
+        size: u64,
+        charged: bool,
+    ) -> Result<(), WireError> {
         let entry = self
             .clients
             .get(&client)
@@ -296,7 +308,9 @@ impl State {
         if size > limits.max_buffer_size {
             return Err(refuse("max_buffer_size", limits.max_buffer_size, 0, size));
         }
-        let held = entry.buffers.len() as u64;
+        // Allocations still being carried out count as the buffers they
+        // will be, charged and held.
+        let held = (entry.buffers.len() + entry.allocating.len()) as u64;
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
@@ -304,7 +318,8 @@ impl State {
             entry.charged_bytes
         } else {
             entry.held_bytes
-        };
+        }
+        .saturating_add(entry.allocating_bytes());
         if in_use.saturating_add(size) > limits.max_total_bytes {
             return Err(refuse(
                 "max_total_bytes",
@@ -314,93 +329,6 @@ impl State {
             ));
         }
         Ok(())
-    }
-
-    fn alloc(
-        &mut self,
-        client: ClientId,
-        size: u64,
-        heap: Option<&str>,
-        name: Option<&str>,
-    ) -> Result<Answer, WireError> {
-        if size == 0 {
-            return Err(WireError::new(
-                ErrorCode::InvalidArgument,
-                "size must not be 0",
-            ));
-        }
-        // Rounded to the kernel's page size, as the heaps round it (16 or
-        // 64 KiB pages on some arm64 kernels): the quota check must see the
-        // size that will be charged.
-        let rounded = crate::kernel::page_round(size).ok_or_else(|| {
-            WireError::new(ErrorCode::InvalidArgument, format!("size {size} is absurd"))
-        })?;
-        let entry = self
-            .clients
-            .get(&client)
-            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
-        let allowed = entry.resolved.limits.heaps.clone();
-        if let (Some(requested), Some(allowed)) = (heap, &allowed) {
-            if !allowed.iter().any(|h| h == requested) {
-                return Err(WireError::new(
-                    ErrorCode::PermissionDenied,
-                    format!(
-                        "rule '{}': heap '{requested}' is not allowed (allowed: {})",
-                        entry.resolved.rule,
-                        allowed.join(", ")
-                    ),
-                ));
-            }
-        }
-        let pid = entry.peer.pid;
-        self.check_quota(client, rounded, true)?;
-        self.check_store_slot()?;
-        let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
-        let kernel_name = format!("{label}:{pid}");
-        let allocation = self
-            .heaps
-            .allocate(heap, allowed.as_deref(), rounded, &kernel_name)
-            .map_err(alloc_error)?;
-        let id = self.allocate_buffer_id();
-        let fd = Arc::new(allocation.fd);
-        self.buffers.insert(
-            id,
-            BufferEntry {
-                id,
-                fd: Arc::clone(&fd),
-                size: allocation.size,
-                heap: allocation.heap,
-                origin: BufferOrigin::Allocated(allocation.backend),
-                name: shown_name(label),
-                inode: allocation.inode,
-                owner: client,
-                holders: Vec::new(),
-                created: SystemTime::now(),
-                word: (allocation.backend == crate::heaps::Backend::Memfd)
-                    .then(Box::<super::WordState>::default),
-            },
-        );
-        self.arbiter.add_buffer(id);
-        if let Some(c) = self.clients.get_mut(&client) {
-            c.charged_bytes += allocation.size;
-        }
-        let secret = self.add_holder(id, client);
-        self.store_buffer(id);
-        self.stats.allocations += 1;
-        self.notice(super::Notice::BufferAllocated {
-            buffer: id,
-            size: allocation.size,
-            heap: self
-                .buffers
-                .get(&id)
-                .map(|b| b.heap.clone())
-                .unwrap_or_default(),
-            owner: client,
-        });
-        Ok(Answer::Reply(
-            ReplyBody::Buffer(self.buffer_info(id, secret)),
-            vec![fd],
-        ))
     }
 
     pub(super) fn buffer_info(&self, id: BufferId, secret: String) -> BufferInfo {
@@ -720,7 +648,7 @@ fn may_import_from(importer: &ClientEntry, from: &ClientEntry) -> bool {
         .allows(&importer.peer.identity, &from.peer.identity)
 }
 
-fn alloc_error(err: AllocError) -> WireError {
+pub(super) fn alloc_error(err: AllocError) -> WireError {
     let code = match &err {
         AllocError::UnknownHeap { .. } => ErrorCode::UnknownHeap,
         AllocError::InvalidSize { .. } => ErrorCode::InvalidArgument,

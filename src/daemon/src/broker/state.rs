@@ -111,6 +111,25 @@ pub struct ClientEntry {
     pub buffer_words: bool,
     /// It negotiated `Cancel` (and so knows `ErrorCode::Cancelled`).
     pub cancel: bool,
+    /// Its allocations being carried out off the broker's thread, not yet
+    /// answered. Each counts against its quota as the buffer it will be.
+    pub allocating: Vec<PendingAllocation>,
+}
+
+/// An allocation on a blocking thread (see `requests::Action::Allocate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingAllocation {
+    /// The broker's number for it, which names its task.
+    pub number: u64,
+    /// Page-rounded bytes.
+    pub size: u64,
+}
+
+impl ClientEntry {
+    /// Bytes of its allocations still being carried out.
+    pub fn allocating_bytes(&self) -> u64 {
+        self.allocating.iter().map(|a| a.size).sum()
+    }
 }
 
 #[derive(Debug)]
@@ -183,7 +202,8 @@ impl Default for DaemonLimits {
 #[derive(Debug)]
 pub struct State {
     pub arbiter: Arbiter,
-    pub heaps: HeapRegistry,
+    /// Shared with the threads that carry out allocations which may block.
+    pub heaps: Arc<HeapRegistry>,
     pub policy: Arc<Policy>,
     pub clients: FxHashMap<ClientId, ClientEntry>,
     pub buffers: FxHashMap<BufferId, BufferEntry>,
@@ -224,6 +244,10 @@ pub struct State {
     /// another number and does nothing.
     pub(super) word_patrol: Option<u64>,
     pub(super) word_patrols_started: u64,
+    /// Allocations being carried out off the broker's thread, every
+    /// client's (see `ClientEntry::allocating`).
+    pub(super) allocations_in_flight: usize,
+    pub(super) allocations_started: u64,
 }
 
 impl State {
@@ -233,7 +257,7 @@ impl State {
             .unwrap_or_else(|_| format!("pid{}", std::process::id()));
         State {
             arbiter: Arbiter::new(),
-            heaps,
+            heaps: Arc::new(heaps),
             policy: Arc::new(policy),
             clients: FxHashMap::default(),
             buffers: FxHashMap::default(),
@@ -258,6 +282,8 @@ impl State {
             touched: Vec::new(),
             word_patrol: None,
             word_patrols_started: 0,
+            allocations_in_flight: 0,
+            allocations_started: 0,
         }
     }
 
@@ -288,6 +314,10 @@ impl State {
             TaskOwner::Access(id) => self.accesses.contains_key(&id),
             TaskOwner::Waiter(id) => self.waiters.contains_key(&id),
             TaskOwner::WordPatrol => self.word_patrol.is_some(),
+            TaskOwner::Allocation { client, number } => self
+                .clients
+                .get(&client)
+                .is_some_and(|c| c.allocating.iter().any(|a| a.number == number)),
         };
         if alive {
             self.tasks.entry(owner).or_default().push(task);
@@ -315,6 +345,12 @@ impl State {
         for task in self.tasks.remove(&owner).into_iter().flatten() {
             task.abort();
         }
+    }
+
+    /// Forgets the tasks of `owner`, which are done (one is running its
+    /// last step): nothing is left of them to abort.
+    pub(super) fn tasks_done(&mut self, owner: TaskOwner) {
+        self.tasks.remove(&owner);
     }
 
     /// Timers and waits in flight (tests: none may outlive its owner).
@@ -373,6 +409,7 @@ impl State {
                 buffers: BTreeSet::new(),
                 charged_bytes: 0,
                 held_bytes: 0,
+                allocating: Vec::new(),
                 protocol_errors: 0,
                 connected: SystemTime::now(),
                 end_page: None,
@@ -610,6 +647,11 @@ impl State {
             self.stats.frees += 1;
             self.notice(Notice::BufferFreed { buffer });
             tracing::debug!(buffer, size = entry.size, heap = %entry.heap, "buffer freed");
+            // Its pages go back at the last close: not on this thread, for
+            // a big one (a queued reply may still hold a copy of the fd,
+            // and closes it when it goes).
+            let size = entry.size;
+            crate::closer::close_buffer(entry, size);
         }
     }
 
@@ -673,6 +715,7 @@ impl State {
             subscribers.retain(|c| *c != client);
         }
         self.stop_word_patrol_if_idle();
+        self.abandon_allocations(client);
         if let Some(entry) = self.clients.remove(&client) {
             // Not `close`: its queue may hold the last copies of freed
             // buffers, not to be freed under the broker's lock. The

@@ -1,0 +1,292 @@
+//! Allocations: checked on the broker's thread, carried out there when
+//! they cannot block (a memfd), or on a blocking thread when they may (a
+//! dma-heap zeroes every page before it returns, udmabuf pins every page,
+//! and a heap node may be anything), then admitted to the table.
+//!
+//! An allocation carried out elsewhere is answered when it is done. Until
+//! then it counts against its client's quota, and against the fd store's
+//! slots, as the buffer it will be, so no number of them in flight lets a
+//! client past its limits. A client that goes meanwhile has the allocation
+//! abandoned: the thread's buffer, if any, is closed where it was made.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dmabroker_ipc::{BufferId, ClientId, ErrorCode, ReplyBody, WireError};
+
+use super::access::Answer;
+use super::requests::{alloc_error, shown_name};
+use super::state::{BufferEntry, BufferOrigin, PendingAllocation, State};
+use super::{Action, TaskOwner};
+use crate::heaps::{AllocPlan, Allocation, Backend, HeapRegistry};
+
+/// Allocations one client may have carried out off the broker's thread at
+/// once. Each takes a blocking thread for as long as its heap takes; a
+/// client asking for more is answered `Busy`, to try again.
+pub const MAX_ALLOCATING_PER_CLIENT: usize = 8;
+
+/// An allocation request as it arrived.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asked<'a> {
+    pub request_id: u64,
+    /// The client wants an answer (it always does, but for a request sent
+    /// with `FLAG_NO_REPLY`).
+    pub reply: bool,
+    pub size: u64,
+    pub heap: Option<&'a str>,
+    pub name: Option<&'a str>,
+}
+
+/// An allocation being carried out on a blocking thread: what its answer
+/// needs once it is done.
+#[derive(Debug)]
+pub struct Deferred {
+    client: ClientId,
+    number: u64,
+    request_id: u64,
+    reply: bool,
+    label: String,
+}
+
+impl Deferred {
+    pub(super) fn owner(&self) -> TaskOwner {
+        TaskOwner::Allocation {
+            client: self.client,
+            number: self.number,
+        }
+    }
+}
+
+/// Carries out `plan` on a blocking thread, then answers through the
+/// broker.
+pub(super) async fn carry_out(
+    heaps: Arc<HeapRegistry>,
+    plan: AllocPlan,
+    kernel_name: String,
+) -> Result<Allocation, WireError> {
+    match tokio::task::spawn_blocking(move || heaps.carry_out(plan, &kernel_name)).await {
+        Ok(done) => done.map_err(alloc_error),
+        Err(err) => {
+            tracing::error!(error = %err, "allocation thread failed");
+            Err(WireError::new(
+                ErrorCode::Internal,
+                format!("the allocation failed in the daemon: {err}"),
+            ))
+        }
+    }
+}
+
+impl State {
+    pub(super) fn alloc(
+        &mut self,
+        client: ClientId,
+        asked: Asked<'_>,
+    ) -> Result<Answer, WireError> {
+        let Asked {
+            request_id,
+            reply,
+            size,
+            heap,
+            name,
+        } = asked;
+        if size == 0 {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "size must not be 0",
+            ));
+        }
+        // Rounded to the kernel's page size, as the heaps round it (16 or
+        // 64 KiB pages on some arm64 kernels): the quota check must see the
+        // size that will be charged.
+        let rounded = crate::kernel::page_round(size).ok_or_else(|| {
+            WireError::new(ErrorCode::InvalidArgument, format!("size {size} is absurd"))
+        })?;
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let allowed = entry.resolved.limits.heaps.clone();
+        if let (Some(requested), Some(allowed)) = (heap, &allowed) {
+            if !allowed.iter().any(|h| h == requested) {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "rule '{}': heap '{requested}' is not allowed (allowed: {})",
+                        entry.resolved.rule,
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        let pid = entry.peer.pid;
+        let allocating = entry.allocating.len();
+        self.check_quota(client, rounded, true)?;
+        self.check_store_slot()?;
+        let plan = self
+            .heaps
+            .plan(heap, allowed.as_deref(), rounded)
+            .map_err(alloc_error)?;
+        let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
+        let kernel_name = format!("{label}:{pid}");
+        if !plan.may_block() {
+            let allocation = self
+                .heaps
+                .carry_out(plan, &kernel_name)
+                .map_err(alloc_error)?;
+            return Ok(self.admit_allocation(client, allocation, label));
+        }
+        if allocating >= MAX_ALLOCATING_PER_CLIENT {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "{allocating} allocations of yours are still being carried out \
+                     (at most {MAX_ALLOCATING_PER_CLIENT}): try again when one is answered"
+                ),
+            ));
+        }
+        self.allocations_started += 1;
+        let number = self.allocations_started;
+        let pending = PendingAllocation {
+            number,
+            size: plan.size(),
+        };
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.allocating.push(pending);
+        }
+        self.allocations_in_flight += 1;
+        self.defer(Action::Allocate {
+            deferred: Deferred {
+                client,
+                number,
+                request_id,
+                reply,
+                label: label.to_owned(),
+            },
+            heaps: Arc::clone(&self.heaps),
+            plan,
+            kernel_name,
+        });
+        Ok(Answer::Deferred)
+    }
+
+    /// An allocation carried out on a blocking thread is done: admitted
+    /// and answered, unless its client has gone (or the daemon is
+    /// stopping, and its last record of the table is being written).
+    pub(super) fn allocation_done(
+        &mut self,
+        deferred: Deferred,
+        result: Result<Allocation, WireError>,
+    ) {
+        // Done: nothing left to abort.
+        self.tasks_done(deferred.owner());
+        let Deferred {
+            client,
+            number,
+            request_id,
+            reply,
+            label,
+        } = deferred;
+        let pending = self.clients.get_mut(&client).and_then(|c| {
+            let at = c.allocating.iter().position(|a| a.number == number)?;
+            Some(c.allocating.remove(at))
+        });
+        if pending.is_none() {
+            // Its client went, and `disconnect` counted it out.
+            if let Ok(allocation) = result {
+                close_unadmitted(allocation);
+            }
+            return;
+        }
+        self.allocations_in_flight = self.allocations_in_flight.saturating_sub(1);
+        let answer = match result {
+            Ok(allocation) if self.stopping => {
+                close_unadmitted(allocation);
+                Err(WireError::new(
+                    ErrorCode::Busy,
+                    "the daemon is stopping: allocate again once it is back",
+                ))
+            }
+            Ok(allocation) => Ok(self.admit_allocation(client, allocation, &label)),
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(Answer::Reply(body, fds)) if reply => {
+                self.reply(client, request_id, Ok(body), fds);
+            }
+            Ok(_) => {}
+            Err(err) => self.reply(client, request_id, Err(err), Vec::new()),
+        }
+    }
+
+    /// Takes a new buffer into the table, held by and charged to `client`
+    /// (whose quota was checked when it asked).
+    fn admit_allocation(
+        &mut self,
+        client: ClientId,
+        allocation: Allocation,
+        label: &str,
+    ) -> Answer {
+        let id = self.allocate_buffer_id();
+        let fd = Arc::new(allocation.fd);
+        self.buffers.insert(
+            id,
+            BufferEntry {
+                id,
+                fd: Arc::clone(&fd),
+                size: allocation.size,
+                heap: allocation.heap,
+                origin: BufferOrigin::Allocated(allocation.backend),
+                name: shown_name(label),
+                inode: allocation.inode,
+                owner: client,
+                holders: Vec::new(),
+                created: SystemTime::now(),
+                word: (allocation.backend == Backend::Memfd).then(Box::<super::WordState>::default),
+            },
+        );
+        self.arbiter.add_buffer(id);
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.charged_bytes += allocation.size;
+        }
+        let secret = self.add_holder(id, client);
+        self.store_buffer(id);
+        self.stats.allocations += 1;
+        self.notice_allocated(id, client);
+        Answer::Reply(ReplyBody::Buffer(self.buffer_info(id, secret)), vec![fd])
+    }
+
+    fn notice_allocated(&self, buffer: BufferId, owner: ClientId) {
+        if let Some(b) = self.buffers.get(&buffer) {
+            self.notice(super::Notice::BufferAllocated {
+                buffer,
+                size: b.size,
+                heap: b.heap.clone(),
+                owner,
+            });
+        }
+    }
+
+    /// Forgets `client`'s allocations still being carried out (it is
+    /// going): their tasks are aborted, and what their threads make is
+    /// closed there.
+    pub(super) fn abandon_allocations(&mut self, client: ClientId) {
+        let pending = self
+            .clients
+            .get_mut(&client)
+            .map(|c| std::mem::take(&mut c.allocating))
+            .unwrap_or_default();
+        self.allocations_in_flight = self.allocations_in_flight.saturating_sub(pending.len());
+        for allocation in pending {
+            self.abort_tasks(TaskOwner::Allocation {
+                client,
+                number: allocation.number,
+            });
+        }
+    }
+}
+
+/// A buffer made for nobody: closed off the broker's thread if big.
+fn close_unadmitted(allocation: Allocation) {
+    let size = allocation.size;
+    crate::closer::close_buffer(allocation.fd, size);
+}

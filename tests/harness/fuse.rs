@@ -1,0 +1,123 @@
+//! `harness/stalling_fuse.py`: a FUSE server that never answers some
+//! requests, for tests showing that a client who controls a slow file
+//! (or an administrator's odd heap node) cannot stall the broker for
+//! everyone.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use crate::TempDir;
+
+/// What the server never answers, besides every `POLL`.
+#[derive(Clone, Copy, Debug)]
+pub enum Stall {
+    /// `GETATTR` from this pid (the daemon).
+    GetattrOf(u32),
+    /// Every `IOCTL`, saying `ioctl` on its stdout when one arrives.
+    Ioctl,
+}
+
+/// The server mounted on a folder of its own, serving one file, a copy of
+/// the testclient. Unmounted on drop; killing it first fails whatever it
+/// left waiting.
+#[derive(Debug)]
+pub struct StallingFuse {
+    server: Child,
+    said: std::io::BufReader<ChildStdout>,
+    mnt: PathBuf,
+    _dir: TempDir,
+}
+
+impl StallingFuse {
+    /// `None`, saying why, where the test cannot run (not root, no FUSE).
+    pub fn mount(test: &str, stall: Stall) -> Option<StallingFuse> {
+        if !crate::have_root(test) {
+            return None;
+        }
+        if !std::path::Path::new("/dev/fuse").exists() {
+            eprintln!("skipping {test}: this kernel has no /dev/fuse");
+            return None;
+        }
+        let dir = TempDir::new("fuse");
+        let mnt = dir.path().join("m");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/harness/stalling_fuse.py"
+        );
+        let (stall_pid, stall_ioctl) = match stall {
+            Stall::GetattrOf(pid) => (pid, "answer-ioctl"),
+            Stall::Ioctl => (0, "stall-ioctl"),
+        };
+        let mut server = Command::new("python3")
+            .arg(script)
+            .arg(&mnt)
+            .arg(crate::daemon::binary("dmabroker-testclient"))
+            .arg(stall_pid.to_string())
+            .arg(stall_ioctl)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("fuse server");
+        let stdout = server.stdout.take().expect("the server's stdout");
+        let mut fuse = StallingFuse {
+            server,
+            said: std::io::BufReader::new(stdout),
+            mnt,
+            _dir: dir,
+        };
+        if fuse.next_line().as_deref() != Some("mounted") {
+            eprintln!("skipping {test}: the FUSE server could not mount");
+            return None;
+        }
+        Some(fuse)
+    }
+
+    /// Its one file, a copy of the testclient.
+    pub fn file(&self) -> PathBuf {
+        self.mnt.join("client")
+    }
+
+    /// Waits until the server says it holds an `IOCTL` unanswered.
+    pub fn await_ioctl(&mut self) {
+        assert_eq!(
+            self.next_line().as_deref(),
+            Some("ioctl"),
+            "the FUSE server saw no ioctl"
+        );
+    }
+
+    fn next_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.said.read_line(&mut line) {
+            Ok(1..) => Some(line.trim().to_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for StallingFuse {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Whether `client` is answered within `limit` (asked from a thread of its
+/// own, which a stalled daemon may leave waiting).
+pub fn served_within(client: dmabroker_client::Client, limit: Duration) -> bool {
+    answered_within(limit, move || client.heaps().is_ok())
+}
+
+/// Whether `ask` returns true within `limit`, run on a thread of its own
+/// (left behind if it does not): for a question a stalled daemon would
+/// never answer, a connection's hello included.
+pub fn answered_within(limit: Duration, ask: impl FnOnce() -> bool + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(ask());
+    });
+    rx.recv_timeout(limit) == Ok(true)
+}

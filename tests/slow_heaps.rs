@@ -1,0 +1,220 @@
+//! A heap that takes its time: a dma-heap zeroes every page before it
+//! returns, udmabuf pins every page, and a heap node may be anything the
+//! administrator put in the heap directory. Here the node is a FUSE file
+//! whose server never answers the allocation's ioctl, until the test kills
+//! it (then the ioctl fails, and the allocation falls back to memfd). The
+//! broker must go on serving everyone else meanwhile, keep the waiting
+//! allocation within its client's quota, and leak nothing if the client
+//! goes before it is answered.
+
+use std::os::unix::fs::symlink;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use dmabroker_client::{AllocRequest, Buffer, Client, ErrorCode};
+use dmabroker_suite::fuse::answered_within;
+use dmabroker_suite::fuse::{Stall, StallingFuse};
+use dmabroker_suite::scripted::field;
+use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted, TempDir};
+
+const MIB: u64 = 1 << 20;
+
+/// A daemon whose first heap, "slow", is the FUSE server's file.
+struct SlowHeap {
+    // Dropped first: the daemon outlives the server it waits on.
+    fuse: Option<StallingFuse>,
+    daemon: Daemon,
+    _heaps: TempDir,
+}
+
+impl SlowHeap {
+    fn start(test: &str, policy: Option<&str>) -> Option<SlowHeap> {
+        let fuse = StallingFuse::mount(test, Stall::Ioctl)?;
+        let heaps = TempDir::new("heaps");
+        symlink(fuse.file(), heaps.path().join("slow")).expect("heap node");
+        let daemon = Daemon::start_with(DaemonOptions {
+            policy: policy.map(str::to_owned),
+            args: vec![
+                "--dma-heap-dir".into(),
+                heaps.path().display().to_string(),
+                "--udmabuf".into(),
+                "/nonexistent".into(),
+            ],
+            ..Default::default()
+        });
+        Some(SlowHeap {
+            fuse: Some(fuse),
+            daemon,
+            _heaps: heaps,
+        })
+    }
+
+    /// Waits until an allocation is held in the heap's ioctl.
+    fn await_ioctl(&mut self) {
+        if let Some(fuse) = self.fuse.as_mut() {
+            fuse.await_ioctl();
+        }
+    }
+
+    /// Kills the server: the held ioctl fails, and its allocation falls
+    /// back to the next heap.
+    fn release(&mut self) {
+        self.fuse = None;
+    }
+}
+
+fn from_slow_heap(size: u64) -> AllocRequest {
+    AllocRequest {
+        size,
+        heap: Some("slow".into()),
+        name: Some("frame".into()),
+    }
+}
+
+fn memfd(size: u64) -> AllocRequest {
+    AllocRequest {
+        size,
+        heap: Some("memfd".into()),
+        name: None,
+    }
+}
+
+/// Runs `client.alloc_with(request)` on a thread of its own.
+fn alloc_on_thread(
+    client: &std::sync::Arc<Client>,
+    request: AllocRequest,
+) -> Receiver<dmabroker_client::Result<Buffer>> {
+    let (tx, rx) = channel();
+    let client = std::sync::Arc::clone(client);
+    std::thread::spawn(move || {
+        let _ = tx.send(client.alloc_with(request));
+    });
+    rx
+}
+
+/// The heap's node was seen, and is listed first: the default heap.
+#[test]
+fn a_heap_node_that_never_answers_is_listed_like_any_other() {
+    let Some(slow) = SlowHeap::start("slow heap listed", None) else {
+        return;
+    };
+    let heaps = slow.daemon.client().heaps().expect("heaps");
+    let names: Vec<&str> = heaps.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"slow"), "{names:?}");
+}
+
+/// While one client's allocation waits in its heap, other clients are
+/// served, allocations from other heaps included, and the waiting client
+/// is answered once the heap gives up (by the fallback to memfd).
+#[test]
+fn an_allocation_waiting_in_its_heap_does_not_stall_other_clients() {
+    let Some(mut slow) = SlowHeap::start("slow heap, others served", None) else {
+        return;
+    };
+    let baseline = slow.daemon.baseline();
+    let mut camera = Scripted::spawn(slow.daemon.socket(), &[]);
+    camera.send(&format!("alloc {} heap=slow name=frame", 4 * MIB));
+    slow.await_ioctl();
+
+    // Connecting is asked too: a hello is served by the broker's thread.
+    let socket = slow.daemon.socket().to_owned();
+    let served = answered_within(Duration::from_secs(3), move || {
+        Client::connect_to(&socket).and_then(|c| c.heaps()).is_ok()
+    });
+    let socket = slow.daemon.socket().to_owned();
+    let other_heap_served = answered_within(Duration::from_secs(3), move || {
+        Client::connect_to(&socket)
+            .and_then(|c| c.alloc_with(memfd(64 * 1024)))
+            .is_ok_and(|b| b.heap() == "memfd")
+    });
+    assert!(
+        served,
+        "a new client was not served while an allocation waited in its heap"
+    );
+    assert!(
+        other_heap_served,
+        "a memfd allocation was not served while another waited in its heap"
+    );
+    assert_eq!(
+        camera.recv(Duration::from_millis(200)),
+        None,
+        "answered while its heap still held the allocation"
+    );
+
+    slow.release();
+    let answer = camera
+        .recv(Duration::from_secs(10))
+        .expect("the allocation is answered once its heap gives up");
+    assert_eq!(field(&answer, "heap"), Some("memfd"), "{answer}");
+    assert_eq!(field(&answer, "size"), Some("4194304"), "{answer}");
+    let id = field(&answer, "id").expect("id").to_owned();
+    camera.send(&format!("free {id}"));
+    assert_eq!(camera.recv(Duration::from_secs(5)).as_deref(), Some("ok"));
+    drop(camera);
+    slow.daemon.assert_fds_back_to(baseline);
+}
+
+/// An allocation still waiting counts against the client's quota as the
+/// buffer it will be: a second one that would take the client past
+/// `max_total_bytes` is refused at once, not admitted because the first
+/// is not in the table yet.
+#[test]
+fn an_allocation_waiting_in_its_heap_counts_against_the_quota() {
+    let policy = "[default]\nmax_total_bytes = \"6 MiB\"\n";
+    let Some(mut slow) = SlowHeap::start("slow heap, quota", Some(policy)) else {
+        return;
+    };
+    let client = std::sync::Arc::new(slow.daemon.client());
+    let waiting = alloc_on_thread(&client, from_slow_heap(4 * MIB));
+    slow.await_ioctl();
+
+    let second = alloc_on_thread(&client, memfd(4 * MIB))
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the second allocation is answered at once");
+    let err = second.expect_err("over quota with the waiting allocation");
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    // Within the quota with it: admitted.
+    let small = client.alloc_with(memfd(MIB)).expect("1 MiB more fits");
+
+    slow.release();
+    let first = waiting
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answered once its heap gives up")
+        .expect("the waiting allocation");
+    assert_eq!(first.size(), 4 * MIB);
+    let err = client
+        .alloc_with(memfd(2 * MIB))
+        .expect_err("the quota is full");
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    drop(small);
+    drop(first);
+}
+
+/// A client killed while its allocation waits: the allocation is
+/// abandoned, and whatever the heap makes once it answers is closed, not
+/// kept for nobody.
+#[test]
+fn a_client_killed_while_its_allocation_waits_leaks_nothing() {
+    let Some(mut slow) = SlowHeap::start("slow heap, client killed", None) else {
+        return;
+    };
+    let baseline = slow.daemon.baseline();
+    let mut camera = Scripted::spawn(slow.daemon.socket(), &[]);
+    let pid = camera.pid();
+    camera.send(&format!("alloc {} heap=slow", 4 * MIB));
+    slow.await_ioctl();
+    camera.kill();
+    eventually("the daemon to see the client go", || {
+        slow.daemon.log().contains("client disconnected")
+            && slow.daemon.log().contains(&format!("pid={pid}"))
+    });
+
+    slow.release();
+    // The fallback allocation is made, for nobody, and closed.
+    eventually("the abandoned allocation to be carried out", || {
+        slow.daemon.log().contains("allocation fell back")
+    });
+    slow.daemon.assert_fds_back_to(baseline);
+    let listed = slow.daemon.client().heaps().expect("still serving");
+    assert!(!listed.is_empty());
+}
