@@ -1150,3 +1150,59 @@ fn a_nul_in_a_clients_names_does_not_break_the_views() {
         errtext(&buffers)
     );
 }
+
+/// `top` quits on Ctrl-C (SIGINT) also while a refresh waits for the
+/// daemon. It used to make a new `ctrl_c()` future at each pass of its
+/// loop: once the first had installed tokio's handler, SIGINT no longer
+/// killed it, and a SIGINT that came while no such future existed (during
+/// a refresh) was lost, so a wedged daemon left `top` deaf to Ctrl-C.
+#[test]
+fn top_quits_on_sigint_while_a_refresh_waits_for_the_daemon() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let mut top = bus
+        .ctl_command(&["top", "--interval", "0.2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dmabrokerctl top");
+    let stdout = top.stdout.take().expect("stdout");
+    let (tx, frames) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // A few frames: the loop has been round more than once by now.
+    let started = (0..3).all(|_| frames.recv_timeout(Duration::from_secs(10)).is_ok());
+    if !started {
+        let _ = top.kill();
+        let _ = top.wait();
+        panic!("top showed no frames");
+    }
+    // The daemon stops answering: top's next refresh waits for it.
+    daemon.signal(Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(600));
+    kill(Pid::from_raw(top.id() as i32), Signal::SIGINT).expect("SIGINT to top");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut exited = None;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = top.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.signal(Signal::SIGCONT);
+    let Some(status) = exited else {
+        let _ = top.kill();
+        let _ = top.wait();
+        panic!("dmabrokerctl top ignored SIGINT while a refresh waited");
+    };
+    assert!(
+        status.success(),
+        "top quit on SIGINT, but said it failed: {status}"
+    );
+}

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use serde::Serialize;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::bus::Daemon;
 use super::error::CtlError;
@@ -75,6 +76,13 @@ fn sort(clients: &mut [ClientView], key: SortKey) {
 }
 
 pub async fn run(daemon: &Daemon, options: TopOptions) -> Result<(), CtlError> {
+    // Listened for from the start, before the screen is taken over, and
+    // through the whole loop, a refresh's calls included: a signal that
+    // came while nothing listened was lost (once tokio's handler is in,
+    // SIGINT no longer kills the process), and a daemon that stopped
+    // answering then left `top` deaf to Ctrl-C. Quitting this way leaves
+    // the terminal as it was.
+    let mut quit = Quit::listen()?;
     let screen = if options.json {
         None
     } else {
@@ -91,7 +99,10 @@ pub async fn run(daemon: &Daemon, options: TopOptions) -> Result<(), CtlError> {
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let frame = fetch(daemon, sort_key, &mut previous).await?;
+                let frame = tokio::select! {
+                    frame = fetch(daemon, sort_key, &mut previous) => frame?,
+                    _ = quit.asked() => break,
+                };
                 draw(&frame, daemon, &options, screen.as_ref())?;
                 last = Some(frame);
                 shown += 1;
@@ -112,10 +123,32 @@ pub async fn run(daemon: &Daemon, options: TopOptions) -> Result<(), CtlError> {
                 Some(_) => {}
                 None => keys_open = false,
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = quit.asked() => break,
         }
     }
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, which end `top` as `q` does.
+struct Quit {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Quit {
+    fn listen() -> Result<Quit, CtlError> {
+        Ok(Quit {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn asked(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 async fn fetch(
