@@ -1206,3 +1206,41 @@ fn top_quits_on_sigint_while_a_refresh_waits_for_the_daemon() {
         "top quit on SIGINT, but said it failed: {status}"
     );
 }
+
+/// An adopted dma-buf is a new buffer in the views, and its free is
+/// announced with `BufferFreed`: its adoption is announced with
+/// `BufferAllocated` (heap "adopted"). It was not, so a tool following the
+/// signals saw a free of a buffer it had never heard of. Needs vgem (the
+/// real-kernel tier, tests/vm/run).
+#[test]
+fn kernel_tier_adopting_a_dma_buf_is_announced_like_an_allocation() {
+    let vgem = match dmabroker_suite::vgem::Vgem::open() {
+        Ok(vgem) => vgem,
+        Err(err) if err.is_unavailable() => {
+            dmabroker_suite::kernel_feature(&format!("vgem ({err})"), false);
+            return;
+        }
+        Err(err) => panic!("opening vgem: {err}"),
+    };
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let monitor = Monitor::start(&bus);
+    let client = daemon.client();
+    let owner = monitor.expect("ClientConnected")[0]
+        .as_u64()
+        .expect("client id");
+    let gpu_buffer = vgem.create_buffer(8192).expect("vgem buffer");
+    let adopted = client
+        .adopt(
+            gpu_buffer.try_clone_dmabuf().expect("dup"),
+            Some("gpu-frame"),
+        )
+        .expect("adopting a vgem dma-buf");
+    assert_eq!(
+        monitor.expect("BufferAllocated"),
+        serde_json::json!([adopted.id(), adopted.size(), "adopted", owner])
+    );
+    let id = adopted.id();
+    drop(adopted);
+    assert_eq!(monitor.expect("BufferFreed"), serde_json::json!([id]));
+}

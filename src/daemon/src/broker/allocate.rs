@@ -255,7 +255,9 @@ impl State {
         Answer::Reply(ReplyBody::Buffer(self.buffer_info(id, secret)), vec![fd])
     }
 
-    fn notice_allocated(&self, buffer: BufferId, owner: ClientId) {
+    /// Tells observers of a new buffer in the table (an allocated or an
+    /// adopted one).
+    pub(super) fn notice_allocated(&self, buffer: BufferId, owner: ClientId) {
         if let Some(b) = self.buffers.get(&buffer) {
             self.notice(super::Notice::BufferAllocated {
                 buffer,

@@ -580,6 +580,9 @@ impl State {
         let secret = self.add_holder(id, client);
         self.store_buffer(id);
         self.stats.adoptions += 1;
+        // A new buffer in the table, announced as an allocation is: its
+        // free is announced like any other.
+        self.notice_allocated(id, client);
         Ok(Answer::Reply(
             ReplyBody::Buffer(self.buffer_info(id, secret)),
             Vec::new(),
