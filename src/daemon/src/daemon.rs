@@ -205,6 +205,11 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
 
 /// A broken policy file never replaces a working policy.
 pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
+    // One reload at a time: a D-Bus reload runs on a blocking thread, and
+    // a SIGHUP meanwhile would otherwise read the files after it yet could
+    // replace the policy before it, leaving the older files in force.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     // SIGHUP and D-Bus ReloadPolicy both come here, so the service manager
     // hears about every reload.
     notify::reloading();

@@ -40,3 +40,53 @@ pub fn init(format: LogFormat) {
         eprintln!("dmabrokerd: cannot set up logging: {err}");
     }
 }
+
+/// A log line anyone may cause (a refused D-Bus call from any user on the
+/// bus), let through at most once per `every`: a loop of such calls would
+/// otherwise push the service past journald's rate limit, and the
+/// broker's own messages would be dropped with them.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    /// When the last line went out, and how many were held back since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)` if this line may go out now, `n` being how many were held
+    /// back since the last one; `None` to hold it back.
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, held_back) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < self.every) {
+            *held_back += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(held_back))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let throttle = Throttle::new(Duration::from_secs(60));
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        assert_eq!(throttle.admit(start + Duration::from_secs(1)), None);
+        assert_eq!(throttle.admit(start + Duration::from_secs(59)), None);
+        assert_eq!(throttle.admit(start + Duration::from_secs(60)), Some(2));
+        assert_eq!(throttle.admit(start + Duration::from_secs(61)), None);
+    }
+}

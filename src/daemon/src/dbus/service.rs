@@ -173,10 +173,17 @@ impl DebugObject {
         let caller = auth::caller(connection, &header).await?;
         let policy = self.read(|s| Arc::clone(&s.policy));
         if !policy.is_admin(caller.uid, &caller.gids) {
-            tracing::warn!(
-                uid = caller.uid,
-                "ReloadPolicy refused: not an administrator"
-            );
+            // Any user on the bus may call it, over and over.
+            static REFUSALS: crate::logging::Throttle =
+                crate::logging::Throttle::new(std::time::Duration::from_secs(60));
+            if let Some(held_back) = REFUSALS.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    uid = caller.uid,
+                    held_back,
+                    "ReloadPolicy refused: not an administrator (one such line a minute at \
+                     most; held_back counts the others)"
+                );
+            }
             return Err(fdo::Error::AccessDenied(format!(
                 "uid {} is not an administrator of dmabroker (see `admins` in the policy)",
                 caller.uid
