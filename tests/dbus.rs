@@ -271,6 +271,7 @@ fn every_method_shows_fences_and_waiters_of_real_clients() {
     assert_eq!(holders.len(), 3);
     assert_eq!(holders[0][0], owner);
     assert_eq!(holders[0][1], scene.owner.pid() as i64);
+    assert_eq!(detail[2], 1, "the owner's one share token: {detail}");
     assert_eq!(detail[3], false, "memfd is not a dma-buf");
     let missing = bus.busctl(&[
         "call",

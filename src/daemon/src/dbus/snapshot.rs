@@ -321,7 +321,13 @@ pub fn buffer(state: &State, id: u64) -> Option<RawDetail> {
     Some(RawDetail {
         buffer: RawBuffer::copy(state, entry),
         holders,
-        share_tokens: state.tokens.values().filter(|t| t.buffer == id).count() as u64,
+        // Through its holders (each exports one token at most), not every
+        // token of the daemon: this runs under the broker's lock.
+        share_tokens: entry
+            .holders
+            .iter()
+            .filter(|h| state.exports.contains_key(&(id, h.client)))
+            .count() as u64,
         dma_buf: entry.origin.is_dma_buf(),
     })
 }
