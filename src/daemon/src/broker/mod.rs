@@ -19,6 +19,7 @@ mod waits;
 mod words;
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -132,13 +133,34 @@ const SPINS_PER_CLOCK_READ: u32 = 32;
 #[derive(Debug)]
 pub struct Broker {
     state: Mutex<State>,
+    /// Threads waiting for the state in [`Broker::lock`] (counted only once
+    /// they find it taken): see [`Broker::let_waiters_in`].
+    waiting: AtomicUsize,
 }
 
 impl Broker {
     pub fn new(state: State) -> Arc<Self> {
         Arc::new(Broker {
             state: Mutex::new(state),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Called between two holds of a long read (the D-Bus view's lists, a
+    /// chunk at a time): lets whoever waits for the state have it first,
+    /// waiting up to `within` for them to take it. The mutex is not fair:
+    /// a thread that unlocks and locks again at once wins against one that
+    /// went to sleep waiting, every time, so without this a long list kept
+    /// the broker's thread out for the whole list, not one chunk.
+    pub fn let_waiters_in(&self, within: Duration) {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let start = Instant::now();
+        while self.waiting.load(Ordering::Acquire) > 0 && start.elapsed() < within {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
     }
 
     /// Locks the state for reading or for a change whose follow-ups the
@@ -152,6 +174,13 @@ impl Broker {
             return state;
         }
         // Contended: only now is the clock worth reading.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let state = self.lock_contended();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        state
+    }
+
+    fn lock_contended(&self) -> MutexGuard<'_, State> {
         let start = Instant::now();
         loop {
             for _ in 0..SPINS_PER_CLOCK_READ {
@@ -309,6 +338,37 @@ mod tests {
             drop(state);
             holder.join().expect("holder");
         }
+    }
+
+    /// A thread between two holds of a long read lets a thread waiting for
+    /// the state (asleep by then) have it before it locks again.
+    #[test]
+    fn a_long_reader_lets_a_waiting_thread_in_between_its_holds() {
+        let broker = broker();
+        let state = broker.lock();
+        let waiter_in = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (broker, waiter_in) = (Arc::clone(&broker), Arc::clone(&waiter_in));
+            std::thread::spawn(move || {
+                let _state = broker.lock();
+                waiter_in.store(true, Ordering::SeqCst);
+            })
+        };
+        // Asleep on the mutex by now, past its spin.
+        while broker.waiting.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(SPIN_BEFORE_SLEEP * 4);
+        drop(state);
+        broker.let_waiters_in(Duration::from_secs(10));
+        let again = broker.lock();
+        assert!(
+            waiter_in.load(Ordering::SeqCst),
+            "the reader locked again before the waiter had its turn"
+        );
+        drop(again);
+        waiter.join().expect("waiter");
+        assert_eq!(broker.waiting.load(Ordering::SeqCst), 0);
     }
 
     /// A panic while the state was locked must not stop the broker: the

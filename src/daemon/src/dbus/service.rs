@@ -51,9 +51,15 @@ impl DebugObject {
     fn read_chunked(&self, ids: &[u64], mut visit: impl FnMut(&State, &[u64])) {
         for chunk in ids.chunks(snapshot::CHUNK) {
             self.read(|state| visit(state, chunk));
+            self.broker.let_waiters_in(LET_WAITERS_IN);
         }
     }
 }
+
+/// How long a list waits between two chunks for the broker's thread to
+/// take the state, when it waits for it. Microseconds in practice; the
+/// bound only keeps a descheduled waiter from stalling the view.
+const LET_WAITERS_IN: std::time::Duration = std::time::Duration::from_millis(2);
 
 #[zbus::interface(name = "org.dmabroker.Debug1")]
 impl DebugObject {
