@@ -12,6 +12,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use dmabroker_client::{AllocRequest, Buffer, Client, ErrorCode};
+use dmabroker_ipc::{ReplyBody, RequestBody};
+use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::fuse::answered_within;
 use dmabroker_suite::fuse::{Stall, StallingFuse};
 use dmabroker_suite::scripted::field;
@@ -217,4 +219,181 @@ fn a_client_killed_while_its_allocation_waits_leaks_nothing() {
     slow.daemon.assert_fds_back_to(baseline);
     let listed = slow.daemon.client().heaps().expect("still serving");
     assert!(!listed.is_empty());
+}
+
+/// A daemon told to stop while an allocation waits in its heap stops. It
+/// used to say it was shutting down and then wait, with no limit, for the
+/// allocation's thread (dropping tokio's runtime joins its blocking pool),
+/// until the service manager killed it. Found by review.
+///
+/// This heap's server has read the ioctl and never answers it, and the
+/// kernel lets no signal end a FUSE request its server holds: that one
+/// thread stays until the server goes, whatever the daemon does. So what
+/// is checked is that the daemon is done with everything else: its main
+/// thread has returned (and with it the process's exit began) rather than
+/// waiting for the blocking pool.
+#[test]
+fn the_daemon_stops_while_an_allocation_waits_in_its_heap() {
+    let Some(mut slow) = SlowHeap::start("slow heap, stop", None) else {
+        return;
+    };
+    let mut camera = Scripted::spawn(slow.daemon.socket(), &[]);
+    camera.send(&format!("alloc {} heap=slow", 4 * MIB));
+    slow.await_ioctl();
+    slow.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let pid = slow.daemon.pid();
+    // The third field of /proc/PID/stat: the main thread's state, `Z`
+    // once it has exited (the process's other threads may linger).
+    let main_thread_exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !main_thread_exited() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited = main_thread_exited();
+    // Let the allocation go, so the rest of the process can.
+    slow.release();
+    assert!(
+        exited,
+        "dmabrokerd's main thread did not return within 10 s of SIGTERM while an \
+         allocation waited; log:\n{}",
+        slow.daemon.log_tail()
+    );
+    eventually("the daemon's process to end", || !slow.daemon.is_running());
+    assert!(
+        !slow.daemon.socket().exists(),
+        "the socket is removed at the stop"
+    );
+}
+
+/// Sends `count` allocations from the slow heap on `raw` without waiting
+/// for answers, each one seen held in the heap.
+fn hold_allocations(slow: &mut SlowHeap, raw: &mut RawClient, count: usize) {
+    for _ in 0..count {
+        let (_, bytes) = raw.encode(
+            RequestBody::Alloc {
+                size: 4 * MIB,
+                heap: Some("slow".into()),
+                name: None,
+            },
+            0,
+        );
+        raw.send_raw(&bytes, &[]);
+        slow.await_ioctl();
+    }
+}
+
+/// Allocations whose clients went still take a thread each until their
+/// heap returns, so they count against the daemon's bound on allocations
+/// running. A client that asked for 8, hung up and asked again had them
+/// counted against nothing: each round left 8 more threads waiting in the
+/// heap (or zeroing pages for nobody). Found by review.
+#[test]
+fn allocations_of_clients_gone_still_count_until_their_heap_returns() {
+    let Some(mut slow) = SlowHeap::start("slow heap, abandoned", None) else {
+        return;
+    };
+    let pid = slow.daemon.pid();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count())
+            .unwrap_or(0)
+    };
+    let before = threads();
+    for round in 1..=2 {
+        let mut raw = RawClient::connect(slow.daemon.socket());
+        raw.hello();
+        hold_allocations(&mut slow, &mut raw, 8);
+        drop(raw);
+        eventually("the daemon to see the client go", || {
+            slow.daemon.log().matches("client disconnected").count() >= round
+        });
+    }
+    // 16 running for nobody: the next one is refused, not started.
+    let mut raw = RawClient::connect(slow.daemon.socket());
+    raw.hello();
+    let refused = raw.request(RequestBody::Alloc {
+        size: 4 * MIB,
+        heap: Some("slow".into()),
+        name: None,
+    });
+    assert_eq!(refused, Err(ErrorCode::Busy));
+    // 16 for the allocations, and the closer's thread (started with the
+    // first allocation that waits for it).
+    assert!(
+        threads() <= before + 17,
+        "{} threads, {before} before",
+        threads()
+    );
+    // Allocations that cannot block are not held back by them.
+    let memfd = raw.request(RequestBody::Alloc {
+        size: 4 * MIB,
+        heap: Some("memfd".into()),
+        name: None,
+    });
+    assert!(matches!(memfd, Ok(ReplyBody::Buffer(_))), "{memfd:?}");
+
+    // Once the heap returns, their threads are done and counted out.
+    slow.release();
+    let served = raw.request(RequestBody::Alloc {
+        size: 4 * MIB,
+        heap: Some("slow".into()),
+        name: None,
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut served = served;
+    while served == Err(ErrorCode::Busy) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        served = raw.request(RequestBody::Alloc {
+            size: 4 * MIB,
+            heap: Some("slow".into()),
+            name: None,
+        });
+    }
+    assert!(
+        matches!(served, Ok(ReplyBody::Buffer(ref info)) if info.heap == "memfd"),
+        "{served:?}"
+    );
+}
+
+/// A client with as many allocations waiting in a device heap as it may
+/// have still allocates from memfd at once: a memfd allocation is carried
+/// out on the broker's thread, even when a device heap follows memfd in
+/// its fallback order (it used to go to the blocking pool, and be refused
+/// `Busy` here). Found by review.
+#[test]
+fn memfd_allocations_are_carried_out_in_place_whatever_follows_them() {
+    let policy = "[default]\nheaps = [\"memfd\", \"slow\"]\n";
+    let Some(mut slow) = SlowHeap::start("slow heap, memfd in place", Some(policy)) else {
+        return;
+    };
+    let mut raw = RawClient::connect(slow.daemon.socket());
+    raw.hello();
+    hold_allocations(&mut slow, &mut raw, 8);
+    let memfd = raw.request(RequestBody::Alloc {
+        size: 4 * MIB,
+        heap: Some("memfd".into()),
+        name: None,
+    });
+    assert!(matches!(memfd, Ok(ReplyBody::Buffer(_))), "{memfd:?}");
+    // The default heap, memfd first in the client's order, likewise.
+    let default = raw.request(RequestBody::Alloc {
+        size: MIB,
+        heap: None,
+        name: None,
+    });
+    assert!(
+        matches!(default, Ok(ReplyBody::Buffer(ref info)) if info.heap == "memfd"),
+        "{default:?}"
+    );
+    let ninth = raw.request(RequestBody::Alloc {
+        size: MIB,
+        heap: Some("slow".into()),
+        name: None,
+    });
+    assert_eq!(ninth, Err(ErrorCode::Busy), "a ninth device allocation");
 }

@@ -8,11 +8,16 @@
 //! buffers are closed in place: handing them to another thread costs more
 //! than the close.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 /// Buffers of this size or more are closed on the closer's thread.
 pub const CLOSE_APART_BYTES: u64 = 1 << 20;
+
+/// The longest an allocation waits for the closes queued before it.
+const EARLIER_CLOSES_WAIT: Duration = Duration::from_secs(5);
 
 type Parcel = Box<dyn Send>;
 
@@ -24,31 +29,81 @@ pub fn close_buffer(owner: impl Send + 'static, size: u64) {
         drop(owner);
         return;
     }
+    close_elsewhere(owner);
+}
+
+/// Drops `owner` on the closer's thread, whatever it holds: for fds of
+/// buffers of unknown size (a connection's unsent replies).
+pub fn close_elsewhere(owner: impl Send + 'static) {
     let parcel: Parcel = Box::new(owner);
     match closer() {
-        Some(sender) => {
-            // A send fails only if the thread is gone; the parcel comes
-            // back with the error and is dropped here.
-            let _ = sender.send(parcel);
+        Some(closer) => {
+            closer.queued.fetch_add(1, Ordering::AcqRel);
+            if let Err(returned) = closer.sender.send(parcel) {
+                // The thread is gone: counted as done, dropped here.
+                closer.count_done();
+                drop(returned);
+            }
         }
         None => drop(parcel),
     }
 }
 
-fn closer() -> Option<&'static Sender<Parcel>> {
-    static CLOSER: OnceLock<Option<Sender<Parcel>>> = OnceLock::new();
+/// Waits (at most a few seconds) until every close queued before this
+/// call is done. An allocation from a device heap calls it first, on its
+/// own thread: the pages a client freed just before must be back before
+/// a heap that may run out (CMA) is asked again, as they were when the
+/// broker closed them in place.
+pub fn wait_for_earlier_closes() {
+    let Some(closer) = closer() else {
+        return;
+    };
+    let target = closer.queued.load(Ordering::Acquire);
+    let done = closer.done.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = closer
+        .closed
+        .wait_timeout_while(done, EARLIER_CLOSES_WAIT, |done| *done < target);
+}
+
+struct Closer {
+    sender: Sender<Parcel>,
+    /// Parcels sent, and parcels dropped: the thread counts `done` up
+    /// after each drop, and wakes whoever waits for it.
+    queued: AtomicU64,
+    done: Mutex<u64>,
+    closed: Condvar,
+}
+
+impl Closer {
+    fn count_done(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        *done += 1;
+        self.closed.notify_all();
+    }
+}
+
+fn closer() -> Option<&'static Arc<Closer>> {
+    static CLOSER: OnceLock<Option<Arc<Closer>>> = OnceLock::new();
     CLOSER
         .get_or_init(|| {
             let (sender, parcels) = channel::<Parcel>();
+            let closer = Arc::new(Closer {
+                sender,
+                queued: AtomicU64::new(0),
+                done: Mutex::new(0),
+                closed: Condvar::new(),
+            });
+            let counted = Arc::clone(&closer);
             let spawned = std::thread::Builder::new()
                 .name("dmabroker-closer".into())
                 .spawn(move || {
                     for parcel in parcels {
                         drop(parcel);
+                        counted.count_done();
                     }
                 });
             match spawned {
-                Ok(_) => Some(sender),
+                Ok(_) => Some(closer),
                 Err(err) => {
                     tracing::warn!(%err, "no closer thread: big buffers are closed in place");
                     None
@@ -115,6 +170,30 @@ mod tests {
             where_dropped.try_recv(),
             Ok(std::thread::current().name().map(str::to_owned))
         );
+    }
+
+    /// An allocation waits for the closes queued before it: the pages of
+    /// a buffer freed just before are back when it asks its heap.
+    #[test]
+    fn waiting_for_earlier_closes_returns_once_they_are_done() {
+        let (slow, slow_dropped, release) = slow_close();
+        close_buffer(slow, CLOSE_APART_BYTES);
+        slow_dropped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the slow close started");
+        let (waited_tx, waited) = channel();
+        std::thread::spawn(move || {
+            wait_for_earlier_closes();
+            let _ = waited_tx.send(());
+        });
+        assert!(
+            waited.recv_timeout(Duration::from_millis(200)).is_err(),
+            "returned while an earlier close was still going on"
+        );
+        release.send(()).expect("let the slow close finish");
+        waited
+            .recv_timeout(Duration::from_secs(10))
+            .expect("returns once the earlier close is done");
     }
 
     /// Closes queue behind a slow one rather than being lost, and every

@@ -146,6 +146,16 @@ impl Entry {
     fn usable(&self) -> bool {
         !matches!(self.source, Source::Unavailable(_))
     }
+
+    /// Whether allocating here may take long: a dma-heap zeroes (and may
+    /// compact or reclaim for) every page before it returns, udmabuf pins
+    /// every page, and a heap node is whatever the administrator put in
+    /// the heap directory, so the time taken is unbounded. A memfd takes
+    /// no pages at all (they come at first touch); an unavailable heap
+    /// fails at once.
+    fn may_block(&self) -> bool {
+        matches!(self.source, Source::DmaHeap(_) | Source::Udmabuf(_))
+    }
 }
 
 /// The heaps known to the daemon, in fallback order.
@@ -216,8 +226,9 @@ impl HeapRegistry {
     }
 
     /// Which heaps an allocation of `size` bytes tries, in order, without
-    /// allocating anything: the broker decides from it whether the
-    /// allocation may run on its own thread (see [`AllocPlan::may_block`]).
+    /// allocating anything: the broker carries out on its own thread what
+    /// cannot block (see [`HeapRegistry::carry_out_in_place`]) and the
+    /// rest on a thread that may wait.
     ///
     /// `requested` is tried first (the default when `None`), then the rest of
     /// the fallback order: the client's `allowed` list when policy restricts
@@ -273,7 +284,7 @@ impl HeapRegistry {
                 .copied()
                 .filter(|&i| self.entries[i].usable() && Some(i) != requested_index),
         );
-        let unavailable = if candidates.is_empty() {
+        let tried = if candidates.is_empty() {
             order
                 .iter()
                 .map(|&i| {
@@ -284,52 +295,73 @@ impl HeapRegistry {
         } else {
             Vec::new()
         };
-        let may_block = candidates.iter().any(|&i| {
-            matches!(
-                self.entries[i].source,
-                Source::DmaHeap(_) | Source::Udmabuf(_)
-            )
-        });
         Ok(AllocPlan {
             size,
             candidates,
-            unavailable,
-            may_block,
+            tried,
         })
     }
 
     /// Tries the heaps of `plan` in order until one serves it. `plan` must
     /// come from this registry.
-    pub fn carry_out(&self, plan: AllocPlan, name: &str) -> Result<Allocation, AllocError> {
-        let AllocPlan {
-            size,
-            candidates,
-            unavailable: mut tried,
-            ..
-        } = plan;
+    pub fn carry_out(&self, mut plan: AllocPlan, name: &str) -> Result<Allocation, AllocError> {
         let label = name.replace('\0', "_");
-        for entry in candidates.iter().filter_map(|&i| self.entries.get(i)) {
-            match allocate_from(entry, size, &label) {
-                Ok((fd, inode)) => {
-                    if !tried.is_empty() {
-                        tracing::info!(heap = %entry.desc.name, ?tried, size, "allocation fell back");
-                    }
-                    return Ok(Allocation {
-                        fd,
-                        heap: entry.desc.name.clone(),
-                        backend: entry.desc.backend,
-                        size,
-                        inode,
-                        fallbacks: tried,
-                    });
-                }
-                Err(err) => {
-                    tracing::warn!(heap = %entry.desc.name, %err, size, "allocation failed, trying next heap");
-                    tried.push((entry.desc.name.clone(), err));
-                }
+        while !plan.candidates.is_empty() {
+            let index = plan.candidates.remove(0);
+            if let Some(allocation) = self.try_heap(&mut plan, index, &label) {
+                return Ok(allocation);
             }
         }
-        Err(AllocError::Exhausted { size, tried })
+        Err(plan.exhausted())
+    }
+
+    /// Carries out the start of `plan` that cannot block (memfd heaps),
+    /// here. `Some` with the outcome if that settles it: a heap served it,
+    /// or no heap is left to try. `None` if the heaps left may block: carry
+    /// out the rest of `plan` on a thread that may wait for them.
+    pub fn carry_out_in_place(
+        &self,
+        plan: &mut AllocPlan,
+        name: &str,
+    ) -> Option<Result<Allocation, AllocError>> {
+        let label = name.replace('\0', "_");
+        while let Some(&index) = plan.candidates.first() {
+            if self.entries.get(index).is_some_and(Entry::may_block) {
+                return None;
+            }
+            plan.candidates.remove(0);
+            if let Some(allocation) = self.try_heap(plan, index, &label) {
+                return Some(Ok(allocation));
+            }
+        }
+        Some(Err(plan.exhausted()))
+    }
+
+    /// One heap of `plan`; its failure is recorded in the plan.
+    fn try_heap(&self, plan: &mut AllocPlan, index: usize, label: &str) -> Option<Allocation> {
+        let entry = self.entries.get(index)?;
+        let size = plan.size;
+        match allocate_from(entry, size, label) {
+            Ok((fd, inode)) => {
+                let tried = std::mem::take(&mut plan.tried);
+                if !tried.is_empty() {
+                    tracing::info!(heap = %entry.desc.name, ?tried, size, "allocation fell back");
+                }
+                Some(Allocation {
+                    fd,
+                    heap: entry.desc.name.clone(),
+                    backend: entry.desc.backend,
+                    size,
+                    inode,
+                    fallbacks: tried,
+                })
+            }
+            Err(err) => {
+                tracing::warn!(heap = %entry.desc.name, %err, size, "allocation failed, trying next heap");
+                plan.tried.push((entry.desc.name.clone(), err));
+                None
+            }
+        }
     }
 }
 
@@ -338,11 +370,12 @@ impl HeapRegistry {
 pub struct AllocPlan {
     /// Page-rounded.
     size: u64,
-    /// Indices into the registry's entries, in the order they are tried.
+    /// Indices into the registry's entries, in the order they are still
+    /// to be tried.
     candidates: Vec<usize>,
-    /// Every heap in the order and why it is unusable, when none is usable.
-    unavailable: Vec<(String, String)>,
-    may_block: bool,
+    /// The heaps that failed so far and why (every heap in the order and
+    /// why it is unusable, when none is usable).
+    tried: Vec<(String, String)>,
 }
 
 impl AllocPlan {
@@ -351,13 +384,11 @@ impl AllocPlan {
         self.size
     }
 
-    /// Whether carrying it out may ask a device: a dma-heap zeroes (and
-    /// may compact or reclaim for) every page before it returns, udmabuf
-    /// pins every page, and a heap node is whatever the administrator put
-    /// in the heap directory, so the time taken is unbounded. A memfd
-    /// allocation takes no pages at all (they come at first touch).
-    pub fn may_block(&self) -> bool {
-        self.may_block
+    fn exhausted(&mut self) -> AllocError {
+        AllocError::Exhausted {
+            size: self.size,
+            tried: std::mem::take(&mut self.tried),
+        }
     }
 }
 

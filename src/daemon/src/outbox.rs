@@ -314,7 +314,11 @@ impl Outbox {
             queue.events = 0;
             std::mem::take(&mut queue.messages)
         };
-        drop(dropped);
+        // Their fds may be the last copies of buffers freed meanwhile, of
+        // any size: the pages go back on the closer's thread, not this one.
+        if dropped.iter().any(|m| !m.fds.is_empty()) {
+            crate::closer::close_elsewhere(dropped);
+        }
         self.shutdown();
     }
 }

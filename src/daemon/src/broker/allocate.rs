@@ -6,9 +6,12 @@
 //! An allocation carried out elsewhere is answered when it is done. Until
 //! then it counts against its client's quota, and against the fd store's
 //! slots, as the buffer it will be, so no number of them in flight lets a
-//! client past its limits. A client that goes meanwhile has the allocation
-//! abandoned: the thread's buffer, if any, is closed where it was made.
+//! client past its limits, and the allocations running for every client
+//! are bounded too. A client that goes meanwhile has the allocation
+//! abandoned: the buffer its thread makes is closed, off the broker's
+//! thread if big, and the thread counts until it is done.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -18,12 +21,61 @@ use super::access::Answer;
 use super::requests::{alloc_error, shown_name};
 use super::state::{BufferEntry, BufferOrigin, PendingAllocation, State};
 use super::{Action, TaskOwner};
-use crate::heaps::{AllocPlan, Allocation, Backend, HeapRegistry};
+use crate::heaps::{AllocError, AllocPlan, Allocation, Backend, HeapRegistry};
 
 /// Allocations one client may have carried out off the broker's thread at
 /// once. Each takes a blocking thread for as long as its heap takes; a
 /// client asking for more is answered `Busy`, to try again.
 pub const MAX_ALLOCATING_PER_CLIENT: usize = 8;
+
+/// Allocations carried out off the broker's thread at once, for every
+/// client together, counting those whose clients went before they were
+/// done (their threads go on until the heap returns): a client that asks
+/// for 8, hangs up and asks again must not take every thread of the pool,
+/// nor make heaps zero pages for nobody without bound. One more is
+/// answered `Busy`.
+pub const MAX_ALLOCATIONS_RUNNING: usize = 16;
+
+/// One allocation on a blocking thread, counted in the broker's
+/// `allocations_running` until its thread is done with the heap (or the
+/// allocation never started: the count goes with this).
+#[derive(Debug)]
+pub struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn start(count: &Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::AcqRel);
+        Running(Arc::clone(count))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A buffer made on a blocking thread and not yet taken into the table.
+/// Whoever drops it unclaimed (an allocation abandoned with its client:
+/// tokio drops a finished task's output wherever its handle goes, the
+/// broker's thread included) closes it like any freed buffer, a big one
+/// on the closer's thread.
+#[derive(Debug)]
+pub struct Unclaimed(Option<Allocation>);
+
+impl Unclaimed {
+    fn claim(mut self) -> Option<Allocation> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(allocation) = self.0.take() {
+            close_unadmitted(allocation);
+        }
+    }
+}
 
 /// An allocation request as it arrived.
 #[derive(Debug, Clone, Copy)]
@@ -57,14 +109,30 @@ impl Deferred {
     }
 }
 
-/// Carries out `plan` on a blocking thread, then answers through the
-/// broker.
-pub(super) async fn carry_out(
+/// Starts carrying out `plan` on a blocking thread, at once (not from a
+/// task that may be aborted before it runs: `running` must go with the
+/// thread). It waits first for the closes queued before it, so that pages
+/// a client freed just before are back when the heap is asked.
+pub(super) fn start(
     heaps: Arc<HeapRegistry>,
     plan: AllocPlan,
     kernel_name: String,
-) -> Result<Allocation, WireError> {
-    match tokio::task::spawn_blocking(move || heaps.carry_out(plan, &kernel_name)).await {
+    running: Running,
+) -> tokio::task::JoinHandle<Result<Unclaimed, AllocError>> {
+    tokio::task::spawn_blocking(move || {
+        let _running = running;
+        crate::closer::wait_for_earlier_closes();
+        heaps
+            .carry_out(plan, &kernel_name)
+            .map(|made| Unclaimed(Some(made)))
+    })
+}
+
+/// The outcome of a started allocation.
+pub(super) async fn finish(
+    started: tokio::task::JoinHandle<Result<Unclaimed, AllocError>>,
+) -> Result<Unclaimed, WireError> {
+    match started.await {
         Ok(done) => done.map_err(alloc_error),
         Err(err) => {
             tracing::error!(error = %err, "allocation thread failed");
@@ -122,25 +190,33 @@ impl State {
         let allocating = entry.allocating.len();
         self.check_quota(client, rounded, true)?;
         self.check_store_slot()?;
-        let plan = self
+        let mut plan = self
             .heaps
             .plan(heap, allowed.as_deref(), rounded)
             .map_err(alloc_error)?;
         let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
         let kernel_name = format!("{label}:{pid}");
-        if !plan.may_block() {
-            let allocation = self
-                .heaps
-                .carry_out(plan, &kernel_name)
-                .map_err(alloc_error)?;
+        if let Some(done) = self.heaps.carry_out_in_place(&mut plan, &kernel_name) {
+            let allocation = done.map_err(alloc_error)?;
             return Ok(self.admit_allocation(client, allocation, label));
         }
+        // The heaps left may block: on a thread of the blocking pool.
         if allocating >= MAX_ALLOCATING_PER_CLIENT {
             return Err(WireError::new(
                 ErrorCode::Busy,
                 format!(
                     "{allocating} allocations of yours are still being carried out \
                      (at most {MAX_ALLOCATING_PER_CLIENT}): try again when one is answered"
+                ),
+            ));
+        }
+        let running = self.allocations_running.load(Ordering::Acquire);
+        if running >= MAX_ALLOCATIONS_RUNNING {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "the daemon is carrying out {running} allocations from device heaps \
+                     (at most {MAX_ALLOCATIONS_RUNNING}): try again"
                 ),
             ));
         }
@@ -165,6 +241,7 @@ impl State {
             heaps: Arc::clone(&self.heaps),
             plan,
             kernel_name,
+            running: Running::start(&self.allocations_running),
         });
         Ok(Answer::Deferred)
     }
@@ -172,10 +249,15 @@ impl State {
     /// An allocation carried out on a blocking thread is done: admitted
     /// and answered, unless its client has gone (or the daemon is
     /// stopping, and its last record of the table is being written).
+    /// An allocation carried out on a blocking thread is done: admitted
+    /// and answered, unless its client has gone, or the daemon is stopping
+    /// (its last record of the table is being written): then it is closed
+    /// and not answered, as no request is while the daemon stops, so that
+    /// the client library asks the next daemon.
     pub(super) fn allocation_done(
         &mut self,
         deferred: Deferred,
-        result: Result<Allocation, WireError>,
+        result: Result<Unclaimed, WireError>,
     ) {
         // Done: nothing left to abort.
         self.tasks_done(deferred.owner());
@@ -191,22 +273,20 @@ impl State {
             Some(c.allocating.remove(at))
         });
         if pending.is_none() {
-            // Its client went, and `disconnect` counted it out.
-            if let Ok(allocation) = result {
-                close_unadmitted(allocation);
-            }
+            // Its client went, and `disconnect` counted it out; an
+            // unclaimed buffer closes itself.
             return;
         }
         self.allocations_in_flight = self.allocations_in_flight.saturating_sub(1);
-        let answer = match result {
-            Ok(allocation) if self.stopping => {
-                close_unadmitted(allocation);
-                Err(WireError::new(
-                    ErrorCode::Busy,
-                    "the daemon is stopping: allocate again once it is back",
-                ))
-            }
-            Ok(allocation) => Ok(self.admit_allocation(client, allocation, &label)),
+        if self.stopping {
+            return;
+        }
+        let answer = match result.map(Unclaimed::claim) {
+            Ok(Some(allocation)) => Ok(self.admit_allocation(client, allocation, &label)),
+            Ok(None) => Err(WireError::new(
+                ErrorCode::Internal,
+                "the allocation was lost in the daemon",
+            )),
             Err(err) => Err(err),
         };
         match answer {

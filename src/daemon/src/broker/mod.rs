@@ -67,6 +67,7 @@ pub enum Action {
         heaps: Arc<crate::heaps::HeapRegistry>,
         plan: crate::heaps::AllocPlan,
         kernel_name: String,
+        running: allocate::Running,
     },
     /// Cache sync START for a CPU grant on a dma-buf, on a blocking thread
     /// (it waits for fences in the kernel); the grant is sent after it.
@@ -237,10 +238,14 @@ impl Broker {
                 heaps,
                 plan,
                 kernel_name,
-            } => tokio::spawn(async move {
-                let result = allocate::carry_out(heaps, plan, kernel_name).await;
-                broker.with(|s| s.allocation_done(deferred, result));
-            }),
+                running,
+            } => {
+                let started = allocate::start(heaps, plan, kernel_name, running);
+                tokio::spawn(async move {
+                    let result = allocate::finish(started).await;
+                    broker.with(|s| s.allocation_done(deferred, result));
+                })
+            }
             Action::Timeout { target, after } => tokio::spawn(async move {
                 tokio::time::sleep(after).await;
                 broker.with(|s| s.timed_out(target));

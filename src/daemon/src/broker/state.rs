@@ -248,6 +248,9 @@ pub struct State {
     /// client's (see `ClientEntry::allocating`).
     pub(super) allocations_in_flight: usize,
     pub(super) allocations_started: u64,
+    /// Threads carrying out allocations, those of clients gone included
+    /// (see `allocate::MAX_ALLOCATIONS_RUNNING`).
+    pub(super) allocations_running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl State {
@@ -284,6 +287,7 @@ impl State {
             word_patrols_started: 0,
             allocations_in_flight: 0,
             allocations_started: 0,
+            allocations_running: Arc::default(),
         }
     }
 
