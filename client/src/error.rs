@@ -37,6 +37,14 @@ pub enum Error {
     AccessMode(&'static str),
     #[error("async task failed: {0}")]
     Task(String),
+    /// The broker carried the request out, but this process had no room in
+    /// its fd table (`EMFILE`) for the fds of the answer, and the kernel
+    /// dropped them. What the answer gave was handed back at once (a buffer
+    /// freed, an access ended), so nothing stays charged to this client:
+    /// close some fds and ask again. The broker refused nothing, so
+    /// [`Error::code`] is `None`.
+    #[error("this process's fd table is full (EMFILE): the fds of dmabroker's answer could not be received, and what it gave was handed back")]
+    FdTableFull,
 }
 
 impl Error {
