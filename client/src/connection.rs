@@ -1013,6 +1013,10 @@ impl Connection {
     ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut mailbox = lock(&self.mailbox);
+        // A deadline past (a zero timeout: a program polling between
+        // frames) still reads once: an event waiting in the socket has
+        // arrived in time, and only reading it can tell.
+        let mut looked = false;
         loop {
             // Whoever waits for events of an old connection (fences to
             // signal) must hear that they will never come: once for each
@@ -1040,9 +1044,10 @@ impl Connection {
                     Err(err) => Err(err),
                 };
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if looked && deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
+            looked = true;
             mailbox = self.read_or_wait(mailbox, deadline, None).0;
         }
     }

@@ -226,7 +226,10 @@ impl Client {
     }
 
     /// The next event (fence signalled, access revoked), waiting at most
-    /// `timeout`; `Ok(None)` when none came in time. After a broker restart
+    /// `timeout`; `Ok(None)` when none came in time. `Some(Duration::ZERO)`
+    /// polls: it waits for nothing, but still reads an event that has
+    /// already arrived, so a single-threaded loop can ask between frames.
+    /// After a broker restart
     /// it reconnects as other calls do (`Ok(None)` if the broker does not
     /// answer within `timeout`; once it answers, re-attaching the held
     /// buffers runs to its end, which may take longer, within
