@@ -122,6 +122,27 @@ where
 /// the call it serves is still wanted (see [`SentHook::wanted`]).
 const HANDSHAKE_SLICE: Duration = Duration::from_millis(50);
 
+/// When a wait of `timeout` from now ends; `None`, no end, when that is
+/// past what an `Instant` can hold: `Duration::MAX` is how a caller says
+/// "no limit", and adding it panicked.
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// A century: the end of a reconnect window too long to end.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When a reconnect window of `window` from now ends. One too long for an
+/// `Instant` (`Duration::MAX`: keep trying) ends in a century, which no
+/// process sees, instead of having no end: the handshake keeps waiting in
+/// slices up to a time, so a call nobody waits for still stops.
+fn end_of_window(window: Duration) -> Instant {
+    let now = Instant::now();
+    deadline_after(window)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
 /// A reconnect its caller's time ran out for.
 fn out_of_time() -> Error {
     Error::Broker(WireError::new(
@@ -853,7 +874,7 @@ impl Connection {
             return Ok(());
         }
         let window = self.reconnect_window.unwrap_or_default();
-        let end_of_window = Instant::now() + window;
+        let end_of_window = end_of_window(window);
         let deadline = limit.map_or(end_of_window, |limit| limit.min(end_of_window));
         // Given up at the caller's limit: its time ran out, as a broker's
         // `Timeout` says.
@@ -1011,7 +1032,7 @@ impl Connection {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
         let mut mailbox = lock(&self.mailbox);
         // A deadline past (a zero timeout: a program polling between
         // frames) still reads once: an event waiting in the socket has

@@ -49,6 +49,9 @@ impl FakeBroker {
                 while let Ok(message) = recv_message(socket.as_fd(), false) {
                     let request = decode_request(&message.bytes).expect("decode");
                     let (id, body) = (request.head.id, request.body);
+                    // Before it is answered: a test that has the answer
+                    // finds the request among those seen.
+                    let _ = seen_tx.send(body.clone());
                     let go_on = match &body {
                         RequestBody::Hello(_) => {
                             reply(&socket, id, Ok(welcome()));
@@ -56,7 +59,6 @@ impl FakeBroker {
                         }
                         body => answer(&socket, connection, id, body),
                     };
-                    let _ = seen_tx.send(body);
                     if !go_on {
                         break;
                     }
