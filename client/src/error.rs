@@ -93,4 +93,24 @@ impl FenceRefused {
     }
 }
 
+/// A [`Client::adopt`](crate::Client::adopt) that did not take effect: the
+/// dma-buf comes back, still open. Some refusals mean "try again" (`Busy`
+/// while a restarted broker waits for the buffer's owner to re-attach, or
+/// while the daemon is out of fds), and a V4L2 or GPU program could not
+/// retry if the fd were closed: it would have to export the buffer anew.
+#[derive(Debug, thiserror::Error)]
+#[error("the dma-buf was not adopted (its fd is given back): {error}")]
+pub struct AdoptRefused {
+    #[source]
+    pub error: Error,
+    pub dmabuf: OwnedFd,
+}
+
+impl AdoptRefused {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.error.code()
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

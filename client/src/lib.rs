@@ -37,7 +37,7 @@ pub use dmabroker_ipc::{
 };
 
 use connection::Connection;
-pub use error::{Error, FenceRefused, Result};
+pub use error::{AdoptRefused, Error, FenceRefused, Result};
 
 /// How a connection should behave; the policy has the last word.
 #[derive(Clone, Debug)]
@@ -197,17 +197,30 @@ impl Client {
     }
 
     /// Registers a dma-buf obtained elsewhere (V4L2, a GPU) so the broker
-    /// arbitrates it too. Anything but a real dma-buf is refused.
-    pub fn adopt(&self, dmabuf: OwnedFd, name: Option<&str>) -> Result<Buffer> {
-        let (body, _, (_, generation)) = self.conn.call_on(
+    /// arbitrates it too. Anything but a real dma-buf is refused
+    /// (`NotADmaBuf`). On any failure the fd comes back in the error, still
+    /// open, so that a refusal that means "try again" (`Busy`) can be
+    /// retried without exporting the buffer from its device anew.
+    pub fn adopt(
+        &self,
+        dmabuf: OwnedFd,
+        name: Option<&str>,
+    ) -> std::result::Result<Buffer, AdoptRefused> {
+        let answered = self.conn.call_on(
             RequestBody::Adopt {
                 name: name.map(str::to_owned),
             },
             &[dmabuf.as_fd()],
-        )?;
-        match body {
-            ReplyBody::Buffer(info) => Ok(Buffer::new(self.clone(), info, dmabuf, generation)),
-            other => Err(unexpected("buffer", &other)),
+        );
+        match answered {
+            Ok((ReplyBody::Buffer(info), _, (_, generation))) => {
+                Ok(Buffer::new(self.clone(), info, dmabuf, generation))
+            }
+            Ok((other, _, _)) => Err(AdoptRefused {
+                error: unexpected("buffer", &other),
+                dmabuf,
+            }),
+            Err(error) => Err(AdoptRefused { error, dmabuf }),
         }
     }
 
