@@ -1,6 +1,7 @@
 //! Allocation, sharing and mapping across real processes through the real
 //! daemon (memfd backend on the build machine).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use dmabroker_client::{Access, AllocRequest, ErrorCode};
@@ -137,6 +138,40 @@ fn allocation_errors_are_clear_and_change_nothing() {
     assert_eq!(daemon.fd_count(), baseline, "refusals allocate nothing");
     // And the daemon still serves.
     assert_eq!(client.alloc(4096).expect("alloc").size(), 4096);
+}
+
+/// A V4L2 or GPU program adopting a dma-buf lost its fd on any refusal,
+/// though some mean "try again" (`Busy`): the client closed it, and the
+/// program had to export the buffer from its device anew to retry. The
+/// refusal now gives the fd back, still open: here a memfd's, which is
+/// not a dma-buf.
+#[test]
+fn a_refused_adopt_gives_the_fd_back_still_open() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let memfd = nix::sys::memfd::memfd_create(
+        c"not-a-dma-buf",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .expect("memfd");
+    nix::unistd::ftruncate(&memfd, 4096).expect("ftruncate");
+    let inode = |fd: &OwnedFd| nix::sys::stat::fstat(fd.as_raw_fd()).expect("fstat").st_ino;
+    let before = inode(&memfd);
+    let refused = client
+        .adopt(memfd, None)
+        .expect_err("a memfd is not a dma-buf");
+    assert_eq!(refused.code(), Some(ErrorCode::NotADmaBuf), "{refused}");
+    assert_eq!(
+        inode(&refused.dmabuf),
+        before,
+        "the same file came back, open"
+    );
+    // And it is still this process's to use: a second try is refused the
+    // same way, not for a closed fd.
+    let again = client
+        .adopt(refused.dmabuf, None)
+        .expect_err("still not a dma-buf");
+    assert_eq!(again.code(), Some(ErrorCode::NotADmaBuf), "{again}");
 }
 
 #[test]

@@ -323,8 +323,9 @@ fn kernel_tier_adopting_a_restored_dma_buf_before_its_owner_is_back_is_busy() {
         .expect_err("the owner has not re-attached yet");
     assert_eq!(err.code(), Some(dmabroker_ipc::ErrorCode::Busy), "{err}");
     camera.heaps().expect("the camera re-attaches");
+    // "Try again" with the same fd: the refusal gave it back.
     let adopted = display
-        .adopt(dup(), None)
+        .adopt(err.dmabuf, None)
         .expect("adopted once the owner is back");
     assert_eq!(adopted.id(), frame.id());
     drop((adopted, frame));

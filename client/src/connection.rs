@@ -22,8 +22,8 @@ use dmabroker_ipc::codec::{decode_reply_id, decode_server_message, encode_reques
 use dmabroker_ipc::endwords::EndWords;
 use dmabroker_ipc::fdpass::{recv_message, recv_message_into, send_message, RecvError, SendError};
 use dmabroker_ipc::{
-    features, ErrorCode, Event, Hello, ReplyBody, Request, RequestBody, RequestHead, ServerMessage,
-    Welcome, WireError, FLAG_NO_REPLY,
+    features, ErrorCode, Event, Hello, Reply, ReplyBody, Request, RequestBody, RequestHead,
+    ServerMessage, Welcome, WireError, FLAG_NO_REPLY,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -43,19 +43,17 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// answers.
 pub(crate) type Answered = (ReplyBody, Vec<OwnedFd>, (u64, u64));
 
-/// A reply and the fds that came with it.
+/// A reply and the fds that came with it. An error may be the client's
+/// own: an answer it could not take (see [`Error::FdTableFull`]).
 #[derive(Debug)]
 pub(crate) struct Incoming {
-    pub result: Result<ReplyBody, WireError>,
+    pub result: Result<ReplyBody, Error>,
     pub fds: Vec<OwnedFd>,
 }
 
 impl Incoming {
     fn into_answer(self) -> Result<(ReplyBody, Vec<OwnedFd>), Error> {
-        match self.result {
-            Ok(body) => Ok((body, self.fds)),
-            Err(err) => Err(Error::Broker(err)),
-        }
+        self.result.map(|body| (body, self.fds))
     }
 }
 
@@ -123,6 +121,27 @@ where
 /// The longest a handshake's receive waits before it looks again whether
 /// the call it serves is still wanted (see [`SentHook::wanted`]).
 const HANDSHAKE_SLICE: Duration = Duration::from_millis(50);
+
+/// When a wait of `timeout` from now ends; `None`, no end, when that is
+/// past what an `Instant` can hold: `Duration::MAX` is how a caller says
+/// "no limit", and adding it panicked.
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// A century: the end of a reconnect window too long to end.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When a reconnect window of `window` from now ends. One too long for an
+/// `Instant` (`Duration::MAX`: keep trying) ends in a century, which no
+/// process sees, instead of having no end: the handshake keeps waiting in
+/// slices up to a time, so a call nobody waits for still stops.
+fn end_of_window(window: Duration) -> Instant {
+    let now = Instant::now();
+    deadline_after(window)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
 
 /// A reconnect its caller's time ran out for.
 fn out_of_time() -> Error {
@@ -743,6 +762,11 @@ impl Connection {
             let mut buf = lock(&self.read_buf);
             receive(&socket, &mut buf.0, deadline)
         };
+        if let Ok(Received::FdsLost(message)) = &received {
+            // On the socket it came on, whichever is current now: the ids
+            // it names are that connection's.
+            give_back(&socket, &self.next_id, message);
+        }
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
         let mut mine = None;
@@ -751,7 +775,7 @@ impl Connection {
             // it (see `refusal`); this message may be one again.
             if matches!(
                 received,
-                Ok(Received::Message(..)) | Ok(Received::Unreadable { .. })
+                Ok(Received::Message(..) | Received::Unreadable { .. } | Received::FdsLost(_))
             ) {
                 mailbox.refusal = None;
             }
@@ -760,29 +784,31 @@ impl Connection {
                     if want == Some(reply.id) && reply.id & UNWAITED == 0 =>
                 {
                     mine = Some(Incoming {
-                        result: reply.result,
+                        result: reply.result.map_err(Error::Broker),
                         fds,
                     });
                 }
                 Ok(Received::Message(message, fds)) => file_message(&mut mailbox, message, fds),
                 Ok(Received::Unreadable { reply_to, why }) => {
-                    let failed = Incoming {
-                        result: Err(WireError::new(ErrorCode::ProtocolError, why)),
-                        fds: Vec::new(),
-                    };
-                    match reply_to {
-                        Some(id) if want == Some(id) && id & UNWAITED == 0 => mine = Some(failed),
-                        Some(id) if mailbox.awaited.contains(&id) => {
-                            mailbox.replies.insert(id, failed);
-                        }
-                        // A request nobody waits for any more.
-                        Some(id) if id != 0 && id & UNWAITED == 0 => {}
-                        _ => {
-                            if let Err(err) = failed.result {
-                                push_error(&mut mailbox, err);
-                            }
-                        }
-                    }
+                    let err = WireError::new(ErrorCode::ProtocolError, why);
+                    mine = fail_reply(
+                        &mut mailbox,
+                        reply_to,
+                        want,
+                        Error::Broker(err.clone()),
+                        err,
+                    );
+                }
+                Ok(Received::FdsLost(ServerMessage::Reply(reply))) => {
+                    let err = WireError::new(
+                        ErrorCode::ProtocolError,
+                        format!("{FDS_LOST} (answering request {})", reply.id),
+                    );
+                    mine = fail_reply(&mut mailbox, Some(reply.id), want, Error::FdTableFull, err);
+                }
+                Ok(Received::FdsLost(ServerMessage::Event(event))) => {
+                    let why = format!("{FDS_LOST} (with event {:?})", event.event);
+                    push_error(&mut mailbox, WireError::new(ErrorCode::ProtocolError, why));
                 }
                 Ok(Received::Nothing) => {}
                 Err(reason) => mailbox.closed = Some(reason),
@@ -848,7 +874,7 @@ impl Connection {
             return Ok(());
         }
         let window = self.reconnect_window.unwrap_or_default();
-        let end_of_window = Instant::now() + window;
+        let end_of_window = end_of_window(window);
         let deadline = limit.map_or(end_of_window, |limit| limit.min(end_of_window));
         // Given up at the caller's limit: its time ran out, as a broker's
         // `Timeout` says.
@@ -1006,8 +1032,12 @@ impl Connection {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
         let mut mailbox = lock(&self.mailbox);
+        // A deadline past (a zero timeout: a program polling between
+        // frames) still reads once: an event waiting in the socket has
+        // arrived in time, and only reading it can tell.
+        let mut looked = false;
         loop {
             // Whoever waits for events of an old connection (fences to
             // signal) must hear that they will never come: once for each
@@ -1035,9 +1065,10 @@ impl Connection {
                     Err(err) => Err(err),
                 };
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if looked && deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
+            looked = true;
             mailbox = self.read_or_wait(mailbox, deadline, None).0;
         }
     }
@@ -1049,10 +1080,13 @@ impl Connection {
     }
 }
 
-/// Reads one message, or `None` when the deadline passes first.
 /// One datagram from the broker.
 enum Received {
     Message(ServerMessage, Vec<OwnedFd>),
+    /// Whole, but the fds that came with it did not (`MSG_CTRUNC`: this
+    /// process's fd table was full, and the kernel closed them). Unlike an
+    /// unreadable message, its request was carried out: see [`give_back`].
+    FdsLost(ServerMessage),
     /// Read but not understood. A datagram stream stays in step after one
     /// (the next datagram is whole), so only the request it answers, if
     /// its first bytes name one, fails: not the connection, whose holds a
@@ -1065,6 +1099,7 @@ enum Received {
     Nothing,
 }
 
+/// Reads one message, or `Nothing` when the deadline passes first.
 /// `Err`: the connection is unusable.
 fn receive(
     socket: &OwnedFd,
@@ -1095,17 +1130,83 @@ fn receive(
                 why: format!("unreadable message from the broker: {err}"),
             }),
         },
-        // Cut short (its fds, if any, were closed): the rest of the stream
-        // is still whole.
-        Err(err @ (RecvError::Truncated | RecvError::ControlTruncated { .. })) => {
-            Ok(Received::Unreadable {
-                reply_to: decode_reply_id(buf),
-                why: format!("unreadable message from the broker: {err}"),
-            })
+        // The bytes are whole, only the fds are gone (and the kernel
+        // closed them): what the broker did for the request must be
+        // undone, so the message is read as it is.
+        Err(err @ RecvError::ControlTruncated { len }) => {
+            match decode_server_message(&buf[..len]) {
+                Ok(message) => Ok(Received::FdsLost(message)),
+                Err(_) => Ok(Received::Unreadable {
+                    reply_to: decode_reply_id(&buf[..len]),
+                    why: format!("unreadable message from the broker: {err}"),
+                }),
+            }
         }
+        // Cut short: the rest of the stream is still whole.
+        Err(err @ RecvError::Truncated) => Ok(Received::Unreadable {
+            reply_to: decode_reply_id(buf),
+            why: format!("unreadable message from the broker: {err}"),
+        }),
         Err(RecvError::Closed) => Err("the broker closed the connection".into()),
         Err(err) => Err(err.to_string()),
     }
+}
+
+/// What a message whose fds were lost says, for `take_errors`.
+const FDS_LOST: &str = "a message from the broker lost its fds: this process's fd table was full";
+
+/// What the broker gave in an answer whose fds this process had no room
+/// for: it has counted a buffer (an alloc's, an import's) or an access (a
+/// grant's, whose fences' sync_files were lost) as this client's, and no
+/// `Buffer` or guard will exist to give it back. Given back one way and
+/// without waiting, as a cancel is: a reader must never block on a broker
+/// that does not read. A grant whose fences came as fds is never held in
+/// the buffer's word, so `End` ends it.
+fn give_back(socket: &OwnedFd, next_id: &AtomicU64, message: &ServerMessage) {
+    let body = match message {
+        ServerMessage::Reply(Reply {
+            result: Ok(ReplyBody::Buffer(info)),
+            ..
+        }) => RequestBody::Free { buffer: info.id },
+        ServerMessage::Reply(Reply {
+            result: Ok(ReplyBody::Granted(grant)),
+            ..
+        }) => RequestBody::End {
+            access: grant.access,
+            fence_slot: None,
+        },
+        _ => return,
+    };
+    let id = next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+    if let Ok(bytes) = encode(id, FLAG_NO_REPLY, body, 0) {
+        let _ = send_message(socket.as_fd(), &bytes, &[], true);
+    }
+}
+
+/// Fails request `reply_to` with `err` for whoever waits for it: returned
+/// if that is the reader (`want`), filed if another thread waits. `unwaited`
+/// goes to `take_errors` when the message answers no request.
+fn fail_reply(
+    mailbox: &mut Mailbox,
+    reply_to: Option<u64>,
+    want: Option<u64>,
+    err: Error,
+    unwaited: WireError,
+) -> Option<Incoming> {
+    let failed = Incoming {
+        result: Err(err),
+        fds: Vec::new(),
+    };
+    match reply_to {
+        Some(id) if want == Some(id) && id & UNWAITED == 0 => return Some(failed),
+        Some(id) if mailbox.awaited.contains(&id) => {
+            mailbox.replies.insert(id, failed);
+        }
+        // A request nobody waits for any more.
+        Some(id) if id != 0 && id & UNWAITED == 0 => {}
+        _ => push_error(mailbox, unwaited),
+    }
+    None
 }
 
 /// An error that answers no waiting caller, kept for `take_errors`.
@@ -1133,7 +1234,7 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
             mailbox.replies.insert(
                 reply.id,
                 Incoming {
-                    result: reply.result,
+                    result: reply.result.map_err(Error::Broker),
                     fds,
                 },
             );

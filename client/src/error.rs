@@ -37,6 +37,14 @@ pub enum Error {
     AccessMode(&'static str),
     #[error("async task failed: {0}")]
     Task(String),
+    /// The broker carried the request out, but this process had no room in
+    /// its fd table (`EMFILE`) for the fds of the answer, and the kernel
+    /// dropped them. What the answer gave was handed back at once (a buffer
+    /// freed, an access ended), so nothing stays charged to this client:
+    /// close some fds and ask again. The broker refused nothing, so
+    /// [`Error::code`] is `None`.
+    #[error("this process's fd table is full (EMFILE): the fds of dmabroker's answer could not be received, and what it gave was handed back")]
+    FdTableFull,
 }
 
 impl Error {
@@ -79,6 +87,26 @@ impl FenceRefused {
         }
     }
 
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.error.code()
+    }
+}
+
+/// A [`Client::adopt`](crate::Client::adopt) that did not take effect: the
+/// dma-buf comes back, still open. Some refusals mean "try again" (`Busy`
+/// while a restarted broker waits for the buffer's owner to re-attach, or
+/// while the daemon is out of fds), and a V4L2 or GPU program could not
+/// retry if the fd were closed: it would have to export the buffer anew.
+#[derive(Debug, thiserror::Error)]
+#[error("the dma-buf was not adopted (its fd is given back): {error}")]
+pub struct AdoptRefused {
+    #[source]
+    pub error: Error,
+    pub dmabuf: OwnedFd,
+}
+
+impl AdoptRefused {
     /// The broker's error code, when the broker refused.
     pub fn code(&self) -> Option<ErrorCode> {
         self.error.code()

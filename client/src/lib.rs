@@ -37,7 +37,7 @@ pub use dmabroker_ipc::{
 };
 
 use connection::Connection;
-pub use error::{Error, FenceRefused, Result};
+pub use error::{AdoptRefused, Error, FenceRefused, Result};
 
 /// How a connection should behave; the policy has the last word.
 #[derive(Clone, Debug)]
@@ -60,7 +60,8 @@ pub struct ClientOptions {
     /// call reconnects and re-attaches the rest, which the broker keeps
     /// for its grace period. Keeping such a connection instead would give
     /// up the buffers not yet asked for, and leave the call waiting for a
-    /// broker that has stopped answering.
+    /// broker that has stopped answering. `Some(Duration::MAX)` keeps
+    /// trying for as long as it takes.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
@@ -196,17 +197,30 @@ impl Client {
     }
 
     /// Registers a dma-buf obtained elsewhere (V4L2, a GPU) so the broker
-    /// arbitrates it too. Anything but a real dma-buf is refused.
-    pub fn adopt(&self, dmabuf: OwnedFd, name: Option<&str>) -> Result<Buffer> {
-        let (body, _, (_, generation)) = self.conn.call_on(
+    /// arbitrates it too. Anything but a real dma-buf is refused
+    /// (`NotADmaBuf`). On any failure the fd comes back in the error, still
+    /// open, so that a refusal that means "try again" (`Busy`) can be
+    /// retried without exporting the buffer from its device anew.
+    pub fn adopt(
+        &self,
+        dmabuf: OwnedFd,
+        name: Option<&str>,
+    ) -> std::result::Result<Buffer, AdoptRefused> {
+        let answered = self.conn.call_on(
             RequestBody::Adopt {
                 name: name.map(str::to_owned),
             },
             &[dmabuf.as_fd()],
-        )?;
-        match body {
-            ReplyBody::Buffer(info) => Ok(Buffer::new(self.clone(), info, dmabuf, generation)),
-            other => Err(unexpected("buffer", &other)),
+        );
+        match answered {
+            Ok((ReplyBody::Buffer(info), _, (_, generation))) => {
+                Ok(Buffer::new(self.clone(), info, dmabuf, generation))
+            }
+            Ok((other, _, _)) => Err(AdoptRefused {
+                error: unexpected("buffer", &other),
+                dmabuf,
+            }),
+            Err(error) => Err(AdoptRefused { error, dmabuf }),
         }
     }
 
@@ -226,7 +240,10 @@ impl Client {
     }
 
     /// The next event (fence signalled, access revoked), waiting at most
-    /// `timeout`; `Ok(None)` when none came in time. After a broker restart
+    /// `timeout`; `Ok(None)` when none came in time. `Some(Duration::ZERO)`
+    /// polls: it waits for nothing, but still reads an event that has
+    /// already arrived, so a single-threaded loop can ask between frames.
+    /// After a broker restart
     /// it reconnects as other calls do (`Ok(None)` if the broker does not
     /// answer within `timeout`; once it answers, re-attaching the held
     /// buffers runs to its end, which may take longer, within
@@ -400,7 +417,8 @@ impl Buffer {
     /// `timeout` (and the request leaves the queue). Across a broker
     /// restart the timeout bounds the wait for the new broker to answer;
     /// once it has, re-attaching the client's buffers runs to its end
-    /// (within [`ClientOptions::reconnect`]) and may take longer.
+    /// (within [`ClientOptions::reconnect`]) and may take longer. A timeout
+    /// too long to end (`Duration::MAX`) is no limit at all.
     pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
         self.state.begin_inner(access, Some(timeout))
     }
@@ -499,9 +517,10 @@ impl BufferState {
         RequestBody::Begin {
             buffer: self.info.id,
             access,
-            // Rounded up: 0 tells the broker to give up at once.
-            timeout_ms: timeout
-                .map(|t| u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)),
+            // Rounded up: 0 tells the broker to give up at once. One longer
+            // than the wire can say (`Duration::MAX`) asks for no limit
+            // rather than the longest one, which a begin could outwait.
+            timeout_ms: timeout.and_then(|t| u32::try_from(t.as_nanos().div_ceil(1_000_000)).ok()),
         }
     }
 
@@ -541,13 +560,14 @@ impl BufferState {
         // reconnect asks for what is left of it, and the reconnect gives
         // up when it is over unless the new broker has answered (its
         // re-attaches then run to their end: see `fresh_connection`).
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // No deadline for a timeout too long to have one (`Duration::MAX`).
+        let deadline = timeout.and_then(connection::deadline_after);
         // The first request asks for the caller's timeout itself; only one
         // sent again asks for what is left.
         let first = std::cell::Cell::new(true);
-        let asked = || match first.replace(false) {
-            true => timeout,
-            false => deadline.map(|d| d.saturating_duration_since(Instant::now())),
+        let asked = || match (first.replace(false), deadline) {
+            (false, Some(deadline)) => Some(deadline.saturating_duration_since(Instant::now())),
+            _ => timeout,
         };
         let mut retried = false;
         loop {

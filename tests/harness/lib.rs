@@ -5,6 +5,7 @@
 pub mod abandon;
 pub mod daemon;
 pub mod dbus;
+pub mod fake_broker;
 pub mod fuse;
 pub mod proc;
 pub mod raw;

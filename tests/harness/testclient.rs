@@ -166,7 +166,10 @@ impl Session {
                 // just checked to be open), and nothing else in this process
                 // refers to it.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                let buffer = self.client.adopt(fd, None).map_err(broker)?;
+                let buffer = self
+                    .client
+                    .adopt(fd, None)
+                    .map_err(|refused| broker(refused.error))?;
                 let out = describe(&buffer);
                 self.buffers.insert(buffer.id(), buffer);
                 Ok(out)
