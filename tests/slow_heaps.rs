@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use dmabroker_client::{AllocRequest, Buffer, Client, ErrorCode};
 use dmabroker_ipc::{ReplyBody, RequestBody};
-use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::fuse::answered_within;
 use dmabroker_suite::fuse::{Stall, StallingFuse};
+use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::field;
 use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted, TempDir};
 
