@@ -14,11 +14,10 @@ use dmabroker_ipc::{
     PROTOCOL_VERSION,
 };
 use dmabroker_suite::abandon;
+use dmabroker_suite::fake_broker::listening_at;
 use dmabroker_suite::tmp::TempDir;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{
-    accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{accept, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 fn reply(socket: &OwnedFd, id: u64, result: Result<ReplyBody, WireError>) {
     let message = ServerMessage::Reply(Reply { id, fds: 0, result });
@@ -93,20 +92,6 @@ fn socket_path() -> (TempDir, std::path::PathBuf) {
     let dir = TempDir::new("scripted-broker");
     let path = dir.path().join("socket");
     (dir, path)
-}
-
-/// A scripted broker's listening socket.
-fn listening_at(path: &Path) -> OwnedFd {
-    let listener = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
-    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
-    listener
 }
 
 /// The next client's connection.

@@ -87,7 +87,8 @@ impl FakeBroker {
     }
 }
 
-fn listening_at(path: &Path) -> OwnedFd {
+/// A scripted broker's listening socket at `path`.
+pub fn listening_at(path: &Path) -> OwnedFd {
     let listener = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
