@@ -14,7 +14,7 @@ use dmabroker_ipc::{
     PROTOCOL_VERSION,
 };
 use dmabroker_suite::abandon;
-use dmabroker_suite::fake_broker::listening_at;
+use dmabroker_suite::fake_broker::{buffer_info, listening_at, reply_with_buffer};
 use dmabroker_suite::tmp::TempDir;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept, socket, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -23,18 +23,6 @@ fn reply(socket: &OwnedFd, id: u64, result: Result<ReplyBody, WireError>) {
     let message = ServerMessage::Reply(Reply { id, fds: 0, result });
     let bytes = encode_server_message(&message).expect("encode");
     send_message(socket.as_fd(), &bytes, &[], false).expect("send");
-}
-
-/// The scripted broker's buffer 1, with its fd: an alloc's, an import's or
-/// a re-attach's answer.
-fn reply_with_buffer(socket: &OwnedFd, id: u64, buffer: &OwnedFd, inode: u64) {
-    let message = ServerMessage::Reply(Reply {
-        id,
-        fds: 1,
-        result: Ok(buffer_info(inode)),
-    });
-    let bytes = encode_server_message(&message).expect("encode");
-    send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).expect("send");
 }
 
 /// As [`reply_with_buffer`], for a broker that numbers its buffers (all
@@ -48,13 +36,11 @@ fn reply_with_buffer_id(
     buffer_id: u64,
 ) -> bool {
     let mut info = buffer_info(inode);
-    if let ReplyBody::Buffer(info) = &mut info {
-        info.id = buffer_id;
-    }
+    info.id = buffer_id;
     let message = ServerMessage::Reply(Reply {
         id,
         fds: 1,
-        result: Ok(info),
+        result: Ok(ReplyBody::Buffer(info)),
     });
     let bytes = encode_server_message(&message).expect("encode");
     send_message(socket.as_fd(), &bytes, &[buffer.as_fd()], false).is_ok()
@@ -230,17 +216,6 @@ fn memfd() -> OwnedFd {
             .expect("memfd");
     nix::unistd::ftruncate(&fd, 8192).expect("ftruncate");
     fd
-}
-
-fn buffer_info(inode: u64) -> ReplyBody {
-    ReplyBody::Buffer(dmabroker_ipc::BufferInfo {
-        id: 1,
-        size: 4096,
-        heap: "memfd".into(),
-        name: "frame".into(),
-        inode,
-        secret: "dmab1-00112233445566778899aabbccddeeff".into(),
-    })
 }
 
 /// A scripted broker's only buffer, and its inode.
