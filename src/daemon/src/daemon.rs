@@ -161,7 +161,11 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                reload(&broker, &config);
+                // Off the broker's thread: reading the files (and names
+                // of users and groups) may wait, and so may the turn of a
+                // D-Bus reload running meanwhile.
+                let (broker, config) = (Arc::clone(&broker), config.clone());
+                tokio::task::spawn_blocking(move || reload(&broker, &config));
             }
             result = &mut accepting => {
                 listener.remove_path();

@@ -169,11 +169,12 @@ impl Outbox {
         };
         if full {
             queue.closed = true;
-            let len = queue.messages.len();
-            queue.messages.clear();
+            let dropped = std::mem::take(&mut queue.messages);
+            let len = dropped.len();
             queue.counted = 0;
             queue.events = 0;
             drop(queue);
+            close_unsent(dropped);
             self.shutdown();
             return Err(OutboxError::Overflow(len));
         }
@@ -314,12 +315,17 @@ impl Outbox {
             queue.events = 0;
             std::mem::take(&mut queue.messages)
         };
-        // Their fds may be the last copies of buffers freed meanwhile, of
-        // any size: the pages go back on the closer's thread, not this one.
-        if dropped.iter().any(|m| !m.fds.is_empty()) {
-            crate::closer::close_elsewhere(dropped);
-        }
+        close_unsent(dropped);
         self.shutdown();
+    }
+}
+
+/// Drops messages that will never be sent. Their fds may be the last
+/// copies of buffers freed meanwhile, of any size: the pages go back on
+/// the closer's thread, not the broker's.
+fn close_unsent(dropped: VecDeque<Outgoing>) {
+    if dropped.iter().any(|m| !m.fds.is_empty()) {
+        crate::closer::close_elsewhere(dropped);
     }
 }
 

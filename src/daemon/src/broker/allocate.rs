@@ -128,6 +128,15 @@ pub(super) fn start(
     })
 }
 
+/// The answer to an allocation no thread could be had for.
+pub(super) fn no_thread() -> WireError {
+    tracing::error!("no thread to carry out an allocation on");
+    WireError::new(
+        ErrorCode::Busy,
+        "the daemon has no thread to carry out the allocation on: try again",
+    )
+}
+
 /// The outcome of a started allocation.
 pub(super) async fn finish(
     started: tokio::task::JoinHandle<Result<Unclaimed, AllocError>>,
