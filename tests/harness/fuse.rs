@@ -17,6 +17,9 @@ pub enum Stall {
     GetattrOf(u32),
     /// Every `IOCTL`, saying `ioctl` on its stdout when one arrives.
     Ioctl,
+    /// Every `FLUSH` (which every `close(2)` of the file sends and waits
+    /// for), saying `flush` on its stdout when one arrives.
+    Flush,
 }
 
 /// The server mounted on a folder of its own, serving one file, a copy of
@@ -50,6 +53,7 @@ impl StallingFuse {
         let (stall_pid, stall_ioctl) = match stall {
             Stall::GetattrOf(pid) => (pid, "answer-ioctl"),
             Stall::Ioctl => (0, "stall-ioctl"),
+            Stall::Flush => (0, "stall-flush"),
         };
         let mut server = Command::new("python3")
             .arg(script)
@@ -81,10 +85,20 @@ impl StallingFuse {
 
     /// Waits until the server says it holds an `IOCTL` unanswered.
     pub fn await_ioctl(&mut self) {
+        self.await_held("ioctl");
+    }
+
+    /// Waits until the server says it holds a `FLUSH` unanswered: someone
+    /// is inside a `close(2)` of the file, for good.
+    pub fn await_flush(&mut self) {
+        self.await_held("flush");
+    }
+
+    fn await_held(&mut self, request: &str) {
         assert_eq!(
             self.next_line().as_deref(),
-            Some("ioctl"),
-            "the FUSE server saw no ioctl"
+            Some(request),
+            "the FUSE server saw no {request}"
         );
     }
 

@@ -3,10 +3,12 @@
 # pid argv[3] (the daemon) are never answered, nor is any POLL (so an
 # epoll_ctl(ADD) of the file waits, holding its epoll's lock). Prints
 # "mounted" once mounted. With argv[4] "stall-ioctl", no IOCTL is answered
-# either, and "ioctl" is printed as each arrives.
+# either, and "ioctl" is printed as each arrives; with "stall-flush", no
+# FLUSH (sent at every close(2) of the file), and "flush" is printed.
 import os, sys, struct, ctypes, errno
 mnt, src, stall_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 stall_ioctl = len(sys.argv) > 4 and sys.argv[4] == "stall-ioctl"
+stall_flush = len(sys.argv) > 4 and sys.argv[4] == "stall-flush"
 data = open(src, 'rb').read()
 fd = os.open('/dev/fuse', os.O_RDWR)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -52,6 +54,9 @@ while True:
         continue
     elif op == 39 and stall_ioctl:  # IOCTL
         print("ioctl", flush=True)
+        continue
+    elif op == 25 and stall_flush:  # FLUSH
+        print("flush", flush=True)
         continue
     elif op in (2, 42):  # FORGET: no reply
         pass

@@ -5,18 +5,23 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
+use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
 use dmabroker_ipc::{ErrorCode, WireError, MAX_MESSAGE_SIZE};
 use nix::errno::Errno;
 
 use crate::broker::Broker;
 use crate::broker::Disposition;
+use crate::client_fds;
 use crate::identity;
 use crate::outbox::Outbox;
 use crate::server::{UidConnections, UidSlot};
 
 /// Messages one connection may have handled before the others get a turn.
 const MESSAGES_PER_TURN: usize = 32;
+
+/// How often a connection held back for its uid's fds waiting to be
+/// closed looks again.
+const FDS_CLOSING_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Serves one accepted (non-blocking) connection until it hangs up.
 pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnections>) {
@@ -59,6 +64,12 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     let hello_deadline = tokio::time::Instant::now() + hello_timeout;
     let mut hello_due = Some(Box::pin(tokio::time::sleep_until(hello_deadline)));
     'connection: loop {
+        // Not read while too many of its uid's fds wait to be closed (a
+        // FUSE file whose FLUSH its server holds): what a client parks in
+        // the daemon stays bounded.
+        while client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID {
+            tokio::time::sleep(FDS_CLOSING_POLL).await;
+        }
         let ready = match hello_due.as_mut() {
             None => socket.readable().await,
             Some(due) => {
@@ -92,22 +103,30 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // keep every other connection waiting.
         let mut handled = 0;
         loop {
+            // Fds of a message refused on receipt: closed elsewhere, as
+            // every client fd the broker does not keep (`client_fds`).
+            let mut dropped = Vec::new();
             let received = guard.try_io(|fd| {
-                recv_message_into(fd.get_ref().as_fd(), &mut buf, true).map_err(|err| match err {
-                    RecvError::Os(Errno::EAGAIN) => io::Error::from(io::ErrorKind::WouldBlock),
-                    other => io::Error::other(other),
-                })
+                recv_message_into_keeping(fd.get_ref().as_fd(), &mut buf, true, &mut dropped)
+                    .map_err(|err| match err {
+                        RecvError::Os(Errno::EAGAIN) => io::Error::from(io::ErrorKind::WouldBlock),
+                        other => io::Error::other(other),
+                    })
             });
+            client_fds::close_elsewhere(uid, dropped);
             let disposition = match received {
                 Err(_would_block) => break,
                 Ok(Ok((len, fds))) => {
                     let waiting_for_hello = hello_due.is_some();
                     let mut said_hello = false;
                     let disposition = broker.with(|s| {
-                        let disposition =
-                            (!s.stopping).then(|| s.handle_message(client, &buf[..len], fds));
+                        if s.stopping {
+                            client_fds::close_elsewhere(uid, fds);
+                            return None;
+                        }
+                        let disposition = s.handle_message(client, &buf[..len], fds);
                         said_hello = waiting_for_hello && s.said_hello(client);
-                        disposition
+                        Some(disposition)
                     });
                     if said_hello {
                         hello_due = None;
@@ -156,7 +175,9 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                 None => std::future::pending::<()>().await,
             }
             handled += 1;
-            if handled == MESSAGES_PER_TURN {
+            if handled == MESSAGES_PER_TURN
+                || client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID
+            {
                 break;
             }
         }

@@ -3,6 +3,7 @@
 //! access with reader-writer fences. See `docs/architecture.md`.
 
 pub mod broker;
+pub mod client_fds;
 pub mod closer;
 pub mod config;
 pub mod connection;

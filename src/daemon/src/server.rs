@@ -342,14 +342,16 @@ enum Drained {
     More,
 }
 
-/// Reads and drops up to [`DRAIN_TURN`] queued messages, closing any fds
-/// that came with them. Into a small buffer: what they say is not read.
+/// Reads and drops up to [`DRAIN_TURN`] queued messages. Into a small
+/// buffer: what they say is not read; and with no room for their fds,
+/// which the kernel then drops unopened here: a close of ours could wait
+/// for good on one (see `client_fds`).
 fn drain(conn: std::os::fd::BorrowedFd<'_>) -> Drained {
-    use dmabroker_ipc::fdpass::{recv_message_into, RecvError};
+    use dmabroker_ipc::fdpass::{discard_message, RecvError};
     let mut sink = [0u8; 256];
     for _ in 0..DRAIN_TURN {
-        match recv_message_into(conn, &mut sink, true) {
-            Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
+        match discard_message(conn, &mut sink, true) {
+            Ok(_) => {}
             Err(RecvError::Os(Errno::EAGAIN)) => return Drained::Empty,
             Err(_) => return Drained::HungUp,
         }

@@ -150,6 +150,20 @@ pub fn recv_message_into(
     buf: &mut [u8],
     nonblocking: bool,
 ) -> Result<(usize, Vec<OwnedFd>), RecvError> {
+    let mut dropped = Vec::new();
+    recv_message_into_keeping(socket, buf, nonblocking, &mut dropped)
+}
+
+/// As [`recv_message_into`], but on an error the fds that did arrive are
+/// put in `dropped` instead of being closed here: closing an fd a peer
+/// sent may wait without end (a file whose FUSE server never answers the
+/// FLUSH every `close(2)` sends), and the daemon closes them elsewhere.
+pub fn recv_message_into_keeping(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    nonblocking: bool,
+    dropped: &mut Vec<OwnedFd>,
+) -> Result<(usize, Vec<OwnedFd>), RecvError> {
     // u64 elements keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; CONTROL_WORDS];
     let mut flags = libc::MSG_CMSG_CLOEXEC;
@@ -186,9 +200,11 @@ pub fn recv_message_into(
         }
         let fds = take_fds(&msg);
         if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            dropped.extend(fds);
             return Err(RecvError::Truncated);
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            dropped.extend(fds);
             return Err(RecvError::ControlTruncated {
                 len: received as usize,
             });
@@ -197,6 +213,52 @@ pub fn recv_message_into(
             return Err(RecvError::Closed);
         }
         return Ok((received as usize, fds));
+    }
+}
+
+/// Reads one message into `buf` and throws away any fds that came with
+/// it without ever taking them: with no room for control data, the kernel
+/// drops them unopened in this process, so no `close(2)` of ours can wait
+/// on them. Returns the message's length (`MSG_TRUNC` and a lost control
+/// message are not errors here: nothing of it is wanted).
+pub fn discard_message(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    nonblocking: bool,
+) -> Result<usize, RecvError> {
+    let mut flags = 0;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: zeroed msghdr is a valid "no name, no iov, no control".
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        // SAFETY: msg points at a live buffer (iov -> buf) that outlives
+        // the call, with its true length, and at no control buffer.
+        let received = unsafe {
+            libc::syscall(
+                libc::SYS_recvmsg,
+                socket.as_raw_fd(),
+                &mut msg as *mut libc::msghdr,
+                flags,
+            )
+        };
+        if received < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                err => return Err(RecvError::Os(err)),
+            }
+        }
+        if received == 0 && msg.msg_flags & libc::MSG_CTRUNC == 0 {
+            return Err(RecvError::Closed);
+        }
+        return Ok(received as usize);
     }
 }
 
@@ -270,6 +332,54 @@ mod tests {
             nix::sys::socket::recv(q.as_raw_fd(), &mut byte, MsgFlags::MSG_DONTWAIT),
             Ok(0)
         )
+    }
+
+    /// A discarded message's fds are never opened here: once the sender
+    /// lets go of its copy, nothing holds the peer open.
+    #[test]
+    fn a_discarded_message_takes_none_of_its_fds() {
+        let (a, b) = pair();
+        let (p, q) = pair();
+        send_message(a.as_fd(), b"hello", &[p.as_fd()], false).expect("send");
+        drop(p);
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            discard_message(b.as_fd(), &mut buf, true).expect("discard"),
+            5
+        );
+        assert_eq!(&buf[..5], b"hello");
+        assert!(peer_gone(&q), "the discarded fd is still open somewhere");
+        // An empty datagram carrying an fd is a message, not the end.
+        let (p, _q) = pair();
+        send_message(a.as_fd(), b"", &[p.as_fd()], false).expect("send empty");
+        assert_eq!(
+            discard_message(b.as_fd(), &mut buf, true).expect("discard"),
+            0
+        );
+        drop(a);
+        assert!(matches!(
+            discard_message(b.as_fd(), &mut buf, true),
+            Err(RecvError::Closed)
+        ));
+    }
+
+    /// Fds of a message refused on receipt are handed to the caller to
+    /// close, not closed here.
+    #[test]
+    fn a_truncated_message_hands_its_fds_back() {
+        let (a, b) = pair();
+        let (p, q) = pair();
+        let big = vec![0u8; 128];
+        send_message(a.as_fd(), &big, &[p.as_fd()], false).expect("send");
+        drop(p);
+        let mut small = [0u8; 16];
+        let mut dropped = Vec::new();
+        let got = recv_message_into_keeping(b.as_fd(), &mut small, false, &mut dropped);
+        assert!(matches!(got, Err(RecvError::Truncated)), "{got:?}");
+        assert_eq!(dropped.len(), 1);
+        assert!(!peer_gone(&q), "closed before the caller let go");
+        drop(dropped);
+        assert!(peer_gone(&q));
     }
 
     #[test]

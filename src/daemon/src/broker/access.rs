@@ -18,6 +18,7 @@ use dmabroker_ipc::{
 
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
 use super::{Action, TimeoutTarget};
+use crate::client_fds::ClientFd;
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 
 /// Fence id and holder used in a no-autofence grant for the dma-buf's own
@@ -568,7 +569,7 @@ impl State {
         &mut self,
         client: ClientId,
         access_id: AccessId,
-        sync_file: Option<OwnedFd>,
+        sync_file: Option<ClientFd>,
     ) -> Result<Answer, WireError> {
         // Someone else's access looks exactly like a missing one: ids are
         // guessable, existence is not to be revealed (as for buffers). So
@@ -605,14 +606,16 @@ impl State {
         &mut self,
         client: ClientId,
         access_id: AccessId,
-        sync_file: OwnedFd,
+        sync_file: ClientFd,
     ) -> Result<(), WireError> {
-        if crate::kernel::sync_file::foreign_status(sync_file.as_fd()).is_err() {
+        let Some(sync_file) =
+            sync_file.keep_if(|fd| crate::kernel::sync_file::foreign_status(fd).is_ok())
+        else {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
                 "the fd handed over is not a sync_file",
             ));
-        }
+        };
         // Everything that can fail comes before the arbiter's hand-over:
         // after it, the access waits for a wait that must then exist.
         let waiter = sync_file.try_clone().map_err(|e| {

@@ -15,6 +15,7 @@ use dmabroker_ipc::{
 use super::access::Answer;
 use super::endpage::EndPage;
 use super::state::{BufferEntry, BufferOrigin, ClientEntry, State};
+use crate::client_fds::ClientFd;
 use crate::heaps::AllocError;
 use crate::kernel::dma_buf;
 
@@ -31,13 +32,22 @@ fn protocol_error(message: impl Into<String>) -> WireError {
 
 impl State {
     /// Handles one datagram from `client`. `fds` are already owned: any we
-    /// do not keep are closed when this returns.
+    /// do not keep are closed, off this thread (see `client_fds`).
     pub fn handle_message(
         &mut self,
         client: ClientId,
         bytes: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Disposition {
+        let fds = if fds.is_empty() {
+            Vec::new()
+        } else {
+            let uid = self
+                .clients
+                .get(&client)
+                .map_or(u32::MAX, |c| c.peer.identity.uid);
+            ClientFd::all(fds, uid)
+        };
         let request = match decode_request(bytes) {
             Ok(request) => request,
             Err(err) => {
@@ -123,7 +133,7 @@ impl State {
         &mut self,
         client: ClientId,
         request: Request,
-        mut fds: Vec<OwnedFd>,
+        mut fds: Vec<ClientFd>,
     ) -> Disposition {
         let Request { head, body } = request;
         let hello_done = self.clients.get(&client).is_some_and(|c| c.hello_done);
@@ -517,15 +527,15 @@ impl State {
     fn adopt(
         &mut self,
         client: ClientId,
-        fd: OwnedFd,
+        fd: ClientFd,
         name: Option<&str>,
     ) -> Result<Answer, WireError> {
-        if !dma_buf::is_foreign_dma_buf(fd.as_fd()) {
+        let Some(fd) = fd.keep_if(dma_buf::is_foreign_dma_buf) else {
             return Err(WireError::new(
                 ErrorCode::NotADmaBuf,
                 "only dma-bufs can be adopted (file system magic 0x444d4142)",
             ));
-        }
+        };
         let size = dma_buf::size(fd.as_fd()).map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,

@@ -1,0 +1,238 @@
+//! Fds clients send, until the broker keeps them, and the closing of
+//! those it does not keep.
+//!
+//! Every `close(2)` of a file on a FUSE mount sends the file system's
+//! server a FLUSH and waits for the answer, with no limit and no signal
+//! that ends it. Any client that can mount FUSE (`fusermount` is there for
+//! everyone on most systems) could send such an fd on any message, and
+//! the broker's thread, closing what it does not keep, would wait for
+//! good: every client stalls. So an fd a client sent is a [`ClientFd`]
+//! until the broker has checked it is a kernel object it keeps (a dma-buf
+//! to adopt, a sync_file ending an access); dropped before that, it is
+//! closed on a thread of its sender's uid. A uid's thread that waits for
+//! good holds up only that uid's closes, and a uid with
+//! [`MAX_PENDING_PER_UID`] fds waiting to be closed has its connections
+//! read no further until they are (see `connection`), so the fds a client
+//! parks in the daemon stay bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// Fds of every uid waiting to be closed: [`pending`] looks no further
+/// while there are none, which is nearly always.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Fds of one uid waiting to be closed past which its connections are not
+/// read: two messages' worth.
+pub const MAX_PENDING_PER_UID: usize = 64;
+
+/// An fd a client sent. Kept with [`ClientFd::keep_if`] once it is known
+/// to be safe to close anywhere; dropped, it is closed on its uid's thread.
+#[derive(Debug)]
+pub struct ClientFd {
+    fd: Option<OwnedFd>,
+    uid: u32,
+}
+
+impl ClientFd {
+    pub fn new(fd: OwnedFd, uid: u32) -> ClientFd {
+        ClientFd { fd: Some(fd), uid }
+    }
+
+    /// Every fd of `fds`, sent by a client of `uid`.
+    pub fn all(fds: Vec<OwnedFd>, uid: u32) -> Vec<ClientFd> {
+        fds.into_iter().map(|fd| ClientFd::new(fd, uid)).collect()
+    }
+
+    /// The fd, to keep, if `check` says it names a kernel object whose
+    /// close does not wait (a dma-buf, a sync_file); otherwise it is
+    /// dropped, and so closed elsewhere.
+    pub fn keep_if(mut self, check: impl FnOnce(BorrowedFd<'_>) -> bool) -> Option<OwnedFd> {
+        if self.fd.as_ref().is_some_and(|fd| check(fd.as_fd())) {
+            self.fd.take()
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for ClientFd {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            close_elsewhere(self.uid, vec![fd]);
+        }
+    }
+}
+
+/// Closes `fds`, sent by a client of `uid`, on that uid's closing thread.
+pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    let mut queues = queues();
+    PENDING.fetch_add(fds.len(), Ordering::AcqRel);
+    let queue = queues.entry(uid).or_default();
+    queue.fds.extend(fds);
+    if queue.closing {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("dmabroker-fdclose".into())
+        .spawn(move || close_all_of(uid));
+    match spawned {
+        Ok(_) => queue.closing = true,
+        Err(err) => {
+            // Closed here then, waits and all: better than keeping them.
+            tracing::warn!(%err, uid, "no thread to close a client's fds on");
+            let fds = std::mem::take(&mut queue.fds);
+            queues.remove(&uid);
+            drop(queues);
+            let count = fds.len();
+            drop(fds);
+            PENDING.fetch_sub(count, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Fds of `uid` waiting to be closed, the one being closed included.
+pub fn pending(uid: u32) -> usize {
+    if PENDING.load(Ordering::Acquire) == 0 {
+        return 0;
+    }
+    queues()
+        .get(&uid)
+        .map_or(0, |q| q.fds.len() + usize::from(q.closing))
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    fds: VecDeque<OwnedFd>,
+    /// A thread is closing this uid's fds.
+    closing: bool,
+}
+
+fn queues() -> MutexGuard<'static, HashMap<u32, Queue>> {
+    static QUEUES: OnceLock<Mutex<HashMap<u32, Queue>>> = OnceLock::new();
+    QUEUES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// The closing thread of `uid`: closes its queue, one fd at a time and
+/// never under the lock, until it is empty.
+fn close_all_of(uid: u32) {
+    loop {
+        let next = {
+            let mut queues = queues();
+            let Some(queue) = queues.get_mut(&uid) else {
+                return;
+            };
+            match queue.fds.pop_front() {
+                Some(fd) => fd,
+                None => {
+                    queues.remove(&uid);
+                    return;
+                }
+            }
+        };
+        drop(next);
+        PENDING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A pipe's write end and whether its read end sees every writer gone.
+    fn pipe() -> (OwnedFd, impl Fn() -> bool) {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        nix::fcntl::fcntl(
+            read.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("nonblocking");
+        let closed = move || {
+            let mut byte = [0u8; 1];
+            matches!(nix::unistd::read(read.as_raw_fd(), &mut byte), Ok(0))
+        };
+        (write, closed)
+    }
+
+    fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A client's fd dropped unkept is closed, on another thread, and its
+    /// uid's count goes back to nothing; a kept one stays open.
+    #[test]
+    fn an_unkept_client_fd_is_closed_elsewhere_and_a_kept_one_stays() {
+        const UID: u32 = 4_000_000_001;
+        let (dropped, dropped_closed) = pipe();
+        let (refused, refused_closed) = pipe();
+        let (kept, kept_closed) = pipe();
+        let mut fds = ClientFd::all(vec![dropped, refused, kept], UID);
+        let kept = fds.pop().and_then(|fd| fd.keep_if(|_| true)).expect("kept");
+        let refused = fds.pop().and_then(|fd| fd.keep_if(|_| false));
+        assert!(refused.is_none());
+        drop(fds);
+        eventually("the refused fd closed", &refused_closed);
+        eventually("the dropped fd closed", &dropped_closed);
+        eventually("nothing pending", || pending(UID) == 0);
+        assert!(!kept_closed(), "a kept fd was closed");
+        drop(kept);
+        assert!(kept_closed());
+    }
+
+    /// Closes of one uid wait behind each other, not behind another uid's.
+    #[test]
+    fn a_uid_whose_close_waits_holds_up_only_its_own() {
+        const STUCK: u32 = 4_000_000_002;
+        const OTHER: u32 = 4_000_000_003;
+        // Stands for a FUSE file whose FLUSH is never answered: the
+        // closing thread of STUCK waits inside this close until released.
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let (stuck_fd, _) = pipe();
+        let stuck = std::sync::Arc::new(std::sync::Barrier::new(2));
+        {
+            let mut queues = queues();
+            PENDING.fetch_add(1, Ordering::AcqRel);
+            let queue = queues.entry(STUCK).or_default();
+            queue.closing = true;
+            queue.fds.push_back(stuck_fd);
+        }
+        let entered = std::sync::Arc::clone(&stuck);
+        // As `close_all_of`, but its first close waits until released.
+        let stuck_thread = std::thread::spawn(move || {
+            let first = queues()
+                .get_mut(&STUCK)
+                .and_then(|q| q.fds.pop_front())
+                .expect("the stuck fd");
+            entered.wait();
+            let _ = release.recv();
+            drop(first);
+            PENDING.fetch_sub(1, Ordering::AcqRel);
+            close_all_of(STUCK);
+        });
+        stuck.wait();
+        let (queued, queued_closed) = pipe();
+        close_elsewhere(STUCK, vec![queued]);
+        let (other, other_closed) = pipe();
+        close_elsewhere(OTHER, vec![other]);
+        eventually("the other uid's fd closed", &other_closed);
+        assert_eq!(pending(STUCK), 2, "both of the stuck uid's fds wait");
+        assert!(!queued_closed());
+        release_tx.send(()).expect("release");
+        stuck_thread.join().expect("stuck thread");
+        eventually("the stuck uid's fds closed", &queued_closed);
+        assert_eq!(pending(STUCK), 0);
+    }
+}

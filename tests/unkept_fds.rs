@@ -1,0 +1,152 @@
+//! Fds a client sends that the daemon does not keep. Every `close(2)` of a
+//! file on a FUSE mount waits for its server to answer a FLUSH, with no
+//! limit and no signal that ends it, and any user who can mount FUSE can
+//! send such an fd on any message. Here the server
+//! (`harness/stalling_fuse.py`) never answers FLUSH: the daemon must go on
+//! serving everyone else, and the fds such a client parks in it must stay
+//! bounded. Found by review.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
+
+use dmabroker_ipc::{ErrorCode, RequestBody};
+use dmabroker_suite::fuse::{answered_within, Stall, StallingFuse};
+use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::{have_root, Daemon, Scripted};
+
+const ALICE: u32 = 65501;
+
+/// One test at a time: while one holds the FUSE file open, a process
+/// another starts would wait for good in its exec, which closes its copy.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A daemon anyone may connect to, and the FUSE server.
+fn setup(test: &str) -> Option<(StallingFuse, Daemon)> {
+    if !have_root(test) {
+        return None;
+    }
+    let daemon = Daemon::start_with(dmabroker_suite::DaemonOptions {
+        args: vec!["--socket-mode".into(), "0666".into()],
+        ..Default::default()
+    });
+    let fuse = StallingFuse::mount(test, Stall::Flush)?;
+    Some((fuse, daemon))
+}
+
+/// The FUSE server and its file, opened here. Once it is open this
+/// process must start no other: an exec closes the new program's copy of
+/// every fd, and that close would wait for the FLUSH too. Dropped, the
+/// server goes first (every FLUSH it holds then fails), the file after,
+/// whether the test passed or not.
+struct Opened {
+    fuse: StallingFuse,
+    file: std::fs::File,
+}
+
+impl Opened {
+    fn new(fuse: StallingFuse) -> Opened {
+        let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
+        Opened { fuse, file }
+    }
+}
+
+/// Whether a new client (of this process's uid) is served within 3 s.
+fn others_served(daemon: &Daemon) -> bool {
+    let socket = daemon.socket().to_owned();
+    answered_within(Duration::from_secs(3), move || {
+        dmabroker_client::Client::connect_to(&socket)
+            .and_then(|c| c.heaps())
+            .is_ok()
+    })
+}
+
+fn adopt(raw: &mut RawClient, fd: BorrowedFd<'_>) {
+    let (_, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
+    raw.send_raw(&bytes, &[fd]);
+}
+
+/// An fd on a request that takes none, and one to adopt (not a dma-buf):
+/// both refused, and the daemon's close of each waits for good, on a
+/// thread of its own. It used to close them on the broker's thread, where
+/// every client then waited too.
+#[test]
+fn an_fd_whose_close_never_returns_does_not_stall_the_daemon() {
+    let _turn = one_at_a_time();
+    let Some((fuse, daemon)) = setup("an fd whose close never returns") else {
+        return;
+    };
+    let mut opened = Opened::new(fuse);
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+    raw.send_raw(&bytes, &[opened.file.as_fd()]);
+    let refused = raw.recv_reply().map(|(_, answer)| answer);
+    opened.fuse.await_flush();
+    let served_after_a_stray_fd = others_served(&daemon);
+
+    // Its close waits behind the first, on the same uid's thread.
+    adopt(&mut raw, opened.file.as_fd());
+    let adopted = raw.recv_reply().map(|(_, answer)| answer);
+    let served_after_an_adopt = others_served(&daemon);
+    // The same client goes on too.
+    let heaps = raw.request(RequestBody::ListHeaps);
+
+    drop(opened); // every held FLUSH fails now
+    assert_eq!(refused, Some(Err(ErrorCode::ProtocolError)));
+    assert!(
+        served_after_a_stray_fd,
+        "another client was not served while the daemon closed a stray fd"
+    );
+    assert_eq!(adopted, Some(Err(ErrorCode::NotADmaBuf)));
+    assert!(
+        served_after_an_adopt,
+        "another client was not served while the daemon closed a refused adopt's fd"
+    );
+    assert!(heaps.is_ok(), "{heaps:?}");
+}
+
+/// A client that sends such fds again and again parks at most a few
+/// dozen in the daemon: past that its connection is read no further until
+/// they are closed, while clients of other users are served. Once the
+/// server is gone everything is closed and the client read again.
+#[test]
+fn fds_parked_by_a_client_stay_bounded_and_others_are_served() {
+    let _turn = one_at_a_time();
+    let Some((fuse, daemon)) = setup("fds parked by a client") else {
+        return;
+    };
+    let baseline = daemon.baseline();
+    let mut honest = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
+    let mut opened = Opened::new(fuse);
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    const SENT: usize = 100;
+    for _ in 0..SENT {
+        adopt(&mut raw, opened.file.as_fd());
+    }
+    opened.fuse.await_flush();
+    // Past its bound the connection is not read: the count settles, at
+    // the bound (64) and the two connections' sockets and pages.
+    let parked = dmabroker_suite::proc::stable_fd_count(daemon.pid()) - baseline;
+    honest.send("heaps");
+    let honest_answer = honest.recv(Duration::from_secs(3));
+
+    drop(opened);
+    assert!(
+        parked <= 64 + 8,
+        "{parked} fds of {SENT} sent parked in the daemon for one client's closes"
+    );
+    let answer = honest_answer.expect("a client of another user was not served");
+    assert!(answer.starts_with("ok heaps="), "{answer}");
+    // Read again once they are closed: every adopt is answered.
+    for i in 0..SENT {
+        let answer = raw.recv_reply().map(|(_, answer)| answer);
+        assert_eq!(answer, Some(Err(ErrorCode::NotADmaBuf)), "adopt {i}");
+    }
+    drop(raw);
+    drop(honest);
+    daemon.assert_fds_back_to(baseline);
+}
