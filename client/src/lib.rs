@@ -255,7 +255,11 @@ impl Client {
         Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
     }
 
-    /// Errors for requests sent without waiting (ends, frees), oldest first.
+    /// Errors for requests sent without waiting (ends, frees), oldest first,
+    /// and what the client itself could not do with no caller to tell: a
+    /// message whose fds were lost, and a give-back of an
+    /// [`Error::FdTableFull`] answer that could not be kept for sending
+    /// (the buffer or access stays charged until the client disconnects).
     pub fn take_errors(&self) -> Vec<WireError> {
         self.conn.take_errors()
     }
