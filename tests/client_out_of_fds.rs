@@ -7,10 +7,14 @@
 //! the process, so the tests here also take turns (`ONE_AT_A_TIME`).
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc::channel;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use dmabroker_client::{Access, Client, Error};
-use dmabroker_ipc::{Grant, OutstandingFence, Reply, ReplyBody, RequestBody, ServerMessage};
+use dmabroker_ipc::{
+    BufferInfo, Grant, OutstandingFence, Reply, ReplyBody, RequestBody, ServerMessage,
+};
 use dmabroker_suite::fake_broker::{self, FakeBroker};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -166,6 +170,100 @@ fn a_grant_answered_while_out_of_fds_ends_the_access_it_cannot_take() {
             }
         )),
         "the access granted to the failed begin was never ended: {seen:?}"
+    );
+    drop((buffer, client));
+    broker.join();
+}
+
+/// A program ending thousands of accesses in a burst (each drop a
+/// pipelined one-way `End`) while another thread allocates with its fd
+/// table full, and the broker busy for a moment: the `Free` for the
+/// buffer whose fd was lost found the socket's send buffer full of ends.
+/// Sent without waiting, it was dropped without a word, and the buffer
+/// stayed charged to the client until it disconnected, though the alloc's
+/// `FdTableFull` said it had been handed back.
+#[test]
+fn a_give_back_that_finds_the_socket_full_is_sent_once_there_is_room() {
+    const GUARDS: u64 = 2_000;
+    let _turn = one_at_a_time();
+    let (fd, inode) = fake_broker::memfd();
+    let (alloc_seen, alloc_arrived) = channel();
+    let mut allocs = 0;
+    let broker = FakeBroker::start(1, move |socket, _, id, body| {
+        match body {
+            RequestBody::Alloc { .. } => {
+                allocs += 1;
+                if allocs == 1 {
+                    fake_broker::reply_with_buffer(socket, id, &fd, inode);
+                } else {
+                    // Busy for a moment: reads nothing while the ends
+                    // fill the client's socket, answers the alloc with a
+                    // buffer whose fd the client has no room for, and
+                    // still reads nothing for a moment.
+                    let _ = alloc_seen.send(());
+                    std::thread::sleep(Duration::from_secs(1));
+                    let info = BufferInfo {
+                        id: 2,
+                        ..fake_broker::buffer_info(inode)
+                    };
+                    let message = ServerMessage::Reply(Reply {
+                        id,
+                        fds: 1,
+                        result: Ok(ReplyBody::Buffer(info)),
+                    });
+                    fake_broker::send(socket, &message, &[fd.as_fd()]);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            RequestBody::Begin { access, .. } => {
+                let grant = Grant {
+                    access: id,
+                    buffer: 1,
+                    kind: *access,
+                    writer_lost: false,
+                    revoked: false,
+                    fences: Vec::new(),
+                    end_slot: None,
+                    word: None,
+                };
+                fake_broker::reply(socket, id, Ok(ReplyBody::Granted(grant)));
+            }
+            RequestBody::ListHeaps => {
+                fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())))
+            }
+            _ => {}
+        }
+        true
+    });
+    let client = Client::connect_to(&broker.path).expect("connect");
+    let buffer = client.alloc(4096).expect("alloc");
+    let guards: Vec<_> = (0..GUARDS)
+        .map(|_| buffer.begin(Access::DeviceRead).expect("begin"))
+        .collect();
+    let dropper = std::thread::spawn(move || {
+        // Once the broker has stopped reading: the ends fill the socket.
+        alloc_arrived.recv().expect("the second alloc");
+        drop(guards);
+    });
+    let alloc = {
+        let _full = FdTableFull::new();
+        client.alloc(4096)
+    };
+    let err = alloc.expect_err("no room for the buffer's fd");
+    assert_fd_table_full(&err);
+    dropper.join().expect("dropper");
+    // A round trip: anything the client sent before it has arrived.
+    client.heaps().expect("heaps");
+    let seen = broker.seen();
+    let ends = seen
+        .iter()
+        .filter(|body| matches!(body, RequestBody::End { .. }))
+        .count();
+    assert_eq!(ends as u64, GUARDS, "every access was ended");
+    assert!(
+        seen.iter()
+            .any(|body| matches!(body, RequestBody::Free { buffer: 2 })),
+        "the buffer the broker allocated for the failed alloc was never freed"
     );
     drop((buffer, client));
     broker.join();

@@ -123,6 +123,36 @@ fn begin_timeout_with_the_longest_timeout_is_granted() {
     broker.join();
 }
 
+/// A 50-day `begin_timeout` is longer than the wire's `timeout_ms` can
+/// say (u32::MAX ms, about 49.7 days), but an `Instant` holds it: it is a
+/// limit, not "no limit". It was sent as `timeout_ms: None`, and the begin
+/// could wait forever; the longest limit the wire can say is the nearest.
+#[test]
+fn begin_timeout_longer_than_the_wire_can_say_asks_for_the_longest_limit() {
+    let broker = allocating_and_granting();
+    let client = Client::connect_to(&broker.path).expect("connect");
+    let buffer = client.alloc(4096).expect("alloc");
+    let fifty_days = Duration::from_secs(50 * 24 * 3600);
+    let guard = buffer
+        .begin_timeout(Access::CpuRead, fifty_days)
+        .expect("granted");
+    let seen = broker.seen();
+    let asked: Vec<_> = seen
+        .iter()
+        .filter_map(|body| match body {
+            RequestBody::Begin { timeout_ms, .. } => Some(*timeout_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [Some(u32::MAX)],
+        "a 50-day begin timeout was not sent as the longest limit: {seen:?}"
+    );
+    drop((guard, buffer, client));
+    broker.join();
+}
+
 /// `begin_async(access, Some(Duration::MAX))` panicked on the blocking
 /// pool (Instant overflow), and the future failed with a task error.
 #[test]

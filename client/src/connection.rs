@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,10 @@ use crate::error::Error;
 const UNWAITED: u64 = 1 << 63;
 /// Most asynchronous errors remembered for `take_errors`.
 const MAX_ASYNC_ERRORS: usize = 64;
+/// Most give-backs kept waiting for room in the socket (see [`Owed`]).
+/// One each time the fd table is full as an answer with fds arrives, so a
+/// program that keeps asking while out of fds cannot grow it forever.
+const MAX_OWED: usize = 64;
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -101,6 +105,27 @@ struct Hold {
     /// numbers buffers anew, so after a reconnect the same id may name
     /// another buffer of this client.
     serial: u64,
+}
+
+/// A give-back (see [`Connection::give_back`]) the socket had no room for when the
+/// reader tried it: the encoded request, and the connection generation
+/// whose broker it is owed to. It goes out ahead of the next message sent
+/// on that connection; a new connection drops it, since the old broker's
+/// holds ended with the old connection and its ids mean nothing to a new
+/// one.
+#[derive(Debug)]
+struct Owed {
+    generation: u64,
+    bytes: Vec<u8>,
+}
+
+/// Whether a send failed because the connection is gone (nothing sent on
+/// it will ever be read), rather than for want of room or for a moment.
+fn is_dead(err: &SendError) -> bool {
+    matches!(
+        err,
+        SendError::Os(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN)
+    )
 }
 
 /// How long a blocking receive or send (`option`) on `socket` may wait
@@ -217,6 +242,13 @@ pub(crate) struct Connection {
     events_seen: AtomicU64,
     reconnecting: Mutex<()>,
     reconnects: AtomicU64,
+    /// Give-backs waiting for room in the socket, oldest first. Its lock
+    /// is never held while another is taken or a message sent: the reader
+    /// takes it, and must never wait for a thread blocked on the broker.
+    owed: Mutex<VecDeque<Owed>>,
+    /// Whether `owed` may hold anything: every send looks, and this spares
+    /// it a lock when nothing is owed, which is nearly always.
+    owing: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -283,9 +315,10 @@ fn encode(id: u64, flags: u8, body: RequestBody, fds: usize) -> Result<Vec<u8>, 
 }
 
 fn send_error(err: SendError) -> Error {
-    match err {
-        SendError::Os(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => Error::Disconnected,
-        other => Error::Protocol(other.to_string()),
+    if is_dead(&err) {
+        Error::Disconnected
+    } else {
+        Error::Protocol(err.to_string())
     }
 }
 
@@ -419,6 +452,8 @@ impl Connection {
             events_seen: AtomicU64::new(0),
             reconnecting: Mutex::new(()),
             reconnects: AtomicU64::new(0),
+            owed: Mutex::new(VecDeque::new()),
+            owing: AtomicBool::new(false),
         })
     }
 
@@ -566,6 +601,8 @@ impl Connection {
         let Ok(bytes) = encode(id, FLAG_NO_REPLY, RequestBody::Cancel { request }, 0) else {
             return false;
         };
+        // Without waiting either: what does not fit stays owed.
+        let _ = self.send_owed(&socket, current, true);
         send_message(socket.as_fd(), &bytes, &[], true).is_ok()
     }
 
@@ -640,6 +677,9 @@ impl Connection {
             lock(&self.mailbox).awaited.insert(id);
         }
         let (socket, generation) = self.current_socket();
+        // Ahead of the request. One that fails is kept (or the connection
+        // is gone, which the request's own send finds out).
+        let _ = self.send_owed(&socket, generation, false);
         if let Err(err) = send_message(socket.as_fd(), &bytes, fds, false) {
             if wait {
                 lock(&self.mailbox).awaited.remove(&id);
@@ -762,15 +802,27 @@ impl Connection {
             let mut buf = lock(&self.read_buf);
             receive(&socket, &mut buf.0, deadline)
         };
-        if let Ok(Received::FdsLost(message)) = &received {
+        let mut not_given_back = None;
+        match &received {
             // On the socket it came on, whichever is current now: the ids
             // it names are that connection's.
-            give_back(&socket, &self.next_id, message);
+            Ok(Received::FdsLost(message)) => {
+                not_given_back = self.give_back(&socket, generation, message);
+            }
+            // A broker that answers may be reading again: what it is owed
+            // need not wait for the client's next request.
+            Ok(Received::Message(..)) => {
+                let _ = self.send_owed(&socket, generation, true);
+            }
+            _ => {}
         }
         let mut mailbox = lock(&self.mailbox);
         mailbox.reading = false;
         let mut mine = None;
         if generation == self.generation() {
+            if let Some(err) = not_given_back {
+                push_error(&mut mailbox, err);
+            }
             // A refusal is the broker's last word only if nothing follows
             // it (see `refusal`); this message may be one again.
             if matches!(
@@ -1025,6 +1077,86 @@ impl Connection {
         mailbox.refusal = None;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         self.arrived.notify_all();
+        drop(mailbox);
+        // Owed to the old broker, whose holds ended with its connection
+        // (one the reader adds late is dropped at the next send).
+        let mut owed = lock(&self.owed);
+        owed.clear();
+        self.owing.store(false, Ordering::Release);
+    }
+
+    /// Sends what is owed to connection `generation` (see [`Owed`]) on
+    /// `socket`, its socket, oldest first; `nonblocking`, only what fits
+    /// now. One that does not go is kept, unless the connection is gone.
+    fn send_owed(
+        &self,
+        socket: &OwnedFd,
+        generation: u64,
+        nonblocking: bool,
+    ) -> Result<(), SendError> {
+        if !self.owing.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        loop {
+            // Taken out, then sent without the lock: the reader must not
+            // wait for this send (see `owed`).
+            let next = {
+                let mut owed = lock(&self.owed);
+                // Generations only grow: an older one's broker is gone.
+                owed.retain(|o| o.generation >= generation);
+                let next = owed
+                    .iter()
+                    .position(|o| o.generation == generation)
+                    .and_then(|at| owed.remove(at));
+                self.owing.store(!owed.is_empty(), Ordering::Release);
+                next
+            };
+            let Some(next) = next else {
+                return Ok(());
+            };
+            if let Err(err) = send_message(socket.as_fd(), &next.bytes, &[], nonblocking) {
+                if !is_dead(&err) {
+                    let mut owed = lock(&self.owed);
+                    owed.push_front(next);
+                    self.owing.store(true, Ordering::Release);
+                }
+                return Err(err);
+            }
+        }
+    }
+
+    /// Gives back what `message`, which came on connection `generation`
+    /// (`socket`) without its fds, gave (see [`give_back_request`]). Never waits:
+    /// a reader must never block on a broker that does not read. What the
+    /// socket has no room for now is kept for the next send; only if too
+    /// much is kept already is it lost, and the error returned says so.
+    fn give_back(
+        &self,
+        socket: &OwnedFd,
+        generation: u64,
+        message: &ServerMessage,
+    ) -> Option<WireError> {
+        let (body, what) = give_back_request(message)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+        let bytes = encode(id, FLAG_NO_REPLY, body, 0).ok()?;
+        {
+            let mut owed = lock(&self.owed);
+            if owed.len() >= MAX_OWED {
+                return Some(WireError::new(
+                    ErrorCode::ProtocolError,
+                    format!(
+                        "{what} could not be given back: {MAX_OWED} give-backs already wait \
+                         for room in the socket, so it stays charged to this client until \
+                         it disconnects"
+                    ),
+                ));
+            }
+            // Behind any owed already, which go first.
+            owed.push_back(Owed { generation, bytes });
+            self.owing.store(true, Ordering::Release);
+        }
+        let _ = self.send_owed(socket, generation, true);
+        None
     }
 
     /// The next event, waiting at most `timeout` (forever with `None`).
@@ -1085,7 +1217,7 @@ enum Received {
     Message(ServerMessage, Vec<OwnedFd>),
     /// Whole, but the fds that came with it did not (`MSG_CTRUNC`: this
     /// process's fd table was full, and the kernel closed them). Unlike an
-    /// unreadable message, its request was carried out: see [`give_back`].
+    /// unreadable message, its request was carried out: see [`Connection::give_back`].
     FdsLost(ServerMessage),
     /// Read but not understood. A datagram stream stays in step after one
     /// (the next datagram is whole), so only the request it answers, if
@@ -1155,31 +1287,39 @@ fn receive(
 /// What a message whose fds were lost says, for `take_errors`.
 const FDS_LOST: &str = "a message from the broker lost its fds: this process's fd table was full";
 
-/// What the broker gave in an answer whose fds this process had no room
-/// for: it has counted a buffer (an alloc's, an import's) or an access (a
+/// The request giving back what the broker gave in an answer whose fds
+/// this process had no room for, and words naming it for an error: the
+/// broker has counted a buffer (an alloc's, an import's) or an access (a
 /// grant's, whose fences' sync_files were lost) as this client's, and no
-/// `Buffer` or guard will exist to give it back. Given back one way and
-/// without waiting, as a cancel is: a reader must never block on a broker
-/// that does not read. A grant whose fences came as fds is never held in
-/// the buffer's word, so `End` ends it.
-fn give_back(socket: &OwnedFd, next_id: &AtomicU64, message: &ServerMessage) {
-    let body = match message {
+/// `Buffer` or guard will exist to give it back. Sent one way (see
+/// [`Connection::give_back`]). A grant whose fences came as fds is never
+/// held in the buffer's word, so `End` ends it.
+fn give_back_request(message: &ServerMessage) -> Option<(RequestBody, String)> {
+    match message {
         ServerMessage::Reply(Reply {
             result: Ok(ReplyBody::Buffer(info)),
             ..
-        }) => RequestBody::Free { buffer: info.id },
+        }) => Some((
+            RequestBody::Free { buffer: info.id },
+            format!(
+                "buffer {}, allocated for an answer whose fd was lost,",
+                info.id
+            ),
+        )),
         ServerMessage::Reply(Reply {
             result: Ok(ReplyBody::Granted(grant)),
             ..
-        }) => RequestBody::End {
-            access: grant.access,
-            fence_slot: None,
-        },
-        _ => return,
-    };
-    let id = next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
-    if let Ok(bytes) = encode(id, FLAG_NO_REPLY, body, 0) {
-        let _ = send_message(socket.as_fd(), &bytes, &[], true);
+        }) => Some((
+            RequestBody::End {
+                access: grant.access,
+                fence_slot: None,
+            },
+            format!(
+                "access {}, granted in an answer whose fds were lost,",
+                grant.access
+            ),
+        )),
+        _ => None,
     }
 }
 
@@ -1351,6 +1491,138 @@ mod tests {
         let holds = lock(&conn.holds);
         assert!(is_hold(&holds, 1, newer), "the newer hold was displaced");
         assert!(!is_hold(&holds, 1, stale));
+    }
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            autofence: None,
+            client_name: "test".into(),
+        }
+    }
+
+    /// Sends without waiting until the socket has no room.
+    fn fill(socket: &OwnedFd) {
+        while send_message(socket.as_fd(), &[0; 512], &[], true).is_ok() {}
+    }
+
+    /// Every request waiting in the broker's end, in order.
+    fn drain(broker: &OwnedFd) -> Vec<RequestBody> {
+        let mut bodies = Vec::new();
+        while let Ok(received) = recv_message(broker.as_fd(), true) {
+            if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
+                bodies.push(request.body);
+            }
+        }
+        bodies
+    }
+
+    fn buffer_answer(buffer: u64) -> ServerMessage {
+        ServerMessage::Reply(Reply {
+            id: 5,
+            fds: 1,
+            result: Ok(ReplyBody::Buffer(dmabroker_ipc::BufferInfo {
+                id: buffer,
+                size: 4096,
+                heap: "memfd".into(),
+                name: String::new(),
+                inode: 1,
+                secret: String::new(),
+            })),
+        })
+    }
+
+    /// A give-back the full socket had no room for goes out ahead of the
+    /// next request; dropped, the buffer stayed charged to the client.
+    #[test]
+    fn a_give_back_without_room_goes_out_ahead_of_the_next_request() {
+        let (ours, broker) = pair();
+        fill(&ours);
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            ours,
+            welcome(),
+            None,
+        );
+        let (socket, generation) = conn.current_socket();
+        assert!(conn
+            .give_back(&socket, generation, &buffer_answer(3))
+            .is_none());
+        let _ = drain(&broker);
+        conn.send(RequestBody::ListHeaps, &[], false).expect("send");
+        assert!(matches!(
+            drain(&broker)[..],
+            [RequestBody::Free { buffer: 3 }, RequestBody::ListHeaps]
+        ));
+    }
+
+    /// The old broker's holds ended with its connection, and on a new one
+    /// the id may name another buffer of this client: nothing owed to the
+    /// old one goes to the new one, even one the reader kept late.
+    #[test]
+    fn a_give_back_owed_to_a_replaced_connection_is_dropped() {
+        let (ours, old_broker) = pair();
+        fill(&ours);
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            ours,
+            welcome(),
+            None,
+        );
+        let (old, old_generation) = conn.current_socket();
+        assert!(conn
+            .give_back(&old, old_generation, &buffer_answer(3))
+            .is_none());
+        let (new, broker) = pair();
+        conn.install(new, welcome(), None);
+        assert!(conn
+            .give_back(&old, old_generation, &buffer_answer(4))
+            .is_none());
+        let _ = drain(&old_broker);
+        conn.send(RequestBody::ListHeaps, &[], false).expect("send");
+        assert!(matches!(drain(&broker)[..], [RequestBody::ListHeaps]));
+        assert!(lock(&conn.owed).is_empty());
+    }
+
+    /// Past the bound, a give-back is lost, and `take_errors` must say so.
+    #[test]
+    fn a_give_back_past_the_bound_says_it_is_lost() {
+        let (ours, _broker) = pair();
+        fill(&ours);
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            ours,
+            welcome(),
+            None,
+        );
+        let (socket, generation) = conn.current_socket();
+        for buffer in 0..MAX_OWED as u64 {
+            assert!(conn
+                .give_back(&socket, generation, &buffer_answer(buffer))
+                .is_none());
+        }
+        let lost = conn
+            .give_back(&socket, generation, &buffer_answer(99))
+            .expect("the lost one is reported");
+        assert!(lost.message.contains("buffer 99"), "{lost:?}");
+        assert_eq!(lock(&conn.owed).len(), MAX_OWED);
     }
 
     /// A broker that closes its end with messages of ours unread resets

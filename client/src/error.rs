@@ -39,11 +39,18 @@ pub enum Error {
     Task(String),
     /// The broker carried the request out, but this process had no room in
     /// its fd table (`EMFILE`) for the fds of the answer, and the kernel
-    /// dropped them. What the answer gave was handed back at once (a buffer
-    /// freed, an access ended), so nothing stays charged to this client:
-    /// close some fds and ask again. The broker refused nothing, so
-    /// [`Error::code`] is `None`.
-    #[error("this process's fd table is full (EMFILE): the fds of dmabroker's answer could not be received, and what it gave was handed back")]
+    /// dropped them. What the answer gave is handed back (a buffer freed,
+    /// an access ended), so nothing stays charged to this client: close
+    /// some fds and ask again. It is handed back without waiting for the
+    /// broker, which may not be reading: when the socket has no room for
+    /// it, it goes out ahead of the next message the client sends on that
+    /// connection (or once the broker answers anything), and a connection
+    /// that ends first ends the charge with it. Only when 64 give-backs
+    /// wait so already is one lost, and [`Client::take_errors`] says so.
+    /// The broker refused nothing, so [`Error::code`] is `None`.
+    ///
+    /// [`Client::take_errors`]: crate::Client::take_errors
+    #[error("this process's fd table is full (EMFILE): the fds of dmabroker's answer could not be received, and what it gave is handed back")]
     FdTableFull,
 }
 

@@ -255,7 +255,11 @@ impl Client {
         Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
     }
 
-    /// Errors for requests sent without waiting (ends, frees), oldest first.
+    /// Errors for requests sent without waiting (ends, frees), oldest first,
+    /// and what the client itself could not do with no caller to tell: a
+    /// message whose fds were lost, and a give-back of an
+    /// [`Error::FdTableFull`] answer that could not be kept for sending
+    /// (the buffer or access stays charged until the client disconnects).
     pub fn take_errors(&self) -> Vec<WireError> {
         self.conn.take_errors()
     }
@@ -273,6 +277,20 @@ fn unexpected(expected: &'static str, got: &ReplyBody) -> Error {
         expected,
         got: format!("{got:?}").chars().take(80).collect(),
     }
+}
+
+/// The `timeout_ms` of a begin that may wait `timeout`, in a call whose
+/// own deadline is `deadline`. Rounded up: 0 tells the broker to give up
+/// at once. No limit only when the call has no deadline either (a timeout
+/// too long for an `Instant`, `Duration::MAX`: how a caller says "no
+/// limit"), since the longest limit the wire can say is one a begin could
+/// outwait. Any other timeout is a limit, and one longer than the wire can
+/// say (past `u32::MAX` ms, some 49.7 days) asks for the longest it can:
+/// sent as none, a 50-day wait could last forever.
+fn wire_timeout(timeout: Option<Duration>, deadline: Option<Instant>) -> Option<u32> {
+    let timeout = timeout?;
+    deadline?;
+    Some(u32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))
 }
 
 /// A buffer this client holds. Dropping it frees the hold (pipelined: no
@@ -418,7 +436,9 @@ impl Buffer {
     /// restart the timeout bounds the wait for the new broker to answer;
     /// once it has, re-attaching the client's buffers runs to its end
     /// (within [`ClientOptions::reconnect`]) and may take longer. A timeout
-    /// too long to end (`Duration::MAX`) is no limit at all.
+    /// too long to end (`Duration::MAX`) is no limit at all; any other is
+    /// a limit, and one longer than the broker can be told (`u32::MAX` ms,
+    /// some 49.7 days) gives up after that long instead.
     pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
         self.state.begin_inner(access, Some(timeout))
     }
@@ -513,14 +533,18 @@ impl BufferState {
             .map_err(|_| Error::Protocol("buffer larger than the address space".into()))
     }
 
-    fn begin_request(&self, access: Access, timeout: Option<Duration>) -> RequestBody {
+    /// A begin asking the broker to wait at most `timeout`, of a call
+    /// whose own deadline is `deadline` (`None`: it has none).
+    fn begin_request(
+        &self,
+        access: Access,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> RequestBody {
         RequestBody::Begin {
             buffer: self.info.id,
             access,
-            // Rounded up: 0 tells the broker to give up at once. One longer
-            // than the wire can say (`Duration::MAX`) asks for no limit
-            // rather than the longest one, which a begin could outwait.
-            timeout_ms: timeout.and_then(|t| u32::try_from(t.as_nanos().div_ceil(1_000_000)).ok()),
+            timeout_ms: wire_timeout(timeout, deadline),
         }
     }
 
@@ -575,7 +599,7 @@ impl BufferState {
             self.map_word_before_asking(access)?;
             let (body, fds, (id, generation)) = self.client.conn.call_for_until(
                 self.hold(),
-                || self.begin_request(access, asked()),
+                || self.begin_request(access, asked(), deadline),
                 &[],
                 deadline,
                 sent,
@@ -1327,5 +1351,19 @@ mod tests {
         let name = program_name(Some(std::ffi::OsString::from_vec(b"cam\xffera".to_vec())));
         assert_eq!(name, "cam\u{fffd}era");
         assert_eq!(program_name(None), "");
+    }
+
+    #[test]
+    fn only_a_timeout_without_a_deadline_is_sent_as_no_limit() {
+        let limit = |t: Duration| wire_timeout(Some(t), connection::deadline_after(t));
+        assert_eq!(limit(Duration::MAX), None);
+        assert_eq!(limit(Duration::from_secs(50 * 24 * 3600)), Some(u32::MAX));
+        assert_eq!(
+            limit(Duration::from_millis(u64::from(u32::MAX) + 1)),
+            Some(u32::MAX)
+        );
+        assert_eq!(limit(Duration::from_nanos(1)), Some(1), "rounded up");
+        assert_eq!(limit(Duration::ZERO), Some(0));
+        assert_eq!(wire_timeout(None, None), None);
     }
 }
