@@ -1659,3 +1659,61 @@ fn a_call_is_not_held_past_the_window_by_a_broker_wedged_mid_re_attach() {
         outcome.expect("heaps() with a 500 ms reconnect window still waiting after 4 s");
     assert!(heaps.is_err(), "{heaps:?} after {took:?}");
 }
+
+/// A broker that welcomes its first connection and hangs up at its first
+/// heaps request, then refuses every hello with `code`, as a broker
+/// upgraded to another protocol version would, for good.
+fn refusing_after_the_first(path: &Path, code: ErrorCode) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let socket = accept_one(&listener);
+        while let Ok(message) = recv_message(socket.as_fd(), false) {
+            let request = decode_request(&message.bytes).expect("decode");
+            match request.body {
+                RequestBody::Hello(_) => reply(&socket, request.head.id, Ok(welcome())),
+                _ => break,
+            }
+        }
+        drop(socket);
+        // Every later connection (the thread is left behind, waiting in
+        // its accept, once the test is done).
+        loop {
+            let socket = accept_one(&listener);
+            let Ok(message) = recv_message(socket.as_fd(), false) else {
+                continue;
+            };
+            let request = decode_request(&message.bytes).expect("decode");
+            let refusal = WireError::new(code, "refused for good");
+            reply(&socket, request.head.id, Err(refusal));
+        }
+    })
+}
+
+/// A reconnect that finds the broker refusing the hello for a reason
+/// that will not change (another protocol version, not permitted) fails
+/// the call at once with that refusal. It used to try again until the
+/// window ended, and a window of `Duration::MAX` (no end) left the call
+/// waiting for good. Found by review.
+#[test]
+fn a_reconnect_refused_for_good_fails_at_once_whatever_the_window() {
+    for code in [ErrorCode::IncompatibleVersion, ErrorCode::PermissionDenied] {
+        let (_dir, path) = socket_path();
+        let broker = refusing_after_the_first(&path, code);
+        let options = ClientOptions {
+            reconnect: Some(Duration::MAX),
+            ..Default::default()
+        };
+        let client = Client::connect_with(&path, options).expect("connect");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(client.heaps().map(|_| ()).map_err(|e| e.code()));
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(
+            answer,
+            Ok(Err(Some(code))),
+            "a reconnect refused {code:?} for good"
+        );
+        drop(broker);
+    }
+}

@@ -957,6 +957,15 @@ impl Connection {
                     drop(holds);
                     return Ok(());
                 }
+                // A hello refused for a reason no retry changes (another
+                // protocol version; the policy does not permit it): the
+                // answer, at once, whatever is left of the window.
+                Err(
+                    err @ Error::Broker(WireError {
+                        code: ErrorCode::IncompatibleVersion | ErrorCode::PermissionDenied,
+                        ..
+                    }),
+                ) => return Err(err),
                 // A caller's limit is kept to the end (its caller tells a
                 // timeout by the deadline having passed); the window alone
                 // ends at the last attempt that fits in it.

@@ -61,7 +61,9 @@ pub struct ClientOptions {
     /// for its grace period. Keeping such a connection instead would give
     /// up the buffers not yet asked for, and leave the call waiting for a
     /// broker that has stopped answering. `Some(Duration::MAX)` keeps
-    /// trying for as long as it takes.
+    /// trying for as long as it takes. A broker that refuses the hello
+    /// for good (`IncompatibleVersion`, `PermissionDenied`) fails the call
+    /// at once with that refusal, whatever is left of the window.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
