@@ -1661,9 +1661,14 @@ fn a_call_is_not_held_past_the_window_by_a_broker_wedged_mid_re_attach() {
 }
 
 /// A broker that welcomes its first connection and hangs up at its first
-/// heaps request, then refuses every hello with `code`, as a broker
-/// upgraded to another protocol version would, for good.
-fn refusing_after_the_first(path: &Path, code: ErrorCode) -> std::thread::JoinHandle<()> {
+/// heaps request, then refuses the next `refusals` hellos with `code` (as
+/// a broker upgraded to another protocol version would, for good, with
+/// `usize::MAX`), then serves again.
+fn refusing_after_the_first(
+    path: &Path,
+    code: ErrorCode,
+    refusals: usize,
+) -> std::thread::JoinHandle<()> {
     let listener = listening_at(path);
     std::thread::spawn(move || {
         let socket = accept_one(&listener);
@@ -1677,16 +1682,43 @@ fn refusing_after_the_first(path: &Path, code: ErrorCode) -> std::thread::JoinHa
         drop(socket);
         // Every later connection (the thread is left behind, waiting in
         // its accept, once the test is done).
+        let mut refused = 0;
         loop {
             let socket = accept_one(&listener);
-            let Ok(message) = recv_message(socket.as_fd(), false) else {
-                continue;
-            };
-            let request = decode_request(&message.bytes).expect("decode");
-            let refusal = WireError::new(code, "refused for good");
-            reply(&socket, request.head.id, Err(refusal));
+            while let Ok(message) = recv_message(socket.as_fd(), false) {
+                let request = decode_request(&message.bytes).expect("decode");
+                let answer = match request.body {
+                    RequestBody::Hello(_) if refused < refusals => {
+                        refused += 1;
+                        Err(WireError::new(code, "refused"))
+                    }
+                    RequestBody::Hello(_) => Ok(welcome()),
+                    _ => Ok(ReplyBody::Heaps(Vec::new())),
+                };
+                let refusal = answer.is_err();
+                reply(&socket, request.head.id, answer);
+                if refusal {
+                    break;
+                }
+            }
         }
     })
+}
+
+/// A hello refused `PermissionDenied` within a reconnect window that
+/// ends is tried again: a policy reload may lift it a moment later.
+#[test]
+fn a_reconnect_refused_permission_tries_again_within_its_window() {
+    let (_dir, path) = socket_path();
+    let broker = refusing_after_the_first(&path, ErrorCode::PermissionDenied, 1);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    assert!(client.heaps().is_ok(), "not served once the refusal passed");
+    assert_eq!(client.reconnects(), 1);
+    drop(broker);
 }
 
 /// A reconnect that finds the broker refusing the hello for a reason
@@ -1698,7 +1730,7 @@ fn refusing_after_the_first(path: &Path, code: ErrorCode) -> std::thread::JoinHa
 fn a_reconnect_refused_for_good_fails_at_once_whatever_the_window() {
     for code in [ErrorCode::IncompatibleVersion, ErrorCode::PermissionDenied] {
         let (_dir, path) = socket_path();
-        let broker = refusing_after_the_first(&path, code);
+        let broker = refusing_after_the_first(&path, code, usize::MAX);
         let options = ClientOptions {
             reconnect: Some(Duration::MAX),
             ..Default::default()

@@ -926,6 +926,7 @@ impl Connection {
             return Ok(());
         }
         let window = self.reconnect_window.unwrap_or_default();
+        let endless = deadline_after(window).is_none();
         let end_of_window = end_of_window(window);
         let deadline = limit.map_or(end_of_window, |limit| limit.min(end_of_window));
         // Given up at the caller's limit: its time ran out, as a broker's
@@ -958,14 +959,24 @@ impl Connection {
                     return Ok(());
                 }
                 // A hello refused for a reason no retry changes (another
-                // protocol version; the policy does not permit it): the
-                // answer, at once, whatever is left of the window.
+                // protocol version): the answer, at once, whatever is left
+                // of the window. One the policy does not permit may pass
+                // a moment later (a reload, a peer the broker could not
+                // pin down for a moment), so it is tried again within a
+                // window that ends; a window without end would wait for
+                // good.
                 Err(
                     err @ Error::Broker(WireError {
-                        code: ErrorCode::IncompatibleVersion | ErrorCode::PermissionDenied,
+                        code: ErrorCode::IncompatibleVersion,
                         ..
                     }),
                 ) => return Err(err),
+                Err(
+                    err @ Error::Broker(WireError {
+                        code: ErrorCode::PermissionDenied,
+                        ..
+                    }),
+                ) if endless => return Err(err),
                 // A caller's limit is kept to the end (its caller tells a
                 // timeout by the deadline having passed); the window alone
                 // ends at the last attempt that fits in it.
@@ -1088,10 +1099,11 @@ impl Connection {
         self.arrived.notify_all();
         drop(mailbox);
         // Owed to the old broker, whose holds ended with its connection
-        // (one the reader adds late is dropped at the next send).
+        // (one the reader adds late is dropped at the next send). Not one
+        // owed to the new connection already, by a reader as fast.
         let mut owed = lock(&self.owed);
-        owed.clear();
-        self.owing.store(false, Ordering::Release);
+        owed.retain(|o| o.generation >= generation);
+        self.owing.store(!owed.is_empty(), Ordering::Release);
     }
 
     /// Sends what is owed to connection `generation` (see [`Owed`]) on
@@ -1148,6 +1160,9 @@ impl Connection {
         let (body, what) = give_back_request(message)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
         let bytes = encode(id, FLAG_NO_REPLY, body, 0).ok()?;
+        // What is owed already goes first, and may make room under the
+        // bound: the broker may be reading again.
+        let _ = self.send_owed(socket, generation, true);
         {
             let mut owed = lock(&self.owed);
             if owed.len() >= MAX_OWED {
@@ -1550,6 +1565,35 @@ mod tests {
                 secret: String::new(),
             })),
         })
+    }
+
+    /// A give-back that finds as many owed as may be, in a socket that
+    /// has room again, sends them and goes out too: it used to be
+    /// refused as one too many, and its buffer stayed charged to the
+    /// client until it disconnected. Found by review.
+    #[test]
+    fn a_give_back_at_the_bound_sends_what_is_owed_first() {
+        let (ours, broker) = pair();
+        fill(&ours);
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            ours,
+            welcome(),
+            None,
+        );
+        let (socket, generation) = conn.current_socket();
+        for buffer in 0..MAX_OWED as u64 {
+            assert!(conn
+                .give_back(&socket, generation, &buffer_answer(buffer))
+                .is_none());
+        }
+        // The broker reads everything: the socket has room again.
+        let _ = drain(&broker);
+        let lost = conn.give_back(&socket, generation, &buffer_answer(99));
+        assert!(lost.is_none(), "lost with room in the socket: {lost:?}");
+        assert_eq!(drain(&broker).len(), MAX_OWED + 1);
     }
 
     /// A give-back the full socket had no room for goes out ahead of the

@@ -62,8 +62,9 @@ pub struct ClientOptions {
     /// up the buffers not yet asked for, and leave the call waiting for a
     /// broker that has stopped answering. `Some(Duration::MAX)` keeps
     /// trying for as long as it takes. A broker that refuses the hello
-    /// for good (`IncompatibleVersion`, `PermissionDenied`) fails the call
-    /// at once with that refusal, whatever is left of the window.
+    /// for good (`IncompatibleVersion`) fails the call at once with that
+    /// refusal, whatever is left of the window; `PermissionDenied`, which
+    /// a policy reload may lift, too, but only when the window has no end.
     pub reconnect: Option<Duration>,
     /// Begin and end uncontended CPU accesses of memfd buffers in the
     /// buffer's word, with no message (see "Buffer words" in
