@@ -13,6 +13,7 @@ use dmabroker_ipc::{ErrorCode, RequestBody};
 use dmabroker_suite::fuse::{answered_within, Stall, StallingFuse};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::{have_root, Daemon, Scripted};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 const ALICE: u32 = 65501;
 
@@ -149,4 +150,102 @@ fn fds_parked_by_a_client_stay_bounded_and_others_are_served() {
     drop(raw);
     drop(honest);
     daemon.assert_fds_back_to(baseline);
+}
+
+/// A pipe's read end watched by an epoll whose lock a thread of this
+/// process holds for good: the thread adds the FUSE server's file to the
+/// epoll, and waits inside for the answer to POLL, which never comes.
+/// The last release of the pipe's read end, wherever it happens, then
+/// waits for that lock: no close(2) is needed to stall a thread this way.
+struct HeldEpoll {
+    epoll: std::sync::Arc<Epoll>,
+    read_end: Option<std::os::fd::OwnedFd>,
+    _write_end: std::os::fd::OwnedFd,
+    holder: std::thread::JoinHandle<()>,
+}
+
+impl HeldEpoll {
+    fn new(fuse: &StallingFuse) -> HeldEpoll {
+        let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
+        let epoll =
+            std::sync::Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"));
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        epoll
+            .add(&read_end, EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .expect("watch the pipe");
+        let held = std::sync::Arc::clone(&epoll);
+        let holder = std::thread::spawn(move || {
+            let _ = held.add(&file, EpollEvent::new(EpollFlags::EPOLLIN, 2));
+        });
+        // Inside its add by now, the lock held.
+        std::thread::sleep(Duration::from_millis(300));
+        HeldEpoll {
+            epoll,
+            read_end: Some(read_end),
+            _write_end: write_end,
+            holder,
+        }
+    }
+}
+
+/// Sends `fds` on a message declaring none; `hello` first, a good one or
+/// one refused.
+fn send_stray(daemon: &Daemon, good_hello: bool, fds: &[BorrowedFd<'_>]) -> RawClient {
+    let mut raw = RawClient::connect(daemon.socket());
+    if good_hello {
+        raw.hello();
+    } else {
+        let (_, bytes) = raw.encode(
+            RequestBody::Hello(dmabroker_ipc::Hello {
+                version: 0xdead,
+                features: 0,
+                autofence: None,
+                client_name: "stray".into(),
+            }),
+            0,
+        );
+        raw.send_raw(&bytes, &[]);
+    }
+    let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+    raw.send_raw(&bytes, fds);
+    raw
+}
+
+/// Two ways the kernel itself lets go of a client's files on the thread
+/// that receives: more fds on a message than it had room for (it used to
+/// take 32 and drop the rest itself), and the messages still queued on a
+/// connection it closes (a hello refused: read out with no room for fds,
+/// or purged by the socket's close). With a file whose last release
+/// waits for good, either stalled every client. Now every fd is taken
+/// and closed on its uid's thread. Found by review.
+#[test]
+fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
+    let _turn = one_at_a_time();
+    if !have_root("files let go of on receipt") {
+        return;
+    }
+    for case in ["a 33rd fd", "a closed connection's queue"] {
+        let daemon = Daemon::start();
+        let Some(fuse) = StallingFuse::mount(case, Stall::GetattrOf(0)) else {
+            return;
+        };
+        let mut held = HeldEpoll::new(&fuse);
+        let read_end = held.read_end.take().expect("the read end");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let raw = if case == "a 33rd fd" {
+            let mut fds = vec![null.as_fd(); 32];
+            fds.push(read_end.as_fd());
+            send_stray(&daemon, true, &fds)
+        } else {
+            send_stray(&daemon, false, &[read_end.as_fd()])
+        };
+        // The daemon has the last copy now.
+        drop(read_end);
+        let served = others_served(&daemon);
+        drop(fuse); // the POLL fails, the lock is let go
+        let _ = held.holder.join();
+        drop(held.epoll);
+        drop(raw);
+        assert!(served, "{case}: another client was not served");
+    }
 }

@@ -36,7 +36,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     let _uid_slot = match take_uid_slot(&broker, &uids, &peer) {
         Ok(slot) => slot,
         Err(refusal) => {
-            crate::server::refuse(socket, refusal);
+            crate::server::refuse(socket, refusal, peer.identity.uid);
             return;
         }
     };
@@ -103,6 +103,12 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // keep every other connection waiting.
         let mut handled = 0;
         loop {
+            // Checked right before each read, with nothing awaited in
+            // between: every connection of a uid, woken together, would
+            // otherwise read a message of up to 32 fds each.
+            if client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID {
+                break;
+            }
             // Fds of a message refused on receipt: closed elsewhere, as
             // every client fd the broker does not keep (`client_fds`).
             let mut dropped = Vec::new();
@@ -175,9 +181,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                 None => std::future::pending::<()>().await,
             }
             handled += 1;
-            if handled == MESSAGES_PER_TURN
-                || client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID
-            {
+            if handled == MESSAGES_PER_TURN {
                 break;
             }
         }
@@ -189,7 +193,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
-    crate::server::discard_unread(socket.get_ref().as_fd());
+    crate::server::stop_reading(socket.get_ref().as_fd(), uid);
     let fds_maybe_unread = outbox.fds_maybe_unread();
     // Nothing but the socket (and this connection's places) is kept.
     drop((outbox, buf));

@@ -219,12 +219,14 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
                     if served.0.fetch_add(1, Ordering::AcqRel) >= max {
                         served.0.fetch_sub(1, Ordering::AcqRel);
                         tracing::warn!(max, "connection refused: at the connection limit");
+                        let uid = peer_uid(conn.as_fd());
                         refuse(
                             conn,
                             dmabroker_ipc::WireError::new(
                                 dmabroker_ipc::ErrorCode::Busy,
                                 format!("the broker serves at most {max} connections"),
                             ),
+                            uid,
                         );
                         continue;
                     }
@@ -270,7 +272,7 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 /// still unread resets the client's, which then sees `ECONNRESET` instead
 /// of the answer; so the socket is shut for writing, read until its client
 /// hangs up, and closed then (or after [`LINGER`]).
-pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError) {
+pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError, uid: u32) {
     use dmabroker_ipc::{codec, Reply, ServerMessage};
     let message = ServerMessage::Reply(Reply {
         id: 0,
@@ -283,25 +285,35 @@ pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError) {
     let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
         LINGERING.fetch_sub(1, Ordering::AcqRel);
-        drain(conn.as_fd());
+        stop_reading(conn.as_fd(), uid);
         return;
     }
     tokio::spawn(async move {
-        let _ = tokio::time::timeout(LINGER, linger(conn)).await;
+        match crate::reactor::register(conn, tokio::io::Interest::READABLE) {
+            Ok(conn) => {
+                let _ = tokio::time::timeout(LINGER, linger(&conn, uid)).await;
+                stop_reading(conn.get_ref().as_fd(), uid);
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot watch a refused connection"),
+        }
         LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
+/// The uid of a connection's peer, for one not identified yet (a refusal
+/// at accept); `u32::MAX` if the kernel cannot say.
+pub fn peer_uid(conn: std::os::fd::BorrowedFd<'_>) -> u32 {
+    nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_or(u32::MAX, |cred| cred.uid())
+}
+
 /// Reads and drops what a refused client sends until it hangs up.
-async fn linger(conn: OwnedFd) {
-    let Ok(conn) = crate::reactor::register(conn, tokio::io::Interest::READABLE) else {
-        return;
-    };
+async fn linger(conn: &tokio::io::unix::AsyncFd<OwnedFd>, uid: u32) {
     loop {
         let Ok(mut guard) = conn.readable().await else {
             return;
         };
-        match drain(conn.get_ref().as_fd()) {
+        match drain(conn.get_ref().as_fd(), uid) {
             Drained::HungUp => return,
             Drained::Empty => guard.clear_ready(),
             // A client sending as fast as this reads must not hold the
@@ -323,12 +335,24 @@ const DISCARD_TURNS: usize = 16;
 /// with `ECONNRESET` ahead of the answers still queued for it: a client
 /// cut off for malformed messages lost the very answer saying why. A
 /// bounded amount: a client still sending as fast as this reads is reset.
-pub fn discard_unread(conn: std::os::fd::BorrowedFd<'_>) {
+pub fn discard_unread(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
     for _ in 0..DISCARD_TURNS {
-        if drain(conn) != Drained::More {
+        if drain(conn, uid) != Drained::More {
             return;
         }
     }
+}
+
+/// Before a connection's socket is closed: no more is taken from its
+/// client, and what it had sent is read out, its fds handed to the uid's
+/// closing thread. Closed with messages queued, the socket's release
+/// would let go of their files on this thread, and the last release of a
+/// client's file can wait for good (a file watched by an epoll whose lock
+/// a thread of the client holds, behind a FUSE poll nobody answers; see
+/// `client_fds`). What is queued is bounded once reading is shut.
+pub fn stop_reading(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
+    let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    while drain(conn, uid) == Drained::More {}
 }
 
 /// Messages a refused connection's drain reads per turn.
@@ -343,15 +367,18 @@ enum Drained {
 }
 
 /// Reads and drops up to [`DRAIN_TURN`] queued messages. Into a small
-/// buffer: what they say is not read; and with no room for their fds,
-/// which the kernel then drops unopened here: a close of ours could wait
-/// for good on one (see `client_fds`).
-fn drain(conn: std::os::fd::BorrowedFd<'_>) -> Drained {
-    use dmabroker_ipc::fdpass::{discard_message, RecvError};
+/// buffer: what they say is not read. Their fds go to the closing thread
+/// of the client's uid, never closed or let go of here (see `client_fds`).
+fn drain(conn: std::os::fd::BorrowedFd<'_>, uid: u32) -> Drained {
+    use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
     let mut sink = [0u8; 256];
     for _ in 0..DRAIN_TURN {
-        match discard_message(conn, &mut sink, true) {
-            Ok(_) => {}
+        let mut fds = Vec::new();
+        let received = recv_message_into_keeping(conn, &mut sink, true, &mut fds)
+            .map(|(_, got)| fds.extend(got));
+        crate::client_fds::close_elsewhere(uid, fds);
+        match received {
+            Ok(()) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
             Err(RecvError::Os(Errno::EAGAIN)) => return Drained::Empty,
             Err(_) => return Drained::HungUp,
         }
@@ -382,9 +409,9 @@ mod tests {
         for _ in 0..queued {
             send(client.as_raw_fd(), b"x", MsgFlags::MSG_NOSIGNAL).expect("send");
         }
-        assert_eq!(drain(refused.as_fd()), Drained::More);
-        assert_eq!(drain(refused.as_fd()), Drained::Empty, "8 were left");
+        assert_eq!(drain(refused.as_fd(), 0), Drained::More);
+        assert_eq!(drain(refused.as_fd(), 0), Drained::Empty, "8 were left");
         drop(client);
-        assert_eq!(drain(refused.as_fd()), Drained::HungUp);
+        assert_eq!(drain(refused.as_fd(), 0), Drained::HungUp);
     }
 }

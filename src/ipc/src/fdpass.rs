@@ -203,7 +203,7 @@ pub fn recv_message_into_keeping(
             dropped.extend(fds);
             return Err(RecvError::Truncated);
         }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS_PER_MESSAGE {
             dropped.extend(fds);
             return Err(RecvError::ControlTruncated {
                 len: received as usize,
@@ -216,57 +216,17 @@ pub fn recv_message_into_keeping(
     }
 }
 
-/// Reads one message into `buf` and throws away any fds that came with
-/// it without ever taking them: with no room for control data, the kernel
-/// drops them unopened in this process, so no `close(2)` of ours can wait
-/// on them. Returns the message's length (`MSG_TRUNC` and a lost control
-/// message are not errors here: nothing of it is wanted).
-pub fn discard_message(
-    socket: BorrowedFd<'_>,
-    buf: &mut [u8],
-    nonblocking: bool,
-) -> Result<usize, RecvError> {
-    let mut flags = 0;
-    if nonblocking {
-        flags |= libc::MSG_DONTWAIT;
-    }
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: zeroed msghdr is a valid "no name, no iov, no control".
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        // SAFETY: msg points at a live buffer (iov -> buf) that outlives
-        // the call, with its true length, and at no control buffer.
-        let received = unsafe {
-            libc::syscall(
-                libc::SYS_recvmsg,
-                socket.as_raw_fd(),
-                &mut msg as *mut libc::msghdr,
-                flags,
-            )
-        };
-        if received < 0 {
-            match Errno::last() {
-                Errno::EINTR => continue,
-                err => return Err(RecvError::Os(err)),
-            }
-        }
-        if received == 0 && msg.msg_flags & libc::MSG_CTRUNC == 0 {
-            return Err(RecvError::Closed);
-        }
-        return Ok(received as usize);
-    }
-}
+/// The most fds the kernel lets one message carry (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 
-/// Room for exactly one SCM_RIGHTS header plus [`MAX_FDS_PER_MESSAGE`]
-/// fds, in 8-byte words: one fd more and the kernel reports truncation.
-const CONTROL_WORDS: usize = (std::mem::size_of::<libc::cmsghdr>()
-    + MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>())
-.div_ceil(8);
+/// Room for one SCM_RIGHTS header and every fd a message can carry, in
+/// 8-byte words, though at most [`MAX_FDS_PER_MESSAGE`] are accepted: with
+/// less room the kernel would let go of the rest itself, on the receiving
+/// thread, and the last release of a peer's file can wait for good (a
+/// file watched by an epoll whose lock the peer holds). Received, they are
+/// the caller's to close where it chooses.
+const CONTROL_WORDS: usize =
+    (std::mem::size_of::<libc::cmsghdr>() + SCM_MAX_FD * std::mem::size_of::<RawFd>()).div_ceil(8);
 
 /// Wraps every fd the kernel put in `msg`'s control data in an `OwnedFd`.
 fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
@@ -332,35 +292,6 @@ mod tests {
             nix::sys::socket::recv(q.as_raw_fd(), &mut byte, MsgFlags::MSG_DONTWAIT),
             Ok(0)
         )
-    }
-
-    /// A discarded message's fds are never opened here: once the sender
-    /// lets go of its copy, nothing holds the peer open.
-    #[test]
-    fn a_discarded_message_takes_none_of_its_fds() {
-        let (a, b) = pair();
-        let (p, q) = pair();
-        send_message(a.as_fd(), b"hello", &[p.as_fd()], false).expect("send");
-        drop(p);
-        let mut buf = [0u8; 64];
-        assert_eq!(
-            discard_message(b.as_fd(), &mut buf, true).expect("discard"),
-            5
-        );
-        assert_eq!(&buf[..5], b"hello");
-        assert!(peer_gone(&q), "the discarded fd is still open somewhere");
-        // An empty datagram carrying an fd is a message, not the end.
-        let (p, _q) = pair();
-        send_message(a.as_fd(), b"", &[p.as_fd()], false).expect("send empty");
-        assert_eq!(
-            discard_message(b.as_fd(), &mut buf, true).expect("discard"),
-            0
-        );
-        drop(a);
-        assert!(matches!(
-            discard_message(b.as_fd(), &mut buf, true),
-            Err(RecvError::Closed)
-        ));
     }
 
     /// Fds of a message refused on receipt are handed to the caller to
@@ -440,6 +371,32 @@ mod tests {
             Err(RecvError::ControlTruncated { .. })
         ));
         assert!(peer_gone(&q), "fds of a truncated message must be closed");
+    }
+
+    /// Every fd of a message carrying more than it may is received, and
+    /// handed to the caller, none let go of by the kernel on this thread.
+    #[test]
+    fn every_fd_of_a_message_with_too_many_is_handed_back() {
+        let (a, b) = pair();
+        let (p, _q) = pair();
+        let raw: Vec<RawFd> = (0..SCM_MAX_FD).map(|_| p.as_raw_fd()).collect();
+        let iov = [IoSlice::new(b"x")];
+        sendmsg::<UnixAddr>(
+            a.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("raw sendmsg");
+        let mut buf = [0u8; 64];
+        let mut dropped = Vec::new();
+        let got = recv_message_into_keeping(b.as_fd(), &mut buf, false, &mut dropped);
+        assert!(
+            matches!(got, Err(RecvError::ControlTruncated { len: 1 })),
+            "{got:?}"
+        );
+        assert_eq!(dropped.len(), SCM_MAX_FD);
     }
 
     #[test]
