@@ -1567,12 +1567,9 @@ mod tests {
         })
     }
 
-    /// A give-back that finds as many owed as may be, in a socket that
-    /// has room again, sends them and goes out too: it used to be
-    /// refused as one too many, and its buffer stayed charged to the
-    /// client until it disconnected. Found by review.
-    #[test]
-    fn a_give_back_at_the_bound_sends_what_is_owed_first() {
+    /// A welcomed connection whose socket has no room left, and the
+    /// broker's end of it.
+    fn full_connection() -> (Arc<Connection>, OwnedFd) {
         let (ours, broker) = pair();
         fill(&ours);
         let conn = Connection::welcomed(
@@ -1583,6 +1580,16 @@ mod tests {
             welcome(),
             None,
         );
+        (conn, broker)
+    }
+
+    /// A give-back that finds as many owed as may be, in a socket that
+    /// has room again, sends them and goes out too: it used to be
+    /// refused as one too many, and its buffer stayed charged to the
+    /// client until it disconnected. Found by review.
+    #[test]
+    fn a_give_back_at_the_bound_sends_what_is_owed_first() {
+        let (conn, broker) = full_connection();
         let (socket, generation) = conn.current_socket();
         for buffer in 0..MAX_OWED as u64 {
             assert!(conn
@@ -1600,16 +1607,7 @@ mod tests {
     /// next request; dropped, the buffer stayed charged to the client.
     #[test]
     fn a_give_back_without_room_goes_out_ahead_of_the_next_request() {
-        let (ours, broker) = pair();
-        fill(&ours);
-        let conn = Connection::welcomed(
-            Path::new("/nonexistent"),
-            hello(),
-            None,
-            ours,
-            welcome(),
-            None,
-        );
+        let (conn, broker) = full_connection();
         let (socket, generation) = conn.current_socket();
         assert!(conn
             .give_back(&socket, generation, &buffer_answer(3))
@@ -1627,16 +1625,7 @@ mod tests {
     /// old one goes to the new one, even one the reader kept late.
     #[test]
     fn a_give_back_owed_to_a_replaced_connection_is_dropped() {
-        let (ours, old_broker) = pair();
-        fill(&ours);
-        let conn = Connection::welcomed(
-            Path::new("/nonexistent"),
-            hello(),
-            None,
-            ours,
-            welcome(),
-            None,
-        );
+        let (conn, old_broker) = full_connection();
         let (old, old_generation) = conn.current_socket();
         assert!(conn
             .give_back(&old, old_generation, &buffer_answer(3))
@@ -1655,16 +1644,7 @@ mod tests {
     /// Past the bound, a give-back is lost, and `take_errors` must say so.
     #[test]
     fn a_give_back_past_the_bound_says_it_is_lost() {
-        let (ours, _broker) = pair();
-        fill(&ours);
-        let conn = Connection::welcomed(
-            Path::new("/nonexistent"),
-            hello(),
-            None,
-            ours,
-            welcome(),
-            None,
-        );
+        let (conn, _broker) = full_connection();
         let (socket, generation) = conn.current_socket();
         for buffer in 0..MAX_OWED as u64 {
             assert!(conn
