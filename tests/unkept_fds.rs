@@ -249,3 +249,45 @@ fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
         assert!(served, "{case}: another client was not served");
     }
 }
+
+/// A connection the daemon closes (its hello refused) is read out before
+/// its socket closes, the fds handed to the uid's closing thread: also
+/// only up to the bound. It read out everything, and a client could
+/// queue a hundred fds behind a refused hello and park them all.
+#[test]
+fn a_closed_connection_is_read_out_only_up_to_the_bound() {
+    let _turn = one_at_a_time();
+    let Some((fuse, daemon)) = setup("a closed connection read out") else {
+        return;
+    };
+    let baseline = daemon.baseline();
+    let opened = Opened::new(fuse);
+    const QUEUED: usize = 100;
+    let fds = vec![opened.file.as_fd(); QUEUED];
+    // All of it queued before the daemon reads the hello and shuts the
+    // connection for reading (sends after that fail).
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    let raw = send_stray_each(&daemon, &fds);
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    // The connection is gone: the count settles.
+    let parked = dmabroker_suite::proc::stable_fd_count(daemon.pid()).saturating_sub(baseline);
+    let served = others_served(&daemon);
+    drop(opened);
+    drop(raw);
+    assert!(
+        parked <= 64 + 8,
+        "{parked} fds of {QUEUED} queued behind a refused hello parked in the daemon"
+    );
+    assert!(served, "another client was not served");
+    daemon.assert_fds_back_to(baseline);
+}
+
+/// A refused hello, then one message per fd of `fds`, each carrying it.
+fn send_stray_each(daemon: &Daemon, fds: &[BorrowedFd<'_>]) -> RawClient {
+    let mut raw = send_stray(daemon, false, &[]);
+    for fd in fds {
+        let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+        raw.send_raw(&bytes, &[*fd]);
+    }
+    raw
+}

@@ -326,30 +326,17 @@ async fn linger(conn: &tokio::io::unix::AsyncFd<OwnedFd>, uid: u32) {
     }
 }
 
-/// Turns of [`drain`] a closing connection gets (see [`discard_unread`]).
-const DISCARD_TURNS: usize = 16;
-
-/// Reads and drops what a connection's client sent and the broker will not
-/// read, before the connection is closed. A socket closed with its peer's
-/// messages unread resets the peer's, which then fails its next receive
-/// with `ECONNRESET` ahead of the answers still queued for it: a client
-/// cut off for malformed messages lost the very answer saying why. A
-/// bounded amount: a client still sending as fast as this reads is reset.
-pub fn discard_unread(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
-    for _ in 0..DISCARD_TURNS {
-        if drain(conn, uid) != Drained::More {
-            return;
-        }
-    }
-}
-
 /// Before a connection's socket is closed: no more is taken from its
 /// client, and what it had sent is read out, its fds handed to the uid's
 /// closing thread. Closed with messages queued, the socket's release
 /// would let go of their files on this thread, and the last release of a
 /// client's file can wait for good (a file watched by an epoll whose lock
 /// a thread of the client holds, behind a FUSE poll nobody answers; see
-/// `client_fds`). What is queued is bounded once reading is shut.
+/// `client_fds`). Read out also keeps the client from being reset ahead
+/// of the answers still queued for it (a socket closed with its peer's
+/// messages unread resets the peer's). What is queued is bounded once
+/// reading is shut; the read-out stops, as reading does, while the uid
+/// has too many fds waiting to be closed.
 pub fn stop_reading(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
     let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Read);
     while drain(conn, uid) == Drained::More {}
@@ -373,6 +360,12 @@ fn drain(conn: std::os::fd::BorrowedFd<'_>, uid: u32) -> Drained {
     use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
     let mut sink = [0u8; 256];
     for _ in 0..DRAIN_TURN {
+        // As a served connection, read no further while the uid has too
+        // many fds waiting to be closed: what a client parks stays
+        // bounded here too.
+        if crate::client_fds::pending(uid) >= crate::client_fds::MAX_PENDING_PER_UID {
+            return Drained::HungUp;
+        }
         let mut fds = Vec::new();
         let received = recv_message_into_keeping(conn, &mut sink, true, &mut fds)
             .map(|(_, got)| fds.extend(got));
