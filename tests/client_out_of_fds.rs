@@ -122,19 +122,13 @@ fn a_grant_answered_while_out_of_fds_ends_the_access_it_cannot_take() {
             RequestBody::Alloc { .. } => fake_broker::reply_with_buffer(socket, id, &fd, inode),
             RequestBody::Begin { access, .. } => {
                 let grant = Grant {
-                    access: 9,
-                    buffer: 1,
-                    kind: *access,
-                    writer_lost: false,
-                    revoked: false,
                     fences: vec![OutstandingFence {
                         id: 4,
                         kind: Access::DeviceWrite,
                         holder: 2,
                         sync_file_slot: Some(0),
                     }],
-                    end_slot: None,
-                    word: None,
+                    ..fake_broker::grant(9, *access)
                 };
                 let message = ServerMessage::Reply(Reply {
                     id,
@@ -216,16 +210,7 @@ fn a_give_back_that_finds_the_socket_full_is_sent_once_there_is_room() {
                 }
             }
             RequestBody::Begin { access, .. } => {
-                let grant = Grant {
-                    access: id,
-                    buffer: 1,
-                    kind: *access,
-                    writer_lost: false,
-                    revoked: false,
-                    fences: Vec::new(),
-                    end_slot: None,
-                    word: None,
-                };
+                let grant = fake_broker::grant(id, *access);
                 fake_broker::reply(socket, id, Ok(ReplyBody::Granted(grant)));
             }
             RequestBody::ListHeaps => {

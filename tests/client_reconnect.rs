@@ -50,14 +50,8 @@ fn reply_with_buffer_id(
 /// buffer's word at `word` if given.
 fn granted(id: u64, kind: Access, word: Option<FastSlot>) -> ReplyBody {
     ReplyBody::Granted(dmabroker_ipc::Grant {
-        access: id,
-        buffer: 1,
-        kind,
-        writer_lost: false,
-        revoked: false,
-        fences: Vec::new(),
-        end_slot: None,
         word,
+        ..dmabroker_suite::fake_broker::grant(id, kind)
     })
 }
 

@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use dmabroker_client::{Access, Client, ClientOptions};
-use dmabroker_ipc::{Event, EventMessage, Grant, ReplyBody, RequestBody, ServerMessage};
+use dmabroker_ipc::{Event, EventMessage, ReplyBody, RequestBody, ServerMessage};
 use dmabroker_suite::fake_broker::{self, FakeBroker};
 
 /// Heaps are answered, then an event follows on its own.
@@ -75,16 +75,7 @@ fn allocating_and_granting() -> FakeBroker {
         match body {
             RequestBody::Alloc { .. } => fake_broker::reply_with_buffer(socket, id, &fd, inode),
             RequestBody::Begin { access, .. } => {
-                let grant = Grant {
-                    access: 7,
-                    buffer: 1,
-                    kind: *access,
-                    writer_lost: false,
-                    revoked: false,
-                    fences: Vec::new(),
-                    end_slot: None,
-                    word: None,
-                };
+                let grant = fake_broker::grant(7, *access);
                 fake_broker::reply(socket, id, Ok(ReplyBody::Granted(grant)));
             }
             _ => {}

@@ -126,6 +126,21 @@ pub fn reply(socket: &OwnedFd, id: u64, result: Result<ReplyBody, WireError>) {
     );
 }
 
+/// A grant of access `access` of `kind` on buffer 1, with no fences to
+/// wait for and no slot in the buffer's word.
+pub fn grant(access: u64, kind: dmabroker_ipc::Access) -> dmabroker_ipc::Grant {
+    dmabroker_ipc::Grant {
+        access,
+        buffer: 1,
+        kind,
+        writer_lost: false,
+        revoked: false,
+        fences: Vec::new(),
+        end_slot: None,
+        word: None,
+    }
+}
+
 /// The fake broker's buffer 1 (4 KiB), as an alloc's answer describes it.
 pub fn buffer_info(inode: u64) -> BufferInfo {
     BufferInfo {

@@ -284,6 +284,20 @@ mod tests {
         nix::fcntl::FdFlag::FD_CLOEXEC.bits()
     }
 
+    /// Sends "x" with `raw` attached, past our own sender's checks: what
+    /// a peer that bypasses it can send.
+    fn send_raw_fds(socket: &OwnedFd, raw: &[RawFd]) {
+        let iov = [IoSlice::new(b"x")];
+        sendmsg::<UnixAddr>(
+            socket.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("raw sendmsg");
+    }
+
     /// Whether every copy of `q`'s peer is closed: a count of open fds
     /// would race with the other tests running in this process.
     fn peer_gone(q: &OwnedFd) -> bool {
@@ -355,15 +369,7 @@ mod tests {
         ));
         // A peer that bypasses our sender: raw sendmsg with too many fds.
         let raw: Vec<RawFd> = many.iter().map(|fd| fd.as_raw_fd()).collect();
-        let iov = [IoSlice::new(b"x")];
-        sendmsg::<UnixAddr>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("raw sendmsg");
+        send_raw_fds(&a, &raw);
         drop(many);
         drop(p);
         assert!(matches!(
@@ -380,15 +386,7 @@ mod tests {
         let (a, b) = pair();
         let (p, _q) = pair();
         let raw: Vec<RawFd> = (0..SCM_MAX_FD).map(|_| p.as_raw_fd()).collect();
-        let iov = [IoSlice::new(b"x")];
-        sendmsg::<UnixAddr>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("raw sendmsg");
+        send_raw_fds(&a, &raw);
         let mut buf = [0u8; 64];
         let mut dropped = Vec::new();
         let got = recv_message_into_keeping(b.as_fd(), &mut buf, false, &mut dropped);
