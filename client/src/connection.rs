@@ -1583,6 +1583,18 @@ mod tests {
         (conn, broker)
     }
 
+    /// Owes as many give-backs as may be (buffers 0 to 63) on a connection
+    /// whose socket has no room; returns its socket and generation.
+    fn owe_up_to_the_bound(conn: &Connection) -> (Arc<OwnedFd>, u64) {
+        let (socket, generation) = conn.current_socket();
+        for buffer in 0..MAX_OWED as u64 {
+            assert!(conn
+                .give_back(&socket, generation, &buffer_answer(buffer))
+                .is_none());
+        }
+        (socket, generation)
+    }
+
     /// A give-back that finds as many owed as may be, in a socket that
     /// has room again, sends them and goes out too: it used to be
     /// refused as one too many, and its buffer stayed charged to the
@@ -1590,12 +1602,7 @@ mod tests {
     #[test]
     fn a_give_back_at_the_bound_sends_what_is_owed_first() {
         let (conn, broker) = full_connection();
-        let (socket, generation) = conn.current_socket();
-        for buffer in 0..MAX_OWED as u64 {
-            assert!(conn
-                .give_back(&socket, generation, &buffer_answer(buffer))
-                .is_none());
-        }
+        let (socket, generation) = owe_up_to_the_bound(&conn);
         // The broker reads everything: the socket has room again.
         let _ = drain(&broker);
         let lost = conn.give_back(&socket, generation, &buffer_answer(99));
@@ -1645,12 +1652,7 @@ mod tests {
     #[test]
     fn a_give_back_past_the_bound_says_it_is_lost() {
         let (conn, _broker) = full_connection();
-        let (socket, generation) = conn.current_socket();
-        for buffer in 0..MAX_OWED as u64 {
-            assert!(conn
-                .give_back(&socket, generation, &buffer_answer(buffer))
-                .is_none());
-        }
+        let (socket, generation) = owe_up_to_the_bound(&conn);
         let lost = conn
             .give_back(&socket, generation, &buffer_answer(99))
             .expect("the lost one is reported");
