@@ -229,6 +229,13 @@ pub fn exe_display(exe: &Option<PathBuf>) -> String {
         .unwrap_or_default()
 }
 
+/// Only the uid of a connection's peer, from the kernel, for one not
+/// identified in full (a refusal at accept); `u32::MAX` if the kernel
+/// cannot say.
+pub fn peer_uid(conn: BorrowedFd<'_>) -> u32 {
+    getsockopt(&conn, PeerCredentials).map_or(u32::MAX, |cred| cred.uid())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,7 +219,7 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
                     if served.0.fetch_add(1, Ordering::AcqRel) >= max {
                         served.0.fetch_sub(1, Ordering::AcqRel);
                         tracing::warn!(max, "connection refused: at the connection limit");
-                        let uid = peer_uid(conn.as_fd());
+                        let uid = crate::identity::peer_uid(conn.as_fd());
                         refuse(
                             conn,
                             dmabroker_ipc::WireError::new(
@@ -298,13 +298,6 @@ pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError, uid: u32) {
         }
         LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
-}
-
-/// The uid of a connection's peer, for one not identified yet (a refusal
-/// at accept); `u32::MAX` if the kernel cannot say.
-pub fn peer_uid(conn: std::os::fd::BorrowedFd<'_>) -> u32 {
-    nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-        .map_or(u32::MAX, |cred| cred.uid())
 }
 
 /// Reads and drops what a refused client sends until it hangs up.
