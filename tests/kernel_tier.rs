@@ -20,12 +20,13 @@ use dmabroker_daemon::kernel::{dma_buf, sync_file};
 use dmabroker_ipc::{ReplyBody, RequestBody};
 use dmabroker_suite::abandon;
 use dmabroker_suite::daemon::binary;
+use dmabroker_suite::fuse::{new_client_served, HeldEpoll, Stall, StallingFuse};
 use dmabroker_suite::proc::{free_fds, limit_fds};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{field, PROMPT};
 use dmabroker_suite::sdnotify::ServiceManager;
 use dmabroker_suite::vgem::{FenceHandle, Vgem, VgemBuffer, VgemError};
-use dmabroker_suite::{kernel_feature, Daemon, DaemonOptions, Scripted};
+use dmabroker_suite::{have_root, kernel_feature, Daemon, DaemonOptions, Scripted};
 
 /// How long a begin must stay unanswered to count as held. Well within the
 /// 10 s after which the kernel signals a vgem fence by itself.
@@ -36,6 +37,20 @@ fn have_dma_heap() -> bool {
         "dma-heap `system` (/dev/dma_heap/system)",
         Path::new("/dev/dma_heap/system").exists(),
     )
+}
+
+/// A FUSE server whose POLL is never answered, for a held epoll; `None`,
+/// saying why, where there can be none.
+fn stalling_fuse(test: &str) -> Option<StallingFuse> {
+    if !have_root(test) || !kernel_feature("FUSE (/dev/fuse)", Path::new("/dev/fuse").exists()) {
+        return None;
+    }
+    let fuse = StallingFuse::mount(test, Stall::GetattrOf(0));
+    assert!(
+        fuse.is_some() || std::env::var_os("DMABROKER_REQUIRE_KERNEL").is_none(),
+        "the FUSE server could not mount"
+    );
+    fuse
 }
 
 fn have_udmabuf() -> bool {
@@ -1025,4 +1040,82 @@ fn kernel_tier_a_cancelled_begin_held_back_for_a_device_fence_leaves_nothing_beh
         .expect("a write once the device is done: the abandoned read holds nothing");
     drop(write);
     drop(theirs);
+}
+
+/// The last release of a dma-buf takes the lock of every epoll watching
+/// it, and a client can hold such a lock for good (`HeldEpoll`). A client
+/// that watches its buffer that way, then frees it, leaves the daemon the
+/// last copy: let go of on the broker's thread, it stalled every client.
+/// The daemon lets go of a dma-buf on a thread of the uid it was allocated
+/// for. Found by review.
+#[test]
+fn kernel_tier_a_freed_dma_buf_whose_release_waits_does_not_stall_the_daemon() {
+    if !have_dma_heap() {
+        return;
+    }
+    let Some(fuse) = stalling_fuse("a freed dma-buf whose release waits") else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let client = daemon.client();
+    let buffer = client
+        .alloc_with(AllocRequest {
+            size: 8192,
+            heap: Some("system".into()),
+            name: Some("watched".into()),
+        })
+        .expect("alloc from the system heap");
+    let held = HeldEpoll::new(&fuse, buffer.as_fd());
+    // This process's fd closes and the buffer is freed: the daemon's fd is
+    // the last.
+    drop(buffer);
+    let served = new_client_served(&daemon);
+    held.let_go(fuse);
+    assert!(served, "another client was not served");
+    assert_still_serving(&client);
+}
+
+/// The same with a device access's completion fence: the daemon keeps the
+/// sync_file a client ended its access with until it signals, and its
+/// release once it has, with the client's copy long closed, was the last.
+#[test]
+fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon() {
+    if !have_dma_heap() {
+        return;
+    }
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let Some(fuse) = stalling_fuse("a signalled fence whose release waits") else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let producer = daemon.client();
+    let frame = producer
+        .alloc_with(AllocRequest {
+            size: 8192,
+            heap: Some("system".into()),
+            name: Some("frame".into()),
+        })
+        .expect("alloc");
+    let render = frame.begin(Access::DeviceWrite).expect("device write");
+    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let done =
+        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
+    let held = HeldEpoll::new(&fuse, done.as_fd());
+    // Sent, and this process's copy closed.
+    render
+        .end_with_fence(done)
+        .expect("end the device write with its fence");
+    // The daemon's wait ends, and it lets go of the sync_file.
+    signal(&vgem, fence, attached);
+    let served = new_client_served(&daemon);
+    held.let_go(fuse);
+    assert!(served, "another client was not served");
+    let read = frame
+        .begin(Access::CpuRead)
+        .expect("a read once the fence signalled");
+    drop(read);
 }

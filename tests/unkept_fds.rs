@@ -10,10 +10,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use dmabroker_ipc::{ErrorCode, RequestBody};
-use dmabroker_suite::fuse::{answered_within, Stall, StallingFuse};
+use dmabroker_suite::fuse::{new_client_served, HeldEpoll, Stall, StallingFuse};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::{have_root, Daemon, Scripted};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 const ALICE: u32 = 65501;
 
@@ -54,16 +53,6 @@ impl Opened {
     }
 }
 
-/// Whether a new client (of this process's uid) is served within 3 s.
-fn others_served(daemon: &Daemon) -> bool {
-    let socket = daemon.socket().to_owned();
-    answered_within(Duration::from_secs(3), move || {
-        dmabroker_client::Client::connect_to(&socket)
-            .and_then(|c| c.heaps())
-            .is_ok()
-    })
-}
-
 fn adopt(raw: &mut RawClient, fd: BorrowedFd<'_>) {
     let (_, bytes) = raw.encode(RequestBody::Adopt { name: None }, 1);
     raw.send_raw(&bytes, &[fd]);
@@ -86,12 +75,12 @@ fn an_fd_whose_close_never_returns_does_not_stall_the_daemon() {
     raw.send_raw(&bytes, &[opened.file.as_fd()]);
     let refused = raw.recv_reply().map(|(_, answer)| answer);
     opened.fuse.await_flush();
-    let served_after_a_stray_fd = others_served(&daemon);
+    let served_after_a_stray_fd = new_client_served(&daemon);
 
     // Its close waits behind the first, on the same uid's thread.
     adopt(&mut raw, opened.file.as_fd());
     let adopted = raw.recv_reply().map(|(_, answer)| answer);
-    let served_after_an_adopt = others_served(&daemon);
+    let served_after_an_adopt = new_client_served(&daemon);
     // The same client goes on too.
     let heaps = raw.request(RequestBody::ListHeaps);
 
@@ -152,42 +141,6 @@ fn fds_parked_by_a_client_stay_bounded_and_others_are_served() {
     daemon.assert_fds_back_to(baseline);
 }
 
-/// A pipe's read end watched by an epoll whose lock a thread of this
-/// process holds for good: the thread adds the FUSE server's file to the
-/// epoll, and waits inside for the answer to POLL, which never comes.
-/// The last release of the pipe's read end, wherever it happens, then
-/// waits for that lock: no close(2) is needed to stall a thread this way.
-struct HeldEpoll {
-    epoll: std::sync::Arc<Epoll>,
-    read_end: Option<std::os::fd::OwnedFd>,
-    _write_end: std::os::fd::OwnedFd,
-    holder: std::thread::JoinHandle<()>,
-}
-
-impl HeldEpoll {
-    fn new(fuse: &StallingFuse) -> HeldEpoll {
-        let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
-        let epoll =
-            std::sync::Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"));
-        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
-        epoll
-            .add(&read_end, EpollEvent::new(EpollFlags::EPOLLIN, 1))
-            .expect("watch the pipe");
-        let held = std::sync::Arc::clone(&epoll);
-        let holder = std::thread::spawn(move || {
-            let _ = held.add(&file, EpollEvent::new(EpollFlags::EPOLLIN, 2));
-        });
-        // Inside its add by now, the lock held.
-        std::thread::sleep(Duration::from_millis(300));
-        HeldEpoll {
-            epoll,
-            read_end: Some(read_end),
-            _write_end: write_end,
-            holder,
-        }
-    }
-}
-
 /// Sends `fds` on a message declaring none; `hello` first, a good one or
 /// one refused.
 fn send_stray(daemon: &Daemon, good_hello: bool, fds: &[BorrowedFd<'_>]) -> RawClient {
@@ -229,8 +182,8 @@ fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
         let Some(fuse) = StallingFuse::mount(case, Stall::GetattrOf(0)) else {
             return;
         };
-        let mut held = HeldEpoll::new(&fuse);
-        let read_end = held.read_end.take().expect("the read end");
+        let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
+        let held = HeldEpoll::new(&fuse, read_end.as_fd());
         let null = std::fs::File::open("/dev/null").expect("/dev/null");
         let raw = if case == "a 33rd fd" {
             let mut fds = vec![null.as_fd(); 32];
@@ -241,10 +194,8 @@ fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
         };
         // The daemon has the last copy now.
         drop(read_end);
-        let served = others_served(&daemon);
-        drop(fuse); // the POLL fails, the lock is let go
-        let _ = held.holder.join();
-        drop(held.epoll);
+        let served = new_client_served(&daemon);
+        held.let_go(fuse);
         drop(raw);
         assert!(served, "{case}: another client was not served");
     }

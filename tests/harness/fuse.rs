@@ -4,9 +4,12 @@
 //! everyone.
 
 use std::io::BufRead;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use crate::TempDir;
 
@@ -134,4 +137,54 @@ pub fn answered_within(limit: Duration, ask: impl FnOnce() -> bool + Send + 'sta
         let _ = tx.send(ask());
     });
     rx.recv_timeout(limit) == Ok(true)
+}
+
+/// An epoll watching a file, whose lock a thread of this process holds
+/// for good: the thread adds the FUSE server's file to the epoll, and
+/// waits inside for the answer to POLL, which never comes. The last
+/// release of the watched file, wherever it happens (no close(2) is
+/// needed: the last fd of a freed buffer, a socket's queued message),
+/// then waits for that lock. A client can do this to any file it has
+/// held that can be polled. Let go of once the server is gone.
+#[derive(Debug)]
+pub struct HeldEpoll {
+    epoll: std::sync::Arc<Epoll>,
+    holder: std::thread::JoinHandle<()>,
+}
+
+impl HeldEpoll {
+    pub fn new(fuse: &StallingFuse, watched: BorrowedFd<'_>) -> HeldEpoll {
+        let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
+        let epoll =
+            std::sync::Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"));
+        epoll
+            .add(watched, EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .expect("watch the file");
+        let held = std::sync::Arc::clone(&epoll);
+        let holder = std::thread::spawn(move || {
+            let _ = held.add(&file, EpollEvent::new(EpollFlags::EPOLLIN, 2));
+        });
+        // Inside its add by now, the lock held.
+        std::thread::sleep(Duration::from_millis(300));
+        HeldEpoll { epoll, holder }
+    }
+
+    /// Waits for the holder, which returns once `fuse` is dropped (its
+    /// POLL fails then), and closes the epoll.
+    pub fn let_go(self, fuse: StallingFuse) {
+        drop(fuse);
+        let _ = self.holder.join();
+        drop(self.epoll);
+    }
+}
+
+/// Whether a new client of this process's uid is served (connects and
+/// lists the heaps) within 3 s.
+pub fn new_client_served(daemon: &crate::Daemon) -> bool {
+    let socket = daemon.socket().to_owned();
+    answered_within(Duration::from_secs(3), move || {
+        dmabroker_client::Client::connect_to(&socket)
+            .and_then(|c| c.heaps())
+            .is_ok()
+    })
 }

@@ -20,6 +20,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use crate::held_files::{HeldFd, Release};
+
 /// Fds of every uid waiting to be closed: [`pending`] looks no further
 /// while there are none, which is nearly always.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
@@ -56,6 +58,19 @@ impl ClientFd {
             None
         }
     }
+
+    /// As [`ClientFd::keep_if`], kept as a file its client holds too (a
+    /// pollable one: see `held_files`), let go of on the uid's thread.
+    /// `buffer`: it is a buffer's dma-buf.
+    pub fn keep_held_if(
+        self,
+        check: impl FnOnce(BorrowedFd<'_>) -> bool,
+        buffer: bool,
+    ) -> Option<HeldFd> {
+        let uid = self.uid;
+        let fd = self.keep_if(check)?;
+        Some(HeldFd::new(fd, Release::OnThreadOf { uid, buffer }))
+    }
 }
 
 impl Drop for ClientFd {
@@ -71,10 +86,25 @@ pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
     if fds.is_empty() {
         return;
     }
+    hand_over(uid, fds.into_iter().map(|fd| Box::new(fd) as Parcel));
+}
+
+/// Drops `parcel` (a file a client of `uid` has held, or anything holding
+/// one: see `held_files`) on that uid's closing thread. It counts as one
+/// fd waiting to be closed until it is dropped.
+pub fn release_elsewhere(uid: u32, parcel: Parcel) {
+    hand_over(uid, std::iter::once(parcel));
+}
+
+/// What a closing thread drops.
+pub type Parcel = Box<dyn Send>;
+
+fn hand_over(uid: u32, parcels: impl Iterator<Item = Parcel>) {
     let mut queues = queues();
-    PENDING.fetch_add(fds.len(), Ordering::AcqRel);
     let queue = queues.entry(uid).or_default();
-    queue.fds.extend(fds);
+    let before = queue.fds.len();
+    queue.fds.extend(parcels);
+    PENDING.fetch_add(queue.fds.len() - before, Ordering::AcqRel);
     if queue.closing {
         return;
     }
@@ -106,9 +136,9 @@ pub fn pending(uid: u32) -> usize {
         .map_or(0, |q| q.fds.len() + usize::from(q.closing))
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Queue {
-    fds: VecDeque<OwnedFd>,
+    fds: VecDeque<Parcel>,
     /// A thread is closing this uid's fds.
     closing: bool,
 }
@@ -207,7 +237,7 @@ mod tests {
             PENDING.fetch_add(1, Ordering::AcqRel);
             let queue = queues.entry(STUCK).or_default();
             queue.closing = true;
-            queue.fds.push_back(stuck_fd);
+            queue.fds.push_back(Box::new(stuck_fd));
         }
         let entered = std::sync::Arc::clone(&stuck);
         // As `close_all_of`, but its first close waits until released.

@@ -8,9 +8,9 @@
 //! buffers are closed in place: handing them to another thread costs more
 //! than the close.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 /// Buffers of this size or more are closed on the closer's thread.
@@ -19,7 +19,7 @@ pub const CLOSE_APART_BYTES: u64 = 1 << 20;
 /// The longest an allocation waits for the closes queued before it.
 const EARLIER_CLOSES_WAIT: Duration = Duration::from_secs(5);
 
-type Parcel = Box<dyn Send>;
+type Parcel = (Box<dyn Send>, CloseTicket);
 
 /// Drops `owner` (the last copy of a buffer's fd, or anything holding
 /// one) of a buffer of `size` bytes: here if the buffer is small, on the
@@ -35,75 +35,97 @@ pub fn close_buffer(owner: impl Send + 'static, size: u64) {
 /// Drops `owner` on the closer's thread, whatever it holds: for fds of
 /// buffers of unknown size (a connection's unsent replies).
 pub fn close_elsewhere(owner: impl Send + 'static) {
-    let parcel: Parcel = Box::new(owner);
+    let parcel: Parcel = (Box::new(owner), ticket());
     match closer() {
-        Some(closer) => {
-            closer.queued.fetch_add(1, Ordering::AcqRel);
-            if let Err(returned) = closer.sender.send(parcel) {
-                // The thread is gone: counted as done, dropped here.
-                closer.count_done();
-                drop(returned);
-            }
-        }
+        // The thread gone, the parcel comes back and is dropped here.
+        Some(sender) => drop(sender.send(parcel)),
         None => drop(parcel),
     }
 }
 
-/// Waits (at most a few seconds) until every close queued before this
-/// call is done. An allocation from a device heap calls it first, on its
-/// own thread: the pages a client freed just before must be back before
-/// a heap that may run out (CMA) is asked again, as they were when the
-/// broker closed them in place.
-pub fn wait_for_earlier_closes() {
-    let Some(closer) = closer() else {
-        return;
-    };
-    let target = closer.queued.load(Ordering::Acquire);
-    let done = closer.done.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = closer
-        .closed
-        .wait_timeout_while(done, EARLIER_CLOSES_WAIT, |done| *done < target);
+/// A buffer's close that has been handed to another thread and is not
+/// done yet: dropped once it is. [`wait_for_earlier_closes`] waits for
+/// the tickets taken before it.
+#[derive(Debug)]
+pub struct CloseTicket(u64);
+
+/// Closes handed elsewhere and not done, by ticket number; `true` once
+/// an allocation has waited its whole [`EARLIER_CLOSES_WAIT`] for it. A
+/// close that takes that long is stuck (its file's release waits on a
+/// lock a client holds, see `held_files`), and its pages will not come
+/// back by waiting: later allocations do not wait for it again.
+#[derive(Debug, Default)]
+struct Tickets {
+    next: u64,
+    open: BTreeMap<u64, bool>,
 }
 
-struct Closer {
-    sender: Sender<Parcel>,
-    /// Parcels sent, and parcels dropped: the thread counts `done` up
-    /// after each drop, and wakes whoever waits for it.
-    queued: AtomicU64,
-    done: Mutex<u64>,
-    closed: Condvar,
+fn tickets() -> (MutexGuard<'static, Tickets>, &'static Condvar) {
+    static TICKETS: OnceLock<(Mutex<Tickets>, Condvar)> = OnceLock::new();
+    let (tickets, done) = TICKETS.get_or_init(Default::default);
+    (tickets.lock().unwrap_or_else(|p| p.into_inner()), done)
 }
 
-impl Closer {
-    fn count_done(&self) {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        *done += 1;
-        self.closed.notify_all();
+/// A ticket for a close about to be handed to another thread.
+pub fn ticket() -> CloseTicket {
+    let (mut tickets, _) = tickets();
+    let number = tickets.next;
+    tickets.next += 1;
+    tickets.open.insert(number, false);
+    CloseTicket(number)
+}
+
+impl Drop for CloseTicket {
+    fn drop(&mut self) {
+        let (mut tickets, done) = tickets();
+        tickets.open.remove(&self.0);
+        done.notify_all();
     }
 }
 
-fn closer() -> Option<&'static Arc<Closer>> {
-    static CLOSER: OnceLock<Option<Arc<Closer>>> = OnceLock::new();
+/// Waits (at most a few seconds) until every close handed elsewhere
+/// before this call is done. An allocation from a device heap calls it
+/// first, on its own thread: the pages a client freed just before must be
+/// back before a heap that may run out (CMA) is asked again, as they were
+/// when the broker closed them in place.
+pub fn wait_for_earlier_closes() {
+    wait_for_earlier_closes_within(EARLIER_CLOSES_WAIT);
+}
+
+fn wait_for_earlier_closes_within(limit: Duration) {
+    let (tickets, done) = tickets();
+    let before = tickets.next;
+    let pending = |t: &mut Tickets| t.open.range(..before).any(|(_, waited_out)| !waited_out);
+    let (mut tickets, waited) = done
+        .wait_timeout_while(tickets, limit, pending)
+        .unwrap_or_else(|p| p.into_inner());
+    if waited.timed_out() {
+        let stuck: Vec<u64> = tickets.open.range(..before).map(|(n, _)| *n).collect();
+        tracing::warn!(
+            closes = stuck.len(),
+            "closes of freed buffers are taking longer than {limit:?}; allocating without waiting for them"
+        );
+        for number in stuck {
+            tickets.open.insert(number, true);
+        }
+    }
+}
+
+fn closer() -> Option<&'static Sender<Parcel>> {
+    static CLOSER: OnceLock<Option<Sender<Parcel>>> = OnceLock::new();
     CLOSER
         .get_or_init(|| {
             let (sender, parcels) = channel::<Parcel>();
-            let closer = Arc::new(Closer {
-                sender,
-                queued: AtomicU64::new(0),
-                done: Mutex::new(0),
-                closed: Condvar::new(),
-            });
-            let counted = Arc::clone(&closer);
             let spawned = std::thread::Builder::new()
                 .name("dmabroker-closer".into())
                 .spawn(move || {
-                    for parcel in parcels {
-                        drop(parcel);
-                        counted.count_done();
+                    for (owner, ticket) in parcels {
+                        drop(owner);
+                        drop(ticket);
                     }
                 });
             match spawned {
-                Ok(_) => Some(closer),
+                Ok(_) => Some(sender),
                 Err(err) => {
                     tracing::warn!(%err, "no closer thread: big buffers are closed in place");
                     None
@@ -172,10 +194,39 @@ mod tests {
         );
     }
 
+    /// Tests that wait for earlier closes, one at a time: each would wait
+    /// for the others' closes too.
+    fn waiting_turn() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: Mutex<()> = Mutex::new(());
+        TURN.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A close stuck for good (a dma-buf whose release waits on a lock a
+    /// client holds, see `held_files`) holds up the allocation that first
+    /// waits for it, for the whole wait, and no allocation after it: its
+    /// pages would not come back by waiting.
+    #[test]
+    fn a_stuck_close_is_waited_out_once() {
+        let _turn = waiting_turn();
+        let stuck = ticket();
+        let first = std::time::Instant::now();
+        wait_for_earlier_closes_within(Duration::from_millis(300));
+        assert!(first.elapsed() >= Duration::from_millis(300));
+        let (done_tx, done) = channel();
+        std::thread::spawn(move || {
+            wait_for_earlier_closes_within(Duration::from_secs(30));
+            let _ = done_tx.send(());
+        });
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("a later allocation waited again for the stuck close");
+        drop(stuck);
+    }
+
     /// An allocation waits for the closes queued before it: the pages of
     /// a buffer freed just before are back when it asks its heap.
     #[test]
     fn waiting_for_earlier_closes_returns_once_they_are_done() {
+        let _turn = waiting_turn();
         let (slow, slow_dropped, release) = slow_close();
         close_buffer(slow, CLOSE_APART_BYTES);
         slow_dropped

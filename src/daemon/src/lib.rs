@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dbus;
 pub mod heaps;
+pub mod held_files;
 pub mod identity;
 pub mod inflight;
 pub mod kernel;

@@ -21,6 +21,7 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use crate::held_files::HeldFd;
 use crate::inflight::{self, PER_CONNECTION};
 use crate::kernel::socket::unread_by_peer;
 
@@ -29,7 +30,7 @@ use crate::kernel::socket::unread_by_peer;
 #[derive(Debug)]
 struct Outgoing {
     bytes: Vec<u8>,
-    fds: Vec<Arc<OwnedFd>>,
+    fds: Vec<Arc<HeldFd>>,
     /// Counts against the cap: a reply. An event does not: it is often
     /// another client's doing (ending many fences a no-autofence client
     /// was told to wait for) that the client must not be cut off for.
@@ -117,7 +118,7 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_send(&self, bytes: &[u8], fds: &[Arc<OwnedFd>]) -> Result<(), SendError> {
+    fn try_send(&self, bytes: &[u8], fds: &[Arc<HeldFd>]) -> Result<(), SendError> {
         let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
         send_message(self.socket.get_ref().as_fd(), bytes, &fds, true)
     }
@@ -126,7 +127,7 @@ impl Outbox {
     /// borrowed: the usual case sends them at once, and only a message that
     /// must wait is copied into the queue. On overflow or a dead socket the
     /// connection is shut down, which its reader sees as a hang-up.
-    pub fn send(&self, bytes: &[u8], fds: Vec<Arc<OwnedFd>>) -> Result<(), OutboxError> {
+    pub fn send(&self, bytes: &[u8], fds: Vec<Arc<HeldFd>>) -> Result<(), OutboxError> {
         self.deliver(bytes, fds, true)
     }
 
@@ -139,7 +140,7 @@ impl Outbox {
     fn deliver(
         &self,
         bytes: &[u8],
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<Arc<HeldFd>>,
         counted: bool,
     ) -> Result<(), OutboxError> {
         let mut queue = self.lock();
@@ -405,7 +406,9 @@ mod tests {
         let (runtime, outbox, client) = deaf_outbox(1000);
         let outbox = Arc::new(outbox);
         let _writer = runtime.spawn(Arc::clone(&outbox).run_writer());
-        let fd = Arc::new(std::fs::File::open("/dev/null").expect("open").into());
+        let fd = Arc::new(HeldFd::from(OwnedFd::from(
+            std::fs::File::open("/dev/null").expect("open"),
+        )));
         let extra = 10;
         for _ in 0..PER_CONNECTION + extra {
             outbox

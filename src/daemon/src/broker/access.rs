@@ -7,7 +7,7 @@
 //! *when* a grant is sent; cache sync (`DMA_BUF_IOCTL_SYNC`) is done *at*
 //! a CPU grant and at its end, and only for dma-bufs of autofence clients.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use dmabroker_ipc::{
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
 use super::{Action, TimeoutTarget};
 use crate::client_fds::ClientFd;
+use crate::held_files::{HeldDup, HeldFd};
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 
 /// Fence id and holder used in a no-autofence grant for the dma-buf's own
@@ -83,7 +84,7 @@ enum CacheSync {
 
 /// What a request handler tells the dispatcher to do with the reply.
 pub(super) enum Answer {
-    Reply(ReplyBody, Vec<Arc<OwnedFd>>),
+    Reply(ReplyBody, Vec<Arc<HeldFd>>),
     /// The reply is (or will be) sent by whoever grants the access.
     Deferred,
 }
@@ -276,7 +277,8 @@ impl State {
                             holder: KERNEL_HOLDER,
                             sync_file_slot: Some(fds.len() as u8),
                         });
-                        fds.push(Arc::new(sync_file));
+                        // Made here and not yet sent: no client can watch it yet.
+                        fds.push(Arc::new(sync_file.into()));
                     }
                     Err(err) => {
                         tracing::warn!(buffer = grant.buffer, error = %err, "cannot export the dma-buf's kernel fences");
@@ -314,7 +316,7 @@ impl State {
             autofence && !dma_buf::implicit_fences_signalled(fd.as_fd(), access.is_write())
         });
         if let Some(fd) = must_wait {
-            match fd.try_clone() {
+            match HeldDup::of(fd) {
                 Ok(dup) => {
                     if let Some(entry) = self.accesses.get_mut(&grant.access_id) {
                         entry.pending = Some(PendingGrant {
@@ -355,7 +357,7 @@ impl State {
     fn outstanding_fences(
         &mut self,
         grant: &fence::Grant,
-        fds: &mut Vec<Arc<OwnedFd>>,
+        fds: &mut Vec<Arc<HeldFd>>,
         slots: usize,
     ) -> Vec<OutstandingFence> {
         let mut out = Vec::with_capacity(grant.outstanding.len());
@@ -401,7 +403,7 @@ impl State {
         &mut self,
         access_id: AccessId,
         grant: Grant,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<Arc<HeldFd>>,
         word_ok: bool,
     ) {
         let Some(entry) = self.accesses.get(&access_id) else {
@@ -415,7 +417,7 @@ impl State {
                 .buffers
                 .get(&buffer)
                 .filter(|b| b.origin.is_dma_buf())
-                .map(|b| b.fd.try_clone());
+                .map(|b| HeldDup::of(&b.fd));
             match dmabuf {
                 Some(Ok(dup)) => {
                     if let Some(entry) = self.accesses.get_mut(&access_id) {
@@ -490,7 +492,7 @@ impl State {
         &mut self,
         access_id: AccessId,
         mut grant: Grant,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<Arc<HeldFd>>,
         word_ok: bool,
         synced: CacheSync,
     ) {
@@ -608,9 +610,10 @@ impl State {
         access_id: AccessId,
         sync_file: ClientFd,
     ) -> Result<(), WireError> {
-        let Some(sync_file) =
-            sync_file.keep_if(|fd| crate::kernel::sync_file::foreign_status(fd).is_ok())
-        else {
+        let Some(sync_file) = sync_file.keep_held_if(
+            |fd| crate::kernel::sync_file::foreign_status(fd).is_ok(),
+            false,
+        ) else {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
                 "the fd handed over is not a sync_file",
@@ -618,7 +621,8 @@ impl State {
         };
         // Everything that can fail comes before the arbiter's hand-over:
         // after it, the access waits for a wait that must then exist.
-        let waiter = sync_file.try_clone().map_err(|e| {
+        let sync_file = Arc::new(sync_file);
+        let waiter = HeldDup::of(&sync_file).map_err(|e| {
             WireError::new(
                 ErrorCode::Internal,
                 format!("cannot dup the sync_file: {e}"),
@@ -627,7 +631,6 @@ impl State {
         self.arbiter
             .end_with_kernel_fence(client, access_id)
             .map_err(fence_error)?;
-        let sync_file = Arc::new(sync_file);
         let Some(entry) = self.accesses.get_mut(&access_id) else {
             return Ok(());
         };

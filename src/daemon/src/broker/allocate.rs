@@ -22,6 +22,7 @@ use super::requests::{alloc_error, shown_name};
 use super::state::{BufferEntry, BufferOrigin, PendingAllocation, State};
 use super::{Action, TaskOwner};
 use crate::heaps::{AllocError, AllocPlan, Allocation, Backend, HeapRegistry};
+use crate::held_files::HeldFd;
 
 /// Allocations one client may have carried out off the broker's thread at
 /// once. Each takes a blocking thread for as long as its heap takes; a
@@ -316,7 +317,10 @@ impl State {
         label: &str,
     ) -> Answer {
         let id = self.allocate_buffer_id();
-        let fd = Arc::new(allocation.fd);
+        let origin = BufferOrigin::Allocated(allocation.backend);
+        let uid = self.clients.get(&client).map_or(0, |c| c.peer.identity.uid);
+        let release = origin.release(allocation.size, uid);
+        let fd = Arc::new(HeldFd::new(allocation.fd, release));
         self.buffers.insert(
             id,
             BufferEntry {
@@ -324,7 +328,7 @@ impl State {
                 fd: Arc::clone(&fd),
                 size: allocation.size,
                 heap: allocation.heap,
-                origin: BufferOrigin::Allocated(allocation.backend),
+                origin,
                 name: shown_name(label),
                 inode: allocation.inode,
                 owner: client,

@@ -18,7 +18,7 @@ mod state;
 mod waits;
 mod words;
 
-use std::os::fd::OwnedFd;
+use crate::held_files::HeldDup;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -51,14 +51,14 @@ pub enum Action {
     /// Grant once the dma-buf's implicit kernel fences allow this access.
     AwaitImplicit {
         access: AccessId,
-        dmabuf: OwnedFd,
+        dmabuf: HeldDup,
         write: bool,
     },
     /// A device access was handed over with a sync_file: keep the fence
     /// until it signals.
     AwaitSyncFile {
         access: AccessId,
-        sync_file: OwnedFd,
+        sync_file: HeldDup,
     },
     /// Carries out an allocation that may block on a blocking thread, then
     /// admits and answers it (see `allocate`).
@@ -73,7 +73,7 @@ pub enum Action {
     /// (it waits for fences in the kernel); the grant is sent after it.
     CacheSyncStart {
         access: AccessId,
-        dmabuf: OwnedFd,
+        dmabuf: HeldDup,
         direction: crate::kernel::dma_buf::SyncDirection,
     },
 }

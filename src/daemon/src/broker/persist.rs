@@ -19,6 +19,7 @@ use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, Holder, State};
 use super::words::WordState;
 use crate::heaps::Backend;
+use crate::held_files::HeldFd;
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
 use crate::service::inherited::BUFFER_PREFIX;
@@ -221,6 +222,16 @@ impl State {
             // The previous instance's clients may have left bits, and may
             // still be beginning there.
             let word = has_word.then(|| WordState::inherited(fd.as_fd(), buffer.size));
+            // Let go of on its owner's thread, as when it was allocated
+            // (u32::MAX, a uid an older daemon did not record, is a
+            // thread of its own).
+            let owner_uid = buffer
+                .holders
+                .iter()
+                .find(|h| h.owner)
+                .map_or(u32::MAX, |h| h.uid);
+            let origin = origin_of(buffer.origin);
+            let fd = HeldFd::new(fd, origin.release(buffer.size, owner_uid));
             self.buffers.insert(
                 buffer.id,
                 BufferEntry {
@@ -228,7 +239,7 @@ impl State {
                     fd: Arc::new(fd),
                     size: buffer.size,
                     heap: buffer.heap.clone(),
-                    origin: origin_of(buffer.origin),
+                    origin,
                     // Written by an older daemon, which kept names as sent.
                     name: super::requests::shown_name(&buffer.name),
                     inode: buffer.inode,

@@ -17,6 +17,7 @@ use super::endpage::EndPage;
 use super::state::{BufferEntry, BufferOrigin, ClientEntry, State};
 use crate::client_fds::ClientFd;
 use crate::heaps::AllocError;
+use crate::held_files::HeldFd;
 use crate::kernel::dma_buf;
 
 /// What the connection task should do after a message.
@@ -211,7 +212,7 @@ impl State {
         &mut self,
         client: ClientId,
         hello: &dmabroker_ipc::Hello,
-    ) -> Result<(Welcome, Vec<Arc<OwnedFd>>), WireError> {
+    ) -> Result<(Welcome, Vec<Arc<HeldFd>>), WireError> {
         if hello.version != PROTOCOL_VERSION {
             return Err(WireError::new(
                 ErrorCode::IncompatibleVersion,
@@ -246,7 +247,7 @@ impl State {
             match EndPage::create() {
                 Ok((page, fd)) => {
                     entry.end_page = Some(page);
-                    fds.push(Arc::new(fd));
+                    fds.push(Arc::new(fd.into()));
                 }
                 Err(err) => {
                     // Ends then simply travel as messages.
@@ -530,7 +531,7 @@ impl State {
         fd: ClientFd,
         name: Option<&str>,
     ) -> Result<Answer, WireError> {
-        let Some(fd) = fd.keep_if(dma_buf::is_foreign_dma_buf) else {
+        let Some(fd) = fd.keep_held_if(dma_buf::is_foreign_dma_buf, true) else {
             return Err(WireError::new(
                 ErrorCode::NotADmaBuf,
                 "only dma-bufs can be adopted (file system magic 0x444d4142)",

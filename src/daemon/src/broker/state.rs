@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 // a client cannot choose colliding keys, and SipHash was a measurable part
 // of every transition. Tokens, which arrive as client text, keep SipHash.
 use rustc_hash::FxHashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -23,6 +23,7 @@ use dmabroker_policy::{Policy, Resolved};
 use super::notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 use super::{Action, TaskOwner};
 use crate::heaps::{Backend, HeapRegistry};
+use crate::held_files::{HeldFd, Release};
 use crate::identity::Peer;
 use crate::outbox::Outbox;
 use crate::stats::Stats;
@@ -39,6 +40,18 @@ impl BufferOrigin {
     /// Only real dma-bufs have CPU caches to sync and kernel fences to honour.
     pub fn is_dma_buf(&self) -> bool {
         !matches!(self, BufferOrigin::Allocated(Backend::Memfd))
+    }
+
+    /// Where the daemon's last copy of a buffer of this origin, `size`
+    /// bytes, brought in or allocated for a client of `uid`, is let go
+    /// of: a dma-buf can be watched with epoll, and a memfd cannot (see
+    /// `held_files`).
+    pub fn release(&self, size: u64, uid: u32) -> Release {
+        if self.is_dma_buf() {
+            Release::OnThreadOf { uid, buffer: true }
+        } else {
+            Release::Pages { size }
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -65,7 +78,7 @@ pub struct Holder {
 #[derive(Debug)]
 pub struct BufferEntry {
     pub id: BufferId,
-    pub fd: Arc<OwnedFd>,
+    pub fd: Arc<HeldFd>,
     pub size: u64,
     pub heap: String,
     pub origin: BufferOrigin,
@@ -152,7 +165,7 @@ pub struct AccessEntry {
     /// The CPU grant's cache START settled (see `cache_sync`), so its END
     /// is owed when the access ends.
     pub owes_cache_end: bool,
-    pub sync_file: Option<Arc<OwnedFd>>,
+    pub sync_file: Option<Arc<HeldFd>>,
     pub deadline: Option<Instant>,
     /// Its word in the client's end-word page, while it may end there.
     pub end_slot: Option<dmabroker_ipc::endwords::EndSlot>,
@@ -500,7 +513,7 @@ impl State {
         &mut self,
         client: ClientId,
         message: &ServerMessage,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<Arc<HeldFd>>,
     ) {
         let Some(entry) = self.clients.get(&client) else {
             return;
@@ -550,7 +563,7 @@ impl State {
         client: ClientId,
         id: u64,
         result: Result<ReplyBody, WireError>,
-        fds: Vec<Arc<OwnedFd>>,
+        fds: Vec<Arc<HeldFd>>,
     ) {
         if let Err(err) = &result {
             self.stats.refused(err.code);
@@ -651,11 +664,11 @@ impl State {
             self.stats.frees += 1;
             self.notice(Notice::BufferFreed { buffer });
             tracing::debug!(buffer, size = entry.size, heap = %entry.heap, "buffer freed");
-            // Its pages go back at the last close: not on this thread, for
-            // a big one (a queued reply may still hold a copy of the fd,
-            // and closes it when it goes).
-            let size = entry.size;
-            crate::closer::close_buffer(entry, size);
+            // Its pages go back at the last close of its file, which its
+            // `HeldFd` makes where it must (`held_files`): not on this
+            // thread for a big memfd or any dma-buf. A queued reply may
+            // still hold a copy and make that close when it goes.
+            drop(entry);
         }
     }
 

@@ -6,14 +6,16 @@
 //! Each wait gets its own dup of the fd: epoll registrations are per open
 //! file description + fd number, and the broker's own fd must stay free.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use crate::held_files::HeldDup;
 
 use tokio::io::Interest;
 
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 use crate::kernel::KernelError;
 
-async fn until_ready(fd: OwnedFd, interest: Interest) {
+async fn until_ready(fd: HeldDup, interest: Interest) {
     let Ok(async_fd) = crate::reactor::register(fd, interest) else {
         // Not pollable at all: nothing the kernel will tell us, so do not
         // hold the buffer hostage.
@@ -38,7 +40,7 @@ async fn until_ready(fd: OwnedFd, interest: Interest) {
 
 /// Waits for the implicit fences that conflict with an access: a read waits
 /// for the kernel's write fences, a write for all of them.
-pub async fn implicit_fences(dmabuf: OwnedFd, write: bool) {
+pub async fn implicit_fences(dmabuf: HeldDup, write: bool) {
     let interest = if write {
         Interest::WRITABLE
     } else {
@@ -47,7 +49,7 @@ pub async fn implicit_fences(dmabuf: OwnedFd, write: bool) {
     until_ready(dmabuf, interest).await;
 }
 
-pub async fn sync_file(fd: OwnedFd) {
+pub async fn sync_file(fd: HeldDup) {
     until_ready(fd, Interest::READABLE).await;
 }
 
@@ -60,13 +62,13 @@ pub async fn sync_file(fd: OwnedFd) {
 /// went while START waited), it ENDs here, so every START has its END.
 #[derive(Debug)]
 pub struct StartedSync {
-    dmabuf: Option<OwnedFd>,
+    dmabuf: Option<HeldDup>,
     direction: SyncDirection,
 }
 
 impl StartedSync {
     /// Blocks until the kernel lets the CPU access begin.
-    pub fn start(dmabuf: OwnedFd, direction: SyncDirection) -> Result<StartedSync, KernelError> {
+    pub fn start(dmabuf: HeldDup, direction: SyncDirection) -> Result<StartedSync, KernelError> {
         dma_buf::sync(dmabuf.as_fd(), direction, SyncPhase::Start)?;
         Ok(StartedSync {
             dmabuf: Some(dmabuf),

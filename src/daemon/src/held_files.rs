@@ -1,0 +1,188 @@
+//! The daemon's copies of files its clients hold too, and where the last
+//! of them is let go of.
+//!
+//! The last release of a file that can be watched with epoll (a dma-buf,
+//! a sync_file) takes the lock of every epoll watching it, and a client
+//! can hold such a lock for good: a thread of its own, adding a FUSE file
+//! to that epoll, waits inside for an answer to POLL that its FUSE server
+//! never sends. A client that watches its buffer's dma-buf that way,
+//! closes its own copy and frees the buffer leaves the daemon the last
+//! copy; released on the broker's thread, it would stall every client.
+//! So the daemon's copies of such files are [`HeldFd`]s that know where
+//! they are let go of: on a closing thread of the uid that brought the
+//! file in (see `client_fds`), where a release that waits for good holds
+//! up only that uid.
+//!
+//! A memfd cannot be watched with epoll (it has no poll), nor can a file
+//! the daemon made and has not sent yet: those close where they drop,
+//! except that a big buffer's pages go back on the closer's thread
+//! (`closer`), since that takes time in proportion to them.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+/// Where a [`HeldFd`]'s file is let go of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Where it drops: a file no client can have watched.
+    Here,
+    /// A memfd buffer of `size` bytes: here when small, on the closer's
+    /// thread when big.
+    Pages { size: u64 },
+    /// On the closing thread of `uid`: a pollable file a client of `uid`
+    /// brought in or was given. `buffer`: a buffer's dma-buf, whose pages
+    /// a device allocation may be waiting for (`closer::CloseTicket`).
+    OnThreadOf { uid: u32, buffer: bool },
+}
+
+/// An fd of the daemon's that lets go of its file as its [`Release`] says.
+///
+/// Dropped, it hands a dup of its fd to the thread that is to let go of
+/// the file, and closes its own fd where it is: that close is never the
+/// file's last release while the dup is open, so it never waits.
+#[derive(Debug)]
+pub struct HeldFd {
+    fd: OwnedFd,
+    release: Release,
+}
+
+impl HeldFd {
+    pub fn new(fd: OwnedFd, release: Release) -> HeldFd {
+        HeldFd { fd, release }
+    }
+
+    pub fn release(&self) -> Release {
+        self.release
+    }
+}
+
+/// Another fd of a held file, for what needs an fd of its own (an epoll
+/// registration, a cache sync on a blocking thread). It keeps the file's
+/// [`HeldFd`] alive until after its own fd is closed, so that close, made
+/// wherever it drops, is never the file's last release: dups cost no
+/// hand-over.
+#[derive(Debug)]
+pub struct HeldDup {
+    // Dropped in this order: the dup first, while the anchor keeps the
+    // file; then the anchor, which knows where to let go of it.
+    fd: OwnedFd,
+    _anchor: Arc<HeldFd>,
+}
+
+impl HeldDup {
+    pub fn of(held: &Arc<HeldFd>) -> std::io::Result<HeldDup> {
+        Ok(HeldDup {
+            fd: held.as_fd().try_clone_to_owned()?,
+            _anchor: Arc::clone(held),
+        })
+    }
+}
+
+impl AsFd for HeldDup {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for HeldDup {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<OwnedFd> for HeldFd {
+    fn from(fd: OwnedFd) -> HeldFd {
+        HeldFd::new(fd, Release::Here)
+    }
+}
+
+impl AsFd for HeldFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for HeldFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+impl Drop for HeldFd {
+    fn drop(&mut self) {
+        let elsewhere = match self.release {
+            Release::Here => return,
+            Release::Pages { size } if size < crate::closer::CLOSE_APART_BYTES => return,
+            _ => self.fd.try_clone(),
+        };
+        let dup = match elsewhere {
+            Ok(dup) => dup,
+            Err(err) => {
+                // Out of fds: let go of here after all, rather than keep.
+                tracing::warn!(%err, release = ?self.release, "no fd to let go of a file elsewhere with");
+                return;
+            }
+        };
+        match self.release {
+            Release::OnThreadOf { uid, buffer } => {
+                let ticket = buffer.then(crate::closer::ticket);
+                crate::client_fds::release_elsewhere(uid, Box::new((dup, ticket)));
+            }
+            Release::Here | Release::Pages { .. } => crate::closer::close_elsewhere(dup),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipe's write end and whether its read end sees every writer gone.
+    fn pipe() -> (OwnedFd, impl Fn() -> bool) {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        nix::fcntl::fcntl(
+            read.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("nonblocking");
+        let closed = move || {
+            let mut byte = [0u8; 1];
+            matches!(nix::unistd::read(read.as_raw_fd(), &mut byte), Ok(0))
+        };
+        (write, closed)
+    }
+
+    /// A file a client brought in is let go of on its uid's thread, even
+    /// when a dup outlives the daemon's own copy: the broker's thread never
+    /// makes the last release, however the copies are dropped.
+    #[test]
+    fn a_client_held_file_and_its_dups_are_let_go_of_on_the_uids_thread() {
+        const UID: u32 = 4_000_000_011;
+        let (fd, closed) = pipe();
+        let held = Arc::new(HeldFd::new(
+            fd,
+            Release::OnThreadOf {
+                uid: UID,
+                buffer: false,
+            },
+        ));
+        let dup = HeldDup::of(&held).expect("dup");
+        drop(held);
+        assert!(!closed(), "closed while a dup was open");
+        drop(dup);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !closed() {
+            assert!(std::time::Instant::now() < deadline, "never closed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(crate::client_fds::pending(UID), 0);
+    }
+
+    /// A file only the daemon has held closes where it drops.
+    #[test]
+    fn a_file_no_client_held_closes_in_place() {
+        let (fd, closed) = pipe();
+        drop(HeldFd::from(fd));
+        assert!(closed());
+    }
+}
