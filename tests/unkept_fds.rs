@@ -251,3 +251,41 @@ fn send_stray_each(daemon: &Daemon, fds: &[BorrowedFd<'_>]) -> RawClient {
     }
     raw
 }
+
+/// A connection's socket closes with messages its client queued still in
+/// it: the read-out before the close stops at an empty message, which
+/// reads like the end. The socket's close then let go, on the broker's
+/// thread, of the files the rest carried, and with a file whose last
+/// release waits (watched by a held epoll) every client stalled. The
+/// daemon now makes a connection's last close on its uid's thread. Found
+/// by review.
+#[test]
+fn a_socket_closed_with_files_still_queued_does_not_stall_the_daemon() {
+    let _turn = one_at_a_time();
+    if !have_root("a socket closed with files queued") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let Some(fuse) = StallingFuse::mount("a socket closed with files queued", Stall::GetattrOf(0))
+    else {
+        return;
+    };
+    let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
+    let held = HeldEpoll::new(&fuse, read_end.as_fd());
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    // Queued together: serving ends at the first empty message, the
+    // read-out at the second, and the third stays in the socket.
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    raw.send_raw(&[], &[]);
+    raw.send_raw(&[], &[]);
+    let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+    raw.send_raw(&bytes, &[read_end.as_fd()]);
+    // The daemon's socket has the last copy now.
+    drop(read_end);
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    let served = new_client_served(&daemon);
+    held.let_go(fuse);
+    drop(raw);
+    assert!(served, "another client was not served");
+}

@@ -29,18 +29,21 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         Ok(peer) => peer,
         Err(err) => {
             tracing::warn!(error = %err, "cannot identify a connecting peer; closing it");
+            let uid = identity::peer_uid(socket.as_fd());
+            crate::server::retire(socket, uid, None);
             return;
         }
     };
-    // Held to the end of this task, the wait for a cut-off client included.
-    let _uid_slot = match take_uid_slot(&broker, &uids, &peer) {
+    // Held to the end of this task, the wait for a cut-off client
+    // included, and then to the socket's last close.
+    let uid_slot = match take_uid_slot(&broker, &uids, &peer) {
         Ok(slot) => slot,
         Err(refusal) => {
             crate::server::refuse(socket, refusal, peer.identity.uid);
             return;
         }
     };
-    let socket = match crate::reactor::register(
+    let socket = match crate::reactor::try_register(
         socket,
         // Readable only: a writable interest would wake the loop for every
         // reply the client reads. The outbox asks for writability itself,
@@ -48,8 +51,9 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         tokio::io::Interest::READABLE,
     ) {
         Ok(fd) => Arc::new(fd),
-        Err(err) => {
+        Err((socket, err)) => {
             tracing::error!(error = %err, "cannot register a connection with the reactor");
+            crate::server::retire(socket, peer.identity.uid, Some(uid_slot));
             return;
         }
     };
@@ -193,12 +197,24 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     broker.with(|s| s.disconnect(client));
     outbox.close();
     writer.abort();
+    // Gone once awaited, with its copy of the socket (see below).
+    let _ = writer.await;
     crate::server::stop_reading(socket.get_ref().as_fd(), uid);
     let fds_maybe_unread = outbox.fds_maybe_unread();
     // Nothing but the socket (and this connection's places) is kept.
     drop((outbox, buf));
     if fds_maybe_unread > 0 {
         keep_until_read(socket.get_ref(), pid, uid).await;
+    }
+    // The outbox, the writer and the broker's entry let go of theirs, this
+    // is the socket's last fd: it goes to the uid's thread.
+    match Arc::try_unwrap(socket) {
+        Ok(registered) => crate::server::retire(registered.into_inner(), uid, Some(uid_slot)),
+        Err(_) => tracing::error!(
+            pid,
+            uid,
+            "a connection's socket is still shared at its end; closed where its last holder drops it"
+        ),
     }
 }
 

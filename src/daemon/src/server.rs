@@ -285,16 +285,19 @@ pub fn refuse(conn: OwnedFd, error: dmabroker_ipc::WireError, uid: u32) {
     let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
         LINGERING.fetch_sub(1, Ordering::AcqRel);
-        stop_reading(conn.as_fd(), uid);
+        retire(conn, uid, None);
         return;
     }
     tokio::spawn(async move {
-        match crate::reactor::register(conn, tokio::io::Interest::READABLE) {
+        match crate::reactor::try_register(conn, tokio::io::Interest::READABLE) {
             Ok(conn) => {
                 let _ = tokio::time::timeout(LINGER, linger(&conn, uid)).await;
-                stop_reading(conn.get_ref().as_fd(), uid);
+                retire(conn.into_inner(), uid, None);
             }
-            Err(err) => tracing::warn!(error = %err, "cannot watch a refused connection"),
+            Err((conn, err)) => {
+                tracing::warn!(error = %err, "cannot watch a refused connection");
+                retire(conn, uid, None);
+            }
         }
         LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
@@ -333,6 +336,52 @@ async fn linger(conn: &tokio::io::unix::AsyncFd<OwnedFd>, uid: u32) {
 pub fn stop_reading(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
     let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Read);
     while drain(conn, uid) == Drained::More {}
+}
+
+/// Lets go of a connection's socket (its last fd) for good. Messages its
+/// client queued and the daemon did not read out (the read-out stopped at
+/// the uid's bound, or at an empty message, which reads like the end) hold
+/// the client's files, and the socket's close lets go of them: that can
+/// wait for good (see `client_fds`). So the socket goes to the uid's
+/// closing thread, which reads out what is left and closes it there;
+/// `slot`, the connection's place among its uid's, goes with it, so a uid
+/// whose closes are stuck cannot pile up sockets past its connection
+/// limit.
+pub fn retire(socket: OwnedFd, uid: u32, slot: Option<UidSlot>) {
+    let _ = nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    crate::client_fds::release_elsewhere(
+        uid,
+        Box::new(RetiredSocket {
+            socket,
+            _slot: slot,
+        }),
+    );
+}
+
+/// A connection's socket on its way out, on its uid's closing thread.
+struct RetiredSocket {
+    socket: OwnedFd,
+    _slot: Option<UidSlot>,
+}
+
+impl Drop for RetiredSocket {
+    fn drop(&mut self) {
+        use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
+        // Reading is shut, so what is queued is all there will be: a
+        // socket's queue holds a few hundred messages at most.
+        let mut sink = [0u8; 256];
+        loop {
+            let mut fds = Vec::new();
+            let received =
+                recv_message_into_keeping(self.socket.as_fd(), &mut sink, true, &mut fds);
+            // Dropped here, on this uid's thread.
+            drop(fds);
+            match received {
+                Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Messages a refused connection's drain reads per turn.
