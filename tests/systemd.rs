@@ -1619,3 +1619,37 @@ fn a_name_that_only_parses_as_a_live_buffer_is_removed_or_counted() {
         r.stored_names()
     );
 }
+
+/// Two fds under one buffer's name, the one the record names handed over
+/// second (systemd hands the newest first, so an fd stored later under
+/// that name comes first): the restart kept the first fd of the name,
+/// found it was not the recorded buffer and dropped the buffer, although
+/// the recorded one was right behind it. The fd whose inode the record
+/// names is kept now, and the other is closed.
+#[test]
+fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        // Newer than the buffer's fd, so handed over before it.
+        let mut received = manager.received();
+        let name = format!("buf-{}", frames[0].id());
+        let impostor = memfd_with(&name, &[0; 4096]);
+        received.store.insert(0, (name, impostor));
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    assert!(
+        second
+            .log()
+            .contains("closing a second fd of a buffer's name"),
+        "{}",
+        second.log()
+    );
+}

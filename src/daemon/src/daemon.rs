@@ -235,10 +235,14 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
 /// Takes back what a previous instance left in the fd store. Returns
 /// whether anything was restored (re-attach grace then applies) and the
 /// writer that continues its record.
-fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
+fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
     if stored.is_empty() {
         return (false, RecordWriter::default());
     }
+    let latest = latest_record(&stored.records);
+    // Of several fds under one buffer's name, the recorded one is the
+    // buffer, whichever was handed over first.
+    stored.keep_recorded(latest.as_ref().map(|(_, record)| record));
     let names = stored.names();
     // Before any removal of those names: sent, it takes them all.
     if let Some(store) = &state.fd_store {
@@ -253,7 +257,7 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
-    let Some((record_name, record)) = latest_record(&stored.records) else {
+    let Some((record_name, record)) = latest else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
