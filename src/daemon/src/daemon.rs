@@ -551,32 +551,42 @@ async fn store_record(
                 state.buffers_out_of_store()
             };
             let batch_error = not_taken.or(stopped);
-            let outcome = match (&result, &batch_error) {
-                (
-                    Err(RecordError::NoRoom {
-                        buffer_fds, max, ..
-                    }),
-                    _,
-                ) => Written::NoRoom {
+            // Buffers out of the store for a reason waiting does not cure
+            // come first, whatever became of the record: reported as a
+            // `NoRoom` (said once per run, as "no slot for a new record")
+            // their error was never told, and they were tried again only
+            // at the pace of frees.
+            let hard_batch_error = batch_error.as_ref().filter(|err| !is_no_room_yet(err));
+            if let Some(err) = hard_batch_error {
+                tracing::warn!(
+                    error = %err,
+                    buffers = out,
+                    record = result.as_ref().err().map(tracing::field::display),
+                    "cannot put buffers in the fd store"
+                );
+            }
+            let outcome = match &result {
+                Err(RecordError::NoRoom {
+                    buffer_fds, max, ..
+                }) if hard_batch_error.is_none() => Written::NoRoom {
                     buffer_fds: *buffer_fds,
                     max: *max,
                 },
-                (Err(err), _) if !err.is_would_block() => {
+                Err(err @ (RecordError::Encode(_) | RecordError::Send(_)))
+                    if !err.is_would_block() =>
+                {
                     tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
                 // The record may be in, but buffers stay out of the store
                 // for a reason waiting does not cure: tried again every
                 // 100 ms, they would be tried forever, silently.
-                (_, Some(err)) if !is_no_room_yet(err) => {
-                    tracing::warn!(error = %err, buffers = out, "cannot put buffers in the fd store");
-                    Written::Failed
-                }
-                (Err(_), _) => Written::Behind,
+                _ if hard_batch_error.is_some() => Written::Failed,
+                Err(_) => Written::Behind,
                 // An older record still in the store: the next try
                 // removes it (the store matches the table only then).
-                (Ok(()), _) if out == 0 && writer.stale_count() == 0 => Written::Stored,
-                (Ok(()), _) => Written::Behind,
+                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
+                Ok(()) => Written::Behind,
             };
             if outcome == Written::Behind {
                 tracing::debug!(
@@ -806,17 +816,11 @@ mod tests {
     /// warned about and backed off. It was `Behind` (since 3538195), tried
     /// again every 100 ms forever, silently. Runs in its own process (see
     /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
-    #[test]
-    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
-    fn hard_failure_behind_a_stored_record_in_its_own_process() {
+    /// A broker under a manager at `NOTIFY_SOCKET` whose fd store keeps
+    /// `max` fds, with one memfd buffer (id 1) taken back from a record, as
+    /// after a restart; and a copy of that buffer's fd.
+    fn restored_broker(max: usize) -> (Arc<Broker>, OwnedFd) {
         use std::os::fd::AsFd;
-        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("notify");
-        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: the only test of its process (see the caller), which
-        // has no other thread reading the environment yet.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let broker = broker();
         let page = dmabroker_ipc::bufferword::WORD_PAGE;
         let fd = crate::kernel::memfd::create_sealed("frame", 4096 + page).expect("memfd");
@@ -836,10 +840,52 @@ mod tests {
         };
         let copy = fd.try_clone().expect("dup");
         broker.with(|s| {
-            s.fd_store = FdStore::from_env(16);
+            s.fd_store = FdStore::from_env(max);
             let fds = std::collections::HashMap::from([("buf-1".to_owned(), fd)]);
             assert_eq!(s.restore(&record, fds).restored, 1);
         });
+        (broker, copy)
+    }
+
+    /// Runs `name`, an ignored test of this module that sets
+    /// `NOTIFY_SOCKET` (which every test of a process would see), in a
+    /// process of its own, without the caller's `NOTIFY_SOCKET` or
+    /// `FDSTORE`.
+    fn run_alone(name: &str) {
+        let name = format!("daemon::tests::{name}");
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", &name, "--ignored", "--test-threads=1"])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("FDSTORE")
+            .output()
+            .expect("run the test in its own process");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{name} failed in its own process:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Once the latest record is in, a try with the table unchanged sends
+    /// no record, so what is still behind (buffers out of the store) is
+    /// all it does; when their sends fail with an error waiting does not
+    /// cure (the manager's socket gone, out of fds), the try is `Failed`:
+    /// warned about and backed off. It was `Behind` (since 3538195), tried
+    /// again every 100 ms forever, silently. Runs in its own process (see
+    /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
+    fn hard_failure_behind_a_stored_record_in_its_own_process() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (broker, copy) = restored_broker(16);
         runtime().block_on(async {
             let (writer, written) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
                 .await
@@ -867,17 +913,49 @@ mod tests {
     /// of this process would see, at a manager it then takes away.
     #[test]
     fn a_hard_failure_behind_a_stored_record_backs_off() {
-        let name = "daemon::tests::hard_failure_behind_a_stored_record_in_its_own_process";
-        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", name, "--ignored", "--test-threads=1"])
-            .env_remove("NOTIFY_SOCKET")
-            .output()
-            .expect("run the test in its own process");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success() && stdout.contains("1 passed"),
-            "{name} failed in its own process:\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        run_alone("hard_failure_behind_a_stored_record_in_its_own_process");
+    }
+
+    /// A store with no slot for a new record (`NoRoom`) and a buffer
+    /// whose send fails for a reason waiting does not cure (here the
+    /// manager's socket is gone): the try said only `NoRoom`, warned
+    /// about once as "no slot for a new record", and the buffer's own
+    /// error was never reported. It is `Failed` now, warned with its
+    /// error. Runs in its own process (see
+    /// [`a_hard_batch_failure_is_not_hidden_by_no_room`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_batch_failure_is_not_hidden_by_no_room in a process of its own"]
+    fn hard_batch_failure_without_room_in_its_own_process() {
+        use std::os::fd::AsFd;
+        let path = std::env::temp_dir().join(format!("dmab-no-manager-{}", std::process::id()));
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        // One buffer and the record taken back fill a store of two: no
+        // slot for the next record.
+        let (broker, copy) = restored_broker(2);
+        broker
+            .lock()
+            .fd_store
+            .as_ref()
+            .expect("store")
+            .store_buffer(1, copy.as_fd());
+        assert_eq!(broker.lock().buffers_out_of_store(), 1);
+        runtime().block_on(async {
+            let writer = RecordWriter::continuing("state-a".into(), 1, 1, Vec::new());
+            let (_, written) = store_record(&broker, writer, Duration::from_millis(200))
+                .await
+                .expect("the writer");
+            assert_eq!(
+                written,
+                Written::Failed,
+                "the buffer's own error is reported, not hidden behind NoRoom"
+            );
+        });
+    }
+
+    #[test]
+    fn a_hard_batch_failure_is_not_hidden_by_no_room() {
+        run_alone("hard_batch_failure_without_room_in_its_own_process");
     }
 }
