@@ -509,17 +509,27 @@ async fn store_record(
     if changed_unseen(&wanted).await {
         writer.table_changed();
     }
-    let fresh = if writer.needs_record() {
+    let room_now = || {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
+    let room = room_now();
+    // Without a slot for a record, a copy of the table (and its encoding)
+    // would be made only to be held back: each change while there is no
+    // room made a new one. The one copy is made once a record fits, and
+    // has every change since; meanwhile the try still removes stale
+    // records and sends the buffers out of the store.
+    let fresh = if writer.needs_record() && writer.fits(room) {
         Some(copy_record(broker, writer.next_generation()).await)
     } else {
         None
     };
     let generation = fresh.as_ref().map(|record| record.generation);
-    let room = {
-        let state = broker.lock();
-        let live = state.buffers.len();
-        state.fd_store.as_ref().map(|store| store.room(live))
-    };
+    // After a copy, the room as it is now; without one, the room it was
+    // not made for, so that the writer says `NoRoom` rather than find
+    // nothing to send.
+    let room = if fresh.is_some() { room_now() } else { room };
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
         let (sent, stopped) = send_batch(&unstored, deadline);
@@ -957,5 +967,49 @@ mod tests {
     #[test]
     fn a_hard_batch_failure_is_not_hidden_by_no_room() {
         run_alone("hard_batch_failure_without_room_in_its_own_process");
+    }
+
+    /// While the store has no slot for a new record, every change woke
+    /// the writer, which copied and encoded the whole table (a new
+    /// generation each time) only to find no room for it. A try with no
+    /// room copies nothing: the one copy is made once a record fits.
+    /// Runs in its own process (see
+    /// [`no_copy_of_the_table_while_no_record_fits`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by no_copy_of_the_table_while_no_record_fits in a process of its own"]
+    fn no_copy_without_room_in_its_own_process() {
+        let dir = std::env::temp_dir().join(format!("dmab-no-room-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let _manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (broker, _) = restored_broker(2);
+        runtime().block_on(async {
+            let mut writer = RecordWriter::continuing("state-a".into(), 1, 1, Vec::new());
+            for _ in 0..3 {
+                let written;
+                (writer, written) = store_record(&broker, writer, Duration::ZERO)
+                    .await
+                    .expect("the writer");
+                assert!(matches!(written, Written::NoRoom { .. }), "{written:?}");
+                // A change, as the loop is woken by while there is no room.
+                broker.lock().persist_wanted.notify_one();
+                writer.table_changed();
+            }
+            assert_eq!(
+                writer.next_generation(),
+                2,
+                "no copy of the table was made while no record fitted"
+            );
+        });
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn no_copy_of_the_table_while_no_record_fits() {
+        run_alone("no_copy_without_room_in_its_own_process");
     }
 }

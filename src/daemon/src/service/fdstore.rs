@@ -752,12 +752,20 @@ impl RecordWriter {
                     Err(err.into())
                 }
             },
-            // The caller copies one whenever `needs_record` says so.
+            // The caller copies one whenever `needs_record` says so and
+            // a record `fits`; when none fits, `check_room` said so first.
             other => {
                 self.latest = other;
                 Err(std::io::Error::other("no record copied to store").into())
             }
         }
+    }
+
+    /// Whether the next record fits beside the buffers and the record
+    /// fds the store holds now: asked before a record is copied from the
+    /// table, which is not worth copying while none would be sent.
+    pub fn fits(&self, room: Option<Room>) -> bool {
+        self.check_room(room).is_ok()
     }
 
     /// Whether the next record fits beside the buffers and the record
