@@ -1653,3 +1653,47 @@ fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
         second.log()
     );
 }
+
+/// A record the manager dropped after it was sent (systemd closes an fd
+/// sent to a full store and tells nobody; here the store was full because
+/// `FileDescriptorStoreMax=` was lowered under the running daemon, which
+/// cannot know) was counted as stored: nothing sent it again until the
+/// table changed, and the record before it had been removed, so a crash
+/// meanwhile lost every buffer. The writer now offers the record it
+/// stored again from time to time; systemd keeps one entry per open file,
+/// so an offer of a record it holds changes nothing, and one it dropped
+/// goes in once there is room.
+#[test]
+fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "300")];
+    let first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    // The store full as it stands: the next record is refused.
+    let full = manager.received().stored_fds();
+    manager.received().store_max = Some(full);
+    let seen = manager.received().records_sent();
+    let shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    assert!(
+        !manager.received().refused.is_empty(),
+        "the stand-in did not refuse the record"
+    );
+    // Room again, and no change to the table.
+    manager.received().store_max = None;
+    manager.wait_for(
+        "the dropped record offered again",
+        Duration::from_secs(5),
+        |r| r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &reoffer);
+    for frame in frames.iter().chain([&shared]) {
+        assert_back(frame, &second);
+    }
+}

@@ -374,6 +374,7 @@ async fn persist_loop(
     mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
 ) {
     let mut retry: Option<Duration> = None;
+    let reoffer = reoffer_period();
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
     // In a run of tries the store had no slot for: warned about once.
@@ -384,6 +385,16 @@ async fn persist_loop(
             None => {
                 tokio::select! {
                     _ = wanted.notified() => writer.table_changed(),
+                    // Everything is in, as far as the daemon can know:
+                    // the record is offered again in case the manager
+                    // dropped it (see `RecordWriter::reoffer`).
+                    _ = tokio::time::sleep(reoffer) => {
+                        let Some(kept) = reoffer_record(writer).await else {
+                            return;
+                        };
+                        writer = kept;
+                        continue;
+                    }
                     at = &mut stopped => break at.ok(),
                 }
                 RECORD_DEBOUNCE
@@ -464,6 +475,41 @@ async fn persist_loop(
     }
 }
 
+/// Offers the stored record to the manager again (see
+/// [`RecordWriter::reoffer`]), on the blocking pool: it may wait up to
+/// [`RECORD_PATIENCE`] for room in the manager's queue. An offer that could
+/// not be sent is only logged: the next period offers it again. `None` if
+/// the writer was lost.
+async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
+    let offered = tokio::task::spawn_blocking(move || {
+        let result = writer.reoffer(std::time::Instant::now() + RECORD_PATIENCE);
+        (writer, result)
+    })
+    .await;
+    match offered {
+        Ok((writer, result)) => {
+            match result {
+                Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
+                Ok(false) => {}
+                Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
+            }
+            Some(writer)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
+            None
+        }
+    }
+}
+
+/// [`RECORD_REOFFER`], or for tests `DMABROKER_TEST_RECORD_REOFFER_MS`.
+fn reoffer_period() -> Duration {
+    std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(RECORD_REOFFER, Duration::from_millis)
+}
+
 /// The wait before the next try after one that failed: doubling from
 /// [`RETRY_FIRST`] up to [`RETRY_MAX`].
 fn backed_off(previous: Option<Duration>) -> Duration {
@@ -476,6 +522,10 @@ const RECORD_DEBOUNCE: Duration = Duration::from_millis(50);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest wait between tries.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a stored record goes, with the table unchanged, before it is
+/// offered to the manager again (see [`RecordWriter::reoffer`]): one
+/// datagram, and nothing for a manager that holds it.
+const RECORD_REOFFER: Duration = Duration::from_secs(60);
 
 /// Buffers copied into the record per turn of the state lock.
 const RECORD_CHUNK: usize = 1024;
