@@ -1697,3 +1697,29 @@ fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
         assert_back(frame, &second);
     }
 }
+
+/// A socket the daemon does not expect beside its listener (a stream
+/// socket under a name it never gives: a second socket unit's, or one
+/// left in the fd store) aborted start-up as if it were a misconfigured
+/// listener, and with `Restart=on-failure` the unit soon hit its start
+/// limit and the store was gone. It is closed with a warning now; only a
+/// wrong socket where the listener should be is refused.
+#[test]
+fn an_unexpected_socket_beside_the_listener_is_closed() {
+    let manager = ServiceManager::new();
+    let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    manager
+        .received()
+        .store
+        .push(("stray-socket".to_owned(), stray.into()));
+    let daemon = Running::start(&manager, "first", &[]);
+    let client = Client::connect_to(&manager.socket_path).expect("served");
+    drop(client.alloc(4096).expect("alloc"));
+    assert!(
+        daemon
+            .log()
+            .contains("closing an unexpected inherited socket"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -150,6 +150,8 @@ pub fn take() -> Result<Inherited, InheritError> {
     let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(InheritError::Environment)?;
     let mut inherited = Inherited::default();
+    // Sockets of another kind than the listener's, each with what it is.
+    let mut wrong: Vec<(String, String, OwnedFd)> = Vec::new();
     for (raw, name) in fds {
         // SAFETY: the service manager passed us this fd (LISTEN_FDS counts
         // it, sd_notify set it close-on-exec); nothing else in this process
@@ -177,9 +179,9 @@ pub fn take() -> Result<Inherited, InheritError> {
             Some(SocketKind::SeqPacketListener) if inherited.listener.is_none() => {
                 inherited.listener = Some(fd);
             }
-            Some(SocketKind::Other(found)) => {
-                return Err(InheritError::WrongSocket { name, found })
-            }
+            // Decided once every fd is seen: whether it is where the
+            // listener should be.
+            Some(SocketKind::Other(found)) => wrong.push((name, found, fd)),
             None => {
                 tracing::warn!(
                     name,
@@ -187,8 +189,24 @@ pub fn take() -> Result<Inherited, InheritError> {
                 );
                 inherited.stored.leftovers.push(name);
             }
-            _ => tracing::warn!(name, "closing an unexpected inherited fd"),
+            _ => tracing::warn!(name, "closing an unexpected inherited socket"),
         }
+    }
+    // A socket of the wrong kind and no listener: the socket unit is
+    // misconfigured (ListenStream=, say), and serving a socket of our own
+    // instead would leave its clients unserved, so start-up stops with
+    // the fix. Beside the listener it is only unexpected (another socket
+    // unit's, or one left in the fd store): aborting for it made every
+    // restart fail until the start limit, which loses the fd store.
+    if inherited.listener.is_none() {
+        if let Some((name, found, _)) = wrong.into_iter().next() {
+            return Err(InheritError::WrongSocket { name, found });
+        }
+        return Ok(inherited);
+    }
+    for (name, found, fd) in wrong {
+        tracing::warn!(name, found, "closing an unexpected inherited socket");
+        drop(fd);
     }
     Ok(inherited)
 }
