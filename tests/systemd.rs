@@ -1619,3 +1619,107 @@ fn a_name_that_only_parses_as_a_live_buffer_is_removed_or_counted() {
         r.stored_names()
     );
 }
+
+/// Two fds under one buffer's name, the one the record names handed over
+/// second (systemd hands the newest first, so an fd stored later under
+/// that name comes first): the restart kept the first fd of the name,
+/// found it was not the recorded buffer and dropped the buffer, although
+/// the recorded one was right behind it. The fd whose inode the record
+/// names is kept now, and the other is closed.
+#[test]
+fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    drop(first); // SIGKILL
+    {
+        // Newer than the buffer's fd, so handed over before it.
+        let mut received = manager.received();
+        let name = format!("buf-{}", frames[0].id());
+        let impostor = memfd_with(&name, &[0; 4096]);
+        received.store.insert(0, (name, impostor));
+    }
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    assert!(
+        second
+            .log()
+            .contains("closing a second fd of a buffer's name"),
+        "{}",
+        second.log()
+    );
+}
+
+/// A record the manager dropped after it was sent (systemd closes an fd
+/// sent to a full store and tells nobody; here the store was full because
+/// `FileDescriptorStoreMax=` was lowered under the running daemon, which
+/// cannot know) was counted as stored: nothing sent it again until the
+/// table changed, and the record before it had been removed, so a crash
+/// meanwhile lost every buffer. The writer now offers the record it
+/// stored again from time to time; systemd keeps one entry per open file,
+/// so an offer of a record it holds changes nothing, and one it dropped
+/// goes in once there is room.
+#[test]
+fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "300")];
+    let first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    // The store full as it stands: the next record is refused.
+    let full = manager.received().stored_fds();
+    manager.received().store_max = Some(full);
+    let seen = manager.received().records_sent();
+    let shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    assert!(
+        !manager.received().refused.is_empty(),
+        "the stand-in did not refuse the record"
+    );
+    // Room again, and no change to the table.
+    manager.received().store_max = None;
+    manager.wait_for(
+        "the dropped record offered again",
+        Duration::from_secs(5),
+        |r| r.stored_names().iter().any(|n| n.starts_with("state-")),
+    );
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &reoffer);
+    for frame in frames.iter().chain([&shared]) {
+        assert_back(frame, &second);
+    }
+}
+
+/// A socket the daemon does not expect beside its listener (a stream
+/// socket under a name it never gives: a second socket unit's, or one
+/// left in the fd store) aborted start-up as if it were a misconfigured
+/// listener, and with `Restart=on-failure` the unit soon hit its start
+/// limit and the store was gone. It is closed with a warning now; only a
+/// wrong socket where the listener should be is refused.
+#[test]
+fn an_unexpected_socket_beside_the_listener_is_closed() {
+    let manager = ServiceManager::new();
+    let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    manager
+        .received()
+        .store
+        .push(("stray-socket".to_owned(), stray.into()));
+    let daemon = Running::start(&manager, "first", &[]);
+    let client = Client::connect_to(&manager.socket_path).expect("served");
+    drop(client.alloc(4096).expect("alloc"));
+    assert!(
+        daemon
+            .log()
+            .contains("closing an unexpected inherited socket"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -235,10 +235,14 @@ pub fn reload(broker: &Arc<Broker>, config: &Config) -> bool {
 /// Takes back what a previous instance left in the fd store. Returns
 /// whether anything was restored (re-attach grace then applies) and the
 /// writer that continues its record.
-fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
+fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
     if stored.is_empty() {
         return (false, RecordWriter::default());
     }
+    let latest = latest_record(&stored.records);
+    // Of several fds under one buffer's name, the recorded one is the
+    // buffer, whichever was handed over first.
+    stored.keep_recorded(latest.as_ref().map(|(_, record)| record));
     let names = stored.names();
     // Before any removal of those names: sent, it takes them all.
     if let Some(store) = &state.fd_store {
@@ -253,7 +257,7 @@ fn restore(state: &mut State, stored: Stored) -> (bool, RecordWriter) {
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
-    let Some((record_name, record)) = latest_record(&stored.records) else {
+    let Some((record_name, record)) = latest else {
         tracing::warn!(
             fds = stored.len(),
             "fd store holds no readable record; dropping its fds"
@@ -370,6 +374,7 @@ async fn persist_loop(
     mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
 ) {
     let mut retry: Option<Duration> = None;
+    let reoffer = reoffer_period();
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
     // In a run of tries the store had no slot for: warned about once.
@@ -380,6 +385,16 @@ async fn persist_loop(
             None => {
                 tokio::select! {
                     _ = wanted.notified() => writer.table_changed(),
+                    // Everything is in, as far as the daemon can know:
+                    // the record is offered again in case the manager
+                    // dropped it (see `RecordWriter::reoffer`).
+                    _ = tokio::time::sleep(reoffer) => {
+                        let Some(kept) = reoffer_record(writer).await else {
+                            return;
+                        };
+                        writer = kept;
+                        continue;
+                    }
                     at = &mut stopped => break at.ok(),
                 }
                 RECORD_DEBOUNCE
@@ -460,6 +475,41 @@ async fn persist_loop(
     }
 }
 
+/// Offers the stored record to the manager again (see
+/// [`RecordWriter::reoffer`]), on the blocking pool: it may wait up to
+/// [`RECORD_PATIENCE`] for room in the manager's queue. An offer that could
+/// not be sent is only logged: the next period offers it again. `None` if
+/// the writer was lost.
+async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
+    let offered = tokio::task::spawn_blocking(move || {
+        let result = writer.reoffer(std::time::Instant::now() + RECORD_PATIENCE);
+        (writer, result)
+    })
+    .await;
+    match offered {
+        Ok((writer, result)) => {
+            match result {
+                Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
+                Ok(false) => {}
+                Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
+            }
+            Some(writer)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
+            None
+        }
+    }
+}
+
+/// [`RECORD_REOFFER`], or for tests `DMABROKER_TEST_RECORD_REOFFER_MS`.
+fn reoffer_period() -> Duration {
+    std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(RECORD_REOFFER, Duration::from_millis)
+}
+
 /// The wait before the next try after one that failed: doubling from
 /// [`RETRY_FIRST`] up to [`RETRY_MAX`].
 fn backed_off(previous: Option<Duration>) -> Duration {
@@ -472,6 +522,10 @@ const RECORD_DEBOUNCE: Duration = Duration::from_millis(50);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest wait between tries.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a stored record goes, with the table unchanged, before it is
+/// offered to the manager again (see [`RecordWriter::reoffer`]): one
+/// datagram, and nothing for a manager that holds it.
+const RECORD_REOFFER: Duration = Duration::from_secs(60);
 
 /// Buffers copied into the record per turn of the state lock.
 const RECORD_CHUNK: usize = 1024;
@@ -505,17 +559,27 @@ async fn store_record(
     if changed_unseen(&wanted).await {
         writer.table_changed();
     }
-    let fresh = if writer.needs_record() {
+    let room_now = || {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
+    let room = room_now();
+    // Without a slot for a record, a copy of the table (and its encoding)
+    // would be made only to be held back: each change while there is no
+    // room made a new one. The one copy is made once a record fits, and
+    // has every change since; meanwhile the try still removes stale
+    // records and sends the buffers out of the store.
+    let fresh = if writer.needs_record() && writer.fits(room) {
         Some(copy_record(broker, writer.next_generation()).await)
     } else {
         None
     };
     let generation = fresh.as_ref().map(|record| record.generation);
-    let room = {
-        let state = broker.lock();
-        let live = state.buffers.len();
-        state.fd_store.as_ref().map(|store| store.room(live))
-    };
+    // After a copy, the room as it is now; without one, the room it was
+    // not made for, so that the writer says `NoRoom` rather than find
+    // nothing to send.
+    let room = if fresh.is_some() { room_now() } else { room };
     let stored = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + patience;
         let (sent, stopped) = send_batch(&unstored, deadline);
@@ -547,32 +611,42 @@ async fn store_record(
                 state.buffers_out_of_store()
             };
             let batch_error = not_taken.or(stopped);
-            let outcome = match (&result, &batch_error) {
-                (
-                    Err(RecordError::NoRoom {
-                        buffer_fds, max, ..
-                    }),
-                    _,
-                ) => Written::NoRoom {
+            // Buffers out of the store for a reason waiting does not cure
+            // come first, whatever became of the record: reported as a
+            // `NoRoom` (said once per run, as "no slot for a new record")
+            // their error was never told, and they were tried again only
+            // at the pace of frees.
+            let hard_batch_error = batch_error.as_ref().filter(|err| !is_no_room_yet(err));
+            if let Some(err) = hard_batch_error {
+                tracing::warn!(
+                    error = %err,
+                    buffers = out,
+                    record = result.as_ref().err().map(tracing::field::display),
+                    "cannot put buffers in the fd store"
+                );
+            }
+            let outcome = match &result {
+                Err(RecordError::NoRoom {
+                    buffer_fds, max, ..
+                }) if hard_batch_error.is_none() => Written::NoRoom {
                     buffer_fds: *buffer_fds,
                     max: *max,
                 },
-                (Err(err), _) if !err.is_would_block() => {
+                Err(err @ (RecordError::Encode(_) | RecordError::Send(_)))
+                    if !err.is_would_block() =>
+                {
                     tracing::warn!(error = %err, ?generation, "cannot store the buffer table record");
                     Written::Failed
                 }
                 // The record may be in, but buffers stay out of the store
                 // for a reason waiting does not cure: tried again every
                 // 100 ms, they would be tried forever, silently.
-                (_, Some(err)) if !is_no_room_yet(err) => {
-                    tracing::warn!(error = %err, buffers = out, "cannot put buffers in the fd store");
-                    Written::Failed
-                }
-                (Err(_), _) => Written::Behind,
+                _ if hard_batch_error.is_some() => Written::Failed,
+                Err(_) => Written::Behind,
                 // An older record still in the store: the next try
                 // removes it (the store matches the table only then).
-                (Ok(()), _) if out == 0 && writer.stale_count() == 0 => Written::Stored,
-                (Ok(()), _) => Written::Behind,
+                Ok(()) if out == 0 && writer.stale_count() == 0 => Written::Stored,
+                Ok(()) => Written::Behind,
             };
             if outcome == Written::Behind {
                 tracing::debug!(
@@ -802,17 +876,11 @@ mod tests {
     /// warned about and backed off. It was `Behind` (since 3538195), tried
     /// again every 100 ms forever, silently. Runs in its own process (see
     /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
-    #[test]
-    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
-    fn hard_failure_behind_a_stored_record_in_its_own_process() {
+    /// A broker under a manager at `NOTIFY_SOCKET` whose fd store keeps
+    /// `max` fds, with one memfd buffer (id 1) taken back from a record, as
+    /// after a restart; and a copy of that buffer's fd.
+    fn restored_broker(max: usize) -> (Arc<Broker>, OwnedFd) {
         use std::os::fd::AsFd;
-        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("notify");
-        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: the only test of its process (see the caller), which
-        // has no other thread reading the environment yet.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let broker = broker();
         let page = dmabroker_ipc::bufferword::WORD_PAGE;
         let fd = crate::kernel::memfd::create_sealed("frame", 4096 + page).expect("memfd");
@@ -832,10 +900,52 @@ mod tests {
         };
         let copy = fd.try_clone().expect("dup");
         broker.with(|s| {
-            s.fd_store = FdStore::from_env(16);
+            s.fd_store = FdStore::from_env(max);
             let fds = std::collections::HashMap::from([("buf-1".to_owned(), fd)]);
             assert_eq!(s.restore(&record, fds).restored, 1);
         });
+        (broker, copy)
+    }
+
+    /// Runs `name`, an ignored test of this module that sets
+    /// `NOTIFY_SOCKET` (which every test of a process would see), in a
+    /// process of its own, without the caller's `NOTIFY_SOCKET` or
+    /// `FDSTORE`.
+    fn run_alone(name: &str) {
+        let name = format!("daemon::tests::{name}");
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", &name, "--ignored", "--test-threads=1"])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("FDSTORE")
+            .output()
+            .expect("run the test in its own process");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{name} failed in its own process:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Once the latest record is in, a try with the table unchanged sends
+    /// no record, so what is still behind (buffers out of the store) is
+    /// all it does; when their sends fail with an error waiting does not
+    /// cure (the manager's socket gone, out of fds), the try is `Failed`:
+    /// warned about and backed off. It was `Behind` (since 3538195), tried
+    /// again every 100 ms forever, silently. Runs in its own process (see
+    /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
+    fn hard_failure_behind_a_stored_record_in_its_own_process() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (broker, copy) = restored_broker(16);
         runtime().block_on(async {
             let (writer, written) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
                 .await
@@ -863,17 +973,93 @@ mod tests {
     /// of this process would see, at a manager it then takes away.
     #[test]
     fn a_hard_failure_behind_a_stored_record_backs_off() {
-        let name = "daemon::tests::hard_failure_behind_a_stored_record_in_its_own_process";
-        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", name, "--ignored", "--test-threads=1"])
-            .env_remove("NOTIFY_SOCKET")
-            .output()
-            .expect("run the test in its own process");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success() && stdout.contains("1 passed"),
-            "{name} failed in its own process:\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        run_alone("hard_failure_behind_a_stored_record_in_its_own_process");
+    }
+
+    /// A store with no slot for a new record (`NoRoom`) and a buffer
+    /// whose send fails for a reason waiting does not cure (here the
+    /// manager's socket is gone): the try said only `NoRoom`, warned
+    /// about once as "no slot for a new record", and the buffer's own
+    /// error was never reported. It is `Failed` now, warned with its
+    /// error. Runs in its own process (see
+    /// [`a_hard_batch_failure_is_not_hidden_by_no_room`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_batch_failure_is_not_hidden_by_no_room in a process of its own"]
+    fn hard_batch_failure_without_room_in_its_own_process() {
+        use std::os::fd::AsFd;
+        let path = std::env::temp_dir().join(format!("dmab-no-manager-{}", std::process::id()));
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        // One buffer and the record taken back fill a store of two: no
+        // slot for the next record.
+        let (broker, copy) = restored_broker(2);
+        broker
+            .lock()
+            .fd_store
+            .as_ref()
+            .expect("store")
+            .store_buffer(1, copy.as_fd());
+        assert_eq!(broker.lock().buffers_out_of_store(), 1);
+        runtime().block_on(async {
+            let writer = RecordWriter::continuing("state-a".into(), 1, 1, Vec::new());
+            let (_, written) = store_record(&broker, writer, Duration::from_millis(200))
+                .await
+                .expect("the writer");
+            assert_eq!(
+                written,
+                Written::Failed,
+                "the buffer's own error is reported, not hidden behind NoRoom"
+            );
+        });
+    }
+
+    #[test]
+    fn a_hard_batch_failure_is_not_hidden_by_no_room() {
+        run_alone("hard_batch_failure_without_room_in_its_own_process");
+    }
+
+    /// While the store has no slot for a new record, every change woke
+    /// the writer, which copied and encoded the whole table (a new
+    /// generation each time) only to find no room for it. A try with no
+    /// room copies nothing: the one copy is made once a record fits.
+    /// Runs in its own process (see
+    /// [`no_copy_of_the_table_while_no_record_fits`]).
+    #[test]
+    #[ignore = "sets NOTIFY_SOCKET for the whole process: run by no_copy_of_the_table_while_no_record_fits in a process of its own"]
+    fn no_copy_without_room_in_its_own_process() {
+        let dir = std::env::temp_dir().join(format!("dmab-no-room-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let _manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see the caller), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (broker, _) = restored_broker(2);
+        runtime().block_on(async {
+            let mut writer = RecordWriter::continuing("state-a".into(), 1, 1, Vec::new());
+            for _ in 0..3 {
+                let written;
+                (writer, written) = store_record(&broker, writer, Duration::ZERO)
+                    .await
+                    .expect("the writer");
+                assert!(matches!(written, Written::NoRoom { .. }), "{written:?}");
+                // A change, as the loop is woken by while there is no room.
+                broker.lock().persist_wanted.notify_one();
+                writer.table_changed();
+            }
+            assert_eq!(
+                writer.next_generation(),
+                2,
+                "no copy of the table was made while no record fitted"
+            );
+        });
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn no_copy_of_the_table_while_no_record_fits() {
+        run_alone("no_copy_without_room_in_its_own_process");
     }
 }

@@ -216,8 +216,11 @@ enum Latest {
     /// In its sealed memfd, not stored yet. Never passed to the manager
     /// while here (a failed send passes no fd), so it may be sent as is.
     Sealed(OwnedFd),
-    /// In the store: nothing to send until the table changes.
-    Stored,
+    /// In the store, as far as the daemon can know (a notification has
+    /// no answer): nothing to send until the table changes but an offer
+    /// of this same memfd now and then ([`RecordWriter::reoffer`]), in
+    /// case the manager dropped it.
+    Stored(OwnedFd),
 }
 
 pub fn buffer_name(id: u64) -> String {
@@ -715,7 +718,7 @@ impl RecordWriter {
             remove_waiting(stale, deadline)?;
             self.stale.remove(0);
         }
-        if matches!(self.latest, Some(Latest::Stored)) {
+        if matches!(self.latest, Some(Latest::Stored(_))) {
             return Ok(());
         }
         // Before a memfd is made for it.
@@ -734,9 +737,41 @@ impl RecordWriter {
             )
             .into());
         }
-        self.latest = Some(Latest::Stored);
+        self.latest = Some(Latest::Stored(fd));
         self.replace_current(name, deadline);
         Ok(())
+    }
+
+    /// Offers the stored record again, the same memfd under the same
+    /// name; `false` when there is none to offer (none stored yet, or the
+    /// table changed since). A notification has no answer, and the manager
+    /// drops an fd it cannot keep without telling (a full store, one it
+    /// counts fuller than the daemon does: `FileDescriptorStoreMax=`
+    /// changed under a running daemon, or `--fd-store-max` above the real
+    /// maximum before systemd 254), so a record counted as stored may not
+    /// be. Offering it again is safe either way: systemd keeps one entry
+    /// per open file (`service_add_fd_store` drops an fd of a file it
+    /// holds), so a record it holds is not stored twice and takes no slot,
+    /// and one it dropped goes back in the slot the daemon counts for it,
+    /// if the store has room now; a store still full closes it again and
+    /// loses nothing. Waits for room in the manager's queue until
+    /// `deadline`: off the broker's thread only.
+    pub fn reoffer(&self, deadline: std::time::Instant) -> Result<bool, RecordError> {
+        let (Some(Latest::Stored(fd)), Some(name)) = (&self.latest, &self.current) else {
+            return Ok(false);
+        };
+        notify::send_waiting(
+            &[NotifyState::FdStore, NotifyState::FdName(name)],
+            &[fd.as_fd()],
+            deadline,
+        )
+        .map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("cannot offer the record {name} to the fd store again: {err}"),
+            )
+        })?;
+        Ok(true)
     }
 
     /// The latest record in its sealed memfd, taken to be sent (given
@@ -752,12 +787,20 @@ impl RecordWriter {
                     Err(err.into())
                 }
             },
-            // The caller copies one whenever `needs_record` says so.
+            // The caller copies one whenever `needs_record` says so and
+            // a record `fits`; when none fits, `check_room` said so first.
             other => {
                 self.latest = other;
                 Err(std::io::Error::other("no record copied to store").into())
             }
         }
+    }
+
+    /// Whether the next record fits beside the buffers and the record
+    /// fds the store holds now: asked before a record is copied from the
+    /// table, which is not worth copying while none would be sent.
+    pub fn fits(&self, room: Option<Room>) -> bool {
+        self.check_room(room).is_ok()
     }
 
     /// Whether the next record fits beside the buffers and the record
@@ -1049,6 +1092,26 @@ mod tests {
         assert!(!writer.needs_record());
         writer.table_changed();
         assert!(writer.needs_record());
+    }
+
+    /// Only a stored record is offered again, and none once the table
+    /// changed (the next record replaces it). Without a manager every send
+    /// succeeds.
+    #[test]
+    fn only_the_stored_record_is_offered_again() {
+        let deadline = std::time::Instant::now();
+        let mut writer = RecordWriter::default();
+        assert!(!writer.reoffer(deadline).expect("nothing to offer"));
+        let record = StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: writer.next_generation(),
+            next_buffer: 1,
+            buffers: Vec::new(),
+        };
+        writer.store(Some(record), None, deadline).expect("stored");
+        assert!(writer.reoffer(deadline).expect("offered"));
+        writer.table_changed();
+        assert!(!writer.reoffer(deadline).expect("nothing to offer"));
     }
 
     #[test]

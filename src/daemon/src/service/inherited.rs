@@ -8,6 +8,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
 
+use super::record::StateRecord;
+
 /// Names this daemon gives the fds it stores.
 pub const BUFFER_PREFIX: &str = "buf-";
 pub const RECORD_PREFIX: &str = "state-";
@@ -26,9 +28,13 @@ pub struct Stored {
     /// older one of that name was still there), so none is dropped here:
     /// the restore reads them all and takes the highest generation.
     pub records: Vec<(String, OwnedFd)>,
-    /// Buffers by name (`buf-<id>`). Should a name come twice, the first
-    /// handed over, the newest, is kept.
+    /// Buffers by name (`buf-<id>`): the first fd handed over under each
+    /// name, until [`Stored::keep_recorded`] has chosen among them.
     pub buffers: HashMap<String, OwnedFd>,
+    /// Further fds under a buffer's name, kept open until the record is
+    /// read: the one it names (by inode) may be any of them, and only
+    /// then is it known which to keep and which to close.
+    pub duplicates: Vec<(String, OwnedFd)>,
     /// The name of each fd handed over that nothing here keeps, closed at
     /// once: a buffer's name again (its later fds), or a name this daemon
     /// never gives on an fd that is no socket (so from the fd store). The
@@ -38,11 +44,51 @@ pub struct Stored {
 
 impl Stored {
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.buffers.is_empty() && self.leftovers.is_empty()
+        self.records.is_empty()
+            && self.buffers.is_empty()
+            && self.duplicates.is_empty()
+            && self.leftovers.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.records.len() + self.buffers.len() + self.leftovers.len()
+        self.records.len() + self.buffers.len() + self.duplicates.len() + self.leftovers.len()
+    }
+
+    /// Of the fds under one buffer's name, keeps the one `record` names
+    /// (its inode), whichever was handed over first, and closes the others
+    /// (they become leftovers: the manager still counts them until the
+    /// name's removal). Without a record, or when none of them is the
+    /// recorded one, the first handed over stays, as before.
+    pub fn keep_recorded(&mut self, record: Option<&StateRecord>) {
+        if self.duplicates.is_empty() {
+            return;
+        }
+        let recorded: HashMap<String, u64> = record
+            .map(|r| {
+                r.buffers
+                    .iter()
+                    .map(|b| (super::fdstore::buffer_name(b.id), b.inode))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let inode = |fd: &OwnedFd| crate::kernel::dma_buf::inode(fd.as_fd()).ok();
+        for (name, fd) in std::mem::take(&mut self.duplicates) {
+            let wanted = recorded.get(&name).copied();
+            let closed = match self.buffers.get_mut(&name) {
+                Some(kept) if wanted.is_some() && inode(kept) != wanted && inode(&fd) == wanted => {
+                    std::mem::replace(kept, fd)
+                }
+                Some(_) => fd,
+                // Not reached: a duplicate is only taken beside a buffer.
+                None => {
+                    self.buffers.insert(name, fd);
+                    continue;
+                }
+            };
+            tracing::warn!(name, "closing a second fd of a buffer's name");
+            drop(closed);
+            self.leftovers.push(name);
+        }
     }
 
     /// Every name, once each.
@@ -52,6 +98,7 @@ impl Stored {
             .iter()
             .map(|(name, _)| name.clone())
             .chain(self.buffers.keys().cloned())
+            .chain(self.duplicates.iter().map(|(name, _)| name.clone()))
             .chain(self.leftovers.iter().cloned())
             .collect();
         names.sort_unstable();
@@ -103,6 +150,8 @@ pub fn take() -> Result<Inherited, InheritError> {
     let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(InheritError::Environment)?;
     let mut inherited = Inherited::default();
+    // Sockets of another kind than the listener's, each with what it is.
+    let mut wrong: Vec<(String, String, OwnedFd)> = Vec::new();
     for (raw, name) in fds {
         // SAFETY: the service manager passed us this fd (LISTEN_FDS counts
         // it, sd_notify set it close-on-exec); nothing else in this process
@@ -117,10 +166,11 @@ pub fn take() -> Result<Inherited, InheritError> {
                 Entry::Vacant(slot) => {
                     slot.insert(fd);
                 }
+                // Which one is the buffer the record says (see
+                // `Stored::keep_recorded`).
                 Entry::Occupied(kept) => {
                     let name = kept.key().clone();
-                    tracing::warn!(name, "closing a second fd of a buffer's name");
-                    inherited.stored.leftovers.push(name);
+                    inherited.stored.duplicates.push((name, fd));
                 }
             }
             continue;
@@ -129,9 +179,9 @@ pub fn take() -> Result<Inherited, InheritError> {
             Some(SocketKind::SeqPacketListener) if inherited.listener.is_none() => {
                 inherited.listener = Some(fd);
             }
-            Some(SocketKind::Other(found)) => {
-                return Err(InheritError::WrongSocket { name, found })
-            }
+            // Decided once every fd is seen: whether it is where the
+            // listener should be.
+            Some(SocketKind::Other(found)) => wrong.push((name, found, fd)),
             None => {
                 tracing::warn!(
                     name,
@@ -139,8 +189,24 @@ pub fn take() -> Result<Inherited, InheritError> {
                 );
                 inherited.stored.leftovers.push(name);
             }
-            _ => tracing::warn!(name, "closing an unexpected inherited fd"),
+            _ => tracing::warn!(name, "closing an unexpected inherited socket"),
         }
+    }
+    // A socket of the wrong kind and no listener: the socket unit is
+    // misconfigured (ListenStream=, say), and serving a socket of our own
+    // instead would leave its clients unserved, so start-up stops with
+    // the fix. Beside the listener it is only unexpected (another socket
+    // unit's, or one left in the fd store): aborting for it made every
+    // restart fail until the start limit, which loses the fd store.
+    if inherited.listener.is_none() {
+        if let Some((name, found, _)) = wrong.into_iter().next() {
+            return Err(InheritError::WrongSocket { name, found });
+        }
+        return Ok(inherited);
+    }
+    for (name, found, fd) in wrong {
+        tracing::warn!(name, found, "closing an unexpected inherited socket");
+        drop(fd);
     }
     Ok(inherited)
 }
@@ -187,6 +253,7 @@ mod tests {
         let stored = Stored {
             records: Vec::new(),
             buffers: HashMap::from([("buf-1".to_owned(), fd()), ("buf-2".to_owned(), fd())]),
+            duplicates: Vec::new(),
             leftovers: ["buf-1", "stray", "stray", "stray", "other"]
                 .map(str::to_owned)
                 .to_vec(),
@@ -197,5 +264,75 @@ mod tests {
         );
         assert_eq!(stored.len(), 7);
         assert_eq!(stored.names(), ["buf-1", "buf-2", "other", "stray"]);
+    }
+
+    fn recording(buffers: &[(u64, &OwnedFd)]) -> StateRecord {
+        StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: 1,
+            next_buffer: 10,
+            buffers: buffers
+                .iter()
+                .map(|(id, fd)| crate::service::record::BufferRecord {
+                    id: *id,
+                    size: 1,
+                    heap: "memfd".into(),
+                    origin: crate::service::record::OriginRecord::Memfd,
+                    name: String::new(),
+                    inode: crate::kernel::dma_buf::inode(fd.as_fd()).expect("inode"),
+                    holders: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Of two fds under a buffer's name the one the record names is kept,
+    /// whichever came first; the other is closed and left to the name's
+    /// removal. The first was kept whatever the record said, and the
+    /// restore then dropped the buffer as not the recorded one.
+    #[test]
+    fn of_two_fds_of_a_buffers_name_the_recorded_one_is_kept() {
+        let (impostor, buffer) = (fd(), fd());
+        let buffer_inode = crate::kernel::dma_buf::inode(buffer.as_fd()).expect("inode");
+        let record = recording(&[(1, &buffer)]);
+        let mut stored = Stored {
+            buffers: HashMap::from([("buf-1".to_owned(), impostor)]),
+            duplicates: vec![("buf-1".to_owned(), buffer)],
+            ..Stored::default()
+        };
+        assert_eq!(stored.len(), 2);
+        stored.keep_recorded(Some(&record));
+        let kept = stored.buffers.get("buf-1").expect("buf-1 kept");
+        assert_eq!(
+            crate::kernel::dma_buf::inode(kept.as_fd()).ok(),
+            Some(buffer_inode),
+            "the recorded fd is kept"
+        );
+        assert!(stored.duplicates.is_empty());
+        assert_eq!(stored.leftovers, ["buf-1"], "the other is closed");
+        assert_eq!(stored.extra_fds(), HashMap::from([("buf-1".to_owned(), 1)]));
+    }
+
+    /// Without a record, or when the first is the recorded one, the first
+    /// handed over stays.
+    #[test]
+    fn without_a_say_from_the_record_the_first_fd_stays() {
+        for recorded_first in [false, true] {
+            let (first, second) = (fd(), fd());
+            let first_inode = crate::kernel::dma_buf::inode(first.as_fd()).expect("inode");
+            let record = recording(&[(1, &first)]);
+            let mut stored = Stored {
+                buffers: HashMap::from([("buf-1".to_owned(), first)]),
+                duplicates: vec![("buf-1".to_owned(), second)],
+                ..Stored::default()
+            };
+            stored.keep_recorded(recorded_first.then_some(&record));
+            let kept = stored.buffers.get("buf-1").expect("buf-1 kept");
+            assert_eq!(
+                crate::kernel::dma_buf::inode(kept.as_fd()).ok(),
+                Some(first_inode)
+            );
+            assert_eq!(stored.leftovers, ["buf-1"]);
+        }
     }
 }
