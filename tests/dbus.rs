@@ -133,6 +133,9 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
         (".BufferFreed", "signal", "t"),
         (".WriterLost", "signal", "tt"),
         (".AccessRevoked", "signal", "ttt"),
+        (".ListAllocationsInFlight", "method", "-"),
+        (".AllocationsInFlight", "property", "t"),
+        (".AllocationsRunning", "property", "t"),
     ] {
         assert!(
             has(name, kind, signature),
@@ -142,6 +145,8 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
     // Results: lists of clients and buffers with fences and waiters inside.
     assert!(out.contains("a(tuissssstttttt)"), "{out}");
     assert!(out.contains("a(tssstttata(tstsst)a(ttst)t)"), "{out}");
+    // Per client, its allocations in flight: (heap, size, name, age).
+    assert!(out.contains("a(ttta(stst))"), "{out}");
     // No method, property or signal of ours carries a file descriptor.
     let ours: Vec<&str> = out
         .lines()
@@ -1244,4 +1249,143 @@ fn kernel_tier_adopting_a_dma_buf_is_announced_like_an_allocation() {
     let id = adopted.id();
     drop(adopted);
     assert_eq!(monitor.expect("BufferFreed"), serde_json::json!([id]));
+}
+
+/// A client's allocation held in its heap (a FUSE heap node that never
+/// answers the ioctl) counts against its quota, so a second one is
+/// refused `QuotaExceeded` while `ListClients` shows the client with no
+/// buffer and no byte. The allocations in flight are shown by members of
+/// their own, and by `dmabrokerctl clients`, `status` and `top`; once
+/// the heap gives up (and the allocation falls back to memfd) they are
+/// gone, and the buffer is the client's. Needs root, for FUSE.
+#[test]
+fn allocations_in_flight_are_shown_until_they_are_answered() {
+    use dmabroker_client::{AllocRequest, ErrorCode};
+    use dmabroker_suite::slow_heap::SlowHeap;
+    const MIB: u64 = 1 << 20;
+    let bus = DbusDaemon::start();
+    let policy = "[default]\nmax_total_bytes = \"6 MiB\"\n";
+    let Some(mut slow) = SlowHeap::start_with(
+        "allocations in flight over D-Bus",
+        Some(policy),
+        bus.daemon_args(),
+    ) else {
+        return;
+    };
+    bus.wait_for_daemon();
+    let client = std::sync::Arc::new(slow.daemon.client());
+    let (tx, answered) = mpsc::channel();
+    let camera = std::sync::Arc::clone(&client);
+    std::thread::spawn(move || {
+        let _ = tx.send(camera.alloc_with(AllocRequest {
+            size: 4 * MIB,
+            heap: Some("slow".into()),
+            name: Some("frame".into()),
+        }));
+    });
+    slow.await_ioctl();
+    let refused = client
+        .alloc_with(AllocRequest {
+            size: 4 * MIB,
+            heap: Some("memfd".into()),
+            name: None,
+        })
+        .expect_err("over quota with the allocation in flight");
+    assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+
+    // ListClients: (id, uid, pid, ..., buffers 8, bytes 9, ...): nothing.
+    let clients = bus.method("ListClients", &[]);
+    let row = clients
+        .as_array()
+        .expect("clients")
+        .iter()
+        .find(|c| c[2].as_i64() == Some(i64::from(std::process::id() as i32)))
+        .expect("this process's client")
+        .clone();
+    let id = row[0].as_u64().expect("client id");
+    assert_eq!((row[8].as_u64(), row[9].as_u64()), (Some(0), Some(0)));
+
+    // The members of their own.
+    assert_eq!(bus.counter("AllocationsInFlight"), 1);
+    assert_eq!(bus.counter("AllocationsRunning"), 1);
+    let in_flight = bus.method("ListAllocationsInFlight", &[]);
+    let age = in_flight[0][3][0][3].as_u64().expect("age");
+    assert!(age > 0, "{in_flight}");
+    assert_eq!(
+        in_flight,
+        serde_json::json!([[id, 1, 4 * MIB, [["slow", 4 * MIB, "frame", age]]]])
+    );
+
+    // dmabrokerctl: the clients table as before, the allocation under it.
+    let table = ok(bus.ctl(&["clients"]), "clients");
+    let (clients_table, section) = table
+        .split_once("\nAllocations in flight")
+        .unwrap_or_else(|| panic!("no allocations in flight in:\n{table}"));
+    assert_eq!(clients_table.lines().count(), 2, "{table}");
+    let rows: Vec<Vec<&str>> = section
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["CLIENT", "HEAP", "NAME", "SIZE", "AGE"],
+        "{table}"
+    );
+    assert_eq!(
+        rows[1][..5],
+        [id.to_string().as_str(), "slow", "frame", "4", "MiB"],
+        "{table}"
+    );
+    let json: Value = serde_json::from_str(&ok(bus.ctl(&["--json", "clients"]), "clients --json"))
+        .expect("clients JSON");
+    let mine = &json[0];
+    assert_eq!(
+        (mine["id"].as_u64(), mine["bytes"].as_u64()),
+        (Some(id), Some(0))
+    );
+    assert_eq!(mine["allocations_in_flight"]["count"], 1);
+    assert_eq!(mine["allocations_in_flight"]["bytes"], 4 * MIB);
+    assert_eq!(
+        mine["allocations_in_flight"]["allocations"][0]["heap"],
+        "slow"
+    );
+    let status = ok(bus.ctl(&["status"]), "status");
+    assert!(
+        status.contains("In flight:   1 allocations (1 heap threads running)\n"),
+        "{status}"
+    );
+    let top = ok(bus.ctl(&["top", "-n", "1"]), "top -n 1");
+    assert!(top.contains("allocating 1 (4 MiB)\n"), "{top}");
+    let top_row = top
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+        .unwrap_or_else(|| panic!("no row of client {id} in:\n{top}"));
+    assert!(top_row.ends_with("1 (4 MiB)"), "{top}");
+
+    // The heap gives up: the allocation falls back to memfd, is answered,
+    // and is in flight no more.
+    slow.release();
+    let buffer = answered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answered once its heap gives up")
+        .expect("the allocation, from memfd");
+    assert_eq!(buffer.heap(), "memfd");
+    assert_eq!(bus.counter("AllocationsInFlight"), 0);
+    eventually("the allocation's thread to be done", || {
+        bus.counter("AllocationsRunning") == 0
+    });
+    assert_eq!(
+        bus.method("ListAllocationsInFlight", &[]),
+        serde_json::json!([])
+    );
+    let table = ok(bus.ctl(&["clients"]), "clients");
+    assert!(!table.contains("in flight"), "{table}");
+    assert_eq!(table.lines().count(), 2, "{table}");
+    let json: Value = serde_json::from_str(&ok(bus.ctl(&["--json", "clients"]), "clients --json"))
+        .expect("clients JSON");
+    assert_eq!(json[0]["bytes"], 4 * MIB);
+    assert_eq!(json[0]["allocations_in_flight"]["count"], 0);
+    let top = ok(bus.ctl(&["top", "-n", "1"]), "top -n 1");
+    assert!(top.contains("allocating 0 (0 B)\n"), "{top}");
 }

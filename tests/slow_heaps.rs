@@ -7,63 +7,18 @@
 //! allocation within its client's quota, and leak nothing if the client
 //! goes before it is answered.
 
-use std::os::unix::fs::symlink;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use dmabroker_client::{AllocRequest, Buffer, Client, ErrorCode};
 use dmabroker_ipc::{ReplyBody, RequestBody};
 use dmabroker_suite::fuse::answered_within;
-use dmabroker_suite::fuse::{Stall, StallingFuse};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::field;
-use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted, TempDir};
+use dmabroker_suite::slow_heap::SlowHeap;
+use dmabroker_suite::{eventually, Scripted};
 
 const MIB: u64 = 1 << 20;
-
-/// A daemon whose first heap, "slow", is the FUSE server's file.
-struct SlowHeap {
-    // Dropped first: the daemon outlives the server it waits on.
-    fuse: Option<StallingFuse>,
-    daemon: Daemon,
-    _heaps: TempDir,
-}
-
-impl SlowHeap {
-    fn start(test: &str, policy: Option<&str>) -> Option<SlowHeap> {
-        let fuse = StallingFuse::mount(test, Stall::Ioctl)?;
-        let heaps = TempDir::new("heaps");
-        symlink(fuse.file(), heaps.path().join("slow")).expect("heap node");
-        let daemon = Daemon::start_with(DaemonOptions {
-            policy: policy.map(str::to_owned),
-            args: vec![
-                "--dma-heap-dir".into(),
-                heaps.path().display().to_string(),
-                "--udmabuf".into(),
-                "/nonexistent".into(),
-            ],
-            ..Default::default()
-        });
-        Some(SlowHeap {
-            fuse: Some(fuse),
-            daemon,
-            _heaps: heaps,
-        })
-    }
-
-    /// Waits until an allocation is held in the heap's ioctl.
-    fn await_ioctl(&mut self) {
-        if let Some(fuse) = self.fuse.as_mut() {
-            fuse.await_ioctl();
-        }
-    }
-
-    /// Kills the server: the held ioctl fails, and its allocation falls
-    /// back to the next heap.
-    fn release(&mut self) {
-        self.fuse = None;
-    }
-}
 
 fn from_slow_heap(size: u64) -> AllocRequest {
     AllocRequest {

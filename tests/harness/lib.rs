@@ -11,6 +11,7 @@ pub mod proc;
 pub mod raw;
 pub mod scripted;
 pub mod sdnotify;
+pub mod slow_heap;
 pub mod tmp;
 pub mod vgem;
 

@@ -9,6 +9,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::kernel::dma_heap::{self, DmaHeap, HeapNode};
 use crate::kernel::udmabuf::{self, Udmabuf};
@@ -295,10 +297,12 @@ impl HeapRegistry {
         } else {
             Vec::new()
         };
+        let trying = Arc::new(HeapInTry::at(candidates.first().copied()));
         Ok(AllocPlan {
             size,
             candidates,
             tried,
+            trying,
         })
     }
 
@@ -308,6 +312,7 @@ impl HeapRegistry {
         let label = name.replace('\0', "_");
         while !plan.candidates.is_empty() {
             let index = plan.candidates.remove(0);
+            plan.trying.set(Some(index));
             if let Some(allocation) = self.try_heap(&mut plan, index, &label) {
                 return Ok(allocation);
             }
@@ -326,6 +331,7 @@ impl HeapRegistry {
     ) -> Option<Result<Allocation, AllocError>> {
         let label = name.replace('\0', "_");
         while let Some(&index) = plan.candidates.first() {
+            plan.trying.set(Some(index));
             if self.entries.get(index).is_some_and(Entry::may_block) {
                 return None;
             }
@@ -335,6 +341,15 @@ impl HeapRegistry {
             }
         }
         Some(Err(plan.exhausted()))
+    }
+
+    /// The name of the heap `trying` says, "" before the first heap or
+    /// after the last.
+    pub fn heap_in_try(&self, trying: &HeapInTry) -> &str {
+        trying
+            .get()
+            .and_then(|index| self.entries.get(index))
+            .map_or("", |e| e.desc.name.as_str())
     }
 
     /// One heap of `plan`; its failure is recorded in the plan.
@@ -376,12 +391,45 @@ pub struct AllocPlan {
     /// The heaps that failed so far and why (every heap in the order and
     /// why it is unusable, when none is usable).
     tried: Vec<(String, String)>,
+    /// The heap being tried, for whoever watches from another thread.
+    trying: Arc<HeapInTry>,
+}
+
+/// Which heap an allocation is trying now: written by the thread carrying
+/// out its plan before each heap, read by the debug views on another
+/// thread without waiting for it (a heap may hold that thread for good).
+/// Only a registry entry's index, named by
+/// [`HeapRegistry::heap_in_try`].
+#[derive(Debug)]
+pub struct HeapInTry(AtomicUsize);
+
+impl HeapInTry {
+    /// No heap: the plan has none left, or had none.
+    const NONE: usize = usize::MAX;
+
+    fn at(index: Option<usize>) -> HeapInTry {
+        HeapInTry(AtomicUsize::new(index.unwrap_or(Self::NONE)))
+    }
+
+    fn set(&self, index: Option<usize>) {
+        self.0.store(index.unwrap_or(Self::NONE), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<usize> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&i| i != Self::NONE)
+    }
 }
 
 impl AllocPlan {
     /// The page-rounded size the allocation will have.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Which heap the plan is at, as it is carried out (the first it will
+    /// try, until then).
+    pub fn heap_in_try(&self) -> Arc<HeapInTry> {
+        Arc::clone(&self.trying)
     }
 
     fn exhausted(&mut self) -> AllocError {
@@ -664,6 +712,27 @@ mod tests {
         assert_eq!(a.heap, "memfd");
         assert_eq!(a.fallbacks[0].0, "udmabuf");
         assert!(a.fallbacks[0].1.contains("no-udmabuf"), "{:?}", a.fallbacks);
+    }
+
+    /// The debug views name the heap an allocation in flight is at: the
+    /// first it will try until it is carried out, then each in turn.
+    #[test]
+    fn a_plan_says_which_heap_it_is_trying() {
+        let dir = fake_heaps(&["system", "linux,cma"]);
+        let reg = HeapRegistry::discover(&host_config(dir.path()));
+        let mut plan = reg.plan(Some("linux,cma"), None, 4096).expect("plan");
+        let trying = plan.heap_in_try();
+        assert_eq!(reg.heap_in_try(&trying), "linux,cma");
+        assert!(reg.carry_out_in_place(&mut plan, "x").is_none());
+        assert_eq!(reg.heap_in_try(&trying), "linux,cma");
+        let a = reg.carry_out(plan, "x").expect("fallback");
+        assert_eq!(a.heap, "memfd");
+        assert_eq!(reg.heap_in_try(&trying), "memfd");
+
+        // A memfd-first plan is at memfd, and nothing is at no heap.
+        let plan = reg.plan(Some("memfd"), None, 4096).expect("plan");
+        assert_eq!(reg.heap_in_try(&plan.heap_in_try()), "memfd");
+        assert_eq!(reg.heap_in_try(&HeapInTry::at(None)), "");
     }
 
     #[test]

@@ -235,6 +235,9 @@ impl State {
         let pending = PendingAllocation {
             number,
             size: plan.size(),
+            name: shown_name(label),
+            heap: plan.heap_in_try(),
+            since: std::time::Instant::now(),
         };
         if let Some(c) = self.clients.get_mut(&client) {
             c.allocating.push(pending);
@@ -359,6 +362,20 @@ impl State {
                 owner,
             });
         }
+    }
+
+    /// Allocations being carried out off the broker's thread for clients
+    /// still here, each counted against its client's quota (the debug
+    /// views).
+    pub fn allocations_in_flight(&self) -> usize {
+        self.allocations_in_flight
+    }
+
+    /// Threads carrying out allocations, those of clients gone included:
+    /// past [`MAX_ALLOCATIONS_RUNNING`] an allocation that may block is
+    /// refused `Busy` (the debug views).
+    pub fn allocations_running(&self) -> usize {
+        self.allocations_running.load(Ordering::Acquire)
     }
 
     /// Forgets `client`'s allocations still being carried out (it is

@@ -130,12 +130,19 @@ pub struct ClientEntry {
 }
 
 /// An allocation on a blocking thread (see `requests::Action::Allocate`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PendingAllocation {
     /// The broker's number for it, which names its task.
     pub number: u64,
     /// Page-rounded bytes.
     pub size: u64,
+    /// What the D-Bus view shows of it, since a client refused
+    /// `QuotaExceeded` because of it must be able to see it there: the
+    /// name the buffer will have, the heap its thread is at (read without
+    /// waiting for that thread), and when it was asked for.
+    pub name: String,
+    pub heap: Arc<crate::heaps::HeapInTry>,
+    pub since: Instant,
 }
 
 impl ClientEntry {

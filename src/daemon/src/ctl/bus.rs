@@ -32,6 +32,35 @@ impl Daemon {
     pub fn error(&self, what: &'static str, err: zbus::Error) -> CtlError {
         CtlError::from_call(what, &self.bus, err)
     }
+
+    /// The answer of a call to a member newer than the interface (the
+    /// allocations in flight), `None` from a daemon that has no such
+    /// member: one started before an upgrade installed this tool still
+    /// answers the rest, and should not make `clients` fail.
+    pub fn newer<T>(
+        &self,
+        what: &'static str,
+        answer: zbus::Result<T>,
+    ) -> Result<Option<T>, CtlError> {
+        match answer {
+            Ok(value) => Ok(Some(value)),
+            Err(err) if is_unknown_member(&err) => Ok(None),
+            Err(err) => Err(self.error(what, err)),
+        }
+    }
+}
+
+/// Whether the daemon answered that it has no such method or property.
+fn is_unknown_member(err: &zbus::Error) -> bool {
+    let name = match err {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(fdo) => zbus::DBusError::name(fdo.as_ref()).to_string(),
+        _ => return false,
+    };
+    matches!(
+        name.as_str(),
+        "org.freedesktop.DBus.Error.UnknownMethod" | "org.freedesktop.DBus.Error.UnknownProperty"
+    )
 }
 
 /// Connects to the bus given by `--address`, or by `--bus`.
@@ -105,4 +134,24 @@ async fn on_bus(target: Target<'_>, bus: &str) -> Result<Daemon, CtlError> {
         proxy,
         bus: bus.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unknown_member_is_taken_for_an_older_daemon() {
+        let fdo = |e: zbus::fdo::Error| zbus::Error::FDO(Box::new(e));
+        assert!(is_unknown_member(&fdo(zbus::fdo::Error::UnknownMethod(
+            "ListAllocationsInFlight".into()
+        ))));
+        assert!(is_unknown_member(&fdo(zbus::fdo::Error::UnknownProperty(
+            "AllocationsInFlight".into()
+        ))));
+        assert!(!is_unknown_member(&fdo(zbus::fdo::Error::AccessDenied(
+            "no".into()
+        ))));
+        assert!(!is_unknown_member(&zbus::Error::InvalidReply));
+    }
 }

@@ -1,6 +1,7 @@
 //! `dmabrokerctl`: the daemon's D-Bus debug interface from the command
 //! line. Tables for people, `--json` for scripts; see `docs/operations.md`.
 
+mod allocating;
 mod bus;
 mod error;
 mod format;
@@ -112,6 +113,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     .silent_ends()
                     .await
                     .map_err(|e| daemon.error("SilentEnds", e))?,
+                allocations_in_flight: daemon
+                    .newer("AllocationsInFlight", proxy.allocations_in_flight().await)?,
+                allocations_running: daemon
+                    .newer("AllocationsRunning", proxy.allocations_running().await)?,
                 hand_offs: (
                     proxy
                         .hand_offs_planned()
@@ -134,7 +139,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .list_clients()
                 .await
                 .map_err(|e| daemon.error("ListClients", e))?;
-            print(cli.json, &clients, |c| render::clients(c))
+            let in_flight = allocating::fetch(&daemon).await?;
+            let text = render::clients(&clients) + &allocating::section(&in_flight);
+            print(cli.json, &allocating::rows(clients, &in_flight), |_| text)
         }
         Command::Buffers => {
             let buffers = proxy

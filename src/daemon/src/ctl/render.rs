@@ -23,6 +23,11 @@ pub struct Status {
     pub silent_ends: u64,
     /// Hand-offs through buffer words: (planned, carried out).
     pub hand_offs: (u64, u64),
+    /// Allocations carried out in heaps that may block, not answered yet,
+    /// and the threads doing it (those of clients gone included); `None`
+    /// from a daemon too old to say.
+    pub allocations_in_flight: Option<u64>,
+    pub allocations_running: Option<u64>,
 }
 
 pub fn status(s: &Status) -> String {
@@ -84,8 +89,15 @@ pub fn status(s: &Status) -> String {
         ),
         ("Refusals", refusals),
     ];
+    let in_flight = match (s.allocations_in_flight, s.allocations_running) {
+        (Some(n), Some(running)) => Some((
+            "In flight",
+            format!("{n} allocations ({running} heap threads running)"),
+        )),
+        _ => None,
+    };
     let mut out = String::new();
-    for (key, value) in lines {
+    for (key, value) in lines.into_iter().chain(in_flight) {
         out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
     }
     out.push('\n');

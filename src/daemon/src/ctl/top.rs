@@ -8,12 +8,13 @@ use clap::ValueEnum;
 use serde::Serialize;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use super::allocating;
 use super::bus::Daemon;
 use super::error::CtlError;
 use super::format::{bytes, micros, or_dash};
 use super::table::Table;
 use super::terminal::{Keys, Screen, CLEAR};
-use crate::dbus::views::{ClientView, Statistics, Totals};
+use crate::dbus::views::{ClientAllocations, ClientView, Statistics, Totals};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -42,6 +43,8 @@ struct Frame {
     /// Per second since the previous refresh; absent on the first.
     rates: Option<Rates>,
     clients: Vec<ClientView>,
+    /// The clients with allocations in flight (see `ctl::allocating`).
+    allocations_in_flight: Vec<ClientAllocations>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -170,6 +173,7 @@ async fn fetch(
         .await
         .map_err(|e| daemon.error("ListClients", e))?;
     sort(&mut clients, sort_key);
+    let allocations_in_flight = allocating::fetch(daemon).await?;
     let now = Instant::now();
     let rates = previous
         .as_ref()
@@ -181,6 +185,7 @@ async fn fetch(
         statistics,
         rates,
         clients,
+        allocations_in_flight,
     })
 }
 
@@ -219,13 +224,16 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
         daemon.bus,
         options.interval.as_secs_f64()
     );
+    let (allocating, allocating_bytes) = allocating::sum(&frame.allocations_in_flight);
     out.push_str(&format!(
-        "clients {}  buffers {} ({})  fences {}  waiters {}\n",
+        "clients {}  buffers {} ({})  fences {}  waiters {}  allocating {} ({})\n",
         t.clients,
         t.buffers,
         bytes(t.bytes),
         t.fences,
-        t.waiters
+        t.waiters,
+        allocating,
+        bytes(allocating_bytes)
     ));
     let rate = |f: fn(&Rates) -> f64| {
         frame
@@ -245,8 +253,18 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
         s.revocations
     ));
     let mut table = Table::new(&[
-        ">ID", ">PID", ">UID", "NAME", ">BUFFERS", ">BYTES", ">HELD", ">WAITING", ">LONGEST",
-        "FENCING", "EXE",
+        ">ID",
+        ">PID",
+        ">UID",
+        "NAME",
+        ">BUFFERS",
+        ">BYTES",
+        ">HELD",
+        ">WAITING",
+        ">LONGEST",
+        "FENCING",
+        "EXE",
+        ">ALLOCATING",
     ]);
     for c in &frame.clients {
         table.row(vec![
@@ -265,6 +283,7 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
             },
             c.autofence.clone(),
             or_dash(&c.exe),
+            allocating::cell(&frame.allocations_in_flight, c.id),
         ]);
     }
     out.push_str(&table.render());

@@ -8,6 +8,7 @@
 //! on D-Bus: when no bus is reachable the daemon logs a warning and keeps
 //! trying in the background.
 
+mod allocating;
 mod auth;
 pub mod proxy;
 mod service;

@@ -2,7 +2,9 @@
 //! benchmarks. Properties are never cached: they change with every
 //! allocation and the daemon does not announce changes.
 
-use super::views::{BufferDetail, BufferView, ClientView, HeapView, Statistics, Totals};
+use super::views::{
+    BufferDetail, BufferView, ClientAllocations, ClientView, HeapView, Statistics, Totals,
+};
 
 #[zbus::proxy(
     interface = "org.dmabroker.Debug1",
@@ -35,7 +37,15 @@ pub trait Debug {
     #[zbus(property(emits_changed_signal = "false"))]
     fn hand_offs(&self) -> zbus::Result<u64>;
 
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn allocations_in_flight(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn allocations_running(&self) -> zbus::Result<u64>;
+
     fn list_clients(&self) -> zbus::Result<Vec<ClientView>>;
+
+    fn list_allocations_in_flight(&self) -> zbus::Result<Vec<ClientAllocations>>;
 
     fn list_buffers(&self) -> zbus::Result<Vec<BufferView>>;
 

@@ -13,8 +13,10 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
-use super::views::{BufferDetail, BufferView, ClientView, HeapView, Statistics, Totals};
-use super::{auth, snapshot, Reloader};
+use super::views::{
+    BufferDetail, BufferView, ClientAllocations, ClientView, HeapView, Statistics, Totals,
+};
+use super::{allocating, auth, snapshot, Reloader};
 use crate::broker::{Broker, State};
 
 /// Errors of this interface that have no standard D-Bus name.
@@ -117,6 +119,31 @@ impl DebugObject {
     #[zbus(property(emits_changed_signal = "false"))]
     async fn hand_offs(&self) -> u64 {
         self.read(|s| s.stats.hand_offs)
+    }
+
+    /// Allocations carried out off the broker's thread (heaps that may
+    /// block) and not answered yet, every client's. Each counts against
+    /// its client's quota as the buffer it will be, though neither
+    /// `Totals` nor `ListClients` counts it: properties and a method of
+    /// their own, as `SilentEnds`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn allocations_in_flight(&self) -> u64 {
+        self.read(|s| s.allocations_in_flight() as u64)
+    }
+
+    /// Threads carrying out allocations, those of clients gone included
+    /// (their heap has not returned yet): at the daemon's bound, an
+    /// allocation that may block is refused `Busy`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn allocations_running(&self) -> u64 {
+        self.read(|s| s.allocations_running() as u64)
+    }
+
+    /// The clients with allocations in flight, by id, each with its count,
+    /// bytes and allocations (heap being tried, size, name, age).
+    #[zbus(out_args("clients"))]
+    async fn list_allocations_in_flight(&self) -> Vec<ClientAllocations> {
+        allocating::finish(self.read(allocating::copy))
     }
 
     /// Every client; another uid's executable and unit only for

@@ -150,3 +150,32 @@ pub struct Statistics {
     /// Refused requests by error code name.
     pub refusals: BTreeMap<String, u64>,
 }
+
+/// One allocation carried out off the broker's thread (its heap may
+/// block) and not answered yet. It counts against its client's quota as
+/// the buffer it will be, while `ClientView` counts only buffers in the
+/// table, so a client refused `QuotaExceeded` because of these looks
+/// under its limit there. A struct of its own: `ClientView` cannot grow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct AllocationInFlight {
+    /// The heap its thread is trying: the first of its fallback order
+    /// that may block until the thread starts, then each it falls back to.
+    pub heap: String,
+    /// Page-rounded bytes: what it counts against `max_total_bytes`.
+    pub size: u64,
+    /// The name the buffer will have.
+    pub name: String,
+    /// Since the client asked for it.
+    pub age_us: u64,
+}
+
+/// One client's allocations in flight.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ClientAllocations {
+    pub client: u64,
+    /// What they count against `max_buffers` and `max_total_bytes`.
+    pub count: u64,
+    pub bytes: u64,
+    /// Oldest first.
+    pub allocations: Vec<AllocationInFlight>,
+}
