@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use dmabroker_suite::fuse::{Stall, StallingFuse};
 use dmabroker_suite::scripted::field;
 use dmabroker_suite::served_within;
+use dmabroker_suite::userns;
 use dmabroker_suite::{have_root, Daemon, DaemonOptions, Scripted};
 
 const ALICE: u32 = 65501;
@@ -599,4 +600,58 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
     );
     let answer = answer.expect("the adopt is answered");
     assert!(answer.starts_with("err not-a-dma-buf"), "{answer}");
+}
+
+/// A user with a subordinate uid range connects as any uid of it from a
+/// user namespace (here one root made, with uids 300,000 on), and each
+/// counted as a user of its own: `max_uid_connections` was a limit per
+/// subordinate uid, so per user only the daemon's connection cap bounded
+/// it. Processes in a user namespace now count as the user who made it.
+#[test]
+fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
+    if !have_root("policy: max_uid_connections across a user namespace") {
+        return;
+    }
+    let daemon = daemon_with(
+        "[[rule]]\nname = \"namespaced-three\"\nuser = 300003\nmax_uid_connections = 2\n",
+    );
+    // What a client of the namespace's uid 3 says first.
+    let third = || {
+        let mut cmd =
+            std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+        let maps = userns::in_user_namespace(&mut cmd, 3);
+        let output = cmd
+            .arg("--socket")
+            .arg(daemon.socket())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run dmabroker-testclient");
+        maps.written();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Processes of two other uids of the namespace, each the first of its
+    // uid, and each (as every one of root's) under the default's 256.
+    let mut first = userns::spawn_in_user_namespace(daemon.socket(), 1, &[]);
+    first.ok("alloc 4096");
+    let mut second = userns::spawn_in_user_namespace(daemon.socket(), 2, &[]);
+    second.ok("alloc 4096");
+    // A third uid's first connection: counted with theirs, against its
+    // rule's 2.
+    let refused = third();
+    assert!(
+        refused.starts_with("err quota-exceeded")
+            && refused.contains("rule 'namespaced-three': max_uid_connections limit 2, in use"),
+        "a third uid of the namespace: {refused}"
+    );
+    // Another user is not counted with them.
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    alice.ok("alloc 4096");
+    drop((first, second));
+    dmabroker_suite::eventually("places of the namespace's maker to come free", || {
+        third().starts_with("ready")
+    });
 }

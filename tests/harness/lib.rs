@@ -13,6 +13,7 @@ pub mod scripted;
 pub mod sdnotify;
 pub mod slow_heap;
 pub mod tmp;
+pub mod userns;
 pub mod vgem;
 
 pub use daemon::{Daemon, DaemonOptions};

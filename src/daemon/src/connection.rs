@@ -39,7 +39,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     let uid_slot = match take_uid_slot(&broker, &uids, &peer) {
         Ok(slot) => slot,
         Err(refusal) => {
-            crate::server::refuse(socket, refusal, peer.identity.uid);
+            crate::server::refuse(socket, refusal, peer.accountable_uid);
             return;
         }
     };
@@ -53,12 +53,13 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         Ok(fd) => Arc::new(fd),
         Err((socket, err)) => {
             tracing::error!(error = %err, "cannot register a connection with the reactor");
-            crate::server::retire(socket, peer.identity.uid, Some(uid_slot));
+            crate::server::retire(socket, peer.accountable_uid, Some(uid_slot));
             return;
         }
     };
     let outbox = Arc::new(Outbox::new(Arc::clone(&socket), 256));
-    let (pid, uid) = (peer.pid, peer.identity.uid);
+    // The uid for log lines, and the one whose bounds on closes apply.
+    let (pid, uid, accountable) = (peer.pid, peer.identity.uid, peer.accountable_uid);
     let (client, hello_timeout) =
         broker.with(|s| (s.connect(peer, Arc::clone(&outbox)), s.limits.hello_timeout));
     let writer = tokio::spawn(Arc::clone(&outbox).run_writer());
@@ -71,7 +72,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // Not read while too many of its uid's fds wait to be closed (a
         // FUSE file whose FLUSH its server holds): what a client parks in
         // the daemon stays bounded.
-        while client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID {
+        while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
             tokio::time::sleep(FDS_CLOSING_POLL).await;
         }
         let ready = match hello_due.as_mut() {
@@ -110,7 +111,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
             // Checked right before each read, with nothing awaited in
             // between: every connection of a uid, woken together, would
             // otherwise read a message of up to 32 fds each.
-            if client_fds::pending(uid) >= client_fds::MAX_PENDING_PER_UID {
+            if client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
                 break;
             }
             // Fds of a message refused on receipt: closed elsewhere, as
@@ -123,7 +124,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                         other => io::Error::other(other),
                     })
             });
-            client_fds::close_elsewhere(uid, dropped);
+            client_fds::close_elsewhere(accountable, dropped);
             let disposition = match received {
                 Err(_would_block) => break,
                 Ok(Ok((len, fds))) => {
@@ -131,7 +132,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                     let mut said_hello = false;
                     let disposition = broker.with(|s| {
                         if s.stopping {
-                            client_fds::close_elsewhere(uid, fds);
+                            client_fds::close_elsewhere(accountable, fds);
                             return None;
                         }
                         let disposition = s.handle_message(client, &buf[..len], fds);
@@ -199,7 +200,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     writer.abort();
     // Gone once awaited, with its copy of the socket (see below).
     let _ = writer.await;
-    crate::server::stop_reading(socket.get_ref().as_fd(), uid);
+    crate::server::stop_reading(socket.get_ref().as_fd(), accountable);
     let fds_maybe_unread = outbox.fds_maybe_unread();
     // Nothing but the socket (and this connection's places) is kept.
     drop((outbox, buf));
@@ -209,7 +210,9 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     // The outbox, the writer and the broker's entry let go of theirs, this
     // is the socket's last fd: it goes to the uid's thread.
     match Arc::try_unwrap(socket) {
-        Ok(registered) => crate::server::retire(registered.into_inner(), uid, Some(uid_slot)),
+        Ok(registered) => {
+            crate::server::retire(registered.into_inner(), accountable, Some(uid_slot))
+        }
         Err(_) => tracing::error!(
             pid,
             uid,
@@ -237,19 +240,28 @@ fn take_uid_slot(
     let policy = Arc::clone(&broker.lock().policy);
     let resolved = policy.resolve(&peer.identity);
     let limit = resolved.limits.max_uid_connections;
-    let uid = peer.identity.uid;
-    uids.take(uid, limit).map_err(|open| {
+    // Counted per user: the processes of a user namespace count as the
+    // user who made it, or a user with a subordinate uid range would have
+    // the limit once per uid of it.
+    let (uid, counted_as) = (peer.identity.uid, peer.accountable_uid);
+    uids.take(counted_as, limit).map_err(|open| {
         tracing::warn!(
             uid,
+            counted_as,
             pid = peer.pid,
             rule = %resolved.rule,
             limit,
             "connection refused: the uid is at its max_uid_connections"
         );
+        let whose = if counted_as == uid {
+            format!("uid {uid}")
+        } else {
+            format!("uid {uid}, counted as uid {counted_as}, who made its user namespace")
+        };
         let mut error = WireError::new(
             ErrorCode::QuotaExceeded,
             format!(
-                "rule '{}': max_uid_connections limit {limit}, in use {open}, requested 1 (uid {uid})",
+                "rule '{}': max_uid_connections limit {limit}, in use {open}, requested 1 ({whose})",
                 resolved.rule
             ),
         );

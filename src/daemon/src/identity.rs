@@ -20,6 +20,11 @@ const SO_PEERPIDFD: libc::c_int = 77;
 #[derive(Debug)]
 pub struct Peer {
     pub identity: Identity,
+    /// The user the peer answers to, for bounds that must hold per user:
+    /// its uid, or for a process in a user namespace below the daemon's,
+    /// that namespace's maker's (see `kernel::userns`). The uid when the
+    /// daemon cannot tell (the process is gone, or `/proc` hidden).
+    pub accountable_uid: u32,
     pub pid: i32,
     /// Kept for the life of the connection: it pins the identity of the pid.
     pub pidfd: Option<OwnedFd>,
@@ -37,23 +42,25 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
     let cred = getsockopt(&socket, PeerCredentials).map_err(IdentityError::PeerCred)?;
     let pid = cred.pid();
     let groups = peer_groups(socket).map_err(IdentityError::PeerGroups)?;
-    let (pidfd, (exe, unit)) = match peer_pidfd(socket) {
+    let maker = || crate::kernel::userns::owner_below_ours(pid).ok().flatten();
+    let (pidfd, (exe, unit), maker) = match peer_pidfd(socket) {
         PidfdLookup::Pinned(pidfd) => {
             let exe = executable(pid);
             let unit = systemd_unit(pid);
+            let maker = maker();
             // Only trust what we read if the process is still the one the
             // pidfd names; otherwise the pid may already be someone else's.
             let read = if process_alive(pidfd.as_fd()) {
-                (exe, unit)
+                ((exe, unit), maker)
             } else {
-                (None, None)
+                ((None, None), None)
             };
-            (Some(pidfd), read)
+            (Some(pidfd), read.0, read.1)
         }
         // A kernel without SO_PEERPIDFD (before 6.5): /proc is the best
         // there is, and a pid reused in between could lend the client
         // another process's exe and unit (docs/policy.md says so).
-        PidfdLookup::Unsupported => (None, (executable(pid), systemd_unit(pid))),
+        PidfdLookup::Unsupported => (None, (executable(pid), systemd_unit(pid)), maker()),
         // The kernel has pidfds but gave none: the peer has exited (it
         // may have passed its socket on), so its pid may be anyone's; or
         // the daemon is short of fds or memory, and cannot pin it either.
@@ -61,10 +68,11 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
             if errno != Errno::ESRCH {
                 tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
             }
-            (None, (None, None))
+            (None, (None, None), None)
         }
     };
     Ok(Peer {
+        accountable_uid: maker.unwrap_or(cred.uid()),
         identity: Identity {
             uid: cred.uid(),
             gid: cred.gid(),
@@ -229,11 +237,16 @@ pub fn exe_display(exe: &Option<PathBuf>) -> String {
         .unwrap_or_default()
 }
 
-/// Only the uid of a connection's peer, from the kernel, for one not
-/// identified in full (a refusal at accept); `u32::MAX` if the kernel
-/// cannot say.
+/// Only the accountable uid (see [`Peer::accountable_uid`]) of a
+/// connection's peer, for one not identified in full (a refusal at
+/// accept); `u32::MAX` if the kernel cannot say.
 pub fn peer_uid(conn: BorrowedFd<'_>) -> u32 {
-    getsockopt(&conn, PeerCredentials).map_or(u32::MAX, |cred| cred.uid())
+    getsockopt(&conn, PeerCredentials).map_or(u32::MAX, |cred| {
+        crate::kernel::userns::owner_below_ours(cred.pid())
+            .ok()
+            .flatten()
+            .unwrap_or(cred.uid())
+    })
 }
 
 #[cfg(test)]

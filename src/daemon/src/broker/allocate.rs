@@ -321,7 +321,10 @@ impl State {
     ) -> Answer {
         let id = self.allocate_buffer_id();
         let origin = BufferOrigin::Allocated(allocation.backend);
-        let uid = self.clients.get(&client).map_or(0, |c| c.peer.identity.uid);
+        let uid = self
+            .clients
+            .get(&client)
+            .map_or(0, |c| c.peer.accountable_uid);
         let release = origin.release(allocation.size, uid);
         let fd = Arc::new(HeldFd::new(allocation.fd, release));
         self.buffers.insert(

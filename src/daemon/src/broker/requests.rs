@@ -46,7 +46,7 @@ impl State {
             let uid = self
                 .clients
                 .get(&client)
-                .map_or(u32::MAX, |c| c.peer.identity.uid);
+                .map_or(u32::MAX, |c| c.peer.accountable_uid);
             ClientFd::all(fds, uid)
         };
         let request = match decode_request(bytes) {

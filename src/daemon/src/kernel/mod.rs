@@ -23,6 +23,7 @@ pub mod socket;
 pub mod sync_file;
 mod uapi;
 pub mod udmabuf;
+pub mod userns;
 
 #[cfg(test)]
 pub(crate) mod testutil;

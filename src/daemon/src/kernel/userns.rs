@@ -1,0 +1,151 @@
+//! Who made a process's user namespace: the user it answers to.
+//!
+//! Any user with a subordinate uid range (most have one, for rootless
+//! containers) can run processes as thousands of uids through user
+//! namespaces, and `SO_PEERCRED` shows each as the uid it maps to. A
+//! bound kept per uid would then be a bound per subordinate uid. The owner
+//! of the outermost user namespace below the daemon's (`NS_GET_OWNER_UID`,
+//! Linux 4.11) is the one user behind all of them.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+
+use nix::errno::Errno;
+
+/// `_IO(NSIO, 0x2)` and `_IO(NSIO, 0x4)` from `linux/nsfs.h` (NSIO 0xb7).
+const NS_GET_PARENT: libc::c_ulong = 0xb702;
+const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+
+/// Nesting of user namespaces the kernel allows (`linux/user_namespace.h`).
+const MAX_DEPTH: usize = 32;
+
+/// The owner, as the daemon's user namespace sees it, of the outermost
+/// user namespace below the daemon's that process `pid` is in: `None` when
+/// the process is in the daemon's own user namespace (or in one not below
+/// it, which the kernel does not let the daemon look up through).
+pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
+    let ours = identity_of("/proc/self/ns/user")?;
+    let path = format!("/proc/{pid}/ns/user");
+    let mut ns: OwnedFd = std::fs::File::open(&path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
+        .into();
+    if identity_of_fd(&ns)? == ours {
+        return Ok(None);
+    }
+    for _ in 0..MAX_DEPTH {
+        let parent = match parent_of(&ns) {
+            Ok(parent) => parent,
+            // The parent is not in the daemon's subtree.
+            Err(Errno::EPERM) => return Ok(None),
+            Err(errno) => return Err(errno),
+        };
+        if identity_of_fd(&parent)? == ours {
+            return owner_of(&ns).map(Some);
+        }
+        ns = parent;
+    }
+    Ok(None)
+}
+
+/// (device, inode): what names a namespace.
+fn identity_of(path: &str) -> Result<(u64, u64), Errno> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+fn identity_of_fd(fd: &OwnedFd) -> Result<(u64, u64), Errno> {
+    let stat = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    Ok((stat.st_dev, stat.st_ino))
+}
+
+fn parent_of(ns: &OwnedFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new fd (or -1),
+    // which nothing else owns.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_PARENT) };
+    let fd = Errno::result(fd)?;
+    // SAFETY: a new fd the ioctl just returned, owned here from now on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn owner_of(ns: &OwnedFd) -> Result<u32, Errno> {
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t to the pointer, which
+    // points at `uid`, alive for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            ns.as_raw_fd(),
+            NS_GET_OWNER_UID,
+            &mut uid as *mut libc::uid_t,
+        )
+    };
+    Errno::result(rc)?;
+    Ok(uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process is in the daemon's user namespace: nobody above it.
+    #[test]
+    fn a_process_in_our_namespace_has_no_owner_below_ours() {
+        assert_eq!(owner_below_ours(std::process::id() as i32), Ok(None));
+    }
+
+    /// A process of another user in user namespaces of its own, nested,
+    /// answers to that user, whatever uid it has in them.
+    #[test]
+    fn a_process_in_nested_user_namespaces_answers_to_their_maker() {
+        const ALICE: u32 = 65501;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root to run a process as another user");
+            return;
+        }
+        let mut child = match std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={ALICE}"),
+                &format!("--regid={ALICE}"),
+                "--clear-groups",
+                "unshare",
+                "-Ur",
+                "unshare",
+                "-Ur",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(err) => {
+                eprintln!("skipping: cannot run setpriv: {err}");
+                return;
+            }
+        };
+        let pid = child.id() as i32;
+        let ours = identity_of("/proc/self/ns/user").expect("our namespace");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut owner = Ok(None);
+        while std::time::Instant::now() < deadline {
+            // Each exec of the chain may still be on its way to sleep.
+            let cmdline =
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with("sleep") {
+                assert_ne!(
+                    identity_of(&format!("/proc/{pid}/ns/user")).ok(),
+                    Some(ours)
+                );
+                owner = owner_below_ours(pid);
+                break;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                eprintln!("skipping: user namespaces unavailable to other users here");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(owner, Ok(Some(ALICE)));
+    }
+}
