@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 use crate::held_files::{HeldFd, Release};
 
@@ -106,6 +106,8 @@ fn hand_over(uid: u32, parcels: impl Iterator<Item = Parcel>) {
     queue.fds.extend(parcels);
     PENDING.fetch_add(queue.fds.len() - before, Ordering::AcqRel);
     if queue.closing {
+        // Its thread may be lingering for more.
+        more().notify_all();
         return;
     }
     let spawned = std::thread::Builder::new()
@@ -113,18 +115,24 @@ fn hand_over(uid: u32, parcels: impl Iterator<Item = Parcel>) {
         .spawn(move || close_all_of(uid));
     match spawned {
         Ok(_) => queue.closing = true,
-        Err(err) => {
-            // Closed here then, waits and all: better than keeping them.
-            tracing::warn!(%err, uid, "no thread to close a client's fds on");
-            let fds = std::mem::take(&mut queue.fds);
-            queues.remove(&uid);
-            drop(queues);
-            let count = fds.len();
-            drop(fds);
-            PENDING.fetch_sub(count, Ordering::AcqRel);
-        }
+        // Kept, and tried again at the uid's next hand-over: closed here,
+        // the release of a client's file could stall every client. They
+        // count as waiting meanwhile, which holds the uid's connections
+        // back once there are enough.
+        Err(err) => tracing::warn!(%err, uid, "no thread to close a client's fds on yet"),
     }
 }
+
+/// Wakes closing threads lingering for more (see [`close_all_of`]).
+fn more() -> &'static Condvar {
+    static MORE: Condvar = Condvar::new();
+    &MORE
+}
+
+/// How long a closing thread with nothing left waits for more before it
+/// ends: frees come in bursts, and a thread is dear to start on the
+/// broker's thread.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Fds of `uid` waiting to be closed, the one being closed included.
 pub fn pending(uid: u32) -> usize {
@@ -133,14 +141,16 @@ pub fn pending(uid: u32) -> usize {
     }
     queues()
         .get(&uid)
-        .map_or(0, |q| q.fds.len() + usize::from(q.closing))
+        .map_or(0, |q| q.fds.len() + usize::from(q.in_hand))
 }
 
 #[derive(Default)]
 struct Queue {
     fds: VecDeque<Parcel>,
-    /// A thread is closing this uid's fds.
+    /// A thread is closing this uid's fds (or lingering for more).
     closing: bool,
+    /// That thread has one in hand.
+    in_hand: bool,
 }
 
 fn queues() -> MutexGuard<'static, HashMap<u32, Queue>> {
@@ -151,24 +161,36 @@ fn queues() -> MutexGuard<'static, HashMap<u32, Queue>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-/// The closing thread of `uid`: closes its queue, one fd at a time and
-/// never under the lock, until it is empty.
+/// The closing thread of `uid`: closes its queue, one parcel at a time
+/// and never under the lock, until it has been empty for [`LINGER`].
 fn close_all_of(uid: u32) {
     loop {
         let next = {
             let mut queues = queues();
-            let Some(queue) = queues.get_mut(&uid) else {
-                return;
-            };
-            match queue.fds.pop_front() {
-                Some(fd) => fd,
-                None => {
+            let mut waited = false;
+            loop {
+                let Some(queue) = queues.get_mut(&uid) else {
+                    return;
+                };
+                if let Some(parcel) = queue.fds.pop_front() {
+                    queue.in_hand = true;
+                    break parcel;
+                }
+                if waited {
                     queues.remove(&uid);
                     return;
                 }
+                queues = more()
+                    .wait_timeout(queues, LINGER)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                waited = true;
             }
         };
         drop(next);
+        if let Some(queue) = queues().get_mut(&uid) {
+            queue.in_hand = false;
+        }
         PENDING.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -244,11 +266,17 @@ mod tests {
         let stuck_thread = std::thread::spawn(move || {
             let first = queues()
                 .get_mut(&STUCK)
-                .and_then(|q| q.fds.pop_front())
+                .and_then(|q| {
+                    q.in_hand = true;
+                    q.fds.pop_front()
+                })
                 .expect("the stuck fd");
             entered.wait();
             let _ = release.recv();
             drop(first);
+            if let Some(q) = queues().get_mut(&STUCK) {
+                q.in_hand = false;
+            }
             PENDING.fetch_sub(1, Ordering::AcqRel);
             close_all_of(STUCK);
         });

@@ -49,15 +49,19 @@ pub fn close_elsewhere(owner: impl Send + 'static) {
 #[derive(Debug)]
 pub struct CloseTicket(u64);
 
-/// Closes handed elsewhere and not done, by ticket number; `true` once
+/// Closes handed elsewhere and not done, by ticket number, each with the
+/// uid whose closing thread has it (`None`: the closer's) and `true` once
 /// an allocation has waited its whole [`EARLIER_CLOSES_WAIT`] for it. A
 /// close that takes that long is stuck (its file's release waits on a
 /// lock a client holds, see `held_files`), and its pages will not come
-/// back by waiting: later allocations do not wait for it again.
+/// back by waiting: later allocations do not wait for it again, nor for
+/// any close queued behind it on the same thread (`stuck`), until that
+/// thread gets through one.
 #[derive(Debug, Default)]
 struct Tickets {
     next: u64,
-    open: BTreeMap<u64, bool>,
+    open: BTreeMap<u64, (Option<u32>, bool)>,
+    stuck: std::collections::HashSet<Option<u32>>,
 }
 
 fn tickets() -> (MutexGuard<'static, Tickets>, &'static Condvar) {
@@ -66,19 +70,31 @@ fn tickets() -> (MutexGuard<'static, Tickets>, &'static Condvar) {
     (tickets.lock().unwrap_or_else(|p| p.into_inner()), done)
 }
 
-/// A ticket for a close about to be handed to another thread.
+/// A ticket for a close about to be handed to the closer's thread.
 pub fn ticket() -> CloseTicket {
+    new_ticket(None)
+}
+
+/// A ticket for a close about to be handed to `uid`'s closing thread.
+pub fn ticket_of(uid: u32) -> CloseTicket {
+    new_ticket(Some(uid))
+}
+
+fn new_ticket(thread: Option<u32>) -> CloseTicket {
     let (mut tickets, _) = tickets();
     let number = tickets.next;
     tickets.next += 1;
-    tickets.open.insert(number, false);
+    tickets.open.insert(number, (thread, false));
     CloseTicket(number)
 }
 
 impl Drop for CloseTicket {
     fn drop(&mut self) {
         let (mut tickets, done) = tickets();
-        tickets.open.remove(&self.0);
+        if let Some((thread, _)) = tickets.open.remove(&self.0) {
+            // That thread got through a close: it is not stuck (now).
+            tickets.stuck.remove(&thread);
+        }
         done.notify_all();
     }
 }
@@ -95,7 +111,11 @@ pub fn wait_for_earlier_closes() {
 fn wait_for_earlier_closes_within(limit: Duration) {
     let (tickets, done) = tickets();
     let before = tickets.next;
-    let pending = |t: &mut Tickets| t.open.range(..before).any(|(_, waited_out)| !waited_out);
+    let pending = |t: &mut Tickets| {
+        t.open
+            .range(..before)
+            .any(|(_, (thread, waited_out))| !waited_out && !t.stuck.contains(thread))
+    };
     let (mut tickets, waited) = done
         .wait_timeout_while(tickets, limit, pending)
         .unwrap_or_else(|p| p.into_inner());
@@ -106,7 +126,11 @@ fn wait_for_earlier_closes_within(limit: Duration) {
             "closes of freed buffers are taking longer than {limit:?}; allocating without waiting for them"
         );
         for number in stuck {
-            tickets.open.insert(number, true);
+            if let Some((thread, waited_out)) = tickets.open.get_mut(&number) {
+                *waited_out = true;
+                let thread = *thread;
+                tickets.stuck.insert(thread);
+            }
         }
     }
 }
@@ -171,6 +195,7 @@ mod tests {
     /// caller (the broker's thread): it happens on the closer's thread.
     #[test]
     fn a_big_buffer_is_closed_on_the_closer_thread_without_waiting() {
+        let _turn = waiting_turn();
         let (owner, where_dropped, release) = slow_close();
         close_buffer(owner, CLOSE_APART_BYTES);
         // Returned while the close is still blocked.
@@ -185,6 +210,7 @@ mod tests {
     /// caller's thread: a free's fd is gone when its reply goes out.
     #[test]
     fn a_small_buffer_is_closed_in_place() {
+        let _turn = waiting_turn();
         let (owner, where_dropped, release) = slow_close();
         release.send(()).expect("nothing to wait for");
         close_buffer(owner, CLOSE_APART_BYTES - 1);
@@ -194,8 +220,8 @@ mod tests {
         );
     }
 
-    /// Tests that wait for earlier closes, one at a time: each would wait
-    /// for the others' closes too.
+    /// The tests, one at a time: a test's wait for earlier closes would
+    /// wait for (or give up on, and then skip) the others' closes too.
     fn waiting_turn() -> std::sync::MutexGuard<'static, ()> {
         static TURN: Mutex<()> = Mutex::new(());
         TURN.lock().unwrap_or_else(|p| p.into_inner())
@@ -208,7 +234,7 @@ mod tests {
     #[test]
     fn a_stuck_close_is_waited_out_once() {
         let _turn = waiting_turn();
-        let stuck = ticket();
+        let stuck = ticket_of(4_000_000_021);
         let first = std::time::Instant::now();
         wait_for_earlier_closes_within(Duration::from_millis(300));
         assert!(first.elapsed() >= Duration::from_millis(300));
@@ -219,6 +245,23 @@ mod tests {
         });
         done.recv_timeout(Duration::from_secs(10))
             .expect("a later allocation waited again for the stuck close");
+        // A close queued behind it on the same (stuck) thread is not waited
+        // for either; one on another thread is.
+        let behind = ticket_of(4_000_000_021);
+        let elsewhere = ticket_of(4_000_000_022);
+        let (done_tx, done) = channel();
+        std::thread::spawn(move || {
+            wait_for_earlier_closes_within(Duration::from_secs(30));
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "returned while a close on a thread not known to be stuck was going on"
+        );
+        drop(elsewhere);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("waited for a close behind a stuck one on the same thread");
+        drop(behind);
         drop(stuck);
     }
 
@@ -252,6 +295,7 @@ mod tests {
     /// one of them happens.
     #[test]
     fn big_closes_queue_behind_a_slow_one_and_all_happen() {
+        let _turn = waiting_turn();
         let (slow, slow_dropped, release) = slow_close();
         close_buffer(slow, CLOSE_APART_BYTES);
         slow_dropped

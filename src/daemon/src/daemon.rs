@@ -672,7 +672,7 @@ fn take_batch(broker: &Arc<Broker>) -> Batch {
     let state = broker.lock();
     match &state.fd_store {
         Some(store) => store.take_batch(STORE_BATCH, |id| {
-            state.buffers.get(&id).map(|entry| entry.fd.as_fd())
+            state.buffers.get(&id).map(|entry| &entry.fd)
         }),
         None => Batch::default(),
     }
@@ -682,7 +682,7 @@ fn take_batch(broker: &Arc<Broker>) -> Batch {
 /// send fails (the rest would too). Returns how many went, and the error
 /// the sends stopped on.
 fn send_batch(
-    batch: &[(u64, OwnedFd)],
+    batch: &[(u64, crate::held_files::HeldDup)],
     deadline: std::time::Instant,
 ) -> (usize, Option<std::io::Error>) {
     for (sent, (id, fd)) in batch.iter().enumerate() {

@@ -35,20 +35,21 @@ pub enum Release {
     OnThreadOf { uid: u32, buffer: bool },
 }
 
-/// An fd of the daemon's that lets go of its file as its [`Release`] says.
-///
-/// Dropped, it hands a dup of its fd to the thread that is to let go of
-/// the file, and closes its own fd where it is: that close is never the
-/// file's last release while the dup is open, so it never waits.
+/// An fd of the daemon's that lets go of its file as its [`Release`] says:
+/// dropped, it hands its fd to the thread that is to close it.
 #[derive(Debug)]
 pub struct HeldFd {
-    fd: OwnedFd,
+    /// `Some` until the drop takes it.
+    fd: Option<OwnedFd>,
     release: Release,
 }
 
 impl HeldFd {
     pub fn new(fd: OwnedFd, release: Release) -> HeldFd {
-        HeldFd { fd, release }
+        HeldFd {
+            fd: Some(fd),
+            release,
+        }
     }
 
     pub fn release(&self) -> Release {
@@ -97,8 +98,13 @@ impl From<OwnedFd> for HeldFd {
 }
 
 impl AsFd for HeldFd {
+    #[allow(clippy::expect_used)]
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        // Only the drop takes the fd, and nothing can borrow it after.
+        self.fd
+            .as_ref()
+            .expect("a HeldFd's fd is taken only by its drop")
+            .as_fd()
     }
 }
 
@@ -110,25 +116,16 @@ impl AsRawFd for HeldFd {
 
 impl Drop for HeldFd {
     fn drop(&mut self) {
-        let elsewhere = match self.release {
-            Release::Here => return,
-            Release::Pages { size } if size < crate::closer::CLOSE_APART_BYTES => return,
-            _ => self.fd.try_clone(),
-        };
-        let dup = match elsewhere {
-            Ok(dup) => dup,
-            Err(err) => {
-                // Out of fds: let go of here after all, rather than keep.
-                tracing::warn!(%err, release = ?self.release, "no fd to let go of a file elsewhere with");
-                return;
-            }
+        let Some(fd) = self.fd.take() else {
+            return;
         };
         match self.release {
+            Release::Here => drop(fd),
+            Release::Pages { size } => crate::closer::close_buffer(fd, size),
             Release::OnThreadOf { uid, buffer } => {
-                let ticket = buffer.then(crate::closer::ticket);
-                crate::client_fds::release_elsewhere(uid, Box::new((dup, ticket)));
+                let ticket = buffer.then(|| crate::closer::ticket_of(uid));
+                crate::client_fds::release_elsewhere(uid, Box::new((fd, ticket)));
             }
-            Release::Here | Release::Pages { .. } => crate::closer::close_elsewhere(dup),
         }
     }
 }

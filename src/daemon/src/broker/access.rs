@@ -19,7 +19,7 @@ use dmabroker_ipc::{
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
 use super::{Action, TimeoutTarget};
 use crate::client_fds::ClientFd;
-use crate::held_files::{HeldDup, HeldFd};
+use crate::held_files::{HeldDup, HeldFd, Release};
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 
 /// Fence id and holder used in a no-autofence grant for the dma-buf's own
@@ -277,8 +277,14 @@ impl State {
                             holder: KERNEL_HOLDER,
                             sync_file_slot: Some(fds.len() as u8),
                         });
-                        // Made here and not yet sent: no client can watch it yet.
-                        fds.push(Arc::new(sync_file.into()));
+                        // Sent to the client, which may watch it before this
+                        // copy goes: let go of on its thread.
+                        let uid = self
+                            .clients
+                            .get(&grant.client)
+                            .map_or(u32::MAX, |c| c.peer.accountable_uid);
+                        let release = Release::OnThreadOf { uid, buffer: false };
+                        fds.push(Arc::new(HeldFd::new(sync_file, release)));
                     }
                     Err(err) => {
                         tracing::warn!(buffer = grant.buffer, error = %err, "cannot export the dma-buf's kernel fences");

@@ -674,8 +674,12 @@ impl State {
             // Its pages go back at the last close of its file, which its
             // `HeldFd` makes where it must (`held_files`): not on this
             // thread for a big memfd or any dma-buf. A queued reply may
-            // still hold a copy and make that close when it goes.
-            drop(entry);
+            // still hold a copy and make that close when it goes. The
+            // word's mapping goes first: unmapped after, it could be what
+            // holds the file last, here.
+            let BufferEntry { fd, word, .. } = entry;
+            drop(word);
+            drop(fd);
         }
     }
 

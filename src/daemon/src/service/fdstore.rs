@@ -30,13 +30,14 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sd_notify::NotifyState;
 
 use super::inherited::{BUFFER_PREFIX, RECORD_PREFIX};
 use super::notify;
 use super::record::StateRecord;
+use crate::held_files::{HeldDup, HeldFd};
 use crate::kernel::memfd;
 
 /// Slots of the store kept for the record: the new one is stored before
@@ -177,8 +178,11 @@ impl RecordError {
 /// [`FdStore::take_batch`]).
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// Each buffer with a copy of its fd, oldest first.
-    pub fds: Vec<(u64, OwnedFd)>,
+    /// Each buffer with a copy of its fd, oldest first. A `HeldDup`: a
+    /// buffer freed while the batch is out keeps its file through the
+    /// dup's anchor, so the dup's close on the writer's thread is never
+    /// the file's last release (see `held_files`).
+    pub fds: Vec<(u64, HeldDup)>,
     /// Why a buffer could not be taken: its fd could not be copied.
     pub error: Option<std::io::Error>,
 }
@@ -461,12 +465,12 @@ impl FdStore {
     pub fn take_batch<'a>(
         &self,
         limit: usize,
-        fd_of: impl Fn(u64) -> Option<BorrowedFd<'a>>,
+        fd_of: impl Fn(u64) -> Option<&'a Arc<HeldFd>>,
     ) -> Batch {
         let mut batch = Batch::default();
         let mut not_taken = Vec::new();
         for id in self.take_unstored(limit) {
-            match fd_of(id).map(|fd| fd.try_clone_to_owned()) {
+            match fd_of(id).map(HeldDup::of) {
                 Some(Ok(fd)) => batch.fds.push((id, fd)),
                 Some(Err(err)) => {
                     not_taken.push(id);
