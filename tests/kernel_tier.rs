@@ -382,6 +382,7 @@ fn kernel_tier_an_end_with_a_fence_the_daemon_cannot_copy_changes_nothing() {
     let fence = dma_buf::export_sync_file(dmabuf.as_fd(), true).expect("a sync_file");
     // Room for the fd that arrives with the End, none for the daemon's copy.
     let pid = daemon.pid();
+    dmabroker_suite::proc::stable_fd_count(pid);
     let free = free_fds(pid, 2);
     limit_fds(pid, free[1]);
     let (_, bytes) = writer.encode(
@@ -445,6 +446,8 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
     let pid = daemon.pid();
+    // Ended connections close on a thread of their own: wait for them.
+    dmabroker_suite::proc::stable_fd_count(pid);
     limit_fds(pid, free_fds(pid, 1)[0]);
     let (id, bytes) = reader.encode(
         RequestBody::Begin {
@@ -515,6 +518,8 @@ fn kernel_tier_a_withdrawn_grant_keeps_the_lost_writer_news_for_the_next() {
     // Queued behind the write; then the daemon runs out of fds and the
     // writer dies mid-write, which grants the read.
     let pid = daemon.pid();
+    // Ended connections close on a thread of their own: wait for them.
+    dmabroker_suite::proc::stable_fd_count(pid);
     limit_fds(pid, free_fds(pid, 1)[0]);
     drop(writer);
     let answer = reader.recv_reply().expect("an answer");

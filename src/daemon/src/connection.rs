@@ -213,11 +213,12 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         Ok(registered) => {
             crate::server::retire(registered.into_inner(), accountable, Some(uid_slot))
         }
-        Err(_) => tracing::error!(
-            pid,
-            uid,
-            "a connection's socket is still shared at its end; closed where its last holder drops it"
-        ),
+        // Not expected: whoever else holds it closes it, unless this copy
+        // is the last after all, which then goes to the uid's thread too.
+        Err(shared) => {
+            tracing::error!(pid, uid, "a connection's socket is still shared at its end");
+            crate::client_fds::release_elsewhere(accountable, Box::new((shared, uid_slot)));
+        }
     }
 }
 

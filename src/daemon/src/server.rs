@@ -347,25 +347,59 @@ pub fn stop_reading(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
 /// `slot`, the connection's place among its uid's, goes with it, so a uid
 /// whose closes are stuck cannot pile up sockets past its connection
 /// limit.
+///
+/// A refusal's socket (`slot` `None`) holds no place under any limit: at
+/// most [`MAX_RETIRING_REFUSALS`] of them wait for their threads at once,
+/// and past that a refusal is read out as far as its uid's bound lets
+/// and closed here, which is where a client that left a file whose
+/// release waits in it could stall the broker: the fds such sockets keep
+/// open stay bounded.
 pub fn retire(socket: OwnedFd, uid: u32, slot: Option<UidSlot>) {
     let _ = nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    let refusal = slot.is_none();
+    if refusal && RETIRING_REFUSALS.fetch_add(1, Ordering::AcqRel) >= MAX_RETIRING_REFUSALS {
+        RETIRING_REFUSALS.fetch_sub(1, Ordering::AcqRel);
+        tracing::error!(
+            uid,
+            max = MAX_RETIRING_REFUSALS,
+            "too many refused connections wait to be closed; closing one on the broker's thread"
+        );
+        stop_reading(socket.as_fd(), uid);
+        return;
+    }
     crate::client_fds::release_elsewhere(
         uid,
         Box::new(RetiredSocket {
             socket,
             _slot: slot,
+            refusal,
         }),
     );
 }
+
+/// Refused connections' sockets handed to closing threads and not closed
+/// yet (see [`retire`]).
+static RETIRING_REFUSALS: AtomicUsize = AtomicUsize::new(0);
+const MAX_RETIRING_REFUSALS: usize = 256;
 
 /// A connection's socket on its way out, on its uid's closing thread.
 struct RetiredSocket {
     socket: OwnedFd,
     _slot: Option<UidSlot>,
+    refusal: bool,
 }
 
 impl Drop for RetiredSocket {
     fn drop(&mut self) {
+        self.read_out();
+        if self.refusal {
+            RETIRING_REFUSALS.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl RetiredSocket {
+    fn read_out(&self) {
         use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
         // Reading is shut, so what is queued is all there will be: a
         // socket's queue holds a few hundred messages at most.
