@@ -1704,22 +1704,52 @@ fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
 /// listener, and with `Restart=on-failure` the unit soon hit its start
 /// limit and the store was gone. It is closed with a warning now; only a
 /// wrong socket where the listener should be is refused.
+///
+/// Closed, it was not removed from the store either: the manager kept it
+/// in a slot the daemon did not count, so with the store full by the
+/// daemon's count the next record was refused (`EXFULL`) and the one
+/// before it removed, leaving no record for a crash to restore from. Its
+/// name is removed like any other leftover's now.
 #[test]
 fn an_unexpected_socket_beside_the_listener_is_closed() {
-    let manager = ServiceManager::new();
+    // Four buffers and the records' two slots.
+    let manager = ServiceManager::with_fd_store_max(6);
     let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     manager
         .received()
         .store
         .push(("stray-socket".to_owned(), stray.into()));
     let daemon = Running::start(&manager, "first", &[]);
-    let client = Client::connect_to(&manager.socket_path).expect("served");
-    drop(client.alloc(4096).expect("alloc"));
     assert!(
         daemon
             .log()
             .contains("closing an unexpected inherited socket"),
         "{}",
         daemon.log()
+    );
+    manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
+        !r.stored_names().iter().any(|n| n == "stray-socket")
+    });
+    // Fill the buffers' slots, then a change that needs a new record.
+    let camera = Client::connect_to(&manager.socket_path).expect("served");
+    let frames: Vec<_> = (0..4).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(4);
+    let seen = manager.received().records_sent();
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let _shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    let r = manager.received();
+    assert!(
+        r.refused.is_empty(),
+        "the store was overfilled: it refused {:?}; store {:?}",
+        r.refused,
+        r.stored_names()
+    );
+    assert!(
+        r.stored_names().iter().any(|n| n.starts_with("state-")),
+        "no record in the store: {:?}",
+        r.stored_names()
     );
 }

@@ -36,9 +36,10 @@ pub struct Stored {
     /// then is it known which to keep and which to close.
     pub duplicates: Vec<(String, OwnedFd)>,
     /// The name of each fd handed over that nothing here keeps, closed at
-    /// once: a buffer's name again (its later fds), or a name this daemon
-    /// never gives on an fd that is no socket (so from the fd store). The
-    /// manager still holds and counts them until their name is removed.
+    /// once: a buffer's name again (its later fds), a name this daemon
+    /// never gives on an fd that is no socket (so from the fd store), or a
+    /// socket nothing here serves. The manager still holds and counts
+    /// those of its store until their name is removed.
     pub leftovers: Vec<String>,
 }
 
@@ -189,7 +190,8 @@ pub fn take() -> Result<Inherited, InheritError> {
                 );
                 inherited.stored.leftovers.push(name);
             }
-            _ => tracing::warn!(name, "closing an unexpected inherited socket"),
+            // A second listener: closed like any unexpected socket.
+            _ => close_unexpected_socket(&mut inherited.stored, name, "a second listener", fd),
         }
     }
     // A socket of the wrong kind and no listener: the socket unit is
@@ -205,10 +207,22 @@ pub fn take() -> Result<Inherited, InheritError> {
         return Ok(inherited);
     }
     for (name, found, fd) in wrong {
-        tracing::warn!(name, found, "closing an unexpected inherited socket");
-        drop(fd);
+        close_unexpected_socket(&mut inherited.stored, name, &found, fd);
     }
     Ok(inherited)
+}
+
+/// Closes a socket nothing here serves, and leaves its name to be removed
+/// from the fd store like any other leftover: one the store handed over
+/// keeps its slot there until its name is removed, and a slot the daemon
+/// does not count makes the store fuller than it thinks, so that a record
+/// it sends to a store it counts as having room is refused (systemd
+/// closes it, `EXFULL`) and the previous one removed after it, leaving
+/// none. A name the store does not hold is ignored by its removal.
+fn close_unexpected_socket(stored: &mut Stored, name: String, found: &str, fd: OwnedFd) {
+    tracing::warn!(name, found, "closing an unexpected inherited socket");
+    drop(fd);
+    stored.leftovers.push(name);
 }
 
 enum SocketKind {
