@@ -1753,3 +1753,34 @@ fn an_unexpected_socket_beside_the_listener_is_closed() {
         r.stored_names()
     );
 }
+
+/// Without a socket unit (supported: the daemon binds a socket of its
+/// own), the first socket of the wrong kind the fd store handed over was
+/// taken for a misconfigured listener and start-up failed, every restart
+/// again until the start limit, which loses the store. Only a socket
+/// unit's socket (its fds come first, named after the unit) can be that
+/// listener: a socket from the store is a leftover, closed and removed.
+#[test]
+fn a_socket_in_the_fd_store_without_a_socket_unit_is_a_leftover() {
+    let manager = ServiceManager::new().without_socket_unit();
+    let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    manager
+        .received()
+        .store
+        .push(("stray-socket".to_owned(), stray.into()));
+    let own = manager.dir.path().join("own-socket");
+    let own_arg = own.display().to_string();
+    let daemon = Running::start_with(&manager, "first", &[], &["--socket", &own_arg]);
+    let client = Client::connect_to(&own).expect("served on its own socket");
+    drop(client.alloc(4096).expect("alloc"));
+    assert!(
+        daemon
+            .log()
+            .contains("closing an unexpected inherited socket"),
+        "{}",
+        daemon.log()
+    );
+    manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
+        !r.stored_names().iter().any(|n| n == "stray-socket")
+    });
+}

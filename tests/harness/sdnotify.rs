@@ -164,6 +164,9 @@ pub struct ServiceManager {
     pub dir: TempDir,
     pub socket_path: PathBuf,
     listener: OwnedFd,
+    /// Whether the daemon is handed the listener, as a socket unit does
+    /// (see [`ServiceManager::without_socket_unit`]).
+    socket_unit: bool,
     notify_path: PathBuf,
     received: Arc<(Mutex<Received>, Condvar)>,
 }
@@ -212,6 +215,14 @@ impl ServiceManager {
         manager
     }
 
+    /// A service without a socket unit: the daemon is handed only the fd
+    /// store and binds a socket of its own (pass it `--socket`, another
+    /// path than [`ServiceManager::socket_path`]).
+    pub fn without_socket_unit(mut self) -> ServiceManager {
+        self.socket_unit = false;
+        self
+    }
+
     pub fn with_socket_type(kind: SockType) -> ServiceManager {
         let dir = TempDir::new("sdnotify");
         let socket_path = dir.path().join("socket");
@@ -252,6 +263,7 @@ impl ServiceManager {
             dir,
             socket_path,
             listener,
+            socket_unit: true,
             notify_path,
             received,
         }
@@ -361,8 +373,9 @@ impl ServiceManager {
         }
     }
 
-    /// Starts the daemon the way systemd would: the listening socket and
-    /// every fd in the store passed from fd 3 on, named, the newest first.
+    /// Starts the daemon the way systemd would: the listening socket (the
+    /// socket unit's fds come first) and every fd in the store passed from
+    /// fd 3 on, named, the newest first.
     pub fn start_daemon(
         &self,
         binary: &Path,
@@ -372,8 +385,12 @@ impl ServiceManager {
     ) -> Child {
         let received = self.received();
         let store_max = received.store_max;
-        let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
-        let mut names = vec!["dmabroker.socket".to_owned()];
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        if self.socket_unit {
+            fds.push(self.listener.try_clone().expect("dup listener"));
+            names.push("dmabroker.socket".to_owned());
+        }
         for (name, fd) in &received.store {
             fds.push(fd.try_clone().expect("dup stored fd"));
             names.push(name.clone());
