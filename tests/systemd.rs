@@ -1784,3 +1784,32 @@ fn a_socket_in_the_fd_store_without_a_socket_unit_is_a_leftover() {
         !r.stored_names().iter().any(|n| n == "stray-socket")
     });
 }
+
+/// `DMABROKER_TEST_RECORD_REOFFER_MS` is read in every build, and at `0`
+/// the writer offered its record to the manager in a tight loop, one
+/// datagram after another to PID 1. The period is bounded below now, and
+/// the hook, like the other test hook, is warned about at start.
+#[test]
+fn a_zero_record_reoffer_period_does_not_flood_the_manager() {
+    let manager = ServiceManager::new();
+    let first = Running::start(
+        &manager,
+        "first",
+        &[("DMABROKER_TEST_RECORD_REOFFER_MS", "0")],
+    );
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frame = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(1);
+    let before = manager.received().records_sent();
+    std::thread::sleep(Duration::from_millis(500));
+    let offered = manager.received().records_sent() - before;
+    // 50 ms at the shortest: ten in 500 ms, with room for scheduling.
+    assert!(offered <= 12, "{offered} record datagrams in 500 ms");
+    assert!(
+        first
+            .log()
+            .contains("test hook: the stored record is offered"),
+        "{}",
+        first.log()
+    );
+}

@@ -503,11 +503,31 @@ async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
 }
 
 /// [`RECORD_REOFFER`], or for tests `DMABROKER_TEST_RECORD_REOFFER_MS`.
+/// The variable is read in every build, so it is bounded: at `0` the
+/// writer would send PID 1 one record datagram after another, as fast as
+/// its queue takes them. It is warned about at start, as the other test
+/// hook (`DMABROKER_TEST_WEDGE_AFTER_MS`) is, so that a value left set on
+/// a production unit shows in its log.
 fn reoffer_period() -> Duration {
-    std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
+    let Some(asked) = std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
         .ok()
         .and_then(|ms| ms.parse::<u64>().ok())
-        .map_or(RECORD_REOFFER, Duration::from_millis)
+    else {
+        return RECORD_REOFFER;
+    };
+    let period = bounded_reoffer_period(asked);
+    tracing::warn!(
+        asked_ms = asked,
+        period_ms = period.as_millis() as u64,
+        "test hook: the stored record is offered to the fd store again this often"
+    );
+    period
+}
+
+/// `DMABROKER_TEST_RECORD_REOFFER_MS`'s period, no shorter than
+/// [`RECORD_REOFFER_FLOOR`].
+fn bounded_reoffer_period(asked_ms: u64) -> Duration {
+    Duration::from_millis(asked_ms).max(RECORD_REOFFER_FLOOR)
 }
 
 /// The wait before the next try after one that failed: doubling from
@@ -526,6 +546,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// offered to the manager again (see [`RecordWriter::reoffer`]): one
 /// datagram, and nothing for a manager that holds it.
 const RECORD_REOFFER: Duration = Duration::from_secs(60);
+/// The shortest re-offer period the test hook may ask for: short enough
+/// for a test, one datagram per period at most for the manager.
+const RECORD_REOFFER_FLOOR: Duration = Duration::from_millis(50);
 
 /// Buffers copied into the record per turn of the state lock.
 const RECORD_CHUNK: usize = 1024;
@@ -794,6 +817,15 @@ mod tests {
         };
         let bytes = record.encode().expect("encode");
         (name.to_owned(), sealed_copy(name, &bytes).expect("memfd"))
+    }
+
+    /// The test hook's period is read in production too: `0` made the
+    /// writer offer its record to PID 1 in a tight loop.
+    #[test]
+    fn the_test_reoffer_period_is_bounded_below() {
+        assert_eq!(bounded_reoffer_period(0), RECORD_REOFFER_FLOOR);
+        assert_eq!(bounded_reoffer_period(1), RECORD_REOFFER_FLOOR);
+        assert_eq!(bounded_reoffer_period(300), Duration::from_millis(300));
     }
 
     /// systemd hands the store over the newest first, and two records may
