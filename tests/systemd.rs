@@ -1661,8 +1661,9 @@ fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
 /// table changed, and the record before it had been removed, so a crash
 /// meanwhile lost every buffer. The writer now offers the record it
 /// stored again from time to time; systemd keeps one entry per open file,
-/// so an offer of a record it holds changes nothing, and one it dropped
-/// goes in once there is room.
+/// so an offer of a record it holds takes no second slot (to a store it
+/// counts full it is refused, see the next test), and one it dropped goes
+/// in once there is room.
 #[test]
 fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
     let manager = ServiceManager::new();
@@ -1811,5 +1812,42 @@ fn a_zero_record_reoffer_period_does_not_flood_the_manager() {
             .contains("test hook: the stored record is offered"),
         "{}",
         first.log()
+    );
+}
+
+/// systemd checks its store's maximum before it looks for the same file
+/// (`service_add_fd_store`: `EXFULL` first), so a record offered again to
+/// a store it counts full is refused although it holds it, with a warning
+/// in PID 1's log. That lasts for as long as the store stays full (a
+/// lowered `FileDescriptorStoreMax=`, until buffers are freed), and the
+/// writer offered it again every period all that while. The offers of an
+/// unchanged record back off now, doubling the wait each time.
+#[test]
+fn offers_of_a_record_to_a_store_the_manager_counts_full_back_off() {
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "200")];
+    let _first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    // Lowered under the running daemon: full as it stands, record in.
+    {
+        let mut r = manager.received();
+        r.store_max = Some(r.stored_fds());
+    }
+    std::thread::sleep(Duration::from_millis(3000));
+    let r = manager.received();
+    let refused = r.refused.iter().filter(|n| n.starts_with("state-")).count();
+    // Every 200 ms: about 15. Doubling from 200 ms: at 200, 600, 1400
+    // and 3000 ms.
+    assert!(
+        (1..=4).contains(&refused),
+        "{refused} offers refused in 3 s: {:?}",
+        r.refused
+    );
+    assert!(
+        r.stored_names().iter().any(|n| n.starts_with("state-")),
+        "{:?}",
+        r.stored_names()
     );
 }

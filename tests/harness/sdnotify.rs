@@ -14,7 +14,8 @@
 //! as systemd does with `FileDescriptorStoreMax=`: it tells the daemon the
 //! maximum in `$FDSTORE` (systemd ≥ 254), and an fd sent to a full store
 //! is closed, silently for the sender ("Hit fd store limit", `EXFULL`, in
-//! systemd's log only).
+//! systemd's log only), even one of a file the store holds already: the
+//! maximum is checked before the store is searched for the same file.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -116,14 +117,18 @@ impl Received {
     /// does: one at a time, and once the store is full the rest are closed.
     fn store_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
         for fd in fds {
-            // systemd keeps one entry per open file: an fd of a file it
-            // holds already is closed (`service_add_fd_store`, same_fd()).
-            if self.store.iter().any(|(_, held)| same_file(held, &fd)) {
-                continue;
-            }
+            // The maximum first, as `service_add_fd_store` checks it
+            // (`EXFULL`) before it looks for the same file: a full store
+            // refuses even an fd of a file it holds, with a warning in
+            // systemd's log.
             if self.store_max.is_some_and(|max| self.stored_fds() >= max) {
                 self.refused.push(name.clone());
                 drop(fd);
+                continue;
+            }
+            // systemd keeps one entry per open file: an fd of a file it
+            // holds already is closed (`service_add_fd_store`, same_fd()).
+            if self.store.iter().any(|(_, held)| same_file(held, &fd)) {
                 continue;
             }
             self.store.insert(0, (name.clone(), fd));

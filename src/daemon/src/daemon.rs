@@ -375,6 +375,10 @@ async fn persist_loop(
 ) {
     let mut retry: Option<Duration> = None;
     let reoffer = reoffer_period();
+    // The wait before the next offer of an unchanged record: doubled by
+    // each offer, back to `reoffer` with each change (see
+    // `next_reoffer`).
+    let mut reoffer_in = reoffer;
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
     // In a run of tries the store had no slot for: warned about once.
@@ -387,8 +391,13 @@ async fn persist_loop(
                     _ = wanted.notified() => writer.table_changed(),
                     // Everything is in, as far as the daemon can know:
                     // the record is offered again in case the manager
-                    // dropped it (see `RecordWriter::reoffer`).
-                    _ = tokio::time::sleep(reoffer) => {
+                    // dropped it (see `RecordWriter::reoffer`), unless
+                    // the store is full by the daemon's own count.
+                    _ = tokio::time::sleep(reoffer_in) => {
+                        reoffer_in = next_reoffer(reoffer_in, reoffer);
+                        if !store_has_a_free_slot(&broker, &writer) {
+                            continue;
+                        }
                         let Some(kept) = reoffer_record(writer).await else {
                             return;
                         };
@@ -417,6 +426,10 @@ async fn persist_loop(
             return;
         };
         writer = kept;
+        // A try follows a change (or a failure): a new record, perhaps,
+        // which the manager may drop as it may any, so the offers of it
+        // start over at the period.
+        reoffer_in = reoffer;
         retry = match (written, retry) {
             (Written::Stored, _) => {
                 if std::mem::take(&mut warned) {
@@ -502,6 +515,35 @@ async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
     }
 }
 
+/// The wait before the next offer of an unchanged record, after one
+/// offer waited `current`: twice as long, up to [`REOFFER_BACKOFF`] times
+/// `period`. systemd checks its store's maximum before it looks for the
+/// same file in it (`service_add_fd_store`: `EXFULL` first), so an offer
+/// to a store it counts full is refused even for a record it holds, with
+/// a warning in PID 1's log ("Cannot store more fds than
+/// FileDescriptorStoreMax="). That is the very case the offers are for
+/// (it counts more than the daemon does: a lowered maximum under a
+/// running daemon), and it lasts until buffers are freed, which change
+/// the table: with a fixed period it was a warning a minute for as long.
+/// Doubled, a dropped record still goes back in within a bounded time of
+/// the store having room, and the log gets a handful of lines.
+fn next_reoffer(current: Duration, period: Duration) -> Duration {
+    (current * 2).min(period * REOFFER_BACKOFF)
+}
+
+/// Whether the fd store, as the daemon counts it, has a slot free: with
+/// none, the manager (counting the same) refuses an offer of the record
+/// with a warning whether or not it holds it, and a record it dropped
+/// could not go back in anyway.
+fn store_has_a_free_slot(broker: &Arc<Broker>, writer: &RecordWriter) -> bool {
+    let room = {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
+    writer.fits(room)
+}
+
 /// [`RECORD_REOFFER`], or for tests `DMABROKER_TEST_RECORD_REOFFER_MS`.
 /// The variable is read in every build, so it is bounded: at `0` the
 /// writer would send PID 1 one record datagram after another, as fast as
@@ -546,6 +588,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// offered to the manager again (see [`RecordWriter::reoffer`]): one
 /// datagram, and nothing for a manager that holds it.
 const RECORD_REOFFER: Duration = Duration::from_secs(60);
+/// How many times the re-offer period the wait between offers of an
+/// unchanged record grows to (see `next_reoffer`): 32 minutes with
+/// [`RECORD_REOFFER`].
+const REOFFER_BACKOFF: u32 = 32;
 /// The shortest re-offer period the test hook may ask for: short enough
 /// for a test, one datagram per period at most for the manager.
 const RECORD_REOFFER_FLOOR: Duration = Duration::from_millis(50);
@@ -821,6 +867,18 @@ mod tests {
 
     /// The test hook's period is read in production too: `0` made the
     /// writer offer its record to PID 1 in a tight loop.
+    #[test]
+    fn offers_of_an_unchanged_record_back_off() {
+        let period = Duration::from_secs(60);
+        let mut wait = period;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            wait = next_reoffer(wait, period);
+            waits.push(wait.as_secs() / 60);
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 32, 32, 32]);
+    }
+
     #[test]
     fn the_test_reoffer_period_is_bounded_below() {
         assert_eq!(bounded_reoffer_period(0), RECORD_REOFFER_FLOOR);
