@@ -1851,3 +1851,49 @@ fn offers_of_a_record_to_a_store_the_manager_counts_full_back_off() {
         r.stored_names()
     );
 }
+
+/// An offer of the record again waits up to a second for room in a busy
+/// manager's queue, and a stop during it waited that out before the last
+/// record was written (and the daemon could exit). The offer looks at the
+/// stop every 50 ms now.
+#[test]
+fn a_stop_during_an_offer_of_the_record_is_not_held_up() {
+    const PERIOD_MS: u64 = 300;
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "300")];
+    let mut first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frame = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(1);
+    let stopped_in = {
+        let _busy = manager.busy();
+        // An offer that found no room all its second: the next comes after
+        // the period doubled once for every offer so far, and also waits
+        // its second out.
+        wait_for_log(&first, "cannot offer the record again");
+        let offers = {
+            let log = first.log();
+            log.matches("the stored record was offered to the fd store again")
+                .count()
+                + log.matches("cannot offer the record again").count()
+        };
+        let next_in = Duration::from_millis(PERIOD_MS << offers);
+        std::thread::sleep(next_in + Duration::from_millis(200));
+        let pid = nix::unistd::Pid::from_raw(first.pid() as i32);
+        let signalled = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        assert!(
+            first.child.wait().expect("wait").success(),
+            "{}",
+            first.log()
+        );
+        signalled.elapsed()
+    };
+    // Its STOPPING=1 found no room either, and waits 1 s for it; the
+    // offer under way had 800 ms left.
+    assert!(
+        stopped_in < Duration::from_millis(1500),
+        "stopped in {stopped_in:?}:\n{}",
+        first.log()
+    );
+}

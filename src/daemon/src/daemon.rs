@@ -398,10 +398,14 @@ async fn persist_loop(
                         if !store_has_a_free_slot(&broker, &writer) {
                             continue;
                         }
-                        let Some(kept) = reoffer_record(writer).await else {
-                            return;
-                        };
-                        writer = kept;
+                        match reoffer_record(writer, &mut stopped).await {
+                            Reoffered::Done(kept) => writer = kept,
+                            Reoffered::Stopped(kept, at) => {
+                                writer = kept;
+                                break at;
+                            }
+                            Reoffered::Lost => return,
+                        }
                         continue;
                     }
                     at = &mut stopped => break at.ok(),
@@ -490,29 +494,67 @@ async fn persist_loop(
 
 /// Offers the stored record to the manager again (see
 /// [`RecordWriter::reoffer`]), on the blocking pool: it may wait up to
-/// [`RECORD_PATIENCE`] for room in the manager's queue. An offer that could
-/// not be sent is only logged: the next period offers it again. `None` if
-/// the writer was lost.
-async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
-    let offered = tokio::task::spawn_blocking(move || {
-        let result = writer.reoffer(std::time::Instant::now() + RECORD_PATIENCE);
-        (writer, result)
-    })
-    .await;
-    match offered {
-        Ok((writer, result)) => {
-            match result {
-                Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
-                Ok(false) => {}
-                Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
+/// [`RECORD_PATIENCE`] for room in the manager's queue, in slices of
+/// [`REOFFER_SLICE`] with a look at `stopped` between them, so that a stop
+/// meanwhile waits a slice at most for the writer, not the whole patience
+/// out of the last record's deadline. An offer that could not be sent is
+/// only logged: the next period offers it again.
+async fn reoffer_record(
+    mut writer: RecordWriter,
+    stopped: &mut tokio::sync::oneshot::Receiver<tokio::time::Instant>,
+) -> Reoffered {
+    let give_up = std::time::Instant::now() + RECORD_PATIENCE;
+    loop {
+        let slice_end = (std::time::Instant::now() + REOFFER_SLICE).min(give_up);
+        let mut offer = tokio::task::spawn_blocking(move || {
+            let result = writer.reoffer(slice_end);
+            (writer, result)
+        });
+        let mut stop = None;
+        let offered = tokio::select! {
+            offered = &mut offer => offered,
+            at = &mut *stopped => {
+                // Received once: the caller stops with it.
+                stop = Some(at.ok());
+                offer.await
             }
-            Some(writer)
+        };
+        let (kept, result) = match offered {
+            Ok(offered) => offered,
+            Err(err) => {
+                tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
+                return Reoffered::Lost;
+            }
+        };
+        writer = kept;
+        // Still no room in the manager's queue, and patience left: the
+        // next slice, unless the daemon is stopping.
+        let again = matches!(&result, Err(err) if err.is_would_block())
+            && std::time::Instant::now() < give_up;
+        match result {
+            Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
+            Ok(false) => {}
+            Err(_) if again && stop.is_none() => {}
+            Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
         }
-        Err(err) => {
-            tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
-            None
+        if let Some(at) = stop {
+            return Reoffered::Stopped(writer, at);
+        }
+        if !again {
+            return Reoffered::Done(writer);
         }
     }
+}
+
+/// What became of an offer of the record (see [`reoffer_record`]).
+enum Reoffered {
+    /// Offered, or not (logged): the writer back.
+    Done(RecordWriter),
+    /// The daemon is stopping: the writer back, with the stop's deadline
+    /// (`None` if the stop's sender went without one).
+    Stopped(RecordWriter, Option<tokio::time::Instant>),
+    /// The blocking task failed, and the writer with it.
+    Lost,
 }
 
 /// The wait before the next offer of an unchanged record, after one
@@ -588,6 +630,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// offered to the manager again (see [`RecordWriter::reoffer`]): one
 /// datagram, and nothing for a manager that holds it.
 const RECORD_REOFFER: Duration = Duration::from_secs(60);
+/// How long one slice of an offer of the record waits for room in the
+/// manager's queue before the offer looks whether the daemon is stopping
+/// (see `reoffer_record`).
+const REOFFER_SLICE: Duration = Duration::from_millis(50);
 /// How many times the re-offer period the wait between offers of an
 /// unchanged record grows to (see `next_reoffer`): 32 minutes with
 /// [`RECORD_REOFFER`].
