@@ -1661,8 +1661,9 @@ fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
 /// table changed, and the record before it had been removed, so a crash
 /// meanwhile lost every buffer. The writer now offers the record it
 /// stored again from time to time; systemd keeps one entry per open file,
-/// so an offer of a record it holds changes nothing, and one it dropped
-/// goes in once there is room.
+/// so an offer of a record it holds takes no second slot (to a store it
+/// counts full it is refused, see the next test), and one it dropped goes
+/// in once there is room.
 #[test]
 fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
     let manager = ServiceManager::new();
@@ -1704,16 +1705,74 @@ fn a_record_the_manager_dropped_is_offered_again_without_a_change() {
 /// listener, and with `Restart=on-failure` the unit soon hit its start
 /// limit and the store was gone. It is closed with a warning now; only a
 /// wrong socket where the listener should be is refused.
+///
+/// Closed, it was not removed from the store either: the manager kept it
+/// in a slot the daemon did not count, so with the store full by the
+/// daemon's count the next record was refused (`EXFULL`) and the one
+/// before it removed, leaving no record for a crash to restore from. Its
+/// name is removed like any other leftover's now.
 #[test]
 fn an_unexpected_socket_beside_the_listener_is_closed() {
-    let manager = ServiceManager::new();
+    // Four buffers and the records' two slots.
+    let manager = ServiceManager::with_fd_store_max(6);
     let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     manager
         .received()
         .store
         .push(("stray-socket".to_owned(), stray.into()));
     let daemon = Running::start(&manager, "first", &[]);
-    let client = Client::connect_to(&manager.socket_path).expect("served");
+    assert!(
+        daemon
+            .log()
+            .contains("closing an unexpected inherited socket"),
+        "{}",
+        daemon.log()
+    );
+    manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
+        !r.stored_names().iter().any(|n| n == "stray-socket")
+    });
+    // Fill the buffers' slots, then a change that needs a new record.
+    let camera = Client::connect_to(&manager.socket_path).expect("served");
+    let frames: Vec<_> = (0..4).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(4);
+    let seen = manager.received().records_sent();
+    let codec = Client::connect_to(&manager.socket_path).expect("codec");
+    let _shared = codec
+        .import(&frames[0].export().expect("export"))
+        .expect("a change that needs a new record");
+    manager.wait_for_record_after(seen);
+    let r = manager.received();
+    assert!(
+        r.refused.is_empty(),
+        "the store was overfilled: it refused {:?}; store {:?}",
+        r.refused,
+        r.stored_names()
+    );
+    assert!(
+        r.stored_names().iter().any(|n| n.starts_with("state-")),
+        "no record in the store: {:?}",
+        r.stored_names()
+    );
+}
+
+/// Without a socket unit (supported: the daemon binds a socket of its
+/// own), the first socket of the wrong kind the fd store handed over was
+/// taken for a misconfigured listener and start-up failed, every restart
+/// again until the start limit, which loses the store. Only a socket
+/// unit's socket (its fds come first, named after the unit) can be that
+/// listener: a socket from the store is a leftover, closed and removed.
+#[test]
+fn a_socket_in_the_fd_store_without_a_socket_unit_is_a_leftover() {
+    let manager = ServiceManager::new().without_socket_unit();
+    let (stray, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    manager
+        .received()
+        .store
+        .push(("stray-socket".to_owned(), stray.into()));
+    let own = manager.dir.path().join("own-socket");
+    let own_arg = own.display().to_string();
+    let daemon = Running::start_with(&manager, "first", &[], &["--socket", &own_arg]);
+    let client = Client::connect_to(&own).expect("served on its own socket");
     drop(client.alloc(4096).expect("alloc"));
     assert!(
         daemon
@@ -1721,5 +1780,120 @@ fn an_unexpected_socket_beside_the_listener_is_closed() {
             .contains("closing an unexpected inherited socket"),
         "{}",
         daemon.log()
+    );
+    manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
+        !r.stored_names().iter().any(|n| n == "stray-socket")
+    });
+}
+
+/// `DMABROKER_TEST_RECORD_REOFFER_MS` is read in every build, and at `0`
+/// the writer offered its record to the manager in a tight loop, one
+/// datagram after another to PID 1. The period is bounded below now, and
+/// the hook, like the other test hook, is warned about at start.
+#[test]
+fn a_zero_record_reoffer_period_does_not_flood_the_manager() {
+    let manager = ServiceManager::new();
+    let first = Running::start(
+        &manager,
+        "first",
+        &[("DMABROKER_TEST_RECORD_REOFFER_MS", "0")],
+    );
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frame = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(1);
+    let before = manager.received().records_sent();
+    std::thread::sleep(Duration::from_millis(500));
+    let offered = manager.received().records_sent() - before;
+    // 50 ms at the shortest: ten in 500 ms, with room for scheduling.
+    assert!(offered <= 12, "{offered} record datagrams in 500 ms");
+    assert!(
+        first
+            .log()
+            .contains("test hook: the stored record is offered"),
+        "{}",
+        first.log()
+    );
+}
+
+/// systemd checks its store's maximum before it looks for the same file
+/// (`service_add_fd_store`: `EXFULL` first), so a record offered again to
+/// a store it counts full is refused although it holds it, with a warning
+/// in PID 1's log. That lasts for as long as the store stays full (a
+/// lowered `FileDescriptorStoreMax=`, until buffers are freed), and the
+/// writer offered it again every period all that while. The offers of an
+/// unchanged record back off now, doubling the wait each time.
+#[test]
+fn offers_of_a_record_to_a_store_the_manager_counts_full_back_off() {
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "200")];
+    let _first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frames: Vec<_> = (0..2).map(|_| camera.alloc(4096).expect("alloc")).collect();
+    manager.wait_until_recorded(2);
+    // Lowered under the running daemon: full as it stands, record in.
+    {
+        let mut r = manager.received();
+        r.store_max = Some(r.stored_fds());
+    }
+    std::thread::sleep(Duration::from_millis(3000));
+    let r = manager.received();
+    let refused = r.refused.iter().filter(|n| n.starts_with("state-")).count();
+    // Every 200 ms: about 15. Doubling from 200 ms: at 200, 600, 1400
+    // and 3000 ms.
+    assert!(
+        (1..=4).contains(&refused),
+        "{refused} offers refused in 3 s: {:?}",
+        r.refused
+    );
+    assert!(
+        r.stored_names().iter().any(|n| n.starts_with("state-")),
+        "{:?}",
+        r.stored_names()
+    );
+}
+
+/// An offer of the record again waits up to a second for room in a busy
+/// manager's queue, and a stop during it waited that out before the last
+/// record was written (and the daemon could exit). The offer looks at the
+/// stop every 50 ms now.
+#[test]
+fn a_stop_during_an_offer_of_the_record_is_not_held_up() {
+    const PERIOD_MS: u64 = 300;
+    let manager = ServiceManager::new();
+    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "300")];
+    let mut first = Running::start(&manager, "first", &reoffer);
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let _frame = camera.alloc(4096).expect("alloc");
+    manager.wait_until_recorded(1);
+    let stopped_in = {
+        let _busy = manager.busy();
+        // An offer that found no room all its second: the next comes after
+        // the period doubled once for every offer so far, and also waits
+        // its second out.
+        wait_for_log(&first, "cannot offer the record again");
+        let offers = {
+            let log = first.log();
+            log.matches("the stored record was offered to the fd store again")
+                .count()
+                + log.matches("cannot offer the record again").count()
+        };
+        let next_in = Duration::from_millis(PERIOD_MS << offers);
+        std::thread::sleep(next_in + Duration::from_millis(200));
+        let pid = nix::unistd::Pid::from_raw(first.pid() as i32);
+        let signalled = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        assert!(
+            first.child.wait().expect("wait").success(),
+            "{}",
+            first.log()
+        );
+        signalled.elapsed()
+    };
+    // Its STOPPING=1 found no room either, and waits 1 s for it; the
+    // offer under way had 800 ms left.
+    assert!(
+        stopped_in < Duration::from_millis(1500),
+        "stopped in {stopped_in:?}:\n{}",
+        first.log()
     );
 }

@@ -14,7 +14,8 @@
 //! as systemd does with `FileDescriptorStoreMax=`: it tells the daemon the
 //! maximum in `$FDSTORE` (systemd ≥ 254), and an fd sent to a full store
 //! is closed, silently for the sender ("Hit fd store limit", `EXFULL`, in
-//! systemd's log only).
+//! systemd's log only), even one of a file the store holds already: the
+//! maximum is checked before the store is searched for the same file.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -116,14 +117,18 @@ impl Received {
     /// does: one at a time, and once the store is full the rest are closed.
     fn store_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
         for fd in fds {
-            // systemd keeps one entry per open file: an fd of a file it
-            // holds already is closed (`service_add_fd_store`, same_fd()).
-            if self.store.iter().any(|(_, held)| same_file(held, &fd)) {
-                continue;
-            }
+            // The maximum first, as `service_add_fd_store` checks it
+            // (`EXFULL`) before it looks for the same file: a full store
+            // refuses even an fd of a file it holds, with a warning in
+            // systemd's log.
             if self.store_max.is_some_and(|max| self.stored_fds() >= max) {
                 self.refused.push(name.clone());
                 drop(fd);
+                continue;
+            }
+            // systemd keeps one entry per open file: an fd of a file it
+            // holds already is closed (`service_add_fd_store`, same_fd()).
+            if self.store.iter().any(|(_, held)| same_file(held, &fd)) {
                 continue;
             }
             self.store.insert(0, (name.clone(), fd));
@@ -164,6 +169,9 @@ pub struct ServiceManager {
     pub dir: TempDir,
     pub socket_path: PathBuf,
     listener: OwnedFd,
+    /// Whether the daemon is handed the listener, as a socket unit does
+    /// (see [`ServiceManager::without_socket_unit`]).
+    socket_unit: bool,
     notify_path: PathBuf,
     received: Arc<(Mutex<Received>, Condvar)>,
 }
@@ -212,6 +220,14 @@ impl ServiceManager {
         manager
     }
 
+    /// A service without a socket unit: the daemon is handed only the fd
+    /// store and binds a socket of its own (pass it `--socket`, another
+    /// path than [`ServiceManager::socket_path`]).
+    pub fn without_socket_unit(mut self) -> ServiceManager {
+        self.socket_unit = false;
+        self
+    }
+
     pub fn with_socket_type(kind: SockType) -> ServiceManager {
         let dir = TempDir::new("sdnotify");
         let socket_path = dir.path().join("socket");
@@ -252,6 +268,7 @@ impl ServiceManager {
             dir,
             socket_path,
             listener,
+            socket_unit: true,
             notify_path,
             received,
         }
@@ -361,8 +378,9 @@ impl ServiceManager {
         }
     }
 
-    /// Starts the daemon the way systemd would: the listening socket and
-    /// every fd in the store passed from fd 3 on, named, the newest first.
+    /// Starts the daemon the way systemd would: the listening socket (the
+    /// socket unit's fds come first) and every fd in the store passed from
+    /// fd 3 on, named, the newest first.
     pub fn start_daemon(
         &self,
         binary: &Path,
@@ -372,8 +390,12 @@ impl ServiceManager {
     ) -> Child {
         let received = self.received();
         let store_max = received.store_max;
-        let mut fds: Vec<OwnedFd> = vec![self.listener.try_clone().expect("dup listener")];
-        let mut names = vec!["dmabroker.socket".to_owned()];
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        if self.socket_unit {
+            fds.push(self.listener.try_clone().expect("dup listener"));
+            names.push("dmabroker.socket".to_owned());
+        }
         for (name, fd) in &received.store {
             fds.push(fd.try_clone().expect("dup stored fd"));
             names.push(name.clone());

@@ -375,6 +375,10 @@ async fn persist_loop(
 ) {
     let mut retry: Option<Duration> = None;
     let reoffer = reoffer_period();
+    // The wait before the next offer of an unchanged record: doubled by
+    // each offer, back to `reoffer` with each change (see
+    // `next_reoffer`).
+    let mut reoffer_in = reoffer;
     // A failure was warned about: its end is worth an info line too.
     let mut warned = false;
     // In a run of tries the store had no slot for: warned about once.
@@ -387,12 +391,21 @@ async fn persist_loop(
                     _ = wanted.notified() => writer.table_changed(),
                     // Everything is in, as far as the daemon can know:
                     // the record is offered again in case the manager
-                    // dropped it (see `RecordWriter::reoffer`).
-                    _ = tokio::time::sleep(reoffer) => {
-                        let Some(kept) = reoffer_record(writer).await else {
-                            return;
-                        };
-                        writer = kept;
+                    // dropped it (see `RecordWriter::reoffer`), unless
+                    // the store is full by the daemon's own count.
+                    _ = tokio::time::sleep(reoffer_in) => {
+                        reoffer_in = next_reoffer(reoffer_in, reoffer);
+                        if !store_has_a_free_slot(&broker, &writer) {
+                            continue;
+                        }
+                        match reoffer_record(writer, &mut stopped).await {
+                            Reoffered::Done(kept) => writer = kept,
+                            Reoffered::Stopped(kept, at) => {
+                                writer = kept;
+                                break at;
+                            }
+                            Reoffered::Lost => return,
+                        }
                         continue;
                     }
                     at = &mut stopped => break at.ok(),
@@ -417,6 +430,10 @@ async fn persist_loop(
             return;
         };
         writer = kept;
+        // A try follows a change (or a failure): a new record, perhaps,
+        // which the manager may drop as it may any, so the offers of it
+        // start over at the period.
+        reoffer_in = reoffer;
         retry = match (written, retry) {
             (Written::Stored, _) => {
                 if std::mem::take(&mut warned) {
@@ -477,37 +494,124 @@ async fn persist_loop(
 
 /// Offers the stored record to the manager again (see
 /// [`RecordWriter::reoffer`]), on the blocking pool: it may wait up to
-/// [`RECORD_PATIENCE`] for room in the manager's queue. An offer that could
-/// not be sent is only logged: the next period offers it again. `None` if
-/// the writer was lost.
-async fn reoffer_record(writer: RecordWriter) -> Option<RecordWriter> {
-    let offered = tokio::task::spawn_blocking(move || {
-        let result = writer.reoffer(std::time::Instant::now() + RECORD_PATIENCE);
-        (writer, result)
-    })
-    .await;
-    match offered {
-        Ok((writer, result)) => {
-            match result {
-                Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
-                Ok(false) => {}
-                Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
+/// [`RECORD_PATIENCE`] for room in the manager's queue, in slices of
+/// [`REOFFER_SLICE`] with a look at `stopped` between them, so that a stop
+/// meanwhile waits a slice at most for the writer, not the whole patience
+/// out of the last record's deadline. An offer that could not be sent is
+/// only logged: the next period offers it again.
+async fn reoffer_record(
+    mut writer: RecordWriter,
+    stopped: &mut tokio::sync::oneshot::Receiver<tokio::time::Instant>,
+) -> Reoffered {
+    let give_up = std::time::Instant::now() + RECORD_PATIENCE;
+    loop {
+        let slice_end = (std::time::Instant::now() + REOFFER_SLICE).min(give_up);
+        let mut offer = tokio::task::spawn_blocking(move || {
+            let result = writer.reoffer(slice_end);
+            (writer, result)
+        });
+        let mut stop = None;
+        let offered = tokio::select! {
+            offered = &mut offer => offered,
+            at = &mut *stopped => {
+                // Received once: the caller stops with it.
+                stop = Some(at.ok());
+                offer.await
             }
-            Some(writer)
+        };
+        let (kept, result) = match offered {
+            Ok(offered) => offered,
+            Err(err) => {
+                tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
+                return Reoffered::Lost;
+            }
+        };
+        writer = kept;
+        // Still no room in the manager's queue, and patience left: the
+        // next slice, unless the daemon is stopping.
+        let again = matches!(&result, Err(err) if err.is_would_block())
+            && std::time::Instant::now() < give_up;
+        match result {
+            Ok(true) => tracing::debug!("the stored record was offered to the fd store again"),
+            Ok(false) => {}
+            Err(_) if again && stop.is_none() => {}
+            Err(err) => tracing::debug!(error = %err, "cannot offer the record again"),
         }
-        Err(err) => {
-            tracing::error!(error = %err, "offering the buffer table record again failed; no more records");
-            None
+        if let Some(at) = stop {
+            return Reoffered::Stopped(writer, at);
+        }
+        if !again {
+            return Reoffered::Done(writer);
         }
     }
 }
 
+/// What became of an offer of the record (see [`reoffer_record`]).
+enum Reoffered {
+    /// Offered, or not (logged): the writer back.
+    Done(RecordWriter),
+    /// The daemon is stopping: the writer back, with the stop's deadline
+    /// (`None` if the stop's sender went without one).
+    Stopped(RecordWriter, Option<tokio::time::Instant>),
+    /// The blocking task failed, and the writer with it.
+    Lost,
+}
+
+/// The wait before the next offer of an unchanged record, after one
+/// offer waited `current`: twice as long, up to [`REOFFER_BACKOFF`] times
+/// `period`. systemd checks its store's maximum before it looks for the
+/// same file in it (`service_add_fd_store`: `EXFULL` first), so an offer
+/// to a store it counts full is refused even for a record it holds, with
+/// a warning in PID 1's log ("Cannot store more fds than
+/// FileDescriptorStoreMax="). That is the very case the offers are for
+/// (it counts more than the daemon does: a lowered maximum under a
+/// running daemon), and it lasts until buffers are freed, which change
+/// the table: with a fixed period it was a warning a minute for as long.
+/// Doubled, a dropped record still goes back in within a bounded time of
+/// the store having room, and the log gets a handful of lines.
+fn next_reoffer(current: Duration, period: Duration) -> Duration {
+    (current * 2).min(period * REOFFER_BACKOFF)
+}
+
+/// Whether the fd store, as the daemon counts it, has a slot free: with
+/// none, the manager (counting the same) refuses an offer of the record
+/// with a warning whether or not it holds it, and a record it dropped
+/// could not go back in anyway.
+fn store_has_a_free_slot(broker: &Arc<Broker>, writer: &RecordWriter) -> bool {
+    let room = {
+        let state = broker.lock();
+        let live = state.buffers.len();
+        state.fd_store.as_ref().map(|store| store.room(live))
+    };
+    writer.fits(room)
+}
+
 /// [`RECORD_REOFFER`], or for tests `DMABROKER_TEST_RECORD_REOFFER_MS`.
+/// The variable is read in every build, so it is bounded: at `0` the
+/// writer would send PID 1 one record datagram after another, as fast as
+/// its queue takes them. It is warned about at start, as the other test
+/// hook (`DMABROKER_TEST_WEDGE_AFTER_MS`) is, so that a value left set on
+/// a production unit shows in its log.
 fn reoffer_period() -> Duration {
-    std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
+    let Some(asked) = std::env::var("DMABROKER_TEST_RECORD_REOFFER_MS")
         .ok()
         .and_then(|ms| ms.parse::<u64>().ok())
-        .map_or(RECORD_REOFFER, Duration::from_millis)
+    else {
+        return RECORD_REOFFER;
+    };
+    let period = bounded_reoffer_period(asked);
+    tracing::warn!(
+        asked_ms = asked,
+        period_ms = period.as_millis() as u64,
+        "test hook: the stored record is offered to the fd store again this often"
+    );
+    period
+}
+
+/// `DMABROKER_TEST_RECORD_REOFFER_MS`'s period, no shorter than
+/// [`RECORD_REOFFER_FLOOR`].
+fn bounded_reoffer_period(asked_ms: u64) -> Duration {
+    Duration::from_millis(asked_ms).max(RECORD_REOFFER_FLOOR)
 }
 
 /// The wait before the next try after one that failed: doubling from
@@ -526,6 +630,17 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// offered to the manager again (see [`RecordWriter::reoffer`]): one
 /// datagram, and nothing for a manager that holds it.
 const RECORD_REOFFER: Duration = Duration::from_secs(60);
+/// How long one slice of an offer of the record waits for room in the
+/// manager's queue before the offer looks whether the daemon is stopping
+/// (see `reoffer_record`).
+const REOFFER_SLICE: Duration = Duration::from_millis(50);
+/// How many times the re-offer period the wait between offers of an
+/// unchanged record grows to (see `next_reoffer`): 32 minutes with
+/// [`RECORD_REOFFER`].
+const REOFFER_BACKOFF: u32 = 32;
+/// The shortest re-offer period the test hook may ask for: short enough
+/// for a test, one datagram per period at most for the manager.
+const RECORD_REOFFER_FLOOR: Duration = Duration::from_millis(50);
 
 /// Buffers copied into the record per turn of the state lock.
 const RECORD_CHUNK: usize = 1024;
@@ -794,6 +909,27 @@ mod tests {
         };
         let bytes = record.encode().expect("encode");
         (name.to_owned(), sealed_copy(name, &bytes).expect("memfd"))
+    }
+
+    /// The test hook's period is read in production too: `0` made the
+    /// writer offer its record to PID 1 in a tight loop.
+    #[test]
+    fn offers_of_an_unchanged_record_back_off() {
+        let period = Duration::from_secs(60);
+        let mut wait = period;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            wait = next_reoffer(wait, period);
+            waits.push(wait.as_secs() / 60);
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 32, 32, 32]);
+    }
+
+    #[test]
+    fn the_test_reoffer_period_is_bounded_below() {
+        assert_eq!(bounded_reoffer_period(0), RECORD_REOFFER_FLOOR);
+        assert_eq!(bounded_reoffer_period(1), RECORD_REOFFER_FLOOR);
+        assert_eq!(bounded_reoffer_period(300), Duration::from_millis(300));
     }
 
     /// systemd hands the store over the newest first, and two records may

@@ -3,7 +3,10 @@
 //! and BYTES of `clients`, so they are listed where a refusal
 //! (`QuotaExceeded`, `Busy`) is looked into: under the clients table, in
 //! each client of `clients --json`, and in `top`. The existing columns
-//! and keys stay as they were.
+//! and keys stay as they were. A daemon older than these members (one
+//! still running after an upgrade installed this tool) cannot say: then
+//! the keys, the section and `top`'s column are left out, rather than
+//! shown as "none in flight", which it does not know.
 
 use serde::Serialize;
 
@@ -13,22 +16,21 @@ use super::format::{bytes, micros, or_dash};
 use super::table::Table;
 use crate::dbus::views::{AllocationInFlight, ClientAllocations, ClientView};
 
-/// Every client's allocations in flight; none from a daemon too old to
-/// say (see [`Daemon::newer`]).
-pub async fn fetch(daemon: &Daemon) -> Result<Vec<ClientAllocations>, CtlError> {
+/// Every client's allocations in flight; `None` from a daemon too old to
+/// say (see [`Daemon::newer`]), which is not the same as none in flight.
+pub async fn fetch(daemon: &Daemon) -> Result<Option<Vec<ClientAllocations>>, CtlError> {
     let answer = daemon.proxy.list_allocations_in_flight().await;
-    Ok(daemon
-        .newer("ListAllocationsInFlight", answer)?
-        .unwrap_or_default())
+    daemon.newer("ListAllocationsInFlight", answer)
 }
 
 /// One client of `clients --json`: its view's keys as before, plus
-/// `allocations_in_flight`.
+/// `allocations_in_flight`, left out against a daemon too old to say.
 #[derive(Debug, Serialize)]
 pub struct ClientRow {
     #[serde(flatten)]
     pub client: ClientView,
-    pub allocations_in_flight: InFlight,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocations_in_flight: Option<InFlight>,
 }
 
 /// A client's allocations in flight, without its id (the row has it).
@@ -39,18 +41,21 @@ pub struct InFlight {
     pub allocations: Vec<AllocationInFlight>,
 }
 
-/// The rows of `clients --json`, in the clients' order.
-pub fn rows(clients: Vec<ClientView>, in_flight: &[ClientAllocations]) -> Vec<ClientRow> {
+/// The rows of `clients --json`, in the clients' order; `in_flight` is
+/// `None` from a daemon too old to say.
+pub fn rows(clients: Vec<ClientView>, in_flight: Option<&[ClientAllocations]>) -> Vec<ClientRow> {
     clients
         .into_iter()
         .map(|client| {
-            let allocations_in_flight = of(in_flight, client.id)
-                .map(|c| InFlight {
-                    count: c.count,
-                    bytes: c.bytes,
-                    allocations: c.allocations.clone(),
-                })
-                .unwrap_or_default();
+            let allocations_in_flight = in_flight.map(|in_flight| {
+                of(in_flight, client.id)
+                    .map(|c| InFlight {
+                        count: c.count,
+                        bytes: c.bytes,
+                        allocations: c.allocations.clone(),
+                    })
+                    .unwrap_or_default()
+            });
             ClientRow {
                 client,
                 allocations_in_flight,
@@ -64,8 +69,9 @@ fn of(in_flight: &[ClientAllocations], client: u64) -> Option<&ClientAllocations
 }
 
 /// The section under the clients table: one row per allocation, nothing
-/// at all when there is none.
-pub fn section(in_flight: &[ClientAllocations]) -> String {
+/// at all when there is none, or when the daemon is too old to say.
+pub fn section(in_flight: Option<&[ClientAllocations]>) -> String {
+    let in_flight = in_flight.unwrap_or_default();
     let mut table = Table::new(&[">CLIENT", "HEAP", "NAME", ">SIZE", ">AGE"]);
     for c in in_flight {
         for a in &c.allocations {
@@ -88,7 +94,8 @@ pub fn section(in_flight: &[ClientAllocations]) -> String {
     )
 }
 
-/// `top`'s ALLOCATING cell of `client`: `2 (8 MiB)`, or `-`.
+/// `top`'s ALLOCATING cell of `client`: `2 (8 MiB)`, or `-` (the column
+/// is left out against a daemon too old to say).
 pub fn cell(in_flight: &[ClientAllocations], client: u64) -> String {
     match of(in_flight, client) {
         Some(c) if c.count > 0 => format!("{} ({})", c.count, bytes(c.bytes)),
@@ -123,8 +130,9 @@ mod tests {
 
     #[test]
     fn the_section_lists_each_allocation_or_nothing() {
-        assert_eq!(section(&[]), "");
-        let text = section(&in_flight());
+        assert_eq!(section(Some(&[])), "");
+        assert_eq!(section(None), "");
+        let text = section(Some(&in_flight()));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].starts_with("Allocations in flight"), "{text}");
         assert_eq!(lines[2], "CLIENT  HEAP    NAME    SIZE    AGE");
@@ -144,7 +152,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let json = serde_json::to_value(rows(clients, &in_flight())).expect("json");
+        let json = serde_json::to_value(rows(clients, Some(&in_flight()))).expect("json");
         assert_eq!(json[0]["id"], 4);
         assert_eq!(json[0]["name"], "cam");
         assert_eq!(json[0]["allocations_in_flight"]["count"], 1);
@@ -156,5 +164,19 @@ mod tests {
         assert_eq!(cell(&in_flight(), 4), "1 (4 MiB)");
         assert_eq!(cell(&in_flight(), 5), "-");
         assert_eq!(sum(&in_flight()), (1, 4 << 20));
+    }
+
+    /// A daemon older than `ListAllocationsInFlight` cannot say what is
+    /// in flight: its clients were shown with `count` 0, as if it had
+    /// said none, where the docs promise the key is left out.
+    #[test]
+    fn against_an_older_daemon_the_allocations_are_left_out() {
+        let clients = vec![ClientView {
+            id: 4,
+            ..Default::default()
+        }];
+        let json = serde_json::to_value(rows(clients, None)).expect("json");
+        assert_eq!(json[0]["id"], 4);
+        assert!(json[0].get("allocations_in_flight").is_none(), "{json}");
     }
 }

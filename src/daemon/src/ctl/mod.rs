@@ -140,8 +140,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await
                 .map_err(|e| daemon.error("ListClients", e))?;
             let in_flight = allocating::fetch(&daemon).await?;
-            let text = render::clients(&clients) + &allocating::section(&in_flight);
-            print(cli.json, &allocating::rows(clients, &in_flight), |_| text)
+            let text = render::clients(&clients) + &allocating::section(in_flight.as_deref());
+            print(
+                cli.json,
+                &allocating::rows(clients, in_flight.as_deref()),
+                |_| text,
+            )
         }
         Command::Buffers => {
             let buffers = proxy

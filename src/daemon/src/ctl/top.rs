@@ -43,8 +43,10 @@ struct Frame {
     /// Per second since the previous refresh; absent on the first.
     rates: Option<Rates>,
     clients: Vec<ClientView>,
-    /// The clients with allocations in flight (see `ctl::allocating`).
-    allocations_in_flight: Vec<ClientAllocations>,
+    /// The clients with allocations in flight (see `ctl::allocating`);
+    /// left out against a daemon too old to say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocations_in_flight: Option<Vec<ClientAllocations>>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -224,17 +226,23 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
         daemon.bus,
         options.interval.as_secs_f64()
     );
-    let (allocating, allocating_bytes) = allocating::sum(&frame.allocations_in_flight);
+    let in_flight = frame.allocations_in_flight.as_deref();
     out.push_str(&format!(
-        "clients {}  buffers {} ({})  fences {}  waiters {}  allocating {} ({})\n",
+        "clients {}  buffers {} ({})  fences {}  waiters {}",
         t.clients,
         t.buffers,
         bytes(t.bytes),
         t.fences,
         t.waiters,
-        allocating,
-        bytes(allocating_bytes)
     ));
+    if let Some(in_flight) = in_flight {
+        let (allocating, allocating_bytes) = allocating::sum(in_flight);
+        out.push_str(&format!(
+            "  allocating {allocating} ({})",
+            bytes(allocating_bytes)
+        ));
+    }
+    out.push('\n');
     let rate = |f: fn(&Rates) -> f64| {
         frame
             .rates
@@ -252,22 +260,19 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
         s.writer_lost,
         s.revocations
     ));
-    let mut table = Table::new(&[
-        ">ID",
-        ">PID",
-        ">UID",
-        "NAME",
-        ">BUFFERS",
-        ">BYTES",
-        ">HELD",
-        ">WAITING",
-        ">LONGEST",
+    // ALLOCATING before EXE, whose long paths would push it far right;
+    // none against a daemon too old to say.
+    let mut columns = vec![
+        ">ID", ">PID", ">UID", "NAME", ">BUFFERS", ">BYTES", ">HELD", ">WAITING", ">LONGEST",
         "FENCING",
-        "EXE",
-        ">ALLOCATING",
-    ]);
+    ];
+    if in_flight.is_some() {
+        columns.push(">ALLOCATING");
+    }
+    columns.push("EXE");
+    let mut table = Table::new(&columns);
     for c in &frame.clients {
-        table.row(vec![
+        let mut row = vec![
             c.id.to_string(),
             c.pid.to_string(),
             c.uid.to_string(),
@@ -282,9 +287,12 @@ fn render(frame: &Frame, daemon: &Daemon, options: &TopOptions) -> String {
                 micros(c.longest_wait_us)
             },
             c.autofence.clone(),
-            or_dash(&c.exe),
-            allocating::cell(&frame.allocations_in_flight, c.id),
-        ]);
+        ];
+        if let Some(in_flight) = in_flight {
+            row.push(allocating::cell(in_flight, c.id));
+        }
+        row.push(or_dash(&c.exe));
+        table.row(row);
     }
     out.push_str(&table.render());
     out

@@ -2,9 +2,13 @@
 //! ages computed after.
 //!
 //! One hold of the lock is enough, unlike the client and buffer lists
-//! (see [`super::snapshot`]): what is copied is bounded by the allocations
-//! running at once (`MAX_ALLOCATIONS_RUNNING`, 16), and the pass that
-//! finds them looks at each client's list without copying anything, as
+//! (see [`super::snapshot`]): what is copied is bounded per client by
+//! `MAX_ALLOCATING_PER_CLIENT` (8), and in all by about the allocations
+//! running at once (`MAX_ALLOCATIONS_RUNNING`, 16): about, because an
+//! allocation stops counting as running when its heap thread is done, a
+//! moment before its answer takes it off its client's list, so the lists
+//! can briefly hold a few more. The pass that finds them looks at each
+//! client's list without copying anything, as
 //! [`super::snapshot::client_ids`] does.
 
 use std::time::Instant;

@@ -36,9 +36,10 @@ pub struct Stored {
     /// then is it known which to keep and which to close.
     pub duplicates: Vec<(String, OwnedFd)>,
     /// The name of each fd handed over that nothing here keeps, closed at
-    /// once: a buffer's name again (its later fds), or a name this daemon
-    /// never gives on an fd that is no socket (so from the fd store). The
-    /// manager still holds and counts them until their name is removed.
+    /// once: a buffer's name again (its later fds), a name this daemon
+    /// never gives on an fd that is no socket (so from the fd store), or a
+    /// socket nothing here serves. The manager still holds and counts
+    /// those of its store until their name is removed.
     pub leftovers: Vec<String>,
 }
 
@@ -150,18 +151,24 @@ pub fn take() -> Result<Inherited, InheritError> {
     let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(InheritError::Environment)?;
     let mut inherited = Inherited::default();
-    // Sockets of another kind than the listener's, each with what it is.
+    // Sockets of a socket unit of another kind than the listener's, each
+    // with what it is.
     let mut wrong: Vec<(String, String, OwnedFd)> = Vec::new();
+    // Still among the socket units' fds: systemd passes them first, then
+    // the fd store's (`service_collect_fds`).
+    let mut among_socket_units = true;
     for (raw, name) in fds {
         // SAFETY: the service manager passed us this fd (LISTEN_FDS counts
         // it, sd_notify set it close-on-exec); nothing else in this process
         // owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         if name.starts_with(RECORD_PREFIX) {
+            among_socket_units = false;
             inherited.stored.records.push((name, fd));
             continue;
         }
         if is_buffer_name(&name) {
+            among_socket_units = false;
             match inherited.stored.buffers.entry(name) {
                 Entry::Vacant(slot) => {
                     slot.insert(fd);
@@ -175,13 +182,29 @@ pub fn take() -> Result<Inherited, InheritError> {
             }
             continue;
         }
-        match socket_kind(&fd) {
+        let kind = socket_kind(&fd);
+        among_socket_units &= kind.is_some() && is_socket_unit_name(&name);
+        let from_socket_unit = among_socket_units;
+        match kind {
             Some(SocketKind::SeqPacketListener) if inherited.listener.is_none() => {
                 inherited.listener = Some(fd);
             }
             // Decided once every fd is seen: whether it is where the
             // listener should be.
-            Some(SocketKind::Other(found)) => wrong.push((name, found, fd)),
+            Some(SocketKind::Other(found)) if from_socket_unit => wrong.push((name, found, fd)),
+            // A second listener of the socket units: not in the store.
+            Some(SocketKind::SeqPacketListener) if from_socket_unit => {
+                tracing::warn!(name, "closing an unexpected inherited socket");
+            }
+            // A socket in the fd store, which this daemon never puts one
+            // in: whatever its kind, it is no misconfigured listener, and
+            // failing for it would fail every restart.
+            Some(SocketKind::SeqPacketListener) => {
+                close_unexpected_socket(&mut inherited.stored, name, "a second listener", fd);
+            }
+            Some(SocketKind::Other(found)) => {
+                close_unexpected_socket(&mut inherited.stored, name, &found, fd);
+            }
             None => {
                 tracing::warn!(
                     name,
@@ -189,15 +212,14 @@ pub fn take() -> Result<Inherited, InheritError> {
                 );
                 inherited.stored.leftovers.push(name);
             }
-            _ => tracing::warn!(name, "closing an unexpected inherited socket"),
         }
     }
-    // A socket of the wrong kind and no listener: the socket unit is
-    // misconfigured (ListenStream=, say), and serving a socket of our own
-    // instead would leave its clients unserved, so start-up stops with
-    // the fix. Beside the listener it is only unexpected (another socket
-    // unit's, or one left in the fd store): aborting for it made every
-    // restart fail until the start limit, which loses the fd store.
+    // A socket unit's socket of the wrong kind and no listener: the socket
+    // unit is misconfigured (ListenStream=, say), and serving a socket of
+    // our own instead would leave its clients unserved, so start-up stops
+    // with the fix. Beside the listener it is only unexpected (another
+    // socket unit's): aborting for it made every restart fail until the
+    // start limit, which loses the fd store.
     if inherited.listener.is_none() {
         if let Some((name, found, _)) = wrong.into_iter().next() {
             return Err(InheritError::WrongSocket { name, found });
@@ -205,10 +227,34 @@ pub fn take() -> Result<Inherited, InheritError> {
         return Ok(inherited);
     }
     for (name, found, fd) in wrong {
+        // Not in the fd store: nothing to remove.
         tracing::warn!(name, found, "closing an unexpected inherited socket");
         drop(fd);
     }
     Ok(inherited)
+}
+
+/// Whether `name` is one systemd gives a socket unit's fd: the unit's
+/// `FileDescriptorName=`, by default the unit's own name (`*.socket`; the
+/// shipped unit names it `dmabroker.socket` explicitly), or `unknown`, the
+/// name of every fd passed without `LISTEN_FDNAMES` (a manager without an
+/// fd store, such as `systemd-socket-activate`). An fd-store entry has the
+/// name it was stored with (`FDNAME=`, by default `stored`).
+fn is_socket_unit_name(name: &str) -> bool {
+    name.ends_with(".socket") || name == "unknown"
+}
+
+/// Closes a socket the fd store handed over, which nothing here serves,
+/// and leaves its name to be removed from the store like any other
+/// leftover: it keeps its slot there until its name is removed, and a
+/// slot the daemon does not count makes the store fuller than it thinks,
+/// so that a record it sends to a store it counts as having room is
+/// refused (systemd closes it, `EXFULL`) and the previous one removed
+/// after it, leaving none.
+fn close_unexpected_socket(stored: &mut Stored, name: String, found: &str, fd: OwnedFd) {
+    tracing::warn!(name, found, "closing an unexpected inherited socket");
+    drop(fd);
+    stored.leftovers.push(name);
 }
 
 enum SocketKind {
