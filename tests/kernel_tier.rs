@@ -1124,3 +1124,55 @@ fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon()
         .expect("a read once the fence signalled");
     drop(read);
 }
+
+/// Under systemd every buffer's fd is in the fd store too, and the service
+/// manager closes its copy when it reads the daemon's `FDSTOREREMOVE`,
+/// which is usually after the daemon let go of its own: PID 1 made a
+/// freed dma-buf's last release, and a client watching the buffer with an
+/// epoll it holds locked stalled the service manager. The daemon's closing
+/// thread now waits for the manager to have read the removal first. Found
+/// by review.
+#[test]
+fn kernel_tier_the_service_manager_never_makes_a_freed_dma_bufs_last_release() {
+    if !have_dma_heap() {
+        return;
+    }
+    let Some(fuse) = stalling_fuse("the service manager's last release") else {
+        return;
+    };
+    let manager = ServiceManager::new();
+    let log = manager.dir.path().join("daemon.log");
+    let args = ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"];
+    let mut daemon = manager.start_daemon(&binary("dmabrokerd"), &args, &[], &log);
+    manager.wait_for("READY=1", Duration::from_secs(10), |r| {
+        r.count("READY=1") > 0
+    });
+    let client = Client::connect_to(&manager.socket_path).expect("connect");
+    let buffer = client
+        .alloc_with(AllocRequest {
+            size: 8192,
+            heap: Some("system".into()),
+            name: Some("stored".into()),
+        })
+        .expect("alloc from the system heap");
+    manager.wait_until_recorded(1);
+    let held = HeldEpoll::new(&fuse, buffer.as_fd());
+    {
+        // The manager busy for a moment: the removal waits in its reader,
+        // while the daemon frees the buffer (and, before, let go of its
+        // copy at once).
+        let _busy = manager.hold_reading();
+        drop(buffer);
+        client.heaps().expect("the free is handled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    manager.send_marker("MARKER=1");
+    let read_on = manager.seen_within(Duration::from_secs(3), |r| r.count("MARKER=1") > 0);
+    held.let_go(fuse);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        read_on,
+        "the service manager stalled in the last release of a freed dma-buf"
+    );
+}

@@ -136,6 +136,19 @@ impl Received {
     }
 }
 
+/// See [`ServiceManager::hold_reading`].
+#[derive(Debug)]
+pub struct HeldReading<'a> {
+    manager: &'a ServiceManager,
+}
+
+impl Drop for HeldReading<'_> {
+    fn drop(&mut self) {
+        self.manager.received().paused = false;
+        self.manager.received.1.notify_all();
+    }
+}
+
 /// See [`ServiceManager::busy`].
 pub struct Busy<'a> {
     manager: &'a ServiceManager,
@@ -190,19 +203,30 @@ fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
     }
 }
 
-fn apply(received: &mut Received, text: &str, fds: Vec<OwnedFd>) {
+/// Applies one datagram; returns the fds the manager lets go of (removed
+/// from the store, or that came with a message that keeps none, as
+/// `BARRIER=1`'s), to be closed once the lock is let go: as in PID 1, such
+/// a close may be a file's last release, which can wait.
+fn apply(received: &mut Received, text: &str, fds: Vec<OwnedFd>) -> Vec<OwnedFd> {
     let lines: Vec<&str> = text.lines().collect();
     let name = lines
         .iter()
         .find_map(|l| l.strip_prefix("FDNAME="))
         .unwrap_or("stored")
         .to_owned();
+    received.messages.push((Instant::now(), text.to_owned()));
     if lines.contains(&"FDSTORE=1") {
         received.store_fds(name, fds);
+        Vec::new()
     } else if lines.contains(&"FDSTOREREMOVE=1") {
-        received.store.retain(|(stored, _)| *stored != name);
+        let (gone, kept) = std::mem::take(&mut received.store)
+            .into_iter()
+            .partition(|(stored, _)| *stored == name);
+        received.store = kept;
+        gone.into_iter().map(|(_, fd)| fd).chain(fds).collect()
+    } else {
+        fds
     }
-    received.messages.push((Instant::now(), text.to_owned()));
 }
 
 impl ServiceManager {
@@ -257,9 +281,10 @@ impl ServiceManager {
             }
             received.parked = false;
             let delay = received.read_delay;
-            apply(&mut received, &text, message.fds);
+            let let_go = apply(&mut received, &text, message.fds);
             cond.notify_all();
             drop(received);
+            drop(let_go);
             if !delay.is_zero() {
                 std::thread::sleep(delay);
             }
@@ -326,6 +351,40 @@ impl ServiceManager {
     }
 
     /// Waits until `check` holds for what was received.
+    /// Holds the manager's reading while it lives, as a PID 1 busy for a
+    /// moment: the next datagram waits in the reader, not applied yet.
+    /// Dropped, the reader goes on.
+    pub fn hold_reading(&self) -> HeldReading<'_> {
+        self.received().paused = true;
+        HeldReading { manager: self }
+    }
+
+    /// Sends `line` to the notify socket, as another service would: read
+    /// after everything sent before it.
+    pub fn send_marker(&self, line: &str) {
+        let sender = UnixDatagram::unbound().expect("socket");
+        sender
+            .send_to(format!("{line}\n").as_bytes(), &self.notify_path)
+            .expect("send a marker");
+    }
+
+    /// Whether `check` holds within `timeout` (as [`ServiceManager::wait_for`],
+    /// without failing the test). Never waits on the lock while the reader
+    /// holds it for long: it holds it only to apply a datagram.
+    pub fn seen_within(&self, timeout: Duration, check: impl Fn(&Received) -> bool) -> bool {
+        let (lock, cond) = &*self.received;
+        let deadline = Instant::now() + timeout;
+        let mut received = lock.lock().expect("lock");
+        while !check(&received) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            received = cond.wait_timeout(received, left).expect("wait").0;
+        }
+        true
+    }
+
     pub fn wait_for(&self, what: &str, timeout: Duration, check: impl Fn(&Received) -> bool) {
         let (lock, cond) = &*self.received;
         let deadline = Instant::now() + timeout;

@@ -79,7 +79,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         ..Default::default()
     };
     let mut state = State::new(heaps, policy, limits);
-    state.fd_store = FdStore::from_env(config.fd_store_max);
+    state.fd_store = FdStore::from_env(config.fd_store_max).map(Arc::new);
     if let Some(store) = &state.fd_store {
         tracing::info!(
             max = store.capacity.max,
@@ -1036,7 +1036,7 @@ mod tests {
         };
         let copy = fd.try_clone().expect("dup");
         broker.with(|s| {
-            s.fd_store = FdStore::from_env(max);
+            s.fd_store = FdStore::from_env(max).map(Arc::new);
             let fds = std::collections::HashMap::from([("buf-1".to_owned(), fd)]);
             assert_eq!(s.restore(&record, fds).restored, 1);
         });

@@ -19,7 +19,7 @@
 //! (`closer`), since that takes time in proportion to them.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Where a [`HeldFd`]'s file is let go of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,11 +37,25 @@ pub enum Release {
 
 /// An fd of the daemon's that lets go of its file as its [`Release`] says:
 /// dropped, it hands its fd to the thread that is to close it.
-#[derive(Debug)]
 pub struct HeldFd {
     /// `Some` until the drop takes it.
     fd: Option<OwnedFd>,
     release: Release,
+    /// What that thread waits for first (see [`HeldFd::first_wait_for`]).
+    first: OnceLock<Wait>,
+}
+
+/// A wait made on a closing thread before a close.
+pub type Wait = Box<dyn FnOnce() + Send + Sync>;
+
+impl std::fmt::Debug for HeldFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldFd")
+            .field("fd", &self.fd)
+            .field("release", &self.release)
+            .field("waits_first", &self.first.get().is_some())
+            .finish()
+    }
 }
 
 impl HeldFd {
@@ -49,7 +63,16 @@ impl HeldFd {
         HeldFd {
             fd: Some(fd),
             release,
+            first: OnceLock::new(),
         }
+    }
+
+    /// Has the closing thread wait for `wait` before it lets go of the
+    /// file: for another holder of the file that must let go first (the
+    /// service manager's fd store, see `FdStore::await_removal`). Only
+    /// for files let go of on a closing thread; the first wait set counts.
+    pub fn first_wait_for(&self, wait: Wait) {
+        let _ = self.first.set(wait);
     }
 
     pub fn release(&self) -> Release {
@@ -123,9 +146,29 @@ impl Drop for HeldFd {
             Release::Here => drop(fd),
             Release::Pages { size } => crate::closer::close_buffer(fd, size),
             Release::OnThreadOf { uid, buffer } => {
-                let ticket = buffer.then(|| crate::closer::ticket_of(uid));
-                crate::client_fds::release_elsewhere(uid, Box::new((fd, ticket)));
+                let closing = Closing {
+                    first: self.first.take(),
+                    _fd: fd,
+                    _ticket: buffer.then(|| crate::closer::ticket_of(uid)),
+                };
+                crate::client_fds::release_elsewhere(uid, Box::new(closing));
             }
+        }
+    }
+}
+
+/// A file on its closing thread: waits for what it must, then closes
+/// (fields drop in order: the fd, then its ticket).
+struct Closing {
+    first: Option<Wait>,
+    _fd: OwnedFd,
+    _ticket: Option<crate::closer::CloseTicket>,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(wait) = self.first.take() {
+            wait();
         }
     }
 }

@@ -29,6 +29,10 @@ use crate::outbox::Outbox;
 use crate::stats::Stats;
 
 /// Where a buffer's memory came from.
+/// How long a freed dma-buf's closing thread waits for the service
+/// manager to let go of its fd-store copy first.
+const STORE_LET_GO: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BufferOrigin {
     Allocated(Backend),
@@ -239,7 +243,7 @@ pub struct State {
     pub instance: String,
     pub started: SystemTime,
     /// The service manager's fd store, when there is one.
-    pub fd_store: Option<crate::service::fdstore::FdStore>,
+    pub fd_store: Option<Arc<crate::service::fdstore::FdStore>>,
     /// Wakes the task that rewrites the stored record (debounced).
     pub persist_wanted: Arc<tokio::sync::Notify>,
     /// The daemon is stopping: no more client messages are handled, so
@@ -667,6 +671,16 @@ impl State {
         if let Some(entry) = self.buffers.remove(&buffer) {
             if let Some(store) = &self.fd_store {
                 store.remove_buffer(buffer);
+                // The manager's copy goes when it reads the removal: a
+                // dma-buf's closing thread waits for that, so that the
+                // last release is never PID 1's.
+                if matches!(entry.fd.release(), Release::OnThreadOf { .. }) {
+                    let store = Arc::clone(store);
+                    let name = crate::service::fdstore::buffer_name(buffer);
+                    entry.fd.first_wait_for(Box::new(move || {
+                        store.await_removal(&name, Instant::now() + STORE_LET_GO)
+                    }));
+                }
             }
             self.stats.frees += 1;
             self.notice(Notice::BufferFreed { buffer });

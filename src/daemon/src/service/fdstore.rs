@@ -559,6 +559,37 @@ impl FdStore {
     pub fn remove_buffer(&self, id: u64) {
         self.remove(&buffer_name(id));
     }
+
+    /// Whether the removal of `name` is still to be sent: queued for room
+    /// in the manager's queue, or held back behind the writer's store of
+    /// it.
+    fn removal_unsent(&self, name: &str) -> bool {
+        let held_back = self.in_flight().deferred_removals.iter().any(|n| n == name);
+        held_back || self.unremoved_names().iter().any(|n| n == name)
+    }
+
+    /// Waits, until `deadline`, for the manager to have let go of its copy
+    /// of `name`'s fd: the removal sent, and a barrier behind it read. The
+    /// manager closes its copy when it reads the removal, which comes
+    /// after the daemon let go of its own; a dma-buf's last release would
+    /// then be PID 1's, and a client that watches it with an epoll whose
+    /// lock it holds would stall the service manager (see `held_files`).
+    /// Off the broker's thread only.
+    pub fn await_removal(&self, name: &str, deadline: std::time::Instant) {
+        while self.removal_unsent(name) {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    name,
+                    "the fd store's copy is still to be removed; letting go of the daemon's"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if let Err(err) = notify::barrier(deadline) {
+            tracing::warn!(name, error = %err, "cannot tell whether the service manager let go of its copy; letting go of the daemon's");
+        }
+    }
 }
 
 /// Puts buffer `id`'s fd in the store; false when the message could not
@@ -753,13 +784,15 @@ impl RecordWriter {
     /// counts fuller than the daemon does: `FileDescriptorStoreMax=`
     /// changed under a running daemon, or `--fd-store-max` above the real
     /// maximum before systemd 254), so a record counted as stored may not
-    /// be. Offering it again is safe either way: systemd keeps one entry
-    /// per open file (`service_add_fd_store` drops an fd of a file it
-    /// holds), so a record it holds is not stored twice and takes no slot,
-    /// and one it dropped goes back in the slot the daemon counts for it,
-    /// if the store has room now; a store still full closes it again and
-    /// loses nothing. Waits for room in the manager's queue until
-    /// `deadline`: off the broker's thread only.
+    /// be. Offering it again loses nothing: systemd keeps one entry per
+    /// open file (`service_add_fd_store` drops an fd of a file it holds),
+    /// so a record it holds is not stored twice and takes no slot, and one
+    /// it dropped goes back in the slot the daemon counts for it, if the
+    /// store has room now. But systemd checks for a full store first: to
+    /// a store it counts full, even a record it holds is refused, with a
+    /// warning in PID 1's log, which is why the offers back off (see
+    /// `daemon::persist_loop`). Waits for room in the manager's queue
+    /// until `deadline`: off the broker's thread only.
     pub fn reoffer(&self, deadline: std::time::Instant) -> Result<bool, RecordError> {
         let (Some(Latest::Stored(fd)), Some(name)) = (&self.latest, &self.current) else {
             return Ok(false);

@@ -157,6 +157,38 @@ pub fn send_waiting(
     send_text_waiting(&text_of(states), fds, deadline)
 }
 
+/// Waits until the manager has read every datagram sent before this one,
+/// or `deadline`: `BARRIER=1` comes with the write end of a pipe, which
+/// the manager closes once it has read it (`sd_notify_barrier(3)`). Blocks:
+/// never on the broker's thread.
+pub fn barrier(deadline: Instant) -> io::Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    send_text_waiting("BARRIER=1\n", &[write_end.as_fd()], deadline)?;
+    drop(write_end);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the service manager did not read a barrier in time",
+            ));
+        }
+        let ms = left.as_millis().clamp(1, u128::from(u16::MAX)) as u16;
+        let mut hung_up = [PollFd::new(read_end.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut hung_up, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => {}
+            // Nobody writes to the pipe: readable means every write end
+            // is closed.
+            Ok(_) => return Ok(()),
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+}
+
 fn send_text_waiting(text: &str, fds: &[BorrowedFd<'_>], deadline: Instant) -> io::Result<()> {
     loop {
         let socket = match send_text(text, fds) {
