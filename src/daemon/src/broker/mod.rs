@@ -28,6 +28,7 @@ use dmabroker_ipc::ClientId;
 
 pub use endpage::EndPage;
 pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
+pub(crate) use persist::matches_record;
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};

@@ -61,7 +61,7 @@ fn origin_of(record: OriginRecord) -> BufferOrigin {
 /// same kind, the recorded size) and whether it carries a word page: a
 /// memfd allocated by this version is one page longer; one stored by a
 /// version before buffer words is not, and is kept, without a word.
-fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> Option<bool> {
+pub(crate) fn matches_record(fd: &OwnedFd, record: &BufferRecord) -> Option<bool> {
     let kind_ok = match record.origin {
         OriginRecord::Memfd => memfd::is_memfd(fd.as_fd()),
         _ => dma_buf::is_dma_buf(fd.as_fd()),

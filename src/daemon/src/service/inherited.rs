@@ -56,7 +56,9 @@ impl Stored {
     }
 
     /// Of the fds under one buffer's name, keeps the one `record` names
-    /// (its inode), whichever was handed over first, and closes the others
+    /// (its kind, inode and size, as the restore checks them: an inode
+    /// number alone is unique only within a file system), whichever was
+    /// handed over first, and closes the others
     /// (they become leftovers: the manager still counts them until the
     /// name's removal). Without a record, or when none of them is the
     /// recorded one, the first handed over stays, as before.
@@ -64,24 +66,26 @@ impl Stored {
         if self.duplicates.is_empty() {
             return;
         }
-        let recorded: HashMap<String, u64> = record
+        let recorded: HashMap<String, &super::record::BufferRecord> = record
             .map(|r| {
                 r.buffers
                     .iter()
-                    .map(|b| (super::fdstore::buffer_name(b.id), b.inode))
+                    .map(|b| (super::fdstore::buffer_name(b.id), b))
                     .collect()
             })
             .unwrap_or_default();
-        let inode = |fd: &OwnedFd| crate::kernel::dma_buf::inode(fd.as_fd()).ok();
+        let is = |fd: &OwnedFd, wanted: &super::record::BufferRecord| {
+            crate::broker::matches_record(fd, wanted).is_some()
+        };
         for (name, fd) in std::mem::take(&mut self.duplicates) {
             let wanted = recorded.get(&name).copied();
-            let closed = match self.buffers.get_mut(&name) {
-                Some(kept) if wanted.is_some() && inode(kept) != wanted && inode(&fd) == wanted => {
+            let closed = match (self.buffers.get_mut(&name), wanted) {
+                (Some(kept), Some(wanted)) if !is(kept, wanted) && is(&fd, wanted) => {
                     std::mem::replace(kept, fd)
                 }
-                Some(_) => fd,
+                (Some(_), _) => fd,
                 // Not reached: a duplicate is only taken beside a buffer.
-                None => {
+                (None, _) => {
                     self.buffers.insert(name, fd);
                     continue;
                 }
