@@ -603,10 +603,12 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
 }
 
 /// A user with a subordinate uid range connects as any uid of it from a
-/// user namespace (here one root made, with uids 300,000 on), and each
-/// counted as a user of its own: `max_uid_connections` was a limit per
+/// user namespace (here Alice's, with uids 300,000 on), and each counted
+/// as a user of its own: `max_uid_connections` was a limit per
 /// subordinate uid, so per user only the daemon's connection cap bounded
-/// it. Processes in a user namespace now count as the user who made it.
+/// it. Processes in a user namespace now count as the user who made it,
+/// unless root made it (a container's, `PrivateUsers=`): root gives its
+/// tenants uids of their own.
 #[test]
 fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
     if !have_root("policy: max_uid_connections across a user namespace") {
@@ -615,11 +617,11 @@ fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
     let daemon = daemon_with(
         "[[rule]]\nname = \"namespaced-three\"\nuser = 300003\nmax_uid_connections = 2\n",
     );
-    // What a client of the namespace's uid 3 says first.
-    let third = || {
+    // What a client of uid 3 of a namespace `maker` made says first.
+    let third = |maker: u32| {
         let mut cmd =
             std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
-        let maps = userns::in_user_namespace(&mut cmd, 3);
+        let maps = userns::in_user_namespace(&mut cmd, maker, 3);
         let output = cmd
             .arg("--socket")
             .arg(daemon.socket())
@@ -633,25 +635,32 @@ fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
             .unwrap_or_default()
             .to_owned()
     };
-    // Processes of two other uids of the namespace, each the first of its
-    // uid, and each (as every one of root's) under the default's 256.
-    let mut first = userns::spawn_in_user_namespace(daemon.socket(), 1, &[]);
+    // Processes of two other uids of Alice's namespace, each the first of
+    // its uid, and each under the default's 256.
+    let mut first = userns::spawn_in_user_namespace(daemon.socket(), ALICE, 1, &[]);
     first.ok("alloc 4096");
-    let mut second = userns::spawn_in_user_namespace(daemon.socket(), 2, &[]);
+    let mut second = userns::spawn_in_user_namespace(daemon.socket(), ALICE, 2, &[]);
     second.ok("alloc 4096");
     // A third uid's first connection: counted with theirs, against its
     // rule's 2.
-    let refused = third();
+    let refused = third(ALICE);
     assert!(
         refused.starts_with("err quota-exceeded")
-            && refused.contains("rule 'namespaced-three': max_uid_connections limit 2, in use"),
-        "a third uid of the namespace: {refused}"
+            && refused.contains("rule 'namespaced-three': max_uid_connections limit 2, in use 2")
+            && refused.contains(&format!("counted as uid {ALICE}")),
+        "a third uid of Alice's namespace: {refused}"
     );
-    // Another user is not counted with them.
-    let mut alice = as_user(&daemon, ALICE, &[]);
-    alice.ok("alloc 4096");
+    // Another user is not counted with them, nor is the same uid of a
+    // namespace root made.
+    let root = dmabroker_client::Client::connect_to(daemon.socket()).expect("root connects");
+    root.heaps().expect("root is served");
+    let of_root = third(0);
+    assert!(
+        of_root.starts_with("ready"),
+        "uid 3 of a namespace root made: {of_root}"
+    );
     drop((first, second));
     dmabroker_suite::eventually("places of the namespace's maker to come free", || {
-        third().starts_with("ready")
+        third(ALICE).starts_with("ready")
     });
 }

@@ -1,7 +1,8 @@
 //! Clients in a user namespace: how a user with a subordinate uid range
 //! (`/etc/subuid`, `newuidmap`) shows up to the daemon as uids of that
-//! range. Made here by root without `newuidmap`, which the build machines
-//! lack: the child makes the namespace, and the test writes its maps.
+//! range. Mapped here by root without `newuidmap`, which the build
+//! machines lack: the child makes the namespace as its maker, and the test
+//! writes its maps, as `newuidmap` would.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,13 +18,12 @@ pub const OUTER_BASE: u32 = 300_000;
 /// Uids the namespace maps.
 const RANGE: u32 = 1000;
 
-/// A testclient in a user namespace of its own, made by the test's
-/// process (root, so root is the namespace's maker), as the namespace's
-/// uid and gid `inner` (below 1,000): to the daemon a process of uid
-/// `OUTER_BASE + inner`.
-pub fn spawn_in_user_namespace(socket: &Path, inner: u32, extra: &[&str]) -> Scripted {
+/// A testclient in a user namespace of its own, made by `maker` (a uid of
+/// the host's), as the namespace's uid and gid `inner` (below 1,000): to
+/// the daemon a process of uid `OUTER_BASE + inner`.
+pub fn spawn_in_user_namespace(socket: &Path, maker: u32, inner: u32, extra: &[&str]) -> Scripted {
     let mut cmd = Command::new(crate::daemon::binary("dmabroker-testclient"));
-    let maps = in_user_namespace(&mut cmd, inner);
+    let maps = in_user_namespace(&mut cmd, maker, inner);
     let client = Scripted::spawn_wrapped(cmd, socket, extra);
     maps.written();
     client
@@ -33,18 +33,23 @@ pub fn spawn_in_user_namespace(socket: &Path, inner: u32, extra: &[&str]) -> Scr
 /// are written once the child has made its namespace (while the caller is
 /// inside `spawn`, which returns only after the child's exec): call
 /// [`Maps::written`] after.
-pub fn in_user_namespace(cmd: &mut Command, inner: u32) -> Maps {
+pub fn in_user_namespace(cmd: &mut Command, maker: u32, inner: u32) -> Maps {
     assert!(inner < RANGE);
     let (ready_r, ready_w) = pipe();
     let (mapped_r, mapped_w) = pipe();
     let (ready_w_raw, mapped_r_raw) = (ready_w.as_raw_fd(), mapped_r.as_raw_fd());
     // SAFETY: between fork and exec, only system calls (no allocation, no
-    // locks): unshare, getpid, write, read, setresgid, setgroups,
-    // setresuid. The two raw fds are open in the child: the parent keeps
-    // them (in `Maps`) until the child has exec'd.
+    // locks): setgroups, setresgid, setresuid, unshare, getpid, write,
+    // read. The two raw fds are open in the child: the parent keeps them
+    // (in `Maps`) until the child has exec'd.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+            // The maker's own, as it would be when it runs `unshare`.
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(maker, maker, maker) != 0
+                || libc::setresuid(maker, maker, maker) != 0
+                || libc::unshare(libc::CLONE_NEWUSER) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             let pid = libc::getpid();

@@ -21,13 +21,31 @@ const SO_PEERPIDFD: libc::c_int = 77;
 pub struct Peer {
     pub identity: Identity,
     /// The user the peer answers to, for bounds that must hold per user:
-    /// its uid, or for a process in a user namespace below the daemon's,
-    /// that namespace's maker's (see `kernel::userns`). The uid when the
-    /// daemon cannot tell (the process is gone, or `/proc` hidden).
+    /// its uid, or for a process in a user namespace a user made below the
+    /// daemon's, that user's (see `kernel::userns`). Root's namespaces
+    /// (containers, `PrivateUsers=`) are the administrator's way of giving
+    /// tenants uids of their own: their processes count as their uids.
+    /// A peer whose namespace the daemon cannot read (the process gone
+    /// before it was pinned, which a namespaced client can arrange by
+    /// passing its socket on) counts as [`UNACCOUNTED_UID`].
     pub accountable_uid: u32,
     pub pid: i32,
     /// Kept for the life of the connection: it pins the identity of the pid.
     pub pidfd: Option<OwnedFd>,
+}
+
+/// The one user every peer whose namespace could not be read counts as:
+/// shared, so that such peers cannot have a bound each.
+pub const UNACCOUNTED_UID: u32 = u32::MAX - 1;
+
+/// The user a process of `uid`, `pid`, answers to (see
+/// [`Peer::accountable_uid`]); `None` when its namespace cannot be read.
+fn accountable(uid: u32, pid: i32) -> Option<u32> {
+    match crate::kernel::userns::owner_below_ours(pid) {
+        Ok(None) | Ok(Some(0)) => Some(uid),
+        Ok(Some(maker)) => Some(maker),
+        Err(_) => None,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +60,7 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
     let cred = getsockopt(&socket, PeerCredentials).map_err(IdentityError::PeerCred)?;
     let pid = cred.pid();
     let groups = peer_groups(socket).map_err(IdentityError::PeerGroups)?;
-    let maker = || crate::kernel::userns::owner_below_ours(pid).ok().flatten();
+    let maker = || accountable(cred.uid(), pid);
     let (pidfd, (exe, unit), maker) = match peer_pidfd(socket) {
         PidfdLookup::Pinned(pidfd) => {
             let exe = executable(pid);
@@ -72,7 +90,7 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         }
     };
     Ok(Peer {
-        accountable_uid: maker.unwrap_or(cred.uid()),
+        accountable_uid: maker.unwrap_or(UNACCOUNTED_UID),
         identity: Identity {
             uid: cred.uid(),
             gid: cred.gid(),
@@ -239,13 +257,10 @@ pub fn exe_display(exe: &Option<PathBuf>) -> String {
 
 /// Only the accountable uid (see [`Peer::accountable_uid`]) of a
 /// connection's peer, for one not identified in full (a refusal at
-/// accept); `u32::MAX` if the kernel cannot say.
+/// accept).
 pub fn peer_uid(conn: BorrowedFd<'_>) -> u32 {
-    getsockopt(&conn, PeerCredentials).map_or(u32::MAX, |cred| {
-        crate::kernel::userns::owner_below_ours(cred.pid())
-            .ok()
-            .flatten()
-            .unwrap_or(cred.uid())
+    getsockopt(&conn, PeerCredentials).map_or(UNACCOUNTED_UID, |cred| {
+        accountable(cred.uid(), cred.pid()).unwrap_or(UNACCOUNTED_UID)
     })
 }
 

@@ -24,7 +24,9 @@ const MAX_DEPTH: usize = 32;
 /// the process is in the daemon's own user namespace (or in one not below
 /// it, which the kernel does not let the daemon look up through).
 pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
-    let ours = identity_of("/proc/self/ns/user")?;
+    // The daemon's own, read once: it never changes user namespace.
+    static OURS: std::sync::OnceLock<Result<(u64, u64), Errno>> = std::sync::OnceLock::new();
+    let ours = (*OURS.get_or_init(|| identity_of("/proc/self/ns/user")))?;
     let path = format!("/proc/{pid}/ns/user");
     let mut ns: OwnedFd = std::fs::File::open(&path)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
