@@ -167,7 +167,7 @@ fn close_all_of(uid: u32) {
     loop {
         let next = {
             let mut queues = queues();
-            let mut waited = false;
+            let quiet_until = std::time::Instant::now() + LINGER;
             loop {
                 let Some(queue) = queues.get_mut(&uid) else {
                     return;
@@ -176,18 +176,25 @@ fn close_all_of(uid: u32) {
                     queue.in_hand = true;
                     break parcel;
                 }
-                if waited {
+                let left = quiet_until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
                     queues.remove(&uid);
                     return;
                 }
+                // Woken for any uid's parcels: looks again, until its own
+                // time is up.
                 queues = more()
-                    .wait_timeout(queues, LINGER)
+                    .wait_timeout(queues, left)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
-                waited = true;
             }
         };
-        drop(next);
+        // A parcel that panics as it drops (none should) must not leave
+        // the uid counted as busy for good.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(next)));
+        if dropped.is_err() {
+            tracing::error!(uid, "closing a client's file panicked");
+        }
         if let Some(queue) = queues().get_mut(&uid) {
             queue.in_hand = false;
         }

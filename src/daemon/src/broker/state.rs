@@ -28,11 +28,13 @@ use crate::identity::Peer;
 use crate::outbox::Outbox;
 use crate::stats::Stats;
 
-/// Where a buffer's memory came from.
-/// How long a freed dma-buf's closing thread waits for the service
-/// manager to let go of its fd-store copy first.
-const STORE_LET_GO: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest a freed dma-buf's closing thread waits for the service
+/// manager to let go of its fd-store copy first (see
+/// `FdStore::await_removal`): a manager that has not read the removal in
+/// that long is not coming back to it.
+const STORE_LET_GO: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Where a buffer's memory came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BufferOrigin {
     Allocated(Backend),

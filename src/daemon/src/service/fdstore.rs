@@ -494,6 +494,10 @@ impl FdStore {
     /// still (ahead of the rest). Removals held back for them go out now,
     /// after the stores they must follow.
     pub fn finish_batch(&self, sent: &[u64], unsent: &[u64]) {
+        // Moved from one list to the other under both locks (in the order
+        // `note_progress` takes them): a removal is never in neither, where
+        // `removal_unsent` would take it for sent.
+        let mut unremoved = self.unremoved_names();
         let deferred = {
             let mut flight = self.in_flight();
             flight
@@ -511,13 +515,14 @@ impl FdStore {
             flight.deferred_removals = others;
             mine
         };
+        unremoved.extend(deferred);
+        drop(unremoved);
         if !unsent.is_empty() {
             let mut ids = self.unstored_ids();
             let rest = std::mem::take(&mut *ids);
             ids.extend_from_slice(unsent);
             ids.extend(rest);
         }
-        self.unremoved_names().extend(deferred);
         self.retry_removals();
         self.note_progress();
     }
@@ -564,8 +569,10 @@ impl FdStore {
     /// in the manager's queue, or held back behind the writer's store of
     /// it.
     fn removal_unsent(&self, name: &str) -> bool {
+        // Both at once (see `finish_batch`).
+        let unremoved = self.unremoved_names();
         let held_back = self.in_flight().deferred_removals.iter().any(|n| n == name);
-        held_back || self.unremoved_names().iter().any(|n| n == name)
+        held_back || unremoved.iter().any(|n| n == name)
     }
 
     /// Waits, until `deadline`, for the manager to have let go of its copy
@@ -574,20 +581,46 @@ impl FdStore {
     /// after the daemon let go of its own; a dma-buf's last release would
     /// then be PID 1's, and a client that watches it with an epoll whose
     /// lock it holds would stall the service manager (see `held_files`).
-    /// Off the broker's thread only.
+    /// A manager that is merely slow (its queue full: any process may
+    /// fill it) is waited for, barrier after barrier: giving up early is
+    /// what a client would arrange. Only a manager whose socket is gone
+    /// (its copy then stays until it is back) or the deadline ends the
+    /// wait. Off the broker's thread only: on a closing thread, where
+    /// the wait holds up only the uid whose file it is.
     pub fn await_removal(&self, name: &str, deadline: std::time::Instant) {
-        while self.removal_unsent(name) {
-            if std::time::Instant::now() >= deadline {
-                tracing::warn!(
+        use std::time::{Duration, Instant};
+        const PATIENCE: Duration = Duration::from_secs(60);
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            if !self.removal_unsent(name) {
+                let one_try = (Instant::now() + Duration::from_secs(5)).min(deadline);
+                match notify::barrier(one_try) {
+                    Ok(()) => return,
+                    Err(err)
+                        if matches!(
+                            err.kind(),
+                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                        ) => {}
+                    Err(err) => {
+                        tracing::warn!(name, error = %err, "cannot tell whether the service manager let go of its copy; letting go of the daemon's");
+                        return;
+                    }
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
                     name,
-                    "the fd store's copy is still to be removed; letting go of the daemon's"
+                    "the service manager has not let go of its copy; letting go of the daemon's"
                 );
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        if let Err(err) = notify::barrier(deadline) {
-            tracing::warn!(name, error = %err, "cannot tell whether the service manager let go of its copy; letting go of the daemon's");
+            if !said && started.elapsed() >= PATIENCE {
+                said = true;
+                tracing::warn!(name, "waiting for the service manager to let go of its copy of a freed dma-buf before the daemon lets go of its own");
+            }
         }
     }
 }
