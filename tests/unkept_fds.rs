@@ -289,3 +289,94 @@ fn a_socket_closed_with_files_still_queued_does_not_stall_the_daemon() {
     drop(raw);
     assert!(served, "another client was not served");
 }
+
+/// A refused connection holds no place under any limit, and its socket
+/// waits for its uid's closing thread like any other. A client whose
+/// closing thread is stuck could leave refused sockets there without
+/// bound, then (once they were capped) have one closed on the broker's
+/// thread with a file whose release waits still queued in it: every
+/// client stalled. Past the cap the daemon now accepts nothing until
+/// refusals are closed: clients being served go on. Found by review.
+#[test]
+fn refusals_left_to_a_stuck_closing_thread_never_stall_the_broker() {
+    const REFUSED: usize = 300;
+    let _turn = one_at_a_time();
+    if !have_root("refusals left to a stuck closing thread") {
+        return;
+    }
+    let daemon = Daemon::start_with(dmabroker_suite::DaemonOptions {
+        policy: Some("[default]\nmax_uid_connections = 1\n".into()),
+        args: vec!["--socket-mode".into(), "0666".into()],
+        ..Default::default()
+    });
+    let Some(fuse) = StallingFuse::mount("refusals left to a stuck thread", Stall::Flush) else {
+        return;
+    };
+    // Of another user, started before the FUSE file is open here.
+    let mut honest = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
+    let baseline = daemon.baseline();
+    let pipes: Vec<_> = (0..REFUSED)
+        .map(|_| nix::unistd::pipe().expect("pipe"))
+        .collect();
+    let read_ends: Vec<BorrowedFd<'_>> = pipes.iter().map(|(r, _)| r.as_fd()).collect();
+    let held = HeldEpoll::watching(&fuse, &read_ends);
+    let Opened { mut fuse, file } = Opened::new(fuse);
+    // This uid's one connection: a stray fd whose close never returns
+    // leaves its closing thread stuck for good.
+    // (The readiness probe's connection may be counted for a moment yet.)
+    let hello = || {
+        RequestBody::Hello(dmabroker_ipc::Hello {
+            version: dmabroker_ipc::PROTOCOL_VERSION,
+            features: 0,
+            autofence: None,
+            client_name: "stuck".into(),
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut stuck = loop {
+        let mut raw = RawClient::connect(daemon.socket());
+        if raw.request(hello()).is_ok() {
+            break raw;
+        }
+        assert!(std::time::Instant::now() < deadline, "never served");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (_, bytes) = stuck.encode(RequestBody::ListHeaps, 0);
+    stuck.send_raw(&bytes, &[file.as_fd()]);
+    let _ = stuck.recv_reply();
+    fuse.await_flush();
+    // Connections over its limit, each refused, each with a hello and a
+    // file of its own whose last release would wait, all queued before
+    // the daemon reads any.
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    let refused: Vec<RawClient> = pipes
+        .into_iter()
+        .map(|(read_end, _write_end)| {
+            let mut raw = RawClient::connect(daemon.socket());
+            let (_, hello) = raw.encode(hello(), 0);
+            let _ = raw.try_send_raw(&hello, &[]);
+            let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+            let _ = raw.try_send_raw(&bytes, &[read_end.as_fd()]);
+            raw
+        })
+        .collect();
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    // The refusals' files are the daemon's alone now.
+    let settled = dmabroker_suite::proc::stable_fd_count(daemon.pid());
+    honest.send("heaps");
+    let served = honest.recv(Duration::from_secs(3));
+    drop(refused);
+    held.let_go(fuse);
+    drop(file);
+    drop(stuck);
+    drop(honest);
+    assert!(
+        served.is_some_and(|answer| answer.starts_with("ok heaps=")),
+        "a client being served stalled"
+    );
+    assert!(
+        settled.saturating_sub(baseline) <= 256 + 64 + 64 + 8,
+        "{} fds kept for refused connections",
+        settled.saturating_sub(baseline)
+    );
+}

@@ -154,12 +154,19 @@ pub struct HeldEpoll {
 
 impl HeldEpoll {
     pub fn new(fuse: &StallingFuse, watched: BorrowedFd<'_>) -> HeldEpoll {
+        HeldEpoll::watching(fuse, &[watched])
+    }
+
+    /// As [`HeldEpoll::new`], watching every file of `watched`.
+    pub fn watching(fuse: &StallingFuse, watched: &[BorrowedFd<'_>]) -> HeldEpoll {
         let file = std::fs::File::open(fuse.file()).expect("open the FUSE file");
         let epoll =
             std::sync::Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"));
-        epoll
-            .add(watched, EpollEvent::new(EpollFlags::EPOLLIN, 1))
-            .expect("watch the file");
+        for fd in watched {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 1))
+                .expect("watch the file");
+        }
         let held = std::sync::Arc::clone(&epoll);
         let holder = std::thread::spawn(move || {
             let _ = held.add(&file, EpollEvent::new(EpollFlags::EPOLLIN, 2));

@@ -208,6 +208,15 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
             Err(err) => return Err(ServerError::Reactor(err)),
         };
         loop {
+            if refusals_backed_up() {
+                tracing::error!(
+                    max = MAX_RETIRING_REFUSALS,
+                    "refused connections are not being closed (a client's closes are stuck); accepting none until they are"
+                );
+                while refusals_backed_up() {
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            }
             match accept4(
                 listener.get_ref().as_raw_fd(),
                 SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
@@ -348,24 +357,18 @@ pub fn stop_reading(conn: std::os::fd::BorrowedFd<'_>, uid: u32) {
 /// whose closes are stuck cannot pile up sockets past its connection
 /// limit.
 ///
-/// A refusal's socket (`slot` `None`) holds no place under any limit: at
-/// most [`MAX_RETIRING_REFUSALS`] of them wait for their threads at once,
-/// and past that a refusal is read out as far as its uid's bound lets
-/// and closed here, which is where a client that left a file whose
-/// release waits in it could stall the broker: the fds such sockets keep
-/// open stay bounded.
+/// A refusal's socket (`slot` `None`) holds no place under any limit, so
+/// refusals waiting for their threads are counted, and while
+/// [`MAX_RETIRING_REFUSALS`] wait the daemon accepts no connection (see
+/// [`refusals_backed_up`]): new clients wait in the listen queue, clients
+/// being served go on, and the fds such sockets keep open stay bounded.
+/// Closed here instead, a refusal could hold a file whose release waits
+/// for good.
 pub fn retire(socket: OwnedFd, uid: u32, slot: Option<UidSlot>) {
     let _ = nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
     let refusal = slot.is_none();
-    if refusal && RETIRING_REFUSALS.fetch_add(1, Ordering::AcqRel) >= MAX_RETIRING_REFUSALS {
-        RETIRING_REFUSALS.fetch_sub(1, Ordering::AcqRel);
-        tracing::error!(
-            uid,
-            max = MAX_RETIRING_REFUSALS,
-            "too many refused connections wait to be closed; closing one on the broker's thread"
-        );
-        stop_reading(socket.as_fd(), uid);
-        return;
+    if refusal {
+        RETIRING_REFUSALS.fetch_add(1, Ordering::AcqRel);
     }
     crate::client_fds::release_elsewhere(
         uid,
@@ -381,6 +384,14 @@ pub fn retire(socket: OwnedFd, uid: u32, slot: Option<UidSlot>) {
 /// yet (see [`retire`]).
 static RETIRING_REFUSALS: AtomicUsize = AtomicUsize::new(0);
 const MAX_RETIRING_REFUSALS: usize = 256;
+
+/// Whether so many refusals wait for their closing threads that no more
+/// connections are to be accepted until some are closed (see [`retire`]).
+/// The refusals in progress when it turned true (lingering ones, at most
+/// [`MAX_LINGERING`]) still retire: the count's overshoot is bounded.
+fn refusals_backed_up() -> bool {
+    RETIRING_REFUSALS.load(Ordering::Acquire) >= MAX_RETIRING_REFUSALS
+}
 
 /// A connection's socket on its way out, on its uid's closing thread.
 struct RetiredSocket {
