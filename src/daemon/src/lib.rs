@@ -21,3 +21,4 @@ pub mod reactor;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod text;

@@ -673,12 +673,35 @@ pub(super) fn alloc_error(err: AllocError) -> WireError {
 }
 
 /// A name a client gave (itself, a buffer) as the views and logs show it:
-/// at most 64 characters, with control characters, NUL included, shown
-/// as U+FFFD. A D-Bus string may not hold a NUL: one in a view made the
-/// bus drop the daemon's connection at every `ListClients`.
+/// at most 64 characters, with control and bidirectional formatting
+/// characters, NUL included, shown as U+FFFD (`text::is_hidden_control`).
+/// A D-Bus string may not hold a NUL: one in a view made the bus drop the
+/// daemon's connection at every `ListClients`.
 pub(super) fn shown_name(raw: &str) -> String {
     raw.chars()
         .take(64)
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .map(|c| {
+            if crate::text::is_hidden_control(c) {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_name;
+
+    /// A client's name reaches the views without what could hide or
+    /// reorder it: a NUL, an escape, a right-to-left override.
+    #[test]
+    fn a_shown_name_holds_no_control_or_reordering_character() {
+        assert_eq!(shown_name("cam\u{0}era"), "cam\u{fffd}era");
+        assert_eq!(shown_name("cam\u{202e}0-arem"), "cam\u{fffd}0-arem");
+        assert_eq!(shown_name("\u{2067}x\u{2069}"), "\u{fffd}x\u{fffd}");
+        assert_eq!(shown_name("كاميرا"), "كاميرا");
+        assert_eq!(shown_name(&"a".repeat(100)).chars().count(), 64);
+    }
 }

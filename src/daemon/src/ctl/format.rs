@@ -59,7 +59,7 @@ pub fn or_dash(text: &str) -> String {
     }
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if crate::text::is_hidden_control(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -87,6 +87,8 @@ mod tests {
         let shown = or_dash("cam\u{1b}]52;c;QUFB\u{7}\u{9b}2J\n");
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert_eq!(shown, "cam\\u{1b}]52;c;QUFB\\u{7}\\u{9b}2J\\u{a}");
+        // A name that would display reversed ("Trojan Source").
+        assert_eq!(or_dash("cam\u{202e}0-arem"), "cam\\u{202e}0-arem");
     }
 
     #[test]
