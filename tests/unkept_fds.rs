@@ -296,7 +296,8 @@ fn a_socket_closed_with_files_still_queued_does_not_stall_the_daemon() {
 /// bound, then (once they were capped) have one closed on the broker's
 /// thread with a file whose release waits still queued in it: every
 /// client stalled. Past the cap the daemon now accepts nothing until
-/// refusals are closed: clients being served go on. Found by review.
+/// refusals are closed: clients being served go on, and accepting
+/// resumes once the closes do. Found by review.
 #[test]
 fn refusals_left_to_a_stuck_closing_thread_never_stall_the_broker() {
     const REFUSED: usize = 300;
@@ -374,6 +375,11 @@ fn refusals_left_to_a_stuck_closing_thread_never_stall_the_broker() {
         served.is_some_and(|answer| answer.starts_with("ok heaps=")),
         "a client being served stalled"
     );
+    // Once the stuck closes go on, the refusals are closed and the daemon
+    // accepts again: a new client of yet another user is served.
+    const BOB: u32 = 65502;
+    let mut later = Scripted::spawn_as(daemon.socket(), BOB, BOB, &[]);
+    later.ok("heaps");
     assert!(
         settled.saturating_sub(baseline) <= 256 + 64 + 64 + 8,
         "{} fds kept for refused connections",

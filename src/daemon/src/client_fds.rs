@@ -81,27 +81,50 @@ impl Drop for ClientFd {
     }
 }
 
+/// A uid's two closing threads: one for the files its clients sent or
+/// held, one for its connections' sockets, so that a connection's close
+/// never waits behind a file's (a freed dma-buf's waits for the service
+/// manager: see `FdStore::await_removal`), and refusals, which the daemon
+/// stops accepting for when too many wait (see `server::retire`), are not
+/// held up by a slow manager.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    Files,
+    Sockets,
+}
+
+type Key = (u32, Lane);
+
 /// Closes `fds`, sent by a client of `uid`, on that uid's closing thread.
 pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
     if fds.is_empty() {
         return;
     }
-    hand_over(uid, fds.into_iter().map(|fd| Box::new(fd) as Parcel));
+    hand_over(
+        (uid, Lane::Files),
+        fds.into_iter().map(|fd| Box::new(fd) as Parcel),
+    );
 }
 
 /// Drops `parcel` (a file a client of `uid` has held, or anything holding
 /// one: see `held_files`) on that uid's closing thread. It counts as one
 /// fd waiting to be closed until it is dropped.
 pub fn release_elsewhere(uid: u32, parcel: Parcel) {
-    hand_over(uid, std::iter::once(parcel));
+    hand_over((uid, Lane::Files), std::iter::once(parcel));
+}
+
+/// As [`release_elsewhere`], for a connection's socket (or what holds
+/// it), on the uid's thread for sockets.
+pub fn release_socket_elsewhere(uid: u32, parcel: Parcel) {
+    hand_over((uid, Lane::Sockets), std::iter::once(parcel));
 }
 
 /// What a closing thread drops.
 pub type Parcel = Box<dyn Send>;
 
-fn hand_over(uid: u32, parcels: impl Iterator<Item = Parcel>) {
+fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     let mut queues = queues();
-    let queue = queues.entry(uid).or_default();
+    let queue = queues.entry(key).or_default();
     let before = queue.fds.len();
     queue.fds.extend(parcels);
     PENDING.fetch_add(queue.fds.len() - before, Ordering::AcqRel);
@@ -112,14 +135,32 @@ fn hand_over(uid: u32, parcels: impl Iterator<Item = Parcel>) {
     }
     let spawned = std::thread::Builder::new()
         .name("dmabroker-fdclose".into())
-        .spawn(move || close_all_of(uid));
+        .spawn(move || close_all_of(key));
     match spawned {
         Ok(_) => queue.closing = true,
         // Kept, and tried again at the uid's next hand-over: closed here,
         // the release of a client's file could stall every client. They
         // count as waiting meanwhile, which holds the uid's connections
         // back once there are enough.
-        Err(err) => tracing::warn!(%err, uid, "no thread to close a client's fds on yet"),
+        Err(err) => tracing::warn!(%err, uid = key.0, "no thread to close a client's fds on yet"),
+    }
+}
+
+/// Tries again to start the closing threads that could not be started:
+/// their uids' parcels wait for one (see [`hand_over`]).
+pub fn start_stalled_threads() {
+    let mut queues = queues();
+    for (&key, queue) in queues.iter_mut() {
+        if queue.closing || queue.fds.is_empty() {
+            continue;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("dmabroker-fdclose".into())
+            .spawn(move || close_all_of(key));
+        match spawned {
+            Ok(_) => queue.closing = true,
+            Err(_) => return,
+        }
     }
 }
 
@@ -139,9 +180,12 @@ pub fn pending(uid: u32) -> usize {
     if PENDING.load(Ordering::Acquire) == 0 {
         return 0;
     }
-    queues()
-        .get(&uid)
-        .map_or(0, |q| q.fds.len() + usize::from(q.in_hand))
+    let queues = queues();
+    [Lane::Files, Lane::Sockets]
+        .iter()
+        .filter_map(|lane| queues.get(&(uid, *lane)))
+        .map(|q| q.fds.len() + usize::from(q.in_hand))
+        .sum()
 }
 
 #[derive(Default)]
@@ -153,8 +197,8 @@ struct Queue {
     in_hand: bool,
 }
 
-fn queues() -> MutexGuard<'static, HashMap<u32, Queue>> {
-    static QUEUES: OnceLock<Mutex<HashMap<u32, Queue>>> = OnceLock::new();
+fn queues() -> MutexGuard<'static, HashMap<Key, Queue>> {
+    static QUEUES: OnceLock<Mutex<HashMap<Key, Queue>>> = OnceLock::new();
     QUEUES
         .get_or_init(Mutex::default)
         .lock()
@@ -163,13 +207,13 @@ fn queues() -> MutexGuard<'static, HashMap<u32, Queue>> {
 
 /// The closing thread of `uid`: closes its queue, one parcel at a time
 /// and never under the lock, until it has been empty for [`LINGER`].
-fn close_all_of(uid: u32) {
+fn close_all_of(key: Key) {
     loop {
         let next = {
             let mut queues = queues();
             let quiet_until = std::time::Instant::now() + LINGER;
             loop {
-                let Some(queue) = queues.get_mut(&uid) else {
+                let Some(queue) = queues.get_mut(&key) else {
                     return;
                 };
                 if let Some(parcel) = queue.fds.pop_front() {
@@ -178,7 +222,7 @@ fn close_all_of(uid: u32) {
                 }
                 let left = quiet_until.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
-                    queues.remove(&uid);
+                    queues.remove(&key);
                     return;
                 }
                 // Woken for any uid's parcels: looks again, until its own
@@ -193,9 +237,9 @@ fn close_all_of(uid: u32) {
         // the uid counted as busy for good.
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(next)));
         if dropped.is_err() {
-            tracing::error!(uid, "closing a client's file panicked");
+            tracing::error!(uid = key.0, "closing a client's file panicked");
         }
-        if let Some(queue) = queues().get_mut(&uid) {
+        if let Some(queue) = queues().get_mut(&key) {
             queue.in_hand = false;
         }
         PENDING.fetch_sub(1, Ordering::AcqRel);
@@ -264,7 +308,7 @@ mod tests {
         {
             let mut queues = queues();
             PENDING.fetch_add(1, Ordering::AcqRel);
-            let queue = queues.entry(STUCK).or_default();
+            let queue = queues.entry((STUCK, Lane::Files)).or_default();
             queue.closing = true;
             queue.fds.push_back(Box::new(stuck_fd));
         }
@@ -272,7 +316,7 @@ mod tests {
         // As `close_all_of`, but its first close waits until released.
         let stuck_thread = std::thread::spawn(move || {
             let first = queues()
-                .get_mut(&STUCK)
+                .get_mut(&(STUCK, Lane::Files))
                 .and_then(|q| {
                     q.in_hand = true;
                     q.fds.pop_front()
@@ -281,11 +325,11 @@ mod tests {
             entered.wait();
             let _ = release.recv();
             drop(first);
-            if let Some(q) = queues().get_mut(&STUCK) {
+            if let Some(q) = queues().get_mut(&(STUCK, Lane::Files)) {
                 q.in_hand = false;
             }
             PENDING.fetch_sub(1, Ordering::AcqRel);
-            close_all_of(STUCK);
+            close_all_of((STUCK, Lane::Files));
         });
         stuck.wait();
         let (queued, queued_closed) = pipe();

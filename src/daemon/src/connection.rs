@@ -217,7 +217,7 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // is the last after all, which then goes to the uid's thread too.
         Err(shared) => {
             tracing::error!(pid, uid, "a connection's socket is still shared at its end");
-            crate::client_fds::release_elsewhere(accountable, Box::new((shared, uid_slot)));
+            crate::client_fds::release_socket_elsewhere(accountable, Box::new((shared, uid_slot)));
         }
     }
 }

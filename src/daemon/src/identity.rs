@@ -82,11 +82,12 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         // The kernel has pidfds but gave none: the peer has exited (it
         // may have passed its socket on), so its pid may be anyone's; or
         // the daemon is short of fds or memory, and cannot pin it either.
+        PidfdLookup::Failed(Errno::ESRCH) => (None, (None, None), None),
+        // The daemon is short of fds or memory: the peer is likely there
+        // still, and counted as /proc says, best effort, or as its uid.
         PidfdLookup::Failed(errno) => {
-            if errno != Errno::ESRCH {
-                tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
-            }
-            (None, (None, None), None)
+            tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
+            (None, (None, None), Some(maker().unwrap_or(cred.uid())))
         }
     };
     Ok(Peer {

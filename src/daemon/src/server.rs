@@ -214,6 +214,10 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), S
                     "refused connections are not being closed (a client's closes are stuck); accepting none until they are"
                 );
                 while refusals_backed_up() {
+                    // A closing thread that could not be started is
+                    // tried again only at its uid's next hand-over, which
+                    // a uid with nothing being served may never make.
+                    crate::client_fds::start_stalled_threads();
                     tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             }
@@ -370,7 +374,7 @@ pub fn retire(socket: OwnedFd, uid: u32, slot: Option<UidSlot>) {
     if refusal {
         RETIRING_REFUSALS.fetch_add(1, Ordering::AcqRel);
     }
-    crate::client_fds::release_elsewhere(
+    crate::client_fds::release_socket_elsewhere(
         uid,
         Box::new(RetiredSocket {
             socket,
@@ -387,8 +391,10 @@ const MAX_RETIRING_REFUSALS: usize = 256;
 
 /// Whether so many refusals wait for their closing threads that no more
 /// connections are to be accepted until some are closed (see [`retire`]).
-/// The refusals in progress when it turned true (lingering ones, at most
-/// [`MAX_LINGERING`]) still retire: the count's overshoot is bounded.
+/// The refusals in progress when it turned true (the connections one
+/// wake-up accepted, up to the listen backlog, and the lingering ones, at
+/// most [`MAX_LINGERING`]) still retire: the count's overshoot is bounded
+/// by those.
 fn refusals_backed_up() -> bool {
     RETIRING_REFUSALS.load(Ordering::Acquire) >= MAX_RETIRING_REFUSALS
 }
@@ -402,10 +408,12 @@ struct RetiredSocket {
 
 impl Drop for RetiredSocket {
     fn drop(&mut self) {
-        self.read_out();
+        // Its thread has it: no longer waiting (and counted down even if
+        // the read-out were to panic).
         if self.refusal {
             RETIRING_REFUSALS.fetch_sub(1, Ordering::AcqRel);
         }
+        self.read_out();
     }
 }
 

@@ -117,6 +117,9 @@ pub struct FdStore {
     /// The latest record could not be stored: owed, as a buffer is, so
     /// that a run of failures ends only once it is in.
     record_owed: std::sync::atomic::AtomicBool,
+    /// The last removal sent failed for want of a manager (its socket
+    /// gone), not of room in its queue.
+    unreachable: std::sync::atomic::AtomicBool,
     /// Fds a restart was handed under a name beyond its first, which it
     /// closed (see `Stored::leftovers`): the manager holds and counts them
     /// until the name's removal is sent, and that of a live buffer's name
@@ -254,6 +257,7 @@ impl FdStore {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
             extra_fds: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -387,7 +391,10 @@ impl FdStore {
         if names.is_empty() {
             return;
         }
-        let sent = names.iter().take_while(|name| remove(name)).count();
+        let sent = names
+            .iter()
+            .take_while(|name| self.send_removal(name))
+            .count();
         let gone: Vec<String> = names.drain(..sent).collect();
         drop(names);
         self.removed(&gone);
@@ -545,7 +552,7 @@ impl FdStore {
         self.retry_removals();
         let mut names = self.unremoved_names();
         // Behind the ones still out, whose sends would fail first.
-        if names.is_empty() && remove(name) {
+        if names.is_empty() && self.send_removal(name) {
             drop(names);
             self.removed(&[name]);
             return;
@@ -563,6 +570,25 @@ impl FdStore {
 
     pub fn remove_buffer(&self, id: u64) {
         self.remove(&buffer_name(id));
+    }
+
+    /// Sends the removal of `name`; false when it could not be sent
+    /// (logged by the caller, once for a run of failures). Notes whether
+    /// the manager could be reached at all (see `await_removal`).
+    fn send_removal(&self, name: &str) -> bool {
+        use std::sync::atomic::Ordering;
+        match remove(name) {
+            Ok(()) => {
+                self.unreachable.store(false, Ordering::Release);
+                true
+            }
+            Err(err) => {
+                let gone = err.kind() != std::io::ErrorKind::WouldBlock;
+                self.unreachable.store(gone, Ordering::Release);
+                tracing::debug!(name, error = %err, "cannot remove an entry from the fd store");
+                false
+            }
+        }
     }
 
     /// Whether the removal of `name` is still to be sent: queued for room
@@ -583,9 +609,9 @@ impl FdStore {
     /// lock it holds would stall the service manager (see `held_files`).
     /// A manager that is merely slow (its queue full: any process may
     /// fill it) is waited for, barrier after barrier: giving up early is
-    /// what a client would arrange. Only a manager whose socket is gone
-    /// (its copy then stays until it is back) or the deadline ends the
-    /// wait. Off the broker's thread only: on a closing thread, where
+    /// what a client would arrange. Only a manager that cannot be reached
+    /// (its socket gone: its copy then stays until it is back) or the
+    /// deadline ends the wait. Off the broker's thread only: on a closing thread, where
     /// the wait holds up only the uid whose file it is.
     pub fn await_removal(&self, name: &str, deadline: std::time::Instant) {
         use std::time::{Duration, Instant};
@@ -593,7 +619,17 @@ impl FdStore {
         let started = Instant::now();
         let mut said = false;
         loop {
-            if !self.removal_unsent(name) {
+            let unsent = self.removal_unsent(name);
+            // No manager to send the removal to: its copy stays until it
+            // is back, so the daemon's close is not the last release.
+            if unsent && self.unreachable.load(std::sync::atomic::Ordering::Acquire) {
+                tracing::debug!(
+                    name,
+                    "the service manager cannot be reached; letting go of the daemon's copy"
+                );
+                return;
+            }
+            if !unsent {
                 let one_try = (Instant::now() + Duration::from_secs(5)).min(deadline);
                 match notify::barrier(one_try) {
                     Ok(()) => return,
@@ -661,20 +697,12 @@ pub fn store_waiting(
     })
 }
 
-/// Removes every fd stored under `name` (`FDSTOREREMOVE=1`); false when
-/// the message could not be sent (logged by the caller, once for a run of
-/// failures).
-fn remove(name: &str) -> bool {
-    match notify::try_send(
+/// Removes every fd stored under `name` (`FDSTOREREMOVE=1`).
+fn remove(name: &str) -> std::io::Result<()> {
+    notify::try_send(
         &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
         &[],
-    ) {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::debug!(name, error = %err, "cannot remove an entry from the fd store");
-            false
-        }
-    }
+    )
 }
 
 /// [`remove`] for the record's writer, waiting until `deadline` for room.
@@ -937,8 +965,29 @@ mod tests {
             failing: std::sync::atomic::AtomicBool::new(false),
             record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
             record_owed: std::sync::atomic::AtomicBool::new(false),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
             extra_fds: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// A removal that cannot be sent for want of a manager (its socket
+    /// gone) leaves the manager's copy in place, so the daemon's close is
+    /// not the last release: not waited for. It was, for the whole
+    /// deadline (ten minutes a freed dma-buf), since such a removal stays
+    /// unsent. Found by review.
+    #[test]
+    fn a_removal_with_no_manager_to_send_it_to_is_not_waited_for() {
+        let store = store_with(&[]);
+        store.unremoved_names().push(buffer_name(3));
+        store
+            .unreachable
+            .store(true, std::sync::atomic::Ordering::Release);
+        let started = std::time::Instant::now();
+        store.await_removal(
+            &buffer_name(3),
+            started + std::time::Duration::from_secs(30),
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     /// Buffers a sender took are no one else's to send while it has them
