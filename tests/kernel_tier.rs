@@ -81,6 +81,18 @@ fn adopted_gpu_buffer<'v>(vgem: &'v Vgem, owner: &Client) -> (VgemBuffer<'v>, Bu
     (gpu_buffer, adopted)
 }
 
+/// A buffer of `size` bytes from the `system` dma-heap, allocated by
+/// `client`.
+fn system_buffer(client: &Client, size: u64, name: Option<&str>) -> Buffer {
+    client
+        .alloc_with(AllocRequest {
+            size,
+            heap: Some("system".into()),
+            name: name.map(str::to_owned),
+        })
+        .expect("alloc from the system heap")
+}
+
 /// A client process that imported the buffer `token` shares: it and its id
 /// of the buffer.
 fn importer(daemon: &Daemon, token: &impl std::fmt::Display, extra: &[&str]) -> (Scripted, String) {
@@ -257,13 +269,7 @@ fn kernel_tier_adopting_a_brokered_dma_buf_joins_its_arbitration() {
     }
     let daemon = real_kernel_daemon();
     let camera = daemon.client();
-    let frame = camera
-        .alloc_with(AllocRequest {
-            size: 4096,
-            heap: Some("system".into()),
-            name: Some("frame".into()),
-        })
-        .expect("alloc from the system heap");
+    let frame = system_buffer(&camera, 4096, Some("frame"));
     let display = daemon.client();
     let passed = frame.as_fd().try_clone_to_owned().expect("dup");
     let adopted = display
@@ -319,13 +325,7 @@ fn kernel_tier_adopting_a_restored_dma_buf_before_its_owner_is_back_is_busy() {
     };
     let mut first = start("first");
     let camera = Client::connect_to(&manager.socket_path).expect("camera");
-    let frame = camera
-        .alloc_with(AllocRequest {
-            size: 4096,
-            heap: Some("system".into()),
-            name: None,
-        })
-        .expect("alloc from the system heap");
+    let frame = system_buffer(&camera, 4096, None);
     manager.wait_until_recorded(1);
     first.kill().expect("SIGKILL");
     first.wait().expect("reap");
@@ -552,13 +552,7 @@ fn kernel_tier_adopting_another_users_brokered_dma_buf_needs_import_permission()
         ..Default::default()
     });
     let camera = daemon.client();
-    let frame = camera
-        .alloc_with(AllocRequest {
-            size: 4096,
-            heap: Some("system".into()),
-            name: None,
-        })
-        .expect("alloc from the system heap");
+    let frame = system_buffer(&camera, 4096, None);
     let baseline = daemon.baseline();
     let (mut stranger, fd) =
         Scripted::spawn_as_with_fd(daemon.socket(), 4242, 4242, frame.as_fd(), &[]);
@@ -785,13 +779,7 @@ fn kernel_tier_a_device_write_ended_with_a_sync_file_fences_the_buffer_until_it_
     };
     let daemon = real_kernel_daemon();
     let producer = daemon.client();
-    let frame = producer
-        .alloc_with(AllocRequest {
-            size: 8192,
-            heap: Some("system".into()),
-            name: Some("frame".into()),
-        })
-        .expect("alloc");
+    let frame = system_buffer(&producer, 8192, Some("frame"));
     let token = frame.export().expect("export");
     let (mut reader, id) = importer(&daemon, &token, &[]);
 
@@ -1063,13 +1051,7 @@ fn kernel_tier_a_freed_dma_buf_whose_release_waits_does_not_stall_the_daemon() {
     };
     let daemon = real_kernel_daemon();
     let client = daemon.client();
-    let buffer = client
-        .alloc_with(AllocRequest {
-            size: 8192,
-            heap: Some("system".into()),
-            name: Some("watched".into()),
-        })
-        .expect("alloc from the system heap");
+    let buffer = system_buffer(&client, 8192, Some("watched"));
     let held = HeldEpoll::new(&fuse, buffer.as_fd());
     // This process's fd closes and the buffer is freed: the daemon's fd is
     // the last.
@@ -1096,13 +1078,7 @@ fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon()
     };
     let daemon = real_kernel_daemon();
     let producer = daemon.client();
-    let frame = producer
-        .alloc_with(AllocRequest {
-            size: 8192,
-            heap: Some("system".into()),
-            name: Some("frame".into()),
-        })
-        .expect("alloc");
+    let frame = system_buffer(&producer, 8192, Some("frame"));
     let render = frame.begin(Access::DeviceWrite).expect("device write");
     let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
@@ -1148,13 +1124,7 @@ fn kernel_tier_the_service_manager_never_makes_a_freed_dma_bufs_last_release() {
         r.count("READY=1") > 0
     });
     let client = Client::connect_to(&manager.socket_path).expect("connect");
-    let buffer = client
-        .alloc_with(AllocRequest {
-            size: 8192,
-            heap: Some("system".into()),
-            name: Some("stored".into()),
-        })
-        .expect("alloc from the system heap");
+    let buffer = system_buffer(&client, 8192, Some("stored"));
     manager.wait_until_recorded(1);
     let held = HeldEpoll::new(&fuse, buffer.as_fd());
     {

@@ -133,17 +133,23 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
         more().notify_all();
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("dmabroker-fdclose".into())
-        .spawn(move || close_all_of(key));
-    match spawned {
-        Ok(_) => queue.closing = true,
-        // Kept, and tried again at the uid's next hand-over: closed here,
-        // the release of a client's file could stall every client. They
-        // count as waiting meanwhile, which holds the uid's connections
-        // back once there are enough.
-        Err(err) => tracing::warn!(%err, uid = key.0, "no thread to close a client's fds on yet"),
+    // Kept, if no thread can be had, and tried again at the uid's next
+    // hand-over (or by `start_stalled_threads`): closed here, the release
+    // of a client's file could stall every client. They count as waiting
+    // meanwhile, which holds the uid's connections back once there are
+    // enough.
+    if let Err(err) = start_thread(key, queue) {
+        tracing::warn!(%err, uid = key.0, "no thread to close a client's fds on yet");
     }
+}
+
+/// Starts the closing thread of `key`'s queue.
+fn start_thread(key: Key, queue: &mut Queue) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("dmabroker-fdclose".into())
+        .spawn(move || close_all_of(key))?;
+    queue.closing = true;
+    Ok(())
 }
 
 /// Tries again to start the closing threads that could not be started:
@@ -151,15 +157,8 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
 pub fn start_stalled_threads() {
     let mut queues = queues();
     for (&key, queue) in queues.iter_mut() {
-        if queue.closing || queue.fds.is_empty() {
-            continue;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("dmabroker-fdclose".into())
-            .spawn(move || close_all_of(key));
-        match spawned {
-            Ok(_) => queue.closing = true,
-            Err(_) => return,
+        if !queue.closing && !queue.fds.is_empty() && start_thread(key, queue).is_err() {
+            return;
         }
     }
 }
@@ -249,22 +248,8 @@ fn close_all_of(key: Key) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
-    /// A pipe's write end and whether its read end sees every writer gone.
-    fn pipe() -> (OwnedFd, impl Fn() -> bool) {
-        let (read, write) = nix::unistd::pipe().expect("pipe");
-        nix::fcntl::fcntl(
-            read.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .expect("nonblocking");
-        let closed = move || {
-            let mut byte = [0u8; 1];
-            matches!(nix::unistd::read(read.as_raw_fd(), &mut byte), Ok(0))
-        };
-        (write, closed)
-    }
+    use crate::kernel::testutil::watched_pipe as pipe;
 
     fn eventually(what: &str, check: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

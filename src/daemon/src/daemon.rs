@@ -1012,6 +1012,20 @@ mod tests {
     /// warned about and backed off. It was `Behind` (since 3538195), tried
     /// again every 100 ms forever, silently. Runs in its own process (see
     /// [`a_hard_failure_behind_a_stored_record_backs_off`]).
+    /// A manager's notify socket, named after `test`, set as this
+    /// process's `NOTIFY_SOCKET`: for the tests that run alone in a
+    /// process of their own (see [`run_alone`]).
+    fn notified_manager(test: &str) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dmab-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: the only test of its process (see `run_alone`), which
+        // has no other thread reading the environment yet.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        (manager, path)
+    }
+
     /// A broker under a manager at `NOTIFY_SOCKET` whose fd store keeps
     /// `max` fds, with one memfd buffer (id 1) taken back from a record, as
     /// after a restart; and a copy of that buffer's fd.
@@ -1074,13 +1088,7 @@ mod tests {
     #[ignore = "sets NOTIFY_SOCKET for the whole process: run by a_hard_failure_behind_a_stored_record_backs_off in a process of its own"]
     fn hard_failure_behind_a_stored_record_in_its_own_process() {
         use std::os::fd::AsFd;
-        let dir = std::env::temp_dir().join(format!("dmab-hard-failure-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("notify");
-        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: the only test of its process (see the caller), which
-        // has no other thread reading the environment yet.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (receiver, path) = notified_manager("hard-failure");
         let (broker, copy) = restored_broker(16);
         runtime().block_on(async {
             let (writer, written) = store_record(&broker, RecordWriter::default(), Duration::ZERO)
@@ -1101,7 +1109,7 @@ mod tests {
                 "an error waiting does not cure is Failed (backed off, warned), not Behind (100 ms, silent)"
             );
         });
-        let _ = std::fs::remove_dir(&dir);
+        let _ = path.parent().map(std::fs::remove_dir);
     }
 
     /// [`hard_failure_behind_a_stored_record_in_its_own_process`], in a
@@ -1164,13 +1172,7 @@ mod tests {
     #[test]
     #[ignore = "sets NOTIFY_SOCKET for the whole process: run by no_copy_of_the_table_while_no_record_fits in a process of its own"]
     fn no_copy_without_room_in_its_own_process() {
-        let dir = std::env::temp_dir().join(format!("dmab-no-room-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("notify");
-        let _manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: the only test of its process (see the caller), which
-        // has no other thread reading the environment yet.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        let (_manager, path) = notified_manager("no-room");
         let (broker, _) = restored_broker(2);
         runtime().block_on(async {
             let mut writer = RecordWriter::continuing("state-a".into(), 1, 1, Vec::new());
@@ -1191,7 +1193,7 @@ mod tests {
             );
         });
         let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_dir(&dir);
+        let _ = path.parent().map(std::fs::remove_dir);
     }
 
     #[test]

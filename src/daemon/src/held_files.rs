@@ -177,20 +177,7 @@ impl Drop for Closing {
 mod tests {
     use super::*;
 
-    /// A pipe's write end and whether its read end sees every writer gone.
-    fn pipe() -> (OwnedFd, impl Fn() -> bool) {
-        let (read, write) = nix::unistd::pipe().expect("pipe");
-        nix::fcntl::fcntl(
-            read.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .expect("nonblocking");
-        let closed = move || {
-            let mut byte = [0u8; 1];
-            matches!(nix::unistd::read(read.as_raw_fd(), &mut byte), Ok(0))
-        };
-        (write, closed)
-    }
+    use crate::kernel::testutil::watched_pipe as pipe;
 
     /// A file a client brought in is let go of on its uid's thread, even
     /// when a dup outlives the daemon's own copy: the broker's thread never

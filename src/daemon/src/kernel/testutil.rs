@@ -6,6 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A pipe's write end, and whether its read end sees every writer gone:
+/// for tests of where and when an fd is closed.
+pub(crate) fn watched_pipe() -> (std::os::fd::OwnedFd, impl Fn() -> bool) {
+    use std::os::fd::AsRawFd;
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    nix::fcntl::fcntl(
+        read.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .expect("nonblocking");
+    let closed = move || {
+        let mut byte = [0u8; 1];
+        matches!(nix::unistd::read(read.as_raw_fd(), &mut byte), Ok(0))
+    };
+    (write, closed)
+}
+
 /// A connected SOCK_SEQPACKET pair (close-on-exec), the daemon's kind of
 /// client connection.
 pub(crate) fn seqpacket_pair(nonblocking: bool) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
