@@ -42,7 +42,7 @@ pub const UNACCOUNTED_UID: u32 = u32::MAX - 1;
 /// [`Peer::accountable_uid`]); `None` when its namespace cannot be read.
 fn accountable(uid: u32, pid: i32) -> Option<u32> {
     match crate::kernel::userns::owner_below_ours(pid) {
-        Ok(None) | Ok(Some(0)) => Some(uid),
+        Ok(None) => Some(uid),
         Ok(Some(maker)) => Some(maker),
         Err(_) => None,
     }

@@ -19,10 +19,14 @@ const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
 /// Nesting of user namespaces the kernel allows (`linux/user_namespace.h`).
 const MAX_DEPTH: usize = 32;
 
-/// The owner, as the daemon's user namespace sees it, of the outermost
-/// user namespace below the daemon's that process `pid` is in: `None` when
-/// the process is in the daemon's own user namespace (or in one not below
-/// it, which the kernel does not let the daemon look up through).
+/// The maker of process `pid`'s user namespaces, as the daemon's user
+/// namespace sees it: the owner of the outermost namespace below the
+/// daemon's that root did not make. Root's namespaces (containers) give
+/// their tenants uids of their own, so a namespace a tenant made inside
+/// one (rootless containers in a container) answers to that tenant.
+/// `None` when the process is in the daemon's own user namespace, in
+/// namespaces root made, or in one not below the daemon's (which the
+/// kernel does not let the daemon look up through).
 pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
     // The daemon's own, read once: it never changes user namespace.
     static OURS: std::sync::OnceLock<Result<(u64, u64), Errno>> = std::sync::OnceLock::new();
@@ -34,7 +38,14 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
     if identity_of_fd(&ns)? == ours {
         return Ok(None);
     }
+    // From the process's namespace outwards: the last maker not root
+    // seen is the outermost.
+    let mut maker = None;
     for _ in 0..MAX_DEPTH {
+        let owner = owner_of(&ns)?;
+        if owner != 0 {
+            maker = Some(owner);
+        }
         let parent = match parent_of(&ns) {
             Ok(parent) => parent,
             // The parent is not in the daemon's subtree.
@@ -42,7 +53,7 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
             Err(errno) => return Err(errno),
         };
         if identity_of_fd(&parent)? == ours {
-            return owner_of(&ns).map(Some);
+            return Ok(maker);
         }
         ns = parent;
     }
@@ -95,19 +106,18 @@ mod tests {
         assert_eq!(owner_below_ours(std::process::id() as i32), Ok(None));
     }
 
-    /// A process of another user in user namespaces of its own, nested,
-    /// answers to that user, whatever uid it has in them.
-    #[test]
-    fn a_process_in_nested_user_namespaces_answers_to_their_maker() {
-        const ALICE: u32 = 65501;
+    /// What `owner_below_ours` says of a process run in two nested user
+    /// namespaces (`unshare -Ur unshare -Ur`) by `uid` (through
+    /// `setpriv`); `None` where the test cannot run here.
+    fn maker_of_nested_chain(uid: u32) -> Option<Result<Option<u32>, Errno>> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root to run a process as another user");
-            return;
+            return None;
         }
         let mut child = match std::process::Command::new("setpriv")
             .args([
-                &format!("--reuid={ALICE}"),
-                &format!("--regid={ALICE}"),
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
                 "--clear-groups",
                 "unshare",
                 "-Ur",
@@ -121,13 +131,13 @@ mod tests {
             Ok(child) => child,
             Err(err) => {
                 eprintln!("skipping: cannot run setpriv: {err}");
-                return;
+                return None;
             }
         };
         let pid = child.id() as i32;
         let ours = identity_of("/proc/self/ns/user").expect("our namespace");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut owner = Ok(None);
+        let mut maker = None;
         while std::time::Instant::now() < deadline {
             // Each exec of the chain may still be on its way to sleep.
             let cmdline =
@@ -137,17 +147,36 @@ mod tests {
                     identity_of(&format!("/proc/{pid}/ns/user")).ok(),
                     Some(ours)
                 );
-                owner = owner_below_ours(pid);
+                maker = Some(owner_below_ours(pid));
                 break;
             }
             if child.try_wait().ok().flatten().is_some() {
-                eprintln!("skipping: user namespaces unavailable to other users here");
-                return;
+                eprintln!("skipping: user namespaces unavailable to uid {uid} here");
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(owner, Ok(Some(ALICE)));
+        maker
+    }
+
+    /// A process of another user in nested user namespaces of its own
+    /// answers to that user, whatever uid it has in them.
+    #[test]
+    fn a_process_in_nested_user_namespaces_answers_to_their_maker() {
+        const ALICE: u32 = 65501;
+        if let Some(maker) = maker_of_nested_chain(ALICE) {
+            assert_eq!(maker, Ok(Some(ALICE)));
+        }
+    }
+
+    /// Namespaces root made (a container's) have no maker to answer to:
+    /// their processes count as their uids.
+    #[test]
+    fn namespaces_root_made_have_no_maker() {
+        if let Some(maker) = maker_of_nested_chain(0) {
+            assert_eq!(maker, Ok(None));
+        }
     }
 }
