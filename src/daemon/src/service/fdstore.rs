@@ -618,6 +618,9 @@ impl FdStore {
         const PATIENCE: Duration = Duration::from_secs(60);
         let started = Instant::now();
         let mut said = false;
+        // Sent once, then waited for in turns: another one each turn
+        // would only crowd a slow manager's queue.
+        let mut barrier: Option<notify::Barrier> = None;
         loop {
             let unsent = self.removal_unsent(name);
             // No manager to send the removal to: its copy stays until it
@@ -631,7 +634,20 @@ impl FdStore {
             }
             if !unsent {
                 let one_try = (Instant::now() + Duration::from_secs(5)).min(deadline);
-                match notify::barrier(one_try) {
+                let waited = match &barrier {
+                    Some(sent) => sent.wait(one_try),
+                    None => match notify::Barrier::send(one_try) {
+                        Ok(Some(sent)) => {
+                            let waited = sent.wait(one_try);
+                            barrier = Some(sent);
+                            waited
+                        }
+                        // No manager: nobody else holds a copy.
+                        Ok(None) => return,
+                        Err(err) => Err(err),
+                    },
+                };
+                match waited {
                     Ok(()) => return,
                     Err(err)
                         if matches!(

@@ -157,34 +157,48 @@ pub fn send_waiting(
     send_text_waiting(&text_of(states), fds, deadline)
 }
 
-/// Waits until the manager has read every datagram sent before this one,
-/// or `deadline`: `BARRIER=1` comes with the write end of a pipe, which
-/// the manager closes once it has read it (`sd_notify_barrier(3)`). Blocks:
-/// never on the broker's thread.
-pub fn barrier(deadline: Instant) -> io::Result<()> {
-    if !enabled() {
-        return Ok(());
-    }
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    send_text_waiting("BARRIER=1\n", &[write_end.as_fd()], deadline)?;
-    drop(write_end);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the service manager did not read a barrier in time",
-            ));
+/// A `BARRIER=1` sent to the manager: it comes with the write end of a
+/// pipe, which the manager closes once it has read it (`sd_notify_barrier(3)`),
+/// so the read end sees every datagram sent before it read.
+#[derive(Debug)]
+pub struct Barrier {
+    read_end: OwnedFd,
+}
+
+impl Barrier {
+    /// Sends one, waiting until `deadline` for room in the manager's
+    /// queue. `None` without a manager. Blocks: never on the broker's
+    /// thread.
+    pub fn send(deadline: Instant) -> io::Result<Option<Barrier>> {
+        if !enabled() {
+            return Ok(None);
         }
-        let ms = left.as_millis().clamp(1, u128::from(u16::MAX)) as u16;
-        let mut hung_up = [PollFd::new(read_end.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut hung_up, PollTimeout::from(ms)) {
-            Ok(0) | Err(Errno::EINTR) => {}
-            // Nobody writes to the pipe: readable means every write end
-            // is closed.
-            Ok(_) => return Ok(()),
-            Err(errno) => return Err(errno.into()),
+        let (read_end, write_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        send_text_waiting("BARRIER=1\n", &[write_end.as_fd()], deadline)?;
+        Ok(Some(Barrier { read_end }))
+    }
+
+    /// Waits until the manager has read it, or `deadline` (`TimedOut`);
+    /// may be called again after a timeout, with the same barrier.
+    pub fn wait(&self, deadline: Instant) -> io::Result<()> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the service manager did not read a barrier in time",
+                ));
+            }
+            let ms = left.as_millis().clamp(1, u128::from(u16::MAX)) as u16;
+            let mut hung_up = [PollFd::new(self.read_end.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut hung_up, PollTimeout::from(ms)) {
+                Ok(0) | Err(Errno::EINTR) => {}
+                // Nobody writes to the pipe: readable means every write
+                // end is closed.
+                Ok(_) => return Ok(()),
+                Err(errno) => return Err(errno.into()),
+            }
         }
     }
 }
