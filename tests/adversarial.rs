@@ -660,11 +660,15 @@ fn garbage_frames_get_errors_or_disconnects_and_never_allocate() {
                 None => break,
             }
         }
-        // No buffer was made: the daemon holds one socket (and pidfd) more.
+        // No buffer was made: the daemon holds one socket (and pidfd) more,
+        // and the sockets of the connections just before it until its
+        // uid's closing thread has closed them (a moment: see
+        // `server::retire`).
         peak = peak.max(fd_count(daemon.pid()));
     }
     eprintln!("{frames} garbage frames on {connections} connections; daemon fds peaked at {peak} (baseline {baseline})");
-    assert!(peak <= baseline + 2, "the daemon opened fds for garbage");
+    // A buffer per garbage frame would be hundreds more.
+    assert!(peak <= baseline + 8, "the daemon opened fds for garbage");
     daemon.client().alloc(4096).expect("still serving");
     daemon.assert_fds_back_to(baseline);
 }
