@@ -139,15 +139,45 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     // meanwhile, which holds the uid's connections back once there are
     // enough.
     if let Err(err) = start_thread(key, queue) {
-        tracing::warn!(%err, uid = key.0, "no thread to close a client's fds on yet");
+        // Once a minute at most: past the bound, every hand-over fails so.
+        static NO_THREAD: crate::logging::Throttle =
+            crate::logging::Throttle::new(std::time::Duration::from_secs(60));
+        if let Some(held_back) = NO_THREAD.admit(std::time::Instant::now()) {
+            tracing::warn!(%err, uid = key.0, held_back, "no thread to close a client's fds on yet");
+        }
     }
 }
 
+/// Closing threads at most, stuck ones included: each user has two, and a
+/// user who stalls its own only keeps those. Past the bound a queue waits
+/// for a thread (its parcels counted, holding its uid's connections back
+/// at the bound) until one ends.
+const MAX_CLOSING_THREADS: usize = 512;
+
+/// Closing threads running or lingering.
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
 /// Starts the closing thread of `key`'s queue.
 fn start_thread(key: Key, queue: &mut Queue) -> std::io::Result<()> {
-    std::thread::Builder::new()
+    if THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_CLOSING_THREADS {
+        THREADS.fetch_sub(1, Ordering::AcqRel);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{MAX_CLOSING_THREADS} closing threads already run"),
+        ));
+    }
+    let spawned = std::thread::Builder::new()
         .name("dmabroker-fdclose".into())
-        .spawn(move || close_all_of(key))?;
+        .spawn(move || {
+            close_all_of(key);
+            THREADS.fetch_sub(1, Ordering::AcqRel);
+            // Its place may be what a waiting queue needs.
+            start_stalled_threads();
+        });
+    if let Err(err) = spawned {
+        THREADS.fetch_sub(1, Ordering::AcqRel);
+        return Err(err);
+    }
     queue.closing = true;
     Ok(())
 }

@@ -73,6 +73,9 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // FUSE file whose FLUSH its server holds): what a client parks in
         // the daemon stays bounded.
         while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
+            // A closing thread that could not be started is tried again
+            // here too: nothing else may hand this uid anything to close.
+            client_fds::start_stalled_threads();
             tokio::time::sleep(FDS_CLOSING_POLL).await;
         }
         let ready = match hello_due.as_mut() {

@@ -82,12 +82,14 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         // The kernel has pidfds but gave none: the peer has exited (it
         // may have passed its socket on), so its pid may be anyone's; or
         // the daemon is short of fds or memory, and cannot pin it either.
-        PidfdLookup::Failed(Errno::ESRCH) => (None, (None, None), None),
-        // The daemon is short of fds or memory: the peer is likely there
-        // still, and counted as /proc says, best effort, or as its uid.
+        // Nothing it says of itself through /proc can be trusted then, its
+        // namespace included: it counts in the shared count. (A peer gone
+        // reads as ESRCH, EINVAL or ENOENT, depending on the kernel.)
         PidfdLookup::Failed(errno) => {
-            tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
-            (None, (None, None), Some(maker().unwrap_or(cred.uid())))
+            if matches!(errno, Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM) {
+                tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
+            }
+            (None, (None, None), None)
         }
     };
     Ok(Peer {

@@ -583,7 +583,12 @@ impl FdStore {
                 true
             }
             Err(err) => {
-                let gone = err.kind() != std::io::ErrorKind::WouldBlock;
+                // Only a manager whose socket is not there: a failure for
+                // want of room or memory says nothing of its copy.
+                let gone = matches!(
+                    err.raw_os_error(),
+                    Some(libc::ECONNREFUSED | libc::ENOENT | libc::ENOTCONN)
+                );
                 self.unreachable.store(gone, Ordering::Release);
                 tracing::debug!(name, error = %err, "cannot remove an entry from the fd store");
                 false
@@ -623,9 +628,13 @@ impl FdStore {
         let mut barrier: Option<notify::Barrier> = None;
         loop {
             let unsent = self.removal_unsent(name);
-            // No manager to send the removal to: its copy stays until it
-            // is back, so the daemon's close is not the last release.
-            if unsent && self.unreachable.load(std::sync::atomic::Ordering::Acquire) {
+            // No manager to send the removal to (the last removal tried,
+            // this one among those waiting, found its socket gone): its
+            // copy stays until it is back, so the daemon's close is not
+            // the last release.
+            let tried_and_unreachable = self.unremoved_names().iter().any(|n| n == name)
+                && self.unreachable.load(std::sync::atomic::Ordering::Acquire);
+            if unsent && tried_and_unreachable {
                 tracing::debug!(
                     name,
                     "the service manager cannot be reached; letting go of the daemon's copy"
