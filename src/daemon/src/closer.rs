@@ -227,6 +227,17 @@ mod tests {
         TURN.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// An allocation's wait for earlier closes (at most `limit`) on a
+    /// thread of its own: says when it returns.
+    fn waiting_elsewhere(limit: Duration) -> Receiver<()> {
+        let (done_tx, done) = channel();
+        std::thread::spawn(move || {
+            wait_for_earlier_closes_within(limit);
+            let _ = done_tx.send(());
+        });
+        done
+    }
+
     /// A close stuck for good (a dma-buf whose release waits on a lock a
     /// client holds, see `held_files`) holds up the allocation that first
     /// waits for it, for the whole wait, and no allocation after it: its
@@ -238,22 +249,14 @@ mod tests {
         let first = std::time::Instant::now();
         wait_for_earlier_closes_within(Duration::from_millis(300));
         assert!(first.elapsed() >= Duration::from_millis(300));
-        let (done_tx, done) = channel();
-        std::thread::spawn(move || {
-            wait_for_earlier_closes_within(Duration::from_secs(30));
-            let _ = done_tx.send(());
-        });
+        let done = waiting_elsewhere(Duration::from_secs(30));
         done.recv_timeout(Duration::from_secs(10))
             .expect("a later allocation waited again for the stuck close");
         // A close queued behind it on the same (stuck) thread is not waited
         // for either; one on another thread is.
         let behind = ticket_of(4_000_000_021);
         let elsewhere = ticket_of(4_000_000_022);
-        let (done_tx, done) = channel();
-        std::thread::spawn(move || {
-            wait_for_earlier_closes_within(Duration::from_secs(30));
-            let _ = done_tx.send(());
-        });
+        let done = waiting_elsewhere(Duration::from_secs(30));
         assert!(
             done.recv_timeout(Duration::from_millis(200)).is_err(),
             "returned while a close on a thread not known to be stuck was going on"
@@ -275,11 +278,7 @@ mod tests {
         slow_dropped
             .recv_timeout(Duration::from_secs(10))
             .expect("the slow close started");
-        let (waited_tx, waited) = channel();
-        std::thread::spawn(move || {
-            wait_for_earlier_closes();
-            let _ = waited_tx.send(());
-        });
+        let waited = waiting_elsewhere(EARLIER_CLOSES_WAIT);
         assert!(
             waited.recv_timeout(Duration::from_millis(200)).is_err(),
             "returned while an earlier close was still going on"
