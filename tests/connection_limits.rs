@@ -12,11 +12,16 @@ use dmabroker_suite::{Daemon, DaemonOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// A daemon serving at most `max` connections, none of them yet: the
+/// readiness probe's connection ended and its socket closed (on a thread
+/// of its own, a moment after), so it holds no place under the cap.
 fn daemon_serving_at_most(max: usize) -> Daemon {
-    Daemon::start_with(DaemonOptions {
+    let daemon = Daemon::start_with(DaemonOptions {
         args: vec!["--max-connections".into(), max.to_string()],
         ..Default::default()
-    })
+    });
+    dmabroker_suite::proc::stable_fd_count(daemon.pid());
+    daemon
 }
 
 fn hello() -> RequestBody {
