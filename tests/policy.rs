@@ -606,9 +606,9 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
 /// user namespace (here Alice's, with uids 300,000 on), and each counted
 /// as a user of its own: `max_uid_connections` was a limit per
 /// subordinate uid, so per user only the daemon's connection cap bounded
-/// it. Processes in a user namespace now count as the user who made it,
-/// unless root made it (a container's, `PrivateUsers=`): root gives its
-/// tenants uids of their own.
+/// it. Processes in a user namespace now count as the user who made it;
+/// a namespace root made (a container's, `PrivateUsers=`) counts as the
+/// container, not with root or anyone else.
 #[test]
 fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
     if !have_root("policy: max_uid_connections across a user namespace") {
@@ -651,13 +651,13 @@ fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
         "a third uid of Alice's namespace: {refused}"
     );
     // Another user is not counted with them, nor is the same uid of a
-    // namespace root made.
+    // container (a namespace root made).
     let root = dmabroker_client::Client::connect_to(daemon.socket()).expect("root connects");
     root.heaps().expect("root is served");
     let of_root = third(0);
     assert!(
         of_root.starts_with("ready"),
-        "uid 3 of a namespace root made: {of_root}"
+        "uid 3 of a container: {of_root}"
     );
     drop((first, second));
     dmabroker_suite::eventually("places of the namespace's maker to come free", || {

@@ -259,6 +259,10 @@ fn take_uid_slot(
         );
         let whose = if counted_as == uid {
             format!("uid {uid}")
+        } else if counted_as == identity::UNACCOUNTED_UID {
+            format!("uid {uid}, counted with every peer gone before it was identified")
+        } else if counted_as >= 0xf000_0000 {
+            format!("uid {uid}, counted with its container (user namespace {counted_as})")
         } else {
             format!("uid {uid}, counted as uid {counted_as}, who made its user namespace")
         };

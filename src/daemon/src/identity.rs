@@ -22,9 +22,11 @@ pub struct Peer {
     pub identity: Identity,
     /// The user the peer answers to, for bounds that must hold per user:
     /// its uid, or for a process in a user namespace a user made below the
-    /// daemon's, that user's (see `kernel::userns`). Root's namespaces
-    /// (containers, `PrivateUsers=`) are the administrator's way of giving
-    /// tenants uids of their own: their processes count as their uids.
+    /// daemon's, that user's (see `kernel::userns`). The processes of a
+    /// container (namespaces root made, `PrivateUsers=`) count as one,
+    /// named by the container's namespace: all of its uids are one
+    /// tenant's to switch between, and every container as root would
+    /// share one count.
     /// A peer whose namespace the daemon cannot read (the process gone
     /// before it was pinned, which a namespaced client can arrange by
     /// passing its socket on) counts as [`UNACCOUNTED_UID`].
@@ -41,9 +43,10 @@ pub const UNACCOUNTED_UID: u32 = u32::MAX - 1;
 /// The user a process of `uid`, `pid`, answers to (see
 /// [`Peer::accountable_uid`]); `None` when its namespace cannot be read.
 fn accountable(uid: u32, pid: i32) -> Option<u32> {
+    use crate::kernel::userns::Maker;
     match crate::kernel::userns::owner_below_ours(pid) {
         Ok(None) => Some(uid),
-        Ok(Some(maker)) => Some(maker),
+        Ok(Some(Maker::User(maker) | Maker::Container(maker))) => Some(maker),
         Err(_) => None,
     }
 }
@@ -82,15 +85,16 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         // The kernel has pidfds but gave none: the peer has exited (it
         // may have passed its socket on), so its pid may be anyone's; or
         // the daemon is short of fds or memory, and cannot pin it either.
-        // Nothing it says of itself through /proc can be trusted then, its
-        // namespace included: it counts in the shared count. (A peer gone
-        // reads as ESRCH, EINVAL or ENOENT, depending on the kernel.)
-        PidfdLookup::Failed(errno) => {
-            if matches!(errno, Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM) {
-                tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
-            }
-            (None, (None, None), None)
+        // The daemon short of fds or memory: the peer is likely there, but
+        // nothing /proc says of it can be pinned; it counts as its uid.
+        PidfdLookup::Failed(errno @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM)) => {
+            tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
+            (None, (None, None), Some(cred.uid()))
         }
+        // Gone (ESRCH, EINVAL or ENOENT, depending on the kernel): nothing
+        // it says of itself through /proc can be trusted, its namespace
+        // included, and it counts in the shared count.
+        PidfdLookup::Failed(_) => (None, (None, None), None),
     };
     Ok(Peer {
         accountable_uid: maker.unwrap_or(UNACCOUNTED_UID),

@@ -19,15 +19,24 @@ const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
 /// Nesting of user namespaces the kernel allows (`linux/user_namespace.h`).
 const MAX_DEPTH: usize = 32;
 
-/// The maker of process `pid`'s user namespaces, as the daemon's user
-/// namespace sees it: the owner of the outermost namespace below the
-/// daemon's that root did not make. Root's namespaces (containers) give
-/// their tenants uids of their own, so a namespace a tenant made inside
-/// one (rootless containers in a container) answers to that tenant.
-/// `None` when the process is in the daemon's own user namespace, in
-/// namespaces root made, or in one not below the daemon's (which the
-/// kernel does not let the daemon look up through).
-pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
+/// Whom a process in user namespaces below the daemon's answers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Maker {
+    /// A user (as the daemon's namespace sees it) made them: the owner
+    /// of the outermost one root did not make.
+    User(u32),
+    /// Root made every one of them: a container's, a unit's
+    /// `PrivateUsers=`. Named by the outermost one's inode, as all of the
+    /// container's uids answer to the container.
+    Container(u32),
+}
+
+/// Whom process `pid` answers to through its user namespaces (see
+/// [`Maker`]). A namespace a tenant made inside a container answers to
+/// that tenant. `None` when the process is in the daemon's own user
+/// namespace, or in one not below it (which the kernel does not let the
+/// daemon look up through).
+pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
     // The daemon's own, read once: it never changes user namespace.
     static OURS: std::sync::OnceLock<Result<(u64, u64), Errno>> = std::sync::OnceLock::new();
     let ours = (*OURS.get_or_init(|| identity_of("/proc/self/ns/user")))?;
@@ -53,7 +62,12 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<u32>, Errno> {
             Err(errno) => return Err(errno),
         };
         if identity_of_fd(&parent)? == ours {
-            return Ok(maker);
+            return Ok(Some(match maker {
+                Some(owner) => Maker::User(owner),
+                // Proc inode numbers of namespaces fit 32 bits (and sit
+                // at 0xF0000000 and above, where no uid is given out).
+                None => Maker::Container(identity_of_fd(&ns)?.1 as u32),
+            }));
         }
         ns = parent;
     }
@@ -109,7 +123,7 @@ mod tests {
     /// What `owner_below_ours` says of a process run in two nested user
     /// namespaces (`unshare -Ur unshare -Ur`) by `uid` (through
     /// `setpriv`); `None` where the test cannot run here.
-    fn maker_of_nested_chain(uid: u32) -> Option<Result<Option<u32>, Errno>> {
+    fn maker_of_nested_chain(uid: u32) -> Option<Result<Option<Maker>, Errno>> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root to run a process as another user");
             return None;
@@ -167,16 +181,19 @@ mod tests {
     fn a_process_in_nested_user_namespaces_answers_to_their_maker() {
         const ALICE: u32 = 65501;
         if let Some(maker) = maker_of_nested_chain(ALICE) {
-            assert_eq!(maker, Ok(Some(ALICE)));
+            assert_eq!(maker, Ok(Some(Maker::User(ALICE))));
         }
     }
 
-    /// Namespaces root made (a container's) have no maker to answer to:
-    /// their processes count as their uids.
+    /// Namespaces root made (a container's) answer to the container, not
+    /// to root, whom every container would share.
     #[test]
-    fn namespaces_root_made_have_no_maker() {
+    fn namespaces_root_made_answer_to_their_container() {
         if let Some(maker) = maker_of_nested_chain(0) {
-            assert_eq!(maker, Ok(None));
+            assert!(
+                matches!(maker, Ok(Some(Maker::Container(inode))) if inode >= 0xf000_0000),
+                "{maker:?}"
+            );
         }
     }
 }

@@ -587,7 +587,15 @@ impl FdStore {
                 // want of room or memory says nothing of its copy.
                 let gone = matches!(
                     err.raw_os_error(),
-                    Some(libc::ECONNREFUSED | libc::ENOENT | libc::ENOTCONN)
+                    Some(
+                        libc::ECONNREFUSED
+                            | libc::ENOENT
+                            | libc::ENOTCONN
+                            | libc::ECONNRESET
+                            | libc::EPIPE
+                            | libc::EACCES
+                            | libc::EPERM
+                    )
                 );
                 self.unreachable.store(gone, Ordering::Release);
                 tracing::debug!(name, error = %err, "cannot remove an entry from the fd store");
@@ -629,9 +637,9 @@ impl FdStore {
         loop {
             let unsent = self.removal_unsent(name);
             // No manager to send the removal to (the last removal tried,
-            // this one among those waiting, found its socket gone): its
-            // copy stays until it is back, so the daemon's close is not
-            // the last release.
+            // at the head of those waiting, this one among them, found it
+            // gone or out of reach): its copy stays until it is back, so
+            // the daemon's close is not the last release.
             let tried_and_unreachable = self.unremoved_names().iter().any(|n| n == name)
                 && self.unreachable.load(std::sync::atomic::Ordering::Acquire);
             if unsent && tried_and_unreachable {
