@@ -131,6 +131,14 @@ fn fds_parked_by_a_client_stay_bounded_and_others_are_served() {
     );
     let answer = honest_answer.expect("a client of another user was not served");
     assert!(answer.starts_with("ok heaps="), "{answer}");
+    // And the operator is told why the client hangs.
+    assert!(
+        daemon.log().contains(
+            "connection read no further until its user's files waiting to be closed are closed"
+        ),
+        "{}",
+        daemon.log()
+    );
     // Read again once they are closed: every adopt is answered.
     for i in 0..SENT {
         let answer = raw.recv_reply().map(|(_, answer)| answer);

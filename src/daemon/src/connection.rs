@@ -72,6 +72,9 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // Not read while too many of its uid's fds wait to be closed (a
         // FUSE file whose FLUSH its server holds): what a client parks in
         // the daemon stays bounded.
+        if client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
+            held_back(pid, uid, accountable);
+        }
         while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
             // A closing thread that could not be started is tried again
             // here too: nothing else may hand this uid anything to close.
@@ -222,6 +225,26 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
             tracing::error!(pid, uid, "a connection's socket is still shared at its end");
             crate::client_fds::release_socket_elsewhere(accountable, Box::new((shared, uid_slot)));
         }
+    }
+}
+
+/// Says (once a minute at most) that a connection is read no further
+/// while its user's closes are behind: a client stalling its own closes
+/// (a FUSE file whose FLUSH is held), or a service manager slow to read
+/// (see `FdStore::await_removal`). Without it, an operator saw a client
+/// hang for no stated reason.
+fn held_back(pid: i32, uid: u32, counted_as: u32) {
+    static HELD_BACK: crate::logging::Throttle =
+        crate::logging::Throttle::new(std::time::Duration::from_secs(60));
+    if let Some(held_back) = HELD_BACK.admit(std::time::Instant::now()) {
+        tracing::warn!(
+            pid,
+            uid,
+            counted_as,
+            held_back,
+            waiting = client_fds::pending(counted_as),
+            "connection read no further until its user's files waiting to be closed are closed"
+        );
     }
 }
 
