@@ -74,12 +74,13 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // the daemon stays bounded.
         if client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
             held_back(pid, uid, accountable);
-        }
-        while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
-            // A closing thread that could not be started is tried again
-            // here too: nothing else may hand this uid anything to close.
-            client_fds::start_stalled_threads();
-            tokio::time::sleep(FDS_CLOSING_POLL).await;
+            while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
+                // A closing thread that could not be started is tried
+                // again here too: nothing else may hand this uid anything
+                // to close.
+                client_fds::start_stalled_threads();
+                tokio::time::sleep(FDS_CLOSING_POLL).await;
+            }
         }
         let ready = match hello_due.as_mut() {
             None => socket.readable().await,

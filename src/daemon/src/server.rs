@@ -419,19 +419,15 @@ impl Drop for RetiredSocket {
 
 impl RetiredSocket {
     fn read_out(&self) {
-        use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
         // Reading is shut, so what is queued is all there will be: a
         // socket's queue holds a few hundred messages at most.
         let mut sink = [0u8; 256];
         loop {
-            let mut fds = Vec::new();
-            let received =
-                recv_message_into_keeping(self.socket.as_fd(), &mut sink, true, &mut fds);
+            let (fds, read) = read_one(self.socket.as_fd(), &mut sink);
             // Dropped here, on this uid's thread.
             drop(fds);
-            match received {
-                Ok(_) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
-                Err(_) => break,
+            if read != Drained::More {
+                break;
             }
         }
     }
@@ -452,7 +448,6 @@ enum Drained {
 /// buffer: what they say is not read. Their fds go to the closing thread
 /// of the client's uid, never closed or let go of here (see `client_fds`).
 fn drain(conn: std::os::fd::BorrowedFd<'_>, uid: u32) -> Drained {
-    use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
     let mut sink = [0u8; 256];
     for _ in 0..DRAIN_TURN {
         // As a served connection, read no further while the uid has too
@@ -461,17 +456,30 @@ fn drain(conn: std::os::fd::BorrowedFd<'_>, uid: u32) -> Drained {
         if crate::client_fds::pending(uid) >= crate::client_fds::MAX_PENDING_PER_UID {
             return Drained::HungUp;
         }
-        let mut fds = Vec::new();
-        let received = recv_message_into_keeping(conn, &mut sink, true, &mut fds)
-            .map(|(_, got)| fds.extend(got));
+        let (fds, read) = read_one(conn, &mut sink);
         crate::client_fds::close_elsewhere(uid, fds);
-        match received {
-            Ok(()) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => {}
-            Err(RecvError::Os(Errno::EAGAIN)) => return Drained::Empty,
-            Err(_) => return Drained::HungUp,
+        if read != Drained::More {
+            return read;
         }
     }
     Drained::More
+}
+
+/// Reads and drops one queued message into `sink` (what it says is not
+/// read), giving back every fd it brought, for the caller to close where
+/// it must; and what is left: `More` after a message, `Empty` when none
+/// was queued, `HungUp` at the end.
+fn read_one(conn: std::os::fd::BorrowedFd<'_>, sink: &mut [u8]) -> (Vec<OwnedFd>, Drained) {
+    use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
+    let mut fds = Vec::new();
+    let received =
+        recv_message_into_keeping(conn, sink, true, &mut fds).map(|(_, got)| fds.extend(got));
+    let read = match received {
+        Ok(()) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => Drained::More,
+        Err(RecvError::Os(Errno::EAGAIN)) => Drained::Empty,
+        Err(_) => Drained::HungUp,
+    };
+    (fds, read)
 }
 
 #[cfg(test)]

@@ -177,6 +177,15 @@ impl RecordError {
     }
 }
 
+/// Where a removal still to be sent waits (see `FdStore::await_removal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unsent {
+    /// Queued for room in the manager's queue, or for a manager at all.
+    Queued,
+    /// Held back behind the record writer's store of the buffer.
+    HeldBack,
+}
+
 /// Buffers out of the store taken for the record's writer (see
 /// [`FdStore::take_batch`]).
 #[derive(Debug, Default)]
@@ -503,7 +512,7 @@ impl FdStore {
     pub fn finish_batch(&self, sent: &[u64], unsent: &[u64]) {
         // Moved from one list to the other under both locks (in the order
         // `note_progress` takes them): a removal is never in neither, where
-        // `removal_unsent` would take it for sent.
+        // `unsent_removal` would take it for sent.
         let mut unremoved = self.unremoved_names();
         let deferred = {
             let mut flight = self.in_flight();
@@ -604,14 +613,17 @@ impl FdStore {
         }
     }
 
-    /// Whether the removal of `name` is still to be sent: queued for room
-    /// in the manager's queue, or held back behind the writer's store of
-    /// it.
-    fn removal_unsent(&self, name: &str) -> bool {
+    /// Where the removal of `name` is, if it is still to be sent.
+    fn unsent_removal(&self, name: &str) -> Option<Unsent> {
         // Both at once (see `finish_batch`).
         let unremoved = self.unremoved_names();
-        let held_back = self.in_flight().deferred_removals.iter().any(|n| n == name);
-        held_back || unremoved.iter().any(|n| n == name)
+        if self.in_flight().deferred_removals.iter().any(|n| n == name) {
+            Some(Unsent::HeldBack)
+        } else if unremoved.iter().any(|n| n == name) {
+            Some(Unsent::Queued)
+        } else {
+            None
+        }
     }
 
     /// Waits, until `deadline`, for the manager to have let go of its copy
@@ -624,8 +636,8 @@ impl FdStore {
     /// fill it) is waited for, barrier after barrier: giving up early is
     /// what a client would arrange. Only a manager that cannot be reached
     /// (its socket gone: its copy then stays until it is back) or the
-    /// deadline ends the wait. Off the broker's thread only: on a closing thread, where
-    /// the wait holds up only the uid whose file it is.
+    /// deadline ends the wait. Off the broker's thread only: on a closing
+    /// thread, where the wait holds up only the uid whose file it is.
     pub fn await_removal(&self, name: &str, deadline: std::time::Instant) {
         use std::time::{Duration, Instant};
         const PATIENCE: Duration = Duration::from_secs(60);
@@ -635,21 +647,21 @@ impl FdStore {
         // would only crowd a slow manager's queue.
         let mut barrier: Option<notify::Barrier> = None;
         loop {
-            let unsent = self.removal_unsent(name);
+            let unsent = self.unsent_removal(name);
             // No manager to send the removal to (the last removal tried,
             // at the head of those waiting, this one among them, found it
             // gone or out of reach): its copy stays until it is back, so
             // the daemon's close is not the last release.
-            let tried_and_unreachable = self.unremoved_names().iter().any(|n| n == name)
-                && self.unreachable.load(std::sync::atomic::Ordering::Acquire);
-            if unsent && tried_and_unreachable {
+            if unsent == Some(Unsent::Queued)
+                && self.unreachable.load(std::sync::atomic::Ordering::Acquire)
+            {
                 tracing::debug!(
                     name,
                     "the service manager cannot be reached; letting go of the daemon's copy"
                 );
                 return;
             }
-            if !unsent {
+            if unsent.is_none() {
                 let one_try = (Instant::now() + Duration::from_secs(5)).min(deadline);
                 let waited = match &barrier {
                     Some(sent) => sent.wait(one_try),
@@ -1154,12 +1166,7 @@ mod tests {
     fn a_record_that_does_not_fit_waits_and_the_stored_one_stays() {
         let deadline = std::time::Instant::now();
         let mut writer = RecordWriter::continuing("state-a".into(), 7, 1, Vec::new());
-        let record = StateRecord {
-            version: crate::service::record::RECORD_VERSION,
-            generation: writer.next_generation(),
-            next_buffer: 1,
-            buffers: Vec::new(),
-        };
+        let record = empty_record(&mut writer);
         let full = Room {
             buffer_fds: 3,
             max: 4,
@@ -1220,17 +1227,22 @@ mod tests {
     /// Without a manager every send succeeds: a record copied once is
     /// stored once, and later tries with the table unchanged send nothing
     /// and need no copy; a change asks for a new one.
+    /// The record of an empty table, in `writer`'s next generation.
+    fn empty_record(writer: &mut RecordWriter) -> StateRecord {
+        StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation: writer.next_generation(),
+            next_buffer: 1,
+            buffers: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_stored_record_is_not_sent_again_until_the_table_changes() {
         let deadline = std::time::Instant::now();
         let mut writer = RecordWriter::default();
         assert!(writer.needs_record());
-        let record = StateRecord {
-            version: crate::service::record::RECORD_VERSION,
-            generation: writer.next_generation(),
-            next_buffer: 1,
-            buffers: Vec::new(),
-        };
+        let record = empty_record(&mut writer);
         writer.store(Some(record), None, deadline).expect("stored");
         assert_eq!(writer.current.as_deref(), Some("state-a"));
         writer
@@ -1254,12 +1266,7 @@ mod tests {
         let deadline = std::time::Instant::now();
         let mut writer = RecordWriter::default();
         assert!(!writer.reoffer(deadline).expect("nothing to offer"));
-        let record = StateRecord {
-            version: crate::service::record::RECORD_VERSION,
-            generation: writer.next_generation(),
-            next_buffer: 1,
-            buffers: Vec::new(),
-        };
+        let record = empty_record(&mut writer);
         writer.store(Some(record), None, deadline).expect("stored");
         assert!(writer.reoffer(deadline).expect("offered"));
         writer.table_changed();
