@@ -1425,14 +1425,7 @@ mod tests {
     }
 
     fn socket() -> OwnedFd {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair")
-        .0
+        pair().0
     }
 
     fn inode(fd: &OwnedFd) -> u64 {

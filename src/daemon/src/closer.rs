@@ -191,6 +191,17 @@ mod tests {
         (owner, where_dropped, release_tx)
     }
 
+    /// A big buffer's close that has started on the closer's thread and
+    /// waits there until the returned sender lets it finish.
+    fn slow_close_under_way() -> Sender<()> {
+        let (slow, slow_dropped, release) = slow_close();
+        close_buffer(slow, CLOSE_APART_BYTES);
+        slow_dropped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the slow close started");
+        release
+    }
+
     /// A big buffer's close, however long it takes, does not hold up the
     /// caller (the broker's thread): it happens on the closer's thread.
     #[test]
@@ -273,11 +284,7 @@ mod tests {
     #[test]
     fn waiting_for_earlier_closes_returns_once_they_are_done() {
         let _turn = waiting_turn();
-        let (slow, slow_dropped, release) = slow_close();
-        close_buffer(slow, CLOSE_APART_BYTES);
-        slow_dropped
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the slow close started");
+        let release = slow_close_under_way();
         let waited = waiting_elsewhere(EARLIER_CLOSES_WAIT);
         assert!(
             waited.recv_timeout(Duration::from_millis(200)).is_err(),
@@ -295,11 +302,7 @@ mod tests {
     #[test]
     fn big_closes_queue_behind_a_slow_one_and_all_happen() {
         let _turn = waiting_turn();
-        let (slow, slow_dropped, release) = slow_close();
-        close_buffer(slow, CLOSE_APART_BYTES);
-        slow_dropped
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the slow close started");
+        let release = slow_close_under_way();
         let fd = Arc::new(std::fs::File::open("/dev/null").expect("open /dev/null"));
         close_buffer(Arc::clone(&fd), u64::MAX);
         assert_eq!(
