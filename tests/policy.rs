@@ -602,6 +602,58 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
     assert!(answer.starts_with("err not-a-dma-buf"), "{answer}");
 }
 
+/// What a client of uid `inner` of a namespace `maker` made says first.
+fn first_words_in_user_namespace(socket: &std::path::Path, maker: u32, inner: u32) -> String {
+    let mut cmd =
+        std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+    let maps = userns::in_user_namespace(&mut cmd, maker, inner);
+    let output = cmd
+        .arg("--socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run dmabroker-testclient");
+    maps.written();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The uids of Alice's namespace were counted as Alice but each checked
+/// against its own rule, `[default]`: a stricter rule for Alice did not
+/// reach them, and with them she had the default's limit. The stricter of
+/// the process's rule and its maker's applies now.
+#[test]
+fn a_makers_own_connection_limit_holds_for_the_uids_of_their_namespace() {
+    if !have_root("policy: a maker's max_uid_connections in their user namespace") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"alice-one\"\nuser = {ALICE}\nmax_uid_connections = 1\n"
+    ));
+    let mut first = userns::spawn_in_user_namespace(daemon.socket(), ALICE, 1, &[]);
+    first.ok("alloc 4096");
+    let refused = first_words_in_user_namespace(daemon.socket(), ALICE, 2);
+    assert!(
+        refused.starts_with("err quota-exceeded")
+            && refused.contains("rule 'alice-one': max_uid_connections limit 1, in use 1")
+            && refused.contains(&format!("counted as uid {ALICE}")),
+        "a second uid of Alice's namespace: {refused}"
+    );
+    // Another user's namespace is not bound by Alice's rule.
+    let of_root = first_words_in_user_namespace(daemon.socket(), 0, 2);
+    assert!(
+        of_root.starts_with("ready"),
+        "uid 2 of a container: {of_root}"
+    );
+    drop(first);
+    dmabroker_suite::eventually("Alice's place to come free", || {
+        first_words_in_user_namespace(daemon.socket(), ALICE, 2).starts_with("ready")
+    });
+}
+
 /// A user with a subordinate uid range connects as any uid of it from a
 /// user namespace (here Alice's, with uids 300,000 on), and each counted
 /// as a user of its own: `max_uid_connections` was a limit per
@@ -617,24 +669,7 @@ fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
     let daemon = daemon_with(
         "[[rule]]\nname = \"namespaced-three\"\nuser = 300003\nmax_uid_connections = 2\n",
     );
-    // What a client of uid 3 of a namespace `maker` made says first.
-    let third = |maker: u32| {
-        let mut cmd =
-            std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
-        let maps = userns::in_user_namespace(&mut cmd, maker, 3);
-        let output = cmd
-            .arg("--socket")
-            .arg(daemon.socket())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run dmabroker-testclient");
-        maps.written();
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let third = |maker: u32| first_words_in_user_namespace(daemon.socket(), maker, 3);
     // Processes of two other uids of Alice's namespace, each the first of
     // its uid, and each under the default's 256.
     let mut first = userns::spawn_in_user_namespace(daemon.socket(), ALICE, 1, &[]);

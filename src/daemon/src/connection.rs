@@ -266,11 +266,23 @@ fn take_uid_slot(
     peer: &identity::Peer,
 ) -> Result<UidSlot, WireError> {
     let policy = Arc::clone(&broker.lock().policy);
-    let resolved = policy.resolve(&peer.identity);
-    let limit = resolved.limits.max_uid_connections;
     // Counted per user: the processes of a user namespace count as the
     // user who made it, or a user with a subordinate uid range would have
-    // the limit once per uid of it.
+    // the limit once per uid of it. The stricter of the process's rule and
+    // its maker's applies, so neither is escaped through the other.
+    let own = policy.resolve(&peer.identity);
+    let resolved = match peer.counted_as_its_maker() {
+        Some(maker) => {
+            let makers = policy.resolve_user(maker);
+            if makers.limits.max_uid_connections < own.limits.max_uid_connections {
+                makers
+            } else {
+                own
+            }
+        }
+        None => own,
+    };
+    let limit = resolved.limits.max_uid_connections;
     let (uid, counted_as) = (peer.identity.uid, peer.accountable_uid);
     uids.take(counted_as, limit).map_err(|open| {
         tracing::warn!(
@@ -285,7 +297,7 @@ fn take_uid_slot(
             format!("uid {uid}")
         } else if counted_as == identity::UNACCOUNTED_UID {
             format!("uid {uid}, counted with every peer gone before it was identified")
-        } else if counted_as >= 0xf000_0000 {
+        } else if counted_as >= identity::FIRST_CONTAINER_ID {
             format!("uid {uid}, counted with its container (user namespace {counted_as})")
         } else {
             format!("uid {uid}, counted as uid {counted_as}, who made its user namespace")

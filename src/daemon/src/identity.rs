@@ -40,6 +40,24 @@ pub struct Peer {
 /// shared, so that such peers cannot have a bound each.
 pub const UNACCOUNTED_UID: u32 = u32::MAX - 1;
 
+/// Where the accountable ids of containers start: namespaces' proc inode
+/// numbers sit at 0xF0000000 and above, where no uid is given out.
+pub const FIRST_CONTAINER_ID: u32 = 0xf000_0000;
+
+impl Peer {
+    /// The user who made the peer's user namespace, when the peer counts
+    /// as a user other than its own uid: that user's own rule then bounds
+    /// what is counted per user too, or a stricter rule for them would not
+    /// reach the subordinate uids they connect as.
+    pub fn counted_as_its_maker(&self) -> Option<u32> {
+        let counted_as = self.accountable_uid;
+        (counted_as != self.identity.uid
+            && counted_as != UNACCOUNTED_UID
+            && counted_as < FIRST_CONTAINER_ID)
+            .then_some(counted_as)
+    }
+}
+
 /// The user a process of `uid`, `pid`, answers to (see
 /// [`Peer::accountable_uid`]); `None` when its namespace cannot be read.
 fn accountable(uid: u32, pid: i32) -> Option<u32> {

@@ -447,11 +447,31 @@ impl Policy {
     /// specific; among equally specific ones the later in file order wins.
     /// Without any, the default section applies.
     pub fn resolve(&self, who: &Identity) -> Resolved {
+        self.most_specific(|matcher| matcher.matches(who))
+    }
+
+    /// The rule for `uid` itself, as opposed to one of its processes: the
+    /// rule that applies where the broker knows the user and nothing else,
+    /// such as the user who made a namespace whose processes are counted
+    /// as theirs. Only rules naming at most a user can be meant for it
+    /// alone; one that also names a group, an exe or a unit is for some of
+    /// the user's processes, and a group cannot be known without reading
+    /// the user database.
+    pub fn resolve_user(&self, uid: u32) -> Resolved {
+        self.most_specific(|matcher| {
+            matcher.gid.is_none()
+                && matcher.exe.is_none()
+                && matcher.unit.is_none()
+                && matcher.uid.map_or(true, |named| named == uid)
+        })
+    }
+
+    fn most_specific(&self, matches: impl Fn(&Matcher) -> bool) -> Resolved {
         let mut best: Option<(&Rule, Specificity)> = None;
         for rule in self
             .rules
             .iter()
-            .filter(|r| r.enabled && r.matcher.matches(who))
+            .filter(|r| r.enabled && matches(&r.matcher))
         {
             let specificity = rule.matcher.specificity();
             let better = match best {

@@ -174,6 +174,48 @@ fn admins_as_a_table_section() {
     assert!(!policy.is_admin(1000, &[]));
 }
 
+/// The user's own rule is one naming the user and nothing narrower; a
+/// rule for some of their processes (a unit, an exe, a group) is not, nor
+/// is another user's, and without a rule of theirs the default applies.
+#[test]
+fn a_users_own_rule_names_only_the_user() {
+    let policy = parse(
+        r#"
+        [[rule]]
+        name = "alice"
+        user = "alice"
+        max_uid_connections = 4
+
+        [[rule]]
+        name = "alice-camera"
+        user = "alice"
+        unit = "camera.service"
+        max_uid_connections = 100
+
+        [[rule]]
+        name = "video"
+        group = "video"
+        max_uid_connections = 200
+
+        [[rule]]
+        name = "alice-video"
+        user = "alice"
+        group = "video"
+        max_uid_connections = 300
+
+        [[rule]]
+        name = "bob-off"
+        user = "bob"
+        enabled = false
+        "#,
+    );
+    let alice = policy.resolve_user(1000);
+    assert_eq!(alice.rule, "alice");
+    assert_eq!(alice.limits.max_uid_connections, 4);
+    assert_eq!(policy.resolve_user(1001).rule, "default");
+    assert_eq!(policy.resolve_user(990).rule, "default");
+}
+
 #[test]
 fn criteria_must_all_match() {
     let policy = parse(

@@ -191,7 +191,7 @@ mod tests {
     fn namespaces_root_made_answer_to_their_container() {
         if let Some(maker) = maker_of_nested_chain(0) {
             assert!(
-                matches!(maker, Ok(Some(Maker::Container(inode))) if inode >= 0xf000_0000),
+                matches!(maker, Ok(Some(Maker::Container(inode))) if inode >= crate::identity::FIRST_CONTAINER_ID),
                 "{maker:?}"
             );
         }
