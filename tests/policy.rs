@@ -604,21 +604,88 @@ fn an_epoll_a_client_holds_locked_is_refused_without_stalling_the_daemon() {
 
 /// What a client of uid `inner` of a namespace `maker` made says first.
 fn first_words_in_user_namespace(socket: &std::path::Path, maker: u32, inner: u32) -> String {
+    first_words(socket, |cmd| {
+        Some(userns::in_user_namespace(cmd, maker, inner))
+    })
+}
+
+/// What a testclient says first, run as `prepare` sets it up (and the maps
+/// it returns written).
+fn first_words(
+    socket: &std::path::Path,
+    prepare: impl FnOnce(&mut std::process::Command) -> Option<userns::Maps>,
+) -> String {
     let mut cmd =
         std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
-    let maps = userns::in_user_namespace(&mut cmd, maker, inner);
+    let maps = prepare(&mut cmd);
     let output = cmd
         .arg("--socket")
         .arg(socket)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run dmabroker-testclient");
-    maps.written();
+    if let Some(maps) = maps {
+        maps.written();
+    }
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A container's user who made a namespace of their own inside it
+/// (`unshare -U`) counted as that user's host uid: each of the
+/// container's 65,536 uids could be a count of its own again, with its
+/// own closing threads. The outermost namespace below the daemon's
+/// decides now.
+#[test]
+fn a_namespace_made_inside_a_container_counts_with_the_container() {
+    if !have_root("policy: a namespace inside a container") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"container-two\"\nuser = {}\nmax_uid_connections = 1\n",
+        userns::OUTER_BASE + 2
+    ));
+    let mut first = userns::spawn_in_user_namespace(daemon.socket(), 0, 1, &[]);
+    first.ok("alloc 4096");
+    let refused = first_words(daemon.socket(), |cmd| {
+        userns::in_namespace_made_inside(cmd, first.pid(), 2);
+        None
+    });
+    assert!(
+        refused.starts_with("err quota-exceeded")
+            && refused.contains("rule 'container-two': max_uid_connections limit 1, in use 1")
+            && refused.contains("counted with its container"),
+        "uid 2 of the container, in a namespace of its own: {refused}"
+    );
+}
+
+/// A namespace root made for one uid (a setuid sandbox's, a unit's
+/// `PrivateUsers=`) counted as a container of its own: each sandbox a
+/// user started was a fresh count. Its process counts as its uid now.
+#[test]
+fn a_namespace_root_made_for_one_uid_counts_as_that_uid() {
+    if !have_root("policy: a single-uid namespace") {
+        return;
+    }
+    let uid = userns::OUTER_BASE + 5;
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"sandboxed\"\nuser = {uid}\nmax_uid_connections = 1\n"
+    ));
+    let mut outside = Scripted::spawn_as(daemon.socket(), uid, uid, &[]);
+    outside.ok("alloc 4096");
+    let refused = first_words(daemon.socket(), |cmd| {
+        Some(userns::in_single_uid_namespace(cmd, 5))
+    });
+    assert!(
+        refused.starts_with("err quota-exceeded")
+            && refused.contains(&format!(
+                "rule 'sandboxed': max_uid_connections limit 1, in use 1, requested 1 (uid {uid})"
+            )),
+        "uid {uid} in a sandbox: {refused}"
+    );
 }
 
 /// The uids of Alice's namespace were counted as Alice but each checked

@@ -34,6 +34,46 @@ pub fn spawn_in_user_namespace(socket: &Path, maker: u32, inner: u32, extra: &[&
 /// inside `spawn`, which returns only after the child's exec): call
 /// [`Maps::written`] after.
 pub fn in_user_namespace(cmd: &mut Command, maker: u32, inner: u32) -> Maps {
+    mapped_namespace(cmd, maker, inner, RANGE)
+}
+
+/// Makes `cmd` run as uid (and gid) `inner` in a user namespace of its own
+/// that maps `inner` alone to itself, made by root: a setuid sandbox's or
+/// a unit's `PrivateUsers=`. Call [`Maps::written`] after spawning.
+pub fn in_single_uid_namespace(cmd: &mut Command, inner: u32) -> Maps {
+    mapped_namespace(cmd, 0, inner, 1)
+}
+
+/// Makes `cmd` run as uid `inner` of the user namespace process `holder`
+/// is in, inside a further namespace of its own (left unmapped, as the
+/// daemon needs no map to see its uid): what a container's user does with
+/// `unshare -U`.
+pub fn in_namespace_made_inside(cmd: &mut Command, holder: u32, inner: u32) {
+    let outer = std::fs::File::open(format!("/proc/{holder}/ns/user")).expect("holder's namespace");
+    let outer: OwnedFd = outer.into();
+    let outer_raw = outer.as_raw_fd();
+    // SAFETY: between fork and exec, only system calls (no allocation, no
+    // locks): setns, setgroups, setresgid, setresuid, unshare. The raw fd
+    // is open in the child: the closure, which the child runs, owns it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &outer;
+            if libc::setns(outer_raw, libc::CLONE_NEWUSER) != 0
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(inner, inner, inner) != 0
+                || libc::setresuid(inner, inner, inner) != 0
+                || libc::unshare(libc::CLONE_NEWUSER) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A namespace `maker` makes, whose uids 0 to `range` the test maps to the
+/// host's from `OUTER_BASE` (from `inner` for a range of one).
+fn mapped_namespace(cmd: &mut Command, maker: u32, inner: u32, range: u32) -> Maps {
     assert!(inner < RANGE);
     let (ready_r, ready_w) = pipe();
     let (mapped_r, mapped_w) = pipe();
@@ -75,7 +115,11 @@ pub fn in_user_namespace(cmd: &mut Command, maker: u32, inner: u32) -> Maps {
         let mut pid = [0u8; 4];
         ready.read_exact(&mut pid).expect("the child's pid");
         let pid = i32::from_ne_bytes(pid);
-        let map = format!("0 {OUTER_BASE} {RANGE}\n");
+        let map = if range == 1 {
+            format!("{inner} {} 1\n", OUTER_BASE + inner)
+        } else {
+            format!("0 {OUTER_BASE} {range}\n")
+        };
         std::fs::write(format!("/proc/{pid}/uid_map"), &map).expect("uid_map");
         std::fs::write(format!("/proc/{pid}/gid_map"), &map).expect("gid_map");
         std::fs::File::from(mapped_w)

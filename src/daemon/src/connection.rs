@@ -296,7 +296,7 @@ fn take_uid_slot(
         let whose = if counted_as == uid {
             format!("uid {uid}")
         } else if counted_as == identity::UNACCOUNTED_UID {
-            format!("uid {uid}, counted with every peer gone before it was identified")
+            format!("uid {uid}, counted with every peer not identified")
         } else if counted_as >= identity::FIRST_CONTAINER_ID {
             format!("uid {uid}, counted with its container (user namespace {counted_as})")
         } else {

@@ -23,13 +23,14 @@ pub struct Peer {
     /// The user the peer answers to, for bounds that must hold per user:
     /// its uid, or for a process in a user namespace a user made below the
     /// daemon's, that user's (see `kernel::userns`). The processes of a
-    /// container (namespaces root made, `PrivateUsers=`) count as one,
+    /// container (a namespace root made with a range of uids) count as one,
     /// named by the container's namespace: all of its uids are one
     /// tenant's to switch between, and every container as root would
     /// share one count.
     /// A peer whose namespace the daemon cannot read (the process gone
     /// before it was pinned, which a namespaced client can arrange by
-    /// passing its socket on) counts as [`UNACCOUNTED_UID`].
+    /// passing its socket on, or the daemon short of fds to pin it)
+    /// counts as [`UNACCOUNTED_UID`].
     pub accountable_uid: u32,
     pub pid: i32,
     /// Kept for the life of the connection: it pins the identity of the pid.
@@ -104,10 +105,12 @@ pub fn peer_of(socket: BorrowedFd<'_>) -> Result<Peer, IdentityError> {
         // may have passed its socket on), so its pid may be anyone's; or
         // the daemon is short of fds or memory, and cannot pin it either.
         // The daemon short of fds or memory: the peer is likely there, but
-        // nothing /proc says of it can be pinned; it counts as its uid.
+        // nothing /proc says of it can be pinned, its namespace included.
+        // It counts in the shared count: counted as its uid, a subordinate
+        // uid would be a user of its own whenever the daemon runs short.
         PidfdLookup::Failed(errno @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM)) => {
-            tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it");
-            (None, (None, None), Some(cred.uid()))
+            tracing::warn!(pid, error = %errno, "cannot pin a connecting peer with a pidfd; rules naming an exe or a unit will not match it, and it counts with every peer not identified");
+            (None, (None, None), None)
         }
         // Gone (ESRCH, EINVAL or ENOENT, depending on the kernel): nothing
         // it says of itself through /proc can be trusted, its namespace

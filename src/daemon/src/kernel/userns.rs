@@ -22,20 +22,25 @@ const MAX_DEPTH: usize = 32;
 /// Whom a process in user namespaces below the daemon's answers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Maker {
-    /// A user (as the daemon's namespace sees it) made them: the owner
-    /// of the outermost one root did not make.
+    /// A user (as the daemon's namespace sees it) made the outermost of
+    /// them: every uid below it is that user's to use.
     User(u32),
-    /// Root made every one of them: a container's, a unit's
-    /// `PrivateUsers=`. Named by the outermost one's inode, as all of the
-    /// container's uids answer to the container.
+    /// Root made the outermost of them with a range of uids: a
+    /// container's. Named by that namespace's inode, as all of the
+    /// container's uids, and whatever namespaces they make inside it,
+    /// answer to the container.
     Container(u32),
 }
 
 /// Whom process `pid` answers to through its user namespaces (see
-/// [`Maker`]). A namespace a tenant made inside a container answers to
-/// that tenant. `None` when the process is in the daemon's own user
-/// namespace, or in one not below it (which the kernel does not let the
-/// daemon look up through).
+/// [`Maker`]). The outermost namespace below the daemon's decides: its
+/// maker can hand out every uid below it, however deep, so a namespace
+/// made inside it answers to the same. `None` when the process answers to
+/// its own uid: it is in the daemon's own user namespace, or in one not
+/// below it (which the kernel does not let the daemon look up through),
+/// or directly in one root made that maps single uids only (a setuid
+/// sandbox's, a unit's `PrivateUsers=`), where the kernel's uids are the
+/// host's own users and no range is handed out.
 pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
     // The daemon's own, read once: it never changes user namespace.
     static OURS: std::sync::OnceLock<Result<(u64, u64), Errno>> = std::sync::OnceLock::new();
@@ -47,31 +52,44 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
     if identity_of_fd(&ns)? == ours {
         return Ok(None);
     }
-    // From the process's namespace outwards: the last maker not root
-    // seen is the outermost.
-    let mut maker = None;
-    for _ in 0..MAX_DEPTH {
-        let owner = owner_of(&ns)?;
-        if owner != 0 {
-            maker = Some(owner);
-        }
+    for depth in 0..MAX_DEPTH {
         let parent = match parent_of(&ns) {
             Ok(parent) => parent,
             // The parent is not in the daemon's subtree.
             Err(Errno::EPERM) => return Ok(None),
             Err(errno) => return Err(errno),
         };
-        if identity_of_fd(&parent)? == ours {
-            return Ok(Some(match maker {
-                Some(owner) => Maker::User(owner),
-                // Proc inode numbers of namespaces fit 32 bits (and sit
-                // at 0xF0000000 and above, where no uid is given out).
-                None => Maker::Container(identity_of_fd(&ns)?.1 as u32),
-            }));
+        if identity_of_fd(&parent)? != ours {
+            ns = parent;
+            continue;
         }
-        ns = parent;
+        // `ns` is the outermost below the daemon's.
+        return Ok(match owner_of(&ns)? {
+            0 if depth == 0 && maps_single_uids(pid)? => None,
+            // Proc inode numbers of namespaces fit 32 bits, and sit at
+            // 0xF0000000 and above (`FIRST_CONTAINER_ID`), where no uid
+            // is given out.
+            0 => Some(Maker::Container(identity_of_fd(&ns)?.1 as u32)),
+            owner => Some(Maker::User(owner)),
+        });
     }
     Ok(None)
+}
+
+/// Whether the user namespace process `pid` is in maps each of its uids
+/// on its own (every line of `uid_map` one uid long), not a range.
+fn maps_single_uids(pid: i32) -> Result<bool, Errno> {
+    let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(single_uid_lines(&map))
+}
+
+/// See [`maps_single_uids`]; an unreadable line counts as a range.
+fn single_uid_lines(uid_map: &str) -> bool {
+    uid_map
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .all(|line| line.split_whitespace().nth(2) == Some("1"))
 }
 
 /// (device, inode): what names a namespace.
@@ -124,24 +142,25 @@ mod tests {
     /// namespaces (`unshare -Ur unshare -Ur`) by `uid` (through
     /// `setpriv`); `None` where the test cannot run here.
     fn maker_of_nested_chain(uid: u32) -> Option<Result<Option<Maker>, Errno>> {
+        maker_of_chain(uid, 2)
+    }
+
+    /// The same with `depth` namespaces, each made by `unshare -Ur`.
+    fn maker_of_chain(uid: u32, depth: usize) -> Option<Result<Option<Maker>, Errno>> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root to run a process as another user");
             return None;
         }
-        let mut child = match std::process::Command::new("setpriv")
-            .args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-                "unshare",
-                "-Ur",
-                "unshare",
-                "-Ur",
-                "sleep",
-                "30",
-            ])
-            .spawn()
-        {
+        let mut args = vec![
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_owned(),
+        ];
+        for _ in 0..depth {
+            args.extend(["unshare".to_owned(), "-Ur".to_owned()]);
+        }
+        args.extend(["sleep".to_owned(), "30".to_owned()]);
+        let mut child = match std::process::Command::new("setpriv").args(&args).spawn() {
             Ok(child) => child,
             Err(err) => {
                 eprintln!("skipping: cannot run setpriv: {err}");
@@ -183,6 +202,26 @@ mod tests {
         if let Some(maker) = maker_of_nested_chain(ALICE) {
             assert_eq!(maker, Ok(Some(Maker::User(ALICE))));
         }
+    }
+
+    /// A namespace root made that maps one uid (root's own, here) hands
+    /// out no range: its process answers to its own uid, not to a
+    /// container of its own, or every such sandbox a setuid helper makes
+    /// for a user would be a count of its own.
+    #[test]
+    fn a_namespace_root_made_for_single_uids_answers_to_the_uid() {
+        if let Some(maker) = maker_of_chain(0, 1) {
+            assert_eq!(maker, Ok(None));
+        }
+    }
+
+    #[test]
+    fn uid_maps_of_single_uids_and_of_ranges() {
+        assert!(single_uid_lines("         0          0          1\n"));
+        assert!(single_uid_lines("0 0 1\n1000 1000 1\n"));
+        assert!(!single_uid_lines("0 100000 65536\n"));
+        assert!(!single_uid_lines("0 0 1\n1 100000 65535\n"));
+        assert!(!single_uid_lines("0 0\n"));
     }
 
     /// Namespaces root made (a container's) answer to the container, not
