@@ -286,10 +286,22 @@ pub fn exe_display(exe: &Option<PathBuf>) -> String {
 /// Only the accountable uid (see [`Peer::accountable_uid`]) of a
 /// connection's peer, for one not identified in full (a refusal at
 /// accept).
+/// Pinned as [`peer_of`] pins it: a peer gone before it was pinned may
+/// have passed its socket on, and its pid, and so its namespace, may be
+/// anyone's by now.
 pub fn peer_uid(conn: BorrowedFd<'_>) -> u32 {
-    getsockopt(&conn, PeerCredentials).map_or(UNACCOUNTED_UID, |cred| {
-        accountable(cred.uid(), cred.pid()).unwrap_or(UNACCOUNTED_UID)
-    })
+    let Ok(cred) = getsockopt(&conn, PeerCredentials) else {
+        return UNACCOUNTED_UID;
+    };
+    let maker = match peer_pidfd(conn) {
+        PidfdLookup::Pinned(pidfd) => {
+            let maker = accountable(cred.uid(), cred.pid());
+            maker.filter(|_| process_alive(pidfd.as_fd()))
+        }
+        PidfdLookup::Unsupported => accountable(cred.uid(), cred.pid()),
+        PidfdLookup::Failed(_) => None,
+    };
+    maker.unwrap_or(UNACCOUNTED_UID)
 }
 
 #[cfg(test)]

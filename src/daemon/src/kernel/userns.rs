@@ -38,9 +38,10 @@ pub enum Maker {
 /// made inside it answers to the same. `None` when the process answers to
 /// its own uid: it is in the daemon's own user namespace, or in one not
 /// below it (which the kernel does not let the daemon look up through),
-/// or directly in one root made that maps single uids only (a setuid
-/// sandbox's, a unit's `PrivateUsers=`), where the kernel's uids are the
-/// host's own users and no range is handed out.
+/// or directly in one root made for one host user (a setuid sandbox's, a
+/// unit's `PrivateUsers=`), where no range is handed out. A namespace
+/// made inside such a sandbox answers to the sandbox, as its map cannot
+/// be read from below.
 pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
     // The daemon's own, read once: it never changes user namespace.
     static OURS: std::sync::OnceLock<Result<(u64, u64), Errno>> = std::sync::OnceLock::new();
@@ -65,7 +66,7 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
         }
         // `ns` is the outermost below the daemon's.
         return Ok(match owner_of(&ns)? {
-            0 if depth == 0 && maps_single_uids(pid)? => None,
+            0 if depth == 0 && maps_one_host_user(pid, &ns)? => None,
             // Proc inode numbers of namespaces fit 32 bits, and sit at
             // 0xF0000000 and above (`FIRST_CONTAINER_ID`), where no uid
             // is given out.
@@ -73,23 +74,42 @@ pub fn owner_below_ours(pid: i32) -> Result<Option<Maker>, Errno> {
             owner => Some(Maker::User(owner)),
         });
     }
-    Ok(None)
+    // Deeper than the kernel allows: not a namespace the daemon can vouch
+    // for.
+    Err(Errno::ELOOP)
 }
 
-/// Whether the user namespace process `pid` is in maps each of its uids
-/// on its own (every line of `uid_map` one uid long), not a range.
-fn maps_single_uids(pid: i32) -> Result<bool, Errno> {
+/// Whether `ns`, the user namespace process `pid` is in, maps one host
+/// user (see [`one_host_user`]). `/proc/PID/uid_map` shows the map of the
+/// namespace the process is in when it is read: one it moved into since
+/// `ns` was opened (`unshare`, with no map yet) would pass for a sandbox.
+/// A process can only move deeper, so the same namespace after the read
+/// proves the map was `ns`'s.
+fn maps_one_host_user(pid: i32, ns: &OwnedFd) -> Result<bool, Errno> {
     let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    Ok(single_uid_lines(&map))
+    let still_there = identity_of(&format!("/proc/{pid}/ns/user"))? == identity_of_fd(ns)?;
+    Ok(still_there && one_host_user(&map))
 }
 
-/// See [`maps_single_uids`]; an unreadable line counts as a range.
-fn single_uid_lines(uid_map: &str) -> bool {
-    uid_map
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .all(|line| line.split_whitespace().nth(2) == Some("1"))
+/// Whether a `uid_map` (as the daemon reads it: host uids second) gives
+/// its namespace one host user: every line one uid long, and at most one
+/// of them for a host uid other than root (root as itself, `0 0 1`, is
+/// what `PrivateUsers=` adds). Root can write up to 340 lines of one uid
+/// each, and whoever is root inside may become any of them. An
+/// unreadable line counts as a range, an empty map as none written yet.
+fn one_host_user(uid_map: &str) -> bool {
+    let (mut lines, mut others) = (0, 0);
+    for line in uid_map.lines().filter(|line| !line.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[..] {
+            [_, "0", "1"] => {}
+            [_, _, "1"] => others += 1,
+            _ => return false,
+        }
+        lines += 1;
+    }
+    lines > 0 && others <= 1
 }
 
 /// (device, inode): what names a namespace.
@@ -147,6 +167,13 @@ mod tests {
 
     /// The same with `depth` namespaces, each made by `unshare -Ur`.
     fn maker_of_chain(uid: u32, depth: usize) -> Option<Result<Option<Maker>, Errno>> {
+        in_chain(uid, depth, owner_below_ours)
+    }
+
+    /// What `look` says of the pid of a process run in `depth` nested
+    /// user namespaces (each made by `unshare -Ur`) by `uid`; `None` where
+    /// the test cannot run here.
+    fn in_chain<T>(uid: u32, depth: usize, look: impl FnOnce(i32) -> T) -> Option<T> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root to run a process as another user");
             return None;
@@ -170,7 +197,7 @@ mod tests {
         let pid = child.id() as i32;
         let ours = identity_of("/proc/self/ns/user").expect("our namespace");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut maker = None;
+        let mut looked = None;
         while std::time::Instant::now() < deadline {
             // Each exec of the chain may still be on its way to sleep.
             let cmdline =
@@ -180,7 +207,7 @@ mod tests {
                     identity_of(&format!("/proc/{pid}/ns/user")).ok(),
                     Some(ours)
                 );
-                maker = Some(owner_below_ours(pid));
+                looked = Some(look(pid));
                 break;
             }
             if child.try_wait().ok().flatten().is_some() {
@@ -191,7 +218,7 @@ mod tests {
         }
         let _ = child.kill();
         let _ = child.wait();
-        maker
+        looked
     }
 
     /// A process of another user in nested user namespaces of its own
@@ -215,17 +242,44 @@ mod tests {
         }
     }
 
+    /// The map is read by pid, so it is the map of whatever namespace the
+    /// process is in by then: read for a namespace the process is no
+    /// longer in (it made one more meanwhile), it vouches for nothing.
     #[test]
-    fn uid_maps_of_single_uids_and_of_ranges() {
-        assert!(single_uid_lines("         0          0          1\n"));
-        assert!(single_uid_lines("0 0 1\n1000 1000 1\n"));
-        assert!(!single_uid_lines("0 100000 65536\n"));
-        assert!(!single_uid_lines("0 0 1\n1 100000 65535\n"));
-        assert!(!single_uid_lines("0 0\n"));
+    fn a_map_read_after_the_process_moved_on_is_not_its_namespaces() {
+        let checked = in_chain(0, 1, |pid| {
+            let now = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+                .map(OwnedFd::from)
+                .expect("its namespace");
+            let before = std::fs::File::open("/proc/self/ns/user")
+                .map(OwnedFd::from)
+                .expect("ours");
+            (
+                maps_one_host_user(pid, &now),
+                maps_one_host_user(pid, &before),
+            )
+        });
+        if let Some((now, before)) = checked {
+            assert_eq!(now, Ok(true), "its own namespace, mapping root alone");
+            assert_eq!(before, Ok(false), "a namespace it has left");
+        }
     }
 
-    /// Namespaces root made (a container's) answer to the container, not
-    /// to root, whom every container would share.
+    #[test]
+    fn uid_maps_of_one_host_user_and_of_more() {
+        assert!(one_host_user("         0       1000          1\n"));
+        assert!(one_host_user("0 0 1\n1000 1000 1\n"));
+        assert!(one_host_user("0 0 1\n"));
+        assert!(!one_host_user("0 100000 65536\n"));
+        assert!(!one_host_user("0 0 1\n1 100000 65535\n"));
+        assert!(!one_host_user("0 100000 1\n1000 1000 1\n"));
+        assert!(!one_host_user("0 0\n"));
+        assert!(!one_host_user(""));
+    }
+
+    /// A namespace made inside one root made answers to the outer one (a
+    /// container), not to root, whom every container would share, nor
+    /// to its own maker.
     #[test]
     fn namespaces_root_made_answer_to_their_container() {
         if let Some(maker) = maker_of_nested_chain(0) {
