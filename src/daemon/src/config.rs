@@ -21,7 +21,7 @@ pub struct Config {
     #[arg(long)]
     pub socket: Option<PathBuf>,
 
-    /// Run as the system service (system socket and policy locations).
+    /// Run as the system service (system socket and system bus).
     /// Default: on when started by systemd as root.
     #[arg(long)]
     pub system: bool,
