@@ -560,6 +560,9 @@ impl State {
             self.stats.cache_syncs_skipped += 1;
             return CacheSync::NotNeeded;
         }
+        if let (SyncPhase::End, Some(delay)) = (phase, super::cache_end_delay()) {
+            std::thread::sleep(delay);
+        }
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
             Ok(()) => {
                 self.stats.cache_syncs += 1;

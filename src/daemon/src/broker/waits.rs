@@ -7,6 +7,8 @@
 //! file description + fd number, and the broker's own fd must stay free.
 
 use std::os::fd::AsFd;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::held_files::HeldDup;
 
@@ -90,4 +92,31 @@ impl Drop for StartedSync {
             }
         }
     }
+}
+
+/// The longest [`cache_end_delay`] a test may ask for: the variable is read
+/// in every build, and a value left set must not make a daemon useless.
+const MAX_CACHE_END_DELAY: Duration = Duration::from_secs(10);
+
+/// Test-only hook: `DMABROKER_TEST_CACHE_END_DELAY_MS=N` makes every cache
+/// sync END take N ms longer (at most [`MAX_CACHE_END_DELAY`]), as the
+/// cache clean of a big buffer does on a SoC whose devices do not snoop
+/// the CPU's caches. On x86 END is nearly free, so without it a test
+/// cannot see who waits for one. Read once; warned about at start, as the
+/// other test hooks are, so that a value left set shows in the log.
+pub fn cache_end_delay() -> Option<Duration> {
+    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let asked = std::env::var("DMABROKER_TEST_CACHE_END_DELAY_MS")
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        let delay = Duration::from_millis(asked).min(MAX_CACHE_END_DELAY);
+        tracing::warn!(
+            asked_ms = asked,
+            delay_ms = delay.as_millis() as u64,
+            "test hook: every cache sync END is delayed"
+        );
+        Some(delay)
+    })
 }
