@@ -136,6 +136,8 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
         (".ListAllocationsInFlight", "method", "-"),
         (".AllocationsInFlight", "property", "t"),
         (".AllocationsRunning", "property", "t"),
+        (".CacheSyncsFailed", "property", "t"),
+        (".CacheEndsRunning", "property", "t"),
     ] {
         assert!(
             has(name, kind, signature),

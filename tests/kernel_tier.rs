@@ -600,8 +600,10 @@ fn kernel_tier_cpu_accesses_to_dma_heap_buffers_sync_caches() {
         Some("42")
     );
     // `read` ends its access without waiting; a round trip after it makes
-    // sure the daemon has handled that end.
+    // sure the daemon has handled that end, and the END that end began
+    // runs off the broker's thread: the log has it once it is done.
     client.ok("heaps");
+    await_cache_end(&daemon, &dma, 3);
 
     // Each of the three CPU accesses to the dma-buf was bracketed by
     // DMA_BUF_IOCTL_SYNC; the memfd, which has no caches, got none.
@@ -995,6 +997,182 @@ fn kernel_tier_a_fence_added_just_before_the_cache_sync_holds_back_only_that_gra
         "end {}",
         field(&granted, "access").expect("access")
     ));
+}
+
+/// How much longer the slow-END tests make every cache sync END take
+/// (`DMABROKER_TEST_CACHE_END_DELAY_MS`): far longer than a few round
+/// trips in the emulated guest, so that what happens while an END runs is
+/// told by the order of events, not by timing them.
+const SLOW_END: Duration = Duration::from_secs(3);
+
+/// A daemon on the real dma-heaps whose cache sync ENDs take [`SLOW_END`]
+/// longer, as a big frame's cache clean does on a SoC whose devices do not
+/// snoop the CPU's caches. No D-Bus, so that its fds can be counted.
+fn slow_end_daemon() -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        env: vec![(
+            "DMABROKER_TEST_CACHE_END_DELAY_MS".into(),
+            SLOW_END.as_millis().to_string(),
+        )],
+        ..Default::default()
+    })
+}
+
+/// The daemon's log line for a cache sync of `buffer` in `phase`.
+fn cache_sync_line(buffer: &str, phase: &str) -> String {
+    format!("cache sync buffer={buffer} phase={phase}")
+}
+
+/// Waits (up to [`SLOW_END`] and a prompt more) for the daemon to log the
+/// `count`-th cache sync END of `buffer`.
+fn await_cache_end(daemon: &Daemon, buffer: &str, count: usize) {
+    let deadline = Instant::now() + SLOW_END + PROMPT;
+    let line = cache_sync_line(buffer, "End");
+    while daemon.log().matches(&line).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} cache sync ENDs of buffer {buffer}; log:\n{}",
+            daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cache sync that ends a CPU access is, on a SoC whose devices do not
+/// snoop the CPU's caches, a cache clean as long as the buffer
+/// (milliseconds for a 4K frame). Issued on the broker's one thread, it
+/// held up every client. It must hold back only the next grant of its own
+/// buffer: the writer's next request and another client's allocation are
+/// answered while it runs, and the reader waiting for the buffer is
+/// granted only once it is done (a device must not read lines still dirty
+/// in the CPU's caches, and the reader's START comes after the END).
+#[test]
+fn kernel_tier_a_slow_cache_end_holds_back_only_its_buffers_next_grant() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = slow_end_daemon();
+    let writer = daemon.client();
+    let other = daemon.client();
+    let frame = system_buffer(&writer, 65536, Some("slow-end"));
+    let id = frame.id().to_string();
+    let token = frame.export().expect("export");
+    let (mut reader, reader_id) = importer(&daemon, &token, &[]);
+    let mut write = frame.begin(Access::CpuWrite).expect("write");
+    write.bytes_mut().expect("map").fill(0x5a);
+    reader.send(&format!("begin {reader_id} r"));
+    assert_eq!(
+        reader.recv(Duration::from_secs(1)),
+        None,
+        "the reader waits for the writer"
+    );
+    drop(write);
+    // Handled after the write's `End` on the same connection, so after its
+    // END began.
+    writer.heaps().expect("the writer's next request");
+    other.alloc(4096).expect("another client's allocation");
+    let log = daemon.log();
+    assert_eq!(
+        log.matches(&cache_sync_line(&id, "End")).count(),
+        0,
+        "both requests must be answered while the END runs, not after it; log:\n{log}"
+    );
+    let granted = reader
+        .recv(SLOW_END + PROMPT)
+        .expect("the reader is granted once the END is done");
+    assert!(granted.starts_with("ok"), "{granted}");
+    let log = daemon.log();
+    let end = log
+        .find(&cache_sync_line(&id, "End"))
+        .unwrap_or_else(|| panic!("the reader was granted before the END was done; log:\n{log}"));
+    let read_start = log
+        .rfind(&cache_sync_line(&id, "Start"))
+        .expect("the read's START");
+    assert!(
+        end < read_start,
+        "the read's START must follow the write's END; log:\n{log}"
+    );
+    assert_eq!(
+        field(&reader.ok(&format!("read {reader_id}")), "byte"),
+        Some("90"),
+        "the reader sees the write"
+    );
+    reader.ok(&format!(
+        "end {}",
+        field(&granted, "access").expect("access")
+    ));
+}
+
+/// A buffer whose holders go while the cache sync ending its last write
+/// still runs: a begin held back behind that END is answered when its
+/// client frees the buffer, the writer dies, and once the END is done on
+/// its own copy of the buffer's fd the daemon holds nothing of it.
+#[test]
+fn kernel_tier_a_buffer_freed_while_its_cache_end_runs_leaves_nothing_behind() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = slow_end_daemon();
+    let baseline = daemon.baseline();
+    let mut writer = Scripted::spawn(daemon.socket(), &[]);
+    let id = field(&writer.ok("alloc 65536 heap=system name=freed"), "id")
+        .expect("id")
+        .to_owned();
+    let token = field(&writer.ok(&format!("export {id}")), "token")
+        .expect("token")
+        .to_owned();
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello();
+    let theirs = match reader.request(RequestBody::Import { token }) {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("import: {other:?}"),
+    };
+    let write = writer.ok(&format!("begin {id} w"));
+    writer.ok(&format!("end {}", field(&write, "access").expect("access")));
+    // The `End` is handled before this: the END runs now.
+    writer.ok("heaps");
+    let (begin, bytes) = reader.encode(
+        RequestBody::Begin {
+            buffer: theirs,
+            access: Access::CpuRead,
+            timeout_ms: None,
+        },
+        0,
+    );
+    reader.send_raw(&bytes, &[]);
+    let (free, bytes) = reader.encode(RequestBody::Free { buffer: theirs }, 0);
+    reader.send_raw(&bytes, &[]);
+    let mut answers = HashMap::new();
+    for _ in 0..2 {
+        let (id, result) = reader.recv_reply().expect("a reply");
+        answers.insert(id, result);
+    }
+    assert!(
+        matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.get(&begin).and_then(|r| r.as_ref().err()),
+        Some(&dmabroker_ipc::ErrorCode::UnknownBuffer),
+        "the begin, held back behind the END, is answered by the free: {answers:?}"
+    );
+    // The last holder goes while the END still runs.
+    writer.kill();
+    drop(reader);
+    await_cache_end(&daemon, &id, 1);
+    let log = daemon.log();
+    let freed = log
+        .find(&format!("buffer freed buffer={id} "))
+        .unwrap_or_else(|| panic!("buffer {id} not freed; log:\n{log}"));
+    assert!(
+        freed < log.find(&cache_sync_line(&id, "End")).unwrap_or(0),
+        "the buffer must be freed while its END runs; log:\n{log}"
+    );
+    assert_still_serving(&daemon.client());
+    daemon.assert_fds_back_to(baseline);
 }
 
 /// A `begin_async` given up on while its read is held back for a device's

@@ -136,6 +136,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         tokio::spawn(watchdog::run(interval));
     }
     watchdog::spawn_test_wedge();
+    crate::broker::cache_end_delay();
     tokio::spawn(status_loop(Arc::clone(&broker)));
     let _dbus = crate::dbus::spawn(
         Arc::clone(&broker),

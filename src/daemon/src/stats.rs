@@ -19,8 +19,11 @@ pub struct Stats {
     pub grants: u64,
     /// Grants that had to wait (queued, or held back by kernel fences).
     pub waits: u64,
-    /// `DMA_BUF_IOCTL_SYNC` calls issued (start and end each count).
+    /// `DMA_BUF_IOCTL_SYNC` calls that succeeded (start and end each
+    /// count; an END running off the broker's thread counts once done).
     pub cache_syncs: u64,
+    /// `DMA_BUF_IOCTL_SYNC` calls that failed (logged; the access goes on).
+    pub cache_syncs_failed: u64,
     /// CPU transitions on memfd buffers, which have no caches to manage.
     pub cache_syncs_skipped: u64,
     pub writer_lost: u64,

@@ -17,6 +17,7 @@ use dmabroker_ipc::{
 };
 
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
+use super::waits::{CacheEnd, CacheEndError};
 use super::{Action, TimeoutTarget};
 use crate::client_fds::ClientFd;
 use crate::held_files::{HeldDup, HeldFd, Release};
@@ -80,6 +81,25 @@ enum CacheSync {
     /// client.
     NotNeeded,
     Failed,
+}
+
+/// A dma-buf's cache sync ENDs still running, and the grants held back
+/// until they are done (see [`State::park_behind_cache_end`]).
+#[derive(Debug, Default)]
+pub(super) struct CacheEnds {
+    running: u32,
+    /// In the order the arbiter granted them.
+    parked: Vec<Parked>,
+}
+
+/// A grant held back behind a cache sync END; the grant itself waits in
+/// its access's `pending`, as one held back for kernel fences does.
+#[derive(Debug)]
+struct Parked {
+    access: AccessId,
+    /// What its reply carries (a no-autofence grant's sync_files).
+    fds: Vec<Arc<HeldFd>>,
+    word_ok: bool,
 }
 
 /// What a request handler tells the dispatcher to do with the reply.
@@ -405,6 +425,11 @@ impl State {
     /// for fences a device may have added since the broker looked, so on a
     /// dma-buf it is issued off the broker's thread and the grant is sent
     /// when it returns ([`State::cache_sync_started`]).
+    ///
+    /// Every grant the broker sends by message comes through here, so this
+    /// is where a grant waits for the buffer's cache sync ENDs still
+    /// running ([`State::park_behind_cache_end`]), whatever its client's
+    /// mode or its kind.
     fn complete_grant(
         &mut self,
         access_id: AccessId,
@@ -417,6 +442,11 @@ impl State {
         };
         let (kind, autofence, buffer, deadline) =
             (entry.kind, entry.autofence, entry.buffer, entry.deadline);
+        let Some((grant, fds)) =
+            self.park_behind_cache_end(access_id, buffer, grant, fds, word_ok, deadline)
+        else {
+            return;
+        };
         let mut synced = CacheSync::NotNeeded;
         if kind.is_cpu() && autofence {
             let dmabuf = self
@@ -485,7 +515,8 @@ impl State {
                 CacheSync::Done
             }
             Err(err) => {
-                tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_SYNC failed");
+                self.stats.cache_syncs_failed += 1;
+                tracing::warn!(buffer, phase = ?SyncPhase::Start, error = %err, "DMA_BUF_IOCTL_SYNC failed");
                 CacheSync::Failed
             }
         };
@@ -549,9 +580,10 @@ impl State {
         self.reply(client, request_id, Ok(ReplyBody::Granted(grant)), fds);
     }
 
-    /// Syncs the buffer's CPU caches for one phase of an access. memfd
-    /// buffers have no caches to manage (counted as skipped). Only a START
-    /// that did not fail is owed an END.
+    /// Syncs the buffer's CPU caches for one phase of an access, on this
+    /// thread: a memfd's START (it has no caches to manage: counted as
+    /// skipped, no ioctl), or an END the daemon had no fd to run elsewhere.
+    /// Only a START that did not fail is owed an END.
     fn cache_sync(&mut self, buffer: BufferId, kind: Access, phase: SyncPhase) -> CacheSync {
         let Some(entry) = self.buffers.get(&buffer) else {
             return CacheSync::Failed;
@@ -560,6 +592,9 @@ impl State {
             self.stats.cache_syncs_skipped += 1;
             return CacheSync::NotNeeded;
         }
+        if let (SyncPhase::End, Some(delay)) = (phase, super::cache_end_delay()) {
+            std::thread::sleep(delay);
+        }
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
             Ok(()) => {
                 self.stats.cache_syncs += 1;
@@ -567,9 +602,148 @@ impl State {
                 CacheSync::Done
             }
             Err(err) => {
-                tracing::warn!(buffer, error = %err, "DMA_BUF_IOCTL_SYNC failed");
+                self.stats.cache_syncs_failed += 1;
+                tracing::warn!(buffer, ?phase, error = %err, "DMA_BUF_IOCTL_SYNC failed");
                 CacheSync::Failed
             }
+        }
+    }
+
+    /// The cache sync END owed by a CPU access that had its START. A memfd
+    /// has no caches (counted as skipped, as its START was, and nothing
+    /// else: the memfd paths stay as fast as they were). On a dma-buf END
+    /// cleans the CPU's caches of the buffer, which on a SoC whose devices
+    /// do not snoop them takes time in proportion to the buffer; on the
+    /// broker's one thread every client waited for it. It runs on a
+    /// blocking thread instead, and until it is done the buffer's grants
+    /// are held back (see [`State::park_behind_cache_end`]).
+    fn end_cache_sync(&mut self, buffer: BufferId, kind: Access) {
+        let Some(entry) = self.buffers.get(&buffer) else {
+            return;
+        };
+        if !entry.origin.is_dma_buf() {
+            self.stats.cache_syncs_skipped += 1;
+            return;
+        }
+        match HeldDup::of(&entry.fd) {
+            Ok(dmabuf) => {
+                self.cache_ends.entry(buffer).or_default().running += 1;
+                self.defer(Action::CacheSyncEnd {
+                    buffer,
+                    end: CacheEnd::new(dmabuf, sync_direction(kind)),
+                });
+            }
+            Err(err) => {
+                // Skipping it would let a device read lines still dirty in
+                // the CPU's caches: a stall is the lesser harm.
+                tracing::warn!(buffer, error = %err, "cannot dup a dma-buf for its cache sync END; it runs on the broker's thread");
+                self.cache_sync(buffer, kind, SyncPhase::End);
+            }
+        }
+    }
+
+    /// Cache sync ENDs running now, every buffer's (the D-Bus view).
+    pub fn cache_ends_running(&self) -> u64 {
+        self.cache_ends.values().map(|e| u64::from(e.running)).sum()
+    }
+
+    /// Holds a grant back while its buffer has cache sync ENDs running,
+    /// until they are done; gives it back, to go on now, otherwise. A
+    /// device must not read lines still dirty in the CPU's caches, and a
+    /// CPU access's START must not run before the previous access's END.
+    /// The arbiter has made the grant, so, like one held back for kernel
+    /// fences, it is `pending`: its client cannot end it, a `Cancel` or its
+    /// begin's timeout withdraws it, a free or a hang-up drops it, and
+    /// [`State::cache_end_done`] skips what went meanwhile.
+    ///
+    /// Parking cannot last for good: only an access granted before the
+    /// buffer's first END began can end with another (no grant goes out
+    /// while one runs), so the ENDs still to come are a number that only
+    /// falls. One such access may still have its START running: its grant
+    /// goes out when START returns, unparked. It was granted while the
+    /// access that ended was held, so both are reads, and neither's cache
+    /// sync concerns the other.
+    ///
+    /// (The map is nearly always empty: a memfd's grant pays one look at
+    /// its length.)
+    fn park_behind_cache_end(
+        &mut self,
+        access: AccessId,
+        buffer: BufferId,
+        grant: Grant,
+        fds: Vec<Arc<HeldFd>>,
+        word_ok: bool,
+        deadline: Option<Instant>,
+    ) -> Option<(Grant, Vec<Arc<HeldFd>>)> {
+        if self.cache_ends.is_empty() {
+            return Some((grant, fds));
+        }
+        let Some(ends) = self.cache_ends.get_mut(&buffer) else {
+            return Some((grant, fds));
+        };
+        ends.parked.push(Parked {
+            access,
+            fds,
+            word_ok,
+        });
+        if let Some(entry) = self.accesses.get_mut(&access) {
+            entry.pending = Some(PendingGrant {
+                grant,
+                since: Instant::now(),
+            });
+        }
+        if let Some(deadline) = deadline {
+            self.defer(Action::Timeout {
+                target: TimeoutTarget::Access(access),
+                after: deadline.saturating_duration_since(Instant::now()),
+            });
+        }
+        None
+    }
+
+    /// A cache sync END of `buffer` returned. A failed one is logged and
+    /// counted, and holds nothing back: the grants it held go on as they
+    /// would after any failed sync. Once the buffer's last END is done, its
+    /// parked grants go on in the order they were parked (the arbiter's),
+    /// to their own START and reply.
+    pub(super) fn cache_end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+        match ended {
+            Ok(()) => {
+                self.stats.cache_syncs += 1;
+                tracing::debug!(buffer, phase = ?SyncPhase::End, "cache sync");
+            }
+            Err(err) => {
+                self.stats.cache_syncs_failed += 1;
+                tracing::warn!(buffer, phase = ?SyncPhase::End, error = %err, "DMA_BUF_IOCTL_SYNC failed");
+            }
+        }
+        let Some(ends) = self.cache_ends.get_mut(&buffer) else {
+            tracing::error!(buffer, "a cache sync END returned that was never counted");
+            return;
+        };
+        ends.running = ends.running.saturating_sub(1);
+        if ends.running > 0 {
+            return;
+        }
+        let parked = self
+            .cache_ends
+            .remove(&buffer)
+            .map(|ends| ends.parked)
+            .unwrap_or_default();
+        for Parked {
+            access,
+            fds,
+            word_ok,
+        } in parked
+        {
+            let Some(pending) = self
+                .accesses
+                .get_mut(&access)
+                .and_then(|entry| entry.pending.take())
+            else {
+                continue;
+            };
+            self.complete_grant(access, pending.grant, fds, word_ok);
         }
     }
 
@@ -667,12 +841,14 @@ impl State {
     }
 
     /// Bookkeeping for accesses the arbiter has removed: cache sync END for
-    /// CPU grants that had START, subscribers told.
+    /// CPU grants that had START, subscribers told. Every caller delivers
+    /// the arbiter's grants only after this, so an END begun here is
+    /// counted before any of them can be sent.
     pub(super) fn finish_released(&mut self, released: &[AccessId]) {
         for access in released {
             if let Some(entry) = self.remove_access(*access) {
                 if entry.owes_cache_end {
-                    self.cache_sync(entry.buffer, entry.kind, SyncPhase::End);
+                    self.end_cache_sync(entry.buffer, entry.kind);
                 }
                 self.release_end_slot(entry.client, entry.end_slot);
                 self.clear_word_bit(entry.buffer, entry.word_bit);
@@ -706,7 +882,7 @@ impl State {
                 self.stats.timeouts += 1;
                 let timeout = WireError::new(
                     ErrorCode::Timeout,
-                    "the buffer's kernel fences did not signal in time",
+                    "the buffer's kernel fences or cache syncs did not finish in time",
                 );
                 self.withdraw_grant(access, news, timeout);
             }

@@ -10,6 +10,8 @@
 
 mod access;
 mod allocate;
+#[cfg(test)]
+mod cache_end_tests;
 mod endpage;
 mod notice;
 mod persist;
@@ -32,6 +34,7 @@ pub(crate) use persist::matches_record;
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
+pub use waits::cache_end_delay;
 pub use words::WordState;
 pub use words::WORD_PATROL;
 
@@ -77,6 +80,12 @@ pub enum Action {
         dmabuf: HeldDup,
         direction: crate::kernel::dma_buf::SyncDirection,
     },
+    /// Cache sync END of a CPU access on a dma-buf, on a blocking thread;
+    /// the buffer's next grants wait for it (`State::cache_end_done`).
+    CacheSyncEnd {
+        buffer: dmabroker_ipc::BufferId,
+        end: waits::CacheEnd,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -101,8 +110,11 @@ pub enum TaskOwner {
 }
 
 impl Action {
-    fn owner(&self) -> TaskOwner {
-        match self {
+    /// `None` for a task nothing may stop: a cache sync END belongs to an
+    /// access already gone, and the grants it holds back are released only
+    /// when it reports back.
+    fn owner(&self) -> Option<TaskOwner> {
+        Some(match self {
             Action::PatrolWords(_) => TaskOwner::WordPatrol,
             Action::Allocate { deferred, .. } => deferred.owner(),
             Action::Timeout {
@@ -117,7 +129,8 @@ impl Action {
             | Action::AwaitImplicit { access, .. }
             | Action::AwaitSyncFile { access, .. }
             | Action::CacheSyncStart { access, .. } => TaskOwner::Access(*access),
-        }
+            Action::CacheSyncEnd { .. } => return None,
+        })
     }
 }
 
@@ -216,7 +229,9 @@ impl Broker {
         for action in state.take_actions() {
             let owner = action.owner();
             let task = self.start(action);
-            state.adopt_task(owner, task);
+            if let Some(owner) = owner {
+                state.adopt_task(owner, task);
+            }
         }
         result
     }
@@ -293,6 +308,31 @@ impl Broker {
                     }
                 }
             }),
+            Action::CacheSyncEnd { buffer, end } => {
+                // As for an allocation: tokio panics when it can have no
+                // thread at all. The END must happen all the same (the
+                // next grant may be a device's read), so then it runs on
+                // this thread, as it always did.
+                let end = Arc::new(end);
+                let on_thread = Arc::clone(&end);
+                let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    tokio::task::spawn_blocking(move || on_thread.run())
+                }));
+                tokio::spawn(async move {
+                    let ended = match started {
+                        Ok(running) => running.await.unwrap_or_else(|err| Err(err.into())),
+                        Err(_) => {
+                            tracing::warn!(
+                                buffer,
+                                "no thread for a cache sync END; it runs on the broker's"
+                            );
+                            end.run()
+                        }
+                    };
+                    drop(end);
+                    broker.with(|s| s.cache_end_done(buffer, ended));
+                })
+            }
         };
         task.abort_handle()
     }

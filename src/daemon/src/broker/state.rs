@@ -240,6 +240,9 @@ pub struct State {
     pub waiters: FxHashMap<WaiterId, WaiterEntry>,
     /// Clients to tell when a fence without kernel backing ends.
     pub fence_subscribers: FxHashMap<AccessId, Vec<ClientId>>,
+    /// Dma-bufs with cache sync ENDs running off the broker's thread, and
+    /// the grants each holds back (see `access::State::park_behind_cache_end`).
+    pub(super) cache_ends: FxHashMap<BufferId, super::access::CacheEnds>,
     pub stats: Stats,
     pub limits: DaemonLimits,
     pub instance: String,
@@ -295,6 +298,7 @@ impl State {
             accesses: FxHashMap::default(),
             waiters: FxHashMap::default(),
             fence_subscribers: FxHashMap::default(),
+            cache_ends: FxHashMap::default(),
             stats: Stats::default(),
             limits,
             instance,

@@ -7,6 +7,8 @@
 //! file description + fd number, and the broker's own fd must stay free.
 
 use std::os::fd::AsFd;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::held_files::HeldDup;
 
@@ -76,9 +78,59 @@ impl StartedSync {
         })
     }
 
+    /// A START taken as done, for tests that drive the broker's state
+    /// without its blocking threads (and without a dma-buf).
+    #[cfg(test)]
+    pub fn assumed(dmabuf: HeldDup, direction: SyncDirection) -> StartedSync {
+        StartedSync {
+            dmabuf: Some(dmabuf),
+            direction,
+        }
+    }
+
     /// The access owes the END now (it ENDs with the buffer's own fd).
     pub fn keep(mut self) {
         self.dmabuf = None;
+    }
+}
+
+/// Why a cache sync END off the broker's thread did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheEndError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("its blocking thread failed: {0}")]
+    Thread(#[from] tokio::task::JoinError),
+}
+
+/// A cache sync END still to be issued, on a copy of the buffer's fd.
+///
+/// On a SoC whose devices do not snoop the CPU's caches, END cleans the
+/// buffer's lines out of them: time in proportion to the buffer, which on
+/// the broker's one thread every client waited for. So it runs on a
+/// blocking thread, and the broker holds back the buffer's next grants
+/// until it is done (`State::cache_end_done`). The copy keeps the file
+/// open meanwhile and is never its last: dropped wherever the END ends,
+/// it leaves the last release to the buffer's `HeldFd`.
+#[derive(Debug)]
+pub struct CacheEnd {
+    dmabuf: HeldDup,
+    direction: SyncDirection,
+}
+
+impl CacheEnd {
+    pub fn new(dmabuf: HeldDup, direction: SyncDirection) -> CacheEnd {
+        CacheEnd { dmabuf, direction }
+    }
+
+    /// Blocks for as long as the kernel's END takes (plus the test hook's
+    /// [`cache_end_delay`]).
+    pub fn run(&self) -> Result<(), CacheEndError> {
+        if let Some(delay) = cache_end_delay() {
+            std::thread::sleep(delay);
+        }
+        dma_buf::sync(self.dmabuf.as_fd(), self.direction, SyncPhase::End)?;
+        Ok(())
     }
 }
 
@@ -90,4 +142,31 @@ impl Drop for StartedSync {
             }
         }
     }
+}
+
+/// The longest [`cache_end_delay`] a test may ask for: the variable is read
+/// in every build, and a value left set must not make a daemon useless.
+const MAX_CACHE_END_DELAY: Duration = Duration::from_secs(10);
+
+/// Test-only hook: `DMABROKER_TEST_CACHE_END_DELAY_MS=N` makes every cache
+/// sync END take N ms longer (at most [`MAX_CACHE_END_DELAY`]), as the
+/// cache clean of a big buffer does on a SoC whose devices do not snoop
+/// the CPU's caches. On x86 END is nearly free, so without it a test
+/// cannot see who waits for one. Read once; warned about at start, as the
+/// other test hooks are, so that a value left set shows in the log.
+pub fn cache_end_delay() -> Option<Duration> {
+    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let asked = std::env::var("DMABROKER_TEST_CACHE_END_DELAY_MS")
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        let delay = Duration::from_millis(asked).min(MAX_CACHE_END_DELAY);
+        tracing::warn!(
+            asked_ms = asked,
+            delay_ms = delay.as_millis() as u64,
+            "test hook: every cache sync END is delayed"
+        );
+        Some(delay)
+    })
 }

@@ -113,6 +113,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     .silent_ends()
                     .await
                     .map_err(|e| daemon.error("SilentEnds", e))?,
+                cache_syncs_failed: daemon
+                    .newer("CacheSyncsFailed", proxy.cache_syncs_failed().await)?,
+                cache_ends_running: daemon
+                    .newer("CacheEndsRunning", proxy.cache_ends_running().await)?,
                 allocations_in_flight: daemon
                     .newer("AllocationsInFlight", proxy.allocations_in_flight().await)?,
                 allocations_running: daemon

@@ -21,6 +21,10 @@ pub struct Status {
     pub heaps: Vec<HeapView>,
     pub statistics: Statistics,
     pub silent_ends: u64,
+    /// Cache syncs that failed, and ENDs running now; `None` from a daemon
+    /// too old to say.
+    pub cache_syncs_failed: Option<u64>,
+    pub cache_ends_running: Option<u64>,
     /// Hand-offs through buffer words: (planned, carried out).
     pub hand_offs: (u64, u64),
     /// Allocations carried out in heaps that may block, not answered yet,
@@ -69,13 +73,7 @@ pub fn status(s: &Status) -> String {
                 st.allocations, st.frees, st.imports, st.exports, st.adoptions
             ),
         ),
-        (
-            "Cache syncs",
-            format!(
-                "{} ({} skipped for memfd)",
-                st.cache_syncs, st.cache_syncs_skipped
-            ),
-        ),
+        ("Cache syncs", cache_syncs(s)),
         ("Writer lost", st.writer_lost.to_string()),
         ("Revocations", st.revocations.to_string()),
         ("Timeouts", st.timeouts.to_string()),
@@ -102,6 +100,20 @@ pub fn status(s: &Status) -> String {
     }
     out.push('\n');
     out.push_str(&heaps(&s.heaps));
+    out
+}
+
+/// The cache syncs line: done, skipped, and what a newer daemon adds.
+fn cache_syncs(s: &Status) -> String {
+    let st = &s.statistics;
+    let mut out = format!(
+        "{} ({} skipped for memfd",
+        st.cache_syncs, st.cache_syncs_skipped
+    );
+    if let (Some(failed), Some(running)) = (s.cache_syncs_failed, s.cache_ends_running) {
+        out.push_str(&format!(", {failed} failed, {running} ENDs running"));
+    }
+    out.push(')');
     out
 }
 

@@ -38,6 +38,12 @@ pub trait Debug {
     fn hand_offs(&self) -> zbus::Result<u64>;
 
     #[zbus(property(emits_changed_signal = "false"))]
+    fn cache_syncs_failed(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn cache_ends_running(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
     fn allocations_in_flight(&self) -> zbus::Result<u64>;
 
     #[zbus(property(emits_changed_signal = "false"))]

@@ -131,6 +131,22 @@ impl DebugObject {
         self.read(|s| s.allocations_in_flight() as u64)
     }
 
+    /// `DMA_BUF_IOCTL_SYNC` calls that failed (each is logged; the access
+    /// goes on, and an END that failed holds back no grant). A property
+    /// of its own, as `SilentEnds`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cache_syncs_failed(&self) -> u64 {
+        self.read(|s| s.stats.cache_syncs_failed)
+    }
+
+    /// Cache sync ENDs running off the broker's thread now; their
+    /// buffers' grants wait for them. A property of its own, as
+    /// `SilentEnds`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cache_ends_running(&self) -> u64 {
+        self.read(|s| s.cache_ends_running())
+    }
+
     /// Threads carrying out allocations, those of clients gone included
     /// (their heap has not returned yet): at the daemon's bound, an
     /// allocation that may block is refused `Busy`.

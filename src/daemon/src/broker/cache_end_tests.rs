@@ -1,0 +1,464 @@
+//! The broker's state machine around a cache sync END that runs off its
+//! thread: which grants wait for it, and that nothing it holds back is
+//! lost or kept for good.
+//!
+//! `State` is driven directly, as a connection task drives it, with
+//! clients on socketpairs. The dma-buf is a memfd registered as adopted:
+//! the broker then treats it as a dma-buf (its implicit fences poll as
+//! signalled), and the blocking threads' work, which the test never
+//! starts, is reported back by hand: a START as done
+//! ([`StartedSync::assumed`]), an END as done or failed.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dmabroker_fence::AccessId;
+use dmabroker_ipc::codec::decode_server_message;
+use dmabroker_ipc::fdpass::{recv_message, RecvError};
+use dmabroker_ipc::{Access, BufferId, ClientId, ErrorCode, ReplyBody, ServerMessage};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+use super::access::Answer;
+use super::state::{BufferEntry, BufferOrigin, DaemonLimits, Holder, State};
+use super::waits::{CacheEndError, StartedSync};
+use super::{Action, TimeoutTarget};
+use crate::heaps::{Backend, HeapConfig, HeapRegistry};
+use crate::held_files::HeldFd;
+use crate::kernel::KernelError;
+use crate::outbox::Outbox;
+
+/// A broker with clients on socketpairs, inside a runtime (the outboxes'
+/// sockets are registered with its reactor).
+struct Bench {
+    state: State,
+    /// Our ends of the clients' sockets, by client id.
+    sockets: Vec<(ClientId, OwnedFd)>,
+    next_request: u64,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let heaps = HeapRegistry::discover(&HeapConfig {
+            dma_heap_dir: PathBuf::from("/nonexistent"),
+            udmabuf_path: PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        let state = State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            DaemonLimits::default(),
+        );
+        Bench {
+            state,
+            sockets: Vec::new(),
+            next_request: 1,
+            _runtime: runtime,
+        }
+    }
+
+    fn client(&mut self) -> ClientId {
+        let _entered = self._runtime.enter();
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let (ours, theirs) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags).expect("socketpair");
+        let peer = crate::identity::peer_of(theirs.as_fd()).expect("peer of a socketpair");
+        let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+        let socket = Arc::new(crate::reactor::register(theirs, interest).expect("register"));
+        let id = self.state.connect(peer, Arc::new(Outbox::new(socket, 256)));
+        // Requests by message (a free) need no hello here.
+        if let Some(entry) = self.state.clients.get_mut(&id) {
+            entry.hello_done = true;
+        }
+        self.sockets.push((id, ours));
+        id
+    }
+
+    /// A buffer held by `holders` (the first owns it): a dma-buf to the
+    /// broker when `dma_buf`, else a plain memfd buffer.
+    fn buffer(&mut self, holders: &[ClientId], dma_buf: bool) -> BufferId {
+        let fd = nix::sys::memfd::memfd_create(
+            c"cache-end-test",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .expect("memfd");
+        nix::unistd::ftruncate(&fd, 4096).expect("ftruncate");
+        let id = self.state.allocate_buffer_id();
+        let origin = if dma_buf {
+            BufferOrigin::Adopted
+        } else {
+            BufferOrigin::Allocated(Backend::Memfd)
+        };
+        self.state.buffers.insert(
+            id,
+            BufferEntry {
+                id,
+                fd: Arc::new(HeldFd::from(fd)),
+                size: 4096,
+                heap: "test".into(),
+                origin,
+                name: "test".into(),
+                inode: 0,
+                owner: holders[0],
+                holders: Vec::<Holder>::new(),
+                created: SystemTime::now(),
+                word: None,
+            },
+        );
+        self.state.arbiter.add_buffer(id);
+        for client in holders {
+            self.state.add_holder(id, *client);
+        }
+        id
+    }
+
+    fn begin(&mut self, client: ClientId, buffer: BufferId, access: Access) -> u64 {
+        self.begin_within(client, buffer, access, None)
+    }
+
+    /// Sends a begin; returns its request id.
+    fn begin_within(
+        &mut self,
+        client: ClientId,
+        buffer: BufferId,
+        access: Access,
+        timeout_ms: Option<u32>,
+    ) -> u64 {
+        let request = self.next_request;
+        self.next_request += 1;
+        let _entered = self._runtime.enter();
+        match self
+            .state
+            .begin(client, request, buffer, access, timeout_ms)
+        {
+            Ok(Answer::Deferred) => {}
+            Ok(Answer::Reply(body, _)) => panic!("a begin answered in place: {body:?}"),
+            Err(err) => panic!("begin refused: {err:?}"),
+        }
+        request
+    }
+
+    /// Ends `access` by message, as its client's guard does.
+    fn end(&mut self, client: ClientId, access: AccessId) {
+        let _entered = self._runtime.enter();
+        self.state.end(client, access, None).expect("end");
+    }
+
+    /// The deferred actions, with the START of each CPU grant on a dma-buf
+    /// reported back as done (the grant then goes out); returns the
+    /// buffers whose ENDs were asked for.
+    fn run_starts(&mut self) -> Vec<BufferId> {
+        let _entered = self._runtime.enter();
+        let mut ends = Vec::new();
+        for action in self.state.take_actions() {
+            match action {
+                Action::CacheSyncStart {
+                    access,
+                    dmabuf,
+                    direction,
+                } => {
+                    let started = StartedSync::assumed(dmabuf, direction);
+                    self.state.cache_sync_started(access, Ok(started));
+                }
+                Action::CacheSyncEnd { buffer, .. } => ends.push(buffer),
+                _ => {}
+            }
+        }
+        ends
+    }
+
+    /// An END of `buffer` returns, done or failed.
+    fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+        let _entered = self._runtime.enter();
+        self.state.cache_end_done(buffer, ended);
+    }
+
+    /// Every reply `client` has been sent since the last look: request id
+    /// and what it says.
+    fn replies(&self, client: ClientId) -> Vec<(u64, Result<ReplyBody, ErrorCode>)> {
+        let (_, socket) = self
+            .sockets
+            .iter()
+            .find(|(id, _)| *id == client)
+            .expect("a client of the bench");
+        let mut replies = Vec::new();
+        loop {
+            match recv_message(socket.as_fd(), true) {
+                Ok(got) => {
+                    if let ServerMessage::Reply(reply) =
+                        decode_server_message(&got.bytes).expect("decode")
+                    {
+                        replies.push((reply.id, reply.result.map_err(|e| e.code)));
+                    }
+                }
+                Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => return replies,
+                Err(err) => panic!("reading a client's replies: {err:?}"),
+            }
+        }
+    }
+
+    /// The access `client`'s begin `request` was granted (sent or not).
+    fn access_of(&self, client: ClientId, request: u64) -> AccessId {
+        *self
+            .state
+            .accesses
+            .iter()
+            .find(|(_, a)| a.client == client && a.request_id == request)
+            .expect("the begin's access")
+            .0
+    }
+
+    /// Whether `client` was sent the grant of its begin `request`.
+    fn granted(&self, client: ClientId, request: u64) -> bool {
+        self.replies(client)
+            .iter()
+            .any(|(id, r)| *id == request && matches!(r, Ok(ReplyBody::Granted(_))))
+    }
+
+    /// A write by `writer`, granted, then ended: its END is running.
+    fn write_then_end(&mut self, writer: ClientId, buffer: BufferId) {
+        let write = self.begin(writer, buffer, Access::CpuWrite);
+        assert!(self.run_starts().is_empty());
+        assert!(self.granted(writer, write), "the write is granted");
+        let access = self.access_of(writer, write);
+        self.end(writer, access);
+    }
+}
+
+fn failed_end() -> Result<(), CacheEndError> {
+    Err(CacheEndError::Kernel(KernelError::Sys {
+        op: "DMA_BUF_IOCTL_SYNC",
+        target: "test".into(),
+        errno: nix::errno::Errno::EIO,
+    }))
+}
+
+/// A reader queued behind a writer is granted by the writer's end, but its
+/// START and its reply wait for the writer's END; other buffers and
+/// clients are not held back meanwhile.
+#[test]
+fn a_grant_waits_for_the_cache_end_of_its_buffer_only() {
+    let mut bench = Bench::new();
+    let (writer, reader, other) = (bench.client(), bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader], true);
+    let elsewhere = bench.buffer(&[other], true);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.granted(writer, write));
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    bench.end(writer, bench.access_of(writer, write));
+    assert_eq!(bench.run_starts(), vec![frame], "one END, no START yet");
+    assert!(
+        !bench.granted(reader, read),
+        "granted before the END was done"
+    );
+
+    let unrelated = bench.begin(other, elsewhere, Access::CpuWrite);
+    bench.run_starts();
+    assert!(
+        bench.granted(other, unrelated),
+        "another buffer waits for nothing"
+    );
+
+    let syncs = bench.state.stats.cache_syncs;
+
+    bench.end_done(frame, Ok(()));
+    assert_eq!(
+        bench.state.stats.cache_syncs,
+        syncs + 1,
+        "the END counts once done"
+    );
+    assert!(bench.state.cache_ends.is_empty());
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.granted(reader, read), "granted once the END is done");
+}
+
+/// Two ENDs of one buffer running: a grant waits for both.
+#[test]
+fn a_grant_waits_for_every_cache_end_of_its_buffer() {
+    let mut bench = Bench::new();
+    let (first, second, writer) = (bench.client(), bench.client(), bench.client());
+    let frame = bench.buffer(&[first, second, writer], true);
+    let reads = [
+        bench.begin(first, frame, Access::CpuRead),
+        bench.begin(second, frame, Access::CpuRead),
+    ];
+    bench.run_starts();
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    bench.end(first, bench.access_of(first, reads[0]));
+    bench.end(second, bench.access_of(second, reads[1]));
+    assert_eq!(bench.run_starts(), vec![frame, frame]);
+    bench.end_done(frame, Ok(()));
+    assert!(bench.run_starts().is_empty());
+    assert!(
+        !bench.granted(writer, write),
+        "granted with an END still running"
+    );
+    bench.end_done(frame, Ok(()));
+    bench.run_starts();
+    assert!(bench.granted(writer, write));
+}
+
+/// Grants that owe no cache sync wait all the same: a device read (a
+/// device must not read lines still dirty in the CPU's caches) and a
+/// no-autofence client's read, granted at once by the arbiter.
+#[test]
+fn device_and_no_autofence_grants_wait_for_the_cache_end_too() {
+    let mut bench = Bench::new();
+    let (writer, device, manual) = (bench.client(), bench.client(), bench.client());
+    if let Some(entry) = bench.state.clients.get_mut(&manual) {
+        entry.autofence = false;
+    }
+    let frame = bench.buffer(&[writer, device, manual], true);
+    bench.write_then_end(writer, frame);
+    let scan = bench.begin(device, frame, Access::DeviceRead);
+    let peek = bench.begin(manual, frame, Access::CpuRead);
+    bench.run_starts();
+    assert!(!bench.granted(device, scan), "a device read before the END");
+    assert!(
+        !bench.granted(manual, peek),
+        "a no-autofence read before the END"
+    );
+    bench.end_done(frame, Ok(()));
+    bench.run_starts();
+    assert!(bench.granted(device, scan));
+    assert!(bench.granted(manual, peek));
+}
+
+/// A failed END is counted and logged, and holds nothing back for good.
+#[test]
+fn a_failed_cache_end_is_counted_and_lets_the_grants_go() {
+    let mut bench = Bench::new();
+    let (writer, reader) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader], true);
+    bench.write_then_end(writer, frame);
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    assert_eq!(bench.run_starts(), vec![frame]);
+    let (syncs, failed) = (
+        bench.state.stats.cache_syncs,
+        bench.state.stats.cache_syncs_failed,
+    );
+    bench.end_done(frame, failed_end());
+    assert_eq!(bench.state.stats.cache_syncs, syncs);
+    assert_eq!(bench.state.stats.cache_syncs_failed, failed + 1);
+    bench.run_starts();
+    assert!(bench.granted(reader, read));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A grant held back behind an END whose client frees the buffer is
+/// answered like any begin still waiting, and once every holder has gone
+/// (the buffer freed while its END runs) the END's return finds nothing to
+/// grant and leaves nothing behind.
+#[test]
+fn a_buffer_freed_while_its_cache_end_runs_leaves_nothing_parked() {
+    let mut bench = Bench::new();
+    let (writer, reader) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader], true);
+    bench.write_then_end(writer, frame);
+    bench.replies(writer);
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    assert_eq!(bench.run_starts(), vec![frame]);
+    {
+        let _entered = bench._runtime.enter();
+        let free = bench
+            .state
+            .handle_message(reader, &free_request(frame), Vec::new());
+        assert_eq!(free, super::Disposition::Continue);
+        bench.state.disconnect(writer);
+    }
+    let answers = bench.replies(reader);
+    assert!(
+        answers
+            .iter()
+            .any(|(id, r)| *id == read && *r == Err(ErrorCode::UnknownBuffer)),
+        "the held-back begin is answered: {answers:?}"
+    );
+    assert!(bench.state.buffers.is_empty(), "the buffer is freed");
+    bench.end_done(frame, Ok(()));
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.state.cache_ends.is_empty());
+    assert!(bench.state.accesses.is_empty());
+    assert!(
+        bench.replies(reader).is_empty(),
+        "nothing more for the reader"
+    );
+}
+
+/// A held-back grant whose client hangs up, or whose begin times out, is
+/// dropped; the grant behind it goes out when the END is done.
+#[test]
+fn a_held_back_grant_that_goes_does_not_hold_up_the_next() {
+    let mut bench = Bench::new();
+    let (writer, gone, patient, hasty) = (
+        bench.client(),
+        bench.client(),
+        bench.client(),
+        bench.client(),
+    );
+    let frame = bench.buffer(&[writer, gone, patient, hasty], true);
+    bench.write_then_end(writer, frame);
+    bench.begin(gone, frame, Access::CpuRead);
+    let quick = bench.begin_within(hasty, frame, Access::CpuRead, Some(5));
+    let read = bench.begin(patient, frame, Access::CpuRead);
+    let actions = bench.state.take_actions();
+    let quick_access = bench.access_of(hasty, quick);
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Timeout { target: TimeoutTarget::Access(id), .. } if *id == quick_access
+        )),
+        "a held-back grant keeps its begin's timeout: {actions:?}"
+    );
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(gone);
+        bench.state.timed_out(TimeoutTarget::Access(quick_access));
+    }
+    assert!(
+        bench
+            .replies(hasty)
+            .iter()
+            .any(|(id, r)| *id == quick && *r == Err(ErrorCode::Timeout)),
+        "the timed-out begin is answered"
+    );
+    bench.end_done(frame, Ok(()));
+    bench.run_starts();
+    assert!(bench.granted(patient, read));
+    assert!(bench.replies(hasty).is_empty());
+}
+
+/// A memfd has no caches: its END is counted as skipped at once, no task
+/// runs and nothing is held back.
+#[test]
+fn a_memfd_access_owes_no_cache_end_and_holds_nothing_back() {
+    let mut bench = Bench::new();
+    let (writer, reader) = (bench.client(), bench.client());
+    let plain = bench.buffer(&[writer, reader], false);
+    let skipped = bench.state.stats.cache_syncs_skipped;
+    bench.write_then_end(writer, plain);
+    let read = bench.begin(reader, plain, Access::CpuRead);
+    assert!(bench.run_starts().is_empty(), "no END to run");
+    assert!(bench.state.cache_ends.is_empty());
+    assert!(bench.granted(reader, read), "granted at once");
+    assert_eq!(bench.state.stats.cache_syncs_skipped, skipped + 3);
+}
+
+fn free_request(buffer: BufferId) -> Vec<u8> {
+    dmabroker_ipc::codec::encode_request(&dmabroker_ipc::Request {
+        head: dmabroker_ipc::RequestHead {
+            id: 1_000,
+            fds: 0,
+            flags: 0,
+        },
+        body: dmabroker_ipc::RequestBody::Free { buffer },
+    })
+    .expect("encode")
+}
