@@ -13,7 +13,8 @@ use dmabroker_suite::abandon;
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{limit_fds, stable_fd_count, wait_fd_count};
 use dmabroker_suite::raw::RawClient;
-use dmabroker_suite::sdnotify::ServiceManager;
+use dmabroker_suite::sdnotify::{Received, ServiceManager};
+use dmabroker_suite::systemd1::{Systemd1, UnitJob};
 use dmabroker_suite::TempDir;
 
 fn repo() -> PathBuf {
@@ -408,8 +409,10 @@ fn after_a_restart_buffers_are_charged_to_their_owner_not_the_first_to_reattach(
 /// the buffer's fd as unknown, and its client lost it.
 #[test]
 fn a_broker_stopped_right_after_an_alloc_still_records_the_buffer() {
+    let systemd = Systemd1::start(UnitJob::Running("restart"));
+    let bus = systemd.env();
     let manager = ServiceManager::new();
-    let mut first = Running::start(&manager, "first", &[]);
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let client = Client::connect_to(&manager.socket_path).expect("connect");
     let buffer = client.alloc(4096).expect("alloc");
     {
@@ -1023,8 +1026,10 @@ fn a_manager_slow_to_read_stalls_no_client_and_loses_no_buffer() {
 #[test]
 fn a_broker_stopped_while_the_manager_is_busy_keeps_every_buffer() {
     const FRAMES: usize = 20;
+    let systemd = Systemd1::start(UnitJob::Running("restart"));
+    let bus = systemd.env();
     let manager = ServiceManager::new();
-    let mut first = Running::start(&manager, "first", &[]);
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let camera = Client::connect_to(&manager.socket_path).expect("camera");
     camera.heaps().expect("connected");
     let frames: Vec<_>;
@@ -1859,8 +1864,15 @@ fn offers_of_a_record_to_a_store_the_manager_counts_full_back_off() {
 #[test]
 fn a_stop_during_an_offer_of_the_record_is_not_held_up() {
     const PERIOD_MS: u64 = 300;
+    // A restart: a stop for good would then take the buffer out of the
+    // store, which waits for the busy manager too.
+    let systemd = Systemd1::start(UnitJob::Running("restart"));
+    let bus = systemd.env();
     let manager = ServiceManager::new();
-    let reoffer = [("DMABROKER_TEST_RECORD_REOFFER_MS", "300")];
+    let reoffer = [
+        ("DMABROKER_TEST_RECORD_REOFFER_MS", "300"),
+        (bus.0, bus.1.as_str()),
+    ];
     let mut first = Running::start(&manager, "first", &reoffer);
     let camera = Client::connect_to(&manager.socket_path).expect("camera");
     let _frame = camera.alloc(4096).expect("alloc");
@@ -1896,4 +1908,302 @@ fn a_stop_during_an_offer_of_the_record_is_not_held_up() {
         "stopped in {stopped_in:?}:\n{}",
         first.log()
     );
+}
+
+/// SIGTERM to `daemon`, as systemd's stop of the unit sends it.
+fn terminate(daemon: &Running) {
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+}
+
+/// The name of every `FDSTOREREMOVE=1`, with its place among the
+/// messages.
+fn removals(r: &Received) -> Vec<(usize, String)> {
+    r.messages
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, m))| m.lines().any(|l| l == "FDSTOREREMOVE=1"))
+        .filter_map(|(i, (_, m))| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .map(|name| (i, name.to_owned()))
+        })
+        .collect()
+}
+
+/// Fails unless each of `ids` was removed from the store, a `BARRIER=1`
+/// came after the last removal, and the store holds no buffer and no
+/// record any more: a stop for good left systemd nothing to close.
+fn assert_taken_out(manager: &ServiceManager, ids: &[u64], daemon: &Running) {
+    let r = manager.received();
+    let removed = removals(&r);
+    for id in ids {
+        assert!(
+            removed.iter().any(|(_, name)| *name == format!("buf-{id}")),
+            "buf-{id} was not removed from the store: {removed:?}\n{}",
+            daemon.log()
+        );
+    }
+    let last = removed.iter().map(|(i, _)| *i).max().unwrap_or(0);
+    assert!(
+        r.messages[last..]
+            .iter()
+            .any(|(_, m)| m.lines().any(|l| l == "BARRIER=1")),
+        "no barrier behind the removals: {:?}\n{}",
+        r.messages,
+        daemon.log()
+    );
+    assert!(
+        r.stored_names()
+            .iter()
+            .all(|n| !n.starts_with("buf-") && !n.starts_with("state-")),
+        "left in the store: {:?}\n{}",
+        r.stored_names(),
+        daemon.log()
+    );
+}
+
+/// Buffers of a client that holds them across the stop, for the store.
+fn frames(manager: &ServiceManager) -> (Client, Vec<dmabroker_client::Buffer>) {
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    let frames: Vec<_> = (0..3)
+        .map(|i| {
+            let frame = camera.alloc(4096).expect("alloc");
+            let mut w = frame.begin(Access::CpuWrite).expect("begin");
+            w.bytes_mut().expect("bytes").fill(i + 1);
+            drop(w);
+            frame
+        })
+        .collect();
+    manager.wait_until_recorded(frames.len());
+    (camera, frames)
+}
+
+/// `systemctl stop` (a stop job): systemd closes the unit's fd store once
+/// the daemon has exited, and its close of a dma-buf no client holds any
+/// more was that buffer's last release, which a client can make wait for
+/// good (an epoll watching the buffer, its lock held): PID 1 hung. Now
+/// every buffer and record is taken out of the store first, and the
+/// daemon exits only once the manager has read a barrier behind the
+/// removals (held here, as a busy PID 1 would).
+#[test]
+fn a_stop_takes_every_buffer_out_of_the_store_before_the_daemon_exits() {
+    let systemd = Systemd1::start(UnitJob::Running("stop"));
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (_camera, frames) = frames(&manager);
+    let held = manager.hold_reading();
+    terminate(&first);
+    dmabroker_suite::eventually("the daemon to ask for its job's type", || {
+        systemd.asked().iter().any(|q| q == "JobType")
+    });
+    // Its removals and the barrier wait in the manager's queue: the
+    // daemon, which waits up to 10 s for them to be read, is still there.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        first.child.try_wait().expect("try_wait").is_none(),
+        "the daemon exited before the manager read its removals:\n{}",
+        first.log()
+    );
+    drop(held);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        systemd.asked(),
+        [
+            format!("GetUnitByPID {}", first.pid()),
+            "Job".into(),
+            "JobType".into()
+        ]
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    let log = first.log();
+    assert!(log.contains("the unit is not being restarted"), "{log}");
+    assert!(log.contains("has a stop job"), "{log}");
+    assert!(
+        log.contains("the service manager has read the removals"),
+        "{log}"
+    );
+}
+
+/// `systemctl restart` (a restart job): the store is handed to the next
+/// instance, so nothing is taken out of it and every buffer comes back.
+#[test]
+fn a_restart_leaves_every_buffer_in_the_store_for_the_next_instance() {
+    let systemd = Systemd1::start(UnitJob::Running("restart"));
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (camera, frames) = frames(&manager);
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        systemd.asked(),
+        [
+            format!("GetUnitByPID {}", first.pid()),
+            "Job".into(),
+            "JobType".into()
+        ],
+        "{}",
+        first.log()
+    );
+    {
+        let r = manager.received();
+        let removed = removals(&r);
+        assert!(
+            removed.iter().all(|(_, name)| !name.starts_with("buf-")),
+            "buffers were taken out of the store: {removed:?}"
+        );
+        assert_eq!(r.buffers_stored(), frames.len(), "{:?}", r.stored_names());
+    }
+    assert!(
+        first.log().contains("restarting the unit"),
+        "{}",
+        first.log()
+    );
+
+    let second = Running::start(&manager, "second", &[]);
+    for (i, frame) in frames.iter().enumerate() {
+        assert_back(frame, &second);
+        let read = frame.begin(Access::CpuRead).expect("read after restart");
+        assert!(read
+            .bytes()
+            .expect("bytes")
+            .iter()
+            .all(|b| *b == i as u8 + 1));
+    }
+    assert_eq!(camera.reconnects(), 1);
+}
+
+/// A SIGTERM with no job for the unit (`kill`, not `systemctl`): the
+/// daemon exits 0, which `Restart=on-failure` does not restart, and
+/// systemd closes the store. Taken out first.
+#[test]
+fn a_sigterm_with_no_job_takes_every_buffer_out_of_the_store() {
+    let systemd = Systemd1::start(UnitJob::None);
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (_camera, frames) = frames(&manager);
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        systemd.asked(),
+        [format!("GetUnitByPID {}", first.pid()), "Job".into()]
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    assert!(first.log().contains("has no job"), "{}", first.log());
+}
+
+/// No systemd to ask (a bus without it, as in a container, or no bus at
+/// all): the daemon cannot know a restart is coming, and PID 1's safety
+/// comes first.
+#[test]
+fn a_sigterm_with_no_systemd_on_the_bus_takes_every_buffer_out_of_the_store() {
+    let bus = Systemd1::absent();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address())],
+    );
+    let (_camera, frames) = frames(&manager);
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    assert!(
+        first.log().contains("systemd does not say which unit"),
+        "{}",
+        first.log()
+    );
+}
+
+/// A bus that never answers (going away at shutdown): the daemon asks for
+/// a second at most, then takes the buffers out; its exit is not held up
+/// beyond that.
+#[test]
+fn a_bus_that_never_answers_holds_the_stop_up_a_second_and_the_buffers_are_taken_out() {
+    let systemd = Systemd1::start(UnitJob::Silent);
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (_camera, frames) = frames(&manager);
+    let signalled = Instant::now();
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    let stopped_in = signalled.elapsed();
+    assert_eq!(systemd.asked(), [format!("GetUnitByPID {}", first.pid())]);
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    assert!(
+        first.log().contains("no answer within 1s"),
+        "{}",
+        first.log()
+    );
+    // The question's second, and the last record's writing beside it;
+    // far from the 10 s the removals could wait for a busy manager.
+    assert!(
+        stopped_in < Duration::from_secs(6),
+        "stopped in {stopped_in:?}:\n{}",
+        first.log()
+    );
+}
+
+/// Under a user manager (`systemctl --user`), which sets `$MANAGERPID`,
+/// the manager to ask is on the session bus, not the system bus: a
+/// restart there keeps the store too.
+#[test]
+fn under_a_user_manager_the_session_bus_is_asked() {
+    let systemd = Systemd1::start(UnitJob::Running("restart"));
+    let (_, address) = systemd.env();
+    let manager = ServiceManager::new();
+    let manager_pid = std::process::id().to_string();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[
+            ("MANAGERPID", &manager_pid),
+            ("DBUS_SESSION_BUS_ADDRESS", &address),
+        ],
+    );
+    let (_camera, frames) = frames(&manager);
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_eq!(systemd.asked().len(), 3, "{}", first.log());
+    let r = manager.received();
+    assert!(
+        removals(&r)
+            .iter()
+            .all(|(_, name)| !name.starts_with("buf-")),
+        "{:?}",
+        removals(&r)
+    );
+    assert_eq!(r.buffers_stored(), frames.len());
 }

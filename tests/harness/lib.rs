@@ -12,6 +12,7 @@ pub mod raw;
 pub mod scripted;
 pub mod sdnotify;
 pub mod slow_heap;
+pub mod systemd1;
 pub mod tmp;
 pub mod userns;
 pub mod vgem;

@@ -483,6 +483,17 @@ impl ServiceManager {
             .env("LISTEN_FDS", sources.len().to_string())
             .env("LISTEN_FDNAMES", names.join(":"))
             .env("NOTIFY_SOCKET", &self.notify_path)
+            // No system bus unless the test gives one (a stand-in for
+            // systemd's, tests/harness/systemd1.rs): the daemon asks it
+            // at a stop whether the unit is being restarted, and must not
+            // ask the host's.
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                format!(
+                    "unix:path={}",
+                    self.dir.path().join("no-system-bus").display()
+                ),
+            )
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

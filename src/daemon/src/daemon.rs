@@ -16,7 +16,7 @@ use crate::service::fdstore::{
 };
 use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
 use crate::service::record::StateRecord;
-use crate::service::{notify, watchdog};
+use crate::service::{job, notify, watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -184,28 +184,108 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     tracing::info!("shutting down");
     notify::stopping();
     accepting.abort();
+    // Asked at once, while the last record is written: a restart needs
+    // that record, a stop for good takes it out again.
+    let asking = persisting
+        .is_some()
+        .then(|| tokio::spawn(job::ask(job::ASK_PATIENCE)));
     // Before the last record is copied: a request handled during the copy
     // could be answered yet missing from it (a buffer allocated and then
     // dropped by the next instance as unknown).
     broker.with(|s| s.stopping = true);
+    let mut writer = None;
     if let Some((task, stop)) = persisting {
         // One deadline from the signal on; the record being written when
         // it came may still wait its own patience first.
         let _ = stop.send(tokio::time::Instant::now() + LAST_RECORD_PATIENCE);
-        if tokio::time::timeout(
+        match tokio::time::timeout(
             LAST_RECORD_PATIENCE + RECORD_PATIENCE + Duration::from_secs(1),
             task,
         )
         .await
-        .is_err()
         {
-            tracing::warn!("the last record of the buffer table was not written in time");
+            Ok(Ok(kept)) => writer = kept,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "the writer of the buffer table record failed");
+            }
+            Err(_) => {
+                tracing::warn!("the last record of the buffer table was not written in time");
+            }
         }
+    }
+    if let Some(asking) = asking {
+        let answer = match asking.await {
+            Ok(answer) => answer,
+            Err(err) => job::Answer::Unknown(job::AskError::Lost(err)),
+        };
+        leave_or_empty_store(&broker, &answer, writer.as_ref()).await;
     }
     listener.remove_path();
     // A STOPPING=1 the manager had no room for is still on its way.
     notify::flush(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// At a stop, once the last record is written: unless the service
+/// manager is restarting the unit (`answer`, see `service::job`), every
+/// fd the daemon put in its store is taken out again, and the daemon
+/// waits (up to [`TAKE_OUT_PATIENCE`]) for the manager to have read the
+/// removals. systemd closes the store of a unit stopped for good after the
+/// daemon has exited, and its close of a dma-buf no client holds any more
+/// would be that buffer's last release, which a client can make wait for
+/// good (see `held_files`): PID 1 would hang. Taken out first, the
+/// buffers' last releases are the daemon's own exit's, or a client's.
+async fn leave_or_empty_store(
+    broker: &Arc<Broker>,
+    answer: &job::Answer,
+    writer: Option<&RecordWriter>,
+) {
+    let Some(store) = broker.lock().fd_store.clone() else {
+        return;
+    };
+    if answer.keeps_store() {
+        tracing::info!(
+            %answer,
+            "the service manager is restarting the unit: the fd store keeps every buffer for the next instance"
+        );
+        return;
+    }
+    // Nothing goes in behind the removals (a writer that overran its
+    // time, an allocation finishing on the blocking pool).
+    notify::refuse_fd_stores();
+    let records = writer
+        .map(RecordWriter::record_names)
+        .unwrap_or_else(|| RecordWriter::default().record_names());
+    let (names, buffers) = {
+        let state = broker.lock();
+        let ids = state.buffer_ids();
+        let buffers = ids.len();
+        (store.names_in_store(ids, records), buffers)
+    };
+    tracing::info!(
+        %answer,
+        buffers,
+        names = names.len(),
+        "the unit is not being restarted: taking every buffer out of the fd store before exiting, so that the service manager's close of it is no buffer's last release"
+    );
+    let deadline = std::time::Instant::now() + TAKE_OUT_PATIENCE;
+    let taken = tokio::task::spawn_blocking(move || store.take_out(&names, deadline)).await;
+    match taken {
+        Ok(Ok(removed)) => {
+            tracing::info!(
+                removed,
+                "the service manager has read the removals from the fd store"
+            );
+        }
+        Ok(Err(err)) => tracing::warn!(
+            error = %err,
+            "the fd store may still hold buffers when the service manager closes it"
+        ),
+        Err(err) => tracing::error!(
+            error = %err,
+            "taking the buffers out of the fd store failed; the service manager may still hold them"
+        ),
+    }
 }
 
 /// A broken policy file never replaces a working policy.
@@ -362,7 +442,9 @@ fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)>
 /// Writes the record of the buffer table 50 ms after a change (changes
 /// come in bursts), and once more when the daemon stops: a change made
 /// within those 50 ms would otherwise be missing, and the next instance
-/// would drop a buffer its client still holds.
+/// would drop a buffer its client still holds. Gives the writer back at
+/// the end (`None` if it was lost): its records are to be removed at a
+/// stop for good.
 ///
 /// A record or a buffer that could not be stored (out of fds, the
 /// manager's socket gone) is tried again after [`RETRY_FIRST`], doubling up to
@@ -373,7 +455,7 @@ async fn persist_loop(
     wanted: Arc<tokio::sync::Notify>,
     mut writer: RecordWriter,
     mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
-) {
+) -> Option<RecordWriter> {
     let mut retry: Option<Duration> = None;
     let reoffer = reoffer_period();
     // The wait before the next offer of an unchanged record: doubled by
@@ -405,7 +487,7 @@ async fn persist_loop(
                                 writer = kept;
                                 break at;
                             }
-                            Reoffered::Lost => return,
+                            Reoffered::Lost => return None,
                         }
                         continue;
                     }
@@ -427,9 +509,7 @@ async fn persist_loop(
             }
             at = &mut stopped => break at.ok(),
         }
-        let Some((kept, written)) = store_record(&broker, writer, RECORD_PATIENCE).await else {
-            return;
-        };
+        let (kept, written) = store_record(&broker, writer, RECORD_PATIENCE).await?;
         writer = kept;
         // A try follows a change (or a failure): a new record, perhaps,
         // which the manager may drop as it may any, so the offers of it
@@ -482,12 +562,10 @@ async fn persist_loop(
     let mut out = broker.lock().buffers_out_of_store();
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        let Some((kept, written)) = store_record(&broker, writer, left).await else {
-            break;
-        };
+        let (kept, written) = store_record(&broker, writer, left).await?;
         let now_out = broker.lock().buffers_out_of_store();
         if written == Written::Stored || now_out >= out || left.is_zero() {
-            break;
+            return Some(kept);
         }
         (writer, out) = (kept, now_out);
     }
@@ -866,6 +944,13 @@ const RECORD_PATIENCE: Duration = Duration::from_secs(1);
 /// How long after the stop signal the last record, and buffers still out
 /// of the store, may wait for room.
 const LAST_RECORD_PATIENCE: Duration = Duration::from_secs(4);
+/// How long, at a stop for good, the removals from the store and the
+/// barrier behind them may wait for the manager: a manager merely slow
+/// (busy stopping other units, its queue full) is worth waiting for, as
+/// giving up leaves it a copy to close; one that never reads must not keep
+/// the daemon from exiting, and systemd's stop timeout (90 s by default)
+/// is far beyond this.
+const TAKE_OUT_PATIENCE: Duration = Duration::from_secs(10);
 
 fn status_line(broker: &Arc<Broker>) -> String {
     let state = broker.lock();

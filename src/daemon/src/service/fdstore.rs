@@ -706,6 +706,91 @@ impl FdStore {
     }
 }
 
+/// Why the store could not be emptied at a stop for good (see
+/// [`FdStore::take_out`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOutError {
+    #[error("cannot remove {name} from the fd store ({sent} of {total} removals sent): {source}")]
+    Remove {
+        name: String,
+        sent: usize,
+        total: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot send a barrier behind the {total} removals from the fd store: {source}")]
+    Barrier {
+        total: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the service manager has not read the {total} removals from the fd store: {source}")]
+    Unread {
+        total: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FdStore {
+    /// Every name the daemon may have fds under in the store: the `live`
+    /// buffers', the removals still owed (not sent, or held back behind
+    /// the record's writer), the names a restart closed fds of, and the
+    /// `records`. Each once.
+    pub fn names_in_store(
+        &self,
+        live: impl IntoIterator<Item = u64>,
+        records: impl IntoIterator<Item = String>,
+    ) -> Vec<String> {
+        let mut names: Vec<String> = live.into_iter().map(buffer_name).collect();
+        names.extend(self.unremoved_names().iter().cloned());
+        names.extend(self.in_flight().deferred_removals.iter().cloned());
+        names.extend(self.extra_fds().keys().cloned());
+        names.extend(records);
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|name| seen.insert(name.clone()));
+        names
+    }
+
+    /// At a stop for good: removes every fd of `names` from the store and
+    /// waits for the manager to have read the removals (a `BARRIER=1`
+    /// behind them), each step waiting until `deadline` for room in its
+    /// queue. The manager then holds no copy when it closes the store, and
+    /// the daemon's own exit (or a client) makes each buffer's last
+    /// release, not PID 1. Call [`notify::refuse_fd_stores`] first, so
+    /// that nothing goes in behind the removals. Returns how many
+    /// removals were sent. Blocks: off the broker's thread.
+    pub fn take_out(
+        &self,
+        names: &[String],
+        deadline: std::time::Instant,
+    ) -> Result<usize, TakeOutError> {
+        let total = names.len();
+        for (sent, name) in names.iter().enumerate() {
+            notify::send_waiting(
+                &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+                &[],
+                deadline,
+            )
+            .map_err(|source| TakeOutError::Remove {
+                name: name.clone(),
+                sent,
+                total,
+                source,
+            })?;
+        }
+        self.removed(names);
+        match notify::Barrier::send(deadline) {
+            Ok(Some(barrier)) => barrier
+                .wait(deadline)
+                .map_err(|source| TakeOutError::Unread { total, source })?,
+            Ok(None) => {}
+            Err(source) => return Err(TakeOutError::Barrier { total, source }),
+        }
+        Ok(total)
+    }
+}
+
 /// Puts buffer `id`'s fd in the store; false when the message could not
 /// be sent (logged by the caller, once for a run of failures).
 fn store(id: u64, fd: BorrowedFd<'_>) -> bool {
@@ -793,6 +878,16 @@ impl RecordWriter {
             stale,
             latest: None,
         }
+    }
+
+    /// The names of the records the store may hold: the stored one's and
+    /// those still to be removed, and both names records alternate
+    /// between (a removal of a name the store does not have is ignored).
+    pub fn record_names(&self) -> Vec<String> {
+        let mut names = vec![format!("{RECORD_PREFIX}a"), format!("{RECORD_PREFIX}b")];
+        names.extend(self.current.iter().cloned());
+        names.extend(self.stale.iter().map(|(name, _)| name.clone()));
+        names
     }
 
     /// Record names still to be removed: the store does not match the
@@ -1271,6 +1366,28 @@ mod tests {
         assert!(writer.reoffer(deadline).expect("offered"));
         writer.table_changed();
         assert!(!writer.reoffer(deadline).expect("nothing to offer"));
+    }
+
+    /// At a stop for good every name the store may hold fds under goes:
+    /// live buffers', removals still owed or held back, names a restart
+    /// closed fds of, and every record name; each once.
+    #[test]
+    fn a_stop_for_good_removes_every_name_the_store_may_hold() {
+        let store = store_with(&[5]);
+        store.unremoved_names().push(buffer_name(3));
+        assert_eq!(store.take_unstored(1), vec![5]);
+        store.remove_buffer(5);
+        store.set_extra_fds(std::collections::HashMap::from([
+            ("buf-1".to_owned(), 1),
+            ("stray".to_owned(), 1),
+        ]));
+        let writer = RecordWriter::continuing("state-b".into(), 7, 1, stale(&[("state-x", 1)]));
+        let mut names = store.names_in_store([1, 2], writer.record_names());
+        names.sort();
+        assert_eq!(
+            names,
+            ["buf-1", "buf-2", "buf-3", "buf-5", "state-a", "state-b", "state-x", "stray"]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod fdstore;
 pub mod inherited;
+pub mod job;
 pub mod notify;
 pub mod record;
 pub mod watchdog;

@@ -19,7 +19,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -124,15 +124,39 @@ fn send_on(socket: &OwnedFd, text: &str, fds: &[BorrowedFd<'_>]) -> nix::Result<
     }
 }
 
+/// Set once the daemon takes its fds out of the store at a stop for good
+/// (see `service::job`): nothing may go in after the removals, or PID 1
+/// would hold it when it closes the store.
+static NO_MORE_STORES: AtomicBool = AtomicBool::new(false);
+
+/// From now on every `FDSTORE=1` fails: what the daemon still had on its
+/// way to the store (a late record, a buffer the record's writer sends)
+/// cannot follow the removals of a stop for good. A store being sent now
+/// is sent before this returns (the same lock), so before any removal.
+pub fn refuse_fd_stores() {
+    let _sending = NOTIFIER.lock().unwrap_or_else(|p| p.into_inner());
+    NO_MORE_STORES.store(true, Ordering::Release);
+}
+
+fn is_fd_store(text: &str) -> bool {
+    text.lines().any(|line| line == "FDSTORE=1")
+}
+
 /// One attempt on the daemon's socket; `WouldBlock` comes with the socket.
 fn send_text(text: &str, fds: &[BorrowedFd<'_>]) -> Result<(), (io::Error, Option<Arc<OwnedFd>>)> {
     let Some(address) = std::env::var_os(NOTIFY_SOCKET) else {
         return Ok(());
     };
-    NOTIFIER
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(&address, text, fds)
+    let mut notifier = NOTIFIER.lock().unwrap_or_else(|p| p.into_inner());
+    if NO_MORE_STORES.load(Ordering::Acquire) && is_fd_store(text) {
+        return Err((
+            io::Error::other(
+                "the daemon is stopping for good: nothing goes into the fd store any more",
+            ),
+            None,
+        ));
+    }
+    notifier.send(&address, text, fds)
 }
 
 /// Sends `states` (with `fds`) without waiting: `WouldBlock` when the
