@@ -274,7 +274,6 @@ fn a_cancelled_begin_does_not_reconnect_for_nobody() {
     let mut begin = Box::pin(theirs.begin_async(Access::CpuRead, None));
     wait_impatiently(&runtime, &mut begin);
     daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    dmabroker_suite::proc::wait_stopped(daemon.pid());
     drop(begin);
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
     assert_shuts_down_promptly(runtime);

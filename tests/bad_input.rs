@@ -246,7 +246,6 @@ fn a_client_cut_off_with_messages_unread_reads_its_last_answers_first() {
     // Far more than the broker takes (it cuts a client off at its 8th
     // malformed message), all queued before it reads any of them.
     daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    dmabroker_suite::proc::wait_stopped(daemon.pid());
     for _ in 0..64 {
         raw.send_raw(b"\x00\x01garbage", &[]);
     }
@@ -315,7 +314,6 @@ fn a_writer_that_ends_and_closes_with_answers_unread_is_not_taken_for_dead() {
     );
     // The end and the close reach the broker together.
     daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    dmabroker_suite::proc::wait_stopped(daemon.pid());
     let end = writer.encode_one_way(RequestBody::End {
         access,
         fence_slot: None,

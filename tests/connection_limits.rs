@@ -58,7 +58,7 @@ fn a_client_over_the_cap_is_told_busy() {
     let pid = Pid::from_raw(daemon.pid() as i32);
     // Connected (into the backlog) and the hello sent before the daemon
     // accepts the connection.
-    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    daemon.signal(Signal::SIGSTOP);
     let mut third = RawClient::connect(daemon.socket());
     let (_, bytes) = third.encode(hello(), 0);
     third.send_raw(&bytes, &[]);
@@ -82,7 +82,7 @@ fn a_burst_of_connections_does_not_overshoot_the_cap() {
     let daemon = daemon_serving_at_most(2);
     let pid = Pid::from_raw(daemon.pid() as i32);
     // All of them wait in the backlog when the daemon next looks.
-    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    daemon.signal(Signal::SIGSTOP);
     let mut clients: Vec<RawClient> = (0..12)
         .map(|_| RawClient::connect(daemon.socket()))
         .collect();
@@ -139,7 +139,7 @@ fn connections_waiting_while_fds_ran_out_are_accepted_once_there_are_fds() {
 fn a_second_daemon_does_not_take_a_busy_daemons_socket() {
     let daemon = Daemon::start();
     let pid = Pid::from_raw(daemon.pid() as i32);
-    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    daemon.signal(Signal::SIGSTOP);
     // Fill its backlog: connects that do not wait.
     let mut waiting = Vec::new();
     loop {

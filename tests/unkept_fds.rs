@@ -149,24 +149,20 @@ fn fds_parked_by_a_client_stay_bounded_and_others_are_served() {
     daemon.assert_fds_back_to(baseline);
 }
 
-/// Sends `fds` on a message declaring none; `hello` first, a good one or
-/// one refused.
-fn send_stray(daemon: &Daemon, good_hello: bool, fds: &[BorrowedFd<'_>]) -> RawClient {
+/// Sends `fds` on a message declaring none, behind a hello the daemon
+/// refuses: it closes the connection with them still queued.
+fn send_stray(daemon: &Daemon, fds: &[BorrowedFd<'_>]) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());
-    if good_hello {
-        raw.hello();
-    } else {
-        let (_, bytes) = raw.encode(
-            RequestBody::Hello(dmabroker_ipc::Hello {
-                version: 0xdead,
-                features: 0,
-                autofence: None,
-                client_name: "stray".into(),
-            }),
-            0,
-        );
-        raw.send_raw(&bytes, &[]);
-    }
+    let (_, bytes) = raw.encode(
+        RequestBody::Hello(dmabroker_ipc::Hello {
+            version: 0xdead,
+            features: 0,
+            autofence: None,
+            client_name: "stray".into(),
+        }),
+        0,
+    );
+    raw.send_raw(&bytes, &[]);
     let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
     raw.send_raw(&bytes, fds);
     raw
@@ -193,15 +189,25 @@ fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
         let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
         let held = HeldEpoll::new(&fuse, read_end.as_fd());
         let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        // Stopped from the last hello it answers until this process's
+        // copy is gone: had the daemon closed its copy first, this
+        // process's close would be the last release, and wait for good.
         let raw = if case == "a 33rd fd" {
             let mut fds = vec![null.as_fd(); 32];
             fds.push(read_end.as_fd());
-            send_stray(&daemon, true, &fds)
+            let mut raw = RawClient::connect(daemon.socket());
+            raw.hello();
+            daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+            let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
+            raw.send_raw(&bytes, &fds);
+            raw
         } else {
-            send_stray(&daemon, false, &[read_end.as_fd()])
+            daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+            send_stray(&daemon, &[read_end.as_fd()])
         };
-        // The daemon has the last copy now.
+        // The daemon has the last copy now, in flight.
         drop(read_end);
+        daemon.signal(nix::sys::signal::Signal::SIGCONT);
         let served = new_client_served(&daemon);
         held.let_go(fuse);
         drop(raw);
@@ -252,7 +258,7 @@ fn a_closed_connection_is_read_out_only_up_to_the_bound() {
 
 /// A refused hello, then one message per fd of `fds`, each carrying it.
 fn send_stray_each(daemon: &Daemon, fds: &[BorrowedFd<'_>]) -> RawClient {
-    let mut raw = send_stray(daemon, false, &[]);
+    let mut raw = send_stray(daemon, &[]);
     for fd in fds {
         let (_, bytes) = raw.encode(RequestBody::ListHeaps, 0);
         raw.send_raw(&bytes, &[*fd]);

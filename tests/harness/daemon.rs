@@ -255,8 +255,13 @@ impl Daemon {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// A `SIGSTOP` returns once the daemon has stopped: a test that stops
+    /// it to queue things before it reads them must not race it.
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.pid() as i32), signal).expect("signal daemon");
+        if signal == Signal::SIGSTOP {
+            crate::proc::wait_stopped(self.pid());
+        }
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -99,7 +99,9 @@ pub fn free_fds(pid: u32, how_many: usize) -> Vec<usize> {
 
 /// Waits until every thread of `pid` is stopped (state `T`): `SIGSTOP`
 /// takes effect asynchronously, and a thread still running on another CPU
-/// could read what the caller sends next.
+/// could read what the caller sends next. A thread in an uninterruptible
+/// wait (`D`: a closing thread a test keeps stuck in a release) counts as
+/// stopped: it stops on its way out of that wait.
 pub fn wait_stopped(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -110,7 +112,7 @@ pub fn wait_stopped(pid: u32) {
                         .ok()
                         .and_then(|stat| {
                             let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-                            Some(state == "T" || state == "t")
+                            Some(matches!(state, "T" | "t" | "D"))
                         })
                         .unwrap_or(true)
                 })
