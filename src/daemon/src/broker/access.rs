@@ -17,7 +17,7 @@ use dmabroker_ipc::{
 };
 
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
-use super::waits::{CacheEnd, CacheEndError};
+use super::waits::{CacheEnd, CacheSyncError};
 use super::{Action, TimeoutTarget};
 use crate::client_fds::ClientFd;
 use crate::held_files::{HeldDup, HeldFd, Release};
@@ -497,7 +497,7 @@ impl State {
     pub(super) fn cache_sync_started(
         &mut self,
         access: AccessId,
-        started: Result<super::waits::StartedSync, crate::kernel::KernelError>,
+        started: Result<super::waits::StartedSync, CacheSyncError>,
     ) {
         let Some(entry) = self.accesses.get_mut(&access) else {
             return;
@@ -706,7 +706,7 @@ impl State {
     /// would after any failed sync. Once the buffer's last END is done, its
     /// parked grants go on in the order they were parked (the arbiter's),
     /// to their own START and reply.
-    pub(super) fn cache_end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+    pub(super) fn cache_end_done(&mut self, buffer: BufferId, ended: Result<(), CacheSyncError>) {
         match ended {
             Ok(()) => {
                 self.stats.cache_syncs += 1;

@@ -22,7 +22,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, DaemonLimits, Holder, State};
-use super::waits::{CacheEndError, StartedSync};
+use super::waits::{CacheSyncError, StartedSync};
 use super::{Action, TimeoutTarget};
 use crate::heaps::{Backend, HeapConfig, HeapRegistry};
 use crate::held_files::HeldFd;
@@ -175,7 +175,7 @@ impl Bench {
     }
 
     /// An END of `buffer` returns, done or failed.
-    fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+    fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheSyncError>) {
         let _entered = self._runtime.enter();
         self.state.cache_end_done(buffer, ended);
     }
@@ -232,8 +232,8 @@ impl Bench {
     }
 }
 
-fn failed_end() -> Result<(), CacheEndError> {
-    Err(CacheEndError::Kernel(KernelError::Sys {
+fn failed_end() -> Result<(), CacheSyncError> {
+    Err(CacheSyncError::Kernel(KernelError::Sys {
         op: "DMA_BUF_IOCTL_SYNC",
         target: "test".into(),
         errno: nix::errno::Errno::EIO,
