@@ -161,11 +161,12 @@ impl Bench {
             match action {
                 Action::CacheSyncStart {
                     access,
+                    buffer,
                     dmabuf,
                     direction,
                 } => {
                     let started = StartedSync::assumed(dmabuf, direction);
-                    self.state.cache_sync_started(access, Ok(started));
+                    self.state.cache_sync_started(access, buffer, Ok(started));
                 }
                 Action::CacheSyncEnd { buffer, .. } => ends.push(buffer),
                 _ => {}
@@ -461,4 +462,107 @@ fn free_request(buffer: BufferId) -> Vec<u8> {
         body: dmabroker_ipc::RequestBody::Free { buffer },
     })
     .expect("encode")
+}
+
+/// The START of `client`'s begin `request`, taken out of the deferred
+/// actions and not reported back: it is still running.
+fn start_in_flight(bench: &mut Bench) -> Action {
+    let mut actions = bench.state.take_actions();
+    let at = actions
+        .iter()
+        .position(|a| matches!(a, Action::CacheSyncStart { .. }))
+        .expect("a START was asked for");
+    let start = actions.swap_remove(at);
+    assert!(
+        start.owner().is_none(),
+        "a START belongs to no access: its access's removal must not abort it"
+    );
+    start
+}
+
+/// An access that goes while its START runs (here its client hangs up)
+/// leaves that START, and the END it then owes, to run after it: the
+/// grant made by its going waits for both, and the END runs off the
+/// broker's thread.
+#[test]
+fn a_grant_waits_for_the_start_and_end_of_an_access_gone_while_starting() {
+    let mut bench = Bench::new();
+    let (reader, writer) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[reader, writer], true);
+    bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(reader);
+    }
+    assert!(bench.run_starts().is_empty(), "nothing runs yet");
+    assert!(
+        !bench.granted(writer, write),
+        "granted while the gone access's START was running"
+    );
+    let Action::CacheSyncStart {
+        access,
+        buffer,
+        dmabuf,
+        direction,
+    } = start
+    else {
+        unreachable!()
+    };
+    {
+        let _entered = bench._runtime.enter();
+        let started = StartedSync::assumed(dmabuf, direction);
+        bench.state.cache_sync_started(access, buffer, Ok(started));
+    }
+    assert_eq!(
+        bench.run_starts(),
+        vec![frame],
+        "the START it had is ENDed off the broker's thread"
+    );
+    assert!(!bench.granted(writer, write), "granted before that END");
+    bench.end_done(frame, Ok(()));
+    bench.run_starts();
+    assert!(bench.granted(writer, write));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A START that fails for an access gone meanwhile owes no END, and the
+/// grants it held back go on at once.
+#[test]
+fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
+    let mut bench = Bench::new();
+    let (reader, writer) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[reader, writer], true);
+    bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(reader);
+    }
+    assert!(bench.run_starts().is_empty());
+    assert!(!bench.granted(writer, write));
+    let Action::CacheSyncStart { access, buffer, .. } = start else {
+        unreachable!()
+    };
+    let failed = bench.state.stats.cache_syncs_failed;
+    {
+        let _entered = bench._runtime.enter();
+        bench
+            .state
+            .cache_sync_started(access, buffer, Err(failed_sync().into()));
+    }
+    assert_eq!(bench.state.stats.cache_syncs_failed, failed + 1);
+    assert!(bench.run_starts().is_empty(), "no END is owed");
+    assert!(bench.granted(writer, write));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+fn failed_sync() -> KernelError {
+    KernelError::Sys {
+        op: "DMA_BUF_IOCTL_SYNC",
+        target: "test".into(),
+        errno: nix::errno::Errno::EIO,
+    }
 }

@@ -76,8 +76,11 @@ pub enum Action {
     },
     /// Cache sync START for a CPU grant on a dma-buf, on a blocking thread
     /// (it waits for fences in the kernel); the grant is sent after it.
+    /// `buffer`: the access's, for the END it owes should the access go
+    /// meanwhile (`State::cache_sync_started`).
     CacheSyncStart {
         access: AccessId,
+        buffer: dmabroker_ipc::BufferId,
         dmabuf: HeldDup,
         direction: crate::kernel::dma_buf::SyncDirection,
     },
@@ -111,9 +114,9 @@ pub enum TaskOwner {
 }
 
 impl Action {
-    /// `None` for a task nothing may stop: a cache sync END belongs to an
-    /// access already gone, and the grants it holds back are released only
-    /// when it reports back.
+    /// `None` for a task nothing may stop: a cache sync START or END
+    /// holds back the buffer's grants from the moment its access goes
+    /// (an END's has gone already) until it reports back, which it must.
     fn owner(&self) -> Option<TaskOwner> {
         Some(match self {
             Action::PatrolWords(_) => TaskOwner::WordPatrol,
@@ -128,9 +131,8 @@ impl Action {
             }
             | Action::HoldLimit { access, .. }
             | Action::AwaitImplicit { access, .. }
-            | Action::AwaitSyncFile { access, .. }
-            | Action::CacheSyncStart { access, .. } => TaskOwner::Access(*access),
-            Action::CacheSyncEnd { .. } => return None,
+            | Action::AwaitSyncFile { access, .. } => TaskOwner::Access(*access),
+            Action::CacheSyncStart { .. } | Action::CacheSyncEnd { .. } => return None,
         })
     }
 }
@@ -293,12 +295,14 @@ impl Broker {
             }),
             Action::CacheSyncStart {
                 access,
+                buffer,
                 dmabuf,
                 direction,
             } => tokio::spawn(async move {
-                // Aborting this task leaves its blocking job to finish; its
-                // `StartedSync`, then dropped unkept there, ENDs. START
-                // waits for the device in the kernel: never on this
+                // Nothing aborts this task: an access gone while START ran
+                // still owes its END, which the buffer's grants wait for
+                // (`State::cache_sync_started`). START waits for the
+                // device in the kernel: never on this
                 // thread, so with no thread for it, it fails (logged and
                 // counted; the grant goes on unsynced, as after any failed
                 // sync).
@@ -310,7 +314,7 @@ impl Broker {
                         OffThread::NoThread(_) => Err(CacheSyncError::NoThread),
                         OffThread::Failed => Err(CacheSyncError::Thread),
                     };
-                broker.with(|s| s.cache_sync_started(access, started));
+                broker.with(|s| s.cache_sync_started(access, buffer, started));
             }),
             Action::CacheSyncEnd { buffer, end } => tokio::spawn(async move {
                 let ended = match waits::off_thread(move || end.run()).await {

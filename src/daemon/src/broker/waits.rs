@@ -60,9 +60,10 @@ pub async fn sync_file(fd: HeldDup) {
 /// START waits in the kernel for the dma-buf's implicit fences, and a
 /// device may add one after the broker last polled, so START runs on a
 /// blocking thread, never on the broker's. The access takes the END over
-/// with [`StartedSync::keep`]; dropped without it (the access ended or
-/// went while START waited), it ENDs where it drops (on the blocking
-/// thread, its task having been aborted), so every START has its END.
+/// with [`StartedSync::keep`]; if the access went while START waited, the
+/// END goes to a blocking thread with [`StartedSync::into_end`], and the
+/// buffer's grants wait for it. Dropped with neither (its task gone with
+/// the runtime), it ENDs where it drops, so every START has its END.
 #[derive(Debug)]
 pub struct StartedSync {
     dmabuf: Option<HeldDup>,
@@ -92,6 +93,15 @@ impl StartedSync {
     /// The access owes the END now (it ENDs with the buffer's own fd).
     pub fn keep(mut self) {
         self.dmabuf = None;
+    }
+
+    /// The END owed by a START whose access went while it ran, to be run
+    /// off the broker's thread as any other END is (dropped unkept, it
+    /// would END wherever it drops: on the broker's thread, once START has
+    /// returned).
+    pub fn into_end(mut self) -> Option<CacheEnd> {
+        let dmabuf = self.dmabuf.take()?;
+        Some(CacheEnd::new(dmabuf, self.direction))
     }
 }
 
