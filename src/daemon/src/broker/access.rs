@@ -87,15 +87,15 @@ enum CacheSync {
 /// until they are done (see [`State::park_behind_cache_end`]).
 #[derive(Debug, Default)]
 pub(super) struct CacheEnds {
-    running: u32,
+    pub(super) running: u32,
     /// In the order the arbiter granted them.
-    parked: Vec<Parked>,
+    pub(super) parked: Vec<Parked>,
 }
 
 /// A grant held back behind a cache sync END; the grant itself waits in
 /// its access's `pending`, as one held back for kernel fences does.
 #[derive(Debug)]
-struct Parked {
+pub(super) struct Parked {
     access: AccessId,
     /// What its reply carries (a no-autofence grant's sync_files).
     fds: Vec<Arc<HeldFd>>,
@@ -665,10 +665,20 @@ impl State {
     /// and its END is owed once it returns): it is counted as an END of
     /// the buffer's from now, so that the grants made by the access's
     /// going wait for it and for its END, which [`State::cache_sync_started`]
-    /// runs off the broker's thread.
-    pub(super) fn cache_sync_left(&mut self, entry: &AccessEntry) {
+    /// runs off the broker's thread. A grant parked behind an END goes
+    /// from the parked list at once, with the fds its reply would have
+    /// carried: a begin withdrawn again and again while one END runs must
+    /// not pile them up.
+    pub(super) fn cache_sync_left(&mut self, access: AccessId, entry: &AccessEntry) {
         if entry.starting {
             self.cache_ends.entry(entry.buffer).or_default().running += 1;
+            return;
+        }
+        if entry.pending.is_none() || self.cache_ends.is_empty() {
+            return;
+        }
+        if let Some(ends) = self.cache_ends.get_mut(&entry.buffer) {
+            ends.parked.retain(|parked| parked.access != access);
         }
     }
 

@@ -559,6 +559,32 @@ fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
     assert!(bench.state.cache_ends.is_empty());
 }
 
+/// A grant held back behind an END and withdrawn (its begin timed out)
+/// leaves nothing parked: what its reply would have carried goes with it,
+/// not when the END returns.
+#[test]
+fn a_withdrawn_grant_leaves_nothing_parked() {
+    let mut bench = Bench::new();
+    let (writer, reader) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader], true);
+    bench.write_then_end(writer, frame);
+    let read = bench.begin_within(reader, frame, Access::CpuRead, Some(5));
+    let access = bench.access_of(reader, read);
+    assert_eq!(bench.run_starts(), vec![frame]);
+    assert_eq!(bench.state.cache_ends[&frame].parked.len(), 1);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.timed_out(TimeoutTarget::Access(access));
+    }
+    assert!(
+        bench.state.cache_ends[&frame].parked.is_empty(),
+        "the withdrawn grant is still parked"
+    );
+    assert_eq!(bench.state.cache_ends[&frame].running, 1);
+    bench.end_done(frame, Ok(()));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
 fn failed_sync() -> KernelError {
     KernelError::Sys {
         op: "DMA_BUF_IOCTL_SYNC",

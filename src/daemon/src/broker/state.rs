@@ -369,7 +369,7 @@ impl State {
     pub(super) fn remove_access(&mut self, id: AccessId) -> Option<AccessEntry> {
         self.abort_tasks(TaskOwner::Access(id));
         let entry = self.accesses.remove(&id)?;
-        self.cache_sync_left(&entry);
+        self.cache_sync_left(id, &entry);
         Some(entry)
     }
 
