@@ -682,6 +682,14 @@ impl State {
         }
     }
 
+    /// Whether `buffer` has cache sync ENDs (or STARTs of accesses gone)
+    /// running, whose copies of its fd keep its file open.
+    pub(super) fn cache_ends_running_on(&self, buffer: BufferId) -> bool {
+        self.cache_ends
+            .get(&buffer)
+            .is_some_and(|ends| ends.running > 0)
+    }
+
     /// Cache sync ENDs running now, every buffer's (the D-Bus view).
     pub fn cache_ends_running(&self) -> u64 {
         self.cache_ends.values().map(|e| u64::from(e.running)).sum()

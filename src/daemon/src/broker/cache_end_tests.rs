@@ -119,6 +119,17 @@ impl Bench {
         id
     }
 
+    /// Makes `buffer`'s fd one let go of on `uid`'s closing thread, as a
+    /// dma-buf allocated for a client of `uid` is.
+    fn release_on_thread_of(&mut self, buffer: BufferId, uid: u32) {
+        let entry = self.state.buffers.get_mut(&buffer).expect("the buffer");
+        let fd = entry.fd.as_fd().try_clone_to_owned().expect("dup");
+        entry.fd = Arc::new(HeldFd::new(
+            fd,
+            crate::held_files::Release::OnThreadOf { uid, buffer: true },
+        ));
+    }
+
     fn begin(&mut self, client: ClientId, buffer: BufferId, access: Access) -> u64 {
         self.begin_within(client, buffer, access, None)
     }
@@ -583,6 +594,45 @@ fn a_withdrawn_grant_leaves_nothing_parked() {
     assert_eq!(bench.state.cache_ends[&frame].running, 1);
     bench.end_done(frame, Ok(()));
     assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A dma-buf freed while its END runs takes its close ticket at the free:
+/// a device allocation started meanwhile waits for the pages the END's
+/// copy still keeps, not only for closes handed over before it.
+#[test]
+fn a_buffer_freed_while_its_cache_end_runs_takes_its_close_ticket_at_once() {
+    const UID: u32 = 4_000_000_031;
+    let mut bench = Bench::new();
+    let writer = bench.client();
+    let frame = bench.buffer(&[writer], true);
+    bench.release_on_thread_of(frame, UID);
+    bench.write_then_end(writer, frame);
+    let end = bench
+        .state
+        .take_actions()
+        .into_iter()
+        .find(|a| matches!(a, Action::CacheSyncEnd { .. }))
+        .expect("an END");
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(writer);
+    }
+    assert!(bench.state.buffers.is_empty(), "the buffer is freed");
+    assert_eq!(
+        crate::closer::open_tickets_of(UID),
+        1,
+        "no close ticket while the END keeps the buffer"
+    );
+    drop(end);
+    bench.end_done(frame, Ok(()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::closer::open_tickets_of(UID) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn failed_sync() -> KernelError {

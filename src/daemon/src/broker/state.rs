@@ -682,6 +682,13 @@ impl State {
             self.remove_waiter(waiter.id);
         }
         if let Some(entry) = self.buffers.remove(&buffer) {
+            if self.cache_ends_running_on(buffer) {
+                // A cache sync's copy of the fd keeps the file (and its
+                // pages) until the sync returns, and its close is handed
+                // over only then: an allocation started meanwhile must
+                // wait for it as for a close handed over now.
+                entry.fd.take_close_ticket();
+            }
             if let Some(store) = &self.fd_store {
                 store.remove_buffer(buffer);
                 // The manager's copy goes when it reads the removal: a
