@@ -1175,6 +1175,93 @@ fn kernel_tier_a_buffer_freed_while_its_cache_end_runs_leaves_nothing_behind() {
     daemon.assert_fds_back_to(baseline);
 }
 
+/// A no-autofence client that begins and cancels again and again while a
+/// cache sync END of the buffer runs: each grant, held back behind the
+/// END, carries a sync_file of the dma-buf's pending device fence, which
+/// the daemon exported for it. The cancels must let go of them at once;
+/// kept with the parked grants until the END returned, they grew the
+/// daemon's fds at the rate of the loop.
+#[test]
+fn kernel_tier_begins_cancelled_during_a_slow_cache_end_keep_no_fds() {
+    const ROUNDS: usize = 16;
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = slow_end_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let id = adopted.id().to_string();
+    let token = adopted.export().expect("export");
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello_no_autofence_with(
+        dmabroker_ipc::features::FENCE_EVENTS
+            | dmabroker_ipc::features::SYNC_FILES
+            | dmabroker_ipc::features::CANCEL,
+    );
+    let theirs = reader.import(token.to_string());
+    let write = adopted.begin(Access::CpuWrite).expect("write");
+    drop(write);
+    // Handled after the write's `End`: its END runs now.
+    owner.heaps().expect("the owner's next request");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let baseline = daemon.fd_count();
+    for _ in 0..ROUNDS {
+        let (begin, bytes) = reader.encode(
+            RequestBody::Begin {
+                buffer: theirs,
+                access: Access::CpuRead,
+                timeout_ms: None,
+            },
+            0,
+        );
+        reader.send_raw(&bytes, &[]);
+        let (cancel, bytes) = reader.encode(RequestBody::Cancel { request: begin }, 0);
+        reader.send_raw(&bytes, &[]);
+        let mut answers = HashMap::new();
+        for _ in 0..2 {
+            let (id, result) = reader.recv_reply().expect("a reply");
+            answers.insert(id, result);
+        }
+        assert_eq!(
+            answers.get(&begin).and_then(|r| r.as_ref().err()),
+            Some(&dmabroker_ipc::ErrorCode::Cancelled),
+            "the begin, held back behind the END, is cancelled: {answers:?}"
+        );
+        assert!(
+            answers.get(&cancel).is_some_and(|r| r.is_ok()),
+            "{answers:?}"
+        );
+    }
+    let end_line = cache_sync_line(&id, "End");
+    let ended = || daemon.log().contains(&end_line);
+    assert!(
+        !ended(),
+        "the END must still run after the loop for this to tell anything; log:\n{}",
+        daemon.log_tail()
+    );
+    // The exported sync_files are let go of on a closing thread: soon, and
+    // before the END returns (read in that order: fds, then the END).
+    let deadline = Instant::now() + SLOW_END + PROMPT;
+    let mut most = 0;
+    let (held, ended_then) = loop {
+        let held = daemon.fd_count().saturating_sub(baseline);
+        let ended_then = ended();
+        most = most.max(held);
+        if held <= 2 || ended_then || Instant::now() >= deadline {
+            break (held, ended_then);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        held <= 2 && !ended_then,
+        "up to {most} fds more than before {ROUNDS} cancelled begins, {held} left when the END had returned: {ended_then}"
+    );
+    signal(&vgem, fence, attached);
+    await_cache_end(&daemon, &id, 1);
+    assert_still_serving(&owner);
+}
+
 /// A `begin_async` given up on while its read is held back for a device's
 /// write fence (the broker waits for the dma-buf's implicit fences before
 /// it grants): the cancel withdraws the held-back grant. The runtime shuts

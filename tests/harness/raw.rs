@@ -166,10 +166,20 @@ impl RawClient {
         self.hello_with(Some(false));
     }
 
+    /// The hello of a client that waits for fences itself and asks for
+    /// `features` (`dmabroker_ipc::features`).
+    pub fn hello_no_autofence_with(&mut self, features: u64) {
+        self.hello_features(Some(false), features);
+    }
+
     fn hello_with(&mut self, autofence: Option<bool>) {
+        self.hello_features(autofence, 0);
+    }
+
+    fn hello_features(&mut self, autofence: Option<bool>, features: u64) {
         self.request(RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION,
-            features: 0,
+            features,
             autofence,
             client_name: "raw".into(),
         }))

@@ -99,6 +99,18 @@ impl Drop for CloseTicket {
     }
 }
 
+/// Closes handed (or about to be handed) to `uid`'s closing thread and
+/// not done yet (tests: a uid of their own sees only theirs).
+#[cfg(test)]
+pub fn open_tickets_of(uid: u32) -> usize {
+    let (tickets, _) = tickets();
+    tickets
+        .open
+        .values()
+        .filter(|(thread, _)| *thread == Some(uid))
+        .count()
+}
+
 /// Waits (at most a few seconds) until every close handed elsewhere
 /// before this call is done. An allocation from a device heap calls it
 /// first, on its own thread: the pages a client freed just before must be

@@ -43,6 +43,9 @@ pub struct HeldFd {
     release: Release,
     /// What that thread waits for first (see [`HeldFd::first_wait_for`]).
     first: OnceLock<Wait>,
+    /// Its close ticket, when taken before the drop (see
+    /// [`HeldFd::take_close_ticket`]).
+    ticket: OnceLock<crate::closer::CloseTicket>,
 }
 
 /// A wait made on a closing thread before a close.
@@ -54,6 +57,7 @@ impl std::fmt::Debug for HeldFd {
             .field("fd", &self.fd)
             .field("release", &self.release)
             .field("waits_first", &self.first.get().is_some())
+            .field("ticket", &self.ticket.get())
             .finish()
     }
 }
@@ -64,6 +68,7 @@ impl HeldFd {
             fd: Some(fd),
             release,
             first: OnceLock::new(),
+            ticket: OnceLock::new(),
         }
     }
 
@@ -73,6 +78,21 @@ impl HeldFd {
     /// for files let go of on a closing thread; the first wait set counts.
     pub fn first_wait_for(&self, wait: Wait) {
         let _ = self.first.set(wait);
+    }
+
+    /// Takes a buffer's close ticket now, not at the drop: for a buffer
+    /// freed while a copy of the daemon's (a cache sync on a blocking
+    /// thread, see `broker::waits::CacheEnd`) keeps its file open. Its
+    /// pages come back only once that copy is done and the close is made,
+    /// and a device allocation asked for meanwhile must wait for them
+    /// (`closer::wait_for_earlier_closes`), as it would had the buffer's
+    /// close been handed over at the free. The close itself is still made
+    /// where the drop hands it (the uid's closing thread), with this
+    /// ticket. Only for a buffer's dma-buf; taking it twice changes nothing.
+    pub fn take_close_ticket(&self) {
+        if let Release::OnThreadOf { uid, buffer: true } = self.release {
+            let _ = self.ticket.get_or_init(|| crate::closer::ticket_of(uid));
+        }
     }
 
     pub fn release(&self) -> Release {
@@ -149,7 +169,10 @@ impl Drop for HeldFd {
                 let closing = Closing {
                     first: self.first.take(),
                     _fd: fd,
-                    _ticket: buffer.then(|| crate::closer::ticket_of(uid)),
+                    _ticket: self
+                        .ticket
+                        .take()
+                        .or_else(|| buffer.then(|| crate::closer::ticket_of(uid))),
                 };
                 crate::client_fds::release_elsewhere(uid, Box::new(closing));
             }

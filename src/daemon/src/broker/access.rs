@@ -17,7 +17,7 @@ use dmabroker_ipc::{
 };
 
 use super::state::{AccessEntry, PendingGrant, State, WaiterEntry};
-use super::waits::{CacheEnd, CacheEndError};
+use super::waits::{CacheEnd, CacheSyncError};
 use super::{Action, TimeoutTarget};
 use crate::client_fds::ClientFd;
 use crate::held_files::{HeldDup, HeldFd, Release};
@@ -87,15 +87,15 @@ enum CacheSync {
 /// until they are done (see [`State::park_behind_cache_end`]).
 #[derive(Debug, Default)]
 pub(super) struct CacheEnds {
-    running: u32,
+    pub(super) running: u32,
     /// In the order the arbiter granted them.
-    parked: Vec<Parked>,
+    pub(super) parked: Vec<Parked>,
 }
 
 /// A grant held back behind a cache sync END; the grant itself waits in
 /// its access's `pending`, as one held back for kernel fences does.
 #[derive(Debug)]
-struct Parked {
+pub(super) struct Parked {
     access: AccessId,
     /// What its reply carries (a no-autofence grant's sync_files).
     fds: Vec<Arc<HeldFd>>,
@@ -332,6 +332,7 @@ impl State {
                 request_id,
                 pending: None,
                 owes_cache_end: false,
+                starting: false,
                 sync_file: None,
                 deadline,
                 end_slot: None,
@@ -461,9 +462,11 @@ impl State {
                             grant,
                             since: Instant::now(),
                         });
+                        entry.starting = true;
                     }
                     self.defer(Action::CacheSyncStart {
                         access: access_id,
+                        buffer,
                         dmabuf: dup,
                         direction: sync_direction(kind),
                     });
@@ -493,23 +496,19 @@ impl State {
     }
 
     /// The cache sync START issued for a grant returned: the grant goes
-    /// out. If its access went meanwhile, `started` ENDs as it is dropped.
+    /// out. If its access went meanwhile, the START's END is owed all the
+    /// same, and the buffer's grants have waited for it since the access
+    /// went ([`State::cache_sync_left`]): it runs off the broker's thread
+    /// as any END does, and a START that failed owes none and lets them go
+    /// at once.
     pub(super) fn cache_sync_started(
         &mut self,
         access: AccessId,
-        started: Result<super::waits::StartedSync, crate::kernel::KernelError>,
+        buffer: BufferId,
+        started: Result<super::waits::StartedSync, CacheSyncError>,
     ) {
-        let Some(entry) = self.accesses.get_mut(&access) else {
-            return;
-        };
-        let Some(pending) = entry.pending.take() else {
-            return;
-        };
-        let buffer = entry.buffer;
-        let synced = match started {
-            Ok(started) => {
-                started.keep();
-                entry.owes_cache_end = true;
+        let synced = match &started {
+            Ok(_) => {
                 self.stats.cache_syncs += 1;
                 tracing::debug!(buffer, phase = ?SyncPhase::Start, "cache sync");
                 CacheSync::Done
@@ -519,6 +518,22 @@ impl State {
                 tracing::warn!(buffer, phase = ?SyncPhase::Start, error = %err, "DMA_BUF_IOCTL_SYNC failed");
                 CacheSync::Failed
             }
+        };
+        let Some(entry) = self.accesses.get_mut(&access) else {
+            match started.ok().and_then(|started| started.into_end()) {
+                // Counted when its access went.
+                Some(end) => self.defer(Action::CacheSyncEnd { buffer, end }),
+                None => self.cache_end_returned(buffer),
+            }
+            return;
+        };
+        entry.starting = false;
+        if let Ok(started) = started {
+            started.keep();
+            entry.owes_cache_end = true;
+        }
+        let Some(pending) = entry.pending.take() else {
+            return;
         };
         self.send_grant(access, pending.grant, Vec::new(), false, synced);
     }
@@ -642,6 +657,39 @@ impl State {
         }
     }
 
+    /// What an access leaving the table (ended, withdrawn, its buffer
+    /// freed, its client gone) leaves behind of its cache syncs; every
+    /// caller delivers the arbiter's grants only after this.
+    ///
+    /// A START still running is not stopped (nothing could stop the ioctl,
+    /// and its END is owed once it returns): it is counted as an END of
+    /// the buffer's from now, so that the grants made by the access's
+    /// going wait for it and for its END, which [`State::cache_sync_started`]
+    /// runs off the broker's thread. A grant parked behind an END goes
+    /// from the parked list at once, with the fds its reply would have
+    /// carried: a begin withdrawn again and again while one END runs must
+    /// not pile them up.
+    pub(super) fn cache_sync_left(&mut self, access: AccessId, entry: &AccessEntry) {
+        if entry.starting {
+            self.cache_ends.entry(entry.buffer).or_default().running += 1;
+            return;
+        }
+        if entry.pending.is_none() || self.cache_ends.is_empty() {
+            return;
+        }
+        if let Some(ends) = self.cache_ends.get_mut(&entry.buffer) {
+            ends.parked.retain(|parked| parked.access != access);
+        }
+    }
+
+    /// Whether `buffer` has cache sync ENDs (or STARTs of accesses gone)
+    /// running, whose copies of its fd keep its file open.
+    pub(super) fn cache_ends_running_on(&self, buffer: BufferId) -> bool {
+        self.cache_ends
+            .get(&buffer)
+            .is_some_and(|ends| ends.running > 0)
+    }
+
     /// Cache sync ENDs running now, every buffer's (the D-Bus view).
     pub fn cache_ends_running(&self) -> u64 {
         self.cache_ends.values().map(|e| u64::from(e.running)).sum()
@@ -706,7 +754,7 @@ impl State {
     /// would after any failed sync. Once the buffer's last END is done, its
     /// parked grants go on in the order they were parked (the arbiter's),
     /// to their own START and reply.
-    pub(super) fn cache_end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+    pub(super) fn cache_end_done(&mut self, buffer: BufferId, ended: Result<(), CacheSyncError>) {
         match ended {
             Ok(()) => {
                 self.stats.cache_syncs += 1;
@@ -717,6 +765,13 @@ impl State {
                 tracing::warn!(buffer, phase = ?SyncPhase::End, error = %err, "DMA_BUF_IOCTL_SYNC failed");
             }
         }
+        self.cache_end_returned(buffer);
+    }
+
+    /// One of `buffer`'s counted ENDs is over (or, for a START whose
+    /// access went and that failed, will never be owed): once none is
+    /// left, its parked grants go on in the order they were parked.
+    fn cache_end_returned(&mut self, buffer: BufferId) {
         let Some(ends) = self.cache_ends.get_mut(&buffer) else {
             tracing::error!(buffer, "a cache sync END returned that was never counted");
             return;

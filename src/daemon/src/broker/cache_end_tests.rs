@@ -22,7 +22,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::access::Answer;
 use super::state::{BufferEntry, BufferOrigin, DaemonLimits, Holder, State};
-use super::waits::{CacheEndError, StartedSync};
+use super::waits::{CacheSyncError, StartedSync};
 use super::{Action, TimeoutTarget};
 use crate::heaps::{Backend, HeapConfig, HeapRegistry};
 use crate::held_files::HeldFd;
@@ -119,6 +119,17 @@ impl Bench {
         id
     }
 
+    /// Makes `buffer`'s fd one let go of on `uid`'s closing thread, as a
+    /// dma-buf allocated for a client of `uid` is.
+    fn release_on_thread_of(&mut self, buffer: BufferId, uid: u32) {
+        let entry = self.state.buffers.get_mut(&buffer).expect("the buffer");
+        let fd = entry.fd.as_fd().try_clone_to_owned().expect("dup");
+        entry.fd = Arc::new(HeldFd::new(
+            fd,
+            crate::held_files::Release::OnThreadOf { uid, buffer: true },
+        ));
+    }
+
     fn begin(&mut self, client: ClientId, buffer: BufferId, access: Access) -> u64 {
         self.begin_within(client, buffer, access, None)
     }
@@ -161,11 +172,12 @@ impl Bench {
             match action {
                 Action::CacheSyncStart {
                     access,
+                    buffer,
                     dmabuf,
                     direction,
                 } => {
                     let started = StartedSync::assumed(dmabuf, direction);
-                    self.state.cache_sync_started(access, Ok(started));
+                    self.state.cache_sync_started(access, buffer, Ok(started));
                 }
                 Action::CacheSyncEnd { buffer, .. } => ends.push(buffer),
                 _ => {}
@@ -175,7 +187,7 @@ impl Bench {
     }
 
     /// An END of `buffer` returns, done or failed.
-    fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheEndError>) {
+    fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheSyncError>) {
         let _entered = self._runtime.enter();
         self.state.cache_end_done(buffer, ended);
     }
@@ -232,8 +244,8 @@ impl Bench {
     }
 }
 
-fn failed_end() -> Result<(), CacheEndError> {
-    Err(CacheEndError::Kernel(KernelError::Sys {
+fn failed_end() -> Result<(), CacheSyncError> {
+    Err(CacheSyncError::Kernel(KernelError::Sys {
         op: "DMA_BUF_IOCTL_SYNC",
         target: "test".into(),
         errno: nix::errno::Errno::EIO,
@@ -461,4 +473,172 @@ fn free_request(buffer: BufferId) -> Vec<u8> {
         body: dmabroker_ipc::RequestBody::Free { buffer },
     })
     .expect("encode")
+}
+
+/// The START of `client`'s begin `request`, taken out of the deferred
+/// actions and not reported back: it is still running.
+fn start_in_flight(bench: &mut Bench) -> Action {
+    let mut actions = bench.state.take_actions();
+    let at = actions
+        .iter()
+        .position(|a| matches!(a, Action::CacheSyncStart { .. }))
+        .expect("a START was asked for");
+    let start = actions.swap_remove(at);
+    assert!(
+        start.owner().is_none(),
+        "a START belongs to no access: its access's removal must not abort it"
+    );
+    start
+}
+
+/// An access that goes while its START runs (here its client hangs up)
+/// leaves that START, and the END it then owes, to run after it: the
+/// grant made by its going waits for both, and the END runs off the
+/// broker's thread.
+#[test]
+fn a_grant_waits_for_the_start_and_end_of_an_access_gone_while_starting() {
+    let mut bench = Bench::new();
+    let (reader, writer) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[reader, writer], true);
+    bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(reader);
+    }
+    assert!(bench.run_starts().is_empty(), "nothing runs yet");
+    assert!(
+        !bench.granted(writer, write),
+        "granted while the gone access's START was running"
+    );
+    let Action::CacheSyncStart {
+        access,
+        buffer,
+        dmabuf,
+        direction,
+    } = start
+    else {
+        unreachable!()
+    };
+    {
+        let _entered = bench._runtime.enter();
+        let started = StartedSync::assumed(dmabuf, direction);
+        bench.state.cache_sync_started(access, buffer, Ok(started));
+    }
+    assert_eq!(
+        bench.run_starts(),
+        vec![frame],
+        "the START it had is ENDed off the broker's thread"
+    );
+    assert!(!bench.granted(writer, write), "granted before that END");
+    bench.end_done(frame, Ok(()));
+    bench.run_starts();
+    assert!(bench.granted(writer, write));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A START that fails for an access gone meanwhile owes no END, and the
+/// grants it held back go on at once.
+#[test]
+fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
+    let mut bench = Bench::new();
+    let (reader, writer) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[reader, writer], true);
+    bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(reader);
+    }
+    assert!(bench.run_starts().is_empty());
+    assert!(!bench.granted(writer, write));
+    let Action::CacheSyncStart { access, buffer, .. } = start else {
+        unreachable!()
+    };
+    let failed = bench.state.stats.cache_syncs_failed;
+    {
+        let _entered = bench._runtime.enter();
+        bench
+            .state
+            .cache_sync_started(access, buffer, Err(failed_sync().into()));
+    }
+    assert_eq!(bench.state.stats.cache_syncs_failed, failed + 1);
+    assert!(bench.run_starts().is_empty(), "no END is owed");
+    assert!(bench.granted(writer, write));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A grant held back behind an END and withdrawn (its begin timed out)
+/// leaves nothing parked: what its reply would have carried goes with it,
+/// not when the END returns.
+#[test]
+fn a_withdrawn_grant_leaves_nothing_parked() {
+    let mut bench = Bench::new();
+    let (writer, reader) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader], true);
+    bench.write_then_end(writer, frame);
+    let read = bench.begin_within(reader, frame, Access::CpuRead, Some(5));
+    let access = bench.access_of(reader, read);
+    assert_eq!(bench.run_starts(), vec![frame]);
+    assert_eq!(bench.state.cache_ends[&frame].parked.len(), 1);
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.timed_out(TimeoutTarget::Access(access));
+    }
+    assert!(
+        bench.state.cache_ends[&frame].parked.is_empty(),
+        "the withdrawn grant is still parked"
+    );
+    assert_eq!(bench.state.cache_ends[&frame].running, 1);
+    bench.end_done(frame, Ok(()));
+    assert!(bench.state.cache_ends.is_empty());
+}
+
+/// A dma-buf freed while its END runs takes its close ticket at the free:
+/// a device allocation started meanwhile waits for the pages the END's
+/// copy still keeps, not only for closes handed over before it.
+#[test]
+fn a_buffer_freed_while_its_cache_end_runs_takes_its_close_ticket_at_once() {
+    const UID: u32 = 4_000_000_031;
+    let mut bench = Bench::new();
+    let writer = bench.client();
+    let frame = bench.buffer(&[writer], true);
+    bench.release_on_thread_of(frame, UID);
+    bench.write_then_end(writer, frame);
+    let end = bench
+        .state
+        .take_actions()
+        .into_iter()
+        .find(|a| matches!(a, Action::CacheSyncEnd { .. }))
+        .expect("an END");
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(writer);
+    }
+    assert!(bench.state.buffers.is_empty(), "the buffer is freed");
+    assert_eq!(
+        crate::closer::open_tickets_of(UID),
+        1,
+        "no close ticket while the END keeps the buffer"
+    );
+    drop(end);
+    bench.end_done(frame, Ok(()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::closer::open_tickets_of(UID) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn failed_sync() -> KernelError {
+    KernelError::Sys {
+        op: "DMA_BUF_IOCTL_SYNC",
+        target: "test".into(),
+        errno: nix::errno::Errno::EIO,
+    }
 }

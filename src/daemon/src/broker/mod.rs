@@ -24,6 +24,7 @@ use crate::held_files::HeldDup;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
+use waits::{CacheSyncError, OffThread};
 
 use dmabroker_fence::{AccessId, WaiterId};
 use dmabroker_ipc::ClientId;
@@ -75,8 +76,11 @@ pub enum Action {
     },
     /// Cache sync START for a CPU grant on a dma-buf, on a blocking thread
     /// (it waits for fences in the kernel); the grant is sent after it.
+    /// `buffer`: the access's, for the END it owes should the access go
+    /// meanwhile (`State::cache_sync_started`).
     CacheSyncStart {
         access: AccessId,
+        buffer: dmabroker_ipc::BufferId,
         dmabuf: HeldDup,
         direction: crate::kernel::dma_buf::SyncDirection,
     },
@@ -110,9 +114,9 @@ pub enum TaskOwner {
 }
 
 impl Action {
-    /// `None` for a task nothing may stop: a cache sync END belongs to an
-    /// access already gone, and the grants it holds back are released only
-    /// when it reports back.
+    /// `None` for a task nothing may stop: a cache sync START or END
+    /// holds back the buffer's grants from the moment its access goes
+    /// (an END's has gone already) until it reports back, which it must.
     fn owner(&self) -> Option<TaskOwner> {
         Some(match self {
             Action::PatrolWords(_) => TaskOwner::WordPatrol,
@@ -127,9 +131,8 @@ impl Action {
             }
             | Action::HoldLimit { access, .. }
             | Action::AwaitImplicit { access, .. }
-            | Action::AwaitSyncFile { access, .. }
-            | Action::CacheSyncStart { access, .. } => TaskOwner::Access(*access),
-            Action::CacheSyncEnd { .. } => return None,
+            | Action::AwaitSyncFile { access, .. } => TaskOwner::Access(*access),
+            Action::CacheSyncStart { .. } | Action::CacheSyncEnd { .. } => return None,
         })
     }
 }
@@ -292,47 +295,43 @@ impl Broker {
             }),
             Action::CacheSyncStart {
                 access,
+                buffer,
                 dmabuf,
                 direction,
             } => tokio::spawn(async move {
-                // Aborting this task leaves the blocking one to finish; its
-                // `StartedSync`, dropped unkept, then ENDs.
-                let started = tokio::task::spawn_blocking(move || {
-                    waits::StartedSync::start(dmabuf, direction)
-                })
-                .await;
-                match started {
-                    Ok(started) => broker.with(|s| s.cache_sync_started(access, started)),
-                    Err(err) => {
-                        tracing::error!(access, error = %err, "cache sync START task failed")
-                    }
-                }
-            }),
-            Action::CacheSyncEnd { buffer, end } => {
-                // As for an allocation: tokio panics when it can have no
-                // thread at all. The END must happen all the same (the
-                // next grant may be a device's read), so then it runs on
-                // this thread, as it always did.
-                let end = Arc::new(end);
-                let on_thread = Arc::clone(&end);
-                let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    tokio::task::spawn_blocking(move || on_thread.run())
-                }));
-                tokio::spawn(async move {
-                    let ended = match started {
-                        Ok(running) => running.await.unwrap_or_else(|err| Err(err.into())),
-                        Err(_) => {
-                            tracing::warn!(
-                                buffer,
-                                "no thread for a cache sync END; it runs on the broker's"
-                            );
-                            end.run()
-                        }
+                // Nothing aborts this task: an access gone while START ran
+                // still owes its END, which the buffer's grants wait for
+                // (`State::cache_sync_started`). START waits for the
+                // device in the kernel: never on this
+                // thread, so with no thread for it, it fails (logged and
+                // counted; the grant goes on unsynced, as after any failed
+                // sync).
+                let started =
+                    match waits::off_thread(move || waits::StartedSync::start(dmabuf, direction))
+                        .await
+                    {
+                        OffThread::Done(started) => started.map_err(CacheSyncError::from),
+                        OffThread::NoThread(_) => Err(CacheSyncError::NoThread),
+                        OffThread::Failed => Err(CacheSyncError::Thread),
                     };
-                    drop(end);
-                    broker.with(|s| s.cache_end_done(buffer, ended));
-                })
-            }
+                broker.with(|s| s.cache_sync_started(access, buffer, started));
+            }),
+            Action::CacheSyncEnd { buffer, end } => tokio::spawn(async move {
+                let ended = match waits::off_thread(move || end.run()).await {
+                    OffThread::Done(ended) => ended,
+                    // The END must happen all the same (the next grant may
+                    // be a device's read): here, as it always did.
+                    OffThread::NoThread(end) => {
+                        tracing::warn!(
+                            buffer,
+                            "no thread for a cache sync END; it runs on the broker's"
+                        );
+                        end()
+                    }
+                    OffThread::Failed => Err(CacheSyncError::Thread),
+                };
+                broker.with(|s| s.cache_end_done(buffer, ended));
+            }),
         };
         task.abort_handle()
     }

@@ -178,6 +178,10 @@ pub struct AccessEntry {
     /// The CPU grant's cache START settled (see `cache_sync`), so its END
     /// is owed when the access ends.
     pub owes_cache_end: bool,
+    /// Its cache sync START runs on a blocking thread now: should the
+    /// access go meanwhile, the END it will owe holds back the buffer's
+    /// grants (see `State::cache_sync_left`).
+    pub starting: bool,
     pub sync_file: Option<Arc<HeldFd>>,
     pub deadline: Option<Instant>,
     /// Its word in the client's end-word page, while it may end there.
@@ -360,10 +364,13 @@ impl State {
         }
     }
 
-    /// Removes an access and stops its timers and waits.
+    /// Removes an access and stops its timers and waits (not a cache sync
+    /// START it has running: see `State::cache_sync_left`).
     pub(super) fn remove_access(&mut self, id: AccessId) -> Option<AccessEntry> {
         self.abort_tasks(TaskOwner::Access(id));
-        self.accesses.remove(&id)
+        let entry = self.accesses.remove(&id)?;
+        self.cache_sync_left(id, &entry);
+        Some(entry)
     }
 
     /// Removes a waiter and stops its timeout (and the word patrol, if it
@@ -675,6 +682,13 @@ impl State {
             self.remove_waiter(waiter.id);
         }
         if let Some(entry) = self.buffers.remove(&buffer) {
+            if self.cache_ends_running_on(buffer) {
+                // A cache sync's copy of the fd keeps the file (and its
+                // pages) until the sync returns, and its close is handed
+                // over only then: an allocation started meanwhile must
+                // wait for it as for a close handed over now.
+                entry.fd.take_close_ticket();
+            }
             if let Some(store) = &self.fd_store {
                 store.remove_buffer(buffer);
                 // The manager's copy goes when it reads the removal: a

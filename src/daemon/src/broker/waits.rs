@@ -7,7 +7,7 @@
 //! file description + fd number, and the broker's own fd must stay free.
 
 use std::os::fd::AsFd;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::held_files::HeldDup;
@@ -60,8 +60,10 @@ pub async fn sync_file(fd: HeldDup) {
 /// START waits in the kernel for the dma-buf's implicit fences, and a
 /// device may add one after the broker last polled, so START runs on a
 /// blocking thread, never on the broker's. The access takes the END over
-/// with [`StartedSync::keep`]; dropped without it (the access ended or
-/// went while START waited), it ENDs here, so every START has its END.
+/// with [`StartedSync::keep`]; if the access went while START waited, the
+/// END goes to a blocking thread with [`StartedSync::into_end`], and the
+/// buffer's grants wait for it. Dropped with neither (its task gone with
+/// the runtime), it ENDs where it drops, so every START has its END.
 #[derive(Debug)]
 pub struct StartedSync {
     dmabuf: Option<HeldDup>,
@@ -92,15 +94,26 @@ impl StartedSync {
     pub fn keep(mut self) {
         self.dmabuf = None;
     }
+
+    /// The END owed by a START whose access went while it ran, to be run
+    /// off the broker's thread as any other END is (dropped unkept, it
+    /// would END wherever it drops: on the broker's thread, once START has
+    /// returned).
+    pub fn into_end(mut self) -> Option<CacheEnd> {
+        let dmabuf = self.dmabuf.take()?;
+        Some(CacheEnd::new(dmabuf, self.direction))
+    }
 }
 
-/// Why a cache sync END off the broker's thread did not happen.
+/// Why a cache sync off the broker's thread did not happen.
 #[derive(Debug, thiserror::Error)]
-pub enum CacheEndError {
+pub enum CacheSyncError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("its blocking thread failed: {0}")]
-    Thread(#[from] tokio::task::JoinError),
+    #[error("its blocking thread ended before it was done")]
+    Thread,
+    #[error("no blocking thread could be had for it")]
+    NoThread,
 }
 
 /// A cache sync END still to be issued, on a copy of the buffer's fd.
@@ -124,13 +137,74 @@ impl CacheEnd {
     }
 
     /// Blocks for as long as the kernel's END takes (plus the test hook's
-    /// [`cache_end_delay`]).
-    pub fn run(&self) -> Result<(), CacheEndError> {
+    /// [`cache_end_delay`]); the copy of the fd goes where it ran.
+    pub fn run(self) -> Result<(), CacheSyncError> {
         if let Some(delay) = cache_end_delay() {
             std::thread::sleep(delay);
         }
         dma_buf::sync(self.dmabuf.as_fd(), self.direction, SyncPhase::End)?;
         Ok(())
+    }
+}
+
+/// What became of work handed to tokio's blocking pool ([`off_thread`]).
+pub enum OffThread<W, T> {
+    Done(T),
+    /// tokio could have no thread for it: the work, not begun, comes back.
+    NoThread(W),
+    /// Its thread ended without a result (the work panicked, or the
+    /// runtime is shutting down).
+    Failed,
+}
+
+/// Runs `work` on a blocking thread, exactly once, and gives its result.
+///
+/// tokio panics when it can start no thread for blocking work, but only
+/// after it has queued the work, which a thread may then pick up later
+/// (or already has). Whoever finds the work in its slot first does it:
+/// the queued job, or the caller, given it back as
+/// [`OffThread::NoThread`]. The other finds nothing and does nothing, so
+/// no sync is issued twice, and no fd is kept until a job queued in vain
+/// runs.
+pub async fn off_thread<W, T>(work: W) -> OffThread<W, T>
+where
+    W: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    off_thread_with(work, |job| drop(tokio::task::spawn_blocking(job))).await
+}
+
+/// A job as [`off_thread`] hands it to its spawner.
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// [`off_thread`] with the spawner given (tests stand in for tokio's).
+async fn off_thread_with<W, T>(work: W, spawn: impl FnOnce(Job)) -> OffThread<W, T>
+where
+    W: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let slot = Arc::new(Mutex::new(Some(work)));
+    let (done, result) = tokio::sync::oneshot::channel();
+    let queued = Arc::clone(&slot);
+    let job: Job = Box::new(move || {
+        let work = queued.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(work) = work {
+            // Nobody waiting for it (the runtime going down): what it
+            // made drops here, off the broker's thread.
+            let _ = done.send(work());
+        }
+    });
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(job)));
+    if spawned.is_err() {
+        let work = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(work) = work {
+            return OffThread::NoThread(work);
+        }
+        // A thread took the queued job after all: its result comes.
+    }
+    match result.await {
+        Ok(made) => OffThread::Done(made),
+        Err(_) => OffThread::Failed,
     }
 }
 
@@ -169,4 +243,74 @@ pub fn cache_end_delay() -> Option<Duration> {
         );
         Some(delay)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Work that counts how often it ran.
+    fn counted(runs: &Arc<AtomicUsize>) -> impl FnOnce() -> usize + Send + 'static {
+        let runs = Arc::clone(runs);
+        move || runs.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// tokio queues the job, then panics for want of a thread: the caller
+    /// gets the work back to do itself, and the job, run later by a thread
+    /// that turns up, does nothing.
+    #[test]
+    fn work_queued_by_a_spawn_that_panicked_runs_once() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut queued = None;
+        let got = runtime().block_on(off_thread_with(counted(&runs), |job| {
+            queued = Some(job);
+            panic!("OS can't spawn worker thread (test)");
+        }));
+        let OffThread::NoThread(work) = got else {
+            panic!("the work was not given back");
+        };
+        assert_eq!(work(), 1);
+        (queued.expect("the job was queued"))();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran twice");
+    }
+
+    /// A thread took the queued job before the spawn panicked: its result
+    /// is the answer, and the caller does not do the work again.
+    #[test]
+    fn work_taken_by_a_thread_before_the_spawn_panicked_is_not_done_again() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let got = runtime().block_on(off_thread_with(counted(&runs), |job| {
+            std::thread::spawn(job).join().expect("the job");
+            panic!("OS can't spawn worker thread (test)");
+        }));
+        assert!(matches!(got, OffThread::Done(1)));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// The usual case: done on one of tokio's blocking threads.
+    #[test]
+    fn work_runs_on_a_blocking_thread() {
+        let got = runtime().block_on(off_thread(|| {
+            std::thread::current().name().map(str::to_owned)
+        }));
+        let OffThread::Done(thread) = got else {
+            panic!("not done");
+        };
+        assert_ne!(thread, std::thread::current().name().map(str::to_owned));
+    }
+
+    /// Work that panics on its thread is reported as failed.
+    #[test]
+    fn work_that_panics_is_reported_failed() {
+        let got: OffThread<_, ()> = runtime().block_on(off_thread(|| panic!("test")));
+        assert!(matches!(got, OffThread::Failed));
+    }
 }

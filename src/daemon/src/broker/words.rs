@@ -346,6 +346,7 @@ impl State {
                 request_id,
                 pending: None,
                 owes_cache_end: false,
+                starting: false,
                 sync_file: None,
                 deadline: None,
                 end_slot: None,
