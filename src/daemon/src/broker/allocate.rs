@@ -110,45 +110,53 @@ impl Deferred {
     }
 }
 
+/// An allocation handed to a blocking thread ([`start`]).
+pub(super) type Started = super::waits::Begun<Box<dyn FnOnce() -> Carried + Send>, Carried>;
+
+/// What carrying out an allocation made.
+type Carried = Result<Unclaimed, AllocError>;
+
 /// Starts carrying out `plan` on a blocking thread, at once (not from a
 /// task that may be aborted before it runs: `running` must go with the
 /// thread). It waits first for the closes queued before it, so that pages
-/// a client freed just before are back when the heap is asked.
+/// a client freed just before are back when the heap is asked. With no
+/// thread to be had, the work comes back undone ([`finish`] drops it,
+/// and `running` with it): tokio queues it before it says so, and run
+/// later by a thread that turns up, it would allocate for nobody, holding
+/// its place among the allocations running until then.
 pub(super) fn start(
     heaps: Arc<HeapRegistry>,
     plan: AllocPlan,
     kernel_name: String,
     running: Running,
-) -> tokio::task::JoinHandle<Result<Unclaimed, AllocError>> {
-    tokio::task::spawn_blocking(move || {
+) -> Started {
+    let work: Box<dyn FnOnce() -> Carried + Send> = Box::new(move || {
         let _running = running;
         crate::closer::wait_for_earlier_closes();
         heaps
             .carry_out(plan, &kernel_name)
             .map(|made| Unclaimed(Some(made)))
-    })
-}
-
-/// The answer to an allocation no thread could be had for.
-pub(super) fn no_thread() -> WireError {
-    tracing::error!("no thread to carry out an allocation on");
-    WireError::new(
-        ErrorCode::Busy,
-        "the daemon has no thread to carry out the allocation on: try again",
-    )
+    });
+    super::waits::begin_off_thread(work)
 }
 
 /// The outcome of a started allocation.
-pub(super) async fn finish(
-    started: tokio::task::JoinHandle<Result<Unclaimed, AllocError>>,
-) -> Result<Unclaimed, WireError> {
-    match started.await {
-        Ok(done) => done.map_err(alloc_error),
-        Err(err) => {
-            tracing::error!(error = %err, "allocation thread failed");
+pub(super) async fn finish(started: Started) -> Result<Unclaimed, WireError> {
+    match started.finish().await {
+        super::waits::OffThread::Done(done) => done.map_err(alloc_error),
+        super::waits::OffThread::NoThread(undone) => {
+            drop(undone);
+            tracing::error!("no thread to carry out an allocation on");
+            Err(WireError::new(
+                ErrorCode::Busy,
+                "the daemon has no thread to carry out the allocation on: try again",
+            ))
+        }
+        super::waits::OffThread::Failed => {
+            tracing::error!("allocation thread failed");
             Err(WireError::new(
                 ErrorCode::Internal,
-                format!("the allocation failed in the daemon: {err}"),
+                "the allocation failed in the daemon: its thread ended without a result",
             ))
         }
     }

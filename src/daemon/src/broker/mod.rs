@@ -259,17 +259,11 @@ impl Broker {
                 kernel_name,
                 running,
             } => {
-                // tokio panics when it can have no thread at all (the
-                // service's TasksMax= reached, say): here, under the lock,
-                // that would lose the connection's task mid-decision.
-                let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    allocate::start(heaps, plan, kernel_name, running)
-                }));
+                // Begun here, under the lock: tokio's panic for want of
+                // a thread is caught where the work is handed over.
+                let started = allocate::start(heaps, plan, kernel_name, running);
                 tokio::spawn(async move {
-                    let result = match started {
-                        Ok(started) => allocate::finish(started).await,
-                        Err(_) => Err(allocate::no_thread()),
-                    };
+                    let result = allocate::finish(started).await;
                     broker.with(|s| s.allocation_done(deferred, result));
                 })
             }

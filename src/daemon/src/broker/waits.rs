@@ -171,14 +171,46 @@ where
     W: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    off_thread_with(work, |job| drop(tokio::task::spawn_blocking(job))).await
+    begin_off_thread(work).finish().await
+}
+
+/// [`off_thread`], with the work handed to the blocking pool now, not when
+/// a task first polls: what the work holds (an allocation's place among
+/// those running) must go with it at once, whatever becomes of the task
+/// that waits for it.
+pub fn begin_off_thread<W, T>(work: W) -> Begun<W, T>
+where
+    W: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    begin_off_thread_with(work, |job| drop(tokio::task::spawn_blocking(job)))
+}
+
+/// Work [`begin_off_thread`] handed over, or could not.
+pub enum Begun<W, T> {
+    Running(tokio::sync::oneshot::Receiver<T>),
+    NoThread(W),
+}
+
+impl<W, T> Begun<W, T> {
+    /// Waits for the work's result (see [`off_thread`]).
+    pub async fn finish(self) -> OffThread<W, T> {
+        match self {
+            Begun::NoThread(work) => OffThread::NoThread(work),
+            Begun::Running(result) => match result.await {
+                Ok(made) => OffThread::Done(made),
+                Err(_) => OffThread::Failed,
+            },
+        }
+    }
 }
 
 /// A job as [`off_thread`] hands it to its spawner.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// [`off_thread`] with the spawner given (tests stand in for tokio's).
-async fn off_thread_with<W, T>(work: W, spawn: impl FnOnce(Job)) -> OffThread<W, T>
+/// [`begin_off_thread`] with the spawner given (tests stand in for
+/// tokio's).
+fn begin_off_thread_with<W, T>(work: W, spawn: impl FnOnce(Job)) -> Begun<W, T>
 where
     W: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -198,14 +230,21 @@ where
     if spawned.is_err() {
         let work = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(work) = work {
-            return OffThread::NoThread(work);
+            return Begun::NoThread(work);
         }
         // A thread took the queued job after all: its result comes.
     }
-    match result.await {
-        Ok(made) => OffThread::Done(made),
-        Err(_) => OffThread::Failed,
-    }
+    Begun::Running(result)
+}
+
+/// [`off_thread`] with the spawner given.
+#[cfg(test)]
+async fn off_thread_with<W, T>(work: W, spawn: impl FnOnce(Job)) -> OffThread<W, T>
+where
+    W: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    begin_off_thread_with(work, spawn).finish().await
 }
 
 impl Drop for StartedSync {
@@ -261,6 +300,37 @@ mod tests {
     fn counted(runs: &Arc<AtomicUsize>) -> impl FnOnce() -> usize + Send + 'static {
         let runs = Arc::clone(runs);
         move || runs.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Work handed back for want of a thread is handed back at once, not
+    /// when a task first polls, and what it holds goes when the caller
+    /// drops it (an allocation's place among those running), not when a
+    /// thread turns up for the queued job, which then does nothing.
+    #[test]
+    fn work_handed_back_lets_go_of_what_it_holds_when_dropped() {
+        let held = Arc::new(());
+        let holding = Arc::clone(&held);
+        let mut queued = None;
+        let begun: Begun<_, ()> = begin_off_thread_with(
+            move || {
+                let _held = holding;
+            },
+            |job| {
+                queued = Some(job);
+                panic!("OS can't spawn worker thread (test)");
+            },
+        );
+        let Begun::NoThread(work) = begun else {
+            panic!("the work was not handed back");
+        };
+        drop(work);
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "the work still holds its place"
+        );
+        queued.expect("the job was queued")();
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 
     /// tokio queues the job, then panics for want of a thread: the caller
