@@ -528,11 +528,39 @@ impl State {
             return;
         };
         entry.starting = false;
-        if let Ok(started) = started {
-            started.keep();
-            entry.owes_cache_end = true;
-        }
-        let Some(pending) = entry.pending.take() else {
+        let started = match started {
+            Ok(started) => started,
+            // A START that never ran (no thread for it) is no failed
+            // ioctl: the grant would go out unsynced for want of a thread
+            // only, stale lines and all on a SoC that does not snoop.
+            // The begin is answered Busy, as for want of an fd.
+            Err(CacheSyncError::NoThread | CacheSyncError::Thread) => {
+                if let Some(news) = self.held_back_news(access) {
+                    let busy = WireError::new(
+                        ErrorCode::Busy,
+                        "the daemon has no thread to sync the buffer's caches on: try again",
+                    );
+                    self.withdraw_grant(access, news, busy);
+                }
+                return;
+            }
+            Err(CacheSyncError::Kernel(_)) => {
+                self.send_held_back_grant(access, synced);
+                return;
+            }
+        };
+        started.keep();
+        entry.owes_cache_end = true;
+        self.send_held_back_grant(access, synced);
+    }
+
+    /// Sends the grant held back for its START (see `cache_sync_started`).
+    fn send_held_back_grant(&mut self, access: AccessId, synced: CacheSync) {
+        let Some(pending) = self
+            .accesses
+            .get_mut(&access)
+            .and_then(|entry| entry.pending.take())
+        else {
             return;
         };
         self.send_grant(access, pending.grant, Vec::new(), false, synced);

@@ -570,6 +570,36 @@ fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
     assert!(bench.state.cache_ends.is_empty());
 }
 
+/// A START that never ran, for want of a thread, sent its grant out
+/// unsynced, as after a failed ioctl. The begin is answered Busy now, and
+/// whoever waited behind it is served.
+#[test]
+fn a_start_with_no_thread_answers_the_begin_busy() {
+    let mut bench = Bench::new();
+    let (reader, writer) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[reader, writer], true);
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    let Action::CacheSyncStart { access, buffer, .. } = start else {
+        unreachable!()
+    };
+    {
+        let _entered = bench._runtime.enter();
+        bench
+            .state
+            .cache_sync_started(access, buffer, Err(super::waits::CacheSyncError::NoThread));
+    }
+    let answers = bench.replies(reader);
+    assert!(
+        answers.contains(&(read, Err(ErrorCode::Busy))),
+        "the read: {answers:?}"
+    );
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.granted(writer, write), "the writer behind it");
+    assert!(bench.state.cache_ends.is_empty());
+}
+
 /// A grant held back behind an END and withdrawn (its begin timed out)
 /// leaves nothing parked: what its reply would have carried goes with it,
 /// not when the END returns.

@@ -298,8 +298,8 @@ impl Broker {
                 // (`State::cache_sync_started`). START waits for the
                 // device in the kernel: never on this
                 // thread, so with no thread for it, it fails (logged and
-                // counted; the grant goes on unsynced, as after any failed
-                // sync).
+                // counted; the begin is answered Busy, not granted
+                // unsynced).
                 let started =
                     match waits::off_thread(move || waits::StartedSync::start(dmabuf, direction))
                         .await
