@@ -242,8 +242,9 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
 }
 
 /// Tells the stopped record's writer what to do of the last record
-/// (`last`) and waits for it (bounded: a writer that never returns is left behind); gives
-/// it back, `None` if it was lost.
+/// (`last`) and waits for it, within a bound (a writer that does not
+/// return in time is left behind: hence the refusal of any store after a
+/// stop for good's removals); gives it back, `None` if it was lost.
 async fn last_record(
     task: tokio::task::JoinHandle<Option<RecordWriter>>,
     verdict: tokio::sync::oneshot::Sender<LastRecord>,
