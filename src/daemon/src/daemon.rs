@@ -141,6 +141,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     }
     watchdog::spawn_test_wedge();
     crate::broker::cache_end_delay();
+    last_record_stall();
     tokio::spawn(status_loop(Arc::clone(&broker)));
     let _dbus = crate::dbus::spawn(
         Arc::clone(&broker),
@@ -687,6 +688,29 @@ async fn persist_loop(
 /// of the last record follows on this, once the daemon knows.
 type Stopped = tokio::sync::oneshot::Receiver<LastRecord>;
 
+/// Test-only hook: `DMABROKER_TEST_LAST_RECORD_STALL_MS=N` makes every
+/// record written once the daemon is stopping wait N ms (at most 10 s)
+/// before it is sent, as on a blocking pool too busy to run it: a writer
+/// that overruns its time, so that tests can show nothing it sends then
+/// goes into the store behind a stop for good's removals. Read once;
+/// warned about at start.
+fn last_record_stall() -> Option<Duration> {
+    static STALL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *STALL.get_or_init(|| {
+        let asked = std::env::var("DMABROKER_TEST_LAST_RECORD_STALL_MS")
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
+        tracing::warn!(
+            asked_ms = asked,
+            stall_ms = stall.as_millis() as u64,
+            "test hook: records written at a stop wait before they are sent"
+        );
+        Some(stall)
+    })
+}
+
 /// What the record's writer does at a stop (see [`Stopped`]).
 #[derive(Clone, Copy, Debug)]
 enum LastRecord {
@@ -902,7 +926,15 @@ async fn store_record(
     // not made for, so that the writer says `NoRoom` rather than find
     // nothing to send.
     let room = if fresh.is_some() { room_now() } else { room };
+    let stall = if broker.lock().stopping {
+        last_record_stall()
+    } else {
+        None
+    };
     let stored = tokio::task::spawn_blocking(move || {
+        if let Some(stall) = stall {
+            std::thread::sleep(stall);
+        }
         let deadline = std::time::Instant::now() + patience;
         let (sent, stopped) = send_batch(&unstored, deadline);
         let (sent, unsent): (Vec<u64>, Vec<u64>) = {
