@@ -2345,3 +2345,56 @@ fn an_accept_loop_that_ends_exits_with_a_failure_and_leaves_the_store_to_the_res
     }
     assert_eq!(camera.reconnects(), 1);
 }
+
+/// A record's writer that overran its time at a stop (its blocking task
+/// not yet run) sent its record after the daemon had taken every name out
+/// of the store: the manager kept that record, and closed it as the last
+/// holder. Here the restart job is replaced by a stop while the last
+/// record is written, the writer is held past its bound (7 s) and wakes
+/// while the removals wait in the held manager's queue: its record is
+/// refused, not queued behind them.
+#[test]
+fn a_record_written_late_at_a_stop_for_good_does_not_follow_the_removals() {
+    let systemd = Systemd1::replaced_after_first_answer(
+        UnitJob::Running("restart"),
+        UnitJob::Running("stop"),
+    );
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[
+            (bus.0, &bus.1),
+            ("DMABROKER_TEST_LAST_RECORD_STALL_MS", "7000"),
+        ],
+    );
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    // Within the 50 ms before its record would be written: the last
+    // record has it.
+    let frame = camera.alloc(4096).expect("alloc");
+    let held = manager.hold_reading();
+    terminate(&first);
+    // The writer gives up at 6 s, wakes at 7 s; the removals and the
+    // barrier wait in the queue meanwhile.
+    std::thread::sleep(Duration::from_millis(8500));
+    assert!(
+        first.child.try_wait().expect("try_wait").is_none(),
+        "the daemon exited before the manager read its removals:\n{}",
+        first.log()
+    );
+    drop(held);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_taken_out(&manager, &[frame.id()], &first);
+    assert!(
+        first
+            .log()
+            .contains("the last record of the buffer table was not written in time"),
+        "{}",
+        first.log()
+    );
+}
