@@ -1931,9 +1931,10 @@ fn removals(r: &Received) -> Vec<(usize, String)> {
         .collect()
 }
 
-/// Fails unless each of `ids` was removed from the store, a `BARRIER=1`
-/// came after the last removal, and the store holds no buffer and no
-/// record any more: a stop for good left systemd nothing to close.
+/// Fails unless each of `ids` was removed from the store, nothing was
+/// stored after the first removal, a `BARRIER=1` came after the last
+/// removal, and the store holds no buffer and no record any more: a stop
+/// for good left systemd nothing to close.
 fn assert_taken_out(manager: &ServiceManager, ids: &[u64], daemon: &Running) {
     let r = manager.received();
     let removed = removals(&r);
@@ -1944,6 +1945,15 @@ fn assert_taken_out(manager: &ServiceManager, ids: &[u64], daemon: &Running) {
             daemon.log()
         );
     }
+    let first = removed.iter().map(|(i, _)| *i).min().unwrap_or(0);
+    assert!(
+        r.messages[first..]
+            .iter()
+            .all(|(_, m)| !m.lines().any(|l| l == "FDSTORE=1")),
+        "stored after the removals: {:?}\n{}",
+        r.messages,
+        daemon.log()
+    );
     let last = removed.iter().map(|(i, _)| *i).max().unwrap_or(0);
     assert!(
         r.messages[last..]
@@ -2046,13 +2056,15 @@ fn a_restart_leaves_every_buffer_in_the_store_for_the_next_instance() {
         "{}",
         first.log()
     );
+    // Asked again once the last record was written: still a restart.
+    let once = [
+        format!("GetUnitByPID {}", first.pid()),
+        "Job".into(),
+        "JobType".into(),
+    ];
     assert_eq!(
         systemd.asked(),
-        [
-            format!("GetUnitByPID {}", first.pid()),
-            "Job".into(),
-            "JobType".into()
-        ],
+        [once.clone(), once].concat(),
         "{}",
         first.log()
     );
@@ -2196,7 +2208,7 @@ fn under_a_user_manager_the_session_bus_is_asked() {
         "{}",
         first.log()
     );
-    assert_eq!(systemd.asked().len(), 3, "{}", first.log());
+    assert_eq!(systemd.asked().len(), 6, "{}", first.log());
     let r = manager.received();
     assert!(
         removals(&r)
@@ -2206,4 +2218,183 @@ fn under_a_user_manager_the_session_bus_is_asked() {
         removals(&r)
     );
     assert_eq!(r.buffers_stored(), frames.len());
+}
+
+/// A restart job replaced by `systemctl stop` while the daemon wrote its
+/// last record (seconds, with a busy manager): the daemon acted on the
+/// answer it had at the signal, left the store full to a unit stopped for
+/// good, and PID 1 made the buffers' last releases. A restart is asked
+/// about again right before the store is left to it.
+#[test]
+fn a_restart_replaced_by_a_stop_during_the_last_record_takes_every_buffer_out() {
+    let systemd = Systemd1::replaced_after_first_answer(
+        UnitJob::Running("restart"),
+        UnitJob::Running("stop"),
+    );
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (_camera, frames) = frames(&manager);
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    let once = [
+        format!("GetUnitByPID {}", first.pid()),
+        "Job".into(),
+        "JobType".into(),
+    ];
+    assert_eq!(
+        systemd.asked(),
+        [once.clone(), once].concat(),
+        "{}",
+        first.log()
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    let log = first.log();
+    assert!(log.contains("is not running any more"), "{log}");
+    assert!(log.contains("has a stop job"), "{log}");
+}
+
+/// A stop for good spent up to seconds putting the last record (and
+/// buffers still out of the store) into the store, only to take them all
+/// out again. The question comes first now: told it is no restart, the
+/// daemon stores nothing more after its `STOPPING=1`, though the table
+/// changed right before the signal.
+#[test]
+fn a_stop_for_good_puts_nothing_more_in_the_store() {
+    let systemd = Systemd1::start(UnitJob::Running("stop"));
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
+    let (camera, mut frames) = frames(&manager);
+    // Within the 50 ms before its record would be written.
+    frames.push(camera.alloc(4096).expect("alloc"));
+    terminate(&first);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
+    let r = manager.received();
+    let stopping = r
+        .messages
+        .iter()
+        .position(|(_, m)| m.lines().any(|l| l == "STOPPING=1"))
+        .expect("STOPPING=1");
+    let stored: Vec<&String> = r.messages[stopping..]
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "FDSTORE=1"))
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        stored.is_empty(),
+        "stored after STOPPING=1: {stored:?}\n{}",
+        first.log()
+    );
+}
+
+/// The loop accepting clients ended (a panic stands in for a bug in it):
+/// the daemon exited 0 without a word, which `Restart=on-failure` does not
+/// restart, and systemd closed a store full of buffers (the hang a stop
+/// for good avoids). It exits with a failure now, which the unit restarts
+/// with the store as it is, the last record written first: the buffers
+/// come back, as after a crash.
+#[test]
+fn an_accept_loop_that_ends_exits_with_a_failure_and_leaves_the_store_to_the_restart() {
+    let systemd = Systemd1::start(UnitJob::None);
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[
+            (bus.0, &bus.1),
+            ("DMABROKER_TEST_ACCEPT_PANIC_AFTER_MS", "1500"),
+        ],
+    );
+    let (camera, frames) = frames(&manager);
+    let status = first.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{}", first.log());
+    assert!(
+        systemd.asked().is_empty(),
+        "asked: {:?}\n{}",
+        systemd.asked(),
+        first.log()
+    );
+    {
+        let r = manager.received();
+        assert!(removals(&r).is_empty(), "{:?}", removals(&r));
+        assert_eq!(r.count("STOPPING=1"), 0, "{:?}", r.messages);
+        assert_eq!(r.buffers_stored(), frames.len(), "{:?}", r.stored_names());
+    }
+    assert!(
+        first.log().contains("exiting with a failure"),
+        "{}",
+        first.log()
+    );
+
+    let second = Running::start(&manager, "second", &[]);
+    for frame in &frames {
+        assert_back(frame, &second);
+    }
+    assert_eq!(camera.reconnects(), 1);
+}
+
+/// A record's writer that overran its time at a stop (its blocking task
+/// not yet run) sent its record after the daemon had taken every name out
+/// of the store: the manager kept that record, and closed it as the last
+/// holder. Here the restart job is replaced by a stop while the last
+/// record is written, the writer is held past its bound (7 s) and wakes
+/// while the removals wait in the held manager's queue: its record is
+/// refused, not queued behind them.
+#[test]
+fn a_record_written_late_at_a_stop_for_good_does_not_follow_the_removals() {
+    let systemd = Systemd1::replaced_after_first_answer(
+        UnitJob::Running("restart"),
+        UnitJob::Running("stop"),
+    );
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[
+            (bus.0, &bus.1),
+            ("DMABROKER_TEST_LAST_RECORD_STALL_MS", "7000"),
+        ],
+    );
+    let camera = Client::connect_to(&manager.socket_path).expect("camera");
+    // Within the 50 ms before its record would be written: the last
+    // record has it.
+    let frame = camera.alloc(4096).expect("alloc");
+    let held = manager.hold_reading();
+    terminate(&first);
+    // The writer gives up at 6 s, wakes at 7 s; the removals and the
+    // barrier wait in the queue meanwhile.
+    std::thread::sleep(Duration::from_millis(8500));
+    assert!(
+        first.child.try_wait().expect("try_wait").is_none(),
+        "the daemon exited before the manager read its removals:\n{}",
+        first.log()
+    );
+    drop(held);
+    assert!(
+        first.child.wait().expect("wait").success(),
+        "{}",
+        first.log()
+    );
+    assert_taken_out(&manager, &[frame.id()], &first);
+    assert!(
+        first
+            .log()
+            .contains("the last record of the buffer table was not written in time"),
+        "{}",
+        first.log()
+    );
 }

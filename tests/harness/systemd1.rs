@@ -33,8 +33,20 @@ pub enum UnitJob {
 #[derive(Debug)]
 struct Shared {
     job: UnitJob,
+    /// The job from the next question on, once the daemon has had its
+    /// first full answer (see [`Systemd1::replaced_after_first_answer`]).
+    then: Option<UnitJob>,
     /// Each question, in order: `GetUnitByPID <pid>`, `Job`, `JobType`.
     asked: Vec<String>,
+}
+
+impl Shared {
+    /// The daemon has its answer: a job replaced meanwhile shows from now.
+    fn answered(&mut self) {
+        if let Some(then) = self.then.take() {
+            self.job = then;
+        }
+    }
 }
 
 struct Manager(Arc<Mutex<Shared>>);
@@ -72,7 +84,10 @@ impl Unit {
                 JOB_ID,
                 ObjectPath::from_static_str_unchecked(JOB_PATH).into(),
             ),
-            _ => (0, ObjectPath::from_static_str_unchecked("/").into()),
+            _ => {
+                shared.answered();
+                (0, ObjectPath::from_static_str_unchecked("/").into())
+            }
         }
     }
 }
@@ -83,10 +98,12 @@ impl Job {
     async fn job_type(&self) -> String {
         let mut shared = shared(&self.0);
         shared.asked.push("JobType".into());
-        match shared.job {
+        let kind = match shared.job {
             UnitJob::Running(kind) => kind.to_owned(),
             _ => "nop".to_owned(),
-        }
+        };
+        shared.answered();
+        kind
     }
 }
 
@@ -111,9 +128,22 @@ impl std::fmt::Debug for Systemd1 {
 impl Systemd1 {
     /// The stand-in, serving once this returns.
     pub fn start(job: UnitJob) -> Systemd1 {
+        Systemd1::serve(job, None)
+    }
+
+    /// The stand-in, answering `first` once (until the daemon has read a
+    /// job's type, or learnt there is none) and `then` from there on: a
+    /// job replaced while the daemon acts on its answer, as a `systemctl
+    /// stop` replaces a restart job still stopping the unit.
+    pub fn replaced_after_first_answer(first: UnitJob, then: UnitJob) -> Systemd1 {
+        Systemd1::serve(first, Some(then))
+    }
+
+    fn serve(job: UnitJob, then: Option<UnitJob>) -> Systemd1 {
         let bus = DbusDaemon::start();
         let shared = Arc::new(Mutex::new(Shared {
             job,
+            then,
             asked: Vec::new(),
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

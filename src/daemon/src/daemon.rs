@@ -26,6 +26,10 @@ pub enum DaemonError {
     Server(#[from] crate::server::ServerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("the loop accepting clients ended")]
+    AcceptEnded,
+    #[error("the loop accepting clients failed: {0}")]
+    AcceptLost(#[source] tokio::task::JoinError),
 }
 
 /// Loads the policy the configuration names: explicit files, or the
@@ -137,6 +141,7 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     }
     watchdog::spawn_test_wedge();
     crate::broker::cache_end_delay();
+    last_record_stall();
     tokio::spawn(status_loop(Arc::clone(&broker)));
     let _dbus = crate::dbus::spawn(
         Arc::clone(&broker),
@@ -157,10 +162,10 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         .map_err(|e| DaemonError::Server(crate::server::ServerError::Reactor(e)))?;
     let mut accepting = tokio::spawn(accept_loop(Arc::clone(&broker), listen_fd));
     notify::ready(&status_line(&broker));
-    loop {
+    let accept_ended = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break None,
+            _ = sigint.recv() => break None,
             _ = sighup.recv() => {
                 // Off the broker's thread: reading the files (and names
                 // of users and groups) may wait, and so may the turn of a
@@ -168,62 +173,125 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
                 let (broker, config) = (Arc::clone(&broker), config.clone());
                 tokio::task::spawn_blocking(move || reload(&broker, &config));
             }
-            result = &mut accepting => {
-                listener.remove_path();
-                return match result {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(err)) => Err(err.into()),
-                    Err(join) => {
-                        tracing::error!(error = %join, "accept loop ended unexpectedly");
-                        Ok(())
-                    }
-                };
-            }
+            result = &mut accepting => break Some(result),
         }
-    }
-    tracing::info!("shutting down");
-    notify::stopping();
-    accepting.abort();
-    // Asked at once, while the last record is written: a restart needs
-    // that record, a stop for good takes it out again.
-    let asking = persisting
-        .is_some()
-        .then(|| tokio::spawn(job::ask(job::ASK_PATIENCE)));
+    };
+    // The one deadline of the last record is taken here.
+    let signalled = tokio::time::Instant::now();
     // Before the last record is copied: a request handled during the copy
     // could be answered yet missing from it (a buffer allocated and then
     // dropped by the next instance as unknown).
     broker.with(|s| s.stopping = true);
-    let mut writer = None;
-    if let Some((task, stop)) = persisting {
-        // One deadline from the signal on; the record being written when
-        // it came may still wait its own patience first.
-        let _ = stop.send(tokio::time::Instant::now() + LAST_RECORD_PATIENCE);
-        match tokio::time::timeout(
-            LAST_RECORD_PATIENCE + RECORD_PATIENCE + Duration::from_secs(1),
-            task,
-        )
-        .await
-        {
-            Ok(Ok(kept)) => writer = kept,
-            Ok(Err(err)) => {
-                tracing::error!(error = %err, "the writer of the buffer table record failed");
-            }
-            Err(_) => {
-                tracing::warn!("the last record of the buffer table was not written in time");
-            }
+    // The record's writer stops at once (the record it is writing aside)
+    // and waits to be told what to do of the last record: a stop for good
+    // stores nothing more, and it is not known yet which this is.
+    let persisting = persisting.map(|(task, stop)| {
+        let (verdict, awaited) = tokio::sync::oneshot::channel();
+        let _ = stop.send(awaited);
+        (task, verdict)
+    });
+    if let Some(result) = accept_ended {
+        let err = accept_loop_ended(result);
+        tracing::error!(error = %err, "no more clients can connect: exiting with a failure, for the service manager to restart the daemon with the fd store as it is");
+        if let Some((task, stop)) = persisting {
+            last_record(
+                task,
+                stop,
+                LastRecord::Until(signalled + LAST_RECORD_PATIENCE),
+            )
+            .await;
         }
+        listener.remove_path();
+        return Err(err);
     }
-    if let Some(asking) = asking {
-        let answer = match asking.await {
-            Ok(answer) => answer,
-            Err(err) => job::Answer::Unknown(job::AskError::Lost(err)),
-        };
-        leave_or_empty_store(&broker, &answer, writer.as_ref()).await;
+    tracing::info!("shutting down");
+    notify::stopping();
+    accepting.abort();
+    if let Some((task, stop)) = persisting {
+        // Asked before the last record, not beside it: a stop for good
+        // then puts nothing more in the store (every buffer would only be
+        // taken out again, the manager's queue waited for twice), while a
+        // restart still gets its last record by the same deadline.
+        let first = job::ask(job::ASK_PATIENCE).await;
+        if first.keeps_store() {
+            let writer = last_record(
+                task,
+                stop,
+                LastRecord::Until(signalled + LAST_RECORD_PATIENCE),
+            )
+            .await;
+            // The record took up to seconds, during which a `systemctl
+            // stop` may have replaced the restart job: only a restart
+            // still running now keeps the store.
+            let now = job::ask(job::RECHECK_PATIENCE).await;
+            if !now.keeps_store() {
+                tracing::info!(before = %first, %now, "the restart the service manager was running is not running any more");
+            }
+            leave_or_empty_store(&broker, &now, writer.as_ref()).await;
+        } else {
+            // Before the writer is told: a record it is storing now fails
+            // rather than follow the removals.
+            notify::refuse_fd_stores();
+            let writer = last_record(task, stop, LastRecord::Skip).await;
+            leave_or_empty_store(&broker, &first, writer.as_ref()).await;
+        }
     }
     listener.remove_path();
     // A STOPPING=1 the manager had no room for is still on its way.
     notify::flush(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// Tells the stopped record's writer what to do of the last record
+/// (`last`) and waits for it, within a bound (a writer that does not
+/// return in time is left behind: hence the refusal of any store after a
+/// stop for good's removals); gives it back, `None` if it was lost.
+async fn last_record(
+    task: tokio::task::JoinHandle<Option<RecordWriter>>,
+    verdict: tokio::sync::oneshot::Sender<LastRecord>,
+    last: LastRecord,
+) -> Option<RecordWriter> {
+    let _ = verdict.send(last);
+    // One deadline from the signal on; the record being written when it
+    // came may still wait its own patience first.
+    match tokio::time::timeout(
+        LAST_RECORD_PATIENCE + RECORD_PATIENCE + Duration::from_secs(1),
+        task,
+    )
+    .await
+    {
+        Ok(Ok(kept)) => kept,
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "the writer of the buffer table record failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("the last record of the buffer table was not written in time");
+            None
+        }
+    }
+}
+
+/// The accept loop ended on its own (an error, a panic, or a return it
+/// never makes but for one): no new client can connect, and the daemon
+/// exits with this error, so with a failure. Not through the stop path:
+/// nobody asked for a stop, and the unit has no job to ask about. A
+/// failure is what `Restart=on-failure` (the shipped unit) restarts, and
+/// systemd keeps the fd store across that restart, as across a crash: the
+/// next instance gets every buffer back, with the last record written
+/// first. Exiting 0, as this once did, let systemd count the unit as
+/// stopped for good and close a full store (the hang `job` is about);
+/// emptying the store instead would be safe for PID 1 but lose every
+/// client's buffers for a fault of the daemon's own. A unit without
+/// `Restart=` is left as after a crash (docs/operations.md).
+fn accept_loop_ended(
+    result: Result<Result<(), crate::server::ServerError>, tokio::task::JoinError>,
+) -> DaemonError {
+    match result {
+        Ok(Ok(())) => DaemonError::AcceptEnded,
+        Ok(Err(err)) => err.into(),
+        Err(join) => DaemonError::AcceptLost(join),
+    }
 }
 
 /// At a stop, once the last record is written: unless the service
@@ -268,23 +336,60 @@ async fn leave_or_empty_store(
         names = names.len(),
         "the unit is not being restarted: taking every buffer out of the fd store before exiting, so that the service manager's close of it is no buffer's last release"
     );
-    let deadline = std::time::Instant::now() + TAKE_OUT_PATIENCE;
-    let taken = tokio::task::spawn_blocking(move || store.take_out(&names, deadline)).await;
-    match taken {
-        Ok(Ok(removed)) => {
+    match take_out(store, names).await {
+        Ok(removed) => {
             tracing::info!(
                 removed,
                 "the service manager has read the removals from the fd store"
             );
         }
-        Ok(Err(err)) => tracing::warn!(
+        Err(err) => tracing::warn!(
             error = %err,
             "the fd store may still hold buffers when the service manager closes it"
         ),
-        Err(err) => tracing::error!(
-            error = %err,
-            "taking the buffers out of the fd store failed; the service manager may still hold them"
-        ),
+    }
+}
+
+/// Why the take-out at a stop for good came to no end (see [`take_out`]).
+#[derive(Debug, thiserror::Error)]
+enum TakeOutFailed {
+    #[error(transparent)]
+    Store(#[from] crate::service::fdstore::TakeOutError),
+    #[error("its thread ended without an answer (it panicked)")]
+    Lost,
+    #[error("its thread did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Takes `names` out of the store (see [`FdStore::take_out`]) within
+/// [`TAKE_OUT_PATIENCE`] and a margin, whatever happens: on a thread of
+/// its own, not the blocking pool, which at a stop may be full (its
+/// threads held by heaps or fences that do not answer) and would queue it
+/// for good; awaited with a timeout, so a take-out that overran its
+/// deadline (a lock held) cannot hold the exit up. A thread that cannot be
+/// created (the unit's `TasksMax=`) is no panic: the take-out then runs
+/// here, on the runtime's thread, which nothing else needs any more, bounded
+/// by its own deadline.
+async fn take_out(store: Arc<FdStore>, names: Vec<String>) -> Result<usize, TakeOutFailed> {
+    let deadline = std::time::Instant::now() + TAKE_OUT_PATIENCE;
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let on_its_thread = {
+        let (store, names) = (Arc::clone(&store), names.clone());
+        std::thread::Builder::new()
+            .name("dmabroker-takeout".into())
+            .spawn(move || {
+                let _ = answer.send(store.take_out(&names, deadline));
+            })
+    };
+    if let Err(err) = on_its_thread {
+        tracing::warn!(error = %err, "cannot start a thread to take the buffers out of the fd store: taking them out on the runtime's thread");
+        return Ok(store.take_out(&names, deadline)?);
+    }
+    let patience = TAKE_OUT_PATIENCE + TAKE_OUT_MARGIN;
+    match tokio::time::timeout(patience, answered).await {
+        Ok(Ok(taken)) => Ok(taken?),
+        Ok(Err(_)) => Err(TakeOutFailed::Lost),
+        Err(_) => Err(TakeOutFailed::TimedOut(patience)),
     }
 }
 
@@ -442,9 +547,9 @@ fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)>
 /// Writes the record of the buffer table 50 ms after a change (changes
 /// come in bursts), and once more when the daemon stops: a change made
 /// within those 50 ms would otherwise be missing, and the next instance
-/// would drop a buffer its client still holds. Gives the writer back at
-/// the end (`None` if it was lost): its records are to be removed at a
-/// stop for good.
+/// would drop a buffer its client still holds; but not at a stop for
+/// good (see [`LastRecord`]). Gives the writer back at the end (`None` if
+/// it was lost): its records are to be removed at a stop for good.
 ///
 /// A record or a buffer that could not be stored (out of fds, the
 /// manager's socket gone) is tried again after [`RETRY_FIRST`], doubling up to
@@ -454,7 +559,7 @@ async fn persist_loop(
     broker: Arc<Broker>,
     wanted: Arc<tokio::sync::Notify>,
     mut writer: RecordWriter,
-    mut stopped: tokio::sync::oneshot::Receiver<tokio::time::Instant>,
+    mut stopped: tokio::sync::oneshot::Receiver<Stopped>,
 ) -> Option<RecordWriter> {
     let mut retry: Option<Duration> = None;
     let reoffer = reoffer_period();
@@ -557,7 +662,15 @@ async fn persist_loop(
     // At stop: the last record, and what is still out of the store, get
     // their last chance until the stop's deadline (taken at the signal), a
     // batch at a time while each makes progress.
-    let until = stop_at.unwrap_or_else(|| tokio::time::Instant::now() + LAST_RECORD_PATIENCE);
+    let last = match stop_at {
+        Some(verdict) => verdict.await.ok(),
+        None => None,
+    };
+    let until = match last {
+        Some(LastRecord::Until(at)) => at,
+        Some(LastRecord::Skip) => return Some(writer),
+        None => tokio::time::Instant::now() + LAST_RECORD_PATIENCE,
+    };
     let mut writer = writer;
     let mut out = broker.lock().buffers_out_of_store();
     loop {
@@ -571,6 +684,45 @@ async fn persist_loop(
     }
 }
 
+/// A stop, as [`persist_loop`] is told of it at the signal: what to do
+/// of the last record follows on this, once the daemon knows.
+type Stopped = tokio::sync::oneshot::Receiver<LastRecord>;
+
+/// Test-only hook: `DMABROKER_TEST_LAST_RECORD_STALL_MS=N` makes every
+/// record written once the daemon is stopping wait N ms (at most 10 s)
+/// before it is sent, as on a blocking pool too busy to run it: a writer
+/// that overruns its time, so that tests can show nothing it sends then
+/// goes into the store behind a stop for good's removals. Read once;
+/// warned about at start.
+fn last_record_stall() -> Option<Duration> {
+    static STALL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *STALL.get_or_init(|| {
+        let asked = std::env::var("DMABROKER_TEST_LAST_RECORD_STALL_MS")
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
+        tracing::warn!(
+            asked_ms = asked,
+            stall_ms = stall.as_millis() as u64,
+            "test hook: records written at a stop wait before they are sent"
+        );
+        Some(stall)
+    })
+}
+
+/// What the record's writer does at a stop (see [`Stopped`]).
+#[derive(Clone, Copy, Debug)]
+enum LastRecord {
+    /// A restart: the last record, and the buffers still out of the
+    /// store, until this deadline (taken at the signal).
+    Until(tokio::time::Instant),
+    /// A stop for good: the store is to be emptied, so nothing more goes
+    /// in; the writer comes back at once (or once the record it is
+    /// writing is done).
+    Skip,
+}
+
 /// Offers the stored record to the manager again (see
 /// [`RecordWriter::reoffer`]), on the blocking pool: it may wait up to
 /// [`RECORD_PATIENCE`] for room in the manager's queue, in slices of
@@ -580,7 +732,7 @@ async fn persist_loop(
 /// only logged: the next period offers it again.
 async fn reoffer_record(
     mut writer: RecordWriter,
-    stopped: &mut tokio::sync::oneshot::Receiver<tokio::time::Instant>,
+    stopped: &mut tokio::sync::oneshot::Receiver<Stopped>,
 ) -> Reoffered {
     let give_up = std::time::Instant::now() + RECORD_PATIENCE;
     loop {
@@ -629,9 +781,9 @@ async fn reoffer_record(
 enum Reoffered {
     /// Offered, or not (logged): the writer back.
     Done(RecordWriter),
-    /// The daemon is stopping: the writer back, with the stop's deadline
-    /// (`None` if the stop's sender went without one).
-    Stopped(RecordWriter, Option<tokio::time::Instant>),
+    /// The daemon is stopping: the writer back, with the stop (`None` if
+    /// its sender went without a word).
+    Stopped(RecordWriter, Option<Stopped>),
     /// The blocking task failed, and the writer with it.
     Lost,
 }
@@ -774,7 +926,15 @@ async fn store_record(
     // not made for, so that the writer says `NoRoom` rather than find
     // nothing to send.
     let room = if fresh.is_some() { room_now() } else { room };
+    let stall = if broker.lock().stopping {
+        last_record_stall()
+    } else {
+        None
+    };
     let stored = tokio::task::spawn_blocking(move || {
+        if let Some(stall) = stall {
+            std::thread::sleep(stall);
+        }
         let deadline = std::time::Instant::now() + patience;
         let (sent, stopped) = send_batch(&unstored, deadline);
         let (sent, unsent): (Vec<u64>, Vec<u64>) = {
@@ -951,6 +1111,10 @@ const LAST_RECORD_PATIENCE: Duration = Duration::from_secs(4);
 /// the daemon from exiting, and systemd's stop timeout (90 s by default)
 /// is far beyond this.
 const TAKE_OUT_PATIENCE: Duration = Duration::from_secs(10);
+/// Beyond [`TAKE_OUT_PATIENCE`], how long the take-out's thread may take
+/// to answer before the daemon exits without it: each of its steps ends at
+/// the deadline, so only something unforeseen (a lock held) needs it.
+const TAKE_OUT_MARGIN: Duration = Duration::from_secs(1);
 
 fn status_line(broker: &Arc<Broker>) -> String {
     let state = broker.lock();

@@ -194,6 +194,31 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Accepts connections forever, one task each. Connections over the cap
 /// are told `Busy` and closed.
 pub async fn accept_loop(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), ServerError> {
+    match test_accept_panic_after() {
+        Some(after) => tokio::select! {
+            accepted = accept_clients(broker, listener) => accepted,
+            () = tokio::time::sleep(after) => {
+                panic!("test hook: the accept loop panics")
+            }
+        },
+        None => accept_clients(broker, listener).await,
+    }
+}
+
+/// Test-only hook: `DMABROKER_TEST_ACCEPT_PANIC_AFTER_MS=N` makes the
+/// accept loop panic N ms after it started, as a bug in it would, so that
+/// tests can show how the daemon exits then (`daemon::accept_loop_ended`).
+/// Inert unless that variable is set; warned about when it is.
+fn test_accept_panic_after() -> Option<std::time::Duration> {
+    let after = std::env::var("DMABROKER_TEST_ACCEPT_PANIC_AFTER_MS")
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    tracing::warn!(after_ms = after, "test hook: the accept loop will panic");
+    Some(std::time::Duration::from_millis(after))
+}
+
+async fn accept_clients(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), ServerError> {
     let served = Arc::new(Served::default());
     let uids = Arc::new(UidConnections::default());
     let _ = nix::fcntl::fcntl(

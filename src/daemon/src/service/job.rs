@@ -15,9 +15,13 @@
 //! of this unit, which has `ExecReload=`, is a reload: a SIGHUP.) Any other answer, or none in time, counts as a stop for good:
 //! PID 1's safety comes before keeping the buffers.
 //!
-//! Still not covered: a restart job cancelled after the answer (the store
-//! is then released with the daemon's fds in it), and a crash (nothing
-//! runs; `Restart=on-failure` keeps the store anyway).
+//! A `restart` answer is asked for again once the last record is written,
+//! right before the store is left as it is: only a second `restart` keeps
+//! it. Still not covered: a restart job cancelled between that second
+//! answer and the daemon's exit (a moment), a restart whose start never
+//! succeeds (the start limit hit: the store is then released with the
+//! daemon's fds in it), and a crash (nothing runs; `Restart=on-failure`
+//! keeps the store anyway).
 
 use std::fmt;
 use std::time::Duration;
@@ -28,6 +32,13 @@ use zbus::zvariant::OwnedObjectPath;
 /// How long the whole question may take: at shutdown the bus may be going
 /// away, and a stop must not wait for it.
 pub const ASK_PATIENCE: Duration = Duration::from_secs(1);
+
+/// How long the second question may take: a restart is asked about again
+/// right before the store is left to it, as the last record took seconds
+/// and a `systemctl stop` may have replaced the restart job meanwhile.
+/// Shorter, as the bus answered a moment ago; no answer in time counts as
+/// a stop for good, like any.
+pub const RECHECK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// The job type that keeps the store. systemd collapses `try-restart`
 /// into `restart` (or into nothing) when it installs the job, so a job
