@@ -270,13 +270,7 @@ fn a_sigkilled_broker_restarts_with_every_buffer_and_clients_reattach() {
 
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
-    assert!(
-        second
-            .log()
-            .contains("buffers taken back from the fd store"),
-        "{}",
-        second.log()
-    );
+    assert_logged(&second, "buffers taken back from the fd store");
 
     // Same buffers, same kernel objects, same contents.
     for (i, frame) in frames.iter().enumerate() {
@@ -480,6 +474,16 @@ fn assert_back(buffer: &dmabroker_client::Buffer, second: &Running) {
 }
 
 /// Waits until the daemon's log says `line`.
+/// Asserts that the daemon's log has `line` by now.
+#[track_caller]
+fn assert_logged(daemon: &Running, line: &str) {
+    assert!(
+        daemon.log().contains(line),
+        "no '{line}':\n{}",
+        daemon.log()
+    );
+}
+
 fn wait_for_log(daemon: &Running, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !daemon.log().contains(line) {
@@ -1650,13 +1654,7 @@ fn of_two_fds_under_a_buffers_name_the_recorded_one_is_kept() {
     for frame in &frames {
         assert_back(frame, &second);
     }
-    assert!(
-        second
-            .log()
-            .contains("closing a second fd of a buffer's name"),
-        "{}",
-        second.log()
-    );
+    assert_logged(&second, "closing a second fd of a buffer's name");
 }
 
 /// A record the manager dropped after it was sent (systemd closes an fd
@@ -1726,13 +1724,7 @@ fn an_unexpected_socket_beside_the_listener_is_closed() {
         .store
         .push(("stray-socket".to_owned(), stray.into()));
     let daemon = Running::start(&manager, "first", &[]);
-    assert!(
-        daemon
-            .log()
-            .contains("closing an unexpected inherited socket"),
-        "{}",
-        daemon.log()
-    );
+    assert_logged(&daemon, "closing an unexpected inherited socket");
     manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
         !r.stored_names().iter().any(|n| n == "stray-socket")
     });
@@ -1779,13 +1771,7 @@ fn a_socket_in_the_fd_store_without_a_socket_unit_is_a_leftover() {
     let daemon = Running::start_with(&manager, "first", &[], &["--socket", &own_arg]);
     let client = Client::connect_to(&own).expect("served on its own socket");
     drop(client.alloc(4096).expect("alloc"));
-    assert!(
-        daemon
-            .log()
-            .contains("closing an unexpected inherited socket"),
-        "{}",
-        daemon.log()
-    );
+    assert_logged(&daemon, "closing an unexpected inherited socket");
     manager.wait_for("the stray socket's removal", Duration::from_secs(5), |r| {
         !r.stored_names().iter().any(|n| n == "stray-socket")
     });
@@ -1811,13 +1797,7 @@ fn a_zero_record_reoffer_period_does_not_flood_the_manager() {
     let offered = manager.received().records_sent() - before;
     // 50 ms at the shortest: ten in 500 ms, with room for scheduling.
     assert!(offered <= 12, "{offered} record datagrams in 500 ms");
-    assert!(
-        first
-            .log()
-            .contains("test hook: the stored record is offered"),
-        "{}",
-        first.log()
-    );
+    assert_logged(&first, "test hook: the stored record is offered");
 }
 
 /// systemd checks its store's maximum before it looks for the same file
@@ -2077,11 +2057,7 @@ fn a_restart_leaves_every_buffer_in_the_store_for_the_next_instance() {
         );
         assert_eq!(r.buffers_stored(), frames.len(), "{:?}", r.stored_names());
     }
-    assert!(
-        first.log().contains("restarting the unit"),
-        "{}",
-        first.log()
-    );
+    assert_logged(&first, "restarting the unit");
 
     let second = Running::start(&manager, "second", &[]);
     for (i, frame) in frames.iter().enumerate() {
@@ -2142,11 +2118,7 @@ fn a_sigterm_with_no_systemd_on_the_bus_takes_every_buffer_out_of_the_store() {
     );
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
     assert_taken_out(&manager, &ids, &first);
-    assert!(
-        first.log().contains("systemd does not say which unit"),
-        "{}",
-        first.log()
-    );
+    assert_logged(&first, "systemd does not say which unit");
 }
 
 /// A bus that never answers (going away at shutdown): the daemon asks for
@@ -2170,11 +2142,7 @@ fn a_bus_that_never_answers_holds_the_stop_up_a_second_and_the_buffers_are_taken
     assert_eq!(systemd.asked(), [format!("GetUnitByPID {}", first.pid())]);
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
     assert_taken_out(&manager, &ids, &first);
-    assert!(
-        first.log().contains("no answer within 1s"),
-        "{}",
-        first.log()
-    );
+    assert_logged(&first, "no answer within 1s");
     // The question's second, and the last record's writing beside it;
     // far from the 10 s the removals could wait for a busy manager.
     assert!(
@@ -2333,11 +2301,7 @@ fn an_accept_loop_that_ends_exits_with_a_failure_and_leaves_the_store_to_the_res
         assert_eq!(r.count("STOPPING=1"), 0, "{:?}", r.messages);
         assert_eq!(r.buffers_stored(), frames.len(), "{:?}", r.stored_names());
     }
-    assert!(
-        first.log().contains("exiting with a failure"),
-        "{}",
-        first.log()
-    );
+    assert_logged(&first, "exiting with a failure");
 
     let second = Running::start(&manager, "second", &[]);
     for frame in &frames {
@@ -2391,11 +2355,8 @@ fn a_record_written_late_at_a_stop_for_good_does_not_follow_the_removals() {
         first.log()
     );
     assert_taken_out(&manager, &[frame.id()], &first);
-    assert!(
-        first
-            .log()
-            .contains("the last record of the buffer table was not written in time"),
-        "{}",
-        first.log()
+    assert_logged(
+        &first,
+        "the last record of the buffer table was not written in time",
     );
 }
