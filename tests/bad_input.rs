@@ -512,15 +512,11 @@ fn a_cancel_without_the_feature_is_unsupported_and_changes_nothing() {
         Ok(dmabroker_ipc::ReplyBody::Granted(grant)) => grant.access,
         other => panic!("write: {other:?}"),
     };
-    let (begin, bytes) = reader.encode(
-        RequestBody::Begin {
-            buffer: theirs,
-            access: Access::CpuRead,
-            timeout_ms: None,
-        },
-        0,
-    );
-    reader.send_raw(&bytes, &[]);
+    let begin = reader.send_request(RequestBody::Begin {
+        buffer: theirs,
+        access: Access::CpuRead,
+        timeout_ms: None,
+    });
     assert_eq!(
         reader.request(RequestBody::Cancel { request: begin }),
         Err(ErrorCode::Unsupported)

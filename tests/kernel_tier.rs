@@ -449,15 +449,11 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     // Ended connections close on a thread of their own: wait for them.
     dmabroker_suite::proc::stable_fd_count(pid);
     limit_fds(pid, free_fds(pid, 1)[0]);
-    let (id, bytes) = reader.encode(
-        RequestBody::Begin {
-            buffer: shared,
-            access: dmabroker_ipc::Access::CpuRead,
-            timeout_ms: None,
-        },
-        0,
-    );
-    reader.send_raw(&bytes, &[]);
+    let id = reader.send_request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: None,
+    });
     let answer = reader.recv_reply().expect("an answer");
     limit_fds(pid, 1024);
     assert_eq!(
@@ -928,22 +924,13 @@ fn kernel_tier_freeing_a_buffer_answers_a_begin_waiting_for_its_kernel_fences() 
     };
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
-    let (begin, bytes) = raw.encode(
-        RequestBody::Begin {
-            buffer,
-            access: Access::CpuRead,
-            timeout_ms: None,
-        },
-        0,
-    );
-    raw.send_raw(&bytes, &[]);
-    let (free, bytes) = raw.encode(RequestBody::Free { buffer }, 0);
-    raw.send_raw(&bytes, &[]);
-    let mut answers = HashMap::new();
-    for _ in 0..2 {
-        let (id, result) = raw.recv_reply().expect("a reply");
-        answers.insert(id, result);
-    }
+    let begin = raw.send_request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuRead,
+        timeout_ms: None,
+    });
+    let free = raw.send_request(RequestBody::Free { buffer });
+    let answers = raw.replies(2);
     assert!(
         matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
         "{answers:?}"
@@ -1134,22 +1121,13 @@ fn kernel_tier_a_buffer_freed_while_its_cache_end_runs_leaves_nothing_behind() {
     writer.ok(&format!("end {}", field(&write, "access").expect("access")));
     // The `End` is handled before this: the END runs now.
     writer.ok("heaps");
-    let (begin, bytes) = reader.encode(
-        RequestBody::Begin {
-            buffer: theirs,
-            access: Access::CpuRead,
-            timeout_ms: None,
-        },
-        0,
-    );
-    reader.send_raw(&bytes, &[]);
-    let (free, bytes) = reader.encode(RequestBody::Free { buffer: theirs }, 0);
-    reader.send_raw(&bytes, &[]);
-    let mut answers = HashMap::new();
-    for _ in 0..2 {
-        let (id, result) = reader.recv_reply().expect("a reply");
-        answers.insert(id, result);
-    }
+    let begin = reader.send_request(RequestBody::Begin {
+        buffer: theirs,
+        access: Access::CpuRead,
+        timeout_ms: None,
+    });
+    let free = reader.send_request(RequestBody::Free { buffer: theirs });
+    let answers = reader.replies(2);
     assert!(
         matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
         "{answers:?}"
@@ -1207,22 +1185,13 @@ fn kernel_tier_begins_cancelled_during_a_slow_cache_end_keep_no_fds() {
     let attached = Instant::now();
     let baseline = daemon.fd_count();
     for _ in 0..ROUNDS {
-        let (begin, bytes) = reader.encode(
-            RequestBody::Begin {
-                buffer: theirs,
-                access: Access::CpuRead,
-                timeout_ms: None,
-            },
-            0,
-        );
-        reader.send_raw(&bytes, &[]);
-        let (cancel, bytes) = reader.encode(RequestBody::Cancel { request: begin }, 0);
-        reader.send_raw(&bytes, &[]);
-        let mut answers = HashMap::new();
-        for _ in 0..2 {
-            let (id, result) = reader.recv_reply().expect("a reply");
-            answers.insert(id, result);
-        }
+        let begin = reader.send_request(RequestBody::Begin {
+            buffer: theirs,
+            access: Access::CpuRead,
+            timeout_ms: None,
+        });
+        let cancel = reader.send_request(RequestBody::Cancel { request: begin });
+        let answers = reader.replies(2);
         assert_eq!(
             answers.get(&begin).and_then(|r| r.as_ref().err()),
             Some(&dmabroker_ipc::ErrorCode::Cancelled),

@@ -100,6 +100,24 @@ impl RawClient {
         (id, bytes)
     }
 
+    /// Sends a request carrying no fd without waiting for its answer:
+    /// its id, to find the answer among later ones ([`RawClient::replies`]).
+    pub fn send_request(&mut self, body: RequestBody) -> u64 {
+        let (id, bytes) = self.encode(body, 0);
+        self.send_raw(&bytes, &[]);
+        id
+    }
+
+    /// The next `count` replies, by id.
+    pub fn replies(
+        &mut self,
+        count: usize,
+    ) -> std::collections::HashMap<u64, Result<ReplyBody, ErrorCode>> {
+        (0..count)
+            .map(|_| self.recv_reply().expect("a reply"))
+            .collect()
+    }
+
     /// A request the broker answers only when it fails (`FLAG_NO_REPLY`,
     /// as the client library sends frees).
     pub fn encode_one_way(&mut self, body: RequestBody) -> Vec<u8> {
