@@ -36,9 +36,11 @@ pub const ASK_PATIENCE: Duration = Duration::from_secs(1);
 /// How long the second question may take: a restart is asked about again
 /// right before the store is left to it, as the last record took seconds
 /// and a `systemctl stop` may have replaced the restart job meanwhile.
-/// Shorter, as the bus answered a moment ago; no answer in time counts as
-/// a stop for good, like any.
-pub const RECHECK_PATIENCE: Duration = Duration::from_millis(500);
+/// As long as the first: it opens a connection of its own, and on a
+/// machine loaded enough to make the last record slow, a shorter wait
+/// would take a real restart for a stop for good (no answer in time
+/// counts as one) and lose every client's buffers.
+pub const RECHECK_PATIENCE: Duration = ASK_PATIENCE;
 
 /// The job type that keeps the store. systemd collapses `try-restart`
 /// into `restart` (or into nothing) when it installs the job, so a job
