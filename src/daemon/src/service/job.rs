@@ -18,7 +18,9 @@
 //! A `restart` answer is asked for again once the last record is written,
 //! right before the store is left as it is: only a second `restart` keeps
 //! it. Still not covered: a restart job cancelled between that second
-//! answer and the daemon's exit (a moment), a restart whose start never
+//! answer and the daemon's exit (up to two seconds: a STOPPING=1 the
+//! manager had no room for, and the blocking work still running, are
+//! given one each), a restart whose start never
 //! succeeds (the start limit hit: the store is then released with the
 //! daemon's fds in it), and a crash (nothing runs; `Restart=on-failure`
 //! keeps the store anyway).
