@@ -2289,10 +2289,11 @@ fn an_accept_loop_that_ends_exits_with_a_failure_and_leaves_the_store_to_the_res
     let (camera, frames) = frames(&manager);
     let status = first.child.wait().expect("wait");
     assert_eq!(status.code(), Some(1), "{}", first.log());
-    assert!(
-        systemd.asked().is_empty(),
-        "asked: {:?}\n{}",
+    // Asked whether a stop came meanwhile: no job runs.
+    assert_eq!(
         systemd.asked(),
+        [format!("GetUnitByPID {}", first.pid()), "Job".into()],
+        "{}",
         first.log()
     );
     {
@@ -2308,6 +2309,31 @@ fn an_accept_loop_that_ends_exits_with_a_failure_and_leaves_the_store_to_the_res
         assert_back(frame, &second);
     }
     assert_eq!(camera.reconnects(), 1);
+}
+
+/// A `systemctl stop` while the accept loop's failure was being handled
+/// (its last record written) was not seen: the signal is read no more,
+/// and with a stop job running systemd restarts nothing, whatever the
+/// exit, and closed the store full. The daemon asks once the record is
+/// written, and a stop job takes every buffer out.
+#[test]
+fn a_stop_while_a_failed_accept_loop_is_handled_takes_every_buffer_out() {
+    let systemd = Systemd1::start(UnitJob::Running("stop"));
+    let bus = systemd.env();
+    let manager = ServiceManager::new();
+    let mut first = Running::start(
+        &manager,
+        "first",
+        &[
+            (bus.0, &bus.1),
+            ("DMABROKER_TEST_ACCEPT_PANIC_AFTER_MS", "1500"),
+        ],
+    );
+    let (_camera, frames) = frames(&manager);
+    let status = first.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{}", first.log());
+    let ids: Vec<u64> = frames.iter().map(|frame| frame.id()).collect();
+    assert_taken_out(&manager, &ids, &first);
 }
 
 /// A record's writer that overran its time at a stop (its blocking task

@@ -194,12 +194,23 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         let err = accept_loop_ended(result);
         tracing::error!(error = %err, "no more clients can connect: exiting with a failure, for the service manager to restart the daemon with the fd store as it is");
         if let Some((task, stop)) = persisting {
-            last_record(
+            let writer = last_record(
                 task,
                 stop,
                 LastRecord::Until(signalled + LAST_RECORD_PATIENCE),
             )
             .await;
+            // A `systemctl stop` meanwhile is not seen (its SIGTERM is read
+            // no more), and with a stop job systemd restarts nothing,
+            // whatever the exit: it would close the full store. Only a job
+            // it runs says so; with none (or no answer), the failure's
+            // restart hands the store on, as after a crash.
+            let answer = job::ask(job::ASK_PATIENCE).await;
+            if answer.other_job() {
+                tracing::info!(%answer, "the service manager is stopping the unit meanwhile");
+                notify::refuse_fd_stores();
+                leave_or_empty_store(&broker, &answer, writer.as_ref()).await;
+            }
         }
         listener.remove_path();
         return Err(err);

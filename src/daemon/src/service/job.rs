@@ -100,6 +100,12 @@ impl Answer {
     pub fn keeps_store(&self) -> bool {
         matches!(self, Answer::Job { kind, .. } if is_restart(kind))
     }
+
+    /// Whether a job other than a restart runs for the unit: systemd then
+    /// restarts nothing, whatever the exit, and releases the store.
+    pub fn other_job(&self) -> bool {
+        matches!(self, Answer::Job { kind, .. } if !is_restart(kind))
+    }
 }
 
 impl fmt::Display for Answer {
