@@ -208,7 +208,6 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             let answer = job::ask(job::ASK_PATIENCE).await;
             if answer.other_job() {
                 tracing::info!(%answer, "the service manager is stopping the unit meanwhile");
-                notify::refuse_fd_stores();
                 leave_or_empty_store(&broker, &answer, writer.as_ref()).await;
             }
         }
