@@ -924,22 +924,7 @@ fn kernel_tier_freeing_a_buffer_answers_a_begin_waiting_for_its_kernel_fences() 
     };
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
-    let begin = raw.send_request(RequestBody::Begin {
-        buffer,
-        access: Access::CpuRead,
-        timeout_ms: None,
-    });
-    let free = raw.send_request(RequestBody::Free { buffer });
-    let answers = raw.replies(2);
-    assert!(
-        matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
-        "{answers:?}"
-    );
-    assert_eq!(
-        answers.get(&begin).and_then(|r| r.as_ref().err()),
-        Some(&dmabroker_ipc::ErrorCode::UnknownBuffer),
-        "the begin is answered: {answers:?}"
-    );
+    a_free_answers_the_waiting_read(&mut raw, buffer, "the begin is answered");
     signal(&vgem, fence, attached);
 }
 
@@ -1121,21 +1106,10 @@ fn kernel_tier_a_buffer_freed_while_its_cache_end_runs_leaves_nothing_behind() {
     writer.ok(&format!("end {}", field(&write, "access").expect("access")));
     // The `End` is handled before this: the END runs now.
     writer.ok("heaps");
-    let begin = reader.send_request(RequestBody::Begin {
-        buffer: theirs,
-        access: Access::CpuRead,
-        timeout_ms: None,
-    });
-    let free = reader.send_request(RequestBody::Free { buffer: theirs });
-    let answers = reader.replies(2);
-    assert!(
-        matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
-        "{answers:?}"
-    );
-    assert_eq!(
-        answers.get(&begin).and_then(|r| r.as_ref().err()),
-        Some(&dmabroker_ipc::ErrorCode::UnknownBuffer),
-        "the begin, held back behind the END, is answered by the free: {answers:?}"
+    a_free_answers_the_waiting_read(
+        &mut reader,
+        theirs,
+        "the begin, held back behind the END, is answered by the free",
     );
     // The last holder goes while the END still runs.
     writer.kill();
@@ -1378,5 +1352,32 @@ fn kernel_tier_the_service_manager_never_makes_a_freed_dma_bufs_last_release() {
     assert!(
         read_on,
         "the service manager stalled in the last release of a freed dma-buf"
+    );
+}
+
+/// Sends a read's begin of `buffer` and, behind it, the buffer's free: the
+/// free is answered `Freed`, and the begin, still waiting (`what`),
+/// `UnknownBuffer`.
+#[track_caller]
+fn a_free_answers_the_waiting_read(
+    raw: &mut RawClient,
+    buffer: dmabroker_ipc::BufferId,
+    what: &str,
+) {
+    let begin = raw.send_request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuRead,
+        timeout_ms: None,
+    });
+    let free = raw.send_request(RequestBody::Free { buffer });
+    let answers = raw.replies(2);
+    assert!(
+        matches!(answers.get(&free), Some(Ok(ReplyBody::Freed))),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.get(&begin).and_then(|r| r.as_ref().err()),
+        Some(&dmabroker_ipc::ErrorCode::UnknownBuffer),
+        "{what}: {answers:?}"
     );
 }

@@ -380,10 +380,17 @@ fn a_uid_at_its_connection_limit_is_refused_and_other_users_are_not() {
 /// What a client process run as `uid` says first: `ready …`, or `err CODE
 /// message` when its connection is refused (it then exits).
 fn first_line_of_client_as(daemon: &Daemon, uid: u32) -> String {
-    let output = setpriv_as(uid)
-        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+    first_line_of(
+        setpriv_as(uid).arg(dmabroker_suite::daemon::binary("dmabroker-testclient")),
+        daemon.socket(),
+    )
+}
+
+/// What the testclient `cmd` runs says first, served by `socket`.
+fn first_line_of(cmd: &mut std::process::Command, socket: &std::path::Path) -> String {
+    let output = cmd
         .arg("--socket")
-        .arg(daemon.socket())
+        .arg(socket)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run dmabroker-testclient");
@@ -618,20 +625,11 @@ fn first_words(
     let mut cmd =
         std::process::Command::new(dmabroker_suite::daemon::binary("dmabroker-testclient"));
     let maps = prepare(&mut cmd);
-    let output = cmd
-        .arg("--socket")
-        .arg(socket)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run dmabroker-testclient");
+    let first = first_line_of(&mut cmd, socket);
     if let Some(maps) = maps {
         maps.written();
     }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    first
 }
 
 /// A container's user who made a namespace of their own inside it

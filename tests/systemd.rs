@@ -1896,6 +1896,26 @@ fn terminate(daemon: &Running) {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
 }
 
+/// SIGTERM to `daemon`, and its exit, which must be a success.
+#[track_caller]
+fn stop_cleanly(daemon: &mut Running) {
+    terminate(daemon);
+    assert!(
+        daemon.child.wait().expect("wait").success(),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// What `daemon` asks systemd's stand-in once, of a unit with a job.
+fn questions_with_a_job(daemon: &Running) -> [String; 3] {
+    [
+        format!("GetUnitByPID {}", daemon.pid()),
+        "Job".into(),
+        "JobType".into(),
+    ]
+}
+
 /// The name of every `FDSTOREREMOVE=1`, with its place among the
 /// messages.
 fn removals(r: &Received) -> Vec<(usize, String)> {
@@ -2002,14 +2022,7 @@ fn a_stop_takes_every_buffer_out_of_the_store_before_the_daemon_exits() {
         "{}",
         first.log()
     );
-    assert_eq!(
-        systemd.asked(),
-        [
-            format!("GetUnitByPID {}", first.pid()),
-            "Job".into(),
-            "JobType".into()
-        ]
-    );
+    assert_eq!(systemd.asked(), questions_with_a_job(&first));
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
     assert_taken_out(&manager, &ids, &first);
     let log = first.log();
@@ -2030,18 +2043,9 @@ fn a_restart_leaves_every_buffer_in_the_store_for_the_next_instance() {
     let manager = ServiceManager::new();
     let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let (camera, frames) = frames(&manager);
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     // Asked again once the last record was written: still a restart.
-    let once = [
-        format!("GetUnitByPID {}", first.pid()),
-        "Job".into(),
-        "JobType".into(),
-    ];
+    let once = questions_with_a_job(&first);
     assert_eq!(
         systemd.asked(),
         [once.clone(), once].concat(),
@@ -2082,12 +2086,7 @@ fn a_sigterm_with_no_job_takes_every_buffer_out_of_the_store() {
     let manager = ServiceManager::new();
     let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let (_camera, frames) = frames(&manager);
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     assert_eq!(
         systemd.asked(),
         [format!("GetUnitByPID {}", first.pid()), "Job".into()]
@@ -2110,12 +2109,7 @@ fn a_sigterm_with_no_systemd_on_the_bus_takes_every_buffer_out_of_the_store() {
         &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address())],
     );
     let (_camera, frames) = frames(&manager);
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
     assert_taken_out(&manager, &ids, &first);
     assert_logged(&first, "systemd does not say which unit");
@@ -2132,12 +2126,7 @@ fn a_bus_that_never_answers_holds_the_stop_up_a_second_and_the_buffers_are_taken
     let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let (_camera, frames) = frames(&manager);
     let signalled = Instant::now();
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     let stopped_in = signalled.elapsed();
     assert_eq!(systemd.asked(), [format!("GetUnitByPID {}", first.pid())]);
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
@@ -2170,12 +2159,7 @@ fn under_a_user_manager_the_session_bus_is_asked() {
         ],
     );
     let (_camera, frames) = frames(&manager);
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     assert_eq!(systemd.asked().len(), 6, "{}", first.log());
     let r = manager.received();
     assert!(
@@ -2203,17 +2187,8 @@ fn a_restart_replaced_by_a_stop_during_the_last_record_takes_every_buffer_out() 
     let manager = ServiceManager::new();
     let mut first = Running::start(&manager, "first", &[(bus.0, &bus.1)]);
     let (_camera, frames) = frames(&manager);
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
-    let once = [
-        format!("GetUnitByPID {}", first.pid()),
-        "Job".into(),
-        "JobType".into(),
-    ];
+    stop_cleanly(&mut first);
+    let once = questions_with_a_job(&first);
     assert_eq!(
         systemd.asked(),
         [once.clone(), once].concat(),
@@ -2241,12 +2216,7 @@ fn a_stop_for_good_puts_nothing_more_in_the_store() {
     let (camera, mut frames) = frames(&manager);
     // Within the 50 ms before its record would be written.
     frames.push(camera.alloc(4096).expect("alloc"));
-    terminate(&first);
-    assert!(
-        first.child.wait().expect("wait").success(),
-        "{}",
-        first.log()
-    );
+    stop_cleanly(&mut first);
     let ids: Vec<u64> = frames.iter().map(|f| f.id()).collect();
     assert_taken_out(&manager, &ids, &first);
     let r = manager.received();

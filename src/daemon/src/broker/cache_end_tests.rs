@@ -83,6 +83,13 @@ impl Bench {
 
     /// A buffer held by `holders` (the first owns it): a dma-buf to the
     /// broker when `dma_buf`, else a plain memfd buffer.
+    /// Two clients, and a dma-buf both hold.
+    fn two_sharing_a_dma_buf(&mut self) -> (ClientId, ClientId, BufferId) {
+        let (first, second) = (self.client(), self.client());
+        let frame = self.buffer(&[first, second], true);
+        (first, second, frame)
+    }
+
     fn buffer(&mut self, holders: &[ClientId], dma_buf: bool) -> BufferId {
         let fd = nix::sys::memfd::memfd_create(
             c"cache-end-test",
@@ -348,8 +355,7 @@ fn device_and_no_autofence_grants_wait_for_the_cache_end_too() {
 #[test]
 fn a_failed_cache_end_is_counted_and_lets_the_grants_go() {
     let mut bench = Bench::new();
-    let (writer, reader) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[writer, reader], true);
+    let (writer, reader, frame) = bench.two_sharing_a_dma_buf();
     bench.write_then_end(writer, frame);
     let read = bench.begin(reader, frame, Access::CpuRead);
     assert_eq!(bench.run_starts(), vec![frame]);
@@ -372,8 +378,7 @@ fn a_failed_cache_end_is_counted_and_lets_the_grants_go() {
 #[test]
 fn a_buffer_freed_while_its_cache_end_runs_leaves_nothing_parked() {
     let mut bench = Bench::new();
-    let (writer, reader) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[writer, reader], true);
+    let (writer, reader, frame) = bench.two_sharing_a_dma_buf();
     bench.write_then_end(writer, frame);
     bench.replies(writer);
     let read = bench.begin(reader, frame, Access::CpuRead);
@@ -477,6 +482,21 @@ fn free_request(buffer: BufferId) -> Vec<u8> {
 
 /// The START of `client`'s begin `request`, taken out of the deferred
 /// actions and not reported back: it is still running.
+/// `reader`'s read of `frame` granted with its START in flight (the START
+/// taken out of the actions, for the test to run), and `writer`'s write
+/// queued behind it: the read's request, the START, the write's request.
+fn read_starting_with_a_write_behind(
+    bench: &mut Bench,
+    reader: ClientId,
+    writer: ClientId,
+    frame: BufferId,
+) -> (u64, Action, u64) {
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(bench);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    (read, start, write)
+}
+
 fn start_in_flight(bench: &mut Bench) -> Action {
     let mut actions = bench.state.take_actions();
     let at = actions
@@ -498,11 +518,8 @@ fn start_in_flight(bench: &mut Bench) -> Action {
 #[test]
 fn a_grant_waits_for_the_start_and_end_of_an_access_gone_while_starting() {
     let mut bench = Bench::new();
-    let (reader, writer) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[reader, writer], true);
-    bench.begin(reader, frame, Access::CpuRead);
-    let start = start_in_flight(&mut bench);
-    let write = bench.begin(writer, frame, Access::CpuWrite);
+    let (reader, writer, frame) = bench.two_sharing_a_dma_buf();
+    let (_, start, write) = read_starting_with_a_write_behind(&mut bench, reader, writer, frame);
     {
         let _entered = bench._runtime.enter();
         bench.state.disconnect(reader);
@@ -543,11 +560,8 @@ fn a_grant_waits_for_the_start_and_end_of_an_access_gone_while_starting() {
 #[test]
 fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
     let mut bench = Bench::new();
-    let (reader, writer) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[reader, writer], true);
-    bench.begin(reader, frame, Access::CpuRead);
-    let start = start_in_flight(&mut bench);
-    let write = bench.begin(writer, frame, Access::CpuWrite);
+    let (reader, writer, frame) = bench.two_sharing_a_dma_buf();
+    let (_, start, write) = read_starting_with_a_write_behind(&mut bench, reader, writer, frame);
     {
         let _entered = bench._runtime.enter();
         bench.state.disconnect(reader);
@@ -576,11 +590,8 @@ fn a_failed_start_of_a_gone_access_lets_the_grants_go() {
 #[test]
 fn a_start_with_no_thread_answers_the_begin_busy() {
     let mut bench = Bench::new();
-    let (reader, writer) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[reader, writer], true);
-    let read = bench.begin(reader, frame, Access::CpuRead);
-    let start = start_in_flight(&mut bench);
-    let write = bench.begin(writer, frame, Access::CpuWrite);
+    let (reader, writer, frame) = bench.two_sharing_a_dma_buf();
+    let (read, start, write) = read_starting_with_a_write_behind(&mut bench, reader, writer, frame);
     let Action::CacheSyncStart { access, buffer, .. } = start else {
         unreachable!()
     };
@@ -606,8 +617,7 @@ fn a_start_with_no_thread_answers_the_begin_busy() {
 #[test]
 fn a_withdrawn_grant_leaves_nothing_parked() {
     let mut bench = Bench::new();
-    let (writer, reader) = (bench.client(), bench.client());
-    let frame = bench.buffer(&[writer, reader], true);
+    let (writer, reader, frame) = bench.two_sharing_a_dma_buf();
     bench.write_then_end(writer, frame);
     let read = bench.begin_within(reader, frame, Access::CpuRead, Some(5));
     let access = bench.access_of(reader, read);
