@@ -1270,6 +1270,74 @@ fn kernel_tier_a_freed_dma_buf_whose_release_waits_does_not_stall_the_daemon() {
     assert_still_serving(&client);
 }
 
+/// A dma-buf one user shared with another was let go of on the closing
+/// thread of the user it was allocated for, and the importer, watching it
+/// with an epoll it holds locked, stalled that user's every close: Alice's
+/// next freed buffer stayed open in the daemon, and after 64 such her
+/// connections were read no further. A file sent to other users is let go
+/// of on a thread of all of them now, and Alice's own closes go on. Found
+/// by review.
+#[test]
+fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_own_closes() {
+    const ALICE: u32 = 65501;
+    if !have_dma_heap() {
+        return;
+    }
+    let Some(fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
+        return;
+    };
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(format!(
+            "[[rule]]\nname = \"root-imports\"\nuser = 0\nimport_from = {{ users = [{ALICE}] }}\n"
+        )),
+        args: [
+            "--dma-heap-dir",
+            "/dev/dma_heap",
+            "--dbus",
+            "none",
+            "--socket-mode",
+            "0666",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    });
+    let mut alice = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
+    let allocated = alice.ok("alloc 8192 heap=system name=shared");
+    let shared = field(&allocated, "id").expect("id").to_owned();
+    let token = field(&alice.ok(&format!("export {shared}")), "token")
+        .expect("token")
+        .to_owned();
+    // The importer (this process, another user) watches it, closes its
+    // copy and frees it; Alice frees it: the daemon's copy is the last, and
+    // its release waits for good.
+    let importer = daemon.client();
+    let imported = importer
+        .import(&token.parse().expect("token"))
+        .expect("import Alice's buffer");
+    let held = HeldEpoll::new(&fuse, imported.as_fd());
+    drop(imported);
+    alice.ok(&format!("free {shared}"));
+    // Alice's own buffer, freed: the daemon lets go of it.
+    let before = daemon.baseline();
+    let own = field(&alice.ok("alloc 8192 heap=system name=own"), "id")
+        .expect("id")
+        .to_owned();
+    alice.ok(&format!("free {own}"));
+    let deadline = Instant::now() + PROMPT;
+    while daemon.fd_count() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = daemon.fd_count();
+    held.let_go(fuse);
+    assert!(
+        left <= before,
+        "Alice's own freed buffer still open in the daemon behind the shared one's release ({left} fds, {before} before)"
+    );
+    assert!(new_client_served(&daemon), "another client was not served");
+    alice.ok("alloc 4096");
+}
+
 /// The same with a device access's completion fence: the daemon keeps the
 /// sync_file a client ended its access with until it signals, and its
 /// release once it has, with the client's copy long closed, was the last.

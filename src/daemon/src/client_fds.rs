@@ -14,6 +14,13 @@
 //! [`MAX_PENDING_PER_UID`] fds waiting to be closed has its connections
 //! read no further until they are (see `connection`), so the fds a client
 //! parks in the daemon stay bounded.
+//!
+//! A file more than one user has held (a buffer one imported from
+//! another, a fence one handed to another's no-autofence client) is let
+//! go of on a thread of those users together ([`Uids`]): each of them can
+//! stall its release, and on any one user's thread one user could stall
+//! another's frees. Such a thread holds up only the closes of files the
+//! same users shared, and its waiting closes count for each of them.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -73,6 +80,51 @@ impl ClientFd {
     }
 }
 
+/// The users whose closing thread lets go of a file: the one who brought
+/// it in and every other it was sent to. Sorted, without repeats, never
+/// empty; one uid is that user's own thread.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Uids(Box<[u32]>);
+
+impl Uids {
+    pub fn of(uid: u32) -> Uids {
+        Uids(Box::new([uid]))
+    }
+
+    /// These and `others`.
+    pub fn with(&self, others: &[u32]) -> Uids {
+        let mut all: Vec<u32> = self.0.iter().chain(others).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        Uids(all.into_boxed_slice())
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        self.0.binary_search(&uid).is_ok()
+    }
+
+    /// More than one user's: a thread such users share.
+    pub fn is_shared(&self) -> bool {
+        self.0.len() > 1
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Uids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, uid) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            write!(f, "{uid}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ClientFd {
     fn drop(&mut self) {
         if let Some(fd) = self.fd.take() {
@@ -93,7 +145,7 @@ enum Lane {
     Sockets,
 }
 
-type Key = (u32, Lane);
+type Key = (Uids, Lane);
 
 /// Closes `fds`, sent by a client of `uid`, on that uid's closing thread.
 pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
@@ -101,22 +153,23 @@ pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
         return;
     }
     hand_over(
-        (uid, Lane::Files),
+        (Uids::of(uid), Lane::Files),
         fds.into_iter().map(|fd| Box::new(fd) as Parcel),
     );
 }
 
-/// Drops `parcel` (a file a client of `uid` has held, or anything holding
-/// one: see `held_files`) on that uid's closing thread. It counts as one
-/// fd waiting to be closed until it is dropped.
-pub fn release_elsewhere(uid: u32, parcel: Parcel) {
-    hand_over((uid, Lane::Files), std::iter::once(parcel));
+/// Drops `parcel` (a file clients of `uids` have held, or anything
+/// holding one: see `held_files`) on those users' closing thread. It
+/// counts as one fd waiting to be closed, for each of them, until it is
+/// dropped.
+pub fn release_elsewhere(uids: Uids, parcel: Parcel) {
+    hand_over((uids, Lane::Files), std::iter::once(parcel));
 }
 
 /// As [`release_elsewhere`], for a connection's socket (or what holds
 /// it), on the uid's thread for sockets.
 pub fn release_socket_elsewhere(uid: u32, parcel: Parcel) {
-    hand_over((uid, Lane::Sockets), std::iter::once(parcel));
+    hand_over((Uids::of(uid), Lane::Sockets), std::iter::once(parcel));
 }
 
 /// What a closing thread drops.
@@ -124,7 +177,7 @@ pub type Parcel = Box<dyn Send>;
 
 fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     let mut queues = queues();
-    let queue = queues.entry(key).or_default();
+    let queue = queues.entry(key.clone()).or_default();
     let before = queue.fds.len();
     queue.fds.extend(parcels);
     PENDING.fetch_add(queue.fds.len() - before, Ordering::AcqRel);
@@ -138,27 +191,53 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     // of a client's file could stall every client. They count as waiting
     // meanwhile, which holds the uid's connections back once there are
     // enough.
-    if let Err(err) = start_thread(key, queue) {
+    if let Err(err) = start_thread(&mut queues, &key) {
         // Once a minute at most: past the bound, every hand-over fails so.
         static NO_THREAD: crate::logging::Throttle =
             crate::logging::Throttle::new(std::time::Duration::from_secs(60));
         if let Some(held_back) = NO_THREAD.admit(std::time::Instant::now()) {
-            tracing::warn!(%err, uid = key.0, held_back, "no thread to close a client's fds on yet");
+            tracing::warn!(%err, uids = %key.0, held_back, "no thread to close a client's fds on yet");
         }
     }
 }
 
-/// Closing threads at most, stuck ones included: each user has two, and a
-/// user who stalls its own only keeps those. Past the bound a queue waits
-/// for a thread (its parcels counted, holding its uid's connections back
-/// at the bound) until one ends.
+/// Closing threads at most, stuck ones included: each user has two, and
+/// threads it shares with users it shared files with (at most
+/// [`MAX_SHARED_THREADS_PER_UID`]); a user who stalls threads only keeps
+/// those. Past the bound a queue waits for a thread (its parcels counted,
+/// holding its users' connections back at the bound) until one ends.
 const MAX_CLOSING_THREADS: usize = 512;
+
+/// Threads shared with other users (see [`Uids`]) one user can be among
+/// at once. A user who stalls every file it is sent could otherwise take
+/// a thread per set of users it shares with; past this, such a set's
+/// closes wait for one of its users' shared threads to end.
+const MAX_SHARED_THREADS_PER_UID: usize = 4;
 
 /// Closing threads running or lingering.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Starts the closing thread of `key`'s queue.
-fn start_thread(key: Key, queue: &mut Queue) -> std::io::Result<()> {
+/// Starts the closing thread of `key`'s queue (which must be there).
+fn start_thread(queues: &mut HashMap<Key, Queue>, key: &Key) -> std::io::Result<()> {
+    if key.0.is_shared() {
+        if let Some(uid) = key
+            .0
+            .as_slice()
+            .iter()
+            .copied()
+            .find(|&uid| shared_threads_of(queues, uid) >= MAX_SHARED_THREADS_PER_UID)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "uid {uid} is already among {MAX_SHARED_THREADS_PER_UID} closing threads shared with other users"
+                ),
+            ));
+        }
+    }
+    let Some(queue) = queues.get_mut(key) else {
+        return Ok(());
+    };
     if THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_CLOSING_THREADS {
         THREADS.fetch_sub(1, Ordering::AcqRel);
         return Err(std::io::Error::new(
@@ -166,10 +245,11 @@ fn start_thread(key: Key, queue: &mut Queue) -> std::io::Result<()> {
             format!("{MAX_CLOSING_THREADS} closing threads already run"),
         ));
     }
+    let thread_key = key.clone();
     let spawned = std::thread::Builder::new()
         .name("dmabroker-fdclose".into())
         .spawn(move || {
-            close_all_of(key);
+            close_all_of(&thread_key);
             THREADS.fetch_sub(1, Ordering::AcqRel);
             // Its place may be what a waiting queue needs.
             start_stalled_threads();
@@ -186,11 +266,28 @@ fn start_thread(key: Key, queue: &mut Queue) -> std::io::Result<()> {
 /// their uids' parcels wait for one (see [`hand_over`]).
 pub fn start_stalled_threads() {
     let mut queues = queues();
-    for (&key, queue) in queues.iter_mut() {
-        if !queue.closing && !queue.fds.is_empty() && start_thread(key, queue).is_err() {
-            return;
+    let stalled: Vec<Key> = queues
+        .iter()
+        .filter(|(_, queue)| !queue.closing && !queue.fds.is_empty())
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in stalled {
+        match start_thread(&mut queues, &key) {
+            Ok(()) => {}
+            // That set's users are among enough shared threads: another
+            // set's may still start.
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock && key.0.is_shared() => {}
+            Err(_) => return,
         }
     }
+}
+
+/// Shared closing threads `uid` is among, running or lingering.
+fn shared_threads_of(queues: &HashMap<Key, Queue>, uid: u32) -> usize {
+    queues
+        .iter()
+        .filter(|(key, queue)| queue.closing && key.0.is_shared() && key.0.contains(uid))
+        .count()
 }
 
 /// Wakes closing threads lingering for more (see [`close_all_of`]).
@@ -204,16 +301,16 @@ fn more() -> &'static Condvar {
 /// broker's thread.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Fds of `uid` waiting to be closed, the one being closed included.
+/// Fds of `uid` waiting to be closed, the one being closed included:
+/// those of files it shared with other users too.
 pub fn pending(uid: u32) -> usize {
     if PENDING.load(Ordering::Acquire) == 0 {
         return 0;
     }
-    let queues = queues();
-    [Lane::Files, Lane::Sockets]
+    queues()
         .iter()
-        .filter_map(|lane| queues.get(&(uid, *lane)))
-        .map(|q| q.fds.len() + usize::from(q.in_hand))
+        .filter(|((uids, _), _)| uids.contains(uid))
+        .map(|(_, q)| q.fds.len() + usize::from(q.in_hand))
         .sum()
 }
 
@@ -234,15 +331,15 @@ fn queues() -> MutexGuard<'static, HashMap<Key, Queue>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-/// The closing thread of `uid`: closes its queue, one parcel at a time
+/// The closing thread of `key`: closes its queue, one parcel at a time
 /// and never under the lock, until it has been empty for [`LINGER`].
-fn close_all_of(key: Key) {
+fn close_all_of(key: &Key) {
     loop {
         let next = {
             let mut queues = queues();
             let quiet_until = std::time::Instant::now() + LINGER;
             loop {
-                let Some(queue) = queues.get_mut(&key) else {
+                let Some(queue) = queues.get_mut(key) else {
                     return;
                 };
                 if let Some(parcel) = queue.fds.pop_front() {
@@ -251,7 +348,7 @@ fn close_all_of(key: Key) {
                 }
                 let left = quiet_until.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
-                    queues.remove(&key);
+                    queues.remove(key);
                     return;
                 }
                 // Woken for any uid's parcels: looks again, until its own
@@ -266,9 +363,9 @@ fn close_all_of(key: Key) {
         // the uid counted as busy for good.
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(next)));
         if dropped.is_err() {
-            tracing::error!(uid = key.0, "closing a client's file panicked");
+            tracing::error!(uids = %key.0, "closing a client's file panicked");
         }
-        if let Some(queue) = queues().get_mut(&key) {
+        if let Some(queue) = queues().get_mut(key) {
             queue.in_hand = false;
         }
         PENDING.fetch_sub(1, Ordering::AcqRel);
@@ -310,6 +407,57 @@ mod tests {
         assert!(kept_closed());
     }
 
+    /// Stands for a file whose release waits on a lock a client holds:
+    /// its drop waits until the returned sender lets it go.
+    struct StuckRelease(std::sync::mpsc::Receiver<()>);
+
+    impl Drop for StuckRelease {
+        fn drop(&mut self) {
+            let _ = self.0.recv_timeout(std::time::Duration::from_secs(30));
+        }
+    }
+
+    fn stuck_release() -> (Parcel, std::sync::mpsc::Sender<()>) {
+        let (release, stuck) = std::sync::mpsc::channel();
+        (Box::new(StuckRelease(stuck)), release)
+    }
+
+    /// A user who stalls the release of every file it is sent takes one
+    /// thread per set of users it shares with, up to its bound: past it,
+    /// a further set's closes wait for one of its threads to end, and the
+    /// closes of users it shares nothing with go on.
+    #[test]
+    fn a_user_is_among_a_bounded_number_of_shared_closing_threads() {
+        const STALLER: u32 = 4_000_000_030;
+        let partners: Vec<u32> = (1..=MAX_SHARED_THREADS_PER_UID as u32 + 1)
+            .map(|i| STALLER + i)
+            .collect();
+        let mut releases = Vec::new();
+        for &partner in &partners[..MAX_SHARED_THREADS_PER_UID] {
+            let (parcel, release) = stuck_release();
+            release_elsewhere(Uids::of(partner).with(&[STALLER]), parcel);
+            releases.push(release);
+        }
+        let one_more = Uids::of(partners[MAX_SHARED_THREADS_PER_UID]).with(&[STALLER]);
+        let (waiting, waiting_closed) = pipe();
+        release_elsewhere(one_more.clone(), Box::new(waiting));
+        let strangers = Uids::of(STALLER + 100).with(&[STALLER + 101]);
+        let (theirs, theirs_closed) = pipe();
+        release_elsewhere(strangers, Box::new(theirs));
+        eventually("the strangers' file closed", &theirs_closed);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiting_closed(), "a thread past the staller's bound");
+        assert_eq!(pending(STALLER), MAX_SHARED_THREADS_PER_UID + 1);
+        assert_eq!(pending(partners[MAX_SHARED_THREADS_PER_UID]), 1);
+        assert_eq!(pending(partners[0]), 1);
+        // One of its threads gets through and ends (after lingering): the
+        // waiting set's starts.
+        drop(releases.remove(0));
+        eventually("the waiting set's file closed", &waiting_closed);
+        drop(releases);
+        eventually("nothing of the staller's pending", || pending(STALLER) == 0);
+    }
+
     /// Closes of one uid wait behind each other, not behind another uid's.
     #[test]
     fn a_uid_whose_close_waits_holds_up_only_its_own() {
@@ -323,7 +471,7 @@ mod tests {
         {
             let mut queues = queues();
             PENDING.fetch_add(1, Ordering::AcqRel);
-            let queue = queues.entry((STUCK, Lane::Files)).or_default();
+            let queue = queues.entry((Uids::of(STUCK), Lane::Files)).or_default();
             queue.closing = true;
             queue.fds.push_back(Box::new(stuck_fd));
         }
@@ -331,7 +479,7 @@ mod tests {
         // As `close_all_of`, but its first close waits until released.
         let stuck_thread = std::thread::spawn(move || {
             let first = queues()
-                .get_mut(&(STUCK, Lane::Files))
+                .get_mut(&(Uids::of(STUCK), Lane::Files))
                 .and_then(|q| {
                     q.in_hand = true;
                     q.fds.pop_front()
@@ -340,11 +488,11 @@ mod tests {
             entered.wait();
             let _ = release.recv();
             drop(first);
-            if let Some(q) = queues().get_mut(&(STUCK, Lane::Files)) {
+            if let Some(q) = queues().get_mut(&(Uids::of(STUCK), Lane::Files)) {
                 q.in_hand = false;
             }
             PENDING.fetch_sub(1, Ordering::AcqRel);
-            close_all_of((STUCK, Lane::Files));
+            close_all_of(&(Uids::of(STUCK), Lane::Files));
         });
         stuck.wait();
         let (queued, queued_closed) = pipe();

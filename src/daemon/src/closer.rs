@@ -13,6 +13,8 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use crate::client_fds::Uids;
+
 /// Buffers of this size or more are closed on the closer's thread.
 pub const CLOSE_APART_BYTES: u64 = 1 << 20;
 
@@ -50,7 +52,7 @@ pub fn close_elsewhere(owner: impl Send + 'static) {
 pub struct CloseTicket(u64);
 
 /// Closes handed elsewhere and not done, by ticket number, each with the
-/// uid whose closing thread has it (`None`: the closer's) and `true` once
+/// users whose closing thread has it (`None`: the closer's) and `true` once
 /// an allocation has waited its whole [`EARLIER_CLOSES_WAIT`] for it. A
 /// close that takes that long is stuck (its file's release waits on a
 /// lock a client holds, see `held_files`), and its pages will not come
@@ -60,8 +62,8 @@ pub struct CloseTicket(u64);
 #[derive(Debug, Default)]
 struct Tickets {
     next: u64,
-    open: BTreeMap<u64, (Option<u32>, bool)>,
-    stuck: std::collections::HashSet<Option<u32>>,
+    open: BTreeMap<u64, (Option<Uids>, bool)>,
+    stuck: std::collections::HashSet<Option<Uids>>,
 }
 
 fn tickets() -> (MutexGuard<'static, Tickets>, &'static Condvar) {
@@ -75,12 +77,13 @@ pub fn ticket() -> CloseTicket {
     new_ticket(None)
 }
 
-/// A ticket for a close about to be handed to `uid`'s closing thread.
-pub fn ticket_of(uid: u32) -> CloseTicket {
-    new_ticket(Some(uid))
+/// A ticket for a close about to be handed to the closing thread of
+/// `uids` (see `client_fds::Uids`).
+pub fn ticket_of(uids: Uids) -> CloseTicket {
+    new_ticket(Some(uids))
 }
 
-fn new_ticket(thread: Option<u32>) -> CloseTicket {
+fn new_ticket(thread: Option<Uids>) -> CloseTicket {
     let (mut tickets, _) = tickets();
     let number = tickets.next;
     tickets.next += 1;
@@ -99,15 +102,15 @@ impl Drop for CloseTicket {
     }
 }
 
-/// Closes handed (or about to be handed) to `uid`'s closing thread and
-/// not done yet (tests: a uid of their own sees only theirs).
+/// Closes handed (or about to be handed) to a closing thread `uid` is
+/// among and not done yet (tests: a uid of their own sees only theirs).
 #[cfg(test)]
 pub fn open_tickets_of(uid: u32) -> usize {
     let (tickets, _) = tickets();
     tickets
         .open
         .values()
-        .filter(|(thread, _)| *thread == Some(uid))
+        .filter(|(thread, _)| thread.as_ref().is_some_and(|t| t.contains(uid)))
         .count()
 }
 
@@ -140,7 +143,7 @@ fn wait_for_earlier_closes_within(limit: Duration) {
         for number in stuck {
             if let Some((thread, waited_out)) = tickets.open.get_mut(&number) {
                 *waited_out = true;
-                let thread = *thread;
+                let thread = thread.clone();
                 tickets.stuck.insert(thread);
             }
         }
@@ -268,7 +271,7 @@ mod tests {
     #[test]
     fn a_stuck_close_is_waited_out_once() {
         let _turn = waiting_turn();
-        let stuck = ticket_of(4_000_000_021);
+        let stuck = ticket_of(Uids::of(4_000_000_021));
         let first = std::time::Instant::now();
         wait_for_earlier_closes_within(Duration::from_millis(300));
         assert!(first.elapsed() >= Duration::from_millis(300));
@@ -277,8 +280,8 @@ mod tests {
             .expect("a later allocation waited again for the stuck close");
         // A close queued behind it on the same (stuck) thread is not waited
         // for either; one on another thread is.
-        let behind = ticket_of(4_000_000_021);
-        let elsewhere = ticket_of(4_000_000_022);
+        let behind = ticket_of(Uids::of(4_000_000_021));
+        let elsewhere = ticket_of(Uids::of(4_000_000_022));
         let done = waiting_elsewhere(Duration::from_secs(30));
         assert!(
             done.recv_timeout(Duration::from_millis(200)).is_err(),

@@ -11,7 +11,11 @@
 //! So the daemon's copies of such files are [`HeldFd`]s that know where
 //! they are let go of: on a closing thread of the uid that brought the
 //! file in (see `client_fds`), where a release that waits for good holds
-//! up only that uid.
+//! up only that uid. Once the file is sent to a client of another uid
+//! (an import, a fence handed to a no-autofence client), that user can
+//! stall its release as well, and it is let go of on a thread of all the
+//! users it was sent to instead ([`HeldFd::sent_to`]): on the first
+//! user's own, the second could stall every close of the first.
 //!
 //! A memfd cannot be watched with epoll (it has no poll), nor can a file
 //! the daemon made and has not sent yet: those close where they drop,
@@ -19,7 +23,9 @@
 //! (`closer`), since that takes time in proportion to them.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::client_fds::Uids;
 
 /// Where a [`HeldFd`]'s file is let go of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,8 +36,10 @@ pub enum Release {
     /// thread when big.
     Pages { size: u64 },
     /// On the closing thread of `uid`: a pollable file a client of `uid`
-    /// brought in or was given. `buffer`: a buffer's dma-buf, whose pages
-    /// a device allocation may be waiting for (`closer::CloseTicket`).
+    /// brought in or was given (and of every other uid it was since sent
+    /// to, see [`HeldFd::sent_to`]). `buffer`: a buffer's dma-buf, whose
+    /// pages a device allocation may be waiting for
+    /// (`closer::CloseTicket`).
     OnThreadOf { uid: u32, buffer: bool },
 }
 
@@ -46,6 +54,9 @@ pub struct HeldFd {
     /// Its close ticket, when taken before the drop (see
     /// [`HeldFd::take_close_ticket`]).
     ticket: OnceLock<crate::closer::CloseTicket>,
+    /// Other uids than the release's its file was sent to (see
+    /// [`HeldFd::sent_to`]).
+    others: Mutex<Vec<u32>>,
 }
 
 /// A wait made on a closing thread before a close.
@@ -58,6 +69,7 @@ impl std::fmt::Debug for HeldFd {
             .field("release", &self.release)
             .field("waits_first", &self.first.get().is_some())
             .field("ticket", &self.ticket.get())
+            .field("others", &self.others())
             .finish()
     }
 }
@@ -69,6 +81,40 @@ impl HeldFd {
             release,
             first: OnceLock::new(),
             ticket: OnceLock::new(),
+            others: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Notes that the file is being sent to a client of `uid` (before the
+    /// send: once it has it, it can watch it). A file let go of on a
+    /// closing thread is from then on let go of on the thread of every
+    /// uid it was sent to together; others are not watched by clients.
+    pub fn sent_to(&self, uid: u32) {
+        let Release::OnThreadOf { uid: first, .. } = self.release else {
+            return;
+        };
+        if uid == first {
+            return;
+        }
+        let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(at) = others.binary_search(&uid) {
+            others.insert(at, uid);
+        }
+    }
+
+    fn others(&self) -> Vec<u32> {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whose closing thread lets go of the file, when it is let go of on
+    /// one.
+    pub fn closing_uids(&self) -> Option<Uids> {
+        match self.release {
+            Release::OnThreadOf { uid, .. } => Some(Uids::of(uid).with(&self.others())),
+            Release::Here | Release::Pages { .. } => None,
         }
     }
 
@@ -89,9 +135,13 @@ impl HeldFd {
     /// close been handed over at the free. The close itself is still made
     /// where the drop hands it (the uid's closing thread), with this
     /// ticket. Only for a buffer's dma-buf; taking it twice changes nothing.
+    /// (A freed buffer is sent to nobody new, so the thread it names is
+    /// the one the close goes to.)
     pub fn take_close_ticket(&self) {
-        if let Release::OnThreadOf { uid, buffer: true } = self.release {
-            let _ = self.ticket.get_or_init(|| crate::closer::ticket_of(uid));
+        if let (Release::OnThreadOf { buffer: true, .. }, Some(uids)) =
+            (self.release, self.closing_uids())
+        {
+            let _ = self.ticket.get_or_init(|| crate::closer::ticket_of(uids));
         }
     }
 
@@ -166,15 +216,16 @@ impl Drop for HeldFd {
             Release::Here => drop(fd),
             Release::Pages { size } => crate::closer::close_buffer(fd, size),
             Release::OnThreadOf { uid, buffer } => {
+                let uids = Uids::of(uid).with(&self.others());
                 let closing = Closing {
                     first: self.first.take(),
                     _fd: fd,
                     _ticket: self
                         .ticket
                         .take()
-                        .or_else(|| buffer.then(|| crate::closer::ticket_of(uid))),
+                        .or_else(|| buffer.then(|| crate::closer::ticket_of(uids.clone()))),
                 };
-                crate::client_fds::release_elsewhere(uid, Box::new(closing));
+                crate::client_fds::release_elsewhere(uids, Box::new(closing));
             }
         }
     }
@@ -220,12 +271,76 @@ mod tests {
         drop(held);
         assert!(!closed(), "closed while a dup was open");
         drop(dup);
+        eventually("closed", &closed);
+        assert_eq!(crate::client_fds::pending(UID), 0);
+    }
+
+    fn eventually(what: &str, check: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !closed() {
-            assert!(std::time::Instant::now() < deadline, "never closed");
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "never {what}");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(crate::client_fds::pending(UID), 0);
+    }
+
+    /// A file sent to a client of another uid is let go of on a thread of
+    /// both uids: while its release waits, the closes of the uid that
+    /// brought it in go on, and it counts as waiting for both.
+    #[test]
+    fn a_file_sent_to_another_uid_is_let_go_of_on_a_thread_of_both() {
+        const ALICE: u32 = 4_000_000_012;
+        const BOB: u32 = 4_000_000_013;
+        let (fd, closed) = pipe();
+        let shared = HeldFd::new(
+            fd,
+            Release::OnThreadOf {
+                uid: ALICE,
+                buffer: false,
+            },
+        );
+        shared.sent_to(BOB);
+        shared.sent_to(ALICE);
+        assert_eq!(shared.closing_uids(), Some(Uids::of(ALICE).with(&[BOB])));
+        // Stands for a release that waits on a lock Bob holds.
+        let entered = Arc::new(std::sync::Barrier::new(2));
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let release = Mutex::new(release);
+        let inside = Arc::clone(&entered);
+        shared.first_wait_for(Box::new(move || {
+            inside.wait();
+            let _ = release
+                .lock()
+                .map(|r| r.recv_timeout(std::time::Duration::from_secs(30)));
+        }));
+        drop(shared);
+        entered.wait();
+        let (own, own_closed) = pipe();
+        drop(HeldFd::new(
+            own,
+            Release::OnThreadOf {
+                uid: ALICE,
+                buffer: false,
+            },
+        ));
+        eventually("Alice's own file closed", &own_closed);
+        assert!(!closed());
+        assert_eq!(crate::client_fds::pending(ALICE), 1);
+        assert_eq!(crate::client_fds::pending(BOB), 1);
+        release_tx.send(()).expect("release");
+        eventually("the shared file closed", &closed);
+        eventually("nothing pending", || {
+            crate::client_fds::pending(ALICE) + crate::client_fds::pending(BOB) == 0
+        });
+    }
+
+    /// Files the daemon lets go of in place are nobody's to stall, sent
+    /// or not.
+    #[test]
+    fn a_file_let_go_of_in_place_names_no_closing_thread() {
+        let (fd, _) = pipe();
+        let here = HeldFd::from(fd);
+        here.sent_to(7);
+        assert_eq!(here.closing_uids(), None);
     }
 
     /// A file only the daemon has held closes where it drops.

@@ -224,7 +224,7 @@ impl State {
             let word = has_word.then(|| WordState::inherited(fd.as_fd(), buffer.size));
             // Let go of on its owner's thread, as when it was allocated
             // (u32::MAX, a uid an older daemon did not record, is a
-            // thread of its own).
+            // thread of its own), shared with its other holders' users.
             let owner_uid = buffer
                 .holders
                 .iter()
@@ -232,6 +232,10 @@ impl State {
                 .map_or(u32::MAX, |h| h.uid);
             let origin = origin_of(buffer.origin);
             let fd = HeldFd::new(fd, origin.release(buffer.size, owner_uid));
+            // Every recorded holder has the file, and can stall its release.
+            for holder in buffer.holders.iter().filter(|h| h.uid != u32::MAX) {
+                fd.sent_to(holder.uid);
+            }
             self.buffers.insert(
                 buffer.id,
                 BufferEntry {

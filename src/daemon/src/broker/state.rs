@@ -564,6 +564,11 @@ impl State {
             }
             fds = Vec::new();
         }
+        // Once the client has a file, it can stall its release: let go of
+        // on a thread of its user's too (`held_files`).
+        for fd in &fds {
+            fd.sent_to(entry.peer.accountable_uid);
+        }
         let sent = match message {
             ServerMessage::Event(_) => entry.outbox.send_event(&self.encoded),
             ServerMessage::Reply(_) => entry.outbox.send(&self.encoded, fds),
