@@ -181,6 +181,7 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
         queues, pending, ..
     } = &mut *closes;
     let queue = queues.entry(key.clone()).or_default();
+    let was_idle = queue.fds.is_empty() && !queue.in_hand;
     let before = queue.fds.len();
     queue.fds.extend(parcels);
     let added = queue.fds.len() - before;
@@ -188,20 +189,44 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
         *pending.entry(*uid).or_default() += added;
     }
     PENDING.fetch_add(added, Ordering::AcqRel);
-    if queue.closing {
+    let (closing, waiting) = (queue.closing, queue.waiting);
+    if waiting {
+        // In line already; tried again now, since what refused it may be
+        // gone (a thread that could not be spawned).
+        let wake = start_waiting(&mut closes);
+        drop(closes);
+        if wake {
+            more().notify_all();
+        }
+        return;
+    }
+    if closing {
+        // An idle thread of a shared set about to go busy counts as a new
+        // one against its users' bound (see `MAX_SHARED_THREADS_PER_UID`).
+        if was_idle && key.0.is_shared() && !may_go_busy(&closes.queues, &key) {
+            wait_in_line(&mut closes, key);
+            return;
+        }
+        drop(closes);
         // Its thread may be lingering for more.
         more().notify_all();
         return;
     }
-    if queue.waiting {
-        // In line for a thread already.
+    // Kept, if no thread can be had, and tried again when one ends or
+    // goes idle, at the next hand-over to it (or by
+    // `start_stalled_threads`): closed here, the release of a client's
+    // file could stall every client. They count as waiting meanwhile,
+    // which holds their users' connections back once there are enough.
+    // Queues in line go first.
+    if !closes.waiting.is_empty() {
+        wait_in_line(&mut closes, key);
+        let wake = start_waiting(&mut closes);
+        drop(closes);
+        if wake {
+            more().notify_all();
+        }
         return;
     }
-    // Kept, if no thread can be had, and tried again when one ends or
-    // goes idle (or by `start_stalled_threads`): closed here, the release
-    // of a client's file could stall every client. They count as waiting
-    // meanwhile, which holds their users' connections back once there
-    // are enough.
     if let Err(err) = start_thread(&mut closes, &key) {
         wait_in_line(&mut closes, key.clone());
         // Once a minute at most: past the bound, every hand-over fails so.
@@ -213,7 +238,8 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     }
 }
 
-/// Puts `key`'s queue in line for a thread.
+/// Puts `key`'s queue in line for a thread (or, its thread idle, for
+/// leave to go busy).
 fn wait_in_line(closes: &mut Closes, key: Key) {
     if let Some(queue) = closes.queues.get_mut(&key) {
         queue.waiting = true;
@@ -235,39 +261,56 @@ const MAX_CLOSING_THREADS: usize = 512;
 /// so a set gets a thread while any one of its users is under this: a
 /// user sharing with a staller is not held up in what it shares with
 /// others, and a staller gets more threads only with users it has not
-/// stalled four of yet. Idle threads do not count: a thread busy with
-/// frees is not stuck, and a set waiting behind idle threads would wait
-/// for their lingering to end.
+/// stalled four of yet. Idle threads do not count (a thread busy with
+/// frees now and then is not stuck, and a set waiting behind idle threads
+/// would wait for their lingering to end), but an idle one going busy
+/// again is held to the bound as a new one would be.
 const MAX_SHARED_THREADS_PER_UID: usize = 4;
 
 /// Closing threads running or lingering.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Starts the closing thread of `key`'s queue (which must be there).
-fn start_thread(closes: &mut Closes, key: &Key) -> std::io::Result<()> {
-    if key.0.is_shared()
-        && key
+/// Why a closing thread was not started.
+#[derive(Debug, thiserror::Error)]
+enum NoThread {
+    #[error("each of uids {0} is among {MAX_SHARED_THREADS_PER_UID} busy closing threads shared with other users")]
+    SharedBound(Uids),
+    #[error("{MAX_CLOSING_THREADS} closing threads already run")]
+    Bound,
+    #[error("cannot start a closing thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Whether `key`'s queue may have a busy thread: it is one user's, or one
+/// of its users is among fewer busy shared threads (its own not counted)
+/// than the bound.
+fn may_go_busy(queues: &HashMap<Key, Queue>, key: &Key) -> bool {
+    !key.0.is_shared()
+        || key
             .0
             .as_slice()
             .iter()
-            .all(|&uid| busy_shared_threads_of(&closes.queues, uid) >= MAX_SHARED_THREADS_PER_UID)
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::WouldBlock,
-            format!(
-                "each of uids {} is among {MAX_SHARED_THREADS_PER_UID} busy closing threads shared with other users",
-                key.0
-            ),
-        ));
+            .any(|&uid| busy_shared_threads_of(queues, uid, Some(key)) < MAX_SHARED_THREADS_PER_UID)
+}
+
+/// Starts the closing thread of `key`'s queue (which must be there),
+/// within the bounds.
+fn start_thread(closes: &mut Closes, key: &Key) -> Result<(), NoThread> {
+    if !may_go_busy(&closes.queues, key) {
+        return Err(NoThread::SharedBound(key.0.clone()));
     }
+    spawn_thread(closes, key)
+}
+
+/// Starts the closing thread of `key`'s queue, within the bound on
+/// threads; the caller has checked the shared bound.
+fn spawn_thread(closes: &mut Closes, key: &Key) -> Result<(), NoThread> {
     let Some(queue) = closes.queues.get_mut(key) else {
         return Ok(());
     };
     if THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_CLOSING_THREADS {
         THREADS.fetch_sub(1, Ordering::AcqRel);
-        return Err(std::io::Error::other(format!(
-            "{MAX_CLOSING_THREADS} closing threads already run"
-        )));
+        return Err(NoThread::Bound);
     }
     let thread_key = key.clone();
     let spawned = std::thread::Builder::new()
@@ -280,7 +323,7 @@ fn start_thread(closes: &mut Closes, key: &Key) -> std::io::Result<()> {
         });
     if let Err(err) = spawned {
         THREADS.fetch_sub(1, Ordering::AcqRel);
-        return Err(err);
+        return Err(NoThread::Spawn(err));
     }
     queue.closing = true;
     queue.waiting = false;
@@ -288,26 +331,65 @@ fn start_thread(closes: &mut Closes, key: &Key) -> std::io::Result<()> {
 }
 
 /// Tries again, oldest first, to start the closing threads that could not
-/// be started: their users' parcels wait for one (see [`hand_over`]).
+/// be started (and to let idle ones held back go busy): their users'
+/// parcels wait for one (see [`hand_over`]).
 pub fn start_stalled_threads() {
     let mut closes = closes();
     if closes.waiting.is_empty() {
         return;
     }
+    let wake = start_waiting(&mut closes);
+    drop(closes);
+    if wake {
+        more().notify_all();
+    }
+}
+
+/// [`start_stalled_threads`] under the lock: `true` if an idle thread was
+/// let go busy and must be woken. The busy shared threads are counted
+/// once (a queue in line is not busy), not once per set in line.
+fn start_waiting(closes: &mut Closes) -> bool {
+    let mut busy = busy_shared_counts(&closes.queues);
+    let may_go_busy = |busy: &HashMap<u32, usize>, key: &Key| {
+        !key.0.is_shared()
+            || key
+                .0
+                .as_slice()
+                .iter()
+                .any(|uid| busy.get(uid).copied().unwrap_or(0) < MAX_SHARED_THREADS_PER_UID)
+    };
+    let gone_busy = |busy: &mut HashMap<u32, usize>, key: &Key| {
+        if key.0.is_shared() {
+            for uid in key.0.as_slice() {
+                *busy.entry(*uid).or_default() += 1;
+            }
+        }
+    };
+    let mut wake = false;
     let mut still = VecDeque::new();
     while let Some(key) = closes.waiting.pop_front() {
         let Some(queue) = closes.queues.get_mut(&key) else {
             continue;
         };
-        if queue.closing || queue.fds.is_empty() {
+        if queue.fds.is_empty() {
             queue.waiting = false;
             continue;
         }
-        match start_thread(&mut closes, &key) {
-            Ok(()) => {}
+        if !may_go_busy(&busy, &key) {
             // Every user of that set is busy enough: another set may
-            // still start.
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => still.push_back(key),
+            // still go.
+            still.push_back(key);
+            continue;
+        }
+        if queue.closing {
+            // An idle thread held back from going busy.
+            queue.waiting = false;
+            wake = true;
+            gone_busy(&mut busy, &key);
+            continue;
+        }
+        match spawn_thread(closes, &key) {
+            Ok(()) => gone_busy(&mut busy, &key),
             Err(_) => {
                 still.push_back(key);
                 break;
@@ -316,18 +398,35 @@ pub fn start_stalled_threads() {
     }
     still.append(&mut closes.waiting);
     closes.waiting = still;
+    wake
 }
 
-/// Busy closing threads `uid` shares with other users: with a parcel in
-/// hand or waiting.
-fn busy_shared_threads_of(queues: &HashMap<Key, Queue>, uid: u32) -> usize {
+/// Busy closing threads shared with other users, by user (see
+/// [`busy_shared_threads_of`]).
+fn busy_shared_counts(queues: &HashMap<Key, Queue>) -> HashMap<u32, usize> {
+    let mut counts = HashMap::new();
+    for (key, queue) in queues {
+        if key.0.is_shared() && is_busy(queue) {
+            for uid in key.0.as_slice() {
+                *counts.entry(*uid).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// A thread with a parcel in hand, or one it may take.
+fn is_busy(queue: &Queue) -> bool {
+    queue.closing && (queue.in_hand || (!queue.fds.is_empty() && !queue.waiting))
+}
+
+/// Busy closing threads `uid` shares with other users (with a parcel in
+/// hand or one it may take), `except` that one's.
+fn busy_shared_threads_of(queues: &HashMap<Key, Queue>, uid: u32, except: Option<&Key>) -> usize {
     queues
         .iter()
         .filter(|(key, queue)| {
-            queue.closing
-                && (queue.in_hand || !queue.fds.is_empty())
-                && key.0.is_shared()
-                && key.0.contains(uid)
+            is_busy(queue) && key.0.is_shared() && key.0.contains(uid) && Some(*key) != except
         })
         .count()
 }
@@ -392,13 +491,21 @@ fn close_all_of(key: &Key) {
                 let Some(queue) = closes.queues.get_mut(key) else {
                     return;
                 };
-                if let Some(parcel) = queue.fds.pop_front() {
-                    queue.in_hand = true;
-                    break parcel;
+                // Not while in line: held back from going busy.
+                if !queue.waiting {
+                    if let Some(parcel) = queue.fds.pop_front() {
+                        queue.in_hand = true;
+                        break parcel;
+                    }
                 }
                 let left = quiet_until.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
-                    closes.queues.remove(key);
+                    if queue.fds.is_empty() {
+                        closes.queues.remove(key);
+                    } else {
+                        // Its parcels stay in line for a thread of their own.
+                        queue.closing = false;
+                    }
                     return;
                 }
                 // Woken for any uid's parcels: looks again, until its own
@@ -542,7 +649,7 @@ mod tests {
         const STALLER: u32 = 4_000_000_031;
         const OUTSIDER: u32 = 4_000_000_032;
         let sets: Vec<Uids> = (0..MAX_SHARED_THREADS_PER_UID as u32)
-            .map(|i| pair(VICTIM, STALLER).with(&[STALLER + 10 + i]))
+            .map(|i| pair(VICTIM, STALLER).with(&[STALLER + 100 + i]))
             .collect();
         let releases = stall(&sets);
         let (theirs, theirs_closed) = pipe();
@@ -596,5 +703,65 @@ mod tests {
         for uid in [S, X1, X2] {
             eventually("nothing pending", || pending(uid) == 0);
         }
+    }
+
+    /// A shared set's thread that went idle, going busy again, is held to
+    /// the bound as a new thread would be: a staller could otherwise open
+    /// threads with quick closes and stall them all within their linger.
+    /// Found by review.
+    #[test]
+    fn an_idle_shared_thread_going_busy_is_held_to_the_bound() {
+        const S: u32 = 4_000_000_070;
+        const X: u32 = 4_000_000_071;
+        const OTHERS: u32 = 4_000_000_080;
+        let (quick, quick_closed) = pipe();
+        release_elsewhere(pair(S, X), Box::new(quick));
+        eventually("the quick close", &quick_closed);
+        eventually("nothing of S's pending", || pending(S) == 0);
+        // Its thread lingers idle; S and X go to the bound elsewhere.
+        let sets: Vec<Uids> = (0..MAX_SHARED_THREADS_PER_UID as u32)
+            .flat_map(|i| [pair(S, OTHERS + i), pair(X, OTHERS + 10 + i)])
+            .collect();
+        let mut releases = stall(&sets);
+        let (later, later_closed) = pipe();
+        release_elsewhere(pair(S, X), Box::new(later));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!later_closed(), "an idle thread went busy past the bound");
+        {
+            let closes = closes();
+            assert_eq!(
+                (
+                    busy_shared_threads_of(&closes.queues, S, None),
+                    busy_shared_threads_of(&closes.queues, X, None)
+                ),
+                (MAX_SHARED_THREADS_PER_UID, MAX_SHARED_THREADS_PER_UID)
+            );
+        }
+        // One of S's gets through: the set may go busy.
+        drop(releases.remove(0));
+        eventually("the later close", &later_closed);
+        drop(releases);
+        for uid in [S, X] {
+            eventually("nothing pending", || pending(uid) == 0);
+        }
+    }
+
+    /// A queue refused a thread (no thread could be spawned) is tried again
+    /// at the next hand-over to it, not only when some other thread ends.
+    /// Found by review.
+    #[test]
+    fn a_queue_refused_a_thread_is_tried_again_at_its_next_hand_over() {
+        const UID: u32 = 4_000_000_090;
+        // Stands for a spawn that fails: the bound on threads reached.
+        THREADS.fetch_add(MAX_CLOSING_THREADS, Ordering::AcqRel);
+        let (first, first_closed) = pipe();
+        close_elsewhere(UID, vec![first]);
+        THREADS.fetch_sub(MAX_CLOSING_THREADS, Ordering::AcqRel);
+        assert!(!first_closed());
+        let (second, second_closed) = pipe();
+        close_elsewhere(UID, vec![second]);
+        eventually("the first fd closed", &first_closed);
+        eventually("the second fd closed", &second_closed);
+        eventually("nothing pending", || pending(UID) == 0);
     }
 }

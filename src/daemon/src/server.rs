@@ -240,8 +240,9 @@ async fn accept_clients(broker: Arc<Broker>, listener: OwnedFd) -> Result<(), Se
                 );
                 while refusals_backed_up() {
                     // A closing thread that could not be started is
-                    // tried again only at its uid's next hand-over, which
-                    // a uid with nothing being served may never make.
+                    // tried again when another ends or goes idle, or at a
+                    // hand-over, which may not come while nobody is
+                    // accepted.
                     crate::client_fds::start_stalled_threads();
                     tokio::time::sleep(ACCEPT_RETRY).await;
                 }
