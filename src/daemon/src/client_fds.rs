@@ -308,6 +308,12 @@ fn spawn_thread(closes: &mut Closes, key: &Key) -> Result<(), NoThread> {
     let Some(queue) = closes.queues.get_mut(key) else {
         return Ok(());
     };
+    #[cfg(test)]
+    if tests::spawn_fails_for(&key.0) {
+        return Err(NoThread::Spawn(std::io::Error::from(
+            std::io::ErrorKind::WouldBlock,
+        )));
+    }
     if THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_CLOSING_THREADS {
         THREADS.fetch_sub(1, Ordering::AcqRel);
         return Err(NoThread::Bound);
@@ -366,6 +372,9 @@ fn start_waiting(closes: &mut Closes) -> bool {
         }
     };
     let mut wake = false;
+    // Once a spawn fails, none is tried again this time; idle threads
+    // further in line may still go busy, needing none.
+    let mut can_spawn = true;
     let mut still = VecDeque::new();
     while let Some(key) = closes.waiting.pop_front() {
         let Some(queue) = closes.queues.get_mut(&key) else {
@@ -388,11 +397,15 @@ fn start_waiting(closes: &mut Closes) -> bool {
             gone_busy(&mut busy, &key);
             continue;
         }
+        if !can_spawn {
+            still.push_back(key);
+            continue;
+        }
         match spawn_thread(closes, &key) {
             Ok(()) => gone_busy(&mut busy, &key),
             Err(_) => {
                 still.push_back(key);
-                break;
+                can_spawn = false;
             }
         }
     }
@@ -705,6 +718,27 @@ mod tests {
         }
     }
 
+    /// `s` and `x` each among as many busy shared threads as they may be
+    /// (with users from `others` on), and the thread of their own set
+    /// idle this moment (it lingers for a second): the senders let the
+    /// stalled closes go.
+    fn at_the_bound_with_an_idle_thread(
+        s: u32,
+        x: u32,
+        others: u32,
+    ) -> Vec<std::sync::mpsc::Sender<()>> {
+        let mut own = stall(&[pair(s, x)]);
+        let sets: Vec<Uids> = (0..MAX_SHARED_THREADS_PER_UID as u32)
+            .flat_map(|i| [pair(s, others + i), pair(x, others + 10 + i)])
+            .collect();
+        let releases = stall(&sets);
+        drop(own.remove(0));
+        eventually("their own set's thread idle", || {
+            pending(s) == MAX_SHARED_THREADS_PER_UID
+        });
+        releases
+    }
+
     /// A shared set's thread that went idle, going busy again, is held to
     /// the bound as a new thread would be: a staller could otherwise open
     /// threads with quick closes and stall them all within their linger.
@@ -714,15 +748,7 @@ mod tests {
         const S: u32 = 4_000_000_070;
         const X: u32 = 4_000_000_071;
         const OTHERS: u32 = 4_000_000_080;
-        let (quick, quick_closed) = pipe();
-        release_elsewhere(pair(S, X), Box::new(quick));
-        eventually("the quick close", &quick_closed);
-        eventually("nothing of S's pending", || pending(S) == 0);
-        // Its thread lingers idle; S and X go to the bound elsewhere.
-        let sets: Vec<Uids> = (0..MAX_SHARED_THREADS_PER_UID as u32)
-            .flat_map(|i| [pair(S, OTHERS + i), pair(X, OTHERS + 10 + i)])
-            .collect();
-        let mut releases = stall(&sets);
+        let mut releases = at_the_bound_with_an_idle_thread(S, X, OTHERS);
         let (later, later_closed) = pipe();
         release_elsewhere(pair(S, X), Box::new(later));
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -746,22 +772,78 @@ mod tests {
         }
     }
 
+    /// The uid whose threads cannot be spawned, standing for a
+    /// `pthread_create` that fails (a uid of the test's own, so that no
+    /// other test is touched).
+    static SPAWN_FAILS_FOR: Mutex<Option<u32>> = Mutex::new(None);
+
+    pub(super) fn spawn_fails_for(uids: &Uids) -> bool {
+        SPAWN_FAILS_FOR
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|uid| uids.contains(uid))
+    }
+
+    /// Spawns for `uid` fail until the guard drops. One such test at a time.
+    fn failing_spawns_for(uid: u32) -> impl Drop {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        struct Failing(#[allow(dead_code)] MutexGuard<'static, ()>);
+        impl Drop for Failing {
+            fn drop(&mut self) {
+                *SPAWN_FAILS_FOR.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        *SPAWN_FAILS_FOR.lock().unwrap_or_else(|p| p.into_inner()) = Some(uid);
+        Failing(turn)
+    }
+
     /// A queue refused a thread (no thread could be spawned) is tried again
     /// at the next hand-over to it, not only when some other thread ends.
     /// Found by review.
     #[test]
     fn a_queue_refused_a_thread_is_tried_again_at_its_next_hand_over() {
         const UID: u32 = 4_000_000_090;
-        // Stands for a spawn that fails: the bound on threads reached.
-        THREADS.fetch_add(MAX_CLOSING_THREADS, Ordering::AcqRel);
+        let failing = failing_spawns_for(UID);
         let (first, first_closed) = pipe();
         close_elsewhere(UID, vec![first]);
-        THREADS.fetch_sub(MAX_CLOSING_THREADS, Ordering::AcqRel);
+        std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!first_closed());
+        drop(failing);
         let (second, second_closed) = pipe();
         close_elsewhere(UID, vec![second]);
         eventually("the first fd closed", &first_closed);
         eventually("the second fd closed", &second_closed);
         eventually("nothing pending", || pending(UID) == 0);
+    }
+
+    /// An idle shared thread held back for the bound goes busy once it may,
+    /// even behind a queue in line whose thread cannot be spawned: it needs
+    /// no new thread, and lingering out it would lose the one it has.
+    /// Found by review.
+    #[test]
+    fn a_held_back_idle_thread_goes_busy_behind_a_failed_spawn() {
+        const S: u32 = 4_000_000_110;
+        const X: u32 = 4_000_000_111;
+        const OTHERS: u32 = 4_000_000_120;
+        const REFUSED: u32 = 4_000_000_130;
+        let mut releases = at_the_bound_with_an_idle_thread(S, X, OTHERS);
+        let failing = failing_spawns_for(REFUSED);
+        let (refused, refused_closed) = pipe();
+        close_elsewhere(REFUSED, vec![refused]);
+        let (later, later_closed) = pipe();
+        release_elsewhere(pair(S, X), Box::new(later));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!later_closed(), "an idle thread went busy past the bound");
+        drop(releases.remove(0));
+        eventually("the held-back close", &later_closed);
+        assert!(!refused_closed());
+        drop(failing);
+        start_stalled_threads();
+        eventually("the refused uid's close", &refused_closed);
+        drop(releases);
+        for uid in [S, X, REFUSED] {
+            eventually("nothing pending", || pending(uid) == 0);
+        }
     }
 }
