@@ -138,6 +138,9 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
         (".AllocationsRunning", "property", "t"),
         (".CacheSyncsFailed", "property", "t"),
         (".CacheEndsRunning", "property", "t"),
+        (".ListCloses", "method", "-"),
+        (".ClosesWaiting", "property", "t"),
+        (".ClosingThreads", "property", "t"),
     ] {
         assert!(
             has(name, kind, signature),
@@ -149,6 +152,9 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
     assert!(out.contains("a(tssstttata(tstsst)a(ttst)t)"), "{out}");
     // Per client, its allocations in flight: (heap, size, name, age).
     assert!(out.contains("a(ttta(stst))"), "{out}");
+    // Per closing queue: users, lane, waiting, thread, in line, in hand
+    // (µs), held back.
+    assert!(out.contains("a(austbbtb)"), "{out}");
     // No method, property or signal of ours carries a file descriptor.
     let ours: Vec<&str> = out
         .lines()
