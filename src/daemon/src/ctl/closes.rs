@@ -63,11 +63,13 @@ fn users(uids: &[u32]) -> String {
         .join("+")
 }
 
+/// `in line` first: a queue whose thread is idle may wait in line for
+/// leave to go busy again, and closes nothing meanwhile.
 fn thread_cell(q: &CloseQueue) -> String {
-    if q.has_thread {
-        "yes"
-    } else if q.in_line {
+    if q.in_line {
         "in line"
+    } else if q.has_thread {
+        "yes"
     } else {
         "no"
     }
@@ -98,10 +100,15 @@ mod tests {
     #[test]
     fn each_queue_is_a_row_and_none_is_said() {
         assert_eq!(table(&[]), "No closes are waiting.\n");
+        let idle_in_line = CloseQueue {
+            in_hand_us: 0,
+            ..queue(&[1003, 1004], true, true)
+        };
         let text = table(&[
             queue(&[1000], true, false),
             queue(&[1000, 1001], false, true),
             queue(&[1002], false, false),
+            idle_in_line,
         ]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -111,6 +118,7 @@ mod tests {
                 "1000       files        2  yes            1.5ms  no",
                 "1000+1001  files        2  in line            -  yes",
                 "1002       files        2  no                 -  yes",
+                "1003+1004  files        2  in line            -  no",
             ],
             "{text}"
         );

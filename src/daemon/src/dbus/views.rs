@@ -201,9 +201,10 @@ pub struct CloseQueue {
     pub waiting: u64,
     /// A closing thread runs the queue.
     pub has_thread: bool,
-    /// It waits in line for a thread, none could be had yet: each of its
-    /// users is among as many busy shared threads as it may be, or the
-    /// daemon runs as many closing threads as it may.
+    /// It waits in line for a thread, or, its thread idle, for leave to go
+    /// busy again (closing nothing meanwhile): each of its users is among
+    /// as many busy shared threads as it may be, the daemon runs as many
+    /// closing threads as it may, or none could be started.
     pub in_line: bool,
     /// How long the close in hand has been going on; 0 when none is in
     /// hand. One that keeps growing is stuck.
