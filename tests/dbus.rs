@@ -138,6 +138,9 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
         (".AllocationsRunning", "property", "t"),
         (".CacheSyncsFailed", "property", "t"),
         (".CacheEndsRunning", "property", "t"),
+        (".ListCloses", "method", "-"),
+        (".ClosesWaiting", "property", "t"),
+        (".ClosingThreads", "property", "t"),
     ] {
         assert!(
             has(name, kind, signature),
@@ -149,6 +152,9 @@ fn introspection_shows_the_versioned_interface_and_no_fds() {
     assert!(out.contains("a(tssstttata(tstsst)a(ttst)t)"), "{out}");
     // Per client, its allocations in flight: (heap, size, name, age).
     assert!(out.contains("a(ttta(stst))"), "{out}");
+    // Per closing queue: users, lane, waiting, thread, in line, in hand
+    // (µs), held back.
+    assert!(out.contains("a(austbbtb)"), "{out}");
     // No method, property or signal of ours carries a file descriptor.
     let ours: Vec<&str> = out
         .lines()
@@ -1403,4 +1409,145 @@ fn allocations_in_flight_are_shown_until_they_are_answered() {
     assert_eq!(json[0]["allocations_in_flight"]["count"], 0);
     let top = ok(bus.ctl(&["top", "-n", "1"]), "top -n 1");
     assert!(top.contains("allocating 0 (0 B)\n"), "{top}");
+}
+
+/// A client's file whose close never returns (a FUSE file whose FLUSH
+/// nobody answers, sent to be adopted: refused, the daemon closes its
+/// copy on the closing thread of the client's user, which waits for good)
+/// is shown: `ListCloses` lists that user's files queue with a thread and
+/// the close in hand, its age growing; `ClosesWaiting` and
+/// `ClosingThreads` count it; `dmabrokerctl closes` and `status` say so.
+/// Once the FUSE server is gone the close returns and the queue is listed
+/// no more. Before these members, a user whose clients hung behind a
+/// stuck close could be told apart only in the log. Needs root, for FUSE.
+#[test]
+fn a_stuck_close_is_shown_until_it_returns() {
+    use dmabroker_suite::fuse::{Stall, StallingFuse};
+    const ALICE: u32 = 65501;
+    if !have_root("a stuck close shown over D-Bus") {
+        return;
+    }
+    let bus = DbusDaemon::start();
+    let mut args = bus.daemon_args();
+    args.extend(["--socket-mode".to_owned(), "0666".to_owned()]);
+    let daemon = Daemon::start_with(DaemonOptions {
+        args,
+        ..Default::default()
+    });
+    bus.wait_for_daemon();
+    // The client opens the FUSE file, never this process: each busctl and
+    // dmabrokerctl started here would close a copy of it at its exec, and
+    // wait for that FLUSH too. The client keeps its own copy open, so only
+    // the daemon's close waits. Declared before the server so that it is
+    // dropped after it (whatever the outcome): its copy's close at exit
+    // then fails at once instead of waiting for good.
+    let mut client = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
+    let Some(mut fuse) = StallingFuse::mount("a stuck close shown over D-Bus", Stall::Flush) else {
+        return;
+    };
+    let refused = client.cmd(&format!("adopt-file {}", fuse.file().display()));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.starts_with("err not-a-dma-buf")),
+        "{refused:?}"
+    );
+    // The daemon's close of its copy, in hand on ALICE's closing thread.
+    fuse.await_flush();
+
+    // (users, lane, waiting, has_thread, in_line, in_hand_us, held_back)
+    let alices = || -> Option<Value> {
+        bus.method("ListCloses", &[])
+            .as_array()
+            .expect("ListCloses: a list")
+            .iter()
+            .find(|q| q[0] == serde_json::json!([ALICE]) && q[1] == "files")
+            .cloned()
+    };
+    let queue = alices().expect("ALICE's files queue listed");
+    assert!(queue[2].as_u64().is_some_and(|n| n >= 1), "{queue}");
+    assert_eq!(queue[3], true, "a thread runs it: {queue}");
+    assert_eq!(queue[4], false, "not in line: {queue}");
+    assert_eq!(
+        queue[6], false,
+        "one close is no reason to hold back: {queue}"
+    );
+    let in_hand = queue[5].as_u64().expect("in_hand_us");
+    assert!(in_hand > 0, "{queue}");
+    eventually("the close in hand to age", || {
+        alices().and_then(|q| q[5].as_u64()) > Some(in_hand)
+    });
+    assert!(bus.counter("ClosesWaiting") >= 1);
+    assert!(bus.counter("ClosingThreads") >= 1);
+    // Its user's clients are served meanwhile.
+    client.ok("heaps");
+
+    // dmabrokerctl: the table, the JSON and the status line.
+    let table = ok(bus.ctl(&["closes"]), "closes");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["USERS", "LANE", "WAITING", "THREAD", "IN", "HAND", "FOR", "HELD", "BACK"],
+        "{table}"
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with(&format!("{ALICE} ")))
+        .unwrap_or_else(|| panic!("no row of uid {ALICE} in:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.len(), 6, "{table}");
+    assert_eq!(row[1], "files", "{table}");
+    assert!(row[2].parse::<u64>().is_ok_and(|n| n >= 1), "{table}");
+    assert_eq!((row[3], row[5]), ("yes", "no"), "{table}");
+    assert_ne!(row[4], "-", "a close in hand has an age: {table}");
+    let json: Value = serde_json::from_str(&ok(bus.ctl(&["--json", "closes"]), "closes --json"))
+        .expect("closes JSON");
+    let mine = json
+        .as_array()
+        .expect("closes JSON: a list")
+        .iter()
+        .find(|q| q["users"] == serde_json::json!([ALICE]) && q["lane"] == "files")
+        .unwrap_or_else(|| panic!("no queue of uid {ALICE} in {json}"));
+    assert_eq!(mine["has_thread"], true, "{json}");
+    assert!(mine["in_hand_us"].as_u64() > Some(0), "{json}");
+    let status = ok(bus.ctl(&["status"]), "status");
+    let closes_line: Vec<&str> = status
+        .lines()
+        .find(|l| l.starts_with("Closes:"))
+        .unwrap_or_else(|| panic!("no Closes line in:\n{status}"))
+        .split_whitespace()
+        .collect();
+    // Closes: N waiting (M closing threads)
+    assert_eq!(closes_line.len(), 6, "{status}");
+    assert_eq!(
+        (closes_line[2], &closes_line[4..]),
+        ("waiting", &["closing", "threads)"][..]),
+        "{status}"
+    );
+    for count in [closes_line[1], closes_line[3].trim_start_matches('(')] {
+        assert!(count.parse::<u64>().is_ok_and(|n| n >= 1), "{status}");
+    }
+    let json: Value = serde_json::from_str(&ok(bus.ctl(&["--json", "status"]), "status --json"))
+        .expect("status JSON");
+    assert!(json["closes_waiting"].as_u64() >= Some(1), "{json}");
+    assert!(json["closing_threads"].as_u64() >= Some(1), "{json}");
+
+    // The server goes: the held FLUSH fails, the close returns.
+    drop(fuse);
+    eventually("the close to return", || alices().is_none());
+    eventually("no close waiting", || bus.counter("ClosesWaiting") == 0);
+    eventually("no queue listed", || {
+        bus.method("ListCloses", &[]) == serde_json::json!([])
+    });
+    assert_eq!(
+        ok(bus.ctl(&["closes"]), "closes"),
+        "No closes are waiting.\n"
+    );
+    client.ok("heaps");
 }

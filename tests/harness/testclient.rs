@@ -18,6 +18,9 @@ struct Session {
     /// Names for accesses held in buffer words, which have no broker id
     /// (`access=` in answers): counted down from the top, never a real id.
     next_word_access: u64,
+    /// Files `adopt-file` opened, kept open until the process ends: the
+    /// close of a FUSE file whose FLUSH is held would wait for good here.
+    kept_files: Vec<OwnedFd>,
 }
 
 fn parse_access(word: &str) -> Result<Access, String> {
@@ -173,6 +176,26 @@ impl Session {
                 let out = describe(&buffer);
                 self.buffers.insert(buffer.id(), buffer);
                 Ok(out)
+            }
+            // Opens a file and asks the broker to adopt it: a file that is
+            // no dma-buf is refused, and the broker closes its copy on its
+            // closing thread for this process's user. This process keeps
+            // its own copy open (see `kept_files`).
+            "adopt-file" => {
+                let path = words.next().ok_or("missing path")?;
+                let file = std::fs::File::open(path)
+                    .map_err(|e| format!("err Other cannot open {path}: {e}"))?;
+                match self.client.adopt(file.into(), None) {
+                    Ok(buffer) => {
+                        let out = describe(&buffer);
+                        self.buffers.insert(buffer.id(), buffer);
+                        Ok(out)
+                    }
+                    Err(refused) => {
+                        self.kept_files.push(refused.dmabuf);
+                        Err(broker(refused.error))
+                    }
+                }
             }
             "export" => {
                 let token = self.buffer(num(words.next())?)?.export().map_err(broker)?;
@@ -429,6 +452,7 @@ fn main() {
         buffers: HashMap::new(),
         guards: HashMap::new(),
         next_word_access: u64::MAX,
+        kept_files: Vec::new(),
     };
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };

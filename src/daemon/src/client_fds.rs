@@ -473,6 +473,9 @@ struct Queue {
     in_hand: bool,
     /// In line for a thread (see [`Closes::waiting`]).
     waiting: bool,
+    /// Since when the parcel in hand has been dropping (see
+    /// [`queues_now`]).
+    in_hand_since: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -508,6 +511,7 @@ fn close_all_of(key: &Key) {
                 if !queue.waiting {
                     if let Some(parcel) = queue.fds.pop_front() {
                         queue.in_hand = true;
+                        queue.in_hand_since = Some(std::time::Instant::now());
                         break parcel;
                     }
                 }
@@ -553,6 +557,7 @@ fn close_all_of(key: &Key) {
             let queue = queues.get_mut(key);
             let idle = queue.is_some_and(|q| {
                 q.in_hand = false;
+                q.in_hand_since = None;
                 q.fds.is_empty()
             });
             idle && key.0.is_shared() && !waiting.is_empty()
@@ -563,6 +568,78 @@ fn close_all_of(key: &Key) {
             start_stalled_threads();
         }
     }
+}
+
+/// One closing queue as [`queues_now`] copied it: what an operator needs
+/// to see why a user's clients hang (its closes stuck, its connections
+/// held back) without reading the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseQueueSnapshot {
+    /// The users whose closes these are (see [`Uids`]): sorted, never
+    /// empty; more than one for files several users have held.
+    pub users: Vec<u32>,
+    /// `files` or `sockets` (see [`Lane`]).
+    pub lane: &'static str,
+    /// Parcels queued, and the one in hand: what counts towards each of
+    /// its users' [`pending`].
+    pub waiting: usize,
+    /// A thread runs the queue (busy, or lingering for more).
+    pub has_thread: bool,
+    /// It waits in line for a thread, or, its thread idle, for leave to
+    /// go busy again (see [`start_stalled_threads`]).
+    pub in_line: bool,
+    /// Since when the close in hand has been going on; `None` with none
+    /// in hand.
+    pub in_hand_since: Option<std::time::Instant>,
+    /// One of its users has [`MAX_PENDING_PER_UID`] closes waiting or
+    /// more: that user's connections are read no further.
+    pub held_back: bool,
+}
+
+/// Every closing queue now, idle lingering ones included, by users then
+/// lane. One hold of the lock, which copies a few numbers per queue (a
+/// queue per running or waiting thread: at most [`MAX_CLOSING_THREADS`]
+/// plus those in line) and drops nothing under it.
+pub fn queues_now() -> Vec<CloseQueueSnapshot> {
+    let mut queues: Vec<CloseQueueSnapshot> = {
+        let closes = closes();
+        let held_back = |uids: &Uids| {
+            uids.as_slice()
+                .iter()
+                .any(|uid| closes.pending.get(uid).copied().unwrap_or(0) >= MAX_PENDING_PER_UID)
+        };
+        closes
+            .queues
+            .iter()
+            .map(|((uids, lane), queue)| CloseQueueSnapshot {
+                users: uids.as_slice().to_vec(),
+                lane: match lane {
+                    Lane::Files => "files",
+                    Lane::Sockets => "sockets",
+                },
+                waiting: queue.fds.len() + usize::from(queue.in_hand),
+                has_thread: queue.closing,
+                in_line: queue.waiting,
+                in_hand_since: queue.in_hand_since,
+                held_back: held_back(uids),
+            })
+            .collect()
+    };
+    queues.sort_unstable_by(|a, b| (&a.users, a.lane).cmp(&(&b.users, b.lane)));
+    queues
+}
+
+/// Closes waiting, every user's, the ones in hand included (each parcel
+/// once, however many users it counts for). Read without the lock: a
+/// close that just returned may count for a moment yet.
+pub fn waiting_now() -> usize {
+    PENDING.load(Ordering::Acquire)
+}
+
+/// Closing threads running or lingering for more, stuck ones included
+/// (at most [`MAX_CLOSING_THREADS`]).
+pub fn threads_now() -> usize {
+    THREADS.load(Ordering::Acquire)
 }
 
 #[cfg(test)]
@@ -845,5 +922,84 @@ mod tests {
         for uid in [S, X, REFUSED] {
             eventually("nothing pending", || pending(uid) == 0);
         }
+    }
+
+    fn queue_of(uids: &[u32], lane: &str) -> Option<CloseQueueSnapshot> {
+        queues_now()
+            .into_iter()
+            .find(|q| q.users == uids && q.lane == lane)
+    }
+
+    /// The snapshot shows a stuck close: its users, lane, what waits
+    /// behind it, its thread and how long it has been in hand; and, once
+    /// it returns, nothing waiting.
+    #[test]
+    fn the_snapshot_shows_a_stuck_close_until_it_returns() {
+        const STUCK: u32 = 4_000_000_200;
+        let (stuck, release) = stuck_release();
+        release_elsewhere(Uids::of(STUCK), stuck);
+        let (queued, queued_closed) = pipe();
+        close_elsewhere(STUCK, vec![queued]);
+        eventually("the stuck close in hand", || {
+            queue_of(&[STUCK], "files").is_some_and(|q| q.in_hand_since.is_some())
+        });
+        let queue = queue_of(&[STUCK], "files").expect("the stuck uid's queue");
+        assert_eq!(
+            (
+                queue.waiting,
+                queue.has_thread,
+                queue.in_line,
+                queue.held_back
+            ),
+            (2, true, false, false),
+            "{queue:?}"
+        );
+        assert!(threads_now() >= 1);
+        assert!(waiting_now() >= 2);
+        assert!(queue_of(&[STUCK], "sockets").is_none());
+        let since = queue.in_hand_since;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(
+            queue_of(&[STUCK], "files").and_then(|q| q.in_hand_since),
+            since,
+            "the same close in hand, since the same moment"
+        );
+        release.send(()).expect("release");
+        eventually("the stuck uid's fds closed", &queued_closed);
+        eventually("nothing of the stuck uid's waiting", || {
+            queue_of(&[STUCK], "files").is_none_or(|q| q.waiting == 0 && q.in_hand_since.is_none())
+        });
+    }
+
+    /// A set of users whose closes are stuck with as many waiting behind
+    /// as hold a user back shows as held back, for the set and for every
+    /// other queue of its users.
+    #[test]
+    fn the_snapshot_says_which_queues_are_held_back() {
+        const STUCK: u32 = 4_000_000_210;
+        const SHARER: u32 = 4_000_000_211;
+        let shared = pair(STUCK, SHARER);
+        let releases = stall(std::slice::from_ref(&shared));
+        for _ in 1..MAX_PENDING_PER_UID {
+            release_elsewhere(shared.clone(), Box::new(()));
+        }
+        let (own, own_closed) = pipe();
+        close_elsewhere(SHARER, vec![own]);
+        eventually("the sharer's own file closed", &own_closed);
+        eventually("the shared close in hand", || {
+            queue_of(&[STUCK, SHARER], "files").is_some_and(|q| q.in_hand_since.is_some())
+        });
+        let queue = queue_of(&[STUCK, SHARER], "files").expect("the shared queue");
+        assert_eq!(queue.waiting, MAX_PENDING_PER_UID, "{queue:?}");
+        assert!(queue.held_back && queue.has_thread, "{queue:?}");
+        // Its own queue, idle, lingers: held back through the shared one.
+        if let Some(own) = queue_of(&[SHARER], "files") {
+            assert_eq!(own.waiting, 0, "{own:?}");
+            assert!(own.held_back, "{own:?}");
+        }
+        drop(releases);
+        eventually("nothing held back", || {
+            queue_of(&[STUCK, SHARER], "files").is_none_or(|q| !q.held_back && q.waiting == 0)
+        });
     }
 }

@@ -3,6 +3,7 @@
 
 mod allocating;
 mod bus;
+mod closes;
 mod error;
 mod format;
 mod render;
@@ -68,6 +69,9 @@ pub enum Command {
         #[arg(short = 'n', long)]
         iterations: Option<u64>,
     },
+    /// Queues of the closing threads with closes waiting: whose clients
+    /// hang behind a stuck close.
+    Closes,
     /// Re-read the policy files (administrators only).
     Reload,
 }
@@ -121,6 +125,8 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     .newer("AllocationsInFlight", proxy.allocations_in_flight().await)?,
                 allocations_running: daemon
                     .newer("AllocationsRunning", proxy.allocations_running().await)?,
+                closes_waiting: daemon.newer("ClosesWaiting", proxy.closes_waiting().await)?,
+                closing_threads: daemon.newer("ClosingThreads", proxy.closing_threads().await)?,
                 hand_offs: (
                     proxy
                         .hand_offs_planned()
@@ -184,6 +190,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 },
             )
             .await
+        }
+        Command::Closes => {
+            let queues = closes::fetch(&daemon).await?;
+            print(cli.json, &queues, |q| closes::table(q))
         }
         Command::Reload => {
             proxy

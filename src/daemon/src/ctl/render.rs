@@ -32,6 +32,10 @@ pub struct Status {
     /// from a daemon too old to say.
     pub allocations_in_flight: Option<u64>,
     pub allocations_running: Option<u64>,
+    /// Closes waiting on the closing threads (those in hand included), and
+    /// the threads; `None` from a daemon too old to say.
+    pub closes_waiting: Option<u64>,
+    pub closing_threads: Option<u64>,
 }
 
 pub fn status(s: &Status) -> String {
@@ -94,8 +98,14 @@ pub fn status(s: &Status) -> String {
         )),
         _ => None,
     };
+    let closes = match (s.closes_waiting, s.closing_threads) {
+        (Some(waiting), Some(threads)) => {
+            Some(("Closes", super::closes::status_line(waiting, threads)))
+        }
+        _ => None,
+    };
     let mut out = String::new();
-    for (key, value) in lines.into_iter().chain(in_flight) {
+    for (key, value) in lines.into_iter().chain(in_flight).chain(closes) {
         out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
     }
     out.push('\n');
@@ -423,5 +433,36 @@ mod tests {
         let text = buffer(&detail);
         assert_eq!(charged_cells(&text), [true, false], "{text}");
         assert!(text.contains("client 5"), "{text}");
+    }
+
+    /// The closing threads' counts are a line of their own, left out
+    /// against a daemon too old to say.
+    #[test]
+    fn status_gives_the_closes_when_the_daemon_says() {
+        let mut s = Status {
+            bus: "the session bus".into(),
+            version: "0.1.0".into(),
+            instance: "dmab1-x".into(),
+            started_at: 0,
+            totals: Totals::default(),
+            heaps: Vec::new(),
+            statistics: Statistics::default(),
+            silent_ends: 0,
+            cache_syncs_failed: None,
+            cache_ends_running: None,
+            hand_offs: (0, 0),
+            allocations_in_flight: Some(0),
+            allocations_running: Some(0),
+            closes_waiting: Some(2),
+            closing_threads: Some(3),
+        };
+        let text = status(&s);
+        assert!(
+            text.contains("\nIn flight:   0 allocations (0 heap threads running)\nCloses:      2 waiting (3 closing threads)\n"),
+            "{text}"
+        );
+        s.closes_waiting = None;
+        s.closing_threads = None;
+        assert!(!status(&s).contains("Closes:"));
     }
 }

@@ -10,6 +10,7 @@
 
 mod allocating;
 mod auth;
+mod closes;
 pub mod proxy;
 mod service;
 mod signals;

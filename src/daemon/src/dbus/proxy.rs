@@ -3,7 +3,8 @@
 //! allocation and the daemon does not announce changes.
 
 use super::views::{
-    BufferDetail, BufferView, ClientAllocations, ClientView, HeapView, Statistics, Totals,
+    BufferDetail, BufferView, ClientAllocations, ClientView, CloseQueue, HeapView, Statistics,
+    Totals,
 };
 
 #[zbus::proxy(
@@ -49,7 +50,15 @@ pub trait Debug {
     #[zbus(property(emits_changed_signal = "false"))]
     fn allocations_running(&self) -> zbus::Result<u64>;
 
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn closes_waiting(&self) -> zbus::Result<u64>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn closing_threads(&self) -> zbus::Result<u64>;
+
     fn list_clients(&self) -> zbus::Result<Vec<ClientView>>;
+
+    fn list_closes(&self) -> zbus::Result<Vec<CloseQueue>>;
 
     fn list_allocations_in_flight(&self) -> zbus::Result<Vec<ClientAllocations>>;
 

@@ -14,9 +14,10 @@ use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
 use super::views::{
-    BufferDetail, BufferView, ClientAllocations, ClientView, HeapView, Statistics, Totals,
+    BufferDetail, BufferView, ClientAllocations, ClientView, CloseQueue, HeapView, Statistics,
+    Totals,
 };
-use super::{allocating, auth, snapshot, Reloader};
+use super::{allocating, auth, closes, snapshot, Reloader};
 use crate::broker::{Broker, State};
 
 /// Errors of this interface that have no standard D-Bus name.
@@ -160,6 +161,31 @@ impl DebugObject {
     #[zbus(out_args("clients"))]
     async fn list_allocations_in_flight(&self) -> Vec<ClientAllocations> {
         allocating::finish(self.read(allocating::copy))
+    }
+
+    /// Closes waiting on the daemon's closing threads, every user's, those
+    /// in hand included: files clients sent or held whose close may wait
+    /// for good (see `ListCloses`). Properties and a method of their own,
+    /// as `SilentEnds`; they need no state lock.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn closes_waiting(&self) -> u64 {
+        crate::client_fds::waiting_now() as u64
+    }
+
+    /// Closing threads running or lingering for more, stuck ones included.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn closing_threads(&self) -> u64 {
+        crate::client_fds::threads_now() as u64
+    }
+
+    /// The closing threads' queues with closes waiting or one in hand, by
+    /// users then lane: users, lane, closes waiting, whether a thread runs
+    /// it, whether it waits in line for one, age of the close in hand,
+    /// whether a user of it is held back. Users' uids only, which
+    /// `ListClients` shows anyone too.
+    #[zbus(out_args("queues"))]
+    async fn list_closes(&self) -> Vec<CloseQueue> {
+        closes::list()
     }
 
     /// Every client; another uid's executable and unit only for

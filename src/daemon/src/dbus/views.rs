@@ -179,3 +179,37 @@ pub struct ClientAllocations {
     /// Oldest first.
     pub allocations: Vec<AllocationInFlight>,
 }
+
+/// One queue of closes on the daemon's closing threads, with closes
+/// waiting or one in hand. A file a client sent or held whose close can
+/// wait for good (a FUSE file, a dma-buf watched by an epoll a client
+/// holds locked) is closed there, one queue per set of users and lane,
+/// and a user with `MAX_PENDING_PER_UID` (64) closes waiting has its
+/// connections read no further: these say which user's clients hang so.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct CloseQueue {
+    /// The users the closes count for, sorted: one for a user's own
+    /// closes, several for a file those users have all held. Uids as the
+    /// daemon's bounds count them (a process in a user namespace counts
+    /// as the namespace's maker: see `docs/policy.md`,
+    /// `max_uid_connections`), which `ClientView::uid` need not be.
+    pub users: Vec<u32>,
+    /// `files` (files clients sent or held) or `sockets` (connections'
+    /// sockets).
+    pub lane: String,
+    /// Closes queued, and the one in hand.
+    pub waiting: u64,
+    /// A closing thread runs the queue.
+    pub has_thread: bool,
+    /// It waits in line for a thread, or, its thread idle, for leave to go
+    /// busy again (closing nothing meanwhile): each of its users is among
+    /// as many busy shared threads as it may be, the daemon runs as many
+    /// closing threads as it may, or none could be started.
+    pub in_line: bool,
+    /// How long the close in hand has been going on; 0 when none is in
+    /// hand. One that keeps growing is stuck.
+    pub in_hand_us: u64,
+    /// One of its users has so many closes waiting that its connections
+    /// are read no further.
+    pub held_back: bool,
+}
