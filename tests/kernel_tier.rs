@@ -1338,6 +1338,86 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     alice.ok("alloc 4096");
 }
 
+/// The same with a fence: the sync_file a producer ended its device write
+/// with, handed to a no-autofence reader of another user, was let go of on
+/// the producer's thread once it signalled, and the reader could stall it
+/// there. It is let go of on a thread of both users now, and the
+/// producer's own closes go on.
+#[test]
+fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_producers_own_closes() {
+    const ALICE: u32 = 65501;
+    if !have_dma_heap() {
+        return;
+    }
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let Some(fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
+        return;
+    };
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(format!(
+            "[default]\nautofence = \"optional\"\n\n\
+             [[rule]]\nname = \"alice-imports\"\nuser = {ALICE}\nimport_from = {{ users = [0] }}\n"
+        )),
+        args: [
+            "--dma-heap-dir",
+            "/dev/dma_heap",
+            "--dbus",
+            "none",
+            "--socket-mode",
+            "0666",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    });
+    let producer = daemon.client();
+    let frame = system_buffer(&producer, 8192, Some("frame"));
+    let token = frame.export().expect("export");
+    let mut reader = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &["--no-autofence"]);
+    let id = field(&reader.ok(&format!("import {token}")), "id")
+        .expect("id")
+        .to_owned();
+    let render = frame.begin(Access::DeviceWrite).expect("device write");
+    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let done =
+        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
+    let held = HeldEpoll::new(&fuse, done.as_fd());
+    render
+        .end_with_fence(done)
+        .expect("end the device write with its fence");
+    // No-autofence: granted at once, with the producer's fence to wait on.
+    let granted = reader.ok(&format!("begin {id} r"));
+    let sync_files = field(&granted, "fence_list").unwrap_or("");
+    assert!(
+        sync_files.contains(":true"),
+        "the reader was handed the fence as a sync_file: {granted}"
+    );
+    let access = field(&granted, "access").expect("access").to_owned();
+    reader.ok(&format!("end {access}"));
+    // Signalled, the daemon lets go of the sync_file: the last copy, whose
+    // release waits for good.
+    signal(&vgem, fence, attached);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = daemon.baseline();
+    let own = system_buffer(&producer, 8192, Some("own"));
+    drop(own);
+    let deadline = Instant::now() + PROMPT;
+    while daemon.fd_count() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = daemon.fd_count();
+    held.let_go(fuse);
+    assert!(
+        left <= before,
+        "the producer's own freed buffer still open in the daemon behind the fence's release ({left} fds, {before} before)"
+    );
+    assert!(new_client_served(&daemon), "another client was not served");
+}
+
 /// The same with a device access's completion fence: the daemon keeps the
 /// sync_file a client ended its access with until it signals, and its
 /// release once it has, with the client's copy long closed, was the last.
