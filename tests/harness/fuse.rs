@@ -31,7 +31,9 @@ pub enum Stall {
 #[derive(Debug)]
 pub struct StallingFuse {
     server: Child,
-    said: std::io::BufReader<ChildStdout>,
+    /// The server's lines, read on a thread of their own, so that a line
+    /// that never comes fails the test rather than hanging it.
+    said: std::sync::mpsc::Receiver<String>,
     mnt: PathBuf,
     _dir: TempDir,
 }
@@ -70,7 +72,7 @@ impl StallingFuse {
         let stdout = server.stdout.take().expect("the server's stdout");
         let mut fuse = StallingFuse {
             server,
-            said: std::io::BufReader::new(stdout),
+            said: lines_of(stdout),
             mnt,
             _dir: dir,
         };
@@ -106,12 +108,25 @@ impl StallingFuse {
     }
 
     fn next_line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.said.read_line(&mut line) {
-            Ok(1..) => Some(line.trim().to_owned()),
-            _ => None,
-        }
+        self.said.recv_timeout(SERVER_PATIENCE).ok()
     }
+}
+
+/// How long a test waits for the FUSE server to say something.
+const SERVER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The lines of `stdout`, trimmed, as they come.
+fn lines_of(stdout: ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim().to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Drop for StallingFuse {

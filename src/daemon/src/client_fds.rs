@@ -596,10 +596,16 @@ pub struct CloseQueueSnapshot {
     pub held_back: bool,
 }
 
-/// Every closing queue now, idle lingering ones included, by users then
-/// lane. One hold of the lock, which copies a few numbers per queue (a
-/// queue per running or waiting thread: at most [`MAX_CLOSING_THREADS`]
-/// plus those in line) and drops nothing under it.
+/// Queues [`queues_now`] copies at most: any bus user may ask, and the
+/// copy is made under the lock every hand-over takes (and, while any
+/// close waits, every read of every connection).
+pub const MAX_QUEUES_SHOWN: usize = 1024;
+
+/// The closing queues with closes waiting or one in hand (idle ones,
+/// lingering for more, are left out), by users then lane: at most
+/// [`MAX_QUEUES_SHOWN`], those in hand the longest first when there are
+/// more. One hold of the lock, which copies a few numbers and the users
+/// of each such queue and drops nothing under it.
 pub fn queues_now() -> Vec<CloseQueueSnapshot> {
     let mut queues: Vec<CloseQueueSnapshot> = {
         let closes = closes();
@@ -608,9 +614,19 @@ pub fn queues_now() -> Vec<CloseQueueSnapshot> {
                 .iter()
                 .any(|uid| closes.pending.get(uid).copied().unwrap_or(0) >= MAX_PENDING_PER_UID)
         };
-        closes
+        let mut busy: Vec<(&Key, &Queue)> = closes
             .queues
             .iter()
+            .filter(|(_, queue)| queue.in_hand || !queue.fds.is_empty())
+            .collect();
+        if busy.len() > MAX_QUEUES_SHOWN {
+            // `None` (nothing in hand) sorts first: put those last.
+            busy.sort_unstable_by_key(|(_, queue)| {
+                (queue.in_hand_since.is_none(), queue.in_hand_since)
+            });
+            busy.truncate(MAX_QUEUES_SHOWN);
+        }
+        busy.into_iter()
             .map(|((uids, lane), queue)| CloseQueueSnapshot {
                 users: uids.as_slice().to_vec(),
                 lane: match lane {
@@ -983,23 +999,24 @@ mod tests {
         for _ in 1..MAX_PENDING_PER_UID {
             release_elsewhere(shared.clone(), Box::new(()));
         }
-        let (own, own_closed) = pipe();
-        close_elsewhere(SHARER, vec![own]);
-        eventually("the sharer's own file closed", &own_closed);
-        eventually("the shared close in hand", || {
-            queue_of(&[STUCK, SHARER], "files").is_some_and(|q| q.in_hand_since.is_some())
+        // A close of the sharer's own, stuck too: its queue is held back
+        // through the shared one.
+        let own_release = stall(&[Uids::of(SHARER)]);
+        eventually("both closes in hand", || {
+            [&[STUCK, SHARER][..], &[SHARER][..]]
+                .iter()
+                .all(|users| queue_of(users, "files").is_some_and(|q| q.in_hand_since.is_some()))
         });
         let queue = queue_of(&[STUCK, SHARER], "files").expect("the shared queue");
         assert_eq!(queue.waiting, MAX_PENDING_PER_UID, "{queue:?}");
         assert!(queue.held_back && queue.has_thread, "{queue:?}");
-        // Its own queue, idle, lingers: held back through the shared one.
-        if let Some(own) = queue_of(&[SHARER], "files") {
-            assert_eq!(own.waiting, 0, "{own:?}");
-            assert!(own.held_back, "{own:?}");
-        }
+        let own = queue_of(&[SHARER], "files").expect("the sharer's own queue");
+        assert_eq!((own.waiting, own.held_back), (1, true), "{own:?}");
         drop(releases);
-        eventually("nothing held back", || {
-            queue_of(&[STUCK, SHARER], "files").is_none_or(|q| !q.held_back && q.waiting == 0)
+        drop(own_release);
+        // Idle queues are not shown.
+        eventually("nothing shown", || {
+            queue_of(&[STUCK, SHARER], "files").is_none() && queue_of(&[SHARER], "files").is_none()
         });
     }
 }

@@ -45,6 +45,11 @@ pub const UNACCOUNTED_UID: u32 = u32::MAX - 1;
 /// numbers sit at 0xF0000000 and above, where no uid is given out.
 pub const FIRST_CONTAINER_ID: u32 = 0xf000_0000;
 
+/// Whether an accountable id names a container (see [`FIRST_CONTAINER_ID`]).
+pub fn is_container_id(id: u32) -> bool {
+    (FIRST_CONTAINER_ID..UNACCOUNTED_UID).contains(&id)
+}
+
 impl Peer {
     /// The user who made the peer's user namespace, when the peer counts
     /// as a user other than its own uid: that user's own rule then bounds

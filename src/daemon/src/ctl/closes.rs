@@ -55,10 +55,17 @@ pub fn table(queues: &[CloseQueue]) -> String {
     table.render()
 }
 
-/// `1000`, or `1000+1001` for a file those users have all held.
+/// `1000`, or `1000+1001` for a file those users have all held; a
+/// container as `container:INODE` (`container` alone when the daemon
+/// does not say which), peers not identified as `unidentified`.
 fn users(uids: &[u32]) -> String {
     uids.iter()
-        .map(u32::to_string)
+        .map(|&uid| match uid {
+            crate::identity::UNACCOUNTED_UID => "unidentified".to_owned(),
+            crate::identity::FIRST_CONTAINER_ID => "container".to_owned(),
+            uid if crate::identity::is_container_id(uid) => format!("container:{uid}"),
+            uid => uid.to_string(),
+        })
         .collect::<Vec<_>>()
         .join("+")
 }
@@ -95,6 +102,23 @@ mod tests {
             in_hand_us: if has_thread { 1500 } else { 0 },
             held_back: !has_thread,
         }
+    }
+
+    #[test]
+    fn containers_and_unidentified_peers_are_named_as_such() {
+        use crate::identity::{FIRST_CONTAINER_ID, UNACCOUNTED_UID};
+        assert_eq!(
+            users(&[
+                1000,
+                FIRST_CONTAINER_ID,
+                FIRST_CONTAINER_ID + 7,
+                UNACCOUNTED_UID
+            ]),
+            format!(
+                "1000+container+container:{}+unidentified",
+                FIRST_CONTAINER_ID + 7
+            )
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use zbus::message::Header;
 use zbus::names::BusName;
 use zbus::Connection;
 
-use super::views::ClientView;
+use super::views::{ClientView, CloseQueue};
 
 /// The caller as the bus vouches for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +55,23 @@ pub fn hide_foreign_executables(views: &mut [ClientView], viewer: Option<u32>) {
     }
 }
 
+/// Replaces the ids of containers in `queues` with the first such id,
+/// which says "a container" and no more: a container's id is its user
+/// namespace's inode, which an ordinary caller could not read from
+/// `/proc` of another user's process. Host uids and the id of peers not
+/// identified stay.
+pub fn hide_container_ids(queues: &mut [CloseQueue]) {
+    for users in queues.iter_mut().map(|q| &mut q.users) {
+        for uid in users.iter_mut() {
+            if crate::identity::is_container_id(*uid) {
+                *uid = crate::identity::FIRST_CONTAINER_ID;
+            }
+        }
+        users.sort_unstable();
+        users.dedup();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +95,27 @@ mod tests {
 
         hide_foreign_executables(&mut views, None);
         assert_eq!(views[0].exe, "", "an unidentified caller sees none");
+    }
+
+    /// A container's id (its namespace's inode) is an administrator's to
+    /// see; others are told only that it is a container. Found by review.
+    #[test]
+    fn containers_are_named_only_to_administrators() {
+        use crate::identity::{FIRST_CONTAINER_ID, UNACCOUNTED_UID};
+        let mut queues = vec![CloseQueue {
+            users: vec![
+                1000,
+                FIRST_CONTAINER_ID + 5,
+                FIRST_CONTAINER_ID + 9,
+                UNACCOUNTED_UID,
+            ],
+            ..CloseQueue::default()
+        }];
+        hide_container_ids(&mut queues);
+        assert_eq!(
+            queues[0].users,
+            [1000, FIRST_CONTAINER_ID, UNACCOUNTED_UID],
+            "host uids and the unidentified stay, containers are one"
+        );
     }
 }

@@ -181,11 +181,25 @@ impl DebugObject {
     /// The closing threads' queues with closes waiting or one in hand, by
     /// users then lane: users, lane, closes waiting, whether a thread runs
     /// it, whether it waits in line for one, age of the close in hand,
-    /// whether a user of it is held back. Users' uids only, which
-    /// `ListClients` shows anyone too.
+    /// whether a user of it is held back. Users are the ids the bounds
+    /// count: a container's (its namespace's inode) only for
+    /// administrators (see `auth::hide_container_ids`).
     #[zbus(out_args("queues"))]
-    async fn list_closes(&self) -> Vec<CloseQueue> {
-        closes::list()
+    async fn list_closes(
+        &self,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Vec<CloseQueue> {
+        let caller = auth::caller(connection, &header).await.ok();
+        let admin = caller.is_some_and(|c| {
+            let policy = self.read(|s| Arc::clone(&s.policy));
+            policy.is_admin(c.uid, &c.gids)
+        });
+        let mut queues = closes::list();
+        if !admin {
+            auth::hide_container_ids(&mut queues);
+        }
+        queues
     }
 
     /// Every client; another uid's executable and unit only for
