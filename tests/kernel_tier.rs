@@ -129,6 +129,25 @@ fn real_kernel_daemon() -> Daemon {
     })
 }
 
+/// The daemon's closing threads stuck in a release (in uninterruptible
+/// sleep: a release waiting on a held epoll's mutex). A stuck release's fd
+/// is already gone from `/proc/PID/fd`: `close(2)` takes it out before it
+/// lets go of the file.
+fn stuck_closing_threads(daemon: &Daemon) -> usize {
+    let dir = format!("/proc/{}/task", daemon.pid());
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // `pid (comm) state ...`; comm is cut to 15 bytes.
+            stat.contains("(dmabroker-fdclo)")
+                && stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('D'))
+        })
+        .count()
+}
+
 /// `/proc/PID/fdinfo/FD` as key/value pairs.
 fn fdinfo(pid: u32, fd: &str) -> HashMap<String, String> {
     let path = format!("/proc/{pid}/fdinfo/{fd}");
@@ -1283,9 +1302,6 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     if !have_dma_heap() {
         return;
     }
-    let Some(fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
-        return;
-    };
     let daemon = Daemon::start_with(DaemonOptions {
         policy: Some(format!(
             "[[rule]]\nname = \"root-imports\"\nuser = 0\nimport_from = {{ users = [{ALICE}] }}\n"
@@ -1302,6 +1318,11 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
         .to_vec(),
         ..Default::default()
     });
+    // After the daemon, so dropped before it should the test fail: the
+    // daemon's exit would wait on the held epoll.
+    let Some(fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
+        return;
+    };
     let mut alice = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
     let allocated = alice.ok("alloc 8192 heap=system name=shared");
     let shared = field(&allocated, "id").expect("id").to_owned();
@@ -1329,10 +1350,15 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
         std::thread::sleep(Duration::from_millis(20));
     }
     let left = daemon.fd_count();
+    let stuck = stuck_closing_threads(&daemon);
     held.let_go(fuse);
     assert!(
         left <= before,
         "Alice's own freed buffer still open in the daemon behind the shared one's release ({left} fds, {before} before)"
+    );
+    assert_eq!(
+        stuck, 1,
+        "the shared buffer's release was not stuck, so this tells nothing"
     );
     assert!(new_client_served(&daemon), "another client was not served");
     alice.ok("alloc 4096");
@@ -1340,9 +1366,10 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
 
 /// The same with a fence: the sync_file a producer ended its device write
 /// with, handed to a no-autofence reader of another user, was let go of on
-/// the producer's thread once it signalled, and the reader could stall it
-/// there. It is let go of on a thread of both users now, and the
-/// producer's own closes go on.
+/// the producer's thread once it signalled, where the reader could stall
+/// it (here the stall is the producer's own epoll: what is tested is
+/// where the release runs). It is let go of on a thread of both users
+/// now, and the producer's own closes go on.
 #[test]
 fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_producers_own_closes() {
     const ALICE: u32 = 65501;
@@ -1350,9 +1377,6 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
         return;
     }
     let Some(vgem) = vgem() else {
-        return;
-    };
-    let Some(fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
         return;
     };
     let daemon = Daemon::start_with(DaemonOptions {
@@ -1372,6 +1396,10 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
         .to_vec(),
         ..Default::default()
     });
+    // After the daemon, so dropped before it should the test fail.
+    let Some(fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
+        return;
+    };
     let producer = daemon.client();
     let frame = system_buffer(&producer, 8192, Some("frame"));
     let token = frame.export().expect("export");
@@ -1410,10 +1438,15 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
         std::thread::sleep(Duration::from_millis(20));
     }
     let left = daemon.fd_count();
+    let stuck = stuck_closing_threads(&daemon);
     held.let_go(fuse);
     assert!(
         left <= before,
         "the producer's own freed buffer still open in the daemon behind the fence's release ({left} fds, {before} before)"
+    );
+    assert_eq!(
+        stuck, 1,
+        "the fence's release was not stuck, so this tells nothing"
     );
     assert!(new_client_served(&daemon), "another client was not served");
 }

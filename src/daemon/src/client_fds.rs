@@ -20,7 +20,8 @@
 //! go of on a thread of those users together ([`Uids`]): each of them can
 //! stall its release, and on any one user's thread one user could stall
 //! another's frees. Such a thread holds up only the closes of files the
-//! same users shared, and its waiting closes count for each of them.
+//! same users shared; its waiting closes count, as before, for the user
+//! who brought each file in.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -154,28 +155,33 @@ pub fn close_elsewhere(uid: u32, fds: Vec<OwnedFd>) {
     }
     hand_over(
         (Uids::of(uid), Lane::Files),
+        uid,
         fds.into_iter().map(|fd| Box::new(fd) as Parcel),
     );
 }
 
 /// Drops `parcel` (a file clients of `uids` have held, or anything
 /// holding one: see `held_files`) on those users' closing thread. It
-/// counts as one fd waiting to be closed, for each of them, until it is
-/// dropped.
-pub fn release_elsewhere(uids: Uids, parcel: Parcel) {
-    hand_over((uids, Lane::Files), std::iter::once(parcel));
+/// counts as one fd waiting to be closed for `bringer`, the user who
+/// brought the file in (or had it made), until it is dropped: as when
+/// it was closed on that user's own thread, a user is held back only by
+/// closes of files it brought in. Counted for every user of the set, a
+/// user who stalls a file it shared could hold back everyone it shares
+/// with (a compositor importing every user's buffers).
+pub fn release_elsewhere(uids: Uids, bringer: u32, parcel: Parcel) {
+    hand_over((uids, Lane::Files), bringer, std::iter::once(parcel));
 }
 
 /// As [`release_elsewhere`], for a connection's socket (or what holds
 /// it), on the uid's thread for sockets.
 pub fn release_socket_elsewhere(uid: u32, parcel: Parcel) {
-    hand_over((Uids::of(uid), Lane::Sockets), std::iter::once(parcel));
+    hand_over((Uids::of(uid), Lane::Sockets), uid, std::iter::once(parcel));
 }
 
 /// What a closing thread drops.
 pub type Parcel = Box<dyn Send>;
 
-fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
+fn hand_over(key: Key, payer: u32, parcels: impl Iterator<Item = Parcel>) {
     let mut closes = closes();
     let Closes {
         queues, pending, ..
@@ -183,11 +189,9 @@ fn hand_over(key: Key, parcels: impl Iterator<Item = Parcel>) {
     let queue = queues.entry(key.clone()).or_default();
     let was_idle = queue.fds.is_empty() && !queue.in_hand;
     let before = queue.fds.len();
-    queue.fds.extend(parcels);
+    queue.fds.extend(parcels.map(|parcel| (payer, parcel)));
     let added = queue.fds.len() - before;
-    for uid in key.0.as_slice() {
-        *pending.entry(*uid).or_default() += added;
-    }
+    *pending.entry(payer).or_default() += added;
     PENDING.fetch_add(added, Ordering::AcqRel);
     let (closing, waiting) = (queue.closing, queue.waiting);
     if waiting {
@@ -456,7 +460,8 @@ fn more() -> &'static Condvar {
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Fds of `uid` waiting to be closed, the one being closed included:
-/// those of files it shared with other users too.
+/// those of files it brought in and shared with other users too (see
+/// [`release_elsewhere`]).
 pub fn pending(uid: u32) -> usize {
     if PENDING.load(Ordering::Acquire) == 0 {
         return 0;
@@ -466,7 +471,8 @@ pub fn pending(uid: u32) -> usize {
 
 #[derive(Default)]
 struct Queue {
-    fds: VecDeque<Parcel>,
+    /// Each with the user it counts for (see [`release_elsewhere`]).
+    fds: VecDeque<(u32, Parcel)>,
     /// A thread is closing these fds (or lingering for more).
     closing: bool,
     /// That thread has one in hand.
@@ -481,8 +487,8 @@ struct Queue {
 #[derive(Default)]
 struct Closes {
     queues: HashMap<Key, Queue>,
-    /// Parcels waiting or in hand, by user: every queue of a set the user
-    /// is among counts.
+    /// Parcels waiting or in hand, by the user each counts for (see
+    /// [`release_elsewhere`]), whatever queue it is in.
     pending: HashMap<u32, usize>,
     /// Queues with parcels and no thread, oldest first.
     waiting: VecDeque<Key>,
@@ -509,10 +515,10 @@ fn close_all_of(key: &Key) {
                 };
                 // Not while in line: held back from going busy.
                 if !queue.waiting {
-                    if let Some(parcel) = queue.fds.pop_front() {
+                    if let Some(next) = queue.fds.pop_front() {
                         queue.in_hand = true;
                         queue.in_hand_since = Some(std::time::Instant::now());
-                        break parcel;
+                        break next;
                     }
                 }
                 let left = quiet_until.saturating_duration_since(std::time::Instant::now());
@@ -535,7 +541,8 @@ fn close_all_of(key: &Key) {
         };
         // A parcel that panics as it drops (none should) must not leave
         // the uid counted as busy for good.
-        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(next)));
+        let (payer, parcel) = next;
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(parcel)));
         if dropped.is_err() {
             tracing::error!(uids = %key.0, "closing a client's file panicked");
         }
@@ -546,12 +553,10 @@ fn close_all_of(key: &Key) {
                 pending,
                 waiting,
             } = &mut *closes;
-            for uid in key.0.as_slice() {
-                if let Some(count) = pending.get_mut(uid) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        pending.remove(uid);
-                    }
+            if let Some(count) = pending.get_mut(&payer) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    pending.remove(&payer);
                 }
             }
             let queue = queues.get_mut(key);
@@ -700,7 +705,7 @@ mod tests {
         const OTHER: u32 = 4_000_000_003;
         // Stands for a FUSE file whose FLUSH is never answered.
         let (stuck, release) = stuck_release();
-        release_elsewhere(Uids::of(STUCK), stuck);
+        release_elsewhere(Uids::of(STUCK), STUCK, stuck);
         let (queued, queued_closed) = pipe();
         close_elsewhere(STUCK, vec![queued]);
         let (other, other_closed) = pipe();
@@ -734,7 +739,7 @@ mod tests {
         sets.iter()
             .map(|uids| {
                 let (parcel, release) = stuck_release();
-                release_elsewhere(uids.clone(), parcel);
+                release_elsewhere(uids.clone(), uids.as_slice()[0], parcel);
                 release
             })
             .collect()
@@ -759,7 +764,7 @@ mod tests {
             .collect();
         let releases = stall(&sets);
         let (theirs, theirs_closed) = pipe();
-        release_elsewhere(pair(VICTIM, OUTSIDER), Box::new(theirs));
+        release_elsewhere(pair(VICTIM, OUTSIDER), VICTIM, Box::new(theirs));
         eventually("the file shared with the outsider closed", &theirs_closed);
         eventually("nothing of the outsider's pending", || {
             pending(OUTSIDER) == 0
@@ -794,9 +799,13 @@ mod tests {
         let mut releases = stall(&sets);
         let all_three = pair(S, X1).with(&[X2]);
         let (waiting, waiting_closed) = pipe();
-        release_elsewhere(all_three, Box::new(waiting));
+        release_elsewhere(all_three, S, Box::new(waiting));
         let (theirs, theirs_closed) = pipe();
-        release_elsewhere(pair(OTHERS + 20, OTHERS + 21), Box::new(theirs));
+        release_elsewhere(
+            pair(OTHERS + 20, OTHERS + 21),
+            OTHERS + 20,
+            Box::new(theirs),
+        );
         eventually("the strangers' file closed", &theirs_closed);
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!waiting_closed(), "a thread for users all at the bound");
@@ -843,7 +852,7 @@ mod tests {
         const OTHERS: u32 = 4_000_000_080;
         let mut releases = at_the_bound_with_an_idle_thread(S, X, OTHERS);
         let (later, later_closed) = pipe();
-        release_elsewhere(pair(S, X), Box::new(later));
+        release_elsewhere(pair(S, X), S, Box::new(later));
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!later_closed(), "an idle thread went busy past the bound");
         {
@@ -925,7 +934,7 @@ mod tests {
         let (refused, refused_closed) = pipe();
         close_elsewhere(REFUSED, vec![refused]);
         let (later, later_closed) = pipe();
-        release_elsewhere(pair(S, X), Box::new(later));
+        release_elsewhere(pair(S, X), S, Box::new(later));
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!later_closed(), "an idle thread went busy past the bound");
         drop(releases.remove(0));
@@ -953,7 +962,7 @@ mod tests {
     fn the_snapshot_shows_a_stuck_close_until_it_returns() {
         const STUCK: u32 = 4_000_000_200;
         let (stuck, release) = stuck_release();
-        release_elsewhere(Uids::of(STUCK), stuck);
+        release_elsewhere(Uids::of(STUCK), STUCK, stuck);
         let (queued, queued_closed) = pipe();
         close_elsewhere(STUCK, vec![queued]);
         eventually("the stuck close in hand", || {
@@ -987,9 +996,10 @@ mod tests {
         });
     }
 
-    /// A set of users whose closes are stuck with as many waiting behind
-    /// as hold a user back shows as held back, for the set and for every
-    /// other queue of its users.
+    /// A set of users whose closes are stuck, with as many waiting behind
+    /// as hold a user back, shows as held back, and so does every other
+    /// queue of the user they count for (who brought the files in); the
+    /// other user's own queue does not: it is not held back by them.
     #[test]
     fn the_snapshot_says_which_queues_are_held_back() {
         const STUCK: u32 = 4_000_000_210;
@@ -997,26 +1007,39 @@ mod tests {
         let shared = pair(STUCK, SHARER);
         let releases = stall(std::slice::from_ref(&shared));
         for _ in 1..MAX_PENDING_PER_UID {
-            release_elsewhere(shared.clone(), Box::new(()));
+            release_elsewhere(shared.clone(), STUCK, Box::new(()));
         }
-        // A close of the sharer's own, stuck too: its queue is held back
-        // through the shared one.
-        let own_release = stall(&[Uids::of(SHARER)]);
-        eventually("both closes in hand", || {
-            [&[STUCK, SHARER][..], &[SHARER][..]]
+        // A close of each user's own, stuck too.
+        let own_releases = stall(&[Uids::of(STUCK), Uids::of(SHARER)]);
+        let in_hand = [&[STUCK, SHARER][..], &[STUCK][..], &[SHARER][..]];
+        eventually("the three closes in hand", || {
+            in_hand
                 .iter()
                 .all(|users| queue_of(users, "files").is_some_and(|q| q.in_hand_since.is_some()))
         });
         let queue = queue_of(&[STUCK, SHARER], "files").expect("the shared queue");
         assert_eq!(queue.waiting, MAX_PENDING_PER_UID, "{queue:?}");
         assert!(queue.held_back && queue.has_thread, "{queue:?}");
-        let own = queue_of(&[SHARER], "files").expect("the sharer's own queue");
-        assert_eq!((own.waiting, own.held_back), (1, true), "{own:?}");
+        let stuck_own = queue_of(&[STUCK], "files").expect("the bringer's own queue");
+        assert_eq!(
+            (stuck_own.waiting, stuck_own.held_back),
+            (1, true),
+            "{stuck_own:?}"
+        );
+        let sharer_own = queue_of(&[SHARER], "files").expect("the sharer's own queue");
+        assert_eq!(
+            (sharer_own.waiting, sharer_own.held_back),
+            (1, false),
+            "{sharer_own:?}"
+        );
+        assert_eq!(pending(SHARER), 1);
         drop(releases);
-        drop(own_release);
+        drop(own_releases);
         // Idle queues are not shown.
         eventually("nothing shown", || {
-            queue_of(&[STUCK, SHARER], "files").is_none() && queue_of(&[SHARER], "files").is_none()
+            in_hand
+                .iter()
+                .all(|users| queue_of(users, "files").is_none())
         });
     }
 }

@@ -225,15 +225,20 @@ impl State {
             // Let go of on its owner's thread, as when it was allocated
             // (u32::MAX, a uid an older daemon did not record, is a
             // thread of its own), shared with its other holders' users.
+            // With no holder marked owner (a record written before the
+            // owner re-attached), the first on record, whom the charge
+            // moves to.
             let owner_uid = buffer
                 .holders
                 .iter()
                 .find(|h| h.owner)
+                .or_else(|| buffer.holders.first())
                 .map_or(u32::MAX, |h| h.uid);
             let origin = origin_of(buffer.origin);
             let fd = HeldFd::new(fd, origin.release(buffer.size, owner_uid));
-            // Every recorded holder has the file, and can stall its release.
-            for holder in buffer.holders.iter().filter(|h| h.uid != u32::MAX) {
+            // Every recorded holder has the file, and can stall its release
+            // (one whose uid an older daemon did not keep as u32::MAX).
+            for holder in &buffer.holders {
                 fd.sent_to(holder.uid);
             }
             self.buffers.insert(

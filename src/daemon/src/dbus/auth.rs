@@ -59,7 +59,9 @@ pub fn hide_foreign_executables(views: &mut [ClientView], viewer: Option<u32>) {
 /// which says "a container" and no more: a container's id is its user
 /// namespace's inode, which an ordinary caller could not read from
 /// `/proc` of another user's process. Host uids and the id of peers not
-/// identified stay.
+/// identified stay; each container stays one user of its queue (two
+/// containers' queue is still two users'), and the queues are sorted
+/// again by users then lane.
 pub fn hide_container_ids(queues: &mut [CloseQueue]) {
     for users in queues.iter_mut().map(|q| &mut q.users) {
         for uid in users.iter_mut() {
@@ -68,8 +70,8 @@ pub fn hide_container_ids(queues: &mut [CloseQueue]) {
             }
         }
         users.sort_unstable();
-        users.dedup();
     }
+    queues.sort_by(|a, b| (&a.users, &a.lane).cmp(&(&b.users, &b.lane)));
 }
 
 #[cfg(test)]
@@ -102,20 +104,36 @@ mod tests {
     #[test]
     fn containers_are_named_only_to_administrators() {
         use crate::identity::{FIRST_CONTAINER_ID, UNACCOUNTED_UID};
-        let mut queues = vec![CloseQueue {
-            users: vec![
+        let queue = |users: Vec<u32>| CloseQueue {
+            users,
+            lane: "files".into(),
+            ..CloseQueue::default()
+        };
+        let mut queues = vec![
+            queue(vec![
                 1000,
                 FIRST_CONTAINER_ID + 5,
                 FIRST_CONTAINER_ID + 9,
                 UNACCOUNTED_UID,
-            ],
-            ..CloseQueue::default()
-        }];
+            ]),
+            queue(vec![FIRST_CONTAINER_ID + 1]),
+            queue(vec![999]),
+        ];
         hide_container_ids(&mut queues);
+        let users: Vec<&[u32]> = queues.iter().map(|q| q.users.as_slice()).collect();
         assert_eq!(
-            queues[0].users,
-            [1000, FIRST_CONTAINER_ID, UNACCOUNTED_UID],
-            "host uids and the unidentified stay, containers are one"
+            users,
+            [
+                &[999][..],
+                &[
+                    1000,
+                    FIRST_CONTAINER_ID,
+                    FIRST_CONTAINER_ID,
+                    UNACCOUNTED_UID
+                ][..],
+                &[FIRST_CONTAINER_ID][..],
+            ],
+            "host uids and the unidentified stay, each container is one, sorted again"
         );
     }
 }
