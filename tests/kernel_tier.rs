@@ -129,6 +129,67 @@ fn real_kernel_daemon() -> Daemon {
     })
 }
 
+/// A daemon on the real dma-heaps, with `policy`, that clients of other
+/// uids can reach, and whose fds the test can count (no D-Bus).
+fn daemon_for_two_users(policy: &str) -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        policy: Some(policy.to_owned()),
+        args: [
+            "--dma-heap-dir",
+            "/dev/dma_heap",
+            "--dbus",
+            "none",
+            "--socket-mode",
+            "0666",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+}
+
+/// What [`own_free_goes_on`] saw, with a shared file's release stuck.
+struct OwnFree {
+    before: usize,
+    left: usize,
+    stuck: usize,
+}
+
+impl OwnFree {
+    /// The user's own freed buffer was let go of, and the shared file's
+    /// release was really stuck meanwhile (else the test tells nothing).
+    fn assert(&self, own: &str, shared: &str) {
+        let OwnFree {
+            before,
+            left,
+            stuck,
+        } = self;
+        assert!(
+            left <= before,
+            "{own} still open in the daemon behind {shared} ({left} fds, {before} before)"
+        );
+        // At least: another close may be under way at the moment of looking.
+        assert!(*stuck >= 1, "{shared} was not stuck, so this tells nothing");
+    }
+}
+
+/// Runs `alloc_and_free` (a user's own buffer, allocated and freed) while
+/// a shared file's release is stuck, and waits for the daemon's fd count
+/// to come back.
+fn own_free_goes_on(daemon: &Daemon, alloc_and_free: impl FnOnce()) -> OwnFree {
+    let before = daemon.baseline();
+    alloc_and_free();
+    let deadline = Instant::now() + PROMPT;
+    while daemon.fd_count() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    OwnFree {
+        before,
+        left: daemon.fd_count(),
+        stuck: stuck_closing_threads(daemon),
+    }
+}
+
 /// The daemon's closing threads stuck in a release (in uninterruptible
 /// sleep: a release waiting on a held epoll's mutex). A stuck release's fd
 /// is already gone from `/proc/PID/fd`: `close(2)` takes it out before it
@@ -1302,22 +1363,9 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     if !have_dma_heap() {
         return;
     }
-    let daemon = Daemon::start_with(DaemonOptions {
-        policy: Some(format!(
-            "[[rule]]\nname = \"root-imports\"\nuser = 0\nimport_from = {{ users = [{ALICE}] }}\n"
-        )),
-        args: [
-            "--dma-heap-dir",
-            "/dev/dma_heap",
-            "--dbus",
-            "none",
-            "--socket-mode",
-            "0666",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
-    });
+    let daemon = daemon_for_two_users(&format!(
+        "[[rule]]\nname = \"root-imports\"\nuser = 0\nimport_from = {{ users = [{ALICE}] }}\n"
+    ));
     // After the daemon, so dropped before it should the test fail: the
     // daemon's exit would wait on the held epoll.
     let Some(fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
@@ -1340,26 +1388,14 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     drop(imported);
     alice.ok(&format!("free {shared}"));
     // Alice's own buffer, freed: the daemon lets go of it.
-    let before = daemon.baseline();
-    let own = field(&alice.ok("alloc 8192 heap=system name=own"), "id")
-        .expect("id")
-        .to_owned();
-    alice.ok(&format!("free {own}"));
-    let deadline = Instant::now() + PROMPT;
-    while daemon.fd_count() > before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left = daemon.fd_count();
-    let stuck = stuck_closing_threads(&daemon);
+    let own_closed = own_free_goes_on(&daemon, || {
+        let own = field(&alice.ok("alloc 8192 heap=system name=own"), "id")
+            .expect("id")
+            .to_owned();
+        alice.ok(&format!("free {own}"));
+    });
     held.let_go(fuse);
-    assert!(
-        left <= before,
-        "Alice's own freed buffer still open in the daemon behind the shared one's release ({left} fds, {before} before)"
-    );
-    assert_eq!(
-        stuck, 1,
-        "the shared buffer's release was not stuck, so this tells nothing"
-    );
+    own_closed.assert("Alice's own freed buffer", "the shared buffer's release");
     assert!(new_client_served(&daemon), "another client was not served");
     alice.ok("alloc 4096");
 }
@@ -1379,23 +1415,10 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
     let Some(vgem) = vgem() else {
         return;
     };
-    let daemon = Daemon::start_with(DaemonOptions {
-        policy: Some(format!(
-            "[default]\nautofence = \"optional\"\n\n\
-             [[rule]]\nname = \"alice-imports\"\nuser = {ALICE}\nimport_from = {{ users = [0] }}\n"
-        )),
-        args: [
-            "--dma-heap-dir",
-            "/dev/dma_heap",
-            "--dbus",
-            "none",
-            "--socket-mode",
-            "0666",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
-    });
+    let daemon = daemon_for_two_users(&format!(
+        "[default]\nautofence = \"optional\"\n\n\
+         [[rule]]\nname = \"alice-imports\"\nuser = {ALICE}\nimport_from = {{ users = [0] }}\n"
+    ));
     // After the daemon, so dropped before it should the test fail.
     let Some(fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
         return;
@@ -1430,24 +1453,11 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
     // release waits for good.
     signal(&vgem, fence, attached);
     std::thread::sleep(Duration::from_millis(300));
-    let before = daemon.baseline();
-    let own = system_buffer(&producer, 8192, Some("own"));
-    drop(own);
-    let deadline = Instant::now() + PROMPT;
-    while daemon.fd_count() > before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left = daemon.fd_count();
-    let stuck = stuck_closing_threads(&daemon);
+    let own_closed = own_free_goes_on(&daemon, || {
+        drop(system_buffer(&producer, 8192, Some("own")));
+    });
     held.let_go(fuse);
-    assert!(
-        left <= before,
-        "the producer's own freed buffer still open in the daemon behind the fence's release ({left} fds, {before} before)"
-    );
-    assert_eq!(
-        stuck, 1,
-        "the fence's release was not stuck, so this tells nothing"
-    );
+    own_closed.assert("the producer's own freed buffer", "the fence's release");
     assert!(new_client_served(&daemon), "another client was not served");
 }
 
