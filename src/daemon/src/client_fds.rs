@@ -585,8 +585,8 @@ pub struct CloseQueueSnapshot {
     pub users: Vec<u32>,
     /// `files` or `sockets` (see [`Lane`]).
     pub lane: &'static str,
-    /// Parcels queued, and the one in hand: what counts towards each of
-    /// its users' [`pending`].
+    /// Parcels queued, and the one in hand: each counts towards the
+    /// [`pending`] of the user who brought its file in.
     pub waiting: usize,
     /// A thread runs the queue (busy, or lingering for more).
     pub has_thread: bool,

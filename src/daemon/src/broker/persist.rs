@@ -225,16 +225,8 @@ impl State {
             // Let go of on its owner's thread, as when it was allocated
             // (u32::MAX, a uid an older daemon did not record, is a
             // thread of its own), shared with its other holders' users.
-            // With no holder marked owner (a record written before the
-            // owner re-attached), the first on record, whom the charge
-            // moves to.
-            let owner_uid = buffer
-                .holders
-                .iter()
-                .find(|h| h.owner)
-                .or_else(|| buffer.holders.first())
-                .map_or(u32::MAX, |h| h.uid);
             let origin = origin_of(buffer.origin);
+            let owner_uid = owner_uid_of(&buffer.holders);
             let fd = HeldFd::new(fd, origin.release(buffer.size, owner_uid));
             // Every recorded holder has the file, and can stall its release
             // (one whose uid an older daemon did not keep as u32::MAX).
@@ -376,6 +368,20 @@ impl State {
     }
 }
 
+/// The uid whose thread lets go of a restored buffer (and whose closes it
+/// counts among): its owner's, as when it was allocated; with no holder
+/// marked owner (a record written before the owner re-attached), the
+/// first known holder's, then the first's. u32::MAX, a uid an older
+/// daemon did not record, is a thread of its own.
+fn owner_uid_of(holders: &[HolderRecord]) -> u32 {
+    holders
+        .iter()
+        .find(|h| h.owner)
+        .or_else(|| holders.iter().find(|h| h.uid != u32::MAX))
+        .or_else(|| holders.first())
+        .map_or(u32::MAX, |h| h.uid)
+}
+
 /// Compares a presented secret with a holder's in time that does not
 /// depend on where they first differ, so that answers to guesses teach
 /// nothing about the secret.
@@ -391,6 +397,28 @@ fn same_secret(kept: &str, presented: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restored buffer is let go of on its owner's thread; with none
+    /// marked, on the first known holder's rather than the unknown one's.
+    /// Found by review.
+    #[test]
+    fn a_restored_buffer_goes_to_its_owners_thread_or_a_known_holders() {
+        let holder = |uid: u32, owner: bool| HolderRecord {
+            secret: String::new(),
+            uid,
+            owner,
+        };
+        assert_eq!(
+            owner_uid_of(&[holder(1001, false), holder(1000, true)]),
+            1000
+        );
+        assert_eq!(
+            owner_uid_of(&[holder(u32::MAX, false), holder(1000, false)]),
+            1000
+        );
+        assert_eq!(owner_uid_of(&[holder(u32::MAX, false)]), u32::MAX);
+        assert_eq!(owner_uid_of(&[]), u32::MAX);
+    }
 
     #[test]
     fn secrets_match_only_when_equal() {
