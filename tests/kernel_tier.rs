@@ -129,6 +129,40 @@ fn real_kernel_daemon() -> Daemon {
     })
 }
 
+/// A device write on a buffer, ended with the fence of a vgem write still
+/// under way, which this process watches with an epoll it holds locked
+/// (its own copy sent and closed): the daemon's copy is the last, and its
+/// release waits for good once the fence has signalled.
+struct WatchedFence<'v> {
+    _gpu_buffer: VgemBuffer<'v>,
+    fence: FenceHandle,
+    attached: Instant,
+    held: HeldEpoll,
+}
+
+fn end_device_write_with_a_watched_fence<'v>(
+    vgem: &'v Vgem,
+    frame: &Buffer,
+    fuse: &StallingFuse,
+) -> WatchedFence<'v> {
+    let render = frame.begin(Access::DeviceWrite).expect("device write");
+    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let done =
+        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
+    let held = HeldEpoll::new(fuse, done.as_fd());
+    render
+        .end_with_fence(done)
+        .expect("end the device write with its fence");
+    WatchedFence {
+        _gpu_buffer: gpu_buffer,
+        fence,
+        attached,
+        held,
+    }
+}
+
 /// A daemon on the real dma-heaps, with `policy`, that clients of other
 /// uids can reach, and whose fds the test can count (no D-Bus).
 fn daemon_for_two_users(policy: &str) -> Daemon {
@@ -1430,16 +1464,12 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
     let id = field(&reader.ok(&format!("import {token}")), "id")
         .expect("id")
         .to_owned();
-    let render = frame.begin(Access::DeviceWrite).expect("device write");
-    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
-    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
-    let attached = Instant::now();
-    let done =
-        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
-    let held = HeldEpoll::new(&fuse, done.as_fd());
-    render
-        .end_with_fence(done)
-        .expect("end the device write with its fence");
+    let WatchedFence {
+        _gpu_buffer,
+        fence,
+        attached,
+        held,
+    } = end_device_write_with_a_watched_fence(&vgem, &frame, &fuse);
     // No-autofence: granted at once, with the producer's fence to wait on.
     let granted = reader.ok(&format!("begin {id} r"));
     let sync_files = field(&granted, "fence_list").unwrap_or("");
@@ -1478,17 +1508,12 @@ fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon()
     let daemon = real_kernel_daemon();
     let producer = daemon.client();
     let frame = system_buffer(&producer, 8192, Some("frame"));
-    let render = frame.begin(Access::DeviceWrite).expect("device write");
-    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
-    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
-    let attached = Instant::now();
-    let done =
-        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
-    let held = HeldEpoll::new(&fuse, done.as_fd());
-    // Sent, and this process's copy closed.
-    render
-        .end_with_fence(done)
-        .expect("end the device write with its fence");
+    let WatchedFence {
+        _gpu_buffer,
+        fence,
+        attached,
+        held,
+    } = end_device_write_with_a_watched_fence(&vgem, &frame, &fuse);
     // The daemon's wait ends, and it lets go of the sync_file.
     signal(&vgem, fence, attached);
     let served = new_client_served(&daemon);

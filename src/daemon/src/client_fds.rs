@@ -289,12 +289,18 @@ enum NoThread {
 /// of its users is among fewer busy shared threads (its own not counted)
 /// than the bound.
 fn may_go_busy(queues: &HashMap<Key, Queue>, key: &Key) -> bool {
+    under_the_bound(&busy_shared_counts(queues, Some(key)), key)
+}
+
+/// Whether `key`'s queue may go busy with `busy` shared threads by user:
+/// it is one user's, or one of its users is among fewer than the bound.
+fn under_the_bound(busy: &HashMap<u32, usize>, key: &Key) -> bool {
     !key.0.is_shared()
         || key
             .0
             .as_slice()
             .iter()
-            .any(|&uid| busy_shared_threads_of(queues, uid, Some(key)) < MAX_SHARED_THREADS_PER_UID)
+            .any(|uid| busy.get(uid).copied().unwrap_or(0) < MAX_SHARED_THREADS_PER_UID)
 }
 
 /// Starts the closing thread of `key`'s queue (which must be there),
@@ -359,15 +365,7 @@ pub fn start_stalled_threads() {
 /// let go busy and must be woken. The busy shared threads are counted
 /// once (a queue in line is not busy), not once per set in line.
 fn start_waiting(closes: &mut Closes) -> bool {
-    let mut busy = busy_shared_counts(&closes.queues);
-    let may_go_busy = |busy: &HashMap<u32, usize>, key: &Key| {
-        !key.0.is_shared()
-            || key
-                .0
-                .as_slice()
-                .iter()
-                .any(|uid| busy.get(uid).copied().unwrap_or(0) < MAX_SHARED_THREADS_PER_UID)
-    };
+    let mut busy = busy_shared_counts(&closes.queues, None);
     let gone_busy = |busy: &mut HashMap<u32, usize>, key: &Key| {
         if key.0.is_shared() {
             for uid in key.0.as_slice() {
@@ -388,7 +386,7 @@ fn start_waiting(closes: &mut Closes) -> bool {
             queue.waiting = false;
             continue;
         }
-        if !may_go_busy(&busy, &key) {
+        if !under_the_bound(&busy, &key) {
             // Every user of that set is busy enough: another set may
             // still go.
             still.push_back(key);
@@ -418,12 +416,12 @@ fn start_waiting(closes: &mut Closes) -> bool {
     wake
 }
 
-/// Busy closing threads shared with other users, by user (see
-/// [`busy_shared_threads_of`]).
-fn busy_shared_counts(queues: &HashMap<Key, Queue>) -> HashMap<u32, usize> {
+/// Busy closing threads shared with other users (with a parcel in hand
+/// or one they may take), by user, `except` that one's.
+fn busy_shared_counts(queues: &HashMap<Key, Queue>, except: Option<&Key>) -> HashMap<u32, usize> {
     let mut counts = HashMap::new();
     for (key, queue) in queues {
-        if key.0.is_shared() && is_busy(queue) {
+        if key.0.is_shared() && is_busy(queue) && Some(key) != except {
             for uid in key.0.as_slice() {
                 *counts.entry(*uid).or_default() += 1;
             }
@@ -435,17 +433,6 @@ fn busy_shared_counts(queues: &HashMap<Key, Queue>) -> HashMap<u32, usize> {
 /// A thread with a parcel in hand, or one it may take.
 fn is_busy(queue: &Queue) -> bool {
     queue.closing && (queue.in_hand || (!queue.fds.is_empty() && !queue.waiting))
-}
-
-/// Busy closing threads `uid` shares with other users (with a parcel in
-/// hand or one it may take), `except` that one's.
-fn busy_shared_threads_of(queues: &HashMap<Key, Queue>, uid: u32, except: Option<&Key>) -> usize {
-    queues
-        .iter()
-        .filter(|(key, queue)| {
-            is_busy(queue) && key.0.is_shared() && key.0.contains(uid) && Some(*key) != except
-        })
-        .count()
 }
 
 /// Wakes closing threads lingering for more (see [`close_all_of`]).
@@ -856,13 +843,13 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!later_closed(), "an idle thread went busy past the bound");
         {
-            let closes = closes();
+            let busy = busy_shared_counts(&closes().queues, None);
             assert_eq!(
+                (busy.get(&S).copied(), busy.get(&X).copied()),
                 (
-                    busy_shared_threads_of(&closes.queues, S, None),
-                    busy_shared_threads_of(&closes.queues, X, None)
-                ),
-                (MAX_SHARED_THREADS_PER_UID, MAX_SHARED_THREADS_PER_UID)
+                    Some(MAX_SHARED_THREADS_PER_UID),
+                    Some(MAX_SHARED_THREADS_PER_UID)
+                )
             );
         }
         // One of S's gets through: the set may go busy.

@@ -113,9 +113,14 @@ impl HeldFd {
     /// one.
     pub fn closing_uids(&self) -> Option<Uids> {
         match self.release {
-            Release::OnThreadOf { uid, .. } => Some(Uids::of(uid).with(&self.others())),
+            Release::OnThreadOf { uid, .. } => Some(self.uids_with(uid)),
             Release::Here | Release::Pages { .. } => None,
         }
+    }
+
+    /// `first` and every other uid the file was sent to.
+    fn uids_with(&self, first: u32) -> Uids {
+        Uids::of(first).with(&self.others())
     }
 
     /// Has the closing thread wait for `wait` before it lets go of the
@@ -216,7 +221,7 @@ impl Drop for HeldFd {
             Release::Here => drop(fd),
             Release::Pages { size } => crate::closer::close_buffer(fd, size),
             Release::OnThreadOf { uid, buffer } => {
-                let uids = Uids::of(uid).with(&self.others());
+                let uids = self.uids_with(uid);
                 let closing = Closing {
                     first: self.first.take(),
                     _fd: fd,

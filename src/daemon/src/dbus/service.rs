@@ -48,6 +48,15 @@ impl DebugObject {
         f(&state)
     }
 
+    /// Whether the current policy names `caller` an administrator (an
+    /// unidentified caller is not one).
+    fn is_admin(&self, caller: Option<&auth::Caller>) -> bool {
+        caller.is_some_and(|c| {
+            let policy = self.read(|s| Arc::clone(&s.policy));
+            policy.is_admin(c.uid, &c.gids)
+        })
+    }
+
     /// Runs `visit` on the locked state once per [`snapshot::CHUNK`] ids,
     /// unlocking in between, so that the data path never waits for more
     /// than one chunk however large the list.
@@ -191,12 +200,8 @@ impl DebugObject {
         #[zbus(header)] header: Header<'_>,
     ) -> Vec<CloseQueue> {
         let caller = auth::caller(connection, &header).await.ok();
-        let admin = caller.is_some_and(|c| {
-            let policy = self.read(|s| Arc::clone(&s.policy));
-            policy.is_admin(c.uid, &c.gids)
-        });
         let mut queues = closes::list();
-        if !admin {
+        if !self.is_admin(caller.as_ref()) {
             auth::hide_container_ids(&mut queues);
         }
         queues
@@ -216,11 +221,7 @@ impl DebugObject {
         self.read_chunked(&all.ids, |state, chunk| {
             views.extend(snapshot::clients_among(state, &all, chunk))
         });
-        let policy = self.read(|s| Arc::clone(&s.policy));
-        let admin = caller
-            .as_ref()
-            .is_some_and(|c| policy.is_admin(c.uid, &c.gids));
-        if !admin {
+        if !self.is_admin(caller.as_ref()) {
             auth::hide_foreign_executables(&mut views, caller.map(|c| c.uid));
         }
         views
@@ -260,8 +261,7 @@ impl DebugObject {
         #[zbus(header)] header: Header<'_>,
     ) -> fdo::Result<()> {
         let caller = auth::caller(connection, &header).await?;
-        let policy = self.read(|s| Arc::clone(&s.policy));
-        if !policy.is_admin(caller.uid, &caller.gids) {
+        if !self.is_admin(Some(&caller)) {
             // Any user on the bus may call it, over and over.
             static REFUSALS: crate::logging::Throttle =
                 crate::logging::Throttle::new(std::time::Duration::from_secs(60));
