@@ -76,9 +76,16 @@ impl StallingFuse {
             mnt,
             _dir: dir,
         };
-        if fuse.next_line().as_deref() != Some("mounted") {
-            eprintln!("skipping {test}: the FUSE server could not mount");
-            return None;
+        match fuse.next_line() {
+            Some(line) if line == "mounted" => {}
+            said => {
+                let status = fuse.server.try_wait();
+                eprintln!(
+                    "skipping {test}: the FUSE server could not mount (it said {said:?}; \
+                     exit status {status:?}, None if still running after {SERVER_PATIENCE:?})"
+                );
+                return None;
+            }
         }
         Some(fuse)
     }
