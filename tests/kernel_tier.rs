@@ -1192,6 +1192,66 @@ fn kernel_tier_a_slow_cache_end_holds_back_only_its_buffers_next_grant() {
     ));
 }
 
+/// How much longer the slow-START test makes every cache sync START take
+/// (`DMABROKER_TEST_CACHE_START_DELAY_MS`), as a START waiting in the
+/// kernel for a device's fence does: long enough for a client to die in
+/// it, in the emulated guest too.
+const SLOW_START: Duration = Duration::from_secs(3);
+
+/// A CPU access whose client dies while its cache sync START runs still
+/// owes the buffer the END of that START: the START cannot be stopped,
+/// and a device must not be given the buffer while the CPU's caches are
+/// being brought in, nor before they are cleaned again. So the next grant
+/// (here a device write, which has no START of its own to wait behind)
+/// goes out only after the dead reader's START has returned and its END
+/// is done, told by the order of the daemon's log lines, not by timing.
+#[test]
+fn kernel_tier_a_reader_killed_during_its_cache_start_holds_back_the_next_grant_until_its_end() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = Daemon::start_with(DaemonOptions {
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        env: vec![(
+            "DMABROKER_TEST_CACHE_START_DELAY_MS".into(),
+            SLOW_START.as_millis().to_string(),
+        )],
+        ..Default::default()
+    });
+    let owner = daemon.client();
+    let frame = system_buffer(&owner, 65536, Some("slow-start"));
+    let id = frame.id().to_string();
+    let token = frame.export().expect("export");
+    let (mut reader, reader_id) = importer(&daemon, &token, &[]);
+    reader.send(&format!("begin {reader_id} r"));
+    assert_eq!(
+        reader.recv(Duration::from_secs(1)),
+        None,
+        "the read waits for its START"
+    );
+    assert!(
+        !daemon.log().contains(&cache_sync_line(&id, "Start")),
+        "the read's START returned before the reader was killed; log:\n{}",
+        daemon.log_tail()
+    );
+    reader.kill();
+    let write = frame
+        .begin(Access::DeviceWrite)
+        .expect("the device write, once the dead reader's cache syncs are done");
+    let log = daemon.log();
+    let start = log.find(&cache_sync_line(&id, "Start")).unwrap_or_else(|| {
+        panic!("the device write was granted while the dead reader's START still ran; log:\n{log}")
+    });
+    assert!(
+        log[start..].contains(&cache_sync_line(&id, "End")),
+        "the device write was granted before the END the dead reader's START owed; log:\n{log}"
+    );
+    drop(write);
+    owner.heaps().expect("the owner is served after the write");
+}
+
 /// A buffer whose holders go while the cache sync ending its last write
 /// still runs: a begin held back behind that END is answered when its
 /// client frees the buffer, the writer dies, and once the END is done on

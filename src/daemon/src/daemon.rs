@@ -140,7 +140,8 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         tokio::spawn(watchdog::run(interval));
     }
     watchdog::spawn_test_wedge();
-    crate::broker::cache_end_delay();
+    crate::broker::cache_sync_delay(crate::kernel::dma_buf::SyncPhase::Start);
+    crate::broker::cache_sync_delay(crate::kernel::dma_buf::SyncPhase::End);
     last_record_stall();
     tokio::spawn(status_loop(Arc::clone(&broker)));
     let _dbus = crate::dbus::spawn(

@@ -635,7 +635,7 @@ impl State {
             self.stats.cache_syncs_skipped += 1;
             return CacheSync::NotNeeded;
         }
-        if let (SyncPhase::End, Some(delay)) = (phase, super::cache_end_delay()) {
+        if let (SyncPhase::End, Some(delay)) = (phase, super::cache_sync_delay(phase)) {
             std::thread::sleep(delay);
         }
         match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {

@@ -35,7 +35,7 @@ pub(crate) use persist::matches_record;
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
-pub use waits::cache_end_delay;
+pub use waits::cache_sync_delay;
 pub use words::WordState;
 pub use words::WORD_PATROL;
 

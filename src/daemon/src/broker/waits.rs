@@ -72,7 +72,11 @@ pub struct StartedSync {
 
 impl StartedSync {
     /// Blocks until the kernel lets the CPU access begin.
+    /// (Plus the test hook's [`cache_sync_delay`].)
     pub fn start(dmabuf: HeldDup, direction: SyncDirection) -> Result<StartedSync, KernelError> {
+        if let Some(delay) = cache_sync_delay(SyncPhase::Start) {
+            std::thread::sleep(delay);
+        }
         dma_buf::sync(dmabuf.as_fd(), direction, SyncPhase::Start)?;
         Ok(StartedSync {
             dmabuf: Some(dmabuf),
@@ -137,9 +141,9 @@ impl CacheEnd {
     }
 
     /// Blocks for as long as the kernel's END takes (plus the test hook's
-    /// [`cache_end_delay`]); the copy of the fd goes where it ran.
+    /// [`cache_sync_delay`]); the copy of the fd goes where it ran.
     pub fn run(self) -> Result<(), CacheSyncError> {
-        if let Some(delay) = cache_end_delay() {
+        if let Some(delay) = cache_sync_delay(SyncPhase::End) {
             std::thread::sleep(delay);
         }
         dma_buf::sync(self.dmabuf.as_fd(), self.direction, SyncPhase::End)?;
@@ -257,28 +261,35 @@ impl Drop for StartedSync {
     }
 }
 
-/// The longest [`cache_end_delay`] a test may ask for: the variable is read
-/// in every build, and a value left set must not make a daemon useless.
-const MAX_CACHE_END_DELAY: Duration = Duration::from_secs(10);
+/// The longest [`cache_sync_delay`] a test may ask for: the variables are
+/// read in every build, and a value left set must not make a daemon
+/// useless.
+const MAX_CACHE_SYNC_DELAY: Duration = Duration::from_secs(10);
 
-/// Test-only hook: `DMABROKER_TEST_CACHE_END_DELAY_MS=N` makes every cache
-/// sync END take N ms longer (at most [`MAX_CACHE_END_DELAY`]), as the
-/// cache clean of a big buffer does on a SoC whose devices do not snoop
-/// the CPU's caches. On x86 END is nearly free, so without it a test
-/// cannot see who waits for one. Read once; warned about at start, as the
-/// other test hooks are, so that a value left set shows in the log.
-pub fn cache_end_delay() -> Option<Duration> {
-    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
-    *DELAY.get_or_init(|| {
-        let asked = std::env::var("DMABROKER_TEST_CACHE_END_DELAY_MS")
-            .ok()?
-            .parse::<u64>()
-            .ok()?;
-        let delay = Duration::from_millis(asked).min(MAX_CACHE_END_DELAY);
+/// Test-only hooks: `DMABROKER_TEST_CACHE_END_DELAY_MS=N` makes every cache
+/// sync END take N ms longer, as the cache clean of a big buffer does on a
+/// SoC whose devices do not snoop the CPU's caches;
+/// `DMABROKER_TEST_CACHE_START_DELAY_MS=N` does the same to every START
+/// run off the broker's thread, as a START waiting in the kernel for a
+/// device's fence does. Both at most [`MAX_CACHE_SYNC_DELAY`]. On x86 both
+/// syncs are nearly free, so without them a test cannot see who waits for
+/// one, or what happens while one runs. Read once; warned about at start,
+/// as the other test hooks are, so that a value left set shows in the log.
+pub fn cache_sync_delay(phase: SyncPhase) -> Option<Duration> {
+    static END: OnceLock<Option<Duration>> = OnceLock::new();
+    static START: OnceLock<Option<Duration>> = OnceLock::new();
+    let (cell, variable) = match phase {
+        SyncPhase::End => (&END, "DMABROKER_TEST_CACHE_END_DELAY_MS"),
+        SyncPhase::Start => (&START, "DMABROKER_TEST_CACHE_START_DELAY_MS"),
+    };
+    *cell.get_or_init(|| {
+        let asked = std::env::var(variable).ok()?.parse::<u64>().ok()?;
+        let delay = Duration::from_millis(asked).min(MAX_CACHE_SYNC_DELAY);
         tracing::warn!(
+            variable,
             asked_ms = asked,
             delay_ms = delay.as_millis() as u64,
-            "test hook: every cache sync END is delayed"
+            "test hook: every cache sync of this phase is delayed"
         );
         Some(delay)
     })
