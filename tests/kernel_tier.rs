@@ -32,6 +32,10 @@ use dmabroker_suite::{have_root, kernel_feature, Daemon, DaemonOptions, Scripted
 /// 10 s after which the kernel signals a vgem fence by itself.
 const STILL_BLOCKED: Duration = Duration::from_secs(2);
 
+/// How long a daemon may take to say READY: a start in the emulated guest
+/// takes seconds, and only a failing run waits this long.
+const DAEMON_START: Duration = Duration::from_secs(60);
+
 fn have_dma_heap() -> bool {
     kernel_feature(
         "dma-heap `system` (/dev/dma_heap/system)",
@@ -143,7 +147,7 @@ struct WatchedFence<'v> {
 fn end_device_write_with_a_watched_fence<'v>(
     vgem: &'v Vgem,
     frame: &Buffer,
-    fuse: &StallingFuse,
+    fuse: &mut StallingFuse,
 ) -> WatchedFence<'v> {
     let render = frame.begin(Access::DeviceWrite).expect("device write");
     let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
@@ -203,14 +207,24 @@ impl OwnFree {
             "{own} still open in the daemon behind {shared} ({left} fds, {before} before)"
         );
         // At least: another close may be under way at the moment of looking.
-        assert!(*stuck >= 1, "{shared} was not stuck, so this tells nothing");
+        assert!(
+            *stuck >= 1,
+            "{shared} was not stuck before the own free, so this tells nothing"
+        );
     }
 }
 
-/// Runs `alloc_and_free` (a user's own buffer, allocated and freed) while
-/// a shared file's release is stuck, and waits for the daemon's fd count
-/// to come back.
+/// Runs `alloc_and_free` (a user's own buffer, allocated and freed) once
+/// a shared file's release is stuck (a closing thread of the daemon's in
+/// it, waited for: the daemon hands the release over when it gets to it),
+/// and waits for the daemon's fd count to come back.
 fn own_free_goes_on(daemon: &Daemon, alloc_and_free: impl FnOnce()) -> OwnFree {
+    let deadline = Instant::now() + PROMPT;
+    let mut stuck = stuck_closing_threads(daemon);
+    while stuck == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        stuck = stuck_closing_threads(daemon);
+    }
     let before = daemon.baseline();
     alloc_and_free();
     let deadline = Instant::now() + PROMPT;
@@ -220,7 +234,7 @@ fn own_free_goes_on(daemon: &Daemon, alloc_and_free: impl FnOnce()) -> OwnFree {
     OwnFree {
         before,
         left: daemon.fd_count(),
-        stuck: stuck_closing_threads(daemon),
+        stuck,
     }
 }
 
@@ -432,9 +446,7 @@ fn kernel_tier_adopting_a_restored_dma_buf_before_its_owner_is_back_is_busy() {
         let readies = manager.received().count("READY=1");
         let args = ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"];
         let child = manager.start_daemon(&binary("dmabrokerd"), &args, &[], &log);
-        manager.wait_for("READY=1", Duration::from_secs(10), |r| {
-            r.count("READY=1") > readies
-        });
+        manager.wait_for("READY=1", DAEMON_START, |r| r.count("READY=1") > readies);
         child
     };
     let mut first = start("first");
@@ -1008,7 +1020,7 @@ fn kernel_tier_a_begin_that_times_out_on_kernel_fences_keeps_no_fd() {
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
     let baseline = daemon.baseline();
-    for _ in 0..20 {
+    for _ in 0..10 {
         match adopted.begin_timeout(Access::CpuRead, Duration::from_millis(100)) {
             Err(err) => assert_eq!(err.code(), Some(dmabroker_ipc::ErrorCode::Timeout), "{err}"),
             Ok(_) => panic!("a read must wait for the device's write"),
@@ -1428,13 +1440,13 @@ fn kernel_tier_a_freed_dma_buf_whose_release_waits_does_not_stall_the_daemon() {
     if !have_dma_heap() {
         return;
     }
-    let Some(fuse) = stalling_fuse("a freed dma-buf whose release waits") else {
+    let Some(mut fuse) = stalling_fuse("a freed dma-buf whose release waits") else {
         return;
     };
     let daemon = real_kernel_daemon();
     let client = daemon.client();
     let buffer = system_buffer(&client, 8192, Some("watched"));
-    let held = HeldEpoll::new(&fuse, buffer.as_fd());
+    let held = HeldEpoll::new(&mut fuse, buffer.as_fd());
     // This process's fd closes and the buffer is freed: the daemon's fd is
     // the last.
     drop(buffer);
@@ -1462,7 +1474,7 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     ));
     // After the daemon, so dropped before it should the test fail: the
     // daemon's exit would wait on the held epoll.
-    let Some(fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
+    let Some(mut fuse) = stalling_fuse("a shared dma-buf whose release waits") else {
         return;
     };
     let mut alice = Scripted::spawn_as(daemon.socket(), ALICE, ALICE, &[]);
@@ -1478,7 +1490,7 @@ fn kernel_tier_a_shared_dma_buf_whose_release_waits_holds_up_none_of_its_owners_
     let imported = importer
         .import(&token.parse().expect("token"))
         .expect("import Alice's buffer");
-    let held = HeldEpoll::new(&fuse, imported.as_fd());
+    let held = HeldEpoll::new(&mut fuse, imported.as_fd());
     drop(imported);
     alice.ok(&format!("free {shared}"));
     // Alice's own buffer, freed: the daemon lets go of it.
@@ -1514,7 +1526,7 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
          [[rule]]\nname = \"alice-imports\"\nuser = {ALICE}\nimport_from = {{ users = [0] }}\n"
     ));
     // After the daemon, so dropped before it should the test fail.
-    let Some(fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
+    let Some(mut fuse) = stalling_fuse("a fence handed to another user whose release waits") else {
         return;
     };
     let producer = daemon.client();
@@ -1529,7 +1541,7 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
         fence,
         attached,
         held,
-    } = end_device_write_with_a_watched_fence(&vgem, &frame, &fuse);
+    } = end_device_write_with_a_watched_fence(&vgem, &frame, &mut fuse);
     // No-autofence: granted at once, with the producer's fence to wait on.
     let granted = reader.ok(&format!("begin {id} r"));
     let sync_files = field(&granted, "fence_list").unwrap_or("");
@@ -1542,7 +1554,6 @@ fn kernel_tier_a_fence_handed_to_another_users_reader_holds_up_none_of_the_produ
     // Signalled, the daemon lets go of the sync_file: the last copy, whose
     // release waits for good.
     signal(&vgem, fence, attached);
-    std::thread::sleep(Duration::from_millis(300));
     let own_closed = own_free_goes_on(&daemon, || {
         drop(system_buffer(&producer, 8192, Some("own")));
     });
@@ -1562,7 +1573,7 @@ fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon()
     let Some(vgem) = vgem() else {
         return;
     };
-    let Some(fuse) = stalling_fuse("a signalled fence whose release waits") else {
+    let Some(mut fuse) = stalling_fuse("a signalled fence whose release waits") else {
         return;
     };
     let daemon = real_kernel_daemon();
@@ -1573,7 +1584,7 @@ fn kernel_tier_a_signalled_fence_whose_release_waits_does_not_stall_the_daemon()
         fence,
         attached,
         held,
-    } = end_device_write_with_a_watched_fence(&vgem, &frame, &fuse);
+    } = end_device_write_with_a_watched_fence(&vgem, &frame, &mut fuse);
     // The daemon's wait ends, and it lets go of the sync_file.
     signal(&vgem, fence, attached);
     let served = new_client_served(&daemon);
@@ -1597,20 +1608,18 @@ fn kernel_tier_the_service_manager_never_makes_a_freed_dma_bufs_last_release() {
     if !have_dma_heap() {
         return;
     }
-    let Some(fuse) = stalling_fuse("the service manager's last release") else {
+    let Some(mut fuse) = stalling_fuse("the service manager's last release") else {
         return;
     };
     let manager = ServiceManager::new();
     let log = manager.dir.path().join("daemon.log");
     let args = ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"];
     let mut daemon = manager.start_daemon(&binary("dmabrokerd"), &args, &[], &log);
-    manager.wait_for("READY=1", Duration::from_secs(10), |r| {
-        r.count("READY=1") > 0
-    });
+    manager.wait_for("READY=1", DAEMON_START, |r| r.count("READY=1") > 0);
     let client = Client::connect_to(&manager.socket_path).expect("connect");
     let buffer = system_buffer(&client, 8192, Some("stored"));
     manager.wait_until_recorded(1);
-    let held = HeldEpoll::new(&fuse, buffer.as_fd());
+    let held = HeldEpoll::new(&mut fuse, buffer.as_fd());
     {
         // The manager busy for a moment: the removal waits in its reader,
         // while the daemon frees the buffer (and, before, let go of its

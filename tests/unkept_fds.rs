@@ -183,11 +183,11 @@ fn files_the_kernel_would_let_go_of_on_receipt_do_not_stall_the_daemon() {
     }
     for case in ["a 33rd fd", "a closed connection's queue"] {
         let daemon = Daemon::start();
-        let Some(fuse) = StallingFuse::mount(case, Stall::GetattrOf(0)) else {
+        let Some(mut fuse) = StallingFuse::mount(case, Stall::GetattrOf(0)) else {
             return;
         };
         let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
-        let held = HeldEpoll::new(&fuse, read_end.as_fd());
+        let held = HeldEpoll::new(&mut fuse, read_end.as_fd());
         let null = std::fs::File::open("/dev/null").expect("/dev/null");
         // Stopped from the last hello it answers until this process's
         // copy is gone: had the daemon closed its copy first, this
@@ -280,12 +280,13 @@ fn a_socket_closed_with_files_still_queued_does_not_stall_the_daemon() {
         return;
     }
     let daemon = Daemon::start();
-    let Some(fuse) = StallingFuse::mount("a socket closed with files queued", Stall::GetattrOf(0))
+    let Some(mut fuse) =
+        StallingFuse::mount("a socket closed with files queued", Stall::GetattrOf(0))
     else {
         return;
     };
     let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
-    let held = HeldEpoll::new(&fuse, read_end.as_fd());
+    let held = HeldEpoll::new(&mut fuse, read_end.as_fd());
     let mut raw = RawClient::connect(daemon.socket());
     raw.hello();
     // Queued together: serving ends at the first empty message, the
@@ -324,7 +325,8 @@ fn refusals_left_to_a_stuck_closing_thread_never_stall_the_broker() {
         args: vec!["--socket-mode".into(), "0666".into()],
         ..Default::default()
     });
-    let Some(fuse) = StallingFuse::mount("refusals left to a stuck thread", Stall::Flush) else {
+    let Some(mut fuse) = StallingFuse::mount("refusals left to a stuck thread", Stall::Flush)
+    else {
         return;
     };
     // Of another user, started before the FUSE file is open here.
@@ -334,7 +336,7 @@ fn refusals_left_to_a_stuck_closing_thread_never_stall_the_broker() {
         .map(|_| nix::unistd::pipe().expect("pipe"))
         .collect();
     let read_ends: Vec<BorrowedFd<'_>> = pipes.iter().map(|(r, _)| r.as_fd()).collect();
-    let held = HeldEpoll::watching(&fuse, &read_ends);
+    let held = HeldEpoll::watching(&mut fuse, &read_ends);
     let Opened { mut fuse, file } = Opened::new(fuse);
     // This uid's one connection: a stray fd whose close never returns
     // leaves its closing thread stuck for good.

@@ -179,7 +179,9 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Seconds in the emulated guest of the kernel tier; only a failing
+        // run waits this long.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("dmabrokerd exited early ({status}):\n{}", self.log());
@@ -210,9 +212,9 @@ impl Daemon {
         crate::proc::stable_fd_count(self.pid())
     }
 
-    /// Waits (up to 5 s) for the daemon's fd count to return to `baseline`.
+    /// Waits (up to 15 s) for the daemon's fd count to return to `baseline`.
     pub fn assert_fds_back_to(&self, baseline: usize) {
-        let now = crate::proc::wait_fd_count(self.pid(), baseline, Duration::from_secs(5));
+        let now = crate::proc::wait_fd_count(self.pid(), baseline, Duration::from_secs(15));
         assert_eq!(
             now,
             baseline,

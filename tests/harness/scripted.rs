@@ -15,7 +15,7 @@ pub struct Scripted {
 }
 
 /// Patience for a reply that should come promptly.
-pub const PROMPT: Duration = Duration::from_secs(10);
+pub const PROMPT: Duration = Duration::from_secs(30);
 
 impl Scripted {
     pub fn spawn(socket: &Path, extra: &[&str]) -> Scripted {

@@ -1,7 +1,8 @@
 # A FUSE server for the integration tests (harness/fuse.rs), speaking /dev/fuse directly: one file
 # "client" (a copy of argv[2]) at mount point argv[1]. GETATTR requests from
 # pid argv[3] (the daemon) are never answered, nor is any POLL (so an
-# epoll_ctl(ADD) of the file waits, holding its epoll's lock). Prints
+# epoll_ctl(ADD) of the file waits, holding its epoll's lock; "poll" is
+# printed as each arrives, when that lock is held). Prints
 # "mounted" once mounted. With argv[4] "stall-ioctl", no IOCTL is answered
 # either, and "ioctl" is printed as each arrives; with "stall-flush", no
 # FLUSH (sent at every close(2) of the file), and "flush" is printed.
@@ -55,6 +56,7 @@ while True:
         fh, off, size = struct.unpack_from("<QQI", arg)
         reply(unique, 0, os.pread(src_fd, size, off))
     elif op == 40:  # POLL: never answered
+        print("poll", flush=True)
         continue
     elif op == 39 and stall_ioctl:  # IOCTL
         print("ioctl", flush=True)
