@@ -464,6 +464,7 @@ impl State {
                         });
                         entry.starting = true;
                     }
+                    tracing::debug!(buffer, access = access_id, "cache sync START sent off");
                     self.defer(Action::CacheSyncStart {
                         access: access_id,
                         buffer,
@@ -520,6 +521,11 @@ impl State {
             }
         };
         let Some(entry) = self.accesses.get_mut(&access) else {
+            tracing::debug!(
+                buffer,
+                access,
+                "cache sync START returned for an access that went; its END is owed"
+            );
             match started.ok().and_then(|started| started.into_end()) {
                 // Counted when its access went.
                 Some(end) => self.defer(Action::CacheSyncEnd { buffer, end }),
