@@ -13,6 +13,7 @@
 //! broken. `docs/policy.md` describes the file format for administrators.
 #![forbid(unsafe_code)]
 
+mod acl;
 mod error;
 mod raw;
 mod units;
@@ -428,15 +429,18 @@ impl Policy {
         for path in [under_root(VENDOR_POLICY), under_root(ADMIN_POLICY)] {
             match read_policy_file(&path) {
                 Ok(text) => builder.apply(parse_fragment(&text, &path, &SystemNames)?),
-                // Absent is fine; a dangling symlink is not, since it most
-                // likely points at configuration that failed to deploy.
+                // Absent is fine; a dangling symlink (the file's, or a
+                // folder's on its way) is not, since it most likely points
+                // at configuration that failed to deploy.
                 Err(PolicyError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound
-                        && fs::symlink_metadata(&path).is_err() => {}
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    no_dangling_link_to(&path, root)?;
+                }
                 Err(e) => return Err(e),
             }
         }
-        for path in dropins(&under_root(DROPIN_DIR))? {
+        for path in dropins(&under_root(DROPIN_DIR), root)? {
             let text = read_policy_file(&path)?;
             builder.apply(parse_fragment(&text, &path, &SystemNames)?);
         }
@@ -979,16 +983,22 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     // Checked again on the open file, which is what will actually be read.
     let meta = file.metadata().map_err(io)?;
     check_writers(path, &meta)?;
+    check_acl_writers(path, &file)?;
+    let too_large = || PolicyError::Insecure {
+        path: path.to_path_buf(),
+        message: format!("larger than {}", format_size(MAX_FILE_SIZE)),
+    };
     if meta.len() > MAX_FILE_SIZE {
-        return Err(PolicyError::Insecure {
-            path: path.to_path_buf(),
-            message: format!("larger than {}", format_size(MAX_FILE_SIZE)),
-        });
+        return Err(too_large());
     }
     let mut bytes = Vec::new();
     file.take(MAX_FILE_SIZE + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;
+    // Grown since it was looked at.
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(too_large());
+    }
     String::from_utf8(bytes).map_err(|err| not_utf8(path, &err))
 }
 
@@ -1029,20 +1039,76 @@ fn check_writers(path: &Path, meta: &fs::Metadata) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// [`check_writers`] for the users and groups a POSIX ACL names, which the
+/// mode bits do not show. An ACL that cannot be read refuses the file.
+fn check_acl_writers(path: &Path, file: impl std::os::fd::AsFd) -> Result<(), PolicyError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let egid = nix::unistd::getegid().as_raw();
+    let writers = acl::named_writers(file).map_err(|source| PolicyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let insecure = |message: String| PolicyError::Insecure {
+        path: path.to_path_buf(),
+        message,
+    };
+    for writer in writers {
+        match writer {
+            acl::AclWriter::User(uid) if uid != 0 && uid != euid => {
+                return Err(insecure(format!("writable by uid {uid} (its ACL)")));
+            }
+            acl::AclWriter::Group(gid) if gid != 0 && gid != egid => {
+                return Err(insecure(format!("writable by group {gid} (its ACL)")));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// An error if `path` (absent) is absent only because it, or a folder on
+/// its way below `root`, is a symbolic link to nothing: configuration that
+/// failed to deploy (a link into a file system not mounted yet), whose
+/// restrictions would be dropped without a word if taken for "no file".
+fn no_dangling_link_to(path: &Path, root: &Path) -> Result<(), PolicyError> {
+    let dangling = path
+        .ancestors()
+        .take_while(|folder| folder.starts_with(root) && *folder != root)
+        .find(|link| {
+            fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink())
+                && fs::metadata(link).is_err()
+        });
+    match dangling {
+        None => Ok(()),
+        Some(link) => Err(PolicyError::Io {
+            path: link.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "a symbolic link to nothing (configuration not deployed?)",
+            ),
+        }),
+    }
+}
+
 /// The drop-in files in application order. A missing directory is fine; an
 /// unreadable or insecure one is not, since silently skipping it would drop
 /// whatever restrictions it holds.
-fn dropins(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+fn dropins(dir: &Path, root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let io = |source| PolicyError::Io {
         path: dir.to_path_buf(),
         source,
     };
     let meta = match fs::metadata(dir) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            no_dangling_link_to(dir, root)?;
+            return Ok(Vec::new());
+        }
         Err(e) => return Err(io(e)),
     };
     check_writers(dir, &meta)?;
+    // A named user who may write the folder may take a drop-in out.
+    check_acl_writers(dir, fs::File::open(dir).map_err(io)?)?;
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
         let name = entry.map_err(io)?.file_name();

@@ -1240,3 +1240,116 @@ proptest! {
         prop_assert_eq!(parse(&text).default.max_total_bytes, n);
     }
 }
+
+/// Sets `path`'s access ACL; `false` (after saying why) where the file
+/// system keeps none.
+fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> bool {
+    match rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &crate::acl::encode(entries),
+        rustix::fs::XattrFlags::empty(),
+    ) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            eprintln!("skipping: {} keeps no POSIX ACLs", path.display());
+            false
+        }
+        Err(err) => panic!("setting an ACL on {}: {err}", path.display()),
+    }
+}
+
+/// An ACL naming `user` with `perm` (and the mask `mask`), besides the
+/// owner's rw, the group's r and others' r of a 0644 file.
+fn acl_naming_user(user: u32, perm: u16, mask: u16) -> Vec<(u16, u16, u32)> {
+    use crate::acl::tag;
+    vec![
+        (tag::USER_OBJ, 6, tag::UNDEFINED_ID),
+        (tag::USER, perm, user),
+        (tag::GROUP_OBJ, 4, tag::UNDEFINED_ID),
+        (tag::MASK, mask, tag::UNDEFINED_ID),
+        (tag::OTHER, 4, tag::UNDEFINED_ID),
+    ]
+}
+
+/// A root-owned 0644 file whose ACL lets another user write it showed as
+/// 0664 with group root, which the mode check let through: that user could
+/// rewrite the policy and have it obeyed at the next reload.
+#[test]
+fn refuses_files_and_dropin_folders_an_acl_lets_others_write() {
+    const NOBODY: u32 = 65534;
+    let dir = TempDir::new("acl");
+    let path = dir.write("policy.toml", "[default]\nmax_buffers = 1\n");
+    if !set_access_acl(&path, &acl_naming_user(NOBODY, 6, 6)) {
+        return;
+    }
+    let err = Policy::load_files(std::slice::from_ref(&path)).unwrap_err();
+    assert!(matches!(err, PolicyError::Insecure { .. }), "{err}");
+    assert!(
+        err.to_string().contains("writable by uid 65534 (its ACL)"),
+        "{err}"
+    );
+    // Masked out, or granting only reading, it lets nobody else write.
+    assert!(set_access_acl(&path, &acl_naming_user(NOBODY, 6, 4)));
+    Policy::load_files(std::slice::from_ref(&path)).expect("write masked out");
+    assert!(set_access_acl(&path, &acl_naming_user(NOBODY, 4, 6)));
+    Policy::load_files(std::slice::from_ref(&path)).expect("read only");
+    // Root may write, as the mode bits allow.
+    assert!(set_access_acl(&path, &acl_naming_user(0, 6, 6)));
+    Policy::load_files(std::slice::from_ref(&path)).expect("root may write");
+
+    // A drop-in folder another user may write: one who may take a drop-in
+    // (and the restrictions in it) out.
+    let root = TempDir::new("acl-dir");
+    root.write("etc/dmabroker/policy.d/10-a.toml", "");
+    let dropins = root.0.join("etc/dmabroker/policy.d");
+    assert!(set_access_acl(&dropins, &acl_naming_user(NOBODY, 7, 7)));
+    let err = Policy::load_system_from(&root.0).unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::Insecure { path, .. } if *path == dropins),
+        "{err}"
+    );
+}
+
+#[test]
+fn acls_of_an_unknown_form_are_refused_not_read_as_granting_nothing() {
+    use crate::acl::{parse_writers, AclWriter};
+    let named = crate::acl::encode(&acl_naming_user(1000, 6, 6));
+    assert_eq!(parse_writers(&named), Ok(vec![AclWriter::User(1000)]));
+    let mut other_version = named.clone();
+    other_version[0] = 3;
+    assert!(parse_writers(&other_version).is_err());
+    assert!(parse_writers(&named[..named.len() - 1]).is_err());
+    assert!(parse_writers(&named[..3]).is_err());
+    // Without a mask entry nothing is masked.
+    let unmasked = crate::acl::encode(&[(crate::acl::tag::GROUP, 2, 44)]);
+    assert_eq!(parse_writers(&unmasked), Ok(vec![AclWriter::Group(44)]));
+}
+
+/// A standard policy location that is a symbolic link to nothing (into a
+/// file system not mounted yet, say) was taken for "no file": a reload
+/// then dropped the restrictions in it without a word.
+#[test]
+fn a_dangling_link_on_the_way_to_a_policy_location_is_an_error() {
+    let root = TempDir::new("dangling");
+    root.write("etc/dmabroker/policy.toml", "[default]\nmax_buffers = 1\n");
+    Policy::load_system_from(&root.0).expect("no drop-in folder is fine");
+    let dropins = root.0.join("etc/dmabroker/policy.d");
+    std::os::unix::fs::symlink(root.0.join("not-deployed"), &dropins).unwrap();
+    let err = Policy::load_system_from(&root.0).unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::Io { path, .. } if *path == dropins),
+        "{err}"
+    );
+
+    // The whole configuration folder.
+    let root = TempDir::new("dangling-etc");
+    fs::create_dir_all(root.0.join("etc")).unwrap();
+    let etc = root.0.join("etc/dmabroker");
+    std::os::unix::fs::symlink(root.0.join("not-deployed"), &etc).unwrap();
+    let err = Policy::load_system_from(&root.0).unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::Io { path, .. } if *path == etc),
+        "{err}"
+    );
+}
