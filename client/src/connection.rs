@@ -36,6 +36,11 @@ use crate::error::Error;
 const UNWAITED: u64 = 1 << 63;
 /// Most asynchronous errors remembered for `take_errors`.
 const MAX_ASYNC_ERRORS: usize = 64;
+/// Events kept for a program that does not read them (a no-autofence
+/// client that waits on its sync_files and never asks for
+/// `FenceSignalled`): as many as the broker queues for a client. Past
+/// that the oldest go, with their fds.
+const MAX_QUEUED_EVENTS: usize = 16 * 1024;
 /// Most give-backs kept waiting for room in the socket (see [`Owed`]).
 /// One each time the fd table is full as an answer with fds arrives, so a
 /// program that keeps asking while out of fds cannot grow it forever.
@@ -65,6 +70,9 @@ impl Incoming {
 struct Mailbox {
     replies: HashMap<u64, Incoming>,
     events: VecDeque<(Event, Vec<OwnedFd>)>,
+    /// Whether events were dropped since the program last read one: it is
+    /// told once (`take_errors`), not once per event.
+    events_dropped: bool,
     errors: VecDeque<WireError>,
     reading: bool,
     /// Threads asleep on `arrived`. Waking nobody would still cost the
@@ -97,7 +105,7 @@ impl std::fmt::Debug for ReadBuf {
 }
 
 /// What the broker needs to hear again after a reconnect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Hold {
     secret: String,
     inode: u64,
@@ -105,6 +113,16 @@ struct Hold {
     /// numbers buffers anew, so after a reconnect the same id may name
     /// another buffer of this client.
     serial: u64,
+}
+
+/// Without the secret (see `BufferInfo`'s `Debug`).
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("inode", &self.inode)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A give-back (see [`Connection::give_back`]) the socket had no room for when the
@@ -716,8 +734,13 @@ impl Connection {
     ) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
-            let generation = self.generation();
+            // The connection that broke: the one the request went out on,
+            // not the one current before it was sent (another thread may
+            // have replaced that one meanwhile, and a reconnect from it
+            // would find the work done and not reconnect again).
+            let mut broken = self.generation();
             let result = send().and_then(|(id, sent_on)| {
+                broken = sent_on;
                 self.wait_reply(id, sent_on)
                     .map(|(body, fds)| (body, fds, (id, sent_on)))
             });
@@ -726,7 +749,7 @@ impl Connection {
                     if !retried && self.reconnect_window.is_some() && hook.wanted() =>
                 {
                     retried = true;
-                    self.reconnect(generation, limit, hook)?;
+                    self.reconnect(broken, limit, hook)?;
                 }
                 other => return other,
             }
@@ -1146,6 +1169,32 @@ impl Connection {
         }
     }
 
+    /// Gives back (frees) buffer `info`, answered on connection
+    /// `generation` in a form no `Buffer` could be made of; as
+    /// [`Connection::give_back`], never waiting. Nothing to give back to a
+    /// broker that has since been replaced.
+    pub fn give_back_buffer(
+        &self,
+        generation: u64,
+        info: &dmabroker_ipc::BufferInfo,
+    ) -> Option<WireError> {
+        let (socket, current) = self.current_socket();
+        if current != generation {
+            return None;
+        }
+        let answer = ServerMessage::Reply(Reply {
+            id: 0,
+            fds: 0,
+            result: Ok(ReplyBody::Buffer(info.clone())),
+        });
+        self.give_back(&socket, generation, &answer)
+    }
+
+    /// Keeps `error` for [`Connection::take_errors`].
+    pub fn note_error(&self, error: WireError) {
+        push_error(&mut lock(&self.mailbox), error);
+    }
+
     /// Gives back what `message`, which came on connection `generation`
     /// (`socket`) without its fds, gave (see [`give_back_request`]). Never waits:
     /// a reader must never block on a broker that does not read. What the
@@ -1203,6 +1252,7 @@ impl Connection {
                 return Err(Error::Reconnected);
             }
             if let Some(event) = mailbox.events.pop_front() {
+                mailbox.events_dropped = false;
                 return Ok(Some(event));
             }
             if mailbox.closed.is_some() {
@@ -1403,7 +1453,24 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
                 },
             );
         }
-        ServerMessage::Event(event) => mailbox.events.push_back((event.event, fds)),
+        ServerMessage::Event(event) => {
+            if mailbox.events.len() >= MAX_QUEUED_EVENTS {
+                mailbox.events.pop_front();
+                if !std::mem::replace(&mut mailbox.events_dropped, true) {
+                    push_error(
+                        mailbox,
+                        WireError::new(
+                            ErrorCode::ProtocolError,
+                            format!(
+                                "more than {MAX_QUEUED_EVENTS} events went unread: \
+                                 the oldest are dropped"
+                            ),
+                        ),
+                    );
+                }
+            }
+            mailbox.events.push_back((event.event, fds));
+        }
     }
 }
 
@@ -1412,6 +1479,31 @@ mod tests {
     use super::*;
     use dmabroker_ipc::PROTOCOL_VERSION;
     use nix::sys::socket::socketpair;
+
+    /// A no-autofence program that waits on its sync_files and never asks
+    /// for events kept every `FenceSignalled` it read, for as long as it
+    /// ran.
+    #[test]
+    fn events_nobody_reads_are_kept_up_to_a_bound_and_the_loss_said_once() {
+        let mut mailbox = Mailbox::default();
+        let signalled = |fence| {
+            ServerMessage::Event(dmabroker_ipc::EventMessage {
+                fds: 0,
+                event: Event::FenceSignalled { fence },
+            })
+        };
+        let sent = MAX_QUEUED_EVENTS as u64 + 100;
+        for fence in 0..sent {
+            file_message(&mut mailbox, signalled(fence), Vec::new());
+        }
+        assert_eq!(mailbox.events.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(
+            mailbox.events.front().map(|(event, _)| event.clone()),
+            Some(Event::FenceSignalled { fence: 100 }),
+            "the oldest go"
+        );
+        assert_eq!(mailbox.errors.len(), 1, "{:?}", mailbox.errors);
+    }
 
     fn welcome() -> Welcome {
         Welcome {

@@ -229,15 +229,25 @@ impl Client {
 
     /// A buffer from the answer to an alloc or an import, on the
     /// connection generation the answer came on.
+    ///
+    /// The buffer's fd is slot 0, the one fd of the answer, and must be the
+    /// file the answer names (its inode): a `Buffer` wrapping another file
+    /// would map memory the broker does not arbitrate. An answer that does
+    /// not hold to that is a protocol error, and the buffer the broker
+    /// counted for it is given back (freed), since no `Buffer` will exist
+    /// to free it.
     fn buffer_from(&self, answered: connection::Answered) -> Result<Buffer> {
-        let (body, mut fds, (_, generation)) = answered;
+        let (body, fds, (_, generation)) = answered;
         match body {
-            ReplyBody::Buffer(info) => {
-                let fd = fds
-                    .pop()
-                    .ok_or_else(|| Error::Protocol("buffer reply without its fd".into()))?;
-                Ok(Buffer::new(self.clone(), info, fd, generation))
-            }
+            ReplyBody::Buffer(info) => match buffer_fd(&info, fds) {
+                Ok(fd) => Ok(Buffer::new(self.clone(), info, fd, generation)),
+                Err(why) => {
+                    if let Some(lost) = self.conn.give_back_buffer(generation, &info) {
+                        self.conn.note_error(lost);
+                    }
+                    Err(Error::Protocol(format!("buffer {}: {why}", info.id)))
+                }
+            },
             other => Err(unexpected("buffer", &other)),
         }
     }
@@ -442,6 +452,15 @@ impl Buffer {
     /// too long to end (`Duration::MAX`) is no limit at all; any other is
     /// a limit, and one longer than the broker can be told (`u32::MAX` ms,
     /// some 49.7 days) gives up after that long instead.
+    ///
+    /// The broker keeps the limit: it answers `Timeout` when it is over. A
+    /// broker that has stopped answering at all (stopped with a signal,
+    /// wedged) holds this call, as it holds every other, until it answers
+    /// or hangs up; the shipped service's watchdog (`WatchdogSec=10s`)
+    /// restarts a wedged broker, and the begin then goes on with the new
+    /// one as above. (Giving up on the client's side alone could leave the
+    /// access granted to nobody, or handed over in the buffer's word to a
+    /// caller that has left.)
     pub fn begin_timeout(&self, access: Access, timeout: Duration) -> Result<AccessGuard> {
         self.state.begin_inner(access, Some(timeout))
     }
@@ -488,8 +507,13 @@ impl BufferState {
             return Ok(());
         }
         let has_page = *self.has_word_page.get_or_init(|| {
-            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
-                .is_ok_and(|st| st.st_size as u64 >= self.info.size + WORD_PAGE)
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.fd)).is_ok_and(|st| {
+                // A size from the broker: no overflow on an absurd one.
+                self.info
+                    .size
+                    .checked_add(WORD_PAGE)
+                    .is_some_and(|needed| st.st_size as u64 >= needed)
+            })
         });
         let negotiated = || self.client.conn.welcome().features & features::BUFFER_WORDS != 0;
         if has_page && negotiated() {
@@ -850,6 +874,27 @@ fn await_hand_off(
 enum Resolved {
     Reply((ReplyBody, Vec<OwnedFd>)),
     HandedOff(AccessGuard),
+}
+
+/// The fd of a buffer answer: its only one, of the file the answer names.
+fn buffer_fd(info: &BufferInfo, fds: Vec<OwnedFd>) -> std::result::Result<OwnedFd, String> {
+    let count = fds.len();
+    let Some(fd) = fds.into_iter().next() else {
+        return Err("the answer came without its fd".into());
+    };
+    if count != 1 {
+        return Err(format!("the answer came with {count} fds, not 1"));
+    }
+    let inode = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .map_err(|err| format!("the answer's fd cannot be looked at: {err}"))?
+        .st_ino;
+    if inode != info.inode {
+        return Err(format!(
+            "the answer's fd is inode {inode}, not the buffer's {}",
+            info.inode
+        ));
+    }
+    Ok(fd)
 }
 
 /// A fence a no-autofence client must wait for before its hardware touches

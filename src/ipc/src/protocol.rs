@@ -269,7 +269,7 @@ pub struct HeapInfo {
     pub backend: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferInfo {
     pub id: BufferId,
     pub size: u64,
@@ -279,6 +279,22 @@ pub struct BufferInfo {
     /// Proof of holding, for `Reattach` after a broker restart. Only sent to
     /// the holder with alloc/import/adopt; empty in `Info`.
     pub secret: String,
+}
+
+/// Without the secret, which `{:?}` of a buffer (or of a client holding
+/// one) would otherwise write into a journal: with it, any process of the
+/// holder's uid could take the buffer over after a restart.
+impl std::fmt::Debug for BufferInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferInfo")
+            .field("id", &self.id)
+            .field("size", &self.size)
+            .field("heap", &self.heap)
+            .field("name", &self.name)
+            .field("inode", &self.inode)
+            .field("secret", &if self.secret.is_empty() { "" } else { ".." })
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
