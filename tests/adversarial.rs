@@ -35,7 +35,7 @@ use dmabroker_ipc::{
     ErrorCode, Hello, Request, RequestBody, RequestHead, ServerMessage, PROTOCOL_VERSION,
 };
 use dmabroker_suite::dbus::DbusDaemon;
-use dmabroker_suite::proc::{fd_count, rss_kib};
+use dmabroker_suite::proc::{fd_count, non_connection_fd_count, rss_kib};
 use dmabroker_suite::raw::RawClient;
 use dmabroker_suite::scripted::{access_of, field};
 use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted};
@@ -627,6 +627,7 @@ fn garbage_frames_get_errors_or_disconnects_and_never_allocate() {
     let _serial = serial();
     let daemon = daemon_with_policy(None);
     let baseline = daemon.baseline();
+    let others_before = non_connection_fd_count(daemon.pid());
     let valid = valid_frames();
     let mut rng = Rng(0x5eed_dab0_f00d);
     let (mut frames, mut connections) = (0, 0);
@@ -660,15 +661,20 @@ fn garbage_frames_get_errors_or_disconnects_and_never_allocate() {
                 None => break,
             }
         }
-        // No buffer was made: the daemon holds one socket (and pidfd) more,
-        // and the sockets of the connections just before it until its
-        // uid's closing thread has closed them (a moment: see
-        // `server::retire`).
-        peak = peak.max(fd_count(daemon.pid()));
+        // No buffer was made. Counted without connections' sockets and
+        // pidfds: those of the connections just before this one stay until
+        // the uid's closing thread has closed them (a moment, as long as
+        // the scheduler makes it: see `server::retire`), which a loaded
+        // machine stretched past any fixed bound.
+        peak = peak.max(non_connection_fd_count(daemon.pid()));
     }
-    eprintln!("{frames} garbage frames on {connections} connections; daemon fds peaked at {peak} (baseline {baseline})");
-    // A buffer per garbage frame would be hundreds more.
-    assert!(peak <= baseline + 8, "the daemon opened fds for garbage");
+    eprintln!("{frames} garbage frames on {connections} connections; daemon fds other than connections' peaked at {peak} ({others_before} before)");
+    // A buffer per garbage frame would be hundreds more; a file opened and
+    // closed in passing (a peer's /proc entry) may be seen.
+    assert!(
+        peak <= others_before + 2,
+        "the daemon opened fds for garbage"
+    );
     daemon.client().alloc(4096).expect("still serving");
     daemon.assert_fds_back_to(baseline);
 }

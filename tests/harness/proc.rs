@@ -9,6 +9,22 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Open fds of a process that are not a connection's (its socket, or the
+/// pidfd of its peer): what a buffer, a fence or a file a client sent
+/// would add. Connections just closed linger on a closing thread for as
+/// long as the scheduler makes it wait, which says nothing about leaks.
+pub fn non_connection_fd_count(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| {
+            let target = target.to_string_lossy();
+            !target.starts_with("socket:") && target != "anon_inode:[pidfd]"
+        })
+        .count()
+}
+
 /// Waits until `pid`'s fd count is back at `baseline`; returns the last count.
 /// Releases happen asynchronously (a hang-up is noticed by the event loop),
 /// so give them a moment rather than sampling once.

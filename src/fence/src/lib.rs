@@ -193,6 +193,18 @@ pub enum FenceError {
     UnknownWaiter(WaiterId),
 }
 
+/// A grant the arbiter made whose client never heard of it (the daemon
+/// held it back, for kernel fences or a cache sync) when the client died
+/// or freed the buffer, with the news it took from its buffer. Its access
+/// was never the client's to use: it is no lost writer, and the news goes
+/// back to the buffer for the next grant instead of vanishing with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsent {
+    pub access: AccessId,
+    pub writer_lost: bool,
+    pub revoked: bool,
+}
+
 /// What became of a client's accesses and requests when it died or freed a
 /// buffer, so the daemon can answer the new grantees and log the rest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -511,12 +523,14 @@ impl Arbiter {
     /// Ends the client's accesses and withdraws its waiters on ONE buffer
     /// (the client freed that buffer). Same rules as [`Arbiter::client_gone`],
     /// restricted to that buffer: a write it still held never got ended, so
-    /// it counts as a lost writer. An unknown buffer yields an empty result.
+    /// it counts as a lost writer, unless it is among `unsent`. An unknown
+    /// buffer yields an empty result.
     pub fn release_client_buffer(
         &mut self,
         client: ClientId,
         buffer: BufferId,
         now: Instant,
+        unsent: &[Unsent],
     ) -> ClientGone {
         let mut gone = ClientGone::default();
         let Some(res) = self.buffers.get(&buffer) else {
@@ -539,7 +553,7 @@ impl Arbiter {
             .map(|w| w.id)
             .collect();
         for &id in &gone.released {
-            self.release_lost(id);
+            self.release_unended(id, unsent);
         }
         for &id in &gone.cancelled_waiters {
             self.remove_waiter(id);
@@ -552,8 +566,10 @@ impl Arbiter {
     /// nothing, and waiting for it would block the buffer forever), device
     /// ones included unless already handed to the kernel: those stay, as
     /// the hardware may still be writing. Its waiters vanish. A write it
-    /// held marks the buffer `writer_lost` for the next grant batch.
-    pub fn client_gone(&mut self, client: ClientId, now: Instant) -> ClientGone {
+    /// held marks the buffer `writer_lost` for the next grant batch; a grant
+    /// among `unsent`, which it never heard of, gives its news back instead.
+    /// Its waiters go in the same step, so no grant this makes is its own.
+    pub fn client_gone(&mut self, client: ClientId, now: Instant, unsent: &[Unsent]) -> ClientGone {
         let Some(idx) = self.clients.get(&client) else {
             return ClientGone::default();
         };
@@ -565,7 +581,7 @@ impl Arbiter {
         };
         let mut touched = BTreeSet::new();
         for &id in &gone.released {
-            if let Some(buffer) = self.release_lost(id) {
+            if let Some(buffer) = self.release_unended(id, unsent) {
                 touched.insert(buffer);
             }
         }
@@ -750,6 +766,17 @@ impl Arbiter {
         }
         self.unindex_fence(f.holder, id);
         Some(f)
+    }
+
+    /// Removes a fence whose holder never ended it: a lost writer, or, for
+    /// a grant its holder never heard of (`unsent`), its news given back.
+    fn release_unended(&mut self, id: AccessId, unsent: &[Unsent]) -> Option<BufferId> {
+        let Some(grant) = unsent.iter().find(|u| u.access == id) else {
+            return self.release_lost(id);
+        };
+        let buffer = self.remove_fence(id)?.buffer;
+        self.restore_marks(buffer, grant.writer_lost, grant.revoked);
+        Some(buffer)
     }
 
     /// Removes a fence whose holder never ended it, marking a lost writer.

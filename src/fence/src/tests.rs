@@ -272,7 +272,7 @@ fn client_death_releases_cpu_fences_with_writer_lost_and_keeps_kernel_fences() {
     let my_wait = t.queue(1, CpuRead);
 
     let now = t.now();
-    let gone = t.a.client_gone(1, now);
+    let gone = t.a.client_gone(1, now, &[]);
     assert_eq!(gone.released, [w, dr.access_id]);
     assert_eq!(gone.kept_kernel_fences, [dw.access_id]);
     assert_eq!(gone.cancelled_waiters, [my_wait]);
@@ -297,7 +297,7 @@ fn writer_lost_waits_for_the_next_grant_even_without_waiters() {
     let mut t = T::new();
     t.grant(1, DeviceWrite);
     let now = t.now();
-    let gone = t.a.client_gone(1, now);
+    let gone = t.a.client_gone(1, now, &[]);
     assert!(gone.grants.is_empty());
     // Next grant, of either mode, hears about it; the one after does not.
     let BeginOutcome::Granted(g) = t.begin_on(B, 2, CpuRead, NoAutofence) else {
@@ -305,6 +305,45 @@ fn writer_lost_waits_for_the_next_grant_even_without_waiters() {
     };
     assert!(g.writer_lost);
     assert!(!t.grant(3, CpuRead).writer_lost);
+}
+
+/// A grant the daemon held back (for kernel fences or a cache sync) and
+/// never sent took the buffer's news; its client going, by a hang-up or a
+/// free, dropped that news with it, and the next reader was told nothing
+/// of the writer lost before. Nor was a write it never heard of a lost one.
+#[test]
+fn a_grant_never_sent_gives_its_news_back_and_loses_no_writer() {
+    for freed in [false, true] {
+        let mut t = T::new();
+        t.grant(1, DeviceWrite);
+        let now = t.now();
+        t.a.client_gone(1, now, &[]);
+        let read = t.grant(2, CpuRead);
+        assert!(read.writer_lost);
+        let unsent = [Unsent {
+            access: read.access_id,
+            writer_lost: read.writer_lost,
+            revoked: read.revoked,
+        }];
+        let now = t.now();
+        if freed {
+            t.a.release_client_buffer(2, B, now, &unsent);
+        } else {
+            t.a.client_gone(2, now, &unsent);
+        }
+        assert!(t.grant(3, CpuRead).writer_lost, "freed: {freed}");
+    }
+    // A write never sent: no lost writer.
+    let mut t = T::new();
+    let write = t.grant(1, CpuWrite);
+    let unsent = [Unsent {
+        access: write.access_id,
+        writer_lost: false,
+        revoked: false,
+    }];
+    let now = t.now();
+    t.a.client_gone(1, now, &unsent);
+    assert!(!t.grant(2, CpuRead).writer_lost);
 }
 
 #[test]
@@ -317,7 +356,7 @@ fn release_client_buffer_touches_only_that_buffer() {
     };
     let q = t.queue(2, CpuRead);
     let now = t.now();
-    let gone = t.a.release_client_buffer(1, B, now);
+    let gone = t.a.release_client_buffer(1, B, now, &[]);
     assert_eq!(gone.released, [w]);
     assert_eq!(waiters_of(&gone.grants), [q]);
     assert!(gone.grants[0].writer_lost);
@@ -430,7 +469,7 @@ fn multi_buffer_grants_come_out_in_fifo_order() {
         panic!()
     };
     let now = t.now();
-    let gone = t.a.client_gone(1, now);
+    let gone = t.a.client_gone(1, now, &[]);
     assert_eq!(waiters_of(&gone.grants), [q2, q1, q3]);
     assert!(gone
         .grants
@@ -471,13 +510,13 @@ fn a_departed_clients_index_goes_with_its_last_fence() {
     t.end(1, g.access_id);
     assert_eq!(t.a.indexed_clients(), 1, "a live client keeps its index");
     let now = t.now();
-    t.a.client_gone(1, now);
+    t.a.client_gone(1, now, &[]);
     assert_eq!(t.a.indexed_clients(), 0, "nothing held: gone at once");
 
     let d = t.grant(2, DeviceWrite).access_id;
     t.a.end_with_kernel_fence(2, d).unwrap();
     let now = t.now();
-    let gone = t.a.client_gone(2, now);
+    let gone = t.a.client_gone(2, now, &[]);
     assert_eq!(gone.kept_kernel_fences, vec![d]);
     assert_eq!(t.a.indexed_clients(), 1, "kept for its kernel fence");
     let now = t.now();

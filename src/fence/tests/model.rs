@@ -590,11 +590,11 @@ fn apply(a: &mut Arbiter, m: &mut Model, op: &Op, now: Instant) -> (Out, Out) {
             )
         }
         Op::ClientGone(c) => (
-            Out::Gone(a.client_gone(c, now)),
+            Out::Gone(a.client_gone(c, now, &[])),
             Out::Gone(m.gone(c, None, now)),
         ),
         Op::ReleaseBuffer(c, b) => (
-            Out::Gone(a.release_client_buffer(c, b, now)),
+            Out::Gone(a.release_client_buffer(c, b, now, &[])),
             Out::Gone(m.gone(c, Some(b), now)),
         ),
         Op::RemoveBuffer(b) => (

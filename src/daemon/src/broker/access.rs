@@ -1058,6 +1058,34 @@ impl State {
         Ok(Answer::Reply(ReplyBody::Ended, Vec::new()))
     }
 
+    /// The grants of `client` still held back (on `buffer`, or on any):
+    /// made by the arbiter, never sent. When the client goes (a hang-up, a
+    /// free) the news they took from their buffers goes back to it, for
+    /// the next grant, and a write among them is no lost writer: the
+    /// client never had it. Their news is no longer counted as told.
+    pub(super) fn unsent_grants(
+        &mut self,
+        client: ClientId,
+        buffer: Option<BufferId>,
+    ) -> Vec<fence::Unsent> {
+        let unsent: Vec<fence::Unsent> = self
+            .accesses
+            .iter()
+            .filter(|(_, a)| a.client == client && buffer.is_none_or(|b| a.buffer == b))
+            .filter_map(|(id, a)| {
+                let pending = a.pending.as_ref()?;
+                Some(fence::Unsent {
+                    access: *id,
+                    writer_lost: pending.grant.writer_lost,
+                    revoked: pending.grant.revoked,
+                })
+            })
+            .collect();
+        let told = unsent.iter().filter(|u| u.writer_lost).count() as u64;
+        self.stats.writer_lost = self.stats.writer_lost.saturating_sub(told);
+        unsent
+    }
+
     /// A grant still held back: the news it carries for its client
     /// (writer lost, revoked), which goes back to the buffer if it is
     /// withdrawn.
@@ -1111,6 +1139,11 @@ impl State {
         let grants = self.arbiter.kernel_fence_signalled(access, Instant::now());
         if let Some(entry) = self.remove_access(access) {
             self.release_end_slot(entry.client, entry.end_slot);
+            // Its buffer's word, taken while the device worked, goes back
+            // if nothing else holds it (as after any other end), rather
+            // than at the buffer's next decision: meanwhile every begin in
+            // the word would take a round trip.
+            self.touched.push(entry.buffer);
         }
         self.fence_ended(access);
         self.deliver_grants(grants);

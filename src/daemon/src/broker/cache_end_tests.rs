@@ -682,3 +682,114 @@ fn failed_sync() -> KernelError {
         errno: nix::errno::Errno::EIO,
     }
 }
+
+/// How a client whose grant is still held back goes.
+#[derive(Clone, Copy, Debug)]
+enum Goes {
+    HangsUp,
+    Frees,
+}
+
+/// A device writer dies on a dma-buf; the next read takes the news
+/// (`writer_lost`) and is held back by its cache sync START, and its
+/// client goes before the START returns. The news went with it: the next
+/// reader was granted the possibly torn frame with no warning. Returns
+/// whether the next reader is told.
+fn next_reader_told_of_the_lost_writer(goes: Goes) -> bool {
+    let mut bench = Bench::new();
+    let (writer, reader, next) = (bench.client(), bench.client(), bench.client());
+    let frame = bench.buffer(&[writer, reader, next], true);
+    let write = bench.begin(writer, frame, Access::DeviceWrite);
+    bench.run_starts();
+    assert!(bench.granted(writer, write));
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(writer);
+    }
+    assert!(bench.state.arbiter.owes_marks(frame));
+    bench.begin(reader, frame, Access::CpuRead);
+    let start = start_in_flight(&mut bench);
+    assert!(
+        !bench.state.arbiter.owes_marks(frame),
+        "the held-back read took the news"
+    );
+    {
+        let _entered = bench._runtime.enter();
+        match goes {
+            Goes::HangsUp => bench.state.disconnect(reader),
+            Goes::Frees => {
+                let _ = bench
+                    .state
+                    .handle_message(reader, &free_request(frame), Vec::new());
+            }
+        }
+    }
+    let Action::CacheSyncStart {
+        access,
+        buffer,
+        dmabuf,
+        direction,
+    } = start
+    else {
+        unreachable!("start_in_flight gives a START")
+    };
+    {
+        let _entered = bench._runtime.enter();
+        let started = StartedSync::assumed(dmabuf, direction);
+        bench.state.cache_sync_started(access, buffer, Ok(started));
+    }
+    for buffer in bench.run_starts() {
+        bench.end_done(buffer, Ok(()));
+    }
+    let again = bench.begin(next, frame, Access::CpuRead);
+    bench.run_starts();
+    bench
+        .replies(next)
+        .iter()
+        .find_map(|(id, reply)| match reply {
+            Ok(ReplyBody::Granted(grant)) if *id == again => Some(grant.writer_lost),
+            _ => None,
+        })
+        .expect("the next read is granted")
+}
+
+#[test]
+fn a_lost_writer_is_told_to_the_next_reader_when_a_held_back_reader_hangs_up() {
+    assert!(next_reader_told_of_the_lost_writer(Goes::HangsUp));
+}
+
+#[test]
+fn a_lost_writer_is_told_to_the_next_reader_when_a_held_back_reader_frees() {
+    assert!(next_reader_told_of_the_lost_writer(Goes::Frees));
+}
+
+/// A write granted but held back behind an END, whose client hangs up
+/// before it is sent, was never the client's: the next reader is not told
+/// of a lost writer (a frame dropped for nothing), and no lost writer is
+/// noticed.
+#[test]
+fn a_write_never_sent_is_no_lost_writer() {
+    let mut bench = Bench::new();
+    let (writer, reader, frame) = bench.two_sharing_a_dma_buf();
+    bench.write_then_end(reader, frame);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    assert!(!bench.granted(writer, write), "parked behind the END");
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(writer);
+    }
+    for buffer in bench.run_starts() {
+        bench.end_done(buffer, Ok(()));
+    }
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    bench.run_starts();
+    let told = bench
+        .replies(reader)
+        .iter()
+        .find_map(|(id, reply)| match reply {
+            Ok(ReplyBody::Granted(grant)) if *id == read => Some(grant.writer_lost),
+            _ => None,
+        })
+        .expect("the read is granted");
+    assert!(!told, "a write never sent was taken for a lost one");
+}

@@ -386,9 +386,10 @@ impl State {
         self.settle_buffer(buffer, false, now);
         // A write the client ended through its word is not a lost one.
         self.settle_client(client, Some(buffer));
+        let unsent = self.unsent_grants(client, Some(buffer));
         let gone = self
             .arbiter
-            .release_client_buffer(client, buffer, Instant::now());
+            .release_client_buffer(client, buffer, Instant::now(), &unsent);
         let freed_while_waiting = || {
             Err(WireError::new(
                 ErrorCode::UnknownBuffer,

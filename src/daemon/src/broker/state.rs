@@ -755,16 +755,19 @@ impl State {
             self.settle_buffer(buffer, false, now);
         }
         self.settle_client(client, None);
+        // A write it was never sent (held back) is no lost one.
         let lost_writes: Vec<BufferId> = self
             .accesses
             .values()
             .filter(|a| a.client == client && a.kind.is_write() && a.sync_file.is_none())
+            .filter(|a| a.pending.is_none())
             .map(|a| a.buffer)
             .collect();
         for buffer in lost_writes {
             self.notice(Notice::WriterLost { buffer, client });
         }
-        let gone = self.arbiter.client_gone(client, now);
+        let unsent = self.unsent_grants(client, None);
+        let gone = self.arbiter.client_gone(client, now, &unsent);
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
             self.remove_waiter(*waiter);
