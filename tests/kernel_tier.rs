@@ -788,6 +788,69 @@ fn kernel_tier_an_autofence_reader_waits_for_a_device_write_fence_on_an_adopted_
     ));
 }
 
+/// A device writer dies mid-frame: the next grant must warn that the
+/// contents may be torn (`writer_lost`). When that next grant was a read
+/// held back by the device's fence, and its reader died before the fence
+/// signalled, the warning went with the reader, who never heard it, and
+/// the reader after was handed the torn frame without it.
+#[test]
+fn kernel_tier_a_lost_writer_is_told_past_a_reader_that_died_waiting_for_the_device() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let (mut writer, writer_id) = importer(&daemon, &token, &[]);
+    writer.ok(&format!("begin {writer_id} dw"));
+    let writer_pid = writer.pid();
+    writer.kill();
+    await_disconnect(&daemon, writer_pid);
+
+    let (mut reader, reader_id) = importer(&daemon, &token, &[]);
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    reader.send(&format!("begin {reader_id} r"));
+    assert_eq!(
+        reader.recv(STILL_BLOCKED),
+        None,
+        "the read is held back by the device's fence"
+    );
+    let reader_pid = reader.pid();
+    reader.kill();
+    await_disconnect(&daemon, reader_pid);
+    signal(&vgem, fence, attached);
+
+    let read = adopted
+        .begin_timeout(Access::CpuRead, PROMPT)
+        .expect("the owner's read");
+    assert!(
+        read.writer_lost(),
+        "the reader after the one that died was not told the writer was lost; log:\n{}",
+        daemon.log_tail()
+    );
+}
+
+/// Waits until the daemon has logged the disconnect of the client in
+/// process `pid`.
+fn await_disconnect(daemon: &Daemon, pid: u32) {
+    let deadline = Instant::now() + PROMPT;
+    let pid = format!(" pid={pid} ");
+    while !daemon
+        .log()
+        .lines()
+        .any(|line| line.contains("client disconnected") && line.contains(&pid))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not notice the client{pid}hang up; log:\n{}",
+            daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn kernel_tier_a_no_autofence_reader_gets_the_device_write_fence_as_a_sync_file() {
     let Some(vgem) = vgem() else {
