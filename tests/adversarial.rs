@@ -628,6 +628,7 @@ fn garbage_frames_get_errors_or_disconnects_and_never_allocate() {
     let daemon = daemon_with_policy(None);
     let baseline = daemon.baseline();
     let others_before = non_connection_fd_count(daemon.pid());
+    assert!(others_before > 0, "the daemon's fds cannot be read");
     let valid = valid_frames();
     let mut rng = Rng(0x5eed_dab0_f00d);
     let (mut frames, mut connections) = (0, 0);

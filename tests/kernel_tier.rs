@@ -812,8 +812,24 @@ fn kernel_tier_a_lost_writer_is_told_past_a_reader_that_died_waiting_for_the_dev
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
     let attached = Instant::now();
     reader.send(&format!("begin {reader_id} r"));
+    // Granted by the broker, with the news, and held back for the fence:
+    // the case at hand (a read queued behind the writer would leave the
+    // news on the buffer whatever became of it).
+    let held_back = format!(
+        "grant held back for the dma-buf's kernel fences buffer={} ",
+        adopted.id()
+    );
+    await_log(&daemon, &held_back, PROMPT);
+    assert!(
+        daemon
+            .log()
+            .lines()
+            .any(|line| line.contains(&held_back) && line.contains("writer_lost=true")),
+        "the held-back read did not take the news; log:\n{}",
+        daemon.log_tail()
+    );
     assert_eq!(
-        reader.recv(STILL_BLOCKED),
+        reader.recv(Duration::from_millis(500)),
         None,
         "the read is held back by the device's fence"
     );

@@ -421,7 +421,7 @@ fn say_hello(
         }
         (other, _) => Err(Error::UnexpectedReply {
             expected: "welcome",
-            got: format!("{other:?}"),
+            got: other.kind().to_owned(),
         }),
     }
 }
@@ -1116,6 +1116,7 @@ impl Connection {
         // They name fences and accesses of the old broker's numbering,
         // which the new one starts again.
         mailbox.events.clear();
+        mailbox.events_dropped = false;
         mailbox.closed = None;
         mailbox.refusal = None;
         self.reconnects.fetch_add(1, Ordering::Relaxed);

@@ -251,6 +251,23 @@ pub enum ReplyBody {
     },
 }
 
+impl ReplyBody {
+    /// The answer's kind, for messages about an answer that was not the
+    /// one expected: its `{:?}` may carry a share token.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplyBody::Welcome(_) => "welcome",
+            ReplyBody::Heaps(_) => "heaps",
+            ReplyBody::Buffer(_) => "buffer",
+            ReplyBody::Freed => "freed",
+            ReplyBody::Exported { .. } => "exported",
+            ReplyBody::Granted(_) => "granted",
+            ReplyBody::Ended => "ended",
+            ReplyBody::Planned { .. } => "planned",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub version: u32,

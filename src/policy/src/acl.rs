@@ -14,9 +14,20 @@ const XATTR_VERSION: u32 = 2;
 const HEADER_LEN: usize = 4;
 /// `struct posix_acl_xattr_entry`: tag (u16), perm (u16), id (u32).
 const ENTRY_LEN: usize = 8;
+const TAG_USER_OBJ: u16 = 0x01;
 const TAG_USER: u16 = 0x02;
+const TAG_GROUP_OBJ: u16 = 0x04;
 const TAG_GROUP: u16 = 0x08;
 const TAG_MASK: u16 = 0x10;
+const TAG_OTHER: u16 = 0x20;
+const KNOWN_TAGS: [u16; 6] = [
+    TAG_USER_OBJ,
+    TAG_USER,
+    TAG_GROUP_OBJ,
+    TAG_GROUP,
+    TAG_MASK,
+    TAG_OTHER,
+];
 const PERM_WRITE: u16 = 0x02;
 /// An access ACL's size is bounded by the kernel's limit on an xattr value.
 const MAX_ACL_LEN: usize = 64 * 1024;
@@ -29,24 +40,36 @@ pub(crate) enum AclWriter {
     Group(u32),
 }
 
-/// The writers named in `file`'s access ACL; none when it has no ACL, or
-/// sits on a file system without them.
-pub(crate) fn named_writers(file: impl AsFd) -> io::Result<Vec<AclWriter>> {
+/// Who an access ACL lets write, besides the owner and others (whose
+/// entries the mode bits show as they are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Acl {
+    pub named_writers: Vec<AclWriter>,
+    /// Whether the owning group may write: its entry, as masked. The mode's
+    /// group bits show the mask instead, which a named entry may have
+    /// widened without the owning group getting anything.
+    pub owning_group_writes: bool,
+}
+
+/// `file`'s access ACL; `None` when it has none, or sits on a file system
+/// without them.
+pub(crate) fn access_acl(file: impl AsFd) -> io::Result<Option<Acl>> {
     let mut value = vec![0u8; MAX_ACL_LEN];
     match rustix::fs::fgetxattr(file.as_fd(), ACCESS_ACL, &mut value[..]) {
         Ok(len) => {
             value.truncate(len);
-            parse_writers(&value)
+            parse(&value)
+                .map(Some)
                 .map_err(|message| io::Error::new(io::ErrorKind::InvalidData, message))
         }
-        Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Ok(Vec::new()),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Ok(None),
         Err(errno) => Err(errno.into()),
     }
 }
 
-/// The named writers of an ACL in the kernel's xattr form. A form this
-/// code does not know is an error, never "no writers".
-pub(crate) fn parse_writers(acl: &[u8]) -> Result<Vec<AclWriter>, String> {
+/// An ACL in the kernel's xattr form. A form this code does not know (a
+/// version, a size, a tag) is an error, never "no writers".
+pub(crate) fn parse(acl: &[u8]) -> Result<Acl, String> {
     let Some((header, body)) = acl.split_first_chunk::<HEADER_LEN>() else {
         return Err(format!("an access ACL of {} bytes", acl.len()));
     };
@@ -67,20 +90,31 @@ pub(crate) fn parse_writers(acl: &[u8]) -> Result<Vec<AclWriter>, String> {
             )
         })
         .collect();
+    if let Some((tag, _, _)) = entries.iter().find(|(tag, _, _)| !KNOWN_TAGS.contains(tag)) {
+        return Err(format!(
+            "an access ACL with an entry of unknown tag {tag:#x}"
+        ));
+    }
     // Without a mask (no named entries), nothing is masked.
     let mask = entries
         .iter()
         .find(|(tag, _, _)| *tag == TAG_MASK)
         .map_or(u16::MAX, |(_, perm, _)| *perm);
-    Ok(entries
-        .iter()
-        .filter(|(_, perm, _)| perm & mask & PERM_WRITE != 0)
-        .filter_map(|(tag, _, id)| match *tag {
-            TAG_USER => Some(AclWriter::User(*id)),
-            TAG_GROUP => Some(AclWriter::Group(*id)),
-            _ => None,
-        })
-        .collect())
+    let writes = |perm: u16| perm & mask & PERM_WRITE != 0;
+    Ok(Acl {
+        named_writers: entries
+            .iter()
+            .filter(|(_, perm, _)| writes(*perm))
+            .filter_map(|(tag, _, id)| match *tag {
+                TAG_USER => Some(AclWriter::User(*id)),
+                TAG_GROUP => Some(AclWriter::Group(*id)),
+                _ => None,
+            })
+            .collect(),
+        owning_group_writes: entries
+            .iter()
+            .any(|(tag, perm, _)| *tag == TAG_GROUP_OBJ && writes(*perm)),
+    })
 }
 
 /// An access ACL in the kernel's xattr form, for tests that set one.
@@ -97,11 +131,11 @@ pub(crate) fn encode(entries: &[(u16, u16, u32)]) -> Vec<u8> {
 
 #[cfg(test)]
 pub(crate) mod tag {
-    pub const USER_OBJ: u16 = 0x01;
+    pub const USER_OBJ: u16 = super::TAG_USER_OBJ;
     pub const USER: u16 = super::TAG_USER;
-    pub const GROUP_OBJ: u16 = 0x04;
+    pub const GROUP_OBJ: u16 = super::TAG_GROUP_OBJ;
     pub const GROUP: u16 = super::TAG_GROUP;
     pub const MASK: u16 = super::TAG_MASK;
-    pub const OTHER: u16 = 0x20;
+    pub const OTHER: u16 = super::TAG_OTHER;
     pub const UNDEFINED_ID: u32 = u32::MAX;
 }

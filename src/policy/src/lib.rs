@@ -426,6 +426,9 @@ impl Policy {
     pub fn load_system_from(root: &Path) -> Result<Policy, PolicyError> {
         let under_root = |path: &str| root.join(path.trim_start_matches('/'));
         let mut builder = Builder::default();
+        for path in [VENDOR_POLICY, ADMIN_POLICY, DROPIN_DIR] {
+            check_folders_on_the_way(&under_root(path), root)?;
+        }
         for path in [under_root(VENDOR_POLICY), under_root(ADMIN_POLICY)] {
             match read_policy_file(&path) {
                 Ok(text) => builder.apply(parse_fragment(&text, &path, &SystemNames)?),
@@ -980,10 +983,9 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
         });
     }
     let file = fs::File::open(path).map_err(io)?;
-    // Checked again on the open file, which is what will actually be read.
+    // Checked on the open file, which is what will actually be read.
+    check_writers(path, &file)?;
     let meta = file.metadata().map_err(io)?;
-    check_writers(path, &meta)?;
-    check_acl_writers(path, &file)?;
     let too_large = || PolicyError::Insecure {
         path: path.to_path_buf(),
         message: format!("larger than {}", format_size(MAX_FILE_SIZE)),
@@ -1017,13 +1019,24 @@ fn not_utf8(path: &Path, err: &std::string::FromUtf8Error) -> PolicyError {
     }
 }
 
-fn check_writers(path: &Path, meta: &fs::Metadata) -> Result<(), PolicyError> {
+/// Refuses `file` (at `path`) if anyone but root or the daemon's own user
+/// could change it: by its owner, its mode bits, or its POSIX ACL (whose
+/// named users and groups the mode bits do not show, and whose mask the
+/// group bits show in place of the owning group's own permission). An ACL
+/// that cannot be read refuses the file too.
+fn check_writers(path: &Path, file: &fs::File) -> Result<(), PolicyError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
+    let io = |source| PolicyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let insecure = |message: String| PolicyError::Insecure {
         path: path.to_path_buf(),
         message,
     };
+    let meta = file.metadata().map_err(io)?;
+    let acl = acl::access_acl(file).map_err(io)?;
     if meta.uid() != 0 && meta.uid() != euid {
         return Err(insecure(format!(
             "owned by uid {}, not by root",
@@ -1033,26 +1046,13 @@ fn check_writers(path: &Path, meta: &fs::Metadata) -> Result<(), PolicyError> {
     if meta.mode() & 0o002 != 0 {
         return Err(insecure("writable by everyone".to_string()));
     }
-    if meta.mode() & 0o020 != 0 && meta.gid() != 0 && meta.gid() != egid {
+    let group_writes = acl
+        .as_ref()
+        .map_or(meta.mode() & 0o020 != 0, |acl| acl.owning_group_writes);
+    if group_writes && meta.gid() != 0 && meta.gid() != egid {
         return Err(insecure(format!("writable by group {}", meta.gid())));
     }
-    Ok(())
-}
-
-/// [`check_writers`] for the users and groups a POSIX ACL names, which the
-/// mode bits do not show. An ACL that cannot be read refuses the file.
-fn check_acl_writers(path: &Path, file: impl std::os::fd::AsFd) -> Result<(), PolicyError> {
-    let euid = nix::unistd::geteuid().as_raw();
-    let egid = nix::unistd::getegid().as_raw();
-    let writers = acl::named_writers(file).map_err(|source| PolicyError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let insecure = |message: String| PolicyError::Insecure {
-        path: path.to_path_buf(),
-        message,
-    };
-    for writer in writers {
+    for writer in acl.map(|acl| acl.named_writers).unwrap_or_default() {
         match writer {
             acl::AclWriter::User(uid) if uid != 0 && uid != euid => {
                 return Err(insecure(format!("writable by uid {uid} (its ACL)")));
@@ -1061,6 +1061,40 @@ fn check_acl_writers(path: &Path, file: impl std::os::fd::AsFd) -> Result<(), Po
                 return Err(insecure(format!("writable by group {gid} (its ACL)")));
             }
             _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens a folder to look at, never blocking: `O_DIRECTORY` refuses a
+/// FIFO or a device node in its place (opened for reading, a FIFO waits
+/// for a writer, and a device may act on being opened).
+fn open_folder(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// [`check_writers`] for the existing folders that hold `path`, below
+/// `root`: whoever may write one may take a policy file out of it (or
+/// rename `policy.d`), and an absent file is no error.
+fn check_folders_on_the_way(path: &Path, root: &Path) -> Result<(), PolicyError> {
+    for folder in path
+        .ancestors()
+        .skip(1)
+        .take_while(|folder| folder.starts_with(root) && *folder != root)
+    {
+        match open_folder(folder) {
+            Ok(file) => check_writers(folder, &file)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(PolicyError::Io {
+                    path: folder.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
     Ok(())
@@ -1098,17 +1132,22 @@ fn dropins(dir: &Path, root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         path: dir.to_path_buf(),
         source,
     };
-    let meta = match fs::metadata(dir) {
-        Ok(meta) => meta,
+    let folder = match open_folder(dir) {
+        Ok(folder) => folder,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             no_dangling_link_to(dir, root)?;
             return Ok(Vec::new());
         }
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
+            return Err(PolicyError::Insecure {
+                path: dir.to_path_buf(),
+                message: "not a directory".to_string(),
+            })
+        }
         Err(e) => return Err(io(e)),
     };
-    check_writers(dir, &meta)?;
-    // A named user who may write the folder may take a drop-in out.
-    check_acl_writers(dir, fs::File::open(dir).map_err(io)?)?;
+    // A user who may write the folder may take a drop-in out.
+    check_writers(dir, &folder)?;
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
         let name = entry.map_err(io)?.file_name();

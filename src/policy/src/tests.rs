@@ -1313,17 +1313,103 @@ fn refuses_files_and_dropin_folders_an_acl_lets_others_write() {
 
 #[test]
 fn acls_of_an_unknown_form_are_refused_not_read_as_granting_nothing() {
-    use crate::acl::{parse_writers, AclWriter};
+    use crate::acl::{parse, tag, AclWriter};
     let named = crate::acl::encode(&acl_naming_user(1000, 6, 6));
-    assert_eq!(parse_writers(&named), Ok(vec![AclWriter::User(1000)]));
+    let acl = parse(&named).unwrap();
+    assert_eq!(acl.named_writers, vec![AclWriter::User(1000)]);
+    assert!(!acl.owning_group_writes, "group::r--");
     let mut other_version = named.clone();
     other_version[0] = 3;
-    assert!(parse_writers(&other_version).is_err());
-    assert!(parse_writers(&named[..named.len() - 1]).is_err());
-    assert!(parse_writers(&named[..3]).is_err());
+    assert!(parse(&other_version).is_err());
+    assert!(parse(&named[..named.len() - 1]).is_err());
+    assert!(parse(&named[..3]).is_err());
+    let unknown_tag = crate::acl::encode(&[(0x40, 6, 0)]);
+    assert!(parse(&unknown_tag).is_err());
     // Without a mask entry nothing is masked.
-    let unmasked = crate::acl::encode(&[(crate::acl::tag::GROUP, 2, 44)]);
-    assert_eq!(parse_writers(&unmasked), Ok(vec![AclWriter::Group(44)]));
+    let unmasked = crate::acl::encode(&[(tag::GROUP, 2, 44), (tag::GROUP_OBJ, 6, 0)]);
+    let acl = parse(&unmasked).unwrap();
+    assert_eq!(acl.named_writers, vec![AclWriter::Group(44)]);
+    assert!(acl.owning_group_writes);
+}
+
+/// With an ACL the mode's group bits show its mask: a file of group 44
+/// that only root may write by its ACL (`user:0:rw`, so the mask is rw)
+/// showed as group-writable and was refused, naming a group that may not
+/// write; one whose owning group may write is still refused.
+#[test]
+fn the_owning_group_may_write_only_by_its_own_acl_entry() {
+    use crate::acl::tag;
+    let dir = TempDir::new("acl-group");
+    let path = dir.write("policy.toml", "[default]\nmax_buffers = 1\n");
+    if std::os::unix::fs::chown(&path, None, Some(44)).is_err() {
+        eprintln!("skipping: cannot give a file to group 44 (not root)");
+        return;
+    }
+    let entries = |group_perm: u16| {
+        vec![
+            (tag::USER_OBJ, 6, tag::UNDEFINED_ID),
+            (tag::USER, 6, 0),
+            (tag::GROUP_OBJ, group_perm, tag::UNDEFINED_ID),
+            (tag::MASK, 6, tag::UNDEFINED_ID),
+            (tag::OTHER, 4, tag::UNDEFINED_ID),
+        ]
+    };
+    if !set_access_acl(&path, &entries(4)) {
+        return;
+    }
+    Policy::load_files(std::slice::from_ref(&path)).expect("group 44 may only read");
+    assert!(set_access_acl(&path, &entries(6)));
+    let err = Policy::load_files(std::slice::from_ref(&path)).unwrap_err();
+    assert!(err.to_string().contains("writable by group 44"), "{err}");
+}
+
+/// The folders holding the policy files: whoever may write one may take a
+/// file out of it (or rename `policy.d`), and an absent file is no error.
+#[test]
+fn refuses_a_configuration_folder_an_acl_lets_others_write() {
+    let root = TempDir::new("acl-etc");
+    root.write("etc/dmabroker/policy.toml", "[default]\nmax_buffers = 1\n");
+    let etc = root.0.join("etc/dmabroker");
+    if !set_access_acl(&etc, &acl_naming_user(65534, 7, 7)) {
+        return;
+    }
+    let err = Policy::load_system_from(&root.0).unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::Insecure { path, .. } if *path == etc),
+        "{err}"
+    );
+}
+
+/// A FIFO (or a device node) in place of `policy.d` was opened for its
+/// ACL, which for a FIFO waits for a writer: the daemon never started, and
+/// a reload never ended.
+#[test]
+fn a_fifo_in_place_of_the_dropin_folder_is_refused_at_once() {
+    let root = TempDir::new("fifo-dropins");
+    fs::create_dir_all(root.0.join("etc/dmabroker")).unwrap();
+    let dropins = root.0.join("etc/dmabroker/policy.d");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &dropins,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let at = root.0.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            Policy::load_system_from(&at)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    });
+    let loaded = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("loading the policy did not return");
+    let err = loaded.unwrap_err();
+    assert!(err.contains("not a directory"), "{err}");
 }
 
 /// A standard policy location that is a symbolic link to nothing (into a

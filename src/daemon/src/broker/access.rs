@@ -345,6 +345,12 @@ impl State {
         if let Some(fd) = must_wait {
             match HeldDup::of(fd) {
                 Ok(dup) => {
+                    tracing::debug!(
+                        buffer = grant.buffer,
+                        access = grant.access_id,
+                        writer_lost = wire_grant.writer_lost,
+                        "grant held back for the dma-buf's kernel fences"
+                    );
                     if let Some(entry) = self.accesses.get_mut(&grant.access_id) {
                         entry.pending = Some(PendingGrant {
                             grant: wire_grant,
