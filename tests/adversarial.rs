@@ -442,6 +442,42 @@ fn a_client_that_never_reads_is_capped_and_cut_off_while_others_keep_their_laten
     drop(probe);
 }
 
+/// A client cut off for not reading its replies had every request it had
+/// queued in its socket carried out all the same (hundreds of
+/// allocations, each freed again at the hang-up), for answers that could
+/// no longer reach it. Its connection is read no further once it is cut
+/// off.
+#[test]
+fn a_client_cut_off_for_not_reading_has_nothing_more_carried_out() {
+    const CAP: u64 = 16;
+    let _serial = serial();
+    let daemon = daemon_with_policy(Some(&format!("[default]\nmax_unread_replies = {CAP}\n")));
+    let allocations_before = daemon.bus.stat(0);
+    let deaf = DeafClient::connect(daemon.socket());
+    let sent = deaf.flood(
+        RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        },
+        100_000,
+    );
+    deaf.replies_before_hangup();
+    eventually("the deaf client to be gone", || {
+        daemon.totals().first() == Some(&0)
+    });
+    let carried_out = daemon.bus.stat(0) - allocations_before;
+    eprintln!("{sent} allocations sent, {carried_out} carried out");
+    // Up to the socket's worth sent at once (fds a client may have unread:
+    // inflight::PER_CONNECTION), the cap queued, and the one that overflowed.
+    assert!(
+        carried_out <= 64 + CAP + 1,
+        "{carried_out} of {sent} allocations carried out for a client cut off after {}",
+        64 + CAP + 1
+    );
+    assert!(carried_out < sent, "the test sent too little to tell");
+}
+
 /// Sends requests flagged no-reply as fast as the socket takes them, so it
 /// is never cut off for unread replies, until `stop`; returns how many.
 fn chatter(socket: BorrowedFd<'_>, stop: &std::sync::atomic::AtomicBool) -> u64 {

@@ -115,6 +115,13 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         // keep every other connection waiting.
         let mut handled = 0;
         loop {
+            // Cut off for not reading its replies: what it queued since is
+            // not carried out (allocations, grants) for answers that can
+            // no longer reach it. (A client that merely hung up is read to
+            // the end: a pipelined end or free must still count.)
+            if outbox.cut_off() {
+                break 'connection;
+            }
             // Checked right before each read, with nothing awaited in
             // between: every connection of a uid, woken together, would
             // otherwise read a message of up to 32 fds each.

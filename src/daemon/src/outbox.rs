@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dmabroker_ipc::fdpass::{send_message, SendError};
@@ -73,7 +73,19 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     notify: Notify,
     cap: AtomicUsize,
+    /// Cut off for not reading (an overflow): what it sent meanwhile is
+    /// not carried out (see [`Outbox::cut_off`]). Outside the queue's lock:
+    /// the connection looks before every message it reads.
+    cut_off: AtomicBool,
+    /// Tests: how many of the writer's next dups of the socket fail, as
+    /// they do when the daemon is out of fds.
+    #[cfg(test)]
+    failing_dups: AtomicUsize,
 }
+
+/// How long a writer that could not wait for room (no fd for the wait, or
+/// no room in the reactor) waits before it tries the socket again.
+const WRITABLE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a message was not delivered; the connection is closed either way.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +105,18 @@ impl Outbox {
             queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
             cap: AtomicUsize::new(cap.max(1)),
+            cut_off: AtomicBool::new(false),
+            #[cfg(test)]
+            failing_dups: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether the client was cut off for not reading its replies. Its
+    /// connection is read no further: the requests it queued meanwhile
+    /// would be carried out (allocations, accesses granted) for answers
+    /// that can no longer reach it.
+    pub fn cut_off(&self) -> bool {
+        self.cut_off.load(Ordering::Relaxed)
     }
 
     /// The policy's `max_unread_replies` may change on reload.
@@ -170,6 +193,7 @@ impl Outbox {
         };
         if full {
             queue.closed = true;
+            self.cut_off.store(true, Ordering::Relaxed);
             let dropped = std::mem::take(&mut queue.messages);
             let len = dropped.len();
             queue.counted = 0;
@@ -218,15 +242,36 @@ impl Outbox {
 
     /// Waits until the full socket has room again. The connection is
     /// registered for readability only (see `connection`), so a dup of it
-    /// is registered for writability for just this wait.
+    /// is registered for writability for just this wait. Without an fd for
+    /// the dup (the daemon out of fds) or room in the reactor it waits a
+    /// moment and has the socket tried again: ending the writer instead
+    /// left this one connection's replies queued for good once the
+    /// shortage passed, its client waiting for an answer that never came.
+    /// False only when the reactor is going away.
     async fn until_writable(&self) -> bool {
-        let Ok(dup) = self.socket.get_ref().try_clone() else {
-            return false;
-        };
-        let Ok(waiter) = crate::reactor::register(dup, tokio::io::Interest::WRITABLE) else {
-            return false;
-        };
-        waiter.writable().await.is_ok()
+        let waiter = self
+            .socket_dup()
+            .and_then(|dup| crate::reactor::register(dup, tokio::io::Interest::WRITABLE));
+        match waiter {
+            Ok(waiter) => waiter.writable().await.is_ok(),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot wait for a client's socket to have room; trying it again shortly");
+                tokio::time::sleep(WRITABLE_RETRY).await;
+                true
+            }
+        }
+    }
+
+    fn socket_dup(&self) -> std::io::Result<OwnedFd> {
+        #[cfg(test)]
+        if self
+            .failing_dups
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE));
+        }
+        self.socket.get_ref().try_clone()
     }
 
     /// Sends queued messages until the queue is empty or the socket is full.
@@ -436,6 +481,54 @@ mod tests {
         }
         assert_eq!(rest, (extra + 1, extra));
         assert_eq!(outbox.queued(), 0);
+    }
+
+    /// Out of fds at the moment a client's socket was full, the writer
+    /// could not dup the socket to wait for room and ended for good: the
+    /// client's replies stayed queued though it read everything.
+    #[test]
+    fn a_writer_without_an_fd_to_wait_with_goes_on_once_the_client_reads() {
+        let (runtime, outbox, client) = deaf_outbox(1000);
+        let outbox = Arc::new(outbox);
+        outbox.failing_dups.store(1, Ordering::SeqCst);
+        let writer = runtime.spawn(Arc::clone(&outbox).run_writer());
+        let mut sent = 0;
+        while outbox.queued() < 5 {
+            outbox.send(&[7u8; 48], Vec::new()).expect("send");
+            sent += 1;
+        }
+        // The writer finds the socket full and cannot dup it.
+        runtime.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(20)).await });
+        assert_eq!(
+            outbox.failing_dups.load(Ordering::SeqCst),
+            0,
+            "the dup was tried"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut read = 0;
+        while read < sent {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{read} of {sent} replies reached the client; writer ended: {}",
+                writer.is_finished()
+            );
+            read += read_all(&client).0;
+            runtime
+                .block_on(async { tokio::time::sleep(std::time::Duration::from_millis(5)).await });
+        }
+        assert_eq!(outbox.queued(), 0);
+        assert!(
+            !writer.is_finished(),
+            "the writer lives as long as the outbox"
+        );
+    }
+
+    #[test]
+    fn a_client_cut_off_for_not_reading_is_marked_so() {
+        let (_runtime, outbox, _deaf) = deaf_outbox(4);
+        assert!(!outbox.cut_off());
+        while outbox.send(&[1u8; 48], Vec::new()).is_ok() {}
+        assert!(outbox.cut_off());
     }
 
     #[test]
