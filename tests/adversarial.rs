@@ -475,7 +475,6 @@ fn a_client_cut_off_for_not_reading_has_nothing_more_carried_out() {
         "{carried_out} of {sent} allocations carried out for a client cut off after {}",
         64 + CAP + 1
     );
-    assert!(carried_out < sent, "the test sent too little to tell");
 }
 
 /// Sends requests flagged no-reply as fast as the socket takes them, so it

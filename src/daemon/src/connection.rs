@@ -75,6 +75,12 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
         if client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
             held_back(pid, uid, accountable);
             while client_fds::pending(accountable) >= client_fds::MAX_PENDING_PER_UID {
+                // Cut off meanwhile (another client's grant overflowed
+                // its queue): nothing more will be read, and its holds
+                // must not wait for its user's closes.
+                if outbox.cut_off() {
+                    break 'connection;
+                }
                 // A closing thread that could not be started is tried
                 // again here too: nothing else may hand this uid anything
                 // to close.

@@ -179,6 +179,9 @@ impl Outbox {
                 Err(SendError::Os(Errno::EAGAIN)) => {}
                 Err(err) => {
                     queue.closed = true;
+                    if is_fd_shortage(&err) {
+                        self.cut_off.store(true, Ordering::Relaxed);
+                    }
                     drop(queue);
                     self.shutdown();
                     return Err(err.into());
@@ -303,6 +306,9 @@ impl Outbox {
                 Err(err) => {
                     if is_fd_shortage(&err) {
                         tracing::error!(error = %err, "cannot pass fds to a client; disconnecting it");
+                        // Alive, but cut off as for not reading: its
+                        // backlog is not carried out for it.
+                        self.cut_off.store(true, Ordering::Relaxed);
                     } else {
                         tracing::debug!(error = %err, "dropping connection after send failure");
                     }

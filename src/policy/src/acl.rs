@@ -55,7 +55,20 @@ pub(crate) struct Acl {
 /// without them.
 pub(crate) fn access_acl(file: impl AsFd) -> io::Result<Option<Acl>> {
     let mut value = vec![0u8; MAX_ACL_LEN];
-    match rustix::fs::fgetxattr(file.as_fd(), ACCESS_ACL, &mut value[..]) {
+    let read = rustix::fs::fgetxattr(file.as_fd(), ACCESS_ACL, &mut value[..]);
+    acl_read(read, value)
+}
+
+/// As [`access_acl`], for a file named by `path` (a folder the daemon may
+/// search but not list, which it cannot open for reading).
+pub(crate) fn access_acl_at(path: &std::path::Path) -> io::Result<Option<Acl>> {
+    let mut value = vec![0u8; MAX_ACL_LEN];
+    let read = rustix::fs::getxattr(path, ACCESS_ACL, &mut value[..]);
+    acl_read(read, value)
+}
+
+fn acl_read(read: rustix::io::Result<usize>, mut value: Vec<u8>) -> io::Result<Option<Acl>> {
+    match read {
         Ok(len) => {
             value.truncate(len);
             parse(&value)

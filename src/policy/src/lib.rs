@@ -426,8 +426,8 @@ impl Policy {
     pub fn load_system_from(root: &Path) -> Result<Policy, PolicyError> {
         let under_root = |path: &str| root.join(path.trim_start_matches('/'));
         let mut builder = Builder::default();
-        for path in [VENDOR_POLICY, ADMIN_POLICY, DROPIN_DIR] {
-            check_folders_on_the_way(&under_root(path), root)?;
+        for path in [VENDOR_POLICY, ADMIN_POLICY] {
+            check_own_folder_of(&under_root(path))?;
         }
         for path in [under_root(VENDOR_POLICY), under_root(ADMIN_POLICY)] {
             match read_policy_file(&path) {
@@ -984,7 +984,7 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     }
     let file = fs::File::open(path).map_err(io)?;
     // Checked on the open file, which is what will actually be read.
-    check_writers(path, &file)?;
+    check_open_file(path, &file)?;
     let meta = file.metadata().map_err(io)?;
     let too_large = || PolicyError::Insecure {
         path: path.to_path_buf(),
@@ -1024,19 +1024,28 @@ fn not_utf8(path: &Path, err: &std::string::FromUtf8Error) -> PolicyError {
 /// named users and groups the mode bits do not show, and whose mask the
 /// group bits show in place of the owning group's own permission). An ACL
 /// that cannot be read refuses the file too.
-fn check_writers(path: &Path, file: &fs::File) -> Result<(), PolicyError> {
-    let euid = nix::unistd::geteuid().as_raw();
-    let egid = nix::unistd::getegid().as_raw();
+fn check_open_file(path: &Path, file: &fs::File) -> Result<(), PolicyError> {
     let io = |source| PolicyError::Io {
         path: path.to_path_buf(),
         source,
     };
+    let meta = file.metadata().map_err(io)?;
+    let acl = acl::access_acl(file).map_err(io)?;
+    check_writers(path, &meta, acl)
+}
+
+/// [`check_writers`] for a file's metadata and access ACL.
+fn check_writers(
+    path: &Path,
+    meta: &fs::Metadata,
+    acl: Option<acl::Acl>,
+) -> Result<(), PolicyError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let egid = nix::unistd::getegid().as_raw();
     let insecure = |message: String| PolicyError::Insecure {
         path: path.to_path_buf(),
         message,
     };
-    let meta = file.metadata().map_err(io)?;
-    let acl = acl::access_acl(file).map_err(io)?;
     if meta.uid() != 0 && meta.uid() != euid {
         return Err(insecure(format!(
             "owned by uid {}, not by root",
@@ -1077,27 +1086,34 @@ fn open_folder(path: &Path) -> std::io::Result<fs::File> {
         .open(path)
 }
 
-/// [`check_writers`] for the existing folders that hold `path`, below
-/// `root`: whoever may write one may take a policy file out of it (or
-/// rename `policy.d`), and an absent file is no error.
-fn check_folders_on_the_way(path: &Path, root: &Path) -> Result<(), PolicyError> {
-    for folder in path
-        .ancestors()
-        .skip(1)
-        .take_while(|folder| folder.starts_with(root) && *folder != root)
-    {
-        match open_folder(folder) {
-            Ok(file) => check_writers(folder, &file)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(PolicyError::Io {
-                    path: folder.to_path_buf(),
-                    source,
-                })
-            }
-        }
+/// [`check_writers`] for the folder of dmabroker's own that holds the
+/// policy file `path` (`/etc/dmabroker`, `/usr/share/dmabroker`): whoever
+/// may write it may take the file out (or rename `policy.d`), and an
+/// absent file is no error. The folders above are the system's, and are
+/// not judged here: an odd `/usr` must not stop the daemon. Looked at by
+/// path, which needs only the right to search it, as reading the file
+/// does.
+fn check_own_folder_of(path: &Path) -> Result<(), PolicyError> {
+    let Some(folder) = path.parent() else {
+        return Ok(());
+    };
+    let io = |source| PolicyError::Io {
+        path: folder.to_path_buf(),
+        source,
+    };
+    let meta = match fs::metadata(folder) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if !meta.is_dir() {
+        return Err(PolicyError::Insecure {
+            path: folder.to_path_buf(),
+            message: "not a directory".to_string(),
+        });
     }
-    Ok(())
+    let acl = acl::access_acl_at(folder).map_err(io)?;
+    check_writers(folder, &meta, acl)
 }
 
 /// An error if `path` (absent) is absent only because it, or a folder on
@@ -1147,7 +1163,7 @@ fn dropins(dir: &Path, root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         Err(e) => return Err(io(e)),
     };
     // A user who may write the folder may take a drop-in out.
-    check_writers(dir, &folder)?;
+    check_open_file(dir, &folder)?;
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
         let name = entry.map_err(io)?.file_name();
