@@ -1196,14 +1196,18 @@ const SLOW_END: Duration = Duration::from_secs(3);
 /// longer, as a big frame's cache clean does on a SoC whose devices do not
 /// snoop the CPU's caches. No D-Bus, so that its fds can be counted.
 fn slow_end_daemon() -> Daemon {
+    slow_sync_daemon("DMABROKER_TEST_CACHE_END_DELAY_MS", SLOW_END)
+}
+
+/// A daemon on the real dma-heaps whose cache syncs of one phase take `by`
+/// longer (the test hook `variable`). No D-Bus, so that its fds can be
+/// counted.
+fn slow_sync_daemon(variable: &str, by: Duration) -> Daemon {
     Daemon::start_with(DaemonOptions {
         args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
             .map(String::from)
             .to_vec(),
-        env: vec![(
-            "DMABROKER_TEST_CACHE_END_DELAY_MS".into(),
-            SLOW_END.as_millis().to_string(),
-        )],
+        env: vec![(variable.into(), by.as_millis().to_string())],
         ..Default::default()
     })
 }
@@ -1324,16 +1328,7 @@ fn kernel_tier_a_reader_killed_during_its_cache_start_holds_back_the_next_grant_
     if !have_dma_heap() {
         return;
     }
-    let daemon = Daemon::start_with(DaemonOptions {
-        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
-            .map(String::from)
-            .to_vec(),
-        env: vec![(
-            "DMABROKER_TEST_CACHE_START_DELAY_MS".into(),
-            SLOW_START.as_millis().to_string(),
-        )],
-        ..Default::default()
-    });
+    let daemon = slow_sync_daemon("DMABROKER_TEST_CACHE_START_DELAY_MS", SLOW_START);
     let owner = daemon.client();
     let frame = system_buffer(&owner, 65536, Some("slow-start"));
     let id = frame.id().to_string();

@@ -193,6 +193,23 @@ impl Bench {
         ends
     }
 
+    /// A START taken out of the actions while it ran (`start_in_flight`)
+    /// returns, done.
+    fn start_returns(&mut self, start: Action) {
+        let Action::CacheSyncStart {
+            access,
+            buffer,
+            dmabuf,
+            direction,
+        } = start
+        else {
+            panic!("not a START: {start:?}")
+        };
+        let _entered = self._runtime.enter();
+        let started = StartedSync::assumed(dmabuf, direction);
+        self.state.cache_sync_started(access, buffer, Ok(started));
+    }
+
     /// An END of `buffer` returns, done or failed.
     fn end_done(&mut self, buffer: BufferId, ended: Result<(), CacheSyncError>) {
         let _entered = self._runtime.enter();
@@ -529,20 +546,7 @@ fn a_grant_waits_for_the_start_and_end_of_an_access_gone_while_starting() {
         !bench.granted(writer, write),
         "granted while the gone access's START was running"
     );
-    let Action::CacheSyncStart {
-        access,
-        buffer,
-        dmabuf,
-        direction,
-    } = start
-    else {
-        unreachable!()
-    };
-    {
-        let _entered = bench._runtime.enter();
-        let started = StartedSync::assumed(dmabuf, direction);
-        bench.state.cache_sync_started(access, buffer, Ok(started));
-    }
+    bench.start_returns(start);
     assert_eq!(
         bench.run_starts(),
         vec![frame],
@@ -724,20 +728,7 @@ fn next_reader_told_of_the_lost_writer(goes: Goes) -> bool {
             }
         }
     }
-    let Action::CacheSyncStart {
-        access,
-        buffer,
-        dmabuf,
-        direction,
-    } = start
-    else {
-        unreachable!("start_in_flight gives a START")
-    };
-    {
-        let _entered = bench._runtime.enter();
-        let started = StartedSync::assumed(dmabuf, direction);
-        bench.state.cache_sync_started(access, buffer, Ok(started));
-    }
+    bench.start_returns(start);
     for buffer in bench.run_starts() {
         bench.end_done(buffer, Ok(()));
     }
