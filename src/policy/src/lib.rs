@@ -982,10 +982,25 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
             message: "not a regular file".to_string(),
         });
     }
-    let file = fs::File::open(path).map_err(io)?;
+    // Without waiting even so: a FIFO put in its place since would block
+    // the open (a regular file reads the same with O_NONBLOCK).
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?
+    };
     // Checked on the open file, which is what will actually be read.
-    check_open_file(path, &file)?;
     let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(PolicyError::Insecure {
+            path: path.to_path_buf(),
+            message: "not a regular file".to_string(),
+        });
+    }
+    check_open_file(path, &file)?;
     let too_large = || PolicyError::Insecure {
         path: path.to_path_buf(),
         message: format!("larger than {}", format_size(MAX_FILE_SIZE)),
