@@ -851,20 +851,13 @@ fn kernel_tier_a_lost_writer_is_told_past_a_reader_that_died_waiting_for_the_dev
 /// Waits until the daemon has logged the disconnect of the client in
 /// process `pid`.
 fn await_disconnect(daemon: &Daemon, pid: u32) {
-    let deadline = Instant::now() + PROMPT;
     let pid = format!(" pid={pid} ");
-    while !daemon
-        .log()
-        .lines()
-        .any(|line| line.contains("client disconnected") && line.contains(&pid))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not notice the client{pid}hang up; log:\n{}",
-            daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    await_log_line(
+        daemon,
+        &format!("client disconnected ...{pid}"),
+        PROMPT,
+        |line| line.contains("client disconnected") && line.contains(&pid),
+    );
 }
 
 #[test]
@@ -1219,11 +1212,17 @@ fn cache_sync_line(buffer: &str, phase: &str) -> String {
 
 /// Waits (up to `limit`) for the daemon to log `line`.
 fn await_log(daemon: &Daemon, line: &str, limit: Duration) {
+    await_log_line(daemon, line, limit, |logged| logged.contains(line));
+}
+
+/// Waits (up to `limit`) for a line of the daemon's log that `matches`;
+/// `what` names it if none comes.
+fn await_log_line(daemon: &Daemon, what: &str, limit: Duration, matches: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + limit;
-    while !daemon.log().contains(line) {
+    while !daemon.log().lines().any(&matches) {
         assert!(
             Instant::now() < deadline,
-            "no '{line}' in the daemon's log:\n{}",
+            "no '{what}' in the daemon's log:\n{}",
             daemon.log_tail()
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -178,12 +178,7 @@ impl Outbox {
                 }
                 Err(SendError::Os(Errno::EAGAIN)) => {}
                 Err(err) => {
-                    queue.closed = true;
-                    if is_fd_shortage(&err) {
-                        self.cut_off.store(true, Ordering::Relaxed);
-                    }
-                    drop(queue);
-                    self.shutdown();
+                    self.close_after(queue, &err);
                     return Err(err.into());
                 }
             }
@@ -306,15 +301,10 @@ impl Outbox {
                 Err(err) => {
                     if is_fd_shortage(&err) {
                         tracing::error!(error = %err, "cannot pass fds to a client; disconnecting it");
-                        // Alive, but cut off as for not reading: its
-                        // backlog is not carried out for it.
-                        self.cut_off.store(true, Ordering::Relaxed);
                     } else {
                         tracing::debug!(error = %err, "dropping connection after send failure");
                     }
-                    queue.closed = true;
-                    drop(queue);
-                    self.shutdown();
+                    self.close_after(queue, &err);
                     return Flush::Closed;
                 }
             }
@@ -337,6 +327,18 @@ impl Outbox {
             }
             Ok(_) => false,
         }
+    }
+
+    /// Closes the outbox after a send failed with `err`. A client the
+    /// daemon had no fds for is alive, but cut off as one that does not
+    /// read: its backlog is not carried out for it.
+    fn close_after(&self, mut queue: std::sync::MutexGuard<'_, Queue>, err: &SendError) {
+        queue.closed = true;
+        if is_fd_shortage(err) {
+            self.cut_off.store(true, Ordering::Relaxed);
+        }
+        drop(queue);
+        self.shutdown();
     }
 
     /// Makes the reader see end-of-file so the connection is torn down in
