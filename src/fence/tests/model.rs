@@ -10,6 +10,11 @@
 //! Because the model serves *every* buffer, not only the touched one, a
 //! wake-up the arbiter forgets shows up as a difference too.
 //!
+//! A hang-up or a free may name some of the client's grants as never sent
+//! (the broker held them back), and the model applies rule 5's words for
+//! those on its own: no lost writer, and the marks the grant took go back
+//! to its buffer.
+//!
 //! Besides equality with the model, each step checks the safety and
 //! liveness properties directly on the arbiter's own views, so that a bug
 //! shared by both cannot hide them.
@@ -49,6 +54,10 @@ struct MFence {
     mode: Mode,
     kernel: bool,
     since: Instant,
+    /// The marks its grant carried, i.e. took from the buffer: a broker
+    /// that never sends the grant hands them back in [`Unsent`].
+    writer_lost: bool,
+    revoked: bool,
 }
 
 impl MFence {
@@ -154,6 +163,8 @@ impl Model {
         now: Instant,
     ) -> Grant {
         let id = self.id();
+        let writer_lost = self.lost.contains(&buffer);
+        let revoked = self.revoked.contains(&buffer);
         self.fences.push(MFence {
             id,
             buffer,
@@ -162,6 +173,8 @@ impl Model {
             mode,
             kernel: false,
             since: now,
+            writer_lost,
+            revoked,
         });
         Grant {
             access_id: id,
@@ -170,8 +183,8 @@ impl Model {
             client,
             access,
             mode,
-            writer_lost: self.lost.contains(&buffer),
-            revoked: self.revoked.contains(&buffer),
+            writer_lost,
+            revoked,
             outstanding,
         }
     }
@@ -320,7 +333,18 @@ impl Model {
         Ok(self.serve(now))
     }
 
-    fn gone(&mut self, client: ClientId, only: Option<BufferId>, now: Instant) -> ClientGone {
+    /// Rule 5: the client's held fences (on `only`, or on every buffer) go,
+    /// and a write among them marks its buffer `writer_lost`. One among
+    /// `unsent` is a grant never sent, so never the client's to use: it
+    /// loses no writer, and the marks its grant took (kept on the fence
+    /// here, not read from `unsent`) go back to its buffer.
+    fn gone(
+        &mut self,
+        client: ClientId,
+        only: Option<BufferId>,
+        unsent: &[Unsent],
+        now: Instant,
+    ) -> ClientGone {
         let mut out = ClientGone::default();
         if only.is_some_and(|b| !self.buffers.contains(&b)) {
             return out;
@@ -332,7 +356,14 @@ impl Model {
                     out.kept_kernel_fences.push(f.id);
                 } else {
                     out.released.push(f.id);
-                    if model_is_write(f.access) {
+                    if unsent.iter().any(|u| u.access == f.id) {
+                        if f.writer_lost {
+                            self.lost.push(f.buffer);
+                        }
+                        if f.revoked {
+                            self.revoked.push(f.buffer);
+                        }
+                    } else if model_is_write(f.access) {
                         self.lost.push(f.buffer);
                     }
                 }
@@ -394,6 +425,13 @@ enum By {
     Client(ClientId),
 }
 
+/// Which of the departing client's held fences (bit i for the i-th, oldest
+/// first, among those that go) the broker had granted but not yet sent, as
+/// it holds a grant back for kernel fences or a cache sync. Held fences
+/// only: a client cannot end, or hand over, a grant it never heard of.
+#[derive(Clone, Copy, Debug)]
+struct NeverSent(u8);
+
 #[derive(Clone, Debug)]
 enum Op {
     Begin {
@@ -407,8 +445,8 @@ enum Op {
     Signal(Target),
     Cancel(Target),
     Revoke(Target),
-    ClientGone(ClientId),
-    ReleaseBuffer(ClientId, BufferId),
+    ClientGone(ClientId, NeverSent),
+    ReleaseBuffer(ClientId, BufferId, NeverSent),
     RemoveBuffer(BufferId),
     AddBuffer(BufferId),
 }
@@ -424,6 +462,14 @@ fn by() -> impl Strategy<Value = By> {
     prop_oneof![
         6 => Just(By::Holder),
         1 => (0..CLIENTS).prop_map(By::Client),
+    ]
+}
+
+fn never_sent() -> impl Strategy<Value = NeverSent> {
+    // As often all sent as not, so that lost writers stay common too.
+    prop_oneof![
+        1 => Just(NeverSent(0)),
+        1 => any::<u8>().prop_map(NeverSent),
     ]
 }
 
@@ -454,8 +500,10 @@ fn op() -> impl Strategy<Value = Op> {
         4 => target().prop_map(Op::Signal),
         3 => target().prop_map(Op::Cancel),
         2 => target().prop_map(Op::Revoke),
-        2 => (0..CLIENTS).prop_map(Op::ClientGone),
-        1 => (0..CLIENTS, buffer()).prop_map(|(c, b)| Op::ReleaseBuffer(c, b)),
+        2 => (0..CLIENTS, never_sent()).prop_map(|(c, n)| Op::ClientGone(c, n)),
+        1 => (0..CLIENTS, buffer(), never_sent()).prop_map(|(c, b, n)| {
+            Op::ReleaseBuffer(c, b, n)
+        }),
         // Rare, and undone soon after: a missing buffer makes most of what
         // follows a plain UnknownBuffer.
         1 => buffer().prop_map(Op::RemoveBuffer),
@@ -501,6 +549,24 @@ fn live_waiter(m: &Model, t: Target) -> WaiterId {
         Target::Live(i) => i as u64 % 60,
         Target::Raw(id) => id,
     }
+}
+
+/// The grants `never` picks among the held fences that go with `client`
+/// (those on `only`, if given), with the marks each grant carried, as the
+/// broker passes them. The model's record of those marks is the arbiter's:
+/// every grant was compared when it was made.
+fn unsent(m: &Model, client: ClientId, only: Option<BufferId>, never: NeverSent) -> Vec<Unsent> {
+    m.fences
+        .iter()
+        .filter(|f| f.holder == client && !f.kernel && only.unwrap_or(f.buffer) == f.buffer)
+        .enumerate()
+        .filter(|&(i, _)| i < 8 && never.0 & (1 << i) != 0)
+        .map(|(_, f)| Unsent {
+            access: f.id,
+            writer_lost: f.writer_lost,
+            revoked: f.revoked,
+        })
+        .collect()
 }
 
 fn who(by: By, holder: ClientId) -> ClientId {
@@ -589,14 +655,20 @@ fn apply(a: &mut Arbiter, m: &mut Model, op: &Op, now: Instant) -> (Out, Out) {
                 Out::Grants(m.revoke(id, now)),
             )
         }
-        Op::ClientGone(c) => (
-            Out::Gone(a.client_gone(c, now, &[])),
-            Out::Gone(m.gone(c, None, now)),
-        ),
-        Op::ReleaseBuffer(c, b) => (
-            Out::Gone(a.release_client_buffer(c, b, now, &[])),
-            Out::Gone(m.gone(c, Some(b), now)),
-        ),
+        Op::ClientGone(c, never) => {
+            let unsent = unsent(m, c, None, never);
+            (
+                Out::Gone(a.client_gone(c, now, &unsent)),
+                Out::Gone(m.gone(c, None, &unsent, now)),
+            )
+        }
+        Op::ReleaseBuffer(c, b, never) => {
+            let unsent = unsent(m, c, Some(b), never);
+            (
+                Out::Gone(a.release_client_buffer(c, b, now, &unsent)),
+                Out::Gone(m.gone(c, Some(b), &unsent, now)),
+            )
+        }
         Op::RemoveBuffer(b) => (
             Out::Removed(a.remove_buffer(b)),
             Out::Removed(m.remove_buffer(b)),
