@@ -3,7 +3,8 @@
 //!
 //! Any thread may call; whichever thread needs a message first becomes the
 //! reader and files what it receives for the others (a condvar wakes them),
-//! so there is no background thread and no runtime.
+//! so there is no runtime, and a background thread only while a one-way
+//! message waits for room in the socket (see [`Owed`]).
 //!
 //! When the connection breaks, the next call reconnects (bounded back-off),
 //! says hello again and re-attaches every buffer this client holds with the
@@ -15,7 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use dmabroker_ipc::codec::{decode_reply_id, decode_server_message, encode_request};
@@ -44,7 +45,13 @@ const MAX_QUEUED_EVENTS: usize = 16 * 1024;
 /// Most give-backs kept waiting for room in the socket (see [`Owed`]).
 /// One each time the fd table is full as an answer with fds arrives, so a
 /// program that keeps asking while out of fds cannot grow it forever.
+/// Frees and ends have no bound of their own: each is one of the
+/// program's holds or accesses, and every call that waits for an answer
+/// sends all that is owed before its request.
 const MAX_OWED: usize = 64;
+/// How long the flusher (see [`Connection::flush_later`]) waits for room
+/// at a time before it looks whether anyone still needs it.
+const FLUSH_POLL_MS: u16 = 100;
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -125,16 +132,22 @@ impl std::fmt::Debug for Hold {
     }
 }
 
-/// A give-back (see [`Connection::give_back`]) the socket had no room for when the
-/// reader tried it: the encoded request, and the connection generation
-/// whose broker it is owed to. It goes out ahead of the next message sent
-/// on that connection; a new connection drops it, since the old broker's
-/// holds ended with the old connection and its ids mean nothing to a new
-/// one.
+/// A one-way request the socket had no room for when it was made: a
+/// give-back (see [`Connection::give_back`]) the reader made, or a free or
+/// an end a drop made (see [`Connection::send`]), which must never wait
+/// for a broker that does not read. The encoded request, and the
+/// connection generation whose broker it is owed to. It goes out ahead of
+/// the next message sent on that connection, or by the flusher thread as
+/// soon as the socket has room, so that a program that goes quiet after
+/// the drop does not keep the buffer (or, for an end, everyone else out
+/// of it); a new connection drops it, since the old broker's holds ended
+/// with the old connection and its ids mean nothing to a new one.
 #[derive(Debug)]
 struct Owed {
     generation: u64,
     bytes: Vec<u8>,
+    /// A give-back, which counts towards [`MAX_OWED`].
+    given_back: bool,
 }
 
 /// Whether a send failed because the connection is gone (nothing sent on
@@ -267,6 +280,11 @@ pub(crate) struct Connection {
     /// Whether `owed` may hold anything: every send looks, and this spares
     /// it a lock when nothing is owed, which is nearly always.
     owing: AtomicBool,
+    /// Whether a flusher thread runs (see [`Connection::flush_later`]).
+    flushing: AtomicBool,
+    /// This connection, for the flusher, which must not keep it (and its
+    /// socket) alive once the program has let go of it.
+    this: Weak<Connection>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -453,7 +471,7 @@ impl Connection {
         welcome: Welcome,
         page: Option<Arc<EndWords>>,
     ) -> Arc<Self> {
-        Arc::new(Connection {
+        Arc::new_cyclic(|this| Connection {
             path: path.to_owned(),
             hello,
             reconnect_window,
@@ -472,6 +490,8 @@ impl Connection {
             reconnects: AtomicU64::new(0),
             owed: Mutex::new(VecDeque::new()),
             owing: AtomicBool::new(false),
+            flushing: AtomicBool::new(false),
+            this: this.clone(),
         })
     }
 
@@ -676,7 +696,13 @@ impl Connection {
     }
 
     /// Sends a request and returns its id and the connection generation it
-    /// went out on, without waiting.
+    /// went out on, without waiting for the answer. One nobody waits for
+    /// (`wait` false: a free or an end, which drops send) and carrying no
+    /// fds never waits for room either: what the socket has no room for
+    /// is owed, and goes out as soon as it has (see [`Owed`]). A drop that
+    /// blocked on a broker that does not read (wedged, or holding this
+    /// user's connections back) hung the program's thread, under the
+    /// holds lock that every other request on a buffer takes.
     pub fn send(
         &self,
         body: RequestBody,
@@ -690,6 +716,9 @@ impl Connection {
             flags |= FLAG_NO_REPLY;
         }
         let bytes = encode(id, flags, body, fds.len())?;
+        if !wait && fds.is_empty() {
+            return self.send_or_owe(bytes).map(|generation| (id, generation));
+        }
         if wait {
             // Before it is sent: another thread may read the answer first.
             lock(&self.mailbox).awaited.insert(id);
@@ -1170,6 +1199,68 @@ impl Connection {
         }
     }
 
+    /// Sends `bytes`, a one-way request without fds, on the current
+    /// connection without waiting for room: behind what is owed to it
+    /// already, and owed itself if the socket has no room (see [`Owed`]).
+    /// Returns the connection generation it went out on or is owed to.
+    fn send_or_owe(&self, bytes: Vec<u8>) -> Result<u64, Error> {
+        let (socket, generation) = self.current_socket();
+        let owing = match self.send_owed(&socket, generation, true) {
+            Ok(()) => false,
+            Err(err) if is_dead(&err) => return Err(send_error(err)),
+            Err(_) => true,
+        };
+        if !owing {
+            match send_message(socket.as_fd(), &bytes, &[], true) {
+                Ok(()) => return Ok(generation),
+                Err(err) if is_dead(&err) => return Err(send_error(err)),
+                // No room now (or no memory for the message a moment).
+                Err(_) => {}
+            }
+        }
+        self.owe(Owed {
+            generation,
+            bytes,
+            given_back: false,
+        });
+        Ok(generation)
+    }
+
+    /// Keeps `owed` behind what is owed already, and makes sure someone
+    /// sends it once the socket has room.
+    fn owe(&self, owed: Owed) {
+        {
+            let mut queue = lock(&self.owed);
+            queue.push_back(owed);
+            self.owing.store(true, Ordering::Release);
+        }
+        self.flush_later();
+    }
+
+    /// Starts the flusher unless it runs: a thread that sends what is owed
+    /// to the current connection as the socket makes room, and ends when
+    /// nothing is owed to it, when it is gone or replaced (a new one drops
+    /// what was owed to the old), or when the program has let go of the
+    /// connection. Without it, what a drop owed waited for the program's
+    /// next request, which a camera waiting for its next frame may not
+    /// make for a long time: a buffer stayed charged to it, or an ended
+    /// write kept every reader out. If no thread can be started, the
+    /// caller sends what is owed itself, waiting for room as drops did.
+    fn flush_later(&self) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.this.clone();
+        let started = std::thread::Builder::new()
+            .name("dmabroker-flush".into())
+            .spawn(move || flush(&this));
+        if started.is_err() {
+            self.flushing.store(false, Ordering::Release);
+            let (socket, generation) = self.current_socket();
+            let _ = self.send_owed(&socket, generation, false);
+        }
+    }
+
     /// Gives back (frees) buffer `info`, answered on connection
     /// `generation` in a form no `Buffer` could be made of; as
     /// [`Connection::give_back`], never waiting. Nothing to give back to a
@@ -1214,8 +1305,8 @@ impl Connection {
         // bound: the broker may be reading again.
         let _ = self.send_owed(socket, generation, true);
         {
-            let mut owed = lock(&self.owed);
-            if owed.len() >= MAX_OWED {
+            let owed = lock(&self.owed);
+            if owed.iter().filter(|o| o.given_back).count() >= MAX_OWED {
                 return Some(WireError::new(
                     ErrorCode::ProtocolError,
                     format!(
@@ -1225,10 +1316,13 @@ impl Connection {
                     ),
                 ));
             }
-            // Behind any owed already, which go first.
-            owed.push_back(Owed { generation, bytes });
-            self.owing.store(true, Ordering::Release);
         }
+        // Behind any owed already, which go first.
+        self.owe(Owed {
+            generation,
+            bytes,
+            given_back: true,
+        });
         let _ = self.send_owed(socket, generation, true);
         None
     }
@@ -1308,6 +1402,42 @@ enum Received {
 
 /// Reads one message, or `Nothing` when the deadline passes first.
 /// `Err`: the connection is unusable.
+/// The flusher's loop (see [`Connection::flush_later`]). It holds the
+/// connection only while it sends, and wakes every [`FLUSH_POLL_MS`] to
+/// see whether the program still holds it.
+fn flush(this: &Weak<Connection>) {
+    loop {
+        let Some(conn) = this.upgrade() else {
+            return;
+        };
+        let (socket, generation) = conn.current_socket();
+        match conn.send_owed(&socket, generation, true) {
+            Ok(()) => {
+                // A swap, not a store: it reads the swap of a thread that
+                // owed something after `send_owed` looked and, seeing
+                // this flusher still running, left the sending to it; so
+                // that thread's `owing` is seen below.
+                conn.flushing.swap(false, Ordering::AcqRel);
+                if !conn.owing.load(Ordering::Acquire) || conn.flushing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+            Err(err) if is_dead(&err) => {
+                // What is owed dies with the connection; the next call
+                // reconnects, and a new connection starts its own.
+                conn.flushing.store(false, Ordering::Release);
+                return;
+            }
+            Err(_) => {
+                drop(conn);
+                let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::from(FLUSH_POLL_MS));
+            }
+        }
+    }
+}
+
 fn receive(
     socket: &OwnedFd,
     buf: &mut [u8],
@@ -1638,6 +1768,33 @@ mod tests {
         bodies
     }
 
+    /// The next `count` requests the broker's end receives, waiting up to
+    /// 10 s for them (what the filling left is skipped). Reading makes
+    /// room, which a flusher waits for.
+    fn requests_arriving(broker: &OwnedFd, count: usize) -> Vec<RequestBody> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut bodies = Vec::new();
+        while bodies.len() < count {
+            match recv_message(broker.as_fd(), true) {
+                Ok(received) => {
+                    if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
+                        bodies.push(request.body);
+                    }
+                }
+                Err(err) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} of {count} requests arrived ({err}): {bodies:?}",
+                        bodies.len()
+                    );
+                    let mut fds = [PollFd::new(broker.as_fd(), PollFlags::POLLIN)];
+                    let _ = poll(&mut fds, PollTimeout::from(10u16));
+                }
+            }
+        }
+        bodies
+    }
+
     fn buffer_answer(buffer: u64) -> ServerMessage {
         ServerMessage::Reply(Reply {
             id: 5,
@@ -1688,6 +1845,9 @@ mod tests {
     #[test]
     fn a_give_back_at_the_bound_sends_what_is_owed_first() {
         let (conn, broker) = full_connection();
+        // As if a flusher ran that has not yet found the room: the
+        // give-back itself must make it.
+        conn.flushing.store(true, Ordering::Release);
         let (socket, generation) = owe_up_to_the_bound(&conn);
         // The broker reads everything: the socket has room again.
         let _ = drain(&broker);
@@ -1696,21 +1856,105 @@ mod tests {
         assert_eq!(drain(&broker).len(), MAX_OWED + 1);
     }
 
-    /// A give-back the full socket had no room for goes out ahead of the
-    /// next request; dropped, the buffer stayed charged to the client.
+    /// A give-back the full socket had no room for goes out once the
+    /// broker makes room, ahead of any later request, without waiting for
+    /// the program's next request (which a quiet program may never make);
+    /// dropped, the buffer stayed charged to the client.
     #[test]
-    fn a_give_back_without_room_goes_out_ahead_of_the_next_request() {
+    fn a_give_back_without_room_goes_out_once_there_is_room() {
         let (conn, broker) = full_connection();
         let (socket, generation) = conn.current_socket();
         assert!(conn
             .give_back(&socket, generation, &buffer_answer(3))
             .is_none());
-        let _ = drain(&broker);
+        assert!(matches!(
+            requests_arriving(&broker, 1)[..],
+            [RequestBody::Free { buffer: 3 }]
+        ));
         conn.send(RequestBody::ListHeaps, &[], false).expect("send");
         assert!(matches!(
-            drain(&broker)[..],
-            [RequestBody::Free { buffer: 3 }, RequestBody::ListHeaps]
+            requests_arriving(&broker, 1)[..],
+            [RequestBody::ListHeaps]
         ));
+    }
+
+    /// Dropping a buffer (its `Free`) while the broker does not read this
+    /// client's socket must not hang the program's thread: it blocked in
+    /// `sendmsg` under the holds lock, which every other request on a
+    /// buffer takes, until the broker read again. The free is not lost
+    /// either: it goes out when the broker makes room, though the
+    /// program sends nothing more. Found by review.
+    #[test]
+    fn a_buffer_dropped_on_a_full_socket_neither_waits_nor_is_lost() {
+        let (conn, broker) = full_connection();
+        let serial = conn.remember_hold(7, "secret", 1, 0);
+        let (done, returned) = std::sync::mpsc::channel();
+        let dropper = Arc::clone(&conn);
+        std::thread::spawn(move || {
+            dropper.release_hold(7, serial);
+            let _ = done.send(());
+        });
+        assert!(
+            returned.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the drop waited for a broker that does not read"
+        );
+        assert!(matches!(
+            requests_arriving(&broker, 1)[..],
+            [RequestBody::Free { buffer: 7 }]
+        ));
+    }
+
+    /// Ends and frees a drop could not send go out in the order they were
+    /// made, ahead of the next request; then the flusher ends.
+    #[test]
+    fn what_drops_owe_goes_out_in_order_and_the_flusher_ends() {
+        let (conn, broker) = full_connection();
+        let end = RequestBody::End {
+            access: 9,
+            fence_slot: None,
+        };
+        let sent = conn.send_on(0, end, &[], false).expect("owed, not refused");
+        assert_eq!(sent.map(|(_, generation)| generation), Some(0));
+        let serial = conn.remember_hold(4, "secret", 1, 0);
+        conn.release_hold(4, serial);
+        assert_eq!(lock(&conn.owed).len(), 2, "nothing fits a full socket");
+        assert!(matches!(
+            requests_arriving(&broker, 2)[..],
+            [
+                RequestBody::End {
+                    access: 9,
+                    fence_slot: None
+                },
+                RequestBody::Free { buffer: 4 }
+            ]
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while conn.flushing.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the flusher never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The flusher must not keep a connection the program let go of: its
+    /// socket stayed open, and the broker kept the client's buffers.
+    #[test]
+    fn the_flusher_lets_a_dropped_connection_close() {
+        let (conn, broker) = full_connection();
+        let serial = conn.remember_hold(4, "secret", 1, 0);
+        conn.release_hold(4, serial);
+        assert!(conn.flushing.load(Ordering::Acquire));
+        drop(conn);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match recv_message(broker.as_fd(), true) {
+                Ok(_) => {}
+                Err(RecvError::Closed) => break,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the socket was kept open");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 
     /// The old broker's holds ended with its connection, and on a new one

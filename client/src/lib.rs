@@ -1090,7 +1090,9 @@ impl AccessGuard {
     }
 
     /// Ends the access now; errors arrive later through
-    /// [`Client::take_errors`] (the end is pipelined).
+    /// [`Client::take_errors`] (the end is pipelined). Never waits for the
+    /// broker: an end its socket has no room for is kept and sent as soon
+    /// as it has, before anything sent after it.
     pub fn end(mut self) -> Result<()> {
         self.finish()
     }
