@@ -52,6 +52,12 @@ const MAX_OWED: usize = 64;
 /// How long the flusher (see [`Connection::flush_later`]) waits for room
 /// at a time before it looks whether anyone still needs it.
 const FLUSH_POLL_MS: u16 = 100;
+/// How long a send that failed for want of memory, not of room, waits
+/// before it tries again.
+const ROOM_RETRY: Duration = Duration::from_millis(10);
+/// How long a connection the program lets go of waits for room for what
+/// it owes: an end the broker never gets reads as a writer lost.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -132,16 +138,19 @@ impl std::fmt::Debug for Hold {
     }
 }
 
-/// A one-way request the socket had no room for when it was made: a
-/// give-back (see [`Connection::give_back`]) the reader made, or a free or
-/// an end a drop made (see [`Connection::send`]), which must never wait
-/// for a broker that does not read. The encoded request, and the
-/// connection generation whose broker it is owed to. It goes out ahead of
-/// the next message sent on that connection, or by the flusher thread as
-/// soon as the socket has room, so that a program that goes quiet after
-/// the drop does not keep the buffer (or, for an end, everyone else out
-/// of it); a new connection drops it, since the old broker's holds ended
-/// with the old connection and its ids mean nothing to a new one.
+/// A one-way request on its way out: a give-back (see
+/// [`Connection::give_back`]) the reader made, a free or an end a drop
+/// made, or a cancel (see [`Connection::send_one_way`]), none of which
+/// may wait for a broker that does not read. The encoded request, and
+/// the connection generation whose broker it is owed to. Every one is
+/// queued, and sent from the queue at once if the socket has room, so
+/// they go out in the order they were made, and ahead of any request
+/// made after them; what finds no room goes out ahead of the next
+/// request sent on that connection, or by the flusher thread as soon as
+/// the socket has room, so that a program that goes quiet after the drop
+/// does not keep the buffer (or, for an end, everyone else out of it). A
+/// new connection drops it, since the old broker's holds ended with the
+/// old connection and its ids mean nothing to a new one.
 #[derive(Debug)]
 struct Owed {
     generation: u64,
@@ -273,9 +282,11 @@ pub(crate) struct Connection {
     events_seen: AtomicU64,
     reconnecting: Mutex<()>,
     reconnects: AtomicU64,
-    /// Give-backs waiting for room in the socket, oldest first. Its lock
-    /// is never held while another is taken or a message sent: the reader
-    /// takes it, and must never wait for a thread blocked on the broker.
+    /// One-way requests waiting for room in the socket, oldest first (see
+    /// [`Owed`]). Its lock is never held while another is taken or while
+    /// anything waits for room (a message is sent under it only without
+    /// waiting): the reader takes it, and must never wait for a thread
+    /// blocked on the broker.
     owed: Mutex<VecDeque<Owed>>,
     /// Whether `owed` may hold anything: every send looks, and this spares
     /// it a lock when nothing is owed, which is nearly always.
@@ -525,25 +536,34 @@ impl Connection {
         serial
     }
 
-    /// Frees a hold the caller dropped. Under the holds lock, so that a
-    /// reconnect re-attaching it either finds it gone (and frees it on the
-    /// new connection, see `reconnect`) or has already installed the new
-    /// socket, which this `Free` then goes to: sent to the dead one, it was
-    /// lost, and the re-attach kept the buffer for nobody. A hold the
-    /// broker lost is not freed: its id is not this buffer's any more.
+    /// Frees a hold the caller dropped. Decided under the holds lock, so
+    /// that a reconnect re-attaching it either finds it gone (and frees it
+    /// on the new connection, see `reconnect`) or has already installed
+    /// the new socket, whose generation this `Free` is then owed to: sent
+    /// to the dead one, it was lost, and the re-attach kept the buffer for
+    /// nobody. A hold the broker lost is not freed: its id is not this
+    /// buffer's any more. Never waits for the broker (see
+    /// [`Connection::send`]).
     pub fn release_hold(&self, buffer: u64, serial: u64) {
-        let mut holds = lock(&self.holds);
-        if is_hold(&holds, buffer, serial) {
+        let generation = {
+            let mut holds = lock(&self.holds);
+            if !is_hold(&holds, buffer, serial) {
+                return;
+            }
             holds.remove(&buffer);
-            let _ = self.send(RequestBody::Free { buffer }, &[], false);
-        }
+            self.generation()
+        };
+        let _ = self.send_one_way(generation, RequestBody::Free { buffer });
     }
 
     /// As [`Connection::send`], for a request on hold `serial` of buffer
     /// `buffer`: refused without a word to the broker when the broker lost
-    /// that hold. Checked and sent under the holds lock, which a reconnect
-    /// holds while it installs the new socket, so the request cannot reach
-    /// a new broker on which the id names another buffer.
+    /// that hold. The hold is checked, and the socket taken, under the
+    /// holds lock, which a reconnect holds while it installs the new
+    /// socket, so the request cannot reach a new broker on which the id
+    /// names another buffer: it goes to the socket current at the check,
+    /// dead by then if replaced. Sent without the lock, so that a request
+    /// waiting for room never holds up another thread's drop.
     pub fn send_for(
         &self,
         (buffer, serial): (u64, u64),
@@ -551,21 +571,23 @@ impl Connection {
         fds: &[BorrowedFd<'_>],
         wait: bool,
     ) -> Result<(u64, u64), Error> {
-        let holds = lock(&self.holds);
-        if !is_hold(&holds, buffer, serial) {
-            return Err(lost_buffer(buffer));
-        }
-        let sent = self.send(body, fds, wait);
-        drop(holds);
-        sent
+        let (socket, generation) = {
+            let holds = lock(&self.holds);
+            if !is_hold(&holds, buffer, serial) {
+                return Err(lost_buffer(buffer));
+            }
+            self.current_socket()
+        };
+        self.send_at(&socket, generation, body, fds, wait)
     }
 
     /// As [`Connection::send`], for a request that only means something on
     /// connection `generation` (ending an access by its id): `None`, and
-    /// nothing sent, once that connection has been replaced. Checked and
-    /// sent under the holds lock, which a reconnect holds while it
-    /// installs the new socket, so the request cannot reach a new broker,
-    /// on which the id may name another access of this client.
+    /// nothing sent, once that connection has been replaced. Checked
+    /// under the holds lock, which a reconnect holds while it installs
+    /// the new socket, and sent on the socket current then (see
+    /// [`Connection::send_for`]), so the request cannot reach a new
+    /// broker, on which the id may name another access of this client.
     pub fn send_on(
         &self,
         generation: u64,
@@ -573,13 +595,15 @@ impl Connection {
         fds: &[BorrowedFd<'_>],
         wait: bool,
     ) -> Result<Option<(u64, u64)>, Error> {
-        let holds = lock(&self.holds);
-        if self.generation() != generation {
-            return Ok(None);
-        }
-        let sent = self.send(body, fds, wait);
-        drop(holds);
-        sent.map(Some)
+        let socket = {
+            let _holds = lock(&self.holds);
+            let (socket, current) = self.current_socket();
+            if current != generation {
+                return Ok(None);
+            }
+            socket
+        };
+        self.send_at(&socket, generation, body, fds, wait).map(Some)
     }
 
     /// As [`Connection::call_on`], for a request on a hold (see
@@ -623,25 +647,17 @@ impl Connection {
     /// (`Cancel`, one way): only while that connection is the current
     /// one, whose broker the id means something to, and whose welcome
     /// says it takes cancels. Never waits: on a socket the broker does
-    /// not empty, the cancel is not sent. Returns whether it was.
+    /// not empty, the cancel is owed, behind what is owed already (see
+    /// [`Owed`]). Returns whether it was sent or owed.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub fn cancel(&self, generation: u64, request: u64) -> bool {
-        // Not under the holds lock, which a thread sending a free or an end
-        // holds across a blocking send: a drop must never wait for a broker
-        // that does not read. The socket comes with its own generation
-        // (see `current_socket`); if a reconnect installs a new one right
-        // after, this cancel goes to the dead one, which is harmless.
-        let (socket, current) = self.current_socket();
-        if current != generation || lock(&self.welcome).features & features::CANCEL == 0 {
+        // If a reconnect installs a new socket right after this look, the
+        // cancel is owed to the dead one, and dropped.
+        if self.generation() != generation || lock(&self.welcome).features & features::CANCEL == 0 {
             return false;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
-        let Ok(bytes) = encode(id, FLAG_NO_REPLY, RequestBody::Cancel { request }, 0) else {
-            return false;
-        };
-        // Without waiting either: what does not fit stays owed.
-        let _ = self.send_owed(&socket, current, true);
-        send_message(socket.as_fd(), &bytes, &[], true).is_ok()
+        self.send_one_way(generation, RequestBody::Cancel { request })
+            .is_ok()
     }
 
     /// The end-word page of connection generation `generation`, if that is
@@ -698,17 +714,33 @@ impl Connection {
     /// Sends a request and returns its id and the connection generation it
     /// went out on, without waiting for the answer. One nobody waits for
     /// (`wait` false: a free or an end, which drops send) and carrying no
-    /// fds never waits for room either: what the socket has no room for
-    /// is owed, and goes out as soon as it has (see [`Owed`]). A drop that
-    /// blocked on a broker that does not read (wedged, or holding this
-    /// user's connections back) hung the program's thread, under the
-    /// holds lock that every other request on a buffer takes.
+    /// fds never waits for room either (see [`Connection::send_one_way`]).
     pub fn send(
         &self,
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
         wait: bool,
     ) -> Result<(u64, u64), Error> {
+        let (socket, generation) = self.current_socket();
+        self.send_at(&socket, generation, body, fds, wait)
+    }
+
+    /// As [`Connection::send`], on `socket`, connection `generation`'s:
+    /// behind everything owed to it. A request whose answer is awaited
+    /// (or that carries fds) waits for room; the lock on what is owed is
+    /// not held meanwhile.
+    fn send_at(
+        &self,
+        socket: &OwnedFd,
+        generation: u64,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+        wait: bool,
+    ) -> Result<(u64, u64), Error> {
+        if !wait && fds.is_empty() {
+            let id = self.send_one_way(generation, body)?;
+            return Ok((id, generation));
+        }
         let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut flags = 0;
         if !wait {
@@ -716,18 +748,14 @@ impl Connection {
             flags |= FLAG_NO_REPLY;
         }
         let bytes = encode(id, flags, body, fds.len())?;
-        if !wait && fds.is_empty() {
-            return self.send_or_owe(bytes).map(|generation| (id, generation));
-        }
         if wait {
             // Before it is sent: another thread may read the answer first.
             lock(&self.mailbox).awaited.insert(id);
         }
-        let (socket, generation) = self.current_socket();
-        // Ahead of the request. One that fails is kept (or the connection
-        // is gone, which the request's own send finds out).
-        let _ = self.send_owed(&socket, generation, false);
-        if let Err(err) = send_message(socket.as_fd(), &bytes, fds, false) {
+        let sent = self
+            .send_owed(socket, generation, Room::Forever)
+            .and_then(|()| send_message(socket.as_fd(), &bytes, fds, false));
+        if let Err(err) = sent {
             if wait {
                 lock(&self.mailbox).awaited.remove(&id);
             }
@@ -864,7 +892,7 @@ impl Connection {
             // A broker that answers may be reading again: what it is owed
             // need not wait for the client's next request.
             Ok(Received::Message(..)) => {
-                let _ = self.send_owed(&socket, generation, true);
+                let _ = self.send_owed(&socket, generation, Room::Now);
             }
             _ => {}
         }
@@ -1160,95 +1188,101 @@ impl Connection {
     }
 
     /// Sends what is owed to connection `generation` (see [`Owed`]) on
-    /// `socket`, its socket, oldest first; `nonblocking`, only what fits
-    /// now. One that does not go is kept, unless the connection is gone.
-    fn send_owed(
-        &self,
-        socket: &OwnedFd,
-        generation: u64,
-        nonblocking: bool,
-    ) -> Result<(), SendError> {
+    /// `socket`, its socket, oldest first, for as long as `room` says to
+    /// wait for room. Each is sent (without waiting) under the lock and
+    /// taken off only once sent, so that no other sender, finding it
+    /// gone, overtakes it; the lock is never held while waiting, so the
+    /// reader never waits for a thread blocked on the broker. What the
+    /// dead connection was owed is dropped with it.
+    fn send_owed(&self, socket: &OwnedFd, generation: u64, room: Room) -> Result<(), SendError> {
         if !self.owing.load(Ordering::Acquire) {
             return Ok(());
         }
         loop {
-            // Taken out, then sent without the lock: the reader must not
-            // wait for this send (see `owed`).
-            let next = {
+            let full = {
                 let mut owed = lock(&self.owed);
-                // Generations only grow: an older one's broker is gone.
-                owed.retain(|o| o.generation >= generation);
-                let next = owed
-                    .iter()
-                    .position(|o| o.generation == generation)
-                    .and_then(|at| owed.remove(at));
+                let result = loop {
+                    // Generations only grow: an older one's broker is gone.
+                    owed.retain(|o| o.generation >= generation);
+                    let Some(at) = owed.iter().position(|o| o.generation == generation) else {
+                        break Ok(());
+                    };
+                    match send_message(socket.as_fd(), &owed[at].bytes, &[], true) {
+                        Ok(()) => {
+                            owed.remove(at);
+                        }
+                        Err(err) if is_dead(&err) => {
+                            owed.retain(|o| o.generation != generation);
+                            break Err(err);
+                        }
+                        Err(err) => break Err(err),
+                    }
+                };
                 self.owing.store(!owed.is_empty(), Ordering::Release);
-                next
-            };
-            let Some(next) = next else {
-                return Ok(());
-            };
-            if let Err(err) = send_message(socket.as_fd(), &next.bytes, &[], nonblocking) {
-                if !is_dead(&err) {
-                    let mut owed = lock(&self.owed);
-                    owed.push_front(next);
-                    self.owing.store(true, Ordering::Release);
+                match result {
+                    Err(err) if !is_dead(&err) => err,
+                    done => return done,
                 }
-                return Err(err);
+            };
+            if !room.wait_for(socket, &full) {
+                return Err(full);
             }
         }
     }
 
-    /// Sends `bytes`, a one-way request without fds, on the current
-    /// connection without waiting for room: behind what is owed to it
-    /// already, and owed itself if the socket has no room (see [`Owed`]).
-    /// Returns the connection generation it went out on or is owed to.
-    fn send_or_owe(&self, bytes: Vec<u8>) -> Result<u64, Error> {
-        let (socket, generation) = self.current_socket();
-        let owing = match self.send_owed(&socket, generation, true) {
-            Ok(()) => false,
-            Err(err) if is_dead(&err) => return Err(send_error(err)),
-            Err(_) => true,
-        };
-        if !owing {
-            match send_message(socket.as_fd(), &bytes, &[], true) {
-                Ok(()) => return Ok(generation),
-                Err(err) if is_dead(&err) => return Err(send_error(err)),
-                // No room now (or no memory for the message a moment).
-                Err(_) => {}
-            }
-        }
+    /// Sends a one-way request without fds on connection `generation`
+    /// without ever waiting for room: it is owed (see [`Owed`]), behind
+    /// what is owed already, and goes out now if the socket has room,
+    /// else as soon as it has. A drop that blocked in `sendmsg` on a
+    /// broker that does not read (wedged, or holding this user's
+    /// connections back) hung the program's thread. Returns its id; fails
+    /// only if the connection is gone.
+    fn send_one_way(&self, generation: u64, body: RequestBody) -> Result<u64, Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
+        let bytes = encode(id, FLAG_NO_REPLY, body, 0)?;
         self.owe(Owed {
             generation,
             bytes,
             given_back: false,
         });
-        Ok(generation)
+        let (socket, current) = self.current_socket();
+        if current != generation {
+            // Replaced meanwhile: it is dropped with the old connection.
+            return Ok(id);
+        }
+        match self.send_owed(&socket, generation, Room::Now) {
+            Ok(()) => Ok(id),
+            Err(err) if is_dead(&err) => Err(send_error(err)),
+            Err(_) => {
+                if !self.flush_later() {
+                    // No thread to send it later: this one does, as drops
+                    // did.
+                    let _ = self.send_owed(&socket, generation, Room::Forever);
+                }
+                Ok(id)
+            }
+        }
     }
 
-    /// Keeps `owed` behind what is owed already, and makes sure someone
-    /// sends it once the socket has room.
+    /// Queues `owed` behind what is owed already.
     fn owe(&self, owed: Owed) {
-        {
-            let mut queue = lock(&self.owed);
-            queue.push_back(owed);
-            self.owing.store(true, Ordering::Release);
-        }
-        self.flush_later();
+        let mut queue = lock(&self.owed);
+        queue.push_back(owed);
+        self.owing.store(true, Ordering::Release);
     }
 
     /// Starts the flusher unless it runs: a thread that sends what is owed
     /// to the current connection as the socket makes room, and ends when
     /// nothing is owed to it, when it is gone or replaced (a new one drops
     /// what was owed to the old), or when the program has let go of the
-    /// connection. Without it, what a drop owed waited for the program's
-    /// next request, which a camera waiting for its next frame may not
-    /// make for a long time: a buffer stayed charged to it, or an ended
-    /// write kept every reader out. If no thread can be started, the
-    /// caller sends what is owed itself, waiting for room as drops did.
-    fn flush_later(&self) {
+    /// connection (see `Drop`). Without it, what a drop owed waited for
+    /// the program's next request, which a camera waiting for its next
+    /// frame may not make for a long time: a buffer stayed charged to it,
+    /// or an ended write kept every reader out. Returns whether a flusher
+    /// runs; not if no thread could be started.
+    fn flush_later(&self) -> bool {
         if self.flushing.swap(true, Ordering::AcqRel) {
-            return;
+            return true;
         }
         let this = self.this.clone();
         let started = std::thread::Builder::new()
@@ -1256,9 +1290,8 @@ impl Connection {
             .spawn(move || flush(&this));
         if started.is_err() {
             self.flushing.store(false, Ordering::Release);
-            let (socket, generation) = self.current_socket();
-            let _ = self.send_owed(&socket, generation, false);
         }
+        started.is_ok()
     }
 
     /// Gives back (frees) buffer `info`, answered on connection
@@ -1303,7 +1336,7 @@ impl Connection {
         let bytes = encode(id, FLAG_NO_REPLY, body, 0).ok()?;
         // What is owed already goes first, and may make room under the
         // bound: the broker may be reading again.
-        let _ = self.send_owed(socket, generation, true);
+        let _ = self.send_owed(socket, generation, Room::Now);
         {
             let owed = lock(&self.owed);
             if owed.iter().filter(|o| o.given_back).count() >= MAX_OWED {
@@ -1317,13 +1350,18 @@ impl Connection {
                 ));
             }
         }
-        // Behind any owed already, which go first.
         self.owe(Owed {
             generation,
             bytes,
             given_back: true,
         });
-        let _ = self.send_owed(socket, generation, true);
+        if let Err(err) = self.send_owed(socket, generation, Room::Now) {
+            // Without a flusher it waits for the next send or answer: the
+            // reader must not wait for room.
+            if !is_dead(&err) {
+                self.flush_later();
+            }
+        }
         None
     }
 
@@ -1400,8 +1438,25 @@ enum Received {
     Nothing,
 }
 
-/// Reads one message, or `Nothing` when the deadline passes first.
-/// `Err`: the connection is unusable.
+impl Drop for Connection {
+    /// The program let go of the connection: the broker reads its hang-up
+    /// as the end of everything it held. An end still owed would be read
+    /// as a writer that died mid-frame (the next reader told
+    /// `writer_lost`), so what is owed gets a moment for room first. A
+    /// drop that blocked did send it, waiting for as long as it took.
+    fn drop(&mut self) {
+        if !self.owing.load(Ordering::Acquire) {
+            return;
+        }
+        let (socket, generation) = self.current_socket();
+        let _ = self.send_owed(
+            &socket,
+            generation,
+            Room::Until(Instant::now() + CLOSE_GRACE),
+        );
+    }
+}
+
 /// The flusher's loop (see [`Connection::flush_later`]). It holds the
 /// connection only while it sends, and wakes every [`FLUSH_POLL_MS`] to
 /// see whether the program still holds it.
@@ -1411,8 +1466,15 @@ fn flush(this: &Weak<Connection>) {
             return;
         };
         let (socket, generation) = conn.current_socket();
-        match conn.send_owed(&socket, generation, true) {
-            Ok(()) => {
+        match conn.send_owed(&socket, generation, Room::Now) {
+            Err(err) if !is_dead(&err) => {
+                drop(conn);
+                let slice = Duration::from_millis(FLUSH_POLL_MS.into());
+                Room::Until(Instant::now() + slice).wait_for(&socket, &err);
+            }
+            // Nothing left for this connection, or it is gone (what it
+            // was owed went with it; the next call reconnects).
+            _ => {
                 // A swap, not a store: it reads the swap of a thread that
                 // owed something after `send_owed` looked and, seeing
                 // this flusher still running, left the sending to it; so
@@ -1423,21 +1485,50 @@ fn flush(this: &Weak<Connection>) {
                     return;
                 }
             }
-            Err(err) if is_dead(&err) => {
-                // What is owed dies with the connection; the next call
-                // reconnects, and a new connection starts its own.
-                conn.flushing.store(false, Ordering::Release);
-                return;
-            }
-            Err(_) => {
-                drop(conn);
-                let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
-                let _ = poll(&mut fds, PollTimeout::from(FLUSH_POLL_MS));
-            }
         }
     }
 }
 
+/// How long [`Connection::send_owed`] waits for room in the socket.
+#[derive(Clone, Copy)]
+enum Room {
+    /// Not at all.
+    Now,
+    /// As long as it takes (a request whose answer is awaited).
+    Forever,
+    /// Until then (a connection let go of, see `Drop`).
+    Until(Instant),
+}
+
+impl Room {
+    /// Waits for room in `socket` after a send failed with `err`, for as
+    /// long as this allows; returns whether to try again. A failure that
+    /// was not for room (the kernel short of memory for the message)
+    /// waits a moment too, lest a socket that polls writable spin.
+    fn wait_for(self, socket: &OwnedFd, err: &SendError) -> bool {
+        let left = match self {
+            Room::Now => return false,
+            Room::Forever => None,
+            Room::Until(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return false,
+            },
+        };
+        if !matches!(err, SendError::Os(Errno::EAGAIN)) {
+            std::thread::sleep(left.map_or(ROOM_RETRY, |left| left.min(ROOM_RETRY)));
+            return true;
+        }
+        let timeout = left.map_or(PollTimeout::NONE, |left| {
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+        let _ = poll(&mut fds, timeout);
+        true
+    }
+}
+
+/// Reads one message, or `Nothing` when the deadline passes first.
+/// `Err`: the connection is unusable.
 fn receive(
     socket: &OwnedFd,
     buf: &mut [u8],
@@ -1933,6 +2024,132 @@ mod tests {
             assert!(Instant::now() < deadline, "the flusher never ended");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// What is owed goes out in the order it was made, though another
+    /// thread's request drains it while the flusher sends: each sender
+    /// took the oldest out of the queue and sent it without the lock, so
+    /// a `Free` overtook the `End` of the access before it (the broker
+    /// then took the write for one that died, and told the next reader
+    /// `writer_lost`) in half of the rounds. Found by review.
+    #[test]
+    fn what_is_owed_keeps_its_order_while_two_threads_send_it() {
+        for _ in 0..10 {
+            let (conn, broker) = full_connection();
+            let mut made = Vec::new();
+            for access in 1..=8 {
+                let end = RequestBody::End {
+                    access,
+                    fence_slot: None,
+                };
+                conn.send_on(0, end.clone(), &[], false).expect("owed");
+                let serial = conn.remember_hold(100 + access, "secret", 1, 0);
+                conn.release_hold(100 + access, serial);
+                made.extend([
+                    end,
+                    RequestBody::Free {
+                        buffer: 100 + access,
+                    },
+                ]);
+            }
+            made.push(RequestBody::ListHeaps);
+            let asker = Arc::clone(&conn);
+            let asking = std::thread::spawn(move || {
+                asker.send(RequestBody::ListHeaps, &[], true).expect("sent");
+            });
+            let arrived = requests_arriving(&broker, made.len());
+            asking.join().expect("asking thread");
+            assert_eq!(arrived, made);
+        }
+    }
+
+    /// A thread that sends what is owed while the flusher runs (the reader,
+    /// at every message it receives) must not leave it with nobody to send
+    /// it: the flusher, finding the queue empty while the other had the
+    /// item out, ended, and the other put it back; the free then waited
+    /// for the program's next request. Found by review.
+    #[test]
+    fn what_is_owed_is_not_stranded_by_another_sender() {
+        let (conn, broker) = full_connection();
+        let serial = conn.remember_hold(4, "secret", 1, 0);
+        conn.release_hold(4, serial);
+        let (socket, generation) = conn.current_socket();
+        let until = Instant::now() + Duration::from_millis(450);
+        while Instant::now() < until {
+            let _ = conn.send_owed(&socket, generation, Room::Now);
+        }
+        assert!(matches!(
+            requests_arriving(&broker, 1)[..],
+            [RequestBody::Free { buffer: 4 }]
+        ));
+    }
+
+    /// A drop must not wait behind another thread's request that waits for
+    /// room: that request held the holds lock, which the drop takes, for
+    /// as long as the broker did not read. Found by review.
+    #[test]
+    fn a_drop_does_not_wait_behind_another_threads_request() {
+        let (conn, broker) = full_connection();
+        let asked = conn.remember_hold(3, "secret", 1, 0);
+        let dropped = conn.remember_hold(4, "secret", 1, 0);
+        let asker = Arc::clone(&conn);
+        let asking = std::thread::spawn(move || {
+            let _ = asker.send_for((3, asked), RequestBody::Info { buffer: 3 }, &[], true);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (done, returned) = std::sync::mpsc::channel();
+        let dropper = Arc::clone(&conn);
+        std::thread::spawn(move || {
+            dropper.release_hold(4, dropped);
+            let _ = done.send(());
+        });
+        assert!(
+            returned.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the drop waited behind a request waiting for room"
+        );
+        let arrived = requests_arriving(&broker, 2);
+        asking.join().expect("asking thread");
+        assert_eq!(arrived.len(), 2, "{arrived:?}");
+    }
+
+    /// An end still owed when the program lets go of the connection goes
+    /// out before the hang-up, if the broker makes room within a moment:
+    /// lost, the broker took the write for one that died mid-frame and
+    /// told the next reader `writer_lost`. Found by review.
+    #[test]
+    fn an_owed_end_goes_out_before_the_connection_closes() {
+        let (conn, broker) = full_connection();
+        let end = RequestBody::End {
+            access: 9,
+            fence_slot: None,
+        };
+        conn.send_on(0, end, &[], false).expect("owed");
+        // The broker reads again only after the program let go.
+        let reading = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut arrived = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match recv_message(broker.as_fd(), true) {
+                    Ok(received) => {
+                        if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
+                            arrived.push(request.body);
+                        }
+                    }
+                    Err(RecvError::Closed) => return arrived,
+                    Err(_) => {
+                        assert!(Instant::now() < deadline, "never closed: {arrived:?}");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+        drop(conn);
+        let arrived = reading.join().expect("reading thread");
+        assert!(
+            matches!(arrived[..], [RequestBody::End { access: 9, .. }]),
+            "{arrived:?}"
+        );
     }
 
     /// The flusher must not keep a connection the program let go of: its
