@@ -884,8 +884,10 @@ const REOFFER_BACKOFF: u32 = 32;
 /// for a test, one datagram per period at most for the manager.
 const RECORD_REOFFER_FLOOR: Duration = Duration::from_millis(50);
 
-/// Buffers copied into the record per turn of the state lock.
-const RECORD_CHUNK: usize = 1024;
+/// Buffers copied into the record per turn of the state lock: half a
+/// microsecond or so each (their holders and secrets are cloned), so a
+/// turn keeps the broker's thread from requests for some 60 µs.
+const RECORD_CHUNK: usize = 128;
 
 /// Writes the record without stalling the broker: the table is copied a
 /// chunk at a time, letting requests in between (with 60,000 buffers one

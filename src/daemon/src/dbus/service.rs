@@ -28,6 +28,9 @@ pub enum DebugError {
     ZBus(zbus::Error),
     /// No buffer has this id (it was never allocated, or is already freed).
     NoSuchBuffer(String),
+    /// The answer would be larger than a bus passes on (see
+    /// [`snapshot::ReplySize`]).
+    TooLarge(String),
 }
 
 #[derive(Debug)]
@@ -57,13 +60,18 @@ impl DebugObject {
         })
     }
 
-    /// Runs `visit` on the locked state once per [`snapshot::CHUNK`] ids,
-    /// unlocking in between, so that the data path never waits for more
-    /// than one chunk however large the list.
-    fn read_chunked(&self, ids: &[u64], mut visit: impl FnMut(&State, &[u64])) {
-        for chunk in ids.chunks(snapshot::CHUNK) {
-            self.read(|state| visit(state, chunk));
-            self.broker.let_waiters_in(LET_WAITERS_IN);
+    /// Runs `visit` on the locked state for each of `ids` in turn (it
+    /// returns the work it did), unlocking whenever a hold's work reaches
+    /// [`snapshot::BUDGET`], so that the data path never waits for more
+    /// than that however large the list or its entries.
+    fn read_chunked(&self, ids: &[u64], mut visit: impl FnMut(&State, u64) -> usize) {
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let visited = self.read(|state| snapshot::within_budget(rest, |id| visit(state, id)));
+            rest = rest.get(visited..).unwrap_or_default();
+            if !rest.is_empty() {
+                self.broker.let_waiters_in(LET_WAITERS_IN);
+            }
         }
     }
 }
@@ -98,8 +106,8 @@ impl DebugObject {
     async fn heaps(&self) -> Vec<HeapView> {
         let (mut views, ids) =
             self.read(|state| (snapshot::heaps(state), snapshot::buffer_ids(state)));
-        self.read_chunked(&ids, |state, chunk| {
-            snapshot::count_heaps(state, chunk, &mut views)
+        self.read_chunked(&ids, |state, id| {
+            snapshot::count_heap(state, id, &mut views)
         });
         views
     }
@@ -218,8 +226,8 @@ impl DebugObject {
         let caller = auth::caller(connection, &header).await.ok();
         let all = self.read(snapshot::client_ids);
         let mut views = Vec::with_capacity(all.ids.len());
-        self.read_chunked(&all.ids, |state, chunk| {
-            views.extend(snapshot::clients_among(state, &all, chunk))
+        self.read_chunked(&all.ids, |state, id| {
+            snapshot::copy_client(state, &all, id, &mut views)
         });
         if !self.is_admin(caller.as_ref()) {
             auth::hide_foreign_executables(&mut views, caller.map(|c| c.uid));
@@ -227,14 +235,34 @@ impl DebugObject {
         views
     }
 
+    /// Every buffer, unless the answer would be too large for the bus
+    /// (see [`snapshot::ReplySize`]): then an error, which leaves the
+    /// daemon on the bus, where a message past the bus's limit would
+    /// have cost it its connection.
     #[zbus(out_args("buffers"))]
-    async fn list_buffers(&self) -> Vec<BufferView> {
+    async fn list_buffers(&self) -> Result<Vec<BufferView>, DebugError> {
         let ids = self.read(snapshot::buffer_ids);
         let mut raw = Vec::with_capacity(ids.len());
-        self.read_chunked(&ids, |state, chunk| {
-            raw.extend(snapshot::buffers_among(state, chunk))
+        let mut size = snapshot::ReplySize::default();
+        self.read_chunked(&ids, |state, id| {
+            if size.over() {
+                return 0;
+            }
+            let work = snapshot::copy_buffer(state, id, &mut raw);
+            if let Some(last) = raw.last() {
+                size.add(last);
+            }
+            work
         });
-        snapshot::finish_buffers(raw)
+        if size.over() {
+            return Err(DebugError::TooLarge(format!(
+                "the list of {} buffers would be over {} MiB, more than a bus passes on; \
+                 GetBuffer shows one buffer",
+                ids.len(),
+                snapshot::MAX_REPLY_BYTES >> 20
+            )));
+        }
+        Ok(snapshot::finish_buffers(raw))
     }
 
     // Structs are returned as 1-tuples: a bare struct would go out as its

@@ -5,13 +5,16 @@
 //! copy what they need. The costlier half (text, ages, percentiles) is done
 //! afterwards on the copies ([`RawBuffer::finish`], [`statistics`]).
 //!
-//! The lists grow with the tables, so they are copied [`CHUNK`] entries per
-//! hold of the lock: first the ids, then the entries a chunk at a time
-//! ([`buffers_among`], [`clients_among`]). A client's grant then waits for
-//! one chunk at most, not for a copy of ten thousand buffers. The price is
-//! that a list is not one instant: every entry is consistent in itself,
-//! but a buffer freed after its id was taken is left out, and one
-//! allocated meanwhile is not listed yet.
+//! The lists grow with the tables, so they are copied a [`BUDGET`] of work
+//! per hold of the lock: first the ids, then the entries, one at a time,
+//! until the hold has done that much ([`within_budget`]). An entry's work
+//! is what copying it walks: a buffer's fences, waiters and holders, a
+//! client's buffers. A client's grant then waits for one hold's work at
+//! most, not for a copy of ten thousand buffers, nor for sixteen buffers
+//! of a thousand fences each, which any user can make. The price is that
+//! a list is not one instant: every entry is consistent in itself, but a
+//! buffer freed after its id was taken is left out, and one allocated
+//! meanwhile is not listed yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -40,8 +43,8 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-/// Usable heaps in fallback order, nothing counted yet; [`count_heaps`]
-/// adds the buffers, a chunk at a time.
+/// Usable heaps in fallback order, nothing counted yet; [`count_heap`]
+/// adds the buffers, a [`BUDGET`] at a time.
 pub fn heaps(state: &State) -> Vec<HeapView> {
     state
         .heaps
@@ -56,11 +59,11 @@ pub fn heaps(state: &State) -> Vec<HeapView> {
         .collect()
 }
 
-/// Counts the buffers of `chunk` still alive into `views`, adding any other
-/// heap names they carry (adopted buffers), so the buffer counts add up to
-/// the totals.
-pub fn count_heaps(state: &State, chunk: &[u64], views: &mut Vec<HeapView>) {
-    for buffer in chunk.iter().filter_map(|id| state.buffers.get(id)) {
+/// Counts buffer `id`, if still alive, into `views`, adding any other
+/// heap name it carries (adopted buffers), so the buffer counts add up to
+/// the totals; returns the work done (see [`BUDGET`]).
+pub fn count_heap(state: &State, id: u64, views: &mut Vec<HeapView>) -> usize {
+    if let Some(buffer) = state.buffers.get(&id) {
         let index = match views.iter().position(|v| v.name == buffer.heap) {
             Some(index) => index,
             None => {
@@ -76,6 +79,7 @@ pub fn count_heaps(state: &State, chunk: &[u64], views: &mut Vec<HeapView>) {
         views[index].buffers += 1;
         views[index].bytes += buffer.size;
     }
+    1
 }
 
 pub fn totals(state: &State) -> Totals {
@@ -116,10 +120,30 @@ fn client_view(state: &State, client: &ClientEntry, longest_wait_us: u64) -> Cli
     }
 }
 
-/// Entries copied per hold of the lock (see the module's documentation).
-/// Copying one costs a few hundred nanoseconds (its strings and lists are
-/// cloned), so a chunk holds the lock for microseconds.
-pub const CHUNK: usize = 16;
+/// Work done per hold of the lock (see the module's documentation), in
+/// things copied or looked up: one per entry, plus one per fence, waiter
+/// or holder of a buffer and per buffer of a client. One costs up to a
+/// few hundred nanoseconds (a fence is looked up among the live
+/// accesses; strings are cloned), so a hold lasts tens of microseconds.
+/// An entry is never split: one buffer with the most accesses a buffer
+/// takes (1,024) is one hold of some 0.1 ms.
+pub const BUDGET: usize = 256;
+
+/// Visits `ids` in order, each with `visit`, which returns the work it
+/// did, until the work reaches [`BUDGET`]; returns how many it visited
+/// (at least one, if there is one).
+pub fn within_budget(ids: &[u64], mut visit: impl FnMut(u64) -> usize) -> usize {
+    let mut spent = 0;
+    let mut visited = 0;
+    for &id in ids {
+        spent += visit(id);
+        visited += 1;
+        if spent >= BUDGET {
+            break;
+        }
+    }
+    visited
+}
 
 /// The ids a chunked list will copy, sorted, with what the client chunks
 /// need from the whole table: since when each client's oldest request has
@@ -143,20 +167,19 @@ pub fn client_ids(state: &State) -> ClientIds {
     ClientIds { ids, oldest_wait }
 }
 
-/// The clients of `chunk` still connected, in its order.
-pub fn clients_among(state: &State, all: &ClientIds, chunk: &[u64]) -> Vec<ClientView> {
-    let now = Instant::now();
-    chunk
-        .iter()
-        .filter_map(|id| state.clients.get(id))
-        .map(|c| {
-            let wait = all
-                .oldest_wait
-                .get(&c.id)
-                .map_or(0, |since| micros_since(now, *since));
-            client_view(state, c, wait)
-        })
-        .collect()
+/// Client `id`, if still connected, into `views`; returns the work done
+/// (see [`BUDGET`]): its access count reads the word of each of its
+/// buffers.
+pub fn copy_client(state: &State, all: &ClientIds, id: u64, views: &mut Vec<ClientView>) -> usize {
+    let Some(client) = state.clients.get(&id) else {
+        return 1;
+    };
+    let wait = all
+        .oldest_wait
+        .get(&id)
+        .map_or(0, |since| micros_since(Instant::now(), *since));
+    views.push(client_view(state, client, wait));
+    1 + client.buffers.len()
 }
 
 fn fence_info(fence: &FenceView, now: Instant) -> FenceInfo {
@@ -204,8 +227,12 @@ pub struct RawBuffer {
 }
 
 impl RawBuffer {
-    fn copy(state: &State, buffer: &BufferEntry) -> RawBuffer {
-        RawBuffer {
+    /// The copy, and the work it took (see [`BUDGET`]): every fence the
+    /// arbiter holds for the buffer is looked up, live or not.
+    fn copy(state: &State, buffer: &BufferEntry) -> (RawBuffer, usize) {
+        let fences = state.arbiter.fences(buffer.id);
+        let looked_up = fences.len();
+        let copy = RawBuffer {
             id: buffer.id,
             heap: buffer.heap.clone(),
             backend: buffer.origin.backend_name(),
@@ -216,9 +243,7 @@ impl RawBuffer {
             holders: buffer.holders.iter().map(|h| h.client).collect(),
             // An access its client ended through its end word is over, even
             // if the broker has not looked at the word yet.
-            fences: state
-                .arbiter
-                .fences(buffer.id)
+            fences: fences
                 .into_iter()
                 .filter(|f| state.access_is_live(f.id))
                 .collect(),
@@ -232,7 +257,9 @@ impl RawBuffer {
                 .collect(),
             waiters: state.arbiter.waiters(buffer.id),
             created: buffer.created,
-        }
+        };
+        let work = 1 + looked_up + copy.word_fences.len() + copy.waiters.len() + copy.holders.len();
+        (copy, work)
     }
 
     pub fn finish(self, now: Instant) -> BufferView {
@@ -278,13 +305,47 @@ pub fn buffer_ids(state: &State) -> Vec<u64> {
     ids
 }
 
-/// The buffers of `chunk` still alive, in its order; see [`finish_buffers`].
-pub fn buffers_among(state: &State, chunk: &[u64]) -> Vec<RawBuffer> {
-    chunk
-        .iter()
-        .filter_map(|id| state.buffers.get(id))
-        .map(|b| RawBuffer::copy(state, b))
-        .collect()
+/// The most a list's answer may take on the wire. The system bus passes
+/// messages up to 32 MiB and disconnects a sender past that; one user
+/// can make a million fences (256 connections of 4,096 accesses), some
+/// 80 MiB of `ListBuffers`. Half the bus's limit leaves room for the
+/// estimate's error.
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// What a list of copied buffers will take on the wire, estimated from
+/// above while it is copied, so that a copy past [`MAX_REPLY_BYTES`]
+/// stops (and takes no more memory) rather than being sent.
+#[derive(Debug, Default)]
+pub struct ReplySize {
+    bytes: usize,
+}
+
+impl ReplySize {
+    /// A fence is two u64s, an i64 and three short strings, each string
+    /// a length, its bytes and a NUL, aligned: under 96 bytes. A waiter
+    /// is fewer; a buffer's own fields, with padding, under 128 bytes
+    /// beside its strings.
+    pub fn add(&mut self, buffer: &RawBuffer) {
+        let strings = buffer.heap.len() + buffer.name.len() + buffer.backend.len();
+        let lists = 96 * (buffer.fences.len() + buffer.word_fences.len() + buffer.waiters.len())
+            + 8 * buffer.holders.len();
+        self.bytes = self.bytes.saturating_add(128 + strings + lists);
+    }
+
+    pub fn over(&self) -> bool {
+        self.bytes > MAX_REPLY_BYTES
+    }
+}
+
+/// Buffer `id`, if still alive, into `raw` (see [`finish_buffers`]);
+/// returns the work done (see [`BUDGET`]).
+pub fn copy_buffer(state: &State, id: u64, raw: &mut Vec<RawBuffer>) -> usize {
+    let Some(buffer) = state.buffers.get(&id) else {
+        return 1;
+    };
+    let (copy, work) = RawBuffer::copy(state, buffer);
+    raw.push(copy);
+    work
 }
 
 /// Buffers in the order copied (by id).
@@ -319,7 +380,7 @@ pub fn buffer(state: &State, id: u64) -> Option<RawDetail> {
         })
         .collect();
     Some(RawDetail {
-        buffer: RawBuffer::copy(state, entry),
+        buffer: RawBuffer::copy(state, entry).0,
         holders,
         // Through its holders (each exports one token at most), not every
         // token of the daemon: this runs under the broker's lock.
@@ -386,5 +447,144 @@ pub fn statistics(stats: &Stats) -> Statistics {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BufferOrigin;
+    use crate::heaps::{Backend, HeapConfig, HeapRegistry};
+    use crate::held_files::HeldFd;
+    use dmabroker_fence::Access;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    fn state() -> State {
+        let heaps = HeapRegistry::discover(&HeapConfig {
+            dma_heap_dir: PathBuf::from("/nonexistent"),
+            udmabuf_path: PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            crate::broker::DaemonLimits::default(),
+        )
+    }
+
+    /// A memfd buffer with `readers` read fences on it.
+    fn read_by(state: &mut State, readers: usize) -> u64 {
+        let fd = nix::sys::memfd::memfd_create(
+            c"snapshot-test",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .expect("memfd");
+        let id = state.buffers.len() as u64 + 1;
+        state.buffers.insert(
+            id,
+            BufferEntry {
+                id,
+                fd: Arc::new(HeldFd::from(fd)),
+                size: 4096,
+                heap: "memfd".into(),
+                origin: BufferOrigin::Allocated(Backend::Memfd),
+                name: String::new(),
+                inode: 0,
+                owner: 1,
+                holders: Vec::new(),
+                created: SystemTime::now(),
+                word: None,
+            },
+        );
+        state.arbiter.add_buffer(id);
+        for reader in 0..readers {
+            let client = reader as u64 + 1;
+            let outcome = state
+                .arbiter
+                .begin(client, id, Access::CpuRead, Mode::Autofence, Instant::now())
+                .expect("a read is granted beside reads");
+            let dmabroker_fence::BeginOutcome::Granted(grant) = outcome else {
+                panic!("a read queued beside reads");
+            };
+            state.accesses.insert(
+                grant.access_id,
+                crate::broker::AccessEntry {
+                    client,
+                    buffer: id,
+                    kind: dmabroker_ipc::Access::CpuRead,
+                    autofence: true,
+                    request_id: 0,
+                    pending: None,
+                    owes_cache_end: false,
+                    starting: false,
+                    sync_file: None,
+                    deadline: None,
+                    end_slot: None,
+                    word_bit: None,
+                },
+            );
+        }
+        id
+    }
+
+    /// A hold of the lock stops once its work reaches the budget, and
+    /// always makes progress.
+    #[test]
+    fn a_hold_visits_entries_until_its_work_reaches_the_budget() {
+        let ids: Vec<u64> = (0..1000).collect();
+        assert_eq!(within_budget(&ids, |_| 1), BUDGET);
+        assert_eq!(within_budget(&ids, |_| 100), 3);
+        assert_eq!(within_budget(&ids, |_| 10 * BUDGET), 1);
+        assert_eq!(within_budget(&ids[..5], |_| 1), 5);
+        assert_eq!(within_budget(&[], |_| 1), 0);
+    }
+
+    /// Listing buffers copied 16 per hold of the lock whatever they held:
+    /// 16 buffers with a thousand reads each (which one user's few
+    /// connections may make) held the lock for some 2 ms per hold, and a
+    /// `ListBuffers` in a loop cut the broker to a request per hold. A
+    /// buffer's fences count as work: a hold stops after the buffer that
+    /// reaches the budget. Found by review.
+    #[test]
+    fn a_buffer_with_many_fences_is_copied_in_a_hold_of_its_own() {
+        let mut state = state();
+        let ids: Vec<u64> = (0..16).map(|_| read_by(&mut state, 1000)).collect();
+        let mut raw = Vec::new();
+        let copied = within_budget(&ids, |id| copy_buffer(&state, id, &mut raw));
+        assert_eq!(copied, 1, "a hold went on past a buffer of 1,000 fences");
+        assert_eq!(raw.len(), 1);
+        // Light buffers still go many to a hold.
+        let light: Vec<u64> = (0..64).map(|_| read_by(&mut state, 1)).collect();
+        let copied = within_budget(&light, |id| copy_buffer(&state, id, &mut raw));
+        assert_eq!(copied, 64, "two units of work each: all fit in one hold");
+    }
+
+    /// The estimate of a list's size on the wire is never below what the
+    /// bus carries: encoded as D-Bus does, a buffer of a thousand fences
+    /// takes less than the estimate says.
+    #[test]
+    fn a_lists_size_is_estimated_from_above() {
+        let mut state = state();
+        let busy = read_by(&mut state, 1000);
+        let mut raw = Vec::new();
+        copy_buffer(&state, busy, &mut raw);
+        let mut one = ReplySize::default();
+        one.add(&raw[0]);
+        assert!(!one.over());
+        // Two hundred such buffers, some 19 MB, are too many for one answer.
+        let mut many = ReplySize::default();
+        (0..200).for_each(|_| many.add(&raw[0]));
+        assert!(many.over());
+        let views = finish_buffers(raw);
+        let ctxt = zbus::zvariant::serialized::Context::new_dbus(zbus::zvariant::LE, 0);
+        let encoded = zbus::zvariant::to_bytes(ctxt, &views).expect("encode");
+        assert!(
+            encoded.len() <= one.bytes,
+            "{} bytes encoded, {} estimated",
+            encoded.len(),
+            one.bytes
+        );
     }
 }
