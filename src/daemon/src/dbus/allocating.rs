@@ -8,8 +8,7 @@
 //! allocation stops counting as running when its heap thread is done, a
 //! moment before its answer takes it off its client's list, so the lists
 //! can briefly hold a few more. The pass that finds them looks at each
-//! client's list without copying anything, as
-//! [`super::snapshot::client_ids`] does.
+//! client's list without copying anything.
 
 use std::time::Instant;
 

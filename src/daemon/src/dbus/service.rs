@@ -224,10 +224,10 @@ impl DebugObject {
         #[zbus(header)] header: Header<'_>,
     ) -> Vec<ClientView> {
         let caller = auth::caller(connection, &header).await.ok();
-        let all = self.read(snapshot::client_ids);
-        let mut views = Vec::with_capacity(all.ids.len());
-        self.read_chunked(&all.ids, |state, id| {
-            snapshot::copy_client(state, &all, id, &mut views)
+        let ids = self.read(snapshot::client_ids);
+        let mut views = Vec::with_capacity(ids.len());
+        self.read_chunked(&ids, |state, id| {
+            snapshot::copy_client(state, id, &mut views)
         });
         if !self.is_admin(caller.as_ref()) {
             auth::hide_foreign_executables(&mut views, caller.map(|c| c.uid));

@@ -16,7 +16,7 @@
 //! buffer freed after its id was taken is left out, and one allocated
 //! meanwhile is not listed yet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dmabroker_fence::{FenceState, FenceView, Mode, WaiterView};
@@ -145,41 +145,33 @@ pub fn within_budget(ids: &[u64], mut visit: impl FnMut(u64) -> usize) -> usize 
     visited
 }
 
-/// The ids a chunked list will copy, sorted, with what the client chunks
-/// need from the whole table: since when each client's oldest request has
-/// waited (one pass over the waiters, which hold no strings to clone).
-#[derive(Debug)]
-pub struct ClientIds {
-    pub ids: Vec<u64>,
-    oldest_wait: HashMap<u64, Instant>,
-}
-
-pub fn client_ids(state: &State) -> ClientIds {
-    let mut oldest_wait: HashMap<u64, Instant> = HashMap::new();
-    for waiter in state.waiters.values() {
-        oldest_wait
-            .entry(waiter.client)
-            .and_modify(|since| *since = (*since).min(waiter.since))
-            .or_insert(waiter.since);
-    }
+/// The ids of all clients, sorted.
+pub fn client_ids(state: &State) -> Vec<u64> {
     let mut ids: Vec<u64> = state.clients.keys().copied().collect();
     ids.sort_unstable();
-    ClientIds { ids, oldest_wait }
+    ids
 }
 
 /// Client `id`, if still connected, into `views`; returns the work done
 /// (see [`BUDGET`]): its access count reads the word of each of its
-/// buffers.
-pub fn copy_client(state: &State, all: &ClientIds, id: u64, views: &mut Vec<ClientView>) -> usize {
+/// buffers, and its longest wait looks at each of its queued requests.
+/// The wait is found in the same hold as the rest: one found in an
+/// earlier hold showed a wait beside no request waiting.
+pub fn copy_client(state: &State, id: u64, views: &mut Vec<ClientView>) -> usize {
     let Some(client) = state.clients.get(&id) else {
         return 1;
     };
-    let wait = all
-        .oldest_wait
-        .get(&id)
-        .map_or(0, |since| micros_since(Instant::now(), *since));
+    let mut waiting = 0;
+    let oldest = state
+        .arbiter
+        .waiters_of(id)
+        .inspect(|_| waiting += 1)
+        .filter_map(|waiter| state.waiters.get(&waiter))
+        .map(|waiter| waiter.since)
+        .min();
+    let wait = oldest.map_or(0, |since| micros_since(Instant::now(), since));
     views.push(client_view(state, client, wait));
-    1 + client.buffers.len()
+    1 + client.buffers.len() + waiting
 }
 
 fn fence_info(fence: &FenceView, now: Instant) -> FenceInfo {
