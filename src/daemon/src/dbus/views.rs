@@ -120,7 +120,9 @@ pub struct HolderInfo {
 pub struct BufferDetail {
     pub buffer: BufferView,
     pub holders: Vec<HolderInfo>,
-    /// Share tokens exported and not yet redeemed or revoked.
+    /// Share tokens that import it now: one for each holder that exported
+    /// it. An import does not use a token up; it stays valid, however
+    /// often imported, while its exporter holds the buffer.
     pub share_tokens: u64,
     /// Whether the kernel manages caches and implicit fences for it (false
     /// for memfd buffers).
