@@ -281,11 +281,20 @@ pub fn unit_from_cgroup(text: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The identity's executable as a display string.
+/// The identity's executable as the views and logs show it, as names are
+/// shown ([`crate::text::shown`]): any user may put a terminal control or
+/// a right-to-left override in the name of a program it runs. Policy
+/// matches the path as it is (`Identity::exe`), never this.
 pub fn exe_display(exe: &Option<PathBuf>) -> String {
     exe.as_ref()
-        .map(|p| p.display().to_string())
+        .map(|p| crate::text::shown(&p.display().to_string()))
         .unwrap_or_default()
+}
+
+/// The identity's systemd unit as [`exe_display`] shows the exe: a user
+/// names the scopes in the cgroup tree delegated to it as it likes.
+pub fn unit_display(unit: &Option<String>) -> String {
+    unit.as_deref().map(crate::text::shown).unwrap_or_default()
 }
 
 /// Only the accountable uid (see [`Peer::accountable_uid`]) of a
@@ -326,6 +335,31 @@ mod tests {
             Some("app-gnome-foo-123.scope")
         );
         assert_eq!(unit_from_cgroup("0::/\n"), None);
+    }
+
+    /// Any user may name its program or, in its delegated cgroup tree,
+    /// its scope with terminal controls or a right-to-left override: the
+    /// views and logs show them as names are shown.
+    #[test]
+    fn exe_and_unit_are_shown_without_controls_or_reordering() {
+        let exe = Some(PathBuf::from("/tmp/x\u{9b}2J\u{202e}gpj.exe"));
+        let shown = exe_display(&exe);
+        assert!(
+            !shown.chars().any(crate::text::is_hidden_control),
+            "{shown:?}"
+        );
+        assert_eq!(shown, "/tmp/x\u{fffd}2J\u{fffd}gpj.exe");
+        let unit = unit_from_cgroup(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/a\u{1b}[2J\u{2066}b.scope\n",
+        );
+        assert_eq!(
+            unit.as_deref(),
+            Some("a\u{1b}[2J\u{2066}b.scope"),
+            "policy sees it as it is"
+        );
+        assert_eq!(unit_display(&unit), "a\u{fffd}[2J\u{fffd}b.scope");
+        assert_eq!(exe_display(&None), "");
+        assert_eq!(unit_display(&None), "");
     }
 
     #[test]

@@ -14,6 +14,22 @@ pub fn is_hidden_control(c: char) -> bool {
         )
 }
 
+/// Text a client chose, as the views and logs show it: each hidden
+/// control (see [`is_hidden_control`]) as U+FFFD, so that every reader of
+/// D-Bus, not only `dmabrokerctl`, is spared it.
+pub fn shown(raw: &str) -> String {
+    raw.chars().map(shown_char).collect()
+}
+
+/// `c` as [`shown`] shows it.
+pub fn shown_char(c: char) -> char {
+    if is_hidden_control(c) {
+        '\u{fffd}'
+    } else {
+        c
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

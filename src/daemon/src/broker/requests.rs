@@ -679,16 +679,7 @@ pub(super) fn alloc_error(err: AllocError) -> WireError {
 /// A D-Bus string may not hold a NUL: one in a view made the bus drop the
 /// daemon's connection at every `ListClients`.
 pub(super) fn shown_name(raw: &str) -> String {
-    raw.chars()
-        .take(64)
-        .map(|c| {
-            if crate::text::is_hidden_control(c) {
-                '\u{fffd}'
-            } else {
-                c
-            }
-        })
-        .collect()
+    raw.chars().take(64).map(crate::text::shown_char).collect()
 }
 
 #[cfg(test)]

@@ -214,8 +214,7 @@ fn print<T: Serialize + ?Sized>(
 ) -> Result<(), CtlError> {
     let mut stdout = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut stdout, value)?;
-        writeln!(stdout)?;
+        writeln!(stdout, "{}", format::json(value, true)?)?;
     } else {
         stdout.write_all(human(value).as_bytes())?;
     }

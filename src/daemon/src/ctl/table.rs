@@ -1,5 +1,10 @@
 //! Plain-text tables: a header row, columns padded to their widest cell,
-//! numbers right-aligned. Small enough not to warrant a dependency.
+//! numbers right-aligned. Widths are terminal columns (`unicode-width`),
+//! not chars: a client's name may be CJK, two columns a character, or hold
+//! a zero-width space, and counted in chars either shifted the cells after
+//! it out of line.
+
+use unicode_width::UnicodeWidthStr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Align {
@@ -51,8 +56,8 @@ impl Table {
             self.rows
                 .iter()
                 .filter_map(|r| r.get(i))
-                .map(|c| c.chars().count())
-                .chain(std::iter::once(self.headers[i].chars().count()))
+                .map(|c| c.width())
+                .chain(std::iter::once(self.headers[i].width()))
                 .max()
                 .unwrap_or(0)
         };
@@ -66,10 +71,17 @@ impl Table {
                 if i > 0 {
                     line.push_str("  ");
                 }
-                // Widths count chars, as `chars().count()` above does.
+                // By hand: `format!`'s width counts chars.
+                let pad = " ".repeat(w.saturating_sub(cell.width()));
                 match self.align[i] {
-                    Align::Left => line.push_str(&format!("{cell:<w$}")),
-                    Align::Right => line.push_str(&format!("{cell:>w$}")),
+                    Align::Left => {
+                        line.push_str(cell);
+                        line.push_str(&pad);
+                    }
+                    Align::Right => {
+                        line.push_str(&pad);
+                        line.push_str(cell);
+                    }
                 }
             }
             out.push_str(line.trim_end());
@@ -92,5 +104,19 @@ mod tests {
             t.render(),
             "NAME     BYTES\nmemfd    4 KiB\nsystem  12 MiB\n"
         );
+    }
+
+    /// Cells are padded to terminal columns: a CJK character takes two,
+    /// a zero-width space none.
+    #[test]
+    fn pads_wide_and_zero_width_characters_to_columns() {
+        let mut t = Table::new(&["NAME", ">BYTES"]);
+        t.row(vec!["相机-前".into(), "4 KiB".into()]);
+        t.row(vec!["cam\u{200b}era".into(), "12 MiB".into()]);
+        t.row(vec!["memfd".into(), "0 B".into()]);
+        let text = t.render();
+        let widths: Vec<usize> = text.lines().map(UnicodeWidthStr::width).collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{widths:?}\n{text}");
+        assert_eq!(text.lines().next(), Some("NAME      BYTES"));
     }
 }

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use super::allocating;
 use super::bus::Daemon;
 use super::error::CtlError;
-use super::format::{bytes, micros, or_dash};
+use super::format::{bytes, json, micros, or_dash};
 use super::table::Table;
 use super::terminal::{Keys, Screen, CLEAR};
 use crate::dbus::views::{ClientAllocations, ClientView, Statistics, Totals};
@@ -93,45 +93,95 @@ pub async fn run(daemon: &Daemon, options: TopOptions) -> Result<(), CtlError> {
     } else {
         Some(Screen::enter())
     };
-    let mut keys = Keys::listen();
-    let mut sort_key = options.sort;
+    // Under --json, no keys: a frame redrawn for one was a line more for
+    // the script reading them, and raw mode (tcsetattr) from the
+    // background of an interactive shell stops `top` with SIGTTOU, as
+    // reading its stdin there would with SIGTTIN.
+    let mut keys = (!options.json).then(Keys::listen);
+    let mut view = View {
+        sort: options.sort,
+        last: None,
+        json: options.json,
+    };
     let mut previous: Option<(Statistics, Instant)> = None;
     let mut shown = 0u64;
     let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keys_open = true;
-    let mut last: Option<Frame> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 let frame = tokio::select! {
-                    frame = fetch(daemon, sort_key, &mut previous) => frame?,
+                    frame = fetch(daemon, view.sort, &mut previous) => frame?,
                     _ = quit.asked() => break,
                 };
                 draw(&frame, daemon, &options, screen.as_ref())?;
-                last = Some(frame);
+                view.last = Some(frame);
                 shown += 1;
                 if options.iterations.is_some_and(|n| shown >= n) {
                     break;
                 }
             }
-            key = keys.presses.recv(), if keys_open => match key {
-                Some(b'q') => break,
-                Some(b'b' | b'w') => {
-                    sort_key = if key == Some(b'b') { SortKey::Bytes } else { SortKey::Wait };
-                    if let Some(frame) = last.as_mut() {
-                        frame.sort = sort_key;
-                        sort(&mut frame.clients, sort_key);
-                        draw(frame, daemon, &options, screen.as_ref())?;
-                    }
-                }
-                Some(_) => {}
+            key = next_key(keys.as_mut()), if keys_open => match key {
+                Some(key) => match view.press(key) {
+                    Press::Quit => break,
+                    Press::Draw(frame) => draw(frame, daemon, &options, screen.as_ref())?,
+                    Press::Nothing => {}
+                },
                 None => keys_open = false,
             },
             _ = quit.asked() => break,
         }
     }
     Ok(())
+}
+
+/// The next key pressed; `None` once there are no more (stdin closed) or
+/// none are read.
+async fn next_key(keys: Option<&mut Keys>) -> Option<u8> {
+    keys?.presses.recv().await
+}
+
+/// The order `top` sorts by and the frame it showed last, which a new
+/// order redraws at once rather than a refresh later.
+#[derive(Debug)]
+struct View {
+    sort: SortKey,
+    last: Option<Frame>,
+    /// Keys do nothing: `--json` prints a line per refresh and no other.
+    json: bool,
+}
+
+/// What a key press asks of the loop.
+#[derive(Debug)]
+enum Press<'a> {
+    Quit,
+    /// This frame, shown again in the new order.
+    Draw(&'a Frame),
+    Nothing,
+}
+
+impl View {
+    fn press(&mut self, key: u8) -> Press<'_> {
+        if self.json {
+            return Press::Nothing;
+        }
+        let sort_key = match key {
+            b'q' => return Press::Quit,
+            b'b' => SortKey::Bytes,
+            b'w' => SortKey::Wait,
+            _ => return Press::Nothing,
+        };
+        self.sort = sort_key;
+        match self.last.as_mut() {
+            Some(frame) => {
+                frame.sort = sort_key;
+                sort(&mut frame.clients, sort_key);
+                Press::Draw(frame)
+            }
+            None => Press::Nothing,
+        }
+    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, which end `top` as `q` does.
@@ -199,8 +249,7 @@ fn draw(
 ) -> Result<(), CtlError> {
     let mut stdout = std::io::stdout().lock();
     if options.json {
-        serde_json::to_writer(&mut stdout, frame)?;
-        writeln!(stdout)?;
+        writeln!(stdout, "{}", json(frame, false)?)?;
     } else {
         let on_terminal = screen.is_some_and(Screen::is_terminal);
         let text = render(frame, daemon, options);
@@ -309,6 +358,51 @@ mod tests {
             longest_wait_us: wait,
             ..Default::default()
         }
+    }
+
+    fn frame(clients: Vec<ClientView>) -> Frame {
+        Frame {
+            sort: SortKey::Bytes,
+            totals: Totals::default(),
+            statistics: Statistics::default(),
+            rates: None,
+            clients,
+            allocations_in_flight: None,
+        }
+    }
+
+    #[test]
+    fn a_sort_key_redraws_the_last_frame_in_its_order() {
+        let mut view = View {
+            sort: SortKey::Bytes,
+            last: Some(frame(vec![client(1, 10, 500), client(2, 30, 0)])),
+            json: false,
+        };
+        match view.press(b'w') {
+            Press::Draw(f) => {
+                assert_eq!(f.sort, SortKey::Wait);
+                assert_eq!(f.clients.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(view.press(b'q'), Press::Quit));
+        assert!(matches!(view.press(b'x'), Press::Nothing));
+    }
+
+    /// `--json` prints one line per refresh for scripts: a key (stdin a
+    /// terminal) prints no line of its own, and quits nothing either.
+    #[test]
+    fn under_json_keys_draw_nothing() {
+        let mut view = View {
+            sort: SortKey::Bytes,
+            last: Some(frame(vec![client(1, 10, 500), client(2, 30, 0)])),
+            json: true,
+        };
+        for key in [b'b', b'w', b'q'] {
+            let press = view.press(key);
+            assert!(matches!(press, Press::Nothing), "{key}: {press:?}");
+        }
+        assert_eq!(view.sort, SortKey::Bytes);
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn client_view(state: &State, client: &ClientEntry, longest_wait_us: u64) -> Cli
         pid: client.peer.pid,
         name: client.name.clone(),
         exe: crate::identity::exe_display(&identity.exe),
-        unit: identity.unit.clone().unwrap_or_default(),
+        unit: crate::identity::unit_display(&identity.unit),
         rule: client.resolved.rule.clone(),
         autofence: if client.autofence {
             "autofence"
