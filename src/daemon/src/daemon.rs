@@ -14,7 +14,7 @@ use crate::server::{accept_loop, Listener};
 use crate::service::fdstore::{
     read_record, store_waiting, Batch, FdStore, RecordError, RecordWriter,
 };
-use crate::service::inherited::{Inherited, Stored, BUFFER_PREFIX, RECORD_PREFIX};
+use crate::service::inherited::{buffer_id_of, Inherited, Stored, RECORD_PREFIX};
 use crate::service::record::StateRecord;
 use crate::service::{job, notify, watchdog};
 
@@ -448,9 +448,11 @@ fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
     // No id of a previous instance is handed out again, whatever became of
     // its record: a removal of an old `buf-N` still waiting for room in the
     // manager's queue would otherwise remove a new buffer N.
+    // An id above those this daemon hands out is none it gave, and is not
+    // one to go on from (see `broker::MAX_BUFFER_ID`).
     let above_stored = names
         .iter()
-        .filter_map(|name| name.strip_prefix(BUFFER_PREFIX)?.parse::<u64>().ok())
+        .filter_map(|name| buffer_id_of(name))
         .max()
         .map_or(0, |id| id.saturating_add(1));
     state.bump_next_buffer_id(above_stored);
@@ -465,10 +467,14 @@ fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
             }
             state.persist_wanted.notify_one();
         }
+        // Only now that their removals are sent (see `let_go_of_unkept`).
+        for (name, fd) in std::mem::take(&mut stored.buffers) {
+            state.let_go_of_unkept(&name, fd);
+        }
         // Removed by the record's writer before its first record.
         return (false, RecordWriter::fresh(record_fds(&stored.records)));
     };
-    let summary = state.restore(&record, stored.buffers);
+    let mut summary = state.restore(&record, std::mem::take(&mut stored.buffers));
     // Whatever was not taken back must leave the store too. Other records
     // are removed by the record's writer before its first record (waiting
     // for room, and tried again until they are gone); older records
@@ -479,13 +485,7 @@ fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
             // A live buffer's own name only: `buf-01` parses as buffer 1
             // too, but the restore took only `buf-1`.
             let kept = name.starts_with(RECORD_PREFIX)
-                || name
-                    .strip_prefix(BUFFER_PREFIX)
-                    .and_then(|id| id.parse::<u64>().ok())
-                    .is_some_and(|id| {
-                        *name == crate::service::fdstore::buffer_name(id)
-                            && state.buffers.contains_key(&id)
-                    });
+                || buffer_id_of(name).is_some_and(|id| state.buffers.contains_key(&id));
             if !kept {
                 store.remove(name);
             }
@@ -493,6 +493,10 @@ fn restore(state: &mut State, mut stored: Stored) -> (bool, RecordWriter) {
         // A new record at once: it replaces any stale one and records
         // what the restore changed.
         state.persist_wanted.notify_one();
+    }
+    // Only now that their removals are sent (see `let_go_of_unkept`).
+    for (name, fd) in std::mem::take(&mut summary.not_kept) {
+        state.let_go_of_unkept(&name, fd);
     }
     if let Some(store) = &state.fd_store {
         let slots = store.capacity.buffer_slots();
@@ -541,9 +545,12 @@ fn record_fds(records: &[(String, OwnedFd)]) -> Vec<(String, usize)> {
 fn latest_record(records: &[(String, OwnedFd)]) -> Option<(String, StateRecord)> {
     let mut best: Option<(String, StateRecord)> = None;
     for (name, fd) in records {
-        let Some(record) = read_record(fd) else {
-            tracing::warn!(name, "unreadable record in the fd store; ignoring it");
-            continue;
+        let record = match read_record(fd) {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::warn!(name, error = %err, "unreadable record in the fd store; ignoring it");
+                continue;
+            }
         };
         if best
             .as_ref()
@@ -1308,7 +1315,11 @@ mod tests {
                 origin: crate::service::record::OriginRecord::Memfd,
                 name: "frame".into(),
                 inode: crate::kernel::dma_buf::inode(fd.as_fd()).expect("inode"),
-                holders: Vec::new(),
+                holders: vec![crate::service::record::HolderRecord {
+                    secret: "dmab1-00112233445566778899aabbccddeeff".into(),
+                    uid: 1000,
+                    owner: true,
+                }],
             }],
         };
         let copy = fd.try_clone().expect("dup");

@@ -216,7 +216,7 @@ impl State {
         let kernel_name = format!("{label}:{pid}");
         if let Some(done) = self.heaps.carry_out_in_place(&mut plan, &kernel_name) {
             let allocation = done.map_err(alloc_error)?;
-            return Ok(self.admit_allocation(client, allocation, label));
+            return self.admit_allocation(client, allocation, label);
         }
         // The heaps left may block: on a thread of the blocking pool.
         if allocating >= MAX_ALLOCATING_PER_CLIENT {
@@ -303,7 +303,7 @@ impl State {
             return;
         }
         let answer = match result.map(Unclaimed::claim) {
-            Ok(Some(allocation)) => Ok(self.admit_allocation(client, allocation, &label)),
+            Ok(Some(allocation)) => self.admit_allocation(client, allocation, &label),
             Ok(None) => Err(WireError::new(
                 ErrorCode::Internal,
                 "the allocation was lost in the daemon",
@@ -320,14 +320,23 @@ impl State {
     }
 
     /// Takes a new buffer into the table, held by and charged to `client`
-    /// (whose quota was checked when it asked).
+    /// (whose quota was checked when it asked). With no id left for it
+    /// (see `State::allocate_buffer_id`), the buffer is let go of and the
+    /// client told why.
     fn admit_allocation(
         &mut self,
         client: ClientId,
         allocation: Allocation,
         label: &str,
-    ) -> Answer {
-        let id = self.allocate_buffer_id();
+    ) -> Result<Answer, WireError> {
+        let id = match self.allocate_buffer_id() {
+            Ok(id) => id,
+            Err(err) => {
+                tracing::error!(error = %err, "an allocation is refused");
+                close_unadmitted(allocation);
+                return Err(err.into());
+            }
+        };
         let origin = BufferOrigin::Allocated(allocation.backend);
         let uid = self
             .clients
@@ -359,7 +368,10 @@ impl State {
         self.store_buffer(id);
         self.stats.allocations += 1;
         self.notice_allocated(id, client);
-        Answer::Reply(ReplyBody::Buffer(self.buffer_info(id, secret)), vec![fd])
+        Ok(Answer::Reply(
+            ReplyBody::Buffer(self.buffer_info(id, secret)),
+            vec![fd],
+        ))
     }
 
     /// Tells observers of a new buffer in the table (an allocated or an

@@ -97,7 +97,7 @@ impl Bench {
         )
         .expect("memfd");
         nix::unistd::ftruncate(&fd, 4096).expect("ftruncate");
-        let id = self.state.allocate_buffer_id();
+        let id = self.state.allocate_buffer_id().expect("an id");
         let origin = if dma_buf {
             BufferOrigin::Adopted
         } else {

@@ -34,7 +34,10 @@ pub use notice::{Notice, NoticeSender, NOTICE_BACKLOG};
 pub(crate) use persist::matches_record;
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
-pub use state::{AccessEntry, BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, State};
+pub use state::{
+    AccessEntry, BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, IdsExhausted, State,
+    MAX_BUFFER_ID,
+};
 pub use waits::cache_sync_delay;
 pub use words::WordState;
 pub use words::WORD_PATROL;

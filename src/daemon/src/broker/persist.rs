@@ -11,18 +11,18 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use dmabroker_ipc::{BufferId, ClientId, ErrorCode, QuotaDetail, ReplyBody, WireError};
 
 use super::access::Answer;
-use super::state::{BufferEntry, BufferOrigin, Holder, State};
+use super::state::{BufferEntry, BufferOrigin, Holder, State, MAX_BUFFER_ID, STORE_LET_GO};
 use super::words::WordState;
 use crate::heaps::Backend;
-use crate::held_files::HeldFd;
+use crate::held_files::{HeldFd, Release};
 use crate::kernel::{dma_buf, memfd};
 use crate::service::fdstore::buffer_name;
-use crate::service::inherited::BUFFER_PREFIX;
+use crate::service::inherited::{buffer_id_of, RECORD_PREFIX};
 use crate::service::record::{
     BufferRecord, HolderRecord, OriginRecord, StateRecord, RECORD_VERSION,
 };
@@ -30,13 +30,18 @@ use crate::service::record::{
 /// The client id of a hold nobody has re-attached yet (real ids start at 1).
 pub const ORPHAN: ClientId = 0;
 
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct RestoreSummary {
     pub restored: usize,
-    /// Recorded buffers whose fd was missing or no longer the same object.
+    /// Recorded buffers whose fd was missing or no longer the same object,
+    /// or that had no holder.
     pub lost: usize,
     /// Stored fds no record mentions.
     pub unknown_fds: usize,
+    /// The stored fds not taken back, each with its name: let go of by the
+    /// caller only once their removal from the fd store is sent (see
+    /// [`State::let_go_of_unkept`]).
+    pub not_kept: Vec<(String, OwnedFd)>,
 }
 
 fn origin_record(origin: &BufferOrigin) -> OriginRecord {
@@ -174,7 +179,8 @@ impl State {
     }
 
     /// Rebuilds the table from a record and the stored fds (consumed: fds
-    /// no record claims are dropped, i.e. closed).
+    /// it does not keep come back in the summary's `not_kept`, to be let
+    /// go of after their removal from the store).
     pub fn restore(
         &mut self,
         record: &StateRecord,
@@ -185,13 +191,40 @@ impl State {
         // not recorded, and is dropped below: its id must not be handed
         // out again (its client may still name it), so ids go on above
         // every stored one as well as the record's.
+        // Ids above the ones this daemon hands out are none it gave (see
+        // `MAX_BUFFER_ID`): neither a buffer of that id nor the count.
         let above_stored = fds
             .keys()
-            .filter_map(|name| name.strip_prefix(BUFFER_PREFIX)?.parse::<BufferId>().ok())
+            .filter_map(|name| buffer_id_of(name))
             .max()
             .map_or(0, |id| id.saturating_add(1));
+        let above_recorded = record
+            .buffers
+            .iter()
+            .map(|b| b.id)
+            .filter(|&id| id <= MAX_BUFFER_ID)
+            .max()
+            .map_or(0, |id| id.saturating_add(1));
+        let recorded_next = if record.next_buffer <= MAX_BUFFER_ID.saturating_add(1) {
+            record.next_buffer
+        } else {
+            tracing::warn!(
+                next_buffer = record.next_buffer,
+                "the record's next buffer id is above any this daemon hands out; ignoring it"
+            );
+            0
+        };
         for buffer in &record.buffers {
-            let Some(fd) = fds.remove(&buffer_name(buffer.id)) else {
+            if buffer.id > MAX_BUFFER_ID {
+                tracing::warn!(
+                    buffer = buffer.id,
+                    "recorded buffer id is above any this daemon hands out; dropping it"
+                );
+                summary.lost += 1;
+                continue;
+            }
+            let name = buffer_name(buffer.id);
+            let Some(fd) = fds.remove(&name) else {
                 summary.lost += 1;
                 continue;
             };
@@ -201,8 +234,21 @@ impl State {
                     "stored fd is not the recorded buffer; dropping it"
                 );
                 summary.lost += 1;
+                summary.not_kept.push((name, fd));
                 continue;
             };
+            // Nothing would ever release a buffer nobody holds: the grace
+            // period's end drops orphaned holds, and their last frees the
+            // buffer. Only a corrupt or hand-written record has one.
+            if buffer.holders.is_empty() {
+                tracing::warn!(
+                    buffer = buffer.id,
+                    "recorded buffer has no holder; dropping it"
+                );
+                summary.lost += 1;
+                summary.not_kept.push((name, fd));
+                continue;
+            }
             // The owner first: the charge is its, and moves down the list
             // (see `reattach`).
             let mut recorded: Vec<_> = buffer.holders.iter().collect();
@@ -239,7 +285,11 @@ impl State {
                     id: buffer.id,
                     fd: Arc::new(fd),
                     size: buffer.size,
-                    heap: buffer.heap.clone(),
+                    // Shown on D-Bus and sent to clients as it is: what a
+                    // record says is shown as names are (a NUL ends a
+                    // D-Bus string). A heap's own name has no such
+                    // character, and is kept as it was.
+                    heap: super::requests::shown_name(&buffer.heap),
                     origin,
                     // Written by an older daemon, which kept names as sent.
                     name: super::requests::shown_name(&buffer.name),
@@ -256,10 +306,47 @@ impl State {
         }
         summary.unknown_fds = fds
             .keys()
-            .filter(|name| !name.starts_with("state-"))
+            .filter(|name| !name.starts_with(RECORD_PREFIX))
             .count();
-        self.bump_next_buffer_id(record.next_buffer.max(above_stored));
+        summary.not_kept.extend(fds);
+        self.bump_next_buffer_id(recorded_next.max(above_recorded).max(above_stored));
         summary
+    }
+
+    /// Lets go of a stored fd the restore did not keep (`name` in the fd
+    /// store): call it only once the name's removal is sent. A client may
+    /// still hold such a buffer (one allocated after the last record, or
+    /// one dropped as not what the record says) and watch it with an
+    /// epoll it keeps locked, and the manager closes its copy when it
+    /// reads the removal: closed here, before that, PID 1 would make the
+    /// last release (see `held_files`). So a dma-buf goes as a freed one
+    /// does: on a closing thread that first waits for the manager to have
+    /// read the removal (`FdStore::await_removal`), one of its own
+    /// (`u32::MAX`: whose it is is not known). A memfd cannot be watched,
+    /// and its pages go back where a freed one's do.
+    pub fn let_go_of_unkept(&self, name: &str, fd: OwnedFd) {
+        let Some(store) = &self.fd_store else {
+            drop(fd);
+            return;
+        };
+        if !dma_buf::is_dma_buf(fd.as_fd()) {
+            let size = dma_buf::size(fd.as_fd()).unwrap_or(0);
+            crate::closer::close_buffer(fd, size);
+            return;
+        }
+        let held = HeldFd::new(
+            fd,
+            Release::OnThreadOf {
+                uid: u32::MAX,
+                buffer: true,
+            },
+        );
+        let store = Arc::clone(store);
+        let name = name.to_owned();
+        held.first_wait_for(Box::new(move || {
+            store.await_removal(&name, Instant::now() + STORE_LET_GO)
+        }));
+        drop(held);
     }
 
     /// Holds still unclaimed after the grace period are released like a
@@ -440,6 +527,170 @@ mod tests {
             inode: dma_buf::inode(fd.as_fd()).expect("inode"),
             holders: Vec::new(),
         }
+    }
+
+    /// A state with no clients and a memfd heap only.
+    fn state() -> State {
+        let heaps = crate::heaps::HeapRegistry::discover(&crate::heaps::HeapConfig {
+            dma_heap_dir: std::path::PathBuf::from("/nonexistent"),
+            udmabuf_path: std::path::PathBuf::from("/nonexistent"),
+            order: None,
+            enable_memfd: true,
+        });
+        State::new(
+            heaps,
+            dmabroker_policy::Policy::builtin(),
+            super::super::DaemonLimits::default(),
+        )
+    }
+
+    /// A stored memfd buffer of this version (with its word page), as
+    /// recorded under `id` with one holder, and its fd.
+    fn stored_buffer(id: BufferId) -> (BufferRecord, OwnedFd) {
+        let page = dmabroker_ipc::bufferword::WORD_PAGE;
+        let fd = memfd::create_sealed("frame", 4096 + page).expect("memfd");
+        let mut record = record_of(&fd, 4096);
+        record.id = id;
+        record.holders = vec![HolderRecord {
+            secret: "dmab1-00112233445566778899aabbccddeeff".into(),
+            uid: 1000,
+            owner: true,
+        }];
+        (record, fd)
+    }
+
+    fn table_of(buffers: Vec<BufferRecord>, next_buffer: u64) -> StateRecord {
+        StateRecord {
+            version: RECORD_VERSION,
+            generation: 1,
+            next_buffer,
+            buffers,
+        }
+    }
+
+    /// A recorded buffer with no holder (only a corrupt or hand-written
+    /// record has one) is not taken back: nothing would ever release it,
+    /// as the grace period's end drops only orphaned holds. It was kept
+    /// for good. Found by review.
+    #[test]
+    fn a_recorded_buffer_with_no_holder_is_not_taken_back() {
+        let (mut record, fd) = stored_buffer(1);
+        record.holders.clear();
+        let mut state = state();
+        let summary = state.restore(
+            &table_of(vec![record], 2),
+            HashMap::from([(buffer_name(1), fd)]),
+        );
+        assert_eq!((summary.restored, summary.lost), (0, 1));
+        assert!(state.buffers.is_empty());
+        state.drop_orphans();
+        assert!(state.buffers.is_empty(), "nor kept after the grace");
+    }
+
+    /// A record's `next_buffer` or a stored `buf-<id>` at the top of the
+    /// ids is no id this daemon gave: the next id handed out was
+    /// u64::MAX, and the one after it overflowed (a panic in a debug
+    /// build, a wrap to 0 and then ids of taken-back buffers in a release
+    /// build). Found by review.
+    #[test]
+    fn ids_at_the_top_from_a_record_or_the_store_are_not_taken_for_ours() {
+        let (record, fd) = stored_buffer(5);
+        let stray = memfd::create_sealed("stray", 4096).expect("memfd");
+        let mut state = state();
+        let summary = state.restore(
+            &table_of(vec![record], u64::MAX),
+            HashMap::from([(buffer_name(5), fd), (buffer_name(u64::MAX), stray)]),
+        );
+        assert_eq!(summary.restored, 1);
+        let first = state.allocate_buffer_id().expect("an id");
+        let second = state.allocate_buffer_id().expect("an id");
+        assert_eq!(
+            (first, second),
+            (6, 7),
+            "ids go on above the buffers taken back"
+        );
+    }
+
+    /// Every id up to the highest handed out, the next allocation is
+    /// refused, not given an id that wrapped (a panic in a debug build).
+    /// Found by review.
+    #[test]
+    fn with_no_id_left_an_allocation_is_refused_not_wrapped() {
+        let mut state = state();
+        state.bump_next_buffer_id(u64::MAX);
+        assert!(state.allocate_buffer_id().is_err());
+        let mut state = super::super::State::new(
+            crate::heaps::HeapRegistry::discover(&crate::heaps::HeapConfig {
+                dma_heap_dir: std::path::PathBuf::from("/nonexistent"),
+                udmabuf_path: std::path::PathBuf::from("/nonexistent"),
+                order: None,
+                enable_memfd: false,
+            }),
+            dmabroker_policy::Policy::builtin(),
+            super::super::DaemonLimits::default(),
+        );
+        state.bump_next_buffer_id(MAX_BUFFER_ID);
+        assert_eq!(
+            state.allocate_buffer_id().expect("the last id"),
+            MAX_BUFFER_ID
+        );
+        assert!(state.allocate_buffer_id().is_err());
+        assert!(state.allocate_buffer_id().is_err(), "and stays refused");
+    }
+
+    /// The fds the restore does not keep (one that is not the recorded
+    /// buffer, one no record names) are handed back, not closed: closed
+    /// before their removal from the fd store is sent, PID 1's close of
+    /// its copy would be a dma-buf's last release, which the free path
+    /// takes care never to let it be. Found by review.
+    #[test]
+    fn fds_the_restore_does_not_keep_are_handed_back_open() {
+        use std::os::fd::AsRawFd;
+        let (mut record, fd) = stored_buffer(1);
+        record.inode = record.inode.wrapping_add(1);
+        let (_, unknown) = stored_buffer(2);
+        let watched: Vec<(i32, u64)> = [&fd, &unknown]
+            .iter()
+            .map(|fd| {
+                let inode = dma_buf::inode(fd.as_fd()).expect("inode");
+                (fd.as_raw_fd(), inode)
+            })
+            .collect();
+        let mut state = state();
+        let summary = state.restore(
+            &table_of(vec![record], 3),
+            HashMap::from([(buffer_name(1), fd), (buffer_name(2), unknown)]),
+        );
+        assert_eq!(
+            (summary.restored, summary.lost, summary.unknown_fds),
+            (0, 1, 1)
+        );
+        let mut names: Vec<&str> = summary.not_kept.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["buf-1", "buf-2"]);
+        for (raw, inode) in watched {
+            let still = nix::sys::stat::fstat(raw).map(|st| st.st_ino);
+            assert_eq!(still, Ok(inode), "fd {raw} is still open");
+        }
+    }
+
+    /// A recorded heap is shown on D-Bus and sent to clients as is, so it
+    /// gets what names get: a NUL in a D-Bus string once made the bus
+    /// drop the daemon's connection. Found by review.
+    #[test]
+    fn a_recorded_heap_is_restored_without_control_characters() {
+        let (mut record, fd) = stored_buffer(1);
+        record.heap = "mem\0fd\u{1b}[2J\u{202e}".into();
+        let mut state = state();
+        state.restore(
+            &table_of(vec![record], 2),
+            HashMap::from([(buffer_name(1), fd)]),
+        );
+        let heap = &state.buffers.get(&1).expect("restored").heap;
+        assert!(
+            !heap.chars().any(crate::text::is_hidden_control),
+            "{heap:?}"
+        );
     }
 
     /// A memfd of this version carries the word page; one stored by a

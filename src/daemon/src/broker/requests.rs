@@ -568,7 +568,9 @@ impl State {
         }
         self.check_quota(client, size, true)?;
         self.check_store_slot()?;
-        let id = self.allocate_buffer_id();
+        let id = self.allocate_buffer_id().inspect_err(|err| {
+            tracing::error!(error = %err, "an adopt is refused");
+        })?;
         self.buffers.insert(
             id,
             BufferEntry {

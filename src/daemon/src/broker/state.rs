@@ -32,7 +32,32 @@ use crate::stats::Stats;
 /// manager to let go of its fd-store copy first (see
 /// `FdStore::await_removal`): a manager that has not read the removal in
 /// that long is not coming back to it.
-const STORE_LET_GO: std::time::Duration = std::time::Duration::from_secs(600);
+pub(super) const STORE_LET_GO: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The highest buffer id the daemon hands out. Ids go up by one per
+/// buffer and are never reused, and at a billion buffers a second this one
+/// is 292 years away: a higher id in a record or an fd-store name is none
+/// this daemon gave (a corrupt or hand-written one), and is not taken for
+/// one, so the count can neither reach the end of `u64` and wrap nor be
+/// made to. It also fits a signed 64-bit integer, for the views' readers.
+pub const MAX_BUFFER_ID: BufferId = i64::MAX as BufferId;
+
+/// Every buffer id up to [`MAX_BUFFER_ID`] was handed out.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the broker has no buffer id left to hand out (the next would be {next}, above the \
+     highest, {MAX_BUFFER_ID}); a buffer record or fd-store name of a previous instance \
+     set the count that high: stop the service for good (systemctl stop) to empty its fd store"
+)]
+pub struct IdsExhausted {
+    pub next: BufferId,
+}
+
+impl From<IdsExhausted> for WireError {
+    fn from(err: IdsExhausted) -> WireError {
+        WireError::new(ErrorCode::Internal, err.to_string())
+    }
+}
 
 /// Where a buffer's memory came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -473,10 +498,18 @@ impl State {
         }
     }
 
-    pub(super) fn allocate_buffer_id(&mut self) -> BufferId {
+    /// The next buffer id, or none when every id up to [`MAX_BUFFER_ID`]
+    /// is used (only a record or a store name from outside can bring the
+    /// count there: see `bump_next_buffer_id`). Refused rather than
+    /// wrapped: a wrapped id would name, and overwrite, a live buffer.
+    pub(super) fn allocate_buffer_id(&mut self) -> Result<BufferId, IdsExhausted> {
         let id = self.next_buffer;
-        self.next_buffer += 1;
-        id
+        let next = id
+            .checked_add(1)
+            .filter(|_| id <= MAX_BUFFER_ID)
+            .ok_or(IdsExhausted { next: id })?;
+        self.next_buffer = next;
+        Ok(id)
     }
 
     pub(super) fn peek_next_buffer_id(&self) -> BufferId {
@@ -484,8 +517,10 @@ impl State {
     }
 
     /// Ids of a previous instance's buffers are never handed out again.
+    /// Never beyond `MAX_BUFFER_ID + 1`: the callers take only ids up to
+    /// [`MAX_BUFFER_ID`] for ours (see `service::inherited::buffer_id_of`).
     pub fn bump_next_buffer_id(&mut self, next: BufferId) {
-        self.next_buffer = self.next_buffer.max(next);
+        self.next_buffer = self.next_buffer.max(next.min(MAX_BUFFER_ID + 1));
     }
 
     /// The buffer table changed in a way the stored record must reflect.

@@ -36,7 +36,7 @@ use sd_notify::NotifyState;
 
 use super::inherited::{BUFFER_PREFIX, RECORD_PREFIX};
 use super::notify;
-use super::record::StateRecord;
+use super::record::{DecodeError, StateRecord};
 use crate::held_files::{HeldDup, HeldFd};
 use crate::kernel::memfd;
 
@@ -923,8 +923,11 @@ impl RecordWriter {
         self.latest.is_none()
     }
 
+    /// A record taken back is of a generation up to `MAX_GENERATION`
+    /// (`StateRecord::decode`), as many years of records from the end:
+    /// saturating only so that nothing from the store can make it panic.
     pub fn next_generation(&mut self) -> u64 {
-        self.generation += 1;
+        self.generation = self.generation.saturating_add(1);
         self.generation
     }
 
@@ -1079,14 +1082,58 @@ pub(crate) fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> 
     Ok(OwnedFd::from(file))
 }
 
-/// Reads a stored record back.
-pub fn read_record(fd: &OwnedFd) -> Option<StateRecord> {
+/// The most bytes of a stored record that are read. The largest record
+/// the shipped limits allow: every one of 4,096 connections
+/// (`--max-connections`) holding 4,096 buffers (`max_buffers`), 2^24 holds
+/// of at most 45 bytes each (a 38-byte secret and its length, a uid of at
+/// most 5, the owner flag), and 16,382 buffers (the store's slots) of at
+/// most about 360 (a name of 64 characters of up to 4 bytes, a heap's,
+/// the numbers), about 726 MiB; up to twice that while the previous
+/// instance's holds nobody re-attached yet are kept beside new ones. 2 GiB
+/// is above both. What it is for: a `state-*` fd read to its end before
+/// `READY=1` must have an end (a character device has none, a sparse
+/// memfd may be terabytes), or the start runs out of memory or time, and
+/// starts that fail again and again lose the store.
+pub const MAX_RECORD_BYTES: u64 = 2 << 30;
+
+/// Why a stored record was not taken: the start goes on as without it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadRecordError {
+    #[error("it is not a memfd (this daemon stores its records in sealed memfds); not read")]
+    NotMemfd,
+    #[error("it is {size} bytes, more than any record ({MAX_RECORD_BYTES}); not read")]
+    TooLarge { size: u64 },
+    #[error("cannot size it: {0}")]
+    Size(#[from] crate::kernel::KernelError),
+    #[error("cannot read it: {0}")]
+    Read(#[source] std::io::Error),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Reads a stored record back: only a memfd of at most
+/// [`MAX_RECORD_BYTES`], and no more than that of it (one not sealed
+/// against growing may grow while it is read).
+pub fn read_record(fd: &OwnedFd) -> Result<StateRecord, ReadRecordError> {
     use std::io::{Read, Seek};
-    let mut file = std::fs::File::from(fd.try_clone().ok()?);
-    file.rewind().ok()?;
+    if !memfd::is_memfd(fd.as_fd()) {
+        return Err(ReadRecordError::NotMemfd);
+    }
+    let size = crate::kernel::dma_buf::size(fd.as_fd())?;
+    if size > MAX_RECORD_BYTES {
+        return Err(ReadRecordError::TooLarge { size });
+    }
+    let mut file = std::fs::File::from(fd.try_clone().map_err(ReadRecordError::Read)?);
+    file.rewind().map_err(ReadRecordError::Read)?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).ok()?;
-    StateRecord::decode(&bytes)
+    file.take(MAX_RECORD_BYTES.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadRecordError::Read)?;
+    let read = bytes.len() as u64;
+    if read > MAX_RECORD_BYTES {
+        return Err(ReadRecordError::TooLarge { size: read });
+    }
+    Ok(StateRecord::decode(&bytes)?)
 }
 
 #[cfg(test)]
@@ -1388,6 +1435,75 @@ mod tests {
             names,
             ["buf-1", "buf-2", "buf-3", "buf-5", "state-a", "state-b", "state-x", "stray"]
         );
+    }
+
+    fn record_bytes(generation: u64) -> Vec<u8> {
+        StateRecord {
+            version: crate::service::record::RECORD_VERSION,
+            generation,
+            next_buffer: 1,
+            buffers: Vec::new(),
+        }
+        .encode()
+        .expect("encode")
+    }
+
+    /// A `state-*` fd that is not a memfd (a character device, which reads
+    /// without end) is not read: read to its end before READY, it took all
+    /// memory or the start's time, and a start that fails again and again
+    /// loses the store. Found by review.
+    #[test]
+    fn a_record_that_is_no_memfd_is_not_read() {
+        let zero = OwnedFd::from(std::fs::File::open("/dev/zero").expect("/dev/zero"));
+        let refused = read_record(&zero);
+        assert!(
+            matches!(refused, Err(ReadRecordError::NotMemfd)),
+            "{refused:?}"
+        );
+    }
+
+    /// A memfd larger than any record is not read either, even with a
+    /// record at its start. Found by review.
+    #[test]
+    fn a_record_larger_than_any_is_not_read() {
+        let fd = memfd::create_sealed("state-a", MAX_RECORD_BYTES + 1).expect("sparse memfd");
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&record_bytes(1)).expect("write");
+        let fd = OwnedFd::from(file);
+        let refused = read_record(&fd);
+        assert!(
+            matches!(
+                refused,
+                Err(ReadRecordError::TooLarge { size }) if size == MAX_RECORD_BYTES + 1
+            ),
+            "{refused:?}"
+        );
+        let fits = sealed_copy("state-a", &record_bytes(1)).expect("memfd");
+        assert_eq!(read_record(&fits).expect("a record").generation, 1);
+    }
+
+    /// A record's generation at the top of the range is no generation
+    /// this daemon wrote: the next record's overflowed (a panic in a
+    /// debug build). Found by review.
+    #[test]
+    fn a_record_of_a_generation_no_writer_reaches_is_not_taken() {
+        use crate::service::record::MAX_GENERATION;
+        let fd = sealed_copy("state-a", &record_bytes(MAX_GENERATION + 1)).expect("memfd");
+        let refused = read_record(&fd);
+        assert!(
+            matches!(
+                refused,
+                Err(ReadRecordError::Decode(DecodeError::Generation { .. }))
+            ),
+            "{refused:?}"
+        );
+        let fd = sealed_copy("state-a", &record_bytes(MAX_GENERATION)).expect("memfd");
+        let taken = read_record(&fd).expect("the highest generation is taken");
+        let mut writer =
+            RecordWriter::continuing("state-a".into(), taken.generation, 1, Vec::new());
+        assert_eq!(writer.next_generation(), MAX_GENERATION + 1);
+        let mut writer = RecordWriter::continuing("state-a".into(), u64::MAX, 1, Vec::new());
+        assert_eq!(writer.next_generation(), u64::MAX, "no overflow");
     }
 
     #[test]

@@ -140,9 +140,17 @@ pub enum InheritError {
 /// anything else under the prefix (`buf-01`) is a name it never gives, and
 /// leaves the store like one.
 fn is_buffer_name(name: &str) -> bool {
+    buffer_id_of(name).is_some()
+}
+
+/// The id of a buffer's name as this daemon gives it (`buf-<id>`, the id
+/// as it writes it, no higher than it hands out): `buf-01` is none, nor is
+/// an id above `MAX_BUFFER_ID`, which no instance gave and which would
+/// bring the count of ids to its end (see `State::allocate_buffer_id`).
+pub fn buffer_id_of(name: &str) -> Option<u64> {
     name.strip_prefix(BUFFER_PREFIX)
         .and_then(|id| id.parse::<u64>().ok())
-        .is_some_and(|id| super::fdstore::buffer_name(id) == name)
+        .filter(|&id| id <= crate::broker::MAX_BUFFER_ID && super::fdstore::buffer_name(id) == name)
 }
 
 /// Takes the inherited fds and clears the environment so that nothing we
@@ -314,6 +322,23 @@ mod tests {
         );
         assert_eq!(stored.len(), 7);
         assert_eq!(stored.names(), ["buf-1", "buf-2", "other", "stray"]);
+    }
+
+    /// A buffer's name with an id above those this daemon hands out is
+    /// none it gave: taken for one, it brought the count of ids to the end
+    /// of `u64`. Found by review.
+    #[test]
+    fn a_buffer_name_above_the_highest_id_is_none_of_ours() {
+        use crate::broker::MAX_BUFFER_ID;
+        use crate::service::fdstore::buffer_name;
+        assert_eq!(
+            buffer_id_of(&buffer_name(MAX_BUFFER_ID)),
+            Some(MAX_BUFFER_ID)
+        );
+        assert_eq!(buffer_id_of(&buffer_name(MAX_BUFFER_ID + 1)), None);
+        assert_eq!(buffer_id_of(&buffer_name(u64::MAX)), None);
+        assert_eq!(buffer_id_of("buf-01"), None);
+        assert!(!is_buffer_name(&buffer_name(u64::MAX)));
     }
 
     fn recording(buffers: &[(u64, &OwnedFd)]) -> StateRecord {
