@@ -431,6 +431,45 @@ fn kernel_tier_adopting_a_brokered_dma_buf_joins_its_arbitration() {
     assert!(adopted.info().is_ok(), "the display still holds it");
 }
 
+/// Any holder of a dma-buf may name it with bytes that are not UTF-8
+/// (`DMA_BUF_SET_NAME_B` takes any bytes, and the kernel prints them as
+/// they are). The daemon read the buffer's fdinfo as text, failed, and
+/// refused an adopt of that dma-buf as not being one.
+#[test]
+fn kernel_tier_a_dma_buf_named_with_bytes_that_are_not_utf8_can_be_adopted() {
+    if !have_dma_heap() {
+        return;
+    }
+    let daemon = real_kernel_daemon();
+    let camera = daemon.client();
+    let frame = system_buffer(&camera, 4096, Some("frame"));
+    // _IOW('b', 1, u64): DMA_BUF_SET_NAME_B, as in <linux/dma-buf.h>.
+    const DMA_BUF_SET_NAME_B: libc::c_ulong = 0x4008_6201;
+    let name = b"\xff\xfe\0";
+    // SAFETY: the fd is a live dma-buf for the call, and `name` is a
+    // NUL-terminated byte string that outlives it; the kernel reads at
+    // most DMA_BUF_NAME_LEN bytes of it.
+    let named = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&frame.as_fd()),
+            DMA_BUF_SET_NAME_B,
+            name.as_ptr(),
+        )
+    };
+    assert_eq!(
+        named,
+        0,
+        "DMA_BUF_SET_NAME_B: {}",
+        std::io::Error::last_os_error()
+    );
+    let display = daemon.client();
+    let passed = frame.as_fd().try_clone_to_owned().expect("dup");
+    let adopted = display
+        .adopt(passed, Some("renamed"))
+        .expect("adopting a dma-buf whose name is not UTF-8");
+    assert_eq!(adopted.id(), frame.id(), "the same buffer, not a new one");
+}
+
 /// After a broker restart a buffer waits for its holders to re-attach. A
 /// client adopting its dma-buf before the owner is back cannot be checked
 /// against the owner's user yet: that is "try again" (`Busy`), not the

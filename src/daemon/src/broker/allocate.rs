@@ -213,7 +213,7 @@ impl State {
             .plan(heap, allowed.as_deref(), rounded)
             .map_err(alloc_error)?;
         let label = name.filter(|n| !n.is_empty()).unwrap_or("buffer");
-        let kernel_name = format!("{label}:{pid}");
+        let kernel_name = kernel_name(label, pid);
         if let Some(done) = self.heaps.carry_out_in_place(&mut plan, &kernel_name) {
             let allocation = done.map_err(alloc_error)?;
             return self.admit_allocation(client, allocation, label);
@@ -424,4 +424,54 @@ impl State {
 fn close_unadmitted(allocation: Allocation) {
     let size = allocation.size;
     crate::closer::close_buffer(allocation.fd, size);
+}
+
+/// The name a buffer gets in the kernel (see docs/heaps.md, "Naming"):
+/// `label:pid`, at most [`dma_buf::MAX_NAME_LEN`] bytes on every backend,
+/// the label cut (at a character boundary) so that the pid always shows,
+/// and shown as names are in the views (control characters as U+FFFD).
+/// An operator reading `/proc/PID/fdinfo` or debugfs finds who owns the
+/// memory by it: cut from the end, a 31-byte label left no pid, or
+/// showed one of its own, and a newline in it wrote lines of the
+/// client's choosing (`exp_name:`, `size:`) into what the kernel prints.
+pub(crate) fn kernel_name(label: &str, pid: i32) -> String {
+    let suffix = format!(":{pid}");
+    let room = crate::kernel::dma_buf::MAX_NAME_LEN.saturating_sub(suffix.len());
+    let mut name = String::with_capacity(crate::kernel::dma_buf::MAX_NAME_LEN);
+    for c in label.chars().map(crate::text::shown_char) {
+        if name.len() + c.len_utf8() > room {
+            break;
+        }
+        name.push(c);
+    }
+    name.push_str(&suffix);
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pid survives any label, and nothing the client put in the
+    /// label can start a line of its own in what the kernel prints.
+    #[test]
+    fn a_kernel_name_keeps_its_pid_and_no_control_characters() {
+        let padded = format!("gnome-shell:1742{}", " ".repeat(40));
+        let name = kernel_name(&padded, 4242);
+        assert!(name.ends_with(":4242"), "{name:?}");
+        assert!(
+            name.len() <= crate::kernel::dma_buf::MAX_NAME_LEN,
+            "{name:?}"
+        );
+        let forged = kernel_name("x\nexp_name:\tsystem\nsize:\t1", 7);
+        assert!(
+            !forged.contains('\n') && !forged.contains('\t'),
+            "{forged:?}"
+        );
+        assert!(forged.ends_with(":7"));
+        assert_eq!(kernel_name("camera", 12), "camera:12");
+        // Cut at a character boundary: four bytes a character.
+        let wide = kernel_name(&"\u{1f4f7}".repeat(10), 123);
+        assert_eq!(wide, format!("{}:123", "\u{1f4f7}".repeat(6)));
+    }
 }

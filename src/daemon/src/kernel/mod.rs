@@ -233,14 +233,17 @@ pub fn note_skip(why: &str) {
 /// Parses `/proc/self/fdinfo/<fd>` into key/value pairs. For dma-bufs this is
 /// where the kernel reports `size`, `exp_name` and `name`, which is the only
 /// way to check from userspace that naming and sizing actually took effect.
+/// Read as bytes: any holder of a dma-buf may name it with bytes that are
+/// not UTF-8, which the kernel prints as they are, and a read as text then
+/// failed (an adopt of that dma-buf was refused as not one).
 pub fn fdinfo(fd: BorrowedFd<'_>) -> Result<HashMap<String, String>, KernelError> {
     let path = PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
-    let text = std::fs::read_to_string(&path).map_err(|source| KernelError::Io {
+    let bytes = std::fs::read(&path).map_err(|source| KernelError::Io {
         op: "read",
         path: path.clone(),
         source,
     })?;
-    Ok(parse_fdinfo(&text))
+    Ok(parse_fdinfo(&String::from_utf8_lossy(&bytes)))
 }
 
 fn parse_fdinfo(text: &str) -> HashMap<String, String> {
