@@ -22,7 +22,7 @@ mod error;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -338,18 +338,43 @@ struct BufferState {
     /// buffer's does; a dma-buf has none).
     has_word_page: OnceLock<bool>,
     /// Threads of this process inside a begin on this buffer, plus guards
-    /// held in its word. A hand-off waiter that finds its holder's bit
-    /// while it is alone here knows the bit is its own, and spares the
-    /// system call that would tell it otherwise (see `await_hand_off`).
-    users: Arc<AtomicUsize>,
+    /// held in its word (the low [`USERS_LIVE`] bits), and how many begins
+    /// there have ever been (the bits above, see [`Users`]). A hand-off
+    /// waiter that finds its holder's bit while it was alone here all
+    /// along knows the bit is its own, and spares the round trip that
+    /// would tell it otherwise (see `await_hand_off`).
+    users: Arc<AtomicU64>,
     /// The caller dropped its `Buffer` (and the hold was freed) while a
     /// begin of `begin_async` may still run on the blocking pool.
     released: AtomicBool,
 }
 
+/// The bits of `BufferState::users` that count the live users.
+const USERS_LIVE: u64 = (1 << 32) - 1;
+/// One begin in `BufferState::users`: a live user, and one more begun.
+const ONE_BEGIN: u64 = (1 << 32) + 1;
+
+/// `BufferState::users` as a hand-off waiter read it.
+#[derive(Clone, Copy, Debug)]
+struct Users(u64);
+
+impl Users {
+    /// Whether a bit of the waiter's holder in the word may have been a
+    /// sibling's at any moment between `self` (read before the word) and
+    /// `after` (read after it): a sibling was live then, is live now, or
+    /// began meanwhile. The live count alone was not enough: a sibling
+    /// whose bit the waiter saw could end, and give its count back,
+    /// before the waiter counted, and the waiter then took that bit for
+    /// its hand-off (an access nobody held, and its request's answer, a
+    /// `Timeout`, dropped).
+    fn sibling_possible(self, after: Users) -> bool {
+        self.0 & USERS_LIVE > 1 || after.0 & USERS_LIVE > 1 || after.0 >> 32 != self.0 >> 32
+    }
+}
+
 /// One count in `BufferState::users`, given back when dropped.
 #[derive(Debug)]
-struct UserTicket(Arc<AtomicUsize>);
+struct UserTicket(Arc<AtomicU64>);
 
 impl Drop for UserTicket {
     fn drop(&mut self) {
@@ -372,7 +397,7 @@ impl Buffer {
                 word_slot: Mutex::new(None),
                 word: OnceLock::new(),
                 has_word_page: OnceLock::new(),
-                users: Arc::new(AtomicUsize::new(0)),
+                users: Arc::new(AtomicU64::new(0)),
                 released: AtomicBool::new(false),
             }),
         }
@@ -578,14 +603,13 @@ impl BufferState {
     /// Counts a begin in `users`, before anything it does can put a bit in
     /// the word: a sibling that sees the bit then sees the count.
     fn ticket(&self) -> UserTicket {
-        self.users.fetch_add(1, Ordering::SeqCst);
+        self.users.fetch_add(ONE_BEGIN, Ordering::SeqCst);
         UserTicket(Arc::clone(&self.users))
     }
 
-    /// Whether another thread of this process may hold a bit in the word
-    /// or be about to (the caller is inside a begin, counted once).
-    fn has_siblings(&self) -> bool {
-        self.users.load(Ordering::SeqCst) > 1
+    /// The users count as it is now (see [`Users`]).
+    fn users(&self) -> Users {
+        Users(self.users.load(Ordering::SeqCst))
     }
 
     fn begin_inner(&self, access: Access, timeout: Option<Duration>) -> Result<AccessGuard> {
@@ -672,7 +696,7 @@ impl BufferState {
             let waiter = Waiter {
                 conn: &self.client.conn,
                 request: (id, generation),
-                siblings: &|| self.has_siblings(),
+                users: &|| self.users(),
             };
             if await_hand_off(&waiter, &word, slot, kind)? {
                 return Ok(Resolved::HandedOff(
@@ -829,12 +853,12 @@ impl Drop for Buffer {
 }
 
 /// Who waits for a planned hand-off: its connection, its request (id and
-/// connection generation), and whether other threads of this process use
-/// the same buffer.
+/// connection generation), and the count of this process's threads that
+/// use the same buffer (see [`Users`]).
 struct Waiter<'a> {
     conn: &'a Connection,
     request: (u64, u64),
-    siblings: &'a dyn Fn() -> bool,
+    users: &'a dyn Fn() -> Users,
 }
 
 /// How long a hand-off waiter sleeps on the word before it checks that the
@@ -853,10 +877,17 @@ fn await_hand_off(
 ) -> Result<bool> {
     let (conn, (id, generation)) = (waiter.conn, waiter.request);
     loop {
-        match word.await_plan(slot, kind, PLAN_SLICE) {
+        let before = (waiter.users)();
+        let planned = word.await_plan(slot, kind, PLAN_SLICE);
+        let siblings = || before.sibling_possible((waiter.users)());
+        match planned {
+            // Handed off on a connection since replaced: the broker of
+            // the new one knows nothing of it, and the old one's holds
+            // (this bit among them) ended with it. Begin again there.
+            Planned::Granted if conn.generation() != generation => return Err(Error::Disconnected),
             // A bit of this holder's, but the broker answered meanwhile:
             // the plan was cancelled and the bit is another thread's.
-            Planned::Granted if (waiter.siblings)() && conn.answered(id) => return Ok(false),
+            Planned::Granted if siblings() && conn.answered(id) => return Ok(false),
             Planned::Granted => {
                 conn.abandon(id);
                 return Ok(true);
@@ -865,6 +896,12 @@ fn await_hand_off(
             Planned::Waiting if conn.generation() != generation || conn.hung_up() => {
                 return Err(Error::Disconnected)
             }
+            // The plan the word shows may be a sibling's at the same index
+            // and of the same kind, made when the broker withdrew this one
+            // (a timeout, a cancel) and answered it: the word then never
+            // changes for this waiter, which slept until the sibling's
+            // hand-off, however long the holder in its way took.
+            Planned::Waiting if siblings() && conn.answered(id) => return Ok(false),
             Planned::Waiting => {}
         }
     }
