@@ -791,7 +791,11 @@ fn out_of_order_requests_get_clear_errors_and_change_nothing() {
 
 /// Raises the soft fd limit to the hard one (inherited by the daemon we
 /// start next); returns the limit now in force.
-fn raise_fd_limit() -> u64 {
+/// Raises this process's fd limit to at least `needed` if it can: the
+/// soft limit up to the hard one, and the hard one too where it is lower
+/// (root may, up to `fs.nr_open`; a CI machine's default hard limit can
+/// be 4,096). Returns the soft limit now in force.
+fn raise_fd_limit(needed: u64) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -800,11 +804,18 @@ fn raise_fd_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return 1024;
     }
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit reads the valid struct we pass; raising the soft
-    // limit up to the hard one is always allowed.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return 1024;
+    let hard = limit.rlim_max;
+    for max in [hard.max(needed), hard] {
+        let wanted = libc::rlimit {
+            rlim_cur: max,
+            rlim_max: max,
+        };
+        // SAFETY: setrlimit reads the valid struct we pass; raising the
+        // hard limit is refused (EPERM) without CAP_SYS_RESOURCE, and
+        // then the soft one is raised to the hard one, which is allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+            return max;
+        }
     }
     limit.rlim_cur
 }
@@ -833,7 +844,7 @@ fn a_thousand_clients_share_and_transition_ten_thousand_buffers() {
     let clients = env_number("DMABROKER_LOAD_CLIENTS", 1000) as usize;
     let per_client = env_number("DMABROKER_LOAD_BUFFERS", 10) as usize;
     let needed = (clients * (per_client + 3) + 200) as u64;
-    let limit = raise_fd_limit();
+    let limit = raise_fd_limit(needed);
     assert!(
         limit >= needed,
         "the fd limit {limit} is below the {needed} this test needs (ulimit -n)"
