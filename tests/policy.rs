@@ -454,7 +454,7 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
     }
     let probe = setpriv_as(ALICE).args(["unshare", "-Urm", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("skipping: unprivileged user namespaces unavailable");
+        dmabroker_daemon::kernel::note_skip("unprivileged user namespaces are unavailable here");
         return;
     }
     let daemon = daemon_with(&format!(
@@ -499,7 +499,7 @@ fn exe_rules_do_not_match_a_client_in_a_user_namespace_of_its_own() {
         cmd
     };
     if !user_namespace("true").status().is_ok_and(|s| s.success()) {
-        eprintln!("skipping: unprivileged user namespaces unavailable");
+        dmabroker_daemon::kernel::note_skip("unprivileged user namespaces are unavailable here");
         return;
     }
     let testclient = dmabroker_suite::daemon::binary("dmabroker-testclient");

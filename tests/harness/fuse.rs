@@ -45,7 +45,7 @@ impl StallingFuse {
             return None;
         }
         if !std::path::Path::new("/dev/fuse").exists() {
-            eprintln!("skipping {test}: this kernel has no /dev/fuse");
+            dmabroker_daemon::kernel::note_skip(&format!("{test}: this kernel has no /dev/fuse"));
             return None;
         }
         let dir = TempDir::new("fuse");
@@ -94,10 +94,10 @@ impl StallingFuse {
                     "the FUSE server for {test} did not mount within {SERVER_PATIENCE:?} \
                      (it said {said:?}) and is still running"
                 );
-                eprintln!(
-                    "skipping {test}: the FUSE server could not mount (it said {said:?}; \
+                dmabroker_daemon::kernel::note_skip(&format!(
+                    "{test}: the FUSE server could not mount (it said {said:?}; \
                      exit status {status:?})"
-                );
+                ));
                 return None;
             }
         }

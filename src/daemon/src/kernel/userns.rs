@@ -175,7 +175,9 @@ mod tests {
     /// the test cannot run here.
     fn in_chain<T>(uid: u32, depth: usize, look: impl FnOnce(i32) -> T) -> Option<T> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: needs root to run a process as another user");
+            crate::kernel::note_skip(
+                "a user-namespace test needs root to run a process as another user",
+            );
             return None;
         }
         let mut args = vec![
@@ -190,7 +192,9 @@ mod tests {
         let mut child = match std::process::Command::new("setpriv").args(&args).spawn() {
             Ok(child) => child,
             Err(err) => {
-                eprintln!("skipping: cannot run setpriv: {err}");
+                crate::kernel::note_skip(&format!(
+                    "a user-namespace test cannot run setpriv: {err}"
+                ));
                 return None;
             }
         };
@@ -211,7 +215,9 @@ mod tests {
                 break;
             }
             if child.try_wait().ok().flatten().is_some() {
-                eprintln!("skipping: user namespaces unavailable to uid {uid} here");
+                crate::kernel::note_skip(&format!(
+                    "user namespaces are unavailable to uid {uid} here"
+                ));
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
