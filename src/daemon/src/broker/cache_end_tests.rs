@@ -30,17 +30,18 @@ use crate::kernel::KernelError;
 use crate::outbox::Outbox;
 
 /// A broker with clients on socketpairs, inside a runtime (the outboxes'
-/// sockets are registered with its reactor).
-struct Bench {
-    state: State,
+/// sockets are registered with its reactor). Also the bench of the buffer
+/// words' tests (`words.rs`).
+pub(super) struct Bench {
+    pub(super) state: State,
     /// Our ends of the clients' sockets, by client id.
     sockets: Vec<(ClientId, OwnedFd)>,
     next_request: u64,
-    _runtime: tokio::runtime::Runtime,
+    pub(super) _runtime: tokio::runtime::Runtime,
 }
 
 impl Bench {
-    fn new() -> Bench {
+    pub(super) fn new() -> Bench {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -64,7 +65,7 @@ impl Bench {
         }
     }
 
-    fn client(&mut self) -> ClientId {
+    pub(super) fn client(&mut self) -> ClientId {
         let _entered = self._runtime.enter();
         let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
         let (ours, theirs) =
@@ -90,7 +91,7 @@ impl Bench {
         (first, second, frame)
     }
 
-    fn buffer(&mut self, holders: &[ClientId], dma_buf: bool) -> BufferId {
+    pub(super) fn buffer(&mut self, holders: &[ClientId], dma_buf: bool) -> BufferId {
         let fd = nix::sys::memfd::memfd_create(
             c"cache-end-test",
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
@@ -126,6 +127,17 @@ impl Bench {
         id
     }
 
+    /// A memfd buffer held by `holders` with its word page, as the broker
+    /// allocates one (mapped at the first begin that may use it).
+    pub(super) fn buffer_with_word(&mut self, holders: &[ClientId]) -> BufferId {
+        let id = self.buffer(holders, false);
+        let entry = self.state.buffers.get_mut(&id).expect("the buffer");
+        let size = entry.size + dmabroker_ipc::bufferword::WORD_PAGE;
+        nix::unistd::ftruncate(entry.fd.as_fd(), size as i64).expect("ftruncate");
+        entry.word = Some(Box::default());
+        id
+    }
+
     /// Makes `buffer`'s fd one let go of on `uid`'s closing thread, as a
     /// dma-buf allocated for a client of `uid` is.
     fn release_on_thread_of(&mut self, buffer: BufferId, uid: u32) {
@@ -137,12 +149,12 @@ impl Bench {
         ));
     }
 
-    fn begin(&mut self, client: ClientId, buffer: BufferId, access: Access) -> u64 {
+    pub(super) fn begin(&mut self, client: ClientId, buffer: BufferId, access: Access) -> u64 {
         self.begin_within(client, buffer, access, None)
     }
 
     /// Sends a begin; returns its request id.
-    fn begin_within(
+    pub(super) fn begin_within(
         &mut self,
         client: ClientId,
         buffer: BufferId,
@@ -164,7 +176,7 @@ impl Bench {
     }
 
     /// Ends `access` by message, as its client's guard does.
-    fn end(&mut self, client: ClientId, access: AccessId) {
+    pub(super) fn end(&mut self, client: ClientId, access: AccessId) {
         let _entered = self._runtime.enter();
         self.state.end(client, access, None).expect("end");
     }
@@ -216,32 +228,37 @@ impl Bench {
         self.state.cache_end_done(buffer, ended);
     }
 
-    /// Every reply `client` has been sent since the last look: request id
-    /// and what it says.
-    fn replies(&self, client: ClientId) -> Vec<(u64, Result<ReplyBody, ErrorCode>)> {
+    /// Every message `client` has been sent since the last look.
+    pub(super) fn received(&self, client: ClientId) -> Vec<ServerMessage> {
         let (_, socket) = self
             .sockets
             .iter()
             .find(|(id, _)| *id == client)
             .expect("a client of the bench");
-        let mut replies = Vec::new();
+        let mut messages = Vec::new();
         loop {
             match recv_message(socket.as_fd(), true) {
-                Ok(got) => {
-                    if let ServerMessage::Reply(reply) =
-                        decode_server_message(&got.bytes).expect("decode")
-                    {
-                        replies.push((reply.id, reply.result.map_err(|e| e.code)));
-                    }
-                }
-                Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => return replies,
-                Err(err) => panic!("reading a client's replies: {err:?}"),
+                Ok(got) => messages.push(decode_server_message(&got.bytes).expect("decode")),
+                Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => return messages,
+                Err(err) => panic!("reading a client's messages: {err:?}"),
             }
         }
     }
 
+    /// Every reply `client` has been sent since the last look: request id
+    /// and what it says.
+    pub(super) fn replies(&self, client: ClientId) -> Vec<(u64, Result<ReplyBody, ErrorCode>)> {
+        self.received(client)
+            .into_iter()
+            .filter_map(|message| match message {
+                ServerMessage::Reply(reply) => Some((reply.id, reply.result.map_err(|e| e.code))),
+                ServerMessage::Event(_) => None,
+            })
+            .collect()
+    }
+
     /// The access `client`'s begin `request` was granted (sent or not).
-    fn access_of(&self, client: ClientId, request: u64) -> AccessId {
+    pub(super) fn access_of(&self, client: ClientId, request: u64) -> AccessId {
         *self
             .state
             .accesses
@@ -252,7 +269,7 @@ impl Bench {
     }
 
     /// Whether `client` was sent the grant of its begin `request`.
-    fn granted(&self, client: ClientId, request: u64) -> bool {
+    pub(super) fn granted(&self, client: ClientId, request: u64) -> bool {
         self.replies(client)
             .iter()
             .any(|(id, r)| *id == request && matches!(r, Ok(ReplyBody::Granted(_))))

@@ -237,6 +237,17 @@ impl State {
         };
         let before = word.take_over();
         let first = !ws.taken;
+        // Already taken, the word is judged as it was before this
+        // take-over: setting `DAEMON` again and cancelling the plan would
+        // hide a cleared `DAEMON` (a reader may have begun beside a write
+        // by message meanwhile, a bit the broker never recorded) or a
+        // `NEXT` nobody planned, and `check_word` would find the word
+        // legal. (The first take-over's `mirror` judges it itself.)
+        if !first && (before.is_impossible() || tampered(ws, before)) {
+            self.touched.push(buffer);
+            self.break_word(buffer, before);
+            return;
+        }
         let epoch = ws.epoch;
         ws.taken = true;
         let planned = ws.planned.take();
@@ -280,7 +291,6 @@ impl State {
     /// broker moves it): its bits may be stale guards', so it is broken.
     fn mirror(&mut self, buffer: BufferId, word: Word, epoch: u16, now: Instant) {
         if word.is_impossible() || word.epoch() != epoch {
-            self.revoke_unrecorded(buffer, word);
             self.break_word(buffer, word);
             return;
         }
@@ -367,7 +377,8 @@ impl State {
     /// contents may be anything), and the broker arbitrates the buffer by
     /// message for good. A holder whose bit was still there is told its
     /// access is revoked: it may still be reading or writing, and the
-    /// next grant does not wait for it.
+    /// next grant does not wait for it. That holds for a bit the broker
+    /// never recorded as an access too (see `revoke_unrecorded`).
     fn break_word(&mut self, buffer: BufferId, word: Word) {
         let holders: Vec<ClientId> = self
             .buffers
@@ -401,6 +412,7 @@ impl State {
                 Some((*id, word.has(bit.index, bit.write)))
             })
             .collect();
+        self.revoke_unrecorded(buffer, word);
         for (id, _) in &in_word {
             if let Some(entry) = self.accesses.get_mut(id) {
                 entry.word_bit = None;
@@ -424,18 +436,34 @@ impl State {
         }
     }
 
-    /// A word broken before its bits became accesses (at the first
-    /// take-over): their holders began in the word with no message, so the
-    /// broker has no id for them, and names them 0, as their guards do
-    /// (`AccessGuard::id`). They are told all the same: a writer may be
-    /// granted next to them at once.
+    /// The bits of a word being broken that no access of the broker's
+    /// stands for: all of them at the first take-over, before the bits
+    /// became accesses; later, those set while a holder had cleared
+    /// `DAEMON` (an honest holder then begins in the word with no
+    /// message), or by a holder for another. Their holders have no id
+    /// from the broker, so they are named 0, as their guards are
+    /// (`AccessGuard::id`), and told all the same: a writer may be granted
+    /// next to them at once.
     fn revoke_unrecorded(&mut self, buffer: BufferId, word: Word) {
+        let recorded: Vec<WordBit> = self
+            .accesses
+            .values()
+            .filter(|a| a.buffer == buffer)
+            .filter_map(|a| a.word_bit)
+            .collect();
         let holders: Vec<ClientId> = {
             let Some(entry) = self.buffers.get(&buffer) else {
                 return;
             };
             let mut owners: Vec<ClientId> = word
                 .holders()
+                .filter(|(index, access)| {
+                    let bit = WordBit {
+                        index: *index,
+                        write: access.is_write(),
+                    };
+                    !recorded.contains(&bit)
+                })
                 .filter_map(|(index, _)| owner_of(entry, index))
                 .collect();
             owners.sort_unstable();
@@ -952,5 +980,155 @@ mod tests {
             &handed_back,
             Word(1 << 48 | 0b11 | NEXT_READ_FOR_9)
         ));
+    }
+}
+
+/// The word's rules driven through `State` as a connection task drives
+/// it, on the cache-sync tests' bench; the test plays the holders' side
+/// of the word through its own mapping.
+#[cfg(test)]
+mod state_tests {
+    use std::os::fd::AsFd;
+
+    use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordHold};
+    use dmabroker_ipc::{Access, BufferId, ClientId, Event, Grant, ReplyBody, ServerMessage};
+
+    use super::super::cache_end_tests::Bench;
+
+    const DAEMON: u64 = 1 << 39;
+    const NEXT: u64 = 1 << 40;
+    const NEXT_IDX_SHIFT: u32 = 43;
+
+    /// A client that asked for buffer words.
+    fn words_client(bench: &mut Bench) -> ClientId {
+        let client = bench.client();
+        if let Some(entry) = bench.state.clients.get_mut(&client) {
+            entry.buffer_words = true;
+        }
+        client
+    }
+
+    /// The buffer's word as a holder maps it.
+    fn holders_word(bench: &Bench, buffer: BufferId) -> BufferWord {
+        let entry = bench.state.buffers.get(&buffer).expect("the buffer");
+        BufferWord::map(entry.fd.as_fd(), entry.size).expect("map the word")
+    }
+
+    /// What the broker's thread does after every decision.
+    fn settle(bench: &mut Bench) {
+        let _entered = bench._runtime.enter();
+        bench.state.settle_touched();
+    }
+
+    /// A begin by message, its decision settled.
+    fn begin(bench: &mut Bench, client: ClientId, buffer: BufferId, access: Access) -> u64 {
+        let request = bench.begin(client, buffer, access);
+        settle(bench);
+        request
+    }
+
+    /// The grant `messages` answer `request` with, if any.
+    fn grant_of(messages: &[ServerMessage], request: u64) -> Option<Grant> {
+        messages.iter().find_map(|message| match message {
+            ServerMessage::Reply(reply) if reply.id == request => match &reply.result {
+                Ok(ReplyBody::Granted(grant)) => Some(grant.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// The accesses of `buffer` that `messages` say were revoked.
+    fn revoked(messages: &[ServerMessage], buffer: BufferId) -> Vec<u64> {
+        messages
+            .iter()
+            .filter_map(|message| match message {
+                ServerMessage::Event(event) => match event.event {
+                    Event::AccessRevoked { access, buffer: b } if b == buffer => Some(access),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn broken(bench: &Bench, buffer: BufferId) -> bool {
+        bench
+            .state
+            .buffers
+            .get(&buffer)
+            .and_then(|b| b.word.as_deref())
+            .is_some_and(|ws| ws.broken)
+    }
+
+    /// `reader`'s slot in `buffer`'s word, from a read granted in the word
+    /// and ended there (the word handed back meanwhile).
+    fn slot_by_a_read(bench: &mut Bench, reader: ClientId, buffer: BufferId) -> FastSlot {
+        let read = begin(bench, reader, buffer, Access::CpuRead);
+        let grant = grant_of(&bench.received(reader), read).expect("the read is granted");
+        let slot = grant.word.expect("held in the word");
+        let hold = WordHold { slot, write: false };
+        holders_word(bench, buffer).end(hold);
+        slot
+    }
+
+    /// The broker holds the word taken for a write by message (its client
+    /// does not use words); a holder clears `DAEMON`, and an honest reader
+    /// begins in the word beside the write. The next take-over must judge
+    /// the word as it was before it set `DAEMON` again: the word breaks,
+    /// the reader is told, and the write queued behind is granted with
+    /// the news that the contents may be torn.
+    #[test]
+    fn a_cleared_daemon_bit_is_seen_by_the_next_take_over() {
+        let mut bench = Bench::new();
+        let (reader, writer, next) = (words_client(&mut bench), bench.client(), bench.client());
+        let frame = bench.buffer_with_word(&[reader, writer, next]);
+        let slot = slot_by_a_read(&mut bench, reader, frame);
+        let write = begin(&mut bench, writer, frame, Access::CpuWrite);
+        assert!(bench.granted(writer, write), "the write is granted");
+        let word = holders_word(&bench, frame);
+        assert!(word.load().daemon(), "taken for the write by message");
+
+        word.scribble(word.load().0 & !DAEMON);
+        assert!(
+            word.try_begin(slot, WordAccess::Read).is_some(),
+            "the reader begins in a word that looks handed back"
+        );
+        let queued = begin(&mut bench, next, frame, Access::CpuWrite);
+        assert!(broken(&bench, frame), "the word breaks at the take-over");
+        assert_eq!(
+            revoked(&bench.received(reader), frame),
+            vec![0],
+            "the reader, whose access the broker never recorded, is told"
+        );
+
+        bench.end(writer, bench.access_of(writer, write));
+        settle(&mut bench);
+        let grant = grant_of(&bench.received(next), queued).expect("the queued write");
+        assert!(grant.writer_lost, "the contents may be torn");
+        assert!(grant.word.is_none(), "a broken word holds nothing");
+    }
+
+    /// A `NEXT` the broker did not plan, written by a holder while the
+    /// broker has the word taken, breaks the word at the next take-over
+    /// (the take-over's cancel would otherwise erase it unseen).
+    #[test]
+    fn a_plan_nobody_made_is_seen_by_the_next_take_over() {
+        let mut bench = Bench::new();
+        let (reader, writer, next) = (words_client(&mut bench), bench.client(), bench.client());
+        let frame = bench.buffer_with_word(&[reader, writer, next]);
+        let slot = slot_by_a_read(&mut bench, reader, frame);
+        let write = begin(&mut bench, writer, frame, Access::CpuWrite);
+        assert!(bench.granted(writer, write), "the write is granted");
+        let word = holders_word(&bench, frame);
+
+        let forged = NEXT | u64::from(slot.index) << NEXT_IDX_SHIFT;
+        word.scribble(word.load().0 | forged);
+        assert!(
+            word.load().next().is_some(),
+            "a read planned for the reader"
+        );
+        begin(&mut bench, next, frame, Access::CpuWrite);
+        assert!(broken(&bench, frame), "the word breaks at the take-over");
     }
 }
