@@ -781,8 +781,22 @@ impl State {
 
     /// The head of the queue waits for one holder's bit only: let that
     /// holder's end hand the buffer over (one hop instead of two).
+    /// `word` has no `NEXT` (see `hand_back_or_plan`).
     fn plan_hand_off(&mut self, buffer: BufferId, word: Word) {
         if self.arbiter.fence_count(buffer) != 1 || self.arbiter.owes_marks(buffer) {
+            return;
+        }
+        // A plan for a waiter still queued, and no `NEXT` left: the
+        // holder carried it out after the settle's look at its bit (the
+        // waiter may even have ended the access since, leaving no bit).
+        // The holder's `WordEnded` records it. Planning that waiter again
+        // would answer `Planned` to a request its client has dropped, and
+        // the recording would then cancel that plan and grant the begin by
+        // message: an access nobody ends, held until its client hangs up.
+        let carried_out = self
+            .planned_waiter(buffer)
+            .is_some_and(|waiter| self.arbiter.waiter_buffer(waiter) == Some(buffer));
+        if carried_out {
             return;
         }
         let Some(holder) = self.arbiter.fence_id_at(buffer, 0) else {
@@ -991,7 +1005,9 @@ mod state_tests {
     use std::os::fd::AsFd;
 
     use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordHold};
-    use dmabroker_ipc::{Access, BufferId, ClientId, Event, Grant, ReplyBody, ServerMessage};
+    use dmabroker_ipc::{
+        Access, BufferId, ClientId, ErrorCode, Event, Grant, ReplyBody, ServerMessage,
+    };
 
     use super::super::cache_end_tests::Bench;
 
@@ -1025,6 +1041,25 @@ mod state_tests {
         let request = bench.begin(client, buffer, access);
         settle(bench);
         request
+    }
+
+    /// `WordEnded`, as a holder sends it after an end in a taken word.
+    fn word_ended(bench: &mut Bench, client: ClientId, buffer: BufferId) {
+        let message = dmabroker_ipc::codec::encode_request(&dmabroker_ipc::Request {
+            head: dmabroker_ipc::RequestHead {
+                id: 9_000,
+                fds: 0,
+                flags: 0,
+            },
+            body: dmabroker_ipc::RequestBody::WordEnded { buffer },
+        })
+        .expect("encode");
+        {
+            let _entered = bench._runtime.enter();
+            let answered = bench.state.handle_message(client, &message, Vec::new());
+            assert_eq!(answered, super::super::Disposition::Continue);
+        }
+        settle(bench);
     }
 
     /// The grant `messages` answer `request` with, if any.
@@ -1130,5 +1165,82 @@ mod state_tests {
         );
         begin(&mut bench, next, frame, Access::CpuWrite);
         assert!(broken(&bench, frame), "the word breaks at the take-over");
+    }
+
+    /// Every `Planned` among `messages` answering `request`.
+    fn plans(messages: &[ServerMessage], request: u64) -> usize {
+        messages
+            .iter()
+            .filter(|message| {
+                matches!(message, ServerMessage::Reply(reply)
+                    if reply.id == request && matches!(reply.result, Ok(ReplyBody::Planned { .. })))
+            })
+            .count()
+    }
+
+    /// A hand-off carried out between the settle's look at the holder's
+    /// bit and the load `hand_back_or_plan` plans from (the holder ended
+    /// and handed over, and the waiter ended the access it was handed):
+    /// the word has no `NEXT` and no bit, but the arbiter still has the
+    /// holder's fence and the waiter queued. The waiter must not be
+    /// planned again: the recording of the hand-off would cancel that
+    /// plan and grant by message a begin its client has dropped, and the
+    /// arbiter would keep that access for good.
+    #[test]
+    fn a_hand_off_carried_out_is_not_planned_again() {
+        let mut bench = Bench::new();
+        let (holder, waiter, later) = (
+            words_client(&mut bench),
+            words_client(&mut bench),
+            bench.client(),
+        );
+        let frame = bench.buffer_with_word(&[holder, waiter, later]);
+        let read = begin(&mut bench, holder, frame, Access::CpuRead);
+        let held = grant_of(&bench.received(holder), read)
+            .and_then(|g| g.word)
+            .expect("the read is held in the word");
+        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
+        let messages = bench.received(waiter);
+        assert_eq!(plans(&messages, write), 1, "the write is planned");
+        let Some(ServerMessage::Reply(reply)) = messages.first() else {
+            panic!("no answer to the write: {messages:?}")
+        };
+        let Ok(ReplyBody::Planned { word: slot }) = reply.result else {
+            panic!("not planned: {reply:?}")
+        };
+        let word = holders_word(&bench, frame);
+        word.end(WordHold {
+            slot: held,
+            write: false,
+        });
+        let handed = word.await_plan(slot, WordAccess::Write, std::time::Duration::ZERO);
+        assert_eq!(handed, dmabroker_ipc::bufferword::Planned::Granted);
+        word.end(WordHold { slot, write: true });
+
+        // What `hand_back_or_plan` does after a settle that found the
+        // holder's bit still there.
+        bench.state.plan_hand_off(frame, word.load());
+        assert_eq!(bench.state.stats.hand_offs_planned, 1, "planned once");
+        assert!(word.load().next().is_none(), "no plan in the word");
+        assert_eq!(plans(&bench.received(waiter), write), 0);
+
+        word_ended(&mut bench, holder, frame);
+        let answers = bench.received(waiter);
+        assert!(
+            grant_of(&answers, write).is_none(),
+            "no grant by message for the hand-off"
+        );
+        let busy = answers.iter().any(|message| {
+            matches!(message, ServerMessage::Reply(reply)
+                if reply.id == write
+                    && reply.result.as_ref().is_err_and(|e| e.code == ErrorCode::Busy))
+        });
+        assert!(
+            busy,
+            "recorded as a hand-off the broker cannot tell: {answers:?}"
+        );
+        assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
+        let next = begin(&mut bench, later, frame, Access::CpuWrite);
+        assert!(bench.granted(later, next), "the buffer is free");
     }
 }
