@@ -391,6 +391,7 @@ impl State {
             ?holders,
             "a holder corrupted the buffer's word; it arbitrates by message from now on"
         );
+        let mut planned = None;
         if let Some(ws) = self
             .buffers
             .get_mut(&buffer)
@@ -398,7 +399,7 @@ impl State {
         {
             ws.broken = true;
             ws.taken = true;
-            ws.planned = None;
+            planned = ws.planned.take();
             ws.epoch = ws.epoch.wrapping_add(1);
             if let Some(mapped) = &ws.mapped {
                 mapped.reset(ws.epoch, true);
@@ -422,6 +423,9 @@ impl State {
         // the ones that must say the contents may be torn.
         self.arbiter.mark_writer_lost(buffer);
         let now = Instant::now();
+        if let Some(waiter) = planned {
+            self.withdraw_unrecorded_hand_off(buffer, waiter, word, now);
+        }
         for (id, still_held) in in_word {
             let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
                 continue;
@@ -434,6 +438,51 @@ impl State {
                 self.deliver_grants(grants);
             }
         }
+    }
+
+    /// A hand-off was planned for `waiter` when its buffer's word broke
+    /// (as `word`). Still in the word (`NEXT` names its index), it never
+    /// happened: the waiter stays queued and is granted by message like
+    /// any other (the reset woke it to read that answer). Otherwise the
+    /// holder carried it out and the waiter may be using the access in
+    /// the word, or a holder erased the plan: the broker cannot tell, as
+    /// in `record_hand_off`. That access went with the word (its holder
+    /// told, if its bit was there), so the request leaves the queue before
+    /// the holder's fence is ended: that end would grant it by message to
+    /// a client that dropped the request at the hand-off, an access held
+    /// for good, with the grant's `writer_lost` read by nobody. It is
+    /// answered `Busy` instead, which a client that got the buffer drops
+    /// and any other reads as its begin's failure; the marks stay on the
+    /// buffer for the next grant.
+    fn withdraw_unrecorded_hand_off(
+        &mut self,
+        buffer: BufferId,
+        waiter: WaiterId,
+        word: Word,
+        now: Instant,
+    ) {
+        let Some(client) = self.waiters.get(&waiter).map(|w| w.client) else {
+            return;
+        };
+        if self.arbiter.waiter_buffer(waiter) != Some(buffer) {
+            return;
+        }
+        let index = self.index_of(buffer, client);
+        let still_planned = word.next().is_some_and(|(next, _)| index == Some(next));
+        if still_planned {
+            return;
+        }
+        let Some(entry) = self.remove_waiter(waiter) else {
+            return;
+        };
+        let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
+        let lost = dmabroker_ipc::WireError::new(
+            dmabroker_ipc::ErrorCode::Busy,
+            "the buffer's word broke before the hand-off planned for this begin was \
+             recorded; begin again",
+        );
+        self.reply(client, entry.request_id, Err(lost), Vec::new());
+        self.deliver_grants(grants);
     }
 
     /// The bits of a word being broken that no access of the broker's
@@ -1242,5 +1291,102 @@ mod state_tests {
         assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
         let next = begin(&mut bench, later, frame, Access::CpuWrite);
         assert!(bench.granted(later, next), "the buffer is free");
+    }
+
+    /// A word broken after a hand-off the broker has not recorded yet:
+    /// the waiter holds the write in the word, the arbiter still has the
+    /// holder's fence and the waiter queued. Breaking the word ends that
+    /// fence, which must not grant the waiter by message (its client
+    /// dropped the request at the hand-off: the arbiter would keep the
+    /// write for good, and the grant's `writer_lost` would be read by
+    /// nobody). The waiter is told its access is revoked, its request is
+    /// answered `Busy`, and the news goes to the next grant.
+    #[test]
+    fn a_word_broken_before_a_hand_off_is_recorded_grants_nothing_unseen() {
+        let mut bench = Bench::new();
+        let (holder, waiter, later) = (
+            words_client(&mut bench),
+            words_client(&mut bench),
+            bench.client(),
+        );
+        let frame = bench.buffer_with_word(&[holder, waiter, later]);
+        let read = begin(&mut bench, holder, frame, Access::CpuRead);
+        let held = grant_of(&bench.received(holder), read)
+            .and_then(|g| g.word)
+            .expect("the read is held in the word");
+        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
+        let messages = bench.received(waiter);
+        let Some(ServerMessage::Reply(reply)) = messages.first() else {
+            panic!("no answer to the write: {messages:?}")
+        };
+        let Ok(ReplyBody::Planned { word: slot }) = reply.result else {
+            panic!("not planned: {reply:?}")
+        };
+        let word = holders_word(&bench, frame);
+        word.end(WordHold {
+            slot: held,
+            write: false,
+        });
+        let handed = word.await_plan(slot, WordAccess::Write, std::time::Duration::ZERO);
+        assert_eq!(handed, dmabroker_ipc::bufferword::Planned::Granted);
+
+        // A reader's bit beside the write: no legal sequence makes it.
+        word.scribble(word.load().0 | 1 << 31);
+        word_ended(&mut bench, holder, frame);
+        assert!(broken(&bench, frame), "the word breaks");
+        let answers = bench.received(waiter);
+        assert!(
+            grant_of(&answers, write).is_none(),
+            "no grant by message for the hand-off: {answers:?}"
+        );
+        let busy = answers.iter().any(|message| {
+            matches!(message, ServerMessage::Reply(reply)
+                if reply.id == write
+                    && reply.result.as_ref().is_err_and(|e| e.code == ErrorCode::Busy))
+        });
+        assert!(busy, "the request is answered: {answers:?}");
+        assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
+        assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
+        assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
+
+        let next = begin(&mut bench, later, frame, Access::CpuRead);
+        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
+        assert!(
+            grant.writer_lost,
+            "the torn write is told to the next grant"
+        );
+    }
+
+    /// A word broken while the hand-off it plans is still in it: the
+    /// waiter was handed nothing and stays queued, and the holder's fence,
+    /// ended by the break, grants it by message with the news.
+    #[test]
+    fn a_word_broken_with_its_plan_still_in_it_grants_the_waiter_by_message() {
+        let mut bench = Bench::new();
+        let (holder, waiter, later) = (
+            words_client(&mut bench),
+            words_client(&mut bench),
+            bench.client(),
+        );
+        let frame = bench.buffer_with_word(&[holder, waiter, later]);
+        begin(&mut bench, holder, frame, Access::CpuRead);
+        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
+        assert_eq!(
+            plans(&bench.received(waiter), write),
+            1,
+            "the write is planned"
+        );
+        let word = holders_word(&bench, frame);
+
+        word.scribble(word.load().0 & !DAEMON);
+        begin(&mut bench, later, frame, Access::CpuRead);
+        assert!(broken(&bench, frame), "the word breaks at the take-over");
+        let revoked_read = revoked(&bench.received(holder), frame);
+        assert!(
+            matches!(revoked_read[..], [id] if id != 0),
+            "the holder is told, by the id the broker gave its read: {revoked_read:?}"
+        );
+        let grant = grant_of(&bench.received(waiter), write).expect("granted by message");
+        assert!(grant.writer_lost, "with the news");
     }
 }
