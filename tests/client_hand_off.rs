@@ -14,36 +14,45 @@ use std::time::{Duration, Instant};
 
 use dmabroker_client::{Access, Client, ErrorCode};
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordEnd, WordHold};
-use dmabroker_ipc::codec::{decode_request, encode_server_message};
-use dmabroker_ipc::fdpass::{recv_message, send_message};
-use dmabroker_ipc::{
-    features, BufferInfo, Reply, ReplyBody, RequestBody, ServerMessage, Welcome, WireError,
-    PROTOCOL_VERSION,
-};
-use nix::sys::socket::{
-    accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-};
+use dmabroker_ipc::codec::decode_request;
+use dmabroker_ipc::fdpass::recv_message;
+use dmabroker_ipc::{features, ReplyBody, RequestBody, Welcome, WireError, PROTOCOL_VERSION};
+use dmabroker_suite::fake_broker::{self, reply};
+use nix::sys::socket::accept;
 
 /// How long the other process (holder index 1) keeps its write.
 const HOLD: Duration = Duration::from_secs(3);
 
-fn reply(socket: &OwnedFd, id: u64, result: Result<ReplyBody, WireError>) {
-    let message = ServerMessage::Reply(Reply { id, fds: 0, result });
-    let bytes = encode_server_message(&message).expect("encode");
-    send_message(socket.as_fd(), &bytes, &[], false).expect("send");
+/// The buffer both brokers below share out: 4 KiB and the word page past
+/// it, and its inode.
+fn buffer_with_word() -> (OwnedFd, u64) {
+    let (fd, inode) = fake_broker::memfd();
+    nix::unistd::ftruncate(&fd, 8192).expect("ftruncate");
+    (fd, inode)
 }
 
-fn listening_at(path: &Path) -> OwnedFd {
-    let listener = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
-    listen(&listener, Backlog::new(4).expect("backlog")).expect("listen");
-    listener
+/// Answers what every connection starts with, a hello (buffer words and
+/// cancels offered) and the test's one alloc (buffer 1, `fd`); false for
+/// anything else, left to the test's broker.
+fn answer_setup(socket: &OwnedFd, id: u64, body: &RequestBody, fd: &OwnedFd, inode: u64) -> bool {
+    match body {
+        RequestBody::Hello(_) => reply(
+            socket,
+            id,
+            Ok(ReplyBody::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                features: features::BUFFER_WORDS | features::CANCEL,
+                client_id: 1,
+                autofence: true,
+                default_heap: "memfd".into(),
+                instance: "hand-off".into(),
+            })),
+        ),
+        RequestBody::Alloc { .. } => fake_broker::reply_with_buffer(socket, id, fd, inode),
+        RequestBody::ListHeaps => reply(socket, id, Ok(ReplyBody::Heaps(Vec::new()))),
+        _ => return false,
+    }
+    true
 }
 
 fn socket_path(tag: &str) -> PathBuf {
@@ -69,15 +78,9 @@ enum Trigger {
 /// off for the next waiter in the queue, the second begin of the same
 /// holder (same index, same kind).
 fn broker(path: &Path, trigger: Trigger, planned_tx: Sender<()>) -> std::thread::JoinHandle<()> {
-    let listener = listening_at(path);
+    let listener = fake_broker::listening_at(path);
     std::thread::spawn(move || {
-        let fd = nix::sys::memfd::memfd_create(
-            c"hand-off",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .expect("memfd");
-        nix::unistd::ftruncate(&fd, 8192).expect("ftruncate");
-        let inode = nix::sys::stat::fstat(fd.as_raw_fd()).expect("fstat").st_ino;
+        let (fd, inode) = buffer_with_word();
         let word = Arc::new(BufferWord::map(fd.as_fd(), 4096).expect("word"));
         let waiter = FastSlot { index: 0, epoch: 0 };
         let holder = FastSlot { index: 1, epoch: 0 };
@@ -107,35 +110,7 @@ fn broker(path: &Path, trigger: Trigger, planned_tx: Sender<()>) -> std::thread:
             let request = decode_request(&message.bytes).expect("decode");
             let id = request.head.id;
             match request.body {
-                RequestBody::Hello(_) => reply(
-                    &socket,
-                    id,
-                    Ok(ReplyBody::Welcome(Welcome {
-                        version: PROTOCOL_VERSION,
-                        features: features::BUFFER_WORDS | features::CANCEL,
-                        client_id: 1,
-                        autofence: true,
-                        default_heap: "memfd".into(),
-                        instance: "hand-off".into(),
-                    })),
-                ),
-                RequestBody::Alloc { .. } => {
-                    let info = BufferInfo {
-                        id: 1,
-                        size: 4096,
-                        heap: "memfd".into(),
-                        name: "frame".into(),
-                        inode,
-                        secret: "dmab1-00112233445566778899aabbccddeeff".into(),
-                    };
-                    let message = ServerMessage::Reply(Reply {
-                        id,
-                        fds: 1,
-                        result: Ok(ReplyBody::Buffer(info)),
-                    });
-                    let bytes = encode_server_message(&message).expect("encode");
-                    send_message(socket.as_fd(), &bytes, &[fd.as_fd()], false).expect("send");
-                }
+                _ if answer_setup(&socket, id, &request.body, &fd, inode) => {}
                 RequestBody::Begin { .. } if first.is_none() => {
                     word.reset(0, true);
                     assert!(word.grant(holder, WordAccess::Write), "holder writes");
@@ -157,7 +132,6 @@ fn broker(path: &Path, trigger: Trigger, planned_tx: Sender<()>) -> std::thread:
                     let why = WireError::new(ErrorCode::Cancelled, "withdrawn");
                     replan(&socket, request, second.expect("second queued"), why);
                 }
-                RequestBody::ListHeaps => reply(&socket, id, Ok(ReplyBody::Heaps(Vec::new()))),
                 _ => {}
             }
         }
@@ -256,15 +230,9 @@ fn racing_broker(
     path: &Path,
     timed_begins: Arc<std::sync::atomic::AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
-    let listener = listening_at(path);
+    let listener = fake_broker::listening_at(path);
     std::thread::spawn(move || {
-        let fd = nix::sys::memfd::memfd_create(
-            c"hand-off-race",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .expect("memfd");
-        nix::unistd::ftruncate(&fd, 8192).expect("ftruncate");
-        let inode = nix::sys::stat::fstat(fd.as_raw_fd()).expect("fstat").st_ino;
+        let (fd, inode) = buffer_with_word();
         let word = BufferWord::map(fd.as_fd(), 4096).expect("word");
         let waiter = FastSlot { index: 0, epoch: 0 };
         let holder = FastSlot { index: 1, epoch: 0 };
@@ -276,35 +244,7 @@ fn racing_broker(
             let request = decode_request(&message.bytes).expect("decode");
             let id = request.head.id;
             match request.body {
-                RequestBody::Hello(_) => reply(
-                    &socket,
-                    id,
-                    Ok(ReplyBody::Welcome(Welcome {
-                        version: PROTOCOL_VERSION,
-                        features: features::BUFFER_WORDS | features::CANCEL,
-                        client_id: 1,
-                        autofence: true,
-                        default_heap: "memfd".into(),
-                        instance: "hand-off".into(),
-                    })),
-                ),
-                RequestBody::Alloc { .. } => {
-                    let info = BufferInfo {
-                        id: 1,
-                        size: 4096,
-                        heap: "memfd".into(),
-                        name: "frame".into(),
-                        inode,
-                        secret: "dmab1-00112233445566778899aabbccddeeff".into(),
-                    };
-                    let message = ServerMessage::Reply(Reply {
-                        id,
-                        fds: 1,
-                        result: Ok(ReplyBody::Buffer(info)),
-                    });
-                    let bytes = encode_server_message(&message).expect("encode");
-                    send_message(socket.as_fd(), &bytes, &[fd.as_fd()], false).expect("send");
-                }
+                _ if answer_setup(&socket, id, &request.body, &fd, inode) => {}
                 RequestBody::Begin {
                     timeout_ms: Some(_),
                     ..
@@ -340,7 +280,6 @@ fn racing_broker(
                     };
                     reply(&socket, id, Ok(ReplyBody::Granted(grant)));
                 }
-                RequestBody::ListHeaps => reply(&socket, id, Ok(ReplyBody::Heaps(Vec::new()))),
                 _ => {}
             }
         }

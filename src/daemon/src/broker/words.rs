@@ -1217,26 +1217,21 @@ mod state_tests {
     }
 
     /// Every `Planned` among `messages` answering `request`.
-    fn plans(messages: &[ServerMessage], request: u64) -> usize {
-        messages
-            .iter()
-            .filter(|message| {
-                matches!(message, ServerMessage::Reply(reply)
-                    if reply.id == request && matches!(reply.result, Ok(ReplyBody::Planned { .. })))
-            })
-            .count()
+    /// A holder's read held in the word, a waiter's write planned behind
+    /// it (once), and the holder's end in the word handing the buffer over,
+    /// which the broker has not recorded yet; `later` uses no words.
+    struct HandedOff {
+        bench: Bench,
+        holder: ClientId,
+        waiter: ClientId,
+        later: ClientId,
+        frame: BufferId,
+        write: u64,
+        slot: FastSlot,
+        word: BufferWord,
     }
 
-    /// A hand-off carried out between the settle's look at the holder's
-    /// bit and the load `hand_back_or_plan` plans from (the holder ended
-    /// and handed over, and the waiter ended the access it was handed):
-    /// the word has no `NEXT` and no bit, but the arbiter still has the
-    /// holder's fence and the waiter queued. The waiter must not be
-    /// planned again: the recording of the hand-off would cancel that
-    /// plan and grant by message a begin its client has dropped, and the
-    /// arbiter would keep that access for good.
-    #[test]
-    fn a_hand_off_carried_out_is_not_planned_again() {
+    fn handed_off() -> HandedOff {
         let mut bench = Bench::new();
         let (holder, waiter, later) = (
             words_client(&mut bench),
@@ -1264,6 +1259,57 @@ mod state_tests {
         });
         let handed = word.await_plan(slot, WordAccess::Write, std::time::Duration::ZERO);
         assert_eq!(handed, dmabroker_ipc::bufferword::Planned::Granted);
+        HandedOff {
+            bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            write,
+            slot,
+            word,
+        }
+    }
+
+    /// Whether `request` was answered `Busy` among `answers`.
+    fn answered_busy(answers: &[ServerMessage], request: u64) -> bool {
+        answers.iter().any(|message| {
+            matches!(message, ServerMessage::Reply(reply)
+                if reply.id == request
+                    && reply.result.as_ref().is_err_and(|e| e.code == ErrorCode::Busy))
+        })
+    }
+
+    fn plans(messages: &[ServerMessage], request: u64) -> usize {
+        messages
+            .iter()
+            .filter(|message| {
+                matches!(message, ServerMessage::Reply(reply)
+                    if reply.id == request && matches!(reply.result, Ok(ReplyBody::Planned { .. })))
+            })
+            .count()
+    }
+
+    /// A hand-off carried out between the settle's look at the holder's
+    /// bit and the load `hand_back_or_plan` plans from (the holder ended
+    /// and handed over, and the waiter ended the access it was handed):
+    /// the word has no `NEXT` and no bit, but the arbiter still has the
+    /// holder's fence and the waiter queued. The waiter must not be
+    /// planned again: the recording of the hand-off would cancel that
+    /// plan and grant by message a begin its client has dropped, and the
+    /// arbiter would keep that access for good.
+    #[test]
+    fn a_hand_off_carried_out_is_not_planned_again() {
+        let HandedOff {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            write,
+            slot,
+            word,
+        } = handed_off();
         word.end(WordHold { slot, write: true });
 
         // What `hand_back_or_plan` does after a settle that found the
@@ -1279,11 +1325,7 @@ mod state_tests {
             grant_of(&answers, write).is_none(),
             "no grant by message for the hand-off"
         );
-        let busy = answers.iter().any(|message| {
-            matches!(message, ServerMessage::Reply(reply)
-                if reply.id == write
-                    && reply.result.as_ref().is_err_and(|e| e.code == ErrorCode::Busy))
-        });
+        let busy = answered_busy(&answers, write);
         assert!(
             busy,
             "recorded as a hand-off the broker cannot tell: {answers:?}"
@@ -1303,32 +1345,16 @@ mod state_tests {
     /// answered `Busy`, and the news goes to the next grant.
     #[test]
     fn a_word_broken_before_a_hand_off_is_recorded_grants_nothing_unseen() {
-        let mut bench = Bench::new();
-        let (holder, waiter, later) = (
-            words_client(&mut bench),
-            words_client(&mut bench),
-            bench.client(),
-        );
-        let frame = bench.buffer_with_word(&[holder, waiter, later]);
-        let read = begin(&mut bench, holder, frame, Access::CpuRead);
-        let held = grant_of(&bench.received(holder), read)
-            .and_then(|g| g.word)
-            .expect("the read is held in the word");
-        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
-        let messages = bench.received(waiter);
-        let Some(ServerMessage::Reply(reply)) = messages.first() else {
-            panic!("no answer to the write: {messages:?}")
-        };
-        let Ok(ReplyBody::Planned { word: slot }) = reply.result else {
-            panic!("not planned: {reply:?}")
-        };
-        let word = holders_word(&bench, frame);
-        word.end(WordHold {
-            slot: held,
-            write: false,
-        });
-        let handed = word.await_plan(slot, WordAccess::Write, std::time::Duration::ZERO);
-        assert_eq!(handed, dmabroker_ipc::bufferword::Planned::Granted);
+        let HandedOff {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            write,
+            word,
+            ..
+        } = handed_off();
 
         // A reader's bit beside the write: no legal sequence makes it.
         word.scribble(word.load().0 | 1 << 31);
@@ -1339,11 +1365,7 @@ mod state_tests {
             grant_of(&answers, write).is_none(),
             "no grant by message for the hand-off: {answers:?}"
         );
-        let busy = answers.iter().any(|message| {
-            matches!(message, ServerMessage::Reply(reply)
-                if reply.id == write
-                    && reply.result.as_ref().is_err_and(|e| e.code == ErrorCode::Busy))
-        });
+        let busy = answered_busy(&answers, write);
         assert!(busy, "the request is answered: {answers:?}");
         assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
         assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
