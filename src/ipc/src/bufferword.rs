@@ -515,11 +515,15 @@ impl BufferWord {
 
     /// Broker side: resets a word it cannot trust (garbage written by a
     /// holder, or left by a previous broker): no access, no plan, the
-    /// given epoch, and DAEMON as asked. Wakes any sleeper.
-    pub fn reset(&self, epoch: u16, daemon: bool) {
+    /// given epoch, and DAEMON as asked. Wakes any sleeper. Returns the
+    /// word it replaced, in the same step: what the holders last did
+    /// before the reset ended it (a hand-off carried out after the broker
+    /// last looked is in it, and none can follow: no plan is left).
+    pub fn reset(&self, epoch: u16, daemon: bool) -> Word {
         let value = u64::from(epoch) << EPOCH_SHIFT | if daemon { DAEMON } else { 0 };
-        self.atom().store(value, Ordering::Release);
+        let replaced = Word(self.atom().swap(value, Ordering::AcqRel));
         futex_wake(self.futex());
+        replaced
     }
 
     /// Tests and fuzzing: write a raw word, as a misbehaving holder could.

@@ -379,19 +379,17 @@ impl State {
     /// access is revoked: it may still be reading or writing, and the
     /// next grant does not wait for it. That holds for a bit the broker
     /// never recorded as an access too (see `revoke_unrecorded`).
-    fn break_word(&mut self, buffer: BufferId, word: Word) {
-        let holders: Vec<ClientId> = self
-            .buffers
-            .get(&buffer)
-            .map(|b| b.holders.iter().map(|h| h.client).collect())
-            .unwrap_or_default();
-        tracing::warn!(
-            buffer,
-            word = format_args!("{:#x}", word.0),
-            ?holders,
-            "a holder corrupted the buffer's word; it arbitrates by message from now on"
-        );
+    ///
+    /// `judged` is the word found corrupt. What the holders did after it
+    /// was read (a hand-off is legal while the broker has the word) is in
+    /// the word the reset replaces, in the same step, and that is the word
+    /// whose bits and plan decide who held what: judged from the earlier
+    /// read, a waiter handed the buffer after it stayed queued and was
+    /// granted by message a request it had dropped, an access held for
+    /// good.
+    fn break_word(&mut self, buffer: BufferId, judged: Word) {
         let mut planned = None;
+        let mut word = judged;
         if let Some(ws) = self
             .buffers
             .get_mut(&buffer)
@@ -402,9 +400,21 @@ impl State {
             planned = ws.planned.take();
             ws.epoch = ws.epoch.wrapping_add(1);
             if let Some(mapped) = &ws.mapped {
-                mapped.reset(ws.epoch, true);
+                word = mapped.reset(ws.epoch, true);
             }
         }
+        let holders: Vec<ClientId> = self
+            .buffers
+            .get(&buffer)
+            .map(|b| b.holders.iter().map(|h| h.client).collect())
+            .unwrap_or_default();
+        tracing::warn!(
+            buffer,
+            word = format_args!("{:#x}", judged.0),
+            last = format_args!("{:#x}", word.0),
+            ?holders,
+            "a holder corrupted the buffer's word; it arbitrates by message from now on"
+        );
         let in_word: Vec<(AccessId, bool)> = self
             .accesses
             .iter()
@@ -468,7 +478,11 @@ impl State {
             return;
         }
         let index = self.index_of(buffer, client);
-        let still_planned = word.next().is_some_and(|(next, _)| index == Some(next));
+        // A plan never stands beside a bit of its waiter's: a word showing
+        // both is forged, and the waiter may be using the bit.
+        let still_planned = index.is_some_and(|index| {
+            word.next().is_some_and(|(next, _)| next == index) && !word.holds(index)
+        });
         if still_planned {
             return;
         }
@@ -1221,6 +1235,8 @@ mod state_tests {
     /// it (once), and the holder's end in the word handing the buffer over,
     /// which the broker has not recorded yet; `later` uses no words.
     struct HandedOff {
+        /// The word just before the holder's end: its bit, and the plan.
+        before: dmabroker_ipc::bufferword::Word,
         bench: Bench,
         holder: ClientId,
         waiter: ClientId,
@@ -1253,6 +1269,7 @@ mod state_tests {
             panic!("not planned: {reply:?}")
         };
         let word = holders_word(&bench, frame);
+        let before = word.load();
         word.end(WordHold {
             slot: held,
             write: false,
@@ -1260,6 +1277,7 @@ mod state_tests {
         let handed = word.await_plan(slot, WordAccess::Write, std::time::Duration::ZERO);
         assert_eq!(handed, dmabroker_ipc::bufferword::Planned::Granted);
         HandedOff {
+            before,
             bench,
             holder,
             waiter,
@@ -1309,6 +1327,7 @@ mod state_tests {
             write,
             slot,
             word,
+            ..
         } = handed_off();
         word.end(WordHold { slot, write: true });
 
@@ -1371,6 +1390,42 @@ mod state_tests {
         assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
         assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
 
+        let next = begin(&mut bench, later, frame, Access::CpuRead);
+        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
+        assert!(
+            grant.writer_lost,
+            "the torn write is told to the next grant"
+        );
+    }
+
+    /// A word judged corrupt as it was before a hand-off the holders then
+    /// carried out (legal while the broker has the word), before the
+    /// broker reset it: the waiter, planned in the word judged, was left
+    /// queued and granted by message a request it had dropped at the
+    /// hand-off (an access held for good), and not told that the bit it
+    /// was using went. The word the reset replaces decides. Found by
+    /// review.
+    #[test]
+    fn a_hand_off_after_the_look_that_breaks_the_word_is_seen() {
+        let HandedOff {
+            before,
+            mut bench,
+            waiter,
+            later,
+            frame,
+            write,
+            ..
+        } = handed_off();
+        assert!(before.next().is_some(), "the plan is in the word judged");
+        bench.state.break_word(frame, before);
+        let answers = bench.received(waiter);
+        assert!(
+            grant_of(&answers, write).is_none(),
+            "no grant by message for the hand-off: {answers:?}"
+        );
+        assert!(answered_busy(&answers, write), "answered: {answers:?}");
+        assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
+        assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
         let next = begin(&mut bench, later, frame, Access::CpuRead);
         let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
         assert!(
