@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -293,6 +293,8 @@ pub(crate) struct Connection {
     owing: AtomicBool,
     /// Whether a flusher thread runs (see [`Connection::flush_later`]).
     flushing: AtomicBool,
+    /// The program's handles on it (see [`ProgramHandle`]).
+    handles: AtomicUsize,
     /// This connection, for the flusher, which must not keep it (and its
     /// socket) alive once the program has let go of it.
     this: Weak<Connection>,
@@ -502,6 +504,7 @@ impl Connection {
             owed: Mutex::new(VecDeque::new()),
             owing: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
+            handles: AtomicUsize::new(0),
             this: this.clone(),
         })
     }
@@ -1439,12 +1442,58 @@ enum Received {
 }
 
 impl Drop for Connection {
+    /// See [`Connection::let_go`]; for a connection let go of some other
+    /// way than through its [`ProgramHandle`]s.
+    fn drop(&mut self) {
+        self.let_go();
+    }
+}
+
+/// The program's share of a connection. Counted, so that the last one the
+/// program lets go of gives what is owed its moment (see
+/// [`Connection::let_go`]) on the program's own thread: the flusher holds
+/// the connection for a moment now and then, and a program dropping its
+/// last handle then left the wait to the flusher's thread, which dies with
+/// the process if the program exits next, the end unsent.
+#[derive(Debug)]
+pub(crate) struct ProgramHandle(Arc<Connection>);
+
+impl ProgramHandle {
+    pub fn new(conn: Arc<Connection>) -> ProgramHandle {
+        conn.handles.fetch_add(1, Ordering::AcqRel);
+        ProgramHandle(conn)
+    }
+}
+
+impl Clone for ProgramHandle {
+    fn clone(&self) -> ProgramHandle {
+        ProgramHandle::new(Arc::clone(&self.0))
+    }
+}
+
+impl Drop for ProgramHandle {
+    fn drop(&mut self) {
+        if self.0.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.let_go();
+        }
+    }
+}
+
+impl std::ops::Deref for ProgramHandle {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl Connection {
     /// The program let go of the connection: the broker reads its hang-up
     /// as the end of everything it held. An end still owed would be read
     /// as a writer that died mid-frame (the next reader told
     /// `writer_lost`), so what is owed gets a moment for room first. A
     /// drop that blocked did send it, waiting for as long as it took.
-    fn drop(&mut self) {
+    fn let_go(&self) {
         if !self.owing.load(Ordering::Acquire) {
             return;
         }
@@ -2152,6 +2201,37 @@ mod tests {
         );
     }
 
+    /// The program's last handle waits for what is owed on the program's
+    /// own thread, though another holds the connection then (the flusher
+    /// does, for a moment now and then): the wait ran where the last
+    /// strong reference went, the flusher's thread, which dies with the
+    /// process if the program exits right after. Found by review.
+    #[test]
+    fn the_last_program_handle_waits_for_what_is_owed_itself() {
+        let (conn, broker) = full_connection();
+        let handle = ProgramHandle::new(Arc::clone(&conn));
+        let end = RequestBody::End {
+            access: 9,
+            fence_slot: None,
+        };
+        handle.send_on(0, end, &[], false).expect("owed");
+        let reading = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            requests_arriving(&broker, 1)
+        });
+        // `conn` stands for the flusher's reference.
+        drop(handle);
+        assert!(
+            !conn.owing.load(Ordering::Acquire),
+            "the last handle let go before the end went out"
+        );
+        let arrived = reading.join().expect("reading thread");
+        assert!(
+            matches!(arrived[..], [RequestBody::End { access: 9, .. }]),
+            "{arrived:?}"
+        );
+    }
+
     /// The flusher must not keep a connection the program let go of: its
     /// socket stayed open, and the broker kept the client's buffers.
     #[test]
@@ -2160,8 +2240,10 @@ mod tests {
         let serial = conn.remember_hold(4, "secret", 1, 0);
         conn.release_hold(4, serial);
         assert!(conn.flushing.load(Ordering::Acquire));
+        // From before the drop: its own wait for room (at most
+        // CLOSE_GRACE, the broker not reading meanwhile) counts too.
+        let deadline = Instant::now() + CLOSE_GRACE + Duration::from_secs(10);
         drop(conn);
-        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match recv_message(broker.as_fd(), true) {
                 Ok(_) => {}

@@ -36,7 +36,7 @@ pub use dmabroker_ipc::{
     Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError,
 };
 
-use connection::Connection;
+use connection::{Connection, ProgramHandle};
 pub use error::{AdoptRefused, Error, FenceRefused, Result};
 
 /// How a connection should behave; the policy has the last word.
@@ -92,7 +92,7 @@ pub fn default_socket() -> std::path::PathBuf {
 /// A connection to the broker. Cheap to clone; all clones share it.
 #[derive(Clone, Debug)]
 pub struct Client {
-    conn: Arc<Connection>,
+    conn: ProgramHandle,
 }
 
 /// What to allocate.
@@ -134,7 +134,9 @@ impl Client {
             client_name: name,
         };
         let conn = Connection::open(path.as_ref(), hello, options.reconnect)?;
-        Ok(Client { conn })
+        Ok(Client {
+            conn: ProgramHandle::new(conn),
+        })
     }
 
     /// This connection's id in the broker's views (`dmabrokerctl clients`).
