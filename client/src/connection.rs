@@ -2145,6 +2145,13 @@ mod tests {
         let asking = std::thread::spawn(move || {
             let _ = asker.send_for((3, asked), RequestBody::Info { buffer: 3 }, &[], true);
         });
+        // The request is awaited just before it is sent: from then on the
+        // asker is on its way into a `sendmsg` that waits for room.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&conn.mailbox).awaited.is_empty() {
+            assert!(Instant::now() < deadline, "the request never went out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(100));
         let (done, returned) = std::sync::mpsc::channel();
         let dropper = Arc::clone(&conn);
