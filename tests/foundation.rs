@@ -237,6 +237,42 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
     assert!(!socket.exists(), "socket file left behind");
 }
 
+/// A stop that comes while the daemon starts, its socket already bound
+/// (clients may connect), ends it cleanly. The signal handlers were set
+/// only after the bind and the rest of the start: a SIGTERM in between
+/// killed the daemon outright, its socket file left behind (a CI run of
+/// `a_user_daemon_trusts_only_its_own_private_tmp_folder` hit it). The
+/// start waits once bound (a test hook) so that the stop comes then.
+#[test]
+fn a_sigterm_while_the_daemon_starts_stops_it_cleanly() {
+    let dir = dmabroker_suite::tmp::TempDir::new("stop-at-start");
+    let socket = dir.path().join("socket");
+    let mut daemon = std::process::Command::new(dmabroker_suite::daemon::binary("dmabrokerd"))
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+        ])
+        .env("DMABROKER_TEST_START_STALL_MS", "3000")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the daemon");
+    dmabroker_suite::eventually("the daemon's socket", || socket.exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = daemon.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket file left behind");
+}
+
 #[test]
 fn a_second_daemon_refuses_a_socket_in_use() {
     let daemon = Daemon::start();

@@ -43,6 +43,13 @@ pub fn load_policy(config: &Config) -> Result<Policy, dmabroker_policy::PolicyEr
 }
 
 pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError> {
+    // First: a stop that comes while the daemon starts (its socket may
+    // already take clients) is kept for the loop below and ends it
+    // cleanly. Installed after the socket was bound, a SIGTERM in between
+    // killed the daemon outright, the socket file left behind.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let policy = load_policy(&config)?;
     let heaps = HeapRegistry::discover(&HeapConfig {
         dma_heap_dir: config.dma_heap_dir.clone(),
@@ -107,6 +114,9 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
             let path = config.socket_path();
             let listener = Listener::bind(&path, config.system_mode(), config.socket_mode)?;
             tracing::info!(socket = %path.display(), "serving");
+            if let Some(stall) = start_stall() {
+                tokio::time::sleep(stall).await;
+            }
             listener
         }
     };
@@ -154,9 +164,6 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         },
     );
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let listen_fd = listener
         .fd
         .try_clone()
@@ -712,6 +719,23 @@ type Stopped = tokio::sync::oneshot::Receiver<LastRecord>;
 /// that overruns its time, so that tests can show nothing it sends then
 /// goes into the store behind a stop for good's removals. Read once;
 /// warned about at start.
+/// Test hook: how long the start waits once the socket is bound, before
+/// the rest (`DMABROKER_TEST_START_STALL_MS`, at most 10 s): a stop that
+/// comes then must still end the daemon cleanly.
+fn start_stall() -> Option<Duration> {
+    let asked = std::env::var("DMABROKER_TEST_START_STALL_MS")
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
+    tracing::warn!(
+        asked_ms = asked,
+        stall_ms = stall.as_millis() as u64,
+        "test hook: the start waits once the socket is bound"
+    );
+    Some(stall)
+}
+
 fn last_record_stall() -> Option<Duration> {
     static STALL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     *STALL.get_or_init(|| {
