@@ -18,6 +18,7 @@ use dmabroker_ipc::codec::decode_request;
 use dmabroker_ipc::fdpass::recv_message;
 use dmabroker_ipc::{features, ReplyBody, RequestBody, Welcome, WireError, PROTOCOL_VERSION};
 use dmabroker_suite::fake_broker::{self, reply};
+use dmabroker_suite::tmp::TempDir;
 use nix::sys::socket::accept;
 
 /// How long the other process (holder index 1) keeps its write.
@@ -55,11 +56,11 @@ fn answer_setup(socket: &OwnedFd, id: u64, body: &RequestBody, fd: &OwnedFd, ino
     true
 }
 
-fn socket_path(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dmabroker-hand-off-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir.join("socket")
+/// A socket path in a folder of its own, removed with the `TempDir`.
+fn socket_path(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(&format!("hand-off-{tag}"));
+    let path = dir.path().join("socket");
+    (dir, path)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -142,7 +143,7 @@ fn broker(path: &Path, trigger: Trigger, planned_tx: Sender<()>) -> std::thread:
 /// answers it, not when a sibling's planned hand-off happens.
 #[test]
 fn a_timed_out_planned_begin_returns_though_a_sibling_is_planned_at_its_index() {
-    let path = socket_path("timeout");
+    let (_dir, path) = socket_path("timeout");
     let (planned_tx, planned) = channel();
     let broker = broker(&path, Trigger::TimeoutAtSecondBegin, planned_tx);
     let client = Client::connect_to(&path).expect("connect");
@@ -178,7 +179,7 @@ fn a_timed_out_planned_begin_returns_though_a_sibling_is_planned_at_its_index() 
 /// The blocking-pool thread of a dropped begin_async "returns at once".
 #[test]
 fn a_cancelled_async_begin_leaves_the_pool_though_a_sibling_is_planned_at_its_index() {
-    let path = socket_path("cancel");
+    let (_dir, path) = socket_path("cancel");
     let (planned_tx, planned) = channel();
     let broker = broker(&path, Trigger::OnCancel, planned_tx);
     let client = Client::connect_to(&path).expect("connect");
@@ -294,7 +295,7 @@ fn racing_broker(
 #[test]
 fn a_sibling_that_ends_between_the_waiters_look_and_its_count_is_not_a_hand_off() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let path = socket_path("race");
+    let (_dir, path) = socket_path("race");
     let timed_begins = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let broker = racing_broker(&path, Arc::clone(&timed_begins));
     let client = Client::connect_to(&path).expect("connect");
