@@ -713,43 +713,43 @@ async fn persist_loop(
 /// of the last record follows on this, once the daemon knows.
 type Stopped = tokio::sync::oneshot::Receiver<LastRecord>;
 
+/// A test hook's wait: `variable`'s milliseconds, at most 10 s, warned
+/// about (`what` it delays) when set; `None` when it is not.
+fn test_stall(variable: &str, what: &str) -> Option<Duration> {
+    let asked = std::env::var(variable).ok()?.parse::<u64>().ok()?;
+    let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
+    tracing::warn!(
+        variable,
+        asked_ms = asked,
+        stall_ms = stall.as_millis() as u64,
+        "test hook: {what}"
+    );
+    Some(stall)
+}
+
+/// Test hook: how long the start waits once the socket is bound, before
+/// the rest (`DMABROKER_TEST_START_STALL_MS`, at most 10 s): a stop that
+/// comes then must still end the daemon cleanly.
+fn start_stall() -> Option<Duration> {
+    test_stall(
+        "DMABROKER_TEST_START_STALL_MS",
+        "the start waits once the socket is bound",
+    )
+}
+
 /// Test-only hook: `DMABROKER_TEST_LAST_RECORD_STALL_MS=N` makes every
 /// record written once the daemon is stopping wait N ms (at most 10 s)
 /// before it is sent, as on a blocking pool too busy to run it: a writer
 /// that overruns its time, so that tests can show nothing it sends then
 /// goes into the store behind a stop for good's removals. Read once;
 /// warned about at start.
-/// Test hook: how long the start waits once the socket is bound, before
-/// the rest (`DMABROKER_TEST_START_STALL_MS`, at most 10 s): a stop that
-/// comes then must still end the daemon cleanly.
-fn start_stall() -> Option<Duration> {
-    let asked = std::env::var("DMABROKER_TEST_START_STALL_MS")
-        .ok()?
-        .parse::<u64>()
-        .ok()?;
-    let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
-    tracing::warn!(
-        asked_ms = asked,
-        stall_ms = stall.as_millis() as u64,
-        "test hook: the start waits once the socket is bound"
-    );
-    Some(stall)
-}
-
 fn last_record_stall() -> Option<Duration> {
     static STALL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     *STALL.get_or_init(|| {
-        let asked = std::env::var("DMABROKER_TEST_LAST_RECORD_STALL_MS")
-            .ok()?
-            .parse::<u64>()
-            .ok()?;
-        let stall = Duration::from_millis(asked).min(Duration::from_secs(10));
-        tracing::warn!(
-            asked_ms = asked,
-            stall_ms = stall.as_millis() as u64,
-            "test hook: records written at a stop wait before they are sent"
-        );
-        Some(stall)
+        test_stall(
+            "DMABROKER_TEST_LAST_RECORD_STALL_MS",
+            "records written at a stop wait before they are sent",
+        )
     })
 }
 

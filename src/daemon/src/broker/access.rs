@@ -325,18 +325,8 @@ impl State {
         self.accesses.insert(
             grant.access_id,
             AccessEntry {
-                client: grant.client,
-                buffer: grant.buffer,
-                kind: access,
-                autofence,
-                request_id,
-                pending: None,
-                owes_cache_end: false,
-                starting: false,
-                sync_file: None,
                 deadline,
-                end_slot: None,
-                word_bit: None,
+                ..AccessEntry::new(grant.client, grant.buffer, access, autofence, request_id)
             },
         );
         let must_wait = dmabuf_fd.as_ref().filter(|fd| {

@@ -216,6 +216,33 @@ pub struct AccessEntry {
     pub word_bit: Option<super::words::WordBit>,
 }
 
+impl AccessEntry {
+    /// A granted access as it starts out: nothing pending, no cache sync
+    /// owed, no fence handed over, no deadline, and ending by message.
+    pub fn new(
+        client: ClientId,
+        buffer: BufferId,
+        kind: dmabroker_ipc::Access,
+        autofence: bool,
+        request_id: u64,
+    ) -> AccessEntry {
+        AccessEntry {
+            client,
+            buffer,
+            kind,
+            autofence,
+            request_id,
+            pending: None,
+            owes_cache_end: false,
+            starting: false,
+            sync_file: None,
+            deadline: None,
+            end_slot: None,
+            word_bit: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PendingGrant {
     pub grant: dmabroker_ipc::Grant,

@@ -349,21 +349,11 @@ impl State {
         self.accesses.insert(
             access,
             AccessEntry {
-                client,
-                buffer,
-                kind,
-                autofence: true,
-                request_id,
-                pending: None,
-                owes_cache_end: false,
-                starting: false,
-                sync_file: None,
-                deadline: None,
-                end_slot: None,
                 word_bit: Some(WordBit {
                     index,
                     write: kind.is_write(),
                 }),
+                ..AccessEntry::new(client, buffer, kind, true, request_id)
             },
         );
     }
@@ -1289,6 +1279,33 @@ mod state_tests {
         }
     }
 
+    /// A hand-off the broker had not recorded when the word broke: the
+    /// waiter's request (`write`) is answered `Busy`, not granted by
+    /// message; the waiter is told its bit went (id 0); nobody is left
+    /// queued; and the next grant (to `later`) carries `writer_lost`.
+    fn assert_hand_off_withdrawn(
+        bench: &mut Bench,
+        waiter: ClientId,
+        write: u64,
+        later: ClientId,
+        frame: BufferId,
+    ) {
+        let answers = bench.received(waiter);
+        assert!(
+            grant_of(&answers, write).is_none(),
+            "no grant by message for the hand-off: {answers:?}"
+        );
+        assert!(answered_busy(&answers, write), "answered: {answers:?}");
+        assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
+        assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
+        let next = begin(bench, later, frame, Access::CpuRead);
+        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
+        assert!(
+            grant.writer_lost,
+            "the torn write is told to the next grant"
+        );
+    }
+
     /// Whether `request` was answered `Busy` among `answers`.
     fn answered_busy(answers: &[ServerMessage], request: u64) -> bool {
         answers.iter().any(|message| {
@@ -1379,23 +1396,8 @@ mod state_tests {
         word.scribble(word.load().0 | 1 << 31);
         word_ended(&mut bench, holder, frame);
         assert!(broken(&bench, frame), "the word breaks");
-        let answers = bench.received(waiter);
-        assert!(
-            grant_of(&answers, write).is_none(),
-            "no grant by message for the hand-off: {answers:?}"
-        );
-        let busy = answered_busy(&answers, write);
-        assert!(busy, "the request is answered: {answers:?}");
-        assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
         assert_eq!(bench.state.arbiter.fence_count(frame), 0, "nothing held");
-        assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
-
-        let next = begin(&mut bench, later, frame, Access::CpuRead);
-        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
-        assert!(
-            grant.writer_lost,
-            "the torn write is told to the next grant"
-        );
+        assert_hand_off_withdrawn(&mut bench, waiter, write, later, frame);
     }
 
     /// A word judged corrupt as it was before a hand-off the holders then
@@ -1418,20 +1420,7 @@ mod state_tests {
         } = handed_off();
         assert!(before.next().is_some(), "the plan is in the word judged");
         bench.state.break_word(frame, before);
-        let answers = bench.received(waiter);
-        assert!(
-            grant_of(&answers, write).is_none(),
-            "no grant by message for the hand-off: {answers:?}"
-        );
-        assert!(answered_busy(&answers, write), "answered: {answers:?}");
-        assert_eq!(revoked(&answers, frame), vec![0], "the writer is told");
-        assert_eq!(bench.state.arbiter.queue_len(frame), 0, "nobody queued");
-        let next = begin(&mut bench, later, frame, Access::CpuRead);
-        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
-        assert!(
-            grant.writer_lost,
-            "the torn write is told to the next grant"
-        );
+        assert_hand_off_withdrawn(&mut bench, waiter, write, later, frame);
     }
 
     /// A word broken while the hand-off it plans is still in it: the

@@ -502,20 +502,13 @@ mod tests {
             };
             state.accesses.insert(
                 grant.access_id,
-                crate::broker::AccessEntry {
+                crate::broker::AccessEntry::new(
                     client,
-                    buffer: id,
-                    kind: dmabroker_ipc::Access::CpuRead,
-                    autofence: true,
-                    request_id: 0,
-                    pending: None,
-                    owes_cache_end: false,
-                    starting: false,
-                    sync_file: None,
-                    deadline: None,
-                    end_slot: None,
-                    word_bit: None,
-                },
+                    id,
+                    dmabroker_ipc::Access::CpuRead,
+                    true,
+                    0,
+                ),
             );
         }
         id
