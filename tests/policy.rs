@@ -764,3 +764,51 @@ fn processes_in_a_user_namespace_count_against_its_makers_connection_limit() {
         third(ALICE).starts_with("ready")
     });
 }
+
+/// A client whose `heaps` list leaves out the daemon's default heap was
+/// still told that heap as its default (`Welcome`) and shown every heap
+/// (`ListHeaps`): naming the default it was given was refused, and an
+/// allocation naming none came from another heap than announced. It is
+/// told the first heap of its own list and shown only its own heaps.
+#[test]
+fn a_client_is_told_the_default_and_the_heaps_its_policy_allows() {
+    // A node that opens, so `system` is the daemon's default; allocations
+    // from it would fail, which this test never asks for.
+    let heap_dir = dmabroker_suite::tmp::TempDir::new("heaps");
+    std::fs::write(heap_dir.path().join("system"), b"").expect("fake heap node");
+    let heap_dir_arg = heap_dir.path().to_str().expect("utf-8 path").to_owned();
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(
+            "[default]\nheaps = [\"memfd\"]\n\n\
+             [[rule]]\nname = \"root\"\nuser = 0\nheaps = \"all\"\n"
+                .to_owned(),
+        ),
+        args: vec![
+            "--socket-mode".into(),
+            "0666".into(),
+            "--dma-heap-dir".into(),
+            heap_dir_arg,
+        ],
+        ..Default::default()
+    });
+    let root = daemon.client();
+    assert_eq!(root.default_heap(), "system", "root may use every heap");
+    let all: Vec<String> = root
+        .heaps()
+        .expect("heaps")
+        .into_iter()
+        .map(|h| h.name)
+        .collect();
+    assert_eq!(all, ["system", "memfd"]);
+
+    let mut alice = as_user(&daemon, ALICE, &[]);
+    let default = alice.ok("default-heap");
+    assert_eq!(field(&default, "default_heap"), Some("memfd"), "{default}");
+    let heaps = alice.ok("heaps");
+    assert!(
+        heaps.contains("memfd") && !heaps.contains("system"),
+        "Alice is shown only the heaps she may use: {heaps}"
+    );
+    let alloc = alice.ok("alloc 4096 heap=memfd");
+    assert_eq!(field(&alloc, "heap"), Some("memfd"), "{alloc}");
+}

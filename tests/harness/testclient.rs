@@ -223,6 +223,7 @@ impl Session {
                     info.id, info.size, info.heap, info.name, info.inode
                 ))
             }
+            "default-heap" => Ok(format!("default_heap={}", self.client.default_heap())),
             "heaps" => {
                 let heaps = self.client.heaps().map_err(broker)?;
                 let names: Vec<String> = heaps

@@ -210,6 +210,33 @@ impl HeapRegistry {
         self.usable.first().map_or("", |h| h.name.as_str())
     }
 
+    /// The heaps a client whose policy allows `allowed` may allocate from,
+    /// in the order an allocation that names none tries them (the policy's
+    /// order, see [`HeapRegistry::allocate`]): a client is shown what it
+    /// can use, not heaps it would be refused.
+    pub fn heaps_for(&self, allowed: Option<&[String]>) -> Vec<&HeapDesc> {
+        match allowed {
+            None => self.usable.iter().collect(),
+            Some(allowed) => {
+                let mut seen = HashSet::new();
+                allowed
+                    .iter()
+                    .filter(|name| seen.insert(name.as_str()))
+                    .filter_map(|name| self.usable.iter().find(|h| &h.name == name))
+                    .collect()
+            }
+        }
+    }
+
+    /// The heap an allocation naming none comes from for a client whose
+    /// policy allows `allowed`: what its `Welcome` calls its default, so
+    /// that naming it is never refused. "" when it may use none.
+    pub fn default_for(&self, allowed: Option<&[String]>) -> &str {
+        self.heaps_for(allowed)
+            .first()
+            .map_or("", |h| h.name.as_str())
+    }
+
     fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.desc.name == name)
     }
@@ -842,6 +869,36 @@ mod tests {
         // Default order skips unopenable nodes too.
         let reg = HeapRegistry::discover(&host_config(dir.path()));
         assert_eq!(names(&reg), ["system", "reserved", "memfd"]);
+    }
+
+    /// A client whose policy lists heaps is told its own default and shown
+    /// its own heaps: the daemon's default (here `system`) was announced
+    /// to a client that may use only `memfd`, and naming it was refused.
+    #[test]
+    fn a_clients_default_and_heaps_follow_its_allowed_list() {
+        let dir = fake_heaps(&["system", "reserved"]);
+        let reg = HeapRegistry::discover(&host_config(dir.path()));
+        let shown = |allowed: Option<&[String]>| -> Vec<String> {
+            reg.heaps_for(allowed)
+                .iter()
+                .map(|h| h.name.clone())
+                .collect()
+        };
+        assert_eq!(reg.default_for(None), "system");
+        assert_eq!(shown(None), ["system", "reserved", "memfd"]);
+
+        let memfd_first: Vec<String> = ["linux,cma", "memfd", "reserved", "memfd"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(reg.default_for(Some(&memfd_first)), "memfd");
+        assert_eq!(shown(Some(&memfd_first)), ["memfd", "reserved"]);
+        let from_default = reg
+            .allocate(None, Some(&memfd_first), 4096, "x")
+            .expect("alloc");
+        assert_eq!(from_default.heap, reg.default_for(Some(&memfd_first)));
+
+        assert_eq!(reg.default_for(Some(&[])), "");
+        assert!(shown(Some(&[])).is_empty());
     }
 
     #[test]

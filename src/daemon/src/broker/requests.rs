@@ -162,7 +162,9 @@ impl State {
                     ErrorCode::HelloRequired,
                     "hello may only be sent once",
                 )),
-                RequestBody::ListHeaps => Ok(Answer::Reply(self.list_heaps(), Vec::new())),
+                RequestBody::ListHeaps => self
+                    .list_heaps(client)
+                    .map(|heaps| Answer::Reply(heaps, Vec::new())),
                 RequestBody::Alloc { size, heap, name } => {
                     let asked = super::allocate::Asked {
                         request_id: head.id,
@@ -222,12 +224,15 @@ impl State {
                 ),
             ));
         }
-        let default_heap = self.heaps.default_heap().to_owned();
         let instance = self.instance.clone();
         let entry = self
             .clients
             .get_mut(&client)
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        let default_heap = self
+            .heaps
+            .default_for(entry.resolved.limits.heaps.as_deref())
+            .to_owned();
         let mode = entry.resolved.limits.autofence;
         let rule = &entry.resolved.rule;
         let autofence = mode.grant(hello.autofence).ok_or_else(|| {
@@ -267,17 +272,23 @@ impl State {
         Ok((welcome, fds))
     }
 
-    fn list_heaps(&self) -> ReplyBody {
-        ReplyBody::Heaps(
+    /// The heaps the client may allocate from, its default first (see
+    /// `HeapRegistry::heaps_for`).
+    fn list_heaps(&self, client: ClientId) -> Result<ReplyBody, WireError> {
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| WireError::new(ErrorCode::Internal, "unknown client"))?;
+        Ok(ReplyBody::Heaps(
             self.heaps
-                .heaps()
+                .heaps_for(entry.resolved.limits.heaps.as_deref())
                 .iter()
                 .map(|h| HeapInfo {
                     name: h.name.clone(),
                     backend: h.backend.name().to_owned(),
                 })
                 .collect(),
-        )
+        ))
     }
 
     /// Quota checks shared by alloc, import and adopt. `charged` is the
