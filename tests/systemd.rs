@@ -53,6 +53,50 @@ fn units_pass_systemd_analyze_verify() {
     assert!(!stderr.contains("Unknown"), "verify warned:\n{stderr}");
 }
 
+/// Every value of `key=` in a unit's text, split on whitespace.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
+        .flat_map(|value| value.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+/// systemd hands a service's `RuntimeDirectory=` (and the other `*Directory=`
+/// folders) to its `User=` and `Group=` at each start, chowning everything
+/// in them: with the client socket in one, the first activation turned
+/// `root:video 0660` into `dmabroker:dmabroker 0660`, and every `video`
+/// member after the first client was refused until the socket unit was
+/// restarted, then again after each boot. The socket's folder belongs to
+/// tmpfiles and the socket unit; no folder of the service's may hold it.
+#[test]
+fn the_client_socket_is_in_no_folder_systemd_hands_to_the_service() {
+    let service =
+        std::fs::read_to_string(repo().join("systemd/dmabroker.service")).expect("service unit");
+    let socket =
+        std::fs::read_to_string(repo().join("systemd/dmabroker.socket")).expect("socket unit");
+    let listen = unit_values(&socket, "ListenSequentialPacket");
+    assert_eq!(listen.len(), 1, "one socket: {listen:?}");
+    let listen = PathBuf::from(&listen[0]);
+    for (key, root) in [
+        ("RuntimeDirectory", "/run"),
+        ("StateDirectory", "/var/lib"),
+        ("CacheDirectory", "/var/cache"),
+        ("LogsDirectory", "/var/log"),
+    ] {
+        for folder in unit_values(&service, key) {
+            // `name` or `name:symlink`, relative to the type's root.
+            let folder = folder.split(':').next().unwrap_or_default().to_owned();
+            let folder = PathBuf::from(root).join(folder);
+            assert!(
+                !listen.starts_with(&folder),
+                "{key}={} holds the client socket {}: systemd chowns it to the service's user",
+                folder.display(),
+                listen.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn service_hardening_exposure_is_at_most_1_0() {
     let dir = TempDir::new("security");
