@@ -1,6 +1,7 @@
 //! Log setup: `RUST_LOG`-style filter (default `info`). Under systemd
-//! (`$JOURNAL_STREAM` set) logs go to the journal with structured fields;
-//! otherwise text (or JSON with `--log-format json`) on stderr.
+//! (stderr is the stream `$JOURNAL_STREAM` names) logs go to the journal
+//! with structured fields; otherwise text (or JSON with `--log-format
+//! json`) on stderr.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -12,8 +13,35 @@ fn filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// Whether stderr is the journal stream systemd connected the service to.
+/// `$JOURNAL_STREAM` is inherited by everything a service starts (a CI
+/// runner's jobs, a shell in a tmux server run as a user unit), so it
+/// being set says nothing by itself: with the README's command run from
+/// such a shell, every line went to the journal and none to the terminal.
+/// systemd.exec(5) says to compare its `device:inode` with stderr's.
+fn stderr_is_journal(journal_stream: &str, stderr: (u64, u64)) -> bool {
+    let Some((device, inode)) = journal_stream.split_once(':') else {
+        return false;
+    };
+    matches!(
+        (device.parse::<u64>(), inode.parse::<u64>()),
+        (Ok(device), Ok(inode)) if (device, inode) == stderr
+    )
+}
+
+/// stderr's device and inode, if it is open.
+fn stderr_identity() -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let stat = nix::sys::stat::fstat(std::io::stderr().as_raw_fd()).ok()?;
+    Some((stat.st_dev, stat.st_ino))
+}
+
 pub fn init(format: LogFormat) {
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    let journal = std::env::var("JOURNAL_STREAM")
+        .ok()
+        .zip(stderr_identity())
+        .is_some_and(|(stream, stderr)| stderr_is_journal(&stream, stderr));
+    if journal {
         match tracing_journald::layer() {
             Ok(journald) => {
                 let installed = tracing_subscriber::registry()
@@ -76,8 +104,20 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
-    use super::Throttle;
+    use super::{stderr_is_journal, Throttle};
     use std::time::{Duration, Instant};
+
+    /// An inherited `$JOURNAL_STREAM` names another stream than stderr:
+    /// logs stay on stderr. Only the exact `device:inode` of stderr counts.
+    #[test]
+    fn only_the_stream_stderr_is_counts_as_the_journal() {
+        assert!(stderr_is_journal("8:12345", (8, 12345)));
+        assert!(!stderr_is_journal("8:12345", (8, 12346)));
+        assert!(!stderr_is_journal("9:12345", (8, 12345)));
+        for garbage in ["", "8", "8:", ":12345", "8:12345:1", "x:y", "-8:12345"] {
+            assert!(!stderr_is_journal(garbage, (8, 12345)), "{garbage:?}");
+        }
+    }
 
     #[test]
     fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
