@@ -932,6 +932,13 @@ fn the_shipped_policy_lets_root_own_the_name_and_everyone_read() {
         &["call", BUS_NAME, OBJECT_PATH, "org.example.Other", "Poke"],
     );
     assert!(!other.status.success());
+    // Refused by the bus, not by the daemon (which would answer an unknown
+    // interface, failing the call all the same).
+    assert!(
+        errtext(&other).contains("ccess denied"),
+        "{}",
+        errtext(&other)
+    );
     assert!(
         bus.log().is_empty() || !bus.log().contains("Failed to parse"),
         "{}",
