@@ -76,22 +76,30 @@ pub async fn find(kind: BusKind, address: Option<&str>) -> Result<Daemon, CtlErr
                 Ok(daemon) => return Ok(daemon),
                 Err(err) => err,
             };
-            let session = on_bus(Target::Session, "the session bus").await;
-            match (system, session) {
-                (_, Ok(daemon)) => Ok(daemon),
-                // Both buses are up and neither has the daemon.
-                (CtlError::NotRunning { .. }, Err(CtlError::NotRunning { .. })) => {
-                    Err(CtlError::NotRunning {
-                        bus: "the system bus or the session bus".into(),
-                    })
-                }
-                // A daemon may well be behind the unreachable one: the
-                // system bus's error is the one to show, unless the system
-                // bus answered and only the session bus is missing.
-                (system @ CtlError::BusUnreachable { .. }, Err(_)) => Err(system),
-                (_, Err(session)) => Err(session),
-            }
+            on_bus(Target::Session, "the session bus")
+                .await
+                .map_err(|session| neither_bus(system, session))
         }
+    }
+}
+
+/// What `--bus auto` reports when neither bus has the daemon.
+fn neither_bus(system: CtlError, session: CtlError) -> CtlError {
+    match (system, session) {
+        // Both buses are up and neither has the daemon.
+        (CtlError::NotRunning { .. }, CtlError::NotRunning { .. }) => CtlError::NotRunning {
+            bus: "the system bus or the session bus".into(),
+        },
+        // The system bus answered: that the daemon is not on it is the
+        // news (a socket-activated service is not, until its first
+        // client), not the session bus a server or `sudo` has none of.
+        (CtlError::NotRunning { .. }, CtlError::BusUnreachable { .. }) => CtlError::NotRunning {
+            bus: "the system bus (and there is no session bus to look on)".into(),
+        },
+        // A daemon may well be behind the unreachable one: the system
+        // bus's error is the one to show.
+        (system @ CtlError::BusUnreachable { .. }, _) => system,
+        (_, session) => session,
     }
 }
 
@@ -153,5 +161,43 @@ mod tests {
             "no".into()
         ))));
         assert!(!is_unknown_member(&zbus::Error::InvalidReply));
+    }
+
+    /// The system bus answered without the daemon and there is no session
+    /// bus (a server, `sudo`): the message named only the session bus,
+    /// not that the system bus has no daemon.
+    #[test]
+    fn auto_says_the_system_bus_has_no_daemon_when_there_is_no_session_bus() {
+        let not_running = |bus: &str| CtlError::NotRunning { bus: bus.into() };
+        let unreachable = |bus: &str| CtlError::BusUnreachable {
+            bus: bus.into(),
+            source: Box::new(zbus::Error::InvalidReply),
+        };
+        let shown = |system, session| neither_bus(system, session).to_string();
+
+        let text = shown(
+            not_running("the system bus"),
+            unreachable("the session bus"),
+        );
+        assert!(
+            text.starts_with("dmabrokerd is not running on the system bus"),
+            "{text}"
+        );
+        assert!(text.contains("no session bus"), "{text}");
+        let text = shown(
+            not_running("the system bus"),
+            not_running("the session bus"),
+        );
+        assert!(text.contains("the system bus or the session bus"), "{text}");
+        let text = shown(
+            unreachable("the system bus"),
+            not_running("the session bus"),
+        );
+        assert!(text.starts_with("cannot reach the system bus"), "{text}");
+        let text = shown(
+            unreachable("the system bus"),
+            unreachable("the session bus"),
+        );
+        assert!(text.starts_with("cannot reach the system bus"), "{text}");
     }
 }
