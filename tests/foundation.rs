@@ -415,3 +415,84 @@ fn a_system_daemon_makes_its_socket_folder_reachable_under_any_umask() {
     let _ = daemon.wait();
     assert_eq!(mode, 0o755, "mode {mode:o}");
 }
+
+/// A system daemon run by hand bound its socket 0660 with root's group,
+/// so nobody but root could connect (the socket unit sets `SocketGroup=`,
+/// a daemon by hand had no way to). `--socket-group` gives the socket its
+/// group before anyone can connect: a member of that group is served,
+/// and a group that does not exist stops the start with the reason.
+#[test]
+fn a_system_daemon_run_by_hand_lets_the_socket_group_in() {
+    use std::os::unix::fs::MetadataExt;
+    const VIDEO: u32 = 44;
+    const NOBODY: u32 = 65534;
+    if !dmabroker_suite::have_root("--socket-group") {
+        return;
+    }
+    let tmp = dmabroker_suite::TempDir::new("socket-group");
+    let socket = tmp.path().join("socket");
+    let system_daemon = |group: &str| {
+        let mut cmd = std::process::Command::new(dmabroker_suite::daemon::binary("dmabrokerd"));
+        cmd.args([
+            "--system",
+            "--dbus",
+            "none",
+            "--dma-heap-dir",
+            "/nonexistent",
+            "--udmabuf",
+            "/nonexistent",
+            "--socket-group",
+            group,
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null());
+        cmd
+    };
+
+    let refused = system_daemon("no-such-group-here")
+        .output()
+        .expect("run the daemon");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "started with an unknown group");
+    assert!(
+        stderr.contains("no group is named 'no-such-group-here'"),
+        "{stderr}"
+    );
+
+    /// Stopped even when an assertion fails first.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = KillOnDrop(
+        system_daemon(&VIDEO.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the system daemon"),
+    );
+    dmabroker_suite::eventually("the system daemon's socket", || socket.exists());
+    let meta = std::fs::metadata(&socket).expect("the socket");
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (VIDEO, 0o660));
+    // Not root, not the socket's owner: in through the group alone.
+    let mut member = std::process::Command::new("setpriv");
+    member
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg(format!("--groups={VIDEO}"))
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+    let mut client = Scripted::spawn_wrapped(member, &socket, &[]);
+    client.ok("alloc 4096");
+    drop(client);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(daemon.0.wait().expect("wait").success());
+}

@@ -49,6 +49,13 @@ pub struct Config {
     #[arg(long, value_parser = parse_mode)]
     pub socket_mode: Option<u32>,
 
+    /// Group of the socket file (a name or a numeric gid), for a socket the
+    /// daemon binds itself: a system daemon run by hand otherwise has
+    /// root's group on it, and its 0660 lets nobody but root in. The
+    /// socket unit sets its own `SocketGroup=`.
+    #[arg(long, value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+
     /// After a restart, how long holds taken back from the fd store wait
     /// for their clients to re-attach (e.g. `30s`, `500ms`).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
@@ -146,6 +153,17 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| dmabroker_ipc::paths::daemon_socket(self.system_mode()))
+    }
+}
+
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group is named '{text}'")),
+        Err(err) => Err(format!("cannot look group '{text}' up: {err}")),
     }
 }
 

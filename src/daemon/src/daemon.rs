@@ -112,7 +112,12 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         }
         None => {
             let path = config.socket_path();
-            let listener = Listener::bind(&path, config.system_mode(), config.socket_mode)?;
+            let listener = Listener::bind(
+                &path,
+                config.system_mode(),
+                config.socket_mode,
+                config.socket_group,
+            )?;
             tracing::info!(socket = %path.display(), "serving");
             if let Some(stall) = start_stall() {
                 tokio::time::sleep(stall).await;

@@ -47,7 +47,12 @@ pub struct Listener {
 impl Listener {
     /// Binds `path`, replacing a stale socket file left by a crash but never
     /// one a live daemon is serving.
-    pub fn bind(path: &Path, system: bool, mode: Option<u32>) -> Result<Listener, ServerError> {
+    pub fn bind(
+        path: &Path,
+        system: bool,
+        mode: Option<u32>,
+        group: Option<u32>,
+    ) -> Result<Listener, ServerError> {
         let sock_err = |op, source| ServerError::Socket {
             op,
             path: path.to_owned(),
@@ -91,6 +96,20 @@ impl Listener {
         }
         let fd = new_socket().map_err(|e| sock_err("create", e))?;
         bind(fd.as_raw_fd(), &addr).map_err(|e| sock_err("bind", e))?;
+        if let Some(gid) = group {
+            // Before `listen`: nobody can connect yet, so nobody gets in
+            // under the group the socket was made with.
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(
+                |source| {
+                    let _ = std::fs::remove_file(path);
+                    ServerError::Socket {
+                        op: "give the group to",
+                        path: path.to_owned(),
+                        source,
+                    }
+                },
+            )?;
+        }
         let mode = mode.unwrap_or(if system { 0o660 } else { 0o600 });
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
         listen(&fd, Backlog::new(512).unwrap_or(Backlog::MAXCONN))
