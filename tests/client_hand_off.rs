@@ -113,9 +113,14 @@ fn broker(path: &Path, trigger: Trigger, planned_tx: Sender<()>) -> std::thread:
             match request.body {
                 _ if answer_setup(&socket, id, &request.body, &fd, inode) => {}
                 RequestBody::Begin { .. } if first.is_none() => {
-                    word.reset(0, true);
-                    assert!(word.grant(holder, WordAccess::Write), "holder writes");
-                    assert!(word.plan(word.load(), waiter.index, WordAccess::Read));
+                    word.reset(0, true).expect("uncontended");
+                    assert!(
+                        word.grant(holder, WordAccess::Write).expect("uncontended"),
+                        "holder writes"
+                    );
+                    assert!(word
+                        .plan(word.load(), waiter.index, WordAccess::Read)
+                        .expect("uncontended"));
                     reply(&socket, id, Ok(ReplyBody::Planned { word: waiter }));
                     first = Some(id);
                     planned_tx.send(()).expect("tell");
@@ -257,15 +262,20 @@ fn racing_broker(
                     while word.load().readers() != 0 && Instant::now() < deadline {
                         std::hint::spin_loop();
                     }
-                    word.reset(0, true);
-                    assert!(word.grant(holder, WordAccess::Write), "holder writes");
-                    assert!(word.plan(word.load(), waiter.index, WordAccess::Read));
+                    word.reset(0, true).expect("uncontended");
+                    assert!(
+                        word.grant(holder, WordAccess::Write).expect("uncontended"),
+                        "holder writes"
+                    );
+                    assert!(word
+                        .plan(word.load(), waiter.index, WordAccess::Read)
+                        .expect("uncontended"));
                     reply(&socket, id, Ok(ReplyBody::Planned { word: waiter }));
                     std::thread::sleep(Duration::from_micros(300));
                     let why = WireError::new(ErrorCode::Timeout, "not granted in time");
                     reply(&socket, id, Err(why));
                     // Plan cancelled, holder gone, word handed back.
-                    word.reset(0, false);
+                    word.reset(0, false).expect("uncontended");
                 }
                 RequestBody::Begin { access, .. } => {
                     next_access += 1;

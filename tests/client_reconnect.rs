@@ -263,9 +263,12 @@ fn restarting_broker(path: &Path, plan: bool) -> std::thread::JoinHandle<Vec<&'s
                 }
                 RequestBody::Begin { access, .. } if plan && connection == 1 => {
                     let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
-                    word.take_over();
+                    word.take_over().expect("uncontended");
                     let kind = WordAccess::of(access).expect("a CPU access");
-                    assert!(word.plan(word.load(), 0, kind), "plan");
+                    assert!(
+                        word.plan(word.load(), 0, kind).expect("uncontended"),
+                        "plan"
+                    );
                     let slot = FastSlot { index: 0, epoch: 0 };
                     reply(socket, id, Ok(ReplyBody::Planned { word: slot }));
                 }
@@ -449,9 +452,12 @@ fn cancelled_plan_broker(
                 RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
                 RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
                 RequestBody::Begin { access, .. } if planned.is_none() => {
-                    word.take_over();
+                    word.take_over().expect("uncontended");
                     let kind = WordAccess::of(access).expect("a CPU access");
-                    assert!(word.plan(word.load(), 0, kind), "plan");
+                    assert!(
+                        word.plan(word.load(), 0, kind).expect("uncontended"),
+                        "plan"
+                    );
                     reply(socket, id, Ok(ReplyBody::Planned { word: slot }));
                     planned = Some(id);
                     planned_tx.send(()).expect("tell the test");
@@ -462,7 +468,7 @@ fn cancelled_plan_broker(
                     reply(socket, first, Err(timeout));
                     word.scribble(word.load().0 | 1); // holder 0 reads
                     reply(socket, id, Ok(granted(2, access, Some(slot))));
-                    word.cancel_plan();
+                    word.cancel_plan().expect("uncontended");
                 }
                 RequestBody::ListHeaps => heaps(socket, id),
                 _ => {}
@@ -537,9 +543,16 @@ fn late_answer_broker(path: &Path, marker: &'static std::ffi::CStr) -> std::thre
                 RequestBody::Begin { access, .. } => {
                     first_begin.get_or_insert(id);
                     let kind = WordAccess::of(access).expect("a CPU access");
-                    word.reset(0, true);
-                    assert!(word.grant(holder, WordAccess::Write), "the holder writes");
-                    assert!(word.plan(word.load(), waiter.index, kind), "plan");
+                    word.reset(0, true).expect("uncontended");
+                    assert!(
+                        word.grant(holder, WordAccess::Write).expect("uncontended"),
+                        "the holder writes"
+                    );
+                    assert!(
+                        word.plan(word.load(), waiter.index, kind)
+                            .expect("uncontended"),
+                        "plan"
+                    );
                     reply(socket, id, Ok(ReplyBody::Planned { word: waiter }));
                     // The holder ends its write, handing over in one step.
                     let write = WordHold {

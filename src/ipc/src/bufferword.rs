@@ -53,6 +53,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::contention::{self, Contended, Interference};
 use crate::mapping::{MapError, Mapping};
 
 /// Bytes past a memfd buffer's end that hold its word (a whole page, so the
@@ -304,6 +305,7 @@ pub enum Planned {
 #[derive(Debug)]
 pub struct BufferWord {
     mapping: Mapping,
+    interference: Interference,
 }
 
 impl BufferWord {
@@ -313,7 +315,15 @@ impl BufferWord {
     pub fn map(fd: BorrowedFd<'_>, size: u64) -> Result<Self, MapError> {
         Ok(BufferWord {
             mapping: Mapping::at(fd, size, WORD_PAGE as usize)?,
+            interference: Interference::default(),
         })
+    }
+
+    /// Tests only: `hook` runs before each of the broker's attempts at
+    /// changing this word (see [`contention::Hook`]).
+    #[cfg(any(test, feature = "contention-hook"))]
+    pub fn interfere(&mut self, hook: contention::Hook) {
+        self.interference.hook = Some(hook);
     }
 
     fn atom(&self) -> &AtomicU64 {
@@ -430,39 +440,42 @@ impl BufferWord {
     }
 
     // ---- broker side ----
+    //
+    // Every change here is bounded (`contention`): `Err(Contended)` means
+    // the word was left as it was, and the broker breaks it.
 
     /// Stops fast begins; returns the word as it was just before.
-    pub fn take_over(&self) -> Word {
-        Word(self.atom().fetch_or(DAEMON, Ordering::AcqRel))
+    pub fn take_over(&self) -> Result<Word, Contended> {
+        self.update(|w| Some(Word(w.0 | DAEMON)))
+            .map(|replaced| replaced.unwrap_or_else(|| self.load()))
     }
 
     /// Gives the word back when it is still exactly `expected` (which has
     /// DAEMON set and no plan); with `new_epoch`, the epoch moves on in the
     /// same step. False when a client changed it meanwhile.
-    pub fn hand_back(&self, expected: Word, new_epoch: Option<u16>) -> bool {
+    pub fn hand_back(&self, expected: Word, new_epoch: Option<u16>) -> Result<bool, Contended> {
         let mut released = expected.0 & !DAEMON;
         if let Some(epoch) = new_epoch {
             released = (released & !(EPOCH_MASK << EPOCH_SHIFT)) | u64::from(epoch) << EPOCH_SHIFT;
         }
-        self.atom()
-            .compare_exchange(expected.0, released, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.update(|w| (w == expected).then_some(Word(released)))
+            .map(|replaced| replaced.is_some())
     }
 
     /// Broker side, while it arbitrates: grants `index` an access in the
     /// word (a grant that ends through the word). False if the word moved
     /// on in a way that forbids it (another epoch, a conflict).
-    pub fn grant(&self, slot: FastSlot, access: WordAccess) -> bool {
+    pub fn grant(&self, slot: FastSlot, access: WordAccess) -> Result<bool, Contended> {
         self.update(|w| {
             (w.daemon() && w.epoch() == slot.epoch && !w.holds(slot.index) && !w.conflicts(access))
                 .then(|| w.with_access(slot.index, access))
         })
-        .is_some()
+        .map(|replaced| replaced.is_some())
     }
 
     /// Broker side: takes every access of `index` out of the word (its
     /// holder died, freed the buffer or reconnected). Returns what it held.
-    pub fn remove_holder(&self, index: u8) -> Vec<WordAccess> {
+    pub fn remove_holder(&self, index: u8) -> Result<Vec<WordAccess>, Contended> {
         let mut removed = Vec::new();
         self.update(|w| {
             removed.clear();
@@ -476,41 +489,39 @@ impl BufferWord {
                 out = out.without_access(index, true);
             }
             Some(out)
-        });
-        removed
+        })?;
+        Ok(removed)
     }
 
     /// Broker side: takes one access out of the word, if it is there.
-    pub fn remove_access(&self, index: u8, write: bool) {
-        self.update(|w| w.has(index, write).then(|| w.without_access(index, write)));
+    pub fn remove_access(&self, index: u8, write: bool) -> Result<(), Contended> {
+        self.update(|w| w.has(index, write).then(|| w.without_access(index, write)))
+            .map(drop)
     }
 
     /// Broker side: plans a hand-off to `index`, if the word is still
     /// exactly `expected`.
-    pub fn plan(&self, expected: Word, index: u8, access: WordAccess) -> bool {
+    pub fn plan(&self, expected: Word, index: u8, access: WordAccess) -> Result<bool, Contended> {
         let planned = Word(expected.0 & !NEXT_MASK).0
             | NEXT
             | access.next_kind() << NEXT_KIND_SHIFT
             | (u64::from(index) & IDX_MASK) << NEXT_IDX_SHIFT;
-        self.atom()
-            .compare_exchange(expected.0, planned, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.update(|w| (w == expected).then_some(Word(planned)))
+            .map(|replaced| replaced.is_some())
     }
 
     /// Broker side: cancels a planned hand-off (and wakes the waiter, who
     /// then reads its answer from the socket). True if a plan was there
     /// to cancel; false if there was none, i.e. the holder carried it out
     /// first (the waiter then holds its access, or already ended it).
-    pub fn cancel_plan(&self) -> bool {
-        let mut cancelled = false;
-        self.update(|w| {
-            cancelled = w.0 & NEXT_MASK != 0;
-            cancelled.then_some(Word(w.0 & !NEXT_MASK))
-        });
+    pub fn cancel_plan(&self) -> Result<bool, Contended> {
+        let cancelled = self
+            .update(|w| (w.0 & NEXT_MASK != 0).then_some(Word(w.0 & !NEXT_MASK)))?
+            .is_some();
         if cancelled {
             futex_wake(self.futex());
         }
-        cancelled
+        Ok(cancelled)
     }
 
     /// Broker side: resets a word it cannot trust (garbage written by a
@@ -519,9 +530,20 @@ impl BufferWord {
     /// word it replaced, in the same step: what the holders last did
     /// before the reset ended it (a hand-off carried out after the broker
     /// last looked is in it, and none can follow: no plan is left).
-    pub fn reset(&self, epoch: u16, daemon: bool) -> Word {
+    ///
+    /// The reset happens either way. `Err`: the word kept changing, so it
+    /// was written with a plain store (one instruction, which always
+    /// succeeds) and what it replaced is unknown: the caller must assume
+    /// the worst of it.
+    pub fn reset(&self, epoch: u16, daemon: bool) -> Result<Word, Contended> {
         let value = u64::from(epoch) << EPOCH_SHIFT | if daemon { DAEMON } else { 0 };
-        let replaced = Word(self.atom().swap(value, Ordering::AcqRel));
+        let replaced = self.update(|_| Some(Word(value))).map(|replaced| {
+            // `Some` always: the closure never declines.
+            replaced.unwrap_or(Word(value))
+        });
+        if replaced.is_err() {
+            self.atom().store(value, Ordering::Release);
+        }
         futex_wake(self.futex());
         replaced
     }
@@ -531,18 +553,11 @@ impl BufferWord {
         self.atom().store(value, Ordering::Release);
     }
 
-    /// Applies `f` by compare-and-swap until it sticks; `None` from `f`
-    /// leaves the word alone. Returns the word written.
-    fn update(&self, mut f: impl FnMut(Word) -> Option<Word>) -> Option<Word> {
-        let word = self.atom();
-        let mut current = word.load(Ordering::Acquire);
-        loop {
-            let next = f(Word(current))?;
-            match word.compare_exchange_weak(current, next.0, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(next),
-                Err(now) => current = now,
-            }
-        }
+    /// Applies `f` in at most [`contention::ATTEMPTS`] single attempts;
+    /// `None` from `f` leaves the word alone. Returns the word replaced.
+    fn update(&self, mut f: impl FnMut(Word) -> Option<Word>) -> Result<Option<Word>, Contended> {
+        contention::update(self.atom(), self.interference, |w| f(Word(w)).map(|n| n.0))
+            .map(|replaced| replaced.map(Word))
     }
 }
 
@@ -644,14 +659,14 @@ mod tests {
     fn a_taken_over_word_refuses_fast_begins_and_ends_tell() {
         let (_fd, w) = word();
         let a = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-        let before = w.take_over();
+        let before = w.take_over().expect("uncontended");
         assert!(!before.daemon());
         assert_eq!(before.writer(), Some((0, WordAccess::Write)));
         assert_eq!(w.try_begin(slot(1), WordAccess::Read), None);
         assert_eq!(w.end(a), WordEnd::Tell);
         let now = w.load();
         assert!(now.daemon() && now.is_idle());
-        assert!(w.hand_back(now, None));
+        assert!(w.hand_back(now, None).expect("uncontended"));
         assert!(w.try_begin(slot(1), WordAccess::Read).is_some());
     }
 
@@ -659,11 +674,11 @@ mod tests {
     fn hand_back_fails_if_a_client_moved_first() {
         let (_fd, w) = word();
         let a = w.try_begin(slot(2), WordAccess::Read).expect("reader");
-        w.take_over();
+        w.take_over().expect("uncontended");
         let seen = w.load();
         assert_eq!(w.end(a), WordEnd::Tell);
         assert!(
-            !w.hand_back(seen, None),
+            !w.hand_back(seen, None).expect("uncontended"),
             "the broker must settle again first"
         );
     }
@@ -672,10 +687,10 @@ mod tests {
     fn a_new_epoch_makes_old_slots_useless() {
         let (_fd, w) = word();
         let old = w.try_begin(slot(4), WordAccess::Read).expect("reader");
-        w.take_over();
-        w.remove_holder(4);
+        w.take_over().expect("uncontended");
+        w.remove_holder(4).expect("uncontended");
         let seen = w.load();
-        assert!(w.hand_back(seen, Some(1)));
+        assert!(w.hand_back(seen, Some(1)).expect("uncontended"));
         assert_eq!(w.load().epoch(), 1);
         assert_eq!(w.try_begin(slot(4), WordAccess::Read), None, "epoch 0 slot");
         let new = FastSlot { index: 4, epoch: 1 };
@@ -692,31 +707,34 @@ mod tests {
     fn the_broker_grants_and_removes_accesses_in_the_word() {
         let (_fd, w) = word();
         assert!(
-            !w.grant(slot(1), WordAccess::Read),
+            !w.grant(slot(1), WordAccess::Read).expect("uncontended"),
             "only while it arbitrates"
         );
-        w.take_over();
-        assert!(w.grant(slot(1), WordAccess::Read));
+        w.take_over().expect("uncontended");
+        assert!(w.grant(slot(1), WordAccess::Read).expect("uncontended"));
         assert!(
-            !w.grant(slot(2), WordAccess::Write),
+            !w.grant(slot(2), WordAccess::Write).expect("uncontended"),
             "conflicts with the reader"
         );
-        assert!(w.grant(slot(2), WordAccess::Read));
-        assert_eq!(w.remove_holder(1), vec![WordAccess::Read]);
+        assert!(w.grant(slot(2), WordAccess::Read).expect("uncontended"));
+        assert_eq!(
+            w.remove_holder(1).expect("uncontended"),
+            vec![WordAccess::Read]
+        );
         assert_eq!(
             w.load().holders().collect::<Vec<_>>(),
             vec![(2, WordAccess::Read)]
         );
-        assert_eq!(w.remove_holder(1), vec![]);
+        assert_eq!(w.remove_holder(1).expect("uncontended"), vec![]);
     }
 
     #[test]
     fn the_last_holder_hands_the_buffer_to_the_planned_waiter() {
         let (_fd, w) = word();
         let writer = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-        w.take_over();
+        w.take_over().expect("uncontended");
         let seen = w.load();
-        assert!(w.plan(seen, 6, WordAccess::Read));
+        assert!(w.plan(seen, 6, WordAccess::Read).expect("uncontended"));
         assert_eq!(
             w.await_plan(slot(6), WordAccess::Read, Duration::from_millis(1)),
             Planned::Waiting
@@ -747,8 +765,8 @@ mod tests {
     fn a_hand_off_of_another_kind_is_not_the_waiters() {
         let (_fd, w) = word();
         let writer = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-        w.take_over();
-        assert!(w.plan(w.load(), 6, WordAccess::Read));
+        w.take_over().expect("uncontended");
+        assert!(w.plan(w.load(), 6, WordAccess::Read).expect("uncontended"));
         let planned = w.load().0;
         w.scribble(planned | 1 << NEXT_KIND_SHIFT);
         assert_eq!(w.end(writer), WordEnd::HandedOff);
@@ -765,8 +783,8 @@ mod tests {
         let (_fd, w) = word();
         let a = w.try_begin(slot(0), WordAccess::Read).expect("reader a");
         let b = w.try_begin(slot(1), WordAccess::Read).expect("reader b");
-        w.take_over();
-        assert!(w.plan(w.load(), 9, WordAccess::Write));
+        w.take_over().expect("uncontended");
+        assert!(w.plan(w.load(), 9, WordAccess::Write).expect("uncontended"));
         assert_eq!(w.end(a), WordEnd::Tell);
         assert_eq!(w.end(b), WordEnd::HandedOff);
         assert_eq!(w.load().writer(), Some((9, WordAccess::Write)));
@@ -776,17 +794,115 @@ mod tests {
     fn a_cancelled_plan_leaves_the_waiter_to_the_socket() {
         let (_fd, w) = word();
         let writer = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-        w.take_over();
-        assert!(w.plan(w.load(), 6, WordAccess::Read));
-        assert!(w.cancel_plan(), "there was a plan to cancel");
+        w.take_over().expect("uncontended");
+        assert!(w.plan(w.load(), 6, WordAccess::Read).expect("uncontended"));
+        assert!(
+            w.cancel_plan().expect("uncontended"),
+            "there was a plan to cancel"
+        );
         assert_eq!(w.load().next(), None);
-        assert!(!w.cancel_plan(), "nothing left to cancel");
+        assert!(
+            !w.cancel_plan().expect("uncontended"),
+            "nothing left to cancel"
+        );
         assert_eq!(
             w.await_plan(slot(6), WordAccess::Read, Duration::from_secs(1)),
             Planned::Cancelled
         );
         assert_eq!(w.end(writer), WordEnd::Tell);
         assert!(w.load().is_idle());
+    }
+
+    thread_local! {
+        /// Attempts the hooks below saw, on this test's thread.
+        static ATTEMPTS_SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    fn attempts_seen() -> u32 {
+        ATTEMPTS_SEEN.with(|n| n.replace(0))
+    }
+
+    /// A holder storing to the word's cache line on a machine whose atomics
+    /// are load/store-exclusive loops: every attempt of the broker's fails.
+    fn lost_reservation(_: &AtomicU64) -> bool {
+        ATTEMPTS_SEEN.with(|n| n.set(n.get() + 1));
+        true
+    }
+
+    /// A holder rewriting the word before each attempt (a stray reader bit
+    /// flipped), but only before the first `ATTEMPTS - 1`.
+    fn flips_all_but_the_last(word: &AtomicU64) -> bool {
+        let seen = ATTEMPTS_SEEN.with(|n| n.replace(n.get() + 1));
+        if seen + 1 < contention::ATTEMPTS {
+            word.fetch_xor(1 << 30, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// As above, before every attempt.
+    fn flips_every_time(word: &AtomicU64) -> bool {
+        ATTEMPTS_SEEN.with(|n| n.set(n.get() + 1));
+        word.fetch_xor(1 << 30, Ordering::Relaxed);
+        false
+    }
+
+    /// Every change the broker makes gives up after `ATTEMPTS` single
+    /// attempts against a word that never lets one stick, and leaves the
+    /// word as it was (the broker then breaks it). Unbounded, each of these
+    /// calls spun for as long as the holder went on: the broker's thread,
+    /// and every client, stalled.
+    #[test]
+    fn the_brokers_changes_give_up_on_a_word_that_never_lets_them_stick() {
+        let (_fd, mut w) = word();
+        w.try_begin(slot(3), WordAccess::Read).expect("a reader");
+        let plain = w.load();
+        w.interfere(lost_reservation);
+        let contended = Some(Contended { last: plain.0 });
+        assert_eq!(w.take_over().err(), contended);
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert_eq!(w.remove_holder(3).err(), contended);
+        assert_eq!(w.remove_access(3, false).err(), contended);
+        assert_eq!(attempts_seen(), 2 * contention::ATTEMPTS);
+        assert_eq!(w.load(), plain, "left as it was");
+
+        w.scribble(plain.0 | DAEMON);
+        let taken = w.load();
+        let contended = Some(Contended { last: taken.0 });
+        assert_eq!(w.grant(slot(4), WordAccess::Read).err(), contended);
+        assert_eq!(w.plan(taken, 4, WordAccess::Write).err(), contended);
+        assert_eq!(w.hand_back(taken, None).err(), contended);
+        w.scribble(taken.0 | NEXT | 4 << NEXT_IDX_SHIFT);
+        let planned = w.load();
+        assert_eq!(w.cancel_plan(), Err(Contended { last: planned.0 }));
+        assert_eq!(attempts_seen(), 4 * contention::ATTEMPTS);
+        assert_eq!(w.load(), planned, "left as it was");
+
+        // A reset cannot learn what it replaced, but resets all the same.
+        assert_eq!(w.reset(9, true), Err(Contended { last: planned.0 }));
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert_eq!(w.load(), Word(9 << EPOCH_SHIFT | DAEMON));
+    }
+
+    /// The bound is a bound, not a first failure: a word that changes under
+    /// every attempt but the last is changed; one more and the broker gives
+    /// up. What the change replaced is the word as it was at that last
+    /// attempt.
+    #[test]
+    fn the_last_of_the_attempts_may_still_stick() {
+        let (_fd, mut w) = word();
+        w.try_begin(slot(3), WordAccess::Read).expect("a reader");
+        let plain = w.load();
+        w.interfere(flips_all_but_the_last);
+        let replaced = w.take_over().expect("the last attempt sticks");
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        // An odd number of flips (ATTEMPTS - 1) left the stray bit set.
+        assert_eq!(replaced, Word(plain.0 | 1 << 30));
+        assert_eq!(w.load(), Word(plain.0 | 1 << 30 | DAEMON));
+
+        let (_fd, mut w) = word();
+        w.interfere(flips_every_time);
+        assert!(w.take_over().is_err(), "one change too many");
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
     }
 
     #[test]
@@ -818,7 +934,7 @@ mod tests {
         let (_fd, w) = word();
         let w = Arc::new(w);
         for round in 0..20_000u32 {
-            w.reset(0, false);
+            w.reset(0, false).expect("uncontended");
             let barrier = Arc::new(Barrier::new(2));
             let client = {
                 let (w, barrier) = (w.clone(), barrier.clone());
@@ -828,7 +944,7 @@ mod tests {
                 })
             };
             barrier.wait();
-            let seen = w.take_over();
+            let seen = w.take_over().expect("uncontended");
             let began = client.join().expect("client thread");
             let now = w.load();
             match began {
@@ -852,10 +968,10 @@ mod tests {
         let (_fd, w) = word();
         let w = Arc::new(w);
         for round in 0..20_000u32 {
-            w.reset(0, false);
+            w.reset(0, false).expect("uncontended");
             let hold = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-            w.take_over();
-            assert!(w.plan(w.load(), 1, WordAccess::Read));
+            w.take_over().expect("uncontended");
+            assert!(w.plan(w.load(), 1, WordAccess::Read).expect("uncontended"));
             let barrier = Arc::new(Barrier::new(2));
             let holder = {
                 let (w, barrier) = (w.clone(), barrier.clone());
@@ -865,7 +981,7 @@ mod tests {
                 })
             };
             barrier.wait();
-            let cancelled = w.cancel_plan();
+            let cancelled = w.cancel_plan().expect("uncontended");
             let ended = holder.join().expect("holder thread");
             let waiter = w.await_plan(slot(1), WordAccess::Read, Duration::from_millis(1));
             match (cancelled, ended, waiter) {
@@ -882,8 +998,8 @@ mod tests {
         let (_fd, w) = word();
         let w = Arc::new(w);
         let hold = w.try_begin(slot(0), WordAccess::Write).expect("writer");
-        w.take_over();
-        assert!(w.plan(w.load(), 1, WordAccess::Read));
+        w.take_over().expect("uncontended");
+        assert!(w.plan(w.load(), 1, WordAccess::Read).expect("uncontended"));
         let waiter = {
             let w = w.clone();
             std::thread::spawn(move || loop {

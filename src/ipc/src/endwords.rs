@@ -32,6 +32,7 @@
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::contention::{self, Interference};
 use crate::mapping::{MapError, Mapping};
 
 /// Size of the page, and so of the memfd the broker creates.
@@ -97,6 +98,7 @@ pub enum BrokerView {
 #[derive(Debug)]
 pub struct EndWords {
     mapping: Mapping,
+    interference: Interference,
 }
 
 impl EndWords {
@@ -106,7 +108,15 @@ impl EndWords {
     pub fn map(fd: BorrowedFd<'_>) -> Result<Self, MapError> {
         Ok(EndWords {
             mapping: Mapping::new(fd, PAGE_SIZE)?,
+            interference: Interference::default(),
         })
+    }
+
+    /// Tests only: `hook` runs before each of the broker's attempts at
+    /// changing a word of this page (see [`contention::Hook`]).
+    #[cfg(any(test, feature = "contention-hook"))]
+    pub fn interfere(&mut self, hook: contention::Hook) {
+        self.interference.hook = Some(hook);
     }
 
     fn word(&self, slot: u16) -> Option<&AtomicU64> {
@@ -143,33 +153,38 @@ impl EndWords {
 
     /// Broker side: reads the access's state; with `watch`, a held word is
     /// marked watched in the same step.
+    ///
+    /// Marking is bounded (see `contention`): a word that defeats every
+    /// attempt is `Unrecognised`, so its access ends by message only. Only
+    /// the client writes there besides the broker, and its honest end is a
+    /// single change; an end the client made silently while it kept the
+    /// word busy is lost to the broker, which is the client's own doing, as
+    /// with any word it scribbles on: its access is held until it hangs up.
     pub fn check(&self, at: EndSlot, watch: bool) -> BrokerView {
         let Some(word) = self.word(at.slot) else {
             return BrokerView::Unrecognised;
         };
-        let mut current = word.load(Ordering::Acquire);
-        loop {
+        let mut view = BrokerView::Unrecognised;
+        let marked = contention::update(word, self.interference, |current| {
+            view = BrokerView::Unrecognised;
             if !at.owns(current) {
-                return BrokerView::Unrecognised;
+                return None;
             }
             match (current & STATE_MASK, current & WATCHED != 0) {
-                (ENDED, false) => return BrokerView::Ended,
-                (ENDED, true) => return BrokerView::EndedTelling,
-                (HELD, true) => return BrokerView::Held,
-                (HELD, false) if !watch => return BrokerView::Held,
+                (ENDED, false) => view = BrokerView::Ended,
+                (ENDED, true) => view = BrokerView::EndedTelling,
+                (HELD, true) => view = BrokerView::Held,
                 (HELD, false) => {
-                    match word.compare_exchange_weak(
-                        current,
-                        current | WATCHED,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => return BrokerView::Held,
-                        Err(now) => current = now,
-                    }
+                    view = BrokerView::Held;
+                    return watch.then_some(current | WATCHED);
                 }
-                _ => return BrokerView::Unrecognised,
+                _ => {}
             }
+            None
+        });
+        match marked {
+            Ok(_) => view,
+            Err(_) => BrokerView::Unrecognised,
         }
     }
 
@@ -283,6 +298,35 @@ mod tests {
             );
             assert_eq!(words.end(AT), ClientEnd::NotMine, "{garbage:#x}");
         }
+    }
+
+    /// A client storing to its page's cache line, where atomics are
+    /// load/store-exclusive loops, fails every attempt of the broker's to
+    /// mark its word watched. The broker gives up after `ATTEMPTS` and no
+    /// longer trusts the word (the access ends by message); unbounded, it
+    /// spun for as long as the client went on. A look without marking
+    /// makes no attempt at all.
+    #[test]
+    fn a_watch_that_never_sticks_gives_the_word_up() {
+        let (_fd, mut words) = page();
+        words.grant(AT, false);
+        words.interfere(|_| {
+            ATTEMPTS_SEEN.with(|n| n.set(n.get() + 1));
+            true
+        });
+        assert_eq!(words.check(AT, false), BrokerView::Held);
+        assert_eq!(ATTEMPTS_SEEN.with(|n| n.get()), 0);
+        assert_eq!(words.check(AT, true), BrokerView::Unrecognised);
+        assert_eq!(ATTEMPTS_SEEN.with(|n| n.get()), crate::contention::ATTEMPTS);
+        assert_eq!(
+            words.end(AT),
+            ClientEnd::Silent,
+            "the word was left as it was"
+        );
+    }
+
+    thread_local! {
+        static ATTEMPTS_SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
     #[test]

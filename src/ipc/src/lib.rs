@@ -8,6 +8,7 @@
 
 pub mod bufferword;
 pub mod codec;
+pub mod contention;
 pub mod endwords;
 pub mod fdpass;
 pub mod mapping;

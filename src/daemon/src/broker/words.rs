@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use dmabroker_fence::{self as fence, AccessId, BeginOutcome, Mode, WaiterId};
 use dmabroker_ipc::bufferword::{BufferWord, FastSlot, Word, WordAccess, MAX_HOLDERS};
+use dmabroker_ipc::contention::Contended;
 use dmabroker_ipc::{Access, BufferId, ClientId, ReplyBody};
 
 use super::access::to_fence_access;
@@ -54,6 +55,11 @@ pub struct WordState {
     retired: u32,
     /// The waiter a hand-off is planned for.
     planned: Option<WaiterId>,
+    /// A change of the broker's to the word gave up (see
+    /// `dmabroker_ipc::contention`): a holder keeps it changing, which no
+    /// honest one does. The word is broken at the next check, where no
+    /// decision is half made (the change failed in the middle of one).
+    contended: bool,
 }
 
 impl WordState {
@@ -67,7 +73,9 @@ impl WordState {
     pub fn inherited(fd: BorrowedFd<'_>, size: u64) -> Box<WordState> {
         let broken = match BufferWord::map(fd, size) {
             Ok(word) => {
-                word.reset(word.load().epoch().wrapping_add(1), true);
+                if let Err(err) = word.reset(word.load().epoch().wrapping_add(1), true) {
+                    tracing::warn!(error = %err, "a restored buffer's word kept changing; voided by a plain store");
+                }
                 false
             }
             Err(err) => {
@@ -144,7 +152,9 @@ impl State {
                         // Whatever a previous instance's clients left there
                         // is void: their accesses did not survive.
                         let epoch = word.load().epoch().wrapping_add(1);
-                        word.reset(epoch, true);
+                        if let Err(err) = word.reset(epoch, true) {
+                            tracing::warn!(buffer, error = %err, "a restored buffer's word kept changing; voided by a plain store");
+                        }
                         ws.epoch = epoch;
                     } else {
                         ws.epoch = word.load().epoch();
@@ -218,9 +228,54 @@ impl State {
             return;
         };
         ws.retired |= 1 << index;
-        if let Some(word) = &ws.mapped {
-            word.remove_holder(index);
+        // A broken word's bits no longer count: nothing to take out.
+        let removed = ws
+            .mapped
+            .as_ref()
+            .filter(|_| !ws.broken)
+            .map(|word| word.remove_holder(index));
+        if let Some(Err(err)) = removed {
+            self.word_contended(buffer, err);
         }
+    }
+
+    /// A change of the broker's to `buffer`'s word gave up: some holder
+    /// keeps the word (or its cache line) changing. The word is broken as
+    /// one a holder tampered with, at the next check (`break_if_contended`):
+    /// the change failed in the middle of a decision, which must not be
+    /// undone under it. Until then the word's bits are read as they are;
+    /// the change that failed (a bit not set or not cleared) is one the
+    /// break makes moot.
+    fn word_contended(&mut self, buffer: BufferId, err: Contended) {
+        tracing::warn!(buffer, error = %err, "a holder keeps the buffer's word changing; breaking it");
+        if let Some(ws) = self
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        {
+            ws.contended = !ws.broken;
+        }
+        self.touched.push(buffer);
+    }
+
+    /// Breaks the word if a change of the broker's to it gave up. Returns
+    /// whether it did. Called where a decision starts or ends
+    /// (`take_over_word`, `check_word`, `hand_back_or_plan`).
+    fn break_if_contended(&mut self, buffer: BufferId) -> bool {
+        let Some(ws) = self
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+        else {
+            return false;
+        };
+        if !std::mem::take(&mut ws.contended) || ws.broken {
+            return false;
+        }
+        let last = ws.mapped.as_ref().map_or(Word(0), BufferWord::load);
+        self.touched.push(buffer);
+        self.break_word(buffer, last);
+        true
     }
 
     /// Before any decision on the buffer: stops fast begins, turns the
@@ -229,13 +284,24 @@ impl State {
     /// `map`: map the word first if nobody did yet (a begin, which may
     /// grant in the word); other decisions need not, see `word_state`.
     pub(super) fn take_over_word(&mut self, buffer: BufferId, now: Instant, map: bool) {
+        if self.break_if_contended(buffer) {
+            return;
+        }
         let Some(ws) = self.word_state(buffer, map) else {
             return;
         };
         let Some(word) = &ws.mapped else {
             return;
         };
-        let before = word.take_over();
+        let before = match word.take_over() {
+            Ok(before) => before,
+            Err(err) => {
+                // Fast begins go on in a word not taken: break it now.
+                self.word_contended(buffer, err);
+                self.break_if_contended(buffer);
+                return;
+            }
+        };
         let first = !ws.taken;
         // Already taken, the word is judged as it was before this
         // take-over: setting `DAEMON` again and cancelling the plan would
@@ -250,10 +316,21 @@ impl State {
         }
         let epoch = ws.epoch;
         ws.taken = true;
-        let planned = ws.planned.take();
         // Always: a NEXT the broker did not plan (written by a holder) must
         // not be carried out either.
-        let cancelled = Some(word.cancel_plan()).filter(|_| planned.is_some());
+        let cancel = word.cancel_plan();
+        let cancel = match cancel {
+            Ok(cancel) => cancel,
+            Err(err) => {
+                // The plan, if any, is still recorded: the break withdraws
+                // its waiter as it must.
+                self.word_contended(buffer, err);
+                self.break_if_contended(buffer);
+                return;
+            }
+        };
+        let planned = ws.planned.take();
+        let cancelled = Some(cancel).filter(|_| planned.is_some());
         self.touched.push(buffer);
         if first {
             self.mirror(buffer, before, epoch, now);
@@ -300,8 +377,11 @@ impl State {
                 // A holder that left (or a reconnected client's stale guard):
                 // its access is over as far as the broker is concerned.
                 tracing::debug!(buffer, index, "bit of a departed holder cleared");
-                if let Some(word) = self.mapped_word(buffer) {
-                    word.remove_holder(index);
+                let removed = self.mapped_word(buffer).map(|w| w.remove_holder(index));
+                if let Some(Err(err)) = removed {
+                    self.word_contended(buffer, err);
+                    self.break_if_contended(buffer);
+                    return;
                 }
                 continue;
             };
@@ -377,9 +457,18 @@ impl State {
     /// read, a waiter handed the buffer after it stayed queued and was
     /// granted by message a request it had dropped, an access held for
     /// good.
+    ///
+    /// A word that keeps changing (see `word_contended`) may defeat the
+    /// reset's attempts too; it is then written with a plain store, and
+    /// what it replaced is unknown (`None`). The break then assumes the
+    /// worst of it: every access the broker recorded in the word was still
+    /// held (its holder is told), every holder with an index may have had
+    /// a bit of its own (told, as id 0), and a planned hand-off may have
+    /// been carried out (withdrawn, answered `Busy`). Each is at worst a
+    /// notice about an access already over, or a begin to make again.
     fn break_word(&mut self, buffer: BufferId, judged: Word) {
         let mut planned = None;
-        let mut word = judged;
+        let mut replaced = Some(judged);
         if let Some(ws) = self
             .buffers
             .get_mut(&buffer)
@@ -390,7 +479,7 @@ impl State {
             planned = ws.planned.take();
             ws.epoch = ws.epoch.wrapping_add(1);
             if let Some(mapped) = &ws.mapped {
-                word = mapped.reset(ws.epoch, true);
+                replaced = mapped.reset(ws.epoch, true).ok();
             }
         }
         let holders: Vec<ClientId> = self
@@ -401,7 +490,7 @@ impl State {
         tracing::warn!(
             buffer,
             word = format_args!("{:#x}", judged.0),
-            last = format_args!("{:#x}", word.0),
+            last = ?replaced.map(|w| format!("{:#x}", w.0)),
             ?holders,
             "a holder corrupted the buffer's word; it arbitrates by message from now on"
         );
@@ -410,10 +499,11 @@ impl State {
             .iter()
             .filter_map(|(id, a)| {
                 let bit = a.word_bit.filter(|_| a.buffer == buffer)?;
-                Some((*id, word.has(bit.index, bit.write)))
+                let held = replaced.is_none_or(|w| w.has(bit.index, bit.write));
+                Some((*id, held))
             })
             .collect();
-        self.revoke_unrecorded(buffer, word);
+        self.revoke_unrecorded(buffer, replaced);
         for (id, _) in &in_word {
             if let Some(entry) = self.accesses.get_mut(id) {
                 entry.word_bit = None;
@@ -424,7 +514,7 @@ impl State {
         self.arbiter.mark_writer_lost(buffer);
         let now = Instant::now();
         if let Some(waiter) = planned {
-            self.withdraw_unrecorded_hand_off(buffer, waiter, word, now);
+            self.withdraw_unrecorded_hand_off(buffer, waiter, replaced, now);
         }
         for (id, still_held) in in_word {
             let Some(client) = self.accesses.get(&id).map(|a| a.client) else {
@@ -441,7 +531,8 @@ impl State {
     }
 
     /// A hand-off was planned for `waiter` when its buffer's word broke
-    /// (as `word`). Still in the word (`NEXT` names its index), it never
+    /// (as `word`; `None`: unknown, see `break_word`). Still in the word
+    /// (`NEXT` names its index), it never
     /// happened: the waiter stays queued and is granted by message like
     /// any other (the reset woke it to read that answer). Otherwise the
     /// holder carried it out and the waiter may be using the access in
@@ -458,7 +549,7 @@ impl State {
         &mut self,
         buffer: BufferId,
         waiter: WaiterId,
-        word: Word,
+        word: Option<Word>,
         now: Instant,
     ) {
         let Some(client) = self.waiters.get(&waiter).map(|w| w.client) else {
@@ -470,7 +561,7 @@ impl State {
         let index = self.index_of(buffer, client);
         // A plan never stands beside a bit of its waiter's: a word showing
         // both is forged, and the waiter may be using the bit.
-        let still_planned = index.is_some_and(|index| {
+        let still_planned = word.zip(index).is_some_and(|(word, index)| {
             word.next().is_some_and(|(next, _)| next == index) && !word.holds(index)
         });
         if still_planned {
@@ -496,8 +587,9 @@ impl State {
     /// message), or by a holder for another. Their holders have no id
     /// from the broker, so they are named 0, as their guards are
     /// (`AccessGuard::id`), and told all the same: a writer may be granted
-    /// next to them at once.
-    fn revoke_unrecorded(&mut self, buffer: BufferId, word: Word) {
+    /// next to them at once. A word whose bits are unknown (`None`, see
+    /// `break_word`) may have had a bit of any holder with an index.
+    fn revoke_unrecorded(&mut self, buffer: BufferId, word: Option<Word>) {
         let recorded: Vec<WordBit> = self
             .accesses
             .values()
@@ -508,17 +600,25 @@ impl State {
             let Some(entry) = self.buffers.get(&buffer) else {
                 return;
             };
-            let mut owners: Vec<ClientId> = word
-                .holders()
-                .filter(|(index, access)| {
-                    let bit = WordBit {
-                        index: *index,
-                        write: access.is_write(),
-                    };
-                    !recorded.contains(&bit)
-                })
-                .filter_map(|(index, _)| owner_of(entry, index))
-                .collect();
+            let mut owners: Vec<ClientId> = match word {
+                Some(word) => word
+                    .holders()
+                    .filter(|(index, access)| {
+                        let bit = WordBit {
+                            index: *index,
+                            write: access.is_write(),
+                        };
+                        !recorded.contains(&bit)
+                    })
+                    .filter_map(|(index, _)| owner_of(entry, index))
+                    .collect(),
+                None => entry
+                    .holders
+                    .iter()
+                    .filter(|h| h.word_index.is_some())
+                    .map(|h| h.client)
+                    .collect(),
+            };
             owners.sort_unstable();
             owners.dedup();
             owners
@@ -540,6 +640,9 @@ impl State {
     /// is broken before anything is read from it. A broken word is not
     /// looked at again: whatever its holders write there no longer counts.
     pub(super) fn check_word(&mut self, buffer: BufferId) {
+        if self.break_if_contended(buffer) {
+            return;
+        }
         let Some(ws) = self.buffers.get(&buffer).and_then(|b| b.word.as_deref()) else {
             return;
         };
@@ -629,7 +732,9 @@ impl State {
         let (Some(bit), Some(word)) = (bit, self.mapped_word(buffer)) else {
             return;
         };
-        word.remove_access(bit.index, bit.write);
+        if let Err(err) = word.remove_access(bit.index, bit.write) {
+            self.word_contended(buffer, err);
+        }
     }
 
     /// A grant by message that may live in the word: the bit is set and the
@@ -657,9 +762,13 @@ impl State {
             return None;
         }
         let slot = self.word_slot(buffer, client)?;
-        self.mapped_word(buffer)?
-            .grant(slot, access)
-            .then_some(slot)
+        match self.mapped_word(buffer)?.grant(slot, access) {
+            Ok(granted) => granted.then_some(slot),
+            Err(err) => {
+                self.word_contended(buffer, err);
+                None
+            }
+        }
     }
 
     /// A hand-off the arbiter now grants: recorded if the holder carried it
@@ -680,9 +789,19 @@ impl State {
         let Some(word) = self.mapped_word(grant.buffer) else {
             return false;
         };
-        if word.cancel_plan() {
-            return false;
-        }
+        // A plan the broker could not cancel: the word breaks, and whether
+        // the holder carried the plan out is unknown; answered as a
+        // hand-off the broker cannot tell (below), and the break tells the
+        // waiter its access went.
+        let (handed, contended) = match word.cancel_plan() {
+            Ok(true) => return false,
+            Ok(false) => {
+                let now = word.load();
+                let handed = WordAccess::of(kind).is_some_and(|access| now.holds_as(index, access));
+                (handed, None)
+            }
+            Err(err) => (false, Some(err)),
+        };
         // No plan left, and the waiter's bit there: carried out. Without
         // the bit, either the waiter got it and has ended already, or a
         // holder erased the plan and the waiter, finding neither plan nor
@@ -694,9 +813,12 @@ impl State {
         // A bit of another kind is no hand-off of ours (a holder changed
         // the plan): the waiter does not take it for one either, and it
         // leaves the word, or nobody would ever clear it.
-        let handed = WordAccess::of(kind).is_some_and(|access| word.load().holds_as(index, access));
-        if !handed {
+        if let Some(err) = contended {
+            self.word_contended(grant.buffer, err);
+        } else if !handed {
             self.clear_unbacked_bits(grant.buffer, index);
+        }
+        if !handed {
             let lost = dmabroker_ipc::WireError::new(
                 dmabroker_ipc::ErrorCode::Busy,
                 "the hand-off planned for this begin was taken out of the buffer's word, or \
@@ -731,10 +853,12 @@ impl State {
         let Some(word) = self.mapped_word(buffer) else {
             return;
         };
-        for (write, is_backed) in [(false, read_backed), (true, write_backed)] {
-            if !is_backed {
-                word.remove_access(index, write);
-            }
+        let contended = [(false, read_backed), (true, write_backed)]
+            .into_iter()
+            .filter(|(_, is_backed)| !is_backed)
+            .find_map(|(write, _)| word.remove_access(index, write).err());
+        if let Some(err) = contended {
+            self.word_contended(buffer, err);
         }
     }
 
@@ -747,6 +871,10 @@ impl State {
     }
 
     fn hand_back_or_plan(&mut self, buffer: BufferId) {
+        // Taken or not (a holder's bit left behind by a retired index).
+        if self.break_if_contended(buffer) {
+            return;
+        }
         // A client moving the word between our look and our swap only
         // costs another look; a few are plenty.
         for _ in 0..4 {
@@ -808,8 +936,14 @@ impl State {
         let Some(mapped) = &ws.mapped else {
             return true;
         };
-        if !mapped.hand_back(word, new_epoch) {
-            return false;
+        match mapped.hand_back(word, new_epoch) {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(err) => {
+                self.word_contended(buffer, err);
+                self.break_if_contended(buffer);
+                return true;
+            }
         }
         ws.taken = false;
         if let Some(epoch) = new_epoch {
@@ -885,9 +1019,15 @@ impl State {
         let Some(mapped) = self.mapped_word(buffer) else {
             return;
         };
-        if !mapped.plan(word, slot.index, access) {
+        match mapped.plan(word, slot.index, access) {
+            Ok(true) => {}
             // The holder moved meanwhile; its end message brings us back.
-            return;
+            Ok(false) => return,
+            Err(err) => {
+                self.word_contended(buffer, err);
+                self.break_if_contended(buffer);
+                return;
+            }
         }
         if let Some(ws) = self
             .buffers
@@ -1454,5 +1594,60 @@ mod state_tests {
         );
         let grant = grant_of(&bench.received(waiter), write).expect("granted by message");
         assert!(grant.writer_lost, "with the news");
+    }
+
+    /// Every attempt of the broker's at changing `buffer`'s word fails from
+    /// now on, as under a holder storing to the word's cache line on a core
+    /// whose atomics are load/store-exclusive loops (no LSE).
+    fn keep_changing(bench: &mut Bench, buffer: BufferId) {
+        fn lost_reservation(_: &std::sync::atomic::AtomicU64) -> bool {
+            true
+        }
+        bench
+            .state
+            .buffers
+            .get_mut(&buffer)
+            .and_then(|b| b.word.as_deref_mut())
+            .and_then(|ws| ws.mapped.as_mut())
+            .expect("the broker maps the word")
+            .interfere(lost_reservation);
+    }
+
+    /// A holder keeps the word changing under the broker's take-over. The
+    /// take-over gives up after a bounded number of attempts and breaks
+    /// the word: the reader holding in it is told its access is revoked
+    /// (by its id, and as id 0 for any bit of its own: what the word held
+    /// when it was voided is unknown), and the write queued behind is
+    /// granted with the news that the contents may be torn. Before, the
+    /// take-over (a fetch-or, a loop of its own on such cores) spun on the
+    /// broker's thread for as long as the holder went on.
+    #[test]
+    fn a_word_that_no_change_sticks_to_is_broken_and_its_holders_told() {
+        let mut bench = Bench::new();
+        let (reader, writer, later) = (words_client(&mut bench), bench.client(), bench.client());
+        let frame = bench.buffer_with_word(&[reader, writer, later]);
+        let slot = slot_by_a_read(&mut bench, reader, frame);
+        holders_word(&bench, frame)
+            .try_begin(slot, WordAccess::Read)
+            .expect("the reader begins in the word");
+        let write = begin(&mut bench, writer, frame, Access::CpuWrite);
+        assert!(
+            !bench.granted(writer, write),
+            "the write waits for the read"
+        );
+        let read = bench.access_of(reader, 0);
+
+        keep_changing(&mut bench, frame);
+        begin(&mut bench, later, frame, Access::CpuRead);
+        assert!(broken(&bench, frame), "the word breaks");
+        let mut told = revoked(&bench.received(reader), frame);
+        told.sort_unstable();
+        assert_eq!(told, vec![0, read], "the reader is told");
+        let grant = grant_of(&bench.received(writer), write).expect("the write is granted");
+        assert!(grant.writer_lost, "with the news");
+        assert!(grant.word.is_none(), "a broken word holds nothing");
+        let now = holders_word(&bench, frame).load();
+        assert!(now.is_idle() && now.daemon(), "voided: {now:?}");
+        assert_ne!(now.epoch(), slot.epoch, "the reader's slot is void");
     }
 }
