@@ -38,6 +38,15 @@ pub struct WordBit {
     pub write: bool,
 }
 
+/// A hand-off the broker planned: the waiter, and the index and kind it
+/// wrote into `NEXT` for it, which are all a `NEXT` in the word may say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    waiter: WaiterId,
+    index: u8,
+    access: WordAccess,
+}
+
 /// Per memfd buffer: the mapped word and who owns which index.
 #[derive(Debug, Default)]
 pub struct WordState {
@@ -53,8 +62,8 @@ pub struct WordState {
     /// Indices of departed holders: reusable only once the epoch moves on,
     /// so a stale guard of theirs can never clear a newcomer's bit.
     retired: u32,
-    /// The waiter a hand-off is planned for.
-    planned: Option<WaiterId>,
+    /// The hand-off planned (or carried out and not yet recorded).
+    planned: Option<Plan>,
     /// A change of the broker's to the word gave up (see
     /// `dmabroker_ipc::contention`): a holder keeps it changing, which no
     /// honest one does. The word is broken at the next check, where no
@@ -116,12 +125,21 @@ fn void_unmapped(fd: BorrowedFd<'_>, size: u64) {
 
 /// Whether a holder wrote where only the broker writes while it has the
 /// word taken: `DAEMON` (cleared, every end in the word goes silent), the
-/// epoch, or a plan the broker did not make.
-fn tampered(ws: &WordState, word: Word) -> bool {
-    ws.taken
-        && (!word.daemon()
-            || word.epoch() != ws.epoch
-            || (word.next().is_some() && ws.planned.is_none()))
+/// epoch, or a `NEXT` other than the plan the broker made: none recorded,
+/// another index or kind (the waiter would be handed what it did not ask
+/// for, or another holder what it never waited for), a plan whose waiter
+/// left the queue (`plan_queued` false: nobody is owed that hand-off), or
+/// a plan beside a bit of its own waiter's (the end that carries a plan
+/// out clears `NEXT` in the same step, so that is a plan written again).
+fn tampered(ws: &WordState, word: Word, plan_queued: bool) -> bool {
+    let planned = ws
+        .planned
+        .filter(|_| plan_queued)
+        .map(|plan| (plan.index, plan.access));
+    let forged_next = word
+        .next()
+        .is_some_and(|(index, access)| planned != Some((index, access)) || word.holds(index));
+    ws.taken && (!word.daemon() || word.epoch() != ws.epoch || forged_next)
 }
 
 /// The holder of `buffer` whose word index is `index`.
@@ -287,6 +305,7 @@ impl State {
         if self.break_if_contended(buffer) {
             return;
         }
+        let plan_queued = self.plan_queued(buffer);
         let Some(ws) = self.word_state(buffer, map) else {
             return;
         };
@@ -309,7 +328,7 @@ impl State {
         // by message meanwhile, a bit the broker never recorded) or a
         // `NEXT` nobody planned, and `check_word` would find the word
         // legal. (The first take-over's `mirror` judges it itself.)
-        if !first && (before.is_impossible() || tampered(ws, before)) {
+        if !first && (before.is_impossible() || tampered(ws, before, plan_queued)) {
             self.touched.push(buffer);
             self.break_word(buffer, before);
             return;
@@ -335,14 +354,14 @@ impl State {
         if first {
             self.mirror(buffer, before, epoch, now);
         }
-        if let (Some(waiter), Some(cancelled)) = (planned, cancelled) {
+        if let (Some(plan), Some(cancelled)) = (planned, cancelled) {
             // Nothing to cancel means the holder carried the plan out (the
             // waiter may even have ended the access it was handed since).
             if !cancelled {
                 // The next settle finds the holder's bit gone and records
                 // the grant as the hand-off.
                 if let Some(ws) = self.word_state(buffer, false) {
-                    ws.planned = Some(waiter);
+                    ws.planned = Some(plan);
                 }
             }
         }
@@ -351,7 +370,14 @@ impl State {
     /// The waiter a hand-off is planned for on this buffer (or was carried
     /// out for and not yet recorded).
     pub(super) fn planned_waiter(&self, buffer: BufferId) -> Option<WaiterId> {
-        self.buffers.get(&buffer)?.word.as_deref()?.planned
+        Some(self.buffers.get(&buffer)?.word.as_deref()?.planned?.waiter)
+    }
+
+    /// Whether the waiter of the hand-off planned on this buffer is still
+    /// in its queue.
+    fn plan_queued(&self, buffer: BufferId) -> bool {
+        self.planned_waiter(buffer)
+            .is_some_and(|waiter| self.arbiter.waiter_buffer(waiter) == Some(buffer))
     }
 
     pub(super) fn index_of(&self, buffer: BufferId, client: ClientId) -> Option<u8> {
@@ -476,7 +502,7 @@ impl State {
         {
             ws.broken = true;
             ws.taken = true;
-            planned = ws.planned.take();
+            planned = ws.planned.take().map(|plan| plan.waiter);
             ws.epoch = ws.epoch.wrapping_add(1);
             if let Some(mapped) = &ws.mapped {
                 replaced = mapped.reset(ws.epoch, true).ok();
@@ -643,6 +669,7 @@ impl State {
         if self.break_if_contended(buffer) {
             return;
         }
+        let plan_queued = self.plan_queued(buffer);
         let Some(ws) = self.buffers.get(&buffer).and_then(|b| b.word.as_deref()) else {
             return;
         };
@@ -650,7 +677,7 @@ impl State {
             return;
         };
         let now = word.load();
-        if now.is_impossible() || tampered(ws, now) {
+        if now.is_impossible() || tampered(ws, now, plan_queued) {
             self.break_word(buffer, now);
         }
     }
@@ -980,10 +1007,7 @@ impl State {
         // would answer `Planned` to a request its client has dropped, and
         // the recording would then cancel that plan and grant the begin by
         // message: an access nobody ends, held until its client hangs up.
-        let carried_out = self
-            .planned_waiter(buffer)
-            .is_some_and(|waiter| self.arbiter.waiter_buffer(waiter) == Some(buffer));
-        if carried_out {
+        if self.plan_queued(buffer) {
             return;
         }
         let Some(holder) = self.arbiter.fence_id_at(buffer, 0) else {
@@ -1034,7 +1058,11 @@ impl State {
             .get_mut(&buffer)
             .and_then(|b| b.word.as_deref_mut())
         {
-            ws.planned = Some(head.id);
+            ws.planned = Some(Plan {
+                waiter: head.id,
+                index: slot.index,
+                access,
+            });
         }
         if let Some(w) = self.waiters.get_mut(&head.id) {
             w.ever_planned = true;
@@ -1151,41 +1179,66 @@ mod tests {
     /// for a plan it never made). Not taken, the word is the holders'.
     #[test]
     fn only_the_broker_writes_daemon_epoch_and_plan_while_it_has_the_word() {
-        use super::{tampered, Word, WordState};
+        use super::{tampered, Plan, Word, WordAccess, WordState};
         const DAEMON: u64 = 1 << 39;
         const EPOCH_7: u64 = 7 << 48;
         const NEXT_READ_FOR_9: u64 = 1 << 40 | 9 << 43;
+        const NEXT_WRITE_FOR_9: u64 = NEXT_READ_FOR_9 | 1 << 41;
+        const NEXT_READ_FOR_8: u64 = 1 << 40 | 8 << 43;
         let taken = WordState {
             taken: true,
             epoch: 7,
             ..WordState::default()
         };
         let two_readers = EPOCH_7 | 0b11;
-        assert!(!tampered(&taken, Word(two_readers | DAEMON)));
-        assert!(tampered(&taken, Word(two_readers)), "DAEMON cleared");
+        assert!(!tampered(&taken, Word(two_readers | DAEMON), false));
+        assert!(tampered(&taken, Word(two_readers), false), "DAEMON cleared");
         assert!(
-            tampered(&taken, Word(8 << 48 | 0b11 | DAEMON)),
+            tampered(&taken, Word(8 << 48 | 0b11 | DAEMON), false),
             "another epoch"
         );
         assert!(
-            tampered(&taken, Word(two_readers | DAEMON | NEXT_READ_FOR_9)),
+            tampered(&taken, Word(two_readers | DAEMON | NEXT_READ_FOR_9), false),
             "a plan nobody made"
         );
         let planned = WordState {
-            planned: Some(4),
+            planned: Some(Plan {
+                waiter: 4,
+                index: 9,
+                access: WordAccess::Read,
+            }),
             ..taken
         };
-        assert!(!tampered(
-            &planned,
-            Word(two_readers | DAEMON | NEXT_READ_FOR_9)
-        ));
+        let as_planned = Word(two_readers | DAEMON | NEXT_READ_FOR_9);
+        assert!(!tampered(&planned, as_planned, true));
+        assert!(
+            tampered(&planned, as_planned, false),
+            "a plan whose waiter left"
+        );
+        assert!(
+            tampered(&planned, Word(two_readers | DAEMON | NEXT_READ_FOR_8), true),
+            "a plan for another index"
+        );
+        assert!(
+            tampered(
+                &planned,
+                Word(two_readers | DAEMON | NEXT_WRITE_FOR_9),
+                true
+            ),
+            "a plan of another kind"
+        );
+        assert!(
+            tampered(&planned, Word(as_planned.0 | 1 << 9), true),
+            "a plan beside its waiter's bit"
+        );
         let handed_back = WordState {
             taken: false,
             ..WordState::default()
         };
         assert!(!tampered(
             &handed_back,
-            Word(1 << 48 | 0b11 | NEXT_READ_FOR_9)
+            Word(1 << 48 | 0b11 | NEXT_READ_FOR_9),
+            false
         ));
     }
 }
@@ -1358,6 +1411,45 @@ mod state_tests {
         );
         begin(&mut bench, next, frame, Access::CpuWrite);
         assert!(broken(&bench, frame), "the word breaks at the take-over");
+    }
+
+    /// A holder rewrites the `NEXT` the broker planned while it has the
+    /// word taken: another index (the holder's end would hand the buffer
+    /// to someone who never waited for it) or another kind (the waiter
+    /// would be handed what it did not ask for). The next take-over must
+    /// break the word; it took any `NEXT` for the broker's own while a
+    /// plan was recorded, and cancelled it unseen. Found by review.
+    #[test]
+    fn a_plan_a_holder_rewrote_is_seen_by_the_next_take_over() {
+        // Bits flipped in the word: NEXT_IDX's high bit, NEXT_KIND's low bit.
+        let forgeries = [
+            ("another index", 16 << NEXT_IDX_SHIFT),
+            ("another kind", 1 << 41),
+        ];
+        for (what, flipped) in forgeries {
+            let mut bench = Bench::new();
+            let (holder, waiter, later) = (
+                words_client(&mut bench),
+                words_client(&mut bench),
+                bench.client(),
+            );
+            let frame = bench.buffer_with_word(&[holder, waiter, later]);
+            begin(&mut bench, holder, frame, Access::CpuRead);
+            let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
+            assert_eq!(
+                plans(&bench.received(waiter), write),
+                1,
+                "the write is planned"
+            );
+            let word = holders_word(&bench, frame);
+            let planned = word.load();
+            word.scribble(planned.0 ^ flipped);
+            assert_ne!(word.load().next(), planned.next(), "{what}");
+            assert!(word.load().next().is_some(), "{what}: still a plan");
+
+            begin(&mut bench, later, frame, Access::CpuRead);
+            assert!(broken(&bench, frame), "{what}: the word breaks");
+        }
     }
 
     /// Every `Planned` among `messages` answering `request`.
