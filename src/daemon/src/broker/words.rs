@@ -801,6 +801,13 @@ impl State {
     /// A hand-off the arbiter now grants: recorded if the holder carried it
     /// out (returns true), else the plan is cancelled (waking the waiter)
     /// and the grant goes by message.
+    ///
+    /// Recorded, the grant is never sent, so the news it took from the
+    /// buffer (`writer_lost`, `revoked`) goes back for the next grant, as
+    /// for a grant withdrawn (`withdraw_grant`). No path is known to bring
+    /// marks here (no plan is made while marks are owed, and the one fence
+    /// the waiter waits for is a bit-backed access, whose client has no
+    /// hold limit), but a grant that carried them must not drop them.
     pub(super) fn record_hand_off(&mut self, grant: &fence::Grant, request_id: u64) -> bool {
         let kind = super::access::to_wire_access(grant.access);
         let Some(index) = self.index_of(grant.buffer, grant.client) else {
@@ -861,6 +868,8 @@ impl State {
             index,
             request_id,
         );
+        self.arbiter
+            .restore_marks(grant.buffer, grant.writer_lost, grant.revoked);
         self.touched.push(grant.buffer);
         self.stats.grants += 1;
         self.stats.hand_offs += 1;
@@ -1250,7 +1259,7 @@ mod tests {
 mod state_tests {
     use std::os::fd::AsFd;
 
-    use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordHold};
+    use dmabroker_ipc::bufferword::{BufferWord, FastSlot, WordAccess, WordEnd, WordHold};
     use dmabroker_ipc::{
         Access, BufferId, ClientId, ErrorCode, Event, Grant, ReplyBody, ServerMessage,
     };
@@ -1450,6 +1459,39 @@ mod state_tests {
             begin(&mut bench, later, frame, Access::CpuRead);
             assert!(broken(&bench, frame), "{what}: the word breaks");
         }
+    }
+
+    /// News the arbiter attaches to the grant of a hand-off the holder
+    /// carried out (here a `writer_lost` marked while the plan stood) goes
+    /// back to the buffer when the hand-off is recorded, and the next grant
+    /// carries it: the hand-off's grant is never sent. Before, the
+    /// recording dropped it, and nobody heard that the contents may be
+    /// torn.
+    #[test]
+    fn news_taken_by_a_recorded_hand_off_reaches_the_next_grant() {
+        let HandedOff {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            slot,
+            word,
+            ..
+        } = handed_off();
+        bench.state.arbiter.mark_writer_lost(frame);
+        word_ended(&mut bench, holder, frame);
+        assert_eq!(bench.state.stats.hand_offs, 1, "recorded");
+        assert_eq!(
+            word.end(WordHold { slot, write: true }),
+            WordEnd::Tell,
+            "the word stays taken while the news is owed (not handed back)"
+        );
+        word_ended(&mut bench, waiter, frame);
+
+        let next = begin(&mut bench, later, frame, Access::CpuRead);
+        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
+        assert!(grant.writer_lost, "the news reaches the next grant");
     }
 
     /// Every `Planned` among `messages` answering `request`.
