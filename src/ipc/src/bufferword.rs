@@ -458,8 +458,10 @@ impl BufferWord {
         if let Some(epoch) = new_epoch {
             released = (released & !(EPOCH_MASK << EPOCH_SHIFT)) | u64::from(epoch) << EPOCH_SHIFT;
         }
-        self.update(|w| (w == expected).then_some(Word(released)))
-            .map(|replaced| replaced.is_some())
+        self.update_from(Some(expected), |w| {
+            (w == expected).then_some(Word(released))
+        })
+        .map(|replaced| replaced.is_some())
     }
 
     /// Broker side, while it arbitrates: grants `index` an access in the
@@ -506,7 +508,7 @@ impl BufferWord {
             | NEXT
             | access.next_kind() << NEXT_KIND_SHIFT
             | (u64::from(index) & IDX_MASK) << NEXT_IDX_SHIFT;
-        self.update(|w| (w == expected).then_some(Word(planned)))
+        self.update_from(Some(expected), |w| (w == expected).then_some(Word(planned)))
             .map(|replaced| replaced.is_some())
     }
 
@@ -555,9 +557,22 @@ impl BufferWord {
 
     /// Applies `f` in at most [`contention::ATTEMPTS`] single attempts;
     /// `None` from `f` leaves the word alone. Returns the word replaced.
-    fn update(&self, mut f: impl FnMut(Word) -> Option<Word>) -> Result<Option<Word>, Contended> {
-        contention::update(self.atom(), self.interference, |w| f(Word(w)).map(|n| n.0))
-            .map(|replaced| replaced.map(Word))
+    fn update(&self, f: impl FnMut(Word) -> Option<Word>) -> Result<Option<Word>, Contended> {
+        self.update_from(None, f)
+    }
+
+    /// `update`, starting from `expected` instead of a load when the caller
+    /// knows what the word should be (see `contention::update`).
+    fn update_from(
+        &self,
+        expected: Option<Word>,
+        mut f: impl FnMut(Word) -> Option<Word>,
+    ) -> Result<Option<Word>, Contended> {
+        let expected = expected.map(|w| w.0);
+        contention::update(self.atom(), self.interference, expected, |w| {
+            f(Word(w)).map(|n| n.0)
+        })
+        .map(|replaced| replaced.map(Word))
     }
 }
 

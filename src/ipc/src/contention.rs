@@ -82,12 +82,16 @@ impl Interference {
 /// Applies `f` to the word in at most [`ATTEMPTS`] single attempts.
 /// `Ok(None)`: `f` left the word alone; `Ok(Some(replaced))`: the change
 /// stuck, and `replaced` is the word it replaced in the same step.
+/// `expected`: what the caller knows the word to be, if anything; the first
+/// attempt then goes without a load, as a single compare-and-swap did (a
+/// wrong guess only costs the attempt, which returns the word as it is).
 pub(crate) fn update(
     word: &AtomicU64,
     interference: Interference,
+    expected: Option<u64>,
     mut f: impl FnMut(u64) -> Option<u64>,
 ) -> Result<Option<u64>, Contended> {
-    let mut current = word.load(Ordering::Acquire);
+    let mut current = expected.unwrap_or_else(|| word.load(Ordering::Acquire));
     for _ in 0..ATTEMPTS {
         let Some(wanted) = f(current) else {
             return Ok(None);

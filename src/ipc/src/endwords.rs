@@ -165,7 +165,7 @@ impl EndWords {
             return BrokerView::Unrecognised;
         };
         let mut view = BrokerView::Unrecognised;
-        let marked = contention::update(word, self.interference, |current| {
+        let marked = contention::update(word, self.interference, None, |current| {
             view = BrokerView::Unrecognised;
             if !at.owns(current) {
                 return None;
