@@ -385,6 +385,48 @@ mod tests {
         assert_eq!(page.take(10_000).map(|at| at.slot), Some(100));
     }
 
+    /// A client keeps its end word (or its cache line) changing while a
+    /// begin queues behind its write, as it can on a core whose atomics
+    /// are load/store-exclusive loops: the broker's watch gives up after a
+    /// bounded number of attempts and stops using the word. The write ends
+    /// by message (the client's end through the word finds it is not its
+    /// own), and the waiter is granted then. Before, the watch spun on the
+    /// broker's thread for as long as the client went on.
+    #[test]
+    fn a_word_no_watch_sticks_to_ends_its_access_by_message() {
+        use dmabroker_ipc::endwords::ClientEnd;
+        use dmabroker_ipc::{Access, ReplyBody};
+
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let (writer, reader) = (bench.client(), bench.client());
+        let (mut page, fd) = EndPage::create().unwrap();
+        page.words.interfere(|_| true);
+        bench.state.clients.get_mut(&writer).unwrap().end_page = Some(page);
+        let frame = bench.buffer(&[writer, reader], false);
+        let write = bench.begin(writer, frame, Access::CpuWrite);
+        let at = bench
+            .replies(writer)
+            .into_iter()
+            .find_map(|(id, reply)| match reply {
+                Ok(ReplyBody::Granted(grant)) if id == write => grant.end_slot,
+                _ => None,
+            })
+            .expect("the write is granted with an end word");
+
+        let read = bench.begin(reader, frame, Access::CpuRead);
+        let access = bench.access_of(writer, write);
+        assert_eq!(
+            bench.state.accesses.get(&access).unwrap().end_slot,
+            None,
+            "the word is given up"
+        );
+        let client_view = EndWords::map(fd.as_fd()).unwrap();
+        assert_eq!(client_view.end(at), ClientEnd::NotMine, "end by message");
+        assert!(!bench.granted(reader, read), "the read waits for the write");
+        bench.end(writer, access);
+        assert!(bench.granted(reader, read), "granted at the write's end");
+    }
+
     #[test]
     fn ended_words_are_counted_until_retired() {
         let (mut page, fd) = EndPage::create().unwrap();
