@@ -20,14 +20,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// How many single attempts the broker makes at one change.
 ///
 /// Honest writers cannot use them up. While the broker has a buffer word
-/// taken no fast begin succeeds, so its holders change it at most 32 times
-/// (each reader's end, the last one carrying the hand-off); an end word has
-/// one other writer, its client's single end. A word not taken yet (the
-/// take-over) sees begins and ends, but an honest change defeats an attempt
-/// only by landing in the few instructions between the broker's read and
-/// its compare-and-swap, and a failed compare-and-swap hands the broker the
-/// new value at once: 64 such landings in a row take a writer doing nothing
-/// else. Spurious failures of a weak compare-and-swap (a store-exclusive
+/// taken no fast begin succeeds, so during one change of the broker's its
+/// holders change it at most 33 times (the end of each of 32 bits, one of
+/// them carrying a hand-off, and the end of the access handed off); an end
+/// word has one other writer, its client's single end. A word not taken yet
+/// (the take-over) sees begins and ends, but an honest change defeats an
+/// attempt only by landing in the few instructions between the broker's
+/// read and its compare-and-swap, and a failed compare-and-swap hands the
+/// broker the new value at once: 64 such landings in a row take a writer
+/// doing nothing else. Spurious failures of a weak compare-and-swap (a store-exclusive
 /// losing its reservation to an interrupt or an eviction) are rare, and 64
 /// leaves room for both. The cost is bounded too: an attempt costs at most
 /// a cache-line transfer (some 100 ns on those boards), so a hostile writer
