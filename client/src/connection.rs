@@ -1950,6 +1950,34 @@ mod tests {
         })
     }
 
+    /// The calling thread's id, as `/proc` names its folder.
+    fn thread_id() -> String {
+        let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+        let tid = link.file_name().expect("a thread id");
+        tid.to_string_lossy().into_owned()
+    }
+
+    /// Waits (up to 10 s) until thread `tid` of this process sleeps in
+    /// `sendmsg`, as the kernel tells (`/proc/self/task/TID/syscall` starts
+    /// with the number of the system call a blocked thread is in): a real
+    /// sign, not a pause long enough on a fast machine.
+    fn await_blocked_in_sendmsg(tid: &str) {
+        let path = format!("/proc/self/task/{tid}/syscall");
+        let sendmsg = nix::libc::SYS_sendmsg.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(&path).expect("the thread's system call");
+            if state.split_whitespace().next() == Some(sendmsg.as_str()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thread {tid} never blocked in sendmsg: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A welcomed connection whose socket has no room left, and the
     /// broker's end of it.
     fn full_connection() -> (Arc<Connection>, OwnedFd) {
@@ -2142,17 +2170,18 @@ mod tests {
         let asked = conn.remember_hold(3, "secret", 1, 0);
         let dropped = conn.remember_hold(4, "secret", 1, 0);
         let asker = Arc::clone(&conn);
+        let (tid, asker_tid) = std::sync::mpsc::channel();
         let asking = std::thread::spawn(move || {
+            let _ = tid.send(thread_id());
             let _ = asker.send_for((3, asked), RequestBody::Info { buffer: 3 }, &[], true);
         });
-        // The request is awaited just before it is sent: from then on the
-        // asker is on its way into a `sendmsg` that waits for room.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lock(&conn.mailbox).awaited.is_empty() {
-            assert!(Instant::now() < deadline, "the request never went out");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        // Only once the asker sleeps in its `sendmsg` for room: dropped
+        // before (after a fixed pause, which a loaded machine may outlast),
+        // the drop passed whether or not it would have waited behind it.
+        let asker_tid = asker_tid
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the asker's thread id");
+        await_blocked_in_sendmsg(&asker_tid);
         let (done, returned) = std::sync::mpsc::channel();
         let dropper = Arc::clone(&conn);
         std::thread::spawn(move || {
