@@ -431,6 +431,127 @@ fn a_buffer_dropped_during_its_reattach_is_freed_on_the_new_connection() {
     );
 }
 
+/// How many buffers a test drops while they are re-attached: more frees
+/// than a socket's send buffer holds (about 280 small messages at the
+/// kernel's default 208 KiB).
+const DROPPED_IN_REATTACH: u64 = 400;
+
+/// A broker that allocates buffers 1, 2, ... (all one memfd), then dies at
+/// the next heaps request; on the next connection it tells the test when
+/// the last buffer's `Reattach` arrives and answers it when the test says
+/// so, then reads nothing more until the test says so again. It reports
+/// the requests the second connection sent.
+fn wedged_after_reattach_broker(
+    path: &Path,
+    held: u64,
+    arrived: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let (mut allocated, mut reattached) = (0, 0);
+        let mut seen_after_restart = Vec::new();
+        serve_requests(&listener, 2, |socket, connection, id, body| {
+            if connection == 2 {
+                seen_after_restart.push(format!("{body:?}"));
+            }
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => {
+                    allocated += 1;
+                    reply_with_buffer_id(socket, id, &buffer, inode, allocated);
+                }
+                RequestBody::Reattach { buffer: wanted, .. } => {
+                    reattached += 1;
+                    let last = reattached == held;
+                    if last {
+                        arrived.send(()).expect("tell the test");
+                        go.recv().expect("the test's go");
+                    }
+                    reply_with_buffer_id(socket, id, &buffer, inode, wanted);
+                    if last {
+                        // Wedged: the client's frees fill the socket.
+                        go.recv().expect("the test's second go");
+                    }
+                }
+                RequestBody::ListHeaps if connection == 1 => return false,
+                RequestBody::ListHeaps => heaps(socket, id),
+                _ => {}
+            }
+            true
+        });
+        seen_after_restart
+    })
+}
+
+/// The frees of buffers dropped while a reconnect re-attached them were
+/// sent blocking, under the holds lock, before the new socket was even
+/// installed: with more of them than the socket holds and a broker that
+/// stopped reading, the reconnect hung there, and with it every other
+/// thread's drop (which takes that lock). They are owed to the new
+/// connection like any other one-way message, and the reconnect ends.
+#[test]
+fn frees_owed_by_a_reattach_never_wait_under_the_holds_lock() {
+    let (_dir, path) = socket_path();
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let held = DROPPED_IN_REATTACH + 1;
+    let broker = wedged_after_reattach_broker(&path, held, arrived_tx, go_rx);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(30)),
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let mut frames: Vec<_> = (0..held)
+        .map(|_| client.alloc(4096).expect("alloc"))
+        .collect();
+    let kept = frames.pop().expect("a buffer kept");
+    let reconnecting = {
+        let client = client.clone();
+        std::thread::spawn(move || client.heaps().map(|_| ()))
+    };
+    arrived
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the last re-attach reaches the new broker");
+    // Every one of them re-attached, or about to be: their frees are owed
+    // to the new connection, whose broker reads none of them.
+    drop(frames);
+    go.send(()).expect("go");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.reconnects() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if client.reconnects() == 0 {
+        // Dropped, they would wait for that lock too, and the test hang.
+        std::mem::forget((kept, client));
+        panic!("the reconnect waited for room for its frees, under the holds lock");
+    }
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(kept);
+        let _ = dropped_tx.send(());
+    });
+    if dropped.recv_timeout(Duration::from_secs(10)).is_err() {
+        std::mem::forget(client);
+        panic!("a drop waited for a broker that does not read");
+    }
+    go.send(()).expect("read again");
+    reconnecting
+        .join()
+        .expect("thread")
+        .expect("heaps answered after the reconnect");
+    client.heaps().expect("a round trip behind the frees");
+    drop(client);
+    let seen = broker.join().expect("scripted broker");
+    let freed = seen.iter().filter(|r| r.starts_with("Free")).count();
+    assert_eq!(
+        freed as u64, held,
+        "every buffer freed on the new connection"
+    );
+}
+
 /// A broker that allocates buffer 1 and answers the first begin `Planned`.
 /// At the second begin (another thread of the same holder) it does what a
 /// real broker does when the first begin times out and the second is then

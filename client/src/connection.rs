@@ -1028,17 +1028,28 @@ impl Connection {
                     // the old connection and is unknown to the new one: lost.
                     let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
                     holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
+                    // The generation `install` gives the new socket: only
+                    // this thread installs one (`reconnecting`).
+                    let next = self.generation() + 1;
                     for (buffer, serial) in reattached {
                         if !is_hold(&holds, buffer, serial) {
                             // Dropped while it was re-attached: its Free
-                            // went to the dead connection.
+                            // went to the dead connection. Owed to the new
+                            // one, ahead of anything sent on it, and never
+                            // waited for here: under the holds lock, a
+                            // broker not reading hung every thread's drop.
                             let id = self.next_id.fetch_add(1, Ordering::Relaxed) | UNWAITED;
                             let free = encode(id, FLAG_NO_REPLY, RequestBody::Free { buffer }, 0)?;
-                            let _ = send_message(socket.as_fd(), &free, &[], false);
+                            self.owe(Owed {
+                                generation: next,
+                                bytes: free,
+                                given_back: false,
+                            });
                         }
                     }
                     self.install(socket, welcome, page);
                     drop(holds);
+                    self.send_owed_now();
                     return Ok(());
                 }
                 // A hello refused for a reason no retry changes (another
@@ -1263,6 +1274,17 @@ impl Connection {
                     let _ = self.send_owed(&socket, generation, Room::Forever);
                 }
                 Ok(id)
+            }
+        }
+    }
+
+    /// Sends what is owed to the current connection if the socket has
+    /// room, and leaves the rest to the flusher (or the next request).
+    fn send_owed_now(&self) {
+        let (socket, generation) = self.current_socket();
+        if let Err(err) = self.send_owed(&socket, generation, Room::Now) {
+            if !is_dead(&err) {
+                self.flush_later();
             }
         }
     }
