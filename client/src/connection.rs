@@ -168,6 +168,16 @@ fn is_dead(err: &SendError) -> bool {
     )
 }
 
+/// Whether a send failed only for a moment: no room in the socket, or the
+/// kernel short of memory for the message. Any other failure (not a
+/// hang-up either, see [`is_dead`]) will fail again every time.
+fn is_for_a_moment(err: &SendError) -> bool {
+    matches!(
+        err,
+        SendError::Os(Errno::EAGAIN | Errno::ENOBUFS | Errno::ENOMEM | Errno::EINTR)
+    )
+}
+
 /// How long a blocking receive or send (`option`) on `socket` may wait
 /// (`None`: forever).
 fn set_timeout<O>(socket: &OwnedFd, option: O, timeout: Option<Duration>) -> Result<(), Error>
@@ -1208,6 +1218,12 @@ impl Connection {
     /// gone, overtakes it; the lock is never held while waiting, so the
     /// reader never waits for a thread blocked on the broker. What the
     /// dead connection was owed is dropped with it.
+    ///
+    /// A message the socket refuses for good (see [`is_for_a_moment`])
+    /// breaks the connection (see [`Connection::break_off`]), which then
+    /// reads as gone (`EPIPE`): left at the head of the queue, it was
+    /// tried again every 10 ms by every request waiting behind it, none
+    /// of which ever went out.
     fn send_owed(&self, socket: &OwnedFd, generation: u64, room: Room) -> Result<(), SendError> {
         if !self.owing.load(Ordering::Acquire) {
             return Ok(());
@@ -1225,7 +1241,7 @@ impl Connection {
                         Ok(()) => {
                             owed.remove(at);
                         }
-                        Err(err) if is_dead(&err) => {
+                        Err(err) if is_dead(&err) || !is_for_a_moment(&err) => {
                             owed.retain(|o| o.generation != generation);
                             break Err(err);
                         }
@@ -1234,7 +1250,13 @@ impl Connection {
                 };
                 self.owing.store(!owed.is_empty(), Ordering::Release);
                 match result {
-                    Err(err) if !is_dead(&err) => err,
+                    Err(err) if is_dead(&err) => return Err(err),
+                    Err(err) if !is_for_a_moment(&err) => {
+                        drop(owed);
+                        self.break_off(socket, generation, &err);
+                        return Err(SendError::Os(Errno::EPIPE));
+                    }
+                    Err(err) => err,
                     done => return done,
                 }
             };
@@ -1275,6 +1297,35 @@ impl Connection {
                 }
                 Ok(id)
             }
+        }
+    }
+
+    /// Gives up connection `generation` (`socket`), which refused a
+    /// message it owed for good (`err`): shut down, so that the broker
+    /// reads the hang-up and ends everything this client held on it (what
+    /// the lost `End` or `Free` would have ended, and the rest), and
+    /// marked closed, so that every call fails `Disconnected` at once and
+    /// reconnects if the options allow. Dropping only that message instead
+    /// would leave the broker holding its access or buffer for as long as
+    /// the connection lasted. `take_errors` says why.
+    fn break_off(&self, socket: &OwnedFd, generation: u64, err: &SendError) {
+        let why = format!(
+            "a message owed to the broker could not be sent ({err}): the connection is closed"
+        );
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            nix::sys::socket::Shutdown::Both,
+        );
+        let mut mailbox = lock(&self.mailbox);
+        // Under the mailbox lock, which `install` takes before it moves
+        // the generation on: a newer connection is left alone.
+        if generation == self.generation() {
+            push_error(
+                &mut mailbox,
+                WireError::new(ErrorCode::ProtocolError, why.clone()),
+            );
+            mailbox.closed.get_or_insert(why);
+            self.arrived.notify_all();
         }
     }
 
@@ -2217,6 +2268,47 @@ mod tests {
         let arrived = requests_arriving(&broker, 2);
         asking.join().expect("asking thread");
         assert_eq!(arrived.len(), 2, "{arrived:?}");
+    }
+
+    /// A message owed at the head of the queue that the socket refuses for
+    /// good (here `ENOTSOCK`: the connection's fd is no socket) was tried
+    /// again every 10 ms by each request waiting behind it, which never
+    /// went out: the call hung. The connection is given up instead (the
+    /// broker hears the hang-up, which ends what the message would have),
+    /// the call fails at once, and `take_errors` says why.
+    #[test]
+    fn a_message_the_socket_refuses_for_good_fails_the_connection() {
+        let no_socket = OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"));
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            no_socket,
+            welcome(),
+            None,
+        );
+        let end = RequestBody::End {
+            access: 9,
+            fence_slot: None,
+        };
+        let _ = conn.send_on(0, end, &[], false);
+        let (done, returned) = std::sync::mpsc::channel();
+        let asker = Arc::clone(&conn);
+        std::thread::spawn(move || {
+            let _ = done.send(asker.call(RequestBody::ListHeaps, &[]).map(|_| ()));
+        });
+        let answer = returned
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the call waited behind a message the socket refuses");
+        assert!(answer.is_err(), "{answer:?}");
+        assert!(lock(&conn.owed).is_empty(), "the refused message stayed");
+        let errors = conn.take_errors();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message.contains("could not be sent")),
+            "{errors:?}"
+        );
     }
 
     /// An end still owed when the program lets go of the connection goes
