@@ -138,6 +138,13 @@ impl std::fmt::Debug for Hold {
     }
 }
 
+/// A request that could not be sent, and the connection generation it
+/// was for: a call reconnects from that one (see [`Connection::call_with`]).
+struct Unsent {
+    error: Error,
+    generation: u64,
+}
+
 /// A one-way request on its way out: a give-back (see
 /// [`Connection::give_back`]) the reader made, a free or an end a drop
 /// made, or a cancel (see [`Connection::send_one_way`]), none of which
@@ -577,17 +584,22 @@ impl Connection {
     /// names another buffer: it goes to the socket current at the check,
     /// dead by then if replaced. Sent without the lock, so that a request
     /// waiting for room never holds up another thread's drop.
-    pub fn send_for(
+    /// A request not sent says which connection it was for (see
+    /// [`Unsent`]).
+    fn send_for(
         &self,
         (buffer, serial): (u64, u64),
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
         wait: bool,
-    ) -> Result<(u64, u64), Error> {
+    ) -> Result<(u64, u64), Unsent> {
         let (socket, generation) = {
             let holds = lock(&self.holds);
             if !is_hold(&holds, buffer, serial) {
-                return Err(lost_buffer(buffer));
+                return Err(Unsent {
+                    error: lost_buffer(buffer),
+                    generation: self.generation(),
+                });
             }
             self.current_socket()
         };
@@ -616,7 +628,9 @@ impl Connection {
             }
             socket
         };
-        self.send_at(&socket, generation, body, fds, wait).map(Some)
+        self.send_at(&socket, generation, body, fds, wait)
+            .map(Some)
+            .map_err(|unsent| unsent.error)
     }
 
     /// As [`Connection::call_on`], for a request on a hold (see
@@ -646,7 +660,10 @@ impl Connection {
     ) -> Result<Answered, Error> {
         self.call_with(
             || {
-                sent.before()?;
+                sent.before().map_err(|error| Unsent {
+                    error,
+                    generation: self.generation(),
+                })?;
                 let request = self.send_for(hold, body(), fds, true)?;
                 sent.after(request);
                 Ok(request)
@@ -734,6 +751,18 @@ impl Connection {
         fds: &[BorrowedFd<'_>],
         wait: bool,
     ) -> Result<(u64, u64), Error> {
+        self.try_send(body, fds, wait)
+            .map_err(|unsent| unsent.error)
+    }
+
+    /// As [`Connection::send`], saying which connection a request that
+    /// could not be sent was for (see [`Unsent`]).
+    fn try_send(
+        &self,
+        body: RequestBody,
+        fds: &[BorrowedFd<'_>],
+        wait: bool,
+    ) -> Result<(u64, u64), Unsent> {
         let (socket, generation) = self.current_socket();
         self.send_at(&socket, generation, body, fds, wait)
     }
@@ -749,9 +778,10 @@ impl Connection {
         body: RequestBody,
         fds: &[BorrowedFd<'_>],
         wait: bool,
-    ) -> Result<(u64, u64), Error> {
+    ) -> Result<(u64, u64), Unsent> {
+        let unsent = |error| Unsent { error, generation };
         if !wait && fds.is_empty() {
-            let id = self.send_one_way(generation, body)?;
+            let id = self.send_one_way(generation, body).map_err(unsent)?;
             return Ok((id, generation));
         }
         let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -760,7 +790,7 @@ impl Connection {
             id |= UNWAITED;
             flags |= FLAG_NO_REPLY;
         }
-        let bytes = encode(id, flags, body, fds.len())?;
+        let bytes = encode(id, flags, body, fds.len()).map_err(unsent)?;
         if wait {
             // Before it is sent: another thread may read the answer first.
             lock(&self.mailbox).awaited.insert(id);
@@ -772,7 +802,7 @@ impl Connection {
             if wait {
                 lock(&self.mailbox).awaited.remove(&id);
             }
-            return Err(send_error(err));
+            return Err(unsent(send_error(err)));
         }
         Ok((id, generation))
     }
@@ -791,29 +821,35 @@ impl Connection {
     /// connection generation it went out on (a `Planned` begin waits for
     /// more messages to that request).
     pub fn call_on(&self, body: RequestBody, fds: &[BorrowedFd<'_>]) -> Result<Answered, Error> {
-        self.call_with(|| self.send(body.clone(), fds, true), None, &NoHook)
+        self.call_with(|| self.try_send(body.clone(), fds, true), None, &NoHook)
     }
 
     /// A request sent by `send`, and its reply, reconnecting and sending
     /// it again once if the connection turns out to be broken.
     fn call_with(
         &self,
-        send: impl Fn() -> Result<(u64, u64), Error>,
+        send: impl Fn() -> Result<(u64, u64), Unsent>,
         limit: Option<Instant>,
         hook: &dyn SentHook,
     ) -> Result<Answered, Error> {
         let mut retried = false;
         loop {
             // The connection that broke: the one the request went out on,
-            // not the one current before it was sent (another thread may
-            // have replaced that one meanwhile, and a reconnect from it
-            // would find the work done and not reconnect again).
-            let mut broken = self.generation();
-            let result = send().and_then(|(id, sent_on)| {
-                broken = sent_on;
-                self.wait_reply(id, sent_on)
-                    .map(|(body, fds)| (body, fds, (id, sent_on)))
-            });
+            // or was to go out on if its send found it dead; not the one
+            // current before the send (another thread may have replaced
+            // that one meanwhile, and a reconnect from it would find the
+            // work done and not reconnect again: the retry went to the
+            // same dead connection, and the call failed without ever
+            // trying a new one).
+            let (result, broken) = match send() {
+                Ok((id, sent_on)) => {
+                    let answer = self
+                        .wait_reply(id, sent_on)
+                        .map(|(body, fds)| (body, fds, (id, sent_on)));
+                    (answer, sent_on)
+                }
+                Err(Unsent { error, generation }) => (Err(error), generation),
+            };
             match result {
                 Err(Error::Disconnected)
                     if !retried && self.reconnect_window.is_some() && hook.wanted() =>
@@ -2268,6 +2304,100 @@ mod tests {
         let arrived = requests_arriving(&broker, 2);
         asking.join().expect("asking thread");
         assert_eq!(arrived.len(), 2, "{arrived:?}");
+    }
+
+    /// A broker listening at a fresh path that welcomes each connection
+    /// and answers its heaps requests, until its client hangs up; the
+    /// path, and the thread (which serves `connections` in turn).
+    fn heaps_broker(connections: usize) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path = std::env::temp_dir().join(format!(
+            "dmabroker-client-test-heaps-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = UnixAddr::new(&path).expect("addr");
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&listener), &addr).expect("bind");
+        nix::sys::socket::listen(
+            &listener,
+            nix::sys::socket::Backlog::new(4).expect("backlog"),
+        )
+        .expect("listen");
+        let serving = std::thread::spawn(move || {
+            for _ in 0..connections {
+                // rustix's accept owns the new fd (nix's is a raw fd, and
+                // this crate has no unsafe code, tests included).
+                let socket = rustix::net::accept(&listener).expect("accept");
+                while let Ok(received) = recv_message(socket.as_fd(), false) {
+                    let request =
+                        dmabroker_ipc::codec::decode_request(&received.bytes).expect("decode");
+                    let body = match request.body {
+                        RequestBody::Hello(_) => ReplyBody::Welcome(welcome()),
+                        RequestBody::ListHeaps => ReplyBody::Heaps(Vec::new()),
+                        _ => continue,
+                    };
+                    let reply = ServerMessage::Reply(Reply {
+                        id: request.head.id,
+                        fds: 0,
+                        result: Ok(body),
+                    });
+                    let bytes =
+                        dmabroker_ipc::codec::encode_server_message(&reply).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[], false).expect("reply");
+                }
+            }
+        });
+        (path, serving)
+    }
+
+    /// A call whose send found the connection dead reconnected from the
+    /// one current before the send, not the one it was sent on: when
+    /// another thread had just replaced the first with one dead already,
+    /// the reconnect found the work done, the one retry went to the same
+    /// dead connection, and the call failed `Disconnected` without ever
+    /// trying a new one. It retries on a new connection now.
+    #[test]
+    fn a_send_that_finds_a_newer_connection_dead_retries_on_a_new_one() {
+        let (path, broker) = heaps_broker(1);
+        let (first, first_broker) = pair();
+        drop(first_broker);
+        let conn = Connection::welcomed(
+            &path,
+            hello(),
+            Some(Duration::from_secs(30)),
+            first,
+            welcome(),
+            None,
+        );
+        let replaced = AtomicBool::new(false);
+        let answer = conn.call_with(
+            || {
+                if !replaced.swap(true, Ordering::SeqCst) {
+                    // Another thread's reconnect, between the call's look
+                    // at the generation and its send: to a broker that
+                    // died at once.
+                    let (dead, dead_broker) = pair();
+                    drop(dead_broker);
+                    conn.install(dead, welcome(), None);
+                }
+                conn.try_send(RequestBody::ListHeaps, &[], true)
+            },
+            None,
+            &NoHook,
+        );
+        assert!(
+            matches!(answer, Ok((ReplyBody::Heaps(_), _, _))),
+            "{answer:?}"
+        );
+        drop(conn);
+        broker.join().expect("broker");
+        let _ = std::fs::remove_file(&path);
     }
 
     /// A message owed at the head of the queue that the socket refuses for
