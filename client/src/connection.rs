@@ -312,6 +312,9 @@ pub(crate) struct Connection {
     flushing: AtomicBool,
     /// The program's handles on it (see [`ProgramHandle`]).
     handles: AtomicUsize,
+    /// Whether [`Connection::let_go`] has run: once is enough, and the
+    /// `Drop` after the last handle's let-go waited a second grace.
+    let_go: AtomicBool,
     /// This connection, for the flusher, which must not keep it (and its
     /// socket) alive once the program has let go of it.
     this: Weak<Connection>,
@@ -522,6 +525,7 @@ impl Connection {
             owing: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
             handles: AtomicUsize::new(0),
+            let_go: AtomicBool::new(false),
             this: this.clone(),
         })
     }
@@ -1603,7 +1607,7 @@ impl Connection {
     /// `writer_lost`), so what is owed gets a moment for room first. A
     /// drop that blocked did send it, waiting for as long as it took.
     fn let_go(&self) {
-        if !self.owing.load(Ordering::Acquire) {
+        if self.let_go.swap(true, Ordering::AcqRel) || !self.owing.load(Ordering::Acquire) {
             return;
         }
         let (socket, generation) = self.current_socket();
@@ -2510,6 +2514,49 @@ mod tests {
             matches!(arrived[..], [RequestBody::End { access: 9, .. }]),
             "{arrived:?}"
         );
+    }
+
+    /// The last handle's let-go and then the connection's `Drop` each gave
+    /// what was owed a grace: a program letting go of a connection whose
+    /// broker does not read waited two, not the one it is promised. Past
+    /// the grace, what is still owed is left to the hang-up.
+    #[test]
+    fn what_is_owed_gets_one_grace_not_two() {
+        let (conn, broker) = full_connection();
+        // As if a flusher ran: only the let-go sends.
+        conn.flushing.store(true, Ordering::Release);
+        let handle = ProgramHandle::new(Arc::clone(&conn));
+        let end = RequestBody::End {
+            access: 9,
+            fence_slot: None,
+        };
+        handle.send_on(0, end, &[], false).expect("owed");
+        // `conn` stands for the flusher's reference: the grace ends
+        // without room, the broker not reading.
+        drop(handle);
+        assert!(conn.owing.load(Ordering::Acquire), "sent without room");
+        // The broker reads again as the connection goes.
+        let reading = std::thread::spawn(move || {
+            let mut arrived = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match recv_message(broker.as_fd(), true) {
+                    Ok(received) => {
+                        if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
+                            arrived.push(request.body);
+                        }
+                    }
+                    Err(RecvError::Closed) => return arrived,
+                    Err(_) => {
+                        assert!(Instant::now() < deadline, "never closed: {arrived:?}");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+        drop(conn);
+        let arrived = reading.join().expect("reading thread");
+        assert!(arrived.is_empty(), "a second grace sent it: {arrived:?}");
     }
 
     /// The flusher must not keep a connection the program let go of: its
