@@ -298,3 +298,79 @@ fn a_begin_given_up_on_while_reconnecting_stops_reconnecting() {
     assert_shuts_down_promptly(runtime);
     drop((write, theirs, buffer));
 }
+
+/// How many buffers the test of a drop in a task frees at once: more
+/// frees than a socket's send buffer holds (about 280 small messages at
+/// the kernel's default 208 KiB), so some are still owed at the drop.
+const FREED_AT_ONCE: u64 = 400;
+
+/// The last `Client` dropped in a task of a current-thread runtime, with
+/// frees still owed to a broker that is not reading: the drop's wait for
+/// room (up to 1 s, so that the broker hears them before the hang-up) held
+/// the runtime's only thread, so no other task ran until it was over; a
+/// broker that reads again only once another task has run (here, the
+/// task tells it) lost the frees that had not fit. The wait goes to the
+/// runtime's blocking pool, which the runtime waits for when dropped: the
+/// other task runs at once, and every free arrives before the hang-up.
+#[test]
+fn the_last_client_dropped_in_a_task_lets_the_runtime_run_while_its_frees_wait() {
+    use dmabroker_ipc::{Reply, ReplyBody, RequestBody, ServerMessage};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+    use std::os::fd::AsFd;
+
+    let (other_ran, ran) = std::sync::mpsc::channel::<()>();
+    let (memfd, inode) = fake_broker::memfd();
+    let (mut allocated, mut waited) = (0, false);
+    let broker = FakeBroker::start(1, move |socket, _, id, body| {
+        match body {
+            RequestBody::Alloc { .. } => {
+                allocated += 1;
+                let mut info = fake_broker::buffer_info(inode);
+                info.id = allocated;
+                let answer = ServerMessage::Reply(Reply {
+                    id,
+                    fds: 1,
+                    result: Ok(ReplyBody::Buffer(info)),
+                });
+                fake_broker::send(socket, &answer, &[memfd.as_fd()]);
+            }
+            // Busy from the first free until the other task has run.
+            RequestBody::Free { .. } if !waited => {
+                waited = true;
+                let _ = ran.recv_timeout(Duration::from_secs(10));
+            }
+            _ => {}
+        }
+        true
+    });
+    let options = dmabroker_client::ClientOptions {
+        reconnect: None,
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&broker.path, options).expect("connect");
+    let frames: Vec<Buffer> = (0..FREED_AT_ONCE)
+        .map(|_| client.alloc(4096).expect("alloc"))
+        .collect();
+    // Their frees fill the socket; the rest are owed.
+    drop(frames);
+    let runtime = runtime();
+    runtime.block_on(async move {
+        // Runs once the dropping task lets the runtime's thread go.
+        let other = tokio::spawn(async move {
+            let _ = other_ran.send(());
+        });
+        drop(client);
+        other.await.expect("the other task");
+    });
+    drop(runtime);
+    let freed = broker
+        .seen_to_the_end()
+        .iter()
+        .filter(|request| matches!(request, RequestBody::Free { .. }))
+        .count();
+    assert_eq!(
+        freed as u64, FREED_AT_ONCE,
+        "frees lost: the drop held the runtime until its grace was over"
+    );
+}

@@ -1330,9 +1330,12 @@ impl Connection {
             Ok(()) => Ok(id),
             Err(err) if is_dead(&err) => Err(send_error(err)),
             Err(_) => {
-                if !self.flush_later() {
+                if !self.flush_later() && may_wait_here() {
                     // No thread to send it later: this one does, as drops
-                    // did.
+                    // did. Not a runtime's thread, whose other tasks would
+                    // stall meanwhile: there it waits for the next request
+                    // or the last handle's let-go, which waits off the
+                    // runtime's threads.
                     let _ = self.send_owed(&socket, generation, Room::Forever);
                 }
                 Ok(id)
@@ -1585,11 +1588,42 @@ impl Clone for ProgramHandle {
 }
 
 impl Drop for ProgramHandle {
+    /// The last handle lets go (see [`Connection::let_go`]). Inside a
+    /// tokio runtime the wait for room goes to its blocking pool: on the
+    /// task's own thread it held a worker (a current-thread runtime's
+    /// only one) for up to [`CLOSE_GRACE`], every other task stalled. The
+    /// blocking pool keeps it as long as the runtime, which waits for it
+    /// when dropped; a runtime shut down without waiting
+    /// (`shutdown_background`, `shutdown_timeout`) or a process that exits
+    /// first may lose what was owed, as the hang-up without it would
+    /// (see docs/protocol.md).
     fn drop(&mut self) {
-        if self.0.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.let_go();
+        if self.0.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
         }
+        #[cfg(feature = "tokio")]
+        if self.0.owing.load(Ordering::Acquire) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let conn = Arc::clone(&self.0);
+                // Detached; a runtime already shutting down drops the task
+                // unrun, and with it `conn`, whose `Drop` then lets go here.
+                drop(runtime.spawn_blocking(move || conn.let_go()));
+                return;
+            }
+        }
+        self.0.let_go();
     }
+}
+
+/// Whether this thread may wait for the broker: not one of a tokio
+/// runtime's, whose other tasks (all of them, on a current-thread
+/// runtime) would wait with it.
+fn may_wait_here() -> bool {
+    #[cfg(feature = "tokio")]
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return false;
+    }
+    true
 }
 
 impl std::ops::Deref for ProgramHandle {

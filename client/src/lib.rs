@@ -14,7 +14,10 @@
 //! ```
 //!
 //! Blocking calls by default; with the `tokio` feature the calls that wait
-//! for the broker have `_async` twins.
+//! for the broker have `_async` twins, and the last `Client` dropped inside
+//! a runtime leaves its wait for the broker to read what is still queued
+//! to the runtime's blocking pool, so that its other tasks run meanwhile
+//! (the runtime, dropped, waits for it; see docs/protocol.md).
 #![forbid(unsafe_code)]
 
 mod connection;

@@ -85,6 +85,15 @@ impl FakeBroker {
             thread.join().expect("the fake broker panicked");
         }
     }
+
+    /// As [`FakeBroker::join`], then every request received since the
+    /// last look: all that arrived before the hang-up.
+    pub fn seen_to_the_end(mut self) -> Vec<RequestBody> {
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the fake broker panicked");
+        }
+        self.seen()
+    }
 }
 
 /// A scripted broker's listening socket at `path`.
