@@ -318,6 +318,9 @@ pub(crate) struct Connection {
     /// This connection, for the flusher, which must not keep it (and its
     /// socket) alive once the program has let go of it.
     this: Weak<Connection>,
+    /// A test's stand-in for a process that cannot start a thread.
+    #[cfg(test)]
+    no_threads: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -527,6 +530,8 @@ impl Connection {
             handles: AtomicUsize::new(0),
             let_go: AtomicBool::new(false),
             this: this.clone(),
+            #[cfg(test)]
+            no_threads: AtomicBool::new(false),
         })
     }
 
@@ -1400,6 +1405,10 @@ impl Connection {
     /// or an ended write kept every reader out. Returns whether a flusher
     /// runs; not if no thread could be started.
     fn flush_later(&self) -> bool {
+        #[cfg(test)]
+        if self.no_threads.load(Ordering::Acquire) {
+            return false;
+        }
         if self.flushing.swap(true, Ordering::AcqRel) {
             return true;
         }
@@ -2591,6 +2600,38 @@ mod tests {
         drop(conn);
         let arrived = reading.join().expect("reading thread");
         assert!(arrived.is_empty(), "a second grace sent it: {arrived:?}");
+    }
+
+    /// A process that cannot start a thread sends what a drop owes on the
+    /// dropping thread, waiting for room; on a tokio runtime's thread (a
+    /// current-thread runtime's only one) that wait stalled every other
+    /// task for as long as the broker did not read. There it stays owed,
+    /// for the next request or the last handle's let-go.
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn a_drop_on_a_runtime_thread_never_waits_for_room_without_a_flusher() {
+        let (conn, _broker) = full_connection();
+        conn.no_threads.store(true, Ordering::Release);
+        let (done, returned) = std::sync::mpsc::channel();
+        let dropper = Arc::clone(&conn);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let end = RequestBody::End {
+                    access: 9,
+                    fence_slot: None,
+                };
+                let _ = dropper.send_on(0, end, &[], false);
+            });
+            let _ = done.send(());
+        });
+        assert!(
+            returned.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the drop waited for room on the runtime's thread"
+        );
+        assert!(conn.owing.load(Ordering::Acquire), "the end was lost");
     }
 
     /// The flusher must not keep a connection the program let go of: its
