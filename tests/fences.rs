@@ -372,6 +372,37 @@ fn a_waiting_bytes_mut_does_not_hold_back_the_reader_it_waits_for() {
     assert_eq!(seen, (0, 0), "the writer waited for the reads");
 }
 
+/// A no-autofence client's CPU access syncs the CPU's caches itself (the
+/// broker syncs only autofence clients'): the client crate issues
+/// `DMA_BUF_IOCTL_SYNC` at the first `bytes()` and at the end. A memfd
+/// answers it `ENOTTY`, having no caches to sync: the guards of a memfd
+/// buffer must work as before, the write seen by the next read, a second
+/// access of the buffer (which no longer asks the kernel) too. Granted by
+/// message (no buffer words), the only grants that carry the sync.
+#[test]
+fn a_no_autofence_cpu_access_to_a_memfd_needs_no_cache_sync() {
+    let daemon = Daemon::start();
+    let client = daemon
+        .client_with(dmabroker_client::ClientOptions {
+            autofence: Some(false),
+            buffer_words: false,
+            ..Default::default()
+        })
+        .expect("connect");
+    assert!(!client.autofence());
+    let frame = client.alloc(8192).expect("alloc");
+    assert_eq!(frame.heap(), "memfd");
+    for value in [7, 9] {
+        let mut write = frame.begin(Access::CpuWrite).expect("write");
+        assert!(!write.in_word());
+        write.bytes_mut().expect("bytes_mut of a memfd").fill(value);
+        write.end().expect("the end of a memfd write");
+        let read = frame.begin(Access::CpuRead).expect("read");
+        assert_eq!(read.bytes().expect("bytes of a memfd")[8191], value);
+        drop(read);
+    }
+}
+
 /// A raw client that has said hello asking for no-autofence.
 fn no_autofence(daemon: &Daemon) -> RawClient {
     let mut raw = RawClient::connect(daemon.socket());

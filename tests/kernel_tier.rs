@@ -941,6 +941,188 @@ fn kernel_tier_a_no_autofence_reader_gets_the_device_write_fence_as_a_sync_file(
     assert_eq!(field(&granted, "fences"), Some("0"), "{granted}");
 }
 
+/// A kprobe on the dma-buf ioctl, traced in an instance of its own for one
+/// thread: what shows that a cache sync START and END were issued, and
+/// with which flags (a START that waits also shows as the thread blocked
+/// in the ioctl, see [`blocked_in_cache_sync`]). Root only, with the
+/// kernel's kprobe events (x86-64 registers: the request is the second
+/// argument, the user's `struct dma_buf_sync` the third).
+struct SyncTrace {
+    tracefs: std::path::PathBuf,
+    group: String,
+    instance: std::path::PathBuf,
+}
+
+impl SyncTrace {
+    fn of_thread(tid: i32) -> SyncTrace {
+        let tracefs = Path::new("/sys/kernel/tracing").to_owned();
+        if !tracefs.join("instances").exists() {
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(&tracefs)
+                .status()
+                .expect("running mount");
+            assert!(mounted.success(), "cannot mount tracefs: {mounted}");
+        }
+        let group = format!("dmabroker_{}", std::process::id());
+        let instance = tracefs.join(format!("instances/{group}"));
+        let trace = SyncTrace {
+            tracefs,
+            group,
+            instance,
+        };
+        std::fs::create_dir(&trace.instance).expect("a trace instance");
+        trace.append(
+            "kprobe_events",
+            &format!(
+                "p:{}/ioctl dma_buf_ioctl cmd=%si:x32 flags=+u0(%dx):u64",
+                trace.group
+            ),
+        );
+        let event = trace.instance.join(format!("events/{}/ioctl", trace.group));
+        std::fs::write(event.join("filter"), format!("common_pid == {tid}")).expect("filter");
+        std::fs::write(event.join("enable"), "1").expect("enable the kprobe");
+        trace
+    }
+
+    fn append(&self, file: &str, line: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.tracefs.join(file))
+            .unwrap_or_else(|err| panic!("opening {file}: {err}"));
+        writeln!(f, "{line}").unwrap_or_else(|err| panic!("writing {line:?} to {file}: {err}"));
+    }
+
+    /// How many `DMA_BUF_IOCTL_SYNC` calls with `flags` the thread made.
+    fn syncs(&self, flags: u64) -> usize {
+        let trace =
+            std::fs::read_to_string(self.instance.join("trace")).expect("reading the trace");
+        let wanted = format!("cmd=0x40086200 flags={flags}");
+        trace
+            .lines()
+            .filter(|line| !line.starts_with('#') && line.trim_end().ends_with(&wanted))
+            .count()
+    }
+}
+
+impl Drop for SyncTrace {
+    fn drop(&mut self) {
+        let event = self.instance.join(format!("events/{}/ioctl", self.group));
+        let _ = std::fs::write(event.join("enable"), "0");
+        let _ = std::fs::remove_dir(&self.instance);
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.tracefs.join("kprobe_events"))
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(f, "-:{}/ioctl", self.group)
+            });
+    }
+}
+
+/// Whether thread `tid` of this process is blocked in
+/// `ioctl(_, DMA_BUF_IOCTL_SYNC, _)` now (`/proc/.../syscall`: the
+/// system call's number and arguments while it sleeps in one).
+fn blocked_in_cache_sync(tid: i32) -> bool {
+    let syscall =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+    let fields: Vec<&str> = syscall.split_whitespace().collect();
+    fields.first() == Some(&libc::SYS_ioctl.to_string().as_str())
+        && fields.get(2) == Some(&format!("{:#x}", 0x4008_6200_u32).as_str())
+}
+
+/// A no-autofence client is never blocked at its begin, and the broker
+/// does no cache sync for it (its START would block the grant on the
+/// device); the CPU's caches must be synced all the same, or a CPU on a
+/// non-coherent machine reads stale lines. The client crate issues
+/// `DMA_BUF_IOCTL_SYNC` START at the access's first `bytes()`, where the
+/// kernel also waits for the device's write, and END at its end. Before,
+/// nobody issued either: `bytes()` returned at once while the device still
+/// wrote. Here the read is granted at once, listing the device's fence,
+/// and `bytes()` is seen blocked in the START until the fence is
+/// signalled, then returns; a kprobe on the ioctl counts one START and one
+/// END of a read on the reading thread.
+#[test]
+fn kernel_tier_a_no_autofence_cpu_read_syncs_the_cache_itself_where_it_touches_the_bytes() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = real_kernel_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let reader = daemon
+        .client_with(dmabroker_client::ClientOptions {
+            autofence: Some(false),
+            ..Default::default()
+        })
+        .expect("a no-autofence client");
+    let shared = reader.import(&token).expect("import");
+
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let read = shared
+        .begin_timeout(Access::CpuRead, PROMPT)
+        .expect("a no-autofence read is granted at once");
+    let listed: Vec<(u64, u64, bool)> = read
+        .fences()
+        .iter()
+        .map(|f| (f.id, f.holder, f.sync_file.is_some()))
+        .collect();
+    assert_eq!(
+        listed,
+        [(0, 0, true)],
+        "the grant lists the dma-buf's own fence"
+    );
+
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let returned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let looker = {
+        let (signalled, returned) = (signalled.clone(), returned.clone());
+        std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).expect("tid");
+            go_rx.recv().expect("go");
+            let first = read.bytes().expect("bytes").first().copied();
+            let after_signal = signalled.load(std::sync::atomic::Ordering::SeqCst);
+            returned.store(true, std::sync::atomic::Ordering::SeqCst);
+            read.end().expect("end");
+            (first, after_signal)
+        })
+    };
+    let tid = tid_rx.recv().expect("the thread's id");
+    let trace = SyncTrace::of_thread(tid);
+    go_tx.send(()).expect("go");
+    let deadline = Instant::now() + PROMPT;
+    while !blocked_in_cache_sync(tid) {
+        assert!(
+            !returned.load(std::sync::atomic::Ordering::SeqCst),
+            "bytes() returned while the device still wrote (no cache sync START)"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "bytes() never reached the cache sync START"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    signal(&vgem, fence, attached);
+    let (first, after_signal) = looker.join().expect("the reading thread");
+    assert!(first.is_some());
+    assert!(
+        after_signal,
+        "bytes() returned before the fence was signalled"
+    );
+    // DMA_BUF_SYNC_READ, with START (0) and with END (4).
+    assert_eq!(
+        [trace.syncs(1), trace.syncs(1 | 4)],
+        [1, 1],
+        "one cache sync START and one END of a read on the reading thread"
+    );
+}
+
 /// A no-autofence grant can list an access whose own grant is still held
 /// back by the dma-buf's kernel fences. That access got its end word only
 /// when the device finished, unwatched since nobody was queued, so its

@@ -52,6 +52,13 @@ pub enum Error {
     /// [`Client::take_errors`]: crate::Client::take_errors
     #[error("this process's fd table is full (EMFILE): the fds of dmabroker's answer could not be received, and what it gave is handed back")]
     FdTableFull,
+    /// The CPU's cache sync of a no-autofence access to a dma-buf
+    /// (`DMA_BUF_IOCTL_SYNC`, which this crate issues for such a client:
+    /// the broker syncs only autofence clients' accesses) failed. At
+    /// `bytes()`, the bytes were not handed out; at the end, the access
+    /// was ended all the same. [`Error::code`] is `None`.
+    #[error("the cache sync of the dma-buf (DMA_BUF_IOCTL_SYNC) failed: {0}")]
+    CacheSync(#[source] nix::errno::Errno),
 }
 
 impl Error {

@@ -32,12 +32,14 @@ use std::time::{Duration, Instant};
 use dmabroker_ipc::bufferword::{
     BufferWord, FastSlot, Planned, WordAccess, WordEnd, WordHold, WORD_PAGE,
 };
+use dmabroker_ipc::cachesync::{self, SyncDirection, SyncPhase};
 use dmabroker_ipc::endwords::{ClientEnd, EndSlot, EndWords};
 pub use dmabroker_ipc::mapping::Mapping;
 use dmabroker_ipc::{features, Hello, ReplyBody, RequestBody, PROTOCOL_VERSION};
 pub use dmabroker_ipc::{
     Access, BufferInfo, ErrorCode, Event, HeapInfo, QuotaDetail, ShareToken, WireError,
 };
+use nix::errno::Errno;
 
 use connection::{Connection, ProgramHandle};
 pub use error::{AdoptRefused, Error, FenceRefused, Result};
@@ -326,7 +328,9 @@ pub struct Buffer {
 struct BufferState {
     client: Client,
     info: BufferInfo,
-    fd: OwnedFd,
+    /// Shared with the guards that owe its cache sync's END (see
+    /// [`OwnSync`]), which must outlive a dropped `Buffer`.
+    fd: Arc<BufferFile>,
     /// Which hold of `info.id` this is, in the connection's book (see
     /// `Connection::send_for`).
     serial: u64,
@@ -396,7 +400,10 @@ impl Buffer {
             state: Arc::new(BufferState {
                 client,
                 info,
-                fd,
+                fd: Arc::new(BufferFile {
+                    fd,
+                    no_cache_sync: AtomicBool::new(false),
+                }),
                 serial,
                 mapping: OnceLock::new(),
                 word_slot: Mutex::new(None),
@@ -537,13 +544,15 @@ impl BufferState {
             return Ok(());
         }
         let has_page = *self.has_word_page.get_or_init(|| {
-            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.fd)).is_ok_and(|st| {
-                // A size from the broker: no overflow on an absurd one.
-                self.info
-                    .size
-                    .checked_add(WORD_PAGE)
-                    .is_some_and(|needed| st.st_size as u64 >= needed)
-            })
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.fd.as_fd())).is_ok_and(
+                |st| {
+                    // A size from the broker: no overflow on an absurd one.
+                    self.info
+                        .size
+                        .checked_add(WORD_PAGE)
+                        .is_some_and(|needed| st.st_size as u64 >= needed)
+                },
+            )
         });
         let negotiated = || self.client.conn.welcome().features & features::BUFFER_WORDS != 0;
         if has_page && negotiated() {
@@ -760,6 +769,7 @@ impl BufferState {
             generation,
             ended: false,
             ticket: None,
+            own_sync: None,
         }
     }
 
@@ -830,8 +840,21 @@ impl BufferState {
             generation,
             ended: false,
             ticket: None,
+            own_sync: None,
         };
         if grant.kind.is_cpu() {
+            // The broker syncs only an autofence client's CPU accesses:
+            // its START would block a no-autofence grant on the device's
+            // fences, which such a client waits for where it chooses.
+            // (Accesses held in a word are of memfds, which have no cache
+            // sync: only broker grants can be of a dma-buf.)
+            if !self.client.conn.welcome().autofence {
+                guard.own_sync = Some(OwnSync {
+                    file: Arc::clone(&self.fd),
+                    direction: SyncDirection::of(grant.kind),
+                    started: Mutex::new(false),
+                });
+            }
             // On failure the guard drops here and ends the access.
             guard.mapping = Some(self.shared_mapping()?);
         }
@@ -977,6 +1000,68 @@ pub struct AccessGuard {
     ended: bool,
     /// Held in the word: counted among the buffer's users while it lives.
     ticket: Option<UserTicket>,
+    /// A CPU access of a no-autofence client: its cache sync is this
+    /// guard's to do (see [`OwnSync`]).
+    own_sync: Option<OwnSync>,
+}
+
+/// A buffer's file, and whether it has shown it has no cache sync.
+#[derive(Debug)]
+struct BufferFile {
+    fd: OwnedFd,
+    /// `DMA_BUF_IOCTL_SYNC` answered `ENOTTY` (a memfd: coherent CPU
+    /// memory, nothing to sync): not asked again.
+    no_cache_sync: AtomicBool,
+}
+
+impl AsFd for BufferFile {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The cache sync of a no-autofence client's CPU access, which the broker
+/// leaves to the client: it must not block the grant (a no-autofence
+/// client is never blocked there), and the kernel's START waits for the
+/// dma-buf's implicit fences. A CPU that touches the bytes must wait for
+/// those anyway, so START comes where it does: at the access's first
+/// [`AccessGuard::bytes`] or [`AccessGuard::bytes_mut`]. END comes when
+/// the guard ends, however it ends, before the broker hears of the end:
+/// the next holder (a device that does not snoop the CPU's caches) must
+/// find the lines written back.
+#[derive(Debug)]
+struct OwnSync {
+    file: Arc<BufferFile>,
+    direction: SyncDirection,
+    /// START succeeded and its END is owed. Behind a lock so that sibling
+    /// threads reading through one guard wait for the one START.
+    started: Mutex<bool>,
+}
+
+impl OwnSync {
+    /// START, once per access (again after an END), unless the buffer
+    /// has shown it has no cache sync.
+    fn start(&self) -> Result<()> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if *started || self.file.no_cache_sync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match cachesync::sync(self.file.as_fd(), self.direction, SyncPhase::Start) {
+            Ok(()) => *started = true,
+            Err(Errno::ENOTTY) => self.file.no_cache_sync.store(true, Ordering::Relaxed),
+            Err(errno) => return Err(Error::CacheSync(errno)),
+        }
+        Ok(())
+    }
+
+    /// The END a START owes, if one does.
+    fn end(&self) -> Result<()> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if !std::mem::replace(&mut *started, false) {
+            return Ok(());
+        }
+        cachesync::sync(self.file.as_fd(), self.direction, SyncPhase::End).map_err(Error::CacheSync)
+    }
 }
 
 /// The bytes of a buffer during a CPU access, for reading.
@@ -1109,11 +1194,16 @@ impl AccessGuard {
     }
 
     /// The buffer's bytes (CPU accesses only).
+    ///
+    /// In a no-autofence client, the access's first call on a dma-buf
+    /// issues the cache sync START, which waits for the device work on the
+    /// buffer (the grant's fence 0): it returns once the CPU may look.
     pub fn bytes(&self) -> Result<Bytes<'_>> {
         let mapping = self
             .mapping
             .as_ref()
             .ok_or(Error::AccessMode("CPU reads"))?;
+        self.start_own_sync()?;
         Ok(Bytes {
             mapping: mapping.read().unwrap_or_else(|p| p.into_inner()),
         })
@@ -1126,23 +1216,40 @@ impl AccessGuard {
             .as_ref()
             .filter(|_| self.kind.is_write())
             .ok_or(Error::AccessMode("CPU writes"))?;
+        self.start_own_sync()?;
         Ok(BytesMut {
             mapping: write_without_queueing(mapping),
         })
     }
 
+    /// The cache sync START a no-autofence client's access owes before
+    /// its bytes are touched (see [`OwnSync`]).
+    fn start_own_sync(&self) -> Result<()> {
+        self.own_sync.as_ref().map_or(Ok(()), OwnSync::start)
+    }
+
     /// Ends the access now; errors arrive later through
     /// [`Client::take_errors`] (the end is pipelined). Never waits for the
     /// broker: an end its socket has no room for is kept and sent as soon
-    /// as it has, before anything sent after it.
+    /// as it has, before anything sent after it. A failed cache sync END
+    /// (no-autofence, see [`AccessGuard::bytes`]) is returned once the
+    /// access is ended all the same.
     pub fn end(mut self) -> Result<()> {
         self.finish()
     }
 
-    /// Through the end word when the broker gave one and is not watching
-    /// it (no message at all); otherwise with a pipelined `End`.
+    /// The cache sync END first (a no-autofence client's), then the end
+    /// of the access: through the end word when the broker gave one and
+    /// is not watching it (no message at all); otherwise with a pipelined
+    /// `End`.
     fn finish(&mut self) -> Result<()> {
         self.ended = true;
+        let synced = self.own_sync.as_ref().map_or(Ok(()), OwnSync::end);
+        self.end_access()?;
+        synced
+    }
+
+    fn end_access(&mut self) -> Result<()> {
         if let Some((word, hold)) = self.word_hold.take() {
             return match word.end(hold) {
                 WordEnd::Silent | WordEnd::NotMine => Ok(()),

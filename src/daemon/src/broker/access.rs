@@ -48,14 +48,6 @@ pub(super) fn to_wire_access(access: fence::Access) -> Access {
     }
 }
 
-fn sync_direction(access: Access) -> SyncDirection {
-    match access {
-        Access::CpuRead | Access::DeviceRead => SyncDirection::Read,
-        Access::CpuWrite | Access::DeviceWrite => SyncDirection::Write,
-        Access::CpuReadWrite => SyncDirection::ReadWrite,
-    }
-}
-
 fn fence_error(err: fence::FenceError) -> WireError {
     match err {
         fence::FenceError::UnknownBuffer(_) => {
@@ -465,7 +457,7 @@ impl State {
                         access: access_id,
                         buffer,
                         dmabuf: dup,
-                        direction: sync_direction(kind),
+                        direction: SyncDirection::of(kind),
                     });
                     if let Some(deadline) = deadline {
                         self.defer(Action::Timeout {
@@ -640,7 +632,7 @@ impl State {
         if let (SyncPhase::End, Some(delay)) = (phase, super::cache_sync_delay(phase)) {
             std::thread::sleep(delay);
         }
-        match dma_buf::sync(entry.fd.as_fd(), sync_direction(kind), phase) {
+        match dma_buf::sync(entry.fd.as_fd(), SyncDirection::of(kind), phase) {
             Ok(()) => {
                 self.stats.cache_syncs += 1;
                 tracing::debug!(buffer, ?phase, "cache sync");
@@ -675,7 +667,7 @@ impl State {
                 self.cache_ends.entry(buffer).or_default().running += 1;
                 self.defer(Action::CacheSyncEnd {
                     buffer,
-                    end: CacheEnd::new(dmabuf, sync_direction(kind)),
+                    end: CacheEnd::new(dmabuf, SyncDirection::of(kind)),
                 });
             }
             Err(err) => {

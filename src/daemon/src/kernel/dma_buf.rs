@@ -11,33 +11,13 @@ use nix::sys::statfs::fstatfs;
 use nix::unistd::{lseek, Whence};
 
 use super::memfd::truncate_name;
-use super::uapi::{self, DmaBufExportSyncFile, DmaBufImportSyncFile, DmaBufSync};
+use super::uapi::{self, DmaBufExportSyncFile, DmaBufImportSyncFile};
 use super::{fd_target, retry, KernelError};
 
-/// Which CPU access a sync or fence operation is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncDirection {
-    Read,
-    Write,
-    ReadWrite,
-}
-
-impl SyncDirection {
-    fn bits(self) -> u64 {
-        match self {
-            SyncDirection::Read => uapi::DMA_BUF_SYNC_READ,
-            SyncDirection::Write => uapi::DMA_BUF_SYNC_WRITE,
-            SyncDirection::ReadWrite => uapi::DMA_BUF_SYNC_RW,
-        }
-    }
-}
-
-/// Whether a CPU access is beginning or ending.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncPhase {
-    Start,
-    End,
-}
+/// Which CPU access a sync is about, and whether it begins or ends: the
+/// ipc crate's, which the client crate uses for a no-autofence client's
+/// own cache sync.
+pub use dmabroker_ipc::cachesync::{SyncDirection, SyncPhase};
 
 /// Result of [`import_sync_file`]: kernels before 6.0 (or without
 /// CONFIG_SYNC_FILE) lack the ioctl, which callers must handle by waiting on
@@ -70,28 +50,15 @@ pub fn set_name(fd: BorrowedFd<'_>, name: &str) -> Result<(), KernelError> {
     .map_err(|errno| KernelError::sys(OP, fd_target(fd), errno))
 }
 
-/// Brackets CPU access to a mapping. Required for correctness on non-coherent
-/// heaps (cache maintenance happens here), and it also waits for the
-/// buffer's implicit fences, which is why it can block and be interrupted.
+/// Brackets CPU access to a mapping (see [`dmabroker_ipc::cachesync::sync`]:
+/// cache maintenance, and START waits for the buffer's implicit fences).
 pub fn sync(
     fd: BorrowedFd<'_>,
     direction: SyncDirection,
     phase: SyncPhase,
 ) -> Result<(), KernelError> {
-    let flags = direction.bits()
-        | match phase {
-            SyncPhase::Start => uapi::DMA_BUF_SYNC_START,
-            SyncPhase::End => uapi::DMA_BUF_SYNC_END,
-        };
-    let arg = DmaBufSync { flags };
-    let raw = fd.as_raw_fd();
-    retry(|| {
-        // SAFETY: `raw` is a live fd and `arg` a valid `struct dma_buf_sync`
-        // that the kernel only reads.
-        unsafe { uapi::dma_buf_sync(raw, &arg) }
-    })
-    .map(drop)
-    .map_err(|errno| KernelError::sys("DMA_BUF_IOCTL_SYNC", fd_target(fd), errno))
+    dmabroker_ipc::cachesync::sync(fd, direction, phase)
+        .map_err(|errno| KernelError::sys("DMA_BUF_IOCTL_SYNC", fd_target(fd), errno))
 }
 
 fn ensure_dma_buf(op: &'static str, fd: BorrowedFd<'_>) -> Result<(), KernelError> {

@@ -16,12 +16,10 @@ pub(crate) struct DmaHeapAllocationData {
     pub heap_flags: u64,
 }
 
-/// `struct dma_buf_sync`
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct DmaBufSync {
-    pub flags: u64,
-}
+// `DMA_BUF_IOCTL_SYNC` is the client crate's too (a no-autofence client
+// syncs its own CPU accesses): one definition, in the ipc crate, checked
+// against the headers here with the rest.
+pub(crate) use dmabroker_ipc::cachesync::{DMA_BUF_SYNC_READ, DMA_BUF_SYNC_WRITE};
 
 /// `struct dma_buf_export_sync_file`
 #[repr(C)]
@@ -61,11 +59,6 @@ pub(crate) struct SyncFileInfo {
     pub sync_fence_info: u64,
 }
 
-pub(crate) const DMA_BUF_SYNC_READ: u64 = 1;
-pub(crate) const DMA_BUF_SYNC_WRITE: u64 = 2;
-pub(crate) const DMA_BUF_SYNC_RW: u64 = DMA_BUF_SYNC_READ | DMA_BUF_SYNC_WRITE;
-pub(crate) const DMA_BUF_SYNC_START: u64 = 0;
-pub(crate) const DMA_BUF_SYNC_END: u64 = 4;
 /// Includes the terminating NUL, so names are at most 31 bytes.
 pub(crate) const DMA_BUF_NAME_LEN: usize = 32;
 /// `DMA_BUF_MAGIC` from `<linux/magic.h>`: f_type of the dma-buf pseudo fs.
@@ -75,8 +68,6 @@ pub(crate) const UDMABUF_FLAGS_CLOEXEC: u32 = 0x01;
 
 pub(crate) const DMA_HEAP_IOCTL_ALLOC: ioctl_num_type =
     nix::request_code_readwrite!(b'H', 0x0, std::mem::size_of::<DmaHeapAllocationData>());
-pub(crate) const DMA_BUF_IOCTL_SYNC: ioctl_num_type =
-    nix::request_code_write!(b'b', 0, std::mem::size_of::<DmaBufSync>());
 /// The `_B` variant encodes a 64-bit size; the argument is still the
 /// pointer to the name itself, not a pointer to a pointer. The kernel accepts
 /// both `_A` and `_B`; `_B` is the one that matches a 64-bit userspace.
@@ -94,7 +85,6 @@ pub(crate) const SYNC_IOC_FILE_INFO: ioctl_num_type =
 // The `_bad` variants take the request number as given, so the constants above
 // (which the header test checks) are exactly what reaches the kernel.
 nix::ioctl_readwrite_bad!(dma_heap_alloc, DMA_HEAP_IOCTL_ALLOC, DmaHeapAllocationData);
-nix::ioctl_write_ptr_bad!(dma_buf_sync, DMA_BUF_IOCTL_SYNC, DmaBufSync);
 nix::ioctl_write_ptr_bad!(dma_buf_set_name, DMA_BUF_SET_NAME_B, libc::c_char);
 nix::ioctl_readwrite_bad!(
     dma_buf_export_sync_file,
@@ -113,6 +103,9 @@ nix::ioctl_readwrite_bad!(sync_file_info, SYNC_IOC_FILE_INFO, SyncFileInfo);
 mod tests {
     use super::*;
     use crate::kernel::testutil::TempDir;
+    use dmabroker_ipc::cachesync::{
+        DmaBufSync, DMA_BUF_IOCTL_SYNC, DMA_BUF_SYNC_END, DMA_BUF_SYNC_RW, DMA_BUF_SYNC_START,
+    };
     use std::collections::HashMap;
     use std::mem::{offset_of, size_of};
     use std::path::Path;
