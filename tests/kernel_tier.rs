@@ -638,6 +638,55 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     }
 }
 
+/// The same for a no-autofence reader, whose grant carries the device's
+/// fence (fence 0) for it to wait on: a daemon that cannot export that
+/// fence (here out of fds; out of memory alike) sent the grant without it,
+/// and the reader, told of nothing to wait for, read while the device
+/// still wrote. Only a kernel without the export (`ENOTTY`) has nothing to
+/// list; any other failure answers the begin `Busy`.
+#[test]
+fn kernel_tier_a_no_autofence_grant_whose_kernel_fence_cannot_be_exported_is_refused() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = fd_countable_daemon();
+    let owner = daemon.client();
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let token = adopted.export().expect("export");
+    let mut reader = RawClient::connect(daemon.socket());
+    reader.hello_no_autofence();
+    let shared = reader.import(token.to_string());
+
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let pid = daemon.pid();
+    // Ended connections close on a thread of their own: wait for them.
+    dmabroker_suite::proc::stable_fd_count(pid);
+    limit_fds(pid, free_fds(pid, 1)[0]);
+    let id = reader.send_request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: None,
+    });
+    let answer = reader.recv_reply();
+    limit_fds(pid, 1024);
+    assert_eq!(
+        answer.map(|(got, reply)| (got, reply.map(|_| ()))),
+        Some((id, Err(dmabroker_ipc::ErrorCode::Busy))),
+        "granted without the device's fence while the device still writes"
+    );
+    assert_still_serving(&owner);
+    signal(&vgem, fence, attached);
+    match reader.request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms: None,
+    }) {
+        Ok(ReplyBody::Granted(grant)) => assert!(grant.fences.is_empty(), "{grant:?}"),
+        other => panic!("the read was not granted once the device was done: {other:?}"),
+    }
+}
+
 /// A grant withdrawn for want of an fd (here: for the CPU read's cache
 /// sync) gives back the news it carried: the writer died mid-write, so the
 /// contents may be torn. It was lost with the withdrawn grant, and the

@@ -276,32 +276,59 @@ impl State {
             // A dma-buf's own fence may follow the accesses' sync_files,
             // and it must fit in the same message.
             let slots = dmabroker_ipc::MAX_FDS_PER_MESSAGE - usize::from(dmabuf_fd.is_some());
-            fences = self.outstanding_fences(&grant, &mut fds, slots);
             let unsignalled = dmabuf_fd
                 .as_ref()
                 .filter(|fd| !dma_buf::implicit_fences_signalled(fd.as_fd(), access.is_write()));
+            let mut kernel_fence = None;
             if let Some(fd) = unsignalled {
                 match dma_buf::export_sync_file(fd.as_fd(), access.is_write()) {
-                    Ok(sync_file) => {
-                        fences.push(OutstandingFence {
-                            id: KERNEL_FENCE_ID,
-                            kind: Access::DeviceWrite,
-                            holder: KERNEL_HOLDER,
-                            sync_file_slot: Some(fds.len() as u8),
-                        });
-                        // Sent to the client, which may watch it before this
-                        // copy goes: let go of on its thread.
-                        let uid = self
-                            .clients
-                            .get(&grant.client)
-                            .map_or(u32::MAX, |c| c.peer.accountable_uid);
-                        let release = Release::OnThreadOf { uid, buffer: false };
-                        fds.push(Arc::new(HeldFd::new(sync_file, release)));
-                    }
-                    Err(err) => {
+                    Ok(sync_file) => kernel_fence = Some(sync_file),
+                    // A kernel without the ioctl: nothing to list, and
+                    // nothing the daemon could wait on either.
+                    Err(err) if err.errno() == Some(nix::errno::Errno::ENOTTY) => {
                         tracing::warn!(buffer = grant.buffer, error = %err, "cannot export the dma-buf's kernel fences");
                     }
+                    Err(err) => {
+                        // A grant without the device's fence would let its
+                        // client touch the buffer while the device still
+                        // uses it: refused Busy, as an autofence grant
+                        // the daemon cannot wait for is.
+                        tracing::warn!(buffer = grant.buffer, error = %err, "cannot export the dma-buf's kernel fences; refusing the grant");
+                        self.accesses.insert(
+                            grant.access_id,
+                            AccessEntry {
+                                deadline,
+                                ..AccessEntry::new(
+                                    grant.client,
+                                    grant.buffer,
+                                    access,
+                                    autofence,
+                                    request_id,
+                                )
+                            },
+                        );
+                        let news = (grant.writer_lost, grant.revoked);
+                        self.withdraw_grant(grant.access_id, news, no_kernel_fence());
+                        return;
+                    }
                 }
+            }
+            fences = self.outstanding_fences(&grant, &mut fds, slots);
+            if let Some(sync_file) = kernel_fence {
+                fences.push(OutstandingFence {
+                    id: KERNEL_FENCE_ID,
+                    kind: Access::DeviceWrite,
+                    holder: KERNEL_HOLDER,
+                    sync_file_slot: Some(fds.len() as u8),
+                });
+                // Sent to the client, which may watch it before this
+                // copy goes: let go of on its thread.
+                let uid = self
+                    .clients
+                    .get(&grant.client)
+                    .map_or(u32::MAX, |c| c.peer.accountable_uid);
+                let release = Release::OnThreadOf { uid, buffer: false };
+                fds.push(Arc::new(HeldFd::new(sync_file, release)));
             }
         }
         let wire_grant = Grant {
@@ -1179,6 +1206,15 @@ impl State {
 
 /// The answer to a begin whose grant the daemon could not wait on safely
 /// for want of a file descriptor.
+/// A no-autofence grant on a dma-buf whose kernel fences the daemon could
+/// not export for its client (out of fds, of memory).
+fn no_kernel_fence() -> WireError {
+    WireError::new(
+        ErrorCode::Busy,
+        "the daemon cannot hand over the buffer's kernel fences now: try again",
+    )
+}
+
 fn out_of_fds() -> WireError {
     WireError::new(
         ErrorCode::Busy,
