@@ -359,9 +359,13 @@ fn a_grant_waits_for_every_cache_end_of_its_buffer() {
     assert!(bench.granted(writer, write));
 }
 
-/// Grants that owe no cache sync wait all the same: a device read (a
-/// device must not read lines still dirty in the CPU's caches) and a
-/// no-autofence client's read, granted at once by the arbiter.
+/// Grants that owe no cache sync through the daemon wait all the same: a
+/// device read (a device must not read lines still dirty in the CPU's
+/// caches) and a no-autofence client's read, granted at once by the
+/// arbiter, whose client issues its own START before it reads (a START
+/// that overtook the END's clean could drop the writer's lines on a
+/// machine that does not snoop). The one wait a no-autofence grant has
+/// (fences.md rule 3).
 #[test]
 fn device_and_no_autofence_grants_wait_for_the_cache_end_too() {
     let mut bench = Bench::new();
