@@ -12,17 +12,47 @@ use std::time::Duration;
 
 use crate::held_files::HeldDup;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 use crate::kernel::KernelError;
 
+/// How long a wait whose fd epoll could not take for now (`ENOMEM`, or
+/// the user's epoll watches used up: `ENOSPC`) waits before it asks again.
+const REGISTER_RETRY: Duration = Duration::from_millis(100);
+
 async fn until_ready(fd: HeldDup, interest: Interest) {
-    let Ok(async_fd) = crate::reactor::register(fd, interest) else {
-        // Not pollable at all: nothing the kernel will tell us, so do not
-        // hold the buffer hostage.
-        tracing::warn!("fd cannot be polled; treating its fences as signalled");
-        return;
+    until_ready_with(fd, interest, crate::reactor::try_register::<HeldDup>).await;
+}
+
+/// `register`: how the fd is put in the reactor (a test's stand-in can
+/// fail it).
+async fn until_ready_with<R>(mut fd: HeldDup, interest: Interest, mut register: R)
+where
+    R: FnMut(HeldDup, Interest) -> Result<AsyncFd<HeldDup>, (HeldDup, std::io::Error)>,
+{
+    let mut warned = false;
+    let async_fd = loop {
+        match register(fd, interest) {
+            Ok(async_fd) => break async_fd,
+            // Not pollable at all: nothing the kernel will tell us, so do
+            // not hold the buffer hostage.
+            Err((_, err)) if err.raw_os_error() == Some(libc::EPERM) => {
+                tracing::warn!("fd cannot be polled; treating its fences as signalled");
+                return;
+            }
+            // Pollable, but not now: the fence is still the device's, and
+            // taking it as signalled would let the next access in while
+            // the device works. Ask again in a while.
+            Err((back, err)) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(error = %err, "cannot watch a kernel fence for now; trying again");
+                }
+                fd = back;
+                tokio::time::sleep(REGISTER_RETRY).await;
+            }
+        }
     };
     loop {
         let ready = if interest.is_writable() {
@@ -386,6 +416,70 @@ mod tests {
             panic!("not done");
         };
         assert_ne!(thread, std::thread::current().name().map(str::to_owned));
+    }
+
+    /// A sync_file that epoll cannot take for now (out of memory, or the
+    /// user's watches used up) is still the device's: it was taken as
+    /// signalled, and the access queued behind it granted while the device
+    /// still worked. Only `EPERM` (a file that cannot be polled) counts as
+    /// signalled; any other failure is tried again until the fd is
+    /// watched, and the wait ends when it is ready, not before.
+    #[test]
+    fn a_fence_epoll_cannot_take_for_now_is_waited_for_all_the_same() {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let held = Arc::new(crate::held_files::HeldFd::new(
+            read,
+            crate::held_files::Release::Here,
+        ));
+        let fd = HeldDup::of(&held).expect("dup");
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&tries);
+        let register = move |fd: HeldDup, interest: Interest| {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err((fd, std::io::Error::from_raw_os_error(libc::ENOMEM)))
+            } else {
+                crate::reactor::try_register(fd, interest)
+            }
+        };
+        let rt = runtime();
+        let waited = rt.block_on(async {
+            let wait = tokio::spawn(until_ready_with(fd, Interest::READABLE, register));
+            // Long enough for the retry: still waiting, the pipe empty.
+            tokio::time::sleep(REGISTER_RETRY * 3).await;
+            let still_waiting = !wait.is_finished();
+            nix::unistd::write(&write, b"x").expect("write");
+            let done = tokio::time::timeout(Duration::from_secs(10), wait).await;
+            (still_waiting, done.is_ok())
+        });
+        assert_eq!(
+            waited,
+            (true, true),
+            "(waiting while unsignalled, done once signalled)"
+        );
+        assert!(tries.load(Ordering::SeqCst) >= 2, "registered again");
+    }
+
+    /// A file epoll refuses for good (`EPERM`: not pollable) counts as
+    /// signalled: nothing would ever tell the daemon otherwise.
+    #[test]
+    fn a_fence_that_cannot_be_polled_counts_as_signalled() {
+        let (read, _write) = nix::unistd::pipe().expect("pipe");
+        let held = Arc::new(crate::held_files::HeldFd::new(
+            read,
+            crate::held_files::Release::Here,
+        ));
+        let fd = HeldDup::of(&held).expect("dup");
+        let register = |fd: HeldDup, _: Interest| {
+            Err::<AsyncFd<HeldDup>, _>((fd, std::io::Error::from_raw_os_error(libc::EPERM)))
+        };
+        let done = runtime().block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                until_ready_with(fd, Interest::READABLE, register),
+            )
+            .await
+        });
+        assert!(done.is_ok());
     }
 
     /// Work that panics on its thread is reported as failed.
