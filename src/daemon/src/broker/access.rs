@@ -1008,14 +1008,55 @@ impl State {
             self.take_over_word(buffer, now, false);
             self.settle_buffer(buffer, false, now);
         }
+        self.take_out_waiter(waiter, now, |entry| Some(error(entry)))
+    }
+
+    /// [`State::withdraw_waiter`] without the settle, answered with what
+    /// `answer` says (nothing for a client that is gone). Returns whether
+    /// the waiter was still waiting.
+    fn take_out_waiter(
+        &mut self,
+        waiter: fence::WaiterId,
+        now: Instant,
+        answer: impl FnOnce(&WaiterEntry) -> Option<WireError>,
+    ) -> bool {
         let Some(entry) = self.remove_waiter(waiter) else {
             return false;
         };
         let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
-        let error = error(&entry);
-        self.reply(entry.client, entry.request_id, Err(error), Vec::new());
+        if let Some(error) = answer(&entry) {
+            self.reply(entry.client, entry.request_id, Err(error), Vec::new());
+        }
         self.deliver_grants(grants);
         true
+    }
+
+    /// Takes `client`'s queued begins (on `buffer` only, for a free) out of
+    /// their queues before its hang-up or free settles its buffers. A
+    /// settle retires what they wait for (an access the client ended in
+    /// its word, say), and serving the queue then granted them to the
+    /// client that is going: a write so granted was released at once as a
+    /// lost one, and the next reader told `writer_lost` for nothing. A
+    /// hand-off planned for one is cancelled (or recorded) first, as at any
+    /// withdrawal; whoever waited behind it is served; `answer` says what
+    /// its begin is answered.
+    pub(super) fn take_out_waiters_of(
+        &mut self,
+        client: ClientId,
+        buffer: Option<BufferId>,
+        answer: impl Fn(&WaiterEntry) -> Option<WireError>,
+    ) {
+        let now = Instant::now();
+        let waiters: Vec<(fence::WaiterId, BufferId)> = self
+            .arbiter
+            .waiters_of(client)
+            .filter_map(|w| Some((w, self.arbiter.waiter_buffer(w)?)))
+            .filter(|(_, b)| buffer.is_none_or(|only| *b == only))
+            .collect();
+        for (waiter, on) in waiters {
+            self.take_over_word(on, now, false);
+            self.take_out_waiter(waiter, now, &answer);
+        }
     }
 
     /// `Cancel`: the client no longer waits for its begin `request`. A

@@ -805,3 +805,73 @@ fn a_write_never_sent_is_no_lost_writer() {
         .expect("the read is granted");
     assert!(!told, "a write never sent was taken for a lost one");
 }
+
+/// A client's write waits in the queue behind its own read, held in the
+/// buffer's word; the client ends the read in the word and goes (hangs up,
+/// or frees the buffer) before its `WordEnded` is sent. The settle its
+/// going makes retired the read and served the queue: the write was
+/// granted to the client going, then released at once as a lost write,
+/// and the next reader was told `writer_lost` for a write that never
+/// began. Its queued begins now leave the queue before anything settles.
+/// Returns whether the next reader is told a writer was lost.
+fn next_reader_told_of_a_write_that_was_only_queued(goes: Goes) -> bool {
+    let mut bench = Bench::new();
+    let (client, next) = (bench.client(), bench.client());
+    if let Some(entry) = bench.state.clients.get_mut(&client) {
+        entry.buffer_words = true;
+    }
+    let frame = bench.buffer_with_word(&[client, next]);
+    let read = bench.begin(client, frame, Access::CpuRead);
+    let slot = bench
+        .received(client)
+        .iter()
+        .find_map(|message| match message {
+            ServerMessage::Reply(reply) if reply.id == read => match &reply.result {
+                Ok(ReplyBody::Granted(grant)) => grant.word,
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the read is granted in the word");
+    let write = bench.begin(client, frame, Access::CpuWrite);
+    assert!(!bench.granted(client, write), "queued behind its own read");
+    let entry = bench.state.buffers.get(&frame).expect("the buffer");
+    let word = dmabroker_ipc::bufferword::BufferWord::map(entry.fd.as_fd(), entry.size)
+        .expect("map the word");
+    word.end(dmabroker_ipc::bufferword::WordHold { slot, write: false });
+    {
+        let _entered = bench._runtime.enter();
+        match goes {
+            Goes::HangsUp => bench.state.disconnect(client),
+            Goes::Frees => {
+                let _ = bench
+                    .state
+                    .handle_message(client, &free_request(frame), Vec::new());
+            }
+        }
+        bench.state.settle_touched();
+    }
+    let again = bench.begin(next, frame, Access::CpuRead);
+    bench
+        .replies(next)
+        .iter()
+        .find_map(|(id, reply)| match reply {
+            Ok(ReplyBody::Granted(grant)) if *id == again => Some(grant.writer_lost),
+            _ => None,
+        })
+        .expect("the next read is granted")
+}
+
+#[test]
+fn a_write_queued_by_a_client_that_hangs_up_is_no_lost_writer() {
+    assert!(!next_reader_told_of_a_write_that_was_only_queued(
+        Goes::HangsUp
+    ));
+}
+
+#[test]
+fn a_write_queued_by_a_client_that_frees_is_no_lost_writer() {
+    assert!(!next_reader_told_of_a_write_that_was_only_queued(
+        Goes::Frees
+    ));
+}

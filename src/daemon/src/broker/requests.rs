@@ -390,6 +390,11 @@ impl State {
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
         self.held(client, buffer)?;
+        let freed_while_waiting =
+            || WireError::new(ErrorCode::UnknownBuffer, "buffer freed while waiting");
+        // Its queued begins on the buffer go first: a settle below could
+        // grant them to it.
+        self.take_out_waiters_of(client, Some(buffer), |_| Some(freed_while_waiting()));
         // Its accesses held in the buffer's word become fences first, so
         // they are released like any other.
         let now = Instant::now();
@@ -401,12 +406,6 @@ impl State {
         let gone = self
             .arbiter
             .release_client_buffer(client, buffer, Instant::now(), &unsent);
-        let freed_while_waiting = || {
-            Err(WireError::new(
-                ErrorCode::UnknownBuffer,
-                "buffer freed while waiting",
-            ))
-        };
         // A grant held back by the dma-buf's kernel fences was never sent:
         // its begin is still waiting for an answer, like a queued one.
         let unanswered: Vec<u64> = gone
@@ -417,12 +416,12 @@ impl State {
             .map(|a| a.request_id)
             .collect();
         for request_id in unanswered {
-            self.reply(client, request_id, freed_while_waiting(), Vec::new());
+            self.reply(client, request_id, Err(freed_while_waiting()), Vec::new());
         }
         self.finish_released(&gone.released);
         for waiter in &gone.cancelled_waiters {
             if let Some(w) = self.remove_waiter(*waiter) {
-                self.reply(client, w.request_id, freed_while_waiting(), Vec::new());
+                self.reply(client, w.request_id, Err(freed_while_waiting()), Vec::new());
             }
         }
         self.deliver_grants(gone.grants);

@@ -798,6 +798,9 @@ impl State {
     /// once, kernel-fenced device accesses when their fence signals, queued
     /// requests dropped, holds dropped (freeing buffers nobody else holds).
     pub fn disconnect(&mut self, client: ClientId) {
+        // Its queued begins go before anything settles, which could grant
+        // them to it (nobody reads the answers now).
+        self.take_out_waiters_of(client, None, |_| None);
         let now = Instant::now();
         // Its accesses held in buffer words become fences first (a write
         // among them is a lost one), and plans for it are cancelled.
