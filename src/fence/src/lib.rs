@@ -613,8 +613,11 @@ impl Arbiter {
     /// grant batch on that buffer carries `revoked`, because the revoked
     /// writer may have left the contents half-written (and may not have
     /// stopped yet). A revoked read leaves the contents intact, so it sets
-    /// nothing. Works on kernel-fenced accesses too: a hung device must not
-    /// hold the buffer forever.
+    /// nothing. The arbiter would take a kernel-fenced access too, but the
+    /// daemon never asks it to: its hold limit stops at the hand-over, and a
+    /// device that never signals keeps the buffer until the buffer is freed
+    /// by all its holders (taking the fence from it would let the next
+    /// access in while the hardware may still write).
     pub fn revoke(&mut self, access: AccessId, now: Instant) -> Result<Vec<Grant>, FenceError> {
         let f = self
             .remove_fence(access)
