@@ -875,3 +875,35 @@ fn a_write_queued_by_a_client_that_frees_is_no_lost_writer() {
         Goes::Frees
     ));
 }
+
+/// A no-autofence client listed a fence without a sync_file waits for its
+/// `FenceSignalled`, and hangs up first: nobody waits for the fence any
+/// more. Its subscriber list was left empty in the map, and the key alone
+/// counts the fence as watched (its end by message, its buffer's word kept
+/// from being handed back).
+#[test]
+fn a_fence_whose_only_subscriber_hangs_up_is_watched_no_more() {
+    let mut bench = Bench::new();
+    let (writer, manual) = (bench.client(), bench.client());
+    if let Some(entry) = bench.state.clients.get_mut(&manual) {
+        entry.autofence = false;
+    }
+    let frame = bench.buffer(&[writer, manual], false);
+    let write = bench.begin(writer, frame, Access::CpuWrite);
+    assert!(bench.granted(writer, write));
+    let fence = bench.access_of(writer, write);
+    let peek = bench.begin(manual, frame, Access::CpuRead);
+    assert!(
+        bench.granted(manual, peek),
+        "granted at once, listing the write"
+    );
+    assert!(bench.state.fence_subscribers.contains_key(&fence));
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.disconnect(manual);
+    }
+    assert!(
+        !bench.state.fence_subscribers.contains_key(&fence),
+        "still watched for a client that is gone"
+    );
+}

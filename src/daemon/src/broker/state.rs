@@ -846,9 +846,13 @@ impl State {
         for buffer in buffers {
             self.release_hold(client, buffer);
         }
-        for subscribers in self.fence_subscribers.values_mut() {
+        // A fence nobody else waits for goes from the map: its key alone
+        // counts it as watched (its end sent as a message, its buffer's
+        // word kept taken).
+        self.fence_subscribers.retain(|_, subscribers| {
             subscribers.retain(|c| *c != client);
-        }
+            !subscribers.is_empty()
+        });
         self.stop_word_patrol_if_idle();
         self.abandon_allocations(client);
         if let Some(entry) = self.clients.remove(&client) {
