@@ -973,6 +973,183 @@ fn a_hold_survives_two_restarts_before_it_is_reattached() {
     );
 }
 
+/// A raw connection's allocation of `size` bytes: its id and secret.
+fn raw_alloc(raw: &mut RawClient, size: u64) -> (u64, String) {
+    raw_hold(
+        raw,
+        RequestBody::Alloc {
+            size,
+            heap: None,
+            name: None,
+        },
+    )
+}
+
+/// A raw connection, said hello on.
+fn raw_connection(manager: &ServiceManager) -> RawClient {
+    let mut raw = RawClient::connect(&manager.socket_path);
+    raw.hello();
+    raw
+}
+
+/// A broker started under a policy of `limit` bytes a connection, with
+/// its policy file's path.
+fn limited(manager: &ServiceManager, name: &str, limit: &str) -> (Running, String) {
+    let policy = manager.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[default]\nmax_total_bytes = \"{limit}\"\n"),
+    )
+    .expect("policy");
+    let policy = policy.to_str().expect("utf-8 path").to_owned();
+    let running = Running::start_with(manager, name, &[], &["--policy", &policy]);
+    (running, policy)
+}
+
+/// Re-attaches were never checked against the limits, so a connection
+/// that allocated its whole quota after a restart then re-attached the
+/// buffer another connection had allocated before it, charged twice its
+/// limit, and more at every restart. A re-attach on a connection that
+/// took a buffer of its own first is checked as an allocation now, and a
+/// refused one leaves the hold for its holder's own re-attach.
+#[test]
+fn a_reattach_after_an_alloc_of_ones_own_is_checked_against_the_limits() {
+    let manager = ServiceManager::new();
+    let (first, policy) = limited(&manager, "first", "64 KiB");
+    let mut owner = raw_connection(&manager);
+    let (buffer, secret) = raw_alloc(&mut owner, 64 << 10);
+    manager.wait_until_recorded(1);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let mut greedy = raw_connection(&manager);
+    let _own = raw_alloc(&mut greedy, 64 << 10);
+    let refused = greedy.request(RequestBody::Reattach {
+        buffer,
+        secret: secret.clone(),
+    });
+    assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
+    let mut honest = raw_connection(&manager);
+    let (id, _) = raw_hold(&mut honest, RequestBody::Reattach { buffer, secret });
+    assert_eq!(id, buffer, "the hold is left for its own re-attach");
+}
+
+/// Holds a connection has yet to re-attach count against its limits: a
+/// connection that re-attached one of its two 32 KiB buffers and then
+/// allocated 32 KiB would have 96 KiB under a 64 KiB limit once it
+/// re-attached the other, and the next record all of it as one
+/// connection's.
+#[test]
+fn holds_not_yet_reattached_count_against_a_new_allocation() {
+    let manager = ServiceManager::new();
+    let (first, policy) = limited(&manager, "first", "64 KiB");
+    let mut owner = raw_connection(&manager);
+    let (one, one_secret) = raw_alloc(&mut owner, 32 << 10);
+    let (two, two_secret) = raw_alloc(&mut owner, 32 << 10);
+    manager.wait_until_recorded(2);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let mut again = raw_connection(&manager);
+    let _ = raw_hold(
+        &mut again,
+        RequestBody::Reattach {
+            buffer: one,
+            secret: one_secret,
+        },
+    );
+    let refused = again.request(RequestBody::Alloc {
+        size: 32 << 10,
+        heap: None,
+        name: None,
+    });
+    assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
+    let (id, _) = raw_hold(
+        &mut again,
+        RequestBody::Reattach {
+            buffer: two,
+            secret: two_secret,
+        },
+    );
+    assert_eq!(id, two, "the other hold is still re-attached");
+}
+
+/// A connection re-attaches the holds of one connection from before the
+/// restart: gathering the holds of several onto one charged it their
+/// sum, several times its limits, and the next record had them all as
+/// one connection's, to be gathered with more after the next restart.
+#[test]
+fn a_connection_reattaches_the_holds_of_one_connection_from_before_the_restart() {
+    let manager = ServiceManager::new();
+    let (first, policy) = limited(&manager, "first", "64 KiB");
+    let mut a = raw_connection(&manager);
+    let (a_buffer, a_secret) = raw_alloc(&mut a, 64 << 10);
+    let mut b = raw_connection(&manager);
+    let (b_buffer, b_secret) = raw_alloc(&mut b, 64 << 10);
+    manager.wait_until_recorded(2);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let mut both = raw_connection(&manager);
+    let (id, _) = raw_hold(
+        &mut both,
+        RequestBody::Reattach {
+            buffer: a_buffer,
+            secret: a_secret,
+        },
+    );
+    assert_eq!(id, a_buffer);
+    let refused = both.request(RequestBody::Reattach {
+        buffer: b_buffer,
+        secret: b_secret.clone(),
+    });
+    assert_eq!(refused, Err(ErrorCode::PermissionDenied), "{refused:?}");
+    let mut own = raw_connection(&manager);
+    let (id, _) = raw_hold(
+        &mut own,
+        RequestBody::Reattach {
+            buffer: b_buffer,
+            secret: b_secret,
+        },
+    );
+    assert_eq!(id, b_buffer, "the hold is left for a connection of its own");
+}
+
+/// A restart in the middle of a connection's re-attaches leaves its holds
+/// one connection's in the next record, re-attached or not: recorded
+/// under the new connection's own id, the ones it re-attached would have
+/// been another connection's than the ones it had not, and its next
+/// re-attach refused half of them.
+#[test]
+fn a_restart_between_two_reattaches_keeps_the_holds_one_connections() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let mut owner = raw_connection(&manager);
+    let (one, one_secret) = raw_alloc(&mut owner, 4096);
+    let (two, two_secret) = raw_alloc(&mut owner, 4096);
+    manager.wait_until_recorded(2);
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    let seen = manager.received().records_sent();
+    let mut halfway = raw_connection(&manager);
+    let _ = raw_hold(
+        &mut halfway,
+        RequestBody::Reattach {
+            buffer: one,
+            secret: one_secret.clone(),
+        },
+    );
+    manager.wait_for_record_after(seen);
+    drop(second); // SIGKILL, one hold re-attached, one not
+    let _third = Running::start(&manager, "third", &[]);
+    let mut again = raw_connection(&manager);
+    for (buffer, secret) in [(one, one_secret), (two, two_secret)] {
+        let (id, _) = raw_hold(&mut again, RequestBody::Reattach { buffer, secret });
+        assert_eq!(id, buffer);
+    }
+}
+
 /// A re-attach takes back a hold that was within the limits when it was
 /// taken; checked against them again, a hold whose charge grew since (an
 /// importer left it the owner's charge) or a policy reloaded with lower

@@ -1348,6 +1348,7 @@ mod tests {
                     secret: "dmab1-00112233445566778899aabbccddeeff".into(),
                     uid: 1000,
                     owner: true,
+                    client: 0,
                 }],
             }],
         };

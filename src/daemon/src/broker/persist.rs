@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use dmabroker_ipc::{BufferId, ClientId, ErrorCode, QuotaDetail, ReplyBody, WireError};
 
 use super::access::Answer;
-use super::state::{BufferEntry, BufferOrigin, Holder, State, MAX_BUFFER_ID, STORE_LET_GO};
+use super::state::{Before, BufferEntry, BufferOrigin, Holder, State, MAX_BUFFER_ID, STORE_LET_GO};
 use super::words::WordState;
 use crate::heaps::Backend;
 use crate::held_files::{HeldFd, Release};
@@ -29,6 +29,14 @@ use crate::service::record::{
 
 /// The client id of a hold nobody has re-attached yet (real ids start at 1).
 pub const ORPHAN: ClientId = 0;
+
+/// What a connection has yet to re-attach (see [`State::awaiting`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Awaiting {
+    pub holds: u64,
+    pub held_bytes: u64,
+    pub charged_bytes: u64,
+}
 
 #[derive(Debug, Default)]
 pub struct RestoreSummary {
@@ -161,6 +169,15 @@ impl State {
                         // unclaimed hold is ORPHAN: none is marked, and the
                         // order (the owner first) says it.
                         owner: h.client == b.owner && b.owner != ORPHAN,
+                        // A hold nobody re-attached yet keeps the client
+                        // it was taken back with, as its uid.
+                        client: if h.client == ORPHAN {
+                            h.restored_client.unwrap_or(0)
+                        } else {
+                            self.clients
+                                .get(&h.client)
+                                .map_or(h.client, |c| c.recorded_as)
+                        },
                     })
                     .collect(),
             })
@@ -263,6 +280,7 @@ impl State {
                     // u32::MAX: an older daemon's record of a hold nobody
                     // had re-attached, whose uid it did not keep.
                     restored_uid: (h.uid != u32::MAX).then_some(h.uid),
+                    restored_client: (h.client != 0).then_some(h.client),
                 })
                 .collect();
             // The previous instance's clients may have left bits, and may
@@ -310,6 +328,16 @@ impl State {
             .count();
         summary.not_kept.extend(fds);
         self.bump_next_buffer_id(recorded_next.max(above_recorded).max(above_stored));
+        // A new connection's id is none the record names, or it would be
+        // taken for that connection when its holds are recorded again.
+        let above_clients = record
+            .buffers
+            .iter()
+            .flat_map(|b| &b.holders)
+            .map(|h| h.client)
+            .max()
+            .map_or(0, |id| id.saturating_add(1));
+        self.bump_next_client_id(above_clients);
         summary
     }
 
@@ -384,6 +412,30 @@ impl State {
         count
     }
 
+    /// The holds of connection `before` (from before the restart) nobody
+    /// re-attached yet, but `except`'s: they count against the limits of
+    /// the connection that took `before` over (see `reattach`), which
+    /// will have them back, and so record them, unless the grace period
+    /// ends first.
+    pub(super) fn awaiting(&self, before: ClientId, except: Option<BufferId>) -> Awaiting {
+        let mut awaiting = Awaiting::default();
+        for entry in self.buffers.values() {
+            if Some(entry.id) == except {
+                continue;
+            }
+            for (position, h) in entry.holders.iter().enumerate() {
+                if h.client == ORPHAN && h.restored_client == Some(before) {
+                    awaiting.holds += 1;
+                    awaiting.held_bytes += entry.size;
+                    if entry.owner == ORPHAN && position == 0 {
+                        awaiting.charged_bytes += entry.size;
+                    }
+                }
+            }
+        }
+        awaiting
+    }
+
     /// A client proves it held `buffer` before the restart.
     pub(super) fn reattach(
         &mut self,
@@ -415,11 +467,7 @@ impl State {
                     && same_secret(&h.secret, secret)
             })
             .ok_or_else(unknown)?;
-        // One hold per buffer and connection, as for an import. The limits
-        // are not checked again: the hold was within them when it was
-        // taken, a departure may have moved a charge onto the owner since
-        // (which is allowed), and a reload may have lowered them; refused
-        // here, the hold would be lost with the buffer it keeps.
+        // One hold per buffer and connection, as for an import.
         if entry.held_by(client) {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
@@ -428,10 +476,67 @@ impl State {
         }
         let size = entry.size;
         let charge = entry.owner == ORPHAN && position == 0;
+        let before = entry.holders[position]
+            .restored_client
+            .map_or(Before::Unknown, Before::Client);
+        let Some(c) = self.clients.get(&client) else {
+            return Err(WireError::new(ErrorCode::Internal, "unknown client"));
+        };
+        // The holds of one connection from before the restart only: the
+        // limits are not checked on a connection that only re-attaches
+        // (below), so one that gathered the holds of several was charged
+        // their sum, several times its limits, and the next restart's
+        // record had them all as one connection's, to be gathered with
+        // more at the restart after.
+        if let Some(taken) = c.reattaching.filter(|taken| *taken != before) {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "buffer {buffer} was held by {} before the broker restarted, and this                      connection re-attaches the holds of {}: re-attach it on a connection                      of its own",
+                    before_name(before),
+                    before_name(taken)
+                ),
+            ));
+        }
+        // The id the connection's holds will be recorded under: the one
+        // before the restart, unless another connection took that over
+        // already (one closing, its end not yet read), whose holds are
+        // recorded under it.
+        let recorded_as = match (c.reattaching, before) {
+            (Some(_), _) => c.recorded_as,
+            (None, Before::Client(id))
+                if !self
+                    .clients
+                    .values()
+                    .any(|other| other.id != client && other.recorded_as == id) =>
+            {
+                id
+            }
+            (None, _) => c.recorded_as,
+        };
+        // The limits are not checked on a connection that has only
+        // re-attached: each hold was within them when it was taken, a
+        // departure may have moved a charge onto the owner since (which
+        // is allowed), and a reload may have lowered them; refused here,
+        // the hold would be lost with the buffer it keeps. A connection
+        // that took a buffer of its own first is checked as for that
+        // buffer (an allocation for the owner's hold, an import for
+        // another), together with the holds it has yet to re-attach: it
+        // would otherwise add a restart's holds to a full quota, again at
+        // every restart. The client crate re-attaches before anything.
+        if c.took_new || !c.allocating.is_empty() {
+            let awaiting = if recorded_as == client {
+                Awaiting::default()
+            } else {
+                self.awaiting(recorded_as, Some(buffer))
+            };
+            self.check_quota_with(client, size, charge, awaiting)?;
+        }
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return Err(unknown());
         };
         entry.holders[position].client = client;
+        entry.holders[position].restored_client = None;
         // Only the owner takes its charge back (it comes first, see
         // `restore`). Whoever re-attaches first is not charged for it; if
         // the owner never comes back, the grace period's end moves the
@@ -446,12 +551,22 @@ impl State {
             if charge {
                 c.charged_bytes += size;
             }
+            c.reattaching = Some(before);
+            c.recorded_as = recorded_as;
         }
         self.persist_changed();
         Ok(Answer::Reply(
             ReplyBody::Buffer(self.buffer_info(buffer, secret.to_owned())),
             Vec::new(),
         ))
+    }
+}
+
+/// How a connection from before the restart is named in an answer.
+fn before_name(before: Before) -> String {
+    match before {
+        Before::Client(id) => format!("connection {id}"),
+        Before::Unknown => "a connection the record does not name".to_owned(),
     }
 }
 
@@ -494,6 +609,7 @@ mod tests {
             secret: String::new(),
             uid,
             owner,
+            client: 0,
         };
         assert_eq!(
             owner_uid_of(&[holder(1001, false), holder(1000, true)]),
@@ -555,6 +671,7 @@ mod tests {
             secret: "dmab1-00112233445566778899aabbccddeeff".into(),
             uid: 1000,
             owner: true,
+            client: 0,
         }];
         (record, fd)
     }

@@ -301,11 +301,32 @@ impl State {
     /// importer is charged once the owner lets go, so admitting holds by
     /// charge alone let one connection hand its whole quota to another,
     /// over and over (the other then charged many times its limit).
+    ///
+    /// A connection that took over one from before a restart counts the
+    /// holds of that one it has yet to re-attach as its own (see
+    /// `State::reattach`): taken before them, a new buffer would make the
+    /// next record's holds of that connection more than its limits.
     pub(super) fn check_quota(
         &self,
         client: ClientId,
         size: u64,
         charged: bool,
+    ) -> Result<(), WireError> {
+        let awaiting = match self.clients.get(&client) {
+            Some(c) if c.recorded_as != client => self.awaiting(c.recorded_as, None),
+            _ => super::persist::Awaiting::default(),
+        };
+        self.check_quota_with(client, size, charged, awaiting)
+    }
+
+    /// [`State::check_quota`] with the holds still `awaiting` re-attach
+    /// counted as held.
+    pub(super) fn check_quota_with(
+        &self,
+        client: ClientId,
+        size: u64,
+        charged: bool,
+        awaiting: super::persist::Awaiting,
     ) -> Result<(), WireError> {
         let entry = self
             .clients
@@ -332,14 +353,14 @@ impl State {
         }
         // Allocations still being carried out count as the buffers they
         // will be, charged and held.
-        let held = (entry.buffers.len() + entry.allocating.len()) as u64;
+        let held = (entry.buffers.len() + entry.allocating.len()) as u64 + awaiting.holds;
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
         let in_use = if charged {
-            entry.charged_bytes
+            entry.charged_bytes.saturating_add(awaiting.charged_bytes)
         } else {
-            entry.held_bytes
+            entry.held_bytes.saturating_add(awaiting.held_bytes)
         }
         .saturating_add(entry.allocating_bytes());
         if in_use.saturating_add(size) > limits.max_total_bytes {

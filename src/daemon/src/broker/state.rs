@@ -104,6 +104,18 @@ pub struct Holder {
     /// A hold taken back from the fd store: the uid that held it, the only
     /// one its secret re-attaches for.
     pub restored_uid: Option<u32>,
+    /// A hold taken back from the fd store: the connection the record says
+    /// held it (`None`: a record that did not say). Only while orphaned.
+    pub restored_client: Option<ClientId>,
+}
+
+/// The connection from before a restart whose holds a connection
+/// re-attaches: only one's (see `State::reattach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Before {
+    /// Holds of a record that did not say whose they were (version 1).
+    Unknown,
+    Client(ClientId),
 }
 
 #[derive(Debug)]
@@ -158,6 +170,17 @@ pub struct ClientEntry {
     /// Its allocations being carried out off the broker's thread, not yet
     /// answered. Each counts against its quota as the buffer it will be.
     pub allocating: Vec<PendingAllocation>,
+    /// The connection from before a restart whose holds it re-attaches,
+    /// once it re-attached one.
+    pub reattaching: Option<Before>,
+    /// The client id its holds are recorded under: its own, or the one of
+    /// the connection from before the restart it took over (so that a
+    /// restart in the middle of its re-attaches leaves all of them one
+    /// connection's, for the next instance too).
+    pub recorded_as: ClientId,
+    /// It allocated, imported or adopted a buffer itself: a re-attach
+    /// after that is checked against its limits (see `State::reattach`).
+    pub took_new: bool,
 }
 
 /// An allocation on a blocking thread (see `requests::Action::Allocate`).
@@ -469,6 +492,13 @@ impl State {
         self.clients.values().map(|c| c.charged_bytes).sum()
     }
 
+    /// Client ids from here on are at least `next`: a restored record's
+    /// holds name the connections of earlier instances by their ids, and
+    /// a new connection must not be taken for one of them.
+    pub(super) fn bump_next_client_id(&mut self, next: ClientId) {
+        self.next_client = self.next_client.max(next);
+    }
+
     /// Registers a new connection. Its limits come from the policy now and
     /// again after every reload.
     pub fn connect(&mut self, peer: Peer, outbox: Arc<Outbox>) -> ClientId {
@@ -508,6 +538,9 @@ impl State {
                 end_page: None,
                 buffer_words: false,
                 cancel: false,
+                reattaching: None,
+                recorded_as: id,
+                took_new: false,
             },
         );
         id
@@ -686,6 +719,7 @@ impl State {
                 since: SystemTime::now(),
                 word_index: None,
                 restored_uid: None,
+                restored_client: None,
             });
             size = entry.size;
         }
@@ -694,6 +728,7 @@ impl State {
             if c.buffers.insert(buffer) {
                 c.held_bytes += size;
             }
+            c.took_new = true;
         }
         self.persist_changed();
         secret
