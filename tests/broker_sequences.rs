@@ -687,3 +687,38 @@ fn a_cancel_after_the_hand_off_records_it_and_answers_nothing() {
     assert_eq!(driver.state().live_fence_count(), 0);
     driver.finish().expect("nothing left");
 }
+
+/// The books balance client by client: an owner's `Free` moves its charge
+/// to the longest-standing remaining holder, the one then named owner. A
+/// charge moved to another holder kept the totals equal (the only check
+/// the driver made), so the books could be wrong client by client with
+/// nothing noticing until that client left. Each step checks the books.
+#[test]
+fn a_charge_moves_to_the_holder_then_named_owner() {
+    let mut driver = Driver::new(false);
+    let steps = [
+        Op::Connect { hello: true },
+        Op::Connect { hello: true },
+        Op::Connect { hello: true },
+        request(
+            0,
+            Body::Alloc {
+                size: 8192,
+                heap: 0,
+            },
+        ),
+        request(0, Body::Export { buffer: 1 }),
+        request(1, Body::Import { token: 0 }),
+        request(2, Body::Import { token: 0 }),
+        request(0, Body::Free { buffer: 1 }),
+    ];
+    for op in &steps {
+        driver.step(op).expect("step");
+    }
+    {
+        let state = driver.state();
+        assert_eq!(state.buffers[&1].holders.len(), 2, "two importers hold it");
+    }
+    // No `finish`: its hang-ups would move the charge again, and the
+    // totals would catch a wrong one there; the step's check must.
+}

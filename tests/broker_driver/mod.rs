@@ -925,7 +925,8 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
     }
 }
 
-/// The broker's books balance: every byte is charged to exactly one client,
+/// The broker's books balance: every byte is charged to exactly one client
+/// (each client's charge is the bytes of the buffers it owns),
 /// every buffer is held, and holds, charges and accesses only name buffers
 /// and clients that exist.
 pub fn check_invariants(state: &State) -> Result<(), String> {
@@ -978,6 +979,20 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
             return Err(format!(
                 "client {} counts {} held bytes, but its buffers hold {held}",
                 client.id, client.held_bytes
+            ));
+        }
+        // The totals alone balance when a charge stays with a client that
+        // let the buffer go instead of moving to the next holder.
+        let owned: u64 = state
+            .buffers
+            .values()
+            .filter(|b| b.owner == client.id)
+            .map(|b| b.size)
+            .sum();
+        if client.charged_bytes != owned {
+            return Err(format!(
+                "client {} is charged {} bytes, but the buffers it owns hold {owned}",
+                client.id, client.charged_bytes
             ));
         }
     }
