@@ -252,8 +252,22 @@ fn autofence_required_refuses_no_autofence_and_optional_allows_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("err permission-denied"), "{stdout}");
     assert!(stdout.contains("strict"), "{stdout}");
-    let bob = as_user(&daemon, BOB, &["--no-autofence"]);
-    drop(bob); // connecting succeeded: optional lets it choose
+    // Optional lets it choose: Bob asked for none and is told he has
+    // none (connecting alone would pass with autofence forced on too).
+    let out = setpriv_as(BOB)
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .arg("--no-autofence")
+        .output()
+        .expect("run testclient");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ready = stdout.lines().next().unwrap_or_default();
+    assert!(ready.starts_with("ready "), "{stdout}");
+    assert!(
+        ready.split_whitespace().any(|w| w == "autofence=false"),
+        "optional did not let Bob go without autofence: {ready}"
+    );
 }
 
 #[test]
@@ -478,6 +492,39 @@ fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace() {
     assert!(
         second.is_err(),
         "Alice's own testclient got rule 'alice-true' (max_buffers 100) by posing as /usr/bin/true"
+    );
+}
+
+/// The mount namespace is compared on its own too: `unshare -Urm` makes a
+/// user namespace as well, so the test above passes on the user-namespace
+/// check alone. Here root makes a private mount namespace only (the
+/// host's user namespace), bind-mounts Alice's testclient over the
+/// rule's path there, and runs it as Alice: its exe link says
+/// `/usr/bin/true`, and it still gets the default.
+#[test]
+fn exe_rules_cannot_be_claimed_from_a_private_mount_namespace_alone() {
+    if !have_root("exe rules from a private mount namespace alone") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[default]\nmax_buffers = 1\n\n\
+         [[rule]]\nname = \"alice-true\"\nuser = {ALICE}\nexe = \"/usr/bin/true\"\nmax_buffers = 100\n"
+    ));
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" /usr/bin/true && \
+             exec setpriv --reuid={ALICE} --regid={ALICE} --clear-groups /usr/bin/true \"$@\""
+        ))
+        .arg(dmabroker_suite::daemon::binary("dmabroker-testclient"));
+    let mut spoofed = Scripted::spawn_wrapped(cmd, daemon.socket(), &[]);
+    spoofed.ok("alloc 4096");
+    let second = spoofed
+        .cmd("alloc 4096")
+        .expect_err("the default allows one buffer");
+    assert!(
+        second.contains("rule 'default'"),
+        "Alice's own testclient got rule 'alice-true' from a private mount namespace: {second}"
     );
 }
 
