@@ -853,6 +853,17 @@ fn parse_fragment(
         };
         match found {
             Ok(Some(id)) => Ok(id),
+            // A quoted number is a name to TOML, and is looked up as one
+            // (a name of digits alone is rare, but legal in /etc/passwd):
+            // an administrator who meant the id is told how to write it.
+            Ok(None) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) => Err(pos
+                .invalid(
+                    spanned.span(),
+                    format!(
+                        "unknown {what} '{name}': quoted, it is a name; for the numeric id, \
+                         write it without quotes ({what} = {name})"
+                    ),
+                )),
             Ok(None) => Err(pos.invalid(spanned.span(), format!("unknown {what} '{name}'"))),
             Err(e) => Err(pos.invalid(
                 spanned.span(),

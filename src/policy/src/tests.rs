@@ -769,6 +769,17 @@ fn unknown_names() {
         1,
         "unknown group 'staff'",
     );
+    // A quoted number is a name; the error says how to write the id.
+    assert_error(
+        "[[rule]]\nname = \"a\"\nuser = \"1000\"\n",
+        3,
+        "unknown user '1000': quoted, it is a name; for the numeric id, write it without quotes (user = 1000)",
+    );
+    assert_error(
+        "[[rule]]\nname = \"a\"\ngroup = \"44\"\n",
+        3,
+        "write it without quotes (group = 44)",
+    );
     // Only the located form is shown: path:line, no column.
     let message = error("\n[[rule]]\nname = \"a\"\nuser = \"mallory\"\n");
     assert_eq!(message, format!("{ORIGIN}:4: unknown user 'mallory'"));
