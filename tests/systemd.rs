@@ -1150,6 +1150,85 @@ fn a_restart_between_two_reattaches_keeps_the_holds_one_connections() {
     }
 }
 
+/// A client whose next connection re-attaches while its previous one is
+/// still open (its end not yet read) has the holds of both recorded as
+/// one connection's once the previous one is gone: the second connection
+/// takes the first's recorded id over, and after another restart all of
+/// them re-attach on one connection. Recorded under the second's own id,
+/// the hold it re-attached would be another connection's than the one
+/// still waiting, and one of them refused.
+#[test]
+fn a_second_connection_takes_over_the_recorded_id_when_the_first_goes() {
+    let manager = ServiceManager::new();
+    let first = Running::start(&manager, "first", &[]);
+    let mut owner = raw_connection(&manager);
+    let holds: Vec<(u64, String)> = (0..3).map(|_| raw_alloc(&mut owner, 4096)).collect();
+    manager.wait_until_recorded(3);
+
+    drop(first); // SIGKILL
+    let second = Running::start(&manager, "second", &[]);
+    let reattach = |raw: &mut RawClient, (buffer, secret): &(u64, String)| {
+        let (id, _) = raw_hold(
+            raw,
+            RequestBody::Reattach {
+                buffer: *buffer,
+                secret: secret.clone(),
+            },
+        );
+        assert_eq!(id, *buffer);
+    };
+    let mut previous = raw_connection(&manager);
+    reattach(&mut previous, &holds[0]);
+    let mut next = raw_connection(&manager);
+    reattach(&mut next, &holds[1]);
+    let seen = manager.received().records_sent();
+    drop(previous); // its buffer goes with it
+    manager.wait_until_recorded(2);
+    manager.wait_for_record_after(seen);
+    drop(second); // SIGKILL, the third hold still waiting
+    let _third = Running::start(&manager, "third", &[]);
+    let mut again = raw_connection(&manager);
+    reattach(&mut again, &holds[1]);
+    reattach(&mut again, &holds[2]);
+}
+
+/// A second connection re-attaching for the same connection from before
+/// the restart counts that one's waiting holds against its limits too:
+/// it takes the recorded id over when the first goes (see above), and
+/// with them its new buffer would make that connection's holds more than
+/// its limits in the next record.
+#[test]
+fn a_second_connection_counts_the_waiting_holds_too() {
+    let manager = ServiceManager::new();
+    let (first, policy) = limited(&manager, "first", "64 KiB");
+    let mut owner = raw_connection(&manager);
+    let holds: Vec<(u64, String)> = (0..3).map(|_| raw_alloc(&mut owner, 16 << 10)).collect();
+    manager.wait_until_recorded(3);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let mut previous = raw_connection(&manager);
+    let mut next = raw_connection(&manager);
+    for (raw, (buffer, secret)) in [(&mut previous, &holds[0]), (&mut next, &holds[1])] {
+        let (id, _) = raw_hold(
+            raw,
+            RequestBody::Reattach {
+                buffer: *buffer,
+                secret: secret.clone(),
+            },
+        );
+        assert_eq!(id, *buffer);
+    }
+    // 16 KiB re-attached, 16 KiB waiting: 48 KiB more is over 64 KiB.
+    let refused = next.request(RequestBody::Alloc {
+        size: 48 << 10,
+        heap: None,
+        name: None,
+    });
+    assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
+    let _ = raw_alloc(&mut next, 32 << 10);
+}
+
 /// A re-attach takes back a hold that was within the limits when it was
 /// taken; checked against them again, a hold whose charge grew since (an
 /// importer left it the owner's charge) or a policy reloaded with lower

@@ -404,6 +404,13 @@ impl State {
                 }
             }
         }
+        // Nothing waits to be re-attached any more: no connection counts
+        // waiting holds against its limits (each allocation would look
+        // for them), and its holds are recorded under its own id.
+        for c in self.clients.values_mut() {
+            c.reattaching = None;
+            c.recorded_as = c.id;
+        }
         // Buffers kept by other holders changed too: without a new record
         // the dropped holds would come back with the next restart.
         if count > 0 {
@@ -500,8 +507,10 @@ impl State {
         }
         // The id the connection's holds will be recorded under: the one
         // before the restart, unless another connection took that over
-        // already (one closing, its end not yet read), whose holds are
-        // recorded under it.
+        // already (one closing, its end not yet read: it hands the id on
+        // when it goes, see `State::hand_on_recorded_id`). Two connections
+        // recording their holds under one id would have them gathered
+        // onto one connection after the next restart.
         let recorded_as = match (c.reattaching, before) {
             (Some(_), _) => c.recorded_as,
             (None, Before::Client(id))
@@ -525,10 +534,9 @@ impl State {
         // would otherwise add a restart's holds to a full quota, again at
         // every restart. The client crate re-attaches before anything.
         if c.took_new || !c.allocating.is_empty() {
-            let awaiting = if recorded_as == client {
-                Awaiting::default()
-            } else {
-                self.awaiting(recorded_as, Some(buffer))
+            let awaiting = match before {
+                Before::Client(id) => self.awaiting(id, Some(buffer)),
+                Before::Unknown => Awaiting::default(),
             };
             self.check_quota_with(client, size, charge, awaiting)?;
         }

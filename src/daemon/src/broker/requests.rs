@@ -14,7 +14,7 @@ use dmabroker_ipc::{
 
 use super::access::Answer;
 use super::endpage::EndPage;
-use super::state::{BufferEntry, BufferOrigin, ClientEntry, State};
+use super::state::{Before, BufferEntry, BufferOrigin, ClientEntry, State};
 use crate::client_fds::ClientFd;
 use crate::heaps::AllocError;
 use crate::held_files::HeldFd;
@@ -312,8 +312,8 @@ impl State {
         size: u64,
         charged: bool,
     ) -> Result<(), WireError> {
-        let awaiting = match self.clients.get(&client) {
-            Some(c) if c.recorded_as != client => self.awaiting(c.recorded_as, None),
+        let awaiting = match self.clients.get(&client).and_then(|c| c.reattaching) {
+            Some(Before::Client(before)) => self.awaiting(before, None),
             _ => super::persist::Awaiting::default(),
         };
         self.check_quota_with(client, size, charged, awaiting)

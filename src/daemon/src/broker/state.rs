@@ -171,7 +171,9 @@ pub struct ClientEntry {
     /// answered. Each counts against its quota as the buffer it will be.
     pub allocating: Vec<PendingAllocation>,
     /// The connection from before a restart whose holds it re-attaches,
-    /// once it re-attached one.
+    /// once it re-attached one; that connection's holds still waiting
+    /// count against its limits (see `check_quota`). Cleared at the end
+    /// of the grace period, when none waits any more.
     pub reattaching: Option<Before>,
     /// The client id its holds are recorded under: its own, or the one of
     /// the connection from before the restart it took over (so that a
@@ -497,6 +499,29 @@ impl State {
     /// a new connection must not be taken for one of them.
     pub(super) fn bump_next_client_id(&mut self, next: ClientId) {
         self.next_client = self.next_client.max(next);
+    }
+
+    /// A connection that took over the id of one from before the restart
+    /// (`gone`, disconnected) hands it to another connection re-attaching
+    /// that one's holds (a client's next connection, come while this one
+    /// was still open), so that the holds both re-attached and those
+    /// still waiting stay one connection's in the next record. Safe for
+    /// the limits: that connection counts the holds still waiting as its
+    /// own (see `check_quota`).
+    fn hand_on_recorded_id(&mut self, gone: &ClientEntry) {
+        if gone.recorded_as == gone.id {
+            return;
+        }
+        let next = self
+            .clients
+            .values_mut()
+            .filter(|c| {
+                c.reattaching == Some(Before::Client(gone.recorded_as)) && c.recorded_as == c.id
+            })
+            .min_by_key(|c| c.id);
+        if let Some(next) = next {
+            next.recorded_as = gone.recorded_as;
+        }
     }
 
     /// Registers a new connection. Its limits come from the policy now and
@@ -891,6 +916,7 @@ impl State {
         self.stop_word_patrol_if_idle();
         self.abandon_allocations(client);
         if let Some(entry) = self.clients.remove(&client) {
+            self.hand_on_recorded_id(&entry);
             // Not `close`: its queue may hold the last copies of freed
             // buffers, not to be freed under the broker's lock. The
             // connection's task drops it.
