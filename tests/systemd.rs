@@ -1229,6 +1229,43 @@ fn a_second_connection_counts_the_waiting_holds_too() {
     let _ = raw_alloc(&mut next, 32 << 10);
 }
 
+/// A new instance numbers its connections above every connection its
+/// record names: numbered from 1 again, a connection that allocated its
+/// quota after a restart had the id of one whose holds still waited, and
+/// after the next restart the holds of both re-attached on one
+/// connection, twice its limit.
+#[test]
+fn a_new_connection_is_not_taken_for_one_a_record_names() {
+    let manager = ServiceManager::new();
+    let (first, policy) = limited(&manager, "first", "64 KiB");
+    let mut before = raw_connection(&manager);
+    let waiting = raw_alloc(&mut before, 64 << 10);
+    manager.wait_until_recorded(1);
+
+    drop(first); // SIGKILL
+    let second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let seen = manager.received().records_sent();
+    let mut fresh = raw_connection(&manager);
+    let own = raw_alloc(&mut fresh, 64 << 10);
+    manager.wait_for_record_after(seen);
+    drop(second); // SIGKILL, the first hold still waiting
+    let _third = Running::start_with(&manager, "third", &[], &["--policy", &policy]);
+    let mut gatherer = raw_connection(&manager);
+    let (id, _) = raw_hold(
+        &mut gatherer,
+        RequestBody::Reattach {
+            buffer: waiting.0,
+            secret: waiting.1,
+        },
+    );
+    assert_eq!(id, waiting.0);
+    let refused = gatherer.request(RequestBody::Reattach {
+        buffer: own.0,
+        secret: own.1,
+    });
+    assert_eq!(refused, Err(ErrorCode::PermissionDenied), "{refused:?}");
+}
+
 /// A re-attach takes back a hold that was within the limits when it was
 /// taken; checked against them again, a hold whose charge grew since (an
 /// importer left it the owner's charge) or a policy reloaded with lower
