@@ -233,8 +233,8 @@ pub struct EventMessage {
 pub enum ReplyBody {
     Welcome(Welcome),
     Heaps(Vec<HeapInfo>),
-    /// Alloc, import, adopt and reattach carry the buffer's fd in slot 0;
-    /// info carries none.
+    /// Alloc and import carry the buffer's fd in slot 0; adopt, reattach
+    /// and info carry none (the client has the fd already).
     Buffer(BufferInfo),
     Freed,
     Exported {

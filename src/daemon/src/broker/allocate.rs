@@ -268,9 +268,6 @@ impl State {
     }
 
     /// An allocation carried out on a blocking thread is done: admitted
-    /// and answered, unless its client has gone (or the daemon is
-    /// stopping, and its last record of the table is being written).
-    /// An allocation carried out on a blocking thread is done: admitted
     /// and answered, unless its client has gone, or the daemon is stopping
     /// (its last record of the table is being written): then it is closed
     /// and not answered, as no request is while the daemon stops, so that

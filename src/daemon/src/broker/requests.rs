@@ -587,12 +587,17 @@ impl State {
                 format!("cannot stat the dma-buf: {e}"),
             )
         })?;
-        // Every brokered dma-buf keeps its inode while the broker holds its
-        // fd, so an equal inode is the same kernel object.
+        // An equal inode number is the same dma-buf only where the kernel
+        // numbers them uniquely (5.18 on); the file itself (kcmp) decides,
+        // or where the kernel will not say, the size too.
         let brokered = self
             .buffers
             .values()
-            .find(|b| b.origin.is_dma_buf() && b.inode == inode)
+            .find(|b| {
+                b.origin.is_dma_buf()
+                    && b.inode == inode
+                    && crate::kernel::same_file(b.fd.as_fd(), fd.as_fd()).unwrap_or(b.size == size)
+            })
             .map(|b| b.id);
         if let Some(buffer) = brokered {
             return self.join_adopted(client, buffer);

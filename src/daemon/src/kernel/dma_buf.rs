@@ -144,7 +144,7 @@ pub fn is_dma_buf(fd: BorrowedFd<'_>) -> bool {
 /// Whether a client's `fd` is a dma-buf, asked without reaching the file
 /// system it lives on: a file of a FUSE mount the client runs would send
 /// `fstatfs` (and then `lseek`, `fstat`) to its server, which could leave
-/// the broker's one thread waiting for good. Three looks, each safe for
+/// the broker's one thread waiting for good. Four looks, each safe for
 /// what the ones before let through:
 /// - its `/proc` link must be `/dmabuf:…` (`anon_inode:dmabuf` before
 ///   Linux 5.3). This alone rules out every other anonymous inode, whose

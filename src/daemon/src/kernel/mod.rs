@@ -125,6 +125,38 @@ pub(crate) fn typeless_inode(fd: BorrowedFd<'_>) -> bool {
     rc == 0 && stx.stx_mask & libc::STATX_TYPE != 0 && u32::from(stx.stx_mode) & libc::S_IFMT == 0
 }
 
+/// `KCMP_FILE` of `<linux/kcmp.h>`.
+const KCMP_FILE: libc::c_int = 0;
+
+/// Whether `a` and `b` are the same open file (`kcmp(KCMP_FILE)`): an equal
+/// inode number does not say so everywhere. Before Linux 5.18 (and its
+/// backports), a dma-buf's inode number came from `get_next_ino()`, a
+/// 32-bit counter shared with pipes and sockets that wraps, so a process
+/// that makes a few billion pipes can make a dma-buf whose number is a
+/// brokered one's. `None` where the kernel will not say (no `CONFIG_KCMP`,
+/// a seccomp filter): the caller falls back to what it can compare. Asks
+/// no file system anything (it compares the kernel's file pointers).
+pub(crate) fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Option<bool> {
+    let pid = libc::pid_t::try_from(std::process::id()).ok()?;
+    // SAFETY: kcmp takes no pointers; it compares two fds of this process,
+    // both open for the call (borrowed).
+    let order = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            a.as_raw_fd() as libc::c_ulong,
+            b.as_raw_fd() as libc::c_ulong,
+        )
+    };
+    match order {
+        0 => Some(true),
+        1..=3 => Some(false),
+        _ => None,
+    }
+}
+
 /// What `/proc/self/fd/N` names for `fd`: `/dmabuf:…`, `anon_inode:sync_file`,
 /// a path. Reading the link asks no file system anything, where `fstat`,
 /// `fstatfs`, `lseek` or an ioctl on a client's fd may go to a FUSE server
@@ -279,6 +311,28 @@ mod tests {
         // SAFETY: `raw` was just created for us and nothing else owns it.
         let event = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
         assert!(typeless_inode(event.as_fd()), "an anonymous inode");
+    }
+
+    /// Two fds of one open file are the same file; two files, or two opens
+    /// of one path, are not. A kernel that will not say is a skip.
+    #[test]
+    fn same_file_tells_one_open_file_from_another() {
+        let memfd = memfd::create_sealed("same", 4096).expect("memfd");
+        let dup = memfd.try_clone().expect("dup");
+        let other = memfd::create_sealed("other", 4096).expect("memfd");
+        let Some(same) = same_file(memfd.as_fd(), dup.as_fd()) else {
+            note_skip("kcmp(KCMP_FILE) is not available here");
+            return;
+        };
+        assert!(same, "a dup is the same open file");
+        assert_eq!(same_file(memfd.as_fd(), other.as_fd()), Some(false));
+        let null_a = std::fs::File::open("/dev/null").expect("/dev/null");
+        let null_b = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert_eq!(
+            same_file(null_a.as_fd(), null_b.as_fd()),
+            Some(false),
+            "two opens of one path are two files"
+        );
     }
 
     #[test]
