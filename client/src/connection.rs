@@ -1766,7 +1766,7 @@ fn receive(
         // The bytes are whole, only the fds are gone (and the kernel
         // closed them): what the broker did for the request must be
         // undone, so the message is read as it is.
-        Err(err @ RecvError::ControlTruncated { len }) => {
+        Err(err @ (RecvError::ControlTruncated { len } | RecvError::TooManyFds { len, .. })) => {
             match decode_server_message(&buf[..len]) {
                 Ok(message) => Ok(Received::FdsLost(message)),
                 Err(_) => Ok(Received::Unreadable {

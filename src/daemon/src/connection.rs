@@ -175,13 +175,20 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                     // reset is reported once, ahead of what it sent last
                     // (a pipelined end or free), which is still to be read.
                     Some(RecvError::Os(Errno::ECONNRESET)) => continue,
-                    Some(RecvError::ControlTruncated { len }) if out_of_fds(socket.get_ref()) => {
+                    // The kernel could not give the daemon the fds (its
+                    // fd table full): no fault of the client's. Decided
+                    // by the flag alone: a look at the fd table now
+                    // would race with fds closed meanwhile (those of
+                    // this very message among them), and a client whose
+                    // request came at the wrong moment was answered
+                    // ProtocolError and counted towards a disconnect.
+                    Some(RecvError::ControlTruncated { len }) => {
                         let len = *len;
                         broker.with(|s| {
                             (!s.stopping).then(|| s.refuse_for_lack_of_fds(client, &buf[..len]))
                         })
                     }
-                    Some(RecvError::Truncated) | Some(RecvError::ControlTruncated { .. }) => {
+                    Some(RecvError::Truncated) | Some(RecvError::TooManyFds { .. }) => {
                         let message = err.to_string();
                         broker.with(|s| {
                             (!s.stopping).then(|| {
@@ -354,15 +361,4 @@ async fn keep_until_read(socket: &OwnedFd, pid: i32, uid: u32) {
         uid,
         "a closed connection's client has read or closed: its place is free"
     );
-}
-
-/// Whether the daemon's fd table is full (or the system's): the kernel then
-/// drops the fds a message brings and reports it as it reports too many
-/// fds, so a control truncation is the daemon's shortage, not the client's
-/// misbehaviour, when not even one more fd can be had.
-fn out_of_fds(socket: &OwnedFd) -> bool {
-    match socket.try_clone() {
-        Ok(_probe) => false,
-        Err(err) => matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)),
-    }
 }

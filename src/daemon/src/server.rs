@@ -520,7 +520,12 @@ fn read_one(conn: std::os::fd::BorrowedFd<'_>, sink: &mut [u8]) -> (Vec<OwnedFd>
     let received =
         recv_message_into_keeping(conn, sink, true, &mut fds).map(|(_, got)| fds.extend(got));
     let read = match received {
-        Ok(()) | Err(RecvError::Truncated | RecvError::ControlTruncated { .. }) => Drained::More,
+        Ok(())
+        | Err(
+            RecvError::Truncated
+            | RecvError::ControlTruncated { .. }
+            | RecvError::TooManyFds { .. },
+        ) => Drained::More,
         Err(RecvError::Os(Errno::EAGAIN)) => Drained::Empty,
         Err(_) => Drained::HungUp,
     };

@@ -21,12 +21,19 @@ pub enum RecvError {
     Closed,
     #[error("message larger than {MAX_MESSAGE_SIZE} bytes was truncated")]
     Truncated,
-    /// The fds did not all arrive: more were attached than fit the control
-    /// buffer, or the receiver had no room in its fd table for them (the
-    /// kernel reports both alike). The kernel dropped the rest and we closed
-    /// the ones that arrived. The message's `len` bytes are whole.
-    #[error("the fds attached to a message could not all be received (more than {MAX_FDS_PER_MESSAGE}, or no room for them)")]
+    /// The kernel could not give the receiver every fd attached
+    /// (`MSG_CTRUNC`): with room in the control buffer for every fd a
+    /// message can carry, that is the receiver's fd table full (or a
+    /// security module refusing a file), never the sender's doing. The
+    /// message's `len` bytes are whole; the fds that did arrive are the
+    /// caller's to close.
+    #[error("the fds attached to a message could not all be received (no room for them in this process)")]
     ControlTruncated { len: usize },
+    /// The sender attached more fds than a message may carry. The
+    /// message's `len` bytes are whole; every fd arrived, for the caller
+    /// to close.
+    #[error("{count} fds arrived with one message, more than the {MAX_FDS_PER_MESSAGE} allowed")]
+    TooManyFds { len: usize, count: usize },
     #[error("recvmsg failed: {0}")]
     Os(#[from] Errno),
 }
@@ -203,10 +210,18 @@ pub fn recv_message_into_keeping(
             dropped.extend(fds);
             return Err(RecvError::Truncated);
         }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS_PER_MESSAGE {
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
             dropped.extend(fds);
             return Err(RecvError::ControlTruncated {
                 len: received as usize,
+            });
+        }
+        if fds.len() > MAX_FDS_PER_MESSAGE {
+            let count = fds.len();
+            dropped.extend(fds);
+            return Err(RecvError::TooManyFds {
+                len: received as usize,
+                count,
             });
         }
         if received == 0 && fds.is_empty() {
@@ -374,9 +389,9 @@ mod tests {
         drop(p);
         assert!(matches!(
             recv_message(b.as_fd(), false),
-            Err(RecvError::ControlTruncated { .. })
+            Err(RecvError::TooManyFds { count, .. }) if count == MAX_FDS_PER_MESSAGE + 1
         ));
-        assert!(peer_gone(&q), "fds of a truncated message must be closed");
+        assert!(peer_gone(&q), "fds of a refused message must be closed");
     }
 
     /// Every fd of a message carrying more than it may is received, and
@@ -391,7 +406,13 @@ mod tests {
         let mut dropped = Vec::new();
         let got = recv_message_into_keeping(b.as_fd(), &mut buf, false, &mut dropped);
         assert!(
-            matches!(got, Err(RecvError::ControlTruncated { len: 1 })),
+            matches!(
+                got,
+                Err(RecvError::TooManyFds {
+                    len: 1,
+                    count: SCM_MAX_FD
+                })
+            ),
             "{got:?}"
         );
         assert_eq!(dropped.len(), SCM_MAX_FD);
