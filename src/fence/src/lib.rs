@@ -520,6 +520,24 @@ impl Arbiter {
         Ok(self.serve(buffer, now))
     }
 
+    /// Several queued requests withdrawn together (a client going): all
+    /// leave their queues before any queue is served, so none is granted
+    /// by the leaving of another (a read queued behind the client's own
+    /// write, say). Unknown ids are skipped. Grants in FIFO order across
+    /// the buffers, as [`Arbiter::client_gone`] makes them.
+    pub fn cancel_all(&mut self, waiters: &[WaiterId], now: Instant) -> Vec<Grant> {
+        let touched: BTreeSet<BufferId> = waiters
+            .iter()
+            .filter_map(|&id| self.remove_waiter(id))
+            .collect();
+        let mut pending = Vec::new();
+        for buffer in touched {
+            pending.extend(self.pop_grantable(buffer));
+        }
+        pending.sort_by_key(|p| p.waiter.id);
+        self.install_all(pending, now)
+    }
+
     /// Ends the client's accesses and withdraws its waiters on ONE buffer
     /// (the client freed that buffer). Same rules as [`Arbiter::client_gone`],
     /// restricted to that buffer: a write it still held never got ended, so

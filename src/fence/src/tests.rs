@@ -523,3 +523,20 @@ fn a_departed_clients_index_goes_with_its_last_fence() {
     t.a.kernel_fence_signalled(d, now);
     assert_eq!(t.a.indexed_clients(), 0, "gone with its last fence");
 }
+
+/// Withdrawn together, a client's queued write and the read behind it
+/// both leave before the queue is served: the read is not granted by the
+/// write's leaving; a later reader of another client is.
+#[test]
+fn waiters_cancelled_together_leave_before_the_queue_is_served() {
+    let mut t = T::new();
+    t.grant(1, CpuRead);
+    let w = t.queue(2, CpuWrite);
+    let r = t.queue(2, CpuRead);
+    let other = t.queue(3, CpuRead);
+    let now = t.now();
+    let g = t.a.cancel_all(&[w, r, 99], now);
+    assert_eq!(waiters_of(&g), [other]);
+    assert_eq!(t.a.waiting_for(2), 0);
+    assert_eq!(t.holders(), [1, 3]);
+}

@@ -1037,9 +1037,11 @@ impl State {
     /// its word, say), and serving the queue then granted them to the
     /// client that is going: a write so granted was released at once as a
     /// lost one, and the next reader told `writer_lost` for nothing. A
-    /// hand-off planned for one is cancelled (or recorded) first, as at any
-    /// withdrawal; whoever waited behind it is served; `answer` says what
-    /// its begin is answered.
+    /// hand-off planned for one is cancelled first, as at any withdrawal.
+    /// All leave their queues before any queue is served: taken out one at
+    /// a time, the leaving of one (a write) granted the next (a read queued
+    /// behind it) to the client going. Whoever waited behind them is
+    /// served; `answer` says what each begin is answered.
     pub(super) fn take_out_waiters_of(
         &mut self,
         client: ClientId,
@@ -1053,10 +1055,24 @@ impl State {
             .filter_map(|w| Some((w, self.arbiter.waiter_buffer(w)?)))
             .filter(|(_, b)| buffer.is_none_or(|only| *b == only))
             .collect();
-        for (waiter, on) in waiters {
+        let mut buffers: Vec<BufferId> = waiters.iter().map(|(_, on)| *on).collect();
+        buffers.sort_unstable();
+        buffers.dedup();
+        for on in buffers {
             self.take_over_word(on, now, false);
-            self.take_out_waiter(waiter, now, &answer);
         }
+        let mut out = Vec::with_capacity(waiters.len());
+        for (waiter, _) in waiters {
+            let Some(entry) = self.remove_waiter(waiter) else {
+                continue;
+            };
+            if let Some(error) = answer(&entry) {
+                self.reply(entry.client, entry.request_id, Err(error), Vec::new());
+            }
+            out.push(waiter);
+        }
+        let grants = self.arbiter.cancel_all(&out, now);
+        self.deliver_grants(grants);
     }
 
     /// `Cancel`: the client no longer waits for its begin `request`. A

@@ -228,7 +228,8 @@ impl Bench {
         self.state.cache_end_done(buffer, ended);
     }
 
-    /// Every message `client` has been sent since the last look.
+    /// Every message `client` has been sent since the last look (until
+    /// the broker let it go).
     pub(super) fn received(&self, client: ClientId) -> Vec<ServerMessage> {
         let (_, socket) = self
             .sockets
@@ -240,6 +241,8 @@ impl Bench {
             match recv_message(socket.as_fd(), true) {
                 Ok(got) => messages.push(decode_server_message(&got.bytes).expect("decode")),
                 Err(RecvError::Os(nix::errno::Errno::EAGAIN)) => return messages,
+                // A client the broker let go (a hang-up): all it was sent.
+                Err(RecvError::Closed) => return messages,
                 Err(err) => panic!("reading a client's messages: {err:?}"),
             }
         }
@@ -506,7 +509,8 @@ fn a_memfd_access_owes_no_cache_end_and_holds_nothing_back() {
     assert_eq!(bench.state.stats.cache_syncs_skipped, skipped + 3);
 }
 
-fn free_request(buffer: BufferId) -> Vec<u8> {
+/// A `Free` of `buffer`, encoded as a client sends it.
+pub(super) fn free_request(buffer: BufferId) -> Vec<u8> {
     dmabroker_ipc::codec::encode_request(&dmabroker_ipc::Request {
         head: dmabroker_ipc::RequestHead {
             id: 1_000,
@@ -906,4 +910,68 @@ fn a_fence_whose_only_subscriber_hangs_up_is_watched_no_more() {
         !bench.state.fence_subscribers.contains_key(&fence),
         "still watched for a client that is gone"
     );
+}
+
+/// Another client holds a read; `client` queues a write, then a read
+/// behind it, and goes (hangs up, or frees the buffer). Its begins left
+/// their queue one at a time, and the write's leaving served the queue:
+/// the read, at its head now and beside the other's read, was granted to
+/// the client going (a grant on a buffer being freed, or at a hang-up).
+/// They now all leave before the queue is served. Returns the answers
+/// `client` was sent to its two begins, and the grants made meanwhile.
+fn answers_to_the_begins_of_a_client_that_goes(goes: Goes) -> (Vec<Result<(), ErrorCode>>, u64) {
+    let mut bench = Bench::new();
+    let (holder, client) = (bench.client(), bench.client());
+    let frame = bench.buffer(&[holder, client], false);
+    let read = bench.begin(holder, frame, Access::CpuRead);
+    assert!(bench.granted(holder, read), "the holder reads");
+    let write = bench.begin(client, frame, Access::CpuWrite);
+    let queued_read = bench.begin(client, frame, Access::CpuRead);
+    assert!(bench.replies(client).is_empty(), "both queued");
+    let grants = bench.state.stats.grants;
+    {
+        let _entered = bench._runtime.enter();
+        match goes {
+            Goes::HangsUp => bench.state.disconnect(client),
+            Goes::Frees => {
+                let _ = bench
+                    .state
+                    .handle_message(client, &free_request(frame), Vec::new());
+            }
+        }
+        bench.state.settle_touched();
+    }
+    let replies = bench.replies(client);
+    let answers = [write, queued_read]
+        .iter()
+        .filter_map(|request| {
+            replies
+                .iter()
+                .find(|(id, _)| id == request)
+                .map(|(_, answer)| answer.as_ref().map(|_| ()).map_err(|code| *code))
+        })
+        .collect();
+    let granted = replies
+        .iter()
+        .filter(|(_, answer)| matches!(answer, Ok(ReplyBody::Granted(_))))
+        .count();
+    assert_eq!(granted as u64, bench.state.stats.grants - grants);
+    (answers, bench.state.stats.grants - grants)
+}
+
+#[test]
+fn the_begins_of_a_client_that_frees_are_answered_unknown_buffer() {
+    let (answers, grants) = answers_to_the_begins_of_a_client_that_goes(Goes::Frees);
+    assert_eq!(
+        answers,
+        vec![Err(ErrorCode::UnknownBuffer), Err(ErrorCode::UnknownBuffer)]
+    );
+    assert_eq!(grants, 0, "nothing granted");
+}
+
+#[test]
+fn the_begins_of_a_client_that_hangs_up_are_never_granted() {
+    let (answers, grants) = answers_to_the_begins_of_a_client_that_goes(Goes::HangsUp);
+    assert!(answers.is_empty(), "nobody to answer: {answers:?}");
+    assert_eq!(grants, 0, "nothing granted");
 }
