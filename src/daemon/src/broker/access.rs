@@ -1037,11 +1037,13 @@ impl State {
     /// its word, say), and serving the queue then granted them to the
     /// client that is going: a write so granted was released at once as a
     /// lost one, and the next reader told `writer_lost` for nothing. A
-    /// hand-off planned for one is cancelled first, as at any withdrawal.
-    /// All leave their queues before any queue is served: taken out one at
-    /// a time, the leaving of one (a write) granted the next (a read queued
-    /// behind it) to the client going. Whoever waited behind them is
-    /// served; `answer` says what each begin is answered.
+    /// hand-off planned for one is cancelled first, as at any withdrawal;
+    /// one the holder already carried out is recorded instead (the access
+    /// is the client's, and released with its others). All others leave
+    /// their queues before any queue is served: taken out one at a time,
+    /// the leaving of one (a write) granted the next (a read queued behind
+    /// it) to the client going. Whoever waited behind them is served;
+    /// `answer` says what each begin is answered.
     pub(super) fn take_out_waiters_of(
         &mut self,
         client: ClientId,
@@ -1061,6 +1063,11 @@ impl State {
         for on in buffers {
             self.take_over_word(on, now, false);
         }
+        // A plan the take-over left standing was carried out: the holder's
+        // end handed the buffer over, and the waiter may be writing.
+        let (handed, waiters): (Vec<_>, Vec<_>) = waiters
+            .into_iter()
+            .partition(|(waiter, on)| self.planned_waiter(*on) == Some(*waiter));
         let mut out = Vec::with_capacity(waiters.len());
         for (waiter, _) in waiters {
             let Some(entry) = self.remove_waiter(waiter) else {
@@ -1073,6 +1080,18 @@ impl State {
         }
         let grants = self.arbiter.cancel_all(&out, now);
         self.deliver_grants(grants);
+        // The hand-off is recorded (the settle retires the holder's ended
+        // access, which grants the waiter): the access is the client's,
+        // and its hang-up or free releases it as any other (a write as a
+        // lost one). Cancelled instead, the write was nobody's in the
+        // table, and the next grant did not carry `writer_lost`. Its other
+        // begins are out of the queues by now: the settle grants none.
+        for (waiter, on) in handed {
+            self.settle_buffer(on, false, now);
+            // Not recorded (the word broke meanwhile, say): it leaves the
+            // queue as the others did.
+            self.take_out_waiter(waiter, now, &answer);
+        }
     }
 
     /// `Cancel`: the client no longer waits for its begin `request`. A

@@ -1784,4 +1784,51 @@ mod state_tests {
         assert!(now.is_idle() && now.daemon(), "voided: {now:?}");
         assert_ne!(now.epoch(), slot.epoch, "the reader's slot is void");
     }
+
+    /// The waiter of a hand-off its holder carried out (it holds the write
+    /// in the word, and may be writing) goes, by hang-up or free, before
+    /// the broker read the holder's `WordEnded`. The write is its, and a
+    /// lost one: the next grant must carry `writer_lost`. Before, taking
+    /// its queued begins out cancelled the waiter in the queue without
+    /// recording the hand-off, the write was nobody's in the table (not
+    /// released as lost) and its bit left with the holder's index: the next
+    /// reader was granted contents that may be torn with no warning. Found
+    /// by review. Returns whether the next grant carries `writer_lost`.
+    fn next_reader_told_of_a_hand_off_whose_waiter_goes(frees: bool) -> bool {
+        let HandedOff {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            ..
+        } = handed_off();
+        {
+            let _entered = bench._runtime.enter();
+            if frees {
+                let free = super::super::cache_end_tests::free_request(frame);
+                let answered = bench.state.handle_message(waiter, &free, Vec::new());
+                assert_eq!(answered, super::super::Disposition::Continue);
+            } else {
+                bench.state.disconnect(waiter);
+            }
+        }
+        settle(&mut bench);
+        assert_eq!(bench.state.stats.hand_offs, 1, "the hand-off is recorded");
+        word_ended(&mut bench, holder, frame);
+        let next = begin(&mut bench, later, frame, Access::CpuRead);
+        grant_of(&bench.received(later), next)
+            .expect("the next read is granted")
+            .writer_lost
+    }
+
+    #[test]
+    fn a_hand_off_whose_waiter_hangs_up_is_a_lost_write() {
+        assert!(next_reader_told_of_a_hand_off_whose_waiter_goes(false));
+    }
+
+    #[test]
+    fn a_hand_off_whose_waiter_frees_the_buffer_is_a_lost_write() {
+        assert!(next_reader_told_of_a_hand_off_whose_waiter_goes(true));
+    }
 }
