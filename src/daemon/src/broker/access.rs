@@ -1280,10 +1280,8 @@ impl State {
     }
 }
 
-/// The answer to a begin whose grant the daemon could not wait on safely
-/// for want of a file descriptor.
-/// A no-autofence grant on a dma-buf whose kernel fences the daemon could
-/// not export for its client (out of fds, of memory).
+/// The answer to a no-autofence grant on a dma-buf whose kernel fences the
+/// daemon could not export for its client (out of fds, of memory).
 fn no_kernel_fence() -> WireError {
     WireError::new(
         ErrorCode::Busy,
@@ -1291,6 +1289,8 @@ fn no_kernel_fence() -> WireError {
     )
 }
 
+/// The answer to a begin whose grant the daemon could not wait on safely
+/// for want of a file descriptor.
 fn out_of_fds() -> WireError {
     WireError::new(
         ErrorCode::Busy,
