@@ -18,16 +18,41 @@ use tokio::io::Interest;
 use crate::kernel::dma_buf::{self, SyncDirection, SyncPhase};
 use crate::kernel::KernelError;
 
-/// How long a wait whose fd epoll could not take for now (`ENOMEM`, or
-/// the user's epoll watches used up: `ENOSPC`) waits before it asks again.
+/// How long a wait whose fd epoll did not take waits before it polls the
+/// fd again (and, if epoll could not take it for now, asks epoll again).
 const REGISTER_RETRY: Duration = Duration::from_millis(100);
 
 async fn until_ready(fd: HeldDup, interest: Interest) {
     until_ready_with(fd, interest, crate::reactor::try_register::<HeldDup>).await;
 }
 
+/// Whether the fd polls ready for `interest` now (poll(2), no wait). A
+/// failed poll says not yet: the next look asks again.
+fn ready_now(fd: &HeldDup, interest: Interest) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let want = if interest.is_writable() {
+        PollFlags::POLLOUT
+    } else {
+        PollFlags::POLLIN
+    };
+    let mut fds = [PollFd::new(fd.as_fd(), want)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0].revents().is_some_and(|r| r.contains(want)),
+        _ => false,
+    }
+}
+
 /// `register`: how the fd is put in the reactor (a test's stand-in can
 /// fail it).
+///
+/// Epoll refusing the fd: `EPERM` (not pollable) counts as signalled;
+/// `ENOMEM` and `ENOSPC` (the user's epoll watches used up) may pass, so
+/// epoll is asked again every [`REGISTER_RETRY`]; any other error (`EINVAL`,
+/// `ELOOP`, the reactor shutting down) will not, and is not asked again.
+/// Until epoll takes the fd, it is polled directly at each of those
+/// periods, so a fence that signals meanwhile is seen all the same: the
+/// fence is never taken as signalled before it is, nor kept for good
+/// after.
 async fn until_ready_with<R>(mut fd: HeldDup, interest: Interest, mut register: R)
 where
     R: FnMut(HeldDup, Interest) -> Result<AsyncFd<HeldDup>, (HeldDup, std::io::Error)>,
@@ -44,13 +69,25 @@ where
             }
             // Pollable, but not now: the fence is still the device's, and
             // taking it as signalled would let the next access in while
-            // the device works. Ask again in a while.
-            Err((back, err)) => {
+            // the device works. Ask again in a while, looking meanwhile.
+            Err((back, err)) if matches!(err.raw_os_error(), Some(libc::ENOMEM | libc::ENOSPC)) => {
                 if !std::mem::replace(&mut warned, true) {
-                    tracing::warn!(error = %err, "cannot watch a kernel fence for now; trying again");
+                    tracing::warn!(error = %err, "cannot watch a kernel fence for now; polling it until epoll can");
                 }
                 fd = back;
+                if ready_now(&fd, interest) {
+                    return;
+                }
                 tokio::time::sleep(REGISTER_RETRY).await;
+            }
+            // Epoll will not take it, now or later: poll it until it
+            // signals.
+            Err((back, err)) => {
+                tracing::warn!(error = %err, "cannot watch a kernel fence; polling it until it signals");
+                while !ready_now(&back, interest) {
+                    tokio::time::sleep(REGISTER_RETRY).await;
+                }
+                return;
             }
         }
     };
@@ -422,7 +459,7 @@ mod tests {
     /// user's watches used up) is still the device's: it was taken as
     /// signalled, and the access queued behind it granted while the device
     /// still worked. Only `EPERM` (a file that cannot be polled) counts as
-    /// signalled; any other failure is tried again until the fd is
+    /// signalled; `ENOMEM` and `ENOSPC` are tried again until the fd is
     /// watched, and the wait ends when it is ready, not before.
     #[test]
     fn a_fence_epoll_cannot_take_for_now_is_waited_for_all_the_same() {
@@ -457,6 +494,63 @@ mod tests {
             "(waiting while unsignalled, done once signalled)"
         );
         assert!(tries.load(Ordering::SeqCst) >= 2, "registered again");
+    }
+
+    /// A pipe's read end, empty (unsignalled), as a fence to wait for:
+    /// the wait's dup, and the write end that signals it.
+    fn unsignalled_fence() -> (HeldDup, std::os::fd::OwnedFd) {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let held = Arc::new(crate::held_files::HeldFd::new(
+            read,
+            crate::held_files::Release::Here,
+        ));
+        (HeldDup::of(&held).expect("dup"), write)
+    }
+
+    /// Waits on a fence whose registration always fails with `errno`,
+    /// signalled after a few retry periods: whether it was still waiting
+    /// before, whether it ended after, and how often it asked epoll.
+    fn wait_never_registered(errno: i32) -> (bool, bool, usize) {
+        let (fd, write) = unsignalled_fence();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&tries);
+        let register = move |fd: HeldDup, _: Interest| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Err::<AsyncFd<HeldDup>, _>((fd, std::io::Error::from_raw_os_error(errno)))
+        };
+        let (still_waiting, done) = runtime().block_on(async {
+            let wait = tokio::spawn(until_ready_with(fd, Interest::READABLE, register));
+            tokio::time::sleep(REGISTER_RETRY * 3).await;
+            let still_waiting = !wait.is_finished();
+            nix::unistd::write(&write, b"x").expect("write");
+            let done = tokio::time::timeout(Duration::from_secs(10), wait).await;
+            (still_waiting, done.is_ok())
+        });
+        (still_waiting, done, tries.load(Ordering::SeqCst))
+    }
+
+    /// A registration epoll refuses for good but for `EPERM` (`EINVAL`,
+    /// `ELOOP`, a reactor shutting down) is not asked again: the fence is
+    /// polled directly until it signals. Before, it was asked again every
+    /// 100 ms forever, and the access stayed fenced for good although its
+    /// fence signalled.
+    #[test]
+    fn a_fence_epoll_refuses_for_good_is_polled_until_it_signals() {
+        let (still_waiting, done, tries) = wait_never_registered(libc::EINVAL);
+        assert!(still_waiting, "waiting while unsignalled");
+        assert!(done, "done once signalled");
+        assert_eq!(tries, 1, "not asked again");
+    }
+
+    /// A fence epoll cannot take for now (`ENOSPC`), and still cannot when
+    /// it signals, is seen signalled meanwhile by polling it directly.
+    /// Before, only a registration could end the wait.
+    #[test]
+    fn a_fence_signalled_while_epoll_cannot_take_it_is_seen() {
+        let (still_waiting, done, tries) = wait_never_registered(libc::ENOSPC);
+        assert!(still_waiting, "waiting while unsignalled");
+        assert!(done, "done once signalled");
+        assert!(tries >= 2, "asked again: {tries}");
     }
 
     /// A file epoll refuses for good (`EPERM`: not pollable) counts as
