@@ -459,7 +459,10 @@ impl Driver {
         let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
         let socket = Arc::new(reactor::register(theirs, interest).expect("register"));
         let outbox = Arc::new(Outbox::new(socket, 256));
-        let id = self.broker.with(|s| s.connect(peer, Arc::clone(&outbox)));
+        let id = self
+            .broker
+            .with(|s| s.connect(peer, Arc::clone(&outbox)))
+            .expect("a client id");
         self.runtime.spawn(outbox.run_writer());
         // Two connections in three use buffer words, so that sequences mix
         // both kinds of client on the same buffers.

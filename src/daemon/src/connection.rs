@@ -60,8 +60,30 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
     let outbox = Arc::new(Outbox::new(Arc::clone(&socket), 256));
     // The uid for log lines, and the one whose bounds on closes apply.
     let (pid, uid, accountable) = (peer.pid, peer.identity.uid, peer.accountable_uid);
-    let (client, hello_timeout) =
-        broker.with(|s| (s.connect(peer, Arc::clone(&outbox)), s.limits.hello_timeout));
+    let connected = broker.with(|s| {
+        s.connect(peer, Arc::clone(&outbox))
+            .map(|client| (client, s.limits.hello_timeout))
+    });
+    let (client, hello_timeout) = match connected {
+        Ok(connected) => connected,
+        // Every connection id is used (see `broker::MAX_CLIENT_ID`): the
+        // client is told why, and the socket goes as a refusal's.
+        Err(err) => {
+            tracing::error!(pid, uid, error = %err, "cannot take a connection");
+            drop(outbox);
+            match Arc::try_unwrap(socket) {
+                Ok(registered) => {
+                    drop(uid_slot);
+                    crate::server::refuse(registered.into_inner(), err.into(), accountable);
+                }
+                Err(shared) => crate::client_fds::release_socket_elsewhere(
+                    accountable,
+                    Box::new((shared, uid_slot)),
+                ),
+            }
+            return;
+        }
+    };
     let writer = tokio::spawn(Arc::clone(&outbox).run_writer());
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     // Dropped once the hello is handled: polled with every wake-up, it

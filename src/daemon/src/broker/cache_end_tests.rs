@@ -73,7 +73,10 @@ impl Bench {
         let peer = crate::identity::peer_of(theirs.as_fd()).expect("peer of a socketpair");
         let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
         let socket = Arc::new(crate::reactor::register(theirs, interest).expect("register"));
-        let id = self.state.connect(peer, Arc::new(Outbox::new(socket, 256)));
+        let id = self
+            .state
+            .connect(peer, Arc::new(Outbox::new(socket, 256)))
+            .expect("a client id");
         // Requests by message (a free) need no hello here.
         if let Some(entry) = self.state.clients.get_mut(&id) {
             entry.hello_done = true;

@@ -35,8 +35,8 @@ pub(crate) use persist::matches_record;
 pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{
-    AccessEntry, BufferEntry, BufferOrigin, ClientEntry, DaemonLimits, IdsExhausted, State,
-    MAX_BUFFER_ID,
+    AccessEntry, BufferEntry, BufferOrigin, ClientEntry, ClientIdsExhausted, DaemonLimits,
+    IdsExhausted, State, MAX_BUFFER_ID, MAX_CLIENT_ID,
 };
 pub use waits::cache_sync_delay;
 pub use words::WordState;

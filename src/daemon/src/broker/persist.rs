@@ -16,7 +16,9 @@ use std::time::{Instant, SystemTime};
 use dmabroker_ipc::{BufferId, ClientId, ErrorCode, QuotaDetail, ReplyBody, WireError};
 
 use super::access::Answer;
-use super::state::{Before, BufferEntry, BufferOrigin, Holder, State, MAX_BUFFER_ID, STORE_LET_GO};
+use super::state::{
+    Before, BufferEntry, BufferOrigin, Holder, State, MAX_BUFFER_ID, MAX_CLIENT_ID, STORE_LET_GO,
+};
 use super::words::WordState;
 use crate::heaps::Backend;
 use crate::held_files::{HeldFd, Release};
@@ -280,7 +282,7 @@ impl State {
                     // u32::MAX: an older daemon's record of a hold nobody
                     // had re-attached, whose uid it did not keep.
                     restored_uid: (h.uid != u32::MAX).then_some(h.uid),
-                    restored_client: (h.client != 0).then_some(h.client),
+                    restored_client: known_client(buffer.id, h.client),
                 })
                 .collect();
             // The previous instance's clients may have left bits, and may
@@ -335,6 +337,7 @@ impl State {
             .iter()
             .flat_map(|b| &b.holders)
             .map(|h| h.client)
+            .filter(|&id| id <= MAX_CLIENT_ID)
             .max()
             .map_or(0, |id| id.saturating_add(1));
         self.bump_next_client_id(above_clients);
@@ -570,6 +573,23 @@ impl State {
     }
 }
 
+/// The connection a record says held a hold of `buffer`: none for 0 (a
+/// record that did not say) and none for an id above any this daemon
+/// hands out (see [`MAX_CLIENT_ID`]: a corrupt or hand-written record),
+/// whose hold is one of a connection the record does not name.
+fn known_client(buffer: BufferId, client: ClientId) -> Option<ClientId> {
+    if client > MAX_CLIENT_ID {
+        tracing::warn!(
+            buffer,
+            client,
+            "recorded holder's connection id is above any this daemon hands out; \
+             taking it for one the record does not name"
+        );
+        return None;
+    }
+    (client != 0).then_some(client)
+}
+
 /// How a connection from before the restart is named in an answer.
 fn before_name(before: Before) -> String {
     match before {
@@ -734,6 +754,47 @@ mod tests {
             (6, 7),
             "ids go on above the buffers taken back"
         );
+    }
+
+    /// A recorded hold of connection `u64::MAX` (or just below, above any
+    /// id this daemon hands out) is one of a connection the record does
+    /// not name: before, the next client id was set to `u64::MAX`, and the
+    /// second connection after the restart overflowed the count (a panic
+    /// on the broker's thread in a debug build, in a release build id 0,
+    /// `ORPHAN`, which every hold awaiting re-attach is held by). Found
+    /// by review.
+    #[test]
+    fn recorded_client_ids_at_the_top_are_unknown_and_no_new_id_wraps() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let (mut top, top_fd) = stored_buffer(1);
+        top.holders[0].client = u64::MAX;
+        top.holders[0].uid = uid;
+        let (mut below, below_fd) = stored_buffer(2);
+        below.holders[0].client = u64::MAX - 1;
+        below.holders[0].uid = uid;
+        let secret = top.holders[0].secret.clone();
+        let summary = bench.state.restore(
+            &table_of(vec![top, below], 3),
+            HashMap::from([(buffer_name(1), top_fd), (buffer_name(2), below_fd)]),
+        );
+        assert_eq!(summary.restored, 2);
+        for buffer in [1, 2] {
+            let holder = &bench.state.buffers.get(&buffer).expect("restored").holders[0];
+            assert_eq!(holder.restored_client, None, "buffer {buffer}");
+        }
+        let first = bench.client();
+        let second = bench.client();
+        assert_eq!((first, second), (1, 2), "ids start where they always do");
+        for buffer in [1, 2] {
+            assert!(
+                bench.state.reattach(first, buffer, &secret).is_ok(),
+                "buffer {buffer} is re-attached as an unknown connection's"
+            );
+        }
+        let c = bench.state.clients.get(&first).expect("connected");
+        assert_eq!(c.reattaching, Some(Before::Unknown));
+        assert_ne!(second, ORPHAN);
     }
 
     /// Every id up to the highest handed out, the next allocation is

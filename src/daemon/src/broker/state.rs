@@ -42,6 +42,34 @@ pub(super) const STORE_LET_GO: std::time::Duration = std::time::Duration::from_s
 /// made to. It also fits a signed 64-bit integer, for the views' readers.
 pub const MAX_BUFFER_ID: BufferId = i64::MAX as BufferId;
 
+/// The highest client (connection) id the daemon hands out, for the same
+/// reasons as [`MAX_BUFFER_ID`]: a record's hold naming a higher one (a
+/// corrupt or hand-written record) names no connection this daemon had,
+/// and is taken for a hold of a connection the record does not name.
+/// Before, a hold recorded for `u64::MAX` set the next id to the top: the
+/// connection after the next one overflowed the count (a panic on the
+/// broker's thread in a debug build; in a release build a wrap to 0,
+/// `ORPHAN`, which `held_by` finds in every hold awaiting re-attach).
+pub const MAX_CLIENT_ID: ClientId = i64::MAX as ClientId;
+
+/// Every client id up to [`MAX_CLIENT_ID`] was handed out: no connection
+/// is taken any more (only a restart with a fresh count cures it, which
+/// at one connection a nanosecond is 292 years away).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the broker has no connection id left to hand out (the next would be {next}, above the \
+     highest, {MAX_CLIENT_ID}); restart the service"
+)]
+pub struct ClientIdsExhausted {
+    pub next: ClientId,
+}
+
+impl From<ClientIdsExhausted> for WireError {
+    fn from(err: ClientIdsExhausted) -> WireError {
+        WireError::new(ErrorCode::Internal, err.to_string())
+    }
+}
+
 /// Every buffer id up to [`MAX_BUFFER_ID`] was handed out.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -497,8 +525,9 @@ impl State {
     /// Client ids from here on are at least `next`: a restored record's
     /// holds name the connections of earlier instances by their ids, and
     /// a new connection must not be taken for one of them.
+    /// Never beyond `MAX_CLIENT_ID + 1` (see [`MAX_CLIENT_ID`]).
     pub(super) fn bump_next_client_id(&mut self, next: ClientId) {
-        self.next_client = self.next_client.max(next);
+        self.next_client = self.next_client.max(next.min(MAX_CLIENT_ID + 1));
     }
 
     /// A connection that took over the id of one from before the restart
@@ -525,10 +554,19 @@ impl State {
     }
 
     /// Registers a new connection. Its limits come from the policy now and
-    /// again after every reload.
-    pub fn connect(&mut self, peer: Peer, outbox: Arc<Outbox>) -> ClientId {
+    /// again after every reload. Refused, not given an id that wrapped,
+    /// once every id up to [`MAX_CLIENT_ID`] is used: a wrapped id would
+    /// be `ORPHAN` or a live connection's.
+    pub fn connect(
+        &mut self,
+        peer: Peer,
+        outbox: Arc<Outbox>,
+    ) -> Result<ClientId, ClientIdsExhausted> {
         let id = self.next_client;
-        self.next_client += 1;
+        self.next_client = id
+            .checked_add(1)
+            .filter(|_| id <= MAX_CLIENT_ID)
+            .ok_or(ClientIdsExhausted { next: id })?;
         let resolved = self.policy.resolve(&peer.identity);
         outbox.set_cap(resolved.limits.max_unread_replies as usize);
         tracing::info!(
@@ -568,7 +606,7 @@ impl State {
                 took_new: false,
             },
         );
-        id
+        Ok(id)
     }
 
     /// Swaps in a new policy: connected clients get its limits for new
