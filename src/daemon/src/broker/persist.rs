@@ -498,25 +498,41 @@ impl State {
         // their sum, several times its limits, and the next restart's
         // record had them all as one connection's, to be gathered with
         // more at the restart after.
-        if let Some(taken) = c.reattaching.filter(|taken| *taken != before) {
-            return Err(WireError::new(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "buffer {buffer} was held by {} before the broker restarted, and this                      connection re-attaches the holds of {}: re-attach it on a connection                      of its own",
-                    before_name(before),
-                    before_name(taken)
-                ),
-            ));
-        }
+        //
+        // A hold of a connection the record does not name (a version 1
+        // record's, or one whose id was none of ours) goes with the holds
+        // of any one connection: an honest client's holds were split so
+        // after an upgrade (those it had re-attached named in the next
+        // record, those still waiting not), and the second group was
+        // refused and lost. Such holds come only from a record that did
+        // not name their connections, and the next record names every one
+        // re-attached: there are never more of them, so no connection
+        // gathers more at every restart.
+        let bound = match (c.reattaching, before) {
+            (None, before) => before,
+            (Some(taken), before) if taken == before => taken,
+            (Some(taken @ Before::Client(_)), Before::Unknown) => taken,
+            (Some(Before::Unknown), before @ Before::Client(_)) => before,
+            (Some(taken), _) => {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "buffer {buffer} was held by {} before the broker restarted, and this                          connection re-attaches the holds of {}: re-attach it on a connection                          of its own",
+                        before_name(before),
+                        before_name(taken)
+                    ),
+                ));
+            }
+        };
         // The id the connection's holds will be recorded under: the one
         // before the restart, unless another connection took that over
         // already (one closing, its end not yet read: it hands the id on
         // when it goes, see `State::hand_on_recorded_id`). Two connections
         // recording their holds under one id would have them gathered
         // onto one connection after the next restart.
-        let recorded_as = match (c.reattaching, before) {
-            (Some(_), _) => c.recorded_as,
-            (None, Before::Client(id))
+        let recorded_as = match (c.reattaching, bound) {
+            (Some(Before::Client(_)), _) => c.recorded_as,
+            (_, Before::Client(id))
                 if !self
                     .clients
                     .values()
@@ -524,7 +540,7 @@ impl State {
             {
                 id
             }
-            (None, _) => c.recorded_as,
+            _ => c.recorded_as,
         };
         // The limits are not checked on a connection that has only
         // re-attached: each hold was within them when it was taken, a
@@ -537,7 +553,7 @@ impl State {
         // would otherwise add a restart's holds to a full quota, again at
         // every restart. The client crate re-attaches before anything.
         if c.took_new || !c.allocating.is_empty() {
-            let awaiting = match before {
+            let awaiting = match bound {
                 Before::Client(id) => self.awaiting(id, Some(buffer)),
                 Before::Unknown => Awaiting::default(),
             };
@@ -562,7 +578,7 @@ impl State {
             if charge {
                 c.charged_bytes += size;
             }
-            c.reattaching = Some(before);
+            c.reattaching = Some(bound);
             c.recorded_as = recorded_as;
         }
         self.persist_changed();
@@ -795,6 +811,55 @@ mod tests {
         let c = bench.state.clients.get(&first).expect("connected");
         assert_eq!(c.reattaching, Some(Before::Unknown));
         assert_ne!(second, ORPHAN);
+    }
+
+    /// After an upgrade from a version 1 record, a client's holds it had
+    /// re-attached are named in the next record (its connection's) and
+    /// those still waiting are not: in the instance after, the first
+    /// group's re-attach bound the connection, and the second's was
+    /// refused PermissionDenied, in whichever order it came, and the
+    /// buffer lost. Both orders re-attach now, and the next record names
+    /// every hold the connection's. Found by review.
+    #[test]
+    fn holds_of_an_unnamed_connection_go_with_a_named_ones() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        // Buffer 1 recorded for connection 6, 2 for none; 3 for none, 4
+        // for connection 7.
+        let mut records = Vec::new();
+        let mut fds = HashMap::new();
+        for (id, client) in [(1, 6), (2, 0), (3, 0), (4, 7)] {
+            let (mut record, fd) = stored_buffer(id);
+            record.holders[0].client = client;
+            record.holders[0].uid = uid;
+            records.push(record);
+            fds.insert(buffer_name(id), fd);
+        }
+        let secret = records[0].holders[0].secret.clone();
+        let summary = bench.state.restore(&table_of(records, 5), fds);
+        assert_eq!(summary.restored, 4);
+        let named_first = bench.client();
+        let unnamed_first = bench.client();
+        for (client, buffer) in [
+            (named_first, 1),
+            (named_first, 2),
+            (unnamed_first, 3),
+            (unnamed_first, 4),
+        ] {
+            let answer = bench.state.reattach(client, buffer, &secret);
+            assert!(
+                answer.is_ok(),
+                "buffer {buffer} on connection {client}: {:?}",
+                answer.err()
+            );
+        }
+        let recorded: Vec<(BufferId, ClientId)> = bench
+            .state
+            .buffer_records(&[1, 2, 3, 4])
+            .iter()
+            .map(|b| (b.id, b.holders[0].client))
+            .collect();
+        assert_eq!(recorded, [(1, 6), (2, 6), (3, 7), (4, 7)]);
     }
 
     /// Every id up to the highest handed out, the next allocation is
