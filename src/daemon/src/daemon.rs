@@ -1115,16 +1115,38 @@ async fn changed_unseen(wanted: &tokio::sync::Notify) -> bool {
     }
 }
 
+/// Copies of the table a record may start before one is kept whatever
+/// changed meanwhile (see [`copy_record`]).
+const RECORD_COPY_TRIES: u32 = 3;
+
 /// The table's record, copied [`RECORD_CHUNK`] buffers per turn of the
-/// state lock.
+/// state lock. A connection's recorded id changing between two chunks (a
+/// re-attach taking one over, the grace period's end) would have the
+/// record name its holds by two ids, and the next instance refuse the
+/// second group's re-attach: the copy starts again then, up to
+/// [`RECORD_COPY_TRIES`] times; past that the record goes as it is, and
+/// the change has asked for the next one.
 async fn copy_record(broker: &Arc<Broker>, generation: u64) -> StateRecord {
-    let ids = broker.lock().buffer_ids();
-    let mut buffers = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(RECORD_CHUNK) {
-        buffers.extend(broker.lock().buffer_records(chunk));
-        tokio::task::yield_now().await;
+    let mut tries = 1;
+    'copy: loop {
+        let (ids, epoch) = {
+            let state = broker.lock();
+            (state.buffer_ids(), state.recorded_as_epoch())
+        };
+        let mut buffers = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(RECORD_CHUNK) {
+            {
+                let state = broker.lock();
+                if state.recorded_as_epoch() != epoch && tries < RECORD_COPY_TRIES {
+                    tries += 1;
+                    continue 'copy;
+                }
+                buffers.extend(state.buffer_records(chunk));
+            }
+            tokio::task::yield_now().await;
+        }
+        return broker.lock().record_of(generation, buffers);
     }
-    broker.lock().record_of(generation, buffers)
 }
 
 /// What one record's writing achieved.

@@ -410,9 +410,21 @@ impl State {
         // Nothing waits to be re-attached any more: no connection counts
         // waiting holds against its limits (each allocation would look
         // for them), and its holds are recorded under its own id.
+        let mut renamed = false;
         for c in self.clients.values_mut() {
             c.reattaching = None;
+            renamed |= c.recorded_as != c.id;
             c.recorded_as = c.id;
+        }
+        // A connection's holds now recorded under its own id: the record
+        // must say so, and one being copied must start again. Before, with
+        // no hold dropped no record was asked for, and one copied across
+        // this point named the connection's holds by both ids (the
+        // earlier chunks by the id it took over, the later by its own),
+        // with no record after it to put that right: after a restart, the
+        // client's second group of holds was refused and lost.
+        if renamed {
+            self.recorded_as_changed();
         }
         // Buffers kept by other holders changed too: without a new record
         // the dropped holds would come back with the next restart.
@@ -571,6 +583,7 @@ impl State {
         if charge {
             entry.owner = client;
         }
+        let mut renamed = false;
         if let Some(c) = self.clients.get_mut(&client) {
             if c.buffers.insert(buffer) {
                 c.held_bytes += size;
@@ -579,7 +592,11 @@ impl State {
                 c.charged_bytes += size;
             }
             c.reattaching = Some(bound);
+            renamed = c.recorded_as != recorded_as;
             c.recorded_as = recorded_as;
+        }
+        if renamed {
+            self.recorded_as_changed();
         }
         self.persist_changed();
         Ok(Answer::Reply(
@@ -860,6 +877,50 @@ mod tests {
             .map(|b| (b.id, b.holders[0].client))
             .collect();
         assert_eq!(recorded, [(1, 6), (2, 6), (3, 7), (4, 7)]);
+    }
+
+    /// The grace period's end with no hold left to drop still changes
+    /// the record: a connection that took over the id of one from before
+    /// the restart has its holds recorded under its own id from then on.
+    /// No record was asked for then, so one copied a chunk at a time
+    /// across that point named the client's holds by both ids, with
+    /// nothing to put it right, and the next instance refused the second
+    /// group's re-attach. Found by review.
+    #[test]
+    fn the_grace_periods_end_asks_for_a_record_when_only_ids_change() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let (mut record, fd) = stored_buffer(1);
+        record.holders[0].client = 5;
+        record.holders[0].uid = uid;
+        let secret = record.holders[0].secret.clone();
+        bench.state.restore(
+            &table_of(vec![record], 2),
+            HashMap::from([(buffer_name(1), fd)]),
+        );
+        bench.state.fd_store = Some(Arc::new(crate::service::fdstore::store_for_tests()));
+        let client = bench.client();
+        assert!(bench.state.reattach(client, 1, &secret).is_ok());
+        let recorded_as = |state: &State| state.buffer_records(&[1])[0].holders[0].client;
+        assert_eq!(recorded_as(&bench.state), 5);
+        let wanted = Arc::clone(&bench.state.persist_wanted);
+        let asked = |bench: &super::super::cache_end_tests::Bench| {
+            bench._runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::ZERO, wanted.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        assert!(asked(&bench), "the re-attach asked for a record");
+        let epoch = bench.state.recorded_as_epoch();
+        assert_eq!(bench.state.drop_orphans(), 0);
+        assert_eq!(recorded_as(&bench.state), client);
+        assert!(asked(&bench), "the grace period's end asked for a record");
+        assert_ne!(
+            bench.state.recorded_as_epoch(),
+            epoch,
+            "a record being copied starts again"
+        );
     }
 
     /// Every id up to the highest handed out, the next allocation is

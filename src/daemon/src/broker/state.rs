@@ -360,6 +360,10 @@ pub struct State {
     pub fd_store: Option<Arc<crate::service::fdstore::FdStore>>,
     /// Wakes the task that rewrites the stored record (debounced).
     pub persist_wanted: Arc<tokio::sync::Notify>,
+    /// Goes up whenever a connection's `recorded_as` changes: a record
+    /// copied a chunk at a time across such a change would name one
+    /// connection's holds by two ids (see `daemon::copy_record`).
+    recorded_as_epoch: u64,
     /// The daemon is stopping: no more client messages are handled, so
     /// that the last record of the table holds everything clients were
     /// told (see `connection::serve`).
@@ -414,6 +418,7 @@ impl State {
             started: SystemTime::now(),
             fd_store: None,
             persist_wanted: Arc::new(tokio::sync::Notify::new()),
+            recorded_as_epoch: 0,
             stopping: false,
             notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
@@ -550,6 +555,7 @@ impl State {
             .min_by_key(|c| c.id);
         if let Some(next) = next {
             next.recorded_as = gone.recorded_as;
+            self.recorded_as_changed();
         }
     }
 
@@ -644,6 +650,19 @@ impl State {
     /// [`MAX_BUFFER_ID`] for ours (see `service::inherited::buffer_id_of`).
     pub fn bump_next_buffer_id(&mut self, next: BufferId) {
         self.next_buffer = self.next_buffer.max(next.min(MAX_BUFFER_ID + 1));
+    }
+
+    /// How many times a connection's `recorded_as` changed (see
+    /// `recorded_as_epoch`).
+    pub fn recorded_as_epoch(&self) -> u64 {
+        self.recorded_as_epoch
+    }
+
+    /// A connection's `recorded_as` changed: a record being copied must
+    /// start again, and a new one is wanted.
+    pub(super) fn recorded_as_changed(&mut self) {
+        self.recorded_as_epoch = self.recorded_as_epoch.wrapping_add(1);
+        self.persist_changed();
     }
 
     /// The buffer table changed in a way the stored record must reflect.

@@ -1136,6 +1136,26 @@ pub fn read_record(fd: &OwnedFd) -> Result<StateRecord, ReadRecordError> {
     Ok(StateRecord::decode(&bytes)?)
 }
 
+/// An fd store with nothing in it and no manager behind it, for the
+/// broker's tests of when a record is asked for.
+#[cfg(test)]
+pub(crate) fn store_for_tests() -> FdStore {
+    FdStore {
+        capacity: Capacity {
+            max: 16,
+            from_manager: false,
+        },
+        unremoved: Mutex::new(Vec::new()),
+        unstored: Mutex::new(Vec::new()),
+        in_flight: Mutex::new(InFlight::default()),
+        failing: std::sync::atomic::AtomicBool::new(false),
+        record_slots: std::sync::atomic::AtomicUsize::new(RECORD_SLOTS),
+        record_owed: std::sync::atomic::AtomicBool::new(false),
+        unreachable: std::sync::atomic::AtomicBool::new(false),
+        extra_fds: Mutex::new(std::collections::HashMap::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
