@@ -529,7 +529,9 @@ impl State {
                 return Err(WireError::new(
                     ErrorCode::PermissionDenied,
                     format!(
-                        "buffer {buffer} was held by {} before the broker restarted, and this                          connection re-attaches the holds of {}: re-attach it on a connection                          of its own",
+                        "buffer {buffer} was held by {} before the broker restarted, and this \
+                         connection re-attaches the holds of {}: re-attach it on a connection \
+                         of its own",
                         before_name(before),
                         before_name(taken)
                     ),
@@ -920,6 +922,39 @@ mod tests {
             bench.state.recorded_as_epoch(),
             epoch,
             "a record being copied starts again"
+        );
+    }
+
+    /// A hold of another connection from before the restart is refused
+    /// with a message that reads as one sentence: it had runs of some 20
+    /// spaces in it (a string continued without its backslash). Found by
+    /// review.
+    #[test]
+    fn a_hold_of_another_connection_is_refused_with_a_plain_message() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let mut records = Vec::new();
+        let mut fds = HashMap::new();
+        for (id, client) in [(1, 6), (2, 7)] {
+            let (mut record, fd) = stored_buffer(id);
+            record.holders[0].client = client;
+            record.holders[0].uid = uid;
+            records.push(record);
+            fds.insert(buffer_name(id), fd);
+        }
+        let secret = records[0].holders[0].secret.clone();
+        bench.state.restore(&table_of(records, 3), fds);
+        let client = bench.client();
+        assert!(bench.state.reattach(client, 1, &secret).is_ok());
+        let Err(refused) = bench.state.reattach(client, 2, &secret) else {
+            panic!("a hold of connection 7 re-attached on connection 6's");
+        };
+        assert_eq!(refused.code, ErrorCode::PermissionDenied);
+        assert_eq!(
+            refused.message,
+            "buffer 2 was held by connection 7 before the broker restarted, and this \
+             connection re-attaches the holds of connection 6: re-attach it on a connection \
+             of its own"
         );
     }
 
