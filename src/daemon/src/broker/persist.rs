@@ -284,7 +284,7 @@ impl State {
                     restored_uid: (h.uid != u32::MAX).then_some(h.uid),
                     restored_client: known_client(buffer.id, h.client),
                 })
-                .collect();
+                .collect::<Vec<Holder>>();
             // The previous instance's clients may have left bits, and may
             // still be beginning there.
             let word = has_word.then(|| WordState::inherited(fd.as_fd(), buffer.size));
@@ -298,6 +298,14 @@ impl State {
             // (one whose uid an older daemon did not keep as u32::MAX).
             for holder in &buffer.holders {
                 fd.sent_to(holder.uid);
+            }
+            for holder in &holders {
+                if let Some(before) = holder.restored_client {
+                    self.awaiting_index
+                        .entry(before)
+                        .or_default()
+                        .insert(buffer.id);
+                }
             }
             self.buffers.insert(
                 buffer.id,
@@ -410,6 +418,7 @@ impl State {
         // Nothing waits to be re-attached any more: no connection counts
         // waiting holds against its limits (each allocation would look
         // for them), and its holds are recorded under its own id.
+        self.awaiting_index.clear();
         let mut renamed = false;
         for c in self.clients.values_mut() {
             c.reattaching = None;
@@ -441,7 +450,10 @@ impl State {
     /// ends first.
     pub(super) fn awaiting(&self, before: ClientId, except: Option<BufferId>) -> Awaiting {
         let mut awaiting = Awaiting::default();
-        for entry in self.buffers.values() {
+        let Some(buffers) = self.awaiting_index.get(&before) else {
+            return awaiting;
+        };
+        for entry in buffers.iter().filter_map(|id| self.buffers.get(id)) {
             if Some(entry.id) == except {
                 continue;
             }
@@ -578,6 +590,20 @@ impl State {
         };
         entry.holders[position].client = client;
         entry.holders[position].restored_client = None;
+        if let Before::Client(id) = before {
+            let still = entry
+                .holders
+                .iter()
+                .any(|h| h.client == ORPHAN && h.restored_client == Some(id));
+            if !still {
+                if let Some(buffers) = self.awaiting_index.get_mut(&id) {
+                    buffers.remove(&buffer);
+                    if buffers.is_empty() {
+                        self.awaiting_index.remove(&id);
+                    }
+                }
+            }
+        }
         // Only the owner takes its charge back (it comes first, see
         // `restore`). Whoever re-attaches first is not charged for it; if
         // the owner never comes back, the grace period's end moves the
@@ -956,6 +982,91 @@ mod tests {
              connection re-attaches the holds of connection 6: re-attach it on a connection \
              of its own"
         );
+    }
+
+    /// What `awaiting` counted by looking at every buffer, before it
+    /// looked at the restore's index only.
+    fn awaiting_by_scan(state: &State, before: ClientId, except: Option<BufferId>) -> Awaiting {
+        let mut awaiting = Awaiting::default();
+        for entry in state.buffers.values().filter(|e| Some(e.id) != except) {
+            for (position, h) in entry.holders.iter().enumerate() {
+                if h.client == ORPHAN && h.restored_client == Some(before) {
+                    awaiting.holds += 1;
+                    awaiting.held_bytes += entry.size;
+                    if entry.owner == ORPHAN && position == 0 {
+                        awaiting.charged_bytes += entry.size;
+                    }
+                }
+            }
+        }
+        awaiting
+    }
+
+    /// `awaiting` looks only at the buffers the restore gave a hold of
+    /// the connection (it ran over every buffer, on every allocation and
+    /// re-attach during the grace period), and counts what a look at
+    /// every buffer counts, as holds are re-attached; once none waits,
+    /// the connection has no entry left. A performance change, found by
+    /// review: this test passes with the scan too.
+    #[test]
+    fn awaiting_counts_what_a_scan_of_every_buffer_counts() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let second_secret = "dmab1-ffeeddccbbaa99887766554433221100";
+        let mut records = Vec::new();
+        let mut fds = HashMap::new();
+        // Buffers 1 and 2 owned by connection 5, 3 by 6; 6 also holds 1,
+        // and 5 holds 3.
+        for (id, owner, other) in [(1, 5, Some(6)), (2, 5, None), (3, 6, Some(5))] {
+            let (mut record, fd) = stored_buffer(id);
+            record.holders[0].client = owner;
+            record.holders[0].uid = uid;
+            if let Some(other) = other {
+                record.holders.push(HolderRecord {
+                    secret: second_secret.into(),
+                    uid,
+                    owner: false,
+                    client: other,
+                });
+            }
+            records.push(record);
+            fds.insert(buffer_name(id), fd);
+        }
+        let secret = records[0].holders[0].secret.clone();
+        bench.state.restore(&table_of(records, 4), fds);
+        let same = |state: &State| {
+            for before in [5, 6, 7] {
+                for except in [None, Some(1), Some(2), Some(3)] {
+                    let (index, scan) = (
+                        state.awaiting(before, except),
+                        awaiting_by_scan(state, before, except),
+                    );
+                    assert_eq!(
+                        (index.holds, index.held_bytes, index.charged_bytes),
+                        (scan.holds, scan.held_bytes, scan.charged_bytes),
+                        "connection {before}, but buffer {except:?}"
+                    );
+                }
+            }
+        };
+        same(&bench.state);
+        assert_eq!(bench.state.awaiting(5, None).holds, 3);
+        let five = bench.client();
+        let six = bench.client();
+        for (client, buffer, secret) in [
+            (five, 1, secret.as_str()),
+            (six, 1, second_secret),
+            (five, 3, second_secret),
+            (six, 3, secret.as_str()),
+        ] {
+            assert!(bench.state.reattach(client, buffer, secret).is_ok());
+            same(&bench.state);
+        }
+        assert_eq!(bench.state.awaiting(5, None).holds, 1, "buffer 2 waits");
+        assert!(!bench.state.awaiting_index.contains_key(&6));
+        assert!(bench.state.reattach(five, 2, &secret).is_ok());
+        same(&bench.state);
+        assert!(bench.state.awaiting_index.is_empty());
     }
 
     /// Every id up to the highest handed out, the next allocation is

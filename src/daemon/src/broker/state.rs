@@ -364,6 +364,15 @@ pub struct State {
     /// copied a chunk at a time across such a change would name one
     /// connection's holds by two ids (see `daemon::copy_record`).
     recorded_as_epoch: u64,
+    /// For each connection from before the restart, the buffers the
+    /// restore gave an orphaned hold of it: [`State::awaiting`] looks at
+    /// these only, not at every buffer (it runs on every allocation and
+    /// re-attach of a connection re-attaching, during the grace period).
+    /// Never fewer than those that still have one (such holds are made
+    /// only by the restore); a buffer whose hold was re-attached or
+    /// freed may stay, and is passed over. Emptied at the grace
+    /// period's end.
+    pub(super) awaiting_index: HashMap<ClientId, BTreeSet<BufferId>>,
     /// The daemon is stopping: no more client messages are handled, so
     /// that the last record of the table holds everything clients were
     /// told (see `connection::serve`).
@@ -419,6 +428,7 @@ impl State {
             fd_store: None,
             persist_wanted: Arc::new(tokio::sync::Notify::new()),
             recorded_as_epoch: 0,
+            awaiting_index: HashMap::new(),
             stopping: false,
             notices: tokio::sync::broadcast::channel(NOTICE_BACKLOG).0,
             next_client: 1,
