@@ -1287,6 +1287,84 @@ mod tests {
         ))
     }
 
+    /// A connection's recorded id changing between two chunks of the
+    /// record's copy (here the grace period's end, between the first and
+    /// the second chunk) starts the copy again: before, the record named
+    /// the first chunk's holds by the id the connection had taken over
+    /// and the second's by its own, and after a restart the client's
+    /// re-attaches of the second group were refused and those buffers
+    /// lost. Found by review.
+    #[test]
+    fn a_record_copied_across_a_change_of_recorded_ids_names_one_id() {
+        use crate::service::record::{BufferRecord, HolderRecord, OriginRecord};
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let broker = broker();
+        runtime().block_on(async {
+            let page = dmabroker_ipc::bufferword::WORD_PAGE;
+            let count = RECORD_CHUNK as u64 + 1;
+            let mut buffers = Vec::new();
+            let mut fds = std::collections::HashMap::new();
+            for id in 1..=count {
+                let fd = crate::kernel::memfd::create_sealed("frame", 4096 + page).expect("memfd");
+                buffers.push(BufferRecord {
+                    id,
+                    size: 4096,
+                    heap: "memfd".into(),
+                    origin: OriginRecord::Memfd,
+                    name: "frame".into(),
+                    inode: crate::kernel::dma_buf::inode(fd.as_fd()).expect("inode"),
+                    holders: vec![HolderRecord {
+                        secret: format!("secret-{id}"),
+                        uid: 1000,
+                        owner: true,
+                        client: 5,
+                    }],
+                });
+                fds.insert(crate::service::fdstore::buffer_name(id), fd);
+            }
+            let record = StateRecord {
+                version: crate::service::record::RECORD_VERSION,
+                generation: 1,
+                next_buffer: count + 1,
+                buffers,
+            };
+            assert_eq!(broker.lock().restore(&record, fds).restored, count as usize);
+            // A connection that re-attached every hold for connection 5.
+            let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+            let (_ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)
+                .expect("socketpair");
+            let peer = crate::identity::peer_of(theirs.as_fd()).expect("peer");
+            let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+            let socket = Arc::new(crate::reactor::register(theirs, interest).expect("register"));
+            let outbox = Arc::new(crate::outbox::Outbox::new(socket, 256));
+            let client = broker.lock().connect(peer, outbox).expect("a client id");
+            {
+                let mut state = broker.lock();
+                for entry in state.buffers.values_mut() {
+                    entry.holders[0].client = client;
+                    entry.holders[0].restored_client = None;
+                    entry.owner = client;
+                }
+                let c = state.clients.get_mut(&client).expect("connected");
+                c.recorded_as = 5;
+            }
+            let (copied, dropped) = tokio::join!(
+                biased;
+                copy_record(&broker, 2),
+                async { broker.lock().drop_orphans() },
+            );
+            assert_eq!(dropped, 0);
+            let named: std::collections::BTreeSet<u64> = copied
+                .buffers
+                .iter()
+                .flat_map(|b| &b.holders)
+                .map(|h| h.client)
+                .collect();
+            assert_eq!(copied.buffers.len(), count as usize);
+            assert_eq!(named, [client].into(), "one id for the connection's holds");
+        });
+    }
+
     /// While the manager had no room, every try (about once a second)
     /// copied the whole table and encoded it again, each a new generation,
     /// although nothing had changed. A try with the table unchanged now
