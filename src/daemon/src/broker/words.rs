@@ -1436,20 +1436,12 @@ mod state_tests {
             ("another kind", 1 << 41),
         ];
         for (what, flipped) in forgeries {
-            let mut bench = Bench::new();
-            let (holder, waiter, later) = (
-                words_client(&mut bench),
-                words_client(&mut bench),
-                bench.client(),
-            );
-            let frame = bench.buffer_with_word(&[holder, waiter, later]);
-            begin(&mut bench, holder, frame, Access::CpuRead);
-            let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
-            assert_eq!(
-                plans(&bench.received(waiter), write),
-                1,
-                "the write is planned"
-            );
+            let PlannedWrite {
+                mut bench,
+                later,
+                frame,
+                ..
+            } = planned_write();
             let word = holders_word(&bench, frame);
             let planned = word.load();
             word.scribble(planned.0 ^ flipped);
@@ -1494,7 +1486,6 @@ mod state_tests {
         assert!(grant.writer_lost, "the news reaches the next grant");
     }
 
-    /// Every `Planned` among `messages` answering `request`.
     /// A holder's read held in the word, a waiter's write planned behind
     /// it (once), and the holder's end in the word handing the buffer over,
     /// which the broker has not recorded yet; `later` uses no words.
@@ -1511,7 +1502,23 @@ mod state_tests {
         word: BufferWord,
     }
 
-    fn handed_off() -> HandedOff {
+    /// A holder's read held in the word and a waiter's write planned
+    /// behind it; `later` uses no words.
+    struct PlannedWrite {
+        bench: Bench,
+        holder: ClientId,
+        waiter: ClientId,
+        later: ClientId,
+        frame: BufferId,
+        /// The holder's read request.
+        read: u64,
+        /// The waiter's write request.
+        write: u64,
+        /// What the waiter received: the write's `Planned` among it.
+        waiter_got: Vec<ServerMessage>,
+    }
+
+    fn planned_write() -> PlannedWrite {
         let mut bench = Bench::new();
         let (holder, waiter, later) = (
             words_client(&mut bench),
@@ -1520,12 +1527,35 @@ mod state_tests {
         );
         let frame = bench.buffer_with_word(&[holder, waiter, later]);
         let read = begin(&mut bench, holder, frame, Access::CpuRead);
+        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
+        let waiter_got = bench.received(waiter);
+        assert_eq!(plans(&waiter_got, write), 1, "the write is planned");
+        PlannedWrite {
+            bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            read,
+            write,
+            waiter_got,
+        }
+    }
+
+    fn handed_off() -> HandedOff {
+        let PlannedWrite {
+            bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            read,
+            write,
+            waiter_got: messages,
+        } = planned_write();
         let held = grant_of(&bench.received(holder), read)
             .and_then(|g| g.word)
             .expect("the read is held in the word");
-        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
-        let messages = bench.received(waiter);
-        assert_eq!(plans(&messages, write), 1, "the write is planned");
         let Some(ServerMessage::Reply(reply)) = messages.first() else {
             panic!("no answer to the write: {messages:?}")
         };
@@ -1589,6 +1619,7 @@ mod state_tests {
         })
     }
 
+    /// Every `Planned` among `messages` answering `request`.
     fn plans(messages: &[ServerMessage], request: u64) -> usize {
         messages
             .iter()
@@ -1702,20 +1733,15 @@ mod state_tests {
     /// ended by the break, grants it by message with the news.
     #[test]
     fn a_word_broken_with_its_plan_still_in_it_grants_the_waiter_by_message() {
-        let mut bench = Bench::new();
-        let (holder, waiter, later) = (
-            words_client(&mut bench),
-            words_client(&mut bench),
-            bench.client(),
-        );
-        let frame = bench.buffer_with_word(&[holder, waiter, later]);
-        begin(&mut bench, holder, frame, Access::CpuRead);
-        let write = begin(&mut bench, waiter, frame, Access::CpuWrite);
-        assert_eq!(
-            plans(&bench.received(waiter), write),
-            1,
-            "the write is planned"
-        );
+        let PlannedWrite {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            write,
+            ..
+        } = planned_write();
         let word = holders_word(&bench, frame);
 
         word.scribble(word.load().0 & !DAEMON);
