@@ -831,6 +831,33 @@ fn dmabrokerctl_explains_a_missing_daemon_or_bus() {
     );
 }
 
+/// operations.md: exit code 2 is wrong usage, told before any bus is
+/// asked (no bus here at all), so a script can tell it from "no daemon"
+/// (3).
+#[test]
+fn dmabrokerctl_wrong_usage_exits_2() {
+    for args in [
+        &["frobnicate"][..],
+        &["--no-such-flag", "status"],
+        &["--bus", "elsewhere", "status"],
+        &["buffer", "not-a-number"],
+        &[],
+    ] {
+        let out = Command::new(dmabroker_suite::daemon::binary("dmabrokerctl"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/system")
+            .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/session")
+            .output()
+            .expect("dmabrokerctl");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", errtext(&out));
+        let said = errtext(&out);
+        assert!(
+            said.contains("error:") || said.contains("Usage:"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
 #[test]
 fn the_daemon_serves_clients_without_a_bus() {
     for bus in ["unix:path=/nonexistent/bus", "none"] {

@@ -712,6 +712,22 @@ mod tests {
         assert!(err.to_string().contains("linux,cma"), "{err}");
     }
 
+    /// heaps.md: a dma-heap that happens to be called like a built-in
+    /// backend is ignored, so "memfd" and "udmabuf" always name ours: an
+    /// allocation asking for "memfd" gets a sealed memfd, not a device's
+    /// buffer (here one that would fail every ioctl).
+    #[test]
+    fn a_dma_heap_named_like_a_built_in_backend_is_ignored() {
+        let dir = fake_heaps(&["memfd", "udmabuf", "system"]);
+        let reg = HeapRegistry::discover(&host_config(dir.path()));
+        assert_eq!(names(&reg), ["system", "memfd"]);
+        let memfd = reg.heaps().iter().find(|h| h.name == "memfd");
+        assert_eq!(memfd.map(|h| h.backend), Some(Backend::Memfd));
+        let a = reg.allocate(Some("memfd"), None, 4096, "x").expect("memfd");
+        assert_eq!((a.heap.as_str(), a.backend), ("memfd", Backend::Memfd));
+        assert!(a.fallbacks.is_empty(), "{:?}", a.fallbacks);
+    }
+
     #[test]
     fn failing_dma_heap_falls_back_and_records_why() {
         let dir = fake_heaps(&["system", "linux,cma"]);

@@ -1043,6 +1043,28 @@ fn a_file_that_is_not_utf8_says_where() {
     );
 }
 
+/// policy.md: a policy file over 1 MiB is refused before it is read; one
+/// of exactly 1 MiB (a comment padding valid TOML) still loads.
+#[test]
+fn refuses_files_over_one_mib() {
+    let dir = TempDir::new("size");
+    let body = "[default]\nmax_buffers = 1\n#";
+    let padding = usize::try_from(MIB).unwrap() - body.len() - 1;
+    let just_fits = format!("{body}{}\n", "x".repeat(padding));
+    assert_eq!(just_fits.len() as u64, MIB);
+    let path = dir.write("policy.toml", &just_fits);
+    Policy::load_files(&[path]).expect("1 MiB loads");
+
+    let too_large = format!("{body}{}\n", "x".repeat(padding + 1));
+    let path = dir.write("policy.toml", &too_large);
+    let err = Policy::load_files(&[path]).unwrap_err();
+    assert!(
+        matches!(err, PolicyError::Insecure { .. })
+            && err.to_string().contains("larger than 1 MiB"),
+        "{err}"
+    );
+}
+
 #[test]
 fn refuses_files_others_can_write() {
     use std::os::unix::fs::PermissionsExt as _;

@@ -143,6 +143,33 @@ mod tests {
         assert_eq!(&back, b"payload");
     }
 
+    /// heaps.md: a memfd buffer is made with `MFD_NOEXEC_SEAL` where the
+    /// kernel has it (6.3 on): no exec bit, and sealed so none can be set,
+    /// so a client cannot map a buffer it shares as code.
+    #[test]
+    fn memfd_buffers_are_never_executable_where_the_kernel_can_seal_them_so() {
+        use std::os::unix::fs::PermissionsExt;
+        const F_SEAL_EXEC: i32 = 0x0020;
+        let probe = memfd_create(
+            c"noexec-probe",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::from_bits_retain(libc::MFD_NOEXEC_SEAL),
+        );
+        if matches!(probe, Err(Errno::EINVAL)) {
+            crate::kernel::note_skip("MFD_NOEXEC_SEAL needs Linux 6.3");
+            return;
+        }
+        for fd in [
+            create_sealed("noexec", 4096).expect("create"),
+            create_for_udmabuf("noexec-udmabuf", 4096).expect("create"),
+        ] {
+            let file = std::fs::File::from(fd.try_clone().expect("dup"));
+            let mode = file.metadata().expect("stat").permissions().mode();
+            assert_eq!(mode & 0o111, 0, "mode {mode:o}");
+            let sealed = seals(fd.as_fd()).expect("seals");
+            assert_ne!(sealed.bits() & F_SEAL_EXEC, 0, "seals {sealed:?}");
+        }
+    }
+
     #[test]
     fn udmabuf_backing_is_shrink_sealed_only() {
         let fd = create_for_udmabuf("udmabuf-backing", 4096).expect("create");
