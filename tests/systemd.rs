@@ -97,6 +97,72 @@ fn the_client_socket_is_in_no_folder_systemd_hands_to_the_service() {
     }
 }
 
+/// The shipped sysusers and tmpfiles files, as systemd's own tools apply
+/// them to a private root, make what operations.md says: a system user
+/// `dmabroker` with a group of its own (which the udev rule gives the heap
+/// nodes), in group `video` too (the socket's, so the service's own
+/// clients reach it), with no login shell; and the socket's folder
+/// `/run/dmabroker`, 0755 root:root.
+#[test]
+fn the_shipped_sysusers_and_tmpfiles_files_make_the_user_and_the_socket_folder() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        dmabroker_daemon::kernel::note_skip(
+            "systemd-tmpfiles needs root to give the folder it makes to root",
+        );
+        return;
+    }
+    let root = TempDir::new("sysroot");
+    std::fs::create_dir_all(root.path().join("etc")).expect("etc");
+    for (tool, file, extra) in [
+        (
+            "systemd-sysusers",
+            "systemd/sysusers.d/dmabroker.conf",
+            None,
+        ),
+        (
+            "systemd-tmpfiles",
+            "systemd/tmpfiles.d/dmabroker.conf",
+            Some("--create"),
+        ),
+    ] {
+        let out = Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args(extra)
+            .arg(repo().join(file))
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} (Debian package systemd): {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let read = |path: &str| std::fs::read_to_string(root.path().join(path)).expect(path);
+    let (passwd, group) = (read("etc/passwd"), read("etc/group"));
+    let fields = |text: &str, name: &str| -> Vec<String> {
+        text.lines()
+            .map(|line| line.split(':').map(str::to_owned).collect::<Vec<_>>())
+            .find(|f| f.first().is_some_and(|n| n == name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let user = fields(&passwd, "dmabroker");
+    let own_group = fields(&group, "dmabroker");
+    assert_eq!(user[3], own_group[2], "the user's primary group is its own");
+    assert!(user[6].ends_with("nologin"), "no login shell: {user:?}");
+    let video = fields(&group, "video");
+    assert!(
+        video[3].split(',').any(|member| member == "dmabroker"),
+        "in group video: {video:?}"
+    );
+    let folder = std::fs::metadata(root.path().join("run/dmabroker")).expect("the socket folder");
+    assert!(folder.is_dir());
+    assert_eq!(
+        (folder.mode() & 0o7777, folder.uid(), folder.gid()),
+        (0o755, 0, 0)
+    );
+}
+
 #[test]
 fn service_hardening_exposure_is_at_most_1_0() {
     let dir = TempDir::new("security");
