@@ -922,13 +922,7 @@ fn a_connection_cannot_reattach_two_holds_of_one_buffer() {
     let _second = Running::start(&manager, "second", &[]);
     let mut both = RawClient::connect(&manager.socket_path);
     both.hello();
-    let (id, _) = raw_hold(
-        &mut both,
-        RequestBody::Reattach {
-            buffer,
-            secret: owners,
-        },
-    );
+    let id = raw_reattach(&mut both, buffer, owners);
     assert_eq!(id, buffer);
     let second = both.request(RequestBody::Reattach {
         buffer,
@@ -977,7 +971,7 @@ fn a_reattach_secret_works_only_for_the_uid_that_held_the_buffer() {
     assert!(answer.starts_with("err unknown-buffer"), "{answer}");
     let mut again = RawClient::connect(&manager.socket_path);
     again.hello();
-    let (id, _) = raw_hold(&mut again, RequestBody::Reattach { buffer, secret });
+    let id = raw_reattach(&mut again, buffer, secret);
     assert_eq!(id, buffer, "the holder's uid re-attaches it");
 }
 
@@ -1051,6 +1045,11 @@ fn raw_alloc(raw: &mut RawClient, size: u64) -> (u64, String) {
     )
 }
 
+/// Re-attaches a hold that must be taken back; its buffer's id.
+fn raw_reattach(raw: &mut RawClient, buffer: u64, secret: String) -> u64 {
+    raw_hold(raw, RequestBody::Reattach { buffer, secret }).0
+}
+
 /// A raw connection, said hello on.
 fn raw_connection(manager: &ServiceManager) -> RawClient {
     let mut raw = RawClient::connect(&manager.socket_path);
@@ -1096,7 +1095,7 @@ fn a_reattach_after_an_alloc_of_ones_own_is_checked_against_the_limits() {
     });
     assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
     let mut honest = raw_connection(&manager);
-    let (id, _) = raw_hold(&mut honest, RequestBody::Reattach { buffer, secret });
+    let id = raw_reattach(&mut honest, buffer, secret);
     assert_eq!(id, buffer, "the hold is left for its own re-attach");
 }
 
@@ -1117,26 +1116,14 @@ fn holds_not_yet_reattached_count_against_a_new_allocation() {
     drop(first); // SIGKILL
     let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
     let mut again = raw_connection(&manager);
-    let _ = raw_hold(
-        &mut again,
-        RequestBody::Reattach {
-            buffer: one,
-            secret: one_secret,
-        },
-    );
+    raw_reattach(&mut again, one, one_secret);
     let refused = again.request(RequestBody::Alloc {
         size: 32 << 10,
         heap: None,
         name: None,
     });
     assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
-    let (id, _) = raw_hold(
-        &mut again,
-        RequestBody::Reattach {
-            buffer: two,
-            secret: two_secret,
-        },
-    );
+    let id = raw_reattach(&mut again, two, two_secret);
     assert_eq!(id, two, "the other hold is still re-attached");
 }
 
@@ -1157,13 +1144,7 @@ fn a_connection_reattaches_the_holds_of_one_connection_from_before_the_restart()
     drop(first); // SIGKILL
     let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
     let mut both = raw_connection(&manager);
-    let (id, _) = raw_hold(
-        &mut both,
-        RequestBody::Reattach {
-            buffer: a_buffer,
-            secret: a_secret,
-        },
-    );
+    let id = raw_reattach(&mut both, a_buffer, a_secret);
     assert_eq!(id, a_buffer);
     let refused = both.request(RequestBody::Reattach {
         buffer: b_buffer,
@@ -1171,13 +1152,7 @@ fn a_connection_reattaches_the_holds_of_one_connection_from_before_the_restart()
     });
     assert_eq!(refused, Err(ErrorCode::PermissionDenied), "{refused:?}");
     let mut own = raw_connection(&manager);
-    let (id, _) = raw_hold(
-        &mut own,
-        RequestBody::Reattach {
-            buffer: b_buffer,
-            secret: b_secret,
-        },
-    );
+    let id = raw_reattach(&mut own, b_buffer, b_secret);
     assert_eq!(id, b_buffer, "the hold is left for a connection of its own");
 }
 
@@ -1199,19 +1174,13 @@ fn a_restart_between_two_reattaches_keeps_the_holds_one_connections() {
     let second = Running::start(&manager, "second", &[]);
     let seen = manager.received().records_sent();
     let mut halfway = raw_connection(&manager);
-    let _ = raw_hold(
-        &mut halfway,
-        RequestBody::Reattach {
-            buffer: one,
-            secret: one_secret.clone(),
-        },
-    );
+    raw_reattach(&mut halfway, one, one_secret.clone());
     manager.wait_for_record_after(seen);
     drop(second); // SIGKILL, one hold re-attached, one not
     let _third = Running::start(&manager, "third", &[]);
     let mut again = raw_connection(&manager);
     for (buffer, secret) in [(one, one_secret), (two, two_secret)] {
-        let (id, _) = raw_hold(&mut again, RequestBody::Reattach { buffer, secret });
+        let id = raw_reattach(&mut again, buffer, secret);
         assert_eq!(id, buffer);
     }
 }
@@ -1234,13 +1203,7 @@ fn a_second_connection_takes_over_the_recorded_id_when_the_first_goes() {
     drop(first); // SIGKILL
     let second = Running::start(&manager, "second", &[]);
     let reattach = |raw: &mut RawClient, (buffer, secret): &(u64, String)| {
-        let (id, _) = raw_hold(
-            raw,
-            RequestBody::Reattach {
-                buffer: *buffer,
-                secret: secret.clone(),
-            },
-        );
+        let id = raw_reattach(raw, *buffer, secret.clone());
         assert_eq!(id, *buffer);
     };
     let mut previous = raw_connection(&manager);
@@ -1276,13 +1239,7 @@ fn a_second_connection_counts_the_waiting_holds_too() {
     let mut previous = raw_connection(&manager);
     let mut next = raw_connection(&manager);
     for (raw, (buffer, secret)) in [(&mut previous, &holds[0]), (&mut next, &holds[1])] {
-        let (id, _) = raw_hold(
-            raw,
-            RequestBody::Reattach {
-                buffer: *buffer,
-                secret: secret.clone(),
-            },
-        );
+        let id = raw_reattach(raw, *buffer, secret.clone());
         assert_eq!(id, *buffer);
     }
     // 16 KiB re-attached, 16 KiB waiting: 48 KiB more is over 64 KiB.
@@ -1317,13 +1274,7 @@ fn a_new_connection_is_not_taken_for_one_a_record_names() {
     drop(second); // SIGKILL, the first hold still waiting
     let _third = Running::start_with(&manager, "third", &[], &["--policy", &policy]);
     let mut gatherer = raw_connection(&manager);
-    let (id, _) = raw_hold(
-        &mut gatherer,
-        RequestBody::Reattach {
-            buffer: waiting.0,
-            secret: waiting.1,
-        },
-    );
+    let id = raw_reattach(&mut gatherer, waiting.0, waiting.1);
     assert_eq!(id, waiting.0);
     let refused = gatherer.request(RequestBody::Reattach {
         buffer: own.0,
