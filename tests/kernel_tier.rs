@@ -600,61 +600,41 @@ fn kernel_tier_a_grant_the_daemon_has_no_fd_to_wait_for_is_refused_not_given_ear
     let Some(vgem) = vgem() else {
         return;
     };
-    let daemon = fd_countable_daemon();
-    let owner = daemon.client();
-    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
-    let token = adopted.export().expect("export");
-    let mut reader = RawClient::connect(daemon.socket());
-    reader.hello();
-    let shared = reader.import(token.to_string());
-
-    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
-    let attached = Instant::now();
-    let pid = daemon.pid();
-    // Ended connections close on a thread of their own: wait for them.
-    dmabroker_suite::proc::stable_fd_count(pid);
-    limit_fds(pid, free_fds(pid, 1)[0]);
-    let id = reader.send_request(RequestBody::Begin {
-        buffer: shared,
-        access: dmabroker_ipc::Access::CpuRead,
-        timeout_ms: None,
-    });
-    let answer = reader.recv_reply().expect("an answer");
-    limit_fds(pid, 1024);
+    let (id, answer, again) = read_begun_with_no_fd_to_spare(&vgem, false, Some(5000));
     assert_eq!(
-        answer,
+        answer.expect("an answer"),
         (id, Err(dmabroker_ipc::ErrorCode::Busy)),
         "answered while the device still writes"
     );
-    assert_still_serving(&owner);
-    signal(&vgem, fence, attached);
-    match reader.request(RequestBody::Begin {
-        buffer: shared,
-        access: dmabroker_ipc::Access::CpuRead,
-        timeout_ms: Some(5000),
-    }) {
+    match again {
         Ok(ReplyBody::Granted(_)) => {}
         other => panic!("the read was not granted once the device was done: {other:?}"),
     }
 }
 
-/// The same for a no-autofence reader, whose grant carries the device's
-/// fence (fence 0) for it to wait on: a daemon that cannot export that
-/// fence (here out of fds; out of memory alike) sent the grant without it,
-/// and the reader, told of nothing to wait for, read while the device
-/// still wrote. Only a kernel without the export (`ENOTTY`) has nothing to
-/// list; any other failure answers the begin `Busy`.
-#[test]
-fn kernel_tier_a_no_autofence_grant_whose_kernel_fence_cannot_be_exported_is_refused() {
-    let Some(vgem) = vgem() else {
-        return;
-    };
+/// What a raw client's request is answered.
+type RawAnswer = Result<ReplyBody, dmabroker_ipc::ErrorCode>;
+
+/// A CPU read begun (autofence or not) on an adopted vgem buffer a device
+/// is writing, sent while the daemon has not one fd to spare; then, the
+/// fds given back and the device done, the same begin again (with
+/// `timeout_ms`). Returns the first begin's id and answer, and the second
+/// begin's answer; the daemon is checked to serve others in between.
+fn read_begun_with_no_fd_to_spare(
+    vgem: &Vgem,
+    no_autofence: bool,
+    timeout_ms: Option<u32>,
+) -> (u64, Option<(u64, RawAnswer)>, RawAnswer) {
     let daemon = fd_countable_daemon();
     let owner = daemon.client();
-    let (gpu_buffer, adopted) = adopted_gpu_buffer(&vgem, &owner);
+    let (gpu_buffer, adopted) = adopted_gpu_buffer(vgem, &owner);
     let token = adopted.export().expect("export");
     let mut reader = RawClient::connect(daemon.socket());
-    reader.hello_no_autofence();
+    if no_autofence {
+        reader.hello_no_autofence();
+    } else {
+        reader.hello();
+    }
     let shared = reader.import(token.to_string());
 
     let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
@@ -670,18 +650,34 @@ fn kernel_tier_a_no_autofence_grant_whose_kernel_fence_cannot_be_exported_is_ref
     });
     let answer = reader.recv_reply();
     limit_fds(pid, 1024);
+    assert_still_serving(&owner);
+    signal(vgem, fence, attached);
+    let again = reader.request(RequestBody::Begin {
+        buffer: shared,
+        access: dmabroker_ipc::Access::CpuRead,
+        timeout_ms,
+    });
+    (id, answer, again)
+}
+
+/// The same for a no-autofence reader, whose grant carries the device's
+/// fence (fence 0) for it to wait on: a daemon that cannot export that
+/// fence (here out of fds; out of memory alike) sent the grant without it,
+/// and the reader, told of nothing to wait for, read while the device
+/// still wrote. Only a kernel without the export (`ENOTTY`) has nothing to
+/// list; any other failure answers the begin `Busy`.
+#[test]
+fn kernel_tier_a_no_autofence_grant_whose_kernel_fence_cannot_be_exported_is_refused() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let (id, answer, again) = read_begun_with_no_fd_to_spare(&vgem, true, None);
     assert_eq!(
         answer.map(|(got, reply)| (got, reply.map(|_| ()))),
         Some((id, Err(dmabroker_ipc::ErrorCode::Busy))),
         "granted without the device's fence while the device still writes"
     );
-    assert_still_serving(&owner);
-    signal(&vgem, fence, attached);
-    match reader.request(RequestBody::Begin {
-        buffer: shared,
-        access: dmabroker_ipc::Access::CpuRead,
-        timeout_ms: None,
-    }) {
+    match again {
         Ok(ReplyBody::Granted(grant)) => assert!(grant.fences.is_empty(), "{grant:?}"),
         other => panic!("the read was not granted once the device was done: {other:?}"),
     }
