@@ -17,7 +17,8 @@ pub enum LogFormat {
 pub struct Config {
     /// Socket to serve. Default: $DMABROKER_SOCKET, else
     /// /run/dmabroker/socket (system service), else
-    /// $XDG_RUNTIME_DIR/dmabroker/socket.
+    /// $XDG_RUNTIME_DIR/dmabroker/socket, else (no runtime directory)
+    /// /tmp/dmabroker-$UID/socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
 
@@ -83,6 +84,9 @@ pub struct Config {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
 
+    /// Log lines as text, or as one JSON object per line for a log
+    /// collector. Ignored when stderr is the journal's stream (under
+    /// systemd): logs then go to the journal natively.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
