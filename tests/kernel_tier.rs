@@ -2028,3 +2028,141 @@ fn a_free_answers_the_waiting_read(
         "{what}: {answers:?}"
     );
 }
+
+/// Ends a device write on `frame` with the fence of a vgem write still
+/// under way; returns what ending it answered, with the fence to signal.
+fn end_device_write_with_an_unsignalled_fence<'v>(
+    vgem: &'v Vgem,
+    frame: &Buffer,
+) -> (
+    Result<(), dmabroker_client::FenceRefused>,
+    VgemBuffer<'v>,
+    FenceHandle,
+    Instant,
+) {
+    let render = frame.begin(Access::DeviceWrite).expect("device write");
+    let gpu_buffer = vgem.create_buffer(4096).expect("vgem buffer");
+    let fence = gpu_buffer.attach_fence(true).expect("attach a write fence");
+    let attached = Instant::now();
+    let done =
+        dma_buf::export_sync_file(gpu_buffer.dmabuf(), false).expect("export the GPU's fence");
+    (render.end_with_fence(done), gpu_buffer, fence, attached)
+}
+
+/// An access ended with a kernel fence is its device's: it leaves its
+/// client's count of held accesses, and stays when the client goes, while
+/// the daemon keeps the sync_file (two fds) until the fence signals. So
+/// such accesses count per uid, connections gone included, against
+/// `max_held_accesses`: before, one client could end accesses with fences
+/// that never signal, reconnect and go on, until the daemon's fd table was
+/// full and every client was refused. One over the limit is refused
+/// `QuotaExceeded` and changes nothing (the access is still held); once
+/// the fences signal, fences are taken again.
+#[test]
+fn kernel_tier_accesses_ended_with_unsignalled_fences_count_per_uid_against_max_held_accesses() {
+    let Some(vgem) = vgem() else {
+        return;
+    };
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some("[default]\nmax_held_accesses = 2\n".to_owned()),
+        args: ["--dma-heap-dir", "/dev/dma_heap", "--dbus", "none"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let first = daemon.client();
+    let frames: Vec<Buffer> = (0..3).map(|_| first.alloc(4096).expect("alloc")).collect();
+    let mut fences = Vec::new();
+    for frame in &frames[..2] {
+        let (ended, gpu_buffer, fence, attached) =
+            end_device_write_with_an_unsignalled_fence(&vgem, frame);
+        ended.unwrap_or_else(|refused| panic!("ending with a fence: {}", refused.error));
+        fences.push((gpu_buffer, fence, attached));
+    }
+
+    // Two awaited fences of this uid: a third is refused, and the access
+    // it would have ended is still held.
+    let (ended, _gpu_buffer, third, third_attached) =
+        end_device_write_with_an_unsignalled_fence(&vgem, &frames[2]);
+    let refused = ended.expect_err("a third awaited fence is over the limit");
+    assert_eq!(
+        refused.error.code(),
+        Some(dmabroker_ipc::ErrorCode::QuotaExceeded),
+        "{}",
+        refused.error
+    );
+    assert!(
+        refused
+            .error
+            .to_string()
+            .contains("max_held_accesses limit 2, in use 2"),
+        "{}",
+        refused.error
+    );
+    let reader = daemon.client();
+    let token = frames[2].export().expect("export");
+    let imported = reader.import(&token).expect("import");
+    let read = imported
+        .begin_timeout(Access::CpuRead, Duration::from_millis(300))
+        .expect_err("the refused end changed nothing: the device write is still held");
+    assert_eq!(
+        read.code(),
+        Some(dmabroker_ipc::ErrorCode::Timeout),
+        "{read}"
+    );
+    (*refused.guard).end().expect("ending without the fence");
+    drop(imported);
+    drop(reader);
+
+    // The client goes and comes back: its awaited fences still count, on
+    // buffers another holder keeps (a buffer freed by its last holder
+    // takes its fences' sync_files with it).
+    let keeper = daemon.client();
+    let kept: Vec<Buffer> = frames[..2]
+        .iter()
+        .map(|frame| {
+            let token = frame.export().expect("export");
+            keeper.import(&token).expect("import")
+        })
+        .collect();
+    drop(frames);
+    drop(first);
+    let again = daemon.client();
+    let frame = again.alloc(4096).expect("alloc");
+    let (ended, _gpu_buffer, fourth, fourth_attached) =
+        end_device_write_with_an_unsignalled_fence(&vgem, &frame);
+    let refused = ended.expect_err("the fences of a connection gone still count");
+    assert_eq!(
+        refused.error.code(),
+        Some(dmabroker_ipc::ErrorCode::QuotaExceeded),
+        "{}",
+        refused.error
+    );
+
+    // Once the devices are done, a fence is taken again.
+    for (_gpu_buffer, fence, attached) in fences {
+        signal(&vgem, fence, attached);
+    }
+    signal(&vgem, third, third_attached);
+    let mut retry = refused;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match (*retry.guard).end_with_fence(retry.sync_file) {
+            Ok(()) => break,
+            Err(refused) if Instant::now() < deadline => {
+                assert_eq!(
+                    refused.error.code(),
+                    Some(dmabroker_ipc::ErrorCode::QuotaExceeded)
+                );
+                std::thread::sleep(Duration::from_millis(20));
+                retry = refused;
+            }
+            Err(refused) => panic!(
+                "the fences signalled, yet ending with one is refused: {}",
+                refused.error
+            ),
+        }
+    }
+    signal(&vgem, fourth, fourth_attached);
+    drop(kept);
+}

@@ -905,6 +905,7 @@ impl State {
         };
         // Everything that can fail comes before the arbiter's hand-over:
         // after it, the access waits for a wait that must then exist.
+        let uid = self.fences_awaited_check(client)?;
         let sync_file = Arc::new(sync_file);
         let waiter = HeldDup::of(&sync_file).map_err(|e| {
             WireError::new(
@@ -919,6 +920,8 @@ impl State {
             return Ok(());
         };
         entry.sync_file = Some(Arc::clone(&sync_file));
+        entry.awaited_for = Some(uid);
+        *self.fences_awaited.entry(uid).or_default() += 1;
         let (holder, slot) = (entry.client, entry.end_slot.take());
         self.release_end_slot(holder, slot);
         let Some(entry) = self.accesses.get(&access_id) else {
@@ -942,6 +945,44 @@ impl State {
             sync_file: waiter,
         });
         Ok(())
+    }
+
+    /// The accountable uid whose count of awaited kernel fences the
+    /// client's next one joins, or `QuotaExceeded` when that count is at
+    /// the client's `max_held_accesses`. An access ended with a fence is
+    /// its device's and leaves its client's count, and stays when the
+    /// client goes (the device still works): counted per connection, one
+    /// client could end accesses with fences that never signal, reconnect
+    /// and do it again, each keeping two of the daemon's fds, until the
+    /// daemon's fd table is full and every client is refused.
+    fn fences_awaited_check(&self, client: ClientId) -> Result<u32, WireError> {
+        let Some(entry) = self.clients.get(&client) else {
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!("no client {client}"),
+            ));
+        };
+        let uid = entry.peer.accountable_uid;
+        let limit = entry.resolved.limits.max_held_accesses;
+        let awaited = self.fences_awaited.get(&uid).copied().unwrap_or(0);
+        if awaited >= limit as usize {
+            let mut err = WireError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "rule '{}': max_held_accesses limit {limit}, in use {awaited} \
+                     (accesses ended with a kernel fence not yet signalled, \
+                     every connection of uid {uid}), requested 1",
+                    entry.resolved.rule
+                ),
+            );
+            err.quota = Some(dmabroker_ipc::QuotaDetail {
+                limit: limit.into(),
+                in_use: awaited as u64,
+                requested: 1,
+            });
+            return Err(err);
+        }
+        Ok(uid)
     }
 
     /// Bookkeeping for accesses the arbiter has removed: cache sync END for

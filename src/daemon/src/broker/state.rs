@@ -261,6 +261,9 @@ pub struct AccessEntry {
     /// grants (see `State::cache_sync_left`).
     pub starting: bool,
     pub sync_file: Option<Arc<HeldFd>>,
+    /// The accountable uid whose `State::fences_awaited` counts the
+    /// sync_file, while it is kept.
+    pub awaited_for: Option<u32>,
     pub deadline: Option<Instant>,
     /// Its word in the client's end-word page, while it may end there.
     pub end_slot: Option<dmabroker_ipc::endwords::EndSlot>,
@@ -289,6 +292,7 @@ impl AccessEntry {
             owes_cache_end: false,
             starting: false,
             sync_file: None,
+            awaited_for: None,
             deadline: None,
             end_slot: None,
             word_bit: None,
@@ -349,6 +353,12 @@ pub struct State {
     pub waiters: FxHashMap<WaiterId, WaiterEntry>,
     /// Clients to tell when a fence without kernel backing ends.
     pub fence_subscribers: FxHashMap<AccessId, Vec<ClientId>>,
+    /// For each accountable uid, its accesses ended with a sync_file whose
+    /// fence has not signalled, connections gone included: each keeps the
+    /// sync_file open here (two fds), and an access handed to its device
+    /// no longer counts among its client's, so this is what bounds them
+    /// (see `access::State::end_with_fence`).
+    pub(super) fences_awaited: FxHashMap<u32, usize>,
     /// Dma-bufs with cache sync ENDs running off the broker's thread, and
     /// the grants each holds back (see `access::State::park_behind_cache_end`).
     pub(super) cache_ends: FxHashMap<BufferId, super::access::CacheEnds>,
@@ -420,6 +430,7 @@ impl State {
             accesses: FxHashMap::default(),
             waiters: FxHashMap::default(),
             fence_subscribers: FxHashMap::default(),
+            fences_awaited: FxHashMap::default(),
             cache_ends: FxHashMap::default(),
             stats: Stats::default(),
             limits,
@@ -490,6 +501,14 @@ impl State {
         self.abort_tasks(TaskOwner::Access(id));
         let entry = self.accesses.remove(&id)?;
         self.cache_sync_left(id, &entry);
+        if let Some(uid) = entry.awaited_for {
+            if let Some(count) = self.fences_awaited.get_mut(&uid) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.fences_awaited.remove(&uid);
+                }
+            }
+        }
         Some(entry)
     }
 
