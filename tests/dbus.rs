@@ -858,6 +858,95 @@ fn dmabrokerctl_wrong_usage_exits_2() {
     }
 }
 
+/// operations.md: `--bus auto` (the default) uses the system bus if the
+/// daemon is there and the session bus otherwise; `--bus system` and
+/// `--bus session` insist on one; anything else is wrong usage. Two
+/// private buses stand for the system and the session bus
+/// (`DBUS_SYSTEM_BUS_ADDRESS`, `DBUS_SESSION_BUS_ADDRESS`), each with a
+/// daemon of its own: the instance `status` shows, read from each bus
+/// with busctl, says which bus `dmabrokerctl` really asked.
+#[test]
+fn dmabrokerctl_bus_choices_ask_the_bus_they_name() {
+    let system = DbusDaemon::start();
+    let session = DbusDaemon::start();
+    let ctl = |args: &[&str]| {
+        Command::new(dmabroker_suite::daemon::binary("dmabrokerctl"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", system.address())
+            .env("DBUS_SESSION_BUS_ADDRESS", session.address())
+            .stdin(Stdio::null())
+            .output()
+            .expect("dmabrokerctl")
+    };
+    // Which bus and which daemon `status` found.
+    let found = |args: &[&str]| {
+        let mut argv = args.to_vec();
+        argv.extend(["--json", "status"]);
+        let status: Value = serde_json::from_str(&ok(ctl(&argv), "status")).expect("status JSON");
+        (
+            status["bus"].as_str().expect("bus").to_owned(),
+            status["instance"].as_str().expect("instance").to_owned(),
+        )
+    };
+    let instance = |bus: &DbusDaemon| {
+        bus.property("Instance")
+            .as_str()
+            .expect("Instance")
+            .to_owned()
+    };
+    let not_on = |args: &[&str], bus: &str| {
+        let out = ctl(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", errtext(&out));
+        assert!(
+            errtext(&out).contains(&format!("dmabrokerd is not running on {bus} (")),
+            "{args:?}: {}",
+            errtext(&out)
+        );
+    };
+
+    let on_system = system.start_broker(None);
+    let on_session = session.start_broker(None);
+    let (a, b) = (instance(&system), instance(&session));
+    assert_ne!(a, b, "two daemons, two instances");
+    let system_a = ("the system bus".to_owned(), a.clone());
+    let session_b = ("the session bus".to_owned(), b.clone());
+    assert_eq!(found(&["--bus", "system"]), system_a);
+    assert_eq!(found(&["--bus", "session"]), session_b);
+    assert_eq!(found(&["--bus", "auto"]), system_a, "auto prefers system");
+    assert_eq!(found(&[]), system_a, "auto is the default");
+
+    // No daemon on the system bus: auto falls back to the session bus,
+    // `--bus system` does not.
+    drop(on_system);
+    eventually("the name to go from the system bus", || {
+        !system.name_has_owner(BUS_NAME)
+    });
+    assert_eq!(found(&["--bus", "auto"]), session_b);
+    assert_eq!(found(&[]), session_b);
+    not_on(&["--bus", "system", "status"], "the system bus");
+
+    // A daemon on the system bus again and none on the session bus:
+    // `--bus session` does not fall back to the system bus.
+    let _on_system = system.start_broker(None);
+    let c = instance(&system);
+    drop(on_session);
+    eventually("the name to go from the session bus", || {
+        !session.name_has_owner(BUS_NAME)
+    });
+    not_on(&["--bus", "session", "status"], "the session bus");
+    assert_eq!(found(&["--bus", "auto"]), ("the system bus".to_owned(), c));
+
+    // Any other choice is wrong usage, told with the choices there are.
+    let out = ctl(&["--bus", "elsewhere", "status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", errtext(&out));
+    let said = errtext(&out);
+    assert!(
+        said.contains("invalid value 'elsewhere' for '--bus <BUS>'")
+            && said.contains("[possible values: auto, system, session]"),
+        "{said}"
+    );
+}
+
 #[test]
 fn the_daemon_serves_clients_without_a_bus() {
     for bus in ["unix:path=/nonexistent/bus", "none"] {
