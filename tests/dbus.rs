@@ -1162,6 +1162,107 @@ fn long_lists_are_whole_and_in_order() {
     });
 }
 
+/// operations.md: `ListBuffers` fails with `org.dmabroker.Error.TooLarge`
+/// when its answer would be over 16 MiB (past the system bus's 32 MiB the
+/// bus would disconnect the daemon), and `GetBuffer` still shows each
+/// buffer. One client holds 128 reads on each of 1,920 buffers: as D-Bus
+/// marshals them (72 bytes a read's fence, `(tstsst)`) the list would be
+/// some 17 MiB. The call is refused by that name, `dmabrokerctl buffers`
+/// says why, the daemon stays on the bus, and once the reads end the list
+/// is answered again.
+#[test]
+fn list_buffers_too_large_for_the_bus_is_refused_and_the_daemon_stays_on_it() {
+    use dmabroker_ipc::{Access, RequestBody};
+    use dmabroker_suite::raw::RawClient;
+    const BUFFERS: usize = 1920;
+    const READS: usize = 128;
+    const BATCH: usize = 128;
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(Some("[default]\nmax_held_accesses = 1000000\n"));
+    // The raw client asks for no buffer words: every read is a fence the
+    // broker holds, with an id.
+    let mut client = RawClient::connect(daemon.socket());
+    client.hello();
+    let buffers: Vec<u64> = (0..BUFFERS).map(|_| client.alloc()).collect();
+    // Another holder keeps the buffers once the reader has gone.
+    let mut keeper = RawClient::connect(daemon.socket());
+    keeper.hello();
+    for &buffer in &buffers {
+        let token = client.export(buffer);
+        keeper.import(token);
+    }
+    let begins: Vec<u64> = buffers.iter().flat_map(|&buffer| [buffer; READS]).collect();
+    // In batches, each one's replies read before the next is sent: they
+    // never pile up past the connection's cap on unread replies.
+    for batch in begins.chunks(BATCH) {
+        for &buffer in batch {
+            client.send_request(RequestBody::Begin {
+                buffer,
+                access: Access::CpuRead,
+                timeout_ms: None,
+            });
+        }
+        for (id, answer) in client.replies(batch.len()) {
+            assert!(answer.is_ok(), "begin {id}: {answer:?}");
+        }
+    }
+    assert_eq!(
+        bus.totals(dbus::fields::TOTALS_FENCES),
+        (BUFFERS * READS) as u64
+    );
+
+    let list = || {
+        Command::new("dbus-send")
+            .arg(format!("--bus={}", bus.address()))
+            .args(["--print-reply", "--reply-timeout=120000"])
+            .arg(format!("--dest={BUS_NAME}"))
+            .arg(OBJECT_PATH)
+            .arg(format!("{INTERFACE}.ListBuffers"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("dbus-send")
+    };
+    let refused = list();
+    assert!(!refused.status.success(), "ListBuffers answered");
+    assert!(
+        errtext(&refused).contains(&format!(
+            "Error org.dmabroker.Error.TooLarge: the list of {BUFFERS} buffers would be over 16 MiB"
+        )),
+        "{}",
+        errtext(&refused)
+    );
+    let out = bus.ctl(&["buffers"]);
+    assert_eq!(out.status.code(), Some(1), "{}", errtext(&out));
+    assert!(
+        errtext(&out).contains("would be over 16 MiB")
+            && errtext(&out).contains("GetBuffer shows one buffer"),
+        "{}",
+        errtext(&out)
+    );
+
+    // Still on the bus: each buffer is shown, with all its reads.
+    assert!(bus.name_has_owner(BUS_NAME), "{}", daemon.log_tail());
+    let last = buffers[BUFFERS - 1].to_string();
+    let detail = bus.method("GetBuffer", &["t", &last]);
+    assert_eq!(
+        detail[0][dbus::fields::BUFFER_FENCES]
+            .as_array()
+            .map(Vec::len),
+        Some(READS)
+    );
+
+    // With the reads gone the list fits and is answered, every buffer
+    // in it.
+    drop(client);
+    eventually("the reads to end", || {
+        bus.totals(dbus::fields::TOTALS_FENCES) == 0
+    });
+    assert_eq!(
+        bus.method("ListBuffers", &[]).as_array().map(Vec::len),
+        Some(BUFFERS)
+    );
+}
+
 /// `Cpus_allowed_list` of one thread of `pid`, found by name.
 fn thread_cpus(pid: u32, name: &str) -> String {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
