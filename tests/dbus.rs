@@ -396,6 +396,29 @@ impl Monitor {
             }
         }
     }
+
+    /// Every signal of the interface up to and including `member` with
+    /// arguments `data`, as (member, arguments), oldest first.
+    fn signals_until(&self, member: &str, data: &Value) -> Vec<(String, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut signals = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no {member} {data} signal after {} others", signals.len())
+            });
+            if message["type"] != "signal" || message["interface"] != INTERFACE {
+                continue;
+            }
+            let name = message["member"].as_str().expect("member").to_owned();
+            let args = message["payload"]["data"].clone();
+            let last = name == member && args == *data;
+            signals.push((name, args));
+            if last {
+                return signals;
+            }
+        }
+    }
 }
 
 impl Drop for Monitor {
@@ -493,6 +516,91 @@ fn signals_report_revoked_accesses() {
     );
     let stats = bus.method("Statistics", &[]);
     assert_eq!(stats[12], 1, "revocations: {stats}");
+}
+
+/// operations.md: signals are best-effort: past 1,024 notices behind, the
+/// oldest are dropped, and the daemon logs how many, rather than slowing
+/// the broker. The bus is stopped (`SIGSTOP`) while a client allocates
+/// and frees 3,000 buffers, so the daemon's connection to it fills and
+/// its signals fall behind: every request is still answered, and once
+/// the bus runs again a monitor gets the signals sent before the stall,
+/// then the newest 1,024, in order; the log's count is the difference,
+/// and the view and its signals go on.
+#[test]
+fn signals_past_1024_behind_are_dropped_and_counted_while_the_broker_serves_on() {
+    const PAIRS: usize = 3000;
+    const KEPT: usize = 1024;
+    let bus = DbusDaemon::start();
+    let daemon = bus.start_broker(None);
+    let monitor = Monitor::start(&bus);
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    let id = monitor.expect("ClientConnected")[0]
+        .as_u64()
+        .expect("client id");
+
+    let bus_pid = nix::unistd::Pid::from_raw(bus.pid() as i32);
+    nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the bus");
+    dmabroker_suite::proc::wait_stopped(bus.pid());
+    let mut published = Vec::with_capacity(2 * PAIRS);
+    for _ in 0..PAIRS {
+        let buffer: u64 = field(&client.ok("alloc 4096"), "id")
+            .expect("id")
+            .parse()
+            .expect("buffer id");
+        client.ok(&format!("free {buffer}"));
+        published.push((
+            "BufferAllocated".to_owned(),
+            serde_json::json!([buffer, 4096, "memfd", id]),
+        ));
+        published.push(("BufferFreed".to_owned(), serde_json::json!([buffer])));
+    }
+    // The free is one-way: a request behind it is answered once it is
+    // done, so every notice is published before the bus runs again.
+    client.ok("heaps");
+    nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGCONT).expect("resume the bus");
+
+    let (member, args) = published.last().cloned().expect("notices");
+    let received = monitor.signals_until(&member, &args);
+    assert!(
+        received.len() >= KEPT && received.len() < published.len(),
+        "{} of {} signals arrived",
+        received.len(),
+        published.len()
+    );
+    let sent_before = received.len() - KEPT;
+    assert!(
+        received[..sent_before] == published[..sent_before],
+        "the signals sent before the stall are the first notices"
+    );
+    assert!(
+        received[sent_before..] == published[published.len() - KEPT..],
+        "then come the newest {KEPT}: the oldest were dropped"
+    );
+    let missed = published.len() - received.len();
+    eprintln!(
+        "{} notices: {sent_before} signalled before the stall, the newest {KEPT} after, {missed} dropped",
+        published.len()
+    );
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("D-Bus signals fell behind"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{}", daemon.log_tail()));
+    assert!(
+        line.contains(&format!("missed={missed}")),
+        "{missed} signals were dropped: {line}"
+    );
+
+    // The daemon stayed on the bus: its view answers and signals go on.
+    assert_eq!(bus.totals(dbus::fields::TOTALS_CLIENTS), 1);
+    let next: u64 = field(&client.ok("alloc 4096"), "id")
+        .expect("id")
+        .parse()
+        .expect("buffer id");
+    assert_eq!(
+        monitor.expect("BufferAllocated"),
+        serde_json::json!([next, 4096, "memfd", id])
+    );
 }
 
 fn ctl_as(bus: &DbusDaemon, uid: u32, args: &[&str]) -> Output {
