@@ -300,6 +300,189 @@ fn a_reload_applies_to_new_requests_and_a_broken_file_keeps_the_old_policy() {
     assert!(err.contains("limit 2"), "{err}");
 }
 
+/// policy.md: `max_unread_replies` — "a reload applies a new value to
+/// connected clients at once". A client connected under a cap of 100,000
+/// that stops reading after the reload lowered it to 16 is cut off, as a
+/// new one would be; under the old cap it got every reply.
+#[test]
+fn a_reload_lowers_max_unread_replies_for_connected_clients() {
+    use dmabroker_ipc::codec::{decode_server_message, encode_request};
+    use dmabroker_ipc::fdpass::{recv_message, send_message};
+    use dmabroker_ipc::{Request, RequestBody, RequestHead};
+    use std::os::fd::AsFd;
+    const SENT: u64 = 2000;
+    let daemon = daemon_with("[default]\nmax_unread_replies = 100000\n");
+    let mut deaf = dmabroker_suite::raw::RawClient::connect(daemon.socket());
+    deaf.hello();
+    // A send that blocks for good fails the test instead of hanging it.
+    nix::sys::socket::setsockopt(
+        &deaf.fd(),
+        nix::sys::socket::sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .expect("SO_SNDTIMEO");
+    reload(
+        &daemon,
+        "[default]\nmax_unread_replies = 16\n",
+        "policy reloaded",
+    );
+    let mut sent = 0;
+    for id in 1..=SENT {
+        let bytes = encode_request(&Request {
+            head: RequestHead {
+                id: 1000 + id,
+                fds: 0,
+                flags: 0,
+            },
+            body: RequestBody::ListHeaps,
+        })
+        .expect("encode");
+        if send_message(deaf.fd(), &bytes, &[], false).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    // Every reply it was sent, up to the hang-up (or up to the last, if
+    // it was never cut off).
+    let mut read = 0;
+    while read < sent {
+        match recv_message(deaf.fd().as_fd(), false) {
+            Ok(message) => {
+                decode_server_message(&message.bytes).expect("decodable");
+                read += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(
+        read < sent,
+        "the client got all {sent} replies: the reload's cap of 16 did not apply to it"
+    );
+    dmabroker_suite::eventually("the cut-off to be logged", || {
+        daemon.log().contains("client not reading its replies")
+    });
+    // Others are served.
+    Scripted::spawn(daemon.socket(), &[]).ok("alloc 4096");
+}
+
+/// policy.md: on a reload "every connected client is matched again and
+/// gets the new limits for its new requests". A `write_hold_limit` added
+/// by a reload times a write a client connected before it begins after
+/// it: the write is revoked and the reader queued behind it granted.
+#[test]
+fn a_reload_adding_a_write_hold_limit_revokes_connected_clients_writes() {
+    let daemon = daemon_with("[default]\n");
+    let mut writer = Scripted::spawn(daemon.socket(), &[]);
+    let id = field(&writer.ok("alloc 8192"), "id")
+        .expect("id")
+        .to_owned();
+    let token = field(&writer.ok(&format!("export {id}")), "token")
+        .expect("token")
+        .to_owned();
+    let mut reader = Scripted::spawn(daemon.socket(), &[]);
+    reader.ok(&format!("import {token}"));
+    reload(
+        &daemon,
+        "[default]\nwrite_hold_limit = \"200ms\"\n",
+        "policy reloaded",
+    );
+    writer.ok(&format!("begin {id} w"));
+    reader.send(&format!("begin {id} r"));
+    let granted = reader
+        .recv(Duration::from_secs(10))
+        .expect("the reader granted once the write is revoked");
+    assert!(granted.starts_with("ok"), "{granted}");
+    assert_eq!(field(&granted, "revoked"), Some("true"), "{granted}");
+    let event = writer.ok("event 5000");
+    assert!(event.contains("AccessRevoked"), "{event}");
+}
+
+/// policy.md: `may_export` is "checked when a token is created: a token
+/// made before a reload that sets `false` keeps working while its exporter
+/// holds the buffer". After the reload the token is still imported, no
+/// holder may make a new one, and the token dies with its exporter's hold.
+#[test]
+fn a_token_made_before_a_reload_forbidding_exports_keeps_working() {
+    let daemon = daemon_with("[default]\nmay_export = true\n");
+    let mut owner = Scripted::spawn(daemon.socket(), &[]);
+    let id = field(&owner.ok("alloc 4096"), "id").expect("id").to_owned();
+    let token = field(&owner.ok(&format!("export {id}")), "token")
+        .expect("token")
+        .to_owned();
+    reload(
+        &daemon,
+        "[default]\nmay_export = false\n",
+        "policy reloaded",
+    );
+    let mut first = Scripted::spawn(daemon.socket(), &[]);
+    let imported = first
+        .cmd(&format!("import {token}"))
+        .unwrap_or_else(|e| panic!("the token made before the reload was refused: {e}"));
+    let theirs = field(&imported, "id").expect("id").to_owned();
+    for (who, client, buffer) in [
+        ("owner", &mut owner, &id),
+        ("importer", &mut first, &theirs),
+    ] {
+        let err = client
+            .cmd(&format!("export {buffer}"))
+            .expect_err("a new token after the reload");
+        assert_eq!(code(&err), "permission-denied", "{who}: {err}");
+        assert!(err.contains("may_export"), "{who}: {err}");
+    }
+    let mut second = Scripted::spawn(daemon.socket(), &[]);
+    second.ok(&format!("import {token}"));
+    // Its exporter lets go: the token goes with its hold.
+    owner.ok(&format!("free {id}"));
+    owner.ok("heaps"); // the free has been handled
+    let err = Scripted::spawn(daemon.socket(), &[])
+        .cmd(&format!("import {token}"))
+        .expect_err("the exporter let go");
+    assert_eq!(code(&err), "unknown-token", "{err}");
+}
+
+/// policy.md: `import_from = { groups = [...] }` lists exporters by group,
+/// "primary or supplementary". Bob may import from members of one group:
+/// from Alice while her process has it as a supplementary group (her
+/// primary group is her own), not from her process without it, nor from
+/// anyone else.
+#[test]
+fn import_from_a_group_matches_an_exporters_supplementary_group() {
+    if !have_root("policy: import_from by supplementary group") {
+        return;
+    }
+    const CREW: u32 = 70_500;
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"bob-imports-crew\"\nuser = {BOB}\n\
+         import_from = {{ groups = [{CREW}] }}\n"
+    ));
+    let token_of = |exporter: &mut Scripted| {
+        let id = field(&exporter.ok("alloc 4096"), "id")
+            .expect("id")
+            .to_owned();
+        field(&exporter.ok(&format!("export {id}")), "token")
+            .expect("token")
+            .to_owned()
+    };
+    let mut bob = as_user(&daemon, BOB, &[]);
+
+    let mut alice_in_crew =
+        Scripted::spawn_with_groups(daemon.socket(), ALICE, ALICE, &[CREW], &[]);
+    let token = token_of(&mut alice_in_crew);
+    bob.cmd(&format!("import {token}"))
+        .unwrap_or_else(|e| panic!("an exporter in group {CREW} (supplementary) was refused: {e}"));
+
+    let mut alice_alone = as_user(&daemon, ALICE, &[]);
+    let mut eve = as_user(&daemon, 65503, &[]);
+    for exporter in [&mut alice_alone, &mut eve] {
+        let token = token_of(exporter);
+        let err = bob
+            .cmd(&format!("import {token}"))
+            .expect_err("an exporter outside the group");
+        assert_eq!(code(&err), "permission-denied", "{err}");
+        assert!(err.contains("bob-imports-crew"), "{err}");
+    }
+}
+
 #[test]
 fn the_charge_moves_to_the_remaining_holder_when_the_owner_leaves() {
     // Bob's quota fits one 64 KiB buffer. While Alice owns the buffer he
