@@ -13,9 +13,10 @@ use dmabroker_suite::abandon;
 use dmabroker_suite::daemon::binary;
 use dmabroker_suite::proc::{limit_fds, stable_fd_count, wait_fd_count};
 use dmabroker_suite::raw::RawClient;
+use dmabroker_suite::scripted::field;
 use dmabroker_suite::sdnotify::{Received, ServiceManager};
 use dmabroker_suite::systemd1::{Systemd1, UnitJob};
-use dmabroker_suite::TempDir;
+use dmabroker_suite::{Daemon, DaemonOptions, Scripted, TempDir};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -2709,5 +2710,172 @@ fn a_record_written_late_at_a_stop_for_good_does_not_follow_the_removals() {
     assert_logged(
         &first,
         "the last record of the buffer table was not written in time",
+    );
+}
+
+/// journald's native protocol, as far as a datagram of `KEY=value` lines
+/// and length-prefixed binary values goes (systemd's `journal-native`
+/// documentation): the fields of one entry.
+fn journal_fields(datagram: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+        let line = &rest[..line_end];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            fields.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            rest = rest.get(line_end + 1..).unwrap_or_default();
+        } else {
+            // KEY\n, a little-endian u64 length, the value, \n.
+            let after = rest.get(line_end + 1..).unwrap_or_default();
+            let (len, value) = after.split_at(8.min(after.len()));
+            let len = u64::from_le_bytes(len.try_into().expect("a value's length")) as usize;
+            fields.insert(
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&value[..len]).into_owned(),
+            );
+            rest = value.get(len + 1..).unwrap_or_default();
+        }
+    }
+    fields
+}
+
+/// A daemon in a mount namespace of its own whose
+/// `/run/systemd/journal` is `journal` (a folder of the test's, where
+/// it may bind a socket; `None`: an empty folder, no journal), with
+/// `$JOURNAL_STREAM` set to the device and inode of its fd `stream_fd`
+/// (2 for its stderr, the harness's log file). tracing-journald sends to
+/// the fixed path `/run/systemd/journal/socket`.
+fn daemon_with_journal(journal: Option<&std::path::Path>, stream_fd: u8) -> Daemon {
+    let bind = match journal {
+        Some(folder) => format!(
+            "mount --bind '{}' /run/systemd/journal && ",
+            folder.display()
+        ),
+        None => String::new(),
+    };
+    let script = format!(
+        "mount -t tmpfs dmabroker-test /run && mkdir -p /run/systemd/journal && {bind}\
+         export JOURNAL_STREAM=\"$(stat -L -c %d:%i /proc/self/fd/{stream_fd})\" && exec \"$@\""
+    );
+    Daemon::start_with(DaemonOptions {
+        args: vec!["--dbus".into(), "none".into()],
+        wrapper: vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+            "sh".into(),
+        ],
+        ..Default::default()
+    })
+}
+
+/// operations.md: logs go to the journal with structured fields (`CLIENT`,
+/// `BUFFER`, ...) when stderr is the stream `$JOURNAL_STREAM` names, and
+/// only then; if the journal cannot be reached, the daemon says so and
+/// logs to stderr. No journald runs here: the test binds the journal's
+/// socket itself, in a mount namespace of the daemon's own, and reads
+/// the native protocol's datagrams.
+#[test]
+fn logs_go_to_the_journal_only_when_stderr_is_its_stream() {
+    if !dmabroker_suite::have_root("logs to the journal (a mount namespace of the daemon's own)") {
+        return;
+    }
+    let folder = TempDir::new("journal");
+    let journal = std::os::unix::net::UnixDatagram::bind(folder.path().join("socket"))
+        .expect("bind the journal socket");
+    journal
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("SO_RCVTIMEO");
+    // The next entry whose message is `message`, with a field of value
+    // `value` (the harness's own connection, to see that the daemon is
+    // ready, is logged too).
+    let entry = |message: &str, value: &str| loop {
+        let mut datagram = vec![0u8; 65536];
+        let len = journal
+            .recv(&mut datagram)
+            .unwrap_or_else(|e| panic!("no '{message}' entry in the journal: {e}"));
+        let fields = journal_fields(&datagram[..len]);
+        if fields.get("MESSAGE").map(String::as_str) == Some(message)
+            && fields.values().any(|v| v == value)
+        {
+            return fields;
+        }
+    };
+
+    let daemon = daemon_with_journal(Some(folder.path()), 2);
+    let mut client = Scripted::spawn(daemon.socket(), &[]);
+    let connected = entry("client connected", &client.pid().to_string());
+    assert_eq!(
+        connected.get("SYSLOG_IDENTIFIER").map(String::as_str),
+        Some("dmabrokerd"),
+        "{connected:?}"
+    );
+    assert_eq!(
+        connected.get("PID").map(String::as_str),
+        Some(client.pid().to_string().as_str()),
+        "the client's pid as a field of its own: {connected:?}"
+    );
+    assert!(
+        connected
+            .get("CLIENT")
+            .is_some_and(|id| id.parse::<u64>().is_ok()),
+        "{connected:?}"
+    );
+    let id = field(&client.ok("alloc 4096"), "id")
+        .expect("id")
+        .to_owned();
+    client.ok(&format!("free {id}"));
+    let freed = entry("buffer freed", &id);
+    assert_eq!(freed.get("BUFFER"), Some(&id), "{freed:?}");
+    assert!(
+        !daemon.log().contains("client connected"),
+        "logged to stderr too:\n{}",
+        daemon.log()
+    );
+    drop(client);
+    drop(daemon);
+    // What it sent until it was killed.
+    journal.set_nonblocking(true).expect("O_NONBLOCK");
+    let mut datagram = vec![0u8; 65536];
+    while journal.recv(&mut datagram).is_ok() {}
+
+    // `$JOURNAL_STREAM` inherited, naming another stream (its stdin,
+    // /dev/null): stderr it is, and nothing reaches the journal.
+    let daemon = daemon_with_journal(Some(folder.path()), 0);
+    let _client = Scripted::spawn(daemon.socket(), &[]);
+    dmabroker_suite::eventually("the connect logged on stderr", || {
+        daemon.log().contains("client connected")
+    });
+    match journal.recv(&mut datagram) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => panic!("the journal socket: {e}"),
+        Ok(len) => panic!(
+            "an entry reached the journal: {:?}",
+            journal_fields(&datagram[..len])
+        ),
+    }
+    drop(daemon);
+
+    // The stream is stderr but no journal listens: it says so, and logs
+    // to stderr.
+    let daemon = daemon_with_journal(None, 2);
+    let _client = Scripted::spawn(daemon.socket(), &[]);
+    dmabroker_suite::eventually("the connect logged on stderr", || {
+        daemon.log().contains("client connected")
+    });
+    assert!(
+        daemon
+            .log()
+            .starts_with("dmabrokerd: journal unavailable ("),
+        "{}",
+        daemon.log()
     );
 }

@@ -98,6 +98,10 @@ pub struct DaemonOptions {
     pub run_as: Option<u32>,
     /// Soft and hard limit on the daemon's open fds.
     pub fd_limit: Option<u64>,
+    /// A command the daemon runs under, given the daemon's command line
+    /// as its arguments (so it must end by exec'ing them: say, `unshare`
+    /// with a shell script of the test's own).
+    pub wrapper: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -120,8 +124,17 @@ impl Daemon {
         let log = dir.path().join("daemon.log");
         let policy_path = dir.path().join("policy.toml");
         let mut cmd = match (options.fd_limit, options.run_as) {
-            (None, None) => Command::new(binary("dmabrokerd")),
+            (None, None) if options.wrapper.is_empty() => Command::new(binary("dmabrokerd")),
+            (None, None) => {
+                let mut cmd = Command::new(&options.wrapper[0]);
+                cmd.args(&options.wrapper[1..]).arg(binary("dmabrokerd"));
+                cmd
+            }
             (limit, uid) => {
+                assert!(
+                    options.wrapper.is_empty(),
+                    "a wrapper with an fd limit or another uid is not supported"
+                );
                 // Both tools exec the next, so the child is the daemon.
                 let mut cmd = Command::new("prlimit");
                 if let Some(limit) = limit {
