@@ -46,7 +46,13 @@ pub fn init(format: LogFormat) {
             Ok(journald) => {
                 let installed = tracing_subscriber::registry()
                     .with(filter())
-                    .with(journald.with_syslog_identifier("dmabrokerd".into()))
+                    .with(
+                        journald
+                            .with_syslog_identifier("dmabrokerd".into())
+                            // The fields as named in the code (`CLIENT`,
+                            // `BUFFER`, ...: operations.md), not `F_CLIENT`.
+                            .with_field_prefix(None),
+                    )
                     .try_init();
                 if installed.is_ok() {
                     return;
