@@ -125,7 +125,7 @@ impl Drop for Mapping {
         // SAFETY: `ptr`/`len` describe exactly the mapping created in `new`,
         // and no reference into it can outlive `self`.
         if let Err(errno) = unsafe { munmap(self.ptr, self.len) } {
-            tracing::warn!(%errno, len = self.len, "munmap failed");
+            tracing::warn!(error = %errno, len = self.len, "munmap failed");
         }
     }
 }
