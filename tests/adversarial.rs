@@ -42,6 +42,11 @@ use dmabroker_suite::{eventually, Daemon, DaemonOptions, Scripted};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// The hand-over bound issue 7 (the reliability suite) asks for after a
+/// client dies: a liveness promise (the death is noticed and acted on at
+/// once, not at some later sweep), not a performance figure.
+const HANDOVER_BOUND: Duration = Duration::from_millis(100);
+
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
@@ -210,11 +215,8 @@ fn kill_writer_once(
     waits
 }
 
-/// Each run checks that every reader is granted, with writer_lost, and
-/// prints how long that took: no document promises a bound on it, and
-/// performance is measured in the benchmarks only, never in a timed test.
 #[test]
-fn killed_writers_hand_over_to_waiting_readers() {
+fn killed_writers_hand_over_to_waiting_readers_within_100ms_p99() {
     let _serial = serial();
     let daemon = daemon_with_policy(None);
     let (_owner, token) = exported_buffer(&daemon);
@@ -229,6 +231,11 @@ fn killed_writers_hand_over_to_waiting_readers() {
     let (p50, p99) = (percentile(&waits, 0.50), percentile(&waits, 0.99));
     eprintln!(
         "writer SIGKILL → readers granted with writer_lost: {} grants, p50 {p50:?}, p99 {p99:?}",
+        waits.len()
+    );
+    assert!(
+        p99 < HANDOVER_BOUND,
+        "p99 {p99:?} over {} grants",
         waits.len()
     );
     daemon.assert_fds_back_to(baseline);
@@ -284,10 +291,8 @@ fn kill_reader_once(
     })
 }
 
-/// As above: every write is granted, without writer_lost; the times are
-/// printed, not bounded.
 #[test]
-fn killed_readers_release_every_read() {
+fn killed_readers_release_every_read_within_100ms() {
     let _serial = serial();
     let daemon = daemon_with_policy(None);
     let owner = daemon.client();
@@ -307,6 +312,10 @@ fn killed_readers_release_every_read() {
     eprintln!(
         "reader SIGKILL → all its reads released: {} writes granted, p99 {p99:?}, max {max:?}",
         waits.len()
+    );
+    assert!(
+        max < HANDOVER_BOUND,
+        "a read was released {max:?} after its holder died"
     );
     daemon.assert_fds_back_to(baseline);
 }
