@@ -223,7 +223,9 @@ impl State {
             return;
         }
         let now = Instant::now();
-        for grant in grants {
+        // In the arbiter's order; grants a withdrawal below makes go after.
+        let mut grants = std::collections::VecDeque::from(grants);
+        while let Some(grant) = grants.pop_front() {
             let Some(waiter) = grant.waiter.and_then(|w| self.remove_waiter(w)) else {
                 tracing::error!(access = grant.access_id, "grant for an unknown waiter");
                 continue;
@@ -236,6 +238,10 @@ impl State {
             if planned && self.record_hand_off(&grant, waiter.request_id) {
                 continue;
             }
+            if self.is_leaving(grant.client, grant.buffer) {
+                grants.extend(self.refuse_to_leaving(&grant, waiter.request_id, now));
+                continue;
+            }
             // A waiter once told `Planned` takes a grant by message only:
             // a bit it found in the word must mean the hand-off.
             self.deliver(
@@ -246,6 +252,59 @@ impl State {
                 !waiter.ever_planned,
             );
         }
+    }
+
+    /// Whether `client` is going from `buffer`: its hang-up, or its free
+    /// of that buffer, runs now (see [`State::refuse_to_leaving`]).
+    pub(super) fn is_leaving(&self, client: ClientId, buffer: BufferId) -> bool {
+        self.leaving
+            .is_some_and(|l| l.client == client && l.buffer.is_none_or(|b| b == buffer))
+    }
+
+    /// What a begin of the client going is answered instead of a grant:
+    /// on a free, what protocol.md gives a queued begin whose buffer its
+    /// client freed (`UnknownBuffer`); at a hang-up nothing, nobody reads.
+    pub(super) fn leaving_answer(&self) -> Option<WireError> {
+        self.leaving
+            .and_then(|l| l.buffer)
+            .map(|_| freed_while_waiting())
+    }
+
+    /// A grant the arbiter made to a client whose hang-up or free (of that
+    /// buffer) runs: it is taken back before anyone hears of it. Its
+    /// begins leave their queues before any settle serves them
+    /// (`take_out_waiters_of`), but a decision the teardown makes on the
+    /// way can still serve a queue one of them is in: a word found
+    /// tampered with, or kept changing, is broken at the take-over, and
+    /// the accesses the break ends let the queue's head in. Granted to the
+    /// client going, the begin was answered `Granted` on a buffer being
+    /// freed (or at a hang-up, to nobody), and the access, released at
+    /// once, marked a lost write it never made. Its news goes back to the
+    /// buffer, its begin is answered as [`State::leaving_answer`] says,
+    /// and the grants its end makes are returned, to be delivered.
+    fn refuse_to_leaving(
+        &mut self,
+        grant: &fence::Grant,
+        request_id: u64,
+        now: Instant,
+    ) -> Vec<fence::Grant> {
+        tracing::debug!(
+            client = grant.client,
+            buffer = grant.buffer,
+            access = grant.access_id,
+            "a grant to a client going taken back"
+        );
+        self.arbiter
+            .restore_marks(grant.buffer, grant.writer_lost, grant.revoked);
+        let grants = self
+            .arbiter
+            .end(grant.client, grant.access_id, now)
+            .unwrap_or_default();
+        self.touched.push(grant.buffer);
+        if let Some(answer) = self.leaving_answer() {
+            self.reply(grant.client, request_id, Err(answer), Vec::new());
+        }
+        grants
     }
 
     /// Turns an arbiter grant into a reply: now, or once the kernel's
@@ -1319,6 +1378,13 @@ impl State {
             client,
         });
     }
+}
+
+/// The answer to a begin whose client freed its buffer while it waited
+/// (protocol.md: `UnknownBuffer`, "a queued `Begin` whose buffer you
+/// freed").
+pub(super) fn freed_while_waiting() -> WireError {
+    WireError::new(ErrorCode::UnknownBuffer, "buffer freed while waiting")
 }
 
 /// The answer to a no-autofence grant on a dma-buf whose kernel fences the

@@ -411,8 +411,19 @@ impl State {
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
         self.held(client, buffer)?;
-        let freed_while_waiting =
-            || WireError::new(ErrorCode::UnknownBuffer, "buffer freed while waiting");
+        let outer = self.leaving.replace(super::state::Leaving {
+            client,
+            buffer: Some(buffer),
+        });
+        self.let_go(client, buffer);
+        self.leaving = outer;
+        Ok(Answer::Reply(ReplyBody::Freed, Vec::new()))
+    }
+
+    /// [`State::free`], while nothing may be granted to `client` on
+    /// `buffer`.
+    fn let_go(&mut self, client: ClientId, buffer: BufferId) {
+        let freed_while_waiting = super::access::freed_while_waiting;
         // Its queued begins on the buffer go first: a settle below could
         // grant them to it.
         self.take_out_waiters_of(client, Some(buffer), |_| Some(freed_while_waiting()));
@@ -447,7 +458,6 @@ impl State {
         }
         self.deliver_grants(gone.grants);
         self.release_hold(client, buffer);
-        Ok(Answer::Reply(ReplyBody::Freed, Vec::new()))
     }
 
     /// A holder ended an access in the buffer's word while the broker

@@ -306,6 +306,15 @@ pub struct PendingGrant {
     pub since: Instant,
 }
 
+/// A client going while its teardown runs: its hang-up (`buffer` `None`)
+/// or its free of `buffer`. Nothing is granted to it there, whatever the
+/// teardown serves (see `State::deliver_grants`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Leaving {
+    pub(super) client: ClientId,
+    pub(super) buffer: Option<BufferId>,
+}
+
 #[derive(Debug)]
 pub struct WaiterEntry {
     pub client: ClientId,
@@ -412,6 +421,8 @@ pub struct State {
     /// Threads carrying out allocations, those of clients gone included
     /// (see `allocate::MAX_ALLOCATIONS_RUNNING`).
     pub(super) allocations_running: Arc<std::sync::atomic::AtomicUsize>,
+    /// The client whose hang-up or free runs now, if one does.
+    pub(super) leaving: Option<Leaving>,
 }
 
 impl State {
@@ -453,6 +464,7 @@ impl State {
             allocations_in_flight: 0,
             allocations_started: 0,
             allocations_running: Arc::default(),
+            leaving: None,
         }
     }
 
@@ -944,6 +956,16 @@ impl State {
     /// once, kernel-fenced device accesses when their fence signals, queued
     /// requests dropped, holds dropped (freeing buffers nobody else holds).
     pub fn disconnect(&mut self, client: ClientId) {
+        let outer = self.leaving.replace(Leaving {
+            client,
+            buffer: None,
+        });
+        self.tear_down(client);
+        self.leaving = outer;
+    }
+
+    /// [`State::disconnect`], while nothing may be granted to `client`.
+    fn tear_down(&mut self, client: ClientId) {
         // Its queued begins go before anything settles, which could grant
         // them to it (nobody reads the answers now).
         self.take_out_waiters_of(client, None, |_| None);

@@ -597,12 +597,19 @@ impl State {
             return;
         };
         let grants = self.arbiter.cancel(waiter, now).unwrap_or_default();
-        let lost = dmabroker_ipc::WireError::new(
-            dmabroker_ipc::ErrorCode::Busy,
-            "the buffer's word broke before the hand-off planned for this begin was \
-             recorded; begin again",
-        );
-        self.reply(client, entry.request_id, Err(lost), Vec::new());
+        // A client going is answered as its other begins are.
+        let lost = if self.is_leaving(client, buffer) {
+            self.leaving_answer()
+        } else {
+            Some(dmabroker_ipc::WireError::new(
+                dmabroker_ipc::ErrorCode::Busy,
+                "the buffer's word broke before the hand-off planned for this begin was \
+                 recorded; begin again",
+            ))
+        };
+        if let Some(lost) = lost {
+            self.reply(client, entry.request_id, Err(lost), Vec::new());
+        }
         self.deliver_grants(grants);
     }
 
@@ -852,12 +859,19 @@ impl State {
         } else if !handed {
             self.clear_unbacked_bits(grant.buffer, index);
         }
-        if !handed {
-            let lost = dmabroker_ipc::WireError::new(
+        // A client going (its hang-up, or its free of the buffer) is
+        // answered as its other begins are: `UnknownBuffer` on a free
+        // (a begin again could only fail), nothing at a hang-up.
+        let lost = if self.is_leaving(grant.client, grant.buffer) {
+            self.leaving_answer()
+        } else {
+            Some(dmabroker_ipc::WireError::new(
                 dmabroker_ipc::ErrorCode::Busy,
                 "the hand-off planned for this begin was taken out of the buffer's word, or \
                  changed, by another holder; begin again",
-            );
+            ))
+        };
+        if let Some(lost) = lost.filter(|_| !handed) {
             self.reply(grant.client, request_id, Err(lost), Vec::new());
         }
         self.insert_word_access(
@@ -1856,5 +1870,149 @@ mod state_tests {
     #[test]
     fn a_hand_off_whose_waiter_frees_the_buffer_is_a_lost_write() {
         assert!(next_reader_told_of_a_hand_off_whose_waiter_goes(true));
+    }
+
+    /// How `client` goes in the teardown tests below.
+    #[derive(Clone, Copy, Debug)]
+    enum Goes {
+        HangsUp,
+        Frees,
+    }
+
+    /// `client` hangs up, or frees `frame`, and the broker's thread then
+    /// settles as after any decision.
+    fn goes(bench: &mut Bench, client: ClientId, frame: BufferId, how: Goes) {
+        {
+            let _entered = bench._runtime.enter();
+            match how {
+                Goes::Frees => {
+                    let free = super::super::cache_end_tests::free_request(frame);
+                    let answered = bench.state.handle_message(client, &free, Vec::new());
+                    assert_eq!(answered, super::super::Disposition::Continue);
+                }
+                Goes::HangsUp => bench.state.disconnect(client),
+            }
+        }
+        settle(bench);
+    }
+
+    /// The answer among `messages` to `request`, if any: `Ok(())` for a
+    /// grant, else the error's code (or a `Planned`'s absence of one).
+    fn answer_to(messages: &[ServerMessage], request: u64) -> Option<Result<(), ErrorCode>> {
+        messages.iter().find_map(|message| match message {
+            ServerMessage::Reply(reply) if reply.id == request => match &reply.result {
+                Ok(ReplyBody::Granted(_)) => Some(Ok(())),
+                Ok(_) => None,
+                Err(err) => Some(Err(err.code)),
+            },
+            _ => None,
+        })
+    }
+
+    /// A holder's read held in the word; `client` (no buffer words, so
+    /// no hand-off is planned for it) queues a write behind it, `later` a
+    /// read behind that; the holder clears `DAEMON`, and `client` goes.
+    /// The take-over its going makes finds the word tampered with and
+    /// breaks it, ending the holder's read: that served the queue while
+    /// `client`'s write was still in it, and granted it to the client
+    /// going (a `Granted` answer to a begin on a buffer being freed, sent
+    /// before the `Freed`; at a hang-up a grant sent to nobody), whose
+    /// release then marked a lost write it never made. Nothing may be
+    /// granted to it: its write goes, answered `UnknownBuffer` on a free
+    /// (nothing at a hang-up), and `later`'s read is granted, told
+    /// `writer_lost` by the break. Returns the answer to the write.
+    fn a_tampered_word_at_a_teardown(how: Goes) -> Option<Result<(), ErrorCode>> {
+        let mut bench = Bench::new();
+        let (holder, client, later) = (words_client(&mut bench), bench.client(), bench.client());
+        let frame = bench.buffer_with_word(&[holder, client, later]);
+        let read = begin(&mut bench, holder, frame, Access::CpuRead);
+        grant_of(&bench.received(holder), read)
+            .and_then(|g| g.word)
+            .expect("the read is held in the word");
+        let write = begin(&mut bench, client, frame, Access::CpuWrite);
+        let queued = begin(&mut bench, later, frame, Access::CpuRead);
+        assert!(bench.received(client).is_empty(), "the write waits");
+        assert!(bench.received(later).is_empty(), "the read waits");
+        let word = holders_word(&bench, frame);
+        assert!(word.load().next().is_none(), "no hand-off planned");
+        let grants = bench.state.stats.grants;
+
+        word.scribble(word.load().0 & !DAEMON);
+        goes(&mut bench, client, frame, how);
+        assert!(broken(&bench, frame), "the word breaks at the take-over");
+        let answers = bench.received(client);
+        let answer = answer_to(&answers, write);
+        assert_ne!(
+            answer,
+            Some(Ok(())),
+            "granted to a client going: {answers:?}"
+        );
+        assert_eq!(
+            bench.state.stats.grants,
+            grants + 1,
+            "one grant: the later read"
+        );
+        let grant = grant_of(&bench.received(later), queued).expect("the later read");
+        assert!(grant.writer_lost, "with the break's news");
+        answer
+    }
+
+    #[test]
+    fn a_word_tampered_with_at_a_free_grants_the_client_freeing_nothing() {
+        assert_eq!(
+            a_tampered_word_at_a_teardown(Goes::Frees),
+            Some(Err(ErrorCode::UnknownBuffer))
+        );
+    }
+
+    #[test]
+    fn a_word_tampered_with_at_a_hang_up_grants_the_client_going_nothing() {
+        assert_eq!(a_tampered_word_at_a_teardown(Goes::HangsUp), None);
+    }
+
+    /// The waiter of a hand-off its holder carried out ends the access it
+    /// was handed in the word, then goes before the broker read the
+    /// holder's `WordEnded`. The recording finds no bit and cannot tell
+    /// an ended hand-off from an erased plan, so it answers the begin; on
+    /// a free that answer is the one protocol.md gives a queued begin
+    /// whose buffer its client freed, `UnknownBuffer` (it was `Busy`,
+    /// "begin again", on a buffer the client no longer holds), and at a
+    /// hang-up there is nobody to answer. Nothing is lost: the write
+    /// ended. Returns the answer to the waiter's write.
+    fn an_ended_hand_off_at_a_teardown(how: Goes) -> Option<Result<(), ErrorCode>> {
+        let HandedOff {
+            mut bench,
+            holder,
+            waiter,
+            later,
+            frame,
+            write,
+            slot,
+            word,
+            ..
+        } = handed_off();
+        assert_eq!(word.end(WordHold { slot, write: true }), WordEnd::Tell);
+        bench.received(waiter);
+        goes(&mut bench, waiter, frame, how);
+        assert_eq!(bench.state.stats.hand_offs, 1, "the hand-off is recorded");
+        let answer = answer_to(&bench.received(waiter), write);
+        word_ended(&mut bench, holder, frame);
+        let next = begin(&mut bench, later, frame, Access::CpuRead);
+        let grant = grant_of(&bench.received(later), next).expect("the buffer is free");
+        assert!(!grant.writer_lost, "the handed write ended");
+        answer
+    }
+
+    #[test]
+    fn an_ended_hand_off_whose_waiter_frees_is_answered_unknown_buffer() {
+        assert_eq!(
+            an_ended_hand_off_at_a_teardown(Goes::Frees),
+            Some(Err(ErrorCode::UnknownBuffer))
+        );
+    }
+
+    #[test]
+    fn an_ended_hand_off_whose_waiter_hangs_up_is_answered_nothing() {
+        assert_eq!(an_ended_hand_off_at_a_teardown(Goes::HangsUp), None);
     }
 }
