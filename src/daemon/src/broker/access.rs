@@ -477,10 +477,16 @@ impl State {
                 _ => {
                     // Once per client, however many of its grants list
                     // the fence: one event is owed, and the list must not
-                    // grow with every begin while the fence lasts.
+                    // grow with every begin while the fence lasts. Each
+                    // grant counts, so that one withdrawn before it is
+                    // sent takes back its own (`unsubscribe_unsent`).
                     let subscribers = self.fence_subscribers.entry(view.id).or_default();
-                    if !subscribers.contains(&grant.client) {
-                        subscribers.push(grant.client);
+                    match subscribers.iter_mut().find(|s| s.client == grant.client) {
+                        Some(known) => known.grants = known.grants.saturating_add(1),
+                        None => subscribers.push(super::state::Subscriber {
+                            client: grant.client,
+                            grants: 1,
+                        }),
                     }
                     None
                 }

@@ -978,3 +978,99 @@ fn the_begins_of_a_client_that_hangs_up_are_never_granted() {
     assert!(answers.is_empty(), "nobody to answer: {answers:?}");
     assert_eq!(grants, 0, "nothing granted");
 }
+
+/// The clients subscribed to `fence`'s `FenceSignalled`.
+fn subscribers_of(bench: &Bench, fence: AccessId) -> Vec<ClientId> {
+    bench
+        .state
+        .fence_subscribers
+        .get(&fence)
+        .map(|subscribers| subscribers.iter().map(|s| s.client).collect())
+        .unwrap_or_default()
+}
+
+/// A no-autofence client's write, granted at once but parked behind a
+/// cache sync END, lists fences its client must wait for without a
+/// sync_file (another client's device read, and the client's own write
+/// sent earlier), which subscribes the client to their
+/// `FenceSignalled`. Its client cancels it before the END returns: the
+/// grant is withdrawn, never sent, and the subscriptions it made must go
+/// with it, while the one the earlier grant made (sent, listing the
+/// device read) stays. Subscriptions were kept once per client and
+/// fence, so the withdrawn grant's stayed until each fence ended: an
+/// event for a fence the client was never told of, and, meanwhile, the
+/// fence counted as watched.
+#[test]
+fn a_withdrawn_parked_grant_drops_its_subscriptions_at_once() {
+    let mut bench = Bench::new();
+    let (device, reader, manual) = (bench.client(), bench.client(), bench.client());
+    if let Some(entry) = bench.state.clients.get_mut(&manual) {
+        entry.autofence = false;
+        entry.cancel = true;
+    }
+    let frame = bench.buffer(&[device, reader, manual], true);
+    let scan = bench.begin(device, frame, Access::DeviceRead);
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.granted(device, scan), "the device reads");
+    let scanning = bench.access_of(device, scan);
+    let read = bench.begin(reader, frame, Access::CpuRead);
+    assert!(bench.run_starts().is_empty());
+    assert!(bench.granted(reader, read), "the CPU reads");
+    let first = bench.begin(manual, frame, Access::CpuWrite);
+    assert!(
+        bench.granted(manual, first),
+        "granted at once, listing both reads"
+    );
+    let writing = bench.access_of(manual, first);
+    let reading = bench.access_of(reader, read);
+    bench.end(reader, reading);
+    let second = bench.begin(manual, frame, Access::CpuWrite);
+    assert!(
+        !bench.granted(manual, second),
+        "parked behind the read's END"
+    );
+    assert_eq!(subscribers_of(&bench, scanning), vec![manual]);
+    assert_eq!(subscribers_of(&bench, writing), vec![manual]);
+
+    {
+        let _entered = bench._runtime.enter();
+        bench.state.cancel(manual, second).expect("cancel");
+    }
+    let replies = bench.replies(manual);
+    assert!(
+        replies
+            .iter()
+            .any(|(id, r)| *id == second && *r == Err(ErrorCode::Cancelled)),
+        "the parked write is withdrawn: {replies:?}"
+    );
+    assert!(
+        subscribers_of(&bench, writing).is_empty(),
+        "the withdrawn grant's subscription stayed"
+    );
+    assert!(
+        !bench.state.fence_subscribers.contains_key(&writing),
+        "a fence nobody waits for is watched no more"
+    );
+    assert_eq!(
+        subscribers_of(&bench, scanning),
+        vec![manual],
+        "the sent grant's subscription stays"
+    );
+
+    for buffer in bench.run_starts() {
+        bench.end_done(buffer, Ok(()));
+    }
+    bench.end(device, scanning);
+    let told: Vec<AccessId> = bench
+        .received(manual)
+        .iter()
+        .filter_map(|message| match message {
+            ServerMessage::Event(event) => match event.event {
+                dmabroker_ipc::Event::FenceSignalled { fence } => Some(fence),
+                _ => None,
+            },
+            ServerMessage::Reply(_) => None,
+        })
+        .collect();
+    assert_eq!(told, vec![scanning], "told once, of the device read only");
+}

@@ -327,6 +327,20 @@ pub struct WaiterEntry {
     pub ever_planned: bool,
 }
 
+/// A client to tell when a fence ends (`FenceSignalled`): it was listed
+/// the fence without a sync_file by `grants` of its no-autofence grants.
+/// One event is owed however many list it, but each grant counts: a grant
+/// withdrawn before it was sent (a `Cancel`, a timeout, a free while it
+/// was parked) takes back its own subscription at once, and the others'
+/// stay (see `State::unsubscribe_unsent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subscriber {
+    pub client: ClientId,
+    /// Its grants listing the fence; a sent one keeps its count until the
+    /// fence ends (the client was told to wait for it).
+    pub grants: u32,
+}
+
 /// Limits that do not come from the policy but protect the daemon itself.
 #[derive(Debug, Clone)]
 pub struct DaemonLimits {
@@ -361,7 +375,7 @@ pub struct State {
     pub accesses: FxHashMap<AccessId, AccessEntry>,
     pub waiters: FxHashMap<WaiterId, WaiterEntry>,
     /// Clients to tell when a fence without kernel backing ends.
-    pub fence_subscribers: FxHashMap<AccessId, Vec<ClientId>>,
+    pub fence_subscribers: FxHashMap<AccessId, Vec<Subscriber>>,
     /// For each accountable uid, its accesses ended with a sync_file whose
     /// fence has not signalled, connections gone included: each keeps the
     /// sync_file open here (two fds), and an access handed to its device
@@ -513,6 +527,7 @@ impl State {
         self.abort_tasks(TaskOwner::Access(id));
         let entry = self.accesses.remove(&id)?;
         self.cache_sync_left(id, &entry);
+        self.unsubscribe_unsent(&entry);
         if let Some(uid) = entry.awaited_for {
             if let Some(count) = self.fences_awaited.get_mut(&uid) {
                 *count = count.saturating_sub(1);
@@ -942,11 +957,53 @@ impl State {
         }
     }
 
+    /// A grant never sent leaves (withdrawn, or dropped by a free or a
+    /// hang-up while it was held back): the subscriptions it made for the
+    /// fences it lists without a sync_file go with it, at once. They were
+    /// kept once per client and fence, so they stayed until each fence
+    /// ended: an event for a fence the client was never told of, and the
+    /// fence counted as watched meanwhile (its end by message, its
+    /// buffer's word kept taken). Another grant of the client listing the
+    /// same fence keeps its own.
+    fn unsubscribe_unsent(&mut self, entry: &AccessEntry) {
+        let Some(pending) = &entry.pending else {
+            return;
+        };
+        let mut unwatched = false;
+        for listed in pending
+            .grant
+            .fences
+            .iter()
+            .filter(|f| f.sync_file_slot.is_none())
+        {
+            let Some(subscribers) = self.fence_subscribers.get_mut(&listed.id) else {
+                continue;
+            };
+            if let Some(at) = subscribers.iter().position(|s| s.client == entry.client) {
+                subscribers[at].grants = subscribers[at].grants.saturating_sub(1);
+                if subscribers[at].grants == 0 {
+                    subscribers.remove(at);
+                }
+            }
+            if subscribers.is_empty() {
+                self.fence_subscribers.remove(&listed.id);
+                unwatched = true;
+                // Its buffer's word may go back now (see `only_bits_left`).
+                if let Some(buffer) = self.accesses.get(&listed.id).map(|a| a.buffer) {
+                    self.touched.push(buffer);
+                }
+            }
+        }
+        if unwatched {
+            self.stop_word_patrol_if_idle();
+        }
+    }
+
     /// Tells no-autofence clients that a fence they were handed has ended.
     pub(super) fn fence_ended(&mut self, fence: AccessId) {
         if let Some(subscribers) = self.fence_subscribers.remove(&fence) {
-            for client in subscribers {
-                self.event(client, Event::FenceSignalled { fence });
+            for subscriber in subscribers {
+                self.event(subscriber.client, Event::FenceSignalled { fence });
             }
             self.stop_word_patrol_if_idle();
         }
@@ -1018,7 +1075,7 @@ impl State {
         // counts it as watched (its end sent as a message, its buffer's
         // word kept taken).
         self.fence_subscribers.retain(|_, subscribers| {
-            subscribers.retain(|c| *c != client);
+            subscribers.retain(|s| s.client != client);
             !subscribers.is_empty()
         });
         self.stop_word_patrol_if_idle();
