@@ -999,6 +999,7 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
             ));
         }
     }
+    check_fences_are_accesses(state)?;
     let mut words_in_use = std::collections::HashSet::new();
     for (id, access) in &state.accesses {
         if !state.buffers.contains_key(&access.buffer) {
@@ -1015,6 +1016,92 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// The arbiter and the broker's tables name the same accesses and
+/// waiters: every fence the arbiter holds is an access entry of the same
+/// client and buffer, handed to the kernel exactly when the entry keeps a
+/// sync_file, and every access entry is such a fence (an entry without a
+/// fence is an access the broker still answers for, or ends, that nobody
+/// arbitrates; a fence without one holds the buffer for good, since
+/// nothing the broker keeps would ever end it). The same for queued
+/// begins and their waiter entries.
+fn check_fences_are_accesses(state: &State) -> Result<(), String> {
+    for (id, access) in &state.accesses {
+        let Some(fence) = state.arbiter.fence(*id) else {
+            return Err(format!(
+                "access {id} of client {} on buffer {} is no fence of the arbiter",
+                access.client, access.buffer
+            ));
+        };
+        if fence.holder != access.client || fence.buffer != access.buffer {
+            return Err(format!(
+                "access {id}: the arbiter's fence is client {}'s on buffer {}, the table's \
+                 client {}'s on buffer {}",
+                fence.holder, fence.buffer, access.client, access.buffer
+            ));
+        }
+        // By its name: this package (and the fuzz target, which includes
+        // this file) reaches the fence crate only through the daemon's.
+        let kernel = format!("{:?}", fence.state) == "AwaitingKernelFence";
+        if kernel != access.sync_file.is_some() {
+            return Err(format!(
+                "access {id}: the arbiter's fence is {:?}, but the table {} a sync_file",
+                fence.state,
+                if access.sync_file.is_some() {
+                    "keeps"
+                } else {
+                    "has no"
+                }
+            ));
+        }
+    }
+    for buffer in state.buffers.keys() {
+        for fence in state.arbiter.fences(*buffer) {
+            if !state.accesses.contains_key(&fence.id) {
+                return Err(format!(
+                    "buffer {buffer}: the arbiter's fence {} (client {}) is no access of the table",
+                    fence.id, fence.holder
+                ));
+            }
+        }
+        for waiter in state.arbiter.waiters(*buffer) {
+            if !state.waiters.contains_key(&waiter.id) {
+                return Err(format!(
+                    "buffer {buffer}: the arbiter's waiter {} (client {}) is no waiter of the table",
+                    waiter.id, waiter.client
+                ));
+            }
+        }
+    }
+    // With the above, equal totals leave no fence or waiter on a buffer
+    // the broker forgot.
+    if state.arbiter.fence_total() != state.accesses.len() {
+        return Err(format!(
+            "the arbiter holds {} fences, the table {} accesses",
+            state.arbiter.fence_total(),
+            state.accesses.len()
+        ));
+    }
+    for id in state.waiters.keys() {
+        let queued = state
+            .arbiter
+            .waiter_buffer(*id)
+            .is_some_and(|b| state.buffers.contains_key(&b));
+        if !queued {
+            return Err(format!(
+                "waiter {id} of the table waits in no queue of a live buffer"
+            ));
+        }
+    }
+    if state.arbiter.waiter_total() != state.waiters.len() {
+        return Err(format!(
+            "the arbiter queues {} begins, the table {}",
+            state.arbiter.waiter_total(),
+            state.waiters.len()
+        ));
     }
     Ok(())
 }

@@ -717,6 +717,17 @@ impl Arbiter {
         self.clients.get(&client).map_or(0, |i| i.held.len())
     }
 
+    /// How many fences the arbiter holds, every buffer's (the daemon's
+    /// tests: each must stand for an access of its tables, and no more).
+    pub fn fence_total(&self) -> usize {
+        self.fences.len()
+    }
+
+    /// How many requests wait, on every buffer (as `fence_total`).
+    pub fn waiter_total(&self) -> usize {
+        self.waiters.len()
+    }
+
     /// Clients the arbiter keeps an index for (tests: nothing of a departed
     /// client may stay behind).
     #[cfg(test)]

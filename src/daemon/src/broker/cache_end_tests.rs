@@ -1074,3 +1074,360 @@ fn a_withdrawn_parked_grant_drops_its_subscriptions_at_once() {
         .collect();
     assert_eq!(told, vec![scanning], "told once, of the device read only");
 }
+
+/// Random sequences on the bench: autofence and no-autofence clients
+/// begin, end, cancel and time out accesses on a dma-buf (whose CPU
+/// grants wait for their cache sync START, and whose grants park behind
+/// its ENDs) and a memfd, STARTs and ENDs return (an END now and then
+/// failed), clients free the buffers and hang up. After every step the
+/// arbiter and the broker's tables name the same accesses and waiters
+/// (see `check_tables`); once every client is gone and every END has
+/// returned, nothing is left. The request sequences of
+/// `tests/broker_sequences.rs` run memfd buffers only: a test outside
+/// the daemon has no dma-buf to give it, and no cache sync to hold back.
+mod sequences {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Begin { client: u8, dma_buf: bool, kind: u8 },
+        End { client: u8, access: u8 },
+        Cancel { client: u8, begin: u8 },
+        TimesOut { which: u8 },
+        StartsReturn,
+        EndReturns { failed: bool },
+        Free { client: u8, dma_buf: bool },
+        HangUp { client: u8 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0u8..3, any::<bool>(), 0u8..5)
+                .prop_map(|(client, dma_buf, kind)| Step::Begin { client, dma_buf, kind }),
+            5 => (0u8..3, any::<u8>()).prop_map(|(client, access)| Step::End { client, access }),
+            2 => (0u8..3, any::<u8>()).prop_map(|(client, begin)| Step::Cancel { client, begin }),
+            1 => any::<u8>().prop_map(|which| Step::TimesOut { which }),
+            4 => Just(Step::StartsReturn),
+            3 => proptest::bool::weighted(0.2).prop_map(|failed| Step::EndReturns { failed }),
+            1 => (0u8..3, any::<bool>()).prop_map(|(client, dma_buf)| Step::Free { client, dma_buf }),
+            1 => (0u8..3).prop_map(|client| Step::HangUp { client }),
+        ]
+    }
+
+    fn kind(n: u8) -> Access {
+        match n % 5 {
+            0 => Access::CpuRead,
+            1 => Access::CpuWrite,
+            2 => Access::CpuReadWrite,
+            3 => Access::DeviceRead,
+            _ => Access::DeviceWrite,
+        }
+    }
+
+    /// The arbiter and the broker's tables name the same accesses and
+    /// waiters; subscriptions name live fences and clients; a parked
+    /// grant waits for an END still running.
+    fn check_tables(state: &State) -> Result<(), String> {
+        for (id, access) in &state.accesses {
+            let fence = state
+                .arbiter
+                .fence(*id)
+                .ok_or_else(|| format!("access {id} is no fence of the arbiter"))?;
+            if fence.holder != access.client || fence.buffer != access.buffer {
+                return Err(format!("access {id}: another holder or buffer: {fence:?}"));
+            }
+            let kernel = fence.state == dmabroker_fence::FenceState::AwaitingKernelFence;
+            if kernel != access.sync_file.is_some() {
+                return Err(format!("access {id}: {:?} and its sync_file", fence.state));
+            }
+        }
+        if state.arbiter.fence_total() != state.accesses.len() {
+            return Err(format!(
+                "{} fences, {} accesses",
+                state.arbiter.fence_total(),
+                state.accesses.len()
+            ));
+        }
+        for id in state.waiters.keys() {
+            if state.arbiter.waiter_buffer(*id).is_none() {
+                return Err(format!("waiter {id} waits in no queue"));
+            }
+        }
+        if state.arbiter.waiter_total() != state.waiters.len() {
+            return Err(format!(
+                "{} queued, {} waiters",
+                state.arbiter.waiter_total(),
+                state.waiters.len()
+            ));
+        }
+        for (fence, subscribers) in &state.fence_subscribers {
+            if !state.accesses.contains_key(fence) {
+                return Err(format!("fence {fence} is gone, yet subscribed to"));
+            }
+            for s in subscribers {
+                if s.grants == 0 || !state.clients.contains_key(&s.client) {
+                    return Err(format!("fence {fence}: subscriber {s:?}"));
+                }
+            }
+            if subscribers.is_empty() {
+                return Err(format!("fence {fence}: watched for nobody"));
+            }
+        }
+        for (buffer, ends) in &state.cache_ends {
+            if !ends.parked.is_empty() && ends.running == 0 {
+                return Err(format!("buffer {buffer}: grants parked behind no END"));
+            }
+        }
+        Ok(())
+    }
+
+    struct Run {
+        bench: Bench,
+        clients: [ClientId; 3],
+        gone: [bool; 3],
+        frames: [BufferId; 2],
+        begins: [Vec<u64>; 3],
+        ends: Vec<BufferId>,
+        /// Steps after which a grant was parked behind an END, a grant
+        /// was held back (for its START, or parked), and a fence was
+        /// subscribed to: what `sequences_reach_parking` counts.
+        seen: [u64; 3],
+    }
+
+    impl Run {
+        fn new() -> Run {
+            let mut bench = Bench::new();
+            let clients = [bench.client(), bench.client(), bench.client()];
+            for (n, client) in clients.iter().enumerate() {
+                if let Some(entry) = bench.state.clients.get_mut(client) {
+                    entry.cancel = true;
+                    entry.autofence = n != 2;
+                }
+            }
+            let frames = [bench.buffer(&clients, false), bench.buffer(&clients, true)];
+            Run {
+                bench,
+                clients,
+                gone: [false; 3],
+                frames,
+                begins: Default::default(),
+                ends: Vec::new(),
+                seen: [0; 3],
+            }
+        }
+
+        fn starts_return(&mut self) {
+            let ends = self.bench.run_starts();
+            self.ends.extend(ends);
+        }
+
+        fn step(&mut self, step: &Step) {
+            let bench = &mut self.bench;
+            let at = |n: u8| usize::from(n) % 3;
+            match *step {
+                Step::Begin {
+                    client,
+                    dma_buf,
+                    kind: k,
+                } => {
+                    if self.gone[at(client)] {
+                        return;
+                    }
+                    let request = bench.next_request;
+                    bench.next_request += 1;
+                    let frame = self.frames[usize::from(dma_buf)];
+                    let _entered = bench._runtime.enter();
+                    let begun =
+                        bench
+                            .state
+                            .begin(self.clients[at(client)], request, frame, kind(k), None);
+                    if begun.is_ok() {
+                        self.begins[at(client)].push(request);
+                    }
+                }
+                Step::End { client, access } => {
+                    let id = self.clients[at(client)];
+                    let mut own: Vec<AccessId> = bench
+                        .state
+                        .accesses
+                        .iter()
+                        .filter(|(_, a)| a.client == id)
+                        .map(|(access, _)| *access)
+                        .collect();
+                    own.sort_unstable();
+                    if own.is_empty() {
+                        return;
+                    }
+                    let access = own[usize::from(access) % own.len()];
+                    let _entered = bench._runtime.enter();
+                    let _ = bench.state.end(id, access, None);
+                }
+                Step::Cancel { client, begin } => {
+                    let begins = &self.begins[at(client)];
+                    if self.gone[at(client)] || begins.is_empty() {
+                        return;
+                    }
+                    let request = begins[usize::from(begin) % begins.len()];
+                    let _entered = bench._runtime.enter();
+                    let _ = bench.state.cancel(self.clients[at(client)], request);
+                }
+                Step::TimesOut { which } => {
+                    let mut targets: Vec<(u8, u64)> = bench
+                        .state
+                        .accesses
+                        .iter()
+                        .filter(|(_, a)| a.pending.is_some())
+                        .map(|(id, _)| (0, *id))
+                        .chain(bench.state.waiters.keys().map(|id| (1, *id)))
+                        .collect();
+                    targets.sort_unstable();
+                    if targets.is_empty() {
+                        return;
+                    }
+                    let target = match targets[usize::from(which) % targets.len()] {
+                        (0, id) => TimeoutTarget::Access(id),
+                        (_, id) => TimeoutTarget::Waiter(id),
+                    };
+                    let _entered = bench._runtime.enter();
+                    bench.state.timed_out(target);
+                }
+                Step::StartsReturn => self.starts_return(),
+                Step::EndReturns { failed } => {
+                    if self.ends.is_empty() {
+                        return;
+                    }
+                    let buffer = self.ends.remove(0);
+                    let ended = if failed { failed_end() } else { Ok(()) };
+                    bench.end_done(buffer, ended);
+                }
+                Step::Free { client, dma_buf } => {
+                    let frame = self.frames[usize::from(dma_buf)];
+                    let _entered = bench._runtime.enter();
+                    let _ = bench.state.handle_message(
+                        self.clients[at(client)],
+                        &free_request(frame),
+                        Vec::new(),
+                    );
+                }
+                Step::HangUp { client } => {
+                    if std::mem::replace(&mut self.gone[at(client)], true) {
+                        return;
+                    }
+                    let _entered = bench._runtime.enter();
+                    bench.state.disconnect(self.clients[at(client)]);
+                }
+            }
+            let _entered = self.bench._runtime.enter();
+            self.bench.state.settle_touched();
+            drop(_entered);
+            for (n, client) in self.clients.iter().enumerate() {
+                if !self.gone[n] {
+                    self.bench.received(*client);
+                }
+            }
+            let state = &self.bench.state;
+            let seen = [
+                state.cache_ends.values().any(|e| !e.parked.is_empty()),
+                state.accesses.values().any(|a| a.pending.is_some()),
+                !state.fence_subscribers.is_empty(),
+            ];
+            for (count, seen) in self.seen.iter_mut().zip(seen) {
+                *count += u64::from(seen);
+            }
+        }
+
+        /// Everyone hangs up and every START and END returns: nothing may
+        /// be left.
+        fn finish(&mut self) -> Result<(), String> {
+            for client in 0..3 {
+                self.step(&Step::HangUp { client });
+            }
+            // A START that returns for an access gone defers the END it
+            // owes: that one is taken at the next look.
+            for _ in 0..64 {
+                self.starts_return();
+                self.starts_return();
+                if self.ends.is_empty() {
+                    break;
+                }
+                while !self.ends.is_empty() {
+                    self.step(&Step::EndReturns { failed: false });
+                }
+            }
+            let state = &self.bench.state;
+            check_tables(state)?;
+            if !state.accesses.is_empty()
+                || !state.waiters.is_empty()
+                || !state.cache_ends.is_empty()
+                || !state.fence_subscribers.is_empty()
+                || !state.buffers.is_empty()
+            {
+                return Err(format!(
+                    "left: {} accesses, {} waiters, {} buffers with ENDs, {} fences watched, {} buffers",
+                    state.accesses.len(),
+                    state.waiters.len(),
+                    state.cache_ends.len(),
+                    state.fence_subscribers.len(),
+                    state.buffers.len()
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    /// The generated sequences do park grants behind ENDs, hold grants
+    /// back, subscribe no-autofence clients to fences, and time out and
+    /// cancel (a property test that never got there would pass for
+    /// nothing).
+    #[test]
+    fn sequences_reach_parking() {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::TestRunner;
+        let mut runner = TestRunner::deterministic();
+        let sequences = proptest::collection::vec(step(), 1..80);
+        let (mut seen, mut timeouts, mut cancelled) = ([0u64; 3], 0, 0);
+        for _ in 0..64 {
+            let steps = sequences.new_tree(&mut runner).expect("generate").current();
+            let mut run = Run::new();
+            for step in &steps {
+                run.step(step);
+            }
+            for (total, n) in seen.iter_mut().zip(run.seen) {
+                *total += n;
+            }
+            timeouts += run.bench.state.stats.timeouts;
+            cancelled += run
+                .bench
+                .state
+                .stats
+                .refusals
+                .iter()
+                .filter(|(code, _)| code.contains("cancel"))
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
+        assert!(
+            seen.iter().all(|n| *n > 0) && timeouts > 0 && cancelled > 0,
+            "parked, held back, subscribed: {seen:?}; timeouts {timeouts}, cancelled {cancelled}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parked_and_held_back_grants_keep_the_tables_in_step(
+            steps in proptest::collection::vec(step(), 1..80),
+        ) {
+            let mut run = Run::new();
+            for (i, step) in steps.iter().enumerate() {
+                run.step(step);
+                if let Err(broken) = check_tables(&run.bench.state) {
+                    return Err(TestCaseError::fail(format!("after step {i} ({step:?}): {broken}")));
+                }
+            }
+            run.finish().map_err(TestCaseError::fail)?;
+        }
+    }
+}
