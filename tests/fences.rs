@@ -257,14 +257,27 @@ fn a_write_held_past_its_limit_is_revoked() {
     assert!(event.contains("AccessRevoked"), "{event}");
 }
 
+/// A `Free` while the access is held (the client crate sends none while
+/// a guard lives: a raw client).
 #[test]
 fn freeing_a_buffer_while_holding_access_releases_it() {
-    let mut s = Shared::new(Daemon::start(), 8192);
+    let s = Shared::new(Daemon::start(), 8192);
     let mut other = s.join(&[]);
-    s.owner.ok(&format!("begin {} w", s.id));
+    let mut holder = RawClient::connect(s.daemon.socket());
+    holder.hello();
+    let buffer = holder.import(s.token.clone());
+    let write = holder.request(RequestBody::Begin {
+        buffer,
+        access: Access::CpuWrite,
+        timeout_ms: None,
+    });
+    assert!(matches!(write, Ok(ReplyBody::Granted(_))), "{write:?}");
     other.send(&format!("begin {} r", s.id));
     assert_eq!(other.recv(STILL_BLOCKED), None);
-    s.owner.ok(&format!("free {}", s.id));
+    assert_eq!(
+        holder.request(RequestBody::Free { buffer }),
+        Ok(ReplyBody::Freed)
+    );
     let granted = other
         .recv(Duration::from_secs(5))
         .expect("granted after the holder freed");
@@ -497,4 +510,53 @@ fn many_fences_ending_at_once_do_not_cut_off_the_client_waiting_for_them() {
     let mut told = signalled_before_a_reply(&mut writer, write_on);
     told.sort_unstable();
     assert_eq!(told, reads, "every read's end, once each");
+}
+
+/// A guard begun on a `Buffer` that is dropped at once (a temporary:
+/// `client.import(&token)?.begin(..)?`) keeps the hold, and so its
+/// access: another client's write waits until the guard goes. Before, the
+/// temporary's drop freed the hold, the broker released the read and
+/// granted the queued write while `bytes()` still handed out the
+/// mapping. Found by review. `client` makes the reader's connection.
+fn a_guard_outlives_its_temporary_buffer(
+    client: impl Fn(&Daemon) -> dmabroker_client::Client,
+    common: &[&str],
+) {
+    let s = Shared::new_with(Daemon::start(), 8192, common);
+    let mut writer = s.join(&[]);
+    let reader = client(&s.daemon);
+    let token: dmabroker_client::ShareToken = s.token.parse().expect("token");
+    let guard = reader
+        .import(&token)
+        .expect("import")
+        .begin(Access::CpuRead)
+        .expect("read granted");
+    writer.send(&format!("begin {} w", s.id));
+    assert_eq!(
+        writer.recv(STILL_BLOCKED),
+        None,
+        "the write must wait for the guard of the dropped buffer"
+    );
+    assert_eq!(guard.bytes().expect("bytes").len(), 8192);
+    drop(guard);
+    let granted = writer
+        .recv(Duration::from_secs(5))
+        .expect("the write is granted once the guard goes");
+    assert!(granted.starts_with("ok"), "{granted}");
+    // The access ended before the hold was freed, and both were taken.
+    assert_eq!(reader.take_errors(), Vec::new());
+    writer.ok(&format!("end {}", access_of(&granted)));
+}
+
+#[test]
+fn a_guard_outlives_its_temporary_buffer_in_the_word() {
+    a_guard_outlives_its_temporary_buffer(Daemon::client, &[]);
+}
+
+#[test]
+fn a_guard_outlives_its_temporary_buffer_by_message() {
+    a_guard_outlives_its_temporary_buffer(
+        |daemon| daemon.message_path_client().expect("connect"),
+        &["--no-buffer-words"],
+    );
 }

@@ -26,7 +26,7 @@ mod error;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use dmabroker_ipc::bufferword::{
@@ -314,7 +314,10 @@ fn wire_timeout(timeout: Option<Duration>, deadline: Option<Instant>) -> Option<
 }
 
 /// A buffer this client holds. Dropping it frees the hold (pipelined: no
-/// round trip); the memory lives on while other clients hold it.
+/// round trip) once its guards are gone too: an [`AccessGuard`] keeps the
+/// hold, and so its access, until it ends, even when the `Buffer` it came
+/// from goes first (`client.import(&token)?.begin(Access::CpuRead)?`).
+/// The memory lives on while other clients hold it.
 #[derive(Debug)]
 pub struct Buffer {
     /// Shared with begins that outlive their caller's wait (see
@@ -322,6 +325,32 @@ pub struct Buffer {
     /// its guard, and so end the access it is granted, after the caller
     /// stopped waiting.
     state: Arc<BufferState>,
+    /// The hold, shared with the buffer's guards (not with its state: a
+    /// begin the caller gave up on must not keep it). Kept for its drop.
+    _hold: Arc<HoldRelease>,
+}
+
+/// A hold of a buffer, freed when the `Buffer` and every guard of it are
+/// gone. Freeing it while a guard lived released the guard's access at the
+/// broker, which granted it to another client while the guard still handed
+/// out the bytes.
+#[derive(Debug)]
+struct HoldRelease {
+    client: Client,
+    buffer: u64,
+    serial: u64,
+    /// `BufferState::released`.
+    released: Arc<AtomicBool>,
+}
+
+impl Drop for HoldRelease {
+    /// Frees the hold. A guard's own end goes out first: the guard's
+    /// `Drop` ends its access before its fields, this among them, drop.
+    /// Freeing answers a begin still waiting on the buffer with an error.
+    fn drop(&mut self) {
+        self.released.store(true, Ordering::SeqCst);
+        self.client.conn.release_hold(self.buffer, self.serial);
+    }
 }
 
 #[derive(Debug)]
@@ -353,9 +382,13 @@ struct BufferState {
     /// along knows the bit is its own, and spares the round trip that
     /// would tell it otherwise (see `await_hand_off`).
     users: Arc<AtomicU64>,
-    /// The caller dropped its `Buffer` (and the hold was freed) while a
-    /// begin of `begin_async` may still run on the blocking pool.
-    released: AtomicBool,
+    /// The hold, while the `Buffer` or a guard of it keeps it: each guard
+    /// takes a share (see [`HoldRelease`]).
+    hold: Weak<HoldRelease>,
+    /// The caller dropped its `Buffer` and its guards (and the hold was
+    /// freed) while a begin of `begin_async` may still run on the
+    /// blocking pool.
+    released: Arc<AtomicBool>,
 }
 
 /// The bits of `BufferState::users` that count the live users.
@@ -396,6 +429,13 @@ impl Buffer {
         let serial = client
             .conn
             .remember_hold(info.id, &info.secret, info.inode, generation);
+        let released = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(HoldRelease {
+            client: client.clone(),
+            buffer: info.id,
+            serial,
+            released: Arc::clone(&released),
+        });
         Buffer {
             state: Arc::new(BufferState {
                 client,
@@ -410,8 +450,10 @@ impl Buffer {
                 word: OnceLock::new(),
                 has_word_page: OnceLock::new(),
                 users: Arc::new(AtomicU64::new(0)),
-                released: AtomicBool::new(false),
+                hold: Arc::downgrade(&hold),
+                released,
             }),
+            _hold: hold,
         }
     }
 
@@ -770,6 +812,7 @@ impl BufferState {
             ended: false,
             ticket: None,
             own_sync: None,
+            _hold: self.hold.upgrade(),
         }
     }
 
@@ -841,6 +884,7 @@ impl BufferState {
             ended: false,
             ticket: None,
             own_sync: None,
+            _hold: self.hold.upgrade(),
         };
         if grant.kind.is_cpu() {
             // The broker syncs only an autofence client's CPU accesses:
@@ -859,24 +903,6 @@ impl BufferState {
             guard.mapping = Some(self.shared_mapping()?);
         }
         Ok(guard)
-    }
-}
-
-impl Drop for Buffer {
-    /// Frees the hold when the caller's handle goes, not when the last
-    /// share of its state does: a begin the caller gave up on would
-    /// otherwise keep the hold, and its place in the queue, until it is
-    /// granted. Freeing answers that begin with an error.
-    fn drop(&mut self) {
-        let BufferState {
-            client,
-            info,
-            serial,
-            released,
-            ..
-        } = &*self.state;
-        released.store(true, Ordering::SeqCst);
-        client.conn.release_hold(info.id, *serial);
     }
 }
 
@@ -1003,6 +1029,12 @@ pub struct AccessGuard {
     /// A CPU access of a no-autofence client: its cache sync is this
     /// guard's to do (see [`OwnSync`]).
     own_sync: Option<OwnSync>,
+    /// The buffer's hold, kept while the access lives: freed with the
+    /// `Buffer` dropped first, it ended the access at the broker. `None`
+    /// only for a guard a begin of `begin_async` made after its caller
+    /// dropped the `Buffer` (the guard is dropped there, at once). Kept
+    /// for its drop.
+    _hold: Option<Arc<HoldRelease>>,
 }
 
 /// A buffer's file, and whether it has shown it has no cache sync.
