@@ -1877,3 +1877,111 @@ fn a_reconnect_refused_for_good_fails_at_once_whatever_the_window() {
         drop(broker);
     }
 }
+
+/// A guard of a dead connection hands out no bytes: the broker released
+/// its access with the connection, and another client may hold the buffer
+/// by now. Before, `bytes()` and `bytes_mut()` never looked at the
+/// connection generation the guard keeps.
+#[test]
+fn a_guard_of_a_dead_connection_hands_out_no_bytes() {
+    let (_dir, path) = socket_path();
+    let broker = restarting_broker(&path, false);
+    let options = ClientOptions {
+        reconnect: Some(Duration::from_secs(5)),
+        buffer_words: false,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&path, options).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let mut write = frame.begin(Access::CpuWrite).expect("begin");
+    write.bytes_mut().expect("bytes while the access lives")[0] = 1;
+    client.heaps().expect("answered after a reconnect");
+    assert_eq!(client.reconnects(), 1);
+    assert!(matches!(write.bytes(), Err(Error::Disconnected)));
+    assert!(matches!(write.bytes_mut(), Err(Error::Disconnected)));
+    drop(write);
+    drop(frame);
+    drop(client);
+    broker.join().expect("scripted broker");
+}
+
+/// A broker that grants buffer 1's first begin by message (access 7) and
+/// the second in the buffer's word (index 0); at the first heaps request
+/// it takes both back as a broker revoking them does: the holder's bit
+/// leaves the word, and `AccessRevoked` names access 7.
+fn revoking_broker(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = listening_at(path);
+    std::thread::spawn(move || {
+        let (buffer, inode) = scripted_buffer();
+        let word = BufferWord::map(buffer.as_fd(), 4096).expect("word");
+        let slot = FastSlot { index: 0, epoch: 0 };
+        serve_requests(&listener, 1, |socket, _, id, body| {
+            match body {
+                RequestBody::Hello(_) => reply(socket, id, Ok(welcome())),
+                RequestBody::Alloc { .. } => reply_with_buffer(socket, id, &buffer, inode),
+                RequestBody::Begin { access, .. } if access.is_write() => {
+                    reply(socket, id, Ok(granted(7, access, None)));
+                }
+                RequestBody::Begin { access, .. } => {
+                    word.take_over().expect("uncontended");
+                    let kind = WordAccess::of(access).expect("a CPU access");
+                    assert!(word.grant(slot, kind).expect("uncontended"), "grant");
+                    reply(socket, id, Ok(granted(0, access, Some(slot))));
+                }
+                RequestBody::ListHeaps => {
+                    word.remove_holder(0).expect("uncontended");
+                    heaps(socket, id);
+                    let event = ServerMessage::Event(dmabroker_ipc::EventMessage {
+                        fds: 0,
+                        event: dmabroker_ipc::Event::AccessRevoked {
+                            access: 7,
+                            buffer: 1,
+                        },
+                    });
+                    let bytes = encode_server_message(&event).expect("encode");
+                    send_message(socket.as_fd(), &bytes, &[], false).expect("send");
+                }
+                _ => {}
+            }
+            true
+        });
+    })
+}
+
+/// A revoked access hands out no bytes: one held in the word once its bit
+/// has left the word, one granted by message once the client has read
+/// the broker's `AccessRevoked`. Before, both guards kept handing out the
+/// mapping, although the broker had granted the buffer to others.
+#[test]
+fn a_revoked_access_hands_out_no_bytes() {
+    let (_dir, path) = socket_path();
+    let broker = revoking_broker(&path);
+    let client = Client::connect_to(&path).expect("connect");
+    let frame = client.alloc(4096).expect("alloc");
+    let mut write = frame.begin(Access::CpuWrite).expect("write");
+    let read = frame.begin(Access::CpuRead).expect("read");
+    assert!(read.in_word());
+    write.bytes_mut().expect("the write's bytes while it lives");
+    read.bytes().expect("the read's bytes while it lives");
+    client.heaps().expect("heaps");
+    let revoked = |result: Result<usize, Error>| {
+        assert_eq!(
+            result.expect_err("a revoked access").code(),
+            Some(ErrorCode::UnknownAccess)
+        );
+    };
+    revoked(read.bytes().map(|b| b.len()));
+    assert_eq!(
+        client
+            .next_event(Some(Duration::from_secs(5)))
+            .expect("event"),
+        Some(dmabroker_ipc::Event::AccessRevoked {
+            access: 7,
+            buffer: 1
+        })
+    );
+    revoked(write.bytes().map(|b| b.len()));
+    revoked(write.bytes_mut().map(|b| b.len()));
+    drop((read, write, frame, client));
+    broker.join().expect("scripted broker");
+}

@@ -105,7 +105,16 @@ struct Mailbox {
     /// stale `Planned` may still come) is dropped with its fds: filed, it
     /// would stay for the life of the connection.
     awaited: HashSet<u64>,
+    /// The accesses `AccessRevoked` named (by the broker's id, not 0), the
+    /// newest [`MAX_REVOKED`]: their guards hand out no bytes.
+    revoked: VecDeque<u64>,
 }
+
+/// How many revoked access ids a connection remembers. A revocation is
+/// rare (a write held past its limit, a corrupted word); a guard of an
+/// access revoked more than this many revocations ago is only told by its
+/// end.
+const MAX_REVOKED: usize = 256;
 
 /// The reader's 64 KiB buffer, shown by its size: `{:?}` of a client
 /// printed every byte of it.
@@ -710,6 +719,14 @@ impl Connection {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Whether the broker of connection `generation`, still the current
+    /// one, has been read saying it revoked access `access` (any call
+    /// that reads the socket files the `AccessRevoked`).
+    pub fn revoked(&self, generation: u64, access: u64) -> bool {
+        let mailbox = lock(&self.mailbox);
+        access != 0 && self.generation() == generation && mailbox.revoked.contains(&access)
+    }
+
     /// Nobody will collect the answer to request `id` (a begin answered
     /// through a buffer word): drop whatever else comes for it.
     pub fn abandon(&self, id: u64) {
@@ -1243,6 +1260,7 @@ impl Connection {
         // which the new one starts again.
         mailbox.events.clear();
         mailbox.events_dropped = false;
+        mailbox.revoked.clear();
         mailbox.closed = None;
         mailbox.refusal = None;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -1881,6 +1899,14 @@ fn file_message(mailbox: &mut Mailbox, message: ServerMessage, fds: Vec<OwnedFd>
             );
         }
         ServerMessage::Event(event) => {
+            if let Event::AccessRevoked { access, .. } = event.event {
+                if access != 0 {
+                    if mailbox.revoked.len() == MAX_REVOKED {
+                        mailbox.revoked.pop_front();
+                    }
+                    mailbox.revoked.push_back(access);
+                }
+            }
             if mailbox.events.len() >= MAX_QUEUED_EVENTS {
                 mailbox.events.pop_front();
                 if !std::mem::replace(&mut mailbox.events_dropped, true) {

@@ -1230,28 +1230,65 @@ impl AccessGuard {
     /// In a no-autofence client, the access's first call on a dma-buf
     /// issues the cache sync START, which waits for the device work on the
     /// buffer (the grant's fence 0): it returns once the CPU may look.
+    ///
+    /// Once the access is gone, fails and hands out nothing: with
+    /// [`Error::Disconnected`] once the client has replaced the connection
+    /// it was granted on (a reconnect after the broker went away, which
+    /// released it with that connection; a hang-up not yet noticed by any
+    /// call is not looked for here); with `UnknownAccess` ([`Error::Broker`])
+    /// once the broker took it back (`AccessRevoked`): for an access held
+    /// in the buffer's word, when its bit has left the word; for another,
+    /// once the client has read the broker's `AccessRevoked` (every call
+    /// that waits for the broker reads what has arrived, and
+    /// [`Client::next_event`] returns it). The guard still ends as usual.
     pub fn bytes(&self) -> Result<Bytes<'_>> {
         let mapping = self
             .mapping
             .as_ref()
             .ok_or(Error::AccessMode("CPU reads"))?;
+        self.still_held()?;
         self.start_own_sync()?;
         Ok(Bytes {
             mapping: mapping.read().unwrap_or_else(|p| p.into_inner()),
         })
     }
 
-    /// The buffer's bytes for writing (CPU write accesses only).
+    /// The buffer's bytes for writing (CPU write accesses only). Fails
+    /// once the access is gone, as [`AccessGuard::bytes`] does.
     pub fn bytes_mut(&mut self) -> Result<BytesMut<'_>> {
         let mapping = self
             .mapping
             .as_ref()
             .filter(|_| self.kind.is_write())
             .ok_or(Error::AccessMode("CPU writes"))?;
+        self.still_held()?;
         self.start_own_sync()?;
         Ok(BytesMut {
             mapping: write_without_queueing(mapping),
         })
+    }
+
+    /// Whether the access still lives (see [`AccessGuard::bytes`]): the
+    /// bytes of an access the broker released are another client's.
+    fn still_held(&self) -> Result<()> {
+        if self.client.conn.generation() != self.generation {
+            return Err(Error::Disconnected);
+        }
+        let revoked = match &self.word_hold {
+            // What its end checks: a bit of this epoch, of this kind.
+            Some((word, hold)) => {
+                let now = word.load();
+                now.epoch() != hold.slot.epoch || !now.has(hold.slot.index, hold.write)
+            }
+            None => self.client.conn.revoked(self.generation, self.access),
+        };
+        match revoked {
+            true => Err(Error::Broker(WireError::new(
+                ErrorCode::UnknownAccess,
+                "the broker revoked this access (AccessRevoked)",
+            ))),
+            false => Ok(()),
+        }
     }
 
     /// The cache sync START a no-autofence client's access owes before
