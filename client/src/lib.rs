@@ -988,8 +988,9 @@ fn buffer_fd(info: &BufferInfo, fds: Vec<OwnedFd>) -> std::result::Result<OwnedF
     Ok(fd)
 }
 
-/// A fence a no-autofence client must wait for before its hardware touches
-/// the buffer.
+/// A fence a no-autofence client must wait for before its hardware or its
+/// CPU touches the buffer (for the CPU, [`AccessGuard::bytes`] waits only
+/// for a dma-buf's own kernel fences, `holder` 0).
 #[derive(Debug)]
 pub struct Fence {
     pub id: u64,
@@ -1227,9 +1228,17 @@ impl AccessGuard {
 
     /// The buffer's bytes (CPU accesses only).
     ///
-    /// In a no-autofence client, the access's first call on a dma-buf
-    /// issues the cache sync START, which waits for the device work on the
-    /// buffer (the grant's fence 0): it returns once the CPU may look.
+    /// An autofence client's access was granted once every conflicting
+    /// fence had ended: the bytes are the CPU's. A no-autofence client's
+    /// was granted at once, and this waits for little of what
+    /// [`AccessGuard::fences`] lists: the access's first call on a
+    /// dma-buf issues the cache sync START (`DMA_BUF_IOCTL_SYNC`), which
+    /// waits only for the dma-buf's own kernel fences (the grant's fence
+    /// with `holder` 0); on a memfd it issues nothing and waits for
+    /// nothing. Wait yourself, before this call, for every other fence
+    /// listed (other clients' accesses, `holder` not 0): poll its
+    /// `sync_file` readable, or wait for [`Event::FenceSignalled`] naming
+    /// its id ([`Client::next_event`]); on a memfd, for every fence listed.
     ///
     /// Once the access is gone, fails and hands out nothing: with
     /// [`Error::Disconnected`] once the client has replaced the connection
