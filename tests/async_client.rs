@@ -374,3 +374,94 @@ fn the_last_client_dropped_in_a_task_lets_the_runtime_run_while_its_frees_wait()
         "frees lost: the drop held the runtime until its grace was over"
     );
 }
+
+/// How long the slow broker below takes to answer a heaps request.
+const SLOW_ANSWER: Duration = Duration::from_millis(1000);
+
+/// The calls that wait for the broker had no `_async` twin (`heaps`,
+/// `adopt`, `next_event`, `export`, `info`, `end_with_fence`): called in a
+/// task, each held the runtime's thread for as long as the broker took
+/// (a reconnect: up to 10 s), and on a current-thread runtime no other
+/// task ran meanwhile. `heaps_async` waits on the blocking pool: a task
+/// ticking every 10 ms keeps ticking while a broker takes 1 s to answer.
+#[test]
+fn an_async_call_lets_other_tasks_run_while_a_slow_broker_answers() {
+    use dmabroker_ipc::{ReplyBody, RequestBody};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let broker = FakeBroker::start(1, |socket, _, id, body| {
+        if let RequestBody::ListHeaps = body {
+            std::thread::sleep(SLOW_ANSWER);
+            fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+        }
+        true
+    });
+    let client = Client::connect_to(&broker.path).expect("connect");
+    let ticks = Arc::new(AtomicU64::new(0));
+    let runtime = runtime();
+    let counted = Arc::clone(&ticks);
+    runtime.block_on(async move {
+        let ticker = tokio::spawn(async move {
+            loop {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        client.heaps_async().await.expect("heaps");
+        ticker.abort();
+    });
+    drop(runtime);
+    let ticked = ticks.load(Ordering::SeqCst);
+    assert!(
+        ticked >= 20,
+        "the other task ticked {ticked} times in the {SLOW_ANSWER:?} the broker took"
+    );
+    broker.join();
+}
+
+/// A `next_event_async` dropped while it waits (a `select!` taking another
+/// branch) leaves the event its blocking-pool thread reads afterwards for
+/// the next call, not lost with the future.
+#[test]
+fn an_event_read_for_a_dropped_async_wait_is_kept_for_the_next_call() {
+    use dmabroker_ipc::{Event, EventMessage, ReplyBody, RequestBody, ServerMessage};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+
+    let broker = FakeBroker::start(1, |socket, _, id, body| {
+        if let RequestBody::ListHeaps = body {
+            fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+            std::thread::sleep(Duration::from_millis(300));
+            let event = ServerMessage::Event(EventMessage {
+                fds: 0,
+                event: Event::FenceSignalled { fence: 9 },
+            });
+            fake_broker::send(socket, &event, &[]);
+        }
+        true
+    });
+    let client = Client::connect_to(&broker.path).expect("connect");
+    client.heaps().expect("heaps");
+    let runtime = runtime();
+    let waited = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(50),
+            client.next_event_async(Some(Duration::from_secs(3))),
+        )
+        .await
+    });
+    assert!(waited.is_err(), "the event came early: {waited:?}");
+    // The blocking-pool thread reads the event meanwhile.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        client
+            .next_event(Some(Duration::from_secs(3)))
+            .expect("no error"),
+        Some(Event::FenceSignalled { fence: 9 }),
+        "the event read for the dropped wait was lost"
+    );
+    drop(runtime);
+    drop(client);
+    broker.join();
+}

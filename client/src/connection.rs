@@ -1512,10 +1512,8 @@ impl Connection {
     }
 
     /// The next event, waiting at most `timeout` (forever with `None`).
-    pub fn next_event(
-        &self,
-        timeout: Option<Duration>,
-    ) -> Result<Option<(Event, Vec<OwnedFd>)>, Error> {
+    /// The next event, its fds, and the connection generation it came on.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<EventRead>, Error> {
         let deadline = timeout.and_then(deadline_after);
         let mut mailbox = lock(&self.mailbox);
         // A deadline past (a zero timeout: a program polling between
@@ -1530,9 +1528,9 @@ impl Connection {
             if self.events_seen.swap(start, Ordering::AcqRel) != start {
                 return Err(Error::Reconnected);
             }
-            if let Some(event) = mailbox.events.pop_front() {
+            if let Some((event, fds)) = mailbox.events.pop_front() {
                 mailbox.events_dropped = false;
-                return Ok(Some(event));
+                return Ok(Some((event, fds, start)));
             }
             if mailbox.closed.is_some() {
                 // Reconnect, as a call would, within the caller's time: an
@@ -1558,12 +1556,35 @@ impl Connection {
         }
     }
 
+    /// Puts an event read on connection `generation` back in front, for
+    /// the next `next_event`, unless that connection has been replaced
+    /// (its events are void: see `install`).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn unread_event(&self, generation: u64, event: Event, fds: Vec<OwnedFd>) {
+        let mut mailbox = lock(&self.mailbox);
+        if self.generation() == generation {
+            mailbox.events.push_front((event, fds));
+            self.arrived.notify_all();
+        }
+    }
+
+    /// The next `next_event` says `Reconnected` again: the call that said
+    /// it had nobody to tell.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn unsee_reconnect(&self) {
+        self.events_seen.store(u64::MAX, Ordering::Release);
+    }
+
     /// Errors the broker sent for requests nobody waited on (pipelined ends
     /// and frees), oldest first.
     pub fn take_errors(&self) -> Vec<WireError> {
         lock(&self.mailbox).errors.drain(..).collect()
     }
 }
+
+/// An event as `Connection::next_event` reads it: with its fds and the
+/// connection generation it came on.
+pub type EventRead = (Event, Vec<OwnedFd>, u64);
 
 /// One datagram from the broker.
 enum Received {

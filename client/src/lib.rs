@@ -14,7 +14,12 @@
 //! ```
 //!
 //! Blocking calls by default; with the `tokio` feature the calls that wait
-//! for the broker have `_async` twins, and the last `Client` dropped inside
+//! for the broker (and so may run a whole reconnect, up to
+//! [`ClientOptions::reconnect`]) have `_async` twins that wait on tokio's
+//! blocking pool: `connect_async`, `heaps_async`, `alloc_async`,
+//! `import_async`, `adopt_async`, `next_event_async`, `Buffer::export_async`,
+//! `info_async` and `begin_async`, and `AccessGuard::end_with_fence_async`.
+//! The last `Client` dropped inside
 //! a runtime leaves its wait for the broker to read what is still queued
 //! to the runtime's blocking pool, so that its other tasks run meanwhile
 //! (the runtime, dropped, waits for it; see docs/protocol.md).
@@ -272,7 +277,7 @@ impl Client {
     /// numbers fences and accesses anew, so whatever the caller waited to
     /// hear of will never come.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        Ok(self.conn.next_event(timeout)?.map(|(event, _)| event))
+        Ok(self.conn.next_event(timeout)?.map(|(event, _, _)| event))
     }
 
     /// Errors for requests sent without waiting (ends, frees), oldest first,
@@ -503,19 +508,7 @@ impl Buffer {
 
     /// A token another process can import this buffer with.
     pub fn export(&self) -> Result<ShareToken> {
-        let export = RequestBody::Export {
-            buffer: self.state.info.id,
-        };
-        match self
-            .state
-            .client
-            .conn
-            .call_for(self.state.hold(), export, &[])?
-            .0
-        {
-            ReplyBody::Exported { token } => Ok(token.parse()?),
-            other => Err(unexpected("exported", &other)),
-        }
+        self.state.export()
     }
 
     /// Begins an access; with autofence, blocks until granted.
@@ -546,19 +539,7 @@ impl Buffer {
 
     /// Asks the broker for this buffer's current facts.
     pub fn info(&self) -> Result<BufferInfo> {
-        let info = RequestBody::Info {
-            buffer: self.state.info.id,
-        };
-        match self
-            .state
-            .client
-            .conn
-            .call_for(self.state.hold(), info, &[])?
-            .0
-        {
-            ReplyBody::Buffer(info) => Ok(info),
-            other => Err(unexpected("buffer", &other)),
-        }
+        self.state.buffer_info()
     }
 }
 
@@ -566,6 +547,26 @@ impl BufferState {
     /// The buffer's id and this hold's serial: what a request on it shows.
     fn hold(&self) -> (u64, u64) {
         (self.info.id, self.serial)
+    }
+
+    fn export(&self) -> Result<ShareToken> {
+        let export = RequestBody::Export {
+            buffer: self.info.id,
+        };
+        match self.client.conn.call_for(self.hold(), export, &[])?.0 {
+            ReplyBody::Exported { token } => Ok(token.parse()?),
+            other => Err(unexpected("exported", &other)),
+        }
+    }
+
+    fn buffer_info(&self) -> Result<BufferInfo> {
+        let info = RequestBody::Info {
+            buffer: self.info.id,
+        };
+        match self.client.conn.call_for(self.hold(), info, &[])?.0 {
+            ReplyBody::Buffer(info) => Ok(info),
+            other => Err(unexpected("buffer", &other)),
+        }
     }
 
     fn mapped_word(&self) -> Result<Arc<BufferWord>> {
@@ -1546,9 +1547,163 @@ mod nonblocking {
                 .await
                 .map_err(|e| Error::Task(e.to_string()))?
         }
+
+        /// As [`Client::heaps`], on the blocking pool (it reconnects after
+        /// a broker restart as the blocking one does).
+        pub async fn heaps_async(&self) -> Result<Vec<HeapInfo>> {
+            let client = self.clone();
+            tokio::task::spawn_blocking(move || client.heaps())
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
+        }
+
+        /// As [`Client::adopt`], on the blocking pool. A refusal gives the
+        /// fd back, as the blocking one does, also when the runtime shut
+        /// down before the call ran (`Error::Task`); dropped, this future
+        /// leaves the buffer it got to the blocking pool, where it is
+        /// dropped (freed), and a refused fd is closed there.
+        pub async fn adopt_async(
+            &self,
+            dmabuf: OwnedFd,
+            name: Option<&str>,
+        ) -> std::result::Result<Buffer, AdoptRefused> {
+            let (client, name) = (self.clone(), name.map(str::to_owned));
+            let kept = Arc::new(Mutex::new(Some(dmabuf)));
+            let taken = Arc::clone(&kept);
+            let task = tokio::task::spawn_blocking(move || {
+                let dmabuf = lock(&taken).take()?;
+                Some(client.adopt(dmabuf, name.as_deref()))
+            });
+            match task.await {
+                Ok(Some(adopted)) => adopted,
+                // The fd is still here: the call never ran.
+                failed => match lock(&kept).take() {
+                    Some(dmabuf) => Err(AdoptRefused {
+                        error: Error::Task(task_failure(failed.err())),
+                        dmabuf,
+                    }),
+                    // It ran and panicked with the fd: as the blocking
+                    // call would have, on the caller's thread.
+                    None => match failed {
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        _ => unreachable_fd(),
+                    },
+                },
+            }
+        }
+
+        /// As [`Client::next_event`], on the blocking pool. Dropping this
+        /// future (a `select!` taking another branch) loses nothing: an
+        /// event the blocking pool reads for it afterwards, or the news of
+        /// a reconnect (`Error::Reconnected`), is kept for the next call.
+        pub async fn next_event_async(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+            let shared = Arc::new(Mutex::new(EventHandOver::default()));
+            let on_drop = KeepUnread {
+                shared: Arc::clone(&shared),
+                client: self.clone(),
+            };
+            let (client, handing) = (self.clone(), Arc::clone(&shared));
+            let task = tokio::task::spawn_blocking(move || {
+                let got = client.conn.next_event(timeout);
+                let mut handing = lock(&handing);
+                if handing.gone {
+                    drop(handing);
+                    keep_unread(&client, got);
+                } else {
+                    handing.got = Some(got);
+                }
+            });
+            let ran = task.await.map_err(|e| Error::Task(e.to_string()));
+            let got = {
+                let mut handing = lock(&shared);
+                handing.gone = true;
+                handing.got.take()
+            };
+            drop(on_drop);
+            ran?;
+            match got {
+                Some(got) => Ok(got?.map(|(event, _, _)| event)),
+                None => Err(Error::Task(
+                    "the event's wait ended without an answer".into(),
+                )),
+            }
+        }
+    }
+
+    /// What `next_event` got on the blocking pool, left for the future
+    /// that waits for it, and whether that future is gone.
+    #[derive(Debug, Default)]
+    struct EventHandOver {
+        gone: bool,
+        got: Option<Result<Option<connection::EventRead>>>,
+    }
+
+    /// Keeps what a dropped `next_event_async` would have returned for
+    /// the next call.
+    struct KeepUnread {
+        shared: Arc<Mutex<EventHandOver>>,
+        client: Client,
+    }
+
+    impl Drop for KeepUnread {
+        fn drop(&mut self) {
+            let got = {
+                let mut handing = lock(&self.shared);
+                handing.gone = true;
+                handing.got.take()
+            };
+            if let Some(got) = got {
+                keep_unread(&self.client, got);
+            }
+        }
+    }
+
+    /// Puts back what nobody will read: an event (in front, if its
+    /// connection is still the current one: one of an older connection
+    /// is void), or the news of a reconnect.
+    fn keep_unread(client: &Client, got: Result<Option<connection::EventRead>>) {
+        match got {
+            Ok(Some((event, fds, generation))) => client.conn.unread_event(generation, event, fds),
+            Err(Error::Reconnected) => client.conn.unsee_reconnect(),
+            _ => {}
+        }
+    }
+
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why a blocking-pool task gave no answer.
+    fn task_failure(error: Option<tokio::task::JoinError>) -> String {
+        error.map_or_else(
+            || "the call did not run".to_owned(),
+            |error| error.to_string(),
+        )
+    }
+
+    /// A call that ran took its fd with it, and returned or panicked.
+    fn unreachable_fd() -> ! {
+        panic!("a blocking-pool call that ran neither returned nor panicked")
     }
 
     impl Buffer {
+        /// As [`Buffer::export`], on the blocking pool (it reconnects
+        /// after a broker restart as the blocking one does).
+        pub async fn export_async(&self) -> Result<ShareToken> {
+            let state = Arc::clone(&self.state);
+            tokio::task::spawn_blocking(move || state.export())
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
+        }
+
+        /// As [`Buffer::info`], on the blocking pool.
+        pub async fn info_async(&self) -> Result<BufferInfo> {
+            let state = Arc::clone(&self.state);
+            tokio::task::spawn_blocking(move || state.buffer_info())
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
+        }
+
         /// As [`Buffer::begin_timeout`], or [`Buffer::begin`] with `None`.
         /// The wait runs on tokio's blocking pool.
         ///
@@ -1601,6 +1756,38 @@ mod nonblocking {
             let begun = task.await.map_err(|e| Error::Task(e.to_string()));
             drop(on_drop);
             begun?
+        }
+    }
+
+    impl AccessGuard {
+        /// As [`AccessGuard::end_with_fence`], on the blocking pool. A
+        /// refusal gives the guard and the sync_file back, also when the
+        /// runtime shut down before the call ran (`Error::Task`). Keep
+        /// this future until it finishes: dropped, a refusal is dropped on
+        /// the blocking pool, and the guard with it, which ends the access
+        /// without its fence (readers may then come in before the device
+        /// is done).
+        pub async fn end_with_fence_async(self, sync_file: OwnedFd) -> Result<(), FenceRefused> {
+            let kept = Arc::new(Mutex::new(Some((self, sync_file))));
+            let taken = Arc::clone(&kept);
+            let task = tokio::task::spawn_blocking(move || {
+                let (guard, sync_file) = lock(&taken).take()?;
+                Some(guard.end_with_fence(sync_file))
+            });
+            match task.await {
+                Ok(Some(ended)) => ended,
+                failed => match lock(&kept).take() {
+                    Some((guard, sync_file)) => Err(FenceRefused::new(
+                        Error::Task(task_failure(failed.err())),
+                        guard,
+                        sync_file,
+                    )),
+                    None => match failed {
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        _ => unreachable_fd(),
+                    },
+                },
+            }
         }
     }
 
