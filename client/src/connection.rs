@@ -1582,6 +1582,28 @@ impl Connection {
     }
 }
 
+#[cfg(test)]
+impl Connection {
+    /// A connection welcomed on `socket` with `welcome`, whose other end
+    /// is a unit test's broker (the lib's tests build buffers on it).
+    pub(crate) fn for_tests(socket: OwnedFd, welcome: Welcome) -> Arc<Connection> {
+        let hello = Hello {
+            version: welcome.version,
+            features: 0,
+            autofence: None,
+            client_name: "test".into(),
+        };
+        Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello,
+            None,
+            socket,
+            welcome,
+            None,
+        )
+    }
+}
+
 /// An event as `Connection::next_event` reads it: with its fds and the
 /// connection generation it came on.
 pub type EventRead = (Event, Vec<OwnedFd>, u64);

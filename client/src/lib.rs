@@ -1332,7 +1332,14 @@ impl AccessGuard {
         if let Some((word, hold)) = self.word_hold.take() {
             return match word.end(hold) {
                 WordEnd::Silent | WordEnd::NotMine => Ok(()),
-                WordEnd::Tell | WordEnd::HandedOff => {
+                // Contended: the word changed under every attempt (another
+                // holder writing it without pause) and the access is still
+                // held in it. No message can take a holder's bit out of the
+                // word (an `End` needs an id the broker never gave it), so
+                // the broker is told to look: if it arbitrates the buffer,
+                // it settles, and a word that defeats its attempts too is
+                // broken, which revokes what the word held.
+                WordEnd::Tell | WordEnd::HandedOff | WordEnd::Contended => {
                     // On the word's own connection only: the buffer's id
                     // may name another buffer after a reconnect.
                     self.client.conn.send_on(
@@ -1815,6 +1822,125 @@ mod tests {
         let name = program_name(Some(std::ffi::OsString::from_vec(b"cam\xffera".to_vec())));
         assert_eq!(name, "cam\u{fffd}era");
         assert_eq!(program_name(None), "");
+    }
+
+    /// The request the test's broker end `broker` receives next (id and
+    /// body), waiting up to 5 s for it; `None` if none came.
+    fn next_request(broker: &OwnedFd) -> Option<(u64, RequestBody)> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(broker.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(5000u16)).ok()? == 0 {
+            return None;
+        }
+        let received = dmabroker_ipc::fdpass::recv_message(broker.as_fd(), false).ok()?;
+        let request = dmabroker_ipc::codec::decode_request(&received.bytes).ok()?;
+        Some((request.head.id, request.body))
+    }
+
+    /// A holder writing the buffer's word without pause (every attempt
+    /// at changing it fails, through the test hook): the begin goes by
+    /// message, and the end, which cannot take the bit out, sends
+    /// `WordEnded` so that the broker looks. Before, the client's loops on
+    /// the word were unbounded (the hook went unasked, and they spun for
+    /// as long as the other holder went on, in a guard's drop for the
+    /// end): the begin was taken in the word and the end was silent.
+    #[test]
+    fn a_word_that_never_lets_a_change_stick_sends_the_begin_and_the_end_by_message() {
+        use dmabroker_ipc::codec::encode_server_message;
+        use dmabroker_ipc::{Grant, Reply, ServerMessage, Welcome};
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+        let (ours, broker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            features: features::BUFFER_WORDS,
+            client_id: 1,
+            autofence: true,
+            default_heap: "memfd".into(),
+            instance: "test".into(),
+        };
+        let client = Client {
+            conn: ProgramHandle::new(Connection::for_tests(ours, welcome)),
+        };
+        let memfd = nix::sys::memfd::memfd_create(
+            c"contended",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .expect("memfd");
+        nix::unistd::ftruncate(&memfd, 8192).expect("ftruncate");
+        let inode = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&memfd))
+            .expect("fstat")
+            .st_ino;
+        let brokers_word = BufferWord::map(memfd.as_fd(), 4096).expect("word");
+        let info = BufferInfo {
+            id: 1,
+            size: 4096,
+            heap: "memfd".into(),
+            name: String::new(),
+            inode,
+            secret: "dmab1-test".into(),
+        };
+        let buffer = Buffer::new(client.clone(), info, memfd.try_clone().expect("dup"), 0);
+        let slot = FastSlot { index: 0, epoch: 0 };
+        let mut hooked = BufferWord::map(memfd.as_fd(), 4096).expect("word");
+        hooked.interfere(|_| true);
+        buffer
+            .state
+            .word
+            .set(Arc::new(hooked))
+            .expect("not mapped yet");
+        buffer.state.learn_slot(0, slot);
+
+        let broker = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let Some((id, begin)) = next_request(&broker) else {
+                return (seen, brokers_word.load());
+            };
+            seen.push(begin);
+            // Granted in the word, the word handed back: an end that
+            // sticks is silent.
+            brokers_word.take_over().expect("uncontended");
+            assert!(brokers_word
+                .grant(slot, WordAccess::Read)
+                .expect("uncontended"));
+            assert!(brokers_word
+                .hand_back(brokers_word.load(), None)
+                .expect("uncontended"));
+            let grant = Grant {
+                access: 0,
+                buffer: 1,
+                kind: Access::CpuRead,
+                writer_lost: false,
+                revoked: false,
+                fences: Vec::new(),
+                end_slot: None,
+                word: Some(slot),
+            };
+            let answer = ServerMessage::Reply(Reply {
+                id,
+                fds: 0,
+                result: Ok(ReplyBody::Granted(grant)),
+            });
+            let bytes = encode_server_message(&answer).expect("encode");
+            dmabroker_ipc::fdpass::send_message(broker.as_fd(), &bytes, &[], false).expect("send");
+            seen.extend(next_request(&broker).map(|(_, body)| body));
+            (seen, brokers_word.load())
+        });
+        let guard = buffer.begin(Access::CpuRead);
+        drop(guard);
+        let (seen, word) = broker.join().expect("the test's broker");
+        assert!(
+            matches!(seen.first(), Some(RequestBody::Begin { .. })),
+            "the begin was not sent: {seen:?}"
+        );
+        assert_eq!(seen.get(1), Some(&RequestBody::WordEnded { buffer: 1 }));
+        assert!(word.has(0, false), "the bit is still in the word");
     }
 
     #[test]

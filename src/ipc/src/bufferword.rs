@@ -288,6 +288,13 @@ pub enum WordEnd {
     /// The bit was not there (the broker took the access away: the holder
     /// freed the buffer, died or reconnected, or the epoch moved on).
     NotMine,
+    /// Not ended: the word changed under each of [`contention::ATTEMPTS`]
+    /// attempts (another holder writing it without pause). The access is
+    /// still held in the word; send `WordEnded` so that a broker
+    /// arbitrating the buffer looks at the word, and breaks it if it keeps
+    /// changing under the broker's attempts too (which revokes the
+    /// accesses in it).
+    Contended,
 }
 
 /// What a hand-off waiter found.
@@ -319,8 +326,8 @@ impl BufferWord {
         })
     }
 
-    /// Tests only: `hook` runs before each of the broker's attempts at
-    /// changing this word (see [`contention::Hook`]).
+    /// Tests only: `hook` runs before each attempt at changing this word,
+    /// the broker's and a holder's (see [`contention::Hook`]).
     #[cfg(any(test, feature = "contention-hook"))]
     pub fn interfere(&mut self, hook: contention::Hook) {
         self.interference.hook = Some(hook);
@@ -352,71 +359,61 @@ impl BufferWord {
     // ---- client side ----
 
     /// Begins `access` with no syscall, if the broker is not arbitrating
-    /// the buffer and nothing conflicts. `None`: take the message path.
+    /// the buffer and nothing conflicts. `None`: take the message path,
+    /// also when the word changed under each of [`contention::ATTEMPTS`]
+    /// attempts (any co-holder can write it: unbounded, the loop was
+    /// theirs to stall).
     pub fn try_begin(&self, slot: FastSlot, access: WordAccess) -> Option<WordHold> {
-        let word = self.atom();
-        let mut current = Word(word.load(Ordering::Acquire));
-        loop {
-            if current.epoch() != slot.epoch
+        let begun = self.update(|current| {
+            let refused = current.epoch() != slot.epoch
                 || current.daemon()
                 || current.next().is_some()
                 || current.holds(slot.index)
                 || current.conflicts(access)
-                || slot.index >= MAX_HOLDERS
-            {
-                return None;
-            }
-            let wanted = current.with_access(slot.index, access);
-            match word.compare_exchange_weak(
-                current.0,
-                wanted.0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    return Some(WordHold {
-                        slot,
-                        write: access.is_write(),
-                    })
-                }
-                Err(now) => current = Word(now),
-            }
+                || slot.index >= MAX_HOLDERS;
+            (!refused).then(|| current.with_access(slot.index, access))
+        });
+        match begun {
+            Ok(Some(_)) => Some(WordHold {
+                slot,
+                write: access.is_write(),
+            }),
+            Ok(None) | Err(Contended { .. }) => None,
         }
     }
 
     /// Ends an access held through the word, handing the buffer to a
-    /// planned waiter when this was the last access in its way.
+    /// planned waiter when this was the last access in its way. Bounded
+    /// as the broker's changes are ([`contention::ATTEMPTS`]): a word that
+    /// defeats every attempt is [`WordEnd::Contended`], the access still
+    /// held in it.
     pub fn end(&self, hold: WordHold) -> WordEnd {
-        let word = self.atom();
-        let mut current = Word(word.load(Ordering::Acquire));
-        loop {
+        let ended = |current: Word| {
             let mine =
                 current.epoch() == hold.slot.epoch && current.has(hold.slot.index, hold.write);
             if !mine {
-                return WordEnd::NotMine;
+                return None;
             }
-            let mut ended = current.without_access(hold.slot.index, hold.write);
-            let handing_off = match current.next() {
+            let ended = current.without_access(hold.slot.index, hold.write);
+            Some(match current.next() {
                 Some((next, kind)) if !ended.conflicts(kind) && !ended.holds(next) => {
-                    ended = Word(ended.0 & !NEXT_MASK).with_access(next, kind);
-                    true
+                    (Word(ended.0 & !NEXT_MASK).with_access(next, kind), true)
                 }
-                _ => false,
-            };
-            match word.compare_exchange_weak(
-                current.0,
-                ended.0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) if handing_off => {
-                    futex_wake(self.futex());
-                    return WordEnd::HandedOff;
-                }
-                Ok(_) if current.daemon() => return WordEnd::Tell,
-                Ok(_) => return WordEnd::Silent,
-                Err(now) => current = Word(now),
+                _ => (ended, false),
+            })
+        };
+        let replaced = match self.update(|current| ended(current).map(|(word, _)| word)) {
+            Ok(Some(replaced)) => replaced,
+            Ok(None) => return WordEnd::NotMine,
+            Err(Contended { .. }) => return WordEnd::Contended,
+        };
+        match ended(replaced) {
+            Some((_, true)) => {
+                futex_wake(self.futex());
+                WordEnd::HandedOff
             }
+            _ if replaced.daemon() => WordEnd::Tell,
+            _ => WordEnd::Silent,
         }
     }
 
@@ -896,6 +893,32 @@ mod tests {
         assert_eq!(w.reset(9, true), Err(Contended { last: planned.0 }));
         assert_eq!(attempts_seen(), contention::ATTEMPTS);
         assert_eq!(w.load(), Word(9 << EPOCH_SHIFT | DAEMON));
+    }
+
+    /// A holder's begin and end in the word are bounded too: any co-holder
+    /// can write the word, and an end runs in a guard's drop. A begin
+    /// that never sticks takes the message path (`None`); an end that
+    /// never sticks says so and leaves the access in the word. Unbounded,
+    /// both spun for as long as the other holder went on (here: the hooks
+    /// went unasked, the begin was granted and the end silent).
+    #[test]
+    fn a_holders_begin_and_end_give_up_on_a_word_that_never_lets_them_stick() {
+        let (_fd, mut w) = word();
+        let held = w.try_begin(slot(3), WordAccess::Read).expect("a reader");
+        let plain = w.load();
+        w.interfere(lost_reservation);
+        assert_eq!(w.try_begin(slot(4), WordAccess::Read), None);
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert_eq!(w.end(held), WordEnd::Contended);
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert_eq!(w.load(), plain, "left as it was: still held");
+
+        w.interfere(flips_every_time);
+        assert_eq!(w.try_begin(slot(4), WordAccess::Read), None);
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert_eq!(w.end(held), WordEnd::Contended);
+        assert_eq!(attempts_seen(), contention::ATTEMPTS);
+        assert!(w.load().has(3, false), "still held");
     }
 
     /// The bound is a bound, not a first failure: a word that changes under

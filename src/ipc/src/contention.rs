@@ -12,8 +12,11 @@
 //! `compare_exchange` are such loops themselves there. So every change the
 //! broker makes is at most [`ATTEMPTS`] single `compare_exchange_weak`s, and
 //! a word that defeats them all is handled as one its writers tampered
-//! with (see the callers). Client-side loops stay unbounded: a client that
-//! starves its own end only stalls itself.
+//! with (see the callers). A holder's begin and end in a buffer word are
+//! bounded the same way: any co-holder can write that word, and an end
+//! runs in a guard's drop, so a hostile co-holder could otherwise stall
+//! another process for good; a begin that gives up goes by message, an
+//! end that gives up tells the broker (`bufferword::WordEnd::Contended`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,7 +53,8 @@ pub struct Contended {
     pub last: u64,
 }
 
-/// Tests only: called before each of the broker's attempts. It may write
+/// Tests only: called before each attempt at a change (the broker's, and a
+/// holder's begin and end in a buffer word). It may write
 /// the word, as a hostile holder does on any machine; returning true makes
 /// the attempt fail without writing, as a store-exclusive does that lost
 /// its reservation to a store elsewhere in the cache line, which no test
