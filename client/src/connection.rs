@@ -574,6 +574,51 @@ impl Connection {
         serial
     }
 
+    /// Records a new hold as [`Connection::remember_hold`] does, and one
+    /// granted on a connection replaced meanwhile is re-attached on the
+    /// current one by its secret, as the reconnect would have done had it
+    /// known it: the broker kept it if it kept the others. An error (the
+    /// broker refused the re-attach, or the re-attach's own reconnect
+    /// failed) fails the call that got the hold: the hold is gone.
+    pub fn keep_hold(
+        &self,
+        buffer: u64,
+        secret: &str,
+        inode: u64,
+        mut generation: u64,
+    ) -> Result<u64, Error> {
+        // Each turn needs a reconnect in between to fail: a few at most.
+        for _ in 0..3 {
+            let serial = self.remember_hold(buffer, secret, inode, generation);
+            if serial != LOST {
+                return Ok(serial);
+            }
+            if secret.is_empty() {
+                return Err(lost_buffer(buffer));
+            }
+            let reattach = RequestBody::Reattach {
+                buffer,
+                secret: secret.to_owned(),
+            };
+            generation = match self.call_on(reattach, &[])? {
+                (ReplyBody::Buffer(info), _, (_, now)) if info.inode == inode => now,
+                (ReplyBody::Buffer(info), _, _) => {
+                    return Err(Error::Protocol(format!(
+                        "buffer {buffer} re-attached as inode {}, not {inode}",
+                        info.inode
+                    )))
+                }
+                (other, _, _) => {
+                    return Err(Error::UnexpectedReply {
+                        expected: "buffer",
+                        got: other.kind().to_owned(),
+                    })
+                }
+            };
+        }
+        Err(Error::Disconnected)
+    }
+
     /// Frees a hold the caller dropped. Decided under the holds lock, so
     /// that a reconnect re-attaching it either finds it gone (and frees it
     /// on the new connection, see `reconnect`) or has already installed
@@ -1093,11 +1138,32 @@ impl Connection {
                 return Err(Error::Disconnected);
             }
             match self.fresh_connection(deadline, end_of_window, hook) {
-                Ok((socket, welcome, page, reattached)) => {
+                Ok((socket, welcome, page, mut reattached)) => {
                     // Lock order: holds, then mailbox and socket (install).
-                    let mut holds = lock(&self.holds);
-                    // A hold recorded while the re-attach ran was granted on
-                    // the old connection and is unknown to the new one: lost.
+                    let mut holds = loop {
+                        // A hold recorded while the re-attach ran was
+                        // granted on the old connection and is unknown to
+                        // the new one: re-attached too, by its secret
+                        // (dropped, it was lost, although the broker kept
+                        // it). Finitely many: each is an answer of the old
+                        // connection.
+                        let holds = lock(&self.holds);
+                        let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
+                        let late: Vec<(u64, Hold)> = holds
+                            .iter()
+                            .filter(|(buffer, hold)| !known.contains(&(**buffer, hold.serial)))
+                            .map(|(buffer, hold)| (*buffer, hold.clone()))
+                            .collect();
+                        if late.is_empty() {
+                            break holds;
+                        }
+                        drop(holds);
+                        let window = end_of_window.max(deadline);
+                        match self.reattach_holds(&socket, late, window) {
+                            Ok(more) => reattached.extend(more),
+                            Err(err) => return Err(err),
+                        }
+                    };
                     let known: HashSet<(u64, u64)> = reattached.iter().copied().collect();
                     holds.retain(|buffer, hold| known.contains(&(*buffer, hold.serial)));
                     // The generation `install` gives the new socket: only
@@ -1199,15 +1265,31 @@ impl Connection {
             .iter()
             .map(|(id, h)| (*id, h.clone()))
             .collect();
+        let reattached = self.reattach_holds(&socket, holds, deadline)?;
+        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
+        Ok((socket, welcome, page, reattached))
+    }
+
+    /// Re-attaches `holds` on `socket`, a new connection not installed
+    /// yet, within `deadline`; returns those re-attached. A hold the
+    /// broker refuses (it no longer has the buffer) is forgotten.
+    fn reattach_holds(
+        &self,
+        socket: &OwnedFd,
+        holds: Vec<(u64, Hold)>,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, u64)>, Error> {
         let mut reattached = Vec::with_capacity(holds.len());
-        for (id, (buffer, hold)) in (2..).zip(holds) {
+        for (buffer, hold) in holds {
+            // Not installed: no other request goes out on it.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if hold.secret.is_empty() {
                 // Nothing to re-attach it with.
                 self.forget_hold(buffer, hold.serial);
                 continue;
             }
             let answer = exchange(
-                &socket,
+                socket,
                 id,
                 RequestBody::Reattach {
                     buffer,
@@ -1232,8 +1314,7 @@ impl Connection {
                 Err(err) => return Err(err),
             }
         }
-        set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
-        Ok((socket, welcome, page, reattached))
+        Ok(reattached)
     }
 
     /// Forgets hold `serial` of `buffer`, if it is still that one.
@@ -2420,6 +2501,158 @@ mod tests {
         let arrived = requests_arriving(&broker, 2);
         asking.join().expect("asking thread");
         assert_eq!(arrived.len(), 2, "{arrived:?}");
+    }
+
+    /// A buffer answer to request `id`, of buffer `buffer` (inode 1), with
+    /// no fd: a re-attach's.
+    fn reattached(id: u64, buffer: u64) -> Vec<u8> {
+        let reply = ServerMessage::Reply(Reply {
+            id,
+            fds: 0,
+            result: Ok(ReplyBody::Buffer(dmabroker_ipc::BufferInfo {
+                id: buffer,
+                size: 4096,
+                heap: "memfd".into(),
+                name: String::new(),
+                inode: 1,
+                secret: String::new(),
+            })),
+        });
+        dmabroker_ipc::codec::encode_server_message(&reply).expect("encode")
+    }
+
+    /// A hold whose answer came on a connection another thread has
+    /// replaced since (the reconnect did not know it) was recorded as
+    /// lost, although the client had its secret and the broker kept the
+    /// buffer: every call on it then failed, and its drop freed nothing.
+    /// It is re-attached on the new connection now.
+    #[test]
+    fn a_hold_granted_on_a_replaced_connection_is_reattached_on_the_new_one() {
+        let (first, _first_broker) = pair();
+        let conn = Connection::welcomed(
+            Path::new("/nonexistent"),
+            hello(),
+            None,
+            first,
+            welcome(),
+            None,
+        );
+        let (second, broker) = pair();
+        conn.install(second, welcome(), None);
+        let serving = std::thread::spawn(move || {
+            let received = recv_message(broker.as_fd(), false).expect("a request");
+            let request = dmabroker_ipc::codec::decode_request(&received.bytes).expect("decode");
+            send_message(broker.as_fd(), &reattached(request.head.id, 7), &[], false)
+                .expect("reply");
+            (request.body, broker)
+        });
+        let serial = conn.keep_hold(7, "dmab1-seven", 1, 0).expect("re-attached");
+        assert!(
+            is_hold(&lock(&conn.holds), 7, serial),
+            "the hold was recorded as lost"
+        );
+        let (asked, _broker) = serving.join().expect("the test's broker");
+        assert_eq!(
+            asked,
+            RequestBody::Reattach {
+                buffer: 7,
+                secret: "dmab1-seven".into()
+            }
+        );
+    }
+
+    /// A hold recorded on the old connection while a reconnect re-attached
+    /// the others (its answer came before the hang-up) was dropped when
+    /// the reconnect finished, although the broker kept the buffer: the
+    /// reconnect re-attaches it too now, before it installs the new
+    /// socket.
+    #[test]
+    fn a_hold_recorded_while_a_reconnect_reattaches_is_reattached_too() {
+        let path = std::env::temp_dir().join(format!(
+            "dmabroker-client-test-late-hold-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = UnixAddr::new(&path).expect("addr");
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&listener), &addr).expect("bind");
+        nix::sys::socket::listen(
+            &listener,
+            nix::sys::socket::Backlog::new(4).expect("backlog"),
+        )
+        .expect("listen");
+        let (arrived_tx, arrived) = std::sync::mpsc::channel();
+        let (go_tx, go) = std::sync::mpsc::channel::<()>();
+        let serving = std::thread::spawn(move || {
+            let socket = rustix::net::accept(&listener).expect("accept");
+            let mut asked = Vec::new();
+            while let Ok(received) = recv_message(socket.as_fd(), false) {
+                let request =
+                    dmabroker_ipc::codec::decode_request(&received.bytes).expect("decode");
+                let bytes = match request.body {
+                    RequestBody::Hello(_) => {
+                        let reply = ServerMessage::Reply(Reply {
+                            id: request.head.id,
+                            fds: 0,
+                            result: Ok(ReplyBody::Welcome(welcome())),
+                        });
+                        dmabroker_ipc::codec::encode_server_message(&reply).expect("encode")
+                    }
+                    RequestBody::Reattach { buffer, .. } => {
+                        asked.push(buffer);
+                        if buffer == 1 {
+                            let _ = arrived_tx.send(());
+                            let _ = go.recv_timeout(Duration::from_secs(10));
+                        }
+                        reattached(request.head.id, buffer)
+                    }
+                    _ => continue,
+                };
+                send_message(socket.as_fd(), &bytes, &[], false).expect("reply");
+            }
+            asked
+        });
+        let (first, first_broker) = pair();
+        drop(first_broker);
+        let conn = Connection::welcomed(
+            &path,
+            hello(),
+            Some(Duration::from_secs(30)),
+            first,
+            welcome(),
+            None,
+        );
+        let early = conn.remember_hold(1, "dmab1-one", 1, 0);
+        let reconnecting = {
+            let conn = Arc::clone(&conn);
+            std::thread::spawn(move || conn.reconnect(0, None, &NoHook))
+        };
+        arrived
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first re-attach");
+        // Answered on the old connection, recorded now: still current.
+        let late = conn.remember_hold(2, "dmab1-two", 1, 0);
+        assert_ne!(late, LOST);
+        go_tx.send(()).expect("the broker waits");
+        reconnecting
+            .join()
+            .expect("reconnecting thread")
+            .expect("reconnected");
+        {
+            let holds = lock(&conn.holds);
+            assert!(is_hold(&holds, 1, early));
+            assert!(is_hold(&holds, 2, late), "the late hold was dropped");
+        }
+        drop(conn);
+        let asked = serving.join().expect("the test's broker");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(asked, vec![1, 2]);
     }
 
     /// A broker listening at a fresh path that welcomes each connection

@@ -229,7 +229,10 @@ impl Client {
         );
         match answered {
             Ok((ReplyBody::Buffer(info), _, (_, generation))) => {
-                Ok(Buffer::new(self.clone(), info, dmabuf, generation))
+                match self.keep_hold(&info, generation) {
+                    Ok(serial) => Ok(Buffer::new(self.clone(), info, dmabuf, serial)),
+                    Err(error) => Err(AdoptRefused { error, dmabuf }),
+                }
             }
             Ok((other, _, _)) => Err(AdoptRefused {
                 error: unexpected("buffer", &other),
@@ -237,6 +240,14 @@ impl Client {
             }),
             Err(error) => Err(AdoptRefused { error, dmabuf }),
         }
+    }
+
+    /// Records the hold of a buffer an answer on connection `generation`
+    /// gave (see `Connection::keep_hold`): its serial. A reconnect that
+    /// ran meanwhile did not know it: it is re-attached, or the call fails.
+    fn keep_hold(&self, info: &BufferInfo, generation: u64) -> Result<u64> {
+        self.conn
+            .keep_hold(info.id, &info.secret, info.inode, generation)
     }
 
     /// A buffer from the answer to an alloc or an import, on the
@@ -252,7 +263,10 @@ impl Client {
         let (body, fds, (_, generation)) = answered;
         match body {
             ReplyBody::Buffer(info) => match buffer_fd(&info, fds) {
-                Ok(fd) => Ok(Buffer::new(self.clone(), info, fd, generation)),
+                Ok(fd) => {
+                    let serial = self.keep_hold(&info, generation)?;
+                    Ok(Buffer::new(self.clone(), info, fd, serial))
+                }
                 Err(why) => {
                     if let Some(lost) = self.conn.give_back_buffer(generation, &info) {
                         self.conn.note_error(lost);
@@ -430,10 +444,8 @@ impl Drop for UserTicket {
 }
 
 impl Buffer {
-    fn new(client: Client, info: BufferInfo, fd: OwnedFd, generation: u64) -> Buffer {
-        let serial = client
-            .conn
-            .remember_hold(info.id, &info.secret, info.inode, generation);
+    /// `serial`: the hold's, recorded (see `Client::keep_hold`).
+    fn new(client: Client, info: BufferInfo, fd: OwnedFd, serial: u64) -> Buffer {
         let released = Arc::new(AtomicBool::new(false));
         let hold = Arc::new(HoldRelease {
             client: client.clone(),
@@ -1886,7 +1898,13 @@ mod tests {
             inode,
             secret: "dmab1-test".into(),
         };
-        let buffer = Buffer::new(client.clone(), info, memfd.try_clone().expect("dup"), 0);
+        let serial = client.keep_hold(&info, 0).expect("recorded");
+        let buffer = Buffer::new(
+            client.clone(),
+            info,
+            memfd.try_clone().expect("dup"),
+            serial,
+        );
         let slot = FastSlot { index: 0, epoch: 0 };
         let mut hooked = BufferWord::map(memfd.as_fd(), 4096).expect("word");
         hooked.interfere(|_| true);
