@@ -190,3 +190,39 @@ fn a_reconnect_window_of_the_longest_duration_reconnects() {
     drop(client);
     broker.join();
 }
+
+/// A socket that takes the connection but never answers the hello (a
+/// broker stopped with a signal, something else listening): the connect
+/// blocked for ever, with no bound at all. It gives up at the end of the
+/// reconnect window, with a connect error that says it timed out.
+#[test]
+fn a_connect_whose_hello_is_never_answered_gives_up_at_the_window() {
+    let dir = dmabroker_suite::tmp::TempDir::new("silent-broker");
+    let path = dir.path().join("socket");
+    // Listening, never accepting: the kernel's queue takes the connect.
+    let _listener = fake_broker::listening_at(&path);
+    let (done, connected) = std::sync::mpsc::channel();
+    let connecting = path.clone();
+    std::thread::spawn(move || {
+        let options = ClientOptions {
+            reconnect: Some(Duration::from_millis(300)),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let answer = Client::connect_with(&connecting, options).map(drop);
+        let _ = done.send((answer, started.elapsed()));
+    });
+    let (answer, took) = connected
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the connect never returned");
+    match answer {
+        Err(dmabroker_client::Error::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}");
+        }
+        other => panic!("not a timed-out connect: {other:?}"),
+    }
+    assert!(
+        took >= Duration::from_millis(300),
+        "gave up early: {took:?}"
+    );
+}

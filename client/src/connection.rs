@@ -489,14 +489,44 @@ fn say_hello(
     }
 }
 
+/// How long a first connect waits for the broker when there is no
+/// reconnect window to bound it (`ClientOptions::reconnect` is `None`):
+/// the default window's length.
+pub const CONNECT_WINDOW: Duration = Duration::from_secs(10);
+
 impl Connection {
+    /// Connects and says hello, within the reconnect window (or
+    /// [`CONNECT_WINDOW`] without one; no bound for a window too long to
+    /// end, `Duration::MAX`): a socket whose listener takes the connection
+    /// and never answers (a broker stopped or wedged, something else
+    /// listening), or whose listen queue stays full, fails the connect
+    /// (`Error::Connect`, timed out) instead of blocking for ever.
     pub fn open(
         path: &Path,
         hello: Hello,
         reconnect_window: Option<Duration>,
     ) -> Result<Arc<Self>, Error> {
-        let socket = open_socket(path, None, &NoHook)?;
-        let (welcome, page) = say_hello(&socket, &hello, None, &NoHook)?;
+        let window = reconnect_window.unwrap_or(CONNECT_WINDOW);
+        let deadline = deadline_after(window);
+        let timed_out = |err: Error| match err {
+            Error::Disconnected | Error::Connect { .. }
+                if deadline.is_some_and(|d| Instant::now() >= d) =>
+            {
+                Error::Connect {
+                    path: path.to_owned(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no welcome within {window:?}"),
+                    ),
+                }
+            }
+            other => other,
+        };
+        let socket = open_socket(path, deadline, &NoHook).map_err(timed_out)?;
+        let (welcome, page) = say_hello(&socket, &hello, deadline, &NoHook).map_err(timed_out)?;
+        if deadline.is_some() {
+            set_timeout(&socket, sockopt::ReceiveTimeout, None)?;
+        }
         Ok(Connection::welcomed(
             path,
             hello,

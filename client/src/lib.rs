@@ -71,7 +71,9 @@ pub struct ClientOptions {
     /// for its grace period. Keeping such a connection instead would give
     /// up the buffers not yet asked for, and leave the call waiting for a
     /// broker that has stopped answering. `Some(Duration::MAX)` keeps
-    /// trying for as long as it takes. A broker that refuses the hello
+    /// trying for as long as it takes. The first connect
+    /// ([`Client::connect`]) waits for the broker at most this long too
+    /// (10 s when `None`). A broker that refuses the hello
     /// for good (`IncompatibleVersion`) fails the call at once with that
     /// refusal, whatever is left of the window; `PermissionDenied`, which
     /// a policy reload may lift, too, but only when the window has no end.
@@ -87,7 +89,7 @@ impl Default for ClientOptions {
         ClientOptions {
             autofence: None,
             name: String::new(),
-            reconnect: Some(Duration::from_secs(10)),
+            reconnect: Some(connection::CONNECT_WINDOW),
             buffer_words: true,
         }
     }
@@ -118,14 +120,23 @@ pub struct AllocRequest {
 impl Client {
     /// Connects to the broker at the default path: `$DMABROKER_SOCKET`, a
     /// per-user daemon's socket if one runs, else the system service's.
+    ///
+    /// The connect and the broker's welcome are waited for at most the
+    /// reconnect window ([`ClientOptions::reconnect`], 10 s by default;
+    /// 10 s too when it is `None`; no bound for `Duration::MAX`): a socket
+    /// that takes the connection but never answers fails with
+    /// [`Error::Connect`] (timed out) then, instead of blocking for ever.
     pub fn connect() -> Result<Client> {
         Client::connect_to(default_socket())
     }
 
+    /// As [`Client::connect`], to the socket at `path`.
     pub fn connect_to(path: impl AsRef<Path>) -> Result<Client> {
         Client::connect_with(path, ClientOptions::default())
     }
 
+    /// As [`Client::connect_to`], with `options`; the connect is bounded
+    /// by their reconnect window (see [`Client::connect`]).
     pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client> {
         let name = if options.name.is_empty() {
             program_name(std::env::args_os().next())
