@@ -1216,3 +1216,75 @@ fn soak_camera_and_three_codecs_with_codecs_killed_at_random() {
     );
     daemon.assert_fds_back_to(baseline);
 }
+
+/// The camera waiting in its write's begin for a reader that holds its
+/// only buffer: SIGTERM (as Ctrl-C) only set the stop flag, which it read
+/// between frames, so it went on waiting for as long as the reader held
+/// the buffer. It waits in slices now, and stops within one.
+#[test]
+fn the_camera_stops_on_sigterm_while_it_waits_for_a_reader() {
+    let _serial = serial();
+    let daemon = daemon_with_policy(None);
+    let mut camera = Command::new(example("camera"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["--buffers", "1", "--size", "4096"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn camera");
+    let mut token = String::new();
+    BufReader::new(camera.stdout.take().expect("camera stdout"))
+        .read_line(&mut token)
+        .expect("the camera's token");
+    let client = daemon.client();
+    let frame = client
+        .import(&token.trim().parse().expect("a token"))
+        .expect("import");
+    // Granted between two frames; the camera's next write waits for it.
+    let read = frame.begin(Access::CpuRead).expect("read");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        camera.try_wait().expect("wait").is_none(),
+        "the camera stopped by itself"
+    );
+    kill(Pid::from_raw(camera.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = camera.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(read);
+    let Some(status) = status else {
+        let _ = camera.kill();
+        let _ = camera.wait();
+        panic!("the camera ignored SIGTERM while it waited for the reader");
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// The examples rely on autofence (a begin that waits for the other
+/// side): under a policy that runs them without it, they ran on, and
+/// their begins were granted at once over the other side's accesses. They
+/// fail with a clear error now.
+#[test]
+fn the_examples_refuse_to_run_without_autofence() {
+    let _serial = serial();
+    let daemon = daemon_with_policy(Some("[default]\nautofence = \"disabled\"\n"));
+    let camera = Command::new(example("camera"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["--buffers", "1", "--size", "4096", "--frames", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run camera");
+    let stderr = String::from_utf8_lossy(&camera.stderr);
+    assert!(!camera.status.success(), "the camera ran: {stderr}");
+    assert!(stderr.contains("without autofence"), "{stderr}");
+}

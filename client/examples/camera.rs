@@ -90,8 +90,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
         let buffer = &ring[number as usize % ring.len()];
-        // Blocks while codecs still read this buffer (autofence).
-        let mut access = buffer.begin(Access::CpuWrite)?;
+        // Waits while codecs still read this buffer (autofence), or until
+        // Ctrl-C.
+        let Some(mut access) = frame::begin_unless_stopped(buffer, Access::CpuWrite, &stop)? else {
+            break;
+        };
         frame::write(&mut access.bytes_mut()?, number);
         drop(access); // ends the write: waiting readers are granted now
         produced += 1;

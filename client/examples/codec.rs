@@ -16,7 +16,7 @@ mod frame;
 
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -89,10 +89,14 @@ impl Follower {
 
     /// Reads the buffer that should hold the next frame. Returns whether a
     /// new frame was there (or a torn one, which also moves us on).
-    fn step(&mut self) -> dmabroker_client::Result<bool> {
+    fn step(&mut self, stop: &AtomicBool) -> dmabroker_client::Result<bool> {
         let slot = self.slot;
-        // Blocks while the camera is writing this buffer (autofence).
-        let access = self.ring[slot].begin(Access::CpuRead)?;
+        // Waits while the camera is writing this buffer (autofence), or
+        // until Ctrl-C.
+        let Some(access) = frame::begin_unless_stopped(&self.ring[slot], Access::CpuRead, stop)?
+        else {
+            return Ok(false);
+        };
         let writer_lost = access.writer_lost();
         let contents = frame::check(&access.bytes()?);
         drop(access); // end the read before anything else: the camera may be waiting
@@ -180,7 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let idle_timeout = Duration::from_millis(args.idle_timeout_ms);
     let mut last_frame = Instant::now();
     while !stop.load(Ordering::Relaxed) && !args.enough(&follower.tally) {
-        if follower.step()? {
+        if follower.step(&stop)? {
             last_frame = Instant::now();
         } else if args.idle_timeout_ms > 0 && last_frame.elapsed() > idle_timeout {
             break;

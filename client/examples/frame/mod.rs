@@ -13,8 +13,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use dmabroker_client::{Client, ClientOptions};
+use dmabroker_client::{Access, AccessGuard, Buffer, Client, ClientOptions, ErrorCode};
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -102,13 +103,54 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
 
 /// Connects under `name` (shown by `dmabrokerctl clients`) to `--socket`,
 /// or to the default socket.
-pub fn connect(socket: Option<PathBuf>, name: &str) -> dmabroker_client::Result<Client> {
+///
+/// Both examples rely on autofence: their `begin` must wait until the
+/// other side is done with the buffer (without it, a begin is granted at
+/// once with fences to wait for, which they do not, and frames tear). So
+/// they ask for it, and give up with a clear error when the policy runs
+/// them without it anyway (`autofence = "disabled"`).
+pub fn connect(socket: Option<PathBuf>, name: &str) -> Result<Client, Box<dyn std::error::Error>> {
     let options = ClientOptions {
         name: name.into(),
+        autofence: Some(true),
         ..Default::default()
     };
-    Client::connect_with(
+    let client = Client::connect_with(
         socket.unwrap_or_else(dmabroker_client::default_socket),
         options,
-    )
+    )?;
+    if !client.autofence() {
+        return Err(format!(
+            "{name}: the broker's policy runs this client without autofence \
+             (autofence = \"disabled\"), and this example relies on it: \
+             its begin would not wait for the other side's accesses"
+        )
+        .into());
+    }
+    Ok(client)
+}
+
+/// How long a wait for an access goes before it looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Begins `access` on `buffer`, waiting in slices of [`STOP_CHECK`] so that
+/// Ctrl-C (`stop`) ends the wait too: `None` once stopped. (A plain `begin`
+/// waits for as long as the other side holds the buffer, and the signal
+/// only sets the flag.) Each slice that times out leaves the buffer's queue
+/// and joins it again, behind whoever came meanwhile.
+pub fn begin_unless_stopped(
+    buffer: &Buffer,
+    access: Access,
+    stop: &AtomicBool,
+) -> dmabroker_client::Result<Option<AccessGuard>> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match buffer.begin_timeout(access, STOP_CHECK) {
+            Ok(guard) => return Ok(Some(guard)),
+            Err(err) if err.code() == Some(ErrorCode::Timeout) => {}
+            Err(err) => return Err(err),
+        }
+    }
 }
