@@ -465,3 +465,43 @@ fn an_event_read_for_a_dropped_async_wait_is_kept_for_the_next_call() {
     drop(client);
     broker.join();
 }
+
+/// A `next_event_async(None)` dropped while it waits (a `select!` taking a
+/// ticker's or Ctrl-C's branch) let its blocking-pool thread wait for an
+/// event for ever, holding a `Client` and so the connection: a runtime
+/// shutting down waits for its blocking threads, and a program that
+/// returned from `main` never exited while no event came. The thread now
+/// looks between slices of its wait whether the future is still there.
+#[test]
+fn a_dropped_wait_for_events_without_a_timeout_lets_the_runtime_shut_down() {
+    use dmabroker_ipc::{ReplyBody, RequestBody};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+
+    let broker = FakeBroker::start(1, |socket, _, id, body| {
+        if let RequestBody::ListHeaps = body {
+            fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+        }
+        true
+    });
+    let client = Client::connect_to(&broker.path).expect("connect");
+    client.heaps().expect("heaps");
+    let runtime = runtime();
+    let waited = runtime.block_on(async {
+        tokio::select! {
+            event = client.next_event_async(None) => Some(event),
+            () = tokio::time::sleep(Duration::from_millis(50)) => None,
+        }
+    });
+    assert!(waited.is_none(), "an event came from nowhere: {waited:?}");
+    let (done, shut_down) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(runtime);
+        let _ = done.send(());
+    });
+    assert!(
+        shut_down.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the runtime's shutdown still waits for the dropped wait's thread"
+    );
+    drop(client);
+    broker.join();
+}

@@ -226,3 +226,21 @@ fn a_connect_whose_hello_is_never_answered_gives_up_at_the_window() {
         "gave up early: {took:?}"
     );
 }
+
+/// With a short reconnect window, a connect that failed for a reason of
+/// its own (no socket there) once the window had passed was reported as
+/// timed out, hiding the reason. Only a wait that ran out is told as one.
+#[test]
+fn a_connect_refused_for_its_own_reason_keeps_it_however_short_the_window() {
+    let dir = dmabroker_suite::tmp::TempDir::new("no-broker");
+    let options = ClientOptions {
+        reconnect: Some(Duration::ZERO),
+        ..Default::default()
+    };
+    match Client::connect_with(dir.path().join("socket"), options) {
+        Err(dmabroker_client::Error::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{source}");
+        }
+        other => panic!("not a failed connect: {:?}", other.map(drop)),
+    }
+}

@@ -508,10 +508,19 @@ impl Connection {
     ) -> Result<Arc<Self>, Error> {
         let window = reconnect_window.unwrap_or(CONNECT_WINDOW);
         let deadline = deadline_after(window);
+        // Only a wait that ran out is told as one: a socket that is not
+        // there, refuses or is forbidden keeps its own error, however
+        // short the window.
+        let ran_out = |err: &Error| match err {
+            Error::Disconnected => true,
+            Error::Connect { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        };
         let timed_out = |err: Error| match err {
-            Error::Disconnected | Error::Connect { .. }
-                if deadline.is_some_and(|d| Instant::now() >= d) =>
-            {
+            err if ran_out(&err) && deadline.is_some_and(|d| Instant::now() >= d) => {
                 Error::Connect {
                     path: path.to_owned(),
                     source: std::io::Error::new(

@@ -347,6 +347,9 @@ fn wire_timeout(timeout: Option<Duration>, deadline: Option<Instant>) -> Option<
 /// round trip) once its guards are gone too: an [`AccessGuard`] keeps the
 /// hold, and so its access, until it ends, even when the `Buffer` it came
 /// from goes first (`client.import(&token)?.begin(Access::CpuRead)?`).
+/// So while such a guard lives, the client still holds the buffer: an
+/// import or adopt of the same buffer is refused `InvalidArgument`
+/// ("already holding") until the guard ends.
 /// The memory lives on while other clients hold it.
 #[derive(Debug)]
 pub struct Buffer {
@@ -1634,7 +1637,25 @@ mod nonblocking {
             };
             let (client, handing) = (self.clone(), Arc::clone(&shared));
             let task = tokio::task::spawn_blocking(move || {
-                let got = client.conn.next_event(timeout);
+                // No deadline: `None`, or one too far to say (`Duration::MAX`).
+                let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+                let got = loop {
+                    // In slices, looking between them whether the future
+                    // is still there: a wait for ever, its future dropped,
+                    // would otherwise keep this thread (and the `Client`
+                    // it holds, so the connection) until an event came,
+                    // and a runtime shutting down waits for its threads.
+                    let slice = deadline.map_or(EVENT_WAIT_SLICE, |deadline| {
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(EVENT_WAIT_SLICE)
+                    });
+                    match client.conn.next_event(Some(slice)) {
+                        Ok(None) if lock(&handing).gone => return,
+                        Ok(None) if deadline.is_none_or(|d| Instant::now() < d) => {}
+                        got => break got,
+                    }
+                };
                 let mut handing = lock(&handing);
                 if handing.gone {
                     drop(handing);
@@ -1659,6 +1680,10 @@ mod nonblocking {
             }
         }
     }
+
+    /// How long a `next_event_async` waits on the blocking pool before it
+    /// looks whether its future is still there.
+    const EVENT_WAIT_SLICE: Duration = Duration::from_millis(100);
 
     /// What `next_event` got on the blocking pool, left for the future
     /// that waits for it, and whether that future is gone.
