@@ -1074,9 +1074,16 @@ impl State {
         // A fence nobody else waits for goes from the map: its key alone
         // counts it as watched (its end sent as a message, its buffer's
         // word kept taken).
-        self.fence_subscribers.retain(|_, subscribers| {
+        // Its buffer's word may go back now (see `only_bits_left`): the
+        // client may have no access there left whose release marks it.
+        let (accesses, touched) = (&self.accesses, &mut self.touched);
+        self.fence_subscribers.retain(|fence, subscribers| {
             subscribers.retain(|s| s.client != client);
-            !subscribers.is_empty()
+            let watched = !subscribers.is_empty();
+            if !watched {
+                touched.extend(accesses.get(fence).map(|a| a.buffer));
+            }
+            watched
         });
         self.stop_word_patrol_if_idle();
         self.abandon_allocations(client);

@@ -1413,6 +1413,52 @@ mod state_tests {
         assert!(grant.word.is_none(), "a broken word holds nothing");
     }
 
+    /// A no-autofence client handed a fence held in a buffer's word keeps
+    /// the word taken (its end must come to the broker, to be told), even
+    /// once its own access has ended. When the client hangs up, nobody
+    /// waits for the fence and the word goes back to its holders at once;
+    /// before, the hang-up dropped the subscription without marking the
+    /// buffer for the hand-back (it had no access there left to mark it),
+    /// and the word stayed taken until the next decision on the buffer,
+    /// every begin in it a round trip meanwhile. Found by review.
+    #[test]
+    fn a_word_kept_taken_for_a_no_autofence_client_goes_back_when_it_hangs_up() {
+        let mut bench = Bench::new();
+        let (writer, manual) = (words_client(&mut bench), bench.client());
+        if let Some(entry) = bench.state.clients.get_mut(&manual) {
+            entry.autofence = false;
+        }
+        let frame = bench.buffer_with_word(&[writer, manual]);
+        let write = begin(&mut bench, writer, frame, Access::CpuWrite);
+        let grant = grant_of(&bench.received(writer), write).expect("the write is granted");
+        assert!(grant.word.is_some(), "held in the word");
+        let word = holders_word(&bench, frame);
+        assert!(!word.load().daemon(), "the word is the holders'");
+
+        let read = begin(&mut bench, manual, frame, Access::CpuRead);
+        let listed = grant_of(&bench.received(manual), read).expect("granted at once");
+        assert_eq!(listed.fences.len(), 1, "listing the write: {listed:?}");
+        assert!(
+            word.load().daemon(),
+            "taken while the reader waits for the write"
+        );
+        // Done reading (it waits for the write's end itself): it is still
+        // to be told of that end, so the word stays taken.
+        bench.end(manual, bench.access_of(manual, read));
+        settle(&mut bench);
+        assert!(word.load().daemon(), "taken while the reader is to be told");
+
+        {
+            let _entered = bench._runtime.enter();
+            bench.state.disconnect(manual);
+        }
+        settle(&mut bench);
+        assert!(
+            !word.load().daemon(),
+            "nobody waits for the write: the word goes back to its holders"
+        );
+    }
+
     /// A `NEXT` the broker did not plan, written by a holder while the
     /// broker has the word taken, breaks the word at the next take-over
     /// (the take-over's cancel would otherwise erase it unseen).
