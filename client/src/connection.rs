@@ -2600,15 +2600,11 @@ mod tests {
         );
     }
 
-    /// A hold recorded on the old connection while a reconnect re-attached
-    /// the others (its answer came before the hang-up) was dropped when
-    /// the reconnect finished, although the broker kept the buffer: the
-    /// reconnect re-attaches it too now, before it installs the new
-    /// socket.
-    #[test]
-    fn a_hold_recorded_while_a_reconnect_reattaches_is_reattached_too() {
+    /// A SEQPACKET socket listening at a fresh path named after `name`
+    /// (and this process), as a test's broker.
+    fn listening(name: &str) -> (PathBuf, OwnedFd) {
         let path = std::env::temp_dir().join(format!(
-            "dmabroker-client-test-late-hold-{}",
+            "dmabroker-client-test-{name}-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_file(&path);
@@ -2626,6 +2622,17 @@ mod tests {
             nix::sys::socket::Backlog::new(4).expect("backlog"),
         )
         .expect("listen");
+        (path, listener)
+    }
+
+    /// A hold recorded on the old connection while a reconnect re-attached
+    /// the others (its answer came before the hang-up) was dropped when
+    /// the reconnect finished, although the broker kept the buffer: the
+    /// reconnect re-attaches it too now, before it installs the new
+    /// socket.
+    #[test]
+    fn a_hold_recorded_while_a_reconnect_reattaches_is_reattached_too() {
+        let (path, listener) = listening("late-hold");
         let (arrived_tx, arrived) = std::sync::mpsc::channel();
         let (go_tx, go) = std::sync::mpsc::channel::<()>();
         let serving = std::thread::spawn(move || {
@@ -2698,25 +2705,7 @@ mod tests {
     /// and answers its heaps requests, until its client hangs up; the
     /// path, and the thread (which serves `connections` in turn).
     fn heaps_broker(connections: usize) -> (PathBuf, std::thread::JoinHandle<()>) {
-        let path = std::env::temp_dir().join(format!(
-            "dmabroker-client-test-heaps-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        let listener = nix::sys::socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("socket");
-        let addr = UnixAddr::new(&path).expect("addr");
-        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&listener), &addr).expect("bind");
-        nix::sys::socket::listen(
-            &listener,
-            nix::sys::socket::Backlog::new(4).expect("backlog"),
-        )
-        .expect("listen");
+        let (path, listener) = listening("heaps");
         let serving = std::thread::spawn(move || {
             for _ in 0..connections {
                 // rustix's accept owns the new fd (nix's is a raw fd, and
