@@ -636,11 +636,12 @@ impl Bench {
             dmabroker_suite::daemon::build_release_daemon()?;
             let daemon = Daemon::start_with(DaemonOptions {
                 env: vec![("RUST_LOG".into(), "warn".into())],
-                // The defaults of 4,096 buffers per client and 256
-                // connections per uid would refuse the scale benchmarks'
-                // 10,000 buffers and 1,000 connections.
+                // The defaults of 4,096 buffers per client and per uid
+                // and 256 connections per uid would refuse the scale
+                // benchmarks' 10,000 buffers and 1,000 connections.
                 policy: Some(format!(
-                    "[default]\nmax_buffers = {}\nmax_uid_connections = {}\n",
+                    "[default]\nmax_buffers = {}\nmax_uid_buffers = {}\nmax_uid_connections = {}\n",
+                    2 * MANY_BUFFERS,
                     2 * MANY_BUFFERS,
                     2 * MANY_CLIENTS
                 )),

@@ -109,6 +109,66 @@ fn quota_refuses_exactly_at_the_limit_and_each_user_has_its_own() {
     alice.ok("alloc 4096");
 }
 
+/// The daemon keeps every buffer in the service manager's fd store, whose
+/// room is shared by all users: `max_buffers` alone is per connection, so
+/// one user with a few connections could take every slot.
+/// `max_uid_buffers` counts the buffers of all the uid's connections,
+/// imported ones too; another user has a count of its own.
+#[test]
+fn max_uid_buffers_counts_every_connection_of_the_user() {
+    if !have_root("policy: max_uid_buffers") {
+        return;
+    }
+    let daemon = daemon_with("[default]\nmax_uid_buffers = 3\n");
+    let mut first = as_user(&daemon, ALICE, &[]);
+    let mut second = as_user(&daemon, ALICE, &[]);
+    let a = field(&first.ok("alloc 4096"), "id").expect("id").to_owned();
+    let b = field(&first.ok("alloc 4096"), "id").expect("id").to_owned();
+    let c = field(&second.ok("alloc 4096"), "id")
+        .expect("id")
+        .to_owned();
+    let refusal =
+        format!("rule 'default': max_uid_buffers limit 3, in use 3, requested 1 (uid {ALICE})");
+    for (who, client) in [("first", &mut first), ("second", &mut second)] {
+        let err = client
+            .cmd("alloc 4096")
+            .expect_err("the user holds three buffers over its two connections");
+        assert_eq!(code(&err), "quota-exceeded", "{who}: {err}");
+        assert!(err.contains(&refusal), "{who}: {err}");
+    }
+    // Another user is not affected.
+    let mut bob = as_user(&daemon, BOB, &[]);
+    for _ in 0..3 {
+        bob.ok("alloc 4096");
+    }
+    let err = bob.cmd("alloc 4096").expect_err("bob's own three");
+    assert!(
+        err.contains(&format!(
+            "max_uid_buffers limit 3, in use 3, requested 1 (uid {BOB})"
+        )),
+        "{err}"
+    );
+    // An import is one more buffer of the user's: refused at the limit,
+    // and counted once taken.
+    let token = field(&first.ok(&format!("export {a}")), "token")
+        .expect("token")
+        .to_owned();
+    let err = second
+        .cmd(&format!("import {token}"))
+        .expect_err("an import at the user's limit");
+    assert_eq!(code(&err), "quota-exceeded", "{err}");
+    assert!(err.contains(&refusal), "{err}");
+    second.ok(&format!("free {c}"));
+    second.ok(&format!("import {token}"));
+    let err = first
+        .cmd("alloc 4096")
+        .expect_err("the import counts among the user's buffers");
+    assert!(err.contains(&refusal), "{err}");
+    // Freeing one makes room again.
+    first.ok(&format!("free {b}"));
+    first.ok("alloc 4096");
+}
+
 /// Every access the broker grants is an entry in its tables; without a
 /// bound of its own, one client could hold millions (1,024 reads on each of
 /// its 4,096 buffers). `max_held_accesses` refuses the one over the limit,

@@ -335,15 +335,7 @@ fn take_uid_slot(
             limit,
             "connection refused: the uid is at its max_uid_connections"
         );
-        let whose = if counted_as == uid {
-            format!("uid {uid}")
-        } else if counted_as == identity::UNACCOUNTED_UID {
-            format!("uid {uid}, counted with every peer not identified")
-        } else if counted_as >= identity::FIRST_CONTAINER_ID {
-            format!("uid {uid}, counted with its container (user namespace {counted_as})")
-        } else {
-            format!("uid {uid}, counted as uid {counted_as}, who made its user namespace")
-        };
+        let whose = peer.counted_as_text();
         let mut error = WireError::new(
             ErrorCode::QuotaExceeded,
             format!(

@@ -51,6 +51,21 @@ pub fn is_container_id(id: u32) -> bool {
 }
 
 impl Peer {
+    /// Whom a refusal of a limit counted per user names: `uid U`, and
+    /// whom that uid counts as when it is not itself.
+    pub fn counted_as_text(&self) -> String {
+        let (uid, counted_as) = (self.identity.uid, self.accountable_uid);
+        if counted_as == uid {
+            format!("uid {uid}")
+        } else if counted_as == UNACCOUNTED_UID {
+            format!("uid {uid}, counted with every peer not identified")
+        } else if counted_as >= FIRST_CONTAINER_ID {
+            format!("uid {uid}, counted with its container (user namespace {counted_as})")
+        } else {
+            format!("uid {uid}, counted as uid {counted_as}, who made its user namespace")
+        }
+    }
+
     /// The user who made the peer's user namespace, when the peer counts
     /// as a user other than its own uid: that user's own rule then bounds
     /// what is counted per user too, or a stricter rule for them would not

@@ -177,6 +177,12 @@ pub struct Limits {
     /// daemon serves (and with them its fd limit, see the daemon's
     /// `inflight`).
     pub max_uid_connections: u32,
+    /// Buffers the client's uid may hold at once, over all its
+    /// connections (allocations being carried out included): the
+    /// daemon's fd store, which keeps every buffer across a restart, has
+    /// room for a fixed number shared by all users, so without it one
+    /// user with a few connections could take every slot.
+    pub max_uid_buffers: u32,
 }
 
 impl Default for Limits {
@@ -197,6 +203,7 @@ impl Default for Limits {
             max_held_accesses: 4096,
             max_unread_replies: 256,
             max_uid_connections: 256,
+            max_uid_buffers: 4096,
         }
     }
 }
@@ -217,6 +224,7 @@ pub enum LimitKind {
     MaxHeldAccesses,
     MaxUnreadReplies,
     MaxUidConnections,
+    MaxUidBuffers,
 }
 
 impl LimitKind {
@@ -235,6 +243,7 @@ impl LimitKind {
             LimitKind::MaxHeldAccesses => "max_held_accesses",
             LimitKind::MaxUnreadReplies => "max_unread_replies",
             LimitKind::MaxUidConnections => "max_uid_connections",
+            LimitKind::MaxUidBuffers => "max_uid_buffers",
         }
     }
 }
@@ -267,6 +276,7 @@ impl Limits {
             LimitKind::MaxHeldAccesses => self.max_held_accesses.to_string(),
             LimitKind::MaxUnreadReplies => self.max_unread_replies.to_string(),
             LimitKind::MaxUidConnections => self.max_uid_connections.to_string(),
+            LimitKind::MaxUidBuffers => self.max_uid_buffers.to_string(),
         }
     }
 }
@@ -630,6 +640,7 @@ fn write_limits(out: &mut String, limits: &Limits) {
     let _ = writeln!(out, "max_held_accesses = {}", limits.max_held_accesses);
     let _ = writeln!(out, "max_unread_replies = {}", limits.max_unread_replies);
     let _ = writeln!(out, "max_uid_connections = {}", limits.max_uid_connections);
+    let _ = writeln!(out, "max_uid_buffers = {}", limits.max_uid_buffers);
 }
 
 /// Limits as one file sets them: `None` wherever the file is silent, so that
@@ -648,6 +659,7 @@ struct PartialLimits {
     max_held_accesses: Option<u32>,
     max_unread_replies: Option<u32>,
     max_uid_connections: Option<u32>,
+    max_uid_buffers: Option<u32>,
 }
 
 impl PartialLimits {
@@ -668,7 +680,8 @@ impl PartialLimits {
             max_queued_requests,
             max_held_accesses,
             max_unread_replies,
-            max_uid_connections
+            max_uid_connections,
+            max_uid_buffers
         );
     }
 
@@ -689,6 +702,7 @@ impl PartialLimits {
             max_held_accesses: self.max_held_accesses.unwrap_or(base.max_held_accesses),
             max_unread_replies: self.max_unread_replies.unwrap_or(base.max_unread_replies),
             max_uid_connections: self.max_uid_connections.unwrap_or(base.max_uid_connections),
+            max_uid_buffers: self.max_uid_buffers.unwrap_or(base.max_uid_buffers),
         }
     }
 }
@@ -908,6 +922,7 @@ fn parse_fragment(
             max_held_accesses: raw.max_held_accesses.map(|n| n.0),
             max_unread_replies: raw.max_unread_replies.map(|n| n.0),
             max_uid_connections: raw.max_uid_connections.map(|n| n.0),
+            max_uid_buffers: raw.max_uid_buffers.map(|n| n.0),
         })
     };
 

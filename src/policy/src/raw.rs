@@ -48,6 +48,7 @@ pub(crate) struct RawLimits {
     pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
     pub max_uid_connections: Option<Positive>,
+    pub max_uid_buffers: Option<Positive>,
 }
 
 /// Same limit fields as [`RawLimits`], written out again because serde's
@@ -74,6 +75,7 @@ pub(crate) struct RawRule {
     pub max_held_accesses: Option<Positive>,
     pub max_unread_replies: Option<Positive>,
     pub max_uid_connections: Option<Positive>,
+    pub max_uid_buffers: Option<Positive>,
 }
 
 impl RawRule {
@@ -91,6 +93,7 @@ impl RawRule {
             max_held_accesses: self.max_held_accesses.take(),
             max_unread_replies: self.max_unread_replies.take(),
             max_uid_connections: self.max_uid_connections.take(),
+            max_uid_buffers: self.max_uid_buffers.take(),
         }
     }
 }

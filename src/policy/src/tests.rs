@@ -125,6 +125,7 @@ fn builtin_defaults() {
         max_held_accesses: 4096,
         max_unread_replies: 256,
         max_uid_connections: 256,
+        max_uid_buffers: 4096,
     };
     assert_eq!(*resolved.limits, expected);
     assert!(policy.is_admin(0, &[]));
@@ -156,6 +157,7 @@ fn every_default_key() {
         max_held_accesses = 32
         max_unread_replies = 16
         max_uid_connections = 12
+        max_uid_buffers = 300
         "#,
     );
     let limits = policy.resolve(&who(5, 5)).limits;
@@ -177,6 +179,7 @@ fn every_default_key() {
             max_held_accesses: 32,
             max_unread_replies: 16,
             max_uid_connections: 12,
+            max_uid_buffers: 300,
         }
     );
     assert!(policy.is_admin(1000, &[]));
@@ -533,6 +536,56 @@ fn later_files_override() {
     );
 }
 
+/// `max_uid_buffers` is inherited from `[default]`, set by a rule, merged
+/// key by key from later files' `[default]`, and quoted by its key.
+#[test]
+fn max_uid_buffers_inherits_and_merges() {
+    let vendor = r#"
+        [default]
+        max_uid_buffers = 1000
+        [[rule]]
+        name = "camera"
+        user = "camera"
+        max_uid_buffers = 64
+        [[rule]]
+        name = "video"
+        group = "video"
+        max_buffers = 5
+    "#;
+    let admin = r#"
+        [default]
+        max_buffers = 20
+    "#;
+    let policy = parse_many(&[("/vendor.toml", vendor), ("/admin.toml", admin)]).unwrap();
+    assert_eq!(policy.default_limits().max_uid_buffers, 1000);
+    let camera = policy.resolve(&who(990, 990));
+    assert_eq!(camera.limits.max_uid_buffers, 64);
+    assert_eq!(
+        camera.describe(LimitKind::MaxUidBuffers),
+        "rule 'camera': max_uid_buffers 64"
+    );
+    let video = policy.resolve(&who(5, 44));
+    assert_eq!(video.rule, "video");
+    assert_eq!(video.limits.max_uid_buffers, 1000); // from [default]
+    assert_eq!(video.limits.max_buffers, 5);
+
+    let later = r#"
+        [default]
+        max_uid_buffers = 2000
+    "#;
+    let policy = parse_many(&[("/vendor.toml", vendor), ("/later.toml", later)]).unwrap();
+    assert_eq!(policy.default_limits().max_uid_buffers, 2000);
+    assert_eq!(policy.resolve(&who(5, 44)).limits.max_uid_buffers, 2000);
+    assert_eq!(policy.resolve(&who(990, 990)).limits.max_uid_buffers, 64);
+    // Not set anywhere: the built-in 4096.
+    assert_eq!(
+        parse("[default]\nmax_buffers = 3\n")
+            .default_limits()
+            .max_uid_buffers,
+        4096
+    );
+}
+
 #[test]
 fn import_from_allows() {
     let alice = Identity {
@@ -672,6 +725,17 @@ fn wrong_types() {
         "must be from 1",
     );
     assert_error("[default]\nmax_unread_replies = \"9\"\n", 2, "invalid type");
+    assert_error("[default]\nmax_uid_buffers = 0\n", 2, "must be from 1");
+    assert_error(
+        "[[rule]]\nname = \"x\"\nuser = 3\nmax_uid_buffers = -1\n",
+        4,
+        "must be from 1",
+    );
+    assert_error(
+        "[default]\nmax_uid_buffers = 4294967296\n",
+        2,
+        "must be from 1",
+    );
     assert_error("[[rule]]\nname = \"x\"\nuser = -3\n", 3, "not negative");
     assert_error(
         "[[rule]]\nname = \"x\"\nuser = 4294967295\n",
@@ -1152,7 +1216,8 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
         1..=u32::MAX,
         1..=u32::MAX,
         1..=u32::MAX,
-        1..=u32::MAX,
+        // Paired: proptest's tuples stop at twelve.
+        (1..=u32::MAX, 1..=u32::MAX),
     )
         .prop_map(
             |(
@@ -1167,7 +1232,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 max_queued_requests,
                 max_held_accesses,
                 max_unread_replies,
-                max_uid_connections,
+                (max_uid_connections, max_uid_buffers),
             )| Limits {
                 heaps,
                 max_buffer_size,
@@ -1181,6 +1246,7 @@ fn arb_limits() -> impl Strategy<Value = Limits> {
                 max_held_accesses,
                 max_unread_replies,
                 max_uid_connections,
+                max_uid_buffers,
             },
         )
 }
@@ -1246,7 +1312,7 @@ fn tomlish() -> impl Strategy<Value = String> {
         Just("[[rule]]".to_string()),
         Just("[admins]".to_string()),
         Just("name = \"x\"".to_string()),
-        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_held_accesses|max_unread_replies|max_uid_connections|users|groups|enabled|admins) = ",
+        "(user|group|exe|unit|heaps|max_buffer_size|max_total_bytes|max_buffers|may_export|import_from|autofence|write_hold_limit|max_queued_requests|max_held_accesses|max_unread_replies|max_uid_connections|max_uid_buffers|users|groups|enabled|admins) = ",
         "\"[a-zA-Z0-9 ./@,:é-]{0,12}\"",
         "-?[0-9]{1,21}",
         Just("true".to_string()),

@@ -579,11 +579,11 @@ impl State {
         // would otherwise add a restart's holds to a full quota, again at
         // every restart. The client crate re-attaches before anything.
         if c.took_new || !c.allocating.is_empty() {
-            let awaiting = match bound {
-                Before::Client(id) => self.awaiting(id, Some(buffer)),
-                Before::Unknown => Awaiting::default(),
+            let (awaiting, counted) = match bound {
+                Before::Client(id) => (self.awaiting(id, Some(buffer)), Some(id)),
+                Before::Unknown => (Awaiting::default(), None),
             };
-            self.check_quota_with(client, size, charge, awaiting)?;
+            self.check_quota_with(client, size, charge, awaiting, counted)?;
         }
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return Err(unknown());

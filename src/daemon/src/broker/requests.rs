@@ -312,21 +312,23 @@ impl State {
         size: u64,
         charged: bool,
     ) -> Result<(), WireError> {
-        let awaiting = match self.clients.get(&client).and_then(|c| c.reattaching) {
-            Some(Before::Client(before)) => self.awaiting(before, None),
-            _ => super::persist::Awaiting::default(),
+        let (awaiting, counted) = match self.clients.get(&client).and_then(|c| c.reattaching) {
+            Some(Before::Client(before)) => (self.awaiting(before, None), Some(before)),
+            _ => (super::persist::Awaiting::default(), None),
         };
-        self.check_quota_with(client, size, charged, awaiting)
+        self.check_quota_with(client, size, charged, awaiting, counted)
     }
 
     /// [`State::check_quota`] with the holds still `awaiting` re-attach
-    /// counted as held.
+    /// counted as held: those of connection `counted` from before the
+    /// restart, if any.
     pub(super) fn check_quota_with(
         &self,
         client: ClientId,
         size: u64,
         charged: bool,
         awaiting: super::persist::Awaiting,
+        counted: Option<ClientId>,
     ) -> Result<(), WireError> {
         let entry = self
             .clients
@@ -357,6 +359,13 @@ impl State {
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
+        let uid_limit = u64::from(limits.max_uid_buffers);
+        let uid_held = self.uid_buffers(entry.peer.accountable_uid, awaiting.holds, counted);
+        if uid_held + 1 > uid_limit {
+            let mut err = refuse("max_uid_buffers", uid_limit, uid_held, 1);
+            err.message = format!("{} ({})", err.message, entry.peer.counted_as_text());
+            return Err(err);
+        }
         let in_use = if charged {
             entry.charged_bytes.saturating_add(awaiting.charged_bytes)
         } else {
@@ -372,6 +381,34 @@ impl State {
             ));
         }
         Ok(())
+    }
+
+    /// The buffers `uid`'s connections hold, counted as `max_buffers`
+    /// counts one connection's (allocations being carried out included,
+    /// and the holds from before a restart they have yet to re-attach),
+    /// summed over that uid's connections only (see `uid_clients`).
+    /// `awaiting` holds of connection `counted` from before the restart
+    /// are the requester's, counted already; another connection's
+    /// re-attaching the same one does not count them again.
+    fn uid_buffers(&self, uid: u32, awaiting: u64, counted: Option<ClientId>) -> u64 {
+        let mut held = awaiting;
+        let mut befores: Vec<ClientId> = Vec::new();
+        for c in self
+            .uid_clients
+            .get(&uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.clients.get(id))
+        {
+            held += (c.buffers.len() + c.allocating.len()) as u64;
+            if let Some(Before::Client(before)) = c.reattaching {
+                if Some(before) != counted && !befores.contains(&before) {
+                    befores.push(before);
+                    held += self.awaiting(before, None).holds;
+                }
+            }
+        }
+        held
     }
 
     pub(super) fn buffer_info(&self, id: BufferId, secret: String) -> BufferInfo {
@@ -743,5 +780,55 @@ mod tests {
         assert_eq!(shown_name("\u{2067}x\u{2069}"), "\u{fffd}x\u{fffd}");
         assert_eq!(shown_name("كاميرا"), "كاميرا");
         assert_eq!(shown_name(&"a".repeat(100)).chars().count(), 64);
+    }
+
+    /// `max_uid_buffers` sums the buffers of every connection of the
+    /// accountable uid, found through `uid_clients`, which connect and
+    /// disconnect keep; a reload's value applies to the next request.
+    #[test]
+    fn max_uid_buffers_sums_the_uids_connections() {
+        use dmabroker_ipc::ErrorCode;
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let policy = dmabroker_policy::Policy::parse_str(
+            "[default]\nmax_uid_buffers = 3\n",
+            std::path::Path::new("test.toml"),
+        )
+        .expect("policy");
+        bench.state.replace_policy(policy);
+        let (first, second) = (bench.client(), bench.client());
+        let uid = bench.state.clients[&first].peer.accountable_uid;
+        assert_eq!(bench.state.uid_clients[&uid], [first, second]);
+        bench.buffer(&[first], false);
+        bench.buffer(&[first], false);
+        assert!(bench.state.check_quota(second, 4096, true).is_ok());
+        let shared = bench.buffer(&[second, first], false);
+        for client in [first, second] {
+            let err = bench
+                .state
+                .check_quota(client, 4096, false)
+                .expect_err("the uid holds three");
+            assert_eq!(err.code, ErrorCode::QuotaExceeded);
+            assert!(
+                err.message.starts_with(
+                    "rule 'default': max_uid_buffers limit 3, in use 4, requested 1 (uid "
+                ),
+                "{}",
+                err.message
+            );
+            let quota = err.quota.expect("quota figures");
+            assert_eq!((quota.limit, quota.in_use, quota.requested), (3, 4, 1));
+        }
+        let policy = dmabroker_policy::Policy::parse_str(
+            "[default]\nmax_uid_buffers = 5\n",
+            std::path::Path::new("test.toml"),
+        )
+        .expect("policy");
+        bench.state.replace_policy(policy);
+        assert!(bench.state.check_quota(first, 4096, true).is_ok());
+        bench.state.disconnect(second);
+        assert_eq!(bench.state.uid_clients[&uid], [first]);
+        assert!(bench.state.buffers[&shared].held_by(first));
+        bench.state.disconnect(first);
+        assert!(!bench.state.uid_clients.contains_key(&uid));
     }
 }

@@ -382,6 +382,11 @@ pub struct State {
     /// no longer counts among its client's, so this is what bounds them
     /// (see `access::State::end_with_fence`).
     pub(super) fences_awaited: FxHashMap<u32, usize>,
+    /// For each accountable uid (`Peer::accountable_uid`), its connected
+    /// clients: `max_uid_buffers` sums their buffers on every allocation,
+    /// import and adopt, and must not look at every client to do it.
+    /// Kept by `connect` and `disconnect`.
+    pub(super) uid_clients: FxHashMap<u32, Vec<ClientId>>,
     /// Dma-bufs with cache sync ENDs running off the broker's thread, and
     /// the grants each holds back (see `access::State::park_behind_cache_end`).
     pub(super) cache_ends: FxHashMap<BufferId, super::access::CacheEnds>,
@@ -456,6 +461,7 @@ impl State {
             waiters: FxHashMap::default(),
             fence_subscribers: FxHashMap::default(),
             fences_awaited: FxHashMap::default(),
+            uid_clients: FxHashMap::default(),
             cache_ends: FxHashMap::default(),
             stats: Stats::default(),
             limits,
@@ -615,6 +621,17 @@ impl State {
         }
     }
 
+    /// Takes `client` out of its uid's entry in `uid_clients`, and the
+    /// entry out once empty.
+    fn forget_uid_client(&mut self, uid: u32, client: ClientId) {
+        if let Some(ids) = self.uid_clients.get_mut(&uid) {
+            ids.retain(|&id| id != client);
+            if ids.is_empty() {
+                self.uid_clients.remove(&uid);
+            }
+        }
+    }
+
     /// Registers a new connection. Its limits come from the policy now and
     /// again after every reload. Refused, not given an id that wrapped,
     /// once every id up to [`MAX_CLIENT_ID`] is used: a wrapped id would
@@ -644,6 +661,10 @@ impl State {
             uid: peer.identity.uid,
             pid: peer.pid,
         });
+        self.uid_clients
+            .entry(peer.accountable_uid)
+            .or_default()
+            .push(id);
         self.clients.insert(
             id,
             ClientEntry {
@@ -1088,6 +1109,7 @@ impl State {
         self.stop_word_patrol_if_idle();
         self.abandon_allocations(client);
         if let Some(entry) = self.clients.remove(&client) {
+            self.forget_uid_client(entry.peer.accountable_uid, client);
             self.hand_on_recorded_id(&entry);
             // Not `close`: its queue may hold the last copies of freed
             // buffers, not to be freed under the broker's lock. The
