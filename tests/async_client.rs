@@ -505,3 +505,40 @@ fn a_dropped_wait_for_events_without_a_timeout_lets_the_runtime_shut_down() {
     drop(client);
     broker.join();
 }
+
+/// A `next_event_async(None)` whose broker goes away for good reports it
+/// once the reconnect window ends, as `next_event(None)` does. The first
+/// fix for a dropped wait's thread waited in slices of 100 ms, each with
+/// a reconnect limited to its slice: every slice began a new window, so
+/// the window never ended, and the event loop waited for ever on a broker
+/// that was gone, reconnecting four times a slice. Found by a review.
+#[test]
+fn a_wait_for_events_reports_a_broker_gone_for_good() {
+    use dmabroker_ipc::{ReplyBody, RequestBody};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+
+    let broker = FakeBroker::start(1, |socket, _, id, body| {
+        if let RequestBody::ListHeaps = body {
+            fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+            // Hangs up, and listens no more.
+            return false;
+        }
+        true
+    });
+    let options = dmabroker_client::ClientOptions {
+        reconnect: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&broker.path, options).expect("connect");
+    client.heaps().expect("heaps");
+    broker.join();
+    let runtime = runtime();
+    let waited = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), client.next_event_async(None)).await
+    });
+    match waited {
+        Ok(Err(_)) => {}
+        Ok(Ok(event)) => panic!("an event from a broker gone: {event:?}"),
+        Err(_) => panic!("still waiting 10 s after the broker went for good"),
+    }
+}

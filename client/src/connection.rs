@@ -1634,6 +1634,22 @@ impl Connection {
     /// The next event, waiting at most `timeout` (forever with `None`).
     /// The next event, its fds, and the connection generation it came on.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<EventRead>, Error> {
+        self.next_event_while(timeout, &NoHook, None)
+    }
+
+    /// As [`Connection::next_event`], for a caller that may stop waiting
+    /// (a dropped future): the wait for a message looks at `hook` every
+    /// `slice`, and answers `Ok(None)` once nobody wants the event; a
+    /// reconnect gives up as a call's does (see [`SentHook::wanted`]).
+    /// The caller's `timeout` stays the reconnect's limit: slicing that
+    /// too would make every slice a new reconnect of its own, never
+    /// reaching the window's end to report a broker gone for good.
+    pub fn next_event_while(
+        &self,
+        timeout: Option<Duration>,
+        hook: &dyn SentHook,
+        slice: Option<Duration>,
+    ) -> Result<Option<EventRead>, Error> {
         let deadline = timeout.and_then(deadline_after);
         let mut mailbox = lock(&self.mailbox);
         // A deadline past (a zero timeout: a program polling between
@@ -1656,7 +1672,7 @@ impl Connection {
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                return match self.recover_by(start, deadline, &NoHook) {
+                return match self.recover_by(start, deadline, hook) {
                     Ok(true) => {
                         self.events_seen.store(self.generation(), Ordering::Release);
                         Err(Error::Reconnected)
@@ -1672,7 +1688,14 @@ impl Connection {
                 return Ok(None);
             }
             looked = true;
-            mailbox = self.read_or_wait(mailbox, deadline, None).0;
+            let wait_until = match (slice.and_then(deadline_after), deadline) {
+                (Some(sliced), Some(deadline)) => Some(sliced.min(deadline)),
+                (sliced, deadline) => sliced.or(deadline),
+            };
+            mailbox = self.read_or_wait(mailbox, wait_until, None).0;
+            if !hook.wanted() {
+                return Ok(None);
+            }
         }
     }
 

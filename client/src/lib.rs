@@ -1637,25 +1637,15 @@ mod nonblocking {
             };
             let (client, handing) = (self.clone(), Arc::clone(&shared));
             let task = tokio::task::spawn_blocking(move || {
-                // No deadline: `None`, or one too far to say (`Duration::MAX`).
-                let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-                let got = loop {
-                    // In slices, looking between them whether the future
-                    // is still there: a wait for ever, its future dropped,
-                    // would otherwise keep this thread (and the `Client`
-                    // it holds, so the connection) until an event came,
-                    // and a runtime shutting down waits for its threads.
-                    let slice = deadline.map_or(EVENT_WAIT_SLICE, |deadline| {
-                        deadline
-                            .saturating_duration_since(Instant::now())
-                            .min(EVENT_WAIT_SLICE)
-                    });
-                    match client.conn.next_event(Some(slice)) {
-                        Ok(None) if lock(&handing).gone => return,
-                        Ok(None) if deadline.is_none_or(|d| Instant::now() < d) => {}
-                        got => break got,
-                    }
-                };
+                // Looking every slice of its wait whether the future is
+                // still there: a wait for ever, its future dropped, would
+                // otherwise keep this thread (and the `Client` it holds,
+                // so the connection) until an event came, and a runtime
+                // shutting down waits for its threads.
+                let wanted = StillWanted(Arc::clone(&handing));
+                let got = client
+                    .conn
+                    .next_event_while(timeout, &wanted, Some(EVENT_WAIT_SLICE));
                 let mut handing = lock(&handing);
                 if handing.gone {
                     drop(handing);
@@ -1684,6 +1674,22 @@ mod nonblocking {
     /// How long a `next_event_async` waits on the blocking pool before it
     /// looks whether its future is still there.
     const EVENT_WAIT_SLICE: Duration = Duration::from_millis(100);
+
+    /// Whether a `next_event_async`'s future is still there to take what
+    /// its blocking-pool thread reads.
+    struct StillWanted(Arc<Mutex<EventHandOver>>);
+
+    impl connection::SentHook for StillWanted {
+        fn before(&self) -> Result<()> {
+            if lock(&self.0).gone {
+                Err(Error::Disconnected)
+            } else {
+                Ok(())
+            }
+        }
+
+        fn after(&self, _: (u64, u64)) {}
+    }
 
     /// What `next_event` got on the blocking pool, left for the future
     /// that waits for it, and whether that future is gone.
