@@ -1009,6 +1009,33 @@ fn a_makers_own_connection_limit_holds_for_the_uids_of_their_namespace() {
     });
 }
 
+/// `max_uid_buffers` as `max_uid_connections`: a process of Alice's user
+/// namespace is counted as Alice and held to the stricter of its own rule
+/// (`[default]`, 4,096) and Alice's, so a rule giving Alice less reaches
+/// the uids of her namespaces too. Found by a review: the check read the
+/// process's own rule only.
+#[test]
+fn a_makers_own_buffer_limit_holds_for_the_uids_of_their_namespace() {
+    if !have_root("policy: a maker's max_uid_buffers in their user namespace") {
+        return;
+    }
+    let daemon = daemon_with(&format!(
+        "[[rule]]\nname = \"alice-two\"\nuser = {ALICE}\nmax_uid_buffers = 2\n"
+    ));
+    let mut first = userns::spawn_in_user_namespace(daemon.socket(), ALICE, 1, &[]);
+    first.ok("alloc 4096");
+    first.ok("alloc 4096");
+    let refused = first
+        .cmd("alloc 4096")
+        .expect_err("a third buffer of Alice's");
+    assert!(
+        refused.contains("quota-exceeded")
+            && refused.contains("rule 'alice-two': max_uid_buffers limit 2, in use 2")
+            && refused.contains(&format!("counted as uid {ALICE}")),
+        "a process of Alice's namespace: {refused}"
+    );
+}
+
 /// A user with a subordinate uid range connects as any uid of it from a
 /// user namespace (here Alice's, with uids 300,000 on), and each counted
 /// as a user of its own: `max_uid_connections` was a limit per

@@ -359,11 +359,26 @@ impl State {
         if held + 1 > limits.max_buffers {
             return Err(refuse("max_buffers", limits.max_buffers, held, 1));
         }
-        let uid_limit = u64::from(limits.max_uid_buffers);
+        // Counted as its maker (a process of a user's namespace): the
+        // stricter of its rule and the maker's own applies, as for
+        // `max_uid_connections`, so neither is escaped through the other.
+        let makers = entry
+            .peer
+            .counted_as_its_maker()
+            .map(|maker| self.policy.resolve_user(maker))
+            .filter(|makers| makers.limits.max_uid_buffers < limits.max_uid_buffers);
+        let (uid_limit, uid_rule) = match &makers {
+            Some(makers) => (makers.limits.max_uid_buffers, makers.rule.as_str()),
+            None => (limits.max_uid_buffers, rule.as_str()),
+        };
+        let uid_limit = u64::from(uid_limit);
         let uid_held = self.uid_buffers(entry.peer.accountable_uid, awaiting.holds, counted);
         if uid_held + 1 > uid_limit {
             let mut err = refuse("max_uid_buffers", uid_limit, uid_held, 1);
-            err.message = format!("{} ({})", err.message, entry.peer.counted_as_text());
+            err.message = format!(
+                "rule '{uid_rule}': max_uid_buffers limit {uid_limit}, in use {uid_held}, requested 1 ({})",
+                entry.peer.counted_as_text()
+            );
             return Err(err);
         }
         let in_use = if charged {
