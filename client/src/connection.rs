@@ -2623,6 +2623,27 @@ mod tests {
         );
     }
 
+    /// Every request the test's broker end reads until the client side
+    /// closes (at most 10 s).
+    fn requests_until_closed(broker: &OwnedFd) -> Vec<RequestBody> {
+        let mut arrived = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match recv_message(broker.as_fd(), true) {
+                Ok(received) => {
+                    if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
+                        arrived.push(request.body);
+                    }
+                }
+                Err(RecvError::Closed) => return arrived,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "never closed: {arrived:?}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
     /// A SEQPACKET socket listening at a fresh path named after `name`
     /// (and this process), as a test's broker.
     fn listening(name: &str) -> (PathBuf, OwnedFd) {
@@ -2856,22 +2877,7 @@ mod tests {
         // The broker reads again only after the program let go.
         let reading = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
-            let mut arrived = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match recv_message(broker.as_fd(), true) {
-                    Ok(received) => {
-                        if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
-                            arrived.push(request.body);
-                        }
-                    }
-                    Err(RecvError::Closed) => return arrived,
-                    Err(_) => {
-                        assert!(Instant::now() < deadline, "never closed: {arrived:?}");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            requests_until_closed(&broker)
         });
         drop(conn);
         let arrived = reading.join().expect("reading thread");
@@ -2932,24 +2938,7 @@ mod tests {
         drop(handle);
         assert!(conn.owing.load(Ordering::Acquire), "sent without room");
         // The broker reads again as the connection goes.
-        let reading = std::thread::spawn(move || {
-            let mut arrived = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match recv_message(broker.as_fd(), true) {
-                    Ok(received) => {
-                        if let Ok(request) = dmabroker_ipc::codec::decode_request(&received.bytes) {
-                            arrived.push(request.body);
-                        }
-                    }
-                    Err(RecvError::Closed) => return arrived,
-                    Err(_) => {
-                        assert!(Instant::now() < deadline, "never closed: {arrived:?}");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
-        });
+        let reading = std::thread::spawn(move || requests_until_closed(&broker));
         drop(conn);
         let arrived = reading.join().expect("reading thread");
         assert!(arrived.is_empty(), "a second grace sent it: {arrived:?}");
