@@ -281,6 +281,17 @@ impl Bench {
             .any(|(id, r)| *id == request && matches!(r, Ok(ReplyBody::Granted(_))))
     }
 
+    /// Whether the grant `client` was sent for its begin `request` said
+    /// `writer_lost`; `None` if it was sent none.
+    pub(super) fn told_writer_lost(&self, client: ClientId, request: u64) -> Option<bool> {
+        self.replies(client)
+            .iter()
+            .find_map(|(id, reply)| match reply {
+                Ok(ReplyBody::Granted(grant)) if *id == request => Some(grant.writer_lost),
+                _ => None,
+            })
+    }
+
     /// A write by `writer`, granted, then ended: its END is running.
     fn write_then_end(&mut self, writer: ClientId, buffer: BufferId) {
         let write = self.begin(writer, buffer, Access::CpuWrite);
@@ -763,12 +774,7 @@ fn next_reader_told_of_the_lost_writer(goes: Goes) -> bool {
     let again = bench.begin(next, frame, Access::CpuRead);
     bench.run_starts();
     bench
-        .replies(next)
-        .iter()
-        .find_map(|(id, reply)| match reply {
-            Ok(ReplyBody::Granted(grant)) if *id == again => Some(grant.writer_lost),
-            _ => None,
-        })
+        .told_writer_lost(next, again)
         .expect("the next read is granted")
 }
 
@@ -803,12 +809,7 @@ fn a_write_never_sent_is_no_lost_writer() {
     let read = bench.begin(reader, frame, Access::CpuRead);
     bench.run_starts();
     let told = bench
-        .replies(reader)
-        .iter()
-        .find_map(|(id, reply)| match reply {
-            Ok(ReplyBody::Granted(grant)) if *id == read => Some(grant.writer_lost),
-            _ => None,
-        })
+        .told_writer_lost(reader, read)
         .expect("the read is granted");
     assert!(!told, "a write never sent was taken for a lost one");
 }
@@ -860,12 +861,7 @@ fn next_reader_told_of_a_write_that_was_only_queued(goes: Goes) -> bool {
     }
     let again = bench.begin(next, frame, Access::CpuRead);
     bench
-        .replies(next)
-        .iter()
-        .find_map(|(id, reply)| match reply {
-            Ok(ReplyBody::Granted(grant)) if *id == again => Some(grant.writer_lost),
-            _ => None,
-        })
+        .told_writer_lost(next, again)
         .expect("the next read is granted")
 }
 
