@@ -117,7 +117,7 @@ impl Access {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestBody {
     /// Must be the first request on a connection, and only the first.
     Hello(Hello),
@@ -209,6 +209,62 @@ impl RequestBody {
     }
 }
 
+/// What `{:?}` writes in place of a share token or a re-attach secret.
+/// Either one in a log would let anyone who reads the log take the
+/// buffer: a token imports it, a secret re-attaches it after a restart.
+const HIDDEN: &str = "..";
+
+/// As derived, but without the share token of `Import` or the secret of
+/// `Reattach` (see [`HIDDEN`]): a client or test that logs the request it
+/// sends must not leak them.
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBody::Hello(hello) => f.debug_tuple("Hello").field(hello).finish(),
+            RequestBody::ListHeaps => f.write_str("ListHeaps"),
+            RequestBody::Alloc { size, heap, name } => f
+                .debug_struct("Alloc")
+                .field("size", size)
+                .field("heap", heap)
+                .field("name", name)
+                .finish(),
+            RequestBody::Free { buffer } => f.debug_struct("Free").field("buffer", buffer).finish(),
+            RequestBody::Export { buffer } => {
+                f.debug_struct("Export").field("buffer", buffer).finish()
+            }
+            RequestBody::Import { .. } => f.debug_struct("Import").field("token", &HIDDEN).finish(),
+            RequestBody::Info { buffer } => f.debug_struct("Info").field("buffer", buffer).finish(),
+            RequestBody::Adopt { name } => f.debug_struct("Adopt").field("name", name).finish(),
+            RequestBody::Begin {
+                buffer,
+                access,
+                timeout_ms,
+            } => f
+                .debug_struct("Begin")
+                .field("buffer", buffer)
+                .field("access", access)
+                .field("timeout_ms", timeout_ms)
+                .finish(),
+            RequestBody::End { access, fence_slot } => f
+                .debug_struct("End")
+                .field("access", access)
+                .field("fence_slot", fence_slot)
+                .finish(),
+            RequestBody::Reattach { buffer, .. } => f
+                .debug_struct("Reattach")
+                .field("buffer", buffer)
+                .field("secret", &HIDDEN)
+                .finish(),
+            RequestBody::WordEnded { buffer } => {
+                f.debug_struct("WordEnded").field("buffer", buffer).finish()
+            }
+            RequestBody::Cancel { request } => {
+                f.debug_struct("Cancel").field("request", request).finish()
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
     Reply(Reply),
@@ -229,7 +285,7 @@ pub struct EventMessage {
     pub event: Event,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplyBody {
     Welcome(Welcome),
     Heaps(Vec<HeapInfo>),
@@ -249,6 +305,25 @@ pub enum ReplyBody {
     Planned {
         word: crate::bufferword::FastSlot,
     },
+}
+
+/// As derived, but without the share token of `Exported` (see
+/// [`HIDDEN`]); a `Buffer`'s secret is hidden by `BufferInfo`'s own.
+impl std::fmt::Debug for ReplyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyBody::Welcome(welcome) => f.debug_tuple("Welcome").field(welcome).finish(),
+            ReplyBody::Heaps(heaps) => f.debug_tuple("Heaps").field(heaps).finish(),
+            ReplyBody::Buffer(info) => f.debug_tuple("Buffer").field(info).finish(),
+            ReplyBody::Freed => f.write_str("Freed"),
+            ReplyBody::Exported { .. } => {
+                f.debug_struct("Exported").field("token", &HIDDEN).finish()
+            }
+            ReplyBody::Granted(grant) => f.debug_tuple("Granted").field(grant).finish(),
+            ReplyBody::Ended => f.write_str("Ended"),
+            ReplyBody::Planned { word } => f.debug_struct("Planned").field("word", word).finish(),
+        }
+    }
 }
 
 impl ReplyBody {
@@ -446,5 +521,68 @@ impl WireError {
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "3f9c1e0a7b5d42c8a1e6f0b9d7c3a5e1";
+
+    /// A request or reply written with `{:?}` (a client's debug log, a
+    /// failed test's assertion) shows no token or secret: whoever reads
+    /// the log could import the buffer, or take it over after a restart.
+    #[test]
+    fn debug_output_hides_tokens_and_secrets() {
+        let shown = [
+            format!(
+                "{:?}",
+                RequestBody::Import {
+                    token: TOKEN.into()
+                }
+            ),
+            format!(
+                "{:?}",
+                RequestBody::Reattach {
+                    buffer: 4,
+                    secret: TOKEN.into()
+                }
+            ),
+            format!(
+                "{:?}",
+                ReplyBody::Exported {
+                    token: TOKEN.into()
+                }
+            ),
+        ];
+        for text in &shown {
+            assert!(!text.contains(TOKEN), "{text}");
+        }
+        assert_eq!(shown[0], r#"Import { token: ".." }"#);
+        assert_eq!(shown[1], r#"Reattach { buffer: 4, secret: ".." }"#);
+        assert_eq!(shown[2], r#"Exported { token: ".." }"#);
+    }
+
+    /// The other messages read as the derived `Debug` would write them.
+    #[test]
+    fn debug_output_of_other_messages_is_as_derived() {
+        assert_eq!(
+            format!(
+                "{:?}",
+                RequestBody::Begin {
+                    buffer: 2,
+                    access: Access::CpuRead,
+                    timeout_ms: Some(5)
+                }
+            ),
+            "Begin { buffer: 2, access: CpuRead, timeout_ms: Some(5) }"
+        );
+        assert_eq!(format!("{:?}", RequestBody::ListHeaps), "ListHeaps");
+        assert_eq!(format!("{:?}", ReplyBody::Ended), "Ended");
+        assert_eq!(
+            format!("{:?}", RequestBody::Free { buffer: 9 }),
+            "Free { buffer: 9 }"
+        );
     }
 }
