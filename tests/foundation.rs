@@ -290,6 +290,45 @@ fn a_second_daemon_refuses_a_socket_in_use() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+/// A heap order naming only heaps this machine lacks (a typo, a node not
+/// there) started a daemon with no heap at all, whose every allocation was
+/// refused as out of memory. It refuses to start now, saying why each heap
+/// of the order is unusable, and leaves no socket behind.
+#[test]
+fn a_daemon_with_no_usable_heap_refuses_to_start() {
+    let dir = dmabroker_suite::tmp::TempDir::new("no-usable-heap");
+    let socket = dir.path().join("socket");
+    let mut daemon = std::process::Command::new(dmabroker_suite::daemon::binary("dmabrokerd"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--heaps", "system", "--dma-heap-dir"])
+        .arg(dir.path().join("no-heaps-here"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while daemon.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            panic!("the daemon started and served with no heap");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = daemon.wait_with_output().expect("its output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no heap is usable")
+            && stderr.contains("system: no dma-heap 'system' in")
+            && stderr.contains("--heaps"),
+        "{stderr}"
+    );
+    assert!(!socket.exists(), "a socket was left behind");
+}
+
 #[test]
 fn exporting_again_returns_the_same_token() {
     let daemon = Daemon::start();

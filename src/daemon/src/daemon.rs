@@ -26,10 +26,26 @@ pub enum DaemonError {
     Server(#[from] crate::server::ServerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(
+        "no heap is usable, so every allocation would fail ({}); the heap order comes from --heaps: leave it out to use every dma-heap found, then udmabuf and memfd",
+        describe_unusable(.0)
+    )]
+    NoUsableHeap(Vec<(String, String)>),
     #[error("the loop accepting clients ended")]
     AcceptEnded,
     #[error("the loop accepting clients failed: {0}")]
     AcceptLost(#[source] tokio::task::JoinError),
+}
+
+fn describe_unusable(unusable: &[(String, String)]) -> String {
+    if unusable.is_empty() {
+        return "the order names no heap".to_owned();
+    }
+    unusable
+        .iter()
+        .map(|(heap, why)| format!("{heap}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Loads the policy the configuration names: explicit files, or the
@@ -59,6 +75,11 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
     });
     let heap_names: Vec<&str> = heaps.heaps().iter().map(|h| h.name.as_str()).collect();
     tracing::info!(heaps = ?heap_names, default = heaps.default_heap(), "heaps discovered");
+    // Nothing to allocate from: a mistyped `--heaps` (or a node not there)
+    // would otherwise start a daemon that refuses every allocation. Refused
+    // at the start, unless buffers of a previous instance came back: those
+    // are still served (see below).
+    let unusable = heap_names.is_empty().then(|| heaps.unusable());
     let fd_limit = crate::inflight::raise_fd_limit();
     let fitting = crate::inflight::connection_cap(crate::inflight::MAX_CONNECTIONS, fd_limit);
     let max_connections = match config.max_connections.map(|n| n as usize) {
@@ -100,6 +121,15 @@ pub async fn run(config: Config, inherited: Inherited) -> Result<(), DaemonError
         );
     }
     let (restored, writer) = restore(&mut state, inherited.stored);
+    if let Some(unusable) = unusable {
+        if !restored {
+            return Err(DaemonError::NoUsableHeap(unusable));
+        }
+        tracing::error!(
+            heaps = %describe_unusable(&unusable),
+            "no heap is usable: every allocation will be refused; the buffers of the previous instance are still served"
+        );
+    }
     if let Some(store) = &state.fd_store {
         store.set_record_slots(writer.record_slots());
     }

@@ -199,6 +199,17 @@ impl HeapRegistry {
         HeapRegistry { entries, usable }
     }
 
+    /// The heaps of the order that cannot be used, each with why.
+    pub fn unusable(&self) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.source {
+                Source::Unavailable(why) => Some((e.desc.name.clone(), why.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Usable heaps in fallback order; the first is the default.
     pub fn heaps(&self) -> &[HeapDesc] {
         &self.usable
