@@ -330,6 +330,12 @@ pub(crate) struct Connection {
     /// A test's stand-in for a process that cannot start a thread.
     #[cfg(test)]
     no_threads: AtomicBool,
+    /// A test's hold on the next `next_event_async` thread that finds an
+    /// event, before the future is given it: told there (the sender),
+    /// it goes on when the receiver's other end is dropped or sends.
+    #[cfg(all(test, feature = "tokio"))]
+    pub(crate) event_seam:
+        Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -580,6 +586,8 @@ impl Connection {
             this: this.clone(),
             #[cfg(test)]
             no_threads: AtomicBool::new(false),
+            #[cfg(all(test, feature = "tokio"))]
+            event_seam: Mutex::new(None),
         })
     }
 
@@ -1634,22 +1642,70 @@ impl Connection {
     /// The next event, waiting at most `timeout` (forever with `None`).
     /// The next event, its fds, and the connection generation it came on.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<EventRead>, Error> {
-        self.next_event_while(timeout, &NoHook, None)
+        self.wait_for_event(timeout, &NoHook, None, Connection::take_found)
     }
 
     /// As [`Connection::next_event`], for a caller that may stop waiting
-    /// (a dropped future): the wait for a message looks at `hook` every
-    /// `slice`, and answers `Ok(None)` once nobody wants the event; a
-    /// reconnect gives up as a call's does (see [`SentHook::wanted`]).
-    /// The caller's `timeout` stays the reconnect's limit: slicing that
-    /// too would make every slice a new reconnect of its own, never
-    /// reaching the window's end to report a broker gone for good.
-    pub fn next_event_while(
+    /// (a dropped future) and so takes what it waited for itself, with
+    /// [`Connection::take_event`]: says whether an event, or the news of
+    /// a reconnect, is there to take, and takes nothing. A thread that
+    /// took the event off the mailbox for a future since dropped had to
+    /// put it back in front, and a later event another reader took
+    /// meanwhile reached the program first.
+    ///
+    /// The wait for a message looks at `hook` every `slice`, and answers
+    /// `false` once nobody wants the event; a reconnect gives up as a
+    /// call's does (see [`SentHook::wanted`]). The caller's `timeout`
+    /// stays the reconnect's limit: slicing that too would make every
+    /// slice a new reconnect of its own, never reaching the window's end
+    /// to report a broker gone for good.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn wait_event_while(
         &self,
         timeout: Option<Duration>,
         hook: &dyn SentHook,
         slice: Option<Duration>,
-    ) -> Result<Option<EventRead>, Error> {
+    ) -> Result<bool, Error> {
+        let waiting = |conn: &Connection, mailbox: &mut Mailbox| {
+            let news = conn.events_seen.load(Ordering::Acquire) != conn.generation();
+            (news || !mailbox.events.is_empty()).then_some(Ok(()))
+        };
+        Ok(self
+            .wait_for_event(timeout, hook, slice, waiting)?
+            .is_some())
+    }
+
+    /// The news of a reconnect, or else the next event, if either is
+    /// there, taken under the mailbox lock; reads and waits for nothing.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn take_event(&self) -> Option<Result<EventRead, Error>> {
+        self.take_found(&mut lock(&self.mailbox))
+    }
+
+    fn take_found(&self, mailbox: &mut Mailbox) -> Option<Result<EventRead, Error>> {
+        // Whoever waits for events of an old connection (fences to
+        // signal) must hear that they will never come: once for each
+        // reconnect, whichever call made it, and whenever it was.
+        // `install` bumps the generation under the mailbox lock.
+        let generation = self.generation();
+        if self.events_seen.swap(generation, Ordering::AcqRel) != generation {
+            return Some(Err(Error::Reconnected));
+        }
+        let (event, fds) = mailbox.events.pop_front()?;
+        mailbox.events_dropped = false;
+        Some(Ok((event, fds, generation)))
+    }
+
+    /// Waits until `found`, asked under the mailbox lock, has something,
+    /// reading and reconnecting meanwhile; `Ok(None)` once `timeout` has
+    /// passed or nobody wants the event any more (`hook`).
+    fn wait_for_event<T>(
+        &self,
+        timeout: Option<Duration>,
+        hook: &dyn SentHook,
+        slice: Option<Duration>,
+        found: impl Fn(&Connection, &mut Mailbox) -> Option<Result<T, Error>>,
+    ) -> Result<Option<T>, Error> {
         let deadline = timeout.and_then(deadline_after);
         let mut mailbox = lock(&self.mailbox);
         // A deadline past (a zero timeout: a program polling between
@@ -1657,32 +1713,25 @@ impl Connection {
         // arrived in time, and only reading it can tell.
         let mut looked = false;
         loop {
-            // Whoever waits for events of an old connection (fences to
-            // signal) must hear that they will never come: once for each
-            // reconnect, whichever call made it, and whenever it was.
-            let start = self.generation();
-            if self.events_seen.swap(start, Ordering::AcqRel) != start {
-                return Err(Error::Reconnected);
-            }
-            if let Some((event, fds)) = mailbox.events.pop_front() {
-                mailbox.events_dropped = false;
-                return Ok(Some((event, fds, start)));
+            if let Some(found) = found(self, &mut mailbox) {
+                return found.map(Some);
             }
             if mailbox.closed.is_some() {
+                let broken = self.generation();
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                return match self.recover_by(start, deadline, hook) {
-                    Ok(true) => {
-                        self.events_seen.store(self.generation(), Ordering::Release);
-                        Err(Error::Reconnected)
-                    }
-                    Ok(false) => Err(Error::Disconnected),
+                match self.recover_by(broken, deadline, hook) {
+                    // The news of it is now there for `found` (unless
+                    // another reader has told it already).
+                    Ok(true) => mailbox = lock(&self.mailbox),
+                    Ok(false) => return Err(Error::Disconnected),
                     // The time ran out before the broker was back: nothing
                     // came in time, and the next call tries again.
-                    Err(err) if err.code() == Some(ErrorCode::Timeout) => Ok(None),
-                    Err(err) => Err(err),
-                };
+                    Err(err) if err.code() == Some(ErrorCode::Timeout) => return Ok(None),
+                    Err(err) => return Err(err),
+                }
+                continue;
             }
             if looked && deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
@@ -1697,25 +1746,6 @@ impl Connection {
                 return Ok(None);
             }
         }
-    }
-
-    /// Puts an event read on connection `generation` back in front, for
-    /// the next `next_event`, unless that connection has been replaced
-    /// (its events are void: see `install`).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub fn unread_event(&self, generation: u64, event: Event, fds: Vec<OwnedFd>) {
-        let mut mailbox = lock(&self.mailbox);
-        if self.generation() == generation {
-            mailbox.events.push_front((event, fds));
-            self.arrived.notify_all();
-        }
-    }
-
-    /// The next `next_event` says `Reconnected` again: the call that said
-    /// it had nobody to tell.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub fn unsee_reconnect(&self) {
-        self.events_seen.store(u64::MAX, Ordering::Release);
     }
 
     /// Errors the broker sent for requests nobody waited on (pipelined ends
@@ -1744,6 +1774,17 @@ impl Connection {
             welcome,
             None,
         )
+    }
+
+    /// Holds the calling thread at a test's seam, if one is set (see
+    /// `event_seam`); only the first thread to come is held.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn at_event_seam(&self) {
+        let seam = lock(&self.event_seam).take();
+        if let Some((reached, release)) = seam {
+            let _ = reached.send(());
+            let _ = release.recv();
+        }
     }
 }
 

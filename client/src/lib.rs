@@ -1625,48 +1625,52 @@ mod nonblocking {
             }
         }
 
-        /// As [`Client::next_event`], on the blocking pool. Dropping this
-        /// future (a `select!` taking another branch) loses nothing: an
-        /// event the blocking pool reads for it afterwards, or the news of
-        /// a reconnect (`Error::Reconnected`), is kept for the next call.
+        /// As [`Client::next_event`], on the blocking pool. Events come
+        /// in the order the broker sent them, also across futures
+        /// dropped (a `select!` taking another branch) and other
+        /// readers of the same client: the blocking-pool thread only
+        /// waits until an event (or the news of a reconnect,
+        /// `Error::Reconnected`) is there, and this future takes it off
+        /// the queue in the poll that returns it. A future dropped
+        /// before then has taken nothing, so nothing is lost or needs
+        /// putting back (put back, it came after a later event another
+        /// call had taken meanwhile). Dropped, its thread ends within
+        /// 100 ms, or at its reconnect's next attempt.
         pub async fn next_event_async(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-            let shared = Arc::new(Mutex::new(EventHandOver::default()));
-            let on_drop = KeepUnread {
-                shared: Arc::clone(&shared),
-                client: self.clone(),
-            };
-            let (client, handing) = (self.clone(), Arc::clone(&shared));
-            let task = tokio::task::spawn_blocking(move || {
-                // Looking every slice of its wait whether the future is
-                // still there: a wait for ever, its future dropped, would
-                // otherwise keep this thread (and the `Client` it holds,
-                // so the connection) until an event came, and a runtime
-                // shutting down waits for its threads.
-                let wanted = StillWanted(Arc::clone(&handing));
-                let got = client
-                    .conn
-                    .next_event_while(timeout, &wanted, Some(EVENT_WAIT_SLICE));
-                let mut handing = lock(&handing);
-                if handing.gone {
-                    drop(handing);
-                    keep_unread(&client, got);
-                } else {
-                    handing.got = Some(got);
+            let deadline = timeout.and_then(connection::deadline_after);
+            loop {
+                if let Some(found) = self.conn.take_event() {
+                    return found.map(|(event, _, _)| Some(event));
                 }
-            });
-            let ran = task.await.map_err(|e| Error::Task(e.to_string()));
-            let got = {
-                let mut handing = lock(&shared);
-                handing.gone = true;
-                handing.got.take()
-            };
-            drop(on_drop);
-            ran?;
-            match got {
-                Some(got) => Ok(got?.map(|(event, _, _)| event)),
-                None => Err(Error::Task(
-                    "the event's wait ended without an answer".into(),
-                )),
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                let wanted = Arc::new(AtomicBool::new(true));
+                let on_drop = NotWanted(Arc::clone(&wanted));
+                let client = self.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    // Looking every slice of its wait whether the future is
+                    // still there: a wait for ever, its future dropped, would
+                    // otherwise keep this thread (and the `Client` it holds,
+                    // so the connection) until an event came, and a runtime
+                    // shutting down waits for its threads.
+                    let found = client.conn.wait_event_while(
+                        left,
+                        &StillWanted(wanted),
+                        Some(EVENT_WAIT_SLICE),
+                    );
+                    #[cfg(test)]
+                    if matches!(found, Ok(true)) {
+                        client.conn.at_event_seam();
+                    }
+                    found
+                });
+                let found = task.await.map_err(|e| Error::Task(e.to_string()));
+                drop(on_drop);
+                if !found?? {
+                    return Ok(None);
+                }
+                // Nothing there any more: another call took it first.
+                // Waits again, within what is left of the timeout (a
+                // zero one still reads once more).
             }
         }
     }
@@ -1676,57 +1680,27 @@ mod nonblocking {
     const EVENT_WAIT_SLICE: Duration = Duration::from_millis(100);
 
     /// Whether a `next_event_async`'s future is still there to take what
-    /// its blocking-pool thread reads.
-    struct StillWanted(Arc<Mutex<EventHandOver>>);
+    /// its blocking-pool thread waits for.
+    struct StillWanted(Arc<AtomicBool>);
 
     impl connection::SentHook for StillWanted {
         fn before(&self) -> Result<()> {
-            if lock(&self.0).gone {
-                Err(Error::Disconnected)
-            } else {
+            if self.0.load(Ordering::Acquire) {
                 Ok(())
+            } else {
+                Err(Error::Disconnected)
             }
         }
 
         fn after(&self, _: (u64, u64)) {}
     }
 
-    /// What `next_event` got on the blocking pool, left for the future
-    /// that waits for it, and whether that future is gone.
-    #[derive(Debug, Default)]
-    struct EventHandOver {
-        gone: bool,
-        got: Option<Result<Option<connection::EventRead>>>,
-    }
+    /// Tells a `next_event_async`'s thread that its future is gone.
+    struct NotWanted(Arc<AtomicBool>);
 
-    /// Keeps what a dropped `next_event_async` would have returned for
-    /// the next call.
-    struct KeepUnread {
-        shared: Arc<Mutex<EventHandOver>>,
-        client: Client,
-    }
-
-    impl Drop for KeepUnread {
+    impl Drop for NotWanted {
         fn drop(&mut self) {
-            let got = {
-                let mut handing = lock(&self.shared);
-                handing.gone = true;
-                handing.got.take()
-            };
-            if let Some(got) = got {
-                keep_unread(&self.client, got);
-            }
-        }
-    }
-
-    /// Puts back what nobody will read: an event (in front, if its
-    /// connection is still the current one: one of an older connection
-    /// is void), or the news of a reconnect.
-    fn keep_unread(client: &Client, got: Result<Option<connection::EventRead>>) {
-        match got {
-            Ok(Some((event, fds, generation))) => client.conn.unread_event(generation, event, fds),
-            Err(Error::Reconnected) => client.conn.unsee_reconnect(),
-            _ => {}
+            self.0.store(false, Ordering::Release);
         }
     }
 
@@ -2001,6 +1975,82 @@ mod tests {
         );
         assert_eq!(seen.get(1), Some(&RequestBody::WordEnded { buffer: 1 }));
         assert!(word.has(0, false), "the bit is still in the word");
+    }
+
+    /// Events of one connection reach the program in the order the broker
+    /// sent them, also across a `next_event_async` dropped (a `select!`
+    /// taking another branch) while its blocking-pool thread has found
+    /// one. That thread took the first event off the mailbox and put it
+    /// back in front only once it saw its future gone: the next call's
+    /// thread, reading meanwhile, took the second event and returned it
+    /// first. The test holds the first thread there (`event_seam`).
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn events_found_for_a_dropped_async_wait_keep_their_order() {
+        use dmabroker_ipc::codec::encode_server_message;
+        use dmabroker_ipc::{EventMessage, ServerMessage, Welcome};
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        use std::future::Future;
+        use std::task::Poll;
+
+        let (ours, broker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            client_id: 1,
+            autofence: true,
+            default_heap: "memfd".into(),
+            instance: "test".into(),
+        };
+        let client = Client {
+            conn: ProgramHandle::new(Connection::for_tests(ours, welcome)),
+        };
+        for fence in [1, 2] {
+            let event = ServerMessage::Event(EventMessage {
+                fds: 0,
+                event: Event::FenceSignalled { fence },
+            });
+            let bytes = encode_server_message(&event).expect("encode");
+            dmabroker_ipc::fdpass::send_message(broker.as_fd(), &bytes, &[], false).expect("send");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        // Dropped, also by a failed assertion's unwinding, before the
+        // runtime, whose drop waits for the held thread.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        *client.conn.event_seam.lock().expect("seam") = Some((reached_tx, held));
+        let (first, second) = runtime.block_on(async {
+            let mut dropped = Box::pin(client.next_event_async(None));
+            std::future::poll_fn(|cx| {
+                assert!(dropped.as_mut().poll(cx).is_pending(), "no thread waited");
+                Poll::Ready(())
+            })
+            .await;
+            reached
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the dropped wait's thread found no event");
+            drop(dropped);
+            let first = client.next_event_async(Some(Duration::from_secs(5))).await;
+            drop(release);
+            let second = client.next_event_async(Some(Duration::from_secs(5))).await;
+            (first, second)
+        });
+        assert_eq!(
+            (first.expect("no error"), second.expect("no error")),
+            (
+                Some(Event::FenceSignalled { fence: 1 }),
+                Some(Event::FenceSignalled { fence: 2 })
+            ),
+            "the events came out of order"
+        );
     }
 
     #[test]
