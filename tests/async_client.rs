@@ -542,3 +542,89 @@ fn a_wait_for_events_reports_a_broker_gone_for_good() {
         Err(_) => panic!("still waiting 10 s after the broker went for good"),
     }
 }
+
+/// A `next_event_async(None)` whose thread reconnects, with no end to the
+/// reconnect window, to a broker that answers the hello and then no
+/// `Reattach`: dropped, its future let the runtime shut down only once the
+/// re-attach ended, which was never. A re-attach runs to its end whoever
+/// waits (cut off, the buffers re-attached so far would be released with
+/// the socket), so it runs on a thread of its own, which the blocking-pool
+/// thread stops waiting for once the future is gone; answered later, it
+/// still installs the new connection.
+#[test]
+fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attach() {
+    use dmabroker_client::ClientOptions;
+    use dmabroker_ipc::{ReplyBody, RequestBody};
+    use dmabroker_suite::fake_broker::{self, FakeBroker};
+
+    let (memfd, inode) = fake_broker::memfd();
+    let (go, wedged) = std::sync::mpsc::channel::<()>();
+    // Two connections only: a re-attach cut off would make the client
+    // connect a third time, which nobody accepts.
+    let broker = FakeBroker::start(2, move |socket, _, id, body| {
+        match body {
+            RequestBody::Alloc { .. } => {
+                fake_broker::reply_with_buffer(socket, id, &memfd, inode);
+                // Hangs up, and comes back wedged in the re-attach.
+                return false;
+            }
+            RequestBody::Reattach { .. } => {
+                let _ = wedged.recv();
+                let info = fake_broker::buffer_info(inode);
+                fake_broker::reply(socket, id, Ok(ReplyBody::Buffer(info)));
+            }
+            RequestBody::ListHeaps => {
+                fake_broker::reply(socket, id, Ok(ReplyBody::Heaps(Vec::new())));
+            }
+            _ => {}
+        }
+        true
+    });
+    let options = ClientOptions {
+        reconnect: Some(Duration::MAX),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&broker.path, options).expect("connect");
+    let held = client.alloc(4096).expect("alloc");
+    let runtime = runtime();
+    let waited = runtime.block_on(async {
+        tokio::select! {
+            event = client.next_event_async(None) => Some(event),
+            () = async {
+                while !broker
+                    .seen()
+                    .iter()
+                    .any(|body| matches!(body, RequestBody::Reattach { .. }))
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => None,
+        }
+    });
+    assert!(waited.is_none(), "the wait ended first: {waited:?}");
+    let (done, shut_down) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(runtime);
+        let _ = done.send(());
+    });
+    assert!(
+        shut_down.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the runtime's shutdown waits for the wedged re-attach"
+    );
+    // Long enough for a thread giving up with its future (in 100 ms
+    // slices) to have cut the re-attach off.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = go.send(());
+    let (answered, heaps) = std::sync::mpsc::channel();
+    let asking = client.clone();
+    std::thread::spawn(move || {
+        let _ = answered.send(asking.heaps().map(|_| ()));
+    });
+    heaps
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the re-attach was cut off: the client connected again")
+        .expect("heaps on the re-attached connection");
+    drop(held);
+    drop(client);
+    broker.join();
+}

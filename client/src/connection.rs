@@ -1642,7 +1642,8 @@ impl Connection {
     /// The next event, waiting at most `timeout` (forever with `None`).
     /// The next event, its fds, and the connection generation it came on.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<EventRead>, Error> {
-        self.wait_for_event(timeout, &NoHook, None, Connection::take_found)
+        let recover = |broken, limit| self.recover_by(broken, limit, &NoHook);
+        self.wait_for_event(timeout, &NoHook, None, &recover, Connection::take_found)
     }
 
     /// As [`Connection::next_event`], for a caller that may stop waiting
@@ -1655,24 +1656,70 @@ impl Connection {
     ///
     /// The wait for a message looks at `hook` every `slice`, and answers
     /// `false` once nobody wants the event; a reconnect gives up as a
-    /// call's does (see [`SentHook::wanted`]). The caller's `timeout`
-    /// stays the reconnect's limit: slicing that too would make every
-    /// slice a new reconnect of its own, never reaching the window's end
-    /// to report a broker gone for good.
+    /// call's does (see [`SentHook::wanted`]), and is left to its own
+    /// thread once it re-attaches (see [`Connection::recover_aside`]).
+    /// The caller's `timeout` stays the reconnect's limit: slicing that
+    /// too would make every slice a new reconnect of its own, never
+    /// reaching the window's end to report a broker gone for good.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub fn wait_event_while(
         &self,
         timeout: Option<Duration>,
-        hook: &dyn SentHook,
-        slice: Option<Duration>,
+        hook: Arc<dyn SentHook + Send + Sync>,
+        slice: Duration,
     ) -> Result<bool, Error> {
         let waiting = |conn: &Connection, mailbox: &mut Mailbox| {
             let news = conn.events_seen.load(Ordering::Acquire) != conn.generation();
             (news || !mailbox.events.is_empty()).then_some(Ok(()))
         };
+        let recover = |broken, limit| self.recover_aside(broken, limit, &hook, slice);
         Ok(self
-            .wait_for_event(timeout, hook, slice, waiting)?
+            .wait_for_event(timeout, &*hook, Some(slice), &recover, waiting)?
             .is_some())
+    }
+
+    /// As [`Connection::recover_by`], on a thread of its own, which the
+    /// caller stops waiting for (`Disconnected`) within `slice` of `hook`
+    /// saying nobody wants the call. Once the new broker has answered the
+    /// hello, a reconnect re-attaches every held buffer to the end
+    /// whoever waits (cut off, the buffers re-attached so far would be
+    /// released with the socket): with a broker wedged there, until the
+    /// window ends, never with `Duration::MAX`, and a tokio runtime
+    /// shutting down waits for its blocking-pool threads. Here only the
+    /// reconnect's own thread waits that long. Without a thread to start,
+    /// the caller's thread reconnects, as `recover_by` does.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn recover_aside(
+        &self,
+        broken: u64,
+        limit: Option<Instant>,
+        hook: &Arc<dyn SentHook + Send + Sync>,
+        slice: Duration,
+    ) -> Result<bool, Error> {
+        if self.reconnect_window.is_none() || !hook.wanted() {
+            return Ok(false);
+        }
+        let Some(this) = self.this.upgrade() else {
+            return self.recover_by(broken, limit, &**hook);
+        };
+        let (done, result) = std::sync::mpsc::channel();
+        let theirs = Arc::clone(hook);
+        let started = std::thread::Builder::new()
+            .name("dmabroker-reconnect".into())
+            .spawn(move || {
+                let _ = done.send(this.recover_by(broken, limit, &*theirs));
+            });
+        if started.is_err() {
+            return self.recover_by(broken, limit, &**hook);
+        }
+        loop {
+            match result.recv_timeout(slice) {
+                Ok(recovered) => return recovered,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if hook.wanted() => {}
+                // Nobody waits for the answer; or the thread panicked.
+                Err(_) => return Err(Error::Disconnected),
+            }
+        }
     }
 
     /// The news of a reconnect, or else the next event, if either is
@@ -1697,13 +1744,14 @@ impl Connection {
     }
 
     /// Waits until `found`, asked under the mailbox lock, has something,
-    /// reading and reconnecting meanwhile; `Ok(None)` once `timeout` has
-    /// passed or nobody wants the event any more (`hook`).
+    /// reading and reconnecting (`recover`) meanwhile; `Ok(None)` once
+    /// `timeout` has passed or nobody wants the event any more (`hook`).
     fn wait_for_event<T>(
         &self,
         timeout: Option<Duration>,
         hook: &dyn SentHook,
         slice: Option<Duration>,
+        recover: &dyn Fn(u64, Option<Instant>) -> Result<bool, Error>,
         found: impl Fn(&Connection, &mut Mailbox) -> Option<Result<T, Error>>,
     ) -> Result<Option<T>, Error> {
         let deadline = timeout.and_then(deadline_after);
@@ -1721,7 +1769,7 @@ impl Connection {
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                match self.recover_by(broken, deadline, hook) {
+                match recover(broken, deadline) {
                     // The news of it is now there for `found` (unless
                     // another reader has told it already).
                     Ok(true) => mailbox = lock(&self.mailbox),

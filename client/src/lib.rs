@@ -1634,8 +1634,13 @@ mod nonblocking {
         /// the queue in the poll that returns it. A future dropped
         /// before then has taken nothing, so nothing is lost or needs
         /// putting back (put back, it came after a later event another
-        /// call had taken meanwhile). Dropped, its thread ends within
-        /// 100 ms, or at its reconnect's next attempt.
+        /// call had taken meanwhile). Dropped, its blocking-pool thread
+        /// ends within 100 ms (a runtime shutting down waits for it). A
+        /// reconnect it began runs on a thread of its own, which gives
+        /// up at its next attempt, unless the new broker has answered
+        /// the hello: the held buffers are then re-attached to the end
+        /// (cut off, those re-attached so far would be released with the
+        /// socket), within [`ClientOptions::reconnect`].
         pub async fn next_event_async(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
             let deadline = timeout.and_then(connection::deadline_after);
             loop {
@@ -1654,8 +1659,8 @@ mod nonblocking {
                     // shutting down waits for its threads.
                     let found = client.conn.wait_event_while(
                         left,
-                        &StillWanted(wanted),
-                        Some(EVENT_WAIT_SLICE),
+                        Arc::new(StillWanted(wanted)),
+                        EVENT_WAIT_SLICE,
                     );
                     #[cfg(test)]
                     if matches!(found, Ok(true)) {
