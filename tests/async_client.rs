@@ -550,7 +550,7 @@ fn a_wait_for_events_reports_a_broker_gone_for_good() {
 /// waits (cut off, the buffers re-attached so far would be released with
 /// the socket), so it runs on a thread of its own, which the blocking-pool
 /// thread stops waiting for once the future is gone; answered later, it
-/// still installs the new connection.
+/// still installs the new connection, and the next call hears of it.
 #[test]
 fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attach() {
     use dmabroker_client::ClientOptions;
@@ -624,6 +624,15 @@ fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attac
         .recv_timeout(Duration::from_secs(10))
         .expect("the re-attach was cut off: the client connected again")
         .expect("heaps on the re-attached connection");
+    // The dropped future took nothing: the news of the reconnect is
+    // there for the next call, once.
+    let news = client.next_event(Some(Duration::ZERO));
+    assert!(
+        matches!(news, Err(dmabroker_client::Error::Reconnected)),
+        "{news:?}"
+    );
+    let after = client.next_event(Some(Duration::ZERO));
+    assert!(matches!(after, Ok(None)), "{after:?}");
     drop(held);
     drop(client);
     broker.join();
