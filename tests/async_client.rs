@@ -543,29 +543,26 @@ fn a_wait_for_events_reports_a_broker_gone_for_good() {
     }
 }
 
-/// A `next_event_async(None)` whose thread reconnects, with no end to the
-/// reconnect window, to a broker that answers the hello and then no
-/// `Reattach`: dropped, its future let the runtime shut down only once the
-/// re-attach ended, which was never. A re-attach runs to its end whoever
-/// waits (cut off, the buffers re-attached so far would be released with
-/// the socket), so it runs on a thread of its own, which the blocking-pool
-/// thread stops waiting for once the future is gone; answered later, it
-/// still installs the new connection, and the next call hears of it.
-#[test]
-fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attach() {
-    use dmabroker_client::ClientOptions;
+/// A client holding one buffer of a fake broker that hangs up right after
+/// allocating it and comes back wedged in its `Reattach`, answered once
+/// the test sends on the returned sender; no end to the reconnect window.
+/// Two connections only: a re-attach cut off would make the client
+/// connect a third time, which nobody accepts.
+fn wedged_in_re_attach() -> (
+    dmabroker_suite::fake_broker::FakeBroker,
+    Client,
+    Buffer,
+    std::sync::mpsc::Sender<()>,
+) {
     use dmabroker_ipc::{ReplyBody, RequestBody};
     use dmabroker_suite::fake_broker::{self, FakeBroker};
 
     let (memfd, inode) = fake_broker::memfd();
     let (go, wedged) = std::sync::mpsc::channel::<()>();
-    // Two connections only: a re-attach cut off would make the client
-    // connect a third time, which nobody accepts.
     let broker = FakeBroker::start(2, move |socket, _, id, body| {
         match body {
             RequestBody::Alloc { .. } => {
                 fake_broker::reply_with_buffer(socket, id, &memfd, inode);
-                // Hangs up, and comes back wedged in the re-attach.
                 return false;
             }
             RequestBody::Reattach { .. } => {
@@ -580,37 +577,36 @@ fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attac
         }
         true
     });
-    let options = ClientOptions {
+    let options = dmabroker_client::ClientOptions {
         reconnect: Some(Duration::MAX),
         ..Default::default()
     };
     let client = Client::connect_with(&broker.path, options).expect("connect");
     let held = client.alloc(4096).expect("alloc");
-    let runtime = runtime();
-    let waited = runtime.block_on(async {
-        tokio::select! {
-            event = client.next_event_async(None) => Some(event),
-            () = async {
-                while !broker
-                    .seen()
-                    .iter()
-                    .any(|body| matches!(body, RequestBody::Reattach { .. }))
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            } => None,
-        }
-    });
-    assert!(waited.is_none(), "the wait ended first: {waited:?}");
-    let (done, shut_down) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        drop(runtime);
-        let _ = done.send(());
-    });
-    assert!(
-        shut_down.recv_timeout(Duration::from_secs(10)).is_ok(),
-        "the runtime's shutdown waits for the wedged re-attach"
-    );
+    (broker, client, held, go)
+}
+
+/// Until the broker of [`wedged_in_re_attach`] has the `Reattach`.
+async fn re_attach_arrives(broker: &dmabroker_suite::fake_broker::FakeBroker) {
+    use dmabroker_ipc::RequestBody;
+    while !broker
+        .seen()
+        .iter()
+        .any(|body| matches!(body, RequestBody::Reattach { .. }))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The runtime whose future was dropped mid re-attach shuts down at once,
+/// and the `Reattach`, answered later, still installs the new connection
+/// (the client's next call is answered on it).
+fn assert_the_runtime_goes_and_the_re_attach_ends(
+    runtime: tokio::runtime::Runtime,
+    client: &Client,
+    go: &std::sync::mpsc::Sender<()>,
+) {
+    assert_shuts_down_promptly(runtime);
     // Long enough for a thread giving up with its future (in 100 ms
     // slices) to have cut the re-attach off.
     std::thread::sleep(Duration::from_millis(500));
@@ -624,6 +620,28 @@ fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attac
         .recv_timeout(Duration::from_secs(10))
         .expect("the re-attach was cut off: the client connected again")
         .expect("heaps on the re-attached connection");
+}
+
+/// A `next_event_async(None)` whose thread reconnects, with no end to the
+/// reconnect window, to a broker that answers the hello and then no
+/// `Reattach`: dropped, its future let the runtime shut down only once the
+/// re-attach ended, which was never. A re-attach runs to its end whoever
+/// waits (cut off, the buffers re-attached so far would be released with
+/// the socket), so it runs on a thread of its own, which the blocking-pool
+/// thread stops waiting for once the future is gone; answered later, it
+/// still installs the new connection, and the next call hears of it.
+#[test]
+fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attach() {
+    let (broker, client, held, go) = wedged_in_re_attach();
+    let runtime = runtime();
+    let waited = runtime.block_on(async {
+        tokio::select! {
+            event = client.next_event_async(None) => Some(event),
+            () = re_attach_arrives(&broker) => None,
+        }
+    });
+    assert!(waited.is_none(), "the wait ended first: {waited:?}");
+    assert_the_runtime_goes_and_the_re_attach_ends(runtime, &client, &go);
     // The dropped future took nothing: the news of the reconnect is
     // there for the next call, once.
     let news = client.next_event(Some(Duration::ZERO));
@@ -633,7 +651,25 @@ fn a_dropped_wait_for_events_does_not_keep_the_runtime_through_a_wedged_re_attac
     );
     let after = client.next_event(Some(Duration::ZERO));
     assert!(matches!(after, Ok(None)), "{after:?}");
-    drop(held);
-    drop(client);
+    drop((held, client));
+    broker.join();
+}
+
+/// As for the wait for events, a `begin_async` given up on while its
+/// thread re-attaches, with no end to the reconnect window, to a broker
+/// wedged there: the runtime waited for the re-attach for ever.
+#[test]
+fn an_abandoned_begin_does_not_keep_the_runtime_through_a_wedged_re_attach() {
+    let (broker, client, held, go) = wedged_in_re_attach();
+    let runtime = runtime();
+    let begun = runtime.block_on(async {
+        tokio::select! {
+            begun = held.begin_async(Access::CpuRead, None) => Some(begun),
+            () = re_attach_arrives(&broker) => None,
+        }
+    });
+    assert!(begun.is_none(), "the begin ended first: {begun:?}");
+    assert_the_runtime_goes_and_the_re_attach_ends(runtime, &client, &go);
+    drop((held, client));
     broker.join();
 }

@@ -60,6 +60,9 @@ const ROOM_RETRY: Duration = Duration::from_millis(10);
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a caller waiting for a reconnect on its own thread looks
+/// whether anyone still wants the call (see [`Connection::reconnect_for`]).
+const ASIDE_LOOK: Duration = Duration::from_millis(20);
 
 /// A reply, its fds, and the request id and connection generation it
 /// answers.
@@ -271,6 +274,12 @@ pub(crate) trait SentHook {
     /// either waiting until the deadline).
     fn wanted(&self) -> bool {
         self.before().is_ok()
+    }
+    /// A hook of its own saying what `wanted` says, for a reconnect run
+    /// on a thread of its own (see [`Connection::reconnect_for`]); `None`
+    /// reconnects on the caller's thread.
+    fn aside(&self) -> Option<Arc<dyn SentHook + Send + Sync>> {
+        None
     }
 }
 
@@ -973,7 +982,7 @@ impl Connection {
                     if !retried && self.reconnect_window.is_some() && hook.wanted() =>
                 {
                     retried = true;
-                    self.reconnect(broken, limit, hook)?;
+                    self.reconnect_for(broken, limit, hook)?;
                 }
                 other => return other,
             }
@@ -1134,8 +1143,48 @@ impl Connection {
         if self.reconnect_window.is_none() || !hook.wanted() {
             return Ok(false);
         }
-        self.reconnect(broken, limit, hook)?;
+        self.reconnect_for(broken, limit, hook)?;
         Ok(true)
+    }
+
+    /// [`Connection::reconnect`], for a call that may stop waiting
+    /// (`hook`): on a thread of its own if the hook has one to give it
+    /// ([`SentHook::aside`]), which the caller stops waiting for
+    /// (`Disconnected`) within [`ASIDE_LOOK`] of nobody wanting the call.
+    /// Once the new broker has answered the hello, a reconnect re-attaches
+    /// every held buffer to the end whoever waits (cut off, the buffers
+    /// re-attached so far would be released with the socket): with a
+    /// broker wedged there, until the window ends, never with
+    /// `Duration::MAX`, and a tokio runtime shutting down waits for its
+    /// blocking-pool threads, a dropped future's among them. Only the
+    /// reconnect's own thread waits that long now. Without a thread to
+    /// start, the caller's thread reconnects.
+    fn reconnect_for(
+        &self,
+        broken: u64,
+        limit: Option<Instant>,
+        hook: &dyn SentHook,
+    ) -> Result<(), Error> {
+        let (Some(theirs), Some(this)) = (hook.aside(), self.this.upgrade()) else {
+            return self.reconnect(broken, limit, hook);
+        };
+        let (done, result) = std::sync::mpsc::channel();
+        let started = std::thread::Builder::new()
+            .name("dmabroker-reconnect".into())
+            .spawn(move || {
+                let _ = done.send(this.reconnect(broken, limit, &*theirs));
+            });
+        if started.is_err() {
+            return self.reconnect(broken, limit, hook);
+        }
+        loop {
+            match result.recv_timeout(ASIDE_LOOK) {
+                Ok(reconnected) => return reconnected,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if hook.wanted() => {}
+                // Nobody waits for the answer; or the thread panicked.
+                Err(_) => return Err(Error::Disconnected),
+            }
+        }
     }
 
     /// Replaces a broken connection (unless another thread already did):
@@ -1642,8 +1691,7 @@ impl Connection {
     /// The next event, waiting at most `timeout` (forever with `None`).
     /// The next event, its fds, and the connection generation it came on.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<EventRead>, Error> {
-        let recover = |broken, limit| self.recover_by(broken, limit, &NoHook);
-        self.wait_for_event(timeout, &NoHook, None, &recover, Connection::take_found)
+        self.wait_for_event(timeout, &NoHook, None, Connection::take_found)
     }
 
     /// As [`Connection::next_event`], for a caller that may stop waiting
@@ -1656,70 +1704,25 @@ impl Connection {
     ///
     /// The wait for a message looks at `hook` every `slice`, and answers
     /// `false` once nobody wants the event; a reconnect gives up as a
-    /// call's does (see [`SentHook::wanted`]), and is left to its own
-    /// thread once it re-attaches (see [`Connection::recover_aside`]).
-    /// The caller's `timeout` stays the reconnect's limit: slicing that
-    /// too would make every slice a new reconnect of its own, never
-    /// reaching the window's end to report a broker gone for good.
+    /// call's does (see [`SentHook::wanted`]), and runs where the hook
+    /// says (see [`Connection::reconnect_for`]). The caller's `timeout`
+    /// stays the reconnect's limit: slicing that too would make every
+    /// slice a new reconnect of its own, never reaching the window's end
+    /// to report a broker gone for good.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub fn wait_event_while(
         &self,
         timeout: Option<Duration>,
-        hook: Arc<dyn SentHook + Send + Sync>,
-        slice: Duration,
+        hook: &dyn SentHook,
+        slice: Option<Duration>,
     ) -> Result<bool, Error> {
         let waiting = |conn: &Connection, mailbox: &mut Mailbox| {
             let news = conn.events_seen.load(Ordering::Acquire) != conn.generation();
             (news || !mailbox.events.is_empty()).then_some(Ok(()))
         };
-        let recover = |broken, limit| self.recover_aside(broken, limit, &hook, slice);
         Ok(self
-            .wait_for_event(timeout, &*hook, Some(slice), &recover, waiting)?
+            .wait_for_event(timeout, hook, slice, waiting)?
             .is_some())
-    }
-
-    /// As [`Connection::recover_by`], on a thread of its own, which the
-    /// caller stops waiting for (`Disconnected`) within `slice` of `hook`
-    /// saying nobody wants the call. Once the new broker has answered the
-    /// hello, a reconnect re-attaches every held buffer to the end
-    /// whoever waits (cut off, the buffers re-attached so far would be
-    /// released with the socket): with a broker wedged there, until the
-    /// window ends, never with `Duration::MAX`, and a tokio runtime
-    /// shutting down waits for its blocking-pool threads. Here only the
-    /// reconnect's own thread waits that long. Without a thread to start,
-    /// the caller's thread reconnects, as `recover_by` does.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn recover_aside(
-        &self,
-        broken: u64,
-        limit: Option<Instant>,
-        hook: &Arc<dyn SentHook + Send + Sync>,
-        slice: Duration,
-    ) -> Result<bool, Error> {
-        if self.reconnect_window.is_none() || !hook.wanted() {
-            return Ok(false);
-        }
-        let Some(this) = self.this.upgrade() else {
-            return self.recover_by(broken, limit, &**hook);
-        };
-        let (done, result) = std::sync::mpsc::channel();
-        let theirs = Arc::clone(hook);
-        let started = std::thread::Builder::new()
-            .name("dmabroker-reconnect".into())
-            .spawn(move || {
-                let _ = done.send(this.recover_by(broken, limit, &*theirs));
-            });
-        if started.is_err() {
-            return self.recover_by(broken, limit, &**hook);
-        }
-        loop {
-            match result.recv_timeout(slice) {
-                Ok(recovered) => return recovered,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if hook.wanted() => {}
-                // Nobody waits for the answer; or the thread panicked.
-                Err(_) => return Err(Error::Disconnected),
-            }
-        }
     }
 
     /// The news of a reconnect, or else the next event, if either is
@@ -1744,14 +1747,13 @@ impl Connection {
     }
 
     /// Waits until `found`, asked under the mailbox lock, has something,
-    /// reading and reconnecting (`recover`) meanwhile; `Ok(None)` once
-    /// `timeout` has passed or nobody wants the event any more (`hook`).
+    /// reading and reconnecting meanwhile; `Ok(None)` once `timeout` has
+    /// passed or nobody wants the event any more (`hook`).
     fn wait_for_event<T>(
         &self,
         timeout: Option<Duration>,
         hook: &dyn SentHook,
         slice: Option<Duration>,
-        recover: &dyn Fn(u64, Option<Instant>) -> Result<bool, Error>,
         found: impl Fn(&Connection, &mut Mailbox) -> Option<Result<T, Error>>,
     ) -> Result<Option<T>, Error> {
         let deadline = timeout.and_then(deadline_after);
@@ -1769,7 +1771,7 @@ impl Connection {
                 // Reconnect, as a call would, within the caller's time: an
                 // event loop would otherwise get `Disconnected` forever.
                 drop(mailbox);
-                match recover(broken, deadline) {
+                match self.recover_by(broken, deadline, hook) {
                     // The news of it is now there for `found` (unless
                     // another reader has told it already).
                     Ok(true) => mailbox = lock(&self.mailbox),

@@ -1522,21 +1522,27 @@ mod nonblocking {
         fn finish(&self) {
             self.state().finished = true;
         }
+
+        /// Refuses what the begin would still do (send, reconnect) once
+        /// its future is gone.
+        fn still_wanted(&self) -> Result<()> {
+            match self.state().cancelled {
+                true => Err(cancelled_before_sent()),
+                false => Ok(()),
+            }
+        }
     }
 
     /// A `BeginCancel` with the connection its cancels go to, as the blocking
     /// begin sees it.
     struct CancelHook<'a> {
-        cancel: &'a BeginCancel,
+        cancel: &'a Arc<BeginCancel>,
         conn: &'a Connection,
     }
 
     impl connection::SentHook for CancelHook<'_> {
         fn before(&self) -> Result<()> {
-            match self.cancel.state().cancelled {
-                true => Err(cancelled_before_sent()),
-                false => Ok(()),
-            }
+            self.cancel.still_wanted()
         }
 
         fn after(&self, (id, generation): (u64, u64)) {
@@ -1550,6 +1556,22 @@ mod nonblocking {
                 self.conn.cancel(generation, id);
             }
         }
+
+        fn aside(&self) -> Option<Arc<dyn connection::SentHook + Send + Sync>> {
+            Some(Arc::new(Cancelled(Arc::clone(self.cancel))))
+        }
+    }
+
+    /// Whether a begin's future is still there, for a reconnect on a
+    /// thread of its own (see [`connection::SentHook::aside`]).
+    struct Cancelled(Arc<BeginCancel>);
+
+    impl connection::SentHook for Cancelled {
+        fn before(&self) -> Result<()> {
+            self.0.still_wanted()
+        }
+
+        fn after(&self, _: (u64, u64)) {}
     }
 
     impl Client {
@@ -1659,8 +1681,8 @@ mod nonblocking {
                     // shutting down waits for its threads.
                     let found = client.conn.wait_event_while(
                         left,
-                        Arc::new(StillWanted(wanted)),
-                        EVENT_WAIT_SLICE,
+                        &StillWanted(wanted),
+                        Some(EVENT_WAIT_SLICE),
                     );
                     #[cfg(test)]
                     if matches!(found, Ok(true)) {
@@ -1698,6 +1720,10 @@ mod nonblocking {
         }
 
         fn after(&self, _: (u64, u64)) {}
+
+        fn aside(&self) -> Option<Arc<dyn connection::SentHook + Send + Sync>> {
+            Some(Arc::new(StillWanted(Arc::clone(&self.0))))
+        }
     }
 
     /// Tells a `next_event_async`'s thread that its future is gone.
@@ -1762,7 +1788,8 @@ mod nonblocking {
         /// thread does not reconnect for a begin nobody waits for; but a
         /// reconnect whose hello the new broker has answered re-attaches
         /// every held buffer to the end first (cut off, the buffers
-        /// re-attached so far would be released with the socket). Two
+        /// re-attached so far would be released with the socket), on a
+        /// thread of its own, which the runtime does not wait for. Two
         /// cases keep the thread until the broker answers (give a
         /// `timeout` where that matters): a broker that predates `Cancel`
         /// (no feature bit 5 in its welcome) is not sent one, and a broker
