@@ -540,3 +540,78 @@ fn a_connection_that_keeps_sending_without_a_hello_is_closed_too() {
     sending.join().expect("sender");
     assert!(answers > 0, "the requests were answered until the timeout");
 }
+
+/// A client that sends allocations without reading the answers, each
+/// followed by a `Free` of the id to come (ids are sequential): past the
+/// 64 fds a connection may have unread, the answers waited in the daemon,
+/// each keeping its buffer's fd open, and the frees went through, so the
+/// daemon kept dozens of buffers open (hundreds, up to the reply cap) for
+/// answers nobody read, charged to no one, past `max_buffers`. A free of
+/// a buffer whose answer still waits in the daemon is refused `Busy`
+/// now: those buffers stay held and charged, and the quota stops them.
+#[test]
+fn a_buffer_whose_answer_waits_in_the_daemon_cannot_be_freed() {
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some("[default]\nmax_buffers = 8\n".into()),
+        ..Default::default()
+    });
+    let mut raw = RawClient::connect(daemon.socket());
+    raw.hello();
+    let alloc = || RequestBody::Alloc {
+        size: 4096,
+        heap: None,
+        name: None,
+    };
+    let first = match raw.request(alloc()) {
+        Ok(ReplyBody::Buffer(info)) => info.id,
+        other => panic!("{other:?}"),
+    };
+    let free = raw.encode_one_way(RequestBody::Free { buffer: first });
+    raw.send_raw(&free, &[]);
+    // A round trip: the free has been handled.
+    raw.request(RequestBody::ListHeaps).expect("heaps");
+    dmabroker_suite::proc::stable_fd_count(daemon.pid());
+    let baseline = fd_count(daemon.pid());
+    // Few enough that all of it fits in the socket unread, the answers
+    // and the refusals (under the reply cap: the client is not cut off).
+    let rounds: u64 = 100;
+    let mut allocs = std::collections::HashSet::new();
+    for i in 1..=rounds {
+        let (id, alloc) = raw.encode(alloc(), 0);
+        allocs.insert(id);
+        raw.send_raw(&alloc, &[]);
+        let free = raw.encode_one_way(RequestBody::Free { buffer: first + i });
+        raw.send_raw(&free, &[]);
+    }
+    let (last, heaps) = raw.encode(RequestBody::ListHeaps, 0);
+    raw.send_raw(&heaps, &[]);
+    // Time for the daemon to read all of it (it answers the round trip
+    // last, once the client reads).
+    std::thread::sleep(Duration::from_millis(500));
+    let kept = fd_count(daemon.pid()).saturating_sub(baseline);
+    let (mut buffers, mut over_quota, mut busy_frees) = (0, 0, 0);
+    loop {
+        let (id, result) = raw.recv_reply().expect("a reply");
+        if id == last {
+            break;
+        }
+        match (allocs.contains(&id), result) {
+            (true, Ok(ReplyBody::Buffer(_))) => buffers += 1,
+            (true, Err(ErrorCode::QuotaExceeded)) => over_quota += 1,
+            (false, Err(ErrorCode::Busy)) => busy_frees += 1,
+            // The free of an id whose allocation was refused.
+            (false, Err(ErrorCode::UnknownBuffer)) => {}
+            (_, other) => panic!("request {id}: {other:?}"),
+        }
+    }
+    assert!(
+        kept <= 8 + 2,
+        "the daemon keeps {kept} fds open for answers nobody has read, past max_buffers = 8"
+    );
+    assert!(
+        busy_frees > 0,
+        "no free of an unsent answer's buffer refused"
+    );
+    assert!(over_quota > 0, "the held buffers never reached the quota");
+    assert_eq!(buffers + over_quota, rounds, "every allocation answered");
+}

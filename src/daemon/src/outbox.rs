@@ -48,6 +48,8 @@ struct Queue {
     /// Fds sent since the client was last seen to have read everything:
     /// an upper bound on the fds it has unread.
     fds_unread: usize,
+    /// Fds of queued messages: held here, not yet in the socket.
+    queued_fds: usize,
     closed: bool,
 }
 
@@ -135,6 +137,19 @@ impl Outbox {
         self.lock().messages.len()
     }
 
+    /// Whether `fd` travels with a message still queued here (the socket
+    /// was full, or the client had [`PER_CONNECTION`] fds unread). Looks
+    /// at the queue only when it holds fds at all, which a client that
+    /// reads its answers hardly ever has.
+    pub fn has_queued(&self, fd: &Arc<HeldFd>) -> bool {
+        let queue = self.lock();
+        queue.queued_fds > 0
+            && queue
+                .messages
+                .iter()
+                .any(|msg| msg.fds.iter().any(|queued| Arc::ptr_eq(queued, fd)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue torn (every
         // mutation is a single push/pop), so a poisoned lock is still usable.
@@ -196,6 +211,7 @@ impl Outbox {
             let len = dropped.len();
             queue.counted = 0;
             queue.events = 0;
+            queue.queued_fds = 0;
             drop(queue);
             close_unsent(dropped);
             self.shutdown();
@@ -203,6 +219,7 @@ impl Outbox {
         }
         queue.counted += usize::from(counted);
         queue.events += usize::from(!counted);
+        queue.queued_fds += fds.len();
         queue.messages.push_back(Outgoing {
             bytes: bytes.to_vec(),
             fds,
@@ -293,6 +310,7 @@ impl Outbox {
                     queue.fds_unread += fds;
                     queue.counted -= usize::from(msg.counted);
                     queue.events -= usize::from(!msg.counted);
+                    queue.queued_fds -= fds;
                 }
                 Err(SendError::Os(Errno::EAGAIN)) => {
                     queue.messages.push_front(msg);
@@ -367,6 +385,7 @@ impl Outbox {
             queue.closed = true;
             queue.counted = 0;
             queue.events = 0;
+            queue.queued_fds = 0;
             std::mem::take(&mut queue.messages)
         };
         close_unsent(dropped);

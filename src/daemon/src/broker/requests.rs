@@ -463,6 +463,25 @@ impl State {
 
     fn free(&mut self, client: ClientId, buffer: BufferId) -> Result<Answer, WireError> {
         self.held(client, buffer)?;
+        // The answer that gave the client this buffer still waits in the
+        // daemon, keeping the buffer's fd: freed now, the buffer would be
+        // charged to no one while kept open for an answer nobody may
+        // ever read. A client learns a buffer's id from that answer, so
+        // one that frees it first guessed the id (they are sequential),
+        // and sending allocations without reading, each followed by such
+        // a free, had the daemon keep hundreds of buffers open for it.
+        let unsent = match (self.clients.get(&client), self.buffers.get(&buffer)) {
+            (Some(c), Some(entry)) => c.outbox.has_queued(&entry.fd),
+            _ => false,
+        };
+        if unsent {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "buffer {buffer}'s answer has not reached you yet (earlier answers are unread): read it, then free the buffer"
+                ),
+            ));
+        }
         let outer = self.leaving.replace(super::state::Leaving {
             client,
             buffer: Some(buffer),
