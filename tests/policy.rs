@@ -148,25 +148,54 @@ fn max_uid_buffers_counts_every_connection_of_the_user() {
         )),
         "{err}"
     );
-    // An import is one more buffer of the user's: refused at the limit,
-    // and counted once taken.
+    // An import of one of the user's buffers is no new buffer of the
+    // user's: not refused at the limit, and counted once.
     let token = field(&first.ok(&format!("export {a}")), "token")
         .expect("token")
         .to_owned();
-    let err = second
-        .cmd(&format!("import {token}"))
-        .expect_err("an import at the user's limit");
-    assert_eq!(code(&err), "quota-exceeded", "{err}");
-    assert!(err.contains(&refusal), "{err}");
-    second.ok(&format!("free {c}"));
     second.ok(&format!("import {token}"));
     let err = first
         .cmd("alloc 4096")
-        .expect_err("the import counts among the user's buffers");
+        .expect_err("still three buffers of the user's");
     assert!(err.contains(&refusal), "{err}");
     // Freeing one makes room again.
     first.ok(&format!("free {b}"));
+    second.ok(&format!("free {c}"));
     first.ok("alloc 4096");
+}
+
+/// The product's main use: a camera and a codec of one user share every
+/// frame, allocated by one and imported by the other. Each frame takes
+/// one slot of the fd store, and counts once against `max_uid_buffers`:
+/// the user can still allocate up to the limit. Failed before: each
+/// shared frame counted once for each connection, and the second frame's
+/// import was refused ("in use 3").
+#[test]
+fn a_buffer_two_connections_of_a_user_hold_counts_once() {
+    if !have_root("policy: max_uid_buffers counts a shared buffer once") {
+        return;
+    }
+    let daemon = daemon_with("[default]\nmax_uid_buffers = 3\n");
+    let mut camera = as_user(&daemon, ALICE, &[]);
+    let mut codec = as_user(&daemon, ALICE, &[]);
+    for _ in 0..3 {
+        let frame = field(&camera.ok("alloc 4096"), "id")
+            .expect("id")
+            .to_owned();
+        let token = field(&camera.ok(&format!("export {frame}")), "token")
+            .expect("token")
+            .to_owned();
+        codec.ok(&format!("import {token}"));
+    }
+    let refusal =
+        format!("rule 'default': max_uid_buffers limit 3, in use 3, requested 1 (uid {ALICE})");
+    for (who, client) in [("camera", &mut camera), ("codec", &mut codec)] {
+        let err = client
+            .cmd("alloc 4096")
+            .expect_err("three frames are the user's three buffers");
+        assert_eq!(code(&err), "quota-exceeded", "{who}: {err}");
+        assert!(err.contains(&refusal), "{who}: {err}");
+    }
 }
 
 /// Every access the broker grants is an entry in its tables; without a

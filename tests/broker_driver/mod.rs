@@ -930,8 +930,8 @@ fn drain(socket: BorrowedFd<'_>, buf: &mut [u8], heard: &mut Heard<'_>) -> Resul
 
 /// The broker's books balance: every byte is charged to exactly one client
 /// (each client's charge is the bytes of the buffers it owns),
-/// every buffer is held, and holds, charges and accesses only name buffers
-/// and clients that exist.
+/// every buffer is held, holds, charges and accesses only name buffers
+/// and clients that exist, and each uid's count of buffers is its holds'.
 pub fn check_invariants(state: &State) -> Result<(), String> {
     if state.total_charged() != state.total_bytes() {
         return Err(format!(
@@ -1000,6 +1000,9 @@ pub fn check_invariants(state: &State) -> Result<(), String> {
         }
     }
     check_fences_are_accesses(state)?;
+    // What max_uid_buffers counts, kept as holds come and go, is what
+    // the tables hold.
+    state.check_uid_held()?;
     let mut words_in_use = std::collections::HashSet::new();
     for (id, access) in &state.accesses {
         if !state.buffers.contains_key(&access.buffer) {

@@ -206,7 +206,7 @@ impl State {
         }
         let pid = entry.peer.pid;
         let allocating = entry.allocating.len();
-        self.check_quota(client, rounded, true)?;
+        self.check_quota(client, rounded, true, None)?;
         self.check_store_slot()?;
         let mut plan = self
             .heaps
@@ -249,6 +249,8 @@ impl State {
         };
         if let Some(c) = self.clients.get_mut(&client) {
             c.allocating.push(pending);
+            let uid = c.peer.accountable_uid;
+            self.uid_allocations(uid, 1, 0);
         }
         self.allocations_in_flight += 1;
         self.defer(Action::Allocate {
@@ -286,15 +288,17 @@ impl State {
             reply,
             label,
         } = deferred;
-        let pending = self.clients.get_mut(&client).and_then(|c| {
+        let was_pending = self.clients.get_mut(&client).and_then(|c| {
             let at = c.allocating.iter().position(|a| a.number == number)?;
-            Some(c.allocating.remove(at))
+            c.allocating.remove(at);
+            Some(c.peer.accountable_uid)
         });
-        if pending.is_none() {
+        let Some(uid) = was_pending else {
             // Its client went, and `disconnect` counted it out; an
             // unclaimed buffer closes itself.
             return;
-        }
+        };
+        self.uid_allocations(uid, 0, 1);
         self.allocations_in_flight = self.allocations_in_flight.saturating_sub(1);
         if self.stopping {
             return;
@@ -402,12 +406,15 @@ impl State {
     /// going): their tasks are aborted, and what their threads make is
     /// closed there.
     pub(super) fn abandon_allocations(&mut self, client: ClientId) {
-        let pending = self
+        let (pending, uid) = self
             .clients
             .get_mut(&client)
-            .map(|c| std::mem::take(&mut c.allocating))
+            .map(|c| (std::mem::take(&mut c.allocating), c.peer.accountable_uid))
             .unwrap_or_default();
         self.allocations_in_flight = self.allocations_in_flight.saturating_sub(pending.len());
+        if !pending.is_empty() {
+            self.uid_allocations(uid, 0, pending.len());
+        }
         for allocation in pending {
             self.abort_tasks(TaskOwner::Allocation {
                 client,

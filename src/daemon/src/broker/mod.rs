@@ -36,7 +36,7 @@ pub use persist::{RestoreSummary, ORPHAN};
 pub use requests::Disposition;
 pub use state::{
     AccessEntry, BufferEntry, BufferOrigin, ClientEntry, ClientIdsExhausted, DaemonLimits,
-    IdsExhausted, State, Subscriber, MAX_BUFFER_ID, MAX_CLIENT_ID,
+    IdsExhausted, State, Subscriber, UidHeld, MAX_BUFFER_ID, MAX_CLIENT_ID,
 };
 pub use waits::cache_sync_delay;
 pub use words::WordState;

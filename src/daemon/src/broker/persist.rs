@@ -283,6 +283,7 @@ impl State {
                     // had re-attached, whose uid it did not keep.
                     restored_uid: (h.uid != u32::MAX).then_some(h.uid),
                     restored_client: known_client(buffer.id, h.client),
+                    counted_for: (h.uid != u32::MAX).then_some(h.uid),
                 })
                 .collect::<Vec<Holder>>();
             // The previous instance's clients may have left bits, and may
@@ -305,6 +306,9 @@ impl State {
                         .entry(before)
                         .or_default()
                         .insert(buffer.id);
+                }
+                if let Some(uid) = holder.counted_for {
+                    self.uid_hold_taken(uid, buffer.id);
                 }
             }
             self.buffers.insert(
@@ -399,6 +403,17 @@ impl State {
             .collect();
         let count = orphaned.len();
         for buffer in orphaned {
+            let counted: Vec<u32> = self.buffers.get(&buffer).map_or_else(Vec::new, |entry| {
+                entry
+                    .holders
+                    .iter()
+                    .filter(|h| h.client == ORPHAN)
+                    .filter_map(|h| h.counted_for)
+                    .collect()
+            });
+            for uid in counted {
+                self.uid_hold_gone(uid, buffer);
+            }
             if let Some(entry) = self.buffers.get_mut(&buffer) {
                 entry.holders.retain(|h| h.client != ORPHAN);
                 if entry.owner == ORPHAN {
@@ -579,17 +594,20 @@ impl State {
         // would otherwise add a restart's holds to a full quota, again at
         // every restart. The client crate re-attaches before anything.
         if c.took_new || !c.allocating.is_empty() {
-            let (awaiting, counted) = match bound {
-                Before::Client(id) => (self.awaiting(id, Some(buffer)), Some(id)),
-                Before::Unknown => (Awaiting::default(), None),
+            let awaiting = match bound {
+                Before::Client(id) => self.awaiting(id, Some(buffer)),
+                Before::Unknown => Awaiting::default(),
             };
-            self.check_quota_with(client, size, charge, awaiting, counted)?;
+            self.check_quota_with(client, size, charge, Some(buffer), awaiting)?;
         }
         let Some(entry) = self.buffers.get_mut(&buffer) else {
             return Err(unknown());
         };
         entry.holders[position].client = client;
         entry.holders[position].restored_client = None;
+        // Counted for the connection's uid from now on, as its other holds
+        // (below).
+        let counted_for = entry.holders[position].counted_for.take();
         if let Before::Client(id) = before {
             let still = entry
                 .holders
@@ -611,10 +629,15 @@ impl State {
         if charge {
             entry.owner = client;
         }
+        if let Some(was) = counted_for {
+            self.uid_hold_gone(was, buffer);
+        }
         let mut renamed = false;
+        let mut now_counted_for = None;
         if let Some(c) = self.clients.get_mut(&client) {
             if c.buffers.insert(buffer) {
                 c.held_bytes += size;
+                now_counted_for = Some(c.peer.accountable_uid);
             }
             if charge {
                 c.charged_bytes += size;
@@ -622,6 +645,9 @@ impl State {
             c.reattaching = Some(bound);
             renamed = c.recorded_as != recorded_as;
             c.recorded_as = recorded_as;
+        }
+        if let Some(uid) = now_counted_for {
+            self.uid_hold_taken(uid, buffer);
         }
         if renamed {
             self.recorded_as_changed();
@@ -1067,6 +1093,80 @@ mod tests {
         assert!(bench.state.reattach(five, 2, &secret).is_ok());
         same(&bench.state);
         assert!(bench.state.awaiting_index.is_empty());
+    }
+
+    /// After a restart, the holds from before it that nobody has
+    /// re-attached yet count for the user who held them
+    /// (`max_uid_buffers`), each buffer once however many of the user's
+    /// holds keep it, and a re-attach does not count one again: they
+    /// counted for nobody until a connection began re-attaching them, so
+    /// a user allocating during the grace period could end up with up to
+    /// twice the limit once its clients re-attached. Failed before (the
+    /// new connection's allocation was allowed, nothing in use).
+    #[test]
+    fn holds_awaiting_reattach_count_for_their_user() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let policy = dmabroker_policy::Policy::parse_str(
+            "[default]\nmax_uid_buffers = 3\n",
+            std::path::Path::new("test.toml"),
+        )
+        .expect("policy");
+        bench.state.replace_policy(policy);
+        // Buffers 1 and 2 held by connections 5 (a camera, the owner) and
+        // 6 (a codec) of the user, 3 by 5 only.
+        let second_secret = "dmab1-ffeeddccbbaa99887766554433221100";
+        let mut records = Vec::new();
+        let mut fds = HashMap::new();
+        for id in 1..=3 {
+            let (mut record, fd) = stored_buffer(id);
+            record.holders[0].client = 5;
+            record.holders[0].uid = uid;
+            if id < 3 {
+                record.holders.push(HolderRecord {
+                    secret: second_secret.into(),
+                    uid,
+                    owner: false,
+                    client: 6,
+                });
+            }
+            records.push(record);
+            fds.insert(buffer_name(id), fd);
+        }
+        let secret = records[0].holders[0].secret.clone();
+        assert_eq!(bench.state.restore(&table_of(records, 4), fds).restored, 3);
+        bench
+            .state
+            .check_uid_held()
+            .expect("the count matches the tables");
+        let other = bench.client();
+        let counted = |state: &State| state.uid_held(uid).map_or(0, |held| held.count());
+        assert_eq!(counted(&bench.state), 3, "three buffers, not five holds");
+        let err = bench
+            .state
+            .check_quota(other, 4096, true, None)
+            .expect_err("the user's three buffers await re-attach");
+        assert!(
+            err.message.starts_with(
+                "rule 'default': max_uid_buffers limit 3, in use 3, requested 1 (uid "
+            ),
+            "{}",
+            err.message
+        );
+        let camera = bench.client();
+        assert!(bench.state.reattach(camera, 1, &secret).is_ok());
+        assert_eq!(counted(&bench.state), 3, "re-attached, counted once");
+        bench
+            .state
+            .check_uid_held()
+            .expect("the count matches the tables");
+        assert_eq!(bench.state.drop_orphans(), 3);
+        assert_eq!(counted(&bench.state), 1, "the camera's re-attached one");
+        bench
+            .state
+            .check_uid_held()
+            .expect("the count matches the tables");
+        assert!(bench.state.check_quota(other, 4096, true, None).is_ok());
     }
 
     /// Every id up to the highest handed out, the next allocation is

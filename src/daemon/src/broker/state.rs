@@ -135,6 +135,36 @@ pub struct Holder {
     /// A hold taken back from the fd store: the connection the record says
     /// held it (`None`: a record that did not say). Only while orphaned.
     pub restored_client: Option<ClientId>,
+    /// A hold taken back from the fd store: the accountable uid it counts
+    /// for in `State::uid_held` until it is re-attached or dropped (`None`:
+    /// a record that kept no uid for it, and it counts for nobody). Its
+    /// user's `max_uid_buffers` must see it meanwhile, or a user could
+    /// allocate the value again during the grace period and then
+    /// re-attach every hold. Only while orphaned.
+    pub counted_for: Option<u32>,
+}
+
+/// What `max_uid_buffers` counts for one accountable uid, kept up to date
+/// wherever a hold is taken or let go of, so that the check on every
+/// allocation, import and adopt reads a number instead of going over the
+/// uid's connections and their buffers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UidHeld {
+    /// Each buffer the uid holds (through its connections, or a hold from
+    /// before a restart not re-attached yet), and by how many holds. A
+    /// buffer several of them hold counts once: it takes one slot of the
+    /// fd store, which the limit shares out, and a camera and a codec of
+    /// one user sharing every frame would otherwise have half the room.
+    pub buffers: FxHashMap<BufferId, u32>,
+    /// Its connections' allocations being carried out, each a buffer to be.
+    pub allocating: u64,
+}
+
+impl UidHeld {
+    /// What the limit compares: its distinct buffers and those to be.
+    pub fn count(&self) -> u64 {
+        self.buffers.len() as u64 + self.allocating
+    }
 }
 
 /// The connection from before a restart whose holds a connection
@@ -382,11 +412,12 @@ pub struct State {
     /// no longer counts among its client's, so this is what bounds them
     /// (see `access::State::end_with_fence`).
     pub(super) fences_awaited: FxHashMap<u32, usize>,
-    /// For each accountable uid (`Peer::accountable_uid`), its connected
-    /// clients: `max_uid_buffers` sums their buffers on every allocation,
-    /// import and adopt, and must not look at every client to do it.
-    /// Kept by `connect` and `disconnect`.
-    pub(super) uid_clients: FxHashMap<u32, Vec<ClientId>>,
+    /// For each accountable uid (`Peer::accountable_uid`) holding or
+    /// allocating anything, what `max_uid_buffers` counts (see [`UidHeld`]).
+    /// Kept where a connection's `buffers` or `allocating` change and
+    /// where an orphaned hold is taken back, re-attached or dropped;
+    /// [`State::check_uid_held`] counts it again from the tables.
+    pub(super) uid_held: FxHashMap<u32, UidHeld>,
     /// Dma-bufs with cache sync ENDs running off the broker's thread, and
     /// the grants each holds back (see `access::State::park_behind_cache_end`).
     pub(super) cache_ends: FxHashMap<BufferId, super::access::CacheEnds>,
@@ -461,7 +492,7 @@ impl State {
             waiters: FxHashMap::default(),
             fence_subscribers: FxHashMap::default(),
             fences_awaited: FxHashMap::default(),
-            uid_clients: FxHashMap::default(),
+            uid_held: FxHashMap::default(),
             cache_ends: FxHashMap::default(),
             stats: Stats::default(),
             limits,
@@ -621,15 +652,97 @@ impl State {
         }
     }
 
-    /// Takes `client` out of its uid's entry in `uid_clients`, and the
-    /// entry out once empty.
-    fn forget_uid_client(&mut self, uid: u32, client: ClientId) {
-        if let Some(ids) = self.uid_clients.get_mut(&uid) {
-            ids.retain(|&id| id != client);
-            if ids.is_empty() {
-                self.uid_clients.remove(&uid);
+    /// One more hold of `buffer` counts for `uid` (see `uid_held`).
+    pub(super) fn uid_hold_taken(&mut self, uid: u32, buffer: BufferId) {
+        *self
+            .uid_held
+            .entry(uid)
+            .or_default()
+            .buffers
+            .entry(buffer)
+            .or_insert(0) += 1;
+    }
+
+    /// A hold of `buffer` counted for `uid` is gone; the buffer stops
+    /// counting with the uid's last hold of it, and the uid's entry with
+    /// its last buffer or allocation.
+    pub(super) fn uid_hold_gone(&mut self, uid: u32, buffer: BufferId) {
+        let Some(held) = self.uid_held.get_mut(&uid) else {
+            return;
+        };
+        if let Some(holds) = held.buffers.get_mut(&buffer) {
+            *holds = holds.saturating_sub(1);
+            if *holds == 0 {
+                held.buffers.remove(&buffer);
             }
         }
+        if held.count() == 0 {
+            self.uid_held.remove(&uid);
+        }
+    }
+
+    /// `started` allocations of `uid`'s connections are being carried out
+    /// now, and `ended` no longer are (answered, or their client gone).
+    pub(super) fn uid_allocations(&mut self, uid: u32, started: usize, ended: usize) {
+        let held = self.uid_held.entry(uid).or_default();
+        held.allocating = (held.allocating + started as u64).saturating_sub(ended as u64);
+        if held.count() == 0 {
+            self.uid_held.remove(&uid);
+        }
+    }
+
+    /// What `max_uid_buffers` counts for `uid` now (see [`UidHeld`]).
+    pub fn uid_held(&self, uid: u32) -> Option<&UidHeld> {
+        self.uid_held.get(&uid)
+    }
+
+    /// `uid_held` as the tables say it should be, counted from scratch:
+    /// the holds of every connection under its accountable uid, every
+    /// orphaned hold under the uid it counts for, and the allocations
+    /// being carried out. An error names the first difference. For tests
+    /// (the request sequences check it after every step): it looks at
+    /// every hold.
+    pub fn check_uid_held(&self) -> Result<(), String> {
+        let mut expected: FxHashMap<u32, UidHeld> = FxHashMap::default();
+        for c in self.clients.values() {
+            let held = expected.entry(c.peer.accountable_uid).or_default();
+            for buffer in &c.buffers {
+                *held.buffers.entry(*buffer).or_insert(0) += 1;
+            }
+            held.allocating += c.allocating.len() as u64;
+        }
+        for b in self.buffers.values() {
+            for h in &b.holders {
+                if let (super::ORPHAN, Some(uid)) = (h.client, h.counted_for) {
+                    *expected
+                        .entry(uid)
+                        .or_default()
+                        .buffers
+                        .entry(b.id)
+                        .or_insert(0) += 1;
+                }
+            }
+        }
+        expected.retain(|_, held| held.count() > 0);
+        if expected == self.uid_held {
+            return Ok(());
+        }
+        let mut uids: Vec<u32> = expected
+            .keys()
+            .chain(self.uid_held.keys())
+            .copied()
+            .collect();
+        uids.sort_unstable();
+        uids.dedup();
+        for uid in uids {
+            let (want, kept) = (expected.get(&uid), self.uid_held.get(&uid));
+            if want != kept {
+                return Err(format!(
+                    "uid {uid}: the tables hold {want:?}, max_uid_buffers counts {kept:?}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Registers a new connection. Its limits come from the policy now and
@@ -661,10 +774,6 @@ impl State {
             uid: peer.identity.uid,
             pid: peer.pid,
         });
-        self.uid_clients
-            .entry(peer.accountable_uid)
-            .or_default()
-            .push(id);
         self.clients.insert(
             id,
             ClientEntry {
@@ -879,15 +988,21 @@ impl State {
                 word_index: None,
                 restored_uid: None,
                 restored_client: None,
+                counted_for: None,
             });
             size = entry.size;
         }
 
+        let mut counted_for = None;
         if let Some(c) = self.clients.get_mut(&client) {
             if c.buffers.insert(buffer) {
                 c.held_bytes += size;
+                counted_for = Some(c.peer.accountable_uid);
             }
             c.took_new = true;
+        }
+        if let Some(uid) = counted_for {
+            self.uid_hold_taken(uid, buffer);
         }
         self.persist_changed();
         secret
@@ -899,10 +1014,15 @@ impl State {
     /// the sum of charges always equals the bytes of live buffers.
     pub(super) fn release_hold(&mut self, client: ClientId, buffer: BufferId) {
         let size = self.buffers.get(&buffer).map_or(0, |b| b.size);
+        let mut counted_for = None;
         if let Some(c) = self.clients.get_mut(&client) {
             if c.buffers.remove(&buffer) {
                 c.held_bytes = c.held_bytes.saturating_sub(size);
+                counted_for = Some(c.peer.accountable_uid);
             }
+        }
+        if let Some(uid) = counted_for {
+            self.uid_hold_gone(uid, buffer);
         }
         // A token dies with its exporter's hold.
         if let Some(token) = self.exports.remove(&(buffer, client)) {
@@ -1109,7 +1229,6 @@ impl State {
         self.stop_word_patrol_if_idle();
         self.abandon_allocations(client);
         if let Some(entry) = self.clients.remove(&client) {
-            self.forget_uid_client(entry.peer.accountable_uid, client);
             self.hand_on_recorded_id(&entry);
             // Not `close`: its queue may hold the last copies of freed
             // buffers, not to be freed under the broker's lock. The
