@@ -1348,6 +1348,7 @@ mod tests {
                         uid: 1000,
                         owner: true,
                         client: 5,
+                        accountable_uid: None,
                     }],
                 });
                 fds.insert(crate::service::fdstore::buffer_name(id), fd);
@@ -1479,6 +1480,7 @@ mod tests {
                     uid: 1000,
                     owner: true,
                     client: 0,
+                    accountable_uid: None,
                 }],
             }],
         };

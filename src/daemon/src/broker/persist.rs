@@ -180,6 +180,13 @@ impl State {
                                 .get(&h.client)
                                 .map_or(h.client, |c| c.recorded_as)
                         },
+                        // Whom it counts for, also until it is re-attached
+                        // after the next restart (see `Holder::counted_for`).
+                        accountable_uid: if h.client == ORPHAN {
+                            h.counted_for
+                        } else {
+                            self.clients.get(&h.client).map(|c| c.peer.accountable_uid)
+                        },
                     })
                     .collect(),
             })
@@ -283,7 +290,10 @@ impl State {
                     // had re-attached, whose uid it did not keep.
                     restored_uid: (h.uid != u32::MAX).then_some(h.uid),
                     restored_client: known_client(buffer.id, h.client),
-                    counted_for: (h.uid != u32::MAX).then_some(h.uid),
+                    // A record of a daemon that did not keep it: counted
+                    // for the uid, whom a process outside a user
+                    // namespace counts as.
+                    counted_for: h.accountable_uid.or((h.uid != u32::MAX).then_some(h.uid)),
                 })
                 .collect::<Vec<Holder>>();
             // The previous instance's clients may have left bits, and may
@@ -725,6 +735,7 @@ mod tests {
             uid,
             owner,
             client: 0,
+            accountable_uid: None,
         };
         assert_eq!(
             owner_uid_of(&[holder(1001, false), holder(1000, true)]),
@@ -787,6 +798,7 @@ mod tests {
             uid: 1000,
             owner: true,
             client: 0,
+            accountable_uid: None,
         }];
         (record, fd)
     }
@@ -1053,6 +1065,7 @@ mod tests {
                     uid,
                     owner: false,
                     client: other,
+                    accountable_uid: None,
                 });
             }
             records.push(record);
@@ -1128,6 +1141,7 @@ mod tests {
                     uid,
                     owner: false,
                     client: 6,
+                    accountable_uid: None,
                 });
             }
             records.push(record);
@@ -1167,6 +1181,71 @@ mod tests {
             .check_uid_held()
             .expect("the count matches the tables");
         assert!(bench.state.check_quota(other, 4096, true, None).is_ok());
+    }
+
+    /// A hold of a process of a user namespace (or of a container)
+    /// counts, until it is re-attached, for whom it counted before the
+    /// restart, as the record keeps it: counted for the uid it had there,
+    /// which no connection counts as, it counted for nobody, and its user
+    /// could allocate the value again during the grace period. A record
+    /// of a daemon that did not keep it counts a hold for its uid. The
+    /// next record keeps whom each hold counts for, re-attached or not.
+    /// Failed before (buffer 1 counted for uid 100000: one in use, and
+    /// the user's allocation allowed).
+    #[test]
+    fn a_restored_hold_counts_for_the_user_it_counted_for() {
+        let uid = nix::unistd::getuid().as_raw();
+        let mut bench = super::super::cache_end_tests::Bench::new();
+        let policy = dmabroker_policy::Policy::parse_str(
+            "[default]\nmax_uid_buffers = 2\n",
+            std::path::Path::new("test.toml"),
+        )
+        .expect("policy");
+        bench.state.replace_policy(policy);
+        // Buffer 1 held by a process of a namespace the user made, 2 by
+        // the user, recorded by a daemon that did not keep whom it
+        // counted for.
+        let (mut namespaced, namespaced_fd) = stored_buffer(1);
+        namespaced.holders[0].client = 5;
+        namespaced.holders[0].uid = 100_000;
+        namespaced.holders[0].accountable_uid = Some(uid);
+        let (mut own, own_fd) = stored_buffer(2);
+        own.holders[0].client = 6;
+        own.holders[0].uid = uid;
+        let secret = own.holders[0].secret.clone();
+        bench.state.restore(
+            &table_of(vec![namespaced, own], 3),
+            HashMap::from([(buffer_name(1), namespaced_fd), (buffer_name(2), own_fd)]),
+        );
+        bench
+            .state
+            .check_uid_held()
+            .expect("the count matches the tables");
+        let client = bench.client();
+        let err = bench
+            .state
+            .check_quota(client, 4096, true, None)
+            .expect_err("both count for the user");
+        assert!(
+            err.message.starts_with(
+                "rule 'default': max_uid_buffers limit 2, in use 2, requested 1 (uid "
+            ),
+            "{}",
+            err.message
+        );
+        assert!(bench.state.reattach(client, 2, &secret).is_ok());
+        let accountable = bench.state.clients[&client].peer.accountable_uid;
+        let counted_for: Vec<Option<u32>> = bench
+            .state
+            .buffer_records(&[1, 2])
+            .iter()
+            .map(|b| b.holders[0].accountable_uid)
+            .collect();
+        assert_eq!(counted_for, [Some(uid), Some(accountable)]);
+        bench
+            .state
+            .check_uid_held()
+            .expect("the count matches the tables");
     }
 
     /// Every id up to the highest handed out, the next allocation is

@@ -1085,10 +1085,11 @@ pub(crate) fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> 
 /// The most bytes of a stored record that are read. The largest record
 /// the shipped limits allow: every one of 4,096 connections
 /// (`--max-connections`) holding 4,096 buffers (`max_buffers`), 2^24 holds
-/// of at most 55 bytes each (a 38-byte secret and its length, a uid of at
-/// most 5, the owner flag, a client id of at most 10), and 16,382 buffers
+/// of at most 60 bytes each (a 38-byte secret and its length, a uid of at
+/// most 5, the owner flag, a client id of at most 10, and the accountable
+/// uid of at most 5 after the record), and 16,382 buffers
 /// (the store's slots) of at most about 360 (a name of 64 characters of
-/// up to 4 bytes, a heap's, the numbers), about 886 MiB; up to twice that while the previous
+/// up to 4 bytes, a heap's, the numbers), about 966 MiB; up to twice that while the previous
 /// instance's holds nobody re-attached yet are kept beside new ones. 2 GiB
 /// is above both. What it is for: a `state-*` fd read to its end before
 /// `READY=1` must have an end (a character device has none, a sparse
