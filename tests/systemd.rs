@@ -1128,6 +1128,59 @@ fn holds_not_yet_reattached_count_against_a_new_allocation() {
     assert_eq!(id, two, "the other hold is still re-attached");
 }
 
+/// After a restart the holds nobody has re-attached yet count against
+/// their user's `max_uid_buffers`, each buffer once (two frames, one of
+/// them held by a camera and a codec, are two): they counted for nobody
+/// until a connection began re-attaching them, so a connection of the
+/// user that re-attached nothing was allowed the limit again during the
+/// grace period, and the user had up to twice the limit once its holds
+/// came back. Failed before (the fourth buffer allocated).
+#[test]
+fn holds_not_yet_reattached_count_against_their_users_buffers() {
+    let manager = ServiceManager::new();
+    let policy = manager.dir.path().join("policy.toml");
+    std::fs::write(&policy, "[default]\nmax_uid_buffers = 3\n").expect("policy");
+    let policy = policy.to_str().expect("utf-8 path").to_owned();
+    let first = Running::start_with(&manager, "first", &[], &["--policy", &policy]);
+    let mut camera = raw_connection(&manager);
+    let mut codec = raw_connection(&manager);
+    let frames: Vec<(u64, String)> = (0..2).map(|_| raw_alloc(&mut camera, 4096)).collect();
+    let token = match camera.request(RequestBody::Export {
+        buffer: frames[0].0,
+    }) {
+        Ok(ReplyBody::Exported { token }) => token,
+        other => panic!("export: {other:?}"),
+    };
+    let (shared, codec_secret) = raw_hold(&mut codec, RequestBody::Import { token });
+    manager.wait_until_recorded(2);
+
+    drop(first); // SIGKILL
+    let _second = Running::start_with(&manager, "second", &[], &["--policy", &policy]);
+    let mut other = raw_connection(&manager);
+    let alloc = |raw: &mut RawClient| {
+        raw.request(RequestBody::Alloc {
+            size: 4096,
+            heap: None,
+            name: None,
+        })
+    };
+    assert!(alloc(&mut other).is_ok(), "two frames waiting, one more");
+    let refused = alloc(&mut other);
+    assert_eq!(refused, Err(ErrorCode::QuotaExceeded), "{refused:?}");
+    let mut camera = raw_connection(&manager);
+    for (buffer, secret) in frames {
+        assert_eq!(raw_reattach(&mut camera, buffer, secret), buffer);
+    }
+    let mut codec = raw_connection(&manager);
+    assert_eq!(raw_reattach(&mut codec, shared, codec_secret), shared);
+    let refused = alloc(&mut other);
+    assert_eq!(
+        refused,
+        Err(ErrorCode::QuotaExceeded),
+        "re-attached, still three"
+    );
+}
+
 /// A connection re-attaches the holds of one connection from before the
 /// restart: gathering the holds of several onto one charged it their
 /// sum, several times its limits, and the next record had them all as
