@@ -1123,7 +1123,8 @@ mod sequences {
 
     /// The arbiter and the broker's tables name the same accesses and
     /// waiters; subscriptions name live fences and clients; a parked
-    /// grant waits for an END still running.
+    /// grant waits for an END still running; what `max_uid_buffers`
+    /// counts is the holds' (frees and hang-ups let go of them).
     fn check_tables(state: &State) -> Result<(), String> {
         for (id, access) in &state.accesses {
             let fence = state
@@ -1175,7 +1176,7 @@ mod sequences {
                 return Err(format!("buffer {buffer}: grants parked behind no END"));
             }
         }
-        Ok(())
+        state.check_uid_held()
     }
 
     struct Run {
