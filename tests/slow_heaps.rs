@@ -147,6 +147,41 @@ fn an_allocation_waiting_in_its_heap_counts_against_the_quota() {
     drop(first);
 }
 
+/// An allocation still waiting counts against its user's
+/// `max_uid_buffers` too, on every connection of the user, as the buffer
+/// it will be; once answered it counts as that buffer, and once its
+/// client goes it counts no more (the count is kept apart from the
+/// connections, `State::uid_held`, and must let go of it both ways).
+#[test]
+fn an_allocation_waiting_in_its_heap_counts_for_its_user() {
+    let policy = "[default]\nmax_uid_buffers = 2\n";
+    let Some(mut slow) = SlowHeap::start("slow heap, user's buffers", Some(policy)) else {
+        return;
+    };
+    let mut camera = Scripted::spawn(slow.daemon.socket(), &[]);
+    let pid = camera.pid();
+    camera.send(&format!("alloc {} heap=slow", 4 * MIB));
+    slow.await_ioctl();
+    let other = slow.daemon.client();
+    let one = other.alloc_with(memfd(MIB)).expect("the second of two");
+    let err = other
+        .alloc_with(memfd(MIB))
+        .expect_err("one buffer and one waiting allocation are two");
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    assert!(err.to_string().contains("max_uid_buffers"), "{err}");
+
+    camera.kill();
+    eventually("the daemon to see the client go", || {
+        slow.daemon.log().contains("client disconnected")
+            && slow.daemon.log().contains(&format!("pid={pid}"))
+    });
+    let two = other
+        .alloc_with(memfd(MIB))
+        .expect("the abandoned allocation counts no more");
+    drop((one, two));
+    slow.release();
+}
+
 /// A client killed while its allocation waits: the allocation is
 /// abandoned, and whatever the heap makes once it answers is closed, not
 /// kept for nobody.
