@@ -96,6 +96,21 @@ fn neither_bus(system: CtlError, session: CtlError) -> CtlError {
         (CtlError::NotRunning { .. }, CtlError::BusUnreachable { .. }) => CtlError::NotRunning {
             bus: "the system bus (and there is no session bus to look on)".into(),
         },
+        // The session bus answered: a daemon run by hand (user mode)
+        // would be there, and that it is not is the news, with why the
+        // system bus could not be asked.
+        (CtlError::BusUnreachable { source, .. }, CtlError::NotRunning { .. }) => {
+            CtlError::NotRunning {
+                bus: format!("the session bus (and the system bus cannot be reached: {source})"),
+            }
+        }
+        // Neither answered: both reasons, and how to get a bus.
+        (
+            CtlError::BusUnreachable { source: system, .. },
+            CtlError::BusUnreachable {
+                source: session, ..
+            },
+        ) => CtlError::NoBus { system, session },
         // A daemon may well be behind the unreachable one: the system
         // bus's error is the one to show.
         (system @ CtlError::BusUnreachable { .. }, _) => system,
@@ -189,15 +204,32 @@ mod tests {
             not_running("the session bus"),
         );
         assert!(text.contains("the system bus or the session bus"), "{text}");
+        // A daemon run by hand is on the session bus: with the session
+        // bus up and no daemon on it, that is what is said (it said the
+        // system bus could not be reached).
         let text = shown(
             unreachable("the system bus"),
             not_running("the session bus"),
         );
-        assert!(text.starts_with("cannot reach the system bus"), "{text}");
-        let text = shown(
+        assert!(
+            text.starts_with("dmabrokerd is not running on the session bus"),
+            "{text}"
+        );
+        assert!(text.contains("the system bus cannot be reached"), "{text}");
+        // No bus at all (ssh, a container, CI): both named, and how to
+        // get one (it named the system bus alone).
+        let err = neither_bus(
             unreachable("the system bus"),
             unreachable("the session bus"),
         );
-        assert!(text.starts_with("cannot reach the system bus"), "{text}");
+        assert_eq!(err.exit_code(), 3);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot reach the system bus")
+                && text.contains("nor the session bus")
+                && text.contains("dbus-run-session")
+                && text.contains("--address"),
+            "{text}"
+        );
     }
 }

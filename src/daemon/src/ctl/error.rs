@@ -16,6 +16,19 @@ pub enum CtlError {
          bus it serves with --bus or --address"
     )]
     NotRunning { bus: String },
+    /// Neither bus answered `--bus auto`: shown with both reasons and how
+    /// to get one, since a daemon run by hand publishes on the session
+    /// bus, which ssh sessions, containers and CI jobs often lack.
+    #[error(
+        "cannot reach the system bus ({system}) nor the session bus ({session}); a dmabrokerd \
+         run by hand publishes on the session bus: run it and dmabrokerctl under one \
+         (`dbus-run-session -- sh`), or give dmabrokerd `--dbus ADDRESS` and dmabrokerctl \
+         `--address ADDRESS`"
+    )]
+    NoBus {
+        system: Box<zbus::Error>,
+        session: Box<zbus::Error>,
+    },
     #[error("permission denied: {0}")]
     AccessDenied(String),
     #[error("no buffer has id {0}")]
@@ -44,7 +57,9 @@ impl CtlError {
     /// (2 is clap's, for usage errors.)
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::BusUnreachable { .. } | CtlError::NotRunning { .. } => 3,
+            CtlError::BusUnreachable { .. }
+            | CtlError::NotRunning { .. }
+            | CtlError::NoBus { .. } => 3,
             CtlError::AccessDenied(_) => 4,
             _ => 1,
         }
