@@ -1272,6 +1272,37 @@ fn the_camera_stops_on_sigterm_while_it_waits_for_a_reader() {
     assert!(status.success(), "{status}");
 }
 
+/// An example that fails says why as the client crate words it for
+/// people: `main` returned the error, which printed its `Debug` form
+/// (`Connect { path: .., source: Os { .. } }`) and hid the hint.
+#[test]
+fn the_examples_report_errors_for_people() {
+    let camera = Command::new(example("camera"))
+        .args(["--socket", "/nonexistent/dmabroker.sock", "--frames", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run camera");
+    let stderr = String::from_utf8_lossy(&camera.stderr);
+    assert!(!camera.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("camera: cannot connect to dmabroker at /nonexistent/dmabroker.sock")
+            && stderr.contains("is dmabrokerd running?")
+            && !stderr.contains("Connect {"),
+        "{stderr}"
+    );
+    let codec = Command::new(example("codec"))
+        .args(["--tokens", "/nonexistent/tokens"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run codec");
+    let stderr = String::from_utf8_lossy(&codec.stderr);
+    assert!(!codec.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("codec: cannot read the tokens from /nonexistent/tokens"),
+        "{stderr}"
+    );
+}
+
 /// The examples rely on autofence (a begin that waits for the other
 /// side): under a policy that runs them without it, they ran on, and
 /// their begins were granted at once over the other side's accesses. They

@@ -2,9 +2,13 @@
 //! with frames and shares them with whoever has the tokens.
 //!
 //! ```sh
-//! cargo run -p dmabroker-client --example camera -- --fps 30 > tokens
-//! cargo run -p dmabroker-client --example codec -- --tokens tokens
+//! cargo build --release -p dmabroker-client --examples
+//! target/release/examples/camera --fps 30 | target/release/examples/codec
 //! ```
+//!
+//! The codec must run while the camera does: the camera's exit frees the
+//! buffers and revokes its tokens. `--buffers` must be the same for both
+//! (the codec reads that many tokens).
 //!
 //! It prints one share token per buffer on stdout, then writes frames into
 //! the buffers in turn until `--frames` are done or Ctrl-C. Each write waits
@@ -57,7 +61,11 @@ impl Args {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    frame::run("camera", camera)
+}
+
+fn camera() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let stop = frame::stop_on_signal();
     let client = frame::connect(args.socket.clone(), "camera")?;

@@ -145,7 +145,8 @@ impl Follower {
 
 fn read_tokens(args: &Args) -> Result<Vec<ShareToken>, Box<dyn std::error::Error>> {
     let lines: Vec<String> = match &args.tokens {
-        Some(path) => std::fs::read_to_string(path)?
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read the tokens from {}: {err}", path.display()))?
             .lines()
             .map(str::to_owned)
             .collect(),
@@ -170,7 +171,11 @@ fn read_tokens(args: &Args) -> Result<Vec<ShareToken>, Box<dyn std::error::Error
     Ok(tokens)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    frame::run("codec", codec)
+}
+
+fn codec() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let stop = frame::stop_on_signal();
     let tokens = read_tokens(&args)?;
@@ -178,7 +183,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ring = tokens
         .iter()
         .map(|token| client.import(token))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{err} (a camera's tokens work only while that camera runs)"))?;
 
     let mut follower = Follower::new(ring);
     let idle_timeout = Duration::from_millis(args.idle_timeout_ms);

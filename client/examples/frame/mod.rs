@@ -101,6 +101,23 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
     stop
 }
 
+/// Runs an example's `body` and reports its error the way a user reads
+/// it: `main` returning the error would print its `Debug` form
+/// (`Connect { path: .., source: Os { .. } }`), which hides the message
+/// the client crate wrote for people ("is dmabrokerd running?").
+pub fn run(
+    name: &str,
+    body: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Connects under `name` (shown by `dmabrokerctl clients`) to `--socket`,
 /// or to the default socket.
 ///
