@@ -19,6 +19,10 @@
 //! blocking pool: `connect_async`, `heaps_async`, `alloc_async`,
 //! `import_async`, `adopt_async`, `next_event_async`, `Buffer::export_async`,
 //! `info_async` and `begin_async`, and `AccessGuard::end_with_fence_async`.
+//! They take what the fullest blocking form takes, not the shortest:
+//! `connect_async(path, options)` as `connect_with`, `alloc_async(request)`
+//! as `alloc_with`, `begin_async(access, timeout)` as `begin_timeout`
+//! (`None`: no limit).
 //! The last `Client` dropped inside
 //! a runtime leaves its wait for the broker to read what is still queued
 //! to the runtime's blocking pool, so that its other tasks run meanwhile

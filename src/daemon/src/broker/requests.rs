@@ -628,7 +628,7 @@ impl State {
         let Some(fd) = fd.keep_held_if(dma_buf::is_foreign_dma_buf, true) else {
             return Err(WireError::new(
                 ErrorCode::NotADmaBuf,
-                "only dma-bufs can be adopted (file system magic 0x444d4142)",
+                "this fd is not a dma-buf, and only dma-bufs (file system magic 0x444d4142) can be adopted",
             ));
         };
         let size = dma_buf::size(fd.as_fd()).map_err(|e| {
