@@ -1360,7 +1360,18 @@ impl AccessGuard {
 
     fn end_access(&mut self) -> Result<()> {
         if let Some((word, hold)) = self.word_hold.take() {
-            return match word.end(hold) {
+            let ended = word.end(hold);
+            if ended == WordEnd::HandedOff {
+                // The waiter just woken is often put on this CPU (the
+                // scheduler wakes affine, and on a one- or two-core board
+                // there is little choice); the `WordEnded` below would wake
+                // the broker too, and whichever the scheduler picks first
+                // runs first. The waiter is the one a frame is late for:
+                // let it have the CPU before the broker's bookkeeping. With
+                // nothing else to run here, this returns at once.
+                let _ = nix::sched::sched_yield();
+            }
+            return match ended {
                 WordEnd::Silent | WordEnd::NotMine => Ok(()),
                 // Contended: the word changed under every attempt (another
                 // holder writing it without pause) and the access is still
