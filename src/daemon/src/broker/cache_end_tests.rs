@@ -41,6 +41,13 @@ pub(super) struct Bench {
 }
 
 impl Bench {
+    /// Puts the policy `text` in force, as a reload does.
+    pub(super) fn use_policy(&mut self, text: &str) {
+        let policy = dmabroker_policy::Policy::parse_str(text, std::path::Path::new("test.toml"))
+            .expect("policy");
+        self.state.replace_policy(policy);
+    }
+
     pub(super) fn new() -> Bench {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1120,12 +1120,7 @@ mod tests {
     fn holds_awaiting_reattach_count_for_their_user() {
         let uid = nix::unistd::getuid().as_raw();
         let mut bench = super::super::cache_end_tests::Bench::new();
-        let policy = dmabroker_policy::Policy::parse_str(
-            "[default]\nmax_uid_buffers = 3\n",
-            std::path::Path::new("test.toml"),
-        )
-        .expect("policy");
-        bench.state.replace_policy(policy);
+        bench.use_policy("[default]\nmax_uid_buffers = 3\n");
         // Buffers 1 and 2 held by connections 5 (a camera, the owner) and
         // 6 (a codec) of the user, 3 by 5 only.
         let second_secret = "dmab1-ffeeddccbbaa99887766554433221100";
@@ -1196,12 +1191,7 @@ mod tests {
     fn a_restored_hold_counts_for_the_user_it_counted_for() {
         let uid = nix::unistd::getuid().as_raw();
         let mut bench = super::super::cache_end_tests::Bench::new();
-        let policy = dmabroker_policy::Policy::parse_str(
-            "[default]\nmax_uid_buffers = 2\n",
-            std::path::Path::new("test.toml"),
-        )
-        .expect("policy");
-        bench.state.replace_policy(policy);
+        bench.use_policy("[default]\nmax_uid_buffers = 2\n");
         // Buffer 1 held by a process of a namespace the user made, 2 by
         // the user, recorded by a daemon that did not keep whom it
         // counted for.

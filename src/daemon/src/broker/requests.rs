@@ -809,12 +809,7 @@ mod tests {
     fn max_uid_buffers_counts_a_buffer_two_connections_hold_once() {
         use dmabroker_ipc::ErrorCode;
         let mut bench = super::super::cache_end_tests::Bench::new();
-        let policy = dmabroker_policy::Policy::parse_str(
-            "[default]\nmax_uid_buffers = 3\n",
-            std::path::Path::new("test.toml"),
-        )
-        .expect("policy");
-        bench.state.replace_policy(policy);
+        bench.use_policy("[default]\nmax_uid_buffers = 3\n");
         let (first, second) = (bench.client(), bench.client());
         let uid = bench.state.clients[&first].peer.accountable_uid;
         let own = bench.buffer(&[first], false);
@@ -854,12 +849,7 @@ mod tests {
         );
         bench.state.add_holder(own, second);
         assert_eq!(counted(&bench), 3);
-        let policy = dmabroker_policy::Policy::parse_str(
-            "[default]\nmax_uid_buffers = 5\n",
-            std::path::Path::new("test.toml"),
-        )
-        .expect("policy");
-        bench.state.replace_policy(policy);
+        bench.use_policy("[default]\nmax_uid_buffers = 5\n");
         assert!(bench.state.check_quota(first, 4096, true, None).is_ok());
         bench.state.disconnect(second);
         assert!(bench.state.buffers[&shared].held_by(first));
