@@ -172,8 +172,7 @@ fn an_allocation_waiting_in_its_heap_counts_for_its_user() {
 
     camera.kill();
     eventually("the daemon to see the client go", || {
-        slow.daemon.log().contains("client disconnected")
-            && slow.daemon.log().contains(&format!("pid={pid}"))
+        disconnected(&slow.daemon.log(), pid)
     });
     let two = other
         .alloc_with(memfd(MIB))
@@ -197,8 +196,7 @@ fn a_client_killed_while_its_allocation_waits_leaks_nothing() {
     slow.await_ioctl();
     camera.kill();
     eventually("the daemon to see the client go", || {
-        slow.daemon.log().contains("client disconnected")
-            && slow.daemon.log().contains(&format!("pid={pid}"))
+        disconnected(&slow.daemon.log(), pid)
     });
 
     slow.release();
@@ -386,4 +384,13 @@ fn memfd_allocations_are_carried_out_in_place_whatever_follows_them() {
         name: None,
     });
     assert_eq!(ninth, Err(ErrorCode::Busy), "a ninth device allocation");
+}
+
+/// Whether the daemon's log says the client of `pid` disconnected: on one
+/// line. Anywhere in the log, "client disconnected" (another client's)
+/// and "pid=PID" (this one's connect) were there before this client's
+/// disconnect was handled, and a test went on too early.
+fn disconnected(log: &str, pid: u32) -> bool {
+    log.lines()
+        .any(|l| l.contains("client disconnected") && l.contains(&format!(" pid={pid} ")))
 }
