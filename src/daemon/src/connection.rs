@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use dmabroker_ipc::codec::decode_request_head;
 use dmabroker_ipc::fdpass::{recv_message_into_keeping, RecvError};
 use dmabroker_ipc::{ErrorCode, WireError, MAX_MESSAGE_SIZE};
 use nix::errno::Errno;
@@ -212,11 +213,21 @@ pub async fn serve(broker: Arc<Broker>, socket: OwnedFd, uids: Arc<UidConnection
                     }
                     Some(RecvError::Truncated) | Some(RecvError::TooManyFds { .. }) => {
                         let message = err.to_string();
+                        // Too many fds, the bytes arrived whole: their head
+                        // names the request the refusal answers. (A
+                        // truncated datagram's may not be readable.)
+                        let id = match err.get_ref().and_then(|e| e.downcast_ref::<RecvError>()) {
+                            Some(RecvError::TooManyFds { len, .. }) => buf
+                                .get(..*len)
+                                .and_then(decode_request_head)
+                                .map_or(0, |head| head.id),
+                            _ => 0,
+                        };
                         broker.with(|s| {
                             (!s.stopping).then(|| {
                                 s.refuse_malformed(
                                     client,
-                                    0,
+                                    id,
                                     WireError::new(ErrorCode::ProtocolError, message),
                                 )
                             })
