@@ -960,6 +960,19 @@ impl State {
         if let Err(err) = &result {
             self.stats.refused(err.code);
         }
+        self.reply_uncounted(client, id, result, fds);
+    }
+
+    /// [`State::reply`], not counted among the refusals whatever it says:
+    /// for an answer the broker sends because it cannot tell whether the
+    /// request is still waiting (see `words::State::record_hand_off`).
+    pub(super) fn reply_uncounted(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        result: Result<ReplyBody, WireError>,
+        fds: Vec<Arc<HeldFd>>,
+    ) {
         let result = result.map_err(shorten_error_text);
         let message = ServerMessage::Reply(Reply {
             id,
