@@ -1912,17 +1912,10 @@ mod tests {
         Some((request.head.id, request.body))
     }
 
-    /// A holder writing the buffer's word without pause (every attempt
-    /// at changing it fails, through the test hook): the begin goes by
-    /// message, and the end, which cannot take the bit out, sends
-    /// `WordEnded` so that the broker looks. Before, the client's loops on
-    /// the word were unbounded (the hook went unasked, and they spun for
-    /// as long as the other holder went on, in a guard's drop for the
-    /// end): the begin was taken in the word and the end was silent.
-    #[test]
-    fn a_word_that_never_lets_a_change_stick_sends_the_begin_and_the_end_by_message() {
-        use dmabroker_ipc::codec::encode_server_message;
-        use dmabroker_ipc::{Grant, Reply, ServerMessage, Welcome};
+    /// A client welcomed (with `features`) on one end of a socket pair,
+    /// and the other end, where a test plays the broker.
+    fn client_on_socketpair(features: u64) -> (Client, std::os::fd::OwnedFd) {
+        use dmabroker_ipc::Welcome;
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
         let (ours, broker) = socketpair(
@@ -1934,7 +1927,7 @@ mod tests {
         .expect("socketpair");
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
-            features: features::BUFFER_WORDS,
+            features,
             client_id: 1,
             autofence: true,
             default_heap: "memfd".into(),
@@ -1943,6 +1936,22 @@ mod tests {
         let client = Client {
             conn: ProgramHandle::new(Connection::for_tests(ours, welcome)),
         };
+        (client, broker)
+    }
+
+    /// A holder writing the buffer's word without pause (every attempt
+    /// at changing it fails, through the test hook): the begin goes by
+    /// message, and the end, which cannot take the bit out, sends
+    /// `WordEnded` so that the broker looks. Before, the client's loops on
+    /// the word were unbounded (the hook went unasked, and they spun for
+    /// as long as the other holder went on, in a guard's drop for the
+    /// end): the begin was taken in the word and the end was silent.
+    #[test]
+    fn a_word_that_never_lets_a_change_stick_sends_the_begin_and_the_end_by_message() {
+        use dmabroker_ipc::codec::encode_server_message;
+        use dmabroker_ipc::{Grant, Reply, ServerMessage};
+
+        let (client, broker) = client_on_socketpair(features::BUFFER_WORDS);
         let memfd = nix::sys::memfd::memfd_create(
             c"contended",
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
@@ -2035,29 +2044,11 @@ mod tests {
     #[test]
     fn events_found_for_a_dropped_async_wait_keep_their_order() {
         use dmabroker_ipc::codec::encode_server_message;
-        use dmabroker_ipc::{EventMessage, ServerMessage, Welcome};
-        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        use dmabroker_ipc::{EventMessage, ServerMessage};
         use std::future::Future;
         use std::task::Poll;
 
-        let (ours, broker) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
-        let welcome = Welcome {
-            version: PROTOCOL_VERSION,
-            features: 0,
-            client_id: 1,
-            autofence: true,
-            default_heap: "memfd".into(),
-            instance: "test".into(),
-        };
-        let client = Client {
-            conn: ProgramHandle::new(Connection::for_tests(ours, welcome)),
-        };
+        let (client, broker) = client_on_socketpair(0);
         for fence in [1, 2] {
             let event = ServerMessage::Event(EventMessage {
                 fds: 0,

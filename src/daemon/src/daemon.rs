@@ -41,11 +41,7 @@ fn describe_unusable(unusable: &[(String, String)]) -> String {
     if unusable.is_empty() {
         return "the order names no heap".to_owned();
     }
-    unusable
-        .iter()
-        .map(|(heap, why)| format!("{heap}: {why}"))
-        .collect::<Vec<_>>()
-        .join("; ")
+    crate::heaps::describe_tried(unusable)
 }
 
 /// Loads the policy the configuration names: explicit files, or the

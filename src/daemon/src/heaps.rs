@@ -117,7 +117,9 @@ pub enum AllocError {
     },
 }
 
-fn describe_tried(tried: &[(String, String)]) -> String {
+/// `heap: why` for each heap, as allocation errors and the start's
+/// refusal list them.
+pub(crate) fn describe_tried(tried: &[(String, String)]) -> String {
     if tried.is_empty() {
         return "no usable heap".to_owned();
     }
